@@ -1,0 +1,50 @@
+"""cffi API-mode build script for fic's C core (module flashinfer_cli._fic).
+
+setup.py names this file in cffi_modules; `python csrc/build_ffi.py` also builds it in place.
+The cdef is the marked region of csrc/fic.h, so the header stays the one source of the API.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import re
+
+from cffi import FFI
+
+CSRC_DIR = os.path.dirname(os.path.abspath(__file__))
+SOURCES = ["quant.c", "matvec.c", "pool.c", "stream.c"]
+
+
+def _cdef_from_header(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    match = re.search(r"/\* cdef-begin \*/(.*?)/\* cdef-end \*/", text, re.S)
+    if match is None:
+        raise RuntimeError(f"{path}: cdef markers not found")
+    return match.group(1)
+
+
+def _compile_args() -> list[str]:
+    # No -march=native: the wheel must run on any CPU of its architecture. Fast paths are
+    # compiled per function with target attributes and chosen at run time.
+    args = ["-O3", "-std=gnu11", "-pthread", "-fno-strict-aliasing", "-Wall", "-Wextra",
+            "-Wno-unused-parameter"]
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        args.append("-march=armv8-a+crc")
+    return args
+
+
+ffibuilder = FFI()
+ffibuilder.cdef(_cdef_from_header(os.path.join(CSRC_DIR, "fic.h")))
+ffibuilder.set_source(
+    "flashinfer_cli._fic",
+    '#include "fic.h"',
+    # Relative paths: setuptools wants sources relative to setup.py's directory.
+    sources=[os.path.relpath(os.path.join(CSRC_DIR, s)) for s in SOURCES],
+    include_dirs=[os.path.relpath(CSRC_DIR)],
+    extra_compile_args=_compile_args(),
+    extra_link_args=["-pthread"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

@@ -1,0 +1,142 @@
+/* fic.h - the whole public API of fic's C core.
+ *
+ * Conventions: every function that can fail returns an int status (FIC_OK or a negative
+ * FIC_ERR_*); nothing prints, nothing exits, no global holds state. Quantized matrices are
+ * row-major: each row of K weights is K / block_weights blocks laid out back to back, rows
+ * one after another (ggml's layout), so a GGUF tensor's bytes are a valid fic matrix.
+ *
+ * The region between the cdef markers is read by csrc/build_ffi.py as cffi's cdef: keep it free
+ * of preprocessor lines and of anything pycparser cannot parse.
+ */
+#ifndef FIC_H
+#define FIC_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* cdef-begin */
+
+/* Status codes. */
+enum fic_status {
+    FIC_OK = 0,
+    FIC_ERR_ARG = -1,         /* bad argument: format, shape, alignment, NULL pointer */
+    FIC_ERR_NOMEM = -2,       /* an allocation failed */
+    FIC_ERR_UNSUPPORTED = -3, /* the requested implementation or backend is not available here */
+    FIC_ERR_OPEN = -4,        /* the file could not be opened (see the errno out-parameter) */
+    FIC_ERR_IO = -5,          /* a read failed; the request's sys_errno says why */
+    FIC_ERR_SHORT = -6,       /* a read returned fewer bytes than asked (end of file) */
+    FIC_ERR_CRC = -7,         /* the bytes read do not match the expected CRC32C */
+    FIC_ERR_THREAD = -8       /* a thread could not be created */
+};
+
+/* Weight formats. Block layouts are ggml's (see csrc/blocks.h). */
+enum fic_fmt {
+    FIC_F32 = 0,
+    FIC_F16 = 1,
+    FIC_Q8_0 = 2,  /* 32 weights: fp16 d, 32 x int8                         34 bytes */
+    FIC_Q4_0 = 3,  /* 32 weights: fp16 d, 16 bytes of nibbles (q - 8)        18 bytes */
+    FIC_Q4_1 = 4,  /* 32 weights: fp16 d, fp16 m, 16 bytes of nibbles        20 bytes */
+    FIC_Q1_0 = 5,  /* 128 weights: fp16 d, 16 bytes of sign bits, LSB first  18 bytes */
+    FIC_FMT_COUNT = 6
+};
+
+/* Kernel implementations. AUTO picks the fastest one this CPU supports. */
+enum fic_impl {
+    FIC_IMPL_AUTO = 0,
+    FIC_IMPL_REF = 1,    /* scalar reference: the spec, portable C */
+    FIC_IMPL_AVX2 = 2,   /* x86-64 AVX2 + FMA + F16C */
+    FIC_IMPL_AVX512 = 3, /* x86-64 AVX-512 F/BW/VL */
+    FIC_IMPL_NEON = 4    /* AArch64 NEON */
+};
+
+/* ---- formats (quant.c) ---- */
+int fic_fmt_block_weights(int fmt);         /* weights per block, or FIC_ERR_ARG */
+int fic_fmt_block_bytes(int fmt);           /* bytes per block, or FIC_ERR_ARG */
+int64_t fic_row_bytes(int fmt, int64_t k);  /* bytes of one row of k weights, or FIC_ERR_ARG */
+
+/* Reference quantizer (ggml's quantize_row_*_ref; Q1_0: d = mean |w|, bit set where w >= 0). */
+int fic_quantize(int fmt, const float *src, uint8_t *dst, int64_t n_rows, int64_t k);
+int fic_dequantize(int fmt, const uint8_t *src, float *dst, int64_t n_rows, int64_t k);
+
+/* fp16 <-> fp32, round to nearest even (IEEE binary16). */
+uint16_t fic_fp32_to_fp16(float f);
+float fic_fp16_to_fp32(uint16_t h);
+
+/* ---- CPU features and the thread pool (pool.c) ---- */
+int fic_impl_available(int impl);  /* 1 if impl can run on this CPU and build, else 0 */
+int fic_impl_best(void);           /* the implementation AUTO resolves to */
+
+typedef struct fic_pool fic_pool;
+/* A pool of n_threads workers (the caller counts as one of them), created once and reused. */
+int fic_pool_create(int n_threads, fic_pool **out);
+void fic_pool_destroy(fic_pool *pool);
+int fic_pool_threads(const fic_pool *pool);
+
+/* ---- kernels (matvec.c). pool may be NULL: runs on the calling thread. ----
+ * w: m rows of k weights in fmt; k must be a multiple of the block size.
+ * matvec:     y[m]    = W x[k]                        (decode)
+ * matmul:     y[t][m] = x[t][k] W^T                   (prefill; W read once for all t)
+ * accum_rows: y[k]   += sum_i a[i] * W[i]  (n_rows rows of k weights; a down projection
+ *                                           stored as rows of its transpose) */
+int fic_matvec(fic_pool *pool, int impl, int fmt, const uint8_t *w, const float *x, float *y,
+               int64_t m, int64_t k);
+int fic_matmul(fic_pool *pool, int impl, int fmt, const uint8_t *w, const float *x, float *y,
+               int64_t t, int64_t m, int64_t k);
+int fic_accum_rows(fic_pool *pool, int impl, int fmt, const uint8_t *w, const float *a, float *y,
+                   int64_t n_rows, int64_t k);
+
+/* ---- memory (pool.c) ---- */
+/* n_bytes zeroed, 4 KiB aligned; with huge != 0, 2 MiB aligned and madvise(MADV_HUGEPAGE).
+ * NULL on failure. Free with fic_free. */
+void *fic_alloc(size_t n_bytes, int huge);
+void fic_free(void *p);
+
+/* ---- expert streaming (stream.c) ---- */
+enum fic_io {
+    FIC_IO_AUTO = 0,   /* io_uring if the kernel allows it, else pread */
+    FIC_IO_URING = 1,
+    FIC_IO_PREAD = 2
+};
+enum fic_open_flags {
+    FIC_OPEN_NO_DIRECT = 1 /* never try O_DIRECT (buffered reads, pages dropped after) */
+};
+
+typedef struct fic_read_req {
+    int64_t offset;     /* in: file offset */
+    int64_t length;     /* in: bytes to read */
+    void *dst;          /* in: destination, at least length bytes */
+    uint32_t crc32c;    /* in: expected CRC32C of the bytes, checked when check_crc != 0 */
+    int32_t check_crc;  /* in */
+    int32_t status;     /* out: FIC_OK, FIC_ERR_IO, FIC_ERR_SHORT, FIC_ERR_CRC or FIC_ERR_ARG */
+    int32_t sys_errno;  /* out: errno behind FIC_ERR_IO */
+    int64_t n_read;     /* out: bytes actually read */
+} fic_read_req;
+
+typedef struct fic_reader fic_reader;
+/* Opens path for batched reads. With O_DIRECT (tried first unless FIC_OPEN_NO_DIRECT), every
+ * request's offset, length and dst must be 4096-aligned. *out_errno gets errno on FIC_ERR_OPEN. */
+int fic_reader_open(const char *path, int backend, int queue_depth, int n_threads, int flags,
+                    fic_reader **out, int *out_errno);
+/* Reads every request; returns FIC_OK when all succeeded, else the first failing status.
+ * Each request's own status says what happened to it. */
+int fic_reader_read(fic_reader *r, fic_read_req *reqs, int64_t n_reqs);
+int fic_reader_backend(const fic_reader *r);  /* FIC_IO_URING or FIC_IO_PREAD */
+int fic_reader_direct(const fic_reader *r);   /* 1 when reads bypass the page cache via O_DIRECT */
+int64_t fic_reader_size(const fic_reader *r); /* file size in bytes */
+void fic_reader_close(fic_reader *r);
+
+/* CRC32C (Castagnoli): hardware instruction where present, and the table reference. */
+uint32_t fic_crc32c(uint32_t crc, const uint8_t *buf, size_t n);
+uint32_t fic_crc32c_ref(uint32_t crc, const uint8_t *buf, size_t n);
+
+/* cdef-end */
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* FIC_H */

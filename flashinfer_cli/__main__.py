@@ -1,0 +1,3 @@
+from flashinfer_cli.cli import main
+
+main()

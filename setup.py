@@ -1,0 +1,27 @@
+"""fic: run language models far larger than the memory you give them."""
+from setuptools import find_packages, setup
+
+setup(
+    name="flashinfer-cli",
+    version="0.1.0",
+    description="Run language models far larger than memory: experts streamed from flash, int4 and 1-bit weights",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["flashinfer_cli", "flashinfer_cli.*"]),
+    setup_requires=["cffi>=1.15"],
+    cffi_modules=["csrc/build_ffi.py:ffibuilder"],
+    install_requires=[
+        "cffi>=1.15",
+        "numpy>=1.24",
+        "click>=8.1",
+        "tqdm>=4.60",
+        "safetensors>=0.4",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "gguf==0.19.0"],
+    },
+    entry_points={"console_scripts": ["fic=flashinfer_cli.cli:main"]},
+    zip_safe=False,
+)
