@@ -1,0 +1,517 @@
+"""The on-disk model format: the only module that knows its byte layouts.
+
+A model is a directory:
+    manifest.json      format name and version, architecture config, quantization of every dense
+                       tensor, the expert table, tokenizer files, provenance
+    dense.safetensors  the dense block: quantized tensors as raw uint8 blocks (ggml layouts),
+                       float tensors as they are, per-layer neuron orders as int32
+    experts.bin        a 4 KiB header (magic, version, bundle count) then the expert bundles,
+                       each 4 KiB aligned: gate rows, up rows, then the down part
+    tokenizer files    copied as they are
+
+The down part of a bundle is either `columns` (the expert's column slice of ffn_down: d_model
+rows of n_neurons, lossless when n_neurons is a multiple of the block) or `rows` (the slice of
+ffn_downᵀ: n_neurons rows of d_model, any expert size).
+
+The writer builds everything in a temporary sibling directory and renames it into place, so a
+failure leaves no half model. The reader trusts nothing: every fault is a FormatError that names
+the file and what is wrong.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from flashinfer_cli import kernels
+from flashinfer_cli.kernels import QTensor
+
+FORMAT_NAME = "fic-model"
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+DENSE_FILE = "dense.safetensors"
+EXPERTS_FILE = "experts.bin"
+EXPERTS_MAGIC = b"FICXPRT\0"
+EXPERTS_VERSION = 1
+ALIGN = 4096
+_HEADER = struct.Struct("<8sIIQ")  # magic, version, reserved, bundle count
+DOWN_LAYOUTS = ("columns", "rows")
+_FLOAT_DTYPES = {"f32": np.float32, "f16": np.float16}
+
+
+class FormatError(Exception):
+    """A model file that cannot be trusted; the message names the file and the fault."""
+
+    def __init__(self, path: str | os.PathLike, fault: str):
+        super().__init__(f"{path}: {fault}")
+        self.path = os.fspath(path)
+        self.fault = fault
+
+
+def neuron_order_name(layer: int) -> str:
+    return f"blk.{layer}.ffn_neuron_order"
+
+
+def _align_up(n: int, align: int = ALIGN) -> int:
+    return (n + align - 1) // align * align
+
+
+# ---- the manifest --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ExpertEntry:
+    """Where one bundle lives in experts.bin."""
+
+    offset: int
+    length: int  # bytes of payload; on disk the bundle is zero-padded to a multiple of ALIGN
+    crc32c: int  # CRC32C of the padded bundle, so the C reader checks it as it reads
+    n_neurons: int
+
+    @property
+    def padded_length(self) -> int:
+        return _align_up(self.length)
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """How the bundles of every layer are cut: one d_model, one set of formats."""
+
+    d_model: int
+    gate_fmt: str
+    up_fmt: str
+    down_fmt: str
+    down_layout: str  # "columns" or "rows"
+
+    def part_bytes(self, n_neurons: int) -> tuple[int, int, int]:
+        """Bytes of the gate, up and down parts of a bundle of n_neurons."""
+        gate = n_neurons * kernels.row_bytes(self.gate_fmt, self.d_model)
+        up = n_neurons * kernels.row_bytes(self.up_fmt, self.d_model)
+        if self.down_layout == "columns":
+            down = self.d_model * kernels.row_bytes(self.down_fmt, n_neurons)
+        else:
+            down = n_neurons * kernels.row_bytes(self.down_fmt, self.d_model)
+        return gate, up, down
+
+    def down_shape(self, n_neurons: int) -> tuple[int, int]:
+        return (self.d_model, n_neurons) if self.down_layout == "columns" else (n_neurons, self.d_model)
+
+
+@dataclass
+class Manifest:
+    name: str
+    arch: dict[str, Any]
+    tensors: dict[str, dict[str, Any]]  # dense tensor name -> {"fmt": str, "shape": [..]}
+    expert_layout: ExpertLayout | None
+    experts: list[list[ExpertEntry]]  # [layer][expert]
+    experts_file_bytes: int
+    tokenizer: dict[str, Any] = field(default_factory=dict)  # {"files": [...], "chat_template": ...}
+    provenance: dict[str, Any] = field(default_factory=dict)  # {"source": ..., "sha256": ...}
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "name": self.name,
+            "arch": self.arch,
+            "tensors": self.tensors,
+            "expert_layout": asdict(self.expert_layout) if self.expert_layout else None,
+            "experts": [[[e.offset, e.length, e.crc32c, e.n_neurons] for e in layer] for layer in self.experts],
+            "experts_file_bytes": self.experts_file_bytes,
+            "tokenizer": self.tokenizer,
+            "provenance": self.provenance,
+            "notes": self.notes,
+        }
+
+
+def _require(cond: bool, path: Path, fault: str) -> None:
+    if not cond:
+        raise FormatError(path, fault)
+
+
+def _parse_layout(raw: Any, path: Path) -> ExpertLayout | None:
+    if raw is None:
+        return None
+    _require(isinstance(raw, dict), path, "expert_layout is not an object")
+    try:
+        layout = ExpertLayout(**raw)
+    except TypeError as exc:
+        raise FormatError(path, f"expert_layout: {exc}") from None
+    for fmt in (layout.gate_fmt, layout.up_fmt, layout.down_fmt):
+        _require(fmt in kernels.FORMATS, path, f"expert_layout: unknown weight format {fmt!r}")
+    _require(layout.down_layout in DOWN_LAYOUTS, path, f"expert_layout: unknown down_layout {layout.down_layout!r}")
+    _require(isinstance(layout.d_model, int) and layout.d_model > 0, path, "expert_layout: bad d_model")
+    return layout
+
+
+def _parse_experts(raw: Any, path: Path) -> list[list[ExpertEntry]]:
+    _require(isinstance(raw, list), path, "experts is not a list of layers")
+    layers = []
+    for li, layer in enumerate(raw):
+        _require(isinstance(layer, list), path, f"experts[{li}] is not a list")
+        entries = []
+        for ei, e in enumerate(layer):
+            ok = isinstance(e, list) and len(e) == 4 and all(isinstance(v, int) and v >= 0 for v in e)
+            _require(ok, path, f"experts[{li}][{ei}] is not [offset, length, crc32c, n_neurons]")
+            entries.append(ExpertEntry(*e))
+        layers.append(entries)
+    return layers
+
+
+def parse_manifest(path: Path) -> Manifest:
+    """Read and validate manifest.json (structure only; files are checked by ModelReader)."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FormatError(path, "missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(path, f"not readable JSON ({exc})") from None
+    _require(isinstance(raw, dict), path, "not a JSON object")
+    _require(raw.get("format") == FORMAT_NAME, path, f"bad magic: format is {raw.get('format')!r}, expected {FORMAT_NAME!r}")
+    _require(raw.get("version") == FORMAT_VERSION, path,
+             f"unsupported format version {raw.get('version')!r} (this fic reads version {FORMAT_VERSION})")
+    for key, typ in (("name", str), ("arch", dict), ("tensors", dict), ("experts_file_bytes", int)):
+        _require(isinstance(raw.get(key), typ), path, f"missing or bad {key!r}")
+    tensors = raw["tensors"]
+    for name, spec in tensors.items():
+        ok = isinstance(spec, dict) and (spec.get("fmt") in kernels.FORMATS or spec.get("fmt") == "i32")
+        ok = ok and isinstance(spec.get("shape"), list) and all(isinstance(d, int) and d > 0 for d in spec["shape"])
+        _require(ok, path, f"tensor {name!r}: bad spec {spec!r}")
+    return Manifest(
+        name=raw["name"], arch=raw["arch"], tensors=tensors,
+        expert_layout=_parse_layout(raw.get("expert_layout"), path),
+        experts=_parse_experts(raw.get("experts", []), path),
+        experts_file_bytes=raw["experts_file_bytes"],
+        tokenizer=raw.get("tokenizer") or {}, provenance=raw.get("provenance") or {},
+        notes=list(raw.get("notes") or []),
+    )
+
+
+# ---- dense tensors -------------------------------------------------------------------------
+
+def _tensor_nbytes(spec: dict[str, Any]) -> int:
+    shape = spec["shape"]
+    if spec["fmt"] == "i32":
+        return 4 * int(np.prod(shape))
+    if len(shape) == 1:
+        return kernels.row_bytes(spec["fmt"], shape[0])
+    return int(np.prod(shape[:-1])) * kernels.row_bytes(spec["fmt"], shape[-1])
+
+
+def _encode_dense(value: QTensor | np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
+    """(spec, array to store) for one dense tensor."""
+    if isinstance(value, QTensor):
+        return {"fmt": value.fmt, "shape": list(value.shape)}, value.data
+    arr = np.ascontiguousarray(value)
+    if arr.dtype == np.float32:
+        return {"fmt": "f32", "shape": list(arr.shape)}, arr
+    if arr.dtype == np.float16:
+        return {"fmt": "f16", "shape": list(arr.shape)}, arr
+    if arr.dtype == np.int32:
+        return {"fmt": "i32", "shape": list(arr.shape)}, arr
+    raise ValueError(f"dense tensors are QTensor, float32, float16 or int32 arrays, got {arr.dtype}")
+
+
+def _decode_dense(name: str, spec: dict[str, Any], arr: np.ndarray, path: Path) -> QTensor | np.ndarray:
+    fmt, shape = spec["fmt"], tuple(spec["shape"])
+    _require(arr.nbytes == _tensor_nbytes(spec), path,
+             f"tensor {name!r} holds {arr.nbytes} bytes, manifest's {fmt} {list(shape)} needs {_tensor_nbytes(spec)}")
+    if fmt == "i32":
+        _require(arr.dtype == np.int32, path, f"tensor {name!r} is {arr.dtype}, expected int32")
+        return arr.reshape(shape)
+    if fmt in _FLOAT_DTYPES and arr.dtype == _FLOAT_DTYPES[fmt]:
+        return arr.reshape(shape)
+    _require(arr.dtype == np.uint8 and len(shape) == 2, path, f"tensor {name!r}: {arr.dtype} data for a {fmt} {list(shape)} tensor")
+    return QTensor(fmt, (shape[0], shape[1]), np.ascontiguousarray(arr.reshape(-1)))
+
+
+# ---- the writer ----------------------------------------------------------------------------
+
+class ModelWriter:
+    """Writes a model directory atomically:
+
+        with ModelWriter(dest, name=..., arch=..., layout=...) as w:
+            w.add_dense("tok_embd", qtensor); w.add_expert(layer, gate, up, down); w.add_file(path)
+        # on leaving the block without an exception the model is renamed into place
+    """
+
+    def __init__(self, dest: str | os.PathLike, *, name: str, arch: dict[str, Any],
+                 layout: ExpertLayout | None, provenance: dict[str, Any] | None = None,
+                 tokenizer: dict[str, Any] | None = None, overwrite: bool = False):
+        self.dest = Path(dest)
+        if self.dest.exists() and not overwrite:
+            raise FileExistsError(f"{self.dest} already exists")
+        self.dest.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{self.dest.name}-", dir=self.dest.parent))
+        self.overwrite = overwrite
+        self.manifest = Manifest(name=name, arch=arch, tensors={}, expert_layout=layout, experts=[],
+                                 experts_file_bytes=0, tokenizer=dict(tokenizer or {}),
+                                 provenance=dict(provenance or {}))
+        self._dense: dict[str, np.ndarray] = {}
+        self._experts = open(self.tmp / EXPERTS_FILE, "wb")
+        self._experts.write(b"\0" * ALIGN)  # header, filled in at the end
+        self._offset = ALIGN
+
+    def add_dense(self, name: str, value: QTensor | np.ndarray) -> None:
+        if name in self._dense:
+            raise ValueError(f"dense tensor {name!r} added twice")
+        spec, arr = _encode_dense(value)
+        self.manifest.tensors[name] = spec
+        self._dense[name] = arr
+
+    def add_expert(self, layer: int, gate: QTensor, up: QTensor, down: QTensor) -> ExpertEntry:
+        """Append one bundle to `layer` (experts are numbered in the order they are added)."""
+        layout = self.manifest.expert_layout
+        if layout is None:
+            raise ValueError("this model was opened without an expert layout")
+        n = gate.shape[0]
+        expected = ((layout.gate_fmt, (n, layout.d_model)), (layout.up_fmt, (n, layout.d_model)),
+                    (layout.down_fmt, layout.down_shape(n)))
+        for part, (fmt, shape) in zip((gate, up, down), expected):
+            if part.fmt != fmt or part.shape != shape:
+                raise ValueError(f"bundle part {part.fmt} {part.shape}, layout wants {fmt} {shape}")
+        payload = b"".join(bytes(p.data) for p in (gate, up, down))
+        padded = payload + b"\0" * (_align_up(len(payload)) - len(payload))
+        entry = ExpertEntry(self._offset, len(payload), kernels.crc32c(padded), n)
+        self._experts.write(padded)
+        self._offset += len(padded)
+        while len(self.manifest.experts) <= layer:
+            self.manifest.experts.append([])
+        self.manifest.experts[layer].append(entry)
+        return entry
+
+    def set_neuron_order(self, layer: int, order: np.ndarray) -> None:
+        """Record that layer's bundles hold its FFN neurons in this order (original indices)."""
+        order = np.asarray(order)
+        if order.ndim != 1 or sorted(order.tolist()) != list(range(order.size)):
+            raise ValueError(f"layer {layer}: neuron order is not a permutation")
+        self.add_dense(neuron_order_name(layer), order.astype(np.int32))
+
+    def add_file(self, src: str | os.PathLike, name: str | None = None) -> None:
+        """Copy a file (a tokenizer file, say) into the model directory."""
+        name = name or Path(src).name
+        if name in (MANIFEST_FILE, DENSE_FILE, EXPERTS_FILE) or "/" in name:
+            raise ValueError(f"cannot add a file named {name!r}")
+        shutil.copyfile(src, self.tmp / name)
+        self.manifest.tokenizer.setdefault("files", []).append(name)
+
+    def note(self, text: str) -> None:
+        self.manifest.notes.append(text)
+
+    def _finish_files(self) -> None:
+        from safetensors.numpy import save_file
+
+        n_bundles = sum(len(layer) for layer in self.manifest.experts)
+        self._experts.seek(0)
+        self._experts.write(_HEADER.pack(EXPERTS_MAGIC, EXPERTS_VERSION, 0, n_bundles))
+        self._experts.flush()
+        os.fsync(self._experts.fileno())
+        self._experts.close()
+        self.manifest.experts_file_bytes = self._offset
+        save_file(self._dense, str(self.tmp / DENSE_FILE), metadata={"format": FORMAT_NAME})
+        manifest_text = json.dumps(self.manifest.to_json(), indent=1)
+        (self.tmp / MANIFEST_FILE).write_text(manifest_text, encoding="utf-8")
+
+    def commit(self) -> Path:
+        self._finish_files()
+        old = None
+        if self.dest.exists():  # overwrite: move the old model aside, then swap
+            old = self.dest.with_name(f".old-{self.dest.name}-{os.getpid()}")
+            os.rename(self.dest, old)
+        os.rename(self.tmp, self.dest)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.dest
+
+    def abort(self) -> None:
+        if not self._experts.closed:
+            self._experts.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> "ModelWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            try:
+                self.commit()
+            except BaseException:
+                self.abort()
+                raise
+        else:
+            self.abort()
+
+
+# ---- the reader ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Bundle:
+    """An expert's weights, as views into the buffer it was read into."""
+
+    gate: QTensor
+    up: QTensor
+    down: QTensor
+    n_neurons: int
+
+
+class ModelReader:
+    """Opens a model directory and validates it; reads dense tensors and expert bundles."""
+
+    def __init__(self, path: str | os.PathLike, *, io_backend: str | None = None, queue_depth: int = 32):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise FormatError(self.path, "not a model directory")
+        self.manifest = parse_manifest(self.path / MANIFEST_FILE)
+        self.dense_path = self.path / DENSE_FILE
+        self.experts_path = self.path / EXPERTS_FILE
+        self._check_dense_header()
+        self._check_experts_file()
+        self._reader = kernels.Reader(self.experts_path, backend=io_backend, queue_depth=queue_depth) \
+            if self.n_bundles else None
+
+    @property
+    def n_bundles(self) -> int:
+        return sum(len(layer) for layer in self.manifest.experts)
+
+    @property
+    def layout(self) -> ExpertLayout | None:
+        return self.manifest.expert_layout
+
+    def _check_dense_header(self) -> None:
+        """Parse the safetensors header and check every manifest tensor is there at its size."""
+        path = self.dense_path
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                head = f.read(8)
+                _require(len(head) == 8, path, "truncated (no safetensors header)")
+                (n,) = struct.unpack("<Q", head)
+                _require(8 + n <= size, path, f"truncated: header of {n} bytes in a file of {size}")
+                header = json.loads(f.read(n))
+        except FileNotFoundError:
+            raise FormatError(path, "missing") from None
+        except (OSError, ValueError) as exc:
+            raise FormatError(path, f"unreadable safetensors header ({exc})") from None
+        _require(isinstance(header, dict), path, "bad safetensors header")
+        data_bytes = size - 8 - n
+        for name, spec in self.manifest.tensors.items():
+            info = header.get(name)
+            _require(isinstance(info, dict), path, f"tensor {name!r} listed in the manifest is missing")
+            begin, end = info.get("data_offsets", (0, -1))
+            _require(0 <= begin <= end <= data_bytes, path, f"tensor {name!r} lies outside the file (truncated?)")
+            _require(end - begin == _tensor_nbytes(spec), path,
+                     f"tensor {name!r} has {end - begin} bytes, its {spec['fmt']} {spec['shape']} needs {_tensor_nbytes(spec)}")
+
+    def _check_experts_file(self) -> None:
+        path, man = self.experts_path, self.manifest
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                head = f.read(_HEADER.size)
+        except FileNotFoundError:
+            raise FormatError(path, "missing") from None
+        except OSError as exc:
+            raise FormatError(path, f"unreadable ({exc.strerror})") from None
+        _require(len(head) == _HEADER.size, path, "truncated header")
+        magic, version, _, n_bundles = _HEADER.unpack(head)
+        _require(magic == EXPERTS_MAGIC, path, f"bad magic {magic!r}")
+        _require(version == EXPERTS_VERSION, path, f"unsupported experts version {version}")
+        _require(n_bundles == self.n_bundles, path, f"header counts {n_bundles} bundles, manifest {self.n_bundles}")
+        _require(size == man.experts_file_bytes, path,
+                 f"{size} bytes, manifest says {man.experts_file_bytes} (truncated or replaced)")
+        if self.n_bundles:
+            _require(man.expert_layout is not None, self.path / MANIFEST_FILE, "experts without an expert_layout")
+        for li, layer in enumerate(man.experts):
+            for ei, e in enumerate(layer):
+                where = f"expert table entry layer {li} expert {ei}"
+                _require(e.offset % ALIGN == 0 and e.offset >= ALIGN, path, f"{where}: offset {e.offset} not aligned")
+                _require(e.offset + _align_up(e.length) <= size, path,
+                         f"{where}: bytes {e.offset}..{e.offset + e.length} lie outside the file of {size}")
+                _require(e.n_neurons > 0 and e.length == sum(man.expert_layout.part_bytes(e.n_neurons)), path,
+                         f"{where}: length {e.length} does not fit {e.n_neurons} neurons")
+
+    # -- dense block --
+    def dense(self) -> dict[str, QTensor | np.ndarray]:
+        """Every dense tensor, validated against the manifest."""
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        try:
+            raw = load_file(str(self.dense_path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise FormatError(self.dense_path, f"unreadable ({exc})") from None
+        return {name: _decode_dense(name, spec, raw[name], self.dense_path)
+                for name, spec in self.manifest.tensors.items()}
+
+    def dense_tensor(self, name: str) -> QTensor | np.ndarray:
+        """One dense tensor, validated against the manifest."""
+        from safetensors import SafetensorError, safe_open
+
+        spec = self.manifest.tensors.get(name)
+        if spec is None:
+            raise KeyError(f"no dense tensor {name!r}")
+        try:
+            with safe_open(str(self.dense_path), framework="numpy") as f:
+                arr = f.get_tensor(name)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise FormatError(self.dense_path, f"unreadable tensor {name!r} ({exc})") from None
+        return _decode_dense(name, spec, arr, self.dense_path)
+
+    # -- experts --
+    def entry(self, layer: int, expert: int) -> ExpertEntry:
+        try:
+            return self.manifest.experts[layer][expert]
+        except IndexError:
+            raise KeyError(f"no expert {expert} in layer {layer}") from None
+
+    def bundle_bytes(self, layer: int, expert: int) -> int:
+        """Bytes a destination buffer needs for this bundle (its padded length)."""
+        return self.entry(layer, expert).padded_length
+
+    def neuron_order(self, layer: int) -> np.ndarray | None:
+        """The original FFN neuron index of each neuron of `layer`, in bundle order, if permuted."""
+        name = neuron_order_name(layer)
+        if name not in self.manifest.tensors:
+            return None
+        return self.dense_tensor(name)
+
+    def read_bundles(self, keys: Sequence[tuple[int, int]], dsts: Sequence[np.ndarray]) -> list[Bundle]:
+        """Read bundles (layer, expert) into 4 KiB aligned uint8 buffers in one batch, checking
+        each checksum; raise FormatError naming the first bad bundle."""
+        if len(keys) != len(dsts):
+            raise ValueError("one destination per bundle")
+        entries = [self.entry(l, e) for l, e in keys]
+        reqs = [kernels.ReadRequest(e.offset, e.padded_length, dst, e.crc32c) for e, dst in zip(entries, dsts)]
+        for (l, x), e, res in zip(keys, entries, self._reader.read(reqs)):
+            where = f"bundle layer {l} expert {x} at offset {e.offset}"
+            _require(res.status != "short", self.experts_path, f"{where}: truncated file")
+            _require(res.status != "crc", self.experts_path, f"{where}: checksum mismatch")
+            if res.status != "ok":
+                detail = os.strerror(res.errno) if res.status == "io" else res.status
+                raise FormatError(self.experts_path, f"{where}: read failed ({detail})")
+        return [self.bundle_view(dst, e.n_neurons) for e, dst in zip(entries, dsts)]
+
+    def bundle_view(self, buf: np.ndarray, n_neurons: int) -> Bundle:
+        layout = self.layout
+        gate_b, up_b, down_b = layout.part_bytes(n_neurons)
+        gate = QTensor(layout.gate_fmt, (n_neurons, layout.d_model), buf[:gate_b])
+        up = QTensor(layout.up_fmt, (n_neurons, layout.d_model), buf[gate_b:gate_b + up_b])
+        down = QTensor(layout.down_fmt, layout.down_shape(n_neurons), buf[gate_b + up_b:gate_b + up_b + down_b])
+        return Bundle(gate, up, down, n_neurons)
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+
+    def __enter__(self) -> "ModelReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,256 @@
+"""The model format: write/read round trip, atomic writes, and every corruption the reader must refuse."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flashinfer_cli import fmt, kernels
+from flashinfer_cli.fmt import ExpertLayout, FormatError, ModelReader, ModelWriter
+
+D_MODEL = 256
+N_LAYERS = 2
+EXPERT_SIZES = (128, 128, 256)  # neurons per expert; multiples of every block size
+
+
+def _rng_matrix(rng: np.random.Generator, m: int, k: int) -> np.ndarray:
+    return rng.standard_normal((m, k)).astype(np.float32)
+
+
+def _make_parts(rng, layout: ExpertLayout, n: int):
+    gate = kernels.quantize(_rng_matrix(rng, n, layout.d_model), layout.gate_fmt)
+    up = kernels.quantize(_rng_matrix(rng, n, layout.d_model), layout.up_fmt)
+    down = kernels.quantize(_rng_matrix(rng, *layout.down_shape(n)), layout.down_fmt)
+    return gate, up, down
+
+
+def write_model(dest: Path, down_layout: str = "columns", seed: int = 0):
+    """A small model; returns what was written so tests compare against the source values."""
+    rng = np.random.default_rng(seed)
+    layout = ExpertLayout(D_MODEL, "q4_0", "q4_1", "q1_0" if down_layout == "rows" else "q8_0", down_layout)
+    tok = dest.parent / "tokenizer.json"
+    tok.write_text('{"model": "test"}')
+    dense = {
+        "token_embd": kernels.quantize(_rng_matrix(rng, 64, D_MODEL), "q8_0"),
+        "output_norm": rng.standard_normal(D_MODEL).astype(np.float32),
+        "half": rng.standard_normal((3, 5)).astype(np.float16),
+    }
+    bundles = {}
+    with ModelWriter(dest, name="tiny", arch={"arch": "llama", "n_layers": N_LAYERS}, layout=layout,
+                     provenance={"source": "test", "sha256": "0" * 64}) as w:
+        for name, value in dense.items():
+            w.add_dense(name, value)
+        for layer in range(N_LAYERS):
+            for e, n in enumerate(EXPERT_SIZES):
+                bundles[layer, e] = _make_parts(rng, layout, n)
+                w.add_expert(layer, *bundles[layer, e])
+            w.set_neuron_order(layer, rng.permutation(sum(EXPERT_SIZES)))
+        w.add_file(tok)
+        w.note("written by a test")
+    return dense, bundles
+
+
+def _read_all(reader: ModelReader, keys):
+    bufs = [kernels.aligned_buffer(reader.bundle_bytes(l, e)) for l, e in keys]
+    return reader.read_bundles(keys, bufs)
+
+
+@pytest.mark.parametrize("down_layout", ["columns", "rows"])
+def test_round_trip(tmp_path: Path, down_layout: str):
+    dest = tmp_path / "store" / "tiny"
+    dense, bundles = write_model(dest, down_layout)
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["tiny"]  # no temp dir left
+    with ModelReader(dest) as r:
+        man = r.manifest
+        assert man.name == "tiny" and man.arch["n_layers"] == N_LAYERS
+        assert man.provenance["sha256"] == "0" * 64 and man.notes == ["written by a test"]
+        assert man.tokenizer["files"] == ["tokenizer.json"]
+        assert (dest / "tokenizer.json").read_text() == '{"model": "test"}'
+        got = r.dense()
+        np.testing.assert_array_equal(got["token_embd"].data, dense["token_embd"].data)
+        assert got["token_embd"].shape == dense["token_embd"].shape
+        np.testing.assert_array_equal(got["output_norm"], dense["output_norm"])
+        np.testing.assert_array_equal(got["half"], dense["half"])
+        assert got["half"].dtype == np.float16
+        for layer in range(N_LAYERS):
+            assert sorted(r.neuron_order(layer).tolist()) == list(range(sum(EXPERT_SIZES)))
+        keys = sorted(bundles)
+        for key, bundle in zip(keys, _read_all(r, keys)):
+            for got_part, want_part in zip((bundle.gate, bundle.up, bundle.down), bundles[key]):
+                assert (got_part.fmt, got_part.shape) == (want_part.fmt, want_part.shape)
+                np.testing.assert_array_equal(got_part.data, want_part.data)
+        assert all(e.offset % fmt.ALIGN == 0 for layer in man.experts for e in layer)
+
+
+def test_bundle_is_usable_by_kernels(tmp_path: Path):
+    """A bundle read from disk computes the same FFN as the weights it was written from."""
+    dest = tmp_path / "m"
+    _, bundles = write_model(dest, "rows", seed=3)
+    x = np.random.default_rng(1).standard_normal(D_MODEL).astype(np.float32)
+    with ModelReader(dest) as r:
+        (b,) = _read_all(r, [(1, 2)])
+    gate, up, down = (kernels.dequantize(p) for p in bundles[1, 2])
+    h = (gate @ x) / (1 + np.exp(-(gate @ x))) * (up @ x)
+    want = down.T @ h
+    got = kernels.accum_rows(b.down, kernels.matvec(b.gate, x) / (1 + np.exp(-kernels.matvec(b.gate, x)))
+                             * kernels.matvec(b.up, x), np.zeros(D_MODEL, np.float32))
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
+
+
+def test_failed_write_leaves_nothing(tmp_path: Path):
+    dest = tmp_path / "m"
+    with pytest.raises(RuntimeError):
+        with ModelWriter(dest, name="x", arch={}, layout=None) as w:
+            w.add_dense("a", np.zeros(4, np.float32))
+            raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_model_is_kept_unless_overwrite(tmp_path: Path):
+    dest = tmp_path / "m"
+    write_model(dest, seed=1)
+    with pytest.raises(FileExistsError):
+        ModelWriter(dest, name="x", arch={}, layout=None)
+    with ModelWriter(dest, name="replaced", arch={}, layout=None, overwrite=True) as w:
+        w.add_dense("a", np.ones(4, np.float32))
+    assert ModelReader(dest).manifest.name == "replaced"
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
+
+
+def test_writer_rejects_mismatched_parts(tmp_path: Path):
+    layout = ExpertLayout(D_MODEL, "q4_0", "q4_0", "q4_0", "columns")
+    rng = np.random.default_rng(0)
+    w = ModelWriter(tmp_path / "m", name="x", arch={}, layout=layout)
+    try:
+        gate, up, _ = _make_parts(rng, layout, 64)
+        wrong_down = kernels.quantize(_rng_matrix(rng, 64, D_MODEL), "q4_0")  # rows, not columns
+        with pytest.raises(ValueError, match="layout wants"):
+            w.add_expert(0, gate, up, wrong_down)
+        with pytest.raises(ValueError, match="not a permutation"):
+            w.set_neuron_order(0, np.array([0, 0, 1]))
+    finally:
+        w.abort()
+
+
+# ---- corruptions ---------------------------------------------------------------------------
+
+@pytest.fixture()
+def model(tmp_path: Path) -> Path:
+    dest = tmp_path / "m"
+    write_model(dest)
+    return dest
+
+
+def _edit_manifest(model: Path, edit) -> None:
+    path = model / fmt.MANIFEST_FILE
+    raw = json.loads(path.read_text())
+    edit(raw)
+    path.write_text(json.dumps(raw))
+
+
+def _expect(model: Path, filename: str, fault: str) -> None:
+    with pytest.raises(FormatError, match=fault) as info:
+        ModelReader(model)
+    assert info.value.path.endswith(filename)
+    assert filename in str(info.value)
+
+
+def test_missing_manifest(model: Path):
+    (model / fmt.MANIFEST_FILE).unlink()
+    _expect(model, fmt.MANIFEST_FILE, "missing")
+
+
+def test_manifest_not_json(model: Path):
+    (model / fmt.MANIFEST_FILE).write_text("{not json")
+    _expect(model, fmt.MANIFEST_FILE, "not readable JSON")
+
+
+def test_manifest_bad_magic(model: Path):
+    _edit_manifest(model, lambda m: m.update(format="gguf"))
+    _expect(model, fmt.MANIFEST_FILE, "bad magic")
+
+
+def test_manifest_bad_version(model: Path):
+    _edit_manifest(model, lambda m: m.update(version=99))
+    _expect(model, fmt.MANIFEST_FILE, "unsupported format version 99")
+
+
+def test_manifest_bad_tensor_spec(model: Path):
+    _edit_manifest(model, lambda m: m["tensors"]["output_norm"].update(fmt="q7_7"))
+    _expect(model, fmt.MANIFEST_FILE, "bad spec")
+
+
+def test_table_entry_outside_file(model: Path):
+    def push_out(m):
+        m["experts"][1][2][0] = m["experts_file_bytes"]
+    _edit_manifest(model, push_out)
+    _expect(model, fmt.EXPERTS_FILE, "outside the file")
+
+
+def test_table_entry_length_mismatch(model: Path):
+    _edit_manifest(model, lambda m: m["experts"][0][0].__setitem__(3, 64))
+    _expect(model, fmt.EXPERTS_FILE, "does not fit 64 neurons")
+
+
+def test_experts_bad_magic(model: Path):
+    with open(model / fmt.EXPERTS_FILE, "r+b") as f:
+        f.write(b"GARBAGE!")
+    _expect(model, fmt.EXPERTS_FILE, "bad magic")
+
+
+def test_experts_bad_version(model: Path):
+    with open(model / fmt.EXPERTS_FILE, "r+b") as f:
+        f.seek(8)
+        f.write((7).to_bytes(4, "little"))
+    _expect(model, fmt.EXPERTS_FILE, "unsupported experts version 7")
+
+
+def test_experts_truncated(model: Path):
+    path = model / fmt.EXPERTS_FILE
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.truncate(size - fmt.ALIGN)
+    _expect(model, fmt.EXPERTS_FILE, "truncated")
+
+
+def test_experts_missing(model: Path):
+    (model / fmt.EXPERTS_FILE).unlink()
+    _expect(model, fmt.EXPERTS_FILE, "missing")
+
+
+def test_dense_truncated(model: Path):
+    path = model / fmt.DENSE_FILE
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 100)
+    _expect(model, fmt.DENSE_FILE, "outside the file")
+
+
+def test_dense_tensor_missing(model: Path):
+    _edit_manifest(model, lambda m: m["tensors"].update(extra={"fmt": "f32", "shape": [4]}))
+    _expect(model, fmt.DENSE_FILE, "'extra' listed in the manifest is missing")
+
+
+def test_dense_size_mismatch(model: Path):
+    _edit_manifest(model, lambda m: m["tensors"]["output_norm"].update(shape=[D_MODEL * 2]))
+    _expect(model, fmt.DENSE_FILE, "needs")
+
+
+def test_corrupted_bundle_byte(model: Path):
+    with ModelReader(model) as r:
+        entry = r.entry(1, 1)
+    with open(model / fmt.EXPERTS_FILE, "r+b") as f:
+        f.seek(entry.offset + 100)
+        byte = f.read(1)
+        f.seek(entry.offset + 100)
+        f.write(bytes([byte[0] ^ 0x01]))
+    with ModelReader(model) as r:  # opening is fine: checksums are checked when bundles are read
+        _read_all(r, [(0, 0), (1, 0)])
+        with pytest.raises(FormatError, match="layer 1 expert 1 .*checksum mismatch"):
+            _read_all(r, [(0, 0), (1, 1)])
+
+
+def test_not_a_directory(tmp_path: Path):
+    with pytest.raises(FormatError, match="not a model directory"):
+        ModelReader(tmp_path / "nothing")
