@@ -30,7 +30,9 @@ def write_model(dest: Path, down_layout: str = "columns", seed: int = 0):
     """A small model; returns what was written so tests compare against the source values."""
     rng = np.random.default_rng(seed)
     layout = ExpertLayout(D_MODEL, "q4_0", "q4_1", "q1_0" if down_layout == "rows" else "q8_0", down_layout)
-    tok = dest.parent / "tokenizer.json"
+    src = dest.parent.parent / "src"  # outside the store, so the store holds only models
+    src.mkdir(exist_ok=True)
+    tok = src / "tokenizer.json"
     tok.write_text('{"model": "test"}')
     dense = {
         "token_embd": kernels.quantize(_rng_matrix(rng, 64, D_MODEL), "q8_0"),
@@ -86,7 +88,7 @@ def test_round_trip(tmp_path: Path, down_layout: str):
 
 def test_bundle_is_usable_by_kernels(tmp_path: Path):
     """A bundle read from disk computes the same FFN as the weights it was written from."""
-    dest = tmp_path / "m"
+    dest = tmp_path / "store" / "m"
     _, bundles = write_model(dest, "rows", seed=3)
     x = np.random.default_rng(1).standard_normal(D_MODEL).astype(np.float32)
     with ModelReader(dest) as r:
@@ -109,14 +111,14 @@ def test_failed_write_leaves_nothing(tmp_path: Path):
 
 
 def test_existing_model_is_kept_unless_overwrite(tmp_path: Path):
-    dest = tmp_path / "m"
+    dest = tmp_path / "store" / "m"
     write_model(dest, seed=1)
     with pytest.raises(FileExistsError):
         ModelWriter(dest, name="x", arch={}, layout=None)
     with ModelWriter(dest, name="replaced", arch={}, layout=None, overwrite=True) as w:
         w.add_dense("a", np.ones(4, np.float32))
     assert ModelReader(dest).manifest.name == "replaced"
-    assert [p.name for p in tmp_path.iterdir()] == ["m"]
+    assert [p.name for p in dest.parent.iterdir()] == ["m"]
 
 
 def test_writer_rejects_mismatched_parts(tmp_path: Path):
@@ -138,7 +140,7 @@ def test_writer_rejects_mismatched_parts(tmp_path: Path):
 
 @pytest.fixture()
 def model(tmp_path: Path) -> Path:
-    dest = tmp_path / "m"
+    dest = tmp_path / "store" / "m"
     write_model(dest)
     return dest
 
