@@ -519,6 +519,7 @@ typedef struct uring_slot {
 typedef struct uring {
     int fd;
     int use_readv;
+    int broken; /* io_uring_enter failed for good: SQEs may be stranded, never enter again */
     unsigned depth; /* most reads in flight at once */
     void *sq_map, *cq_map;
     size_t sq_map_size, cq_map_size;
@@ -883,6 +884,8 @@ static int uring_read(fic_reader *r, fic_read_req *reqs, int64_t n)
     uring *u = &r->ring;
     int64_t next = 0;
     unsigned in_flight = 0, to_submit = 0;
+    if (u->broken)
+        return -EIO;
     u->n_free = u->depth;
     for (unsigned s = 0; s < u->depth; s++)
         u->free_slots[s] = u->depth - 1 - s;
@@ -902,8 +905,10 @@ static int uring_read(fic_reader *r, fic_read_req *reqs, int64_t n)
             return FIC_OK;
         int ret = sys_uring_enter(u->fd, to_submit, 1, IORING_ENTER_GETEVENTS);
         if (ret < 0) {
-            if (errno != EINTR && errno != EAGAIN && errno != EBUSY)
+            if (errno != EINTR && errno != EAGAIN && errno != EBUSY) {
+                u->broken = 1;
                 return -errno;
+            }
             ret = 0; /* transient: reap what completed, then submit again */
         }
         to_submit -= (unsigned)ret < to_submit ? (unsigned)ret : to_submit;
