@@ -64,6 +64,11 @@ _READ_STATUS = {lib.FIC_ERR_IO: "io", lib.FIC_ERR_SHORT: "short", lib.FIC_ERR_CR
                 lib.FIC_ERR_ARG: "arg"}
 
 
+def _read_status(status: int) -> str:
+    # An unexpected code must not pass for success.
+    return "ok" if status == lib.FIC_OK else _READ_STATUS.get(status, status_name(status))
+
+
 def status_name(status: int) -> str:
     return _STATUS_NAMES.get(status, f"status {status}")
 
@@ -375,21 +380,21 @@ class Reader:
             reqs[i].crc32c = rq.crc32c or 0
             reqs[i].check_crc = 0 if rq.crc32c is None else 1
         lib.fic_reader_read(self._ptr, reqs, n)
-        return [ReadResult(_READ_STATUS.get(reqs[i].status, "ok"), reqs[i].n_read, reqs[i].sys_errno)
-                for i in range(n)]
+        return [ReadResult(_read_status(reqs[i].status), reqs[i].n_read, reqs[i].sys_errno) for i in range(n)]
 
     def read_checked(self, requests: Sequence[ReadRequest]) -> None:
         """As read(), but raise ReadError naming the first failed request."""
         for rq, res in zip(requests, self.read(requests)):
             if res.status != "ok":
-                detail = os.strerror(res.errno) if res.status == "io" else _READ_DETAIL[res.status]
+                detail = os.strerror(res.errno) if res.status == "io" else _READ_DETAIL.get(res.status, res.status)
                 raise ReadError(f"{self.path}: {detail} reading {rq.length} bytes at offset {rq.offset}"
                                 f" ({res.n_read} read)", res.status)
 
     def close(self) -> None:
         if self._ptr is not None:
-            lib.fic_reader_close(ffi.gc(self._ptr, None))
-            self._ptr = None
+            ptr, self._ptr = self._ptr, None
+            ffi.gc(ptr, None)  # detaches the destructor (returns None), so close runs once
+            lib.fic_reader_close(ptr)
 
     def __enter__(self) -> "Reader":
         return self

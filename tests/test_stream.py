@@ -1,0 +1,434 @@
+"""Expert streaming (csrc/stream.c through kernels.Reader) and CRC32C.
+
+References are independent of the code under test: published CRC32C vectors, a bitwise CRC
+written here from the definition, and the file's bytes as plain Python reads them.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import mmap
+import os
+import random
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flashinfer_cli import kernels
+from flashinfer_cli.kernels import ReadError, Reader, ReadRequest, aligned_buffer, crc32c
+
+ALIGN = 4096
+FILE_SIZE = 24 * 1024 * 1024 + 1000  # not a multiple of 4096: the last block is partial
+
+# ---- CRC32C ----------------------------------------------------------------------------------
+
+# RFC 3720 (iSCSI) appendix B.4; the CRC is written there as bytes, least significant first.
+ISCSI_READ_PDU = bytes.fromhex(
+    "01c00000000000000000000000000000"
+    "14000000000004000000001400000018"
+    "28000000000000000200000000000000")
+VECTORS = [
+    (b"", 0x00000000),
+    (b"123456789", 0xE3069283),
+    (bytes(32), 0x8A9136AA),
+    (b"\xff" * 32, 0x62A8AB43),
+    (bytes(range(32)), 0x46DD794E),
+    (bytes(range(31, -1, -1)), 0x113FDB5C),
+    (ISCSI_READ_PDU, 0xD9963A56),
+]
+
+
+def crc32c_bitwise(data: bytes) -> int:
+    """CRC32C straight from its definition: reflected polynomial 0x82F63B78, inverted in and out."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    return crc ^ 0xFFFFFFFF
+
+
+@pytest.mark.parametrize("impl", ["auto", "ref"])
+@pytest.mark.parametrize("data,expected", VECTORS)
+def test_crc32c_known_vectors(impl: str, data: bytes, expected: int) -> None:
+    assert crc32c(data, impl=impl) == expected
+
+
+def test_crc32c_bitwise_reference_agrees_with_vectors() -> None:
+    # The Python reference used below must itself be right.
+    for data, expected in VECTORS:
+        assert crc32c_bitwise(data) == expected
+
+
+@pytest.mark.parametrize("impl", ["auto", "ref"])
+def test_crc32c_matches_bitwise_reference(impl: str) -> None:
+    rng = random.Random(1)
+    for _ in range(40):
+        data = rng.randbytes(rng.randrange(0, 300))
+        assert crc32c(data, impl=impl) == crc32c_bitwise(data)
+
+
+def test_crc32c_hardware_equals_table_any_length_and_alignment() -> None:
+    rng = np.random.default_rng(2)
+    buf = rng.integers(0, 256, 1 << 16, dtype=np.uint8)
+    for _ in range(500):
+        start = int(rng.integers(0, 64))
+        length = int(rng.integers(0, 1 << 15)) if rng.random() < 0.5 else int(rng.integers(0, 40))
+        piece = buf[start:start + length]
+        assert crc32c(piece) == crc32c(piece, impl="ref")
+
+
+@pytest.mark.parametrize("impl", ["auto", "ref"])
+def test_crc32c_chains(impl: str) -> None:
+    rng = random.Random(3)
+    data = rng.randbytes(10_000)
+    whole = crc32c(data, impl=impl)
+    for cut in (0, 1, 7, 8, 9, 4095, 5000, 10_000):
+        assert crc32c(data[cut:], crc32c(data[:cut], impl=impl), impl=impl) == whole
+    assert crc32c(b"6789", crc32c(b"12345", impl=impl), impl=impl) == 0xE3069283
+
+
+# ---- fixtures --------------------------------------------------------------------------------
+
+def _fs_type(path: Path) -> str:
+    """Filesystem type of the mount holding path, from /proc/self/mounts (longest prefix)."""
+    best, fstype = "", "unknown"
+    path_s = str(path.resolve())
+    with open("/proc/self/mounts", encoding="utf-8") as f:
+        for line in f:
+            fields = line.split()
+            mnt = fields[1]
+            if (path_s == mnt or path_s.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                best, fstype = mnt, fields[2]
+    return fstype
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
+    """A file of random bytes on a disk filesystem, with its contents."""
+    directory = tmp_path_factory.mktemp("stream")
+    if _fs_type(directory) in ("tmpfs", "ramfs"):
+        directory = Path(__file__).resolve().parent.parent / "bench" / "out" / "test-stream"
+        directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "bundles.bin"
+    data = np.random.default_rng(4).integers(0, 256, FILE_SIZE, dtype=np.uint8).tobytes()
+    path.write_bytes(data)
+    yield path, data
+    path.unlink()
+
+
+def _backends() -> list[str]:
+    return ["io_uring", "pread"]
+
+
+def _open(path: Path, backend: str, **kw) -> Reader:
+    try:
+        return Reader(path, backend=backend, **kw)
+    except NotImplementedError:
+        pytest.skip(f"{backend} is not available on this system")
+
+
+def _aligned_requests(rng: random.Random, n: int, size: int) -> tuple[list[tuple[int, int]], int]:
+    """n random 4 KiB-aligned (offset, length) pairs inside the file, and their total length."""
+    reqs = []
+    for _ in range(n):
+        length = ALIGN * rng.randrange(1, 17)
+        offset = ALIGN * rng.randrange(0, (size - length) // ALIGN + 1)
+        reqs.append((offset, length))
+    return reqs, sum(length for _, length in reqs)
+
+
+# ---- aligned reads, every backend ------------------------------------------------------------
+
+@pytest.mark.parametrize("backend,depth,threads", [
+    ("io_uring", 1, 1), ("io_uring", 8, 1), ("io_uring", 32, 1), ("io_uring", 3, 1),
+    ("pread", 1, 1), ("pread", 1, 4)])
+def test_random_aligned_reads_match_file(data_file, backend: str, depth: int, threads: int) -> None:
+    path, data = data_file
+    with _open(path, backend, queue_depth=depth, n_threads=threads) as reader:
+        assert reader.backend == backend
+        assert reader.direct  # a disk filesystem takes O_DIRECT
+        assert reader.size == len(data)
+        rng = random.Random(f"{backend}{depth}{threads}")
+        for batch in range(4):
+            pairs, total = _aligned_requests(rng, 500, len(data))
+            arena = aligned_buffer(total)
+            requests, pos = [], 0
+            for i, (offset, length) in enumerate(pairs):
+                # Every other request carries its CRC (computed from the Python-read bytes).
+                expected_crc = crc32c(data[offset:offset + length]) if i % 2 else None
+                requests.append(ReadRequest(offset, length, arena[pos:pos + length], expected_crc))
+                pos += length
+            results = reader.read(requests)
+            assert all(r.status == "ok" for r in results)
+            for rq, res in zip(requests, results):
+                assert res.n_read == rq.length
+                assert rq.dst.tobytes() == data[rq.offset:rq.offset + rq.length]
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_buffered_unaligned_reads_match_file(data_file, backend: str) -> None:
+    path, data = data_file
+    with _open(path, backend, queue_depth=16, n_threads=3, direct=False) as reader:
+        assert not reader.direct
+        rng = random.Random(5)
+        requests = []
+        for _ in range(1000):
+            length = rng.randrange(1, 70_000)
+            offset = rng.randrange(0, len(data) - length)
+            dst = np.zeros(length + 1, dtype=np.uint8)[1:]  # deliberately off alignment
+            requests.append(ReadRequest(offset, length, dst, crc32c(data[offset:offset + length])))
+        results = reader.read(requests)
+        for rq, res in zip(requests, results):
+            assert (res.status, res.n_read) == ("ok", rq.length)
+            assert rq.dst.tobytes() == data[rq.offset:rq.offset + rq.length]
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_large_request_and_empty_batch(data_file, backend: str) -> None:
+    path, data = data_file
+    with _open(path, backend) as reader:
+        assert reader.read([]) == []
+        length = (len(data) // ALIGN) * ALIGN
+        dst = aligned_buffer(length)
+        reader.read_checked([ReadRequest(0, length, dst, crc32c(data[:length]))])
+        assert dst.tobytes() == data[:length]
+
+
+def test_concurrent_callers_share_a_reader(data_file) -> None:
+    import threading
+    path, data = data_file
+    errors: list[str] = []
+    with _open(path, "auto") as reader:
+        def work(seed: int) -> None:
+            rng = random.Random(seed)
+            pairs, total = _aligned_requests(rng, 100, len(data))
+            arena, pos, requests = aligned_buffer(total), 0, []
+            for offset, length in pairs:
+                requests.append(ReadRequest(offset, length, arena[pos:pos + length]))
+                pos += length
+            reader.read_checked(requests)
+            if any(rq.dst.tobytes() != data[rq.offset:rq.offset + rq.length] for rq in requests):
+                errors.append(f"thread {seed}: wrong bytes")
+        threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == []
+
+
+# ---- errors, each with its own status, the rest of the batch unharmed -------------------------
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("direct", [True, False])
+def test_end_of_file_is_short(data_file, backend: str, direct: bool) -> None:
+    path, data = data_file
+    size = len(data)
+    last_block = size // ALIGN * ALIGN  # 1000 bytes of file remain from here
+    with _open(path, backend, direct=direct) as reader:
+        straddle = ReadRequest(last_block, 2 * ALIGN, aligned_buffer(2 * ALIGN))
+        beyond = ReadRequest(last_block + 4 * ALIGN, ALIGN, aligned_buffer(ALIGN))
+        good = ReadRequest(0, ALIGN, aligned_buffer(ALIGN))
+        results = reader.read([straddle, beyond, good])
+        assert (results[0].status, results[0].n_read) == ("short", size - last_block)
+        assert straddle.dst[:size - last_block].tobytes() == data[last_block:]
+        assert (results[1].status, results[1].n_read) == ("short", 0)
+        assert (results[2].status, results[2].n_read) == ("ok", ALIGN)
+        assert good.dst.tobytes() == data[:ALIGN]
+        with pytest.raises(ReadError) as info:
+            reader.read_checked([good, straddle])
+        assert info.value.status == "short"
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_buffered_short_read_straddling_eof_unaligned(data_file, backend: str) -> None:
+    # A partial read (bytes, then 0 at EOF) must come back as short with the bytes that exist.
+    path, data = data_file
+    with _open(path, backend, direct=False) as reader:
+        offset = len(data) - 777
+        rq = ReadRequest(offset, 5000, np.zeros(5000, dtype=np.uint8))
+        (res,) = reader.read([rq])
+        assert (res.status, res.n_read) == ("short", 777)
+        assert rq.dst[:777].tobytes() == data[offset:]
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_corrupted_byte_is_crc_error(tmp_path: Path, backend: str) -> None:
+    data = bytearray(random.Random(6).randbytes(16 * ALIGN))
+    crcs = [crc32c_bitwise(bytes(data[i * ALIGN:(i + 1) * ALIGN])) for i in range(16)]
+    data[5 * ALIGN + 123] ^= 0x10  # bundle 5 rots on disk after its CRC was recorded
+    path = tmp_path / "rot.bin"
+    path.write_bytes(bytes(data))
+    with _open(path, backend) as reader:
+        requests = [ReadRequest(i * ALIGN, ALIGN, aligned_buffer(ALIGN), crcs[i]) for i in range(16)]
+        results = reader.read(requests)
+        assert [r.status for r in results] == ["crc" if i == 5 else "ok" for i in range(16)]
+        assert all(r.n_read == ALIGN for r in results)
+        with pytest.raises(ReadError) as info:
+            reader.read_checked(requests)
+        assert info.value.status == "crc"
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_missing_file_is_enoent(tmp_path: Path, direct: bool) -> None:
+    with pytest.raises(OSError) as info:
+        Reader(tmp_path / "absent.bin", direct=direct)
+    assert info.value.errno == errno.ENOENT
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_bad_requests_are_arg_errors(data_file, backend: str) -> None:
+    path, data = data_file
+    with _open(path, backend) as reader:
+        buf = aligned_buffer(4 * ALIGN)
+        requests = [
+            ReadRequest(100, ALIGN, buf[:ALIGN]),                 # offset off alignment
+            ReadRequest(0, 1000, buf[:ALIGN]),                     # length off alignment
+            ReadRequest(0, ALIGN, buf[1:ALIGN + 1]),               # dst off alignment
+            ReadRequest(0, 0, buf[:ALIGN]),                        # empty
+            ReadRequest(-ALIGN, ALIGN, buf[:ALIGN]),               # negative offset
+            ReadRequest(8 * ALIGN, ALIGN, buf[2 * ALIGN:3 * ALIGN]),  # fine
+        ]
+        results = reader.read(requests)
+        assert [r.status for r in results] == ["arg"] * 5 + ["ok"]
+        assert buf[2 * ALIGN:3 * ALIGN].tobytes() == data[8 * ALIGN:9 * ALIGN]
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_mixed_batch_each_request_its_own_status(data_file, backend: str) -> None:
+    path, data = data_file
+    with _open(path, backend, queue_depth=2) as reader:
+        good = [ReadRequest(i * ALIGN, ALIGN, aligned_buffer(ALIGN)) for i in range(6)]
+        wrong_crc = ReadRequest(0, ALIGN, aligned_buffer(ALIGN), crc32c_bitwise(data[:ALIGN]) ^ 1)
+        past_end = ReadRequest(len(data) // ALIGN * ALIGN + ALIGN, ALIGN, aligned_buffer(ALIGN))
+        misaligned = ReadRequest(1, ALIGN, aligned_buffer(ALIGN))
+        batch = [good[0], wrong_crc, good[1], past_end, good[2], misaligned] + good[3:]
+        statuses = [r.status for r in reader.read(batch)]
+        assert statuses == ["ok", "crc", "ok", "short", "ok", "arg", "ok", "ok", "ok"]
+        for rq in good:
+            assert rq.dst.tobytes() == data[rq.offset:rq.offset + ALIGN]
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_read_error_from_the_kernel_is_io(tmp_path: Path, backend: str) -> None:
+    # read(2) on a directory fails with EISDIR: a real error from the kernel, not from fic.
+    with _open(tmp_path, backend) as reader:
+        results = reader.read([ReadRequest(0, ALIGN, aligned_buffer(ALIGN)) for _ in range(3)])
+        assert [(r.status, r.errno) for r in results] == [("io", errno.EISDIR)] * 3
+
+
+def test_reader_rejects_bad_parameters(data_file) -> None:
+    path, _ = data_file
+    with pytest.raises(ValueError):
+        Reader(path, queue_depth=0)
+    with pytest.raises(ValueError):
+        Reader(path, backend="mmap")
+
+
+# ---- choice of backend and of O_DIRECT -------------------------------------------------------
+
+@pytest.mark.parametrize("env,expected", [("pread", "pread"), ("io_uring", "io_uring")])
+def test_fic_io_environment_variable(data_file, monkeypatch: pytest.MonkeyPatch, env: str, expected: str) -> None:
+    path, _ = data_file
+    monkeypatch.setenv("FIC_IO", env)
+    try:
+        reader = Reader(path)
+    except NotImplementedError:
+        pytest.skip(f"{env} is not available on this system")
+    with reader:
+        assert reader.backend == expected
+
+
+def _check_whole_file(path: Path, data: bytes, direct: bool) -> None:
+    for backend in _backends():
+        with _open(path, backend) as reader:
+            assert reader.direct is direct
+            length = len(data) // ALIGN * ALIGN
+            rq = ReadRequest(0, length, aligned_buffer(length), crc32c_bitwise(data[:length]))
+            reader.read_checked([rq])
+            assert rq.dst.tobytes() == data[:length]
+
+
+@pytest.fixture
+def ramfs_dir(tmp_path: Path) -> Path:
+    """A ramfs mount: a filesystem that refuses O_DIRECT (tmpfs accepts it since Linux 6.6)."""
+    mnt = tmp_path / "ramfs"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "ramfs", "ramfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a ramfs here (needs root)")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_filesystem_without_o_direct_falls_back_to_buffered(ramfs_dir: Path) -> None:
+    data = random.Random(7).randbytes(64 * ALIGN + 10)
+    path = ramfs_dir / "bundles.bin"
+    path.write_bytes(data)
+    _check_whole_file(path, data, direct=False)
+
+
+def test_dev_shm_reads_correctly() -> None:
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm")
+    data = random.Random(8).randbytes(64 * ALIGN + 10)
+    path = Path("/dev/shm") / f"fic-test-{os.getpid()}.bin"
+    path.write_bytes(data)
+    try:
+        with Reader(path) as reader:
+            shm_direct = reader.direct  # older kernels refuse O_DIRECT on tmpfs, 6.6+ accept it
+        _check_whole_file(path, data, direct=shm_direct)
+    finally:
+        path.unlink()
+
+
+# ---- buffered reads leave no pages behind ----------------------------------------------------
+
+def _resident_pages(path: Path) -> int:
+    """Pages of the file in the page cache, by mincore(2) on a shared read-only mapping."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    size = path.stat().st_size
+    n_pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), "mmap")
+        try:
+            vec = ctypes.create_string_buffer(n_pages)
+            if libc.mincore(addr, size, vec) != 0:
+                raise OSError(ctypes.get_errno(), "mincore")
+            return sum(b & 1 for b in vec.raw)
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_buffered_reads_drop_their_pages(tmp_path: Path, backend: str) -> None:
+    data = random.Random(9).randbytes(256 * ALIGN)
+    path = tmp_path / "cached.bin"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # dirty pages cannot be dropped
+        assert os.pread(fd, len(data), 0) == data
+    finally:
+        os.close(fd)
+    if _resident_pages(path) == 0:
+        pytest.skip("the page cache does not keep this file's pages; nothing to observe")
+    with _open(path, backend, direct=False) as reader:
+        requests = [ReadRequest(i * 16 * ALIGN + 5, 16 * ALIGN - 10, np.zeros(16 * ALIGN, dtype=np.uint8))
+                    for i in range(16)]
+        reader.read_checked(requests)
+        assert all(rq.dst[:rq.length].tobytes() == data[rq.offset:rq.offset + rq.length] for rq in requests)
+    assert _resident_pages(path) == 0
