@@ -1,0 +1,872 @@
+/* matvec.c - matrix-vector (decode), matrix-matrix (prefill) and row-accumulate kernels over
+ * quantized weights, with a scalar reference per format and per-CPU fast paths.
+ *
+ * The reference (FIC_IMPL_REF) is the spec: dequantize each block to float and multiply-add in
+ * float, in order. Fast paths keep weights quantized and use the identities
+ *   Q4_0: sum d (q - 8) x          (q - 8 formed in integers)
+ *   Q4_1: sum (d q + m) x = d sum q x + m sum x    (sum x per block precomputed once per call)
+ *   Q1_0: sum d s x, s = +-1 = 2 d sum_{bit set} x - d sum x   (masked FMAs)
+ * Activations stay fp32 everywhere (see bench/RESULTS.md for why no int8 activations).
+ *
+ * Fast paths are compiled with per-function target attributes; this file is built without
+ * -mavx2 and runs on any CPU of its architecture, the choice is made at run time. */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "blocks.h"
+#include "fic.h"
+#include "pool.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define FIC_X86 1
+#define TGT_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define TGT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
+#endif
+#if defined(__aarch64__)
+#include <arm_neon.h>
+#endif
+
+#define MAX_BW 128 /* largest block, in weights */
+
+/* ---- shared job description ------------------------------------------------------------- */
+
+typedef struct {
+    int fmt, impl;
+    const uint8_t *w;
+    const float *x;    /* matvec: x[k]; matmul: x[t][k] */
+    const float *a;    /* accum_rows: a[n_rows] */
+    float *y;
+    int64_t t, m, k, row_bytes, bw, bb;
+    const float *xsum; /* per-block sums of x (Q4_1, Q1_0), or NULL */
+    float *scratch;    /* matmul: per-thread tile of rows */
+    int64_t scratch_floats, tile_rows;
+} job_t;
+
+static int fmt_ok(int fmt) { return fmt >= 0 && fmt < FIC_FMT_COUNT; }
+
+/* ---- reference: the spec ----------------------------------------------------------------- */
+
+/* Dequantize block `b` of a row into out[bw]. */
+static void deq_block_ref(int fmt, const uint8_t *row, int64_t b, float *out) {
+    switch (fmt) {
+    case FIC_F32:
+        memcpy(out, row + 4 * b, 4);
+        return;
+    case FIC_F16: {
+        fic_half h;
+        memcpy(&h, row + 2 * b, 2);
+        out[0] = fic_h2f(h);
+        return;
+    }
+    case FIC_Q8_0: {
+        const block_q8_0 *blk = (const block_q8_0 *)row + b;
+        float d = fic_h2f(blk->d);
+        for (int j = 0; j < QK8_0; j++) out[j] = d * (float)blk->qs[j];
+        return;
+    }
+    case FIC_Q4_0: {
+        const block_q4_0 *blk = (const block_q4_0 *)row + b;
+        float d = fic_h2f(blk->d);
+        for (int j = 0; j < QK4_0 / 2; j++) {
+            out[j] = d * (float)((blk->qs[j] & 15) - 8);
+            out[j + QK4_0 / 2] = d * (float)((blk->qs[j] >> 4) - 8);
+        }
+        return;
+    }
+    case FIC_Q4_1: {
+        const block_q4_1 *blk = (const block_q4_1 *)row + b;
+        float d = fic_h2f(blk->d), mn = fic_h2f(blk->m);
+        for (int j = 0; j < QK4_1 / 2; j++) {
+            out[j] = d * (float)(blk->qs[j] & 15) + mn;
+            out[j + QK4_1 / 2] = d * (float)(blk->qs[j] >> 4) + mn;
+        }
+        return;
+    }
+    case FIC_Q1_0: {
+        const block_q1_0 *blk = (const block_q1_0 *)row + b;
+        float d = fic_h2f(blk->d);
+        for (int j = 0; j < QK1_0; j++) out[j] = (blk->qs[j / 8] >> (j % 8)) & 1 ? d : -d;
+        return;
+    }
+    }
+}
+
+static void deq_range_ref(int fmt, const uint8_t *row, int64_t b0, int64_t b1, int64_t bw, float *out) {
+    for (int64_t b = b0; b < b1; b++) deq_block_ref(fmt, row, b, out + (b - b0) * bw);
+}
+
+static float dot_ref(const job_t *j, const uint8_t *row, const float *x) {
+    float buf[MAX_BW], acc = 0.0f;
+    int64_t nb = j->k / j->bw;
+    for (int64_t b = 0; b < nb; b++) {
+        deq_block_ref(j->fmt, row, b, buf);
+        for (int64_t i = 0; i < j->bw; i++) acc += buf[i] * x[b * j->bw + i];
+    }
+    return acc;
+}
+
+static float dot_f32_ref(const float *a, const float *b, int64_t k) {
+    float acc = 0.0f;
+    for (int64_t i = 0; i < k; i++) acc += a[i] * b[i];
+    return acc;
+}
+
+static void axpy_ref(float a, const float *w, float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] += a * w[i];
+}
+
+/* Y[t][r0 + r] = tile[r] . x[t] for a tile of nr dequantized rows. */
+static void gemm_tile_ref(const job_t *j, const float *tile, int64_t nr, int64_t r0) {
+    for (int64_t r = 0; r < nr; r++)
+        for (int64_t t = 0; t < j->t; t++)
+            j->y[t * j->m + r0 + r] = dot_f32_ref(tile + r * j->k, j->x + t * j->k, j->k);
+}
+
+/* ---- AVX2 + FMA + F16C ------------------------------------------------------------------- */
+#if defined(FIC_X86)
+
+TGT_AVX2 static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+TGT_AVX2 static inline float h2f_f16c(fic_half h) { return _cvtsh_ss(h); }
+
+/* 16 nibbles -> two vectors of 8 int32 each, for weights [0,8) and [8,16) of a half block. */
+TGT_AVX2 static inline __m256 cvt8_lo(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
+TGT_AVX2 static inline __m256 cvt8_hi(__m128i v) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8)));
+}
+
+TGT_AVX2 static float dot_avx2(const job_t *j, const uint8_t *row, const float *x) {
+    const int64_t k = j->k, nb = k / j->bw;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    float extra = 0.0f;
+    switch (j->fmt) {
+    case FIC_F32: {
+        const float *w = (const float *)row;
+        int64_t i = 0;
+        for (; i + 16 <= k; i += 16) {
+            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(x + i + 8), acc1);
+        }
+        for (; i < k; i++) extra += w[i] * x[i];
+        break;
+    }
+    case FIC_F16: {
+        const uint16_t *w = (const uint16_t *)row;
+        int64_t i = 0;
+        for (; i + 16 <= k; i += 16) {
+            __m256 w0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i)));
+            __m256 w1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i + 8)));
+            acc0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + i), acc0);
+            acc1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + i + 8), acc1);
+        }
+        for (; i < k; i++) extra += h2f_f16c(w[i]) * x[i];
+        break;
+    }
+    case FIC_Q8_0: {
+        const block_q8_0 *blk = (const block_q8_0 *)row;
+        for (int64_t b = 0; b < nb; b++, x += QK8_0) {
+            __m128i q0 = _mm_loadu_si128((const __m128i *)blk[b].qs);
+            __m128i q1 = _mm_loadu_si128((const __m128i *)(blk[b].qs + 16));
+            __m256 p = _mm256_mul_ps(cvt8_lo(q0), _mm256_loadu_ps(x));
+            __m256 p2 = _mm256_mul_ps(cvt8_hi(q0), _mm256_loadu_ps(x + 8));
+            p = _mm256_fmadd_ps(cvt8_lo(q1), _mm256_loadu_ps(x + 16), p);
+            p2 = _mm256_fmadd_ps(cvt8_hi(q1), _mm256_loadu_ps(x + 24), p2);
+            __m256 d = _mm256_set1_ps(h2f_f16c(blk[b].d));
+            acc0 = _mm256_fmadd_ps(d, p, acc0);
+            acc1 = _mm256_fmadd_ps(d, p2, acc1);
+        }
+        break;
+    }
+    case FIC_Q4_0:
+    case FIC_Q4_1: {
+        const int is1 = j->fmt == FIC_Q4_1;
+        const int64_t stride = is1 ? sizeof(block_q4_1) : sizeof(block_q4_0);
+        const __m128i mask = _mm_set1_epi8(15), eight = _mm_set1_epi8(is1 ? 0 : 8);
+        for (int64_t b = 0; b < nb; b++, x += 32) {
+            const uint8_t *blk = row + b * stride;
+            __m128i v = _mm_loadu_si128((const __m128i *)(blk + (is1 ? 4 : 2)));
+            __m128i lo = _mm_sub_epi8(_mm_and_si128(v, mask), eight);
+            __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), mask), eight);
+            __m256 p = _mm256_mul_ps(cvt8_lo(lo), _mm256_loadu_ps(x));
+            __m256 p2 = _mm256_mul_ps(cvt8_hi(lo), _mm256_loadu_ps(x + 8));
+            p = _mm256_fmadd_ps(cvt8_lo(hi), _mm256_loadu_ps(x + 16), p);
+            p2 = _mm256_fmadd_ps(cvt8_hi(hi), _mm256_loadu_ps(x + 24), p2);
+            fic_half hd;
+            memcpy(&hd, blk, 2);
+            __m256 d = _mm256_set1_ps(h2f_f16c(hd));
+            acc0 = _mm256_fmadd_ps(d, p, acc0);
+            acc1 = _mm256_fmadd_ps(d, p2, acc1);
+            if (is1) {
+                fic_half hm;
+                memcpy(&hm, blk + 2, 2);
+                extra += h2f_f16c(hm) * j->xsum[b];
+            }
+        }
+        break;
+    }
+    case FIC_Q1_0: {
+        /* bit i of a byte -> lane i: broadcast the byte, test it against 1 << lane. */
+        const block_q1_0 *blk = (const block_q1_0 *)row;
+        const __m256i bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+        __m256 acc2 = _mm256_setzero_ps(), acc3 = _mm256_setzero_ps();
+        for (int64_t b = 0; b < nb; b++, x += QK1_0) {
+            float d = h2f_f16c(blk[b].d);
+            __m256 dv = _mm256_set1_ps(2.0f * d);
+            for (int c = 0; c < 16; c += 4) {
+                __m256i m0 = _mm256_set1_epi32(blk[b].qs[c]), m1 = _mm256_set1_epi32(blk[b].qs[c + 1]);
+                __m256i m2 = _mm256_set1_epi32(blk[b].qs[c + 2]), m3 = _mm256_set1_epi32(blk[b].qs[c + 3]);
+                m0 = _mm256_cmpeq_epi32(_mm256_and_si256(m0, bits), bits);
+                m1 = _mm256_cmpeq_epi32(_mm256_and_si256(m1, bits), bits);
+                m2 = _mm256_cmpeq_epi32(_mm256_and_si256(m2, bits), bits);
+                m3 = _mm256_cmpeq_epi32(_mm256_and_si256(m3, bits), bits);
+                acc0 = _mm256_fmadd_ps(dv, _mm256_and_ps(_mm256_castsi256_ps(m0), _mm256_loadu_ps(x + 8 * c)), acc0);
+                acc1 = _mm256_fmadd_ps(dv, _mm256_and_ps(_mm256_castsi256_ps(m1), _mm256_loadu_ps(x + 8 * c + 8)), acc1);
+                acc2 = _mm256_fmadd_ps(dv, _mm256_and_ps(_mm256_castsi256_ps(m2), _mm256_loadu_ps(x + 8 * c + 16)), acc2);
+                acc3 = _mm256_fmadd_ps(dv, _mm256_and_ps(_mm256_castsi256_ps(m3), _mm256_loadu_ps(x + 8 * c + 24)), acc3);
+            }
+            extra -= d * j->xsum[b];
+        }
+        acc0 = _mm256_add_ps(acc0, acc2);
+        acc1 = _mm256_add_ps(acc1, acc3);
+        break;
+    }
+    }
+    return hsum256(_mm256_add_ps(acc0, acc1)) + extra;
+}
+
+/* Dequantize blocks [b0, b1) of a row into out. */
+TGT_AVX2 static void deq_range_avx2(int fmt, const uint8_t *row, int64_t b0, int64_t b1, int64_t bw, float *out) {
+    switch (fmt) {
+    case FIC_F16: {
+        const uint16_t *w = (const uint16_t *)row;
+        int64_t i = b0;
+        for (; i + 8 <= b1; i += 8)
+            _mm256_storeu_ps(out + i - b0, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i))));
+        for (; i < b1; i++) out[i - b0] = h2f_f16c(w[i]);
+        return;
+    }
+    case FIC_Q8_0:
+        for (int64_t b = b0; b < b1; b++, out += 32) {
+            const block_q8_0 *blk = (const block_q8_0 *)row + b;
+            __m256 d = _mm256_set1_ps(h2f_f16c(blk->d));
+            __m128i q0 = _mm_loadu_si128((const __m128i *)blk->qs);
+            __m128i q1 = _mm_loadu_si128((const __m128i *)(blk->qs + 16));
+            _mm256_storeu_ps(out, _mm256_mul_ps(d, cvt8_lo(q0)));
+            _mm256_storeu_ps(out + 8, _mm256_mul_ps(d, cvt8_hi(q0)));
+            _mm256_storeu_ps(out + 16, _mm256_mul_ps(d, cvt8_lo(q1)));
+            _mm256_storeu_ps(out + 24, _mm256_mul_ps(d, cvt8_hi(q1)));
+        }
+        return;
+    case FIC_Q4_0:
+    case FIC_Q4_1: {
+        const int is1 = fmt == FIC_Q4_1;
+        const int64_t stride = is1 ? sizeof(block_q4_1) : sizeof(block_q4_0);
+        const __m128i mask = _mm_set1_epi8(15), eight = _mm_set1_epi8(is1 ? 0 : 8);
+        for (int64_t b = b0; b < b1; b++, out += 32) {
+            const uint8_t *blk = row + b * stride;
+            fic_half hd, hm = 0;
+            memcpy(&hd, blk, 2);
+            if (is1) memcpy(&hm, blk + 2, 2);
+            __m256 d = _mm256_set1_ps(h2f_f16c(hd)), mn = _mm256_set1_ps(h2f_f16c(hm));
+            __m128i v = _mm_loadu_si128((const __m128i *)(blk + (is1 ? 4 : 2)));
+            __m128i lo = _mm_sub_epi8(_mm_and_si128(v, mask), eight);
+            __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), mask), eight);
+            _mm256_storeu_ps(out, _mm256_fmadd_ps(d, cvt8_lo(lo), mn));
+            _mm256_storeu_ps(out + 8, _mm256_fmadd_ps(d, cvt8_hi(lo), mn));
+            _mm256_storeu_ps(out + 16, _mm256_fmadd_ps(d, cvt8_lo(hi), mn));
+            _mm256_storeu_ps(out + 24, _mm256_fmadd_ps(d, cvt8_hi(hi), mn));
+        }
+        return;
+    }
+    case FIC_Q1_0: {
+        const __m256i bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+        for (int64_t b = b0; b < b1; b++, out += QK1_0) {
+            const block_q1_0 *blk = (const block_q1_0 *)row + b;
+            float d = h2f_f16c(blk->d);
+            __m256 pos = _mm256_set1_ps(d), neg = _mm256_set1_ps(-d);
+            for (int c = 0; c < 16; c++) {
+                __m256i mc = _mm256_set1_epi32(blk->qs[c]);
+                mc = _mm256_cmpeq_epi32(_mm256_and_si256(mc, bits), bits);
+                _mm256_storeu_ps(out + 8 * c, _mm256_blendv_ps(neg, pos, _mm256_castsi256_ps(mc)));
+            }
+        }
+        return;
+    }
+    default:
+        deq_range_ref(fmt, row, b0, b1, bw, out);
+    }
+}
+
+TGT_AVX2 static void axpy_avx2(float a, const float *w, float *y, int64_t n) {
+    __m256 av = _mm256_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(w + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += a * w[i];
+}
+
+/* NR rows x NT tokens of dot products, sharing loads: the inner kernel of matmul. */
+TGT_AVX2 static inline __attribute__((always_inline)) void gemm_block_avx2(
+        const float *w, const float *x, int64_t k, float *y, int64_t ldy, int nr, int nt) {
+    __m256 acc[4][2];
+    for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= k; i += 8) {
+        __m256 xv[2];
+        for (int t = 0; t < nt; t++) xv[t] = _mm256_loadu_ps(x + t * k + i);
+        for (int r = 0; r < nr; r++) {
+            __m256 wv = _mm256_loadu_ps(w + r * k + i);
+            for (int t = 0; t < nt; t++) acc[r][t] = _mm256_fmadd_ps(wv, xv[t], acc[r][t]);
+        }
+    }
+    for (int r = 0; r < nr; r++)
+        for (int t = 0; t < nt; t++) {
+            float s = hsum256(acc[r][t]);
+            for (int64_t ii = i; ii < k; ii++) s += w[r * k + ii] * x[t * k + ii];
+            y[t * ldy + r] = s;
+        }
+}
+
+TGT_AVX2 static void gemm_tile_avx2(const job_t *j, const float *tile, int64_t nr, int64_t r0) {
+    const int64_t k = j->k;
+    for (int64_t t = 0; t < j->t; t += 2) {
+        const float *x = j->x + t * k;
+        float *y = j->y + t * j->m + r0;
+        int nt = j->t - t >= 2 ? 2 : 1;
+        int64_t r = 0;
+        for (; r + 4 <= nr; r += 4) {
+            if (nt == 2) gemm_block_avx2(tile + r * k, x, k, y + r, j->m, 4, 2);
+            else gemm_block_avx2(tile + r * k, x, k, y + r, j->m, 4, 1);
+        }
+        for (; r < nr; r++) {
+            if (nt == 2) gemm_block_avx2(tile + r * k, x, k, y + r, j->m, 1, 2);
+            else gemm_block_avx2(tile + r * k, x, k, y + r, j->m, 1, 1);
+        }
+    }
+}
+
+/* ---- AVX-512 F/BW/VL --------------------------------------------------------------------- */
+
+TGT_AVX512 static inline __m512 cvt16_i8(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)); }
+
+TGT_AVX512 static float dot_avx512(const job_t *j, const uint8_t *row, const float *x) {
+    const int64_t k = j->k, nb = k / j->bw;
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    float extra = 0.0f;
+    switch (j->fmt) {
+    case FIC_F32: {
+        const float *w = (const float *)row;
+        int64_t i = 0;
+        for (; i + 32 <= k; i += 32) {
+            acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), acc0);
+            acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 16), _mm512_loadu_ps(x + i + 16), acc1);
+        }
+        for (; i < k; i += 16) {
+            __mmask16 mk = k - i >= 16 ? 0xFFFF : (__mmask16)((1u << (k - i)) - 1);
+            acc0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, w + i), _mm512_maskz_loadu_ps(mk, x + i), acc0);
+        }
+        break;
+    }
+    case FIC_F16: {
+        const uint16_t *w = (const uint16_t *)row;
+        int64_t i = 0;
+        for (; i + 32 <= k; i += 32) {
+            __m512 w0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + i)));
+            __m512 w1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + i + 16)));
+            acc0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + i), acc0);
+            acc1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + i + 16), acc1);
+        }
+        for (; i < k; i += 16) {
+            __mmask16 mk = k - i >= 16 ? 0xFFFF : (__mmask16)((1u << (k - i)) - 1);
+            __m512 wv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, w + i));
+            acc0 = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mk, x + i), acc0);
+        }
+        break;
+    }
+    case FIC_Q8_0: {
+        const block_q8_0 *blk = (const block_q8_0 *)row;
+        for (int64_t b = 0; b < nb; b++, x += QK8_0) {
+            __m512 p = _mm512_mul_ps(cvt16_i8(_mm_loadu_si128((const __m128i *)blk[b].qs)), _mm512_loadu_ps(x));
+            p = _mm512_fmadd_ps(cvt16_i8(_mm_loadu_si128((const __m128i *)(blk[b].qs + 16))),
+                                _mm512_loadu_ps(x + 16), p);
+            if (b & 1) acc1 = _mm512_fmadd_ps(_mm512_set1_ps(h2f_f16c(blk[b].d)), p, acc1);
+            else acc0 = _mm512_fmadd_ps(_mm512_set1_ps(h2f_f16c(blk[b].d)), p, acc0);
+        }
+        break;
+    }
+    case FIC_Q4_0:
+    case FIC_Q4_1: {
+        const int is1 = j->fmt == FIC_Q4_1;
+        const int64_t stride = is1 ? sizeof(block_q4_1) : sizeof(block_q4_0);
+        const __m128i mask = _mm_set1_epi8(15), eight = _mm_set1_epi8(is1 ? 0 : 8);
+        int64_t b = 0;
+        for (; b + 2 <= nb; b += 2, x += 64) {
+            const uint8_t *blk0 = row + b * stride, *blk1 = blk0 + stride;
+            __m128i v0 = _mm_loadu_si128((const __m128i *)(blk0 + (is1 ? 4 : 2)));
+            __m128i v1 = _mm_loadu_si128((const __m128i *)(blk1 + (is1 ? 4 : 2)));
+            __m128i lo0 = _mm_sub_epi8(_mm_and_si128(v0, mask), eight);
+            __m128i hi0 = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v0, 4), mask), eight);
+            __m128i lo1 = _mm_sub_epi8(_mm_and_si128(v1, mask), eight);
+            __m128i hi1 = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v1, 4), mask), eight);
+            __m512 p0 = _mm512_mul_ps(cvt16_i8(lo0), _mm512_loadu_ps(x));
+            __m512 p1 = _mm512_mul_ps(cvt16_i8(lo1), _mm512_loadu_ps(x + 32));
+            p0 = _mm512_fmadd_ps(cvt16_i8(hi0), _mm512_loadu_ps(x + 16), p0);
+            p1 = _mm512_fmadd_ps(cvt16_i8(hi1), _mm512_loadu_ps(x + 48), p1);
+            fic_half h0, h1;
+            memcpy(&h0, blk0, 2);
+            memcpy(&h1, blk1, 2);
+            acc0 = _mm512_fmadd_ps(_mm512_set1_ps(h2f_f16c(h0)), p0, acc0);
+            acc1 = _mm512_fmadd_ps(_mm512_set1_ps(h2f_f16c(h1)), p1, acc1);
+            if (is1) {
+                memcpy(&h0, blk0 + 2, 2);
+                memcpy(&h1, blk1 + 2, 2);
+                extra += h2f_f16c(h0) * j->xsum[b] + h2f_f16c(h1) * j->xsum[b + 1];
+            }
+        }
+        if (b < nb) {
+            const uint8_t *blk0 = row + b * stride;
+            __m128i v0 = _mm_loadu_si128((const __m128i *)(blk0 + (is1 ? 4 : 2)));
+            __m128i lo0 = _mm_sub_epi8(_mm_and_si128(v0, mask), eight);
+            __m128i hi0 = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v0, 4), mask), eight);
+            __m512 p0 = _mm512_mul_ps(cvt16_i8(lo0), _mm512_loadu_ps(x));
+            p0 = _mm512_fmadd_ps(cvt16_i8(hi0), _mm512_loadu_ps(x + 16), p0);
+            fic_half h0;
+            memcpy(&h0, blk0, 2);
+            acc0 = _mm512_fmadd_ps(_mm512_set1_ps(h2f_f16c(h0)), p0, acc0);
+            if (is1) {
+                memcpy(&h0, blk0 + 2, 2);
+                extra += h2f_f16c(h0) * j->xsum[b];
+            }
+        }
+        break;
+    }
+    case FIC_Q1_0: {
+        /* The sign bits are the masks: acc_c += 2d x where the bit is set; minus d sum x. */
+        const block_q1_0 *blk = (const block_q1_0 *)row;
+        __m512 a[8];
+        for (int c = 0; c < 8; c++) a[c] = _mm512_setzero_ps();
+        for (int64_t b = 0; b < nb; b++, x += QK1_0) {
+            float d = h2f_f16c(blk[b].d);
+            __m512 dv = _mm512_set1_ps(2.0f * d);
+            uint16_t mk[8];
+            memcpy(mk, blk[b].qs, 16);
+            for (int c = 0; c < 8; c++)
+                a[c] = _mm512_mask3_fmadd_ps(_mm512_loadu_ps(x + 16 * c), dv, a[c], (__mmask16)mk[c]);
+            extra -= d * j->xsum[b];
+        }
+        acc0 = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
+        acc1 = _mm512_add_ps(_mm512_add_ps(a[4], a[5]), _mm512_add_ps(a[6], a[7]));
+        break;
+    }
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + extra;
+}
+
+TGT_AVX512 static void deq_range_avx512(int fmt, const uint8_t *row, int64_t b0, int64_t b1, int64_t bw,
+                                        float *out) {
+    if (fmt != FIC_Q1_0) {
+        deq_range_avx2(fmt, row, b0, b1, bw, out);
+        return;
+    }
+    for (int64_t b = b0; b < b1; b++, out += QK1_0) {
+        const block_q1_0 *blk = (const block_q1_0 *)row + b;
+        float d = h2f_f16c(blk->d);
+        __m512 pos = _mm512_set1_ps(d), neg = _mm512_set1_ps(-d);
+        uint16_t mk[8];
+        memcpy(mk, blk->qs, 16);
+        for (int c = 0; c < 8; c++) _mm512_storeu_ps(out + 16 * c, _mm512_mask_blend_ps((__mmask16)mk[c], neg, pos));
+    }
+}
+
+TGT_AVX512 static void axpy_avx512(float a, const float *w, float *y, int64_t n) {
+    __m512 av = _mm512_set1_ps(a);
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 mk = n - i >= 16 ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        __m512 yv = _mm512_maskz_loadu_ps(mk, y + i);
+        _mm512_mask_storeu_ps(y + i, mk, _mm512_fmadd_ps(av, _mm512_maskz_loadu_ps(mk, w + i), yv));
+    }
+}
+
+TGT_AVX512 static inline __attribute__((always_inline)) void gemm_block_avx512(
+        const float *w, const float *x, int64_t k, float *y, int64_t ldy, int nr, int nt) {
+    __m512 acc[4][3];
+    for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = acc[r][2] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < k; i += 16) {
+        __mmask16 mk = k - i >= 16 ? 0xFFFF : (__mmask16)((1u << (k - i)) - 1);
+        __m512 xv[3];
+        for (int t = 0; t < nt; t++) xv[t] = _mm512_maskz_loadu_ps(mk, x + t * k + i);
+        for (int r = 0; r < nr; r++) {
+            __m512 wv = _mm512_maskz_loadu_ps(mk, w + r * k + i);
+            for (int t = 0; t < nt; t++) acc[r][t] = _mm512_fmadd_ps(wv, xv[t], acc[r][t]);
+        }
+    }
+    for (int r = 0; r < nr; r++)
+        for (int t = 0; t < nt; t++) y[t * ldy + r] = _mm512_reduce_add_ps(acc[r][t]);
+}
+
+TGT_AVX512 static void gemm_tile_avx512(const job_t *j, const float *tile, int64_t nr, int64_t r0) {
+    const int64_t k = j->k;
+    for (int64_t t = 0; t < j->t; t += 3) {
+        const float *x = j->x + t * k;
+        float *y = j->y + t * j->m + r0;
+        int64_t nt = j->t - t >= 3 ? 3 : j->t - t;
+        int64_t r = 0;
+        for (; r + 4 <= nr; r += 4) {
+            if (nt == 3) gemm_block_avx512(tile + r * k, x, k, y + r, j->m, 4, 3);
+            else if (nt == 2) gemm_block_avx512(tile + r * k, x, k, y + r, j->m, 4, 2);
+            else gemm_block_avx512(tile + r * k, x, k, y + r, j->m, 4, 1);
+        }
+        for (; r < nr; r++) {
+            if (nt == 3) gemm_block_avx512(tile + r * k, x, k, y + r, j->m, 1, 3);
+            else if (nt == 2) gemm_block_avx512(tile + r * k, x, k, y + r, j->m, 1, 2);
+            else gemm_block_avx512(tile + r * k, x, k, y + r, j->m, 1, 1);
+        }
+    }
+}
+#endif /* FIC_X86 */
+
+/* ---- NEON (AArch64) ---------------------------------------------------------------------- */
+#if defined(__aarch64__)
+
+static inline float h2f_neon(fic_half h) {
+    __fp16 f;
+    memcpy(&f, &h, 2);
+    return (float)f;
+}
+
+/* 16 int8 -> four float vectors. */
+static inline void cvt16_i8_neon(int8x16_t v, float32x4_t out[4]) {
+    int16x8_t lo = vmovl_s8(vget_low_s8(v)), hi = vmovl_s8(vget_high_s8(v));
+    out[0] = vcvtq_f32_s32(vmovl_s16(vget_low_s16(lo)));
+    out[1] = vcvtq_f32_s32(vmovl_s16(vget_high_s16(lo)));
+    out[2] = vcvtq_f32_s32(vmovl_s16(vget_low_s16(hi)));
+    out[3] = vcvtq_f32_s32(vmovl_s16(vget_high_s16(hi)));
+}
+
+static inline float32x4_t dot16_neon(int8x16_t q, const float *x) {
+    float32x4_t f[4];
+    cvt16_i8_neon(q, f);
+    float32x4_t p = vmulq_f32(f[0], vld1q_f32(x));
+    p = vfmaq_f32(p, f[1], vld1q_f32(x + 4));
+    p = vfmaq_f32(p, f[2], vld1q_f32(x + 8));
+    return vfmaq_f32(p, f[3], vld1q_f32(x + 12));
+}
+
+static float dot_neon(const job_t *j, const uint8_t *row, const float *x) {
+    const int64_t k = j->k, nb = k / j->bw;
+    float32x4_t acc0 = vdupq_n_f32(0.0f), acc1 = vdupq_n_f32(0.0f);
+    float extra = 0.0f;
+    switch (j->fmt) {
+    case FIC_F32: {
+        const float *w = (const float *)row;
+        int64_t i = 0;
+        for (; i + 8 <= k; i += 8) {
+            acc0 = vfmaq_f32(acc0, vld1q_f32(w + i), vld1q_f32(x + i));
+            acc1 = vfmaq_f32(acc1, vld1q_f32(w + i + 4), vld1q_f32(x + i + 4));
+        }
+        for (; i < k; i++) extra += w[i] * x[i];
+        break;
+    }
+    case FIC_F16: {
+        const uint16_t *w = (const uint16_t *)row;
+        int64_t i = 0;
+        for (; i + 8 <= k; i += 8) {
+            float16x8_t h = vreinterpretq_f16_u16(vld1q_u16(w + i));
+            acc0 = vfmaq_f32(acc0, vcvt_f32_f16(vget_low_f16(h)), vld1q_f32(x + i));
+            acc1 = vfmaq_f32(acc1, vcvt_high_f32_f16(h), vld1q_f32(x + i + 4));
+        }
+        for (; i < k; i++) extra += h2f_neon(w[i]) * x[i];
+        break;
+    }
+    case FIC_Q8_0: {
+        const block_q8_0 *blk = (const block_q8_0 *)row;
+        for (int64_t b = 0; b < nb; b++, x += QK8_0) {
+            float32x4_t p = vaddq_f32(dot16_neon(vld1q_s8(blk[b].qs), x), dot16_neon(vld1q_s8(blk[b].qs + 16), x + 16));
+            acc0 = vfmaq_n_f32(acc0, p, h2f_neon(blk[b].d));
+        }
+        break;
+    }
+    case FIC_Q4_0:
+    case FIC_Q4_1: {
+        const int is1 = j->fmt == FIC_Q4_1;
+        const int64_t stride = is1 ? sizeof(block_q4_1) : sizeof(block_q4_0);
+        const uint8x16_t mask = vdupq_n_u8(15);
+        const int8x16_t eight = vdupq_n_s8(is1 ? 0 : 8);
+        for (int64_t b = 0; b < nb; b++, x += 32) {
+            const uint8_t *blk = row + b * stride;
+            uint8x16_t v = vld1q_u8(blk + (is1 ? 4 : 2));
+            int8x16_t lo = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(v, mask)), eight);
+            int8x16_t hi = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(v, 4)), eight);
+            fic_half hd;
+            memcpy(&hd, blk, 2);
+            float32x4_t p = vaddq_f32(dot16_neon(lo, x), dot16_neon(hi, x + 16));
+            acc0 = vfmaq_n_f32(acc0, p, h2f_neon(hd));
+            if (is1) {
+                memcpy(&hd, blk + 2, 2);
+                extra += h2f_neon(hd) * j->xsum[b];
+            }
+        }
+        break;
+    }
+    case FIC_Q1_0: {
+        const block_q1_0 *blk = (const block_q1_0 *)row;
+        const uint32x4_t bit_lo = {1, 2, 4, 8}, bit_hi = {16, 32, 64, 128};
+        for (int64_t b = 0; b < nb; b++, x += QK1_0) {
+            float d = h2f_neon(blk[b].d);
+            for (int c = 0; c < 16; c++) {
+                uint32x4_t byte = vdupq_n_u32(blk[b].qs[c]);
+                uint32x4_t m0 = vtstq_u32(byte, bit_lo), m1 = vtstq_u32(byte, bit_hi);
+                float32x4_t x0 = vreinterpretq_f32_u32(vandq_u32(m0, vreinterpretq_u32_f32(vld1q_f32(x + 8 * c))));
+                float32x4_t x1 = vreinterpretq_f32_u32(vandq_u32(m1, vreinterpretq_u32_f32(vld1q_f32(x + 8 * c + 4))));
+                acc0 = vfmaq_n_f32(acc0, x0, 2.0f * d);
+                acc1 = vfmaq_n_f32(acc1, x1, 2.0f * d);
+            }
+            extra -= d * j->xsum[b];
+        }
+        break;
+    }
+    }
+    return vaddvq_f32(vaddq_f32(acc0, acc1)) + extra;
+}
+
+static void deq_range_neon(int fmt, const uint8_t *row, int64_t b0, int64_t b1, int64_t bw, float *out) {
+    if (fmt == FIC_F16) {
+        const uint16_t *w = (const uint16_t *)row;
+        for (int64_t i = b0; i < b1; i++) out[i - b0] = h2f_neon(w[i]);
+        return;
+    }
+    deq_range_ref(fmt, row, b0, b1, bw, out);
+}
+
+static void axpy_neon(float a, const float *w, float *y, int64_t n) {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) vst1q_f32(y + i, vfmaq_n_f32(vld1q_f32(y + i), vld1q_f32(w + i), a));
+    for (; i < n; i++) y[i] += a * w[i];
+}
+
+static float dot_f32_neon(const float *a, const float *b, int64_t k) {
+    float32x4_t acc0 = vdupq_n_f32(0.0f), acc1 = vdupq_n_f32(0.0f);
+    int64_t i = 0;
+    for (; i + 8 <= k; i += 8) {
+        acc0 = vfmaq_f32(acc0, vld1q_f32(a + i), vld1q_f32(b + i));
+        acc1 = vfmaq_f32(acc1, vld1q_f32(a + i + 4), vld1q_f32(b + i + 4));
+    }
+    float s = vaddvq_f32(vaddq_f32(acc0, acc1));
+    for (; i < k; i++) s += a[i] * b[i];
+    return s;
+}
+
+static void gemm_tile_neon(const job_t *j, const float *tile, int64_t nr, int64_t r0) {
+    for (int64_t r = 0; r < nr; r++)
+        for (int64_t t = 0; t < j->t; t++)
+            j->y[t * j->m + r0 + r] = dot_f32_neon(tile + r * j->k, j->x + t * j->k, j->k);
+}
+#endif /* __aarch64__ */
+
+/* ---- dispatch ---------------------------------------------------------------------------- */
+
+static float dot_row(const job_t *j, const uint8_t *row, const float *x) {
+    switch (j->impl) {
+#if defined(FIC_X86)
+    case FIC_IMPL_AVX2: return dot_avx2(j, row, x);
+    case FIC_IMPL_AVX512: return dot_avx512(j, row, x);
+#endif
+#if defined(__aarch64__)
+    case FIC_IMPL_NEON: return dot_neon(j, row, x);
+#endif
+    default: return dot_ref(j, row, x);
+    }
+}
+
+static void deq_range(const job_t *j, const uint8_t *row, int64_t b0, int64_t b1, float *out) {
+    switch (j->impl) {
+#if defined(FIC_X86)
+    case FIC_IMPL_AVX2: deq_range_avx2(j->fmt, row, b0, b1, j->bw, out); return;
+    case FIC_IMPL_AVX512: deq_range_avx512(j->fmt, row, b0, b1, j->bw, out); return;
+#endif
+#if defined(__aarch64__)
+    case FIC_IMPL_NEON: deq_range_neon(j->fmt, row, b0, b1, j->bw, out); return;
+#endif
+    default: deq_range_ref(j->fmt, row, b0, b1, j->bw, out);
+    }
+}
+
+static void axpy(const job_t *j, float a, const float *w, float *y, int64_t n) {
+    switch (j->impl) {
+#if defined(FIC_X86)
+    case FIC_IMPL_AVX2: axpy_avx2(a, w, y, n); return;
+    case FIC_IMPL_AVX512: axpy_avx512(a, w, y, n); return;
+#endif
+#if defined(__aarch64__)
+    case FIC_IMPL_NEON: axpy_neon(a, w, y, n); return;
+#endif
+    default: axpy_ref(a, w, y, n);
+    }
+}
+
+static void gemm_tile(const job_t *j, const float *tile, int64_t nr, int64_t r0) {
+    switch (j->impl) {
+#if defined(FIC_X86)
+    case FIC_IMPL_AVX2: gemm_tile_avx2(j, tile, nr, r0); return;
+    case FIC_IMPL_AVX512: gemm_tile_avx512(j, tile, nr, r0); return;
+#endif
+#if defined(__aarch64__)
+    case FIC_IMPL_NEON: gemm_tile_neon(j, tile, nr, r0); return;
+#endif
+    default: gemm_tile_ref(j, tile, nr, r0);
+    }
+}
+
+/* ---- the three kernels ------------------------------------------------------------------- */
+
+/* Validates arguments, resolves the implementation and fills the common part of the job. */
+static int setup_job(job_t *j, fic_pool *pool, int impl, int fmt, const uint8_t *w, const float *x, float *y,
+                     int64_t t, int64_t m, int64_t k) {
+    (void)pool;
+    if (!fmt_ok(fmt) || w == NULL || x == NULL || y == NULL || t <= 0 || m <= 0 || k <= 0) return FIC_ERR_ARG;
+    if (impl < FIC_IMPL_AUTO || impl > FIC_IMPL_NEON) return FIC_ERR_ARG;
+    int64_t rb = fic_row_bytes(fmt, k);
+    if (rb <= 0) return FIC_ERR_ARG;
+    if (impl == FIC_IMPL_AUTO) impl = fic_impl_best();
+    if (!fic_impl_available(impl)) return FIC_ERR_UNSUPPORTED;
+    memset(j, 0, sizeof *j);
+    j->fmt = fmt;
+    j->impl = impl;
+    j->w = w;
+    j->x = x;
+    j->y = y;
+    j->t = t;
+    j->m = m;
+    j->k = k;
+    j->row_bytes = rb;
+    j->bw = fic_fmt_block_weights(fmt);
+    j->bb = fic_fmt_block_bytes(fmt);
+    return FIC_OK;
+}
+
+/* Fast paths of Q4_1 and Q1_0 need sum(x) per block; NULL with *status set on failure. */
+static float *block_sums(const job_t *j, int *status) {
+    *status = FIC_OK;
+    if (j->impl == FIC_IMPL_REF || (j->fmt != FIC_Q4_1 && j->fmt != FIC_Q1_0)) return NULL;
+    int64_t nb = j->k / j->bw;
+    float *s = malloc((size_t)nb * sizeof *s);
+    if (s == NULL) {
+        *status = FIC_ERR_NOMEM;
+        return NULL;
+    }
+    for (int64_t b = 0; b < nb; b++) {
+        float acc = 0.0f;
+        for (int64_t i = 0; i < j->bw; i++) acc += j->x[b * j->bw + i];
+        s[b] = acc;
+    }
+    return s;
+}
+
+/* Chunk of rows so each thread gets several (load balance) yet a chunk is worth a dispatch. */
+static int64_t row_chunk(fic_pool *pool, int64_t m, int64_t row_bytes) {
+    int64_t n_threads = fic_pool_threads(pool);
+    int64_t min_rows = (16 << 10) / row_bytes + 1; /* ~16 KiB of weights */
+    int64_t c = (m + 4 * n_threads - 1) / (4 * n_threads);
+    return c < min_rows ? min_rows : c;
+}
+
+static void matvec_range(void *ctx, int64_t r0, int64_t r1, int tid) {
+    const job_t *j = ctx;
+    (void)tid;
+    for (int64_t r = r0; r < r1; r++) j->y[r] = dot_row(j, j->w + r * j->row_bytes, j->x);
+}
+
+int fic_matvec(fic_pool *pool, int impl, int fmt, const uint8_t *w, const float *x, float *y, int64_t m,
+               int64_t k) {
+    job_t j;
+    int st = setup_job(&j, pool, impl, fmt, w, x, y, 1, m, k);
+    if (st != FIC_OK) return st;
+    float *xsum = block_sums(&j, &st);
+    if (st != FIC_OK) return st;
+    j.xsum = xsum;
+    fic_parallel_for(pool, m, row_chunk(pool, m, j.row_bytes), matvec_range, &j);
+    free(xsum);
+    return FIC_OK;
+}
+
+static void matmul_range(void *ctx, int64_t r0, int64_t r1, int tid) {
+    const job_t *j = ctx;
+    float *tile = j->scratch + tid * j->scratch_floats;
+    for (int64_t r = r0; r < r1; r += j->tile_rows) {
+        int64_t nr = r1 - r < j->tile_rows ? r1 - r : j->tile_rows;
+        const float *rows;
+        if (j->fmt == FIC_F32) {
+            rows = (const float *)(j->w + r * j->row_bytes);
+        } else {
+            for (int64_t i = 0; i < nr; i++) deq_range(j, j->w + (r + i) * j->row_bytes, 0, j->k / j->bw, tile + i * j->k);
+            rows = tile;
+        }
+        gemm_tile(j, rows, nr, r);
+    }
+}
+
+int fic_matmul(fic_pool *pool, int impl, int fmt, const uint8_t *w, const float *x, float *y, int64_t t,
+               int64_t m, int64_t k) {
+    job_t j;
+    int st = setup_job(&j, pool, impl, fmt, w, x, y, t, m, k);
+    if (st != FIC_OK) return st;
+    /* Rows dequantized per tile: ~128 KiB of floats, so the tile stays in L2 while every
+     * token's row of x streams past it. */
+    int64_t tile = (128 << 10) / (4 * k);
+    tile = tile < 4 ? 4 : tile > 64 ? 64 : tile & ~(int64_t)3;
+    j.tile_rows = tile;
+    j.scratch_floats = (tile * k + 15) & ~(int64_t)15;
+    int n_threads = fic_pool_threads(pool);
+    j.scratch = aligned_alloc(64, (size_t)(j.scratch_floats * n_threads) * sizeof(float));
+    if (j.scratch == NULL) return FIC_ERR_NOMEM;
+    int64_t chunk = (m + 4 * n_threads - 1) / (4 * n_threads);
+    chunk = (chunk + tile - 1) / tile * tile;
+    fic_parallel_for(pool, m, chunk, matmul_range, &j);
+    free(j.scratch);
+    return FIC_OK;
+}
+
+#define SEG_FLOATS 512 /* columns per pass: y's segment and a dequantized row piece stay in L1 */
+
+static void accum_range(void *ctx, int64_t b0, int64_t b1, int tid) {
+    const job_t *j = ctx;
+    (void)tid;
+    float buf[SEG_FLOATS];
+    const int64_t seg_blocks = SEG_FLOATS / j->bw;
+    for (int64_t s = b0; s < b1; s += seg_blocks) {
+        int64_t e = b1 - s < seg_blocks ? b1 : s + seg_blocks;
+        float *y = j->y + s * j->bw;
+        for (int64_t i = 0; i < j->m; i++) {
+            if (j->a[i] == 0.0f) continue; /* pruned neuron: its row need not be read */
+            const uint8_t *row = j->w + i * j->row_bytes;
+            if (j->fmt == FIC_F32) {
+                axpy(j, j->a[i], (const float *)row + s, y, (e - s) * j->bw);
+            } else {
+                deq_range(j, row, s, e, buf);
+                axpy(j, j->a[i], buf, y, (e - s) * j->bw);
+            }
+        }
+    }
+}
+
+int fic_accum_rows(fic_pool *pool, int impl, int fmt, const uint8_t *w, const float *a, float *y, int64_t n_rows,
+                   int64_t k) {
+    job_t j;
+    if (a == NULL) return FIC_ERR_ARG;
+    int st = setup_job(&j, pool, impl, fmt, w, a, y, 1, n_rows, k);
+    if (st != FIC_OK) return st;
+    j.a = a;
+    j.x = NULL;
+    int64_t nb = k / j.bw, n_threads = fic_pool_threads(pool);
+    int64_t chunk = (nb + 2 * n_threads - 1) / (2 * n_threads);
+    int64_t min_blocks = 256 / j.bw + 1;
+    fic_parallel_for(pool, nb, chunk < min_blocks ? min_blocks : chunk, accum_range, &j);
+    return FIC_OK;
+}
