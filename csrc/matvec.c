@@ -40,6 +40,8 @@ typedef struct {
     float *y;
     int64_t t, m, k, row_bytes, bw, bb;
     const float *xsum; /* per-block sums of x (Q4_1, Q1_0), or NULL */
+    const int8_t *xq;  /* x quantized to int8 in blocks of 32 (Q1_0 on AVX-512), or NULL */
+    const float *xscale16; /* per 4 weights: the scale of xq's block (16 lanes per 64 weights) */
     float *scratch;    /* matmul: per-thread tile of rows */
     int64_t scratch_floats, tile_rows;
 } job_t;
@@ -356,11 +358,44 @@ TGT_AVX2 static void gemm_tile_avx2(const job_t *j, const float *tile, int64_t n
 
 TGT_AVX512 static inline __m512 cvt16_i8(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)); }
 
+/* Q1_0 x int8 activations: the sign bits, as a 64-bit mask, negate xq where set (giving -s*xq);
+ * maddubs + madd sum groups of 4 bytes into 16 int32 lanes (8 per q8 block of 32); each lane is
+ * scaled by its q8 block's dx (xscale16) and the block's d. Returns sum -s*x (negated by caller). */
+TGT_AVX512 static inline __m512 q1_block_avx512(const block_q1_0 *blk, const int8_t *xq, const float *sc,
+                                                __m512 acc) {
+    const __m512i ones8 = _mm512_set1_epi8(1), ones16 = _mm512_set1_epi16(1), zero = _mm512_setzero_si512();
+    uint64_t bits[2];
+    memcpy(bits, blk->qs, 16);
+    __m512i x0 = _mm512_loadu_si512((const void *)xq), x1 = _mm512_loadu_si512((const void *)(xq + 64));
+    __m512i t0 = _mm512_mask_sub_epi8(x0, _cvtu64_mask64(bits[0]), zero, x0);
+    __m512i t1 = _mm512_mask_sub_epi8(x1, _cvtu64_mask64(bits[1]), zero, x1);
+    __m512i s0 = _mm512_madd_epi16(_mm512_maddubs_epi16(ones8, t0), ones16);
+    __m512i s1 = _mm512_madd_epi16(_mm512_maddubs_epi16(ones8, t1), ones16);
+    __m512 p = _mm512_mul_ps(_mm512_cvtepi32_ps(s0), _mm512_loadu_ps(sc));
+    p = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), _mm512_loadu_ps(sc + 16), p);
+    return _mm512_fmadd_ps(_mm512_set1_ps(h2f_f16c(blk->d)), p, acc);
+}
+
+TGT_AVX512 static float dot_q1_avx512(const job_t *j, const uint8_t *row) {
+    const block_q1_0 *blk = (const block_q1_0 *)row;
+    const int64_t nb = j->k / QK1_0;
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    int64_t b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        acc0 = q1_block_avx512(blk + b, j->xq + b * QK1_0, j->xscale16 + b * 32, acc0);
+        acc1 = q1_block_avx512(blk + b + 1, j->xq + (b + 1) * QK1_0, j->xscale16 + (b + 1) * 32, acc1);
+    }
+    if (b < nb) acc0 = q1_block_avx512(blk + b, j->xq + b * QK1_0, j->xscale16 + b * 32, acc0);
+    return -_mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+
 TGT_AVX512 static float dot_avx512(const job_t *j, const uint8_t *row, const float *x) {
     const int64_t k = j->k, nb = k / j->bw;
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
     float extra = 0.0f;
     switch (j->fmt) {
+    case FIC_Q1_0:
+        return dot_q1_avx512(j, row);
     case FIC_F32: {
         const float *w = (const float *)row;
         int64_t i = 0;
@@ -447,24 +482,6 @@ TGT_AVX512 static float dot_avx512(const job_t *j, const uint8_t *row, const flo
         }
         break;
     }
-    case FIC_Q1_0: {
-        /* The sign bits are the masks: acc_c += 2d x where the bit is set; minus d sum x. */
-        const block_q1_0 *blk = (const block_q1_0 *)row;
-        __m512 a[8];
-        for (int c = 0; c < 8; c++) a[c] = _mm512_setzero_ps();
-        for (int64_t b = 0; b < nb; b++, x += QK1_0) {
-            float d = h2f_f16c(blk[b].d);
-            __m512 dv = _mm512_set1_ps(2.0f * d);
-            uint16_t mk[8];
-            memcpy(mk, blk[b].qs, 16);
-            for (int c = 0; c < 8; c++)
-                a[c] = _mm512_mask3_fmadd_ps(_mm512_loadu_ps(x + 16 * c), dv, a[c], (__mmask16)mk[c]);
-            extra -= d * j->xsum[b];
-        }
-        acc0 = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
-        acc1 = _mm512_add_ps(_mm512_add_ps(a[4], a[5]), _mm512_add_ps(a[6], a[7]));
-        break;
-    }
     }
     return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + extra;
 }
@@ -528,6 +545,21 @@ TGT_AVX512 static void gemm_tile_avx512(const job_t *j, const float *tile, int64
             else if (nt == 2) gemm_block_avx512(tile + r * k, x, k, y + r, j->m, 1, 2);
             else gemm_block_avx512(tile + r * k, x, k, y + r, j->m, 1, 1);
         }
+    }
+}
+
+/* x -> int8 in blocks of 32 (ggml's q8_0: dx = amax / 127, q = round(x / dx)) and the per-lane
+ * scale table that q1_block_avx512 reads. */
+TGT_AVX512 static void quantize_x_avx512(const float *x, int64_t k, int8_t *xq, float *xscale16) {
+    for (int64_t b = 0; b < k / 32; b++) {
+        __m512 v0 = _mm512_loadu_ps(x + 32 * b), v1 = _mm512_loadu_ps(x + 32 * b + 16);
+        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        float dx = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
+        __m512 idv = _mm512_set1_ps(id);
+        __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, idv)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, idv));
+        _mm_storeu_si128((__m128i *)(xq + 32 * b), _mm512_cvtsepi32_epi8(q0));
+        _mm_storeu_si128((__m128i *)(xq + 32 * b + 16), _mm512_cvtsepi32_epi8(q1));
+        for (int l = 0; l < 8; l++) xscale16[8 * b + l] = dx;
     }
 }
 #endif /* FIC_X86 */
@@ -783,15 +815,39 @@ static void matvec_range(void *ctx, int64_t r0, int64_t r1, int tid) {
     for (int64_t r = r0; r < r1; r++) j->y[r] = dot_row(j, j->w + r * j->row_bytes, j->x);
 }
 
+/* Q1_0 on AVX-512 quantizes x to int8 once per call: its float path is bound by mask moves at
+ * ~5 GB/s a core, the int8 one reaches memory speed (bench/RESULTS.md has both and the error). */
+static int quantize_x(job_t *j, void **mem) {
+    *mem = NULL;
+#if defined(FIC_X86)
+    if (j->fmt == FIC_Q1_0 && j->impl == FIC_IMPL_AVX512) {
+        size_t n = (size_t)j->k + (size_t)j->k;  /* k int8 + k/4 floats */
+        void *p = aligned_alloc(64, (n + 63) / 64 * 64);
+        if (p == NULL) return FIC_ERR_NOMEM;
+        quantize_x_avx512(j->x, j->k, (int8_t *)p, (float *)((uint8_t *)p + j->k));
+        j->xq = (const int8_t *)p;
+        j->xscale16 = (const float *)((uint8_t *)p + j->k);
+        *mem = p;
+    }
+#endif
+    return FIC_OK;
+}
+
 int fic_matvec(fic_pool *pool, int impl, int fmt, const uint8_t *w, const float *x, float *y, int64_t m,
                int64_t k) {
     job_t j;
+    void *xq_mem;
     int st = setup_job(&j, pool, impl, fmt, w, x, y, 1, m, k);
     if (st != FIC_OK) return st;
     float *xsum = block_sums(&j, &st);
     if (st != FIC_OK) return st;
     j.xsum = xsum;
+    if ((st = quantize_x(&j, &xq_mem)) != FIC_OK) {
+        free(xsum);
+        return st;
+    }
     fic_parallel_for(pool, m, row_chunk(pool, m, j.row_bytes), matvec_range, &j);
+    free(xq_mem);
     free(xsum);
     return FIC_OK;
 }
