@@ -843,18 +843,31 @@ static float *block_sums(const job_t *j, int *status) {
     return s;
 }
 
-/* Chunk of rows so each thread gets several (load balance) yet a chunk is worth a dispatch. */
+/* Rows per chunk: one chunk per thread for a small matrix (each chunk is a fresh memory
+ * stream that must ramp up), about four per thread once chunks reach 1 MiB (load balance). */
 static int64_t row_chunk(fic_pool *pool, int64_t m, int64_t row_bytes) {
     int64_t n_threads = fic_pool_threads(pool);
-    int64_t min_rows = (16 << 10) / row_bytes + 1; /* ~16 KiB of weights */
+    int64_t per_thread = (m + n_threads - 1) / n_threads;
     int64_t c = (m + 4 * n_threads - 1) / (4 * n_threads);
-    return c < min_rows ? min_rows : c;
+    int64_t min_rows = ((int64_t)1 << 20) / row_bytes + 1;
+    c = c < min_rows ? min_rows : c;
+    return c > per_thread ? per_thread : c;
 }
+
+#define PREFETCH_BYTES 4096
 
 static void matvec_range(void *ctx, int64_t r0, int64_t r1, int tid) {
     const job_t *j = ctx;
     (void)tid;
-    for (int64_t r = r0; r < r1; r++) j->y[r] = dot_row(j, j->w + r * j->row_bytes, j->x);
+    const uint8_t *end = j->w + r1 * j->row_bytes;
+    /* Software prefetch of the chunk's first PREFETCH_BYTES: a decode matrix is often only
+     * tens of KiB per thread, largely over before the hardware prefetcher has ramped up. */
+    const uint8_t *start = j->w + r0 * j->row_bytes;
+    for (const uint8_t *p = start; p < end && p < start + PREFETCH_BYTES; p += 64) __builtin_prefetch(p, 0, 0);
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *row = j->w + r * j->row_bytes;
+        j->y[r] = dot_row(j, row, j->x);
+    }
 }
 
 /* Q1_0 on AVX-512 quantizes x to int8 once per call: its float path is bound by mask moves at

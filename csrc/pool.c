@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <time.h>
 
 #include "fic.h"
 #include "pool.h"
@@ -69,9 +70,11 @@ int fic_impl_best(void) {
 
 /* ---- thread pool ------------------------------------------------------------------------- */
 
-/* Spins before a worker goes to sleep: ~100 us, longer than the gap between a decode step's
- * kernel calls, much shorter than a human-visible idle. */
-#define SPIN_ITERS (1 << 13)
+/* How long an idle worker spins before it sleeps: longer than the gap between a decode step's
+ * kernel calls (Python runs in between), short enough not to burn a core between requests.
+ * Time-based because PAUSE lasts from a few to ~140 cycles depending on the CPU. */
+#define SPIN_NS 300000
+#define SPIN_CHECK 64 /* pauses between clock reads */
 #define CACHE_LINE 64
 
 struct fic_pool {
@@ -121,11 +124,19 @@ static void run_chunks(fic_pool *p, int tid) {
     }
 }
 
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
 static unsigned wait_for_job(fic_pool *p, unsigned seen) {
-    for (int i = 0; i < SPIN_ITERS; i++) {
+    const int64_t deadline = now_ns() + SPIN_NS;
+    for (int i = 1;; i++) {
         unsigned g = atomic_load_explicit(&p->gen, memory_order_acquire);
         if (g != seen) return g;
         cpu_relax();
+        if (i % SPIN_CHECK == 0 && now_ns() > deadline) break;
     }
     for (;;) {
         atomic_fetch_add(&p->n_sleeping, 1);
@@ -232,8 +243,10 @@ void fic_parallel_for(fic_pool *pool, int64_t n, int64_t chunk, fic_range_fn fn,
     atomic_fetch_add(&pool->gen, 1); /* seq_cst: pairs with the sleepers' n_sleeping increment */
     if (atomic_load(&pool->n_sleeping) > 0) futex_wake_all(&pool->gen);
     run_chunks(pool, 0);
+    /* The others finish their last chunk about when we do: spin, yielding only if one was
+     * descheduled. */
     for (int spins = 0; atomic_load_explicit(&pool->pending, memory_order_acquire) > 0; spins++) {
-        if (spins < SPIN_ITERS) cpu_relax();
+        if (spins < (1 << 14)) cpu_relax();
         else sched_yield();
     }
     pthread_mutex_unlock(&pool->busy);
