@@ -358,3 +358,78 @@ def test_aarch64_cross_compile(src, tmp_path):
            str(REPO / "csrc" / src), "-o", str(tmp_path / (src + ".o"))]
     res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"})
     assert res.returncode == 0, res.stderr
+
+
+# Runs under qemu: NEON against the reference for every kernel and format, in C (no Python for
+# AArch64 here). The tolerance is the float32 bound of the tests above, per output, computed
+# from sum |w| |x| in double.
+NEON_CHECK_C = r"""
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include "fic.h"
+
+static float rnd(unsigned *s) { *s = *s * 1103515245u + 12345u; return ((*s >> 8) & 0xffff) / 32768.0f - 1.0f; }
+
+static int close_enough(const float *a, const float *b, const double *mag, int64_t n, int64_t k) {
+    for (int64_t i = 0; i < n; i++)
+        if (fabs((double)a[i] - b[i]) > 4.0 * k * 5.97e-8 * mag[i] + 1e-30) return 0;
+    return 1;
+}
+
+int main(void) {
+    const int64_t m = 37, k = 384, t = 5;
+    unsigned s = 1;
+    float *w = malloc(m * k * 4), *x = malloc(t * k * 4), *wd = malloc(m * k * 4);
+    float *y1 = malloc(t * m * 4), *y2 = malloc(t * m * 4), *a1 = malloc(k * 4), *a2 = malloc(k * 4);
+    double *mag = malloc(t * m * 8), *amag = malloc(k * 8);
+    uint8_t *q = malloc(m * k * 4);
+    int bad = 0;
+    if (!fic_impl_available(FIC_IMPL_NEON) || fic_impl_best() != FIC_IMPL_NEON) { puts("neon unavailable"); return 1; }
+    for (int64_t i = 0; i < m * k; i++) w[i] = rnd(&s);
+    for (int64_t i = 0; i < t * k; i++) x[i] = rnd(&s);
+    for (int fmt = 0; fmt < FIC_FMT_COUNT; fmt++) {
+        fic_quantize(fmt, w, q, m, k);
+        fic_dequantize(fmt, q, wd, m, k);
+        for (int64_t tt = 0; tt < t; tt++)
+            for (int64_t r = 0; r < m; r++) {
+                double acc = 0;
+                for (int64_t i = 0; i < k; i++) acc += fabs((double)wd[r * k + i] * x[tt * k + i]);
+                mag[tt * m + r] = acc;
+            }
+        for (int64_t i = 0; i < k; i++) {
+            double acc = 0;
+            for (int64_t r = 0; r < m; r++) acc += fabs((double)wd[r * k + i] * x[r]);
+            amag[i] = acc;
+        }
+        fic_matvec(NULL, FIC_IMPL_REF, fmt, q, x, y1, m, k);
+        fic_matvec(NULL, FIC_IMPL_NEON, fmt, q, x, y2, m, k);
+        if (!close_enough(y1, y2, mag, m, k)) { printf("matvec fmt %d\n", fmt); bad = 1; }
+        fic_matmul(NULL, FIC_IMPL_REF, fmt, q, x, y1, t, m, k);
+        fic_matmul(NULL, FIC_IMPL_NEON, fmt, q, x, y2, t, m, k);
+        if (!close_enough(y1, y2, mag, t * m, k)) { printf("matmul fmt %d\n", fmt); bad = 1; }
+        for (int64_t i = 0; i < k; i++) a1[i] = a2[i] = 0.0f;
+        fic_accum_rows(NULL, FIC_IMPL_REF, fmt, q, x, a1, m, k);
+        fic_accum_rows(NULL, FIC_IMPL_NEON, fmt, q, x, a2, m, k);
+        if (!close_enough(a1, a2, amag, k, m)) { printf("accum_rows fmt %d\n", fmt); bad = 1; }
+    }
+    puts(bad ? "FAIL" : "OK");
+    return bad;
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None or shutil.which("qemu-aarch64") is None,
+                    reason="needs aarch64-linux-gnu-gcc and qemu-aarch64")
+def test_neon_matches_reference_under_qemu(tmp_path):
+    src = tmp_path / "neon_check.c"
+    src.write_text(NEON_CHECK_C)
+    exe = tmp_path / "neon_check"
+    csrc = REPO / "csrc"
+    cmd = ["aarch64-linux-gnu-gcc", "-O2", "-std=gnu11", "-march=armv8-a+crc", "-pthread", "-static",
+           "-I", str(csrc), str(src), *(str(csrc / f) for f in ("quant.c", "matvec.c", "pool.c")),
+           "-o", str(exe), "-lm"]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    run = subprocess.run(["qemu-aarch64", str(exe)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip().endswith("OK"), run.stdout + run.stderr
