@@ -144,11 +144,46 @@ TGT_AVX2 static inline __m256 cvt8_hi(__m128i v) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8)));
 }
 
+/* Q1_0 x int8 activations, 32 weights at a time: 4 bytes of sign bits -> 32 byte masks (each
+ * byte picks its bits byte by shuffle; OR with "all bits but mine" is all ones iff the bit is
+ * set), sign_epi8 negates xq where set (giving -s*xq), maddubs + madd sum to 8 int32 lanes.
+ * Returns sum -s*x (negated by the caller); dx per q8 block is xscale16[8 * block]. */
+TGT_AVX2 static inline __m256 q1_32_avx2(uint32_t bits, const int8_t *xq, float scale, __m256 acc) {
+    const __m256i shuf = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                          2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i others = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe), ones = _mm256_set1_epi8(1);
+    __m256i m = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), shuf);
+    m = _mm256_cmpeq_epi8(_mm256_or_si256(m, others), _mm256_set1_epi8(-1));
+    __m256i t = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)xq), _mm256_or_si256(m, ones));
+    __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(ones, t), _mm256_set1_epi16(1));
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(scale), acc);
+}
+
+TGT_AVX2 static float dot_q1_avx2(const job_t *j, const uint8_t *row) {
+    const block_q1_0 *blk = (const block_q1_0 *)row;
+    const int64_t nb = j->k / QK1_0;
+    const float *dx = j->xscale16;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const int8_t *xq = j->xq + b * QK1_0;
+        float d = h2f_f16c(blk[b].d);
+        uint32_t bits[4];
+        memcpy(bits, blk[b].qs, 16);
+        acc0 = q1_32_avx2(bits[0], xq, d * dx[32 * b], acc0);
+        acc1 = q1_32_avx2(bits[1], xq + 32, d * dx[32 * b + 8], acc1);
+        acc0 = q1_32_avx2(bits[2], xq + 64, d * dx[32 * b + 16], acc0);
+        acc1 = q1_32_avx2(bits[3], xq + 96, d * dx[32 * b + 24], acc1);
+    }
+    return -hsum256(_mm256_add_ps(acc0, acc1));
+}
+
 TGT_AVX2 static float dot_avx2(const job_t *j, const uint8_t *row, const float *x) {
     const int64_t k = j->k, nb = k / j->bw;
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     float extra = 0.0f;
     switch (j->fmt) {
+    case FIC_Q1_0:
+        return dot_q1_avx2(j, row);
     case FIC_F32: {
         const float *w = (const float *)row;
         int64_t i = 0;
@@ -211,32 +246,6 @@ TGT_AVX2 static float dot_avx2(const job_t *j, const uint8_t *row, const float *
                 extra += h2f_f16c(hm) * j->xsum[b];
             }
         }
-        break;
-    }
-    case FIC_Q1_0: {
-        /* bit i of a byte -> lane i: broadcast the byte, test it against 1 << lane. */
-        const block_q1_0 *blk = (const block_q1_0 *)row;
-        const __m256i bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-        __m256 acc2 = _mm256_setzero_ps(), acc3 = _mm256_setzero_ps();
-        for (int64_t b = 0; b < nb; b++, x += QK1_0) {
-            float d = h2f_f16c(blk[b].d);
-            __m256 dv = _mm256_set1_ps(2.0f * d);
-            for (int c = 0; c < 16; c += 4) {
-                __m256i m0 = _mm256_set1_epi32(blk[b].qs[c]), m1 = _mm256_set1_epi32(blk[b].qs[c + 1]);
-                __m256i m2 = _mm256_set1_epi32(blk[b].qs[c + 2]), m3 = _mm256_set1_epi32(blk[b].qs[c + 3]);
-                m0 = _mm256_cmpeq_epi32(_mm256_and_si256(m0, bits), bits);
-                m1 = _mm256_cmpeq_epi32(_mm256_and_si256(m1, bits), bits);
-                m2 = _mm256_cmpeq_epi32(_mm256_and_si256(m2, bits), bits);
-                m3 = _mm256_cmpeq_epi32(_mm256_and_si256(m3, bits), bits);
-                acc0 = _mm256_fmadd_ps(dv, _mm256_and_ps(_mm256_castsi256_ps(m0), _mm256_loadu_ps(x + 8 * c)), acc0);
-                acc1 = _mm256_fmadd_ps(dv, _mm256_and_ps(_mm256_castsi256_ps(m1), _mm256_loadu_ps(x + 8 * c + 8)), acc1);
-                acc2 = _mm256_fmadd_ps(dv, _mm256_and_ps(_mm256_castsi256_ps(m2), _mm256_loadu_ps(x + 8 * c + 16)), acc2);
-                acc3 = _mm256_fmadd_ps(dv, _mm256_and_ps(_mm256_castsi256_ps(m3), _mm256_loadu_ps(x + 8 * c + 24)), acc3);
-            }
-            extra -= d * j->xsum[b];
-        }
-        acc0 = _mm256_add_ps(acc0, acc2);
-        acc1 = _mm256_add_ps(acc1, acc3);
         break;
     }
     }
@@ -590,8 +599,31 @@ TGT_AVX512 static void gemm_tile_avx512(const job_t *j, const float *tile, int64
 #endif /* FIC_X86 */
 
 #if defined(FIC_X86)
-/* x -> int8 in blocks of 32 (ggml's q8_0: dx = amax / 127, q = round(x / dx)) and the per-lane
- * scale table that q1_block_avx512 reads. */
+/* x -> int8 in blocks of 32 (ggml's q8_0: dx = amax / 127, q = round(x / dx), ties to even here)
+ * and the per-lane scale table that q1_block_avx512 reads (8 copies of each block's dx). */
+TGT_AVX2 static void quantize_x_avx2(const float *x, int64_t k, int8_t *xq, float *xscale16) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    for (int64_t b = 0; b < k / 32; b++) {
+        __m256 v[4], mx = _mm256_setzero_ps();
+        for (int i = 0; i < 4; i++) {
+            v[i] = _mm256_loadu_ps(x + 32 * b + 8 * i);
+            mx = _mm256_max_ps(mx, _mm256_and_ps(v[i], absmask));
+        }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+        float dx = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
+        __m256i q[4];
+        for (int i = 0; i < 4; i++) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(id)));
+        /* packs interleave 128-bit lanes; the permute puts the 32 bytes back in order */
+        __m256i p16a = _mm256_packs_epi32(q[0], q[1]), p16b = _mm256_packs_epi32(q[2], q[3]);
+        __m256i p8 = _mm256_packs_epi16(p16a, p16b);
+        p8 = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)(xq + 32 * b), p8);
+        _mm256_storeu_ps(xscale16 + 8 * b, _mm256_set1_ps(dx));
+    }
+}
+
 TGT_AVX512 static void quantize_x_avx512(const float *x, int64_t k, int8_t *xq, float *xscale16) {
     for (int64_t b = 0; b < k / 32; b++) {
         __m512 v0 = _mm512_loadu_ps(x + 32 * b), v1 = _mm512_loadu_ps(x + 32 * b + 16);
@@ -828,7 +860,8 @@ static int setup_job(job_t *j, fic_pool *pool, int impl, int fmt, const uint8_t 
 /* Fast paths of Q4_1 and Q1_0 need sum(x) per block; NULL with *status set on failure. */
 static float *block_sums(const job_t *j, int *status) {
     *status = FIC_OK;
-    if (j->impl == FIC_IMPL_REF || (j->fmt != FIC_Q4_1 && j->fmt != FIC_Q1_0)) return NULL;
+    int q1_float = j->fmt == FIC_Q1_0 && j->impl == FIC_IMPL_NEON; /* x86 Q1_0 uses int8 x */
+    if (j->impl == FIC_IMPL_REF || (j->fmt != FIC_Q4_1 && !q1_float)) return NULL;
     int64_t nb = j->k / j->bw;
     float *s = malloc((size_t)nb * sizeof *s);
     if (s == NULL) {
@@ -870,16 +903,18 @@ static void matvec_range(void *ctx, int64_t r0, int64_t r1, int tid) {
     }
 }
 
-/* Q1_0 on AVX-512 quantizes x to int8 once per call: its float path is bound by mask moves at
- * ~5 GB/s a core, the int8 one reaches memory speed (bench/RESULTS.md has both and the error). */
+/* Q1_0 on AVX-512 and AVX2 quantizes x to int8 once per call: the float paths were bound by
+ * mask moves (AVX-512, ~5 GB/s a core) and bit expansion (AVX2, ~3 GB/s); the int8 ones are
+ * about 3x faster (bench/RESULTS.md has the figures and the error). */
 static int quantize_x(job_t *j, void **mem) {
     *mem = NULL;
 #if defined(FIC_X86)
-    if (j->fmt == FIC_Q1_0 && j->impl == FIC_IMPL_AVX512) {
+    if (j->fmt == FIC_Q1_0 && (j->impl == FIC_IMPL_AVX512 || j->impl == FIC_IMPL_AVX2)) {
         size_t n = (size_t)j->k + (size_t)j->k;  /* k int8 + k/4 floats */
         void *p = aligned_alloc(64, (n + 63) / 64 * 64);
         if (p == NULL) return FIC_ERR_NOMEM;
-        quantize_x_avx512(j->x, j->k, (int8_t *)p, (float *)((uint8_t *)p + j->k));
+        if (j->impl == FIC_IMPL_AVX512) quantize_x_avx512(j->x, j->k, (int8_t *)p, (float *)((uint8_t *)p + j->k));
+        else quantize_x_avx2(j->x, j->k, (int8_t *)p, (float *)((uint8_t *)p + j->k));
         j->xq = (const int8_t *)p;
         j->xscale16 = (const float *)((uint8_t *)p + j->k);
         *mem = p;
