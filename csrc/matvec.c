@@ -520,6 +520,61 @@ TGT_AVX512 static void axpy_avx512(float a, const float *w, float *y, int64_t n)
     }
 }
 
+/* y[0 .. (b1-b0)*bw) += a * row's blocks [b0, b1), dequantized in registers (accum_rows).
+ * Returns 0 for formats it does not handle (the caller dequantizes to a buffer instead). */
+TGT_AVX512 static int axpy_blocks_avx512(int fmt, const uint8_t *row, int64_t b0, int64_t b1, float a, float *y) {
+    switch (fmt) {
+    case FIC_Q8_0:
+        for (int64_t b = b0; b < b1; b++, y += 32) {
+            const block_q8_0 *blk = (const block_q8_0 *)row + b;
+            __m512 ad = _mm512_set1_ps(a * h2f_f16c(blk->d));
+            __m512 q0 = cvt16_i8(_mm_loadu_si128((const __m128i *)blk->qs));
+            __m512 q1 = cvt16_i8(_mm_loadu_si128((const __m128i *)(blk->qs + 16)));
+            _mm512_storeu_ps(y, _mm512_fmadd_ps(q0, ad, _mm512_loadu_ps(y)));
+            _mm512_storeu_ps(y + 16, _mm512_fmadd_ps(q1, ad, _mm512_loadu_ps(y + 16)));
+        }
+        return 1;
+    case FIC_Q4_0:
+    case FIC_Q4_1: {
+        const int is1 = fmt == FIC_Q4_1;
+        const int64_t stride = is1 ? sizeof(block_q4_1) : sizeof(block_q4_0);
+        const __m128i mask = _mm_set1_epi8(15), eight = _mm_set1_epi8(is1 ? 0 : 8);
+        for (int64_t b = b0; b < b1; b++, y += 32) {
+            const uint8_t *blk = row + b * stride;
+            fic_half hd, hm = 0;
+            memcpy(&hd, blk, 2);
+            if (is1) memcpy(&hm, blk + 2, 2);
+            __m512 ad = _mm512_set1_ps(a * h2f_f16c(hd)), am = _mm512_set1_ps(a * h2f_f16c(hm));
+            __m128i v = _mm_loadu_si128((const __m128i *)(blk + (is1 ? 4 : 2)));
+            __m128i lo = _mm_sub_epi8(_mm_and_si128(v, mask), eight);
+            __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), mask), eight);
+            __m512 y0 = _mm512_loadu_ps(y), y1 = _mm512_loadu_ps(y + 16);
+            if (is1) {
+                y0 = _mm512_add_ps(y0, am);
+                y1 = _mm512_add_ps(y1, am);
+            }
+            _mm512_storeu_ps(y, _mm512_fmadd_ps(cvt16_i8(lo), ad, y0));
+            _mm512_storeu_ps(y + 16, _mm512_fmadd_ps(cvt16_i8(hi), ad, y1));
+        }
+        return 1;
+    }
+    case FIC_Q1_0:
+        for (int64_t b = b0; b < b1; b++, y += QK1_0) {
+            const block_q1_0 *blk = (const block_q1_0 *)row + b;
+            float ad = a * h2f_f16c(blk->d);
+            __m512 pos = _mm512_set1_ps(ad), neg = _mm512_set1_ps(-ad);
+            uint16_t mk[8];
+            memcpy(mk, blk->qs, 16);
+            for (int c = 0; c < 8; c++)
+                _mm512_storeu_ps(y + 16 * c, _mm512_add_ps(_mm512_loadu_ps(y + 16 * c),
+                                                           _mm512_mask_blend_ps((__mmask16)mk[c], neg, pos)));
+        }
+        return 1;
+    default:
+        return 0;
+    }
+}
+
 /* 6 rows x 4 tokens of dot products: 24 accumulators in registers, 10 loads per 24 FMAs, which
  * the L2 can feed (4 x 3 needed more than it delivers). Named variables, not an array: gcc
  * kept an array of accumulators in memory. */
@@ -979,21 +1034,33 @@ int fic_matmul(fic_pool *pool, int impl, int fmt, const uint8_t *w, const float 
     return FIC_OK;
 }
 
-#define SEG_FLOATS 512 /* columns per pass: y's segment and a dequantized row piece stay in L1 */
+#define SEG_FLOATS 512  /* a dequantized row piece, in L1 */
+#define ACCUM_PF_ROWS 4 /* rows ahead to prefetch: each row piece is its own short stream */
 
+/* Rows outer, this thread's columns inner: y's range stays in L1/L2 while the rows stream
+ * past; each row piece is prefetched a few rows ahead since the hardware prefetcher does not
+ * follow one piece per row. */
 static void accum_range(void *ctx, int64_t b0, int64_t b1, int tid) {
     const job_t *j = ctx;
     (void)tid;
     float buf[SEG_FLOATS];
-    const int64_t seg_blocks = SEG_FLOATS / j->bw;
-    for (int64_t s = b0; s < b1; s += seg_blocks) {
-        int64_t e = b1 - s < seg_blocks ? b1 : s + seg_blocks;
-        float *y = j->y + s * j->bw;
-        for (int64_t i = 0; i < j->m; i++) {
-            if (j->a[i] == 0.0f) continue; /* pruned neuron: its row need not be read */
-            const uint8_t *row = j->w + i * j->row_bytes;
+    const int64_t seg_blocks = SEG_FLOATS / j->bw, piece = (b1 - b0) * j->bb;
+    for (int64_t i = 0; i < j->m; i++) {
+        if (i + ACCUM_PF_ROWS < j->m) {
+            const uint8_t *ahead = j->w + (i + ACCUM_PF_ROWS) * j->row_bytes + b0 * j->bb;
+            for (int64_t off = 0; off < piece; off += 64) __builtin_prefetch(ahead + off, 0, 0);
+        }
+        if (j->a[i] == 0.0f) continue; /* pruned neuron: its row need not be read */
+        const uint8_t *row = j->w + i * j->row_bytes;
+        for (int64_t s = b0; s < b1; s += seg_blocks) {
+            int64_t e = b1 - s < seg_blocks ? b1 : s + seg_blocks;
+            float *y = j->y + s * j->bw;
             if (j->fmt == FIC_F32) {
                 axpy(j, j->a[i], (const float *)row + s, y, (e - s) * j->bw);
+#if defined(FIC_X86)
+            } else if (j->impl == FIC_IMPL_AVX512 && axpy_blocks_avx512(j->fmt, row, s, e, j->a[i], y)) {
+                continue;
+#endif
             } else {
                 deq_range(j, row, s, e, buf);
                 axpy(j, j->a[i], buf, y, (e - s) * j->bw);
@@ -1010,9 +1077,11 @@ int fic_accum_rows(fic_pool *pool, int impl, int fmt, const uint8_t *w, const fl
     if (st != FIC_OK) return st;
     j.a = a;
     j.x = NULL;
+    /* One column range per thread (at least 256 weights each), block aligned: no two threads
+     * write the same y. */
     int64_t nb = k / j.bw, n_threads = fic_pool_threads(pool);
-    int64_t chunk = (nb + 2 * n_threads - 1) / (2 * n_threads);
-    int64_t min_blocks = 256 / j.bw + 1;
+    int64_t chunk = (nb + n_threads - 1) / n_threads;
+    int64_t min_blocks = (256 + j.bw - 1) / j.bw;
     fic_parallel_for(pool, nb, chunk < min_blocks ? min_blocks : chunk, accum_range, &j);
     return FIC_OK;
 }
