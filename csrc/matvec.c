@@ -575,6 +575,35 @@ TGT_AVX512 static int axpy_blocks_avx512(int fmt, const uint8_t *row, int64_t b0
     }
 }
 
+/* accum_rows for Q1_0, four rows at a time: with w = +-d, y += sum_r a_r w_r is
+ * y += C + sum_r (bit ? 2 a_r d_r : 0) with C = -sum_r a_r d_r, so each row costs one masked
+ * add per 16 weights and y is loaded and stored once per four rows. Pad rows have a = 0. */
+TGT_AVX512 static void accum_q1_group_avx512(const uint8_t *const rows[4], const float a[4], int64_t b0, int64_t b1,
+                                             float *y) {
+    for (int64_t b = b0; b < b1; b++) {
+        const block_q1_0 *blk[4];
+        __m512 two[4];
+        float c = 0.0f;
+        for (int r = 0; r < 4; r++) {
+            blk[r] = (const block_q1_0 *)rows[r] + b;
+            float ad = a[r] * h2f_f16c(blk[r]->d);
+            c -= ad;
+            two[r] = _mm512_set1_ps(2.0f * ad);
+        }
+        __m512 cv = _mm512_set1_ps(c);
+        float *yb = y + b * QK1_0;
+        for (int q = 0; q < 8; q++) {
+            __m512 v = _mm512_add_ps(_mm512_loadu_ps(yb + 16 * q), cv);
+            for (int r = 0; r < 4; r++) {
+                uint16_t m;
+                memcpy(&m, blk[r]->qs + 2 * q, 2);
+                v = _mm512_mask_add_ps(v, (__mmask16)m, v, two[r]);
+            }
+            _mm512_storeu_ps(yb + 16 * q, v);
+        }
+    }
+}
+
 /* 6 rows x 4 tokens of dot products: 24 accumulators in registers, 10 loads per 24 FMAs, which
  * the L2 can feed (4 x 3 needed more than it delivers). Named variables, not an array: gcc
  * kept an array of accumulators in memory. */
@@ -1040,9 +1069,44 @@ int fic_matmul(fic_pool *pool, int impl, int fmt, const uint8_t *w, const float 
 /* Rows outer, this thread's columns inner: y's range stays in L1/L2 while the rows stream
  * past; each row piece is prefetched a few rows ahead since the hardware prefetcher does not
  * follow one piece per row. */
+#if defined(FIC_X86)
+static void accum_q1_avx512(const job_t *j, int64_t b0, int64_t b1) {
+    const uint8_t *rows[4];
+    float a[4];
+    int n = 0;
+    const int64_t piece = (b1 - b0) * j->bb;
+    for (int64_t i = 0; i < j->m; i++) {
+        if (i + ACCUM_PF_ROWS < j->m) {
+            const uint8_t *ahead = j->w + (i + ACCUM_PF_ROWS) * j->row_bytes + b0 * j->bb;
+            for (int64_t off = 0; off < piece; off += 64) __builtin_prefetch(ahead + off, 0, 0);
+        }
+        if (j->a[i] == 0.0f) continue;
+        rows[n] = j->w + i * j->row_bytes;
+        a[n++] = j->a[i];
+        if (n == 4) {
+            accum_q1_group_avx512(rows, a, b0, b1, j->y);
+            n = 0;
+        }
+    }
+    if (n > 0) {
+        for (int r = n; r < 4; r++) {
+            rows[r] = rows[0];
+            a[r] = 0.0f;
+        }
+        accum_q1_group_avx512(rows, a, b0, b1, j->y);
+    }
+}
+#endif
+
 static void accum_range(void *ctx, int64_t b0, int64_t b1, int tid) {
     const job_t *j = ctx;
     (void)tid;
+#if defined(FIC_X86)
+    if (j->fmt == FIC_Q1_0 && j->impl == FIC_IMPL_AVX512) {
+        accum_q1_avx512(j, b0, b1);
+        return;
+    }
+#endif
     float buf[SEG_FLOATS];
     const int64_t seg_blocks = SEG_FLOATS / j->bw, piece = (b1 - b0) * j->bb;
     for (int64_t i = 0; i < j->m; i++) {
