@@ -7,7 +7,8 @@ Tolerances:
 - float32 accumulation: a dot product of length K summed in float32 in any order is within
   K * 2^-24 * sum_j |w_j x_j| of the exact value (the classic gamma_K bound; K * 2^-24 << 1 here).
   FLOAT_SLACK doubles it to cover the fp32 rounding of the result and of d*q products.
-- int8 activations (Q1_0 matvec on AVX2/AVX-512 quantizes x to q8 blocks of 32, as llama.cpp does):
+- int8 activations (matvec for Q1_0 on AVX2/AVX-512 and Q4_0/Q4_1 on AVX-512 VNNI quantizes x to
+  q8 blocks of 32, as llama.cpp does):
   each x_j moves by at most dx_b / 2 = amax_b / 254, so the result moves by at most
   sum_j |w_j| * amax_b(j) / 254 on top of the float bound. Measured on Gaussian data the RMS error
   is 0.5% of |y| and the worst case reaches under a tenth of this bound.
@@ -33,10 +34,24 @@ FLOAT_SLACK = 2.0
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        return set(next(line for line in text.splitlines() if line.startswith("flags")).split())
+    except (OSError, StopIteration):
+        return set()
+
+
+CPU_FLAGS = _cpu_flags()
+
+
 def int8_activation_path(fmt: str, impl: str) -> bool:
-    """Kernels that quantize x to int8 (see matvec.c): Q1_0 matvec on AVX2 and AVX-512."""
+    """matvec kernels that quantize x to int8 (see matvec.c): Q1_0 on AVX2 and AVX-512, and
+    Q4_0/Q4_1 on AVX-512 when the CPU has AVX-512 VNNI."""
     resolved = K.best_impl() if impl == "auto" else impl
-    return fmt == "q1_0" and resolved in ("avx2", "avx512")
+    if fmt == "q1_0":
+        return resolved in ("avx2", "avx512")
+    return fmt in ("q4_0", "q4_1") and resolved == "avx512" and "avx512_vnni" in CPU_FLAGS
 
 
 def q8_half_step(x: np.ndarray) -> np.ndarray:
@@ -58,6 +73,14 @@ def dot_bound(wd: np.ndarray, x: np.ndarray) -> np.ndarray:
     k = wd.shape[1]
     mag = np.abs(x) @ np.abs(wd).T if x.ndim == 2 else np.abs(wd) @ np.abs(x)
     return FLOAT_SLACK * k * EPS32 * mag + 1e-30
+
+
+def matvec_bound(fmt: str, impl: str, wd: np.ndarray, x: np.ndarray, n_float: int = 1) -> np.ndarray:
+    """matvec's tolerance: n_float float32 bounds, plus the q8 term where x is quantized."""
+    bound = n_float * dot_bound(wd, x)
+    if int8_activation_path(fmt, impl):
+        bound = bound + np.abs(wd) @ q8_half_step(x)
+    return bound
 
 
 def assert_within(got: np.ndarray, want: np.ndarray, bound: np.ndarray) -> None:
@@ -90,10 +113,7 @@ def k_of(fmt: str, k_units: int) -> int:
 def test_matvec_matches_numpy(fmt, impl, m, k_units, threads):
     qt, wd, rng = make(fmt, m, k_of(fmt, k_units), seed=m * 31 + k_units)
     x = rng.standard_normal(qt.shape[1], dtype=np.float32)
-    bound = dot_bound(wd, x)
-    if int8_activation_path(fmt, impl):
-        bound = bound + np.abs(wd) @ q8_half_step(x)
-    assert_within(K.matvec(qt, x, impl=impl), wd @ x, bound)
+    assert_within(K.matvec(qt, x, impl=impl), wd @ x, matvec_bound(fmt, impl, wd, x))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -106,7 +126,7 @@ def test_matvec_block_of_32_for_q4_q8(fmt):
         qt, wd, rng = make(fmt, 19, k, seed=k)
         x = rng.standard_normal(k, dtype=np.float32)
         for impl in IMPLS:
-            assert_within(K.matvec(qt, x, impl=impl), wd @ x, dot_bound(wd, x))
+            assert_within(K.matvec(qt, x, impl=impl), wd @ x, matvec_bound(fmt, impl, wd, x))
 
 
 @pytest.mark.parametrize("impl", FAST_IMPLS)
@@ -115,18 +135,19 @@ def test_fast_matvec_matches_reference(fmt, impl):
     """Fast path == reference within the sum of both float bounds (plus int8's where used)."""
     qt, wd, rng = make(fmt, 257, 1024, seed=7)
     x = rng.standard_normal(1024, dtype=np.float32)
-    bound = 2 * dot_bound(wd, x)
-    if int8_activation_path(fmt, impl):
-        bound = bound + np.abs(wd) @ q8_half_step(x)
+    bound = matvec_bound(fmt, impl, wd, x, n_float=2)
     ref = K.matvec(qt, x, impl="ref").astype(np.float64)
     assert_within(K.matvec(qt, x, impl=impl), ref, bound)
 
 
-@pytest.mark.parametrize("impl", [i for i in FAST_IMPLS if int8_activation_path("q1_0", i)])
-def test_int8_activation_error_is_small_in_practice(impl):
+INT8_CASES = [(f, i) for f in FORMATS for i in FAST_IMPLS if int8_activation_path(f, i)]
+
+
+@pytest.mark.parametrize("fmt,impl", INT8_CASES)
+def test_int8_activation_error_is_small_in_practice(fmt, impl):
     """The q8 path's typical error: RMS under 1% of |y| on Gaussian data (measured 0.5%), and
     the result is W times the q8-rounded x up to float rounding (so rounding is the only loss)."""
-    qt, wd, rng = make("q1_0", 512, 2048, seed=3)
+    qt, wd, rng = make(fmt, 512, 2048, seed=3)
     x = rng.standard_normal(2048, dtype=np.float32)
     exact = wd @ x
     y = K.matvec(qt, x, impl=impl)
@@ -147,7 +168,7 @@ def test_matvec_zero_blocks_of_x(fmt, impl):
     x = rng.standard_normal(256, dtype=np.float32)
     x[:128] = 0.0
     y = K.matvec(qt, x, impl=impl)
-    bound = dot_bound(wd, x) + (np.abs(wd) @ q8_half_step(x) if int8_activation_path(fmt, impl) else 0)
+    bound = matvec_bound(fmt, impl, wd, x)
     assert_within(y, wd @ x, bound)
     np.testing.assert_array_equal(K.matvec(qt, np.zeros(256, np.float32), impl=impl), np.zeros(9, np.float32))
 
@@ -207,11 +228,8 @@ def test_reference_always_available_and_auto_is_best():
 
 
 def test_best_impl_follows_cpu_flags():
-    flags = set()
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        flags = set(next(line for line in text.splitlines() if line.startswith("flags")).split())
-    except (OSError, StopIteration):
+    flags = CPU_FLAGS
+    if not flags:
         pytest.skip("no /proc/cpuinfo flags")
     if {"avx512f", "avx512bw", "avx512vl", "avx2", "fma", "f16c"} <= flags:
         assert K.best_impl() == "avx512"
@@ -295,7 +313,7 @@ def test_pool_threads_and_many_dispatches():
     want = K.matvec(qt, x)
     for _ in range(2000):
         np.testing.assert_array_equal(K.matvec(qt, x), want)
-    assert_within(want, wd @ x, dot_bound(wd, x))
+    assert_within(want, wd @ x, matvec_bound("q4_0", "auto", wd, x))
 
 
 def test_gil_released_concurrent_calls():
@@ -310,7 +328,7 @@ def test_gil_released_concurrent_calls():
     def work(i: int) -> None:
         for _ in range(50):
             y = K.matvec(qt, xs[i])
-            bound = dot_bound(wd, xs[i])
+            bound = matvec_bound("q4_1", "auto", wd, xs[i])
             if not np.all(np.abs(y - wants[i]) <= bound):
                 errors.append(f"thread {i}: wrong result")
                 return
