@@ -45,6 +45,7 @@ typedef struct {
     const float *xscale16; /* per 4 weights: the scale of xq's block (16 lanes per 64 weights) */
     const float *xcorr16;  /* Q4 int8 path: per 4 weights, dx * their sum of xq (x -8 for Q4_0) */
     int q4_int8;           /* Q4_0/Q4_1 on AVX-512 VNNI: xq is in the pair layout (see below) */
+    int vnni;              /* the CPU has AVX-512 VNNI (used by the int8 paths when set) */
     float *scratch;    /* matmul: per-thread tile of rows */
     int64_t scratch_floats, tile_rows;
 } job_t;
@@ -373,32 +374,75 @@ TGT_AVX512 static inline __m512 cvt16_i8(__m128i v) { return _mm512_cvtepi32_ps(
 /* Q1_0 x int8 activations: the sign bits, as a 64-bit mask, negate xq where set (giving -s*xq);
  * maddubs + madd sum groups of 4 bytes into 16 int32 lanes (8 per q8 block of 32); each lane is
  * scaled by its q8 block's dx (xscale16) and the block's d. Returns sum -s*x (negated by caller). */
+#define Q1_BLOCK_BODY(SUM4)                                                                          \
+    const __m512i zero = _mm512_setzero_si512();                                                     \
+    uint64_t bits[2];                                                                                \
+    memcpy(bits, blk->qs, 16);                                                                       \
+    __m512i x0 = _mm512_loadu_si512((const void *)xq), x1 = _mm512_loadu_si512((const void *)(xq + 64)); \
+    __m512i t0 = _mm512_mask_sub_epi8(x0, _cvtu64_mask64(bits[0]), zero, x0);                        \
+    __m512i t1 = _mm512_mask_sub_epi8(x1, _cvtu64_mask64(bits[1]), zero, x1);                        \
+    __m512 p = _mm512_mul_ps(_mm512_cvtepi32_ps(SUM4(t0)), _mm512_loadu_ps(sc));                     \
+    p = _mm512_fmadd_ps(_mm512_cvtepi32_ps(SUM4(t1)), _mm512_loadu_ps(sc + 16), p);                  \
+    return _mm512_fmadd_ps(_mm512_set1_ps(h2f_f16c(blk->d)), p, acc);
+
+#define Q1_DOT_BODY(BLOCK)                                                                           \
+    const block_q1_0 *blk = (const block_q1_0 *)row;                                                 \
+    const int64_t nb = j->k / QK1_0;                                                                 \
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();                                   \
+    int64_t b = 0;                                                                                   \
+    for (; b + 2 <= nb; b += 2) {                                                                    \
+        acc0 = BLOCK(blk + b, j->xq + b * QK1_0, j->xscale16 + b * 32, acc0);                        \
+        acc1 = BLOCK(blk + b + 1, j->xq + (b + 1) * QK1_0, j->xscale16 + (b + 1) * 32, acc1);        \
+    }                                                                                                \
+    if (b < nb) acc0 = BLOCK(blk + b, j->xq + b * QK1_0, j->xscale16 + b * 32, acc0);                \
+    return -_mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+
+/* Q1_0 x int8 activations: the sign bits, as a 64-bit mask, negate xq where set (giving -s*xq);
+ * groups of 4 bytes are summed into 16 int32 lanes (8 per q8 block of 32) by maddubs + madd,
+ * or by one vpdpbusd with VNNI; each lane is scaled by its q8 block's dx (xscale16) and the
+ * block's d. Returns sum -s*x (negated by the caller). */
+#define SUM4_BW(t) _mm512_madd_epi16(_mm512_maddubs_epi16(_mm512_set1_epi8(1), (t)), _mm512_set1_epi16(1))
+#define SUM4_VNNI(t) _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(1), (t))
+
 TGT_AVX512 static inline __m512 q1_block_avx512(const block_q1_0 *blk, const int8_t *xq, const float *sc,
                                                 __m512 acc) {
-    const __m512i ones8 = _mm512_set1_epi8(1), ones16 = _mm512_set1_epi16(1), zero = _mm512_setzero_si512();
-    uint64_t bits[2];
-    memcpy(bits, blk->qs, 16);
-    __m512i x0 = _mm512_loadu_si512((const void *)xq), x1 = _mm512_loadu_si512((const void *)(xq + 64));
-    __m512i t0 = _mm512_mask_sub_epi8(x0, _cvtu64_mask64(bits[0]), zero, x0);
-    __m512i t1 = _mm512_mask_sub_epi8(x1, _cvtu64_mask64(bits[1]), zero, x1);
-    __m512i s0 = _mm512_madd_epi16(_mm512_maddubs_epi16(ones8, t0), ones16);
-    __m512i s1 = _mm512_madd_epi16(_mm512_maddubs_epi16(ones8, t1), ones16);
-    __m512 p = _mm512_mul_ps(_mm512_cvtepi32_ps(s0), _mm512_loadu_ps(sc));
-    p = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), _mm512_loadu_ps(sc + 16), p);
-    return _mm512_fmadd_ps(_mm512_set1_ps(h2f_f16c(blk->d)), p, acc);
+    Q1_BLOCK_BODY(SUM4_BW)
 }
 
-TGT_AVX512 static float dot_q1_avx512(const job_t *j, const uint8_t *row) {
-    const block_q1_0 *blk = (const block_q1_0 *)row;
+TGT_AVX512VNNI static inline __m512 q1_block_vnni(const block_q1_0 *blk, const int8_t *xq, const float *sc,
+                                                  __m512 acc) {
+    Q1_BLOCK_BODY(SUM4_VNNI)
+}
+
+TGT_AVX512 static float dot_q1_avx512(const job_t *j, const uint8_t *row) { Q1_DOT_BODY(q1_block_avx512) }
+
+TGT_AVX512VNNI static float dot_q1_vnni(const job_t *j, const uint8_t *row) { Q1_DOT_BODY(q1_block_vnni) }
+
+/* Two rows of Q1_0 at once (VNNI): x's int8 vectors and scales are loaded once for both. */
+TGT_AVX512VNNI static void dot2_q1_vnni(const job_t *j, const uint8_t *row0, const uint8_t *row1, float *y) {
+    const block_q1_0 *r0 = (const block_q1_0 *)row0, *r1 = (const block_q1_0 *)row1;
     const int64_t nb = j->k / QK1_0;
+    const __m512i zero = _mm512_setzero_si512(), ones = _mm512_set1_epi8(1);
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-    int64_t b = 0;
-    for (; b + 2 <= nb; b += 2) {
-        acc0 = q1_block_avx512(blk + b, j->xq + b * QK1_0, j->xscale16 + b * 32, acc0);
-        acc1 = q1_block_avx512(blk + b + 1, j->xq + (b + 1) * QK1_0, j->xscale16 + (b + 1) * 32, acc1);
+    for (int64_t b = 0; b < nb; b++) {
+        const int8_t *xq = j->xq + b * QK1_0;
+        const float *sc = j->xscale16 + b * 32;
+        __m512i x0 = _mm512_loadu_si512((const void *)xq), x1 = _mm512_loadu_si512((const void *)(xq + 64));
+        __m512 s0 = _mm512_loadu_ps(sc), s1 = _mm512_loadu_ps(sc + 16);
+        uint64_t m0[2], m1[2];
+        memcpy(m0, r0[b].qs, 16);
+        memcpy(m1, r1[b].qs, 16);
+        __m512i a0 = _mm512_dpbusd_epi32(zero, ones, _mm512_mask_sub_epi8(x0, _cvtu64_mask64(m0[0]), zero, x0));
+        __m512i a1 = _mm512_dpbusd_epi32(zero, ones, _mm512_mask_sub_epi8(x1, _cvtu64_mask64(m0[1]), zero, x1));
+        __m512i c0 = _mm512_dpbusd_epi32(zero, ones, _mm512_mask_sub_epi8(x0, _cvtu64_mask64(m1[0]), zero, x0));
+        __m512i c1 = _mm512_dpbusd_epi32(zero, ones, _mm512_mask_sub_epi8(x1, _cvtu64_mask64(m1[1]), zero, x1));
+        __m512 p0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a1), s1, _mm512_mul_ps(_mm512_cvtepi32_ps(a0), s0));
+        __m512 p1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c1), s1, _mm512_mul_ps(_mm512_cvtepi32_ps(c0), s0));
+        acc0 = _mm512_fmadd_ps(_mm512_set1_ps(h2f_f16c(r0[b].d)), p0, acc0);
+        acc1 = _mm512_fmadd_ps(_mm512_set1_ps(h2f_f16c(r1[b].d)), p1, acc1);
     }
-    if (b < nb) acc0 = q1_block_avx512(blk + b, j->xq + b * QK1_0, j->xscale16 + b * 32, acc0);
-    return -_mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+    y[0] = -_mm512_reduce_add_ps(acc0);
+    y[1] = -_mm512_reduce_add_ps(acc1);
 }
 
 TGT_AVX512VNNI static float dot_q4_vnni(const job_t *j, const uint8_t *row, const float *x);
@@ -409,7 +453,7 @@ TGT_AVX512 static float dot_avx512(const job_t *j, const uint8_t *row, const flo
     float extra = 0.0f;
     switch (j->fmt) {
     case FIC_Q1_0:
-        return dot_q1_avx512(j, row);
+        return j->vnni ? dot_q1_vnni(j, row) : dot_q1_avx512(j, row);
     case FIC_Q4_0:
     case FIC_Q4_1:
         if (j->q4_int8) return dot_q4_vnni(j, row, x);
@@ -1078,10 +1122,12 @@ static void matvec_range(void *ctx, int64_t r0, int64_t r1, int tid) {
      * tens of KiB per thread, largely over before the hardware prefetcher has ramped up. */
     const uint8_t *start = j->w + r0 * j->row_bytes;
     for (const uint8_t *p = start; p < end && p < start + PREFETCH_BYTES; p += 64) __builtin_prefetch(p, 0, 0);
-    for (int64_t r = r0; r < r1; r++) {
-        const uint8_t *row = j->w + r * j->row_bytes;
-        j->y[r] = dot_row(j, row, j->x);
-    }
+    int64_t r = r0;
+#if defined(FIC_X86)
+    if (j->fmt == FIC_Q1_0 && j->vnni)
+        for (; r + 2 <= r1; r += 2) dot2_q1_vnni(j, j->w + r * j->row_bytes, j->w + (r + 1) * j->row_bytes, j->y + r);
+#endif
+    for (; r < r1; r++) j->y[r] = dot_row(j, j->w + r * j->row_bytes, j->x);
 }
 
 #if defined(FIC_X86)
@@ -1107,8 +1153,8 @@ static int quantize_x(job_t *j, void **mem) {
         j->xscale16 = (const float *)((uint8_t *)p + j->k);
         *mem = p;
     }
-    if ((j->fmt == FIC_Q4_0 || j->fmt == FIC_Q4_1) && j->impl == FIC_IMPL_AVX512 && cpu_has_avx512vnni() &&
-        j->k >= 64) {
+    j->vnni = j->impl == FIC_IMPL_AVX512 && cpu_has_avx512vnni();
+    if ((j->fmt == FIC_Q4_0 || j->fmt == FIC_Q4_1) && j->vnni && j->k >= 64) {
         size_t n = (size_t)j->k * 3;  /* k int8 + 2 x k/4 floats */
         void *p = aligned_alloc(64, (n + 63) / 64 * 64);
         if (p == NULL) return FIC_ERR_NOMEM;
