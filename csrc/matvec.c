@@ -1124,8 +1124,16 @@ static void matvec_range(void *ctx, int64_t r0, int64_t r1, int tid) {
     for (const uint8_t *p = start; p < end && p < start + PREFETCH_BYTES; p += 64) __builtin_prefetch(p, 0, 0);
     int64_t r = r0;
 #if defined(FIC_X86)
-    if (j->fmt == FIC_Q1_0 && j->vnni)
-        for (; r + 2 <= r1; r += 2) dot2_q1_vnni(j, j->w + r * j->row_bytes, j->w + (r + 1) * j->row_bytes, j->y + r);
+    if (j->fmt == FIC_Q1_0 && j->vnni) {
+        /* Two interleaved row streams defeat the hardware prefetcher (6 GB/s instead of 15
+         * from DRAM): prefetch PREFETCH_BYTES ahead in software. */
+        for (; r + 2 <= r1; r += 2) {
+            const uint8_t *row = j->w + r * j->row_bytes;
+            for (const uint8_t *p = row + PREFETCH_BYTES; p < row + PREFETCH_BYTES + 2 * j->row_bytes && p < end; p += 64)
+                __builtin_prefetch(p, 0, 0);
+            dot2_q1_vnni(j, row, row + j->row_bytes, j->y + r);
+        }
+    }
 #endif
     for (; r < r1; r++) j->y[r] = dot_row(j, j->w + r * j->row_bytes, j->x);
 }
