@@ -1,0 +1,122 @@
+"""Kernel throughput against the machine's memory read bandwidth.
+
+Usage: PYTHONPATH=. python bench/bench_kernels.py [--quick]
+
+Bandwidth: numpy reductions (float32 sum, float32 max, int64 xor) over a 2 GiB huge-page buffer,
+split across 1 or 2 Python threads (numpy releases the GIL inside reductions); the best of the
+three is the figure, since none of them is limited by arithmetic on this machine.
+
+Kernels: every format x implementation, on 4096 x 4096 matrices. matvec cycles over enough copies
+of the matrix to fill >= 512 MiB, so the weights come from DRAM as in decode (one matrix alone
+would sit in L3). matmul runs T = 128 tokens through one matrix; its figure is weight bytes over
+time, so its per-token cost is compared to one matvec in the last column.
+"""
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+
+import numpy as np
+
+from flashinfer_cli import kernels as K
+
+M = K_DIM = 4096
+T = 128
+STREAM_BYTES = 512 << 20
+BW_BYTES = 2 << 30
+
+
+def _threaded(fn, parts: list[np.ndarray]) -> float:
+    """Seconds to run fn over every part, one Python thread per part."""
+    threads = [threading.Thread(target=fn, args=(p,)) for p in parts]
+    start = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return time.perf_counter() - start
+
+
+def memory_bandwidth(n_threads: int, reps: int = 3) -> float:
+    """Best read bandwidth in GB/s of three numpy reductions over a huge-page buffer."""
+    buf = K.aligned_buffer(BW_BYTES, huge=True)
+    buf[:] = 1  # touch every page
+    best = 0.0
+    for view, fn in ((buf.view(np.float32), np.sum), (buf.view(np.float32), np.max),
+                     (buf.view(np.int64), np.bitwise_xor.reduce)):
+        parts = np.array_split(view, n_threads)
+        for _ in range(reps):
+            best = max(best, BW_BYTES / _threaded(fn, parts) / 1e9)
+    return best
+
+
+def stream_copies(qt: K.QTensor) -> list[K.QTensor]:
+    """Copies of qt in one huge-page buffer, together at least STREAM_BYTES."""
+    n = max(2, -(-STREAM_BYTES // qt.nbytes))
+    buf = K.aligned_buffer(n * qt.nbytes, huge=True)
+    copies = []
+    for i in range(n):
+        view = buf[i * qt.nbytes:(i + 1) * qt.nbytes]
+        view[:] = qt.data
+        copies.append(K.QTensor(qt.fmt, qt.shape, view))
+    return copies
+
+
+def time_matvec(copies: list[K.QTensor], x: np.ndarray, impl: str, passes: int) -> float:
+    """Best seconds per matvec over `passes` sweeps of all copies."""
+    y = np.empty(copies[0].shape[0], dtype=np.float32)
+    best = float("inf")
+    for _ in range(passes):
+        start = time.perf_counter()
+        for qt in copies:
+            K.matvec(qt, x, impl=impl, out=y)
+        best = min(best, (time.perf_counter() - start) / len(copies))
+    return best
+
+
+def time_matmul(qt: K.QTensor, xs: np.ndarray, impl: str, reps: int) -> float:
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        K.matmul(qt, xs, impl=impl)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions, skip the reference matmul")
+    ap.add_argument("--formats", default=",".join(K.FORMATS))
+    args = ap.parse_args()
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((M, K_DIM), dtype=np.float32)
+    x = rng.standard_normal(K_DIM, dtype=np.float32)
+    xs = rng.standard_normal((T, K_DIM), dtype=np.float32)
+
+    bw = {n: memory_bandwidth(n) for n in (1, 2)}
+    print(f"memory read bandwidth: 1 thread {bw[1]:.1f} GB/s, 2 threads {bw[2]:.1f} GB/s\n")
+    print("| format | impl | threads | matvec GB/s | % of bandwidth | matvec us | "
+          f"matmul T={T} GB/s | matmul us/token | matvec / (matmul per token) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for fmt in args.formats.split(","):
+        qt = K.quantize(w, fmt)
+        copies = stream_copies(qt)
+        for impl in K.available_impls():
+            fast = impl != "ref"
+            for n_threads in (1, 2):
+                K.set_threads(n_threads)
+                tv = time_matvec(copies if fast else copies[:4], x, impl, passes=5 if fast and not args.quick else 1)
+                if fast or not args.quick:
+                    tm = time_matmul(qt, xs, impl, reps=3 if fast and not args.quick else 1)
+                    mm = f"{qt.nbytes / tm / 1e9:.2f} | {tm / T * 1e6:.1f} | {tv / (tm / T):.1f}x"
+                else:
+                    mm = "- | - | -"
+                gbs = qt.nbytes / tv / 1e9
+                print(f"| {fmt} | {impl} | {n_threads} | {gbs:.1f} | {100 * gbs / bw[n_threads]:.0f}% | "
+                      f"{tv * 1e6:.0f} | {mm} |", flush=True)
+        del copies
+
+
+if __name__ == "__main__":
+    main()

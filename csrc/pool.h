@@ -1,0 +1,19 @@
+/* pool.h - internal: the thread pool's parallel-for, used by the kernels in matvec.c. */
+#ifndef FIC_POOL_H
+#define FIC_POOL_H
+
+#include <stdint.h>
+
+#include "fic.h"
+
+/* Work on items [begin, end); tid in [0, n_threads) identifies the thread (0 = the caller),
+ * so a kernel can index per-thread scratch. */
+typedef void (*fic_range_fn)(void *ctx, int64_t begin, int64_t end, int tid);
+
+/* Runs fn over [0, n) in chunks of `chunk` items (the last may be shorter), spread over the
+ * pool's threads; returns when every chunk is done. pool may be NULL (runs inline). Chunks are
+ * handed out in order from a shared counter, so a slow thread does not hold the others back.
+ * If another thread is already using the pool, this call runs inline on its own thread. */
+void fic_parallel_for(fic_pool *pool, int64_t n, int64_t chunk, fic_range_fn fn, void *ctx);
+
+#endif /* FIC_POOL_H */
