@@ -796,7 +796,7 @@ TGT_AVX512 static void quantize_x_pairs_avx512(const float *x, int64_t k, int q4
 }
 
 /* x -> int8 in blocks of 32 (ggml's q8_0: dx = amax / 127, q = round(x / dx), ties to even here)
- * and the per-lane scale table that q1_block_avx512 reads (8 copies of each block's dx). */
+ * and 8 copies of each block's dx, as dot_q1_avx2 reads them (xscale16[8 * block]). */
 TGT_AVX2 static void quantize_x_avx2(const float *x, int64_t k, int8_t *xq, float *xscale16) {
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     for (int64_t b = 0; b < k / 32; b++) {
@@ -1172,13 +1172,13 @@ int fic_matvec(fic_pool *pool, int impl, int fmt, const uint8_t *w, const float 
     void *xq_mem;
     int st = setup_job(&j, pool, impl, fmt, w, x, y, 1, m, k);
     if (st != FIC_OK) return st;
-    float *xsum = block_sums(&j, &st);
-    if (st != FIC_OK) return st;
-    j.xsum = xsum;
-    if ((st = quantize_x(&j, &xq_mem)) != FIC_OK) {
-        free(xsum);
+    if ((st = quantize_x(&j, &xq_mem)) != FIC_OK) return st;
+    float *xsum = j.q4_int8 ? NULL : block_sums(&j, &st); /* the int8 Q4_1 path has its own sums */
+    if (st != FIC_OK) {
+        free(xq_mem);
         return st;
     }
+    j.xsum = xsum;
     fic_parallel_for(pool, m, row_chunk(pool, m, j.row_bytes), matvec_range, &j);
     free(xq_mem);
     free(xsum);
