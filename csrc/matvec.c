@@ -2,11 +2,14 @@
  * quantized weights, with a scalar reference per format and per-CPU fast paths.
  *
  * The reference (FIC_IMPL_REF) is the spec: dequantize each block to float and multiply-add in
- * float, in order. Fast paths keep weights quantized and use the identities
- *   Q4_0: sum d (q - 8) x          (q - 8 formed in integers)
- *   Q4_1: sum (d q + m) x = d sum q x + m sum x    (sum x per block precomputed once per call)
- *   Q1_0: sum d s x, s = +-1 = 2 d sum_{bit set} x - d sum x   (masked FMAs)
- * Activations stay fp32 everywhere (see bench/RESULTS.md for why no int8 activations).
+ * float, in order. Fast paths keep weights quantized and dequantize in registers:
+ *   matvec   one row per dot product, threads split rows. Float activations, except where
+ *            x is quantized to int8 once per call (see quantize_x): Q1_0 on AVX2/AVX-512,
+ *            Q4_0/Q4_1 on AVX-512 VNNI. Identities used: Q4_1 sum (d q + m) x =
+ *            d sum q x + m sum x; Q1_0 sum d s x with s = +-1 from the sign bits.
+ *   matmul   a tile of rows is dequantized to float once and multiplied by all T rows of x
+ *            (register-blocked FMA kernel), threads split row tiles; exact float math.
+ *   accum    threads split the columns; rows stream past an L1-resident piece of y.
  *
  * Fast paths are compiled with per-function target attributes; this file is built without
  * -mavx2 and runs on any CPU of its architecture, the choice is made at run time. */
@@ -43,9 +46,10 @@ typedef struct {
     const float *xsum; /* per-block sums of x (Q4_1, Q1_0), or NULL */
     const int8_t *xq;  /* x quantized to int8 in blocks of 32 (Q1_0 on AVX-512), or NULL */
     const float *xscale16; /* per 4 weights: the scale of xq's block (16 lanes per 64 weights) */
-    const float *xcorr16;  /* Q4 int8 path: per 4 weights, dx * their sum of xq (x -8 for Q4_0) */
+    const float *xcorr16;  /* Q4 int8 path: per 4 weights, dx * their sum of xq (x -8 for Q4_0);
+                              Q1_0 on AVX-512: -1024 dx per lane */
+    const uint8_t *xu;     /* Q1_0 on AVX-512: xq + 128 as u8 */
     int q4_int8;           /* Q4_0/Q4_1 on AVX-512 VNNI: xq is in the pair layout (see below) */
-    int vnni;              /* the CPU has AVX-512 VNNI (used by the int8 paths when set) */
     float *scratch;    /* matmul: per-thread tile of rows */
     int64_t scratch_floats, tile_rows;
 } job_t;
@@ -374,75 +378,39 @@ TGT_AVX512 static inline __m512 cvt16_i8(__m128i v) { return _mm512_cvtepi32_ps(
 /* Q1_0 x int8 activations: the sign bits, as a 64-bit mask, negate xq where set (giving -s*xq);
  * maddubs + madd sum groups of 4 bytes into 16 int32 lanes (8 per q8 block of 32); each lane is
  * scaled by its q8 block's dx (xscale16) and the block's d. Returns sum -s*x (negated by caller). */
-#define Q1_BLOCK_BODY(SUM4)                                                                          \
-    const __m512i zero = _mm512_setzero_si512();                                                     \
-    uint64_t bits[2];                                                                                \
-    memcpy(bits, blk->qs, 16);                                                                       \
-    __m512i x0 = _mm512_loadu_si512((const void *)xq), x1 = _mm512_loadu_si512((const void *)(xq + 64)); \
-    __m512i t0 = _mm512_mask_sub_epi8(x0, _cvtu64_mask64(bits[0]), zero, x0);                        \
-    __m512i t1 = _mm512_mask_sub_epi8(x1, _cvtu64_mask64(bits[1]), zero, x1);                        \
-    __m512 p = _mm512_mul_ps(_mm512_cvtepi32_ps(SUM4(t0)), _mm512_loadu_ps(sc));                     \
-    p = _mm512_fmadd_ps(_mm512_cvtepi32_ps(SUM4(t1)), _mm512_loadu_ps(sc + 16), p);                  \
+/* Q1_0 x int8 activations without multiplies. x is stored as u8 xu = xq + 128; the sign bits,
+ * as a 64-bit mask, turn it into (-s*xq) + 128 where set (0 - xu wraps to 128 - xq), and psadbw
+ * sums each 8 bytes into a u64 lane (+1024 offset). The two halves' 8 lanes are packed into one
+ * vector of 16 int32 (lane L covers q8 block L / 4), so per block and row there is one int ->
+ * float conversion and two FMAs: p = lane * dx - 1024 dx (xscale16, xcorr16), acc += d * p.
+ * (The maddubs/vpdpbusd version was bound by the FP pipes at 15 GB/s a core.) Returns the
+ * negated dot product. */
+TGT_AVX512 static inline __attribute__((always_inline)) __m512 q1_block_sad(
+        const block_q1_0 *blk, __m512i xu0, __m512i xu1, __m512 sc, __m512 corr, __m512 acc) {
+    const __m512i zero = _mm512_setzero_si512();
+    const __m512i idx = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    uint64_t bits[2];
+    memcpy(bits, blk->qs, 16);
+    __m512i s0 = _mm512_sad_epu8(_mm512_mask_sub_epi8(xu0, _cvtu64_mask64(bits[0]), zero, xu0), zero);
+    __m512i s1 = _mm512_sad_epu8(_mm512_mask_sub_epi8(xu1, _cvtu64_mask64(bits[1]), zero, xu1), zero);
+    __m512 p = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_permutex2var_epi32(s0, idx, s1)), sc, corr);
     return _mm512_fmadd_ps(_mm512_set1_ps(h2f_f16c(blk->d)), p, acc);
-
-#define Q1_DOT_BODY(BLOCK)                                                                           \
-    const block_q1_0 *blk = (const block_q1_0 *)row;                                                 \
-    const int64_t nb = j->k / QK1_0;                                                                 \
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();                                   \
-    int64_t b = 0;                                                                                   \
-    for (; b + 2 <= nb; b += 2) {                                                                    \
-        acc0 = BLOCK(blk + b, j->xq + b * QK1_0, j->xscale16 + b * 32, acc0);                        \
-        acc1 = BLOCK(blk + b + 1, j->xq + (b + 1) * QK1_0, j->xscale16 + (b + 1) * 32, acc1);        \
-    }                                                                                                \
-    if (b < nb) acc0 = BLOCK(blk + b, j->xq + b * QK1_0, j->xscale16 + b * 32, acc0);                \
-    return -_mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-
-/* Q1_0 x int8 activations: the sign bits, as a 64-bit mask, negate xq where set (giving -s*xq);
- * groups of 4 bytes are summed into 16 int32 lanes (8 per q8 block of 32) by maddubs + madd,
- * or by one vpdpbusd with VNNI; each lane is scaled by its q8 block's dx (xscale16) and the
- * block's d. Returns sum -s*x (negated by the caller). */
-#define SUM4_BW(t) _mm512_madd_epi16(_mm512_maddubs_epi16(_mm512_set1_epi8(1), (t)), _mm512_set1_epi16(1))
-#define SUM4_VNNI(t) _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(1), (t))
-
-TGT_AVX512 static inline __m512 q1_block_avx512(const block_q1_0 *blk, const int8_t *xq, const float *sc,
-                                                __m512 acc) {
-    Q1_BLOCK_BODY(SUM4_BW)
 }
 
-TGT_AVX512VNNI static inline __m512 q1_block_vnni(const block_q1_0 *blk, const int8_t *xq, const float *sc,
-                                                  __m512 acc) {
-    Q1_BLOCK_BODY(SUM4_VNNI)
-}
-
-TGT_AVX512 static float dot_q1_avx512(const job_t *j, const uint8_t *row) { Q1_DOT_BODY(q1_block_avx512) }
-
-TGT_AVX512VNNI static float dot_q1_vnni(const job_t *j, const uint8_t *row) { Q1_DOT_BODY(q1_block_vnni) }
-
-/* Two rows of Q1_0 at once (VNNI): x's int8 vectors and scales are loaded once for both. */
-TGT_AVX512VNNI static void dot2_q1_vnni(const job_t *j, const uint8_t *row0, const uint8_t *row1, float *y) {
+/* n_rows (1 or 2) rows of Q1_0 against the prepared x; y[r] = row r . x. */
+TGT_AVX512 static void dot_q1_avx512(const job_t *j, const uint8_t *row0, const uint8_t *row1, int n_rows, float *y) {
     const block_q1_0 *r0 = (const block_q1_0 *)row0, *r1 = (const block_q1_0 *)row1;
     const int64_t nb = j->k / QK1_0;
-    const __m512i zero = _mm512_setzero_si512(), ones = _mm512_set1_epi8(1);
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
-        const int8_t *xq = j->xq + b * QK1_0;
-        const float *sc = j->xscale16 + b * 32;
-        __m512i x0 = _mm512_loadu_si512((const void *)xq), x1 = _mm512_loadu_si512((const void *)(xq + 64));
-        __m512 s0 = _mm512_loadu_ps(sc), s1 = _mm512_loadu_ps(sc + 16);
-        uint64_t m0[2], m1[2];
-        memcpy(m0, r0[b].qs, 16);
-        memcpy(m1, r1[b].qs, 16);
-        __m512i a0 = _mm512_dpbusd_epi32(zero, ones, _mm512_mask_sub_epi8(x0, _cvtu64_mask64(m0[0]), zero, x0));
-        __m512i a1 = _mm512_dpbusd_epi32(zero, ones, _mm512_mask_sub_epi8(x1, _cvtu64_mask64(m0[1]), zero, x1));
-        __m512i c0 = _mm512_dpbusd_epi32(zero, ones, _mm512_mask_sub_epi8(x0, _cvtu64_mask64(m1[0]), zero, x0));
-        __m512i c1 = _mm512_dpbusd_epi32(zero, ones, _mm512_mask_sub_epi8(x1, _cvtu64_mask64(m1[1]), zero, x1));
-        __m512 p0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a1), s1, _mm512_mul_ps(_mm512_cvtepi32_ps(a0), s0));
-        __m512 p1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c1), s1, _mm512_mul_ps(_mm512_cvtepi32_ps(c0), s0));
-        acc0 = _mm512_fmadd_ps(_mm512_set1_ps(h2f_f16c(r0[b].d)), p0, acc0);
-        acc1 = _mm512_fmadd_ps(_mm512_set1_ps(h2f_f16c(r1[b].d)), p1, acc1);
+        __m512i xu0 = _mm512_loadu_si512((const void *)(j->xu + b * QK1_0));
+        __m512i xu1 = _mm512_loadu_si512((const void *)(j->xu + b * QK1_0 + 64));
+        __m512 sc = _mm512_loadu_ps(j->xscale16 + 16 * b), corr = _mm512_loadu_ps(j->xcorr16 + 16 * b);
+        acc0 = q1_block_sad(r0 + b, xu0, xu1, sc, corr, acc0);
+        if (n_rows == 2) acc1 = q1_block_sad(r1 + b, xu0, xu1, sc, corr, acc1);
     }
     y[0] = -_mm512_reduce_add_ps(acc0);
-    y[1] = -_mm512_reduce_add_ps(acc1);
+    if (n_rows == 2) y[1] = -_mm512_reduce_add_ps(acc1);
 }
 
 TGT_AVX512VNNI static float dot_q4_vnni(const job_t *j, const uint8_t *row, const float *x);
@@ -452,8 +420,11 @@ TGT_AVX512 static float dot_avx512(const job_t *j, const uint8_t *row, const flo
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
     float extra = 0.0f;
     switch (j->fmt) {
-    case FIC_Q1_0:
-        return j->vnni ? dot_q1_vnni(j, row) : dot_q1_avx512(j, row);
+    case FIC_Q1_0: {
+        float y;
+        dot_q1_avx512(j, row, row, 1, &y);
+        return y;
+    }
     case FIC_Q4_0:
     case FIC_Q4_1:
         if (j->q4_int8) return dot_q4_vnni(j, row, x);
@@ -825,7 +796,7 @@ TGT_AVX512 static void quantize_x_pairs_avx512(const float *x, int64_t k, int q4
 }
 
 /* x -> int8 in blocks of 32 (ggml's q8_0: dx = amax / 127, q = round(x / dx), ties to even here)
- * and the per-lane scale table that q1_block_avx512 reads (8 copies of each block's dx). */
+ * and 8 copies of each block's dx, as dot_q1_avx2 reads them (xscale16[8 * block]). */
 TGT_AVX2 static void quantize_x_avx2(const float *x, int64_t k, int8_t *xq, float *xscale16) {
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     for (int64_t b = 0; b < k / 32; b++) {
@@ -849,16 +820,22 @@ TGT_AVX2 static void quantize_x_avx2(const float *x, int64_t k, int8_t *xq, floa
     }
 }
 
-TGT_AVX512 static void quantize_x_avx512(const float *x, int64_t k, int8_t *xq, float *xscale16) {
+/* x -> q8 blocks of 32 stored as u8 (xq + 128) for q1_block_sad, with per-lane dx and -1024 dx
+ * (16 lanes per 128 weights, lane L -> q8 block L / 4). */
+TGT_AVX512 static void quantize_x_q1_avx512(const float *x, int64_t k, uint8_t *xu, float *xscale16, float *xcorr16) {
     for (int64_t b = 0; b < k / 32; b++) {
         __m512 v0 = _mm512_loadu_ps(x + 32 * b), v1 = _mm512_loadu_ps(x + 32 * b + 16);
         float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
         float dx = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
         __m512 idv = _mm512_set1_ps(id);
         __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, idv)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, idv));
-        _mm_storeu_si128((__m128i *)(xq + 32 * b), _mm512_cvtsepi32_epi8(q0));
-        _mm_storeu_si128((__m128i *)(xq + 32 * b + 16), _mm512_cvtsepi32_epi8(q1));
-        for (int l = 0; l < 8; l++) xscale16[8 * b + l] = dx;
+        const __m128i bias = _mm_set1_epi8((char)0x80);
+        _mm_storeu_si128((__m128i *)(xu + 32 * b), _mm_xor_si128(_mm512_cvtsepi32_epi8(q0), bias));
+        _mm_storeu_si128((__m128i *)(xu + 32 * b + 16), _mm_xor_si128(_mm512_cvtsepi32_epi8(q1), bias));
+        for (int l = 0; l < 4; l++) {
+            xscale16[4 * b + l] = dx;
+            xcorr16[4 * b + l] = -1024.0f * dx;
+        }
     }
 }
 #endif /* FIC_X86 */
@@ -1124,14 +1101,14 @@ static void matvec_range(void *ctx, int64_t r0, int64_t r1, int tid) {
     for (const uint8_t *p = start; p < end && p < start + PREFETCH_BYTES; p += 64) __builtin_prefetch(p, 0, 0);
     int64_t r = r0;
 #if defined(FIC_X86)
-    if (j->fmt == FIC_Q1_0 && j->vnni) {
+    if (j->fmt == FIC_Q1_0 && j->impl == FIC_IMPL_AVX512) {
         /* Two interleaved row streams defeat the hardware prefetcher (6 GB/s instead of 15
          * from DRAM): prefetch PREFETCH_BYTES ahead in software. */
         for (; r + 2 <= r1; r += 2) {
             const uint8_t *row = j->w + r * j->row_bytes;
             for (const uint8_t *p = row + PREFETCH_BYTES; p < row + PREFETCH_BYTES + 2 * j->row_bytes && p < end; p += 64)
                 __builtin_prefetch(p, 0, 0);
-            dot2_q1_vnni(j, row, row + j->row_bytes, j->y + r);
+            dot_q1_avx512(j, row, row + j->row_bytes, 2, j->y + r);
         }
     }
 #endif
@@ -1145,24 +1122,34 @@ static int cpu_has_avx512vnni(void) {
 }
 #endif
 
-/* Q1_0 on AVX-512 and AVX2 quantizes x to int8 once per call: the float paths were bound by
- * mask moves (AVX-512, ~5 GB/s a core) and bit expansion (AVX2, ~3 GB/s); the int8 ones are
- * about 3x faster (bench/RESULTS.md has the figures and the error). */
+/* matvec quantizes x to int8 (q8 blocks of 32, once per call) where measurement said it pays:
+ * Q1_0 on AVX-512 and AVX2 (the float paths were bound by mask moves, ~5 GB/s a core, and by
+ * bit expansion, ~3 GB/s; int8 is 3x and 1.6x faster) and Q4_0/Q4_1 on AVX-512 with VNNI
+ * (the float path ran at 16 GB/s a core, under half the 2-thread bandwidth; VNNI doubles it).
+ * The added error is bounded and measured in tests/test_kernels.py and bench/RESULTS.md. */
 static int quantize_x(job_t *j, void **mem) {
     *mem = NULL;
+    (void)j; /* no int8 path on this architecture */
 #if defined(FIC_X86)
     if (j->fmt == FIC_Q1_0 && (j->impl == FIC_IMPL_AVX512 || j->impl == FIC_IMPL_AVX2)) {
         size_t n = (size_t)j->k + (size_t)j->k;  /* k int8 + k/4 floats */
         void *p = aligned_alloc(64, (n + 63) / 64 * 64);
         if (p == NULL) return FIC_ERR_NOMEM;
-        if (j->impl == FIC_IMPL_AVX512) quantize_x_avx512(j->x, j->k, (int8_t *)p, (float *)((uint8_t *)p + j->k));
-        else quantize_x_avx2(j->x, j->k, (int8_t *)p, (float *)((uint8_t *)p + j->k));
-        j->xq = (const int8_t *)p;
-        j->xscale16 = (const float *)((uint8_t *)p + j->k);
+        if (j->impl == FIC_IMPL_AVX512) {
+            float *sc = (float *)((uint8_t *)p + j->k), *corr = sc + j->k / 8;
+            quantize_x_q1_avx512(j->x, j->k, (uint8_t *)p, sc, corr);
+            j->xu = (const uint8_t *)p;
+            j->xscale16 = sc;
+            j->xcorr16 = corr;
+        } else {
+            quantize_x_avx2(j->x, j->k, (int8_t *)p, (float *)((uint8_t *)p + j->k));
+            j->xq = (const int8_t *)p;
+            j->xscale16 = (const float *)((uint8_t *)p + j->k);
+        }
         *mem = p;
     }
-    j->vnni = j->impl == FIC_IMPL_AVX512 && cpu_has_avx512vnni();
-    if ((j->fmt == FIC_Q4_0 || j->fmt == FIC_Q4_1) && j->vnni && j->k >= 64) {
+    if ((j->fmt == FIC_Q4_0 || j->fmt == FIC_Q4_1) && j->impl == FIC_IMPL_AVX512 && j->k >= 64 &&
+        cpu_has_avx512vnni()) {
         size_t n = (size_t)j->k * 3;  /* k int8 + 2 x k/4 floats */
         void *p = aligned_alloc(64, (n + 63) / 64 * 64);
         if (p == NULL) return FIC_ERR_NOMEM;
@@ -1185,13 +1172,13 @@ int fic_matvec(fic_pool *pool, int impl, int fmt, const uint8_t *w, const float 
     void *xq_mem;
     int st = setup_job(&j, pool, impl, fmt, w, x, y, 1, m, k);
     if (st != FIC_OK) return st;
-    float *xsum = block_sums(&j, &st);
-    if (st != FIC_OK) return st;
-    j.xsum = xsum;
-    if ((st = quantize_x(&j, &xq_mem)) != FIC_OK) {
-        free(xsum);
+    if ((st = quantize_x(&j, &xq_mem)) != FIC_OK) return st;
+    float *xsum = j.q4_int8 ? NULL : block_sums(&j, &st); /* the int8 Q4_1 path has its own sums */
+    if (st != FIC_OK) {
+        free(xq_mem);
         return st;
     }
+    j.xsum = xsum;
     fic_parallel_for(pool, m, row_chunk(pool, m, j.row_bytes), matvec_range, &j);
     free(xq_mem);
     free(xsum);

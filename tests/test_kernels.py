@@ -393,7 +393,7 @@ def test_aligned_buffer_zeroed_and_aligned(huge):
 @pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None, reason="no aarch64 cross compiler")
 @pytest.mark.parametrize("src", ["matvec.c", "pool.c"])
 def test_aarch64_cross_compile(src, tmp_path):
-    cmd = ["aarch64-linux-gnu-gcc", "-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter",
+    cmd = ["aarch64-linux-gnu-gcc", "-O2", "-std=gnu11", "-Wall", "-Wextra",
            "-Werror", "-march=armv8-a+crc", "-pthread", "-I", str(REPO / "csrc"), "-c",
            str(REPO / "csrc" / src), "-o", str(tmp_path / (src + ".o"))]
     res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"})
