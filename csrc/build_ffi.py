@@ -12,7 +12,7 @@ import re
 from cffi import FFI
 
 CSRC_DIR = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["quant.c", "matvec.c", "pool.c", "stream.c"]
+SOURCES = ["quant.c", "matvec.c", "pool.c", "stream.c", "ffn.c"]
 
 
 def _cdef_from_header(path: str) -> str:

@@ -89,6 +89,27 @@ int fic_matmul(fic_pool *pool, int impl, int fmt, const uint8_t *w, const float 
 int fic_accum_rows(fic_pool *pool, int impl, int fmt, const uint8_t *w, const float *a, float *y,
                    int64_t n_rows, int64_t k);
 
+/* ---- expert FFN (ffn.c) ---- */
+typedef struct fic_expert_layout {
+    int64_t d_model;
+    int32_t gate_fmt;
+    int32_t up_fmt;
+    int32_t down_fmt;
+    int32_t down_rows; /* 0: the down part is (d_model, n), a column slice of ffn_down;
+                          1: it is (n, d_model), rows of ffn_down transposed */
+} fic_expert_layout;
+
+/* One layer's SwiGLU FFN over a set of experts, for t tokens:
+ *   y[i][:] += sum_e coef[i][e] * down_e (silu(gate_e x[i]) * (up_e x[i]))
+ * bundles[e] points at expert e's bundle: its gate rows (n x d_model), up rows (n x d_model) and
+ * down part back to back, as fmt.py writes them; n_neurons[e] is its n. coef is t x n_experts
+ * (an MoE router's weights; 0 skips the expert for that token) or NULL for all ones.
+ * scratch holds at least t * sum(n_neurons) floats. */
+int fic_experts_ffn(fic_pool *pool, int impl, const fic_expert_layout *layout,
+                    const uint8_t *const *bundles, const int32_t *n_neurons, int64_t n_experts,
+                    const float *coef, const float *x, float *y, int64_t t,
+                    float *scratch, int64_t scratch_floats);
+
 /* ---- memory (pool.c) ---- */
 /* n_bytes zeroed, 4 KiB aligned; with huge != 0, 2 MiB aligned and madvise(MADV_HUGEPAGE).
  * NULL on failure. Free with fic_free. */
