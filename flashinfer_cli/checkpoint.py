@@ -245,7 +245,7 @@ def _hf_weight_files(path: Path) -> list[Path]:
 
 def _open_hf(path: Path) -> Checkpoint:
     config_path = path / "config.json"
-    raw_cfg = _read_json(config_path)
+    config = hf_arch_config(_read_json(config_path), config_path)  # refuse an architecture before reading weights
     files = _hf_weight_files(path)
     tensors: dict[str, SourceTensor] = {}
     for f in files:
@@ -260,7 +260,6 @@ def _open_hf(path: Path) -> Checkpoint:
                 raise CheckpointError(f"{f}: tensor {name!r} has dtype {info.get('dtype')}, fic reads F32, F16, BF16")
             tensors[canon] = SourceTensor(canon, tuple(info["shape"]), info["dtype"].lower(), False,
                                           _safetensors_loader(f, base, name, info))
-    config = hf_arch_config(raw_cfg, config_path)
     if "output" not in tensors and not config.tie_embeddings:  # no lm_head: the embeddings are tied
         config = _replace(config, tie_embeddings=True)
     if config.tie_embeddings:
@@ -347,10 +346,12 @@ def llama3_factors(scaling: dict[str, Any], head_dim: int, theta: float) -> np.n
     return np.array(out, dtype=np.float32)
 
 
-def _llama3_from_factors(factors: np.ndarray, head_dim: int, theta: float, old: int) -> dict[str, Any] | None:
-    """Recover HF's llama3 rope_scaling dict from llama.cpp's rope_freqs tensor, given the original
-    context length: the smooth band is linear in 1/wavelength, so two of its points fix low/high.
-    Returns None when no dict reproduces the factors."""
+def _llama3_from_factors(factors: np.ndarray, head_dim: int, theta: float, old: int | None) -> dict[str, Any] | None:
+    """Recover HF's llama3 rope_scaling dict from llama.cpp's rope_freqs tensor. In the smooth band,
+    smooth = (1/wavelen - low/old) / ((high - low)/old) is linear in 1/wavelen, so a line through the band
+    fixes low/old and high/old: the factors depend on nothing else. With `old` (the original context,
+    from metadata) that gives low and high; without it, low_freq_factor = 1 (Llama 3's) fixes old.
+    Every candidate is checked by recomputing the factors; None when none reproduces them."""
     factors = factors.astype(np.float64)
     factor = float(factors.max())
     if factor <= 1.0:
@@ -358,17 +359,20 @@ def _llama3_from_factors(factors: np.ndarray, head_dim: int, theta: float, old: 
     freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     inv_wave = freqs / (2 * math.pi)
     band = (factors > 1.0 + 1e-6) & (factors < factor * (1 - 1e-6))
-    candidates: list[tuple[float, float]] = []
+    candidates: list[tuple[float, float, float]] = []
     if band.sum() >= 2:
-        s = (1 / factors[band] - 1 / factor) / (1 - 1 / factor)  # smooth = (old/wavelen - low) / (high - low)
-        x = old * inv_wave[band]
-        slope, icpt = np.polyfit(x, s, 1)
-        span = 1 / slope
-        candidates.append((round(-icpt * span, 4), round(-icpt * span + span, 4)))
-    candidates.append((1.0, 4.0))  # Llama 3.1's values, when the band holds fewer than two points
-    for low, high in candidates:
-        d = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
-             "original_max_position_embeddings": old}
+        smooth = (1 / factors[band] - 1 / factor) / (1 - 1 / factor)
+        slope, icpt = np.polyfit(inv_wave[band], smooth, 1)
+        if old:
+            span = old / slope
+            candidates.append((old, -icpt * span, -icpt * span + span))
+        if icpt < 0:
+            span = -1 / icpt
+            candidates.append((slope * span, 1.0, 1.0 + span))
+    candidates.append((old or 8192, 1.0, 4.0))  # Llama 3.1's values, when the band says too little
+    for ctx, low, high in candidates:
+        d = {"rope_type": "llama3", "factor": factor, "low_freq_factor": round(float(low), 4),
+             "high_freq_factor": round(float(high), 4), "original_max_position_embeddings": int(round(ctx))}
         if np.allclose(llama3_factors(d, head_dim, theta), factors, rtol=1e-5, atol=0):
             return d
     return None
@@ -382,11 +386,10 @@ def _gguf_rope_scaling(reader: Any, arch: str, head_dim: int, theta: float, wher
     if t is None:
         return None
     factors = np.asarray(t.data, dtype=np.float32).reshape(-1)
-    olds = [_field(reader, f"{arch}.rope.scaling.original_context_length")] + [8192]
-    for old in [o for o in olds if o]:
-        d = _llama3_from_factors(factors, head_dim, theta, int(old))
-        if d is not None:
-            return d
+    old = _field(reader, f"{arch}.rope.scaling.original_context_length")
+    d = _llama3_from_factors(factors, head_dim, theta, int(old) if old else None)
+    if d is not None:
+        return d
     raise CheckpointError(f"{where}: rope_freqs tensor does not match llama3 rope scaling; fic cannot run it")
 
 
