@@ -64,11 +64,12 @@ def write_tokenizer_files(path: Path) -> None:
         "chat_template": "{% for m in messages %}{{ m['content'] }}<|im_end|>{% endfor %}"}))
 
 
-def tiny_model(arch: str, *, tied: bool = False, rope_scaling: dict | None = None, seed: int = 0):
+def tiny_model(arch: str, *, tied: bool = False, rope_scaling: dict | None = None, seed: int = 0, **sizes):
     torch.manual_seed(seed)
     common = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   tie_word_embeddings=tied, rms_norm_eps=1e-5)
+    common.update(sizes)
     if arch == "llama":
         cfg = transformers.LlamaConfig(**common, rope_scaling=dict(rope_scaling) if rope_scaling else None)  # it adds keys
         model = transformers.LlamaForCausalLM(cfg)
@@ -272,6 +273,21 @@ GGUF_TYPES = {"token_embd": T.Q8_0, "output": T.Q4_0, "attn_q": T.Q4_0, "attn_k"
               "attn_output": T.F32, "ffn_gate": T.Q4_1, "ffn_up": T.Q5_0, "ffn_down": T.Q4_1}
 
 
+# K-quant blocks: (bytes per 256 weights, byte offsets of the f16 scales in a block)
+K_BLOCKS = {T.Q4_K: (144, (0, 2)), T.Q6_K: (210, (208,))}
+
+
+def random_k_blocks(shape: tuple[int, int], qtype, rng) -> np.ndarray:
+    """Random K-quant rows whose f16 super-block scales are finite and small."""
+    size, f16_offsets = K_BLOCKS[qtype]
+    rows, cols = shape
+    blocks = rng.integers(0, 256, (rows, cols // 256, size), dtype=np.uint8)
+    for off in f16_offsets:
+        scale = rng.uniform(1e-3, 4e-3, (rows, cols // 256)).astype(np.float16)
+        blocks[..., off:off + 2] = scale.view(np.uint8).reshape(rows, cols // 256, 2)
+    return blocks.reshape(rows, -1)
+
+
 def write_gguf(path: Path, model, *, types=GGUF_TYPES, arch: str = "llama") -> dict[str, np.ndarray]:
     """A GGUF file as llama.cpp's converter writes one (names, permuted Q/K, rope_freqs, metadata)."""
     cfg = model.config
@@ -310,6 +326,10 @@ def write_gguf(path: Path, model, *, types=GGUF_TYPES, arch: str = "llama") -> d
             w.add_tensor(gname, value.astype(np.float16))
         elif qtype == T.F32:
             w.add_tensor(gname, value)
+        elif qtype in K_BLOCKS:  # the gguf package cannot quantize K types: random valid blocks instead
+            blocks = random_k_blocks(value.shape, qtype, np.random.default_rng(len(state) + len(name)))
+            state[name] = gguf.quants.dequantize(blocks, qtype)
+            w.add_tensor(gname, blocks, raw_dtype=qtype)
         else:
             w.add_tensor(gname, gguf.quants.quantize(value, qtype), raw_dtype=qtype)
     w.write_header_to_file()
@@ -381,6 +401,23 @@ def test_gguf_round_trip(tmp_path):
     got_up = np.concatenate([dense[f"blk.{i}.ffn_up"] for i in range(2)])
     expect = np.sqrt(((got_up.astype(np.float64) - src_up) ** 2).sum() / (src_up.astype(np.float64) ** 2).sum())
     assert measured == pytest.approx(expect, rel=1e-3) and 0 < measured < 0.01
+
+
+def test_gguf_k_quants_requantized(tmp_path):
+    """Q4_K and Q6_K tensors (what llama.cpp's Q4_K_M files hold) are dequantized with the gguf package
+    and requantized: within q8_0's bound of the gguf package's dequantized values, with a measured note."""
+    model = tiny_model("qwen2", hidden_size=256, intermediate_size=512, num_attention_heads=4, seed=6)
+    types = {"ffn_gate": T.Q4_K, "ffn_up": T.Q4_K, "ffn_down": T.Q6_K, "token_embd": T.Q6_K, "attn_v": T.Q8_0}
+    ref = write_gguf(tmp_path / "k.gguf", model, arch="qwen2", types=types)
+    out = convert(tmp_path / "k.gguf", tmp_path / "m", name="k", progress=False)
+    manifest, dense, _ = read_model(out)
+    for name in ("token_embd", "blk.0.ffn_gate", "blk.1.ffn_up", "blk.1.ffn_down"):
+        assert (np.abs(dense[name] - ref[name]) <= block_bound(ref[name], "q8_0")).all(), name
+    np.testing.assert_array_equal(dense["blk.0.attn_q"], ref["blk.0.attn_q"])  # F32 kept
+    assert manifest["tensors"]["token_embd"]["fmt"] == "q8_0"
+    assert manifest["tensors"]["blk.0.attn_v"]["fmt"] == "q8_0"
+    (note,) = manifest["notes"]
+    assert note.startswith("7 tensors (4 Q4_K, 3 Q6_K)"), note
 
 
 def test_gguf_qwen2_not_permuted(tmp_path):
