@@ -91,9 +91,14 @@ class _Moved:
     ref_sq: float = 0.0
     worst: tuple[float, str] = (0.0, "")
 
-    def add(self, name: str, src_type: str, ref: np.ndarray, new: np.ndarray) -> None:
-        e = float(np.sum((new.astype(np.float64) - ref) ** 2))
-        r = float(np.sum(ref.astype(np.float64) ** 2))
+    def add(self, name: str, src_type: str, ref: np.ndarray, new: QTensor | np.ndarray, chunk: int = 4096) -> None:
+        e = r = 0.0
+        for start in range(0, ref.shape[0], chunk):  # by rows: a whole dequantized copy can be a GB
+            stop = min(start + chunk, ref.shape[0])
+            got = as_float(new.rows(start, stop) if isinstance(new, QTensor) else new[start:stop])
+            want = ref[start:stop].astype(np.float64)
+            e += float(np.sum((got - want) ** 2))
+            r += float(np.sum(want ** 2))
         self.types[src_type] += 1
         self.err_sq += e
         self.ref_sq += r
@@ -166,7 +171,7 @@ class _Converter:
         else:
             out = to_qtensor(value, target)
         if measure:
-            (self.foreign if st.requantized else self.joined).add(st.name, st.src_type, ref, as_float(out))
+            (self.foreign if st.requantized else self.joined).add(st.name, st.src_type, ref, out)
         return out
 
     def dense(self, st: SourceTensor) -> None:
