@@ -1,0 +1,510 @@
+"""Read a checkpoint (a Hugging Face layout directory or a GGUF file) as an ArchConfig and a stream of
+canonical tensors (config.py's names and conventions).
+
+Tensors are loaded one at a time, on demand, so that converting a model never holds two copies of it.
+A loaded tensor is either a float32 array (every float source, and GGUF types fic has no kernel for,
+dequantized with the gguf package) or, for the GGUF block formats fic shares with ggml, a QTensor of
+the file's own bytes: those are kept exactly.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from flashinfer_cli.config import ArchConfig
+from flashinfer_cli.kernels import QTensor
+
+
+class CheckpointError(Exception):
+    """A checkpoint fic cannot read; the message is one line that names the file or the reason."""
+
+
+# GGUF types stored as they are: ggml's block layouts are fic's.
+KEPT_GGUF_TYPES = {"F32": "f32", "F16": "f16", "Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1", "Q1_0": "q1_0"}
+
+
+@dataclass
+class SourceTensor:
+    """One canonical tensor of a checkpoint, not yet loaded."""
+
+    name: str                    # canonical name (config.py), e.g. "blk.3.ffn_up"
+    shape: tuple[int, ...]       # (rows, cols) for matrices, (n,) for vectors
+    src_type: str                # the source's type name: "f32", "bf16", "Q4_K", ...
+    kept: bool                   # True: stored as the source holds it (a GGUF type fic shares)
+    load: Callable[[], np.ndarray | QTensor]  # float32 array, float16 array (a kept F16) or QTensor
+
+    @property
+    def requantized(self) -> bool:
+        """A quantized source type fic has no kernel for: dequantized here, requantized by the converter."""
+        return not self.kept and self.src_type.upper() not in ("F32", "F16", "BF16", "F64")
+
+
+@dataclass
+class Checkpoint:
+    kind: str                    # "hf" or "gguf"
+    path: Path
+    config: ArchConfig
+    files: list[Path]            # what the checkpoint was read from (hashed for provenance)
+    tensors: dict[str, SourceTensor]
+    gguf_reader: Any = None      # the gguf.GGUFReader, for a GGUF source (its tokenizer lives there)
+    notes: list[str] | None = None
+
+    def __iter__(self) -> Iterator[SourceTensor]:
+        return iter(self.tensors.values())
+
+
+def open_checkpoint(path: Path) -> Checkpoint:
+    """A Hugging Face layout directory or a .gguf file."""
+    path = Path(path)
+    if path.is_dir():
+        return _open_hf(path)
+    if path.is_file():
+        return _open_gguf(path)
+    raise CheckpointError(f"{path}: no such file or directory")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---- Hugging Face layout -------------------------------------------------------------------
+
+_HF_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama",
+             "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+
+_HF_LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm",
+    "self_attn.q_proj.weight": "attn_q", "self_attn.k_proj.weight": "attn_k",
+    "self_attn.v_proj.weight": "attn_v", "self_attn.o_proj.weight": "attn_output",
+    "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.q_norm.weight": "attn_q_norm", "self_attn.k_norm.weight": "attn_k_norm",
+    "post_attention_layernorm.weight": "ffn_norm",
+    "mlp.gate_proj.weight": "ffn_gate", "mlp.up_proj.weight": "ffn_up", "mlp.down_proj.weight": "ffn_down",
+}
+_HF_GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd", "model.norm.weight": "output_norm",
+                    "lm_head.weight": "output"}
+_HF_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+def hf_canonical_name(name: str) -> str | None:
+    if name in _HF_GLOBAL_NAMES:
+        return _HF_GLOBAL_NAMES[name]
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+    if m and m.group(2) in _HF_LAYER_NAMES:
+        return f"blk.{int(m.group(1))}.{_HF_LAYER_NAMES[m.group(2)]}"
+    return None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    return raw
+
+
+def _hf_rope(cfg: dict[str, Any], where: Path) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, llama3 rope_scaling dict or None) from either transformers 4's rope_theta and
+    rope_scaling or transformers 5's rope_parameters."""
+    params = dict(cfg.get("rope_parameters") or {})
+    scaling = dict(cfg.get("rope_scaling") or {})
+    theta = cfg.get("rope_theta", params.pop("rope_theta", 10000.0))
+    scaling = scaling or params
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind in ("default", None):
+        return float(theta), None
+    if kind != "llama3":
+        raise CheckpointError(f"{where}: rope scaling type {kind!r} is not supported (fic runs llama3 rope scaling)")
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    missing = [k for k in keys if k not in scaling]
+    if missing:
+        raise CheckpointError(f"{where}: llama3 rope scaling lacks {', '.join(missing)}")
+    return float(theta), {"rope_type": "llama3", **{k: scaling[k] for k in keys}}
+
+
+def hf_arch_config(cfg: dict[str, Any], where: Path) -> ArchConfig:
+    archs = cfg.get("architectures") or [cfg.get("model_type", "unknown")]
+    hf_arch = archs[0]
+    if hf_arch not in _HF_ARCHS:
+        raise CheckpointError(f"unsupported architecture {hf_arch!r} (fic converts {', '.join(_HF_ARCHS)})")
+    arch = _HF_ARCHS[hf_arch]
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{where}: activation {cfg['hidden_act']!r} is not supported (fic runs SwiGLU with silu)")
+    if cfg.get("mlp_bias"):
+        raise CheckpointError(f"{where}: MLP biases are not supported")
+    max_ctx = int(cfg.get("max_position_embeddings", 2048))
+    window = cfg.get("sliding_window")
+    uses_window = cfg.get("use_sliding_window", hf_arch == "MistralForCausalLM")
+    if uses_window and window is not None and window < max_ctx:
+        raise CheckpointError(f"{where}: sliding-window attention ({window} of {max_ctx} positions) is not supported")
+    if arch == "llama" and cfg.get("attention_bias"):
+        raise CheckpointError(f"{where}: Llama attention biases are not supported")
+    d_model, n_heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+    theta, scaling = _hf_rope(cfg, where)
+    try:
+        return ArchConfig(
+            arch=arch, n_layers=int(cfg["num_hidden_layers"]), d_model=d_model, n_heads=n_heads,
+            n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads),
+            head_dim=int(cfg.get("head_dim") or d_model // n_heads), d_ff=int(cfg["intermediate_size"]),
+            vocab_size=int(cfg["vocab_size"]), norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta, max_ctx=max_ctx, tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attn_bias=arch == "qwen2" or (arch == "qwen3" and bool(cfg.get("attention_bias"))),
+            qk_norm=arch == "qwen3", rope_scaling=scaling, extra={"hf_architecture": hf_arch},
+        )
+    except KeyError as exc:
+        raise CheckpointError(f"{where}: missing {exc.args[0]!r}") from None
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
+
+
+_ST_DTYPES = {"F32": (np.float32, 4), "F16": (np.float16, 2), "BF16": (np.uint16, 2)}
+
+
+def _safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """(header, offset of the data section). Parsed by hand: numpy has no bfloat16."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: truncated safetensors file")
+            (n,) = struct.unpack("<Q", head)
+            if 8 + n > size:
+                raise CheckpointError(f"{path}: truncated safetensors file (header of {n} bytes in {size})")
+            header = json.loads(f.read(n))
+    except OSError as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc.strerror})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{path}: not a safetensors file (bad header)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (bad header)")
+    header.pop("__metadata__", None)
+    data_bytes = size - 8 - n
+    for name, info in header.items():
+        begin, end = info.get("data_offsets", (0, -1))
+        if not 0 <= begin <= end <= data_bytes:
+            raise CheckpointError(f"{path}: tensor {name!r} lies outside the file (truncated?)")
+    return header, 8 + n
+
+
+def _safetensors_loader(path: Path, base: int, name: str, info: dict[str, Any]) -> Callable[[], np.ndarray]:
+    dtype, width = _ST_DTYPES[info["dtype"]]
+    shape = tuple(info["shape"])
+    begin, end = info["data_offsets"]
+
+    def load() -> np.ndarray:
+        try:
+            with open(path, "rb") as f:
+                f.seek(base + begin)
+                raw = f.read(end - begin)
+        except OSError as exc:
+            raise CheckpointError(f"{path}: unreadable ({exc.strerror})") from None
+        if len(raw) != end - begin:
+            raise CheckpointError(f"{path}: tensor {name!r} is truncated")
+        arr = np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
+        if info["dtype"] == "BF16":  # bfloat16 is the top half of a float32
+            return (arr.astype(np.uint32) << 16).view(np.float32)
+        return arr.astype(np.float32)
+
+    return load
+
+
+def _hf_weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: no weight_map")
+        files = sorted({path / f for f in weight_map.values()})
+        for f in files:
+            if not f.is_file():
+                raise CheckpointError(f"{f}: missing (listed in {index.name})")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no *.safetensors weights")
+    return files
+
+
+def _open_hf(path: Path) -> Checkpoint:
+    config_path = path / "config.json"
+    config = hf_arch_config(_read_json(config_path), config_path)  # refuse an architecture before reading weights
+    files = _hf_weight_files(path)
+    tensors: dict[str, SourceTensor] = {}
+    for f in files:
+        header, base = _safetensors_header(f)
+        for name, info in header.items():
+            canon = hf_canonical_name(name)
+            if canon is None:
+                if _HF_IGNORED.match(name):
+                    continue
+                raise CheckpointError(f"{f}: unexpected tensor {name!r}")
+            if info.get("dtype") not in _ST_DTYPES:
+                raise CheckpointError(f"{f}: tensor {name!r} has dtype {info.get('dtype')}, fic reads F32, F16, BF16")
+            tensors[canon] = SourceTensor(canon, tuple(info["shape"]), info["dtype"].lower(), False,
+                                          _safetensors_loader(f, base, name, info))
+    if "output" not in tensors and not config.tie_embeddings:  # no lm_head: the embeddings are tied
+        config = _replace(config, tie_embeddings=True)
+    if config.tie_embeddings:
+        tensors.pop("output", None)
+    _check_tensors(config, tensors, path)
+    return Checkpoint("hf", path, config, [config_path, *files], tensors)
+
+
+def _replace(config: ArchConfig, **changes: Any) -> ArchConfig:
+    return ArchConfig(**{**config.to_json(), **changes})
+
+
+def expected_shapes(c: ArchConfig) -> dict[str, tuple[int, ...]]:
+    """Every canonical tensor an ArchConfig implies, with its shape."""
+    q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"token_embd": (c.vocab_size, c.d_model), "output_norm": (c.d_model,)}
+    if not c.tie_embeddings:
+        shapes["output"] = (c.vocab_size, c.d_model)
+    for i in range(c.n_layers):
+        b = f"blk.{i}."
+        shapes.update({b + "attn_norm": (c.d_model,), b + "attn_q": (q, c.d_model), b + "attn_k": (kv, c.d_model),
+                       b + "attn_v": (kv, c.d_model), b + "attn_output": (c.d_model, q), b + "ffn_norm": (c.d_model,),
+                       b + "ffn_gate": (c.d_ff, c.d_model), b + "ffn_up": (c.d_ff, c.d_model),
+                       b + "ffn_down": (c.d_model, c.d_ff)})
+        if c.attn_bias:
+            shapes.update({b + "attn_q.bias": (q,), b + "attn_k.bias": (kv,), b + "attn_v.bias": (kv,)})
+        if c.qk_norm:
+            shapes.update({b + "attn_q_norm": (c.head_dim,), b + "attn_k_norm": (c.head_dim,)})
+    return shapes
+
+
+def _check_tensors(config: ArchConfig, tensors: dict[str, SourceTensor], where: Path) -> None:
+    shapes = expected_shapes(config)
+    missing = [n for n in shapes if n not in tensors]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise CheckpointError(f"{where}: tensor {missing[0]!r} missing{more}")
+    for name, t in tensors.items():
+        if name not in shapes:
+            raise CheckpointError(f"{where}: unexpected tensor {name!r} for this configuration")
+        if tuple(t.shape) != shapes[name]:
+            raise CheckpointError(f"{where}: tensor {name!r} has shape {list(t.shape)}, the config implies {list(shapes[name])}")
+
+
+# ---- GGUF ----------------------------------------------------------------------------------
+
+GGUF_ARCHS = ("llama", "qwen2", "qwen3")
+
+
+def _field(reader: Any, key: str, default: Any = None) -> Any:
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+def _gguf_require(reader: Any, key: str, where: Path) -> Any:
+    value = _field(reader, key)
+    if value is None:
+        raise CheckpointError(f"{where}: GGUF metadata {key!r} missing")
+    if isinstance(value, list):
+        if len(set(value)) != 1:
+            raise CheckpointError(f"{where}: {key} varies across layers, which fic does not support")
+        value = value[0]
+    return value
+
+
+def llama3_factors(scaling: dict[str, Any], head_dim: int, theta: float) -> np.ndarray:
+    """llama.cpp's rope_freqs values for a llama3 rope_scaling dict (convert_hf_to_gguf.py's formula):
+    each rotary frequency is divided by its factor."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old = scaling["original_max_position_embeddings"]
+    freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+def _llama3_from_factors(factors: np.ndarray, head_dim: int, theta: float, old: int | None) -> dict[str, Any] | None:
+    """Recover HF's llama3 rope_scaling dict from llama.cpp's rope_freqs tensor. In the smooth band,
+    smooth = (1/wavelen - low/old) / ((high - low)/old) is linear in 1/wavelen, so a line through the band
+    fixes low/old and high/old: the factors depend on nothing else. With `old` (the original context,
+    from metadata) that gives low and high; without it, low_freq_factor = 1 (Llama 3's) fixes old.
+    Every candidate is checked by recomputing the factors; None when none reproduces them."""
+    factors = factors.astype(np.float64)
+    factor = float(factors.max())
+    if factor <= 1.0:
+        return None
+    freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    inv_wave = freqs / (2 * math.pi)
+    band = (factors > 1.0 + 1e-6) & (factors < factor * (1 - 1e-6))
+    candidates: list[tuple[float, float, float]] = []
+    if band.sum() >= 2:
+        smooth = (1 / factors[band] - 1 / factor) / (1 - 1 / factor)
+        slope, icpt = np.polyfit(inv_wave[band], smooth, 1)
+        if old:
+            span = old / slope
+            candidates.append((old, -icpt * span, -icpt * span + span))
+        if icpt < 0:
+            span = -1 / icpt
+            candidates.append((slope * span, 1.0, 1.0 + span))
+    candidates.append((old or 8192, 1.0, 4.0))  # Llama 3.1's values, when the band says too little
+    for ctx, low, high in candidates:
+        d = {"rope_type": "llama3", "factor": factor, "low_freq_factor": round(float(low), 4),
+             "high_freq_factor": round(float(high), 4), "original_max_position_embeddings": int(round(ctx))}
+        if np.allclose(llama3_factors(d, head_dim, theta), factors, rtol=1e-5, atol=0):
+            return d
+    return None
+
+
+def _gguf_rope_scaling(reader: Any, arch: str, head_dim: int, theta: float, where: Path) -> dict[str, Any] | None:
+    kind = _field(reader, f"{arch}.rope.scaling.type")
+    if kind not in (None, "none"):
+        raise CheckpointError(f"{where}: GGUF rope scaling type {kind!r} is not supported")
+    t = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if t is None:
+        return None
+    factors = np.asarray(t.data, dtype=np.float32).reshape(-1)
+    old = _field(reader, f"{arch}.rope.scaling.original_context_length")
+    d = _llama3_from_factors(factors, head_dim, theta, int(old) if old else None)
+    if d is not None:
+        return d
+    raise CheckpointError(f"{where}: rope_freqs tensor does not match llama3 rope scaling; fic cannot run it")
+
+
+def _gguf_canonical(name: str) -> str:
+    return name[: -len(".weight")] if name.endswith(".weight") else name
+
+
+def _qk_unpermute_index(rows: int, n_head: int) -> np.ndarray:
+    """Row order that undoes llama.cpp's Q/K permutation for arch llama (convert_hf_to_gguf.py:
+    w.reshape(n_head, 2, rows // n_head // 2, ...).swapaxes(1, 2)): hf = gguf[index]."""
+    fwd = np.arange(rows).reshape(n_head, 2, rows // n_head // 2).swapaxes(1, 2).reshape(-1)
+    return np.argsort(fwd)  # gguf row p holds hf row fwd[p]
+
+
+def _gguf_loader(t: Any, qtype: str, shape: tuple[int, ...], rows_index: np.ndarray | None,
+                 where: Path) -> Callable[[], np.ndarray | QTensor]:
+    import gguf
+
+    def load() -> np.ndarray | QTensor:
+        try:
+            data = np.asarray(t.data)
+            rows = shape[0]
+            data = data.reshape(rows, -1) if len(shape) == 2 else data.reshape(1, -1)
+            if rows_index is not None:  # whole rows of blocks move: lossless for quantized data
+                data = data[rows_index] if len(shape) == 2 else data[:, rows_index]
+            data = np.ascontiguousarray(data)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{where}: tensor {t.name!r} unreadable ({exc})") from None
+        if qtype == "F32":
+            return data.astype(np.float32, copy=False).reshape(shape)
+        if qtype == "F16":
+            return data.view(np.float16).reshape(shape) if len(shape) == 2 else data.astype(np.float32).reshape(shape)
+        if qtype in KEPT_GGUF_TYPES and len(shape) == 2:
+            return QTensor(KEPT_GGUF_TYPES[qtype], (shape[0], shape[1]), data.reshape(-1))
+        return _dequantize_rows(data, gguf.GGMLQuantizationType[qtype]).reshape(shape)
+
+    return load
+
+
+def _dequantize_rows(data: np.ndarray, qtype: Any, chunk: int = 2048) -> np.ndarray:
+    """gguf.quants.dequantize a few rows at a time: its temporaries are several times the output."""
+    import gguf
+
+    out = None
+    for start in range(0, data.shape[0], chunk):
+        part = gguf.quants.dequantize(data[start:start + chunk], qtype)
+        if out is None:
+            out = np.empty((data.shape[0], part.shape[-1]), dtype=np.float32)
+        out[start:start + part.shape[0]] = part
+    return out
+
+
+def _open_gguf_reader(path: Path) -> Any:
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as exc:  # the reader raises many kinds on a corrupt file
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable GGUF file ({detail})") from None
+    size = path.stat().st_size
+    for t in reader.tensors:
+        end = int(t.data_offset) + int(t.n_bytes)
+        if end > size:
+            raise CheckpointError(f"{path}: truncated: tensor {t.name!r} ends at byte {end} of {size}")
+    return reader
+
+
+def _open_gguf(path: Path) -> Checkpoint:
+    reader = _open_gguf_reader(path)
+    arch = _field(reader, "general.architecture")
+    if arch not in GGUF_ARCHS:
+        raise CheckpointError(f"unsupported architecture {arch!r} in {path.name} (fic converts {', '.join(GGUF_ARCHS)})")
+    by_name = {t.name: t for t in reader.tensors}
+    d_model = int(_gguf_require(reader, f"{arch}.embedding_length", path))
+    n_heads = int(_gguf_require(reader, f"{arch}.attention.head_count", path))
+    has_kv = _field(reader, f"{arch}.attention.head_count_kv") is not None
+    n_kv = int(_gguf_require(reader, f"{arch}.attention.head_count_kv", path)) if has_kv else n_heads
+    head_dim = int(_field(reader, f"{arch}.attention.key_length") or d_model // n_heads)
+    rope_dim = _field(reader, f"{arch}.rope.dimension_count")
+    if rope_dim is not None and int(rope_dim) != head_dim:
+        raise CheckpointError(f"{path}: partial rotary embedding ({rope_dim} of {head_dim}) is not supported")
+    theta = float(_field(reader, f"{arch}.rope.freq_base") or 10000.0)
+    embd = by_name.get("token_embd.weight")
+    if embd is None:
+        raise CheckpointError(f"{path}: tensor 'token_embd.weight' missing")
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    vocab = int(embd.shape[1]) if len(embd.shape) == 2 else len(tokens or [])
+    try:
+        config = ArchConfig(
+            arch=arch, n_layers=int(_gguf_require(reader, f"{arch}.block_count", path)), d_model=d_model,
+            n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim,
+            d_ff=int(_gguf_require(reader, f"{arch}.feed_forward_length", path)), vocab_size=vocab,
+            norm_eps=float(_gguf_require(reader, f"{arch}.attention.layer_norm_rms_epsilon", path)),
+            rope_theta=theta, max_ctx=int(_field(reader, f"{arch}.context_length") or 2048),
+            tie_embeddings="output.weight" not in by_name,
+            attn_bias="blk.0.attn_q.bias" in by_name, qk_norm="blk.0.attn_q_norm.weight" in by_name,
+            rope_scaling=_gguf_rope_scaling(reader, arch, head_dim, theta, path),
+            extra={"gguf_name": _field(reader, "general.name"), "gguf_file_type": _field(reader, "general.file_type")},
+        )
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    if tokens is not None and len(tokens) != vocab:
+        raise CheckpointError(f"{path}: {len(tokens)} tokens but token_embd has {vocab} rows")
+    tensors = {}
+    for t in reader.tensors:
+        if t.name == "rope_freqs.weight":
+            continue
+        canon = _gguf_canonical(t.name)
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # ggml lists ne0 (row length) first
+        index = None
+        if arch == "llama" and re.fullmatch(r"blk\.\d+\.attn_[qk](\.bias)?", canon):
+            index = _qk_unpermute_index(shape[0], n_heads if ".attn_q" in canon else n_kv)
+        qtype = t.tensor_type.name
+        kept = qtype in KEPT_GGUF_TYPES
+        tensors[canon] = SourceTensor(canon, shape, qtype, kept, _gguf_loader(t, qtype, shape, index, path))
+    _check_tensors(config, tensors, path)
+    return Checkpoint("gguf", path, config, [path], tensors, gguf_reader=reader)

@@ -1,0 +1,606 @@
+"""The converter against independent references: transformers' torch weights for Hugging Face
+checkpoints, the gguf package's quantizer and reader for GGUF files (with llama.cpp's Q/K permutation
+applied here as its converter does), and the real SmolLM2 GGUF."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+gguf = pytest.importorskip("gguf")
+
+from flashinfer_cli import fmt, kernels  # noqa: E402
+from flashinfer_cli.convert import ConvertError, ConvertOptions, convert  # noqa: E402
+
+T = gguf.GGMLQuantizationType
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+HF_TO_CANON = {
+    "model.embed_tokens.weight": "token_embd", "model.norm.weight": "output_norm", "lm_head.weight": "output",
+    "input_layernorm.weight": "attn_norm", "post_attention_layernorm.weight": "ffn_norm",
+    "self_attn.q_proj.weight": "attn_q", "self_attn.k_proj.weight": "attn_k", "self_attn.v_proj.weight": "attn_v",
+    "self_attn.o_proj.weight": "attn_output", "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias", "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.q_norm.weight": "attn_q_norm", "self_attn.k_norm.weight": "attn_k_norm",
+    "mlp.gate_proj.weight": "ffn_gate", "mlp.up_proj.weight": "ffn_up", "mlp.down_proj.weight": "ffn_down",
+}
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+
+
+def canon(hf_name: str) -> str:
+    if hf_name in HF_TO_CANON:
+        return HF_TO_CANON[hf_name]
+    _, _, layer, rest = hf_name.split(".", 3)
+    return f"blk.{layer}.{HF_TO_CANON[rest]}"
+
+
+# ---- tiny checkpoints made with transformers -------------------------------------------------
+
+def write_tokenizer_files(path: Path) -> None:
+    """A tiny byte-level BPE tokenizer.json with two special tokens, and its tokenizer_config.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<|endoftext|>": 0, "<|im_end|>": 1}
+    for ch in sorted(alphabet):
+        vocab[ch] = len(vocab)
+    vocab["Ġt"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("Ġ", "t")]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>", "<|im_end|>"])
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|endoftext|>", "eos_token": "<|im_end|>", "add_bos_token": False,
+        "chat_template": "{% for m in messages %}{{ m['content'] }}<|im_end|>{% endfor %}"}))
+
+
+def tiny_model(arch: str, *, tied: bool = False, rope_scaling: dict | None = None, seed: int = 0, **sizes):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  tie_word_embeddings=tied, rms_norm_eps=1e-5)
+    common.update(sizes)
+    if arch == "llama":
+        cfg = transformers.LlamaConfig(**common, rope_scaling=dict(rope_scaling) if rope_scaling else None)  # it adds keys
+        model = transformers.LlamaForCausalLM(cfg)
+    elif arch == "mistral":
+        cfg = transformers.MistralConfig(**common, sliding_window=None)
+        model = transformers.MistralForCausalLM(cfg)
+    elif arch == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+    elif arch == "qwen3":  # head_dim * heads != hidden_size, as in the Qwen3 family
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common, head_dim=32))
+    else:
+        raise AssertionError(arch)
+    with torch.no_grad():  # random norms, so a norm mix-up cannot pass for ones
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def save_hf(model, path: Path, dtype=torch.float32, **kwargs) -> dict[str, np.ndarray]:
+    """save_pretrained, tokenizer files beside; returns the saved weights as float32 by canonical name."""
+    model = model.to(dtype)
+    model.save_pretrained(path, **kwargs)
+    write_tokenizer_files(path)
+    state = {canon(k): v.float().numpy() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("output", None)
+    return state
+
+
+def read_model(path: Path) -> tuple[dict, dict[str, np.ndarray], dict]:
+    """(manifest, dequantized dense tensors + reassembled ffn_gate/up/down, raw bundles) of a fic model."""
+    with fmt.ModelReader(path) as r:
+        man = r.manifest
+        dense = {}
+        for name, v in r.dense().items():
+            dense[name] = v if name.endswith("neuron_order") else \
+                (kernels.dequantize(v) if isinstance(v, kernels.QTensor) else v.astype(np.float32))
+        bundles = {}
+        for layer, entries in enumerate(man.experts):
+            keys = [(layer, e) for e in range(len(entries))]
+            bufs = [kernels.aligned_buffer(r.bundle_bytes(*k)) for k in keys]
+            bundles[layer] = r.read_bundles(keys, bufs)
+            parts = bundles[layer]
+            gate = np.concatenate([kernels.dequantize(b.gate) for b in parts])
+            up = np.concatenate([kernels.dequantize(b.up) for b in parts])
+            if man.expert_layout.down_layout == "columns":
+                down = np.concatenate([kernels.dequantize(b.down) for b in parts], axis=1)
+            else:
+                down = np.concatenate([kernels.dequantize(b.down) for b in parts]).T
+            dense[f"blk.{layer}.ffn_gate"], dense[f"blk.{layer}.ffn_up"], dense[f"blk.{layer}.ffn_down"] = gate, up, down
+        return json.loads((path / fmt.MANIFEST_FILE).read_text()), dense, bundles
+
+
+def block_bound(w: np.ndarray, fmt_name: str) -> np.ndarray:
+    """Per-weight bound of the quantization error of `fmt_name` (ggml's reference quantizers):
+    the scale is stored as f16 (relative rounding 2^-11), which moves a weight of q steps by q * 2^-11 steps:
+    q8_0: half a step of amax/127, plus 127 * 2^-11 steps for the scale's rounding (0.57 steps);
+    q4_0: one step of amax/8 (the side opposite the extreme clamps at 7), plus 8 * 2^-11;
+    q4_1: half a step of (max-min)/15 plus 15 * 2^-11 steps, plus the f16 rounding of the min;
+    q5_0: one step of amax/16, plus 16 * 2^-11."""
+    blocks = w.reshape(-1, 32).astype(np.float64)
+    amax = np.abs(blocks).max(axis=1, keepdims=True)
+    if fmt_name == "q8_0":
+        b = 0.57 * amax / 127
+    elif fmt_name == "q4_0":
+        b = 1.01 * amax / 8
+    elif fmt_name == "q4_1":
+        b = 0.51 * (blocks.max(1, keepdims=True) - blocks.min(1, keepdims=True)) / 15 + amax * 2 ** -10
+    elif fmt_name == "q5_0":
+        b = 1.01 * amax / 16
+    else:
+        raise AssertionError(fmt_name)
+    return np.broadcast_to(b, blocks.shape).reshape(w.shape) + 1e-7
+
+
+def check_tensors(dense: dict[str, np.ndarray], ref: dict[str, np.ndarray], manifest: dict, quant: str) -> float:
+    """Every reference tensor is in the model, exactly at f32 and within the quantizer's bound
+    otherwise; returns the worst error relative to the bound (<= 1)."""
+    worst = 0.0
+    for name, want in ref.items():
+        got = dense[name]
+        assert got.shape == want.shape, name
+        if want.ndim == 1 or quant == "f32":
+            np.testing.assert_array_equal(got, want, err_msg=name)
+            continue
+        if quant == "f16":
+            np.testing.assert_array_equal(got, want.astype(np.float16).astype(np.float32), err_msg=name)
+            continue
+        ratio = float((np.abs(got - want) / block_bound(want, quant)).max())
+        assert ratio <= 1.0, f"{name}: error {ratio:.3f} of the {quant} bound"
+        worst = max(worst, ratio)
+    assert not set(n for n in dense if not n.endswith("neuron_order")) - set(ref), "extra tensors"
+    return worst
+
+
+CASES = {
+    "llama": dict(arch="llama"),
+    "llama-tied": dict(arch="llama", tied=True),
+    "llama3-rope": dict(arch="llama", rope_scaling=LLAMA3_ROPE),
+    "mistral": dict(arch="mistral"),
+    "qwen2-bias": dict(arch="qwen2"),
+    "qwen3-qknorm": dict(arch="qwen3", tied=True),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_hf_f32_exact(tmp_path, case):
+    model = tiny_model(**CASES[case])
+    ref = save_hf(model, tmp_path / "src")
+    out = convert(tmp_path / "src", tmp_path / "m", name=case, options=ConvertOptions(quant="f32"), progress=False)
+    manifest, dense, _ = read_model(out)
+    check_tensors(dense, ref, manifest, "f32")
+    arch = manifest["arch"]
+    cfg = model.config
+    assert arch["arch"] == {"mistral": "llama"}.get(CASES[case]["arch"], CASES[case]["arch"])
+    assert (arch["n_layers"], arch["d_model"], arch["n_heads"], arch["n_kv_heads"], arch["d_ff"], arch["vocab_size"]) == \
+        (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+         cfg.intermediate_size, cfg.vocab_size)
+    assert arch["head_dim"] == (32 if case.startswith("qwen3") else 16)
+    assert arch["tie_embeddings"] == CASES[case].get("tied", False)
+    assert arch["attn_bias"] == (case == "qwen2-bias") and arch["qk_norm"] == (case == "qwen3-qknorm")
+    assert arch["norm_eps"] == 1e-5
+    assert arch["rope_scaling"] == (LLAMA3_ROPE if case == "llama3-rope" else None)
+    # experts of 64 neurons over d_ff 160: 64, 64, 32 (the last smaller), identity order recorded
+    assert [[e[3] for e in layer] for layer in manifest["experts"]] == [[64, 64, 32]] * 2
+    for layer in range(2):
+        np.testing.assert_array_equal(dense[f"blk.{layer}.ffn_neuron_order"], np.arange(160))
+    assert manifest["tokenizer"]["files"] == ["tokenizer.json"] and (out / "tokenizer.json").is_file()
+    prov = manifest["provenance"]
+    assert prov["kind"] == "hf" and prov["converter"]["quant"] == "f32"
+    weights = tmp_path / "src" / "model.safetensors"
+    assert prov["sha256"]["model.safetensors"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert not manifest["notes"]
+
+
+def test_hf_bf16_sharded_and_rows_layout(tmp_path):
+    """bf16 weights (read as raw bytes), several shards with an index, and the transposed down layout."""
+    ref = save_hf(tiny_model("qwen2"), tmp_path / "src", dtype=torch.bfloat16, max_shard_size="40KB")
+    assert (tmp_path / "src" / "model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "src").glob("*.safetensors"))) > 1
+    opts = ConvertOptions(quant="f32", expert_size=48, down_layout="rows")
+    out = convert(tmp_path / "src", tmp_path / "m", name="q", options=opts, progress=False)
+    manifest, dense, _ = read_model(out)
+    check_tensors(dense, ref, manifest, "f32")
+    assert [e[3] for e in manifest["experts"][0]] == [48, 48, 48, 16]
+    assert manifest["expert_layout"]["down_layout"] == "rows"
+
+
+def test_hf_f16_exact(tmp_path):
+    ref = save_hf(tiny_model("llama"), tmp_path / "src", dtype=torch.float16)
+    out = convert(tmp_path / "src", tmp_path / "m", name="h", options=ConvertOptions(quant="f16"), progress=False)
+    manifest, dense, _ = read_model(out)
+    check_tensors(dense, ref, manifest, "f16")
+    assert manifest["tensors"]["token_embd"]["fmt"] == "f16"
+
+
+@pytest.mark.parametrize("quant", ["q8_0", "q4_0"])
+def test_hf_quantized_error_bounded(tmp_path, quant):
+    """At q8_0 every weight is within 0.57 steps of amax/127 of its block; at q4_0 within one step of
+    amax/8. Norms and biases stay exact (f32)."""
+    ref = save_hf(tiny_model("qwen2"), tmp_path / "src")
+    out = convert(tmp_path / "src", tmp_path / "m", name=quant, options=ConvertOptions(quant=quant), progress=False)
+    manifest, dense, _ = read_model(out)
+    worst = check_tensors(dense, ref, manifest, quant)
+    assert worst > 0.3  # the bound is tight enough to mean something
+    assert manifest["tensors"]["token_embd"]["fmt"] == quant and manifest["tensors"]["output"]["fmt"] == quant
+    assert manifest["tensors"]["blk.0.attn_q.bias"]["fmt"] == "f32"
+    assert manifest["expert_layout"]["gate_fmt"] == manifest["expert_layout"]["down_fmt"] == quant
+
+
+# ---- GGUF -----------------------------------------------------------------------------------
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp convert_hf_to_gguf.py LlamaModel.permute (Q with n_head, K with n_head_kv)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama_cpp_rope_factors(rs: dict, head_dim: int, base: float) -> np.ndarray:
+    """llama.cpp's rope_freqs tensor for a llama3 rope_scaling (generate_extra_tensors)."""
+    import math
+    freqs = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    lo_wl = rs["original_max_position_embeddings"] / rs["low_freq_factor"]
+    hi_wl = rs["original_max_position_embeddings"] / rs["high_freq_factor"]
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < hi_wl:
+            out.append(1)
+        elif wavelen > lo_wl:
+            out.append(rs["factor"])
+        else:
+            smooth = (rs["original_max_position_embeddings"] / wavelen - rs["low_freq_factor"]) / \
+                (rs["high_freq_factor"] - rs["low_freq_factor"])
+            out.append(1 / ((1 - smooth) / rs["factor"] + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+# tensor type per canonical role in the synthetic GGUF: every kept type, and Q5_0 (which fic requantizes)
+GGUF_TYPES = {"token_embd": T.Q8_0, "output": T.Q4_0, "attn_q": T.Q4_0, "attn_k": T.Q8_0, "attn_v": T.F16,
+              "attn_output": T.F32, "ffn_gate": T.Q4_1, "ffn_up": T.Q5_0, "ffn_down": T.Q4_1}
+
+
+# K-quant blocks: (bytes per 256 weights, byte offsets of the f16 scales in a block)
+K_BLOCKS = {T.Q4_K: (144, (0, 2)), T.Q6_K: (210, (208,))}
+
+
+def random_k_blocks(shape: tuple[int, int], qtype, rng) -> np.ndarray:
+    """Random K-quant rows whose f16 super-block scales are finite and small."""
+    size, f16_offsets = K_BLOCKS[qtype]
+    rows, cols = shape
+    blocks = rng.integers(0, 256, (rows, cols // 256, size), dtype=np.uint8)
+    for off in f16_offsets:
+        scale = rng.uniform(1e-3, 4e-3, (rows, cols // 256)).astype(np.float16)
+        blocks[..., off:off + 2] = scale.view(np.uint8).reshape(rows, cols // 256, 2)
+    return blocks.reshape(rows, -1)
+
+
+def write_gguf(path: Path, model, *, types=GGUF_TYPES, arch: str = "llama") -> dict[str, np.ndarray]:
+    """A GGUF file as llama.cpp's converter writes one (names, permuted Q/K, rope_freqs, metadata)."""
+    cfg = model.config
+    state = {canon(k): v.float().numpy() for k, v in model.state_dict().items()}
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    w.add_rope_dimension_count(head_dim)
+    tokens = ["<|endoftext|>", "<|im_end|>"] + [chr(c) for c in range(33, 33 + cfg.vocab_size - 3)] + ["!!"]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3, 3] + [1] * (len(tokens) - 2))
+    w.add_token_merges(["! !"])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+    rs = getattr(cfg, "rope_scaling", None) or {}
+    if rs.get("rope_type") == "llama3":
+        w.add_tensor("rope_freqs.weight", llama_cpp_rope_factors(rs, head_dim, 10000.0))
+    for name, value in state.items():
+        role = name.split(".")[-1] if name.startswith("blk.") else name
+        if arch == "llama" and role == "attn_q":
+            value = llama_cpp_permute(value, cfg.num_attention_heads)
+        elif arch == "llama" and role == "attn_k":
+            value = llama_cpp_permute(value, cfg.num_key_value_heads)
+        qtype = types.get(role, T.F32) if value.ndim == 2 else T.F32
+        gname = name if name.endswith(".bias") else name + ".weight"
+        if qtype == T.F16:
+            w.add_tensor(gname, value.astype(np.float16))
+        elif qtype == T.F32:
+            w.add_tensor(gname, value)
+        elif qtype in K_BLOCKS:  # the gguf package cannot quantize K types: random valid blocks instead
+            blocks = random_k_blocks(value.shape, qtype, np.random.default_rng(len(state) + len(name)))
+            state[name] = gguf.quants.dequantize(blocks, qtype)
+            w.add_tensor(gname, blocks, raw_dtype=qtype)
+        else:
+            w.add_tensor(gname, gguf.quants.quantize(value, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return {k: v for k, v in state.items()}
+
+
+def unpermuted_q_bytes(reader, name: str, n_head: int) -> np.ndarray:
+    """The GGUF's quantized rows of a Q/K tensor put back in Hugging Face order (llama.cpp's forward
+    permutation inverted here with numpy's argsort)."""
+    t = next(t for t in reader.tensors if t.name == name)
+    rows = np.asarray(t.data)
+    fwd = llama_cpp_permute(np.arange(rows.shape[0]), n_head)
+    return rows[np.argsort(fwd)]
+
+
+def test_gguf_round_trip(tmp_path):
+    model = tiny_model("llama", rope_scaling=LLAMA3_ROPE, seed=3)
+    ref = write_gguf(tmp_path / "tiny.gguf", model)
+    out = convert(tmp_path / "tiny.gguf", tmp_path / "m", name="g", progress=False)
+    manifest, dense, bundles = read_model(out)
+    cfg = model.config
+    assert manifest["arch"]["rope_scaling"] == {**LLAMA3_ROPE}
+    assert manifest["arch"]["tie_embeddings"] is False
+    # F32 exact, F16 exact to the f16 value, every kept quantized type within its quantizer's bound
+    for name, want in ref.items():
+        role = name.split(".")[-1] if name.startswith("blk.") else name
+        qtype = GGUF_TYPES.get(role, T.F32) if want.ndim == 2 else T.F32
+        got = dense[name]
+        if qtype == T.F32:
+            np.testing.assert_array_equal(got, want, err_msg=name)
+        elif qtype == T.F16:
+            np.testing.assert_array_equal(got, want.astype(np.float16).astype(np.float32), err_msg=name)
+        elif qtype == T.Q5_0:  # Q5_0 then q8_0: both errors
+            bound = block_bound(want, "q5_0") + block_bound(want, "q8_0") * 1.1
+            assert (np.abs(got - want) <= bound).all(), name
+        else:
+            assert (np.abs(got - want) <= block_bound(want, qtype.name.lower())).all(), name
+    # kept quantized data is byte-identical: Q/K rows unpermuted (rows quantize independently, so
+    # they equal the gguf package quantizing the torch weight directly), FFN slices inside bundles
+    reader = gguf.GGUFReader(str(tmp_path / "tiny.gguf"))
+    raw = {t.name: np.asarray(t.data) for t in reader.tensors}
+    with fmt.ModelReader(out) as r:
+        for layer in range(cfg.num_hidden_layers):
+            q = r.dense_tensor(f"blk.{layer}.attn_q")
+            assert q.fmt == "q4_0"
+            np.testing.assert_array_equal(q.data, unpermuted_q_bytes(reader, f"blk.{layer}.attn_q.weight", 4).reshape(-1))
+            np.testing.assert_array_equal(q.data, gguf.quants.quantize(ref[f"blk.{layer}.attn_q"], T.Q4_0).reshape(-1))
+            k = r.dense_tensor(f"blk.{layer}.attn_k")
+            np.testing.assert_array_equal(k.data, unpermuted_q_bytes(reader, f"blk.{layer}.attn_k.weight", 2).reshape(-1))
+            gate = raw[f"blk.{layer}.ffn_gate.weight"]
+            down = raw[f"blk.{layer}.ffn_down.weight"]  # 64 rows of d_ff=160 Q4_1 weights: 5 blocks of 20 bytes
+            starts = [0, 64, 128]
+            for b, s in zip(bundles[layer], starts):
+                np.testing.assert_array_equal(b.gate.data, gate[s:s + b.n_neurons].reshape(-1))
+                np.testing.assert_array_equal(b.down.data, down[:, s // 32 * 20:(s + b.n_neurons) // 32 * 20].reshape(-1))
+        assert r.dense_tensor("token_embd").fmt == "q8_0"
+        np.testing.assert_array_equal(r.dense_tensor("token_embd").data, raw["token_embd.weight"].reshape(-1))
+    assert manifest["expert_layout"] == {"d_model": 64, "gate_fmt": "q4_1", "up_fmt": "q8_0", "down_fmt": "q4_1",
+                                         "down_layout": "columns"}
+    # the Q5_0 ffn_up tensors were requantized, and the note says so with a measured error
+    assert len(manifest["notes"]) == 1
+    note = manifest["notes"][0]
+    assert note.startswith("2 tensors (2 Q5_0)") and "q8_0" in note and "relative RMS" in note
+    measured = float(note.split("relative RMS change of those weights ")[1].split()[0])
+    src_up = np.concatenate([gguf.quants.dequantize(raw[f"blk.{i}.ffn_up.weight"], T.Q5_0) for i in range(2)])
+    got_up = np.concatenate([dense[f"blk.{i}.ffn_up"] for i in range(2)])
+    expect = np.sqrt(((got_up.astype(np.float64) - src_up) ** 2).sum() / (src_up.astype(np.float64) ** 2).sum())
+    assert measured == pytest.approx(expect, rel=1e-3) and 0 < measured < 0.01
+
+
+def test_gguf_k_quants_requantized(tmp_path):
+    """Q4_K and Q6_K tensors (what llama.cpp's Q4_K_M files hold) are dequantized with the gguf package
+    and requantized: within q8_0's bound of the gguf package's dequantized values, with a measured note."""
+    model = tiny_model("qwen2", hidden_size=256, intermediate_size=512, num_attention_heads=4, seed=6)
+    types = {"ffn_gate": T.Q4_K, "ffn_up": T.Q4_K, "ffn_down": T.Q6_K, "token_embd": T.Q6_K, "attn_v": T.Q8_0}
+    ref = write_gguf(tmp_path / "k.gguf", model, arch="qwen2", types=types)
+    out = convert(tmp_path / "k.gguf", tmp_path / "m", name="k", progress=False)
+    manifest, dense, _ = read_model(out)
+    for name in ("token_embd", "blk.0.ffn_gate", "blk.1.ffn_up", "blk.1.ffn_down"):
+        assert (np.abs(dense[name] - ref[name]) <= block_bound(ref[name], "q8_0")).all(), name
+    np.testing.assert_array_equal(dense["blk.0.attn_q"], ref["blk.0.attn_q"])  # F32 kept
+    assert manifest["tensors"]["token_embd"]["fmt"] == "q8_0"
+    assert manifest["tensors"]["blk.0.attn_v"]["fmt"] == "q8_0"
+    (note,) = manifest["notes"]
+    assert note.startswith("7 tensors (4 Q4_K, 3 Q6_K)"), note
+
+
+def test_gguf_qwen2_not_permuted(tmp_path):
+    """qwen2 GGUFs keep Hugging Face's Q/K row order (llama.cpp permutes only arch llama)."""
+    model = tiny_model("qwen2", seed=4)
+    ref = write_gguf(tmp_path / "q.gguf", model, arch="qwen2", types={"attn_q": T.Q8_0, "attn_k": T.F32})
+    out = convert(tmp_path / "q.gguf", tmp_path / "m", name="q", options=ConvertOptions(quant="f32"), progress=False)
+    manifest, dense, _ = read_model(out)
+    assert manifest["arch"]["arch"] == "qwen2" and manifest["arch"]["attn_bias"]
+    np.testing.assert_array_equal(dense["blk.0.attn_k"], ref["blk.0.attn_k"])
+    np.testing.assert_array_equal(dense["blk.0.attn_q.bias"], ref["blk.0.attn_q.bias"])
+    assert (np.abs(dense["blk.1.attn_q"] - ref["blk.1.attn_q"]) <= block_bound(ref["blk.1.attn_q"], "q8_0")).all()
+
+
+def test_gguf_mixed_ffn_formats_share_one_layout(tmp_path):
+    """Layers whose kept FFN formats differ are brought to options.quant, with a note."""
+    model = tiny_model("llama", seed=5)
+    path = tmp_path / "mixed.gguf"
+    write_gguf(path, model, types={"ffn_gate": T.Q8_0, "ffn_up": T.Q8_0, "ffn_down": T.Q8_0})
+    # rewrite layer 1's ffn_down as Q4_0 to mix formats
+    model2 = tiny_model("llama", seed=5)
+    types = {"ffn_gate": T.Q8_0, "ffn_up": T.Q8_0, "ffn_down": T.Q4_0}
+    write_gguf(tmp_path / "other.gguf", model2, types=types)
+    mixed = _splice(path, tmp_path / "other.gguf", "blk.1.ffn_down.weight", tmp_path / "spliced.gguf")
+    out = convert(mixed, tmp_path / "m", name="x", options=ConvertOptions(quant="q8_0"), progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["expert_layout"]["down_fmt"] == "q8_0"
+    assert any("differ between layers" in n and "1 Q4_0" in n for n in manifest["notes"])
+
+
+def _splice(base: Path, other: Path, name: str, dest: Path) -> Path:
+    """A GGUF with base's tensors except `name`, taken from other."""
+    rb, ro = gguf.GGUFReader(str(base)), gguf.GGUFReader(str(other))
+    w = gguf.GGUFWriter(str(dest), "llama")
+    for key, field in rb.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        value = field.contents()
+        vtype = field.types[0]
+        if vtype == gguf.GGUFValueType.ARRAY:
+            w.add_key_value(key, value, vtype, sub_type=field.types[-1])
+        else:
+            w.add_key_value(key, value, vtype)
+    for t in rb.tensors:
+        src = next(x for x in ro.tensors if x.name == name) if t.name == name else t
+        w.add_tensor(t.name, np.asarray(src.data), raw_dtype=src.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dest
+
+
+# ---- the real SmolLM2 GGUF ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smollm2_gguf() -> Path:
+    """The default model's GGUF: from the FIC_TEST_CACHE directory (where the pull tests cache it),
+    else the development copy; skipped when neither is there."""
+    cache = Path(os.environ.get("FIC_TEST_CACHE", Path.home() / ".cache" / "fic-test"))
+    for p in (cache / SMOLLM2_FILE, Path("/work/dl") / SMOLLM2_FILE):
+        if p.is_file():
+            return p
+    pytest.skip(f"{SMOLLM2_FILE} not cached (set FIC_TEST_CACHE)")
+
+
+def test_smollm2_gguf(tmp_path, smollm2_gguf):
+    out = convert(smollm2_gguf, tmp_path / "smol", name="smollm2-135m", progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    reader = gguf.GGUFReader(str(smollm2_gguf))
+    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
+    arch = manifest["arch"]
+    assert arch["arch"] == meta["general.architecture"] == "llama"
+    assert (arch["n_layers"], arch["d_model"], arch["d_ff"], arch["n_heads"], arch["n_kv_heads"]) == \
+        (meta["llama.block_count"], meta["llama.embedding_length"], meta["llama.feed_forward_length"],
+         meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"]) == (30, 576, 1536, 9, 3)
+    assert arch["head_dim"] == meta["llama.rope.dimension_count"] == 64
+    assert arch["rope_theta"] == meta["llama.rope.freq_base"] == 1e5
+    assert arch["norm_eps"] == pytest.approx(meta["llama.attention.layer_norm_rms_epsilon"])
+    assert arch["max_ctx"] == meta["llama.context_length"]
+    assert arch["vocab_size"] == len(reader.fields["tokenizer.ggml.tokens"].data) == 49152
+    assert arch["tie_embeddings"] and arch["rope_scaling"] is None
+    assert manifest["provenance"]["sha256"] == {SMOLLM2_FILE: SMOLLM2_SHA256}
+    assert manifest["notes"] == []  # nothing requantized: Q8_0, Q4_1 and F32 are all kept
+    assert manifest["expert_layout"]["gate_fmt"] == manifest["expert_layout"]["down_fmt"] == "q4_1"
+    raw = {t.name: np.asarray(t.data) for t in reader.tensors}
+    with fmt.ModelReader(out) as r:
+        assert r.dense_tensor("token_embd").fmt == "q8_0"
+        np.testing.assert_array_equal(r.dense_tensor("token_embd").data, raw["token_embd.weight"].reshape(-1))
+        for layer in (0, 17, 29):
+            entries = r.manifest.experts[layer]
+            assert [e.n_neurons for e in entries] == [64] * 24
+            bundles = r.read_bundles([(layer, e) for e in range(24)],
+                                     [kernels.aligned_buffer(r.bundle_bytes(layer, e)) for e in range(24)])
+            gate, up, down = (raw[f"blk.{layer}.ffn_{p}.weight"] for p in ("gate", "up", "down"))
+            for e, b in enumerate(bundles):  # Q4_1: 32 weights in 20 bytes
+                n0, n1 = 64 * e, 64 * (e + 1)
+                assert bytes(b.gate.data) == gate[n0:n1].tobytes()
+                assert bytes(b.up.data) == up[n0:n1].tobytes()
+                assert bytes(b.down.data) == np.ascontiguousarray(down[:, n0 // 32 * 20:n1 // 32 * 20]).tobytes()
+            q = r.dense_tensor(f"blk.{layer}.attn_q")
+            assert bytes(q.data) == unpermuted_q_bytes(reader, f"blk.{layer}.attn_q.weight", 9).tobytes()
+            k = r.dense_tensor(f"blk.{layer}.attn_k")
+            assert bytes(k.data) == unpermuted_q_bytes(reader, f"blk.{layer}.attn_k.weight", 3).tobytes()
+
+
+# ---- errors ---------------------------------------------------------------------------------
+
+def test_unsupported_hf_architecture(tmp_path):
+    src = tmp_path / "gpt2"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "n_embd": 64}))
+    (src / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ConvertError, match="GPT2LMHeadModel") as exc:
+        convert(src, tmp_path / "m", name="x", progress=False)
+    assert "\n" not in str(exc.value)
+    assert not (tmp_path / "m").exists()
+
+
+def test_sliding_window_refused(tmp_path):
+    model = tiny_model("mistral")
+    save_hf(model, tmp_path / "src")
+    cfg = json.loads((tmp_path / "src" / "config.json").read_text())
+    cfg["sliding_window"] = 32
+    (tmp_path / "src" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConvertError, match="sliding-window"):
+        convert(tmp_path / "src", tmp_path / "m", name="x", progress=False)
+
+
+def test_unsupported_gguf_architecture(tmp_path):
+    w = gguf.GGUFWriter(str(tmp_path / "g.gguf"), "gpt2")
+    w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    with pytest.raises(ConvertError, match="'gpt2'"):
+        convert(tmp_path / "g.gguf", tmp_path / "m", name="x", progress=False)
+
+
+@pytest.mark.parametrize("keep", [0.3, 0.97])
+def test_truncated_gguf(tmp_path, keep):
+    write_gguf(tmp_path / "full.gguf", tiny_model("llama"))
+    data = (tmp_path / "full.gguf").read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(ConvertError, match="cut.gguf") as exc:
+        convert(tmp_path / "cut.gguf", tmp_path / "m", name="x", progress=False)
+    assert "\n" not in str(exc.value)
+    assert not (tmp_path / "m").exists()
+
+
+def test_not_a_gguf(tmp_path):
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all" * 10)
+    with pytest.raises(ConvertError, match="junk.gguf"):
+        convert(tmp_path / "junk.gguf", tmp_path / "m", name="x", progress=False)
+
+
+def test_columns_need_block_multiple(tmp_path):
+    save_hf(tiny_model("llama"), tmp_path / "src")
+    with pytest.raises(ConvertError, match="block of 32"):
+        convert(tmp_path / "src", tmp_path / "m", name="x", options=ConvertOptions(expert_size=48), progress=False)
+
+
+def test_failure_mid_conversion_leaves_nothing(tmp_path, monkeypatch):
+    save_hf(tiny_model("llama"), tmp_path / "src")
+    real = fmt.ModelWriter.add_expert
+    calls = []
+
+    def add_expert(self, *args, **kwargs):  # the disk fills after a few bundles
+        calls.append(1)
+        if len(calls) > 3:
+            raise OSError(28, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(fmt.ModelWriter, "add_expert", add_expert)
+    dest = tmp_path / "store" / "m"
+    with pytest.raises(ConvertError, match="No space left"):
+        convert(tmp_path / "src", dest, name="x", progress=False)
+    assert len(calls) == 4
+    assert not dest.exists() and list((tmp_path / "store").iterdir()) == []
+
+
+def test_existing_destination(tmp_path):
+    save_hf(tiny_model("llama"), tmp_path / "src")
+    (tmp_path / "m").mkdir()
+    with pytest.raises(ConvertError, match="already exists"):
+        convert(tmp_path / "src", tmp_path / "m", name="x", progress=False)
+    out = convert(tmp_path / "src", tmp_path / "m", name="x", progress=False, overwrite=True)
+    assert (out / "manifest.json").is_file()
