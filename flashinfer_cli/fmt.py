@@ -59,6 +59,12 @@ def neuron_order_name(layer: int) -> str:
     return f"blk.{layer}.ffn_neuron_order"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _align_up(n: int, align: int = ALIGN) -> int:
     return (n + align - 1) // align * align
 
@@ -250,6 +256,7 @@ class ModelWriter:
             raise FileExistsError(f"{self.dest} already exists")
         self.dest.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{self.dest.name}-", dir=self.dest.parent))
+        os.chmod(self.tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; a model is as readable as any file
         self.overwrite = overwrite
         self.manifest = Manifest(name=name, arch=arch, tensors={}, expert_layout=layout, experts=[],
                                  experts_file_bytes=0, tokenizer=dict(tokenizer or {}),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +85,9 @@ def test_round_trip(tmp_path: Path, down_layout: str):
                 assert (got_part.fmt, got_part.shape) == (want_part.fmt, want_part.shape)
                 np.testing.assert_array_equal(got_part.data, want_part.data)
         assert all(e.offset % fmt.ALIGN == 0 for layer in man.experts for e in layer)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert dest.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
 
 
 def test_bundle_is_usable_by_kernels(tmp_path: Path):
