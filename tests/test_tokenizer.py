@@ -313,6 +313,10 @@ def test_render_chat_without_template_is_chatml():
 # ---------------------------------------------------------------------------------------------
 # other pre-tokenizers: small GGUF files holding only a tokenizer, checked against llama.cpp
 
+EXTRA_WORDS = ["Ġqwertyuiop", "xyzzyplugh", "Ġ$zork"]
+EXTRA_TEXTS = ["x 1234567 y 42", "12345678901", " qwertyuiop xyzzyplugh $zork", "1 22 333 4444 55555"]
+
+
 def _write_vocab_gguf(path: Path, *, tokens, types, merges, pre: str | None, add_bos=None,
                       bos=1, eos=2) -> None:
     w = gguf.GGUFWriter(str(path), arch="qwen2")
@@ -349,7 +353,23 @@ def smollm2_vocab(smollm2_reader):
     # normal token (llama.cpp promotes it to control by its text)
     types[5] = 4
     types[2] = 1
-    return tokens, types, list(r.fields["tokenizer.ggml.merges"].contents())
+    merges = list(r.fields["tokenizer.ggml.merges"].contents())
+    # SmolLM2 spells numbers digit by digit; add digit pairs and triples (Qwen2 splits digits one
+    # by one, Llama 3 in threes) and whole-word tokens no merge reaches (Llama 3 ignores merges
+    # for a piece that is a token)
+    digits = "0123456789"
+    for a in digits:
+        for b in digits:
+            tokens.append(a + b)
+            merges.append(f"{a} {b}")
+    for a in digits:
+        for b in digits:
+            for c in digits:
+                tokens.append(a + b + c)
+                merges.append(f"{a}{b} {c}")
+    tokens += EXTRA_WORDS
+    types += [1] * (len(tokens) - len(types))
+    return tokens, types, merges
 
 
 @pytest.mark.parametrize("pre,add_bos", [("qwen2", None), ("llama-bpe", None), ("gpt-2", False),
@@ -363,7 +383,7 @@ def test_pre_tokenizers_equal_llama_cpp(tmp_path_factory, smollm2_vocab, pre, ad
     tok = Tokenizer.from_spec(spec)
     # without the flag in the file, llama.cpp adds BOS only for the Llama 3 family
     assert spec.add_bos is (add_bos if add_bos is not None else pre == "llama-bpe")
-    texts = TEXTS + _random_texts(150, seed=11) + ["<file_sep>x", "a<file_sep> <|im_end|>"]
+    texts = TEXTS + EXTRA_TEXTS + _random_texts(150, seed=11) + ["<file_sep>x", "a<file_sep> <|im_end|>"]
     _assert_same_tokens(tok, llm, texts)
     # encode's default and llama.cpp's "add special tokens" agree on BOS
     assert [tok.encode(t) for t in texts[:5]] == [
