@@ -494,6 +494,13 @@ class Tokenizer:
         except jinja2.TemplateError as e:
             raise ValueError(f"chat template: {e}") from None
 
+    def encode_chat(self, messages: list[dict], *, add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a rendered conversation. BOS is added per add_bos unless the template
+        already wrote it (Llama 3's does), so a prompt never starts with two."""
+        text = self.render_chat(messages, add_generation_prompt=add_generation_prompt)
+        bos_text = self._text_or_empty(self.bos_id)
+        return self.encode(text, add_bos=self.add_bos and not (bos_text and text.startswith(bos_text)))
+
     def _text_or_empty(self, token_id: int | None) -> str:
         if token_id is None or not 0 <= token_id < self.vocab_size:
             return ""

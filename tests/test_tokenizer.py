@@ -52,6 +52,8 @@ TEXTS = [
     "   leading and trailing   ",
     "$100 + 50% = ~?!... «quotes» “curly” — dash",
     "x" * 200 + " " + "9" * 50,
+    "combining e\u0301 a\u0308, नमस्ते दुनिया, สวัสดีครับ, ²³ ½ Ⅻ ٣",
+    "\x00\x01\x7f\u200d\ufeff\U0001d400 math 𝐀𝐁 \u2028 line sep",
 ]
 
 _PALETTE = (list("abcdefgXYZ") + list("0123456789") + [" ", "  ", "\t", "\n", "\r\n", "   "]
@@ -499,3 +501,35 @@ def test_hf_dir_sentencepiece_style_stream_and_bos(tmp_path):
 def test_hf_dir_missing_tokenizer_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="tokenizer.json"):
         spec_from_hf_dir(tmp_path)
+
+
+def test_hf_dir_bos_from_post_processor_as_transformers(tmp_path):
+    """No add_bos_token in tokenizer_config: BOS is added when the document's post-processor
+    adds it, as transformers does."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer as HFTokenizer, processors
+    d = _train_bytelevel(tmp_path)
+    hf = HFTokenizer.from_file(str(d / "tokenizer.json"))
+    hf.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    hf.save(str(d / "tokenizer.json"))
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    del config["add_bos_token"]
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = Tokenizer.from_spec(spec_from_hf_dir(d))
+    ref = transformers.AutoTokenizer.from_pretrained(str(d))
+    for text in TEXTS[:8]:
+        assert tok.encode(text) == ref.encode(text) and tok.encode(text)[0] == 0
+
+
+def test_encode_chat_adds_bos_once(smollm2, smollm2_llama):
+    text = smollm2.render_chat(CHATS[0])
+    assert smollm2.encode_chat(CHATS[0]) == smollm2_llama.tokenize(text.encode(), add_bos=True,
+                                                                   special=True)
+    from tokenizers import Tokenizer as HFTokenizer, models
+    hf = HFTokenizer(models.WordLevel({"<s>": 0, "</s>": 1, "<unk>": 2}, unk_token="<unk>"))
+    hf.add_special_tokens(["<s>", "</s>"])
+    with_bos = Tokenizer(hf.to_str(), bos_id=0, eos_ids=[1], add_bos=True,
+                         chat_template="{{ bos_token }}{% for m in messages %}</s>{% endfor %}")
+    without = Tokenizer(hf.to_str(), bos_id=0, eos_ids=[1], add_bos=True,
+                        chat_template="{% for m in messages %}</s>{% endfor %}")
+    assert with_bos.encode_chat(CHATS[0]) == without.encode_chat(CHATS[0]) == [0, 1]
