@@ -43,6 +43,7 @@ ffibuilder.set_source(
     sources=[os.path.relpath(os.path.join(CSRC_DIR, s)) for s in SOURCES],
     include_dirs=[os.path.relpath(CSRC_DIR)],
     extra_compile_args=_compile_args(),
+    libraries=["m"],  # expf in ffn.c
     extra_link_args=["-pthread"],
 )
 

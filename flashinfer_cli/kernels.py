@@ -287,6 +287,99 @@ def accum_rows(qt: QTensor, a: np.ndarray, y: np.ndarray, *, impl: str = "auto")
     return y
 
 
+# ---- expert FFN ----------------------------------------------------------------------------
+
+_DOWN_LAYOUTS = {"columns": 0, "rows": 1}
+
+
+class ExpertSet:
+    """A layer's set of expert bundles, ready for one-call FFNs (fic_experts_ffn).
+
+    Built once per active set, so a forward step pays one Python -> C call per layer: the cffi
+    pointer arrays are made here and the buffers kept alive. `formats` is (gate, up, down) fmt
+    names, `down_layout` "columns" (down part d_model x n) or "rows" (n x d_model), as fmt.py's
+    ExpertLayout; each bundle is a uint8 array holding gate rows, up rows and the down part back
+    to back (at least that many bytes: padded buffers are fine), `n_neurons` their sizes.
+    """
+
+    def __init__(self, formats: Sequence[str], d_model: int, down_layout: str,
+                 bundles: Sequence[np.ndarray], n_neurons: Sequence[int]):
+        if len(formats) != 3:
+            raise ValueError("formats must be (gate, up, down)")
+        if down_layout not in _DOWN_LAYOUTS:
+            raise ValueError(f"down_layout must be 'columns' or 'rows', got {down_layout!r}")
+        if len(bundles) != len(n_neurons):
+            raise ValueError(f"{len(bundles)} bundles but {len(n_neurons)} neuron counts")
+        if d_model <= 0:
+            raise ValueError(f"d_model must be positive, got {d_model}")
+        gate, up, down = formats
+        self.formats = (gate, up, down)
+        self.d_model = d_model
+        self.down_layout = down_layout
+        self.n_neurons = [int(n) for n in n_neurons]
+        rb_g, rb_u = row_bytes(gate, d_model), row_bytes(up, d_model)
+        if down_layout == "rows":
+            row_bytes(down, d_model)
+        for i, (buf, n) in enumerate(zip(bundles, self.n_neurons)):
+            if n <= 0:
+                raise ValueError(f"expert {i}: neuron count must be positive, got {n}")
+            down_b = d_model * row_bytes(down, n) if down_layout == "columns" else n * row_bytes(down, d_model)
+            need = n * (rb_g + rb_u) + down_b
+            if (not isinstance(buf, np.ndarray) or buf.dtype != np.uint8 or buf.ndim != 1
+                    or not buf.flags.c_contiguous):
+                raise ValueError(f"expert {i}: bundle must be a contiguous 1-D uint8 array")
+            if buf.nbytes < need:
+                raise ValueError(f"expert {i}: bundle has {buf.nbytes} bytes, {n} neurons need {need}")
+        self.n_total = sum(self.n_neurons)
+        self._layout = ffi.new("fic_expert_layout *", {
+            "d_model": d_model, "gate_fmt": _fmt_id(gate), "up_fmt": _fmt_id(up), "down_fmt": _fmt_id(down),
+            "down_rows": _DOWN_LAYOUTS[down_layout]})
+        self._keep = [_u8(b) for b in bundles]  # the arrays stay alive while these views do
+        self._bundles = ffi.new("const uint8_t *[]", self._keep) if bundles else ffi.NULL
+        self._n = ffi.new("int32_t[]", self.n_neurons) if bundles else ffi.NULL
+        self._scratch = np.empty(0, dtype=np.float32)
+
+    @classmethod
+    def from_layout(cls, layout, bundles: Sequence[np.ndarray], n_neurons: Sequence[int]) -> "ExpertSet":
+        """From an fmt.ExpertLayout (anything with d_model, gate_fmt, up_fmt, down_fmt, down_layout)."""
+        return cls((layout.gate_fmt, layout.up_fmt, layout.down_fmt), layout.d_model, layout.down_layout,
+                   bundles, n_neurons)
+
+    def __len__(self) -> int:
+        return len(self.n_neurons)
+
+    def ffn(self, x: np.ndarray, y: np.ndarray, coef: np.ndarray | None = None, *,
+            impl: str = "auto") -> np.ndarray:
+        """y += Σ_e coef[:, e] · down_e(silu(gate_e x) * (up_e x)), in place; returns y.
+
+        x and y are float32 (t, d_model) or (d_model,) (one token), y C-contiguous; coef is
+        None (all ones) or float32 (t, n_experts) ((n_experts,) for one token); 0 skips."""
+        d = self.d_model
+        if not isinstance(x, np.ndarray) or x.dtype != np.float32:
+            raise ValueError("x must be a float32 numpy array")
+        if x.ndim not in (1, 2) or x.shape[-1] != d or x.size == 0:
+            raise ValueError(f"x has shape {x.shape}, expected ({d},) or (t, {d})")
+        if (not isinstance(y, np.ndarray) or y.dtype != np.float32 or y.shape != x.shape
+                or not y.flags.c_contiguous or not y.flags.writeable):
+            raise ValueError(f"y must be a writable contiguous float32 array of shape {x.shape}")
+        t = 1 if x.ndim == 1 else x.shape[0]
+        x = np.ascontiguousarray(x)
+        coef_ptr = ffi.NULL
+        if coef is not None:
+            shape = (len(self),) if x.ndim == 1 else (t, len(self))
+            if not isinstance(coef, np.ndarray) or coef.dtype != np.float32 or coef.shape != shape:
+                raise ValueError(f"coef must be float32 of shape {shape}")
+            coef = np.ascontiguousarray(coef)
+            coef_ptr = _f32(coef)
+        need = t * self.n_total
+        if self._scratch.size < need:
+            self._scratch = np.empty(need, dtype=np.float32)
+        status = lib.fic_experts_ffn(_POOL.get(), _impl_id(impl), self._layout, self._bundles, self._n, len(self),
+                                     coef_ptr, _f32(x), _f32(y), t, _f32(self._scratch), self._scratch.size)
+        _check(status, f"experts_ffn {'/'.join(self.formats)} {self.down_layout} {impl}")
+        return y
+
+
 # ---- memory --------------------------------------------------------------------------------
 
 def aligned_buffer(n_bytes: int, *, huge: bool = False) -> np.ndarray:

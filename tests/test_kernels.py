@@ -391,7 +391,7 @@ def test_aligned_buffer_zeroed_and_aligned(huge):
 # ---- NEON keeps compiling -------------------------------------------------------------------
 
 @pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None, reason="no aarch64 cross compiler")
-@pytest.mark.parametrize("src", ["matvec.c", "pool.c"])
+@pytest.mark.parametrize("src", ["matvec.c", "pool.c", "ffn.c"])
 def test_aarch64_cross_compile(src, tmp_path):
     cmd = ["aarch64-linux-gnu-gcc", "-O2", "-std=gnu11", "-Wall", "-Wextra",
            "-Werror", "-march=armv8-a+crc", "-pthread", "-I", str(REPO / "csrc"), "-c",

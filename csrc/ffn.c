@@ -1,0 +1,419 @@
+/* ffn.c - one layer's SwiGLU FFN over a set of expert bundles in one call (fic_experts_ffn).
+ *
+ * A dense model's FFN cut into experts of tens of neurons would cost three kernel calls per
+ * expert, thousands of Python -> C calls per token; here a layer is one call, two phases:
+ *
+ *   phase 1  h_e[i][n] = coef[i][e] * silu(gate_e[n] . x[i]) * (up_e[n] . x[i]) for every
+ *            neuron of every expert: threads split the flattened neuron list (all experts
+ *            back to back), so the work is balanced whatever the experts' sizes.
+ *            t = 1: one row dot product per neuron and matrix, x prepared once (int8 where
+ *            matvec uses int8 activations); t > 1: as matmul, a tile of rows is dequantized
+ *            to float once and multiplied by all t tokens.
+ *   phase 2  y[i] += sum_e down_e h_e[i]. The router weight is already inside h (down is linear).
+ *            columns (down_e is d_model x n_e): threads split the d_model output rows; each
+ *            thread walks expert by expert over its rows (one memory stream at a time).
+ *            t = 1 dots against h_e prepared per expert (int8 where matvec would); t > 1
+ *            dequantized tiles times all tokens. rows (down_e is n_e x d_model): threads split
+ *            d_model in block-aligned column ranges, as accum_rows; zero h rows are not read.
+ *
+ * An expert whose coef is 0 for every token is skipped entirely (its bundle is not touched);
+ * for t > 1 a zero coef of one token makes that token's h zero (exact zero contribution).
+ * Scratch holds h: expert e's block is t x n_e floats at t * (n_0 + ... + n_{e-1}). */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "blocks.h"
+#include "fic.h"
+#include "pool.h"
+
+#include "kernels_impl.h"
+
+#define TILE_BYTES (256 << 10) /* dequantized rows per tile: stay in L2 while tokens stream past */
+
+typedef struct {
+    int impl, t_is_1;
+    int64_t d, t, n_experts, n_total;
+    const uint8_t *const *bundles;
+    const int32_t *n;
+    const int64_t *off;      /* off[e] = n_0 + ... + n_{e-1}; off[n_experts] = n_total */
+    const uint8_t *skip;     /* skip[e]: coef is 0 for every token */
+    const float *coef;       /* t x n_experts or NULL */
+    const float *x;
+    float *y, *h;
+    int64_t rb_g, rb_u;      /* gate / up row bytes (d_model weights) */
+    int64_t *rb_d;           /* down row bytes per expert (columns: n_e weights; rows: d_model) */
+    int gate_fmt, up_fmt, down_fmt, down_rows;
+    job_t jg, ju;            /* t = 1: gate and up jobs with x prepared */
+    job_t *jd;               /* per expert down job (t = 1: h_e prepared for columns) */
+    float *tiles;            /* per thread: tile_floats */
+    int64_t tile_floats, tile1_rows, tile2_rows;
+} ffn_t;
+
+static inline float silu(float g) { return g / (1.0f + expf(-g)); }
+
+static inline const uint8_t *gate_row(const ffn_t *f, int64_t e, int64_t r) {
+    return f->bundles[e] + r * f->rb_g;
+}
+static inline const uint8_t *up_row(const ffn_t *f, int64_t e, int64_t r) {
+    return f->bundles[e] + (int64_t)f->n[e] * f->rb_g + r * f->rb_u;
+}
+static inline const uint8_t *down_part(const ffn_t *f, int64_t e) {
+    return f->bundles[e] + (int64_t)f->n[e] * (f->rb_g + f->rb_u);
+}
+
+/* The expert holding flattened neuron index g (binary search over off). */
+static int64_t expert_of(const ffn_t *f, int64_t g) {
+    int64_t lo = 0, hi = f->n_experts - 1;
+    while (lo < hi) {
+        int64_t mid = (lo + hi + 1) / 2;
+        if (f->off[mid] <= g) lo = mid;
+        else hi = mid - 1;
+    }
+    return lo;
+}
+
+static inline float coef_of(const ffn_t *f, int64_t i, int64_t e) {
+    return f->coef == NULL ? 1.0f : f->coef[i * f->n_experts + e];
+}
+
+/* ---- phase 1 ----------------------------------------------------------------------------- */
+
+static void phase1_t1(void *ctx, int64_t g0, int64_t g1, int tid) {
+    const ffn_t *f = ctx;
+    (void)tid;
+    for (int64_t e = expert_of(f, g0); e < f->n_experts && f->off[e] < g1; e++) {
+        int64_t r0 = g0 > f->off[e] ? g0 - f->off[e] : 0;
+        int64_t r1 = g1 < f->off[e + 1] ? g1 - f->off[e] : f->n[e];
+        float *h = f->h + f->off[e]; /* t = 1 */
+        if (f->skip[e]) {
+            memset(h + r0, 0, (size_t)(r1 - r0) * sizeof *h);
+            continue;
+        }
+        const float c = coef_of(f, 0, e);
+        int64_t r = r0;
+#if defined(FIC_X86)
+        if (f->gate_fmt == FIC_Q1_0 && f->up_fmt == FIC_Q1_0 && f->impl == FIC_IMPL_AVX512) {
+            /* gate and up rows share the prepared x: one pass, two rows */
+            for (; r < r1; r++) {
+                float gu[2];
+                dot_q1_avx512(&f->jg, gate_row(f, e, r), up_row(f, e, r), 2, gu);
+                h[r] = c * silu(gu[0]) * gu[1];
+            }
+        }
+#endif
+        for (; r < r1; r++) {
+            float gv = dot_row(&f->jg, gate_row(f, e, r), f->x);
+            float uv = dot_row(&f->ju, up_row(f, e, r), f->x);
+            h[r] = c * silu(gv) * uv;
+        }
+    }
+}
+
+/* Rows [r, r + nr) of a matrix in job j's format, dequantized into tile (or read in place). */
+static const float *tile_rows(const job_t *j, const uint8_t *w, int64_t rb, int64_t r, int64_t nr, float *tile) {
+    if (j->fmt == FIC_F32) return (const float *)(w + r * rb);
+    for (int64_t i = 0; i < nr; i++) deq_range(j, w + (r + i) * rb, 0, j->k / j->bw, tile + i * j->k);
+    return tile;
+}
+
+static void phase1_tiles(void *ctx, int64_t g0, int64_t g1, int tid) {
+    const ffn_t *f = ctx;
+    float *tile = f->tiles + tid * f->tile_floats;
+    float *ubuf = tile + f->tile1_rows * f->d; /* t x tile1_rows */
+    const int64_t t = f->t;
+    for (int64_t e = expert_of(f, g0); e < f->n_experts && f->off[e] < g1; e++) {
+        const int64_t n = f->n[e];
+        int64_t r0 = g0 > f->off[e] ? g0 - f->off[e] : 0;
+        int64_t r1 = g1 < f->off[e + 1] ? g1 - f->off[e] : n;
+        float *h = f->h + t * f->off[e]; /* t x n */
+        if (f->skip[e]) {
+            for (int64_t i = 0; i < t; i++) memset(h + i * n + r0, 0, (size_t)(r1 - r0) * sizeof *h);
+            continue;
+        }
+        for (int64_t r = r0; r < r1; r += f->tile1_rows) {
+            int64_t nr = r1 - r < f->tile1_rows ? r1 - r : f->tile1_rows;
+            job_t jg = f->jg, ju = f->ju;
+            jg.y = h;  /* gate: straight into h (t x n, rows r..r+nr) */
+            jg.m = n;
+            gemm_tile(&jg, tile_rows(&jg, gate_row(f, e, 0), f->rb_g, r, nr, tile), nr, r);
+            ju.y = ubuf; /* up: t x nr */
+            ju.m = nr;
+            gemm_tile(&ju, tile_rows(&ju, up_row(f, e, 0), f->rb_u, r, nr, tile), nr, 0);
+            for (int64_t i = 0; i < t; i++) {
+                const float c = coef_of(f, i, e);
+                float *hi = h + i * n + r;
+                const float *ui = ubuf + i * nr;
+                if (c == 0.0f) {
+                    memset(hi, 0, (size_t)nr * sizeof *hi);
+                    continue;
+                }
+                for (int64_t k = 0; k < nr; k++) hi[k] = c * silu(hi[k]) * ui[k];
+            }
+        }
+    }
+}
+
+/* ---- phase 2: down part as columns (d_model x n_e) --------------------------------------- */
+
+static void down_cols_t1(void *ctx, int64_t r0, int64_t r1, int tid) {
+    const ffn_t *f = ctx;
+    (void)tid;
+    for (int64_t e = 0; e < f->n_experts; e++) {
+        if (f->skip[e]) continue;
+        const job_t *j = &f->jd[e];
+        const uint8_t *w = down_part(f, e);
+        const int64_t rb = f->rb_d[e];
+        int64_t r = r0;
+#if defined(FIC_X86)
+        if (f->down_fmt == FIC_Q1_0 && f->impl == FIC_IMPL_AVX512) {
+            for (; r + 2 <= r1; r += 2) {
+                float yy[2];
+                dot_q1_avx512(j, w + r * rb, w + (r + 1) * rb, 2, yy);
+                f->y[r] += yy[0];
+                f->y[r + 1] += yy[1];
+            }
+        }
+#endif
+        for (; r < r1; r++) f->y[r] += dot_row(j, w + r * rb, j->x);
+    }
+}
+
+static void down_cols_tiles(void *ctx, int64_t r0, int64_t r1, int tid) {
+    const ffn_t *f = ctx;
+    float *tile = f->tiles + tid * f->tile_floats;
+    const int64_t t = f->t, d = f->d;
+    for (int64_t r = r0; r < r1; r += f->tile2_rows) {
+        const int64_t nr = r1 - r < f->tile2_rows ? r1 - r : f->tile2_rows;
+        float *obuf = tile + f->tile_floats - t * f->tile2_rows; /* t x nr */
+        for (int64_t e = 0; e < f->n_experts; e++) {
+            if (f->skip[e]) continue;
+            job_t j = f->jd[e]; /* x = h_e (t x n_e), k = n_e */
+            j.y = obuf;
+            j.m = nr;
+            gemm_tile(&j, tile_rows(&j, down_part(f, e), f->rb_d[e], r, nr, tile), nr, 0);
+            for (int64_t i = 0; i < t; i++) {
+                float *yi = f->y + i * d + r;
+                const float *oi = obuf + i * nr;
+                for (int64_t k = 0; k < nr; k++) yi[k] += oi[k];
+            }
+        }
+    }
+}
+
+/* ---- phase 2: down part as rows (n_e x d_model) ------------------------------------------ */
+
+static void down_rows_t1(void *ctx, int64_t b0, int64_t b1, int tid) {
+    const ffn_t *f = ctx;
+    for (int64_t e = 0; e < f->n_experts; e++)
+        if (!f->skip[e]) accum_range((void *)&f->jd[e], b0, b1, tid);
+}
+
+static void down_rows_tiles(void *ctx, int64_t b0, int64_t b1, int tid) {
+    const ffn_t *f = ctx;
+    const int64_t t = f->t, d = f->d;
+    float *buf = f->tiles + tid * f->tile_floats; /* SEG_FLOATS */
+    for (int64_t e = 0; e < f->n_experts; e++) {
+        if (f->skip[e]) continue;
+        const job_t *j = &f->jd[e];
+        const int64_t n = f->n[e], seg_blocks = SEG_FLOATS / j->bw, piece = (b1 - b0) * j->bb;
+        const float *h = f->h + t * f->off[e];
+        for (int64_t r = 0; r < n; r++) {
+            if (r + ACCUM_PF_ROWS < n) {
+                const uint8_t *ahead = j->w + (r + ACCUM_PF_ROWS) * j->row_bytes + b0 * j->bb;
+                for (int64_t o = 0; o < piece; o += 64) __builtin_prefetch(ahead + o, 0, 0);
+            }
+            int64_t i0 = 0;
+            while (i0 < t && h[i0 * n + r] == 0.0f) i0++;
+            if (i0 == t) continue; /* every token's h is zero: the row need not be read */
+            const uint8_t *row = j->w + r * j->row_bytes;
+            for (int64_t s = b0; s < b1; s += seg_blocks) {
+                const int64_t se = b1 - s < seg_blocks ? b1 : s + seg_blocks;
+                const float *wv = j->fmt == FIC_F32 ? (const float *)row + s : buf;
+                if (j->fmt != FIC_F32) deq_range(j, row, s, se, buf);
+                for (int64_t i = i0; i < t; i++) {
+                    const float a = h[i * n + r];
+                    if (a != 0.0f) axpy(j, a, wv, f->y + i * d + s * j->bw, (se - s) * j->bw);
+                }
+            }
+        }
+    }
+}
+
+/* ---- the entry point --------------------------------------------------------------------- */
+
+static void init_job(job_t *j, int impl, int fmt, const uint8_t *w, const float *x, float *y, int64_t t,
+                     int64_t m, int64_t k) {
+    memset(j, 0, sizeof *j);
+    j->fmt = fmt;
+    j->impl = impl;
+    j->w = w;
+    j->x = x;
+    j->y = y;
+    j->t = t;
+    j->m = m;
+    j->k = k;
+    j->row_bytes = fic_row_bytes(fmt, k);
+    j->bw = fic_fmt_block_weights(fmt);
+    j->bb = fic_fmt_block_bytes(fmt);
+}
+
+static int64_t clamp_tile(int64_t k) {
+    int64_t tile = TILE_BYTES / (4 * k);
+    return tile < 6 ? 6 : tile > 60 ? 60 : tile / 6 * 6;
+}
+
+/* Validates everything but the pointers' targets; fills n_total. */
+static int check_args(const fic_expert_layout *lay, const uint8_t *const *bundles, const int32_t *n_neurons,
+                      int64_t n_experts, const float *x, float *y, int64_t t, const float *scratch,
+                      int64_t scratch_floats, int64_t *n_total) {
+    if (lay == NULL || x == NULL || y == NULL || t <= 0 || n_experts < 0) return FIC_ERR_ARG;
+    const int64_t d = lay->d_model;
+    if (d <= 0 || !fmt_ok(lay->gate_fmt) || !fmt_ok(lay->up_fmt) || !fmt_ok(lay->down_fmt)) return FIC_ERR_ARG;
+    if (lay->down_rows != 0 && lay->down_rows != 1) return FIC_ERR_ARG;
+    if (fic_row_bytes(lay->gate_fmt, d) <= 0 || fic_row_bytes(lay->up_fmt, d) <= 0) return FIC_ERR_ARG;
+    if (lay->down_rows && fic_row_bytes(lay->down_fmt, d) <= 0) return FIC_ERR_ARG;
+    if (n_experts > 0 && (bundles == NULL || n_neurons == NULL)) return FIC_ERR_ARG;
+    int64_t total = 0;
+    for (int64_t e = 0; e < n_experts; e++) {
+        if (bundles[e] == NULL || n_neurons[e] <= 0) return FIC_ERR_ARG;
+        if (!lay->down_rows && fic_row_bytes(lay->down_fmt, n_neurons[e]) <= 0) return FIC_ERR_ARG;
+        total += n_neurons[e];
+    }
+    if (total > 0 && (scratch == NULL || scratch_floats < 0 || total > INT64_MAX / t || scratch_floats < t * total))
+        return FIC_ERR_ARG;
+    *n_total = total;
+    return FIC_OK;
+}
+
+int fic_experts_ffn(fic_pool *pool, int impl, const fic_expert_layout *layout, const uint8_t *const *bundles,
+                    const int32_t *n_neurons, int64_t n_experts, const float *coef, const float *x, float *y,
+                    int64_t t, float *scratch, int64_t scratch_floats) {
+    int64_t n_total = 0;
+    int st = check_args(layout, bundles, n_neurons, n_experts, x, y, t, scratch, scratch_floats, &n_total);
+    if (st != FIC_OK) return st;
+    if (impl < FIC_IMPL_AUTO || impl > FIC_IMPL_NEON) return FIC_ERR_ARG;
+    if (impl == FIC_IMPL_AUTO) impl = fic_impl_best();
+    if (!fic_impl_available(impl)) return FIC_ERR_UNSUPPORTED;
+    if (n_experts == 0) return FIC_OK;
+
+    ffn_t f;
+    memset(&f, 0, sizeof f);
+    f.impl = impl;
+    f.d = layout->d_model;
+    f.t = t;
+    f.n_experts = n_experts;
+    f.n_total = n_total;
+    f.bundles = bundles;
+    f.n = n_neurons;
+    f.coef = coef;
+    f.x = x;
+    f.y = y;
+    f.h = scratch;
+    f.gate_fmt = layout->gate_fmt;
+    f.up_fmt = layout->up_fmt;
+    f.down_fmt = layout->down_fmt;
+    f.down_rows = layout->down_rows;
+    f.rb_g = fic_row_bytes(f.gate_fmt, f.d);
+    f.rb_u = fic_row_bytes(f.up_fmt, f.d);
+
+    /* one allocation for the small per-call tables */
+    const size_t ne = (size_t)n_experts;
+    size_t table_bytes = (ne + 1) * sizeof(int64_t) + ne * sizeof(int64_t) + ne * sizeof(job_t) + ne;
+    uint8_t *tables = malloc(table_bytes);
+    if (tables == NULL) return FIC_ERR_NOMEM;
+    int64_t *off = (int64_t *)tables;
+    f.rb_d = off + ne + 1;
+    f.jd = (job_t *)(f.rb_d + ne);
+    uint8_t *skip = (uint8_t *)(f.jd + ne);
+    f.off = off;
+    f.skip = skip;
+    int64_t n_max = 0;
+    off[0] = 0;
+    for (size_t e = 0; e < ne; e++) {
+        off[e + 1] = off[e] + n_neurons[e];
+        n_max = n_neurons[e] > n_max ? n_neurons[e] : n_max;
+        skip[e] = 0;
+        if (coef != NULL) {
+            int64_t i = 0;
+            while (i < t && coef[i * n_experts + (int64_t)e] == 0.0f) i++;
+            skip[e] = i == t;
+        }
+    }
+
+    const int n_threads = fic_pool_threads(pool);
+    void *prep = NULL;
+    st = FIC_OK;
+    if (t == 1) {
+        /* phase 1: x prepared once for gate and once for up */
+        init_job(&f.jg, impl, f.gate_fmt, NULL, x, NULL, 1, 1, f.d);
+        init_job(&f.ju, impl, f.up_fmt, NULL, x, NULL, 1, 1, f.d);
+        size_t bg = prep_x_bytes(&f.jg), bu = prep_x_bytes(&f.ju), bd = 0;
+        for (size_t e = 0; e < ne; e++) {
+            if (layout->down_rows) continue;
+            init_job(&f.jd[e], impl, f.down_fmt, NULL, scratch + off[e], NULL, 1, 1, n_neurons[e]);
+            bd += prep_x_bytes(&f.jd[e]);
+        }
+        if (bg + bu + bd > 0 && (prep = aligned_alloc(64, bg + bu + bd)) == NULL) {
+            free(tables);
+            return FIC_ERR_NOMEM;
+        }
+        prep_x(&f.jg, prep);
+        prep_x(&f.ju, (uint8_t *)prep + bg);
+        fic_parallel_for(pool, n_total, row_chunk(pool, n_total, f.rb_g + f.rb_u), phase1_t1, &f);
+        if (!layout->down_rows) {
+            int64_t rb_sum = 0;
+            uint8_t *p = (uint8_t *)prep + bg + bu;
+            for (size_t e = 0; e < ne; e++) {
+                f.rb_d[e] = f.jd[e].row_bytes;
+                rb_sum += f.rb_d[e];
+                if (skip[e]) continue;
+                prep_x(&f.jd[e], p); /* h_e prepared once for all d_model rows */
+                p += prep_x_bytes(&f.jd[e]);
+            }
+            fic_parallel_for(pool, f.d, row_chunk(pool, f.d, rb_sum), down_cols_t1, &f);
+        }
+    } else {
+        init_job(&f.jg, impl, f.gate_fmt, NULL, x, NULL, t, 1, f.d);
+        init_job(&f.ju, impl, f.up_fmt, NULL, x, NULL, t, 1, f.d);
+        f.tile1_rows = clamp_tile(f.d);
+        f.tile2_rows = clamp_tile(n_max);
+        int64_t need1 = f.tile1_rows * f.d + t * f.tile1_rows;
+        int64_t need2 = layout->down_rows ? SEG_FLOATS : f.tile2_rows * n_max + t * f.tile2_rows;
+        f.tile_floats = ((need1 > need2 ? need1 : need2) + 15) & ~(int64_t)15;
+        f.tiles = aligned_alloc(64, (size_t)(f.tile_floats * n_threads) * sizeof(float));
+        if (f.tiles == NULL) {
+            free(tables);
+            return FIC_ERR_NOMEM;
+        }
+        int64_t chunk = (n_total + 4 * n_threads - 1) / (4 * n_threads);
+        chunk = (chunk + f.tile1_rows - 1) / f.tile1_rows * f.tile1_rows;
+        fic_parallel_for(pool, n_total, chunk, phase1_tiles, &f);
+        if (!layout->down_rows) {
+            for (size_t e = 0; e < ne; e++) {
+                init_job(&f.jd[e], impl, f.down_fmt, NULL, scratch + t * off[e], NULL, t, 1, n_neurons[e]);
+                f.rb_d[e] = f.jd[e].row_bytes;
+            }
+            int64_t c2 = (f.d + 4 * n_threads - 1) / (4 * n_threads);
+            c2 = (c2 + f.tile2_rows - 1) / f.tile2_rows * f.tile2_rows;
+            fic_parallel_for(pool, f.d, c2, down_cols_tiles, &f);
+        }
+    }
+    if (layout->down_rows) {
+        /* one block-aligned column range per thread (at least 256 weights), as accum_rows */
+        for (size_t e = 0; e < ne; e++) {
+            init_job(&f.jd[e], impl, f.down_fmt, down_part(&f, (int64_t)e), NULL, y, 1, n_neurons[e], f.d);
+            f.jd[e].a = scratch + off[e]; /* t = 1 only */
+            f.rb_d[e] = f.jd[e].row_bytes;
+        }
+        const int64_t bw = fic_fmt_block_weights(f.down_fmt), nb = f.d / bw;
+        int64_t chunk = (nb + n_threads - 1) / n_threads, min_blocks = (256 + bw - 1) / bw;
+        fic_parallel_for(pool, nb, chunk < min_blocks ? min_blocks : chunk, t == 1 ? down_rows_t1 : down_rows_tiles,
+                         &f);
+    }
+    free(f.tiles);
+    free(prep);
+    free(tables);
+    return st;
+}

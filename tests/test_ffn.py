@@ -1,0 +1,430 @@
+"""fic_experts_ffn (kernels.ExpertSet) against numpy, fast paths against the reference.
+
+The reference is numpy float64 on the dequantized weights (kernels.dequantize of kernels.quantize)
+and the float32 x: g = Wg x, u = Wu x, h = c silu(g) u, y = y0 + sum_e Wd_e h_e.
+
+Tolerances, per output, derived from the float32 bound of tests/test_kernels.py
+(a length-K dot product summed in float32 in any order is within FLOAT_SLACK K eps sum |w x|):
+- gate and up: Bg, Bu = that bound with K = d_model, plus sum |w| * half a q8 step of x where
+  the kernel quantizes x to int8 (t = 1 only: the paths matvec uses, see test_kernels).
+- h = c silu(g) u: |silu'| <= 1.1, so |dh| <= |c| (1.1 Bg (|u| + Bu) + |silu(g)| Bu) + 8 eps |h|
+  (expf, the division and two products each round once, expf within 1 ulp).
+- y: sum_n |Wd| |dh| (propagated) + the float32 bound of summing all n_total products and the
+  experts' partial sums onto y0: FLOAT_SLACK (n_total + E + 1) eps (|y0| + sum |Wd h|); plus,
+  where phase 2 quantizes h_e to int8 (columns layout, t = 1: Q1_0 on AVX2/AVX-512, Q4_0/Q4_1
+  on AVX-512 VNNI for experts of 64+ neurons), sum |Wd| * half a q8 step of h_e, the step taken
+  from |h| + Bh (the computed h's block maximum is within Bh of the exact one).
+- fast vs reference: each is within its own bound of the float64 value, so they are within the
+  sum of the two bounds of each other.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flashinfer_cli import kernels as K
+from flashinfer_cli._fic import ffi, lib
+
+from test_kernels import EPS32, FLOAT_SLACK, assert_within, int8_activation_path
+
+FORMATS = list(K.FORMATS)
+IMPLS = K.available_impls()
+FAST_IMPLS = [i for i in IMPLS if i != "ref"]
+REPO = Path(__file__).resolve().parents[1]
+D_MODEL = 256  # a multiple of every block (Q1_0: 128)
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    K.set_threads(request.param)
+    yield request.param
+    K.set_threads(K.default_threads())
+
+
+def silu(g):
+    return g / (1.0 + np.exp(-g))
+
+
+def q8_half_step_blocks(v: np.ndarray) -> np.ndarray:
+    """Half the q8 step of each element's block of 32 along the last axis (a partial last block
+    counts as its own block; a Q4 pair layout never has one)."""
+    n = v.shape[-1]
+    out = np.empty_like(v)
+    for b in range(0, n, 32):
+        out[..., b:b + 32] = np.abs(v[..., b:b + 32]).max(axis=-1, keepdims=True) / 254.0
+    return out
+
+
+class Case:
+    """Random experts in bundle form with their float64 dequantized parts."""
+
+    def __init__(self, fmts, layout, ns, t, seed, d=D_MODEL, coef="zeros"):
+        rng = np.random.default_rng(seed)
+        self.fmts, self.layout, self.ns, self.t, self.d = fmts, layout, list(ns), t, d
+        self.bundles, self.parts = [], []
+        for n in ns:
+            g = K.quantize(rng.standard_normal((n, d), dtype=np.float32) * 0.2, fmts[0])
+            u = K.quantize(rng.standard_normal((n, d), dtype=np.float32) * 0.2, fmts[1])
+            dshape = (d, n) if layout == "columns" else (n, d)
+            dn = K.quantize(rng.standard_normal(dshape, dtype=np.float32) * 0.2, fmts[2])
+            self.bundles.append(np.concatenate([g.data, u.data, dn.data]))
+            wd = K.dequantize(dn).astype(np.float64)
+            self.parts.append((K.dequantize(g).astype(np.float64), K.dequantize(u).astype(np.float64),
+                               wd if layout == "columns" else wd.T))  # down as (d, n)
+        self.x = rng.standard_normal((t, d), dtype=np.float32)
+        self.y0 = rng.standard_normal((t, d), dtype=np.float32)
+        if coef is None:
+            self.coef = None
+        else:
+            c = rng.uniform(0.1, 1.0, (t, len(ns))).astype(np.float32)
+            if len(ns) > 1:
+                c[:, 1] = 0.0         # an expert no token uses: skipped
+            if t > 1:
+                c[t - 1, 0] = 0.0     # one token skips expert 0
+            self.coef = c
+
+    def expert_set(self):
+        return K.ExpertSet(self.fmts, self.d, self.layout, self.bundles, self.ns)
+
+    def run(self, impl):
+        y = self.y0.copy()
+        self.expert_set().ffn(self.x, y, self.coef, impl=impl)
+        return y
+
+    def want_and_bound(self, impl):
+        x = self.x.astype(np.float64)
+        ax = np.abs(x)
+        t1 = self.t == 1
+        want = self.y0.astype(np.float64).copy()
+        mag = np.abs(want)              # |y0| + sum |Wd h|
+        prop = np.zeros_like(want)      # propagated h error and int8 terms on h
+        n_total = sum(self.ns)
+        for e, (wg, wu, wd) in enumerate(self.parts):
+            c = np.ones(self.t) if self.coef is None else self.coef[:, e].astype(np.float64)
+            g, u = x @ wg.T, x @ wu.T
+            bg = FLOAT_SLACK * self.d * EPS32 * (ax @ np.abs(wg).T)
+            bu = FLOAT_SLACK * self.d * EPS32 * (ax @ np.abs(wu).T)
+            if t1 and int8_activation_path(self.fmts[0], impl):
+                bg += q8_half_step_blocks(ax) @ np.abs(wg).T
+            if t1 and int8_activation_path(self.fmts[1], impl):
+                bu += q8_half_step_blocks(ax) @ np.abs(wu).T
+            s = silu(g)
+            h = c[:, None] * s * u
+            bh = np.abs(c)[:, None] * (1.1 * bg * (np.abs(u) + bu) + np.abs(s) * bu) + 8 * EPS32 * np.abs(h)
+            want += h @ wd.T
+            mag += np.abs(h) @ np.abs(wd).T
+            prop += bh @ np.abs(wd).T
+            n = self.ns[e]
+            if (t1 and self.layout == "columns" and int8_activation_path(self.fmts[2], impl)
+                    and (self.fmts[2] == "q1_0" or n >= 64)):
+                prop += q8_half_step_blocks(np.abs(h) + bh) @ np.abs(wd).T
+        bound = prop + FLOAT_SLACK * (n_total + len(self.ns) + 1) * EPS32 * mag + 1e-30
+        return want, bound
+
+
+def sizes(fmt_down, layout, count, seed=0):
+    """Unequal expert sizes: multiples of the down block in columns layout (32..256), anything
+    in rows layout."""
+    rng = np.random.default_rng(seed)
+    if layout == "rows":
+        return [int(v) for v in rng.integers(5, 200, count)]
+    blk = max(K.block_weights(fmt_down), 32)
+    return [int(v) * blk for v in rng.integers(1, 256 // blk + 1, count)]
+
+
+# ---- against numpy --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("t", [1, 7])
+@pytest.mark.parametrize("layout", ["columns", "rows"])
+@pytest.mark.parametrize("down", FORMATS)
+@pytest.mark.parametrize("gate_up", FORMATS)
+def test_ffn_matches_numpy(gate_up, down, layout, t, impl):
+    case = Case((gate_up, gate_up, down), layout, sizes(down, layout, 4, seed=t), t, seed=hash((gate_up, down)) % 1000)
+    want, bound = case.want_and_bound(impl)
+    assert_within(case.run(impl), want, bound)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("fmts", [("q4_0", "q8_0", "f16"), ("f16", "q1_0", "q4_1"), ("q1_0", "q4_1", "q1_0"),
+                                  ("f32", "q4_0", "q8_0")])
+@pytest.mark.parametrize("layout", ["columns", "rows"])
+def test_ffn_mixed_gate_up_formats(fmts, layout, impl):
+    case = Case(fmts, layout, sizes(fmts[2], layout, 3), 1, seed=5)
+    want, bound = case.want_and_bound(impl)
+    assert_within(case.run(impl), want, bound)
+    case = Case(fmts, layout, sizes(fmts[2], layout, 3), 5, seed=6)
+    want, bound = case.want_and_bound(impl)
+    assert_within(case.run(impl), want, bound)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("coef", [None, "zeros"])
+@pytest.mark.parametrize("t", [1, 3, 33])
+@pytest.mark.parametrize("layout", ["columns", "rows"])
+@pytest.mark.parametrize("fmt", ["q4_1", "q1_0"])
+def test_ffn_threads_and_coef(fmt, layout, t, coef, impl, threads):
+    case = Case((fmt, fmt, fmt), layout, sizes(fmt, layout, 6, seed=t), t, seed=t, coef=coef)
+    want, bound = case.want_and_bound(impl)
+    assert_within(case.run(impl), want, bound)
+
+
+@pytest.mark.parametrize("n_experts", [1, 2, 5, 17, 30])
+@pytest.mark.parametrize("layout", ["columns", "rows"])
+@pytest.mark.parametrize("fmt", ["q4_1", "q1_0", "q8_0"])
+def test_ffn_expert_counts(fmt, layout, n_experts, threads):
+    for t in (1, 4):
+        case = Case((fmt, fmt, fmt), layout, sizes(fmt, layout, n_experts, seed=n_experts), t, seed=n_experts)
+        want, bound = case.want_and_bound("auto")
+        assert_within(case.run("auto"), want, bound)
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("t", [1, 9])
+@pytest.mark.parametrize("layout", ["columns", "rows"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_fast_matches_reference(fmt, layout, t, impl):
+    case = Case((fmt, fmt, fmt), layout, sizes(fmt, layout, 5, seed=3), t, seed=11)
+    _, b_fast = case.want_and_bound(impl)
+    _, b_ref = case.want_and_bound("ref")
+    assert_within(case.run(impl), case.run("ref").astype(np.float64), b_fast + b_ref)
+
+
+# ---- behaviour ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("layout", ["columns", "rows"])
+@pytest.mark.parametrize("t", [1, 4])
+def test_zero_coef_expert_is_not_read(layout, t, impl):
+    """An expert with coef 0 for every token is skipped: NaN weights there change nothing."""
+    case = Case(("f32", "f32", "f32"), layout, [64, 32, 96], t, seed=2)
+    want = case.run(impl)
+    case.bundles[1] = np.frombuffer(np.full(case.bundles[1].nbytes // 4, np.nan, np.float32).tobytes(),
+                                    dtype=np.uint8).copy()
+    got = case.run(impl)
+    assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("layout", ["columns", "rows"])
+def test_single_token_shapes_agree(layout, impl):
+    case = Case(("q4_1", "q4_1", "q4_1"), layout, sizes("q4_1", layout, 3), 1, seed=4)
+    es = case.expert_set()
+    y2 = case.y0.copy()
+    es.ffn(case.x, y2, case.coef, impl=impl)
+    y1 = case.y0[0].copy()
+    es.ffn(case.x[0], y1, case.coef[0], impl=impl)
+    assert np.array_equal(y1, y2[0])
+
+
+def test_scratch_grows_and_results_repeat():
+    case = Case(("q8_0", "q8_0", "q8_0"), "columns", [64, 128], 1, seed=1, coef=None)
+    es = case.expert_set()
+    y = np.zeros(D_MODEL, np.float32)
+    es.ffn(case.x[0], y)
+    big = np.random.default_rng(0).standard_normal((40, D_MODEL), dtype=np.float32)
+    yb = np.zeros_like(big)
+    es.ffn(big, yb)
+    assert es._scratch.size >= 40 * 192
+    y_again = np.zeros(D_MODEL, np.float32)
+    es.ffn(case.x[0], y_again)
+    assert np.array_equal(y, y_again)
+
+
+def test_from_layout_and_no_experts():
+    class Layout:
+        d_model, gate_fmt, up_fmt, down_fmt, down_layout = D_MODEL, "q4_0", "q4_0", "q4_0", "rows"
+    case = Case(("q4_0", "q4_0", "q4_0"), "rows", [40], 2, seed=9)
+    es = K.ExpertSet.from_layout(Layout, case.bundles, case.ns)
+    y = case.y0.copy()
+    es.ffn(case.x, y, case.coef)
+    want, bound = case.want_and_bound("auto")
+    assert_within(y, want, bound)
+    empty = K.ExpertSet(("q4_0", "q4_0", "q4_0"), D_MODEL, "rows", [], [])
+    y = case.y0.copy()
+    empty.ffn(case.x, y)
+    assert np.array_equal(y, case.y0)
+
+
+# ---- bad arguments --------------------------------------------------------------------------
+
+def test_bad_arguments_raise_value_error():
+    case = Case(("q4_1", "q4_1", "q4_1"), "columns", [64, 32], 2, seed=0)
+    es = case.expert_set()
+    x, y = case.x, case.y0.copy()
+    with pytest.raises(ValueError):
+        es.ffn(x.astype(np.float64), y)
+    with pytest.raises(ValueError):
+        es.ffn(x, y[:1])
+    with pytest.raises(ValueError):
+        es.ffn(x[:, :128], y[:, :128])
+    with pytest.raises(ValueError):
+        es.ffn(x, np.asfortranarray(y))
+    with pytest.raises(ValueError):
+        es.ffn(x, y, np.ones((2, 3), np.float32))
+    with pytest.raises(ValueError):
+        es.ffn(x, y, np.ones((2, 2), np.float64))
+    with pytest.raises(ValueError):
+        es.ffn(x, y, impl="sse9")
+    with pytest.raises(ValueError):  # bundle too short
+        K.ExpertSet(("q4_1",) * 3, D_MODEL, "columns", [case.bundles[0][:-1]], [64])
+    with pytest.raises(ValueError):  # columns: n must be a multiple of the down block
+        K.ExpertSet(("q4_1",) * 3, D_MODEL, "columns", [case.bundles[0]], [40])
+    with pytest.raises(ValueError):  # d_model not a multiple of the Q1_0 block
+        K.ExpertSet(("q1_0", "q4_1", "q4_1"), 96, "rows", [case.bundles[0]], [8])
+    with pytest.raises(ValueError):
+        K.ExpertSet(("q4_1",) * 3, D_MODEL, "diagonal", case.bundles, case.ns)
+    with pytest.raises(ValueError):
+        K.ExpertSet(("q4_1",) * 3, D_MODEL, "columns", case.bundles, [64])
+    with pytest.raises(ValueError):
+        K.ExpertSet(("q4_1",) * 3, D_MODEL, "columns", [case.bundles[0].astype(np.int8)], [64])
+
+
+def test_c_core_rejects_bad_arguments():
+    case = Case(("q8_0", "q8_0", "q8_0"), "columns", [32, 64], 1, seed=0)
+    keep = [ffi.from_buffer("uint8_t[]", b) for b in case.bundles]
+    bundles = ffi.new("const uint8_t *[]", keep)
+    n = ffi.new("int32_t[]", [32, 64])
+    x = ffi.from_buffer("float[]", case.x)
+    y = ffi.from_buffer("float[]", case.y0.copy())
+    scratch = ffi.new("float[]", 96)
+    ok = {"d_model": D_MODEL, "gate_fmt": lib.FIC_Q8_0, "up_fmt": lib.FIC_Q8_0, "down_fmt": lib.FIC_Q8_0,
+          "down_rows": 0}
+
+    def call(layout=ok, impl=lib.FIC_IMPL_REF, b=bundles, nn=n, ne=2, xx=x, yy=y, t=1, s=scratch, sf=96):
+        lay = ffi.new("fic_expert_layout *", layout) if layout is not None else ffi.NULL
+        return lib.fic_experts_ffn(ffi.NULL, impl, lay, b, nn, ne, ffi.NULL, xx, yy, t, s, sf)
+
+    assert call() == lib.FIC_OK
+    assert call(layout=None) == lib.FIC_ERR_ARG
+    assert call(layout={**ok, "gate_fmt": 99}) == lib.FIC_ERR_ARG
+    assert call(layout={**ok, "down_rows": 2}) == lib.FIC_ERR_ARG
+    assert call(layout={**ok, "d_model": 100}) == lib.FIC_ERR_ARG
+    assert call(layout={**ok, "down_fmt": lib.FIC_Q1_0}) == lib.FIC_ERR_ARG  # n = 32 not a Q1_0 block
+    assert call(impl=99) == lib.FIC_ERR_ARG
+    assert call(b=ffi.NULL) == lib.FIC_ERR_ARG
+    assert call(nn=ffi.NULL) == lib.FIC_ERR_ARG
+    assert call(nn=ffi.new("int32_t[]", [32, 0])) == lib.FIC_ERR_ARG
+    assert call(b=ffi.new("const uint8_t *[]", [keep[0], ffi.NULL])) == lib.FIC_ERR_ARG
+    assert call(ne=-1) == lib.FIC_ERR_ARG
+    assert call(xx=ffi.NULL) == lib.FIC_ERR_ARG
+    assert call(yy=ffi.NULL) == lib.FIC_ERR_ARG
+    assert call(t=0) == lib.FIC_ERR_ARG
+    assert call(s=ffi.NULL) == lib.FIC_ERR_ARG
+    assert call(sf=95) == lib.FIC_ERR_ARG
+    assert call(ne=0, b=ffi.NULL, nn=ffi.NULL, s=ffi.NULL, sf=0) == lib.FIC_OK
+
+
+@pytest.mark.parametrize("impl", [i for i in ("avx2", "avx512", "neon") if i not in IMPLS])
+def test_unavailable_impl_raises(impl):
+    case = Case(("q8_0", "q8_0", "q8_0"), "columns", [32], 1, seed=0)
+    with pytest.raises(NotImplementedError):
+        case.run(impl)
+
+
+# ---- NEON under qemu ------------------------------------------------------------------------
+
+# REF against NEON for a few format sets, both layouts, t = 1 and 3, with router weights (one
+# zero). Tolerance per output: 4 (n_total + d_model) eps times a magnitude computed in double:
+# sum |Wd| |h| + sum |Wd| (1.1 |u| sum |Wg x| + |silu(g)| sum |Wu x|), the float32 bounds of
+# phase 1 propagated through h plus phase 2's own (NEON has no int8 activation path).
+NEON_FFN_C = r"""
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "fic.h"
+
+static float rnd(unsigned *s) { *s = *s * 1103515245u + 12345u; return ((*s >> 8) & 0xffff) / 32768.0f - 1.0f; }
+
+#define D 256
+#define E 3
+#define T 3
+
+int main(void) {
+    static const int sets[][3] = {{FIC_Q4_1, FIC_Q4_1, FIC_Q4_1}, {FIC_Q1_0, FIC_Q1_0, FIC_Q1_0},
+                                  {FIC_Q4_0, FIC_Q8_0, FIC_F16}, {FIC_F32, FIC_F16, FIC_Q4_0}};
+    const int32_t ns[E] = {128, 256, 128};
+    unsigned s = 7;
+    int bad = 0;
+    if (!fic_impl_available(FIC_IMPL_NEON) || fic_impl_best() != FIC_IMPL_NEON) { puts("neon unavailable"); return 1; }
+    float *w = malloc(256 * D * 4), *wd[3], *x = malloc(T * D * 4), coef[T * E];
+    for (int p = 0; p < 3; p++) wd[p] = malloc(256 * D * 4);
+    for (int i = 0; i < T * D; i++) x[i] = rnd(&s);
+    for (int i = 0; i < T * E; i++) coef[i] = 0.5f + 0.5f * rnd(&s);
+    coef[1 * E + 2] = 0.0f;
+    for (size_t si = 0; si < sizeof sets / sizeof sets[0]; si++)
+    for (int rows = 0; rows < 2; rows++)
+    for (int t = 1; t <= T; t += 2) {
+        fic_expert_layout lay = {D, sets[si][0], sets[si][1], sets[si][2], rows};
+        uint8_t *bundles[E];
+        double mag[T * D];
+        memset(mag, 0, sizeof mag);
+        for (int e = 0; e < E; e++) {
+            int64_t n = ns[e], rg = fic_row_bytes(lay.gate_fmt, D), ru = fic_row_bytes(lay.up_fmt, D);
+            int64_t bd = rows ? n * fic_row_bytes(lay.down_fmt, D) : D * fic_row_bytes(lay.down_fmt, n);
+            bundles[e] = malloc(n * (rg + ru) + bd);
+            for (int p = 0; p < 3; p++) {
+                int fmt = p == 0 ? lay.gate_fmt : p == 1 ? lay.up_fmt : lay.down_fmt;
+                int64_t m = p < 2 || rows ? n : D, k = p < 2 || rows ? D : n;
+                uint8_t *dst = bundles[e] + (p >= 1 ? n * rg : 0) + (p == 2 ? n * ru : 0);
+                for (int64_t i = 0; i < m * k; i++) w[i] = 0.2f * rnd(&s);
+                fic_quantize(fmt, w, dst, m, k);
+                fic_dequantize(fmt, dst, wd[p], m, k);
+            }
+            for (int i = 0; i < t; i++)
+                for (int64_t j = 0; j < n; j++) {
+                    double g = 0, u = 0, gm = 0, um = 0;
+                    for (int c = 0; c < D; c++) {
+                        g += (double)wd[0][j * D + c] * x[i * D + c];
+                        u += (double)wd[1][j * D + c] * x[i * D + c];
+                        gm += fabs((double)wd[0][j * D + c] * x[i * D + c]);
+                        um += fabs((double)wd[1][j * D + c] * x[i * D + c]);
+                    }
+                    double sg = g / (1 + exp(-g)), cf = fabs(coef[i * E + e]);
+                    double hm = cf * (fabs(sg * u) + 1.1 * fabs(u) * gm + fabs(sg) * um);
+                    for (int r = 0; r < D; r++) {
+                        double wv = rows ? wd[2][j * D + r] : wd[2][r * n + j];
+                        mag[i * D + r] += fabs(wv) * hm;
+                    }
+                }
+        }
+        float y1[T * D], y2[T * D], scratch[T * 512];
+        for (int i = 0; i < T * D; i++) y1[i] = y2[i] = rnd(&s);
+        for (int i = 0; i < t * D; i++) mag[i] += fabs(y1[i]);
+        int a = fic_experts_ffn(NULL, FIC_IMPL_REF, &lay, (const uint8_t *const *)bundles, ns, E, coef, x, y1, t, scratch, T * 512);
+        int b = fic_experts_ffn(NULL, FIC_IMPL_NEON, &lay, (const uint8_t *const *)bundles, ns, E, coef, x, y2, t, scratch, T * 512);
+        if (a != FIC_OK || b != FIC_OK) { printf("status %d %d\n", a, b); bad = 1; }
+        for (int i = 0; i < t * D; i++)
+            if (fabs((double)y1[i] - y2[i]) > 4.0 * (512 + D) * 5.97e-8 * mag[i] + 1e-30) {
+                printf("set %zu rows %d t %d: out %d ref %g neon %g\n", si, rows, t, i, y1[i], y2[i]);
+                bad = 1;
+                break;
+            }
+        for (int e = 0; e < E; e++) free(bundles[e]);
+    }
+    puts(bad ? "FAIL" : "OK");
+    return bad;
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None or shutil.which("qemu-aarch64") is None,
+                    reason="needs aarch64-linux-gnu-gcc and qemu-aarch64")
+def test_neon_ffn_matches_reference_under_qemu(tmp_path):
+    src = tmp_path / "neon_ffn.c"
+    src.write_text(NEON_FFN_C)
+    exe = tmp_path / "neon_ffn"
+    csrc = REPO / "csrc"
+    cmd = ["aarch64-linux-gnu-gcc", "-O2", "-std=gnu11", "-march=armv8-a+crc", "-pthread", "-static",
+           "-I", str(csrc), str(src), *(str(csrc / f) for f in ("quant.c", "matvec.c", "pool.c", "ffn.c")),
+           "-o", str(exe), "-lm"]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    run = subprocess.run(["qemu-aarch64", str(exe)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("OK"), run.stdout + run.stderr
