@@ -9,6 +9,7 @@ file a source delivers; pull.py tries them in turn. Source kinds:
 """
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 from importlib import resources
@@ -135,8 +136,15 @@ def parse_entry(text: str, where: str) -> CatalogEntry:
     )
 
 
-def _files():
-    """The catalog directory: installed as flashinfer_cli.models (setup.py maps models/ there);
+def _dirs() -> list:
+    """Where catalog files are looked up: $FIC_CATALOG's directories (os.pathsep separated; a
+    private catalog, or a test's) before the built-in one."""
+    extra = [Path(d) for d in os.environ.get("FIC_CATALOG", "").split(os.pathsep) if d]
+    return extra + [_builtin()]
+
+
+def _builtin():
+    """The built-in catalog: installed as flashinfer_cli.models (setup.py maps models/ there);
     in a source checkout used in place, the top-level models/ itself."""
     try:
         return resources.files("flashinfer_cli.models")
@@ -144,26 +152,35 @@ def _files():
         return Path(__file__).resolve().parent.parent / "models"
 
 
+def _find(name: str):
+    if not name or "/" in name or name.startswith("."):
+        return None
+    for d in _dirs():
+        res = d / f"{name}.toml"
+        if res.is_file():
+            return res
+    return None
+
+
 def names() -> list[str]:
     """Every model name the catalog has."""
-    return sorted(p.name[:-5] for p in _files().iterdir() if p.name.endswith(".toml"))
+    found = set()
+    for d in _dirs():
+        if d.is_dir():
+            found.update(p.name[:-5] for p in d.iterdir() if p.name.endswith(".toml"))
+    return sorted(found)
 
 
 def get(name: str) -> CatalogEntry:
     """The catalog entry of a model name; CatalogError if there is none."""
-    if "/" in name or name.startswith("."):
-        raise CatalogError(f"{name!r} is not a catalog name")
-    res = _files() / f"{name}.toml"
-    if not res.is_file():
+    res = _find(name)
+    if res is None:
         raise CatalogError(f"{name!r} is not in the catalog (it has: {', '.join(names())})")
-    entry = parse_entry(res.read_text(encoding="utf-8"), f"models/{name}.toml")
+    entry = parse_entry(res.read_text(encoding="utf-8"), f"catalog file {name}.toml")
     if entry.name != name:
-        raise CatalogError(f"models/{name}.toml names itself {entry.name!r}")
+        raise CatalogError(f"catalog file {name}.toml names itself {entry.name!r}")
     return entry
 
 
 def has(name: str) -> bool:
-    try:
-        return (_files() / f"{name}.toml").is_file() and "/" not in name
-    except (ModuleNotFoundError, OSError):
-        return False
+    return _find(name) is not None

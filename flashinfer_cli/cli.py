@@ -39,6 +39,9 @@ def _user_errors() -> Iterator[None]:
 
     try:
         yield
+    except KeyboardInterrupt:
+        click.echo("fic: interrupted; nothing was installed and partial downloads were removed", err=True)
+        sys.exit(130)
     except (store.StoreError, pull.PullError, catalog.CatalogError, fmt.FormatError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:

@@ -252,16 +252,17 @@ def fetch_hf(src: Source, store: Store, work: Path, *, progress: bool, log: Log)
 # ---- converting and installing -------------------------------------------------------------
 
 def _fetch(src: Source, store: Store, work: Path, *, progress: bool, log: Log) -> Path:
-    hit = cached_source(src, store)
-    if hit is not None:
-        log(f"fic: using the cached download of {src.describe()} ({hit})")
-        return hit
     if src.kind == "hf":
         return fetch_hf(src, store, work, progress=progress, log=log)
     return fetch_pip(src, store, work, progress=progress, log=log)
 
 
 def _fetch_first(p: Plan, store: Store, work: Path, *, progress: bool, log: Log) -> tuple[Source, Path]:
+    for src in p.sources:  # a verified earlier download beats any network source
+        hit = cached_source(src, store)
+        if hit is not None:
+            log(f"fic: pulling {p.name} from the cached download of {src.describe()} ({hit})")
+            return src, hit
     failures = []
     for i, src in enumerate(p.sources):
         try:
