@@ -233,11 +233,15 @@ def fetch_hf(src: Source, store: Store, work: Path, *, progress: bool, log: Log)
     except ImportError:
         raise FetchError("huggingface_hub is not installed (pip install huggingface_hub)") from None
     try:
+        # snapshot_download even for one file: offline it fails at once, where hf_hub_download
+        # retries with backoff for half a minute before giving up
+        patterns = [src.file] if src.file else \
+            list(src.allow_patterns) or ["*.json", "*.safetensors", "*.txt", "*.model"]
+        path = Path(huggingface_hub.snapshot_download(src.repo, allow_patterns=patterns))
         if src.file:
-            path = Path(huggingface_hub.hf_hub_download(src.repo, src.file))
-        else:
-            patterns = list(src.allow_patterns) or ["*.json", "*.safetensors", "*.txt", "*.model"]
-            path = Path(huggingface_hub.snapshot_download(src.repo, allow_patterns=patterns))
+            path = path / src.file
+            if not path.is_file():
+                raise FetchError(f"the repo has no file {src.file}")
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # the hub raises many kinds (HTTP, offline, gated, not found)
