@@ -239,8 +239,10 @@ def cached_source(src: Source, store: Store) -> Path | None:
 def _hub_reason(exc: BaseException) -> str:
     """One short line for why the hub could not give us the files."""
     lines = [l.strip() for l in str(exc).splitlines() if l.strip()]
+    if "outgoing traffic has been disabled" in " ".join(lines):
+        return "hub disabled (HF_HUB_OFFLINE) and not in the local Hugging Face cache"
     got = [l[len("Got: "):] for l in lines if l.startswith("Got: ")]
-    text = (got or lines or [type(exc).__name__])[0][:160]
+    text = (got or lines or [type(exc).__name__])[0].split(". ")[0][:160]
     offline = got or isinstance(exc, (ConnectionError, TimeoutError)) or "connect" in text.lower()
     return f"hub unreachable ({text})" if offline else f"{type(exc).__name__}: {text}"
 
@@ -292,8 +294,8 @@ def _fetch_first(p: Plan, store: Store, work: Path, *, progress: bool, log: Log)
             path = _fetch(src, store, work, progress=progress, log=log)
         except FetchError as exc:
             failures.append(f"{src.describe()}: {exc}")
-            nxt = f"; trying {p.sources[i + 1].describe()}" if i + 1 < len(p.sources) else ""
-            log(f"fic: {src.describe()}: {exc}{nxt}")
+            if i + 1 < len(p.sources):  # the last failure is told by the error itself
+                log(f"fic: {src.describe()}: {exc}; trying {p.sources[i + 1].describe()}")
             continue
         log(f"fic: pulling {p.name} from {src.describe()}")
         return src, path

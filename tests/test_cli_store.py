@@ -110,9 +110,9 @@ def test_rm_removes_and_refuses_unknown(home):
 def test_bad_sources_are_one_line_errors(home, tmp_path):
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"not a gguf" * 100)
-    for args in (["pull", "no-such-model"], ["pull", str(tmp_path / "missing.gguf")], ["pull", str(junk)],
+    for args in (["pull", "no-such-model"], ["pull", "fic-test/no-such-repo"], ["pull", str(tmp_path / "missing.gguf")], ["pull", str(junk)],
                  ["pull", "smollm2-135m", "--name", "../escape"], ["show", "ghost"], ["rm", "ghost"]):
-        proc = fic(*args, env={"FIC_HOME": str(home.root)})
+        proc = fic(*args, env={"FIC_HOME": str(home.root), "HF_HUB_OFFLINE": "1"})
         assert proc.returncode == 1, (args, proc.stderr)
         assert one_error_line(proc.stderr).startswith("Error: "), args
     assert not home.models_dir.exists() or home.names() == []

