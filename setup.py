@@ -9,7 +9,10 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["flashinfer_cli", "flashinfer_cli.*"]),
+    packages=find_packages(include=["flashinfer_cli", "flashinfer_cli.*"]) + ["flashinfer_cli.models"],
+    # the catalog lives at the top (models/) and installs as flashinfer_cli.models
+    package_dir={"flashinfer_cli.models": "models"},
+    package_data={"flashinfer_cli.models": ["*.toml"]},
     setup_requires=["cffi>=1.15"],
     cffi_modules=["csrc/build_ffi.py:ffibuilder"],
     install_requires=[
@@ -18,6 +21,7 @@ setup(
         "click>=8.1",
         "tqdm>=4.60",
         "safetensors>=0.4",
+        'tomli>=1.1; python_version < "3.11"',
     ],
     extras_require={
         "test": ["pytest>=7", "gguf==0.19.0"],

@@ -1,0 +1,215 @@
+"""Where models live: $FIC_HOME (else $XDG_CACHE_HOME/fic, else ~/.cache/fic).
+
+    <root>/models/<name>/   one fic model directory per name (fmt.py)
+    <root>/cache/<sha256>   downloaded source files, keyed by content, so a re-pull does not download
+    <root>/tmp/             work space of pulls in progress (same filesystem: renames are atomic)
+    <root>/.lock            flock'ed while a pull writes, so two pulls never write the same model
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from flashinfer_cli import fmt
+
+
+class StoreError(Exception):
+    """A store operation that cannot be done; the message is one line for the user."""
+
+
+class StoreBusy(StoreError):
+    """Another process holds the store's lock."""
+
+
+def fic_home() -> Path:
+    """The store's root: $FIC_HOME, else $XDG_CACHE_HOME/fic, else ~/.cache/fic."""
+    if os.environ.get("FIC_HOME"):
+        return Path(os.environ["FIC_HOME"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "fic"
+    return Path.home() / ".cache" / "fic"
+
+
+def validate_name(name: str) -> str:
+    """A model name is one path component: no '/', no '..', not hidden, not empty."""
+    bad = (not name or "/" in name or "\\" in name or name in (".", "..") or ".." in name
+           or name.startswith(".") or "\0" in name)
+    if bad:
+        raise StoreError(f"invalid model name {name!r}: use letters, digits, '.', '-' or '_' (no '/' or '..')")
+    return name
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    path: Path
+    size: int        # bytes on disk, every file of the model directory
+    format: str      # weight formats, e.g. "q4_1+q8_0" (most bytes first)
+    source: str      # where it came from (manifest provenance)
+    arch: str
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _format_summary(manifest: fmt.Manifest) -> str:
+    """The weight formats of the matrices, the one holding most parameters first."""
+    weight: dict[str, int] = {}
+    for spec in manifest.tensors.values():
+        if spec["fmt"] == "i32" or len(spec["shape"]) < 2:
+            continue  # neuron orders and norms say nothing about the quantization
+        n = 1
+        for d in spec["shape"]:
+            n *= d
+        weight[spec["fmt"]] = weight.get(spec["fmt"], 0) + n
+    layout = manifest.expert_layout
+    if layout is not None:
+        for layer in manifest.experts:
+            for e in layer:
+                for f in (layout.gate_fmt, layout.up_fmt, layout.down_fmt):
+                    weight[f] = weight.get(f, 0) + e.n_neurons * layout.d_model
+    return "+".join(sorted(weight, key=lambda f: -weight[f])) or "-"
+
+
+def _source_summary(provenance: dict) -> str:
+    return str(provenance.get("source_desc") or provenance.get("source") or "-")
+
+
+class Store:
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = Path(root) if root is not None else fic_home()
+        self.models_dir = self.root / "models"
+        self.cache_dir = self.root / "cache"
+        self.tmp_dir = self.root / "tmp"
+
+    def path(self, name: str) -> Path:
+        return self.models_dir / validate_name(name)
+
+    def exists(self, name: str) -> bool:
+        return (self.path(name) / fmt.MANIFEST_FILE).is_file()
+
+    def names(self) -> list[str]:
+        if not self.models_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.models_dir.iterdir()
+                      if not p.name.startswith(".") and (p / fmt.MANIFEST_FILE).is_file())
+
+    def info(self, name: str) -> ModelInfo:
+        path = self.path(name)
+        if not self.exists(name):
+            raise StoreError(f"no model {name!r} in {self.models_dir} (see `fic ls`)")
+        manifest = fmt.parse_manifest(path / fmt.MANIFEST_FILE)
+        return ModelInfo(name=name, path=path, size=dir_size(path), format=_format_summary(manifest),
+                         source=_source_summary(manifest.provenance), arch=str(manifest.arch.get("arch", "?")))
+
+    def list(self) -> list[ModelInfo]:
+        out = []
+        for name in self.names():
+            try:
+                out.append(self.info(name))
+            except fmt.FormatError as exc:  # a broken model is still listed, so it can be removed
+                path = self.path(name)
+                out.append(ModelInfo(name, path, dir_size(path), "broken", f"({exc.fault})", "?"))
+        return out
+
+    def remove(self, name: str) -> None:
+        path = self.path(name)
+        if not path.is_dir():
+            raise StoreError(f"no model {name!r} in {self.models_dir} (see `fic ls`)")
+        # rename first so a half-deleted model never shows under its name
+        with self.lock(blocking=False):
+            gone = self.models_dir / f".rm-{name}-{os.getpid()}"
+            os.rename(path, gone)
+            shutil.rmtree(gone, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def lock(self, *, blocking: bool = True, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+        """Exclusive lock on the store for writers (flock on <root>/.lock; the kernel drops it if
+        we die). When another process holds it: wait (calling on_wait first), or StoreBusy."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not blocking:
+                    raise StoreBusy(f"another fic is writing to {self.root}; try again when it is done") from None
+                if on_wait is not None:
+                    on_wait()
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing drops the lock
+
+    def make_tmp(self, prefix: str) -> Path:
+        """A fresh work directory inside the store (same filesystem as models/ and cache/)."""
+        import tempfile
+
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=self.tmp_dir))
+
+
+@dataclass(frozen=True)
+class ModelDetails:
+    """What `fic show` prints about a model directory."""
+
+    name: str
+    path: Path
+    arch: dict
+    parameters: int
+    dense_bytes: int            # the dense block file
+    experts_per_layer: list[int]
+    bundle_neurons: list[int]   # distinct expert sizes (neurons per bundle)
+    bundle_bytes: list[int]     # distinct padded bundle sizes on disk
+    formats: dict[str, tuple[int, int]]  # weight format -> (tensors, parameters); experts as gate/up/down
+    size: int
+    provenance: dict
+    notes: list[str]
+
+
+def describe(path: Path) -> ModelDetails:
+    """Validate a model directory (headers and tables, not every checksum) and summarize it."""
+    with fmt.ModelReader(path) as reader:
+        man = reader.manifest
+        formats: dict[str, list[int]] = {}
+
+        def count(f: str, n: int, tensors: int = 1) -> None:
+            slot = formats.setdefault(f, [0, 0])
+            slot[0] += tensors
+            slot[1] += n
+
+        params = 0
+        for spec in man.tensors.values():
+            if spec["fmt"] == "i32":
+                continue  # neuron orders are bookkeeping, not parameters
+            n = 1
+            for d in spec["shape"]:
+                n *= d
+            params += n
+            count(spec["fmt"], n)
+        layout = man.expert_layout
+        if layout is not None:
+            for layer in man.experts:
+                for e in layer:
+                    n = e.n_neurons * layout.d_model
+                    params += 3 * n
+                    for f in (layout.gate_fmt, layout.up_fmt, layout.down_fmt):
+                        count(f, n, 0)
+            for f in {layout.gate_fmt, layout.up_fmt, layout.down_fmt}:  # one ffn matrix per layer and part
+                parts = [layout.gate_fmt, layout.up_fmt, layout.down_fmt].count(f)
+                formats[f][0] += parts * sum(1 for layer in man.experts if layer)
+        return ModelDetails(
+            name=man.name, path=Path(path), arch=man.arch, parameters=params,
+            dense_bytes=reader.dense_path.stat().st_size,
+            experts_per_layer=[len(layer) for layer in man.experts],
+            bundle_neurons=sorted({e.n_neurons for layer in man.experts for e in layer}),
+            bundle_bytes=sorted({e.padded_length for layer in man.experts for e in layer}),
+            formats={f: (t, n) for f, (t, n) in formats.items()},
+            size=dir_size(Path(path)), provenance=man.provenance, notes=man.notes,
+        )

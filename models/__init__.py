@@ -1,0 +1,1 @@
+"""The model catalog's TOML files; installed as the package data of flashinfer_cli.models."""
