@@ -173,6 +173,11 @@ def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return (x / np.sqrt(ms + eps)) * w
 
 
+def _rmsnorm1(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    """rmsnorm of one vector (decode): a dot product and two multiplies."""
+    return (x * np.float32(1.0 / math.sqrt(float(np.dot(x, x)) / x.size + eps))) * w
+
+
 def silu(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + np.exp(-x))
 
@@ -241,6 +246,10 @@ class Model:
         if hasattr(self.provider, "release"):
             self.provider.release()
         self.cos, self.sin = rope_tables(self.ctx, c.head_dim, c.rope_theta, c.rope_scaling)
+        half = c.head_dim // 2  # decode's RoPE: rotate_half(x) = x[rot] * sign, the sign folded into sin
+        self._rot = np.concatenate([np.arange(half, c.head_dim), np.arange(half)])
+        self._sin_signed = np.concatenate([-self.sin[:, :half], self.sin[:, half:]], axis=1)
+        self._scale = np.float32(1.0 / math.sqrt(c.head_dim))
         self.k_cache = np.zeros((c.n_layers, self.ctx, c.n_kv_heads, c.head_dim), np.float32)
         self.v_cache = np.zeros_like(self.k_cache)
         self.pos = 0
@@ -292,27 +301,63 @@ class Model:
             raise ContextFull(f"{self.pos + t} tokens do not fit the context of {self.ctx}")
         if any(not 0 <= tok < c.vocab_size for tok in tokens):
             raise ValueError(f"token id outside the vocabulary of {c.vocab_size}")
+        if t == 1 and not all_logits:
+            return self._decode(tokens[0])
         x = self.embed(tokens)
-        decode = t == 1
-        mul = kernels.matvec if decode else kernels.matmul
         for i in range(c.n_layers):
-            x = x + self._attention(i, rmsnorm(x, self.layers[i].attn_norm, c.norm_eps), decode)
-            h = rmsnorm(x, self.layers[i].ffn_norm, c.norm_eps)
-            x = x + (self.ffn[i].decode(h[0])[None] if decode else self.ffn[i].prefill(h))
+            x = x + self._attention(i, rmsnorm(x, self.layers[i].attn_norm, c.norm_eps))
+            x = x + self.ffn[i].prefill(rmsnorm(x, self.layers[i].ffn_norm, c.norm_eps))
         self.pos += t
         x = rmsnorm(x if all_logits else x[-1:], self.output_norm, c.norm_eps)
-        logits = kernels.matvec(self.output, x[0]) if x.shape[0] == 1 else kernels.matmul(self.output, x)
-        return logits.reshape(-1, c.vocab_size) if all_logits else logits.reshape(-1)
+        logits = kernels.matmul(self.output, x) if all_logits else kernels.matvec(self.output, x[0])
+        return logits.reshape(-1, c.vocab_size) if all_logits else logits
 
-    def _attention(self, i: int, x: np.ndarray, decode: bool) -> np.ndarray:
+    def _decode(self, token: int) -> np.ndarray:
+        """One token: the same arithmetic as the prefill path, with as few numpy calls as possible
+        (a decode step is ~30 layers x a dozen small operations between kernel calls)."""
+        c = self.config
+        x = self.embed([token])[0]
+        for i in range(c.n_layers):
+            lw = self.layers[i]
+            x += self._attend_one(i, _rmsnorm1(x, lw.attn_norm, c.norm_eps))
+            x += self.ffn[i].decode(_rmsnorm1(x, lw.ffn_norm, c.norm_eps))
+        self.pos += 1
+        return kernels.matvec(self.output, _rmsnorm1(x, self.output_norm, c.norm_eps))
+
+    def _attend_one(self, i: int, x: np.ndarray) -> np.ndarray:
+        c, lw, p = self.config, self.layers[i], self.pos
+        nh, nkv, hd = c.n_heads, c.n_kv_heads, c.head_dim
+        if isinstance(lw.qkv, QTensor):
+            qkv = kernels.matvec(lw.qkv, x)
+        else:
+            qkv = np.concatenate([kernels.matvec(w, x) for w in lw.qkv])
+        if lw.q_bias is not None:
+            qkv += lw.q_bias
+        qk = qkv[:(nh + nkv) * hd].reshape(nh + nkv, hd)
+        if lw.q_norm is not None:
+            qk = np.concatenate([rmsnorm(qk[:nh], lw.q_norm, c.norm_eps), rmsnorm(qk[nh:], lw.k_norm, c.norm_eps)])
+        qk = qk * self.cos[p] + qk[:, self._rot] * self._sin_signed[p]  # RoPE, rotate-half
+        self.k_cache[i, p] = qk[nh:]
+        self.v_cache[i, p] = qkv[(nh + nkv) * hd:].reshape(nkv, hd)
+        n = p + 1
+        q = qk[:nh].reshape(nkv, nh // nkv, hd)
+        scores = np.matmul(q, self.k_cache[i, :n].transpose(1, 2, 0))  # (kv, group, n)
+        scores *= self._scale
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=-1, keepdims=True)
+        out = np.matmul(scores, self.v_cache[i, :n].transpose(1, 0, 2))  # (kv, group, hd)
+        return kernels.matvec(lw.attn_output, out.reshape(-1))
+
+    def _attention(self, i: int, x: np.ndarray) -> np.ndarray:
+        """Attention of a batch of tokens (prefill)."""
         c, lw = self.config, self.layers[i]
         t, p0 = x.shape[0], self.pos
         nq, nkv, hd = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.head_dim
         if isinstance(lw.qkv, QTensor):
-            qkv = kernels.matvec(lw.qkv, x[0])[None] if decode else kernels.matmul(lw.qkv, x)
+            qkv = kernels.matmul(lw.qkv, x)
         else:  # q, k, v in different formats
-            mul = (lambda w: kernels.matvec(w, x[0])[None]) if decode else (lambda w: kernels.matmul(w, x))
-            qkv = np.concatenate([mul(w) for w in lw.qkv], axis=1)
+            qkv = np.concatenate([kernels.matmul(w, x) for w in lw.qkv], axis=1)
         if lw.q_bias is not None:
             qkv = qkv + lw.q_bias
         q = qkv[:, :nq].reshape(t, c.n_heads, hd)
@@ -336,10 +381,7 @@ class Model:
             scores = np.where(np.arange(n)[None, :] <= qpos[:, None], scores, -np.inf)
         out = np.matmul(softmax(scores), vals)                       # (kv, t*g, hd)
         out = out.reshape(c.n_kv_heads, t, g, hd).transpose(1, 0, 2, 3).reshape(t, nq)
-        out = np.ascontiguousarray(out, dtype=np.float32)
-        if decode:
-            return kernels.matvec(lw.attn_output, out[0])[None]
-        return kernels.matmul(lw.attn_output, out)
+        return kernels.matmul(lw.attn_output, np.ascontiguousarray(out, dtype=np.float32))
 
     def close(self) -> None:
         self.reader.close()
