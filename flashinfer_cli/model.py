@@ -222,6 +222,9 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 
 # ---- the model -----------------------------------------------------------------------------
 
+PREFILL_CHUNK = 512  # tokens per prefill pass
+
+
 class ContextFull(ValueError):
     """More tokens than the KV cache holds."""
 
@@ -303,6 +306,10 @@ class Model:
             raise ValueError(f"token id outside the vocabulary of {c.vocab_size}")
         if t == 1 and not all_logits:
             return self._decode(tokens[0])
+        if t > PREFILL_CHUNK:  # bounds the attention scores' memory for long prompts
+            parts = [self.forward(tokens[i:i + PREFILL_CHUNK], all_logits=all_logits)
+                     for i in range(0, t, PREFILL_CHUNK)]
+            return np.concatenate(parts) if all_logits else parts[-1]
         x = self.embed(tokens)
         for i in range(c.n_layers):
             x = x + self._attention(i, rmsnorm(x, self.layers[i].attn_norm, c.norm_eps))

@@ -74,6 +74,19 @@ def test_prefill_then_decode_equals_one_shot(kind, checkpoints, tmp_path_factory
         assert rel(decode_logits(m, IDS, split), one_shot) < 1e-5  # measured < 1e-6
 
 
+def test_chunked_prefill_equals_one_pass(checkpoints, tmp_path_factory, monkeypatch):
+    from flashinfer_cli import model as model_module
+
+    src, _ = checkpoints["qwen3"]
+    m = fic_model(src, "f32", tmp_path_factory.mktemp("fic"))
+    one_pass = m.forward(IDS, all_logits=True)
+    monkeypatch.setattr(model_module, "PREFILL_CHUNK", 7)
+    m.reset()
+    assert rel(m.forward(IDS, all_logits=True), one_pass) < 1e-5
+    m.reset()
+    assert rel(m.forward(IDS), one_pass[-1]) < 1e-5
+
+
 def test_down_rows_layout_matches_transformers(checkpoints, tmp_path_factory):
     src, hf = checkpoints["qwen2"]
     m = fic_model(src, "f32", tmp_path_factory.mktemp("fic"), layout="rows")
