@@ -25,8 +25,6 @@ from flashinfer_cli import fmt, kernels
 from flashinfer_cli.config import ArchConfig
 from flashinfer_cli.kernels import QTensor
 
-Weight = QTensor
-
 
 # ---- weights -------------------------------------------------------------------------------
 
@@ -242,7 +240,7 @@ class Model:
         dense = self.reader.dense()
         self.token_embd = as_qtensor(dense["token_embd"])
         self.output_norm = _vec(dense["output_norm"])
-        self.output = as_qtensor(dense["token_embd"] if c.tie_embeddings else dense["output"])
+        self.output = self.token_embd if c.tie_embeddings else as_qtensor(dense["output"])
         self.layers = [self._layer(dense, i) for i in range(c.n_layers)]
         self.provider = provider_factory(self.reader)
         self.ffn = [self._ffn(i, man.expert_layout) for i in range(c.n_layers)]
@@ -274,6 +272,8 @@ class Model:
         )
 
     def _ffn(self, layer: int, layout: fmt.ExpertLayout) -> ExpertFFN:
+        # A layer's neuron order (fmt.ModelReader.neuron_order) needs no undoing: the FFN is a sum
+        # over neurons, and each bundle keeps a neuron's gate row, up row and down column together.
         bundles = [b for _, b in self.provider.bundles(layer)]
         if not bundles:
             raise fmt.FormatError(self.reader.path, f"layer {layer} has no experts")
