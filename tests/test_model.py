@@ -198,3 +198,42 @@ def test_corrupt_bundle_is_refused(checkpoints, tmp_path_factory):
         f.write(bytes([byte[0] ^ 0xFF]))
     with pytest.raises(fmt.FormatError, match="checksum"):
         Model(path)
+
+
+def test_permuted_neurons_match_transformers(checkpoints, tmp_path):
+    """A model written directly through fmt.ModelWriter (no converter) with each layer's FFN
+    neurons shuffled and uneven expert sizes: the output is the same function."""
+    from flashinfer_cli import kernels
+    from flashinfer_cli.config import ArchConfig
+
+    src, hf = checkpoints["llama"]
+    cfg = hf.config
+    sd = {k: v.numpy() for k, v in hf.state_dict().items()}
+    arch = ArchConfig(arch="llama", n_layers=cfg.num_hidden_layers, d_model=cfg.hidden_size,
+                      n_heads=cfg.num_attention_heads, n_kv_heads=cfg.num_key_value_heads,
+                      head_dim=cfg.hidden_size // cfg.num_attention_heads, d_ff=cfg.intermediate_size,
+                      vocab_size=cfg.vocab_size, norm_eps=cfg.rms_norm_eps, rope_theta=10000.0,
+                      max_ctx=cfg.max_position_embeddings, tie_embeddings=False)
+    layout = fmt.ExpertLayout(cfg.hidden_size, "f32", "f32", "f32", "rows")
+    q = lambda w: kernels.quantize(np.ascontiguousarray(w, dtype=np.float32), "f32")
+    rng = np.random.default_rng(1)
+    with fmt.ModelWriter(tmp_path / "perm", name="perm", arch=arch.to_json(), layout=layout) as w:
+        w.add_dense("token_embd", q(sd["model.embed_tokens.weight"]))
+        w.add_dense("output", q(sd["lm_head.weight"]))
+        w.add_dense("output_norm", sd["model.norm.weight"])
+        for i in range(cfg.num_hidden_layers):
+            p = f"model.layers.{i}."
+            w.add_dense(f"blk.{i}.attn_norm", sd[p + "input_layernorm.weight"])
+            w.add_dense(f"blk.{i}.ffn_norm", sd[p + "post_attention_layernorm.weight"])
+            for ours, theirs in (("attn_q", "q_proj"), ("attn_k", "k_proj"), ("attn_v", "v_proj"), ("attn_output", "o_proj")):
+                w.add_dense(f"blk.{i}.{ours}", q(sd[p + f"self_attn.{theirs}.weight"]))
+            order = rng.permutation(cfg.intermediate_size)
+            gate, up = sd[p + "mlp.gate_proj.weight"][order], sd[p + "mlp.up_proj.weight"][order]
+            down_t = sd[p + "mlp.down_proj.weight"].T[order]
+            for a, b in ((0, 16), (16, 64), (64, 96), (96, 128)):
+                w.add_expert(i, q(gate[a:b]), q(up[a:b]), q(down_t[a:b]))
+            w.set_neuron_order(i, order)
+    m = Model(tmp_path / "perm", ctx=64)
+    ref = hf_logits(hf, IDS)
+    assert rel(m.forward(IDS, all_logits=True), ref) < 1e-4
+    assert rel(decode_logits(m, IDS, 30), ref) < 1e-4
