@@ -82,7 +82,11 @@ class Engine:
     def chat_ids(self, messages: list[dict]) -> list[int]:
         if not messages or not any(m.get("content") for m in messages if m.get("role") == "user"):
             raise EngineError("empty prompt")
-        return self.tokenize(self.tokenizer.render_chat(messages, add_generation_prompt=True))
+        ids = self.tokenize(self.tokenizer.render_chat(messages, add_generation_prompt=True))
+        bos = self.tokenizer.bos_id
+        if bos is not None and ids[:2] == [bos, bos]:  # the template wrote bos and encode added one
+            ids = ids[1:]
+        return ids
 
     def stream(self, ids: Sequence[int], *, max_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, min_p: float = 0.0, seed: int | None = None) -> Iterator[gen.Response]:

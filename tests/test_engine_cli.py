@@ -190,3 +190,40 @@ def test_subprocess_errors(tiny, env):
         p = fic(env, *args, stdin=stdin)
         assert p.returncode != 0
         assert p.stderr.startswith("fic: ") and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
+
+
+def test_interactive_chat_on_a_terminal(tiny, env):
+    """On a TTY: a prompt, answers with history, /bye leaves with status 0."""
+    import pty
+    import select
+
+    path, hf, tok = tiny
+    msgs = [{"role": "user", "content": "hi"}]
+    first = ref_answer(hf, tok, ref_ids(tok, msgs))
+    msgs += [{"role": "assistant", "content": first.strip()}, {"role": "user", "content": "and again?"}]
+    second = ref_answer(hf, tok, ref_ids(tok, msgs))
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: fic chat on the terminal
+        os.execve(sys.executable, [sys.executable, "-m", "flashinfer_cli", "chat", str(path), "--max-tokens", str(MAX)],
+                  {**env, "TERM": "dumb"})
+    out = b""
+
+    def read_until(marker: bytes, count: int) -> None:
+        nonlocal out
+        while out.count(marker) < count:
+            ready, _, _ = select.select([fd], [], [], 120)
+            assert ready, f"no prompt; output so far: {out!r}"
+            out += os.read(fd, 4096)
+
+    read_until(b">>> ", 1)
+    os.write(fd, b"hi\n")
+    read_until(b">>> ", 2)
+    os.write(fd, b"and again?\n")
+    read_until(b">>> ", 3)
+    os.write(fd, b"/bye\n")
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0
+    text = out.decode("utf-8", errors="replace").replace("\r\n", "\n")
+    assert first.replace("\r", "") in text and second.replace("\r", "") in text
