@@ -78,15 +78,21 @@ def _answer(engine, ids, opts, verbose: bool, t_load: float) -> str:
     t0 = time.perf_counter()
     texts = []
     sampling = {k: opts[k] for k in ("max_tokens", "temperature", "top_k", "top_p", "min_p", "seed")}
-    for r in engine.stream(ids, **sampling):
-        if r.text:
-            texts.append(r.text)
-            sys.stdout.write(r.text)
+    try:
+        for r in engine.stream(ids, **sampling):
+            if r.text:
+                texts.append(r.text)
+                sys.stdout.write(r.text)
+                sys.stdout.flush()
+        text = "".join(texts)
+        if not text.endswith("\n"):
+            sys.stdout.write("\n")
             sys.stdout.flush()
-    text = "".join(texts)
-    if not text.endswith("\n"):
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+    except BrokenPipeError:  # the reader went away (`fic run ... | head`): stop quietly
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
     last = engine.last
     if verbose and last is not None:
         total = time.perf_counter() - t0 + t_load

@@ -227,3 +227,12 @@ def test_interactive_chat_on_a_terminal(tiny, env):
     assert os.waitstatus_to_exitcode(status) == 0
     text = out.decode("utf-8", errors="replace").replace("\r\n", "\n")
     assert first.replace("\r", "") in text and second.replace("\r", "") in text
+
+
+def test_closed_pipe_stops_quietly(tiny, env):
+    proc = subprocess.Popen([sys.executable, "-m", "flashinfer_cli", "run", str(tiny[0]), "hi", "--max-tokens", "200",
+                             "--raw"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdout.read(1)
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and b"Traceback" not in err
