@@ -79,7 +79,7 @@ def engine():
     from flashinfer_cli.pull import resolve_model
 
     old = os.environ.get("FIC_HOME")
-    os.environ["FIC_HOME"] = str(cache_dir() / "home")
+    os.environ["FIC_HOME"] = str(cache_dir() / "home-model")  # not test_pull.py's store: its tests own that one
     try:
         path = resolve_model("smollm2-135m")
     finally:
