@@ -114,7 +114,7 @@ def test_bad_sources_are_one_line_errors(home, tmp_path):
                  ["pull", "smollm2-135m", "--name", "../escape"], ["show", "ghost"], ["rm", "ghost"]):
         proc = fic(*args, env={"FIC_HOME": str(home.root), "HF_HUB_OFFLINE": "1"})
         assert proc.returncode == 1, (args, proc.stderr)
-        assert one_error_line(proc.stderr).startswith("Error: "), args
+        assert one_error_line(proc.stderr).startswith("fic: "), args
     assert not home.models_dir.exists() or home.names() == []
 
 
