@@ -21,10 +21,22 @@ setup(
         "click>=8.1",
         "tqdm>=4.60",
         "safetensors>=0.4",
+        "gguf==0.19.0",        # GGUF import: metadata, tensors, K-quant dequantization
+        "tokenizers>=0.19",
+        "jinja2>=3.1.6",       # chat templates, as transformers renders them
         'tomli>=1.1; python_version < "3.11"',
     ],
     extras_require={
-        "test": ["pytest>=7", "gguf==0.19.0"],
+        "hub": ["huggingface_hub>=0.23"],
+        # The references the tests check fic against. torch is pinned so pip never pulls a CUDA build.
+        "test": [
+            "pytest>=7",
+            "torch==2.13.0",
+            "transformers==5.24.0",
+            "accelerate==1.15.0",
+            "llama-cpp-python==0.3.36",
+            "huggingface_hub>=0.23",
+        ],
     },
     entry_points={"console_scripts": ["fic=flashinfer_cli.cli:main"]},
     zip_safe=False,
