@@ -21,7 +21,6 @@ from flashinfer_cli.cli import cli  # noqa: E402
 from flashinfer_cli.convert import ConvertOptions, convert  # noqa: E402
 from flashinfer_cli.engine import EngineError  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 EOS = 2  # <|im_end|> in the tiny tokenizer
 MAX = 12
 
