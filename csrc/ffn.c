@@ -84,9 +84,8 @@ static inline float coef_of(const ffn_t *f, int64_t i, int64_t e) {
 
 /* ---- t = 1: memory order and the phase 2 row blocks ---------------------------------------- */
 
-#ifndef P1_PF_BYTES
-#define P1_PF_BYTES 4096 /* phase 1 prefetch distance, bytes ahead in the gate+up stream */
-#endif
+#define P1_PF_BYTES 4096   /* phase 1 prefetch distance, bytes ahead in the gate+up stream */
+#define P1_NEXT_BYTES 4096 /* phase 1: the next expert's first bytes, prefetched as its up rows start */
 #define P2_ROWS 8        /* phase 2 (columns): output rows per block, one accumulator each */
 #define P2_PF_BLOCKS 2   /* phase 2: row blocks ahead to prefetch, per expert */
 
@@ -96,7 +95,8 @@ static inline float coef_of(const ffn_t *f, int64_t i, int64_t e) {
  * time plus this software prefetch P1_PF_BYTES ahead brought it near a dense matvec's. The
  * prefetch stays inside the bundle: past the up rows it touches the start of the down part
  * (measured: redirecting it to the next expert's gate rows instead was 15-20 us per layer
- * slower on the SmolLM2 shape, the reason is not understood). */
+ * slower on the SmolLM2 shape, the reason is not understood). What did help (~10%): prefetching
+ * the next expert's first P1_NEXT_BYTES once, as this expert's up rows start (p1_prefetch_next). */
 static inline void p1_prefetch(const uint8_t *row, int64_t rb) {
     for (int64_t o = 0; o < rb; o += 64) __builtin_prefetch(row + P1_PF_BYTES + o, 0, 0);
 }
@@ -109,6 +109,16 @@ static int64_t p1_prefetch_rows(const ffn_t *f, int64_t e, int up) {
     const int64_t bytes = n * (f->rb_g + f->rb_u) + (f->down_rows ? n : f->d) * f->rb_d[e];
     const int64_t room = bytes - start - P1_PF_BYTES - rb; /* row r may prefetch iff r * rb <= room */
     return room < 0 ? 0 : room / rb + 1;
+}
+
+/* The first P1_NEXT_BYTES of the next expert after e that is not skipped, if it starts before
+ * flattened neuron g1 (this thread's range). */
+static void p1_prefetch_next(const ffn_t *f, int64_t e, int64_t g1) {
+    int64_t e2 = e + 1;
+    while (e2 < f->n_experts && f->skip[e2]) e2++;
+    if (e2 >= f->n_experts || f->off[e2] >= g1) return;
+    const int64_t gu = (int64_t)f->n[e2] * (f->rb_g + f->rb_u);
+    for (int64_t o = 0; o < P1_NEXT_BYTES && o < gu; o += 64) __builtin_prefetch(f->bundles[e2] + o, 0, 0);
 }
 
 #if defined(FIC_X86)
@@ -299,6 +309,7 @@ static void phase1_t1(void *ctx, int64_t g0, int64_t g1, int tid) {
         }
         const float c = coef_of(f, 0, e);
         p1_rows(f, e, 0, r0, r1, h + r0); /* gate values into h, then h = c silu(gate) up */
+        if (f->impl != FIC_IMPL_REF) p1_prefetch_next(f, e, g1);
         for (int64_t r = r0; r < r1; r += P1_UP_ROWS) {
             const int64_t nr = r1 - r < P1_UP_ROWS ? r1 - r : P1_UP_ROWS;
             float u[P1_UP_ROWS];
