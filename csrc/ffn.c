@@ -7,12 +7,16 @@
  *            neuron of every expert: threads split the flattened neuron list (all experts
  *            back to back), so the work is balanced whatever the experts' sizes.
  *            t = 1: one row dot product per neuron and matrix, x prepared once (int8 where
- *            matvec uses int8 activations); t > 1: as matmul, a tile of rows is dequantized
- *            to float once and multiplied by all t tokens.
+ *            matvec uses int8 activations), an expert's gate rows then its up rows (one
+ *            forward stream, prefetched in software); t > 1: as matmul, a tile of rows is
+ *            dequantized to float once and multiplied by all t tokens.
  *   phase 2  y[i] += sum_e down_e h_e[i]. The router weight is already inside h (down is linear).
- *            columns (down_e is d_model x n_e): threads split the d_model output rows; each
- *            thread walks expert by expert over its rows (one memory stream at a time).
- *            t = 1 dots against h_e prepared per expert (int8 where matvec would); t > 1
+ *            columns (down_e is d_model x n_e): threads split the d_model output rows.
+ *            t = 1: h_e prepared per expert (int8 where matvec would); Q4 on VNNI and Q1_0 on
+ *            AVX-512 take blocks of P2_ROWS output rows, each with one vector accumulator over
+ *            all experts' row pieces (one reduction per output row, the h_e loads shared by the
+ *            block's rows, the pieces prefetched in software); other paths walk expert by
+ *            expert with one dot product per row piece. t > 1:
  *            dequantized tiles times all tokens. rows (down_e is n_e x d_model): threads split
  *            d_model in block-aligned column ranges, as accum_rows; zero h rows are not read.
  *
@@ -78,7 +82,219 @@ static inline float coef_of(const ffn_t *f, int64_t i, int64_t e) {
     return f->coef == NULL ? 1.0f : f->coef[i * f->n_experts + e];
 }
 
+/* ---- t = 1: memory order and the phase 2 row blocks ---------------------------------------- */
+
+#define P1_PF_BYTES 4096   /* phase 1 prefetch distance, bytes ahead in the gate+up stream */
+#define P1_NEXT_BYTES 4096 /* phase 1: the next expert's first bytes, prefetched as its up rows start */
+#define P2_ROWS 8        /* phase 2 (columns): output rows per block, one accumulator each */
+#define P2_PF_BLOCKS 2   /* phase 2: row blocks ahead to prefetch, per expert */
+
+/* Phase 1 reads, per expert, its gate rows then its up rows: one forward stream (the two are
+ * back to back in the bundle). Interleaving gate and up rows, or reading several rows block by
+ * block, ran at half speed from DRAM (the hardware prefetcher no longer followed); one row at a
+ * time plus this software prefetch P1_PF_BYTES ahead brought it near a dense matvec's. The
+ * prefetch stays inside the bundle: past the up rows it touches the start of the down part
+ * (measured: redirecting it to the next expert's gate rows instead was 15-20 us per layer
+ * slower on the SmolLM2 shape, the reason is not understood). What did help (~10%): prefetching
+ * the next expert's first P1_NEXT_BYTES once, as this expert's up rows start (p1_prefetch_next). */
+static inline void p1_prefetch(const uint8_t *row, int64_t rb) {
+    for (int64_t o = 0; o < rb; o += 64) __builtin_prefetch(row + P1_PF_BYTES + o, 0, 0);
+}
+
+/* Rows of expert e's gate (up = 0) or up (up = 1) matrix before which p1_prefetch stays inside
+ * the bundle. */
+static int64_t p1_prefetch_rows(const ffn_t *f, int64_t e, int up) {
+    const int64_t n = f->n[e], rb = up ? f->rb_u : f->rb_g;
+    const int64_t start = up ? n * f->rb_g : 0;
+    const int64_t bytes = n * (f->rb_g + f->rb_u) + (f->down_rows ? n : f->d) * f->rb_d[e];
+    const int64_t room = bytes - start - P1_PF_BYTES - rb; /* row r may prefetch iff r * rb <= room */
+    return room < 0 ? 0 : room / rb + 1;
+}
+
+/* The first P1_NEXT_BYTES of the next expert after e that is not skipped, if it starts before
+ * flattened neuron g1 (this thread's range). */
+static void p1_prefetch_next(const ffn_t *f, int64_t e, int64_t g1) {
+    int64_t e2 = e + 1;
+    while (e2 < f->n_experts && f->skip[e2]) e2++;
+    if (e2 >= f->n_experts || f->off[e2] >= g1) return;
+    const int64_t gu = (int64_t)f->n[e2] * (f->rb_g + f->rb_u);
+    for (int64_t o = 0; o < P1_NEXT_BYTES && o < gu; o += 64) __builtin_prefetch(f->bundles[e2] + o, 0, 0);
+}
+
+#if defined(FIC_X86)
+/* One pair of Q4_0/Q4_1 blocks (64 weights) of a row against the prepared pair-layout x, as
+ * dot_q4_vnni's loop body: acc += d * (isum * dx + corr) (Q4_0), d * isum * dx + m * corr (Q4_1). */
+TGT_AVX512VNNI static inline __attribute__((always_inline)) __m512 q4_pair_vnni(
+        const uint8_t *b0, int64_t stride, int is1, __m512i xq, __m512 sc, __m512 corr, __m512 acc) {
+    const int64_t off = is1 ? 4 : 2;
+    const __m512i nib = _mm512_set1_epi8(15);
+    const __m512i idx_d = _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 0, 0, 0, 0, 2, 2, 2, 2);
+    const __m512i idx_m = _mm512_setr_epi32(1, 1, 1, 1, 3, 3, 3, 3, 1, 1, 1, 1, 3, 3, 3, 3);
+    const uint8_t *b1 = b0 + stride;
+    __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(b0 + off))),
+                                        _mm_loadu_si128((const __m128i *)(b1 + off)), 1);
+    __m512i q = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 4), 1), nib);
+    __m512i isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, xq);
+    uint32_t h0, h1;
+    memcpy(&h0, b0, 4);
+    memcpy(&h1, b1, 4);
+    __m512 dm = _mm512_castps128_ps512(
+        _mm_cvtph_ps(_mm_unpacklo_epi32(_mm_cvtsi32_si128((int)h0), _mm_cvtsi32_si128((int)h1))));
+    __m512 dv = _mm512_permutexvar_ps(idx_d, dm);
+    if (is1) {
+        acc = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(isum), sc), dv, acc);
+        return _mm512_fmadd_ps(corr, _mm512_permutexvar_ps(idx_m, dm), acc);
+    }
+    return _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), sc, corr), dv, acc);
+}
+
+/* The odd last Q4 block of a row (blk) against float x, as dot_q4_vnni does it. */
+TGT_AVX512VNNI static float q4_odd_block(const uint8_t *blk, int is1, const float *xb) {
+    const int64_t off = is1 ? 4 : 2;
+    fic_half hd, hm = 0;
+    memcpy(&hd, blk, 2);
+    if (is1) memcpy(&hm, blk + 2, 2);
+    float d = _cvtsh_ss(hd), mn = _cvtsh_ss(hm), extra = 0.0f;
+    for (int i = 0; i < 16; i++) {
+        int lo = blk[off + i] & 15, hi = blk[off + i] >> 4;
+        extra += (is1 ? d * lo + mn : d * (lo - 8)) * xb[i] + (is1 ? d * hi + mn : d * (hi - 8)) * xb[i + 16];
+    }
+    return extra;
+}
+
+/* One Q4 row against the prepared x (pair layout); the same sums as dot_q4_vnni, inlined. */
+TGT_AVX512VNNI static inline __attribute__((always_inline)) float q4_row_vnni(const job_t *j, const uint8_t *row) {
+    const int is1 = j->fmt == FIC_Q4_1;
+    const int64_t stride = is1 ? sizeof(block_q4_1) : sizeof(block_q4_0), nb = j->k / 32, np = nb / 2;
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t p = 0; p < np; p++)
+        acc = q4_pair_vnni(row + 2 * p * stride, stride, is1, _mm512_loadu_si512((const void *)(j->xq + 64 * p)),
+                           _mm512_loadu_ps(j->xscale16 + 16 * p), _mm512_loadu_ps(j->xcorr16 + 16 * p), acc);
+    float s = _mm512_reduce_add_ps(acc);
+    if (nb & 1) s += q4_odd_block(row + (nb - 1) * stride, is1, j->x + (nb - 1) * 32);
+    return s;
+}
+
+/* Phase 1 rows [r0, r1) of one matrix (gate or up: rows at base, rb bytes each) of expert e,
+ * Q4 on VNNI: out[r - r0] = row r . x. */
+TGT_AVX512VNNI static void p1_rows_q4_vnni(const job_t *j, const uint8_t *base, int64_t rb, int64_t r0, int64_t r1,
+                                           int64_t r_pf, float *out) {
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *row = base + r * rb;
+        if (r < r_pf) p1_prefetch(row, rb);
+        out[r - r0] = q4_row_vnni(j, row);
+    }
+}
+
+/* Phase 2, columns, one block of NR output rows starting at r: for each expert, its NR row
+ * pieces against h_e prepared, into NR accumulators (one reduction per output row over all
+ * experts). Q4 on VNNI; experts whose h_e is not in the pair layout (n_e < 64) take dot_row. */
+TGT_AVX512VNNI static inline __attribute__((always_inline)) void down_cols_q4_block(const ffn_t *f, int64_t r,
+                                                                                    int nr, int64_t r_end) {
+    const int is1 = f->down_fmt == FIC_Q4_1;
+    const int64_t stride = is1 ? sizeof(block_q4_1) : sizeof(block_q4_0);
+    __m512 acc[P2_ROWS];
+    float extra[P2_ROWS];
+    for (int i = 0; i < nr; i++) {
+        acc[i] = _mm512_setzero_ps();
+        extra[i] = 0.0f;
+    }
+    for (int64_t e = 0; e < f->n_experts; e++) {
+        if (f->skip[e]) continue;
+        const job_t *j = &f->jd[e];
+        const int64_t rb = f->rb_d[e];
+        const uint8_t *w = down_part(f, e) + r * rb;
+        const int64_t pf_r = r + P2_PF_BLOCKS * P2_ROWS;
+        if (pf_r < r_end) {
+            const uint8_t *pf = w + P2_PF_BLOCKS * P2_ROWS * rb;
+            int64_t pf_bytes = (r_end - pf_r < nr ? r_end - pf_r : nr) * rb;
+            for (int64_t o = 0; o < pf_bytes; o += 64) __builtin_prefetch(pf + o, 0, 0);
+        }
+        if (!j->q4_int8) {
+            for (int i = 0; i < nr; i++) extra[i] += dot_row(j, w + i * rb, j->x);
+            continue;
+        }
+        const int64_t nb = j->k / 32, np = nb / 2;
+        for (int64_t p = 0; p < np; p++) {
+            __m512i xq = _mm512_loadu_si512((const void *)(j->xq + 64 * p));
+            __m512 sc = _mm512_loadu_ps(j->xscale16 + 16 * p), corr = _mm512_loadu_ps(j->xcorr16 + 16 * p);
+            for (int i = 0; i < nr; i++) acc[i] = q4_pair_vnni(w + i * rb + 2 * p * stride, stride, is1, xq, sc, corr, acc[i]);
+        }
+        if (nb & 1)
+            for (int i = 0; i < nr; i++) extra[i] += q4_odd_block(w + i * rb + (nb - 1) * stride, is1, j->x + (nb - 1) * 32);
+    }
+    for (int i = 0; i < nr; i++) f->y[r + i] += _mm512_reduce_add_ps(acc[i]) + extra[i];
+}
+
+TGT_AVX512VNNI static void down_cols_q4_vnni(const ffn_t *f, int64_t r0, int64_t r1) {
+    int64_t r = r0;
+    for (; r + P2_ROWS <= r1; r += P2_ROWS) down_cols_q4_block(f, r, P2_ROWS, r1);
+    for (; r < r1; r++) down_cols_q4_block(f, r, 1, r1);
+}
+
+/* The same for Q1_0 on AVX-512 (h_e as u8 q8 blocks, q1_block_sad; sums come out negated). */
+TGT_AVX512 static inline __attribute__((always_inline)) void down_cols_q1_block(const ffn_t *f, int64_t r, int nr,
+                                                                                int64_t r_end) {
+    __m512 acc[P2_ROWS];
+    for (int i = 0; i < nr; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t e = 0; e < f->n_experts; e++) {
+        if (f->skip[e]) continue;
+        const job_t *j = &f->jd[e];
+        const int64_t rb = f->rb_d[e];
+        const uint8_t *w = down_part(f, e) + r * rb;
+        const int64_t pf_r = r + P2_PF_BLOCKS * P2_ROWS;
+        if (pf_r < r_end) {
+            const uint8_t *pf = w + P2_PF_BLOCKS * P2_ROWS * rb;
+            int64_t pf_bytes = (r_end - pf_r < nr ? r_end - pf_r : nr) * rb;
+            for (int64_t o = 0; o < pf_bytes; o += 64) __builtin_prefetch(pf + o, 0, 0);
+        }
+        for (int64_t b = 0; b < j->k / QK1_0; b++) {
+            __m512i xu0 = _mm512_loadu_si512((const void *)(j->xu + b * QK1_0));
+            __m512i xu1 = _mm512_loadu_si512((const void *)(j->xu + b * QK1_0 + 64));
+            __m512 sc = _mm512_loadu_ps(j->xscale16 + 16 * b), corr = _mm512_loadu_ps(j->xcorr16 + 16 * b);
+            for (int i = 0; i < nr; i++)
+                acc[i] = q1_block_sad((const block_q1_0 *)(w + i * rb) + b, xu0, xu1, sc, corr, acc[i]);
+        }
+    }
+    for (int i = 0; i < nr; i++) f->y[r + i] -= _mm512_reduce_add_ps(acc[i]);
+}
+
+TGT_AVX512 static void down_cols_q1_avx512(const ffn_t *f, int64_t r0, int64_t r1) {
+    int64_t r = r0;
+    for (; r + P2_ROWS <= r1; r += P2_ROWS) down_cols_q1_block(f, r, P2_ROWS, r1);
+    for (; r < r1; r++) down_cols_q1_block(f, r, 1, r1);
+}
+#endif
+
 /* ---- phase 1 ----------------------------------------------------------------------------- */
+
+/* out[r - r0] = row r . x for rows [r0, r1) of expert e's gate (up = 0) or up (up = 1) rows. */
+static void p1_rows(const ffn_t *f, int64_t e, int up, int64_t r0, int64_t r1, float *out) {
+    const job_t *j = up ? &f->ju : &f->jg;
+    const int64_t rb = up ? f->rb_u : f->rb_g;
+    const uint8_t *base = up ? up_row(f, e, 0) : gate_row(f, e, 0);
+    const int64_t r_pf = f->impl == FIC_IMPL_REF ? 0 : p1_prefetch_rows(f, e, up);
+    int64_t r = r0;
+#if defined(FIC_X86)
+    if (j->q4_int8) {
+        p1_rows_q4_vnni(j, base, rb, r0, r1, r_pf, out);
+        return;
+    }
+    if (j->fmt == FIC_Q1_0 && f->impl == FIC_IMPL_AVX512) {
+        /* two consecutive rows share the prepared x */
+        for (; r + 2 <= r1; r += 2) {
+            if (r + 1 < r_pf) p1_prefetch(base + r * rb, 2 * rb);
+            dot_q1_avx512(j, base + r * rb, base + (r + 1) * rb, 2, out + (r - r0));
+        }
+    }
+#endif
+    for (; r < r1; r++) {
+        if (r < r_pf) p1_prefetch(base + r * rb, rb);
+        out[r - r0] = dot_row(j, base + r * rb, f->x);
+    }
+}
+
+#define P1_UP_ROWS 64 /* up results per piece (on the stack) */
 
 static void phase1_t1(void *ctx, int64_t g0, int64_t g1, int tid) {
     const ffn_t *f = ctx;
@@ -92,21 +308,13 @@ static void phase1_t1(void *ctx, int64_t g0, int64_t g1, int tid) {
             continue;
         }
         const float c = coef_of(f, 0, e);
-        int64_t r = r0;
-#if defined(FIC_X86)
-        if (f->gate_fmt == FIC_Q1_0 && f->up_fmt == FIC_Q1_0 && f->impl == FIC_IMPL_AVX512) {
-            /* gate and up rows share the prepared x: one pass, two rows */
-            for (; r < r1; r++) {
-                float gu[2];
-                dot_q1_avx512(&f->jg, gate_row(f, e, r), up_row(f, e, r), 2, gu);
-                h[r] = c * silu(gu[0]) * gu[1];
-            }
-        }
-#endif
-        for (; r < r1; r++) {
-            float gv = dot_row(&f->jg, gate_row(f, e, r), f->x);
-            float uv = dot_row(&f->ju, up_row(f, e, r), f->x);
-            h[r] = c * silu(gv) * uv;
+        p1_rows(f, e, 0, r0, r1, h + r0); /* gate values into h, then h = c silu(gate) up */
+        if (f->impl != FIC_IMPL_REF) p1_prefetch_next(f, e, g1);
+        for (int64_t r = r0; r < r1; r += P1_UP_ROWS) {
+            const int64_t nr = r1 - r < P1_UP_ROWS ? r1 - r : P1_UP_ROWS;
+            float u[P1_UP_ROWS];
+            p1_rows(f, e, 1, r, r + nr, u);
+            for (int64_t k = 0; k < nr; k++) h[r + k] = c * silu(h[r + k]) * u[k];
         }
     }
 }
@@ -160,6 +368,17 @@ static void phase1_tiles(void *ctx, int64_t g0, int64_t g1, int tid) {
 static void down_cols_t1(void *ctx, int64_t r0, int64_t r1, int tid) {
     const ffn_t *f = ctx;
     (void)tid;
+#if defined(FIC_X86)
+    if ((f->down_fmt == FIC_Q4_0 || f->down_fmt == FIC_Q4_1) && f->impl == FIC_IMPL_AVX512 &&
+        cpu_has_avx512vnni()) {
+        down_cols_q4_vnni(f, r0, r1);
+        return;
+    }
+    if (f->down_fmt == FIC_Q1_0 && f->impl == FIC_IMPL_AVX512) {
+        down_cols_q1_avx512(f, r0, r1);
+        return;
+    }
+#endif
     for (int64_t e = 0; e < f->n_experts; e++) {
         if (f->skip[e]) continue;
         const job_t *j = &f->jd[e];
@@ -334,6 +553,7 @@ int fic_experts_ffn(fic_pool *pool, int impl, const fic_expert_layout *layout, c
     for (size_t e = 0; e < ne; e++) {
         off[e + 1] = off[e] + n_neurons[e];
         n_max = n_neurons[e] > n_max ? n_neurons[e] : n_max;
+        f.rb_d[e] = fic_row_bytes(f.down_fmt, layout->down_rows ? f.d : n_neurons[e]);
         skip[e] = 0;
         if (coef != NULL) {
             int64_t i = 0;

@@ -174,6 +174,21 @@ def test_ffn_threads_and_coef(fmt, layout, t, coef, impl, threads):
     assert_within(case.run(impl), want, bound)
 
 
+@pytest.mark.parametrize("n_threads", [3, 5])
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q1_0", "q8_0"])
+def test_ffn_columns_uneven_row_ranges(fmt, n_threads):
+    """Thread row ranges that are not multiples of phase 2's row block (8 rows at t = 1)."""
+    K.set_threads(n_threads)
+    try:
+        for seed in (1, 2):
+            case = Case((fmt, fmt, fmt), "columns", sizes(fmt, "columns", 5, seed=seed), 1, seed=seed)
+            for impl in IMPLS:
+                want, bound = case.want_and_bound(impl)
+                assert_within(case.run(impl), want, bound)
+    finally:
+        K.set_threads(K.default_threads())
+
+
 @pytest.mark.parametrize("n_experts", [1, 2, 5, 17, 30])
 @pytest.mark.parametrize("layout", ["columns", "rows"])
 @pytest.mark.parametrize("fmt", ["q4_1", "q1_0", "q8_0"])
