@@ -156,3 +156,53 @@ def smollm2_model(smollm2_gguf) -> Path:
     catalog's defaults, once per converter version: a fic model directory."""
     return pulled_model(SMOLLM2, SMOLLM2_SHA256)
 
+
+# ---- wall time and peak RSS of the slow tests (printed at the end of the run; never asserted) ------
+
+_SLOW_REPORT: list[str] = []
+
+
+def slow_report(line: str) -> None:
+    """A line for the end-of-run summary of the slow tests (measurements worth reading)."""
+    _SLOW_REPORT.append(line)
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident set size since the last _reset_peak_rss (VmHWM)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _reset_peak_rss() -> bool:
+    try:  # Linux: writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    if item.get_closest_marker("slow") is None:
+        yield
+        return
+    per_test = _reset_peak_rss()
+    start = time.perf_counter()
+    yield  # setup (module fixtures included), call and teardown
+    wall = time.perf_counter() - start
+    peak = f"{_peak_rss_mb():,.0f} MB" + ("" if per_test else " (process peak so far)")
+    slow_report(f"{item.nodeid}: wall {wall:.1f} s, peak RSS {peak}")
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _SLOW_REPORT:
+        terminalreporter.section("slow tests: measurements")
+        for line in _SLOW_REPORT:
+            terminalreporter.write_line(line)
