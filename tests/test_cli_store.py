@@ -12,7 +12,6 @@ from click.testing import CliRunner
 from flashinfer_cli import fmt
 from flashinfer_cli.cli import cli
 from flashinfer_cli.store import Store
-from test_pull import fetch_smollm2_gguf
 from test_store import D_MODEL, N_NEURONS, du, tiny_model_params, write_tiny_model
 
 
@@ -139,9 +138,9 @@ def test_ctrl_c_during_pull_is_one_line_and_leaves_nothing(home, tmp_path, monke
     assert home.names() == [] and list(home.tmp_dir.iterdir()) == []
 
 
-def test_pull_ls_show_rm_through_subprocesses(home, tmp_path):
+def test_pull_ls_show_rm_through_subprocesses(home, tmp_path, smollm2_gguf):
     """A whole session as a user types it, on a real GGUF (the one the suite downloads once)."""
-    gguf = fetch_smollm2_gguf()
+    gguf = smollm2_gguf
     env = {"FIC_HOME": str(home.root)}
     proc = fic("pull", str(gguf), "--name", "smol", "--no-progress", env=env)
     assert proc.returncode == 0, proc.stderr

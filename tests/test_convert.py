@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -473,16 +472,7 @@ def _splice(base: Path, other: Path, name: str, dest: Path) -> Path:
 
 # ---- the real SmolLM2 GGUF ------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def smollm2_gguf() -> Path:
-    """The default model's GGUF: from the FIC_TEST_CACHE directory (where the pull tests cache it),
-    else the development copy; skipped when neither is there."""
-    cache = Path(os.environ.get("FIC_TEST_CACHE", Path.home() / ".cache" / "fic-test"))
-    for p in (cache / SMOLLM2_FILE, Path("/work/dl") / SMOLLM2_FILE):
-        if p.is_file():
-            return p
-    pytest.skip(f"{SMOLLM2_FILE} not cached (set FIC_TEST_CACHE)")
-
+# smollm2_gguf: conftest.py (the catalog's pip source, downloaded once and verified)
 
 def test_smollm2_gguf(tmp_path, smollm2_gguf):
     out = convert(smollm2_gguf, tmp_path / "smol", name="smollm2-135m", progress=False)

