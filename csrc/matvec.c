@@ -6,7 +6,9 @@
  *   matvec   one row per dot product, threads split rows. Float activations, except where
  *            x is quantized to int8 once per call (see quantize_x): Q1_0 on AVX2/AVX-512,
  *            Q4_0/Q4_1 on AVX-512 VNNI. Identities used: Q4_1 sum (d q + m) x =
- *            d sum q x + m sum x; Q1_0 sum d s x with s = +-1 from the sign bits.
+ *            d sum q x + m sum x; Q1_0 sum d s x with s = +-1 from the sign bits, and on
+ *            AVX-512 VNNI/BITALG/VBMI sum s xq = 2 sum_{bit set} xq - sum xq with x as 8 bit
+ *            planes (popcounts, see dot_q1_planes).
  *   matmul   a tile of rows is dequantized to float once and multiplied by all T rows of x
  *            (register-blocked FMA kernel), threads split row tiles; exact float math.
  *   accum    threads split the columns; rows stream past an L1-resident piece of y.
@@ -27,6 +29,7 @@
 #define TGT_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define TGT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
 #define TGT_AVX512VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+#define TGT_AVX512Q1 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512bitalg,avx512vbmi,avx2,fma,f16c")))
 #endif
 #if defined(__aarch64__)
 #include <arm_neon.h>
@@ -48,8 +51,10 @@ typedef struct {
     const float *xscale16; /* per 4 weights: the scale of xq's block (16 lanes per 64 weights) */
     const float *xcorr16;  /* Q4 int8 path: per 4 weights, dx * their sum of xq (x -8 for Q4_0);
                               Q1_0 on AVX-512: -1024 dx per lane */
-    const uint8_t *xu;     /* Q1_0 on AVX-512: xq + 128 as u8 */
+    const uint8_t *xu;     /* Q1_0 on AVX-512: xq + 128 as u8, or x's bit planes (q1_planes) */
     int q4_int8;           /* Q4_0/Q4_1 on AVX-512 VNNI: xq is in the pair layout (see below) */
+    int q1_planes;         /* Q1_0 on AVX-512 with VNNI/BITALG/VBMI: xu holds x's bit planes,
+                              xscale16 2 dx and xcorr16 -dx sum(xq) per q8 block (see below) */
     float *scratch;    /* matmul: per-thread tile of rows */
     int64_t scratch_floats, tile_rows;
 } job_t;
@@ -375,10 +380,8 @@ TGT_AVX2 static void gemm_tile_avx2(const job_t *j, const float *tile, int64_t n
 
 TGT_AVX512 static inline __m512 cvt16_i8(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)); }
 
-/* Q1_0 x int8 activations: the sign bits, as a 64-bit mask, negate xq where set (giving -s*xq);
- * maddubs + madd sum groups of 4 bytes into 16 int32 lanes (8 per q8 block of 32); each lane is
- * scaled by its q8 block's dx (xscale16) and the block's d. Returns sum -s*x (negated by caller). */
-/* Q1_0 x int8 activations without multiplies. x is stored as u8 xu = xq + 128; the sign bits,
+/* Q1_0 x int8 activations without multiplies, for AVX-512 CPUs without VNNI/BITALG/VBMI (on
+ * those dot_q1_planes below is 1.3x faster).  x is stored as u8 xu = xq + 128; the sign bits,
  * as a 64-bit mask, turn it into (-s*xq) + 128 where set (0 - xu wraps to 128 - xq), and psadbw
  * sums each 8 bytes into a u64 lane (+1024 offset). The two halves' 8 lanes are packed into one
  * vector of 16 int32 (lane L covers q8 block L / 4), so per block and row there is one int ->
@@ -413,6 +416,75 @@ TGT_AVX512 static void dot_q1_avx512(const job_t *j, const uint8_t *row0, const 
     if (n_rows == 2) y[1] = -_mm512_reduce_add_ps(acc1);
 }
 
+/* Q1_0 x int8 activations as bit planes, four blocks (512 weights) per step, no mask registers.
+ * With s = +-1 from the sign bits, sum s xq = 2 sum_{bit set} xq - sum xq, and for int8 xq in
+ * two's complement sum_{bit set} xq = sum_p c_p popcount(W & plane_p), c_p = 2^p (p < 7), -128.
+ * x is stored once per call as planes (quantize_x_q1_planes): per group of 4 blocks, 8 vectors,
+ * 128-bit lane l of vector p = bit p of xq over block 4g+l, in the sign bits' order. The 4
+ * blocks' sign bytes are gathered into one zmm W (vpermt2b); per plane one vpandq, vpopcntb and
+ * vpdpbusd (counts times c_p) accumulate int32 lane 4l+i = block l's weights 32i..32i+31, i.e.
+ * q8 block 16g+4l+i. Per step and row: p = lane * 2dx - dx sum(xq) (xscale16, xcorr16), and
+ * acc += d * p with the 4 blocks' d spread over their lanes (vpermw + vcvtph2ps). */
+TGT_AVX512Q1 static inline __attribute__((always_inline)) __m512 q1_group_planes(
+        const uint8_t *base, int nrem, const __m512i pl[8], __m512 a, __m512 c, __m512 acc) {
+    const __m512i idx_w = _mm512_set_epi8(
+        71, 70, 69, 68, 67, 66, 65, 64, 63, 62, 61, 60, 59, 58, 57, 56,
+        53, 52, 51, 50, 49, 48, 47, 46, 45, 44, 43, 42, 41, 40, 39, 38,
+        35, 34, 33, 32, 31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20,
+        17, 16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2);
+    const __m512i idx_d = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                           27, 27, 27, 27, 18, 18, 18, 18, 9, 9, 9, 9, 0, 0, 0, 0);
+    __m512i l0, l1;
+    if (nrem >= 4) {
+        l0 = _mm512_loadu_si512((const void *)base);
+        l1 = _mm512_castsi128_si512(_mm_loadl_epi64((const __m128i *)(base + 64)));
+    } else { /* a last partial group: bytes past the row stay unread (masked load) */
+        l0 = _mm512_maskz_loadu_epi8(((__mmask64)1 << (18 * nrem)) - 1, base);
+        l1 = _mm512_setzero_si512();
+    }
+    __m512i w = _mm512_permutex2var_epi8(l0, idx_w, l1);
+    const __m512i z = _mm512_setzero_si512();
+    __m512i s0 = _mm512_dpbusd_epi32(z, _mm512_popcnt_epi8(_mm512_and_si512(w, pl[0])), _mm512_set1_epi8(1));
+    __m512i s1 = _mm512_dpbusd_epi32(z, _mm512_popcnt_epi8(_mm512_and_si512(w, pl[4])), _mm512_set1_epi8(16));
+    s0 = _mm512_dpbusd_epi32(s0, _mm512_popcnt_epi8(_mm512_and_si512(w, pl[1])), _mm512_set1_epi8(2));
+    s1 = _mm512_dpbusd_epi32(s1, _mm512_popcnt_epi8(_mm512_and_si512(w, pl[5])), _mm512_set1_epi8(32));
+    s0 = _mm512_dpbusd_epi32(s0, _mm512_popcnt_epi8(_mm512_and_si512(w, pl[2])), _mm512_set1_epi8(4));
+    s1 = _mm512_dpbusd_epi32(s1, _mm512_popcnt_epi8(_mm512_and_si512(w, pl[6])), _mm512_set1_epi8(64));
+    s0 = _mm512_dpbusd_epi32(s0, _mm512_popcnt_epi8(_mm512_and_si512(w, pl[3])), _mm512_set1_epi8(8));
+    s1 = _mm512_dpbusd_epi32(s1, _mm512_popcnt_epi8(_mm512_and_si512(w, pl[7])), _mm512_set1_epi8(-128));
+    __m512 p = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), a, c);
+    __m512 d = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(idx_d, l0)));
+    return _mm512_fmadd_ps(d, p, acc);
+}
+
+/* nr (1 or 2) rows of Q1_0 (row0, row0 + row_bytes) against x's planes; y[i] = row i . x. Two
+ * rows per pass share the plane loads (three or four rows measured no faster: register spills). */
+TGT_AVX512Q1 static inline __attribute__((always_inline)) void dot_q1_planes_n(const job_t *j, const uint8_t *row0,
+                                                                           int nr, float *y) {
+    const int64_t nb = j->k / QK1_0, ng = (nb + 3) / 4, rb = j->row_bytes;
+    const int64_t gbytes = 4 * (int64_t)sizeof(block_q1_0);
+    __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t g = 0; g < ng; g++) {
+        __m512i pl[8];
+        for (int p = 0; p < 8; p++) pl[p] = _mm512_loadu_si512((const void *)(j->xu + 512 * g + 64 * p));
+        __m512 a = _mm512_loadu_ps(j->xscale16 + 16 * g), c = _mm512_loadu_ps(j->xcorr16 + 16 * g);
+        int nrem = (int)(nb - 4 * g);
+        if (nrem >= 4) {
+            for (int i = 0; i < nr; i++) acc[i] = q1_group_planes(row0 + i * rb + g * gbytes, 4, pl, a, c, acc[i]);
+        } else {
+            for (int i = 0; i < nr; i++) acc[i] = q1_group_planes(row0 + i * rb + g * gbytes, nrem, pl, a, c, acc[i]);
+        }
+    }
+    for (int i = 0; i < nr; i++) y[i] = _mm512_reduce_add_ps(acc[i]);
+}
+
+TGT_AVX512Q1 static void dot_q1_planes(const job_t *j, const uint8_t *row0, int nr, float *y) {
+    if (nr == 2)
+        dot_q1_planes_n(j, row0, 2, y);
+    else
+        dot_q1_planes_n(j, row0, 1, y);
+}
+
 TGT_AVX512VNNI static float dot_q4_vnni(const job_t *j, const uint8_t *row, const float *x);
 
 TGT_AVX512 static float dot_avx512(const job_t *j, const uint8_t *row, const float *x) {
@@ -422,7 +494,10 @@ TGT_AVX512 static float dot_avx512(const job_t *j, const uint8_t *row, const flo
     switch (j->fmt) {
     case FIC_Q1_0: {
         float y;
-        dot_q1_avx512(j, row, row, 1, &y);
+        if (j->q1_planes)
+            dot_q1_planes(j, row, 1, &y);
+        else
+            dot_q1_avx512(j, row, row, 1, &y);
         return y;
     }
     case FIC_Q4_0:
@@ -838,6 +913,38 @@ TGT_AVX512 static void quantize_x_q1_avx512(const float *x, int64_t k, uint8_t *
         }
     }
 }
+
+/* x -> q8 blocks of 32 (as above) stored as bit planes for dot_q1_planes, with 2 dx and
+ * -dx sum(xq) per q8 block (lane L of group g is q8 block 16 g + L). planes: 512 bytes per
+ * group of 4 blocks, a16/c16: 16 floats per group, a last partial group zero-padded; xq: k bytes
+ * of scratch. */
+TGT_AVX512Q1 static void quantize_x_q1_planes(const float *x, int64_t k, uint8_t *planes, float *a16, float *c16,
+                                              int8_t *xq) {
+    const int64_t nb = k / QK1_0, ng = (nb + 3) / 4;
+    memset(planes, 0, (size_t)ng * 512);
+    memset(a16, 0, (size_t)ng * 16 * sizeof *a16);
+    memset(c16, 0, (size_t)ng * 16 * sizeof *c16);
+    for (int64_t b = 0; b < k / 32; b++) {
+        __m512 v0 = _mm512_loadu_ps(x + 32 * b), v1 = _mm512_loadu_ps(x + 32 * b + 16);
+        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        float dx = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
+        __m512 idv = _mm512_set1_ps(id);
+        __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, idv)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, idv));
+        _mm_storeu_si128((__m128i *)(xq + 32 * b), _mm512_cvtsepi32_epi8(q0));
+        _mm_storeu_si128((__m128i *)(xq + 32 * b + 16), _mm512_cvtsepi32_epi8(q1));
+        int32_t sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)); /* |q| <= 127: no saturation */
+        a16[b] = 2.0f * dx;
+        c16[b] = -dx * (float)sum;
+    }
+    for (int64_t h = 0; h < k / 64; h++) { /* 64 weights: half h % 2 of block h / 2 */
+        const int64_t blk = h / 2, g = blk / 4, l = blk % 4;
+        __m512i v = _mm512_loadu_si512((const void *)(xq + 64 * h));
+        for (int p = 0; p < 8; p++) {
+            uint64_t bits = _cvtmask64_u64(_mm512_test_epi8_mask(v, _mm512_set1_epi8((char)(1u << p))));
+            memcpy(planes + 512 * g + 64 * p + 16 * l + 8 * (h % 2), &bits, 8);
+        }
+    }
+}
 #endif /* FIC_X86 */
 
 /* ---- NEON (AArch64) ---------------------------------------------------------------------- */
@@ -1104,11 +1211,15 @@ static void matvec_range(void *ctx, int64_t r0, int64_t r1, int tid) {
     if (j->fmt == FIC_Q1_0 && j->impl == FIC_IMPL_AVX512) {
         /* Two interleaved row streams defeat the hardware prefetcher (6 GB/s instead of 15
          * from DRAM): prefetch PREFETCH_BYTES ahead in software. */
-        for (; r + 2 <= r1; r += 2) {
+        const int nr = 2;
+        for (; r + nr <= r1; r += nr) {
             const uint8_t *row = j->w + r * j->row_bytes;
-            for (const uint8_t *p = row + PREFETCH_BYTES; p < row + PREFETCH_BYTES + 2 * j->row_bytes && p < end; p += 64)
+            for (const uint8_t *p = row + PREFETCH_BYTES; p < row + PREFETCH_BYTES + nr * j->row_bytes && p < end; p += 64)
                 __builtin_prefetch(p, 0, 0);
-            dot_q1_avx512(j, row, row + j->row_bytes, 2, j->y + r);
+            if (j->q1_planes)
+                dot_q1_planes(j, row, nr, j->y + r);
+            else
+                dot_q1_avx512(j, row, row + j->row_bytes, 2, j->y + r);
         }
     }
 #endif
@@ -1120,11 +1231,17 @@ static int cpu_has_avx512vnni(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512vnni");
 }
+static int cpu_has_q1_planes(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bitalg") &&
+           __builtin_cpu_supports("avx512vbmi");
+}
 #endif
 
 /* matvec quantizes x to int8 (q8 blocks of 32, once per call) where measurement said it pays:
  * Q1_0 on AVX-512 and AVX2 (the float paths were bound by mask moves, ~5 GB/s a core, and by
- * bit expansion, ~3 GB/s; int8 is 3x and 1.6x faster) and Q4_0/Q4_1 on AVX-512 with VNNI
+ * bit expansion, ~3 GB/s; int8 is 3x and 1.6x faster; stored as bit planes where the CPU has
+ * VNNI, BITALG and VBMI, 22 instead of 17 GB/s a core) and Q4_0/Q4_1 on AVX-512 with VNNI
  * (the float path ran at 16 GB/s a core, under half the 2-thread bandwidth; VNNI doubles it).
  * The added error is bounded and measured in tests/test_kernels.py and bench/RESULTS.md. */
 static int quantize_x(job_t *j, void **mem) {
@@ -1132,10 +1249,22 @@ static int quantize_x(job_t *j, void **mem) {
     (void)j; /* no int8 path on this architecture */
 #if defined(FIC_X86)
     if (j->fmt == FIC_Q1_0 && (j->impl == FIC_IMPL_AVX512 || j->impl == FIC_IMPL_AVX2)) {
-        size_t n = (size_t)j->k + (size_t)j->k;  /* k int8 + k/4 floats */
+        const int planes = j->impl == FIC_IMPL_AVX512 && cpu_has_q1_planes();
+        const int64_t ng = (j->k / QK1_0 + 3) / 4;
+        /* planes: 512 bytes + 32 floats per group of 4 blocks, k bytes of scratch;
+         * otherwise k int8 + k/4 floats */
+        size_t n = planes ? (size_t)ng * (512 + 32 * sizeof(float)) + (size_t)j->k : (size_t)j->k * 2;
         void *p = aligned_alloc(64, (n + 63) / 64 * 64);
         if (p == NULL) return FIC_ERR_NOMEM;
-        if (j->impl == FIC_IMPL_AVX512) {
+        if (planes) {
+            uint8_t *pl = p;
+            float *a16 = (float *)(pl + 512 * ng), *c16 = a16 + 16 * ng;
+            quantize_x_q1_planes(j->x, j->k, pl, a16, c16, (int8_t *)(c16 + 16 * ng));
+            j->xu = pl;
+            j->xscale16 = a16;
+            j->xcorr16 = c16;
+            j->q1_planes = 1;
+        } else if (j->impl == FIC_IMPL_AVX512) {
             float *sc = (float *)((uint8_t *)p + j->k), *corr = sc + j->k / 8;
             quantize_x_q1_avx512(j->x, j->k, (uint8_t *)p, sc, corr);
             j->xu = (const uint8_t *)p;
