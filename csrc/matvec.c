@@ -424,9 +424,11 @@ TGT_AVX512 static void dot_q1_avx512(const job_t *j, const uint8_t *row0, const 
  * blocks' sign bytes are gathered into one zmm W (vpermt2b); per plane one vpandq, vpopcntb and
  * vpdpbusd (counts times c_p) accumulate int32 lane 4l+i = block l's weights 32i..32i+31, i.e.
  * q8 block 16g+4l+i. Per step and row: p = lane * 2dx - dx sum(xq) (xscale16, xcorr16), and
- * acc += d * p with the 4 blocks' d spread over their lanes (vpermw + vcvtph2ps). */
+ * acc += d * p with the 4 blocks' d spread over their lanes (vpermw + vcvtph2ps). cw[p] is c_p in
+ * each byte of an int32. Measured (L2-hot, 1 thread): 22-24 GB/s a core, against 17 for
+ * q1_block_sad; no gain from 3 or 4 rows per pass, nor from two steps per iteration. */
 TGT_AVX512Q1 static inline __attribute__((always_inline)) __m512 q1_group_planes(
-        const uint8_t *base, int nrem, const __m512i pl[8], __m512 a, __m512 c, __m512 acc) {
+        const uint8_t *base, int nrem, const __m512i pl[8], __m512 a, __m512 c, __m512 acc, const int32_t *cw) {
     const __m512i idx_w = _mm512_set_epi8(
         71, 70, 69, 68, 67, 66, 65, 64, 63, 62, 61, 60, 59, 58, 57, 56,
         53, 52, 51, 50, 49, 48, 47, 46, 45, 44, 43, 42, 41, 40, 39, 38,
@@ -444,14 +446,16 @@ TGT_AVX512Q1 static inline __attribute__((always_inline)) __m512 q1_group_planes
     }
     __m512i w = _mm512_permutex2var_epi8(l0, idx_w, l1);
     const __m512i z = _mm512_setzero_si512();
-    __m512i s0 = _mm512_dpbusd_epi32(z, _mm512_popcnt_epi8(_mm512_and_si512(w, pl[0])), _mm512_set1_epi8(1));
-    __m512i s1 = _mm512_dpbusd_epi32(z, _mm512_popcnt_epi8(_mm512_and_si512(w, pl[4])), _mm512_set1_epi8(16));
-    s0 = _mm512_dpbusd_epi32(s0, _mm512_popcnt_epi8(_mm512_and_si512(w, pl[1])), _mm512_set1_epi8(2));
-    s1 = _mm512_dpbusd_epi32(s1, _mm512_popcnt_epi8(_mm512_and_si512(w, pl[5])), _mm512_set1_epi8(32));
-    s0 = _mm512_dpbusd_epi32(s0, _mm512_popcnt_epi8(_mm512_and_si512(w, pl[2])), _mm512_set1_epi8(4));
-    s1 = _mm512_dpbusd_epi32(s1, _mm512_popcnt_epi8(_mm512_and_si512(w, pl[6])), _mm512_set1_epi8(64));
-    s0 = _mm512_dpbusd_epi32(s0, _mm512_popcnt_epi8(_mm512_and_si512(w, pl[3])), _mm512_set1_epi8(8));
-    s1 = _mm512_dpbusd_epi32(s1, _mm512_popcnt_epi8(_mm512_and_si512(w, pl[7])), _mm512_set1_epi8(-128));
+#define Q1W(p) _mm512_set1_epi32(cw[p])
+    __m512i s0 = _mm512_dpbusd_epi32(z, _mm512_popcnt_epi8(_mm512_and_si512(w, pl[0])), Q1W(0));
+    __m512i s1 = _mm512_dpbusd_epi32(z, _mm512_popcnt_epi8(_mm512_and_si512(w, pl[4])), Q1W(4));
+    s0 = _mm512_dpbusd_epi32(s0, _mm512_popcnt_epi8(_mm512_and_si512(w, pl[1])), Q1W(1));
+    s1 = _mm512_dpbusd_epi32(s1, _mm512_popcnt_epi8(_mm512_and_si512(w, pl[5])), Q1W(5));
+    s0 = _mm512_dpbusd_epi32(s0, _mm512_popcnt_epi8(_mm512_and_si512(w, pl[2])), Q1W(2));
+    s1 = _mm512_dpbusd_epi32(s1, _mm512_popcnt_epi8(_mm512_and_si512(w, pl[6])), Q1W(6));
+    s0 = _mm512_dpbusd_epi32(s0, _mm512_popcnt_epi8(_mm512_and_si512(w, pl[3])), Q1W(3));
+    s1 = _mm512_dpbusd_epi32(s1, _mm512_popcnt_epi8(_mm512_and_si512(w, pl[7])), Q1W(7));
+#undef Q1W
     __m512 p = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), a, c);
     __m512 d = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(idx_d, l0)));
     return _mm512_fmadd_ps(d, p, acc);
@@ -464,15 +468,21 @@ TGT_AVX512Q1 static inline __attribute__((always_inline)) void dot_q1_planes_n(c
     const int64_t nb = j->k / QK1_0, ng = (nb + 3) / 4, rb = j->row_bytes;
     const int64_t gbytes = 4 * (int64_t)sizeof(block_q1_0);
     __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    static const int32_t q1_plane_weights[8] = {0x01010101, 0x02020202, 0x04040404, 0x08080808,
+                                                0x10101010, 0x20202020, 0x40404040, (int32_t)0x80808080};
+    const int32_t *cw = q1_plane_weights;
+    /* Hide the constants from gcc: it then loads them into registers once per call instead of
+     * rebuilding three of them (movl + vpbroadcastd) every step. Measured 2-4% faster. */
+    __asm__("" : "+r"(cw));
     for (int64_t g = 0; g < ng; g++) {
         __m512i pl[8];
         for (int p = 0; p < 8; p++) pl[p] = _mm512_loadu_si512((const void *)(j->xu + 512 * g + 64 * p));
         __m512 a = _mm512_loadu_ps(j->xscale16 + 16 * g), c = _mm512_loadu_ps(j->xcorr16 + 16 * g);
         int nrem = (int)(nb - 4 * g);
         if (nrem >= 4) {
-            for (int i = 0; i < nr; i++) acc[i] = q1_group_planes(row0 + i * rb + g * gbytes, 4, pl, a, c, acc[i]);
+            for (int i = 0; i < nr; i++) acc[i] = q1_group_planes(row0 + i * rb + g * gbytes, 4, pl, a, c, acc[i], cw);
         } else {
-            for (int i = 0; i < nr; i++) acc[i] = q1_group_planes(row0 + i * rb + g * gbytes, nrem, pl, a, c, acc[i]);
+            for (int i = 0; i < nr; i++) acc[i] = q1_group_planes(row0 + i * rb + g * gbytes, nrem, pl, a, c, acc[i], cw);
         }
     }
     for (int i = 0; i < nr; i++) y[i] = _mm512_reduce_add_ps(acc[i]);
