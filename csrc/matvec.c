@@ -47,10 +47,11 @@ typedef struct {
     float *y;
     int64_t t, m, k, row_bytes, bw, bb;
     const float *xsum; /* per-block sums of x (Q4_1, Q1_0), or NULL */
-    const int8_t *xq;  /* x quantized to int8 in blocks of 32 (Q1_0 on AVX-512), or NULL */
-    const float *xscale16; /* per 4 weights: the scale of xq's block (16 lanes per 64 weights) */
+    const int8_t *xq;  /* x quantized to int8 in blocks of 32 (Q1_0 on AVX2; Q4 on VNNI), or NULL */
+    const float *xscale16; /* per 4 weights: the scale of xq's block (16 lanes per 64 weights);
+                              Q1_0 on AVX2: 8 lanes per 128 weights (see dot_q1_avx2) */
     const float *xcorr16;  /* Q4 int8 path: per 4 weights, dx * their sum of xq (x -8 for Q4_0);
-                              Q1_0 on AVX-512: -1024 dx per lane */
+                              Q1_0 on AVX-512: -1024 dx per lane; on AVX2 see dot_q1_avx2 */
     const uint8_t *xu;     /* Q1_0 on AVX-512: xq + 128 as u8, or x's bit planes (q1_planes) */
     int q4_int8;           /* Q4_0/Q4_1 on AVX-512 VNNI: xq is in the pair layout (see below) */
     int q1_planes;         /* Q1_0 on AVX-512 with VNNI/BITALG/VBMI: xu holds x's bit planes,
@@ -157,37 +158,41 @@ TGT_AVX2 static inline __m256 cvt8_hi(__m128i v) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8)));
 }
 
-/* Q1_0 x int8 activations, 32 weights at a time: 4 bytes of sign bits -> 32 byte masks (each
- * byte picks its bits byte by shuffle; OR with "all bits but mine" is all ones iff the bit is
- * set), sign_epi8 negates xq where set (giving -s*xq), maddubs + madd sum to 8 int32 lanes.
- * Returns sum -s*x (negated by the caller); dx per q8 block is xscale16[8 * block]. */
-TGT_AVX2 static inline __m256 q1_32_avx2(uint32_t bits, const int8_t *xq, float scale, __m256 acc) {
-    const __m256i shuf = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
-                                          2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
-    const __m256i others = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe), ones = _mm256_set1_epi8(1);
-    __m256i m = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), shuf);
-    m = _mm256_cmpeq_epi8(_mm256_or_si256(m, others), _mm256_set1_epi8(-1));
-    __m256i t = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)xq), _mm256_or_si256(m, ones));
-    __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(ones, t), _mm256_set1_epi16(1));
-    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(scale), acc);
+/* Q1_0 x int8 activations, one block (128 weights) per step, with sum s xq = 2 sum_{bit set} xq -
+ * sum xq. The 16 sign bytes are broadcast to both 128-bit lanes; per 32 weights (q8 block i), a
+ * shuffle copies each of its 4 bytes 8 times, and + cmpeq with the bit of each byte's position
+ * give byte masks, and picks xq where set, maddubs + madd sum to 8 int32. Three hadds pack the 4
+ * q8 blocks into one vector [0 1 2 3 | 0 1 2 3] (halves of each block's sum), so per block and
+ * row there is one int -> float conversion and two FMAs: p = lane * 2 dx - dx sum(xq) (xscale16,
+ * xcorr16: 8 floats per block, the correction in the low half only), acc += d * p. */
+TGT_AVX2 static inline __m256i q1_32_sum_avx2(__m256i bb, __m256i idx, const int8_t *xq) {
+    const __m256i bitsel = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    __m256i m = _mm256_and_si256(_mm256_shuffle_epi8(bb, idx), bitsel);
+    m = _mm256_cmpeq_epi8(m, bitsel);
+    __m256i v = _mm256_and_si256(m, _mm256_loadu_si256((const __m256i *)xq));
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), v), _mm256_set1_epi16(1));
 }
 
 TGT_AVX2 static float dot_q1_avx2(const job_t *j, const uint8_t *row) {
     const block_q1_0 *blk = (const block_q1_0 *)row;
     const int64_t nb = j->k / QK1_0;
-    const float *dx = j->xscale16;
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    const __m256i idx0 = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                          2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i four = _mm256_set1_epi8(4);
+    const __m256i idx1 = _mm256_add_epi8(idx0, four), idx2 = _mm256_add_epi8(idx1, four);
+    const __m256i idx3 = _mm256_add_epi8(idx2, four);
+    __m256 acc = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const int8_t *xq = j->xq + b * QK1_0;
-        float d = h2f_f16c(blk[b].d);
-        uint32_t bits[4];
-        memcpy(bits, blk[b].qs, 16);
-        acc0 = q1_32_avx2(bits[0], xq, d * dx[32 * b], acc0);
-        acc1 = q1_32_avx2(bits[1], xq + 32, d * dx[32 * b + 8], acc1);
-        acc0 = q1_32_avx2(bits[2], xq + 64, d * dx[32 * b + 16], acc0);
-        acc1 = q1_32_avx2(bits[3], xq + 96, d * dx[32 * b + 24], acc1);
+        __m256i bb = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)blk[b].qs));
+        __m256i s0 = q1_32_sum_avx2(bb, idx0, xq), s1 = q1_32_sum_avx2(bb, idx1, xq + 32);
+        __m256i s2 = q1_32_sum_avx2(bb, idx2, xq + 64), s3 = q1_32_sum_avx2(bb, idx3, xq + 96);
+        __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(s0, s1), _mm256_hadd_epi32(s2, s3));
+        __m256 p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_loadu_ps(j->xscale16 + 8 * b),
+                                   _mm256_loadu_ps(j->xcorr16 + 8 * b));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f_f16c(blk[b].d)), p, acc);
     }
-    return -hsum256(_mm256_add_ps(acc0, acc1));
+    return hsum256(acc);
 }
 
 TGT_AVX2 static float dot_avx2(const job_t *j, const uint8_t *row, const float *x) {
@@ -881,8 +886,9 @@ TGT_AVX512 static void quantize_x_pairs_avx512(const float *x, int64_t k, int q4
 }
 
 /* x -> int8 in blocks of 32 (ggml's q8_0: dx = amax / 127, q = round(x / dx), ties to even here)
- * and 8 copies of each block's dx, as dot_q1_avx2 reads them (xscale16[8 * block]). */
-TGT_AVX2 static void quantize_x_avx2(const float *x, int64_t k, int8_t *xq, float *xscale16) {
+ * and, per 128 weights, the 8 lane scales and corrections dot_q1_avx2 reads: lane l holds half of
+ * q8 block l % 4, so a8 = 2 dx of that block and c8 = -dx sum(xq) in lanes 0-3, 0 in lanes 4-7. */
+TGT_AVX2 static void quantize_x_avx2(const float *x, int64_t k, int8_t *xq, float *a8, float *c8) {
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     for (int64_t b = 0; b < k / 32; b++) {
         __m256 v[4], mx = _mm256_setzero_ps();
@@ -901,7 +907,12 @@ TGT_AVX2 static void quantize_x_avx2(const float *x, int64_t k, int8_t *xq, floa
         __m256i p8 = _mm256_packs_epi16(p16a, p16b);
         p8 = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
         _mm256_storeu_si256((__m256i *)(xq + 32 * b), p8);
-        _mm256_storeu_ps(xscale16 + 8 * b, _mm256_set1_ps(dx));
+        int32_t sum = 0;
+        for (int i = 0; i < 32; i++) sum += xq[32 * b + i];
+        const int64_t l = 8 * (b / 4) + b % 4;
+        a8[l] = a8[l + 4] = 2.0f * dx;
+        c8[l] = -dx * (float)sum;
+        c8[l + 4] = 0.0f;
     }
 }
 
@@ -1281,9 +1292,11 @@ static int quantize_x(job_t *j, void **mem) {
             j->xscale16 = sc;
             j->xcorr16 = corr;
         } else {
-            quantize_x_avx2(j->x, j->k, (int8_t *)p, (float *)((uint8_t *)p + j->k));
+            float *a8 = (float *)((uint8_t *)p + j->k), *c8 = a8 + j->k / 16;
+            quantize_x_avx2(j->x, j->k, (int8_t *)p, a8, c8);
             j->xq = (const int8_t *)p;
-            j->xscale16 = (const float *)((uint8_t *)p + j->k);
+            j->xscale16 = a8;
+            j->xcorr16 = c8;
         }
         *mem = p;
     }
