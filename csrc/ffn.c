@@ -259,10 +259,52 @@ TGT_AVX512 static inline __attribute__((always_inline)) void down_cols_q1_block(
     for (int i = 0; i < nr; i++) f->y[r + i] -= _mm512_reduce_add_ps(acc[i]);
 }
 
+/* The same with h_e as bit planes (q1_planes: CPUs with VNNI/BITALG/VBMI), q1_group_planes per
+ * group of 4 blocks; sums come out with their sign. */
+TGT_AVX512Q1 static inline __attribute__((always_inline)) void down_cols_q1_planes_block(const ffn_t *f, int64_t r,
+                                                                                      int nr, int64_t r_end) {
+    __m512 acc[P2_ROWS];
+    for (int i = 0; i < nr; i++) acc[i] = _mm512_setzero_ps();
+    const int32_t *cw = q1_plane_weights;
+    __asm__("" : "+r"(cw)); /* as dot_q1_planes_n: the plane weights stay loads, not rebuilt */
+    const int64_t gbytes = 4 * (int64_t)sizeof(block_q1_0);
+    for (int64_t e = 0; e < f->n_experts; e++) {
+        if (f->skip[e]) continue;
+        const job_t *j = &f->jd[e];
+        const int64_t rb = f->rb_d[e];
+        const uint8_t *w = down_part(f, e) + r * rb;
+        const int64_t pf_r = r + P2_PF_BLOCKS * P2_ROWS;
+        if (pf_r < r_end) {
+            const uint8_t *pf = w + P2_PF_BLOCKS * P2_ROWS * rb;
+            int64_t pf_bytes = (r_end - pf_r < nr ? r_end - pf_r : nr) * rb;
+            for (int64_t o = 0; o < pf_bytes; o += 64) __builtin_prefetch(pf + o, 0, 0);
+        }
+        const int64_t nb = j->k / QK1_0, ng = (nb + 3) / 4;
+        for (int64_t g = 0; g < ng; g++) {
+            __m512i pl[8];
+            for (int p = 0; p < 8; p++) pl[p] = _mm512_loadu_si512((const void *)(j->xu + 512 * g + 64 * p));
+            __m512 a = _mm512_loadu_ps(j->xscale16 + 16 * g), c = _mm512_loadu_ps(j->xcorr16 + 16 * g);
+            const int nrem = (int)(nb - 4 * g);
+            if (nrem >= 4) {
+                for (int i = 0; i < nr; i++) acc[i] = q1_group_planes(w + i * rb + g * gbytes, 4, pl, a, c, acc[i], cw);
+            } else {
+                for (int i = 0; i < nr; i++) acc[i] = q1_group_planes(w + i * rb + g * gbytes, nrem, pl, a, c, acc[i], cw);
+            }
+        }
+    }
+    for (int i = 0; i < nr; i++) f->y[r + i] += _mm512_reduce_add_ps(acc[i]);
+}
+
 TGT_AVX512 static void down_cols_q1_avx512(const ffn_t *f, int64_t r0, int64_t r1) {
     int64_t r = r0;
     for (; r + P2_ROWS <= r1; r += P2_ROWS) down_cols_q1_block(f, r, P2_ROWS, r1);
     for (; r < r1; r++) down_cols_q1_block(f, r, 1, r1);
+}
+
+TGT_AVX512Q1 static void down_cols_q1_planes(const ffn_t *f, int64_t r0, int64_t r1) {
+    int64_t r = r0;
+    for (; r + P2_ROWS <= r1; r += P2_ROWS) down_cols_q1_planes_block(f, r, P2_ROWS, r1);
+    for (; r < r1; r++) down_cols_q1_planes_block(f, r, 1, r1);
 }
 #endif
 
@@ -284,7 +326,10 @@ static void p1_rows(const ffn_t *f, int64_t e, int up, int64_t r0, int64_t r1, f
         /* two consecutive rows share the prepared x */
         for (; r + 2 <= r1; r += 2) {
             if (r + 1 < r_pf) p1_prefetch(base + r * rb, 2 * rb);
-            dot_q1_avx512(j, base + r * rb, base + (r + 1) * rb, 2, out + (r - r0));
+            if (j->q1_planes) /* j->row_bytes == rb */
+                dot_q1_planes(j, base + r * rb, 2, out + (r - r0));
+            else
+                dot_q1_avx512(j, base + r * rb, base + (r + 1) * rb, 2, out + (r - r0));
         }
     }
 #endif
@@ -375,7 +420,11 @@ static void down_cols_t1(void *ctx, int64_t r0, int64_t r1, int tid) {
         return;
     }
     if (f->down_fmt == FIC_Q1_0 && f->impl == FIC_IMPL_AVX512) {
-        down_cols_q1_avx512(f, r0, r1);
+        /* every prepared h_e has the same layout (prep_x_mode depends on fmt, impl and CPU) */
+        if (cpu_has_q1_planes())
+            down_cols_q1_planes(f, r0, r1);
+        else
+            down_cols_q1_avx512(f, r0, r1);
         return;
     }
 #endif
@@ -384,18 +433,7 @@ static void down_cols_t1(void *ctx, int64_t r0, int64_t r1, int tid) {
         const job_t *j = &f->jd[e];
         const uint8_t *w = down_part(f, e);
         const int64_t rb = f->rb_d[e];
-        int64_t r = r0;
-#if defined(FIC_X86)
-        if (f->down_fmt == FIC_Q1_0 && f->impl == FIC_IMPL_AVX512) {
-            for (; r + 2 <= r1; r += 2) {
-                float yy[2];
-                dot_q1_avx512(j, w + r * rb, w + (r + 1) * rb, 2, yy);
-                f->y[r] += yy[0];
-                f->y[r + 1] += yy[1];
-            }
-        }
-#endif
-        for (; r < r1; r++) f->y[r] += dot_row(j, w + r * rb, j->x);
+        for (int64_t r = r0; r < r1; r++) f->y[r] += dot_row(j, w + r * rb, j->x);
     }
 }
 
