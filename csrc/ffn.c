@@ -36,6 +36,8 @@
 
 #define TILE_BYTES (256 << 10) /* dequantized rows per tile: stay in L2 while tokens stream past */
 
+enum { Q1_ALL_SAD, Q1_ALL_PLANES, Q1_MIXED }; /* ffn_t.q1_layout */
+
 typedef struct {
     int impl, t_is_1;
     int64_t d, t, n_experts, n_total;
@@ -49,6 +51,7 @@ typedef struct {
     int64_t rb_g, rb_u;      /* gate / up row bytes (d_model weights) */
     int64_t *rb_d;           /* down row bytes per expert (columns: n_e weights; rows: d_model) */
     int gate_fmt, up_fmt, down_fmt, down_rows;
+    int q1_layout;           /* t = 1, columns, Q1_0 on AVX-512: the prepared h_e's layouts */
     job_t jg, ju;            /* t = 1: gate and up jobs with x prepared */
     job_t *jd;               /* per expert down job (t = 1: h_e prepared for columns) */
     float *tiles;            /* per thread: tile_floats */
@@ -420,12 +423,15 @@ static void down_cols_t1(void *ctx, int64_t r0, int64_t r1, int tid) {
         return;
     }
     if (f->down_fmt == FIC_Q1_0 && f->impl == FIC_IMPL_AVX512) {
-        /* every prepared h_e has the same layout (prep_x_mode depends on fmt, impl and CPU) */
-        if (cpu_has_q1_planes())
+        /* h_e's layout depends on n_e (prep_x_mode): mixed layouts take the generic loop */
+        if (f->q1_layout == Q1_ALL_PLANES) {
             down_cols_q1_planes(f, r0, r1);
-        else
+            return;
+        }
+        if (f->q1_layout == Q1_ALL_SAD) {
             down_cols_q1_avx512(f, r0, r1);
-        return;
+            return;
+        }
     }
 #endif
     for (int64_t e = 0; e < f->n_experts; e++) {
@@ -621,7 +627,7 @@ int fic_experts_ffn(fic_pool *pool, int impl, const fic_expert_layout *layout, c
         prep_x(&f.ju, (uint8_t *)prep + bg);
         fic_parallel_for(pool, n_total, row_chunk(pool, n_total, f.rb_g + f.rb_u), phase1_t1, &f);
         if (!layout->down_rows) {
-            int64_t rb_sum = 0;
+            int64_t rb_sum = 0, n_planes = 0, n_prepared = 0;
             uint8_t *p = (uint8_t *)prep + bg + bu;
             for (size_t e = 0; e < ne; e++) {
                 f.rb_d[e] = f.jd[e].row_bytes;
@@ -629,7 +635,10 @@ int fic_experts_ffn(fic_pool *pool, int impl, const fic_expert_layout *layout, c
                 if (skip[e]) continue;
                 prep_x(&f.jd[e], p); /* h_e prepared once for all d_model rows */
                 p += prep_x_bytes(&f.jd[e]);
+                n_planes += f.jd[e].q1_planes;
+                n_prepared++;
             }
+            f.q1_layout = n_planes == 0 ? Q1_ALL_SAD : n_planes == n_prepared ? Q1_ALL_PLANES : Q1_MIXED;
             fic_parallel_for(pool, f.d, row_chunk(pool, f.d, rb_sum), down_cols_t1, &f);
         }
     } else {
