@@ -36,6 +36,8 @@
 
 #define TILE_BYTES (256 << 10) /* dequantized rows per tile: stay in L2 while tokens stream past */
 
+enum { Q1_ALL_SAD, Q1_ALL_PLANES, Q1_MIXED }; /* ffn_t.q1_layout */
+
 typedef struct {
     int impl, t_is_1;
     int64_t d, t, n_experts, n_total;
@@ -49,6 +51,7 @@ typedef struct {
     int64_t rb_g, rb_u;      /* gate / up row bytes (d_model weights) */
     int64_t *rb_d;           /* down row bytes per expert (columns: n_e weights; rows: d_model) */
     int gate_fmt, up_fmt, down_fmt, down_rows;
+    int q1_layout;           /* t = 1, columns, Q1_0 on AVX-512: the prepared h_e's layouts */
     job_t jg, ju;            /* t = 1: gate and up jobs with x prepared */
     job_t *jd;               /* per expert down job (t = 1: h_e prepared for columns) */
     float *tiles;            /* per thread: tile_floats */
@@ -259,10 +262,52 @@ TGT_AVX512 static inline __attribute__((always_inline)) void down_cols_q1_block(
     for (int i = 0; i < nr; i++) f->y[r + i] -= _mm512_reduce_add_ps(acc[i]);
 }
 
+/* The same with h_e as bit planes (q1_planes: CPUs with VNNI/BITALG/VBMI), q1_group_planes per
+ * group of 4 blocks; sums come out with their sign. */
+TGT_AVX512Q1 static inline __attribute__((always_inline)) void down_cols_q1_planes_block(const ffn_t *f, int64_t r,
+                                                                                      int nr, int64_t r_end) {
+    __m512 acc[P2_ROWS];
+    for (int i = 0; i < nr; i++) acc[i] = _mm512_setzero_ps();
+    const int32_t *cw = q1_plane_weights;
+    __asm__("" : "+r"(cw)); /* as dot_q1_planes_n: the plane weights stay loads, not rebuilt */
+    const int64_t gbytes = 4 * (int64_t)sizeof(block_q1_0);
+    for (int64_t e = 0; e < f->n_experts; e++) {
+        if (f->skip[e]) continue;
+        const job_t *j = &f->jd[e];
+        const int64_t rb = f->rb_d[e];
+        const uint8_t *w = down_part(f, e) + r * rb;
+        const int64_t pf_r = r + P2_PF_BLOCKS * P2_ROWS;
+        if (pf_r < r_end) {
+            const uint8_t *pf = w + P2_PF_BLOCKS * P2_ROWS * rb;
+            int64_t pf_bytes = (r_end - pf_r < nr ? r_end - pf_r : nr) * rb;
+            for (int64_t o = 0; o < pf_bytes; o += 64) __builtin_prefetch(pf + o, 0, 0);
+        }
+        const int64_t nb = j->k / QK1_0, ng = (nb + 3) / 4;
+        for (int64_t g = 0; g < ng; g++) {
+            __m512i pl[8];
+            for (int p = 0; p < 8; p++) pl[p] = _mm512_loadu_si512((const void *)(j->xu + 512 * g + 64 * p));
+            __m512 a = _mm512_loadu_ps(j->xscale16 + 16 * g), c = _mm512_loadu_ps(j->xcorr16 + 16 * g);
+            const int nrem = (int)(nb - 4 * g);
+            if (nrem >= 4) {
+                for (int i = 0; i < nr; i++) acc[i] = q1_group_planes(w + i * rb + g * gbytes, 4, pl, a, c, acc[i], cw);
+            } else {
+                for (int i = 0; i < nr; i++) acc[i] = q1_group_planes(w + i * rb + g * gbytes, nrem, pl, a, c, acc[i], cw);
+            }
+        }
+    }
+    for (int i = 0; i < nr; i++) f->y[r + i] += _mm512_reduce_add_ps(acc[i]);
+}
+
 TGT_AVX512 static void down_cols_q1_avx512(const ffn_t *f, int64_t r0, int64_t r1) {
     int64_t r = r0;
     for (; r + P2_ROWS <= r1; r += P2_ROWS) down_cols_q1_block(f, r, P2_ROWS, r1);
     for (; r < r1; r++) down_cols_q1_block(f, r, 1, r1);
+}
+
+TGT_AVX512Q1 static void down_cols_q1_planes(const ffn_t *f, int64_t r0, int64_t r1) {
+    int64_t r = r0;
+    for (; r + P2_ROWS <= r1; r += P2_ROWS) down_cols_q1_planes_block(f, r, P2_ROWS, r1);
+    for (; r < r1; r++) down_cols_q1_planes_block(f, r, 1, r1);
 }
 #endif
 
@@ -284,7 +329,10 @@ static void p1_rows(const ffn_t *f, int64_t e, int up, int64_t r0, int64_t r1, f
         /* two consecutive rows share the prepared x */
         for (; r + 2 <= r1; r += 2) {
             if (r + 1 < r_pf) p1_prefetch(base + r * rb, 2 * rb);
-            dot_q1_avx512(j, base + r * rb, base + (r + 1) * rb, 2, out + (r - r0));
+            if (j->q1_planes) /* j->row_bytes == rb */
+                dot_q1_planes(j, base + r * rb, 2, out + (r - r0));
+            else
+                dot_q1_avx512(j, base + r * rb, base + (r + 1) * rb, 2, out + (r - r0));
         }
     }
 #endif
@@ -375,8 +423,15 @@ static void down_cols_t1(void *ctx, int64_t r0, int64_t r1, int tid) {
         return;
     }
     if (f->down_fmt == FIC_Q1_0 && f->impl == FIC_IMPL_AVX512) {
-        down_cols_q1_avx512(f, r0, r1);
-        return;
+        /* h_e's layout depends on n_e (prep_x_mode): mixed layouts take the generic loop */
+        if (f->q1_layout == Q1_ALL_PLANES) {
+            down_cols_q1_planes(f, r0, r1);
+            return;
+        }
+        if (f->q1_layout == Q1_ALL_SAD) {
+            down_cols_q1_avx512(f, r0, r1);
+            return;
+        }
     }
 #endif
     for (int64_t e = 0; e < f->n_experts; e++) {
@@ -384,18 +439,7 @@ static void down_cols_t1(void *ctx, int64_t r0, int64_t r1, int tid) {
         const job_t *j = &f->jd[e];
         const uint8_t *w = down_part(f, e);
         const int64_t rb = f->rb_d[e];
-        int64_t r = r0;
-#if defined(FIC_X86)
-        if (f->down_fmt == FIC_Q1_0 && f->impl == FIC_IMPL_AVX512) {
-            for (; r + 2 <= r1; r += 2) {
-                float yy[2];
-                dot_q1_avx512(j, w + r * rb, w + (r + 1) * rb, 2, yy);
-                f->y[r] += yy[0];
-                f->y[r + 1] += yy[1];
-            }
-        }
-#endif
-        for (; r < r1; r++) f->y[r] += dot_row(j, w + r * rb, j->x);
+        for (int64_t r = r0; r < r1; r++) f->y[r] += dot_row(j, w + r * rb, j->x);
     }
 }
 
@@ -583,7 +627,7 @@ int fic_experts_ffn(fic_pool *pool, int impl, const fic_expert_layout *layout, c
         prep_x(&f.ju, (uint8_t *)prep + bg);
         fic_parallel_for(pool, n_total, row_chunk(pool, n_total, f.rb_g + f.rb_u), phase1_t1, &f);
         if (!layout->down_rows) {
-            int64_t rb_sum = 0;
+            int64_t rb_sum = 0, n_planes = 0, n_prepared = 0;
             uint8_t *p = (uint8_t *)prep + bg + bu;
             for (size_t e = 0; e < ne; e++) {
                 f.rb_d[e] = f.jd[e].row_bytes;
@@ -591,7 +635,10 @@ int fic_experts_ffn(fic_pool *pool, int impl, const fic_expert_layout *layout, c
                 if (skip[e]) continue;
                 prep_x(&f.jd[e], p); /* h_e prepared once for all d_model rows */
                 p += prep_x_bytes(&f.jd[e]);
+                n_planes += f.jd[e].q1_planes;
+                n_prepared++;
             }
+            f.q1_layout = n_planes == 0 ? Q1_ALL_SAD : n_planes == n_prepared ? Q1_ALL_PLANES : Q1_MIXED;
             fic_parallel_for(pool, f.d, row_chunk(pool, f.d, rb_sum), down_cols_t1, &f);
         }
     } else {

@@ -6,7 +6,9 @@
  *   matvec   one row per dot product, threads split rows. Float activations, except where
  *            x is quantized to int8 once per call (see prep_x): Q1_0 on AVX2/AVX-512,
  *            Q4_0/Q4_1 on AVX-512 VNNI. Identities used: Q4_1 sum (d q + m) x =
- *            d sum q x + m sum x; Q1_0 sum d s x with s = +-1 from the sign bits.
+ *            d sum q x + m sum x; Q1_0 sum d s x with s = +-1 from the sign bits, and on
+ *            AVX-512 VNNI/BITALG/VBMI sum s xq = 2 sum_{bit set} xq - sum xq with x as 8 bit
+ *            planes (popcounts, see dot_q1_planes in kernels_impl.h).
  *   matmul   a tile of rows is dequantized to float once and multiplied by all T rows of x
  *            (register-blocked FMA kernel), threads split row tiles; exact float math.
  *   accum    threads split the columns; rows stream past an L1-resident piece of y.
@@ -67,11 +69,15 @@ static void matvec_range(void *ctx, int64_t r0, int64_t r1, int tid) {
     if (j->fmt == FIC_Q1_0 && j->impl == FIC_IMPL_AVX512) {
         /* Two interleaved row streams defeat the hardware prefetcher (6 GB/s instead of 15
          * from DRAM): prefetch PREFETCH_BYTES ahead in software. */
-        for (; r + 2 <= r1; r += 2) {
+        const int nr = 2;
+        for (; r + nr <= r1; r += nr) {
             const uint8_t *row = j->w + r * j->row_bytes;
-            for (const uint8_t *p = row + PREFETCH_BYTES; p < row + PREFETCH_BYTES + 2 * j->row_bytes && p < end; p += 64)
+            for (const uint8_t *p = row + PREFETCH_BYTES; p < row + PREFETCH_BYTES + nr * j->row_bytes && p < end; p += 64)
                 __builtin_prefetch(p, 0, 0);
-            dot_q1_avx512(j, row, row + j->row_bytes, 2, j->y + r);
+            if (j->q1_planes)
+                dot_q1_planes(j, row, nr, j->y + r);
+            else
+                dot_q1_avx512(j, row, row + j->row_bytes, 2, j->y + r);
         }
     }
 #endif

@@ -151,6 +151,18 @@ def test_ffn_matches_numpy(gate_up, down, layout, t, impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("d", [512, 896])
+@pytest.mark.parametrize("ns", [[512, 640, 896], [512, 640, 128, 896]], ids=["planes", "mixed"])
+def test_ffn_q1_bit_planes(d, ns, impl, threads):
+    """Q1_0 at t = 1 with x and h_e of 4 or 7 blocks: on AVX-512 CPUs with VNNI/BITALG/VBMI these
+    take the bit-plane kernel (4 blocks per step, 7 ends in a partial step), 5 blocks (640, expert
+    1, skipped) and 1 block (128) the psadbw one; "mixed" has both layouts among phase 2's h_e."""
+    case = Case(("q1_0", "q1_0", "q1_0"), "columns", ns, 1, seed=d + len(ns), d=d)
+    want, bound = case.want_and_bound(impl)
+    assert_within(case.run(impl), want, bound)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("fmts", [("q4_0", "q8_0", "f16"), ("f16", "q1_0", "q4_1"), ("q1_0", "q4_1", "q1_0"),
                                   ("f32", "q4_0", "q8_0")])
 @pytest.mark.parametrize("layout", ["columns", "rows"])
