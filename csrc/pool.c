@@ -1,10 +1,11 @@
 /* pool.c - CPU feature detection, the kernels' thread pool, aligned allocations.
  *
- * The pool's threads are created once. A dispatch publishes a job and bumps a generation
- * counter; idle workers spin on it for a short while (decode calls kernels back to back, so
- * the next job usually arrives within microseconds) and then sleep on a futex. The caller is
- * worker 0 and takes chunks like the others, then waits for the stragglers. All state lives in
- * the fic_pool object; nothing is global. */
+ * The pool's threads are created once. A dispatch publishes a job (a chunk count and a chunk
+ * counter in one word) and bumps a generation counter; the caller is worker 0 and takes chunks
+ * like the others. It returns once every chunk is finished, whoever ran it, so a worker the OS
+ * has not scheduled yet costs nothing (the running threads take its share). Idle workers spin
+ * for a short while, then yield, then sleep on a futex. The protocol is described at the pool's
+ * code below. All state lives in the fic_pool object; nothing is global. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <limits.h>

@@ -17,13 +17,16 @@ import pytest
 
 from flashinfer_cli import kernels as K
 
+# a busy loop that ends with its parent, should the parent die without killing it
+HOG = "import os\np = os.getppid()\nwhile os.getppid() == p: pass"
+
 ROOT = Path(__file__).resolve().parents[1]
 D, N_EXP, N = 576, 24, 64
 
 
 @pytest.fixture(scope="module")
 def hog():
-    p = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    p = subprocess.Popen([sys.executable, "-c", HOG])
     yield p
     p.kill()
     p.wait()
