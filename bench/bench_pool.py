@@ -7,6 +7,8 @@ Per call time of
 - ffn:     kernels.ExpertSet.ffn, d_model 576, 24 experts x 64 neurons, Q4_1, columns layout, t = 1
 - tiny:    matvec Q4_1 64 x 576 split into 2 chunks (the pool's dispatch round trip plus ~1 us of work)
 - step:    a decode-like step: 30 x (matvec, ffn, with small numpy work between), per step
+- decode:  with --model NAME (a model already in fic's store, e.g. smollm2-135m): one real
+           decode step (Model.forward of one token; the position is reset every 32 steps)
 at 1 and 2 threads, quiet and with a busy process (a Python busy loop, `while True: pass` that also ends with its parent)
 running. Each
 figure is the median over R rounds of the mean over N back-to-back calls (the median, not the
@@ -58,6 +60,7 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--model", default=None, help="also time a real decode step of this stored model")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     wm = K.quantize(rng.standard_normal((576, 1536), dtype=np.float32), "q4_1")
@@ -82,6 +85,20 @@ def main() -> None:
         ("tiny matvec 64x576", lambda: K.matvec(wt, xt, out=yt)),
         ("step: 30 x (matvec + ffn)", step),
     ]
+    if args.model:
+        from flashinfer_cli import Engine
+
+        m = Engine.open(args.model, threads=1, ctx=256, auto_pull=False).model
+        state = {"pos": 0}
+
+        def decode():
+            if state["pos"] % 32 == 0:
+                m.reset()
+                m.forward(list(range(100, 108)))
+            m.forward([200 + state["pos"] % 32])
+            state["pos"] += 1
+
+        cases.append((f"decode step {args.model}", decode))
     threads = [int(s) for s in args.threads.split(",")]
     print(f"impl {K.best_impl()}; per call, median of {args.rounds} rounds x {args.calls} calls [p90]")
     print("| kernel | threads | quiet | with a CPU hog |")
@@ -95,7 +112,7 @@ def main() -> None:
             for name, fn in cases:
                 for t in threads:
                     K.set_threads(t)
-                    calls = args.calls if name[:4] != "step" else max(3, args.calls // 30)
+                    calls = args.calls if name[:4] not in ("step", "deco") else max(8, args.calls // 30)
                     results[(name, t, load)] = per_call(fn, calls, args.rounds)
         finally:
             if hog is not None:
