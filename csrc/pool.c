@@ -1,10 +1,11 @@
 /* pool.c - CPU feature detection, the kernels' thread pool, aligned allocations.
  *
- * The pool's threads are created once. A dispatch publishes a job and bumps a generation
- * counter; idle workers spin on it for a short while (decode calls kernels back to back, so
- * the next job usually arrives within microseconds) and then sleep on a futex. The caller is
- * worker 0 and takes chunks like the others, then waits for the stragglers. All state lives in
- * the fic_pool object; nothing is global. */
+ * The pool's threads are created once. A dispatch publishes a job (a chunk count and a chunk
+ * counter in one word) and bumps a generation counter; the caller is worker 0 and takes chunks
+ * like the others. It returns once every chunk is finished, whoever ran it, so a worker the OS
+ * has not scheduled yet costs nothing (the running threads take its share). Idle workers spin
+ * for a short while, then yield, then sleep on a futex. The protocol is described at the pool's
+ * code below. All state lives in the fic_pool object; nothing is global. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <limits.h>
@@ -70,26 +71,51 @@ int fic_impl_best(void) {
 
 /* ---- thread pool ------------------------------------------------------------------------- */
 
-/* How long an idle worker spins before it sleeps: longer than the gap between a decode step's
- * kernel calls (Python runs in between), short enough not to burn a core between requests.
- * Time-based because PAUSE lasts from a few to ~140 cycles depending on the CPU. */
-#define SPIN_NS 300000
-#define SPIN_CHECK 64 /* pauses between clock reads */
+/* Protocol (one job at a time; `busy` serializes callers):
+ *
+ * - claim: one 64-bit word, [total chunks : 32 | next chunk : 32]. The caller writes the job
+ *   (fn, ctx, n, chunk), sets done = 0, then stores claim = total << 32 with release. Anyone
+ *   (caller or worker) takes a chunk with fetch_add(claim, 1): the old value says how many
+ *   chunks the *current* job has and which one was taken, atomically, so a taker with
+ *   next < total owns a chunk of a live job, and one with next >= total owns nothing and reads
+ *   nothing else. A worker that wakes late, or after the caller returned, only bumps `next`
+ *   past the end of a finished job (or takes a chunk of the next job, which is as valid).
+ * - done: chunks finished. The caller returns once done == total, so it never waits for a
+ *   worker that has not started (or never wakes): only for chunks actually taken. A taker
+ *   reads the job fields only between its successful claim and its done increment, and the
+ *   job cannot complete (so its caller cannot return, and no caller can rewrite the fields)
+ *   in between: no late worker touches a returned caller's ctx.
+ * - gen: futex word bumped per job to wake workers. Idle workers spin with PAUSE briefly, then
+ *   spin with sched_yield (so a busy machine's other threads, including our own caller, get
+ *   the core), then sleep on the futex.
+ * - The caller, once no chunk is left to take, spins briefly on done, then sleeps on it (a
+ *   taker that was preempted mid-chunk then gets the caller's core). */
+
+/* Idle workers: PAUSE-spin for SPIN_NS, then sched_yield-spin up to YIELD_NS (longer than the
+ * gap between a decode step's kernel calls, with Python in between), then sleep. Time-based
+ * because PAUSE lasts from a few to ~140 cycles depending on the CPU. */
+#define SPIN_NS 30000
+#define YIELD_NS 300000
+#define WAIT_SPIN_NS 20000 /* the caller's spin on the last chunks before it sleeps */
+#define SPIN_CHECK 32      /* pauses between clock reads */
 #define CACHE_LINE 64
+#define MAX_CHUNKS ((int64_t)1 << 30)
 
 struct fic_pool {
     int n_threads;
     pthread_t *threads;
     pthread_mutex_t busy; /* held by the thread dispatching a job */
-    /* the job, written before `gen` is bumped */
+    /* the job: written by the caller before `claim` is published, read by a taker only while
+     * it holds a chunk */
     fic_range_fn fn;
     void *ctx;
     int64_t n, chunk;
     _Alignas(CACHE_LINE) atomic_uint gen; /* futex word: bumped per job (and on shutdown) */
     atomic_int n_sleeping;
     atomic_int stop;
-    _Alignas(CACHE_LINE) atomic_llong next; /* next item to hand out */
-    _Alignas(CACHE_LINE) atomic_int pending; /* workers (not counting the caller) still in the job */
+    _Alignas(CACHE_LINE) atomic_ullong claim; /* [total : 32 | next : 32] */
+    _Alignas(CACHE_LINE) atomic_uint done;    /* chunks finished; futex word for the caller */
+    atomic_int caller_sleeping;
 };
 
 struct worker_arg {
@@ -114,13 +140,20 @@ static void futex_wake_all(atomic_uint *addr) {
 #endif
 }
 
+/* Takes and runs chunks of the current job until none is left. */
 static void run_chunks(fic_pool *p, int tid) {
-    const int64_t n = p->n, chunk = p->chunk;
     for (;;) {
-        int64_t begin = atomic_fetch_add_explicit(&p->next, chunk, memory_order_relaxed);
-        if (begin >= n) break;
-        int64_t end = begin + chunk < n ? begin + chunk : n;
+        uint64_t c = atomic_fetch_add_explicit(&p->claim, 1, memory_order_acquire);
+        uint64_t total = c >> 32, i = c & 0xffffffffu;
+        if (i >= total) return; /* nothing of a live job: touch nothing else */
+        const int64_t n = p->n, chunk = p->chunk;
+        int64_t begin = (int64_t)i * chunk;
+        int64_t end = n - begin > chunk ? begin + chunk : n;
         p->fn(p->ctx, begin, end, tid);
+        /* seq_cst: pairs with the caller's caller_sleeping store (Dekker) */
+        unsigned d = atomic_fetch_add(&p->done, 1) + 1;
+        if (d == (unsigned)total && atomic_load(&p->caller_sleeping)) futex_wake_all(&p->done);
+        /* from here the job may be over: only the pool itself is touched */
     }
 }
 
@@ -131,12 +164,18 @@ static int64_t now_ns(void) {
 }
 
 static unsigned wait_for_job(fic_pool *p, unsigned seen) {
-    const int64_t deadline = now_ns() + SPIN_NS;
+    const int64_t start = now_ns();
     for (int i = 1;; i++) {
         unsigned g = atomic_load_explicit(&p->gen, memory_order_acquire);
         if (g != seen) return g;
         cpu_relax();
-        if (i % SPIN_CHECK == 0 && now_ns() > deadline) break;
+        if (i % SPIN_CHECK == 0 && now_ns() - start > SPIN_NS) break;
+    }
+    for (int i = 1;; i++) {
+        unsigned g = atomic_load_explicit(&p->gen, memory_order_acquire);
+        if (g != seen) return g;
+        sched_yield();
+        if (i % 4 == 0 && now_ns() - start > YIELD_NS) break;
     }
     for (;;) {
         atomic_fetch_add(&p->n_sleeping, 1);
@@ -157,7 +196,6 @@ static void *worker_main(void *arg) {
         seen = wait_for_job(p, seen);
         if (atomic_load_explicit(&p->stop, memory_order_acquire)) break;
         run_chunks(p, tid);
-        atomic_fetch_sub_explicit(&p->pending, 1, memory_order_release);
     }
     return NULL;
 }
@@ -179,8 +217,9 @@ int fic_pool_create(int n_threads, fic_pool **out) {
     atomic_init(&p->gen, 0);
     atomic_init(&p->n_sleeping, 0);
     atomic_init(&p->stop, 0);
-    atomic_init(&p->next, 0);
-    atomic_init(&p->pending, 0);
+    atomic_init(&p->claim, 0); /* total 0: nothing to take */
+    atomic_init(&p->done, 0);
+    atomic_init(&p->caller_sleeping, 0);
     if (pthread_mutex_init(&p->busy, NULL) != 0) {
         free(p);
         return FIC_ERR_THREAD;
@@ -223,7 +262,7 @@ void fic_pool_destroy(fic_pool *pool) {
 int fic_pool_threads(const fic_pool *pool) { return pool == NULL ? 1 : pool->n_threads; }
 
 static void run_inline(int64_t n, int64_t chunk, fic_range_fn fn, void *ctx) {
-    for (int64_t b = 0; b < n; b += chunk) fn(ctx, b, b + chunk < n ? b + chunk : n, 0);
+    for (int64_t b = 0; b < n; b += chunk) fn(ctx, b, n - b > chunk ? b + chunk : n, 0);
 }
 
 void fic_parallel_for(fic_pool *pool, int64_t n, int64_t chunk, fic_range_fn fn, void *ctx) {
@@ -234,20 +273,38 @@ void fic_parallel_for(fic_pool *pool, int64_t n, int64_t chunk, fic_range_fn fn,
         run_inline(n, chunk, fn, ctx);
         return;
     }
+    int64_t total = (n - 1) / chunk + 1;
+    if (total > MAX_CHUNKS) {
+        chunk = (n - 1) / MAX_CHUNKS + 1;
+        total = (n - 1) / chunk + 1;
+    }
     pool->fn = fn;
     pool->ctx = ctx;
     pool->n = n;
     pool->chunk = chunk;
-    atomic_store_explicit(&pool->next, 0, memory_order_relaxed);
-    atomic_store_explicit(&pool->pending, pool->n_threads - 1, memory_order_relaxed);
+    atomic_store_explicit(&pool->done, 0, memory_order_relaxed);
+    atomic_store_explicit(&pool->claim, (uint64_t)total << 32, memory_order_release);
     atomic_fetch_add(&pool->gen, 1); /* seq_cst: pairs with the sleepers' n_sleeping increment */
     if (atomic_load(&pool->n_sleeping) > 0) futex_wake_all(&pool->gen);
     run_chunks(pool, 0);
-    /* The others finish their last chunk about when we do: spin, yielding only if one was
-     * descheduled. */
-    for (int spins = 0; atomic_load_explicit(&pool->pending, memory_order_acquire) > 0; spins++) {
-        if (spins < (1 << 14)) cpu_relax();
-        else sched_yield();
+    /* Only chunks other threads took are left; they finish about when we do unless one was
+     * preempted: then sleep, so it can have this core. */
+    const unsigned want = (unsigned)total;
+    unsigned d = atomic_load_explicit(&pool->done, memory_order_acquire);
+    if (d != want) {
+        const int64_t start = now_ns();
+        for (int i = 1; d != want; i++) {
+            cpu_relax();
+            d = atomic_load_explicit(&pool->done, memory_order_acquire);
+            if (i % SPIN_CHECK == 0 && now_ns() - start > WAIT_SPIN_NS) break;
+        }
+        while (d != want) {
+            atomic_store(&pool->caller_sleeping, 1); /* seq_cst: see run_chunks */
+            d = atomic_load(&pool->done);
+            if (d != want) futex_wait(&pool->done, d);
+            atomic_store(&pool->caller_sleeping, 0);
+            d = atomic_load_explicit(&pool->done, memory_order_acquire);
+        }
     }
     pthread_mutex_unlock(&pool->busy);
 }

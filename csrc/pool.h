@@ -12,7 +12,10 @@ typedef void (*fic_range_fn)(void *ctx, int64_t begin, int64_t end, int tid);
 
 /* Runs fn over [0, n) in chunks of `chunk` items (the last may be shorter), spread over the
  * pool's threads; returns when every chunk is done. pool may be NULL (runs inline). Chunks are
- * handed out in order from a shared counter, so a slow thread does not hold the others back.
+ * handed out in order from a shared counter, so a slow thread does not hold the others back, and
+ * completion counts finished chunks, not threads: a worker that is descheduled (a busy machine)
+ * or wakes late finds nothing left, and never runs fn once this call has returned. Which thread
+ * runs a chunk is not fixed: fn must not assume tid k gets the k-th 1/n of the items.
  * If another thread is already using the pool, this call runs inline on its own thread. */
 void fic_parallel_for(fic_pool *pool, int64_t n, int64_t chunk, fic_range_fn fn, void *ctx);
 
