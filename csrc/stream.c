@@ -683,6 +683,7 @@ typedef struct uring {
     uring_slot *slots;
     unsigned *free_slots;
     unsigned n_free;
+    int64_t *done; /* requests whose last read came back, waiting for req_finish */
 } uring;
 #endif
 
@@ -901,6 +902,7 @@ static void uring_close(uring *u)
         close(u->fd);
     free(u->slots);
     free(u->free_slots);
+    free(u->done);
     memset(u, 0, sizeof *u);
     u->fd = -1;
 }
@@ -967,7 +969,8 @@ static int uring_open(uring *u, unsigned depth, int *err)
         u->depth = p.cq_entries;
     u->slots = calloc(u->depth, sizeof *u->slots);
     u->free_slots = calloc(u->depth, sizeof *u->free_slots);
-    if (u->slots == NULL || u->free_slots == NULL) {
+    u->done = calloc(u->depth, sizeof *u->done);
+    if (u->slots == NULL || u->free_slots == NULL || u->done == NULL) {
         uring_close(u);
         return FIC_ERR_NOMEM;
     }
@@ -1010,7 +1013,8 @@ static void uring_queue(fic_reader *r, unsigned s, int64_t qi, fic_read_req *q)
     __atomic_store_n(u->sq_tail, tail + 1, __ATOMIC_RELEASE);
 }
 
-/* Handle one completion; returns 1 when the slot was requeued, 0 when it is free again. */
+/* Handle one completion; returns 1 when the request needs another read, 0 when it is done (its
+ * req_finish is left to the caller). */
 static int uring_complete(fic_reader *r, fic_read_req *reqs, unsigned s, int res)
 {
     fic_read_req *q = &reqs[r->ring.slots[s].req];
@@ -1027,8 +1031,22 @@ static int uring_complete(fic_reader *r, fic_read_req *reqs, unsigned s, int res
     } else if (req_advance(r, q, res, asked)) {
         return 1;
     }
-    req_finish(r, q);
     return 0;
+}
+
+/* Queue requests from *next into the free slots. */
+static void uring_fill(fic_reader *r, fic_read_req *reqs, int64_t n, int64_t *next, unsigned *in_flight,
+                       unsigned *to_submit)
+{
+    uring *u = &r->ring;
+    while (u->n_free > 0 && *next < n) {
+        if (reqs[*next].status == FIC_OK) {
+            uring_queue(r, u->free_slots[--u->n_free], *next, &reqs[*next]);
+            (*in_flight)++;
+            (*to_submit)++;
+        }
+        (*next)++;
+    }
 }
 
 static int uring_read(fic_reader *r, fic_read_req *reqs, int64_t n)
@@ -1043,16 +1061,7 @@ static int uring_read(fic_reader *r, fic_read_req *reqs, int64_t n)
         u->free_slots[s] = u->depth - 1 - s;
     for (;;) {
         /* Keep the queue full. */
-        while (u->n_free > 0 && next < n) {
-            if (reqs[next].status != FIC_OK) {
-                next++;
-                continue;
-            }
-            uring_queue(r, u->free_slots[--u->n_free], next, &reqs[next]);
-            next++;
-            in_flight++;
-            to_submit++;
-        }
+        uring_fill(r, reqs, n, &next, &in_flight, &to_submit);
         if (in_flight == 0)
             return FIC_OK;
         int ret = sys_uring_enter(u->fd, to_submit, 1, IORING_ENTER_GETEVENTS);
@@ -1067,6 +1076,7 @@ static int uring_read(fic_reader *r, fic_read_req *reqs, int64_t n)
         /* Reap every completion there is. Acquire: the CQE is visible before its tail. */
         unsigned head = *u->cq_head;
         unsigned tail = __atomic_load_n(u->cq_tail, __ATOMIC_ACQUIRE);
+        unsigned n_done = 0;
         while (head != tail) {
             struct io_uring_cqe *cqe = &u->cqes[head & *u->cq_mask];
             unsigned s = (unsigned)cqe->user_data;
@@ -1078,10 +1088,24 @@ static int uring_read(fic_reader *r, fic_read_req *reqs, int64_t n)
                 uring_queue(r, s, u->slots[s].req, &reqs[u->slots[s].req]);
                 to_submit++;
             } else {
+                u->done[n_done++] = u->slots[s].req;
                 u->free_slots[u->n_free++] = s;
                 in_flight--;
             }
         }
+        if (n_done == 0)
+            continue;
+        /* Refill the queue and submit before the finished requests' CRC checks, so the disk works
+         * while they run. A failed submit is left for the enter at the top of the loop to retry
+         * or report: every request reaped here is finished before any return. */
+        uring_fill(r, reqs, n, &next, &in_flight, &to_submit);
+        if (to_submit > 0) {
+            ret = sys_uring_enter(u->fd, to_submit, 0, 0);
+            if (ret > 0)
+                to_submit -= (unsigned)ret < to_submit ? (unsigned)ret : to_submit;
+        }
+        for (unsigned i = 0; i < n_done; i++)
+            req_finish(r, &reqs[u->done[i]]);
     }
 }
 #endif /* FIC_HAVE_URING */
