@@ -4,6 +4,7 @@ Bundles of 64 KiB to 1 MiB (4 KiB multiples) at random 4 KiB-aligned offsets of 
 read in batches (one batch ~ one layer's missing experts), with a cold page cache before each run.
 
     python bench/bench_reader.py [--size-gib 4] [--read-gib 2] [--rounds 3] [--dir bench/out] [--keep]
+    python bench/bench_reader.py --crc-only     # just fic_crc32c's speed on 64 KiB-1 MiB buffers
 
 Needs root for `echo 3 > /proc/sys/vm/drop_caches` (without it the figures say "warm?").
 """
@@ -122,6 +123,31 @@ def run_sequential_plain(path: Path, size: int, buf: np.ndarray) -> float:
         os.close(fd)
 
 
+def crc_rates(repeats: int = 9) -> None:
+    """Print fic_crc32c's (and the table reference's) GB/s on bundle-sized buffers in cache, best
+    of `repeats` timings. Each call goes through cffi, whose per-call cost is printed too."""
+    rng = np.random.default_rng(0)
+    buf = aligned_buffer(MIB)
+    buf[:] = rng.integers(0, 256, MIB, dtype=np.uint8)
+
+    def best(data: np.ndarray, impl: str, calls: int) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(calls):
+                crc32c(data, impl=impl)
+            times.append((time.perf_counter() - start) / calls)
+        return min(times)
+
+    print(f"# CRC32C, best of {repeats}; cffi call on an empty buffer: {best(buf[:0], 'auto', 10_000) * 1e6:.2f} us")
+    print("| buffer | fic_crc32c GB/s | fic_crc32c_ref GB/s |")
+    print("| ---: | ---: | ---: |")
+    for size in (64 << 10, 256 << 10, MIB):
+        hw = best(buf[:size], "auto", max(1, (64 * MIB) // size))
+        ref = best(buf[:size], "ref", max(1, (8 * MIB) // size))
+        print(f"| {size >> 10} KiB | {size / hw / 1e9:.1f} | {size / ref / 1e9:.2f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-gib", type=float, default=4.0, help="size of the test file")
@@ -129,12 +155,16 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=Path(__file__).resolve().parent / "out")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of every run")
     ap.add_argument("--keep", action="store_true", help="keep the test file")
+    ap.add_argument("--crc-only", action="store_true", help="only time fic_crc32c, no file")
     args = ap.parse_args()
+    print(f"# {platform.node()} {platform.machine()} Linux {platform.release()}, {os.cpu_count()} cpus")
+    crc_rates()
+    if args.crc_only:
+        return
 
     args.dir.mkdir(parents=True, exist_ok=True)
     path = args.dir / "reader-bench.bin"
     size = int(args.size_gib * GIB) // MIB * MIB
-    print(f"# {platform.node()} {platform.machine()} Linux {platform.release()}, {os.cpu_count()} cpus")
     print(f"# writing {size / GIB:.1f} GiB of random bytes to {path}")
     make_file(path, size)
     buf = aligned_buffer(BATCH * MIB)
@@ -172,6 +202,7 @@ def bundle_runs(path: Path, plan: list[tuple[int, int]], total: int, buf: np.nda
     configs = [Config("io_uring QD1", "io_uring", 1), Config("io_uring QD8", "io_uring", 8),
                Config("io_uring QD32", "io_uring", 32), Config("pread 1 thread", "pread", n_threads=1),
                Config("pread 4 threads", "pread", n_threads=4),
+               Config("io_uring QD8 + CRC check", "io_uring", 8, check_crc=True),
                Config("io_uring QD32 + CRC check", "io_uring", 32, check_crc=True),
                Config("pread 4 threads + CRC check", "pread", n_threads=4, check_crc=True)]
     return [(f"random bundles 64K-1M, {cfg.name}", total,

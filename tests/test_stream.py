@@ -11,6 +11,7 @@ import errno
 import mmap
 import os
 import random
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -89,6 +90,171 @@ def test_crc32c_chains(impl: str) -> None:
     for cut in (0, 1, 7, 8, 9, 4095, 5000, 10_000):
         assert crc32c(data[cut:], crc32c(data[:cut], impl=impl), impl=impl) == whole
     assert crc32c(b"6789", crc32c(b"12345", impl=impl), impl=impl) == 0xE3069283
+
+
+# The three-stream hardware path works in blocks of 3 x 8192 and 3 x 256 bytes: lengths on and
+# next to those boundaries, and both sides of the 768-byte threshold below which it is not used.
+BLOCK_EDGES = sorted({k * b + d for b in (768, 3 * 8192) for k in (1, 2, 3, 5) for d in (-9, -8, -1, 0, 1, 7, 8)})
+
+
+def test_crc32c_hardware_equals_table_large_buffers_every_offset() -> None:
+    rng = np.random.default_rng(5)
+    buf = rng.integers(0, 256, (3 << 20) + 64, dtype=np.uint8)
+    lengths = [int(rng.integers(0, (3 << 20) + 1)) for _ in range(24)] + [3 << 20, 1 << 20, 65536]
+    for i, length in enumerate(lengths):
+        start = i % 64
+        piece = buf[start:start + length]
+        assert crc32c(piece) == crc32c(piece, impl="ref"), (start, length)
+    for start in range(64):  # every alignment of the start, against block-edge lengths
+        for length in BLOCK_EDGES[start % 7::7]:
+            piece = buf[start:start + length]
+            assert crc32c(piece) == crc32c(piece, impl="ref"), (start, length)
+
+
+def test_crc32c_hardware_chains_over_large_buffers() -> None:
+    rng = random.Random(6)
+    data = rng.randbytes(1 << 20)
+    whole = crc32c(data, impl="ref")
+    assert crc32c(data) == whole
+    for cut in [rng.randrange(0, len(data) + 1) for _ in range(20)] + [1, 768, 24576, len(data) - 1]:
+        assert crc32c(data[cut:], crc32c(data[:cut])) == whole
+    pieces, crc, pos = [], 0, 0  # many uneven pieces
+    while pos < len(data):
+        step = rng.choice([1, 7, 767, 769, 24575, 100_000])
+        crc = crc32c(data[pos:pos + step], crc)
+        pos += step
+    assert crc == whole
+
+
+# ---- the combine, tested directly: a harness that includes csrc/stream.c ----------------------
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+HARNESS = r"""
+#include "stream.c"
+uint32_t h_combine(uint32_t crc1, uint32_t crc2, uint64_t len2) { return crc32c_combine(crc1, crc2, len2); }
+uint32_t h_shift(uint32_t r, uint64_t n) { return crc32c_shift(r, n); }
+uint32_t h_xpow(uint64_t e) { return crc32c_xpow(e); }
+#if defined(FIC_CRC_3WAY)
+int h_three_way(void) { return 1; }
+uint32_t h_shift_clmul(uint32_t r, uint32_t k) { return crc32c_shift_clmul(r, k); }
+void h_constants(uint32_t *out)
+{
+    out[0] = crc32c_k_long[0]; out[1] = crc32c_k_long[1]; out[2] = crc32c_k_short[0]; out[3] = crc32c_k_short[1];
+    out[4] = CRC_LONG; out[5] = CRC_SHORT;
+}
+#else
+int h_three_way(void) { return 0; }
+#endif
+"""
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
+    directory = tmp_path_factory.mktemp("crc-harness")
+    (directory / "h.c").write_text(HARNESS, encoding="utf-8")
+    cc = os.environ.get("CC", "cc")
+    try:
+        subprocess.run([cc, "-O2", "-std=gnu11", "-pthread", "-fPIC", "-shared", "-Wall", "-Wextra", "-Werror",
+                        "-Wno-unused-parameter", "-Wno-missing-prototypes", f"-I{CSRC}", str(directory / "h.c"),
+                        "-o", str(directory / "h.so")], check=True, capture_output=True, text=True)
+    except FileNotFoundError:
+        pytest.skip("no C compiler")
+    except subprocess.CalledProcessError as err:
+        pytest.fail(f"harness did not compile:\n{err.stderr}")
+    lib = ctypes.CDLL(str(directory / "h.so"))
+    u32, u64 = ctypes.c_uint32, ctypes.c_uint64
+    for name, args in (("h_combine", [u32, u32, u64]), ("h_shift", [u32, u64]), ("h_xpow", [u64])):
+        getattr(lib, name).argtypes = args
+        getattr(lib, name).restype = u32
+    if lib.h_three_way():
+        lib.h_shift_clmul.argtypes = [u32, u32]
+        lib.h_shift_clmul.restype = u32
+        lib.h_constants.argtypes = [ctypes.POINTER(u32)]
+    return lib
+
+
+def test_crc32c_combine_equals_reference_on_random_splits(harness: ctypes.CDLL) -> None:
+    rng = random.Random(7)
+    data = rng.randbytes(200_000)
+    for _ in range(200):
+        a = rng.randrange(0, len(data))
+        b = rng.randrange(a, min(len(data), a + rng.choice([16, 1000, 100_000])) + 1)
+        cut = rng.randrange(a, b + 1)
+        left, right = data[a:cut], data[cut:b]
+        combined = harness.h_combine(crc32c_bitwise(left) if len(left) < 64 else crc32c(left, impl="ref"),
+                                     crc32c(right, impl="ref"), len(right))
+        assert combined == crc32c(data[a:b], impl="ref"), (a, cut, b)
+    assert harness.h_combine(0xE3069283, 0, 0) == 0xE3069283
+    assert harness.h_combine(crc32c(b"12345"), crc32c(b"6789"), 4) == 0xE3069283
+
+
+def test_crc32c_shift_is_zero_bytes(harness: ctypes.CDLL) -> None:
+    # A register r shifted over n zero bytes is what the table reference does to it (without the
+    # inversions fic_crc32c_ref adds on the way in and out).
+    rng = random.Random(8)
+    for n in [0, 1, 3, 4, 5, 8, 255, 256, 8192, 16384, 100_003] + [rng.randrange(0, 3 << 20) for _ in range(8)]:
+        r = rng.getrandbits(32)
+        assert harness.h_shift(r, n) == crc32c(bytes(n), r ^ 0xFFFFFFFF, impl="ref") ^ 0xFFFFFFFF, n
+    assert harness.h_xpow(0) == 1 << 31  # the polynomial 1, in the CRC's reflected bit order
+    assert harness.h_xpow(32) == 0x82F63B78  # x^32 mod P is the polynomial's own low terms
+
+
+def test_crc32c_clmul_shift_and_constants(harness: ctypes.CDLL) -> None:
+    if not harness.h_three_way():
+        pytest.skip("no three-stream path in this build (not x86-64)")
+    consts = (ctypes.c_uint32 * 6)()
+    harness.h_constants(consts)
+    long_, short = consts[4], consts[5]
+    assert list(consts[:4]) == [harness.h_xpow(8 * n - 33) for n in (long_, 2 * long_, short, 2 * short)]
+    with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+        if " pclmulqdq" not in f.read():
+            pytest.skip("CPU without PCLMULQDQ")
+    rng = random.Random(9)
+    for n in [5, 8, 9, 256, 512, 8192, 16384] + [rng.randrange(5, 1 << 24) for _ in range(50)]:
+        r = rng.getrandbits(32)
+        assert harness.h_shift_clmul(r, harness.h_xpow(8 * n - 33)) == harness.h_shift(r, n), n
+
+
+# AArch64 (crc32cx, three streams joined with crc32c_multmodp): cross-compiled and run under
+# qemu-user when both are installed. The program exits 1 on the first mismatch.
+AARCH64_CHECK = r"""
+#include "stream.c"
+int main(void)
+{
+    enum { SIZE = (3 << 20) + 64 };
+    uint8_t *b = malloc(SIZE);
+    if (!b)
+        return 2;
+    uint64_t s = 88172645463325252ull;
+    for (size_t i = 0; i < SIZE; i++) {
+        s ^= s << 13; s ^= s >> 7; s ^= s << 17;
+        b[i] = (uint8_t)s;
+    }
+    for (int t = 0; t < 400; t++) {
+        s ^= s << 13; s ^= s >> 7; s ^= s << 17;
+        size_t off = t % 64, len = t < 40 ? (size_t)(s % (3u << 20)) : (size_t)(s % 30000);
+        size_t cut = len ? (size_t)(s >> 32) % len : 0;
+        uint32_t want = fic_crc32c_ref(0, b + off, len);
+        if (fic_crc32c(0, b + off, len) != want ||
+            fic_crc32c(fic_crc32c(0, b + off, cut), b + off + cut, len - cut) != want ||
+            crc32c_combine(fic_crc32c(0, b + off, cut), fic_crc32c(0, b + off + cut, len - cut), len - cut) != want)
+            return 1;
+    }
+    return 0;
+}
+"""
+
+
+def test_crc32c_aarch64_under_qemu(tmp_path: Path) -> None:
+    cc, qemu = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")
+    if cc is None or qemu is None:
+        pytest.skip("needs aarch64-linux-gnu-gcc and qemu-aarch64")
+    (tmp_path / "check.c").write_text(AARCH64_CHECK, encoding="utf-8")
+    build = subprocess.run([cc, "-O2", "-std=gnu11", "-pthread", "-march=armv8-a+crc", "-static", "-Wall", "-Wextra",
+                            "-Werror", "-Wno-unused-parameter", f"-I{CSRC}", str(tmp_path / "check.c"),
+                            "-o", str(tmp_path / "check")], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    assert subprocess.run([qemu, str(tmp_path / "check")], timeout=120).returncode == 0
 
 
 # ---- fixtures --------------------------------------------------------------------------------
