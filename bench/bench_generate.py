@@ -78,28 +78,47 @@ class LlamaCpp:
 
 
 def profile_decode(fic: Fic, ids, n: int) -> dict[str, float]:
-    """ms per decode step: total, inside kernel calls (wrapper included), and the rest (Python/numpy)."""
+    """ms per decode step: total, inside kernel calls (kernels.py's functions and ExpertSet.ffn,
+    wrapper included), and the rest (Python/numpy)."""
     from flashinfer_cli import kernels, model
 
     spent = {"kernels": 0.0, "calls": 0}
+    by_site: dict[str, list[float]] = {}  # "matvec (m, k)" / "ExpertSet.ffn (n_total)" -> [seconds, calls]
     originals = {name: getattr(kernels, name) for name in ("matvec", "matmul", "accum_rows", "dequantize")}
 
-    def timed(fn):
+    def site(name, a):
+        w = a[0] if a else None
+        if isinstance(w, kernels.QTensor):
+            return f"{name} {w.shape[0]}x{w.shape[1]}"
+        if hasattr(w, "n_total"):
+            return f"{name} {len(w)} experts, {w.n_total} neurons"
+        return name
+
+    def timed(fn, name):
         def wrapper(*a, **k):
             t = time.perf_counter()
             try:
                 return fn(*a, **k)
             finally:
-                spent["kernels"] += time.perf_counter() - t
+                dt = time.perf_counter() - t
+                spent["kernels"] += dt
                 spent["calls"] += 1
+                s = by_site.setdefault(site(name, a), [0.0, 0])
+                s[0] += dt
+                s[1] += 1
         return wrapper
 
     for name, fn in originals.items():
-        setattr(kernels, name, timed(fn))
+        setattr(kernels, name, timed(fn, name))
+    ffn_set = getattr(kernels, "ExpertSet", None)  # the fused expert FFN is a method
+    ffn_orig = ffn_set.ffn if ffn_set is not None else None
+    if ffn_orig is not None:
+        ffn_set.ffn = timed(ffn_orig, "ExpertSet.ffn")
     try:
         fic.m.reset()
         fic.m.forward(ids[:16])
         spent.update(kernels=0.0, calls=0)
+        by_site.clear()
         t = time.perf_counter()
         for tok in ids[16:16 + n]:
             fic.m.forward([tok])
@@ -107,9 +126,13 @@ def profile_decode(fic: Fic, ids, n: int) -> dict[str, float]:
     finally:
         for name, fn in originals.items():
             setattr(kernels, name, fn)
+        if ffn_orig is not None:
+            ffn_set.ffn = ffn_orig
     assert model.kernels is kernels
-    return {"step_ms": 1e3 * total / n, "kernel_ms": 1e3 * spent["kernels"] / n,
-            "python_ms": 1e3 * (total - spent["kernels"]) / n, "kernel_calls": spent["calls"] / n}
+    out = {"step_ms": 1e3 * total / n, "kernel_ms": 1e3 * spent["kernels"] / n,
+           "python_ms": 1e3 * (total - spent["kernels"]) / n, "kernel_calls": spent["calls"] / n}
+    out["sites"] = {k: (1e3 * v[0] / n, v[1] / n) for k, v in sorted(by_site.items(), key=lambda kv: -kv[1][0])}
+    return out
 
 
 def main() -> None:
@@ -146,7 +169,10 @@ def main() -> None:
     if args.profile:
         runs = [profile_decode(engines[0], ids, args.decode) for _ in range(args.rounds)]
         best = min(runs, key=lambda r: r["step_ms"])
+        sites = best.pop("sites")
         print("fic decode step (fastest of the rounds): " + ", ".join(f"{k} {v:.2f}" for k, v in best.items()))
+        for k, (ms, calls) in sites.items():
+            print(f"  {k}: {ms:.3f} ms in {calls:.0f} calls per step ({1e3 * ms / calls:.1f} us a call)")
 
 
 if __name__ == "__main__":

@@ -360,12 +360,14 @@ class ModelWriter:
 
 @dataclass(frozen=True)
 class Bundle:
-    """An expert's weights, as views into the buffer it was read into."""
+    """An expert's weights, as views into the buffer it was read into; `data` is the whole
+    bundle (gate, up and down parts back to back), what kernels.ExpertSet takes."""
 
     gate: QTensor
     up: QTensor
     down: QTensor
     n_neurons: int
+    data: np.ndarray | None = field(default=None, repr=False, compare=False)
 
 
 class ModelReader:
@@ -511,7 +513,7 @@ class ModelReader:
         gate = QTensor(layout.gate_fmt, (n_neurons, layout.d_model), buf[:gate_b])
         up = QTensor(layout.up_fmt, (n_neurons, layout.d_model), buf[gate_b:gate_b + up_b])
         down = QTensor(layout.down_fmt, layout.down_shape(n_neurons), buf[gate_b + up_b:gate_b + up_b + down_b])
-        return Bundle(gate, up, down, n_neurons)
+        return Bundle(gate, up, down, n_neurons, buf[:gate_b + up_b + down_b])
 
     def close(self) -> None:
         if self._reader is not None:

@@ -349,11 +349,13 @@ class ExpertSet:
         return len(self.n_neurons)
 
     def ffn(self, x: np.ndarray, y: np.ndarray, coef: np.ndarray | None = None, *,
-            impl: str = "auto") -> np.ndarray:
+            impl: str = "auto", scratch: np.ndarray | None = None) -> np.ndarray:
         """y += Σ_e coef[:, e] · down_e(silu(gate_e x) * (up_e x)), in place; returns y.
 
         x and y are float32 (t, d_model) or (d_model,) (one token), y C-contiguous; coef is
-        None (all ones) or float32 (t, n_experts) ((n_experts,) for one token); 0 skips."""
+        None (all ones) or float32 (t, n_experts) ((n_experts,) for one token); 0 skips.
+        scratch: a contiguous 1-D float32 array of at least t * n_total floats to use instead of
+        this set's own (so that the sets of many layers can share one)."""
         d = self.d_model
         if not isinstance(x, np.ndarray) or x.dtype != np.float32:
             raise ValueError("x must be a float32 numpy array")
@@ -372,10 +374,16 @@ class ExpertSet:
             coef = np.ascontiguousarray(coef)
             coef_ptr = _f32(coef)
         need = t * self.n_total
-        if self._scratch.size < need:
-            self._scratch = np.empty(need, dtype=np.float32)
+        if scratch is not None:
+            if (not isinstance(scratch, np.ndarray) or scratch.dtype != np.float32 or scratch.ndim != 1
+                    or not scratch.flags.c_contiguous or not scratch.flags.writeable or scratch.size < need):
+                raise ValueError(f"scratch must be a writable contiguous 1-D float32 array of at least {need} floats")
+        else:
+            if self._scratch.size < need:
+                self._scratch = np.empty(need, dtype=np.float32)
+            scratch = self._scratch
         status = lib.fic_experts_ffn(_POOL.get(), _impl_id(impl), self._layout, self._bundles, self._n, len(self),
-                                     coef_ptr, _f32(x), _f32(y), t, _f32(self._scratch), self._scratch.size)
+                                     coef_ptr, _f32(x), _f32(y), t, _f32(scratch), scratch.size)
         _check(status, f"experts_ffn {'/'.join(self.formats)} {self.down_layout} {impl}")
         return y
 

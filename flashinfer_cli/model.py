@@ -6,11 +6,11 @@ their keys and values to the cache. Activations are float32; weights stay quanti
 
 The FFN runs through expert bundles. A provider (ExpertProvider) says which bundles a layer has in
 memory; in this issue `AllResident` reads every bundle at load into one huge-page arena cut into
-slots. The FFN of a layer is the sum over its experts of down_e(silu(gate_e x) * up_e x); since one
-Python call per expert per projection would dominate a decode step, `ExpertFFN` packs a layer's
-experts into one gate+up matrix and one down matrix (lossless: whole blocks are moved) and runs
-2 kernel calls per token per layer. A fused C kernel over the bundle pointers will make the copy
-unnecessary; the provider interface stays.
+slots. The FFN of a layer is the sum over its experts of down_e(silu(gate_e x) * up_e x), and
+`LayerFFN` runs it straight from the arena slots: one fused C call (kernels.ExpertSet,
+fic_experts_ffn) per layer and step, decode and prefill alike. Its ExpertSet (the slot pointers)
+is built once and rebuilt only when the provider's set for that layer changes, so a reselection
+that swaps a few slots of one layer touches nothing else.
 """
 from __future__ import annotations
 
@@ -57,22 +57,6 @@ def concat_rows(parts: Sequence[QTensor]) -> QTensor:
     return QTensor(f, (sum(p.shape[0] for p in parts), k), data)
 
 
-def concat_cols(parts: Sequence[QTensor]) -> QTensor:
-    """Join matrices with the same rows side by side (each part's rows are whole blocks)."""
-    f, m = parts[0].fmt, parts[0].shape[0]
-    if any(p.fmt != f or p.shape[0] != m for p in parts):
-        raise ValueError("concat_cols needs one format and one row count")
-    k = sum(p.shape[1] for p in parts)
-    data = kernels.aligned_buffer(m * kernels.row_bytes(f, k), huge=True)
-    rows = data.reshape(m, -1)
-    off = 0
-    for p in parts:
-        rb = kernels.row_bytes(f, p.shape[1])
-        rows[:, off:off + rb] = p.data.reshape(m, rb)
-        off += rb
-    return QTensor(f, (m, k), data)
-
-
 def _vec(x: QTensor | np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
 
@@ -95,12 +79,19 @@ class ExpertProvider(Protocol):
     per-prompt selection and streaming behind this same question."""
 
     def bundles(self, layer: int) -> list[tuple[int, fmt.Bundle]]:
-        """(expert index, bundle) for every expert of `layer` to run, in expert order."""
+        """(expert index, bundle) for every expert of `layer` to run, in expert order; each
+        bundle's `data` is the memory it lives in (an arena slot) and stays valid until
+        version(layer) changes."""
+        ...
+
+    def version(self, layer: int) -> int:
+        """A number that changes whenever bundles(layer) would return a different set or slots."""
         ...
 
 
 class AllResident:
-    """Every bundle read at load (one batch, CRC-checked) into slots of one huge-page arena."""
+    """Every bundle read at load (one batch, CRC-checked) into slots of one huge-page arena,
+    which the FFN then runs from: the experts are in memory once."""
 
     def __init__(self, reader: fmt.ModelReader):
         man = reader.manifest
@@ -117,50 +108,53 @@ class AllResident:
     def bundles(self, layer: int) -> list[tuple[int, fmt.Bundle]]:
         return self._by_layer[layer]
 
-    def release(self) -> None:
-        """Drop the arena once the FFN has packed its own copy."""
-        self._by_layer = [[] for _ in self._by_layer]
-        self.arena = None
+    def version(self, layer: int) -> int:
+        return 0  # the set never changes
 
 
-class ExpertFFN:
-    """One layer's FFN over a set of experts, packed for few kernel calls."""
+class Scratch:
+    """One float32 buffer for the hidden activations of every layer's FFN (they run one at a time),
+    grown to the largest t x neurons asked for."""
 
-    def __init__(self, bundles: Sequence[fmt.Bundle], layout: fmt.ExpertLayout):
-        self.rows_layout = layout.down_layout == "rows"
-        self.n = sum(b.n_neurons for b in bundles)
-        if layout.gate_fmt == layout.up_fmt:
-            self.gate_up = concat_rows([b.gate for b in bundles] + [b.up for b in bundles])
-            self.gate = self.up = None
-        else:
-            self.gate_up = None
-            self.gate = concat_rows([b.gate for b in bundles])
-            self.up = concat_rows([b.up for b in bundles])
-        downs = [b.down for b in bundles]
-        self.down = concat_rows(downs) if self.rows_layout else concat_cols(downs)
+    def __init__(self) -> None:
+        self.buf = np.empty(0, dtype=np.float32)
 
-    def _hidden(self, x: np.ndarray, mul) -> np.ndarray:
-        if self.gate_up is not None:
-            gu = mul(self.gate_up, x)
-            g, u = gu[..., :self.n], gu[..., self.n:]
-        else:
-            g, u = mul(self.gate, x), mul(self.up, x)
-        return silu(g) * u
+    def get(self, n: int) -> np.ndarray:
+        if self.buf.size < n:
+            self.buf = np.empty(n, dtype=np.float32)
+        return self.buf
 
-    def decode(self, x: np.ndarray) -> np.ndarray:
-        h = self._hidden(x, kernels.matvec)
-        if self.rows_layout:
-            return kernels.accum_rows(self.down, h, np.zeros(self.down.shape[1], np.float32))
-        return kernels.matvec(self.down, h)
 
-    def prefill(self, x: np.ndarray) -> np.ndarray:
-        h = np.ascontiguousarray(self._hidden(x, kernels.matmul))
-        if self.rows_layout:
-            y = np.zeros((x.shape[0], self.down.shape[1]), np.float32)
-            for t in range(x.shape[0]):
-                kernels.accum_rows(self.down, h[t], y[t])
-            return y
-        return kernels.matmul(self.down, h)
+class LayerFFN:
+    """One layer's FFN over the provider's bundles of that layer, run where they lie (no copy):
+    one fic_experts_ffn call per step. The ExpertSet is cached and rebuilt only when the
+    provider's version of this layer changes."""
+
+    def __init__(self, provider: ExpertProvider, layer: int, layout: fmt.ExpertLayout, scratch: Scratch):
+        self.provider, self.layer, self.layout, self.scratch = provider, layer, layout, scratch
+        self._version: int | None = None
+        self._set: kernels.ExpertSet | None = None
+        self.expert_set()  # fail at load, not at the first token
+
+    def expert_set(self) -> kernels.ExpertSet:
+        v = self.provider.version(self.layer)
+        if v != self._version or self._set is None:
+            pairs = self.provider.bundles(self.layer)
+            if not pairs:
+                raise ValueError(f"layer {self.layer} has no experts")
+            bundles = [b for _, b in pairs]
+            if any(b.data is None for b in bundles):
+                raise ValueError(f"layer {self.layer}: a bundle without its buffer")
+            self._set = kernels.ExpertSet.from_layout(self.layout, [b.data for b in bundles],
+                                                      [b.n_neurons for b in bundles])
+            self._version = v
+        return self._set
+
+    def add_to(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """y += FFN(x) in place (x, y float32 (d_model,) or (t, d_model)); returns y."""
+        s = self.expert_set()
+        t = 1 if x.ndim == 1 else x.shape[0]
+        return s.ffn(x, y, scratch=self.scratch.get(t * s.n_total))
 
 
 # ---- the math ------------------------------------------------------------------------------
@@ -243,9 +237,8 @@ class Model:
         self.output = self.token_embd if c.tie_embeddings else as_qtensor(dense["output"])
         self.layers = [self._layer(dense, i) for i in range(c.n_layers)]
         self.provider = provider_factory(self.reader)
+        self._scratch = Scratch()
         self.ffn = [self._ffn(i, man.expert_layout) for i in range(c.n_layers)]
-        if hasattr(self.provider, "release"):
-            self.provider.release()
         self.cos, self.sin = rope_tables(self.ctx, c.head_dim, c.rope_theta, c.rope_scaling)
         half = c.head_dim // 2  # decode's RoPE: rotate_half(x) = x[rot] * sign, the sign folded into sin
         self._rot = np.concatenate([np.arange(half, c.head_dim), np.arange(half)])
@@ -271,13 +264,13 @@ class Model:
             ffn_norm=_vec(dense[p + "ffn_norm"]),
         )
 
-    def _ffn(self, layer: int, layout: fmt.ExpertLayout) -> ExpertFFN:
+    def _ffn(self, layer: int, layout: fmt.ExpertLayout) -> LayerFFN:
         # A layer's neuron order (fmt.ModelReader.neuron_order) needs no undoing: the FFN is a sum
         # over neurons, and each bundle keeps a neuron's gate row, up row and down column together.
-        bundles = [b for _, b in self.provider.bundles(layer)]
-        if not bundles:
-            raise fmt.FormatError(self.reader.path, f"layer {layer} has no experts")
-        return ExpertFFN(bundles, layout)
+        try:
+            return LayerFFN(self.provider, layer, layout, self._scratch)
+        except ValueError as e:
+            raise fmt.FormatError(self.reader.path, str(e)) from None
 
     def reset(self) -> None:
         """Forget the context (the cache is overwritten, not cleared)."""
@@ -313,7 +306,7 @@ class Model:
         x = self.embed(tokens)
         for i in range(c.n_layers):
             x = x + self._attention(i, rmsnorm(x, self.layers[i].attn_norm, c.norm_eps))
-            x = x + self.ffn[i].prefill(rmsnorm(x, self.layers[i].ffn_norm, c.norm_eps))
+            self.ffn[i].add_to(rmsnorm(x, self.layers[i].ffn_norm, c.norm_eps), x)
         self.pos += t
         x = rmsnorm(x if all_logits else x[-1:], self.output_norm, c.norm_eps)
         logits = kernels.matmul(self.output, x) if all_logits else kernels.matvec(self.output, x[0])
@@ -327,7 +320,7 @@ class Model:
         for i in range(c.n_layers):
             lw = self.layers[i]
             x += self._attend_one(i, _rmsnorm1(x, lw.attn_norm, c.norm_eps))
-            x += self.ffn[i].decode(_rmsnorm1(x, lw.ffn_norm, c.norm_eps))
+            self.ffn[i].add_to(_rmsnorm1(x, lw.ffn_norm, c.norm_eps), x)
         self.pos += 1
         return kernels.matvec(self.output, _rmsnorm1(x, self.output_norm, c.norm_eps))
 
