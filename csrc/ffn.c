@@ -506,22 +506,6 @@ static void down_rows_tiles(void *ctx, int64_t b0, int64_t b1, int tid) {
 
 /* ---- the entry point --------------------------------------------------------------------- */
 
-static void init_job(job_t *j, int impl, int fmt, const uint8_t *w, const float *x, float *y, int64_t t,
-                     int64_t m, int64_t k) {
-    memset(j, 0, sizeof *j);
-    j->fmt = fmt;
-    j->impl = impl;
-    j->w = w;
-    j->x = x;
-    j->y = y;
-    j->t = t;
-    j->m = m;
-    j->k = k;
-    j->row_bytes = fic_row_bytes(fmt, k);
-    j->bw = fic_fmt_block_weights(fmt);
-    j->bb = fic_fmt_block_bytes(fmt);
-}
-
 static int64_t clamp_tile(int64_t k) {
     int64_t tile = TILE_BYTES / (4 * k);
     return tile < 6 ? 6 : tile > 60 ? 60 : tile / 6 * 6;

@@ -57,6 +57,23 @@ typedef struct {
     int64_t scratch_floats, tile_rows;
 } job_t;
 
+/* The common part of a job: what every kernel reads before its own per-call preparation. */
+static inline void init_job(job_t *j, int impl, int fmt, const uint8_t *w, const float *x, float *y, int64_t t,
+                            int64_t m, int64_t k) {
+    memset(j, 0, sizeof *j);
+    j->fmt = fmt;
+    j->impl = impl;
+    j->w = w;
+    j->x = x;
+    j->y = y;
+    j->t = t;
+    j->m = m;
+    j->k = k;
+    j->row_bytes = fic_row_bytes(fmt, k);
+    j->bw = fic_fmt_block_weights(fmt);
+    j->bb = fic_fmt_block_bytes(fmt);
+}
+
 static int fmt_ok(int fmt) { return fmt >= 0 && fmt < FIC_FMT_COUNT; }
 
 /* ---- reference: the spec ----------------------------------------------------------------- */

@@ -38,18 +38,7 @@ static int setup_job(job_t *j, fic_pool *pool, int impl, int fmt, const uint8_t 
     if (rb <= 0) return FIC_ERR_ARG;
     if (impl == FIC_IMPL_AUTO) impl = fic_impl_best();
     if (!fic_impl_available(impl)) return FIC_ERR_UNSUPPORTED;
-    memset(j, 0, sizeof *j);
-    j->fmt = fmt;
-    j->impl = impl;
-    j->w = w;
-    j->x = x;
-    j->y = y;
-    j->t = t;
-    j->m = m;
-    j->k = k;
-    j->row_bytes = rb;
-    j->bw = fic_fmt_block_weights(fmt);
-    j->bb = fic_fmt_block_bytes(fmt);
+    init_job(j, impl, fmt, w, x, y, t, m, k);
     return FIC_OK;
 }
 

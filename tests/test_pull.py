@@ -16,20 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TEST_STORE  # persistent: holds the downloads the suite reuses
+from conftest import SMOLLM2_SHA256, SMOLLM2_SIZE, TEST_STORE, sha256_of  # persistent: holds the downloads the suite reuses
 from flashinfer_cli import catalog, fmt, pull
 from flashinfer_cli.store import Store, StoreError, describe
 
-SMOL_SHA = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-SMOL_SIZE = 98_362_432
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+SMOL_SHA = SMOLLM2_SHA256
+SMOL_SIZE = SMOLLM2_SIZE
+sha256 = sha256_of
 
 
 def quiet(_msg: str) -> None:
