@@ -97,13 +97,21 @@ def ls_cmd() -> None:
 
 @cli.command("show")
 @click.argument("model")
-def show_cmd(model: str) -> None:
-    """Describe a model: architecture, parameters, dense block, experts, quantization."""
+@click.option("--mem", default=None, metavar="SIZE", help="Print the memory plan for this budget (512M, 2G).")
+@click.option("--ctx", type=click.IntRange(min=1), default=None, help="Context length the plan holds.")
+@click.option("--mode", type=click.Choice(["exact", "prune"]), default="exact", show_default=True)
+@click.option("--active", default=None, metavar="A", help="Active fraction or parameters (prune mode).")
+def show_cmd(model: str, mem: str | None, ctx: int | None, mode: str, active: str | None) -> None:
+    """Describe a model: architecture, parameters, dense block, experts, quantization, and the
+    memory plan (with --mem: what fits that budget)."""
+    from flashinfer_cli.engine import make_engine_plan
     from flashinfer_cli.pull import resolve_model
     from flashinfer_cli.store import describe
 
     with _user_errors():
-        d = describe(resolve_model(model, auto_pull=False))
+        path = resolve_model(model, auto_pull=False)
+        d = describe(path)
+        plan, _ = make_engine_plan(path, mem=mem if mem is not None else None, ctx=ctx, mode=mode, active=active)
     arch = d.arch
     click.echo(f"name            {d.name}")
     click.echo(f"path            {d.path}")
@@ -129,6 +137,9 @@ def show_cmd(model: str) -> None:
     click.echo(f"source          {d.provenance.get('source', '-')}")
     for note in d.notes:
         click.echo(f"note            {note}")
+    click.echo("memory plan")
+    for line in plan.lines():
+        click.echo(f"  {line}")
 
 
 @cli.command("rm")
@@ -163,11 +174,33 @@ def _sampling_options(f):
         click.option("--ctx", type=click.IntRange(min=1), default=None, help="Context length (KV cache)."),
         click.option("--threads", type=click.IntRange(min=1), default=None, help="Kernel threads (default: all cores)."),
         click.option("--system", default=None, help="System message."),
-        click.option("--verbose", is_flag=True, help="Print timings to stderr."),
-    ]
+        click.option("--verbose", is_flag=True, help="Print timings and the arena's statistics to stderr."),
+    ] + _budget_options()
     for opt in reversed(opts):
         f = opt(f)
     return f
+
+
+def _budget_options() -> list:
+    """The memory budget and selection options `run`, `chat` (and, in part, `show`) share."""
+    return [
+        click.option("--mem", default=None, metavar="SIZE",
+                     help="Memory budget for everything the engine holds (512M, 2G). Default: everything "
+                          "resident when the machine has room."),
+        click.option("--mode", type=click.Choice(["exact", "prune"]), default="exact", show_default=True,
+                     help="exact: the full model's answer; prune: only each prompt's active experts run."),
+        click.option("--active", default=None, metavar="A",
+                     help="Active experts: a fraction of each layer's (0.5) or active parameters (300M). "
+                          "Default: the largest that fits."),
+        click.option("--policy", type=click.Choice(["exact", "static"]), default="exact", show_default=True,
+                     help="How experts are chosen: from the prompt's activations, or one set from calibration text."),
+        click.option("--reselect", type=click.IntRange(min=0), default=None, metavar="N",
+                     help="Rescore the active sets every N generated tokens (0: never)."),
+    ]
+
+
+def _engine_options(opts: dict) -> dict:
+    return {k: opts.pop(k) for k in ("mem", "mode", "active", "policy", "reselect")}
 
 
 def _fail(message: str, code: int = 1):
@@ -180,13 +213,40 @@ def _one_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def _open_engine(model: str, ctx, threads):
+def _open_engine(model: str, ctx, threads, options: dict | None = None, verbose: bool = False):
     from flashinfer_cli.engine import Engine
+    from flashinfer_cli.plan import BudgetError
 
     try:
-        return Engine.open(model, ctx=ctx, threads=threads)
+        engine = Engine.open(model, ctx=ctx, threads=threads, **(options or {}))
+    except BudgetError as exc:
+        _fail(_one_line(exc))
     except Exception as exc:  # unknown model, unreadable file, bad format: one line, no traceback
         _fail(f"cannot open model {model!r}: {_one_line(exc)}")
+    for note in engine.notes:
+        click.echo(f"fic: {note}", err=True)
+    if verbose:
+        for line in engine.plan.lines():
+            click.echo(f"plan: {line}", err=True)
+    return engine
+
+
+def _print_stats(engine) -> None:
+    from flashinfer_cli.plan import human
+
+    st = engine.stats()
+    r = st["request"]
+    last = engine.last
+    n_tok = max(1, last.generation_tokens) if last is not None else 1
+    for label, value in (
+            ("arena", f"{st['resident']} experts resident ({st['pinned']} pinned) in {st['slots']} slots of "
+                      f"{human(st['slot_bytes'])}, {st['ring']} for streaming"),
+            ("mode", f"{st['mode']}, policy {st['policy']}" + (f", active {st['active_fraction']:.2f}" if st["prune"] else "")),
+            ("hits / misses", f"{r['hits']} / {r['misses']} ({r['streamed']} streamed, {r['evictions']} evictions)"),
+            ("bytes read", f"{human(r['bytes_read'])} ({human(r['bytes_read'] / n_tok)} per token), "
+                           f"{r['read_seconds'] * 1000:.1f}ms waiting"),
+            ("reselections", f"{r['reselections']}")):
+        click.echo(f"{label + ':':<22}{value}", err=True)
 
 
 def _answer(engine, ids, opts, verbose: bool, t_load: float) -> str:
@@ -222,6 +282,7 @@ def _answer(engine, ids, opts, verbose: bool, t_load: float) -> str:
                              ("eval duration", f"{last.decode_seconds * 1000:.1f}ms"),
                              ("eval rate", f"{last.generation_tps:.2f} tokens/s")):
             click.echo(f"{label + ':':<22}{value}", err=True)
+        _print_stats(engine)
     return text
 
 
@@ -230,6 +291,7 @@ def _answer(engine, ids, opts, verbose: bool, t_load: float) -> str:
 @click.option("--raw", is_flag=True, help="Send the prompt as it is (no chat template).")
 @_sampling_options
 def run(args, raw, verbose, system, ctx, threads, **sampling):
+    engine_opts = _engine_options(sampling)
     """Answer one prompt: fic run [MODEL] [PROMPT]. The prompt is the arguments after MODEL, else
     all of stdin. MODEL defaults to smollm2-135m (pulled on first use); a first argument with a
     space in it that is not a directory is taken as the prompt."""
@@ -253,7 +315,7 @@ def run(args, raw, verbose, system, ctx, threads, **sampling):
     if not prompt.strip():
         _fail("empty prompt")
     t0 = time.perf_counter()
-    engine = _open_engine(model, ctx, threads)
+    engine = _open_engine(model, ctx, threads, engine_opts, verbose)
     t_load = time.perf_counter() - t0
     try:
         ids = engine.prompt_ids(prompt, chat=not raw, system=system)
@@ -294,9 +356,10 @@ def chat(model, verbose, system, ctx, threads, **sampling):
     leaves. Otherwise each line of stdin is one user turn of the same conversation."""
     import time
 
+    engine_opts = _engine_options(sampling)
     interactive = sys.stdin.isatty()
     t0 = time.perf_counter()
-    engine = _open_engine(model, ctx, threads)
+    engine = _open_engine(model, ctx, threads, engine_opts, verbose)
     t_load = time.perf_counter() - t0
     messages = [{"role": "system", "content": system}] if system else []
     for line in _chat_lines(interactive):

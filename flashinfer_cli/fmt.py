@@ -238,6 +238,51 @@ def _decode_dense(name: str, spec: dict[str, Any], arr: np.ndarray, path: Path) 
     return QTensor(fmt, (shape[0], shape[1]), np.ascontiguousarray(arr.reshape(-1)))
 
 
+_DENSE_ALIGN = 64
+_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "I32": np.int32, "U8": np.uint8}
+
+
+def dense_pack(man: Manifest) -> tuple[list[tuple[str, int, int]], int]:
+    """Where each dense tensor lives in the engine's one dense buffer: [(name, offset, bytes)] and
+    the total. A layer's attn_q, attn_k and attn_v are adjacent (their rows concatenate into one
+    qkv matrix, one kernel call); every other group starts 64-byte aligned."""
+    names = list(man.tensors)
+    groups: list[list[str]] = []
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            continue
+        if name.endswith(".attn_q"):
+            base = name[:-len("attn_q")]
+            trio = [base + "attn_q", base + "attn_k", base + "attn_v"]
+            specs = [man.tensors.get(t) for t in trio]
+            if all(specs) and len({s["fmt"] for s in specs}) == 1 and len({s["shape"][-1] for s in specs}) == 1:
+                groups.append(trio)
+                seen.update(trio)
+                continue
+        groups.append([name])
+        seen.add(name)
+    layout, off = [], 0
+    for g in groups:
+        off = _align_up(off, _DENSE_ALIGN)
+        for name in g:
+            n = _tensor_nbytes(man.tensors[name])
+            layout.append((name, off, n))
+            off += n
+    return layout, _align_up(off, _DENSE_ALIGN)
+
+
+def dense_pack_bytes(man: Manifest) -> int:
+    return dense_pack(man)[1]
+
+
+def _decode_view(name: str, spec: dict[str, Any], view: np.ndarray, info: dict[str, Any], path: Path):
+    """A dense tensor from its raw bytes in the engine's buffer (dtype from the safetensors header)."""
+    dtype = _ST_DTYPES.get(info.get("dtype"))
+    _require(dtype is not None, path, f"tensor {name!r}: unsupported dtype {info.get('dtype')!r}")
+    return _decode_dense(name, spec, view.view(dtype), path)
+
+
 # ---- the writer ----------------------------------------------------------------------------
 
 class ModelWriter:
@@ -370,6 +415,38 @@ class Bundle:
     data: np.ndarray | None = field(default=None, repr=False, compare=False)
 
 
+class _ThreadRead:
+    """Submit-now-wait-later over a blocking Reader (a C call releases the GIL)."""
+
+    _pool = None
+
+    def __init__(self, reader, reqs):
+        import concurrent.futures
+
+        if _ThreadRead._pool is None:
+            _ThreadRead._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fic-read")
+        self._future = _ThreadRead._pool.submit(reader.read, reqs)
+
+    def wait(self):
+        return self._future.result()
+
+
+class PendingBundles:
+    """A batch of bundle reads in flight (ModelReader.submit_bundles)."""
+
+    def __init__(self, reader: "ModelReader", keys, entries, dsts, pending):
+        self._reader, self.keys, self._entries, self._dsts, self._pending = reader, keys, entries, dsts, pending
+        self._done: list[Bundle] | None = None
+
+    def wait(self) -> list[Bundle]:
+        """Block until the batch is read; FormatError names the first bad bundle."""
+        if self._done is None:
+            results = self._pending.wait()
+            self._reader._check_results(self.keys, self._entries, results)
+            self._done = [self._reader.bundle_view(d, e.n_neurons) for e, d in zip(self._entries, self._dsts)]
+        return self._done
+
+
 class ModelReader:
     """Opens a model directory and validates it; reads dense tensors and expert bundles."""
 
@@ -410,6 +487,8 @@ class ModelReader:
             raise FormatError(path, f"unreadable safetensors header ({exc})") from None
         _require(isinstance(header, dict), path, "bad safetensors header")
         data_bytes = size - 8 - n
+        self._dense_data_start = 8 + n
+        self._dense_header = header
         for name, spec in self.manifest.tensors.items():
             info = header.get(name)
             _require(isinstance(info, dict), path, f"tensor {name!r} listed in the manifest is missing")
@@ -473,6 +552,29 @@ class ModelReader:
             raise FormatError(self.dense_path, f"unreadable tensor {name!r} ({exc})") from None
         return _decode_dense(name, spec, arr, self.dense_path)
 
+    def read_dense_into(self, buf: np.ndarray) -> dict[str, QTensor | np.ndarray]:
+        """Read every dense tensor straight from the file into `buf` (dense_pack's layout, at least
+        dense_pack_bytes long), so the block is in memory once; returns views of buf by name.
+        The file's pages are dropped from the page cache after reading."""
+        layout, total = dense_pack(self.manifest)
+        _require(buf.nbytes >= total and buf.dtype == np.uint8, self.dense_path, "dense buffer too small")
+        out: dict[str, QTensor | np.ndarray] = {}
+        try:
+            with open(self.dense_path, "rb", buffering=0) as f:
+                for name, off, n in layout:
+                    begin, end = self._dense_header[name]["data_offsets"]
+                    f.seek(self._dense_data_start + begin)
+                    view = buf[off:off + n]
+                    got = f.readinto(memoryview(view))
+                    _require(got == n, self.dense_path, f"tensor {name!r}: truncated ({got} of {n} bytes)")
+                    out[name] = _decode_view(name, self.manifest.tensors[name], view, self._dense_header[name],
+                                             self.dense_path)
+                if hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        except OSError as exc:
+            raise FormatError(self.dense_path, f"unreadable ({exc.strerror or exc})") from None
+        return out
+
     # -- experts --
     def entry(self, layer: int, expert: int) -> ExpertEntry:
         try:
@@ -494,18 +596,26 @@ class ModelReader:
     def read_bundles(self, keys: Sequence[tuple[int, int]], dsts: Sequence[np.ndarray]) -> list[Bundle]:
         """Read bundles (layer, expert) into 4 KiB aligned uint8 buffers in one batch, checking
         each checksum; raise FormatError naming the first bad bundle."""
+        return self.submit_bundles(keys, dsts).wait()
+
+    def submit_bundles(self, keys: Sequence[tuple[int, int]], dsts: Sequence[np.ndarray]) -> "PendingBundles":
+        """Start reading bundles into dsts; PendingBundles.wait() finishes (and checks) the batch."""
         if len(keys) != len(dsts):
             raise ValueError("one destination per bundle")
         entries = [self.entry(l, e) for l, e in keys]
         reqs = [kernels.ReadRequest(e.offset, e.padded_length, dst, e.crc32c) for e, dst in zip(entries, dsts)]
-        for (l, x), e, res in zip(keys, entries, self._reader.read(reqs)):
+        submit = getattr(self._reader, "submit", None)
+        pending = submit(reqs) if submit is not None else _ThreadRead(self._reader, reqs)
+        return PendingBundles(self, list(keys), entries, list(dsts), pending)
+
+    def _check_results(self, keys, entries, results) -> None:
+        for (l, x), e, res in zip(keys, entries, results):
             where = f"bundle layer {l} expert {x} at offset {e.offset}"
             _require(res.status != "short", self.experts_path, f"{where}: truncated file")
             _require(res.status != "crc", self.experts_path, f"{where}: checksum mismatch")
             if res.status != "ok":
                 detail = os.strerror(res.errno) if res.status == "io" else res.status
                 raise FormatError(self.experts_path, f"{where}: read failed ({detail})")
-        return [self.bundle_view(dst, e.n_neurons) for e, dst in zip(entries, dsts)]
 
     def bundle_view(self, buf: np.ndarray, n_neurons: int) -> Bundle:
         layout = self.layout

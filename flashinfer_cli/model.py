@@ -4,45 +4,30 @@ Read it top to bottom like llama2.c's run.c: load the weights, then `forward(tok
 layer on a batch of new tokens (prefill: T > 1, matmul) or on one token (decode: matvec), appending
 their keys and values to the cache. Activations are float32; weights stay quantized (kernels.py).
 
-The FFN runs through expert bundles. A provider (ExpertProvider) says which bundles a layer has in
-memory; in this issue `AllResident` reads every bundle at load into one huge-page arena cut into
-slots. The FFN of a layer is the sum over its experts of down_e(silu(gate_e x) * up_e x), and
-`LayerFFN` runs it straight from the arena slots: one fused C call (kernels.ExpertSet,
-fic_experts_ffn) per layer and step, decode and prefill alike. Its ExpertSet (the slot pointers)
-is built once and rebuilt only when the provider's set for that layer changes, so a reselection
-that swaps a few slots of one layer touches nothing else.
+The FFN runs through expert bundles in the arena (arena.py): streaming.FFNRunner runs a layer's
+resident experts where they lie and streams the missing ones through the ring; which experts are
+resident, pinned or active is the arena's and the router's business (router.py), not this file's.
+The memory plan (plan.py) sizes every buffer here once, at open.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from flashinfer_cli import fmt, kernels
+from flashinfer_cli.arena import Arena
 from flashinfer_cli.config import ArchConfig
 from flashinfer_cli.kernels import QTensor
+from flashinfer_cli.plan import MemoryPlan, ModelShape, PlanRequest, make_plan
+from flashinfer_cli.router import Scorer
+from flashinfer_cli.streaming import FFNRunner
 
 
 # ---- weights -------------------------------------------------------------------------------
-
-def as_qtensor(w: QTensor | np.ndarray) -> QTensor:
-    """A dense matrix as a QTensor the kernels take (float matrices are the f32/f16 'formats'),
-    copied into huge pages: decode streams every weight once per token, and reads from huge pages
-    run at nearly twice the speed (ARCHITECTURE.md)."""
-    if isinstance(w, QTensor):
-        return concat_rows([w])
-    if w.dtype == np.float32:
-        f = "f32"
-    elif w.dtype == np.float16:
-        f = "f16"
-    else:
-        raise ValueError(f"matrix of dtype {w.dtype}")
-    w = np.ascontiguousarray(w)
-    return concat_rows([QTensor(f, (w.shape[0], w.shape[1]), w.reshape(-1).view(np.uint8))])
-
 
 def concat_rows(parts: Sequence[QTensor]) -> QTensor:
     """Stack matrices of one format and row length into one (rows of ggml blocks concatenate)."""
@@ -70,91 +55,6 @@ class LayerWeights:
     k_norm: np.ndarray | None
     attn_output: QTensor
     ffn_norm: np.ndarray
-
-
-# ---- experts -------------------------------------------------------------------------------
-
-class ExpertProvider(Protocol):
-    """Where a layer's expert bundles come from. The next issues add an arena with a budget,
-    per-prompt selection and streaming behind this same question."""
-
-    def bundles(self, layer: int) -> list[tuple[int, fmt.Bundle]]:
-        """(expert index, bundle) for every expert of `layer` to run, in expert order; each
-        bundle's `data` is the memory it lives in (an arena slot) and stays valid until
-        version(layer) changes."""
-        ...
-
-    def version(self, layer: int) -> int:
-        """A number that changes whenever bundles(layer) would return a different set or slots."""
-        ...
-
-
-class AllResident:
-    """Every bundle read at load (one batch, CRC-checked) into slots of one huge-page arena,
-    which the FFN then runs from: the experts are in memory once."""
-
-    def __init__(self, reader: fmt.ModelReader):
-        man = reader.manifest
-        keys = [(l, e) for l, layer in enumerate(man.experts) for e in range(len(layer))]
-        sizes = [reader.bundle_bytes(l, e) for l, e in keys]
-        self.arena = kernels.aligned_buffer(max(1, sum(sizes)), huge=True)
-        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
-        dsts = [self.arena[offsets[i]:offsets[i + 1]] for i in range(len(keys))]
-        bundles = reader.read_bundles(keys, dsts) if keys else []
-        self._by_layer: list[list[tuple[int, fmt.Bundle]]] = [[] for _ in man.experts]
-        for (l, e), b in zip(keys, bundles):
-            self._by_layer[l].append((e, b))
-
-    def bundles(self, layer: int) -> list[tuple[int, fmt.Bundle]]:
-        return self._by_layer[layer]
-
-    def version(self, layer: int) -> int:
-        return 0  # the set never changes
-
-
-class Scratch:
-    """One float32 buffer for the hidden activations of every layer's FFN (they run one at a time),
-    grown to the largest t x neurons asked for."""
-
-    def __init__(self) -> None:
-        self.buf = np.empty(0, dtype=np.float32)
-
-    def get(self, n: int) -> np.ndarray:
-        if self.buf.size < n:
-            self.buf = np.empty(n, dtype=np.float32)
-        return self.buf
-
-
-class LayerFFN:
-    """One layer's FFN over the provider's bundles of that layer, run where they lie (no copy):
-    one fic_experts_ffn call per step. The ExpertSet is cached and rebuilt only when the
-    provider's version of this layer changes."""
-
-    def __init__(self, provider: ExpertProvider, layer: int, layout: fmt.ExpertLayout, scratch: Scratch):
-        self.provider, self.layer, self.layout, self.scratch = provider, layer, layout, scratch
-        self._version: int | None = None
-        self._set: kernels.ExpertSet | None = None
-        self.expert_set()  # fail at load, not at the first token
-
-    def expert_set(self) -> kernels.ExpertSet:
-        v = self.provider.version(self.layer)
-        if v != self._version or self._set is None:
-            pairs = self.provider.bundles(self.layer)
-            if not pairs:
-                raise ValueError(f"layer {self.layer} has no experts")
-            bundles = [b for _, b in pairs]
-            if any(b.data is None for b in bundles):
-                raise ValueError(f"layer {self.layer}: a bundle without its buffer")
-            self._set = kernels.ExpertSet.from_layout(self.layout, [b.data for b in bundles],
-                                                      [b.n_neurons for b in bundles])
-            self._version = v
-        return self._set
-
-    def add_to(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """y += FFN(x) in place (x, y float32 (d_model,) or (t, d_model)); returns y."""
-        s = self.expert_set()
-        t = 1 if x.ndim == 1 else x.shape[0]
-        return s.ffn(x, y, scratch=self.scratch.get(t * s.n_total))
 
 
 # ---- the math ------------------------------------------------------------------------------
@@ -214,63 +114,89 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 
 # ---- the model -----------------------------------------------------------------------------
 
-PREFILL_CHUNK = 512  # tokens per prefill pass
-
-
 class ContextFull(ValueError):
     """More tokens than the KV cache holds."""
+
+
+def _qt(w: QTensor | np.ndarray) -> QTensor:
+    """A dense matrix as the kernels take it (float matrices are the f32/f16 'formats'); a view."""
+    if isinstance(w, QTensor):
+        return w
+    f = {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16"}.get(w.dtype)
+    if f is None or w.ndim != 2:
+        raise ValueError(f"matrix of dtype {w.dtype} and {w.ndim} dimensions")
+    return QTensor(f, (w.shape[0], w.shape[1]), w.reshape(-1).view(np.uint8))
 
 
 class Model:
     """Weights + KV cache of one fic model. `forward(tokens)` appends tokens at position `pos`."""
 
-    def __init__(self, path: str | Path, *, ctx: int | None = None, provider_factory=AllResident):
+    def __init__(self, path: str | Path, *, ctx: int | None = None, plan: MemoryPlan | None = None):
         self.reader = fmt.ModelReader(path)
         man = self.reader.manifest
         self.config = c = ArchConfig.from_json(man.arch)
         if man.expert_layout is None:
             raise fmt.FormatError(self.reader.path, "no expert layout: the FFN has no bundles")
-        self.ctx = min(ctx or min(c.max_ctx, 4096), c.max_ctx)
-        dense = self.reader.dense()
-        self.token_embd = as_qtensor(dense["token_embd"])
+        if plan is None:
+            ctx = min(ctx or min(c.max_ctx, 4096), c.max_ctx)
+            plan = make_plan(ModelShape.from_manifest(man), PlanRequest(ctx=ctx))
+        self.plan = plan
+        self.ctx = plan.ctx
+        self.prefill_chunk = plan.prefill_chunk
+        # the dense block, read straight from the file into one huge-page buffer
+        layout, dense_bytes = fmt.dense_pack(man)
+        self._dense_buf = kernels.aligned_buffer(dense_bytes, huge=True)
+        dense = self.reader.read_dense_into(self._dense_buf)
+        self._pack = {name: (off, n) for name, off, n in layout}
+        self.token_embd = _qt(dense["token_embd"])
         self.output_norm = _vec(dense["output_norm"])
-        self.output = self.token_embd if c.tie_embeddings else as_qtensor(dense["output"])
+        self.output = self.token_embd if c.tie_embeddings else _qt(dense["output"])
         self.layers = [self._layer(dense, i) for i in range(c.n_layers)]
-        self.provider = provider_factory(self.reader)
-        self._scratch = Scratch()
-        self.ffn = [self._ffn(i, man.expert_layout) for i in range(c.n_layers)]
+        # the arena and the FFN runner
+        self.arena = Arena(self.reader, n_slots=max(1, plan.n_slots), n_ring=plan.n_ring)
+        if plan.all_resident:
+            self.arena.load_all()
+            self.arena.begin_request()
+        self.runner = FFNRunner(self.arena, man.expert_layout, plan.prefill_chunk)
+        self.runner.wrap = not plan.prune
+        self.scorer = Scorer(self.arena.n_neurons)
         self.cos, self.sin = rope_tables(self.ctx, c.head_dim, c.rope_theta, c.rope_scaling)
         half = c.head_dim // 2  # decode's RoPE: rotate_half(x) = x[rot] * sign, the sign folded into sin
         self._rot = np.concatenate([np.arange(half, c.head_dim), np.arange(half)])
         self._sin_signed = np.concatenate([-self.sin[:, :half], self.sin[:, half:]], axis=1)
         self._scale = np.float32(1.0 / math.sqrt(c.head_dim))
-        self.k_cache = np.zeros((c.n_layers, self.ctx, c.n_kv_heads, c.head_dim), np.float32)
+        self.k_cache = np.zeros((c.n_layers, self.ctx, c.n_kv_heads, c.head_dim), np.float16)
         self.v_cache = np.zeros_like(self.k_cache)
         self.pos = 0
+        self.collect = None  # a callback (layer, t, calls) that receives every FFN call's h
+        self.full = not plan.prune  # every expert runs (exact mode); False: the active sets only
+        self.window: np.ndarray | None = None  # prune-mode reselection: recent FFN inputs per layer
 
     def _layer(self, dense: dict, i: int) -> LayerWeights:
         c = self.config
         p = f"blk.{i}."
-        qkv = [as_qtensor(dense[p + n]) for n in ("attn_q", "attn_k", "attn_v")]
+        names = [p + n for n in ("attn_q", "attn_k", "attn_v")]
+        qkv = [_qt(dense[n]) for n in names]
+        offs = [self._pack[n] for n in names]
+        adjacent = all(offs[j][0] + offs[j][1] == offs[j + 1][0] for j in range(2)) and len({q.fmt for q in qkv}) == 1
+        if adjacent:  # packed q|k|v rows: one matrix, one kernel call (fmt.dense_pack)
+            start, stop = offs[0][0], offs[2][0] + offs[2][1]
+            qkv = QTensor(qkv[0].fmt, (sum(q.shape[0] for q in qkv), qkv[0].shape[1]), self._dense_buf[start:stop])
         bias = np.concatenate([_vec(dense[p + n + ".bias"]) for n in ("attn_q", "attn_k", "attn_v")]) \
             if c.attn_bias else None
         return LayerWeights(
             attn_norm=_vec(dense[p + "attn_norm"]),
-            qkv=concat_rows(qkv) if len({q.fmt for q in qkv}) == 1 else qkv,
+            qkv=qkv,
             q_bias=bias,
             q_norm=_vec(dense[p + "attn_q_norm"]) if c.qk_norm else None,
             k_norm=_vec(dense[p + "attn_k_norm"]) if c.qk_norm else None,
-            attn_output=as_qtensor(dense[p + "attn_output"]),
+            attn_output=_qt(dense[p + "attn_output"]),
             ffn_norm=_vec(dense[p + "ffn_norm"]),
         )
 
-    def _ffn(self, layer: int, layout: fmt.ExpertLayout) -> LayerFFN:
-        # A layer's neuron order (fmt.ModelReader.neuron_order) needs no undoing: the FFN is a sum
-        # over neurons, and each bundle keeps a neuron's gate row, up row and down column together.
-        try:
-            return LayerFFN(self.provider, layer, layout, self._scratch)
-        except ValueError as e:
-            raise fmt.FormatError(self.reader.path, str(e)) from None
+    def _ffn(self, i: int, xn: np.ndarray, x: np.ndarray) -> None:
+        """x += FFN_i(xn), through the arena."""
+        self.runner.run(i, xn, x, full=self.full, collect=self.collect)
 
     def reset(self) -> None:
         """Forget the context (the cache is overwritten, not cleared)."""
@@ -299,14 +225,14 @@ class Model:
             raise ValueError(f"token id outside the vocabulary of {c.vocab_size}")
         if t == 1 and not all_logits:
             return self._decode(tokens[0])
-        if t > PREFILL_CHUNK:  # bounds the attention scores' memory for long prompts
-            parts = [self.forward(tokens[i:i + PREFILL_CHUNK], all_logits=all_logits)
-                     for i in range(0, t, PREFILL_CHUNK)]
+        if t > self.prefill_chunk:  # bounds the activations' memory (the plan's scratch)
+            n = self.prefill_chunk
+            parts = [self.forward(tokens[i:i + n], all_logits=all_logits) for i in range(0, t, n)]
             return np.concatenate(parts) if all_logits else parts[-1]
         x = self.embed(tokens)
         for i in range(c.n_layers):
             x = x + self._attention(i, rmsnorm(x, self.layers[i].attn_norm, c.norm_eps))
-            self.ffn[i].add_to(rmsnorm(x, self.layers[i].ffn_norm, c.norm_eps), x)
+            self._ffn(i, rmsnorm(x, self.layers[i].ffn_norm, c.norm_eps), x)
         self.pos += t
         x = rmsnorm(x if all_logits else x[-1:], self.output_norm, c.norm_eps)
         logits = kernels.matmul(self.output, x) if all_logits else kernels.matvec(self.output, x[0])
@@ -320,7 +246,10 @@ class Model:
         for i in range(c.n_layers):
             lw = self.layers[i]
             x += self._attend_one(i, _rmsnorm1(x, lw.attn_norm, c.norm_eps))
-            self.ffn[i].add_to(_rmsnorm1(x, lw.ffn_norm, c.norm_eps), x)
+            xn = _rmsnorm1(x, lw.ffn_norm, c.norm_eps)
+            if self.window is not None:
+                self.window[i, self.pos % self.window.shape[1]] = xn
+            self._ffn(i, xn, x)
         self.pos += 1
         return kernels.matvec(self.output, _rmsnorm1(x, self.output_norm, c.norm_eps))
 

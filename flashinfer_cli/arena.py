@@ -1,0 +1,202 @@
+"""The arena: one allocation at open, cut into equal 4 KiB-aligned slots, holding every routed
+expert that is in DRAM.
+
+    arena = Arena(reader, n_slots=..., n_ring=...)
+    arena.load([(layer, expert), ...], pin=True)   # one batched read of what is missing
+    arena.slots(layer, experts)                     # their slot numbers (int32), for the FFN call
+
+A table maps (layer, expert) to a slot. Pinned experts (the active set) are never evicted; every
+other resident expert is evictable, least recently used first. The last `n_ring` slots are the
+streaming ring: experts read there for one FFN call and not kept (the table never points at them).
+Nothing is allocated per request or per token beyond small index arrays.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import numpy as np
+
+from flashinfer_cli import fmt, kernels
+
+
+class ArenaFull(RuntimeError):
+    """More experts asked to be resident than there are evictable slots."""
+
+
+@dataclass
+class ArenaStats:
+    hits: int = 0            # experts an FFN call found resident
+    misses: int = 0          # experts that had to be read (into a slot or streamed through the ring)
+    bytes_read: int = 0
+    read_seconds: float = 0.0  # time spent waiting for reads (not hidden behind compute)
+    evictions: int = 0
+    streamed: int = 0        # experts read through the ring (not kept)
+    reselections: int = 0
+
+    def add(self, other: "ArenaStats") -> None:
+        for k, v in asdict(other).items():
+            setattr(self, k, getattr(self, k) + v)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class Arena:
+    def __init__(self, reader: fmt.ModelReader, *, n_slots: int, n_ring: int):
+        man = reader.manifest
+        self.reader = reader
+        self.n_layers = len(man.experts)
+        self.experts_per_layer = np.array([len(layer) for layer in man.experts], dtype=np.int64)
+        e_max = int(self.experts_per_layer.max(initial=0))
+        self.slot_bytes = max((e.padded_length for layer in man.experts for e in layer), default=fmt.ALIGN)
+        if n_ring > n_slots or n_slots < 1:
+            raise ValueError(f"arena of {n_slots} slots cannot reserve {n_ring} for the ring")
+        self.n_slots, self.n_ring = n_slots, n_ring
+        self.n_cache = n_slots - n_ring           # slots that hold resident experts
+        self.buf = kernels.aligned_buffer(n_slots * self.slot_bytes, huge=True)
+        self.n_neurons = np.zeros((self.n_layers, e_max), dtype=np.int32)
+        self.exists = np.zeros((self.n_layers, e_max), dtype=bool)
+        for li, layer in enumerate(man.experts):
+            for ei, e in enumerate(layer):
+                self.n_neurons[li, ei] = e.n_neurons
+                self.exists[li, ei] = True
+        self.slot_of = np.full((self.n_layers, e_max), -1, dtype=np.int32)
+        self.pinned = np.zeros((self.n_layers, e_max), dtype=bool)
+        self.owner = np.full((n_slots, 2), -1, dtype=np.int32)   # (layer, expert) per slot
+        self.last_use = np.zeros(n_slots, dtype=np.int64)
+        self.ring = np.arange(self.n_cache, n_slots, dtype=np.int32)
+        self.tick = 0
+        self.version = 0          # changes whenever the table changes
+        self.total = ArenaStats()
+        self.request = ArenaStats()
+
+    # -- queries --
+    @property
+    def n_resident(self) -> int:
+        return int((self.slot_of >= 0).sum())
+
+    def experts(self, layer: int) -> np.ndarray:
+        return np.arange(int(self.experts_per_layer[layer]))
+
+    def resident(self, layer: int) -> np.ndarray:
+        """Experts of `layer` that have a slot, in expert order."""
+        return np.flatnonzero(self.slot_of[layer] >= 0)
+
+    def missing(self, layer: int, among: np.ndarray | None = None) -> np.ndarray:
+        row = self.slot_of[layer]
+        e = self.experts(layer) if among is None else among
+        return e[row[e] < 0]
+
+    def slots(self, layer: int, experts: np.ndarray) -> np.ndarray:
+        s = self.slot_of[layer, experts]
+        if (s < 0).any():
+            raise KeyError(f"layer {layer}: experts {experts[s < 0].tolist()} are not resident")
+        return s
+
+    def pinned_experts(self, layer: int) -> np.ndarray:
+        return np.flatnonzero(self.pinned[layer])
+
+    def touch(self, layer: int, experts: np.ndarray) -> None:
+        """An FFN call used these resident experts."""
+        self.tick += 1
+        self.last_use[self.slot_of[layer, experts]] = self.tick
+        self._count(hits=len(experts))
+
+    def view(self, slot: int, n_bytes: int | None = None) -> np.ndarray:
+        start = int(slot) * self.slot_bytes
+        return self.buf[start:start + (n_bytes or self.slot_bytes)]
+
+    # -- changes --
+    def _count(self, **kv) -> None:
+        for k, v in kv.items():
+            setattr(self.total, k, getattr(self.total, k) + v)
+            setattr(self.request, k, getattr(self.request, k) + v)
+
+    def _victims(self, n: int, keep: set[tuple[int, int]]) -> list[int]:
+        """n slots to fill: free ones first, then the least recently used unpinned ones."""
+        owner = self.owner[:self.n_cache]
+        free = np.flatnonzero(owner[:, 0] < 0)
+        out = free[:n].tolist()
+        if len(out) < n:
+            used = np.flatnonzero(owner[:, 0] >= 0)
+            ok = [s for s in used[np.argsort(self.last_use[used], kind="stable")]
+                  if not self.pinned[owner[s, 0], owner[s, 1]] and (int(owner[s, 0]), int(owner[s, 1])) not in keep]
+            out += ok[:n - len(out)]
+        if len(out) < n:
+            raise ArenaFull(f"{n} experts to load, {len(out)} evictable slots of {self.n_cache}")
+        return out
+
+    def load(self, keys: Sequence[tuple[int, int]], *, pin: bool = False) -> int:
+        """Make (layer, expert) pairs resident with one batched read of those missing; pin them if
+        asked. Returns the number read."""
+        keys = [(int(l), int(e)) for l, e in keys]
+        todo = [(l, e) for l, e in keys if self.slot_of[l, e] < 0]
+        hits = len(keys) - len(todo)
+        if todo:
+            victims = self._victims(len(todo), set(keys))
+            evicted = 0
+            for s in victims:
+                ol, oe = self.owner[s]
+                if ol >= 0:
+                    self.slot_of[ol, oe] = -1
+                    self.owner[s] = -1
+                    evicted += 1
+            self.version += 1
+            t0 = time.perf_counter()
+            dsts = [self.view(s, self.reader.bundle_bytes(l, e)) for s, (l, e) in zip(victims, todo)]
+            self.reader.read_bundles(todo, dsts)
+            n_bytes = sum(d.nbytes for d in dsts)
+            self._count(misses=len(todo), bytes_read=n_bytes, read_seconds=time.perf_counter() - t0,
+                        evictions=evicted)
+            for s, (l, e) in zip(victims, todo):
+                self.slot_of[l, e] = s
+                self.owner[s] = (l, e)
+        if hits:
+            self._count(hits=hits)
+        self.tick += 1
+        for l, e in keys:
+            self.last_use[self.slot_of[l, e]] = self.tick
+            if pin:
+                self.pinned[l, e] = True
+        return len(todo)
+
+    def set_pins(self, layer: int, experts: np.ndarray) -> None:
+        """The pinned set of `layer` becomes exactly `experts` (which must be resident)."""
+        if (self.slot_of[layer, experts] < 0).any():
+            raise KeyError(f"layer {layer}: cannot pin experts that are not resident")
+        self.pinned[layer] = False
+        self.pinned[layer, experts] = True
+
+    def unpin_all(self) -> None:
+        self.pinned[:] = False
+
+    def load_all(self) -> None:
+        """Every expert of the model, in one batched read (the arena must hold them all)."""
+        keys = [(l, e) for l in range(self.n_layers) for e in range(int(self.experts_per_layer[l]))]
+        if len(keys) > self.n_cache:
+            raise ArenaFull(f"{len(keys)} experts do not fit {self.n_cache} slots")
+        self.load(keys)
+
+    # -- the streaming ring --
+    def submit_ring(self, layer: int, experts: np.ndarray, ring_slots: np.ndarray) -> "fmt.PendingBundles":
+        """Start reading experts of `layer` into the given ring slots (not kept in the table)."""
+        keys = [(layer, int(e)) for e in experts]
+        dsts = [self.view(s, self.reader.bundle_bytes(layer, int(e))) for s, e in zip(ring_slots, experts)]
+        n_bytes = sum(d.nbytes for d in dsts)
+        self._count(misses=len(keys), streamed=len(keys), bytes_read=n_bytes)
+        return self.reader.submit_bundles(keys, dsts)
+
+    def wait(self, pending: "fmt.PendingBundles") -> None:
+        t0 = time.perf_counter()
+        pending.wait()
+        self._count(read_seconds=time.perf_counter() - t0)
+
+    def begin_request(self) -> None:
+        self.request = ArenaStats()
+
+    def stats(self) -> dict:
+        return {"request": self.request.as_dict(), "total": self.total.as_dict(),
+                "resident": self.n_resident, "pinned": int(self.pinned.sum()), "slots": self.n_slots,
+                "ring": self.n_ring, "slot_bytes": self.slot_bytes}

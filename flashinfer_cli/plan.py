@@ -1,0 +1,316 @@
+"""The memory plan: every byte the engine allocates, under a budget (`--mem`).
+
+    plan = make_plan(manifest, PlanRequest(mem=parse_size("512M"), ctx=2048, mode="exact"))
+    plan.lines()      # what `fic show MODEL --mem 512M` prints
+
+The parts: the dense block (one huge-page buffer), the KV cache (fp16), the activation scratch and
+kernel workspaces (sized once, for a prefill chunk), the reader's buffers, the tokenizer, a fixed
+allowance for the engine's own small objects, and the arena: equal slots of the largest bundle.
+A budget that cannot hold the fixed parts plus the smallest arena is refused with the smallest
+budget that would work (BudgetError).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+from flashinfer_cli import fmt
+
+MODES = ("exact", "prune")
+MiB = 1 << 20
+HUGE_PAGE = 2 * MiB
+# The engine's small objects: arena tables, rope tables are counted apart; this covers numpy
+# arrays of a layer's norms, per-request bookkeeping and the C pool's touched thread stacks.
+ENGINE_OVERHEAD_BYTES = 4 * MiB
+READER_BYTES = 1 * MiB            # io_uring rings and request arrays (queue depth 32)
+RING_TARGET_BYTES = 2 * MiB       # a streaming read of about this size keeps the disk busy
+PREFILL_CHUNK_MAX = 512
+TOKENIZER_FACTOR = 6              # resident bytes of a loaded tokenizer per byte of tokenizer.json (measured)
+
+
+class BudgetError(ValueError):
+    """A budget (or --active) the model cannot meet; the message names what would work."""
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)?\s*$", re.I)
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes of '512M', '1.5G', '800k', '4096' (K/M/G/T are binary: 1K = 1024)."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE.match(str(text))
+    if not m:
+        raise ValueError(f"cannot read {text!r} as a size (use e.g. 512M, 2G)")
+    mult = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
+    return int(float(m.group(1)) * mult)
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def parse_active(text: str | float | None) -> float | int | None:
+    """--active: a fraction in (0, 1] (float) or a number of active parameters ('300M', '1.5B': int)."""
+    if text is None or isinstance(text, (int, float)):
+        return text
+    s = str(text).strip()
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmb])", s, re.I)
+    if m:
+        return int(float(m.group(1)) * {"k": 1e3, "m": 1e6, "b": 1e9}[m.group(2).lower()])
+    try:
+        a = float(s)
+    except ValueError:
+        raise ValueError(f"--active {text!r}: a fraction in (0, 1] or a parameter count like 300M") from None
+    if not 0 < a <= 1:
+        raise ValueError(f"--active {text!r}: a fraction must be in (0, 1]")
+    return a
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    mem: int | None = None       # bytes; None: everything resident
+    ctx: int = 4096
+    mode: str = "exact"
+    active: float | int | None = None  # fraction of routed experts, or active parameters
+    tokenizer_file_bytes: int = 0
+
+
+@dataclass
+class ModelShape:
+    """What the plan needs to know of a model, from its manifest."""
+
+    n_layers: int
+    d_model: int
+    d_ff: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_ctx: int
+    dense_bytes: int              # the dense tensors packed as the engine packs them
+    dense_params: int
+    experts_per_layer: list[int]
+    slot_bytes: int               # the largest padded bundle
+    bundle_bytes_total: int       # every bundle, padded
+    expert_params: int            # parameters of one (largest) expert
+    max_expert_neurons: int
+
+    @classmethod
+    def from_manifest(cls, man: fmt.Manifest) -> "ModelShape":
+        a = man.arch
+        dense = fmt.dense_pack_bytes(man)
+        params = sum(math.prod(s["shape"]) for s in man.tensors.values() if s["fmt"] != "i32")
+        entries = [e for layer in man.experts for e in layer]
+        slot = max((e.padded_length for e in entries), default=0)
+        n_max = max((e.n_neurons for e in entries), default=0)
+        return cls(n_layers=a["n_layers"], d_model=a["d_model"], d_ff=a["d_ff"], n_heads=a["n_heads"],
+                   n_kv_heads=a["n_kv_heads"], head_dim=a["head_dim"], vocab_size=a["vocab_size"],
+                   max_ctx=a["max_ctx"], dense_bytes=dense, dense_params=params,
+                   experts_per_layer=[len(layer) for layer in man.experts], slot_bytes=slot,
+                   bundle_bytes_total=sum(e.padded_length for e in entries),
+                   expert_params=3 * n_max * a["d_model"], max_expert_neurons=n_max)
+
+    @property
+    def n_experts(self) -> int:
+        return sum(self.experts_per_layer)
+
+    @property
+    def max_experts_per_layer(self) -> int:
+        return max(self.experts_per_layer, default=0)
+
+
+@dataclass
+class MemoryPlan:
+    shape: ModelShape
+    request: PlanRequest
+    mode: str
+    ctx: int
+    prefill_chunk: int
+    parts: dict[str, int]         # fixed parts: name -> bytes
+    n_slots: int                  # arena slots in all, the ring included
+    n_ring: int                   # slots reserved for streaming (0 when everything is resident)
+    all_resident: bool
+    active_per_layer: list[int]   # prune: the active set's size; exact: the experts pinned per layer
+    prune: bool                   # only the active sets run (prune mode with a selection)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def slot_bytes(self) -> int:
+        return self.shape.slot_bytes
+
+    @property
+    def arena_bytes(self) -> int:
+        return self.n_slots * self.slot_bytes
+
+    @property
+    def fixed_bytes(self) -> int:
+        return sum(self.parts.values())
+
+    @property
+    def total_bytes(self) -> int:
+        return self.fixed_bytes + self.arena_bytes
+
+    @property
+    def active_fraction(self) -> float:
+        e = self.shape.experts_per_layer
+        return sum(self.active_per_layer) / max(1, sum(e))
+
+    @property
+    def streamed_bytes_per_token(self) -> int:
+        """Exact mode: the bundle bytes a decode step reads (those not resident)."""
+        if self.all_resident or self.prune:
+            return 0
+        resident = sum(self.active_per_layer)
+        return max(0, self.shape.n_experts - resident) * self.slot_bytes
+
+    @property
+    def active_params(self) -> int:
+        return self.shape.dense_params + sum(self.active_per_layer) * self.shape.expert_params
+
+    def lines(self) -> list[str]:
+        s = self.shape
+        budget = human(self.request.mem) if self.request.mem else "none (everything resident)"
+        out = [f"budget          {budget}, context {self.ctx}, mode {self.mode}"]
+        for name, n in self.parts.items():
+            out.append(f"  {name:<14}{human(n):>12}")
+        out.append(f"  {'arena':<14}{human(self.arena_bytes):>12}  {self.n_slots} slots of {human(self.slot_bytes)}"
+                   f" ({self.n_ring} for streaming)")
+        out.append(f"  {'total':<14}{human(self.total_bytes):>12}")
+        per_layer = sum(self.active_per_layer) / max(1, s.n_layers)
+        e_max = s.max_experts_per_layer
+        if self.all_resident:
+            out.append(f"experts         all {s.n_experts} resident ({e_max} per layer)")
+        else:
+            out.append(f"experts         {per_layer:.1f} of {e_max} per layer fit beside the ring")
+            out.append(f"exact mode      {human(self.streamed_bytes_per_token)} streamed from flash per token"
+                       f" ({s.n_experts - sum(self.active_per_layer)} bundles)")
+            k = max_prune_active(s, self.n_slots - self.n_ring)
+            out.append(f"prune mode      largest --active {k / max(1, e_max):.2f} ({k} of {e_max} per layer,"
+                       f" {(s.dense_params + k * s.n_layers * s.expert_params) / 1e6:.0f}M active parameters)")
+        if self.prune:
+            out.append(f"active set      {self.active_fraction:.2f} of the experts, "
+                       f"{self.active_params / 1e6:.0f}M active parameters")
+        out.extend(f"note            {n}" for n in self.notes)
+        return out
+
+
+def kv_bytes(shape: ModelShape, ctx: int) -> int:
+    return 2 * shape.n_layers * ctx * shape.n_kv_heads * shape.head_dim * 2  # k and v, fp16
+
+
+def scratch_bytes(shape: ModelShape, chunk: int, ctx: int) -> int:
+    """Activations of one prefill chunk of `chunk` tokens (the forward pass and its numpy temporaries)."""
+    d, nq = shape.d_model, shape.n_heads * shape.head_dim
+    nkv = shape.n_kv_heads * shape.head_dim
+    per_token = 4 * (6 * d + 3 * (nq + 2 * nkv) + 2 * nq + 3 * shape.d_ff)
+    logits = 4 * shape.vocab_size * 2
+    rope = 3 * 4 * ctx * shape.head_dim  # cos, sin, signed sin tables
+    return chunk * per_token + logits + rope
+
+
+def _fixed_parts(shape: ModelShape, req: PlanRequest, chunk: int) -> dict[str, int]:
+    return {
+        "dense block": shape.dense_bytes,
+        "kv cache": kv_bytes(shape, req.ctx),
+        "scratch": scratch_bytes(shape, chunk, req.ctx),
+        "reader": READER_BYTES,
+        "tokenizer": TOKENIZER_FACTOR * req.tokenizer_file_bytes,
+        "engine": ENGINE_OVERHEAD_BYTES,
+    }
+
+
+def ring_slots(shape: ModelShape, free_slots: int | None = None) -> int:
+    """Slots of the streaming ring: two halves (one read while the other computes), each about
+    RING_TARGET_BYTES / 2 of bundles, no more than a layer's experts; 2 at least."""
+    half = max(1, min(shape.max_experts_per_layer, RING_TARGET_BYTES // 2 // max(1, shape.slot_bytes)))
+    if free_slots is not None:
+        half = max(1, min(half, free_slots // 8))
+    return 2 * half
+
+
+def max_prune_active(shape: ModelShape, pinned_slots: int) -> int:
+    """The largest per-layer active count whose sets fit in pinned_slots."""
+    return min(shape.max_experts_per_layer, pinned_slots // max(1, shape.n_layers))
+
+
+def _active_count(shape: ModelShape, active: float | int) -> int:
+    e = shape.max_experts_per_layer
+    if isinstance(active, float):
+        return max(1, min(e, round(active * e)))
+    k = (active - shape.dense_params) / max(1, shape.n_layers * shape.expert_params)
+    if k < 1:
+        raise BudgetError(f"--active {active / 1e6:.0f}M is below the dense block's {shape.dense_params / 1e6:.0f}M "
+                          f"parameters plus one expert per layer")
+    return min(e, int(k))
+
+
+def make_plan(shape: ModelShape, req: PlanRequest) -> MemoryPlan:
+    if req.mode not in MODES:
+        raise ValueError(f"unknown mode {req.mode!r} (choose from {', '.join(MODES)})")
+    ctx = req.ctx
+    chunk = PREFILL_CHUNK_MAX
+    parts = _fixed_parts(shape, req, chunk)
+    everything = sum(parts.values()) + shape.n_experts * shape.slot_bytes
+    k_req = _active_count(shape, req.active) if req.active is not None else None
+    e_max = shape.max_experts_per_layer
+    prune_asked = req.mode == "prune" and k_req is not None
+    if req.mem is None or req.mem >= everything:
+        # everything resident; an explicit --active prunes within it
+        k = k_req if k_req is not None else e_max
+        return MemoryPlan(shape, req, req.mode, ctx, chunk, parts, shape.n_experts, 0, True,
+                          [min(k, n) for n in shape.experts_per_layer],
+                          prune=k_req is not None and req.mode == "prune")
+    # under a budget: smaller prefill chunks first, while they still fit a reasonable batch
+    while chunk > 64 and sum(_fixed_parts(shape, req, chunk).values()) + 4 * shape.slot_bytes > req.mem:
+        chunk //= 2
+    parts = _fixed_parts(shape, req, chunk)
+    fixed = sum(parts.values())
+    min_ring = 2
+    min_arena = (min_ring + (shape.n_layers if req.mode == "prune" else 0)) * shape.slot_bytes
+    if req.mode == "prune" and k_req is not None:
+        min_arena = (min_ring + shape.n_layers * k_req) * shape.slot_bytes
+    if fixed + min_arena > req.mem:
+        need = fixed + min_arena
+        hint = ""
+        if parts["kv cache"] > req.mem // 3 and ctx > 256:
+            smaller = max(256, ctx // 4)
+            hint = f", or a smaller --ctx (the KV cache of {ctx} tokens takes {human(parts['kv cache'])}; --ctx {smaller}"\
+                   f" needs {human(need - parts['kv cache'] + kv_bytes(shape, smaller) - parts['scratch'] + scratch_bytes(shape, chunk, smaller))})"
+        what = f"{k_req} experts per layer" if prune_asked else "the smallest arena"
+        raise BudgetError(f"--mem {human(req.mem)} cannot hold the dense block, KV cache, scratch and {what}: "
+                          f"the smallest budget that works is {human(need)} (--mem {math.ceil(need / MiB)}M){hint}")
+    n_slots = min(shape.n_experts, (req.mem - fixed) // shape.slot_bytes)
+    n_ring = min(ring_slots(shape, n_slots), n_slots)
+    pinned = n_slots - n_ring
+    k_fit = max_prune_active(shape, pinned)
+    if req.mode == "prune":
+        if k_req is not None and k_req > k_fit:
+            raise BudgetError(f"--active {k_req / e_max:.2f} ({k_req} of {e_max} experts per layer) does not fit "
+                              f"--mem {human(req.mem)}: at most {k_fit} ({k_fit / e_max:.2f}) fits")
+        k = k_req if k_req is not None else k_fit
+        if k < 1:
+            raise BudgetError(f"--mem {human(req.mem)} leaves no room for one expert per layer in prune mode")
+        return MemoryPlan(shape, req, "prune", ctx, chunk, parts, n_slots, n_ring, False,
+                          [min(k, n) for n in shape.experts_per_layer], prune=True)
+    # exact: every pinned slot holds a selected expert; the rest of each layer streams through the ring
+    k = k_fit if k_req is None else min(k_req, k_fit)
+    return MemoryPlan(shape, req, "exact", ctx, chunk, parts, n_slots, n_ring, False,
+                      [min(k, n) for n in shape.experts_per_layer], prune=False)
+
+
+def available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo, in bytes (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

@@ -1,0 +1,149 @@
+"""Choosing each layer's active set once per prompt: selection policies and reselection.
+
+`exact` (GRIFFIN, arXiv 2404.01365): every token's FFN activation row h (silu(gate x) * up x,
+over all of the layer's neurons) is L2-normalised; a neuron's score is the L2 norm of its column
+over the prompt's tokens; an expert's score is the sum of its neurons' scores. `static`: the same
+statistic gathered once over calibration text (texts.calibration_text) and stored beside the model.
+
+The Scorer accumulates sum_t (h[t, n] / ||h[t]||)^2 per neuron from the FFN's scratch (which holds
+h after every call, expert block after expert block) and turns it into expert scores.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+POLICIES = ("exact", "static")
+STATIC_FILE = "static_scores.npy"
+RESELECT_MARGIN = 0.05  # a challenger must beat the weakest selected expert by 5%
+
+
+class Scorer:
+    """GRIFFIN statistics of every layer's neurons, accumulated over tokens."""
+
+    def __init__(self, n_neurons: np.ndarray):
+        # n_neurons: (n_layers, max_experts) neurons per expert (0 where a layer has fewer experts)
+        self.n_neurons = n_neurons
+        self.offsets = np.concatenate([np.zeros((n_neurons.shape[0], 1), np.int64),
+                                       np.cumsum(n_neurons, axis=1)], axis=1)
+        self.d_ff = int(self.offsets[:, -1].max(initial=0))
+        self.acc = np.zeros((n_neurons.shape[0], self.d_ff), dtype=np.float64)
+        self.n_tokens = np.zeros(n_neurons.shape[0], dtype=np.int64)
+        self._h = np.empty(0, dtype=np.float32)
+
+    def reset(self) -> None:
+        self.acc[:] = 0
+        self.n_tokens[:] = 0
+
+    def add(self, layer: int, t: int, calls: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        """calls: (experts, scratch region) of each FFN call of the layer for these t tokens; each
+        region holds the experts' h blocks (t x n_e) back to back. Together they cover every
+        expert of the layer."""
+        n = self.n_neurons[layer]
+        off = self.offsets[layer]
+        d_ff = int(off[-1])
+        if self._h.size < t * d_ff:
+            self._h = np.empty(t * d_ff, dtype=np.float32)
+        h = self._h[:t * d_ff].reshape(t, d_ff)
+        for experts, region in calls:
+            pos = 0
+            sizes = n[experts]
+            if len(experts) and (sizes == sizes[0]).all():
+                ne = int(sizes[0])
+                blocks = region[:len(experts) * t * ne].reshape(len(experts), t, ne)
+                cols = (off[experts][:, None] + np.arange(ne)).reshape(-1)
+                h[:, cols] = blocks.transpose(1, 0, 2).reshape(t, -1)
+                continue
+            for e, ne in zip(experts, sizes):
+                h[:, off[e]:off[e] + ne] = region[pos:pos + t * ne].reshape(t, ne)
+                pos += t * ne
+        sq = h * h
+        norm2 = sq.sum(axis=1, keepdims=True, dtype=np.float64)
+        norm2[norm2 == 0] = 1.0
+        self.acc[layer, :d_ff] += (sq / norm2).sum(axis=0)
+        self.n_tokens[layer] += t
+
+    def expert_scores(self, layer: int) -> np.ndarray:
+        """One score per expert of the layer (sum of its neurons' GRIFFIN norms)."""
+        off = self.offsets[layer]
+        n_exp = int((self.n_neurons[layer] > 0).sum())
+        col = np.sqrt(self.acc[layer, :int(off[-1])])
+        return np.add.reduceat(col, off[:n_exp]) if n_exp else np.zeros(0)
+
+    def all_scores(self) -> np.ndarray:
+        """(n_layers, max_experts) scores; -inf where a layer has no such expert."""
+        out = np.full(self.n_neurons.shape, -np.inf)
+        for l in range(out.shape[0]):
+            s = self.expert_scores(l)
+            out[l, :len(s)] = s
+        return out
+
+
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k best scores, in expert order (ties to the lower index)."""
+    k = min(k, int(np.isfinite(scores).sum()))
+    order = np.argsort(-scores, kind="stable")[:k]
+    return np.sort(order)
+
+
+def reselect(current: np.ndarray, scores: np.ndarray, margin: float = RESELECT_MARGIN) -> np.ndarray:
+    """The active set after swapping in challengers that beat the weakest selected expert by more
+    than `margin` (relative); the set's size is kept."""
+    cur = set(int(e) for e in current)
+    challengers = [int(e) for e in np.argsort(-scores, kind="stable") if int(e) not in cur and np.isfinite(scores[e])]
+    weakest = sorted(cur, key=lambda e: scores[e])
+    out = set(cur)
+    for c, w in zip(challengers, weakest):
+        if scores[c] > (1 + margin) * scores[w]:
+            out.discard(w)
+            out.add(c)
+        else:
+            break
+    return np.array(sorted(out), dtype=np.int64)
+
+
+# ---- the static policy's stored scores -----------------------------------------------------
+
+def static_scores_path(model_dir: Path) -> Path:
+    return Path(model_dir) / STATIC_FILE
+
+
+def load_static(model_dir: Path) -> np.ndarray | None:
+    p = static_scores_path(model_dir)
+    if not p.exists():
+        return None
+    try:
+        return np.load(p, allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+
+
+def save_static(model_dir: Path, scores: np.ndarray) -> None:
+    """Written to a temporary file and renamed: a crash leaves no half file."""
+    p = static_scores_path(model_dir)
+    fd, tmp = tempfile.mkstemp(prefix=".static-", suffix=".npy", dir=p.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, scores, allow_pickle=False)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---- applying a selection ------------------------------------------------------------------
+
+def apply_sets(arena, runner, sets: list[np.ndarray], *, prune: bool) -> int:
+    """Make `sets` (one array of experts per layer) the active sets: read what is missing in one
+    batch, pin exactly them; in prune mode they become all the FFN runs. Returns experts read."""
+    runner.drop_prefetch()
+    arena.unpin_all()
+    keys = [(l, int(e)) for l, s in enumerate(sets) for e in s]
+    n_read = arena.load(keys, pin=True)
+    if prune:
+        runner.active = [np.asarray(s, dtype=np.int64) for s in sets]
+        runner.prune = True
+    return n_read

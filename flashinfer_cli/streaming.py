@@ -1,0 +1,133 @@
+"""A layer's FFN from the arena: resident experts where they lie, the missing ones streamed from
+flash through the ring, the next read always in flight while the current piece computes.
+
+For a layer the runner (1) starts reading the first piece of the missing experts into one half of
+the ring (unless it is already in flight: the previous layer prefetched it), (2) runs the resident
+experts (one fic_experts_ffn call over their slots), (3) for each piece: waits for it, starts the
+next read (this layer's next piece or the next layer's first), runs the piece. The FFN output is
+the sum over every expert the layer runs: in exact mode all of them, so the result is the full
+model's (up to the order of the fp32 sums); in prune mode only the active set.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from flashinfer_cli import kernels
+from flashinfer_cli.arena import Arena
+
+
+def _ffn_over_slots(layout, arena: Arena, slots: np.ndarray, n_neurons: np.ndarray, x: np.ndarray,
+                    y: np.ndarray, region: np.ndarray) -> None:
+    """y += FFN over the experts in these slots; region receives their h."""
+    fn = getattr(kernels, "experts_ffn_slots", None)
+    if fn is not None:
+        fn(layout, arena.buf, arena.slot_bytes, slots.astype(np.int32), n_neurons.astype(np.int32), x, y,
+           scratch=region)
+        return
+    bufs = [arena.view(int(s)) for s in slots]
+    kernels.ExpertSet.from_layout(layout, bufs, [int(n) for n in n_neurons]).ffn(x, y, scratch=region)
+
+
+class _Piece:
+    def __init__(self, layer: int, experts: np.ndarray, slots: np.ndarray, pending):
+        self.layer, self.experts, self.slots, self.pending = layer, experts, slots, pending
+
+
+class FFNRunner:
+    def __init__(self, arena: Arena, layout, max_tokens: int):
+        self.arena, self.layout = arena, layout
+        self.n_layers = arena.n_layers
+        d_ff = int(arena.n_neurons.sum(axis=1).max(initial=0))
+        self.max_tokens = max_tokens
+        self.scratch = np.empty(max(1, max_tokens * d_ff), dtype=np.float32)  # one layer's h, sized once
+        half = arena.n_ring // 2
+        self.halves = [arena.ring[:half], arena.ring[half:2 * half]] if half else []
+        self._next_half = 0
+        self._pending: _Piece | None = None
+        self.active: list[np.ndarray | None] = [None] * self.n_layers  # None: every expert runs
+        self.prune = False
+        self.wrap = False  # prefetch layer 0's first piece after the last layer (every step runs full)
+
+    # -- which experts a layer runs --
+    def run_set(self, layer: int, full: bool) -> np.ndarray:
+        a = self.active[layer]
+        return self.arena.experts(layer) if (full or not self.prune or a is None) else a
+
+    def _missing(self, layer: int, full: bool) -> np.ndarray:
+        return self.arena.missing(layer, self.run_set(layer, full))
+
+    # -- reads --
+    def _submit(self, layer: int, experts: np.ndarray) -> _Piece:
+        if not self.halves:
+            raise RuntimeError("experts to stream but the arena has no ring")
+        slots = self.halves[self._next_half][:len(experts)]
+        self._next_half ^= 1
+        return _Piece(layer, experts, slots, self.arena.submit_ring(layer, experts, slots))
+
+    def _take(self, layer: int, experts: np.ndarray) -> _Piece:
+        p, self._pending = self._pending, None
+        if p is not None:
+            if p.layer == layer and np.array_equal(p.experts, experts):
+                return p
+            self.arena.wait(p.pending)  # a stale prefetch: let it land before its half is reused
+        return self._submit(layer, experts)
+
+    def drop_prefetch(self) -> None:
+        """Forget a read in flight (the residency or the active sets changed)."""
+        if self._pending is not None:
+            self.arena.wait(self._pending.pending)
+            self._pending = None
+
+    def _prefetch_after(self, layer: int, full: bool) -> None:
+        nxt = layer + 1
+        if nxt == self.n_layers:
+            if not self.wrap:
+                return
+            nxt = 0
+        miss = self._missing(nxt, full)
+        if len(miss):
+            self._pending = self._submit(nxt, miss[:len(self.halves[0])])
+
+    # -- the FFN --
+    def run(self, layer: int, x: np.ndarray, y: np.ndarray, *, full: bool,
+            collect: Callable[[int, int, list], None] | None = None, prefetch: bool = True) -> None:
+        """y += FFN_layer(x) (x, y float32 (d,) or (t, d)); full: every expert of the layer runs
+        (exact mode, or scoring in prune mode), else the active set; collect(layer, t, calls)
+        receives each call's experts and h."""
+        t = 1 if x.ndim == 1 else x.shape[0]
+        if t > self.max_tokens:
+            raise ValueError(f"{t} tokens in one FFN call, the scratch holds {self.max_tokens}")
+        arena = self.arena
+        run = self.run_set(layer, full)
+        res = run[arena.slot_of[layer, run] >= 0]
+        miss = run[arena.slot_of[layer, run] < 0]
+        half = len(self.halves[0]) if self.halves else 1
+        pieces = [miss[i:i + half] for i in range(0, len(miss), half)]
+        pending = self._take(layer, pieces[0]) if pieces else None
+        if not pieces and prefetch and self._pending is None:
+            self._prefetch_after(layer, full)
+        calls, off = [], 0
+        nn = arena.n_neurons[layer]
+        if len(res):
+            arena.touch(layer, res)
+            n = int(nn[res].sum()) * t
+            region = self.scratch[off:off + n]
+            _ffn_over_slots(self.layout, arena, arena.slot_of[layer, res], nn[res], x, y, region)
+            calls.append((res, region))
+            off += n
+        for i, piece in enumerate(pieces):
+            arena.wait(pending.pending)
+            cur = pending
+            if i + 1 < len(pieces):
+                pending = self._submit(layer, pieces[i + 1])
+            elif prefetch:
+                self._prefetch_after(layer, full)
+            n = int(nn[piece].sum()) * t
+            region = self.scratch[off:off + n]
+            _ffn_over_slots(self.layout, arena, cur.slots, nn[piece], x, y, region)
+            calls.append((piece, region))
+            off += n
+        if collect is not None:
+            collect(layer, t, calls)
