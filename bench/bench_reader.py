@@ -5,6 +5,8 @@ read in batches (one batch ~ one layer's missing experts), with a cold page cach
 
     python bench/bench_reader.py [--size-gib 4] [--read-gib 2] [--rounds 3] [--dir bench/out] [--keep]
     python bench/bench_reader.py --crc-only     # just fic_crc32c's speed on 64 KiB-1 MiB buffers
+    python bench/bench_reader.py --overlap-only [--compute-threads 1]
+                                                # Reader.submit + a matvec loop + wait: read time hidden
 
 Needs root for `echo 3 > /proc/sys/vm/drop_caches` (without it the figures say "warm?").
 """
@@ -22,6 +24,7 @@ from typing import Callable
 
 import numpy as np
 
+from flashinfer_cli import kernels
 from flashinfer_cli.kernels import Reader, ReadRequest, aligned_buffer, crc32c
 
 ALIGN = 4096
@@ -148,6 +151,87 @@ def crc_rates(repeats: int = 9) -> None:
         print(f"| {size >> 10} KiB | {size / hw / 1e9:.1f} | {size / ref / 1e9:.2f} |")
 
 
+# ---- overlap: read layer l+1's bundles while layer l computes ---------------------------------
+
+def batches(plan: list[tuple[int, int]], buf: np.ndarray, crcs: list[int]) -> list[list[ReadRequest]]:
+    out = []
+    for b in range(0, len(plan), BATCH):
+        requests, pos = [], 0
+        for i, (offset, length) in enumerate(plan[b:b + BATCH], start=b):
+            requests.append(ReadRequest(offset, length, buf[pos:pos + length], crcs[i]))
+            pos += length
+        out.append(requests)
+    return out
+
+
+def overlap_runs(path: Path, plan: list[tuple[int, int]], buf: np.ndarray, crcs: list[int], rounds: int,
+                 backend: str, queue_depth: int) -> None:
+    """Per batch of BATCH bundles (CRC checked): read alone, compute alone, and submit + compute +
+    wait. The compute is Q4_0 4096x4096 matvecs (fic's kernel, GIL released), as many as take about
+    as long as one batch's read, so that perfect overlap would hide all of the read."""
+    groups = batches(plan, buf, crcs)
+    rng = np.random.default_rng(3)
+    w = kernels.quantize(rng.standard_normal((4096, 4096), dtype=np.float32), "q4_0")
+    x = rng.standard_normal(4096, dtype=np.float32)
+    y = np.empty(4096, dtype=np.float32)
+
+    def compute(n: int) -> None:
+        for _ in range(n):
+            kernels.matvec(w, x, out=y)
+
+    with Reader(path, backend=backend, queue_depth=queue_depth) as reader:
+        assert reader.direct, "the benchmark file must be on a filesystem that takes O_DIRECT"
+
+        def read_only() -> float:
+            start = time.perf_counter()
+            for g in groups:
+                reader.read_checked(g)
+            return time.perf_counter() - start
+
+        def compute_only(n: int) -> float:
+            start = time.perf_counter()
+            for _ in groups:
+                compute(n)
+            return time.perf_counter() - start
+
+        def overlapped(n: int) -> float:
+            start = time.perf_counter()
+            for g in groups:
+                pending = reader.submit(g)
+                compute(n)  # layer l's FFN while layer l+1's bundles come in
+                pending.wait_checked()
+            return time.perf_counter() - start
+
+        cold = drop_caches()
+        t_read = read_only()
+        t_one = min(compute_only(1) for _ in range(3)) / len(groups)
+        n_mv = max(1, round(t_read / len(groups) / t_one))
+        reads, comps, overs = [], [], []
+        for _ in range(rounds):  # interleaved, medians: the shared disk and cores drift
+            cold &= drop_caches()
+            reads.append(read_only())
+            comps.append(compute_only(n_mv))
+            cold &= drop_caches()
+            overs.append(overlapped(n_mv))
+    tr, tc, to = (statistics.median(v) for v in (reads, comps, overs))
+    hidden = (tr + tc - to) / tr
+    total = sum(length for _, length in plan)
+    label = f"io_uring QD{queue_depth}" if backend == "io_uring" else "pread 4 threads"
+    print(f"\n# overlap: {label}, {len(plan)} bundles ({total / GIB:.2f} GiB, CRC checked) in "
+          f"{len(groups)} batches of {BATCH}; compute {n_mv} Q4_0 4096x4096 matvecs per batch on "
+          f"{kernels.get_threads()} kernel threads; {rounds} rounds, medians; page cache "
+          f"{'dropped' if cold else 'NOT dropped (not root)'}")
+    print("| run | s (median) | s (min-max) | ms per batch |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, v in (("read only (Reader.read)", reads), ("compute only", comps),
+                    ("submit + compute + wait", overs)):
+        print(f"| {name} | {statistics.median(v):.3f} | {min(v):.3f}-{max(v):.3f} | "
+              f"{statistics.median(v) / len(groups) * 1e3:.2f} |")
+    print(f"\nread time hidden behind compute: {hidden:.0%} "
+          f"((read + compute - overlapped) / read = ({tr:.3f} + {tc:.3f} - {to:.3f}) / {tr:.3f}); "
+          f"overlapped vs the slower of the two alone: {to / max(tr, tc):.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-gib", type=float, default=4.0, help="size of the test file")
@@ -156,9 +240,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of every run")
     ap.add_argument("--keep", action="store_true", help="keep the test file")
     ap.add_argument("--crc-only", action="store_true", help="only time fic_crc32c, no file")
+    ap.add_argument("--overlap-only", action="store_true", help="only the submit/compute/wait overlap runs")
+    ap.add_argument("--compute-threads", type=int, default=0, help="kernel threads for the overlap compute "
+                    "(default: all cores)")
     args = ap.parse_args()
+    if args.compute_threads:
+        kernels.set_threads(args.compute_threads)
     print(f"# {platform.node()} {platform.machine()} Linux {platform.release()}, {os.cpu_count()} cpus")
-    crc_rates()
+    if not args.overlap_only:
+        crc_rates()
     if args.crc_only:
         return
 
@@ -171,6 +261,14 @@ def main() -> None:
     plan = bundle_plan(size, int(args.read_gib * GIB))
     total = sum(length for _, length in plan)
     crcs = bundle_crcs(path, plan)
+    if args.overlap_only:
+        try:
+            for backend, qd in (("io_uring", 32), ("pread", 4)):
+                overlap_runs(path, plan, buf, crcs, args.rounds, backend, qd)
+        finally:
+            if not args.keep:
+                path.unlink()
+        return
     runs = sequential_runs(path, size, buf) + bundle_runs(path, plan, total, buf, crcs)
     # The disk's speed drifts over minutes (a shared virtual disk): interleave rounds, keep medians.
     secs: dict[str, list[float]] = {name: [] for name, _, _ in runs}

@@ -143,12 +143,24 @@ typedef struct fic_reader fic_reader;
 int fic_reader_open(const char *path, int backend, int queue_depth, int n_threads, int flags,
                     fic_reader **out, int *out_errno);
 /* Reads every request; returns FIC_OK when all succeeded, else the first failing status.
- * Each request's own status says what happened to it. */
+ * Each request's own status says what happened to it. Runs on the caller, once any other
+ * caller's read and any submitted batch's I/O are over (concurrent calls take turns). */
 int fic_reader_read(fic_reader *r, fic_read_req *reqs, int64_t n_reqs);
+/* Non-blocking read: hands the batch to the reader's I/O thread and returns at once. FIC_ERR_ARG
+ * for bad arguments or when a batch is already in flight (submitted and not yet waited for, or a
+ * fic_reader_read running). reqs and every dst stay the caller's to keep valid, and untouched,
+ * until fic_reader_wait returns. */
+int fic_reader_submit(fic_reader *r, fic_read_req *reqs, int64_t n_reqs);
+/* Blocks until the submitted batch has finished (CRC checked where asked); returns FIC_OK or its
+ * first failing status, each request's status filled in as by fic_reader_read. FIC_OK when
+ * nothing was submitted. One wait collects a batch; the next submit may follow. */
+int fic_reader_wait(fic_reader *r);
+/* 1 while a submitted batch's I/O is still running (fic_reader_wait would block), else 0. */
+int fic_reader_busy(const fic_reader *r);
 int fic_reader_backend(const fic_reader *r);  /* FIC_IO_URING or FIC_IO_PREAD */
 int fic_reader_direct(const fic_reader *r);   /* 1 when reads bypass the page cache via O_DIRECT */
 int64_t fic_reader_size(const fic_reader *r); /* file size in bytes */
-void fic_reader_close(fic_reader *r);
+void fic_reader_close(fic_reader *r);  /* waits for a submitted batch's I/O to finish first */
 
 /* CRC32C (Castagnoli): hardware instruction where present, and the table reference. */
 uint32_t fic_crc32c(uint32_t crc, const uint8_t *buf, size_t n);

@@ -1,15 +1,19 @@
 /* stream.c - batched expert reads: io_uring (raw syscalls) or a pread thread pool, O_DIRECT
  * where the filesystem allows it, per-request status and CRC32C check.
  *
- * One fic_reader serves one file. fic_reader_read calls on the same reader are serialized by a
- * mutex (the io_uring ring and the pool have a single owner at a time); use several readers for
- * parallel callers. Nothing here prints, exits or keeps global state.
+ * One fic_reader serves one file and runs one batch at a time (the io_uring ring and the pread
+ * pool have a single owner). A batch runs either on the caller (fic_reader_read: no thread hop)
+ * or on the reader's own I/O thread (fic_reader_submit, collected by fic_reader_wait), so that a
+ * submitted batch progresses while the caller computes, without the caller calling back in.
+ * fic_reader_read calls from several threads take turns; use several readers for parallel
+ * callers. Nothing here prints, exits or keeps global state.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -701,12 +705,28 @@ typedef struct pread_pool {
     int64_t next; /* next request to take (atomic) */
 } pread_pool;
 
+/* Who owns the ring/pool: nobody, a submitted batch (running on the I/O thread, then finished
+ * and waiting for fic_reader_wait), or a fic_reader_read running on its caller. */
+enum { ASYNC_NONE = 0, ASYNC_RUNNING = 1, ASYNC_DONE = 2 };
+
 struct fic_reader {
     int fd;
     int direct;
     int backend;
     int64_t size;
-    pthread_mutex_t call_mu;
+    /* Batch hand-over. mu guards everything below; async is also read without it (atomically)
+     * by fic_reader_busy. */
+    pthread_mutex_t mu;
+    pthread_cond_t work_cv;  /* I/O thread: a batch was submitted, or stop */
+    pthread_cond_t done_cv;  /* waiters: the submitted batch finished */
+    pthread_cond_t idle_cv;  /* fic_reader_read callers: the ring/pool became free */
+    pthread_t io_thread;
+    int stop;
+    int async;        /* ASYNC_* */
+    int sync_running; /* a fic_reader_read is running its batch on its caller */
+    fic_read_req *batch; /* the submitted batch, owned by the caller until fic_reader_wait */
+    int64_t batch_n;
+    int batch_status;
 #if FIC_HAVE_URING
     uring ring;
 #endif
@@ -1110,6 +1130,71 @@ static int uring_read(fic_reader *r, fic_read_req *reqs, int64_t n)
 }
 #endif /* FIC_HAVE_URING */
 
+/* ---- one batch, on whichever thread owns the ring/pool ---- */
+
+/* Validates and reads every request; returns FIC_OK or the first failing status. */
+static int run_batch(fic_reader *r, fic_read_req *reqs, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++)
+        req_prepare(r, &reqs[i]);
+#if FIC_HAVE_URING
+    if (r->backend == FIC_IO_URING) {
+        int ret = uring_read(r, reqs, n);
+        if (ret < 0) {
+            /* The ring itself failed (not one read): report it on every unfinished request. */
+            for (int64_t i = 0; i < n; i++) {
+                if (reqs[i].status == FIC_OK && reqs[i].n_read < reqs[i].length) {
+                    reqs[i].status = FIC_ERR_IO;
+                    reqs[i].sys_errno = -ret;
+                }
+            }
+        }
+    } else
+#endif
+    {
+        pool_read(r, reqs, n);
+    }
+    for (int64_t i = 0; i < n; i++)
+        if (reqs[i].status != FIC_OK)
+            return reqs[i].status;
+    return FIC_OK;
+}
+
+/* The reader's I/O thread: runs each submitted batch (reaping and refilling the io_uring queue,
+ * or as one of the pread workers) and its CRC checks, then wakes fic_reader_wait. */
+static void *io_main(void *arg)
+{
+    fic_reader *r = arg;
+    pthread_mutex_lock(&r->mu);
+    for (;;) {
+        while (!r->stop && r->async != ASYNC_RUNNING)
+            pthread_cond_wait(&r->work_cv, &r->mu);
+        if (r->async != ASYNC_RUNNING) /* stop: close waited for any batch to finish first */
+            break;
+        fic_read_req *reqs = r->batch;
+        int64_t n = r->batch_n;
+        pthread_mutex_unlock(&r->mu);
+        int status = run_batch(r, reqs, n);
+        pthread_mutex_lock(&r->mu);
+        r->batch_status = status;
+        __atomic_store_n(&r->async, ASYNC_DONE, __ATOMIC_RELEASE);
+        pthread_cond_broadcast(&r->done_cv);
+        pthread_cond_broadcast(&r->idle_cv);
+    }
+    pthread_mutex_unlock(&r->mu);
+    return NULL;
+}
+
+static void backend_close(fic_reader *r)
+{
+#if FIC_HAVE_URING
+    if (r->backend == FIC_IO_URING)
+        uring_close(&r->ring);
+    else
+#endif
+        pool_stop(&r->pool);
+}
+
 /* ---- public API ---- */
 
 int fic_reader_open(const char *path, int backend, int queue_depth, int n_threads, int flags,
@@ -1191,7 +1276,27 @@ int fic_reader_open(const char *path, int backend, int queue_depth, int n_thread
             return status;
         }
     }
-    pthread_mutex_init(&r->call_mu, NULL);
+    pthread_mutex_init(&r->mu, NULL);
+    pthread_cond_init(&r->work_cv, NULL);
+    pthread_cond_init(&r->done_cv, NULL);
+    pthread_cond_init(&r->idle_cv, NULL);
+    /* The I/O thread takes no signals (they are the application's business, and would only
+     * interrupt its reads): it starts with every signal blocked. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    int created = pthread_create(&r->io_thread, NULL, io_main, r);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (created != 0) {
+        pthread_cond_destroy(&r->idle_cv);
+        pthread_cond_destroy(&r->done_cv);
+        pthread_cond_destroy(&r->work_cv);
+        pthread_mutex_destroy(&r->mu);
+        backend_close(r);
+        close(fd);
+        free(r);
+        return FIC_ERR_THREAD;
+    }
     *out = r;
     return FIC_OK;
 }
@@ -1200,31 +1305,66 @@ int fic_reader_read(fic_reader *r, fic_read_req *reqs, int64_t n_reqs)
 {
     if (r == NULL || n_reqs < 0 || (reqs == NULL && n_reqs > 0))
         return FIC_ERR_ARG;
-    for (int64_t i = 0; i < n_reqs; i++)
-        req_prepare(r, &reqs[i]);
-    pthread_mutex_lock(&r->call_mu);
-#if FIC_HAVE_URING
-    if (r->backend == FIC_IO_URING) {
-        int ret = uring_read(r, reqs, n_reqs);
-        if (ret < 0) {
-            /* The ring itself failed (not one read): report it on every unfinished request. */
-            for (int64_t i = 0; i < n_reqs; i++) {
-                if (reqs[i].status == FIC_OK && reqs[i].n_read < reqs[i].length) {
-                    reqs[i].status = FIC_ERR_IO;
-                    reqs[i].sys_errno = -ret;
-                }
-            }
-        }
-    } else
-#endif
-    {
-        pool_read(r, reqs, n_reqs);
+    /* Run on the caller (no thread hop) once the ring/pool is free: after other callers' reads
+     * and after a submitted batch's I/O (which needs nobody to finish; its wait can come later). */
+    pthread_mutex_lock(&r->mu);
+    while (r->sync_running || r->async == ASYNC_RUNNING)
+        pthread_cond_wait(&r->idle_cv, &r->mu);
+    r->sync_running = 1;
+    pthread_mutex_unlock(&r->mu);
+    int status = run_batch(r, reqs, n_reqs);
+    pthread_mutex_lock(&r->mu);
+    r->sync_running = 0;
+    pthread_cond_broadcast(&r->idle_cv);
+    pthread_mutex_unlock(&r->mu);
+    return status;
+}
+
+int fic_reader_submit(fic_reader *r, fic_read_req *reqs, int64_t n_reqs)
+{
+    if (r == NULL || n_reqs < 0 || (reqs == NULL && n_reqs > 0))
+        return FIC_ERR_ARG;
+    pthread_mutex_lock(&r->mu);
+    /* One batch at a time: refused while a submitted batch is not yet collected by
+     * fic_reader_wait, or while a fic_reader_read holds the ring/pool. */
+    if (r->async != ASYNC_NONE || r->sync_running) {
+        pthread_mutex_unlock(&r->mu);
+        return FIC_ERR_ARG;
     }
-    pthread_mutex_unlock(&r->call_mu);
-    for (int64_t i = 0; i < n_reqs; i++)
-        if (reqs[i].status != FIC_OK)
-            return reqs[i].status;
+    r->batch = reqs;
+    r->batch_n = n_reqs;
+    if (n_reqs == 0) {
+        r->batch_status = FIC_OK;
+        __atomic_store_n(&r->async, ASYNC_DONE, __ATOMIC_RELEASE);
+    } else {
+        __atomic_store_n(&r->async, ASYNC_RUNNING, __ATOMIC_RELEASE);
+        pthread_cond_signal(&r->work_cv);
+    }
+    pthread_mutex_unlock(&r->mu);
     return FIC_OK;
+}
+
+int fic_reader_wait(fic_reader *r)
+{
+    if (r == NULL)
+        return FIC_ERR_ARG;
+    pthread_mutex_lock(&r->mu);
+    while (r->async == ASYNC_RUNNING)
+        pthread_cond_wait(&r->done_cv, &r->mu);
+    int status = FIC_OK;
+    if (r->async == ASYNC_DONE) {
+        status = r->batch_status;
+        r->batch = NULL;
+        r->batch_n = 0;
+        __atomic_store_n(&r->async, ASYNC_NONE, __ATOMIC_RELEASE);
+    }
+    pthread_mutex_unlock(&r->mu);
+    return status;
+}
+
+int fic_reader_busy(const fic_reader *r)
+{
+    return r != NULL && __atomic_load_n(&r->async, __ATOMIC_ACQUIRE) == ASYNC_RUNNING;
 }
 
 int fic_reader_backend(const fic_reader *r) { return r == NULL ? FIC_ERR_ARG : r->backend; }
@@ -1237,13 +1377,20 @@ void fic_reader_close(fic_reader *r)
 {
     if (r == NULL)
         return;
-#if FIC_HAVE_URING
-    if (r->backend == FIC_IO_URING)
-        uring_close(&r->ring);
-    else
-#endif
-        pool_stop(&r->pool);
-    pthread_mutex_destroy(&r->call_mu);
+    /* A submitted batch still writes into its requests and destinations: let it finish (its
+     * results stay in the requests; nobody needs to wait for them), then stop the I/O thread. */
+    pthread_mutex_lock(&r->mu);
+    while (r->async == ASYNC_RUNNING || r->sync_running)
+        pthread_cond_wait(&r->idle_cv, &r->mu);
+    r->stop = 1;
+    pthread_cond_signal(&r->work_cv);
+    pthread_mutex_unlock(&r->mu);
+    pthread_join(r->io_thread, NULL);
+    pthread_cond_destroy(&r->idle_cv);
+    pthread_cond_destroy(&r->done_cv);
+    pthread_cond_destroy(&r->work_cv);
+    pthread_mutex_destroy(&r->mu);
+    backend_close(r);
     close(r->fd);
     free(r);
 }

@@ -450,6 +450,7 @@ class Reader:
             raise OSError(err[0], f"{self.path}: {os.strerror(err[0])}")
         _check(status, f"open {self.path}")
         self._ptr = ffi.gc(out[0], lib.fic_reader_close)
+        self._pending: PendingRead | None = None
 
     @property
     def backend(self) -> str:
@@ -463,35 +464,44 @@ class Reader:
     def size(self) -> int:
         return lib.fic_reader_size(self._ptr)
 
+    @property
+    def busy(self) -> bool:
+        """True while a submitted batch's reads are still running (its wait() would block)."""
+        return bool(lib.fic_reader_busy(self._ptr))
+
     def read(self, requests: Sequence[ReadRequest]) -> list[ReadResult]:
         """Perform every request; each result says what happened to its request."""
         n = len(requests)
         if n == 0:
             return []
-        reqs = ffi.new("fic_read_req[]", n)
-        keep = []  # cffi buffers must outlive the call
-        for i, rq in enumerate(requests):
-            if rq.dst.dtype != np.uint8 or not rq.dst.flags.c_contiguous or rq.dst.nbytes < rq.length:
-                raise ValueError(f"request {i}: dst must be a contiguous uint8 array of at least {rq.length} bytes")
-            buf = ffi.from_buffer("uint8_t[]", rq.dst, require_writable=True)
-            keep.append(buf)
-            reqs[i].offset = rq.offset
-            reqs[i].length = rq.length
-            reqs[i].dst = buf
-            reqs[i].crc32c = rq.crc32c or 0
-            reqs[i].check_crc = 0 if rq.crc32c is None else 1
+        reqs, keep = _c_requests(requests)
         lib.fic_reader_read(self._ptr, reqs, n)
-        return [ReadResult(_read_status(reqs[i].status), reqs[i].n_read, reqs[i].sys_errno) for i in range(n)]
+        del keep  # the cffi buffers had to outlive the call
+        return _results(reqs, n)
 
     def read_checked(self, requests: Sequence[ReadRequest]) -> None:
         """As read(), but raise ReadError naming the first failed request."""
-        for rq, res in zip(requests, self.read(requests)):
-            if res.status != "ok":
-                detail = os.strerror(res.errno) if res.status == "io" else _READ_DETAIL.get(res.status, res.status)
-                raise ReadError(f"{self.path}: {detail} reading {rq.length} bytes at offset {rq.offset}"
-                                f" ({res.n_read} read)", res.status)
+        _raise_first_error(self.path, requests, self.read(requests))
+
+    def submit(self, requests: Sequence[ReadRequest]) -> "PendingRead":
+        """Start reading every request and return at once; the reader's I/O thread does the reads
+        (and CRC checks) while the caller works. Collect with PendingRead.wait(). One batch at a
+        time: RuntimeError while another submitted batch has not been waited for. The request
+        destinations must not be touched until wait() returns."""
+        if self._ptr is None:
+            raise ValueError(f"{self.path}: reader is closed")
+        reqs, keep = _c_requests(requests)
+        status = lib.fic_reader_submit(self._ptr, reqs if requests else ffi.NULL, len(requests))
+        if status == lib.FIC_ERR_ARG:  # the arguments are well formed: the reader is taken
+            raise RuntimeError(f"{self.path}: a batch is already in flight on this reader")
+        _check(status, f"submit to {self.path}")
+        pending = PendingRead(self, requests, reqs, keep)
+        self._pending = pending  # so close() can finish it before freeing the reader
+        return pending
 
     def close(self) -> None:
+        if self._pending is not None:
+            self._pending.wait()  # the C reader must not be freed under a batch in flight
         if self._ptr is not None:
             ptr, self._ptr = self._ptr, None
             ffi.gc(ptr, None)  # detaches the destructor (returns None), so close runs once
@@ -502,6 +512,73 @@ class Reader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class PendingRead:
+    """A batch handed to Reader.submit. wait() blocks until its reads are done and returns their
+    results (the same ones on every call). Holds the C request array and the destination buffers
+    until then: dropping it unwaited waits in __del__, so the C side never writes into freed memory."""
+
+    def __init__(self, reader: Reader, requests: Sequence[ReadRequest], reqs, keep: list):
+        self._reader: Reader | None = reader  # None once waited for
+        self._path = reader.path
+        self._requests = requests
+        self._reqs = reqs
+        self._keep = keep
+        self._results: list[ReadResult] | None = None
+
+    def done(self) -> bool:
+        """True when wait() would not block."""
+        return self._results is not None or not self._reader.busy
+
+    def wait(self) -> list[ReadResult]:
+        """Block until every request has finished; each result says what happened to its request."""
+        if self._results is None:
+            reader, self._reader = self._reader, None
+            lib.fic_reader_wait(reader._ptr)  # releases the GIL while it blocks
+            reader._pending = None
+            self._results = _results(self._reqs, len(self._requests))
+            self._reqs = self._keep = None
+        return self._results
+
+    def wait_checked(self) -> None:
+        """As wait(), but raise ReadError naming the first failed request."""
+        _raise_first_error(self._path, self._requests, self.wait())
+
+    def __del__(self) -> None:
+        if getattr(self, "_results", True) is None:
+            self.wait()
+
+
+def _c_requests(requests: Sequence[ReadRequest]):
+    """The fic_read_req array for requests, and the cffi buffers that must outlive its use."""
+    n = len(requests)
+    reqs = ffi.new("fic_read_req[]", n) if n else ffi.NULL
+    keep = []
+    for i, rq in enumerate(requests):
+        if rq.dst.dtype != np.uint8 or not rq.dst.flags.c_contiguous or rq.dst.nbytes < rq.length:
+            raise ValueError(f"request {i}: dst must be a contiguous uint8 array of at least {rq.length} bytes")
+        buf = ffi.from_buffer("uint8_t[]", rq.dst, require_writable=True)
+        keep.append(buf)
+        c = reqs[i]
+        c.offset = rq.offset
+        c.length = rq.length
+        c.dst = buf
+        c.crc32c = rq.crc32c or 0
+        c.check_crc = 0 if rq.crc32c is None else 1
+    return reqs, keep
+
+
+def _results(reqs, n: int) -> list[ReadResult]:
+    return [ReadResult(_read_status(reqs[i].status), reqs[i].n_read, reqs[i].sys_errno) for i in range(n)]
+
+
+def _raise_first_error(path: str, requests: Sequence[ReadRequest], results: list[ReadResult]) -> None:
+    for rq, res in zip(requests, results):
+        if res.status != "ok":
+            detail = os.strerror(res.errno) if res.status == "io" else _READ_DETAIL.get(res.status, res.status)
+            raise ReadError(f"{path}: {detail} reading {rq.length} bytes at offset {rq.offset}"
+                            f" ({res.n_read} read)", res.status)
 
 
 _READ_DETAIL = {"short": "unexpected end of file", "crc": "checksum mismatch",

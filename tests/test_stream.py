@@ -598,3 +598,259 @@ def test_buffered_reads_drop_their_pages(tmp_path: Path, backend: str) -> None:
         reader.read_checked(requests)
         assert all(rq.dst[:rq.length].tobytes() == data[rq.offset:rq.offset + rq.length] for rq in requests)
     assert _resident_pages(path) == 0
+
+
+# ---- non-blocking reads: submit now, wait later ------------------------------------------------
+
+def _batch(data: bytes, rng: random.Random, n: int, direct: bool) -> list[ReadRequest]:
+    """n requests at random places (aligned when direct), every other one with its CRC from the
+    Python-read bytes, into one arena."""
+    if direct:
+        pairs, total = _aligned_requests(rng, n, len(data))
+    else:
+        pairs = []
+        for _ in range(n):
+            length = rng.randrange(1, 70_000)
+            pairs.append((rng.randrange(0, len(data) - length), length))
+        total = sum(length for _, length in pairs)
+    arena = aligned_buffer(total + ALIGN)
+    requests, pos = [], 0 if direct else 1  # buffered: destinations off alignment on purpose
+    for i, (offset, length) in enumerate(pairs):
+        crc = crc32c_bitwise(data[offset:offset + length]) if i % 2 and length < 9000 else (
+            crc32c(data[offset:offset + length]) if i % 2 else None)
+        requests.append(ReadRequest(offset, length, arena[pos:pos + length], crc))
+        pos += length
+    return requests
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("direct", [True, False])
+def test_submit_wait_equals_read_and_file(data_file, backend: str, direct: bool) -> None:
+    # 300 requests at queue depth 4: the I/O thread refills the queue 75 times over.
+    path, data = data_file
+    with _open(path, backend, queue_depth=4, n_threads=3, direct=direct) as reader:
+        assert reader.direct is direct
+        rng = random.Random(f"submit{backend}{direct}")
+        for _ in range(3):
+            requests = _batch(data, rng, 300, direct)
+            pending = reader.submit(requests)
+            results = pending.wait()
+            assert pending.done() and not reader.busy
+            assert pending.wait() is results  # collected once, the same answer after
+            for rq, res in zip(requests, results):
+                assert (res.status, res.n_read, res.errno) == ("ok", rq.length, 0)
+                assert rq.dst.tobytes() == data[rq.offset:rq.offset + rq.length]
+            again = [ReadRequest(rq.offset, rq.length, np.zeros(rq.length, dtype=np.uint8) if not direct
+                                 else aligned_buffer(rq.length), rq.crc32c) for rq in requests]
+            assert reader.read(again) == results
+            assert all(a.dst.tobytes() == rq.dst.tobytes() for a, rq in zip(again, requests))
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("direct", [True, False])
+def test_submit_errors_are_per_request(data_file, backend: str, direct: bool) -> None:
+    path, data = data_file
+    size = len(data)
+    last_block = size // ALIGN * ALIGN
+    with _open(path, backend, queue_depth=2, direct=direct) as reader:
+        good = [ReadRequest(i * ALIGN, ALIGN, aligned_buffer(ALIGN)) for i in range(5)]
+        wrong_crc = ReadRequest(0, ALIGN, aligned_buffer(ALIGN), crc32c_bitwise(data[:ALIGN]) ^ 1)
+        straddle = ReadRequest(last_block, 2 * ALIGN, aligned_buffer(2 * ALIGN))
+        past_end = ReadRequest(last_block + 4 * ALIGN, ALIGN, aligned_buffer(ALIGN))
+        batch = [good[0], wrong_crc, good[1], straddle, good[2], past_end] + good[3:]
+        results = reader.submit(batch).wait()
+        assert [(r.status, r.n_read) for r in results] == [
+            ("ok", ALIGN), ("crc", ALIGN), ("ok", ALIGN), ("short", size - last_block), ("ok", ALIGN),
+            ("short", 0), ("ok", ALIGN), ("ok", ALIGN)]
+        assert straddle.dst[:size - last_block].tobytes() == data[last_block:]
+        for rq in good:
+            assert rq.dst.tobytes() == data[rq.offset:rq.offset + ALIGN]
+        with pytest.raises(ReadError) as info:
+            reader.submit([good[0], straddle, wrong_crc]).wait_checked()
+        assert info.value.status == "short"
+        reader.submit(good).wait_checked()  # and the reader goes on
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_second_submit_is_refused_until_wait(data_file, backend: str) -> None:
+    path, data = data_file
+    with _open(path, backend) as reader:
+        first = [ReadRequest(i * ALIGN, ALIGN, aligned_buffer(ALIGN)) for i in range(64)]
+        second = [ReadRequest(0, ALIGN, aligned_buffer(ALIGN))]
+        pending = reader.submit(first)
+        # Refused whether or not the first batch's I/O is over: it has not been collected.
+        with pytest.raises(RuntimeError, match="in flight"):
+            reader.submit(second)
+        assert second[0].dst.tobytes() == bytes(ALIGN)  # the refused batch was not read
+        assert all(r.status == "ok" for r in pending.wait())
+        assert reader.submit(second).wait() == [kernels.ReadResult("ok", ALIGN, 0)]
+        assert second[0].dst.tobytes() == data[:ALIGN]
+        assert reader.submit([]).wait() == []
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_read_while_a_batch_is_submitted(data_file, backend: str) -> None:
+    # A blocking read waits for the submitted batch's I/O (not for its wait) and then runs.
+    path, data = data_file
+    with _open(path, backend, queue_depth=4) as reader:
+        rng = random.Random(11)
+        submitted, blocking = _batch(data, rng, 100, True), _batch(data, rng, 50, True)
+        pending = reader.submit(submitted)
+        assert all(r.status == "ok" for r in reader.read(blocking))
+        assert all(r.status == "ok" for r in pending.wait())
+        for rq in submitted + blocking:
+            assert rq.dst.tobytes() == data[rq.offset:rq.offset + rq.length]
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_close_with_a_batch_in_flight(data_file, backend: str) -> None:
+    path, data = data_file
+    rng = random.Random(12)
+    # Through Python: close() finishes the batch; its results stay with the PendingRead.
+    reader = _open(path, backend, queue_depth=2)
+    requests = _batch(data, rng, 200, True)
+    pending = reader.submit(requests)
+    reader.close()
+    assert all(r.status == "ok" for r in pending.wait())
+    assert all(rq.dst.tobytes() == data[rq.offset:rq.offset + rq.length] for rq in requests)
+    # Dropped unwaited, with its reader: nothing may be freed under the I/O thread.
+    reader = _open(path, backend, queue_depth=2)
+    requests = _batch(data, rng, 200, True)
+    reader.submit(requests)
+    del reader
+    import gc
+    gc.collect()
+    assert all(rq.dst.tobytes() == data[rq.offset:rq.offset + rq.length] for rq in requests)
+    # The C API alone: fic_reader_close must let the batch finish before freeing the reader.
+    ffi, lib = kernels.ffi, kernels.lib
+    out, err = ffi.new("fic_reader **"), ffi.new("int *")
+    assert lib.fic_reader_open(str(path).encode(), kernels.IO_BACKENDS[backend], 2, 2, 0, out, err) == lib.FIC_OK
+    n = 100
+    arena = aligned_buffer(n * 4 * ALIGN)
+    reqs = ffi.new("fic_read_req[]", n)
+    offsets = [ALIGN * rng.randrange(0, len(data) // ALIGN - 4) for _ in range(n)]
+    for i, off in enumerate(offsets):
+        reqs[i].offset, reqs[i].length = off, 4 * ALIGN
+        reqs[i].dst = ffi.from_buffer("uint8_t[]", arena[i * 4 * ALIGN:(i + 1) * 4 * ALIGN])
+    assert lib.fic_reader_submit(out[0], reqs, n) == lib.FIC_OK
+    lib.fic_reader_close(out[0])
+    for i, off in enumerate(offsets):
+        assert (reqs[i].status, reqs[i].n_read) == (lib.FIC_OK, 4 * ALIGN)
+        assert arena[i * 4 * ALIGN:(i + 1) * 4 * ALIGN].tobytes() == data[off:off + 4 * ALIGN]
+
+
+def test_c_api_argument_checks(data_file) -> None:
+    path, _ = data_file
+    ffi, lib = kernels.ffi, kernels.lib
+    assert lib.fic_reader_submit(ffi.NULL, ffi.NULL, 0) == lib.FIC_ERR_ARG
+    assert lib.fic_reader_wait(ffi.NULL) == lib.FIC_ERR_ARG
+    assert lib.fic_reader_busy(ffi.NULL) == 0
+    with Reader(path) as reader:
+        assert lib.fic_reader_submit(reader._ptr, ffi.NULL, 1) == lib.FIC_ERR_ARG
+        assert lib.fic_reader_submit(reader._ptr, ffi.NULL, -1) == lib.FIC_ERR_ARG
+        assert lib.fic_reader_wait(reader._ptr) == lib.FIC_OK  # nothing in flight
+        assert not reader.busy
+
+
+def test_caller_is_free_while_the_read_blocks_on_a_fifo(tmp_path: Path) -> None:
+    # Reads from a FIFO block until someone writes: the test thread writes the data itself, one
+    # 4 KiB piece at a time, after submit returned and while the batch is in flight. The batch
+    # cannot finish before the last piece exists, so it must still be in flight until then.
+    # (pread refuses pipes, ESPIPE; io_uring reads them.)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    wfd = os.open(fifo, os.O_RDWR)  # never blocks on Linux, and lets the reader's open go through
+    try:
+        with _open(fifo, "io_uring", queue_depth=1, direct=False) as reader:
+            pieces = [random.Random(13 + i).randbytes(ALIGN) for i in range(8)]
+            requests = [ReadRequest(0, ALIGN, np.zeros(ALIGN, dtype=np.uint8)) for _ in pieces]
+            pending = reader.submit(requests)
+            for piece in pieces:
+                assert not pending.done() and reader.busy
+                assert os.write(wfd, piece) == ALIGN  # atomic: a pipe write of <= PIPE_BUF bytes
+            results = pending.wait()
+            assert [(r.status, r.n_read) for r in results] == [("ok", ALIGN)] * len(pieces)
+            assert [rq.dst.tobytes() for rq in requests] == pieces  # queue depth 1: in order
+    finally:
+        os.close(wfd)
+
+
+def _userfaultfd_buffer(size: int):
+    """An anonymous mapping whose pages are missing until the test says so: any access (a
+    pread's copy, an O_DIRECT pin) blocks in the kernel. Returns (uffd, mapping, array, address),
+    or None where userfaultfd is not allowed."""
+    import mmap as mmap_mod
+    nr = {"x86_64": 323, "aarch64": 282}.get(os.uname().machine)
+    if nr is None:
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    uffd = libc.syscall(ctypes.c_long(nr), ctypes.c_long(os.O_CLOEXEC | os.O_NONBLOCK))
+    if uffd < 0:
+        return None
+    api = (ctypes.c_uint64 * 3)(0xAA, 0, 0)  # struct uffdio_api {api, features, ioctls}
+    if libc.ioctl(uffd, ctypes.c_ulong(0xC018AA3F), api) != 0:  # UFFDIO_API
+        os.close(uffd)
+        return None
+    mapping = mmap_mod.mmap(-1, size, flags=mmap_mod.MAP_PRIVATE | mmap_mod.MAP_ANONYMOUS)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
+    reg = (ctypes.c_uint64 * 4)(addr, size, 1, 0)  # {range.start, range.len, MODE_MISSING, ioctls}
+    if libc.ioctl(uffd, ctypes.c_ulong(0xC020AA00), reg) != 0:  # UFFDIO_REGISTER
+        os.close(uffd)
+        return None
+    return uffd, mapping, np.frombuffer(mapping, dtype=np.uint8), addr
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("direct", [True, False])
+def test_caller_is_free_while_the_read_blocks_on_its_destination(data_file, backend: str, direct: bool) -> None:
+    # The destination's pages are held missing by userfaultfd: the I/O thread's read blocks on
+    # them (the kernel reports the fault to the test), and cannot finish until the test lets the
+    # pages in. So submit returned, and the test ran, while the read was in progress.
+    import select
+    path, data = data_file
+    size = 64 * ALIGN
+    made = _userfaultfd_buffer(size)
+    if made is None:
+        pytest.skip("userfaultfd not allowed here")
+    uffd, mapping, dst, addr = made
+    try:
+        with _open(path, backend, direct=direct) as reader:
+            rq = ReadRequest(8 * ALIGN, size, dst, crc32c(data[8 * ALIGN:8 * ALIGN + size]))
+            pending = reader.submit([rq])
+            poller = select.poll()
+            poller.register(uffd, select.POLLIN)
+            assert poller.poll(60_000), "the read never touched its destination"
+            assert not pending.done() and reader.busy  # blocked on a page only we can supply
+            libc = ctypes.CDLL(None, use_errno=True)
+            rng = (ctypes.c_uint64 * 2)(addr, size)
+            assert libc.ioctl(uffd, ctypes.c_ulong(0x8010AA01), rng) == 0  # UFFDIO_UNREGISTER wakes it
+            assert pending.wait() == [kernels.ReadResult("ok", size, 0)]
+            assert dst.tobytes() == data[8 * ALIGN:8 * ALIGN + size]
+    finally:
+        os.close(uffd)
+        del dst
+
+
+def test_reader_harness_under_tsan(tmp_path: Path) -> None:
+    # tests/reader_harness.c: submit/wait/read/close from two threads, every backend, O_DIRECT and
+    # buffered, closes with batches in flight; under ThreadSanitizer when the compiler has it.
+    cc = shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    root = CSRC.parent
+    file = Path(__file__).resolve().parent.parent / "bench" / "out" / f"reader-harness-{os.getpid()}.bin"
+    file.parent.mkdir(parents=True, exist_ok=True)
+    for flags, iters in ((["-O1", "-g", "-fsanitize=thread"], "40"), (["-O2"], "200")):
+        exe = tmp_path / "reader_harness"
+        build = subprocess.run([cc, *flags, "-std=gnu11", "-pthread", "-Wall", "-Wextra", "-Werror",
+                                "-Wno-unused-parameter", f"-I{CSRC}", str(root / "tests" / "reader_harness.c"),
+                                str(CSRC / "stream.c"), "-o", str(exe)], capture_output=True, text=True)
+        if build.returncode != 0:
+            if "-fsanitize=thread" in flags:
+                continue  # no ThreadSanitizer in this compiler: the plain run still goes
+            pytest.fail(build.stderr)
+        env = dict(os.environ, TSAN_OPTIONS="halt_on_error=1 exitcode=66")
+        r = subprocess.run([str(exe), str(file), iters], capture_output=True, text=True, timeout=600, env=env)
+        assert r.returncode == 0 and "WARNING: ThreadSanitizer" not in r.stderr, r.stderr
+        assert "reader stress ok" in r.stdout
