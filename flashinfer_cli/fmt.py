@@ -415,22 +415,6 @@ class Bundle:
     data: np.ndarray | None = field(default=None, repr=False, compare=False)
 
 
-class _ThreadRead:
-    """Submit-now-wait-later over a blocking Reader (a C call releases the GIL)."""
-
-    _pool = None
-
-    def __init__(self, reader, reqs):
-        import concurrent.futures
-
-        if _ThreadRead._pool is None:
-            _ThreadRead._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fic-read")
-        self._future = _ThreadRead._pool.submit(reader.read, reqs)
-
-    def wait(self):
-        return self._future.result()
-
-
 class PendingBundles:
     """A batch of bundle reads in flight (ModelReader.submit_bundles)."""
 
@@ -604,9 +588,7 @@ class ModelReader:
             raise ValueError("one destination per bundle")
         entries = [self.entry(l, e) for l, e in keys]
         reqs = [kernels.ReadRequest(e.offset, e.padded_length, dst, e.crc32c) for e, dst in zip(entries, dsts)]
-        submit = getattr(self._reader, "submit", None)
-        pending = submit(reqs) if submit is not None else _ThreadRead(self._reader, reqs)
-        return PendingBundles(self, list(keys), entries, list(dsts), pending)
+        return PendingBundles(self, list(keys), entries, list(dsts), self._reader.submit(reqs))
 
     def _check_results(self, keys, entries, results) -> None:
         for (l, x), e, res in zip(keys, entries, results):

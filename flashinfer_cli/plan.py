@@ -26,7 +26,8 @@ ENGINE_OVERHEAD_BYTES = 4 * MiB
 READER_BYTES = 1 * MiB            # io_uring rings and request arrays (queue depth 32)
 RING_TARGET_BYTES = 2 * MiB       # a streaming read of about this size keeps the disk busy
 PREFILL_CHUNK_MAX = 512
-TOKENIZER_FACTOR = 6              # resident bytes of a loaded tokenizer per byte of tokenizer.json (measured)
+TOKENIZER_FACTOR = 20             # resident bytes of a loaded tokenizer per byte of tokenizer.json (measured: 17)
+TOKENIZER_IMPORT_BYTES = 12 * MiB  # the tokenizers and jinja2 libraries themselves (measured: 10.6 MiB)
 
 
 class BudgetError(ValueError):
@@ -146,7 +147,7 @@ class MemoryPlan:
 
     @property
     def arena_bytes(self) -> int:
-        return self.n_slots * self.slot_bytes
+        return huge_round(self.n_slots * self.slot_bytes)
 
     @property
     def fixed_bytes(self) -> int:
@@ -200,6 +201,11 @@ class MemoryPlan:
         return out
 
 
+def huge_round(n: int) -> int:
+    """Bytes a huge-page buffer of n bytes becomes resident as (whole 2 MiB pages)."""
+    return -(-n // HUGE_PAGE) * HUGE_PAGE
+
+
 def kv_bytes(shape: ModelShape, ctx: int) -> int:
     return 2 * shape.n_layers * ctx * shape.n_kv_heads * shape.head_dim * 2  # k and v, fp16
 
@@ -216,11 +222,11 @@ def scratch_bytes(shape: ModelShape, chunk: int, ctx: int) -> int:
 
 def _fixed_parts(shape: ModelShape, req: PlanRequest, chunk: int) -> dict[str, int]:
     return {
-        "dense block": shape.dense_bytes,
+        "dense block": huge_round(shape.dense_bytes),
         "kv cache": kv_bytes(shape, req.ctx),
         "scratch": scratch_bytes(shape, chunk, req.ctx),
         "reader": READER_BYTES,
-        "tokenizer": TOKENIZER_FACTOR * req.tokenizer_file_bytes,
+        "tokenizer": TOKENIZER_IMPORT_BYTES + TOKENIZER_FACTOR * req.tokenizer_file_bytes,
         "engine": ENGINE_OVERHEAD_BYTES,
     }
 
@@ -256,7 +262,7 @@ def make_plan(shape: ModelShape, req: PlanRequest) -> MemoryPlan:
     ctx = req.ctx
     chunk = PREFILL_CHUNK_MAX
     parts = _fixed_parts(shape, req, chunk)
-    everything = sum(parts.values()) + shape.n_experts * shape.slot_bytes
+    everything = sum(parts.values()) + huge_round(shape.n_experts * shape.slot_bytes)
     k_req = _active_count(shape, req.active) if req.active is not None else None
     e_max = shape.max_experts_per_layer
     prune_asked = req.mode == "prune" and k_req is not None
@@ -272,9 +278,7 @@ def make_plan(shape: ModelShape, req: PlanRequest) -> MemoryPlan:
     parts = _fixed_parts(shape, req, chunk)
     fixed = sum(parts.values())
     min_ring = 2
-    min_arena = (min_ring + (shape.n_layers if req.mode == "prune" else 0)) * shape.slot_bytes
-    if req.mode == "prune" and k_req is not None:
-        min_arena = (min_ring + shape.n_layers * k_req) * shape.slot_bytes
+    min_arena = huge_round((min_ring + (shape.n_layers if req.mode == "prune" else 0)) * shape.slot_bytes)
     if fixed + min_arena > req.mem:
         need = fixed + min_arena
         hint = ""
@@ -282,17 +286,19 @@ def make_plan(shape: ModelShape, req: PlanRequest) -> MemoryPlan:
             smaller = max(256, ctx // 4)
             hint = f", or a smaller --ctx (the KV cache of {ctx} tokens takes {human(parts['kv cache'])}; --ctx {smaller}"\
                    f" needs {human(need - parts['kv cache'] + kv_bytes(shape, smaller) - parts['scratch'] + scratch_bytes(shape, chunk, smaller))})"
-        what = f"{k_req} experts per layer" if prune_asked else "the smallest arena"
+        what = "one expert per layer" if req.mode == "prune" else "the smallest arena"
         raise BudgetError(f"--mem {human(req.mem)} cannot hold the dense block, KV cache, scratch and {what}: "
                           f"the smallest budget that works is {human(need)} (--mem {math.ceil(need / MiB)}M){hint}")
-    n_slots = min(shape.n_experts, (req.mem - fixed) // shape.slot_bytes)
+    n_slots = min(shape.n_experts, (req.mem - fixed) // HUGE_PAGE * HUGE_PAGE // shape.slot_bytes)
     n_ring = min(ring_slots(shape, n_slots), n_slots)
     pinned = n_slots - n_ring
     k_fit = max_prune_active(shape, pinned)
     if req.mode == "prune":
         if k_req is not None and k_req > k_fit:
+            need = fixed + huge_round((n_ring + shape.n_layers * k_req) * shape.slot_bytes)
             raise BudgetError(f"--active {k_req / e_max:.2f} ({k_req} of {e_max} experts per layer) does not fit "
-                              f"--mem {human(req.mem)}: at most {k_fit} ({k_fit / e_max:.2f}) fits")
+                              f"--mem {human(req.mem)}: at most {k_fit} ({k_fit / e_max:.2f}) fits; "
+                              f"--active {k_req / e_max:.2f} needs --mem {math.ceil(need / MiB)}M")
         k = k_req if k_req is not None else k_fit
         if k < 1:
             raise BudgetError(f"--mem {human(req.mem)} leaves no room for one expert per layer in prune mode")

@@ -396,15 +396,18 @@ class Tokenizer:
         from tokenizers import Tokenizer as HFTokenizer
 
         self._hf = HFTokenizer.from_str(tokenizer_json)
-        doc = json.loads(tokenizer_json)
+        # from the loaded tokenizer, not json.loads of the document: that would hold the whole
+        # vocabulary twice more, as Python objects, at the engine's peak memory
+        added = self._hf.get_added_tokens_decoder()
+        decoder = self._hf.decoder
         self.bos_id = bos_id
         self.eos_ids = list(eos_ids)
         self.add_bos = bool(add_bos)
         self.chat_template = chat_template
         self.vocab_size = self._hf.get_vocab_size(with_added_tokens=True)
-        self._special = {t["id"] for t in doc.get("added_tokens", []) if t.get("special")}
-        self._added = {t["id"]: t["content"] for t in doc.get("added_tokens", [])}
-        self._byte_level = _is_byte_level(doc.get("decoder"))
+        self._special = {i for i, t in added.items() if t.special}
+        self._added = {i: t.content for i, t in added.items()}
+        self._byte_level = _is_byte_level(json.loads(decoder.__getstate__()) if decoder is not None else None)
         self._bytes: list[bytes] | None = self._byte_table() if self._byte_level else None
         self._template = None
 

@@ -242,41 +242,25 @@ def test_permuted_neurons_match_transformers(checkpoints, tmp_path):
     assert rel(decode_logits(m, IDS, 30), ref) < 1e-4
 
 
-def test_ffn_follows_the_providers_set(checkpoints, tmp_path_factory):
-    """A layer's FFN runs what its provider holds now: its ExpertSet is rebuilt when (and only when)
-    the provider's version of that layer changes, and other layers keep theirs."""
-    from flashinfer_cli.model import AllResident
-
-    class Swappable(AllResident):
-        def __init__(self, reader):
-            super().__init__(reader)
-            self.full = [list(pairs) for pairs in self._by_layer]
-            self.versions = [0] * len(self._by_layer)
-
-        def version(self, layer):
-            return self.versions[layer]
-
-        def keep(self, layer, experts):
-            self._by_layer[layer] = [(e, b) for e, b in self.full[layer] if e in experts]
-            self.versions[layer] += 1
-
+def test_ffn_follows_the_active_sets(checkpoints, tmp_path_factory):
+    """A layer's FFN runs the runner's active set for that layer as it is now (prune mode), and the
+    other layers keep theirs; all experts again gives the full model back."""
     src, _ = checkpoints["llama"]
     tmp = tmp_path_factory.mktemp("fic")
     fic_model(src, "f32", tmp).close()
-    m = Model(tmp / f"{src.name}-f32-columns", ctx=128, provider_factory=Swappable)
-    provider = m.provider
+    m = Model(tmp / f"{src.name}-f32-columns", ctx=128)
     full = m.forward(IDS, all_logits=True)
-    sets = [f.expert_set() for f in m.ffn]
-    assert len(sets[0]) == len(provider.full[0]) > 1
+    n0 = len(m.arena.experts(0))
+    assert n0 > 1
 
-    provider.keep(0, {0})
+    m.runner.prune, m.full = True, False
+    m.runner.active = [None] * m.config.n_layers
+    m.runner.active[0] = np.array([0])
     m.reset()
     pruned = m.forward(IDS, all_logits=True)
-    assert len(m.ffn[0].expert_set()) == 1 and m.ffn[0].expert_set() is not sets[0]
-    assert all(f.expert_set() is s for f, s in zip(m.ffn[1:], sets[1:]))
     assert rel(pruned, full) > 1e-3  # the dropped experts really are gone
     assert rel(decode_logits(m, IDS, 20), pruned) < 1e-5  # decode runs the same set as prefill
 
-    provider.keep(0, set(range(len(provider.full[0]))))
+    m.runner.active[0] = np.arange(n0)
     m.reset()
     assert rel(m.forward(IDS, all_logits=True), full) < 1e-6
