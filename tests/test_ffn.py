@@ -320,12 +320,15 @@ def test_c_core_rejects_bad_arguments():
     x = ffi.from_buffer("float[]", case.x)
     y = ffi.from_buffer("float[]", case.y0.copy())
     scratch = ffi.new("float[]", 96)
+    ws_arr = K.aligned_buffer(1 << 16)
+    ws = ffi.from_buffer("uint8_t[]", ws_arr)
     ok = {"d_model": D_MODEL, "gate_fmt": lib.FIC_Q8_0, "up_fmt": lib.FIC_Q8_0, "down_fmt": lib.FIC_Q8_0,
           "down_rows": 0}
 
-    def call(layout=ok, impl=lib.FIC_IMPL_REF, b=bundles, nn=n, ne=2, xx=x, yy=y, t=1, s=scratch, sf=96):
+    def call(layout=ok, impl=lib.FIC_IMPL_REF, b=bundles, nn=n, ne=2, xx=x, yy=y, t=1, s=scratch, sf=96, w=ws,
+             wb=ws_arr.nbytes):
         lay = ffi.new("fic_expert_layout *", layout) if layout is not None else ffi.NULL
-        return lib.fic_experts_ffn(ffi.NULL, impl, lay, b, nn, ne, ffi.NULL, xx, yy, t, s, sf)
+        return lib.fic_experts_ffn(ffi.NULL, impl, lay, b, nn, ne, ffi.NULL, xx, yy, t, s, sf, w, wb)
 
     assert call() == lib.FIC_OK
     assert call(layout=None) == lib.FIC_ERR_ARG
@@ -344,7 +347,30 @@ def test_c_core_rejects_bad_arguments():
     assert call(t=0) == lib.FIC_ERR_ARG
     assert call(s=ffi.NULL) == lib.FIC_ERR_ARG
     assert call(sf=95) == lib.FIC_ERR_ARG
-    assert call(ne=0, b=ffi.NULL, nn=ffi.NULL, s=ffi.NULL, sf=0) == lib.FIC_OK
+    assert call(w=ws + 8) == lib.FIC_ERR_ARG        # workspace not 64-byte aligned
+    assert call(w=ffi.NULL) == lib.FIC_ERR_ARG      # NULL with bytes
+    assert call(w=ffi.NULL, wb=0) == lib.FIC_ERR_WORKSPACE
+    assert call(wb=64) == lib.FIC_ERR_WORKSPACE
+    assert call(wb=-64) == lib.FIC_ERR_ARG
+    assert call(ne=0, b=ffi.NULL, nn=ffi.NULL, s=ffi.NULL, sf=0, w=ffi.NULL, wb=0) == lib.FIC_OK
+
+    arena_arr = np.concatenate(case.bundles)
+    arena = ffi.from_buffer("uint8_t[]", arena_arr)
+    slots = ffi.new("int32_t[]", [0, 1])
+
+    def call_slots(ar=arena, sb=case.bundles[0].nbytes, sl=slots, ne=2, w=ws, wb=ws_arr.nbytes, t=1):
+        lay = ffi.new("fic_expert_layout *", ok)
+        return lib.fic_experts_ffn_slots(ffi.NULL, lib.FIC_IMPL_REF, lay, ar, sb, sl, n, ne, ffi.NULL, x, y, t,
+                                         scratch, 96, w, wb)
+
+    assert call_slots() == lib.FIC_OK
+    assert call_slots(ar=ffi.NULL) == lib.FIC_ERR_ARG
+    assert call_slots(sl=ffi.NULL) == lib.FIC_ERR_ARG
+    assert call_slots(sl=ffi.new("int32_t[]", [0, -1])) == lib.FIC_ERR_ARG
+    assert call_slots(sb=0) == lib.FIC_ERR_ARG
+    assert call_slots(w=ws + 32) == lib.FIC_ERR_ARG
+    assert call_slots(wb=128) == lib.FIC_ERR_WORKSPACE
+    assert call_slots(ne=0, ar=ffi.NULL, sl=ffi.NULL, w=ffi.NULL, wb=0) == lib.FIC_OK
 
 
 @pytest.mark.parametrize("impl", [i for i in ("avx2", "avx512", "neon") if i not in IMPLS])
@@ -422,11 +448,13 @@ int main(void) {
                 }
         }
         float y1[T * D], y2[T * D], scratch[T * 512];
+        int64_t nws = fic_workspace_bytes(1, T, D, E, 512);
+        void *ws = aligned_alloc(64, (size_t)nws);
         for (int i = 0; i < T * D; i++) y1[i] = y2[i] = rnd(&s);
         for (int i = 0; i < t * D; i++) mag[i] += fabs(y1[i]);
-        int a = fic_experts_ffn(NULL, FIC_IMPL_REF, &lay, (const uint8_t *const *)bundles, ns, E, coef, x, y1, t, scratch, T * 512);
-        int b = fic_experts_ffn(NULL, FIC_IMPL_NEON, &lay, (const uint8_t *const *)bundles, ns, E, coef, x, y2, t, scratch, T * 512);
-        if (a != FIC_OK || b != FIC_OK) { printf("status %d %d\n", a, b); bad = 1; }
+        int a = fic_experts_ffn(NULL, FIC_IMPL_REF, &lay, (const uint8_t *const *)bundles, ns, E, coef, x, y1, t, scratch, T * 512, ws, nws);
+        int b = fic_experts_ffn(NULL, FIC_IMPL_NEON, &lay, (const uint8_t *const *)bundles, ns, E, coef, x, y2, t, scratch, T * 512, ws, nws);
+        if (a != FIC_OK || b != FIC_OK || ws == NULL) { printf("status %d %d\n", a, b); bad = 1; }
         for (int i = 0; i < t * D; i++)
             if (fabs((double)y1[i] - y2[i]) > 4.0 * (512 + D) * 5.97e-8 * mag[i] + 1e-30) {
                 printf("set %zu rows %d t %d: out %d ref %g neon %g\n", si, rows, t, i, y1[i], y2[i]);
@@ -434,6 +462,7 @@ int main(void) {
                 break;
             }
         for (int e = 0; e < E; e++) free(bundles[e]);
+        free(ws);
     }
     puts(bad ? "FAIL" : "OK");
     return bad;

@@ -278,19 +278,21 @@ def test_c_core_rejects_bad_shapes_and_pointers():
     w = ffi.new("uint8_t[]", 4 * 18)
     x = ffi.new("float[]", 64)
     y = ffi.new("float[]", 8)
+    ws_arr = K.aligned_buffer(1 << 20)
+    ws, nws = ffi.from_buffer("uint8_t[]", ws_arr), ws_arr.nbytes
     q4, auto = lib.FIC_Q4_0, lib.FIC_IMPL_AUTO
-    assert lib.fic_matvec(ffi.NULL, auto, q4, w, x, y, 2, 64) == lib.FIC_OK
-    assert lib.fic_matvec(ffi.NULL, auto, q4, w, x, y, 2, 48) == lib.FIC_ERR_ARG  # k % 32
-    assert lib.fic_matvec(ffi.NULL, auto, q4, w, x, y, 0, 64) == lib.FIC_ERR_ARG
-    assert lib.fic_matvec(ffi.NULL, auto, q4, w, x, y, 2, 0) == lib.FIC_ERR_ARG
-    assert lib.fic_matvec(ffi.NULL, auto, q4, ffi.NULL, x, y, 2, 64) == lib.FIC_ERR_ARG
-    assert lib.fic_matvec(ffi.NULL, auto, q4, w, ffi.NULL, y, 2, 64) == lib.FIC_ERR_ARG
-    assert lib.fic_matvec(ffi.NULL, auto, 99, w, x, y, 2, 64) == lib.FIC_ERR_ARG
-    assert lib.fic_matvec(ffi.NULL, 42, q4, w, x, y, 2, 64) == lib.FIC_ERR_ARG
-    assert lib.fic_matmul(ffi.NULL, auto, q4, w, x, y, 0, 2, 32) == lib.FIC_ERR_ARG
-    assert lib.fic_matmul(ffi.NULL, auto, q4, w, x, ffi.NULL, 1, 2, 32) == lib.FIC_ERR_ARG
-    assert lib.fic_accum_rows(ffi.NULL, auto, q4, w, ffi.NULL, y, 2, 32) == lib.FIC_ERR_ARG
-    assert lib.fic_accum_rows(ffi.NULL, auto, lib.FIC_Q1_0, w, x, y, 1, 64) == lib.FIC_ERR_ARG
+    assert lib.fic_matvec(ffi.NULL, auto, q4, w, x, y, 2, 64, ws, nws) == lib.FIC_OK
+    assert lib.fic_matvec(ffi.NULL, auto, q4, w, x, y, 2, 48, ws, nws) == lib.FIC_ERR_ARG  # k % 32
+    assert lib.fic_matvec(ffi.NULL, auto, q4, w, x, y, 0, 64, ws, nws) == lib.FIC_ERR_ARG
+    assert lib.fic_matvec(ffi.NULL, auto, q4, w, x, y, 2, 0, ws, nws) == lib.FIC_ERR_ARG
+    assert lib.fic_matvec(ffi.NULL, auto, q4, ffi.NULL, x, y, 2, 64, ws, nws) == lib.FIC_ERR_ARG
+    assert lib.fic_matvec(ffi.NULL, auto, q4, w, ffi.NULL, y, 2, 64, ws, nws) == lib.FIC_ERR_ARG
+    assert lib.fic_matvec(ffi.NULL, auto, 99, w, x, y, 2, 64, ws, nws) == lib.FIC_ERR_ARG
+    assert lib.fic_matvec(ffi.NULL, 42, q4, w, x, y, 2, 64, ws, nws) == lib.FIC_ERR_ARG
+    assert lib.fic_matmul(ffi.NULL, auto, q4, w, x, y, 0, 2, 32, ws, nws) == lib.FIC_ERR_ARG
+    assert lib.fic_matmul(ffi.NULL, auto, q4, w, x, ffi.NULL, 1, 2, 32, ws, nws) == lib.FIC_ERR_ARG
+    assert lib.fic_accum_rows(ffi.NULL, auto, q4, w, ffi.NULL, y, 2, 32, ws, nws) == lib.FIC_ERR_ARG
+    assert lib.fic_accum_rows(ffi.NULL, auto, lib.FIC_Q1_0, w, x, y, 1, 64, ws, nws) == lib.FIC_ERR_ARG
     assert lib.fic_pool_create(0, ffi.new("fic_pool **")) == lib.FIC_ERR_ARG
 
 
@@ -299,8 +301,10 @@ def test_null_pool_runs_on_calling_thread():
     qt, wd, rng = make("q8_0", 9, 64, seed=2)
     x = rng.standard_normal(64, dtype=np.float32)
     y = np.empty(9, np.float32)
+    ws = K.aligned_buffer(lib.fic_workspace_bytes(1, 1, 64, 0, 0))
     st = lib.fic_matvec(ffi.NULL, lib.FIC_IMPL_AUTO, lib.FIC_Q8_0, ffi.from_buffer("uint8_t[]", qt.data),
-                        ffi.from_buffer("float[]", x), ffi.from_buffer("float[]", y), 9, 64)
+                        ffi.from_buffer("float[]", x), ffi.from_buffer("float[]", y), 9, 64,
+                        ffi.from_buffer("uint8_t[]", ws), ws.nbytes)
     assert st == lib.FIC_OK
     assert_within(y, wd @ x, dot_bound(wd, x))
 
@@ -414,6 +418,8 @@ NEON_CHECK_C = r"""
 
 static float rnd(unsigned *s) { *s = *s * 1103515245u + 12345u; return ((*s >> 8) & 0xffff) / 32768.0f - 1.0f; }
 
+#define CHK(call) do { if ((call) != FIC_OK) { printf("status: %s, fmt %d\n", #call, fmt); bad = 1; } } while (0)
+
 static int close_enough(const float *a, const float *b, const double *mag, int64_t n, int64_t k) {
     for (int64_t i = 0; i < n; i++)
         if (fabs((double)a[i] - b[i]) > 4.0 * k * 5.97e-8 * mag[i] + 1e-30) return 0;
@@ -427,6 +433,8 @@ int main(void) {
     float *y1 = malloc(t * m * 4), *y2 = malloc(t * m * 4), *a1 = malloc(k * 4), *a2 = malloc(k * 4);
     double *mag = malloc(t * m * 8), *amag = malloc(k * 8);
     uint8_t *q = malloc(m * k * 4);
+    int64_t nws = fic_workspace_bytes(1, t, k, 0, 0);
+    void *ws = aligned_alloc(64, (size_t)nws);
     int bad = 0;
     if (!fic_impl_available(FIC_IMPL_NEON) || fic_impl_best() != FIC_IMPL_NEON) { puts("neon unavailable"); return 1; }
     for (int64_t i = 0; i < m * k; i++) w[i] = rnd(&s);
@@ -445,15 +453,15 @@ int main(void) {
             for (int64_t r = 0; r < m; r++) acc += fabs((double)wd[r * k + i] * x[r]);
             amag[i] = acc;
         }
-        fic_matvec(NULL, FIC_IMPL_REF, fmt, q, x, y1, m, k);
-        fic_matvec(NULL, FIC_IMPL_NEON, fmt, q, x, y2, m, k);
+        CHK(fic_matvec(NULL, FIC_IMPL_REF, fmt, q, x, y1, m, k, ws, nws));
+        CHK(fic_matvec(NULL, FIC_IMPL_NEON, fmt, q, x, y2, m, k, ws, nws));
         if (!close_enough(y1, y2, mag, m, k)) { printf("matvec fmt %d\n", fmt); bad = 1; }
-        fic_matmul(NULL, FIC_IMPL_REF, fmt, q, x, y1, t, m, k);
-        fic_matmul(NULL, FIC_IMPL_NEON, fmt, q, x, y2, t, m, k);
+        CHK(fic_matmul(NULL, FIC_IMPL_REF, fmt, q, x, y1, t, m, k, ws, nws));
+        CHK(fic_matmul(NULL, FIC_IMPL_NEON, fmt, q, x, y2, t, m, k, ws, nws));
         if (!close_enough(y1, y2, mag, t * m, k)) { printf("matmul fmt %d\n", fmt); bad = 1; }
         for (int64_t i = 0; i < k; i++) a1[i] = a2[i] = 0.0f;
-        fic_accum_rows(NULL, FIC_IMPL_REF, fmt, q, x, a1, m, k);
-        fic_accum_rows(NULL, FIC_IMPL_NEON, fmt, q, x, a2, m, k);
+        CHK(fic_accum_rows(NULL, FIC_IMPL_REF, fmt, q, x, a1, m, k, ws, nws));
+        CHK(fic_accum_rows(NULL, FIC_IMPL_NEON, fmt, q, x, a2, m, k, ws, nws));
         if (!close_enough(a1, a2, amag, k, m)) { printf("accum_rows fmt %d\n", fmt); bad = 1; }
     }
     puts(bad ? "FAIL" : "OK");
