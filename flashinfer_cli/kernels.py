@@ -247,7 +247,7 @@ class _Workspace:
 
     Sized for maxima (t, k, experts, neurons) and the pool's thread count. A call beyond the
     maxima raises them; when that needs more bytes the buffer is replaced and `grows` counted.
-    Kernel calls hold `lock` while C uses the buffer (cffi releases the GIL)."""
+    Kernel calls hold `lock` while C uses the buffer (cffi releases the GIL; see _ws_acquire)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -302,6 +302,21 @@ class _Workspace:
 _WS = _Workspace()
 
 
+def _ws_acquire(n_threads: int, t: int, k: int, experts: int, neurons: int):
+    """(pointer, bytes, held) of a workspace for one kernel call: the process's one, its lock
+    held (release it after the call), or, when another Python thread is inside a kernel with it,
+    a private one for this call only, so concurrent callers still run concurrently."""
+    if _WS.lock.acquire(blocking=False):
+        try:
+            ptr, n_bytes = _WS.ensure(n_threads, t, k, experts, neurons)
+        except BaseException:
+            _WS.lock.release()
+            raise
+        return ptr, n_bytes, True
+    n_bytes = _WS._size(n_threads, (t, k, experts, neurons))
+    return (ffi.from_buffer("uint8_t[]", aligned_buffer(n_bytes)) if n_bytes else ffi.NULL), n_bytes, False
+
+
 def reserve_workspace(*, max_t: int, max_k: int, max_experts: int = 0, max_neurons: int = 0) -> int:
     """Size the process's kernel workspace once for every call within these maxima, at the
     pool's thread count (re-reserved by set_threads); returns its bytes. max_t: tokens per call;
@@ -352,10 +367,13 @@ def matvec(qt: QTensor, x: np.ndarray, *, impl: str = "auto", out: np.ndarray | 
     x = _f32_vector(x, k, "x")
     y = np.empty(m, dtype=np.float32) if out is None else _f32_vector(out, m, "out")
     pool = _POOL.get()
-    with _WS.lock:
-        ws, ws_bytes = _WS.ensure(_POOL._n_threads, 1, k, 0, 0)
+    ws, ws_bytes, held = _ws_acquire(_POOL._n_threads, 1, k, 0, 0)
+    try:
         status = lib.fic_matvec(pool, _impl_id(impl), _fmt_id(qt.fmt), _u8(qt.data), _f32(x), _f32(y), m, k,
                                 ws, ws_bytes)
+    finally:
+        if held:
+            _WS.lock.release()
     _check(status, f"matvec {qt.fmt} {impl}")
     return y
 
@@ -369,10 +387,13 @@ def matmul(qt: QTensor, x: np.ndarray, *, impl: str = "auto") -> np.ndarray:
     t = x.shape[0]
     y = np.empty((t, m), dtype=np.float32)
     pool = _POOL.get()
-    with _WS.lock:
-        ws, ws_bytes = _WS.ensure(_POOL._n_threads, 1, k, 0, 0)  # the tiles do not depend on t
+    ws, ws_bytes, held = _ws_acquire(_POOL._n_threads, 1, k, 0, 0)  # the tiles do not depend on t
+    try:
         status = lib.fic_matmul(pool, _impl_id(impl), _fmt_id(qt.fmt), _u8(qt.data), _f32(x), _f32(y), t, m, k,
                                 ws, ws_bytes)
+    finally:
+        if held:
+            _WS.lock.release()
     _check(status, f"matmul {qt.fmt} {impl}")
     return y
 
@@ -468,10 +489,13 @@ class ExpertSet:
         else:
             _check_scratch(scratch, need)
         pool = _POOL.get()
-        with _WS.lock:
-            ws, ws_bytes = _WS.ensure(_POOL._n_threads, t, self.d_model, len(self), self.n_total)
+        ws, ws_bytes, held = _ws_acquire(_POOL._n_threads, t, self.d_model, len(self), self.n_total)
+        try:
             status = lib.fic_experts_ffn(pool, _impl_id(impl), self._layout, self._bundles, self._n, len(self),
                                          coef_ptr, _f32(x), _f32(y), t, _f32(scratch), scratch.size, ws, ws_bytes)
+        finally:
+            if held:
+                _WS.lock.release()
         _check(status, f"experts_ffn {'/'.join(self.formats)} {self.down_layout} {impl}")
         return y
 
@@ -578,12 +602,15 @@ def experts_ffn_slots(layout, arena: np.ndarray, slot_bytes: int, slots: np.ndar
     else:
         _check_scratch(scratch, need)
     pool = _POOL.get()
-    with _WS.lock:
-        ws, ws_bytes = _WS.ensure(_POOL._n_threads, t, lay.d_model, n_experts, n_total)
+    ws, ws_bytes, held = _ws_acquire(_POOL._n_threads, t, lay.d_model, n_experts, n_total)
+    try:
         status = lib.fic_experts_ffn_slots(pool, _impl_id(impl), lay.c, _u8(arena), slot_bytes,
                                            ffi.from_buffer("int32_t[]", slots), ffi.from_buffer("int32_t[]", n_neurons),
                                            n_experts, coef_ptr, _f32(x), _f32(y), t, _f32(scratch), scratch.size,
                                            ws, ws_bytes)
+    finally:
+        if held:
+            _WS.lock.release()
     _check(status, f"experts_ffn_slots {lay.name} {impl}")
     return y
 
