@@ -547,6 +547,9 @@ class _SlotLayout:
             self.down_per_neuron, self.down_bw = d_model * block_bytes(down), block_weights(down)
         self.name = f"{gate}/{up}/{down} {down_layout}"
 
+    def bundle_bytes(self, n: int) -> int:
+        return n * self.gate_up_row + (n // self.down_bw) * self.down_per_neuron
+
 
 _SLOT_LAYOUTS: dict[tuple, _SlotLayout] = {}
 _SLOTS_SCRATCH = [np.empty(0, dtype=np.float32)]  # experts_ffn_slots' default scratch
@@ -566,8 +569,10 @@ def experts_ffn_slots(layout, arena: np.ndarray, slot_bytes: int, slots: np.ndar
 
     layout: anything with d_model, gate_fmt, up_fmt, down_fmt, down_layout (fmt.ExpertLayout),
     or that 5-tuple. arena: the whole arena, a 1-D uint8 array; slots, n_neurons: int32 (E,).
-    On return scratch (default: a process-wide one) holds h: expert e's t x n_e block starts
-    at t * (n_0 + ... + n_{e-1}), h = coef * silu(gate x) * (up x). Returns y."""
+    Per call: two maxima and a sum over the int32 arrays, no per-expert Python loop. On return
+    scratch (default: a process-wide one, not for concurrent callers) holds h: expert e's
+    t x n_e block starts at t * (n_0 + ... + n_{e-1}), h = coef * silu(gate x) * (up x).
+    Returns y."""
     key = layout if isinstance(layout, tuple) else (
         layout.d_model, layout.gate_fmt, layout.up_fmt, layout.down_fmt, layout.down_layout)
     lay = _SLOT_LAYOUTS.get(key)
@@ -586,14 +591,19 @@ def experts_ffn_slots(layout, arena: np.ndarray, slot_bytes: int, slots: np.ndar
     x, t, coef_ptr = _ffn_io(x, y, coef, lay.d_model, n_experts)
     n_total = 0
     if n_experts:
-        n64 = n_neurons.astype(np.int64)
-        ends = slots.astype(np.int64) * slot_bytes + n64 * lay.gate_up_row
-        ends += (n64 // lay.down_bw) * lay.down_per_neuron
-        if slots.min() < 0 or ends.max() > arena.nbytes:
-            bad = int(np.argmax((slots < 0) | (ends > arena.nbytes)))
-            raise ValueError(f"expert {bad}: slot {slots[bad]} of {slot_bytes} bytes with {n_neurons[bad]} neurons"
-                             f" lies outside the {arena.nbytes}-byte arena")
-        n_total = int(n64.sum())
+        # bundle e ends at slots[e] * slot_bytes + bytes(n_e); bytes() grows with n, so the top
+        # slot plus the largest expert bounds them all (a negative slot the C core rejects)
+        n_max = int(np.maximum.reduce(n_neurons))
+        if int(np.maximum.reduce(slots)) * slot_bytes + lay.bundle_bytes(n_max) > arena.nbytes:
+            n64 = n_neurons.astype(np.int64)
+            ends = slots.astype(np.int64) * slot_bytes + n64 * lay.gate_up_row
+            ends += (n64 // lay.down_bw) * lay.down_per_neuron
+            bad = np.flatnonzero(ends > arena.nbytes)
+            if bad.size:
+                e = int(bad[0])
+                raise ValueError(f"expert {e}: slot {slots[e]} of {slot_bytes} bytes with {n_neurons[e]} neurons"
+                                 f" lies outside the {arena.nbytes}-byte arena")
+        n_total = int(np.add.reduce(n_neurons))  # int64 (add reductions upcast int32)
     need = t * n_total
     if scratch is None:
         scratch = _SLOTS_SCRATCH[0]
