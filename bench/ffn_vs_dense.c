@@ -71,25 +71,29 @@ int main(int argc, char **argv) {
     float *x = malloc((size_t)t * d * 4), *y = calloc((size_t)t * d, 4), *scratch = malloc((size_t)t * ff * 4);
     float *g = malloc((size_t)t * ff * 4), *u = malloc((size_t)t * ff * 4);
     for (int i = 0; i < t * d; i++) x[i] = rnd(&s);
+    /* one workspace for every call below (the kernels never allocate) */
+    const int64_t nws = fic_workspace_bytes(threads, t, d > ff ? d : ff, n_exp, ff);
+    void *ws = nws > 0 ? aligned_alloc(64, (size_t)nws) : NULL;
+    if (nws < 0 || ws == NULL) return 1;
     double best_ffn = 1e9, best_dense = 1e9;
     for (int r = 0; r < rounds; r++) {
         double t0 = now();
         for (int l = 0; l < n_layers; l++)
             if (fic_experts_ffn(pool, FIC_IMPL_AUTO, &lay, (const uint8_t *const *)bundles[l], ns, n_exp, NULL, x, y,
-                                t, scratch, (int64_t)t * ff) != FIC_OK)
+                                t, scratch, (int64_t)t * ff, ws, nws) != FIC_OK)
                 return 1;
         double t1 = now();
         for (int l = 0; l < n_layers; l++) {
             if (t == 1) {
-                fic_matvec(pool, FIC_IMPL_AUTO, fmt, dg[l], x, g, ff, d);
-                fic_matvec(pool, FIC_IMPL_AUTO, fmt, du[l], x, u, ff, d);
+                fic_matvec(pool, FIC_IMPL_AUTO, fmt, dg[l], x, g, ff, d, ws, nws);
+                fic_matvec(pool, FIC_IMPL_AUTO, fmt, du[l], x, u, ff, d, ws, nws);
             } else {
-                fic_matmul(pool, FIC_IMPL_AUTO, fmt, dg[l], x, g, t, ff, d);
-                fic_matmul(pool, FIC_IMPL_AUTO, fmt, du[l], x, u, t, ff, d);
+                fic_matmul(pool, FIC_IMPL_AUTO, fmt, dg[l], x, g, t, ff, d, ws, nws);
+                fic_matmul(pool, FIC_IMPL_AUTO, fmt, du[l], x, u, t, ff, d, ws, nws);
             }
             for (int i = 0; i < t * ff; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-            if (t == 1) fic_matvec(pool, FIC_IMPL_AUTO, fmt, dd[l], g, y, d, ff);
-            else fic_matmul(pool, FIC_IMPL_AUTO, fmt, dd[l], g, y, t, d, ff);
+            if (t == 1) fic_matvec(pool, FIC_IMPL_AUTO, fmt, dd[l], g, y, d, ff, ws, nws);
+            else fic_matmul(pool, FIC_IMPL_AUTO, fmt, dd[l], g, y, t, d, ff, ws, nws);
         }
         double t2 = now();
         if (t1 - t0 < best_ffn) best_ffn = t1 - t0;
@@ -99,5 +103,6 @@ int main(int argc, char **argv) {
            n_exp, n, threads, t, best_ffn / n_layers * 1e6, best_dense / n_layers * 1e6, best_ffn / best_dense, rounds,
            n_layers);
     fic_pool_destroy(pool);
+    free(ws);
     return 0;
 }

@@ -22,10 +22,12 @@
  *
  * An expert whose coef is 0 for every token is skipped entirely (its bundle is not touched);
  * for t > 1 a zero coef of one token makes that token's h zero (exact zero contribution).
- * Scratch holds h: expert e's block is t x n_e floats at t * (n_0 + ... + n_{e-1}). */
+ * Scratch holds h: expert e's block is t x n_e floats at t * (n_0 + ... + n_{e-1}), left there
+ * for the caller (fic.h). Nothing is allocated: the per-expert tables, the prepared x and h_e
+ * (t = 1) and the per-thread tiles (t > 1) are carved from the caller's workspace, in that
+ * order after the bundle pointers of fic_experts_ffn_slots (sizes: ws_ffn, kernels_impl.h). */
 #include <math.h>
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 
 #include "blocks.h"
@@ -33,8 +35,6 @@
 #include "pool.h"
 
 #include "kernels_impl.h"
-
-#define TILE_BYTES (256 << 10) /* dequantized rows per tile: stay in L2 while tokens stream past */
 
 enum { Q1_ALL_SAD, Q1_ALL_PLANES, Q1_MIXED }; /* ffn_t.q1_layout */
 
@@ -504,47 +504,40 @@ static void down_rows_tiles(void *ctx, int64_t b0, int64_t b1, int tid) {
     }
 }
 
-/* ---- the entry point --------------------------------------------------------------------- */
+/* ---- the entry points --------------------------------------------------------------------- */
 
-static int64_t clamp_tile(int64_t k) {
-    int64_t tile = TILE_BYTES / (4 * k);
-    return tile < 6 ? 6 : tile > 60 ? 60 : tile / 6 * 6;
-}
-
-/* Validates everything but the pointers' targets; fills n_total. */
-static int check_args(const fic_expert_layout *lay, const uint8_t *const *bundles, const int32_t *n_neurons,
+/* Validates everything but the bundles, resolves impl, fills n_total and checks the workspace. */
+static int check_args(fic_pool *pool, int *impl, const fic_expert_layout *lay, const int32_t *n_neurons,
                       int64_t n_experts, const float *x, float *y, int64_t t, const float *scratch,
-                      int64_t scratch_floats, int64_t *n_total) {
+                      int64_t scratch_floats, const void *ws, int64_t ws_bytes, int64_t *n_total) {
     if (lay == NULL || x == NULL || y == NULL || t <= 0 || n_experts < 0) return FIC_ERR_ARG;
     const int64_t d = lay->d_model;
     if (d <= 0 || !fmt_ok(lay->gate_fmt) || !fmt_ok(lay->up_fmt) || !fmt_ok(lay->down_fmt)) return FIC_ERR_ARG;
     if (lay->down_rows != 0 && lay->down_rows != 1) return FIC_ERR_ARG;
     if (fic_row_bytes(lay->gate_fmt, d) <= 0 || fic_row_bytes(lay->up_fmt, d) <= 0) return FIC_ERR_ARG;
     if (lay->down_rows && fic_row_bytes(lay->down_fmt, d) <= 0) return FIC_ERR_ARG;
-    if (n_experts > 0 && (bundles == NULL || n_neurons == NULL)) return FIC_ERR_ARG;
+    if (n_experts > 0 && n_neurons == NULL) return FIC_ERR_ARG;
     int64_t total = 0;
     for (int64_t e = 0; e < n_experts; e++) {
-        if (bundles[e] == NULL || n_neurons[e] <= 0) return FIC_ERR_ARG;
+        if (n_neurons[e] <= 0) return FIC_ERR_ARG;
         if (!lay->down_rows && fic_row_bytes(lay->down_fmt, n_neurons[e]) <= 0) return FIC_ERR_ARG;
         total += n_neurons[e];
     }
     if (total > 0 && (scratch == NULL || scratch_floats < 0 || total > INT64_MAX / t || scratch_floats < t * total))
         return FIC_ERR_ARG;
+    if (*impl < FIC_IMPL_AUTO || *impl > FIC_IMPL_NEON) return FIC_ERR_ARG;
+    if (*impl == FIC_IMPL_AUTO) *impl = fic_impl_best();
+    if (!fic_impl_available(*impl)) return FIC_ERR_UNSUPPORTED;
+    int st = ws_check(ws, ws_bytes, ws_ffn(fic_pool_threads(pool), t, d, n_experts, total));
+    if (st != FIC_OK) return st;
     *n_total = total;
     return FIC_OK;
 }
 
-int fic_experts_ffn(fic_pool *pool, int impl, const fic_expert_layout *layout, const uint8_t *const *bundles,
-                    const int32_t *n_neurons, int64_t n_experts, const float *coef, const float *x, float *y,
-                    int64_t t, float *scratch, int64_t scratch_floats) {
-    int64_t n_total = 0;
-    int st = check_args(layout, bundles, n_neurons, n_experts, x, y, t, scratch, scratch_floats, &n_total);
-    if (st != FIC_OK) return st;
-    if (impl < FIC_IMPL_AUTO || impl > FIC_IMPL_NEON) return FIC_ERR_ARG;
-    if (impl == FIC_IMPL_AUTO) impl = fic_impl_best();
-    if (!fic_impl_available(impl)) return FIC_ERR_UNSUPPORTED;
-    if (n_experts == 0) return FIC_OK;
-
+/* The FFN once the arguments are checked; ws (ws_bytes) starts after the bundle pointers. */
+static int ffn_run(fic_pool *pool, int impl, const fic_expert_layout *layout, const uint8_t *const *bundles,
+                   const int32_t *n_neurons, int64_t n_experts, int64_t n_total, const float *coef, const float *x,
+                   float *y, int64_t t, float *scratch, uint8_t *ws, int64_t ws_bytes) {
     ffn_t f;
     memset(&f, 0, sizeof f);
     f.impl = impl;
@@ -565,17 +558,16 @@ int fic_experts_ffn(fic_pool *pool, int impl, const fic_expert_layout *layout, c
     f.rb_g = fic_row_bytes(f.gate_fmt, f.d);
     f.rb_u = fic_row_bytes(f.up_fmt, f.d);
 
-    /* one allocation for the small per-call tables */
+    /* the small per-call tables: ws_ffn_tables(n_experts) bytes */
     const size_t ne = (size_t)n_experts;
-    size_t table_bytes = (ne + 1) * sizeof(int64_t) + ne * sizeof(int64_t) + ne * sizeof(job_t) + ne;
-    uint8_t *tables = malloc(table_bytes);
-    if (tables == NULL) return FIC_ERR_NOMEM;
-    int64_t *off = (int64_t *)tables;
+    int64_t *off = (int64_t *)ws;
     f.rb_d = off + ne + 1;
     f.jd = (job_t *)(f.rb_d + ne);
     uint8_t *skip = (uint8_t *)(f.jd + ne);
     f.off = off;
     f.skip = skip;
+    uint8_t *rest = ws + ws_ffn_tables(n_experts); /* 64-byte aligned */
+    const int64_t rest_bytes = ws_bytes - ws_ffn_tables(n_experts);
     int64_t n_max = 0;
     off[0] = 0;
     for (size_t e = 0; e < ne; e++) {
@@ -591,8 +583,6 @@ int fic_experts_ffn(fic_pool *pool, int impl, const fic_expert_layout *layout, c
     }
 
     const int n_threads = fic_pool_threads(pool);
-    void *prep = NULL;
-    st = FIC_OK;
     if (t == 1) {
         /* phase 1: x prepared once for gate and once for up */
         init_job(&f.jg, impl, f.gate_fmt, NULL, x, NULL, 1, 1, f.d);
@@ -603,16 +593,13 @@ int fic_experts_ffn(fic_pool *pool, int impl, const fic_expert_layout *layout, c
             init_job(&f.jd[e], impl, f.down_fmt, NULL, scratch + off[e], NULL, 1, 1, n_neurons[e]);
             bd += prep_x_bytes(&f.jd[e]);
         }
-        if (bg + bu + bd > 0 && (prep = aligned_alloc(64, bg + bu + bd)) == NULL) {
-            free(tables);
-            return FIC_ERR_NOMEM;
-        }
-        prep_x(&f.jg, prep);
-        prep_x(&f.ju, (uint8_t *)prep + bg);
+        if ((int64_t)(bg + bu + bd) > rest_bytes) return FIC_ERR_WORKSPACE; /* the bound of fic.h */
+        prep_x(&f.jg, rest);
+        prep_x(&f.ju, rest + bg);
         fic_parallel_for(pool, n_total, row_chunk(pool, n_total, f.rb_g + f.rb_u), phase1_t1, &f);
         if (!layout->down_rows) {
             int64_t rb_sum = 0, n_planes = 0, n_prepared = 0;
-            uint8_t *p = (uint8_t *)prep + bg + bu;
+            uint8_t *p = rest + bg + bu;
             for (size_t e = 0; e < ne; e++) {
                 f.rb_d[e] = f.jd[e].row_bytes;
                 rb_sum += f.rb_d[e];
@@ -633,11 +620,8 @@ int fic_experts_ffn(fic_pool *pool, int impl, const fic_expert_layout *layout, c
         int64_t need1 = f.tile1_rows * f.d + t * f.tile1_rows;
         int64_t need2 = layout->down_rows ? SEG_FLOATS : f.tile2_rows * n_max + t * f.tile2_rows;
         f.tile_floats = ((need1 > need2 ? need1 : need2) + 15) & ~(int64_t)15;
-        f.tiles = aligned_alloc(64, (size_t)(f.tile_floats * n_threads) * sizeof(float));
-        if (f.tiles == NULL) {
-            free(tables);
-            return FIC_ERR_NOMEM;
-        }
+        if (f.tile_floats * n_threads * (int64_t)sizeof(float) > rest_bytes) return FIC_ERR_WORKSPACE;
+        f.tiles = (float *)rest;
         int64_t chunk = (n_total + 4 * n_threads - 1) / (4 * n_threads);
         chunk = (chunk + f.tile1_rows - 1) / f.tile1_rows * f.tile1_rows;
         fic_parallel_for(pool, n_total, chunk, phase1_tiles, &f);
@@ -663,8 +647,41 @@ int fic_experts_ffn(fic_pool *pool, int impl, const fic_expert_layout *layout, c
         fic_parallel_for(pool, nb, chunk < min_blocks ? min_blocks : chunk, t == 1 ? down_rows_t1 : down_rows_tiles,
                          &f);
     }
-    free(f.tiles);
-    free(prep);
-    free(tables);
-    return st;
+    return FIC_OK;
+}
+
+int fic_experts_ffn(fic_pool *pool, int impl, const fic_expert_layout *layout, const uint8_t *const *bundles,
+                    const int32_t *n_neurons, int64_t n_experts, const float *coef, const float *x, float *y,
+                    int64_t t, float *scratch, int64_t scratch_floats, void *ws, int64_t ws_bytes) {
+    int64_t n_total = 0;
+    int st = check_args(pool, &impl, layout, n_neurons, n_experts, x, y, t, scratch, scratch_floats, ws, ws_bytes,
+                        &n_total);
+    if (st != FIC_OK) return st;
+    if (n_experts == 0) return FIC_OK;
+    if (bundles == NULL) return FIC_ERR_ARG;
+    for (int64_t e = 0; e < n_experts; e++)
+        if (bundles[e] == NULL) return FIC_ERR_ARG;
+    const int64_t skip = ws_ffn_ptrs(n_experts); /* unused here: the same workspace serves _slots */
+    return ffn_run(pool, impl, layout, bundles, n_neurons, n_experts, n_total, coef, x, y, t, scratch,
+                   (uint8_t *)ws + skip, ws_bytes - skip);
+}
+
+int fic_experts_ffn_slots(fic_pool *pool, int impl, const fic_expert_layout *layout, const uint8_t *arena,
+                          int64_t slot_bytes, const int32_t *slots, const int32_t *n_neurons, int64_t n_experts,
+                          const float *coef, const float *x, float *y, int64_t t, float *scratch,
+                          int64_t scratch_floats, void *ws, int64_t ws_bytes) {
+    int64_t n_total = 0;
+    int st = check_args(pool, &impl, layout, n_neurons, n_experts, x, y, t, scratch, scratch_floats, ws, ws_bytes,
+                        &n_total);
+    if (st != FIC_OK) return st;
+    if (n_experts == 0) return FIC_OK;
+    if (arena == NULL || slots == NULL || slot_bytes <= 0 || slot_bytes > INT64_MAX / INT32_MAX) return FIC_ERR_ARG;
+    const uint8_t **bundles = ws; /* ws_ffn_ptrs(n_experts) bytes */
+    for (int64_t e = 0; e < n_experts; e++) {
+        if (slots[e] < 0) return FIC_ERR_ARG;
+        bundles[e] = arena + (int64_t)slots[e] * slot_bytes;
+    }
+    const int64_t skip = ws_ffn_ptrs(n_experts);
+    return ffn_run(pool, impl, layout, bundles, n_neurons, n_experts, n_total, coef, x, y, t, scratch,
+                   (uint8_t *)ws + skip, ws_bytes - skip);
 }

@@ -30,7 +30,8 @@ enum fic_status {
     FIC_ERR_IO = -5,          /* a read failed; the request's sys_errno says why */
     FIC_ERR_SHORT = -6,       /* a read returned fewer bytes than asked (end of file) */
     FIC_ERR_CRC = -7,         /* the bytes read do not match the expected CRC32C */
-    FIC_ERR_THREAD = -8       /* a thread could not be created */
+    FIC_ERR_THREAD = -8,      /* a thread could not be created */
+    FIC_ERR_WORKSPACE = -9    /* the workspace is smaller than the call needs (fic_workspace_bytes) */
 };
 
 /* Weight formats. Block layouts are ggml's (see csrc/blocks.h). */
@@ -76,6 +77,31 @@ int fic_pool_create(int n_threads, fic_pool **out);
 void fic_pool_destroy(fic_pool *pool);
 int fic_pool_threads(const fic_pool *pool);
 
+/* ---- kernel workspace (matvec.c) ----
+ * No kernel allocates: each takes ws, ws_bytes, a caller-owned scratch area, 64-byte aligned
+ * (FIC_ERR_ARG otherwise; NULL with 0 bytes is fine where a call needs none). Too few bytes is
+ * FIC_ERR_WORKSPACE, checked before anything is written. What a call needs depends only on the
+ * kernel, the pool's thread count and the call's sizes, never on the format, implementation or
+ * CPU. With A(b) = b rounded up to a multiple of 64, F(k) = max(min(60 k, 65536), 6 k) (floats
+ * of a per-thread tile of dequantized rows) and P = fic_pool_threads(pool):
+ *   fic_matvec            A(3 k)                  (x prepared once: int8 + scales, or block sums)
+ *   fic_matmul            P A(4 F(k))             (one tile per thread)
+ *   fic_accum_rows        0
+ *   fic_experts_ffn(_slots), E = n_experts > 0, N = sum of n_neurons, d = d_model:
+ *       A(8 E) + A(E (17 + J) + 8)                (bundle pointers; per expert tables, J an
+ *                                                  internal per-expert record of <= 256 bytes)
+ *     + t = 1: 2 A(3 d) + A(3 N) + 64 E           (x prepared for gate and up, h_e for down)
+ *       t > 1: P A(4 (max(F(d), F(N), 512) + 60 t)) (one tile per thread)
+ *     (E = 0 needs nothing).
+ * fic_workspace_bytes returns the most any of these needs for P <= n_threads, t <= max_t,
+ * k <= max_k (matvec/matmul/accum_rows: k, the row length; experts_ffn: d_model),
+ * n_experts <= max_experts and sum(n_neurons) <= max_neurons (the neurons of one call, all its
+ * experts together); each term grows with each maximum, so one workspace of that size serves
+ * every such call. FIC_ERR_ARG for n_threads < 1, a negative maximum, or one beyond 2^36
+ * (n_threads beyond 2^16). */
+int64_t fic_workspace_bytes(int n_threads, int64_t max_t, int64_t max_k, int64_t max_experts,
+                            int64_t max_neurons);
+
 /* ---- kernels (matvec.c). pool may be NULL: runs on the calling thread. ----
  * w: m rows of k weights in fmt; k must be a multiple of the block size.
  * matvec:     y[m]    = W x[k]                        (decode)
@@ -83,11 +109,11 @@ int fic_pool_threads(const fic_pool *pool);
  * accum_rows: y[k]   += sum_i a[i] * W[i]  (n_rows rows of k weights; a down projection
  *                                           stored as rows of its transpose) */
 int fic_matvec(fic_pool *pool, int impl, int fmt, const uint8_t *w, const float *x, float *y,
-               int64_t m, int64_t k);
+               int64_t m, int64_t k, void *ws, int64_t ws_bytes);
 int fic_matmul(fic_pool *pool, int impl, int fmt, const uint8_t *w, const float *x, float *y,
-               int64_t t, int64_t m, int64_t k);
+               int64_t t, int64_t m, int64_t k, void *ws, int64_t ws_bytes);
 int fic_accum_rows(fic_pool *pool, int impl, int fmt, const uint8_t *w, const float *a, float *y,
-                   int64_t n_rows, int64_t k);
+                   int64_t n_rows, int64_t k, void *ws, int64_t ws_bytes);
 
 /* ---- expert FFN (ffn.c) ---- */
 typedef struct fic_expert_layout {
@@ -103,12 +129,25 @@ typedef struct fic_expert_layout {
  *   y[i][:] += sum_e coef[i][e] * down_e (silu(gate_e x[i]) * (up_e x[i]))
  * bundles[e] points at expert e's bundle: its gate rows (n x d_model), up rows (n x d_model) and
  * down part back to back, as fmt.py writes them; n_neurons[e] is its n. coef is t x n_experts
- * (an MoE router's weights; 0 skips the expert for that token) or NULL for all ones.
- * scratch holds at least t * sum(n_neurons) floats. */
+ * (an MoE router's weights; 0 skips the expert for that token) or NULL for all ones; an expert
+ * whose coef is 0 for every token is not read at all.
+ * scratch holds at least t * sum(n_neurons) floats. On return (FIC_OK) it holds h: expert e's
+ * block of t x n_e floats (token-major) starts at t * (n_0 + ... + n_{e-1}), and
+ *   h[i][n] = coef[i][e] * silu(gate_e[n] . x[i]) * (up_e[n] . x[i])
+ * (exactly 0 where coef[i][e] is 0; coef 1 when NULL), computed with the same arithmetic as y. */
 int fic_experts_ffn(fic_pool *pool, int impl, const fic_expert_layout *layout,
                     const uint8_t *const *bundles, const int32_t *n_neurons, int64_t n_experts,
                     const float *coef, const float *x, float *y, int64_t t,
-                    float *scratch, int64_t scratch_floats);
+                    float *scratch, int64_t scratch_floats, void *ws, int64_t ws_bytes);
+
+/* The same over bundles in an arena of slots: expert e's bundle is at
+ * arena + slots[e] * slot_bytes (slots[e] >= 0, slot_bytes > 0, else FIC_ERR_ARG; the caller
+ * guarantees the arena holds every bundle). The pointer array lives in the workspace. */
+int fic_experts_ffn_slots(fic_pool *pool, int impl, const fic_expert_layout *layout,
+                          const uint8_t *arena, int64_t slot_bytes, const int32_t *slots,
+                          const int32_t *n_neurons, int64_t n_experts, const float *coef,
+                          const float *x, float *y, int64_t t, float *scratch,
+                          int64_t scratch_floats, void *ws, int64_t ws_bytes);
 
 /* ---- memory (pool.c) ---- */
 /* n_bytes zeroed, 4 KiB aligned; with huge != 0, 2 MiB aligned and madvise(MADV_HUGEPAGE).

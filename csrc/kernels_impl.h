@@ -8,8 +8,8 @@
 #ifndef FIC_KERNELS_IMPL_H
 #define FIC_KERNELS_IMPL_H
 
+#include <assert.h>
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 
 #include "blocks.h"
@@ -75,6 +75,64 @@ static inline void init_job(job_t *j, int impl, int fmt, const uint8_t *w, const
 }
 
 static int fmt_ok(int fmt) { return fmt >= 0 && fmt < FIC_FMT_COUNT; }
+
+/* ---- workspace sizes: the formulas documented in fic.h -------------------------------------- */
+
+static_assert(sizeof(job_t) <= 256, "fic.h promises a per-expert record of at most 256 bytes");
+
+#define WS_MAX_DIM ((int64_t)1 << 36) /* t, k, experts, neurons: keeps every product in int64 */
+#define WS_MAX_THREADS (1 << 16)
+#define TILE_BYTES (256 << 10) /* dequantized rows per tile: stay in L2 while tokens stream past */
+#define SEG_FLOATS 512         /* a dequantized row piece, in L1 */
+
+static inline int64_t ws_round64(int64_t b) { return (b + 63) / 64 * 64; }
+
+/* Rows per tile of dequantized k-weight rows: ~TILE_BYTES of floats, a multiple of the 6-row
+ * register block, 6 to 60 rows. */
+static int64_t clamp_tile(int64_t k) {
+    int64_t tile = TILE_BYTES / (4 * k);
+    return tile < 6 ? 6 : tile > 60 ? 60 : tile / 6 * 6;
+}
+
+/* F(k) of fic.h: clamp_tile(k) * k <= F(k), and F grows with k. */
+static inline int64_t ws_tile_floats(int64_t k) {
+    const int64_t a = 60 * k < TILE_BYTES / 4 ? 60 * k : TILE_BYTES / 4;
+    return a > 6 * k ? a : 6 * k;
+}
+
+static inline int ws_dim_ok(int64_t v) { return v >= 0 && v <= WS_MAX_DIM; }
+
+/* Bytes each kernel needs (fic.h), or -1 when a size is out of range. */
+static int64_t ws_matvec(int64_t k) { return ws_dim_ok(k) ? ws_round64(3 * k) : -1; }
+
+static int64_t ws_matmul(int n_threads, int64_t k) {
+    if (n_threads < 1 || n_threads > WS_MAX_THREADS || !ws_dim_ok(k)) return -1;
+    return n_threads * ws_round64(4 * ws_tile_floats(k));
+}
+
+/* experts_ffn: the bundle pointers (slots), then the per-expert tables (ffn.c). */
+static inline int64_t ws_ffn_ptrs(int64_t e) { return ws_round64(8 * e); }
+static inline int64_t ws_ffn_tables(int64_t e) { return ws_round64(e * (17 + (int64_t)sizeof(job_t)) + 8); }
+
+static int64_t ws_ffn(int n_threads, int64_t t, int64_t d, int64_t e, int64_t n) {
+    if (n_threads < 1 || n_threads > WS_MAX_THREADS || !ws_dim_ok(t) || !ws_dim_ok(d) || !ws_dim_ok(e) ||
+        !ws_dim_ok(n))
+        return -1;
+    if (e == 0 || t == 0) return 0;
+    const int64_t fixed = ws_ffn_ptrs(e) + ws_ffn_tables(e);
+    if (t == 1) return fixed + 2 * ws_round64(3 * d) + ws_round64(3 * n) + 64 * e;
+    int64_t f = ws_tile_floats(d), fn = ws_tile_floats(n);
+    f = f > fn ? f : fn;
+    f = f > SEG_FLOATS ? f : SEG_FLOATS;
+    return fixed + n_threads * ws_round64(4 * (f + 60 * t));
+}
+
+/* FIC_OK when ws (64-byte aligned, or NULL with 0 bytes) holds need bytes. */
+static int ws_check(const void *ws, int64_t ws_bytes, int64_t need) {
+    if (need < 0 || ws_bytes < 0) return FIC_ERR_ARG;
+    if (ws == NULL ? ws_bytes != 0 : ((uintptr_t)ws & 63) != 0) return FIC_ERR_ARG;
+    return ws_bytes >= need ? FIC_OK : FIC_ERR_WORKSPACE;
+}
 
 /* ---- reference: the spec ----------------------------------------------------------------- */
 
@@ -1316,7 +1374,6 @@ static int64_t row_chunk(fic_pool *pool, int64_t m, int64_t row_bytes) {
     return c > per_thread ? per_thread : c;
 }
 
-#define SEG_FLOATS 512  /* a dequantized row piece, in L1 */
 #define ACCUM_PF_ROWS 4 /* rows ahead to prefetch: each row piece is its own short stream */
 
 /* Rows outer, this thread's columns inner: y's range stays in L1/L2 while the rows stream

@@ -12,12 +12,13 @@
  *   matmul   a tile of rows is dequantized to float once and multiplied by all T rows of x
  *            (register-blocked FMA kernel), threads split row tiles; exact float math.
  *   accum    threads split the columns; rows stream past an L1-resident piece of y.
+ * No kernel allocates: the prepared x and the matmul tiles live in the caller's workspace, whose
+ * size fic_workspace_bytes (here) gives for a set of maxima (the formulas are in fic.h).
  *
  * Fast paths are compiled with per-function target attributes; this file is built without
  * -mavx2 and runs on any CPU of its architecture, the choice is made at run time. The per-format,
  * per-CPU pieces live in kernels_impl.h, shared with ffn.c. */
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 
 #include "blocks.h"
@@ -74,16 +75,14 @@ static void matvec_range(void *ctx, int64_t r0, int64_t r1, int tid) {
 }
 
 int fic_matvec(fic_pool *pool, int impl, int fmt, const uint8_t *w, const float *x, float *y, int64_t m,
-               int64_t k) {
+               int64_t k, void *ws, int64_t ws_bytes) {
     job_t j;
     int st = setup_job(&j, pool, impl, fmt, w, x, y, 1, m, k);
+    if (st == FIC_OK) st = ws_check(ws, ws_bytes, ws_matvec(k));
     if (st != FIC_OK) return st;
-    size_t n = prep_x_bytes(&j);
-    void *mem = NULL;
-    if (n > 0 && (mem = aligned_alloc(64, n)) == NULL) return FIC_ERR_NOMEM;
-    prep_x(&j, mem);
+    if ((int64_t)prep_x_bytes(&j) > ws_matvec(k)) return FIC_ERR_WORKSPACE; /* the bound of fic.h */
+    prep_x(&j, ws);
     fic_parallel_for(pool, m, row_chunk(pool, m, j.row_bytes), matvec_range, &j);
-    free(mem);
     return FIC_OK;
 }
 
@@ -104,32 +103,31 @@ static void matmul_range(void *ctx, int64_t r0, int64_t r1, int tid) {
 }
 
 int fic_matmul(fic_pool *pool, int impl, int fmt, const uint8_t *w, const float *x, float *y, int64_t t,
-               int64_t m, int64_t k) {
+               int64_t m, int64_t k, void *ws, int64_t ws_bytes) {
     job_t j;
+    const int n_threads = fic_pool_threads(pool);
     int st = setup_job(&j, pool, impl, fmt, w, x, y, t, m, k);
+    if (st == FIC_OK) st = ws_check(ws, ws_bytes, ws_matmul(n_threads, k));
     if (st != FIC_OK) return st;
-    /* Rows dequantized per tile: ~256 KiB of floats (a multiple of the 6-row register block), so the tile stays in L2 while every
-     * token's row of x streams past it. */
-    int64_t tile = (256 << 10) / (4 * k);
-    tile = tile < 6 ? 6 : tile > 60 ? 60 : tile / 6 * 6;
+    /* Rows dequantized per tile (clamp_tile), so the tile stays in L2 while every token's row
+     * of x streams past it; one tile per thread in the workspace. */
+    const int64_t tile = clamp_tile(k);
     j.tile_rows = tile;
     j.scratch_floats = (tile * k + 15) & ~(int64_t)15;
-    int n_threads = fic_pool_threads(pool);
-    j.scratch = aligned_alloc(64, (size_t)(j.scratch_floats * n_threads) * sizeof(float));
-    if (j.scratch == NULL) return FIC_ERR_NOMEM;
+    j.scratch = ws;
     int64_t chunk = (m + 4 * n_threads - 1) / (4 * n_threads);
     chunk = (chunk + tile - 1) / tile * tile;
     fic_parallel_for(pool, m, chunk, matmul_range, &j);
-    free(j.scratch);
     return FIC_OK;
 }
 
 
 int fic_accum_rows(fic_pool *pool, int impl, int fmt, const uint8_t *w, const float *a, float *y, int64_t n_rows,
-                   int64_t k) {
+                   int64_t k, void *ws, int64_t ws_bytes) {
     job_t j;
     if (a == NULL) return FIC_ERR_ARG;
     int st = setup_job(&j, pool, impl, fmt, w, a, y, 1, n_rows, k);
+    if (st == FIC_OK) st = ws_check(ws, ws_bytes, 0); /* needs none; checked for alignment */
     if (st != FIC_OK) return st;
     j.a = a;
     j.x = NULL;
@@ -140,4 +138,14 @@ int fic_accum_rows(fic_pool *pool, int impl, int fmt, const uint8_t *w, const fl
     int64_t min_blocks = (256 + j.bw - 1) / j.bw;
     fic_parallel_for(pool, nb, chunk < min_blocks ? min_blocks : chunk, accum_range, &j);
     return FIC_OK;
+}
+
+int64_t fic_workspace_bytes(int n_threads, int64_t max_t, int64_t max_k, int64_t max_experts, int64_t max_neurons) {
+    const int64_t mv = ws_matvec(max_k), mm = ws_matmul(n_threads, max_k);
+    const int64_t f1 = ws_ffn(n_threads, max_t < 1 ? max_t : 1, max_k, max_experts, max_neurons);
+    const int64_t ft = ws_ffn(n_threads, max_t, max_k, max_experts, max_neurons);
+    if (mv < 0 || mm < 0 || f1 < 0 || ft < 0) return FIC_ERR_ARG;
+    int64_t need = mv > mm ? mv : mm;
+    need = need > f1 ? need : f1;
+    return need > ft ? need : ft;
 }

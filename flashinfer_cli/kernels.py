@@ -1,7 +1,7 @@
 """The binding to fic's C core: the only module that imports the compiled `_fic`.
 
-It checks shapes and dtypes, turns status codes into exceptions and keeps one thread pool for
-the process. Everything above it speaks numpy arrays, QTensor and Reader.
+It checks shapes and dtypes, turns status codes into exceptions and keeps one thread pool and one
+kernel workspace for the process. Everything above it speaks numpy arrays, QTensor and Reader.
 """
 from __future__ import annotations
 
@@ -59,6 +59,7 @@ _STATUS_NAMES = {
     lib.FIC_ERR_SHORT: "short read",
     lib.FIC_ERR_CRC: "checksum mismatch",
     lib.FIC_ERR_THREAD: "cannot create thread",
+    lib.FIC_ERR_WORKSPACE: "workspace too small",
 }
 _READ_STATUS = {lib.FIC_ERR_IO: "io", lib.FIC_ERR_SHORT: "short", lib.FIC_ERR_CRC: "crc",
                 lib.FIC_ERR_ARG: "arg"}
@@ -232,10 +233,117 @@ _POOL = _Pool()
 def set_threads(n_threads: int) -> None:
     """Use n_threads cores for kernels (default: every core this process may run on)."""
     _POOL.resize(n_threads)
+    _WS.resize_threads(_POOL.n_threads)
 
 
 def get_threads() -> int:
     return _POOL.n_threads
+
+
+# ---- the kernel workspace -------------------------------------------------------------------
+
+class _Workspace:
+    """The process's one kernel workspace (C kernels never allocate; fic_workspace_bytes).
+
+    Sized for maxima (t, k, experts, neurons) and the pool's thread count. A call beyond the
+    maxima raises them; when that needs more bytes the buffer is replaced and `grows` counted.
+    Kernel calls hold `lock` while C uses the buffer (cffi releases the GIL; see _ws_acquire)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.buf: np.ndarray | None = None
+        self.ptr = ffi.NULL
+        self.nbytes = 0
+        self.maxima = (0, 0, 0, 0)  # t, k, experts, neurons
+        self.n_threads = 0
+        self.grows = 0
+
+    def _size(self, n_threads: int, maxima: tuple[int, int, int, int]) -> int:
+        n_bytes = lib.fic_workspace_bytes(n_threads, *maxima)
+        if n_bytes < 0:
+            raise ValueError(f"workspace maxima {maxima} with {n_threads} threads: {status_name(n_bytes)}")
+        return n_bytes
+
+    def _set(self, n_threads: int, maxima: tuple[int, int, int, int], n_bytes: int) -> None:
+        if n_bytes != self.nbytes:
+            self.buf = aligned_buffer(n_bytes) if n_bytes > 0 else None
+            self.ptr = ffi.from_buffer("uint8_t[]", self.buf) if n_bytes > 0 else ffi.NULL
+            self.nbytes = n_bytes
+        self.n_threads, self.maxima = n_threads, maxima
+
+    def reserve(self, n_threads: int, maxima: tuple[int, int, int, int]) -> None:
+        with self.lock:
+            maxima = tuple(max(a, b) for a, b in zip(self.maxima, maxima))
+            n_bytes = self._size(n_threads, maxima)
+            # never shrinks below what the current thread count and maxima need
+            self._set(n_threads, maxima, max(n_bytes, self.nbytes) if n_threads == self.n_threads else n_bytes)
+
+    def resize_threads(self, n_threads: int) -> None:
+        with self.lock:
+            if n_threads != self.n_threads and self.nbytes > 0:
+                self._set(n_threads, self.maxima, self._size(n_threads, self.maxima))
+
+    def ensure(self, n_threads: int, t: int, k: int, experts: int, neurons: int):
+        """(pointer, bytes) of a workspace for this call; call with `lock` held."""
+        mt, mk, me, mn = self.maxima
+        if n_threads == self.n_threads and t <= mt and k <= mk and experts <= me and neurons <= mn:
+            return self.ptr, self.nbytes
+        if n_threads != self.n_threads:  # the pool was created or resized: a re-reservation
+            self._set(n_threads, self.maxima, self._size(n_threads, self.maxima))
+        maxima = (max(mt, t), max(mk, k), max(me, experts), max(mn, neurons))
+        if maxima != self.maxima:
+            n_bytes = self._size(n_threads, maxima)
+            if n_bytes > self.nbytes:
+                self.grows += 1
+            self._set(n_threads, maxima, max(n_bytes, self.nbytes))
+        return self.ptr, self.nbytes
+
+
+_WS = _Workspace()
+
+
+def _ws_acquire(n_threads: int, t: int, k: int, experts: int, neurons: int):
+    """(pointer, bytes, held) of a workspace for one kernel call: the process's one, its lock
+    held (release it after the call), or, when another Python thread is inside a kernel with it,
+    a private one for this call only, so concurrent callers still run concurrently."""
+    if _WS.lock.acquire(blocking=False):
+        try:
+            ptr, n_bytes = _WS.ensure(n_threads, t, k, experts, neurons)
+        except BaseException:
+            _WS.lock.release()
+            raise
+        return ptr, n_bytes, True
+    n_bytes = _WS._size(n_threads, (t, k, experts, neurons))
+    return (ffi.from_buffer("uint8_t[]", aligned_buffer(n_bytes)) if n_bytes else ffi.NULL), n_bytes, False
+
+
+def reserve_workspace(*, max_t: int, max_k: int, max_experts: int = 0, max_neurons: int = 0) -> int:
+    """Size the process's kernel workspace once for every call within these maxima, at the
+    pool's thread count (re-reserved by set_threads); returns its bytes. max_t: tokens per call;
+    max_k: the longest row (matvec/matmul k, experts_ffn d_model); max_experts: experts per
+    FFN call; max_neurons: neurons per FFN call, all its experts together. Never shrinks."""
+    for name, v in (("max_t", max_t), ("max_k", max_k), ("max_experts", max_experts), ("max_neurons", max_neurons)):
+        if not isinstance(v, (int, np.integer)) or v < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+    _WS.reserve(_POOL.n_threads, (int(max_t), int(max_k), int(max_experts), int(max_neurons)))
+    return _WS.nbytes
+
+
+def workspace_bytes() -> int:
+    """Bytes of the kernel workspace now held (0 before any kernel call or reservation)."""
+    return _WS.nbytes
+
+
+def workspace_grows() -> int:
+    """How many times a kernel call needed a larger workspace than the one held (a reservation
+    or a thread-count change does not count)."""
+    return _WS.grows
+
+
+def workspace_bytes_for(*, n_threads: int, max_t: int, max_k: int, max_experts: int = 0,
+                        max_neurons: int = 0) -> int:
+    """fic_workspace_bytes: the workspace bytes that cover every kernel call within the maxima."""
+    return _WS._size(n_threads, (max_t, max_k, max_experts, max_neurons))
 
 
 def _impl_id(impl: str) -> int:
@@ -258,7 +366,14 @@ def matvec(qt: QTensor, x: np.ndarray, *, impl: str = "auto", out: np.ndarray | 
     m, k = qt.shape
     x = _f32_vector(x, k, "x")
     y = np.empty(m, dtype=np.float32) if out is None else _f32_vector(out, m, "out")
-    status = lib.fic_matvec(_POOL.get(), _impl_id(impl), _fmt_id(qt.fmt), _u8(qt.data), _f32(x), _f32(y), m, k)
+    pool = _POOL.get()
+    ws, ws_bytes, held = _ws_acquire(_POOL._n_threads, 1, k, 0, 0)
+    try:
+        status = lib.fic_matvec(pool, _impl_id(impl), _fmt_id(qt.fmt), _u8(qt.data), _f32(x), _f32(y), m, k,
+                                ws, ws_bytes)
+    finally:
+        if held:
+            _WS.lock.release()
     _check(status, f"matvec {qt.fmt} {impl}")
     return y
 
@@ -271,7 +386,14 @@ def matmul(qt: QTensor, x: np.ndarray, *, impl: str = "auto") -> np.ndarray:
         raise ValueError(f"X has {x.shape[1]} columns, weights have {k}")
     t = x.shape[0]
     y = np.empty((t, m), dtype=np.float32)
-    status = lib.fic_matmul(_POOL.get(), _impl_id(impl), _fmt_id(qt.fmt), _u8(qt.data), _f32(x), _f32(y), t, m, k)
+    pool = _POOL.get()
+    ws, ws_bytes, held = _ws_acquire(_POOL._n_threads, 1, k, 0, 0)  # the tiles do not depend on t
+    try:
+        status = lib.fic_matmul(pool, _impl_id(impl), _fmt_id(qt.fmt), _u8(qt.data), _f32(x), _f32(y), t, m, k,
+                                ws, ws_bytes)
+    finally:
+        if held:
+            _WS.lock.release()
     _check(status, f"matmul {qt.fmt} {impl}")
     return y
 
@@ -282,7 +404,8 @@ def accum_rows(qt: QTensor, a: np.ndarray, y: np.ndarray, *, impl: str = "auto")
     a = _f32_vector(a, n_rows, "a")
     if not isinstance(y, np.ndarray) or y.dtype != np.float32 or y.shape != (k,) or not y.flags.c_contiguous:
         raise ValueError(f"y must be a contiguous float32 array of shape ({k},)")
-    status = lib.fic_accum_rows(_POOL.get(), _impl_id(impl), _fmt_id(qt.fmt), _u8(qt.data), _f32(a), _f32(y), n_rows, k)
+    status = lib.fic_accum_rows(_POOL.get(), _impl_id(impl), _fmt_id(qt.fmt), _u8(qt.data), _f32(a), _f32(y),
+                                n_rows, k, ffi.NULL, 0)  # needs no workspace
     _check(status, f"accum_rows {qt.fmt} {impl}")
     return y
 
@@ -355,37 +478,151 @@ class ExpertSet:
         x and y are float32 (t, d_model) or (d_model,) (one token), y C-contiguous; coef is
         None (all ones) or float32 (t, n_experts) ((n_experts,) for one token); 0 skips.
         scratch: a contiguous 1-D float32 array of at least t * n_total floats to use instead of
-        this set's own (so that the sets of many layers can share one)."""
-        d = self.d_model
-        if not isinstance(x, np.ndarray) or x.dtype != np.float32:
-            raise ValueError("x must be a float32 numpy array")
-        if x.ndim not in (1, 2) or x.shape[-1] != d or x.size == 0:
-            raise ValueError(f"x has shape {x.shape}, expected ({d},) or (t, {d})")
-        if (not isinstance(y, np.ndarray) or y.dtype != np.float32 or y.shape != x.shape
-                or not y.flags.c_contiguous or not y.flags.writeable):
-            raise ValueError(f"y must be a writable contiguous float32 array of shape {x.shape}")
-        t = 1 if x.ndim == 1 else x.shape[0]
-        x = np.ascontiguousarray(x)
-        coef_ptr = ffi.NULL
-        if coef is not None:
-            shape = (len(self),) if x.ndim == 1 else (t, len(self))
-            if not isinstance(coef, np.ndarray) or coef.dtype != np.float32 or coef.shape != shape:
-                raise ValueError(f"coef must be float32 of shape {shape}")
-            coef = np.ascontiguousarray(coef)
-            coef_ptr = _f32(coef)
+        this set's own (so that the sets of many layers can share one); on return it holds h
+        (see experts_ffn_slots)."""
+        x, t, coef_ptr = _ffn_io(x, y, coef, self.d_model, len(self))
         need = t * self.n_total
-        if scratch is not None:
-            if (not isinstance(scratch, np.ndarray) or scratch.dtype != np.float32 or scratch.ndim != 1
-                    or not scratch.flags.c_contiguous or not scratch.flags.writeable or scratch.size < need):
-                raise ValueError(f"scratch must be a writable contiguous 1-D float32 array of at least {need} floats")
-        else:
+        if scratch is None:
             if self._scratch.size < need:
                 self._scratch = np.empty(need, dtype=np.float32)
             scratch = self._scratch
-        status = lib.fic_experts_ffn(_POOL.get(), _impl_id(impl), self._layout, self._bundles, self._n, len(self),
-                                     coef_ptr, _f32(x), _f32(y), t, _f32(scratch), scratch.size)
+        else:
+            _check_scratch(scratch, need)
+        pool = _POOL.get()
+        ws, ws_bytes, held = _ws_acquire(_POOL._n_threads, t, self.d_model, len(self), self.n_total)
+        try:
+            status = lib.fic_experts_ffn(pool, _impl_id(impl), self._layout, self._bundles, self._n, len(self),
+                                         coef_ptr, _f32(x), _f32(y), t, _f32(scratch), scratch.size, ws, ws_bytes)
+        finally:
+            if held:
+                _WS.lock.release()
         _check(status, f"experts_ffn {'/'.join(self.formats)} {self.down_layout} {impl}")
         return y
+
+
+def _ffn_io(x: np.ndarray, y: np.ndarray, coef: np.ndarray | None, d: int, n_experts: int):
+    """Checks an FFN call's x, y and coef; returns (contiguous x, t, coef pointer or NULL)."""
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32:
+        raise ValueError("x must be a float32 numpy array")
+    if x.ndim not in (1, 2) or x.shape[-1] != d or x.size == 0:
+        raise ValueError(f"x has shape {x.shape}, expected ({d},) or (t, {d})")
+    if (not isinstance(y, np.ndarray) or y.dtype != np.float32 or y.shape != x.shape
+            or not y.flags.c_contiguous or not y.flags.writeable):
+        raise ValueError(f"y must be a writable contiguous float32 array of shape {x.shape}")
+    t = 1 if x.ndim == 1 else x.shape[0]
+    x = np.ascontiguousarray(x)
+    coef_ptr = ffi.NULL
+    if coef is not None:
+        shape = (n_experts,) if x.ndim == 1 else (t, n_experts)
+        if not isinstance(coef, np.ndarray) or coef.dtype != np.float32 or coef.shape != shape:
+            raise ValueError(f"coef must be float32 of shape {shape}")
+        coef_ptr = _f32(np.ascontiguousarray(coef))
+    return x, t, coef_ptr
+
+
+def _check_scratch(scratch: np.ndarray, need: int) -> None:
+    if (not isinstance(scratch, np.ndarray) or scratch.dtype != np.float32 or scratch.ndim != 1
+            or not scratch.flags.c_contiguous or not scratch.flags.writeable or scratch.size < need):
+        raise ValueError(f"scratch must be a writable contiguous 1-D float32 array of at least {need} floats")
+
+
+class _SlotLayout:
+    """A layout's cffi struct and the numbers the bounds check needs, cached per layout."""
+
+    __slots__ = ("c", "d_model", "gate_up_row", "down_per_neuron", "down_bw", "name")
+
+    def __init__(self, d_model: int, gate: str, up: str, down: str, down_layout: str):
+        if down_layout not in _DOWN_LAYOUTS:
+            raise ValueError(f"down_layout must be 'columns' or 'rows', got {down_layout!r}")
+        if d_model <= 0:
+            raise ValueError(f"d_model must be positive, got {d_model}")
+        self.c = ffi.new("fic_expert_layout *", {
+            "d_model": d_model, "gate_fmt": _fmt_id(gate), "up_fmt": _fmt_id(up), "down_fmt": _fmt_id(down),
+            "down_rows": _DOWN_LAYOUTS[down_layout]})
+        self.d_model = d_model
+        self.gate_up_row = row_bytes(gate, d_model) + row_bytes(up, d_model)
+        if down_layout == "rows":  # bundle bytes = n (gate_up_row + down_per_neuron)
+            self.down_per_neuron, self.down_bw = row_bytes(down, d_model), 1
+        else:  # + d_model * (n / bw) * block bytes
+            self.down_per_neuron, self.down_bw = d_model * block_bytes(down), block_weights(down)
+        self.name = f"{gate}/{up}/{down} {down_layout}"
+
+    def bundle_bytes(self, n: int) -> int:
+        return n * self.gate_up_row + (n // self.down_bw) * self.down_per_neuron
+
+
+_SLOT_LAYOUTS: dict[tuple, _SlotLayout] = {}
+_SLOTS_SCRATCH = [np.empty(0, dtype=np.float32)]  # experts_ffn_slots' default scratch
+
+
+def _int32_vector(a: np.ndarray, name: str) -> np.ndarray:
+    if not isinstance(a, np.ndarray) or a.dtype != np.int32 or a.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D int32 numpy array")
+    return np.ascontiguousarray(a)
+
+
+def experts_ffn_slots(layout, arena: np.ndarray, slot_bytes: int, slots: np.ndarray, n_neurons: np.ndarray,
+                      x: np.ndarray, y: np.ndarray, *, coef: np.ndarray | None = None,
+                      scratch: np.ndarray | None = None, impl: str = "auto") -> np.ndarray:
+    """As ExpertSet.ffn over bundles in arena slots (fic_experts_ffn_slots): expert e's bundle is
+    at arena[slots[e] * slot_bytes:], n_neurons[e] its size; y += Σ_e coef[:, e] down_e(h_e).
+
+    layout: anything with d_model, gate_fmt, up_fmt, down_fmt, down_layout (fmt.ExpertLayout),
+    or that 5-tuple. arena: the whole arena, a 1-D uint8 array; slots, n_neurons: int32 (E,).
+    Per call: two maxima and a sum over the int32 arrays, no per-expert Python loop. On return
+    scratch (default: a process-wide one, not for concurrent callers) holds h: expert e's
+    t x n_e block starts at t * (n_0 + ... + n_{e-1}), h = coef * silu(gate x) * (up x).
+    Returns y."""
+    key = layout if isinstance(layout, tuple) else (
+        layout.d_model, layout.gate_fmt, layout.up_fmt, layout.down_fmt, layout.down_layout)
+    lay = _SLOT_LAYOUTS.get(key)
+    if lay is None:
+        lay = _SLOT_LAYOUTS[key] = _SlotLayout(*key)
+    if (not isinstance(arena, np.ndarray) or arena.dtype != np.uint8 or arena.ndim != 1
+            or not arena.flags.c_contiguous):
+        raise ValueError("arena must be a contiguous 1-D uint8 array")
+    slots = _int32_vector(slots, "slots")
+    n_neurons = _int32_vector(n_neurons, "n_neurons")
+    n_experts = slots.shape[0]
+    if n_neurons.shape[0] != n_experts:
+        raise ValueError(f"{n_experts} slots but {n_neurons.shape[0]} neuron counts")
+    if slot_bytes <= 0:
+        raise ValueError(f"slot_bytes must be positive, got {slot_bytes}")
+    x, t, coef_ptr = _ffn_io(x, y, coef, lay.d_model, n_experts)
+    n_total = 0
+    if n_experts:
+        # bundle e ends at slots[e] * slot_bytes + bytes(n_e); bytes() grows with n, so the top
+        # slot plus the largest expert bounds them all (a negative slot the C core rejects)
+        n_max = int(np.maximum.reduce(n_neurons))
+        if int(np.maximum.reduce(slots)) * slot_bytes + lay.bundle_bytes(n_max) > arena.nbytes:
+            n64 = n_neurons.astype(np.int64)
+            ends = slots.astype(np.int64) * slot_bytes + n64 * lay.gate_up_row
+            ends += (n64 // lay.down_bw) * lay.down_per_neuron
+            bad = np.flatnonzero(ends > arena.nbytes)
+            if bad.size:
+                e = int(bad[0])
+                raise ValueError(f"expert {e}: slot {slots[e]} of {slot_bytes} bytes with {n_neurons[e]} neurons"
+                                 f" lies outside the {arena.nbytes}-byte arena")
+        n_total = int(np.add.reduce(n_neurons))  # int64 (add reductions upcast int32)
+    need = t * n_total
+    if scratch is None:
+        scratch = _SLOTS_SCRATCH[0]
+        if scratch.size < need:
+            scratch = _SLOTS_SCRATCH[0] = np.empty(need, dtype=np.float32)
+    else:
+        _check_scratch(scratch, need)
+    pool = _POOL.get()
+    ws, ws_bytes, held = _ws_acquire(_POOL._n_threads, t, lay.d_model, n_experts, n_total)
+    try:
+        status = lib.fic_experts_ffn_slots(pool, _impl_id(impl), lay.c, _u8(arena), slot_bytes,
+                                           ffi.from_buffer("int32_t[]", slots), ffi.from_buffer("int32_t[]", n_neurons),
+                                           n_experts, coef_ptr, _f32(x), _f32(y), t, _f32(scratch), scratch.size,
+                                           ws, ws_bytes)
+    finally:
+        if held:
+            _WS.lock.release()
+    _check(status, f"experts_ffn_slots {lay.name} {impl}")
+    return y
 
 
 # ---- memory --------------------------------------------------------------------------------

@@ -91,12 +91,41 @@ class Case:
     def expert_set(self):
         return K.ExpertSet(self.fmts, self.d, self.layout, self.bundles, self.ns)
 
-    def run(self, impl):
+    def run(self, impl, scratch=None):
         y = self.y0.copy()
-        self.expert_set().ffn(self.x, y, self.coef, impl=impl)
+        self.expert_set().ffn(self.x, y, self.coef, impl=impl, scratch=scratch)
+        return y
+
+    def layout_obj(self):
+        class Layout:
+            d_model, gate_fmt, up_fmt, down_fmt, down_layout = self.d, *self.fmts, self.layout
+        return Layout
+
+    def arena(self, pad=0):
+        """The bundles in slots of one arena, in shuffled order with empty slots between them
+        (filled with 0xFF bytes, NaN as f32/f16): (arena, slot_bytes, slots)."""
+        slot_bytes = -(-max(b.nbytes for b in self.bundles) // 64) * 64 + pad
+        n_slots = 2 * len(self.bundles) + 1
+        slots = np.random.default_rng(len(self.bundles)).permutation(n_slots)[:len(self.bundles)].astype(np.int32)
+        arena = K.aligned_buffer(n_slots * slot_bytes)
+        arena[:] = 0xFF
+        for b, s in zip(self.bundles, slots):
+            arena[s * slot_bytes:s * slot_bytes + b.nbytes] = b
+        return arena, slot_bytes, slots
+
+    def run_slots(self, impl, scratch=None, layout=None):
+        arena, slot_bytes, slots = self.arena()
+        y = self.y0.copy()
+        K.experts_ffn_slots(layout or self.layout_obj(), arena, slot_bytes, slots, np.array(self.ns, np.int32), self.x,
+                            y, coef=self.coef, scratch=scratch, impl=impl)
         return y
 
     def want_and_bound(self, impl):
+        want, bound, _, _ = self.reference(impl)
+        return want, bound
+
+    def reference(self, impl):
+        """(y, its bound, h flattened as scratch holds it, its bound), all float64."""
         x = self.x.astype(np.float64)
         ax = np.abs(x)
         t1 = self.t == 1
@@ -104,6 +133,7 @@ class Case:
         mag = np.abs(want)              # |y0| + sum |Wd h|
         prop = np.zeros_like(want)      # propagated h error and int8 terms on h
         n_total = sum(self.ns)
+        hs, hbs = [], []
         for e, (wg, wu, wd) in enumerate(self.parts):
             c = np.ones(self.t) if self.coef is None else self.coef[:, e].astype(np.float64)
             g, u = x @ wg.T, x @ wu.T
@@ -116,6 +146,8 @@ class Case:
             s = silu(g)
             h = c[:, None] * s * u
             bh = np.abs(c)[:, None] * (1.1 * bg * (np.abs(u) + bu) + np.abs(s) * bu) + 8 * EPS32 * np.abs(h)
+            hs.append(h.ravel())     # t x n_e, token-major
+            hbs.append(bh.ravel())
             want += h @ wd.T
             mag += np.abs(h) @ np.abs(wd).T
             prop += bh @ np.abs(wd).T
@@ -124,7 +156,7 @@ class Case:
                     and (self.fmts[2] == "q1_0" or n >= 64)):
                 prop += q8_half_step_blocks(np.abs(h) + bh) @ np.abs(wd).T
         bound = prop + FLOAT_SLACK * (n_total + len(self.ns) + 1) * EPS32 * mag + 1e-30
-        return want, bound
+        return want, bound, np.concatenate(hs), np.concatenate(hbs) + 1e-30
 
 
 def sizes(fmt_down, layout, count, seed=0):
@@ -145,9 +177,24 @@ def sizes(fmt_down, layout, count, seed=0):
 @pytest.mark.parametrize("down", FORMATS)
 @pytest.mark.parametrize("gate_up", FORMATS)
 def test_ffn_matches_numpy(gate_up, down, layout, t, impl):
+    """y against numpy, and the scratch contract of fic.h: on return it holds h, expert e's
+    t x n_e block at t * (n_0 + ... + n_{e-1}), h = coef silu(gate x) (up x), exactly 0 where
+    coef is 0 (expert 1 for every token; expert 0 for the last token when t > 1). The same for
+    experts_ffn_slots over an arena, which must agree with ExpertSet bit for bit."""
     case = Case((gate_up, gate_up, down), layout, sizes(down, layout, 4, seed=t), t, seed=hash((gate_up, down)) % 1000)
-    want, bound = case.want_and_bound(impl)
-    assert_within(case.run(impl), want, bound)
+    want, bound, h_want, h_bound = case.reference(impl)
+    n_total = sum(case.ns)
+    scratch = np.full(t * n_total + 5, np.nan, np.float32)  # longer than needed: the tail stays untouched
+    y = case.run(impl, scratch=scratch)
+    assert_within(y, want, bound)
+    assert_within(scratch[:t * n_total], h_want, h_bound)
+    assert np.isnan(scratch[t * n_total:]).all()
+    zero = h_want == 0.0
+    assert zero.sum() >= t * case.ns[1] and (scratch[:t * n_total][zero] == 0.0).all()
+    scratch2 = np.full_like(scratch, np.nan)
+    y2 = case.run_slots(impl, scratch=scratch2)
+    assert np.array_equal(y2, y)
+    assert np.array_equal(scratch2, scratch, equal_nan=True)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -278,6 +325,157 @@ def test_from_layout_and_no_experts():
     assert np.array_equal(y, case.y0)
 
 
+# ---- arena slots (experts_ffn_slots) ----------------------------------------------------------
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("coef", [None, "zeros"])
+@pytest.mark.parametrize("t", [1, 3, 33])
+@pytest.mark.parametrize("layout", ["columns", "rows"])
+@pytest.mark.parametrize("fmts", [("q4_1",) * 3, ("q1_0",) * 3, ("q4_0", "q8_0", "f16")])
+def test_slots_match_numpy_and_expert_set(fmts, layout, t, coef, impl, threads):
+    case = Case(fmts, layout, sizes(fmts[2], layout, 6, seed=t), t, seed=t + 40, coef=coef)
+    want, bound = case.want_and_bound(impl)
+    y = case.run_slots(impl)
+    assert_within(y, want, bound)
+    assert np.array_equal(y, case.run(impl))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("t", [1, 4])
+def test_slots_zero_coef_expert_is_not_read(t, impl):
+    case = Case(("f32", "f32", "f32"), "rows", [64, 32, 96], t, seed=2)
+    arena, slot_bytes, slots = case.arena()
+    ns = np.array(case.ns, np.int32)
+    want = case.y0.copy()
+    K.experts_ffn_slots(case.layout_obj(), arena, slot_bytes, slots, ns, case.x, want, coef=case.coef, impl=impl)
+    s1 = int(slots[1]) * slot_bytes
+    arena[s1:s1 + case.bundles[1].nbytes] = np.frombuffer(np.full(case.bundles[1].nbytes // 4, np.nan, np.float32)
+                                                          .tobytes(), dtype=np.uint8)
+    got = case.y0.copy()
+    K.experts_ffn_slots(case.layout_obj(), arena, slot_bytes, slots, ns, case.x, got, coef=case.coef, impl=impl)
+    assert np.array_equal(got, want)
+
+
+def test_slots_layout_forms_and_one_token():
+    case = Case(("q8_0", "q4_1", "q4_0"), "columns", [64, 128, 32], 1, seed=12)
+    want, bound = case.want_and_bound("auto")
+    lay = case.layout_obj()
+    as_tuple = (case.d, *case.fmts, case.layout)
+    y_obj, y_tuple = case.run_slots("auto", layout=lay), case.run_slots("auto", layout=as_tuple)
+    assert_within(y_obj, want, bound)
+    assert np.array_equal(y_obj, y_tuple)
+    arena, slot_bytes, slots = case.arena()
+    y1 = case.y0[0].copy()  # (d_model,) x, y and (n_experts,) coef
+    K.experts_ffn_slots(as_tuple, arena, slot_bytes, slots, np.array(case.ns, np.int32), case.x[0], y1,
+                        coef=case.coef[0])
+    assert np.array_equal(y1, y_obj[0])
+    y0 = case.y0.copy()  # no experts: y unchanged
+    K.experts_ffn_slots(as_tuple, arena, slot_bytes, np.zeros(0, np.int32), np.zeros(0, np.int32), case.x, y0)
+    assert np.array_equal(y0, case.y0)
+
+
+def test_slots_bounds_and_bad_arguments():
+    """The binding checks every bundle lies inside the arena (the C core trusts the caller)."""
+    case = Case(("q4_0", "q4_0", "q4_0"), "rows", [40, 24], 2, seed=3)
+    lay = case.layout_obj()
+    ns = np.array(case.ns, np.int32)
+    need = [b.nbytes for b in case.bundles]  # rows layout: exactly the bundle bytes
+    slot_bytes = max(need)
+    arena = np.zeros(slot_bytes + need[0], np.uint8)  # slot 1 holds expert 0 with no byte to spare
+    arena[slot_bytes:] = case.bundles[0]
+    arena[:need[1]] = case.bundles[1]
+    slots = np.array([1, 0], np.int32)
+    want, bound = case.want_and_bound("auto")
+    y = case.y0.copy()
+    K.experts_ffn_slots(lay, arena, slot_bytes, slots, ns, case.x, y, coef=case.coef)
+    assert_within(y, want, bound)
+
+    def call(**kw):
+        args = {"layout": lay, "arena": arena, "slot_bytes": slot_bytes, "slots": slots, "n_neurons": ns,
+                "x": case.x, "y": case.y0.copy(), "coef": case.coef}
+        args.update(kw)
+        return K.experts_ffn_slots(args.pop("layout"), args.pop("arena"), args.pop("slot_bytes"),
+                                   args.pop("slots"), args.pop("n_neurons"), args.pop("x"), args.pop("y"), **args)
+
+    for bad in [dict(arena=arena[:-1]),                       # expert 0 one byte short
+                dict(slots=np.array([2, 0], np.int32)),       # beyond the arena
+                dict(slots=np.array([1, -1], np.int32)),
+                dict(slots=np.array([1, 0], np.int64)),       # wrong dtype
+                dict(slots=np.array([1], np.int32)),          # lengths differ
+                dict(n_neurons=np.array([40, 24], np.int64)),
+                dict(n_neurons=np.array([40, 0], np.int32)),  # the C core rejects 0 neurons
+                dict(slot_bytes=0),
+                dict(arena=arena.view(np.int8)),
+                dict(x=case.x.astype(np.float64)),
+                dict(coef=np.ones((2, 3), np.float32)),
+                dict(scratch=np.zeros(2 * 64 - 1, np.float32)),
+                dict(layout=(D_MODEL, "q4_0", "q4_0", "q4_0", "diagonal")),
+                dict(layout=(D_MODEL, "q4_0", "q9_9", "q4_0", "rows")),
+                dict(impl="sse9")]:
+        with pytest.raises(ValueError):
+            call(**bad)
+    call(scratch=np.zeros(2 * 64, np.float32))  # exactly t * n_total floats is enough
+
+
+@pytest.mark.parametrize("t", [1, 6])
+@pytest.mark.parametrize("layout", ["columns", "rows"])
+@pytest.mark.parametrize("fmt", ["q4_1", "q1_0", "f32"])
+def test_c_ffn_runs_in_exactly_fic_workspace_bytes(fmt, layout, t, threads):
+    """fic_experts_ffn_slots with a workspace of exactly fic_workspace_bytes(P, t, d, E, N) for
+    its own sizes works and writes nothing past it; 64 bytes are too few (FIC_ERR_WORKSPACE, y
+    untouched)."""
+    case = Case((fmt, fmt, fmt), layout, sizes(fmt, layout, 5, seed=t), t, seed=21)
+    arena, slot_bytes, slots = case.arena()
+    n_total = sum(case.ns)
+    need = lib.fic_workspace_bytes(threads, t, D_MODEL, len(case.ns), n_total)
+    ws = K.aligned_buffer(need + 4096)
+    ws[need:] = 0x5A
+    lay = ffi.new("fic_expert_layout *", {"d_model": D_MODEL, "gate_fmt": K.FORMATS[fmt], "up_fmt": K.FORMATS[fmt],
+                                          "down_fmt": K.FORMATS[fmt], "down_rows": int(layout == "rows")})
+    scratch = np.zeros(t * n_total, np.float32)
+    coef = case.coef
+
+    def call(n_bytes):
+        y = case.y0.copy()
+        st = lib.fic_experts_ffn_slots(K._POOL.get(), lib.FIC_IMPL_AUTO, lay, ffi.from_buffer("uint8_t[]", arena),
+                                       slot_bytes, ffi.from_buffer("int32_t[]", slots),
+                                       ffi.from_buffer("int32_t[]", np.array(case.ns, np.int32)), len(case.ns),
+                                       ffi.from_buffer("float[]", coef), ffi.from_buffer("float[]", case.x),
+                                       ffi.from_buffer("float[]", y), t, ffi.from_buffer("float[]", scratch),
+                                       scratch.size, ffi.from_buffer("uint8_t[]", ws), n_bytes)
+        return st, y
+
+    st, y = call(64)
+    assert st == lib.FIC_ERR_WORKSPACE and np.array_equal(y, case.y0)
+    st, y = call(need)
+    assert st == lib.FIC_OK
+    assert (ws[need:] == 0x5A).all()
+    want, bound = case.want_and_bound("auto")
+    assert_within(y, want, bound)
+
+
+def test_no_workspace_growth_after_reserve():
+    """Once reserved for a plan's maxima, FFN calls within them never grow the workspace."""
+    cases = [Case(("q4_1",) * 3, "columns", [64, 128, 256], 1, seed=1),
+             Case(("q1_0",) * 3, "columns", [128, 256], 9, seed=2),
+             Case(("q8_0",) * 3, "rows", [40, 80, 120, 30], 16, seed=3)]
+    K.reserve_workspace(max_t=16, max_k=D_MODEL, max_experts=4, max_neurons=448)
+    grows, n_bytes = K.workspace_grows(), K.workspace_bytes()
+    for case in cases:
+        want, bound = case.want_and_bound("auto")
+        assert_within(case.run("auto"), want, bound)
+        assert_within(case.run_slots("auto"), want, bound)
+    assert K.workspace_grows() == grows and K.workspace_bytes() == n_bytes
+    n_exp = 4  # a call needing more than the workspace holds, whatever earlier tests reserved
+    while K.workspace_bytes_for(n_threads=K.get_threads(), max_t=20, max_k=D_MODEL, max_experts=n_exp,
+                                max_neurons=128 * n_exp) <= n_bytes:
+        n_exp *= 2
+    big = Case(("q4_0",) * 3, "columns", [128] * n_exp, 20, seed=4)
+    want, bound = big.want_and_bound("auto")
+    assert_within(big.run_slots("auto"), want, bound)
+    assert K.workspace_grows() == grows + 1 and K.workspace_bytes() > n_bytes
+
+
 # ---- bad arguments --------------------------------------------------------------------------
 
 def test_bad_arguments_raise_value_error():
@@ -320,12 +518,15 @@ def test_c_core_rejects_bad_arguments():
     x = ffi.from_buffer("float[]", case.x)
     y = ffi.from_buffer("float[]", case.y0.copy())
     scratch = ffi.new("float[]", 96)
+    ws_arr = K.aligned_buffer(1 << 16)
+    ws = ffi.from_buffer("uint8_t[]", ws_arr)
     ok = {"d_model": D_MODEL, "gate_fmt": lib.FIC_Q8_0, "up_fmt": lib.FIC_Q8_0, "down_fmt": lib.FIC_Q8_0,
           "down_rows": 0}
 
-    def call(layout=ok, impl=lib.FIC_IMPL_REF, b=bundles, nn=n, ne=2, xx=x, yy=y, t=1, s=scratch, sf=96):
+    def call(layout=ok, impl=lib.FIC_IMPL_REF, b=bundles, nn=n, ne=2, xx=x, yy=y, t=1, s=scratch, sf=96, w=ws,
+             wb=ws_arr.nbytes):
         lay = ffi.new("fic_expert_layout *", layout) if layout is not None else ffi.NULL
-        return lib.fic_experts_ffn(ffi.NULL, impl, lay, b, nn, ne, ffi.NULL, xx, yy, t, s, sf)
+        return lib.fic_experts_ffn(ffi.NULL, impl, lay, b, nn, ne, ffi.NULL, xx, yy, t, s, sf, w, wb)
 
     assert call() == lib.FIC_OK
     assert call(layout=None) == lib.FIC_ERR_ARG
@@ -344,7 +545,30 @@ def test_c_core_rejects_bad_arguments():
     assert call(t=0) == lib.FIC_ERR_ARG
     assert call(s=ffi.NULL) == lib.FIC_ERR_ARG
     assert call(sf=95) == lib.FIC_ERR_ARG
-    assert call(ne=0, b=ffi.NULL, nn=ffi.NULL, s=ffi.NULL, sf=0) == lib.FIC_OK
+    assert call(w=ws + 8) == lib.FIC_ERR_ARG        # workspace not 64-byte aligned
+    assert call(w=ffi.NULL) == lib.FIC_ERR_ARG      # NULL with bytes
+    assert call(w=ffi.NULL, wb=0) == lib.FIC_ERR_WORKSPACE
+    assert call(wb=64) == lib.FIC_ERR_WORKSPACE
+    assert call(wb=-64) == lib.FIC_ERR_ARG
+    assert call(ne=0, b=ffi.NULL, nn=ffi.NULL, s=ffi.NULL, sf=0, w=ffi.NULL, wb=0) == lib.FIC_OK
+
+    arena_arr = np.concatenate(case.bundles)
+    arena = ffi.from_buffer("uint8_t[]", arena_arr)
+    slots = ffi.new("int32_t[]", [0, 1])
+
+    def call_slots(ar=arena, sb=case.bundles[0].nbytes, sl=slots, ne=2, w=ws, wb=ws_arr.nbytes, t=1):
+        lay = ffi.new("fic_expert_layout *", ok)
+        return lib.fic_experts_ffn_slots(ffi.NULL, lib.FIC_IMPL_REF, lay, ar, sb, sl, n, ne, ffi.NULL, x, y, t,
+                                         scratch, 96, w, wb)
+
+    assert call_slots() == lib.FIC_OK
+    assert call_slots(ar=ffi.NULL) == lib.FIC_ERR_ARG
+    assert call_slots(sl=ffi.NULL) == lib.FIC_ERR_ARG
+    assert call_slots(sl=ffi.new("int32_t[]", [0, -1])) == lib.FIC_ERR_ARG
+    assert call_slots(sb=0) == lib.FIC_ERR_ARG
+    assert call_slots(w=ws + 32) == lib.FIC_ERR_ARG
+    assert call_slots(wb=128) == lib.FIC_ERR_WORKSPACE
+    assert call_slots(ne=0, ar=ffi.NULL, sl=ffi.NULL, w=ffi.NULL, wb=0) == lib.FIC_OK
 
 
 @pytest.mark.parametrize("impl", [i for i in ("avx2", "avx512", "neon") if i not in IMPLS])
@@ -422,11 +646,13 @@ int main(void) {
                 }
         }
         float y1[T * D], y2[T * D], scratch[T * 512];
+        int64_t nws = fic_workspace_bytes(1, T, D, E, 512);
+        void *ws = aligned_alloc(64, (size_t)nws);
         for (int i = 0; i < T * D; i++) y1[i] = y2[i] = rnd(&s);
         for (int i = 0; i < t * D; i++) mag[i] += fabs(y1[i]);
-        int a = fic_experts_ffn(NULL, FIC_IMPL_REF, &lay, (const uint8_t *const *)bundles, ns, E, coef, x, y1, t, scratch, T * 512);
-        int b = fic_experts_ffn(NULL, FIC_IMPL_NEON, &lay, (const uint8_t *const *)bundles, ns, E, coef, x, y2, t, scratch, T * 512);
-        if (a != FIC_OK || b != FIC_OK) { printf("status %d %d\n", a, b); bad = 1; }
+        int a = fic_experts_ffn(NULL, FIC_IMPL_REF, &lay, (const uint8_t *const *)bundles, ns, E, coef, x, y1, t, scratch, T * 512, ws, nws);
+        int b = fic_experts_ffn(NULL, FIC_IMPL_NEON, &lay, (const uint8_t *const *)bundles, ns, E, coef, x, y2, t, scratch, T * 512, ws, nws);
+        if (a != FIC_OK || b != FIC_OK || ws == NULL) { printf("status %d %d\n", a, b); bad = 1; }
         for (int i = 0; i < t * D; i++)
             if (fabs((double)y1[i] - y2[i]) > 4.0 * (512 + D) * 5.97e-8 * mag[i] + 1e-30) {
                 printf("set %zu rows %d t %d: out %d ref %g neon %g\n", si, rows, t, i, y1[i], y2[i]);
@@ -434,6 +660,7 @@ int main(void) {
                 break;
             }
         for (int e = 0; e < E; e++) free(bundles[e]);
+        free(ws);
     }
     puts(bad ? "FAIL" : "OK");
     return bad;

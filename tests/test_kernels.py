@@ -278,19 +278,21 @@ def test_c_core_rejects_bad_shapes_and_pointers():
     w = ffi.new("uint8_t[]", 4 * 18)
     x = ffi.new("float[]", 64)
     y = ffi.new("float[]", 8)
+    ws_arr = K.aligned_buffer(1 << 20)
+    ws, nws = ffi.from_buffer("uint8_t[]", ws_arr), ws_arr.nbytes
     q4, auto = lib.FIC_Q4_0, lib.FIC_IMPL_AUTO
-    assert lib.fic_matvec(ffi.NULL, auto, q4, w, x, y, 2, 64) == lib.FIC_OK
-    assert lib.fic_matvec(ffi.NULL, auto, q4, w, x, y, 2, 48) == lib.FIC_ERR_ARG  # k % 32
-    assert lib.fic_matvec(ffi.NULL, auto, q4, w, x, y, 0, 64) == lib.FIC_ERR_ARG
-    assert lib.fic_matvec(ffi.NULL, auto, q4, w, x, y, 2, 0) == lib.FIC_ERR_ARG
-    assert lib.fic_matvec(ffi.NULL, auto, q4, ffi.NULL, x, y, 2, 64) == lib.FIC_ERR_ARG
-    assert lib.fic_matvec(ffi.NULL, auto, q4, w, ffi.NULL, y, 2, 64) == lib.FIC_ERR_ARG
-    assert lib.fic_matvec(ffi.NULL, auto, 99, w, x, y, 2, 64) == lib.FIC_ERR_ARG
-    assert lib.fic_matvec(ffi.NULL, 42, q4, w, x, y, 2, 64) == lib.FIC_ERR_ARG
-    assert lib.fic_matmul(ffi.NULL, auto, q4, w, x, y, 0, 2, 32) == lib.FIC_ERR_ARG
-    assert lib.fic_matmul(ffi.NULL, auto, q4, w, x, ffi.NULL, 1, 2, 32) == lib.FIC_ERR_ARG
-    assert lib.fic_accum_rows(ffi.NULL, auto, q4, w, ffi.NULL, y, 2, 32) == lib.FIC_ERR_ARG
-    assert lib.fic_accum_rows(ffi.NULL, auto, lib.FIC_Q1_0, w, x, y, 1, 64) == lib.FIC_ERR_ARG
+    assert lib.fic_matvec(ffi.NULL, auto, q4, w, x, y, 2, 64, ws, nws) == lib.FIC_OK
+    assert lib.fic_matvec(ffi.NULL, auto, q4, w, x, y, 2, 48, ws, nws) == lib.FIC_ERR_ARG  # k % 32
+    assert lib.fic_matvec(ffi.NULL, auto, q4, w, x, y, 0, 64, ws, nws) == lib.FIC_ERR_ARG
+    assert lib.fic_matvec(ffi.NULL, auto, q4, w, x, y, 2, 0, ws, nws) == lib.FIC_ERR_ARG
+    assert lib.fic_matvec(ffi.NULL, auto, q4, ffi.NULL, x, y, 2, 64, ws, nws) == lib.FIC_ERR_ARG
+    assert lib.fic_matvec(ffi.NULL, auto, q4, w, ffi.NULL, y, 2, 64, ws, nws) == lib.FIC_ERR_ARG
+    assert lib.fic_matvec(ffi.NULL, auto, 99, w, x, y, 2, 64, ws, nws) == lib.FIC_ERR_ARG
+    assert lib.fic_matvec(ffi.NULL, 42, q4, w, x, y, 2, 64, ws, nws) == lib.FIC_ERR_ARG
+    assert lib.fic_matmul(ffi.NULL, auto, q4, w, x, y, 0, 2, 32, ws, nws) == lib.FIC_ERR_ARG
+    assert lib.fic_matmul(ffi.NULL, auto, q4, w, x, ffi.NULL, 1, 2, 32, ws, nws) == lib.FIC_ERR_ARG
+    assert lib.fic_accum_rows(ffi.NULL, auto, q4, w, ffi.NULL, y, 2, 32, ws, nws) == lib.FIC_ERR_ARG
+    assert lib.fic_accum_rows(ffi.NULL, auto, lib.FIC_Q1_0, w, x, y, 1, 64, ws, nws) == lib.FIC_ERR_ARG
     assert lib.fic_pool_create(0, ffi.new("fic_pool **")) == lib.FIC_ERR_ARG
 
 
@@ -299,8 +301,10 @@ def test_null_pool_runs_on_calling_thread():
     qt, wd, rng = make("q8_0", 9, 64, seed=2)
     x = rng.standard_normal(64, dtype=np.float32)
     y = np.empty(9, np.float32)
+    ws = K.aligned_buffer(lib.fic_workspace_bytes(1, 1, 64, 0, 0))
     st = lib.fic_matvec(ffi.NULL, lib.FIC_IMPL_AUTO, lib.FIC_Q8_0, ffi.from_buffer("uint8_t[]", qt.data),
-                        ffi.from_buffer("float[]", x), ffi.from_buffer("float[]", y), 9, 64)
+                        ffi.from_buffer("float[]", x), ffi.from_buffer("float[]", y), 9, 64,
+                        ffi.from_buffer("uint8_t[]", ws), ws.nbytes)
     assert st == lib.FIC_OK
     assert_within(y, wd @ x, dot_bound(wd, x))
 
@@ -391,6 +395,200 @@ def test_aligned_buffer_zeroed_and_aligned(huge):
     assert buf.sum(dtype=np.int64) == 7 * (3 << 20)
 
 
+# ---- the workspace (kernels never allocate) ---------------------------------------------------
+
+def ws_round64(b: int) -> int:
+    return -(-b // 64) * 64
+
+
+def tile_floats(k: int) -> int:
+    """F(k) of fic.h: the floats of one thread's matmul tile."""
+    return max(min(60 * k, 65536), 6 * k)
+
+
+def test_workspace_bytes_grows_with_every_maximum():
+    """fic_workspace_bytes: a multiple of 64, at least the matvec and matmul terms of fic.h,
+    never smaller when any maximum grows; FIC_ERR_ARG outside the documented ranges."""
+    lib = K.lib
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        args = [int(rng.integers(1, 9)), int(rng.integers(0, 80)), int(rng.integers(0, 20000)),
+                int(rng.integers(0, 64)), int(rng.integers(0, 30000))]
+        n_bytes = lib.fic_workspace_bytes(*args)
+        assert n_bytes >= 0 and n_bytes % 64 == 0
+        assert n_bytes >= max(ws_round64(3 * args[2]), args[0] * ws_round64(4 * tile_floats(args[2])))
+        for i in range(5):
+            bigger = list(args)
+            bigger[i] += int(rng.integers(1, 3000))
+            assert lib.fic_workspace_bytes(*bigger) >= n_bytes, (args, bigger)
+    assert lib.fic_workspace_bytes(1, 0, 0, 0, 0) == 0
+    for bad in [(0, 1, 64, 1, 64), (1, -1, 64, 1, 64), (1, 1, -64, 1, 64), (1, 1, 64, -1, 64), (1, 1, 64, 1, -1),
+                (1, 1, (1 << 36) + 1, 1, 64), ((1 << 16) + 1, 1, 64, 1, 64)]:
+        assert lib.fic_workspace_bytes(*bad) == lib.FIC_ERR_ARG, bad
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_kernels_use_only_the_documented_workspace(fmt, impl, threads):
+    """matvec needs A(3k) bytes and matmul P A(4 F(k)) (fic.h; P = the pool's threads): with exactly
+    that much they compute the right result and write nothing past it; with 64 bytes less they
+    return FIC_ERR_WORKSPACE before writing y. accum_rows needs none."""
+    lib, ffi = K.lib, K.ffi
+    pool, impl_id, fmt_id = K._POOL.get(), K.IMPLS[impl], K.FORMATS[fmt]
+    for m, k_units, t in [(9, 1, 3), (20, 3, 2), (13, 12, 7), (7, 100, 2)]:  # F(k) = 60k, 60k, 65536, 6k
+        k = k_of(fmt, k_units)
+        qt, wd, rng = make(fmt, m, k, seed=k_units)
+        x = rng.standard_normal((t, k), dtype=np.float32)
+        for name, need, n_out in [("matvec", ws_round64(3 * k), m),
+                                  ("matmul", threads * ws_round64(4 * tile_floats(k)), t * m)]:
+            ws = K.aligned_buffer(need + 4096)
+            ws[need:] = 0xA5
+            wsp = ffi.from_buffer("uint8_t[]", ws)
+            y = np.full(n_out, np.nan, np.float32)
+
+            def call(n_bytes):
+                args = (pool, impl_id, fmt_id, K._u8(qt.data), K._f32(x), K._f32(y))
+                if name == "matvec":
+                    return lib.fic_matvec(*args, m, k, wsp, n_bytes)
+                return lib.fic_matmul(*args, t, m, k, wsp, n_bytes)
+
+            assert call(need - 64) == lib.FIC_ERR_WORKSPACE
+            assert np.isnan(y).all()  # nothing written
+            assert call(need) == lib.FIC_OK
+            assert (ws[need:] == 0xA5).all(), f"{name} wrote past its workspace"
+            if name == "matvec":
+                assert_within(y, wd @ x[0], matvec_bound(fmt, impl, wd, x[0]))
+            else:
+                assert_within(y.reshape(t, m), x.astype(np.float64) @ wd.T, dot_bound(wd, x))
+        a = rng.standard_normal(m, dtype=np.float32)
+        acc = np.zeros(k, np.float32)
+        assert lib.fic_accum_rows(pool, impl_id, fmt_id, K._u8(qt.data), K._f32(a), K._f32(acc), m, k,
+                                  ffi.NULL, 0) == lib.FIC_OK
+        assert_within(acc, a.astype(np.float64) @ wd, FLOAT_SLACK * m * EPS32 * (np.abs(a) @ np.abs(wd)) + 1e-30)
+
+
+def test_workspace_alignment_and_null():
+    lib, ffi = K.lib, K.ffi
+    qt, _, rng = make("q8_0", 4, 128, seed=1)
+    x = rng.standard_normal(128, dtype=np.float32)
+    y = np.zeros(4, np.float32)
+    ws = K.aligned_buffer(8192)
+    wsp = ffi.from_buffer("uint8_t[]", ws)
+    args = (ffi.NULL, lib.FIC_IMPL_REF, lib.FIC_Q8_0, K._u8(qt.data), K._f32(x), K._f32(y), 4, 128)
+    assert lib.fic_matvec(*args, wsp, 8192) == lib.FIC_OK
+    assert lib.fic_matvec(*args, wsp + 16, 8000) == lib.FIC_ERR_ARG      # not 64-byte aligned
+    assert lib.fic_matvec(*args, ffi.NULL, 8192) == lib.FIC_ERR_ARG      # NULL with bytes
+    assert lib.fic_matvec(*args, ffi.NULL, 0) == lib.FIC_ERR_WORKSPACE   # needs A(3k) = 384
+    assert lib.fic_matvec(*args, wsp, -64) == lib.FIC_ERR_ARG
+    assert lib.fic_accum_rows(*args[:4], K._f32(np.ones(4, np.float32)), K._f32(x), 4, 128, wsp + 8,
+                              64) == lib.FIC_ERR_ARG
+
+
+def test_process_workspace_reserve_grow_and_threads():
+    """kernels.py keeps one workspace: calls within the reserved maxima neither grow nor
+    reallocate it, a call beyond grows it once (counted), set_threads re-sizes it for the new
+    thread count without counting growth; results are right throughout."""
+    K.set_threads(2)
+    try:
+        with pytest.raises(ValueError):
+            K.reserve_workspace(max_t=-1, max_k=64)
+        n_bytes = K.reserve_workspace(max_t=8, max_k=1024, max_experts=4, max_neurons=512)
+        assert n_bytes == K.workspace_bytes() > 0
+        assert n_bytes >= K.workspace_bytes_for(n_threads=2, max_t=8, max_k=1024, max_experts=4, max_neurons=512)
+        grows = K.workspace_grows()
+        qt, wd, rng = make("q4_1", 70, 1024, seed=5)
+        x = rng.standard_normal((8, 1024), dtype=np.float32)
+        for _ in range(3):
+            assert_within(K.matvec(qt, x[0]), wd @ x[0], matvec_bound("q4_1", "auto", wd, x[0]))
+            assert_within(K.matmul(qt, x), x.astype(np.float64) @ wd.T, dot_bound(wd, x))
+        assert K.workspace_grows() == grows and K.workspace_bytes() == n_bytes
+        big_k = 1 << 15  # matmul tile 6k floats per thread: more than reserved
+        qb, wb, rng = make("q8_0", 12, big_k, seed=6)
+        xb = rng.standard_normal((3, big_k), dtype=np.float32)
+        assert_within(K.matmul(qb, xb), xb.astype(np.float64) @ wb.T, dot_bound(wb, xb))
+        assert K.workspace_grows() == grows + 1
+        two = K.workspace_bytes()
+        assert two >= 2 * ws_round64(4 * tile_floats(big_k)) > n_bytes
+        K.matmul(qb, xb)
+        assert K.workspace_grows() == grows + 1 and K.workspace_bytes() == two
+        K.set_threads(1)
+        one = K.workspace_bytes()
+        assert ws_round64(4 * tile_floats(big_k)) <= one < two
+        assert_within(K.matmul(qb, xb), xb.astype(np.float64) @ wb.T, dot_bound(wb, xb))
+        K.set_threads(2)
+        assert K.workspace_bytes() == two and K.workspace_grows() == grows + 1
+    finally:
+        K.set_threads(K.default_threads())
+
+
+def test_concurrent_callers_get_their_own_workspace():
+    """While one Python thread is inside a kernel with the process workspace, another's call
+    uses a private one: both results are right (a shared one would corrupt the prepared x)."""
+    K.set_threads(1)
+    qt, wd, rng = make("q1_0", 512, 2048, seed=9)  # Q1_0 prepares x in the workspace (AVX2/AVX-512)
+    xs = [rng.standard_normal(2048, dtype=np.float32) for _ in range(2)]
+    errors: list[str] = []
+
+    def work(i: int) -> None:
+        for _ in range(40):
+            y = K.matvec(qt, xs[i], impl="auto")
+            if not np.all(np.abs(y - wd @ xs[i]) <= matvec_bound("q1_0", "auto", wd, xs[i])):
+                errors.append(f"thread {i}: wrong result")
+                return
+
+    ths = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for th in ths:
+        th.start()
+    for th in ths:
+        th.join()
+    K.set_threads(K.default_threads())
+    assert errors == []
+
+
+def test_busy_workspace_is_not_shared():
+    """A call made while the process workspace is held (another thread inside a kernel) neither
+    waits nor touches it: it runs on a private one and is right."""
+    qt, wd, rng = make("q1_0", 64, 1024, seed=10)
+    x = rng.standard_normal(1024, dtype=np.float32)
+    K.matvec(qt, -x)  # the process workspace exists, holding -x prepared (Q1_0 on AVX2/AVX-512)
+    got: list[np.ndarray] = []
+    with K._WS.lock:
+        before = K._WS.buf.copy()
+        th = threading.Thread(target=lambda: got.append(K.matvec(qt, x)))
+        th.start()
+        th.join(timeout=60)
+        assert not th.is_alive(), "the call waited for the busy workspace"
+        assert np.array_equal(K._WS.buf, before)
+    assert_within(got[0], wd @ x, matvec_bound("q1_0", "auto", wd, x))
+
+
+@pytest.mark.parametrize("arch", ["native", "aarch64"])
+def test_kernels_never_allocate(arch, tmp_path):
+    """tests/noalloc_harness.c wraps malloc and friends and runs every kernel entry point over
+    every format, t = 1 and t > 1, both layouts and every implementation: no call allocates."""
+    if arch == "native":
+        cc, run = shutil.which("gcc") or shutil.which("cc"), []
+        flags = []
+    else:
+        cc, qemu = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")
+        if cc is None or qemu is None:
+            pytest.skip("needs aarch64-linux-gnu-gcc and qemu-aarch64")
+        run, flags = [qemu], ["-march=armv8-a+crc", "-static"]
+    if cc is None:
+        pytest.skip("no C compiler")
+    csrc = REPO / "csrc"
+    exe = tmp_path / "noalloc"
+    wrap = "-Wl,--wrap=malloc,--wrap=calloc,--wrap=realloc,--wrap=aligned_alloc,--wrap=posix_memalign"
+    cmd = [cc, "-O2", "-std=gnu11", "-Wall", "-Wextra", "-Werror", *flags, "-pthread", "-I", str(csrc),
+           str(REPO / "tests" / "noalloc_harness.c"), *(str(csrc / f) for f in ("quant.c", "matvec.c", "pool.c", "ffn.c")),
+           wrap, "-o", str(exe), "-lm"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"})
+    assert res.returncode == 0, res.stderr
+    out = subprocess.run([*run, str(exe)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stdout + out.stderr
+    assert "allocs 0 " in out.stdout and "wrapped 1" in out.stdout
+
+
 # ---- NEON keeps compiling -------------------------------------------------------------------
 
 @pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None, reason="no aarch64 cross compiler")
@@ -414,6 +612,8 @@ NEON_CHECK_C = r"""
 
 static float rnd(unsigned *s) { *s = *s * 1103515245u + 12345u; return ((*s >> 8) & 0xffff) / 32768.0f - 1.0f; }
 
+#define CHK(call) do { if ((call) != FIC_OK) { printf("status: %s, fmt %d\n", #call, fmt); bad = 1; } } while (0)
+
 static int close_enough(const float *a, const float *b, const double *mag, int64_t n, int64_t k) {
     for (int64_t i = 0; i < n; i++)
         if (fabs((double)a[i] - b[i]) > 4.0 * k * 5.97e-8 * mag[i] + 1e-30) return 0;
@@ -427,6 +627,8 @@ int main(void) {
     float *y1 = malloc(t * m * 4), *y2 = malloc(t * m * 4), *a1 = malloc(k * 4), *a2 = malloc(k * 4);
     double *mag = malloc(t * m * 8), *amag = malloc(k * 8);
     uint8_t *q = malloc(m * k * 4);
+    int64_t nws = fic_workspace_bytes(1, t, k, 0, 0);
+    void *ws = aligned_alloc(64, (size_t)nws);
     int bad = 0;
     if (!fic_impl_available(FIC_IMPL_NEON) || fic_impl_best() != FIC_IMPL_NEON) { puts("neon unavailable"); return 1; }
     for (int64_t i = 0; i < m * k; i++) w[i] = rnd(&s);
@@ -445,15 +647,15 @@ int main(void) {
             for (int64_t r = 0; r < m; r++) acc += fabs((double)wd[r * k + i] * x[r]);
             amag[i] = acc;
         }
-        fic_matvec(NULL, FIC_IMPL_REF, fmt, q, x, y1, m, k);
-        fic_matvec(NULL, FIC_IMPL_NEON, fmt, q, x, y2, m, k);
+        CHK(fic_matvec(NULL, FIC_IMPL_REF, fmt, q, x, y1, m, k, ws, nws));
+        CHK(fic_matvec(NULL, FIC_IMPL_NEON, fmt, q, x, y2, m, k, ws, nws));
         if (!close_enough(y1, y2, mag, m, k)) { printf("matvec fmt %d\n", fmt); bad = 1; }
-        fic_matmul(NULL, FIC_IMPL_REF, fmt, q, x, y1, t, m, k);
-        fic_matmul(NULL, FIC_IMPL_NEON, fmt, q, x, y2, t, m, k);
+        CHK(fic_matmul(NULL, FIC_IMPL_REF, fmt, q, x, y1, t, m, k, ws, nws));
+        CHK(fic_matmul(NULL, FIC_IMPL_NEON, fmt, q, x, y2, t, m, k, ws, nws));
         if (!close_enough(y1, y2, mag, t * m, k)) { printf("matmul fmt %d\n", fmt); bad = 1; }
         for (int64_t i = 0; i < k; i++) a1[i] = a2[i] = 0.0f;
-        fic_accum_rows(NULL, FIC_IMPL_REF, fmt, q, x, a1, m, k);
-        fic_accum_rows(NULL, FIC_IMPL_NEON, fmt, q, x, a2, m, k);
+        CHK(fic_accum_rows(NULL, FIC_IMPL_REF, fmt, q, x, a1, m, k, ws, nws));
+        CHK(fic_accum_rows(NULL, FIC_IMPL_NEON, fmt, q, x, a2, m, k, ws, nws));
         if (!close_enough(a1, a2, amag, k, m)) { printf("accum_rows fmt %d\n", fmt); bad = 1; }
     }
     puts(bad ? "FAIL" : "OK");
