@@ -294,7 +294,7 @@ def make_engine_plan(path: Path, *, mem=None, ctx=None, mode=None, active=None) 
     ctx = min(ctx or min(shape.max_ctx, 4096), shape.max_ctx)
     req = planlib.PlanRequest(mem=planlib.parse_size(mem) if mem is not None else None, ctx=ctx,
                               mode=mode or "exact", active=planlib.parse_active(active),
-                              tokenizer_file_bytes=tok_bytes)
+                              tokenizer_file_bytes=tok_bytes, n_threads=kernels.get_threads())
     notes = []
     if req.mem is None:
         everything = planlib.make_plan(shape, req).total_bytes

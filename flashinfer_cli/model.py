@@ -22,7 +22,7 @@ from flashinfer_cli import fmt, kernels
 from flashinfer_cli.arena import Arena
 from flashinfer_cli.config import ArchConfig
 from flashinfer_cli.kernels import QTensor
-from flashinfer_cli.plan import MemoryPlan, ModelShape, PlanRequest, make_plan
+from flashinfer_cli.plan import MemoryPlan, ModelShape, PlanRequest, make_plan, workspace_maxima
 from flashinfer_cli.router import Scorer
 from flashinfer_cli.streaming import FFNRunner
 
@@ -139,9 +139,10 @@ class Model:
             raise fmt.FormatError(self.reader.path, "no expert layout: the FFN has no bundles")
         if plan is None:
             ctx = min(ctx or min(c.max_ctx, 4096), c.max_ctx)
-            plan = make_plan(ModelShape.from_manifest(man), PlanRequest(ctx=ctx))
+            plan = make_plan(ModelShape.from_manifest(man), PlanRequest(ctx=ctx, n_threads=kernels.get_threads()))
         self.plan = plan
         self.ctx = plan.ctx
+        kernels.reserve_workspace(**workspace_maxima(plan.shape, plan.prefill_chunk))
         self.prefill_chunk = plan.prefill_chunk
         # the dense block, read straight from the file into one huge-page buffer
         layout, dense_bytes = fmt.dense_pack(man)

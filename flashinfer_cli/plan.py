@@ -80,6 +80,7 @@ class PlanRequest:
     mode: str = "exact"
     active: float | int | None = None  # fraction of routed experts, or active parameters
     tokenizer_file_bytes: int = 0
+    n_threads: int = 1            # the kernel pool's threads (the workspace has a tile per thread)
 
 
 @dataclass
@@ -206,6 +207,18 @@ def huge_round(n: int) -> int:
     return -(-n // HUGE_PAGE) * HUGE_PAGE
 
 
+def workspace_bytes(shape: ModelShape, chunk: int, n_threads: int) -> int:
+    """The kernels' one workspace (kernels.reserve_workspace with the same maxima)."""
+    from flashinfer_cli import kernels
+
+    return kernels.workspace_bytes_for(n_threads=n_threads, **workspace_maxima(shape, chunk))
+
+
+def workspace_maxima(shape: ModelShape, chunk: int) -> dict[str, int]:
+    return {"max_t": chunk, "max_k": max(shape.d_model, shape.n_heads * shape.head_dim),
+            "max_experts": shape.max_experts_per_layer, "max_neurons": shape.d_ff}
+
+
 def kv_bytes(shape: ModelShape, ctx: int) -> int:
     return 2 * shape.n_layers * ctx * shape.n_kv_heads * shape.head_dim * 2  # k and v, fp16
 
@@ -226,6 +239,7 @@ def _fixed_parts(shape: ModelShape, req: PlanRequest, chunk: int) -> dict[str, i
         "kv cache": kv_bytes(shape, req.ctx),
         "scratch": scratch_bytes(shape, chunk, req.ctx),
         "reader": READER_BYTES,
+        "workspace": workspace_bytes(shape, chunk, req.n_threads),
         "tokenizer": TOKENIZER_IMPORT_BYTES + TOKENIZER_FACTOR * req.tokenizer_file_bytes,
         "engine": ENGINE_OVERHEAD_BYTES,
     }
@@ -272,8 +286,9 @@ def make_plan(shape: ModelShape, req: PlanRequest) -> MemoryPlan:
         return MemoryPlan(shape, req, req.mode, ctx, chunk, parts, shape.n_experts, 0, True,
                           [min(k, n) for n in shape.experts_per_layer],
                           prune=k_req is not None and req.mode == "prune")
-    # under a budget: smaller prefill chunks first, while they still fit a reasonable batch
-    while chunk > 64 and sum(_fixed_parts(shape, req, chunk).values()) + 4 * shape.slot_bytes > req.mem:
+    # under a budget, prefill chunks small enough that their activations take no more than a
+    # sixteenth of it (64 tokens at least: a batch still amortises reading the weights)
+    while chunk > 64 and scratch_bytes(shape, chunk, ctx) > req.mem // 16:
         chunk //= 2
     parts = _fixed_parts(shape, req, chunk)
     fixed = sum(parts.values())

@@ -333,6 +333,7 @@ def test_peak_memory_stays_within_the_budget(smollm2_model, mode):
     assert out.returncode == 0, out.stderr
     r = json.loads(out.stdout)
     assert r["planned"] <= mem
+    assert r["workspace_grows"] == 0                  # the kernels' workspace was sized once, at open
     assert r["delta"] <= mem + RSS_MARGIN, (r["delta"], mem)
     assert r["stats"]["total"]["bytes_read"] > 0      # experts really came from flash
     if mode == "exact":
