@@ -12,7 +12,11 @@ setup(
     packages=find_packages(include=["flashinfer_cli", "flashinfer_cli.*"]) + ["flashinfer_cli.models"],
     # the catalog lives at the top (models/) and installs as flashinfer_cli.models
     package_dir={"flashinfer_cli.models": "models"},
-    package_data={"flashinfer_cli.models": ["*.toml"]},
+    package_data={
+        "flashinfer_cli.models": ["*.toml"],
+        # the texts fic ships (flashinfer_cli/texts.py)
+        "flashinfer_cli": ["data/quality/*.txt", "data/prompts.json"],
+    },
     setup_requires=["cffi>=1.15"],
     cffi_modules=["csrc/build_ffi.py:ffibuilder"],
     install_requires=[
