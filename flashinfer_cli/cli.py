@@ -385,6 +385,50 @@ def chat(model, verbose, system, ctx, threads, **sampling):
         messages.append({"role": "assistant", "content": answer.strip()})
 
 
+@cli.command()
+@click.argument("model", default=DEFAULT_MODEL)
+@click.option("--quality", is_flag=True, help="Measure prune mode's quality cost against the full model.")
+@click.option("--active", "actives", default="0.25,0.5,0.75,0.9,1", show_default=True,
+              help="Comma-separated active fractions (with --quality).")
+@click.option("--policy", "policies", default="exact,static", show_default=True,
+              help="Comma-separated policies (with --quality).")
+@click.option("--max-tokens", type=click.IntRange(min=8), default=512, show_default=True,
+              help="Tokens of each text (half prompt, half continuation).")
+@click.option("--texts", "n_texts", type=click.IntRange(min=1), default=None, help="Use only the first N texts.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def bench(model, quality, actives, policies, max_tokens, n_texts, as_json):
+    """Measure MODEL. --quality: for each policy and --active in prune mode, the continuation
+    perplexity relative to the full model's and greedy-token agreement, on the texts fic ships."""
+    import json
+
+    from flashinfer_cli import bench as benchlib
+    from flashinfer_cli.router import POLICIES
+
+    if not quality:
+        _fail("fic bench measures quality for now: add --quality (speed benchmarks are in bench/)")
+    try:
+        a_list = [float(a) for a in actives.split(",") if a.strip()]
+    except ValueError:
+        _fail(f"--active {actives!r}: comma-separated fractions in (0, 1]")
+    if not a_list or any(not 0 < a <= 1 for a in a_list):
+        _fail(f"--active {actives!r}: comma-separated fractions in (0, 1]")
+    p_list = [p.strip() for p in policies.split(",") if p.strip()]
+    if not p_list or any(p not in POLICIES for p in p_list):
+        _fail(f"--policy {policies!r}: comma-separated names from {', '.join(POLICIES)}")
+    try:
+        report = benchlib.quality(model, actives=a_list, policies=p_list, max_tokens=max_tokens, n_texts=n_texts,
+                                  progress=lambda s: click.echo(f"fic: measuring {s}", err=True))
+    except (ValueError, OSError) as exc:
+        _fail(_one_line(exc))
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=1))
+        return
+    click.echo(f"{report.model}: {report.n_texts} texts, up to {report.tokens_per_text} tokens each, "
+               f"full model's continuation perplexity {report.full_ppl:.2f}")
+    for line in report.table():
+        click.echo(line)
+
+
 def main() -> None:
     try:
         cli.main(prog_name="fic", standalone_mode=True)
