@@ -104,6 +104,7 @@ def ls_cmd() -> None:
 def show_cmd(model: str, mem: str | None, ctx: int | None, mode: str, active: str | None) -> None:
     """Describe a model: architecture, parameters, dense block, experts, quantization, and the
     memory plan (with --mem: what fits that budget)."""
+    from flashinfer_cli import fmt
     from flashinfer_cli.engine import make_engine_plan
     from flashinfer_cli.pull import resolve_model
     from flashinfer_cli.store import describe
@@ -111,7 +112,12 @@ def show_cmd(model: str, mem: str | None, ctx: int | None, mode: str, active: st
     with _user_errors():
         path = resolve_model(model, auto_pull=False)
         d = describe(path)
-        plan, _ = make_engine_plan(path, mem=mem if mem is not None else None, ctx=ctx, mode=mode, active=active)
+        try:
+            plan, _ = make_engine_plan(path, mem=mem, ctx=ctx, mode=mode, active=active)
+        except KeyError as exc:  # a manifest without the architecture fields a plan needs
+            if mem is not None:
+                raise fmt.FormatError(path, f"no memory plan: the architecture lacks {exc}") from None
+            plan = None
     arch = d.arch
     click.echo(f"name            {d.name}")
     click.echo(f"path            {d.path}")
@@ -137,9 +143,10 @@ def show_cmd(model: str, mem: str | None, ctx: int | None, mode: str, active: st
     click.echo(f"source          {d.provenance.get('source', '-')}")
     for note in d.notes:
         click.echo(f"note            {note}")
-    click.echo("memory plan")
-    for line in plan.lines():
-        click.echo(f"  {line}")
+    if plan is not None:
+        click.echo("memory plan")
+        for line in plan.lines():
+            click.echo(f"  {line}")
 
 
 @cli.command("rm")

@@ -12,6 +12,7 @@ import os
 import sys
 import tempfile
 from collections import Counter
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,9 @@ from flashinfer_cli.kernels import QTensor
 QUANT_CHOICES = tuple(kernels.FORMATS)  # f32, f16, q8_0, q4_0, q4_1, q1_0
 
 
+DEFAULT_EXPERT_SIZE = 64  # see bench/RESULTS.md (quality per expert size)
+
+
 class ConvertError(Exception):
     """A conversion that cannot proceed; the message is one line."""
 
@@ -33,13 +37,13 @@ class ConvertError(Exception):
 @dataclass
 class ConvertOptions:
     quant: str = "q8_0"           # format for weights that are converted: f32, f16, q8_0, q4_0, q4_1, q1_0
-    expert_size: int = 64         # neurons per expert
+    expert_size: int | None = None  # neurons per expert; None: DEFAULT_EXPERT_SIZE, rounded up to the down block
     down_layout: str = "columns"  # fmt.DOWN_LAYOUTS
 
     def check(self) -> None:
         if self.quant not in QUANT_CHOICES:
             raise ConvertError(f"unknown quantization {self.quant!r} (choose from {', '.join(QUANT_CHOICES)})")
-        if self.expert_size < 1:
+        if self.expert_size is not None and self.expert_size < 1:
             raise ConvertError(f"expert size must be positive, got {self.expert_size}")
         if self.down_layout not in fmt.DOWN_LAYOUTS:
             raise ConvertError(f"unknown down layout {self.down_layout!r} (choose from {', '.join(fmt.DOWN_LAYOUTS)})")
@@ -146,6 +150,8 @@ def _plan_layout(ck: Checkpoint, options: ConvertOptions) -> _Plan:
             raise ConvertError(f"d_model {c.d_model} is not a multiple of {f}'s block of {kernels.block_weights(f)}")
     if options.down_layout == "columns":
         bw = kernels.block_weights(layout.down_fmt)
+        if options.expert_size is None:  # the default suits the file: a whole number of down blocks
+            options.expert_size = -(-DEFAULT_EXPERT_SIZE // bw) * bw
         if options.expert_size % bw or c.d_ff % bw:
             raise ConvertError(f"expert size {options.expert_size} (and d_ff {c.d_ff}) must be multiples of "
                                f"{layout.down_fmt}'s block of {bw} for the columns down layout; "
@@ -247,12 +253,15 @@ def convert(source: Path, dest: Path, *, name: str, options: ConvertOptions = Co
     """Convert a Hugging Face layout directory or a .gguf file into a fic model at `dest`, atomically.
     Raises ConvertError with a one-line message."""
     options.check()
+    options = dataclasses.replace(options)  # the resolved expert size is written into this copy
     source, dest = Path(source), Path(dest)
     try:
         ck = open_checkpoint(source)
     except CheckpointError as exc:
         raise ConvertError(str(exc)) from None
     plan = _plan_layout(ck, options)
+    if options.expert_size is None:
+        options.expert_size = DEFAULT_EXPERT_SIZE
     spec = _tokenizer_spec(ck)
     tokenizer_entry = spec.manifest_entry()
     from tqdm import tqdm

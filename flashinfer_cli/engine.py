@@ -62,20 +62,22 @@ class Engine:
     @classmethod
     def open(cls, name_or_path: str, *, mem: str | int | None = None, ctx: int | None = None,
              mode: str | None = None, active: str | float | int | None = None, policy: str | None = None,
-             reselect: int | None = None, threads: int | None = None, auto_pull: bool = True) -> "Engine":
+             reselect: int | None = None, threads: int | None = None, auto_pull: bool = True,
+             kv_dtype: str = "f16") -> "Engine":
         """Open a model directory, or a store name (a catalog name is pulled on first use).
         mem: the memory budget ('512M', '2G' or bytes; default: everything resident when the
         machine's available memory holds it with room to spare); ctx: KV cache length (default the
         model's, at most 4096); mode: 'exact' (default) or 'prune'; active: the active fraction of
         each layer's experts or a parameter count ('300M'); policy: 'exact' (default) or 'static';
-        reselect: tokens between reselections (0: off); threads: kernel threads."""
+        reselect: tokens between reselections (0: off); threads: kernel threads; kv_dtype: the KV
+        cache's element type, f16 (half the memory) or f32."""
         from flashinfer_cli.pull import resolve_model
         from flashinfer_cli.tokenizer import Tokenizer
 
         if threads is not None:
             kernels.set_threads(threads)
         path = resolve_model(name_or_path, auto_pull=auto_pull)
-        plan, notes = make_engine_plan(path, mem=mem, ctx=ctx, mode=mode, active=active)
+        plan, notes = make_engine_plan(path, mem=mem, ctx=ctx, mode=mode, active=active, kv_dtype=kv_dtype)
         model = Model(path, plan=plan)
         tokenizer = Tokenizer.from_model_dir(path, model.reader.manifest.tokenizer)
         return cls(path, model, tokenizer, policy=policy or "exact",
@@ -284,7 +286,8 @@ class Engine:
         self.model.close()
 
 
-def make_engine_plan(path: Path, *, mem=None, ctx=None, mode=None, active=None) -> tuple[planlib.MemoryPlan, list[str]]:
+def make_engine_plan(path: Path, *, mem=None, ctx=None, mode=None, active=None,
+                     kv_dtype: str = "f16") -> tuple[planlib.MemoryPlan, list[str]]:
     """The memory plan for a model directory and the user's options; notes say what was decided
     for the user (a budget taken from the available memory)."""
     man = fmt.parse_manifest(Path(path) / fmt.MANIFEST_FILE)
@@ -294,7 +297,8 @@ def make_engine_plan(path: Path, *, mem=None, ctx=None, mode=None, active=None) 
     ctx = min(ctx or min(shape.max_ctx, 4096), shape.max_ctx)
     req = planlib.PlanRequest(mem=planlib.parse_size(mem) if mem is not None else None, ctx=ctx,
                               mode=mode or "exact", active=planlib.parse_active(active),
-                              tokenizer_file_bytes=tok_bytes, n_threads=kernels.get_threads())
+                              tokenizer_file_bytes=tok_bytes, n_threads=kernels.get_threads(),
+                              kv_dtype=kv_dtype)
     notes = []
     if req.mem is None:
         everything = planlib.make_plan(shape, req).total_bytes

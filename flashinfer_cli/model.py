@@ -131,7 +131,8 @@ def _qt(w: QTensor | np.ndarray) -> QTensor:
 class Model:
     """Weights + KV cache of one fic model. `forward(tokens)` appends tokens at position `pos`."""
 
-    def __init__(self, path: str | Path, *, ctx: int | None = None, plan: MemoryPlan | None = None):
+    def __init__(self, path: str | Path, *, ctx: int | None = None, plan: MemoryPlan | None = None,
+                 kv_dtype: str = "f16"):
         self.reader = fmt.ModelReader(path)
         man = self.reader.manifest
         self.config = c = ArchConfig.from_json(man.arch)
@@ -139,7 +140,8 @@ class Model:
             raise fmt.FormatError(self.reader.path, "no expert layout: the FFN has no bundles")
         if plan is None:
             ctx = min(ctx or min(c.max_ctx, 4096), c.max_ctx)
-            plan = make_plan(ModelShape.from_manifest(man), PlanRequest(ctx=ctx, n_threads=kernels.get_threads()))
+            plan = make_plan(ModelShape.from_manifest(man), PlanRequest(ctx=ctx, n_threads=kernels.get_threads(),
+                                                                        kv_dtype=kv_dtype))
         self.plan = plan
         self.ctx = plan.ctx
         kernels.reserve_workspace(**workspace_maxima(plan.shape, plan.prefill_chunk))
@@ -166,7 +168,8 @@ class Model:
         self._rot = np.concatenate([np.arange(half, c.head_dim), np.arange(half)])
         self._sin_signed = np.concatenate([-self.sin[:, :half], self.sin[:, half:]], axis=1)
         self._scale = np.float32(1.0 / math.sqrt(c.head_dim))
-        self.k_cache = np.zeros((c.n_layers, self.ctx, c.n_kv_heads, c.head_dim), np.float16)
+        kv = np.float16 if plan.request.kv_dtype == "f16" else np.float32
+        self.k_cache = np.zeros((c.n_layers, self.ctx, c.n_kv_heads, c.head_dim), kv)
         self.v_cache = np.zeros_like(self.k_cache)
         self.pos = 0
         self.collect = None  # a callback (layer, t, calls) that receives every FFN call's h

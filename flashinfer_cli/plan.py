@@ -81,6 +81,7 @@ class PlanRequest:
     active: float | int | None = None  # fraction of routed experts, or active parameters
     tokenizer_file_bytes: int = 0
     n_threads: int = 1            # the kernel pool's threads (the workspace has a tile per thread)
+    kv_dtype: str = "f16"         # the KV cache's element type: f16 (default) or f32
 
 
 @dataclass
@@ -219,8 +220,11 @@ def workspace_maxima(shape: ModelShape, chunk: int) -> dict[str, int]:
             "max_experts": shape.max_experts_per_layer, "max_neurons": shape.d_ff}
 
 
-def kv_bytes(shape: ModelShape, ctx: int) -> int:
-    return 2 * shape.n_layers * ctx * shape.n_kv_heads * shape.head_dim * 2  # k and v, fp16
+KV_DTYPES = {"f16": 2, "f32": 4}
+
+
+def kv_bytes(shape: ModelShape, ctx: int, kv_dtype: str = "f16") -> int:
+    return 2 * shape.n_layers * ctx * shape.n_kv_heads * shape.head_dim * KV_DTYPES[kv_dtype]  # k and v
 
 
 def scratch_bytes(shape: ModelShape, chunk: int, ctx: int) -> int:
@@ -236,7 +240,7 @@ def scratch_bytes(shape: ModelShape, chunk: int, ctx: int) -> int:
 def _fixed_parts(shape: ModelShape, req: PlanRequest, chunk: int) -> dict[str, int]:
     return {
         "dense block": huge_round(shape.dense_bytes),
-        "kv cache": kv_bytes(shape, req.ctx),
+        "kv cache": kv_bytes(shape, req.ctx, req.kv_dtype),
         "scratch": scratch_bytes(shape, chunk, req.ctx),
         "reader": READER_BYTES,
         "workspace": workspace_bytes(shape, chunk, req.n_threads),
@@ -271,6 +275,8 @@ def _active_count(shape: ModelShape, active: float | int) -> int:
 
 
 def make_plan(shape: ModelShape, req: PlanRequest) -> MemoryPlan:
+    if req.kv_dtype not in KV_DTYPES:
+        raise ValueError(f"unknown KV cache type {req.kv_dtype!r} (choose from {', '.join(KV_DTYPES)})")
     if req.mode not in MODES:
         raise ValueError(f"unknown mode {req.mode!r} (choose from {', '.join(MODES)})")
     ctx = req.ctx

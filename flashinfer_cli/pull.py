@@ -51,7 +51,7 @@ class Plan:
     sources: list[Source] = field(default_factory=list)
     local: Path | None = None       # a local .gguf file or HF layout dir
     quant: str = "q8_0"
-    expert_size: int = 64
+    expert_size: int | None = None  # None: convert's default, which suits the file's down format
     catalog_name: str | None = None
 
 

@@ -325,6 +325,10 @@ def write_gguf(path: Path, model, *, types=GGUF_TYPES, arch: str = "llama") -> d
             w.add_tensor(gname, value.astype(np.float16))
         elif qtype == T.F32:
             w.add_tensor(gname, value)
+        elif qtype == T.Q1_0:  # the gguf package cannot quantize Q1_0: fic's quantizer (ggml's layout)
+            q = kernels.quantize(np.ascontiguousarray(value, dtype=np.float32), "q1_0")
+            state[name] = kernels.dequantize(q)
+            w.add_tensor(gname, q.data.reshape(value.shape[0], -1), raw_dtype=qtype)
         elif qtype in K_BLOCKS:  # the gguf package cannot quantize K types: random valid blocks instead
             blocks = random_k_blocks(value.shape, qtype, np.random.default_rng(len(state) + len(name)))
             state[name] = gguf.quants.dequantize(blocks, qtype)
@@ -429,6 +433,21 @@ def test_gguf_qwen2_not_permuted(tmp_path):
     np.testing.assert_array_equal(dense["blk.0.attn_k"], ref["blk.0.attn_k"])
     np.testing.assert_array_equal(dense["blk.0.attn_q.bias"], ref["blk.0.attn_q.bias"])
     assert (np.abs(dense["blk.1.attn_q"] - ref["blk.1.attn_q"]) <= block_bound(ref["blk.1.attn_q"], "q8_0")).all()
+
+
+def test_gguf_1bit_ffn_converts_with_the_defaults(tmp_path):
+    """A Bonsai-style GGUF whose FFN is Q1_0 (block 128) pulls with the default options: the default
+    expert size rounds up to a whole number of down blocks (64 -> 128)."""
+    model = tiny_model("llama", seed=6, hidden_size=128, intermediate_size=384)
+    path = tmp_path / "bonsai.gguf"
+    write_gguf(path, model, types={"ffn_gate": T.Q1_0, "ffn_up": T.Q1_0, "ffn_down": T.Q1_0})
+    out = convert(path, tmp_path / "m", name="x", options=ConvertOptions(), progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["expert_layout"]["down_fmt"] == "q1_0"
+    assert [e[3] for e in manifest["experts"][0]] == [128, 128, 128]
+    assert manifest["provenance"]["converter"]["expert_size"] == 128
+    with pytest.raises(ConvertError, match="multiples of q1_0's block of 128"):  # an explicit size is kept
+        convert(path, tmp_path / "m2", name="x", options=ConvertOptions(expert_size=64), progress=False)
 
 
 def test_gguf_mixed_ffn_formats_share_one_layout(tmp_path):

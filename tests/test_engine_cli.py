@@ -39,7 +39,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(tiny):
-    return Engine.open(str(tiny[0]), ctx=256)
+    return Engine.open(str(tiny[0]), ctx=256, kv_dtype="f32")  # fp32 cache: parity to 1e-4 (fp16: test_model)
 
 
 def ref_ids(tok, messages=None, raw=None) -> list[int]:
