@@ -128,6 +128,59 @@ def test_peaked_and_rising_scores(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "x".join(map(str, c)))
+def test_exact_means(impl, cfg):
+    """The bound above grows like n u, so at 4096 keys it would not see one key dropped or counted
+    twice. This test can: with scale 0 every weight is exp(0) = 1 exactly (expf and the
+    polynomial), and with small integer values every sum is exact in fp32 (< 2^24), so each
+    output is exactly sum(v[:n]) / n up to the final multiply by 1/n (2 ulp). Any key missed or
+    repeated by the causal mask, a tile, a decode slice or the merge moves it by >= 1/n."""
+    nh, nkv, hd = cfg
+    rng = np.random.default_rng(21)
+    ctx = 4096
+    k = rng.standard_normal((ctx, nkv, hd)).astype(np.float16)
+    v = (rng.integers(1, 9, (ctx, nkv, hd)) * rng.choice([-1, 1], (ctx, nkv, hd))).astype(np.float16)
+    csum = np.cumsum(v.astype(np.float64), axis=0)  # csum[p] = sum of v[0..p]
+    g = nh // nkv
+    for t, pos0 in ((1, 0), (1, 1), (1, 255), (1, 256), (1, 511), (1, 2500), (1, 4095), (19, 0), (9, 247), (40, 4056)):
+        q = rng.standard_normal((t, nh, hd)).astype(np.float32)
+        got = kernels.attention(q, k, v, pos0, 0.0, impl=impl)
+        pos = np.arange(pos0, pos0 + t)
+        want = np.repeat(csum[pos], g, axis=1) / (pos + 1)[:, None, None]
+        assert np.all(np.abs(got - want) <= 2.5 * U * np.abs(want) + 1e-30), (t, pos0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_needle_keys(impl):
+    """One key per query whose score dwarfs the others (by > 40): the output is that key's V.
+    Needles sit at tile (32) and decode slice (256) boundaries; a K row read at the wrong place
+    gives a neighbour's V (random integers below 2000)."""
+    nh, nkv, hd = 12, 2, 128
+    rng = np.random.default_rng(22)
+    n = 4096
+    k = (0.05 * rng.standard_normal((n, nkv, hd))).astype(np.float16)
+    v = (rng.permutation(n * nkv * hd).reshape(n, nkv, hd) % 2000).astype(np.float16)
+    q = np.zeros((1, nh, hd), np.float32)
+    q[0, :, 0] = 1.0
+    for p in (0, 31, 32, 33, 255, 256, 257, 1023, 1024, 2047, 4064, 4095):
+        kk = k.copy()
+        kk[p, :, 0] = 60.0
+        got = kernels.attention(q, kk, v, n - 1, 1.0, impl=impl)
+        want = np.repeat(v[p].astype(np.float32), nh // nkv, axis=0)
+        assert np.allclose(got[0], want, rtol=1e-5, atol=1e-3), p
+    # prefill: query i's needle at its own last position pos0 + i (the causal edge)
+    t, pos0 = 12, 250
+    kk = k.copy()
+    kk[pos0 + np.arange(t), :, 0] = 60.0
+    qs = np.repeat(q, t, axis=0)
+    got = kernels.attention(qs, kk, v, pos0, 1.0, impl=impl)
+    # query i sees needles pos0..pos0+i, all with equal scores: their mean
+    for i in range(t):
+        want = v[pos0:pos0 + i + 1].astype(np.float64).mean(axis=0)
+        assert np.allclose(got[i], np.repeat(want, nh // nkv, axis=0), rtol=1e-5, atol=1e-3), i
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_strided_cache_layer(impl):
     """A layer of a (layers, ctx, kv, hd) cache: a C-contiguous slice, as the model holds it."""
     rng = np.random.default_rng(9)
