@@ -199,7 +199,8 @@ ATT_TGT_AVX2 static float exp_sum_avx2(float *s, int64_t n, float m) {
 }
 
 /* acc = acc * corr + sum_j p[j] vt[j], 32 columns (four registers) at a time over all j. */
-ATT_TGT_AVX2 static void accum_avx2(float *acc, float corr, const float *p, const float *vt, int64_t nb, int64_t hd) {
+ATT_TGT_AVX2 static void accum_avx2(float *acc, float corr, const float *p, const float *vt, int64_t nb, int64_t hd,
+                                    int64_t stride) {
     const __m256 vc = _mm256_set1_ps(corr);
     int64_t d = 0;
     for (; d + 32 <= hd; d += 32) {
@@ -208,7 +209,7 @@ ATT_TGT_AVX2 static void accum_avx2(float *acc, float corr, const float *p, cons
         __m256 a2 = _mm256_mul_ps(_mm256_loadu_ps(acc + d + 16), vc);
         __m256 a3 = _mm256_mul_ps(_mm256_loadu_ps(acc + d + 24), vc);
         for (int64_t j = 0; j < nb; j++) {
-            const float *v = vt + j * hd + d;
+            const float *v = vt + j * stride + d;
             __m256 pj = _mm256_broadcast_ss(p + j);
             a0 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v), a0);
             a1 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 8), a1);
@@ -222,13 +223,78 @@ ATT_TGT_AVX2 static void accum_avx2(float *acc, float corr, const float *p, cons
     }
     for (; d + 8 <= hd; d += 8) {
         __m256 a = _mm256_mul_ps(_mm256_loadu_ps(acc + d), vc);
-        for (int64_t j = 0; j < nb; j++) a = _mm256_fmadd_ps(_mm256_broadcast_ss(p + j), _mm256_loadu_ps(vt + j * hd + d), a);
+        for (int64_t j = 0; j < nb; j++) a = _mm256_fmadd_ps(_mm256_broadcast_ss(p + j), _mm256_loadu_ps(vt + j * stride + d), a);
         _mm256_storeu_ps(acc + d, a);
     }
     for (; d < hd; d++) {
         float a = acc[d] * corr;
-        for (int64_t j = 0; j < nb; j++) a += p[j] * vt[j * hd + d];
+        for (int64_t j = 0; j < nb; j++) a += p[j] * vt[j * stride + d];
         acc[d] = a;
+    }
+}
+
+/* Two query rows of the same query (heads sharing this kv head) at once: each K and V load
+ * feeds two FMAs instead of one. */
+ATT_TGT_AVX2 static void scores2_avx2(const float *qa, const float *qb, const float *kt, int64_t nb, int64_t hd,
+                                      float scale, float *sa, float *sb) {
+    const int64_t hd8 = hd & ~(int64_t)7;
+    if (hd8 != hd) { /* odd head_dim: the one-row kernel handles the tails */
+        scores_avx2(qa, kt, nb, hd, scale, sa);
+        scores_avx2(qb, kt, nb, hd, scale, sb);
+        return;
+    }
+    const __m128 vs = _mm_set1_ps(scale);
+    int64_t j = 0;
+    for (; j + 4 <= nb; j += 4) {
+        const float *k0 = kt + j * hd, *k1 = k0 + hd, *k2 = k1 + hd, *k3 = k2 + hd;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+        for (int64_t d = 0; d < hd; d += 8) {
+            __m256 qva = _mm256_loadu_ps(qa + d), qvb = _mm256_loadu_ps(qb + d), k;
+            k = _mm256_loadu_ps(k0 + d); a0 = _mm256_fmadd_ps(qva, k, a0); b0 = _mm256_fmadd_ps(qvb, k, b0);
+            k = _mm256_loadu_ps(k1 + d); a1 = _mm256_fmadd_ps(qva, k, a1); b1 = _mm256_fmadd_ps(qvb, k, b1);
+            k = _mm256_loadu_ps(k2 + d); a2 = _mm256_fmadd_ps(qva, k, a2); b2 = _mm256_fmadd_ps(qvb, k, b2);
+            k = _mm256_loadu_ps(k3 + d); a3 = _mm256_fmadd_ps(qva, k, a3); b3 = _mm256_fmadd_ps(qvb, k, b3);
+        }
+        __m256 ha = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+        __m256 hb = _mm256_hadd_ps(_mm256_hadd_ps(b0, b1), _mm256_hadd_ps(b2, b3));
+        _mm_storeu_ps(sa + j, _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(ha), _mm256_extractf128_ps(ha, 1)), vs));
+        _mm_storeu_ps(sb + j, _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(hb), _mm256_extractf128_ps(hb, 1)), vs));
+    }
+    if (j < nb) {
+        scores_avx2(qa, kt + j * hd, nb - j, hd, scale, sa + j);
+        scores_avx2(qb, kt + j * hd, nb - j, hd, scale, sb + j);
+    }
+}
+
+ATT_TGT_AVX2 static void accum2_avx2(float *acca, float corra, const float *pa, float *accb, float corrb,
+                                     const float *pb, const float *vt, int64_t nb, int64_t hd) {
+    const __m256 ca = _mm256_set1_ps(corra), cb = _mm256_set1_ps(corrb);
+    int64_t d = 0;
+    for (; d + 32 <= hd; d += 32) {
+        __m256 a0 = _mm256_mul_ps(_mm256_loadu_ps(acca + d), ca), b0 = _mm256_mul_ps(_mm256_loadu_ps(accb + d), cb);
+        __m256 a1 = _mm256_mul_ps(_mm256_loadu_ps(acca + d + 8), ca), b1 = _mm256_mul_ps(_mm256_loadu_ps(accb + d + 8), cb);
+        __m256 a2 = _mm256_mul_ps(_mm256_loadu_ps(acca + d + 16), ca), b2 = _mm256_mul_ps(_mm256_loadu_ps(accb + d + 16), cb);
+        __m256 a3 = _mm256_mul_ps(_mm256_loadu_ps(acca + d + 24), ca), b3 = _mm256_mul_ps(_mm256_loadu_ps(accb + d + 24), cb);
+        for (int64_t j = 0; j < nb; j++) {
+            const float *v = vt + j * hd + d;
+            __m256 pja = _mm256_broadcast_ss(pa + j), pjb = _mm256_broadcast_ss(pb + j), x;
+            x = _mm256_loadu_ps(v); a0 = _mm256_fmadd_ps(pja, x, a0); b0 = _mm256_fmadd_ps(pjb, x, b0);
+            x = _mm256_loadu_ps(v + 8); a1 = _mm256_fmadd_ps(pja, x, a1); b1 = _mm256_fmadd_ps(pjb, x, b1);
+            x = _mm256_loadu_ps(v + 16); a2 = _mm256_fmadd_ps(pja, x, a2); b2 = _mm256_fmadd_ps(pjb, x, b2);
+            x = _mm256_loadu_ps(v + 24); a3 = _mm256_fmadd_ps(pja, x, a3); b3 = _mm256_fmadd_ps(pjb, x, b3);
+        }
+        _mm256_storeu_ps(acca + d, a0);
+        _mm256_storeu_ps(acca + d + 8, a1);
+        _mm256_storeu_ps(acca + d + 16, a2);
+        _mm256_storeu_ps(acca + d + 24, a3);
+        _mm256_storeu_ps(accb + d, b0);
+        _mm256_storeu_ps(accb + d + 8, b1);
+        _mm256_storeu_ps(accb + d + 16, b2);
+        _mm256_storeu_ps(accb + d + 24, b3);
+    }
+    if (d < hd) { /* columns past the last 32: the one-row kernel on the rest */
+        accum_avx2(acca + d, corra, pa, vt + d, nb, hd - d, hd);
+        accum_avx2(accb + d, corrb, pb, vt + d, nb, hd - d, hd);
     }
 }
 
@@ -411,7 +477,7 @@ static float exp_sum(int impl, float *s, int64_t n, float m) {
 static void accum(int impl, float *acc, float corr, const float *p, const float *vt, int64_t nb, int64_t hd) {
     switch (impl) {
 #if defined(ATT_X86)
-    case FIC_IMPL_AVX2: accum_avx2(acc, corr, p, vt, nb, hd); return;
+    case FIC_IMPL_AVX2: accum_avx2(acc, corr, p, vt, nb, hd, hd); return;
 #endif
 #if defined(__aarch64__)
     case FIC_IMPL_NEON: accum_neon(acc, corr, p, vt, nb, hd); return;
@@ -442,6 +508,19 @@ typedef struct {
     int64_t n_split, split_len; /* decode */
 } att_job;
 
+/* The streaming softmax step for one row and one tile of scores s[0..n): the new running max m,
+ * s <- exp(s - m), l <- l * corr + sum; returns corr = exp(m_old - m), the factor acc must take. */
+static float online_update(int impl, float *state, float *s, int64_t n) {
+    float mt = s[0];
+    for (int64_t i = 1; i < n; i++) mt = s[i] > mt ? s[i] : mt;
+    const float m_old = state[0], m_new = mt > m_old ? mt : m_old;
+    const float corr = m_old == -INFINITY ? 0.0f : expf(m_old - m_new);
+    const float sum = exp_sum(impl, s, n, m_new);
+    state[0] = m_new;
+    state[1] = state[1] * corr + sum;
+    return corr;
+}
+
 /* Runs queries [i0, i0 + nq) of kv head h over positions [p0, p1) (each query also stops at its
  * causal limit), updating per row r = query * g + head-in-group the state st + r * st_stride:
  * st[0] = m, st[1] = l, st[2..] = acc. The state must start as (-inf, 0, 0...). */
@@ -455,22 +534,31 @@ static void attend(const att_job *j, float *tile, int64_t h, int64_t i0, int64_t
         /* K and V rows of this tile: read from the cache once, for every row of the item. */
         cvt_tile(j->impl, kh + p * j->kvs, j->kvs, nb, hd, kt);
         cvt_tile(j->impl, vh + p * j->kvs, j->kvs, nb, hd, vt);
-        for (int64_t r = 0; r < rows; r++) {
+        for (int64_t r = 0; r < rows;) {
             const int64_t qi = i0 + r / g;
             int64_t valid = j->pos0 + qi + 1 - p; /* causal: query qi sees positions <= pos0 + qi */
-            if (valid <= 0) continue;
+            if (valid <= 0) {
+                r++;
+                continue;
+            }
             if (valid > nb) valid = nb;
             const float *q = j->q + (qi * j->nh + h * g + r % g) * hd;
             float *s = sc + r * ATT_B, *state = st + r * st_stride;
+#if defined(ATT_X86)
+            if (j->impl == FIC_IMPL_AVX2 && r % g + 1 < g) { /* two heads of one query */
+                float *state_b = state + st_stride;
+                scores2_avx2(q, q + hd, kt, valid, hd, j->scale, s, s + ATT_B);
+                const float ca = online_update(j->impl, state, s, valid);
+                const float cb = online_update(j->impl, state_b, s + ATT_B, valid);
+                accum2_avx2(state + 2, ca, s, state_b + 2, cb, s + ATT_B, vt, valid, hd);
+                r += 2;
+                continue;
+            }
+#endif
             scores(j->impl, q, kt, valid, hd, j->scale, s);
-            float mt = s[0];
-            for (int64_t i = 1; i < valid; i++) mt = s[i] > mt ? s[i] : mt;
-            const float m_old = state[0], m_new = mt > m_old ? mt : m_old;
-            const float corr = m_old == -INFINITY ? 0.0f : expf(m_old - m_new);
-            const float sum = exp_sum(j->impl, s, valid, m_new);
-            state[0] = m_new;
-            state[1] = state[1] * corr + sum;
+            const float corr = online_update(j->impl, state, s, valid);
             accum(j->impl, state + 2, corr, s, vt, valid, hd);
+            r++;
         }
     }
 }

@@ -401,6 +401,7 @@ class _AttentionWorkspace:
         self.buf = np.empty(0, dtype=np.float32)
         self.ptr = _f32(self.buf)
         self.growths = 0
+        self.need: dict[tuple[int, int, int, int], int] = {}  # (threads, t, heads, head_dim) -> floats
 
     def ensure(self, n_floats: int) -> None:
         if self.buf.size < n_floats:
@@ -466,15 +467,18 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos0: int
           or not out.flags.c_contiguous or not out.flags.writeable):
         raise ValueError(f"out must be a writable C-contiguous float32 array of shape {q.shape}")
     pool = _POOL.get()
-    need = lib.fic_attention_ws_floats(_POOL.n_threads, t, n_heads, head_dim) if t > 0 else 0
+    key = (_POOL._n_threads, t, n_heads, head_dim)
+    need = _ATTN_WS.need.get(key)
+    if need is None:  # a C call, cached: decode calls this ~30 times a token
+        need = _ATTN_WS.need[key] = max(0, lib.fic_attention_ws_floats(*key))
     with _ATTN_WS.lock:
-        if need > 0:
-            _ATTN_WS.ensure(need)
+        _ATTN_WS.ensure(need)
         # cffi does not check buffer formats: the float16 arrays go in as their uint16 bits.
         status = lib.fic_attention(pool, _impl_id(impl), _f32(q), ffi.from_buffer("uint16_t[]", k_cache),
                                    ffi.from_buffer("uint16_t[]", v_cache), _f32(out), t, pos0, n_heads, n_kv,
                                    head_dim, n_kv * head_dim, scale, _ATTN_WS.ptr, _ATTN_WS.buf.size)
-    _check(status, f"attention {impl}")
+    if status != lib.FIC_OK:
+        _check(status, f"attention {impl}")
     return out
 
 
