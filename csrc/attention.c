@@ -198,7 +198,8 @@ ATT_TGT_AVX2 static float exp_sum_avx2(float *s, int64_t n, float m) {
     return total;
 }
 
-/* acc = acc * corr + sum_j p[j] vt[j], 32 columns (four registers) at a time over all j. */
+/* acc = acc * corr + sum_j p[j] vt[j] over hd columns of V rows `stride` floats apart, 32 columns
+ * (four registers) at a time over all j. */
 ATT_TGT_AVX2 static void accum_avx2(float *acc, float corr, const float *p, const float *vt, int64_t nb, int64_t hd,
                                     int64_t stride) {
     const __m256 vc = _mm256_set1_ps(corr);
