@@ -12,8 +12,9 @@
  *
  * Per implementation there are four pieces: fp16 -> fp32 tile conversion, a tile of scores
  * (scale * q.k), exp in place with its sum, and acc = acc * corr + sum_j p_j v_j. The reference
- * is scalar C (expf); AVX2 (+F16C, FMA) and NEON use a polynomial exp (Cephes, ~2 ulp). AVX-512
- * runs the AVX2 code: decode is bound by memory bandwidth, not by vector width.
+ * is scalar C (expf); AVX2 (+F16C, FMA) and NEON use a polynomial exp (Cephes, ~2 ulp). AVX2 also
+ * takes two heads of one query per pass (scores2/accum2: each K/V load feeds two FMAs). AVX-512
+ * runs the AVX2 code (no AVX-512 machine to tune or test it on).
  */
 #include <math.h>
 #include <stdint.h>
