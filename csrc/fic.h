@@ -149,6 +149,24 @@ int fic_experts_ffn_slots(fic_pool *pool, int impl, const fic_expert_layout *lay
                           const float *x, float *y, int64_t t, float *scratch,
                           int64_t scratch_floats, void *ws, int64_t ws_bytes);
 
+/* ---- attention over an fp16 KV cache (attention.c) ----
+ * Causal GQA attention of t queries at positions pos0..pos0+t-1 (q: t x n_heads x head_dim
+ * float32, RoPE applied; out: the same shape) over one layer's cache. k_cache and v_cache hold
+ * IEEE binary16 bits, position-major: position p, kv head h starts at element
+ * p * kv_stride + h * head_dim (kv_stride = n_kv_heads * head_dim when dense); positions
+ * 0..pos0+t-1 must be filled. Query i attends to positions 0..pos0+i; head j reads kv head
+ * j / (n_heads / n_kv_heads); out = softmax(scale * q.k) v, with a streaming softmax (no score
+ * matrix). ws: at least fic_attention_ws_floats(threads of pool, t, n_heads, head_dim) floats
+ * (per-thread tiles and decode's per-slice partial results; nothing is allocated). Results do
+ * not depend on the thread count. AVX512 runs the AVX2 code. */
+int fic_attention(fic_pool *pool, int impl, const float *q, const uint16_t *k_cache,
+                  const uint16_t *v_cache, float *out, int64_t t, int64_t pos0, int64_t n_heads,
+                  int64_t n_kv_heads, int64_t head_dim, int64_t kv_stride, float scale, float *ws,
+                  int64_t ws_floats);
+int64_t fic_attention_ws_floats(int n_threads, int64_t t, int64_t n_heads, int64_t head_dim);
+/* dst[i] = src[i] as IEEE binary16 bits, round to nearest even (new K/V rows into the cache). */
+int fic_f32_to_f16_rows(int impl, const float *src, uint16_t *dst, int64_t n);
+
 /* ---- memory (pool.c) ---- */
 /* n_bytes zeroed, 4 KiB aligned; with huge != 0, 2 MiB aligned and madvise(MADV_HUGEPAGE).
  * NULL on failure. Free with fic_free. */

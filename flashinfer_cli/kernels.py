@@ -624,6 +624,114 @@ def experts_ffn_slots(layout, arena: np.ndarray, slot_bytes: int, slots: np.ndar
     _check(status, f"experts_ffn_slots {lay.name} {impl}")
     return y
 
+# ---- attention over an fp16 KV cache -------------------------------------------------------
+
+class _AttentionWorkspace:
+    """The process's attention workspace (per-thread tiles and decode partials), kept apart from
+    the other kernels' scratch. Sized once by reserve_attention, or grown on demand; `growths`
+    counts the reallocations so an engine can assert that none happened after it opened. The lock
+    serializes attention calls: two calls at once would share the per-thread tiles."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.buf = np.empty(0, dtype=np.float32)
+        self.ptr = _f32(self.buf)
+        self.growths = 0
+        self.need: dict[tuple[int, int, int, int], int] = {}  # (threads, t, heads, head_dim) -> floats
+
+    def ensure(self, n_floats: int) -> None:
+        if self.buf.size < n_floats:
+            self.buf = np.empty(n_floats, dtype=np.float32)
+            self.ptr = _f32(self.buf)  # made once per size, not per call
+            self.growths += 1
+
+
+_ATTN_WS = _AttentionWorkspace()
+
+
+def attention_ws_floats(n_threads: int, t: int, n_heads: int, head_dim: int) -> int:
+    """Floats of attention workspace for t queries of n_heads x head_dim on n_threads threads."""
+    n = lib.fic_attention_ws_floats(n_threads, t, n_heads, head_dim)
+    if n < 0:
+        raise ValueError(f"attention workspace: bad sizes (threads {n_threads}, t {t}, heads {n_heads},"
+                         f" head_dim {head_dim})")
+    return n
+
+
+def reserve_attention(n_threads: int, max_t: int, n_heads: int, head_dim: int) -> None:
+    """Size the attention workspace for calls of up to max_t queries (it only ever grows)."""
+    with _ATTN_WS.lock:
+        _ATTN_WS.ensure(attention_ws_floats(n_threads, max_t, n_heads, head_dim))
+
+
+def attention_ws_growths() -> int:
+    """How many times the attention workspace has been (re)allocated."""
+    return _ATTN_WS.growths
+
+
+def _f16_cache(a: np.ndarray, name: str) -> np.ndarray:
+    if (not isinstance(a, np.ndarray) or a.dtype != np.float16 or a.ndim != 3
+            or not a.flags.c_contiguous):
+        raise ValueError(f"{name} must be a C-contiguous float16 array (ctx, n_kv_heads, head_dim)")
+    return a
+
+
+def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos0: int, scale: float, *,
+              out: np.ndarray | None = None, impl: str = "auto") -> np.ndarray:
+    """Causal GQA attention of t queries at positions pos0..pos0+t-1 over one layer's fp16 cache.
+
+    q: float32 (t, n_heads, head_dim), RoPE applied. k_cache, v_cache: C-contiguous float16
+    (ctx, n_kv_heads, head_dim) with positions 0..pos0+t-1 filled. Query i sees positions
+    0..pos0+i; head j reads kv head j // (n_heads // n_kv_heads). Returns (or fills `out`)
+    float32 (t, n_heads, head_dim) = softmax(scale * q.k) v."""
+    if not isinstance(q, np.ndarray) or q.dtype != np.float32 or q.ndim != 3:
+        raise ValueError("q must be a float32 array (t, n_heads, head_dim)")
+    _f16_cache(k_cache, "k_cache")
+    _f16_cache(v_cache, "v_cache")
+    t, n_heads, head_dim = q.shape
+    ctx, n_kv, hd = k_cache.shape
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache {v_cache.shape} and k_cache {k_cache.shape} differ")
+    if hd != head_dim:
+        raise ValueError(f"cache head_dim {hd} != q head_dim {head_dim}")
+    if pos0 < 0 or pos0 + t > ctx:
+        raise ValueError(f"positions {pos0}..{pos0 + t - 1} outside the cache's {ctx}")
+    q = np.ascontiguousarray(q)
+    if out is None:
+        out = np.empty(q.shape, dtype=np.float32)
+    elif (not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.shape != q.shape
+          or not out.flags.c_contiguous or not out.flags.writeable):
+        raise ValueError(f"out must be a writable C-contiguous float32 array of shape {q.shape}")
+    pool = _POOL.get()
+    key = (_POOL._n_threads, t, n_heads, head_dim)
+    need = _ATTN_WS.need.get(key)
+    if need is None:  # a C call, cached: decode calls this ~30 times a token
+        need = _ATTN_WS.need[key] = max(0, lib.fic_attention_ws_floats(*key))
+    with _ATTN_WS.lock:
+        _ATTN_WS.ensure(need)
+        # cffi does not check buffer formats: the float16 arrays go in as their uint16 bits.
+        status = lib.fic_attention(pool, _impl_id(impl), _f32(q), ffi.from_buffer("uint16_t[]", k_cache),
+                                   ffi.from_buffer("uint16_t[]", v_cache), _f32(out), t, pos0, n_heads, n_kv,
+                                   head_dim, n_kv * head_dim, scale, _ATTN_WS.ptr, _ATTN_WS.buf.size)
+    if status != lib.FIC_OK:
+        _check(status, f"attention {impl}")
+    return out
+
+
+def f32_to_f16(src: np.ndarray, dst: np.ndarray, *, impl: str = "auto") -> np.ndarray:
+    """dst[...] = src rounded to float16 (nearest even); both C-contiguous, same size; returns dst.
+    dst may be float16 or uint16 (the bits), e.g. a row of the fp16 KV cache."""
+    if not isinstance(src, np.ndarray) or src.dtype != np.float32 or not src.flags.c_contiguous:
+        raise ValueError("src must be a C-contiguous float32 array")
+    if (not isinstance(dst, np.ndarray) or dst.dtype not in (np.float16, np.uint16)
+            or not dst.flags.c_contiguous or not dst.flags.writeable):
+        raise ValueError("dst must be a writable C-contiguous float16 or uint16 array")
+    if dst.size != src.size:
+        raise ValueError(f"src has {src.size} elements, dst {dst.size}")
+    _check(lib.fic_f32_to_f16_rows(_impl_id(impl), _f32(src), ffi.from_buffer("uint16_t[]", dst), src.size),
+           f"f32_to_f16 {impl}")
+    return dst
+
 
 # ---- memory --------------------------------------------------------------------------------
 

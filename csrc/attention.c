@@ -1,0 +1,691 @@
+/* attention.c - causal GQA attention over an fp16 KV cache, with an online (streaming) softmax.
+ *
+ * Work is cut into items of one kv head and a block of up to ATT_QB queries (prefill) or one kv
+ * head and a slice of positions (decode, t = 1: flash-decoding's split-K). An item reads its kv
+ * head's K and V rows once, tile by tile (ATT_B positions), converts them to float32 into the
+ * thread's tile, and uses them for every query row it owns: the g = n_heads / n_kv_heads heads
+ * of each of its queries. Per row it keeps a running max m, a running sum l of exp(s - m) and an
+ * accumulator of exp(s - m) v, rescaled when m grows; the t x n score matrix never exists.
+ * Decode slices write (m, l, acc) into the workspace's partials and the caller's thread merges
+ * them. The number of slices depends only on the context length, never on the thread count, so
+ * results are bit-identical for any number of threads.
+ *
+ * Per implementation there are four pieces: fp16 -> fp32 tile conversion, a tile of scores
+ * (scale * q.k), exp in place with its sum, and acc = acc * corr + sum_j p_j v_j. The reference
+ * is scalar C (expf); AVX2 (+F16C, FMA) and NEON use a polynomial exp (Cephes, ~2 ulp). AVX2 also
+ * takes two heads of one query per pass (scores2/accum2: each K/V load feeds two FMAs). AVX-512
+ * runs the AVX2 code (no AVX-512 machine to tune or test it on).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "blocks.h"
+#include "fic.h"
+#include "pool.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define ATT_X86 1
+#define ATT_TGT_AVX2 __attribute__((target("avx2,fma,f16c")))
+#endif
+#if defined(__aarch64__)
+#include <arm_neon.h>
+#endif
+
+#define ATT_B 32           /* positions per tile */
+#define ATT_QB 8           /* queries per prefill item */
+#define ATT_MAX_SPLITS 16  /* decode: most slices of one kv head's positions */
+#define ATT_SPLIT_MIN 256  /* decode: fewest positions per slice */
+#define ATT_ALIGN 16       /* floats: workspace regions start on 64-byte multiples */
+
+static int64_t round_up(int64_t n, int64_t a) { return (n + a - 1) / a * a; }
+
+/* Floats of one thread's tile region for `rows` query rows: K and V tiles, scores, and per row
+ * (m, l, acc[head_dim]). */
+static int64_t thread_floats(int64_t rows, int64_t hd) {
+    return round_up(2 * ATT_B * hd + rows * ATT_B + rows * (hd + 2), ATT_ALIGN);
+}
+
+static int64_t partial_floats(int64_t n_heads, int64_t hd) {
+    return round_up(n_heads * ATT_MAX_SPLITS * (hd + 2), ATT_ALIGN);
+}
+
+int64_t fic_attention_ws_floats(int n_threads, int64_t t, int64_t n_heads, int64_t head_dim) {
+    if (n_threads < 1 || t < 1 || n_heads < 1 || head_dim < 1) return FIC_ERR_ARG;
+    int64_t rows = (t < ATT_QB ? t : ATT_QB) * n_heads;
+    return partial_floats(n_heads, head_dim) + n_threads * thread_floats(rows, head_dim);
+}
+
+/* ---- reference --------------------------------------------------------------------------- */
+
+static void cvt_tile_ref(const uint16_t *src, int64_t stride, int64_t nb, int64_t hd, float *dst) {
+    for (int64_t j = 0; j < nb; j++)
+        for (int64_t d = 0; d < hd; d++) dst[j * hd + d] = fic_h2f(src[j * stride + d]);
+}
+
+static void scores_ref(const float *q, const float *kt, int64_t nb, int64_t hd, float scale, float *s) {
+    for (int64_t j = 0; j < nb; j++) {
+        float acc = 0.0f;
+        for (int64_t d = 0; d < hd; d++) acc += q[d] * kt[j * hd + d];
+        s[j] = scale * acc;
+    }
+}
+
+/* s[j] = exp(s[j] - m); returns the sum. */
+static float exp_sum_ref(float *s, int64_t n, float m) {
+    float sum = 0.0f;
+    for (int64_t j = 0; j < n; j++) {
+        s[j] = expf(s[j] - m);
+        sum += s[j];
+    }
+    return sum;
+}
+
+static void accum_ref(float *acc, float corr, const float *p, const float *vt, int64_t nb, int64_t hd) {
+    for (int64_t d = 0; d < hd; d++) {
+        float a = acc[d] * corr;
+        for (int64_t j = 0; j < nb; j++) a += p[j] * vt[j * hd + d];
+        acc[d] = a;
+    }
+}
+
+static void f32_to_f16_ref(const float *src, uint16_t *dst, int64_t n) {
+    for (int64_t i = 0; i < n; i++) dst[i] = fic_fp32_to_fp16(src[i]);
+}
+
+/* ---- AVX2 + FMA + F16C ------------------------------------------------------------------- */
+#if defined(ATT_X86)
+
+/* exp(x) for x <= 0 (softmax arguments): x = n ln2 + r, |r| <= ln2/2, Cephes' degree-6
+ * polynomial for e^r, 2^n built in the exponent bits. Below -87.3 the result would be
+ * subnormal: clamped there (e^-87.3 ~ 1e-38 is nothing next to the row's max, which is 1). */
+ATT_TGT_AVX2 static inline __m256 exp256(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+ATT_TGT_AVX2 static void cvt_tile_avx2(const uint16_t *src, int64_t stride, int64_t nb, int64_t hd, float *dst) {
+    for (int64_t j = 0; j < nb; j++) {
+        const uint16_t *s = src + j * stride;
+        float *o = dst + j * hd;
+        int64_t d = 0;
+        for (; d + 16 <= hd; d += 16) {
+            __m256i h = _mm256_loadu_si256((const __m256i *)(s + d));
+            _mm256_storeu_ps(o + d, _mm256_cvtph_ps(_mm256_castsi256_si128(h)));
+            _mm256_storeu_ps(o + d + 8, _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)));
+        }
+        for (; d + 8 <= hd; d += 8)
+            _mm256_storeu_ps(o + d, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + d))));
+        for (; d < hd; d++) o[d] = _cvtsh_ss(s[d]);
+    }
+}
+
+/* Four dot products at a time: four accumulators, then hadds leave the four sums in one
+ * 128-bit vector (one horizontal reduction per four keys instead of one per key). */
+ATT_TGT_AVX2 static void scores_avx2(const float *q, const float *kt, int64_t nb, int64_t hd, float scale, float *s) {
+    const int64_t hd8 = hd & ~(int64_t)7;
+    const __m128 vs = _mm_set1_ps(scale);
+    int64_t j = 0;
+    for (; j + 4 <= nb; j += 4) {
+        const float *k0 = kt + j * hd, *k1 = k0 + hd, *k2 = k1 + hd, *k3 = k2 + hd;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t d = 0; d < hd8; d += 8) {
+            __m256 qv = _mm256_loadu_ps(q + d);
+            a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + d), a0);
+            a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + d), a1);
+            a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + d), a2);
+            a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + d), a3);
+        }
+        __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+        __m128 r = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+        if (hd8 < hd) {
+            float tail[4] = {0, 0, 0, 0};
+            for (int64_t d = hd8; d < hd; d++) {
+                tail[0] += q[d] * k0[d];
+                tail[1] += q[d] * k1[d];
+                tail[2] += q[d] * k2[d];
+                tail[3] += q[d] * k3[d];
+            }
+            r = _mm_add_ps(r, _mm_loadu_ps(tail));
+        }
+        _mm_storeu_ps(s + j, _mm_mul_ps(r, vs));
+    }
+    for (; j < nb; j++) {
+        const float *k = kt + j * hd;
+        __m256 a = _mm256_setzero_ps();
+        for (int64_t d = 0; d < hd8; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k + d), a);
+        __m128 r = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+        r = _mm_hadd_ps(r, r);
+        r = _mm_hadd_ps(r, r);
+        float acc = _mm_cvtss_f32(r);
+        for (int64_t d = hd8; d < hd; d++) acc += q[d] * k[d];
+        s[j] = scale * acc;
+    }
+}
+
+ATT_TGT_AVX2 static float exp_sum_avx2(float *s, int64_t n, float m) {
+    const __m256 vm = _mm256_set1_ps(m);
+    __m256 sum = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j), vm));
+        _mm256_storeu_ps(s + j, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+    r = _mm_hadd_ps(r, r);
+    r = _mm_hadd_ps(r, r);
+    float total = _mm_cvtss_f32(r);
+    if (j < n) { /* the tail through a padded vector, so every element gets the same exp */
+        float buf[8] = {0};
+        memcpy(buf, s + j, (size_t)(n - j) * sizeof(float));
+        _mm256_storeu_ps(buf, exp256(_mm256_sub_ps(_mm256_loadu_ps(buf), vm)));
+        memcpy(s + j, buf, (size_t)(n - j) * sizeof(float));
+        for (int64_t i = 0; i < n - j; i++) total += buf[i];
+    }
+    return total;
+}
+
+/* acc = acc * corr + sum_j p[j] vt[j] over hd columns of V rows `stride` floats apart, 32 columns
+ * (four registers) at a time over all j. */
+ATT_TGT_AVX2 static void accum_avx2(float *acc, float corr, const float *p, const float *vt, int64_t nb, int64_t hd,
+                                    int64_t stride) {
+    const __m256 vc = _mm256_set1_ps(corr);
+    int64_t d = 0;
+    for (; d + 32 <= hd; d += 32) {
+        __m256 a0 = _mm256_mul_ps(_mm256_loadu_ps(acc + d), vc);
+        __m256 a1 = _mm256_mul_ps(_mm256_loadu_ps(acc + d + 8), vc);
+        __m256 a2 = _mm256_mul_ps(_mm256_loadu_ps(acc + d + 16), vc);
+        __m256 a3 = _mm256_mul_ps(_mm256_loadu_ps(acc + d + 24), vc);
+        for (int64_t j = 0; j < nb; j++) {
+            const float *v = vt + j * stride + d;
+            __m256 pj = _mm256_broadcast_ss(p + j);
+            a0 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v), a0);
+            a1 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 8), a1);
+            a2 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 16), a2);
+            a3 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 24), a3);
+        }
+        _mm256_storeu_ps(acc + d, a0);
+        _mm256_storeu_ps(acc + d + 8, a1);
+        _mm256_storeu_ps(acc + d + 16, a2);
+        _mm256_storeu_ps(acc + d + 24, a3);
+    }
+    for (; d + 8 <= hd; d += 8) {
+        __m256 a = _mm256_mul_ps(_mm256_loadu_ps(acc + d), vc);
+        for (int64_t j = 0; j < nb; j++) a = _mm256_fmadd_ps(_mm256_broadcast_ss(p + j), _mm256_loadu_ps(vt + j * stride + d), a);
+        _mm256_storeu_ps(acc + d, a);
+    }
+    for (; d < hd; d++) {
+        float a = acc[d] * corr;
+        for (int64_t j = 0; j < nb; j++) a += p[j] * vt[j * stride + d];
+        acc[d] = a;
+    }
+}
+
+/* Two query rows of the same query (heads sharing this kv head) at once: each K and V load
+ * feeds two FMAs instead of one. */
+ATT_TGT_AVX2 static void scores2_avx2(const float *qa, const float *qb, const float *kt, int64_t nb, int64_t hd,
+                                      float scale, float *sa, float *sb) {
+    const int64_t hd8 = hd & ~(int64_t)7;
+    if (hd8 != hd) { /* odd head_dim: the one-row kernel handles the tails */
+        scores_avx2(qa, kt, nb, hd, scale, sa);
+        scores_avx2(qb, kt, nb, hd, scale, sb);
+        return;
+    }
+    const __m128 vs = _mm_set1_ps(scale);
+    int64_t j = 0;
+    for (; j + 4 <= nb; j += 4) {
+        const float *k0 = kt + j * hd, *k1 = k0 + hd, *k2 = k1 + hd, *k3 = k2 + hd;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+        for (int64_t d = 0; d < hd; d += 8) {
+            __m256 qva = _mm256_loadu_ps(qa + d), qvb = _mm256_loadu_ps(qb + d), k;
+            k = _mm256_loadu_ps(k0 + d); a0 = _mm256_fmadd_ps(qva, k, a0); b0 = _mm256_fmadd_ps(qvb, k, b0);
+            k = _mm256_loadu_ps(k1 + d); a1 = _mm256_fmadd_ps(qva, k, a1); b1 = _mm256_fmadd_ps(qvb, k, b1);
+            k = _mm256_loadu_ps(k2 + d); a2 = _mm256_fmadd_ps(qva, k, a2); b2 = _mm256_fmadd_ps(qvb, k, b2);
+            k = _mm256_loadu_ps(k3 + d); a3 = _mm256_fmadd_ps(qva, k, a3); b3 = _mm256_fmadd_ps(qvb, k, b3);
+        }
+        __m256 ha = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+        __m256 hb = _mm256_hadd_ps(_mm256_hadd_ps(b0, b1), _mm256_hadd_ps(b2, b3));
+        _mm_storeu_ps(sa + j, _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(ha), _mm256_extractf128_ps(ha, 1)), vs));
+        _mm_storeu_ps(sb + j, _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(hb), _mm256_extractf128_ps(hb, 1)), vs));
+    }
+    if (j < nb) {
+        scores_avx2(qa, kt + j * hd, nb - j, hd, scale, sa + j);
+        scores_avx2(qb, kt + j * hd, nb - j, hd, scale, sb + j);
+    }
+}
+
+ATT_TGT_AVX2 static void accum2_avx2(float *acca, float corra, const float *pa, float *accb, float corrb,
+                                     const float *pb, const float *vt, int64_t nb, int64_t hd) {
+    const __m256 ca = _mm256_set1_ps(corra), cb = _mm256_set1_ps(corrb);
+    int64_t d = 0;
+    for (; d + 32 <= hd; d += 32) {
+        __m256 a0 = _mm256_mul_ps(_mm256_loadu_ps(acca + d), ca), b0 = _mm256_mul_ps(_mm256_loadu_ps(accb + d), cb);
+        __m256 a1 = _mm256_mul_ps(_mm256_loadu_ps(acca + d + 8), ca), b1 = _mm256_mul_ps(_mm256_loadu_ps(accb + d + 8), cb);
+        __m256 a2 = _mm256_mul_ps(_mm256_loadu_ps(acca + d + 16), ca), b2 = _mm256_mul_ps(_mm256_loadu_ps(accb + d + 16), cb);
+        __m256 a3 = _mm256_mul_ps(_mm256_loadu_ps(acca + d + 24), ca), b3 = _mm256_mul_ps(_mm256_loadu_ps(accb + d + 24), cb);
+        for (int64_t j = 0; j < nb; j++) {
+            const float *v = vt + j * hd + d;
+            __m256 pja = _mm256_broadcast_ss(pa + j), pjb = _mm256_broadcast_ss(pb + j), x;
+            x = _mm256_loadu_ps(v); a0 = _mm256_fmadd_ps(pja, x, a0); b0 = _mm256_fmadd_ps(pjb, x, b0);
+            x = _mm256_loadu_ps(v + 8); a1 = _mm256_fmadd_ps(pja, x, a1); b1 = _mm256_fmadd_ps(pjb, x, b1);
+            x = _mm256_loadu_ps(v + 16); a2 = _mm256_fmadd_ps(pja, x, a2); b2 = _mm256_fmadd_ps(pjb, x, b2);
+            x = _mm256_loadu_ps(v + 24); a3 = _mm256_fmadd_ps(pja, x, a3); b3 = _mm256_fmadd_ps(pjb, x, b3);
+        }
+        _mm256_storeu_ps(acca + d, a0);
+        _mm256_storeu_ps(acca + d + 8, a1);
+        _mm256_storeu_ps(acca + d + 16, a2);
+        _mm256_storeu_ps(acca + d + 24, a3);
+        _mm256_storeu_ps(accb + d, b0);
+        _mm256_storeu_ps(accb + d + 8, b1);
+        _mm256_storeu_ps(accb + d + 16, b2);
+        _mm256_storeu_ps(accb + d + 24, b3);
+    }
+    if (d < hd) { /* columns past the last 32: the one-row kernel on the rest */
+        accum_avx2(acca + d, corra, pa, vt + d, nb, hd - d, hd);
+        accum_avx2(accb + d, corrb, pb, vt + d, nb, hd - d, hd);
+    }
+}
+
+ATT_TGT_AVX2 static void f32_to_f16_avx2(const float *src, uint16_t *dst, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(dst + i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    for (; i < n; i++) dst[i] = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+#endif /* ATT_X86 */
+
+/* ---- NEON -------------------------------------------------------------------------------- */
+#if defined(__aarch64__)
+
+static inline float32x4_t exp_neon(float32x4_t x) {
+    x = vmaxq_f32(x, vdupq_n_f32(-87.3f));
+    float32x4_t n = vrndnq_f32(vmulq_n_f32(x, 1.44269504088896341f));
+    float32x4_t r = vfmsq_f32(x, n, vdupq_n_f32(0.693359375f));
+    r = vfmsq_f32(r, n, vdupq_n_f32(-2.12194440e-4f));
+    float32x4_t p = vdupq_n_f32(1.9875691500e-4f);
+    p = vfmaq_f32(vdupq_n_f32(1.3981999507e-3f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(8.3334519073e-3f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(4.1665795894e-2f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(1.6666665459e-1f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(5.0000001201e-1f), p, r);
+    p = vfmaq_f32(vaddq_f32(r, vdupq_n_f32(1.0f)), p, vmulq_f32(r, r));
+    int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23);
+    return vmulq_f32(p, vreinterpretq_f32_s32(e));
+}
+
+static inline float32x4_t h4_neon(const uint16_t *p) {
+    return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p)));
+}
+
+static void cvt_tile_neon(const uint16_t *src, int64_t stride, int64_t nb, int64_t hd, float *dst) {
+    for (int64_t j = 0; j < nb; j++) {
+        const uint16_t *s = src + j * stride;
+        float *o = dst + j * hd;
+        int64_t d = 0;
+        for (; d + 8 <= hd; d += 8) {
+            float16x8_t h = vreinterpretq_f16_u16(vld1q_u16(s + d));
+            vst1q_f32(o + d, vcvt_f32_f16(vget_low_f16(h)));
+            vst1q_f32(o + d + 4, vcvt_high_f32_f16(h));
+        }
+        for (; d + 4 <= hd; d += 4) vst1q_f32(o + d, h4_neon(s + d));
+        for (; d < hd; d++) o[d] = fic_h2f(s[d]);
+    }
+}
+
+static void scores_neon(const float *q, const float *kt, int64_t nb, int64_t hd, float scale, float *s) {
+    const int64_t hd4 = hd & ~(int64_t)3;
+    int64_t j = 0;
+    for (; j + 4 <= nb; j += 4) {
+        const float *k0 = kt + j * hd, *k1 = k0 + hd, *k2 = k1 + hd, *k3 = k2 + hd;
+        float32x4_t a0 = vdupq_n_f32(0), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t d = 0; d < hd4; d += 4) {
+            float32x4_t qv = vld1q_f32(q + d);
+            a0 = vfmaq_f32(a0, qv, vld1q_f32(k0 + d));
+            a1 = vfmaq_f32(a1, qv, vld1q_f32(k1 + d));
+            a2 = vfmaq_f32(a2, qv, vld1q_f32(k2 + d));
+            a3 = vfmaq_f32(a3, qv, vld1q_f32(k3 + d));
+        }
+        float32x4_t r = vpaddq_f32(vpaddq_f32(a0, a1), vpaddq_f32(a2, a3));
+        for (int64_t d = hd4; d < hd; d++) {
+            r = vsetq_lane_f32(vgetq_lane_f32(r, 0) + q[d] * k0[d], r, 0);
+            r = vsetq_lane_f32(vgetq_lane_f32(r, 1) + q[d] * k1[d], r, 1);
+            r = vsetq_lane_f32(vgetq_lane_f32(r, 2) + q[d] * k2[d], r, 2);
+            r = vsetq_lane_f32(vgetq_lane_f32(r, 3) + q[d] * k3[d], r, 3);
+        }
+        vst1q_f32(s + j, vmulq_n_f32(r, scale));
+    }
+    for (; j < nb; j++) {
+        const float *k = kt + j * hd;
+        float32x4_t a = vdupq_n_f32(0);
+        for (int64_t d = 0; d < hd4; d += 4) a = vfmaq_f32(a, vld1q_f32(q + d), vld1q_f32(k + d));
+        float acc = vaddvq_f32(a);
+        for (int64_t d = hd4; d < hd; d++) acc += q[d] * k[d];
+        s[j] = scale * acc;
+    }
+}
+
+static float exp_sum_neon(float *s, int64_t n, float m) {
+    const float32x4_t vm = vdupq_n_f32(m);
+    float32x4_t sum = vdupq_n_f32(0);
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        float32x4_t e = exp_neon(vsubq_f32(vld1q_f32(s + j), vm));
+        vst1q_f32(s + j, e);
+        sum = vaddq_f32(sum, e);
+    }
+    float total = vaddvq_f32(sum);
+    if (j < n) {
+        float buf[4] = {0};
+        memcpy(buf, s + j, (size_t)(n - j) * sizeof(float));
+        vst1q_f32(buf, exp_neon(vsubq_f32(vld1q_f32(buf), vm)));
+        memcpy(s + j, buf, (size_t)(n - j) * sizeof(float));
+        for (int64_t i = 0; i < n - j; i++) total += buf[i];
+    }
+    return total;
+}
+
+static void accum_neon(float *acc, float corr, const float *p, const float *vt, int64_t nb, int64_t hd) {
+    int64_t d = 0;
+    for (; d + 16 <= hd; d += 16) {
+        float32x4_t a0 = vmulq_n_f32(vld1q_f32(acc + d), corr);
+        float32x4_t a1 = vmulq_n_f32(vld1q_f32(acc + d + 4), corr);
+        float32x4_t a2 = vmulq_n_f32(vld1q_f32(acc + d + 8), corr);
+        float32x4_t a3 = vmulq_n_f32(vld1q_f32(acc + d + 12), corr);
+        for (int64_t j = 0; j < nb; j++) {
+            const float *v = vt + j * hd + d;
+            a0 = vfmaq_n_f32(a0, vld1q_f32(v), p[j]);
+            a1 = vfmaq_n_f32(a1, vld1q_f32(v + 4), p[j]);
+            a2 = vfmaq_n_f32(a2, vld1q_f32(v + 8), p[j]);
+            a3 = vfmaq_n_f32(a3, vld1q_f32(v + 12), p[j]);
+        }
+        vst1q_f32(acc + d, a0);
+        vst1q_f32(acc + d + 4, a1);
+        vst1q_f32(acc + d + 8, a2);
+        vst1q_f32(acc + d + 12, a3);
+    }
+    for (; d + 4 <= hd; d += 4) {
+        float32x4_t a = vmulq_n_f32(vld1q_f32(acc + d), corr);
+        for (int64_t j = 0; j < nb; j++) a = vfmaq_n_f32(a, vld1q_f32(vt + j * hd + d), p[j]);
+        vst1q_f32(acc + d, a);
+    }
+    for (; d < hd; d++) {
+        float a = acc[d] * corr;
+        for (int64_t j = 0; j < nb; j++) a += p[j] * vt[j * hd + d];
+        acc[d] = a;
+    }
+}
+
+static void f32_to_f16_neon(const float *src, uint16_t *dst, int64_t n) {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) vst1_u16(dst + i, vreinterpret_u16_f16(vcvt_f16_f32(vld1q_f32(src + i))));
+    for (; i < n; i++) dst[i] = fic_fp32_to_fp16(src[i]);
+}
+#endif /* __aarch64__ */
+
+/* ---- dispatch ---------------------------------------------------------------------------- */
+
+/* impl is resolved: REF, AVX2 (also for AVX-512) or NEON. */
+static void cvt_tile(int impl, const uint16_t *src, int64_t stride, int64_t nb, int64_t hd, float *dst) {
+    switch (impl) {
+#if defined(ATT_X86)
+    case FIC_IMPL_AVX2: cvt_tile_avx2(src, stride, nb, hd, dst); return;
+#endif
+#if defined(__aarch64__)
+    case FIC_IMPL_NEON: cvt_tile_neon(src, stride, nb, hd, dst); return;
+#endif
+    default: cvt_tile_ref(src, stride, nb, hd, dst);
+    }
+}
+
+static void scores(int impl, const float *q, const float *kt, int64_t nb, int64_t hd, float scale, float *s) {
+    switch (impl) {
+#if defined(ATT_X86)
+    case FIC_IMPL_AVX2: scores_avx2(q, kt, nb, hd, scale, s); return;
+#endif
+#if defined(__aarch64__)
+    case FIC_IMPL_NEON: scores_neon(q, kt, nb, hd, scale, s); return;
+#endif
+    default: scores_ref(q, kt, nb, hd, scale, s);
+    }
+}
+
+static float exp_sum(int impl, float *s, int64_t n, float m) {
+    switch (impl) {
+#if defined(ATT_X86)
+    case FIC_IMPL_AVX2: return exp_sum_avx2(s, n, m);
+#endif
+#if defined(__aarch64__)
+    case FIC_IMPL_NEON: return exp_sum_neon(s, n, m);
+#endif
+    default: return exp_sum_ref(s, n, m);
+    }
+}
+
+static void accum(int impl, float *acc, float corr, const float *p, const float *vt, int64_t nb, int64_t hd) {
+    switch (impl) {
+#if defined(ATT_X86)
+    case FIC_IMPL_AVX2: accum_avx2(acc, corr, p, vt, nb, hd, hd); return;
+#endif
+#if defined(__aarch64__)
+    case FIC_IMPL_NEON: accum_neon(acc, corr, p, vt, nb, hd); return;
+#endif
+    default: accum_ref(acc, corr, p, vt, nb, hd);
+    }
+}
+
+static int resolve_impl(int impl) {
+    if (impl == FIC_IMPL_AUTO) impl = fic_impl_best();
+    if (impl == FIC_IMPL_AVX512) impl = FIC_IMPL_AVX2; /* implied by AVX-512's availability check */
+    return impl;
+}
+
+/* ---- the kernel -------------------------------------------------------------------------- */
+
+typedef struct {
+    int impl;
+    const float *q;
+    const uint16_t *k, *v;
+    float *out;
+    int64_t t, pos0, nh, nkv, hd, kvs, g;
+    float scale;
+    float *partials;     /* decode: [head][slice] of (m, l, acc[hd]) */
+    float *tiles;        /* per-thread regions of thread_floats(rows, hd) */
+    int64_t tile_floats, max_rows; /* max_rows: query rows a tile region has room for */
+    int64_t n_qb;        /* prefill: query blocks */
+    int64_t n_split, split_len; /* decode */
+} att_job;
+
+/* The streaming softmax step for one row and one tile of scores s[0..n): the new running max m,
+ * s <- exp(s - m), l <- l * corr + sum; returns corr = exp(m_old - m), the factor acc must take. */
+static float online_update(int impl, float *state, float *s, int64_t n) {
+    float mt = s[0];
+    for (int64_t i = 1; i < n; i++) mt = s[i] > mt ? s[i] : mt;
+    const float m_old = state[0], m_new = mt > m_old ? mt : m_old;
+    const float corr = m_old == -INFINITY ? 0.0f : expf(m_old - m_new);
+    const float sum = exp_sum(impl, s, n, m_new);
+    state[0] = m_new;
+    state[1] = state[1] * corr + sum;
+    return corr;
+}
+
+/* Runs queries [i0, i0 + nq) of kv head h over positions [p0, p1) (each query also stops at its
+ * causal limit), updating per row r = query * g + head-in-group the state st + r * st_stride:
+ * st[0] = m, st[1] = l, st[2..] = acc. The state must start as (-inf, 0, 0...). */
+static void attend(const att_job *j, float *tile, int64_t h, int64_t i0, int64_t nq, int64_t p0, int64_t p1,
+                   float *st, int64_t st_stride) {
+    const int64_t hd = j->hd, g = j->g, rows = nq * j->g;
+    float *kt = tile, *vt = kt + ATT_B * hd, *sc = vt + ATT_B * hd;
+    const uint16_t *kh = j->k + h * hd, *vh = j->v + h * hd;
+    for (int64_t p = p0; p < p1; p += ATT_B) {
+        const int64_t nb = p1 - p < ATT_B ? p1 - p : ATT_B;
+        /* K and V rows of this tile: read from the cache once, for every row of the item. */
+        cvt_tile(j->impl, kh + p * j->kvs, j->kvs, nb, hd, kt);
+        cvt_tile(j->impl, vh + p * j->kvs, j->kvs, nb, hd, vt);
+        for (int64_t r = 0; r < rows;) {
+            const int64_t qi = i0 + r / g;
+            int64_t valid = j->pos0 + qi + 1 - p; /* causal: query qi sees positions <= pos0 + qi */
+            if (valid <= 0) {
+                r++;
+                continue;
+            }
+            if (valid > nb) valid = nb;
+            const float *q = j->q + (qi * j->nh + h * g + r % g) * hd;
+            float *s = sc + r * ATT_B, *state = st + r * st_stride;
+#if defined(ATT_X86)
+            if (j->impl == FIC_IMPL_AVX2 && r % g + 1 < g) { /* two heads of one query */
+                float *state_b = state + st_stride;
+                scores2_avx2(q, q + hd, kt, valid, hd, j->scale, s, s + ATT_B);
+                const float ca = online_update(j->impl, state, s, valid);
+                const float cb = online_update(j->impl, state_b, s + ATT_B, valid);
+                accum2_avx2(state + 2, ca, s, state_b + 2, cb, s + ATT_B, vt, valid, hd);
+                r += 2;
+                continue;
+            }
+#endif
+            scores(j->impl, q, kt, valid, hd, j->scale, s);
+            const float corr = online_update(j->impl, state, s, valid);
+            accum(j->impl, state + 2, corr, s, vt, valid, hd);
+            r++;
+        }
+    }
+}
+
+static void init_state(float *st, int64_t rows, int64_t stride, int64_t hd) {
+    for (int64_t r = 0; r < rows; r++) {
+        st[r * stride] = -INFINITY;
+        memset(st + r * stride + 1, 0, (size_t)(hd + 1) * sizeof(float));
+    }
+}
+
+/* Prefill item: a query block of one kv head, most expensive (last) blocks handed out first. */
+static void prefill_range(void *ctx, int64_t begin, int64_t end, int tid) {
+    const att_job *j = ctx;
+    float *tile = j->tiles + tid * j->tile_floats;
+    const int64_t hd = j->hd, g = j->g;
+    for (int64_t it = begin; it < end; it++) {
+        const int64_t h = it % j->nkv, qb = j->n_qb - 1 - it / j->nkv;
+        const int64_t i0 = qb * ATT_QB, nq = j->t - i0 < ATT_QB ? j->t - i0 : ATT_QB;
+        float *st = tile + 2 * ATT_B * hd + j->max_rows * ATT_B;
+        const int64_t rows = nq * g, stride = hd + 2;
+        init_state(st, rows, stride, hd);
+        attend(j, tile, h, i0, nq, 0, j->pos0 + i0 + nq, st, stride);
+        for (int64_t r = 0; r < rows; r++) {
+            const float *state = st + r * stride;
+            const float inv = 1.0f / state[1];
+            float *o = j->out + ((i0 + r / g) * j->nh + h * g + r % g) * hd;
+            for (int64_t d = 0; d < hd; d++) o[d] = state[2 + d] * inv;
+        }
+    }
+}
+
+/* Decode item: one slice of one kv head's positions, into the partials. */
+static void decode_range(void *ctx, int64_t begin, int64_t end, int tid) {
+    const att_job *j = ctx;
+    float *tile = j->tiles + tid * j->tile_floats;
+    const int64_t hd = j->hd, n = j->pos0 + 1;
+    for (int64_t it = begin; it < end; it++) {
+        const int64_t h = it / j->n_split, sp = it % j->n_split;
+        const int64_t p0 = sp * j->split_len, p1 = p0 + j->split_len < n ? p0 + j->split_len : n;
+        const int64_t stride = j->n_split * (hd + 2);
+        float *st = j->partials + (h * j->g * j->n_split + sp) * (hd + 2);
+        init_state(st, j->g, stride, hd);
+        if (p0 < p1) attend(j, tile, h, 0, 1, p0, p1, st, stride);
+    }
+}
+
+/* out[head] = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s, M the largest m_s. */
+static void decode_merge(const att_job *j) {
+    const int64_t hd = j->hd, ns = j->n_split;
+    for (int64_t hh = 0; hh < j->nh; hh++) {
+        const float *part = j->partials + hh * ns * (hd + 2);
+        float *o = j->out + hh * hd;
+        float mx = -INFINITY, l = 0.0f;
+        for (int64_t s = 0; s < ns; s++) mx = part[s * (hd + 2)] > mx ? part[s * (hd + 2)] : mx;
+        memset(o, 0, (size_t)hd * sizeof(float));
+        for (int64_t s = 0; s < ns; s++) {
+            const float *ps = part + s * (hd + 2);
+            if (ps[1] == 0.0f) continue; /* an empty slice */
+            const float w = expf(ps[0] - mx);
+            l += w * ps[1];
+            for (int64_t d = 0; d < hd; d++) o[d] += w * ps[2 + d];
+        }
+        const float inv = 1.0f / l;
+        for (int64_t d = 0; d < hd; d++) o[d] *= inv;
+    }
+}
+
+int fic_attention(fic_pool *pool, int impl, const float *q, const uint16_t *k_cache, const uint16_t *v_cache,
+                  float *out, int64_t t, int64_t pos0, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
+                  int64_t kv_stride, float scale, float *ws, int64_t ws_floats) {
+    if (!q || !k_cache || !v_cache || !out || !ws) return FIC_ERR_ARG;
+    if (t < 1 || pos0 < 0 || n_heads < 1 || n_kv_heads < 1 || head_dim < 1 || n_heads % n_kv_heads != 0)
+        return FIC_ERR_ARG;
+    if (kv_stride < n_kv_heads * head_dim || !isfinite(scale)) return FIC_ERR_ARG;
+    if (impl < FIC_IMPL_AUTO || impl > FIC_IMPL_NEON) return FIC_ERR_ARG;
+    if (impl != FIC_IMPL_AUTO && !fic_impl_available(impl)) return FIC_ERR_UNSUPPORTED;
+    const int n_threads = pool ? fic_pool_threads(pool) : 1;
+    if (ws_floats < fic_attention_ws_floats(n_threads, t, n_heads, head_dim)) return FIC_ERR_ARG;
+
+    att_job j;
+    memset(&j, 0, sizeof j);
+    j.impl = resolve_impl(impl);
+    j.q = q;
+    j.k = k_cache;
+    j.v = v_cache;
+    j.out = out;
+    j.t = t;
+    j.pos0 = pos0;
+    j.nh = n_heads;
+    j.nkv = n_kv_heads;
+    j.hd = head_dim;
+    j.kvs = kv_stride;
+    j.g = n_heads / n_kv_heads;
+    j.scale = scale;
+    j.partials = ws;
+    j.tiles = ws + partial_floats(n_heads, head_dim);
+    j.max_rows = (t < ATT_QB ? t : ATT_QB) * n_heads;
+    j.tile_floats = thread_floats(j.max_rows, head_dim);
+    if (t == 1) {
+        const int64_t n = pos0 + 1;
+        int64_t ns = (n + ATT_SPLIT_MIN - 1) / ATT_SPLIT_MIN;
+        ns = ns > ATT_MAX_SPLITS ? ATT_MAX_SPLITS : ns;
+        j.n_split = ns;
+        j.split_len = round_up((n + ns - 1) / ns, ATT_B); /* whole tiles per slice */
+        fic_parallel_for(pool, n_kv_heads * ns, 1, decode_range, &j);
+        decode_merge(&j);
+    } else {
+        j.n_qb = (t + ATT_QB - 1) / ATT_QB;
+        fic_parallel_for(pool, n_kv_heads * j.n_qb, 1, prefill_range, &j);
+    }
+    return FIC_OK;
+}
+
+int fic_f32_to_f16_rows(int impl, const float *src, uint16_t *dst, int64_t n) {
+    if (!src || !dst || n < 0) return FIC_ERR_ARG;
+    if (impl < FIC_IMPL_AUTO || impl > FIC_IMPL_NEON) return FIC_ERR_ARG;
+    if (impl != FIC_IMPL_AUTO && !fic_impl_available(impl)) return FIC_ERR_UNSUPPORTED;
+    switch (resolve_impl(impl)) {
+#if defined(ATT_X86)
+    case FIC_IMPL_AVX2: f32_to_f16_avx2(src, dst, n); return FIC_OK;
+#endif
+#if defined(__aarch64__)
+    case FIC_IMPL_NEON: f32_to_f16_neon(src, dst, n); return FIC_OK;
+#endif
+    default: f32_to_f16_ref(src, dst, n); return FIC_OK;
+    }
+}
