@@ -639,11 +639,11 @@ class _AttentionWorkspace:
         self.growths = 0
         self.need: dict[tuple[int, int, int, int], int] = {}  # (threads, t, heads, head_dim) -> floats
 
-    def ensure(self, n_floats: int) -> None:
+    def ensure(self, n_floats: int, *, reserve: bool = False) -> None:
         if self.buf.size < n_floats:
             self.buf = np.empty(n_floats, dtype=np.float32)
             self.ptr = _f32(self.buf)  # made once per size, not per call
-            self.growths += 1
+            self.growths += 0 if reserve else 1
 
 
 _ATTN_WS = _AttentionWorkspace()
@@ -661,11 +661,12 @@ def attention_ws_floats(n_threads: int, t: int, n_heads: int, head_dim: int) -> 
 def reserve_attention(n_threads: int, max_t: int, n_heads: int, head_dim: int) -> None:
     """Size the attention workspace for calls of up to max_t queries (it only ever grows)."""
     with _ATTN_WS.lock:
-        _ATTN_WS.ensure(attention_ws_floats(n_threads, max_t, n_heads, head_dim))
+        _ATTN_WS.ensure(attention_ws_floats(n_threads, max_t, n_heads, head_dim), reserve=True)
 
 
 def attention_ws_growths() -> int:
-    """How many times the attention workspace has been (re)allocated."""
+    """How many times an attention call needed a larger workspace than the one held (a
+    reservation does not count)."""
     return _ATTN_WS.growths
 
 

@@ -171,6 +171,11 @@ class Model:
         kv = np.float16 if plan.request.kv_dtype == "f16" else np.float32
         self.k_cache = np.zeros((c.n_layers, self.ctx, c.n_kv_heads, c.head_dim), kv)
         self.v_cache = np.zeros_like(self.k_cache)
+        # fp16 cache: attention in C (attention.c, a streaming softmax, no score matrix); an fp32
+        # cache (parity tests) keeps the numpy reference path
+        self._c_attention = kv is np.float16
+        if self._c_attention:
+            kernels.reserve_attention(kernels.get_threads(), plan.prefill_chunk, c.n_heads, c.head_dim)
         self.pos = 0
         self.collect = None  # a callback (layer, t, calls) that receives every FFN call's h
         self.full = not plan.prune  # every expert runs (exact mode); False: the active sets only
@@ -270,6 +275,11 @@ class Model:
         if lw.q_norm is not None:
             qk = np.concatenate([rmsnorm(qk[:nh], lw.q_norm, c.norm_eps), rmsnorm(qk[nh:], lw.k_norm, c.norm_eps)])
         qk = qk * self.cos[p] + qk[:, self._rot] * self._sin_signed[p]  # RoPE, rotate-half
+        if self._c_attention:
+            kernels.f32_to_f16(np.ascontiguousarray(qk[nh:]), self.k_cache[i, p])
+            kernels.f32_to_f16(qkv[(nh + nkv) * hd:], self.v_cache[i, p])
+            out = kernels.attention(qk[None, :nh], self.k_cache[i], self.v_cache[i], p, float(self._scale))
+            return kernels.matvec(lw.attn_output, out.reshape(-1))
         self.k_cache[i, p] = qk[nh:]
         self.v_cache[i, p] = qkv[(nh + nkv) * hd:].reshape(nkv, hd)
         n = p + 1
@@ -301,6 +311,12 @@ class Model:
             k = rmsnorm(k, lw.k_norm, c.norm_eps)
         cos, sin = self.cos[p0:p0 + t], self.sin[p0:p0 + t]
         q = apply_rope(q, cos, sin)
+        if self._c_attention:
+            kernels.f32_to_f16(np.ascontiguousarray(apply_rope(k, cos, sin), dtype=np.float32), self.k_cache[i, p0:p0 + t])
+            kernels.f32_to_f16(np.ascontiguousarray(v, dtype=np.float32), self.v_cache[i, p0:p0 + t])
+            out = kernels.attention(np.ascontiguousarray(q, dtype=np.float32), self.k_cache[i], self.v_cache[i], p0,
+                                    float(self._scale))
+            return kernels.matmul(lw.attn_output, out.reshape(t, nq))
         self.k_cache[i, p0:p0 + t] = apply_rope(k, cos, sin)
         self.v_cache[i, p0:p0 + t] = v
         n = p0 + t

@@ -209,10 +209,11 @@ def huge_round(n: int) -> int:
 
 
 def workspace_bytes(shape: ModelShape, chunk: int, n_threads: int) -> int:
-    """The kernels' one workspace (kernels.reserve_workspace with the same maxima)."""
+    """The kernels' workspaces: kernels.reserve_workspace with the same maxima, and attention's."""
     from flashinfer_cli import kernels
 
-    return kernels.workspace_bytes_for(n_threads=n_threads, **workspace_maxima(shape, chunk))
+    attention = 4 * kernels.attention_ws_floats(n_threads, chunk, shape.n_heads, shape.head_dim)
+    return kernels.workspace_bytes_for(n_threads=n_threads, **workspace_maxima(shape, chunk)) + attention
 
 
 def workspace_maxima(shape: ModelShape, chunk: int) -> dict[str, int]:

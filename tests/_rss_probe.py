@@ -33,7 +33,7 @@ def main() -> None:
     texts = list(engine.generate(prompt, max_tokens=max_tokens))
     texts += list(engine.generate(prompt + " Answer briefly.", max_tokens=max_tokens))
     peak = _status("VmHWM")
-    print(json.dumps({"workspace_grows": kernels.workspace_grows(), "base_rss": base, "peak_rss": peak, "delta": peak - base, "text": "".join(texts),
+    print(json.dumps({"workspace_grows": kernels.workspace_grows() + kernels.attention_ws_growths(), "base_rss": base, "peak_rss": peak, "delta": peak - base, "text": "".join(texts),
                       "stats": engine.stats(), "planned": engine.plan.total_bytes}))
 
 
