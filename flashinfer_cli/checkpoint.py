@@ -12,7 +12,6 @@ import hashlib
 import json
 import math
 import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -178,30 +177,14 @@ _ST_DTYPES = {"F32": (np.float32, 4), "F16": (np.float16, 2), "BF16": (np.uint16
 
 
 def _safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
-    """(header, offset of the data section). Parsed by hand: numpy has no bfloat16."""
+    """(header, offset of the data section), by fmt's one parser (numpy has no bfloat16, so the
+    tensors are read by hand from these offsets)."""
+    from flashinfer_cli import fmt
+
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{path}: truncated safetensors file")
-            (n,) = struct.unpack("<Q", head)
-            if 8 + n > size:
-                raise CheckpointError(f"{path}: truncated safetensors file (header of {n} bytes in {size})")
-            header = json.loads(f.read(n))
-    except OSError as exc:
-        raise CheckpointError(f"{path}: unreadable ({exc.strerror})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CheckpointError(f"{path}: not a safetensors file (bad header)") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: not a safetensors file (bad header)")
-    header.pop("__metadata__", None)
-    data_bytes = size - 8 - n
-    for name, info in header.items():
-        begin, end = info.get("data_offsets", (0, -1))
-        if not 0 <= begin <= end <= data_bytes:
-            raise CheckpointError(f"{path}: tensor {name!r} lies outside the file (truncated?)")
-    return header, 8 + n
+        return fmt.safetensors_header(path)
+    except fmt.FormatError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def _safetensors_loader(path: Path, base: int, name: str, info: dict[str, Any]) -> Callable[[], np.ndarray]:

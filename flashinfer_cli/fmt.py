@@ -97,13 +97,8 @@ class ExpertLayout:
 
     def part_bytes(self, n_neurons: int) -> tuple[int, int, int]:
         """Bytes of the gate, up and down parts of a bundle of n_neurons."""
-        gate = n_neurons * kernels.row_bytes(self.gate_fmt, self.d_model)
-        up = n_neurons * kernels.row_bytes(self.up_fmt, self.d_model)
-        if self.down_layout == "columns":
-            down = self.d_model * kernels.row_bytes(self.down_fmt, n_neurons)
-        else:
-            down = n_neurons * kernels.row_bytes(self.down_fmt, self.d_model)
-        return gate, up, down
+        return kernels.bundle_part_bytes(self.gate_fmt, self.up_fmt, self.down_fmt, self.d_model,
+                                         self.down_layout, n_neurons)
 
     def down_shape(self, n_neurons: int) -> tuple[int, int]:
         return (self.d_model, n_neurons) if self.down_layout == "columns" else (n_neurons, self.d_model)
@@ -200,6 +195,38 @@ def parse_manifest(path: Path) -> Manifest:
     )
 
 
+# ---- safetensors headers -------------------------------------------------------------------
+
+def safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """(header without __metadata__, offset of the data section) of a safetensors file, every
+    tensor's data_offsets checked to lie inside the file. The one parser of these headers
+    (checkpoint.py reads Hugging Face weights through it too). FormatError names what is wrong."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            _require(len(head) == 8, path, "truncated (no safetensors header)")
+            (n,) = struct.unpack("<Q", head)
+            _require(8 + n <= size, path, f"truncated: header of {n} bytes in a file of {size}")
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise FormatError(path, "missing") from None
+    except OSError as exc:
+        raise FormatError(path, f"unreadable ({exc.strerror or exc})") from None
+    except ValueError as exc:
+        raise FormatError(path, f"unreadable safetensors header ({exc})") from None
+    _require(isinstance(header, dict), path, "bad safetensors header")
+    header.pop("__metadata__", None)
+    data_bytes = size - 8 - n
+    for name, info in header.items():
+        _require(isinstance(info, dict), path, f"tensor {name!r}: bad header entry")
+        offsets = info.get("data_offsets")
+        ok = isinstance(offsets, (list, tuple)) and len(offsets) == 2 and all(isinstance(v, int) for v in offsets)
+        _require(ok and 0 <= offsets[0] <= offsets[1] <= data_bytes, path,
+                 f"tensor {name!r} lies outside the file (truncated?)")
+    return header, 8 + n
+
+
 # ---- dense tensors -------------------------------------------------------------------------
 
 def _tensor_nbytes(spec: dict[str, Any]) -> int:
@@ -242,11 +269,20 @@ _DENSE_ALIGN = 64
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "I32": np.int32, "U8": np.uint8}
 
 
+def flash_resident(man: Manifest) -> set[str]:
+    """Dense tensors the engine leaves on flash and reads a row at a time: the token embedding
+    when the model has its own output matrix (one row per token; tied, it is the output layer and
+    every row is read every token)."""
+    return {"token_embd"} if "output" in man.tensors and "token_embd" in man.tensors else set()
+
+
 def dense_pack(man: Manifest) -> tuple[list[tuple[str, int, int]], int]:
     """Where each dense tensor lives in the engine's one dense buffer: [(name, offset, bytes)] and
     the total. A layer's attn_q, attn_k and attn_v are adjacent (their rows concatenate into one
-    qkv matrix, one kernel call); every other group starts 64-byte aligned."""
-    names = list(man.tensors)
+    qkv matrix, one kernel call); every other group starts 64-byte aligned. Tensors left on flash
+    (flash_resident) are not in it."""
+    skip = flash_resident(man)
+    names = [n for n in man.tensors if n not in skip]
     groups: list[list[str]] = []
     seen: set[str] = set()
     for name in names:
@@ -415,6 +451,32 @@ class Bundle:
     data: np.ndarray | None = field(default=None, repr=False, compare=False)
 
 
+class DenseRows:
+    """A dense matrix that stays on flash: rows read with pread when asked for (the file's pages
+    may sit in the page cache, which the kernel reclaims; none of it is the engine's memory)."""
+
+    def __init__(self, path: Path, fmt_name: str, shape: tuple[int, int], offset: int):
+        self.path, self.fmt, self.shape, self.offset = path, fmt_name, shape, offset
+        self.row_bytes = kernels.row_bytes(fmt_name, shape[1])
+        self._fd = os.open(path, os.O_RDONLY)
+
+    def rows(self, ids) -> QTensor:
+        """The rows `ids` (in that order) as one QTensor."""
+        buf = bytearray()
+        for i in ids:
+            if not 0 <= i < self.shape[0]:
+                raise ValueError(f"row {i} outside 0..{self.shape[0]}")
+            got = os.pread(self._fd, self.row_bytes, self.offset + i * self.row_bytes)
+            _require(len(got) == self.row_bytes, self.path, f"truncated: row {i} of a dense tensor")
+            buf += got
+        return QTensor(self.fmt, (len(ids), self.shape[1]), np.frombuffer(bytes(buf), dtype=np.uint8))
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
 class PendingBundles:
     """A batch of bundle reads in flight (ModelReader.submit_bundles)."""
 
@@ -457,27 +519,12 @@ class ModelReader:
     def _check_dense_header(self) -> None:
         """Parse the safetensors header and check every manifest tensor is there at its size."""
         path = self.dense_path
-        try:
-            size = path.stat().st_size
-            with open(path, "rb") as f:
-                head = f.read(8)
-                _require(len(head) == 8, path, "truncated (no safetensors header)")
-                (n,) = struct.unpack("<Q", head)
-                _require(8 + n <= size, path, f"truncated: header of {n} bytes in a file of {size}")
-                header = json.loads(f.read(n))
-        except FileNotFoundError:
-            raise FormatError(path, "missing") from None
-        except (OSError, ValueError) as exc:
-            raise FormatError(path, f"unreadable safetensors header ({exc})") from None
-        _require(isinstance(header, dict), path, "bad safetensors header")
-        data_bytes = size - 8 - n
-        self._dense_data_start = 8 + n
+        header, self._dense_data_start = safetensors_header(path)
         self._dense_header = header
         for name, spec in self.manifest.tensors.items():
             info = header.get(name)
             _require(isinstance(info, dict), path, f"tensor {name!r} listed in the manifest is missing")
-            begin, end = info.get("data_offsets", (0, -1))
-            _require(0 <= begin <= end <= data_bytes, path, f"tensor {name!r} lies outside the file (truncated?)")
+            begin, end = info["data_offsets"]
             _require(end - begin == _tensor_nbytes(spec), path,
                      f"tensor {name!r} has {end - begin} bytes, its {spec['fmt']} {spec['shape']} needs {_tensor_nbytes(spec)}")
 
@@ -558,6 +605,13 @@ class ModelReader:
         except OSError as exc:
             raise FormatError(self.dense_path, f"unreadable ({exc.strerror or exc})") from None
         return out
+
+    def dense_rows(self, name: str) -> "DenseRows":
+        """Rows of a 2-D dense tensor read from the file on demand (flash_resident tensors)."""
+        spec = self.manifest.tensors[name]
+        begin, end = self._dense_header[name]["data_offsets"]
+        return DenseRows(self.dense_path, spec["fmt"], (spec["shape"][0], spec["shape"][1]),
+                         self._dense_data_start + begin)
 
     # -- experts --
     def entry(self, layer: int, expert: int) -> ExpertEntry:

@@ -415,6 +415,19 @@ def accum_rows(qt: QTensor, a: np.ndarray, y: np.ndarray, *, impl: str = "auto")
 _DOWN_LAYOUTS = {"columns": 0, "rows": 1}
 
 
+def bundle_part_bytes(gate: str, up: str, down: str, d_model: int, down_layout: str, n: int) -> tuple[int, int, int]:
+    """Bytes of the gate, up and down parts of a bundle of n neurons, back to back in that order:
+    gate rows (n x d_model), up rows (n x d_model), then down as columns (d_model rows of n, the
+    expert's column slice of ffn_down) or as rows (n x d_model, ffn_down transposed). The one place
+    Python derives the bundle layout (fmt.ExpertLayout and the FFN bindings use it; ffn.c's
+    gate_row/up_row/down_part are the C side of the same rule)."""
+    if down_layout not in _DOWN_LAYOUTS:
+        raise ValueError(f"down_layout must be 'columns' or 'rows', got {down_layout!r}")
+    g, u = n * row_bytes(gate, d_model), n * row_bytes(up, d_model)
+    d = d_model * row_bytes(down, n) if down_layout == "columns" else n * row_bytes(down, d_model)
+    return g, u, d
+
+
 class ExpertSet:
     """A layer's set of expert bundles, ready for one-call FFNs (fic_experts_ffn).
 
@@ -446,8 +459,7 @@ class ExpertSet:
         for i, (buf, n) in enumerate(zip(bundles, self.n_neurons)):
             if n <= 0:
                 raise ValueError(f"expert {i}: neuron count must be positive, got {n}")
-            down_b = d_model * row_bytes(down, n) if down_layout == "columns" else n * row_bytes(down, d_model)
-            need = n * (rb_g + rb_u) + down_b
+            need = sum(bundle_part_bytes(gate, up, down, d_model, down_layout, n))
             if (not isinstance(buf, np.ndarray) or buf.dtype != np.uint8 or buf.ndim != 1
                     or not buf.flags.c_contiguous):
                 raise ValueError(f"expert {i}: bundle must be a contiguous 1-D uint8 array")

@@ -151,7 +151,8 @@ class Model:
         self._dense_buf = kernels.aligned_buffer(dense_bytes, huge=True)
         dense = self.reader.read_dense_into(self._dense_buf)
         self._pack = {name: (off, n) for name, off, n in layout}
-        self.token_embd = _qt(dense["token_embd"])
+        on_flash = fmt.flash_resident(man)
+        self.token_embd = self.reader.dense_rows("token_embd") if "token_embd" in on_flash else _qt(dense["token_embd"])
         self.output_norm = _vec(dense["output_norm"])
         self.output = self.token_embd if c.tie_embeddings else _qt(dense["output"])
         self.layers = [self._layer(dense, i) for i in range(c.n_layers)]
@@ -217,8 +218,10 @@ class Model:
 
     # -- one step --
     def embed(self, tokens: Sequence[int]) -> np.ndarray:
-        """Rows of token_embd, dequantized one at a time."""
+        """Rows of token_embd, dequantized (read from flash when the embedding stays there)."""
         e = self.token_embd
+        if isinstance(e, fmt.DenseRows):
+            return kernels.dequantize(e.rows(list(tokens)))
         return np.concatenate([kernels.dequantize(e.rows(t, t + 1)) for t in tokens])
 
     def forward(self, tokens: Sequence[int], *, all_logits: bool = False) -> np.ndarray:
@@ -333,4 +336,6 @@ class Model:
         return kernels.matmul(lw.attn_output, np.ascontiguousarray(out, dtype=np.float32))
 
     def close(self) -> None:
+        if isinstance(self.token_embd, fmt.DenseRows):
+            self.token_embd.close()
         self.reader.close()

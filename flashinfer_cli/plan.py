@@ -26,7 +26,7 @@ ENGINE_OVERHEAD_BYTES = 4 * MiB
 READER_BYTES = 1 * MiB            # io_uring rings and request arrays (queue depth 32)
 RING_TARGET_BYTES = 2 * MiB       # a streaming read of about this size keeps the disk busy
 PREFILL_CHUNK_MAX = 512
-TOKENIZER_FACTOR = 20             # resident bytes of a loaded tokenizer per byte of tokenizer.json (measured: 17)
+TOKENIZER_FACTOR = 22             # resident bytes of a loaded tokenizer per byte of tokenizer.json (measured: 17-21)
 TOKENIZER_IMPORT_BYTES = 12 * MiB  # the tokenizers and jinja2 libraries themselves (measured: 10.6 MiB)
 
 
@@ -108,7 +108,9 @@ class ModelShape:
     def from_manifest(cls, man: fmt.Manifest) -> "ModelShape":
         a = man.arch
         dense = fmt.dense_pack_bytes(man)
-        params = sum(math.prod(s["shape"]) for s in man.tensors.values() if s["fmt"] != "i32")
+        # the active parameters a token uses: an embedding left on flash contributes one row
+        params = sum(math.prod(s["shape"]) for n, s in man.tensors.items()
+                     if s["fmt"] != "i32" and n not in fmt.flash_resident(man))
         entries = [e for layer in man.experts for e in layer]
         slot = max((e.padded_length for e in entries), default=0)
         n_max = max((e.n_neurons for e in entries), default=0)
