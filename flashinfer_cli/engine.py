@@ -27,7 +27,6 @@ from flashinfer_cli import generate as gen
 from flashinfer_cli.model import Model
 
 DEFAULT_RESELECT = 0  # tokens between reselections (0: off); see bench/RESULTS.md
-WINDOW_MAX = 64       # prune mode: recent tokens a reselection rescores
 
 
 class EngineError(ValueError):
@@ -57,7 +56,7 @@ class Engine:
             router.apply_sets(model.arena, model.runner, self._static_sets(), prune=plan.prune)
         if self.selects and reselect and plan.prune:
             c = model.config
-            model.window = np.zeros((c.n_layers, min(reselect, WINDOW_MAX), c.d_model), dtype=np.float32)
+            model.window = np.zeros((c.n_layers, min(reselect, planlib.WINDOW_MAX, plan.prefill_chunk), c.d_model), dtype=np.float32)
 
     @classmethod
     def open(cls, name_or_path: str, *, mem: str | int | None = None, ctx: int | None = None,

@@ -163,7 +163,7 @@ class Model:
             self.arena.begin_request()
         self.runner = FFNRunner(self.arena, man.expert_layout, plan.prefill_chunk)
         self.runner.wrap = not plan.prune
-        self.scorer = Scorer(self.arena.n_neurons)
+        self.scorer = Scorer(self.arena.n_neurons, max_tokens=plan.prefill_chunk)
         self.cos, self.sin = rope_tables(self.ctx, c.head_dim, c.rope_theta, c.rope_scaling)
         half = c.head_dim // 2  # decode's RoPE: rotate_half(x) = x[rot] * sign, the sign folded into sin
         self._rot = np.concatenate([np.arange(half, c.head_dim), np.arange(half)])

@@ -205,6 +205,13 @@ class MemoryPlan:
         return out
 
 
+WINDOW_MAX = 64  # prune mode: the recent FFN inputs a reselection rescores, per layer
+
+
+def window_bytes(shape: ModelShape, chunk: int, mode: str) -> int:
+    return shape.n_layers * min(WINDOW_MAX, chunk) * shape.d_model * 4 if mode == "prune" else 0
+
+
 def huge_round(n: int) -> int:
     """Bytes a huge-page buffer of n bytes becomes resident as (whole 2 MiB pages)."""
     return -(-n // HUGE_PAGE) * HUGE_PAGE
@@ -244,7 +251,7 @@ def _fixed_parts(shape: ModelShape, req: PlanRequest, chunk: int) -> dict[str, i
     return {
         "dense block": huge_round(shape.dense_bytes),
         "kv cache": kv_bytes(shape, req.ctx, req.kv_dtype),
-        "scratch": scratch_bytes(shape, chunk, req.ctx),
+        "scratch": scratch_bytes(shape, chunk, req.ctx) + window_bytes(shape, chunk, req.mode),
         "reader": READER_BYTES,
         "workspace": workspace_bytes(shape, chunk, req.n_threads),
         "tokenizer": TOKENIZER_IMPORT_BYTES + TOKENIZER_FACTOR * req.tokenizer_file_bytes,

@@ -24,15 +24,17 @@ RESELECT_MARGIN = 0.05  # a challenger must beat the weakest selected expert by 
 class Scorer:
     """GRIFFIN statistics of every layer's neurons, accumulated over tokens."""
 
-    def __init__(self, n_neurons: np.ndarray):
-        # n_neurons: (n_layers, max_experts) neurons per expert (0 where a layer has fewer experts)
+    def __init__(self, n_neurons: np.ndarray, max_tokens: int = 1):
+        # n_neurons: (n_layers, max_experts) neurons per expert (0 where a layer has fewer experts);
+        # max_tokens: the most tokens one add() sees (the plan's prefill chunk): buffers sized once
         self.n_neurons = n_neurons
         self.offsets = np.concatenate([np.zeros((n_neurons.shape[0], 1), np.int64),
                                        np.cumsum(n_neurons, axis=1)], axis=1)
         self.d_ff = int(self.offsets[:, -1].max(initial=0))
         self.acc = np.zeros((n_neurons.shape[0], self.d_ff), dtype=np.float64)
         self.n_tokens = np.zeros(n_neurons.shape[0], dtype=np.int64)
-        self._h = np.empty(0, dtype=np.float32)
+        self._h = np.empty(max_tokens * self.d_ff, dtype=np.float32)
+        self._sq = np.empty(max_tokens * self.d_ff, dtype=np.float32)
 
     def reset(self) -> None:
         self.acc[:] = 0
@@ -46,7 +48,7 @@ class Scorer:
         off = self.offsets[layer]
         d_ff = int(off[-1])
         if self._h.size < t * d_ff:
-            self._h = np.empty(t * d_ff, dtype=np.float32)
+            raise ValueError(f"{t} tokens in one call, the scorer was sized for {self._h.size // max(1, d_ff)}")
         h = self._h[:t * d_ff].reshape(t, d_ff)
         for experts, region in calls:
             pos = 0
@@ -60,10 +62,11 @@ class Scorer:
             for e, ne in zip(experts, sizes):
                 h[:, off[e]:off[e] + ne] = region[pos:pos + t * ne].reshape(t, ne)
                 pos += t * ne
-        sq = h * h
+        sq = np.square(h, out=self._sq[:t * d_ff].reshape(t, d_ff))
         norm2 = sq.sum(axis=1, keepdims=True, dtype=np.float64)
         norm2[norm2 == 0] = 1.0
-        self.acc[layer, :d_ff] += (sq / norm2).sum(axis=0)
+        sq /= norm2.astype(np.float32)
+        self.acc[layer, :d_ff] += sq.sum(axis=0, dtype=np.float64)
         self.n_tokens[layer] += t
 
     def expert_scores(self, layer: int) -> np.ndarray:
