@@ -93,13 +93,10 @@ static inline float coef_of(const ffn_t *f, int64_t i, int64_t e) {
 #define P2_PF_BLOCKS 2   /* phase 2: row blocks ahead to prefetch, per expert */
 
 /* Phase 1 reads, per expert, its gate rows then its up rows: one forward stream (the two are
- * back to back in the bundle). Interleaving gate and up rows, or reading several rows block by
- * block, ran at half speed from DRAM (the hardware prefetcher no longer followed); one row at a
- * time plus this software prefetch P1_PF_BYTES ahead brought it near a dense matvec's. The
- * prefetch stays inside the bundle: past the up rows it touches the start of the down part
- * (measured: redirecting it to the next expert's gate rows instead was 15-20 us per layer
- * slower on the SmolLM2 shape, the reason is not understood). What did help (~10%): prefetching
- * the next expert's first P1_NEXT_BYTES once, as this expert's up rows start (p1_prefetch_next). */
+ * back to back in the bundle), one row at a time with a software prefetch P1_PF_BYTES ahead that
+ * stays inside the bundle, and the next expert's first P1_NEXT_BYTES prefetched once as this
+ * expert's up rows start (p1_prefetch_next). The alternatives tried and their timings are in
+ * bench/RESULTS.md ("expert FFN t=1 profile"). */
 static inline void p1_prefetch(const uint8_t *row, int64_t rb) {
     for (int64_t o = 0; o < rb; o += 64) __builtin_prefetch(row + P1_PF_BYTES + o, 0, 0);
 }

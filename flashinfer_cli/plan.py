@@ -193,9 +193,10 @@ class MemoryPlan:
             out.append(f"experts         all {s.n_experts} resident ({e_max} per layer)")
         else:
             out.append(f"experts         {per_layer:.1f} of {e_max} per layer fit beside the ring")
-            out.append(f"exact mode      {human(self.streamed_bytes_per_token)} streamed from flash per token"
-                       f" ({s.n_experts - sum(self.active_per_layer)} bundles)")
             k = max_prune_active(s, self.n_slots - self.n_ring)
+            n_stream = max(0, s.n_experts - sum(min(k, n) for n in s.experts_per_layer))
+            out.append(f"exact mode      {human(n_stream * self.slot_bytes)} streamed from flash per token"
+                       f" ({n_stream} bundles)")
             out.append(f"prune mode      largest --active {k / max(1, e_max):.2f} ({k} of {e_max} per layer,"
                        f" {(s.dense_params + k * s.n_layers * s.expert_params) / 1e6:.0f}M active parameters)")
         if self.prune:

@@ -338,3 +338,25 @@ def test_peak_memory_stays_within_the_budget(smollm2_model, mode):
     assert r["stats"]["total"]["bytes_read"] > 0      # experts really came from flash
     if mode == "exact":
         assert "Berlin" in r["text"]
+
+
+# ---- the static policy ---------------------------------------------------------------------
+
+def test_static_policy_is_one_set_from_calibration_text(smollm2_model, tmp_path):
+    """--policy static: scores gathered once over the calibration text (the standard library's
+    docstrings), stored beside the model, and the same active sets for every prompt."""
+    import shutil
+
+    model = tmp_path / "m"
+    shutil.copytree(smollm2_model, model)
+    eng = Engine.open(str(model), ctx=512, mode="prune", active=0.5, policy="static")
+    stored = router.load_static(model)
+    assert stored is not None and stored.shape == (30, 24) and np.isfinite(stored).all()
+    sets = [eng.model.runner.active[l].copy() for l in range(30)]
+    for l in (0, 29):
+        assert set(sets[l].tolist()) == set(router.top_k(stored[l], 12).tolist())
+    "".join(eng.generate("What is the capital of Germany?", max_tokens=4))
+    "".join(eng.generate("Write a poem about the sea.", max_tokens=4))
+    assert all(np.array_equal(eng.model.runner.active[l], sets[l]) for l in range(30))
+    again = Engine.open(str(model), ctx=512, mode="prune", active=0.5, policy="static")  # read back, not recomputed
+    assert all(np.array_equal(again.model.runner.active[l], sets[l]) for l in range(30))
