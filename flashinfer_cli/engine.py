@@ -108,7 +108,8 @@ class Engine:
         selection is made (a budget that streams, or --active), it is made from the first
         prompt_len tokens (default: all of them), which run with every expert, as that prompt's
         prefill would; the tokens after them run with the sets held (no reselection), so a
-        continuation is scored teacher-forced."""
+        continuation is scored teacher-forced. The returned array (len(ids) x vocab floats) is the
+        caller's and outside the budget; generation keeps only the last position's logits."""
         self._check_length(ids)
         ids = list(ids)
         n = len(ids) if prompt_len is None else prompt_len
