@@ -107,6 +107,63 @@ def test_seed_reproducible():
     assert draws(11) != draws(12)
 
 
+# ---- the filters against transformers' logits processors ------------------------------------
+
+def hf_distribution(logits, p: SamplingParams) -> np.ndarray:
+    """transformers' TemperatureLogitsWarper, TopK, TopP and MinP in fic's order, in float64."""
+    torch = pytest.importorskip("torch")
+    tr = pytest.importorskip("transformers")
+    procs = [tr.TemperatureLogitsWarper(p.temperature)]
+    if p.top_k > 0:
+        procs.append(tr.TopKLogitsWarper(p.top_k))
+    if p.top_p < 1.0:
+        procs.append(tr.TopPLogitsWarper(p.top_p))
+    if p.min_p > 0.0:
+        procs.append(tr.MinPLogitsWarper(p.min_p))
+    scores = torch.tensor(np.asarray(logits, dtype=np.float64))[None]
+    for proc in procs:
+        scores = proc(None, scores)
+    return torch.softmax(scores, dim=-1)[0].numpy()
+
+
+@pytest.mark.parametrize("temperature", [0.6, 1.0, 1.7])
+@pytest.mark.parametrize("top_k", [0, 1, 7, 60])
+@pytest.mark.parametrize("top_p", [1.0, 0.3, 0.75, 0.95])
+@pytest.mark.parametrize("min_p", [0.0, 0.02, 0.25])
+def test_filters_equal_transformers_processors(temperature, top_k, top_p, min_p):
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    rng = np.random.default_rng(int(temperature * 10) + 100 * top_k)
+    for _ in range(5):
+        z = (rng.standard_normal(500) * rng.uniform(1, 4)).astype(np.float32)  # no ties
+        ours, theirs = distribution(z, params), hf_distribution(z, params)
+        assert np.array_equal(ours > 0, theirs > 0)
+        np.testing.assert_allclose(ours, theirs, rtol=1e-9, atol=1e-15)
+
+
+# probabilities that are exact binary fractions, so cumulative sums land exactly on top_p
+EXACT = np.log(np.array([0.0625, 0.5, 0.03125, 0.25, 0.125, 0.03125], dtype=np.float64))
+
+
+@pytest.mark.parametrize("top_p,kept", [
+    (0.5, {1}),                 # the most probable token alone reaches 0.5: only it is kept
+    (0.75, {1, 3}),             # 0.5 + 0.25 = 0.75 exactly: those two, not the next
+    (0.875, {1, 3, 4}),         # 0.5 + 0.25 + 0.125
+    (0.9375, {1, 3, 4, 0}),
+    (0.75 + 1e-9, {1, 3, 4}),   # just past a cumulative sum: the next token is needed to reach it
+    (0.75 - 1e-9, {1, 3}),
+])
+def test_top_p_on_an_exact_cumulative_sum(top_p, kept):
+    """top_p is reached when the kept mass is >= top_p: a token whose cumulative sum equals top_p
+    exactly is kept and the next one is not (transformers' TopPLogitsWarper removes the tokens
+    whose ascending cumulative sum is <= 1 - top_p: the same side)."""
+    params = SamplingParams(temperature=1.0, top_p=top_p)
+    ours = distribution(EXACT, params)
+    assert set(np.flatnonzero(ours)) == kept
+    np.testing.assert_allclose(ours[sorted(kept)], np.exp(EXACT[sorted(kept)]) / np.exp(EXACT[sorted(kept)]).sum(),
+                               rtol=1e-12)
+    assert set(np.flatnonzero(hf_distribution(EXACT, params))) == kept
+
+
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5),
                                  dict(min_p=-0.1), dict(min_p=2)])
 def test_bad_params(bad):
