@@ -243,3 +243,62 @@ def test_context_full_ends_generation():
     left = iter([2, 1, 0])
     result = generate(model, ByteTokenizer(), [5], max_tokens=50, room=lambda: next(left))
     assert result.text == "abc" and result.finish_reason == "length"
+
+
+# ---- what mutation testing (mutmut on generate.py) found untested ------------------------
+
+def test_min_p_keeps_a_token_exactly_at_the_threshold_and_composes():
+    # 0.25 is exactly 0.5 * the top probability 0.5: kept ("less probable than" drops, equal stays)
+    assert set(np.flatnonzero(distribution(EXACT, SamplingParams(temperature=1.0, min_p=0.5)))) == {1, 3}
+    # min-p applies to what top-k left: it never brings a token back
+    assert set(np.flatnonzero(distribution(EXACT, SamplingParams(temperature=1.0, top_k=1, min_p=0.01)))) == {1}
+    SamplingParams(min_p=1.0)  # the closed end of [0, 1]
+
+
+@pytest.mark.parametrize("bad,message", [(dict(temperature=-1), "temperature"), (dict(top_k=-1), "top-k"),
+                                         (dict(top_p=0.0), "top-p"), (dict(min_p=2), "min-p")])
+def test_bad_params_say_which(bad, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**bad)
+
+
+def test_one_token_and_zero_tokens():
+    model = ScriptedModel(list(b"abc"), 257)
+    result = generate(model, ByteTokenizer(), [5, 6], max_tokens=1)
+    assert result.tokens == [ord("a")] and result.text == "a" and result.generation_tokens == 1
+    empty = generate(ScriptedModel(list(b"abc"), 257), ByteTokenizer(), [5, 6, 7], max_tokens=0)
+    assert (empty.text, empty.token, empty.prompt_tokens, empty.generation_tokens, empty.finish_reason,
+            empty.tokens, empty.prompt_seconds, empty.decode_seconds) == ("", -1, 3, 0, "length", [], 0.0, 0.0)
+
+
+def test_token_zero_is_a_token_and_eos_ids_override():
+    model = ScriptedModel([0, 65, 66, 256], 257)
+    result = generate(model, ByteTokenizer(), [1], max_tokens=10, eos_ids=[66])
+    assert result.tokens == [0, 65] and result.text == "\x00A" and result.finish_reason == "stop"
+    assert result.token == 66
+
+
+def test_context_full_closing_response():
+    model = ScriptedModel(list(b"abcdefgh"), 257)
+    left = iter([1, 0])
+    responses = list(stream_generate(model, ByteTokenizer(), [5, 6, 7], max_tokens=50, room=lambda: next(left)))
+    last = responses[-1]
+    assert (last.token, last.prompt_tokens, last.generation_tokens, last.finish_reason) == (-1, 3, 2, "length")
+    assert last.decode_seconds == responses[-2].decode_seconds and last.prompt_seconds == responses[0].prompt_seconds
+    assert generate(ScriptedModel(list(b"ab"), 257), ByteTokenizer(), [5], max_tokens=50,
+                    room=lambda: 0).token == -1
+
+
+class SleepyModel(ScriptedModel):
+    """Prefill takes 0.05 s, each decode step 0.01 s."""
+
+    def forward(self, tokens):
+        import time
+        time.sleep(0.05 if not self.calls else 0.01)
+        return super().forward(tokens)
+
+
+def test_timings_add_up():
+    result = generate(SleepyModel(list(b"abcdef"), 257), ByteTokenizer(), [5], max_tokens=6)
+    assert 0.05 <= result.prompt_seconds < 30  # the prefill alone (it also produced the first token)
+    assert 5 * 0.01 <= result.decode_seconds < 30  # the five decode steps, summed
