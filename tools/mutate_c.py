@@ -132,7 +132,9 @@ MUTANTS: list[Mutant] = [
     Mutant("top_p_boundary_strict", "flashinfer_cli/generate.py",
            "n = int(np.searchsorted(cum, p.top_p * (1 - 1e-12))) + 1",
            "n = int(np.searchsorted(cum, p.top_p * (1 - 1e-12), side=\"right\")) + 1",
-           ("tests/test_generate.py",), "top-p keeps one token past an exact cumulative sum", ("python",)),
+           ("tests/test_generate.py",),
+           "top-p keeps one token past an exact cumulative sum (equivalent while the 1e-12 slack stands: a known survivor)",
+           ("python",)),
 ]
 
 for _m in MUTANTS:  # C mutants form the group "c"
