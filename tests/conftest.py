@@ -169,6 +169,20 @@ def smollm2_model(smollm2_gguf) -> Path:
     return pulled_model(SMOLLM2, SMOLLM2_SHA256)
 
 
+@pytest.fixture
+def ramfs_dir(tmp_path: Path) -> Path:
+    """A ramfs mount: a filesystem that refuses O_DIRECT (tmpfs accepts it since Linux 6.6)."""
+    import subprocess
+
+    mnt = tmp_path / "ramfs"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "ramfs", "ramfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a ramfs here (needs root)")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
 # ---- wall time and peak RSS of the slow tests (printed at the end of the run; never asserted) ------
 
 _SLOW_REPORT: list[str] = []

@@ -20,6 +20,7 @@ from flashinfer_cli import Engine  # noqa: E402
 from flashinfer_cli.cli import cli  # noqa: E402
 from flashinfer_cli.convert import ConvertOptions, convert  # noqa: E402
 from flashinfer_cli.engine import EngineError  # noqa: E402
+from flashinfer_cli.generate import SamplingParams, distribution  # noqa: E402
 
 EOS = 2  # <|im_end|> in the tiny tokenizer
 MAX = 12
@@ -101,6 +102,142 @@ def test_sampling_is_seeded(engine):
     assert a == b and engine.last.generation_tokens == MAX
 
 
+# ---- sampling through the Engine, replayed step by step --------------------------------------
+#
+# The filters' reference is transformers' own logits processors (Temperature, TopK, TopP, MinP),
+# applied in fic's order (top-k, then top-p, then min-p, each to what the previous left). Where
+# the two could part: top-k keeps exactly k tokens in fic and every token tied with the k-th in
+# transformers (model logits have no such ties); top-p is "the smallest set of most probable
+# tokens whose mass reaches p" in both (test_generate checks the exact boundary).
+
+SAMPLE_TOKENS = 24
+
+
+def hf_filtered(logits: np.ndarray, p: SamplingParams) -> np.ndarray:
+    """The distribution transformers' logits processors leave (float64)."""
+    from transformers import MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    procs = [TemperatureLogitsWarper(p.temperature)]
+    if p.top_k > 0:
+        procs.append(TopKLogitsWarper(p.top_k))
+    if p.top_p < 1.0:
+        procs.append(TopPLogitsWarper(p.top_p))
+    if p.min_p > 0.0:
+        procs.append(MinPLogitsWarper(p.min_p))
+    scores = torch.tensor(np.asarray(logits, np.float64))[None]
+    for proc in procs:
+        scores = proc(None, scores)
+    return torch.softmax(scores, dim=-1)[0].numpy()
+
+
+@pytest.fixture(scope="module")
+def replayer(tiny):
+    """A second engine on the same model, whose model the replays step by hand."""
+    return Engine.open(str(tiny[0]), ctx=256)
+
+
+def step_logits(replayer, ids, tokens) -> list[np.ndarray]:
+    """fic's logits before each of tokens, run as Engine.stream runs them: a prefill of ids, then
+    one decode step per token."""
+    m = replayer.model
+    m.reset()
+    rows = [m.forward(list(ids))]
+    for t in tokens[:-1]:
+        rows.append(m.forward([t]))
+    return rows
+
+
+def sampled(engine, ids, params: SamplingParams, max_tokens=SAMPLE_TOKENS) -> list[int]:
+    return [r.token for r in engine.stream(ids, max_tokens=max_tokens, temperature=params.temperature,
+                                           top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
+                                           seed=params.seed) if r.token >= 0]
+
+
+SAMPLING_CASES = [
+    SamplingParams(temperature=1.0, seed=1),
+    SamplingParams(temperature=1.5, top_k=5, seed=2),
+    SamplingParams(temperature=1.2, top_p=0.6, seed=3),
+    SamplingParams(temperature=2.0, min_p=0.2, seed=4),
+    SamplingParams(temperature=0.8, top_k=40, top_p=0.8, min_p=0.05, seed=5),
+]
+
+
+@pytest.mark.parametrize("params", SAMPLING_CASES, ids=lambda p: f"t{p.temperature}-k{p.top_k}-p{p.top_p}-m{p.min_p}")
+def test_sampling_replays_step_by_step(engine, replayer, tiny, params):
+    """Engine.stream's tokens are the draws of a generator seeded with the seed, from
+    generate.distribution of fic's logits at each step, and that distribution is transformers'."""
+    ids = ref_ids(tiny[2], [{"role": "user", "content": "Tell me a story."}])
+    tokens = sampled(engine, ids, params)
+    assert len(tokens) >= 8, tokens  # enough steps to mean something (an early end token is rare here)
+    rows = step_logits(replayer, ids, tokens)
+    rng = np.random.default_rng(params.seed)
+    replay = []
+    for row in rows:
+        probs = distribution(row, params)
+        np.testing.assert_allclose(probs, hf_filtered(row, params), rtol=1e-9, atol=1e-12)
+        replay.append(int(rng.choice(probs.size, p=probs)))
+    assert replay == tokens
+
+
+def test_no_token_outside_the_nucleus_and_seeds_differ(engine, replayer, tiny):
+    """Many seeded generations under a tight nucleus: every token is inside transformers' nucleus
+    of its step, and different seeds give different generations."""
+    ids = ref_ids(tiny[2], [{"role": "user", "content": "hi"}])
+    params = [SamplingParams(temperature=1.5, top_p=0.5, seed=s) for s in range(12)]
+    runs = [sampled(engine, ids, p) for p in params]
+    outside, total, excluded_mass = 0, 0, 0.0
+    for p, tokens in zip(params, runs):
+        for row, tok in zip(step_logits(replayer, ids, tokens), tokens):
+            kept = hf_filtered(row, p) > 0
+            excluded_mass += hf_filtered(row, SamplingParams(temperature=p.temperature))[~kept].sum()
+            outside += not kept[tok]
+            total += 1
+    # Without the filter about this many of the tokens would have fallen outside the nucleus
+    # (each step's mass outside it, summed): a sampler that ignores top_p shows.
+    assert excluded_mass > 40, excluded_mass
+    assert outside == 0, f"{outside} of {total} tokens outside the nucleus"
+    assert len({tuple(t) for t in runs}) == len(runs), "two seeds gave the same generation"
+
+
+# ---- sampling through `fic run` ------------------------------------------------------------
+
+# Each case after the first changes one option of the first: through the Engine each gives
+# another answer than the first (so each option is seen to act), and `fic run` with the flags
+# gives exactly the Engine's answer.
+CLI_SAMPLING = [
+    dict(temperature=1.3, seed=7),
+    dict(temperature=1.3, seed=8),
+    dict(temperature=0.5, seed=7),
+    dict(temperature=1.3, top_k=3, seed=7),
+    dict(temperature=1.3, top_p=0.5, seed=7),
+    dict(temperature=1.3, min_p=0.3, seed=7),
+]
+
+
+def test_run_sampling_flags_equal_engine(tiny, env, engine):
+    path = tiny[0]
+    prompt = "Tell me a story."
+    answers = []
+    for opts in CLI_SAMPLING:
+        want = "".join(engine.generate(prompt, max_tokens=SAMPLE_TOKENS, **opts))
+        args = ["run", str(path), prompt, "--max-tokens", str(SAMPLE_TOKENS)]
+        for k, v in opts.items():
+            args += [f"--{k.replace('_', '-')}", str(v)]
+        res = CliRunner().invoke(cli, args)
+        assert res.exit_code == 0, res.output
+        assert res.stdout == want + "\n", (opts, res.stdout, want)
+        answers.append(want)
+    for opts, answer in zip(CLI_SAMPLING[1:], answers[1:]):
+        assert answer != answers[0], f"{opts} gives the answer of {CLI_SAMPLING[0]}: the option had no effect"
+    # and a real process gives the same
+    p = fic({**env}, "run", str(path), prompt, "--max-tokens", str(SAMPLE_TOKENS), "--temperature", "1.3",
+            "--top-k", "40", "--top-p", "0.8", "--min-p", "0.05", "--seed", "11")
+    want = "".join(engine.generate(prompt, max_tokens=SAMPLE_TOKENS, temperature=1.3, top_k=40, top_p=0.8,
+                                   min_p=0.05, seed=11))
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == want + "\n"
+
+
 def test_engine_refuses_bad_prompts(tiny):
     eng = Engine.open(str(tiny[0]), ctx=8)
     with pytest.raises(EngineError, match="empty"):
@@ -155,7 +292,8 @@ def test_cli_errors_are_one_line(tiny, env, tmp_path, args, stdin, message):
     res = CliRunner().invoke(cli, args, input=stdin)
     assert res.exit_code != 0
     assert res.stderr.count("\n") == 1 and res.stderr.startswith("fic: ") and message in res.stderr
-    assert "Traceback" not in res.stderr and res.exception is None or isinstance(res.exception, SystemExit)
+    assert "Traceback" not in res.stderr
+    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
 
 
 # ---- real processes with piped stdin -------------------------------------------------------

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,12 @@ def q8_half_step_blocks(v: np.ndarray) -> np.ndarray:
     return out
 
 
+def stable_seed(*parts) -> int:
+    """A seed from strings that is the same in every process (str hashes are salted per process),
+    so a failure reproduces."""
+    return zlib.crc32(repr(parts).encode()) % 1000
+
+
 class Case:
     """Random experts in bundle form with their float64 dequantized parts."""
 
@@ -82,10 +89,13 @@ class Case:
             self.coef = None
         else:
             c = rng.uniform(0.1, 1.0, (t, len(ns))).astype(np.float32)
-            if len(ns) > 1:
-                c[:, 1] = 0.0         # an expert no token uses: skipped
-            if t > 1:
-                c[t - 1, 0] = 0.0     # one token skips expert 0
+            e = len(ns)
+            if e > 1:
+                c[:, 1] = 0.0           # an expert no token uses: skipped
+            if t > 1:                   # zeros of single tokens, the expert still used by others:
+                c[t - 1, 0] = 0.0       # the last token skips expert 0,
+                c[0, 2 % e] = 0.0       # the first token expert 2 (0 when there are fewer),
+                c[t // 2, e - 1] = 0.0  # a middle token (t >= 3) the last expert
             self.coef = c
 
     def expert_set(self):
@@ -126,37 +136,53 @@ class Case:
 
     def reference(self, impl):
         """(y, its bound, h flattened as scratch holds it, its bound), all float64."""
-        x = self.x.astype(np.float64)
-        ax = np.abs(x)
-        t1 = self.t == 1
-        want = self.y0.astype(np.float64).copy()
-        mag = np.abs(want)              # |y0| + sum |Wd h|
-        prop = np.zeros_like(want)      # propagated h error and int8 terms on h
-        n_total = sum(self.ns)
-        hs, hbs = [], []
-        for e, (wg, wu, wd) in enumerate(self.parts):
-            c = np.ones(self.t) if self.coef is None else self.coef[:, e].astype(np.float64)
-            g, u = x @ wg.T, x @ wu.T
-            bg = FLOAT_SLACK * self.d * EPS32 * (ax @ np.abs(wg).T)
-            bu = FLOAT_SLACK * self.d * EPS32 * (ax @ np.abs(wu).T)
-            if t1 and int8_activation_path(self.fmts[0], impl):
-                bg += q8_half_step_blocks(ax) @ np.abs(wg).T
-            if t1 and int8_activation_path(self.fmts[1], impl):
-                bu += q8_half_step_blocks(ax) @ np.abs(wu).T
-            s = silu(g)
-            h = c[:, None] * s * u
-            bh = np.abs(c)[:, None] * (1.1 * bg * (np.abs(u) + bu) + np.abs(s) * bu) + 8 * EPS32 * np.abs(h)
-            hs.append(h.ravel())     # t x n_e, token-major
-            hbs.append(bh.ravel())
-            want += h @ wd.T
-            mag += np.abs(h) @ np.abs(wd).T
-            prop += bh @ np.abs(wd).T
-            n = self.ns[e]
-            if (t1 and self.layout == "columns" and int8_activation_path(self.fmts[2], impl)
-                    and (self.fmts[2] == "q1_0" or n >= 64)):
-                prop += q8_half_step_blocks(np.abs(h) + bh) @ np.abs(wd).T
-        bound = prop + FLOAT_SLACK * (n_total + len(self.ns) + 1) * EPS32 * mag + 1e-30
-        return want, bound, np.concatenate(hs), np.concatenate(hbs) + 1e-30
+        return ffn_reference(self.fmts, self.layout, self.ns, self.parts, self.x, self.y0, self.coef, impl)
+
+
+def ffn_want_and_bound(fmts, layout, ns, parts, x, y0, coef, impl):
+    """The float64 FFN of x (t x d) onto y0 with the dequantized parts [(gate (n, d), up (n, d),
+    down (d, n)) per expert] and coef (t x experts, or None), and the bound per output derived in
+    the module docstring for the kernel impl."""
+    want, bound, _, _ = ffn_reference(fmts, layout, ns, parts, x, y0, coef, impl)
+    return want, bound
+
+
+def ffn_reference(fmts, layout, ns, parts, x, y0, coef, impl):
+    """ffn_want_and_bound, and h (t x n_e per expert, token-major, flattened as the kernel's
+    scratch holds it) with its bound."""
+    x = np.atleast_2d(x).astype(np.float64)
+    t = x.shape[0]
+    ax = np.abs(x)
+    t1 = t == 1
+    want = np.atleast_2d(y0).astype(np.float64).copy()
+    mag = np.abs(want)              # |y0| + sum |Wd h|
+    prop = np.zeros_like(want)      # propagated h error and int8 terms on h
+    n_total = sum(ns)
+    d = x.shape[1]
+    hs, hbs = [], []
+    for e, (wg, wu, wd) in enumerate(parts):
+        c = np.ones(t) if coef is None else np.atleast_2d(coef)[:, e].astype(np.float64)
+        g, u = x @ wg.T, x @ wu.T
+        bg = FLOAT_SLACK * d * EPS32 * (ax @ np.abs(wg).T)
+        bu = FLOAT_SLACK * d * EPS32 * (ax @ np.abs(wu).T)
+        if t1 and int8_activation_path(fmts[0], impl):
+            bg += q8_half_step_blocks(ax) @ np.abs(wg).T
+        if t1 and int8_activation_path(fmts[1], impl):
+            bu += q8_half_step_blocks(ax) @ np.abs(wu).T
+        s = silu(g)
+        h = c[:, None] * s * u
+        bh = np.abs(c)[:, None] * (1.1 * bg * (np.abs(u) + bu) + np.abs(s) * bu) + 8 * EPS32 * np.abs(h)
+        hs.append(h.ravel())
+        hbs.append(bh.ravel())
+        want += h @ wd.T
+        mag += np.abs(h) @ np.abs(wd).T
+        prop += bh @ np.abs(wd).T
+        n = ns[e]
+        if (t1 and layout == "columns" and int8_activation_path(fmts[2], impl)
+                and (fmts[2] == "q1_0" or n >= 64)):
+            prop += q8_half_step_blocks(np.abs(h) + bh) @ np.abs(wd).T
+    bound = prop + FLOAT_SLACK * (n_total + len(ns) + 1) * EPS32 * mag + 1e-30
+    return want, bound, np.concatenate(hs), np.concatenate(hbs) + 1e-30
 
 
 def sizes(fmt_down, layout, count, seed=0):
@@ -181,7 +207,7 @@ def test_ffn_matches_numpy(gate_up, down, layout, t, impl):
     t x n_e block at t * (n_0 + ... + n_{e-1}), h = coef silu(gate x) (up x), exactly 0 where
     coef is 0 (expert 1 for every token; expert 0 for the last token when t > 1). The same for
     experts_ffn_slots over an arena, which must agree with ExpertSet bit for bit."""
-    case = Case((gate_up, gate_up, down), layout, sizes(down, layout, 4, seed=t), t, seed=hash((gate_up, down)) % 1000)
+    case = Case((gate_up, gate_up, down), layout, sizes(down, layout, 4, seed=t), t, seed=stable_seed(gate_up, down))
     want, bound, h_want, h_bound = case.reference(impl)
     n_total = sum(case.ns)
     scratch = np.full(t * n_total + 5, np.nan, np.float32)  # longer than needed: the tail stays untouched
@@ -282,6 +308,21 @@ def test_zero_coef_expert_is_not_read(layout, t, impl):
                                     dtype=np.uint8).copy()
     got = case.run(impl)
     assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("layout", ["columns", "rows"])
+@pytest.mark.parametrize("fmt", ["f32", "q4_1"])
+@pytest.mark.parametrize("zero_token", [0, 2, 4], ids=["first", "middle", "last"])
+def test_zero_coef_of_one_token(zero_token, fmt, layout, impl):
+    """One token's coef is 0 for an expert the other tokens use (MoE routing does this all the
+    time): that token gets nothing from the expert, the others all of it. Tokens 0, 2 and 4 of 5."""
+    case = Case((fmt, fmt, fmt), layout, sizes(fmt, layout, 3, seed=zero_token), 5, seed=40 + zero_token, coef=None)
+    c = np.random.default_rng(zero_token).uniform(0.5, 1.0, (5, 3)).astype(np.float32)
+    c[zero_token, 1] = 0.0
+    case.coef = c
+    want, bound = case.want_and_bound(impl)
+    assert_within(case.run(impl), want, bound)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -11,6 +11,8 @@ import pytest
 from flashinfer_cli import fmt, kernels
 from flashinfer_cli.fmt import ExpertLayout, FormatError, ModelReader, ModelWriter
 
+from test_kernels import EPS32, assert_within, dot_bound
+
 D_MODEL = 256
 N_LAYERS = 2
 EXPERT_SIZES = (128, 128, 256)  # neurons per expert; multiples of every block size
@@ -97,13 +99,23 @@ def test_bundle_is_usable_by_kernels(tmp_path: Path):
     x = np.random.default_rng(1).standard_normal(D_MODEL).astype(np.float32)
     with ModelReader(dest) as r:
         (b,) = _read_all(r, [(1, 2)])
-    gate, up, down = (kernels.dequantize(p) for p in bundles[1, 2])
-    h = (gate @ x) / (1 + np.exp(-(gate @ x))) * (up @ x)
-    want = down.T @ h
+    gate, up, down = (kernels.dequantize(p).astype(np.float64) for p in bundles[1, 2])
+    x64 = x.astype(np.float64)
+    g64, u64 = gate @ x64, up @ x64
+    s64 = g64 / (1 + np.exp(-g64))
+    want = down.T @ (s64 * u64)
     # The float reference kernels: this checks the bytes, not the int8-activation fast paths.
     g, u = kernels.matvec(b.gate, x, impl="ref"), kernels.matvec(b.up, x, impl="ref")
-    got = kernels.accum_rows(b.down, g / (1 + np.exp(-g)) * u, np.zeros(D_MODEL, np.float32), impl="ref")
-    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
+    h = g / (1 + np.exp(-g)) * u  # float32
+    got = kernels.accum_rows(b.down, h, np.zeros(D_MODEL, np.float32), impl="ref")
+    # The bound, derived as in test_ffn: g and u within the float32 summation bound of a length
+    # D_MODEL dot product; h = silu(g) u moves by at most 1.1 |dg| (|u| + |du|) + |silu(g)| |du|
+    # plus 8 roundings of |h| (|silu'| <= 1.1; exp, the division and the products in float32);
+    # y sums n rows of down scaled by h in float32: sum |down| |dh| plus its own summation bound.
+    bg, bu = dot_bound(gate, x64), dot_bound(up, x64)
+    bh = 1.1 * bg * (np.abs(u64) + bu) + np.abs(s64) * bu + 8 * EPS32 * np.abs(s64 * u64)
+    bound = np.abs(down.T) @ bh + dot_bound(down.T, np.abs(s64 * u64) + bh)
+    assert_within(got, want, bound)
 
 
 def test_failed_write_leaves_nothing(tmp_path: Path):
@@ -244,18 +256,55 @@ def test_dense_size_mismatch(model: Path):
     _expect(model, fmt.DENSE_FILE, "needs")
 
 
-def test_corrupted_bundle_byte(model: Path):
+def _flip(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x01]))
+
+
+def _open_or_skip(model: Path, io_backend: str) -> ModelReader:
+    try:
+        return ModelReader(model, io_backend=io_backend)
+    except NotImplementedError:
+        pytest.skip(f"{io_backend} is not available on this system")
+
+
+# Where a byte rots inside bundle (1, 1) (73,728 bytes: 18 pages): its first byte, one a hundred
+# bytes in, one deep inside (past the first pages), its last payload byte.
+FLIPS = {"first": lambda e: 0, "near_start": lambda e: 100, "deep": lambda e: e.length // 2 + 4097,
+         "last": lambda e: e.length - 1}
+
+
+def _check_corrupted_bundle(model: Path, io_backend: str, where: str, direct: bool | None) -> None:
     with ModelReader(model) as r:
         entry = r.entry(1, 1)
-    with open(model / fmt.EXPERTS_FILE, "r+b") as f:
-        f.seek(entry.offset + 100)
-        byte = f.read(1)
-        f.seek(entry.offset + 100)
-        f.write(bytes([byte[0] ^ 0x01]))
-    with ModelReader(model) as r:  # opening is fine: checksums are checked when bundles are read
-        _read_all(r, [(0, 0), (1, 0)])
+    assert entry.length > 4 * fmt.ALIGN
+    _flip(model / fmt.EXPERTS_FILE, entry.offset + FLIPS[where](entry))
+    with _open_or_skip(model, io_backend) as r:  # opening is fine: checksums are checked when bundles are read
+        if direct is not None:
+            assert r._reader.direct is direct
+        _read_all(r, [(0, 0), (1, 0), (1, 2)])
         with pytest.raises(FormatError, match="layer 1 expert 1 .*checksum mismatch"):
             _read_all(r, [(0, 0), (1, 1)])
+
+
+@pytest.mark.parametrize("where", sorted(FLIPS))
+@pytest.mark.parametrize("io_backend", ["io_uring", "pread"])
+def test_corrupted_bundle_byte(model: Path, io_backend: str, where: str):
+    _check_corrupted_bundle(model, io_backend, where, None)
+
+
+@pytest.mark.parametrize("where", ["near_start", "deep"])
+@pytest.mark.parametrize("io_backend", ["io_uring", "pread"])
+def test_corrupted_bundle_byte_without_o_direct(ramfs_dir: Path, io_backend: str, where: str):
+    """On a filesystem that refuses O_DIRECT (ramfs) the reader reads buffered: the checksum is
+    checked there too."""
+    dest = ramfs_dir / "store" / "m"
+    dest.parent.mkdir()
+    write_model(dest)
+    _check_corrupted_bundle(dest, io_backend, where, False)
 
 
 def test_not_a_directory(tmp_path: Path):

@@ -1,5 +1,6 @@
 """The real SmolLM2-135M-Instruct (Q4_1 GGUF) from the catalog against transformers loading the same
-GGUF (dequantized to fp32), on token ids from llama.cpp's tokenizer (llama-cpp-python, vocab only).
+GGUF (dequantized to fp32) and llama.cpp (llama-cpp-python), on token ids from llama.cpp's tokenizer;
+chat prompts rendered by transformers' apply_chat_template.
 
 The model and the raw GGUF the reference loads come from conftest.py's session fixtures (pulled the
 project's way, downloaded once into $FIC_TEST_CACHE).
@@ -7,9 +8,12 @@ project's way, downloaded once into $FIC_TEST_CACHE).
 Measured here (AVX-512 VNNI machine):
 - prefill logits (fp32 matmul): max |fic - ref| = 7.7e-5 with max |ref| = 39.5 (rel 2.0e-6)
 - decode logits: Q4_1 matvec quantizes activations to 8 bits as llama.cpp does: max abs 0.76 (rel 1.9%),
-  cosine per position >= 0.9968
+  cosine per position >= 0.9968 against transformers (now compared with llama.cpp there, see
+  test_decode_logits_match_their_reference); on AVX2, decode is float32: max abs 6.5e-5
 - perplexity of tests/data/prose.txt (431 tokens): fic 16.066093, transformers 16.066088
-- greedy answers part from transformers' only where its top-2 gap is small (0.045 and 0.081 seen)
+- greedy answers part from transformers' only where its top-2 gap is small (0.045 and 0.081 seen);
+  the greedy test teacher-forces fic's answer through transformers and checks top-1 wherever the
+  gap exceeds NEAR_TIE
 """
 from __future__ import annotations
 
@@ -22,7 +26,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 llama_cpp = pytest.importorskip("llama_cpp")
 
+from conftest import slow_report  # noqa: E402
 from flashinfer_cli import Engine  # noqa: E402
+from test_kernels import int8_activation_path  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -63,20 +69,80 @@ def ref_logits(model, ids) -> np.ndarray:
         return model(torch.tensor([ids])).logits[0].numpy()
 
 
-def test_logits_match_transformers(engine, reference, llama_tok):
+def model_formats(engine) -> set[str]:
+    man = engine.model.reader.manifest
+    fmts = {spec["fmt"] for spec in man.tensors.values()}
+    lay = man.expert_layout
+    return fmts | ({lay.gate_fmt, lay.up_fmt, lay.down_fmt} if lay else set())
+
+
+def decode_quantizes_activations(engine) -> bool:
+    """Whether fic's decode matvecs round activations to 8 bits on this machine (as llama.cpp
+    always does on CPU), for some weight format of the model; else decode is float32 throughout."""
+    return any(int8_activation_path(f, "auto") for f in model_formats(engine))
+
+
+@pytest.fixture(scope="module")
+def llama_decode(smollm2_gguf):
+    """llama.cpp's logits, token by token after a batched prefill of `first` tokens (its decode
+    path), with an f32 KV cache as fic's: rows are the logits after each of ids[first:]."""
+    def run(ids, first):
+        llm = llama_cpp.Llama(str(smollm2_gguf), n_ctx=512, logits_all=True, type_k=0, type_v=0,  # GGML_TYPE_F32
+                              n_threads=2, verbose=False)
+        llm.eval(ids[:first])
+        for t in ids[first:]:
+            llm.eval([t])
+        rows = np.array(llm.scores[first:len(ids)])
+        del llm
+        return rows
+    return run
+
+
+def test_prefill_logits_match_transformers(engine, reference, llama_tok):
     ids = llama_tok(PROSE.read_text()[:1500])
     ref = ref_logits(reference, ids)
     fic = engine.forward(ids)
     # prefill (fp32 activations): max abs difference over all logits / max abs logit
     assert np.abs(fic - ref).max() / np.abs(ref).max() < 1e-4
-    # decode: 8-bit activations in the Q4_1 matvec (as llama.cpp); measured max abs 0.76
+
+
+def cosines(a, b):
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def test_decode_logits_match_their_reference(engine, reference, llama_tok, llama_decode):
+    """Decode steps (one token each, the matvec kernels) against the reference that computes what
+    fic computes on this machine:
+    - where fic's decode matvecs are float32 (AVX2 and the float paths), transformers' fp32
+      logits, within prefill's bound (1e-4 of the largest logit). Measured on an AVX2 machine:
+      max |fic - transformers| 6.5e-5 with max |ref| 39.5 (rel 1.6e-6), some 20,000 times
+      tighter than the former 1.5; llama.cpp, which rounds activations to 8 bits, is 0.80 from
+      both (0.87 with its default f16 KV cache).
+    - where they round activations to 8 bits as llama.cpp does (Q4_0/Q4_1 on AVX-512 VNNI,
+      Q1_0 on AVX2/AVX-512), llama.cpp's decode logits (f32 KV cache), within 0.25: a third of
+      the 0.76-0.80 that 8-bit activations move either from fp32. Not yet measured on such a
+      machine: the first run there should record its value here.
+    Both: cosine > 0.995 and max |diff| < 1.2 with llama.cpp per position whatever fic's path
+    (measured with float32 decode: cosine >= 0.9971, max |diff| 0.80: llama.cpp's 8-bit
+    activations)."""
+    ids = llama_tok(PROSE.read_text()[:1500])
     m = engine.model
     m.reset()
     m.forward(ids[:100])
     dec = np.stack([m.forward([t]) for t in ids[100:164]])
-    assert np.abs(dec - ref[100:164]).max() < 1.5
-    cos = (dec * ref[100:164]).sum(1) / np.linalg.norm(dec, axis=1) / np.linalg.norm(ref[100:164], axis=1)
-    assert cos.min() > 0.99  # measured 0.9968 (median 0.9998)
+    lcpp = llama_decode(ids[:164], 100)
+    assert cosines(dec, lcpp).min() > 0.995
+    assert np.abs(dec - lcpp).max() < 1.2
+    if decode_quantizes_activations(engine):
+        diff = np.abs(dec - lcpp).max()
+        slow_report(f"smollm2 decode vs llama.cpp (8-bit activations): max |diff| {diff:.4f}")
+        assert diff < 0.25
+    else:
+        ref = ref_logits(reference, ids[:164])[100:164]
+        diff = np.abs(dec - ref).max()
+        slow_report(f"smollm2 decode vs transformers (float32 decode): max |diff| {diff:.2e}, "
+                    f"max |ref| {np.abs(ref).max():.1f}; vs llama.cpp {np.abs(dec - lcpp).max():.3f}")
+        assert diff / np.abs(ref).max() < 1e-4
 
 
 def perplexity(logits: np.ndarray, ids: list[int]) -> float:
@@ -94,20 +160,32 @@ def test_perplexity_within_half_a_percent(engine, reference, llama_tok):
     assert 5 < theirs < 50  # the reference itself reads this English prose sensibly
 
 
-@pytest.mark.parametrize("question", ["What is the capital of Germany?", "Write a short poem about the sea.",
-                                      "Explain what a CPU does in two sentences."])
-def test_greedy_agrees_up_to_first_near_tie(engine, reference, llama_tok, question):
-    ids = llama_tok(engine.tokenizer.render_chat([{"role": "user", "content": question}]))
-    assert ids == engine.prompt_ids(question)  # fic tokenizes as llama.cpp
+@pytest.fixture(scope="module")
+def hf_tokenizer(smollm2_gguf):
+    """transformers' tokenizer of the GGUF, with the chat template the GGUF carries."""
+    return transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+
+
+QUESTIONS = ["What is the capital of Germany?", "Write a short poem about the sea.",
+             "Explain what a CPU does in two sentences."]
+
+
+@pytest.mark.parametrize("question", QUESTIONS)
+def test_greedy_top1_agrees_wherever_the_reference_is_clear(engine, reference, hf_tokenizer, llama_tok, question):
+    """fic's greedy answer, teacher-forced through the reference: at every position where the
+    reference's top-2 gap exceeds NEAR_TIE, fic chose the reference's top-1. (Comparing free-running
+    generations stops at the first near-tie, which for one question is the very first token.)"""
+    text = hf_tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                            add_generation_prompt=True)
+    ids = llama_tok(text)
+    assert ids == engine.prompt_ids(question)  # fic renders and tokenizes the chat prompt as transformers + llama.cpp
     ours = [r.token for r in engine.stream(ids, max_tokens=48) if r.token >= 0]
-    with torch.no_grad():
-        out = reference.generate(torch.tensor([ids]), max_new_tokens=48, do_sample=False, output_scores=True,
-                                 return_dict_in_generate=True, eos_token_id=engine.tokenizer.eos_ids)
-    theirs = out.sequences[0, len(ids):].tolist()
-    gaps = [float(np.diff(np.sort(s[0].numpy())[-2:])[0]) for s in out.scores]
-    tie = next((i for i, g in enumerate(gaps) if g < NEAR_TIE), len(theirs))
-    assert ours[:tie] == theirs[:tie]
-    if tie == len(theirs):
-        assert ours == theirs
+    ref = ref_logits(reference, ids + ours[:-1])[len(ids) - 1:]  # row j: the reference's logits before ours[j]
+    top2 = np.sort(ref, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > NEAR_TIE
+    agree = np.asarray(ours) == ref.argmax(axis=1)
+    assert clear.sum() >= 0.75 * len(ours), f"only {clear.sum()} of {len(ours)} positions without a near-tie"
+    bad = np.flatnonzero(clear & ~agree)
+    assert bad.size == 0, f"top-1 differs at clear positions {bad.tolist()} of {len(ours)}"
     if "Germany" in question:
         assert "Berlin" in engine.tokenizer.decode(ours)

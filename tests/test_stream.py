@@ -439,6 +439,69 @@ def test_corrupted_byte_is_crc_error(tmp_path: Path, backend: str) -> None:
         assert info.value.status == "crc"
 
 
+def _rotten_bundles(directory: Path, direct: bool, seed: int) -> tuple[Path, list[tuple[int, int, int]], set[int]]:
+    """A file of 24 bundles of 1 to 20 pages (unaligned sizes and places for buffered reads), their
+    CRCs recorded, then one byte flipped in every third bundle: at its first byte, about 100 bytes
+    in, past its first 4 KiB (deep inside), or at its last byte, in turn. Returns the path, the
+    (offset, length, crc) of each bundle and the indices of the rotten ones."""
+    rng = random.Random(seed)
+    bundles, pos = [], 0
+    for i in range(24):
+        pages = 1 if i % 6 == 0 else rng.randrange(2, 21)
+        length = pages * ALIGN if direct else pages * ALIGN - rng.randrange(0, 4000)
+        if not direct:
+            pos += rng.randrange(0, 100)
+        bundles.append((pos, length))
+        pos = (pos + length + (ALIGN - 1)) // ALIGN * ALIGN if direct else pos + length
+    data = bytearray(rng.randbytes(pos + 100))
+    table = [(off, length, crc32c_bitwise(bytes(data[off:off + length]))) for off, length in bundles]
+    rotten = set()
+    for n, i in enumerate(range(0, 24, 3)):
+        off, length, _ = table[i]
+        where = [0, 100, rng.randrange(ALIGN, length) if length > ALIGN else length // 2, length - 1][n % 4]
+        data[off + min(where, length - 1)] ^= 1 << rng.randrange(8)
+        rotten.add(i)
+    path = directory / f"rot-{seed}.bin"
+    path.write_bytes(bytes(data))
+    return path, table, rotten
+
+
+def _check_rotten(path: Path, table, rotten: set[int], backend: str, direct: bool, expect_direct: bool) -> None:
+    with _open(path, backend, queue_depth=4, n_threads=2, direct=direct) as reader:
+        assert reader.direct is expect_direct
+        requests = []
+        for off, length, crc in table:
+            # buffered: destinations off the 4 KiB alignment too
+            dst = aligned_buffer(length) if expect_direct else np.zeros(length + 3, dtype=np.uint8)[3:]
+            requests.append(ReadRequest(off, length, dst, crc))
+        results = reader.read(requests)
+        assert [r.status for r in results] == ["crc" if i in rotten else "ok" for i in range(len(table))]
+        assert all(r.n_read == rq.length for r, rq in zip(results, requests))
+        # the same requests without CRCs read fine: the status is the checksum's doing
+        plain = [ReadRequest(rq.offset, rq.length, rq.dst) for rq in requests]
+        assert all(r.status == "ok" for r in reader.read(plain))
+        with pytest.raises(ReadError) as info:
+            reader.read_checked(requests)
+        assert info.value.status == "crc"
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "buffered"])
+def test_flipped_bytes_anywhere_in_bundles_are_crc_errors(tmp_path: Path, backend: str, direct: bool) -> None:
+    if direct and _fs_type(tmp_path) in ("tmpfs", "ramfs"):
+        pytest.skip("the temporary directory is not on a disk filesystem")
+    path, table, rotten = _rotten_bundles(tmp_path, direct, seed=10 + direct)
+    _check_rotten(path, table, rotten, backend, direct, expect_direct=direct)
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_flipped_bytes_are_crc_errors_without_o_direct(ramfs_dir: Path, backend: str) -> None:
+    """A filesystem that refuses O_DIRECT: asked for direct reads, the reader reads buffered, and
+    still checks every CRC."""
+    path, table, rotten = _rotten_bundles(ramfs_dir, True, seed=12)
+    _check_rotten(path, table, rotten, backend, True, expect_direct=False)
+
+
 @pytest.mark.parametrize("direct", [True, False])
 def test_missing_file_is_enoent(tmp_path: Path, direct: bool) -> None:
     with pytest.raises(OSError) as info:
@@ -517,18 +580,6 @@ def _check_whole_file(path: Path, data: bytes, direct: bool) -> None:
             rq = ReadRequest(0, length, aligned_buffer(length), crc32c_bitwise(data[:length]))
             reader.read_checked([rq])
             assert rq.dst.tobytes() == data[:length]
-
-
-@pytest.fixture
-def ramfs_dir(tmp_path: Path) -> Path:
-    """A ramfs mount: a filesystem that refuses O_DIRECT (tmpfs accepts it since Linux 6.6)."""
-    mnt = tmp_path / "ramfs"
-    mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "ramfs", "ramfs", str(mnt)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a ramfs here (needs root)")
-    yield mnt
-    subprocess.run(["umount", str(mnt)], check=True)
 
 
 def test_filesystem_without_o_direct_falls_back_to_buffered(ramfs_dir: Path) -> None:

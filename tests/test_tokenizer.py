@@ -260,6 +260,71 @@ def test_render_chat_template_features_as_transformers():
         tok.render_chat([{"role": "tool", "content": "x"}])
 
 
+# Templates written the way real ones are (Llama 2, Mistral, Qwen, Gemma): {% %} tags indented on
+# lines of their own, so the output depends on lstrip_blocks (the whitespace before a block tag
+# at the start of a line is removed) and trim_blocks (the newline after a block tag is removed).
+# Rendered without either, every one of them gains spaces or newlines.
+INDENTED_TEMPLATES = {
+    "spaces": (
+        "{{ bos_token }}\n"
+        "{% for message in messages %}\n"
+        "    {% if message['role'] == 'system' %}\n"
+        "<<SYS>>{{ message['content'] }}<</SYS>>\n"
+        "    {% elif message['role'] == 'user' %}\n"
+        "[INST] {{ message['content'] }} [/INST]\n"
+        "    {% else %}\n"
+        "  {{ message['content'] }}{{ eos_token }}\n"
+        "    {% endif %}\n"
+        "{% endfor %}\n"
+        "  {% if add_generation_prompt %}\n"
+        "ASSISTANT:\n"
+        "  {% endif %}"),
+    "tabs_comments_and_minus": (
+        "{#- a comment on a line of its own -#}\n"
+        "\t{% set sep = ' | ' %}\n"
+        "{% for m in messages %}\n"
+        "\t\t{%- if loop.first %}START{% endif %}\n"
+        "\t{% if m.role == 'user' %}U{{ sep }}{{ m.content | trim }}\n"
+        "\t{% elif m.role == 'assistant' %}A{{ sep }}{{ m.content }}\n"
+        "\t{% else %}S{{ sep }}{{ m.content }}\n"
+        "\t{% endif %}\n"
+        "  {# inline comment #}\n"
+        "{% endfor %}\n"
+        "{% if add_generation_prompt %}A{{ sep }}{% endif %}"),
+    "tags_after_text": (  # a tag after text on the same line is not stripped: the spaces stay
+        "{% for m in messages %}\n"
+        "  [{{ m.role }}]  {% if m.role == 'user' %}>{% endif %}  {{ m.content }}\n"
+        "  {% if not loop.last %}\n"
+        "---\n"
+        "  {% endif %}\n"
+        "{% endfor %}\n"
+        "   {%- if add_generation_prompt %} <gen>{% endif %}"),
+}
+
+
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+@pytest.mark.parametrize("name", sorted(INDENTED_TEMPLATES))
+def test_render_chat_indented_block_tags_as_transformers(name, add_generation_prompt):
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer as HFTokenizer
+    template = INDENTED_TEMPLATES[name]
+    tok = _tiny_chat_tokenizer(template)
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=HFTokenizer.from_str(tok._hf.to_str()),
+                                              bos_token="<s>", eos_token="</s>", chat_template=template)
+    for msgs in CHATS:
+        ours = tok.render_chat(msgs, add_generation_prompt=add_generation_prompt)
+        ref = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+        assert ours == ref, f"{name}: {ours!r} != {ref!r}"
+    # the template does depend on the whitespace control: plain jinja2 renders something else
+    import jinja2
+    plain = jinja2.Environment().from_string(template).render(
+        messages=CHATS[1], add_generation_prompt=add_generation_prompt, bos_token="<s>", eos_token="</s>")
+    assert plain != tok.render_chat(CHATS[1], add_generation_prompt=add_generation_prompt)
+    trim_only = jinja2.Environment(trim_blocks=True).from_string(template).render(
+        messages=CHATS[1], add_generation_prompt=add_generation_prompt, bos_token="<s>", eos_token="</s>")
+    assert trim_only != tok.render_chat(CHATS[1], add_generation_prompt=add_generation_prompt)
+
+
 def test_render_chat_without_template_is_chatml():
     tok = _tiny_chat_tokenizer(None)
     assert tok.render_chat([{"role": "user", "content": "hi"}]) == (
