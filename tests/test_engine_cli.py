@@ -132,8 +132,9 @@ def hf_filtered(logits: np.ndarray, p: SamplingParams) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def replayer(tiny):
-    """A second engine on the same model, whose model the replays step by hand."""
-    return Engine.open(str(tiny[0]), ctx=256)
+    """A second engine on the same model (and the same fp32 cache as `engine`), whose model the
+    replays step by hand."""
+    return Engine.open(str(tiny[0]), ctx=256, kv_dtype="f32")
 
 
 def step_logits(replayer, ids, tokens) -> list[np.ndarray]:
@@ -214,8 +215,9 @@ CLI_SAMPLING = [
 ]
 
 
-def test_run_sampling_flags_equal_engine(tiny, env, engine):
+def test_run_sampling_flags_equal_engine(tiny, env):
     path = tiny[0]
+    engine = Engine.open(str(path), ctx=256)  # as `fic run` opens it: the default fp16 cache
     prompt = "Tell me a story."
     answers = []
     for opts in CLI_SAMPLING:
