@@ -207,7 +207,18 @@ def _budget_options() -> list:
 
 
 def _engine_options(opts: dict) -> dict:
-    return {k: opts.pop(k) for k in ("mem", "mode", "active", "policy", "reselect")}
+    """The engine's options out of a command's parameters, --mem and --active checked here so a
+    typo reads as what it is, not as a model that cannot be opened."""
+    from flashinfer_cli import plan
+
+    out = {k: opts.pop(k) for k in ("mem", "mode", "active", "policy", "reselect")}
+    try:
+        if out["mem"] is not None:
+            plan.parse_size(out["mem"])
+        plan.parse_active(out["active"])
+    except ValueError as exc:
+        _fail(_one_line(exc))
+    return out
 
 
 def _fail(message: str, code: int = 1):

@@ -360,3 +360,11 @@ def test_static_policy_is_one_set_from_calibration_text(smollm2_model, tmp_path)
     assert all(np.array_equal(eng.model.runner.active[l], sets[l]) for l in range(30))
     again = Engine.open(str(model), ctx=512, mode="prune", active=0.5, policy="static")  # read back, not recomputed
     assert all(np.array_equal(again.model.runner.active[l], sets[l]) for l in range(30))
+
+
+@pytest.mark.parametrize("args,words", [(["--mem", "abc"], "cannot read 'abc' as a size"),
+                                        (["--active", "2"], "a fraction must be in (0, 1]")])
+def test_cli_bad_budget_options_are_one_line(smollm2_model, args, words):
+    r = CliRunner().invoke(cli, ["run", str(smollm2_model), *args, PROMPT])
+    assert r.exit_code != 0 and words in r.output and "cannot open model" not in r.output
+    assert len(r.output.strip().splitlines()) == 1
