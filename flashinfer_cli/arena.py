@@ -193,6 +193,9 @@ class Arena:
         pending.wait()
         self._count(read_seconds=time.perf_counter() - t0)
 
+    def count_reselection(self) -> None:
+        self._count(reselections=1)
+
     def begin_request(self) -> None:
         self.request = ArenaStats()
 

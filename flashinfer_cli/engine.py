@@ -171,7 +171,7 @@ class Engine:
             sets.append(router.reselect(current, scores[layer]) if current is not None and len(current)
                         else router.top_k(scores[layer], m.plan.active_per_layer[layer]))
         router.apply_sets(m.arena, m.runner, sets, prune=m.plan.prune)
-        m.arena._count(reselections=1)
+        m.arena.count_reselection()
         m.scorer.reset()
         self._since_select = 0
 

@@ -453,7 +453,7 @@ class ExpertSet:
         self.d_model = d_model
         self.down_layout = down_layout
         self.n_neurons = [int(n) for n in n_neurons]
-        rb_g, rb_u = row_bytes(gate, d_model), row_bytes(up, d_model)
+        row_bytes(gate, d_model), row_bytes(up, d_model)  # ValueError now for a d_model off the blocks
         if down_layout == "rows":
             row_bytes(down, d_model)
         for i, (buf, n) in enumerate(zip(bundles, self.n_neurons)):

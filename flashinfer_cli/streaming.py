@@ -20,14 +20,10 @@ from flashinfer_cli.arena import Arena
 
 def _ffn_over_slots(layout, arena: Arena, slots: np.ndarray, n_neurons: np.ndarray, x: np.ndarray,
                     y: np.ndarray, region: np.ndarray) -> None:
-    """y += FFN over the experts in these slots; region receives their h."""
-    fn = getattr(kernels, "experts_ffn_slots", None)
-    if fn is not None:
-        fn(layout, arena.buf, arena.slot_bytes, slots.astype(np.int32), n_neurons.astype(np.int32), x, y,
-           scratch=region)
-        return
-    bufs = [arena.view(int(s)) for s in slots]
-    kernels.ExpertSet.from_layout(layout, bufs, [int(n) for n in n_neurons]).ffn(x, y, scratch=region)
+    """y += FFN over the experts in these slots (one fic_experts_ffn_slots call); region receives
+    their h. slots and n_neurons come from the arena's int32 tables: no conversion per call."""
+    kernels.experts_ffn_slots(layout, arena.buf, arena.slot_bytes, slots.astype(np.int32, copy=False),
+                              n_neurons.astype(np.int32, copy=False), x, y, scratch=region)
 
 
 class _Piece:
