@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from dataclasses import dataclass
 from typing import Iterator
 
 import click
@@ -82,17 +83,42 @@ def pull_cmd(source: str, name: str | None, quant: str | None, expert_size: int 
 
 
 @cli.command("ls")
-def ls_cmd() -> None:
-    """List the models in the store."""
+@click.option("--downloads", is_flag=True, help="List the kept downloads instead of the models.")
+def ls_cmd(downloads: bool) -> None:
+    """List the models in the store, and what the kept downloads take."""
     from flashinfer_cli.store import Store
 
+    store = Store()
     with _user_errors():
-        infos = Store().list()
+        if downloads:
+            _list_downloads(store)
+            return
+        infos = store.list()
+        kept = store.downloads()
     rows = [("NAME", "SIZE", "FORMAT", "SOURCE")]
     rows += [(i.name, _human(i.size), i.format, i.source) for i in infos]
-    widths = [max(len(r[c]) for r in rows) for c in range(3)]
+    _print_table(rows)
+    if kept:
+        total = sum(d.size for d in kept)
+        click.echo(f"\ndownloads kept for re-pulls: {len(kept)}, {_human(total)} in {store.cache_dir} "
+                   "(`fic ls --downloads` lists them, `fic rm --downloads` deletes them)")
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    """Columns padded to their widest cell; the last one is left as it is."""
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]) - 1)]
     for r in rows:
-        click.echo("  ".join(v.ljust(w) for v, w in zip(r[:3], widths)) + "  " + r[3])
+        click.echo("  ".join(v.ljust(w) for v, w in zip(r[:-1], widths)) + "  " + r[-1])
+
+
+def _list_downloads(store) -> None:
+    kept = store.downloads()
+    if not kept:
+        click.echo(f"no downloads kept in {store.cache_dir}")
+        return
+    rows = [("SHA256", "SIZE", "FILE", "USED BY")]
+    rows += [(d.sha256[:12], _human(d.size), ", ".join(d.files), ", ".join(d.used_by) or "-") for d in kept]
+    _print_table(rows)
 
 
 @cli.command("show")
@@ -150,16 +176,23 @@ def show_cmd(model: str, mem: str | None, ctx: int | None, mode: str, active: st
 
 
 @cli.command("rm")
-@click.argument("models", nargs=-1, required=True)
-def rm_cmd(models: tuple[str, ...]) -> None:
-    """Remove models from the store."""
+@click.argument("models", nargs=-1)
+@click.option("--downloads", is_flag=True,
+              help="Delete the kept downloads too (a later re-pull downloads again).")
+def rm_cmd(models: tuple[str, ...], downloads: bool) -> None:
+    """Remove models from the store (and, with --downloads, the source files kept for re-pulls)."""
     from flashinfer_cli.store import Store
 
+    if not models and not downloads:
+        _fail("nothing to remove: name the models, or give --downloads")
     store = Store()
     with _user_errors():
         for name in models:
             store.remove(name)
             click.echo(f"deleted '{name}'")
+        if downloads:
+            freed = store.remove_downloads()
+            click.echo(f"deleted the kept downloads ({_human(freed)})")
 
 # ---- run and chat --------------------------------------------------------------------------
 
@@ -231,22 +264,49 @@ def _one_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def _open_engine(model: str, ctx, threads, options: dict | None = None, verbose: bool = False):
+@dataclass
+class OpenTimes:
+    """Where the time before the first token went: fetching and converting the model (first use
+    only), and opening it (dense block, arena, tokenizer)."""
+
+    pull_seconds: float = 0.0
+    load_seconds: float = 0.0
+
+
+def _open_engine(model: str, ctx, threads, options: dict | None = None,
+                 verbose: bool = False) -> tuple["Engine", OpenTimes]:
+    import time
+
     from flashinfer_cli.engine import Engine
     from flashinfer_cli.plan import BudgetError
+    from flashinfer_cli.pull import print_to_stderr, resolve_model
 
+    times = OpenTimes()
+    said: list[str] = []
+
+    def log(message: str) -> None:
+        said.append(message)
+        print_to_stderr(message)
+
+    t0 = time.perf_counter()
+    with _user_errors():
+        path = resolve_model(model, log=log)
+    if said:  # it pulled or converted: report that apart from the load
+        times.pull_seconds = time.perf_counter() - t0
+    t1 = time.perf_counter()
     try:
-        engine = Engine.open(model, ctx=ctx, threads=threads, **(options or {}))
+        engine = Engine.open(str(path), ctx=ctx, threads=threads, **(options or {}))
     except BudgetError as exc:
         _fail(_one_line(exc))
-    except Exception as exc:  # unknown model, unreadable file, bad format: one line, no traceback
+    except Exception as exc:  # unreadable file, bad format: one line, no traceback
         _fail(f"cannot open model {model!r}: {_one_line(exc)}")
+    times.load_seconds = time.perf_counter() - t1
     for note in engine.notes:
         click.echo(f"fic: {note}", err=True)
     if verbose:
         for line in engine.plan.lines():
             click.echo(f"plan: {line}", err=True)
-    return engine
+    return engine, times
 
 
 def _print_stats(engine) -> None:
@@ -267,7 +327,7 @@ def _print_stats(engine) -> None:
         click.echo(f"{label + ':':<22}{value}", err=True)
 
 
-def _answer(engine, ids, opts, verbose: bool, t_load: float) -> str:
+def _answer(engine, ids, opts, verbose: bool, opened: OpenTimes) -> str:
     """Stream one answer to stdout; return its text."""
     import time
 
@@ -291,8 +351,12 @@ def _answer(engine, ids, opts, verbose: bool, t_load: float) -> str:
         sys.exit(0)
     last = engine.last
     if verbose and last is not None:
-        total = time.perf_counter() - t0 + t_load
-        for label, value in (("total duration", f"{total:.3f}s"), ("load duration", f"{t_load * 1000:.1f}ms"),
+        total = time.perf_counter() - t0 + opened.pull_seconds + opened.load_seconds
+        lines = [("total duration", f"{total:.3f}s")]
+        if opened.pull_seconds:
+            lines.append(("pull duration", f"{opened.pull_seconds:.3f}s (fetch and convert, first use)"))
+        lines.append(("load duration", f"{opened.load_seconds * 1000:.1f}ms"))
+        for label, value in (*lines,
                              ("prompt eval count", f"{last.prompt_tokens} token(s)"),
                              ("prompt eval duration", f"{last.prompt_seconds * 1000:.1f}ms"),
                              ("prompt eval rate", f"{last.prompt_tps:.2f} tokens/s"),
@@ -304,26 +368,54 @@ def _answer(engine, ids, opts, verbose: bool, t_load: float) -> str:
     return text
 
 
+def _model_and_prompt(args: list[str]) -> tuple[str, list[str]]:
+    """`fic run [MODEL] [PROMPT...]`: the first argument is the model when it names one (a store or
+    catalog name, a path, a repo id), else it starts the prompt; say so when a word that looks like
+    a model name is taken as the prompt."""
+    import difflib
+    from pathlib import Path
+
+    from flashinfer_cli import catalog
+    from flashinfer_cli.pull import model_reference
+    from flashinfer_cli.store import Store
+
+    if not args:
+        return DEFAULT_MODEL, args
+    first = args[0]
+    with _user_errors():
+        store = Store()
+        kind = model_reference(first, store)
+        if kind is not None:
+            if kind in ("store", "catalog") and Path(first).exists():
+                click.echo(f"fic: {first!r} is a model name and a path here; using the model "
+                           f"(./{first} for the path)", err=True)
+            return first, args[1:]
+        names = sorted(set(store.names()) | set(catalog.names()))
+    near = []
+    if " " not in first:  # a one-word first argument that is close to a model's name: a typo?
+        near = [n for n in names if len(first) >= 4 and n.startswith(first.lower())] or \
+            difflib.get_close_matches(first.lower(), names, n=1, cutoff=0.7)
+    if near:
+        click.echo(f"fic: {first!r} names no model here; taking it as the prompt to {DEFAULT_MODEL} "
+                   f"(did you mean {near[0]!r}?)", err=True)
+    return DEFAULT_MODEL, args
+
+
 @cli.command()
 @click.argument("args", nargs=-1)
 @click.option("--raw", is_flag=True, help="Send the prompt as it is (no chat template).")
 @_sampling_options
 def run(args, raw, verbose, system, ctx, threads, **sampling):
-    engine_opts = _engine_options(sampling)
     """Answer one prompt: fic run [MODEL] [PROMPT]. The prompt is the arguments after MODEL, else
-    all of stdin. MODEL defaults to smollm2-135m (pulled on first use); a first argument with a
-    space in it that is not a directory is taken as the prompt."""
-    import time
-    from pathlib import Path
-
-    args = list(args)
-    model = DEFAULT_MODEL
-    if args and not (" " in args[0] and not Path(args[0]).is_dir()):
-        model = args.pop(0)
+    all of stdin. MODEL is a store or catalog name (pulled on first use), a .gguf file or a Hugging
+    Face directory (converted into the store on first use), or a repo id; a first argument that
+    names no model starts the prompt to the default model, smollm2-135m."""
+    engine_opts = _engine_options(sampling)
+    model, args = _model_and_prompt(list(args))
     if args:
         prompt = " ".join(args)
     elif sys.stdin.isatty():
-        _fail("no prompt: give one after the model name or on stdin (or use `fic chat`)")
+        _fail(f"no prompt: {model!r} is the model; give the prompt after it or on stdin (or use `fic chat`)")
     else:
         try:
             # echo's newline is not part of the question (and changes a small model's answer)
@@ -332,14 +424,12 @@ def run(args, raw, verbose, system, ctx, threads, **sampling):
             _fail("stdin is not UTF-8 text")
     if not prompt.strip():
         _fail("empty prompt")
-    t0 = time.perf_counter()
-    engine = _open_engine(model, ctx, threads, engine_opts, verbose)
-    t_load = time.perf_counter() - t0
+    engine, opened = _open_engine(model, ctx, threads, engine_opts, verbose)
     try:
         ids = engine.prompt_ids(prompt, chat=not raw, system=system)
         if len(ids) > engine.ctx:
             _fail(f"the prompt has {len(ids)} tokens, more than the context of {engine.ctx} (see --ctx)")
-        _answer(engine, ids, sampling, verbose, t_load)
+        _answer(engine, ids, sampling, verbose, opened)
     except (ValueError, OSError) as exc:
         _fail(_one_line(exc))
 
@@ -372,13 +462,9 @@ def _chat_lines(interactive: bool):
 def chat(model, verbose, system, ctx, threads, **sampling):
     """Talk with MODEL (default smollm2-135m). On a terminal: line editing, /bye or Ctrl-D
     leaves. Otherwise each line of stdin is one user turn of the same conversation."""
-    import time
-
     engine_opts = _engine_options(sampling)
     interactive = sys.stdin.isatty()
-    t0 = time.perf_counter()
-    engine = _open_engine(model, ctx, threads, engine_opts, verbose)
-    t_load = time.perf_counter() - t0
+    engine, opened = _open_engine(model, ctx, threads, engine_opts, verbose)
     messages = [{"role": "system", "content": system}] if system else []
     for line in _chat_lines(interactive):
         if line.strip() == "/bye":
@@ -390,7 +476,7 @@ def chat(model, verbose, system, ctx, threads, **sampling):
             ids = engine.chat_ids(messages)
             if len(ids) > engine.ctx:
                 _fail(f"the conversation has {len(ids)} tokens, more than the context of {engine.ctx} (see --ctx)")
-            answer = _answer(engine, ids, sampling, verbose, t_load)
+            answer = _answer(engine, ids, sampling, verbose, opened)
         except KeyboardInterrupt:
             if not interactive:
                 raise
@@ -399,7 +485,7 @@ def chat(model, verbose, system, ctx, threads, **sampling):
             continue
         except (ValueError, OSError) as exc:
             _fail(_one_line(exc))
-        t_load = 0.0
+        opened = OpenTimes()  # later turns load nothing
         messages.append({"role": "assistant", "content": answer.strip()})
 
 

