@@ -26,6 +26,27 @@ def info() -> None:
     click.echo(f"kernels: {kernels.best_impl()} (available: {', '.join(kernels.available_impls())})")
     click.echo(f"threads: {kernels.get_threads()}")
     click.echo(f"weight formats: {', '.join(kernels.FORMATS)}")
+    click.echo(f"io: {_io_line()}")
+
+
+def _io_line() -> str:
+    """How experts are read from the store's filesystem on this machine (FIC_IO can force pread)."""
+    import os
+
+    from flashinfer_cli import kernels
+    from flashinfer_cli.store import fic_home
+
+    home = fic_home()
+    where = home if home.is_dir() else home.parent
+    while not where.is_dir():  # the store is made on first pull: probe the nearest existing parent
+        where = where.parent
+    try:
+        backend, direct = kernels.probe_io(where)
+    except OSError as exc:
+        return f"cannot probe {where}: {exc.strerror or exc}"
+    forced = f" (FIC_IO={os.environ['FIC_IO']})" if os.environ.get("FIC_IO") else ""
+    return (f"{backend}{forced}, {'O_DIRECT' if direct else 'page cache (no O_DIRECT on this filesystem)'}, "
+            f"store {home}")
 
 
 # ---- the store: pull, ls, show, rm -----------------------------------------------------------

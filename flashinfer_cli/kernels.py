@@ -787,6 +787,18 @@ class ReadResult:
     errno: int
 
 
+def probe_io(directory: str | os.PathLike) -> tuple[str, bool]:
+    """(backend, O_DIRECT) that a Reader gets for files in `directory`: the filesystem decides
+    O_DIRECT, the kernel (and a seccomp policy) io_uring."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=".fic-probe-") as f:
+        f.write(b"\0" * DIRECT_ALIGN)
+        f.flush()
+        reader = Reader(f.name)
+        return reader.backend, reader.direct
+
+
 class Reader:
     """Batched reads from one file: io_uring (or pread threads), O_DIRECT when possible."""
 

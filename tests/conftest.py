@@ -53,6 +53,22 @@ _CONVERTER_SOURCES = ("flashinfer_cli/convert.py", "flashinfer_cli/checkpoint.py
                       "flashinfer_cli/pull.py", "csrc/quant.c")
 
 
+LLAMA_CPP_MISSING = ("llama-cpp-python is not installed: the comparisons with llama.cpp need "
+                     "`pip install '.[test,llamacpp]'` (it compiles llama.cpp: about 10 minutes on 2 cores)")
+
+
+def need_llama_cpp():
+    """The llama_cpp module (the `llamacpp` extra), or a skip that says how to get it. CI installs
+    it, so there its absence fails the run instead of hiding the comparisons."""
+    try:
+        import llama_cpp
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail(LLAMA_CPP_MISSING + "; CI must install it (.ci/run)", pytrace=False)
+        pytest.skip(LLAMA_CPP_MISSING, allow_module_level=True)
+    return llama_cpp
+
+
 def _quiet(_msg: str) -> None:
     pass
 

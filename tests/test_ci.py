@@ -60,3 +60,22 @@ def test_cross_tools_present_or_installed(tmp_path, tools, apt_installs):
     p, apt = _run(tmp_path, ci=True, tools=tools, apt_installs=apt_installs)
     assert p.returncode == 0, p.stderr
     assert ("install" in apt) == (not tools)
+
+
+@pytest.mark.parametrize("ci", [True, False], ids=["ci", "developer"])
+def test_missing_llama_cpp_skips_with_its_reason_and_fails_in_ci(ci, monkeypatch):
+    """Without the `llamacpp` extra the llama.cpp comparisons skip and say how to get them; CI
+    installs it, so there the same absence is a failure, not a silent skip."""
+    import sys
+
+    from _pytest.outcomes import Failed, Skipped
+
+    from conftest import need_llama_cpp
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp raises ImportError
+    monkeypatch.delenv("CI", raising=False)
+    if ci:
+        monkeypatch.setenv("CI", "true")
+    with pytest.raises(Failed if ci else Skipped) as err:
+        need_llama_cpp()
+    assert "pip install '.[test,llamacpp]'" in str(err.value)

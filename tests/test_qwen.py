@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import fetch_or_skip, slow_report, test_store
+from conftest import fetch_or_skip, need_llama_cpp, slow_report, test_store
 from flashinfer_cli import Engine, catalog, fmt, pull
 from flashinfer_cli.store import StoreBusy
 
@@ -187,7 +187,7 @@ def test_qwen_0_5b_pulls_converts_and_writes_is_prime(qwen05):
 def test_qwen_0_5b_prefill_logits_match_transformers(qwen05):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    llama_cpp = pytest.importorskip("llama_cpp")
+    llama_cpp = need_llama_cpp()
 
     src = qwen05.gguf
     tok = transformers.AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)

@@ -24,11 +24,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-llama_cpp = pytest.importorskip("llama_cpp")
 
-from conftest import slow_report  # noqa: E402
+from conftest import need_llama_cpp, slow_report  # noqa: E402
 from flashinfer_cli import Engine  # noqa: E402
 from test_kernels import int8_activation_path  # noqa: E402
+
+llama_cpp = need_llama_cpp()
 
 pytestmark = pytest.mark.slow
 

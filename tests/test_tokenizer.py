@@ -12,6 +12,7 @@ from flashinfer_cli.tokenizer import (CHATML_TEMPLATE, Tokenizer, TokenizerSpec,
                                       spec_from_hf_dir)
 
 gguf = pytest.importorskip("gguf")
+from conftest import need_llama_cpp  # noqa: E402
 
 # Strings that exercise the pre-tokenizers: unicode, code, runs of whitespace and digits,
 # contractions, special tokens.
@@ -78,7 +79,7 @@ def smollm2(smollm2_spec) -> Tokenizer:
 
 
 def _llama(path: Path):
-    llama_cpp = pytest.importorskip("llama_cpp")
+    llama_cpp = need_llama_cpp()
     return llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
 
 
