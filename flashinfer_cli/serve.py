@@ -337,6 +337,7 @@ def metrics_body(server: Server, snap: dict) -> dict[str, Any]:
     """/metrics: the engine's plan, the arena (resident experts; hits, misses and bytes read in all
     and for the last request), the requests and tokens served, and the last request's summary."""
     st, c = snap["stats"], snap["counters"]
+    tps = round(c["completion_tokens"] / c["decode_seconds"], 2) if c["decode_seconds"] else 0.0
     return {
         "model": server.config.model_id,
         "uptime_seconds": round(time.time() - server.started, 3),
@@ -348,7 +349,7 @@ def metrics_body(server: Server, snap: dict) -> dict[str, Any]:
                      "failed": c["failed"], "running": int(snap["running"]), "waiting": snap["waiting"]},
         "tokens": {"prompt": c["prompt_tokens"], "cached": c["cached_tokens"],
                    "prefilled": c["prompt_tokens"] - c["cached_tokens"], "generated": c["completion_tokens"],
-                   "tokens_per_s": round(c["completion_tokens"] / c["decode_seconds"], 2) if c["decode_seconds"] else 0.0},
+                   "tokens_per_s": tps},
         "last_request": snap["last"],
     }
 
@@ -416,8 +417,11 @@ def url_of(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def serve(engine: Engine, config: ServeConfig, *, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr,
-                                                                                                     flush=True)) -> None:
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def serve(engine: Engine, config: ServeConfig, *, log: Callable[[str], None] = _say) -> None:
     """Bind, say where, and serve until interrupted (SIGINT or SIGTERM)."""
     server = Server(engine, config)
     app = make_app(server)

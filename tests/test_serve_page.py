@@ -8,6 +8,7 @@ driver the test skips on a developer's machine and fails in CI (CI=true): .ci/br
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import time
@@ -27,9 +28,7 @@ MAX_TOKENS = 24
 def _browser() -> tuple[str, str]:
     """Paths of chromium and chromedriver, or a skip (a failure under CI=true) saying what is missing."""
     missing = []
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("selenium") is None:
         missing.append("the selenium package (pip install '.[test]')")
     chromium = next((p for p in map(shutil.which, ("chromium", "chromium-browser")) if p), None)
     driver = shutil.which("chromedriver")
