@@ -148,7 +148,7 @@ class Engine:
             self.active_per_layer = sizes
             if self.policy == "static" and self.selects:  # one set for every prompt: the cache was made with the old
                 router.apply_sets(self.model.arena, self.model.runner, self._static_sets(), prune=p.prune)
-                self._forget_cache()
+                self.forget_context()
         return self.active_fraction
 
     @property
@@ -171,7 +171,7 @@ class Engine:
         n = len(ids) if prompt_len is None else prompt_len
         if not 0 < n <= len(ids):
             raise EngineError(f"prompt_len {prompt_len} outside 1..{len(ids)}")
-        self._forget_cache()
+        self.forget_context()
         self.model.arena.begin_request()
         logits = self._select_forward(ids[:n], all_logits=True, full_prompt=True)
         if n < len(ids):
@@ -180,7 +180,8 @@ class Engine:
         self.last_prefix = PrefixUse(0, n)
         return logits
 
-    def _forget_cache(self) -> None:
+    def forget_context(self) -> None:
+        """Forget the KV cache: the next prompt runs whole (the arena keeps what it holds)."""
         self.model.reset()
         self._cached = []
         self._scored_len = 0
@@ -273,7 +274,7 @@ class Engine:
                 m.forward(ids[i:i + m.prefill_chunk])
         finally:
             m.collect, m.full = None, not m.plan.prune
-            self._forget_cache()
+            self.forget_context()
         scores = m.scorer.all_scores()
         m.scorer.reset()
         try:

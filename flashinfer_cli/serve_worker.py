@@ -265,7 +265,7 @@ class EngineWorker:
         """After an exception inside the engine: forget the context (it may be half written)."""
         with self.lock:
             try:
-                self.engine._forget_cache()
+                self.engine.forget_context()
             except Exception:
                 pass
 

@@ -45,12 +45,12 @@ def _browser() -> tuple[str, str]:
 
 
 @pytest.fixture
-def browser():
+def browser(monkeypatch):
     chromium, driver = _browser()
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
-    os.environ.setdefault("SE_OFFLINE", "true")  # selenium-manager must not look for drivers online
+    monkeypatch.setenv("SE_OFFLINE", "true")  # selenium-manager must not look for drivers online
     opts = webdriver.ChromeOptions()
     opts.binary_location = chromium
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",

@@ -69,7 +69,7 @@ class ScriptedEngine:
         return {"mode": "prune", "policy": "exact", "prune": True, "active_params": 123, "resident": 3,
                 "pinned": 2, "slots": 4, "request": {"hits": 1, "misses": 2, "bytes_read": 4096}}
 
-    def _forget_cache(self):
+    def forget_context(self):
         self.forgotten += 1
 
 
