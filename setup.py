@@ -1,6 +1,8 @@
 """fic: run language models far larger than the memory you give them."""
 from setuptools import find_packages, setup
 
+SERVE = ["uvicorn>=0.30", "starlette>=0.40"]
+
 setup(
     name="flashinfer-cli",
     version="0.1.0",
@@ -15,7 +17,7 @@ setup(
     package_data={
         "flashinfer_cli.models": ["*.toml"],
         # the texts fic ships (flashinfer_cli/texts.py)
-        "flashinfer_cli": ["data/quality/*.txt", "data/prompts.json"],
+        "flashinfer_cli": ["data/quality/*.txt", "data/prompts.json", "serve_page.html"],
     },
     setup_requires=["cffi>=1.15"],
     cffi_modules=["csrc/build_ffi.py:ffibuilder"],
@@ -32,8 +34,15 @@ setup(
     ],
     extras_require={
         "hub": ["huggingface_hub>=0.23"],
+        # `fic serve`: the OpenAI-compatible server (serve.py)
+        "serve": SERVE,
         # The references the tests check fic against. torch is pinned so pip never pulls a CUDA build.
-        "test": [
+        # The server's tests drive it with the official openai client and its page with selenium
+        # (and the chromium that .ci/browser installs).
+        "test": SERVE + [
+            "openai>=1.40",
+            "selenium>=4.11",
+            "httpx>=0.27",
             "pytest>=7",
             "torch==2.13.0",
             "transformers==5.24.0",

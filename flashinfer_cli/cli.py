@@ -260,6 +260,12 @@ def _budget_options() -> list:
     ]
 
 
+def _with_budget_options(f):
+    for opt in reversed(_budget_options()):
+        f = opt(f)
+    return f
+
+
 def _engine_options(opts: dict) -> dict:
     """The engine's options out of a command's parameters, --mem and --active checked here so a
     typo reads as what it is, not as a model that cannot be opened."""
@@ -508,6 +514,41 @@ def chat(model, verbose, system, ctx, threads, **sampling):
             _fail(_one_line(exc))
         opened = OpenTimes()  # later turns load nothing
         messages.append({"role": "assistant", "content": answer.strip()})
+
+
+@cli.command("serve")
+@click.argument("model", default=DEFAULT_MODEL)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
+              help="Port to listen on (0: a free one, printed at start).")
+@click.option("--ctx", type=click.IntRange(min=1), default=None, help="Context length (KV cache).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Kernel threads (default: all cores).")
+@click.option("--api-key", envvar="FIC_API_KEY", default=None, metavar="KEY",
+              help="Refuse requests without 'Authorization: Bearer KEY' (401). Also $FIC_API_KEY.")
+@click.option("--max-waiting", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Requests that may wait for the engine; beyond them a 503 with Retry-After.")
+@_with_budget_options
+def serve_cmd(model, host, port, ctx, threads, api_key, max_waiting, **budget):
+    """Serve MODEL (default smollm2-135m) over an OpenAI-compatible API, with a chat page at /.
+    One engine and one arena for every request: each reads only what the last did not leave."""
+    engine_opts = _engine_options(budget)
+    try:
+        from flashinfer_cli import serve as serving
+    except ImportError as exc:
+        _fail(f"fic serve needs uvicorn and starlette ({exc.name or exc} is missing): "
+              f"pip install 'flashinfer-cli[serve]'")
+    engine, _ = _open_engine(model, ctx, threads, engine_opts)
+    model_id, aliases = serving.model_names(model, engine.path)
+    config = serving.ServeConfig(host=host, port=port, api_key=api_key or None, max_waiting=max_waiting,
+                                 model_id=model_id, aliases=aliases)
+    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"fic: listening on {host} without --api-key: anyone who reaches it can use the model", err=True)
+    try:
+        serving.serve(engine, config)
+    except OSError as exc:
+        _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+    finally:
+        engine.close()
 
 
 @cli.command()

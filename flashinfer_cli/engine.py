@@ -9,9 +9,17 @@
     for text in eng.chat([{"role": "user", "content": "hi"}], temperature=0.7, seed=1): ...
 
 The engine keeps the KV cache between calls and reuses the longest common prefix of the tokens
-already in it, so a chat does not re-read its history every turn. Under a budget
+already in it, so a chat does not re-read its history every turn (`engine.last_prefix` says how
+many tokens a prompt reused and how many it ran). Under a budget
 (`Engine.open(name, mem="512M", mode="exact"|"prune", active=..., policy=..., reselect=N)`) each
-prompt's prefill chooses the active sets (router.py) and the arena keeps them across calls.
+prompt's prefill chooses the active sets (router.py) and the arena keeps them across calls; in
+prune mode `engine.use_active(0.5)` changes the size of the next prompts' sets within what the
+arena holds.
+
+Where each prompt chooses its own sets, the reused prefix is at most the previous prompt: its keys
+and values were computed with every expert and its selection statistics are kept, so the new
+prompt's selection and cache are those of a fresh run; the previous answer (decoded with the sets
+of its time) runs again as part of the new prompt.
 """
 from __future__ import annotations
 
@@ -33,6 +41,15 @@ class EngineError(ValueError):
     """A request the engine refuses (empty prompt, prompt longer than the context); one line."""
 
 
+@dataclasses.dataclass(frozen=True)
+class PrefixUse:
+    """What the last prompt's prefill did with the KV cache: tokens reused from the previous
+    request (their keys and values already there) and tokens run."""
+
+    reused: int = 0
+    computed: int = 0
+
+
 class Engine:
     def __init__(self, path: Path, model: Model, tokenizer, *, policy: str = "exact",
                  reselect: int = DEFAULT_RESELECT, notes: list[str] | None = None):
@@ -40,6 +57,7 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self._cached: list[int] = []  # the tokens whose keys and values are in the cache
+        self.last_prefix = PrefixUse()  # the last prefill's reuse of the cache
         self.last: gen.Response | None = None  # timings of the last generation
         self.notes = list(notes or [])  # what the engine decided on its own (said on stderr by the CLI)
         if policy not in router.POLICIES:
@@ -51,7 +69,12 @@ class Engine:
         plan = model.plan
         # a selection is made per prompt when it matters: something streams, or --active prunes
         self.selects = plan.prune or not plan.all_resident
+        self.active_per_layer = list(plan.active_per_layer)  # the sets' sizes (use_active changes them)
         self._since_select = 0
+        # the selection statistics of the cached prompt's first _scored_len tokens (per-prompt
+        # selection only): a next prompt that extends it reuses its cache and adds to them
+        self._scored = np.zeros_like(model.scorer.acc) if self.selects and policy == "exact" else None
+        self._scored_len = 0
         if self.selects and policy == "static":
             router.apply_sets(model.arena, model.runner, self._static_sets(), prune=plan.prune)
         if self.selects and reselect and plan.prune:
@@ -90,10 +113,43 @@ class Engine:
         """Arena statistics of the last request and in total, and what is resident."""
         out = self.model.arena.stats()
         p = self.plan
-        out.update(mode=p.mode, policy=self.policy, prune=p.prune, active_fraction=p.active_fraction,
-                   streamed_bytes_per_token=p.streamed_bytes_per_token, budget_bytes=p.request.mem,
-                   planned_bytes=p.total_bytes)
+        out.update(mode=p.mode, policy=self.policy, prune=p.prune, active_fraction=self.active_fraction,
+                   active_params=self.active_params, streamed_bytes_per_token=p.streamed_bytes_per_token,
+                   budget_bytes=p.request.mem, planned_bytes=p.total_bytes)
         return out
+
+    @property
+    def active_fraction(self) -> float:
+        """The share of the experts in the active sets (prune mode: all that runs)."""
+        return sum(self.active_per_layer) / max(1, sum(self.plan.shape.experts_per_layer))
+
+    @property
+    def active_params(self) -> int:
+        """Parameters a token uses: the dense block and the active sets (prune mode), else all."""
+        s = self.plan.shape
+        if not self.plan.prune:
+            return s.dense_params + s.n_experts * s.expert_params
+        return s.dense_params + sum(self.active_per_layer) * s.expert_params
+
+    def use_active(self, active: str | float | int | None) -> float:
+        """Size the active sets of the next prompts (prune mode): a fraction of each layer's
+        experts or active parameters ('300M'), as --active; None: the engine's own. Refused
+        (BudgetError) when the arena cannot hold the sets, EngineError outside prune mode.
+        Returns the active fraction now used."""
+        p = self.plan
+        if active is None:
+            sizes = list(p.active_per_layer)
+        else:
+            if not p.prune:
+                raise EngineError("an active size needs prune mode (--mode prune, with a budget or --active): "
+                                  f"this engine runs in {p.mode} mode with every expert")
+            sizes = planlib.active_sizes(p, planlib.parse_active(active))
+        if sizes != self.active_per_layer:
+            self.active_per_layer = sizes
+            if self.policy == "static" and self.selects:  # one set for every prompt: the cache was made with the old
+                router.apply_sets(self.model.arena, self.model.runner, self._static_sets(), prune=p.prune)
+                self.forget_context()
+        return self.active_fraction
 
     @property
     def ctx(self) -> int:
@@ -115,37 +171,57 @@ class Engine:
         n = len(ids) if prompt_len is None else prompt_len
         if not 0 < n <= len(ids):
             raise EngineError(f"prompt_len {prompt_len} outside 1..{len(ids)}")
-        self.model.reset()
-        self._cached = []
+        self.forget_context()
         self.model.arena.begin_request()
         logits = self._select_forward(ids[:n], all_logits=True, full_prompt=True)
         if n < len(ids):
             logits = np.concatenate([logits, self.model.forward(ids[n:], all_logits=True)])
         self._cached = ids
+        self.last_prefix = PrefixUse(0, n)
         return logits
 
+    def forget_context(self) -> None:
+        """Forget the KV cache: the next prompt runs whole (the arena keeps what it holds)."""
+        self.model.reset()
+        self._cached = []
+        self._scored_len = 0
+
     # -- selection --
-    def _select_forward(self, ids: list[int], *, all_logits: bool = False, full_prompt: bool = False) -> np.ndarray:
-        """Run a prompt; when this engine selects per prompt (policy exact), every expert runs and
-        the prompt's GRIFFIN statistics choose each layer's active set, read once and pinned.
-        full_prompt: the prompt runs with every expert whatever the policy (quality scoring)."""
+    def _select_forward(self, ids: list[int], *, start: int = 0, all_logits: bool = False,
+                        full_prompt: bool = False) -> np.ndarray:
+        """Run the prompt ids from position start (the tokens before it are in the cache); when
+        this engine selects per prompt (policy exact), every expert runs and the prompt's GRIFFIN
+        statistics choose each layer's active set, read once and pinned. full_prompt: the prompt
+        runs with every expert whatever the policy (quality scoring)."""
         m = self.model
         if not (self.selects and self.policy == "exact"):
             if not full_prompt:
-                return m.forward(ids, all_logits=all_logits)
+                return m.forward(ids[start:], all_logits=all_logits)
             m.full = True
             try:
-                return m.forward(ids, all_logits=all_logits)
+                return m.forward(ids[start:], all_logits=all_logits)
             finally:
                 m.full = not m.plan.prune
-        m.scorer.reset()
-        m.collect, m.full = m.scorer.add, True
+        scored = self._scored_len if start else 0  # the statistics of ids[:scored] are kept
+        if scored:
+            m.scorer.acc[:] = self._scored
+        else:
+            m.scorer.reset()
+        parts = []
+        m.full = True
         try:
-            logits = m.forward(ids, all_logits=all_logits)
+            if start < scored:  # the cached prompt again: its last token runs, its statistics are there
+                parts.append(m.forward(ids[start:scored], all_logits=all_logits))
+            if len(ids) > max(start, scored):
+                m.collect = m.scorer.add
+                parts.append(m.forward(ids[max(start, scored):], all_logits=all_logits))
         finally:
             m.collect, m.full = None, not m.plan.prune
+        logits = np.concatenate(parts) if all_logits else parts[-1]
+        self._scored[:] = m.scorer.acc
+        self._scored_len = len(ids)
         scores = m.scorer.all_scores()
-        sets = [router.top_k(scores[l], k) for l, k in enumerate(m.plan.active_per_layer)]
+        sets = [router.top_k(scores[l], k) for l, k in enumerate(self.active_per_layer)]
         router.apply_sets(m.arena, m.runner, sets, prune=m.plan.prune)
         m.scorer.reset()
         self._since_select = 0
@@ -169,7 +245,7 @@ class Engine:
         for layer in range(m.config.n_layers):
             current = m.runner.active[layer] if m.plan.prune else m.arena.pinned_experts(layer)
             sets.append(router.reselect(current, scores[layer]) if current is not None and len(current)
-                        else router.top_k(scores[layer], m.plan.active_per_layer[layer]))
+                        else router.top_k(scores[layer], self.active_per_layer[layer]))
         router.apply_sets(m.arena, m.runner, sets, prune=m.plan.prune)
         m.arena.count_reselection()
         m.scorer.reset()
@@ -180,7 +256,7 @@ class Engine:
         m = self.model
         if scores is None or scores.shape != m.arena.n_neurons.shape:
             scores = self.calibrate()
-        return [router.top_k(scores[l], k) for l, k in enumerate(m.plan.active_per_layer)]
+        return [router.top_k(scores[l], k) for l, k in enumerate(self.active_per_layer)]
 
     def calibrate(self, n_tokens: int = 4096) -> np.ndarray:
         """The static policy's scores: GRIFFIN statistics of every expert over calibration text
@@ -198,8 +274,7 @@ class Engine:
                 m.forward(ids[i:i + m.prefill_chunk])
         finally:
             m.collect, m.full = None, not m.plan.prune
-            m.reset()
-            self._cached = []
+            self.forget_context()
         scores = m.scorer.all_scores()
         m.scorer.reset()
         try:
@@ -263,16 +338,26 @@ class Engine:
 
     def _prefill(self, ids: Sequence[int]) -> np.ndarray:
         """Last logits after ids, reusing the cached common prefix (at least one token is run)."""
-        keep = 0
-        limit = min(len(self._cached), len(ids) - 1)
-        while keep < limit and self._cached[keep] == ids[keep]:
-            keep += 1
+        ids = list(ids)
+        keep = self._reusable(ids)
         self.model.truncate(keep)
         self._cached = self._cached[:keep]
         self.model.arena.begin_request()
-        logits = self._select_forward(list(ids[keep:]))
-        self._cached = list(ids)
+        logits = self._select_forward(ids, start=keep)
+        self._cached = ids
+        self.last_prefix = PrefixUse(keep, len(ids) - keep)
         return logits
+
+    def _reusable(self, ids: list[int]) -> int:
+        """How many of ids' first tokens the cache holds as a fresh prefill of ids would compute
+        them: the common prefix; where each prompt chooses its sets, the previous prompt whole
+        (its statistics are kept) or nothing. At least one token is left to run."""
+        common, limit = 0, min(len(self._cached), len(ids))
+        while common < limit and self._cached[common] == ids[common]:
+            common += 1
+        if self._scored is not None:
+            common = self._scored_len if common >= self._scored_len else 0
+        return min(common, len(ids) - 1)
 
     def _step(self, ids: Sequence[int]) -> np.ndarray:
         logits = self.model.forward(list(ids))

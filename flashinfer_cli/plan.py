@@ -178,6 +178,11 @@ class MemoryPlan:
     def active_params(self) -> int:
         return self.shape.dense_params + sum(self.active_per_layer) * self.shape.expert_params
 
+    @property
+    def max_active_per_layer(self) -> int:
+        """The largest active set per layer that the arena holds beside the ring."""
+        return max_prune_active(self.shape, self.n_slots - self.n_ring)
+
     def lines(self) -> list[str]:
         s = self.shape
         budget = human(self.request.mem) if self.request.mem else "none (everything resident)"
@@ -211,6 +216,12 @@ WINDOW_MAX = 64  # prune mode: the recent FFN inputs a reselection rescores, per
 
 def window_bytes(shape: ModelShape, chunk: int, mode: str) -> int:
     return shape.n_layers * min(WINDOW_MAX, chunk) * shape.d_model * 4 if mode == "prune" else 0
+
+
+def statistics_bytes(shape: ModelShape) -> int:
+    """The selection's statistics: the scorer's float64 sums per neuron and the engine's copy of
+    the cached prompt's (a next prompt that extends it adds to them)."""
+    return 2 * shape.n_layers * shape.d_ff * 8
 
 
 def huge_round(n: int) -> int:
@@ -252,7 +263,8 @@ def _fixed_parts(shape: ModelShape, req: PlanRequest, chunk: int) -> dict[str, i
     return {
         "dense block": huge_round(shape.dense_bytes),
         "kv cache": kv_bytes(shape, req.ctx, req.kv_dtype),
-        "scratch": scratch_bytes(shape, chunk, req.ctx) + window_bytes(shape, chunk, req.mode),
+        "scratch": scratch_bytes(shape, chunk, req.ctx) + window_bytes(shape, chunk, req.mode)
+                   + statistics_bytes(shape),
         "reader": READER_BYTES,
         "workspace": workspace_bytes(shape, chunk, req.n_threads),
         "tokenizer": TOKENIZER_IMPORT_BYTES + TOKENIZER_FACTOR * req.tokenizer_file_bytes,
@@ -283,6 +295,18 @@ def _active_count(shape: ModelShape, active: float | int) -> int:
         raise BudgetError(f"--active {active / 1e6:.0f}M is below the dense block's {shape.dense_params / 1e6:.0f}M "
                           f"parameters plus one expert per layer")
     return min(e, int(k))
+
+
+def active_sizes(plan: MemoryPlan, active: float | int) -> list[int]:
+    """Each layer's active set size for an --active value (a fraction, or active parameters)
+    within the arena the plan has; BudgetError when the arena cannot hold the sets."""
+    s = plan.shape
+    e, k, k_max = s.max_experts_per_layer, _active_count(s, active), plan.max_active_per_layer
+    if k > k_max:
+        where = f"--mem {human(plan.request.mem)}" if plan.request.mem else "this arena"
+        raise BudgetError(f"active {k / e:.2f} ({k} of {e} experts per layer) does not fit {where}: "
+                          f"at most {k_max} ({k_max / e:.2f}) fits")
+    return [min(k, n) for n in s.experts_per_layer]
 
 
 def make_plan(shape: ModelShape, req: PlanRequest) -> MemoryPlan:
