@@ -228,7 +228,8 @@ def test_render_chat_equals_transformers(smollm2, hf_smollm2, chat, add_generati
 
 @pytest.mark.parametrize("chat", range(len(CHATS)))
 def test_render_chat_equals_llama_cpp_python(smollm2, smollm2_reader, chat):
-    fmt = pytest.importorskip("llama_cpp.llama_chat_format")
+    need_llama_cpp()
+    from llama_cpp import llama_chat_format as fmt
     template = smollm2_reader.fields["tokenizer.chat_template"].contents()
     ref = fmt.Jinja2ChatFormatter(template, eos_token="<|im_end|>", bos_token="<|im_start|>",
                                   add_generation_prompt=True)(messages=CHATS[chat]).prompt
