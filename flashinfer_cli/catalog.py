@@ -68,13 +68,26 @@ class CatalogEntry:
     sources: tuple[Source, ...]
     quant: str = "q8_0"
     expert_size: int = 64
+    good_for: str = ""  # one line for `fic ls`: what the model answers well, and what not
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def download_size(self) -> int | None:
+        """Bytes the preferred source with a known size delivers."""
+        return next((s.size for s in self.sources if s.size is not None), None)
 
 
 def _need(raw: dict, key: str, typ: type, where: str) -> Any:
     value = raw.get(key)
     if not isinstance(value, typ) or isinstance(value, bool) and typ is not bool:
         raise CatalogError(f"{where}: missing or bad {key!r}")
+    return value
+
+
+def _optional_str(raw: dict, key: str, where: str) -> str:
+    value = raw.get(key, "")
+    if not isinstance(value, str):
+        raise CatalogError(f"{where}: {key!r} is not a string")
     return value
 
 
@@ -132,8 +145,9 @@ def parse_entry(text: str, where: str) -> CatalogEntry:
         sources=tuple(_parse_source(s, f"{where} source {i + 1}") for i, s in enumerate(sources)),
         quant=defaults.get("quant", "q8_0"),
         expert_size=int(defaults.get("expert_size", 64)),
+        good_for=_optional_str(raw, "good_for", where),
         extra={k: v for k, v in raw.items() if k not in
-               {"name", "description", "architecture", "license", "sources", "defaults"}},
+               {"name", "description", "architecture", "license", "sources", "defaults", "good_for"}},
     )
 
 

@@ -9,6 +9,7 @@ from typing import Iterator
 import click
 
 from flashinfer_cli import __version__
+from flashinfer_cli.catalog import DEFAULT_MODEL
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -119,6 +120,7 @@ def ls_cmd(downloads: bool) -> None:
     rows = [("NAME", "SIZE", "FORMAT", "SOURCE")]
     rows += [(i.name, _human(i.size), i.format, i.source) for i in infos]
     _print_table(rows)
+    _list_catalog({i.name for i in infos})
     if kept:
         total = sum(d.size for d in kept)
         click.echo(f"\ndownloads kept for re-pulls: {len(kept)}, {_human(total)} in {store.cache_dir} "
@@ -130,6 +132,25 @@ def _print_table(rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]) - 1)]
     for r in rows:
         click.echo("  ".join(v.ljust(w) for v, w in zip(r[:-1], widths)) + "  " + r[-1])
+
+
+def _list_catalog(pulled: set[str]) -> None:
+    """The catalog's models, with what each is good for, so a newcomer picks the right one."""
+    from flashinfer_cli import catalog
+
+    entries = []
+    for name in catalog.names():
+        try:
+            entries.append(catalog.get(name))
+        except catalog.CatalogError:  # a broken private entry: `fic pull` says what is wrong
+            continue
+    if not entries:
+        return
+    click.echo(f"\ncatalog (`fic run NAME` pulls on first use; the default is {DEFAULT_MODEL}):")
+    rows = [("NAME", "DOWNLOAD", "", "GOOD FOR")]
+    rows += [(e.name, _human(e.download_size) if e.download_size else "?", "pulled" if e.name in pulled else "",
+              e.good_for or e.description) for e in entries]
+    _print_table(rows)
 
 
 def _list_downloads(store) -> None:
@@ -216,8 +237,6 @@ def rm_cmd(models: tuple[str, ...], downloads: bool) -> None:
             click.echo(f"deleted the kept downloads ({_human(freed)})")
 
 # ---- run and chat --------------------------------------------------------------------------
-
-DEFAULT_MODEL = "smollm2-135m"
 
 
 def _sampling_options(f):

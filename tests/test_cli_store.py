@@ -39,10 +39,23 @@ def one_error_line(stderr: str) -> str:
     return lines[0]
 
 
-def test_ls_of_an_empty_store_prints_the_header(home):
+def test_ls_of_an_empty_store_prints_the_header_and_the_catalog(home):
+    from flashinfer_cli import catalog
+
     result = run("ls")
     assert result.exit_code == 0
-    assert result.output.split() == ["NAME", "SIZE", "FORMAT", "SOURCE"]
+    models, cat = result.output.split("\n\n")
+    assert models.split() == ["NAME", "SIZE", "FORMAT", "SOURCE"]
+    head, columns, *rows = cat.splitlines()
+    assert head == "catalog (`fic run NAME` pulls on first use; the default is smollm2-135m):"
+    assert columns.split() == ["NAME", "DOWNLOAD", "GOOD", "FOR"]
+    assert [r.split()[0] for r in rows] == catalog.names()
+    for r in rows:  # each says what it is good for, in the catalog's own words
+        entry = catalog.get(r.split()[0])
+        assert entry.good_for and r.endswith(entry.good_for) and "pulled" not in r
+    write_tiny_model(home, "smollm2-135m")
+    rows = run("ls").output.split("\n\n")[1].splitlines()[2:]
+    assert [r.split()[0] for r in rows if " pulled " in r] == ["smollm2-135m"]
 
 
 def test_ls_lists_name_size_format_source(home):
@@ -50,7 +63,7 @@ def test_ls_lists_name_size_format_source(home):
     write_tiny_model(home, "tiny-q8", quant="q8_0", source="/models/x.gguf")
     result = run("ls")
     assert result.exit_code == 0, result.output
-    header, *rows = result.output.splitlines()
+    header, *rows = result.output.split("\n\n")[0].splitlines()
     assert header.split() == ["NAME", "SIZE", "FORMAT", "SOURCE"]
     assert [r.split()[0] for r in rows] == ["tiny-q4", "tiny-q8"]
     q4 = rows[0].split()
