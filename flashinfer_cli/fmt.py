@@ -65,6 +65,12 @@ def _umask() -> int:
     return mask
 
 
+def file_mode() -> int:
+    """The mode of every file of a model: what open() gives a new file under the umask (writers
+    that create files 0600, safetensors and mkstemp, are brought to it)."""
+    return 0o666 & ~_umask()
+
+
 def _align_up(n: int, align: int = ALIGN) -> int:
     return (n + align - 1) // align * align
 
@@ -404,6 +410,7 @@ class ModelWriter:
         self._experts.close()
         self.manifest.experts_file_bytes = self._offset
         save_file(self._dense, str(self.tmp / DENSE_FILE), metadata={"format": FORMAT_NAME})
+        os.chmod(self.tmp / DENSE_FILE, file_mode())
         manifest_text = json.dumps(self.manifest.to_json(), indent=1)
         (self.tmp / MANIFEST_FILE).write_text(manifest_text, encoding="utf-8")
 

@@ -310,3 +310,21 @@ def test_corrupted_bundle_byte_without_o_direct(ramfs_dir: Path, io_backend: str
 def test_not_a_directory(tmp_path: Path):
     with pytest.raises(FormatError, match="not a model directory"):
         ModelReader(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_model_files_share_one_mode(tmp_path: Path, umask: int):
+    """Every file of a model, dense.safetensors too (safetensors writes 0600), as the umask allows;
+    the static policy's scores, written later beside them, too."""
+    from flashinfer_cli import router
+
+    dest = tmp_path / "store" / "m"
+    old = os.umask(umask)
+    try:
+        write_model(dest)
+        router.save_static(dest, np.zeros((N_LAYERS, 3), np.float32))
+    finally:
+        os.umask(old)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in dest.iterdir()}
+    assert sorted(modes) == ["dense.safetensors", "experts.bin", "manifest.json", "static_scores.npy", "tokenizer.json"]
+    assert modes == dict.fromkeys(modes, oct(0o666 & ~umask))
