@@ -249,17 +249,22 @@ def parse_manifest(path: Path) -> Manifest:
 
 # ---- safetensors headers -------------------------------------------------------------------
 
+# bytes per element of the safetensors dtypes, to check each tensor's extent against its shape
+_ST_WIDTHS = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
 def safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
     """(header without __metadata__, offset of the data section) of a safetensors file, every
-    tensor's data_offsets checked to lie inside the file. The one parser of these headers
-    (checkpoint.py reads Hugging Face weights through it too). FormatError names what is wrong."""
+    tensor's data_offsets checked to lie inside the file and to hold its dtype and shape. The one
+    parser of these headers (checkpoint.py reads Hugging Face weights through it too). FormatError
+    names what is wrong."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
             head = f.read(8)
-            _require(len(head) == 8, path, "truncated (no safetensors header)")
+            _require(len(head) == 8, path, f"truncated: the header's length needs bytes 0..8, the file has {size}")
             (n,) = struct.unpack("<Q", head)
-            _require(8 + n <= size, path, f"truncated: header of {n} bytes in a file of {size}")
+            _require(8 + n <= size, path, f"truncated: the header needs bytes 8..{8 + n}, the file has {size}")
             header = json.loads(f.read(n))
     except FileNotFoundError:
         raise FormatError(path, "missing") from None
@@ -269,14 +274,26 @@ def safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
         raise FormatError(path, f"unreadable safetensors header ({exc})") from None
     _require(isinstance(header, dict), path, "bad safetensors header")
     header.pop("__metadata__", None)
-    data_bytes = size - 8 - n
     for name, info in header.items():
-        _require(isinstance(info, dict), path, f"tensor {name!r}: bad header entry")
-        offsets = info.get("data_offsets")
-        ok = isinstance(offsets, (list, tuple)) and len(offsets) == 2 and all(isinstance(v, int) for v in offsets)
-        _require(ok and 0 <= offsets[0] <= offsets[1] <= data_bytes, path,
-                 f"tensor {name!r} lies outside the file (truncated?)")
+        _check_extent(path, name, info, 8 + n, size)
     return header, 8 + n
+
+
+def _check_extent(path: Path, name: str, info: Any, base: int, size: int) -> None:
+    """One safetensors header entry: data_offsets inside the file, as many bytes as dtype x shape."""
+    _require(isinstance(info, dict), path, f"tensor {name!r}: bad header entry")
+    offsets, shape = info.get("data_offsets"), info.get("shape")
+    ok = isinstance(offsets, (list, tuple)) and len(offsets) == 2 and all(isinstance(v, int) for v in offsets)
+    _require(ok and 0 <= offsets[0] <= offsets[1], path, f"tensor {name!r}: bad data_offsets {offsets!r}")
+    begin, end = base + offsets[0], base + offsets[1]
+    _require(end <= size, path, f"truncated: tensor {name!r} needs bytes {begin}..{end}, the file has {size}")
+    ok = isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
+    _require(ok, path, f"tensor {name!r}: bad shape {shape!r}")
+    width = _ST_WIDTHS.get(info.get("dtype"))
+    if width is not None:  # other dtypes are refused by whoever reads them
+        need = width * int(np.prod(shape))
+        _require(end - begin == need, path,
+                 f"tensor {name!r} has {end - begin} bytes, {info['dtype']} {shape} needs {need}")
 
 
 # ---- dense tensors -------------------------------------------------------------------------

@@ -575,6 +575,37 @@ def test_truncated_gguf(tmp_path, keep):
     assert not (tmp_path / "m").exists()
 
 
+def test_truncated_safetensors_checkpoint(tmp_path):
+    save_hf(tiny_model("llama"), tmp_path / "src")
+    path = tmp_path / "src" / "model.safetensors"
+    header, base = fmt.safetensors_header(path)
+    name, info = max(header.items(), key=lambda kv: kv[1]["data_offsets"][1])  # the last tensor
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.truncate(size - 10)
+    a, b = (base + o for o in info["data_offsets"])
+    with pytest.raises(ConvertError, match=f"model.safetensors: truncated: tensor '{name}' needs bytes {a}..{b}, "
+                                           f"the file has {size - 10}$"):
+        convert(tmp_path / "src", tmp_path / "m", name="x", progress=False)
+
+
+def test_safetensors_checkpoint_tensor_of_the_wrong_size(tmp_path):
+    """data_offsets that do not hold dtype x shape: refused when the checkpoint opens, not as numpy's
+    reshape error while converting."""
+    save_hf(tiny_model("llama"), tmp_path / "src")
+    path = tmp_path / "src" / "model.safetensors"
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    assert header["model.norm.weight"]["dtype"] == "F32"
+    header["model.norm.weight"]["dtype"] = "F16"  # the shape the config implies, half the bytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (n - len(text))
+    path.write_bytes(raw[:8] + text + raw[8 + n:])
+    with pytest.raises(ConvertError, match=r"model.safetensors: tensor 'model.norm.weight' has 256 bytes, F16 \[64\] needs 128$"):
+        convert(tmp_path / "src", tmp_path / "m", name="x", progress=False)
+
+
 def test_not_a_gguf(tmp_path):
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all" * 10)
     with pytest.raises(ConvertError, match="junk.gguf"):
