@@ -564,15 +564,44 @@ def test_unsupported_gguf_architecture(tmp_path):
         convert(tmp_path / "g.gguf", tmp_path / "m", name="x", progress=False)
 
 
-@pytest.mark.parametrize("keep", [0.3, 0.97])
-def test_truncated_gguf(tmp_path, keep):
+def gguf_cuts(path: Path) -> dict[str, tuple[int, str]]:
+    """Where to cut the GGUF file at `path`, by what the cut falls inside: (bytes kept, the message
+    expected). The gguf package slices a memory map, so unchecked, each gave numpy's words instead."""
+    data = path.read_bytes()
+    reader = gguf.GGUFReader(str(path))
+    first, last = reader.tensors[0], reader.tensors[-1]
+    kv = data.index(b"tokenizer.ggml.tokens") + 40          # inside the token list
+    info = data.index(b"blk.1.ffn_down.weight", 0, reader.data_offset) + 5  # a tensor's name in its info
+
+    def tensor(t, cut: int) -> tuple[int, str]:
+        a, b = t.data_offset, t.data_offset + t.n_bytes
+        return cut, f"truncated: tensor '{t.name}' needs bytes {a}..{b}, the file has {cut}"
+    return {
+        "header": (10, r"truncated: the GGUF header needs bytes \d+\.\.\d+, the file has 10$"),
+        "metadata": (kv, rf"truncated: the metadata needs bytes \d+\.\.\d+, the file has {kv}$"),
+        "tensor info": (info, rf"truncated: the metadata needs bytes \d+\.\.\d+, the file has {info}$"),
+        "before the data": (reader.data_offset, tensor(first, reader.data_offset)[1]),
+        "first tensor's data": tensor(first, first.data_offset + 100),
+        "last tensor's data": tensor(last, len(data) - 1),
+    }
+
+
+@pytest.mark.parametrize("where", ["header", "metadata", "tensor info", "before the data",
+                                   "first tensor's data", "last tensor's data"])
+def test_truncated_gguf(tmp_path, where):
     write_gguf(tmp_path / "full.gguf", tiny_model("llama"))
-    data = (tmp_path / "full.gguf").read_bytes()
-    (tmp_path / "cut.gguf").write_bytes(data[: int(len(data) * keep)])
-    with pytest.raises(ConvertError, match="cut.gguf") as exc:
+    keep, message = gguf_cuts(tmp_path / "full.gguf")[where]
+    (tmp_path / "cut.gguf").write_bytes((tmp_path / "full.gguf").read_bytes()[:keep])
+    with pytest.raises(ConvertError, match="cut.gguf: " + message) as exc:
         convert(tmp_path / "cut.gguf", tmp_path / "m", name="x", progress=False)
     assert "\n" not in str(exc.value)
     assert not (tmp_path / "m").exists()
+
+
+def test_empty_gguf(tmp_path):
+    (tmp_path / "empty.gguf").write_bytes(b"")
+    with pytest.raises(ConvertError, match="empty.gguf: truncated: the file is empty"):
+        convert(tmp_path / "empty.gguf", tmp_path / "m", name="x", progress=False)
 
 
 def test_truncated_safetensors_checkpoint(tmp_path):

@@ -1,8 +1,9 @@
-"""Damaged files end to end: a model whose dense block rots on disk, through `fic run` and `fic ls`
-in real processes."""
+"""Damaged and truncated files end to end, in real processes: a model whose dense block rots on disk
+(`fic run`, `fic ls`), and a GGUF file cut short (`fic pull`)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -77,3 +78,30 @@ def test_a_damaged_dense_tensor_stops_run_and_shows_in_ls(home: Path, tensor: st
     (row,) = [r for r in p.stdout.splitlines() if r.startswith("tiny ")]
     assert row.split()[3] == "damaged" and f"tensor '{tensor}'" in row
 
+
+# ---- truncated sources ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory) -> Path:
+    from test_convert import tiny_model, write_gguf
+
+    path = tmp_path_factory.mktemp("gguf") / "full.gguf"
+    write_gguf(path, tiny_model("llama"))
+    return path
+
+
+@pytest.mark.parametrize("where", ["header", "metadata", "first tensor's data"])
+def test_pull_of_a_truncated_gguf_is_one_line_and_leaves_nothing(tmp_path: Path, tiny_gguf: Path, where: str):
+    from test_convert import gguf_cuts
+
+    keep, message = gguf_cuts(tiny_gguf)[where]
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(tiny_gguf.read_bytes()[:keep])
+    home = tmp_path / "home"
+    p = fic(home, "pull", str(cut), "--no-progress")
+    assert p.returncode == 1 and p.stdout == ""
+    lines = p.stderr.splitlines()
+    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert re.fullmatch(f"fic: {re.escape(str(cut))}: {message}", lines[0]), lines[0]
+    assert Store(home).names() == []
+    assert [p for p in home.rglob("*") if p.is_file() and p.name != ".lock"] == []  # no half model, no work files
