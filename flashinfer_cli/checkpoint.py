@@ -8,6 +8,7 @@ the file's own bytes: those are kept exactly.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -425,20 +426,57 @@ def _dequantize_rows(data: np.ndarray, qtype: Any, chunk: int = 2048) -> np.ndar
     return out
 
 
-def _open_gguf_reader(path: Path) -> Any:
+class _Truncated(Exception):
+    """A read past the end of a GGUF file; str() is the one-line message."""
+
+
+_GGUF_HEADER_BYTES = 24  # magic, version, tensor count, metadata count
+
+
+@functools.cache
+def _bounded_gguf_reader() -> type:
+    """gguf.GGUFReader with every read checked against the file's size before it is made. The
+    package slices a memory map of the file, so a truncated file otherwise surfaces as numpy's
+    view and reshape errors. Its private _get and _build_tensors (gguf==0.19.0, pinned in setup.py)
+    are where it reads; tests/test_convert.py cuts files at each stage to keep this honest."""
     import gguf
 
+    class BoundedReader(gguf.GGUFReader):
+        def _get(self, offset, dtype, count=1, override_order=None):
+            end = int(offset) + np.dtype(dtype).itemsize * int(count)
+            if end > len(self.data):
+                what = "the GGUF header" if offset < _GGUF_HEADER_BYTES else "the metadata"
+                raise _Truncated(f"truncated: {what} needs bytes {int(offset)}..{end}, the file has {len(self.data)}")
+            return super()._get(offset, dtype, count, override_order)
+
+        def _build_tensors(self, start_offs, fields):
+            for field in fields:  # parts: name length, name, n_dims, dims, type, offset (gguf_reader.py)
+                _, name, _, dims, raw_type, offset = field.parts
+                try:
+                    block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(int(raw_type[0]))]
+                except (KeyError, ValueError):
+                    continue  # an unknown type: the package says so itself
+                begin = int(start_offs) + int(offset[0])
+                end = begin + int(np.prod(dims.astype(np.int64))) * type_size // block
+                if end > len(self.data):
+                    tensor = bytes(name).decode("utf-8", errors="replace")
+                    raise _Truncated(f"truncated: tensor {tensor!r} needs bytes {begin}..{end}, "
+                                     f"the file has {len(self.data)}")
+            super()._build_tensors(start_offs, fields)
+
+    return BoundedReader
+
+
+def _open_gguf_reader(path: Path) -> Any:
+    if path.stat().st_size == 0:  # numpy cannot map an empty file
+        raise CheckpointError(f"{path}: truncated: the file is empty")
     try:
-        reader = gguf.GGUFReader(str(path))
+        return _bounded_gguf_reader()(str(path))
+    except _Truncated as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
     except Exception as exc:  # the reader raises many kinds on a corrupt file
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(f"{path}: not a readable GGUF file ({detail})") from None
-    size = path.stat().st_size
-    for t in reader.tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
-        if end > size:
-            raise CheckpointError(f"{path}: truncated: tensor {t.name!r} ends at byte {end} of {size}")
-    return reader
 
 
 def _open_gguf(path: Path) -> Checkpoint:

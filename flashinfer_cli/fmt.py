@@ -1,13 +1,15 @@
 """The on-disk model format: the only module that knows its byte layouts.
 
 A model is a directory:
-    manifest.json      format name and version, architecture config, quantization of every dense
-                       tensor, the expert table, tokenizer files, provenance
+    manifest.json      format name and version, architecture config, format, shape and CRC32C of
+                       every dense tensor, the expert table, tokenizer files, provenance
     dense.safetensors  the dense block: quantized tensors as raw uint8 blocks (ggml layouts),
                        float tensors as they are, per-layer neuron orders as int32
     experts.bin        a 4 KiB header (magic, version, bundle count) then the expert bundles,
                        each 4 KiB aligned: gate rows, up rows, then the down part
     tokenizer files    copied as they are
+    DAMAGED            written by a reader that found bytes failing their checksum (`fic ls` shows
+                       it); pulling the model again replaces the directory, marker and all
 
 The down part of a bundle is either `columns` (the expert's column slice of ffn_down: d_model
 rows of n_neurons, lossless when n_neurons is a multiple of the block) or `rows` (the slice of
@@ -15,12 +17,14 @@ ffn_downᵀ: n_neurons rows of d_model, any expert size).
 
 The writer builds everything in a temporary sibling directory and renames it into place, so a
 failure leaves no half model. The reader trusts nothing: every fault is a FormatError that names
-the file and what is wrong.
+the file and what is wrong. Every byte of weights is checked against a CRC32C written at conversion:
+a bundle as it is read, a dense tensor as it is read (one left on flash, whole, when it is opened).
 """
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import struct
 import tempfile
@@ -34,10 +38,11 @@ from flashinfer_cli import kernels
 from flashinfer_cli.kernels import QTensor
 
 FORMAT_NAME = "fic-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: every dense tensor has a CRC32C in the manifest
 MANIFEST_FILE = "manifest.json"
 DENSE_FILE = "dense.safetensors"
 EXPERTS_FILE = "experts.bin"
+DAMAGED_FILE = "DAMAGED"
 EXPERTS_MAGIC = b"FICXPRT\0"
 EXPERTS_VERSION = 1
 ALIGN = 4096
@@ -59,10 +64,53 @@ def neuron_order_name(layer: int) -> str:
     return f"blk.{layer}.ffn_neuron_order"
 
 
+def repull_command(name: str, provenance: dict[str, Any]) -> str:
+    """The `fic pull` that fetches and converts model `name` again, from its provenance (pull.py
+    writes it): its catalog entry, else the file, directory or repo it was converted from with the
+    converter's options; a model that says neither gets `fic pull NAME --force`."""
+    provenance = provenance if isinstance(provenance, dict) else {}
+    catalog = provenance.get("catalog")
+    source = str(provenance.get("source") or "")
+    args: list[str] = []
+    if isinstance(catalog, str) and catalog:
+        args = [catalog]
+    elif source.startswith("/"):
+        args = [source]
+    elif source.startswith("huggingface ") and len(source.split()) == 2:
+        args = [source.split()[1]]
+    if not args:
+        return f"fic pull {shlex.quote(name)} --force"
+    if args[0] != name:
+        args += ["--name", name]
+    converter = provenance.get("converter")
+    if not catalog and isinstance(converter, dict):  # a catalog entry holds its own options
+        for key in ("quant", "expert_size"):
+            if converter.get(key) is not None:
+                args += [f"--{key.replace('_', '-')}", str(converter[key])]
+    return "fic pull " + " ".join(shlex.quote(a) for a in args) + " --force"
+
+
+def damage(model_dir: str | os.PathLike) -> str | None:
+    """What a reader found damaged in this model (its DAMAGED marker), else None. Cheap: one
+    small file, so `fic ls` can ask of every model."""
+    try:
+        return (Path(model_dir) / DAMAGED_FILE).read_text(encoding="utf-8").strip() or "damaged"
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError):
+        return "damaged"
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def file_mode() -> int:
+    """The mode of every file of a model: what open() gives a new file under the umask (writers
+    that create files 0600, safetensors and mkstemp, are brought to it)."""
+    return 0o666 & ~_umask()
 
 
 def _align_up(n: int, align: int = ALIGN) -> int:
@@ -108,7 +156,7 @@ class ExpertLayout:
 class Manifest:
     name: str
     arch: dict[str, Any]
-    tensors: dict[str, dict[str, Any]]  # dense tensor name -> {"fmt": str, "shape": [..]}
+    tensors: dict[str, dict[str, Any]]  # dense tensor name -> {"fmt": str, "shape": [..], "crc32c": int}
     expert_layout: ExpertLayout | None
     experts: list[list[ExpertEntry]]  # [layer][expert]
     experts_file_bytes: int
@@ -176,6 +224,9 @@ def parse_manifest(path: Path) -> Manifest:
         raise FormatError(path, f"not readable JSON ({exc})") from None
     _require(isinstance(raw, dict), path, "not a JSON object")
     _require(raw.get("format") == FORMAT_NAME, path, f"bad magic: format is {raw.get('format')!r}, expected {FORMAT_NAME!r}")
+    if raw.get("version") == 1:  # not read unchecked: its dense block could be damaged unseen
+        again = repull_command(str(raw.get("name")), raw.get("provenance"))
+        raise FormatError(path, f"format version 1 has no checksums for the dense block; run `{again}` to convert it again")
     _require(raw.get("version") == FORMAT_VERSION, path,
              f"unsupported format version {raw.get('version')!r} (this fic reads version {FORMAT_VERSION})")
     for key, typ in (("name", str), ("arch", dict), ("tensors", dict), ("experts_file_bytes", int)):
@@ -184,6 +235,7 @@ def parse_manifest(path: Path) -> Manifest:
     for name, spec in tensors.items():
         ok = isinstance(spec, dict) and (spec.get("fmt") in kernels.FORMATS or spec.get("fmt") == "i32")
         ok = ok and isinstance(spec.get("shape"), list) and all(isinstance(d, int) and d > 0 for d in spec["shape"])
+        ok = ok and isinstance(spec.get("crc32c"), int) and 0 <= spec["crc32c"] < 1 << 32
         _require(ok, path, f"tensor {name!r}: bad spec {spec!r}")
     return Manifest(
         name=raw["name"], arch=raw["arch"], tensors=tensors,
@@ -197,17 +249,22 @@ def parse_manifest(path: Path) -> Manifest:
 
 # ---- safetensors headers -------------------------------------------------------------------
 
+# bytes per element of the safetensors dtypes, to check each tensor's extent against its shape
+_ST_WIDTHS = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
 def safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
     """(header without __metadata__, offset of the data section) of a safetensors file, every
-    tensor's data_offsets checked to lie inside the file. The one parser of these headers
-    (checkpoint.py reads Hugging Face weights through it too). FormatError names what is wrong."""
+    tensor's data_offsets checked to lie inside the file and to hold its dtype and shape. The one
+    parser of these headers (checkpoint.py reads Hugging Face weights through it too). FormatError
+    names what is wrong."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
             head = f.read(8)
-            _require(len(head) == 8, path, "truncated (no safetensors header)")
+            _require(len(head) == 8, path, f"truncated: the header's length needs bytes 0..8, the file has {size}")
             (n,) = struct.unpack("<Q", head)
-            _require(8 + n <= size, path, f"truncated: header of {n} bytes in a file of {size}")
+            _require(8 + n <= size, path, f"truncated: the header needs bytes 8..{8 + n}, the file has {size}")
             header = json.loads(f.read(n))
     except FileNotFoundError:
         raise FormatError(path, "missing") from None
@@ -217,14 +274,26 @@ def safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
         raise FormatError(path, f"unreadable safetensors header ({exc})") from None
     _require(isinstance(header, dict), path, "bad safetensors header")
     header.pop("__metadata__", None)
-    data_bytes = size - 8 - n
     for name, info in header.items():
-        _require(isinstance(info, dict), path, f"tensor {name!r}: bad header entry")
-        offsets = info.get("data_offsets")
-        ok = isinstance(offsets, (list, tuple)) and len(offsets) == 2 and all(isinstance(v, int) for v in offsets)
-        _require(ok and 0 <= offsets[0] <= offsets[1] <= data_bytes, path,
-                 f"tensor {name!r} lies outside the file (truncated?)")
+        _check_extent(path, name, info, 8 + n, size)
     return header, 8 + n
+
+
+def _check_extent(path: Path, name: str, info: Any, base: int, size: int) -> None:
+    """One safetensors header entry: data_offsets inside the file, as many bytes as dtype x shape."""
+    _require(isinstance(info, dict), path, f"tensor {name!r}: bad header entry")
+    offsets, shape = info.get("data_offsets"), info.get("shape")
+    ok = isinstance(offsets, (list, tuple)) and len(offsets) == 2 and all(isinstance(v, int) for v in offsets)
+    _require(ok and 0 <= offsets[0] <= offsets[1], path, f"tensor {name!r}: bad data_offsets {offsets!r}")
+    begin, end = base + offsets[0], base + offsets[1]
+    _require(end <= size, path, f"truncated: tensor {name!r} needs bytes {begin}..{end}, the file has {size}")
+    ok = isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
+    _require(ok, path, f"tensor {name!r}: bad shape {shape!r}")
+    width = _ST_WIDTHS.get(info.get("dtype"))
+    if width is not None:  # other dtypes are refused by whoever reads them
+        need = width * int(np.prod(shape))
+        _require(end - begin == need, path,
+                 f"tensor {name!r} has {end - begin} bytes, {info['dtype']} {shape} needs {need}")
 
 
 # ---- dense tensors -------------------------------------------------------------------------
@@ -238,18 +307,23 @@ def _tensor_nbytes(spec: dict[str, Any]) -> int:
     return int(np.prod(shape[:-1])) * kernels.row_bytes(spec["fmt"], shape[-1])
 
 
+def _raw_bytes(arr: np.ndarray) -> np.ndarray:
+    """A contiguous array's bytes, as stored (what a dense tensor's CRC32C covers)."""
+    return np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+
+
 def _encode_dense(value: QTensor | np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
     """(spec, array to store) for one dense tensor."""
     if isinstance(value, QTensor):
-        return {"fmt": value.fmt, "shape": list(value.shape)}, value.data
-    arr = np.ascontiguousarray(value)
-    if arr.dtype == np.float32:
-        return {"fmt": "f32", "shape": list(arr.shape)}, arr
-    if arr.dtype == np.float16:
-        return {"fmt": "f16", "shape": list(arr.shape)}, arr
-    if arr.dtype == np.int32:
-        return {"fmt": "i32", "shape": list(arr.shape)}, arr
-    raise ValueError(f"dense tensors are QTensor, float32, float16 or int32 arrays, got {arr.dtype}")
+        spec, arr = {"fmt": value.fmt, "shape": list(value.shape)}, np.ascontiguousarray(value.data)
+    else:
+        arr = np.ascontiguousarray(value)
+        names = {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16", np.dtype(np.int32): "i32"}
+        if arr.dtype not in names:
+            raise ValueError(f"dense tensors are QTensor, float32, float16 or int32 arrays, got {arr.dtype}")
+        spec = {"fmt": names[arr.dtype], "shape": list(arr.shape)}
+    spec["crc32c"] = kernels.crc32c(_raw_bytes(arr))
+    return spec, arr
 
 
 def _decode_dense(name: str, spec: dict[str, Any], arr: np.ndarray, path: Path) -> QTensor | np.ndarray:
@@ -266,6 +340,7 @@ def _decode_dense(name: str, spec: dict[str, Any], arr: np.ndarray, path: Path) 
 
 
 _DENSE_ALIGN = 64
+_CHECK_CHUNK = 1 << 20  # the buffer a flash-resident tensor is checksummed through
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "I32": np.int32, "U8": np.uint8}
 
 
@@ -385,7 +460,7 @@ class ModelWriter:
     def add_file(self, src: str | os.PathLike, name: str | None = None) -> None:
         """Copy a file (a tokenizer file, say) into the model directory."""
         name = name or Path(src).name
-        if name in (MANIFEST_FILE, DENSE_FILE, EXPERTS_FILE) or "/" in name:
+        if name in (MANIFEST_FILE, DENSE_FILE, EXPERTS_FILE, DAMAGED_FILE) or "/" in name:
             raise ValueError(f"cannot add a file named {name!r}")
         shutil.copyfile(src, self.tmp / name)
         self.manifest.tokenizer.setdefault("files", []).append(name)
@@ -404,6 +479,7 @@ class ModelWriter:
         self._experts.close()
         self.manifest.experts_file_bytes = self._offset
         save_file(self._dense, str(self.tmp / DENSE_FILE), metadata={"format": FORMAT_NAME})
+        os.chmod(self.tmp / DENSE_FILE, file_mode())
         manifest_text = json.dumps(self.manifest.to_json(), indent=1)
         (self.tmp / MANIFEST_FILE).write_text(manifest_text, encoding="utf-8")
 
@@ -566,6 +642,8 @@ class ModelReader:
             raw = load_file(str(self.dense_path))
         except (SafetensorError, OSError, ValueError) as exc:
             raise FormatError(self.dense_path, f"unreadable ({exc})") from None
+        for name in self.manifest.tensors:
+            self._check_dense(name, _raw_bytes(raw[name]))
         return {name: _decode_dense(name, spec, raw[name], self.dense_path)
                 for name, spec in self.manifest.tensors.items()}
 
@@ -581,12 +659,14 @@ class ModelReader:
                 arr = f.get_tensor(name)
         except (SafetensorError, OSError, ValueError) as exc:
             raise FormatError(self.dense_path, f"unreadable tensor {name!r} ({exc})") from None
+        self._check_dense(name, _raw_bytes(arr))
         return _decode_dense(name, spec, arr, self.dense_path)
 
     def read_dense_into(self, buf: np.ndarray) -> dict[str, QTensor | np.ndarray]:
         """Read every dense tensor straight from the file into `buf` (dense_pack's layout, at least
         dense_pack_bytes long), so the block is in memory once; returns views of buf by name.
-        The file's pages are dropped from the page cache after reading."""
+        Each tensor's checksum is checked as it is read; the file's pages are dropped from the page
+        cache after reading."""
         layout, total = dense_pack(self.manifest)
         _require(buf.nbytes >= total and buf.dtype == np.uint8, self.dense_path, "dense buffer too small")
         out: dict[str, QTensor | np.ndarray] = {}
@@ -598,6 +678,7 @@ class ModelReader:
                     view = buf[off:off + n]
                     got = f.readinto(memoryview(view))
                     _require(got == n, self.dense_path, f"tensor {name!r}: truncated ({got} of {n} bytes)")
+                    self._check_dense(name, view)  # now, while its bytes are in the CPU's cache
                     out[name] = _decode_view(name, self.manifest.tensors[name], view, self._dense_header[name],
                                              self.dense_path)
                 if hasattr(os, "posix_fadvise"):
@@ -607,11 +688,50 @@ class ModelReader:
         return out
 
     def dense_rows(self, name: str) -> "DenseRows":
-        """Rows of a 2-D dense tensor read from the file on demand (flash_resident tensors)."""
+        """Rows of a 2-D dense tensor read from the file on demand (flash_resident tensors). The
+        whole tensor's checksum is checked here, once, so no damaged row reaches the model later."""
         spec = self.manifest.tensors[name]
         begin, end = self._dense_header[name]["data_offsets"]
+        self._check_on_flash(name, self._dense_data_start + begin, end - begin)
         return DenseRows(self.dense_path, spec["fmt"], (spec["shape"][0], spec["shape"][1]),
                          self._dense_data_start + begin)
+
+    def _check_on_flash(self, name: str, offset: int, n: int) -> None:
+        """Checksum a tensor that stays on flash, read through a small buffer (never resident; its
+        pages are dropped from the page cache after, as read_dense_into's are)."""
+        crc, done, chunk = 0, 0, bytearray(_CHECK_CHUNK)
+        try:
+            with open(self.dense_path, "rb", buffering=0) as f:
+                f.seek(offset)
+                while done < n:
+                    got = f.readinto(memoryview(chunk)[:min(len(chunk), n - done)])
+                    _require(got > 0, self.dense_path, f"tensor {name!r}: truncated ({done} of {n} bytes)")
+                    crc = kernels.crc32c(memoryview(chunk)[:got], crc)
+                    done += got
+                if hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(f.fileno(), offset, n, os.POSIX_FADV_DONTNEED)
+        except OSError as exc:
+            raise FormatError(self.dense_path, f"unreadable ({exc.strerror or exc})") from None
+        self._check_crc(name, crc)
+
+    def _check_dense(self, name: str, data: np.ndarray) -> None:
+        """`data`: dense tensor `name`'s bytes as read."""
+        self._check_crc(name, kernels.crc32c(data))
+
+    def _check_crc(self, name: str, crc: int) -> None:
+        if crc != self.manifest.tensors[name]["crc32c"]:
+            raise self._damaged(self.dense_path, f"tensor {name!r} is damaged (CRC32C mismatch)")
+
+    def _damaged(self, path: Path, fault: str) -> FormatError:
+        """The error for bytes that fail their checksum, which says what to do; first the DAMAGED
+        marker `fic ls` shows (best effort: a read-only store keeps none)."""
+        man = self.manifest
+        message = f"{fault}; run `{repull_command(man.name, man.provenance)}` to fetch and convert it again"
+        try:
+            (self.path / DAMAGED_FILE).write_text(f"{path.name}: {message}\n", encoding="utf-8")
+        except OSError:
+            pass
+        return FormatError(path, message)
 
     # -- experts --
     def entry(self, layer: int, expert: int) -> ExpertEntry:
@@ -648,7 +768,8 @@ class ModelReader:
         for (l, x), e, res in zip(keys, entries, results):
             where = f"bundle layer {l} expert {x} at offset {e.offset}"
             _require(res.status != "short", self.experts_path, f"{where}: truncated file")
-            _require(res.status != "crc", self.experts_path, f"{where}: checksum mismatch")
+            if res.status == "crc":
+                raise self._damaged(self.experts_path, f"{where}: checksum mismatch")
             if res.status != "ok":
                 detail = os.strerror(res.errno) if res.status == "io" else res.status
                 raise FormatError(self.experts_path, f"{where}: read failed ({detail})")

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from flashinfer_cli import fmt
+
 POLICIES = ("exact", "static")
 STATIC_FILE = "static_scores.npy"
 RESELECT_MARGIN = 0.05  # a challenger must beat the weakest selected expert by 5%
@@ -129,6 +131,7 @@ def save_static(model_dir: Path, scores: np.ndarray) -> None:
     p = static_scores_path(model_dir)
     fd, tmp = tempfile.mkstemp(prefix=".static-", suffix=".npy", dir=p.parent)
     try:
+        os.fchmod(fd, fmt.file_mode())  # mkstemp's 0600: like the model's other files instead
         with os.fdopen(fd, "wb") as f:
             np.save(f, scores, allow_pickle=False)
         os.replace(tmp, p)

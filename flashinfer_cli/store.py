@@ -11,7 +11,7 @@ import contextlib
 import fcntl
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -129,13 +129,18 @@ class Store:
                          source=_source_summary(manifest.provenance), arch=str(manifest.arch.get("arch", "?")))
 
     def list(self) -> list[ModelInfo]:
+        """Every model; one a reader found damaged (fmt.damage) or cannot read says so in place of
+        its format and source, and is still listed, so it can be removed."""
         out = []
         for name in self.names():
+            path = self.path(name)
             try:
-                out.append(self.info(name))
-            except fmt.FormatError as exc:  # a broken model is still listed, so it can be removed
-                path = self.path(name)
+                info = self.info(name)
+            except fmt.FormatError as exc:
                 out.append(ModelInfo(name, path, dir_size(path), "broken", f"({exc.fault})", "?"))
+                continue
+            damage = fmt.damage(path)
+            out.append(info if damage is None else replace(info, format="damaged", source=f"({damage})"))
         return out
 
     def remove(self, name: str) -> None:

@@ -564,15 +564,75 @@ def test_unsupported_gguf_architecture(tmp_path):
         convert(tmp_path / "g.gguf", tmp_path / "m", name="x", progress=False)
 
 
-@pytest.mark.parametrize("keep", [0.3, 0.97])
-def test_truncated_gguf(tmp_path, keep):
+def gguf_cuts(path: Path) -> dict[str, tuple[int, str]]:
+    """Where to cut the GGUF file at `path`, by what the cut falls inside: (bytes kept, the message
+    expected). The gguf package slices a memory map, so unchecked, each gave numpy's words instead."""
+    data = path.read_bytes()
+    reader = gguf.GGUFReader(str(path))
+    first, last = reader.tensors[0], reader.tensors[-1]
+    kv = data.index(b"tokenizer.ggml.tokens") + 40          # inside the token list
+    info = data.index(b"blk.1.ffn_down.weight", 0, reader.data_offset) + 5  # a tensor's name in its info
+
+    def tensor(t, cut: int) -> tuple[int, str]:
+        a, b = t.data_offset, t.data_offset + t.n_bytes
+        return cut, f"truncated: tensor '{t.name}' needs bytes {a}..{b}, the file has {cut}"
+    return {
+        "header": (10, r"truncated: the GGUF header needs bytes \d+\.\.\d+, the file has 10$"),
+        "metadata": (kv, rf"truncated: the metadata needs bytes \d+\.\.\d+, the file has {kv}$"),
+        "tensor info": (info, rf"truncated: the metadata needs bytes \d+\.\.\d+, the file has {info}$"),
+        "before the data": (reader.data_offset, tensor(first, reader.data_offset)[1]),
+        "first tensor's data": tensor(first, first.data_offset + 100),
+        "last tensor's data": tensor(last, len(data) - 1),
+    }
+
+
+@pytest.mark.parametrize("where", ["header", "metadata", "tensor info", "before the data",
+                                   "first tensor's data", "last tensor's data"])
+def test_truncated_gguf(tmp_path, where):
     write_gguf(tmp_path / "full.gguf", tiny_model("llama"))
-    data = (tmp_path / "full.gguf").read_bytes()
-    (tmp_path / "cut.gguf").write_bytes(data[: int(len(data) * keep)])
-    with pytest.raises(ConvertError, match="cut.gguf") as exc:
+    keep, message = gguf_cuts(tmp_path / "full.gguf")[where]
+    (tmp_path / "cut.gguf").write_bytes((tmp_path / "full.gguf").read_bytes()[:keep])
+    with pytest.raises(ConvertError, match="cut.gguf: " + message) as exc:
         convert(tmp_path / "cut.gguf", tmp_path / "m", name="x", progress=False)
     assert "\n" not in str(exc.value)
     assert not (tmp_path / "m").exists()
+
+
+def test_empty_gguf(tmp_path):
+    (tmp_path / "empty.gguf").write_bytes(b"")
+    with pytest.raises(ConvertError, match="empty.gguf: truncated: the file is empty"):
+        convert(tmp_path / "empty.gguf", tmp_path / "m", name="x", progress=False)
+
+
+def test_truncated_safetensors_checkpoint(tmp_path):
+    save_hf(tiny_model("llama"), tmp_path / "src")
+    path = tmp_path / "src" / "model.safetensors"
+    header, base = fmt.safetensors_header(path)
+    name, info = max(header.items(), key=lambda kv: kv[1]["data_offsets"][1])  # the last tensor
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.truncate(size - 10)
+    a, b = (base + o for o in info["data_offsets"])
+    with pytest.raises(ConvertError, match=f"model.safetensors: truncated: tensor '{name}' needs bytes {a}..{b}, "
+                                           f"the file has {size - 10}$"):
+        convert(tmp_path / "src", tmp_path / "m", name="x", progress=False)
+
+
+def test_safetensors_checkpoint_tensor_of_the_wrong_size(tmp_path):
+    """data_offsets that do not hold dtype x shape: refused when the checkpoint opens, not as numpy's
+    reshape error while converting."""
+    save_hf(tiny_model("llama"), tmp_path / "src")
+    path = tmp_path / "src" / "model.safetensors"
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    assert header["model.norm.weight"]["dtype"] == "F32"
+    header["model.norm.weight"]["dtype"] = "F16"  # the shape the config implies, half the bytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (n - len(text))
+    path.write_bytes(raw[:8] + text + raw[8 + n:])
+    with pytest.raises(ConvertError, match=r"model.safetensors: tensor 'model.norm.weight' has 256 bytes, F16 \[64\] needs 128$"):
+        convert(tmp_path / "src", tmp_path / "m", name="x", progress=False)
 
 
 def test_not_a_gguf(tmp_path):

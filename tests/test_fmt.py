@@ -243,11 +243,11 @@ def test_dense_truncated(model: Path):
     path = model / fmt.DENSE_FILE
     with open(path, "r+b") as f:
         f.truncate(path.stat().st_size - 100)
-    _expect(model, fmt.DENSE_FILE, "outside the file")
+    _expect(model, fmt.DENSE_FILE, "truncated: tensor .* needs bytes")
 
 
 def test_dense_tensor_missing(model: Path):
-    _edit_manifest(model, lambda m: m["tensors"].update(extra={"fmt": "f32", "shape": [4]}))
+    _edit_manifest(model, lambda m: m["tensors"].update(extra={"fmt": "f32", "shape": [4], "crc32c": 0}))
     _expect(model, fmt.DENSE_FILE, "'extra' listed in the manifest is missing")
 
 
@@ -310,3 +310,109 @@ def test_corrupted_bundle_byte_without_o_direct(ramfs_dir: Path, io_backend: str
 def test_not_a_directory(tmp_path: Path):
     with pytest.raises(FormatError, match="not a model directory"):
         ModelReader(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_model_files_share_one_mode(tmp_path: Path, umask: int):
+    """Every file of a model, dense.safetensors too (safetensors writes 0600), as the umask allows;
+    the static policy's scores, written later beside them, too."""
+    from flashinfer_cli import router
+
+    dest = tmp_path / "store" / "m"
+    old = os.umask(umask)
+    try:
+        write_model(dest)
+        router.save_static(dest, np.zeros((N_LAYERS, 3), np.float32))
+    finally:
+        os.umask(old)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in dest.iterdir()}
+    assert sorted(modes) == ["dense.safetensors", "experts.bin", "manifest.json", "static_scores.npy", "tokenizer.json"]
+    assert modes == dict.fromkeys(modes, oct(0o666 & ~umask))
+
+
+# ---- the dense block's checksums -----------------------------------------------------------
+
+def _tensor_offset(model: Path, name: str) -> int:
+    """Where tensor `name`'s data starts in dense.safetensors."""
+    header, base = fmt.safetensors_header(model / fmt.DENSE_FILE)
+    return base + header[name]["data_offsets"][0]
+
+
+def test_dense_checksums_are_in_the_manifest(model: Path):
+    with ModelReader(model) as r:
+        got = r.dense()
+        for name, spec in r.manifest.tensors.items():
+            raw = got[name].data if isinstance(got[name], kernels.QTensor) else got[name]
+            assert spec["crc32c"] == kernels.crc32c(np.ascontiguousarray(raw).reshape(-1).view(np.uint8))
+
+
+def _read_into(r: ModelReader):
+    return r.read_dense_into(kernels.aligned_buffer(fmt.dense_pack_bytes(r.manifest)))
+
+
+# every way a dense tensor leaves the file; DenseRows checks its whole tensor when it is opened
+DENSE_READS = {"read_dense_into": _read_into, "dense": lambda r: r.dense(),
+               "dense_tensor": lambda r: r.dense_tensor("half"), "dense_rows": lambda r: r.dense_rows("half")}
+
+
+@pytest.mark.parametrize("how", sorted(DENSE_READS))
+def test_damaged_dense_tensor_is_refused(model: Path, how: str):
+    _flip(model / fmt.DENSE_FILE, _tensor_offset(model, "half") + 7)
+    with ModelReader(model) as r:  # opening reads headers only: the damage shows when the tensor is read
+        with pytest.raises(FormatError, match=r"tensor 'half' is damaged .*run `fic pull tiny --force`") as info:
+            DENSE_READS[how](r)
+    assert info.value.path.endswith(fmt.DENSE_FILE) and "\n" not in str(info.value)
+
+
+def test_damage_elsewhere_leaves_other_tensors_readable(model: Path):
+    _flip(model / fmt.DENSE_FILE, _tensor_offset(model, "half") + 7)
+    with ModelReader(model) as r:
+        assert r.dense_tensor("output_norm").shape == (D_MODEL,)
+        r.dense_rows("token_embd").close()
+
+
+def test_damage_is_marked_for_ls(model: Path):
+    assert fmt.damage(model) is None
+    _flip(model / fmt.DENSE_FILE, _tensor_offset(model, "output_norm"))
+    with ModelReader(model) as r, pytest.raises(FormatError):
+        r.dense()
+    assert "tensor 'output_norm' is damaged" in fmt.damage(model)
+
+
+def test_damaged_bundle_is_marked_and_says_what_to_do(model: Path):
+    with ModelReader(model) as r:
+        entry = r.entry(0, 1)
+    _flip(model / fmt.EXPERTS_FILE, entry.offset + 5)
+    with ModelReader(model) as r, pytest.raises(FormatError, match=r"checksum mismatch.*`fic pull tiny --force`"):
+        _read_all(r, [(0, 1)])
+    assert "layer 0 expert 1" in fmt.damage(model)
+
+
+def test_manifest_without_checksums_is_refused_with_what_to_do(model: Path):
+    """Version 1 manifests (before the dense block had checksums) are not read unchecked."""
+    def downgrade(m):
+        m["version"] = 1
+        for spec in m["tensors"].values():
+            del spec["crc32c"]
+    _edit_manifest(model, downgrade)
+    _expect(model, fmt.MANIFEST_FILE, r"format version 1 .*no checksums.*run `fic pull tiny --force`")
+
+
+def test_manifest_tensor_without_checksum(model: Path):
+    _edit_manifest(model, lambda m: m["tensors"]["half"].pop("crc32c"))
+    _expect(model, fmt.MANIFEST_FILE, "tensor 'half': bad spec")
+
+
+@pytest.mark.parametrize("prov,command", [
+    ({"source": "pip llm-x==1", "catalog": "tiny"}, "fic pull tiny --force"),
+    ({"source": "pip llm-x==1", "catalog": "cat"}, "fic pull cat --name tiny --force"),
+    ({"source": "/m/x y.gguf", "converter": {"quant": "q4_0", "expert_size": 32}},
+     "fic pull '/m/x y.gguf' --name tiny --quant q4_0 --expert-size 32 --force"),
+    ({"source": "huggingface org/x", "converter": {"quant": "q8_0", "expert_size": None}},
+     "fic pull org/x --name tiny --quant q8_0 --force"),
+    ({"source": "test"}, "fic pull tiny --force"),
+    ({}, "fic pull tiny --force"),
+])
+def test_repull_command_follows_the_provenance(prov: dict, command: str):
+    assert fmt.repull_command("tiny", prov) == command
+

@@ -112,6 +112,23 @@ def test_a_broken_model_is_listed_so_it_can_be_removed(tmp_path):
     assert not path.exists() and store.list() == []
 
 
+def test_a_model_found_damaged_is_listed_as_damaged(tmp_path):
+    store = Store(tmp_path)
+    path = write_tiny_model(store, "m")
+    header, base = fmt.safetensors_header(path / fmt.DENSE_FILE)
+    with open(path / fmt.DENSE_FILE, "r+b") as f:  # one bit of output_norm rots
+        f.seek(base + header["output_norm"]["data_offsets"][0])
+        byte = f.read(1)[0]
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte ^ 1]))
+    assert store.list()[0].format != "damaged"  # nobody has read it yet: `ls` reads no weights
+    with fmt.ModelReader(path) as r, pytest.raises(fmt.FormatError, match="output_norm"):
+        r.dense()
+    (info,) = store.list()
+    assert info.format == "damaged" and "tensor 'output_norm' is damaged" in info.source
+    assert "`fic pull m --force`" in info.source
+
+
 def test_remove(tmp_path):
     store = Store(tmp_path)
     write_tiny_model(store, "keep")
