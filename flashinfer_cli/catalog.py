@@ -22,7 +22,7 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 SOURCE_KINDS = ("hf", "pip", "pip-parts")
-DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_MODEL = "qwen2.5-coder-0.5b"  # measured: bench/RESULTS.md, "Choosing the default model"
 
 
 class CatalogError(Exception):

@@ -455,7 +455,7 @@ def run(args, raw, verbose, system, ctx, threads, **sampling):
     """Answer one prompt: fic run [MODEL] [PROMPT]. The prompt is the arguments after MODEL, else
     all of stdin. MODEL is a store or catalog name (pulled on first use), a .gguf file or a Hugging
     Face directory (converted into the store on first use), or a repo id; a first argument that
-    names no model starts the prompt to the default model, smollm2-135m."""
+    names no model starts the prompt to the default model (`fic ls` names it)."""
     engine_opts = _engine_options(sampling)
     model, args = _model_and_prompt(list(args))
     if args:
@@ -506,7 +506,7 @@ def _chat_lines(interactive: bool):
 @click.argument("model", default=DEFAULT_MODEL)
 @_sampling_options
 def chat(model, verbose, system, ctx, threads, **sampling):
-    """Talk with MODEL (default smollm2-135m). On a terminal: line editing, /bye or Ctrl-D
+    """Talk with MODEL (default: the default model, which `fic ls` names). On a terminal: line editing, /bye or Ctrl-D
     leaves. Otherwise each line of stdin is one user turn of the same conversation."""
     engine_opts = _engine_options(sampling)
     interactive = sys.stdin.isatty()
@@ -548,7 +548,7 @@ def chat(model, verbose, system, ctx, threads, **sampling):
               help="Requests that may wait for the engine; beyond them a 503 with Retry-After.")
 @_with_budget_options
 def serve_cmd(model, host, port, ctx, threads, api_key, max_waiting, **budget):
-    """Serve MODEL (default smollm2-135m) over an OpenAI-compatible API, with a chat page at /.
+    """Serve MODEL (default: the default model, which `fic ls` names) over an OpenAI-compatible API, with a chat page at /.
     One engine and one arena for every request: each reads only what the last did not leave."""
     engine_opts = _engine_options(budget)
     try:

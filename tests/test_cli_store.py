@@ -47,7 +47,7 @@ def test_ls_of_an_empty_store_prints_the_header_and_the_catalog(home):
     models, cat = result.output.split("\n\n")
     assert models.split() == ["NAME", "SIZE", "FORMAT", "SOURCE"]
     head, columns, *rows = cat.splitlines()
-    assert head == "catalog (`fic run NAME` pulls on first use; the default is smollm2-135m):"
+    assert head == f"catalog (`fic run NAME` pulls on first use; the default is {catalog.DEFAULT_MODEL}):"
     assert columns.split() == ["NAME", "DOWNLOAD", "GOOD", "FOR"]
     assert [r.split()[0] for r in rows] == catalog.names()
     for r in rows:  # each says what it is good for, in the catalog's own words
