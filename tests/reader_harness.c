@@ -107,7 +107,7 @@ static void *sync_reader(void *arg) {
 static int run(const char *path, int backend, int n_threads, int flags, int iters) {
     fic_reader *r;
     int err;
-    int st = fic_reader_open(path, backend, QD, n_threads, flags, &r, &err);
+    int st = fic_reader_open(path, backend, QD, n_threads, flags, NULL, &r, &err);
     if (st == FIC_ERR_UNSUPPORTED) return 0; /* no io_uring here */
     if (st != FIC_OK) return fprintf(stderr, "open: %d errno %d\n", st, err), 1;
     batch b, other;
@@ -141,7 +141,7 @@ static int run(const char *path, int backend, int n_threads, int flags, int iter
             pthread_join(th, NULL);
             fic_reader_close(r);
             fail |= check_batch(&b, 0, 0);
-            if (fic_reader_open(path, backend, QD, n_threads, flags, &r, &err) != FIC_OK) return 1;
+            if (fic_reader_open(path, backend, QD, n_threads, flags, NULL, &r, &err) != FIC_OK) return 1;
             job.r = r;
             job.stop = 0;
             if (pthread_create(&th, NULL, sync_reader, &job) != 0) return 1;
