@@ -199,7 +199,8 @@ typedef struct fic_read_req {
  * numbered 1, 2, ... from the open (or the last fic_reader_set_faults). A rule hits operation n when
  * n > after and (n + phase) % every == 0, phase = a hash of (seed, kind) mod every (0 when seed is
  * 0), until it has hit `count` times (0: no limit). A hit replaces the operation's result after the
- * real read: EIO fails the request (FIC_ERR_IO, sys_errno EIO); EAGAIN and EINTR are retried, as
+ * real read: EIO fails the request (FIC_ERR_IO, sys_errno EIO) and scribbles over the bytes the
+ * operation read (a failed read promises nothing about them); EAGAIN and EINTR are retried, as
  * real ones are, up to a bound of consecutive retries without progress (then FIC_ERR_IO with that
  * errno); SHORT returns about half of what the operation asked (4096-aligned under O_DIRECT, where
  * a request of one block cannot be shortened and is not hit), and the remainder is read again;

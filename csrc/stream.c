@@ -854,9 +854,10 @@ static int fault_takes(fault_state *st, int k, int64_t n)
     return 1;
 }
 
-/* One read operation came back with res (bytes >= 0, or -errno) after asking for `asked` bytes:
- * what the faults make of it. */
-static int64_t fault_filter(fic_reader *r, int64_t res, int64_t asked)
+/* One read operation came back with res (bytes >= 0, or -errno) after asking for `asked` bytes
+ * into dst: what the faults make of it. An injected EIO scribbles over those bytes (a failed read
+ * promises nothing about them), so that a caller who used them anyway would be caught. */
+static int64_t fault_filter(fic_reader *r, int64_t res, int64_t asked, void *dst)
 {
     fault_state *st = &r->faults;
     int64_t n = __atomic_add_fetch(&st->ops, 1, __ATOMIC_RELAXED);
@@ -867,8 +868,10 @@ static int64_t fault_filter(fic_reader *r, int64_t res, int64_t asked)
         while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
         }
     }
-    if (fault_takes(st, FIC_FAULT_EIO, n))
+    if (fault_takes(st, FIC_FAULT_EIO, n)) {
+        memset(dst, 0xE5, (size_t)asked);
         return -EIO;
+    }
     if (fault_takes(st, FIC_FAULT_EAGAIN, n))
         return -EAGAIN;
     if (fault_takes(st, FIC_FAULT_EINTR, n))
@@ -901,7 +904,7 @@ static void pread_one(fic_reader *r, fic_read_req *q)
         int64_t want = q->length - q->n_read;
         ssize_t got = pread(r->fd, (uint8_t *)q->dst + q->n_read, (size_t)want, (off_t)(q->offset + q->n_read));
         if (r->faults.on) {
-            int64_t res = fault_filter(r, got < 0 ? -(int64_t)errno : (int64_t)got, want);
+            int64_t res = fault_filter(r, got < 0 ? -(int64_t)errno : (int64_t)got, want, (uint8_t *)q->dst + q->n_read);
             got = (ssize_t)(res < 0 ? -1 : res);
             if (res < 0)
                 errno = (int)-res;
@@ -1171,7 +1174,7 @@ static int uring_complete(fic_reader *r, fic_read_req *reqs, unsigned s, int res
     if (asked > MAX_CHUNK)
         asked = MAX_CHUNK;
     if (r->faults.on)
-        res = (int)fault_filter(r, res, asked);
+        res = (int)fault_filter(r, res, asked, (uint8_t *)q->dst + q->n_read);
     if ((res == -EINTR || res == -EAGAIN) && ++slot->retries <= MAX_RETRIES) {
         retry_pause(slot->retries);
         return 1;

@@ -972,6 +972,7 @@ def test_injected_eio_is_a_clear_error_naming_file_and_offset(data_file, backend
         # one operation per request at depth 1: operations 4 and 8 are requests 3 and 7
         assert [r.status for r in results] == ["ok"] * 3 + ["io"] + ["ok"] * 3 + ["io"] + ["ok"] * 2
         assert all(r.errno == errno.EIO for r in results if r.status == "io")
+        assert requests[3].dst.tobytes() == b"\xe5" * 2 * ALIGN  # scribbled: nothing passes for read
         _check_against_file([rq for rq, r in zip(requests, results) if r.status == "ok"],
                             [r for r in results if r.status == "ok"], data)
         reader.set_faults("eio:every=4")  # the count restarts: operation 4 is request 3 again
@@ -1104,10 +1105,11 @@ def test_refused_io_uring_falls_back_to_pread_and_says_why(data_file, monkeypatc
         assert reader.pread_reason == "FIC_IO=pread"
 
 
-SECCOMP_CHILD = r"""
+# Python that installs a real seccomp filter in its own process: io_uring_setup (425 on x86-64 and
+# AArch64 alike) fails with EPERM, as under Docker's default profile; everything else is allowed.
+# Prints NOSECCOMP and exits 0 where the kernel or a sandbox refuses filters.
+SECCOMP_PRELUDE = r"""
 import ctypes, errno, struct, sys
-# A real seccomp filter: io_uring_setup (425 on x86-64 and AArch64 alike) fails with EPERM, as
-# under Docker's default profile; everything else is allowed.
 ld_nr, jeq, ret = 0x20, 0x15, 0x06
 prog = [(ld_nr, 0, 0, 0), (jeq, 0, 1, 425), (ret, 0, 0, 0x00050000 | errno.EPERM), (ret, 0, 0, 0x7FFF0000)]
 buf = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *f) for f in prog))
@@ -1120,6 +1122,8 @@ if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 or \
         libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
     print("NOSECCOMP", ctypes.get_errno())
     sys.exit(0)
+"""
+SECCOMP_CHILD = SECCOMP_PRELUDE + r"""
 from flashinfer_cli.kernels import Reader, ReadRequest, aligned_buffer
 with Reader(sys.argv[1]) as r:
     rq = ReadRequest(0, 4096, aligned_buffer(4096))
