@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -916,7 +917,14 @@ class Reader:
     def __init__(self, path: str | os.PathLike, *, backend: str | None = None, queue_depth: int = 32,
                  n_threads: int = 4, direct: bool = True, faults: str | None = None):
         self._ptr = None
-        self._pending: PendingRead | None = None
+        # The batch in flight, weakly: a PendingRead holds its reader (it must outlive the batch), and
+        # a strong reference back would make a cycle. The garbage collector finalizes what it frees
+        # in any order: the C reader's destructor, then a PendingRead's __del__ waiting on the freed
+        # reader, was a use after free (found by AddressSanitizer). Without the cycle refcounting
+        # frees the PendingRead first; where something else's cycle takes both, _closed says the
+        # destructor already ran (fic_reader_close finishes the batch) and the wait is skipped.
+        self._pending: weakref.ref | None = None
+        self._closed = _Closed()
         self._forced = None  # what asked for a backend: "FIC_IO=..." or "asked for"
         if backend is None:
             backend = os.environ.get("FIC_IO", "auto")
@@ -941,7 +949,7 @@ class Reader:
             raise NotImplementedError(f"open {self.path}: io_uring refused ({_errno_name(err[0])}"
                                       f"{', injected by FIC_FAULTS' if self.faults.uring_setup_errno else ''})")
         _check(status, f"open {self.path}")
-        self._ptr = ffi.gc(out[0], lib.fic_reader_close)
+        self._ptr = ffi.gc(out[0], self._closed.close)
 
     @property
     def backend(self) -> str:
@@ -1027,22 +1035,36 @@ class Reader:
             raise RuntimeError(f"{self.path}: a batch is already in flight on this reader")
         _check(status, f"submit to {self.path}")
         pending = PendingRead(self, requests, reqs, keep)
-        self._pending = pending  # so close() can finish it before freeing the reader
+        self._pending = weakref.ref(pending)  # so close() can finish it before freeing the reader
         return pending
 
     def close(self) -> None:
-        if self._pending is not None:
-            self._pending.wait()  # the C reader must not be freed under a batch in flight
+        pending = self._pending() if self._pending is not None else None
+        if pending is not None:
+            pending.wait()  # the C reader must not be freed under a batch in flight
         if self._ptr is not None:
             ptr, self._ptr = self._ptr, None
             ffi.gc(ptr, None)  # detaches the destructor (returns None), so close runs once
-            lib.fic_reader_close(ptr)
+            self._closed.close(ptr)
 
     def __enter__(self) -> "Reader":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _Closed:
+    """Closes a C reader once and remembers that it did (see Reader._pending)."""
+
+    __slots__ = ("done",)
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def close(self, ptr) -> None:
+        self.done = True
+        lib.fic_reader_close(ptr)
 
 
 class PendingRead:
@@ -1066,7 +1088,8 @@ class PendingRead:
         """Block until every request has finished; each result says what happened to its request."""
         if self._results is None:
             reader, self._reader = self._reader, None
-            lib.fic_reader_wait(reader._ptr)  # releases the GIL while it blocks
+            if not reader._closed.done:  # else fic_reader_close finished the batch
+                lib.fic_reader_wait(reader._ptr)  # releases the GIL while it blocks
             reader._pending = None
             self._results = _results(self._reqs, len(self._requests))
             self._reqs = self._keep = None

@@ -772,6 +772,16 @@ def test_close_with_a_batch_in_flight(data_file, backend: str) -> None:
     import gc
     gc.collect()
     assert all(rq.dst.tobytes() == data[rq.offset:rq.offset + rq.length] for rq in requests)
+    # ... and in a reference cycle with its PendingRead: the collector finalizes both in any order
+    # (the C reader's destructor first was a use after free: .ci/sanitizers runs this under ASan).
+    for _ in range(4):
+        cycle = {"reader": _open(path, backend, queue_depth=2)}
+        requests = _batch(data, rng, 50, True)
+        cycle["pending"] = cycle["reader"].submit(requests)
+        cycle["self"] = cycle
+        del cycle
+        gc.collect()
+        assert all(rq.dst.tobytes() == data[rq.offset:rq.offset + rq.length] for rq in requests)
     # The C API alone: fic_reader_close must let the batch finish before freeing the reader.
     ffi, lib = kernels.ffi, kernels.lib
     out, err = ffi.new("fic_reader **"), ffi.new("int *")
