@@ -420,6 +420,43 @@ def _resident_count(arena: Arena) -> int:
     return arena.n_resident
 
 
+_FAULT_CASES: dict = {}
+
+
+def _fault_case(model: Path, mode: str) -> dict:
+    """Per mode, once: the engine options, a fault-free engine's answers (forward logits of TEXT,
+    greedy text of PROMPT), and where the forward's reads are: the read operations in all, and the
+    (first, last) operation of each batch read into the arena."""
+    if mode in _FAULT_CASES:
+        return _FAULT_CASES[mode]
+    frac = 0.3 if mode == "exact" else 0.8
+    opts = dict(ctx=256, mem=budget_for(model, 256, frac), mode=mode)
+    clean = Engine.open(str(model), **opts)
+    ids = clean.tokenize(TEXT)
+    case = dict(opts=opts, ids=ids, want=clean.forward(ids), want_text="".join(clean.generate(PROMPT, max_tokens=8)))
+    clean.close()
+    probe = Engine.open(str(model), **opts)
+    r = probe.model.reader._reader
+    r.set_faults("slow:us=0")  # a rule that changes nothing, so that operations are counted
+    loads = []
+    real_load = probe.model.arena.load
+
+    def counting_load(keys, *, pin=False):
+        before = r.fault_hits()["ops"]
+        try:
+            return real_load(keys, pin=pin)
+        finally:
+            if r.fault_hits()["ops"] > before:
+                loads.append((before + 1, r.fault_hits()["ops"]))
+
+    probe.model.arena.load = counting_load
+    probe.forward(ids)
+    case.update(total=r.fault_hits()["ops"], loads=loads)
+    probe.close()
+    _FAULT_CASES[mode] = case
+    return case
+
+
 @pytest.mark.parametrize("mode,where", [("exact", "ring"), ("exact", "load"), ("prune", "load")])
 def test_read_error_mid_request_fails_it_cleanly_and_the_next_one_is_right(smollm2_model, monkeypatch, mode, where):
     """An EIO injected in the middle of a request's reads (while the ring streams a layer's experts,
@@ -429,41 +466,16 @@ def test_read_error_mid_request_fails_it_cleanly_and_the_next_one_is_right(smoll
     resident; the next request, faults off, answers as an engine that never saw a fault."""
     from flashinfer_cli import streaming
 
-    frac = 0.3 if mode == "exact" else 0.8
-    opts = dict(ctx=256, mem=budget_for(smollm2_model, 256, frac), mode=mode)
-    clean = Engine.open(str(smollm2_model), **opts)
-    ids = clean.tokenize(TEXT)
-    want = clean.forward(ids)
-    want_text = "".join(clean.generate(PROMPT, max_tokens=8))
-    # where the reads of such a request are: count the operations of each kind of read
-    probe = Engine.open(str(smollm2_model), **opts)
-    r = probe.model.reader._reader
-    r.set_faults("slow:us=0")  # a rule that changes nothing, so that operations are counted
-    ops = {}
-    real_load = Arena.load
-
-    def counting_load(self, keys, *, pin=False):
-        before = r.fault_hits()["ops"]
-        try:
-            return real_load(self, keys, pin=pin)
-        finally:
-            ops.setdefault("load", []).append((before, r.fault_hits()["ops"]))
-
-    monkeypatch.setattr(Arena, "load", counting_load)
-    probe.forward(ids)
-    monkeypatch.setattr(Arena, "load", real_load)
-    total = r.fault_hits()["ops"]
-    loads = [(a, b) for a, b in ops.get("load", []) if b > a]
+    case = _fault_case(smollm2_model, mode)
+    opts, ids, loads = case["opts"], case["ids"], case["loads"]
     if where == "load":
         assert loads, "this request reads nothing into the arena"
-        a, b = loads[0]
-        nth = (a + b) // 2 + 1                       # an operation in the middle of that batch
+        first, last = loads[0]
+        nth = (first + last) // 2                    # an operation in the middle of that batch
     else:
-        first_load = loads[0][0] if loads else total
+        first_load = loads[0][0] if loads else case["total"]
         assert first_load > 8, "this request streams nothing before it loads"
         nth = first_load // 2                        # the ring, halfway through the prefill
-    probe.close()
-
     monkeypatch.setenv("FIC_FAULTS", f"eio:every={nth}:count=1")
     eng = Engine.open(str(smollm2_model), **opts)
     monkeypatch.delenv("FIC_FAULTS")
@@ -495,8 +507,8 @@ def test_read_error_mid_request_fails_it_cleanly_and_the_next_one_is_right(smoll
     _resident_slots_hold_their_bundles(eng)
     # the next requests (the one count=1 hit is spent: faults are off) are right
     got = eng.forward(ids)
-    assert rel(got, want) < 1e-4
-    assert "".join(eng.generate(PROMPT, max_tokens=8)) == want_text
+    assert rel(got, case["want"]) < 1e-4
+    assert "".join(eng.generate(PROMPT, max_tokens=8)) == case["want_text"]
     assert _resident_slots_hold_their_bundles(eng) > 0
     assert eng.model.reader._reader.fault_hits()["eio"] == 1
 

@@ -11,6 +11,7 @@ import errno
 import mmap
 import os
 import random
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -895,7 +896,9 @@ def test_caller_is_free_while_the_read_blocks_on_its_destination(data_file, back
 
 def test_reader_harness_under_tsan(tmp_path: Path) -> None:
     # tests/reader_harness.c: submit/wait/read/close from two threads, every backend, O_DIRECT and
-    # buffered, closes with batches in flight; under ThreadSanitizer when the compiler has it.
+    # buffered, closes with batches in flight, then again with injected faults (retried kinds, and
+    # EIO among them) and the rules set again between batches; under ThreadSanitizer when the
+    # compiler has it.
     cc = shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
     if cc is None:
         pytest.skip("no C compiler")
@@ -914,7 +917,9 @@ def test_reader_harness_under_tsan(tmp_path: Path) -> None:
         env = dict(os.environ, TSAN_OPTIONS="halt_on_error=1 exitcode=66")
         r = subprocess.run([str(exe), str(file), iters], capture_output=True, text=True, timeout=600, env=env)
         assert r.returncode == 0 and "WARNING: ThreadSanitizer" not in r.stderr, r.stderr
-        assert "reader stress ok" in r.stdout
+        assert "reader stress ok: 14 configurations" in r.stdout
+        hits = dict(re.findall(r"(eio|eagain|eintr|short|slow) (\d+)", r.stdout))
+        assert sorted(hits) == ["eagain", "eintr", "eio", "short", "slow"] and min(map(int, hits.values())) > 0, r.stdout
 
 
 # ---- fault injection (FIC_FAULTS) --------------------------------------------------------------
