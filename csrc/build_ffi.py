@@ -28,6 +28,9 @@ def _cdef_from_header(path: str) -> str:
 # builds a copy of the package this way; the module then needs gcc's libasan in LD_PRELOAD).
 SANITIZE = os.environ.get("FIC_SANITIZE", "") not in ("", "0")
 SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+# Python's own CFLAGS, which setuptools passes first, carry -fwrapv: signed overflow would wrap, and
+# UBSan would not see it. The C core must not rely on it, so the sanitized build checks it.
+SANITIZE_COMPILE_ONLY = ["-fno-wrapv"]
 
 
 def _compile_args() -> list[str]:
@@ -38,7 +41,7 @@ def _compile_args() -> list[str]:
     if platform.machine().lower() in ("aarch64", "arm64"):
         args.append("-march=armv8-a+crc")
     if SANITIZE:
-        args = ["-O1" if a == "-O3" else a for a in args] + ["-g", *SANITIZE_FLAGS]
+        args = ["-O1" if a == "-O3" else a for a in args] + ["-g", *SANITIZE_FLAGS, *SANITIZE_COMPILE_ONLY]
     return args
 
 
