@@ -24,6 +24,15 @@ def _cdef_from_header(path: str) -> str:
     return match.group(1)
 
 
+# FIC_SANITIZE=1: AddressSanitizer and UndefinedBehaviorSanitizer, every finding fatal (.ci/sanitizers
+# builds a copy of the package this way; the module then needs gcc's libasan in LD_PRELOAD).
+SANITIZE = os.environ.get("FIC_SANITIZE", "") not in ("", "0")
+SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+# Python's own CFLAGS, which setuptools passes first, carry -fwrapv: signed overflow would wrap, and
+# UBSan would not see it. The C core must not rely on it, so the sanitized build checks it.
+SANITIZE_COMPILE_ONLY = ["-fno-wrapv"]
+
+
 def _compile_args() -> list[str]:
     # No -march=native: the wheel must run on any CPU of its architecture. Fast paths are
     # compiled per function with target attributes and chosen at run time.
@@ -31,6 +40,8 @@ def _compile_args() -> list[str]:
             "-Wno-unused-parameter"]
     if platform.machine().lower() in ("aarch64", "arm64"):
         args.append("-march=armv8-a+crc")
+    if SANITIZE:
+        args = ["-O1" if a == "-O3" else a for a in args] + ["-g", *SANITIZE_FLAGS, *SANITIZE_COMPILE_ONLY]
     return args
 
 
@@ -44,7 +55,7 @@ ffibuilder.set_source(
     include_dirs=[os.path.relpath(CSRC_DIR)],
     extra_compile_args=_compile_args(),
     libraries=["m"],  # expf in ffn.c and attention.c
-    extra_link_args=["-pthread"],
+    extra_link_args=["-pthread"] + (SANITIZE_FLAGS if SANITIZE else []),
 )
 
 if __name__ == "__main__":

@@ -194,11 +194,59 @@ typedef struct fic_read_req {
     int64_t n_read;     /* out: bytes actually read */
 } fic_read_req;
 
+/* Fault injection, for tests (kernels.Reader fills it from FIC_FAULTS). A reader counts its read
+ * operations while any rule is on: each pread call and each io_uring completion, retries included,
+ * numbered 1, 2, ... from the open (or the last fic_reader_set_faults). A rule hits operation n when
+ * n > after and (n + phase) % every == 0, phase = a hash of (seed, kind) mod every (0 when seed is
+ * 0), until it has hit `count` times (0: no limit). A hit replaces the operation's result after the
+ * real read: EIO fails the request (FIC_ERR_IO, sys_errno EIO) and scribbles over the bytes the
+ * operation read (a failed read promises nothing about them); EAGAIN and EINTR are retried, as
+ * real ones are, up to a bound of consecutive retries without progress (then FIC_ERR_IO with that
+ * errno); SHORT returns about half of what the operation asked (4096-aligned under O_DIRECT, where
+ * a request of one block cannot be shortened and is not hit), and the remainder is read again;
+ * SLOW delays the operation by arg microseconds (and may come with another kind's hit). When
+ * several of EIO, EAGAIN, EINTR and SHORT hit one operation, the first in that order wins and the
+ * others neither apply nor count. */
+enum fic_fault_kind {
+    FIC_FAULT_EIO = 0,
+    FIC_FAULT_EAGAIN = 1,
+    FIC_FAULT_EINTR = 2,
+    FIC_FAULT_SHORT = 3,
+    FIC_FAULT_SLOW = 4,
+    FIC_FAULT_KINDS = 5
+};
+typedef struct fic_fault_rule {
+    int64_t every; /* 0: the rule is off */
+    int64_t count; /* most hits (0: no limit) */
+    int64_t after; /* operations 1..after are never hit */
+    int64_t arg;   /* FIC_FAULT_SLOW: the delay in microseconds */
+} fic_fault_rule;
+typedef struct fic_faults {
+    fic_fault_rule rules[5];   /* indexed by enum fic_fault_kind */
+    uint64_t seed;
+    int32_t uring_setup_errno; /* != 0: io_uring_setup is refused with this errno (EPERM as under a
+                                  seccomp policy, ENOSYS): FIC_IO_AUTO falls back to pread */
+    int32_t reserved;          /* 0 */
+} fic_faults;
+
 typedef struct fic_reader fic_reader;
 /* Opens path for batched reads. With O_DIRECT (tried first unless FIC_OPEN_NO_DIRECT), every
- * request's offset, length and dst must be 4096-aligned. *out_errno gets errno on FIC_ERR_OPEN. */
+ * request's offset, length and dst must be 4096-aligned. faults: NULL for none (the normal case),
+ * else copied into the reader (FIC_ERR_ARG for a negative field or reserved != 0). *out_errno gets
+ * errno on FIC_ERR_OPEN, and io_uring's refusal on FIC_ERR_UNSUPPORTED for FIC_IO_URING. */
 int fic_reader_open(const char *path, int backend, int queue_depth, int n_threads, int flags,
-                    fic_reader **out, int *out_errno);
+                    const fic_faults *faults, fic_reader **out, int *out_errno);
+/* Replaces the fault rules (NULL: none) and restarts the operation count; the hit counts are kept.
+ * FIC_ERR_ARG while a batch runs or waits to be collected, or for a bad rule.
+ * (uring_setup_errno only matters at open.) */
+int fic_reader_set_faults(fic_reader *r, const fic_faults *faults);
+/* Hits of one fault kind since the open; kind FIC_FAULT_KINDS: read operations counted while
+ * rules were on. FIC_ERR_ARG for a bad kind. */
+int64_t fic_reader_fault_hits(const fic_reader *r, int kind);
+/* Why the reader is not on io_uring: the errno io_uring_setup (or its ring mappings) failed with,
+ * injected or real (EPERM: refused by a seccomp policy; ENOSYS: no io_uring in this kernel or this
+ * build); 0 when the reader uses io_uring or FIC_IO_PREAD was asked for. */
+int fic_reader_uring_errno(const fic_reader *r);
 /* Reads every request; returns FIC_OK when all succeeded, else the first failing status.
  * Each request's own status says what happened to it. Runs on the caller, once any other
  * caller's read and any submitted batch's I/O are over (concurrent calls take turns). */

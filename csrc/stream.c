@@ -9,6 +9,7 @@
  * callers. Nothing here prints, exits or keeps global state.
  */
 #define _GNU_SOURCE
+#include <assert.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -18,6 +19,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/types.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "fic.h"
@@ -54,6 +56,14 @@
 #define MAX_THREADS 64
 /* io_uring's sqe->len is 32 bits: bigger requests go in aligned pieces, like short reads. */
 #define MAX_CHUNK ((int64_t)1 << 30)
+/* EAGAIN / EINTR on one request, in a row without a byte of progress, before it fails with that
+ * errno (a short read makes progress, so the remainder is always read again). */
+#define MAX_RETRIES 32
+
+static_assert(FIC_FAULT_KINDS == 5, "fic_faults.rules has one rule per kind");
+static_assert(sizeof(fic_fault_rule) == 32, "fic_fault_rule layout (cffi and Python fill it)");
+static_assert(sizeof(fic_faults) == 5 * 32 + 16, "fic_faults layout (cffi and Python fill it)");
+static_assert(sizeof(fic_read_req) == 48, "fic_read_req layout");
 
 /* ---- CRC32C ------------------------------------------------------------------------------ */
 
@@ -670,6 +680,7 @@ uint32_t fic_crc32c(uint32_t crc, const uint8_t *buf, size_t n)
 typedef struct uring_slot {
     int64_t req;       /* index of the request this slot reads for, -1 when free */
     struct iovec iov;  /* for IORING_OP_READV on kernels without IORING_OP_READ */
+    unsigned retries;  /* EAGAIN / EINTR in a row without progress */
 } uring_slot;
 
 typedef struct uring {
@@ -709,11 +720,26 @@ typedef struct pread_pool {
  * and waiting for fic_reader_wait), or a fic_reader_read running on its caller. */
 enum { ASYNC_NONE = 0, ASYNC_RUNNING = 1, ASYNC_DONE = 2 };
 
+/* The fault rules of a reader and what they did (see fic.h). The rules change only while no batch
+ * runs (fic_reader_set_faults checks that under the reader's lock), so the I/O thread and the pread
+ * workers read them without a lock; the counters are atomic. */
+typedef struct fault_state {
+    int on;                            /* any rule set: count operations */
+    fic_faults cfg;
+    uint64_t phase[FIC_FAULT_KINDS];
+    int64_t ops;                       /* operations counted since the rules were set (atomic) */
+    int64_t ops_total;                 /* ... since the open (atomic) */
+    int64_t claims[FIC_FAULT_KINDS];   /* hits taken against each rule's count (atomic) */
+    int64_t hits[FIC_FAULT_KINDS];     /* hits since the open (atomic) */
+} fault_state;
+
 struct fic_reader {
     int fd;
     int direct;
     int backend;
+    int uring_errno; /* why not io_uring (fic_reader_uring_errno) */
     int64_t size;
+    fault_state faults;
     /* Batch hand-over. mu guards everything below; async is also read without it (atomically)
      * by fic_reader_busy. */
     pthread_mutex_t mu;
@@ -776,18 +802,123 @@ static int req_advance(const fic_reader *r, fic_read_req *q, int64_t got, int64_
     return 1;
 }
 
-static void pread_one(const fic_reader *r, fic_read_req *q)
+/* ---- fault injection (tests; see fic.h) ---- */
+
+static uint64_t splitmix64(uint64_t x)
 {
+    x += 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+
+static int faults_valid(const fic_faults *f)
+{
+    if (f->reserved != 0 || f->uring_setup_errno < 0)
+        return 0;
+    for (int k = 0; k < FIC_FAULT_KINDS; k++) {
+        const fic_fault_rule *rule = &f->rules[k];
+        if (rule->every < 0 || rule->count < 0 || rule->after < 0 || rule->arg < 0)
+            return 0;
+    }
+    return 1;
+}
+
+/* Installs the rules (f valid, or NULL for none); the caller owns the reader (no batch runs). */
+static void faults_set(fault_state *st, const fic_faults *f)
+{
+    memset(&st->cfg, 0, sizeof st->cfg);
+    if (f != NULL)
+        st->cfg = *f;
+    st->on = 0;
+    for (int k = 0; k < FIC_FAULT_KINDS; k++) {
+        int64_t every = st->cfg.rules[k].every;
+        st->on |= every > 0;
+        st->phase[k] = every > 0 && st->cfg.seed != 0
+                           ? splitmix64(st->cfg.seed ^ ((uint64_t)(k + 1) << 56)) % (uint64_t)every
+                           : 0;
+        __atomic_store_n(&st->claims[k], 0, __ATOMIC_RELAXED);
+    }
+    __atomic_store_n(&st->ops, 0, __ATOMIC_RELAXED);
+}
+
+/* Whether rule k hits operation n, taking one of its `count` hits if so. */
+static int fault_takes(fault_state *st, int k, int64_t n)
+{
+    const fic_fault_rule *rule = &st->cfg.rules[k];
+    if (rule->every <= 0 || n <= rule->after || ((uint64_t)n + st->phase[k]) % (uint64_t)rule->every != 0)
+        return 0;
+    if (rule->count > 0 && __atomic_fetch_add(&st->claims[k], 1, __ATOMIC_RELAXED) >= rule->count)
+        return 0;
+    __atomic_fetch_add(&st->hits[k], 1, __ATOMIC_RELAXED);
+    return 1;
+}
+
+/* One read operation came back with res (bytes >= 0, or -errno) after asking for `asked` bytes
+ * into dst: what the faults make of it. An injected EIO scribbles over those bytes (a failed read
+ * promises nothing about them), so that a caller who used them anyway would be caught. */
+static int64_t fault_filter(fic_reader *r, int64_t res, int64_t asked, void *dst)
+{
+    fault_state *st = &r->faults;
+    int64_t n = __atomic_add_fetch(&st->ops, 1, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&st->ops_total, 1, __ATOMIC_RELAXED);
+    if (fault_takes(st, FIC_FAULT_SLOW, n)) {
+        int64_t us = st->cfg.rules[FIC_FAULT_SLOW].arg;
+        struct timespec ts = {(time_t)(us / 1000000), (long)(us % 1000000) * 1000};
+        while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
+        }
+    }
+    if (fault_takes(st, FIC_FAULT_EIO, n)) {
+        memset(dst, 0xE5, (size_t)asked);
+        return -EIO;
+    }
+    if (fault_takes(st, FIC_FAULT_EAGAIN, n))
+        return -EAGAIN;
+    if (fault_takes(st, FIC_FAULT_EINTR, n))
+        return -EINTR;
+    if (res > 0) {
+        /* Half of what was asked, in whole blocks under O_DIRECT, and less than what came. */
+        int64_t unit = r->direct ? DIRECT_ALIGN : 1;
+        int64_t cut = asked / 2 / unit * unit;
+        if (cut > 0 && cut < res && fault_takes(st, FIC_FAULT_SHORT, n))
+            return cut;
+    }
+    return res;
+}
+
+/* Before retrying an EAGAIN / EINTR: nothing the first few times, then a pause that doubles up to
+ * about a millisecond (a device that says "again" is given time). */
+static void retry_pause(unsigned retries)
+{
+    if (retries < 4)
+        return;
+    long us = 1L << (retries < 14 ? retries - 4 : 10);
+    struct timespec ts = {0, us * 1000};
+    nanosleep(&ts, NULL);
+}
+
+static void pread_one(fic_reader *r, fic_read_req *q)
+{
+    unsigned retries = 0;
     for (;;) {
         int64_t want = q->length - q->n_read;
         ssize_t got = pread(r->fd, (uint8_t *)q->dst + q->n_read, (size_t)want, (off_t)(q->offset + q->n_read));
+        if (r->faults.on) {
+            int64_t res = fault_filter(r, got < 0 ? -(int64_t)errno : (int64_t)got, want, (uint8_t *)q->dst + q->n_read);
+            got = (ssize_t)(res < 0 ? -1 : res);
+            if (res < 0)
+                errno = (int)-res;
+        }
         if (got < 0) {
-            if (errno == EINTR || errno == EAGAIN)
+            if ((errno == EINTR || errno == EAGAIN) && ++retries <= MAX_RETRIES) {
+                retry_pause(retries);
                 continue;
+            }
             q->status = FIC_ERR_IO;
             q->sys_errno = errno;
             break;
         }
+        retries = 0;
         if (got == 0) {
             q->status = FIC_ERR_SHORT;
             break;
@@ -1037,19 +1168,26 @@ static void uring_queue(fic_reader *r, unsigned s, int64_t qi, fic_read_req *q)
  * req_finish is left to the caller). */
 static int uring_complete(fic_reader *r, fic_read_req *reqs, unsigned s, int res)
 {
-    fic_read_req *q = &reqs[r->ring.slots[s].req];
+    uring_slot *slot = &r->ring.slots[s];
+    fic_read_req *q = &reqs[slot->req];
     int64_t asked = q->length - q->n_read;
     if (asked > MAX_CHUNK)
         asked = MAX_CHUNK;
-    if (res == -EINTR || res == -EAGAIN)
+    if (r->faults.on)
+        res = (int)fault_filter(r, res, asked, (uint8_t *)q->dst + q->n_read);
+    if ((res == -EINTR || res == -EAGAIN) && ++slot->retries <= MAX_RETRIES) {
+        retry_pause(slot->retries);
         return 1;
+    }
     if (res < 0) {
         q->status = FIC_ERR_IO;
         q->sys_errno = -res;
     } else if (res == 0) {
         q->status = FIC_ERR_SHORT;
-    } else if (req_advance(r, q, res, asked)) {
-        return 1;
+    } else {
+        slot->retries = 0;
+        if (req_advance(r, q, res, asked))
+            return 1;
     }
     return 0;
 }
@@ -1061,7 +1199,9 @@ static void uring_fill(fic_reader *r, fic_read_req *reqs, int64_t n, int64_t *ne
     uring *u = &r->ring;
     while (u->n_free > 0 && *next < n) {
         if (reqs[*next].status == FIC_OK) {
-            uring_queue(r, u->free_slots[--u->n_free], *next, &reqs[*next]);
+            unsigned s = u->free_slots[--u->n_free];
+            u->slots[s].retries = 0;
+            uring_queue(r, s, *next, &reqs[*next]);
             (*in_flight)++;
             (*to_submit)++;
         }
@@ -1198,7 +1338,7 @@ static void backend_close(fic_reader *r)
 /* ---- public API ---- */
 
 int fic_reader_open(const char *path, int backend, int queue_depth, int n_threads, int flags,
-                    fic_reader **out, int *out_errno)
+                    const fic_faults *faults, fic_reader **out, int *out_errno)
 {
     int err_dummy = 0;
     if (out_errno == NULL)
@@ -1208,11 +1348,13 @@ int fic_reader_open(const char *path, int backend, int queue_depth, int n_thread
         *out = NULL;
     if (path == NULL || out == NULL || queue_depth < 1 || n_threads < 1 ||
         (backend != FIC_IO_AUTO && backend != FIC_IO_URING && backend != FIC_IO_PREAD) ||
-        (flags & ~FIC_OPEN_NO_DIRECT))
+        (flags & ~FIC_OPEN_NO_DIRECT) || (faults != NULL && !faults_valid(faults)))
         return FIC_ERR_ARG;
 #if !FIC_HAVE_URING
-    if (backend == FIC_IO_URING)
+    if (backend == FIC_IO_URING) {
+        *out_errno = ENOSYS;
         return FIC_ERR_UNSUPPORTED;
+    }
 #endif
     if (queue_depth > MAX_QUEUE_DEPTH)
         queue_depth = MAX_QUEUE_DEPTH;
@@ -1226,6 +1368,7 @@ int fic_reader_open(const char *path, int backend, int queue_depth, int n_thread
 #if FIC_HAVE_URING
     r->ring.fd = -1;
 #endif
+    faults_set(&r->faults, faults);
     int fd = -1;
     if (!(flags & FIC_OPEN_NO_DIRECT)) {
         fd = open(path, O_RDONLY | O_DIRECT | O_CLOEXEC);
@@ -1256,16 +1399,22 @@ int fic_reader_open(const char *path, int backend, int queue_depth, int n_thread
     int status = FIC_ERR_UNSUPPORTED;
 #if FIC_HAVE_URING
     if (backend != FIC_IO_PREAD) {
-        int uerr = 0;
-        status = uring_open(&r->ring, (unsigned)queue_depth, &uerr);
+        int uerr = r->faults.cfg.uring_setup_errno;
+        status = uerr != 0 ? FIC_ERR_UNSUPPORTED : uring_open(&r->ring, (unsigned)queue_depth, &uerr);
         if (status == FIC_OK) {
             r->backend = FIC_IO_URING;
         } else if (backend == FIC_IO_URING) {
+            *out_errno = uerr;
             close(fd);
             free(r);
             return status;
+        } else {
+            r->uring_errno = uerr != 0 ? uerr : ENOMEM; /* uring_open gives no errno only when calloc failed */
         }
     }
+#else
+    if (backend != FIC_IO_PREAD)
+        r->uring_errno = ENOSYS; /* built without io_uring */
 #endif
     if (status != FIC_OK) {
         r->backend = FIC_IO_PREAD;
@@ -1361,6 +1510,29 @@ int fic_reader_wait(fic_reader *r)
     pthread_mutex_unlock(&r->mu);
     return status;
 }
+
+int fic_reader_set_faults(fic_reader *r, const fic_faults *faults)
+{
+    if (r == NULL || (faults != NULL && !faults_valid(faults)))
+        return FIC_ERR_ARG;
+    pthread_mutex_lock(&r->mu);
+    int idle = r->async == ASYNC_NONE && !r->sync_running;
+    if (idle)
+        faults_set(&r->faults, faults);
+    pthread_mutex_unlock(&r->mu);
+    return idle ? FIC_OK : FIC_ERR_ARG;
+}
+
+int64_t fic_reader_fault_hits(const fic_reader *r, int kind)
+{
+    if (r == NULL || kind < 0 || kind > FIC_FAULT_KINDS)
+        return FIC_ERR_ARG;
+    if (kind == FIC_FAULT_KINDS)
+        return __atomic_load_n(&r->faults.ops_total, __ATOMIC_RELAXED);
+    return __atomic_load_n(&r->faults.hits[kind], __ATOMIC_RELAXED);
+}
+
+int fic_reader_uring_errno(const fic_reader *r) { return r == NULL ? FIC_ERR_ARG : r->uring_errno; }
 
 int fic_reader_busy(const fic_reader *r)
 {

@@ -42,12 +42,13 @@ def _io_line() -> str:
     while not where.is_dir():  # the store is made on first pull: probe the nearest existing parent
         where = where.parent
     try:
-        backend, direct = kernels.probe_io(where)
-    except OSError as exc:
-        return f"cannot probe {where}: {exc.strerror or exc}"
-    forced = f" (FIC_IO={os.environ['FIC_IO']})" if os.environ.get("FIC_IO") else ""
-    return (f"{backend}{forced}, {'O_DIRECT' if direct else 'page cache (no O_DIRECT on this filesystem)'}, "
-            f"store {home}")
+        backend, direct, why = kernels.probe_io(where)
+    except (OSError, NotImplementedError) as exc:  # NotImplementedError: FIC_IO=io_uring, refused
+        return f"cannot probe {where}: {getattr(exc, 'strerror', None) or exc}"
+    if os.environ.get("FIC_IO") and not (why or "").startswith("io_uring refused"):
+        why = f"FIC_IO={os.environ['FIC_IO']}"
+    return (f"{backend}{f' ({why})' if why else ''}, "
+            f"{'O_DIRECT' if direct else 'page cache (no O_DIRECT on this filesystem)'}, store {home}")
 
 
 # ---- the store: pull, ls, show, rm -----------------------------------------------------------
@@ -352,6 +353,7 @@ def _open_engine(model: str, ctx, threads, options: dict | None = None,
     if verbose:
         for line in engine.plan.lines():
             click.echo(f"plan: {line}", err=True)
+        click.echo(f"io: {engine.model.reader.io_description()}", err=True)
     return engine, times
 
 
@@ -471,12 +473,14 @@ def run(args, raw, verbose, system, ctx, threads, **sampling):
     if not prompt.strip():
         _fail("empty prompt")
     engine, opened = _open_engine(model, ctx, threads, engine_opts, verbose)
+    from flashinfer_cli.fmt import FormatError
+
     try:
         ids = engine.prompt_ids(prompt, chat=not raw, system=system)
         if len(ids) > engine.ctx:
             _fail(f"the prompt has {len(ids)} tokens, more than the context of {engine.ctx} (see --ctx)")
         _answer(engine, ids, sampling, verbose, opened)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, FormatError) as exc:  # FormatError: a bundle that cannot be read
         _fail(_one_line(exc))
 
 
@@ -511,6 +515,8 @@ def chat(model, verbose, system, ctx, threads, **sampling):
     engine_opts = _engine_options(sampling)
     interactive = sys.stdin.isatty()
     engine, opened = _open_engine(model, ctx, threads, engine_opts, verbose)
+    from flashinfer_cli.fmt import FormatError
+
     messages = [{"role": "system", "content": system}] if system else []
     for line in _chat_lines(interactive):
         if line.strip() == "/bye":
@@ -529,7 +535,7 @@ def chat(model, verbose, system, ctx, threads, **sampling):
             click.echo()
             messages.pop()
             continue
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError, FormatError) as exc:
             _fail(_one_line(exc))
         opened = OpenTimes()  # later turns load nothing
         messages.append({"role": "assistant", "content": answer.strip()})

@@ -584,6 +584,11 @@ class ModelReader:
         self._reader = kernels.Reader(self.experts_path, backend=io_backend, queue_depth=queue_depth) \
             if self.n_bundles else None
 
+    def io_description(self) -> str:
+        """How expert bundles are read, for --verbose: 'io_uring, O_DIRECT', 'pread (io_uring
+        refused: EPERM), O_DIRECT', ... (kernels.Reader.describe)."""
+        return self._reader.describe() if self._reader is not None else "none (the model has no expert bundles)"
+
     @property
     def n_bundles(self) -> int:
         return sum(len(layer) for layer in self.manifest.experts)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -787,40 +788,168 @@ class ReadResult:
     errno: int
 
 
-def probe_io(directory: str | os.PathLike) -> tuple[str, bool]:
-    """(backend, O_DIRECT) that a Reader gets for files in `directory`: the filesystem decides
-    O_DIRECT, the kernel (and a seccomp policy) io_uring."""
+def probe_io(directory: str | os.PathLike) -> tuple[str, bool, str | None]:
+    """(backend, O_DIRECT, why pread) that a Reader gets for files in `directory`: the filesystem
+    decides O_DIRECT, the kernel (and a seccomp policy) io_uring; the third is Reader.pread_reason."""
     import tempfile
 
     with tempfile.NamedTemporaryFile(dir=directory, prefix=".fic-probe-") as f:
         f.write(b"\0" * DIRECT_ALIGN)
         f.flush()
-        reader = Reader(f.name)
-        return reader.backend, reader.direct
+        with Reader(f.name) as reader:
+            return reader.backend, reader.direct, reader.pread_reason
+
+
+# ---- fault injection (FIC_FAULTS) ------------------------------------------------------------
+
+FAULT_KINDS = ("eio", "eagain", "eintr", "short", "slow")  # enum fic_fault_kind's order
+_FAULT_KEYS = {"every", "count", "after"}
+
+
+@dataclass(frozen=True)
+class FaultRule:
+    every: int = 1
+    count: int = 0   # most hits, 0: no limit
+    after: int = 0   # read operations 1..after are never hit
+    arg: int = 0     # slow: microseconds
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Parsed FIC_FAULTS (see parse_faults); `spec` is the text it came from."""
+
+    spec: str = ""
+    rules: dict = field(default_factory=dict)  # kind -> FaultRule
+    seed: int = 0
+    uring_setup_errno: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.rules) or self.uring_setup_errno != 0
+
+
+def _fault_int(spec: str, term: str, key: str, value: str, lowest: int) -> int:
+    try:
+        n = int(value, 0)
+    except ValueError:
+        n = None
+    if n is None or n < lowest or n >= 1 << 62:
+        raise ValueError(f"FIC_FAULTS={spec!r}: {term!r}: {key} must be an integer >= {lowest}")
+    return n
+
+
+def parse_faults(spec: str | None) -> Faults:
+    """Parse a fault-injection spec (the FIC_FAULTS environment variable), for tests:
+
+        eio:every=7,short:every=3,eagain:every=5,slow:ms=2,seed=1
+        uring_setup:EPERM
+
+    Comma-separated terms. KIND[:key=value]... with KIND one of eio (the read fails with EIO),
+    eagain, eintr (the read fails with that errno and is retried), short (the read returns about
+    half of what it asked; the rest is read again), slow (the read is delayed by ms=N or us=N,
+    default 1 ms); keys every=N (hit every N-th read operation, default 1), count=N (at most N
+    hits), after=N (never among the first N operations). seed=N shifts every rule's phase.
+    uring_setup:ERRNO (EPERM, ENOSYS or a number): io_uring is refused as a seccomp policy or an
+    old kernel refuses it, so the reader falls back to pread. Empty or None: no faults."""
+    import errno as errno_mod
+
+    spec = (spec or "").strip()
+    rules: dict[str, FaultRule] = {}
+    seed, uring_errno = 0, 0
+    for term in (t.strip() for t in spec.split(",")):
+        if not term:
+            continue
+        head, *params = [p.strip() for p in term.split(":")]
+        if head.startswith("seed="):
+            if params:
+                raise ValueError(f"FIC_FAULTS={spec!r}: {term!r}: seed takes no parameters")
+            seed = _fault_int(spec, term, "seed", head[5:], 0)
+            continue
+        if head == "uring_setup":
+            if len(params) != 1 or not params[0]:
+                raise ValueError(f"FIC_FAULTS={spec!r}: {term!r}: say which errno, e.g. uring_setup:EPERM")
+            name = params[0].upper()
+            uring_errno = getattr(errno_mod, name, None) if name.startswith("E") else \
+                _fault_int(spec, term, "the errno", params[0], 1)
+            if not isinstance(uring_errno, int) or uring_errno <= 0:
+                raise ValueError(f"FIC_FAULTS={spec!r}: {term!r}: unknown errno {params[0]!r}")
+            continue
+        if head not in FAULT_KINDS:
+            raise ValueError(f"FIC_FAULTS={spec!r}: unknown fault {head!r} "
+                             f"(known: {', '.join(FAULT_KINDS)}, uring_setup, seed)")
+        if head in rules:
+            raise ValueError(f"FIC_FAULTS={spec!r}: {head!r} given twice")
+        vals = {"every": 1, "count": 0, "after": 0, "arg": 1000 if head == "slow" else 0}
+        for p in params:
+            key, eq, value = p.partition("=")
+            key = key.strip()
+            if not eq or (key not in _FAULT_KEYS and not (head == "slow" and key in ("ms", "us"))):
+                known = sorted(_FAULT_KEYS | ({"ms", "us"} if head == "slow" else set()))
+                raise ValueError(f"FIC_FAULTS={spec!r}: {term!r}: {p!r} is not one of {', '.join(k + '=N' for k in known)}")
+            if key in ("ms", "us"):
+                n = _fault_int(spec, term, key, value.strip(), 0)
+                vals["arg"] = n * 1000 if key == "ms" else n
+            else:
+                vals[key] = _fault_int(spec, term, key, value.strip(), 1 if key == "every" else 0)
+        rules[head] = FaultRule(**vals)
+    return Faults(spec, rules, seed, uring_errno)
+
+
+def _c_faults(faults: Faults):
+    """The fic_faults struct for faults, or NULL for none."""
+    if not faults:
+        return ffi.NULL
+    c = ffi.new("fic_faults *")
+    for i, kind in enumerate(FAULT_KINDS):
+        rule = faults.rules.get(kind)
+        if rule is not None:
+            c.rules[i].every, c.rules[i].count, c.rules[i].after, c.rules[i].arg = \
+                rule.every, rule.count, rule.after, rule.arg
+    c.seed = faults.seed
+    c.uring_setup_errno = faults.uring_setup_errno
+    return c
 
 
 class Reader:
-    """Batched reads from one file: io_uring (or pread threads), O_DIRECT when possible."""
+    """Batched reads from one file: io_uring (or pread threads), O_DIRECT when possible.
+
+    faults: a fault-injection spec (parse_faults); None reads FIC_FAULTS from the environment."""
 
     def __init__(self, path: str | os.PathLike, *, backend: str | None = None, queue_depth: int = 32,
-                 n_threads: int = 4, direct: bool = True):
+                 n_threads: int = 4, direct: bool = True, faults: str | None = None):
+        self._ptr = None
+        # The batch in flight, weakly: a PendingRead holds its reader (it must outlive the batch), and
+        # a strong reference back would make a cycle. The garbage collector finalizes what it frees
+        # in any order: the C reader's destructor, then a PendingRead's __del__ waiting on the freed
+        # reader, was a use after free (found by AddressSanitizer). Without the cycle refcounting
+        # frees the PendingRead first; where something else's cycle takes both, _closed says the
+        # destructor already ran (fic_reader_close finishes the batch) and the wait is skipped.
+        self._pending: weakref.ref | None = None
+        self._closed = _Closed()
+        self._forced = None  # what asked for a backend: "FIC_IO=..." or "asked for"
         if backend is None:
             backend = os.environ.get("FIC_IO", "auto")
+            if backend != "auto":
+                self._forced = f"FIC_IO={backend}"
+        elif backend != "auto":
+            self._forced = "asked for"
         if backend not in IO_BACKENDS:
             raise ValueError(f"unknown io backend {backend!r} (known: {', '.join(IO_BACKENDS)})")
         if queue_depth < 1 or n_threads < 1:
             raise ValueError("queue_depth and n_threads must be at least 1")
+        self.faults = parse_faults(os.environ.get("FIC_FAULTS") if faults is None else faults)
         self.path = os.fspath(path)
         out = ffi.new("fic_reader **")
         err = ffi.new("int *")
         flags = 0 if direct else lib.FIC_OPEN_NO_DIRECT
         status = lib.fic_reader_open(self.path.encode(), IO_BACKENDS[backend], queue_depth, n_threads,
-                                     flags, out, err)
+                                     flags, _c_faults(self.faults), out, err)
         if status == lib.FIC_ERR_OPEN:
             raise OSError(err[0], f"{self.path}: {os.strerror(err[0])}")
+        if status == lib.FIC_ERR_UNSUPPORTED and err[0]:
+            raise NotImplementedError(f"open {self.path}: io_uring refused ({_errno_name(err[0])}"
+                                      f"{', injected by FIC_FAULTS' if self.faults.uring_setup_errno else ''})")
         _check(status, f"open {self.path}")
-        self._ptr = ffi.gc(out[0], lib.fic_reader_close)
-        self._pending: PendingRead | None = None
+        self._ptr = ffi.gc(out[0], self._closed.close)
 
     @property
     def backend(self) -> str:
@@ -829,6 +958,46 @@ class Reader:
     @property
     def direct(self) -> bool:
         return bool(lib.fic_reader_direct(self._ptr))
+
+    @property
+    def uring_errno(self) -> int:
+        """The errno io_uring was refused with (0: the reader is on io_uring, or pread was asked for)."""
+        return lib.fic_reader_uring_errno(self._ptr)
+
+    @property
+    def pread_reason(self) -> str | None:
+        """Why the reader uses pread ('FIC_IO=pread', 'io_uring refused: EPERM', ...); None on io_uring."""
+        if self.backend != "pread":
+            return None
+        e = self.uring_errno
+        if e:
+            injected = ", injected by FIC_FAULTS" if self.faults.uring_setup_errno else ""
+            return f"io_uring refused: {_errno_name(e)}{injected}"
+        return self._forced or "pread"
+
+    def describe(self) -> str:
+        """One line for --verbose: 'io_uring, O_DIRECT', 'pread (io_uring refused: EPERM), page cache'."""
+        why = self.pread_reason
+        line = f"{self.backend}{f' ({why})' if why else ''}, {'O_DIRECT' if self.direct else 'page cache'}"
+        if self.faults.rules:
+            line += f"; faults injected (FIC_FAULTS={self.faults.spec})"
+        return line
+
+    def fault_hits(self) -> dict[str, int]:
+        """Faults injected so far, by kind, and 'ops': the read operations counted while rules were on."""
+        out = {kind: lib.fic_reader_fault_hits(self._ptr, i) for i, kind in enumerate(FAULT_KINDS)}
+        out["ops"] = lib.fic_reader_fault_hits(self._ptr, lib.FIC_FAULT_KINDS)
+        return out
+
+    def set_faults(self, faults: str | None) -> None:
+        """Replace the fault rules ('' or None: none); the operation count restarts. Not while a
+        submitted batch is in flight (RuntimeError). io_uring's refusal only applies at open."""
+        parsed = parse_faults(faults)
+        status = lib.fic_reader_set_faults(self._ptr, _c_faults(parsed))
+        if status == lib.FIC_ERR_ARG:
+            raise RuntimeError(f"{self.path}: faults cannot change while a batch is in flight")
+        _check(status, f"set faults on {self.path}")
+        self.faults = parsed
 
     @property
     def size(self) -> int:
@@ -866,22 +1035,36 @@ class Reader:
             raise RuntimeError(f"{self.path}: a batch is already in flight on this reader")
         _check(status, f"submit to {self.path}")
         pending = PendingRead(self, requests, reqs, keep)
-        self._pending = pending  # so close() can finish it before freeing the reader
+        self._pending = weakref.ref(pending)  # so close() can finish it before freeing the reader
         return pending
 
     def close(self) -> None:
-        if self._pending is not None:
-            self._pending.wait()  # the C reader must not be freed under a batch in flight
+        pending = self._pending() if self._pending is not None else None
+        if pending is not None:
+            pending.wait()  # the C reader must not be freed under a batch in flight
         if self._ptr is not None:
             ptr, self._ptr = self._ptr, None
             ffi.gc(ptr, None)  # detaches the destructor (returns None), so close runs once
-            lib.fic_reader_close(ptr)
+            self._closed.close(ptr)
 
     def __enter__(self) -> "Reader":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _Closed:
+    """Closes a C reader once and remembers that it did (see Reader._pending)."""
+
+    __slots__ = ("done",)
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def close(self, ptr) -> None:
+        self.done = True
+        lib.fic_reader_close(ptr)
 
 
 class PendingRead:
@@ -905,7 +1088,8 @@ class PendingRead:
         """Block until every request has finished; each result says what happened to its request."""
         if self._results is None:
             reader, self._reader = self._reader, None
-            lib.fic_reader_wait(reader._ptr)  # releases the GIL while it blocks
+            if not reader._closed.done:  # else fic_reader_close finished the batch
+                lib.fic_reader_wait(reader._ptr)  # releases the GIL while it blocks
             reader._pending = None
             self._results = _results(self._reqs, len(self._requests))
             self._reqs = self._keep = None
@@ -937,6 +1121,12 @@ def _c_requests(requests: Sequence[ReadRequest]):
         c.crc32c = rq.crc32c or 0
         c.check_crc = 0 if rq.crc32c is None else 1
     return reqs, keep
+
+
+def _errno_name(e: int) -> str:
+    import errno as errno_mod
+
+    return errno_mod.errorcode.get(e, str(e))
 
 
 def _results(reqs, n: int) -> list[ReadResult]:

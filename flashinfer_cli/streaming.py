@@ -71,10 +71,11 @@ class FFNRunner:
         return self._submit(layer, experts)
 
     def drop_prefetch(self) -> None:
-        """Forget a read in flight (the residency or the active sets changed)."""
-        if self._pending is not None:
-            self.arena.wait(self._pending.pending)
-            self._pending = None
+        """Forget a read in flight (the residency or the active sets changed). Forgotten before the
+        wait: a read that failed raises here once, and is not waited for again by the next call."""
+        p, self._pending = self._pending, None
+        if p is not None:
+            self.arena.wait(p.pending)
 
     def _prefetch_after(self, layer: int, full: bool) -> None:
         nxt = layer + 1

@@ -10,8 +10,13 @@
  * fic_reader_busy, waits and checks every byte and status against the pattern; meanwhile a second
  * thread runs blocking fic_reader_read batches on the same reader. Every few iterations the
  * reader is closed with a batch in flight and reopened; the batch's results must still be
- * complete. Exit status 0 on success; prints one summary line. */
+ * complete. Then the same with injected faults (fic_faults): short reads, EAGAIN, EINTR and slow
+ * reads, which must leave every result as without them, and EIO, which may fail a request (status
+ * FIC_ERR_IO, errno EIO) but no other; between batches the main thread sets the rules again
+ * (refused while the other thread's read runs). Exit status 0 on success; prints one summary line
+ * with the faults injected by kind. */
 #define _GNU_SOURCE
+#include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
 #include <sched.h>
@@ -64,14 +69,17 @@ static void make_batch(batch *b, uint64_t *rng, int n) {
 }
 
 /* 0 when every request came back as expected, and status (the call's) is the first failure's;
- * status_known 0 when there is no call status to check (a batch finished by close). */
-static int check_batch(const batch *b, int status, int status_known) {
+ * status_known 0 when there is no call status to check (a batch finished by close); allow_eio: a
+ * request may have failed with an (injected) EIO instead. */
+static int check_batch(const batch *b, int status, int status_known, int allow_eio) {
     int want_status = FIC_OK;
     for (int i = 0; i < b->n; i++) {
         const fic_read_req *q = &b->reqs[i];
         int want = (i == 1 && b->n > 2) ? FIC_ERR_CRC : FIC_OK;
+        if (allow_eio && q->status == FIC_ERR_IO && q->sys_errno == EIO) want = FIC_ERR_IO;
         if (want != FIC_OK && want_status == FIC_OK) want_status = want;
-        if (q->status != want || q->n_read != q->length) return fprintf(stderr, "req %d: status %d n_read %lld\n", i, q->status, (long long)q->n_read), 1;
+        if (want == FIC_ERR_IO) continue; /* its bytes are anybody's */
+        if (q->status != want || q->n_read != q->length) return fprintf(stderr, "req %d: status %d errno %d n_read %lld\n", i, q->status, q->sys_errno, (long long)q->n_read), 1;
         const uint8_t *d = q->dst;
         for (int64_t k = 0; k < q->length; k++)
             if (d[k] != pattern(q->offset + k)) return fprintf(stderr, "req %d: byte %lld wrong\n", i, (long long)k), 1;
@@ -85,6 +93,7 @@ typedef struct {
     int stop;   /* atomic: set by the main thread */
     int failed; /* atomic: set by the reading thread */
     uint64_t seed;
+    int allow_eio;
 } reader_job;
 
 static void *sync_reader(void *arg) {
@@ -94,7 +103,7 @@ static void *sync_reader(void *arg) {
     if (b.arena == NULL) { __atomic_store_n(&j->failed, 1, __ATOMIC_RELEASE); return NULL; }
     while (!__atomic_load_n(&j->stop, __ATOMIC_ACQUIRE)) {
         make_batch(&b, &j->seed, 1 + (int)(next_rand(&j->seed) % 12));
-        if (check_batch(&b, fic_reader_read(j->r, b.reqs, b.n), 1)) {
+        if (check_batch(&b, fic_reader_read(j->r, b.reqs, b.n), 1, j->allow_eio)) {
             __atomic_store_n(&j->failed, 1, __ATOMIC_RELEASE);
             break;
         }
@@ -104,10 +113,17 @@ static void *sync_reader(void *arg) {
     return NULL;
 }
 
-static int run(const char *path, int backend, int n_threads, int flags, int iters) {
+static int64_t total_hits[FIC_FAULT_KINDS + 1];
+
+static void add_hits(const fic_reader *r) {
+    for (int k = 0; k <= FIC_FAULT_KINDS; k++) total_hits[k] += fic_reader_fault_hits(r, k);
+}
+
+static int run(const char *path, int backend, int n_threads, int flags, const fic_faults *faults, int iters) {
     fic_reader *r;
     int err;
-    int st = fic_reader_open(path, backend, QD, n_threads, flags, &r, &err);
+    int allow_eio = faults != NULL && faults->rules[FIC_FAULT_EIO].every > 0;
+    int st = fic_reader_open(path, backend, QD, n_threads, flags, faults, &r, &err);
     if (st == FIC_ERR_UNSUPPORTED) return 0; /* no io_uring here */
     if (st != FIC_OK) return fprintf(stderr, "open: %d errno %d\n", st, err), 1;
     batch b, other;
@@ -115,7 +131,7 @@ static int run(const char *path, int backend, int n_threads, int flags, int iter
     other.arena = aligned_alloc(ALIGN, (size_t)MAX_BATCH * 4 * ALIGN);
     if (b.arena == NULL || other.arena == NULL) return 1;
     uint64_t rng = 88172645463325252ull ^ (uint64_t)(backend * 131 + n_threads * 7 + flags);
-    reader_job job = {r, 0, 0, rng ^ 0x9E3779B97F4A7C15ull};
+    reader_job job = {r, 0, 0, rng ^ 0x9E3779B97F4A7C15ull, allow_eio};
     pthread_t th;
     if (pthread_create(&th, NULL, sync_reader, &job) != 0) return 1;
     int fail = 0;
@@ -139,21 +155,27 @@ static int run(const char *path, int backend, int n_threads, int flags, int iter
             /* close with the batch in flight (or done but not waited for), then reopen */
             __atomic_store_n(&job.stop, 1, __ATOMIC_RELEASE);
             pthread_join(th, NULL);
+            add_hits(r);
             fic_reader_close(r);
-            fail |= check_batch(&b, 0, 0);
-            if (fic_reader_open(path, backend, QD, n_threads, flags, &r, &err) != FIC_OK) return 1;
+            fail |= check_batch(&b, 0, 0, allow_eio);
+            if (fic_reader_open(path, backend, QD, n_threads, flags, faults, &r, &err) != FIC_OK) return 1;
             job.r = r;
             job.stop = 0;
             if (pthread_create(&th, NULL, sync_reader, &job) != 0) return 1;
             continue;
         }
-        fail |= check_batch(&b, fic_reader_wait(r), 1);
+        fail |= check_batch(&b, fic_reader_wait(r), 1, allow_eio);
         if (fic_reader_wait(r) != FIC_OK) fail = fprintf(stderr, "second wait not OK\n");
+        if (faults != NULL) { /* the rules again: taken, or refused while the other thread reads */
+            st = fic_reader_set_faults(r, faults);
+            if (st != FIC_OK && st != FIC_ERR_ARG) fail = fprintf(stderr, "set_faults: %d\n", st);
+        }
     }
     __atomic_store_n(&job.stop, 1, __ATOMIC_RELEASE);
     pthread_join(th, NULL);
     /* an empty batch and a submit right after close-and-reopen */
     if (fic_reader_submit(r, NULL, 0) != FIC_OK || fic_reader_wait(r) != FIC_OK) fail = fprintf(stderr, "empty batch\n");
+    add_hits(r);
     fic_reader_close(r);
     free(b.arena);
     free(other.arena);
@@ -177,13 +199,38 @@ int main(int argc, char **argv) {
     const int backends[][2] = {{FIC_IO_URING, 1}, {FIC_IO_PREAD, 1}, {FIC_IO_PREAD, 3}};
     for (int b = 0; b < 3; b++)
         for (int flags = 0; flags <= FIC_OPEN_NO_DIRECT; flags += FIC_OPEN_NO_DIRECT) {
-            int f = run(path, backends[b][0], backends[b][1], flags, iters);
+            int f = run(path, backends[b][0], backends[b][1], flags, NULL, iters);
             if (f) fprintf(stderr, "FAILED: backend %d threads %d flags %d\n", backends[b][0], backends[b][1], flags);
             fail |= f;
             runs++;
         }
+    /* with faults: the retried kinds, then EIO among them; io_uring and 3 pread threads */
+    fic_faults retried, failing;
+    memset(&retried, 0, sizeof retried);
+    retried.rules[FIC_FAULT_SHORT].every = 3;
+    retried.rules[FIC_FAULT_EAGAIN].every = 5;
+    retried.rules[FIC_FAULT_EINTR].every = 7;
+    retried.rules[FIC_FAULT_SLOW].every = 11;
+    retried.rules[FIC_FAULT_SLOW].arg = 20;
+    retried.seed = 1;
+    failing = retried;
+    failing.rules[FIC_FAULT_EIO].every = 13;
+    const fic_faults *fault_sets[] = {&retried, &failing};
+    for (int fs = 0; fs < 2; fs++)
+        for (int b = 0; b < 3; b += 2)
+            for (int flags = 0; flags <= FIC_OPEN_NO_DIRECT; flags += FIC_OPEN_NO_DIRECT) {
+                int f = run(path, backends[b][0], backends[b][1], flags, fault_sets[fs], iters);
+                if (f) fprintf(stderr, "FAILED with faults %s: backend %d threads %d flags %d\n", fs ? "eio+retried" : "retried",
+                               backends[b][0], backends[b][1], flags);
+                fail |= f;
+                runs++;
+            }
     unlink(path);
     if (fail) return 1;
-    printf("reader stress ok: %d configurations x %d iterations\n", runs, iters);
+    printf("reader stress ok: %d configurations x %d iterations; faults injected: eio %lld, eagain %lld, eintr %lld, "
+           "short %lld, slow %lld in %lld read operations\n", runs, iters, (long long)total_hits[FIC_FAULT_EIO],
+           (long long)total_hits[FIC_FAULT_EAGAIN], (long long)total_hits[FIC_FAULT_EINTR],
+           (long long)total_hits[FIC_FAULT_SHORT], (long long)total_hits[FIC_FAULT_SLOW],
+           (long long)total_hits[FIC_FAULT_KINDS]);
     return 0;
 }

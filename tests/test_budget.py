@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from flashinfer_cli import fmt, plan as planlib, router
+from flashinfer_cli import fmt, kernels, plan as planlib, router
 from flashinfer_cli.arena import Arena, ArenaFull
 from flashinfer_cli.cli import cli
 from flashinfer_cli.engine import Engine, make_engine_plan
@@ -368,3 +368,185 @@ def test_cli_bad_budget_options_are_one_line(smollm2_model, args, words):
     r = CliRunner().invoke(cli, ["run", str(smollm2_model), *args, PROMPT])
     assert r.exit_code != 0 and words in r.output and "cannot open model" not in r.output
     assert len(r.output.strip().splitlines()) == 1
+
+
+# ---- read faults mid-request (FIC_FAULTS, see test_stream.py) --------------------------------
+
+def _bundle_crcs(reader: fmt.ModelReader) -> dict[int, set[int]]:
+    """CRC32C of every bundle (its padded bytes, as stored in a slot), by neuron count."""
+    out: dict[int, set[int]] = {}
+    for layer in reader.manifest.experts:
+        for e in layer:
+            out.setdefault(e.n_neurons, set()).add(e.crc32c)
+    return out
+
+
+def _resident_slots_hold_their_bundles(eng: Engine) -> int:
+    arena, reader = eng.model.arena, eng.model.reader
+    n = 0
+    for layer in range(arena.n_layers):
+        for e in arena.resident(layer):
+            entry = reader.entry(layer, int(e))
+            s = int(arena.slot_of[layer, e])
+            assert tuple(arena.owner[s]) == (layer, int(e))
+            assert kernels.crc32c(arena.view(s, entry.padded_length)) == entry.crc32c, (layer, int(e), s)
+            n += 1
+    assert (arena.owner[arena.ring, 0] < 0).all()
+    return n
+
+
+def test_a_failed_prefetch_raises_once_and_frees_the_reader(smollm2_model):
+    """A prefetch whose read failed is forgotten when dropped: its error is raised once, and the
+    next drop (every selection starts with one) does not wait for it again."""
+    from flashinfer_cli.streaming import FFNRunner
+
+    with fmt.ModelReader(smollm2_model) as reader:
+        arena = Arena(reader, n_slots=12, n_ring=4)
+        runner = FFNRunner(arena, reader.layout, max_tokens=1)
+        reader._reader.set_faults("eio:count=1")
+        runner._prefetch_after(0, full=True)  # layer 1's first experts, in flight
+        assert runner._pending is not None
+        with pytest.raises(fmt.FormatError, match="bundle layer 1 expert 0 at offset .*Input/output error"):
+            runner.drop_prefetch()
+        runner.drop_prefetch()
+        assert arena.load([(1, 0), (1, 1)]) == 2 and _resident_count(arena) == 2
+
+
+def _resident_count(arena: Arena) -> int:
+    for layer in range(arena.n_layers):
+        for e in arena.resident(layer):
+            entry = arena.reader.entry(layer, int(e))
+            assert kernels.crc32c(arena.view(int(arena.slot_of[layer, e]), entry.padded_length)) == entry.crc32c
+    return arena.n_resident
+
+
+_FAULT_CASES: dict = {}
+
+
+def _fault_case(model: Path, mode: str) -> dict:
+    """Per mode, once: the engine options, a fault-free engine's answers (forward logits of TEXT,
+    greedy text of PROMPT), and where the forward's reads are: the read operations in all, and the
+    (first, last) operation of each batch read into the arena."""
+    if mode in _FAULT_CASES:
+        return _FAULT_CASES[mode]
+    frac = 0.3 if mode == "exact" else 0.8
+    opts = dict(ctx=256, mem=budget_for(model, 256, frac), mode=mode)
+    clean = Engine.open(str(model), **opts)
+    ids = clean.tokenize(TEXT)
+    case = dict(opts=opts, ids=ids, want=clean.forward(ids), want_text="".join(clean.generate(PROMPT, max_tokens=8)))
+    clean.close()
+    probe = Engine.open(str(model), **opts)
+    r = probe.model.reader._reader
+    r.set_faults("slow:us=0")  # a rule that changes nothing, so that operations are counted
+    loads = []
+    real_load = probe.model.arena.load
+
+    def counting_load(keys, *, pin=False):
+        before = r.fault_hits()["ops"]
+        try:
+            return real_load(keys, pin=pin)
+        finally:
+            if r.fault_hits()["ops"] > before:
+                loads.append((before + 1, r.fault_hits()["ops"]))
+
+    probe.model.arena.load = counting_load
+    probe.forward(ids)
+    case.update(total=r.fault_hits()["ops"], loads=loads)
+    probe.close()
+    _FAULT_CASES[mode] = case
+    return case
+
+
+@pytest.mark.parametrize("mode,where", [("exact", "ring"), ("exact", "load"), ("prune", "load")])
+def test_read_error_mid_request_fails_it_cleanly_and_the_next_one_is_right(smollm2_model, monkeypatch, mode, where):
+    """An EIO injected in the middle of a request's reads (while the ring streams a layer's experts,
+    or while the selected set is read into the arena): the request fails with an error naming the
+    file, the bundle and its offset; no FFN ever runs on a slot whose read failed (every slot an FFN
+    call uses holds a whole bundle, checked by its CRC at the call); no slot whose read failed is
+    resident; the next request, faults off, answers as an engine that never saw a fault."""
+    from flashinfer_cli import streaming
+
+    case = _fault_case(smollm2_model, mode)
+    opts, ids, loads = case["opts"], case["ids"], case["loads"]
+    if where == "load":
+        assert loads, "this request reads nothing into the arena"
+        first, last = loads[0]
+        nth = (first + last) // 2                    # an operation in the middle of that batch
+    else:
+        first_load = loads[0][0] if loads else case["total"]
+        assert first_load > 8, "this request streams nothing before it loads"
+        nth = first_load // 2                        # the ring, halfway through the prefill
+    monkeypatch.setenv("FIC_FAULTS", f"eio:every={nth}:count=1")
+    eng = Engine.open(str(smollm2_model), **opts)
+    monkeypatch.delenv("FIC_FAULTS")
+    crcs = _bundle_crcs(eng.model.reader)
+    layout = eng.model.reader.layout
+    ran = []
+    real_ffn = streaming._ffn_over_slots
+
+    def checked_ffn(lay, arena, slots, n_neurons, x, y, region):
+        for s, n in zip(slots, n_neurons):
+            length = fmt._align_up(sum(layout.part_bytes(int(n))))
+            assert kernels.crc32c(arena.view(int(s), length)) in crcs[int(n)], f"an FFN ran on slot {s}: not a whole bundle"
+        ran.append(len(slots))
+        return real_ffn(lay, arena, slots, n_neurons, x, y, region)
+
+    monkeypatch.setattr(streaming, "_ffn_over_slots", checked_ffn)
+    with pytest.raises(fmt.FormatError) as info:
+        eng.forward(ids)
+    msg = str(info.value)
+    assert re.fullmatch(rf"{re.escape(str(smollm2_model / fmt.EXPERTS_FILE))}: bundle layer \d+ expert \d+ at offset "
+                        r"\d+: read failed \(Input/output error\)", msg), msg
+    assert eng.model.reader._reader.fault_hits()["eio"] == 1
+    assert ran  # the request got as far as some FFN calls before the failure
+    in_load = any(f.name == "load" and str(f.path).endswith("arena.py") for f in info.traceback)
+    assert in_load == (where == "load"), info.traceback
+    # the failed bundle is not resident (no resident slot holds anything but its own whole bundle)
+    l, x = map(int, re.search(r"layer (\d+) expert (\d+)", msg).groups())
+    assert eng.model.arena.slot_of[l, x] < 0
+    _resident_slots_hold_their_bundles(eng)
+    # the next requests (the one count=1 hit is spent: faults are off) are right
+    got = eng.forward(ids)
+    assert rel(got, case["want"]) < 1e-4
+    assert "".join(eng.generate(PROMPT, max_tokens=8)) == case["want_text"]
+    assert _resident_slots_hold_their_bundles(eng) > 0
+    assert eng.model.reader._reader.fault_hits()["eio"] == 1
+
+
+# ---- --verbose names the IO backend and why ------------------------------------------------
+
+def test_verbose_says_which_io_backend_and_why(smollm2_model, monkeypatch):
+    """fic run --verbose prints the engine reader's backend; io_uring refused (injected with
+    FIC_FAULTS=uring_setup:EPERM, and for real by a seccomp filter in a child process) says so."""
+    from test_stream import SECCOMP_PRELUDE
+
+    args = ["run", str(smollm2_model), "--mem", str(budget_for(smollm2_model, 256, 0.5)), "--ctx", "256",
+            "--max-tokens", "2", "--verbose", PROMPT]
+    monkeypatch.delenv("FIC_IO", raising=False)
+    monkeypatch.delenv("FIC_FAULTS", raising=False)
+    with fmt.ModelReader(smollm2_model) as reader:
+        plain = reader.io_description()
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    assert f"io: {plain}\n" in r.stderr and "refused" not in r.stderr
+    monkeypatch.setenv("FIC_FAULTS", "uring_setup:EPERM")
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    assert re.search(r"^io: pread \(io_uring refused: EPERM, injected by FIC_FAULTS\), (O_DIRECT|page cache)$",
+                     r.stderr, re.M), r.stderr
+    monkeypatch.delenv("FIC_FAULTS")
+    child = SECCOMP_PRELUDE + "\nfrom flashinfer_cli.cli import cli\ncli(sys.argv[1:])\n"
+    p = subprocess.run([sys.executable, "-c", child, *args], capture_output=True, text=True, timeout=600)
+    if p.stdout.startswith("NOSECCOMP"):
+        pytest.skip(f"this kernel or sandbox refuses seccomp filters: {p.stdout.strip()}")
+    assert p.returncode == 0, p.stderr
+    assert re.search(r"^io: pread \(io_uring refused: EPERM\), (O_DIRECT|page cache)$", p.stderr, re.M), p.stderr
+
+
+def test_cli_read_error_is_one_line_naming_file_and_offset(smollm2_model, monkeypatch):
+    monkeypatch.setenv("FIC_FAULTS", "eio:every=40:count=1,short:every=3,eagain:every=4")
+    r = CliRunner().invoke(cli, ["run", str(smollm2_model), "--mem", str(budget_for(smollm2_model, 256, 0.3)),
+                                 "--ctx", "256", "--max-tokens", "2", PROMPT])
+    assert r.exit_code == 1 and "Traceback" not in r.stderr
+    assert re.fullmatch(rf"fic: {re.escape(str(smollm2_model / fmt.EXPERTS_FILE))}: bundle layer \d+ expert \d+ at "
+                        r"offset \d+: read failed \(Input/output error\)\n", r.stderr), r.stderr

@@ -98,3 +98,26 @@ def test_missing_llama_cpp_skips_with_its_reason_and_fails_in_ci(ci, monkeypatch
     with pytest.raises(Failed if ci else Skipped) as err:
         need_llama_cpp()
     assert "pip install '.[test,llamacpp]'" in str(err.value)
+
+
+# ---- .ci/sanitizers: the C core under ASan + UBSan ------------------------------------------------
+
+SANITIZERS = SCRIPT.parent / "sanitizers"
+
+
+def test_ci_runs_the_sanitizers_after_the_suite_and_fails_with_them():
+    run = (SCRIPT.parent / "run").read_text()
+    assert run.startswith("#!/usr/bin/env bash\n") and "set -euo pipefail" in run  # a failing step fails CI
+    lines = [line.strip() for line in run.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    suite = next(i for i, line in enumerate(lines) if line.startswith("pytest "))
+    assert lines[suite + 1:] == ["bash .ci/sanitizers"]
+
+
+@pytest.mark.skipif(not os.access(BASH, os.X_OK), reason="needs /bin/bash")
+def test_sanitizers_fail_without_libasan(tmp_path):
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    _exe(bin_ / "cc", 'echo "$2"')  # as gcc answers -print-file-name for a library it does not have
+    p = subprocess.run([BASH, str(SANITIZERS)], env={"PATH": f"{bin_}:/usr/bin:/bin", "CC": str(bin_ / "cc")},
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and "FAILED" in p.stderr and "libasan" in p.stderr

@@ -416,3 +416,36 @@ def test_manifest_tensor_without_checksum(model: Path):
 def test_repull_command_follows_the_provenance(prov: dict, command: str):
     assert fmt.repull_command("tiny", prov) == command
 
+
+# ---- read faults (FIC_FAULTS, see test_stream.py) -----------------------------------------------
+
+@pytest.mark.parametrize("io_backend", ["io_uring", "pread"])
+def test_retried_read_faults_give_the_same_bundles(model: Path, io_backend: str, monkeypatch):
+    keys = [(l, e) for l in range(N_LAYERS) for e in range(len(EXPERT_SIZES))]
+    with _open_or_skip(model, io_backend) as r:
+        want = [b.data.tobytes() for b in _read_all(r, keys)]
+    monkeypatch.setenv("FIC_FAULTS", "short:every=2,eagain:every=3,eintr:every=4,slow:us=100,seed=2")
+    with _open_or_skip(model, io_backend) as r:
+        assert r.io_description().startswith(io_backend)
+        assert "faults injected (FIC_FAULTS=short:every=2," in r.io_description()
+        for _ in range(3):
+            assert [b.data.tobytes() for b in _read_all(r, keys)] == want
+        hits = r._reader.fault_hits()
+    assert hits["short"] > 0 and hits["eagain"] > 0 and hits["eintr"] > 0 and hits["slow"] == hits["ops"]
+
+
+@pytest.mark.parametrize("io_backend", ["io_uring", "pread"])
+def test_injected_eio_names_the_file_the_bundle_and_its_offset(model: Path, io_backend: str):
+    keys = [(0, 0), (0, 1), (1, 2)]
+    with _open_or_skip(model, io_backend) as r:
+        # one read at a time, so that the second read operation is the second bundle's, hit once
+        r._reader.close()
+        r._reader = kernels.Reader(r.experts_path, backend=io_backend, queue_depth=1, n_threads=1,
+                                   faults="eio:every=2:count=1")
+        with pytest.raises(FormatError) as info:
+            _read_all(r, keys)
+        e = r.entry(0, 1)
+        assert str(info.value) == (f"{model / fmt.EXPERTS_FILE}: bundle layer 0 expert 1 at offset {e.offset}: "
+                                   "read failed (Input/output error)")
+        assert info.value.path == str(model / fmt.EXPERTS_FILE)
+        assert [b.n_neurons for b in _read_all(r, keys)] == [128, 128, 256]  # its one hit spent

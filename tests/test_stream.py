@@ -11,6 +11,7 @@ import errno
 import mmap
 import os
 import random
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -772,10 +773,20 @@ def test_close_with_a_batch_in_flight(data_file, backend: str) -> None:
     import gc
     gc.collect()
     assert all(rq.dst.tobytes() == data[rq.offset:rq.offset + rq.length] for rq in requests)
+    # ... and in a reference cycle with its PendingRead: the collector finalizes both in any order
+    # (the C reader's destructor first was a use after free: .ci/sanitizers runs this under ASan).
+    for _ in range(4):
+        cycle = {"reader": _open(path, backend, queue_depth=2)}
+        requests = _batch(data, rng, 50, True)
+        cycle["pending"] = cycle["reader"].submit(requests)
+        cycle["self"] = cycle
+        del cycle
+        gc.collect()
+        assert all(rq.dst.tobytes() == data[rq.offset:rq.offset + rq.length] for rq in requests)
     # The C API alone: fic_reader_close must let the batch finish before freeing the reader.
     ffi, lib = kernels.ffi, kernels.lib
     out, err = ffi.new("fic_reader **"), ffi.new("int *")
-    assert lib.fic_reader_open(str(path).encode(), kernels.IO_BACKENDS[backend], 2, 2, 0, out, err) == lib.FIC_OK
+    assert lib.fic_reader_open(str(path).encode(), kernels.IO_BACKENDS[backend], 2, 2, 0, ffi.NULL, out, err) == lib.FIC_OK
     n = 100
     arena = aligned_buffer(n * 4 * ALIGN)
     reqs = ffi.new("fic_read_req[]", n)
@@ -885,7 +896,9 @@ def test_caller_is_free_while_the_read_blocks_on_its_destination(data_file, back
 
 def test_reader_harness_under_tsan(tmp_path: Path) -> None:
     # tests/reader_harness.c: submit/wait/read/close from two threads, every backend, O_DIRECT and
-    # buffered, closes with batches in flight; under ThreadSanitizer when the compiler has it.
+    # buffered, closes with batches in flight, then again with injected faults (retried kinds, and
+    # EIO among them) and the rules set again between batches; under ThreadSanitizer when the
+    # compiler has it.
     cc = shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
     if cc is None:
         pytest.skip("no C compiler")
@@ -904,4 +917,246 @@ def test_reader_harness_under_tsan(tmp_path: Path) -> None:
         env = dict(os.environ, TSAN_OPTIONS="halt_on_error=1 exitcode=66")
         r = subprocess.run([str(exe), str(file), iters], capture_output=True, text=True, timeout=600, env=env)
         assert r.returncode == 0 and "WARNING: ThreadSanitizer" not in r.stderr, r.stderr
-        assert "reader stress ok" in r.stdout
+        assert "reader stress ok: 14 configurations" in r.stdout
+        hits = dict(re.findall(r"(eio|eagain|eintr|short|slow) (\d+)", r.stdout))
+        assert sorted(hits) == ["eagain", "eintr", "eio", "short", "slow"] and min(map(int, hits.values())) > 0, r.stdout
+
+
+# ---- fault injection (FIC_FAULTS) --------------------------------------------------------------
+# The reader counts its read operations (each pread call, each io_uring completion, retries
+# included) and a rule replaces the result of every N-th one: kernels.parse_faults, csrc/fic.h.
+
+MAX_RETRIES = 32  # csrc/stream.c: EAGAIN/EINTR in a row without progress before the request fails
+
+
+def test_parse_faults_syntax() -> None:
+    f = kernels.parse_faults("eio:every=7,short:every=3,eagain:every=5,slow:ms=2,seed=1")
+    assert f.seed == 1 and f.uring_setup_errno == 0
+    assert f.rules == {"eio": kernels.FaultRule(every=7), "short": kernels.FaultRule(every=3),
+                       "eagain": kernels.FaultRule(every=5), "slow": kernels.FaultRule(every=1, arg=2000)}
+    f = kernels.parse_faults(" eintr : every=4 : count=2 : after=10 , slow:us=50:every=9 ")
+    assert f.rules == {"eintr": kernels.FaultRule(every=4, count=2, after=10), "slow": kernels.FaultRule(every=9, arg=50)}
+    assert kernels.parse_faults("eio").rules == {"eio": kernels.FaultRule(every=1)}  # every read
+    assert kernels.parse_faults("uring_setup:EPERM").uring_setup_errno == errno.EPERM
+    assert kernels.parse_faults("uring_setup:enosys").uring_setup_errno == errno.ENOSYS
+    assert kernels.parse_faults("uring_setup:13").uring_setup_errno == 13
+    assert not kernels.parse_faults("") and not kernels.parse_faults(None) and not kernels.parse_faults(" , ")
+    for bad, words in [("eio:every=0", "every must be an integer >= 1"), ("eio:every=x", "every must be"),
+                       ("eoi", "unknown fault 'eoi'"), ("eio:ms=2", "'ms=2' is not one of"),
+                       ("short:count=-1", "count must be"), ("eio,eio:every=2", "given twice"),
+                       ("uring_setup", "say which errno"), ("uring_setup:EWHAT", "unknown errno"),
+                       ("seed=1:x", "no parameters"), ("eio:every", "'every' is not one of")]:
+        with pytest.raises(ValueError, match=words) as info:
+            kernels.parse_faults(bad)
+        assert str(info.value).startswith("FIC_FAULTS=")
+
+
+def _check_against_file(requests, results, data: bytes) -> None:
+    for rq, res in zip(requests, results):
+        assert (res.status, res.n_read, res.errno) == ("ok", rq.length, 0), (rq.offset, rq.length, res)
+        assert rq.dst.tobytes() == data[rq.offset:rq.offset + rq.length]
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("direct", [True, False])
+def test_retried_faults_leave_every_read_right(data_file, monkeypatch, backend: str, direct: bool) -> None:
+    # Short reads, EAGAIN, EINTR and slow reads are retried (the remainder, the whole operation):
+    # every byte arrives and every checksum holds, through read() and submit()/wait() alike.
+    path, data = data_file
+    monkeypatch.setenv("FIC_FAULTS", "short:every=2,eagain:every=3,eintr:every=5,slow:us=200:every=7,seed=3")
+    with _open(path, backend, queue_depth=4, n_threads=3, direct=direct) as reader:
+        assert "faults injected (FIC_FAULTS=short:every=2," in reader.describe()
+        rng = random.Random(f"faults{backend}{direct}")
+        for _ in range(2):
+            requests = _batch(data, rng, 120, direct)
+            _check_against_file(requests, reader.read(requests), data)
+            requests = _batch(data, rng, 120, direct)
+            _check_against_file(requests, reader.submit(requests).wait(), data)
+        hits = reader.fault_hits()
+    assert hits["eio"] == 0 and min(hits[k] for k in ("short", "eagain", "eintr", "slow")) > 10, hits
+    # each kind hits about its share of the operations (short only where a read can be cut)
+    assert hits["eagain"] >= hits["ops"] // 3 - 8 and hits["slow"] >= hits["ops"] // 7 - 8, hits
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_injected_eio_is_a_clear_error_naming_file_and_offset(data_file, backend: str) -> None:
+    path, data = data_file
+    with _open(path, backend, queue_depth=1, n_threads=1, faults="eio:every=4") as reader:
+        requests = [ReadRequest(i * 2 * ALIGN, 2 * ALIGN, aligned_buffer(2 * ALIGN)) for i in range(10)]
+        results = reader.read(requests)
+        # one operation per request at depth 1: operations 4 and 8 are requests 3 and 7
+        assert [r.status for r in results] == ["ok"] * 3 + ["io"] + ["ok"] * 3 + ["io"] + ["ok"] * 2
+        assert all(r.errno == errno.EIO for r in results if r.status == "io")
+        assert requests[3].dst.tobytes() == b"\xe5" * 2 * ALIGN  # scribbled: nothing passes for read
+        _check_against_file([rq for rq, r in zip(requests, results) if r.status == "ok"],
+                            [r for r in results if r.status == "ok"], data)
+        reader.set_faults("eio:every=4")  # the count restarts: operation 4 is request 3 again
+        with pytest.raises(ReadError) as info:
+            reader.submit(requests).wait_checked()
+        assert info.value.status == "io"
+        assert str(info.value) == f"{path}: Input/output error reading {2 * ALIGN} bytes at offset {3 * 2 * ALIGN} (0 read)"
+        assert reader.fault_hits()["eio"] == 4
+        reader.set_faults(None)  # faults off: the same reader reads the same batch right
+        _check_against_file(requests, reader.read(requests), data)
+        assert reader.fault_hits()["eio"] == 4
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_eagain_for_ever_fails_after_bounded_retries(data_file, backend: str) -> None:
+    path, data = data_file
+    with _open(path, backend, queue_depth=2, n_threads=2, faults="eagain") as reader:
+        requests = [ReadRequest(i * ALIGN, ALIGN, aligned_buffer(ALIGN)) for i in range(3)]
+        assert [(r.status, r.errno) for r in reader.read(requests)] == [("io", errno.EAGAIN)] * 3
+        hits = reader.fault_hits()
+        assert hits["eagain"] == hits["ops"] == 3 * (MAX_RETRIES + 1)
+        with pytest.raises(ReadError, match="Resource temporarily unavailable reading 4096 bytes at offset 0"):
+            reader.read_checked(requests)
+    # the bound exactly: MAX_RETRIES in a row are retried, one more fails the request
+    for kind in ("eagain", "eintr"):
+        for count, want in ((MAX_RETRIES, ("ok", 0)), (MAX_RETRIES + 1, ("io", getattr(errno, kind.upper())))):
+            with _open(path, backend, queue_depth=1, n_threads=1, faults=f"{kind}:count={count}") as reader:
+                rq = ReadRequest(0, ALIGN, aligned_buffer(ALIGN))
+                res = reader.read([rq])[0]
+                assert (res.status, res.errno) == want and reader.fault_hits()[kind] == count
+    # the bound is per request and in a row: EAGAIN on every other operation never fails, though
+    # it hits far more than MAX_RETRIES times in the batch (and in one request, between short reads)
+    with _open(path, backend, queue_depth=1, n_threads=1, faults="eagain:every=2") as reader:
+        requests = [ReadRequest(i * ALIGN, ALIGN, aligned_buffer(ALIGN)) for i in range(100)]
+        _check_against_file(requests, reader.read(requests), data)
+        assert reader.fault_hits()["eagain"] >= 90
+    with _open(path, backend, direct=False, faults="eintr:every=2,short") as reader:
+        requests = [ReadRequest(3, 1 << 20, np.zeros(1 << 20, dtype=np.uint8))]
+        _check_against_file(requests, reader.read(requests), data)
+        assert reader.fault_hits()["eintr"] >= 18 and reader.fault_hits()["short"] >= 18
+
+
+def test_injection_is_deterministic_and_the_same_on_both_backends(data_file) -> None:
+    # At queue depth 1 and one pread thread the operations come in one order, so a spec hits the
+    # same requests on every run and on either backend.
+    path, data = data_file
+    spec = "eio:every=9,short:every=4,eagain:every=6,eintr:every=10,seed=5"
+    rng = random.Random(21)
+    pairs, _ = _aligned_requests(rng, 80, len(data))
+    outcomes = []
+    for backend in ("io_uring", "pread", "io_uring", "pread"):
+        with _open(path, backend, queue_depth=1, n_threads=1, faults=spec) as reader:
+            requests = [ReadRequest(o, n, aligned_buffer(n)) for o, n in pairs]
+            results = reader.read(requests)
+            outcomes.append(([(r.status, r.errno, r.n_read) for r in results], reader.fault_hits()))
+            _check_against_file([rq for rq, r in zip(requests, results) if r.status == "ok"],
+                                [r for r in results if r.status == "ok"], data)
+    assert all(o == outcomes[0] for o in outcomes), outcomes
+    statuses = [s for s, _, _ in outcomes[0][0]]
+    assert 0 < statuses.count("io") < len(statuses) and set(statuses) == {"ok", "io"}
+    assert all(outcomes[0][1][k] > 0 for k in ("eio", "short", "eagain", "eintr"))
+    # another seed moves the hits
+    with _open(path, "pread", queue_depth=1, n_threads=1, faults=spec.replace("seed=5", "seed=6")) as reader:
+        other = [(r.status, r.errno, r.n_read) for r in reader.read([ReadRequest(o, n, aligned_buffer(n)) for o, n in pairs])]
+    assert other != outcomes[0][0]
+
+
+def test_short_faults_keep_o_direct_alignment(data_file) -> None:
+    # Under O_DIRECT a short read must end on a block: one-block requests cannot be cut (not hit),
+    # longer ones are cut to whole blocks and finished.
+    path, data = data_file
+    with _open(path, "pread", faults="short") as reader:
+        assert reader.direct
+        one = [ReadRequest(i * ALIGN, ALIGN, aligned_buffer(ALIGN)) for i in range(4)]
+        _check_against_file(one, reader.read(one), data)
+        assert reader.fault_hits()["short"] == 0
+        big = [ReadRequest(ALIGN, 16 * ALIGN, aligned_buffer(16 * ALIGN))]
+        _check_against_file(big, reader.read(big), data)
+        assert reader.fault_hits()["short"] == 4  # 16 -> 8 -> 4 -> 2 -> 1 blocks asked, each cut in half
+    with _open(path, "pread", faults="short", direct=False) as reader:
+        odd = [ReadRequest(5, 1000, np.zeros(1000, dtype=np.uint8))]
+        _check_against_file(odd, reader.read(odd), data)
+        assert reader.fault_hits()["short"] == 10  # cuts of 500, 250, 125, 62, 31, 16, 8, 4, 2, 1 bytes
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_set_faults_is_refused_while_a_batch_is_in_flight(data_file, backend: str) -> None:
+    path, data = data_file
+    with _open(path, backend, faults="slow:ms=5") as reader:
+        requests = [ReadRequest(i * ALIGN, ALIGN, aligned_buffer(ALIGN)) for i in range(8)]
+        pending = reader.submit(requests)
+        with pytest.raises(RuntimeError, match="in flight"):
+            reader.set_faults(None)
+        _check_against_file(requests, pending.wait(), data)
+        reader.set_faults("")
+        assert not reader.faults and "faults injected" not in reader.describe()
+    ffi, lib = kernels.ffi, kernels.lib
+    bad = ffi.new("fic_faults *")
+    bad.rules[0].every = -1
+    out, err = ffi.new("fic_reader **"), ffi.new("int *")
+    assert lib.fic_reader_open(str(path).encode(), lib.FIC_IO_AUTO, 2, 2, 0, bad, out, err) == lib.FIC_ERR_ARG
+    bad.rules[0].every, bad.reserved = 1, 1
+    assert lib.fic_reader_open(str(path).encode(), lib.FIC_IO_AUTO, 2, 2, 0, bad, out, err) == lib.FIC_ERR_ARG
+    assert lib.fic_reader_fault_hits(ffi.NULL, 0) == lib.FIC_ERR_ARG
+    with Reader(path, faults="") as reader:
+        assert lib.fic_reader_set_faults(reader._ptr, bad) == lib.FIC_ERR_ARG
+        assert lib.fic_reader_fault_hits(reader._ptr, lib.FIC_FAULT_KINDS + 1) == lib.FIC_ERR_ARG
+        assert reader.fault_hits() == {"eio": 0, "eagain": 0, "eintr": 0, "short": 0, "slow": 0, "ops": 0}
+
+
+@pytest.mark.parametrize("name", ["EPERM", "ENOSYS"])
+def test_refused_io_uring_falls_back_to_pread_and_says_why(data_file, monkeypatch, name: str) -> None:
+    # io_uring_setup refused (as a seccomp policy or an old kernel refuses it), injected.
+    path, data = data_file
+    monkeypatch.delenv("FIC_IO", raising=False)
+    monkeypatch.setenv("FIC_FAULTS", f"uring_setup:{name}")
+    with Reader(path) as reader:
+        assert reader.backend == "pread" and reader.uring_errno == getattr(errno, name)
+        assert reader.pread_reason == f"io_uring refused: {name}, injected by FIC_FAULTS"
+        assert reader.describe() == f"pread (io_uring refused: {name}, injected by FIC_FAULTS), O_DIRECT"
+        requests = [ReadRequest(i * 3 * ALIGN, 3 * ALIGN, aligned_buffer(3 * ALIGN)) for i in range(20)]
+        _check_against_file(requests, reader.submit(requests).wait(), data)
+    with pytest.raises(NotImplementedError, match=f"io_uring refused \\({name}, injected by FIC_FAULTS\\)"):
+        Reader(path, backend="io_uring")
+    monkeypatch.delenv("FIC_FAULTS")
+    with Reader(path, backend="pread") as reader:  # asked for: no refusal to report
+        assert reader.uring_errno == 0 and reader.pread_reason == "asked for"
+    monkeypatch.setenv("FIC_IO", "pread")
+    with Reader(path) as reader:
+        assert reader.pread_reason == "FIC_IO=pread"
+
+
+# Python that installs a real seccomp filter in its own process: io_uring_setup (425 on x86-64 and
+# AArch64 alike) fails with EPERM, as under Docker's default profile; everything else is allowed.
+# Prints NOSECCOMP and exits 0 where the kernel or a sandbox refuses filters.
+SECCOMP_PRELUDE = r"""
+import ctypes, errno, struct, sys
+ld_nr, jeq, ret = 0x20, 0x15, 0x06
+prog = [(ld_nr, 0, 0, 0), (jeq, 0, 1, 425), (ret, 0, 0, 0x00050000 | errno.EPERM), (ret, 0, 0, 0x7FFF0000)]
+buf = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *f) for f in prog))
+class Fprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+fprog = Fprog(len(prog), ctypes.cast(buf, ctypes.c_void_p))
+libc = ctypes.CDLL(None, use_errno=True)
+PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 38, 22, 2
+if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 or \
+        libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
+    print("NOSECCOMP", ctypes.get_errno())
+    sys.exit(0)
+"""
+SECCOMP_CHILD = SECCOMP_PRELUDE + r"""
+from flashinfer_cli.kernels import Reader, ReadRequest, aligned_buffer
+with Reader(sys.argv[1]) as r:
+    rq = ReadRequest(0, 4096, aligned_buffer(4096))
+    print(r.backend, r.uring_errno, r.pread_reason, r.read([rq])[0].status, rq.dst.tobytes() == open(sys.argv[1], "rb").read(4096))
+"""
+
+
+def test_io_uring_refused_by_a_real_seccomp_filter(data_file) -> None:
+    import platform
+    import sys
+
+    if platform.machine() not in ("x86_64", "aarch64"):
+        pytest.skip("the filter names io_uring_setup by its x86-64/AArch64 number")
+    path, _ = data_file
+    env = {k: v for k, v in os.environ.items() if k not in ("FIC_IO", "FIC_FAULTS")}
+    r = subprocess.run([sys.executable, "-c", SECCOMP_CHILD, str(path)], capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    if r.stdout.startswith("NOSECCOMP"):
+        pytest.skip(f"this kernel or sandbox refuses seccomp filters: {r.stdout.strip()}")
+    assert r.stdout.split() == ["pread", str(errno.EPERM), "io_uring", "refused:", "EPERM", "ok", "True"]
