@@ -302,11 +302,35 @@ def _fetch_first(p: Plan, store: Store, work: Path, *, progress: bool, log: Log)
     raise PullError(f"could not fetch {p.name}: " + "; ".join(failures))
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (renameat2 RENAME_EXCHANGE); False where the system or the
+    filesystem cannot."""
+    import ctypes
+    import errno
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not glibc 2.28+
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), os.fspath(b))
+
+
 def _install(model_tmp: Path, dest: Path) -> None:
-    """Rename the finished model into place (moving an old one aside first when replacing)."""
+    """Rename the finished model into place. An old one is swapped with it in one step where the
+    filesystem can (the old one then lies in the work dir, deleted with it), so a pull killed at
+    any moment leaves the old model or the new one under the name, never none."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     old = None
     if dest.exists():
+        if _exchange(model_tmp, dest):
+            shutil.rmtree(model_tmp, ignore_errors=True)
+            return
         old = dest.with_name(f".old-{dest.name}-{os.getpid()}")
         os.rename(dest, old)
     os.rename(model_tmp, dest)
@@ -321,7 +345,11 @@ def _clean_stale(store: Store) -> None:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     if store.models_dir.is_dir():
         for p in store.models_dir.glob(".*"):
-            shutil.rmtree(p, ignore_errors=True)
+            name = re.fullmatch(r"\.old-(.+)-\d+", p.name)
+            if name and not (store.models_dir / name.group(1)).exists():
+                os.rename(p, store.models_dir / name.group(1))  # killed mid-install: the old model stays
+            else:
+                shutil.rmtree(p, ignore_errors=True)
 
 
 def pull(source: str, *, name: str | None = None, quant: str | None = None, store: Store | None = None,

