@@ -321,6 +321,21 @@ def _decode_view(name: str, spec: dict[str, Any], view: np.ndarray, info: dict[s
 
 # ---- the writer ----------------------------------------------------------------------------
 
+def _save_safetensors(save_file, tensors: dict, path: Path) -> None:
+    """safetensors' save_file, its I/O failures (a full disk) raised as the OSError they are."""
+    import re
+
+    from safetensors import SafetensorError
+
+    try:
+        save_file(tensors, str(path), metadata={"format": FORMAT_NAME})
+    except SafetensorError as exc:
+        code = re.search(r"os error (\d+)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+
+
 class ModelWriter:
     """Writes a model directory atomically:
 
@@ -403,7 +418,7 @@ class ModelWriter:
         os.fsync(self._experts.fileno())
         self._experts.close()
         self.manifest.experts_file_bytes = self._offset
-        save_file(self._dense, str(self.tmp / DENSE_FILE), metadata={"format": FORMAT_NAME})
+        _save_safetensors(save_file, self._dense, self.tmp / DENSE_FILE)
         manifest_text = json.dumps(self.manifest.to_json(), indent=1)
         (self.tmp / MANIFEST_FILE).write_text(manifest_text, encoding="utf-8")
 

