@@ -507,6 +507,10 @@ class PendingBundles:
             self._done = [self._reader.bundle_view(d, e.n_neurons) for e, d in zip(self._entries, self._dsts)]
         return self._done
 
+    def settle(self) -> None:
+        """Wait for the batch to land without checking it: for reads whose bytes will not be used."""
+        self._pending.wait()
+
 
 class ModelReader:
     """Opens a model directory and validates it; reads dense tensors and expert bundles."""
@@ -667,6 +671,10 @@ class ModelReader:
             if res.status != "ok":
                 detail = os.strerror(res.errno) if res.status == "io" else res.status
                 raise FormatError(self.experts_path, f"{where}: read failed ({detail})")
+
+    def settle(self) -> None:
+        """Wait for any batch of bundle reads still in flight that nobody will collect."""
+        self._reader.settle()
 
     def bundle_view(self, buf: np.ndarray, n_neurons: int) -> Bundle:
         layout = self.layout

@@ -67,14 +67,14 @@ class FFNRunner:
         if p is not None:
             if p.layer == layer and np.array_equal(p.experts, experts):
                 return p
-            self.arena.wait(p.pending)  # a stale prefetch: let it land before its half is reused
+            self.arena.settle(p.pending)  # a stale prefetch: let it land before its half is reused
         return self._submit(layer, experts)
 
     def drop_prefetch(self) -> None:
         """Forget a read in flight (the residency or the active sets changed)."""
-        if self._pending is not None:
-            self.arena.wait(self._pending.pending)
-            self._pending = None
+        p, self._pending = self._pending, None
+        if p is not None:
+            self.arena.settle(p.pending)
 
     def _prefetch_after(self, layer: int, full: bool) -> None:
         nxt = layer + 1

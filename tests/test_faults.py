@@ -393,3 +393,148 @@ def test_a_model_moved_aside_by_a_killed_install_is_put_back(pull_env, tmp_path)
     assert any("already in the store" in s for s in said), said
     assert (store.path(MODEL) / fmt.MANIFEST_FILE).read_text() == before
     assert check_store(home) == [MODEL] and leftovers(home) == []
+
+
+# ---- faults while a model runs (SmolLM2 under a budget that streams) ------------------------
+
+CTX = 512
+PROMPT = "What is the capital of Germany?"
+LONG_PROMPT = "Write a long story about a lighthouse keeper and the storm that changed his life."
+
+
+@pytest.fixture(scope="module")
+def streaming_mem(smollm2_model) -> int:
+    """A budget whose arena holds about 30% of SmolLM2's experts: exact mode streams the rest
+    from flash every token."""
+    from test_budget import budget_for
+
+    return budget_for(smollm2_model, CTX, 0.3)
+
+
+@pytest.fixture(scope="module")
+def full(smollm2_model):
+    """The reference: SmolLM2 with everything resident (no --mem)."""
+    from flashinfer_cli.engine import Engine
+
+    eng = Engine.open(str(smollm2_model), ctx=CTX)
+    assert eng.plan.all_resident
+    return eng
+
+
+def reference(full, turns: list[str], max_tokens: int) -> list[str]:
+    """What `fic chat` answers to these user turns (the history as the CLI keeps it), from the full model."""
+    messages, out = [], []
+    for turn in turns:
+        messages.append({"role": "user", "content": turn})
+        answer = "".join(full.chat(messages, max_tokens=max_tokens))
+        out.append(answer)
+        messages.append({"role": "assistant", "content": answer.strip()})
+    return out
+
+
+def printed(answers: list[str]) -> str:
+    """stdout of `fic run` / non-interactive `fic chat` for these answers."""
+    return "".join(a if a.endswith("\n") else a + "\n" for a in answers)
+
+
+def run_env(**extra) -> dict:
+    return {**os.environ, "FIC_THREADS": "1", **extra}
+
+
+def test_two_runs_of_one_model_at_once_both_answer_right(smollm2_model, streaming_mem, full):
+    """Two `fic run` processes on one model at once, both under a budget that streams (two readers
+    of one experts.bin): each answers what the model alone answers."""
+    want = printed(reference(full, [PROMPT], 24))
+    args = fic_argv("run", str(smollm2_model), "--mem", str(streaming_mem), "--ctx", str(CTX),
+                    "--max-tokens", "24", PROMPT)
+    procs = [subprocess.Popen(args, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0 and "Traceback" not in err, err
+        assert out == want
+
+
+def test_rm_while_a_chat_runs_the_model(smollm2_model, streaming_mem, full, tmp_path):
+    """`fic rm` of the model a `fic chat` is answering with: rm succeeds at once, and the chat
+    finishes that answer and the next one right (the files it opened stay readable until it
+    closes them); a new run then says the model is gone, in one line."""
+    home = tmp_path / "home"
+    shutil.copytree(smollm2_model, home / "models" / "smol")
+    env = run_env(FIC_HOME=str(home))
+    turns = [LONG_PROMPT, PROMPT]
+    want = printed(reference(full, turns, 48))
+    proc = subprocess.Popen(fic_argv("chat", "smol", "--mem", str(streaming_mem), "--ctx", str(CTX),
+                                     "--max-tokens", "48"), env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdin.write((turns[0] + "\n").encode())
+    proc.stdin.flush()
+    first = os.read(proc.stdout.fileno(), 1)  # the answer has begun
+    assert first
+    rm = subprocess.run(fic_argv("rm", "smol"), env=env, capture_output=True, text=True, timeout=120)
+    assert rm.returncode == 0 and rm.stdout == "deleted 'smol'\n", rm.stderr
+    assert not (home / "models" / "smol").exists()
+    proc.stdin.write((turns[1] + "\n").encode())
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0 and b"Traceback" not in err, err
+    assert (first + out).decode() == want
+    gone = subprocess.run(fic_argv("chat", "smol"), input="hi\n", env={**env, "HF_HUB_OFFLINE": "1"},
+                          capture_output=True, text=True, timeout=120)
+    assert gone.returncode == 1 and "unknown model 'smol'" in gone.stderr
+    assert "Traceback" not in gone.stderr and len(gone.stderr.strip().splitlines()) == 1, gone.stderr
+
+
+def _lines_of(fn) -> list[tuple[object, int]]:
+    import dis
+
+    code = fn.__code__
+    return [(code, n) for n in sorted({line for _, line in dis.findlinestarts(code) if line is not None})
+            if n > code.co_firstlineno]
+
+
+def test_an_interrupt_at_any_line_of_the_arena_and_the_ring_leaves_the_engine_whole(smollm2_model, streaming_mem,
+                                                                                     full):
+    """A Ctrl-C lands between two Python statements, any two. Raised (as a KeyboardInterrupt, by
+    a trace function) at each line of the code that reads experts and keeps the arena's tables,
+    in turn, in an engine that streams and reselects: after each, the tables hold (the arena's
+    invariants), the next request runs (no read left in flight on the reader), and the answers
+    are the full model's."""
+    from flashinfer_cli import fmt as fmtlib, kernels, router, streaming
+    from flashinfer_cli.arena import Arena
+    from flashinfer_cli.engine import Engine
+
+    eng = Engine.open(str(smollm2_model), ctx=CTX, mem=streaming_mem, reselect=2)
+    targets = [Arena.load, Arena.submit_ring, Arena.wait, Arena.settle, Arena.begin_request,
+               streaming.FFNRunner.run, streaming.FFNRunner._take, streaming.FFNRunner._submit,
+               streaming.FFNRunner._prefetch_after, streaming.FFNRunner.drop_prefetch, router.apply_sets,
+               fmtlib.PendingBundles.wait, fmtlib.ModelReader.submit_bundles, kernels.Reader.submit,
+               kernels.PendingRead.wait]
+    points = [p for fn in targets for p in _lines_of(fn)]
+    want = reference(full, [PROMPT], 4)[0]
+    hit = 0
+    for i, (code, line) in enumerate(points):
+        armed = [True]
+
+        def local(frame, event, arg):
+            if armed[0] and event == "line" and frame.f_lineno == line:
+                armed[0] = False
+                raise KeyboardInterrupt
+            return local
+
+        def trace(frame, event, arg):
+            return local if frame.f_code is code else None
+
+        sys.settrace(trace)
+        try:
+            got = "".join(eng.generate(PROMPT, max_tokens=4))
+        except KeyboardInterrupt:
+            hit += 1
+        else:
+            assert got == want, (code.co_name, line)  # the line was not reached: a whole request
+        finally:
+            sys.settrace(None)
+        eng.model.arena.check_invariants()
+    assert hit > len(points) // 2, (hit, len(points))
+    print(f"interrupted at {hit} of {len(points)} lines")
+    assert "".join(eng.generate(PROMPT, max_tokens=4)) == want
+    eng.model.arena.check_invariants()
