@@ -484,6 +484,101 @@ def test_rm_while_a_chat_runs_the_model(smollm2_model, streaming_mem, full, tmp_
     assert "Traceback" not in gone.stderr and len(gone.stderr.strip().splitlines()) == 1, gone.stderr
 
 
+class Terminal:
+    """`fic chat` on a pseudo-terminal: what a person at a terminal types and sees."""
+
+    def __init__(self, args: list[str], env: dict):
+        import pty
+
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # the child: its own session, the pty its controlling terminal
+            os.execve(sys.executable, [sys.executable, "-m", "flashinfer_cli", *args], {**env, "TERM": "dumb"})
+        self.out = b""
+
+    def read_until(self, marker: bytes, count: int, timeout: float = 300) -> None:
+        """Read until `marker` has appeared `count` times on the screen."""
+        self._read(lambda: self.out.count(marker) >= count, f"{marker!r} x{count}", timeout)
+
+    def read_to(self, n_bytes: int, timeout: float = 300) -> None:
+        """Read until the screen holds n_bytes."""
+        self._read(lambda: len(self.out) >= n_bytes, f"{n_bytes} bytes", timeout)
+
+    def _read(self, done, what: str, timeout: float) -> None:
+        import select
+
+        deadline = time.monotonic() + timeout
+        while not done():
+            ready, _, _ = select.select([self.fd], [], [], max(0.0, deadline - time.monotonic()))
+            assert ready, f"waited {timeout}s for {what}; the screen: {self.text()!r}"
+            try:
+                self.out += os.read(self.fd, 4096)
+            except OSError:  # the child closed the terminal
+                raise AssertionError(f"fic left; the screen: {self.text()!r}") from None
+
+    def type(self, data: bytes) -> None:
+        os.write(self.fd, data)
+
+    def wait(self, timeout: float = 120) -> int:
+        import select
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if select.select([self.fd], [], [], 0.05)[0]:
+                try:
+                    self.out += os.read(self.fd, 4096)
+                except OSError:
+                    pass
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                os.close(self.fd)
+                return os.waitstatus_to_exitcode(status)
+            time.sleep(0.05)
+        os.kill(self.pid, signal.SIGKILL)
+        os.waitpid(self.pid, 0)
+        raise AssertionError(f"fic did not leave; the screen: {self.text()!r}")
+
+    def text(self) -> str:
+        return self.out.decode("utf-8", errors="replace").replace("\r\n", "\n")
+
+
+def interrupt_an_answer(term: Terminal, prompts_so_far: int) -> str:
+    """Ask for a long answer, press Ctrl-C once some of it is on the screen; the prompt comes
+    back. Returns what was shown of the answer."""
+    term.type(LONG_PROMPT.encode() + b"\n")
+    term.read_to(len(term.out) + len(LONG_PROMPT) + 60)  # the echo, then some of the answer
+    term.type(b"\x03")
+    term.read_until(b">>> ", prompts_so_far + 1, timeout=60)
+    return term.text().split(">>> ")[prompts_so_far]
+
+
+@pytest.mark.parametrize("leave", ["second Ctrl-C", "Ctrl-D"])
+def test_ctrl_c_stops_the_answer_and_returns_to_the_prompt(smollm2_model, streaming_mem, full, leave):
+    """On a terminal, under a budget that streams: Ctrl-C in the middle of a long answer stops it
+    and the prompt comes back; the next question is answered as by a fresh model (the interrupted
+    turn is not in the history, and the engine is whole: no read left in flight). Then a Ctrl-C
+    that stops another answer and a second one at the prompt leave; or Ctrl-C at the prompt (a
+    hint) and Ctrl-D leave. Status 0, no traceback."""
+    term = Terminal(["chat", str(smollm2_model), "--mem", str(streaming_mem), "--ctx", str(CTX),
+                     "--max-tokens", "400"], run_env())
+    term.read_until(b">>> ", 1)
+    shown = interrupt_an_answer(term, 1)
+    assert len(shown) > len(LONG_PROMPT) + 20 and "Traceback" not in shown
+    term.type(PROMPT.encode() + b"\n")
+    term.read_until(b">>> ", 3)
+    answer = term.text().split(">>> ")[2]
+    want = reference(full, [PROMPT], 400)[0]
+    assert answer.startswith(PROMPT + "\n") and answer[len(PROMPT) + 1:].strip() == want.strip(), answer
+    if leave == "second Ctrl-C":
+        interrupt_an_answer(term, 3)
+        term.type(b"\x03")
+    else:
+        term.type(b"\x03")
+        term.read_until(b"(Ctrl-C again, Ctrl-D or /bye leaves)", 1, timeout=60)
+        term.type(b"\x04")
+    assert term.wait() == 0, term.text()
+    assert "Traceback" not in term.text()
+
+
 def _lines_of(fn) -> list[tuple[object, int]]:
     import dis
 
@@ -538,3 +633,142 @@ def test_an_interrupt_at_any_line_of_the_arena_and_the_ring_leaves_the_engine_wh
     print(f"interrupted at {hit} of {len(points)} lines")
     assert "".join(eng.generate(PROMPT, max_tokens=4)) == want
     eng.model.arena.check_invariants()
+
+
+# ---- an expert file that changes under a running engine ----------------------------------------
+
+OTHER_PROMPT = "Name three colors of the rainbow."
+
+
+def corrupt_streamed(model_dir: Path, eng, layers=(3, 17)) -> list[tuple[int, bytes]]:
+    """Flip bytes in place in the middle of every bundle of these layers that the engine does not
+    hold in its arena (exact mode reads them from flash every token). Returns what was there."""
+    saved = []
+    arena, reader = eng.model.arena, eng.model.reader
+    with open(model_dir / fmt.EXPERTS_FILE, "r+b") as f:
+        for layer in layers:
+            for e in np.flatnonzero(arena.slot_of[layer] < 0):
+                entry = reader.entry(layer, int(e))
+                at = entry.offset + entry.length // 2
+                f.seek(at)
+                old = f.read(64)
+                f.seek(at)
+                f.write(bytes(b ^ 0x5A for b in old))
+                saved.append((at, old))
+        f.flush()
+        os.fsync(f.fileno())
+    assert saved
+    return saved
+
+
+def restore(model_dir: Path, saved: list[tuple[int, bytes]]) -> None:
+    with open(model_dir / fmt.EXPERTS_FILE, "r+b") as f:
+        for at, old in saved:
+            f.seek(at)
+            f.write(old)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+@pytest.fixture
+def model_copy(smollm2_model, tmp_path) -> Path:
+    dest = tmp_path / "smol"
+    shutil.copytree(smollm2_model, dest)
+    return dest
+
+
+CHECKSUM = r"experts\.bin: bundle layer (3|17) expert \d+ at offset \d+: checksum mismatch"
+
+
+def test_a_bundle_changed_mid_answer_stops_that_request_and_the_engine_serves_the_next(model_copy, streaming_mem,
+                                                                                          full):
+    """The expert file changes in the middle of an answer (bytes overwritten in place, as a bad
+    disk or another writer would): the answer stops with an error that names the file, the bundle
+    and the fault; what came out before it is the right answer's beginning (nothing computed
+    from the changed bytes). With the file restored, the same engine answers the next request as
+    the full model does, and as a fresh engine does."""
+    from flashinfer_cli.engine import Engine
+
+    eng = Engine.open(str(model_copy), ctx=CTX, mem=streaming_mem, reselect=2)
+    want = reference(full, [PROMPT], 16)[0]
+    assert "".join(eng.generate(PROMPT, max_tokens=16)) == want
+    other = reference(full, [OTHER_PROMPT], 16)[0]
+    got, saved = [], None
+    with pytest.raises(fmt.FormatError, match=CHECKSUM):
+        for i, text in enumerate(eng.generate(OTHER_PROMPT, max_tokens=16)):
+            got.append(text)
+            if i == 2:
+                saved = corrupt_streamed(model_copy, eng)
+    assert saved is not None and len(got) == 3 and other.startswith("".join(got)), (got, other)
+    eng.model.arena.check_invariants()
+    with pytest.raises(fmt.FormatError, match=CHECKSUM):  # and every request while it stays so
+        "".join(eng.generate(PROMPT, max_tokens=16))
+    restore(model_copy, saved)
+    assert "".join(eng.generate(OTHER_PROMPT, max_tokens=16)) == other
+    eng.model.arena.check_invariants()
+    fresh = Engine.open(str(model_copy), ctx=CTX, mem=streaming_mem, reselect=2)
+    assert "".join(fresh.generate(OTHER_PROMPT, max_tokens=16)) == other
+
+
+def read_answer(proc: subprocess.Popen, text: str, timeout: float = 300) -> None:
+    """Read exactly this answer from a non-interactive `fic chat`'s stdout."""
+    want = printed([text]).encode()
+    got = b""
+    deadline = time.monotonic() + timeout
+    while len(got) < len(want) and time.monotonic() < deadline:
+        chunk = os.read(proc.stdout.fileno(), len(want) - len(got))
+        if not chunk:
+            break
+        got += chunk
+    assert got == want
+
+
+def test_chat_says_a_checksum_failure_in_one_line_and_goes_on(model_copy, streaming_mem, full):
+    """`fic chat` (stdin lines) while the expert file is changed between two turns: that turn
+    fails in one line (no traceback) and is dropped from the history; once the file is restored
+    the next turn is answered as the full model answers it; the exit status says a turn failed.
+    `fic run` on the changed file: one line, status 1."""
+    turns_ok = reference(full, [PROMPT, OTHER_PROMPT], 16)
+    proc = subprocess.Popen(fic_argv("chat", str(model_copy), "--mem", str(streaming_mem), "--ctx", str(CTX),
+                                     "--max-tokens", "16"), env=run_env(), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdin.write((PROMPT + "\n").encode())
+    proc.stdin.flush()
+    read_answer(proc, turns_ok[0])
+    from flashinfer_cli.engine import Engine
+
+    probe = Engine.open(str(model_copy), ctx=CTX, mem=streaming_mem)  # which bundles stream: any of layer 3, 17
+    probe.model.arena.slot_of[[3, 17]] = -1
+    saved = corrupt_streamed(model_copy, probe)
+    proc.stdin.write((OTHER_PROMPT + "\n").encode())
+    proc.stdin.flush()
+    err = proc.stderr.readline().decode()
+    assert err.startswith("fic: ") and "checksum mismatch" in err and "experts.bin" in err, err
+    run = subprocess.run(fic_argv("run", str(model_copy), "--mem", str(streaming_mem), "--ctx", str(CTX),
+                                  "--max-tokens", "4", PROMPT), env=run_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 1 and "Traceback" not in run.stderr and "checksum mismatch" in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1, run.stderr
+    restore(model_copy, saved)
+    proc.stdin.write((OTHER_PROMPT + "\n").encode())
+    proc.stdin.flush()
+    read_answer(proc, turns_ok[1])
+    proc.stdin.close()
+    rest, err_rest = proc.stdout.read(), proc.stderr.read()
+    assert rest == b"" and b"Traceback" not in err_rest, err_rest
+    assert proc.wait(timeout=120) == 1
+
+
+def test_chat_with_stdout_closed_ends_quietly(smollm2_model, streaming_mem):
+    """The reader of `fic chat`'s answers goes away in the middle of one: it stops, status 0,
+    nothing on stderr."""
+    proc = subprocess.Popen(fic_argv("chat", str(smollm2_model), "--mem", str(streaming_mem), "--ctx", str(CTX),
+                                     "--max-tokens", "200"), env=run_env(), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdin.write((LONG_PROMPT + "\n" + PROMPT + "\n").encode())
+    proc.stdin.close()
+    assert proc.stdout.read(1)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    proc.wait(timeout=300)
+    assert proc.returncode == 0 and err == b"", err
