@@ -237,6 +237,7 @@ class Arena:
 
         owner, slot_of = self.owner, self.slot_of
         rule(slot_of.shape == self.pinned.shape == self.exists.shape, "table shapes differ")
+        rule((owner[self.ring] < 0).all(), "a ring slot in the table")
         where = np.argwhere(slot_of >= 0)
         slots = slot_of[slot_of >= 0]
         rule(((slot_of >= -1) & (slot_of < self.n_cache)).all(), "a table entry outside the cache slots")
@@ -246,7 +247,6 @@ class Arena:
         owned = np.flatnonzero(owner[:, 0] >= 0)
         rule(((owner[:, 0] >= 0) == (owner[:, 1] >= 0)).all(), "a half-written slot owner")
         rule((slot_of[owner[owned, 0], owner[owned, 1]] == owned).all(), "a slot owner the table does not point back to")
-        rule((owner[self.ring] < 0).all(), "a ring slot in the table")
         rule(len(owned) == len(slots) == self.n_resident <= self.n_cache, "resident counts disagree")
         rule(not (self.pinned & (slot_of < 0)).any(), "a pinned expert that is not resident")
         rule(not (self.pinned & ~self.exists).any(), "a pin on an expert the model does not have")
