@@ -62,7 +62,7 @@ def _user_errors() -> Iterator[None]:
     try:
         yield
     except KeyboardInterrupt:
-        click.echo("fic: interrupted; nothing was installed and partial downloads were removed", err=True)
+        click.echo("fic: interrupted; no half model or partial download was left in the store", err=True)
         sys.exit(130)
     except (store.StoreError, pull.PullError, catalog.CatalogError, fmt.FormatError, ValueError) as exc:
         _fail(str(exc))
