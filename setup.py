@@ -53,6 +53,6 @@ setup(
         # needs cmake and g++); without it those tests skip and say so, CI installs it.
         "llamacpp": ["llama-cpp-python==0.3.36"],
     },
-    entry_points={"console_scripts": ["fic=flashinfer_cli.cli:main"]},
+    entry_points={"console_scripts": ["fic=flashinfer_cli.__main__:console"]},
     zip_safe=False,
 )

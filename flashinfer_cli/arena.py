@@ -140,7 +140,11 @@ class Arena:
             for s in victims:
                 ol, oe = self.owner[s]
                 if ol >= 0:
-                    self.slot_of[ol, oe] = -1
+                    # the table first: interrupted between the two, the slot is still "used" by
+                    # an owner the table no longer names (recover() frees it), never free while
+                    # the table points at it
+                    if self.slot_of[ol, oe] == s:
+                        self.slot_of[ol, oe] = -1
                     self.owner[s] = -1
                     evicted += 1
             self.version += 1
@@ -151,8 +155,10 @@ class Arena:
             self._count(misses=len(todo), bytes_read=n_bytes, read_seconds=time.perf_counter() - t0,
                         evictions=evicted)
             for s, (l, e) in zip(victims, todo):
-                self.slot_of[l, e] = s
+                # the owner first: interrupted between the two, the slot is merely used (and
+                # evictable), never a table entry whose slot another expert may take
                 self.owner[s] = (l, e)
+                self.slot_of[l, e] = s
         if hits:
             self._count(hits=hits)
         self.tick += 1
@@ -193,11 +199,63 @@ class Arena:
         pending.wait()
         self._count(read_seconds=time.perf_counter() - t0)
 
+    def settle(self, pending: "fmt.PendingBundles") -> None:
+        """Let a read whose bytes will not be used land (unchecked) before its slots are reused."""
+        t0 = time.perf_counter()
+        pending.settle()
+        self._count(read_seconds=time.perf_counter() - t0)
+
     def count_reselection(self) -> None:
         self._count(reselections=1)
 
+    def recover(self) -> None:
+        """After a request that stopped anywhere (Ctrl-C between any two statements, a read
+        error): nothing of it is left in flight on the reader, and the slot owners are rebuilt
+        from the table (the table is the truth: load and eviction change it so that it never
+        names a slot that holds something else)."""
+        self.reader.settle()
+        where = np.argwhere(self.slot_of >= 0).astype(np.int32)
+        owner = np.full_like(self.owner, -1)
+        owner[self.slot_of[self.slot_of >= 0]] = where
+        if not np.array_equal(owner, self.owner):
+            self.owner[:] = owner
+            self.version += 1
+        self.pinned &= self.slot_of >= 0
+
     def begin_request(self) -> None:
+        """A new request: fresh statistics, and whatever an abandoned one left recovered."""
+        self.recover()
         self.request = ArenaStats()
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError naming the first broken rule of the tables: the table and the slot
+        owners are one mapping, the ring holds nothing of the table, pins are resident experts
+        that exist, the counts agree. Cheap (array operations); tests call it after requests."""
+        def rule(ok, what: str) -> None:
+            if not ok:
+                raise AssertionError(f"arena: {what}")
+
+        owner, slot_of = self.owner, self.slot_of
+        rule(slot_of.shape == self.pinned.shape == self.exists.shape, "table shapes differ")
+        rule((owner[self.ring] < 0).all(), "a ring slot in the table")
+        where = np.argwhere(slot_of >= 0)
+        slots = slot_of[slot_of >= 0]
+        rule(((slot_of >= -1) & (slot_of < self.n_cache)).all(), "a table entry outside the cache slots")
+        rule(len(np.unique(slots)) == len(slots), "two experts in one slot")
+        rule(self.exists[slot_of >= 0].all(), "a slot holds an expert the model does not have")
+        rule((owner[slots] == where).all(), "a table entry whose slot names another owner")
+        owned = np.flatnonzero(owner[:, 0] >= 0)
+        rule(((owner[:, 0] >= 0) == (owner[:, 1] >= 0)).all(), "a half-written slot owner")
+        rule((slot_of[owner[owned, 0], owner[owned, 1]] == owned).all(), "a slot owner the table does not point back to")
+        rule(len(owned) == len(slots) == self.n_resident <= self.n_cache, "resident counts disagree")
+        rule(not (self.pinned & (slot_of < 0)).any(), "a pinned expert that is not resident")
+        rule(not (self.pinned & ~self.exists).any(), "a pin on an expert the model does not have")
+        rule((self.last_use <= self.tick).all(), "a slot used after the clock")
+        for st in (self.total, self.request):
+            rule(all(v >= 0 for v in st.as_dict().values()), "a negative statistic")
+            rule(st.streamed <= st.misses, "more streamed than missed")
+        for k, v in self.request.as_dict().items():
+            rule(v <= getattr(self.total, k) + 1e-9, f"request {k} above the total")
 
     def stats(self) -> dict:
         return {"request": self.request.as_dict(), "total": self.total.as_dict(),

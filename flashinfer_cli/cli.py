@@ -64,7 +64,7 @@ def _user_errors() -> Iterator[None]:
     try:
         yield
     except KeyboardInterrupt:
-        click.echo("fic: interrupted; nothing was installed and partial downloads were removed", err=True)
+        click.echo("fic: interrupted; no half model or partial download was left in the store", err=True)
         sys.exit(130)
     except (store.StoreError, pull.PullError, catalog.CatalogError, fmt.FormatError, ValueError) as exc:
         _fail(str(exc))
@@ -397,6 +397,14 @@ def _answer(engine, ids, opts, verbose: bool, opened: OpenTimes) -> str:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
+    except BaseException:  # the answer stops half way (a read error, Ctrl-C): end its line
+        if texts and not texts[-1].endswith("\n"):
+            try:
+                sys.stdout.write("\n")
+                sys.stdout.flush()
+            except OSError:
+                pass
+        raise
     last = engine.last
     if verbose and last is not None:
         total = time.perf_counter() - t0 + opened.pull_seconds + opened.load_seconds
@@ -480,12 +488,14 @@ def run(args, raw, verbose, system, ctx, threads, **sampling):
         if len(ids) > engine.ctx:
             _fail(f"the prompt has {len(ids)} tokens, more than the context of {engine.ctx} (see --ctx)")
         _answer(engine, ids, sampling, verbose, opened)
-    except (ValueError, OSError, FormatError) as exc:  # FormatError: a bundle that cannot be read
+    except (ValueError, OSError, FormatError) as exc:  # FormatError: a model file that fails its checks
         _fail(_one_line(exc))
 
 
-def _chat_lines(interactive: bool):
-    """User turns: readline prompts on a terminal, else one per line of stdin."""
+def _chat_lines(interactive: bool, interrupted: list[bool]):
+    """User turns: readline prompts on a terminal, else one per line of stdin. On a terminal a
+    Ctrl-C at the prompt right after another (one that stopped an answer, or one at the prompt)
+    leaves; interrupted[0] says whether the last thing was a Ctrl-C."""
     if interactive:
         try:
             import readline  # noqa: F401  (line editing and history for input())
@@ -498,8 +508,13 @@ def _chat_lines(interactive: bool):
                 click.echo()
                 return
             except KeyboardInterrupt:
-                click.echo("\n(/bye or Ctrl-D leaves)")
+                if interrupted[0]:
+                    click.echo()
+                    return
+                interrupted[0] = True
+                click.echo("\n(Ctrl-C again, Ctrl-D or /bye leaves)")
                 continue
+            interrupted[0] = False
             yield line
     else:
         for line in sys.stdin:
@@ -510,17 +525,27 @@ def _chat_lines(interactive: bool):
 @click.argument("model", default=DEFAULT_MODEL)
 @_sampling_options
 def chat(model, verbose, system, ctx, threads, **sampling):
-    """Talk with MODEL (default: the default model, which `fic ls` names). On a terminal: line editing, /bye or Ctrl-D
-    leaves. Otherwise each line of stdin is one user turn of the same conversation."""
+    """Talk with MODEL (default: the default model, which `fic ls` names). On a terminal: line
+    editing; Ctrl-C stops an answer; /bye, Ctrl-D or a second Ctrl-C leaves. Otherwise each line of stdin is one user turn
+    of the same conversation. /clear starts a new conversation. A turn the model's files fail
+    (a checksum) is said in one line and dropped; the exit status is then 1."""
     engine_opts = _engine_options(sampling)
     interactive = sys.stdin.isatty()
     engine, opened = _open_engine(model, ctx, threads, engine_opts, verbose)
     from flashinfer_cli.fmt import FormatError
 
-    messages = [{"role": "system", "content": system}] if system else []
-    for line in _chat_lines(interactive):
+    start = [{"role": "system", "content": system}] if system else []
+    messages = list(start)
+    interrupted = [False]
+    failed = False
+    for line in _chat_lines(interactive, interrupted):
         if line.strip() == "/bye":
-            return
+            break
+        if line.strip() == "/clear":  # a new conversation (the system message stays)
+            messages = list(start)
+            if interactive:
+                click.echo("(a new conversation)")
+            continue
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line})
@@ -529,16 +554,25 @@ def chat(model, verbose, system, ctx, threads, **sampling):
             if len(ids) > engine.ctx:
                 _fail(f"the conversation has {len(ids)} tokens, more than the context of {engine.ctx} (see --ctx)")
             answer = _answer(engine, ids, sampling, verbose, opened)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # Ctrl-C stops this answer; the turn is forgotten
             if not interactive:
                 raise
             click.echo()
             messages.pop()
+            interrupted[0] = True
             continue
-        except (ValueError, OSError, FormatError) as exc:
+        except (FormatError, OSError) as exc:  # a model file that cannot be read or trusted now
+            # (changed under us, an I/O error): this turn fails, in one line; the next may work
+            click.echo(f"fic: {_one_line(exc)}", err=True)
+            messages.pop()
+            failed = True
+            continue
+        except ValueError as exc:
             _fail(_one_line(exc))
         opened = OpenTimes()  # later turns load nothing
         messages.append({"role": "assistant", "content": answer.strip()})
+    if failed:
+        sys.exit(1)
 
 
 @cli.command("serve")

@@ -173,9 +173,13 @@ class Engine:
             raise EngineError(f"prompt_len {prompt_len} outside 1..{len(ids)}")
         self.forget_context()
         self.model.arena.begin_request()
-        logits = self._select_forward(ids[:n], all_logits=True, full_prompt=True)
-        if n < len(ids):
-            logits = np.concatenate([logits, self.model.forward(ids[n:], all_logits=True)])
+        try:
+            logits = self._select_forward(ids[:n], all_logits=True, full_prompt=True)
+            if n < len(ids):
+                logits = np.concatenate([logits, self.model.forward(ids[n:], all_logits=True)])
+        except BaseException:
+            self.model.arena.recover()
+            raise
         self._cached = ids
         self.last_prefix = PrefixUse(0, n)
         return logits
@@ -308,10 +312,15 @@ class Engine:
         self._check_length(ids)
         sampler = gen.Sampler(gen.SamplingParams(temperature, top_k, top_p, min_p, seed))
         stepper = SimpleNamespace(forward=self._step)  # decode steps append to the cache
-        for r in gen.stream_generate(stepper, self.tokenizer, list(ids), max_tokens=max_tokens, sampler=sampler,
-                                     prefill=self._prefill, room=lambda: self.ctx - self.model.pos):
-            self.last = r
-            yield r
+        try:
+            for r in gen.stream_generate(stepper, self.tokenizer, list(ids), max_tokens=max_tokens,
+                                         sampler=sampler, prefill=self._prefill,
+                                         room=lambda: self.ctx - self.model.pos):
+                self.last = r
+                yield r
+        except BaseException:  # a Ctrl-C, a read error, the caller closing the stream: whole again
+            self.model.arena.recover()
+            raise
 
     def generate(self, prompt: str, *, max_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, min_p: float = 0.0, seed: int | None = None, chat: bool = True,

@@ -396,6 +396,21 @@ def _decode_view(name: str, spec: dict[str, Any], view: np.ndarray, info: dict[s
 
 # ---- the writer ----------------------------------------------------------------------------
 
+def _save_safetensors(save_file, tensors: dict, path: Path) -> None:
+    """safetensors' save_file, its I/O failures (a full disk) raised as the OSError they are."""
+    import re
+
+    from safetensors import SafetensorError
+
+    try:
+        save_file(tensors, str(path), metadata={"format": FORMAT_NAME})
+    except SafetensorError as exc:
+        code = re.search(r"os error (\d+)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+
+
 class ModelWriter:
     """Writes a model directory atomically:
 
@@ -478,7 +493,7 @@ class ModelWriter:
         os.fsync(self._experts.fileno())
         self._experts.close()
         self.manifest.experts_file_bytes = self._offset
-        save_file(self._dense, str(self.tmp / DENSE_FILE), metadata={"format": FORMAT_NAME})
+        _save_safetensors(save_file, self._dense, self.tmp / DENSE_FILE)
         os.chmod(self.tmp / DENSE_FILE, file_mode())
         manifest_text = json.dumps(self.manifest.to_json(), indent=1)
         (self.tmp / MANIFEST_FILE).write_text(manifest_text, encoding="utf-8")
@@ -567,6 +582,10 @@ class PendingBundles:
             self._reader._check_results(self.keys, self._entries, results)
             self._done = [self._reader.bundle_view(d, e.n_neurons) for e, d in zip(self._entries, self._dsts)]
         return self._done
+
+    def settle(self) -> None:
+        """Wait for the batch to land without checking it: for reads whose bytes will not be used."""
+        self._pending.wait()
 
 
 class ModelReader:
@@ -778,6 +797,10 @@ class ModelReader:
             if res.status != "ok":
                 detail = os.strerror(res.errno) if res.status == "io" else res.status
                 raise FormatError(self.experts_path, f"{where}: read failed ({detail})")
+
+    def settle(self) -> None:
+        """Wait for any batch of bundle reads still in flight that nobody will collect."""
+        self._reader.settle()
 
     def bundle_view(self, buf: np.ndarray, n_neurons: int) -> Bundle:
         layout = self.layout

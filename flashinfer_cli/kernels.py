@@ -924,6 +924,7 @@ class Reader:
         # frees the PendingRead first; where something else's cycle takes both, _closed says the
         # destructor already ran (fic_reader_close finishes the batch) and the wait is skipped.
         self._pending: weakref.ref | None = None
+        self._held: list = []  # the C request arrays and buffers of the batch in flight
         self._closed = _Closed()
         self._forced = None  # what asked for a backend: "FIC_IO=..." or "asked for"
         if backend is None:
@@ -1030,13 +1031,29 @@ class Reader:
         if self._ptr is None:
             raise ValueError(f"{self.path}: reader is closed")
         reqs, keep = _c_requests(requests)
+        # The reader holds what the I/O thread writes into from before the C call on: a Ctrl-C
+        # that lands anywhere after it cannot free them under the I/O thread (settle() lets go).
+        self._held.append((reqs, keep))
         status = lib.fic_reader_submit(self._ptr, reqs if requests else ffi.NULL, len(requests))
+        if status != lib.FIC_OK:
+            self._held.pop()
         if status == lib.FIC_ERR_ARG:  # the arguments are well formed: the reader is taken
             raise RuntimeError(f"{self.path}: a batch is already in flight on this reader")
         _check(status, f"submit to {self.path}")
         pending = PendingRead(self, requests, reqs, keep)
         self._pending = weakref.ref(pending)  # so close() can finish it before freeing the reader
         return pending
+
+    def settle(self) -> None:
+        """Wait for a submitted batch that nobody collected (its caller was interrupted anywhere
+        between submit and wait, even before submit returned), so the reader takes the next
+        batch and writes nothing later."""
+        pending = self._pending() if self._pending is not None else None
+        if pending is not None:
+            pending.wait()
+        elif self._ptr is not None:
+            lib.fic_reader_wait(self._ptr)  # a batch whose PendingRead never came to be
+        self._held.clear()
 
     def close(self) -> None:
         pending = self._pending() if self._pending is not None else None
@@ -1087,11 +1104,14 @@ class PendingRead:
     def wait(self) -> list[ReadResult]:
         """Block until every request has finished; each result says what happened to its request."""
         if self._results is None:
-            reader, self._reader = self._reader, None
+            # interrupted at any line here, a second wait() finishes the job
+            reader = self._reader
             if not reader._closed.done:  # else fic_reader_close finished the batch
                 lib.fic_reader_wait(reader._ptr)  # releases the GIL while it blocks
-            reader._pending = None
             self._results = _results(self._reqs, len(self._requests))
+            reader._pending = None
+            reader._held.clear()
+            self._reader = None
             self._reqs = self._keep = None
         return self._results
 

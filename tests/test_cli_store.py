@@ -148,7 +148,7 @@ def test_ctrl_c_during_pull_is_one_line_and_leaves_nothing(home, tmp_path, monke
     monkeypatch.setattr(pull, "_convert", interrupted)
     result = CliRunner().invoke(cli, ["pull", str(gguf)])
     assert result.exit_code == 130
-    assert "fic: interrupted; nothing was installed" in result.output
+    assert "fic: interrupted; no half model or partial download was left in the store" in result.output
     assert home.names() == [] and list(home.tmp_dir.iterdir()) == []
 
 
