@@ -101,7 +101,8 @@ def check_store(home: Path) -> list[str]:
     store = Store(home)
     res = CliRunner().invoke(cli, ["ls"])
     assert res.exit_code == 0, res.output
-    listed = [line.split()[0] for line in res.output.splitlines()[1:] if line.strip() and not line.startswith("downloads")]
+    models = res.output.split("\n\n")[0]  # the models' table; the catalog and the downloads follow
+    listed = [line.split()[0] for line in models.splitlines()[1:] if line.strip()]
     assert listed == store.names()
     if store.models_dir.is_dir():
         for p in store.models_dir.iterdir():
