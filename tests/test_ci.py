@@ -102,11 +102,11 @@ def test_missing_llama_cpp_skips_with_its_reason_and_fails_in_ci(ci, monkeypatch
 
 # ---- .ci/sanitizers: the C core under ASan + UBSan ------------------------------------------------
 
-SANITIZERS = SCRIPT.parent / "sanitizers"
+SANITIZERS = CI_DIR / "sanitizers"
 
 
 def test_ci_runs_the_sanitizers_after_the_suite_and_fails_with_them():
-    run = (SCRIPT.parent / "run").read_text()
+    run = (CI_DIR / "run").read_text()
     assert run.startswith("#!/usr/bin/env bash\n") and "set -euo pipefail" in run  # a failing step fails CI
     lines = [line.strip() for line in run.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     suite = next(i for i, line in enumerate(lines) if line.startswith("pytest "))
