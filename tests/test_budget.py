@@ -424,16 +424,16 @@ _FAULT_CASES: dict = {}
 
 
 def _fault_case(model: Path, mode: str) -> dict:
-    """Per mode, once: the engine options, a fault-free engine's answers (forward logits of TEXT,
-    greedy text of PROMPT), and where the forward's reads are: the read operations in all, and the
-    (first, last) operation of each batch read into the arena."""
+    """Per mode, once: the engine options, a fault-free engine's answer (forward logits of TEXT), and
+    where the forward's reads are: the read operations in all, and the (first, last) operation of
+    each batch read into the arena."""
     if mode in _FAULT_CASES:
         return _FAULT_CASES[mode]
     frac = 0.3 if mode == "exact" else 0.8
     opts = dict(ctx=256, mem=budget_for(model, 256, frac), mode=mode)
     clean = Engine.open(str(model), **opts)
     ids = clean.tokenize(TEXT)
-    case = dict(opts=opts, ids=ids, want=clean.forward(ids), want_text="".join(clean.generate(PROMPT, max_tokens=8)))
+    case = dict(opts=opts, ids=ids, want=clean.forward(ids))
     clean.close()
     probe = Engine.open(str(model), **opts)
     r = probe.model.reader._reader
@@ -505,10 +505,10 @@ def test_read_error_mid_request_fails_it_cleanly_and_the_next_one_is_right(smoll
     l, x = map(int, re.search(r"layer (\d+) expert (\d+)", msg).groups())
     assert eng.model.arena.slot_of[l, x] < 0
     _resident_slots_hold_their_bundles(eng)
-    # the next requests (the one count=1 hit is spent: faults are off) are right
+    # the next request (the one count=1 hit is spent: faults are off) is right, and what it made
+    # resident too
     got = eng.forward(ids)
     assert rel(got, case["want"]) < 1e-4
-    assert "".join(eng.generate(PROMPT, max_tokens=8)) == case["want_text"]
     assert _resident_slots_hold_their_bundles(eng) > 0
     assert eng.model.reader._reader.fault_hits()["eio"] == 1
 
