@@ -27,7 +27,7 @@ from conftest import sha256_of
 from flashinfer_cli import fmt
 from flashinfer_cli.cli import cli
 from flashinfer_cli.store import Store, describe
-from test_pull import make_wheel, write_entry
+from test_pull import leftovers, make_wheel, write_entry
 
 HERE = Path(__file__).parent
 MODEL = "tiny-model"
@@ -118,16 +118,6 @@ def check_store(home: Path) -> list[str]:
     return listed
 
 
-def leftovers(home: Path) -> list[str]:
-    store = Store(home)
-    out = []
-    if store.tmp_dir.is_dir():
-        out += [f"tmp/{p.name}" for p in store.tmp_dir.iterdir()]
-    if store.models_dir.is_dir():
-        out += [f"models/{p.name}" for p in store.models_dir.iterdir() if p.name.startswith(".")]
-    return out
-
-
 def pull_ok(env: dict, *extra: str) -> subprocess.CompletedProcess:
     p = subprocess.run(fic_argv("pull", MODEL, "--no-progress", *extra), env=env, capture_output=True,
                        text=True, timeout=300)
@@ -206,9 +196,9 @@ def test_pull_killed_at_each_stage_leaves_nothing_half(pull_env, tmp_path, sig):
         listed = check_store(home)
         assert listed == ([MODEL] if stage in ("installed", "installing") else []), (stage, listed)
         if sig == signal.SIGINT:
-            assert leftovers(home) == [], stage
+            assert leftovers(Store(home)) == [], stage
     pull_ok(pull_env, "--force")
-    assert check_store(home) == [MODEL] and leftovers(home) == []
+    assert check_store(home) == [MODEL] and leftovers(Store(home)) == []
 
 
 def processes_using(path: Path) -> list[str]:
@@ -273,7 +263,7 @@ def test_pull_killed_at_random_moments(pull_env, tmp_path):
         assert no_process_left(home), (ends, processes_using(home))
         assert check_store(home) in ([], [MODEL]), ends
     pull_ok(pull_env, "--force")
-    assert check_store(home) == [MODEL] and leftovers(home) == [], ends
+    assert check_store(home) == [MODEL] and leftovers(Store(home)) == [], ends
     print(f"pull of {duration:.1f}s killed at: {ends}")
 
 
@@ -331,12 +321,12 @@ def test_full_disk_installs_nothing_and_the_next_pull_succeeds(pull_env, tmp_pat
         said[where] = lines
         assert p.returncode == 1 and len(lines) == 1 and "Traceback" not in p.stderr, (where, p.stderr)
         assert lines[0].startswith("fic: ") and "No space left on device" in lines[0], (where, lines)
-        assert check_store(home) == [] and leftovers(home) == [], where
+        assert check_store(home) == [] and leftovers(Store(home)) == [], where
         if Store(home).cache_dir.is_dir():
             Store(home).remove_downloads()  # each case starts from an empty store
     home = small_fs(conversion + 64 * page)
     pull_ok(pull_env, *quant)
-    assert check_store(home) == [MODEL] and leftovers(home) == []
+    assert check_store(home) == [MODEL] and leftovers(Store(home)) == []
     print(said, wheel_size, gguf_size, model_size)
 
 
@@ -374,7 +364,7 @@ def test_two_pulls_of_one_model_at_once(pull_env, tmp_path, force):
         assert "is ready" in err_b  # converted again (from the kept download) and swapped in
     else:
         assert "already in the store" in err_b and "is ready" not in err_b, err_b
-    assert check_store(home) == [MODEL] and leftovers(home) == []
+    assert check_store(home) == [MODEL] and leftovers(Store(home)) == []
 
 
 def test_a_model_moved_aside_by_a_killed_install_is_put_back(pull_env, tmp_path):
@@ -393,7 +383,7 @@ def test_a_model_moved_aside_by_a_killed_install_is_put_back(pull_env, tmp_path)
     assert pull.pull(MODEL, store=store, progress=False, log=said.append) == store.path(MODEL)
     assert any("already in the store" in s for s in said), said
     assert (store.path(MODEL) / fmt.MANIFEST_FILE).read_text() == before
-    assert check_store(home) == [MODEL] and leftovers(home) == []
+    assert check_store(home) == [MODEL] and leftovers(Store(home)) == []
 
 
 # ---- faults while a model runs (SmolLM2 under a budget that streams) ------------------------
