@@ -16,6 +16,23 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+
+class TokenizerError(ValueError):
+    """A tokenizer, or one of its files, that fic cannot use; the message is one line."""
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _library_fault(exc: BaseException) -> bool:
+    """An error of the tokenizers library about its input: its own exception types, or a Rust
+    panic (pyo3's PanicException, a BaseException); not MemoryError, KeyboardInterrupt..."""
+    if isinstance(exc, Exception):
+        return not isinstance(exc, MemoryError)
+    return type(exc).__name__ == "PanicException"
+
 # ---------------------------------------------------------------------------------------------
 # llama.cpp facts (src/llama-vocab.cpp): pre-tokenizer regexes per tokenizer.ggml.pre, and the
 # token texts it treats specially. Each pre-tokenizer is a list of regexes applied in turn, every
@@ -125,35 +142,55 @@ class TokenizerSpec:
 
 
 def _read_json(path: Path) -> dict:
+    """A JSON object from path ({} if there is no such file); TokenizerError if unreadable."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: unreadable JSON ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise TokenizerError(f"{path}: unreadable JSON ({_one_line(e)})") from None
+    if not isinstance(raw, dict):
+        raise TokenizerError(f"{path}: not a JSON object")
+    return raw
 
 
 def _token_text(value: Any) -> str | None:
     """tokenizer_config's special tokens are strings or AddedToken dicts."""
     if isinstance(value, dict):
-        return value.get("content")
+        value = value.get("content")
     return value if isinstance(value, str) else None
+
+
+def _load_hf(text: str, where: Any):
+    """A tokenizers-library Tokenizer from its JSON document; TokenizerError if it is not one."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    try:
+        return HFTokenizer.from_str(text)
+    except BaseException as e:  # tokenizers raises its own exception type, or panics
+        if not _library_fault(e):
+            raise
+        raise TokenizerError(f"{where}: not a tokenizers document ({_one_line(e)})") from None
+
+
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise TokenizerError(f"{path}: cannot read {what} ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise TokenizerError(f"{path}: {what} is not UTF-8 ({e})") from None
 
 
 def spec_from_hf_dir(path: Path) -> TokenizerSpec:
     """Tokenizer of a Hugging Face layout dir: tokenizer.json, tokenizer_config.json and, for the
-    ids that end generation, generation_config.json."""
-    from tokenizers import Tokenizer as HFTokenizer
-
+    ids that end generation, generation_config.json. TokenizerError names what is wrong."""
     path = Path(path)
     tok_file = path / "tokenizer.json"
-    try:
-        tokenizer_json = tok_file.read_text(encoding="utf-8")
-        hf = HFTokenizer.from_str(tokenizer_json)
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no tokenizer.json") from None
-    except Exception as e:  # tokenizers raises its own exception type for a bad document
-        raise ValueError(f"{tok_file}: not a tokenizers document ({e})") from None
+    if not tok_file.is_file():
+        raise TokenizerError(f"{path}: no tokenizer.json")
+    tokenizer_json = _read_text(tok_file, "tokenizer.json")
+    hf = _load_hf(tokenizer_json, tok_file)
     config = _read_json(path / "tokenizer_config.json")
     gen = _read_json(path / "generation_config.json")
 
@@ -161,8 +198,11 @@ def spec_from_hf_dir(path: Path) -> TokenizerSpec:
         text = _token_text(config.get(key))
         return hf.token_to_id(text) if text is not None else None
 
+    def an_id(value: Any) -> bool:
+        return type(value) is int and 0 <= value < 1 << 32
+
     bos_id = token_id("bos_token")
-    if bos_id is None and isinstance(gen.get("bos_token_id"), int):
+    if bos_id is None and an_id(gen.get("bos_token_id")):
         bos_id = gen["bos_token_id"]
     eos_ids: list[int] = []
     main_eos = token_id("eos_token")
@@ -170,21 +210,29 @@ def spec_from_hf_dir(path: Path) -> TokenizerSpec:
         eos_ids.append(main_eos)
     gen_eos = gen.get("eos_token_id")
     for i in gen_eos if isinstance(gen_eos, list) else [gen_eos]:
-        if isinstance(i, int) and i not in eos_ids:
+        if an_id(i) and i not in eos_ids:
             eos_ids.append(i)
 
     if isinstance(config.get("add_bos_token"), bool):
         add_bos = config["add_bos_token"] and bos_id is not None
     else:  # no explicit flag: whatever the document's post-processor does
-        with_special = hf.encode("a", add_special_tokens=True).ids
-        add_bos = bos_id is not None and with_special[:1] == [bos_id] != hf.encode(
-            "a", add_special_tokens=False).ids[:1]
+        try:
+            with_special = hf.encode("a", add_special_tokens=True).ids
+            plain = hf.encode("a", add_special_tokens=False).ids
+        except BaseException as e:
+            if not _library_fault(e):
+                raise
+            raise TokenizerError(f"{tok_file}: cannot encode with it ({_one_line(e)})") from None
+        add_bos = bos_id is not None and with_special[:1] == [bos_id] != plain[:1]
     template = config.get("chat_template")
     if isinstance(template, list):  # several named templates: take the default one
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        named = {t.get("name"): t.get("template") for t in template
+                 if isinstance(t, dict) and isinstance(t.get("name"), str)}
         template = named.get("default")
     if template is None and (path / "chat_template.jinja").is_file():
-        template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+        template = _read_text(path / "chat_template.jinja", "the chat template")
+    if template is not None and not isinstance(template, str):
+        raise TokenizerError(f"{path / 'tokenizer_config.json'}: chat_template is not a string")
     return TokenizerSpec(tokenizer_json=tokenizer_json, chat_template=template, bos_id=bos_id,
                          eos_ids=eos_ids, add_bos=bool(add_bos))
 
@@ -194,7 +242,33 @@ def spec_from_hf_dir(path: Path) -> TokenizerSpec:
 
 def _gguf_value(reader: Any, key: str, default: Any = None) -> Any:
     field = reader.fields.get(key)
-    return default if field is None else field.contents()
+    if field is None:
+        return default
+    try:
+        return field.contents()
+    except (ValueError, IndexError) as e:  # a string that is not UTF-8
+        raise TokenizerError(f"GGUF metadata {key!r} is unreadable ({_one_line(e)})") from None
+
+
+def _gguf_id(reader: Any, key: str) -> int | None:
+    """A token id of the metadata (any integer: range checks are the caller's), or None."""
+    v = _gguf_value(reader, key)
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+        raise TokenizerError(f"GGUF metadata {key} is {_short(v)}, not a token id")
+    return v
+
+
+def _gguf_list(reader: Any, key: str, item: type) -> list | None:
+    v = _gguf_value(reader, key)
+    if v is not None and (not isinstance(v, list) or not all(isinstance(x, item) and not isinstance(x, bool)
+                                                              for x in v)):
+        raise TokenizerError(f"GGUF metadata {key} is not a list of {item.__name__}")
+    return v
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _special_token_ids(tokens: list[str], types: list[int] | None, reader: Any) -> set[int]:
@@ -204,10 +278,10 @@ def _special_token_ids(tokens: list[str], types: list[int] | None, reader: Any) 
     if types is not None:
         special = {i for i, t in enumerate(types) if t in (_TT_UNKNOWN, _TT_CONTROL, _TT_USER_DEFINED)}
     promoted = set(_EOG_TEXTS) | set(_ALWAYS_SPECIAL)
-    if _gguf_value(reader, "tokenizer.ggml.eot_token_id") is None:
+    if _gguf_id(reader, "tokenizer.ggml.eot_token_id") is None:
         promoted |= set(_EOT_TEXTS)
     for kind, texts in _FIM_TEXTS.items():
-        if _gguf_value(reader, f"tokenizer.ggml.{kind}_token_id") is None:
+        if _gguf_id(reader, f"tokenizer.ggml.{kind}_token_id") is None:
             promoted |= set(texts)
     special |= {i for i, t in enumerate(tokens) if t in promoted}
     return special
@@ -219,8 +293,8 @@ def _eog_ids(tokens: list[str], reader: Any, eos_id: int | None) -> list[int]:
     index = {t: i for i, t in enumerate(tokens)}
 
     def key_id(name: str) -> int | None:
-        v = _gguf_value(reader, f"tokenizer.ggml.{name}_token_id")
-        return int(v) if v is not None and 0 <= int(v) < n else None
+        v = _gguf_id(reader, f"tokenizer.ggml.{name}_token_id")
+        return v if v is not None and 0 <= v < n else None
 
     def first_present(texts: tuple[str, ...]) -> int | None:
         return next((index[t] for t in texts if t in index), None)
@@ -249,35 +323,45 @@ def _eog_ids(tokens: list[str], reader: Any, eos_id: int | None) -> list[int]:
 
 def spec_from_gguf(reader: "gguf.GGUFReader") -> TokenizerSpec:  # noqa: F821
     """The tokenizer of a GGUF file, built to tokenize exactly as llama.cpp does on that file.
-    Supports byte-level BPE ("gpt2") vocabularies; raises ValueError for others."""
+    Supports byte-level BPE ("gpt2") vocabularies; raises TokenizerError for others, and for
+    metadata of the wrong types."""
     model = _gguf_value(reader, "tokenizer.ggml.model")
     if model is None:
-        raise ValueError("GGUF file has no tokenizer (tokenizer.ggml.model missing)")
+        raise TokenizerError("GGUF file has no tokenizer (tokenizer.ggml.model missing)")
     if model != "gpt2":
-        raise ValueError(f"unsupported GGUF tokenizer model '{model}' (only byte-level BPE 'gpt2' "
-                         "is supported)")
+        raise TokenizerError(f"unsupported GGUF tokenizer model {_short(model)} (only byte-level BPE 'gpt2' "
+                             "is supported)")
     pre_name = _gguf_value(reader, "tokenizer.ggml.pre") or "default"
-    pre = _PRE_TOKENIZERS.get(pre_name)
+    pre = _PRE_TOKENIZERS.get(pre_name) if isinstance(pre_name, str) else None
     if pre is None:
-        raise ValueError(f"unsupported GGUF pre-tokenizer '{pre_name}' (supported: "
-                         f"{', '.join(sorted(_PRE_TOKENIZERS))})")
-    tokens = _gguf_value(reader, "tokenizer.ggml.tokens")
-    merges = _gguf_value(reader, "tokenizer.ggml.merges")
+        raise TokenizerError(f"unsupported GGUF pre-tokenizer {_short(pre_name)} (supported: "
+                             f"{', '.join(sorted(_PRE_TOKENIZERS))})")
+    tokens = _gguf_list(reader, "tokenizer.ggml.tokens", str)
+    merges = _gguf_list(reader, "tokenizer.ggml.merges", str)
     if not tokens or merges is None:
-        raise ValueError("GGUF tokenizer lacks tokenizer.ggml.tokens or tokenizer.ggml.merges")
+        raise TokenizerError("GGUF tokenizer lacks tokenizer.ggml.tokens or tokenizer.ggml.merges")
     tokens = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(tokens)]  # as llama.cpp names them
-    types = _gguf_value(reader, "tokenizer.ggml.token_type")
+    if len(set(tokens)) != len(tokens):
+        raise TokenizerError("GGUF tokenizer.ggml.tokens lists a token twice")
+    types = _gguf_list(reader, "tokenizer.ggml.token_type", int)
     n = len(tokens)
+    if types is not None and len(types) != n:
+        raise TokenizerError(f"GGUF tokenizer.ggml.token_type has {len(types)} entries for {n} tokens")
+    template = _gguf_value(reader, "tokenizer.chat_template")
+    if template is not None and not isinstance(template, str):
+        raise TokenizerError("GGUF metadata tokenizer.chat_template is not a string")
 
     def id_key(name: str, default: int | None) -> int | None:
-        v = _gguf_value(reader, f"tokenizer.ggml.{name}_token_id")
-        if v is not None and 0 <= int(v) < n:
-            return int(v)
+        v = _gguf_id(reader, f"tokenizer.ggml.{name}_token_id")
+        if v is not None and 0 <= v < n:
+            return v
         return default if default is not None and default < n else None
 
     bos_id = id_key("bos", 11)  # 11: llama.cpp's default for BPE vocabularies
     eos_id = id_key("eos", 11)
     add_bos = _gguf_value(reader, "tokenizer.ggml.add_bos_token")
+    if add_bos is not None and not isinstance(add_bos, (bool, int)):
+        raise TokenizerError("GGUF metadata tokenizer.ggml.add_bos_token is not a boolean")
     add_bos = pre.add_bos if add_bos is None else bool(add_bos)
     special = _special_token_ids(tokens, types, reader)
 
@@ -308,8 +392,7 @@ def spec_from_gguf(reader: "gguf.GGUFReader") -> TokenizerSpec:  # noqa: F821
             "merges": _merge_pairs(merges, set(tokens)),
         },
     }
-    return TokenizerSpec(tokenizer_json=json.dumps(doc, ensure_ascii=False),
-                         chat_template=_gguf_value(reader, "tokenizer.chat_template"),
+    return TokenizerSpec(tokenizer_json=json.dumps(doc, ensure_ascii=False), chat_template=template,
                          bos_id=bos_id, eos_ids=_eog_ids(tokens, reader, eos_id), add_bos=add_bos)
 
 
@@ -392,10 +475,16 @@ class Tokenizer:
     """Encode, decode, stream-decode and render chats for one model."""
 
     def __init__(self, tokenizer_json: str, *, bos_id: int | None, eos_ids: list[int],
-                 add_bos: bool, chat_template: str | None):
-        from tokenizers import Tokenizer as HFTokenizer
+                 add_bos: bool, chat_template: str | None, where: Any = "tokenizer"):
+        def an_id(v: Any) -> bool:
+            return type(v) is int and 0 <= v < 1 << 32
 
-        self._hf = HFTokenizer.from_str(tokenizer_json)
+        if not (bos_id is None or an_id(bos_id)) or not isinstance(eos_ids, list) \
+                or not all(an_id(i) for i in eos_ids) or not isinstance(add_bos, bool) \
+                or not (chat_template is None or isinstance(chat_template, str)):
+            raise TokenizerError(f"{where}: bad tokenizer entry (bos_id {_short(bos_id)}, eos_ids {_short(eos_ids)}, "
+                                 f"add_bos {_short(add_bos)}, chat_template of type {type(chat_template).__name__})")
+        self._hf = _load_hf(tokenizer_json, where)
         # from the loaded tokenizer, not json.loads of the document: that would hold the whole
         # vocabulary twice more, as Python objects, at the engine's peak memory
         added = self._hf.get_added_tokens_decoder()
@@ -410,6 +499,8 @@ class Tokenizer:
         self._byte_level = _is_byte_level(json.loads(decoder.__getstate__()) if decoder is not None else None)
         self._bytes: list[bytes] | None = self._byte_table() if self._byte_level else None
         self._template = None
+        if bos_id is not None and bos_id >= self.vocab_size:
+            raise TokenizerError(f"{where}: bos_id {bos_id} is outside the vocabulary of {self.vocab_size}")
 
     @classmethod
     def from_spec(cls, spec: TokenizerSpec) -> "Tokenizer":
@@ -418,21 +509,26 @@ class Tokenizer:
 
     @classmethod
     def from_model_dir(cls, model_dir: Path, entry: dict) -> "Tokenizer":
+        """The tokenizer of a fic model: its tokenizer.json and the manifest's tokenizer entry.
+        TokenizerError names what is wrong."""
         path = Path(model_dir) / "tokenizer.json"
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as e:
-            raise ValueError(f"{path}: cannot read tokenizer ({e.strerror or e})") from None
+        text = _read_text(path, "tokenizer")
+        if not isinstance(entry, dict):
+            raise TokenizerError(f"{path}: the manifest's tokenizer entry is not an object")
         return cls(text, bos_id=entry.get("bos_id"), eos_ids=entry.get("eos_ids") or [],
-                   add_bos=bool(entry.get("add_bos", False)),
-                   chat_template=entry.get("chat_template"))
+                   add_bos=entry.get("add_bos", False), chat_template=entry.get("chat_template"), where=path)
 
     # -- encode / decode --------------------------------------------------------------------
 
     def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
         """Token ids of text. Special tokens written in the text (e.g. "<|im_start|>") become
         their ids, as llama.cpp does for chat prompts."""
-        ids = self._hf.encode(text, add_special_tokens=False).ids
+        try:
+            ids = self._hf.encode(text, add_special_tokens=False).ids
+        except BaseException as e:  # the tokenizers library's own errors, or a panic
+            if not _library_fault(e):
+                raise
+            raise TokenizerError(f"cannot encode the text ({_one_line(e)})") from None
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids = [self.bos_id] + ids
         return ids
@@ -444,7 +540,12 @@ class Tokenizer:
                 "utf-8", errors="replace")
         for i in ids:
             self._check_id(i)
-        return self._hf.decode(list(ids), skip_special_tokens=skip_special)
+        try:
+            return self._hf.decode(list(ids), skip_special_tokens=skip_special)
+        except BaseException as e:  # the tokenizers library's own errors, or a panic
+            if not _library_fault(e):
+                raise
+            raise TokenizerError(f"cannot decode the ids ({_one_line(e)})") from None
 
     def stream_decoder(self, *, skip_special: bool = False) -> StreamDecoder:
         if self._bytes is not None:

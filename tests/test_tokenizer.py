@@ -555,3 +555,83 @@ def test_encode_chat_adds_bos_once(smollm2, smollm2_llama):
     without = Tokenizer(hf.to_str(), bos_id=0, eos_ids=[1], add_bos=True,
                         chat_template="{% for m in messages %}</s>{% endfor %}")
     assert with_bos.encode_chat(CHATS[0]) == without.encode_chat(CHATS[0]) == [0, 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# hostile tokenizer files: TokenizerError, one line (tests/test_fuzz.py fuzzes them)
+
+@pytest.mark.parametrize("name,content,fault", [
+    ("tokenizer_config.json", "[1, 2]", "not a JSON object"),                                   # was AttributeError
+    ("tokenizer_config.json", "[" * 100_000, "unreadable JSON"),                                 # was RecursionError
+    ("tokenizer_config.json", json.dumps({"chat_template": [{"name": ["x"], "template": "t"}]}), None),  # was TypeError
+    ("tokenizer_config.json", json.dumps({"chat_template": 5}), "chat_template is not a string"),
+    ("chat_template.jinja", b"\xff\xfe{{ x }}", "not UTF-8"),                                    # was UnicodeDecodeError
+    ("tokenizer.json", b"\xff\xfe", "not UTF-8"),
+    ("tokenizer.json", '{"model": {"type": "BPE", "vocab": 5}}', "not a tokenizers document"),
+])
+def test_hostile_hf_tokenizer_files(tmp_path, name, content, fault):
+    from flashinfer_cli.tokenizer import TokenizerError
+
+    d = _train_bytelevel(tmp_path)
+    if name == "chat_template.jinja":
+        cfg = json.loads((d / "tokenizer_config.json").read_text())
+        del cfg["chat_template"]
+        (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (d / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    if fault is None:
+        assert spec_from_hf_dir(d).chat_template is None
+        return
+    with pytest.raises(TokenizerError, match=fault) as info:
+        spec_from_hf_dir(d)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("entry,fault", [
+    ({"bos_id": "1", "eos_ids": [2]}, "bad tokenizer entry"),
+    ({"bos_id": None, "eos_ids": "abc"}, "bad tokenizer entry"),            # was three eos ids 'a', 'b', 'c'
+    ({"bos_id": None, "eos_ids": [2], "add_bos": "yes"}, "bad tokenizer entry"),
+    ({"bos_id": None, "eos_ids": [2], "chat_template": 5}, "bad tokenizer entry"),
+    ({"bos_id": 10 ** 6, "eos_ids": [2]}, "outside the vocabulary"),        # would index past the embedding
+    ([1, 2], "not an object"),
+])
+def test_hostile_manifest_tokenizer_entry(tmp_path, entry, fault):
+    from flashinfer_cli.tokenizer import TokenizerError
+
+    d = _train_bytelevel(tmp_path)
+    with pytest.raises(TokenizerError, match=fault):
+        Tokenizer.from_model_dir(d, entry)
+
+
+@pytest.mark.parametrize("text", [b"\xff\xfe", b"{not json", b'{"model": 5}'])
+def test_unreadable_model_tokenizer_json(tmp_path, text):
+    """A damaged tokenizer.json in a model directory: TokenizerError (a ValueError), not the
+    tokenizers library's bare Exception or UnicodeDecodeError."""
+    from flashinfer_cli.tokenizer import TokenizerError
+
+    (tmp_path / "tokenizer.json").write_bytes(text)
+    with pytest.raises(TokenizerError, match="tokenizer.json"):
+        Tokenizer.from_model_dir(tmp_path, {"bos_id": None, "eos_ids": []})
+
+
+@pytest.mark.parametrize("key,vtype,value,fault", [
+    ("tokenizer.ggml.pre", "ARR", ("STR", [b"qwen2"]), "unsupported GGUF pre-tokenizer"),   # was TypeError (unhashable)
+    ("tokenizer.ggml.model", "U32", 2, "unsupported GGUF tokenizer model"),
+    ("tokenizer.ggml.bos_token_id", "F32", float("nan"), "not a token id"),                 # was ValueError from int(nan)
+    ("tokenizer.ggml.token_type", "ARR", ("I32", [1, 2]), "token_type has 2 entries"),      # was IndexError
+    ("tokenizer.ggml.merges", "U32", 5, "not a list of str"),                               # was TypeError
+    ("tokenizer.chat_template", "U32", 5, "chat_template is not a string"),
+    ("tokenizer.ggml.tokens", "ARR", ("STR", [b"a", b"\xff"]), "unreadable"),              # was UnicodeDecodeError
+])
+def test_hostile_gguf_tokenizer_metadata(tmp_path, key, vtype, value, fault):
+    import _fuzz
+    from _fuzz import gguf_bytes, gguf_parts, write_seed_gguf
+    from flashinfer_cli.checkpoint import _open_gguf_reader
+    from flashinfer_cli.tokenizer import TokenizerError
+
+    kvs, tensors, data = gguf_parts(write_seed_gguf(tmp_path / "seed.gguf"))
+    if vtype == "ARR":
+        value = (getattr(_fuzz, value[0]), value[1])
+    kvs = [kv for kv in kvs if kv[0] != key] + [(key, getattr(_fuzz, vtype), value)]
+    (tmp_path / "bad.gguf").write_bytes(gguf_bytes(kvs, tensors, data))
+    with pytest.raises(TokenizerError, match=fault):
+        spec_from_gguf(_open_gguf_reader(tmp_path / "bad.gguf"))
