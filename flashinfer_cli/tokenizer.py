@@ -10,15 +10,24 @@ from __future__ import annotations
 
 import codecs
 import json
+import math
+import re
+import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime
-from functools import lru_cache
+from functools import lru_cache, wraps
 from pathlib import Path
 from typing import Any
 
 
 class TokenizerError(ValueError):
     """A tokenizer, or one of its files, that fic cannot use; the message is one line."""
+
+
+class ChatTemplateError(TokenizerError):
+    """A chat template that does not compile, fails while rendering, or breaks one of the
+    sandbox's limits (TEMPLATE_LIMITS); the message is one line."""
 
 
 def _one_line(exc: BaseException) -> str:
@@ -498,7 +507,7 @@ class Tokenizer:
         self._added = {i: t.content for i, t in added.items()}
         self._byte_level = _is_byte_level(json.loads(decoder.__getstate__()) if decoder is not None else None)
         self._bytes: list[bytes] | None = self._byte_table() if self._byte_level else None
-        self._template = None
+        self._template: ChatTemplate | None = None
         if bos_id is not None and bos_id >= self.vocab_size:
             raise TokenizerError(f"{where}: bos_id {bos_id} is outside the vocabulary of {self.vocab_size}")
 
@@ -585,18 +594,13 @@ class Tokenizer:
 
     def render_chat(self, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
         """The prompt text of a conversation, rendered with the model's chat template like
-        transformers' apply_chat_template (ChatML when the model has no template)."""
-        import jinja2
-
+        transformers' apply_chat_template (ChatML when the model has no template), inside the
+        sandbox's limits (ChatTemplate). ChatTemplateError says what went wrong, in one line."""
         if self._template is None:
-            self._template = _compile_template(self.chat_template or CHATML_TEMPLATE)
-        variables = {"bos_token": self._text_or_empty(self.bos_id),
-                     "eos_token": self._text_or_empty(self.eos_ids[0] if self.eos_ids else None)}
-        try:
-            return self._template.render(messages=messages, tools=None, documents=None,
-                                         add_generation_prompt=add_generation_prompt, **variables)
-        except jinja2.TemplateError as e:
-            raise ValueError(f"chat template: {e}") from None
+            self._template = ChatTemplate(self.chat_template or CHATML_TEMPLATE)
+        return self._template.render(messages, add_generation_prompt=add_generation_prompt,
+                                     bos_token=self._text_or_empty(self.bos_id),
+                                     eos_token=self._text_or_empty(self.eos_ids[0] if self.eos_ids else None))
 
     def encode_chat(self, messages: list[dict], *, add_generation_prompt: bool = True) -> list[int]:
         """Token ids of a rendered conversation. BOS is added per add_bos unless the template
@@ -622,13 +626,268 @@ def _is_byte_level(decoder: dict | None) -> bool:
     return False
 
 
-def _compile_template(source: str):
-    """jinja2 environment as transformers' apply_chat_template builds it: sandboxed,
-    trim_blocks and lstrip_blocks, loop controls, tojson without ASCII escaping,
-    raise_exception and strftime_now."""
+# ---------------------------------------------------------------------------------------------
+# Chat templates: jinja2's sandbox, bounded
+#
+# A chat template is code from the model's files. jinja2's ImmutableSandboxedEnvironment (as
+# transformers uses) keeps it from Python's internals; jinja2 has no bounds on time or memory, so
+# fic adds them: every loop iteration, call, filter, attribute lookup and output chunk counts
+# against a deadline; range() is capped; an operation that would build a string or list longer
+# than the output limit (*, +, %, ~, the padding filters, str's padding methods, format widths)
+# is refused before it allocates; output is streamed and counted. Each limit's error says which.
+
+@dataclass(frozen=True)
+class TemplateLimits:
+    seconds: float = 2.0          # of rendering; real templates take milliseconds
+    output_chars: int = 1 << 20   # of the rendered prompt, plus twice the messages' own text
+    range_items: int = 100_000    # of one range()
+    source_chars: int = 1 << 20   # of the template itself
+    number_arg: int = 1 << 16     # largest exponent of a power
+
+
+TEMPLATE_LIMITS = TemplateLimits()
+
+
+class _Budget:
+    """What one render may still spend; checked at every step the sandbox sees."""
+
+    __slots__ = ("deadline", "chars", "steps", "limits")
+
+    def __init__(self, limits: TemplateLimits, chars: int):
+        self.limits = limits
+        self.deadline = time.monotonic() + limits.seconds
+        self.chars = chars
+        self.steps = 0
+
+    def tick(self) -> None:
+        self.steps += 1
+        if self.steps & 255 == 0 and time.monotonic() > self.deadline:
+            raise ChatTemplateError(f"chat template: rendering took more than {self.limits.seconds:g} s "
+                                    "(a loop without end?)")
+
+    def size(self, n: int, what: str) -> None:
+        if n > self.chars:
+            raise ChatTemplateError(f"chat template: {what} of {n:,} items is more than the limit of "
+                                    f"{self.chars:,}")
+
+
+_MAX_INT_BITS = 1 << 16  # of an integer a product or power makes
+_CURRENT = threading.local()
+_STATIC = _Budget(TEMPLATE_LIMITS, TEMPLATE_LIMITS.output_chars)  # compile-time constant folding
+
+
+def _budget() -> _Budget:
+    b = getattr(_CURRENT, "budget", None)
+    if b is None:
+        b = _STATIC
+        b.deadline = math.inf
+    return b
+
+
+# a width or precision of a million or more, or one given as an argument ('*', '{}'), in
+# %-formatting (and strftime) and in str.format
+_PERCENT_WIDTH = re.compile(r"%[^a-zA-Z%]*?(?:\*|\d{7,})")
+_BRACE_WIDTH = re.compile(r"\{[^{}]*:[^{}]*(?:\{|\d{7,})")
+
+
+def _check_format(fmt: Any, braces: bool = False) -> None:
+    if isinstance(fmt, str) and (_BRACE_WIDTH if braces else _PERCENT_WIDTH).search(fmt):
+        raise ChatTemplateError("chat template: a format string with a huge width, or a width given as an argument")
+
+
+def _check_numbers(args: tuple, kwargs: dict, limit: int, what: str) -> None:
+    for v in (*args, *kwargs.values()):
+        if isinstance(v, int) and not isinstance(v, bool) and abs(v) > limit:
+            raise ChatTemplateError(f"chat template: {what} was given {v}, more than the limit of {limit}")
+
+
+def _text_size(x: Any, limit: int, depth: int = 0) -> int:
+    """How long str(x) is at least, counting no further than past `limit` (strings, and the
+    containers whose repr would hold them); what a template converts to text is checked with
+    this before the conversion allocates it."""
+    if isinstance(x, (str, bytes, bytearray)):
+        return len(x)
+    if not isinstance(x, (list, tuple, set, frozenset, dict)) or depth > 64:
+        return 0
+    if len(x) > limit:
+        return len(x)
+    total = 2
+    for item in (x.items() if isinstance(x, dict) else x):
+        total += 2 + _text_size(item, limit - total, depth + 1)
+        if total > limit:
+            break
+    return total
+
+
+def _check_text(x: Any, what: str) -> None:
+    b = _budget()
+    b.size(_text_size(x, b.chars), what)
+
+
+def _finalize(value: Any) -> Any:
+    """Every {{ expression }}'s value, before jinja2 makes it text."""
+    _check_text(value, "an output")
+    return value
+
+
+def _sized(value: Any, what: str) -> Any:
+    if isinstance(value, (str, list, tuple)):
+        _budget().size(len(value), what)
+    return value
+
+
+def _replace_size(text: str, old: Any, new: Any) -> int:
+    """The longest str.replace(old, new) can make text."""
+    old, new = str(old), str(new)
+    if not old:
+        return len(text) + (len(text) + 1) * len(new)
+    return len(text) + len(text) // len(old) * max(0, len(new) - len(old))
+
+
+def _check_growth(name: str, subject: Any, args: tuple, kwargs: dict) -> None:
+    """Before a filter or str method that builds from its arguments runs: what it would build
+    must fit the budget. subject: the string (or sequence) filtered, or the method's str."""
+    b = _budget()
+    widths = _WIDTH_ARGS.get(name)
+    if widths is not None:
+        _check_numbers(args, kwargs, widths, f"{name}()")
+    if name in ("format", "format_map"):
+        _check_format(subject, braces=True)
+    elif name == "format_filter":
+        _check_format(subject)
+    elif name == "replace" and isinstance(subject, str) and len(args) >= 2:
+        b.size(_replace_size(subject, args[0], args[1]), "replace()'s result")
+    elif name == "join" and isinstance(subject, str) and args and hasattr(args[0], "__len__"):
+        b.size(len(subject) * len(args[0]) + _text_size(args[0], b.chars), "join()'s result")
+    elif name == "join_filter" and hasattr(subject, "__len__"):
+        sep = args[0] if args else kwargs.get("d", "")
+        b.size(len(str(sep)) * len(subject) + _text_size(subject, b.chars), "join's result")
+    elif name in ("string", "tojson", "pprint"):
+        _check_text(subject, f"{name}'s result")
+    elif name == "indent" and isinstance(subject, str):
+        width = args[0] if args else kwargs.get("width", 4)
+        if isinstance(width, str):
+            b.size(len(subject) + (subject.count("\n") + 1) * len(width), "indent's result")
+
+
+# the largest number a width or count argument may be
+_WIDTH_ARGS = {"center": 4096, "ljust": 4096, "rjust": 4096, "zfill": 4096, "expandtabs": 4096, "indent": 4096,
+               "batch": 4096, "slice": 4096, "tojson": 64}
+_FILTER_CHECKS = {"format": "format_filter", "join": "join_filter"}
+
+
+def _bounded_filter(name: str, f):
+    """A filter that counts as a step, is checked before it builds, and whose result must fit."""
+    @wraps(f)
+    def bounded(*args, **kwargs):
+        _budget().tick()
+        values = [a for a in args if not isinstance(a, _jinja_internals())]
+        if values:
+            _check_growth(_FILTER_CHECKS.get(name, name), values[0], tuple(values[1:]), kwargs)
+        return _sized(f(*args, **kwargs), f"the {name} filter's result")
+    return bounded
+
+
+@lru_cache(maxsize=1)
+def _jinja_internals() -> tuple:
+    """What jinja2 passes a filter before its value (pass_context, pass_environment...)."""
+    import jinja2
+    from jinja2.nodes import EvalContext
+    from jinja2.runtime import Context
+
+    return (Context, EvalContext, jinja2.Environment)
+
+
+def _ticking(iterable: Any):
+    """Every for loop iterates through this (the template's AST is rewritten to call it)."""
+    b = _budget()
+    for item in iterable:
+        b.tick()
+        yield item
+
+
+def _concat(items: list) -> str:
+    """The ~ operator (the AST is rewritten to call this instead of jinja2's str_join)."""
+    _check_text(items, "a ~ concatenation")
+    parts = [str(x) for x in items]
+    _budget().size(sum(len(p) for p in parts), "a ~ concatenation")
+    return "".join(parts)
+
+
+def _range(*args: Any) -> range:
+    r = range(*args)
+    limit = _budget().limits.range_items
+    if len(r) > limit:
+        raise ChatTemplateError(f"chat template: range() of {len(r):,} items is more than the limit of {limit:,}")
+    return r
+
+
+@lru_cache(maxsize=1)
+def _sandbox_class():
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Sandbox(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset(["*", "+", "%", "**"])
+
+        def call_binop(self, context, operator, left, right):
+            b = _budget()
+            b.tick()
+            ints = isinstance(left, int) and isinstance(right, int)
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int):
+                        b.size(len(seq) * max(n, 0), "a * product")
+                if ints and left.bit_length() + right.bit_length() > _MAX_INT_BITS:
+                    raise ChatTemplateError("chat template: a product of integers too large")
+            elif operator == "+" and isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
+                b.size(len(left) + len(right), "a + sum")
+            elif operator == "%" and isinstance(left, str):
+                _check_format(left)
+                b.size(len(left) + _text_size(right, b.chars), "a % formatting")
+            elif operator == "**" and isinstance(right, (int, float)) and isinstance(left, (int, float)) \
+                    and abs(left) > 1 and (abs(right) > b.limits.number_arg
+                                           or ints and right > 0 and left.bit_length() * right > _MAX_INT_BITS):
+                raise ChatTemplateError(f"chat template: a power too large ({right} as the exponent)")
+            return _sized(super().call_binop(context, operator, left, right), f"a {operator} result")
+
+        def getattr(self, obj, attribute):
+            _budget().tick()
+            return super().getattr(obj, attribute)
+
+        def getitem(self, obj, argument):
+            _budget().tick()
+            return super().getitem(obj, argument)
+
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja2's own signature)
+            _budget().tick()
+            method = getattr(__obj, "__wrapped__", __obj)  # the sandbox wraps str.format
+            owner = getattr(method, "__self__", None)
+            if isinstance(owner, str):  # str's methods that build from their arguments
+                _check_growth(getattr(method, "__name__", ""), owner, args, kwargs)
+            return _sized(super().call(__context, __obj, *args, **kwargs), "a call's result")
+
+    return Sandbox
+
+
+def _rewrite(ast):
+    """Route every for loop through _ticking and every ~ through _concat."""
+    from jinja2 import nodes
+
+    for node in ast.find_all(nodes.For):
+        node.iter = nodes.Filter(node.iter, "fic_ticking", [], [], None, None, lineno=node.lineno)
+    for node in list(ast.find_all(nodes.Concat)):
+        items = nodes.List(list(node.nodes), lineno=node.lineno)
+        node.nodes = [nodes.Filter(items, "fic_concat", [], [], None, None, lineno=node.lineno)]
+    return ast
+
+
+@lru_cache(maxsize=1)
+def _environment():
+    """The one sandbox every chat template compiles in: as transformers' apply_chat_template
+    builds it (trim_blocks and lstrip_blocks, loop controls, tojson without ASCII escaping,
+    raise_exception and strftime_now), every filter bounded, range() capped."""
     import jinja2
     import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
@@ -638,14 +897,81 @@ def _compile_template(source: str):
                           sort_keys=sort_keys)
 
     def strftime_now(fmt):
+        _check_format(fmt)
         return datetime.now().strftime(fmt)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[jinja2.ext.loopcontrols])
+    env = _sandbox_class()(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols],
+                           finalize=_finalize)
+    env.optimized = False  # no constant folding: all a template computes, it computes while rendering, in bounds
     env.filters["tojson"] = tojson
+    for name, f in list(env.filters.items()):
+        env.filters[name] = _bounded_filter(name, f)
+    env.filters["fic_ticking"] = _ticking
+    env.filters["fic_concat"] = _concat
+    lipsum = env.globals["lipsum"]
+
+    def bounded_lipsum(*args, **kwargs):  # jinja2's lorem ipsum: n paragraphs of up to max words
+        _check_numbers(args, kwargs, 100, "lipsum()")
+        return lipsum(*args, **kwargs)
+
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
+    env.globals["range"] = _range
+    env.globals["lipsum"] = bounded_lipsum
+    return env
+
+
+@lru_cache(maxsize=16)
+def _compiled(source: str):
+    """A template compiled once (a model's tokenizer is made again for each engine, a test's
+    again and again); rendering shares nothing between calls but the code."""
+    env = _environment()
     try:
-        return env.from_string(source)
-    except jinja2.TemplateError as e:
-        raise ValueError(f"chat template does not compile: {e}") from None
+        return env.from_string(_rewrite(env.parse(source)))
+    except Exception as e:  # TemplateSyntaxError, or RecursionError from a deeply nested source
+        raise ChatTemplateError(f"chat template does not compile: {_one_line(e)}") from None
+
+
+class ChatTemplate:
+    """A chat template compiled as transformers' apply_chat_template does (sandboxed,
+    trim_blocks and lstrip_blocks, loop controls, tojson without ASCII escaping,
+    raise_exception and strftime_now), rendered within TEMPLATE_LIMITS."""
+
+    def __init__(self, source: str, limits: TemplateLimits = TEMPLATE_LIMITS):
+        self.limits = limits
+        if not isinstance(source, str):
+            raise ChatTemplateError(f"chat template is a {type(source).__name__}, not text")
+        if len(source) > limits.source_chars:
+            raise ChatTemplateError(f"chat template of {len(source):,} characters is more than the limit of "
+                                    f"{limits.source_chars:,}")
+        self._template = _compiled(source)
+
+    def render(self, messages: list[dict], *, add_generation_prompt: bool = True, **variables: Any) -> str:
+        """The rendered prompt; ChatTemplateError (one line) when the template fails or breaks a
+        limit: more than `seconds` of work, output beyond `output_chars` plus twice the
+        messages' text, a range() or an intermediate value beyond its limit, or recursion."""
+        own = sum(len(str(m.get("content", ""))) for m in messages if isinstance(m, dict)) \
+            if isinstance(messages, list) else 0
+        budget = _Budget(self.limits, self.limits.output_chars + 2 * own)
+        outer = getattr(_CURRENT, "budget", None)
+        _CURRENT.budget = budget
+        out: list[str] = []
+        try:
+            n = 0
+            for chunk in self._template.generate(messages=messages, tools=None, documents=None,
+                                                 add_generation_prompt=add_generation_prompt, **variables):
+                budget.tick()
+                n += len(chunk)
+                if n > budget.chars:
+                    raise ChatTemplateError(f"chat template: the prompt grew past {budget.chars:,} characters")
+                out.append(chunk)
+        except (ChatTemplateError, MemoryError):
+            raise
+        except RecursionError:
+            raise ChatTemplateError("chat template: recursion too deep") from None
+        except Exception as e:  # the template's own failure (raise_exception, a type error, ...)
+            raise ChatTemplateError(f"chat template: {_one_line(e)}") from None
+        finally:
+            _CURRENT.budget = outer
+        return "".join(out)
+

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -555,6 +556,113 @@ def test_encode_chat_adds_bos_once(smollm2, smollm2_llama):
     without = Tokenizer(hf.to_str(), bos_id=0, eos_ids=[1], add_bos=True,
                         chat_template="{% for m in messages %}</s>{% endfor %}")
     assert with_bos.encode_chat(CHATS[0]) == without.encode_chat(CHATS[0]) == [0, 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# hostile chat templates: jinja2's sandbox, bounded (tests/test_fuzz.py fuzzes the rest)
+
+SANDBOX_ESCAPES = {
+    "mro": "{{ ''.__class__.__mro__ }}",
+    "cycler-globals": "{{ cycler.__init__.__globals__ }}",
+    "joiner-os": "{{ joiner.__init__.__globals__.os.system('true') }}",
+    "self": "{{ self.__init__.__globals__ }}",
+    "subclasses": "{{ messages.__class__.__base__.__subclasses__() }}",
+    "format-attr": "{{ '{0.__class__}'.format(messages) }}",
+    "mutation": "{{ messages.append(1) }}",
+}
+BOUNDS = {  # template, what the one-line error says
+    "huge-range": ("{% for i in range(10**9) %}x{% endfor %}", r"range\(\) of 1,000,000,000 items"),
+    "nested-loops": ("{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}",
+                     r"rendering took more than 0.2 s"),
+    "loops-over-strings": ("{% set s = 'x' * 100000 %}{% for a in s %}{% for b in s %}{% endfor %}{% endfor %}",
+                           r"rendering took more than 0.2 s"),
+    "recursion": ("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", "recursion too deep"),
+    "branching-recursion": ("{% macro f(n) %}{% if n < 500 %}{{ f(n + 1) }}{{ f(n + 1) }}{% endif %}{% endmacro %}"
+                            "{{ f(0) }}", "rendering took more than 0.2 s|recursion too deep"),
+    "megabytes-out": ("{% for i in range(1000) %}{{ 'x' * 100000 }}{% endfor %}", "the prompt grew past 1,04"),
+    "string-times-int": ("{{ 'x' * 10**9 }}", r"a \* product of 1,000,000,000 items"),
+    "doubling-by-tilde": ("{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+                          "a ~ concatenation of"),
+    "doubling-by-plus": ("{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
+                         r"a \+ sum of"),
+    "center-filter": ("{{ 'x'|center(10**9) }}", r"center\(\) was given 1000000000"),
+    "ljust-method": ("{{ 'x'.ljust(10**9) }}", r"ljust\(\) was given 1000000000"),
+    "format-width": ("{{ '{:>999999999}'.format(1) }}", "format string with a huge width"),
+    "format-nested-width": ("{{ '{:>{}}'.format(1, 10**9) }}", "format string with a huge width"),
+    "percent-width": ("{{ '%0999999999d' % 1 }}", "format string with a huge width"),
+    "percent-star": ("{{ '%*d' % (10**9, 1) }}", "format string with a huge width"),
+    "power-tower": ("{{ 9 ** (9 ** 9) }}", "a power too large"),
+    "power-of-a-power": ("{% set a = 2 ** 60000 %}{{ a ** 60000 }}", "a power too large"),
+    "product-growth": ("{% set ns = namespace(n=2 ** 1000) %}{% for i in range(40) %}{% set ns.n = ns.n * ns.n %}"
+                       "{% endfor %}", "a product of integers too large"),
+    "replace-growth": ("{% set ns = namespace(s='xxxxxxxxxx') %}{% for i in range(30) %}"
+                       "{% set ns.s = ns.s|replace('x', 'xxxxxxxxxx') %}{% endfor %}", r"replace\(\)'s result"),
+    "join-growth": ("{{ range(100000)|join('x' * 100000) }}", "join's result"),
+    "indent-growth": ("{{ ('a\\n' * 100000)|indent('z' * 9999) }}", "indent's result"),
+    "lipsum": ("{{ lipsum(10**6) }}", r"lipsum\(\) was given 1000000"),
+    "list-of-big-strings-out": ("{{ ['x' * 1000000] * 1000 }}", "an output of"),
+    "list-of-big-strings-joined": ("{{ (['x' * 1000000] * 1000)|join }}", "join's result"),
+    "list-of-big-strings-concatenated": ("{{ 'a' ~ (['x' * 1000000] * 1000) }}", "a ~ concatenation"),
+    "list-of-big-strings-formatted": ("{{ '%s' % [['x' * 1000000] * 1000] }}", "a % formatting"),
+    "list-of-big-strings-as-json": ("{{ (['x' * 1000000] * 1000)|tojson }}", "tojson's result"),
+    "tojson-indent": ("{{ messages|tojson(indent=10**9) }}", r"tojson\(\) was given 1000000000"),
+    "batch-fill": ("{{ messages|batch(10**9, 'x')|list }}", r"batch\(\) was given 1000000000"),
+    "strftime-width": ("{{ strftime_now('%0999999999Y') }}", "format string with a huge width"),
+}
+
+
+def _render_limited(source: str, seconds: float = 0.2):
+    from flashinfer_cli.tokenizer import ChatTemplate, TemplateLimits
+
+    return ChatTemplate(source, TemplateLimits(seconds=seconds)).render(CHATS[1], add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("name", sorted(SANDBOX_ESCAPES))
+def test_chat_template_cannot_leave_the_sandbox(name):
+    """Python's internals stay out of reach: a one-line error, or (str.format's sandboxed
+    formatter) nothing rendered where the attribute was."""
+    from flashinfer_cli.tokenizer import ChatTemplateError
+
+    try:
+        out = _render_limited(SANDBOX_ESCAPES[name])
+    except ChatTemplateError as exc:
+        assert re.search("unsafe|not safely callable", str(exc)) and "\n" not in str(exc)
+    else:
+        assert name == "format-attr" and out == ""
+
+
+@pytest.mark.parametrize("name", sorted(BOUNDS))
+def test_chat_template_bounds(name):
+    """Loops without end, recursion, megabytes of output and the operations that would build a
+    huge value in one step are stopped with a one-line error, in about the time limit, before
+    allocating what they ask for."""
+    import time
+    import tracemalloc
+
+    from flashinfer_cli.tokenizer import ChatTemplateError
+
+    source, fault = BOUNDS[name]
+    start = time.monotonic()
+    tracemalloc.start()
+    try:
+        with pytest.raises(ChatTemplateError, match=fault) as info:
+            _render_limited(source)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "\n" not in str(info.value)
+    assert time.monotonic() - start < 5  # 0.2 s of rendering, on a busy machine
+    assert peak < 64 << 20, f"{peak:,} bytes"
+
+
+def test_chat_template_limits_leave_real_templates_alone(smollm2):
+    """Markdown's ** in a % format, a long conversation echoed back, loops over messages: within
+    every limit."""
+    from flashinfer_cli.tokenizer import ChatTemplate
+
+    long_chat = [{"role": "user", "content": "word " * 200_000}] * 3  # 3 MB: beyond 1 MiB of output
+    assert len(smollm2.render_chat(long_chat)) > 3_000_000
+    assert ChatTemplate("{{ '**%s**' % 'bold' }}{{ '%5.2f' % 3.14159 }}").render([]) == "**bold** 3.14"
 
 
 # ---------------------------------------------------------------------------------------------
