@@ -217,6 +217,10 @@ def _hf_weight_files(path: Path) -> list[Path]:
         weight_map = _read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: no weight_map")
+        for f in weight_map.values():  # names from a download: none may leave the checkpoint's directory
+            if not isinstance(f, str) or not f or f.startswith("/") or "\\" in f or "\0" in f \
+                    or any(part in ("", ".", "..") for part in f.split("/")):
+                raise CheckpointError(f"{index}: weight file {_short(f)} is not a path inside {path}")
         files = sorted({path / f for f in weight_map.values()})
         for f in files:
             if not f.is_file():

@@ -782,3 +782,17 @@ def test_gguf_rope_factors_of_the_wrong_size(tmp_path):
     (tmp_path / "bad.gguf").write_bytes(gguf_bytes(kvs, bad, data))
     with pytest.raises(CheckpointError, match="rope_freqs is not 8 positive F32 factors"):
         open_checkpoint(tmp_path / "bad.gguf")
+
+
+@pytest.mark.parametrize("target", ["../outside.safetensors", "/etc/passwd", "a/../../b.safetensors", 5, ""])
+def test_hf_index_names_stay_in_the_checkpoint(tmp_path, target):
+    """model.safetensors.index.json comes with a download: its file names are read inside the
+    checkpoint's directory or not at all (they were joined to it as they came)."""
+    from flashinfer_cli.checkpoint import CheckpointError, open_checkpoint
+
+    save_hf(tiny_model("llama"), tmp_path / "src")
+    (tmp_path / "outside.safetensors").write_bytes((tmp_path / "src" / "model.safetensors").read_bytes())
+    (tmp_path / "src" / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"model.norm.weight": "model.safetensors", "lm_head.weight": target}}))
+    with pytest.raises(CheckpointError, match="is not a path inside"):
+        open_checkpoint(tmp_path / "src")
