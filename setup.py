@@ -44,6 +44,7 @@ setup(
             "selenium>=4.11",
             "httpx>=0.27",
             "pytest>=7",
+            "hypothesis>=6.100",  # tests/test_fuzz.py: every reader of a file fic did not write, fuzzed
             "torch==2.13.0",
             "transformers==5.24.0",
             "accelerate==1.15.0",

@@ -10,11 +10,15 @@ file a source delivers; pull.py tries them in turn. Source kinds:
 from __future__ import annotations
 
 import os
+import re
+import string
 import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from flashinfer_cli import fmt
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -91,6 +95,65 @@ def _optional_str(raw: dict, key: str, where: str) -> str:
     return value
 
 
+# What a catalog may name, checked when it is read so that no name reaches outside the work
+# directory of a pull, the store, a repository or a wheel, and none reads as an option to pip.
+_PACKAGE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")  # PEP 508 names
+_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+!_-]*$")
+_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_repo_id(text: Any) -> bool:
+    """A Hugging Face repo id: org/name, neither part '.' or '..' (nor holding '..', as the hub
+    itself refuses)."""
+    return isinstance(text, str) and bool(_REPO.match(text)) and ".." not in text \
+        and all(part not in (".", "") for part in text.split("/"))
+
+
+def is_relative_path(text: Any) -> bool:
+    """A path inside a directory or an archive: relative, '/'-separated, no empty, '.' or '..'
+    part, no backslash or NUL."""
+    if not isinstance(text, str) or not text or "\\" in text or "\0" in text or text.startswith("/"):
+        return False
+    return all(part not in ("", ".", "..") for part in text.split("/"))
+
+
+def _only_n(pattern: str, where: str, key: str) -> None:
+    """A pip-parts pattern's only replacement field is {n} (a format spec allowed: {n:02d})."""
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(pattern) if f is not None]
+        pattern.format(n=1)
+    except (ValueError, KeyError, IndexError, AttributeError, TypeError):
+        fields = None
+    if fields is None or any(f != "n" for f in fields):
+        raise CatalogError(f"{where}: {key} {pattern!r} may hold {{n}} and nothing else in braces")
+
+
+def _check_names(src: dict, kind: str, where: str) -> None:
+    if kind == "hf":
+        if not is_repo_id(src["repo"]):
+            raise CatalogError(f"{where}: repo {src['repo']!r} is not org/name")
+        if src.get("file") is not None and not is_relative_path(src["file"]):
+            raise CatalogError(f"{where}: file {src['file']!r} is not a path inside the repo")
+        for pattern in src.get("allow_patterns", ()):
+            if not isinstance(pattern, str) or not is_relative_path(pattern):
+                raise CatalogError(f"{where}: allow_patterns entry {pattern!r} is not a pattern inside the repo")
+        return
+    for n in range(1, (src.get("parts") or 1) + 1):
+        package, member = src["package"], src["member"]
+        if kind == "pip-parts":
+            _only_n(package, where, "package")
+            _only_n(member, where, "member")
+            package, member = package.format(n=n), member.format(n=n)
+        if not _PACKAGE.match(package):
+            raise CatalogError(f"{where}: package {package!r} is not a package name")
+        if not is_relative_path(member):
+            raise CatalogError(f"{where}: member {member!r} is not a path inside the wheel")
+        if kind == "pip" or n >= 3:  # a pattern's first parts show it
+            break
+    if not _VERSION.match(src["version"]):
+        raise CatalogError(f"{where}: version {src['version']!r} is not a version")
+
+
 def _parse_source(raw: Any, where: str) -> Source:
     if not isinstance(raw, dict):
         raise CatalogError(f"{where}: not a table")
@@ -108,7 +171,15 @@ def _parse_source(raw: Any, where: str) -> Source:
     if sha is not None and (not isinstance(sha, str) or len(sha) != 64 or set(sha) - set("0123456789abcdef")):
         raise CatalogError(f"{where}: sha256 is not 64 lowercase hex digits")
     src = dict(raw)
-    src["allow_patterns"] = tuple(raw.get("allow_patterns", ()))
+    patterns = raw.get("allow_patterns", ())
+    if not isinstance(patterns, (list, tuple)):
+        raise CatalogError(f"{where}: allow_patterns is not a list")
+    src["allow_patterns"] = tuple(patterns)
+    for key in ("file", "filename"):
+        if raw.get(key) is not None and not isinstance(raw[key], str):
+            raise CatalogError(f"{where}: {key!r} is not a string")
+    if raw.get("filename") is not None and not fmt.is_plain_name(raw["filename"]):
+        raise CatalogError(f"{where}: filename {raw['filename']!r} is not a plain file name")
     if kind == "hf":
         _need(raw, "repo", str, where)
         if "/" not in raw["repo"]:
@@ -124,6 +195,7 @@ def _parse_source(raw: Any, where: str) -> Source:
             if "{n" not in raw["package"] or "{n" not in raw["member"]:
                 raise CatalogError(f"{where}: package and member must contain {{n}} (the part number)")
             _need(raw, "filename", str, where)  # the parts' names say nothing of the whole's type
+    _check_names(src, kind, where)
     return Source(**src)
 
 
@@ -137,6 +209,9 @@ def parse_entry(text: str, where: str) -> CatalogEntry:
     if not isinstance(sources, list) or not sources:
         raise CatalogError(f"{where}: no [[sources]]")
     defaults = raw.get("defaults") or {}
+    if not isinstance(defaults, dict) or not isinstance(defaults.get("quant", "q8_0"), str) \
+            or type(defaults.get("expert_size", 64)) is not int or defaults.get("expert_size", 64) < 1:
+        raise CatalogError(f"{where}: bad [defaults] (quant is a format name, expert_size a positive integer)")
     return CatalogEntry(
         name=name,
         description=_need(raw, "description", str, where),
@@ -168,7 +243,7 @@ def _builtin():
 
 
 def _find(name: str):
-    if not name or "/" in name or name.startswith("."):
+    if not fmt.is_plain_name(name):
         return None
     for d in _dirs():
         res = d / f"{name}.toml"

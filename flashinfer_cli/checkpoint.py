@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -113,8 +114,8 @@ def _read_json(path: Path) -> dict[str, Any]:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: not readable JSON ({exc})") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: not readable JSON ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: not a JSON object")
     return raw
@@ -216,6 +217,10 @@ def _hf_weight_files(path: Path) -> list[Path]:
         weight_map = _read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: no weight_map")
+        for f in weight_map.values():  # names from a download: none may leave the checkpoint's directory
+            if not isinstance(f, str) or not f or f.startswith("/") or "\\" in f or "\0" in f \
+                    or any(part in ("", ".", "..") for part in f.split("/")):
+                raise CheckpointError(f"{index}: weight file {_short(f)} is not a path inside {path}")
         files = sorted({path / f for f in weight_map.values()})
         for f in files:
             if not f.is_file():
@@ -276,6 +281,9 @@ def expected_shapes(c: ArchConfig) -> dict[str, tuple[int, ...]]:
 
 
 def _check_tensors(config: ArchConfig, tensors: dict[str, SourceTensor], where: Path) -> None:
+    if config.n_layers * 9 > len(tensors):  # checked first: a claimed layer count sizes what follows
+        raise CheckpointError(f"{where}: the configuration has {config.n_layers} layers, the checkpoint "
+                              f"{len(tensors)} tensors (each layer needs at least 9)")
     shapes = expected_shapes(config)
     missing = [n for n in shapes if n not in tensors]
     if missing:
@@ -297,18 +305,60 @@ def _field(reader: Any, key: str, default: Any = None) -> Any:
     f = reader.fields.get(key)
     if f is None:
         return default
-    return f.contents()
+    try:
+        return f.contents()
+    except (ValueError, IndexError) as exc:  # a string that is not UTF-8; a field of no value
+        raise CheckpointError(f"{_where(reader)}: GGUF metadata {key!r} is unreadable ({exc})") from None
 
 
-def _gguf_require(reader: Any, key: str, where: Path) -> Any:
+def _where(reader: Any) -> str:
+    return str(getattr(reader, "fic_path", None) or getattr(reader.data, "filename", "GGUF file"))
+
+
+# Bounds on a GGUF file's sizes: far above any model fic runs, low enough that nothing computed
+# from them overflows or is allocated before the file's tensors are checked against them.
+_MAX_GGUF_DIM = 1 << 24
+_MAX_GGUF_LAYERS = 1 << 16
+_MAX_GGUF_CTX = 1 << 32
+
+
+def _gguf_int(reader: Any, key: str, where: Path, *, default: int | None = None, required: bool = False,
+              lo: int = 1, hi: int = _MAX_GGUF_DIM) -> int | None:
+    """An integer of the metadata (one value for every layer, if it is a list), lo..hi."""
     value = _field(reader, key)
     if value is None:
-        raise CheckpointError(f"{where}: GGUF metadata {key!r} missing")
+        if required:
+            raise CheckpointError(f"{where}: GGUF metadata {key!r} missing")
+        return default
     if isinstance(value, list):
-        if len(set(value)) != 1:
+        if not value or len(set(value)) != 1:
             raise CheckpointError(f"{where}: {key} varies across layers, which fic does not support")
         value = value[0]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CheckpointError(f"{where}: GGUF metadata {key} is {_short(value)}, not an integer")
+    if not lo <= value <= hi:
+        raise CheckpointError(f"{where}: GGUF metadata {key} is {value}, outside {lo}..{hi}")
     return value
+
+
+def _gguf_float(reader: Any, key: str, where: Path, *, default: float | None = None,
+                required: bool = False) -> float | None:
+    """A finite, non-negative number of the metadata."""
+    value = _field(reader, key)
+    if value is None:
+        if required:
+            raise CheckpointError(f"{where}: GGUF metadata {key!r} missing")
+        return default
+    if isinstance(value, list) and value and len(set(value)) == 1:
+        value = value[0]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise CheckpointError(f"{where}: GGUF metadata {key} is {_short(value)}, not a finite non-negative number")
+    return float(value)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def llama3_factors(scaling: dict[str, Any], head_dim: int, theta: float) -> np.ndarray:
@@ -365,13 +415,20 @@ def _llama3_from_factors(factors: np.ndarray, head_dim: int, theta: float, old: 
 def _gguf_rope_scaling(reader: Any, arch: str, head_dim: int, theta: float, where: Path) -> dict[str, Any] | None:
     kind = _field(reader, f"{arch}.rope.scaling.type")
     if kind not in (None, "none"):
-        raise CheckpointError(f"{where}: GGUF rope scaling type {kind!r} is not supported")
+        raise CheckpointError(f"{where}: GGUF rope scaling type {_short(kind)} is not supported")
     t = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
     if t is None:
         return None
-    factors = np.asarray(t.data, dtype=np.float32).reshape(-1)
-    old = _field(reader, f"{arch}.rope.scaling.original_context_length")
-    d = _llama3_from_factors(factors, head_dim, theta, int(old) if old else None)
+    factors = np.asarray(t.data).reshape(-1)
+    if t.tensor_type.name != "F32" or factors.size != head_dim // 2 or not np.all(np.isfinite(factors)) \
+            or not np.all(factors > 0):
+        raise CheckpointError(f"{where}: rope_freqs is not {head_dim // 2} positive F32 factors")
+    old = _gguf_int(reader, f"{arch}.rope.scaling.original_context_length", where, hi=_MAX_GGUF_CTX)
+    try:
+        with np.errstate(all="ignore"):
+            d = _llama3_from_factors(factors.astype(np.float32), head_dim, theta, old)
+    except (ValueError, ArithmeticError):  # no line fits (numpy's LinAlgError is a ValueError)
+        d = None
     if d is not None:
         return d
     raise CheckpointError(f"{where}: rope_freqs tensor does not match llama3 rope scaling; fic cannot run it")
@@ -408,7 +465,11 @@ def _gguf_loader(t: Any, qtype: str, shape: tuple[int, ...], rows_index: np.ndar
             return data.view(np.float16).reshape(shape) if len(shape) == 2 else data.astype(np.float32).reshape(shape)
         if qtype in KEPT_GGUF_TYPES and len(shape) == 2:
             return QTensor(KEPT_GGUF_TYPES[qtype], (shape[0], shape[1]), data.reshape(-1))
-        return _dequantize_rows(data, gguf.GGMLQuantizationType[qtype]).reshape(shape)
+        try:
+            return _dequantize_rows(data, gguf.GGMLQuantizationType[qtype]).reshape(shape)
+        except (NotImplementedError, ValueError) as exc:
+            raise CheckpointError(f"{where}: tensor {t.name!r} of GGUF type {qtype} cannot be read "
+                                  f"({exc or type(exc).__name__})") from None
 
     return load
 
@@ -427,39 +488,112 @@ def _dequantize_rows(data: np.ndarray, qtype: Any, chunk: int = 2048) -> np.ndar
 
 
 class _Truncated(Exception):
-    """A read past the end of a GGUF file; str() is the one-line message."""
+    """A read past the end of a GGUF file, or a count or size the file cannot hold; str() is the
+    one-line message."""
 
 
 _GGUF_HEADER_BYTES = 24  # magic, version, tensor count, metadata count
+_GGUF_MIN_KV = 13        # key length (8), type (4), the smallest value (1)
+_GGUF_MIN_TENSOR = 24    # name length (8), dimension count (4), type (4), offset (8)
+_GGML_MAX_DIMS = 4
 
 
 @functools.cache
 def _bounded_gguf_reader() -> type:
-    """gguf.GGUFReader with every read checked against the file's size before it is made. The
+    """gguf.GGUFReader with every read checked against the file's size before it is made, and
+    every count against what the rest of the file can hold before anything is built from it. The
     package slices a memory map of the file, so a truncated file otherwise surfaces as numpy's
-    view and reshape errors. Its private _get and _build_tensors (gguf==0.19.0, pinned in setup.py)
-    are where it reads; tests/test_convert.py cuts files at each stage to keep this honest."""
+    view and reshape errors, and a count of 2^60 as a loop that allocates until the file ends.
+    Arrays of numbers are read as one view (the package makes one numpy object per element: a
+    hundred bytes of memory per byte of file). Its private _get, _build_fields,
+    _get_field_parts and _build_tensors (gguf==0.19.0, pinned in setup.py) are where it reads;
+    tests/test_convert.py cuts files at each stage, tests/test_fuzz.py mutates them."""
     import gguf
 
+    VT = gguf.GGUFValueType
+
     class BoundedReader(gguf.GGUFReader):
+        _plain = None  # the memory map as a plain array: its slices skip np.memmap's costly bookkeeping
+
         def _get(self, offset, dtype, count=1, override_order=None):
-            end = int(offset) + np.dtype(dtype).itemsize * int(count)
+            offset, count, dtype = int(offset), int(count), np.dtype(dtype)
+            end = offset + dtype.itemsize * count
             if end > len(self.data):
                 what = "the GGUF header" if offset < _GGUF_HEADER_BYTES else "the metadata"
-                raise _Truncated(f"truncated: {what} needs bytes {int(offset)}..{end}, the file has {len(self.data)}")
-            return super()._get(offset, dtype, count, override_order)
+                raise _Truncated(f"truncated: {what} needs bytes {offset}..{end}, the file has {len(self.data)}")
+            if self._plain is None:
+                self._plain = self.data.view(np.ndarray)
+            arr = self._plain[offset:end].view(dtype=dtype)  # as the package's _get, unmapped
+            order = self.byte_order if override_order is None else override_order
+            return arr if order == "I" else arr.view(arr.dtype.newbyteorder(order))
+
+        def _build_fields(self, offs, count):
+            n_tensors = int(self.fields["GGUF.tensor_count"].parts[0][0])
+            need = int(offs) + int(count) * _GGUF_MIN_KV + n_tensors * _GGUF_MIN_TENSOR
+            if need > len(self.data):
+                raise _Truncated(f"truncated: the metadata needs bytes {int(offs)}..{need}, the file has "
+                                 f"{len(self.data)} (the header claims {int(count)} keys and {n_tensors} tensors)")
+            return super()._build_fields(offs, count)
+
+        def _get_field_parts(self, orig_offs, raw_type):
+            if int(raw_type) != VT.ARRAY:
+                return super()._get_field_parts(orig_offs, raw_type)
+            raw_itype = self._get(orig_offs, np.uint32)
+            alen = self._get(orig_offs + 4, np.uint64)
+            itype, n = int(raw_itype[0]), int(alen[0])
+            try:
+                nptype = self.gguf_scalar_to_np.get(VT(itype))
+            except ValueError:
+                raise ValueError(f"Unknown/unhandled field type {itype}") from None
+            least = np.dtype(nptype).itemsize if nptype is not None else 8 if itype == VT.STRING else 12
+            end = int(orig_offs) + 12 + n * least
+            if end > len(self.data):
+                raise _Truncated(f"truncated: the metadata needs bytes {int(orig_offs)}..{end} (an array of {n} "
+                                 f"items), the file has {len(self.data)}")
+            if itype == VT.STRING:
+                return self._string_array(orig_offs, raw_itype, alen, n)
+            if nptype is None:
+                return super()._get_field_parts(orig_offs, raw_type)
+            items = self._get(orig_offs + 12, nptype, n)
+            return 12 + int(items.nbytes), [raw_itype, alen, items], [2], [VT.ARRAY, VT(itype)]
+
+        def _string_array(self, orig_offs, raw_itype, alen, n):
+            """An array of strings (a vocabulary) as memoryview slices of the map: the package's
+            contents() reads them with tobytes(), as it reads its own numpy views."""
+            if self._plain is None:
+                self._plain = self.data.view(np.ndarray)
+            mv, size = memoryview(self._plain), len(self.data)
+            order = sys.byteorder if self.byte_order == "I" else ("big" if sys.byteorder == "little" else "little")
+            parts, idxs, offs = [raw_itype, alen], [], int(orig_offs) + 12
+            for _ in range(n):
+                if offs + 8 > size:
+                    raise _Truncated(f"truncated: the metadata needs bytes {offs}..{offs + 8}, the file has {size}")
+                slen = int.from_bytes(mv[offs:offs + 8], order)
+                if offs + 8 + slen > size:
+                    raise _Truncated(f"truncated: the metadata needs bytes {offs + 8}..{offs + 8 + slen}, "
+                                     f"the file has {size}")
+                parts += [mv[offs:offs + 8], mv[offs + 8:offs + 8 + slen]]
+                idxs.append(len(parts) - 1)
+                offs += 8 + slen
+            return offs - int(orig_offs), parts, idxs, [VT.ARRAY, VT.STRING]
 
         def _build_tensors(self, start_offs, fields):
             for field in fields:  # parts: name length, name, n_dims, dims, type, offset (gguf_reader.py)
                 _, name, _, dims, raw_type, offset = field.parts
+                tensor = bytes(name).decode("utf-8", errors="replace")
+                if not 1 <= len(dims) <= _GGML_MAX_DIMS:
+                    raise _Truncated(f"tensor {tensor!r} has {len(dims)} dimensions (GGUF allows 1..{_GGML_MAX_DIMS})")
                 try:
-                    block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(int(raw_type[0]))]
+                    qtype = gguf.GGMLQuantizationType(int(raw_type[0]))
+                    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
                 except (KeyError, ValueError):
                     continue  # an unknown type: the package says so itself
+                n = math.prod(int(d) for d in dims)  # Python integers: no product wraps
+                if n % block:
+                    raise _Truncated(f"tensor {tensor!r}: {n} elements are not a whole number of {qtype.name} blocks")
                 begin = int(start_offs) + int(offset[0])
-                end = begin + int(np.prod(dims.astype(np.int64))) * type_size // block
+                end = begin + n * type_size // block
                 if end > len(self.data):
-                    tensor = bytes(name).decode("utf-8", errors="replace")
                     raise _Truncated(f"truncated: tensor {tensor!r} needs bytes {begin}..{end}, "
                                      f"the file has {len(self.data)}")
             super()._build_tensors(start_offs, fields)
@@ -471,61 +605,78 @@ def _open_gguf_reader(path: Path) -> Any:
     if path.stat().st_size == 0:  # numpy cannot map an empty file
         raise CheckpointError(f"{path}: truncated: the file is empty")
     try:
-        return _bounded_gguf_reader()(str(path))
+        reader = _bounded_gguf_reader()(str(path))
     except _Truncated as exc:
         raise CheckpointError(f"{path}: {exc}") from None
+    except MemoryError:  # not a fault of the file's: said as what it is
+        raise
     except Exception as exc:  # the reader raises many kinds on a corrupt file
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(f"{path}: not a readable GGUF file ({detail})") from None
+    reader.fic_path = path
+    return reader
 
 
 def _open_gguf(path: Path) -> Checkpoint:
-    reader = _open_gguf_reader(path)
+    return _gguf_checkpoint(_open_gguf_reader(path), path)
+
+
+def _gguf_checkpoint(reader: Any, path: Path) -> Checkpoint:
+    """The checkpoint an open GGUF reader holds: its configuration from the metadata, checked,
+    and its tensors checked against it."""
     arch = _field(reader, "general.architecture")
     if arch not in GGUF_ARCHS:
-        raise CheckpointError(f"unsupported architecture {arch!r} in {path.name} (fic converts {', '.join(GGUF_ARCHS)})")
+        raise CheckpointError(f"unsupported architecture {_short(arch)} in {path.name} (fic converts {', '.join(GGUF_ARCHS)})")
     by_name = {t.name: t for t in reader.tensors}
-    d_model = int(_gguf_require(reader, f"{arch}.embedding_length", path))
-    n_heads = int(_gguf_require(reader, f"{arch}.attention.head_count", path))
-    has_kv = _field(reader, f"{arch}.attention.head_count_kv") is not None
-    n_kv = int(_gguf_require(reader, f"{arch}.attention.head_count_kv", path)) if has_kv else n_heads
-    head_dim = int(_field(reader, f"{arch}.attention.key_length") or d_model // n_heads)
-    rope_dim = _field(reader, f"{arch}.rope.dimension_count")
-    if rope_dim is not None and int(rope_dim) != head_dim:
+    d_model = _gguf_int(reader, f"{arch}.embedding_length", path, required=True)
+    n_heads = _gguf_int(reader, f"{arch}.attention.head_count", path, required=True)
+    n_kv = _gguf_int(reader, f"{arch}.attention.head_count_kv", path, default=n_heads)
+    head_dim = _gguf_int(reader, f"{arch}.attention.key_length", path, default=max(1, d_model // n_heads))
+    rope_dim = _gguf_int(reader, f"{arch}.rope.dimension_count", path)
+    if rope_dim is not None and rope_dim != head_dim:
         raise CheckpointError(f"{path}: partial rotary embedding ({rope_dim} of {head_dim}) is not supported")
-    theta = float(_field(reader, f"{arch}.rope.freq_base") or 10000.0)
+    theta = _gguf_float(reader, f"{arch}.rope.freq_base", path) or 10000.0
     embd = by_name.get("token_embd.weight")
     if embd is None:
         raise CheckpointError(f"{path}: tensor 'token_embd.weight' missing")
     tokens = _field(reader, "tokenizer.ggml.tokens")
+    if tokens is not None and not isinstance(tokens, list):
+        raise CheckpointError(f"{path}: GGUF metadata tokenizer.ggml.tokens is not a list")
     vocab = int(embd.shape[1]) if len(embd.shape) == 2 else len(tokens or [])
+    name, file_type = _field(reader, "general.name"), _field(reader, "general.file_type")
     try:
         config = ArchConfig(
-            arch=arch, n_layers=int(_gguf_require(reader, f"{arch}.block_count", path)), d_model=d_model,
-            n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim,
-            d_ff=int(_gguf_require(reader, f"{arch}.feed_forward_length", path)), vocab_size=vocab,
-            norm_eps=float(_gguf_require(reader, f"{arch}.attention.layer_norm_rms_epsilon", path)),
-            rope_theta=theta, max_ctx=int(_field(reader, f"{arch}.context_length") or 2048),
+            arch=arch, n_layers=_gguf_int(reader, f"{arch}.block_count", path, required=True, hi=_MAX_GGUF_LAYERS),
+            d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim,
+            d_ff=_gguf_int(reader, f"{arch}.feed_forward_length", path, required=True), vocab_size=vocab,
+            norm_eps=_gguf_float(reader, f"{arch}.attention.layer_norm_rms_epsilon", path, required=True),
+            rope_theta=theta, max_ctx=_gguf_int(reader, f"{arch}.context_length", path, default=2048, hi=_MAX_GGUF_CTX),
             tie_embeddings="output.weight" not in by_name,
             attn_bias="blk.0.attn_q.bias" in by_name, qk_norm="blk.0.attn_q_norm.weight" in by_name,
-            rope_scaling=_gguf_rope_scaling(reader, arch, head_dim, theta, path),
-            extra={"gguf_name": _field(reader, "general.name"), "gguf_file_type": _field(reader, "general.file_type")},
+            rope_scaling=None,
+            extra={"gguf_name": name if isinstance(name, str) else None,
+                   "gguf_file_type": file_type if type(file_type) is int else None},
         )
     except ValueError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
+    scaling = _gguf_rope_scaling(reader, arch, head_dim, theta, path)  # after the config checked head_dim
+    if scaling is not None:
+        config = _replace(config, rope_scaling=scaling)
     if tokens is not None and len(tokens) != vocab:
         raise CheckpointError(f"{path}: {len(tokens)} tokens but token_embd has {vocab} rows")
-    tensors = {}
+    tensors, sources = {}, {}
     for t in reader.tensors:
         if t.name == "rope_freqs.weight":
             continue
         canon = _gguf_canonical(t.name)
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # ggml lists ne0 (row length) first
+        qtype = t.tensor_type.name
+        tensors[canon] = SourceTensor(canon, shape, qtype, qtype in KEPT_GGUF_TYPES, lambda: None)
+        sources[canon] = t
+    _check_tensors(config, tensors, path)  # before the loaders: their row order needs the shapes checked
+    for canon, st in tensors.items():
         index = None
         if arch == "llama" and re.fullmatch(r"blk\.\d+\.attn_[qk](\.bias)?", canon):
-            index = _qk_unpermute_index(shape[0], n_heads if ".attn_q" in canon else n_kv)
-        qtype = t.tensor_type.name
-        kept = qtype in KEPT_GGUF_TYPES
-        tensors[canon] = SourceTensor(canon, shape, qtype, kept, _gguf_loader(t, qtype, shape, index, path))
-    _check_tensors(config, tensors, path)
+            index = _qk_unpermute_index(st.shape[0], n_heads if ".attn_q" in canon else n_kv)
+        st.load = _gguf_loader(sources[canon], st.src_type, st.shape, index, path)
     return Checkpoint("gguf", path, config, [path], tensors, gguf_reader=reader)

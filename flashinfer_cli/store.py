@@ -36,9 +36,9 @@ def fic_home() -> Path:
 
 
 def validate_name(name: str) -> str:
-    """A model name is one path component: no '/', no '..', not hidden, not empty."""
-    bad = (not name or "/" in name or "\\" in name or name in (".", "..") or ".." in name
-           or name.startswith(".") or "\0" in name)
+    """A model name is one path component: no '/', no '..', not hidden, not empty, at most 255
+    bytes, a file name the filesystem can hold (fmt.is_plain_name)."""
+    bad = not fmt.is_plain_name(name) or ".." in name or len(os.fsencode(name)) > 255
     if bad:
         raise StoreError(f"invalid model name {name!r}: use letters, digits, '.', '-' or '_' (no '/' or '..')")
     return name
@@ -182,7 +182,8 @@ class Store:
             for sha in _source_sha256s(self.path(name)):
                 users.setdefault(sha, []).append(name)
         out = []
-        for entry in sorted(p for p in self.cache_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for entry in sorted(p for p in self.cache_dir.iterdir()
+                            if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")):
             files = tuple(sorted(f.name for f in entry.iterdir() if f.is_file()))
             out.append(DownloadInfo(entry.name, entry, dir_size(entry), files, tuple(users.get(entry.name, ()))))
         return out

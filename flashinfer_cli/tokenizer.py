@@ -10,11 +10,37 @@ from __future__ import annotations
 
 import codecs
 import json
+import math
+import re
+import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime
-from functools import lru_cache
+from functools import lru_cache, wraps
 from pathlib import Path
 from typing import Any
+
+
+class TokenizerError(ValueError):
+    """A tokenizer, or one of its files, that fic cannot use; the message is one line."""
+
+
+class ChatTemplateError(TokenizerError):
+    """A chat template that does not compile, fails while rendering, or breaks one of the
+    sandbox's limits (TEMPLATE_LIMITS); the message is one line."""
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _library_fault(exc: BaseException) -> bool:
+    """An error of the tokenizers library about its input: its own exception types, or a Rust
+    panic (pyo3's PanicException, a BaseException); not MemoryError, KeyboardInterrupt..."""
+    if isinstance(exc, Exception):
+        return not isinstance(exc, MemoryError)
+    return type(exc).__name__ == "PanicException"
 
 # ---------------------------------------------------------------------------------------------
 # llama.cpp facts (src/llama-vocab.cpp): pre-tokenizer regexes per tokenizer.ggml.pre, and the
@@ -125,35 +151,55 @@ class TokenizerSpec:
 
 
 def _read_json(path: Path) -> dict:
+    """A JSON object from path ({} if there is no such file); TokenizerError if unreadable."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: unreadable JSON ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise TokenizerError(f"{path}: unreadable JSON ({_one_line(e)})") from None
+    if not isinstance(raw, dict):
+        raise TokenizerError(f"{path}: not a JSON object")
+    return raw
 
 
 def _token_text(value: Any) -> str | None:
     """tokenizer_config's special tokens are strings or AddedToken dicts."""
     if isinstance(value, dict):
-        return value.get("content")
+        value = value.get("content")
     return value if isinstance(value, str) else None
+
+
+def _load_hf(text: str, where: Any):
+    """A tokenizers-library Tokenizer from its JSON document; TokenizerError if it is not one."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    try:
+        return HFTokenizer.from_str(text)
+    except BaseException as e:  # tokenizers raises its own exception type, or panics
+        if not _library_fault(e):
+            raise
+        raise TokenizerError(f"{where}: not a tokenizers document ({_one_line(e)})") from None
+
+
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise TokenizerError(f"{path}: cannot read {what} ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise TokenizerError(f"{path}: {what} is not UTF-8 ({e})") from None
 
 
 def spec_from_hf_dir(path: Path) -> TokenizerSpec:
     """Tokenizer of a Hugging Face layout dir: tokenizer.json, tokenizer_config.json and, for the
-    ids that end generation, generation_config.json."""
-    from tokenizers import Tokenizer as HFTokenizer
-
+    ids that end generation, generation_config.json. TokenizerError names what is wrong."""
     path = Path(path)
     tok_file = path / "tokenizer.json"
-    try:
-        tokenizer_json = tok_file.read_text(encoding="utf-8")
-        hf = HFTokenizer.from_str(tokenizer_json)
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no tokenizer.json") from None
-    except Exception as e:  # tokenizers raises its own exception type for a bad document
-        raise ValueError(f"{tok_file}: not a tokenizers document ({e})") from None
+    if not tok_file.is_file():
+        raise TokenizerError(f"{path}: no tokenizer.json")
+    tokenizer_json = _read_text(tok_file, "tokenizer.json")
+    hf = _load_hf(tokenizer_json, tok_file)
     config = _read_json(path / "tokenizer_config.json")
     gen = _read_json(path / "generation_config.json")
 
@@ -161,8 +207,11 @@ def spec_from_hf_dir(path: Path) -> TokenizerSpec:
         text = _token_text(config.get(key))
         return hf.token_to_id(text) if text is not None else None
 
+    def an_id(value: Any) -> bool:
+        return type(value) is int and 0 <= value < 1 << 32
+
     bos_id = token_id("bos_token")
-    if bos_id is None and isinstance(gen.get("bos_token_id"), int):
+    if bos_id is None and an_id(gen.get("bos_token_id")):
         bos_id = gen["bos_token_id"]
     eos_ids: list[int] = []
     main_eos = token_id("eos_token")
@@ -170,21 +219,29 @@ def spec_from_hf_dir(path: Path) -> TokenizerSpec:
         eos_ids.append(main_eos)
     gen_eos = gen.get("eos_token_id")
     for i in gen_eos if isinstance(gen_eos, list) else [gen_eos]:
-        if isinstance(i, int) and i not in eos_ids:
+        if an_id(i) and i not in eos_ids:
             eos_ids.append(i)
 
     if isinstance(config.get("add_bos_token"), bool):
         add_bos = config["add_bos_token"] and bos_id is not None
     else:  # no explicit flag: whatever the document's post-processor does
-        with_special = hf.encode("a", add_special_tokens=True).ids
-        add_bos = bos_id is not None and with_special[:1] == [bos_id] != hf.encode(
-            "a", add_special_tokens=False).ids[:1]
+        try:
+            with_special = hf.encode("a", add_special_tokens=True).ids
+            plain = hf.encode("a", add_special_tokens=False).ids
+        except BaseException as e:
+            if not _library_fault(e):
+                raise
+            raise TokenizerError(f"{tok_file}: cannot encode with it ({_one_line(e)})") from None
+        add_bos = bos_id is not None and with_special[:1] == [bos_id] != plain[:1]
     template = config.get("chat_template")
     if isinstance(template, list):  # several named templates: take the default one
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        named = {t.get("name"): t.get("template") for t in template
+                 if isinstance(t, dict) and isinstance(t.get("name"), str)}
         template = named.get("default")
     if template is None and (path / "chat_template.jinja").is_file():
-        template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+        template = _read_text(path / "chat_template.jinja", "the chat template")
+    if template is not None and not isinstance(template, str):
+        raise TokenizerError(f"{path / 'tokenizer_config.json'}: chat_template is not a string")
     return TokenizerSpec(tokenizer_json=tokenizer_json, chat_template=template, bos_id=bos_id,
                          eos_ids=eos_ids, add_bos=bool(add_bos))
 
@@ -194,7 +251,33 @@ def spec_from_hf_dir(path: Path) -> TokenizerSpec:
 
 def _gguf_value(reader: Any, key: str, default: Any = None) -> Any:
     field = reader.fields.get(key)
-    return default if field is None else field.contents()
+    if field is None:
+        return default
+    try:
+        return field.contents()
+    except (ValueError, IndexError) as e:  # a string that is not UTF-8
+        raise TokenizerError(f"GGUF metadata {key!r} is unreadable ({_one_line(e)})") from None
+
+
+def _gguf_id(reader: Any, key: str) -> int | None:
+    """A token id of the metadata (any integer: range checks are the caller's), or None."""
+    v = _gguf_value(reader, key)
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+        raise TokenizerError(f"GGUF metadata {key} is {_short(v)}, not a token id")
+    return v
+
+
+def _gguf_list(reader: Any, key: str, item: type) -> list | None:
+    v = _gguf_value(reader, key)
+    if v is not None and (not isinstance(v, list) or not all(isinstance(x, item) and not isinstance(x, bool)
+                                                              for x in v)):
+        raise TokenizerError(f"GGUF metadata {key} is not a list of {item.__name__}")
+    return v
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _special_token_ids(tokens: list[str], types: list[int] | None, reader: Any) -> set[int]:
@@ -204,10 +287,10 @@ def _special_token_ids(tokens: list[str], types: list[int] | None, reader: Any) 
     if types is not None:
         special = {i for i, t in enumerate(types) if t in (_TT_UNKNOWN, _TT_CONTROL, _TT_USER_DEFINED)}
     promoted = set(_EOG_TEXTS) | set(_ALWAYS_SPECIAL)
-    if _gguf_value(reader, "tokenizer.ggml.eot_token_id") is None:
+    if _gguf_id(reader, "tokenizer.ggml.eot_token_id") is None:
         promoted |= set(_EOT_TEXTS)
     for kind, texts in _FIM_TEXTS.items():
-        if _gguf_value(reader, f"tokenizer.ggml.{kind}_token_id") is None:
+        if _gguf_id(reader, f"tokenizer.ggml.{kind}_token_id") is None:
             promoted |= set(texts)
     special |= {i for i, t in enumerate(tokens) if t in promoted}
     return special
@@ -219,8 +302,8 @@ def _eog_ids(tokens: list[str], reader: Any, eos_id: int | None) -> list[int]:
     index = {t: i for i, t in enumerate(tokens)}
 
     def key_id(name: str) -> int | None:
-        v = _gguf_value(reader, f"tokenizer.ggml.{name}_token_id")
-        return int(v) if v is not None and 0 <= int(v) < n else None
+        v = _gguf_id(reader, f"tokenizer.ggml.{name}_token_id")
+        return v if v is not None and 0 <= v < n else None
 
     def first_present(texts: tuple[str, ...]) -> int | None:
         return next((index[t] for t in texts if t in index), None)
@@ -249,35 +332,45 @@ def _eog_ids(tokens: list[str], reader: Any, eos_id: int | None) -> list[int]:
 
 def spec_from_gguf(reader: "gguf.GGUFReader") -> TokenizerSpec:  # noqa: F821
     """The tokenizer of a GGUF file, built to tokenize exactly as llama.cpp does on that file.
-    Supports byte-level BPE ("gpt2") vocabularies; raises ValueError for others."""
+    Supports byte-level BPE ("gpt2") vocabularies; raises TokenizerError for others, and for
+    metadata of the wrong types."""
     model = _gguf_value(reader, "tokenizer.ggml.model")
     if model is None:
-        raise ValueError("GGUF file has no tokenizer (tokenizer.ggml.model missing)")
+        raise TokenizerError("GGUF file has no tokenizer (tokenizer.ggml.model missing)")
     if model != "gpt2":
-        raise ValueError(f"unsupported GGUF tokenizer model '{model}' (only byte-level BPE 'gpt2' "
-                         "is supported)")
+        raise TokenizerError(f"unsupported GGUF tokenizer model {_short(model)} (only byte-level BPE 'gpt2' "
+                             "is supported)")
     pre_name = _gguf_value(reader, "tokenizer.ggml.pre") or "default"
-    pre = _PRE_TOKENIZERS.get(pre_name)
+    pre = _PRE_TOKENIZERS.get(pre_name) if isinstance(pre_name, str) else None
     if pre is None:
-        raise ValueError(f"unsupported GGUF pre-tokenizer '{pre_name}' (supported: "
-                         f"{', '.join(sorted(_PRE_TOKENIZERS))})")
-    tokens = _gguf_value(reader, "tokenizer.ggml.tokens")
-    merges = _gguf_value(reader, "tokenizer.ggml.merges")
+        raise TokenizerError(f"unsupported GGUF pre-tokenizer {_short(pre_name)} (supported: "
+                             f"{', '.join(sorted(_PRE_TOKENIZERS))})")
+    tokens = _gguf_list(reader, "tokenizer.ggml.tokens", str)
+    merges = _gguf_list(reader, "tokenizer.ggml.merges", str)
     if not tokens or merges is None:
-        raise ValueError("GGUF tokenizer lacks tokenizer.ggml.tokens or tokenizer.ggml.merges")
+        raise TokenizerError("GGUF tokenizer lacks tokenizer.ggml.tokens or tokenizer.ggml.merges")
     tokens = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(tokens)]  # as llama.cpp names them
-    types = _gguf_value(reader, "tokenizer.ggml.token_type")
+    if len(set(tokens)) != len(tokens):
+        raise TokenizerError("GGUF tokenizer.ggml.tokens lists a token twice")
+    types = _gguf_list(reader, "tokenizer.ggml.token_type", int)
     n = len(tokens)
+    if types is not None and len(types) != n:
+        raise TokenizerError(f"GGUF tokenizer.ggml.token_type has {len(types)} entries for {n} tokens")
+    template = _gguf_value(reader, "tokenizer.chat_template")
+    if template is not None and not isinstance(template, str):
+        raise TokenizerError("GGUF metadata tokenizer.chat_template is not a string")
 
     def id_key(name: str, default: int | None) -> int | None:
-        v = _gguf_value(reader, f"tokenizer.ggml.{name}_token_id")
-        if v is not None and 0 <= int(v) < n:
-            return int(v)
+        v = _gguf_id(reader, f"tokenizer.ggml.{name}_token_id")
+        if v is not None and 0 <= v < n:
+            return v
         return default if default is not None and default < n else None
 
     bos_id = id_key("bos", 11)  # 11: llama.cpp's default for BPE vocabularies
     eos_id = id_key("eos", 11)
     add_bos = _gguf_value(reader, "tokenizer.ggml.add_bos_token")
+    if add_bos is not None and not isinstance(add_bos, (bool, int)):
+        raise TokenizerError("GGUF metadata tokenizer.ggml.add_bos_token is not a boolean")
     add_bos = pre.add_bos if add_bos is None else bool(add_bos)
     special = _special_token_ids(tokens, types, reader)
 
@@ -308,8 +401,7 @@ def spec_from_gguf(reader: "gguf.GGUFReader") -> TokenizerSpec:  # noqa: F821
             "merges": _merge_pairs(merges, set(tokens)),
         },
     }
-    return TokenizerSpec(tokenizer_json=json.dumps(doc, ensure_ascii=False),
-                         chat_template=_gguf_value(reader, "tokenizer.chat_template"),
+    return TokenizerSpec(tokenizer_json=json.dumps(doc, ensure_ascii=False), chat_template=template,
                          bos_id=bos_id, eos_ids=_eog_ids(tokens, reader, eos_id), add_bos=add_bos)
 
 
@@ -392,10 +484,16 @@ class Tokenizer:
     """Encode, decode, stream-decode and render chats for one model."""
 
     def __init__(self, tokenizer_json: str, *, bos_id: int | None, eos_ids: list[int],
-                 add_bos: bool, chat_template: str | None):
-        from tokenizers import Tokenizer as HFTokenizer
+                 add_bos: bool, chat_template: str | None, where: Any = "tokenizer"):
+        def an_id(v: Any) -> bool:
+            return type(v) is int and 0 <= v < 1 << 32
 
-        self._hf = HFTokenizer.from_str(tokenizer_json)
+        if not (bos_id is None or an_id(bos_id)) or not isinstance(eos_ids, list) \
+                or not all(an_id(i) for i in eos_ids) or not isinstance(add_bos, bool) \
+                or not (chat_template is None or isinstance(chat_template, str)):
+            raise TokenizerError(f"{where}: bad tokenizer entry (bos_id {_short(bos_id)}, eos_ids {_short(eos_ids)}, "
+                                 f"add_bos {_short(add_bos)}, chat_template of type {type(chat_template).__name__})")
+        self._hf = _load_hf(tokenizer_json, where)
         # from the loaded tokenizer, not json.loads of the document: that would hold the whole
         # vocabulary twice more, as Python objects, at the engine's peak memory
         added = self._hf.get_added_tokens_decoder()
@@ -409,7 +507,9 @@ class Tokenizer:
         self._added = {i: t.content for i, t in added.items()}
         self._byte_level = _is_byte_level(json.loads(decoder.__getstate__()) if decoder is not None else None)
         self._bytes: list[bytes] | None = self._byte_table() if self._byte_level else None
-        self._template = None
+        self._template: ChatTemplate | None = None
+        if bos_id is not None and bos_id >= self.vocab_size:
+            raise TokenizerError(f"{where}: bos_id {bos_id} is outside the vocabulary of {self.vocab_size}")
 
     @classmethod
     def from_spec(cls, spec: TokenizerSpec) -> "Tokenizer":
@@ -418,21 +518,26 @@ class Tokenizer:
 
     @classmethod
     def from_model_dir(cls, model_dir: Path, entry: dict) -> "Tokenizer":
+        """The tokenizer of a fic model: its tokenizer.json and the manifest's tokenizer entry.
+        TokenizerError names what is wrong."""
         path = Path(model_dir) / "tokenizer.json"
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as e:
-            raise ValueError(f"{path}: cannot read tokenizer ({e.strerror or e})") from None
+        text = _read_text(path, "tokenizer")
+        if not isinstance(entry, dict):
+            raise TokenizerError(f"{path}: the manifest's tokenizer entry is not an object")
         return cls(text, bos_id=entry.get("bos_id"), eos_ids=entry.get("eos_ids") or [],
-                   add_bos=bool(entry.get("add_bos", False)),
-                   chat_template=entry.get("chat_template"))
+                   add_bos=entry.get("add_bos", False), chat_template=entry.get("chat_template"), where=path)
 
     # -- encode / decode --------------------------------------------------------------------
 
     def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
         """Token ids of text. Special tokens written in the text (e.g. "<|im_start|>") become
         their ids, as llama.cpp does for chat prompts."""
-        ids = self._hf.encode(text, add_special_tokens=False).ids
+        try:
+            ids = self._hf.encode(text, add_special_tokens=False).ids
+        except BaseException as e:  # the tokenizers library's own errors, or a panic
+            if not _library_fault(e):
+                raise
+            raise TokenizerError(f"cannot encode the text ({_one_line(e)})") from None
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids = [self.bos_id] + ids
         return ids
@@ -444,7 +549,12 @@ class Tokenizer:
                 "utf-8", errors="replace")
         for i in ids:
             self._check_id(i)
-        return self._hf.decode(list(ids), skip_special_tokens=skip_special)
+        try:
+            return self._hf.decode(list(ids), skip_special_tokens=skip_special)
+        except BaseException as e:  # the tokenizers library's own errors, or a panic
+            if not _library_fault(e):
+                raise
+            raise TokenizerError(f"cannot decode the ids ({_one_line(e)})") from None
 
     def stream_decoder(self, *, skip_special: bool = False) -> StreamDecoder:
         if self._bytes is not None:
@@ -484,18 +594,13 @@ class Tokenizer:
 
     def render_chat(self, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
         """The prompt text of a conversation, rendered with the model's chat template like
-        transformers' apply_chat_template (ChatML when the model has no template)."""
-        import jinja2
-
+        transformers' apply_chat_template (ChatML when the model has no template), inside the
+        sandbox's limits (ChatTemplate). ChatTemplateError says what went wrong, in one line."""
         if self._template is None:
-            self._template = _compile_template(self.chat_template or CHATML_TEMPLATE)
-        variables = {"bos_token": self._text_or_empty(self.bos_id),
-                     "eos_token": self._text_or_empty(self.eos_ids[0] if self.eos_ids else None)}
-        try:
-            return self._template.render(messages=messages, tools=None, documents=None,
-                                         add_generation_prompt=add_generation_prompt, **variables)
-        except jinja2.TemplateError as e:
-            raise ValueError(f"chat template: {e}") from None
+            self._template = ChatTemplate(self.chat_template or CHATML_TEMPLATE)
+        return self._template.render(messages, add_generation_prompt=add_generation_prompt,
+                                     bos_token=self._text_or_empty(self.bos_id),
+                                     eos_token=self._text_or_empty(self.eos_ids[0] if self.eos_ids else None))
 
     def encode_chat(self, messages: list[dict], *, add_generation_prompt: bool = True) -> list[int]:
         """Token ids of a rendered conversation. BOS is added per add_bos unless the template
@@ -521,13 +626,268 @@ def _is_byte_level(decoder: dict | None) -> bool:
     return False
 
 
-def _compile_template(source: str):
-    """jinja2 environment as transformers' apply_chat_template builds it: sandboxed,
-    trim_blocks and lstrip_blocks, loop controls, tojson without ASCII escaping,
-    raise_exception and strftime_now."""
+# ---------------------------------------------------------------------------------------------
+# Chat templates: jinja2's sandbox, bounded
+#
+# A chat template is code from the model's files. jinja2's ImmutableSandboxedEnvironment (as
+# transformers uses) keeps it from Python's internals; jinja2 has no bounds on time or memory, so
+# fic adds them: every loop iteration, call, filter, attribute lookup and output chunk counts
+# against a deadline; range() is capped; an operation that would build a string or list longer
+# than the output limit (*, +, %, ~, the padding filters, str's padding methods, format widths)
+# is refused before it allocates; output is streamed and counted. Each limit's error says which.
+
+@dataclass(frozen=True)
+class TemplateLimits:
+    seconds: float = 2.0          # of rendering; real templates take milliseconds
+    output_chars: int = 1 << 20   # of the rendered prompt, plus twice the messages' own text
+    range_items: int = 100_000    # of one range()
+    source_chars: int = 1 << 20   # of the template itself
+    number_arg: int = 1 << 16     # largest exponent of a power
+
+
+TEMPLATE_LIMITS = TemplateLimits()
+
+
+class _Budget:
+    """What one render may still spend; checked at every step the sandbox sees."""
+
+    __slots__ = ("deadline", "chars", "steps", "limits")
+
+    def __init__(self, limits: TemplateLimits, chars: int):
+        self.limits = limits
+        self.deadline = time.monotonic() + limits.seconds
+        self.chars = chars
+        self.steps = 0
+
+    def tick(self) -> None:
+        self.steps += 1
+        if self.steps & 255 == 0 and time.monotonic() > self.deadline:
+            raise ChatTemplateError(f"chat template: rendering took more than {self.limits.seconds:g} s "
+                                    "(a loop without end?)")
+
+    def size(self, n: int, what: str) -> None:
+        if n > self.chars:
+            raise ChatTemplateError(f"chat template: {what} of {n:,} items is more than the limit of "
+                                    f"{self.chars:,}")
+
+
+_MAX_INT_BITS = 1 << 16  # of an integer a product or power makes
+_CURRENT = threading.local()
+_STATIC = _Budget(TEMPLATE_LIMITS, TEMPLATE_LIMITS.output_chars)  # compile-time constant folding
+
+
+def _budget() -> _Budget:
+    b = getattr(_CURRENT, "budget", None)
+    if b is None:
+        b = _STATIC
+        b.deadline = math.inf
+    return b
+
+
+# a width or precision of a million or more, or one given as an argument ('*', '{}'), in
+# %-formatting (and strftime) and in str.format
+_PERCENT_WIDTH = re.compile(r"%[^a-zA-Z%]*?(?:\*|\d{7,})")
+_BRACE_WIDTH = re.compile(r"\{[^{}]*:[^{}]*(?:\{|\d{7,})")
+
+
+def _check_format(fmt: Any, braces: bool = False) -> None:
+    if isinstance(fmt, str) and (_BRACE_WIDTH if braces else _PERCENT_WIDTH).search(fmt):
+        raise ChatTemplateError("chat template: a format string with a huge width, or a width given as an argument")
+
+
+def _check_numbers(args: tuple, kwargs: dict, limit: int, what: str) -> None:
+    for v in (*args, *kwargs.values()):
+        if isinstance(v, int) and not isinstance(v, bool) and abs(v) > limit:
+            raise ChatTemplateError(f"chat template: {what} was given {v}, more than the limit of {limit}")
+
+
+def _text_size(x: Any, limit: int, depth: int = 0) -> int:
+    """How long str(x) is at least, counting no further than past `limit` (strings, and the
+    containers whose repr would hold them); what a template converts to text is checked with
+    this before the conversion allocates it."""
+    if isinstance(x, (str, bytes, bytearray)):
+        return len(x)
+    if not isinstance(x, (list, tuple, set, frozenset, dict)) or depth > 64:
+        return 0
+    if len(x) > limit:
+        return len(x)
+    total = 2
+    for item in (x.items() if isinstance(x, dict) else x):
+        total += 2 + _text_size(item, limit - total, depth + 1)
+        if total > limit:
+            break
+    return total
+
+
+def _check_text(x: Any, what: str) -> None:
+    b = _budget()
+    b.size(_text_size(x, b.chars), what)
+
+
+def _finalize(value: Any) -> Any:
+    """Every {{ expression }}'s value, before jinja2 makes it text."""
+    _check_text(value, "an output")
+    return value
+
+
+def _sized(value: Any, what: str) -> Any:
+    if isinstance(value, (str, list, tuple)):
+        _budget().size(len(value), what)
+    return value
+
+
+def _replace_size(text: str, old: Any, new: Any) -> int:
+    """The longest str.replace(old, new) can make text."""
+    old, new = str(old), str(new)
+    if not old:
+        return len(text) + (len(text) + 1) * len(new)
+    return len(text) + len(text) // len(old) * max(0, len(new) - len(old))
+
+
+def _check_growth(name: str, subject: Any, args: tuple, kwargs: dict) -> None:
+    """Before a filter or str method that builds from its arguments runs: what it would build
+    must fit the budget. subject: the string (or sequence) filtered, or the method's str."""
+    b = _budget()
+    widths = _WIDTH_ARGS.get(name)
+    if widths is not None:
+        _check_numbers(args, kwargs, widths, f"{name}()")
+    if name in ("format", "format_map"):
+        _check_format(subject, braces=True)
+    elif name == "format_filter":
+        _check_format(subject)
+    elif name == "replace" and isinstance(subject, str) and len(args) >= 2:
+        b.size(_replace_size(subject, args[0], args[1]), "replace()'s result")
+    elif name == "join" and isinstance(subject, str) and args and hasattr(args[0], "__len__"):
+        b.size(len(subject) * len(args[0]) + _text_size(args[0], b.chars), "join()'s result")
+    elif name == "join_filter" and hasattr(subject, "__len__"):
+        sep = args[0] if args else kwargs.get("d", "")
+        b.size(len(str(sep)) * len(subject) + _text_size(subject, b.chars), "join's result")
+    elif name in ("string", "tojson", "pprint"):
+        _check_text(subject, f"{name}'s result")
+    elif name == "indent" and isinstance(subject, str):
+        width = args[0] if args else kwargs.get("width", 4)
+        if isinstance(width, str):
+            b.size(len(subject) + (subject.count("\n") + 1) * len(width), "indent's result")
+
+
+# the largest number a width or count argument may be
+_WIDTH_ARGS = {"center": 4096, "ljust": 4096, "rjust": 4096, "zfill": 4096, "expandtabs": 4096, "indent": 4096,
+               "batch": 4096, "slice": 4096, "tojson": 64}
+_FILTER_CHECKS = {"format": "format_filter", "join": "join_filter"}
+
+
+def _bounded_filter(name: str, f):
+    """A filter that counts as a step, is checked before it builds, and whose result must fit."""
+    @wraps(f)
+    def bounded(*args, **kwargs):
+        _budget().tick()
+        values = [a for a in args if not isinstance(a, _jinja_internals())]
+        if values:
+            _check_growth(_FILTER_CHECKS.get(name, name), values[0], tuple(values[1:]), kwargs)
+        return _sized(f(*args, **kwargs), f"the {name} filter's result")
+    return bounded
+
+
+@lru_cache(maxsize=1)
+def _jinja_internals() -> tuple:
+    """What jinja2 passes a filter before its value (pass_context, pass_environment...)."""
+    import jinja2
+    from jinja2.nodes import EvalContext
+    from jinja2.runtime import Context
+
+    return (Context, EvalContext, jinja2.Environment)
+
+
+def _ticking(iterable: Any):
+    """Every for loop iterates through this (the template's AST is rewritten to call it)."""
+    b = _budget()
+    for item in iterable:
+        b.tick()
+        yield item
+
+
+def _concat(items: list) -> str:
+    """The ~ operator (the AST is rewritten to call this instead of jinja2's str_join)."""
+    _check_text(items, "a ~ concatenation")
+    parts = [str(x) for x in items]
+    _budget().size(sum(len(p) for p in parts), "a ~ concatenation")
+    return "".join(parts)
+
+
+def _range(*args: Any) -> range:
+    r = range(*args)
+    limit = _budget().limits.range_items
+    if len(r) > limit:
+        raise ChatTemplateError(f"chat template: range() of {len(r):,} items is more than the limit of {limit:,}")
+    return r
+
+
+@lru_cache(maxsize=1)
+def _sandbox_class():
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Sandbox(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset(["*", "+", "%", "**"])
+
+        def call_binop(self, context, operator, left, right):
+            b = _budget()
+            b.tick()
+            ints = isinstance(left, int) and isinstance(right, int)
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int):
+                        b.size(len(seq) * max(n, 0), "a * product")
+                if ints and left.bit_length() + right.bit_length() > _MAX_INT_BITS:
+                    raise ChatTemplateError("chat template: a product of integers too large")
+            elif operator == "+" and isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
+                b.size(len(left) + len(right), "a + sum")
+            elif operator == "%" and isinstance(left, str):
+                _check_format(left)
+                b.size(len(left) + _text_size(right, b.chars), "a % formatting")
+            elif operator == "**" and isinstance(right, (int, float)) and isinstance(left, (int, float)) \
+                    and abs(left) > 1 and (abs(right) > b.limits.number_arg
+                                           or ints and right > 0 and left.bit_length() * right > _MAX_INT_BITS):
+                raise ChatTemplateError(f"chat template: a power too large ({right} as the exponent)")
+            return _sized(super().call_binop(context, operator, left, right), f"a {operator} result")
+
+        def getattr(self, obj, attribute):
+            _budget().tick()
+            return super().getattr(obj, attribute)
+
+        def getitem(self, obj, argument):
+            _budget().tick()
+            return super().getitem(obj, argument)
+
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja2's own signature)
+            _budget().tick()
+            method = getattr(__obj, "__wrapped__", __obj)  # the sandbox wraps str.format
+            owner = getattr(method, "__self__", None)
+            if isinstance(owner, str):  # str's methods that build from their arguments
+                _check_growth(getattr(method, "__name__", ""), owner, args, kwargs)
+            return _sized(super().call(__context, __obj, *args, **kwargs), "a call's result")
+
+    return Sandbox
+
+
+def _rewrite(ast):
+    """Route every for loop through _ticking and every ~ through _concat."""
+    from jinja2 import nodes
+
+    for node in ast.find_all(nodes.For):
+        node.iter = nodes.Filter(node.iter, "fic_ticking", [], [], None, None, lineno=node.lineno)
+    for node in list(ast.find_all(nodes.Concat)):
+        items = nodes.List(list(node.nodes), lineno=node.lineno)
+        node.nodes = [nodes.Filter(items, "fic_concat", [], [], None, None, lineno=node.lineno)]
+    return ast
+
+
+@lru_cache(maxsize=1)
+def _environment():
+    """The one sandbox every chat template compiles in: as transformers' apply_chat_template
+    builds it (trim_blocks and lstrip_blocks, loop controls, tojson without ASCII escaping,
+    raise_exception and strftime_now), every filter bounded, range() capped."""
     import jinja2
     import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
@@ -537,14 +897,81 @@ def _compile_template(source: str):
                           sort_keys=sort_keys)
 
     def strftime_now(fmt):
+        _check_format(fmt)
         return datetime.now().strftime(fmt)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[jinja2.ext.loopcontrols])
+    env = _sandbox_class()(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols],
+                           finalize=_finalize)
+    env.optimized = False  # no constant folding: all a template computes, it computes while rendering, in bounds
     env.filters["tojson"] = tojson
+    for name, f in list(env.filters.items()):
+        env.filters[name] = _bounded_filter(name, f)
+    env.filters["fic_ticking"] = _ticking
+    env.filters["fic_concat"] = _concat
+    lipsum = env.globals["lipsum"]
+
+    def bounded_lipsum(*args, **kwargs):  # jinja2's lorem ipsum: n paragraphs of up to max words
+        _check_numbers(args, kwargs, 100, "lipsum()")
+        return lipsum(*args, **kwargs)
+
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
+    env.globals["range"] = _range
+    env.globals["lipsum"] = bounded_lipsum
+    return env
+
+
+@lru_cache(maxsize=16)
+def _compiled(source: str):
+    """A template compiled once (a model's tokenizer is made again for each engine, a test's
+    again and again); rendering shares nothing between calls but the code."""
+    env = _environment()
     try:
-        return env.from_string(source)
-    except jinja2.TemplateError as e:
-        raise ValueError(f"chat template does not compile: {e}") from None
+        return env.from_string(_rewrite(env.parse(source)))
+    except Exception as e:  # TemplateSyntaxError, or RecursionError from a deeply nested source
+        raise ChatTemplateError(f"chat template does not compile: {_one_line(e)}") from None
+
+
+class ChatTemplate:
+    """A chat template compiled as transformers' apply_chat_template does (sandboxed,
+    trim_blocks and lstrip_blocks, loop controls, tojson without ASCII escaping,
+    raise_exception and strftime_now), rendered within TEMPLATE_LIMITS."""
+
+    def __init__(self, source: str, limits: TemplateLimits = TEMPLATE_LIMITS):
+        self.limits = limits
+        if not isinstance(source, str):
+            raise ChatTemplateError(f"chat template is a {type(source).__name__}, not text")
+        if len(source) > limits.source_chars:
+            raise ChatTemplateError(f"chat template of {len(source):,} characters is more than the limit of "
+                                    f"{limits.source_chars:,}")
+        self._template = _compiled(source)
+
+    def render(self, messages: list[dict], *, add_generation_prompt: bool = True, **variables: Any) -> str:
+        """The rendered prompt; ChatTemplateError (one line) when the template fails or breaks a
+        limit: more than `seconds` of work, output beyond `output_chars` plus twice the
+        messages' text, a range() or an intermediate value beyond its limit, or recursion."""
+        own = sum(len(str(m.get("content", ""))) for m in messages if isinstance(m, dict)) \
+            if isinstance(messages, list) else 0
+        budget = _Budget(self.limits, self.limits.output_chars + 2 * own)
+        outer = getattr(_CURRENT, "budget", None)
+        _CURRENT.budget = budget
+        out: list[str] = []
+        try:
+            n = 0
+            for chunk in self._template.generate(messages=messages, tools=None, documents=None,
+                                                 add_generation_prompt=add_generation_prompt, **variables):
+                budget.tick()
+                n += len(chunk)
+                if n > budget.chars:
+                    raise ChatTemplateError(f"chat template: the prompt grew past {budget.chars:,} characters")
+                out.append(chunk)
+        except (ChatTemplateError, MemoryError):
+            raise
+        except RecursionError:
+            raise ChatTemplateError("chat template: recursion too deep") from None
+        except Exception as e:  # the template's own failure (raise_exception, a type error, ...)
+            raise ChatTemplateError(f"chat template: {_one_line(e)}") from None
+        finally:
+            _CURRENT.budget = outer
+        return "".join(out)
+

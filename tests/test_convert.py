@@ -578,7 +578,7 @@ def gguf_cuts(path: Path) -> dict[str, tuple[int, str]]:
         return cut, f"truncated: tensor '{t.name}' needs bytes {a}..{b}, the file has {cut}"
     return {
         "header": (10, r"truncated: the GGUF header needs bytes \d+\.\.\d+, the file has 10$"),
-        "metadata": (kv, rf"truncated: the metadata needs bytes \d+\.\.\d+, the file has {kv}$"),
+        "metadata": (kv, rf"truncated: the metadata needs bytes \d+\.\.\d+, the file has {kv}( \(the header claims .*\))?$"),
         "tensor info": (info, rf"truncated: the metadata needs bytes \d+\.\.\d+, the file has {info}$"),
         "before the data": (reader.data_offset, tensor(first, reader.data_offset)[1]),
         "first tensor's data": tensor(first, first.data_offset + 100),
@@ -673,3 +673,126 @@ def test_existing_destination(tmp_path):
         convert(tmp_path / "src", tmp_path / "m", name="x", progress=False)
     out = convert(tmp_path / "src", tmp_path / "m", name="x", progress=False, overwrite=True)
     assert (out / "manifest.json").is_file()
+
+
+# ---- hostile GGUF headers and metadata (tests/test_fuzz.py fuzzes this reader) --------------
+
+def _seed_gguf(tmp_path: Path):
+    from _fuzz import gguf_parts, write_seed_gguf
+
+    return gguf_parts(write_seed_gguf(tmp_path / "seed.gguf"))
+
+
+def _peak(fn) -> int:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        try:
+            fn()
+        except Exception:
+            pass
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def _claims(kvs, tensors, data):
+    """GGUF files whose header, metadata or tensor infos claim more than the file holds."""
+    from _fuzz import ARR, STR, U32, gguf_bytes
+
+    big_array = [kv for kv in kvs if kv[0] != "tokenizer.ggml.token_type"] + [("tokenizer.ggml.token_type", ARR, (U32, [1], 1 << 60))]
+    big_string = kvs + [("general.name", STR, b"x")]
+    t0 = tensors[0]
+    return {
+        "2^60 tensors": (gguf_bytes(kvs, tensors, data, counts=(1 << 60, None)), r"claims \d+ keys and 1152921504606846976 tensors"),
+        "2^60 keys": (gguf_bytes(kvs, tensors, data, counts=(None, 1 << 60)), "claims 1152921504606846976 keys"),
+        "array of 2^60 items": (gguf_bytes(big_array, tensors, data), "an array of 1152921504606846976 items"),
+        "string of 2^60 bytes": (gguf_bytes(big_string, tensors, data).replace(
+            b"general.name\x08\x00\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00x",
+            b"general.name\x08\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x10x"), r"truncated: the metadata needs bytes"),
+        "tensor of 2^64 elements": (gguf_bytes(kvs, [(t0[0], [1 << 32, 1 << 32], t0[2], t0[3])] + tensors[1:], data),
+                                    "truncated: tensor .* needs bytes"),
+        "tensor of 2^31 dimensions": (gguf_bytes(kvs, [(t0[0], [1] * 5, t0[2], t0[3])] + tensors[1:], data),
+                                      "has 5 dimensions"),
+        "2^31 layers": (gguf_bytes([kv if kv[0] != "llama.block_count" else (kv[0], U32, 1 << 31) for kv in kvs],
+                                   tensors, data), r"block_count is 2147483648, outside"),
+        "65535 layers": (gguf_bytes([kv if kv[0] != "llama.block_count" else (kv[0], U32, 65535) for kv in kvs],
+                                    tensors, data), r"65535 layers, the checkpoint \d+ tensors"),
+    }
+
+
+@pytest.mark.parametrize("claim", ["2^60 tensors", "2^60 keys", "array of 2^60 items", "string of 2^60 bytes",
+                                   "tensor of 2^64 elements", "tensor of 2^31 dimensions", "2^31 layers", "65535 layers"])
+def test_gguf_claiming_more_than_the_file_holds(tmp_path, claim):
+    """Counts and sizes are checked against the file before anything is built from them: a
+    header that claims 2^60 tensors is refused at once, not read until the file runs out (one
+    Python object per entry), a tensor of 2^64 elements is not wrapped to a small one, 2^31
+    layers are not a table of 2^31 expected shapes."""
+    from flashinfer_cli.checkpoint import CheckpointError, open_checkpoint
+
+    data, fault = _claims(*_seed_gguf(tmp_path))[claim]
+    path = tmp_path / "claims.gguf"
+    path.write_bytes(data)
+    with pytest.raises(CheckpointError, match=fault) as info:
+        open_checkpoint(path)
+    assert "\n" not in str(info.value)
+    assert _peak(lambda: open_checkpoint(path)) < 2 * len(data) + (2 << 20)
+
+
+def _with(kvs, key, vtype, value):
+    return [kv for kv in kvs if kv[0] != key] + [(key, vtype, value)]
+
+
+@pytest.mark.parametrize("key,vtype,value,fault", [
+    ("llama.attention.head_count", "U32", 0, "head_count is 0, outside"),             # was ZeroDivisionError
+    ("llama.attention.head_count_kv", "U32", 0, "head_count_kv is 0, outside"),       # was ZeroDivisionError
+    ("llama.embedding_length", "STR", b"32", "embedding_length is '32', not an integer"),  # was ValueError
+    ("llama.attention.layer_norm_rms_epsilon", "F32", float("nan"), "not a finite"),
+    ("llama.rope.freq_base", "F32", float("inf"), "not a finite"),
+    ("llama.attention.key_length+rope.dimension_count", "U32", 15, "head_dim 15 is odd"),  # was numpy's reshape error
+    ("llama.context_length", "STR", b"long", "not an integer"),
+    ("general.name", "STR", b"\xff\xfe", "general.name' is unreadable"),                # was UnicodeDecodeError
+    ("tokenizer.ggml.tokens", "U32", 7, "tokenizer.ggml.tokens is not a list"),        # was TypeError
+    ("general.architecture", "ARR", ("U8", [1, 2]), "unsupported architecture"),
+])
+def test_gguf_metadata_of_the_wrong_type(tmp_path, key, vtype, value, fault):
+    import _fuzz
+    from _fuzz import gguf_bytes
+    from flashinfer_cli.checkpoint import CheckpointError, open_checkpoint
+
+    kvs, tensors, data = _seed_gguf(tmp_path)
+    if vtype == "ARR":
+        value = (getattr(_fuzz, value[0]), value[1])
+    if "+" in key:  # two keys of one value
+        first, second = key.split("+")
+        kvs, key = _with(kvs, first, getattr(_fuzz, vtype), value), "llama." + second
+    (tmp_path / "bad.gguf").write_bytes(gguf_bytes(_with(kvs, key, getattr(_fuzz, vtype), value), tensors, data))
+    with pytest.raises(CheckpointError, match=fault):
+        open_checkpoint(tmp_path / "bad.gguf")
+
+
+def test_gguf_rope_factors_of_the_wrong_size(tmp_path):
+    from _fuzz import gguf_bytes, gguf_parts, write_seed_gguf
+    from flashinfer_cli.checkpoint import CheckpointError, open_checkpoint
+
+    kvs, tensors, data = gguf_parts(write_seed_gguf(tmp_path / "rope.gguf", rope_freqs=True))
+    rope = next(t for t in tensors if t[0] == "rope_freqs.weight")
+    bad = [(t[0], [4], t[2], t[3]) if t is rope else t for t in tensors]  # 4 factors for a head of 16
+    (tmp_path / "bad.gguf").write_bytes(gguf_bytes(kvs, bad, data))
+    with pytest.raises(CheckpointError, match="rope_freqs is not 8 positive F32 factors"):
+        open_checkpoint(tmp_path / "bad.gguf")
+
+
+@pytest.mark.parametrize("target", ["../outside.safetensors", "/etc/passwd", "a/../../b.safetensors", 5, ""])
+def test_hf_index_names_stay_in_the_checkpoint(tmp_path, target):
+    """model.safetensors.index.json comes with a download: its file names are read inside the
+    checkpoint's directory or not at all (they were joined to it as they came)."""
+    from flashinfer_cli.checkpoint import CheckpointError, open_checkpoint
+
+    save_hf(tiny_model("llama"), tmp_path / "src")
+    (tmp_path / "outside.safetensors").write_bytes((tmp_path / "src" / "model.safetensors").read_bytes())
+    (tmp_path / "src" / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"model.norm.weight": "model.safetensors", "lm_head.weight": target}}))
+    with pytest.raises(CheckpointError, match="is not a path inside"):
+        open_checkpoint(tmp_path / "src")

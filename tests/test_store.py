@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flashinfer_cli import fmt, kernels
 from flashinfer_cli.store import Store, StoreBusy, StoreError, describe, fic_home, validate_name
@@ -66,7 +68,8 @@ def test_empty_env_vars_count_as_unset(monkeypatch, tmp_path):
 
 # ---- names ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("bad", ["", "a/b", "..", "../x", "x/..", ".hidden", "a..b", "a\\b"])
+@pytest.mark.parametrize("bad", ["", "a/b", "..", "../x", "x/..", ".hidden", "a..b", "a\\b", "/etc", "/",
+                                 "x\0y", "a" * 256, "\ud800", "~/../x", None, 5])
 def test_bad_names_are_refused(bad, tmp_path):
     with pytest.raises(StoreError, match="invalid model name"):
         validate_name(bad)
@@ -74,9 +77,37 @@ def test_bad_names_are_refused(bad, tmp_path):
         Store(tmp_path).path(bad)
 
 
-@pytest.mark.parametrize("good", ["smollm2-135m", "qwen2.5-coder-1.5b", "my_model.q4_0"])
+@pytest.mark.parametrize("good", ["smollm2-135m", "qwen2.5-coder-1.5b", "my_model.q4_0", "~", "a" * 255])
 def test_good_names(good, tmp_path):
     assert Store(tmp_path).path(good) == tmp_path / "models" / good
+
+
+@settings(max_examples=2000, deadline=None)
+@given(name=st.text(alphabet=st.sampled_from("a./\\\0~-_ \ud800é"), max_size=12) | st.text(max_size=300))
+def test_no_model_name_leaves_the_store(name):
+    """Whatever a name is, it is refused or names a directory directly inside models/."""
+    root = Path("/tmp/fic-store-names")
+    try:
+        path = Store(root).path(name)
+    except StoreError as exc:
+        assert "invalid model name" in str(exc)
+        return
+    assert path.parent == root / "models" and path.name == name
+    assert os.path.normpath(path) == str(path) and len(os.fsencode(path.name)) <= 255
+
+
+def test_a_symlinked_cache_entry_is_not_listed_or_removed(tmp_path):
+    """cache/ holds sha256-named directories a pull made; a link to elsewhere is not one of them
+    (removing downloads would otherwise measure and try to delete what it points to)."""
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "precious.gguf").write_bytes(b"x" * 100)
+    store = Store(tmp_path / "store")
+    store.cache_dir.mkdir(parents=True)
+    (store.cache_dir / ("a" * 64)).symlink_to(outside)
+    assert store.downloads() == []
+    assert store.remove_downloads() == 0
+    assert (outside / "precious.gguf").exists()
 
 
 # ---- list, info, remove --------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -555,3 +556,190 @@ def test_encode_chat_adds_bos_once(smollm2, smollm2_llama):
     without = Tokenizer(hf.to_str(), bos_id=0, eos_ids=[1], add_bos=True,
                         chat_template="{% for m in messages %}</s>{% endfor %}")
     assert with_bos.encode_chat(CHATS[0]) == without.encode_chat(CHATS[0]) == [0, 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# hostile chat templates: jinja2's sandbox, bounded (tests/test_fuzz.py fuzzes the rest)
+
+SANDBOX_ESCAPES = {
+    "mro": "{{ ''.__class__.__mro__ }}",
+    "cycler-globals": "{{ cycler.__init__.__globals__ }}",
+    "joiner-os": "{{ joiner.__init__.__globals__.os.system('true') }}",
+    "self": "{{ self.__init__.__globals__ }}",
+    "subclasses": "{{ messages.__class__.__base__.__subclasses__() }}",
+    "format-attr": "{{ '{0.__class__}'.format(messages) }}",
+    "mutation": "{{ messages.append(1) }}",
+}
+BOUNDS = {  # template, what the one-line error says
+    "huge-range": ("{% for i in range(10**9) %}x{% endfor %}", r"range\(\) of 1,000,000,000 items"),
+    "nested-loops": ("{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}",
+                     r"rendering took more than 0.2 s"),
+    "loops-over-strings": ("{% set s = 'x' * 100000 %}{% for a in s %}{% for b in s %}{% endfor %}{% endfor %}",
+                           r"rendering took more than 0.2 s"),
+    "recursion": ("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", "recursion too deep"),
+    "branching-recursion": ("{% macro f(n) %}{% if n < 500 %}{{ f(n + 1) }}{{ f(n + 1) }}{% endif %}{% endmacro %}"
+                            "{{ f(0) }}", "rendering took more than 0.2 s|recursion too deep"),
+    "megabytes-out": ("{% for i in range(1000) %}{{ 'x' * 100000 }}{% endfor %}", "the prompt grew past 1,04"),
+    "string-times-int": ("{{ 'x' * 10**9 }}", r"a \* product of 1,000,000,000 items"),
+    "doubling-by-tilde": ("{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+                          "a ~ concatenation of"),
+    "doubling-by-plus": ("{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
+                         r"a \+ sum of"),
+    "center-filter": ("{{ 'x'|center(10**9) }}", r"center\(\) was given 1000000000"),
+    "ljust-method": ("{{ 'x'.ljust(10**9) }}", r"ljust\(\) was given 1000000000"),
+    "format-width": ("{{ '{:>999999999}'.format(1) }}", "format string with a huge width"),
+    "format-nested-width": ("{{ '{:>{}}'.format(1, 10**9) }}", "format string with a huge width"),
+    "percent-width": ("{{ '%0999999999d' % 1 }}", "format string with a huge width"),
+    "percent-star": ("{{ '%*d' % (10**9, 1) }}", "format string with a huge width"),
+    "power-tower": ("{{ 9 ** (9 ** 9) }}", "a power too large"),
+    "power-of-a-power": ("{% set a = 2 ** 60000 %}{{ a ** 60000 }}", "a power too large"),
+    "product-growth": ("{% set ns = namespace(n=2 ** 1000) %}{% for i in range(40) %}{% set ns.n = ns.n * ns.n %}"
+                       "{% endfor %}", "a product of integers too large"),
+    "replace-growth": ("{% set ns = namespace(s='xxxxxxxxxx') %}{% for i in range(30) %}"
+                       "{% set ns.s = ns.s|replace('x', 'xxxxxxxxxx') %}{% endfor %}", r"replace\(\)'s result"),
+    "join-growth": ("{{ range(100000)|join('x' * 100000) }}", "join's result"),
+    "indent-growth": ("{{ ('a\\n' * 100000)|indent('z' * 9999) }}", "indent's result"),
+    "lipsum": ("{{ lipsum(10**6) }}", r"lipsum\(\) was given 1000000"),
+    "list-of-big-strings-out": ("{{ ['x' * 1000000] * 1000 }}", "an output of"),
+    "list-of-big-strings-joined": ("{{ (['x' * 1000000] * 1000)|join }}", "join's result"),
+    "list-of-big-strings-concatenated": ("{{ 'a' ~ (['x' * 1000000] * 1000) }}", "a ~ concatenation"),
+    "list-of-big-strings-formatted": ("{{ '%s' % [['x' * 1000000] * 1000] }}", "a % formatting"),
+    "list-of-big-strings-as-json": ("{{ (['x' * 1000000] * 1000)|tojson }}", "tojson's result"),
+    "tojson-indent": ("{{ messages|tojson(indent=10**9) }}", r"tojson\(\) was given 1000000000"),
+    "batch-fill": ("{{ messages|batch(10**9, 'x')|list }}", r"batch\(\) was given 1000000000"),
+    "strftime-width": ("{{ strftime_now('%0999999999Y') }}", "format string with a huge width"),
+}
+
+
+def _render_limited(source: str, seconds: float = 0.2):
+    from flashinfer_cli.tokenizer import ChatTemplate, TemplateLimits
+
+    return ChatTemplate(source, TemplateLimits(seconds=seconds)).render(CHATS[1], add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("name", sorted(SANDBOX_ESCAPES))
+def test_chat_template_cannot_leave_the_sandbox(name):
+    """Python's internals stay out of reach: a one-line error, or (str.format's sandboxed
+    formatter) nothing rendered where the attribute was."""
+    from flashinfer_cli.tokenizer import ChatTemplateError
+
+    try:
+        out = _render_limited(SANDBOX_ESCAPES[name])
+    except ChatTemplateError as exc:
+        assert re.search("unsafe|not safely callable", str(exc)) and "\n" not in str(exc)
+    else:
+        assert name == "format-attr" and out == ""
+
+
+@pytest.mark.parametrize("name", sorted(BOUNDS))
+def test_chat_template_bounds(name):
+    """Loops without end, recursion, megabytes of output and the operations that would build a
+    huge value in one step are stopped with a one-line error, in about the time limit, before
+    allocating what they ask for."""
+    import time
+    import tracemalloc
+
+    from flashinfer_cli.tokenizer import ChatTemplateError
+
+    source, fault = BOUNDS[name]
+    start = time.monotonic()
+    tracemalloc.start()
+    try:
+        with pytest.raises(ChatTemplateError, match=fault) as info:
+            _render_limited(source)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "\n" not in str(info.value)
+    assert time.monotonic() - start < 5  # 0.2 s of rendering, on a busy machine
+    assert peak < 64 << 20, f"{peak:,} bytes"
+
+
+def test_chat_template_limits_leave_real_templates_alone(smollm2):
+    """Markdown's ** in a % format, a long conversation echoed back, loops over messages: within
+    every limit."""
+    from flashinfer_cli.tokenizer import ChatTemplate
+
+    long_chat = [{"role": "user", "content": "word " * 200_000}] * 3  # 3 MB: beyond 1 MiB of output
+    assert len(smollm2.render_chat(long_chat)) > 3_000_000
+    assert ChatTemplate("{{ '**%s**' % 'bold' }}{{ '%5.2f' % 3.14159 }}").render([]) == "**bold** 3.14"
+
+
+# ---------------------------------------------------------------------------------------------
+# hostile tokenizer files: TokenizerError, one line (tests/test_fuzz.py fuzzes them)
+
+@pytest.mark.parametrize("name,content,fault", [
+    ("tokenizer_config.json", "[1, 2]", "not a JSON object"),                                   # was AttributeError
+    ("tokenizer_config.json", "[" * 100_000, "unreadable JSON"),                                 # was RecursionError
+    ("tokenizer_config.json", json.dumps({"chat_template": [{"name": ["x"], "template": "t"}]}), None),  # was TypeError
+    ("tokenizer_config.json", json.dumps({"chat_template": 5}), "chat_template is not a string"),
+    ("chat_template.jinja", b"\xff\xfe{{ x }}", "not UTF-8"),                                    # was UnicodeDecodeError
+    ("tokenizer.json", b"\xff\xfe", "not UTF-8"),
+    ("tokenizer.json", '{"model": {"type": "BPE", "vocab": 5}}', "not a tokenizers document"),
+])
+def test_hostile_hf_tokenizer_files(tmp_path, name, content, fault):
+    from flashinfer_cli.tokenizer import TokenizerError
+
+    d = _train_bytelevel(tmp_path)
+    if name == "chat_template.jinja":
+        cfg = json.loads((d / "tokenizer_config.json").read_text())
+        del cfg["chat_template"]
+        (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (d / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    if fault is None:
+        assert spec_from_hf_dir(d).chat_template is None
+        return
+    with pytest.raises(TokenizerError, match=fault) as info:
+        spec_from_hf_dir(d)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("entry,fault", [
+    ({"bos_id": "1", "eos_ids": [2]}, "bad tokenizer entry"),
+    ({"bos_id": None, "eos_ids": "abc"}, "bad tokenizer entry"),            # was three eos ids 'a', 'b', 'c'
+    ({"bos_id": None, "eos_ids": [2], "add_bos": "yes"}, "bad tokenizer entry"),
+    ({"bos_id": None, "eos_ids": [2], "chat_template": 5}, "bad tokenizer entry"),
+    ({"bos_id": 10 ** 6, "eos_ids": [2]}, "outside the vocabulary"),        # would index past the embedding
+    ([1, 2], "not an object"),
+])
+def test_hostile_manifest_tokenizer_entry(tmp_path, entry, fault):
+    from flashinfer_cli.tokenizer import TokenizerError
+
+    d = _train_bytelevel(tmp_path)
+    with pytest.raises(TokenizerError, match=fault):
+        Tokenizer.from_model_dir(d, entry)
+
+
+@pytest.mark.parametrize("text", [b"\xff\xfe", b"{not json", b'{"model": 5}'])
+def test_unreadable_model_tokenizer_json(tmp_path, text):
+    """A damaged tokenizer.json in a model directory: TokenizerError (a ValueError), not the
+    tokenizers library's bare Exception or UnicodeDecodeError."""
+    from flashinfer_cli.tokenizer import TokenizerError
+
+    (tmp_path / "tokenizer.json").write_bytes(text)
+    with pytest.raises(TokenizerError, match="tokenizer.json"):
+        Tokenizer.from_model_dir(tmp_path, {"bos_id": None, "eos_ids": []})
+
+
+@pytest.mark.parametrize("key,vtype,value,fault", [
+    ("tokenizer.ggml.pre", "ARR", ("STR", [b"qwen2"]), "unsupported GGUF pre-tokenizer"),   # was TypeError (unhashable)
+    ("tokenizer.ggml.model", "U32", 2, "unsupported GGUF tokenizer model"),
+    ("tokenizer.ggml.bos_token_id", "F32", float("nan"), "not a token id"),                 # was ValueError from int(nan)
+    ("tokenizer.ggml.token_type", "ARR", ("I32", [1, 2]), "token_type has 2 entries"),      # was IndexError
+    ("tokenizer.ggml.merges", "U32", 5, "not a list of str"),                               # was TypeError
+    ("tokenizer.chat_template", "U32", 5, "chat_template is not a string"),
+    ("tokenizer.ggml.tokens", "ARR", ("STR", [b"a", b"\xff"]), "unreadable"),              # was UnicodeDecodeError
+])
+def test_hostile_gguf_tokenizer_metadata(tmp_path, key, vtype, value, fault):
+    import _fuzz
+    from _fuzz import gguf_bytes, gguf_parts, write_seed_gguf
+    from flashinfer_cli.checkpoint import _open_gguf_reader
+    from flashinfer_cli.tokenizer import TokenizerError
+
+    kvs, tensors, data = gguf_parts(write_seed_gguf(tmp_path / "seed.gguf"))
+    if vtype == "ARR":
+        value = (getattr(_fuzz, value[0]), value[1])
+    kvs = [kv for kv in kvs if kv[0] != key] + [(key, getattr(_fuzz, vtype), value)]
+    (tmp_path / "bad.gguf").write_bytes(gguf_bytes(kvs, tensors, data))
+    with pytest.raises(TokenizerError, match=fault):
+        spec_from_gguf(_open_gguf_reader(tmp_path / "bad.gguf"))
