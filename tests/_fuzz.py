@@ -41,6 +41,20 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list
                 phases=(Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink))
 
 
+def peak_heap_bytes(fn) -> int:
+    """Peak bytes the Python heap grew by while fn ran (its exception, if any, swallowed): what a
+    reader allocated before it refused a hostile claim."""
+    tracemalloc.start()
+    try:
+        try:
+            fn()
+        except Exception:
+            pass
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 class Hang(BaseException):
     """An input that ran past the per-example deadline: a test failure, never an accepted error
     (a BaseException, so no reader's `except Exception` can turn it into its named error)."""

@@ -684,17 +684,9 @@ def _seed_gguf(tmp_path: Path):
 
 
 def _peak(fn) -> int:
-    import tracemalloc
+    from _fuzz import peak_heap_bytes
 
-    tracemalloc.start()
-    try:
-        try:
-            fn()
-        except Exception:
-            pass
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    return peak_heap_bytes(fn)
 
 
 def _claims(kvs, tensors, data):

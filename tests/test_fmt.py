@@ -497,18 +497,9 @@ def test_tokenizer_file_names_stay_in_the_model_directory(model: Path, name):
 
 
 def _peak(fn) -> int:
-    """Peak bytes the Python heap grew by while fn ran (its exception, if any, swallowed)."""
-    import tracemalloc
+    from _fuzz import peak_heap_bytes
 
-    tracemalloc.start()
-    try:
-        try:
-            fn()
-        except Exception:
-            pass
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    return peak_heap_bytes(fn)
 
 
 def _st_file(path: Path, header: dict | bytes, data: bytes = b"", length: int | None = None) -> Path:
