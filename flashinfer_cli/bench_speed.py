@@ -375,9 +375,9 @@ class SweepReport:
 
     def table(self) -> list[str]:
         lines = [f"{'mem':>8}{'active':>8}{'frac':>6}{'params M':>10}{'ttft s':>8}{'prefill/s':>10}{'decode/s':>9}"
-                 f"{'read MB':>9}{'GB/s':>7}{'hit':>6}{'peak MB':>9}{'ppl':>8}{'ppl x':>7}{'agree':>7}"]
+                 f"{'read MB':>9}{'GB/s':>7}{'hit':>6}{'peak MB':>9}{'ppl':>9}{'ppl x':>8}{'agree':>7}"]
         for p in self.points:
-            q = (f"{p.ppl:>8.2f}{p.ppl_ratio:>7.3f}{p.agreement:>7.3f}" if p.ppl is not None else f"{'-':>8}{'-':>7}{'-':>7}")
+            q = (f"{p.ppl:>9.4g}{p.ppl_ratio:>8.4g}{p.agreement:>7.3f}" if p.ppl is not None else f"{'-':>9}{'-':>8}{'-':>7}")
             rss = f"{p.peak_rss_bytes / 1e6:>9.1f}" if p.peak_rss_bytes is not None else f"{'-':>9}"
             lines.append(f"{p.mem or '-':>8}{p.active or '-':>8}{p.active_fraction:>6.2f}{p.active_params / 1e6:>10.1f}"
                          f"{p.ttft_s:>8.2f}{p.prefill_tps:>10.1f}{p.decode_tps:>9.2f}{p.bytes_read / 1e6:>9.1f}"

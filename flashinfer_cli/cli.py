@@ -680,6 +680,8 @@ def bench(model, quality, sweep, prompts_file, max_tokens, runs, n_texts, plot_f
     except bench_speed.BenchError as exc:
         _fail(_one_line(exc))
     max_tokens = max_tokens or bench_speed.DEFAULT_MAX_TOKENS
+    if sweep:
+        model = _check_sweep(model, ctx, points)
     reports = []
     for i, opts in enumerate(points, start=1):
         engine, _ = _open_engine(model, ctx, threads, opts)
@@ -717,6 +719,23 @@ def bench(model, quality, sweep, prompts_file, max_tokens, runs, n_texts, plot_f
         click.echo(line)
     if plot_file:
         click.echo(f"plot: {plot_file}")
+
+
+def _check_sweep(model: str, ctx, points: list[dict]) -> str:
+    """Every point's memory plan before any is measured (a point the budget cannot hold fails
+    now, not after the others ran); returns the model's directory."""
+    from flashinfer_cli.engine import make_engine_plan
+    from flashinfer_cli.plan import BudgetError
+    from flashinfer_cli.pull import print_to_stderr, resolve_model
+
+    with _user_errors():
+        path = resolve_model(model, log=print_to_stderr)
+        for opts in points:
+            try:
+                make_engine_plan(path, mem=opts["mem"], ctx=ctx, mode=opts["mode"], active=opts["active"])
+            except BudgetError as exc:
+                _fail(f"sweep point --mem {opts['mem']} --active {opts['active']}: {_one_line(exc)}")
+    return str(path)
 
 
 def _comma_list(value: str | None) -> list[str | None]:
