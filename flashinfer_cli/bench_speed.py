@@ -261,6 +261,31 @@ class SpeedReport:
         top = {k: d["medians"][k] for k in MEDIAN_KEYS}
         return {**top, **{k: v for k, v in d.items() if k != "medians"}, "medians": d["medians"]}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "SpeedReport":
+        """A report back from its as_dict() (a saved --json), to print its table again."""
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        kw["prompts"] = [PromptResult(**p) for p in d["prompts"]]
+        for k in ("medians", "cold", "warm"):
+            kw[k] = Medians(**d[k]) if d.get(k) is not None else None
+        return cls(**kw)
+
+    def lines(self) -> list[str]:
+        """What `fic bench` prints: the setting, the machine, the table."""
+        from flashinfer_cli.plan import human
+
+        m = self.machine
+        budget = human(self.budget_bytes) if self.budget_bytes else "none"
+        out = [f"{self.model}: --mem {budget}, mode {self.mode}, policy {self.policy}, "
+               f"active {self.active_fraction:.2f} ({self.active_params / 1e6:.1f}M params), "
+               f"{'everything resident' if self.all_resident else 'experts streamed'}; {self.io}",
+               f"machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, load {m['load_avg']}"]
+        out += self.table()
+        if self.warm is not None:
+            out.append("cold: run 1, a fresh engine's arena; warm: later runs, the arena keeps what earlier prompts left")
+        return out
+
     def table(self) -> list[str]:
         head = (f"{'run':<10}{'prompt':<12}{'in':>6}{'out':>5}{'ttft s':>8}{'prefill/s':>10}{'decode/s':>9}"
                 f"{'read MB':>9}{'GB/s':>7}{'hit':>6}{'resel':>6}{'peak MB':>9}")

@@ -655,6 +655,7 @@ def bench(model, quality, sweep, prompts_file, max_tokens, runs, n_texts, plot_f
     import json
 
     from flashinfer_cli import bench_speed
+    from flashinfer_cli.fmt import FormatError
     from flashinfer_cli.router import POLICIES
 
     mems, actives, policies = (_comma_list(budget[k]) for k in ("mem", "active", "policy"))
@@ -689,8 +690,8 @@ def bench(model, quality, sweep, prompts_file, max_tokens, runs, n_texts, plot_f
         try:
             reports.append(bench_speed.measure(engine, prompts, runs=runs, max_tokens=max_tokens, mem=opts["mem"],
                                                active=opts["active"], progress=progress, desc=desc))
-        except (ValueError, OSError) as exc:  # BenchError, EngineError, a model file failing its checks
-            _fail(_one_line(exc))
+        except (ValueError, OSError, FormatError) as exc:  # BenchError, EngineError; FormatError: a model
+            _fail(_one_line(exc))                          # file failing its checks
         finally:
             engine.close()
     if not sweep:
@@ -701,7 +702,7 @@ def bench(model, quality, sweep, prompts_file, max_tokens, runs, n_texts, plot_f
     try:
         say = (lambda s: click.echo(f"fic: quality {s}", err=True)) if progress else None
         full_ppl = bench_speed.add_quality(reports[0].path, sp, n_texts=n_q, progress=say)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, FormatError) as exc:
         _fail(_one_line(exc))
     rep = bench_speed.SweepReport(reports[0].model, reports[0].machine, n_q, bench_speed.SWEEP_QUALITY_TOKENS,
                                   full_ppl, sp)
@@ -749,21 +750,11 @@ def _comma_list(value: str | None) -> list[str | None]:
 def _print_speed(report, as_json: bool) -> None:
     import json
 
-    from flashinfer_cli.plan import human
-
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=1))
         return
-    m = report.machine
-    budget = human(report.budget_bytes) if report.budget_bytes else "none"
-    click.echo(f"{report.model}: --mem {budget}, mode {report.mode}, policy {report.policy}, "
-               f"active {report.active_fraction:.2f} ({report.active_params / 1e6:.1f}M params), "
-               f"{'everything resident' if report.all_resident else 'experts streamed'}; {report.io}")
-    click.echo(f"machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, load {m['load_avg']}")
-    for line in report.table():
+    for line in report.lines():
         click.echo(line)
-    if report.warm is not None:
-        click.echo("cold: run 1, a fresh engine's arena; warm: later runs, the arena keeps what earlier prompts left")
 
 
 def _bench_quality(model, actives, policies, max_tokens, n_texts, as_json) -> None:

@@ -75,6 +75,8 @@ def test_resident_json_keys_medians_and_nothing_read(smollm2_model, prompts_file
         assert p["bytes_read"] == 0 and p["read_gbps"] == 0
         assert p["hits"] > 0 and p["misses"] == 0 and p["hit_rate"] == 1.0
         assert p["ttft_s"] > 0 and p["prefill_tps"] > 0 and p["decode_tps"] > 0
+    back = bench_speed.SpeedReport.from_dict(d)  # a saved --json prints its table again
+    assert back.as_dict() == d and len(back.table()) == 1 + len(ps) + 3
     # the whole model is in memory: the peak holds at least its weight files
     weights = sum((smollm2_model / f).stat().st_size for f in ("dense.safetensors", "experts.bin"))
     assert all(p["peak_rss_bytes"] >= weights for p in ps)
