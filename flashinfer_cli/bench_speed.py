@@ -400,9 +400,10 @@ class SweepReport:
 
     def table(self) -> list[str]:
         lines = [f"{'mem':>8}{'active':>8}{'frac':>6}{'params M':>10}{'ttft s':>8}{'prefill/s':>10}{'decode/s':>9}"
-                 f"{'read MB':>9}{'GB/s':>7}{'hit':>6}{'peak MB':>9}{'ppl':>9}{'ppl x':>8}{'agree':>7}"]
+                 f"{'read MB':>9}{'GB/s':>7}{'hit':>6}{'peak MB':>9} {'ppl':>9} {'ppl x':>8}{'agree':>7}"]
         for p in self.points:
-            q = (f"{p.ppl:>9.4g}{p.ppl_ratio:>8.4g}{p.agreement:>7.3f}" if p.ppl is not None else f"{'-':>9}{'-':>8}{'-':>7}")
+            q = (f" {p.ppl:>9.4g} {p.ppl_ratio:>8.4g}{p.agreement:>7.3f}" if p.ppl is not None
+                 else f" {'-':>9} {'-':>8}{'-':>7}")
             rss = f"{p.peak_rss_bytes / 1e6:>9.1f}" if p.peak_rss_bytes is not None else f"{'-':>9}"
             lines.append(f"{p.mem or '-':>8}{p.active or '-':>8}{p.active_fraction:>6.2f}{p.active_params / 1e6:>10.1f}"
                          f"{p.ttft_s:>8.2f}{p.prefill_tps:>10.1f}{p.decode_tps:>9.2f}{p.bytes_read / 1e6:>9.1f}"
@@ -464,17 +465,23 @@ def plot(report: SweepReport, path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     pts = sorted(report.points, key=lambda p: p.active_params)
-    x = [p.active_params / 1e6 for p in pts]
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    ax.plot(x, [p.decode_tps for p in pts], "o-", color="tab:blue", label="decode tokens/s")
+    handles = []
+    mems = list(dict.fromkeys(p.mem for p in pts))
+    for mem in mems:  # one speed line per budget
+        sel = [p for p in pts if p.mem == mem]
+        label = "decode tokens/s" + (f", --mem {mem}" if mem else "")
+        handles += ax.plot([p.active_params / 1e6 for p in sel], [p.decode_tps for p in sel], "o-", label=label)
     ax.set_xlabel("active parameters (M)")
-    ax.set_ylabel("decode tokens/s", color="tab:blue")
-    for p, xi in zip(pts, x):
-        ax.annotate(p.mem or "all", (xi, p.decode_tps), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    if any(p.ppl is not None for p in pts):
+    ax.set_ylabel("decode tokens/s")
+    q = sorted({p.active_params: p.ppl for p in pts if p.ppl is not None}.items())  # quality ignores --mem
+    if q:
         ax2 = ax.twinx()
-        ax2.plot(x, [p.ppl for p in pts], "s--", color="tab:red", label="continuation perplexity")
-        ax2.set_ylabel("continuation perplexity", color="tab:red")
+        handles += ax2.plot([a / 1e6 for a, _ in q], [v for _, v in q], "s--", color="tab:red",
+                            label="continuation perplexity")
+        ax2.set_ylabel("continuation perplexity (log)", color="tab:red")
+        ax2.set_yscale("log")  # pruning a small dense model costs orders of magnitude at low --active
+    ax.legend(handles=handles, loc="best", fontsize=8)
     ax.set_title(f"fic bench {report.model}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -233,3 +233,15 @@ def test_quality_keeps_its_lists(smollm2_model):
     d = bench_json([str(smollm2_model), "--quality", "--active", "0.5,1", "--policy", "exact", "--texts", "1",
                     "--max-tokens", "32"])
     assert [(p["policy"], p["active"]) for p in d["points"]] == [("exact", 0.5), ("exact", 1.0)]
+
+
+def test_plot_draws_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    pts = [bench_speed.SweepPoint(mem=mem, active=a, mode="prune", policy="exact", active_fraction=f,
+                                  active_params=int(f * 1e8), ttft_s=0.1, prefill_tps=100.0, decode_tps=10 / f,
+                                  bytes_read=0.0, read_gbps=0.0, hit_rate=1.0, peak_rss_bytes=1e8,
+                                  ppl=20 / f, ppl_ratio=1 / f, agreement=f)
+           for mem in ("150M", "1G") for a, f in (("0.5", 0.5), ("1", 1.0))]
+    out = tmp_path / "sweep.png"
+    bench_speed.plot(bench_speed.SweepReport("m", {}, 1, 256, 20.0, pts), out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
