@@ -30,9 +30,12 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from flashinfer_cli.engine import Engine
 
 DEFAULT_MAX_TOKENS = 64
 SWEEP_TEXTS = 2            # quality texts per sweep point (a full --quality run uses all eight)
@@ -55,7 +58,7 @@ class Prompt:
     text: str | None = None
     messages: tuple[dict, ...] | None = None
 
-    def ids(self, engine) -> list[int]:
+    def ids(self, engine: "Engine") -> list[int]:
         if self.messages is not None:
             return engine.chat_ids([dict(m) for m in self.messages])
         return engine.prompt_ids(self.text)
@@ -65,9 +68,12 @@ def default_prompts() -> list[Prompt]:
     """The shipped prompts (data/bench_prompts.json): a short chat question, a ~1,500-token
     document to summarise (composed of shipped quality texts: "append_texts"), a code task and a
     multi-turn conversation."""
+    from importlib import resources
+
     from flashinfer_cli import texts
 
-    raw = json.loads(texts._data_dir().joinpath("bench_prompts.json").read_text(encoding="utf-8"))
+    data = resources.files("flashinfer_cli").joinpath("data", "bench_prompts.json")  # works from a wheel
+    raw = json.loads(data.read_text(encoding="utf-8"))
     docs = {t.name: t.text for t in texts.quality_texts()}
     out = []
     for item in raw:
@@ -306,7 +312,7 @@ class SpeedReport:
         return lines
 
 
-def _one(engine, prompt: Prompt, ids: list[int], run: int, max_tokens: int) -> tuple[PromptResult, bool]:
+def _one(engine: "Engine", prompt: Prompt, ids: list[int], run: int, max_tokens: int) -> tuple[PromptResult, bool]:
     # every prompt prefills whole: a cache reused from the previous prompt would flatter the prefill
     engine.forget_context()
     with PeakRSS() as rss:
@@ -328,7 +334,7 @@ def _one(engine, prompt: Prompt, ids: list[int], run: int, max_tokens: int) -> t
         reselections=int(st["reselections"]), peak_rss_bytes=rss.peak_bytes), rss.exact
 
 
-def measure(engine, prompts: Sequence[Prompt], *, runs: int = 1, max_tokens: int = DEFAULT_MAX_TOKENS,
+def measure(engine: "Engine", prompts: Sequence[Prompt], *, runs: int = 1, max_tokens: int = DEFAULT_MAX_TOKENS,
             mem: str | None = None, active: str | None = None, progress: bool = True,
             desc: str = "bench") -> SpeedReport:
     """Run every prompt `runs` times on an open engine (fresh: run 1 is cold) and report."""

@@ -173,6 +173,11 @@ def test_bad_prompts_file_is_one_line(tmp_path, content, words):
     assert words in fail_line([str(tmp_path), "--prompts", str(f)])  # before the model is opened
 
 
+def test_a_prompt_longer_than_the_context_is_one_line(smollm2_model):
+    line = fail_line([str(smollm2_model), "--ctx", "256"])  # the shipped document is ~1,700 tokens
+    assert "'summarise'" in line and "more than the context of 256" in line
+
+
 def test_missing_prompts_file(tmp_path):
     line = fail_line(["smollm2-135m", "--prompts", str(tmp_path / "nope.txt")])
     assert "nope.txt" in line and "No such file" in line
