@@ -17,7 +17,7 @@ setup(
     package_data={
         "flashinfer_cli.models": ["*.toml"],
         # the texts fic ships (flashinfer_cli/texts.py)
-        "flashinfer_cli": ["data/quality/*.txt", "data/prompts.json", "serve_page.html"],
+        "flashinfer_cli": ["data/quality/*.txt", "data/prompts.json", "data/bench_prompts.json", "serve_page.html"],
     },
     setup_requires=["cffi>=1.15"],
     cffi_modules=["csrc/build_ffi.py:ffibuilder"],
@@ -36,6 +36,8 @@ setup(
         "hub": ["huggingface_hub>=0.23"],
         # `fic serve`: the OpenAI-compatible server (serve.py)
         "serve": SERVE,
+        # `fic bench --sweep --plot FILE.png`
+        "plot": ["matplotlib>=3.5"],
         # The references the tests check fic against. torch is pinned so pip never pulls a CUDA build.
         # The server's tests drive it with the official openai client and its page with selenium
         # (and the chromium that .ci/browser installs).

@@ -1,4 +1,4 @@
-"""What `fic bench` measures. For now, quality (`fic bench MODEL --quality`): what prune mode costs.
+"""What `fic bench MODEL --quality` measures: what prune mode costs (speed: bench_speed.py).
 
 For each shipped text (texts.quality_texts), its first half is the prompt and its second half the
 continuation. The full model scores the continuation teacher-forced; then, for each policy and

@@ -262,19 +262,24 @@ def _sampling_options(f):
     return f
 
 
-def _budget_options() -> list:
-    """The memory budget and selection options `run`, `chat` (and, in part, `show`) share."""
+def _budget_options(lists: str = "") -> list:
+    """The memory budget and selection options `run`, `chat` (and, in part, `show`) share. lists:
+    `bench` takes comma lists of --mem, --active and --policy (this says when); each item is then
+    checked by _engine_options as run's one value is."""
+    many = f" Comma-separated with {lists}." if lists else ""
     return [
         click.option("--mem", default=None, metavar="SIZE",
                      help="Memory budget for everything the engine holds (512M, 2G). Default: everything "
-                          "resident when the machine has room."),
+                          "resident when the machine has room." + many),
         click.option("--mode", type=click.Choice(["exact", "prune"]), default="exact", show_default=True,
                      help="exact: the full model's answer; prune: only each prompt's active experts run."),
         click.option("--active", default=None, metavar="A",
                      help="Active experts: a fraction of each layer's (0.5) or active parameters (300M). "
-                          "Default: the largest that fits."),
-        click.option("--policy", type=click.Choice(["exact", "static"]), default="exact", show_default=True,
-                     help="How experts are chosen: from the prompt's activations, or one set from calibration text."),
+                          "Default: the largest that fits." + many),
+        click.option("--policy", type=click.STRING if lists else click.Choice(["exact", "static"]),
+                     default="exact", show_default=True, metavar="[exact|static]" if lists else None,
+                     help="How experts are chosen: from the prompt's activations, or one set from calibration text."
+                          + many),
         click.option("--reselect", type=click.IntRange(min=0), default=None, metavar="N",
                      help="Rescore the active sets every N generated tokens (0: never)."),
     ]
@@ -610,38 +615,168 @@ def serve_cmd(model, host, port, ctx, threads, api_key, max_waiting, **budget):
         engine.close()
 
 
+def _with_bench_budget(f):
+    for opt in reversed(_budget_options(lists="--sweep (--mem, --active) or --quality (--active, --policy)")):
+        f = opt(f)
+    return f
+
+
 @cli.command()
 @click.argument("model", default=DEFAULT_MODEL)
-@click.option("--quality", is_flag=True, help="Measure prune mode's quality cost against the full model.")
-@click.option("--active", "actives", default="0.25,0.5,0.75,0.9,1", show_default=True,
-              help="Comma-separated active fractions (with --quality).")
-@click.option("--policy", "policies", default="exact,static", show_default=True,
-              help="Comma-separated policies (with --quality).")
-@click.option("--max-tokens", type=click.IntRange(min=8), default=512, show_default=True,
-              help="Tokens of each text (half prompt, half continuation).")
-@click.option("--texts", "n_texts", type=click.IntRange(min=1), default=None, help="Use only the first N texts.")
+@click.option("--quality", is_flag=True, help="Measure prune mode's quality cost against the full model instead.")
+@click.option("--sweep", is_flag=True,
+              help="One point per --mem x --active value (comma lists): speed, and quality on --texts texts.")
+@click.option("--prompts", "prompts_file", default=None, metavar="FILE",
+              help="Prompts: one per line, or a JSON list (strings, or message lists for multi-turn). "
+                   "Default: the shipped chat, long-document, code and multi-turn prompts.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=None,
+              help="Speed: tokens generated per prompt (default 64). --quality: tokens of each text, "
+                   "half prompt, half continuation (default 512).")
+@click.option("--runs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Repeat the prompts on one engine: run 1 is cold (a fresh arena), later runs warm.")
+@click.option("--texts", "n_texts", type=click.IntRange(min=1), default=None,
+              help="Quality texts to use (--quality: all; --sweep: 2).")
+@click.option("--plot", "plot_file", default=None, metavar="FILE.png",
+              help="With --sweep: decode speed and continuation perplexity against active parameters "
+                   "(needs matplotlib: the plot extra).")
+@click.option("--ctx", type=click.IntRange(min=1), default=None, help="Context length (KV cache).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Kernel threads (default: all cores).")
+@click.option("--progress/--no-progress", default=True, help="A progress bar on stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def bench(model, quality, actives, policies, max_tokens, n_texts, as_json):
-    """Measure MODEL. --quality: for each policy and --active in prune mode, the continuation
-    perplexity relative to the full model's and greedy-token agreement, on the texts fic ships."""
+@_with_bench_budget
+def bench(model, quality, sweep, prompts_file, max_tokens, runs, n_texts, plot_file, ctx, threads, progress,
+          as_json, **budget):
+    """Measure MODEL's speed under --mem/--mode/--active/--policy: per prompt and as medians, time
+    to first token, prefill and decode tokens/s, expert bytes read from flash and the rate, the
+    arena's hit rate (hits / (hits + misses): of every time the FFN asked for an expert, the share
+    found resident), reselections and peak resident memory. --quality: for each policy and
+    --active in prune mode, the continuation perplexity relative to the full model's and
+    greedy-token agreement, on the texts fic ships."""
+    import json
+
+    from flashinfer_cli import bench_speed
+    from flashinfer_cli.fmt import FormatError
+    from flashinfer_cli.router import POLICIES
+
+    mems, actives, policies = (_comma_list(budget[k]) for k in ("mem", "active", "policy"))
+    if any(p not in POLICIES for p in policies):
+        _fail(f"--policy {budget['policy']!r}: comma-separated names from {', '.join(POLICIES)}")
+    if quality:
+        if sweep or prompts_file or plot_file or runs != 1 or budget["mem"] is not None:
+            _fail("--quality runs prune mode against the full model, everything resident: "
+                  "--mem, --sweep, --prompts, --runs and --plot measure speed")
+        _bench_quality(model, actives, policies, max_tokens or 512, n_texts, as_json)
+        return
+    if len(policies) > 1:
+        _fail(f"--policy {budget['policy']!r}: one policy per speed run (a list is for --quality)")
+    if not sweep and (len(mems) > 1 or len(actives) > 1):
+        _fail("a list of --mem or --active values needs --sweep")
+    if plot_file and not sweep:
+        _fail("--plot draws a --sweep: add --sweep with --mem and/or --active lists")
+    points = [_engine_options(dict(budget, mem=m, active=a, policy=policies[0])) for m in mems for a in actives]
+    try:
+        if plot_file:
+            bench_speed.need_matplotlib()  # before any measure
+        prompts = bench_speed.load_prompts(prompts_file) if prompts_file else bench_speed.default_prompts()
+    except bench_speed.BenchError as exc:
+        _fail(_one_line(exc))
+    max_tokens = max_tokens or bench_speed.DEFAULT_MAX_TOKENS
+    if sweep:
+        model = _check_sweep(model, ctx, points)
+    reports = []
+    for i, opts in enumerate(points, start=1):
+        engine, _ = _open_engine(model, ctx, threads, opts)
+        desc = f"point {i}/{len(points)}" if sweep else "bench"
+        try:
+            reports.append(bench_speed.measure(engine, prompts, runs=runs, max_tokens=max_tokens, mem=opts["mem"],
+                                               active=opts["active"], progress=progress, desc=desc))
+        except (ValueError, OSError, FormatError) as exc:  # BenchError, EngineError; FormatError: a model
+            _fail(_one_line(exc))                          # file failing its checks
+        finally:
+            engine.close()
+    if not sweep:
+        _print_speed(reports[0], as_json)
+        return
+    sp = [bench_speed.sweep_point(r) for r in reports]
+    n_q = n_texts or bench_speed.SWEEP_TEXTS
+    try:
+        say = (lambda s: click.echo(f"fic: quality {s}", err=True)) if progress else None
+        full_ppl = bench_speed.add_quality(reports[0].path, sp, n_texts=n_q, progress=say)
+    except (ValueError, OSError, FormatError) as exc:
+        _fail(_one_line(exc))
+    rep = bench_speed.SweepReport(reports[0].model, reports[0].machine, n_q, bench_speed.SWEEP_QUALITY_TOKENS,
+                                  full_ppl, sp)
+    if plot_file:
+        try:
+            bench_speed.plot(rep, plot_file)
+        except (OSError, ValueError) as exc:
+            _fail(f"--plot {plot_file}: {_one_line(exc)}")
+    if as_json:
+        click.echo(json.dumps(rep.as_dict(), indent=1))
+        return
+    click.echo(f"{rep.model}: {len(sp)} points, {len(prompts)} prompts x {runs} run(s), up to {max_tokens} tokens; "
+               f"quality on {n_q} texts (full model's continuation perplexity {full_ppl:.2f})")
+    for line in rep.table():
+        click.echo(line)
+    if plot_file:
+        click.echo(f"plot: {plot_file}")
+
+
+def _check_sweep(model: str, ctx, points: list[dict]) -> str:
+    """Every point's memory plan before any is measured (a point the budget cannot hold fails
+    now, not after the others ran); returns the model's directory."""
+    from flashinfer_cli.engine import make_engine_plan
+    from flashinfer_cli.plan import BudgetError
+    from flashinfer_cli.pull import print_to_stderr, resolve_model
+
+    with _user_errors():
+        path = resolve_model(model, log=print_to_stderr)
+        for opts in points:
+            try:
+                make_engine_plan(path, mem=opts["mem"], ctx=ctx, mode=opts["mode"], active=opts["active"])
+            except BudgetError as exc:
+                _fail(f"sweep point --mem {opts['mem']} --active {opts['active']}: {_one_line(exc)}")
+    return str(path)
+
+
+def _comma_list(value: str | None) -> list[str | None]:
+    """A comma list option's items; [None] when it was not given."""
+    if value is None:
+        return [None]
+    items = [v.strip() for v in str(value).split(",") if v.strip()]
+    return items or [None]
+
+
+def _print_speed(report, as_json: bool) -> None:
+    import json
+
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=1))
+        return
+    for line in report.lines():
+        click.echo(line)
+
+
+def _bench_quality(model, actives, policies, max_tokens, n_texts, as_json) -> None:
     import json
 
     from flashinfer_cli import bench as benchlib
-    from flashinfer_cli.router import POLICIES
+    from flashinfer_cli.plan import parse_active
 
-    if not quality:
-        _fail("fic bench measures quality for now: add --quality (speed benchmarks are in bench/)")
+    if click.get_current_context().get_parameter_source("policy") == click.core.ParameterSource.DEFAULT:
+        policies = ["exact", "static"]  # --quality compares both unless told
+    if max_tokens < 8:
+        _fail(f"--max-tokens {max_tokens}: --quality needs at least 8 tokens per text")
+    a_list = list(benchlib.ACTIVES)
+    if actives != [None]:
+        try:
+            a_list = [parse_active(a) for a in actives]
+        except ValueError as exc:
+            _fail(_one_line(exc))
+        if any(not isinstance(a, float) for a in a_list):
+            _fail(f"--active {','.join(actives)}: --quality takes fractions in (0, 1]")
     try:
-        a_list = [float(a) for a in actives.split(",") if a.strip()]
-    except ValueError:
-        _fail(f"--active {actives!r}: comma-separated fractions in (0, 1]")
-    if not a_list or any(not 0 < a <= 1 for a in a_list):
-        _fail(f"--active {actives!r}: comma-separated fractions in (0, 1]")
-    p_list = [p.strip() for p in policies.split(",") if p.strip()]
-    if not p_list or any(p not in POLICIES for p in p_list):
-        _fail(f"--policy {policies!r}: comma-separated names from {', '.join(POLICIES)}")
-    try:
-        report = benchlib.quality(model, actives=a_list, policies=p_list, max_tokens=max_tokens, n_texts=n_texts,
+        report = benchlib.quality(model, actives=a_list, policies=policies, max_tokens=max_tokens, n_texts=n_texts,
                                   progress=lambda s: click.echo(f"fic: measuring {s}", err=True))
     except (ValueError, OSError) as exc:
         _fail(_one_line(exc))
