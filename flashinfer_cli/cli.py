@@ -4,12 +4,15 @@ from __future__ import annotations
 import contextlib
 import sys
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import click
 
 from flashinfer_cli import __version__
 from flashinfer_cli.catalog import DEFAULT_MODEL
+
+if TYPE_CHECKING:  # the engine (numpy, the C core) loads only when a command needs it
+    from flashinfer_cli.engine import Engine
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -326,7 +329,7 @@ class OpenTimes:
 
 
 def _open_engine(model: str, ctx, threads, options: dict | None = None,
-                 verbose: bool = False) -> tuple["Engine", OpenTimes]:
+                 verbose: bool = False) -> tuple[Engine, OpenTimes]:
     import time
 
     from flashinfer_cli.engine import Engine
@@ -652,8 +655,6 @@ def bench(model, quality, sweep, prompts_file, max_tokens, runs, n_texts, plot_f
     found resident), reselections and peak resident memory. --quality: for each policy and
     --active in prune mode, the continuation perplexity relative to the full model's and
     greedy-token agreement, on the texts fic ships."""
-    import json
-
     from flashinfer_cli import bench_speed
     from flashinfer_cli.fmt import FormatError
     from flashinfer_cli.router import POLICIES
@@ -711,13 +712,9 @@ def bench(model, quality, sweep, prompts_file, max_tokens, runs, n_texts, plot_f
             bench_speed.plot(rep, plot_file)
         except (OSError, ValueError) as exc:
             _fail(f"--plot {plot_file}: {_one_line(exc)}")
-    if as_json:
-        click.echo(json.dumps(rep.as_dict(), indent=1))
-        return
-    click.echo(f"{rep.model}: {len(sp)} points, {len(prompts)} prompts x {runs} run(s), up to {max_tokens} tokens; "
-               f"quality on {n_q} texts (full model's continuation perplexity {full_ppl:.2f})")
-    for line in rep.table():
-        click.echo(line)
+    _emit_report(rep, as_json, f"{rep.model}: {len(sp)} points, {len(prompts)} prompts x {runs} run(s), up to "
+                               f"{max_tokens} tokens; quality on {n_q} texts (full model's continuation "
+                               f"perplexity {full_ppl:.2f})")
     if plot_file:
         click.echo(f"plot: {plot_file}")
 
@@ -758,8 +755,6 @@ def _print_speed(report, as_json: bool) -> None:
 
 
 def _bench_quality(model, actives, policies, max_tokens, n_texts, as_json) -> None:
-    import json
-
     from flashinfer_cli import bench as benchlib
     from flashinfer_cli.plan import parse_active
 
@@ -780,11 +775,18 @@ def _bench_quality(model, actives, policies, max_tokens, n_texts, as_json) -> No
                                   progress=lambda s: click.echo(f"fic: measuring {s}", err=True))
     except (ValueError, OSError) as exc:
         _fail(_one_line(exc))
+    _emit_report(report, as_json, f"{report.model}: {report.n_texts} texts, up to {report.tokens_per_text} tokens "
+                                  f"each, full model's continuation perplexity {report.full_ppl:.2f}")
+
+
+def _emit_report(report, as_json: bool, heading: str) -> None:
+    """A bench report: its JSON, or a heading and its table."""
+    import json
+
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=1))
         return
-    click.echo(f"{report.model}: {report.n_texts} texts, up to {report.tokens_per_text} tokens each, "
-               f"full model's continuation perplexity {report.full_ppl:.2f}")
+    click.echo(heading)
     for line in report.table():
         click.echo(line)
 
