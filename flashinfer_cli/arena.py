@@ -95,6 +95,12 @@ class Arena:
             raise KeyError(f"layer {layer}: experts {experts[s < 0].tolist()} are not resident")
         return s
 
+    def room(self, layer: int, keep: np.ndarray) -> int:
+        """Slots a load may fill without evicting a pinned expert or one of `keep` (experts of
+        `layer` an FFN call is about to use)."""
+        row = self.slot_of[layer, keep]
+        return self.n_cache - int(self.pinned.sum()) - int(((row >= 0) & ~self.pinned[layer, keep]).sum())
+
     def pinned_experts(self, layer: int) -> np.ndarray:
         return np.flatnonzero(self.pinned[layer])
 

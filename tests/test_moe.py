@@ -95,3 +95,124 @@ def test_route_follows_each_rule():
     coef, _ = moe.route(moe.RoutingRule(4, 2), logits, allowed)  # top-k among the active set, renormalised
     np.testing.assert_allclose(coef[0], [0, p[1] / (p[1] + p[2]), p[2] / (p[1] + p[2]), 0], rtol=1e-6)
     np.testing.assert_allclose(probs[0], p, rtol=1e-6)
+
+
+# ---- tiny random checkpoints of each family, made with transformers -------------------------
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from _tiny import VOCAB, make_tokenizer  # noqa: E402
+from flashinfer_cli.convert import ConvertOptions, convert  # noqa: E402
+from flashinfer_cli.engine import Engine, make_engine_plan  # noqa: E402
+from flashinfer_cli.model import Model  # noqa: E402
+
+# family -> (transformers class prefix, config keys); hidden 64, 2 layers, 8 experts of 32 neurons
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=256, rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=2, pad_token_id=0,
+              tie_word_embeddings=False)
+FAMILIES = {
+    "mixtral": ("Mixtral", dict(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2)),
+    "qwen3_moe": ("Qwen3Moe", dict(intermediate_size=32, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                                   norm_topk_prob=True, head_dim=16)),
+    "qwen2_moe": ("Qwen2Moe", dict(intermediate_size=32, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                                   shared_expert_intermediate_size=64, norm_topk_prob=False)),
+}
+IDS = [int(i) for i in np.random.default_rng(1).integers(0, VOCAB, 40)]
+
+
+def make_moe_checkpoint(family: str, dest: Path, seed: int = 0):
+    """A random model of `family` with a tokenizer, saved in Hugging Face layout; the torch model."""
+    prefix, over = FAMILIES[family]
+    torch.manual_seed(seed)
+    cfg = getattr(transformers, prefix + "Config")(**{**COMMON, **over})
+    model = getattr(transformers, prefix + "ForCausalLM")(cfg).eval()
+    with torch.no_grad():  # random init is tiny (std 0.02): widen it so logits and routes have structure
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0, 0.15)
+            elif "bias" in name:
+                p.normal_(0, 0.1)
+            else:
+                p.uniform_(0.8, 1.2)
+    dest.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(dest, safe_serialization=True)
+    make_tokenizer(dest)
+    return model
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory):
+    """family -> (HF dir, torch model, fic model dir converted at f32)."""
+    root = tmp_path_factory.mktemp("moe")
+    out = {}
+    for fam in FAMILIES:
+        hf = make_moe_checkpoint(fam, root / fam)
+        dest = root / f"{fam}-fic"
+        convert(root / fam, dest, name=fam, options=ConvertOptions(quant="f32"), progress=False)
+        out[fam] = (root / fam, hf, dest)
+    return out
+
+
+def rel(a: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(a - ref).max() / np.abs(ref).max())
+
+
+def hf_logits(model, ids) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def hf_greedy(model, prompt, n=32) -> list[int]:
+    model.generation_config.eos_token_id = None  # all n tokens
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def greedy(m: Model, prompt, n=32) -> list[int]:
+    m.reset()
+    tokens = [int(np.argmax(m.forward(prompt)))]
+    while len(tokens) < n:
+        tokens.append(int(np.argmax(m.forward([tokens[-1]]))))
+    return tokens
+
+
+def decode_logits(m: Model, ids, split: int) -> np.ndarray:
+    m.reset()
+    first = m.forward(ids[:split], all_logits=True)
+    return np.concatenate([first, np.stack([m.forward([t]) for t in ids[split:]])])
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_conversion_keeps_each_expert_a_bundle_and_the_rule(family, families):
+    _, hf, dest = families[family]
+    with ModelReader(dest) as r:
+        man = r.manifest
+        cfg = hf.config
+        assert [len(layer) for layer in man.experts] == [8, 8]
+        rule = man.moe[0]
+        assert (rule.n_routed, rule.top_k) == (8, 2)
+        assert rule.norm_topk == (family != "qwen2_moe")
+        assert rule.shared_neurons == (64 if family == "qwen2_moe" else 0)
+        assert rule.shared_gate == ("sigmoid" if family == "qwen2_moe" else "none")
+        assert man.tensors["blk.0.ffn_gate_inp"]["fmt"] == "f32"
+        # expert 5 of layer 1 is the checkpoint's expert 5, byte for byte at f32
+        b = r.read_bundles([(1, 5)], [kernels.aligned_buffer(r.bundle_bytes(1, 5))])[0]
+        experts = hf.model.layers[1].mlp.experts
+        gate_up = experts.gate_up_proj[5].detach().numpy()
+        n = gate_up.shape[0] // 2
+        np.testing.assert_array_equal(kernels.dequantize(b.gate), gate_up[:n])
+        np.testing.assert_array_equal(kernels.dequantize(b.up), gate_up[n:])
+        np.testing.assert_array_equal(kernels.dequantize(b.down), experts.down_proj[5].detach().numpy())
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_f32_logits_and_greedy_match_transformers_everything_resident(family, families):
+    _, hf, dest = families[family]
+    m = Model(dest, ctx=128, kv_dtype="f32")
+    ref = hf_logits(hf, IDS)
+    assert rel(m.forward(IDS, all_logits=True), ref) < 1e-4
+    assert rel(decode_logits(m, IDS, 17), ref) < 1e-4
+    assert greedy(m, IDS[:8]) == hf_greedy(hf, IDS[:8])
+    assert m.arena.total.misses == 8 * 2  # the one batched read at open: nothing since
