@@ -216,3 +216,98 @@ def test_f32_logits_and_greedy_match_transformers_everything_resident(family, fa
     assert rel(decode_logits(m, IDS, 17), ref) < 1e-4
     assert greedy(m, IDS[:8]) == hf_greedy(hf, IDS[:8])
     assert m.arena.total.misses == 8 * 2  # the one batched read at open: nothing since
+
+
+# ---- under a budget: exact mode reads its misses during decode ------------------------------
+
+# bigger experts, so that a 2 MiB huge page of arena holds only a couple of them (f32: 768 KiB each)
+BIG = dict(hidden_size=256, intermediate_size=256, num_local_experts=16, num_experts_per_tok=2, num_attention_heads=4,
+           num_key_value_heads=2)
+
+
+@pytest.fixture(scope="module")
+def big_mixtral(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bigmoe")
+    torch.manual_seed(3)
+    cfg = transformers.MixtralConfig(**{**COMMON, **BIG})
+    hf = transformers.MixtralForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0, 0.08)
+            else:
+                p.uniform_(0.8, 1.2)
+    hf.save_pretrained(root / "hf", safe_serialization=True)
+    make_tokenizer(root / "hf")
+    convert(root / "hf", root / "fic", name="big-mixtral", options=ConvertOptions(quant="f32"), progress=False)
+    return hf, root / "fic"
+
+
+def small_budget(path: Path, slots: int, ctx: int = 128, mode: str = "exact") -> int:
+    """The largest budget (in MiB steps) whose arena holds at most `slots` bundles."""
+    from flashinfer_cli import plan as planlib
+
+    full, _ = make_engine_plan(path, mem="64G", ctx=ctx)
+    mem = full.total_bytes
+    while True:
+        try:
+            plan, _ = make_engine_plan(path, mem=mem, ctx=ctx, mode=mode)
+        except planlib.BudgetError:
+            raise AssertionError(f"no budget holds {slots} slots") from None
+        if plan.n_slots <= slots:
+            return mem
+        mem -= 1 << 20
+
+
+def test_exact_mode_under_a_budget_reads_misses_and_equals_the_full_model(big_mixtral):
+    hf, path = big_mixtral
+    eng = Engine.open(str(path), mem=small_budget(path, 10), ctx=128, kv_dtype="f32", auto_pull=False)
+    plan = eng.plan
+    assert not plan.all_resident and plan.n_slots < 32 and eng.policy == "router"
+    ref = hf_logits(hf, IDS)
+    split = 12
+    got = [eng.forward(IDS[:split])]
+    arena = eng.model.arena
+    pinned = [arena.pinned_experts(l).tolist() for l in range(2)]
+    assert all(len(p) == plan.active_per_layer[l] > 0 for l, p in enumerate(pinned))
+    before = arena.request.misses
+    got += [eng.model.forward([t])[None] for t in IDS[split:]]
+    assert rel(np.concatenate(got), ref) < 1e-4
+    st = eng.stats()["request"]
+    assert st["misses"] > before and st["evictions"] > 0  # decode missed experts, read them, evicted others
+    assert [arena.pinned_experts(l).tolist() for l in range(2)] == pinned  # the prompt's set stayed pinned
+    arena.check_invariants()
+    # the prompt's set: the experts with the largest summed router probabilities
+    m = Model(path, ctx=128, kv_dtype="f32")
+    m.collect, scores = None, np.zeros((2, 16))
+    m.collect = lambda layer, probs: scores.__setitem__(layer, scores[layer] + probs.sum(axis=0))
+    m.forward(IDS[:split])
+    for l in range(2):
+        assert set(pinned[l]) == set(np.argsort(-scores[l], kind="stable")[:len(pinned[l])].tolist())
+    # greedy generation: the full model's (the engine's prefill chooses and pins, decode misses)
+    eng2 = Engine.open(str(path), mem=small_budget(path, 10), ctx=128, kv_dtype="f32", auto_pull=False)
+    tokens = [int(np.argmax(eng2.forward(IDS[:8])[-1]))]
+    while len(tokens) < 32:
+        tokens.append(int(np.argmax(eng2.model.forward([tokens[-1]]))))
+    assert tokens == hf_greedy(hf, IDS[:8])
+    assert eng2.stats()["request"]["misses"] > 0
+
+
+def test_peak_memory_stays_within_the_budget_while_misses_are_read(big_mixtral):
+    import os
+    import subprocess
+    import sys
+
+    _, path = big_mixtral
+    mem = small_budget(path, 10)
+    opts = {"mem": mem, "ctx": 128, "mode": "exact"}
+    here = Path(__file__).parent
+    out = subprocess.run([sys.executable, str(here / "_rss_probe.py"), str(path), json.dumps(opts), "the quick brown fox",
+                          "24"], capture_output=True, text=True, timeout=600, env={**os.environ, "FIC_THREADS": "2"})
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    assert r["planned"] <= mem
+    assert r["workspace_grows"] == 0
+    assert r["delta"] <= mem + (8 << 20), (r["delta"], mem)  # test_budget's margin
+    st = r["stats"]["total"]
+    assert st["misses"] > st["streamed"] and st["evictions"] > 0  # decode misses read into the arena
