@@ -89,8 +89,9 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 _HF_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama",
              "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
-             "MixtralForCausalLM": "llama", "Qwen2MoeForCausalLM": "qwen2", "Qwen3MoeForCausalLM": "qwen3"}
-_HF_MOE_ARCHS = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
+             "MixtralForCausalLM": "llama", "Qwen2MoeForCausalLM": "qwen2", "Qwen3MoeForCausalLM": "qwen3",
+             "OlmoeForCausalLM": "olmoe"}
+_HF_MOE_ARCHS = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM")
 
 _HF_LAYER_NAMES = {
     "input_layernorm.weight": "attn_norm",
@@ -170,6 +171,8 @@ def hf_moe_rules(cfg: dict[str, Any], where: Path) -> tuple[list[RoutingRule], i
         top_k = int(cfg["num_experts_per_tok"])
         if hf_arch == "MixtralForCausalLM":
             size, norm, shared = int(cfg["intermediate_size"]), True, 0
+        elif hf_arch == "OlmoeForCausalLM":
+            size, norm, shared = int(cfg["intermediate_size"]), bool(cfg.get("norm_topk_prob", False)), 0
         else:
             size, norm = int(cfg["moe_intermediate_size"]), bool(cfg.get("norm_topk_prob", False))
             shared = int(cfg.get("shared_expert_intermediate_size") or 0) if hf_arch == "Qwen2MoeForCausalLM" else 0
@@ -213,6 +216,10 @@ def hf_arch_config(cfg: dict[str, Any], where: Path) -> ArchConfig:
     attn_bias = arch == "qwen2" or (arch == "qwen3" and bool(cfg.get("attention_bias")))
     if hf_arch == "Qwen2MoeForCausalLM":
         attn_bias = bool(cfg.get("qkv_bias", True))
+    if arch == "olmoe":
+        attn_bias = bool(cfg.get("attention_bias"))
+        if cfg.get("clip_qkv") is not None:
+            raise CheckpointError(f"{where}: clip_qkv is not supported")
     try:
         return ArchConfig(
             arch=arch, n_layers=int(cfg["num_hidden_layers"]), d_model=d_model, n_heads=n_heads,
@@ -220,7 +227,8 @@ def hf_arch_config(cfg: dict[str, Any], where: Path) -> ArchConfig:
             head_dim=int(cfg.get("head_dim") or d_model // n_heads), d_ff=d_ff,
             vocab_size=int(cfg["vocab_size"]), norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope_theta=theta, max_ctx=max_ctx, tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attn_bias=attn_bias, qk_norm=arch == "qwen3", rope_scaling=scaling, extra={"hf_architecture": hf_arch},
+            attn_bias=attn_bias, qk_norm=arch in ("qwen3", "olmoe"), qk_norm_full=arch == "olmoe",
+            rope_scaling=scaling, extra={"hf_architecture": hf_arch},
         )
     except KeyError as exc:
         raise CheckpointError(f"{where}: missing {exc.args[0]!r}") from None
@@ -370,7 +378,8 @@ def expected_shapes(c: ArchConfig, moe: list[RoutingRule] | None = None) -> dict
         if c.attn_bias:
             shapes.update({b + "attn_q.bias": (q,), b + "attn_k.bias": (kv,), b + "attn_v.bias": (kv,)})
         if c.qk_norm:
-            shapes.update({b + "attn_q_norm": (c.head_dim,), b + "attn_k_norm": (c.head_dim,)})
+            qn, kn = ((q,), (kv,)) if c.qk_norm_full else ((c.head_dim,), (c.head_dim,))
+            shapes.update({b + "attn_q_norm": qn, b + "attn_k_norm": kn})
     return shapes
 
 

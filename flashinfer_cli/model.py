@@ -322,7 +322,10 @@ class Model:
         if lw.q_bias is not None:
             qkv += lw.q_bias
         qk = qkv[:(nh + nkv) * hd].reshape(nh + nkv, hd)
-        if lw.q_norm is not None:
+        if lw.q_norm is not None and c.qk_norm_full:  # one norm over all heads (OLMoE)
+            qk = np.concatenate([rmsnorm(qk[:nh].reshape(-1), lw.q_norm, c.norm_eps),
+                                 rmsnorm(qk[nh:].reshape(-1), lw.k_norm, c.norm_eps)]).reshape(nh + nkv, hd)
+        elif lw.q_norm is not None:
             qk = np.concatenate([rmsnorm(qk[:nh], lw.q_norm, c.norm_eps), rmsnorm(qk[nh:], lw.k_norm, c.norm_eps)])
         qk = qk * self.cos[p] + qk[:, self._rot] * self._sin_signed[p]  # RoPE, rotate-half
         if self._c_attention:
@@ -353,10 +356,13 @@ class Model:
             qkv = np.concatenate([kernels.matmul(w, x) for w in lw.qkv], axis=1)
         if lw.q_bias is not None:
             qkv = qkv + lw.q_bias
+        if lw.q_norm is not None and c.qk_norm_full:  # one norm over all heads (OLMoE), before they split
+            qkv = np.concatenate([rmsnorm(qkv[:, :nq], lw.q_norm, c.norm_eps),
+                                  rmsnorm(qkv[:, nq:nq + nkv], lw.k_norm, c.norm_eps), qkv[:, nq + nkv:]], axis=1)
         q = qkv[:, :nq].reshape(t, c.n_heads, hd)
         k = qkv[:, nq:nq + nkv].reshape(t, c.n_kv_heads, hd)
         v = qkv[:, nq + nkv:].reshape(t, c.n_kv_heads, hd)
-        if lw.q_norm is not None:
+        if lw.q_norm is not None and not c.qk_norm_full:
             q = rmsnorm(q, lw.q_norm, c.norm_eps)
             k = rmsnorm(k, lw.k_norm, c.norm_eps)
         cos, sin = self.cos[p0:p0 + t], self.sin[p0:p0 + t]

@@ -117,6 +117,7 @@ FAMILIES = {
                                    norm_topk_prob=True, head_dim=16)),
     "qwen2_moe": ("Qwen2Moe", dict(intermediate_size=32, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
                                    shared_expert_intermediate_size=64, norm_topk_prob=False)),
+    "olmoe": ("Olmoe", dict(intermediate_size=32, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False)),
 }
 IDS = [int(i) for i in np.random.default_rng(1).integers(0, VOCAB, 40)]
 
@@ -193,7 +194,7 @@ def test_conversion_keeps_each_expert_a_bundle_and_the_rule(family, families):
         assert [len(layer) for layer in man.experts] == [8, 8]
         rule = man.moe[0]
         assert (rule.n_routed, rule.top_k) == (8, 2)
-        assert rule.norm_topk == (family != "qwen2_moe")
+        assert rule.norm_topk == (family in ("mixtral", "qwen3_moe"))
         assert rule.shared_neurons == (64 if family == "qwen2_moe" else 0)
         assert rule.shared_gate == ("sigmoid" if family == "qwen2_moe" else "none")
         assert man.tensors["blk.0.ffn_gate_inp"]["fmt"] == "f32"
@@ -311,3 +312,49 @@ def test_peak_memory_stays_within_the_budget_while_misses_are_read(big_mixtral):
     assert r["delta"] <= mem + (8 << 20), (r["delta"], mem)  # test_budget's margin
     st = r["stats"]["total"]
     assert st["misses"] > st["streamed"] and st["evictions"] > 0  # decode misses read into the arena
+
+
+# ---- prune mode: each token's top-k among the active set ------------------------------------
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_prune_mode_with_every_expert_active_is_the_full_model(family, families):
+    _, hf, dest = families[family]
+    eng = Engine.open(str(dest), mode="prune", active="1", ctx=128, kv_dtype="f32", auto_pull=False)
+    assert eng.plan.prune and eng.model.runner.prune is False  # the selection comes with the prompt
+    got = [eng.forward(IDS[:12])]
+    assert eng.model.runner.prune and not eng.model.full
+    got += [eng.model.forward([t])[None] for t in IDS[12:]]
+    assert rel(np.concatenate(got), hf_logits(hf, IDS)) < 1e-4
+
+
+def test_prune_mode_under_a_budget_never_reads_in_decode(big_mixtral):
+    hf, path = big_mixtral
+    eng = Engine.open(str(path), mem=small_budget(path, 12, mode="prune"), mode="prune", ctx=128, kv_dtype="f32",
+                      auto_pull=False)
+    k = eng.plan.active_per_layer
+    assert eng.plan.prune and 2 <= k[0] < 16
+    eng.forward(IDS[:12])
+    arena = eng.model.arena
+    before = dict(arena.request.as_dict())
+    for t in IDS[12:]:
+        eng.model.forward([t])
+    assert arena.request.misses == before["misses"] and arena.request.bytes_read == before["bytes_read"]
+    # the output is each token's top-2 among the active set, renormalised (Mixtral's rule): check one
+    # token's layer-0 coefficients against the rule applied by hand
+    active = eng.model.runner.active[0]
+    logits = np.random.default_rng(0).standard_normal((1, 16)).astype(np.float32)
+    coef, _ = moe.route(eng.model.layers[0].rule, logits, eng.model.runner.active_mask(0))
+    assert set(np.flatnonzero(coef[0])) <= set(active.tolist()) and abs(coef.sum() - 1) < 1e-6
+
+
+def test_prune_reselection_rescores_from_the_window_and_reads_only_changes(big_mixtral):
+    _, path = big_mixtral
+    eng = Engine.open(str(path), mem=small_budget(path, 12, mode="prune"), mode="prune", ctx=128, reselect=4,
+                      auto_pull=False)
+    list(eng.stream(IDS[:10], max_tokens=13))
+    st = eng.stats()["request"]
+    assert st["reselections"] >= 2
+    # a reselection reads no expert to score (the window's router probabilities): every read after the
+    # prompt's selection is a changed expert, at most the pinned set per reselection
+    assert st["streamed"] == 0 or st["misses"] >= st["streamed"]
+    eng.model.arena.check_invariants()
