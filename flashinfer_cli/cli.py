@@ -212,6 +212,9 @@ def show_cmd(model: str, mem: str | None, ctx: int | None, mode: str, active: st
     click.echo(f"source          {d.provenance.get('source', '-')}")
     for note in d.notes:
         click.echo(f"note            {note}")
+    from flashinfer_cli import moe  # a mixture of experts: routing, total/active parameters (issue 8)
+    for line in moe.show_lines(fmt.parse_manifest(path / fmt.MANIFEST_FILE)):
+        click.echo(line)
     if plan is not None:
         click.echo("memory plan")
         for line in plan.lines():
@@ -273,8 +276,9 @@ def _budget_options() -> list:
         click.option("--active", default=None, metavar="A",
                      help="Active experts: a fraction of each layer's (0.5) or active parameters (300M). "
                           "Default: the largest that fits."),
-        click.option("--policy", type=click.Choice(["exact", "static"]), default="exact", show_default=True,
-                     help="How experts are chosen: from the prompt's activations, or one set from calibration text."),
+        click.option("--policy", type=click.Choice(["exact", "static", "router"]), default="exact", show_default=True,
+                     help="How experts are chosen: from the prompt's activations, or one set from calibration text "
+                          "(a mixture of experts: router, the prompt's router probabilities)."),
         click.option("--reselect", type=click.IntRange(min=0), default=None, metavar="N",
                      help="Rescore the active sets every N generated tokens (0: never)."),
     ]

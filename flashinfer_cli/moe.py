@@ -151,3 +151,39 @@ class RouterScorer:
 
     def all_scores(self) -> np.ndarray:
         return self.acc.copy()
+
+
+# ---- what `fic show` says of a mixture of experts --------------------------------------------
+
+def show_lines(man: Any) -> list[str]:
+    """Lines for `fic show` of a mixture of experts (an fmt.Manifest with moe), none for a dense
+    model: routing per layer, total and active parameters per token, bytes per expert, and what
+    a budget does with it."""
+    import math
+
+    from flashinfer_cli import fmt  # fmt imports this module: imported when called
+    from flashinfer_cli.plan import ModelShape
+
+    if not man.moe:
+        return []
+    s = ModelShape.from_manifest(man)
+    # every parameter, the embedding left on flash included; a token uses one row of it
+    total = sum(math.prod(t["shape"]) for t in man.tensors.values() if t["fmt"] != "i32") \
+        + s.n_experts * s.expert_params
+    active = s.routed_params + (s.d_model if fmt.flash_resident(man) else 0)
+    rules = sorted({r.describe() for r in man.moe})
+    n_layers = len(man.moe)
+    out = [f"routing         {rule}" + (f" (every one of the {n_layers} layers)" if len(rules) == 1 else "")
+           for rule in rules]
+    shared = sum(r.shared_neurons for r in man.moe)
+    out.append(f"parameters      {total / 1e6:.1f}M in all, {active / 1e6:.1f}M active per token "
+               f"(dense block {s.dense_params / 1e6:.1f}M with the routers"
+               f"{' and shared experts' if shared else ''}, top-{s.moe_top_k} of "
+               f"{'/'.join(map(str, sorted(set(s.experts_per_layer))))} experts per layer)")
+    sizes = sorted({e.length for layer in man.experts for e in layer})
+    out.append(f"per expert      {', '.join(f'{b:,}' for b in sizes)} bytes ({s.expert_params / 1e6:.2f}M parameters),"
+               f" one bundle each")
+    out.append("under a budget  exact mode: the prompt's experts are a cold-start prefetch and a pin list; every "
+               "token still runs its own top-k, reading a miss from flash (the full model's output). prune mode: "
+               "each token's top-k only among the prompt's set, no reads: a trade in quality")
+    return out

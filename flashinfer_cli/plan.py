@@ -227,12 +227,22 @@ class MemoryPlan:
         else:
             out.append(f"experts         {per_layer:.1f} of {e_max} per layer fit beside the ring")
             k = max_prune_active(s, self.n_slots - self.n_ring)
-            n_stream = max(0, s.n_experts - sum(min(k, n) for n in s.experts_per_layer))
-            out.append(f"exact mode      {human(n_stream * self.slot_bytes)} streamed from flash per token"
-                       f" ({n_stream} bundles)")
-            out.append(f"prune mode      largest --active {k / max(1, e_max):.2f} ({k} of {e_max} per layer,"
-                       f" {(s.dense_params + k * s.n_layers * s.expert_params) / 1e6:.0f}M active parameters)")
-        if self.prune:
+            if s.is_moe:  # a token reads only its own top-k that are not resident
+                worst = self.streamed_bytes_per_token if self.mode == "exact" else \
+                    s.n_layers * s.moe_top_k * self.slot_bytes
+                out.append(f"exact mode      at most {human(worst)} read per token (every routed expert a miss);"
+                           f" the prompt's set is prefetched and pinned, misses are kept while hot")
+            else:
+                n_stream = max(0, s.n_experts - sum(min(k, n) for n in s.experts_per_layer))
+                out.append(f"exact mode      {human(n_stream * self.slot_bytes)} streamed from flash per token"
+                           f" ({n_stream} bundles)")
+            params = "" if s.is_moe else \
+                f", {(s.dense_params + k * s.n_layers * s.expert_params) / 1e6:.0f}M active parameters"
+            out.append(f"prune mode      largest --active {k / max(1, e_max):.2f} ({k} of {e_max} per layer{params})")
+        if self.prune and s.is_moe:
+            out.append(f"active set      {self.active_fraction:.2f} of the experts; each token's top-{s.moe_top_k} "
+                       f"among them (lossy: see fic bench --quality)")
+        elif self.prune:
             out.append(f"active set      {self.active_fraction:.2f} of the experts, "
                        f"{self.active_params / 1e6:.0f}M active parameters")
         out.extend(f"note            {n}" for n in self.notes)

@@ -358,3 +358,18 @@ def test_prune_reselection_rescores_from_the_window_and_reads_only_changes(big_m
     # prompt's selection is a changed expert, at most the pinned set per reselection
     assert st["streamed"] == 0 or st["misses"] >= st["streamed"]
     eng.model.arena.check_invariants()
+
+
+def test_show_gives_routing_parameters_and_bytes_per_expert(families):
+    from click.testing import CliRunner
+
+    from flashinfer_cli.cli import cli
+
+    _, _, dest = families["qwen2_moe"]
+    out = CliRunner().invoke(cli, ["show", str(dest)])
+    assert out.exit_code == 0, out.output
+    assert "routing         8 routed experts, softmax, then top-2, shared expert of 64 neurons (sigmoid gate)" in out.output
+    with ModelReader(dest) as r:
+        length = r.entry(0, 0).length
+    assert f"per expert      {length:,} bytes" in out.output
+    assert "M active per token" in out.output and "prune mode: each token's top-k only among" in out.output
