@@ -402,7 +402,11 @@ def _check_tensors(config: ArchConfig, tensors: dict[str, SourceTensor], where: 
 
 # ---- GGUF ----------------------------------------------------------------------------------
 
-GGUF_ARCHS = ("llama", "qwen2", "qwen3")
+GGUF_ARCHS = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "olmoe")
+_GGUF_FIC_ARCH = {"qwen2moe": "qwen2", "qwen3moe": "qwen3"}  # the same attention as their dense kin
+# llama.cpp's routing per architecture (llama-model.cpp's build_moe_ffn calls: whether the top-k
+# weights are renormalised); a file's {arch}.expert_weights_norm says otherwise when present
+_GGUF_NORM_TOPK = {"llama": True, "qwen2moe": False, "qwen3moe": True, "olmoe": False}
 
 
 def _field(reader: Any, key: str, default: Any = None) -> Any:
@@ -550,12 +554,16 @@ def _qk_unpermute_index(rows: int, n_head: int) -> np.ndarray:
 
 
 def _gguf_loader(t: Any, qtype: str, shape: tuple[int, ...], rows_index: np.ndarray | None,
-                 where: Path) -> Callable[[], np.ndarray | QTensor]:
+                 where: Path, expert: int | None = None) -> Callable[[], np.ndarray | QTensor]:
+    """Loads tensor t of `shape`; expert j: the j-th matrix of a merged (n_experts, rows, cols)
+    tensor (`shape` is then one expert's)."""
     import gguf
 
     def load() -> np.ndarray | QTensor:
         try:
             data = np.asarray(t.data)
+            if expert is not None:
+                data = data[expert]
             rows = shape[0]
             data = data.reshape(rows, -1) if len(shape) == 2 else data.reshape(1, -1)
             if rows_index is not None:  # whole rows of blocks move: lossless for quantized data
@@ -743,6 +751,7 @@ def _gguf_checkpoint(reader: Any, path: Path) -> Checkpoint:
     embd = by_name.get("token_embd.weight")
     if embd is None:
         raise CheckpointError(f"{path}: tensor 'token_embd.weight' missing")
+    moe = _gguf_moe(reader, arch, by_name, path)
     tokens = _field(reader, "tokenizer.ggml.tokens")
     if tokens is not None and not isinstance(tokens, list):
         raise CheckpointError(f"{path}: GGUF metadata tokenizer.ggml.tokens is not a list")
@@ -750,13 +759,15 @@ def _gguf_checkpoint(reader: Any, path: Path) -> Checkpoint:
     name, file_type = _field(reader, "general.name"), _field(reader, "general.file_type")
     try:
         config = ArchConfig(
-            arch=arch, n_layers=_gguf_int(reader, f"{arch}.block_count", path, required=True, hi=_MAX_GGUF_LAYERS),
+            arch=_GGUF_FIC_ARCH.get(arch, arch), n_layers=_gguf_int(reader, f"{arch}.block_count", path, required=True, hi=_MAX_GGUF_LAYERS),
             d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim,
-            d_ff=_gguf_int(reader, f"{arch}.feed_forward_length", path, required=True), vocab_size=vocab,
+            d_ff=moe[0][0].n_routed * moe[1] if moe else
+            _gguf_int(reader, f"{arch}.feed_forward_length", path, required=True), vocab_size=vocab,
             norm_eps=_gguf_float(reader, f"{arch}.attention.layer_norm_rms_epsilon", path, required=True),
             rope_theta=theta, max_ctx=_gguf_int(reader, f"{arch}.context_length", path, default=2048, hi=_MAX_GGUF_CTX),
             tie_embeddings="output.weight" not in by_name,
             attn_bias="blk.0.attn_q.bias" in by_name, qk_norm="blk.0.attn_q_norm.weight" in by_name,
+            qk_norm_full=arch == "olmoe",
             rope_scaling=None,
             extra={"gguf_name": name if isinstance(name, str) else None,
                    "gguf_file_type": file_type if type(file_type) is int else None},
@@ -774,13 +785,55 @@ def _gguf_checkpoint(reader: Any, path: Path) -> Checkpoint:
             continue
         canon = _gguf_canonical(t.name)
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # ggml lists ne0 (row length) first
+        if canon.endswith("ffn_gate_inp_shexp") and len(shape) == 1:
+            shape = (1, shape[0])  # llama.cpp's shared-expert gate is a vector; Hugging Face's a 1-row matrix
         qtype = t.tensor_type.name
         tensors[canon] = SourceTensor(canon, shape, qtype, qtype in KEPT_GGUF_TYPES, lambda: None)
         sources[canon] = t
-    _check_tensors(config, tensors, path)  # before the loaders: their row order needs the shapes checked
+    rules = moe[0] if moe else None
+    _check_tensors(config, tensors, path, rules)  # before the loaders: their row order needs the shapes checked
     for canon, st in tensors.items():
+        if len(st.shape) == 3:  # merged experts: loaded one at a time
+            st.load_expert = functools.partial(_gguf_expert, sources[canon], st.src_type, st.shape[1:], path)
+            st.load = functools.partial(_gguf_stack, st)
+            continue
         index = None
         if arch == "llama" and re.fullmatch(r"blk\.\d+\.attn_[qk](\.bias)?", canon):
             index = _qk_unpermute_index(st.shape[0], n_heads if ".attn_q" in canon else n_kv)
         st.load = _gguf_loader(sources[canon], st.src_type, st.shape, index, path)
-    return Checkpoint("gguf", path, config, [path], tensors, gguf_reader=reader)
+    return Checkpoint("gguf", path, config, [path], tensors, gguf_reader=reader, moe=rules)
+
+
+def _gguf_expert(t: Any, qtype: str, shape: tuple[int, ...], where: Path, j: int) -> np.ndarray | QTensor:
+    return _gguf_loader(t, qtype, shape, None, where, expert=j)()
+
+
+def _gguf_stack(st: SourceTensor) -> np.ndarray:
+    from flashinfer_cli.convert import as_float
+
+    return np.stack([as_float(st.load_expert(j)) for j in range(st.shape[0])])
+
+
+def _gguf_moe(reader: Any, arch: str, by_name: dict[str, Any], where: Path) -> tuple[list[RoutingRule], int] | None:
+    """(each layer's routing rule, neurons per expert) of a GGUF mixture of experts (llama.cpp's
+    {arch}.expert_count, expert_used_count, expert_feed_forward_length and the shared expert's
+    tensors), None for a dense file."""
+    n_exp = _gguf_int(reader, f"{arch}.expert_count", where, default=0, lo=0)
+    if not n_exp:
+        return None
+    top_k = _gguf_int(reader, f"{arch}.expert_used_count", where, required=True)
+    size = _gguf_int(reader, f"{arch}.expert_feed_forward_length", where) or \
+        _gguf_int(reader, f"{arch}.feed_forward_length", where, required=True)
+    shexp = by_name.get("blk.0.ffn_gate_shexp.weight")
+    shared = int(shexp.shape[1]) if shexp is not None and len(shexp.shape) == 2 else 0
+    shared = _gguf_int(reader, f"{arch}.expert_shared_feed_forward_length", where, default=shared, lo=0)
+    norm = _field(reader, f"{arch}.expert_weights_norm")
+    norm = _GGUF_NORM_TOPK.get(arch, True) if norm is None else norm
+    n_layers = _gguf_int(reader, f"{arch}.block_count", where, required=True, hi=_MAX_GGUF_LAYERS)
+    try:
+        rule = RoutingRule(n_routed=n_exp, top_k=top_k, softmax="before", norm_topk=bool(norm), shared_neurons=shared,
+                           shared_gate="sigmoid" if "blk.0.ffn_gate_inp_shexp.weight" in by_name else "none")
+        rule.check()
+    except ValueError as exc:
+        raise CheckpointError(f"{where}: mixture of experts: {exc}") from None
+    return [rule] * n_layers, size

@@ -373,3 +373,113 @@ def test_show_gives_routing_parameters_and_bytes_per_expert(families):
         length = r.entry(0, 0).length
     assert f"per expert      {length:,} bytes" in out.output
     assert "M active per token" in out.output and "prune mode: each token's top-k only among" in out.output
+
+
+# ---- GGUF: llama.cpp's merged 3-D expert tensors ----------------------------------------------
+
+GGUF_ARCH = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "olmoe": "olmoe"}
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp convert_hf_to_gguf.py LlamaModel.permute (Q/K rows of arch llama)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_moe_gguf(path: Path, family: str, hf) -> None:
+    """The model as llama.cpp's converter writes it: merged (n_expert, rows, cols) expert tensors,
+    ffn_gate_inp, the shared expert's _shexp tensors (its gate a vector), llama's permuted Q/K."""
+    import gguf
+
+    arch, cfg = GGUF_ARCH[family], hf.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    n_exp = getattr(cfg, "num_local_experts", None) or cfg.num_experts
+    size = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_dimension_count(head_dim)
+    w.add_expert_count(n_exp)
+    w.add_expert_used_count(cfg.num_experts_per_tok)
+    if family != "mixtral":
+        w.add_expert_feed_forward_length(size)
+    if family == "qwen2_moe":
+        w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
+    tokens = ["<|endoftext|>", "<|im_end|>"] + [chr(c) for c in range(33, 33 + cfg.vocab_size - 3)] + ["!!"]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3, 3] + [1] * (len(tokens) - 2))
+    w.add_token_merges(["! !"])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+    sd = {k: v.detach().float().numpy() for k, v in hf.state_dict().items()}
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    w.add_tensor("output.weight", sd["lm_head.weight"])
+    attn = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output"}
+    for i in range(cfg.num_hidden_layers):
+        p, b = f"model.layers.{i}.", f"blk.{i}."
+        w.add_tensor(b + "attn_norm.weight", sd[p + "input_layernorm.weight"])
+        w.add_tensor(b + "ffn_norm.weight", sd[p + "post_attention_layernorm.weight"])
+        for hf_name, g in attn.items():
+            wt = sd[p + f"self_attn.{hf_name}.weight"]
+            if arch == "llama" and g in ("attn_q", "attn_k"):
+                wt = _permute(wt, cfg.num_attention_heads if g == "attn_q" else cfg.num_key_value_heads)
+            w.add_tensor(b + g + ".weight", wt)
+            if p + f"self_attn.{hf_name}.bias" in sd:
+                w.add_tensor(b + g + ".bias", sd[p + f"self_attn.{hf_name}.bias"])
+        for hf_name, g in (("q_norm", "attn_q_norm"), ("k_norm", "attn_k_norm")):
+            if p + f"self_attn.{hf_name}.weight" in sd:
+                w.add_tensor(b + g + ".weight", sd[p + f"self_attn.{hf_name}.weight"])
+        gate_up = sd[p + "mlp.experts.gate_up_proj"]
+        w.add_tensor(b + "ffn_gate_inp.weight", sd[p + "mlp.gate.weight"])
+        w.add_tensor(b + "ffn_gate_exps.weight", np.ascontiguousarray(gate_up[:, :size]))
+        w.add_tensor(b + "ffn_up_exps.weight", np.ascontiguousarray(gate_up[:, size:]))
+        w.add_tensor(b + "ffn_down_exps.weight", sd[p + "mlp.experts.down_proj"])
+        if family == "qwen2_moe":
+            for r in ("gate", "up", "down"):
+                w.add_tensor(b + f"ffn_{r}_shexp.weight", sd[p + f"mlp.shared_expert.{r}_proj.weight"])
+            w.add_tensor(b + "ffn_gate_inp_shexp.weight", sd[p + "mlp.shared_expert_gate.weight"].reshape(-1))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_gguf_merged_experts_convert_and_match_transformers(family, families, tmp_path):
+    _, hf, hf_fic = families[family]
+    write_moe_gguf(tmp_path / "m.gguf", family, hf)
+    dest = convert(tmp_path / "m.gguf", tmp_path / "fic", name=family, options=ConvertOptions(quant="f32"), progress=False)
+    with ModelReader(dest) as r, ModelReader(hf_fic) as h:
+        assert r.manifest.moe == h.manifest.moe  # the same routing rules from llama.cpp's metadata
+    m = Model(dest, ctx=128, kv_dtype="f32")
+    ref = hf_logits(hf, IDS)
+    assert rel(m.forward(IDS, all_logits=True), ref) < 1e-4
+    assert rel(decode_logits(m, IDS, 17), ref) < 1e-4
+    assert greedy(m, IDS[:8]) == hf_greedy(hf, IDS[:8])
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe"])  # llama.cpp refuses our tiny OLMoE file
+def test_gguf_merged_experts_match_llama_cpp(family, families, tmp_path):
+    from conftest import need_llama_cpp
+
+    llama_cpp = need_llama_cpp()
+    _, hf, _ = families[family]
+    write_moe_gguf(tmp_path / "m.gguf", family, hf)
+    dest = convert(tmp_path / "m.gguf", tmp_path / "fic", name=family, options=ConvertOptions(quant="f32"), progress=False)
+    llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_ctx=128, logits_all=True, type_k=0, type_v=0, n_threads=2,
+                          verbose=False)
+    llm.eval(IDS)
+    ref = np.array(llm.scores[:len(IDS)])
+    del llm
+    m = Model(dest, ctx=128, kv_dtype="f32")
+    assert rel(m.forward(IDS, all_logits=True), ref) < 1e-4  # llama.cpp's own arithmetic at f32
