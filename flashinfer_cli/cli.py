@@ -377,6 +377,10 @@ def _print_stats(engine) -> None:
                            f"{r['read_seconds'] * 1000:.1f}ms waiting"),
             ("reselections", f"{r['reselections']}")):
         click.echo(f"{label + ':':<22}{value}", err=True)
+    if r.get("predicted"):  # a mixture of experts' next-layer prefetch (issue 8)
+        click.echo(f"{'next-layer prefetch:':<22}{r['predicted_right']} of {r['predicted']} predicted experts routed to; "
+                   f"{r['prefetched']} read ahead, {r['prefetch_used']} used, "
+                   f"{r['prefetched'] - r['prefetch_used']} wasted", err=True)
 
 
 def _answer(engine, ids, opts, verbose: bool, opened: OpenTimes) -> str:

@@ -191,6 +191,7 @@ class Model:
         self.collect = None
         self.full = not plan.prune  # every expert runs (exact mode); False: the active sets only
         self.window: np.ndarray | None = None  # prune-mode reselection: recent FFN inputs per layer
+        self.moe_prefetch = True  # a mixture of experts in exact mode: read the next layer's predicted experts
 
     def _layer(self, dense: dict, i: int) -> LayerWeights:
         c = self.config
@@ -241,7 +242,14 @@ class Model:
         coef, probs = moe.route(lw.rule, logits, allowed)
         if self.collect is not None:
             self.collect(i, probs)
-        self.runner.run_routed(i, xn, x, coef[0] if one else coef)
+        prefetch = None
+        if self.moe_prefetch and one and self.full and not self.plan.all_resident and i + 1 < len(self.layers):
+            # layer i+1's router on this layer's hidden state, normalised as layer i+1 will: its
+            # guess at the next layer's experts, read while this layer computes
+            nxt = self.layers[i + 1]
+            guess = _rmsnorm1(x, nxt.ffn_norm, self.config.norm_eps) @ nxt.router.T
+            prefetch = (i + 1, np.argsort(-guess, kind="stable")[:nxt.rule.top_k])
+        self.runner.run_routed(i, xn, x, coef[0] if one else coef, prefetch)
         if lw.shared is not None:
             gate, up, down = lw.shared
             if one:

@@ -483,3 +483,26 @@ def test_gguf_merged_experts_match_llama_cpp(family, families, tmp_path):
     del llm
     m = Model(dest, ctx=128, kv_dtype="f32")
     assert rel(m.forward(IDS, all_logits=True), ref) < 1e-4  # llama.cpp's own arithmetic at f32
+
+
+def test_next_layer_prefetch_counts_and_keeps_the_output(big_mixtral):
+    _, path = big_mixtral
+    runs = {}
+    for on in (False, True):
+        eng = Engine.open(str(path), mem=small_budget(path, 10), ctx=128, kv_dtype="f32", auto_pull=False)
+        eng.model.moe_prefetch = on
+        got = [eng.forward(IDS[:12])]
+        got += [eng.model.forward([t])[None] for t in IDS[12:]]
+        eng.model.arena.check_invariants()
+        runs[on] = (np.concatenate(got), eng.stats()["request"])
+    (off_logits, off), (on_logits, st) = runs[False], runs[True]
+    np.testing.assert_array_equal(on_logits, off_logits)  # a prefetch changes what is read, not what runs
+    n_decode = len(IDS) - 12
+    assert off["predicted"] == off["prefetched"] == 0
+    assert st["predicted"] == 2 * n_decode  # layer 1's top-2, guessed at layer 0 for every decode token
+    assert 0 < st["predicted_right"] <= st["predicted"]
+    assert 0 < st["prefetched"] and st["prefetch_used"] <= st["prefetched"]
+    # every byte read is a miss or a prefetch (one bundle size here); a used prefetch is a hit
+    slot = eng.model.arena.slot_bytes
+    assert st["bytes_read"] == (st["misses"] + st["prefetched"]) * slot and off["bytes_read"] == off["misses"] * slot
+    assert st["hits"] + st["misses"] == off["hits"] + off["misses"]  # the same experts ran
