@@ -244,6 +244,36 @@ def big_mixtral(tmp_path_factory):
     return hf, root / "fic"
 
 
+@pytest.fixture(scope="module")
+def big_qwen2_moe(tmp_path_factory):
+    """A Qwen2-MoE with bundles of 768 KiB and a shared expert (sigmoid-gated) in the dense block."""
+    root = tmp_path_factory.mktemp("bigqwen")
+    torch.manual_seed(4)
+    cfg = transformers.Qwen2MoeConfig(**{**COMMON, "hidden_size": 256, "intermediate_size": 256, "moe_intermediate_size": 256,
+                                         "num_experts": 16, "num_experts_per_tok": 2, "shared_expert_intermediate_size": 256,
+                                         "norm_topk_prob": False})
+    hf = transformers.Qwen2MoeForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.normal_(0, 0.08) if p.ndim >= 2 else (p.normal_(0, 0.1) if "bias" in name else p.uniform_(0.8, 1.2))
+    hf.save_pretrained(root / "hf", safe_serialization=True)
+    make_tokenizer(root / "hf")
+    convert(root / "hf", root / "fic", name="big-qwen2-moe", options=ConvertOptions(quant="f32"), progress=False)
+    return hf, root / "fic"
+
+
+def test_shared_expert_model_under_a_budget_equals_the_full_model(big_qwen2_moe):
+    hf, path = big_qwen2_moe
+    eng = Engine.open(str(path), mem=small_budget(path, 10), ctx=128, kv_dtype="f32", auto_pull=False)
+    assert not eng.plan.all_resident
+    got = [eng.forward(IDS[:12])]
+    got += [eng.model.forward([t])[None] for t in IDS[12:]]
+    assert rel(np.concatenate(got), hf_logits(hf, IDS)) < 1e-4
+    st = eng.stats()["request"]
+    assert st["misses"] > 0 and st["evictions"] > 0 and st["predicted"] > 0
+    eng.model.arena.check_invariants()
+
+
 def small_budget(path: Path, slots: int, ctx: int = 128, mode: str = "exact") -> int:
     """The largest budget (in MiB steps) whose arena holds at most `slots` bundles."""
     from flashinfer_cli import plan as planlib
@@ -385,10 +415,19 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_moe_gguf(path: Path, family: str, hf) -> None:
+def write_moe_gguf(path: Path, family: str, hf, expert_type: str = "F32") -> None:
     """The model as llama.cpp's converter writes it: merged (n_expert, rows, cols) expert tensors,
-    ffn_gate_inp, the shared expert's _shexp tensors (its gate a vector), llama's permuted Q/K."""
+    ffn_gate_inp, the shared expert's _shexp tensors (its gate a vector), llama's permuted Q/K;
+    expert_type: the routed experts' GGUF type (Q8_0: quantized by the gguf package)."""
     import gguf
+
+    def experts(name: str, value: np.ndarray) -> None:
+        value = np.ascontiguousarray(value)
+        if expert_type == "F32":
+            w.add_tensor(name, value)
+        else:
+            qtype = gguf.GGMLQuantizationType[expert_type]
+            w.add_tensor(name, gguf.quants.quantize(value, qtype), raw_dtype=qtype)
 
     arch, cfg = GGUF_ARCH[family], hf.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -441,9 +480,9 @@ def write_moe_gguf(path: Path, family: str, hf) -> None:
                 w.add_tensor(b + g + ".weight", sd[p + f"self_attn.{hf_name}.weight"])
         gate_up = sd[p + "mlp.experts.gate_up_proj"]
         w.add_tensor(b + "ffn_gate_inp.weight", sd[p + "mlp.gate.weight"])
-        w.add_tensor(b + "ffn_gate_exps.weight", np.ascontiguousarray(gate_up[:, :size]))
-        w.add_tensor(b + "ffn_up_exps.weight", np.ascontiguousarray(gate_up[:, size:]))
-        w.add_tensor(b + "ffn_down_exps.weight", sd[p + "mlp.experts.down_proj"])
+        experts(b + "ffn_gate_exps.weight", gate_up[:, :size])
+        experts(b + "ffn_up_exps.weight", gate_up[:, size:])
+        experts(b + "ffn_down_exps.weight", sd[p + "mlp.experts.down_proj"])
         if family == "qwen2_moe":
             for r in ("gate", "up", "down"):
                 w.add_tensor(b + f"ffn_{r}_shexp.weight", sd[p + f"mlp.shared_expert.{r}_proj.weight"])
@@ -506,3 +545,36 @@ def test_next_layer_prefetch_counts_and_keeps_the_output(big_mixtral):
     slot = eng.model.arena.slot_bytes
     assert st["bytes_read"] == (st["misses"] + st["prefetched"]) * slot and off["bytes_read"] == off["misses"] * slot
     assert st["hits"] + st["misses"] == off["hits"] + off["misses"]  # the same experts ran
+
+
+def test_gguf_quantized_experts_are_kept_byte_for_byte(families, tmp_path):
+    """Q8_0 expert tensors (as real GGUF MoE files hold them) become bundles without requantization:
+    expert j's bytes are the 3-D tensor's j-th slice; the model agrees with llama.cpp on the file."""
+    import gguf
+
+    _, hf, _ = families["mixtral"]
+    write_moe_gguf(tmp_path / "m.gguf", "mixtral", hf, expert_type="Q8_0")
+    dest = convert(tmp_path / "m.gguf", tmp_path / "fic", name="q8", options=ConvertOptions(quant="f32"), progress=False)
+    src = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    with ModelReader(dest) as r:
+        assert (r.layout.gate_fmt, r.layout.up_fmt, r.layout.down_fmt) == ("q8_0", "q8_0", "q8_0")
+        assert not r.manifest.notes  # nothing requantized
+        b = r.read_bundles([(1, 6)], [kernels.aligned_buffer(r.bundle_bytes(1, 6))])[0]
+        for part, role in ((b.gate, "gate"), (b.up, "up"), (b.down, "down")):
+            want = np.asarray(src[f"blk.1.ffn_{role}_exps.weight"].data)[6]
+            np.testing.assert_array_equal(part.data, want.reshape(-1))
+    m = Model(dest, ctx=128, kv_dtype="f32")
+    ours = m.forward(IDS, all_logits=True)
+    try:
+        from conftest import need_llama_cpp
+        llama_cpp = need_llama_cpp()
+    except BaseException:  # a skip: the byte checks above stand alone
+        return
+    llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_ctx=128, logits_all=True, type_k=0, type_v=0, n_threads=2,
+                          verbose=False)
+    llm.eval(IDS)
+    ref = np.array(llm.scores[:len(IDS)])
+    del llm
+    # llama.cpp quantizes activations to 8 bits inside its Q8_0 products (fic's kernels multiply in f32)
+    assert rel(ours, ref) < 2e-2
+    assert (ours.argmax(1) == ref.argmax(1)).mean() >= 0.9
