@@ -8,6 +8,7 @@ so some experts are hotter than others as in trained models; beyond that, routin
 the next is as random as the token ids, the hard case for a pin list and a predictor.
 
     python bench/moe_budget.py [--dir /tmp/fic-moe-synth] [--tokens 64] [--threads 2]
+    python bench/moe_budget.py --quality [--dir MODEL]   # prune mode against the full model, teacher-forced
 """
 from __future__ import annotations
 
@@ -81,6 +82,37 @@ def run(path: Path, mem: int | None, prefetch: bool, prompt: list[int], n_tokens
     return out
 
 
+def quality(path: Path, prompt: list[int], n_tokens: int, actives: list[float]) -> None:
+    """Prune mode's cost: the full model's greedy continuation scored teacher-forced by a pruned
+    engine (sets chosen from the prompt, held): perplexity relative to the full model's, and the
+    share of positions whose argmax agrees."""
+    from flashinfer_cli.engine import Engine, make_engine_plan
+    from flashinfer_cli.model import Model
+
+    def engine(mode: str, active: float | None) -> Engine:
+        plan, _ = make_engine_plan(path, mem=None, ctx=512, mode=mode, active=active)
+        return Engine(path, Model(path, plan=plan), tokenizer=None)
+
+    full = engine("exact", None)
+    ids = list(prompt)
+    for _ in range(n_tokens):
+        ids.append(int(np.argmax(full.forward(ids)[-1])) if len(ids) == len(prompt) else
+                   int(np.argmax(full.model.forward([ids[-1]]))))
+    ref = full.forward(ids)[len(prompt) - 1:-1]
+
+    def nll(logits: np.ndarray) -> float:
+        z = logits.astype(np.float64)
+        z -= z.max(axis=1, keepdims=True)
+        lse = np.log(np.exp(z).sum(axis=1))
+        return float(np.mean(lse - z[np.arange(len(z)), ids[len(prompt):]]))
+
+    base = nll(ref)
+    print("active | ppl / full model's | argmax agrees")
+    for a in actives:
+        got = engine("prune", a).forward(ids, prompt_len=len(prompt))[len(prompt) - 1:-1]
+        print(f"{a:.2f} | {np.exp(nll(got) - base):.3f} | {(got.argmax(1) == ref.argmax(1)).mean():.3f}")
+
+
 def budget_for_slots(path: Path, slots: int) -> int:
     """The largest budget (to 1 MiB) whose arena has at most `slots` slots (the plan's prefill
     chunk, and so its fixed parts, shrink with the budget: searched, not computed)."""
@@ -103,6 +135,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--fractions", default="0.5,0.25", help="budgets: arenas holding these shares of the experts")
+    ap.add_argument("--quality", action="store_true", help="prune mode's cost instead of the budgets' speed")
     args = ap.parse_args()
     kernels.set_threads(args.threads)
     path = Path(args.dir)
@@ -115,7 +148,11 @@ def main() -> None:
 
     full, _ = make_engine_plan(path, mem="64G", ctx=512)
     print(f"everything resident: {planlib.human(full.total_bytes)}; slot {planlib.human(full.slot_bytes)}")
-    prompt = [int(i) for i in np.random.default_rng(1).integers(0, VOCAB, 64)]
+    vocab = fmt.parse_manifest(path / fmt.MANIFEST_FILE).arch["vocab_size"]  # --dir may name another MoE
+    prompt = [int(i) for i in np.random.default_rng(1).integers(0, vocab, 64)]
+    if args.quality:
+        quality(path, prompt, args.tokens, [1.0, 0.5, 0.25, 0.125])
+        return
     rows = [run(path, None, False, prompt, args.tokens)]
     for frac in map(float, args.fractions.split(",")):
         mem = budget_for_slots(path, int(frac * EXPERTS * LAYERS))
