@@ -190,7 +190,6 @@ def test_conversion_keeps_each_expert_a_bundle_and_the_rule(family, families):
     _, hf, dest = families[family]
     with ModelReader(dest) as r:
         man = r.manifest
-        cfg = hf.config
         assert [len(layer) for layer in man.experts] == [8, 8]
         rule = man.moe[0]
         assert (rule.n_routed, rule.top_k) == (8, 2)
@@ -310,7 +309,7 @@ def test_exact_mode_under_a_budget_reads_misses_and_equals_the_full_model(big_mi
     arena.check_invariants()
     # the prompt's set: the experts with the largest summed router probabilities
     m = Model(path, ctx=128, kv_dtype="f32")
-    m.collect, scores = None, np.zeros((2, 16))
+    scores = np.zeros((2, 16))
     m.collect = lambda layer, probs: scores.__setitem__(layer, scores[layer] + probs.sum(axis=0))
     m.forward(IDS[:split])
     for l in range(2):
