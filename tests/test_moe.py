@@ -577,3 +577,42 @@ def test_gguf_quantized_experts_are_kept_byte_for_byte(families, tmp_path):
     # llama.cpp quantizes activations to 8 bits inside its Q8_0 products (fic's kernels multiply in f32)
     assert rel(ours, ref) < 2e-2
     assert (ours.argmax(1) == ref.argmax(1)).mean() >= 0.9
+
+
+def test_exact_mode_reselection_keeps_the_full_models_output(big_mixtral):
+    hf, path = big_mixtral
+    eng = Engine.open(str(path), mem=small_budget(path, 10), ctx=128, kv_dtype="f32", reselect=4, auto_pull=False)
+    got = [eng.forward(IDS[:12])]
+    got += [eng._step([t])[None] for t in IDS[12:]]  # the engine's decode step: reselects every 4 tokens
+    assert eng.stats()["request"]["reselections"] >= 5
+    assert rel(np.concatenate(got), hf_logits(hf, IDS)) < 1e-4
+    eng.model.arena.check_invariants()
+
+
+@pytest.mark.parametrize("change,words", [
+    (dict(mlp_only_layers=[1]), "dense MLP layers between the MoE layers"),
+    (dict(num_experts_per_tok=9), "top_k 9 is more than the 8 routed experts"),
+    (dict(num_experts=0), "n_routed is 0"),
+])
+def test_unsupported_moe_configs_are_one_line_errors(families, tmp_path, change, words):
+    import shutil
+
+    from flashinfer_cli.convert import ConvertError
+
+    src, _, _ = families["qwen3_moe"]
+    shutil.copytree(src, tmp_path / "src")
+    cfg = json.loads((tmp_path / "src" / "config.json").read_text())
+    cfg.pop("num_local_experts", None)
+    cfg.update({"num_experts": 8, **change})
+    (tmp_path / "src" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConvertError, match=words) as info:
+        convert(tmp_path / "src", tmp_path / "out", name="x", progress=False)
+    assert "\n" not in str(info.value)
+
+
+def test_static_and_router_policies_refuse_the_wrong_kind_of_model(families):
+    from flashinfer_cli.engine import EngineError
+
+    _, _, dest = families["mixtral"]
+    with pytest.raises(EngineError, match="policy 'static' is for dense models"):
+        Engine.open(str(dest), policy="static", auto_pull=False)
