@@ -34,6 +34,13 @@ class ArenaStats:
     evictions: int = 0
     streamed: int = 0        # experts read through the ring (not kept)
     reselections: int = 0
+    # a mixture of experts' next-layer prefetch (decode, exact mode): experts predicted by layer
+    # l+1's router from layer l's hidden state, those the token then routed to, reads issued for
+    # predicted experts not resident, and of those reads the ones the token used
+    predicted: int = 0
+    predicted_right: int = 0
+    prefetched: int = 0
+    prefetch_used: int = 0
 
     def add(self, other: "ArenaStats") -> None:
         for k, v in asdict(other).items():
@@ -71,6 +78,7 @@ class Arena:
         self.version = 0          # changes whenever the table changes
         self.total = ArenaStats()
         self.request = ArenaStats()
+        self._prefetch: tuple | None = None  # (keys, slots, pending) of a prefetch in flight
 
     # -- queries --
     @property
@@ -95,6 +103,12 @@ class Arena:
             raise KeyError(f"layer {layer}: experts {experts[s < 0].tolist()} are not resident")
         return s
 
+    def room(self, layer: int, keep: np.ndarray) -> int:
+        """Slots a load may fill without evicting a pinned expert or one of `keep` (experts of
+        `layer` an FFN call is about to use)."""
+        row = self.slot_of[layer, keep]
+        return self.n_cache - int(self.pinned.sum()) - int(((row >= 0) & ~self.pinned[layer, keep]).sum())
+
     def pinned_experts(self, layer: int) -> np.ndarray:
         return np.flatnonzero(self.pinned[layer])
 
@@ -114,8 +128,9 @@ class Arena:
             setattr(self.total, k, getattr(self.total, k) + v)
             setattr(self.request, k, getattr(self.request, k) + v)
 
-    def _victims(self, n: int, keep: set[tuple[int, int]]) -> list[int]:
-        """n slots to fill: free ones first, then the least recently used unpinned ones."""
+    def _victims(self, n: int, keep: set[tuple[int, int]], partial: bool = False) -> list[int]:
+        """n slots to fill: free ones first, then the least recently used unpinned ones (partial:
+        as many as there are, else ArenaFull)."""
         owner = self.owner[:self.n_cache]
         free = np.flatnonzero(owner[:, 0] < 0)
         out = free[:n].tolist()
@@ -124,13 +139,62 @@ class Arena:
             ok = [s for s in used[np.argsort(self.last_use[used], kind="stable")]
                   if not self.pinned[owner[s, 0], owner[s, 1]] and (int(owner[s, 0]), int(owner[s, 1])) not in keep]
             out += ok[:n - len(out)]
-        if len(out) < n:
+        if len(out) < n and not partial:
             raise ArenaFull(f"{n} experts to load, {len(out)} evictable slots of {self.n_cache}")
         return out
+
+    def _evict(self, slots: list[int]) -> int:
+        """Free these slots (the table first: see load). Returns how many held an expert."""
+        evicted = 0
+        for s in slots:
+            ol, oe = self.owner[s]
+            if ol >= 0:
+                if self.slot_of[ol, oe] == s:
+                    self.slot_of[ol, oe] = -1
+                self.owner[s] = -1
+                evicted += 1
+        self.version += 1
+        return evicted
+
+    # -- a mixture of experts' prefetch: one batch in flight, installed before any other read --
+    def submit_prefetch(self, layer: int, experts: np.ndarray, keep: set[tuple[int, int]]) -> int:
+        """Start reading the experts of `layer` that are not resident into evictable slots (free
+        ones, then the least recently used unpinned ones not in `keep`); they enter the table when
+        finish_prefetch installs them. Returns the number of reads issued."""
+        self.finish_prefetch()
+        todo = [(layer, int(e)) for e in experts if self.slot_of[layer, e] < 0]
+        if not todo:
+            return 0
+        victims = self._victims(len(todo), keep | set(todo), partial=True)
+        todo = todo[:len(victims)]
+        if not todo:
+            return 0
+        evicted = self._evict(victims)
+        dsts = [self.view(s, self.reader.bundle_bytes(l, e)) for s, (l, e) in zip(victims, todo)]
+        self._prefetch = (todo, victims, self.reader.submit_bundles(todo, dsts))
+        self._count(prefetched=len(todo), bytes_read=sum(d.nbytes for d in dsts), evictions=evicted)
+        return len(todo)
+
+    def finish_prefetch(self) -> list[tuple[int, int]]:
+        """Wait for the prefetch in flight and put its experts in the table; returns them."""
+        p, self._prefetch = self._prefetch, None
+        if p is None:
+            return []
+        keys, slots, pending = p
+        t0 = time.perf_counter()
+        pending.wait()  # a bad bundle raises here, before the table names it
+        self._count(read_seconds=time.perf_counter() - t0)
+        self.tick += 1
+        for s, (l, e) in zip(slots, keys):
+            self.owner[s] = (l, e)
+            self.slot_of[l, e] = s
+            self.last_use[s] = self.tick
+        return keys
 
     def load(self, keys: Sequence[tuple[int, int]], *, pin: bool = False) -> int:
         """Make (layer, expert) pairs resident with one batched read of those missing; pin them if
         asked. Returns the number read."""
+        self.finish_prefetch()
         keys = [(int(l), int(e)) for l, e in keys]
         todo = [(l, e) for l, e in keys if self.slot_of[l, e] < 0]
         hits = len(keys) - len(todo)
@@ -188,6 +252,7 @@ class Arena:
     # -- the streaming ring --
     def submit_ring(self, layer: int, experts: np.ndarray, ring_slots: np.ndarray) -> "fmt.PendingBundles":
         """Start reading experts of `layer` into the given ring slots (not kept in the table)."""
+        self.finish_prefetch()
         keys = [(layer, int(e)) for e in experts]
         dsts = [self.view(s, self.reader.bundle_bytes(layer, int(e))) for s, e in zip(ring_slots, experts)]
         n_bytes = sum(d.nbytes for d in dsts)
@@ -213,6 +278,7 @@ class Arena:
         error): nothing of it is left in flight on the reader, and the slot owners are rebuilt
         from the table (the table is the truth: load and eviction change it so that it never
         names a slot that holds something else)."""
+        self._prefetch = None  # its slots are free in the table: forgotten, the reader settled
         self.reader.settle()
         where = np.argwhere(self.slot_of >= 0).astype(np.int32)
         owner = np.full_like(self.owner, -1)

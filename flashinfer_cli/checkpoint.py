@@ -22,6 +22,7 @@ import numpy as np
 
 from flashinfer_cli.config import ArchConfig
 from flashinfer_cli.kernels import QTensor
+from flashinfer_cli.moe import RoutingRule, expected_dense
 
 
 class CheckpointError(Exception):
@@ -41,6 +42,9 @@ class SourceTensor:
     src_type: str                # the source's type name: "f32", "bf16", "Q4_K", ...
     kept: bool                   # True: stored as the source holds it (a GGUF type fic shares)
     load: Callable[[], np.ndarray | QTensor]  # float32 array, float16 array (a kept F16) or QTensor
+    # a MoE layer's experts, (n_experts, rows, cols): expert j's matrix alone, so that a conversion
+    # holds one expert at a time (load() would stack them all)
+    load_expert: Callable[[int], np.ndarray | QTensor] | None = None
 
     @property
     def requantized(self) -> bool:
@@ -57,6 +61,7 @@ class Checkpoint:
     tensors: dict[str, SourceTensor]
     gguf_reader: Any = None      # the gguf.GGUFReader, for a GGUF source (its tokenizer lives there)
     notes: list[str] | None = None
+    moe: list[RoutingRule] | None = None  # a mixture of experts: each layer's routing rule
 
     def __iter__(self) -> Iterator[SourceTensor]:
         return iter(self.tensors.values())
@@ -83,7 +88,10 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 # ---- Hugging Face layout -------------------------------------------------------------------
 
 _HF_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama",
-             "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+             "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+             "MixtralForCausalLM": "llama", "Qwen2MoeForCausalLM": "qwen2", "Qwen3MoeForCausalLM": "qwen3",
+             "OlmoeForCausalLM": "olmoe"}
+_HF_MOE_ARCHS = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM")
 
 _HF_LAYER_NAMES = {
     "input_layernorm.weight": "attn_norm",
@@ -94,7 +102,17 @@ _HF_LAYER_NAMES = {
     "self_attn.q_norm.weight": "attn_q_norm", "self_attn.k_norm.weight": "attn_k_norm",
     "post_attention_layernorm.weight": "ffn_norm",
     "mlp.gate_proj.weight": "ffn_gate", "mlp.up_proj.weight": "ffn_up", "mlp.down_proj.weight": "ffn_down",
+    # mixtures of experts: the router and the shared expert (the routed experts: _HF_EXPERT)
+    "block_sparse_moe.gate.weight": "ffn_gate_inp", "mlp.gate.weight": "ffn_gate_inp",
+    "mlp.shared_expert.gate_proj.weight": "ffn_gate_shexp", "mlp.shared_expert.up_proj.weight": "ffn_up_shexp",
+    "mlp.shared_expert.down_proj.weight": "ffn_down_shexp", "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp",
 }
+# one routed expert's matrix: layer, expert, role (Mixtral's w1 gate, w3 up, w2 down)
+_HF_EXPERT = re.compile(r"model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\."
+                        r"(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight")
+_HF_EXPERT_ROLES = {"w1": "ffn_gate_exps", "gate_proj": "ffn_gate_exps", "w3": "ffn_up_exps",
+                    "up_proj": "ffn_up_exps", "w2": "ffn_down_exps", "down_proj": "ffn_down_exps"}
+
 _HF_GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd", "model.norm.weight": "output_norm",
                     "lm_head.weight": "output"}
 _HF_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
@@ -140,6 +158,39 @@ def _hf_rope(cfg: dict[str, Any], where: Path) -> tuple[float, dict[str, Any] | 
     return float(theta), {"rope_type": "llama3", **{k: scaling[k] for k in keys}}
 
 
+def hf_moe_rules(cfg: dict[str, Any], where: Path) -> tuple[list[RoutingRule], int] | None:
+    """(each layer's routing rule, neurons per routed expert) of a Hugging Face MoE config, None
+    for a dense one (transformers' modeling files: Mixtral renormalises the top-k; the Qwen MoE
+    models as norm_topk_prob says, Qwen2-MoE with a sigmoid-gated shared expert)."""
+    hf_arch = (cfg.get("architectures") or [None])[0]
+    if hf_arch not in _HF_MOE_ARCHS:
+        return None
+    try:
+        n_layers = int(cfg["num_hidden_layers"])
+        n_exp = int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0)
+        top_k = int(cfg["num_experts_per_tok"])
+        if hf_arch == "MixtralForCausalLM":
+            size, norm, shared = int(cfg["intermediate_size"]), True, 0
+        elif hf_arch == "OlmoeForCausalLM":
+            size, norm, shared = int(cfg["intermediate_size"]), bool(cfg.get("norm_topk_prob", False)), 0
+        else:
+            size, norm = int(cfg["moe_intermediate_size"]), bool(cfg.get("norm_topk_prob", False))
+            shared = int(cfg.get("shared_expert_intermediate_size") or 0) if hf_arch == "Qwen2MoeForCausalLM" else 0
+            if cfg.get("mlp_only_layers") or int(cfg.get("decoder_sparse_step", 1)) != 1:
+                raise CheckpointError(f"{where}: dense MLP layers between the MoE layers (mlp_only_layers, "
+                                      "decoder_sparse_step) are not supported")
+        rule = RoutingRule(n_routed=n_exp, top_k=top_k, softmax="before", norm_topk=norm, shared_neurons=shared,
+                           shared_gate="sigmoid" if shared else "none")
+        rule.check()
+    except KeyError as exc:
+        raise CheckpointError(f"{where}: missing {exc.args[0]!r}") from None
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{where}: mixture of experts: {exc}") from None
+    if size < 1:
+        raise CheckpointError(f"{where}: experts of {size} neurons")
+    return [rule] * n_layers, size
+
+
 def hf_arch_config(cfg: dict[str, Any], where: Path) -> ArchConfig:
     archs = cfg.get("architectures") or [cfg.get("model_type", "unknown")]
     hf_arch = archs[0]
@@ -159,15 +210,25 @@ def hf_arch_config(cfg: dict[str, Any], where: Path) -> ArchConfig:
         raise CheckpointError(f"{where}: Llama attention biases are not supported")
     d_model, n_heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
     theta, scaling = _hf_rope(cfg, where)
+    moe = hf_moe_rules(cfg, where)
+    # a MoE layer's d_ff: the neurons of all its routed experts (what one FFN call may run)
+    d_ff = moe[0][0].n_routed * moe[1] if moe else int(cfg["intermediate_size"])
+    attn_bias = arch == "qwen2" or (arch == "qwen3" and bool(cfg.get("attention_bias")))
+    if hf_arch == "Qwen2MoeForCausalLM":
+        attn_bias = bool(cfg.get("qkv_bias", True))
+    if arch == "olmoe":
+        attn_bias = bool(cfg.get("attention_bias"))
+        if cfg.get("clip_qkv") is not None:
+            raise CheckpointError(f"{where}: clip_qkv is not supported")
     try:
         return ArchConfig(
             arch=arch, n_layers=int(cfg["num_hidden_layers"]), d_model=d_model, n_heads=n_heads,
             n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads),
-            head_dim=int(cfg.get("head_dim") or d_model // n_heads), d_ff=int(cfg["intermediate_size"]),
+            head_dim=int(cfg.get("head_dim") or d_model // n_heads), d_ff=d_ff,
             vocab_size=int(cfg["vocab_size"]), norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope_theta=theta, max_ctx=max_ctx, tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attn_bias=arch == "qwen2" or (arch == "qwen3" and bool(cfg.get("attention_bias"))),
-            qk_norm=arch == "qwen3", rope_scaling=scaling, extra={"hf_architecture": hf_arch},
+            attn_bias=attn_bias, qk_norm=arch in ("qwen3", "olmoe"), qk_norm_full=arch == "olmoe",
+            rope_scaling=scaling, extra={"hf_architecture": hf_arch},
         )
     except KeyError as exc:
         raise CheckpointError(f"{where}: missing {exc.args[0]!r}") from None
@@ -234,13 +295,24 @@ def _hf_weight_files(path: Path) -> list[Path]:
 
 def _open_hf(path: Path) -> Checkpoint:
     config_path = path / "config.json"
-    config = hf_arch_config(_read_json(config_path), config_path)  # refuse an architecture before reading weights
+    raw_cfg = _read_json(config_path)
+    config = hf_arch_config(raw_cfg, config_path)  # refuse an architecture before reading weights
+    moe = hf_moe_rules(raw_cfg, config_path)
     files = _hf_weight_files(path)
     tensors: dict[str, SourceTensor] = {}
+    experts: dict[tuple[int, str], dict[int, SourceTensor]] = {}  # (layer, role) -> expert -> its matrix
     for f in files:
         header, base = _safetensors_header(f)
         for name, info in header.items():
             canon = hf_canonical_name(name)
+            m = _HF_EXPERT.fullmatch(name) if moe and canon is None else None
+            if m:
+                if info.get("dtype") not in _ST_DTYPES:
+                    raise CheckpointError(f"{f}: tensor {name!r} has dtype {info.get('dtype')}, fic reads F32, F16, BF16")
+                role = _HF_EXPERT_ROLES[m.group(3)]
+                experts.setdefault((int(m.group(1)), role), {})[int(m.group(2))] = SourceTensor(
+                    name, tuple(info["shape"]), info["dtype"].lower(), False, _safetensors_loader(f, base, name, info))
+                continue
             if canon is None:
                 if _HF_IGNORED.match(name):
                     continue
@@ -253,16 +325,40 @@ def _open_hf(path: Path) -> Checkpoint:
         config = _replace(config, tie_embeddings=True)
     if config.tie_embeddings:
         tensors.pop("output", None)
-    _check_tensors(config, tensors, path)
-    return Checkpoint("hf", path, config, [config_path, *files], tensors)
+    for (layer, role), by_expert in experts.items():
+        tensors[f"blk.{layer}.{role}"] = _stacked_experts(f"blk.{layer}.{role}", by_expert, path)
+    _check_tensors(config, tensors, path, moe[0] if moe else None)
+    return Checkpoint("hf", path, config, [config_path, *files], tensors, moe=moe[0] if moe else None)
+
+
+def _stacked_experts(canon: str, by_expert: dict[int, SourceTensor], where: Path) -> SourceTensor:
+    """A layer's per-expert matrices of one role as one (n_experts, rows, cols) source tensor."""
+    n = len(by_expert)
+    if sorted(by_expert) != list(range(n)):
+        missing = min(set(range(max(by_expert) + 1)) - set(by_expert))
+        raise CheckpointError(f"{where}: {canon}: expert {missing} missing")
+    shapes = {t.shape for t in by_expert.values()}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+        raise CheckpointError(f"{where}: {canon}: experts of shapes {sorted(shapes)}")
+    first = by_expert[0]
+
+    def load_expert(j: int) -> np.ndarray:
+        return by_expert[j].load()
+
+    def load() -> np.ndarray:
+        return np.stack([by_expert[j].load() for j in range(n)])
+
+    return SourceTensor(canon, (n, *first.shape), first.src_type, False, load, load_expert)
 
 
 def _replace(config: ArchConfig, **changes: Any) -> ArchConfig:
     return ArchConfig(**{**config.to_json(), **changes})
 
 
-def expected_shapes(c: ArchConfig) -> dict[str, tuple[int, ...]]:
-    """Every canonical tensor an ArchConfig implies, with its shape."""
+def expected_shapes(c: ArchConfig, moe: list[RoutingRule] | None = None) -> dict[str, tuple[int, ...]]:
+    """Every canonical tensor an ArchConfig (and, for a mixture of experts, its routing rules)
+    implies, with its shape. A MoE layer's routed experts are (n_experts, rows, cols) tensors, as
+    llama.cpp merges them: ffn_gate_exps, ffn_up_exps, ffn_down_exps."""
     q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
     shapes: dict[str, tuple[int, ...]] = {"token_embd": (c.vocab_size, c.d_model), "output_norm": (c.d_model,)}
     if not c.tie_embeddings:
@@ -270,21 +366,29 @@ def expected_shapes(c: ArchConfig) -> dict[str, tuple[int, ...]]:
     for i in range(c.n_layers):
         b = f"blk.{i}."
         shapes.update({b + "attn_norm": (c.d_model,), b + "attn_q": (q, c.d_model), b + "attn_k": (kv, c.d_model),
-                       b + "attn_v": (kv, c.d_model), b + "attn_output": (c.d_model, q), b + "ffn_norm": (c.d_model,),
-                       b + "ffn_gate": (c.d_ff, c.d_model), b + "ffn_up": (c.d_ff, c.d_model),
-                       b + "ffn_down": (c.d_model, c.d_ff)})
+                       b + "attn_v": (kv, c.d_model), b + "attn_output": (c.d_model, q), b + "ffn_norm": (c.d_model,)})
+        if moe:
+            r = moe[i]
+            n = c.d_ff // r.n_routed
+            shapes.update({b + "ffn_gate_exps": (r.n_routed, n, c.d_model), b + "ffn_up_exps": (r.n_routed, n, c.d_model),
+                           b + "ffn_down_exps": (r.n_routed, c.d_model, n), **expected_dense(r, i, c.d_model)})
+        else:
+            shapes.update({b + "ffn_gate": (c.d_ff, c.d_model), b + "ffn_up": (c.d_ff, c.d_model),
+                           b + "ffn_down": (c.d_model, c.d_ff)})
         if c.attn_bias:
             shapes.update({b + "attn_q.bias": (q,), b + "attn_k.bias": (kv,), b + "attn_v.bias": (kv,)})
         if c.qk_norm:
-            shapes.update({b + "attn_q_norm": (c.head_dim,), b + "attn_k_norm": (c.head_dim,)})
+            qn, kn = ((q,), (kv,)) if c.qk_norm_full else ((c.head_dim,), (c.head_dim,))
+            shapes.update({b + "attn_q_norm": qn, b + "attn_k_norm": kn})
     return shapes
 
 
-def _check_tensors(config: ArchConfig, tensors: dict[str, SourceTensor], where: Path) -> None:
+def _check_tensors(config: ArchConfig, tensors: dict[str, SourceTensor], where: Path,
+                   moe: list[RoutingRule] | None = None) -> None:
     if config.n_layers * 9 > len(tensors):  # checked first: a claimed layer count sizes what follows
         raise CheckpointError(f"{where}: the configuration has {config.n_layers} layers, the checkpoint "
                               f"{len(tensors)} tensors (each layer needs at least 9)")
-    shapes = expected_shapes(config)
+    shapes = expected_shapes(config, moe)
     missing = [n for n in shapes if n not in tensors]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
@@ -298,7 +402,11 @@ def _check_tensors(config: ArchConfig, tensors: dict[str, SourceTensor], where: 
 
 # ---- GGUF ----------------------------------------------------------------------------------
 
-GGUF_ARCHS = ("llama", "qwen2", "qwen3")
+GGUF_ARCHS = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "olmoe")
+_GGUF_FIC_ARCH = {"qwen2moe": "qwen2", "qwen3moe": "qwen3"}  # the same attention as their dense kin
+# llama.cpp's routing per architecture (llama-model.cpp's build_moe_ffn calls: whether the top-k
+# weights are renormalised); a file's {arch}.expert_weights_norm says otherwise when present
+_GGUF_NORM_TOPK = {"llama": True, "qwen2moe": False, "qwen3moe": True, "olmoe": False}
 
 
 def _field(reader: Any, key: str, default: Any = None) -> Any:
@@ -446,12 +554,16 @@ def _qk_unpermute_index(rows: int, n_head: int) -> np.ndarray:
 
 
 def _gguf_loader(t: Any, qtype: str, shape: tuple[int, ...], rows_index: np.ndarray | None,
-                 where: Path) -> Callable[[], np.ndarray | QTensor]:
+                 where: Path, expert: int | None = None) -> Callable[[], np.ndarray | QTensor]:
+    """Loads tensor t of `shape`; expert j: the j-th matrix of a merged (n_experts, rows, cols)
+    tensor (`shape` is then one expert's)."""
     import gguf
 
     def load() -> np.ndarray | QTensor:
         try:
             data = np.asarray(t.data)
+            if expert is not None:
+                data = data[expert]
             rows = shape[0]
             data = data.reshape(rows, -1) if len(shape) == 2 else data.reshape(1, -1)
             if rows_index is not None:  # whole rows of blocks move: lossless for quantized data
@@ -639,6 +751,7 @@ def _gguf_checkpoint(reader: Any, path: Path) -> Checkpoint:
     embd = by_name.get("token_embd.weight")
     if embd is None:
         raise CheckpointError(f"{path}: tensor 'token_embd.weight' missing")
+    moe = _gguf_moe(reader, arch, by_name, path)
     tokens = _field(reader, "tokenizer.ggml.tokens")
     if tokens is not None and not isinstance(tokens, list):
         raise CheckpointError(f"{path}: GGUF metadata tokenizer.ggml.tokens is not a list")
@@ -646,13 +759,15 @@ def _gguf_checkpoint(reader: Any, path: Path) -> Checkpoint:
     name, file_type = _field(reader, "general.name"), _field(reader, "general.file_type")
     try:
         config = ArchConfig(
-            arch=arch, n_layers=_gguf_int(reader, f"{arch}.block_count", path, required=True, hi=_MAX_GGUF_LAYERS),
+            arch=_GGUF_FIC_ARCH.get(arch, arch), n_layers=_gguf_int(reader, f"{arch}.block_count", path, required=True, hi=_MAX_GGUF_LAYERS),
             d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim,
-            d_ff=_gguf_int(reader, f"{arch}.feed_forward_length", path, required=True), vocab_size=vocab,
+            d_ff=moe[0][0].n_routed * moe[1] if moe else
+            _gguf_int(reader, f"{arch}.feed_forward_length", path, required=True), vocab_size=vocab,
             norm_eps=_gguf_float(reader, f"{arch}.attention.layer_norm_rms_epsilon", path, required=True),
             rope_theta=theta, max_ctx=_gguf_int(reader, f"{arch}.context_length", path, default=2048, hi=_MAX_GGUF_CTX),
             tie_embeddings="output.weight" not in by_name,
             attn_bias="blk.0.attn_q.bias" in by_name, qk_norm="blk.0.attn_q_norm.weight" in by_name,
+            qk_norm_full=arch == "olmoe",
             rope_scaling=None,
             extra={"gguf_name": name if isinstance(name, str) else None,
                    "gguf_file_type": file_type if type(file_type) is int else None},
@@ -670,13 +785,55 @@ def _gguf_checkpoint(reader: Any, path: Path) -> Checkpoint:
             continue
         canon = _gguf_canonical(t.name)
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # ggml lists ne0 (row length) first
+        if canon.endswith("ffn_gate_inp_shexp") and len(shape) == 1:
+            shape = (1, shape[0])  # llama.cpp's shared-expert gate is a vector; Hugging Face's a 1-row matrix
         qtype = t.tensor_type.name
         tensors[canon] = SourceTensor(canon, shape, qtype, qtype in KEPT_GGUF_TYPES, lambda: None)
         sources[canon] = t
-    _check_tensors(config, tensors, path)  # before the loaders: their row order needs the shapes checked
+    rules = moe[0] if moe else None
+    _check_tensors(config, tensors, path, rules)  # before the loaders: their row order needs the shapes checked
     for canon, st in tensors.items():
+        if len(st.shape) == 3:  # merged experts: loaded one at a time
+            st.load_expert = functools.partial(_gguf_expert, sources[canon], st.src_type, st.shape[1:], path)
+            st.load = functools.partial(_gguf_stack, st)
+            continue
         index = None
         if arch == "llama" and re.fullmatch(r"blk\.\d+\.attn_[qk](\.bias)?", canon):
             index = _qk_unpermute_index(st.shape[0], n_heads if ".attn_q" in canon else n_kv)
         st.load = _gguf_loader(sources[canon], st.src_type, st.shape, index, path)
-    return Checkpoint("gguf", path, config, [path], tensors, gguf_reader=reader)
+    return Checkpoint("gguf", path, config, [path], tensors, gguf_reader=reader, moe=rules)
+
+
+def _gguf_expert(t: Any, qtype: str, shape: tuple[int, ...], where: Path, j: int) -> np.ndarray | QTensor:
+    return _gguf_loader(t, qtype, shape, None, where, expert=j)()
+
+
+def _gguf_stack(st: SourceTensor) -> np.ndarray:
+    from flashinfer_cli.convert import as_float
+
+    return np.stack([as_float(st.load_expert(j)) for j in range(st.shape[0])])
+
+
+def _gguf_moe(reader: Any, arch: str, by_name: dict[str, Any], where: Path) -> tuple[list[RoutingRule], int] | None:
+    """(each layer's routing rule, neurons per expert) of a GGUF mixture of experts (llama.cpp's
+    {arch}.expert_count, expert_used_count, expert_feed_forward_length and the shared expert's
+    tensors), None for a dense file."""
+    n_exp = _gguf_int(reader, f"{arch}.expert_count", where, default=0, lo=0)
+    if not n_exp:
+        return None
+    top_k = _gguf_int(reader, f"{arch}.expert_used_count", where, required=True)
+    size = _gguf_int(reader, f"{arch}.expert_feed_forward_length", where) or \
+        _gguf_int(reader, f"{arch}.feed_forward_length", where, required=True)
+    shexp = by_name.get("blk.0.ffn_gate_shexp.weight")
+    shared = int(shexp.shape[1]) if shexp is not None and len(shexp.shape) == 2 else 0
+    shared = _gguf_int(reader, f"{arch}.expert_shared_feed_forward_length", where, default=shared, lo=0)
+    norm = _field(reader, f"{arch}.expert_weights_norm")
+    norm = _GGUF_NORM_TOPK.get(arch, True) if norm is None else norm
+    n_layers = _gguf_int(reader, f"{arch}.block_count", where, required=True, hi=_MAX_GGUF_LAYERS)
+    try:
+        rule = RoutingRule(n_routed=n_exp, top_k=top_k, softmax="before", norm_topk=bool(norm), shared_neurons=shared,
+                           shared_gate="sigmoid" if "blk.0.ffn_gate_inp_shexp.weight" in by_name else "none")
+        rule.check()
+    except ValueError as exc:
+        raise CheckpointError(f"{where}: mixture of experts: {exc}") from None
+    return [rule] * n_layers, size

@@ -215,6 +215,9 @@ def show_cmd(model: str, mem: str | None, ctx: int | None, mode: str, active: st
     click.echo(f"source          {d.provenance.get('source', '-')}")
     for note in d.notes:
         click.echo(f"note            {note}")
+    from flashinfer_cli import moe  # a mixture of experts: routing, total/active parameters (issue 8)
+    for line in moe.show_lines(fmt.parse_manifest(path / fmt.MANIFEST_FILE)):
+        click.echo(line)
     if plan is not None:
         click.echo("memory plan")
         for line in plan.lines():
@@ -279,10 +282,10 @@ def _budget_options(lists: str = "") -> list:
         click.option("--active", default=None, metavar="A",
                      help="Active experts: a fraction of each layer's (0.5) or active parameters (300M). "
                           "Default: the largest that fits." + many),
-        click.option("--policy", type=click.STRING if lists else click.Choice(["exact", "static"]),
-                     default="exact", show_default=True, metavar="[exact|static]" if lists else None,
-                     help="How experts are chosen: from the prompt's activations, or one set from calibration text."
-                          + many),
+        click.option("--policy", type=click.STRING if lists else click.Choice(["exact", "static", "router"]),
+                     default="exact", show_default=True, metavar="[exact|static|router]" if lists else None,
+                     help="How experts are chosen: from the prompt's activations, or one set from calibration text "
+                          "(a mixture of experts: router, the prompt's router probabilities)." + many),
         click.option("--reselect", type=click.IntRange(min=0), default=None, metavar="N",
                      help="Rescore the active sets every N generated tokens (0: never)."),
     ]
@@ -381,6 +384,10 @@ def _print_stats(engine) -> None:
                            f"{r['read_seconds'] * 1000:.1f}ms waiting"),
             ("reselections", f"{r['reselections']}")):
         click.echo(f"{label + ':':<22}{value}", err=True)
+    if r.get("predicted"):  # a mixture of experts' next-layer prefetch (issue 8)
+        click.echo(f"{'next-layer prefetch:':<22}{r['predicted_right']} of {r['predicted']} predicted experts routed to; "
+                   f"{r['prefetched']} read ahead, {r['prefetch_used']} used, "
+                   f"{r['prefetched'] - r['prefetch_used']} wasted", err=True)
 
 
 def _answer(engine, ids, opts, verbose: bool, opened: OpenTimes) -> str:

@@ -14,7 +14,10 @@ undone on import), every matrix is (out_features, in_features) row-major:
     blk.{i}.attn_v             (n_kv_heads * head_dim, d_model)
     blk.{i}.attn_output        (d_model, n_heads * head_dim)
     blk.{i}.attn_q.bias, attn_k.bias, attn_v.bias   f32, only when c.attn_bias (Qwen2)
-    blk.{i}.attn_q_norm, attn_k_norm  (head_dim,)   f32, only when c.qk_norm (Qwen3)
+    blk.{i}.attn_q_norm, attn_k_norm  (head_dim,)   f32, only when c.qk_norm (Qwen3); with
+                               c.qk_norm_full (OLMoE) (n_heads * head_dim,) and (n_kv_heads * head_dim,)
+    blk.{i}.ffn_gate_inp       (n_routed, d_model) f32: a mixture of experts' router (moe.py: the
+                               shared expert's ffn_{gate,up,down}_shexp and ffn_gate_inp_shexp too)
     blk.{i}.ffn_norm           (d_model,)                       f32
     blk.{i}.ffn_neuron_order   (d_ff,) int32: original FFN neuron index of each bundled neuron
                                (written by fmt.ModelWriter.set_neuron_order; absent = identity)
@@ -33,7 +36,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "olmoe")
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class ArchConfig:
     tie_embeddings: bool
     attn_bias: bool = False         # Qwen2: biases on q, k, v
     qk_norm: bool = False           # Qwen3: RMSNorm per head on q and k, before RoPE
+    qk_norm_full: bool = False      # OLMoE: the q and k norms span every head (one RMSNorm over all of q, of k)
     rope_scaling: dict[str, Any] | None = None  # Hugging Face's rope_scaling dict (llama3 type), or None
     extra: dict[str, Any] = field(default_factory=dict)  # provenance-only details
 

@@ -128,15 +128,22 @@ class _Plan:
     requant_reason: dict[str, str]  # ffn role -> why kept tensors of that role are requantized
 
 
+# a MoE layer's routed experts: the source tensors whose matrices become bundles, one per expert
+_MOE_ROLES = {"ffn_gate": "ffn_gate_exps", "ffn_up": "ffn_up_exps", "ffn_down": "ffn_down_exps"}
+# routers stay f32 whatever --quant says: a rounded router logit can change which experts a token picks
+_ROUTERS = ("ffn_gate_inp", "ffn_gate_inp_shexp")
+
+
 def _plan_layout(ck: Checkpoint, options: ConvertOptions) -> _Plan:
     c = ck.config
     roles = {}
     reasons = {}
     for role in ("ffn_gate", "ffn_up", "ffn_down"):
-        fmts = {_source_fmt(ck.tensors[f"blk.{i}.{role}"], options) for i in range(c.n_layers)}
+        src = _MOE_ROLES[role] if ck.moe else role
+        fmts = {_source_fmt(ck.tensors[f"blk.{i}.{src}"], options) for i in range(c.n_layers)}
         if role == "ffn_down" and options.down_layout == "rows":
             roles[role] = options.quant  # the transposed slice is quantized anew
-            if any(ck.tensors[f"blk.{i}.{role}"].kept and fmts != {options.quant} for i in range(c.n_layers)):
+            if any(ck.tensors[f"blk.{i}.{src}"].kept and fmts != {options.quant} for i in range(c.n_layers)):
                 reasons[role] = "transposed for the rows down layout"
         elif len(fmts) == 1:
             roles[role] = fmts.pop()
@@ -148,7 +155,17 @@ def _plan_layout(ck: Checkpoint, options: ConvertOptions) -> _Plan:
     for role, f in roles.items():
         if c.d_model % kernels.block_weights(f) and not (role == "ffn_down" and options.down_layout == "columns"):
             raise ConvertError(f"d_model {c.d_model} is not a multiple of {f}'s block of {kernels.block_weights(f)}")
-    if options.down_layout == "columns":
+    if ck.moe:  # an expert is the model's own: every bundle holds one routed expert whole
+        size = c.d_ff // ck.moe[0].n_routed
+        if options.expert_size is not None and options.expert_size != size:
+            raise ConvertError(f"--expert-size {options.expert_size}: a mixture of experts keeps its own experts "
+                               f"({size} neurons each)")
+        options.expert_size = size
+        bw = kernels.block_weights(layout.down_fmt)
+        if options.down_layout == "columns" and size % bw:
+            raise ConvertError(f"experts of {size} neurons are not a whole number of {layout.down_fmt}'s block of {bw} "
+                               f"for the columns down layout; use --down-layout rows")
+    elif options.down_layout == "columns":
         bw = kernels.block_weights(layout.down_fmt)
         if options.expert_size is None:  # the default suits the file: a whole number of down blocks
             options.expert_size = -(-DEFAULT_EXPERT_SIZE // bw) * bw
@@ -182,7 +199,7 @@ class _Converter:
 
     def dense(self, st: SourceTensor) -> None:
         value = st.load()
-        if len(st.shape) == 1:  # norms and biases: f32
+        if len(st.shape) == 1 or st.name.endswith(_ROUTERS):  # norms, biases and routers: f32
             self.w.add_dense(st.name, as_float(value).reshape(st.shape))
             return
         target = _source_fmt(st, self.options)
@@ -202,6 +219,18 @@ class _Converter:
             self.w.add_expert(layer, gate.rows(start, stop), up.rows(start, stop), part)
         # identity: the routing issue will cluster neurons and record its permutation here
         self.w.set_neuron_order(layer, np.arange(d_ff, dtype=np.int32))
+
+    def moe_ffn(self, layer: int) -> None:
+        """A MoE layer's routed experts, one bundle each, one expert in memory at a time."""
+        lay, t = self.plan.layout, self.ck.tensors
+        gate_st, up_st, down_st = (t[f"blk.{layer}.{r}"] for r in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"))
+        rows = lay.down_layout == "rows"
+        for j in range(gate_st.shape[0]):
+            gate = to_qtensor(self._convert(gate_st, gate_st.load_expert(j), lay.gate_fmt), lay.gate_fmt)
+            up = to_qtensor(self._convert(up_st, up_st.load_expert(j), lay.up_fmt), lay.up_fmt)
+            down = to_qtensor(self._convert(down_st, down_st.load_expert(j), lay.down_fmt, transpose=rows),
+                              lay.down_fmt)
+            self.w.add_expert(layer, gate, up, down)
 
     def notes(self) -> list[str]:
         out = []
@@ -243,6 +272,11 @@ def _tensor_order(ck: Checkpoint) -> list[tuple[str, Any]]:
             if layer not in ffn_done:
                 ffn_done.add(layer)
                 items.append(("ffn", layer))
+        elif parts[0] == "blk" and parts[2] in _MOE_ROLES.values():
+            layer = int(parts[1])
+            if layer not in ffn_done:
+                ffn_done.add(layer)
+                items.append(("moe", layer))
         else:
             items.append(("dense", st))
     return items
@@ -270,7 +304,7 @@ def convert(source: Path, dest: Path, *, name: str, options: ConvertOptions = Co
     try:
         writer = fmt.ModelWriter(dest, name=name, arch=ck.config.to_json(), layout=plan.layout,
                                  provenance=_provenance(ck, options, provenance), tokenizer=tokenizer_entry,
-                                 overwrite=overwrite)
+                                 overwrite=overwrite, moe=ck.moe)
     except FileExistsError:
         raise ConvertError(f"{dest}: already exists") from None
     except OSError as exc:
@@ -280,7 +314,12 @@ def convert(source: Path, dest: Path, *, name: str, options: ConvertOptions = Co
                           disable=not progress, leave=False) as bar:
             conv = _Converter(ck, options, writer, plan)
             for kind, item in bar:
-                conv.ffn(item) if kind == "ffn" else conv.dense(item)
+                if kind == "ffn":
+                    conv.ffn(item)
+                elif kind == "moe":
+                    conv.moe_ffn(item)
+                else:
+                    conv.dense(item)
             for text in conv.notes():
                 writer.note(text)
             _add_tokenizer_file(writer, spec.tokenizer_json)

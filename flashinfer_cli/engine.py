@@ -30,7 +30,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from flashinfer_cli import fmt, kernels, plan as planlib, router
+from flashinfer_cli import fmt, kernels, moe, plan as planlib, router
 from flashinfer_cli import generate as gen
 from flashinfer_cli.model import Model
 
@@ -62,6 +62,12 @@ class Engine:
         self.notes = list(notes or [])  # what the engine decided on its own (said on stderr by the CLI)
         if policy not in router.POLICIES:
             raise EngineError(f"unknown policy {policy!r} (choose from {', '.join(router.POLICIES)})")
+        is_moe = model.moe is not None
+        if is_moe and policy == "exact":
+            policy = "router"  # a mixture of experts' per-prompt statistic is its routers' (GRIFFIN's is a dense FFN's)
+        if (policy == "router") != is_moe:  # static's calibration is GRIFFIN's too: dense models only
+            raise EngineError(f"policy {policy!r} is for {'dense models' if is_moe else 'mixtures of experts'}; "
+                              f"this model {'is a mixture of experts: use router' if is_moe else 'is dense: use exact or static'}")
         if reselect < 0:
             raise EngineError(f"--reselect must be >= 0, got {reselect}")
         self.policy = policy
@@ -73,7 +79,7 @@ class Engine:
         self._since_select = 0
         # the selection statistics of the cached prompt's first _scored_len tokens (per-prompt
         # selection only): a next prompt that extends it reuses its cache and adds to them
-        self._scored = np.zeros_like(model.scorer.acc) if self.selects and policy == "exact" else None
+        self._scored = np.zeros_like(model.scorer.acc) if self.selects and policy in router.PER_PROMPT else None
         self._scored_len = 0
         if self.selects and policy == "static":
             router.apply_sets(model.arena, model.runner, self._static_sets(), prune=plan.prune)
@@ -127,6 +133,8 @@ class Engine:
     def active_params(self) -> int:
         """Parameters a token uses: the dense block and the active sets (prune mode), else all."""
         s = self.plan.shape
+        if s.is_moe:
+            return s.routed_params
         if not self.plan.prune:
             return s.dense_params + s.n_experts * s.expert_params
         return s.dense_params + sum(self.active_per_layer) * s.expert_params
@@ -198,7 +206,7 @@ class Engine:
         statistics choose each layer's active set, read once and pinned. full_prompt: the prompt
         runs with every expert whatever the policy (quality scoring)."""
         m = self.model
-        if not (self.selects and self.policy == "exact"):
+        if not (self.selects and self.policy in router.PER_PROMPT):
             if not full_prompt:
                 return m.forward(ids[start:], all_logits=all_logits)
             m.full = True
@@ -237,7 +245,12 @@ class Engine:
         """Rescore from the recent tokens and swap in the experts that now clearly beat the weakest
         selected ones; only the changed experts are read."""
         m = self.model
-        if m.plan.prune:  # the window's FFN inputs, run once through every expert (reads counted)
+        if m.plan.prune and m.moe is not None:  # the window's router probabilities: no expert is read
+            w = m.window[:, :min(self._since_select, m.window.shape[1])]
+            m.scorer.reset()
+            for layer in range(m.config.n_layers):
+                m.scorer.add(layer, moe.softmax(w[layer] @ m.layers[layer].router.T))
+        elif m.plan.prune:  # the window's FFN inputs, run once through every expert (reads counted)
             w = m.window[:, :min(self._since_select, m.window.shape[1])]
             m.scorer.reset()
             dummy = np.zeros((w.shape[1], w.shape[2]), dtype=np.float32)

@@ -37,9 +37,11 @@ import numpy as np
 
 from flashinfer_cli import kernels
 from flashinfer_cli.kernels import QTensor
+from flashinfer_cli.moe import RoutingRule, expected_dense
 
 FORMAT_NAME = "fic-model"
-FORMAT_VERSION = 2  # 2: every dense tensor has a CRC32C in the manifest
+FORMAT_VERSION = 3  # 2: every dense tensor has a CRC32C in the manifest; 3: "moe", the routing rules
+READABLE_VERSIONS = (2, 3)  # a version 2 manifest is a dense model (no "moe"): read as one
 MANIFEST_FILE = "manifest.json"
 DENSE_FILE = "dense.safetensors"
 EXPERTS_FILE = "experts.bin"
@@ -164,6 +166,9 @@ class Manifest:
     tokenizer: dict[str, Any] = field(default_factory=dict)  # {"files": [...], "chat_template": ...}
     provenance: dict[str, Any] = field(default_factory=dict)  # {"source": ..., "sha256": ...}
     notes: list[str] = field(default_factory=list)
+    # a mixture of experts: one routing rule per layer, every bundle of a layer a routed expert
+    # (the router and a shared expert are dense tensors); None: a dense model, bundles are neurons
+    moe: list[RoutingRule] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -178,6 +183,7 @@ class Manifest:
             "tokenizer": self.tokenizer,
             "provenance": self.provenance,
             "notes": self.notes,
+            "moe": {"layers": [r.to_json() for r in self.moe]} if self.moe is not None else None,
         }
 
 
@@ -303,8 +309,9 @@ def parse_manifest(path: Path) -> Manifest:
     if raw.get("version") == 1 and type(raw.get("version")) is int:  # not read unchecked: its dense block could be damaged unseen
         again = repull_command(str(raw.get("name")), raw.get("provenance"))
         raise FormatError(path, f"format version 1 has no checksums for the dense block; run `{again}` to convert it again")
-    _require(raw.get("version") == FORMAT_VERSION and _is_int(raw.get("version")), path,
-             f"unsupported format version {_short(raw.get('version'))} (this fic reads version {FORMAT_VERSION})")
+    _require(raw.get("version") in READABLE_VERSIONS and _is_int(raw.get("version")), path,
+             f"unsupported format version {_short(raw.get('version'))} (this fic reads versions "
+             f"{', '.join(map(str, READABLE_VERSIONS))})")
     for key, typ in (("name", str), ("arch", dict), ("tensors", dict), ("experts_file_bytes", int)):
         _require(isinstance(raw.get(key), typ) and not isinstance(raw.get(key), bool), path, f"missing or bad {key!r}")
     _require(0 <= raw["experts_file_bytes"] <= MAX_TENSOR_BYTES, path, "bad 'experts_file_bytes'")
@@ -315,13 +322,43 @@ def parse_manifest(path: Path) -> Manifest:
     _require(isinstance(provenance, dict), path, "provenance is not an object")
     notes = raw.get("notes") or []
     _require(isinstance(notes, list) and all(isinstance(n, str) for n in notes), path, "notes is not a list of strings")
+    layout = _parse_layout(raw.get("expert_layout"), path)
+    experts = _parse_experts(raw.get("experts", []), path)
+    moe = _parse_moe(raw.get("moe") if raw["version"] >= 3 else None, experts, layout, tensors, path)
     return Manifest(
-        name=raw["name"], arch=raw["arch"], tensors=tensors,
-        expert_layout=_parse_layout(raw.get("expert_layout"), path),
-        experts=_parse_experts(raw.get("experts", []), path),
+        name=raw["name"], arch=raw["arch"], tensors=tensors, expert_layout=layout, experts=experts,
         experts_file_bytes=raw["experts_file_bytes"],
         tokenizer=_parse_tokenizer(raw.get("tokenizer"), path), provenance=provenance, notes=list(notes),
+        moe=moe,
     )
+
+
+def _parse_moe(raw: Any, experts: list[list[ExpertEntry]], layout: ExpertLayout | None,
+               tensors: dict[str, Any], path: Path) -> list[RoutingRule] | None:
+    """The routing rules: one per layer, as many routed experts as the layer has bundles, the
+    router (f32) and any shared expert present in the dense block at their shapes."""
+    if raw is None:
+        return None
+    _require(isinstance(raw, dict) and isinstance(raw.get("layers"), list), path, "moe is not an object with layers")
+    _require(len(raw["layers"]) == len(experts), path,
+             f"moe has {len(raw['layers'])} layers' rules, the expert table {len(experts)} layers")
+    _require(layout is not None, path, "moe without an expert_layout")
+    rules = []
+    for li, r in enumerate(raw["layers"]):
+        try:
+            rule = RoutingRule.from_json(r)
+        except ValueError as exc:
+            raise FormatError(path, f"moe layer {li}: {exc}") from None
+        _require(rule.n_routed == len(experts[li]), path,
+                 f"moe layer {li}: {rule.n_routed} routed experts, the expert table has {len(experts[li])}")
+        for name, shape in expected_dense(rule, li, layout.d_model).items():
+            spec = tensors.get(name)
+            _require(isinstance(spec, dict) and spec.get("shape") == list(shape), path,
+                     f"moe layer {li}: dense tensor {name!r} {list(shape)} missing or of another shape")
+            if name.endswith("ffn_gate_inp") or name.endswith("ffn_gate_inp_shexp"):
+                _require(spec["fmt"] == "f32", path, f"moe layer {li}: router {name!r} is {spec['fmt']}, not f32")
+        rules.append(rule)
+    return rules
 
 
 # ---- safetensors headers -------------------------------------------------------------------
@@ -509,7 +546,8 @@ class ModelWriter:
 
     def __init__(self, dest: str | os.PathLike, *, name: str, arch: dict[str, Any],
                  layout: ExpertLayout | None, provenance: dict[str, Any] | None = None,
-                 tokenizer: dict[str, Any] | None = None, overwrite: bool = False):
+                 tokenizer: dict[str, Any] | None = None, overwrite: bool = False,
+                 moe: list[RoutingRule] | None = None):
         self.dest = Path(dest)
         if self.dest.exists() and not overwrite:
             raise FileExistsError(f"{self.dest} already exists")
@@ -519,7 +557,7 @@ class ModelWriter:
         self.overwrite = overwrite
         self.manifest = Manifest(name=name, arch=arch, tensors={}, expert_layout=layout, experts=[],
                                  experts_file_bytes=0, tokenizer=dict(tokenizer or {}),
-                                 provenance=dict(provenance or {}))
+                                 provenance=dict(provenance or {}), moe=moe)
         self._dense: dict[str, np.ndarray] = {}
         self._experts = open(self.tmp / EXPERTS_FILE, "wb")
         self._experts.write(b"\0" * ALIGN)  # header, filled in at the end

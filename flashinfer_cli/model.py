@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from flashinfer_cli import fmt, kernels
+from flashinfer_cli import fmt, kernels, moe
 from flashinfer_cli.arena import Arena
 from flashinfer_cli.config import ArchConfig
 from flashinfer_cli.kernels import QTensor
@@ -55,6 +55,11 @@ class LayerWeights:
     k_norm: np.ndarray | None
     attn_output: QTensor
     ffn_norm: np.ndarray
+    # a mixture of experts' layer: its rule, router (n_routed, d_model) f32, and shared expert
+    rule: moe.RoutingRule | None = None
+    router: np.ndarray | None = None
+    shared: tuple[QTensor, QTensor, QTensor] | None = None  # gate, up, down
+    shared_gate: np.ndarray | None = None                   # (d_model,): sigmoid(w . x) scales it
 
 
 # ---- the math ------------------------------------------------------------------------------
@@ -162,8 +167,11 @@ class Model:
             self.arena.load_all()
             self.arena.begin_request()
         self.runner = FFNRunner(self.arena, man.expert_layout, plan.prefill_chunk)
-        self.runner.wrap = not plan.prune
-        self.scorer = Scorer(self.arena.n_neurons, max_tokens=plan.prefill_chunk)
+        self.runner.wrap = not plan.prune and man.moe is None  # MoE: which experts run is known per token
+        self.moe = man.moe
+        # the per-prompt statistic: GRIFFIN's over neurons, or a MoE's router probabilities
+        self.scorer = Scorer(self.arena.n_neurons, max_tokens=plan.prefill_chunk) if man.moe is None else \
+            moe.RouterScorer(c.n_layers, self.arena.n_neurons.shape[1])
         self.cos, self.sin = rope_tables(self.ctx, c.head_dim, c.rope_theta, c.rope_scaling)
         half = c.head_dim // 2  # decode's RoPE: rotate_half(x) = x[rot] * sign, the sign folded into sin
         self._rot = np.concatenate([np.arange(half, c.head_dim), np.arange(half)])
@@ -178,9 +186,12 @@ class Model:
         if self._c_attention:
             kernels.reserve_attention(kernels.get_threads(), plan.prefill_chunk, c.n_heads, c.head_dim)
         self.pos = 0
-        self.collect = None  # a callback (layer, t, calls) that receives every FFN call's h
+        # a callback that receives every FFN call's selection statistic: (layer, t, calls) with h
+        # for a dense model, (layer, probs) with the router's probabilities for a MoE
+        self.collect = None
         self.full = not plan.prune  # every expert runs (exact mode); False: the active sets only
         self.window: np.ndarray | None = None  # prune-mode reselection: recent FFN inputs per layer
+        self.moe_prefetch = True  # a mixture of experts in exact mode: read the next layer's predicted experts
 
     def _layer(self, dense: dict, i: int) -> LayerWeights:
         c = self.config
@@ -194,7 +205,17 @@ class Model:
             qkv = QTensor(qkv[0].fmt, (sum(q.shape[0] for q in qkv), qkv[0].shape[1]), self._dense_buf[start:stop])
         bias = np.concatenate([_vec(dense[p + n + ".bias"]) for n in ("attn_q", "attn_k", "attn_v")]) \
             if c.attn_bias else None
+        moe_parts = {}
+        if self.reader.manifest.moe is not None:
+            rule = self.reader.manifest.moe[i]
+            n = moe.router_names(i)
+            moe_parts = dict(rule=rule, router=np.ascontiguousarray(dense[n["router"]], dtype=np.float32))
+            if rule.shared_neurons:
+                moe_parts["shared"] = tuple(_qt(dense[n[k]]) for k in ("gate", "up", "down"))
+            if rule.shared_gate == "sigmoid":
+                moe_parts["shared_gate"] = _vec(dense[n["shared_gate"]])
         return LayerWeights(
+            **moe_parts,
             attn_norm=_vec(dense[p + "attn_norm"]),
             qkv=qkv,
             q_bias=bias,
@@ -206,7 +227,41 @@ class Model:
 
     def _ffn(self, i: int, xn: np.ndarray, x: np.ndarray) -> None:
         """x += FFN_i(xn), through the arena."""
+        if self.moe is not None:
+            self._moe_ffn(i, xn, x)
+            return
         self.runner.run(i, xn, x, full=self.full, collect=self.collect)
+
+    def _moe_ffn(self, i: int, xn: np.ndarray, x: np.ndarray) -> None:
+        """x += the routed experts each token picks, weighed by the layer's rule, + the shared expert."""
+        lw = self.layers[i]
+        one = xn.ndim == 1
+        logits = (xn[None, :] if one else xn) @ lw.router.T
+        # prune mode: each token's top-k among the active set (full: while the prompt chooses it)
+        allowed = None if self.full else self.runner.active_mask(i)
+        coef, probs = moe.route(lw.rule, logits, allowed)
+        if self.collect is not None:
+            self.collect(i, probs)
+        prefetch = None
+        if self.moe_prefetch and one and self.full and not self.plan.all_resident and i + 1 < len(self.layers):
+            # layer i+1's router on this layer's hidden state, normalised as layer i+1 will: its
+            # guess at the next layer's experts, read while this layer computes
+            nxt = self.layers[i + 1]
+            guess = _rmsnorm1(x, nxt.ffn_norm, self.config.norm_eps) @ nxt.router.T
+            prefetch = (i + 1, np.argsort(-guess, kind="stable")[:nxt.rule.top_k])
+        self.runner.run_routed(i, xn, x, coef[0] if one else coef, prefetch)
+        if lw.shared is not None:
+            gate, up, down = lw.shared
+            if one:
+                h = silu(kernels.matvec(gate, xn)) * kernels.matvec(up, xn)
+                out = kernels.matvec(down, h)
+            else:
+                h = silu(kernels.matmul(gate, xn)) * kernels.matmul(up, xn)
+                out = kernels.matmul(down, np.ascontiguousarray(h, dtype=np.float32))
+            if lw.shared_gate is not None:
+                g = xn @ lw.shared_gate
+                out *= (1.0 / (1.0 + np.exp(-g))) if one else (1.0 / (1.0 + np.exp(-g)))[:, None]
+            x += out
 
     def reset(self) -> None:
         """Forget the context (the cache is overwritten, not cleared)."""
@@ -275,7 +330,10 @@ class Model:
         if lw.q_bias is not None:
             qkv += lw.q_bias
         qk = qkv[:(nh + nkv) * hd].reshape(nh + nkv, hd)
-        if lw.q_norm is not None:
+        if lw.q_norm is not None and c.qk_norm_full:  # one norm over all heads (OLMoE)
+            qk = np.concatenate([rmsnorm(qk[:nh].reshape(-1), lw.q_norm, c.norm_eps),
+                                 rmsnorm(qk[nh:].reshape(-1), lw.k_norm, c.norm_eps)]).reshape(nh + nkv, hd)
+        elif lw.q_norm is not None:
             qk = np.concatenate([rmsnorm(qk[:nh], lw.q_norm, c.norm_eps), rmsnorm(qk[nh:], lw.k_norm, c.norm_eps)])
         qk = qk * self.cos[p] + qk[:, self._rot] * self._sin_signed[p]  # RoPE, rotate-half
         if self._c_attention:
@@ -306,10 +364,13 @@ class Model:
             qkv = np.concatenate([kernels.matmul(w, x) for w in lw.qkv], axis=1)
         if lw.q_bias is not None:
             qkv = qkv + lw.q_bias
+        if lw.q_norm is not None and c.qk_norm_full:  # one norm over all heads (OLMoE), before they split
+            qkv = np.concatenate([rmsnorm(qkv[:, :nq], lw.q_norm, c.norm_eps),
+                                  rmsnorm(qkv[:, nq:nq + nkv], lw.k_norm, c.norm_eps), qkv[:, nq + nkv:]], axis=1)
         q = qkv[:, :nq].reshape(t, c.n_heads, hd)
         k = qkv[:, nq:nq + nkv].reshape(t, c.n_kv_heads, hd)
         v = qkv[:, nq + nkv:].reshape(t, c.n_kv_heads, hd)
-        if lw.q_norm is not None:
+        if lw.q_norm is not None and not c.qk_norm_full:
             q = rmsnorm(q, lw.q_norm, c.norm_eps)
             k = rmsnorm(k, lw.k_norm, c.norm_eps)
         cos, sin = self.cos[p0:p0 + t], self.sin[p0:p0 + t]

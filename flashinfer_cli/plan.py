@@ -103,6 +103,8 @@ class ModelShape:
     bundle_bytes_total: int       # every bundle, padded
     expert_params: int            # parameters of one (largest) expert
     max_expert_neurons: int
+    moe_top_k: int = 0            # a mixture of experts: the most experts a token routes to in a layer (0: dense)
+    shared_neurons: int = 0       # the largest shared expert (in the dense block)
 
     @classmethod
     def from_manifest(cls, man: fmt.Manifest) -> "ModelShape":
@@ -114,12 +116,15 @@ class ModelShape:
         entries = [e for layer in man.experts for e in layer]
         slot = max((e.padded_length for e in entries), default=0)
         n_max = max((e.n_neurons for e in entries), default=0)
+        rules = man.moe or []
         return cls(n_layers=a["n_layers"], d_model=a["d_model"], d_ff=a["d_ff"], n_heads=a["n_heads"],
                    n_kv_heads=a["n_kv_heads"], head_dim=a["head_dim"], vocab_size=a["vocab_size"],
                    max_ctx=a["max_ctx"], dense_bytes=dense, dense_params=params,
                    experts_per_layer=[len(layer) for layer in man.experts], slot_bytes=slot,
                    bundle_bytes_total=sum(e.padded_length for e in entries),
-                   expert_params=3 * n_max * a["d_model"], max_expert_neurons=n_max)
+                   expert_params=3 * n_max * a["d_model"], max_expert_neurons=n_max,
+                   moe_top_k=max((r.top_k for r in rules), default=0),
+                   shared_neurons=max((r.shared_neurons for r in rules), default=0))
 
     @property
     def n_experts(self) -> int:
@@ -128,6 +133,22 @@ class ModelShape:
     @property
     def max_experts_per_layer(self) -> int:
         return max(self.experts_per_layer, default=0)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.moe_top_k > 0
+
+    @property
+    def total_params(self) -> int:
+        return self.dense_params + self.n_experts * self.expert_params
+
+    @property
+    def routed_params(self) -> int:
+        """A mixture of experts: the parameters a token uses (the dense block, its top-k experts
+        of each layer); a dense model: every parameter."""
+        if not self.is_moe:
+            return self.total_params
+        return self.dense_params + sum(min(self.moe_top_k, n) for n in self.experts_per_layer) * self.expert_params
 
 
 @dataclass
@@ -168,14 +189,21 @@ class MemoryPlan:
 
     @property
     def streamed_bytes_per_token(self) -> int:
-        """Exact mode: the bundle bytes a decode step reads (those not resident)."""
+        """Exact mode: the bundle bytes a decode step reads (those not resident); for a mixture
+        of experts the most it reads (every routed expert a miss)."""
         if self.all_resident or self.prune:
             return 0
+        s = self.shape
+        if s.is_moe:
+            return sum(min(s.moe_top_k, n - k) for n, k in zip(s.experts_per_layer, self.active_per_layer)) \
+                * self.slot_bytes
         resident = sum(self.active_per_layer)
         return max(0, self.shape.n_experts - resident) * self.slot_bytes
 
     @property
     def active_params(self) -> int:
+        if self.shape.is_moe:  # a token runs its top-k whatever the sets hold
+            return self.shape.routed_params
         return self.shape.dense_params + sum(self.active_per_layer) * self.shape.expert_params
 
     @property
@@ -199,12 +227,22 @@ class MemoryPlan:
         else:
             out.append(f"experts         {per_layer:.1f} of {e_max} per layer fit beside the ring")
             k = max_prune_active(s, self.n_slots - self.n_ring)
-            n_stream = max(0, s.n_experts - sum(min(k, n) for n in s.experts_per_layer))
-            out.append(f"exact mode      {human(n_stream * self.slot_bytes)} streamed from flash per token"
-                       f" ({n_stream} bundles)")
-            out.append(f"prune mode      largest --active {k / max(1, e_max):.2f} ({k} of {e_max} per layer,"
-                       f" {(s.dense_params + k * s.n_layers * s.expert_params) / 1e6:.0f}M active parameters)")
-        if self.prune:
+            if s.is_moe:  # a token reads only its own top-k that are not resident
+                worst = self.streamed_bytes_per_token if self.mode == "exact" else \
+                    s.n_layers * s.moe_top_k * self.slot_bytes
+                out.append(f"exact mode      at most {human(worst)} read per token (every routed expert a miss);"
+                           f" the prompt's set is prefetched and pinned, misses are kept while hot")
+            else:
+                n_stream = max(0, s.n_experts - sum(min(k, n) for n in s.experts_per_layer))
+                out.append(f"exact mode      {human(n_stream * self.slot_bytes)} streamed from flash per token"
+                           f" ({n_stream} bundles)")
+            params = "" if s.is_moe else \
+                f", {(s.dense_params + k * s.n_layers * s.expert_params) / 1e6:.0f}M active parameters"
+            out.append(f"prune mode      largest --active {k / max(1, e_max):.2f} ({k} of {e_max} per layer{params})")
+        if self.prune and s.is_moe:
+            out.append(f"active set      {self.active_fraction:.2f} of the experts; each token's top-{s.moe_top_k} "
+                       f"among them (lossy: see fic bench --quality)")
+        elif self.prune:
             out.append(f"active set      {self.active_fraction:.2f} of the experts, "
                        f"{self.active_params / 1e6:.0f}M active parameters")
         out.extend(f"note            {n}" for n in self.notes)
@@ -238,7 +276,7 @@ def workspace_bytes(shape: ModelShape, chunk: int, n_threads: int) -> int:
 
 
 def workspace_maxima(shape: ModelShape, chunk: int) -> dict[str, int]:
-    return {"max_t": chunk, "max_k": max(shape.d_model, shape.n_heads * shape.head_dim),
+    return {"max_t": chunk, "max_k": max(shape.d_model, shape.n_heads * shape.head_dim, shape.shared_neurons),
             "max_experts": shape.max_experts_per_layer, "max_neurons": shape.d_ff}
 
 
@@ -254,6 +292,8 @@ def scratch_bytes(shape: ModelShape, chunk: int, ctx: int) -> int:
     d, nq = shape.d_model, shape.n_heads * shape.head_dim
     nkv = shape.n_kv_heads * shape.head_dim
     per_token = 4 * (6 * d + 3 * (nq + 2 * nkv) + 2 * nq + 3 * shape.d_ff)
+    # a mixture of experts: router logits, probabilities and coefficients, the shared expert's h
+    per_token += 4 * (6 * shape.max_experts_per_layer + 4 * shape.shared_neurons) if shape.is_moe else 0
     logits = 4 * shape.vocab_size * 2
     rope = 3 * 4 * ctx * shape.head_dim  # cos, sin, signed sin tables
     return chunk * per_token + logits + rope
@@ -334,7 +374,9 @@ def make_plan(shape: ModelShape, req: PlanRequest) -> MemoryPlan:
     parts = _fixed_parts(shape, req, chunk)
     fixed = sum(parts.values())
     min_ring = 2
-    min_arena = huge_round((min_ring + (shape.n_layers if req.mode == "prune" else 0)) * shape.slot_bytes)
+    # exact mode on a mixture of experts: room beside the pins for a token's misses of one layer
+    reserve = shape.moe_top_k if req.mode == "exact" else 0
+    min_arena = huge_round((min_ring + reserve + (shape.n_layers if req.mode == "prune" else 0)) * shape.slot_bytes)
     if fixed + min_arena > req.mem:
         need = fixed + min_arena
         hint = ""
@@ -348,7 +390,7 @@ def make_plan(shape: ModelShape, req: PlanRequest) -> MemoryPlan:
     n_slots = min(shape.n_experts, (req.mem - fixed) // HUGE_PAGE * HUGE_PAGE // shape.slot_bytes)
     n_ring = min(ring_slots(shape, n_slots), n_slots)
     pinned = n_slots - n_ring
-    k_fit = max_prune_active(shape, pinned)
+    k_fit = max_prune_active(shape, max(0, pinned - reserve))
     if req.mode == "prune":
         if k_req is not None and k_req > k_fit:
             need = fixed + huge_round((n_ring + shape.n_layers * k_req) * shape.slot_bytes)

@@ -18,7 +18,8 @@ import numpy as np
 
 from flashinfer_cli import fmt
 
-POLICIES = ("exact", "static")
+POLICIES = ("exact", "static", "router")  # router: a mixture of experts' (moe.RouterScorer)
+PER_PROMPT = ("exact", "router")  # the policies that choose each prompt's sets from its own tokens
 STATIC_FILE = "static_scores.npy"
 RESELECT_MARGIN = 0.05  # a challenger must beat the weakest selected expert by 5%
 

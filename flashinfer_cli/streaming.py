@@ -44,12 +44,22 @@ class FFNRunner:
         self._pending: _Piece | None = None
         self.active: list[np.ndarray | None] = [None] * self.n_layers  # None: every expert runs
         self.prune = False
+        self._predicted: dict[int, np.ndarray] = {}  # layer -> the experts the previous layer predicted for it
         self.wrap = False  # prefetch layer 0's first piece after the last layer (every step runs full)
 
     # -- which experts a layer runs --
     def run_set(self, layer: int, full: bool) -> np.ndarray:
         a = self.active[layer]
         return self.arena.experts(layer) if (full or not self.prune or a is None) else a
+
+    def active_mask(self, layer: int) -> np.ndarray | None:
+        """Prune mode: a boolean mask of the layer's active set (None: every expert may run)."""
+        a = self.active[layer]
+        if not self.prune or a is None:
+            return None
+        mask = np.zeros(int(self.arena.experts_per_layer[layer]), dtype=bool)
+        mask[a] = True
+        return mask
 
     def _missing(self, layer: int, full: bool) -> np.ndarray:
         return self.arena.missing(layer, self.run_set(layer, full))
@@ -129,3 +139,63 @@ class FFNRunner:
             off += n
         if collect is not None:
             collect(layer, t, calls)
+
+    # -- a mixture of experts: per-token routing --
+    def run_routed(self, layer: int, x: np.ndarray, y: np.ndarray, coef: np.ndarray,
+                   prefetch: tuple[int, np.ndarray] | None = None) -> None:
+        """y += Σ_e coef[:, e] expert_e(x) over the experts some token routes to (coef (t, E), or
+        (E,) for one token, zero where a token does not route). The missing ones are read in one
+        batch into the arena (evicting the least recently used unpinned experts: a miss is kept
+        while it is hot) when it has room beside the pins, else streamed through the ring.
+        prefetch: (next layer, its predicted experts): their reads are issued once this layer's
+        own are done, to land while this layer computes and the next one attends."""
+        arena = self.arena
+        landed = arena.finish_prefetch()
+        t = 1 if x.ndim == 1 else x.shape[0]
+        if t > self.max_tokens:
+            raise ValueError(f"{t} tokens in one FFN call, the scratch holds {self.max_tokens}")
+        c2 = coef.reshape(t, -1)
+        need = np.flatnonzero(c2.any(axis=0))
+        pred = self._predicted.pop(layer, None)
+        if pred is not None:  # how the previous layer's guess for this one fared
+            used = set(need.tolist())
+            arena._count(predicted=len(pred), predicted_right=len(used & set(pred.tolist())),
+                         prefetch_used=sum(1 for l, e in landed if l == layer and e in used))
+        if not len(need):
+            return
+        resident = arena.slot_of[layer, need] >= 0
+        miss = need[~resident]
+        if len(miss) and len(miss) <= arena.room(layer, need):
+            arena.load([(layer, int(e)) for e in need])  # hits counted for the resident ones
+            res, miss = need, need[:0]
+        else:
+            res = need[resident]
+            if len(res):
+                arena.touch(layer, res)
+        if prefetch is not None and not len(miss):  # one batch in flight: never beside the ring's
+            nxt, experts = prefetch
+            self._predicted[nxt] = experts
+            arena.submit_prefetch(nxt, experts, {(layer, int(e)) for e in need})
+        nn, off = arena.n_neurons[layer], 0
+
+        def call(experts: np.ndarray, slots: np.ndarray) -> None:
+            nonlocal off
+            cf = np.ascontiguousarray(c2[:, experts])
+            n = int(nn[experts].sum()) * t
+            kernels.experts_ffn_slots(self.layout, arena.buf, arena.slot_bytes, slots.astype(np.int32, copy=False),
+                                      nn[experts], x, y, coef=cf[0] if x.ndim == 1 else cf,
+                                      scratch=self.scratch[off:off + n])
+            off += n
+
+        if len(res):
+            call(res, arena.slot_of[layer, res])
+        if len(miss):
+            half = len(self.halves[0]) if self.halves else 1
+            pieces = [miss[i:i + half] for i in range(0, len(miss), half)]
+            pending = self._take(layer, pieces[0])
+            for i, piece in enumerate(pieces):
+                arena.wait(pending.pending)
+                cur = pending
+                if i + 1 < len(pieces):
+                    pending = self._submit(layer, pieces[i + 1])
+                call(piece, cur.slots)
