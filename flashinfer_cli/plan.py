@@ -360,7 +360,6 @@ def make_plan(shape: ModelShape, req: PlanRequest) -> MemoryPlan:
     everything = sum(parts.values()) + huge_round(shape.n_experts * shape.slot_bytes)
     k_req = _active_count(shape, req.active) if req.active is not None else None
     e_max = shape.max_experts_per_layer
-    prune_asked = req.mode == "prune" and k_req is not None
     if req.mem is None or req.mem >= everything:
         # everything resident; an explicit --active prunes within it
         k = k_req if k_req is not None else e_max
