@@ -8,7 +8,8 @@ reductions). (2) fic's own f32 matvec (best implementation) streaming 512 MiB of
 float32 matrices: one FMA per 4 bytes, a plain read, and here faster than numpy's reductions
 (which top out near 34 GB/s a thread). Taking the larger makes the % column strict.
 
-Kernels: every format x implementation, on 4096 x 4096 matrices. matvec cycles over enough copies
+Kernels: every format x implementation, on 4096 x 4096 matrices (Q4_K and Q6_K, which fic reads but
+does not make, as random valid blocks: the bytes' values do not change the work). matvec cycles over enough copies
 of the matrix to fill >= 512 MiB, so the weights come from DRAM as in decode (one matrix alone
 would sit in L3); accum_rows streams the same copies with every row active. matmul runs T = 128
 tokens through one matrix; its figure is weight bytes over time, so its per-token cost is
@@ -115,11 +116,23 @@ def measure_bandwidth(w: np.ndarray, x: np.ndarray) -> tuple[dict[int, float], d
     return bw_numpy, bw_f32
 
 
+def make_weights(w: np.ndarray, fmt: str, rng: np.random.Generator) -> K.QTensor:
+    """w in fmt; for the read-only K-quants, random bytes with finite, small fp16 scales."""
+    if fmt in K.QUANTIZABLE:
+        return K.quantize(w, fmt)
+    m, k = w.shape
+    data = rng.integers(0, 256, m * K.row_bytes(fmt, k), dtype=np.uint8)
+    blocks = data.reshape(-1, K.block_bytes(fmt))
+    for off in {"q4_k": (0, 2), "q6_k": (K.block_bytes(fmt) - 2,)}[fmt]:  # d (and dmin) of each block
+        blocks[:, off:off + 2] = rng.uniform(1e-3, 4e-3, (len(blocks), 1)).astype(np.float16).view(np.uint8)
+    return K.QTensor(fmt, (m, k), data)
+
+
 def measure_kernels(w: np.ndarray, x: np.ndarray, xs: np.ndarray, formats: list[str], quick: bool,
                     with_ref_matmul: bool) -> Timings:
     out: Timings = {}
     for fmt in formats:
-        qt = K.quantize(w, fmt)
+        qt = make_weights(w, fmt, np.random.default_rng(1))
         copies = stream_copies(qt)
         for impl in K.available_impls():
             fast = impl != "ref"

@@ -13,6 +13,8 @@
 #define QK4_0 32
 #define QK4_1 32
 #define QK1_0 128
+#define QK5_0 32
+#define QK_K 256 /* K-quant super-block */
 
 typedef uint16_t fic_half; /* IEEE binary16 bits */
 
@@ -40,6 +42,45 @@ typedef struct {
     uint8_t qs[QK1_0 / 8];  /* bit j of byte j/8 (LSB first) is weight j: 1 -> +d, 0 -> -d */
 } block_q1_0;
 static_assert(sizeof(block_q1_0) == 2 + QK1_0 / 8, "block_q1_0 size");
+
+typedef struct {
+    fic_half d;             /* scale */
+    uint8_t qh[4];          /* bit j of the little-endian uint32: the fifth bit of weight j */
+    uint8_t qs[QK5_0 / 2];  /* as q4_0; w = d * ((nibble | fifth bit << 4) - 16) */
+} block_q5_0;
+static_assert(sizeof(block_q5_0) == 2 + 4 + QK5_0 / 2, "block_q5_0 size");
+
+/* Q4_K: 8 sub-blocks of 32 weights, each with a 6-bit scale and a 6-bit min packed in scales[12]
+ * (ggml's get_scale_min_k4); w = d * sc * q - dmin * m. qs: per 64 weights, 32 bytes whose low
+ * nibbles are the first 32 weights and high nibbles the next 32. */
+typedef struct {
+    fic_half d;               /* super-block scale of the scales */
+    fic_half dmin;            /* super-block scale of the mins */
+    uint8_t scales[12];       /* 8 scales and 8 mins, 6 bits each */
+    uint8_t qs[QK_K / 2];     /* 4-bit quants */
+} block_q4_K;
+static_assert(sizeof(block_q4_K) == 2 * 2 + 12 + QK_K / 2, "block_q4_K size");
+
+/* Q6_K: 16 sub-blocks of 16 weights, each with an int8 scale; w = d * sc * (q - 32), q 6 bits:
+ * low 4 bits in ql, high 2 in qh (see deq_block_ref for the order). */
+typedef struct {
+    uint8_t ql[QK_K / 2];     /* lower 4 bits */
+    uint8_t qh[QK_K / 4];     /* upper 2 bits */
+    int8_t scales[QK_K / 16]; /* sub-block scales */
+    fic_half d;               /* super-block scale */
+} block_q6_K;
+static_assert(sizeof(block_q6_K) == QK_K / 2 + QK_K / 4 + QK_K / 16 + 2, "block_q6_K size");
+
+/* Scale j (0..7) and min j of a Q4_K block's 12 packed bytes (ggml's get_scale_min_k4). */
+static inline void q4k_scale_min(int j, const uint8_t *q, uint8_t *sc, uint8_t *m) {
+    if (j < 4) {
+        *sc = q[j] & 63;
+        *m = q[j + 4] & 63;
+    } else {
+        *sc = (uint8_t)((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4));
+        *m = (uint8_t)((q[j + 4] >> 4) | ((q[j] >> 6) << 4));
+    }
+}
 
 static_assert(sizeof(fic_half) == 2, "fp16 size");
 

@@ -42,7 +42,10 @@ enum fic_fmt {
     FIC_Q4_0 = 3,  /* 32 weights: fp16 d, 16 bytes of nibbles (q - 8)        18 bytes */
     FIC_Q4_1 = 4,  /* 32 weights: fp16 d, fp16 m, 16 bytes of nibbles        20 bytes */
     FIC_Q1_0 = 5,  /* 128 weights: fp16 d, 16 bytes of sign bits, LSB first  18 bytes */
-    FIC_FMT_COUNT = 6
+    FIC_Q5_0 = 6,  /* 32 weights: fp16 d, 4 bytes of fifth bits, 16 bytes of nibbles 22 bytes */
+    FIC_Q4_K = 7,  /* 256 weights: fp16 d, dmin, 12 bytes of 6-bit scales/mins, 128 bytes of nibbles: 144 */
+    FIC_Q6_K = 8,  /* 256 weights: 128 bytes low nibbles, 64 bytes high bits, 16 int8 scales, fp16 d: 210 */
+    FIC_FMT_COUNT = 9
 };
 
 /* Kernel implementations. AUTO picks the fastest one this CPU supports. */
@@ -59,7 +62,9 @@ int fic_fmt_block_weights(int fmt);         /* weights per block, or FIC_ERR_ARG
 int fic_fmt_block_bytes(int fmt);           /* bytes per block, or FIC_ERR_ARG */
 int64_t fic_row_bytes(int fmt, int64_t k);  /* bytes of one row of k weights, or FIC_ERR_ARG */
 
-/* Reference quantizer (ggml's quantize_row_*_ref; Q1_0: d = mean |w|, bit set where w >= 0). */
+/* Reference quantizer (ggml's quantize_row_*_ref; Q1_0: d = mean |w|, bit set where w >= 0).
+ * Q4_K and Q6_K are only read (kept from GGUF files as they are): fic_quantize returns
+ * FIC_ERR_UNSUPPORTED for them; fic_dequantize is ggml's dequantize_row_*. */
 int fic_quantize(int fmt, const float *src, uint8_t *dst, int64_t n_rows, int64_t k);
 int fic_dequantize(int fmt, const uint8_t *src, float *dst, int64_t n_rows, int64_t k);
 

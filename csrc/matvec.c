@@ -6,7 +6,7 @@
  *   matvec   one row per dot product, threads split rows. Float activations, except where
  *            x is quantized to int8 once per call (see prep_x): Q1_0 on AVX2/AVX-512,
  *            Q4_0/Q4_1 on AVX-512 VNNI. Identities used: Q4_1 sum (d q + m) x =
- *            d sum q x + m sum x; Q1_0 sum d s x with s = +-1 from the sign bits, and on
+ *            d sum q x + m sum x (and Q4_K per 32-weight sub-block, d sc and dmin m); Q1_0 sum d s x with s = +-1 from the sign bits, and on
  *            AVX-512 VNNI/BITALG/VBMI sum s xq = 2 sum_{bit set} xq - sum xq with x as 8 bit
  *            planes (popcounts, see dot_q1_planes in kernels_impl.h).
  *   matmul   a tile of rows is dequantized to float once and multiplied by all T rows of x

@@ -97,11 +97,13 @@ float fic_fp16_to_fp32(uint16_t h) {
 static const int BLOCK_WEIGHTS[FIC_FMT_COUNT] = {
     [FIC_F32] = 1, [FIC_F16] = 1, [FIC_Q8_0] = QK8_0,
     [FIC_Q4_0] = QK4_0, [FIC_Q4_1] = QK4_1, [FIC_Q1_0] = QK1_0,
+    [FIC_Q5_0] = QK5_0, [FIC_Q4_K] = QK_K, [FIC_Q6_K] = QK_K,
 };
 static const int BLOCK_BYTES[FIC_FMT_COUNT] = {
     [FIC_F32] = sizeof(float), [FIC_F16] = sizeof(fic_half), [FIC_Q8_0] = sizeof(block_q8_0),
     [FIC_Q4_0] = sizeof(block_q4_0), [FIC_Q4_1] = sizeof(block_q4_1),
-    [FIC_Q1_0] = sizeof(block_q1_0),
+    [FIC_Q1_0] = sizeof(block_q1_0), [FIC_Q5_0] = sizeof(block_q5_0),
+    [FIC_Q4_K] = sizeof(block_q4_K), [FIC_Q6_K] = sizeof(block_q6_K),
 };
 
 static inline int fmt_valid(int fmt) { return fmt >= 0 && fmt < FIC_FMT_COUNT; }
@@ -193,6 +195,39 @@ static void quantize_q4_1(const float *x, block_q4_1 *y) {
     }
 }
 
+/* ggml's MIN(31, (int8_t)v) for Q5_0, clamped like trunc_nibble. */
+static inline uint8_t trunc_5bit(float v) {
+    if (!(v >= 0.0f))
+        return 0;
+    if (v >= 31.0f)
+        return 31;
+    return (uint8_t)(int)v;
+}
+
+static void quantize_q5_0(const float *x, block_q5_0 *y) {
+    float amax = 0.0f, max = 0.0f;
+    for (int j = 0; j < QK5_0; j++) {
+        float v = x[j];
+        if (amax < absf(v)) {
+            amax = absf(v);
+            max = v;
+        }
+    }
+    const float d = max / -16.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    y->d = fic_fp32_to_fp16(d);
+    uint32_t qh = 0;
+    for (int j = 0; j < QK5_0 / 2; j++) {
+        uint8_t lo = trunc_5bit(x[j] * id + 16.5f);
+        uint8_t hi = trunc_5bit(x[j + QK5_0 / 2] * id + 16.5f);
+        y->qs[j] = (uint8_t)((lo & 15) | (hi & 15) << 4);
+        qh |= (uint32_t)(lo >> 4) << j;
+        qh |= (uint32_t)(hi >> 4) << (j + QK5_0 / 2);
+    }
+    for (int b = 0; b < 4; b++) /* little-endian, as ggml's memcpy on x86 and ARM */
+        y->qh[b] = (uint8_t)(qh >> (8 * b));
+}
+
 static void quantize_q1_0(const float *x, block_q1_0 *y) {
     float sum = 0.0f; /* in order, in float32: the spec's d = mean |w| */
     for (int j = 0; j < QK1_0; j++)
@@ -233,6 +268,53 @@ static void dequantize_q1_0(const block_q1_0 *x, float *y) {
     const float d = fic_fp16_to_fp32(x->d);
     for (int j = 0; j < QK1_0; j++)
         y[j] = (x->qs[j / 8] >> (j % 8)) & 1u ? d : -d;
+}
+
+static void dequantize_q5_0(const block_q5_0 *x, float *y) {
+    const float d = fic_fp16_to_fp32(x->d);
+    const uint32_t qh = (uint32_t)x->qh[0] | (uint32_t)x->qh[1] << 8 | (uint32_t)x->qh[2] << 16 |
+                        (uint32_t)x->qh[3] << 24;
+    for (int j = 0; j < QK5_0 / 2; j++) {
+        const int x0 = ((x->qs[j] & 0x0f) | (int)((qh >> j) << 4 & 0x10)) - 16;
+        const int x1 = ((x->qs[j] >> 4) | (int)((qh >> (j + 12)) & 0x10)) - 16;
+        y[j] = (float)x0 * d;
+        y[j + QK5_0 / 2] = (float)x1 * d;
+    }
+}
+
+/* ggml's dequantize_row_q4_K: per 64 weights, two sub-blocks (low, then high nibbles). */
+static void dequantize_q4_K(const block_q4_K *x, float *y) {
+    const float d = fic_fp16_to_fp32(x->d), dmin = fic_fp16_to_fp32(x->dmin);
+    const uint8_t *q = x->qs;
+    for (int j = 0, is = 0; j < QK_K; j += 64, is += 2, q += 32) {
+        uint8_t sc, m;
+        q4k_scale_min(is, x->scales, &sc, &m);
+        const float d1 = d * (float)sc, m1 = dmin * (float)m;
+        q4k_scale_min(is + 1, x->scales, &sc, &m);
+        const float d2 = d * (float)sc, m2 = dmin * (float)m;
+        for (int l = 0; l < 32; l++) *y++ = d1 * (float)(q[l] & 0xF) - m1;
+        for (int l = 0; l < 32; l++) *y++ = d2 * (float)(q[l] >> 4) - m2;
+    }
+}
+
+/* ggml's dequantize_row_q6_K: per 128 weights, 64 bytes of ql, 32 of qh and 8 scales. */
+static void dequantize_q6_K(const block_q6_K *x, float *y) {
+    const float d = fic_fp16_to_fp32(x->d);
+    const uint8_t *ql = x->ql, *qh = x->qh;
+    const int8_t *sc = x->scales;
+    for (int n = 0; n < QK_K; n += 128, y += 128, ql += 64, qh += 32, sc += 8) {
+        for (int l = 0; l < 32; l++) {
+            const int is = l / 16;
+            const int q1 = ((ql[l] & 0xF) | ((qh[l] >> 0) & 3) << 4) - 32;
+            const int q2 = ((ql[l + 32] & 0xF) | ((qh[l] >> 2) & 3) << 4) - 32;
+            const int q3 = ((ql[l] >> 4) | ((qh[l] >> 4) & 3) << 4) - 32;
+            const int q4 = ((ql[l + 32] >> 4) | ((qh[l] >> 6) & 3) << 4) - 32;
+            y[l] = d * (float)sc[is] * (float)q1;
+            y[l + 32] = d * (float)sc[is + 2] * (float)q2;
+            y[l + 64] = d * (float)sc[is + 4] * (float)q3;
+            y[l + 96] = d * (float)sc[is + 6] * (float)q4;
+        }
+    }
 }
 
 /* ---- whole matrices ----------------------------------------------------------------------- */
@@ -298,6 +380,16 @@ int fic_quantize(int fmt, const float *src, uint8_t *dst, int64_t n_rows, int64_
             memcpy(dst + i * (int64_t)sizeof b, &b, sizeof b);
         }
         break;
+    case FIC_Q5_0:
+        for (int64_t i = 0; i < nb; i++) {
+            block_q5_0 b;
+            quantize_q5_0(src + i * QK5_0, &b);
+            memcpy(dst + i * (int64_t)sizeof b, &b, sizeof b);
+        }
+        break;
+    case FIC_Q4_K:
+    case FIC_Q6_K: /* read only: fic keeps K-quants from GGUF files, never makes them */
+        return FIC_ERR_UNSUPPORTED;
     default:
         return FIC_ERR_ARG;
     }
@@ -347,6 +439,27 @@ int fic_dequantize(int fmt, const uint8_t *src, float *dst, int64_t n_rows, int6
             block_q1_0 b;
             memcpy(&b, src + i * (int64_t)sizeof b, sizeof b);
             dequantize_q1_0(&b, dst + i * QK1_0);
+        }
+        break;
+    case FIC_Q5_0:
+        for (int64_t i = 0; i < nb; i++) {
+            block_q5_0 b;
+            memcpy(&b, src + i * (int64_t)sizeof b, sizeof b);
+            dequantize_q5_0(&b, dst + i * QK5_0);
+        }
+        break;
+    case FIC_Q4_K:
+        for (int64_t i = 0; i < nb; i++) {
+            block_q4_K b;
+            memcpy(&b, src + i * (int64_t)sizeof b, sizeof b);
+            dequantize_q4_K(&b, dst + i * QK_K);
+        }
+        break;
+    case FIC_Q6_K:
+        for (int64_t i = 0; i < nb; i++) {
+            block_q6_K b;
+            memcpy(&b, src + i * (int64_t)sizeof b, sizeof b);
+            dequantize_q6_K(&b, dst + i * QK_K);
         }
         break;
     default:

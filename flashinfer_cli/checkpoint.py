@@ -30,7 +30,8 @@ class CheckpointError(Exception):
 
 
 # GGUF types stored as they are: ggml's block layouts are fic's.
-KEPT_GGUF_TYPES = {"F32": "f32", "F16": "f16", "Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1", "Q1_0": "q1_0"}
+KEPT_GGUF_TYPES = {"F32": "f32", "F16": "f16", "Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1", "Q1_0": "q1_0",
+                   "Q5_0": "q5_0", "Q4_K": "q4_k", "Q6_K": "q6_k"}
 
 
 @dataclass

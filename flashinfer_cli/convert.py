@@ -2,9 +2,14 @@
 each layer's FFN cut into experts of `expert_size` neurons and written as bundles.
 
 What is quantized: float weights become `options.quant`; norms and biases stay f32. GGUF tensors in a
-format fic shares with ggml (F32, F16, Q8_0, Q4_0, Q4_1, Q1_0) are kept byte for byte; other GGUF types
-are dequantized with the gguf package and requantized to `options.quant`, and the manifest notes how
-many and how far the weights moved (relative RMS error, measured here).
+format fic shares with ggml (F32, F16, Q8_0, Q4_0, Q4_1, Q1_0, Q5_0, Q4_K, Q6_K) are kept byte for byte;
+other GGUF types are dequantized with the gguf package and requantized to `options.quant`, and the
+manifest notes how many and how far the weights moved (relative RMS error, measured here).
+
+K-quants (Q4_K, Q6_K) span 256 weights along a row: gate/up rows split into experts of any size, but
+an expert's columns of ffn_down are whole blocks only when the expert size is a multiple of 256. The
+default expert size is rounded up to the down format's block; an explicit size that is not a multiple
+has down requantized to `options.quant` (noted in the manifest).
 """
 from __future__ import annotations
 
@@ -24,7 +29,8 @@ from flashinfer_cli.checkpoint import (KEPT_GGUF_TYPES, Checkpoint, CheckpointEr
                                        open_checkpoint, sha256_file)
 from flashinfer_cli.kernels import QTensor
 
-QUANT_CHOICES = tuple(kernels.FORMATS)  # f32, f16, q8_0, q4_0, q4_1, q1_0
+QUANT_CHOICES = kernels.QUANTIZABLE  # f32, f16, q8_0, q4_0, q4_1, q1_0, q5_0 (K-quants are only kept)
+K_QUANTS = tuple(f for f in kernels.FORMATS if f not in kernels.QUANTIZABLE)
 
 
 DEFAULT_EXPERT_SIZE = 64  # see bench/RESULTS.md (quality per expert size)
@@ -36,7 +42,7 @@ class ConvertError(Exception):
 
 @dataclass
 class ConvertOptions:
-    quant: str = "q8_0"           # format for weights that are converted: f32, f16, q8_0, q4_0, q4_1, q1_0
+    quant: str = "q8_0"           # format for weights that are converted: QUANT_CHOICES
     expert_size: int | None = None  # neurons per expert; None: DEFAULT_EXPERT_SIZE, rounded up to the down block
     down_layout: str = "columns"  # fmt.DOWN_LAYOUTS
 
@@ -169,6 +175,12 @@ def _plan_layout(ck: Checkpoint, options: ConvertOptions) -> _Plan:
         bw = kernels.block_weights(layout.down_fmt)
         if options.expert_size is None:  # the default suits the file: a whole number of down blocks
             options.expert_size = -(-DEFAULT_EXPERT_SIZE // bw) * bw
+        if options.expert_size % bw and layout.down_fmt in K_QUANTS:
+            # a K-quant block (256 neurons) would straddle experts: down joins options.quant
+            reasons["ffn_down"] = (f"expert size {options.expert_size} is not a multiple of "
+                                   f"{layout.down_fmt}'s block of {bw}")
+            layout = dataclasses.replace(layout, down_fmt=options.quant)
+            bw = kernels.block_weights(layout.down_fmt)
         if options.expert_size % bw or c.d_ff % bw:
             raise ConvertError(f"expert size {options.expert_size} (and d_ff {c.d_ff}) must be multiples of "
                                f"{layout.down_fmt}'s block of {bw} for the columns down layout; "

@@ -22,7 +22,12 @@ FORMATS: dict[str, int] = {
     "q4_0": lib.FIC_Q4_0,
     "q4_1": lib.FIC_Q4_1,
     "q1_0": lib.FIC_Q1_0,
+    "q5_0": lib.FIC_Q5_0,
+    "q4_k": lib.FIC_Q4_K,  # K-quants: read from GGUF files as they are, never made by fic
+    "q6_k": lib.FIC_Q6_K,
 }
+# Formats fic can quantize to (the K-quants' quantizers are search-based; fic only reads them).
+QUANTIZABLE: tuple[str, ...] = tuple(f for f in FORMATS if f not in ("q4_k", "q6_k"))
 IMPLS: dict[str, int] = {
     "auto": lib.FIC_IMPL_AUTO,
     "ref": lib.FIC_IMPL_REF,
@@ -157,6 +162,8 @@ def _f32(a: np.ndarray):
 
 def quantize(w: np.ndarray, fmt: str) -> QTensor:
     """Quantize a float32 (M, K) matrix with the reference quantizer of `fmt`."""
+    if fmt in FORMATS and fmt not in QUANTIZABLE:
+        raise NotImplementedError(f"fic reads {fmt} (kept from GGUF files) but does not quantize to it")
     w = _f32_matrix(w, "weights")
     m, k = w.shape
     data = np.empty(m * row_bytes(fmt, k), dtype=np.uint8)

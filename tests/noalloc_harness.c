@@ -49,10 +49,11 @@ static void expect_ok(int st, const char *what, int impl, int fmt) {
 }
 
 int main(void) {
-    static const int32_t ns[E] = {128, 256, 128};
+    static const int32_t ns_small[E] = {128, 256, 128};
+    static const int32_t ns_k[E] = {256, 256, 256}; /* K-quant down columns: whole super-blocks */
     unsigned s = 3;
     int n_total = 0;
-    for (int e = 0; e < E; e++) n_total += ns[e];
+    for (int e = 0; e < E; e++) n_total += ns_k[e] > ns_small[e] ? ns_k[e] : ns_small[e];
     float *w = malloc(sizeof(float) * NMAX * D), *x = malloc(sizeof(float) * T * D);
     float *y = malloc(sizeof(float) * T * (M > D ? M : D)), *a = malloc(sizeof(float) * M);
     float *scratch = malloc(sizeof(float) * T * n_total), coef[T * E];
@@ -75,13 +76,16 @@ int main(void) {
     for (int impl = FIC_IMPL_REF; impl <= FIC_IMPL_NEON; impl++) {
         if (!fic_impl_available(impl)) continue;
         for (int fmt = 0; fmt < FIC_FMT_COUNT; fmt++) {
-            fic_quantize(fmt, w, q, M, D);
+            const int32_t *ns = fic_fmt_block_weights(fmt) > 128 ? ns_k : ns_small;
+            /* Q4_K/Q6_K: fic does not quantize to them; any bytes with finite scales are blocks */
+            if (fic_quantize(fmt, w, q, M, D) == FIC_ERR_UNSUPPORTED) memset(q, 0x11, (size_t)M * D * 4);
             for (int rows = 0; rows < 2; rows++) {
                 fic_expert_layout lay = {D, fmt, fmt, fmt, rows};
                 const uint8_t *bundles[E];
                 for (int e = 0; e < E; e++) {
                     uint8_t *b = arena + slots[e] * slot_bytes;
                     const int64_t rb = fic_row_bytes(fmt, D);
+                    if (fic_fmt_block_weights(fmt) > 128) memset(b, 0x11, (size_t)slot_bytes);
                     fic_quantize(fmt, w, b, ns[e], D);
                     fic_quantize(fmt, w, b + ns[e] * rb, ns[e], D);
                     if (rows) fic_quantize(fmt, w, b + 2 * ns[e] * rb, ns[e], D);

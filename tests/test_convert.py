@@ -18,6 +18,8 @@ gguf = pytest.importorskip("gguf")
 from flashinfer_cli import fmt, kernels  # noqa: E402
 from flashinfer_cli.convert import ConvertError, ConvertOptions, convert  # noqa: E402
 
+from _kquant import ggml_quantize  # noqa: E402
+
 T = gguf.GGMLQuantizationType
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
@@ -129,7 +131,8 @@ def block_bound(w: np.ndarray, fmt_name: str) -> np.ndarray:
     q8_0: half a step of amax/127, plus 127 * 2^-11 steps for the scale's rounding (0.57 steps);
     q4_0: one step of amax/8 (the side opposite the extreme clamps at 7), plus 8 * 2^-11;
     q4_1: half a step of (max-min)/15 plus 15 * 2^-11 steps, plus the f16 rounding of the min;
-    q5_0: one step of amax/16, plus 16 * 2^-11."""
+    q5_0: one step of amax/16, plus 16 * 2^-11;
+    q5_1: half a step of (max-min)/31 plus 31 * 2^-11 steps, plus the f16 rounding of the min."""
     blocks = w.reshape(-1, 32).astype(np.float64)
     amax = np.abs(blocks).max(axis=1, keepdims=True)
     if fmt_name == "q8_0":
@@ -140,6 +143,8 @@ def block_bound(w: np.ndarray, fmt_name: str) -> np.ndarray:
         b = 0.51 * (blocks.max(1, keepdims=True) - blocks.min(1, keepdims=True)) / 15 + amax * 2 ** -10
     elif fmt_name == "q5_0":
         b = 1.01 * amax / 16
+    elif fmt_name == "q5_1":
+        b = 0.52 * (blocks.max(1, keepdims=True) - blocks.min(1, keepdims=True)) / 31 + amax * 2 ** -10
     else:
         raise AssertionError(fmt_name)
     return np.broadcast_to(b, blocks.shape).reshape(w.shape) + 1e-7
@@ -267,9 +272,9 @@ def llama_cpp_rope_factors(rs: dict, head_dim: int, base: float) -> np.ndarray:
     return np.array(out, dtype=np.float32)
 
 
-# tensor type per canonical role in the synthetic GGUF: every kept type, and Q5_0 (which fic requantizes)
-GGUF_TYPES = {"token_embd": T.Q8_0, "output": T.Q4_0, "attn_q": T.Q4_0, "attn_k": T.Q8_0, "attn_v": T.F16,
-              "attn_output": T.F32, "ffn_gate": T.Q4_1, "ffn_up": T.Q5_0, "ffn_down": T.Q4_1}
+# tensor type per canonical role in the synthetic GGUF: kept types, and Q5_1 (which fic requantizes)
+GGUF_TYPES = {"token_embd": T.Q8_0, "output": T.Q5_0, "attn_q": T.Q4_0, "attn_k": T.Q8_0, "attn_v": T.F16,
+              "attn_output": T.F32, "ffn_gate": T.Q4_1, "ffn_up": T.Q5_1, "ffn_down": T.Q4_1}
 
 
 # K-quant blocks: (bytes per 256 weights, byte offsets of the f16 scales in a block)
@@ -329,8 +334,11 @@ def write_gguf(path: Path, model, *, types=GGUF_TYPES, arch: str = "llama") -> d
             q = kernels.quantize(np.ascontiguousarray(value, dtype=np.float32), "q1_0")
             state[name] = kernels.dequantize(q)
             w.add_tensor(gname, q.data.reshape(value.shape[0], -1), raw_dtype=qtype)
-        elif qtype in K_BLOCKS:  # the gguf package cannot quantize K types: random valid blocks instead
-            blocks = random_k_blocks(value.shape, qtype, np.random.default_rng(len(state) + len(name)))
+        elif qtype in K_BLOCKS:  # the gguf package cannot quantize K types: llama.cpp's quantizer, else
+            # random valid blocks
+            qt = ggml_quantize(np.ascontiguousarray(value, dtype=np.float32), qtype.name.lower())
+            blocks = qt.data.reshape(value.shape[0], -1) if qt is not None else \
+                random_k_blocks(value.shape, qtype, np.random.default_rng(len(state) + len(name)))
             state[name] = gguf.quants.dequantize(blocks, qtype)
             w.add_tensor(gname, blocks, raw_dtype=qtype)
         else:
@@ -368,8 +376,8 @@ def test_gguf_round_trip(tmp_path):
             np.testing.assert_array_equal(got, want, err_msg=name)
         elif qtype == T.F16:
             np.testing.assert_array_equal(got, want.astype(np.float16).astype(np.float32), err_msg=name)
-        elif qtype == T.Q5_0:  # Q5_0 then q8_0: both errors
-            bound = block_bound(want, "q5_0") + block_bound(want, "q8_0") * 1.1
+        elif qtype == T.Q5_1:  # Q5_1 then q8_0: both errors
+            bound = block_bound(want, "q5_1") + block_bound(want, "q8_0") * 1.1
             assert (np.abs(got - want) <= bound).all(), name
         else:
             assert (np.abs(got - want) <= block_bound(want, qtype.name.lower())).all(), name
@@ -393,34 +401,126 @@ def test_gguf_round_trip(tmp_path):
                 np.testing.assert_array_equal(b.down.data, down[:, s // 32 * 20:(s + b.n_neurons) // 32 * 20].reshape(-1))
         assert r.dense_tensor("token_embd").fmt == "q8_0"
         np.testing.assert_array_equal(r.dense_tensor("token_embd").data, raw["token_embd.weight"].reshape(-1))
+        assert r.dense_tensor("output").fmt == "q5_0"  # kept as it is
+        np.testing.assert_array_equal(r.dense_tensor("output").data, raw["output.weight"].reshape(-1))
     assert manifest["expert_layout"] == {"d_model": 64, "gate_fmt": "q4_1", "up_fmt": "q8_0", "down_fmt": "q4_1",
                                          "down_layout": "columns"}
-    # the Q5_0 ffn_up tensors were requantized, and the note says so with a measured error
+    # the Q5_1 ffn_up tensors were requantized, and the note says so with a measured error
     assert len(manifest["notes"]) == 1
     note = manifest["notes"][0]
-    assert note.startswith("2 tensors (2 Q5_0)") and "q8_0" in note and "relative RMS" in note
+    assert note.startswith("2 tensors (2 Q5_1)") and "q8_0" in note and "relative RMS" in note
     measured = float(note.split("relative RMS change of those weights ")[1].split()[0])
-    src_up = np.concatenate([gguf.quants.dequantize(raw[f"blk.{i}.ffn_up.weight"], T.Q5_0) for i in range(2)])
+    src_up = np.concatenate([gguf.quants.dequantize(raw[f"blk.{i}.ffn_up.weight"], T.Q5_1) for i in range(2)])
     got_up = np.concatenate([dense[f"blk.{i}.ffn_up"] for i in range(2)])
     expect = np.sqrt(((got_up.astype(np.float64) - src_up) ** 2).sum() / (src_up.astype(np.float64) ** 2).sum())
     assert measured == pytest.approx(expect, rel=1e-3) and 0 < measured < 0.01
 
 
-def test_gguf_k_quants_requantized(tmp_path):
-    """Q4_K and Q6_K tensors (what llama.cpp's Q4_K_M files hold) are dequantized with the gguf package
-    and requantized: within q8_0's bound of the gguf package's dequantized values, with a measured note."""
+K_TYPES = {"ffn_gate": T.Q4_K, "ffn_up": T.Q4_K, "ffn_down": T.Q6_K, "token_embd": T.Q6_K, "output": T.Q6_K,
+           "attn_q": T.Q4_K, "attn_k": T.Q5_0, "attn_v": T.Q6_K, "attn_output": T.Q4_K}
+
+
+def test_gguf_k_quants_kept(tmp_path):
+    """Q4_K, Q6_K and Q5_0 tensors (what llama.cpp's Q4_K_M files hold) are kept byte for byte: dense
+    ones whole, gate/up as rows of experts, down as whole-block columns (the default expert size
+    rounds up to the K-quant block of 256); no note, nothing requantized."""
     model = tiny_model("qwen2", hidden_size=256, intermediate_size=512, num_attention_heads=4, seed=6)
-    types = {"ffn_gate": T.Q4_K, "ffn_up": T.Q4_K, "ffn_down": T.Q6_K, "token_embd": T.Q6_K, "attn_v": T.Q8_0}
-    ref = write_gguf(tmp_path / "k.gguf", model, arch="qwen2", types=types)
+    write_gguf(tmp_path / "k.gguf", model, arch="qwen2", types=K_TYPES)
     out = convert(tmp_path / "k.gguf", tmp_path / "m", name="k", progress=False)
-    manifest, dense, _ = read_model(out)
-    for name in ("token_embd", "blk.0.ffn_gate", "blk.1.ffn_up", "blk.1.ffn_down"):
-        assert (np.abs(dense[name] - ref[name]) <= block_bound(ref[name], "q8_0")).all(), name
-    np.testing.assert_array_equal(dense["blk.0.attn_q"], ref["blk.0.attn_q"])  # F32 kept
-    assert manifest["tensors"]["token_embd"]["fmt"] == "q8_0"
-    assert manifest["tensors"]["blk.0.attn_v"]["fmt"] == "q8_0"
+    manifest, dense, bundles = read_model(out)
+    reader = gguf.GGUFReader(str(tmp_path / "k.gguf"))
+    raw = {t.name: np.asarray(t.data) for t in reader.tensors}
+    assert manifest["expert_layout"] == {"d_model": 256, "gate_fmt": "q4_k", "up_fmt": "q4_k", "down_fmt": "q6_k",
+                                         "down_layout": "columns"}
+    assert manifest["provenance"]["converter"]["expert_size"] == 256
+    assert manifest.get("notes", []) == []
+    with fmt.ModelReader(out) as r:
+        for name, fmt_name in (("token_embd", "q6_k"), ("output", "q6_k"), ("blk.1.attn_k", "q5_0"),
+                               ("blk.0.attn_q", "q4_k"), ("blk.1.attn_v", "q6_k")):
+            t = r.dense_tensor(name)
+            assert t.fmt == fmt_name, name
+            np.testing.assert_array_equal(t.data, raw[name + ".weight"].reshape(-1), err_msg=name)
+    for layer in range(2):
+        gate, down = raw[f"blk.{layer}.ffn_gate.weight"], raw[f"blk.{layer}.ffn_down.weight"]
+        for b, s in zip(bundles[layer], (0, 256)):
+            np.testing.assert_array_equal(b.gate.data, gate[s:s + b.n_neurons].reshape(-1))
+            np.testing.assert_array_equal(b.down.data, down[:, s // 256 * 210:(s + b.n_neurons) // 256 * 210].reshape(-1))
+
+
+def test_gguf_k_quant_down_requantized_for_small_experts(tmp_path):
+    """An explicit expert size that is not a multiple of 256 keeps gate/up as Q4_K (rows split
+    anywhere) and requantizes the Q6_K down to options.quant, with a note that says why."""
+    model = tiny_model("qwen2", hidden_size=256, intermediate_size=512, num_attention_heads=4, seed=6)
+    ref = write_gguf(tmp_path / "k.gguf", model, arch="qwen2", types=K_TYPES)
+    out = convert(tmp_path / "k.gguf", tmp_path / "m", name="k", options=ConvertOptions(expert_size=64),
+                  progress=False)
+    manifest, dense, bundles = read_model(out)
+    lay = manifest["expert_layout"]
+    assert (lay["gate_fmt"], lay["up_fmt"], lay["down_fmt"]) == ("q4_k", "q4_k", "q8_0")
+    assert [b.n_neurons for b in bundles[0]] == [64] * 8
     (note,) = manifest["notes"]
-    assert note.startswith("7 tensors (4 Q4_K, 3 Q6_K)"), note
+    assert note.startswith("2 tensors (2 Q6_K)") and "expert size 64 is not a multiple of q6_k's block of 256" in note
+    for layer in range(2):  # within q8_0's bound of the Q6_K values
+        name = f"blk.{layer}.ffn_down"
+        assert (np.abs(dense[name] - ref[name]) <= block_bound(ref[name], "q8_0")).all(), name
+
+
+def load_gguf_weights(model, path: Path) -> None:
+    """Every matrix of a llama torch model replaced by the GGUF's dequantized tensor (gguf package),
+    Q/K rows put back in Hugging Face order."""
+    cfg = model.config
+    raw = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    for hf_name, p in model.named_parameters():
+        if p.ndim != 2:
+            continue
+        name = canon(hf_name)
+        t = raw[name + ".weight"]
+        w = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(p.shape)
+        n_head = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}.get(name.split(".")[-1])
+        if n_head:
+            w = w[np.argsort(llama_cpp_permute(np.arange(w.shape[0]), n_head))]
+        p.copy_(torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)))
+
+
+def test_gguf_k_quants_logits_match_llama_cpp(tmp_path):
+    """A tiny llama GGUF of Q4_K, Q6_K and Q5_0 tensors (made by llama.cpp's own quantizer), converted by
+    fic: fic's prefill logits against llama.cpp's on the same file. llama.cpp rounds activations to
+    8 bits (q8_K for the K-quants, q8_0 for Q5_0) where fic keeps them float32, so the two differ by
+    that rounding only: the test asks for a difference well under the weights' own quantization effect
+    (fic against the unquantized torch model), which reading any block wrongly would exceed. And fic
+    against torch running the file's dequantized weights (gguf package) in float32: within 1e-4."""
+    from conftest import need_llama_cpp
+
+    llama_cpp = need_llama_cpp()
+    if ggml_quantize(np.zeros((1, 256), np.float32), "q4_k") is None:
+        pytest.skip("llama-cpp-python's libggml-base is not loadable")
+    model = tiny_model("llama", hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                       num_key_value_heads=2, seed=8)
+    path = tmp_path / "k.gguf"
+    write_gguf(path, model, types=K_TYPES)
+    out = convert(path, tmp_path / "m", name="k", progress=False)
+    from flashinfer_cli.engine import Engine
+
+    ids = [int(i) for i in np.random.default_rng(0).integers(2, 300, 40)]
+    eng = Engine.open(str(out), ctx=128, kv_dtype="f32")
+    fic = np.asarray(eng.forward(ids), dtype=np.float64)
+    llm = llama_cpp.Llama(str(path), n_ctx=128, logits_all=True, type_k=0, type_v=0, n_threads=2, verbose=False)
+    llm.eval(ids)
+    lcpp = np.array(llm.scores[:len(ids)], dtype=np.float64)
+    del llm
+    with torch.no_grad():
+        hf = model(torch.tensor([ids])).logits[0].double().numpy()
+        load_gguf_weights(model, path)  # the torch model with the file's dequantized weights
+        hf_file = model(torch.tensor([ids])).logits[0].double().numpy()
+    scale = np.abs(lcpp).max()
+    diff, quant_effect = np.abs(fic - lcpp).max() / scale, np.abs(fic - hf).max() / scale
+    exact = np.abs(fic - hf_file).max() / scale
+    print(f"k-quants vs llama.cpp: max |diff| / max |logit| {diff:.2e}; quantization effect {quant_effect:.2e}; "
+          f"vs torch on the file's weights {exact:.2e}")
+    assert exact < 1e-4  # fic computes with exactly the file's weights (float32 activations)
+    assert diff < 0.25 * quant_effect and diff < 0.05
+    cos = (fic * lcpp).sum(1) / np.linalg.norm(fic, axis=1) / np.linalg.norm(lcpp, axis=1)
+    assert cos.min() > 0.999
 
 
 def test_gguf_qwen2_not_permuted(tmp_path):

@@ -1,6 +1,7 @@
 """fic_experts_ffn (kernels.ExpertSet) against numpy, fast paths against the reference.
 
-The reference is numpy float64 on the dequantized weights (kernels.dequantize of kernels.quantize)
+The reference is numpy float64 on the dequantized weights (kernels.dequantize of kernels.quantize;
+Q4_K/Q6_K, which fic does not quantize to, from llama.cpp's quantizer: tests/_kquant.py)
 and the float32 x: g = Wg x, u = Wu x, h = c silu(g) u, y = y0 + sum_e Wd_e h_e.
 
 Tolerances, per output, derived from the float32 bound of tests/test_kernels.py
@@ -31,6 +32,7 @@ import pytest
 from flashinfer_cli import kernels as K
 from flashinfer_cli._fic import ffi, lib
 
+from _kquant import quantize_any
 from test_kernels import EPS32, FLOAT_SLACK, assert_within, int8_activation_path
 
 FORMATS = list(K.FORMATS)
@@ -75,10 +77,10 @@ class Case:
         self.fmts, self.layout, self.ns, self.t, self.d = fmts, layout, list(ns), t, d
         self.bundles, self.parts = [], []
         for n in ns:
-            g = K.quantize(rng.standard_normal((n, d), dtype=np.float32) * 0.2, fmts[0])
-            u = K.quantize(rng.standard_normal((n, d), dtype=np.float32) * 0.2, fmts[1])
+            g = quantize_any(rng.standard_normal((n, d), dtype=np.float32) * 0.2, fmts[0], rng)
+            u = quantize_any(rng.standard_normal((n, d), dtype=np.float32) * 0.2, fmts[1], rng)
             dshape = (d, n) if layout == "columns" else (n, d)
-            dn = K.quantize(rng.standard_normal(dshape, dtype=np.float32) * 0.2, fmts[2])
+            dn = quantize_any(rng.standard_normal(dshape, dtype=np.float32) * 0.2, fmts[2], rng)
             self.bundles.append(np.concatenate([g.data, u.data, dn.data]))
             wd = K.dequantize(dn).astype(np.float64)
             self.parts.append((K.dequantize(g).astype(np.float64), K.dequantize(u).astype(np.float64),
@@ -237,7 +239,7 @@ def test_ffn_q1_bit_planes(d, ns, impl, threads):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("fmts", [("q4_0", "q8_0", "f16"), ("f16", "q1_0", "q4_1"), ("q1_0", "q4_1", "q1_0"),
-                                  ("f32", "q4_0", "q8_0")])
+                                  ("f32", "q4_0", "q8_0"), ("q4_k", "q4_k", "q6_k"), ("q5_0", "q6_k", "q4_k")])
 @pytest.mark.parametrize("layout", ["columns", "rows"])
 def test_ffn_mixed_gate_up_formats(fmts, layout, impl):
     case = Case(fmts, layout, sizes(fmts[2], layout, 3), 1, seed=5)

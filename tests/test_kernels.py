@@ -26,6 +26,8 @@ import pytest
 
 from flashinfer_cli import kernels as K
 
+from _kquant import quantize_any
+
 FORMATS = list(K.FORMATS)
 IMPLS = K.available_impls()
 FAST_IMPLS = [i for i in IMPLS if i != "ref"]
@@ -64,7 +66,7 @@ def make(fmt: str, m: int, k: int, seed: int) -> tuple[K.QTensor, np.ndarray, np
     """A random quantized (m, k) matrix and its dequantized float64 values."""
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((m, k), dtype=np.float32)
-    qt = K.quantize(w, fmt)
+    qt = quantize_any(w, fmt, rng)  # Q4_K/Q6_K: llama.cpp's quantizer (fic has none), tests/_kquant.py
     return qt, K.dequantize(qt).astype(np.float64), rng
 
 
@@ -103,9 +105,9 @@ SHAPES = [(1, 1), (3, 1), (17, 1), (1, 2), (333, 3), (64, 4), (6, 7), (5, 32)]
 
 
 def k_of(fmt: str, k_units: int) -> int:
-    """k for fmt: one unit is 128 weights (a Q1_0 block, four Q4/Q8 blocks); f32/f16 get an odd
-    extra weight so vector tails run too."""
-    return 128 * k_units + (7 if K.block_weights(fmt) == 1 else 0)
+    """k for fmt: one unit is 128 weights (a Q1_0 block, four Q4/Q8 blocks), 256 for the K-quants
+    (one super-block); f32/f16 get an odd extra weight so vector tails run too."""
+    return max(128, K.block_weights(fmt)) * k_units + (7 if K.block_weights(fmt) == 1 else 0)
 
 
 # ---- matvec ---------------------------------------------------------------------------------
@@ -189,7 +191,7 @@ def test_matmul_matches_numpy(fmt, impl, t, m, k_units, threads):
 
 
 @pytest.mark.parametrize("impl", FAST_IMPLS)
-@pytest.mark.parametrize("fmt", ["q4_0", "q1_0", "f16"])
+@pytest.mark.parametrize("fmt", ["q4_0", "q1_0", "f16", "q4_k", "q6_k", "q5_0"])
 def test_matmul_many_tokens_and_rows(fmt, impl):
     """More rows than one tile and T not a multiple of the register block."""
     K.set_threads(2)
@@ -604,11 +606,25 @@ NEON_CHECK_C = r"""
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include "fic.h"
 
 static float rnd(unsigned *s) { *s = *s * 1103515245u + 12345u; return ((*s >> 8) & 0xffff) / 32768.0f - 1.0f; }
 
 #define CHK(call) do { if ((call) != FIC_OK) { printf("status: %s, fmt %d\n", #call, fmt); bad = 1; } } while (0)
+
+/* Random valid blocks for the formats fic_quantize does not make (Q4_K, Q6_K): random bytes with
+ * finite fp16 scales of a realistic size. */
+static void random_blocks(int fmt, uint8_t *q, int64_t n_blocks, unsigned *s) {
+    const int bb = fic_fmt_block_bytes(fmt);
+    for (int64_t i = 0; i < n_blocks * bb; i++) q[i] = (uint8_t)(rnd(s) * 128.0f + 128.0f);
+    for (int64_t b = 0; b < n_blocks; b++) {
+        uint16_t h0 = fic_fp32_to_fp16(0.011f + 0.01f * rnd(s)), h1 = fic_fp32_to_fp16(0.011f + 0.01f * rnd(s));
+        uint8_t *blk = q + b * bb;
+        if (fmt == FIC_Q4_K) { memcpy(blk, &h0, 2); memcpy(blk + 2, &h1, 2); }
+        else memcpy(blk + bb - 2, &h0, 2); /* Q6_K: d is last */
+    }
+}
 
 static int close_enough(const float *a, const float *b, const double *mag, int64_t n, int64_t k) {
     for (int64_t i = 0; i < n; i++)
@@ -617,7 +633,7 @@ static int close_enough(const float *a, const float *b, const double *mag, int64
 }
 
 int main(void) {
-    const int64_t m = 37, k = 384, t = 5;
+    const int64_t m = 37, k = 512, t = 5; /* k: a multiple of every block (K-quants: 256) */
     unsigned s = 1;
     float *w = malloc(m * k * 4), *x = malloc(t * k * 4), *wd = malloc(m * k * 4);
     float *y1 = malloc(t * m * 4), *y2 = malloc(t * m * 4), *a1 = malloc(k * 4), *a2 = malloc(k * 4);
@@ -630,7 +646,8 @@ int main(void) {
     for (int64_t i = 0; i < m * k; i++) w[i] = rnd(&s);
     for (int64_t i = 0; i < t * k; i++) x[i] = rnd(&s);
     for (int fmt = 0; fmt < FIC_FMT_COUNT; fmt++) {
-        fic_quantize(fmt, w, q, m, k);
+        if (fic_quantize(fmt, w, q, m, k) == FIC_ERR_UNSUPPORTED)
+            random_blocks(fmt, q, m * k / fic_fmt_block_weights(fmt), &s);
         fic_dequantize(fmt, q, wd, m, k);
         for (int64_t tt = 0; tt < t; tt++)
             for (int64_t r = 0; r < m; r++) {

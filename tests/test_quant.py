@@ -1,8 +1,10 @@
 """The block formats of csrc/quant.c against independent references.
 
-Q8_0, Q4_0, Q4_1, F16 and F32 are checked byte for byte against the `gguf` package's numpy
+Q8_0, Q4_0, Q4_1, Q5_0, F16 and F32 are checked byte for byte against the `gguf` package's numpy
 quantizer (which reproduces ggml's quantize_row_*_ref) and numpy's float16. gguf cannot
 quantize Q1_0, so Q1_0 is checked against a numpy implementation of its spec written here.
+Q4_K and Q6_K are only read by fic: their dequantization is checked against gguf's on arbitrary
+blocks and on blocks from llama.cpp's own quantizer (tests/_kquant.py).
 """
 from __future__ import annotations
 
@@ -17,9 +19,15 @@ from gguf.quants import dequantize as gguf_dequantize, quantize as gguf_quantize
 from flashinfer_cli import kernels
 from flashinfer_cli.kernels import QTensor, ffi, lib
 
+from _kquant import K_QUANTS, ggml_quantize, quantize_any
+
 GGUF_TYPES: dict[str, GT] = {"f32": GT.F32, "f16": GT.F16, "q8_0": GT.Q8_0, "q4_0": GT.Q4_0,
-                             "q4_1": GT.Q4_1, "q1_0": GT.Q1_0}
-GGUF_QUANTIZED = ["q8_0", "q4_0", "q4_1"]
+                             "q4_1": GT.Q4_1, "q1_0": GT.Q1_0, "q5_0": GT.Q5_0, "q4_k": GT.Q4_K,
+                             "q6_k": GT.Q6_K}
+GGUF_QUANTIZED = ["q8_0", "q4_0", "q4_1", "q5_0"]
+QUANTIZABLE = [f for f in GGUF_TYPES if f not in K_QUANTS]
+# Byte offsets of each block's fp16 fields (scales, mins).
+HALF_OFFSETS = {"q1_0": (0,), "q8_0": (0,), "q4_0": (0,), "q4_1": (0, 2), "q5_0": (0,), "q4_k": (0, 2), "q6_k": (208,)}
 F32_EPS = float(np.finfo(np.float32).eps)
 
 
@@ -98,9 +106,8 @@ def _random_blocks(fmt: str, n_blocks: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     _, type_size = GGML_QUANT_SIZES[GGUF_TYPES[fmt]]
     blocks = rng.integers(0, 256, (n_blocks, type_size), dtype=np.uint8)
-    n_halves = 2 if fmt == "q4_1" else 1
-    halves = rng.standard_normal((n_blocks, n_halves)).astype(np.float16)
-    blocks[:, :2 * n_halves] = halves.view(np.uint8)
+    for off in HALF_OFFSETS[fmt]:
+        blocks[:, off:off + 2] = rng.standard_normal((n_blocks, 1)).astype(np.float16).view(np.uint8)
     return blocks
 
 
@@ -156,7 +163,8 @@ def _boundary_blocks(fmt: str) -> np.ndarray:
     floor(a + 0.5f) and roundf disagree."""
     lo, hi, anchors = {"q8_0": (-127.0, 127.0, [127.0]),      # d = 127 / 127
                        "q4_0": (-8.0, 7.0, [-8.0]),          # d = -8 / -8
-                       "q4_1": (0.0, 15.0, [0.0, 15.0])}[fmt]  # d = (15 - 0) / 15, m = 0
+                       "q4_1": (0.0, 15.0, [0.0, 15.0]),     # d = (15 - 0) / 15, m = 0
+                       "q5_0": (-16.0, 15.0, [-16.0])}[fmt]  # d = -16 / -16
     points = np.arange(lo, hi + 0.5, 0.5, dtype=np.float32)
     values = np.concatenate([np.nextafter(points, -np.inf), points, np.nextafter(points, np.inf)])
     values = values[(values >= lo) & (values <= hi)]
@@ -184,13 +192,37 @@ def test_dequantize_matches_gguf(fmt: str, dist: str) -> None:
     _assert_same_floats(kernels.dequantize(qt), expected)
 
 
-@pytest.mark.parametrize("fmt", GGUF_QUANTIZED)
+@pytest.mark.parametrize("fmt", [*GGUF_QUANTIZED, *K_QUANTS])
 def test_dequantize_arbitrary_blocks_matches_gguf(fmt: str) -> None:
     # Bytes no quantizer would write (every nibble value, any scale and minimum).
     blocks = _random_blocks(fmt, 4096, _seed("blocks", fmt))
-    qt = QTensor(fmt, (64, 64 * 32), blocks.reshape(-1))
+    qt = QTensor(fmt, (64, 64 * kernels.block_weights(fmt)), blocks.reshape(-1))
     expected = gguf_dequantize(blocks.reshape(64, -1), GGUF_TYPES[fmt])
     _assert_same_floats(kernels.dequantize(qt), expected)
+
+
+@pytest.mark.parametrize("fmt", K_QUANTS)
+@pytest.mark.parametrize("dist", ["normal", "uniform", "positive", "zeros", "outliers", "tiny"])
+def test_k_quant_dequantize_of_llama_cpp_blocks_matches_gguf(fmt: str, dist: str) -> None:
+    """Blocks as llama.cpp's quantize_row_*_ref writes them (via llama-cpp-python's libggml-base),
+    dequantized by fic and by gguf: the same floats, and close to the weights they came from."""
+    w = _weights(dist, (24, 1024), _seed("kdeq", fmt, dist))
+    qt = ggml_quantize(w, fmt)
+    if qt is None:
+        pytest.skip("llama-cpp-python's libggml-base is not installed")
+    got = kernels.dequantize(qt)
+    _assert_same_floats(got, gguf_dequantize(qt.data.reshape(24, -1), GGUF_TYPES[fmt]))
+    if dist in ("normal", "uniform"):  # the bytes mean the weights: 4- and 6-bit RMS error
+        assert np.sqrt(np.mean((got - w) ** 2) / np.mean(w ** 2)) < 0.15
+
+
+@pytest.mark.parametrize("fmt", K_QUANTS)
+def test_k_quants_are_read_only(fmt: str) -> None:
+    with pytest.raises(NotImplementedError, match="does not quantize"):
+        kernels.quantize(np.zeros((2, 256), np.float32), fmt)
+    src, dst = np.zeros(256, np.float32), np.zeros(256, np.uint8)
+    assert lib.fic_quantize(kernels.FORMATS[fmt], ffi.from_buffer("float[]", src),
+                            ffi.from_buffer("uint8_t[]", dst), 1, 256) == lib.FIC_ERR_UNSUPPORTED
 
 
 @pytest.mark.parametrize("fmt", [*GGUF_TYPES])
@@ -198,7 +230,7 @@ def test_dequantize_unaligned_buffer(fmt: str) -> None:
     # A row slice of a mapped file may start at an odd address; results must not depend on it.
     k = 4 * kernels.block_weights(fmt) * (32 if fmt in ("f32", "f16") else 1)
     w = _weights("normal", (3, k), 7)
-    qt = kernels.quantize(w, fmt)
+    qt = quantize_any(w, fmt, np.random.default_rng(7))
     storage = np.zeros(qt.nbytes + 1, dtype=np.uint8)
     storage[1:] = qt.data
     shifted = QTensor(fmt, qt.shape, storage[1:])
@@ -429,7 +461,7 @@ def test_f16_format_keeps_nan_a_nan() -> None:
 
 # ---- bad inputs ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("fmt", list(GGUF_TYPES))
+@pytest.mark.parametrize("fmt", QUANTIZABLE)
 def test_quantize_rejects_bad_arrays(fmt: str) -> None:
     k = 128
     good = np.zeros((2, k), np.float32)
@@ -455,7 +487,7 @@ def test_q1_0_rejects_rows_of_32() -> None:
 
 @pytest.mark.parametrize("fmt", list(GGUF_TYPES))
 def test_dequantize_rejects_mismatched_bytes(fmt: str) -> None:
-    k = 128
+    k = max(128, kernels.block_weights(fmt))
     n = 2 * kernels.row_bytes(fmt, k)
     for data in (np.zeros(n - 1, np.uint8), np.zeros(n + 2, np.uint8), np.zeros(n // 2, np.uint16),
                  np.zeros((2, n // 2), np.uint8)):
