@@ -122,16 +122,17 @@ FAMILIES = {
 IDS = [int(i) for i in np.random.default_rng(1).integers(0, VOCAB, 40)]
 
 
-def make_moe_checkpoint(family: str, dest: Path, seed: int = 0):
-    """A random model of `family` with a tokenizer, saved in Hugging Face layout; the torch model."""
+def make_moe_checkpoint(family: str, dest: Path, seed: int = 0, extra: dict | None = None, std: float = 0.15):
+    """A random model of `family` with a tokenizer, saved in Hugging Face layout; the torch model.
+    extra: config values over the family's tiny ones."""
     prefix, over = FAMILIES[family]
     torch.manual_seed(seed)
-    cfg = getattr(transformers, prefix + "Config")(**{**COMMON, **over})
+    cfg = getattr(transformers, prefix + "Config")(**{**COMMON, **over, **(extra or {})})
     model = getattr(transformers, prefix + "ForCausalLM")(cfg).eval()
     with torch.no_grad():  # random init is tiny (std 0.02): widen it so logits and routes have structure
         for name, p in model.named_parameters():
             if p.ndim >= 2:
-                p.normal_(0, 0.15)
+                p.normal_(0, std)
             elif "bias" in name:
                 p.normal_(0, 0.1)
             else:
@@ -343,9 +344,39 @@ def test_peak_memory_stays_within_the_budget_while_misses_are_read(big_mixtral):
     assert st["misses"] > st["streamed"] and st["evictions"] > 0  # decode misses read into the arena
 
 
+WIDE = {"mixtral": dict(hidden_size=256, intermediate_size=256, num_local_experts=16),
+        "qwen3_moe": dict(hidden_size=256, moe_intermediate_size=256, num_experts=16),
+        "qwen2_moe": dict(hidden_size=256, moe_intermediate_size=256, num_experts=16, shared_expert_intermediate_size=256),
+        "olmoe": dict(hidden_size=256, intermediate_size=256, num_experts=16)}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_each_family_under_a_budget_that_misses_equals_transformers(family, tmp_path):
+    """Every family, from its Hugging Face checkpoint (bundles of 768 KiB, so that a budget can hold
+    few), with an arena of at most 6 of its 32 bundles:
+    the logits and 32 greedy tokens are transformers', while decode misses and reads experts."""
+    hf = make_moe_checkpoint(family, tmp_path / "hf", seed=5, extra=WIDE[family], std=0.08)
+    dest = tmp_path / "fic"
+    convert(tmp_path / "hf", dest, name=family, options=ConvertOptions(quant="f32"), progress=False)
+    mem = small_budget(dest, 6)
+    eng = Engine.open(str(dest), mem=mem, ctx=128, kv_dtype="f32", auto_pull=False)
+    assert not eng.plan.all_resident and eng.plan.n_slots <= 6
+    got = [eng.forward(IDS[:12])]
+    got += [eng.model.forward([t])[None] for t in IDS[12:]]
+    assert rel(np.concatenate(got), hf_logits(hf, IDS)) < 1e-4
+    assert eng.stats()["request"]["misses"] > 0
+    eng.model.arena.check_invariants()
+    eng2 = Engine.open(str(dest), mem=mem, ctx=128, kv_dtype="f32", auto_pull=False)
+    tokens = [int(np.argmax(eng2.forward(IDS[:8])[-1]))]
+    while len(tokens) < 32:
+        tokens.append(int(np.argmax(eng2.model.forward([tokens[-1]]))))
+    assert tokens == hf_greedy(hf, IDS[:8])
+    assert eng2.stats()["request"]["misses"] > 0
+
+
 # ---- prune mode: each token's top-k among the active set ------------------------------------
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_prune_mode_with_every_expert_active_is_the_full_model(family, families):
     _, hf, dest = families[family]
     eng = Engine.open(str(dest), mode="prune", active="1", ctx=128, kv_dtype="f32", auto_pull=False)
