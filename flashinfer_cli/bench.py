@@ -54,14 +54,33 @@ def _nll(logits: np.ndarray, ids: Sequence[int], start: int) -> np.ndarray:
     return -logp[np.arange(len(ids) - start), np.asarray(ids[start:])]
 
 
-def quality(model: str | Path, *, actives: Sequence[float] = ACTIVES, policies: Sequence[str] = ("exact", "static"),
+def model_policies(is_moe: bool, asked: Sequence[str] | None) -> list[str]:
+    """The policies to compare: asked (each must suit the kind of model), else both of a dense
+    model's (exact, static) or a mixture of experts' one (router)."""
+    fits = ("router",) if is_moe else ("exact", "static")
+    if asked is None:
+        return list(fits)
+    wrong = [p for p in asked if p not in fits]
+    if wrong:
+        kind = "a mixture of experts" if is_moe else "dense"
+        raise ValueError(f"policy {wrong[0]!r} does not apply: the model is {kind} (use {' or '.join(fits)})")
+    return list(asked)
+
+
+def quality(model: str | Path, *, actives: Sequence[float] = ACTIVES, policies: Sequence[str] | None = None,
             max_tokens: int = 512, n_texts: int | None = None,
             progress: Callable[[str], None] | None = None) -> QualityReport:
+    """policies: None compares the ones that suit the model (model_policies)."""
     from flashinfer_cli import texts
     from flashinfer_cli.engine import Engine
 
     docs = texts.quality_texts()[:n_texts] if n_texts else texts.quality_texts()
     full = Engine.open(str(model), ctx=max_tokens)
+    try:
+        policies = model_policies(full.model.moe is not None, policies)
+    except ValueError:
+        full.close()
+        raise
     samples = []
     for d in docs:
         ids = full.tokenize(d.text)[:max_tokens]

@@ -440,8 +440,8 @@ def add_quality(model: str, points: list[SweepPoint], *, n_texts: int = SWEEP_TE
             by_policy.setdefault(p.policy, set()).add(round(p.active_fraction, 6))
     full_ppl = None
     found: dict[tuple[str, float], object] = {}
-    for policy, fracs in sorted(by_policy.items()) or [("exact", set())]:
-        rep = bench.quality(model, actives=sorted(fracs), policies=[policy], max_tokens=max_tokens,
+    for policy, fracs in sorted(by_policy.items()) or [(None, set())]:  # no prune point: the full model's only
+        rep = bench.quality(model, actives=sorted(fracs), policies=[policy] if policy else None, max_tokens=max_tokens,
                             n_texts=n_texts, progress=progress)
         full_ppl = rep.full_ppl
         for q in rep.points:

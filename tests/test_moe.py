@@ -647,3 +647,23 @@ def test_static_and_router_policies_refuse_the_wrong_kind_of_model(families):
     _, _, dest = families["mixtral"]
     with pytest.raises(EngineError, match="policy 'static' is for dense models"):
         Engine.open(str(dest), policy="static", auto_pull=False)
+
+
+def test_bench_quality_compares_the_policies_that_suit_the_model(families):
+    """`fic bench --quality` on a mixture of experts compares router (the one policy that applies)
+    by default, and a policy that does not apply is one line before anything is measured."""
+    from click.testing import CliRunner
+
+    from flashinfer_cli.cli import cli
+
+    _, hf, dest = families["mixtral"]
+    r = CliRunner().invoke(cli, ["bench", str(dest), "--quality", "--active", "0.5,1", "--texts", "1",
+                                 "--max-tokens", "16", "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert [(p["policy"], p["active"]) for p in d["points"]] == [("router", 0.5), ("router", 1.0)]
+    assert d["points"][1]["ppl_ratio"] == pytest.approx(1.0, abs=1e-6)  # every expert active: the full model
+    r = CliRunner().invoke(cli, ["bench", str(dest), "--quality", "--policy", "static", "--texts", "1"])
+    assert r.exit_code == 1 and "measuring" not in r.stderr
+    assert r.stderr.strip() == ("fic: policy 'static' does not apply: the model is a mixture of experts "
+                                "(use router)"), r.stderr
