@@ -2,6 +2,7 @@
 from setuptools import find_packages, setup
 
 SERVE = ["uvicorn>=0.30", "starlette>=0.40"]
+PLOT = ["matplotlib>=3.5"]  # `fic bench --sweep --plot FILE.png`
 
 setup(
     name="flashinfer-cli",
@@ -37,11 +38,11 @@ setup(
         # `fic serve`: the OpenAI-compatible server (serve.py)
         "serve": SERVE,
         # `fic bench --sweep --plot FILE.png`
-        "plot": ["matplotlib>=3.5"],
+        "plot": PLOT,
         # The references the tests check fic against. torch is pinned so pip never pulls a CUDA build.
         # The server's tests drive it with the official openai client and its page with selenium
         # (and the chromium that .ci/browser installs).
-        "test": SERVE + [
+        "test": SERVE + PLOT + [  # PLOT: the plot test draws a real PNG
             "openai>=1.40",
             "selenium>=4.11",
             "httpx>=0.27",
