@@ -273,7 +273,7 @@ class EngineWorker:
         req, eng = job.request, self.engine
         queued = time.perf_counter() - job.submitted
         with self.lock:
-            active = eng.use_active(req.active)
+            eng.use_active(req.active)
             stream = eng.stream(req.ids, max_tokens=req.max_tokens, temperature=req.temperature, top_k=req.top_k,
                                 top_p=req.top_p, min_p=req.min_p, seed=req.seed)
         stops = StopText(req.stop)
@@ -309,7 +309,8 @@ class EngineWorker:
             prompt_seconds=last.prompt_seconds if last else 0.0, decode_seconds=last.decode_seconds if last else 0.0,
             queue_seconds=queued, prompt_tokens_per_s=last.prompt_tps if last else 0.0,
             tokens_per_s=last.generation_tps if last else 0.0, mode=st["mode"], policy=st["policy"],
-            active=active if st["prune"] else 1.0, selected=active,
+            # after the prompt: under --active auto its selection chose the sizes
+            active=st["active_fraction"] if st["prune"] else 1.0, selected=st["active_fraction"],
             active_params=st["active_params"],
             arena={**(st["request"] if last is not None else {}), "resident": st["resident"], "pinned": st["pinned"],
                    "slots": st["slots"]})
