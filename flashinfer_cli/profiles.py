@@ -105,11 +105,11 @@ def parse_table(raw: Any, where: str) -> dict[str, Profile]:
 # catalog's models (bench/RESULTS.md, "Prune-mode quality vs expert size": exact policy at 0.9,
 # expert size 64: x1.283 on SmolLM2-135M, x1.265 on Qwen2.5-Coder-0.5B; at 0.75: x3.04 and x1.95).
 DEFAULTS: dict[str, Profile] = {p.name: p for p in (
-    Profile("chat", "the full model's answer (exact mode): no quality cost"),
-    Profile("code", "the full model's answer (exact mode): code needs every token right"),
-    Profile("summarize", "prune mode at 0.9: not measured for this model; on the catalog's models 0.9 cost "
+    Profile("chat", "the full model's answer: no quality cost"),
+    Profile("code", "the full model's answer: code needs every token right"),
+    Profile("summarize", "not measured for this model; on the catalog's models 0.9 cost "
                          "continuation perplexity x1.27-1.28 (0.75: x1.9-3.0)", mode="prune", active="0.9"),
-    Profile("long", "the full model's answer (exact mode) with an 8192-token context (the model's own if smaller)",
+    Profile("long", "the full model's answer with an 8192-token context (the model's own if smaller)",
             ctx=8192),
 )}
 
