@@ -434,7 +434,8 @@ def _print_stats(engine) -> None:
                       f"{human(st['slot_bytes'])}, {st['ring']} for streaming"),
             ("mode", f"{st['mode']}, policy {st['policy']}" + (f", active {st['active_fraction']:.2f}" if st["prune"] else "")
              + (f" (auto {st['active_auto']:g}: {min(st['active_per_layer'])}-{max(st['active_per_layer'])} "
-                f"experts per layer)" if st.get("active_auto") is not None else "")),
+                f"experts per layer)" if st.get("active_auto") is not None else "")
+             + (f", reselect every {st['reselect']} tokens" if st.get("reselect") else "")),
             ("hits / misses", f"{r['hits']} / {r['misses']} ({r['streamed']} streamed, {r['evictions']} evictions)"),
             ("bytes read", f"{human(r['bytes_read'])} ({human(r['bytes_read'] / n_tok)} per token), "
                            f"{r['read_seconds'] * 1000:.1f}ms waiting"),

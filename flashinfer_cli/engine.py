@@ -124,6 +124,7 @@ class Engine:
         out.update(mode=p.mode, policy=self.policy, prune=p.prune, active_fraction=self.active_fraction,
                    active_auto=None if self.auto is None else self.auto.threshold,
                    active_per_layer=list(self.active_per_layer),
+                   reselect=self.reselect,
                    active_params=self.active_params, streamed_bytes_per_token=p.streamed_bytes_per_token,
                    budget_bytes=p.request.mem, planned_bytes=p.total_bytes)
         return out

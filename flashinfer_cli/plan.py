@@ -80,9 +80,8 @@ def parse_active(text: str | float | None) -> float | int | AutoActive | None:
         return text
     s = str(text).strip()
     if s.lower() == "auto" or s.lower().startswith("auto:"):
-        t = s[5:]
         try:
-            threshold = float(t) if t else AUTO_THRESHOLD
+            threshold = float(s[5:]) if len(s) > 4 else AUTO_THRESHOLD
         except ValueError:
             threshold = math.nan
         if not 0 < threshold <= 1:  # nan fails too

@@ -81,7 +81,7 @@ def parse_profile(name: str, raw: Any, where: str) -> Profile:
         if isinstance(active, bool) or not isinstance(active, (int, float, str)):
             raise CatalogError(f"{where}: active must be a fraction, a parameter count (\"300M\") or \"auto[:T]\"")
         try:
-            parsed = plan.parse_active(active if isinstance(active, str) else float(active))
+            parsed = plan.parse_active(str(active))  # a number is checked as the flag would be
         except ValueError as exc:
             raise CatalogError(f"{where}: {exc}") from None
         if isinstance(parsed, plan.AutoActive) and mode != "prune":
