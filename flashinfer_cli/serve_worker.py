@@ -273,7 +273,7 @@ class EngineWorker:
         req, eng = job.request, self.engine
         queued = time.perf_counter() - job.submitted
         with self.lock:
-            eng.use_active(req.active)
+            active = eng.use_active(req.active)
             stream = eng.stream(req.ids, max_tokens=req.max_tokens, temperature=req.temperature, top_k=req.top_k,
                                 top_p=req.top_p, min_p=req.min_p, seed=req.seed)
         stops = StopText(req.stop)
@@ -303,14 +303,15 @@ class EngineWorker:
                 stream.close()
         with self.lock:
             st = eng.stats()
+        if st.get("active_auto") is not None:  # --active auto: this prompt's selection chose the sizes
+            active = st["active_fraction"]
         cached = eng.last_prefix.reused if last is not None else 0  # none: cancelled before its prefill
         return Summary(
             finish_reason=finish, prompt_tokens=len(req.ids), cached_tokens=cached, completion_tokens=n_tokens,
             prompt_seconds=last.prompt_seconds if last else 0.0, decode_seconds=last.decode_seconds if last else 0.0,
             queue_seconds=queued, prompt_tokens_per_s=last.prompt_tps if last else 0.0,
             tokens_per_s=last.generation_tps if last else 0.0, mode=st["mode"], policy=st["policy"],
-            # after the prompt: under --active auto its selection chose the sizes
-            active=st["active_fraction"] if st["prune"] else 1.0, selected=st["active_fraction"],
+            active=active if st["prune"] else 1.0, selected=active,
             active_params=st["active_params"],
             arena={**(st["request"] if last is not None else {}), "resident": st["resident"], "pinned": st["pinned"],
                    "slots": st["slots"]})
