@@ -821,7 +821,7 @@ def _print_speed(report, as_json: bool) -> None:
 
 
 def _bench_quality(model, actives, policies, max_tokens, n_texts, as_json) -> None:
-    from flashinfer_cli import bench as benchlib
+    from flashinfer_cli import bench as benchlib, plan
     from flashinfer_cli.plan import parse_active
 
     if click.get_current_context().get_parameter_source("policy") == click.core.ParameterSource.DEFAULT:
@@ -834,8 +834,9 @@ def _bench_quality(model, actives, policies, max_tokens, n_texts, as_json) -> No
             a_list = [parse_active(a) for a in actives]
         except ValueError as exc:
             _fail(_one_line(exc))
-        if any(not isinstance(a, float) for a in a_list):
-            _fail(f"--active {','.join(actives)}: --quality takes fractions in (0, 1]")
+        if any(not isinstance(a, (float, plan.AutoActive)) for a in a_list):
+            _fail(f"--active {','.join(actives)}: --quality takes fractions in (0, 1] or auto[:T]")
+        a_list = [str(a) if isinstance(a, plan.AutoActive) else a for a in a_list]
     try:
         report = benchlib.quality(model, actives=a_list, policies=policies, max_tokens=max_tokens, n_texts=n_texts,
                                   progress=lambda s: click.echo(f"fic: measuring {s}", err=True))
