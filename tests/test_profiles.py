@@ -281,3 +281,13 @@ def test_bad_active_auto_on_the_command_line(smollm2_model, args, says):
 def test_bench_refuses_a_profile_with_quality(with_entry):
     code, _, err = run(["bench", str(with_entry), "--quality", "--profile", "half"])
     assert code == 1 and err.startswith("fic: --profile picks one configuration")
+
+
+def test_bench_quality_takes_auto(smollm2_model):
+    from flashinfer_cli import bench
+
+    rep = bench.quality(smollm2_model, actives=["auto:1", "auto:0.5"], policies=["exact"], max_tokens=32, n_texts=1)
+    every, half = rep.points
+    assert (every.auto, every.active, every.ppl_ratio, every.agreement) == (1.0, 1.0, 1.0, 1.0)
+    assert half.auto == 0.5 and 0.25 <= half.active < 1 and list(half.per_text_active.values()) == [half.active]
+    assert "auto:0.5 (per text" in rep.table()[2]
