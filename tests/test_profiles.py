@@ -291,3 +291,18 @@ def test_bench_quality_takes_auto(smollm2_model):
     assert (every.auto, every.active, every.ppl_ratio, every.agreement) == (1.0, 1.0, 1.0, 1.0)
     assert half.auto == 0.5 and 0.25 <= half.active < 1 and list(half.per_text_active.values()) == [half.active]
     assert "auto:0.5 (per text" in rep.table()[2]
+
+
+def test_serve_takes_fic_active_auto(smollm2_model):
+    serve = pytest.importorskip("flashinfer_cli.serve")
+    from flashinfer_cli import serve_api
+
+    eng = Engine.open(str(smollm2_model), ctx=256, mode="prune", active=0.75)
+    try:
+        server = serve.Server(eng, serve.ServeConfig())
+        server.check_active("auto:0.95")           # accepted before queueing
+        with pytest.raises(serve_api.ApiError) as err:
+            server.check_active("auto:2")
+        assert err.value.status == 400 and "fic.active 'auto:2'" in str(err.value)
+    finally:
+        eng.close()
