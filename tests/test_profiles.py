@@ -306,3 +306,26 @@ def test_serve_takes_fic_active_auto(smollm2_model):
         assert err.value.status == 400 and "fic.active 'auto:2'" in str(err.value)
     finally:
         eng.close()
+
+
+def test_auto_on_a_mixture_of_experts_sizes_from_the_router(tmp_path):
+    """The router policy's scores (the prompt's router probabilities): auto:1 is every expert (the
+    full model), a low threshold fewer, never below the floor (2 of 8)."""
+    pytest.importorskip("torch")
+    from test_moe import IDS, make_moe_checkpoint
+    from flashinfer_cli.convert import ConvertOptions, convert
+
+    make_moe_checkpoint("mixtral", tmp_path / "hf")
+    dest = convert(tmp_path / "hf", tmp_path / "fic", name="mix", options=ConvertOptions(quant="f32"), progress=False)
+    full = Engine.open(str(dest), ctx=128, kv_dtype="f32", auto_pull=False)
+    ref = full.forward(IDS, prompt_len=12)
+    sizes = {}
+    for t in ("1", "0.99", "0.3"):
+        eng = Engine.open(str(dest), ctx=128, kv_dtype="f32", mode="prune", active=f"auto:{t}", auto_pull=False)
+        got = eng.forward(IDS, prompt_len=12)
+        sizes[t] = eng.stats()["active_per_layer"]
+        if t == "1":
+            assert float(np.max(np.abs(got - ref)) / np.max(np.abs(ref))) < 1e-5
+        eng.close()
+    assert sizes["1"] == [8, 8]
+    assert sum(sizes["0.3"]) < sum(sizes["0.99"]) and all(2 <= k <= 8 for k in sizes["0.3"])
