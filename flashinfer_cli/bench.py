@@ -26,6 +26,8 @@ class QualityPoint:
     ppl_ratio: float                 # geometric mean over texts
     agreement: float                 # mean over texts
     per_text: dict[str, tuple[float, float]] = field(default_factory=dict)  # name -> (ratio, agreement)
+    auto: float | None = None        # --active auto's threshold; active is then the mean size it chose
+    per_text_active: dict[str, float] = field(default_factory=dict)  # name -> active fraction chosen
 
 
 @dataclass
@@ -42,7 +44,9 @@ class QualityReport:
     def table(self) -> list[str]:
         lines = [f"{'policy':<8}{'active':>8}{'ppl x':>10}{'agree':>8}"]
         for p in self.points:
-            lines.append(f"{p.policy:<8}{p.active:>8.2f}{p.ppl_ratio:>10.3f}{p.agreement:>8.3f}")
+            chosen = "" if p.auto is None else \
+                f"  auto:{p.auto:g} (per text {min(p.per_text_active.values()):.2f}-{max(p.per_text_active.values()):.2f})"
+            lines.append(f"{p.policy:<8}{p.active:>8.2f}{p.ppl_ratio:>10.3f}{p.agreement:>8.3f}{chosen}")
         return lines
 
 
@@ -67,11 +71,12 @@ def model_policies(is_moe: bool, asked: Sequence[str] | None) -> list[str]:
     return list(asked)
 
 
-def quality(model: str | Path, *, actives: Sequence[float] = ACTIVES, policies: Sequence[str] | None = None,
+def quality(model: str | Path, *, actives: Sequence[float | str] = ACTIVES, policies: Sequence[str] | None = None,
             max_tokens: int = 512, n_texts: int | None = None,
             progress: Callable[[str], None] | None = None) -> QualityReport:
-    """policies: None compares the ones that suit the model (model_policies)."""
-    from flashinfer_cli import texts
+    """policies: None compares the ones that suit the model (model_policies). actives: fractions,
+    or "auto[:T]" (each text's prompt then chooses the sizes; the point's active is their mean)."""
+    from flashinfer_cli import plan as planlib, texts
     from flashinfer_cli.engine import Engine
 
     docs = texts.quality_texts()[:n_texts] if n_texts else texts.quality_texts()
@@ -94,15 +99,20 @@ def quality(model: str | Path, *, actives: Sequence[float] = ACTIVES, policies: 
         for a in actives:
             if progress:
                 progress(f"{policy} {a}")
-            eng = Engine.open(str(model), ctx=max_tokens, mode="prune", active=float(a), policy=policy)
-            per = {}
+            auto = planlib.parse_active(a)
+            auto = auto if isinstance(auto, planlib.AutoActive) else None
+            eng = Engine.open(str(model), ctx=max_tokens, mode="prune", active=a if auto else float(a), policy=policy)
+            per, chosen = {}, {}
             for name, ids, split, nll_full, top_full in samples:
                 logits = eng.forward(ids, prompt_len=split)
                 ratio = math.exp(float(_nll(logits, ids, split).mean() - nll_full.mean()))
                 agree = float((logits[split - 1:-1].argmax(axis=1) == top_full).mean())
                 per[name] = (ratio, agree)
+                chosen[name] = eng.active_fraction
             eng.close()
-            points.append(QualityPoint(policy, float(a),
+            points.append(QualityPoint(policy, float(np.mean(list(chosen.values()))) if auto else float(a),
                                        math.exp(float(np.mean([math.log(r) for r, _ in per.values()]))),
-                                       float(np.mean([g for _, g in per.values()])), per))
+                                       float(np.mean([g for _, g in per.values()])), per,
+                                       auto=auto.threshold if auto else None,
+                                       per_text_active=chosen if auto else {}))
     return QualityReport(str(model), len(samples), max_tokens, full_ppl, points)

@@ -73,6 +73,7 @@ class CatalogEntry:
     quant: str = "q8_0"
     expert_size: int = 64
     good_for: str = ""  # one line for `fic ls`: what the model answers well, and what not
+    profiles: dict[str, Any] = field(default_factory=dict)  # name -> profiles.Profile ([profiles.NAME])
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -200,6 +201,7 @@ def _parse_source(raw: Any, where: str) -> Source:
 
 
 def parse_entry(text: str, where: str) -> CatalogEntry:
+    from flashinfer_cli import profiles  # it imports CatalogError from here
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -221,8 +223,9 @@ def parse_entry(text: str, where: str) -> CatalogEntry:
         quant=defaults.get("quant", "q8_0"),
         expert_size=int(defaults.get("expert_size", 64)),
         good_for=_optional_str(raw, "good_for", where),
+        profiles=profiles.parse_table(raw.get("profiles"), where),
         extra={k: v for k, v in raw.items() if k not in
-               {"name", "description", "architecture", "license", "sources", "defaults", "good_for"}},
+               {"name", "description", "architecture", "license", "sources", "defaults", "good_for", "profiles"}},
     )
 
 

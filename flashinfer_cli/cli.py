@@ -218,10 +218,27 @@ def show_cmd(model: str, mem: str | None, ctx: int | None, mode: str, active: st
     from flashinfer_cli import moe  # a mixture of experts: routing, total/active parameters (issue 8)
     for line in moe.show_lines(fmt.parse_manifest(path / fmt.MANIFEST_FILE)):
         click.echo(line)
+    _show_profiles(path.name)
     if plan is not None:
         click.echo("memory plan")
         for line in plan.lines():
             click.echo(f"  {line}")
+
+
+def _show_profiles(store_name: str) -> None:
+    """The model's profiles (`--profile NAME`): its catalog entry's, else the built-in defaults."""
+    from flashinfer_cli import catalog, profiles
+
+    try:
+        found = profiles.for_model(store_name)
+    except catalog.CatalogError as exc:
+        click.echo(f"profiles        none: {_one_line(exc)}")
+        return
+    where = "catalog" if catalog.has(store_name) and catalog.get(store_name).profiles else "built-in defaults"
+    click.echo(f"profiles        --profile NAME ({where}; flags override a profile's values)")
+    width = max(len(n) for n in found)
+    for p in found.values():
+        click.echo(f"  {p.name:<{width}}  {p.summary()}: {p.description}")
 
 
 @cli.command("rm")
@@ -280,14 +297,18 @@ def _budget_options(lists: str = "") -> list:
         click.option("--mode", type=click.Choice(["exact", "prune"]), default="exact", show_default=True,
                      help="exact: the full model's answer; prune: only each prompt's active experts run."),
         click.option("--active", default=None, metavar="A",
-                     help="Active experts: a fraction of each layer's (0.5) or active parameters (300M). "
-                          "Default: the largest that fits." + many),
+                     help="Active experts: a fraction of each layer's (0.5), active parameters (300M), or auto[:T] "
+                          "(prune mode: per prompt and layer, the fewest experts holding T of the selection's "
+                          "score mass, default 0.9). Default: the largest that fits." + many),
         click.option("--policy", type=click.STRING if lists else click.Choice(["exact", "static", "router"]),
                      default="exact", show_default=True, metavar="[exact|static|router]" if lists else None,
                      help="How experts are chosen: from the prompt's activations, or one set from calibration text "
                           "(a mixture of experts: router, the prompt's router probabilities)." + many),
         click.option("--reselect", type=click.IntRange(min=0), default=None, metavar="N",
                      help="Rescore the active sets every N generated tokens (0: never)."),
+        click.option("--profile", default=None, metavar="NAME",
+                     help="A use case's settings from the model's profiles (`fic show MODEL` lists them: chat, "
+                          "code, ...); --mode, --active, --reselect and --ctx given here override it."),
     ]
 
 
@@ -303,6 +324,12 @@ def _engine_options(opts: dict) -> dict:
     from flashinfer_cli import plan
 
     out = {k: opts.pop(k) for k in ("mem", "mode", "active", "policy", "reselect")}
+    name = opts.pop("profile", None)
+    if name is not None:  # applied by _open_engine once the model (and so its profiles) is known
+        ctx = click.get_current_context()
+        given = {k for k in ("mode", "active", "reselect", "ctx")
+                 if k in ctx.params and ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT}
+        out["profile"] = ProfileChoice(name, frozenset(given))
     try:
         if out["mem"] is not None:
             plan.parse_size(out["mem"])
@@ -310,6 +337,30 @@ def _engine_options(opts: dict) -> dict:
     except ValueError as exc:
         _fail(_one_line(exc))
     return out
+
+
+@dataclass(frozen=True)
+class ProfileChoice:
+    """--profile NAME and the options the command line gave, which the profile does not override."""
+
+    name: str
+    given: frozenset
+
+
+def _apply_profile(path, choice: ProfileChoice, options: dict, ctx, verbose: bool):
+    """Options (in place) and ctx with the model's profile's values where no flag gave one."""
+    from flashinfer_cli import profiles
+
+    with _user_errors():
+        prof = profiles.get(path.name, choice.name)
+    for key, value in prof.options().items():
+        if key == "ctx":
+            ctx = value if "ctx" not in choice.given and value is not None else ctx
+        elif key not in choice.given:
+            options[key] = value
+    if verbose:
+        click.echo(f"profile: {prof.name} ({prof.summary()}): {prof.description}", err=True)
+    return ctx
 
 
 def _fail(message: str, code: int = 1):
@@ -349,6 +400,9 @@ def _open_engine(model: str, ctx, threads, options: dict | None = None,
     t0 = time.perf_counter()
     with _user_errors():
         path = resolve_model(model, log=log)
+    choice = (options or {}).pop("profile", None)
+    if choice is not None:
+        ctx = _apply_profile(path, choice, options, ctx, verbose)
     if said:  # it pulled or converted: report that apart from the load
         times.pull_seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
@@ -378,7 +432,10 @@ def _print_stats(engine) -> None:
     for label, value in (
             ("arena", f"{st['resident']} experts resident ({st['pinned']} pinned) in {st['slots']} slots of "
                       f"{human(st['slot_bytes'])}, {st['ring']} for streaming"),
-            ("mode", f"{st['mode']}, policy {st['policy']}" + (f", active {st['active_fraction']:.2f}" if st["prune"] else "")),
+            ("mode", f"{st['mode']}, policy {st['policy']}" + (f", active {st['active_fraction']:.2f}" if st["prune"] else "")
+             + (f" (auto {st['active_auto']:g}: {min(st['active_per_layer'])}-{max(st['active_per_layer'])} "
+                f"experts per layer)" if st.get("active_auto") is not None else "")
+             + (f", reselect every {st['reselect']} tokens" if st.get("reselect") else "")),
             ("hits / misses", f"{r['hits']} / {r['misses']} ({r['streamed']} streamed, {r['evictions']} evictions)"),
             ("bytes read", f"{human(r['bytes_read'])} ({human(r['bytes_read'] / n_tok)} per token), "
                            f"{r['read_seconds'] * 1000:.1f}ms waiting"),
@@ -669,6 +726,8 @@ def bench(model, quality, sweep, prompts_file, max_tokens, runs, n_texts, plot_f
     mems, actives, policies = (_comma_list(budget[k]) for k in ("mem", "active", "policy"))
     if any(p not in POLICIES for p in policies):
         _fail(f"--policy {budget['policy']!r}: comma-separated names from {', '.join(POLICIES)}")
+    if budget.get("profile") is not None and (quality or sweep):
+        _fail("--profile picks one configuration; --quality and --sweep compare several (give --active lists)")
     if quality:
         if sweep or prompts_file or plot_file or runs != 1 or budget["mem"] is not None:
             _fail("--quality runs prune mode against the full model, everything resident: "
@@ -762,7 +821,7 @@ def _print_speed(report, as_json: bool) -> None:
 
 
 def _bench_quality(model, actives, policies, max_tokens, n_texts, as_json) -> None:
-    from flashinfer_cli import bench as benchlib
+    from flashinfer_cli import bench as benchlib, plan
     from flashinfer_cli.plan import parse_active
 
     if click.get_current_context().get_parameter_source("policy") == click.core.ParameterSource.DEFAULT:
@@ -775,8 +834,9 @@ def _bench_quality(model, actives, policies, max_tokens, n_texts, as_json) -> No
             a_list = [parse_active(a) for a in actives]
         except ValueError as exc:
             _fail(_one_line(exc))
-        if any(not isinstance(a, float) for a in a_list):
-            _fail(f"--active {','.join(actives)}: --quality takes fractions in (0, 1]")
+        if any(not isinstance(a, (float, plan.AutoActive)) for a in a_list):
+            _fail(f"--active {','.join(actives)}: --quality takes fractions in (0, 1] or auto[:T]")
+        a_list = [str(a) if isinstance(a, plan.AutoActive) else a for a in a_list]
     try:
         report = benchlib.quality(model, actives=a_list, policies=policies, max_tokens=max_tokens, n_texts=n_texts,
                                   progress=lambda s: click.echo(f"fic: measuring {s}", err=True))

@@ -76,6 +76,8 @@ class Engine:
         # a selection is made per prompt when it matters: something streams, or --active prunes
         self.selects = plan.prune or not plan.all_resident
         self.active_per_layer = list(plan.active_per_layer)  # the sets' sizes (use_active changes them)
+        # --active auto: each prompt's sizes come from its scores (plan.auto_size), within the plan's
+        self.auto = plan.request.active if isinstance(plan.request.active, planlib.AutoActive) else None
         self._since_select = 0
         # the selection statistics of the cached prompt's first _scored_len tokens (per-prompt
         # selection only): a next prompt that extends it reuses its cache and adds to them
@@ -120,6 +122,9 @@ class Engine:
         out = self.model.arena.stats()
         p = self.plan
         out.update(mode=p.mode, policy=self.policy, prune=p.prune, active_fraction=self.active_fraction,
+                   active_auto=None if self.auto is None else self.auto.threshold,
+                   active_per_layer=list(self.active_per_layer),
+                   reselect=self.reselect,
                    active_params=self.active_params, streamed_bytes_per_token=p.streamed_bytes_per_token,
                    budget_bytes=p.request.mem, planned_bytes=p.total_bytes)
         return out
@@ -141,17 +146,25 @@ class Engine:
 
     def use_active(self, active: str | float | int | None) -> float:
         """Size the active sets of the next prompts (prune mode): a fraction of each layer's
-        experts or active parameters ('300M'), as --active; None: the engine's own. Refused
+        experts, active parameters ('300M') or auto[:T], as --active; None: the engine's own. Refused
         (BudgetError) when the arena cannot hold the sets, EngineError outside prune mode.
         Returns the active fraction now used."""
         p = self.plan
         if active is None:
             sizes = list(p.active_per_layer)
+            auto = p.request.active if isinstance(p.request.active, planlib.AutoActive) else None
         else:
             if not p.prune:
                 raise EngineError("an active size needs prune mode (--mode prune, with a budget or --active): "
                                   f"this engine runs in {p.mode} mode with every expert")
-            sizes = planlib.active_sizes(p, planlib.parse_active(active))
+            parsed = planlib.parse_active(active)
+            sizes = planlib.active_sizes(p, parsed)
+            auto = parsed if isinstance(parsed, planlib.AutoActive) else None
+        if auto is not None and auto == self.auto:
+            return self.active_fraction  # the sizes are each prompt's own (the last prompt's here)
+        if auto is not None or self.auto is not None:
+            self.auto = auto
+            self.active_per_layer = []  # sized again below (static: the sets are chosen again)
         if sizes != self.active_per_layer:
             self.active_per_layer = sizes
             if self.policy == "static" and self.selects:  # one set for every prompt: the cache was made with the old
@@ -233,6 +246,7 @@ class Engine:
         self._scored[:] = m.scorer.acc
         self._scored_len = len(ids)
         scores = m.scorer.all_scores()
+        self._size_auto(scores)
         sets = [router.top_k(scores[l], k) for l, k in enumerate(self.active_per_layer)]
         router.apply_sets(m.arena, m.runner, sets, prune=m.plan.prune)
         m.scorer.reset()
@@ -268,11 +282,21 @@ class Engine:
         m.scorer.reset()
         self._since_select = 0
 
+    def _size_auto(self, scores: np.ndarray) -> None:
+        """--active auto: each layer's set size from this selection's scores (per layer: a layer
+        whose mass is spread out gets more experts; each stays within the plan's fitting size, so
+        the arena's slots hold any mix)."""
+        if self.auto is not None:
+            k_max = self.plan.max_active_per_layer
+            self.active_per_layer = [min(n, planlib.auto_size(scores[l], self.auto, k_max))
+                                     for l, n in enumerate(self.plan.shape.experts_per_layer)]
+
     def _static_sets(self) -> list[np.ndarray]:
         scores = router.load_static(self.path)
         m = self.model
         if scores is None or scores.shape != m.arena.n_neurons.shape:
             scores = self.calibrate()
+        self._size_auto(scores)
         return [router.top_k(scores[l], k) for l, k in enumerate(self.active_per_layer)]
 
     def calibrate(self, n_tokens: int = 4096) -> np.ndarray:

@@ -56,11 +56,37 @@ def human(n: float) -> str:
     return f"{n} B"
 
 
-def parse_active(text: str | float | None) -> float | int | None:
-    """--active: a fraction in (0, 1] (float) or a number of active parameters ('300M', '1.5B': int)."""
-    if text is None or isinstance(text, (int, float)):
+AUTO_THRESHOLD = 0.9  # --active auto: the share of each layer's score mass the chosen experts reach
+AUTO_FLOOR = 0.25     # ... and never fewer than this share of the layer's experts
+
+
+@dataclass(frozen=True)
+class AutoActive:
+    """--active auto[:T] (prune mode): each prompt's active sets sized per layer by the selection
+    policy's scores: the fewest experts whose share of the layer's score mass reaches threshold,
+    at least floor of the layer's experts, at most the plan's largest fitting size."""
+
+    threshold: float = AUTO_THRESHOLD
+    floor: float = AUTO_FLOOR
+
+    def __str__(self) -> str:
+        return f"auto:{self.threshold:g}"
+
+
+def parse_active(text: str | float | None) -> float | int | AutoActive | None:
+    """--active: a fraction in (0, 1] (float), a number of active parameters ('300M', '1.5B': int),
+    or auto[:T] (AutoActive; T in (0, 1], default AUTO_THRESHOLD)."""
+    if text is None or isinstance(text, (int, float, AutoActive)):
         return text
     s = str(text).strip()
+    if s.lower() == "auto" or s.lower().startswith("auto:"):
+        try:
+            threshold = float(s[5:]) if len(s) > 4 else AUTO_THRESHOLD
+        except ValueError:
+            threshold = math.nan
+        if not 0 < threshold <= 1:  # nan fails too
+            raise ValueError(f"--active {text!r}: auto takes a score-mass threshold in (0, 1], like auto:0.95")
+        return AutoActive(threshold)
     m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmb])", s, re.I)
     if m:
         return int(float(m.group(1)) * {"k": 1e3, "m": 1e6, "b": 1e9}[m.group(2).lower()])
@@ -78,7 +104,7 @@ class PlanRequest:
     mem: int | None = None       # bytes; None: everything resident
     ctx: int = 4096
     mode: str = "exact"
-    active: float | int | None = None  # fraction of routed experts, or active parameters
+    active: float | int | AutoActive | None = None  # fraction of routed experts, active parameters, or auto
     tokenizer_file_bytes: int = 0
     n_threads: int = 1            # the kernel pool's threads (the workspace has a tile per thread)
     kv_dtype: str = "f16"         # the KV cache's element type: f16 (default) or f32
@@ -337,16 +363,39 @@ def _active_count(shape: ModelShape, active: float | int) -> int:
     return min(e, int(k))
 
 
-def active_sizes(plan: MemoryPlan, active: float | int) -> list[int]:
+def active_sizes(plan: MemoryPlan, active: float | int | AutoActive) -> list[int]:
     """Each layer's active set size for an --active value (a fraction, or active parameters)
-    within the arena the plan has; BudgetError when the arena cannot hold the sets."""
+    within the arena the plan has; BudgetError when the arena cannot hold the sets. auto: the
+    largest that fits (each prompt's selection then takes what its scores need, auto_size)."""
     s = plan.shape
+    if isinstance(active, AutoActive):
+        return [min(plan.max_active_per_layer, n) for n in s.experts_per_layer]
     e, k, k_max = s.max_experts_per_layer, _active_count(s, active), plan.max_active_per_layer
     if k > k_max:
         where = f"--mem {human(plan.request.mem)}" if plan.request.mem else "this arena"
         raise BudgetError(f"active {k / e:.2f} ({k} of {e} experts per layer) does not fit {where}: "
                           f"at most {k_max} ({k_max / e:.2f}) fits")
     return [min(k, n) for n in s.experts_per_layer]
+
+
+def auto_size(scores, auto: AutoActive, k_max: int) -> int:
+    """A layer's active set size under --active auto: the fewest of its experts whose scores (the
+    policy's, for this prompt) sum to threshold of the layer's total, clamped to [floor, k_max].
+    A threshold of 1 takes every expert (no expert with a zero score is left out)."""
+    import numpy as np
+
+    s = np.asarray(scores, dtype=np.float64)
+    s = s[np.isfinite(s)]
+    n = len(s)
+    floor = min(k_max, n, max(1, math.ceil(auto.floor * n)))
+    if auto.threshold >= 1 or n == 0:
+        return min(k_max, n)
+    desc = np.sort(np.maximum(s, 0))[::-1]
+    total = desc.sum()
+    if total <= 0:
+        return min(k_max, n)
+    k = int(np.searchsorted(np.cumsum(desc) / total, auto.threshold - 1e-12)) + 1
+    return max(floor, min(k, k_max, n))
 
 
 def make_plan(shape: ModelShape, req: PlanRequest) -> MemoryPlan:
@@ -358,14 +407,19 @@ def make_plan(shape: ModelShape, req: PlanRequest) -> MemoryPlan:
     chunk = PREFILL_CHUNK_MAX
     parts = _fixed_parts(shape, req, chunk)
     everything = sum(parts.values()) + huge_round(shape.n_experts * shape.slot_bytes)
-    k_req = _active_count(shape, req.active) if req.active is not None else None
+    auto = isinstance(req.active, AutoActive)
+    if auto and req.mode != "prune":  # exact mode runs every expert: there is no size to choose
+        raise BudgetError(f"--active {req.active}: auto sizes what runs, so it needs prune mode (--mode prune); "
+                          f"exact mode runs every expert")
+    # auto: the largest that fits, as no --active; each prompt then takes what it needs of it
+    k_req = _active_count(shape, req.active) if req.active is not None and not auto else None
     e_max = shape.max_experts_per_layer
     if req.mem is None or req.mem >= everything:
         # everything resident; an explicit --active prunes within it
         k = k_req if k_req is not None else e_max
         return MemoryPlan(shape, req, req.mode, ctx, chunk, parts, shape.n_experts, 0, True,
                           [min(k, n) for n in shape.experts_per_layer],
-                          prune=k_req is not None and req.mode == "prune")
+                          prune=(k_req is not None or auto) and req.mode == "prune")
     # under a budget, prefill chunks small enough that their activations take no more than a
     # sixteenth of it (64 tokens at least: a batch still amortises reading the weights)
     while chunk > 64 and scratch_bytes(shape, chunk, ctx) > req.mem // 16:

@@ -121,7 +121,7 @@ def _fic_extras(body: dict) -> str | float | int | None:
         raise bad(f"unknown fic option {unknown[0]!r} (fic takes: {', '.join(FIC_EXTRAS)})", f"fic.{unknown[0]}")
     a = v.get("active")
     if a is not None and (isinstance(a, bool) or not isinstance(a, (int, float, str))):
-        raise bad("fic.active must be a fraction (0.5) or active parameters (\"300M\")", "fic.active")
+        raise bad("fic.active must be a fraction (0.5), active parameters (\"300M\") or \"auto[:T]\"", "fic.active")
     return a
 
 

@@ -303,6 +303,8 @@ class EngineWorker:
                 stream.close()
         with self.lock:
             st = eng.stats()
+        if st.get("active_auto") is not None:  # --active auto: this prompt's selection chose the sizes
+            active = st["active_fraction"]
         cached = eng.last_prefix.reused if last is not None else 0  # none: cancelled before its prefill
         return Summary(
             finish_reason=finish, prompt_tokens=len(req.ids), cached_tokens=cached, completion_tokens=n_tokens,
