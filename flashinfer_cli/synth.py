@@ -81,6 +81,11 @@ class SynthShape:
     top_k: int = 0
     shared: int = 0       # shared experts (of ffn_neurons each), written as one of shared * ffn_neurons
     quant: str = "q1_0"
+    # other families (bench/moe_budget.py's OLMoE-like model): "llama" has no q/k norms
+    family: str = "qwen3"
+    tie_embeddings: bool = False
+    dense_quant: str | None = None  # attention and embeddings; None: quant
+    norm_topk: bool = True          # Qwen3-MoE renormalises the top-k; OLMoE does not
 
     @property
     def moe(self) -> bool:
@@ -102,9 +107,14 @@ class SynthShape:
     def shared_neurons(self) -> int:
         return self.shared * self.ffn_neurons if self.moe else 0
 
+    @property
+    def qk_norm(self) -> bool:
+        return self.family == "qwen3"
+
     def _attn_params(self) -> int:
         d, q, kv = self.d_model, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        return d * q + 2 * d * kv + q * d + 2 * self.head_dim + 2 * d  # q, k, v, o, q/k norms, two norms
+        norms = 2 * self.head_dim if self.qk_norm else 0
+        return d * q + 2 * d * kv + q * d + norms + 2 * d  # q, k, v, o, q/k norms, two norms
 
     def layer_params(self) -> int:
         d = self.d_model
@@ -115,27 +125,30 @@ class SynthShape:
 
     @property
     def total_params(self) -> int:
-        return 2 * self.vocab_size * self.d_model + self.d_model + self.n_layers * self.layer_params()
+        embeddings = (1 if self.tie_embeddings else 2) * self.vocab_size * self.d_model
+        return embeddings + self.d_model + self.n_layers * self.layer_params()
 
     @property
     def active_params(self) -> int:
         """What `fic show` counts: every parameter but the experts a token does not route to, and
-        one row of the token embedding (it stays on flash)."""
+        one row of the token embedding (it stays on flash when untied)."""
         idle = self.n_experts - self.top_k if self.moe else 0
-        return self.total_params - (self.vocab_size - 1) * self.d_model \
+        on_flash = 0 if self.tie_embeddings else (self.vocab_size - 1) * self.d_model
+        return self.total_params - on_flash \
             - self.n_layers * idle * 3 * self.d_model * self.ffn_neurons
 
     def arch(self, seed: int) -> ArchConfig:
-        return ArchConfig(arch="qwen3", n_layers=self.n_layers, d_model=self.d_model, n_heads=self.n_heads,
+        qwen = self.family == "qwen3"
+        return ArchConfig(arch=self.family, n_layers=self.n_layers, d_model=self.d_model, n_heads=self.n_heads,
                           n_kv_heads=self.n_kv_heads, head_dim=self.head_dim, d_ff=self.d_ff,
-                          vocab_size=self.vocab_size, norm_eps=1e-6, rope_theta=1_000_000.0, max_ctx=MAX_CTX,
-                          tie_embeddings=False, qk_norm=True,
+                          vocab_size=self.vocab_size, norm_eps=1e-6, rope_theta=1_000_000.0 if qwen else 10000.0,
+                          max_ctx=MAX_CTX if qwen else 4096, tie_embeddings=self.tie_embeddings, qk_norm=qwen,
                           extra={"synthetic": f"fic synth, seed {seed}"})
 
     def lines(self) -> list[str]:
         """What `fic synth` prints before writing."""
         attn = (f"{self.n_layers} layers, d_model {self.d_model}, {self.n_heads} heads of {self.head_dim} "
-                f"({self.n_kv_heads} KV), q/k norms, vocab {self.vocab_size}")
+                f"({self.n_kv_heads} KV){', q/k norms' if self.qk_norm else ''}, vocab {self.vocab_size}")
         if self.moe:
             ffn = (f"{self.n_experts} routed experts of {self.ffn_neurons} neurons, top-{self.top_k}"
                    + (f", {self.shared} shared (one shared expert of {self.shared_neurons} neurons)"
@@ -292,9 +305,10 @@ class _Weights:
     """Random matrices from one seeded Generator, quantized in chunks of rows (never a whole f32
     matrix in memory): the same seed gives the same bytes."""
 
-    def __init__(self, seed: int, quant: str):
+    def __init__(self, seed: int, quant: str, dense_quant: str | None = None):
         self.rng = np.random.default_rng(seed)
         self.quant = quant
+        self.dense_quant = dense_quant or quant
 
     def uniform(self, n: int, std: float) -> np.ndarray:
         """n float32 values, uniform with standard deviation std (int8 bytes: std 73.9 before scaling)."""
@@ -331,11 +345,13 @@ def _write_layer(w: fmt.ModelWriter, gen: _Weights, s: SynthShape, i: int, tick:
     ones = np.ones(d, np.float32)
     w.add_dense(b + "attn_norm", ones)
     w.add_dense(b + "ffn_norm", ones)
-    w.add_dense(b + "attn_q_norm", np.ones(hd, np.float32))
-    w.add_dense(b + "attn_k_norm", np.ones(hd, np.float32))
+    if s.qk_norm:
+        w.add_dense(b + "attn_q_norm", np.ones(hd, np.float32))
+        w.add_dense(b + "attn_k_norm", np.ones(hd, np.float32))
     for name, rows in (("attn_q", q), ("attn_k", kv), ("attn_v", kv)):
-        w.add_dense(b + name, gen.matrix(rows, d, d ** -0.5))
-    w.add_dense(b + "attn_output", gen.matrix(d, q, 0.5 * q ** -0.5))  # half: the residual grows slowly
+        w.add_dense(b + name, gen.matrix(rows, d, d ** -0.5, fmt_name=gen.dense_quant))
+    # half: the residual grows slowly
+    w.add_dense(b + "attn_output", gen.matrix(d, q, 0.5 * q ** -0.5, fmt_name=gen.dense_quant))
     tick(s._attn_params())
     n = s.ffn_neurons
     if not s.moe:  # a dense FFN: gate, up and down generated whole per layer's expert group
@@ -363,11 +379,11 @@ def write_model(dest: Path, name: str, s: SynthShape, *, seed: int = 0, progress
 
     from tqdm import tqdm
 
-    gen = _Weights(seed, s.quant)
+    gen = _Weights(seed, s.quant, s.dense_quant)
     down_block = kernels.block_weights(s.quant)
     layout = fmt.ExpertLayout(s.d_model, s.quant, s.quant, s.quant, "columns")
     assert s.expert_neurons % down_block == 0 and s.d_model % down_block == 0
-    rules = [moe.RoutingRule(s.n_experts, s.top_k, softmax="before", norm_topk=True,
+    rules = [moe.RoutingRule(s.n_experts, s.top_k, softmax="before", norm_topk=s.norm_topk,
                              shared_neurons=s.shared_neurons)] * s.n_layers if s.moe else None
     prov = {"source": f"synthetic (fic synth, seed {seed})", "kind": "synthetic",
             "synth": {"seed": seed, "quant": s.quant, "shared_experts": s.shared,
@@ -377,11 +393,13 @@ def write_model(dest: Path, name: str, s: SynthShape, *, seed: int = 0, progress
             tqdm(total=s.total_params, desc=f"synthesizing {name}", unit="param", unit_scale=True,
                  file=sys.stderr, disable=not progress, leave=False) as bar:
         common = gen.uniform(s.d_model, 0.3)
-        w.add_dense("token_embd", gen.matrix(s.vocab_size, s.d_model, 0.95, common=common))
-        specials = tuple(range(s.vocab_size - len(SPECIAL_TOKENS), s.vocab_size))
-        w.add_dense("output", gen.matrix(s.vocab_size, s.d_model, s.d_model ** -0.5, zero_rows=specials))
+        w.add_dense("token_embd", gen.matrix(s.vocab_size, s.d_model, 0.95, common=common, fmt_name=gen.dense_quant))
+        if not s.tie_embeddings:
+            specials = tuple(range(s.vocab_size - len(SPECIAL_TOKENS), s.vocab_size))
+            w.add_dense("output", gen.matrix(s.vocab_size, s.d_model, s.d_model ** -0.5, zero_rows=specials,
+                                             fmt_name=gen.dense_quant))
         w.add_dense("output_norm", np.ones(s.d_model, np.float32))
-        bar.update(2 * s.vocab_size * s.d_model + s.d_model)
+        bar.update(s.total_params - s.n_layers * s.layer_params())
         for i in range(s.n_layers):
             _write_layer(w, gen, s, i, bar.update)
         if s.shared > 1:
