@@ -354,7 +354,7 @@ def _write_layer(w: fmt.ModelWriter, gen: _Weights, s: SynthShape, i: int, tick:
     w.add_dense(b + "attn_output", gen.matrix(d, q, 0.5 * q ** -0.5, fmt_name=gen.dense_quant))
     tick(s._attn_params())
     n = s.ffn_neurons
-    if not s.moe:  # a dense FFN: gate, up and down generated whole per layer's expert group
+    if not s.moe:  # a dense FFN, one expert (a group of neurons) at a time
         for start in range(0, n, s.expert_neurons):
             m = min(s.expert_neurons, n - start)
             w.add_expert(i, gen.matrix(m, d, d ** -0.5), gen.matrix(m, d, d ** -0.5),
