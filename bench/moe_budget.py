@@ -3,8 +3,9 @@ tokens/s in exact mode at two budgets, with and without the next-layer prefetch,
 of realistic shape (OLMoE-1B-7B's proportions at half its width: d_model 1024, 8 layers, 64 experts
 of 512 neurons, top-8, Q4_0 experts; vocabulary 32000, tied).
 
-The weights are random. Token embeddings share one direction (each is 0.3 common + 0.95 random),
-so some experts are hotter than others as in trained models; beyond that, routing from one token to
+The weights are random (flashinfer_cli/synth.py writes them, as `fic synth` does: uniform, not
+Gaussian, since the writer moved there). Token embeddings share one direction (each is 0.3 common
++ 0.95 random), so some experts are hotter than others as in trained models; beyond that, routing from one token to
 the next is as random as the token ids, the hard case for a pin list and a predictor.
 
     python bench/moe_budget.py [--dir /tmp/fic-moe-synth] [--tokens 64] [--threads 2]
@@ -18,42 +19,20 @@ from pathlib import Path
 
 import numpy as np
 
-from flashinfer_cli import fmt, kernels, moe
-from flashinfer_cli.config import ArchConfig
+from flashinfer_cli import fmt, kernels, synth
 
 D, LAYERS, EXPERTS, NEURONS, TOP_K, VOCAB, HEADS, KV, HEAD_DIM = 1024, 8, 64, 512, 8, 32000, 16, 4, 64
 
 
+SHAPE = synth.SynthShape(n_layers=LAYERS, d_model=D, n_heads=HEADS, n_kv_heads=KV, head_dim=HEAD_DIM,
+                         vocab_size=VOCAB, ffn_neurons=NEURONS, n_experts=EXPERTS, top_k=TOP_K, quant="q4_0",
+                         family="llama", tie_embeddings=True, dense_quant="q8_0", norm_topk=False)  # OLMoE's rule
+
+
 def build(dest: Path, seed: int = 0) -> None:
-    """The synthetic model, written with fmt.ModelWriter (no tokenizer: the bench feeds token ids)."""
-    rng = np.random.default_rng(seed)
-
-    def mat(m: int, k: int, scale: float) -> np.ndarray:
-        return (rng.standard_normal((m, k), dtype=np.float32) * np.float32(scale))
-
-    arch = ArchConfig(arch="llama", n_layers=LAYERS, d_model=D, n_heads=HEADS, n_kv_heads=KV, head_dim=HEAD_DIM,
-                      d_ff=EXPERTS * NEURONS, vocab_size=VOCAB, norm_eps=1e-6, rope_theta=10000.0, max_ctx=4096,
-                      tie_embeddings=True, extra={"synthetic": "bench/moe_budget.py"})
-    layout = fmt.ExpertLayout(D, "q4_0", "q4_0", "q4_0", "columns")
-    rules = [moe.RoutingRule(EXPERTS, TOP_K, norm_topk=False)] * LAYERS  # OLMoE's rule
-    with fmt.ModelWriter(dest, name="synthetic-moe", arch=arch.to_json(), layout=layout, moe=rules,
-                         provenance={"source": "synthetic"}) as w:
-        common = rng.standard_normal(D, dtype=np.float32)
-        embd = 0.3 * common + 0.95 * rng.standard_normal((VOCAB, D), dtype=np.float32)
-        w.add_dense("token_embd", kernels.quantize(embd.astype(np.float32), "q8_0"))
-        w.add_dense("output_norm", np.ones(D, np.float32))
-        for i in range(LAYERS):
-            b = f"blk.{i}."
-            w.add_dense(b + "attn_norm", np.ones(D, np.float32))
-            w.add_dense(b + "ffn_norm", np.ones(D, np.float32))
-            for name, rows in (("attn_q", HEADS * HEAD_DIM), ("attn_k", KV * HEAD_DIM), ("attn_v", KV * HEAD_DIM)):
-                w.add_dense(b + name, kernels.quantize(mat(rows, D, D ** -0.5), "q8_0"))
-            w.add_dense(b + "attn_output", kernels.quantize(mat(D, HEADS * HEAD_DIM, 0.5 * D ** -0.5), "q8_0"))
-            w.add_dense(b + "ffn_gate_inp", mat(EXPERTS, D, 2 * D ** -0.5))  # peaky routers: logits of std ~2
-            for _ in range(EXPERTS):
-                w.add_expert(i, kernels.quantize(mat(NEURONS, D, D ** -0.5), "q4_0"),
-                             kernels.quantize(mat(NEURONS, D, D ** -0.5), "q4_0"),
-                             kernels.quantize(mat(D, NEURONS, 0.3 * NEURONS ** -0.5), "q4_0"))
+    """The synthetic model, written by flashinfer_cli/synth.py (`fic synth`'s writer; its tokenizer
+    is not used: the bench feeds token ids)."""
+    synth.write_model(dest, "synthetic-moe", SHAPE, seed=seed)
 
 
 def run(path: Path, mem: int | None, prefetch: bool, prompt: list[int], n_tokens: int) -> dict:

@@ -260,6 +260,43 @@ def rm_cmd(models: tuple[str, ...], downloads: bool) -> None:
             freed = store.remove_downloads()
             click.echo(f"deleted the kept downloads ({_human(freed)})")
 
+@cli.command("synth")
+@click.argument("name")
+@click.option("--params", default=None, metavar="N", help="Parameters in all (20B, 50M). Default: 20B; "
+              "with --dense, Bonsai-8B's shape exactly.")
+@click.option("--quant", default="q1_0", show_default=True, metavar="[q1_0|q4_0]", help="Format of every matrix.")
+@click.option("--layers", type=int, default=None, help="Layers (default: fitted to --params).")
+@click.option("--experts", type=int, default=None, help="Routed experts per layer (default 64).")
+@click.option("--top-k", type=int, default=None, help="Experts per token (default 8).")
+@click.option("--shared", type=int, default=None, help="Shared experts per layer (default 2).")
+@click.option("--dense", is_flag=True, help="A dense model of Qwen3-8B's (Bonsai-8B's) proportions.")
+@click.option("--vocab", type=int, default=None, help="Vocabulary size (default 151936, Qwen3's).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the weights.")
+@click.option("--force", is_flag=True, help="Replace a model of that name.")
+@click.option("--progress/--no-progress", default=True, help="A progress bar on stderr.")
+def synth_cmd(name, params, quant, layers, experts, top_k, shared, dense, vocab, seed, force, progress) -> None:
+    """Write NAME into the store: random weights in the shape of a large model (a mixture of
+    experts of Qwen3-30B-A3B's proportions, or --dense, Bonsai-8B's), to measure speed at scale.
+    Routing on random weights says nothing of quality; it measures speed."""
+    import time
+
+    from flashinfer_cli import synth
+
+    with _user_errors():
+        synth.check_new(name, force)
+        if dense and any(v is not None for v in (experts, top_k, shared)):
+            raise synth.SynthError("--experts, --top-k and --shared describe a mixture of experts; --dense has none")
+        shape = synth.derive_shape(
+            synth.parse_params(params) if params is not None else None, dense=dense, layers=layers,
+            experts=64 if experts is None else experts, top_k=8 if top_k is None else top_k,
+            shared=2 if shared is None else shared, quant=quant, vocab=synth.VOCAB if vocab is None else vocab)
+        for line in shape.lines():
+            click.echo(line)
+        t0 = time.perf_counter()
+        path = synth.synthesize(name, shape, seed=seed, force=force, progress=progress)
+    click.echo(f"wrote {path} in {time.perf_counter() - t0:.0f} s")
+
+
 # ---- run and chat --------------------------------------------------------------------------
 
 
