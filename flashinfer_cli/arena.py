@@ -144,7 +144,9 @@ class Arena:
         return out
 
     def _evict(self, slots: list[int]) -> int:
-        """Free these slots (the table first: see load). Returns how many held an expert."""
+        """Free these slots. Returns how many held an expert. The table first: interrupted between
+        the two, a slot is still "used" by an owner the table no longer names (recover() frees it),
+        never free while the table points at it."""
         evicted = 0
         for s in slots:
             ol, oe = self.owner[s]
@@ -200,18 +202,7 @@ class Arena:
         hits = len(keys) - len(todo)
         if todo:
             victims = self._victims(len(todo), set(keys))
-            evicted = 0
-            for s in victims:
-                ol, oe = self.owner[s]
-                if ol >= 0:
-                    # the table first: interrupted between the two, the slot is still "used" by
-                    # an owner the table no longer names (recover() frees it), never free while
-                    # the table points at it
-                    if self.slot_of[ol, oe] == s:
-                        self.slot_of[ol, oe] = -1
-                    self.owner[s] = -1
-                    evicted += 1
-            self.version += 1
+            evicted = self._evict(victims)
             t0 = time.perf_counter()
             dsts = [self.view(s, self.reader.bundle_bytes(l, e)) for s, (l, e) in zip(victims, todo)]
             self.reader.read_bundles(todo, dsts)

@@ -593,7 +593,7 @@ def test_an_interrupt_at_any_line_of_the_arena_and_the_ring_leaves_the_engine_wh
     from flashinfer_cli.engine import Engine
 
     eng = Engine.open(str(smollm2_model), ctx=CTX, mem=streaming_mem, reselect=2)
-    targets = [Arena.load, Arena.submit_ring, Arena.wait, Arena.settle, Arena.begin_request,
+    targets = [Arena.load, Arena._evict, Arena.submit_ring, Arena.wait, Arena.settle, Arena.begin_request,
                streaming.FFNRunner.run, streaming.FFNRunner._take, streaming.FFNRunner._submit,
                streaming.FFNRunner._prefetch_after, streaming.FFNRunner.drop_prefetch, router.apply_sets,
                fmtlib.PendingBundles.wait, fmtlib.ModelReader.submit_bundles, kernels.Reader.submit,
