@@ -55,7 +55,8 @@ VOCAB = 151936  # Qwen3's
 MAX_CTX = 40960  # Qwen3's max_position_embeddings
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
-          " + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+          " + '<|im_end|>' + '\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 D_ALIGN = 128          # d_model's rounding: Q1_0's block, so every row of every matrix is whole blocks
 DENSE_EXPERT = 64      # a dense model's expert: 64 neurons, rounded up to the down format's block (as convert)
 _CHUNK_WEIGHTS = 1 << 24  # weights generated at once: 64 MiB of f32

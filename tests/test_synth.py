@@ -68,7 +68,8 @@ def test_a_small_mixture_of_experts_has_the_shape_asked_for(home):
         assert t["fmt"] == want, name
     out = fic("show", "s").output
     assert f"parameters      {params:,} " in out
-    assert f"routing         8 routed experts, softmax, then top-2, renormalised, shared expert of {2 * w} neurons" in out
+    assert ("routing         8 routed experts, softmax, then top-2, renormalised, "
+            f"shared expert of {2 * w} neurons") in out
     assert "quantization    q4_0 (" in out
     assert "random weights: routing on them says nothing of quality; it measures speed" in out
 
