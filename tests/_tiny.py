@@ -54,15 +54,36 @@ def make_checkpoint(kind: str, dest: Path, *, seed: int = 0, n_layers: int = 2):
               rope_theta=10000.0, bos_token_id=None, eos_token_id=2, pad_token_id=0)
     kw.update(over)
     model = cls(cfg_cls(**kw)).eval()
-    with torch.no_grad():  # random init is tiny (std 0.02): widen it so logits have structure
-        for name, p in model.named_parameters():
-            if p.ndim == 2:
-                p.normal_(0, 0.15)
-            elif "bias" in name:
-                p.normal_(0, 0.1)
-            else:
-                p.uniform_(0.8, 1.2)
+    widen_weights(model)
     dest.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(dest, safe_serialization=True)
     make_tokenizer(dest)
     return model
+
+
+def widen_weights(model, std: float = 0.15) -> None:
+    """transformers' random init is tiny (std 0.02): widen it so logits (and a mixture's routes) have
+    structure. Matrices (and stacked experts) N(0, std), biases N(0, 0.1), norms U(0.8, 1.2)."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0, std)
+            elif "bias" in name:
+                p.normal_(0, 0.1)
+            else:
+                p.uniform_(0.8, 1.2)
+
+
+def add_gguf_tokenizer(w, vocab_size: int) -> None:
+    """A byte-level BPE vocabulary of vocab_size tokens (two specials, printable characters, one
+    merge) in a gguf.GGUFWriter: enough for llama.cpp to load a tiny file."""
+    tokens = ["<|endoftext|>", "<|im_end|>"] + [chr(c) for c in range(33, 33 + vocab_size - 3)] + ["!!"]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3, 3] + [1] * (len(tokens) - 2))
+    w.add_token_merges(["! !"])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)

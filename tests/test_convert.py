@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from flashinfer_cli import fmt, kernels  # noqa: E402
 from flashinfer_cli.convert import ConvertError, ConvertOptions, convert  # noqa: E402
 
 from _kquant import ggml_quantize  # noqa: E402
+from _tiny import add_gguf_tokenizer  # noqa: E402
 
 T = gguf.GGMLQuantizationType
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -307,14 +307,7 @@ def write_gguf(path: Path, model, *, types=GGUF_TYPES, arch: str = "llama") -> d
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     w.add_rope_dimension_count(head_dim)
-    tokens = ["<|endoftext|>", "<|im_end|>"] + [chr(c) for c in range(33, 33 + cfg.vocab_size - 3)] + ["!!"]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types([3, 3] + [1] * (len(tokens) - 2))
-    w.add_token_merges(["! !"])
-    w.add_bos_token_id(0)
-    w.add_eos_token_id(1)
+    add_gguf_tokenizer(w, cfg.vocab_size)
     rs = getattr(cfg, "rope_scaling", None) or {}
     if rs.get("rope_type") == "llama3":
         w.add_tensor("rope_freqs.weight", llama_cpp_rope_factors(rs, head_dim, 10000.0))

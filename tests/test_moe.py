@@ -102,7 +102,7 @@ def test_route_follows_each_rule():
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from _tiny import VOCAB, make_tokenizer  # noqa: E402
+from _tiny import VOCAB, add_gguf_tokenizer, make_tokenizer, widen_weights  # noqa: E402
 from flashinfer_cli.convert import ConvertOptions, convert  # noqa: E402
 from flashinfer_cli.engine import Engine, make_engine_plan  # noqa: E402
 from flashinfer_cli.model import Model  # noqa: E402
@@ -129,14 +129,7 @@ def make_moe_checkpoint(family: str, dest: Path, seed: int = 0, extra: dict | No
     torch.manual_seed(seed)
     cfg = getattr(transformers, prefix + "Config")(**{**COMMON, **over, **(extra or {})})
     model = getattr(transformers, prefix + "ForCausalLM")(cfg).eval()
-    with torch.no_grad():  # random init is tiny (std 0.02): widen it so logits and routes have structure
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                p.normal_(0, std)
-            elif "bias" in name:
-                p.normal_(0, 0.1)
-            else:
-                p.uniform_(0.8, 1.2)
+    widen_weights(model, std)
     dest.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(dest, safe_serialization=True)
     make_tokenizer(dest)
@@ -232,12 +225,7 @@ def big_mixtral(tmp_path_factory):
     torch.manual_seed(3)
     cfg = transformers.MixtralConfig(**{**COMMON, **BIG})
     hf = transformers.MixtralForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if p.ndim >= 2:
-                p.normal_(0, 0.08)
-            else:
-                p.uniform_(0.8, 1.2)
+    widen_weights(hf, 0.08)  # Mixtral has no biases
     hf.save_pretrained(root / "hf", safe_serialization=True)
     make_tokenizer(root / "hf")
     convert(root / "hf", root / "fic", name="big-mixtral", options=ConvertOptions(quant="f32"), progress=False)
@@ -253,9 +241,7 @@ def big_qwen2_moe(tmp_path_factory):
                                          "num_experts": 16, "num_experts_per_tok": 2, "shared_expert_intermediate_size": 256,
                                          "norm_topk_prob": False})
     hf = transformers.Qwen2MoeForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            p.normal_(0, 0.08) if p.ndim >= 2 else (p.normal_(0, 0.1) if "bias" in name else p.uniform_(0.8, 1.2))
+    widen_weights(hf, 0.08)
     hf.save_pretrained(root / "hf", safe_serialization=True)
     make_tokenizer(root / "hf")
     convert(root / "hf", root / "fic", name="big-qwen2-moe", options=ConvertOptions(quant="f32"), progress=False)
@@ -481,14 +467,7 @@ def write_moe_gguf(path: Path, family: str, hf, expert_type: str = "F32") -> Non
         w.add_expert_feed_forward_length(size)
     if family == "qwen2_moe":
         w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
-    tokens = ["<|endoftext|>", "<|im_end|>"] + [chr(c) for c in range(33, 33 + cfg.vocab_size - 3)] + ["!!"]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types([3, 3] + [1] * (len(tokens) - 2))
-    w.add_token_merges(["! !"])
-    w.add_bos_token_id(0)
-    w.add_eos_token_id(1)
+    add_gguf_tokenizer(w, cfg.vocab_size)
     sd = {k: v.detach().float().numpy() for k, v in hf.state_dict().items()}
     w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
     w.add_tensor("output_norm.weight", sd["model.norm.weight"])
