@@ -12,7 +12,9 @@ import re
 from cffi import FFI
 
 CSRC_DIR = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["quant.c", "matvec.c", "pool.c", "stream.c", "ffn.c", "attention.c"]
+SOURCES = ["quant.c", "matvec.c", "pool.c", "stream.c", "ffn.c", "attention.c",
+           # the kernels: shared code, then one file per architecture (each empty off its own)
+           "kernels.c", "kernels_scalar.c", "kernels_avx2.c", "kernels_avx512.c", "kernels_neon.c"]
 
 
 def _cdef_from_header(path: str) -> str:

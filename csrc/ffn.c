@@ -25,38 +25,14 @@
  * Scratch holds h: expert e's block is t x n_e floats at t * (n_0 + ... + n_{e-1}), left there
  * for the caller (fic.h). Nothing is allocated: the per-expert tables, the prepared x and h_e
  * (t = 1) and the per-thread tiles (t > 1) are carved from the caller's workspace, in that
- * order after the bundle pointers of fic_experts_ffn_slots (sizes: ws_ffn, kernels_impl.h). */
+ * order after the bundle pointers of fic_experts_ffn_slots (sizes: ws_ffn, kernels.h). */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
-#include "blocks.h"
-#include "fic.h"
-#include "pool.h"
+#include "kernels.h"
 
-#include "kernels_impl.h"
-
-enum { Q1_ALL_SAD, Q1_ALL_PLANES, Q1_MIXED }; /* ffn_t.q1_layout */
-
-typedef struct {
-    int impl, t_is_1;
-    int64_t d, t, n_experts, n_total;
-    const uint8_t *const *bundles;
-    const int32_t *n;
-    const int64_t *off;      /* off[e] = n_0 + ... + n_{e-1}; off[n_experts] = n_total */
-    const uint8_t *skip;     /* skip[e]: coef is 0 for every token */
-    const float *coef;       /* t x n_experts or NULL */
-    const float *x;
-    float *y, *h;
-    int64_t rb_g, rb_u;      /* gate / up row bytes (d_model weights) */
-    int64_t *rb_d;           /* down row bytes per expert (columns: n_e weights; rows: d_model) */
-    int gate_fmt, up_fmt, down_fmt, down_rows;
-    int q1_layout;           /* t = 1, columns, Q1_0 on AVX-512: the prepared h_e's layouts */
-    job_t jg, ju;            /* t = 1: gate and up jobs with x prepared */
-    job_t *jd;               /* per expert down job (t = 1: h_e prepared for columns) */
-    float *tiles;            /* per thread: tile_floats */
-    int64_t tile_floats, tile1_rows, tile2_rows;
-} ffn_t;
+/* ffn_t, the call's state, is in kernels.h: the AVX-512 phase 2 paths (kernels_avx512.c) read it. */
 
 static inline float silu(float g) { return g / (1.0f + expf(-g)); }
 
@@ -66,10 +42,6 @@ static inline const uint8_t *gate_row(const ffn_t *f, int64_t e, int64_t r) {
 static inline const uint8_t *up_row(const ffn_t *f, int64_t e, int64_t r) {
     return f->bundles[e] + (int64_t)f->n[e] * f->rb_g + r * f->rb_u;
 }
-static inline const uint8_t *down_part(const ffn_t *f, int64_t e) {
-    return f->bundles[e] + (int64_t)f->n[e] * (f->rb_g + f->rb_u);
-}
-
 /* The expert holding flattened neuron index g (binary search over off). */
 static int64_t expert_of(const ffn_t *f, int64_t g) {
     int64_t lo = 0, hi = f->n_experts - 1;
@@ -87,20 +59,14 @@ static inline float coef_of(const ffn_t *f, int64_t i, int64_t e) {
 
 /* ---- t = 1: memory order and the phase 2 row blocks ---------------------------------------- */
 
-#define P1_PF_BYTES 4096   /* phase 1 prefetch distance, bytes ahead in the gate+up stream */
 #define P1_NEXT_BYTES 4096 /* phase 1: the next expert's first bytes, prefetched as its up rows start */
-#define P2_ROWS 8        /* phase 2 (columns): output rows per block, one accumulator each */
-#define P2_PF_BLOCKS 2   /* phase 2: row blocks ahead to prefetch, per expert */
+/* P1_PF_BYTES, P2_ROWS, P2_PF_BLOCKS and p1_prefetch: kernels.h (the fast paths use them too). */
 
 /* Phase 1 reads, per expert, its gate rows then its up rows: one forward stream (the two are
  * back to back in the bundle), one row at a time with a software prefetch P1_PF_BYTES ahead that
  * stays inside the bundle, and the next expert's first P1_NEXT_BYTES prefetched once as this
  * expert's up rows start (p1_prefetch_next). The alternatives tried and their timings are in
  * bench/RESULTS.md ("expert FFN t=1 profile"). */
-static inline void p1_prefetch(const uint8_t *row, int64_t rb) {
-    for (int64_t o = 0; o < rb; o += 64) __builtin_prefetch(row + P1_PF_BYTES + o, 0, 0);
-}
-
 /* Rows of expert e's gate (up = 0) or up (up = 1) matrix before which p1_prefetch stays inside
  * the bundle. */
 static int64_t p1_prefetch_rows(const ffn_t *f, int64_t e, int up) {
@@ -121,192 +87,8 @@ static void p1_prefetch_next(const ffn_t *f, int64_t e, int64_t g1) {
     for (int64_t o = 0; o < P1_NEXT_BYTES && o < gu; o += 64) __builtin_prefetch(f->bundles[e2] + o, 0, 0);
 }
 
-#if defined(FIC_X86)
-/* One pair of Q4_0/Q4_1 blocks (64 weights) of a row against the prepared pair-layout x, as
- * dot_q4_vnni's loop body: acc += d * (isum * dx + corr) (Q4_0), d * isum * dx + m * corr (Q4_1). */
-TGT_AVX512VNNI static inline __attribute__((always_inline)) __m512 q4_pair_vnni(
-        const uint8_t *b0, int64_t stride, int is1, __m512i xq, __m512 sc, __m512 corr, __m512 acc) {
-    const int64_t off = is1 ? 4 : 2;
-    const __m512i nib = _mm512_set1_epi8(15);
-    const __m512i idx_d = _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 0, 0, 0, 0, 2, 2, 2, 2);
-    const __m512i idx_m = _mm512_setr_epi32(1, 1, 1, 1, 3, 3, 3, 3, 1, 1, 1, 1, 3, 3, 3, 3);
-    const uint8_t *b1 = b0 + stride;
-    __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(b0 + off))),
-                                        _mm_loadu_si128((const __m128i *)(b1 + off)), 1);
-    __m512i q = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 4), 1), nib);
-    __m512i isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, xq);
-    uint32_t h0, h1;
-    memcpy(&h0, b0, 4);
-    memcpy(&h1, b1, 4);
-    __m512 dm = _mm512_castps128_ps512(
-        _mm_cvtph_ps(_mm_unpacklo_epi32(_mm_cvtsi32_si128((int)h0), _mm_cvtsi32_si128((int)h1))));
-    __m512 dv = _mm512_permutexvar_ps(idx_d, dm);
-    if (is1) {
-        acc = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(isum), sc), dv, acc);
-        return _mm512_fmadd_ps(corr, _mm512_permutexvar_ps(idx_m, dm), acc);
-    }
-    return _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), sc, corr), dv, acc);
-}
-
-/* The odd last Q4 block of a row (blk) against float x, as dot_q4_vnni does it. */
-TGT_AVX512VNNI static float q4_odd_block(const uint8_t *blk, int is1, const float *xb) {
-    const int64_t off = is1 ? 4 : 2;
-    fic_half hd, hm = 0;
-    memcpy(&hd, blk, 2);
-    if (is1) memcpy(&hm, blk + 2, 2);
-    float d = _cvtsh_ss(hd), mn = _cvtsh_ss(hm), extra = 0.0f;
-    for (int i = 0; i < 16; i++) {
-        int lo = blk[off + i] & 15, hi = blk[off + i] >> 4;
-        extra += (is1 ? d * lo + mn : d * (lo - 8)) * xb[i] + (is1 ? d * hi + mn : d * (hi - 8)) * xb[i + 16];
-    }
-    return extra;
-}
-
-/* One Q4 row against the prepared x (pair layout); the same sums as dot_q4_vnni, inlined. */
-TGT_AVX512VNNI static inline __attribute__((always_inline)) float q4_row_vnni(const job_t *j, const uint8_t *row) {
-    const int is1 = j->fmt == FIC_Q4_1;
-    const int64_t stride = is1 ? sizeof(block_q4_1) : sizeof(block_q4_0), nb = j->k / 32, np = nb / 2;
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t p = 0; p < np; p++)
-        acc = q4_pair_vnni(row + 2 * p * stride, stride, is1, _mm512_loadu_si512((const void *)(j->xq + 64 * p)),
-                           _mm512_loadu_ps(j->xscale16 + 16 * p), _mm512_loadu_ps(j->xcorr16 + 16 * p), acc);
-    float s = _mm512_reduce_add_ps(acc);
-    if (nb & 1) s += q4_odd_block(row + (nb - 1) * stride, is1, j->x + (nb - 1) * 32);
-    return s;
-}
-
-/* Phase 1 rows [r0, r1) of one matrix (gate or up: rows at base, rb bytes each) of expert e,
- * Q4 on VNNI: out[r - r0] = row r . x. */
-TGT_AVX512VNNI static void p1_rows_q4_vnni(const job_t *j, const uint8_t *base, int64_t rb, int64_t r0, int64_t r1,
-                                           int64_t r_pf, float *out) {
-    for (int64_t r = r0; r < r1; r++) {
-        const uint8_t *row = base + r * rb;
-        if (r < r_pf) p1_prefetch(row, rb);
-        out[r - r0] = q4_row_vnni(j, row);
-    }
-}
-
-/* Phase 2, columns, one block of NR output rows starting at r: for each expert, its NR row
- * pieces against h_e prepared, into NR accumulators (one reduction per output row over all
- * experts). Q4 on VNNI; experts whose h_e is not in the pair layout (n_e < 64) take dot_row. */
-TGT_AVX512VNNI static inline __attribute__((always_inline)) void down_cols_q4_block(const ffn_t *f, int64_t r,
-                                                                                    int nr, int64_t r_end) {
-    const int is1 = f->down_fmt == FIC_Q4_1;
-    const int64_t stride = is1 ? sizeof(block_q4_1) : sizeof(block_q4_0);
-    __m512 acc[P2_ROWS];
-    float extra[P2_ROWS];
-    for (int i = 0; i < nr; i++) {
-        acc[i] = _mm512_setzero_ps();
-        extra[i] = 0.0f;
-    }
-    for (int64_t e = 0; e < f->n_experts; e++) {
-        if (f->skip[e]) continue;
-        const job_t *j = &f->jd[e];
-        const int64_t rb = f->rb_d[e];
-        const uint8_t *w = down_part(f, e) + r * rb;
-        const int64_t pf_r = r + P2_PF_BLOCKS * P2_ROWS;
-        if (pf_r < r_end) {
-            const uint8_t *pf = w + P2_PF_BLOCKS * P2_ROWS * rb;
-            int64_t pf_bytes = (r_end - pf_r < nr ? r_end - pf_r : nr) * rb;
-            for (int64_t o = 0; o < pf_bytes; o += 64) __builtin_prefetch(pf + o, 0, 0);
-        }
-        if (!j->q4_int8) {
-            for (int i = 0; i < nr; i++) extra[i] += dot_row(j, w + i * rb, j->x);
-            continue;
-        }
-        const int64_t nb = j->k / 32, np = nb / 2;
-        for (int64_t p = 0; p < np; p++) {
-            __m512i xq = _mm512_loadu_si512((const void *)(j->xq + 64 * p));
-            __m512 sc = _mm512_loadu_ps(j->xscale16 + 16 * p), corr = _mm512_loadu_ps(j->xcorr16 + 16 * p);
-            for (int i = 0; i < nr; i++) acc[i] = q4_pair_vnni(w + i * rb + 2 * p * stride, stride, is1, xq, sc, corr, acc[i]);
-        }
-        if (nb & 1)
-            for (int i = 0; i < nr; i++) extra[i] += q4_odd_block(w + i * rb + (nb - 1) * stride, is1, j->x + (nb - 1) * 32);
-    }
-    for (int i = 0; i < nr; i++) f->y[r + i] += _mm512_reduce_add_ps(acc[i]) + extra[i];
-}
-
-TGT_AVX512VNNI static void down_cols_q4_vnni(const ffn_t *f, int64_t r0, int64_t r1) {
-    int64_t r = r0;
-    for (; r + P2_ROWS <= r1; r += P2_ROWS) down_cols_q4_block(f, r, P2_ROWS, r1);
-    for (; r < r1; r++) down_cols_q4_block(f, r, 1, r1);
-}
-
-/* The same for Q1_0 on AVX-512 (h_e as u8 q8 blocks, q1_block_sad; sums come out negated). */
-TGT_AVX512 static inline __attribute__((always_inline)) void down_cols_q1_block(const ffn_t *f, int64_t r, int nr,
-                                                                                int64_t r_end) {
-    __m512 acc[P2_ROWS];
-    for (int i = 0; i < nr; i++) acc[i] = _mm512_setzero_ps();
-    for (int64_t e = 0; e < f->n_experts; e++) {
-        if (f->skip[e]) continue;
-        const job_t *j = &f->jd[e];
-        const int64_t rb = f->rb_d[e];
-        const uint8_t *w = down_part(f, e) + r * rb;
-        const int64_t pf_r = r + P2_PF_BLOCKS * P2_ROWS;
-        if (pf_r < r_end) {
-            const uint8_t *pf = w + P2_PF_BLOCKS * P2_ROWS * rb;
-            int64_t pf_bytes = (r_end - pf_r < nr ? r_end - pf_r : nr) * rb;
-            for (int64_t o = 0; o < pf_bytes; o += 64) __builtin_prefetch(pf + o, 0, 0);
-        }
-        for (int64_t b = 0; b < j->k / QK1_0; b++) {
-            __m512i xu0 = _mm512_loadu_si512((const void *)(j->xu + b * QK1_0));
-            __m512i xu1 = _mm512_loadu_si512((const void *)(j->xu + b * QK1_0 + 64));
-            __m512 sc = _mm512_loadu_ps(j->xscale16 + 16 * b), corr = _mm512_loadu_ps(j->xcorr16 + 16 * b);
-            for (int i = 0; i < nr; i++)
-                acc[i] = q1_block_sad((const block_q1_0 *)(w + i * rb) + b, xu0, xu1, sc, corr, acc[i]);
-        }
-    }
-    for (int i = 0; i < nr; i++) f->y[r + i] -= _mm512_reduce_add_ps(acc[i]);
-}
-
-/* The same with h_e as bit planes (q1_planes: CPUs with VNNI/BITALG/VBMI), q1_group_planes per
- * group of 4 blocks; sums come out with their sign. */
-TGT_AVX512Q1 static inline __attribute__((always_inline)) void down_cols_q1_planes_block(const ffn_t *f, int64_t r,
-                                                                                      int nr, int64_t r_end) {
-    __m512 acc[P2_ROWS];
-    for (int i = 0; i < nr; i++) acc[i] = _mm512_setzero_ps();
-    const int32_t *cw = q1_plane_weights;
-    __asm__("" : "+r"(cw)); /* as dot_q1_planes_n: the plane weights stay loads, not rebuilt */
-    const int64_t gbytes = 4 * (int64_t)sizeof(block_q1_0);
-    for (int64_t e = 0; e < f->n_experts; e++) {
-        if (f->skip[e]) continue;
-        const job_t *j = &f->jd[e];
-        const int64_t rb = f->rb_d[e];
-        const uint8_t *w = down_part(f, e) + r * rb;
-        const int64_t pf_r = r + P2_PF_BLOCKS * P2_ROWS;
-        if (pf_r < r_end) {
-            const uint8_t *pf = w + P2_PF_BLOCKS * P2_ROWS * rb;
-            int64_t pf_bytes = (r_end - pf_r < nr ? r_end - pf_r : nr) * rb;
-            for (int64_t o = 0; o < pf_bytes; o += 64) __builtin_prefetch(pf + o, 0, 0);
-        }
-        const int64_t nb = j->k / QK1_0, ng = (nb + 3) / 4;
-        for (int64_t g = 0; g < ng; g++) {
-            __m512i pl[8];
-            for (int p = 0; p < 8; p++) pl[p] = _mm512_loadu_si512((const void *)(j->xu + 512 * g + 64 * p));
-            __m512 a = _mm512_loadu_ps(j->xscale16 + 16 * g), c = _mm512_loadu_ps(j->xcorr16 + 16 * g);
-            const int nrem = (int)(nb - 4 * g);
-            if (nrem >= 4) {
-                for (int i = 0; i < nr; i++) acc[i] = q1_group_planes(w + i * rb + g * gbytes, 4, pl, a, c, acc[i], cw);
-            } else {
-                for (int i = 0; i < nr; i++) acc[i] = q1_group_planes(w + i * rb + g * gbytes, nrem, pl, a, c, acc[i], cw);
-            }
-        }
-    }
-    for (int i = 0; i < nr; i++) f->y[r + i] += _mm512_reduce_add_ps(acc[i]);
-}
-
-TGT_AVX512 static void down_cols_q1_avx512(const ffn_t *f, int64_t r0, int64_t r1) {
-    int64_t r = r0;
-    for (; r + P2_ROWS <= r1; r += P2_ROWS) down_cols_q1_block(f, r, P2_ROWS, r1);
-    for (; r < r1; r++) down_cols_q1_block(f, r, 1, r1);
-}
-
-TGT_AVX512Q1 static void down_cols_q1_planes(const ffn_t *f, int64_t r0, int64_t r1) {
-    int64_t r = r0;
-    for (; r + P2_ROWS <= r1; r += P2_ROWS) down_cols_q1_planes_block(f, r, P2_ROWS, r1);
-    for (; r < r1; r++) down_cols_q1_planes_block(f, r, 1, r1);
-}
-#endif
+/* The AVX-512 phase 1 (Q4 on VNNI) and phase 2 (columns: Q4 on VNNI, Q1_0) paths are in
+ * kernels_avx512.c, reached through the table's rows and down_cols entries. */
 
 /* ---- phase 1 ----------------------------------------------------------------------------- */
 
@@ -317,22 +99,14 @@ static void p1_rows(const ffn_t *f, int64_t e, int up, int64_t r0, int64_t r1, f
     const uint8_t *base = up ? up_row(f, e, 0) : gate_row(f, e, 0);
     const int64_t r_pf = f->impl == FIC_IMPL_REF ? 0 : p1_prefetch_rows(f, e, up);
     int64_t r = r0;
-#if defined(FIC_X86)
-    if (j->q4_int8) {
-        p1_rows_q4_vnni(j, base, rb, r0, r1, r_pf, out);
-        return;
-    }
-    if (j->fmt == FIC_Q1_0 && f->impl == FIC_IMPL_AVX512) {
-        /* two consecutive rows share the prepared x */
+    if (j->kf->rows && j->kf->rows(j, base, rb, r0, r1, r_pf, out)) return;
+    if (j->kf->dot2) {
+        /* two consecutive rows share the prepared x (j->row_bytes == rb) */
         for (; r + 2 <= r1; r += 2) {
             if (r + 1 < r_pf) p1_prefetch(base + r * rb, 2 * rb);
-            if (j->q1_planes) /* j->row_bytes == rb */
-                dot_q1_planes(j, base + r * rb, 2, out + (r - r0));
-            else
-                dot_q1_avx512(j, base + r * rb, base + (r + 1) * rb, 2, out + (r - r0));
+            j->kf->dot2(j, base + r * rb, out + (r - r0));
         }
     }
-#endif
     for (; r < r1; r++) {
         if (r < r_pf) p1_prefetch(base + r * rb, rb);
         out[r - r0] = dot_row(j, base + r * rb, f->x);
@@ -413,24 +187,8 @@ static void phase1_tiles(void *ctx, int64_t g0, int64_t g1, int tid) {
 static void down_cols_t1(void *ctx, int64_t r0, int64_t r1, int tid) {
     const ffn_t *f = ctx;
     (void)tid;
-#if defined(FIC_X86)
-    if ((f->down_fmt == FIC_Q4_0 || f->down_fmt == FIC_Q4_1) && f->impl == FIC_IMPL_AVX512 &&
-        cpu_has_avx512vnni()) {
-        down_cols_q4_vnni(f, r0, r1);
-        return;
-    }
-    if (f->down_fmt == FIC_Q1_0 && f->impl == FIC_IMPL_AVX512) {
-        /* h_e's layout depends on n_e (prep_x_mode): mixed layouts take the generic loop */
-        if (f->q1_layout == Q1_ALL_PLANES) {
-            down_cols_q1_planes(f, r0, r1);
-            return;
-        }
-        if (f->q1_layout == Q1_ALL_SAD) {
-            down_cols_q1_avx512(f, r0, r1);
-            return;
-        }
-    }
-#endif
+    const fic_fmt_kernels *kf = &f->kt->fmt[f->down_fmt];
+    if (kf->down_cols && kf->down_cols(f, r0, r1)) return;
     for (int64_t e = 0; e < f->n_experts; e++) {
         if (f->skip[e]) continue;
         const job_t *j = &f->jd[e];
@@ -524,7 +282,7 @@ static int check_args(fic_pool *pool, int *impl, const fic_expert_layout *lay, c
         return FIC_ERR_ARG;
     if (*impl < FIC_IMPL_AUTO || *impl > FIC_IMPL_NEON) return FIC_ERR_ARG;
     if (*impl == FIC_IMPL_AUTO) *impl = fic_impl_best();
-    if (!fic_impl_available(*impl)) return FIC_ERR_UNSUPPORTED;
+    if (fic_kernels_for(*impl) == NULL) return FIC_ERR_UNSUPPORTED;
     int st = ws_check(ws, ws_bytes, ws_ffn(fic_pool_threads(pool), t, d, n_experts, total));
     if (st != FIC_OK) return st;
     *n_total = total;
@@ -537,7 +295,9 @@ static int ffn_run(fic_pool *pool, int impl, const fic_expert_layout *layout, co
                    float *y, int64_t t, float *scratch, uint8_t *ws, int64_t ws_bytes) {
     ffn_t f;
     memset(&f, 0, sizeof f);
+    const fic_kernels *kt = fic_kernels_for(impl); /* not NULL: check_args */
     f.impl = impl;
+    f.kt = kt;
     f.d = layout->d_model;
     f.t = t;
     f.n_experts = n_experts;
@@ -582,12 +342,12 @@ static int ffn_run(fic_pool *pool, int impl, const fic_expert_layout *layout, co
     const int n_threads = fic_pool_threads(pool);
     if (t == 1) {
         /* phase 1: x prepared once for gate and once for up */
-        init_job(&f.jg, impl, f.gate_fmt, NULL, x, NULL, 1, 1, f.d);
-        init_job(&f.ju, impl, f.up_fmt, NULL, x, NULL, 1, 1, f.d);
+        init_job(&f.jg, kt, f.gate_fmt, NULL, x, NULL, 1, 1, f.d);
+        init_job(&f.ju, kt, f.up_fmt, NULL, x, NULL, 1, 1, f.d);
         size_t bg = prep_x_bytes(&f.jg), bu = prep_x_bytes(&f.ju), bd = 0;
         for (size_t e = 0; e < ne; e++) {
             if (layout->down_rows) continue;
-            init_job(&f.jd[e], impl, f.down_fmt, NULL, scratch + off[e], NULL, 1, 1, n_neurons[e]);
+            init_job(&f.jd[e], kt, f.down_fmt, NULL, scratch + off[e], NULL, 1, 1, n_neurons[e]);
             bd += prep_x_bytes(&f.jd[e]);
         }
         if ((int64_t)(bg + bu + bd) > rest_bytes) return FIC_ERR_WORKSPACE; /* the bound of fic.h */
@@ -610,8 +370,8 @@ static int ffn_run(fic_pool *pool, int impl, const fic_expert_layout *layout, co
             fic_parallel_for(pool, f.d, row_chunk(pool, f.d, rb_sum), down_cols_t1, &f);
         }
     } else {
-        init_job(&f.jg, impl, f.gate_fmt, NULL, x, NULL, t, 1, f.d);
-        init_job(&f.ju, impl, f.up_fmt, NULL, x, NULL, t, 1, f.d);
+        init_job(&f.jg, kt, f.gate_fmt, NULL, x, NULL, t, 1, f.d);
+        init_job(&f.ju, kt, f.up_fmt, NULL, x, NULL, t, 1, f.d);
         f.tile1_rows = clamp_tile(f.d);
         f.tile2_rows = clamp_tile(n_max);
         int64_t need1 = f.tile1_rows * f.d + t * f.tile1_rows;
@@ -624,7 +384,7 @@ static int ffn_run(fic_pool *pool, int impl, const fic_expert_layout *layout, co
         fic_parallel_for(pool, n_total, chunk, phase1_tiles, &f);
         if (!layout->down_rows) {
             for (size_t e = 0; e < ne; e++) {
-                init_job(&f.jd[e], impl, f.down_fmt, NULL, scratch + t * off[e], NULL, t, 1, n_neurons[e]);
+                init_job(&f.jd[e], kt, f.down_fmt, NULL, scratch + t * off[e], NULL, t, 1, n_neurons[e]);
                 f.rb_d[e] = f.jd[e].row_bytes;
             }
             int64_t c2 = (f.d + 4 * n_threads - 1) / (4 * n_threads);
@@ -635,7 +395,7 @@ static int ffn_run(fic_pool *pool, int impl, const fic_expert_layout *layout, co
     if (layout->down_rows) {
         /* one block-aligned column range per thread (at least 256 weights), as accum_rows */
         for (size_t e = 0; e < ne; e++) {
-            init_job(&f.jd[e], impl, f.down_fmt, down_part(&f, (int64_t)e), NULL, y, 1, n_neurons[e], f.d);
+            init_job(&f.jd[e], kt, f.down_fmt, down_part(&f, (int64_t)e), NULL, y, 1, n_neurons[e], f.d);
             f.jd[e].a = scratch + off[e]; /* t = 1 only */
             f.rb_d[e] = f.jd[e].row_bytes;
         }

@@ -8,24 +8,20 @@
  *            Q4_0/Q4_1 on AVX-512 VNNI. Identities used: Q4_1 sum (d q + m) x =
  *            d sum q x + m sum x (and Q4_K per 32-weight sub-block, d sc and dmin m); Q1_0 sum d s x with s = +-1 from the sign bits, and on
  *            AVX-512 VNNI/BITALG/VBMI sum s xq = 2 sum_{bit set} xq - sum xq with x as 8 bit
- *            planes (popcounts, see dot_q1_planes in kernels_impl.h).
+ *            planes (popcounts, see dot_q1_planes in kernels_avx512.c).
  *   matmul   a tile of rows is dequantized to float once and multiplied by all T rows of x
  *            (register-blocked FMA kernel), threads split row tiles; exact float math.
  *   accum    threads split the columns; rows stream past an L1-resident piece of y.
  * No kernel allocates: the prepared x and the matmul tiles live in the caller's workspace, whose
  * size fic_workspace_bytes (here) gives for a set of maxima (the formulas are in fic.h).
  *
- * Fast paths are compiled with per-function target attributes; this file is built without
- * -mavx2 and runs on any CPU of its architecture, the choice is made at run time. The per-format,
- * per-CPU pieces live in kernels_impl.h, shared with ffn.c. */
+ * The per-format, per-CPU pieces are reached through the implementation's kernel table
+ * (kernels.h; one file per architecture: kernels_scalar.c, kernels_avx2.c, kernels_avx512.c,
+ * kernels_neon.c), chosen once per call. */
 #include <stdint.h>
 #include <string.h>
 
-#include "blocks.h"
-#include "fic.h"
-#include "pool.h"
-
-#include "kernels_impl.h"
+#include "kernels.h"
 
 /* ---- the three kernels ------------------------------------------------------------------- */
 
@@ -38,8 +34,9 @@ static int setup_job(job_t *j, fic_pool *pool, int impl, int fmt, const uint8_t 
     int64_t rb = fic_row_bytes(fmt, k);
     if (rb <= 0) return FIC_ERR_ARG;
     if (impl == FIC_IMPL_AUTO) impl = fic_impl_best();
-    if (!fic_impl_available(impl)) return FIC_ERR_UNSUPPORTED;
-    init_job(j, impl, fmt, w, x, y, t, m, k);
+    const fic_kernels *kt = fic_kernels_for(impl);
+    if (kt == NULL) return FIC_ERR_UNSUPPORTED;
+    init_job(j, kt, fmt, w, x, y, t, m, k);
     return FIC_OK;
 }
 
@@ -55,8 +52,7 @@ static void matvec_range(void *ctx, int64_t r0, int64_t r1, int tid) {
     const uint8_t *start = j->w + r0 * j->row_bytes;
     for (const uint8_t *p = start; p < end && p < start + PREFETCH_BYTES; p += 64) __builtin_prefetch(p, 0, 0);
     int64_t r = r0;
-#if defined(FIC_X86)
-    if (j->fmt == FIC_Q1_0 && j->impl == FIC_IMPL_AVX512) {
+    if (j->kf->dot2) { /* two rows per pass share the prepared x (Q1_0 on AVX-512) */
         /* Two interleaved row streams defeat the hardware prefetcher (6 GB/s instead of 15
          * from DRAM): prefetch PREFETCH_BYTES ahead in software. */
         const int nr = 2;
@@ -64,13 +60,9 @@ static void matvec_range(void *ctx, int64_t r0, int64_t r1, int tid) {
             const uint8_t *row = j->w + r * j->row_bytes;
             for (const uint8_t *p = row + PREFETCH_BYTES; p < row + PREFETCH_BYTES + nr * j->row_bytes && p < end; p += 64)
                 __builtin_prefetch(p, 0, 0);
-            if (j->q1_planes)
-                dot_q1_planes(j, row, nr, j->y + r);
-            else
-                dot_q1_avx512(j, row, row + j->row_bytes, 2, j->y + r);
+            j->kf->dot2(j, row, j->y + r);
         }
     }
-#endif
     for (; r < r1; r++) j->y[r] = dot_row(j, j->w + r * j->row_bytes, j->x);
 }
 

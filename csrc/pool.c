@@ -5,7 +5,8 @@
  * like the others. It returns once every chunk is finished, whoever ran it, so a worker the OS
  * has not scheduled yet costs nothing (the running threads take its share). Idle workers spin
  * for a short while, then yield, then sleep on a futex. The protocol is described at the pool's
- * code below. All state lives in the fic_pool object; nothing is global. */
+ * code below. All state lives in the fic_pool object; the one global is the CPU's features, set
+ * once (pthread_once) and read-only afterwards. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <limits.h>
@@ -37,28 +38,41 @@ static inline void cpu_relax(void) {}
 
 /* ---- CPU features ------------------------------------------------------------------------ */
 
-int fic_impl_available(int impl) {
-    switch (impl) {
-    case FIC_IMPL_REF:
-        return 1;
+/* What the CPU has, asked once (pthread_once) and read-only afterwards: the kernels pick their
+ * table from it on every call (kernels.c), so no call asks the CPU again. */
+static pthread_once_t cpu_once = PTHREAD_ONCE_INIT;
+static fic_cpu_features cpu_features;
+
+static void cpu_detect(void) {
+    fic_cpu_features c = {0, 0, 0, 0, 0};
 #if defined(__x86_64__) && defined(__GNUC__)
-    case FIC_IMPL_AVX2:
-        __builtin_cpu_init();
-        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-               __builtin_cpu_supports("f16c");
-    case FIC_IMPL_AVX512:
-        /* libgcc's checks include the OS's XSAVE state (xgetbv) for AVX and AVX-512. */
-        __builtin_cpu_init();
-        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx2") &&
-               __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    __builtin_cpu_init();
+    c.avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    /* libgcc's checks include the OS's XSAVE state (xgetbv) for AVX and AVX-512. */
+    c.avx512 = c.avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl");
+    c.avx512_vnni = c.avx512 && __builtin_cpu_supports("avx512vnni");
+    c.avx512_q1 = c.avx512_vnni && __builtin_cpu_supports("avx512bitalg") && __builtin_cpu_supports("avx512vbmi");
 #endif
 #if defined(__aarch64__)
-    case FIC_IMPL_NEON:
-        return 1; /* NEON and fp16 conversions are baseline on AArch64 */
+    c.neon = 1; /* NEON and fp16 conversions are baseline on AArch64 */
 #endif
-    default:
-        return 0;
+    cpu_features = c;
+}
+
+const fic_cpu_features *fic_cpu_features_get(void) {
+    pthread_once(&cpu_once, cpu_detect);
+    return &cpu_features;
+}
+
+int fic_impl_available(int impl) {
+    const fic_cpu_features *c = fic_cpu_features_get();
+    switch (impl) {
+    case FIC_IMPL_REF: return 1;
+    case FIC_IMPL_AVX2: return c->avx2;
+    case FIC_IMPL_AVX512: return c->avx512;
+    case FIC_IMPL_NEON: return c->neon;
+    default: return 0;
     }
 }
 

@@ -1,4 +1,4 @@
-/* pool.h - internal: the thread pool's parallel-for, used by the kernels in matvec.c. */
+/* pool.h - internal: the thread pool's parallel-for and the CPU's features, used by the kernels. */
 #ifndef FIC_POOL_H
 #define FIC_POOL_H
 
@@ -18,5 +18,14 @@ typedef void (*fic_range_fn)(void *ctx, int64_t begin, int64_t end, int tid);
  * runs a chunk is not fixed: fn must not assume tid k gets the k-th 1/n of the items.
  * If another thread is already using the pool, this call runs inline on its own thread. */
 void fic_parallel_for(fic_pool *pool, int64_t n, int64_t chunk, fic_range_fn fn, void *ctx);
+
+/* The CPU's features, detected once (pthread_once) and read-only afterwards; every flag implies
+ * the ones before it on its line (avx512_q1: VNNI, BITALG and VBMI; see kernels_avx512.c). */
+typedef struct {
+    int avx2;                            /* AVX2 + FMA + F16C */
+    int avx512, avx512_vnni, avx512_q1;  /* AVX-512 F/BW/VL; + VNNI; + VNNI, BITALG, VBMI */
+    int neon;                            /* AArch64 */
+} fic_cpu_features;
+const fic_cpu_features *fic_cpu_features_get(void);
 
 #endif /* FIC_POOL_H */

@@ -34,6 +34,8 @@ FAST_IMPLS = [i for i in IMPLS if i != "ref"]
 EPS32 = 2.0 ** -24
 FLOAT_SLACK = 2.0
 REPO = Path(__file__).resolve().parents[1]
+# The kernels' files (csrc/build_ffi.py's SOURCES): shared code and one file per architecture.
+KERNEL_SOURCES = ("kernels.c", "kernels_scalar.c", "kernels_avx2.c", "kernels_avx512.c", "kernels_neon.c")
 
 
 def _cpu_flags() -> set[str]:
@@ -578,7 +580,7 @@ def test_kernels_never_allocate(arch, tmp_path):
     exe = tmp_path / "noalloc"
     wrap = "-Wl,--wrap=malloc,--wrap=calloc,--wrap=realloc,--wrap=aligned_alloc,--wrap=posix_memalign"
     cmd = [cc, "-O2", "-std=gnu11", "-Wall", "-Wextra", "-Werror", *flags, "-pthread", "-I", str(csrc),
-           str(REPO / "tests" / "noalloc_harness.c"), *(str(csrc / f) for f in ("quant.c", "matvec.c", "pool.c", "ffn.c")),
+           str(REPO / "tests" / "noalloc_harness.c"), *(str(csrc / f) for f in ("quant.c", "matvec.c", "pool.c", "ffn.c", *KERNEL_SOURCES)),
            wrap, "-o", str(exe), "-lm"]
     res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"})
     assert res.returncode == 0, res.stderr
@@ -590,7 +592,7 @@ def test_kernels_never_allocate(arch, tmp_path):
 # ---- NEON keeps compiling -------------------------------------------------------------------
 
 @pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None, reason="no aarch64 cross compiler")
-@pytest.mark.parametrize("src", ["matvec.c", "pool.c", "ffn.c"])
+@pytest.mark.parametrize("src", ["matvec.c", "pool.c", "ffn.c", *KERNEL_SOURCES])
 def test_aarch64_cross_compile(src, tmp_path):
     cmd = ["aarch64-linux-gnu-gcc", "-O2", "-std=gnu11", "-Wall", "-Wextra",
            "-Werror", "-march=armv8-a+crc", "-pthread", "-I", str(REPO / "csrc"), "-c",
@@ -685,7 +687,7 @@ def test_neon_matches_reference_under_qemu(tmp_path):
     exe = tmp_path / "neon_check"
     csrc = REPO / "csrc"
     cmd = ["aarch64-linux-gnu-gcc", "-O2", "-std=gnu11", "-march=armv8-a+crc", "-pthread", "-static",
-           "-I", str(csrc), str(src), *(str(csrc / f) for f in ("quant.c", "matvec.c", "pool.c")),
+           "-I", str(csrc), str(src), *(str(csrc / f) for f in ("quant.c", "matvec.c", "pool.c", *KERNEL_SOURCES)),
            "-o", str(exe), "-lm"]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr

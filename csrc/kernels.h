@@ -1,0 +1,304 @@
+/* kernels.h - internal: what the kernels' files share. The job description (job_t), the
+ * workspace sizes, the FFN call's state (ffn_t), and the table from format to kernels, ggml's
+ * type traits in shape: one const fic_kernels per architecture (kernels_scalar.c, kernels_avx2.c,
+ * kernels_avx512.c, kernels_neon.c), chosen per call by fic_kernels_for (kernels.c) from the CPU
+ * features pool.c resolves once. Entry points (matvec.c, ffn.c) then call through the table: no
+ * switch on the format per row, no CPU query per call.
+ *
+ * Each architecture's file is compiled on every build and is empty where its architecture is not
+ * the target's; x86 fast paths carry per-function target attributes (the build has no -mavx2,
+ * so one binary runs on any x86-64 CPU). */
+#ifndef FIC_KERNELS_H
+#define FIC_KERNELS_H
+
+#include <assert.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "blocks.h"
+#include "fic.h"
+#include "pool.h"
+
+#if defined(__x86_64__)
+#define FIC_X86 1
+#define TGT_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define TGT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
+#define TGT_AVX512VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+#define TGT_AVX512Q1 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512bitalg,avx512vbmi,avx2,fma,f16c")))
+#endif
+
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+
+#define MAX_BW 256 /* largest block, in weights (a K-quant super-block) */
+
+/* ---- shared job description ------------------------------------------------------------- */
+
+typedef struct job_s {
+    int fmt, impl;
+    const uint8_t *w;
+    const float *x;    /* matvec: x[k]; matmul: x[t][k] */
+    const float *a;    /* accum_rows: a[n_rows] */
+    float *y;
+    int64_t t, m, k, row_bytes, bw, bb;
+    const float *xsum; /* per-block sums of x (Q4_1, Q1_0), or NULL */
+    const int8_t *xq;  /* x quantized to int8 in blocks of 32 (Q1_0 on AVX2; Q4 on VNNI), or NULL */
+    const float *xscale16; /* per 4 weights: the scale of xq's block (16 lanes per 64 weights);
+                              Q1_0 on AVX2: 8 lanes per 128 weights (see dot_q1_avx2) */
+    const float *xcorr16;  /* Q4 int8 path: per 4 weights, dx * their sum of xq (x -8 for Q4_0);
+                              Q1_0 on AVX-512: -1024 dx per lane; on AVX2 see dot_q1_avx2 */
+    const uint8_t *xu;     /* Q1_0 on AVX-512: xq + 128 as u8, or x's bit planes (q1_planes) */
+    int q4_int8;           /* Q4_0/Q4_1 on AVX-512 VNNI: xq is in the pair layout (see below) */
+    int q1_planes;         /* Q1_0 on AVX-512 with VNNI/BITALG/VBMI: xu holds x's bit planes,
+                              xscale16 2 dx and xcorr16 -dx sum(xq) per q8 block (see below) */
+    float *scratch;    /* matmul: per-thread tile of rows */
+    int64_t scratch_floats, tile_rows;
+    const struct fic_kernels *kt;     /* the implementation's kernel table (fic_kernels_for) */
+    const struct fic_fmt_kernels *kf; /* &kt->fmt[fmt]: this format's kernels */
+} job_t;
+
+/* The common part of a job: what every kernel reads before its own per-call preparation. kt is
+ * the implementation's table (fic_kernels_for), resolved once per call by the entry point. */
+static inline void init_job(job_t *j, const struct fic_kernels *kt, int fmt, const uint8_t *w, const float *x,
+                            float *y, int64_t t, int64_t m, int64_t k);
+
+static inline int fmt_ok(int fmt) { return fmt >= 0 && fmt < FIC_FMT_COUNT; }
+
+/* ---- workspace sizes: the formulas documented in fic.h -------------------------------------- */
+
+static_assert(sizeof(job_t) <= 256, "fic.h promises a per-expert record of at most 256 bytes");
+
+#define WS_MAX_DIM ((int64_t)1 << 36) /* t, k, experts, neurons: keeps every product in int64 */
+#define WS_MAX_THREADS (1 << 16)
+#define TILE_BYTES (256 << 10) /* dequantized rows per tile: stay in L2 while tokens stream past */
+#define SEG_FLOATS 512         /* a dequantized row piece, in L1 */
+
+static inline int64_t ws_round64(int64_t b) { return (b + 63) / 64 * 64; }
+
+/* Rows per tile of dequantized k-weight rows: ~TILE_BYTES of floats, a multiple of the 6-row
+ * register block, 6 to 60 rows. */
+static inline int64_t clamp_tile(int64_t k) {
+    int64_t tile = TILE_BYTES / (4 * k);
+    return tile < 6 ? 6 : tile > 60 ? 60 : tile / 6 * 6;
+}
+
+/* F(k) of fic.h: clamp_tile(k) * k <= F(k), and F grows with k. */
+static inline int64_t ws_tile_floats(int64_t k) {
+    const int64_t a = 60 * k < TILE_BYTES / 4 ? 60 * k : TILE_BYTES / 4;
+    return a > 6 * k ? a : 6 * k;
+}
+
+static inline int ws_dim_ok(int64_t v) { return v >= 0 && v <= WS_MAX_DIM; }
+
+/* Bytes each kernel needs (fic.h), or -1 when a size is out of range. */
+static inline int64_t ws_matvec(int64_t k) { return ws_dim_ok(k) ? ws_round64(3 * k) : -1; }
+
+static inline int64_t ws_matmul(int n_threads, int64_t k) {
+    if (n_threads < 1 || n_threads > WS_MAX_THREADS || !ws_dim_ok(k)) return -1;
+    return n_threads * ws_round64(4 * ws_tile_floats(k));
+}
+
+/* experts_ffn: the bundle pointers (slots), then the per-expert tables (ffn.c). */
+static inline int64_t ws_ffn_ptrs(int64_t e) { return ws_round64(8 * e); }
+static inline int64_t ws_ffn_tables(int64_t e) { return ws_round64(e * (17 + (int64_t)sizeof(job_t)) + 8); }
+
+static inline int64_t ws_ffn(int n_threads, int64_t t, int64_t d, int64_t e, int64_t n) {
+    if (n_threads < 1 || n_threads > WS_MAX_THREADS || !ws_dim_ok(t) || !ws_dim_ok(d) || !ws_dim_ok(e) ||
+        !ws_dim_ok(n))
+        return -1;
+    if (e == 0 || t == 0) return 0;
+    const int64_t fixed = ws_ffn_ptrs(e) + ws_ffn_tables(e);
+    if (t == 1) return fixed + 2 * ws_round64(3 * d) + ws_round64(3 * n) + 64 * e;
+    int64_t f = ws_tile_floats(d), fn = ws_tile_floats(n);
+    f = f > fn ? f : fn;
+    f = f > SEG_FLOATS ? f : SEG_FLOATS;
+    return fixed + n_threads * ws_round64(4 * (f + 60 * t));
+}
+
+/* FIC_OK when ws (64-byte aligned, or NULL with 0 bytes) holds need bytes. */
+static inline int ws_check(const void *ws, int64_t ws_bytes, int64_t need) {
+    if (need < 0 || ws_bytes < 0) return FIC_ERR_ARG;
+    if (ws == NULL ? ws_bytes != 0 : ((uintptr_t)ws & 63) != 0) return FIC_ERR_ARG;
+    return ws_bytes >= need ? FIC_OK : FIC_ERR_WORKSPACE;
+}
+
+
+/* ---- the table from format to kernels ---------------------------------------------------- */
+
+struct ffn_s;
+
+/* Activation preparation, done once per vector x (matvec: once per call) by prep_x (kernels.c):
+ *   XP_SUMS      per-block sums of x (float fast paths of Q4_1, and of Q1_0 on NEON); for Q4_K per
+ *                sub-block of 32 (its mins apply per sub-block; see xsum_width)
+ *   XP_Q1_AVX2   x -> int8 q8 blocks + lane scales + corrections (Q1_0 on AVX2, dot_q1_avx2)
+ *   XP_Q1_AVX512 x -> u8 q8 blocks + scales + corrections (Q1_0 on AVX-512, q1_block_sad)
+ *   XP_Q1_PLANES x -> bit planes of its q8 blocks + scales + corrections (Q1_0 on AVX-512 with
+ *                VNNI/BITALG/VBMI, dot_q1_planes)
+ *   XP_Q4_VNNI   x -> int8 in the pair layout (Q4_0/Q4_1 on AVX-512 VNNI, k >= 64) */
+enum { XP_NONE, XP_SUMS, XP_Q1_AVX2, XP_Q1_AVX512, XP_Q1_PLANES, XP_Q4_VNNI };
+
+typedef float (*kern_dot_fn)(const job_t *j, const uint8_t *row, const float *x);
+typedef void (*kern_dot2_fn)(const job_t *j, const uint8_t *row0, float *y);
+typedef void (*kern_deq_fn)(const uint8_t *row, int64_t b0, int64_t b1, float *out);
+typedef int (*kern_axpy_blocks_fn)(const uint8_t *row, int64_t b0, int64_t b1, float a, float *y);
+typedef void (*kern_accum_fn)(const job_t *j, int64_t b0, int64_t b1);
+typedef int (*kern_rows_fn)(const job_t *j, const uint8_t *base, int64_t rb, int64_t r0, int64_t r1, int64_t r_pf,
+                            float *out);
+typedef int (*kern_down_cols_fn)(const struct ffn_s *f, int64_t r0, int64_t r1);
+typedef void (*kern_axpy_fn)(float a, const float *w, float *y, int64_t n);
+typedef void (*kern_gemm_tile_fn)(const job_t *j, const float *tile, int64_t nr, int64_t r0);
+
+/* One format's kernels on one implementation. dot and deq are always set; the others are
+ * optional fast paths (NULL: the generic code in kernels.c, matvec.c and ffn.c). */
+typedef struct fic_fmt_kernels {
+    int block_weights, block_bytes; /* the format's block (fic_fmt_block_weights / _bytes) */
+    int xprep;                      /* XP_*: how dot wants x prepared */
+    int xprep_small;                /* XP_* when x is too short for xprep (see prep_x_mode) */
+    kern_dot_fn dot;                /* row . x, x prepared as xprep says */
+    kern_dot2_fn dot2;              /* rows row0 and row0 + j->row_bytes against one x, into y[0..2) */
+    kern_deq_fn deq;                /* blocks [b0, b1) of a row -> float */
+    kern_axpy_blocks_fn axpy_blocks; /* y += a * blocks [b0, b1), dequantized in registers; 0: not done */
+    kern_accum_fn accum;            /* accum_rows over block columns [b0, b1) of every row */
+    kern_rows_fn rows;              /* FFN phase 1 rows [r0, r1) with the phase's prefetch; 0: not done */
+    kern_down_cols_fn down_cols;    /* FFN phase 2, columns, t = 1, output rows [r0, r1); 0: not done */
+} fic_fmt_kernels;
+
+typedef struct fic_kernels {
+    int impl;                       /* FIC_IMPL_* */
+    kern_axpy_fn axpy;              /* y += a * w, float */
+    kern_gemm_tile_fn gemm_tile;    /* Y[t][r0 + r] = tile[r] . x[t], a tile of dequantized rows */
+    fic_fmt_kernels fmt[FIC_FMT_COUNT];
+} fic_kernels;
+
+/* The traits columns every table repeats: block weights and bytes of each format. */
+#define KT_F32 1, 4
+#define KT_F16 1, 2
+#define KT_Q8_0 QK8_0, (int)sizeof(block_q8_0)
+#define KT_Q4_0 QK4_0, (int)sizeof(block_q4_0)
+#define KT_Q4_1 QK4_1, (int)sizeof(block_q4_1)
+#define KT_Q1_0 QK1_0, (int)sizeof(block_q1_0)
+#define KT_Q5_0 QK5_0, (int)sizeof(block_q5_0)
+#define KT_Q4_K QK_K, (int)sizeof(block_q4_K)
+#define KT_Q6_K QK_K, (int)sizeof(block_q6_K)
+
+/* The per-architecture tables: const, defined in their files. */
+extern const fic_kernels fic_kernels_scalar;
+#if defined(FIC_X86)
+extern const fic_kernels fic_kernels_avx2;
+extern const fic_kernels fic_kernels_avx512;      /* AVX-512 F/BW/VL */
+extern const fic_kernels fic_kernels_avx512_vnni; /* + VNNI: Q4 with int8 activations */
+extern const fic_kernels fic_kernels_avx512_q1;   /* + VNNI, BITALG, VBMI: Q1_0 as bit planes too */
+#endif
+#if defined(__aarch64__)
+extern const fic_kernels fic_kernels_neon;
+#endif
+
+/* The table of impl (not AUTO) on this CPU, or NULL when it cannot run here (kernels.c). */
+const fic_kernels *fic_kernels_for(int impl);
+
+static inline void init_job(job_t *j, const fic_kernels *kt, int fmt, const uint8_t *w, const float *x, float *y,
+                            int64_t t, int64_t m, int64_t k) {
+    memset(j, 0, sizeof *j);
+    j->fmt = fmt;
+    j->impl = kt->impl;
+    j->kt = kt;
+    j->kf = &kt->fmt[fmt];
+    j->w = w;
+    j->x = x;
+    j->y = y;
+    j->t = t;
+    j->m = m;
+    j->k = k;
+    j->row_bytes = fic_row_bytes(fmt, k);
+    j->bw = j->kf->block_weights;
+    j->bb = j->kf->block_bytes;
+}
+
+/* Calls through the table (what the switches on impl and format used to be). */
+static inline float dot_row(const job_t *j, const uint8_t *row, const float *x) { return j->kf->dot(j, row, x); }
+static inline void deq_range(const job_t *j, const uint8_t *row, int64_t b0, int64_t b1, float *out) {
+    j->kf->deq(row, b0, b1, out);
+}
+static inline void axpy(const job_t *j, float a, const float *w, float *y, int64_t n) { j->kt->axpy(a, w, y, n); }
+static inline void gemm_tile(const job_t *j, const float *tile, int64_t nr, int64_t r0) {
+    j->kt->gemm_tile(j, tile, nr, r0);
+}
+
+/* ---- shared by the generic code and the fast paths ------------------------------------------ */
+
+#define ACCUM_PF_ROWS 4  /* accum_rows: rows ahead to prefetch: each row piece is its own short stream */
+#define P1_PF_BYTES 4096 /* FFN phase 1 prefetch distance, bytes ahead in the gate+up stream */
+#define P2_ROWS 8        /* FFN phase 2 (columns): output rows per block, one accumulator each */
+#define P2_PF_BLOCKS 2   /* FFN phase 2: row blocks ahead to prefetch, per expert */
+
+/* Phase 1 reads one row at a time with a software prefetch P1_PF_BYTES ahead (ffn.c). */
+static inline void p1_prefetch(const uint8_t *row, int64_t rb) {
+    for (int64_t o = 0; o < rb; o += 64) __builtin_prefetch(row + P1_PF_BYTES + o, 0, 0);
+}
+
+enum { Q1_ALL_SAD, Q1_ALL_PLANES, Q1_MIXED }; /* ffn_t.q1_layout */
+
+/* One experts_ffn call (ffn.c), shared with the phase 2 fast paths. */
+typedef struct ffn_s {
+    int impl, t_is_1;
+    const fic_kernels *kt;   /* the implementation's table */
+    int64_t d, t, n_experts, n_total;
+    const uint8_t *const *bundles;
+    const int32_t *n;
+    const int64_t *off;      /* off[e] = n_0 + ... + n_{e-1}; off[n_experts] = n_total */
+    const uint8_t *skip;     /* skip[e]: coef is 0 for every token */
+    const float *coef;       /* t x n_experts or NULL */
+    const float *x;
+    float *y, *h;
+    int64_t rb_g, rb_u;      /* gate / up row bytes (d_model weights) */
+    int64_t *rb_d;           /* down row bytes per expert (columns: n_e weights; rows: d_model) */
+    int gate_fmt, up_fmt, down_fmt, down_rows;
+    int q1_layout;           /* t = 1, columns, Q1_0 on AVX-512: the prepared h_e's layouts */
+    job_t jg, ju;            /* t = 1: gate and up jobs with x prepared */
+    job_t *jd;               /* per expert down job (t = 1: h_e prepared for columns) */
+    float *tiles;            /* per thread: tile_floats */
+    int64_t tile_floats, tile1_rows, tile2_rows;
+} ffn_t;
+
+static inline const uint8_t *down_part(const ffn_t *f, int64_t e) {
+    return f->bundles[e] + (int64_t)f->n[e] * (f->rb_g + f->rb_u);
+}
+
+/* ---- kernels.c: activation preparation, row chunks, the accum_rows range ------------------- */
+
+size_t prep_x_bytes(const job_t *j);    /* bytes prep_x needs for j (0: none); a multiple of 64 */
+void prep_x(job_t *j, void *mem);       /* prepares j->x into mem and points j's activation fields at it */
+int64_t row_chunk(fic_pool *pool, int64_t m, int64_t row_bytes);
+void accum_range(void *ctx, int64_t b0, int64_t b1, int tid); /* fic_range_fn over a job_t */
+
+/* Shared float kernels of the reference (kernels_scalar.c), which fast tables reuse where they
+ * have nothing faster. */
+void kern_deq_range_ref(int fmt, const uint8_t *row, int64_t b0, int64_t b1, float *out);
+void kern_deq_f32_ref(const uint8_t *row, int64_t b0, int64_t b1, float *out);
+void kern_deq_f16_ref(const uint8_t *row, int64_t b0, int64_t b1, float *out);
+void kern_deq_q8_0_ref(const uint8_t *row, int64_t b0, int64_t b1, float *out);
+void kern_deq_q4_0_ref(const uint8_t *row, int64_t b0, int64_t b1, float *out);
+void kern_deq_q4_1_ref(const uint8_t *row, int64_t b0, int64_t b1, float *out);
+void kern_deq_q1_0_ref(const uint8_t *row, int64_t b0, int64_t b1, float *out);
+void kern_deq_q5_0_ref(const uint8_t *row, int64_t b0, int64_t b1, float *out);
+void kern_deq_q4_K_ref(const uint8_t *row, int64_t b0, int64_t b1, float *out);
+void kern_deq_q6_K_ref(const uint8_t *row, int64_t b0, int64_t b1, float *out);
+
+/* x86: the activation quantizers (prep_x) and the AVX2 kernels the AVX-512 tables reuse. */
+#if defined(FIC_X86)
+void kern_quantize_x_avx2(const float *x, int64_t k, int8_t *xq, float *a8, float *c8);
+void kern_quantize_x_pairs_avx512(const float *x, int64_t k, int q4_0, int8_t *xq, float *xscale16, float *xcorr16);
+void kern_quantize_x_q1_avx512(const float *x, int64_t k, uint8_t *xu, float *xscale16, float *xcorr16);
+void kern_quantize_x_q1_planes(const float *x, int64_t k, uint8_t *planes, float *a16, float *c16, int8_t *xq);
+float kern_dot_q5_0_avx2(const job_t *j, const uint8_t *row, const float *x);
+float kern_dot_q4_K_avx2(const job_t *j, const uint8_t *row, const float *x);
+float kern_dot_q6_K_avx2(const job_t *j, const uint8_t *row, const float *x);
+void kern_deq_f16_avx2(const uint8_t *row, int64_t b0, int64_t b1, float *out);
+void kern_deq_q8_0_avx2(const uint8_t *row, int64_t b0, int64_t b1, float *out);
+void kern_deq_q4_0_avx2(const uint8_t *row, int64_t b0, int64_t b1, float *out);
+void kern_deq_q4_1_avx2(const uint8_t *row, int64_t b0, int64_t b1, float *out);
+void kern_deq_q5_0_avx2(const uint8_t *row, int64_t b0, int64_t b1, float *out);
+void kern_deq_q4_K_avx2(const uint8_t *row, int64_t b0, int64_t b1, float *out);
+void kern_deq_q6_K_avx2(const uint8_t *row, int64_t b0, int64_t b1, float *out);
+#endif
+
+#endif /* FIC_KERNELS_H */

@@ -1,0 +1,532 @@
+/* kernels_avx2.c - x86-64 AVX2 + FMA + F16C kernels (FIC_IMPL_AVX2) and their table. Every
+ * function carries the target attribute: the file is built without -mavx2 and only reached through
+ * fic_kernels_avx2 (or the AVX-512 tables, which reuse some of it) once pool.c has seen the CPU has
+ * AVX2, FMA and F16C. Per format, the dot and dequantize functions are one always-inline body with
+ * the format a constant (dot_avx2, deq_range_avx2), so each table entry is straight-line code. */
+#include <stdint.h>
+#include <string.h>
+
+#include "kernels.h"
+
+#if defined(FIC_X86)
+#include <immintrin.h>
+
+static inline int fic_fmt_bw(int fmt) {
+    return fmt == FIC_F32 || fmt == FIC_F16 ? 1 : fmt == FIC_Q1_0 ? QK1_0 : fmt == FIC_Q4_K || fmt == FIC_Q6_K ? QK_K : 32;
+}
+
+
+TGT_AVX2 static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+TGT_AVX2 static inline float h2f_f16c(fic_half h) { return _cvtsh_ss(h); }
+
+/* 16 nibbles -> two vectors of 8 int32 each, for weights [0,8) and [8,16) of a half block. */
+TGT_AVX2 static inline __m256 cvt8_lo(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
+TGT_AVX2 static inline __m256 cvt8_hi(__m128i v) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8)));
+}
+
+/* Q1_0 x int8 activations, one block (128 weights) per step, with sum s xq = 2 sum_{bit set} xq -
+ * sum xq. The 16 sign bytes are broadcast to both 128-bit lanes; per 32 weights (q8 block i), a
+ * shuffle copies each of its 4 bytes 8 times, and + cmpeq with the bit of each byte's position
+ * give byte masks, and picks xq where set, maddubs + madd sum to 8 int32. Three hadds pack the 4
+ * q8 blocks into one vector [0 1 2 3 | 0 1 2 3] (halves of each block's sum), so per block and
+ * row there is one int -> float conversion and two FMAs: p = lane * 2 dx - dx sum(xq) (xscale16,
+ * xcorr16: 8 floats per block, the correction in the low half only), acc += d * p. */
+TGT_AVX2 static inline __m256i q1_32_sum_avx2(__m256i bb, __m256i idx, const int8_t *xq) {
+    const __m256i bitsel = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    __m256i m = _mm256_and_si256(_mm256_shuffle_epi8(bb, idx), bitsel);
+    m = _mm256_cmpeq_epi8(m, bitsel);
+    __m256i v = _mm256_and_si256(m, _mm256_loadu_si256((const __m256i *)xq));
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), v), _mm256_set1_epi16(1));
+}
+
+TGT_AVX2 static float dot_q1_avx2(const job_t *j, const uint8_t *row) {
+    const block_q1_0 *blk = (const block_q1_0 *)row;
+    const int64_t nb = j->k / QK1_0;
+    const __m256i idx0 = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                          2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i four = _mm256_set1_epi8(4);
+    const __m256i idx1 = _mm256_add_epi8(idx0, four), idx2 = _mm256_add_epi8(idx1, four);
+    const __m256i idx3 = _mm256_add_epi8(idx2, four);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const int8_t *xq = j->xq + b * QK1_0;
+        __m256i bb = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)blk[b].qs));
+        __m256i s0 = q1_32_sum_avx2(bb, idx0, xq), s1 = q1_32_sum_avx2(bb, idx1, xq + 32);
+        __m256i s2 = q1_32_sum_avx2(bb, idx2, xq + 64), s3 = q1_32_sum_avx2(bb, idx3, xq + 96);
+        __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(s0, s1), _mm256_hadd_epi32(s2, s3));
+        __m256 p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_loadu_ps(j->xscale16 + 8 * b),
+                                   _mm256_loadu_ps(j->xcorr16 + 8 * b));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f_f16c(blk[b].d)), p, acc);
+    }
+    return hsum256(acc);
+}
+
+/* ---- Q5_0, Q4_K, Q6_K on AVX2: float activations, as Q4_0/Q8_0 (weights dequantized in
+ * registers with the reference's arithmetic, then multiplied by x in float). */
+
+/* 16 int8 weights times x[0..16): a vector of 8 partial sums. */
+TGT_AVX2 static inline __m256 mul16_i8_avx2(__m128i q, const float *x) {
+    return _mm256_fmadd_ps(cvt8_hi(q), _mm256_loadu_ps(x + 8), _mm256_mul_ps(cvt8_lo(q), _mm256_loadu_ps(x)));
+}
+
+/* A Q5_0 block's 32 weights as int8 (q - 16), in order. Bit j of qh is weight j's fifth bit:
+ * the 4 qh bytes are spread over 8 bytes each and compared against their bit (as dot_q1_avx2);
+ * q - 16 is the nibble where the bit is set and nibble | 0xF0 where it is clear. */
+TGT_AVX2 static inline __m256i q5_0_i8_avx2(const block_q5_0 *blk) {
+    uint32_t qh;
+    memcpy(&qh, blk->qh, 4);
+    const __m256i idx = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                         2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i bitsel = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    __m256i m = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)qh), idx), bitsel);
+    m = _mm256_cmpeq_epi8(m, bitsel);
+    const __m128i mask = _mm_set1_epi8(15);
+    __m128i v = _mm_loadu_si128((const __m128i *)blk->qs);
+    __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), mask), _mm_and_si128(v, mask));
+    return _mm256_or_si256(q, _mm256_andnot_si256(m, _mm256_set1_epi8((char)0xF0)));
+}
+
+/* One Q4_K sub-block pair (64 weights, c = 0..3): 32 bytes of nibbles; the low nibbles are the
+ * first 32 weights, the high the next. The weights of sub-block s are d sc_s q - dmin m_s. */
+TGT_AVX2 static inline void q4k_pair_avx2(const block_q4_K *blk, int c, __m256i *lo, __m256i *hi, __m256 dm[4]) {
+    const float d = h2f_f16c(blk->d), dmin = h2f_f16c(blk->dmin);
+    uint8_t sc, m;
+    q4k_scale_min(2 * c, blk->scales, &sc, &m);
+    dm[0] = _mm256_set1_ps(d * (float)sc);
+    dm[1] = _mm256_set1_ps(dmin * (float)m);
+    q4k_scale_min(2 * c + 1, blk->scales, &sc, &m);
+    dm[2] = _mm256_set1_ps(d * (float)sc);
+    dm[3] = _mm256_set1_ps(dmin * (float)m);
+    const __m256i mask = _mm256_set1_epi8(15);
+    __m256i v = _mm256_loadu_si256((const __m256i *)(blk->qs + 32 * c));
+    *lo = _mm256_and_si256(v, mask);
+    *hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+}
+
+/* 8 weights of a Q4_K sub-block from 8 nibbles: d1 q - m1, rounded as the reference. */
+TGT_AVX2 static inline __m256 q4k_w8_avx2(__m128i q8, __m256 d1, __m256 m1) {
+    return _mm256_sub_ps(_mm256_mul_ps(d1, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q8))), m1);
+}
+
+/* The 32 weights of a sub-block (nibbles in q) into out[0..32). */
+TGT_AVX2 static inline void q4k_store32_avx2(__m256i q, __m256 d1, __m256 m1, float *out) {
+    __m128i a = _mm256_castsi256_si128(q), b = _mm256_extracti128_si256(q, 1);
+    _mm256_storeu_ps(out, q4k_w8_avx2(a, d1, m1));
+    _mm256_storeu_ps(out + 8, q4k_w8_avx2(_mm_srli_si128(a, 8), d1, m1));
+    _mm256_storeu_ps(out + 16, q4k_w8_avx2(b, d1, m1));
+    _mm256_storeu_ps(out + 24, q4k_w8_avx2(_mm_srli_si128(b, 8), d1, m1));
+}
+
+/* One Q6_K half block (128 weights, c = 0, 1) as four vectors of 32 int8 (q - 32): vector i
+ * holds weights 32 i .. 32 i + 31, whose scales are sc[8 c + 2 i] (first 16) and sc[8 c + 2 i + 1]. */
+TGT_AVX2 static inline void q6k_half_avx2(const block_q6_K *blk, int c, __m256i q[4]) {
+    const __m256i m4 = _mm256_set1_epi8(15), m30 = _mm256_set1_epi8(0x30), k32 = _mm256_set1_epi8(32);
+    __m256i l0 = _mm256_loadu_si256((const __m256i *)(blk->ql + 64 * c));
+    __m256i l1 = _mm256_loadu_si256((const __m256i *)(blk->ql + 64 * c + 32));
+    __m256i h = _mm256_loadu_si256((const __m256i *)(blk->qh + 32 * c));
+    q[0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(h, 4), m30));
+    q[1] = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(h, 2), m30));
+    q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(h, m30));
+    q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                           _mm256_and_si256(_mm256_srli_epi16(h, 2), m30));
+    for (int i = 0; i < 4; i++) q[i] = _mm256_sub_epi8(q[i], k32);
+}
+
+TGT_AVX2 static float dot_q5_0_avx2(const job_t *j, const uint8_t *row, const float *x) {
+    const block_q5_0 *blk = (const block_q5_0 *)row;
+    const int64_t nb = j->k / QK5_0;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++, x += QK5_0) {
+        __m256i q = q5_0_i8_avx2(blk + b);
+        __m256 p = _mm256_add_ps(mul16_i8_avx2(_mm256_castsi256_si128(q), x),
+                                 mul16_i8_avx2(_mm256_extracti128_si256(q, 1), x + 16));
+        if (b & 1) acc1 = _mm256_fmadd_ps(_mm256_set1_ps(h2f_f16c(blk[b].d)), p, acc1);
+        else acc0 = _mm256_fmadd_ps(_mm256_set1_ps(h2f_f16c(blk[b].d)), p, acc0);
+    }
+    return hsum256(_mm256_add_ps(acc0, acc1));
+}
+
+/* Sum of q * x over 32 weights (nibbles in q) as a vector. */
+TGT_AVX2 static inline __m256 q4k_qx32_avx2(__m256i q, const float *x) {
+    __m128i a = _mm256_castsi256_si128(q), b = _mm256_extracti128_si256(q, 1);
+    __m256 p = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(a)), _mm256_loadu_ps(x));
+    __m256 p2 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(a, 8))), _mm256_loadu_ps(x + 8));
+    p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)), _mm256_loadu_ps(x + 16), p);
+    p2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8))), _mm256_loadu_ps(x + 24), p2);
+    return _mm256_add_ps(p, p2);
+}
+
+/* Q4_K with sum (d sc q - dmin m) x = d sc sum q x - dmin m sum x per sub-block (Q4_1's identity;
+ * the sums of x per sub-block are prepared once per x, XP_SUMS): per 8 weights one conversion and
+ * one FMA, the scales and mins unpacked once per block. Measured (L2-hot, 1 thread): dequantizing
+ * each weight first ran at 0.50x Q4_0's weights/s, summing x in the kernel at 0.65x. */
+TGT_AVX2 static float dot_q4_K_avx2(const job_t *j, const uint8_t *row, const float *x) {
+    const block_q4_K *blk = (const block_q4_K *)row;
+    const int64_t nb = j->k / QK_K;
+    const __m256i mask = _mm256_set1_epi8(15);
+    const float *xsum = j->xsum;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    float mins = 0.0f;
+    for (int64_t b = 0; b < nb; b++, xsum += 8) {
+        const float d = h2f_f16c(blk[b].d), dmin = h2f_f16c(blk[b].dmin);
+        float ds[8];
+        for (int s = 0; s < 8; s++) {
+            uint8_t sc, m;
+            q4k_scale_min(s, blk[b].scales, &sc, &m);
+            ds[s] = d * (float)sc;
+            mins += dmin * (float)m * xsum[s];
+        }
+        for (int c = 0; c < 4; c++, x += 64) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(blk[b].qs + 32 * c));
+            __m256 p0 = q4k_qx32_avx2(_mm256_and_si256(v, mask), x);
+            __m256 p1 = q4k_qx32_avx2(_mm256_and_si256(_mm256_srli_epi16(v, 4), mask), x + 32);
+            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(ds[2 * c]), p0, acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_set1_ps(ds[2 * c + 1]), p1, acc1);
+        }
+    }
+    return hsum256(_mm256_add_ps(acc0, acc1)) - mins;
+}
+
+TGT_AVX2 static float dot_q6_K_avx2(const job_t *j, const uint8_t *row, const float *x) {
+    const block_q6_K *blk = (const block_q6_K *)row;
+    const int64_t nb = j->k / QK_K;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const float d = h2f_f16c(blk[b].d);
+        for (int c = 0; c < 2; c++, x += 128) {
+            __m256i q[4];
+            q6k_half_avx2(blk + b, c, q);
+            const int8_t *sc = blk[b].scales + 8 * c;
+            for (int i = 0; i < 4; i++) {
+                __m256 p0 = mul16_i8_avx2(_mm256_castsi256_si128(q[i]), x + 32 * i);
+                __m256 p1 = mul16_i8_avx2(_mm256_extracti128_si256(q[i], 1), x + 32 * i + 16);
+                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d * (float)sc[2 * i]), p0, acc0);
+                acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d * (float)sc[2 * i + 1]), p1, acc1);
+            }
+        }
+    }
+    return hsum256(_mm256_add_ps(acc0, acc1));
+}
+
+/* Blocks [b0, b1) of a Q5_0, Q4_K or Q6_K row into out, with the reference's arithmetic. */
+TGT_AVX2 static ALWAYS_INLINE void deq_range_kq_avx2(const int fmt, const uint8_t *row, int64_t b0, int64_t b1, float *out) {
+    for (int64_t b = b0; b < b1; b++) {
+        if (fmt == FIC_Q5_0) {
+            const block_q5_0 *blk = (const block_q5_0 *)row + b;
+            __m256 d = _mm256_set1_ps(h2f_f16c(blk->d));
+            __m256i q = q5_0_i8_avx2(blk);
+            __m128i a = _mm256_castsi256_si128(q), c = _mm256_extracti128_si256(q, 1);
+            _mm256_storeu_ps(out, _mm256_mul_ps(cvt8_lo(a), d));
+            _mm256_storeu_ps(out + 8, _mm256_mul_ps(cvt8_hi(a), d));
+            _mm256_storeu_ps(out + 16, _mm256_mul_ps(cvt8_lo(c), d));
+            _mm256_storeu_ps(out + 24, _mm256_mul_ps(cvt8_hi(c), d));
+            out += QK5_0;
+        } else if (fmt == FIC_Q4_K) {
+            const block_q4_K *blk = (const block_q4_K *)row + b;
+            for (int c = 0; c < 4; c++, out += 64) {
+                __m256i lo, hi;
+                __m256 dm[4];
+                q4k_pair_avx2(blk, c, &lo, &hi, dm);
+                q4k_store32_avx2(lo, dm[0], dm[1], out);
+                q4k_store32_avx2(hi, dm[2], dm[3], out + 32);
+            }
+        } else {
+            const block_q6_K *blk = (const block_q6_K *)row + b;
+            const float d = h2f_f16c(blk->d);
+            for (int c = 0; c < 2; c++) {
+                __m256i q[4];
+                q6k_half_avx2(blk, c, q);
+                for (int i = 0; i < 4; i++, out += 32) {
+                    __m256 s0 = _mm256_set1_ps(d * (float)blk->scales[8 * c + 2 * i]);
+                    __m256 s1 = _mm256_set1_ps(d * (float)blk->scales[8 * c + 2 * i + 1]);
+                    __m128i a = _mm256_castsi256_si128(q[i]), e = _mm256_extracti128_si256(q[i], 1);
+                    _mm256_storeu_ps(out, _mm256_mul_ps(s0, cvt8_lo(a)));
+                    _mm256_storeu_ps(out + 8, _mm256_mul_ps(s0, cvt8_hi(a)));
+                    _mm256_storeu_ps(out + 16, _mm256_mul_ps(s1, cvt8_lo(e)));
+                    _mm256_storeu_ps(out + 24, _mm256_mul_ps(s1, cvt8_hi(e)));
+                }
+            }
+        }
+    }
+}
+
+TGT_AVX2 static ALWAYS_INLINE float dot_avx2(const int fmt, const job_t *j, const uint8_t *row, const float *x) {
+    const int64_t k = j->k, nb = k / fic_fmt_bw(fmt);
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    float extra = 0.0f;
+    switch (fmt) {
+    case FIC_Q1_0:
+        return dot_q1_avx2(j, row);
+    case FIC_Q5_0:
+        return dot_q5_0_avx2(j, row, x);
+    case FIC_Q4_K:
+        return dot_q4_K_avx2(j, row, x);
+    case FIC_Q6_K:
+        return dot_q6_K_avx2(j, row, x);
+    case FIC_F32: {
+        const float *w = (const float *)row;
+        int64_t i = 0;
+        for (; i + 16 <= k; i += 16) {
+            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(x + i + 8), acc1);
+        }
+        for (; i < k; i++) extra += w[i] * x[i];
+        break;
+    }
+    case FIC_F16: {
+        const uint16_t *w = (const uint16_t *)row;
+        int64_t i = 0;
+        for (; i + 16 <= k; i += 16) {
+            __m256 w0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i)));
+            __m256 w1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i + 8)));
+            acc0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + i), acc0);
+            acc1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + i + 8), acc1);
+        }
+        for (; i < k; i++) extra += h2f_f16c(w[i]) * x[i];
+        break;
+    }
+    case FIC_Q8_0: {
+        const block_q8_0 *blk = (const block_q8_0 *)row;
+        for (int64_t b = 0; b < nb; b++, x += QK8_0) {
+            __m128i q0 = _mm_loadu_si128((const __m128i *)blk[b].qs);
+            __m128i q1 = _mm_loadu_si128((const __m128i *)(blk[b].qs + 16));
+            __m256 p = _mm256_mul_ps(cvt8_lo(q0), _mm256_loadu_ps(x));
+            __m256 p2 = _mm256_mul_ps(cvt8_hi(q0), _mm256_loadu_ps(x + 8));
+            p = _mm256_fmadd_ps(cvt8_lo(q1), _mm256_loadu_ps(x + 16), p);
+            p2 = _mm256_fmadd_ps(cvt8_hi(q1), _mm256_loadu_ps(x + 24), p2);
+            __m256 d = _mm256_set1_ps(h2f_f16c(blk[b].d));
+            acc0 = _mm256_fmadd_ps(d, p, acc0);
+            acc1 = _mm256_fmadd_ps(d, p2, acc1);
+        }
+        break;
+    }
+    case FIC_Q4_0:
+    case FIC_Q4_1: {
+        const int is1 = fmt == FIC_Q4_1;
+        const int64_t stride = is1 ? sizeof(block_q4_1) : sizeof(block_q4_0);
+        const __m128i mask = _mm_set1_epi8(15), eight = _mm_set1_epi8(is1 ? 0 : 8);
+        for (int64_t b = 0; b < nb; b++, x += 32) {
+            const uint8_t *blk = row + b * stride;
+            __m128i v = _mm_loadu_si128((const __m128i *)(blk + (is1 ? 4 : 2)));
+            __m128i lo = _mm_sub_epi8(_mm_and_si128(v, mask), eight);
+            __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), mask), eight);
+            __m256 p = _mm256_mul_ps(cvt8_lo(lo), _mm256_loadu_ps(x));
+            __m256 p2 = _mm256_mul_ps(cvt8_hi(lo), _mm256_loadu_ps(x + 8));
+            p = _mm256_fmadd_ps(cvt8_lo(hi), _mm256_loadu_ps(x + 16), p);
+            p2 = _mm256_fmadd_ps(cvt8_hi(hi), _mm256_loadu_ps(x + 24), p2);
+            fic_half hd;
+            memcpy(&hd, blk, 2);
+            __m256 d = _mm256_set1_ps(h2f_f16c(hd));
+            acc0 = _mm256_fmadd_ps(d, p, acc0);
+            acc1 = _mm256_fmadd_ps(d, p2, acc1);
+            if (is1) {
+                fic_half hm;
+                memcpy(&hm, blk + 2, 2);
+                extra += h2f_f16c(hm) * j->xsum[b];
+            }
+        }
+        break;
+    }
+    }
+    return hsum256(_mm256_add_ps(acc0, acc1)) + extra;
+}
+
+/* Dequantize blocks [b0, b1) of a row into out. */
+TGT_AVX2 static ALWAYS_INLINE void deq_range_avx2(const int fmt, const uint8_t *row, int64_t b0, int64_t b1, float *out) {
+    switch (fmt) {
+    case FIC_F16: {
+        const uint16_t *w = (const uint16_t *)row;
+        int64_t i = b0;
+        for (; i + 8 <= b1; i += 8)
+            _mm256_storeu_ps(out + i - b0, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i))));
+        for (; i < b1; i++) out[i - b0] = h2f_f16c(w[i]);
+        return;
+    }
+    case FIC_Q8_0:
+        for (int64_t b = b0; b < b1; b++, out += 32) {
+            const block_q8_0 *blk = (const block_q8_0 *)row + b;
+            __m256 d = _mm256_set1_ps(h2f_f16c(blk->d));
+            __m128i q0 = _mm_loadu_si128((const __m128i *)blk->qs);
+            __m128i q1 = _mm_loadu_si128((const __m128i *)(blk->qs + 16));
+            _mm256_storeu_ps(out, _mm256_mul_ps(d, cvt8_lo(q0)));
+            _mm256_storeu_ps(out + 8, _mm256_mul_ps(d, cvt8_hi(q0)));
+            _mm256_storeu_ps(out + 16, _mm256_mul_ps(d, cvt8_lo(q1)));
+            _mm256_storeu_ps(out + 24, _mm256_mul_ps(d, cvt8_hi(q1)));
+        }
+        return;
+    case FIC_Q4_0:
+    case FIC_Q4_1: {
+        const int is1 = fmt == FIC_Q4_1;
+        const int64_t stride = is1 ? sizeof(block_q4_1) : sizeof(block_q4_0);
+        const __m128i mask = _mm_set1_epi8(15), eight = _mm_set1_epi8(is1 ? 0 : 8);
+        for (int64_t b = b0; b < b1; b++, out += 32) {
+            const uint8_t *blk = row + b * stride;
+            fic_half hd, hm = 0;
+            memcpy(&hd, blk, 2);
+            if (is1) memcpy(&hm, blk + 2, 2);
+            __m256 d = _mm256_set1_ps(h2f_f16c(hd)), mn = _mm256_set1_ps(h2f_f16c(hm));
+            __m128i v = _mm_loadu_si128((const __m128i *)(blk + (is1 ? 4 : 2)));
+            __m128i lo = _mm_sub_epi8(_mm_and_si128(v, mask), eight);
+            __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), mask), eight);
+            _mm256_storeu_ps(out, _mm256_fmadd_ps(d, cvt8_lo(lo), mn));
+            _mm256_storeu_ps(out + 8, _mm256_fmadd_ps(d, cvt8_hi(lo), mn));
+            _mm256_storeu_ps(out + 16, _mm256_fmadd_ps(d, cvt8_lo(hi), mn));
+            _mm256_storeu_ps(out + 24, _mm256_fmadd_ps(d, cvt8_hi(hi), mn));
+        }
+        return;
+    }
+    case FIC_Q1_0: {
+        const __m256i bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+        for (int64_t b = b0; b < b1; b++, out += QK1_0) {
+            const block_q1_0 *blk = (const block_q1_0 *)row + b;
+            float d = h2f_f16c(blk->d);
+            __m256 pos = _mm256_set1_ps(d), neg = _mm256_set1_ps(-d);
+            for (int c = 0; c < 16; c++) {
+                __m256i mc = _mm256_set1_epi32(blk->qs[c]);
+                mc = _mm256_cmpeq_epi32(_mm256_and_si256(mc, bits), bits);
+                _mm256_storeu_ps(out + 8 * c, _mm256_blendv_ps(neg, pos, _mm256_castsi256_ps(mc)));
+            }
+        }
+        return;
+    }
+    case FIC_Q5_0:
+    case FIC_Q4_K:
+    case FIC_Q6_K:
+        deq_range_kq_avx2(fmt, row, b0, b1, out);
+        return;
+    default:
+        kern_deq_range_ref(fmt, row, b0, b1, out);
+    }
+}
+
+TGT_AVX2 static void axpy_avx2(float a, const float *w, float *y, int64_t n) {
+    __m256 av = _mm256_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(w + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += a * w[i];
+}
+
+/* NR rows x NT tokens of dot products, sharing loads: the inner kernel of matmul. */
+TGT_AVX2 static inline __attribute__((always_inline)) void gemm_block_avx2(
+        const float *w, const float *x, int64_t k, float *y, int64_t ldy, int nr, int nt) {
+    __m256 acc[4][2];
+    for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= k; i += 8) {
+        __m256 xv[2];
+        for (int t = 0; t < nt; t++) xv[t] = _mm256_loadu_ps(x + t * k + i);
+        for (int r = 0; r < nr; r++) {
+            __m256 wv = _mm256_loadu_ps(w + r * k + i);
+            for (int t = 0; t < nt; t++) acc[r][t] = _mm256_fmadd_ps(wv, xv[t], acc[r][t]);
+        }
+    }
+    for (int r = 0; r < nr; r++)
+        for (int t = 0; t < nt; t++) {
+            float s = hsum256(acc[r][t]);
+            for (int64_t ii = i; ii < k; ii++) s += w[r * k + ii] * x[t * k + ii];
+            y[t * ldy + r] = s;
+        }
+}
+
+TGT_AVX2 static void gemm_tile_avx2(const job_t *j, const float *tile, int64_t nr, int64_t r0) {
+    const int64_t k = j->k;
+    for (int64_t t = 0; t < j->t; t += 2) {
+        const float *x = j->x + t * k;
+        float *y = j->y + t * j->m + r0;
+        int nt = j->t - t >= 2 ? 2 : 1;
+        int64_t r = 0;
+        for (; r + 4 <= nr; r += 4) {
+            if (nt == 2) gemm_block_avx2(tile + r * k, x, k, y + r, j->m, 4, 2);
+            else gemm_block_avx2(tile + r * k, x, k, y + r, j->m, 4, 1);
+        }
+        for (; r < nr; r++) {
+            if (nt == 2) gemm_block_avx2(tile + r * k, x, k, y + r, j->m, 1, 2);
+            else gemm_block_avx2(tile + r * k, x, k, y + r, j->m, 1, 1);
+        }
+    }
+}
+
+/* x -> int8 in blocks of 32 (ggml's q8_0: dx = amax / 127, q = round(x / dx), ties to even here)
+ * and, per 128 weights, the 8 lane scales and corrections dot_q1_avx2 reads: lane l holds half of
+ * q8 block l % 4, so a8 = 2 dx of that block and c8 = -dx sum(xq) in lanes 0-3, 0 in lanes 4-7. */
+TGT_AVX2 void kern_quantize_x_avx2(const float *x, int64_t k, int8_t *xq, float *a8, float *c8) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    for (int64_t b = 0; b < k / 32; b++) {
+        __m256 v[4], mx = _mm256_setzero_ps();
+        for (int i = 0; i < 4; i++) {
+            v[i] = _mm256_loadu_ps(x + 32 * b + 8 * i);
+            mx = _mm256_max_ps(mx, _mm256_and_ps(v[i], absmask));
+        }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+        float dx = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
+        __m256i q[4];
+        for (int i = 0; i < 4; i++) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(id)));
+        /* packs interleave 128-bit lanes; the permute puts the 32 bytes back in order */
+        __m256i p16a = _mm256_packs_epi32(q[0], q[1]), p16b = _mm256_packs_epi32(q[2], q[3]);
+        __m256i p8 = _mm256_packs_epi16(p16a, p16b);
+        p8 = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)(xq + 32 * b), p8);
+        int32_t sum = 0;
+        for (int i = 0; i < 32; i++) sum += xq[32 * b + i];
+        const int64_t l = 8 * (b / 4) + b % 4;
+        a8[l] = a8[l + 4] = 2.0f * dx;
+        c8[l] = -dx * (float)sum;
+        c8[l + 4] = 0.0f;
+    }
+}
+
+
+/* ---- per-format entry points and the table ----------------------------------------------- */
+
+#define AVX2_FMT(name, FMT)                                                                          \
+    TGT_AVX2 static float row_dot_##name##_avx2(const job_t *j, const uint8_t *row, const float *x) {     \
+        return dot_avx2(FMT, j, row, x);                                                             \
+    }                                                                                                \
+    TGT_AVX2 void kern_deq_##name##_avx2(const uint8_t *row, int64_t b0, int64_t b1, float *out) {   \
+        deq_range_avx2(FMT, row, b0, b1, out);                                                       \
+    }
+AVX2_FMT(f32, FIC_F32)
+AVX2_FMT(f16, FIC_F16)
+AVX2_FMT(q8_0, FIC_Q8_0)
+AVX2_FMT(q4_0, FIC_Q4_0)
+AVX2_FMT(q4_1, FIC_Q4_1)
+AVX2_FMT(q1_0, FIC_Q1_0)
+AVX2_FMT(q5_0, FIC_Q5_0)
+AVX2_FMT(q4_K, FIC_Q4_K)
+AVX2_FMT(q6_K, FIC_Q6_K)
+#undef AVX2_FMT
+
+/* The AVX-512 tables run these three on AVX2 code (a 512-bit version is not measured to pay yet). */
+TGT_AVX2 float kern_dot_q5_0_avx2(const job_t *j, const uint8_t *row, const float *x) { return dot_q5_0_avx2(j, row, x); }
+TGT_AVX2 float kern_dot_q4_K_avx2(const job_t *j, const uint8_t *row, const float *x) { return dot_q4_K_avx2(j, row, x); }
+TGT_AVX2 float kern_dot_q6_K_avx2(const job_t *j, const uint8_t *row, const float *x) { return dot_q6_K_avx2(j, row, x); }
+
+/* Q1_0 takes int8 activations (XP_Q1_AVX2); Q4_1 and Q4_K the sums of x per block / sub-block. */
+#define AVX2_ENTRY(name, KT, XP) {KT, XP, XP, row_dot_##name##_avx2, NULL, kern_deq_##name##_avx2, NULL, NULL, NULL, NULL}
+const fic_kernels fic_kernels_avx2 = {
+    FIC_IMPL_AVX2,
+    axpy_avx2,
+    gemm_tile_avx2,
+    {
+        [FIC_F32] = AVX2_ENTRY(f32, KT_F32, XP_NONE),
+        [FIC_F16] = AVX2_ENTRY(f16, KT_F16, XP_NONE),
+        [FIC_Q8_0] = AVX2_ENTRY(q8_0, KT_Q8_0, XP_NONE),
+        [FIC_Q4_0] = AVX2_ENTRY(q4_0, KT_Q4_0, XP_NONE),
+        [FIC_Q4_1] = AVX2_ENTRY(q4_1, KT_Q4_1, XP_SUMS),
+        [FIC_Q1_0] = AVX2_ENTRY(q1_0, KT_Q1_0, XP_Q1_AVX2),
+        [FIC_Q5_0] = AVX2_ENTRY(q5_0, KT_Q5_0, XP_NONE),
+        [FIC_Q4_K] = AVX2_ENTRY(q4_K, KT_Q4_K, XP_SUMS),
+        [FIC_Q6_K] = AVX2_ENTRY(q6_K, KT_Q6_K, XP_NONE),
+    },
+};
+#endif /* FIC_X86 */

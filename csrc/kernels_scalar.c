@@ -1,0 +1,133 @@
+/* kernels_scalar.c - the scalar reference kernels (FIC_IMPL_REF): the spec every fast path is
+ * tested against. Dequantize each block to float and multiply-add in float, in order; portable C,
+ * no target attributes. Its table, fic_kernels_scalar, has no optional fast paths and prepares
+ * nothing (xprep XP_NONE). */
+#include <stdint.h>
+#include <string.h>
+
+#include "kernels.h"
+
+#define MAX_BW 256 /* largest block, in weights (a K-quant super-block) */
+
+/* Dequantize block `b` of a row into out[bw]. */
+static ALWAYS_INLINE void deq_block_ref(const int fmt, const uint8_t *row, int64_t b, float *out) {
+    switch (fmt) {
+    case FIC_F32:
+        memcpy(out, row + 4 * b, 4);
+        return;
+    case FIC_F16: {
+        fic_half h;
+        memcpy(&h, row + 2 * b, 2);
+        out[0] = fic_h2f(h);
+        return;
+    }
+    case FIC_Q8_0: {
+        const block_q8_0 *blk = (const block_q8_0 *)row + b;
+        float d = fic_h2f(blk->d);
+        for (int j = 0; j < QK8_0; j++) out[j] = d * (float)blk->qs[j];
+        return;
+    }
+    case FIC_Q4_0: {
+        const block_q4_0 *blk = (const block_q4_0 *)row + b;
+        float d = fic_h2f(blk->d);
+        for (int j = 0; j < QK4_0 / 2; j++) {
+            out[j] = d * (float)((blk->qs[j] & 15) - 8);
+            out[j + QK4_0 / 2] = d * (float)((blk->qs[j] >> 4) - 8);
+        }
+        return;
+    }
+    case FIC_Q4_1: {
+        const block_q4_1 *blk = (const block_q4_1 *)row + b;
+        float d = fic_h2f(blk->d), mn = fic_h2f(blk->m);
+        for (int j = 0; j < QK4_1 / 2; j++) {
+            out[j] = d * (float)(blk->qs[j] & 15) + mn;
+            out[j + QK4_1 / 2] = d * (float)(blk->qs[j] >> 4) + mn;
+        }
+        return;
+    }
+    case FIC_Q1_0: {
+        const block_q1_0 *blk = (const block_q1_0 *)row + b;
+        float d = fic_h2f(blk->d);
+        for (int j = 0; j < QK1_0; j++) out[j] = (blk->qs[j / 8] >> (j % 8)) & 1 ? d : -d;
+        return;
+    }
+    case FIC_Q5_0:
+    case FIC_Q4_K:
+    case FIC_Q6_K: /* quant.c's dequantizers, ggml's dequantize_row_* (the spec) */
+        fic_dequantize(fmt, row + b * fic_fmt_block_bytes(fmt), out, 1, fic_fmt_block_weights(fmt));
+        return;
+    }
+}
+
+void kern_deq_range_ref(int fmt, const uint8_t *row, int64_t b0, int64_t b1, float *out) {
+    const int64_t bw = fic_fmt_block_weights(fmt);
+    for (int64_t b = b0; b < b1; b++) deq_block_ref(fmt, row, b, out + (b - b0) * bw);
+}
+
+/* Row . x in float, in order: each block dequantized, then multiplied (fmt a constant in each
+ * per-format function below, so the switch folds away). */
+static ALWAYS_INLINE float dot_ref(const int fmt, const int bw, const job_t *j, const uint8_t *row, const float *x) {
+    float buf[MAX_BW], acc = 0.0f;
+    int64_t nb = j->k / bw;
+    for (int64_t b = 0; b < nb; b++) {
+        deq_block_ref(fmt, row, b, buf);
+        for (int64_t i = 0; i < bw; i++) acc += buf[i] * x[b * bw + i];
+    }
+    return acc;
+}
+
+/* One dot and one deq function per format. */
+#define REF_FMT(name, FMT, BW)                                                                      \
+    static float row_dot_##name##_ref(const job_t *j, const uint8_t *row, const float *x) {              \
+        return dot_ref(FMT, BW, j, row, x);                                                          \
+    }                                                                                                \
+    void kern_deq_##name##_ref(const uint8_t *row, int64_t b0, int64_t b1, float *out) {             \
+        for (int64_t b = b0; b < b1; b++) deq_block_ref(FMT, row, b, out + (b - b0) * (BW));         \
+    }
+REF_FMT(f32, FIC_F32, 1)
+REF_FMT(f16, FIC_F16, 1)
+REF_FMT(q8_0, FIC_Q8_0, QK8_0)
+REF_FMT(q4_0, FIC_Q4_0, QK4_0)
+REF_FMT(q4_1, FIC_Q4_1, QK4_1)
+REF_FMT(q1_0, FIC_Q1_0, QK1_0)
+REF_FMT(q5_0, FIC_Q5_0, QK5_0)
+REF_FMT(q4_K, FIC_Q4_K, QK_K)
+REF_FMT(q6_K, FIC_Q6_K, QK_K)
+#undef REF_FMT
+
+static float dot_f32_ref(const float *a, const float *b, int64_t k) {
+    float acc = 0.0f;
+    for (int64_t i = 0; i < k; i++) acc += a[i] * b[i];
+    return acc;
+}
+
+static void axpy_ref(float a, const float *w, float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] += a * w[i];
+}
+
+/* Y[t][r0 + r] = tile[r] . x[t] for a tile of nr dequantized rows. */
+static void gemm_tile_ref(const job_t *j, const float *tile, int64_t nr, int64_t r0) {
+    for (int64_t r = 0; r < nr; r++)
+        for (int64_t t = 0; t < j->t; t++)
+            j->y[t * j->m + r0 + r] = dot_f32_ref(tile + r * j->k, j->x + t * j->k, j->k);
+}
+
+
+/* Plain reference table: every optional entry NULL (generic code), x never prepared. */
+#define REF_ENTRY(name, KT) {KT, XP_NONE, XP_NONE, row_dot_##name##_ref, NULL, kern_deq_##name##_ref, NULL, NULL, NULL, NULL}
+const fic_kernels fic_kernels_scalar = {
+    FIC_IMPL_REF,
+    axpy_ref,
+    gemm_tile_ref,
+    {
+        [FIC_F32] = REF_ENTRY(f32, KT_F32),
+        [FIC_F16] = REF_ENTRY(f16, KT_F16),
+        [FIC_Q8_0] = REF_ENTRY(q8_0, KT_Q8_0),
+        [FIC_Q4_0] = REF_ENTRY(q4_0, KT_Q4_0),
+        [FIC_Q4_1] = REF_ENTRY(q4_1, KT_Q4_1),
+        [FIC_Q1_0] = REF_ENTRY(q1_0, KT_Q1_0),
+        [FIC_Q5_0] = REF_ENTRY(q5_0, KT_Q5_0),
+        [FIC_Q4_K] = REF_ENTRY(q4_K, KT_Q4_K),
+        [FIC_Q6_K] = REF_ENTRY(q6_K, KT_Q6_K),
+    },
+};
