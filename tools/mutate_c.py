@@ -69,13 +69,13 @@ MUTANTS: list[Mutant] = [
            "static inline float silu(float g) { return g / (1.0f + expf(-g)); }",
            "static inline float silu(float g) { return g / (1.0f + expf(g)); }",
            FFN_TESTS, "silu with the wrong sign"),
-    # ---- kernels_impl.h: dequantization and the float paths -----------------------------------
-    Mutant("q4_1_min_sign", "csrc/kernels_impl.h",
+    # ---- kernels_scalar.c / kernels_avx2.c: dequantization and the float paths -----------------------------------
+    Mutant("q4_1_min_sign", "csrc/kernels_scalar.c",
            "out[j] = d * (float)(blk->qs[j] & 15) + mn;",
            "out[j] = d * (float)(blk->qs[j] & 15) - mn;",
            ("tests/test_kernels.py", "-k", "matvec_matches_numpy and q4_1"),
            "Q4_1 reference: the block minimum subtracted in the low half"),
-    Mutant("f32_avx2_tail_dropped", "csrc/kernels_impl.h",
+    Mutant("f32_avx2_tail_dropped", "csrc/kernels_avx2.c",
            "        for (; i < k; i++) extra += w[i] * x[i];\n        break;\n    }\n    case FIC_F16: {\n"
            "        const uint16_t *w = (const uint16_t *)row;\n        int64_t i = 0;\n        for (; i + 16 <= k; i += 16) {\n"
            "            __m256 w0 = _mm256_cvtph_ps",
@@ -84,7 +84,7 @@ MUTANTS: list[Mutant] = [
            "            __m256 w0 = _mm256_cvtph_ps",
            ("tests/test_kernels.py", "-k", "matvec_matches_numpy and f32"),
            "AVX2 f32 dot: the last element of an odd tail is dropped"),
-    Mutant("axpy_avx2_tail_dropped", "csrc/kernels_impl.h",
+    Mutant("axpy_avx2_tail_dropped", "csrc/kernels_avx2.c",
            "        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(w + i), _mm256_loadu_ps(y + i)));\n"
            "    for (; i < n; i++) y[i] += a * w[i];",
            "        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(w + i), _mm256_loadu_ps(y + i)));\n"
