@@ -693,3 +693,75 @@ def test_neon_matches_reference_under_qemu(tmp_path):
     assert res.returncode == 0, res.stderr
     run = subprocess.run(["qemu-aarch64", str(exe)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and run.stdout.strip().endswith("OK"), run.stdout + run.stderr
+
+
+# ---- the kernel tables (csrc/kernels.h) ------------------------------------------------------
+
+KERNEL_TABLES_C = r"""
+#include <stdio.h>
+#include "kernels.h"
+
+/* Every table an implementation can pick: its impl, and per format the block traits of quant.c and
+ * the two kernels every format must have. Reading a table runs none of its code, so the AVX-512
+ * tables are checked here too, on CPUs that could not run them. */
+static int check(const char *name, const fic_kernels *kt, int impl) {
+    int bad = 0;
+    if (kt->impl != impl || kt->axpy == NULL || kt->gemm_tile == NULL) { printf("%s: impl/axpy/gemm\n", name); bad = 1; }
+    for (int f = 0; f < FIC_FMT_COUNT; f++) {
+        const fic_fmt_kernels *k = &kt->fmt[f];
+        if (k->block_weights != fic_fmt_block_weights(f) || k->block_bytes != fic_fmt_block_bytes(f) ||
+            k->dot == NULL || k->deq == NULL) { printf("%s: fmt %d\n", name, f); bad = 1; }
+    }
+    return bad;
+}
+
+int main(void) {
+    int bad = check("scalar", &fic_kernels_scalar, FIC_IMPL_REF), n = 1;
+#if defined(FIC_X86)
+    bad |= check("avx2", &fic_kernels_avx2, FIC_IMPL_AVX2);
+    bad |= check("avx512", &fic_kernels_avx512, FIC_IMPL_AVX512);
+    bad |= check("avx512_vnni", &fic_kernels_avx512_vnni, FIC_IMPL_AVX512);
+    bad |= check("avx512_q1", &fic_kernels_avx512_q1, FIC_IMPL_AVX512);
+    n += 4;
+#endif
+#if defined(__aarch64__)
+    bad |= check("neon", &fic_kernels_neon, FIC_IMPL_NEON);
+    n += 1;
+#endif
+    /* fic_kernels_for gives a table exactly for the implementations the CPU has */
+    for (int impl = FIC_IMPL_REF; impl <= FIC_IMPL_NEON; impl++) {
+        const fic_kernels *kt = fic_kernels_for(impl);
+        if ((kt != NULL) != fic_impl_available(impl) || (kt != NULL && kt->impl != impl)) {
+            printf("fic_kernels_for(%d)\n", impl);
+            bad = 1;
+        }
+    }
+    printf("tables %d\n", n);
+    puts(bad ? "FAIL" : "OK");
+    return bad;
+}
+"""
+
+
+@pytest.mark.parametrize("arch", ["native", "aarch64"])
+def test_kernel_tables_are_complete(arch, tmp_path):
+    """Each architecture's const tables (kernels_*.c) carry quant.c's block traits, a dot and a
+    dequantize kernel for every format, and fic_kernels_for picks one exactly where the CPU can run it."""
+    if arch == "native":
+        cc, run, flags, expect = shutil.which("gcc") or shutil.which("cc"), [], [], "tables 5"
+    else:
+        cc, qemu = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")
+        if cc is None or qemu is None:
+            pytest.skip("needs aarch64-linux-gnu-gcc and qemu-aarch64")
+        run, flags, expect = [qemu], ["-march=armv8-a+crc", "-static"], "tables 2"
+    if cc is None:
+        pytest.skip("no C compiler")
+    src, exe, csrc = tmp_path / "tables.c", tmp_path / "tables", REPO / "csrc"
+    src.write_text(KERNEL_TABLES_C)
+    cmd = [cc, "-O1", "-std=gnu11", "-Wall", "-Wextra", "-Werror", *flags, "-pthread", "-I", str(csrc), str(src),
+           *(str(csrc / f) for f in ("quant.c", "pool.c", *KERNEL_SOURCES)), "-o", str(exe), "-lm"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"})
+    assert res.returncode == 0, res.stderr
+    out = subprocess.run([*run, str(exe)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stdout + out.stderr
+    assert expect in out.stdout
