@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 PEER_NAME = "llama.cpp"
 DEFAULT_LONG_TOKENS = 2000
+DEFAULT_MAX_TOKENS = 64
 TEMPLATE_ROOM = 64  # context beyond the long prompt's document: the chat template's tokens, a margin
 SHORT_PROMPT = "Write a Python function is_prime(n) that returns True if n is prime."  # test_qwen's question
 LONG_PROMPT = "Summarise the following document in a few paragraphs."
