@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 from flashinfer_cli import peer
 from flashinfer_cli.cli import cli
+from test_bench_speed import fail_line  # the one-line-error check bench already has
 
 pytest.importorskip("gguf")
 
@@ -29,15 +30,6 @@ def tiny(tmp_path_factory):
     gguf_path = root / "tiny.gguf"
     write_gguf(gguf_path, tiny_model("llama", seed=3))
     return gguf_path, convert(gguf_path, root / "model", name="tiny", progress=False)
-
-
-def fail_line(args: list[str]) -> str:
-    r = CliRunner().invoke(cli, ["bench", *args, "--no-progress"])
-    assert r.exit_code != 0, r.output
-    assert isinstance(r.exception, SystemExit), r.exception  # no traceback
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("fic: "), r.stderr
-    return lines[0]
 
 
 # ---- parsing -----------------------------------------------------------------------------------
