@@ -78,7 +78,8 @@ def chat_text(model_dir: Path) -> str:
     from flashinfer_cli.tokenizer import Tokenizer
 
     man = fmt.parse_manifest(model_dir / fmt.MANIFEST_FILE)
-    return Tokenizer.from_model_dir(model_dir, man.tokenizer).render_chat([{"role": "user", "content": peer.SHORT_PROMPT}])
+    tok = Tokenizer.from_model_dir(model_dir, man.tokenizer)
+    return tok.render_chat([{"role": "user", "content": peer.SHORT_PROMPT}])
 
 
 def run_llama(args, gguf: Path, text_file: str, logs: Path, tag: str) -> dict:
@@ -119,8 +120,8 @@ def _cgroup_summary(rep: dict) -> dict:
 
 
 def quality_at(model_dir: Path, active: float, texts: int, tokens: int) -> dict:
-    cmd = FIC + ["bench", str(model_dir), "--quality", "--policy", "exact", "--active", f"{active:.6g}", "--texts", str(texts),
-                 "--max-tokens", str(tokens), "--json"]
+    cmd = FIC + ["bench", str(model_dir), "--quality", "--policy", "exact", "--active", f"{active:.6g}",
+                 "--texts", str(texts), "--max-tokens", str(tokens), "--json"]
     load = peer.loadavg()
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
@@ -173,7 +174,9 @@ def budget_rows(runs: list[dict]) -> list[dict]:
     rows = []
     for engine in dict.fromkeys(r["engine"] for r in runs):
         ok = [r for r in runs if r["engine"] == engine and r.get("decode_tps")]
-        med = lambda k: statistics.median(r[k] for r in ok) if ok and all(r.get(k) is not None for r in ok) else None  # noqa: E731
+
+        def med(k: str):
+            return statistics.median(r[k] for r in ok) if ok and all(r.get(k) is not None for r in ok) else None
         rows.append({"engine": engine, "finished": len(ok), "of": sum(r["engine"] == engine for r in runs),
                      "prefill_tps": med("prefill_tps"), "decode_tps": med("decode_tps"),
                      "max_usage_bytes": med("max_usage_bytes"), "bytes_read": med("bytes_read"),

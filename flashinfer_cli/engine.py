@@ -100,7 +100,8 @@ class Engine:
         mem: the memory budget ('512M', '2G' or bytes; default: everything resident when the
         machine's available memory holds it with room to spare); ctx: KV cache length (default the
         model's, at most 4096); mode: 'exact' (default) or 'prune'; active: the active fraction of
-        each layer's experts or a parameter count ('300M'); policy: 'exact' (default), 'static', 'router' or 'none' (no selection, exact mode);
+        each layer's experts or a parameter count ('300M'); policy: 'exact' (default), 'static', 'router' or
+        'none' (no selection, exact mode);
         reselect: tokens between reselections (0: off); threads: kernel threads; kv_dtype: the KV
         cache's element type, f16 (half the memory) or f32."""
         from flashinfer_cli.pull import resolve_model

@@ -43,7 +43,8 @@ LONG_PROMPT = "Summarise the following document in a few paragraphs."
 
 # llama.cpp's own timing lines (llama_perf_context_print / common_perf_print on stderr)
 PERF = re.compile(r"(?:llama_perf_context_print|common_perf_print):\s+(prompt eval time|eval time|load time|total time)"
-                  r"\s*=\s*([\d.]+) ms(?:\s*/\s*(\d+) (?:tokens|runs)\s*\(\s*[\d.]+ ms per token,\s*([\d.]+) tokens per second\))?")
+                  r"\s*=\s*([\d.]+) ms(?:\s*/\s*(\d+) (?:tokens|runs)\s*\(\s*[\d.]+ ms per token,"
+                  r"\s*([\d.]+) tokens per second\))?")
 
 
 class CompareError(ValueError):
@@ -337,7 +338,9 @@ class CompareReport:
         for r in self.rows:
             fmt_ratio = lambda x: f"{x:>7.2f}" if x is not None else f"{'-':>7}"  # noqa: E731
             agree = f"{r.greedy_agree:>7}" if r.greedy_agree is not None else f"{'-':>7}"
-            tokens = f"{r.prompt_tokens}" + (f"/{r.peer_prompt_tokens}" if r.peer_prompt_tokens != r.prompt_tokens else "")
+            tokens = f"{r.prompt_tokens}"
+            if r.peer_prompt_tokens != r.prompt_tokens:  # a binary peer tokenized the text itself
+                tokens += f"/{r.peer_prompt_tokens}"
             out.append(f"{r.prompt:<7}{tokens:>6}{r.gen_tokens:>5}{r.fic_prefill_tps:>13.1f}{r.peer_prefill_tps:>11.1f}"
                        f"{fmt_ratio(r.prefill_ratio)}{r.fic_decode_tps:>12.2f}{r.peer_decode_tps:>11.2f}"
                        f"{fmt_ratio(r.decode_ratio)}{agree}  {'; '.join(r.loads)}")

@@ -48,9 +48,11 @@ def test_parse_vs_refuses(value, words):
 
 def test_parse_perf_reads_llama_cpps_lines():
     text = ("llama_perf_context_print:        load time =     120.50 ms\n"
-            "llama_perf_context_print: prompt eval time =     400.00 ms /   100 tokens (    4.00 ms per token,   250.00 "
+            "llama_perf_context_print: prompt eval time =     400.00 ms /   100 tokens (    4.00 ms per token,   "
+            "250.00 "
             "tokens per second)\n"
-            "llama_perf_context_print:        eval time =     700.00 ms /    63 runs   (   11.11 ms per token,    90.00 "
+            "llama_perf_context_print:        eval time =     700.00 ms /    63 runs   (   11.11 ms per token,    "
+            "90.00 "
             "tokens per second)\n")
     p = peer.parse_perf(text)
     assert p["prompt_eval_time_ms"] == 400.0 and p["prompt_eval_time_tokens"] == 100
@@ -80,13 +82,15 @@ def test_summarize_medians_and_ratios_from_given_numbers():
     for prompt, row in rows.items():
         def med(who, key):
             return float(np.median([getattr(r, key) for r in runs if r.prompt == prompt and r.engine == who]))
-        assert row.fic_prefill_tps == med("fic", "prefill_tps") and row.peer_prefill_tps == med("llama.cpp", "prefill_tps")
+        assert row.fic_prefill_tps == med("fic", "prefill_tps")
+        assert row.peer_prefill_tps == med("llama.cpp", "prefill_tps")
         assert row.fic_decode_tps == med("fic", "decode_tps") and row.peer_decode_tps == med("llama.cpp", "decode_tps")
         assert row.prefill_ratio == pytest.approx(row.fic_prefill_tps / row.peer_prefill_tps)
         assert row.decode_ratio == pytest.approx(row.fic_decode_tps / row.peer_decode_tps)
         assert row.greedy_agree == 2  # the token lists part at their third token
         assert len(row.loads) == 6
-    assert rows["short"].prefill_ratio == pytest.approx(110 / 50) and rows["long"].decode_ratio == pytest.approx(10 / 11)
+    assert rows["short"].prefill_ratio == pytest.approx(110 / 50)
+    assert rows["long"].decode_ratio == pytest.approx(10 / 11)
 
 
 def test_summarize_refuses_a_prompt_run_by_one_engine():
@@ -104,7 +108,8 @@ def test_report_json_shape_and_table():
                              max_tokens=4, reps=3, machine={"cpu": "c", "cores": 2, "kernels": "avx2"}, date="d",
                              rows=peer.summarize(runs), runs=runs)
     d = json.loads(json.dumps(rep.as_dict()))
-    assert {"model", "gguf", "peer", "threads", "ctx", "max_tokens", "reps", "machine", "date", "rows", "runs"} <= set(d)
+    assert {"model", "gguf", "peer", "threads", "ctx", "max_tokens", "reps", "machine", "date", "rows",
+            "runs"} <= set(d)
     assert {"prompt", "fic_prefill_tps", "peer_prefill_tps", "prefill_ratio", "fic_decode_tps", "peer_decode_tps",
             "decode_ratio", "greedy_agree", "loads"} <= set(d["rows"][0])
     assert len(d["runs"]) == 12 and {"engine", "load", "prefill_tps", "decode_tps"} <= set(d["runs"][0])
@@ -186,7 +191,8 @@ def test_real_tiny_run_against_llama_cpp_python(tiny):
     assert [row["prompt"] for row in d["rows"]] == ["short", "long"] and d["threads"] == 1
     assert d["gguf"] == str(tiny[0])
     runs = d["runs"]
-    assert [x["engine"] for x in runs if x["prompt"] == "short"] == ["fic", "llama.cpp", "llama.cpp", "fic"]  # alternated
+    order = [x["engine"] for x in runs if x["prompt"] == "short"]
+    assert order == ["fic", "llama.cpp", "llama.cpp", "fic"]  # alternated
     for row in d["rows"]:
         mine = [x for x in runs if x["prompt"] == row["prompt"] and x["engine"] == "fic"]
         theirs = [x for x in runs if x["prompt"] == row["prompt"] and x["engine"] == "llama.cpp"]
