@@ -179,7 +179,8 @@ def budget_rows(runs: list[dict]) -> list[dict]:
             return statistics.median(r[k] for r in ok) if ok and all(r.get(k) is not None for r in ok) else None
         rows.append({"engine": engine, "finished": len(ok), "of": sum(r["engine"] == engine for r in runs),
                      "prefill_tps": med("prefill_tps"), "decode_tps": med("decode_tps"),
-                     "max_usage_bytes": med("max_usage_bytes"), "bytes_read": med("bytes_read"),
+                     "max_usage_bytes": med("max_usage_bytes"), "peak_rss_bytes": med("peak_rss_bytes"),
+                     "bytes_read": med("bytes_read"),
                      "active_fraction": med("active_fraction"),
                      "loads": [r["load_before"] for r in runs if r["engine"] == engine]})
     base = next((r for r in rows if r["engine"] == "llama.cpp mmap"), None)
@@ -194,12 +195,13 @@ def budget_lines(rec: dict) -> list[str]:
     out = [f"{rec['model']} in a {rec['mem']} cgroup (page cache charged, files evicted before each run), fic --mem "
            f"{rec['fic_mem']}, ctx {rec['ctx']}, {rec['threads']} threads, {rec['max_tokens']} tokens, "
            f"{rec['reps']} reps alternated; {rec['date']}",
-           f"{'engine':<20}{'done':>6}{'prefill/s':>11}{'x llama':>9}{'decode/s':>10}{'x llama':>9}{'max MiB':>9}"
+           f"{'engine':<20}{'done':>6}{'prefill/s':>11}{'x llama':>9}{'decode/s':>10}{'x llama':>9}{'max MiB':>9}{'rss MiB':>9}"
            f"{'read GB':>9}{'active':>8}  load before each step"]
     for r in rec["rows"]:
         out.append(f"{r['engine']:<20}{str(r['finished']) + '/' + str(r['of']):>6}{f(r['prefill_tps'], '.2f'):>11}"
                    f"{f(r['prefill_ratio'], '.2f'):>9}{f(r['decode_tps'], '.3f'):>10}{f(r['decode_ratio'], '.2f'):>9}"
                    f"{f(r['max_usage_bytes'] and r['max_usage_bytes'] / 2**20, '.0f'):>9}"
+                   f"{f(r['peak_rss_bytes'] and r['peak_rss_bytes'] / 2**20, '.0f'):>9}"
                    f"{f(r['bytes_read'] and r['bytes_read'] / 1e9, '.2f'):>9}{f(r['active_fraction'], '.3f'):>8}"
                    f"  {'; '.join(r['loads'])}")
     q = rec.get("quality")
@@ -210,6 +212,8 @@ def budget_lines(rec: dict) -> list[str]:
                        f"(load {q['load']}; {q['cmd']})")
     elif q:
         out.append(f"prune quality: failed: {q['error']}")
+    out.append("max MiB: the group's memory.max_usage_in_bytes (page cache included); rss MiB: fic's VmHWM "
+               "(interpreter and shared libraries included, some of them charged to other groups)")
     out.append("commands: " + "; ".join(dict.fromkeys(r["cmd"] for r in rec["runs"] if r["rep"] == 1)))
     return out
 
