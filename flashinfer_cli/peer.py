@@ -298,11 +298,13 @@ def make_prompts(engine: "Engine", long_tokens: int = DEFAULT_LONG_TOKENS) -> Pr
     tok = engine.tokenizer
     short = engine.prompt_ids(SHORT_PROMPT)
     doc_ids: list[int] = []
-    for t in texts.quality_texts():  # repeated if the texts are shorter than asked
+    for t in texts.quality_texts():
         doc_ids += tok.encode(("\n\n" if doc_ids else "") + t.text, add_bos=False)
         if len(doc_ids) >= long_tokens:
             break
-    while len(doc_ids) < long_tokens:
+    if not doc_ids:
+        raise CompareError("no quality texts to build the long prompt from (a broken installation)")
+    while len(doc_ids) < long_tokens:  # the texts repeated when they are shorter than asked
         doc_ids += doc_ids
     overhead = len(engine.prompt_ids(LONG_PROMPT + "\n\n"))
     doc = tok.decode(doc_ids[:max(1, long_tokens - overhead)])
@@ -391,12 +393,14 @@ def run_comparison(model: str, spec: PeerSpec, *, threads: int, reps: int, max_t
     kernels.set_threads(threads)
     ctx = long_tokens + max_tokens + TEMPLATE_ROOM
     engine = Engine.open(str(path), ctx=ctx, threads=threads)
-    prompts = make_prompts(engine, long_tokens)
-    peer = open_peer(spec, gguf, threads=threads, ctx=ctx)
     try:
-        runs = compare(engine, peer, prompts, reps=reps, max_tokens=max_tokens, say=say)
+        prompts = make_prompts(engine, long_tokens)
+        peer = open_peer(spec, gguf, threads=threads, ctx=ctx)
+        try:
+            runs = compare(engine, peer, prompts, reps=reps, max_tokens=max_tokens, say=say)
+        finally:
+            peer.close()
     finally:
-        peer.close()
         engine.close()
     return CompareReport(model=path.name, gguf=str(gguf), peer=spec.describe(), threads=threads, ctx=ctx,
                          max_tokens=max_tokens, reps=reps, machine=machine_info(),
