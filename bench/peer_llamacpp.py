@@ -25,33 +25,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # the package beside this script, when not installed
+from flashinfer_cli.peer import loadavg, parse_perf  # noqa: E402  (llama.cpp's perf lines, parsed once)
 # tests/test_qwen.py's QUESTION: the project's own test asks exactly this
 PROMPT = "Write a Python function is_prime(n) that returns True if n is prime."
-
-PERF = re.compile(r"(?:llama_perf_context_print|common_perf_print):\s+(prompt eval time|eval time|load time|total time)\s*=\s*([\d.]+) ms"
-                  r"(?:\s*/\s*(\d+) (?:tokens|runs)\s*\(\s*[\d.]+ ms per token,\s*([\d.]+) tokens per second\))?")
-
-
-def loadavg() -> str:
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-
-
-def parse_perf(stderr: str) -> dict:
-    out = {}
-    for m in PERF.finditer(stderr):
-        key = m.group(1).replace(" ", "_")
-        out[key + "_ms"] = float(m.group(2))
-        if m.group(3):
-            out[key + "_tokens"] = int(m.group(3))
-            out[key + "_tok_s"] = float(m.group(4))
-    return out
-
 
 def cgroup_run(mem: str, cmd: list[str], *, evict: list[str], timeout: float, stderr_file: Path) -> dict:
     full = [sys.executable, str(HERE / "cgroup_run.py"), "--mem", mem, "--json", "--stderr-lines", "0",

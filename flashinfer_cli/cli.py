@@ -747,9 +747,15 @@ def _with_bench_budget(f):
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Kernel threads (default: all cores).")
 @click.option("--progress/--no-progress", default=True, help="A progress bar on stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--vs", "vs", default=None, metavar="llama.cpp[=PATH]",
+              help="Against llama.cpp on the GGUF MODEL came from (llama-cpp-python, or a build directory's "
+                   "llama-completion): a short and a --long prompt, same threads, greedy, --runs repetitions "
+                   "alternated; prefill and decode tokens/s and their ratios.")
+@click.option("--long", "long_tokens", type=click.IntRange(min=16), default=None,
+              help="With --vs: tokens of the long prompt (default 2000).")
 @_with_bench_budget
 def bench(model, quality, sweep, prompts_file, max_tokens, runs, n_texts, plot_file, ctx, threads, progress,
-          as_json, **budget):
+          as_json, vs, long_tokens, **budget):
     """Measure MODEL's speed under --mem/--mode/--active/--policy: per prompt and as medians, time
     to first token, prefill and decode tokens/s, expert bytes read from flash and the rate, the
     arena's hit rate (hits / (hits + misses): of every time the FFN asked for an expert, the share
@@ -760,6 +766,13 @@ def bench(model, quality, sweep, prompts_file, max_tokens, runs, n_texts, plot_f
     from flashinfer_cli.fmt import FormatError
     from flashinfer_cli.router import POLICIES
 
+    if vs is not None:
+        _bench_vs(model, vs, quality or sweep or prompts_file or plot_file or ctx or any(
+            budget[k] is not None for k in ("mem", "active", "reselect", "profile")),
+            threads, runs, max_tokens, long_tokens, progress, as_json)
+        return
+    if long_tokens is not None:
+        _fail("--long sizes the long prompt of --vs")
     mems, actives, policies = (_comma_list(budget[k]) for k in ("mem", "active", "policy"))
     if any(p not in POLICIES for p in policies):
         _fail(f"--policy {budget['policy']!r}: comma-separated names from {', '.join(POLICIES)}")
@@ -820,6 +833,33 @@ def bench(model, quality, sweep, prompts_file, max_tokens, runs, n_texts, plot_f
                                f"perplexity {full_ppl:.2f})")
     if plot_file:
         click.echo(f"plot: {plot_file}")
+
+
+def _bench_vs(model, vs, other_options, threads, runs, max_tokens, long_tokens, progress, as_json) -> None:
+    """fic bench --vs: fic (everything resident) against llama.cpp on the same GGUF (peer.py)."""
+    import json
+    import os
+
+    from flashinfer_cli import peer
+    from flashinfer_cli.fmt import FormatError
+
+    if other_options:
+        _fail("--vs runs both engines unconstrained on its own short and --long prompts (--threads, --runs, "
+              "--max-tokens); a budget against a memory cgroup is bench/compare.py's")
+    try:
+        spec = peer.parse_vs(vs)
+        say = (lambda s: click.echo(f"fic: {s}", err=True)) if progress else None
+        with _user_errors():
+            report = peer.run_comparison(model, spec, threads=threads or os.cpu_count() or 1, reps=runs,
+                                         max_tokens=max_tokens or peer.DEFAULT_MAX_TOKENS,
+                                         long_tokens=long_tokens or peer.DEFAULT_LONG_TOKENS, say=say)
+    except (ValueError, OSError, FormatError) as exc:  # CompareError, EngineError, a model failing its checks
+        _fail(_one_line(exc))
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=1))
+        return
+    for line in report.lines():
+        click.echo(line)
 
 
 def _check_sweep(model: str, ctx, points: list[dict]) -> str:

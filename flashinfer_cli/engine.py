@@ -65,7 +65,9 @@ class Engine:
         is_moe = model.moe is not None
         if is_moe and policy == "exact":
             policy = "router"  # a mixture of experts' per-prompt statistic is its routers' (GRIFFIN's is a dense FFN's)
-        if (policy == "router") != is_moe:  # static's calibration is GRIFFIN's too: dense models only
+        if policy == "none" and (model.plan.prune or reselect):  # nothing chosen: nothing to prune to or rescore
+            raise EngineError("policy none selects no experts: it runs in exact mode without --reselect")
+        if policy != "none" and (policy == "router") != is_moe:  # static's calibration is GRIFFIN's: dense only
             raise EngineError(f"policy {policy!r} is for {'dense models' if is_moe else 'mixtures of experts'}; "
                               f"this model {'is a mixture of experts: use router' if is_moe else 'is dense: use exact or static'}")
         if reselect < 0:
@@ -98,7 +100,8 @@ class Engine:
         mem: the memory budget ('512M', '2G' or bytes; default: everything resident when the
         machine's available memory holds it with room to spare); ctx: KV cache length (default the
         model's, at most 4096); mode: 'exact' (default) or 'prune'; active: the active fraction of
-        each layer's experts or a parameter count ('300M'); policy: 'exact' (default) or 'static';
+        each layer's experts or a parameter count ('300M'); policy: 'exact' (default), 'static', 'router' or
+        'none' (no selection, exact mode);
         reselect: tokens between reselections (0: off); threads: kernel threads; kv_dtype: the KV
         cache's element type, f16 (half the memory) or f32."""
         from flashinfer_cli.pull import resolve_model

@@ -18,7 +18,9 @@ import numpy as np
 
 from flashinfer_cli import fmt
 
-POLICIES = ("exact", "static", "router")  # router: a mixture of experts' (moe.RouterScorer)
+# router: a mixture of experts' (moe.RouterScorer); none: no selection at all, the arena only an LRU
+# cache of what tokens asked for (what MoE offloading engines do; exact mode only, a baseline)
+POLICIES = ("exact", "static", "router", "none")
 PER_PROMPT = ("exact", "router")  # the policies that choose each prompt's sets from its own tokens
 STATIC_FILE = "static_scores.npy"
 RESELECT_MARGIN = 0.05  # a challenger must beat the weakest selected expert by 5%

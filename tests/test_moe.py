@@ -104,7 +104,7 @@ transformers = pytest.importorskip("transformers")
 
 from _tiny import VOCAB, add_gguf_tokenizer, make_tokenizer, widen_weights  # noqa: E402
 from flashinfer_cli.convert import ConvertOptions, convert  # noqa: E402
-from flashinfer_cli.engine import Engine, make_engine_plan  # noqa: E402
+from flashinfer_cli.engine import Engine, EngineError, make_engine_plan  # noqa: E402
 from flashinfer_cli.model import Model  # noqa: E402
 
 # family -> (transformers class prefix, config keys); hidden 64, 2 layers, 8 experts of 32 neurons
@@ -646,3 +646,27 @@ def test_bench_quality_compares_the_policies_that_suit_the_model(families):
     assert r.exit_code == 1 and "measuring" not in r.stderr
     assert r.stderr.strip() == ("fic: policy 'static' does not apply: the model is a mixture of experts "
                                 "(use router)"), r.stderr
+
+
+def test_policy_none_pins_nothing_reads_every_miss_and_equals_the_full_model(big_mixtral):
+    """The MoE-offloading baseline (bench/compare.py): no per-prompt set, the arena an LRU only."""
+    hf, path = big_mixtral
+    eng = Engine.open(str(path), mem=small_budget(path, 10), ctx=128, kv_dtype="f32", policy="none", auto_pull=False)
+    assert not eng.plan.all_resident and eng.policy == "none"
+    got = [eng.forward(IDS[:12])]
+    got += [eng.model.forward([t])[None] for t in IDS[12:]]
+    assert rel(np.concatenate(got), hf_logits(hf, IDS)) < 1e-4
+    arena = eng.model.arena
+    assert all(len(arena.pinned_experts(l)) == 0 for l in range(2))
+    st = eng.stats()["request"]
+    assert st["misses"] > 0 and st["evictions"] > 0
+    arena.check_invariants()
+
+
+def test_policy_none_refuses_prune_mode_and_reselection(big_mixtral):
+    _, path = big_mixtral
+    with pytest.raises(EngineError, match="policy none"):
+        Engine.open(str(path), mem=small_budget(path, 12, mode="prune"), mode="prune", ctx=128, policy="none",
+                    auto_pull=False)
+    with pytest.raises(EngineError, match="policy none"):
+        Engine.open(str(path), mem=small_budget(path, 10), ctx=128, policy="none", reselect=4, auto_pull=False)
