@@ -5,8 +5,9 @@ which calibration never sees) with the `exact` policy, for several models of one
     python bench/cluster_quality.py NAME=DIR [NAME=DIR ...] [--active 0.5,0.75,0.9] [--json OUT]
 
 A model with shared experts (manifest "shared") is compared at the same share of active FFN
-neurons: --active a runs (a - s) / (1 - s) of its routed experts, s its shared share. Models are
-taken in turn for each active size (alternated), the load average printed beside each point.
+neurons: --active a runs (a - s) / (1 - s) of its routed experts, s its shared share. Quality is
+deterministic (no timing), so each model's full run is shared by its active sizes; the load average
+is printed beside each model's points.
 """
 from __future__ import annotations
 
@@ -43,13 +44,13 @@ def main() -> None:
     models = [tuple(m.split("=", 1)) for m in args.models]
     actives = [float(a) for a in args.active.split(",")]
     rows = []
-    for a in actives:
-        for name, path in models:
-            share = shared_share(Path(path))
+    for name, path in models:
+        share = shared_share(Path(path))
+        t0 = time.time()
+        rep = bench.quality(path, actives=[routed_active(a, share) for a in actives], policies=["exact"],
+                            max_tokens=args.max_tokens)
+        for a, pt in zip(actives, rep.points):
             ra = routed_active(a, share)
-            t0 = time.time()
-            rep = bench.quality(path, actives=[ra], policies=["exact"], max_tokens=args.max_tokens)
-            pt = rep.points[0]
             row = {"model": name, "active": a, "routed_active": round(ra, 4), "shared": round(share, 4),
                    "ppl_ratio": pt.ppl_ratio, "agreement": pt.agreement, "full_ppl": rep.full_ppl,
                    "per_text": {k: v[0] for k, v in pt.per_text.items()}, "load1": os.getloadavg()[0],
@@ -58,10 +59,10 @@ def main() -> None:
             print(f"{name:<28} active {a:.2f} (routed {ra:.3f}, shared {share:.3f})  ppl x{pt.ppl_ratio:.3f}  "
                   f"agree {pt.agreement:.3f}  full ppl {rep.full_ppl:.2f}  load {row['load1']:.2f}  "
                   f"{row['seconds']}s", flush=True)
-    if args.json:
-        tmp = Path(args.json).with_suffix(".tmp")
-        tmp.write_text(json.dumps(rows, indent=1))
-        os.replace(tmp, args.json)
+        if args.json:  # after each model: a long run interrupted keeps what it measured
+            tmp = Path(args.json).with_suffix(".tmp")
+            tmp.write_text(json.dumps(rows, indent=1))
+            os.replace(tmp, args.json)
 
 
 if __name__ == "__main__":

@@ -248,6 +248,8 @@ class MemoryPlan:
         out.append(f"  {'total':<14}{human(self.total_bytes):>12}")
         per_layer = sum(self.active_per_layer) / max(1, s.n_layers)
         e_max = s.max_experts_per_layer
+        if s.shared_neurons and not s.is_moe:  # cluster.py's shared experts: in the dense block above
+            out.append(f"shared experts  up to {s.shared_neurons} neurons per layer in the dense block, always on")
         if self.all_resident:
             out.append(f"experts         all {s.n_experts} resident ({e_max} per layer)")
         else:

@@ -22,7 +22,7 @@ from flashinfer_cli import cluster, fmt, kernels  # noqa: E402
 from flashinfer_cli.convert import ConvertOptions, convert  # noqa: E402
 from flashinfer_cli.engine import Engine  # noqa: E402
 from flashinfer_cli.model import Model  # noqa: E402
-from flashinfer_cli.plan import ModelShape  # noqa: E402
+from flashinfer_cli.plan import ModelShape, PlanRequest, make_plan  # noqa: E402
 
 IDS = [int(i) for i in np.random.default_rng(0).integers(0, VOCAB, 40)]
 SIZE = 16      # expert size: the tiny FFN's 128 neurons are 8 experts
@@ -183,6 +183,8 @@ def test_shared_experts_are_counted_in_the_dense_block(tiny):
     assert 0 <= after.dense_bytes - before.dense_bytes - shared_bytes < 64 * 4
     assert after.bundle_bytes_total < before.bundle_bytes_total
     assert after.shared_neurons == 32
+    lines = make_plan(after, PlanRequest(ctx=64)).lines()  # what `fic show` prints
+    assert any(l.startswith("shared experts") and "32 neurons" in l for l in lines)
 
 
 def _masked_hf(hf, keep: list[np.ndarray]):
