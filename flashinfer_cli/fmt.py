@@ -67,6 +67,16 @@ def neuron_order_name(layer: int) -> str:
     return f"blk.{layer}.ffn_neuron_order"
 
 
+SHARED_PARTS = ("gate", "up", "down")
+
+
+def shared_names(layer: int) -> tuple[str, str, str]:
+    """A dense model's shared expert of `layer` (cluster.py): gate rows, up rows and the down part
+    in the model's down layout, the bundle's three parts kept adjacent in the dense block so they
+    run as one bundle (dense_pack)."""
+    return tuple(f"blk.{layer}.ffn_{part}_shared" for part in SHARED_PARTS)
+
+
 def repull_command(name: str, provenance: dict[str, Any]) -> str:
     """The `fic pull` that fetches and converts model `name` again, from its provenance (pull.py
     writes it): its catalog entry, else the file, directory or repo it was converted from with the
@@ -169,6 +179,13 @@ class Manifest:
     # a mixture of experts: one routing rule per layer, every bundle of a layer a routed expert
     # (the router and a shared expert are dense tensors); None: a dense model, bundles are neurons
     moe: list[RoutingRule] | None = None
+    # a dense model's shared experts: neurons per layer kept in the dense block (shared_names) and
+    # always run; None: none (every FFN neuron is in a routed bundle)
+    shared: list[int] | None = None
+
+    @property
+    def shared_neurons(self) -> list[int]:
+        return list(self.shared) if self.shared else [0] * len(self.experts)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -184,6 +201,7 @@ class Manifest:
             "provenance": self.provenance,
             "notes": self.notes,
             "moe": {"layers": [r.to_json() for r in self.moe]} if self.moe is not None else None,
+            "shared": {"neurons": list(self.shared)} if self.shared else None,
         }
 
 
@@ -325,12 +343,38 @@ def parse_manifest(path: Path) -> Manifest:
     layout = _parse_layout(raw.get("expert_layout"), path)
     experts = _parse_experts(raw.get("experts", []), path)
     moe = _parse_moe(raw.get("moe") if raw["version"] >= 3 else None, experts, layout, tensors, path)
+    shared = _parse_shared(raw.get("shared"), experts, layout, tensors, moe, path)
     return Manifest(
         name=raw["name"], arch=raw["arch"], tensors=tensors, expert_layout=layout, experts=experts,
         experts_file_bytes=raw["experts_file_bytes"],
         tokenizer=_parse_tokenizer(raw.get("tokenizer"), path), provenance=provenance, notes=list(notes),
-        moe=moe,
+        moe=moe, shared=shared,
     )
+
+
+def _parse_shared(raw: Any, experts: list[list[ExpertEntry]], layout: ExpertLayout | None,
+                  tensors: dict[str, Any], moe: list[RoutingRule] | None, path: Path) -> list[int] | None:
+    """A dense model's shared experts: neurons per layer, each layer's three parts in the dense
+    block in the expert layout's formats and shapes (a bundle's)."""
+    if raw is None:
+        return None
+    ok = isinstance(raw, dict) and isinstance(raw.get("neurons"), list)
+    _require(ok and all(_is_int(n) and 0 <= n <= MAX_DIM for n in raw["neurons"]), path,
+             "shared is not an object with a list of neuron counts")
+    neurons = raw["neurons"]
+    _require(len(neurons) == len(experts), path, f"shared has {len(neurons)} layers, the expert table {len(experts)}")
+    _require(moe is None, path, "shared neurons in a mixture of experts (its shared expert is in moe)")
+    _require(layout is not None, path, "shared without an expert_layout")
+    for li, n in enumerate(neurons):
+        if not n:
+            continue
+        shapes = ((layout.gate_fmt, [n, layout.d_model]), (layout.up_fmt, [n, layout.d_model]),
+                  (layout.down_fmt, list(layout.down_shape(n))))
+        for name, (fmt_name, shape) in zip(shared_names(li), shapes):
+            spec = tensors.get(name)
+            _require(isinstance(spec, dict) and spec.get("fmt") == fmt_name and spec.get("shape") == shape, path,
+                     f"shared layer {li}: dense tensor {name!r} {fmt_name} {shape} missing or of another format or shape")
+    return list(neurons)
 
 
 def _parse_moe(raw: Any, experts: list[list[ExpertEntry]], layout: ExpertLayout | None,
@@ -488,6 +532,12 @@ def dense_pack(man: Manifest) -> tuple[list[tuple[str, int, int]], int]:
     for name in names:
         if name in seen:
             continue
+        if name.endswith(".ffn_gate_shared"):  # a shared expert: its parts back to back, one bundle
+            trio = [name[:-len("gate_shared")] + p + "_shared" for p in SHARED_PARTS]
+            if all(t in man.tensors and t not in skip for t in trio):
+                groups.append(trio)
+                seen.update(trio)
+                continue
         if name.endswith(".attn_q"):
             base = name[:-len("attn_q")]
             trio = [base + "attn_q", base + "attn_k", base + "attn_v"]
@@ -591,6 +641,23 @@ class ModelWriter:
         self.manifest.experts[layer].append(entry)
         return entry
 
+    def set_shared(self, layer: int, gate: QTensor, up: QTensor, down: QTensor) -> None:
+        """Layer's shared expert (a dense model's, always run): a bundle's parts, in the dense block."""
+        layout = self.manifest.expert_layout
+        n = gate.shape[0]
+        expected = ((layout.gate_fmt, (n, layout.d_model)), (layout.up_fmt, (n, layout.d_model)),
+                    (layout.down_fmt, layout.down_shape(n)))
+        for part, (fmt_name, shape) in zip((gate, up, down), expected):
+            if part.fmt != fmt_name or part.shape != shape:
+                raise ValueError(f"shared part {part.fmt} {part.shape}, layout wants {fmt_name} {shape}")
+        for name, part in zip(shared_names(layer), (gate, up, down)):
+            self.add_dense(name, part)
+        if self.manifest.shared is None:
+            self.manifest.shared = []
+        while len(self.manifest.shared) <= layer:
+            self.manifest.shared.append(0)
+        self.manifest.shared[layer] = n
+
     def set_neuron_order(self, layer: int, order: np.ndarray) -> None:
         """Record that layer's bundles hold its FFN neurons in this order (original indices)."""
         order = np.asarray(order)
@@ -611,6 +678,9 @@ class ModelWriter:
 
     def _finish_files(self) -> None:
         from safetensors.numpy import save_file
+
+        if self.manifest.shared is not None:  # one count per layer, 0 where a layer has none
+            self.manifest.shared += [0] * (len(self.manifest.experts) - len(self.manifest.shared))
 
         n_bundles = sum(len(layer) for layer in self.manifest.experts)
         self._experts.seek(0)

@@ -60,6 +60,8 @@ class LayerWeights:
     router: np.ndarray | None = None
     shared: tuple[QTensor, QTensor, QTensor] | None = None  # gate, up, down
     shared_gate: np.ndarray | None = None                   # (d_model,): sigmoid(w . x) scales it
+    # a dense model's shared expert (cluster.py): one bundle in the dense block, run in both modes
+    shared_set: kernels.ExpertSet | None = None
 
 
 # ---- the math ------------------------------------------------------------------------------
@@ -161,6 +163,9 @@ class Model:
         self.output_norm = _vec(dense["output_norm"])
         self.output = self.token_embd if c.tie_embeddings else _qt(dense["output"])
         self.layers = [self._layer(dense, i) for i in range(c.n_layers)]
+        # the shared experts' h (t x neurons), sized once: the plan's scratch counts d_ff per token
+        n_shared = max(man.shared_neurons, default=0)
+        self._shared_scratch = np.empty(max(1, plan.prefill_chunk * n_shared), dtype=np.float32)
         # the arena and the FFN runner
         self.arena = Arena(self.reader, n_slots=max(1, plan.n_slots), n_ring=plan.n_ring)
         if plan.all_resident:
@@ -214,6 +219,13 @@ class Model:
                 moe_parts["shared"] = tuple(_qt(dense[n[k]]) for k in ("gate", "up", "down"))
             if rule.shared_gate == "sigmoid":
                 moe_parts["shared_gate"] = _vec(dense[n["shared_gate"]])
+        n_shared = self.reader.manifest.shared_neurons[i] if self.reader.manifest.moe is None else 0
+        if n_shared:  # the three parts are adjacent in the dense buffer (fmt.dense_pack): one bundle
+            names = fmt.shared_names(i)
+            start = self._pack[names[0]][0]
+            stop = self._pack[names[2]][0] + self._pack[names[2]][1]
+            moe_parts["shared_set"] = kernels.ExpertSet.from_layout(
+                self.reader.manifest.expert_layout, [self._dense_buf[start:stop]], [n_shared])
         return LayerWeights(
             **moe_parts,
             attn_norm=_vec(dense[p + "attn_norm"]),
@@ -231,6 +243,10 @@ class Model:
             self._moe_ffn(i, xn, x)
             return
         self.runner.run(i, xn, x, full=self.full, collect=self.collect)
+        shared = self.layers[i].shared_set
+        if shared is not None:  # always on, in both modes; never scored, never read from flash
+            t = 1 if xn.ndim == 1 else xn.shape[0]
+            shared.ffn(np.ascontiguousarray(xn, dtype=np.float32), x, scratch=self._shared_scratch[:t * shared.n_total])
 
     def _moe_ffn(self, i: int, xn: np.ndarray, x: np.ndarray) -> None:
         """x += the routed experts each token picks, weighed by the layer's rule, + the shared expert."""

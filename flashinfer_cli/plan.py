@@ -130,7 +130,7 @@ class ModelShape:
     expert_params: int            # parameters of one (largest) expert
     max_expert_neurons: int
     moe_top_k: int = 0            # a mixture of experts: the most experts a token routes to in a layer (0: dense)
-    shared_neurons: int = 0       # the largest shared expert (in the dense block)
+    shared_neurons: int = 0       # the largest shared expert (in the dense block; a MoE's or a dense model's)
 
     @classmethod
     def from_manifest(cls, man: fmt.Manifest) -> "ModelShape":
@@ -150,7 +150,7 @@ class ModelShape:
                    bundle_bytes_total=sum(e.padded_length for e in entries),
                    expert_params=3 * n_max * a["d_model"], max_expert_neurons=n_max,
                    moe_top_k=max((r.top_k for r in rules), default=0),
-                   shared_neurons=max((r.shared_neurons for r in rules), default=0))
+                   shared_neurons=max([r.shared_neurons for r in rules] + man.shared_neurons, default=0))
 
     @property
     def n_experts(self) -> int:
@@ -248,6 +248,8 @@ class MemoryPlan:
         out.append(f"  {'total':<14}{human(self.total_bytes):>12}")
         per_layer = sum(self.active_per_layer) / max(1, s.n_layers)
         e_max = s.max_experts_per_layer
+        if s.shared_neurons and not s.is_moe:  # cluster.py's shared experts: in the dense block above
+            out.append(f"shared experts  up to {s.shared_neurons} neurons per layer in the dense block, always on")
         if self.all_resident:
             out.append(f"experts         all {s.n_experts} resident ({e_max} per layer)")
         else:
