@@ -199,6 +199,16 @@ def test_exact_mode_answers_as_the_full_model(smollm2_model, full_engine):
     assert second["hits"] > 0 and second["bytes_read"] < first["bytes_read"]
 
 
+def test_policy_none_pins_nothing_and_equals_the_full_model(smollm2_model, full_engine):
+    """The baseline of bench/compare.py: no per-prompt selection. A dense token needs every expert in
+    turn, so nothing is kept and nothing hits: every FFN byte not resident is read, every token."""
+    eng = Engine.open(str(smollm2_model), ctx=256, mem=budget_for(smollm2_model, 256, 0.3), policy="none")
+    ids = full_engine.tokenize(TEXT)
+    assert rel(eng.forward(ids), full_engine.forward(ids)) < 1e-4
+    st = eng.stats()["request"]
+    assert eng.model.arena.n_resident == 0 and st["hits"] == 0 and st["misses"] > 0 and st["bytes_read"] > 0
+
+
 # ---- prune mode ----------------------------------------------------------------------------
 
 def test_prune_mode_second_similar_prompt_reads_at_most_half(smollm2_model):
