@@ -1,0 +1,104 @@
+"""Where a fic decode step's time goes: inside C calls (every function of the compiled module,
+timed through a proxy of kernels.lib) against the Python/numpy between them, at a context depth.
+
+    PYTHONPATH=. python bench/profile_decode.py --model smollm2-135m [--depth 2000] [--decode 64]
+        [--threads 2] [--rounds 3] [--path fused|numpy]
+
+The step time is measured without the proxy; the C time with it (the proxy adds about 0.3 us a
+call, counted as Python). Rounds: the fastest is shown (a shared machine only ever slows a run).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+TEXT = Path(__file__).resolve().parents[1] / "tests" / "data" / "prose.txt"
+
+
+class _TimedLib:
+    """kernels.lib with every function call timed (seconds and calls per function name)."""
+
+    def __init__(self, lib):
+        self._lib, self.spent, self._cache = lib, {}, {}
+
+    def __getattr__(self, name):
+        attr = getattr(self._lib, name)
+        if not callable(attr):
+            return attr
+        fn = self._cache.get(name)
+        if fn is None:
+            spent = self.spent.setdefault(name, [0.0, 0])
+
+            def fn(*a, _f=attr, _s=spent):
+                t = time.perf_counter()
+                try:
+                    return _f(*a)
+                finally:
+                    _s[0] += time.perf_counter() - t
+                    _s[1] += 1
+            self._cache[name] = fn
+        return fn
+
+
+def _decode(m, ids: list[int], depth: int, n: int) -> float:
+    m.reset()
+    for i in range(0, depth, m.prefill_chunk):
+        m.forward(ids[i:min(depth, i + m.prefill_chunk)])
+    t = time.perf_counter()
+    for tok in ids[depth:depth + n]:
+        m.forward([tok])
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--depth", type=int, default=16, help="tokens of context before the timed decode")
+    ap.add_argument("--decode", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--path", choices=("fused", "numpy"), default="fused", help="the decode step to time")
+    args = ap.parse_args()
+
+    from flashinfer_cli import Engine, kernels
+
+    engine = Engine.open(args.model, threads=args.threads, ctx=args.depth + args.decode + 16)
+    m = engine.model
+    if args.path == "numpy":
+        m.fused_decode = False
+    words = TEXT.read_text().split()
+    ids = engine.tokenize(" ".join(words * (1 + 4 * (args.depth + args.decode) // len(words))))
+    ids = ids[:args.depth + args.decode]
+    _decode(m, ids, min(args.depth, 64), 8)  # warm up
+    plain, timed = [], []
+    real = kernels.lib
+    for _ in range(args.rounds):
+        plain.append(_decode(m, ids, args.depth, args.decode))
+        proxy = _TimedLib(real)
+        kernels.lib = proxy
+        try:
+            _decode(m, ids, args.depth, 0)
+            for s in proxy.spent.values():  # the warm-up's calls: the wrappers keep these lists
+                s[:] = [0.0, 0]
+            timed.append((_decode(m, ids, args.depth, args.decode), dict(proxy.spent)))
+        finally:
+            kernels.lib = real
+    n = args.decode
+    step = 1e3 * min(plain) / n
+    _, spent = min(timed, key=lambda r: r[0])
+    spent = {k: v for k, v in spent.items() if v[1]}
+    c_ms = 1e3 * sum(s for s, _ in spent.values()) / n
+    calls = sum(c for _, c in spent.values()) / n
+    print(f"{args.model} ({args.path} path), decode of {n} tokens after {args.depth}, {args.threads} threads, "
+          f"load {os.getloadavg()[0]:.2f}")
+    print(f"step {step:.2f} ms ({1e3 / step:.1f} tok/s): C {c_ms:.2f} ms in {calls:.0f} calls, "
+          f"Python {step - c_ms:.2f} ms")
+    for name, (s, c) in sorted(spent.items(), key=lambda kv: -kv[1][0]):
+        if c:
+            print(f"  {name}: {1e3 * s / n:.3f} ms in {c / n:.0f} calls per step ({1e6 * s / c:.1f} us a call)")
+
+
+if __name__ == "__main__":
+    main()
