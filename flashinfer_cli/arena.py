@@ -191,6 +191,7 @@ class Arena:
             self.owner[s] = (l, e)
             self.slot_of[l, e] = s
             self.last_use[s] = self.tick
+        self.version += 1  # the table changed (streaming.FFNRunner keys its prepared calls on it)
         return keys
 
     def load(self, keys: Sequence[tuple[int, int]], *, pin: bool = False) -> int:

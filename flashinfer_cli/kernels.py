@@ -581,18 +581,8 @@ def _int32_vector(a: np.ndarray, name: str) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
-def experts_ffn_slots(layout, arena: np.ndarray, slot_bytes: int, slots: np.ndarray, n_neurons: np.ndarray,
-                      x: np.ndarray, y: np.ndarray, *, coef: np.ndarray | None = None,
-                      scratch: np.ndarray | None = None, impl: str = "auto") -> np.ndarray:
-    """As ExpertSet.ffn over bundles in arena slots (fic_experts_ffn_slots): expert e's bundle is
-    at arena[slots[e] * slot_bytes:], n_neurons[e] its size; y += Σ_e coef[:, e] down_e(h_e).
-
-    layout: anything with d_model, gate_fmt, up_fmt, down_fmt, down_layout (fmt.ExpertLayout),
-    or that 5-tuple. arena: the whole arena, a 1-D uint8 array; slots, n_neurons: int32 (E,).
-    Per call: two maxima and a sum over the int32 arrays, no per-expert Python loop. On return
-    scratch (default: a process-wide one, not for concurrent callers) holds h: expert e's
-    t x n_e block starts at t * (n_0 + ... + n_{e-1}), h = coef * silu(gate x) * (up x).
-    Returns y."""
+def _checked_slots(layout, arena: np.ndarray, slot_bytes: int, slots: np.ndarray, n_neurons: np.ndarray):
+    """experts_ffn_slots' checks of everything but x, y and coef: (layout, slots, n_neurons, total neurons)."""
     key = layout if isinstance(layout, tuple) else (
         layout.d_model, layout.gate_fmt, layout.up_fmt, layout.down_fmt, layout.down_layout)
     lay = _SLOT_LAYOUTS.get(key)
@@ -608,7 +598,6 @@ def experts_ffn_slots(layout, arena: np.ndarray, slot_bytes: int, slots: np.ndar
         raise ValueError(f"{n_experts} slots but {n_neurons.shape[0]} neuron counts")
     if slot_bytes <= 0:
         raise ValueError(f"slot_bytes must be positive, got {slot_bytes}")
-    x, t, coef_ptr = _ffn_io(x, y, coef, lay.d_model, n_experts)
     n_total = 0
     if n_experts:
         # bundle e ends at slots[e] * slot_bytes + bytes(n_e); bytes() grows with n, so the top
@@ -624,6 +613,24 @@ def experts_ffn_slots(layout, arena: np.ndarray, slot_bytes: int, slots: np.ndar
                 raise ValueError(f"expert {e}: slot {slots[e]} of {slot_bytes} bytes with {n_neurons[e]} neurons"
                                  f" lies outside the {arena.nbytes}-byte arena")
         n_total = int(np.add.reduce(n_neurons))  # int64 (add reductions upcast int32)
+    return lay, slots, n_neurons, n_total
+
+
+def experts_ffn_slots(layout, arena: np.ndarray, slot_bytes: int, slots: np.ndarray, n_neurons: np.ndarray,
+                      x: np.ndarray, y: np.ndarray, *, coef: np.ndarray | None = None,
+                      scratch: np.ndarray | None = None, impl: str = "auto") -> np.ndarray:
+    """As ExpertSet.ffn over bundles in arena slots (fic_experts_ffn_slots): expert e's bundle is
+    at arena[slots[e] * slot_bytes:], n_neurons[e] its size; y += Σ_e coef[:, e] down_e(h_e).
+
+    layout: anything with d_model, gate_fmt, up_fmt, down_fmt, down_layout (fmt.ExpertLayout),
+    or that 5-tuple. arena: the whole arena, a 1-D uint8 array; slots, n_neurons: int32 (E,).
+    Per call: two maxima and a sum over the int32 arrays, no per-expert Python loop. On return
+    scratch (default: a process-wide one, not for concurrent callers) holds h: expert e's
+    t x n_e block starts at t * (n_0 + ... + n_{e-1}), h = coef * silu(gate x) * (up x).
+    Returns y."""
+    lay, slots, n_neurons, n_total = _checked_slots(layout, arena, slot_bytes, slots, n_neurons)
+    n_experts = slots.shape[0]
+    x, t, coef_ptr = _ffn_io(x, y, coef, lay.d_model, n_experts)
     need = t * n_total
     if scratch is None:
         scratch = _SLOTS_SCRATCH[0]
@@ -643,6 +650,38 @@ def experts_ffn_slots(layout, arena: np.ndarray, slot_bytes: int, slots: np.ndar
             _WS.lock.release()
     _check(status, f"experts_ffn_slots {lay.name} {impl}")
     return y
+
+
+class SlotsFFN:
+    """experts_ffn_slots of one token over a fixed set of slots, checked once: each call is then
+    one C call (decode's resident experts, the same every token until the arena changes).
+    slots and n_neurons are copied; the arena must outlive this object."""
+
+    def __init__(self, layout, arena: np.ndarray, slot_bytes: int, slots: np.ndarray, n_neurons: np.ndarray):
+        lay, slots, n_neurons, self.n_total = _checked_slots(layout, arena, slot_bytes, slots.copy(),
+                                                             n_neurons.copy())
+        self.d_model, self.n_experts, self._lay = lay.d_model, slots.shape[0], lay
+        self._keep = (arena, slots, n_neurons)
+        self._args = (lay.c, _u8(arena), slot_bytes, ffi.from_buffer("int32_t[]", slots),
+                      ffi.from_buffer("int32_t[]", n_neurons), self.n_experts, ffi.NULL)
+
+    def __call__(self, x: np.ndarray, y: np.ndarray, scratch: np.ndarray, *, impl: str = "auto") -> None:
+        """y += FFN(x) over the slots; x, y float32 (d_model,), scratch receives h (n_total floats)."""
+        d = self.d_model
+        if x.shape != (d,) or y.shape != (d,) or x.dtype != np.float32 or y.dtype != np.float32 \
+                or not x.flags.c_contiguous or not y.flags.c_contiguous or not y.flags.writeable:
+            raise ValueError(f"x and y must be contiguous float32 ({d},) arrays, y writable")
+        _check_scratch(scratch, self.n_total)
+        pool = _POOL.get()
+        ws, ws_bytes, held = _ws_acquire(_POOL._n_threads, 1, d, self.n_experts, self.n_total)
+        try:
+            status = lib.fic_experts_ffn_slots(pool, _impl_id(impl), *self._args, _f32(x), _f32(y), 1,
+                                               _f32(scratch), scratch.size, ws, ws_bytes)
+        finally:
+            if held:
+                _WS.lock.release()
+        if status != 0:
+            _check(status, f"experts_ffn_slots {self._lay.name} {impl}")
 
 # ---- attention over an fp16 KV cache -------------------------------------------------------
 
