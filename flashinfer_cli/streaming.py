@@ -133,7 +133,7 @@ class FFNRunner:
         t = 1 if x.ndim == 1 else x.shape[0]
         if t > self.max_tokens:
             raise ValueError(f"{t} tokens in one FFN call, the scratch holds {self.max_tokens}")
-        if t == 1 and self._run_resident(layer, x, y, full, collect, prefetch):
+        if x.ndim == 1 and self._run_resident(layer, x, y, full, collect, prefetch):
             return
         arena = self.arena
         run = self.run_set(layer, full)
