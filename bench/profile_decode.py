@@ -6,6 +6,11 @@ timed through a proxy of kernels.lib) against the Python/numpy between them, at 
 
 The step time is measured without the proxy; the C time with it (the proxy adds about 0.3 us a
 call, counted as Python). Rounds: the fastest is shown (a shared machine only ever slows a run).
+--python-only: the step with the hot kernels replaced by calls that return at once (their outputs
+are garbage, the control flow the same for a dense model): what the Python between them costs.
+--clock thread: the calling thread's CPU time instead of wall time, so a loaded machine's waits for a
+core do not count: the Python figure is then the CPU the interpreter spends per step (the kernels'
+figure is only the calling thread's share of their work).
 """
 from __future__ import annotations
 
@@ -15,6 +20,9 @@ import time
 from pathlib import Path
 
 TEXT = Path(__file__).resolve().parents[1] / "tests" / "data" / "prose.txt"
+
+
+CLOCK = time.perf_counter
 
 
 class _TimedLib:
@@ -32,14 +40,30 @@ class _TimedLib:
             spent = self.spent.setdefault(name, [0.0, 0])
 
             def fn(*a, _f=attr, _s=spent):
-                t = time.perf_counter()
+                t = CLOCK()
                 try:
                     return _f(*a)
                 finally:
-                    _s[0] += time.perf_counter() - t
+                    _s[0] += CLOCK() - t
                     _s[1] += 1
             self._cache[name] = fn
         return fn
+
+
+HOT = ("fic_decode_attn", "fic_experts_ffn_slots", "fic_matvec", "fic_matmul", "fic_attention",
+       "fic_f32_to_f16_rows", "fic_dequantize")
+
+
+class _StubLib:
+    """kernels.lib with the hot kernels returning FIC_OK at once."""
+
+    def __init__(self, lib):
+        self._lib = lib
+
+    def __getattr__(self, name):
+        if name in HOT:
+            return lambda *a: 0
+        return getattr(self._lib, name)
 
 
 def _prefill(m, ids: list[int], depth: int) -> None:
@@ -49,10 +73,10 @@ def _prefill(m, ids: list[int], depth: int) -> None:
 
 
 def _decode(m, ids: list[int], depth: int, n: int) -> float:
-    t = time.perf_counter()
+    t = CLOCK()
     for tok in ids[depth:depth + n]:
         m.forward([tok])
-    return time.perf_counter() - t
+    return CLOCK() - t
 
 
 def main() -> None:
@@ -63,7 +87,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--path", choices=("fused", "numpy"), default="fused", help="the decode step to time")
+    ap.add_argument("--clock", choices=("wall", "thread"), default="wall")
+    ap.add_argument("--python-only", action="store_true", help="time the step with the hot kernels stubbed")
     args = ap.parse_args()
+    global CLOCK
+    CLOCK = time.perf_counter if args.clock == "wall" else time.thread_time
 
     from flashinfer_cli import Engine, kernels
 
@@ -89,12 +117,24 @@ def main() -> None:
         finally:
             kernels.lib = real
     n = args.decode
+    if args.python_only:
+        stub = []
+        for _ in range(args.rounds):
+            _prefill(m, ids, args.depth)
+            kernels.lib = _StubLib(real)
+            try:
+                stub.append(_decode(m, ids, args.depth, n))
+            finally:
+                kernels.lib = real
+        print(f"{args.model} ({args.path} path, {args.clock} clock): Python alone {1e6 * min(stub) / n:.0f} us a step "
+              f"(kernels stubbed), load {os.getloadavg()[0]:.2f}")
     step = 1e3 * min(plain) / n
     _, spent = min(timed, key=lambda r: r[0])
     spent = {k: v for k, v in spent.items() if v[1]}
     c_ms = 1e3 * sum(s for s, _ in spent.values()) / n
     calls = sum(c for _, c in spent.values()) / n
-    print(f"{args.model} ({args.path} path), decode of {n} tokens after {args.depth}, {args.threads} threads, "
+    print(f"{args.model} ({args.path} path, {args.clock} clock), decode of {n} tokens after {args.depth}, "
+          f"{args.threads} threads, "
           f"load {os.getloadavg()[0]:.2f}")
     print(f"step {step:.2f} ms ({1e3 / step:.1f} tok/s): C {c_ms:.2f} ms in {calls:.0f} calls, "
           f"Python {step - c_ms:.2f} ms")

@@ -118,6 +118,13 @@ class Arena:
         self.last_use[self.slot_of[layer, experts]] = self.tick
         self._count(hits=len(experts))
 
+    def touch_slots(self, slots: np.ndarray) -> None:
+        """touch() for resident experts whose slots the caller holds (decode's prepared FFN calls)."""
+        self.tick += 1
+        self.last_use[slots] = self.tick
+        self.total.hits += len(slots)
+        self.request.hits += len(slots)
+
     def view(self, slot: int, n_bytes: int | None = None) -> np.ndarray:
         start = int(slot) * self.slot_bytes
         return self.buf[start:start + (n_bytes or self.slot_bytes)]

@@ -655,28 +655,40 @@ def experts_ffn_slots(layout, arena: np.ndarray, slot_bytes: int, slots: np.ndar
 class SlotsFFN:
     """experts_ffn_slots of one token over a fixed set of slots, checked once: each call is then
     one C call (decode's resident experts, the same every token until the arena changes).
-    slots and n_neurons are copied; the arena must outlive this object."""
+    slots and n_neurons are copied; scratch (h, at least their total neurons) is bound here; the
+    arena and scratch must outlive this object. The last x and y's pointers are kept (decode
+    passes the same two buffers every token)."""
 
-    def __init__(self, layout, arena: np.ndarray, slot_bytes: int, slots: np.ndarray, n_neurons: np.ndarray):
+    def __init__(self, layout, arena: np.ndarray, slot_bytes: int, slots: np.ndarray, n_neurons: np.ndarray,
+                 scratch: np.ndarray):
         lay, slots, n_neurons, self.n_total = _checked_slots(layout, arena, slot_bytes, slots.copy(),
                                                              n_neurons.copy())
+        _check_scratch(scratch, self.n_total)
         self.d_model, self.n_experts, self._lay = lay.d_model, slots.shape[0], lay
-        self._keep = (arena, slots, n_neurons)
+        self.scratch = scratch[:self.n_total]
+        self._keep = (arena, slots, n_neurons, scratch)
         self._args = (lay.c, _u8(arena), slot_bytes, ffi.from_buffer("int32_t[]", slots),
                       ffi.from_buffer("int32_t[]", n_neurons), self.n_experts, ffi.NULL)
+        self._scratch = (_f32(scratch), scratch.size)
+        self._xy = (None, None, None, None)  # x, y, their pointers
 
-    def __call__(self, x: np.ndarray, y: np.ndarray, scratch: np.ndarray, *, impl: str = "auto") -> None:
-        """y += FFN(x) over the slots; x, y float32 (d_model,), scratch receives h (n_total floats)."""
+    def _pointers(self, x: np.ndarray, y: np.ndarray):
         d = self.d_model
         if x.shape != (d,) or y.shape != (d,) or x.dtype != np.float32 or y.dtype != np.float32 \
                 or not x.flags.c_contiguous or not y.flags.c_contiguous or not y.flags.writeable:
             raise ValueError(f"x and y must be contiguous float32 ({d},) arrays, y writable")
-        _check_scratch(scratch, self.n_total)
+        self._xy = (x, y, _f32(x), _f32(y))
+        return self._xy[2], self._xy[3]
+
+    def __call__(self, x: np.ndarray, y: np.ndarray, *, impl: str = "auto") -> None:
+        """y += FFN(x) over the slots (x, y float32 (d_model,)); self.scratch receives h."""
+        xy = self._xy
+        px, py = (xy[2], xy[3]) if x is xy[0] and y is xy[1] else self._pointers(x, y)
         pool = _POOL.get()
-        ws, ws_bytes, held = _ws_acquire(_POOL._n_threads, 1, d, self.n_experts, self.n_total)
+        ws, ws_bytes, held = _ws_acquire(_POOL._n_threads, 1, self.d_model, self.n_experts, self.n_total)
         try:
-            status = lib.fic_experts_ffn_slots(pool, _impl_id(impl), *self._args, _f32(x), _f32(y), 1,
-                                               _f32(scratch), scratch.size, ws, ws_bytes)
+            status = lib.fic_experts_ffn_slots(pool, _impl_id(impl), *self._args, px, py, 1, *self._scratch,
+                                               ws, ws_bytes)
         finally:
             if held:
                 _WS.lock.release()

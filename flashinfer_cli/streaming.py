@@ -73,7 +73,7 @@ class FFNRunner:
         return None
 
     def _resident_call(self, layer: int, full: bool) -> tuple | None:
-        """(run set, prepared call) when every expert the layer runs is resident, else None."""
+        """(run set, prepared call, their slots) when every expert the layer runs is resident, else None."""
         c = self._cached_resident(layer, full)
         if c is None:
             run = self.run_set(layer, full)
@@ -81,9 +81,10 @@ class FFNRunner:
             if not len(run) or (slots < 0).any():
                 return None
             call = kernels.SlotsFFN(self.layout, self.arena.buf, self.arena.slot_bytes, slots,
-                                    self.arena.n_neurons[layer, run])
-            c = self._resident[layer] = (self.arena.version, full, self.prune, self.active[layer], run, call)
-        return c[4], c[5]
+                                    self.arena.n_neurons[layer, run], self.scratch)
+            c = self._resident[layer] = (self.arena.version, full, self.prune, self.active[layer], run, call,
+                                         slots.astype(np.intp))
+        return c[4], c[5], c[6]
 
     def _missing(self, layer: int, full: bool) -> np.ndarray:
         return self.arena.missing(layer, self.run_set(layer, full))
@@ -174,14 +175,13 @@ class FFNRunner:
         rc = self._resident_call(layer, full)
         if rc is None:
             return False
-        res, call = rc
+        res, call, slots = rc
         if prefetch and self._pending is None:
             self._prefetch_after(layer, full)
-        self.arena.touch(layer, res)
-        region = self.scratch[:call.n_total]
-        call(x, y, region)
+        self.arena.touch_slots(slots)
+        call(x, y)
         if collect is not None:
-            collect(layer, 1, [(res, region)])
+            collect(layer, 1, [(res, call.scratch)])
         return True
 
     # -- a mixture of experts: per-token routing --
