@@ -2,11 +2,12 @@
 same GGUF file.
 
     PYTHONPATH=. python bench/bench_generate.py --gguf PATH/SmolLM2-135M-Instruct.Q4_1.gguf \
-        [--model smollm2-135m] [--threads 2] [--prefill 512] [--decode 64] [--rounds 5] [--profile]
+        [--model smollm2-135m] [--threads 2] [--prefill 512] [--decode 64] [--depth 16] [--rounds 5] [--profile]
 
 Both engines get the same token ids (llama.cpp's tokenizer on a text, repeated to length) and do
 the same work per token: a forward pass with the last position's logits. No sampling is timed
 (decode feeds fixed tokens). Rounds alternate between the engines; the median and range are shown.
+--depth: the decode is timed after a prompt of that many tokens (default 16: short context).
 --profile adds where the time of a fic decode step goes (kernel calls against the Python between them).
 """
 from __future__ import annotations
@@ -45,13 +46,22 @@ class Fic:
         self.m.forward(ids)
         return len(ids) / (time.perf_counter() - t)
 
-    def decode(self, ids, n):
+    def decode(self, ids, n, depth=16):
         self.m.reset()
-        self.m.forward(ids[:16])
+        self.m.forward(ids[:depth])
         t = time.perf_counter()
-        for tok in ids[16:16 + n]:
+        for tok in ids[depth:depth + n]:
             self.m.forward([tok])
         return n / (time.perf_counter() - t)
+
+
+class FicNumpyStep(Fic):
+    """fic with the numpy decode step between the kernels (before decode.c), for a same-run ratio."""
+    name = "fic (numpy step)"
+
+    def __init__(self, model: str, threads: int, ctx: int):
+        super().__init__(model, threads, ctx)
+        self.m.fused_decode = False
 
 
 class LlamaCpp:
@@ -68,11 +78,11 @@ class LlamaCpp:
         self.llm.eval(ids)
         return len(ids) / (time.perf_counter() - t)
 
-    def decode(self, ids, n):
+    def decode(self, ids, n, depth=16):
         self.llm.reset()
-        self.llm.eval(ids[:16])
+        self.llm.eval(ids[:depth])
         t = time.perf_counter()
-        for tok in ids[16:16 + n]:
+        for tok in ids[depth:depth + n]:
             self.llm.eval([tok])
         return n / (time.perf_counter() - t)
 
@@ -142,13 +152,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--decode", type=int, default=64)
+    ap.add_argument("--depth", type=int, default=16, help="context tokens before the timed decode")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--numpy-step", action="store_true", help="also time fic's numpy decode step")
     args = ap.parse_args()
 
-    ctx = args.prefill + args.decode + 64
-    ids = token_ids(args.gguf, max(args.prefill, args.decode + 16))
+    ctx = max(args.prefill, args.depth) + args.decode + 64
+    ids = token_ids(args.gguf, max(args.prefill, args.depth + args.decode))
     engines = [Fic(args.model, args.threads, ctx), LlamaCpp(args.gguf, args.threads, ctx)]
+    if args.numpy_step:
+        engines.append(FicNumpyStep(args.model, args.threads, ctx))
     for e in engines:  # warm up: first touches of weights and buffers
         e.prefill(ids[:64])
         e.decode(ids, 8)
@@ -156,9 +170,10 @@ def main() -> None:
     for _ in range(args.rounds):
         for e in engines:
             results[e.name]["prefill"].append(e.prefill(ids[:args.prefill]))
-            results[e.name]["decode"].append(e.decode(ids, args.decode))
+            results[e.name]["decode"].append(e.decode(ids, args.decode, args.depth))
 
-    print(f"threads {args.threads}, prefill of {args.prefill} tokens, decode of {args.decode} tokens, "
+    print(f"threads {args.threads}, prefill of {args.prefill} tokens, decode of {args.decode} tokens after "
+          f"{args.depth}, "
           f"{args.rounds} alternating rounds, load average {os.getloadavg()[0]:.2f}")
     print("| engine | decode tokens/s (median) | decode min-max | prefill tokens/s (median) | prefill min-max |")
     print("| --- | ---: | ---: | ---: | ---: |")

@@ -12,7 +12,7 @@ import re
 from cffi import FFI
 
 CSRC_DIR = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["quant.c", "matvec.c", "pool.c", "stream.c", "ffn.c", "attention.c",
+SOURCES = ["quant.c", "matvec.c", "pool.c", "stream.c", "ffn.c", "attention.c", "decode.c",
            # the kernels: shared code, then one file per architecture (each empty off its own)
            "kernels.c", "kernels_scalar.c", "kernels_avx2.c", "kernels_avx512.c", "kernels_neon.c"]
 
@@ -56,7 +56,7 @@ ffibuilder.set_source(
     sources=[os.path.relpath(os.path.join(CSRC_DIR, s)) for s in SOURCES],
     include_dirs=[os.path.relpath(CSRC_DIR)],
     extra_compile_args=_compile_args(),
-    libraries=["m"],  # expf in ffn.c and attention.c
+    libraries=["m"],  # expf in ffn.c and attention.c, sqrt in decode.c
     extra_link_args=["-pthread"] + (SANITIZE_FLAGS if SANITIZE else []),
 )
 

@@ -172,6 +172,50 @@ int64_t fic_attention_ws_floats(int n_threads, int64_t t, int64_t n_heads, int64
 /* dst[i] = src[i] as IEEE binary16 bits, round to nearest even (new K/V rows into the cache). */
 int fic_f32_to_f16_rows(int impl, const float *src, uint16_t *dst, int64_t n);
 
+/* ---- one decode token's attention block, fused (decode.c) ----
+ * For one layer and one token at position pos:
+ *   xa = rmsnorm(x, attn_norm); q|k|v = W xa (+ qkv_bias); q/k norm; RoPE; k, v -> the fp16 cache
+ *   at pos; att = fic_attention(q); x += Wo att; xn = rmsnorm(x, ffn_norm)
+ * qk_norm: 0 none, 1 per head (q_norm, k_norm: head_dim floats each, Qwen3), 2 one norm over all
+ * heads (q_norm n_heads*head_dim floats, k_norm n_kv_heads*head_dim, OLMoE). RoPE is rotate-half
+ * (Hugging Face's): cos_table and sin_table hold head_dim floats per position, row pos is used.
+ * k_cache, v_cache: this layer's cache, position-major, n_kv_heads*head_dim halves per position,
+ * positions 0..pos-1 filled (the caller checks pos against its length). wq, wk, wv: rows of
+ * d_model weights (n_heads*head_dim, n_kv*head_dim, n_kv*head_dim rows); when they lie back to
+ * back in one format they run as one matvec. wo: d_model rows of n_heads*head_dim. x: d_model
+ * floats, updated in place; xn: d_model floats out (the FFN's input). ws: 64-byte aligned, at
+ * least fic_decode_ws_bytes(threads of pool, shape) bytes; nothing is allocated. impl reaches
+ * every kernel of the step (FIC_IMPL_REF: the scalar reference throughout). */
+typedef struct fic_decode_shape {
+    int64_t d_model;
+    int64_t n_heads;
+    int64_t n_kv_heads;
+    int64_t head_dim;
+    float norm_eps;
+    float scale;       /* attention's score scale, 1/sqrt(head_dim) */
+    int32_t qk_norm;
+    int32_t reserved;  /* 0 */
+} fic_decode_shape;
+typedef struct fic_attn_weights {
+    const float *attn_norm;
+    const uint8_t *wq;
+    const uint8_t *wk;
+    const uint8_t *wv;
+    const float *qkv_bias;  /* NULL, or (n_heads + 2 n_kv_heads) head_dim floats */
+    const float *q_norm;    /* NULL when qk_norm is 0 */
+    const float *k_norm;
+    const uint8_t *wo;
+    const float *ffn_norm;
+    int32_t q_fmt;
+    int32_t k_fmt;
+    int32_t v_fmt;
+    int32_t o_fmt;
+} fic_attn_weights;
+int64_t fic_decode_ws_bytes(int n_threads, const fic_decode_shape *shape);
+int fic_decode_attn(fic_pool *pool, int impl, const fic_decode_shape *shape, const fic_attn_weights *w,
+                    const float *cos_table, const float *sin_table, uint16_t *k_cache, uint16_t *v_cache,
+                    int64_t pos, float *x, float *xn, void *ws, int64_t ws_bytes);
+
 /* ---- memory (pool.c) ---- */
 /* n_bytes zeroed, 4 KiB aligned; with huge != 0, 2 MiB aligned and madvise(MADV_HUGEPAGE).
  * NULL on failure. Free with fic_free. */

@@ -118,6 +118,13 @@ class Arena:
         self.last_use[self.slot_of[layer, experts]] = self.tick
         self._count(hits=len(experts))
 
+    def touch_slots(self, slots: np.ndarray) -> None:
+        """touch() for resident experts whose slots the caller holds (decode's prepared FFN calls)."""
+        self.tick += 1
+        self.last_use[slots] = self.tick
+        self.total.hits += len(slots)
+        self.request.hits += len(slots)
+
     def view(self, slot: int, n_bytes: int | None = None) -> np.ndarray:
         start = int(slot) * self.slot_bytes
         return self.buf[start:start + (n_bytes or self.slot_bytes)]
@@ -191,6 +198,7 @@ class Arena:
             self.owner[s] = (l, e)
             self.slot_of[l, e] = s
             self.last_use[s] = self.tick
+        self.version += 1  # the table changed (streaming.FFNRunner keys its prepared calls on it)
         return keys
 
     def load(self, keys: Sequence[tuple[int, int]], *, pin: bool = False) -> int:

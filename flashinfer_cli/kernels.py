@@ -581,18 +581,8 @@ def _int32_vector(a: np.ndarray, name: str) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
-def experts_ffn_slots(layout, arena: np.ndarray, slot_bytes: int, slots: np.ndarray, n_neurons: np.ndarray,
-                      x: np.ndarray, y: np.ndarray, *, coef: np.ndarray | None = None,
-                      scratch: np.ndarray | None = None, impl: str = "auto") -> np.ndarray:
-    """As ExpertSet.ffn over bundles in arena slots (fic_experts_ffn_slots): expert e's bundle is
-    at arena[slots[e] * slot_bytes:], n_neurons[e] its size; y += Σ_e coef[:, e] down_e(h_e).
-
-    layout: anything with d_model, gate_fmt, up_fmt, down_fmt, down_layout (fmt.ExpertLayout),
-    or that 5-tuple. arena: the whole arena, a 1-D uint8 array; slots, n_neurons: int32 (E,).
-    Per call: two maxima and a sum over the int32 arrays, no per-expert Python loop. On return
-    scratch (default: a process-wide one, not for concurrent callers) holds h: expert e's
-    t x n_e block starts at t * (n_0 + ... + n_{e-1}), h = coef * silu(gate x) * (up x).
-    Returns y."""
+def _checked_slots(layout, arena: np.ndarray, slot_bytes: int, slots: np.ndarray, n_neurons: np.ndarray):
+    """experts_ffn_slots' checks of everything but x, y and coef: (layout, slots, n_neurons, total neurons)."""
     key = layout if isinstance(layout, tuple) else (
         layout.d_model, layout.gate_fmt, layout.up_fmt, layout.down_fmt, layout.down_layout)
     lay = _SLOT_LAYOUTS.get(key)
@@ -608,7 +598,6 @@ def experts_ffn_slots(layout, arena: np.ndarray, slot_bytes: int, slots: np.ndar
         raise ValueError(f"{n_experts} slots but {n_neurons.shape[0]} neuron counts")
     if slot_bytes <= 0:
         raise ValueError(f"slot_bytes must be positive, got {slot_bytes}")
-    x, t, coef_ptr = _ffn_io(x, y, coef, lay.d_model, n_experts)
     n_total = 0
     if n_experts:
         # bundle e ends at slots[e] * slot_bytes + bytes(n_e); bytes() grows with n, so the top
@@ -624,6 +613,24 @@ def experts_ffn_slots(layout, arena: np.ndarray, slot_bytes: int, slots: np.ndar
                 raise ValueError(f"expert {e}: slot {slots[e]} of {slot_bytes} bytes with {n_neurons[e]} neurons"
                                  f" lies outside the {arena.nbytes}-byte arena")
         n_total = int(np.add.reduce(n_neurons))  # int64 (add reductions upcast int32)
+    return lay, slots, n_neurons, n_total
+
+
+def experts_ffn_slots(layout, arena: np.ndarray, slot_bytes: int, slots: np.ndarray, n_neurons: np.ndarray,
+                      x: np.ndarray, y: np.ndarray, *, coef: np.ndarray | None = None,
+                      scratch: np.ndarray | None = None, impl: str = "auto") -> np.ndarray:
+    """As ExpertSet.ffn over bundles in arena slots (fic_experts_ffn_slots): expert e's bundle is
+    at arena[slots[e] * slot_bytes:], n_neurons[e] its size; y += Σ_e coef[:, e] down_e(h_e).
+
+    layout: anything with d_model, gate_fmt, up_fmt, down_fmt, down_layout (fmt.ExpertLayout),
+    or that 5-tuple. arena: the whole arena, a 1-D uint8 array; slots, n_neurons: int32 (E,).
+    Per call: two maxima and a sum over the int32 arrays, no per-expert Python loop. On return
+    scratch (default: a process-wide one, not for concurrent callers) holds h: expert e's
+    t x n_e block starts at t * (n_0 + ... + n_{e-1}), h = coef * silu(gate x) * (up x).
+    Returns y."""
+    lay, slots, n_neurons, n_total = _checked_slots(layout, arena, slot_bytes, slots, n_neurons)
+    n_experts = slots.shape[0]
+    x, t, coef_ptr = _ffn_io(x, y, coef, lay.d_model, n_experts)
     need = t * n_total
     if scratch is None:
         scratch = _SLOTS_SCRATCH[0]
@@ -643,6 +650,50 @@ def experts_ffn_slots(layout, arena: np.ndarray, slot_bytes: int, slots: np.ndar
             _WS.lock.release()
     _check(status, f"experts_ffn_slots {lay.name} {impl}")
     return y
+
+
+class SlotsFFN:
+    """experts_ffn_slots of one token over a fixed set of slots, checked once: each call is then
+    one C call (decode's resident experts, the same every token until the arena changes).
+    slots and n_neurons are copied; scratch (h, at least their total neurons) is bound here; the
+    arena and scratch must outlive this object. The last x and y's pointers are kept (decode
+    passes the same two buffers every token)."""
+
+    def __init__(self, layout, arena: np.ndarray, slot_bytes: int, slots: np.ndarray, n_neurons: np.ndarray,
+                 scratch: np.ndarray):
+        lay, slots, n_neurons, self.n_total = _checked_slots(layout, arena, slot_bytes, slots.copy(),
+                                                             n_neurons.copy())
+        _check_scratch(scratch, self.n_total)
+        self.d_model, self.n_experts, self._lay = lay.d_model, slots.shape[0], lay
+        self.scratch = scratch[:self.n_total]
+        self._keep = (arena, slots, n_neurons, scratch)
+        self._args = (lay.c, _u8(arena), slot_bytes, ffi.from_buffer("int32_t[]", slots),
+                      ffi.from_buffer("int32_t[]", n_neurons), self.n_experts, ffi.NULL)
+        self._scratch = (_f32(scratch), scratch.size)
+        self._xy = (None, None, None, None)  # x, y, their pointers
+
+    def _pointers(self, x: np.ndarray, y: np.ndarray):
+        d = self.d_model
+        if x.shape != (d,) or y.shape != (d,) or x.dtype != np.float32 or y.dtype != np.float32 \
+                or not x.flags.c_contiguous or not y.flags.c_contiguous or not y.flags.writeable:
+            raise ValueError(f"x and y must be contiguous float32 ({d},) arrays, y writable")
+        self._xy = (x, y, _f32(x), _f32(y))
+        return self._xy[2], self._xy[3]
+
+    def __call__(self, x: np.ndarray, y: np.ndarray, *, impl: str = "auto") -> None:
+        """y += FFN(x) over the slots (x, y float32 (d_model,)); self.scratch receives h."""
+        xy = self._xy
+        px, py = (xy[2], xy[3]) if x is xy[0] and y is xy[1] else self._pointers(x, y)
+        pool = _POOL.get()
+        ws, ws_bytes, held = _ws_acquire(_POOL._n_threads, 1, self.d_model, self.n_experts, self.n_total)
+        try:
+            status = lib.fic_experts_ffn_slots(pool, _impl_id(impl), *self._args, px, py, 1, *self._scratch,
+                                               ws, ws_bytes)
+        finally:
+            if held:
+                _WS.lock.release()
+        if status != 0:
+            _check(status, f"experts_ffn_slots {self._lay.name} {impl}")
 
 # ---- attention over an fp16 KV cache -------------------------------------------------------
 
@@ -752,6 +803,133 @@ def f32_to_f16(src: np.ndarray, dst: np.ndarray, *, impl: str = "auto") -> np.nd
     _check(lib.fic_f32_to_f16_rows(_impl_id(impl), _f32(src), ffi.from_buffer("uint16_t[]", dst), src.size),
            f"f32_to_f16 {impl}")
     return dst
+
+
+# ---- a decode token's attention block, fused (decode.c) -----------------------------------
+
+QK_NORMS = {None: 0, "head": 1, "full": 2}  # fic_decode_shape.qk_norm
+
+
+@dataclass(frozen=True)
+class DecodeShape:
+    """What fic_decode_attn needs to know of a model's attention. qk_norm: None, "head" (Qwen3)
+    or "full" (one norm over all heads, OLMoE)."""
+
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    norm_eps: float
+    scale: float
+    qk_norm: str | None = None
+
+
+@dataclass(frozen=True)
+class AttnBlockWeights:
+    """One layer's weights of the fused block: norms and biases float32, matrices QTensors."""
+
+    attn_norm: np.ndarray
+    wq: QTensor
+    wk: QTensor
+    wv: QTensor
+    wo: QTensor
+    ffn_norm: np.ndarray
+    qkv_bias: np.ndarray | None = None
+    q_norm: np.ndarray | None = None
+    k_norm: np.ndarray | None = None
+
+
+def _f32_exact(a: np.ndarray, n: int, name: str) -> np.ndarray:
+    """A float32 vector of n elements that C may keep a pointer to (no copy is made here)."""
+    if not isinstance(a, np.ndarray) or a.dtype != np.float32 or a.size != n or not a.flags.c_contiguous:
+        raise ValueError(f"{name} must be a contiguous float32 array of {n} elements")
+    return a
+
+
+class DecodeAttention:
+    """The fused attention block of every layer of one model, prepared once (fic_decode_attn):
+    cffi structs per layer, pointers to each layer's cache, x and xn, and one workspace sized at
+    open. `run(layer, pos)` is then one C call: x += attention block, xn = rmsnorm(x, ffn_norm).
+
+    k_cache, v_cache: float16 (n_layers, ctx, n_kv_heads, head_dim), C-contiguous; cos, sin:
+    float32 (ctx, head_dim) rotate-half tables; x, xn: float32 (d_model,) buffers the caller
+    reads and writes between calls. One model's decode runs on one thread at a time."""
+
+    def __init__(self, shape: DecodeShape, layers: Sequence[AttnBlockWeights], cos: np.ndarray, sin: np.ndarray,
+                 k_cache: np.ndarray, v_cache: np.ndarray, x: np.ndarray, xn: np.ndarray):
+        if shape.qk_norm not in QK_NORMS:
+            raise ValueError(f"qk_norm must be one of {list(QK_NORMS)}, got {shape.qk_norm!r}")
+        d, nh, nkv, hd = shape.d_model, shape.n_heads, shape.n_kv_heads, shape.head_dim
+        if k_cache.dtype != np.float16 or not k_cache.flags.c_contiguous or k_cache.ndim != 4 \
+                or k_cache.shape[0] != len(layers) or k_cache.shape[2:] != (nkv, hd) or v_cache.shape != k_cache.shape \
+                or v_cache.dtype != np.float16 or not v_cache.flags.c_contiguous:
+            raise ValueError("k_cache and v_cache must be C-contiguous float16 (n_layers, ctx, n_kv_heads, head_dim)")
+        self.ctx = k_cache.shape[1]
+        if cos.shape != (self.ctx, hd) or sin.shape != cos.shape:
+            raise ValueError(f"cos and sin must be ({self.ctx}, {hd})")
+        self._keep = [cos, sin, k_cache, v_cache, x, xn]  # C holds pointers into these
+        self.shape = ffi.new("fic_decode_shape *", {
+            "d_model": d, "n_heads": nh, "n_kv_heads": nkv, "head_dim": hd, "norm_eps": shape.norm_eps,
+            "scale": shape.scale, "qk_norm": QK_NORMS[shape.qk_norm]})
+        self._cos = _f32(_f32_exact(cos, self.ctx * hd, "cos"))
+        self._sin = _f32(_f32_exact(sin, self.ctx * hd, "sin"))
+        self._x = _f32(_f32_exact(x, d, "x"))
+        self._xn = _f32(_f32_exact(xn, d, "xn"))
+        self._k = [ffi.from_buffer("uint16_t[]", k_cache[i]) for i in range(len(layers))]
+        self._v = [ffi.from_buffer("uint16_t[]", v_cache[i]) for i in range(len(layers))]
+        norm_n = {None: (0, 0), "head": (hd, hd), "full": (nh * hd, nkv * hd)}[shape.qk_norm]
+        self._w = [self._layer(lw, d, nh * hd, nkv * hd, norm_n) for lw in layers]
+        self.n_threads = 0
+        self.growths = 0  # workspace reallocations after the first (a thread-count change)
+        self._ws = self._ws_ptr = None
+        self._ws_bytes = 0
+        self._reserve(_POOL.n_threads)
+
+    def _layer(self, lw: AttnBlockWeights, d: int, nq: int, nkv: int, norm_n: tuple[int, int]):
+        for name, qt, rows, k in (("wq", lw.wq, nq, d), ("wk", lw.wk, nkv, d), ("wv", lw.wv, nkv, d),
+                                  ("wo", lw.wo, d, nq)):
+            if qt.shape != (rows, k):
+                raise ValueError(f"{name} is {qt.shape}, expected ({rows}, {k})")
+        vecs = {"attn_norm": (lw.attn_norm, d), "ffn_norm": (lw.ffn_norm, d)}
+        if lw.qkv_bias is not None:
+            vecs["qkv_bias"] = (lw.qkv_bias, nq + 2 * nkv)
+        if norm_n[0]:
+            vecs["q_norm"], vecs["k_norm"] = (lw.q_norm, norm_n[0]), (lw.k_norm, norm_n[1])
+        fields = {name: _f32(_f32_exact(a, n, name)) for name, (a, n) in vecs.items()}
+        for name in ("wq", "wk", "wv", "wo"):
+            qt = getattr(lw, name)
+            fields[name] = _u8(qt.data)
+            fields[name[1] + "_fmt"] = _fmt_id(qt.fmt)
+        self._keep.append((lw, fields))
+        return ffi.new("fic_attn_weights *", fields)
+
+    def _reserve(self, n_threads: int) -> None:
+        n_bytes = lib.fic_decode_ws_bytes(n_threads, self.shape)
+        if n_bytes < 0:
+            raise ValueError(f"decode shape: {status_name(n_bytes)}")
+        if n_bytes > self._ws_bytes:
+            self.growths += 1 if self._ws is not None else 0
+            self._ws = aligned_buffer(n_bytes)
+            self._ws_ptr, self._ws_bytes = ffi.from_buffer("uint8_t[]", self._ws), n_bytes
+        self.n_threads = n_threads
+
+    @property
+    def workspace_bytes(self) -> int:
+        return self._ws_bytes
+
+    def run(self, layer: int, pos: int, *, impl: str = "auto") -> None:
+        """x += layer's attention block of the token at pos (its k, v written to the cache at pos);
+        xn = rmsnorm(x, ffn_norm)."""
+        pool = _POOL.get()
+        if _POOL._n_threads != self.n_threads:
+            self._reserve(_POOL._n_threads)
+        if not 0 <= pos < self.ctx:
+            raise ValueError(f"position {pos} outside the cache's {self.ctx}")
+        status = lib.fic_decode_attn(pool, _impl_id(impl), self.shape, self._w[layer],
+                                     self._cos, self._sin, self._k[layer], self._v[layer], pos, self._x, self._xn,
+                                     self._ws_ptr, self._ws_bytes)
+        if status != 0:
+            _check(status, f"decode attention, layer {layer} {impl}")
 
 
 # ---- memory --------------------------------------------------------------------------------

@@ -190,6 +190,12 @@ class Model:
         self._c_attention = kv is np.float16
         if self._c_attention:
             kernels.reserve_attention(kernels.get_threads(), plan.prefill_chunk, c.n_heads, c.head_dim)
+        # decode: each layer's attention block is one C call (decode.c) on these two buffers: the
+        # residual stream and the FFN's input; False runs the numpy reference step (_attend_one)
+        self.fused_decode = self._c_attention
+        self._x = np.zeros(c.d_model, dtype=np.float32)
+        self._xn = np.zeros(c.d_model, dtype=np.float32)
+        self._decode_attn = self._fused_attention() if self._c_attention else None
         self.pos = 0
         # a callback that receives every FFN call's selection statistic: (layer, t, calls) with h
         # for a dense model, (layer, probs) with the router's probabilities for a MoE
@@ -236,6 +242,21 @@ class Model:
             attn_output=_qt(dense[p + "attn_output"]),
             ffn_norm=_vec(dense[p + "ffn_norm"]),
         )
+
+    def _fused_attention(self) -> kernels.DecodeAttention:
+        c = self.config
+        nq, nkv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+        qk_norm = None if not c.qk_norm else ("full" if c.qk_norm_full else "head")
+        shape = kernels.DecodeShape(c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, float(c.norm_eps),
+                                    float(self._scale), qk_norm)
+        blocks = []
+        for lw in self.layers:
+            wq, wk, wv = lw.qkv if not isinstance(lw.qkv, QTensor) else \
+                (lw.qkv.rows(0, nq), lw.qkv.rows(nq, nq + nkv), lw.qkv.rows(nq + nkv, nq + 2 * nkv))
+            blocks.append(kernels.AttnBlockWeights(lw.attn_norm, wq, wk, wv, lw.attn_output, lw.ffn_norm,
+                                                   lw.q_bias, lw.q_norm, lw.k_norm))
+        return kernels.DecodeAttention(shape, blocks, self.cos, self.sin, self.k_cache, self.v_cache,
+                                       self._x, self._xn)
 
     def _ffn(self, i: int, xn: np.ndarray, x: np.ndarray) -> None:
         """x += FFN_i(xn), through the arena."""
@@ -325,11 +346,25 @@ class Model:
         """One token: the same arithmetic as the prefill path, with as few numpy calls as possible
         (a decode step is ~30 layers x a dozen small operations between kernel calls)."""
         c = self.config
+        if self.fused_decode:
+            return self._decode_fused(token)
         x = self.embed([token])[0]
         for i in range(c.n_layers):
             lw = self.layers[i]
             x += self._attend_one(i, _rmsnorm1(x, lw.attn_norm, c.norm_eps))
             xn = _rmsnorm1(x, lw.ffn_norm, c.norm_eps)
+            if self.window is not None:
+                self.window[i, self.pos % self.window.shape[1]] = xn
+            self._ffn(i, xn, x)
+        self.pos += 1
+        return kernels.matvec(self.output, _rmsnorm1(x, self.output_norm, c.norm_eps))
+
+    def _decode_fused(self, token: int) -> np.ndarray:
+        """_decode with each layer's attention block one C call on the preallocated x and xn."""
+        c, x, xn, attn = self.config, self._x, self._xn, self._decode_attn
+        x[:] = self.embed([token])[0]
+        for i in range(c.n_layers):
+            attn.run(i, self.pos)
             if self.window is not None:
                 self.window[i, self.pos % self.window.shape[1]] = xn
             self._ffn(i, xn, x)

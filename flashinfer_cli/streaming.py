@@ -46,6 +46,10 @@ class FFNRunner:
         self.prune = False
         self._predicted: dict[int, np.ndarray] = {}  # layer -> the experts the previous layer predicted for it
         self.wrap = False  # prefetch layer 0's first piece after the last layer (every step runs full)
+        # per layer, the prepared one-token call over its run set while all of it is resident:
+        # (arena version, full, prune, active array, run set, kernels.SlotsFFN); checked, not rebuilt,
+        # each decode step
+        self._resident: list[tuple | None] = [None] * self.n_layers
 
     # -- which experts a layer runs --
     def run_set(self, layer: int, full: bool) -> np.ndarray:
@@ -60,6 +64,27 @@ class FFNRunner:
         mask = np.zeros(int(self.arena.experts_per_layer[layer]), dtype=bool)
         mask[a] = True
         return mask
+
+    def _cached_resident(self, layer: int, full: bool) -> tuple | None:
+        c = self._resident[layer]
+        if c is not None and c[0] == self.arena.version and c[1] == full and c[2] == self.prune \
+                and c[3] is self.active[layer]:
+            return c
+        return None
+
+    def _resident_call(self, layer: int, full: bool) -> tuple | None:
+        """(run set, prepared call, their slots) when every expert the layer runs is resident, else None."""
+        c = self._cached_resident(layer, full)
+        if c is None:
+            run = self.run_set(layer, full)
+            slots = self.arena.slot_of[layer, run]
+            if not len(run) or (slots < 0).any():
+                return None
+            call = kernels.SlotsFFN(self.layout, self.arena.buf, self.arena.slot_bytes, slots,
+                                    self.arena.n_neurons[layer, run], self.scratch)
+            c = self._resident[layer] = (self.arena.version, full, self.prune, self.active[layer], run, call,
+                                         slots.astype(np.intp))
+        return c[4], c[5], c[6]
 
     def _missing(self, layer: int, full: bool) -> np.ndarray:
         return self.arena.missing(layer, self.run_set(layer, full))
@@ -94,6 +119,8 @@ class FFNRunner:
             if not self.wrap:
                 return
             nxt = 0
+        if self._cached_resident(nxt, full) is not None:  # nothing of it is missing
+            return
         miss = self._missing(nxt, full)
         if len(miss):
             self._pending = self._submit(nxt, miss[:len(self.halves[0])])
@@ -107,6 +134,8 @@ class FFNRunner:
         t = 1 if x.ndim == 1 else x.shape[0]
         if t > self.max_tokens:
             raise ValueError(f"{t} tokens in one FFN call, the scratch holds {self.max_tokens}")
+        if x.ndim == 1 and self._run_resident(layer, x, y, full, collect, prefetch):
+            return
         arena = self.arena
         run = self.run_set(layer, full)
         res = run[arena.slot_of[layer, run] >= 0]
@@ -139,6 +168,21 @@ class FFNRunner:
             off += n
         if collect is not None:
             collect(layer, t, calls)
+
+    def _run_resident(self, layer: int, x: np.ndarray, y: np.ndarray, full: bool, collect, prefetch: bool) -> bool:
+        """One token over a layer whose run set is all resident, through its prepared call (what
+        run does in that case, without rebuilding the call); False when something is missing."""
+        rc = self._resident_call(layer, full)
+        if rc is None:
+            return False
+        res, call, slots = rc
+        if prefetch and self._pending is None:
+            self._prefetch_after(layer, full)
+        self.arena.touch_slots(slots)
+        call(x, y)
+        if collect is not None:
+            collect(layer, 1, [(res, call.scratch)])
+        return True
 
     # -- a mixture of experts: per-token routing --
     def run_routed(self, layer: int, x: np.ndarray, y: np.ndarray, coef: np.ndarray,

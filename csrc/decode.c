@@ -1,0 +1,146 @@
+/* decode.c - one decode token's attention block of one layer, fused: no Python between kernels.
+ *
+ *   xa = rmsnorm(x, attn_norm); qkv = [Wq; Wk; Wv] xa (+ bias); q/k norm (Qwen3 per head, or one
+ *   norm over all heads); RoPE (rotate-half, the position's cos/sin row); k, v -> fp16 cache at pos;
+ *   att = attention(q, cache); x += Wo att; xn = rmsnorm(x, ffn_norm)
+ *
+ * The matrix products and the attention are fic_matvec and fic_attention (their per-CPU fast paths
+ * and the pool's threads: rows of each matrix, kv heads x position slices of the attention). The
+ * element-wise steps between them touch a few thousand floats and stay scalar C on the calling
+ * thread: a pool dispatch costs more than they do. impl reaches every kernel, so FIC_IMPL_REF is
+ * the whole step's scalar reference. Every intermediate lives in the caller's workspace
+ * (fic_decode_ws_bytes, sized once): nothing is allocated.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "fic.h"
+
+#define DEC_ALIGN 64
+
+/* The API structs cross into Python through cffi: their layout is fixed. */
+_Static_assert(sizeof(fic_decode_shape) == 48, "fic_decode_shape size");
+_Static_assert(sizeof(fic_attn_weights) == 88, "fic_attn_weights size");
+
+static int64_t align_up(int64_t n) { return (n + DEC_ALIGN - 1) / DEC_ALIGN * DEC_ALIGN; }
+
+typedef struct {
+    int64_t xa, qkv, att, o, mv, att_ws; /* byte offsets of each region */
+    int64_t mv_bytes, att_floats, total;
+} dec_layout;
+
+static int shape_ok(const fic_decode_shape *s) {
+    return s && s->d_model > 0 && s->n_heads > 0 && s->n_kv_heads > 0 && s->head_dim > 0 && s->head_dim % 2 == 0 &&
+           s->n_heads % s->n_kv_heads == 0 && s->qk_norm >= 0 && s->qk_norm <= 2 && s->reserved == 0 &&
+           s->norm_eps >= 0.0f && isfinite(s->scale) && s->d_model <= ((int64_t)1 << 30) &&
+           s->n_heads * s->head_dim <= ((int64_t)1 << 30);
+}
+
+static int layout_of(int n_threads, const fic_decode_shape *s, dec_layout *l) {
+    const int64_t nq = s->n_heads * s->head_dim, nkv = s->n_kv_heads * s->head_dim;
+    const int64_t kmax = s->d_model > nq ? s->d_model : nq;
+    l->mv_bytes = fic_workspace_bytes(n_threads, 1, kmax, 0, 0);
+    l->att_floats = fic_attention_ws_floats(n_threads, 1, s->n_heads, s->head_dim);
+    if (l->mv_bytes < 0 || l->att_floats < 0) return FIC_ERR_ARG;
+    int64_t off = 0;
+    l->xa = off;
+    off += align_up(s->d_model * 4);
+    l->qkv = off;
+    off += align_up((nq + 2 * nkv) * 4);
+    l->att = off;
+    off += align_up(nq * 4);
+    l->o = off;
+    off += align_up(s->d_model * 4);
+    l->mv = off;
+    off += align_up(l->mv_bytes);
+    l->att_ws = off;
+    off += align_up(l->att_floats * 4);
+    l->total = off;
+    return FIC_OK;
+}
+
+int64_t fic_decode_ws_bytes(int n_threads, const fic_decode_shape *shape) {
+    dec_layout l;
+    if (n_threads < 1 || !shape_ok(shape)) return FIC_ERR_ARG;
+    int st = layout_of(n_threads, shape, &l);
+    return st == FIC_OK ? l.total : st;
+}
+
+/* out = x / sqrt(mean(x^2) + eps) * w over n floats (out may be x); the sum in double. */
+static void rmsnorm(const float *x, const float *w, float eps, int64_t n, float *out) {
+    double ss = 0.0;
+    for (int64_t i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    const float r = (float)(1.0 / sqrt(ss / (double)n + (double)eps));
+    for (int64_t i = 0; i < n; i++) out[i] = (x[i] * r) * w[i];
+}
+
+/* Rotate-half RoPE of n_rows rows of hd floats in place: x' = x cos + rotate_half(x) sin,
+ * rotate_half(x) = (-x[h:], x[:h]). */
+static void rope(float *x, int64_t n_rows, int64_t hd, const float *cos_row, const float *sin_row) {
+    const int64_t h = hd / 2;
+    for (int64_t r = 0; r < n_rows; r++) {
+        float *v = x + r * hd;
+        for (int64_t d = 0; d < h; d++) {
+            const float a = v[d], b = v[d + h];
+            v[d] = a * cos_row[d] - b * sin_row[d];
+            v[d + h] = b * cos_row[d + h] + a * sin_row[d + h];
+        }
+    }
+}
+
+static int fmt_matrix_ok(int fmt, const uint8_t *w, int64_t k) { return w != NULL && fic_row_bytes(fmt, k) > 0; }
+
+int fic_decode_attn(fic_pool *pool, int impl, const fic_decode_shape *s, const fic_attn_weights *w,
+                    const float *cos_table, const float *sin_table, uint16_t *k_cache, uint16_t *v_cache,
+                    int64_t pos, float *x, float *xn, void *ws, int64_t ws_bytes) {
+    if (!shape_ok(s) || !w || !cos_table || !sin_table || !k_cache || !v_cache || !x || !xn || !ws) return FIC_ERR_ARG;
+    if (pos < 0 || ((uintptr_t)ws % DEC_ALIGN) != 0) return FIC_ERR_ARG;
+    if (!w->attn_norm || !w->ffn_norm || (s->qk_norm && (!w->q_norm || !w->k_norm))) return FIC_ERR_ARG;
+    const int64_t d = s->d_model, hd = s->head_dim, nh = s->n_heads, nkv_h = s->n_kv_heads;
+    const int64_t nq = nh * hd, nkv = nkv_h * hd;
+    if (!fmt_matrix_ok(w->q_fmt, w->wq, d) || !fmt_matrix_ok(w->k_fmt, w->wk, d) ||
+        !fmt_matrix_ok(w->v_fmt, w->wv, d) || !fmt_matrix_ok(w->o_fmt, w->wo, nq))
+        return FIC_ERR_ARG;
+    const int n_threads = pool ? fic_pool_threads(pool) : 1;
+    dec_layout l;
+    int st = layout_of(n_threads, s, &l);
+    if (st != FIC_OK) return st;
+    if (ws_bytes < l.total) return FIC_ERR_WORKSPACE;
+    uint8_t *base = ws;
+    float *xa = (float *)(base + l.xa), *qkv = (float *)(base + l.qkv), *att = (float *)(base + l.att);
+    float *o = (float *)(base + l.o), *att_ws = (float *)(base + l.att_ws);
+    void *mv = base + l.mv;
+
+    rmsnorm(x, w->attn_norm, s->norm_eps, d, xa);
+    /* q, k, v: one matvec when the three matrices are one block of rows of one format */
+    const int64_t rq = fic_row_bytes(w->q_fmt, d);
+    if (w->q_fmt == w->k_fmt && w->k_fmt == w->v_fmt && w->wk == w->wq + nq * rq && w->wv == w->wk + nkv * rq) {
+        st = fic_matvec(pool, impl, w->q_fmt, w->wq, xa, qkv, nq + 2 * nkv, d, mv, l.mv_bytes);
+    } else {
+        st = fic_matvec(pool, impl, w->q_fmt, w->wq, xa, qkv, nq, d, mv, l.mv_bytes);
+        if (st == FIC_OK) st = fic_matvec(pool, impl, w->k_fmt, w->wk, xa, qkv + nq, nkv, d, mv, l.mv_bytes);
+        if (st == FIC_OK) st = fic_matvec(pool, impl, w->v_fmt, w->wv, xa, qkv + nq + nkv, nkv, d, mv, l.mv_bytes);
+    }
+    if (st != FIC_OK) return st;
+    if (w->qkv_bias)
+        for (int64_t i = 0; i < nq + 2 * nkv; i++) qkv[i] += w->qkv_bias[i];
+    if (s->qk_norm == 1) { /* per head (Qwen3) */
+        for (int64_t h = 0; h < nh; h++) rmsnorm(qkv + h * hd, w->q_norm, s->norm_eps, hd, qkv + h * hd);
+        for (int64_t h = 0; h < nkv_h; h++) rmsnorm(qkv + nq + h * hd, w->k_norm, s->norm_eps, hd, qkv + nq + h * hd);
+    } else if (s->qk_norm == 2) { /* one norm over all heads (OLMoE) */
+        rmsnorm(qkv, w->q_norm, s->norm_eps, nq, qkv);
+        rmsnorm(qkv + nq, w->k_norm, s->norm_eps, nkv, qkv + nq);
+    }
+    rope(qkv, nh + nkv_h, hd, cos_table + pos * hd, sin_table + pos * hd);
+    st = fic_f32_to_f16_rows(impl, qkv + nq, k_cache + pos * nkv, nkv);
+    if (st == FIC_OK) st = fic_f32_to_f16_rows(impl, qkv + nq + nkv, v_cache + pos * nkv, nkv);
+    if (st == FIC_OK)
+        st = fic_attention(pool, impl, qkv, k_cache, v_cache, att, 1, pos, nh, nkv_h, hd, nkv, s->scale, att_ws,
+                           l.att_floats);
+    if (st == FIC_OK) st = fic_matvec(pool, impl, w->o_fmt, w->wo, att, o, d, nq, mv, l.mv_bytes);
+    if (st != FIC_OK) return st;
+    for (int64_t i = 0; i < d; i++) x[i] += o[i];
+    rmsnorm(x, w->ffn_norm, s->norm_eps, d, xn);
+    return FIC_OK;
+}
