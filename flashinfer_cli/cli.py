@@ -95,8 +95,10 @@ def _human(n: int) -> str:
 @click.option("--expert-size", type=click.IntRange(1), help="FFN neurons per expert bundle.")
 @click.option("--force", is_flag=True, help="Pull and convert again even if the name is in the store.")
 @click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
+@click.option("--calibrate", "then_calibrate", is_flag=True,
+              help="Then fit the predictor for --policy sketch (`fic calibrate MODEL`: minutes, not seconds).")
 def pull_cmd(source: str, name: str | None, quant: str | None, expert_size: int | None, force: bool,
-             progress: bool) -> None:
+             progress: bool, then_calibrate: bool) -> None:
     """Fetch SOURCE and convert it into the store.
 
     SOURCE: a catalog name (smollm2-135m, ...), a Hugging Face repo id (org/name), a directory in
@@ -105,6 +107,13 @@ def pull_cmd(source: str, name: str | None, quant: str | None, expert_size: int 
 
     with _user_errors():
         path = pull(source, name=name, quant=quant, expert_size=expert_size, force=force, progress=progress)
+    if then_calibrate:
+        from flashinfer_cli import calibrate
+
+        with _user_errors():
+            result = calibrate.calibrate(path, calibrate.CalibrationConfig(), progress=progress)
+        click.echo(f"fic: calibrated {path.name}: predictor of {result.predictor_bytes:,} bytes in "
+                   f"{result.seconds:.0f} s", err=True)
     click.echo(path)
 
 

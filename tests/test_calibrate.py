@@ -3,6 +3,7 @@ determinism of calibration, pruned prefill and reselection reading only what the
 the CLI's options and errors. Tiny random models (tests/_tiny.py): seconds, not minutes."""
 from __future__ import annotations
 
+import functools
 import shutil
 import sys
 from pathlib import Path
@@ -419,3 +420,20 @@ def test_cli_calibrate_writes_the_predictor(plain, tmp_path):
     assert res.exit_code == 0, res.stderr
     assert "rank 32" in res.output and "held-out" in res.output
     assert fmt.parse_manifest(model / fmt.MANIFEST_FILE).predictor["calibration"]["tokens"] == 200
+
+
+def test_pull_calibrates_on_request(tmp_path, monkeypatch):
+    """`fic pull SOURCE --calibrate` converts, then fits the predictor (default configuration);
+    without the flag the model has none."""
+    monkeypatch.setenv("FIC_HOME", str(tmp_path / "home"))
+    # the default configuration but fewer tokens: the tiny model in seconds
+    monkeypatch.setattr(cal, "CalibrationConfig",
+                        functools.partial(cal.CalibrationConfig, tokens=200, window=64, sample_tokens=8))
+    make_checkpoint("llama_tied", tmp_path / "hf", seed=2, n_layers=2)
+    res = _fic("pull", str(tmp_path / "hf"), "--name", "plain", "--no-progress")
+    assert res.exit_code == 0, res.stderr
+    assert fmt.parse_manifest(Path(res.stdout.strip().splitlines()[-1]) / fmt.MANIFEST_FILE).predictor is None
+    res = _fic("pull", str(tmp_path / "hf"), "--name", "sketched", "--no-progress", "--calibrate")
+    assert res.exit_code == 0, res.stderr
+    pred = fmt.parse_manifest(Path(res.stdout.strip().splitlines()[-1]) / fmt.MANIFEST_FILE).predictor
+    assert pred["rank"] == cal.CalibrationConfig().rank and pred["calibration"]["tokens"] > 0
