@@ -37,9 +37,10 @@ from flashinfer_cli.model import Model
 DEFAULT_RESELECT = 0  # tokens between reselections (0: off); see bench/RESULTS.md
 PREFILLS = ("pruned", "full")
 # the sketch policy's prefill per mode (bench/RESULTS.md, "Calibration and the sketch policy"):
-# exact mode computes every expert anyway; in prune mode a pruned prefill read 25% fewer bytes at
-# 0.75 active but cost x4.74 perplexity against full's x3.65 (smollm2-135m): full until the
-# predictor is better
+# exact mode computes every expert anyway; in prune mode a pruned prefill read 3.7x fewer bytes at
+# 0.75 active (each selected expert once; full re-streams what the arena cannot hold per chunk) but
+# cost x4.74 perplexity against full's x3.65 and x75 against x26 at 0.5 (smollm2-135m): full until
+# the predictor is better
 DEFAULT_PREFILL = {"exact": "full", "prune": "full"}
 
 
