@@ -58,12 +58,12 @@ def _nll(logits: np.ndarray, ids: Sequence[int], start: int) -> np.ndarray:
     return -logp[np.arange(len(ids) - start), np.asarray(ids[start:])]
 
 
-def model_policies(is_moe: bool, asked: Sequence[str] | None) -> list[str]:
-    """The policies to compare: asked (each must suit the kind of model), else both of a dense
-    model's (exact, static) or a mixture of experts' one (router)."""
-    fits = ("router",) if is_moe else ("exact", "static")
+def model_policies(is_moe: bool, asked: Sequence[str] | None, has_predictor: bool = False) -> list[str]:
+    """The policies to compare: asked (each must suit the kind of model), else a dense model's
+    (exact, static, and sketch when it has a predictor) or a mixture of experts' one (router)."""
+    fits = ("router",) if is_moe else ("exact", "static", "sketch")
     if asked is None:
-        return list(fits)
+        return list(fits) if has_predictor or is_moe else list(fits[:2])
     wrong = [p for p in asked if p not in fits]
     if wrong:
         kind = "a mixture of experts" if is_moe else "dense"
@@ -72,17 +72,19 @@ def model_policies(is_moe: bool, asked: Sequence[str] | None) -> list[str]:
 
 
 def quality(model: str | Path, *, actives: Sequence[float | str] = ACTIVES, policies: Sequence[str] | None = None,
-            max_tokens: int = 512, n_texts: int | None = None,
+            max_tokens: int = 512, n_texts: int | None = None, prefill: str | None = None,
             progress: Callable[[str], None] | None = None) -> QualityReport:
     """policies: None compares the ones that suit the model (model_policies). actives: fractions,
-    or "auto[:T]" (each text's prompt then chooses the sizes; the point's active is their mean)."""
+    or "auto[:T]" (each text's prompt then chooses the sizes; the point's active is their mean).
+    prefill: the sketch policy's (None: its default in prune mode)."""
     from flashinfer_cli import plan as planlib, texts
     from flashinfer_cli.engine import Engine
 
     docs = texts.quality_texts()[:n_texts] if n_texts else texts.quality_texts()
     full = Engine.open(str(model), ctx=max_tokens)
     try:
-        policies = model_policies(full.model.moe is not None, policies)
+        policies = model_policies(full.model.moe is not None, policies,
+                                  full.model.reader.manifest.predictor is not None)
     except ValueError:
         full.close()
         raise
@@ -101,7 +103,8 @@ def quality(model: str | Path, *, actives: Sequence[float | str] = ACTIVES, poli
                 progress(f"{policy} {a}")
             auto = planlib.parse_active(a)
             auto = auto if isinstance(auto, planlib.AutoActive) else None
-            eng = Engine.open(str(model), ctx=max_tokens, mode="prune", active=a if auto else float(a), policy=policy)
+            eng = Engine.open(str(model), ctx=max_tokens, mode="prune", active=a if auto else float(a), policy=policy,
+                              prefill=prefill if policy == "sketch" else None)
             per, chosen = {}, {}
             for name, ids, split, nll_full, top_full in samples:
                 logits = eng.forward(ids, prompt_len=split)

@@ -95,8 +95,10 @@ def _human(n: int) -> str:
 @click.option("--expert-size", type=click.IntRange(1), help="FFN neurons per expert bundle.")
 @click.option("--force", is_flag=True, help="Pull and convert again even if the name is in the store.")
 @click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
+@click.option("--calibrate", "then_calibrate", is_flag=True,
+              help="Then fit the predictor for --policy sketch (`fic calibrate MODEL`: minutes, not seconds).")
 def pull_cmd(source: str, name: str | None, quant: str | None, expert_size: int | None, force: bool,
-             progress: bool) -> None:
+             progress: bool, then_calibrate: bool) -> None:
     """Fetch SOURCE and convert it into the store.
 
     SOURCE: a catalog name (smollm2-135m, ...), a Hugging Face repo id (org/name), a directory in
@@ -105,6 +107,13 @@ def pull_cmd(source: str, name: str | None, quant: str | None, expert_size: int 
 
     with _user_errors():
         path = pull(source, name=name, quant=quant, expert_size=expert_size, force=force, progress=progress)
+    if then_calibrate:
+        from flashinfer_cli import calibrate
+
+        with _user_errors():
+            result = calibrate.calibrate(path, calibrate.CalibrationConfig(), progress=progress)
+        click.echo(f"fic: calibrated {path.name}: predictor of {result.predictor_bytes:,} bytes in "
+                   f"{result.seconds:.0f} s", err=True)
     click.echo(path)
 
 
@@ -199,6 +208,7 @@ def show_cmd(model: str, mem: str | None, ctx: int | None, mode: str, active: st
                f"vocab {arch.get('vocab_size', '?')}, context {arch.get('max_ctx', '?')}")
     click.echo(f"parameters      {d.parameters:,} ({d.parameters / 1e6:.1f}M)")
     click.echo(f"dense block     {d.dense_bytes:,} bytes ({_human(d.dense_bytes)})")
+    click.echo(f"predictor       {_predictor_line(path)}")
     per_layer = sorted(set(d.experts_per_layer))
     if per_layer:
         counts = "/".join(map(str, per_layer))
@@ -225,6 +235,20 @@ def show_cmd(model: str, mem: str | None, ctx: int | None, mode: str, active: st
             click.echo(f"  {line}")
 
 
+def _predictor_line(path) -> str:
+    """The sketch policy's predictor as `fic show` reports it: size, share of the FFN, how made."""
+    from flashinfer_cli import calibrate, fmt
+
+    man = fmt.parse_manifest(path / fmt.MANIFEST_FILE)
+    if man.predictor is None:
+        return f"none (`fic calibrate {path.name}` fits one for --policy sketch)"
+    n = fmt.predictor_bytes(man)
+    ffn = calibrate.ffn_bytes(man)
+    cal = man.predictor.get("calibration", {})
+    return (f"{n:,} bytes ({_human(n)}, {100 * n / max(1, ffn):.1f}% of the FFN's bytes), rank {man.predictor['rank']}, "
+            f"{man.predictor.get('fmt', '?')}, calibrated on {cal.get('tokens', '?')} tokens (seed {cal.get('seed', '?')})")
+
+
 def _show_profiles(store_name: str) -> None:
     """The model's profiles (`--profile NAME`): its catalog entry's, else the built-in defaults."""
     from flashinfer_cli import catalog, profiles
@@ -239,6 +263,36 @@ def _show_profiles(store_name: str) -> None:
     width = max(len(n) for n in found)
     for p in found.values():
         click.echo(f"  {p.name:<{width}}  {p.summary()}: {p.description}")
+
+
+@cli.command("calibrate")
+@click.argument("model")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the text chosen and of the model's samples.")
+@click.option("--tokens", type=click.IntRange(min=64), default=None, metavar="N",
+              help="Calibration tokens (default 16000).")
+@click.option("--rank", type=click.IntRange(min=1), default=None, metavar="R",
+              help="The predictor's rank, a multiple of 32 (default 64).")
+@click.option("--format", "fmt_name", type=click.Choice(["q8_0", "f16", "f32"]), default="q8_0", show_default=True,
+              help="Format of the predictor's matrices.")
+@click.option("--progress/--no-progress", default=True, help="A progress bar on stderr.")
+def calibrate_cmd(model: str, seed: int, tokens: int | None, rank: int | None, fmt_name: str, progress: bool) -> None:
+    """Fit MODEL's predictor for --policy sketch: run it over standard-library text and its own
+    samples, fit per layer a small map from the FFN's input to its activations, store it in the
+    model (the old one is kept if this stops)."""
+    from flashinfer_cli import calibrate
+    from flashinfer_cli.pull import resolve_model
+
+    defaults = calibrate.CalibrationConfig()
+    cfg = calibrate.CalibrationConfig(seed=seed, tokens=tokens or defaults.tokens, rank=rank or defaults.rank,
+                                      fmt=fmt_name)
+    with _user_errors():
+        path = resolve_model(model, auto_pull=False)
+        result = calibrate.calibrate(path, cfg, progress=progress)
+    click.echo(f"{path.name}: predictor of rank {cfg.rank} ({cfg.fmt}), {result.predictor_bytes:,} bytes "
+               f"({100 * result.share_of_ffn:.1f}% of the FFN), {result.n_tokens} tokens in {result.seconds:.0f} s")
+    for q in result.held_out:
+        recall = ", ".join(f"{k}: {v:.3f}" for k, v in q.mass_recall.items())
+        click.echo(f"  held-out {q.domain:<6} score mass kept at active {recall}; R^2 {q.r2:.3f}")
 
 
 @cli.command("rm")
@@ -337,10 +391,15 @@ def _budget_options(lists: str = "") -> list:
                      help="Active experts: a fraction of each layer's (0.5), active parameters (300M), or auto[:T] "
                           "(prune mode: per prompt and layer, the fewest experts holding T of the selection's "
                           "score mass, default 0.9). Default: the largest that fits." + many),
-        click.option("--policy", type=click.STRING if lists else click.Choice(["exact", "static", "router"]),
-                     default="exact", show_default=True, metavar="[exact|static|router]" if lists else None,
-                     help="How experts are chosen: from the prompt's activations, or one set from calibration text "
-                          "(a mixture of experts: router, the prompt's router probabilities)." + many),
+        click.option("--policy", type=click.STRING if lists else click.Choice(["exact", "static", "router", "sketch"]),
+                     default="exact", show_default=True, metavar="[exact|static|router|sketch]" if lists else None,
+                     help="How experts are chosen: from the prompt's activations, one set from calibration text, "
+                          "or sketch: the calibrated predictor's guess from each layer's input (`fic calibrate`), "
+                          "never reading the experts it rejects (a mixture of experts: router)." + many),
+        click.option("--prefill", type=click.Choice(["pruned", "full"]), default=None,
+                     help="--policy sketch: pruned (prune mode's default) chooses each layer's set from the pruned "
+                          "model's own hidden states and reads only the chosen experts; full reads every expert "
+                          "once while the prompt runs, then chooses."),
         click.option("--reselect", type=click.IntRange(min=0), default=None, metavar="N",
                      help="Rescore the active sets every N generated tokens (0: never)."),
         click.option("--profile", default=None, metavar="NAME",
@@ -360,7 +419,7 @@ def _engine_options(opts: dict) -> dict:
     typo reads as what it is, not as a model that cannot be opened."""
     from flashinfer_cli import plan
 
-    out = {k: opts.pop(k) for k in ("mem", "mode", "active", "policy", "reselect")}
+    out = {k: opts.pop(k) for k in ("mem", "mode", "active", "policy", "reselect", "prefill")}
     name = opts.pop("profile", None)
     if name is not None:  # applied by _open_engine once the model (and so its profiles) is known
         ctx = click.get_current_context()
@@ -469,7 +528,8 @@ def _print_stats(engine) -> None:
     for label, value in (
             ("arena", f"{st['resident']} experts resident ({st['pinned']} pinned) in {st['slots']} slots of "
                       f"{human(st['slot_bytes'])}, {st['ring']} for streaming"),
-            ("mode", f"{st['mode']}, policy {st['policy']}" + (f", active {st['active_fraction']:.2f}" if st["prune"] else "")
+            ("mode", f"{st['mode']}, policy {st['policy']}"
+             + (f", prefill {st['prefill']}" if st['policy'] == "sketch" else "") + (f", active {st['active_fraction']:.2f}" if st["prune"] else "")
              + (f" (auto {st['active_auto']:g}: {min(st['active_per_layer'])}-{max(st['active_per_layer'])} "
                 f"experts per layer)" if st.get("active_auto") is not None else "")
              + (f", reselect every {st['reselect']} tokens" if st.get("reselect") else "")),
@@ -782,7 +842,7 @@ def bench(model, quality, sweep, prompts_file, max_tokens, runs, n_texts, plot_f
         if sweep or prompts_file or plot_file or runs != 1 or budget["mem"] is not None:
             _fail("--quality runs prune mode against the full model, everything resident: "
                   "--mem, --sweep, --prompts, --runs and --plot measure speed")
-        _bench_quality(model, actives, policies, max_tokens or 512, n_texts, as_json)
+        _bench_quality(model, actives, policies, max_tokens or 512, n_texts, as_json, budget.get("prefill"))
         return
     if len(policies) > 1:
         _fail(f"--policy {budget['policy']!r}: one policy per speed run (a list is for --quality)")
@@ -897,7 +957,7 @@ def _print_speed(report, as_json: bool) -> None:
         click.echo(line)
 
 
-def _bench_quality(model, actives, policies, max_tokens, n_texts, as_json) -> None:
+def _bench_quality(model, actives, policies, max_tokens, n_texts, as_json, prefill=None) -> None:
     from flashinfer_cli import bench as benchlib, plan
     from flashinfer_cli.plan import parse_active
 
@@ -916,7 +976,7 @@ def _bench_quality(model, actives, policies, max_tokens, n_texts, as_json) -> No
         a_list = [str(a) if isinstance(a, plan.AutoActive) else a for a in a_list]
     try:
         report = benchlib.quality(model, actives=a_list, policies=policies, max_tokens=max_tokens, n_texts=n_texts,
-                                  progress=lambda s: click.echo(f"fic: measuring {s}", err=True))
+                                  prefill=prefill, progress=lambda s: click.echo(f"fic: measuring {s}", err=True))
     except (ValueError, OSError) as exc:
         _fail(_one_line(exc))
     _emit_report(report, as_json, f"{report.model}: {report.n_texts} texts, up to {report.tokens_per_text} tokens "

@@ -35,6 +35,13 @@ from flashinfer_cli import generate as gen
 from flashinfer_cli.model import Model
 
 DEFAULT_RESELECT = 0  # tokens between reselections (0: off); see bench/RESULTS.md
+PREFILLS = ("pruned", "full")
+# the sketch policy's prefill per mode (bench/RESULTS.md, "Calibration and the sketch policy"):
+# exact mode computes every expert anyway; in prune mode a pruned prefill read 3.7x fewer bytes at
+# 0.75 active (each selected expert once; full re-streams what the arena cannot hold per chunk) but
+# cost x4.74 perplexity against full's x3.65 and x75 against x26 at 0.5 (smollm2-135m): full until
+# the predictor is better
+DEFAULT_PREFILL = {"exact": "full", "prune": "full"}
 
 
 class EngineError(ValueError):
@@ -52,7 +59,7 @@ class PrefixUse:
 
 class Engine:
     def __init__(self, path: Path, model: Model, tokenizer, *, policy: str = "exact",
-                 reselect: int = DEFAULT_RESELECT, notes: list[str] | None = None):
+                 reselect: int = DEFAULT_RESELECT, notes: list[str] | None = None, prefill: str | None = None):
         self.path = Path(path)
         self.model = model
         self.tokenizer = tokenizer
@@ -72,6 +79,8 @@ class Engine:
                               f"this model {'is a mixture of experts: use router' if is_moe else 'is dense: use exact or static'}")
         if reselect < 0:
             raise EngineError(f"--reselect must be >= 0, got {reselect}")
+        self.predictor = self._load_predictor(model) if policy == "sketch" else None
+        self.prefill = self._prefill_mode(policy, prefill, model.plan)
         self.policy = policy
         self.reselect = reselect
         plan = model.plan
@@ -91,17 +100,41 @@ class Engine:
             c = model.config
             model.window = np.zeros((c.n_layers, min(reselect, planlib.WINDOW_MAX, plan.prefill_chunk), c.d_model), dtype=np.float32)
 
+    @staticmethod
+    def _load_predictor(model: Model) -> router.Predictor:
+        if model.moe is not None:
+            raise EngineError("policy 'sketch' is for dense models; this model is a mixture of experts: use router")
+        pred = router.Predictor.load(model.reader, model.config.n_layers)
+        if pred is None:
+            raise EngineError(f"policy 'sketch' needs the model's predictor: run `fic calibrate {model.reader.manifest.name}`")
+        return pred
+
+    @staticmethod
+    def _prefill_mode(policy: str, prefill: str | None, plan: planlib.MemoryPlan) -> str:
+        """How the prompt runs: 'full' (every expert, then the sets chosen) or 'pruned' (the sketch
+        policy: each layer's set chosen from its own FFN input, only it read and run)."""
+        if prefill is not None and prefill not in PREFILLS:
+            raise EngineError(f"unknown prefill {prefill!r} (choose from {', '.join(PREFILLS)})")
+        if prefill == "pruned" and policy != "sketch":
+            raise EngineError("--prefill pruned needs --policy sketch (the other policies score experts by running them)")
+        if prefill == "pruned" and not plan.prune:
+            raise EngineError("--prefill pruned needs prune mode (exact mode runs every expert)")
+        if prefill is None:
+            return DEFAULT_PREFILL["prune" if plan.prune else "exact"] if policy == "sketch" else "full"
+        return prefill
+
     @classmethod
     def open(cls, name_or_path: str, *, mem: str | int | None = None, ctx: int | None = None,
              mode: str | None = None, active: str | float | int | None = None, policy: str | None = None,
              reselect: int | None = None, threads: int | None = None, auto_pull: bool = True,
-             kv_dtype: str = "f16") -> "Engine":
+             kv_dtype: str = "f16", prefill: str | None = None) -> "Engine":
         """Open a model directory, or a store name (a catalog name is pulled on first use).
         mem: the memory budget ('512M', '2G' or bytes; default: everything resident when the
         machine's available memory holds it with room to spare); ctx: KV cache length (default the
         model's, at most 4096); mode: 'exact' (default) or 'prune'; active: the active fraction of
-        each layer's experts or a parameter count ('300M'); policy: 'exact' (default), 'static', 'router' or
-        'none' (no selection, exact mode);
+        each layer's experts or a parameter count ('300M'); policy: 'exact' (default), 'static', 'router',
+        'sketch' (the calibrated predictor) or 'none' (no selection, exact mode); prefill: 'pruned' or
+        'full' (sketch; DEFAULT_PREFILL);
         reselect: tokens between reselections (0: off); threads: kernel threads; kv_dtype: the KV
         cache's element type, f16 (half the memory) or f32."""
         from flashinfer_cli.pull import resolve_model
@@ -113,8 +146,12 @@ class Engine:
         plan, notes = make_engine_plan(path, mem=mem, ctx=ctx, mode=mode, active=active, kv_dtype=kv_dtype)
         model = Model(path, plan=plan)
         tokenizer = Tokenizer.from_model_dir(path, model.reader.manifest.tokenizer)
-        return cls(path, model, tokenizer, policy=policy or "exact",
-                   reselect=DEFAULT_RESELECT if reselect is None else reselect, notes=notes)
+        try:
+            return cls(path, model, tokenizer, policy=policy or "exact",
+                       reselect=DEFAULT_RESELECT if reselect is None else reselect, notes=notes, prefill=prefill)
+        except BaseException:
+            model.close()
+            raise
 
     @property
     def plan(self) -> planlib.MemoryPlan:
@@ -124,7 +161,7 @@ class Engine:
         """Arena statistics of the last request and in total, and what is resident."""
         out = self.model.arena.stats()
         p = self.plan
-        out.update(mode=p.mode, policy=self.policy, prune=p.prune, active_fraction=self.active_fraction,
+        out.update(mode=p.mode, policy=self.policy, prefill=self.prefill, prune=p.prune, active_fraction=self.active_fraction,
                    active_auto=None if self.auto is None else self.auto.threshold,
                    active_per_layer=list(self.active_per_layer),
                    reselect=self.reselect,
@@ -222,6 +259,8 @@ class Engine:
         statistics choose each layer's active set, read once and pinned. full_prompt: the prompt
         runs with every expert whatever the policy (quality scoring)."""
         m = self.model
+        if self.selects and self.prefill == "pruned":
+            return self._pruned_forward(ids, start=start, all_logits=all_logits)
         if not (self.selects and self.policy in router.PER_PROMPT):
             if not full_prompt:
                 return m.forward(ids[start:], all_logits=all_logits)
@@ -241,10 +280,13 @@ class Engine:
             if start < scored:  # the cached prompt again: its last token runs, its statistics are there
                 parts.append(m.forward(ids[start:scored], all_logits=all_logits))
             if len(ids) > max(start, scored):
-                m.collect = m.scorer.add
+                if self.predictor is not None:  # sketch, full prefill: predicted rows, every expert run
+                    m.before_ffn = self._add_predicted
+                else:
+                    m.collect = m.scorer.add
                 parts.append(m.forward(ids[max(start, scored):], all_logits=all_logits))
         finally:
-            m.collect, m.full = None, not m.plan.prune
+            m.collect, m.before_ffn, m.full = None, None, not m.plan.prune
         logits = np.concatenate(parts) if all_logits else parts[-1]
         self._scored[:] = m.scorer.acc
         self._scored_len = len(ids)
@@ -258,11 +300,57 @@ class Engine:
             m.collect = m.scorer.add  # exact mode: decode sees every expert; its statistics are free
         return logits
 
+    def _add_predicted(self, layer: int, xn: np.ndarray) -> None:
+        self.model.scorer.add_predicted(layer, self.predictor.predict(layer, xn))
+
+    def _pruned_forward(self, ids: list[int], *, start: int, all_logits: bool) -> np.ndarray:
+        """Sketch policy, pruned prefill: the prompt runs with each layer's active set, chosen
+        from the predictor's rows over the prompt's first chunk at that layer (the pruned model's
+        own hidden states) before the layer's FFN runs; only selected experts are ever read."""
+        m = self.model
+        unset = np.zeros(0, dtype=np.int64)
+        m.runner.drop_prefetch()
+        m.arena.unpin_all()
+        m.runner.active = [unset] * m.config.n_layers  # no layer runs (or prefetches) a stale set
+        m.runner.prune = True
+        chosen = [False] * m.config.n_layers
+        sizes = list(self.active_per_layer)
+
+        def choose(layer: int, xn: np.ndarray) -> None:
+            if chosen[layer]:
+                return  # the set holds for the prompt's later chunks
+            chosen[layer] = True
+            m.scorer.reset()
+            m.scorer.add_predicted(layer, self.predictor.predict(layer, xn))
+            scores = m.scorer.all_scores()
+            if self.auto is not None:
+                sizes[layer] = min(int(m.arena.experts_per_layer[layer]),
+                                   planlib.auto_size(scores[layer], self.auto, self.plan.max_active_per_layer))
+            s = router.top_k(scores[layer], sizes[layer])
+            m.arena.load([(layer, int(e)) for e in s], pin=True)
+            m.runner.active[layer] = s
+
+        m.before_ffn, m.full = choose, False
+        try:
+            logits = m.forward(ids[start:], all_logits=all_logits)
+        finally:
+            m.before_ffn, m.full = None, False
+        self.active_per_layer = sizes
+        m.scorer.reset()
+        self._since_select = 0
+        self._scored_len = 0
+        return logits
+
     def _reselect(self) -> None:
         """Rescore from the recent tokens and swap in the experts that now clearly beat the weakest
         selected ones; only the changed experts are read."""
         m = self.model
-        if m.plan.prune and m.moe is not None:  # the window's router probabilities: no expert is read
+        if m.plan.prune and self.predictor is not None:  # the window's predicted rows: no expert is read
+            w = m.window[:, :min(self._since_select, m.window.shape[1])]
+            m.scorer.reset()
+            for layer in range(m.config.n_layers):
+                self._add_predicted(layer, w[layer])
+        elif m.plan.prune and m.moe is not None:  # the window's router probabilities: no expert is read
             w = m.window[:, :min(self._since_select, m.window.shape[1])]
             m.scorer.reset()
             for layer in range(m.config.n_layers):
@@ -404,7 +492,9 @@ class Engine:
         common, limit = 0, min(len(self._cached), len(ids))
         while common < limit and self._cached[common] == ids[common]:
             common += 1
-        if self._scored is not None:
+        if self.prefill == "pruned":
+            common = 0  # the cache was computed with the previous prompt's sets: the new prompt runs whole
+        elif self._scored is not None:
             common = self._scored_len if common >= self._scored_len else 0
         return min(common, len(ids) - 1)
 

@@ -7,6 +7,11 @@ A model is a directory:
                        float tensors as they are, per-layer neuron orders as int32
     experts.bin        a 4 KiB header (magic, version, bundle count) then the expert bundles,
                        each 4 KiB aligned: gate rows, up rows, then the down part
+    predictor-*.safetensors  optional (calibrate.py writes it): the fitted predictor of each
+                       layer's activations, part of the dense block; the manifest's "predictor"
+                       names the file and holds its tensors' specs and CRC32Cs. A manifest without
+                       the key (every model converted before it) simply has no predictor, and a
+                       reader that predates it ignores it: the format version stays 3.
     tokenizer files    copied as they are
     DAMAGED            written by a reader that found bytes failing their checksum (`fic ls` shows
                        it); pulling the model again replaces the directory, marker and all
@@ -186,6 +191,8 @@ class Manifest:
     @property
     def shared_neurons(self) -> list[int]:
         return list(self.shared) if self.shared else [0] * len(self.experts)
+    # the fitted predictor (calibrate.py): {"file", "tensors": {name: spec}, "rank", "fmt", ...}
+    predictor: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -202,6 +209,7 @@ class Manifest:
             "notes": self.notes,
             "moe": {"layers": [r.to_json() for r in self.moe]} if self.moe is not None else None,
             "shared": {"neurons": list(self.shared)} if self.shared else None,
+            **({"predictor": self.predictor} if self.predictor is not None else {}),
         }
 
 
@@ -344,11 +352,12 @@ def parse_manifest(path: Path) -> Manifest:
     experts = _parse_experts(raw.get("experts", []), path)
     moe = _parse_moe(raw.get("moe") if raw["version"] >= 3 else None, experts, layout, tensors, path)
     shared = _parse_shared(raw.get("shared"), experts, layout, tensors, moe, path)
+    predictor = _parse_predictor(raw.get("predictor"), path)
     return Manifest(
         name=raw["name"], arch=raw["arch"], tensors=tensors, expert_layout=layout, experts=experts,
         experts_file_bytes=raw["experts_file_bytes"],
         tokenizer=_parse_tokenizer(raw.get("tokenizer"), path), provenance=provenance, notes=list(notes),
-        moe=moe, shared=shared,
+        moe=moe, shared=shared, predictor=predictor,
     )
 
 
@@ -375,6 +384,86 @@ def _parse_shared(raw: Any, experts: list[list[ExpertEntry]], layout: ExpertLayo
             _require(isinstance(spec, dict) and spec.get("fmt") == fmt_name and spec.get("shape") == shape, path,
                      f"shared layer {li}: dense tensor {name!r} {fmt_name} {shape} missing or of another format or shape")
     return list(neurons)
+
+
+PREDICTOR_PREFIX = "predictor-"
+
+
+def predictor_names(layer: int) -> dict[str, str]:
+    """The predictor's tensors of one layer: a (rank, d_model) and b (d_ff, rank) matrices, the
+    centring means mu_x (d_model) and mu_y (d_ff); y = b (a (x - mu_x)) + mu_y."""
+    return {k: f"blk.{layer}.pred_{k}" for k in ("a", "b", "mu_x", "mu_y")}
+
+
+def _parse_predictor(raw: Any, path: Path) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    _require(isinstance(raw, dict), path, "predictor is not an object")
+    name = raw.get("file")
+    _require(isinstance(name, str) and is_plain_name(name) and name.startswith(PREDICTOR_PREFIX), path,
+             f"predictor file {_short(name)} is not a predictor file name inside the model's directory")
+    tensors = raw.get("tensors")
+    _require(isinstance(tensors, dict) and tensors, path, "predictor has no tensors")
+    for tname, spec in tensors.items():
+        _check_spec(tname, spec, path)
+    _require(_is_int(raw.get("rank")) and raw["rank"] > 0, path, "bad predictor rank")
+    return raw
+
+
+def predictor_bytes(man: Manifest) -> int:
+    """Bytes of the predictor's tensors (0 without one): what it adds to the dense block."""
+    if man.predictor is None:
+        return 0
+    return sum(_tensor_nbytes(spec) for spec in man.predictor["tensors"].values())
+
+
+def write_predictor(model_dir: str | os.PathLike, tensors: dict[str, QTensor | np.ndarray],
+                    meta: dict[str, Any]) -> Path:
+    """Replace the model's predictor: its file is written under a new name and renamed into place,
+    then the manifest (temporary file + rename: the commit point), then the old file is removed.
+    Stopped anywhere, the directory holds the old model or the new one, at worst with an unused
+    predictor file that the next write removes."""
+    from safetensors.numpy import save_file
+
+    model_dir = Path(model_dir)
+    man_path = model_dir / MANIFEST_FILE
+    man = parse_manifest(man_path)
+    specs, arrays = {}, {}
+    for name, value in tensors.items():
+        specs[name], arrays[name] = _encode_dense(value)
+    tag = f"{kernels.crc32c(np.frombuffer(json.dumps(specs, sort_keys=True).encode(), np.uint8)):08x}"
+    fname = f"{PREDICTOR_PREFIX}{tag}.safetensors"
+    for stale in model_dir.glob(".tmp-predictor-*"):  # left by a write that was killed
+        stale.unlink(missing_ok=True)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-predictor-", suffix=".safetensors", dir=model_dir)
+        os.close(fd)
+        _save_safetensors(save_file, arrays, Path(tmp))
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, model_dir / fname)
+    except BaseException:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+    man.predictor = {**meta, "file": fname, "tensors": specs}
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-predictor-manifest-", suffix=".json", dir=model_dir)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(man.to_json(), indent=1))
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, man_path)
+    except BaseException:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+    for old in model_dir.glob(PREDICTOR_PREFIX + "*.safetensors"):
+        if old.name != fname:
+            old.unlink(missing_ok=True)
+    return model_dir / fname
 
 
 def _parse_moe(raw: Any, experts: list[list[ExpertEntry]], layout: ExpertLayout | None,
@@ -977,6 +1066,28 @@ class ModelReader:
     def bundle_bytes(self, layer: int, expert: int) -> int:
         """Bytes a destination buffer needs for this bundle (its padded length)."""
         return self.entry(layer, expert).padded_length
+
+    def predictor(self) -> dict[str, QTensor | np.ndarray] | None:
+        """The predictor's tensors (predictor_names), each checked against its CRC32C; None when
+        the model has none."""
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        pred = self.manifest.predictor
+        if pred is None:
+            return None
+        path = self.path / pred["file"]
+        try:
+            raw = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise FormatError(path, f"unreadable ({exc})") from None
+        out = {}
+        for name, spec in pred["tensors"].items():
+            _require(name in raw, path, f"tensor {name!r} listed in the manifest is missing")
+            if kernels.crc32c(_raw_bytes(raw[name])) != spec["crc32c"]:
+                raise self._damaged(path, f"tensor {name!r} is damaged (CRC32C mismatch)")
+            out[name] = _decode_dense(name, spec, raw[name], path)
+        return out
 
     def neuron_order(self, layer: int) -> np.ndarray | None:
         """The original FFN neuron index of each neuron of `layer`, in bundle order, if permuted."""

@@ -200,6 +200,9 @@ class Model:
         # a callback that receives every FFN call's selection statistic: (layer, t, calls) with h
         # for a dense model, (layer, probs) with the router's probabilities for a MoE
         self.collect = None
+        # a callback given each FFN's input before the FFN runs: (layer, xn (t, d) or (d,)); the
+        # sketch policy chooses a layer's set from it (pruned prefill), calibration records it
+        self.before_ffn = None
         self.full = not plan.prune  # every expert runs (exact mode); False: the active sets only
         self.window: np.ndarray | None = None  # prune-mode reselection: recent FFN inputs per layer
         self.moe_prefetch = True  # a mixture of experts in exact mode: read the next layer's predicted experts
@@ -260,6 +263,8 @@ class Model:
 
     def _ffn(self, i: int, xn: np.ndarray, x: np.ndarray) -> None:
         """x += FFN_i(xn), through the arena."""
+        if self.before_ffn is not None:
+            self.before_ffn(i, xn)
         if self.moe is not None:
             self._moe_ffn(i, xn, x)
             return

@@ -135,7 +135,7 @@ class ModelShape:
     @classmethod
     def from_manifest(cls, man: fmt.Manifest) -> "ModelShape":
         a = man.arch
-        dense = fmt.dense_pack_bytes(man)
+        dense = fmt.dense_pack_bytes(man) + fmt.predictor_bytes(man)  # the predictor is dense block too
         # the active parameters a token uses: an embedding left on flash contributes one row
         params = sum(math.prod(s["shape"]) for n, s in man.tensors.items()
                      if s["fmt"] != "i32" and n not in fmt.flash_resident(man))

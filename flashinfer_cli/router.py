@@ -4,6 +4,8 @@
 over all of the layer's neurons) is L2-normalised; a neuron's score is the L2 norm of its column
 over the prompt's tokens; an expert's score is the sum of its neurons' scores. `static`: the same
 statistic gathered once over calibration text (texts.calibration_text) and stored beside the model.
+`sketch`: the same statistic over rows the model's fitted predictor (calibrate.py) predicts from
+each token's FFN input, so the experts it rejects are never read (Predictor below).
 
 The Scorer accumulates sum_t (h[t, n] / ||h[t]||)^2 per neuron from the FFN's scratch (which holds
 h after every call, expert block after expert block) and turns it into expert scores.
@@ -18,10 +20,11 @@ import numpy as np
 
 from flashinfer_cli import fmt
 
-# router: a mixture of experts' (moe.RouterScorer); none: no selection at all, the arena only an LRU
-# cache of what tokens asked for (what MoE offloading engines do; exact mode only, a baseline)
-POLICIES = ("exact", "static", "router", "none")
-PER_PROMPT = ("exact", "router")  # the policies that choose each prompt's sets from its own tokens
+# router: a mixture of experts' (moe.RouterScorer); sketch: the calibrated predictor's scores; none: no
+# selection at all, the arena only an LRU cache of what tokens asked for (what MoE offloading engines
+# do; exact mode only, a baseline)
+POLICIES = ("exact", "static", "router", "sketch", "none")
+PER_PROMPT = ("exact", "router", "sketch")  # the policies that choose each prompt's sets from its own tokens
 STATIC_FILE = "static_scores.npy"
 RESELECT_MARGIN = 0.05  # a challenger must beat the weakest selected expert by 5%
 
@@ -45,10 +48,11 @@ class Scorer:
         self.acc[:] = 0
         self.n_tokens[:] = 0
 
-    def add(self, layer: int, t: int, calls: list[tuple[np.ndarray, np.ndarray]]) -> None:
-        """calls: (experts, scratch region) of each FFN call of the layer for these t tokens; each
-        region holds the experts' h blocks (t x n_e) back to back. Together they cover every
-        expert of the layer."""
+    def assemble(self, layer: int, t: int, calls: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+        """The layer's h (t, d_ff) in bundle order, gathered from the FFN calls' scratch regions
+        (a view of a buffer reused by the next call). calls: (experts, scratch region) of each FFN
+        call of the layer for these t tokens; each region holds the experts' h blocks (t x n_e)
+        back to back. Together they cover every expert of the layer."""
         n = self.n_neurons[layer]
         off = self.offsets[layer]
         d_ff = int(off[-1])
@@ -67,12 +71,29 @@ class Scorer:
             for e, ne in zip(experts, sizes):
                 h[:, off[e]:off[e] + ne] = region[pos:pos + t * ne].reshape(t, ne)
                 pos += t * ne
+        return h
+
+    def normalized_sq(self, h: np.ndarray) -> np.ndarray:
+        """(h / ||h||_row)^2 of h (t, d_ff), in the scorer's second buffer."""
+        t, d_ff = h.shape
         sq = np.square(h, out=self._sq[:t * d_ff].reshape(t, d_ff))
         norm2 = sq.sum(axis=1, keepdims=True, dtype=np.float64)
         norm2[norm2 == 0] = 1.0
         sq /= norm2.astype(np.float32)
-        self.acc[layer, :d_ff] += sq.sum(axis=0, dtype=np.float64)
+        return sq
+
+    def add(self, layer: int, t: int, calls: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        """Accumulate the GRIFFIN statistic of these t tokens' FFN calls (see assemble)."""
+        sq = self.normalized_sq(self.assemble(layer, t, calls))
+        self.acc[layer, :sq.shape[1]] += sq.sum(axis=0, dtype=np.float64)
         self.n_tokens[layer] += t
+
+    def add_predicted(self, layer: int, rows: np.ndarray) -> None:
+        """Accumulate predicted rows (t, d_ff) of the L2-normalised |h| (the sketch policy): their
+        negative parts clipped, squared as add squares the true rows."""
+        r = np.maximum(rows, 0.0)
+        self.acc[layer, :r.shape[1]] += np.einsum("td,td->d", r, r, dtype=np.float64)
+        self.n_tokens[layer] += r.shape[0]
 
     def expert_scores(self, layer: int) -> np.ndarray:
         """One score per expert of the layer (sum of its neurons' GRIFFIN norms)."""
@@ -156,3 +177,39 @@ def apply_sets(arena, runner, sets: list[np.ndarray], *, prune: bool) -> int:
         runner.active = [np.asarray(s, dtype=np.int64) for s in sets]
         runner.prune = True
     return n_read
+
+
+# ---- the sketch policy's predictor ---------------------------------------------------------
+
+class Predictor:
+    """Per layer, y = b (a (x - mu_x)) + mu_y: the predicted L2-normalised |h| row of each token
+    from its FFN input x (calibrate.py fits it; fmt stores it). Matrices stay in their stored
+    format (q8_0 or f16) and go through the kernels."""
+
+    def __init__(self, tensors: dict, n_layers: int):
+        from flashinfer_cli.model import _qt
+
+        self.layers = []
+        for layer in range(n_layers):
+            n = fmt.predictor_names(layer)
+            self.layers.append((_qt(tensors[n["a"]]), _qt(tensors[n["b"]]),
+                                np.asarray(tensors[n["mu_x"]], np.float32).reshape(-1),
+                                np.asarray(tensors[n["mu_y"]], np.float32).reshape(-1)))
+
+    @classmethod
+    def load(cls, reader: "fmt.ModelReader", n_layers: int) -> "Predictor | None":
+        tensors = reader.predictor()
+        return None if tensors is None else cls(tensors, n_layers)
+
+    @property
+    def rank(self) -> int:
+        return self.layers[0][0].shape[0] if self.layers else 0
+
+    def predict(self, layer: int, x: np.ndarray) -> np.ndarray:
+        """Predicted rows (t, d_ff) for FFN inputs x (t, d_model) or (d_model,)."""
+        from flashinfer_cli import kernels
+
+        a, b, mu_x, mu_y = self.layers[layer]
+        xc = np.ascontiguousarray(np.atleast_2d(x) - mu_x, dtype=np.float32)
+        z = np.ascontiguousarray(kernels.matmul(a, xc), dtype=np.float32)
+        return kernels.matmul(b, z) + mu_y
