@@ -41,8 +41,10 @@ def decode_rows(m: Model, split: int) -> np.ndarray:
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
 def test_fused_decode_equals_numpy_decode_and_transformers(kind, converted):
     """Model decode (fp16 cache) fused against the numpy step on the same model: the same fp16
-    cache and kernels, the sums in another order: measured 2e-7 relative, bound 1e-5; against
-    transformers' fp32 logits within four fp16 roundings (the cache), as test_model's fp16 test."""
+    cache and kernels, the sums in another order (and a k/v element's fp16 rounding may fall the
+    other way): measured 4.4e-7 (llama), 8.6e-7 (qwen2), 6.0e-6 (qwen3) of the largest logit, bound
+    5e-5; against transformers' fp32 logits within four fp16 roundings (the cache), as test_model's
+    fp16 test: measured 5.2e-4 to 7.5e-4, the numpy step's own distance to within 1e-6."""
     path, hf = converted[kind]
     m = Model(path, ctx=128)
     assert m.fused_decode
@@ -50,7 +52,7 @@ def test_fused_decode_equals_numpy_decode_and_transformers(kind, converted):
     m.fused_decode = False
     plain = decode_rows(m, 20)
     rel = np.abs(fused - plain).max() / np.abs(plain).max()
-    assert rel < 1e-5
+    assert rel < 5e-5
     with torch.no_grad():
         ref = hf(torch.tensor([IDS])).logits[0].float().numpy()[20:]
     assert np.abs(fused - ref).max() / np.abs(ref).max() < 4 * 2.0 ** -11
