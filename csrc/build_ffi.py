@@ -12,7 +12,8 @@ import re
 from cffi import FFI
 
 CSRC_DIR = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["quant.c", "matvec.c", "pool.c", "stream.c", "ffn.c", "attention.c"]
+SOURCES = ["quant.c", "matvec.c", "pool.c", "stream.c", "ffn.c", "attention.c",
+           "qdot.c", "qdot_scalar.c", "qdot_avx2.c", "qdot_neon.c"]
 
 
 def _cdef_from_header(path: str) -> str:

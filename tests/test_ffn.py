@@ -33,7 +33,7 @@ from flashinfer_cli import kernels as K
 from flashinfer_cli._fic import ffi, lib
 
 from _kquant import quantize_any
-from test_kernels import EPS32, FLOAT_SLACK, assert_within, int8_activation_path
+from test_kernels import EPS32, FLOAT_SLACK, QDOT_SOURCES, assert_within, int8_activation_path
 
 FORMATS = list(K.FORMATS)
 IMPLS = K.available_impls()
@@ -719,7 +719,7 @@ def test_neon_ffn_matches_reference_under_qemu(tmp_path):
     exe = tmp_path / "neon_ffn"
     csrc = REPO / "csrc"
     cmd = ["aarch64-linux-gnu-gcc", "-O2", "-std=gnu11", "-march=armv8-a+crc", "-pthread", "-static",
-           "-I", str(csrc), str(src), *(str(csrc / f) for f in ("quant.c", "matvec.c", "pool.c", "ffn.c")),
+           "-I", str(csrc), str(src), *(str(csrc / f) for f in ("quant.c", "matvec.c", "pool.c", "ffn.c", *QDOT_SOURCES)),
            "-o", str(exe), "-lm"]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr

@@ -34,6 +34,8 @@ FAST_IMPLS = [i for i in IMPLS if i != "ref"]
 EPS32 = 2.0 ** -24
 FLOAT_SLACK = 2.0
 REPO = Path(__file__).resolve().parents[1]
+# The int8-activation prefill path's C files (csrc/qdot.h), linked wherever matvec.c is.
+QDOT_SOURCES = ("qdot.c", "qdot_scalar.c", "qdot_avx2.c", "qdot_neon.c")
 
 
 def _cpu_flags() -> set[str]:
@@ -82,6 +84,20 @@ def matvec_bound(fmt: str, impl: str, wd: np.ndarray, x: np.ndarray, n_float: in
     bound = n_float * dot_bound(wd, x)
     if int8_activation_path(fmt, impl):
         bound = bound + np.abs(wd) @ q8_half_step(x)
+    return bound
+
+
+# Formats whose prefill (T > 1) products quantize x to int8 on every implementation (csrc/qdot.h).
+QDOT_FORMATS = ("q1_0", "q4_0", "q4_1", "q5_0", "q8_0", "q4_k", "q6_k")
+
+
+def matmul_bound(fmt: str, wd: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """matmul's tolerance: the float32 bound, plus for T > 1 in a quantized format the q8 term
+    (sum_j |w_j| * half a q8 step of x_j) of the int8-activation path. The integer sums are exact,
+    so the float part is the same gamma_K bound as elsewhere."""
+    bound = dot_bound(wd, x)
+    if x.shape[0] > 1 and fmt in QDOT_FORMATS:
+        bound = bound + np.stack([q8_half_step(r) for r in x]) @ np.abs(wd).T
     return bound
 
 
@@ -187,7 +203,7 @@ def test_matmul_matches_numpy(fmt, impl, t, m, k_units, threads):
     x = rng.standard_normal((t, qt.shape[1]), dtype=np.float32)
     y = K.matmul(qt, x, impl=impl)
     assert y.shape == (t, m)
-    assert_within(y, x.astype(np.float64) @ wd.T, dot_bound(wd, x))
+    assert_within(y, x.astype(np.float64) @ wd.T, matmul_bound(fmt, wd, x))
 
 
 @pytest.mark.parametrize("impl", FAST_IMPLS)
@@ -197,7 +213,7 @@ def test_matmul_many_tokens_and_rows(fmt, impl):
     K.set_threads(2)
     qt, wd, rng = make(fmt, 203, k_of(fmt, 4), seed=11)
     x = rng.standard_normal((37, qt.shape[1]), dtype=np.float32)
-    assert_within(K.matmul(qt, x, impl=impl), x.astype(np.float64) @ wd.T, dot_bound(wd, x))
+    assert_within(K.matmul(qt, x, impl=impl), x.astype(np.float64) @ wd.T, matmul_bound(fmt, wd, x))
 
 
 # ---- accum_rows -----------------------------------------------------------------------------
@@ -457,7 +473,7 @@ def test_kernels_use_only_the_documented_workspace(fmt, impl, threads):
             if name == "matvec":
                 assert_within(y, wd @ x[0], matvec_bound(fmt, impl, wd, x[0]))
             else:
-                assert_within(y.reshape(t, m), x.astype(np.float64) @ wd.T, dot_bound(wd, x))
+                assert_within(y.reshape(t, m), x.astype(np.float64) @ wd.T, matmul_bound(fmt, wd, x))
         a = rng.standard_normal(m, dtype=np.float32)
         acc = np.zeros(k, np.float32)
         assert lib.fic_accum_rows(pool, impl_id, fmt_id, K._u8(qt.data), K._f32(a), K._f32(acc), m, k,
@@ -498,12 +514,12 @@ def test_process_workspace_reserve_grow_and_threads():
         x = rng.standard_normal((8, 1024), dtype=np.float32)
         for _ in range(3):
             assert_within(K.matvec(qt, x[0]), wd @ x[0], matvec_bound("q4_1", "auto", wd, x[0]))
-            assert_within(K.matmul(qt, x), x.astype(np.float64) @ wd.T, dot_bound(wd, x))
+            assert_within(K.matmul(qt, x), x.astype(np.float64) @ wd.T, matmul_bound("q4_1", wd, x))
         assert K.workspace_grows() == grows and K.workspace_bytes() == n_bytes
         big_k = 1 << 15  # matmul tile 6k floats per thread: more than reserved
         qb, wb, rng = make("q8_0", 12, big_k, seed=6)
         xb = rng.standard_normal((3, big_k), dtype=np.float32)
-        assert_within(K.matmul(qb, xb), xb.astype(np.float64) @ wb.T, dot_bound(wb, xb))
+        assert_within(K.matmul(qb, xb), xb.astype(np.float64) @ wb.T, matmul_bound("q8_0", wb, xb))
         assert K.workspace_grows() == grows + 1
         two = K.workspace_bytes()
         assert two >= 2 * ws_round64(4 * tile_floats(big_k)) > n_bytes
@@ -512,7 +528,7 @@ def test_process_workspace_reserve_grow_and_threads():
         K.set_threads(1)
         one = K.workspace_bytes()
         assert ws_round64(4 * tile_floats(big_k)) <= one < two
-        assert_within(K.matmul(qb, xb), xb.astype(np.float64) @ wb.T, dot_bound(wb, xb))
+        assert_within(K.matmul(qb, xb), xb.astype(np.float64) @ wb.T, matmul_bound("q8_0", wb, xb))
         K.set_threads(2)
         assert K.workspace_bytes() == two and K.workspace_grows() == grows + 1
     finally:
@@ -578,7 +594,7 @@ def test_kernels_never_allocate(arch, tmp_path):
     exe = tmp_path / "noalloc"
     wrap = "-Wl,--wrap=malloc,--wrap=calloc,--wrap=realloc,--wrap=aligned_alloc,--wrap=posix_memalign"
     cmd = [cc, "-O2", "-std=gnu11", "-Wall", "-Wextra", "-Werror", *flags, "-pthread", "-I", str(csrc),
-           str(REPO / "tests" / "noalloc_harness.c"), *(str(csrc / f) for f in ("quant.c", "matvec.c", "pool.c", "ffn.c")),
+           str(REPO / "tests" / "noalloc_harness.c"), *(str(csrc / f) for f in ("quant.c", "matvec.c", "pool.c", "ffn.c", *QDOT_SOURCES)),
            wrap, "-o", str(exe), "-lm"]
     res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"})
     assert res.returncode == 0, res.stderr
@@ -590,7 +606,7 @@ def test_kernels_never_allocate(arch, tmp_path):
 # ---- NEON keeps compiling -------------------------------------------------------------------
 
 @pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None, reason="no aarch64 cross compiler")
-@pytest.mark.parametrize("src", ["matvec.c", "pool.c", "ffn.c"])
+@pytest.mark.parametrize("src", ["matvec.c", "pool.c", "ffn.c", *QDOT_SOURCES])
 def test_aarch64_cross_compile(src, tmp_path):
     cmd = ["aarch64-linux-gnu-gcc", "-O2", "-std=gnu11", "-Wall", "-Wextra",
            "-Werror", "-march=armv8-a+crc", "-pthread", "-I", str(REPO / "csrc"), "-c",
@@ -685,7 +701,7 @@ def test_neon_matches_reference_under_qemu(tmp_path):
     exe = tmp_path / "neon_check"
     csrc = REPO / "csrc"
     cmd = ["aarch64-linux-gnu-gcc", "-O2", "-std=gnu11", "-march=armv8-a+crc", "-pthread", "-static",
-           "-I", str(csrc), str(src), *(str(csrc / f) for f in ("quant.c", "matvec.c", "pool.c")),
+           "-I", str(csrc), str(src), *(str(csrc / f) for f in ("quant.c", "matvec.c", "pool.c", *QDOT_SOURCES)),
            "-o", str(exe), "-lm"]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
