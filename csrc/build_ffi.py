@@ -13,7 +13,7 @@ from cffi import FFI
 
 CSRC_DIR = os.path.dirname(os.path.abspath(__file__))
 SOURCES = ["quant.c", "matvec.c", "pool.c", "stream.c", "ffn.c", "attention.c",
-           "qdot.c", "qdot_scalar.c", "qdot_avx2.c", "qdot_neon.c"]
+           "qdot.c", "qdot_ffn.c", "qdot_scalar.c", "qdot_avx2.c", "qdot_neon.c"]
 
 
 def _cdef_from_header(path: str) -> str:

@@ -8,8 +8,10 @@
  *            back to back), so the work is balanced whatever the experts' sizes.
  *            t = 1: one row dot product per neuron and matrix, x prepared once (int8 where
  *            matvec uses int8 activations), an expert's gate rows then its up rows (one
- *            forward stream, prefetched in software); t > 1: as matmul, a tile of rows is
- *            dequantized to float once and multiplied by all t tokens.
+ *            forward stream, prefetched in software); t > 1: as matmul, quantized formats
+ *            with int8 activations and integer dot products (qdot_ffn.c, also phase 2's
+ *            columns), others a tile of rows dequantized to float once and multiplied by all
+ *            t tokens.
  *   phase 2  y[i] += sum_e down_e h_e[i]. The router weight is already inside h (down is linear).
  *            columns (down_e is d_model x n_e): threads split the d_model output rows.
  *            t = 1: h_e prepared per expert (int8 where matvec would); Q4 on VNNI and Q1_0 on
@@ -33,6 +35,7 @@
 #include "blocks.h"
 #include "fic.h"
 #include "pool.h"
+#include "qdot.h"
 
 #include "kernels_impl.h"
 
@@ -501,6 +504,16 @@ static void down_rows_tiles(void *ctx, int64_t b0, int64_t b1, int tid) {
     }
 }
 
+/* ---- t > 1 in quantized formats: the int8-activation path (qdot.h, qdot_ffn.c) ------------ */
+
+static qdot_ffn qdot_args(const ffn_t *f, int64_t n_max) {
+    qdot_ffn a = {.impl = f->impl, .gate_fmt = f->gate_fmt, .up_fmt = f->up_fmt, .down_fmt = f->down_fmt,
+                  .d = f->d, .t = f->t, .n_experts = f->n_experts, .n_total = f->n_total, .n_max = n_max,
+                  .bundles = f->bundles, .n = f->n, .off = f->off, .skip = f->skip, .rb_d = f->rb_d,
+                  .rb_g = f->rb_g, .rb_u = f->rb_u, .coef = f->coef, .x = f->x, .y = f->y, .h = f->h};
+    return a;
+}
+
 /* ---- the entry points --------------------------------------------------------------------- */
 
 /* Validates everything but the bundles, resolves impl, fills n_total and checks the workspace. */
@@ -621,7 +634,13 @@ static int ffn_run(fic_pool *pool, int impl, const fic_expert_layout *layout, co
         f.tiles = (float *)rest;
         int64_t chunk = (n_total + 4 * n_threads - 1) / (4 * n_threads);
         chunk = (chunk + f.tile1_rows - 1) / f.tile1_rows * f.tile1_rows;
-        fic_parallel_for(pool, n_total, chunk, phase1_tiles, &f);
+        if (fic_qdot_fmt_ok(f.gate_fmt) && fic_qdot_fmt_ok(f.up_fmt)) { /* int8 activations */
+            const qdot_ffn qa = qdot_args(&f, n_max);
+            int st = fic_qdot_ffn_phase1(pool, &qa, rest, rest_bytes);
+            if (st != FIC_OK) return st;
+        } else {
+            fic_parallel_for(pool, n_total, chunk, phase1_tiles, &f);
+        }
         if (!layout->down_rows) {
             for (size_t e = 0; e < ne; e++) {
                 init_job(&f.jd[e], impl, f.down_fmt, NULL, scratch + t * off[e], NULL, t, 1, n_neurons[e]);
@@ -629,7 +648,13 @@ static int ffn_run(fic_pool *pool, int impl, const fic_expert_layout *layout, co
             }
             int64_t c2 = (f.d + 4 * n_threads - 1) / (4 * n_threads);
             c2 = (c2 + f.tile2_rows - 1) / f.tile2_rows * f.tile2_rows;
-            fic_parallel_for(pool, f.d, c2, down_cols_tiles, &f);
+            if (fic_qdot_fmt_ok(f.down_fmt)) { /* int8 activations */
+                const qdot_ffn qa = qdot_args(&f, n_max);
+                int st = fic_qdot_ffn_down_cols(pool, &qa, rest, rest_bytes);
+                if (st != FIC_OK) return st;
+            } else {
+                fic_parallel_for(pool, f.d, c2, down_cols_tiles, &f);
+            }
         }
     }
     if (layout->down_rows) {

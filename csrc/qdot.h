@@ -78,4 +78,26 @@ void fic_qdot_dot_neon(const qw_row *rows, int64_t nr, const uint8_t *xq, int64_
 int fic_qdot_matmul(fic_pool *pool, int impl, int fmt, const uint8_t *w, const float *x, float *y, int64_t t,
                     int64_t m, int64_t k, void *ws, int64_t ws_bytes);
 
+
+/* ---- the expert FFN's prefill phases (ffn.c's t > 1 path, qdot_ffn.c) ----
+ * The arguments ffn.c has already checked and laid out (see ffn.c for their meaning). */
+typedef struct {
+    int impl, gate_fmt, up_fmt, down_fmt;
+    int64_t d, t, n_experts, n_total, n_max;
+    const uint8_t *const *bundles;
+    const int32_t *n;
+    const int64_t *off;   /* off[e] = n_0 + ... + n_{e-1} */
+    const uint8_t *skip;  /* coef is 0 for every token */
+    const int64_t *rb_d;  /* down row bytes per expert (columns) */
+    int64_t rb_g, rb_u;
+    const float *coef, *x;
+    float *y, *h;
+} qdot_ffn;
+
+/* Phase 1, h_e[i][n] = coef silu(gate_e[n] . x_i) (up_e[n] . x_i) (gate and up formats must pass
+ * fic_qdot_fmt_ok), and phase 2 with the down parts as columns, y[i] += sum_e down_e h_e[i]
+ * (down format likewise). ws: the FFN's per-call workspace after its tables. */
+int fic_qdot_ffn_phase1(fic_pool *pool, const qdot_ffn *a, uint8_t *ws, int64_t ws_bytes);
+int fic_qdot_ffn_down_cols(fic_pool *pool, const qdot_ffn *a, uint8_t *ws, int64_t ws_bytes);
+
 #endif /* FIC_QDOT_H */

@@ -13,8 +13,9 @@ Tolerances, per output, derived from the float32 bound of tests/test_kernels.py
 - y: sum_n |Wd| |dh| (propagated) + the float32 bound of summing all n_total products and the
   experts' partial sums onto y0: FLOAT_SLACK (n_total + E + 1) eps (|y0| + sum |Wd h|); plus,
   where phase 2 quantizes h_e to int8 (columns layout, t = 1: Q1_0 on AVX2/AVX-512, Q4_0/Q4_1
-  on AVX-512 VNNI for experts of 64+ neurons), sum |Wd| * half a q8 step of h_e, the step taken
-  from |h| + Bh (the computed h's block maximum is within Bh of the exact one).
+  on AVX-512 VNNI for experts of 64+ neurons; t > 1: every quantized format, csrc/qdot.h), sum |Wd| *
+  half a q8 step of h_e, the step taken from |h| + Bh (the computed h's block maximum is within Bh
+  of the exact one). Gate and up take the q8 term of x likewise for t > 1 in quantized formats.
 - fast vs reference: each is within its own bound of the float64 value, so they are within the
   sum of the two bounds of each other.
 """
@@ -33,7 +34,7 @@ from flashinfer_cli import kernels as K
 from flashinfer_cli._fic import ffi, lib
 
 from _kquant import quantize_any
-from test_kernels import EPS32, FLOAT_SLACK, QDOT_SOURCES, assert_within, int8_activation_path
+from test_kernels import EPS32, FLOAT_SLACK, QDOT_FORMATS, QDOT_SOURCES, assert_within, int8_activation_path
 
 FORMATS = list(K.FORMATS)
 IMPLS = K.available_impls()
@@ -167,9 +168,9 @@ def ffn_reference(fmts, layout, ns, parts, x, y0, coef, impl):
         g, u = x @ wg.T, x @ wu.T
         bg = FLOAT_SLACK * d * EPS32 * (ax @ np.abs(wg).T)
         bu = FLOAT_SLACK * d * EPS32 * (ax @ np.abs(wu).T)
-        if t1 and int8_activation_path(fmts[0], impl):
+        if (t1 and int8_activation_path(fmts[0], impl)) or (not t1 and fmts[0] in QDOT_FORMATS):
             bg += q8_half_step_blocks(ax) @ np.abs(wg).T
-        if t1 and int8_activation_path(fmts[1], impl):
+        if (t1 and int8_activation_path(fmts[1], impl)) or (not t1 and fmts[1] in QDOT_FORMATS):
             bu += q8_half_step_blocks(ax) @ np.abs(wu).T
         s = silu(g)
         h = c[:, None] * s * u
@@ -180,8 +181,8 @@ def ffn_reference(fmts, layout, ns, parts, x, y0, coef, impl):
         mag += np.abs(h) @ np.abs(wd).T
         prop += bh @ np.abs(wd).T
         n = ns[e]
-        if (t1 and layout == "columns" and int8_activation_path(fmts[2], impl)
-                and (fmts[2] == "q1_0" or n >= 64)):
+        if layout == "columns" and ((t1 and int8_activation_path(fmts[2], impl) and (fmts[2] == "q1_0" or n >= 64))
+                                    or (not t1 and fmts[2] in QDOT_FORMATS)):
             prop += q8_half_step_blocks(np.abs(h) + bh) @ np.abs(wd).T
     bound = prop + FLOAT_SLACK * (n_total + len(ns) + 1) * EPS32 * mag + 1e-30
     return want, bound, np.concatenate(hs), np.concatenate(hbs) + 1e-30

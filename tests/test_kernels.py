@@ -35,7 +35,7 @@ EPS32 = 2.0 ** -24
 FLOAT_SLACK = 2.0
 REPO = Path(__file__).resolve().parents[1]
 # The int8-activation prefill path's C files (csrc/qdot.h), linked wherever matvec.c is.
-QDOT_SOURCES = ("qdot.c", "qdot_scalar.c", "qdot_avx2.c", "qdot_neon.c")
+QDOT_SOURCES = ("qdot.c", "qdot_ffn.c", "qdot_scalar.c", "qdot_avx2.c", "qdot_neon.c")
 
 
 def _cpu_flags() -> set[str]:
