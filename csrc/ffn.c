@@ -550,6 +550,8 @@ static int ffn_run(fic_pool *pool, int impl, const fic_expert_layout *layout, co
                    float *y, int64_t t, float *scratch, uint8_t *ws, int64_t ws_bytes) {
     ffn_t f;
     memset(&f, 0, sizeof f);
+    const int exact = impl & FIC_IMPL_EXACT;
+    impl &= ~FIC_IMPL_EXACT;
     f.impl = impl;
     f.d = layout->d_model;
     f.t = t;
@@ -634,7 +636,7 @@ static int ffn_run(fic_pool *pool, int impl, const fic_expert_layout *layout, co
         f.tiles = (float *)rest;
         int64_t chunk = (n_total + 4 * n_threads - 1) / (4 * n_threads);
         chunk = (chunk + f.tile1_rows - 1) / f.tile1_rows * f.tile1_rows;
-        if (fic_qdot_fmt_ok(f.gate_fmt) && fic_qdot_fmt_ok(f.up_fmt)) { /* int8 activations */
+        if (!exact && fic_qdot_fmt_ok(f.gate_fmt) && fic_qdot_fmt_ok(f.up_fmt)) { /* int8 activations */
             const qdot_ffn qa = qdot_args(&f, n_max);
             int st = fic_qdot_ffn_phase1(pool, &qa, rest, rest_bytes);
             if (st != FIC_OK) return st;
@@ -648,7 +650,7 @@ static int ffn_run(fic_pool *pool, int impl, const fic_expert_layout *layout, co
             }
             int64_t c2 = (f.d + 4 * n_threads - 1) / (4 * n_threads);
             c2 = (c2 + f.tile2_rows - 1) / f.tile2_rows * f.tile2_rows;
-            if (fic_qdot_fmt_ok(f.down_fmt)) { /* int8 activations */
+            if (!exact && fic_qdot_fmt_ok(f.down_fmt)) { /* int8 activations */
                 const qdot_ffn qa = qdot_args(&f, n_max);
                 int st = fic_qdot_ffn_down_cols(pool, &qa, rest, rest_bytes);
                 if (st != FIC_OK) return st;
@@ -676,6 +678,8 @@ int fic_experts_ffn(fic_pool *pool, int impl, const fic_expert_layout *layout, c
                     const int32_t *n_neurons, int64_t n_experts, const float *coef, const float *x, float *y,
                     int64_t t, float *scratch, int64_t scratch_floats, void *ws, int64_t ws_bytes) {
     int64_t n_total = 0;
+    const int exact = impl & FIC_IMPL_EXACT; /* passed on to ffn_run */
+    impl &= ~FIC_IMPL_EXACT;
     int st = check_args(pool, &impl, layout, n_neurons, n_experts, x, y, t, scratch, scratch_floats, ws, ws_bytes,
                         &n_total);
     if (st != FIC_OK) return st;
@@ -684,7 +688,7 @@ int fic_experts_ffn(fic_pool *pool, int impl, const fic_expert_layout *layout, c
     for (int64_t e = 0; e < n_experts; e++)
         if (bundles[e] == NULL) return FIC_ERR_ARG;
     const int64_t skip = ws_ffn_ptrs(n_experts); /* unused here: the same workspace serves _slots */
-    return ffn_run(pool, impl, layout, bundles, n_neurons, n_experts, n_total, coef, x, y, t, scratch,
+    return ffn_run(pool, impl | exact, layout, bundles, n_neurons, n_experts, n_total, coef, x, y, t, scratch,
                    (uint8_t *)ws + skip, ws_bytes - skip);
 }
 
@@ -693,6 +697,8 @@ int fic_experts_ffn_slots(fic_pool *pool, int impl, const fic_expert_layout *lay
                           const float *coef, const float *x, float *y, int64_t t, float *scratch,
                           int64_t scratch_floats, void *ws, int64_t ws_bytes) {
     int64_t n_total = 0;
+    const int exact = impl & FIC_IMPL_EXACT; /* passed on to ffn_run */
+    impl &= ~FIC_IMPL_EXACT;
     int st = check_args(pool, &impl, layout, n_neurons, n_experts, x, y, t, scratch, scratch_floats, ws, ws_bytes,
                         &n_total);
     if (st != FIC_OK) return st;
@@ -704,6 +710,6 @@ int fic_experts_ffn_slots(fic_pool *pool, int impl, const fic_expert_layout *lay
         bundles[e] = arena + (int64_t)slots[e] * slot_bytes;
     }
     const int64_t skip = ws_ffn_ptrs(n_experts);
-    return ffn_run(pool, impl, layout, bundles, n_neurons, n_experts, n_total, coef, x, y, t, scratch,
+    return ffn_run(pool, impl | exact, layout, bundles, n_neurons, n_experts, n_total, coef, x, y, t, scratch,
                    (uint8_t *)ws + skip, ws_bytes - skip);
 }

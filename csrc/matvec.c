@@ -108,12 +108,12 @@ static void matmul_range(void *ctx, int64_t r0, int64_t r1, int tid) {
 int fic_matmul(fic_pool *pool, int impl, int fmt, const uint8_t *w, const float *x, float *y, int64_t t,
                int64_t m, int64_t k, void *ws, int64_t ws_bytes) {
     job_t j;
-    const int n_threads = fic_pool_threads(pool);
-    int st = setup_job(&j, pool, impl, fmt, w, x, y, t, m, k);
+    const int n_threads = fic_pool_threads(pool), exact = impl & FIC_IMPL_EXACT;
+    int st = setup_job(&j, pool, impl & ~FIC_IMPL_EXACT, fmt, w, x, y, t, m, k);
     if (st == FIC_OK) st = ws_check(ws, ws_bytes, ws_matmul(n_threads, k));
     if (st != FIC_OK) return st;
     /* Prefill of a quantized format: int8 activations and integer dot products (qdot.h) */
-    if (t > 1 && fic_qdot_fmt_ok(fmt)) return fic_qdot_matmul(pool, j.impl, fmt, w, x, y, t, m, k, ws, ws_bytes);
+    if (t > 1 && !exact && fic_qdot_fmt_ok(fmt)) return fic_qdot_matmul(pool, j.impl, fmt, w, x, y, t, m, k, ws, ws_bytes);
     /* Rows dequantized per tile (clamp_tile), so the tile stays in L2 while every token's row
      * of x streams past it; one tile per thread in the workspace. */
     const int64_t tile = clamp_tile(k);

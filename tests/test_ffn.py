@@ -150,6 +150,12 @@ def ffn_want_and_bound(fmts, layout, ns, parts, x, y0, coef, impl):
     return want, bound
 
 
+def int8_prefill(fmt: str) -> bool:
+    """t > 1 products in fmt quantize their activations to int8 (csrc/qdot.h) unless the process
+    asked for exact prefill (kernels.set_prefill)."""
+    return fmt in QDOT_FORMATS and K.get_prefill() == "int8"
+
+
 def ffn_reference(fmts, layout, ns, parts, x, y0, coef, impl):
     """ffn_want_and_bound, and h (t x n_e per expert, token-major, flattened as the kernel's
     scratch holds it) with its bound."""
@@ -168,9 +174,9 @@ def ffn_reference(fmts, layout, ns, parts, x, y0, coef, impl):
         g, u = x @ wg.T, x @ wu.T
         bg = FLOAT_SLACK * d * EPS32 * (ax @ np.abs(wg).T)
         bu = FLOAT_SLACK * d * EPS32 * (ax @ np.abs(wu).T)
-        if (t1 and int8_activation_path(fmts[0], impl)) or (not t1 and fmts[0] in QDOT_FORMATS):
+        if (t1 and int8_activation_path(fmts[0], impl)) or (not t1 and int8_prefill(fmts[0])):
             bg += q8_half_step_blocks(ax) @ np.abs(wg).T
-        if (t1 and int8_activation_path(fmts[1], impl)) or (not t1 and fmts[1] in QDOT_FORMATS):
+        if (t1 and int8_activation_path(fmts[1], impl)) or (not t1 and int8_prefill(fmts[1])):
             bu += q8_half_step_blocks(ax) @ np.abs(wu).T
         s = silu(g)
         h = c[:, None] * s * u
@@ -182,10 +188,23 @@ def ffn_reference(fmts, layout, ns, parts, x, y0, coef, impl):
         prop += bh @ np.abs(wd).T
         n = ns[e]
         if layout == "columns" and ((t1 and int8_activation_path(fmts[2], impl) and (fmts[2] == "q1_0" or n >= 64))
-                                    or (not t1 and fmts[2] in QDOT_FORMATS)):
+                                    or (not t1 and int8_prefill(fmts[2]))):
             prop += q8_half_step_blocks(np.abs(h) + bh) @ np.abs(wd).T
     bound = prop + FLOAT_SLACK * (n_total + len(ns) + 1) * EPS32 * mag + 1e-30
     return want, bound, np.concatenate(hs), np.concatenate(hbs) + 1e-30
+
+
+@pytest.mark.parametrize("layout", ["columns", "rows"])
+@pytest.mark.parametrize("fmt", ["q4_0", "q1_0", "q4_k", "q6_k"])
+def test_ffn_exact_prefill_mode(fmt, layout):
+    """kernels.set_prefill("exact"): t > 1 in float, within the float bounds alone (no q8 terms)."""
+    case = Case([fmt] * 3, layout, sizes(fmt, layout, 3, seed=2), 5, seed=stable_seed(fmt, layout), coef=None)
+    K.set_prefill("exact")
+    try:
+        want, bound = case.want_and_bound("auto")
+        assert_within(case.run("auto"), want, bound)
+    finally:
+        K.set_prefill("int8")
 
 
 def sizes(fmt_down, layout, count, seed=0):

@@ -216,6 +216,41 @@ def test_matmul_many_tokens_and_rows(fmt, impl):
     assert_within(K.matmul(qt, x, impl=impl), x.astype(np.float64) @ wd.T, matmul_bound(fmt, wd, x))
 
 
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("fmt", QDOT_FORMATS)
+@pytest.mark.parametrize("t", [2, 5, 37])
+def test_int8_prefill_fast_matches_scalar_reference(fmt, impl, t, threads):
+    """The int8 path's fast kernels against its scalar reference (qdot_scalar.c): every quantizer
+    rounds alike and the integer sums are exact, so they differ only by float summation order,
+    within two float32 bounds (far below the q8 term, ~1e-2 relative, a differing quantization
+    would show)."""
+    qt, wd, rng = make(fmt, 41, k_of(fmt, 3), seed=t)
+    x = rng.standard_normal((t, qt.shape[1]), dtype=np.float32)
+    ref = K.matmul(qt, x, impl="ref").astype(np.float64)
+    assert_within(K.matmul(qt, x, impl=impl), ref, 2 * dot_bound(wd, x))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("fmt", QDOT_FORMATS)
+def test_exact_prefill_mode_is_float(fmt, impl):
+    """kernels.set_prefill("exact") (FIC_IMPL_EXACT): matmul T > 1 dequantizes and multiplies in
+    float, within the float32 bound alone; back in "int8" mode the result moves by the q8 term."""
+    qt, wd, rng = make(fmt, 23, k_of(fmt, 2), seed=3)
+    x = rng.standard_normal((6, qt.shape[1]), dtype=np.float32)
+    want = x.astype(np.float64) @ wd.T
+    K.set_prefill("exact")
+    try:
+        exact = K.matmul(qt, x, impl=impl)
+    finally:
+        K.set_prefill("int8")
+    assert_within(exact, want, dot_bound(wd, x))
+    int8 = K.matmul(qt, x, impl=impl)
+    assert_within(int8, want, matmul_bound(fmt, wd, x))
+    assert np.abs(int8 - want).max() > np.abs(exact - want).max()  # it is a different path
+    with pytest.raises(ValueError, match="prefill mode"):
+        K.set_prefill("int4")
+
+
 # ---- accum_rows -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("impl", IMPLS)
