@@ -7,7 +7,7 @@
 Each measurement runs in its own process (two builds of fic's C core cannot share one), and
 rounds alternate the engines: fic with --before's package, fic with --after's, llama.cpp
 (llama-cpp-python). A worker prints one JSON line: prefill of n tokens (tokens/s, best of 3
-after a warm-up) and one decode step after that prefill (ms, median of 16), so the per-token cost
+after a warm-up; wall clock, or with --clock cpu the process's CPU time) and one decode step after that prefill (ms, median of 16), so the per-token cost
 of prefill and of decode come from the same process. The driver prints medians, ratios and the
 1-minute load average beside each round.
 """
@@ -60,23 +60,24 @@ def worker(args) -> dict:
 
         def step(tok):
             llm.eval([tok])
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     prefill()  # warm-up
     best = float("inf")
     for _ in range(3):
-        t0 = time.perf_counter()
+        t0 = clock()
         prefill()
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, clock() - t0)
     steps = []
     for tok in more[:16]:
-        t0 = time.perf_counter()
+        t0 = clock()
         step(tok)
-        steps.append(time.perf_counter() - t0)
+        steps.append(clock() - t0)
     return {"prefill_tps": args.n / best, "decode_ms": 1e3 * statistics.median(steps)}
 
 
 def run_worker(engine: str, root: str, args) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", engine, "--model", args.model, "--gguf",
-           args.gguf, "--n", str(args.n), "--threads", str(args.threads)]
+           args.gguf, "--n", str(args.n), "--threads", str(args.threads), "--clock", args.clock]
     env = {**os.environ, "PYTHONPATH": root}
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     res = json.loads(out.stdout.strip().splitlines()[-1])
@@ -113,6 +114,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: the process's CPU time (with --threads 1, robust to a busy shared machine)")
     args = ap.parse_args()
     if args.make_q1:
         make_q1(args.make_q1)
@@ -131,7 +134,8 @@ def main() -> None:
                   f"{res['decode_ms']:6.2f} ms  load {res['load1']:.2f}", flush=True)
     med = {name: {k: statistics.median(x[k] for x in v) for k in ("prefill_tps", "decode_ms")}
            for name, v in runs.items()}
-    print(f"\nmodel {args.model}, {args.n}-token prefill, {args.threads} threads, medians of {args.rounds} rounds")
+    print(f"\nmodel {args.model}, {args.n}-token prefill, {args.threads} threads, {args.clock} clock, "
+          f"medians of {args.rounds} rounds")
     for name, m in med.items():
         per_tok_ms = 1e3 / m["prefill_tps"]
         print(f"| {name} | {m['prefill_tps']:.1f} tok/s | decode step {m['decode_ms']:.2f} ms | "

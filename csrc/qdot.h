@@ -57,6 +57,11 @@ int fic_qdot_fmt_ok(int fmt);
 const qdot_kernels *fic_qdot_kernels(int impl);
 /* Unpack row `src` of k weights in fmt into buf (QW_ROW_BYTES(k), 32-byte aligned). */
 void fic_qdot_unpack(int fmt, const uint8_t *src, int64_t k, uint8_t *buf, qw_row *out);
+/* Rows cut into pieces (an FFN's down columns, expert after expert): piece [off, off + k) of an
+ * unpacked row of k_total weights in buf (off, k multiples of 32; src NULL: zeros, not read),
+ * and the row's pointers once every piece is there. */
+void fic_qdot_unpack_piece(int fmt, const uint8_t *src, int64_t k, uint8_t *buf, int64_t k_total, int64_t off);
+void fic_qdot_row(int fmt, uint8_t *buf, int64_t k, qw_row *out);
 
 void fic_qdot_quantize_ref(const float *x, int64_t k, uint8_t *dst);
 void fic_qdot_dot_ref(const qw_row *rows, int64_t nr, const uint8_t *xq, int64_t qrow, int64_t nt, float *y,

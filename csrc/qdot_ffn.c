@@ -3,10 +3,11 @@
  *            thread unpacks QW_ROWS gate rows, multiplies them with every token of the chunk
  *            straight into h, then the same up rows into its buffer, and forms
  *            h = coef silu(g) u (exactly 0 where coef is 0).
- *   phase 2 (down parts as columns, d_model x n_e): each expert's h_e quantized once per token
- *            chunk; threads split the d_model output rows; QW_ROWS rows of one expert at a time
- *            are unpacked and their products added onto y, expert after expert (the order of
- *            ffn.c's float path, whatever the thread count).
+ *   phase 2 (down parts as columns, d_model x n_e): the experts' h_e[i] side by side quantized
+ *            once per token chunk as one row of n_total; threads split the d_model output rows;
+ *            each output row's pieces (one per expert, zeros for skipped experts, not read) are
+ *            unpacked into one row and multiplied with every token (results do not depend on the
+ *            thread count).
  * Tokens go in chunks that fit the workspace beside each thread's unpacked rows and buffer;
  * nothing is allocated. */
 #include <math.h>
@@ -23,7 +24,7 @@ typedef struct {
     int64_t ub;                /* bytes of one unpacked row */
     uint8_t *per_thread;       /* per thread: QW_ROWS unpacked rows, then (phase 1) the up buffer */
     int64_t thread_bytes;
-    uint8_t *xq;               /* phase 1: nt x QX_ROW_BYTES(d); phase 2: expert e's nt rows at nt * 1.25 off[e] */
+    uint8_t *xq;               /* nt x QX_ROW_BYTES(d) (phase 1) or QX_ROW_BYTES(n_total) (phase 2) */
 } qffn_t;
 
 static inline float silu(float g) { return g / (1.0f + expf(-g)); }
@@ -105,18 +106,21 @@ int fic_qdot_ffn_phase1(fic_pool *pool, const qdot_ffn *a, uint8_t *ws, int64_t 
 }
 
 /* ---- phase 2, columns ------------------------------------------------------------------------ */
-
-static inline uint8_t *h_q(const qffn_t *q, int64_t e) { return q->xq + q->nt * QX_ROW_BYTES(q->a->off[e]); }
+/* All experts' down rows side by side are one row of n_total weights, and all h_e[i] side by side
+ * one activation row (expert sizes are multiples of 32 here, so the q8 blocks do not straddle
+ * experts): one unpacked row and one dot product of length n_total per output row and token. */
 
 static void p2_quantize(void *ctx, int64_t i0, int64_t i1, int tid) {
     const qffn_t *q = ctx;
     const qdot_ffn *a = q->a;
-    (void)tid;
-    for (int64_t e = 0; e < a->n_experts; e++) {
-        if (a->skip[e]) continue;
-        const int64_t n = a->n[e];
-        const float *h = a->h + a->t * a->off[e] + q->i0 * n;
-        for (int64_t i = i0; i < i1; i++) q->kern->quantize(h + i * n, n, h_q(q, e) + i * QX_ROW_BYTES(n));
+    const int64_t n_total = a->n_total;
+    float *row = (float *)(q->per_thread + tid * q->thread_bytes + QW_ROWS * q->ub); /* n_total floats */
+    for (int64_t i = i0; i < i1; i++) {
+        for (int64_t e = 0; e < a->n_experts; e++) {
+            const int64_t n = a->n[e];
+            memcpy(row + a->off[e], a->h + a->t * a->off[e] + (q->i0 + i) * n, (size_t)n * sizeof *row);
+        }
+        q->kern->quantize(row, n_total, q->xq + i * QX_ROW_BYTES(n_total));
     }
 }
 
@@ -124,25 +128,26 @@ static void p2_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
     const qffn_t *q = ctx;
     const qdot_ffn *a = q->a;
     uint8_t *buf = q->per_thread + tid * q->thread_bytes;
-    float *y = a->y + q->i0 * a->d;
+    const int64_t n_total = a->n_total;
     qw_row rows[QW_ROWS];
     for (int64_t r = r0; r < r1; r += QW_ROWS) {
         const int64_t nr = r1 - r < QW_ROWS ? r1 - r : QW_ROWS;
-        for (int64_t e = 0; e < a->n_experts; e++) {
-            if (a->skip[e]) continue;
-            const int64_t n = a->n[e];
-            const uint8_t *down = a->bundles[e] + n * (a->rb_g + a->rb_u);
-            for (int64_t l = 0; l < nr; l++)
-                fic_qdot_unpack(a->down_fmt, down + (r + l) * a->rb_d[e], n, buf + l * q->ub, &rows[l]);
-            q->kern->dot(rows, nr, h_q(q, e), QX_ROW_BYTES(n), q->nt, y + r, a->d, 1);
+        for (int64_t l = 0; l < nr; l++) {
+            for (int64_t e = 0; e < a->n_experts; e++) {
+                const int64_t n = a->n[e];
+                const uint8_t *down = a->skip[e] ? NULL : a->bundles[e] + n * (a->rb_g + a->rb_u) + (r + l) * a->rb_d[e];
+                fic_qdot_unpack_piece(a->down_fmt, down, n, buf + l * q->ub, n_total, a->off[e]);
+            }
+            fic_qdot_row(a->down_fmt, buf + l * q->ub, n_total, &rows[l]);
         }
+        q->kern->dot(rows, nr, q->xq, QX_ROW_BYTES(n_total), q->nt, a->y + q->i0 * a->d + r, a->d, 1);
     }
 }
 
 int fic_qdot_ffn_down_cols(fic_pool *pool, const qdot_ffn *a, uint8_t *ws, int64_t ws_bytes) {
     const int64_t n_threads = fic_pool_threads(pool);
-    qffn_t q = {.a = a, .kern = fic_qdot_kernels(a->impl), .ub = unpack_bytes(a->n_max)};
-    q.thread_bytes = QW_ROWS * q.ub;
+    qffn_t q = {.a = a, .kern = fic_qdot_kernels(a->impl), .ub = unpack_bytes(a->n_total)};
+    q.thread_bytes = (QW_ROWS * q.ub + 4 * a->n_total + 63) / 64 * 64;
     const int64_t tc = chunk_tokens(ws_bytes, n_threads, q.thread_bytes, QX_ROW_BYTES(a->n_total), 0);
     if (tc < 1) return FIC_ERR_WORKSPACE;
     q.per_thread = ws;

@@ -136,21 +136,41 @@ static void unpack_block(int fmt, const uint8_t *src, int8_t *w, float *fw, floa
     }
 }
 
-void fic_qdot_unpack(int fmt, const uint8_t *src, int64_t k, uint8_t *buf, qw_row *out) {
-    const int64_t bw = fic_fmt_block_weights(fmt), bb = fic_fmt_block_bytes(fmt), per = bw / QX_BLOCK;
+/* The pointers of an unpacked row of k weights in buf (QW_ROW_BYTES(k)). */
+static qw_row row_at(int fmt, uint8_t *buf, int64_t k) {
     const int64_t nb = k / QX_BLOCK;
-    int8_t *w = (int8_t *)buf;
-    float *fw = (float *)(buf + (k + 31) / 32 * 32);
-    float *cw = fw + nb;
-    int8_t *isc = (int8_t *)(cw + nb);
+    qw_row r;
+    r.w = (const int8_t *)buf;
+    r.fw = (const float *)(buf + (k + 31) / 32 * 32);
+    r.cw = r.fw + nb;
+    r.isc = fmt == FIC_Q6_K ? (const int8_t *)(r.cw + nb) : NULL;
+    r.k = k;
+    r.is_signed = fmt == FIC_Q8_0 || fmt == FIC_Q6_K;
+    return r;
+}
+
+void fic_qdot_unpack_piece(int fmt, const uint8_t *src, int64_t k, uint8_t *buf, int64_t k_total, int64_t off) {
+    const int64_t bw = fic_fmt_block_weights(fmt), bb = fic_fmt_block_bytes(fmt), per = bw / QX_BLOCK;
+    const qw_row r = row_at(fmt, buf, k_total);
+    int8_t *w = (int8_t *)r.w + off;
+    float *fw = (float *)r.fw + off / QX_BLOCK, *cw = (float *)r.cw + off / QX_BLOCK;
+    int8_t *isc = (int8_t *)(r.fw + 2 * (k_total / QX_BLOCK)) + 2 * (off / QX_BLOCK);
+    if (src == NULL) { /* a piece of zeros: contributes exactly 0, its weights are not read */
+        memset(w, 0, (size_t)k);
+        memset(fw, 0, (size_t)(k / QX_BLOCK) * sizeof *fw);
+        memset(cw, 0, (size_t)(k / QX_BLOCK) * sizeof *cw);
+        memset(isc, 0, (size_t)(2 * (k / QX_BLOCK)));
+        return;
+    }
     for (int64_t b = 0; b < k / bw; b++)
         unpack_block(fmt, src + b * bb, w + b * bw, fw + per * b, cw + per * b, isc + 2 * per * b);
-    out->w = w;
-    out->fw = fw;
-    out->cw = cw;
-    out->isc = fmt == FIC_Q6_K ? isc : NULL;
-    out->k = k;
-    out->is_signed = fmt == FIC_Q8_0 || fmt == FIC_Q6_K;
+}
+
+void fic_qdot_row(int fmt, uint8_t *buf, int64_t k, qw_row *out) { *out = row_at(fmt, buf, k); }
+
+void fic_qdot_unpack(int fmt, const uint8_t *src, int64_t k, uint8_t *buf, qw_row *out) {
+    fic_qdot_unpack_piece(fmt, src, k, buf, k, 0);
+    *out = row_at(fmt, buf, k);
 }
 
 /* ---- the reference -------------------------------------------------------------------------- */
