@@ -66,46 +66,73 @@ TGT static inline float corr_dot(const float *cw, const float *sv, int64_t nb) {
 
 #define SB 64 /* blocks per pass: the pass's per-token scales fw_b d_b sit on the stack */
 
-/* One row times n (1..4) tokens: per 32-block one maddubs + madd + convert + FMA per token, the
- * weight loads and the sign/scale set-up shared by the n tokens; the scales fw_b d_b are
- * multiplied 8 blocks at a time beforehand so the inner loop only broadcasts them. */
-TGT static inline __attribute__((always_inline)) void dotn(const qw_row *row, const uint8_t *const *xs,
-                                                           float *out, const int n, const int is_signed,
-                                                           const int has_isc) {
+/* fw_b d_b for the blocks [b0, b0 + np) of one token, 8 at a time */
+TGT static inline void block_scales(const float *fw, const float *dv, int64_t b0, int64_t np, float *sc) {
+    int64_t b = 0;
+    for (; b + 8 <= np; b += 8)
+        _mm256_store_ps(sc + b, _mm256_mul_ps(_mm256_loadu_ps(fw + b0 + b), _mm256_loadu_ps(dv + b0 + b)));
+    for (; b < np; b++) sc[b] = fw[b0 + b] * dv[b0 + b];
+}
+
+/* int32 lanes of w . x per 4 bytes: maddubs (u8 x s8 -> s16 pairs), then madd with m16 (ones, or
+ * Q6_K's two sub-block scales); signed weights take the sign trick */
+#define QMUL(xv) _mm256_madd_epi16(is_signed ? _mm256_maddubs_epi16(wa, _mm256_sign_epi8(xv, wv)) \
+                                             : _mm256_maddubs_epi16(wv, xv), m16)
+#define XLOAD(l) _mm256_loadu_si256((const __m256i *)(xs[l] + o))
+#define ACC(acc, l) acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(QMUL(XLOAD(l))), _mm256_broadcast_ss(sc[l] + b), acc)
+#define BLOCK_SETUP                                                                                     \
+    const int64_t o = (b0 + b) * QX_BLOCK;                                                              \
+    const __m256i wv = _mm256_loadu_si256((const __m256i *)(row->w + o));                             \
+    const __m256i wa = is_signed ? _mm256_sign_epi8(wv, wv) : wv;                                       \
+    const __m256i m16 = has_isc ? _mm256_set_m128i(_mm_set1_epi16(row->isc[2 * (b0 + b) + 1]),        \
+                                                   _mm_set1_epi16(row->isc[2 * (b0 + b)]))              \
+                                : ones;
+
+/* One row times 4 tokens: per 32-block one maddubs + madd + convert + FMA per token, the weight
+ * load and the sign/scale set-up shared by the 4 tokens; the scales fw_b d_b are multiplied
+ * 8 blocks at a time beforehand so the inner loop only broadcasts them. Four named accumulators
+ * (an array of them was kept on the stack by the compiler: a store-forwarding chain per FMA). */
+TGT static inline __attribute__((always_inline)) void dot4(const qw_row *row, const uint8_t *const *xs, float *out,
+                                                           const int is_signed, const int has_isc) {
     const int64_t k = row->k, nb = k / QX_BLOCK;
     const __m256i ones = _mm256_set1_epi16(1);
-    const float *dv[4];
-    __m256 acc[4];
-    for (int l = 0; l < n; l++) {
-        dv[l] = (const float *)(xs[l] + k);
-        acc[l] = _mm256_setzero_ps();
-    }
+    const float *dv[4] = {(const float *)(xs[0] + k), (const float *)(xs[1] + k), (const float *)(xs[2] + k),
+                          (const float *)(xs[3] + k)};
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     float sc[4][SB] __attribute__((aligned(32)));
     for (int64_t b0 = 0; b0 < nb; b0 += SB) {
         const int64_t np = nb - b0 < SB ? nb - b0 : SB;
-        for (int l = 0; l < n; l++) {
-            int64_t b = 0;
-            for (; b + 8 <= np; b += 8)
-                _mm256_store_ps(sc[l] + b, _mm256_mul_ps(_mm256_loadu_ps(row->fw + b0 + b), _mm256_loadu_ps(dv[l] + b0 + b)));
-            for (; b < np; b++) sc[l][b] = row->fw[b0 + b] * dv[l][b0 + b];
-        }
+        for (int l = 0; l < 4; l++) block_scales(row->fw, dv[l], b0, np, sc[l]);
         for (int64_t b = 0; b < np; b++) {
-            const int64_t o = (b0 + b) * QX_BLOCK;
-            const __m256i wv = _mm256_loadu_si256((const __m256i *)(row->w + o));
-            const __m256i wa = is_signed ? _mm256_sign_epi8(wv, wv) : wv;
-            const __m256i m16 = has_isc ? _mm256_set_m128i(_mm_set1_epi16(row->isc[2 * (b0 + b) + 1]),
-                                                           _mm_set1_epi16(row->isc[2 * (b0 + b)]))
-                                        : ones;
-            for (int l = 0; l < n; l++) {
-                const __m256i xv = _mm256_loadu_si256((const __m256i *)(xs[l] + o));
-                const __m256i p16 = is_signed ? _mm256_maddubs_epi16(wa, _mm256_sign_epi8(xv, wv))
-                                              : _mm256_maddubs_epi16(wv, xv);
-                const __m256i p = _mm256_madd_epi16(p16, m16);
-                acc[l] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(sc[l] + b), acc[l]);
-            }
+            BLOCK_SETUP
+            ACC(a0, 0);
+            ACC(a1, 1);
+            ACC(a2, 2);
+            ACC(a3, 3);
         }
     }
-    for (int l = 0; l < n; l++) out[l] = hsum(acc[l]) + corr_dot(row->cw, dv[l] + nb, nb);
+    out[0] = hsum(a0) + corr_dot(row->cw, dv[0] + nb, nb);
+    out[1] = hsum(a1) + corr_dot(row->cw, dv[1] + nb, nb);
+    out[2] = hsum(a2) + corr_dot(row->cw, dv[2] + nb, nb);
+    out[3] = hsum(a3) + corr_dot(row->cw, dv[3] + nb, nb);
+}
+
+TGT static inline __attribute__((always_inline)) void dot1(const qw_row *row, const uint8_t *const *xs, float *out,
+                                                           const int is_signed, const int has_isc) {
+    const int64_t k = row->k, nb = k / QX_BLOCK;
+    const __m256i ones = _mm256_set1_epi16(1);
+    const float *dv0 = (const float *)(xs[0] + k);
+    __m256 a0 = _mm256_setzero_ps();
+    float sc[1][SB] __attribute__((aligned(32)));
+    for (int64_t b0 = 0; b0 < nb; b0 += SB) {
+        const int64_t np = nb - b0 < SB ? nb - b0 : SB;
+        block_scales(row->fw, dv0, b0, np, sc[0]);
+        for (int64_t b = 0; b < np; b++) {
+            BLOCK_SETUP
+            ACC(a0, 0);
+        }
+    }
+    out[0] = hsum(a0) + corr_dot(row->cw, dv0 + nb, nb);
 }
 
 /* Token groups of 4 outermost: their activations stay in L1 while the nr unpacked rows pass. */
@@ -119,9 +146,9 @@ TGT static inline __attribute__((always_inline)) void dot_rows(const qw_row *row
         const uint8_t *xs[4] = {xq + i * qrow, xq + (i + 1) * qrow, xq + (i + 2) * qrow, xq + (i + 3) * qrow};
         for (int64_t r = 0; r < nr; r++) {
             if (n == 4)
-                dotn(&rows[r], xs, v, 4, is_signed, has_isc);
+                dot4(&rows[r], xs, v, is_signed, has_isc);
             else
-                dotn(&rows[r], xs, v, 1, is_signed, has_isc);
+                dot1(&rows[r], xs, v, is_signed, has_isc);
             for (int l = 0; l < n; l++) {
                 float *yo = y + (i + l) * ys + r;
                 *yo = v[l] + (accumulate ? *yo : 0.0f);
