@@ -14,7 +14,9 @@ from cffi import FFI
 CSRC_DIR = os.path.dirname(os.path.abspath(__file__))
 SOURCES = ["quant.c", "matvec.c", "pool.c", "stream.c", "ffn.c", "attention.c", "decode.c",
            # the kernels: shared code, then one file per architecture (each empty off its own)
-           "kernels.c", "kernels_scalar.c", "kernels_avx2.c", "kernels_avx512.c", "kernels_neon.c"]
+           "kernels.c", "kernels_scalar.c", "kernels_avx2.c", "kernels_avx512.c", "kernels_neon.c",
+           # int8-activation prefill (matmul, expert FFN): shared code, then one file per architecture
+           "qdot.c", "qdot_ffn.c", "qdot_scalar.c", "qdot_avx2.c", "qdot_neon.c"]
 
 
 def _cdef_from_header(path: str) -> str:

@@ -8,8 +8,10 @@
  *            back to back), so the work is balanced whatever the experts' sizes.
  *            t = 1: one row dot product per neuron and matrix, x prepared once (int8 where
  *            matvec uses int8 activations), an expert's gate rows then its up rows (one
- *            forward stream, prefetched in software); t > 1: as matmul, a tile of rows is
- *            dequantized to float once and multiplied by all t tokens.
+ *            forward stream, prefetched in software); t > 1: as matmul, quantized formats
+ *            with int8 activations and integer dot products (qdot_ffn.c, also phase 2's
+ *            columns), others a tile of rows dequantized to float once and multiplied by all
+ *            t tokens.
  *   phase 2  y[i] += sum_e down_e h_e[i]. The router weight is already inside h (down is linear).
  *            columns (down_e is d_model x n_e): threads split the d_model output rows.
  *            t = 1: h_e prepared per expert (int8 where matvec would); Q4 on VNNI and Q1_0 on
@@ -31,6 +33,7 @@
 #include <string.h>
 
 #include "kernels.h"
+#include "qdot.h"
 
 /* ffn_t, the call's state, is in kernels.h: the AVX-512 phase 2 paths (kernels_avx512.c) read it. */
 
@@ -259,6 +262,16 @@ static void down_rows_tiles(void *ctx, int64_t b0, int64_t b1, int tid) {
     }
 }
 
+/* ---- t > 1 in quantized formats: the int8-activation path (qdot.h, qdot_ffn.c) ------------ */
+
+static qdot_ffn qdot_args(const ffn_t *f, int64_t n_max) {
+    qdot_ffn a = {.impl = f->impl, .gate_fmt = f->gate_fmt, .up_fmt = f->up_fmt, .down_fmt = f->down_fmt,
+                  .d = f->d, .t = f->t, .n_experts = f->n_experts, .n_total = f->n_total, .n_max = n_max,
+                  .bundles = f->bundles, .n = f->n, .off = f->off, .skip = f->skip, .rb_d = f->rb_d,
+                  .rb_g = f->rb_g, .rb_u = f->rb_u, .coef = f->coef, .x = f->x, .y = f->y, .h = f->h};
+    return a;
+}
+
 /* ---- the entry points --------------------------------------------------------------------- */
 
 /* Validates everything but the bundles, resolves impl, fills n_total and checks the workspace. */
@@ -295,6 +308,8 @@ static int ffn_run(fic_pool *pool, int impl, const fic_expert_layout *layout, co
                    float *y, int64_t t, float *scratch, uint8_t *ws, int64_t ws_bytes) {
     ffn_t f;
     memset(&f, 0, sizeof f);
+    const int exact = impl & FIC_IMPL_EXACT;
+    impl &= ~FIC_IMPL_EXACT;
     const fic_kernels *kt = fic_kernels_for(impl); /* not NULL: check_args */
     f.impl = impl;
     f.kt = kt;
@@ -381,7 +396,13 @@ static int ffn_run(fic_pool *pool, int impl, const fic_expert_layout *layout, co
         f.tiles = (float *)rest;
         int64_t chunk = (n_total + 4 * n_threads - 1) / (4 * n_threads);
         chunk = (chunk + f.tile1_rows - 1) / f.tile1_rows * f.tile1_rows;
-        fic_parallel_for(pool, n_total, chunk, phase1_tiles, &f);
+        if (!exact && fic_qdot_fmt_ok(f.gate_fmt) && fic_qdot_fmt_ok(f.up_fmt)) { /* int8 activations */
+            const qdot_ffn qa = qdot_args(&f, n_max);
+            int st = fic_qdot_ffn_phase1(pool, &qa, rest, rest_bytes);
+            if (st != FIC_OK) return st;
+        } else {
+            fic_parallel_for(pool, n_total, chunk, phase1_tiles, &f);
+        }
         if (!layout->down_rows) {
             for (size_t e = 0; e < ne; e++) {
                 init_job(&f.jd[e], kt, f.down_fmt, NULL, scratch + t * off[e], NULL, t, 1, n_neurons[e]);
@@ -389,7 +410,13 @@ static int ffn_run(fic_pool *pool, int impl, const fic_expert_layout *layout, co
             }
             int64_t c2 = (f.d + 4 * n_threads - 1) / (4 * n_threads);
             c2 = (c2 + f.tile2_rows - 1) / f.tile2_rows * f.tile2_rows;
-            fic_parallel_for(pool, f.d, c2, down_cols_tiles, &f);
+            if (!exact && fic_qdot_fmt_ok(f.down_fmt)) { /* int8 activations */
+                const qdot_ffn qa = qdot_args(&f, n_max);
+                int st = fic_qdot_ffn_down_cols(pool, &qa, rest, rest_bytes);
+                if (st != FIC_OK) return st;
+            } else {
+                fic_parallel_for(pool, f.d, c2, down_cols_tiles, &f);
+            }
         }
     }
     if (layout->down_rows) {
@@ -411,6 +438,8 @@ int fic_experts_ffn(fic_pool *pool, int impl, const fic_expert_layout *layout, c
                     const int32_t *n_neurons, int64_t n_experts, const float *coef, const float *x, float *y,
                     int64_t t, float *scratch, int64_t scratch_floats, void *ws, int64_t ws_bytes) {
     int64_t n_total = 0;
+    const int exact = impl & FIC_IMPL_EXACT; /* passed on to ffn_run */
+    impl &= ~FIC_IMPL_EXACT;
     int st = check_args(pool, &impl, layout, n_neurons, n_experts, x, y, t, scratch, scratch_floats, ws, ws_bytes,
                         &n_total);
     if (st != FIC_OK) return st;
@@ -419,7 +448,7 @@ int fic_experts_ffn(fic_pool *pool, int impl, const fic_expert_layout *layout, c
     for (int64_t e = 0; e < n_experts; e++)
         if (bundles[e] == NULL) return FIC_ERR_ARG;
     const int64_t skip = ws_ffn_ptrs(n_experts); /* unused here: the same workspace serves _slots */
-    return ffn_run(pool, impl, layout, bundles, n_neurons, n_experts, n_total, coef, x, y, t, scratch,
+    return ffn_run(pool, impl | exact, layout, bundles, n_neurons, n_experts, n_total, coef, x, y, t, scratch,
                    (uint8_t *)ws + skip, ws_bytes - skip);
 }
 
@@ -428,6 +457,8 @@ int fic_experts_ffn_slots(fic_pool *pool, int impl, const fic_expert_layout *lay
                           const float *coef, const float *x, float *y, int64_t t, float *scratch,
                           int64_t scratch_floats, void *ws, int64_t ws_bytes) {
     int64_t n_total = 0;
+    const int exact = impl & FIC_IMPL_EXACT; /* passed on to ffn_run */
+    impl &= ~FIC_IMPL_EXACT;
     int st = check_args(pool, &impl, layout, n_neurons, n_experts, x, y, t, scratch, scratch_floats, ws, ws_bytes,
                         &n_total);
     if (st != FIC_OK) return st;
@@ -439,6 +470,6 @@ int fic_experts_ffn_slots(fic_pool *pool, int impl, const fic_expert_layout *lay
         bundles[e] = arena + (int64_t)slots[e] * slot_bytes;
     }
     const int64_t skip = ws_ffn_ptrs(n_experts);
-    return ffn_run(pool, impl, layout, bundles, n_neurons, n_experts, n_total, coef, x, y, t, scratch,
+    return ffn_run(pool, impl | exact, layout, bundles, n_neurons, n_experts, n_total, coef, x, y, t, scratch,
                    (uint8_t *)ws + skip, ws_bytes - skip);
 }

@@ -54,7 +54,11 @@ enum fic_impl {
     FIC_IMPL_REF = 1,    /* scalar reference: the spec, portable C */
     FIC_IMPL_AVX2 = 2,   /* x86-64 AVX2 + FMA + F16C */
     FIC_IMPL_AVX512 = 3, /* x86-64 AVX-512 F/BW/VL */
-    FIC_IMPL_NEON = 4    /* AArch64 NEON */
+    FIC_IMPL_NEON = 4,   /* AArch64 NEON */
+    /* A flag OR'ed into impl for fic_matmul and fic_experts_ffn(_slots): prefill (t > 1) in exact
+     * float (weights dequantized, fp32 FMA) instead of int8 activations and integer dot products
+     * (the default for quantized formats, as llama.cpp; csrc/qdot.h). */
+    FIC_IMPL_EXACT = 256
 };
 
 /* ---- formats (quant.c) ---- */

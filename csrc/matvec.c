@@ -9,8 +9,10 @@
  *            d sum q x + m sum x (and Q4_K per 32-weight sub-block, d sc and dmin m); Q1_0 sum d s x with s = +-1 from the sign bits, and on
  *            AVX-512 VNNI/BITALG/VBMI sum s xq = 2 sum_{bit set} xq - sum xq with x as 8 bit
  *            planes (popcounts, see dot_q1_planes in kernels_avx512.c).
- *   matmul   a tile of rows is dequantized to float once and multiplied by all T rows of x
- *            (register-blocked FMA kernel), threads split row tiles; exact float math.
+ *   matmul   T > 1 and a quantized format: int8 activations and integer dot products
+ *            (qdot.h, qdot*.c); otherwise a tile of rows is dequantized to float once and
+ *            multiplied by all T rows of x (register-blocked FMA kernel), threads split row
+ *            tiles; exact float math.
  *   accum    threads split the columns; rows stream past an L1-resident piece of y.
  * No kernel allocates: the prepared x and the matmul tiles live in the caller's workspace, whose
  * size fic_workspace_bytes (here) gives for a set of maxima (the formulas are in fic.h).
@@ -22,6 +24,7 @@
 #include <string.h>
 
 #include "kernels.h"
+#include "qdot.h"
 
 /* ---- the three kernels ------------------------------------------------------------------- */
 
@@ -97,10 +100,12 @@ static void matmul_range(void *ctx, int64_t r0, int64_t r1, int tid) {
 int fic_matmul(fic_pool *pool, int impl, int fmt, const uint8_t *w, const float *x, float *y, int64_t t,
                int64_t m, int64_t k, void *ws, int64_t ws_bytes) {
     job_t j;
-    const int n_threads = fic_pool_threads(pool);
-    int st = setup_job(&j, pool, impl, fmt, w, x, y, t, m, k);
+    const int n_threads = fic_pool_threads(pool), exact = impl & FIC_IMPL_EXACT;
+    int st = setup_job(&j, pool, impl & ~FIC_IMPL_EXACT, fmt, w, x, y, t, m, k);
     if (st == FIC_OK) st = ws_check(ws, ws_bytes, ws_matmul(n_threads, k));
     if (st != FIC_OK) return st;
+    /* Prefill of a quantized format: int8 activations and integer dot products (qdot.h) */
+    if (t > 1 && !exact && fic_qdot_fmt_ok(fmt)) return fic_qdot_matmul(pool, j.impl, fmt, w, x, y, t, m, k, ws, ws_bytes);
     /* Rows dequantized per tile (clamp_tile), so the tile stays in L2 while every token's row
      * of x streams past it; one tile per thread in the workspace. */
     const int64_t tile = clamp_tile(k);

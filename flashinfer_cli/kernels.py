@@ -244,6 +244,34 @@ def set_threads(n_threads: int) -> None:
     _WS.resize_threads(_POOL.n_threads)
 
 
+# ---- prefill arithmetic ------------------------------------------------------------------------
+
+PREFILL_MODES = ("int8", "exact")
+# "int8": prefill (T > 1) in quantized formats quantizes activations to 8 bits and uses integer dot
+# products (csrc/qdot.h), as llama.cpp does; "exact": dequantized weights and fp32 FMA. FIC_PREFILL
+# picks the process's default.
+_PREFILL = {"mode": os.environ.get("FIC_PREFILL", "int8") or "int8"}
+
+
+def set_prefill(mode: str) -> None:
+    """Choose the arithmetic of prefill products for this process: "int8" or "exact"."""
+    if mode not in PREFILL_MODES:
+        raise ValueError(f"unknown prefill mode {mode!r} (known: {', '.join(PREFILL_MODES)})")
+    _PREFILL["mode"] = mode
+
+
+def get_prefill() -> str:
+    return _PREFILL["mode"]
+
+
+def _prefill_impl(impl: str) -> int:
+    """impl's id with FIC_IMPL_EXACT OR'ed in when prefill is exact (matmul and the expert FFN)."""
+    mode = _PREFILL["mode"]
+    if mode not in PREFILL_MODES:
+        raise ValueError(f"FIC_PREFILL={mode!r} is not a prefill mode (known: {', '.join(PREFILL_MODES)})")
+    return _impl_id(impl) | (lib.FIC_IMPL_EXACT if mode == "exact" else 0)
+
+
 def get_threads() -> int:
     return _POOL.n_threads
 
@@ -397,7 +425,7 @@ def matmul(qt: QTensor, x: np.ndarray, *, impl: str = "auto") -> np.ndarray:
     pool = _POOL.get()
     ws, ws_bytes, held = _ws_acquire(_POOL._n_threads, 1, k, 0, 0)  # the tiles do not depend on t
     try:
-        status = lib.fic_matmul(pool, _impl_id(impl), _fmt_id(qt.fmt), _u8(qt.data), _f32(x), _f32(y), t, m, k,
+        status = lib.fic_matmul(pool, _prefill_impl(impl), _fmt_id(qt.fmt), _u8(qt.data), _f32(x), _f32(y), t, m, k,
                                 ws, ws_bytes)
     finally:
         if held:
@@ -511,7 +539,7 @@ class ExpertSet:
         pool = _POOL.get()
         ws, ws_bytes, held = _ws_acquire(_POOL._n_threads, t, self.d_model, len(self), self.n_total)
         try:
-            status = lib.fic_experts_ffn(pool, _impl_id(impl), self._layout, self._bundles, self._n, len(self),
+            status = lib.fic_experts_ffn(pool, _prefill_impl(impl), self._layout, self._bundles, self._n, len(self),
                                          coef_ptr, _f32(x), _f32(y), t, _f32(scratch), scratch.size, ws, ws_bytes)
         finally:
             if held:
@@ -641,7 +669,7 @@ def experts_ffn_slots(layout, arena: np.ndarray, slot_bytes: int, slots: np.ndar
     pool = _POOL.get()
     ws, ws_bytes, held = _ws_acquire(_POOL._n_threads, t, lay.d_model, n_experts, n_total)
     try:
-        status = lib.fic_experts_ffn_slots(pool, _impl_id(impl), lay.c, _u8(arena), slot_bytes,
+        status = lib.fic_experts_ffn_slots(pool, _prefill_impl(impl), lay.c, _u8(arena), slot_bytes,
                                            ffi.from_buffer("int32_t[]", slots), ffi.from_buffer("int32_t[]", n_neurons),
                                            n_experts, coef_ptr, _f32(x), _f32(y), t, _f32(scratch), scratch.size,
                                            ws, ws_bytes)

@@ -13,8 +13,9 @@ Tolerances, per output, derived from the float32 bound of tests/test_kernels.py
 - y: sum_n |Wd| |dh| (propagated) + the float32 bound of summing all n_total products and the
   experts' partial sums onto y0: FLOAT_SLACK (n_total + E + 1) eps (|y0| + sum |Wd h|); plus,
   where phase 2 quantizes h_e to int8 (columns layout, t = 1: Q1_0 on AVX2/AVX-512, Q4_0/Q4_1
-  on AVX-512 VNNI for experts of 64+ neurons), sum |Wd| * half a q8 step of h_e, the step taken
-  from |h| + Bh (the computed h's block maximum is within Bh of the exact one).
+  on AVX-512 VNNI for experts of 64+ neurons; t > 1: every quantized format, csrc/qdot.h), sum |Wd| *
+  half a q8 step of h_e, the step taken from |h| + Bh (the computed h's block maximum is within Bh
+  of the exact one). Gate and up take the q8 term of x likewise for t > 1 in quantized formats.
 - fast vs reference: each is within its own bound of the float64 value, so they are within the
   sum of the two bounds of each other.
 """
@@ -33,7 +34,8 @@ from flashinfer_cli import kernels as K
 from flashinfer_cli._fic import ffi, lib
 
 from _kquant import quantize_any
-from test_kernels import EPS32, FLOAT_SLACK, KERNEL_SOURCES, assert_within, int8_activation_path
+from test_kernels import (EPS32, FLOAT_SLACK, KERNEL_SOURCES, QDOT_FORMATS, QDOT_SOURCES, assert_within,
+                          int8_activation_path)
 
 FORMATS = list(K.FORMATS)
 IMPLS = K.available_impls()
@@ -149,6 +151,12 @@ def ffn_want_and_bound(fmts, layout, ns, parts, x, y0, coef, impl):
     return want, bound
 
 
+def int8_prefill(fmt: str) -> bool:
+    """t > 1 products in fmt quantize their activations to int8 (csrc/qdot.h) unless the process
+    asked for exact prefill (kernels.set_prefill)."""
+    return fmt in QDOT_FORMATS and K.get_prefill() == "int8"
+
+
 def ffn_reference(fmts, layout, ns, parts, x, y0, coef, impl):
     """ffn_want_and_bound, and h (t x n_e per expert, token-major, flattened as the kernel's
     scratch holds it) with its bound."""
@@ -167,9 +175,9 @@ def ffn_reference(fmts, layout, ns, parts, x, y0, coef, impl):
         g, u = x @ wg.T, x @ wu.T
         bg = FLOAT_SLACK * d * EPS32 * (ax @ np.abs(wg).T)
         bu = FLOAT_SLACK * d * EPS32 * (ax @ np.abs(wu).T)
-        if t1 and int8_activation_path(fmts[0], impl):
+        if (t1 and int8_activation_path(fmts[0], impl)) or (not t1 and int8_prefill(fmts[0])):
             bg += q8_half_step_blocks(ax) @ np.abs(wg).T
-        if t1 and int8_activation_path(fmts[1], impl):
+        if (t1 and int8_activation_path(fmts[1], impl)) or (not t1 and int8_prefill(fmts[1])):
             bu += q8_half_step_blocks(ax) @ np.abs(wu).T
         s = silu(g)
         h = c[:, None] * s * u
@@ -180,11 +188,24 @@ def ffn_reference(fmts, layout, ns, parts, x, y0, coef, impl):
         mag += np.abs(h) @ np.abs(wd).T
         prop += bh @ np.abs(wd).T
         n = ns[e]
-        if (t1 and layout == "columns" and int8_activation_path(fmts[2], impl)
-                and (fmts[2] == "q1_0" or n >= 64)):
+        if layout == "columns" and ((t1 and int8_activation_path(fmts[2], impl) and (fmts[2] == "q1_0" or n >= 64))
+                                    or (not t1 and int8_prefill(fmts[2]))):
             prop += q8_half_step_blocks(np.abs(h) + bh) @ np.abs(wd).T
     bound = prop + FLOAT_SLACK * (n_total + len(ns) + 1) * EPS32 * mag + 1e-30
     return want, bound, np.concatenate(hs), np.concatenate(hbs) + 1e-30
+
+
+@pytest.mark.parametrize("layout", ["columns", "rows"])
+@pytest.mark.parametrize("fmt", ["q4_0", "q1_0", "q4_k", "q6_k"])
+def test_ffn_exact_prefill_mode(fmt, layout):
+    """kernels.set_prefill("exact"): t > 1 in float, within the float bounds alone (no q8 terms)."""
+    case = Case([fmt] * 3, layout, sizes(fmt, layout, 3, seed=2), 5, seed=stable_seed(fmt, layout), coef=None)
+    K.set_prefill("exact")
+    try:
+        want, bound = case.want_and_bound("auto")
+        assert_within(case.run("auto"), want, bound)
+    finally:
+        K.set_prefill("int8")
 
 
 def sizes(fmt_down, layout, count, seed=0):
@@ -719,7 +740,7 @@ def test_neon_ffn_matches_reference_under_qemu(tmp_path):
     exe = tmp_path / "neon_ffn"
     csrc = REPO / "csrc"
     cmd = ["aarch64-linux-gnu-gcc", "-O2", "-std=gnu11", "-march=armv8-a+crc", "-pthread", "-static",
-           "-I", str(csrc), str(src), *(str(csrc / f) for f in ("quant.c", "matvec.c", "pool.c", "ffn.c", *KERNEL_SOURCES)),
+           "-I", str(csrc), str(src), *(str(csrc / f) for f in ("quant.c", "matvec.c", "pool.c", "ffn.c", *KERNEL_SOURCES, *QDOT_SOURCES)),
            "-o", str(exe), "-lm"]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr

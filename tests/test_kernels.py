@@ -36,6 +36,8 @@ FLOAT_SLACK = 2.0
 REPO = Path(__file__).resolve().parents[1]
 # The kernels' files (csrc/build_ffi.py's SOURCES): shared code and one file per architecture.
 KERNEL_SOURCES = ("kernels.c", "kernels_scalar.c", "kernels_avx2.c", "kernels_avx512.c", "kernels_neon.c")
+# The int8-activation prefill path's C files (csrc/qdot.h), linked wherever matvec.c is.
+QDOT_SOURCES = ("qdot.c", "qdot_ffn.c", "qdot_scalar.c", "qdot_avx2.c", "qdot_neon.c")
 
 
 def _cpu_flags() -> set[str]:
@@ -84,6 +86,20 @@ def matvec_bound(fmt: str, impl: str, wd: np.ndarray, x: np.ndarray, n_float: in
     bound = n_float * dot_bound(wd, x)
     if int8_activation_path(fmt, impl):
         bound = bound + np.abs(wd) @ q8_half_step(x)
+    return bound
+
+
+# Formats whose prefill (T > 1) products quantize x to int8 on every implementation (csrc/qdot.h).
+QDOT_FORMATS = ("q1_0", "q4_0", "q4_1", "q5_0", "q8_0", "q4_k", "q6_k")
+
+
+def matmul_bound(fmt: str, wd: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """matmul's tolerance: the float32 bound, plus for T > 1 in a quantized format the q8 term
+    (sum_j |w_j| * half a q8 step of x_j) of the int8-activation path. The integer sums are exact,
+    so the float part is the same gamma_K bound as elsewhere."""
+    bound = dot_bound(wd, x)
+    if x.shape[0] > 1 and fmt in QDOT_FORMATS:
+        bound = bound + np.stack([q8_half_step(r) for r in x]) @ np.abs(wd).T
     return bound
 
 
@@ -189,7 +205,7 @@ def test_matmul_matches_numpy(fmt, impl, t, m, k_units, threads):
     x = rng.standard_normal((t, qt.shape[1]), dtype=np.float32)
     y = K.matmul(qt, x, impl=impl)
     assert y.shape == (t, m)
-    assert_within(y, x.astype(np.float64) @ wd.T, dot_bound(wd, x))
+    assert_within(y, x.astype(np.float64) @ wd.T, matmul_bound(fmt, wd, x))
 
 
 @pytest.mark.parametrize("impl", FAST_IMPLS)
@@ -199,7 +215,42 @@ def test_matmul_many_tokens_and_rows(fmt, impl):
     K.set_threads(2)
     qt, wd, rng = make(fmt, 203, k_of(fmt, 4), seed=11)
     x = rng.standard_normal((37, qt.shape[1]), dtype=np.float32)
-    assert_within(K.matmul(qt, x, impl=impl), x.astype(np.float64) @ wd.T, dot_bound(wd, x))
+    assert_within(K.matmul(qt, x, impl=impl), x.astype(np.float64) @ wd.T, matmul_bound(fmt, wd, x))
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("fmt", QDOT_FORMATS)
+@pytest.mark.parametrize("t", [2, 5, 37])
+def test_int8_prefill_fast_matches_scalar_reference(fmt, impl, t, threads):
+    """The int8 path's fast kernels against its scalar reference (qdot_scalar.c): every quantizer
+    rounds alike and the integer sums are exact, so they differ only by float summation order,
+    within two float32 bounds (far below the q8 term, ~1e-2 relative, a differing quantization
+    would show)."""
+    qt, wd, rng = make(fmt, 41, k_of(fmt, 3), seed=t)
+    x = rng.standard_normal((t, qt.shape[1]), dtype=np.float32)
+    ref = K.matmul(qt, x, impl="ref").astype(np.float64)
+    assert_within(K.matmul(qt, x, impl=impl), ref, 2 * dot_bound(wd, x))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("fmt", QDOT_FORMATS)
+def test_exact_prefill_mode_is_float(fmt, impl):
+    """kernels.set_prefill("exact") (FIC_IMPL_EXACT): matmul T > 1 dequantizes and multiplies in
+    float, within the float32 bound alone; back in "int8" mode the result moves by the q8 term."""
+    qt, wd, rng = make(fmt, 23, k_of(fmt, 2), seed=3)
+    x = rng.standard_normal((6, qt.shape[1]), dtype=np.float32)
+    want = x.astype(np.float64) @ wd.T
+    K.set_prefill("exact")
+    try:
+        exact = K.matmul(qt, x, impl=impl)
+    finally:
+        K.set_prefill("int8")
+    assert_within(exact, want, dot_bound(wd, x))
+    int8 = K.matmul(qt, x, impl=impl)
+    assert_within(int8, want, matmul_bound(fmt, wd, x))
+    assert np.abs(int8 - want).max() > np.abs(exact - want).max()  # it is a different path
+    with pytest.raises(ValueError, match="prefill mode"):
+        K.set_prefill("int4")
 
 
 # ---- accum_rows -----------------------------------------------------------------------------
@@ -459,7 +510,7 @@ def test_kernels_use_only_the_documented_workspace(fmt, impl, threads):
             if name == "matvec":
                 assert_within(y, wd @ x[0], matvec_bound(fmt, impl, wd, x[0]))
             else:
-                assert_within(y.reshape(t, m), x.astype(np.float64) @ wd.T, dot_bound(wd, x))
+                assert_within(y.reshape(t, m), x.astype(np.float64) @ wd.T, matmul_bound(fmt, wd, x))
         a = rng.standard_normal(m, dtype=np.float32)
         acc = np.zeros(k, np.float32)
         assert lib.fic_accum_rows(pool, impl_id, fmt_id, K._u8(qt.data), K._f32(a), K._f32(acc), m, k,
@@ -500,12 +551,12 @@ def test_process_workspace_reserve_grow_and_threads():
         x = rng.standard_normal((8, 1024), dtype=np.float32)
         for _ in range(3):
             assert_within(K.matvec(qt, x[0]), wd @ x[0], matvec_bound("q4_1", "auto", wd, x[0]))
-            assert_within(K.matmul(qt, x), x.astype(np.float64) @ wd.T, dot_bound(wd, x))
+            assert_within(K.matmul(qt, x), x.astype(np.float64) @ wd.T, matmul_bound("q4_1", wd, x))
         assert K.workspace_grows() == grows and K.workspace_bytes() == n_bytes
         big_k = 1 << 15  # matmul tile 6k floats per thread: more than reserved
         qb, wb, rng = make("q8_0", 12, big_k, seed=6)
         xb = rng.standard_normal((3, big_k), dtype=np.float32)
-        assert_within(K.matmul(qb, xb), xb.astype(np.float64) @ wb.T, dot_bound(wb, xb))
+        assert_within(K.matmul(qb, xb), xb.astype(np.float64) @ wb.T, matmul_bound("q8_0", wb, xb))
         assert K.workspace_grows() == grows + 1
         two = K.workspace_bytes()
         assert two >= 2 * ws_round64(4 * tile_floats(big_k)) > n_bytes
@@ -514,7 +565,7 @@ def test_process_workspace_reserve_grow_and_threads():
         K.set_threads(1)
         one = K.workspace_bytes()
         assert ws_round64(4 * tile_floats(big_k)) <= one < two
-        assert_within(K.matmul(qb, xb), xb.astype(np.float64) @ wb.T, dot_bound(wb, xb))
+        assert_within(K.matmul(qb, xb), xb.astype(np.float64) @ wb.T, matmul_bound("q8_0", wb, xb))
         K.set_threads(2)
         assert K.workspace_bytes() == two and K.workspace_grows() == grows + 1
     finally:
@@ -580,7 +631,7 @@ def test_kernels_never_allocate(arch, tmp_path):
     exe = tmp_path / "noalloc"
     wrap = "-Wl,--wrap=malloc,--wrap=calloc,--wrap=realloc,--wrap=aligned_alloc,--wrap=posix_memalign"
     cmd = [cc, "-O2", "-std=gnu11", "-Wall", "-Wextra", "-Werror", *flags, "-pthread", "-I", str(csrc),
-           str(REPO / "tests" / "noalloc_harness.c"), *(str(csrc / f) for f in ("quant.c", "matvec.c", "pool.c", "ffn.c", *KERNEL_SOURCES)),
+           str(REPO / "tests" / "noalloc_harness.c"), *(str(csrc / f) for f in ("quant.c", "matvec.c", "pool.c", "ffn.c", *KERNEL_SOURCES, *QDOT_SOURCES)),
            wrap, "-o", str(exe), "-lm"]
     res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"})
     assert res.returncode == 0, res.stderr
@@ -592,7 +643,7 @@ def test_kernels_never_allocate(arch, tmp_path):
 # ---- NEON keeps compiling -------------------------------------------------------------------
 
 @pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None, reason="no aarch64 cross compiler")
-@pytest.mark.parametrize("src", ["matvec.c", "pool.c", "ffn.c", *KERNEL_SOURCES])
+@pytest.mark.parametrize("src", ["matvec.c", "pool.c", "ffn.c", *KERNEL_SOURCES, *QDOT_SOURCES])
 def test_aarch64_cross_compile(src, tmp_path):
     cmd = ["aarch64-linux-gnu-gcc", "-O2", "-std=gnu11", "-Wall", "-Wextra",
            "-Werror", "-march=armv8-a+crc", "-pthread", "-I", str(REPO / "csrc"), "-c",
@@ -687,7 +738,7 @@ def test_neon_matches_reference_under_qemu(tmp_path):
     exe = tmp_path / "neon_check"
     csrc = REPO / "csrc"
     cmd = ["aarch64-linux-gnu-gcc", "-O2", "-std=gnu11", "-march=armv8-a+crc", "-pthread", "-static",
-           "-I", str(csrc), str(src), *(str(csrc / f) for f in ("quant.c", "matvec.c", "pool.c", *KERNEL_SOURCES)),
+           "-I", str(csrc), str(src), *(str(csrc / f) for f in ("quant.c", "matvec.c", "pool.c", *KERNEL_SOURCES, *QDOT_SOURCES)),
            "-o", str(exe), "-lm"]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr

@@ -37,6 +37,18 @@ NEAR_TIE = 0.25  # a reference top-2 logit gap below this is a near-tie (decode'
 PROSE = Path(__file__).parent / "data" / "prose.txt"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def exact_prefill():
+    """The parity tests below hold fic's exact prefill (dequantized weights, fp32) to fp32 bounds;
+    the default int8 prefill (8-bit activations, as llama.cpp) has its own test,
+    test_int8_prefill_logits_perplexity_and_top1."""
+    from flashinfer_cli import kernels
+
+    kernels.set_prefill("exact")
+    yield
+    kernels.set_prefill("int8")
+
+
 @pytest.fixture(scope="module")
 def engine(smollm2_model):
     """smollm2-135m from the catalog, pulled and converted once (conftest.smollm2_model)."""
@@ -190,3 +202,31 @@ def test_greedy_top1_agrees_wherever_the_reference_is_clear(engine, reference, h
     assert bad.size == 0, f"top-1 differs at clear positions {bad.tolist()} of {len(ours)}"
     if "Germany" in question:
         assert "Berlin" in engine.tokenizer.decode(ours)
+
+
+def test_int8_prefill_logits_perplexity_and_top1(engine, reference, llama_tok):
+    """The default prefill, int8 activations (csrc/qdot.h), against transformers' fp32 logits: the
+    tolerance this file already gives llama.cpp's 8-bit activations (cosine > 0.995 per position,
+    max |diff| < 1.2), perplexity within 1%, and top-1 equal to the reference's wherever its top-2
+    gap exceeds NEAR_TIE. Measured on prose.txt (431 tokens): max |diff| 1.066, min cosine 0.99525,
+    perplexity ratio 0.99416 (0.58%: the exact path's half-percent bound is not met); llama.cpp on the
+    same GGUF: max |diff| 1.25, perplexity ratio 1.0018."""
+    from flashinfer_cli import kernels
+
+    ids = llama_tok(PROSE.read_text())
+    ref = ref_logits(reference, ids)
+    kernels.set_prefill("int8")
+    try:
+        got = engine.forward(ids)
+    finally:
+        kernels.set_prefill("exact")
+    diff = float(np.abs(got - ref).max())
+    slow_report(f"smollm2 int8 prefill vs transformers on {len(ids)} tokens: max |diff| {diff:.3f}, "
+                f"min cosine {cosines(got, ref).min():.5f}, perplexity ratio "
+                f"{perplexity(got, ids) / perplexity(ref, ids):.5f}")
+    assert cosines(got, ref).min() > 0.995
+    assert diff < 1.2
+    assert abs(perplexity(got, ids) / perplexity(ref, ids) - 1) < 0.01
+    top2 = np.sort(ref, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > NEAR_TIE
+    assert (got.argmax(1) == ref.argmax(1))[clear].all()

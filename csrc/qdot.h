@@ -1,0 +1,108 @@
+/* qdot.h - internal: prefill (t > 1) products of quantized weights and int8 activations, as
+ * llama.cpp does them: x is quantized once per call to q8 blocks of 32 and every weight block is
+ * multiplied with integer dot products (AVX2 maddubs/madd, NEON sdot, a scalar reference).
+ *
+ * Activations, per token (QX_ROW_BYTES(k) bytes, k a multiple of 32):
+ *   int8 q[k] | float d[k/32] | float s[k/32]
+ *   d = amax/127 of the block (fp32, where ggml rounds it to fp16), q = round-to-nearest-even(x/d),
+ *   s = d * sum(q). One quantizer per architecture, all bit-identical (same float ops, same rounding).
+ *   K-quants use these 32-blocks too (not q8_K's 256): their sub-blocks are 32 (Q4_K) or 16 (Q6_K)
+ *   weights with their own scale, so a 32-block activation scale costs nothing in accuracy.
+ *
+ * Weights: a row is first unpacked (portable C, once per row and call, shared by all tokens) to
+ *   int8 w[k] | float fw[k/32] | float cw[k/32] | int8 isc[2 k/32] (Q6_K only)
+ * such that weight j of 32-block b is fw[b] * isc[2b + (j >= 16)] * w[j] + cw[b] (isc 1 when
+ * absent); w is in 0..63 (unsigned formats) or -128..127 (Q8_0, Q6_K: `is_signed`). Then a row
+ * times a token is
+ *   sum_b ( fw_b d_b (isc_2b sum_{j<16} w_j q_j + isc_2b+1 sum_{j>=16} w_j q_j)  +  cw_b s_b )
+ * with exact integer inner sums. The per-architecture part is only the quantizer and that sum. */
+#ifndef FIC_QDOT_H
+#define FIC_QDOT_H
+
+#include <stdint.h>
+
+#include "fic.h"
+#include "pool.h"
+
+#define QX_BLOCK 32
+#define QX_ROW_BYTES(k) ((k) + 8 * ((k) / QX_BLOCK))
+/* an unpacked weight row: w[k] padded to 32, fw, cw, isc, and slack for alignment */
+#define QW_ROW_BYTES(k) ((((k) + 31) / 32 * 32) + 10 * ((k) / QX_BLOCK) + 64)
+/* rows unpacked at a time per thread: each token's activations are then read once for them */
+#define QW_ROWS 8
+
+typedef struct {
+    const int8_t *w;
+    const float *fw, *cw;
+    const int8_t *isc; /* NULL: every sub-block scale is 1 */
+    int64_t k;
+    int is_signed;
+} qw_row;
+
+/* Quantize one token's k floats (k a multiple of 32) to dst (QX_ROW_BYTES(k)). */
+typedef void (*qx_quantize_fn)(const float *x, int64_t k, uint8_t *dst);
+/* For rows r < nr (all of one format and k) and tokens i < nt (token i's activations at
+ * xq + i * qrow): y[i * ys + r] = row_r . x_i, plus the old value when accumulate != 0. */
+typedef void (*qw_dot_fn)(const qw_row *rows, int64_t nr, const uint8_t *xq, int64_t qrow, int64_t nt, float *y,
+                          int64_t ys, int accumulate);
+
+typedef struct {
+    qx_quantize_fn quantize;
+    qw_dot_fn dot;
+} qdot_kernels;
+
+/* 1 for the formats with an int8 path: Q1_0, Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K. */
+int fic_qdot_fmt_ok(int fmt);
+/* The kernels of a resolved implementation (REF, AVX2, AVX512 -> the AVX2 code, NEON). */
+const qdot_kernels *fic_qdot_kernels(int impl);
+/* Unpack row `src` of k weights in fmt into buf (QW_ROW_BYTES(k), 32-byte aligned). */
+void fic_qdot_unpack(int fmt, const uint8_t *src, int64_t k, uint8_t *buf, qw_row *out);
+/* Rows cut into pieces (an FFN's down columns, expert after expert): piece [off, off + k) of an
+ * unpacked row of k_total weights in buf (off, k multiples of 32; src NULL: zeros, not read),
+ * and the row's pointers once every piece is there. */
+void fic_qdot_unpack_piece(int fmt, const uint8_t *src, int64_t k, uint8_t *buf, int64_t k_total, int64_t off);
+void fic_qdot_row(int fmt, uint8_t *buf, int64_t k, qw_row *out);
+
+void fic_qdot_quantize_ref(const float *x, int64_t k, uint8_t *dst);
+void fic_qdot_dot_ref(const qw_row *rows, int64_t nr, const uint8_t *xq, int64_t qrow, int64_t nt, float *y,
+                      int64_t ys, int accumulate);
+#if defined(__x86_64__)
+void fic_qdot_quantize_avx2(const float *x, int64_t k, uint8_t *dst);
+void fic_qdot_dot_avx2(const qw_row *rows, int64_t nr, const uint8_t *xq, int64_t qrow, int64_t nt, float *y,
+                       int64_t ys, int accumulate);
+#endif
+#if defined(__aarch64__)
+void fic_qdot_quantize_neon(const float *x, int64_t k, uint8_t *dst);
+void fic_qdot_dot_neon(const qw_row *rows, int64_t nr, const uint8_t *xq, int64_t qrow, int64_t nt, float *y,
+                       int64_t ys, int accumulate);
+#endif
+
+/* y[t][m] = x[t][k] W^T through the int8 path (fmt must pass fic_qdot_fmt_ok, arguments checked
+ * by the caller). Uses only ws (ws_bytes >= qdot_matmul_ws_min(n_threads, k)): tokens are taken
+ * in chunks that fit beside one unpacked row per thread. FIC_ERR_WORKSPACE if not even one does. */
+int fic_qdot_matmul(fic_pool *pool, int impl, int fmt, const uint8_t *w, const float *x, float *y, int64_t t,
+                    int64_t m, int64_t k, void *ws, int64_t ws_bytes);
+
+
+/* ---- the expert FFN's prefill phases (ffn.c's t > 1 path, qdot_ffn.c) ----
+ * The arguments ffn.c has already checked and laid out (see ffn.c for their meaning). */
+typedef struct {
+    int impl, gate_fmt, up_fmt, down_fmt;
+    int64_t d, t, n_experts, n_total, n_max;
+    const uint8_t *const *bundles;
+    const int32_t *n;
+    const int64_t *off;   /* off[e] = n_0 + ... + n_{e-1} */
+    const uint8_t *skip;  /* coef is 0 for every token */
+    const int64_t *rb_d;  /* down row bytes per expert (columns) */
+    int64_t rb_g, rb_u;
+    const float *coef, *x;
+    float *y, *h;
+} qdot_ffn;
+
+/* Phase 1, h_e[i][n] = coef silu(gate_e[n] . x_i) (up_e[n] . x_i) (gate and up formats must pass
+ * fic_qdot_fmt_ok), and phase 2 with the down parts as columns, y[i] += sum_e down_e h_e[i]
+ * (down format likewise). ws: the FFN's per-call workspace after its tables. */
+int fic_qdot_ffn_phase1(fic_pool *pool, const qdot_ffn *a, uint8_t *ws, int64_t ws_bytes);
+int fic_qdot_ffn_down_cols(fic_pool *pool, const qdot_ffn *a, uint8_t *ws, int64_t ws_bytes);
+
+#endif /* FIC_QDOT_H */

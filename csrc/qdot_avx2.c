@@ -1,0 +1,186 @@
+/* qdot_avx2.c - the int8-activation path on x86-64 AVX2 + FMA (see qdot.h): the quantizer and
+ * the integer dot product, maddubs (u8 x s8 -> s16 pairs) then madd (-> s32), four tokens per
+ * pass so each unpacked weight block is loaded once for four tokens. Signed weights (Q8_0, Q6_K)
+ * take ggml's sign trick: |w| as the unsigned operand, x with w's sign as the signed one.
+ * Built without -mavx2: every function carries the target attribute and runs only when the
+ * CPU has AVX2 (fic_impl_available). */
+#if defined(__x86_64__)
+#include <immintrin.h>
+#include <stdint.h>
+
+#include "qdot.h"
+
+#define TGT __attribute__((target("avx2,fma,f16c")))
+
+TGT void fic_qdot_quantize_avx2(const float *x, int64_t k, uint8_t *dst) {
+    const int64_t nb = k / QX_BLOCK;
+    float *dv = (float *)(dst + k), *sv = dv + nb;
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t b = 0; b < nb; b++) {
+        const float *xb = x + b * QX_BLOCK;
+        __m256 v0 = _mm256_loadu_ps(xb), v1 = _mm256_loadu_ps(xb + 8), v2 = _mm256_loadu_ps(xb + 16),
+               v3 = _mm256_loadu_ps(xb + 24);
+        __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                                 _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_movehdup_ps(h));
+        const float amax = _mm_cvtss_f32(h);
+        const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        const __m256 vid = _mm256_set1_ps(id);
+        const int r = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+        __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v0, vid), r));
+        __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v1, vid), r));
+        __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v2, vid), r));
+        __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v3, vid), r));
+        __m256i s = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+        /* pack 32 int32 to int8 in order: packs interleave 128-bit lanes, the permute restores it */
+        __m256i p01 = _mm256_packs_epi32(i0, i1), p23 = _mm256_packs_epi32(i2, i3);
+        __m256i p = _mm256_packs_epi16(p01, p23);
+        p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)(dst + b * QX_BLOCK), p);
+        dv[b] = d;
+        sv[b] = d * (float)_mm_cvtsi128_si32(s4);
+    }
+}
+
+TGT static inline float hsum(__m256 v) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+}
+
+/* sum_b cw_b s_b of one token */
+TGT static inline float corr_dot(const float *cw, const float *sv, int64_t nb) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t b = 0;
+    for (; b + 8 <= nb; b += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(cw + b), _mm256_loadu_ps(sv + b), acc);
+    float s = hsum(acc);
+    for (; b < nb; b++) s += cw[b] * sv[b];
+    return s;
+}
+
+#define SB 64 /* blocks per pass: the pass's per-token scales fw_b d_b sit on the stack */
+
+/* fw_b d_b for the blocks [b0, b0 + np) of one token, 8 at a time */
+TGT static inline void block_scales(const float *fw, const float *dv, int64_t b0, int64_t np, float *sc) {
+    int64_t b = 0;
+    for (; b + 8 <= np; b += 8)
+        _mm256_store_ps(sc + b, _mm256_mul_ps(_mm256_loadu_ps(fw + b0 + b), _mm256_loadu_ps(dv + b0 + b)));
+    for (; b < np; b++) sc[b] = fw[b0 + b] * dv[b0 + b];
+}
+
+/* int32 lanes of w . x per 4 bytes: maddubs (u8 x s8 -> s16 pairs), then madd with m16 (ones, or
+ * Q6_K's two sub-block scales); signed weights take the sign trick */
+#define QMUL(xv) _mm256_madd_epi16(is_signed ? _mm256_maddubs_epi16(wa, _mm256_sign_epi8(xv, wv)) \
+                                             : _mm256_maddubs_epi16(wv, xv), m16)
+#define XLOAD(l) _mm256_loadu_si256((const __m256i *)(xs[l] + o))
+#define ACC(acc, l) acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(QMUL(XLOAD(l))), _mm256_broadcast_ss(sc[l] + b), acc)
+#define BLOCK_SETUP                                                                                     \
+    const int64_t o = (b0 + b) * QX_BLOCK;                                                              \
+    const __m256i wv = _mm256_loadu_si256((const __m256i *)(row->w + o));                             \
+    const __m256i wa = is_signed ? _mm256_sign_epi8(wv, wv) : wv;                                       \
+    const __m256i m16 = has_isc ? _mm256_set_m128i(_mm_set1_epi16(row->isc[2 * (b0 + b) + 1]),        \
+                                                   _mm_set1_epi16(row->isc[2 * (b0 + b)]))              \
+                                : ones;
+
+/* One row times 4 tokens: per 32-block one maddubs + madd + convert + FMA per token, the weight
+ * load and the sign/scale set-up shared by the 4 tokens; the scales fw_b d_b are multiplied
+ * 8 blocks at a time beforehand so the inner loop only broadcasts them. Four named accumulators
+ * (an array of them was kept on the stack by the compiler: a store-forwarding chain per FMA). */
+TGT static inline __attribute__((always_inline)) void dot4(const qw_row *row, const uint8_t *const *xs, float *out,
+                                                           const int is_signed, const int has_isc) {
+    const int64_t k = row->k, nb = k / QX_BLOCK;
+    const __m256i ones = _mm256_set1_epi16(1);
+    const float *dv[4] = {(const float *)(xs[0] + k), (const float *)(xs[1] + k), (const float *)(xs[2] + k),
+                          (const float *)(xs[3] + k)};
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    float sc[4][SB] __attribute__((aligned(32)));
+    for (int64_t b0 = 0; b0 < nb; b0 += SB) {
+        const int64_t np = nb - b0 < SB ? nb - b0 : SB;
+        for (int l = 0; l < 4; l++) block_scales(row->fw, dv[l], b0, np, sc[l]);
+        for (int64_t b = 0; b < np; b++) {
+            BLOCK_SETUP
+            ACC(a0, 0);
+            ACC(a1, 1);
+            ACC(a2, 2);
+            ACC(a3, 3);
+        }
+    }
+    out[0] = hsum(a0) + corr_dot(row->cw, dv[0] + nb, nb);
+    out[1] = hsum(a1) + corr_dot(row->cw, dv[1] + nb, nb);
+    out[2] = hsum(a2) + corr_dot(row->cw, dv[2] + nb, nb);
+    out[3] = hsum(a3) + corr_dot(row->cw, dv[3] + nb, nb);
+}
+
+TGT static inline __attribute__((always_inline)) void dot1(const qw_row *row, const uint8_t *const *xs, float *out,
+                                                           const int is_signed, const int has_isc) {
+    const int64_t k = row->k, nb = k / QX_BLOCK;
+    const __m256i ones = _mm256_set1_epi16(1);
+    const float *dv0 = (const float *)(xs[0] + k);
+    __m256 a0 = _mm256_setzero_ps();
+    float sc[1][SB] __attribute__((aligned(32)));
+    for (int64_t b0 = 0; b0 < nb; b0 += SB) {
+        const int64_t np = nb - b0 < SB ? nb - b0 : SB;
+        block_scales(row->fw, dv0, b0, np, sc[0]);
+        for (int64_t b = 0; b < np; b++) {
+            BLOCK_SETUP
+            ACC(a0, 0);
+        }
+    }
+    out[0] = hsum(a0) + corr_dot(row->cw, dv0 + nb, nb);
+}
+
+/* Token groups of 4 outermost: their activations stay in L1 while the nr unpacked rows pass. */
+TGT static inline __attribute__((always_inline)) void dot_rows(const qw_row *rows, int64_t nr, const uint8_t *xq,
+                                                               int64_t qrow, int64_t nt, float *y, int64_t ys,
+                                                               int accumulate, const int is_signed,
+                                                               const int has_isc) {
+    float v[4];
+    for (int64_t i = 0; i < nt;) {
+        const int n = nt - i >= 4 ? 4 : 1;
+        const uint8_t *xs[4] = {xq + i * qrow, xq + (i + 1) * qrow, xq + (i + 2) * qrow, xq + (i + 3) * qrow};
+        for (int64_t r = 0; r < nr; r++) {
+            if (n == 4)
+                dot4(&rows[r], xs, v, is_signed, has_isc);
+            else
+                dot1(&rows[r], xs, v, is_signed, has_isc);
+            for (int l = 0; l < n; l++) {
+                float *yo = y + (i + l) * ys + r;
+                *yo = v[l] + (accumulate ? *yo : 0.0f);
+            }
+        }
+        i += n;
+    }
+}
+
+TGT static void dot_u(const qw_row *rows, int64_t nr, const uint8_t *xq, int64_t qrow, int64_t nt, float *y,
+                      int64_t ys, int accumulate) {
+    dot_rows(rows, nr, xq, qrow, nt, y, ys, accumulate, 0, 0);
+}
+
+TGT static void dot_s(const qw_row *rows, int64_t nr, const uint8_t *xq, int64_t qrow, int64_t nt, float *y,
+                      int64_t ys, int accumulate) {
+    dot_rows(rows, nr, xq, qrow, nt, y, ys, accumulate, 1, 0);
+}
+
+TGT static void dot_s_isc(const qw_row *rows, int64_t nr, const uint8_t *xq, int64_t qrow, int64_t nt, float *y,
+                          int64_t ys, int accumulate) {
+    dot_rows(rows, nr, xq, qrow, nt, y, ys, accumulate, 1, 1);
+}
+
+TGT void fic_qdot_dot_avx2(const qw_row *rows, int64_t nr, const uint8_t *xq, int64_t qrow, int64_t nt, float *y,
+                           int64_t ys, int accumulate) {
+    if (rows[0].isc != NULL)
+        dot_s_isc(rows, nr, xq, qrow, nt, y, ys, accumulate);
+    else if (rows[0].is_signed)
+        dot_s(rows, nr, xq, qrow, nt, y, ys, accumulate);
+    else
+        dot_u(rows, nr, xq, qrow, nt, y, ys, accumulate);
+}
+
+#endif /* __x86_64__ */

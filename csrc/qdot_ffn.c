@@ -1,0 +1,163 @@
+/* qdot_ffn.c - the expert FFN's prefill (t > 1) phases through the int8-activation path (qdot.h):
+ *   phase 1: x quantized once per token chunk; threads split the flattened neuron list; each
+ *            thread unpacks QW_ROWS gate rows, multiplies them with every token of the chunk
+ *            straight into h, then the same up rows into its buffer, and forms
+ *            h = coef silu(g) u (exactly 0 where coef is 0).
+ *   phase 2 (down parts as columns, d_model x n_e): the experts' h_e[i] side by side quantized
+ *            once per token chunk as one row of n_total; threads split the d_model output rows;
+ *            each output row's pieces (one per expert, zeros for skipped experts, not read) are
+ *            unpacked into one row and multiplied with every token (results do not depend on the
+ *            thread count).
+ * Tokens go in chunks that fit the workspace beside each thread's unpacked rows and buffer;
+ * nothing is allocated. */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "blocks.h"
+#include "qdot.h"
+
+typedef struct {
+    const qdot_ffn *a;
+    const qdot_kernels *kern;
+    int64_t i0, nt;            /* the token chunk */
+    int64_t ub;                /* bytes of one unpacked row */
+    uint8_t *per_thread;       /* per thread: QW_ROWS unpacked rows, then (phase 1) the up buffer */
+    int64_t thread_bytes;
+    uint8_t *xq;               /* nt x QX_ROW_BYTES(d) (phase 1) or QX_ROW_BYTES(n_total) (phase 2) */
+} qffn_t;
+
+static inline float silu(float g) { return g / (1.0f + expf(-g)); }
+
+static int64_t unpack_bytes(int64_t k) { return (QW_ROW_BYTES(k) + 63) / 64 * 64; }
+
+/* Tokens per chunk: what fits in ws_bytes beside n_threads * fixed bytes, at per_token shared
+ * bytes and per_token_thread bytes per thread; 0 when not even one token does. */
+static int64_t chunk_tokens(int64_t ws_bytes, int64_t n_threads, int64_t fixed, int64_t per_token,
+                            int64_t per_token_thread) {
+    const int64_t avail = ws_bytes - n_threads * fixed;
+    const int64_t per = per_token + n_threads * per_token_thread;
+    return avail < per ? 0 : avail / per;
+}
+
+/* ---- phase 1 --------------------------------------------------------------------------------- */
+
+static void p1_quantize(void *ctx, int64_t i0, int64_t i1, int tid) {
+    const qffn_t *q = ctx;
+    (void)tid;
+    const int64_t d = q->a->d, qrow = QX_ROW_BYTES(d);
+    for (int64_t i = i0; i < i1; i++) q->kern->quantize(q->a->x + (q->i0 + i) * d, d, q->xq + i * qrow);
+}
+
+static void p1_rows(void *ctx, int64_t g0, int64_t g1, int tid) {
+    const qffn_t *q = ctx;
+    const qdot_ffn *a = q->a;
+    uint8_t *buf = q->per_thread + tid * q->thread_bytes;
+    float *ubuf = (float *)(buf + QW_ROWS * q->ub); /* nt x QW_ROWS */
+    const int64_t d = a->d, t = a->t, qrow = QX_ROW_BYTES(d), nt = q->nt;
+    qw_row rows[QW_ROWS];
+    int64_t e = 0;
+    while (a->off[e + 1] <= g0) e++;
+    for (; e < a->n_experts && a->off[e] < g1; e++) {
+        const int64_t n = a->n[e];
+        const int64_t r0 = g0 > a->off[e] ? g0 - a->off[e] : 0, r1 = g1 < a->off[e + 1] ? g1 - a->off[e] : n;
+        float *h = a->h + t * a->off[e] + q->i0 * n; /* the chunk's rows of h_e (t x n) */
+        if (a->skip[e]) {
+            for (int64_t i = 0; i < nt; i++) memset(h + i * n + r0, 0, (size_t)(r1 - r0) * sizeof *h);
+            continue;
+        }
+        const uint8_t *gate = a->bundles[e], *up = gate + n * a->rb_g;
+        for (int64_t r = r0; r < r1; r += QW_ROWS) {
+            const int64_t nr = r1 - r < QW_ROWS ? r1 - r : QW_ROWS;
+            for (int64_t l = 0; l < nr; l++) fic_qdot_unpack(a->gate_fmt, gate + (r + l) * a->rb_g, d, buf + l * q->ub, &rows[l]);
+            q->kern->dot(rows, nr, q->xq, qrow, nt, h + r, n, 0);
+            for (int64_t l = 0; l < nr; l++) fic_qdot_unpack(a->up_fmt, up + (r + l) * a->rb_u, d, buf + l * q->ub, &rows[l]);
+            q->kern->dot(rows, nr, q->xq, qrow, nt, ubuf, nr, 0);
+            for (int64_t i = 0; i < nt; i++) {
+                const float c = a->coef == NULL ? 1.0f : a->coef[(q->i0 + i) * a->n_experts + e];
+                float *hi = h + i * n + r;
+                if (c == 0.0f) {
+                    memset(hi, 0, (size_t)nr * sizeof *hi);
+                    continue;
+                }
+                for (int64_t l = 0; l < nr; l++) hi[l] = c * silu(hi[l]) * ubuf[i * nr + l];
+            }
+        }
+    }
+}
+
+int fic_qdot_ffn_phase1(fic_pool *pool, const qdot_ffn *a, uint8_t *ws, int64_t ws_bytes) {
+    const int64_t n_threads = fic_pool_threads(pool), d = a->d;
+    qffn_t q = {.a = a, .kern = fic_qdot_kernels(a->impl), .ub = unpack_bytes(d)};
+    q.thread_bytes = QW_ROWS * q.ub; /* + the up buffer, nt x QW_ROWS floats, below */
+    const int64_t tc = chunk_tokens(ws_bytes, n_threads, q.thread_bytes + 64, QX_ROW_BYTES(d), 4 * QW_ROWS);
+    if (tc < 1) return FIC_ERR_WORKSPACE;
+    q.thread_bytes = (q.thread_bytes + 4 * QW_ROWS * tc + 63) / 64 * 64;
+    q.per_thread = ws;
+    q.xq = ws + n_threads * q.thread_bytes;
+    int64_t chunk = (a->n_total + 4 * n_threads - 1) / (4 * n_threads);
+    chunk = (chunk + QW_ROWS - 1) / QW_ROWS * QW_ROWS;
+    for (q.i0 = 0; q.i0 < a->t; q.i0 += tc) {
+        q.nt = a->t - q.i0 < tc ? a->t - q.i0 : tc;
+        fic_parallel_for(pool, q.nt, (q.nt + n_threads - 1) / n_threads, p1_quantize, &q);
+        fic_parallel_for(pool, a->n_total, chunk, p1_rows, &q);
+    }
+    return FIC_OK;
+}
+
+/* ---- phase 2, columns ------------------------------------------------------------------------ */
+/* All experts' down rows side by side are one row of n_total weights, and all h_e[i] side by side
+ * one activation row (expert sizes are multiples of 32 here, so the q8 blocks do not straddle
+ * experts): one unpacked row and one dot product of length n_total per output row and token. */
+
+static void p2_quantize(void *ctx, int64_t i0, int64_t i1, int tid) {
+    const qffn_t *q = ctx;
+    const qdot_ffn *a = q->a;
+    const int64_t n_total = a->n_total;
+    float *row = (float *)(q->per_thread + tid * q->thread_bytes + QW_ROWS * q->ub); /* n_total floats */
+    for (int64_t i = i0; i < i1; i++) {
+        for (int64_t e = 0; e < a->n_experts; e++) {
+            const int64_t n = a->n[e];
+            memcpy(row + a->off[e], a->h + a->t * a->off[e] + (q->i0 + i) * n, (size_t)n * sizeof *row);
+        }
+        q->kern->quantize(row, n_total, q->xq + i * QX_ROW_BYTES(n_total));
+    }
+}
+
+static void p2_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
+    const qffn_t *q = ctx;
+    const qdot_ffn *a = q->a;
+    uint8_t *buf = q->per_thread + tid * q->thread_bytes;
+    const int64_t n_total = a->n_total;
+    qw_row rows[QW_ROWS];
+    for (int64_t r = r0; r < r1; r += QW_ROWS) {
+        const int64_t nr = r1 - r < QW_ROWS ? r1 - r : QW_ROWS;
+        for (int64_t l = 0; l < nr; l++) {
+            for (int64_t e = 0; e < a->n_experts; e++) {
+                const int64_t n = a->n[e];
+                const uint8_t *down = a->skip[e] ? NULL : a->bundles[e] + n * (a->rb_g + a->rb_u) + (r + l) * a->rb_d[e];
+                fic_qdot_unpack_piece(a->down_fmt, down, n, buf + l * q->ub, n_total, a->off[e]);
+            }
+            fic_qdot_row(a->down_fmt, buf + l * q->ub, n_total, &rows[l]);
+        }
+        q->kern->dot(rows, nr, q->xq, QX_ROW_BYTES(n_total), q->nt, a->y + q->i0 * a->d + r, a->d, 1);
+    }
+}
+
+int fic_qdot_ffn_down_cols(fic_pool *pool, const qdot_ffn *a, uint8_t *ws, int64_t ws_bytes) {
+    const int64_t n_threads = fic_pool_threads(pool);
+    qffn_t q = {.a = a, .kern = fic_qdot_kernels(a->impl), .ub = unpack_bytes(a->n_total)};
+    q.thread_bytes = (QW_ROWS * q.ub + 4 * a->n_total + 63) / 64 * 64;
+    const int64_t tc = chunk_tokens(ws_bytes, n_threads, q.thread_bytes, QX_ROW_BYTES(a->n_total), 0);
+    if (tc < 1) return FIC_ERR_WORKSPACE;
+    q.per_thread = ws;
+    q.xq = ws + n_threads * q.thread_bytes;
+    int64_t chunk = (a->d + 4 * n_threads - 1) / (4 * n_threads);
+    chunk = (chunk + QW_ROWS - 1) / QW_ROWS * QW_ROWS;
+    for (q.i0 = 0; q.i0 < a->t; q.i0 += tc) {
+        q.nt = a->t - q.i0 < tc ? a->t - q.i0 : tc;
+        fic_parallel_for(pool, q.nt, (q.nt + n_threads - 1) / n_threads, p2_quantize, &q);
+        fic_parallel_for(pool, a->d, chunk, p2_rows, &q);
+    }
+    return FIC_OK;
+}

@@ -1,0 +1,220 @@
+/* qdot_scalar.c - the int8-activation path's portable parts (see qdot.h): the format table, the
+ * weight-row unpacking every architecture shares, and the scalar reference of the quantizer and
+ * the integer dot product (the spec the fast paths are tested against). */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "blocks.h"
+#include "qdot.h"
+
+int fic_qdot_fmt_ok(int fmt) {
+    switch (fmt) {
+    case FIC_Q1_0: case FIC_Q4_0: case FIC_Q4_1: case FIC_Q5_0: case FIC_Q8_0: case FIC_Q4_K: case FIC_Q6_K:
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+static const qdot_kernels QDOT_REF = {fic_qdot_quantize_ref, fic_qdot_dot_ref};
+#if defined(__x86_64__)
+static const qdot_kernels QDOT_AVX2 = {fic_qdot_quantize_avx2, fic_qdot_dot_avx2};
+#endif
+#if defined(__aarch64__)
+static const qdot_kernels QDOT_NEON = {fic_qdot_quantize_neon, fic_qdot_dot_neon};
+#endif
+
+const qdot_kernels *fic_qdot_kernels(int impl) {
+#if defined(__x86_64__)
+    /* AVX-512 machines run the AVX2 code (no VNNI variant yet) */
+    if (impl == FIC_IMPL_AVX2 || impl == FIC_IMPL_AVX512) return &QDOT_AVX2;
+#endif
+#if defined(__aarch64__)
+    if (impl == FIC_IMPL_NEON) return &QDOT_NEON;
+#endif
+    return &QDOT_REF;
+}
+
+/* ---- weight rows ---------------------------------------------------------------------------- */
+
+/* One 32-block of Q4-like nibbles: byte l's low nibble is weight l, high nibble weight l + 16. */
+static void unpack_nibbles16(const uint8_t *qs, int8_t *w) {
+    for (int l = 0; l < 16; l++) {
+        w[l] = (int8_t)(qs[l] & 15);
+        w[l + 16] = (int8_t)(qs[l] >> 4);
+    }
+}
+
+/* One weight block (bw weights: bw / 32 activation blocks) into w, fw, cw (and isc for Q6_K). */
+static void unpack_block(int fmt, const uint8_t *src, int8_t *w, float *fw, float *cw, int8_t *isc) {
+    switch (fmt) {
+    case FIC_Q8_0: {
+        block_q8_0 b;
+        memcpy(&b, src, sizeof b); /* rows of a GGUF mapping need not be aligned */
+        memcpy(w, b.qs, 32);
+        fw[0] = fic_h2f(b.d);
+        cw[0] = 0.0f;
+        return;
+    }
+    case FIC_Q4_0: {
+        block_q4_0 b;
+        memcpy(&b, src, sizeof b);
+        unpack_nibbles16(b.qs, w);
+        fw[0] = fic_h2f(b.d);
+        cw[0] = -8.0f * fw[0];
+        return;
+    }
+    case FIC_Q4_1: {
+        block_q4_1 b;
+        memcpy(&b, src, sizeof b);
+        unpack_nibbles16(b.qs, w);
+        fw[0] = fic_h2f(b.d);
+        cw[0] = fic_h2f(b.m);
+        return;
+    }
+    case FIC_Q5_0: {
+        block_q5_0 b;
+        memcpy(&b, src, sizeof b);
+        uint32_t qh;
+        memcpy(&qh, b.qh, 4);
+        unpack_nibbles16(b.qs, w);
+        for (int j = 0; j < 32; j++) w[j] = (int8_t)(w[j] | (int)((qh >> j) & 1) << 4);
+        fw[0] = fic_h2f(b.d);
+        cw[0] = -16.0f * fw[0];
+        return;
+    }
+    case FIC_Q1_0: { /* w = 2d bit - d: four 32-blocks per 128-weight block */
+        block_q1_0 b;
+        memcpy(&b, src, sizeof b);
+        const float d = fic_h2f(b.d);
+        for (int j = 0; j < QK1_0; j++) w[j] = (int8_t)((b.qs[j / 8] >> (j % 8)) & 1);
+        for (int s = 0; s < 4; s++) {
+            fw[s] = 2.0f * d;
+            cw[s] = -d;
+        }
+        return;
+    }
+    case FIC_Q4_K: { /* eight 32-blocks: d sc_s q - dmin m_s */
+        block_q4_K b;
+        memcpy(&b, src, sizeof b);
+        const float d = fic_h2f(b.d), dmin = fic_h2f(b.dmin);
+        for (int c = 0; c < 4; c++) {
+            for (int l = 0; l < 32; l++) {
+                w[64 * c + l] = (int8_t)(b.qs[32 * c + l] & 15);
+                w[64 * c + 32 + l] = (int8_t)(b.qs[32 * c + l] >> 4);
+            }
+        }
+        for (int s = 0; s < 8; s++) {
+            uint8_t sc, mn;
+            q4k_scale_min(s, b.scales, &sc, &mn);
+            fw[s] = d * (float)sc;
+            cw[s] = -dmin * (float)mn;
+        }
+        return;
+    }
+    case FIC_Q6_K: { /* sixteen 16-weight sub-blocks, signed q - 32, int8 scale j / 16, fw = d */
+        block_q6_K b;
+        memcpy(&b, src, sizeof b);
+        for (int half = 0; half < 2; half++) {
+            const uint8_t *ql = b.ql + 64 * half, *qh = b.qh + 32 * half;
+            int8_t *o = w + 128 * half;
+            for (int l = 0; l < 32; l++) {
+                o[l] = (int8_t)(((ql[l] & 0xF) | ((qh[l] >> 0) & 3) << 4) - 32);
+                o[l + 32] = (int8_t)(((ql[l + 32] & 0xF) | ((qh[l] >> 2) & 3) << 4) - 32);
+                o[l + 64] = (int8_t)(((ql[l] >> 4) | ((qh[l] >> 4) & 3) << 4) - 32);
+                o[l + 96] = (int8_t)(((ql[l + 32] >> 4) | ((qh[l] >> 6) & 3) << 4) - 32);
+            }
+        }
+        memcpy(isc, b.scales, 16);
+        for (int s = 0; s < 8; s++) {
+            fw[s] = fic_h2f(b.d);
+            cw[s] = 0.0f;
+        }
+        return;
+    }
+    }
+}
+
+/* The pointers of an unpacked row of k weights in buf (QW_ROW_BYTES(k)). */
+static qw_row row_at(int fmt, uint8_t *buf, int64_t k) {
+    const int64_t nb = k / QX_BLOCK;
+    qw_row r;
+    r.w = (const int8_t *)buf;
+    r.fw = (const float *)(buf + (k + 31) / 32 * 32);
+    r.cw = r.fw + nb;
+    r.isc = fmt == FIC_Q6_K ? (const int8_t *)(r.cw + nb) : NULL;
+    r.k = k;
+    r.is_signed = fmt == FIC_Q8_0 || fmt == FIC_Q6_K;
+    return r;
+}
+
+void fic_qdot_unpack_piece(int fmt, const uint8_t *src, int64_t k, uint8_t *buf, int64_t k_total, int64_t off) {
+    const int64_t bw = fic_fmt_block_weights(fmt), bb = fic_fmt_block_bytes(fmt), per = bw / QX_BLOCK;
+    const qw_row r = row_at(fmt, buf, k_total);
+    int8_t *w = (int8_t *)r.w + off;
+    float *fw = (float *)r.fw + off / QX_BLOCK, *cw = (float *)r.cw + off / QX_BLOCK;
+    int8_t *isc = (int8_t *)(r.fw + 2 * (k_total / QX_BLOCK)) + 2 * (off / QX_BLOCK);
+    if (src == NULL) { /* a piece of zeros: contributes exactly 0, its weights are not read */
+        memset(w, 0, (size_t)k);
+        memset(fw, 0, (size_t)(k / QX_BLOCK) * sizeof *fw);
+        memset(cw, 0, (size_t)(k / QX_BLOCK) * sizeof *cw);
+        memset(isc, 0, (size_t)(2 * (k / QX_BLOCK)));
+        return;
+    }
+    for (int64_t b = 0; b < k / bw; b++)
+        unpack_block(fmt, src + b * bb, w + b * bw, fw + per * b, cw + per * b, isc + 2 * per * b);
+}
+
+void fic_qdot_row(int fmt, uint8_t *buf, int64_t k, qw_row *out) { *out = row_at(fmt, buf, k); }
+
+void fic_qdot_unpack(int fmt, const uint8_t *src, int64_t k, uint8_t *buf, qw_row *out) {
+    fic_qdot_unpack_piece(fmt, src, k, buf, k, 0);
+    *out = row_at(fmt, buf, k);
+}
+
+/* ---- the reference -------------------------------------------------------------------------- */
+
+void fic_qdot_quantize_ref(const float *x, int64_t k, uint8_t *dst) {
+    const int64_t nb = k / QX_BLOCK;
+    int8_t *q = (int8_t *)dst;
+    float *dv = (float *)(dst + k), *sv = dv + nb;
+    for (int64_t b = 0; b < nb; b++) {
+        const float *xb = x + b * QX_BLOCK;
+        float amax = 0.0f;
+        for (int j = 0; j < QX_BLOCK; j++) amax = fmaxf(amax, fabsf(xb[j]));
+        const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        int sum = 0;
+        for (int j = 0; j < QX_BLOCK; j++) {
+            const int v = (int)nearbyintf(xb[j] * id); /* round to nearest even, as the SIMD paths */
+            q[b * QX_BLOCK + j] = (int8_t)v;
+            sum += v;
+        }
+        dv[b] = d;
+        sv[b] = d * (float)sum;
+    }
+}
+
+void fic_qdot_dot_ref(const qw_row *rows, int64_t nr, const uint8_t *xq, int64_t qrow, int64_t nt, float *y,
+                      int64_t ys, int accumulate) {
+    for (int64_t r = 0; r < nr; r++) {
+        const qw_row *row = &rows[r];
+        const int64_t k = row->k, nb = k / QX_BLOCK;
+        for (int64_t i = 0; i < nt; i++) {
+            const int8_t *q = (const int8_t *)(xq + i * qrow);
+            const float *dv = (const float *)(xq + i * qrow + k), *sv = dv + nb;
+            float acc = 0.0f, corr = 0.0f;
+            for (int64_t b = 0; b < nb; b++) {
+                const int8_t *wb = row->w + b * QX_BLOCK, *qb = q + b * QX_BLOCK;
+                int32_t lo = 0, hi = 0;
+                for (int j = 0; j < 16; j++) lo += (int32_t)wb[j] * qb[j];
+                for (int j = 16; j < 32; j++) hi += (int32_t)wb[j] * qb[j];
+                const int32_t isum = row->isc ? row->isc[2 * b] * lo + row->isc[2 * b + 1] * hi : lo + hi;
+                acc += row->fw[b] * dv[b] * (float)isum;
+                corr += row->cw[b] * sv[b];
+            }
+            float *yo = y + i * ys + r;
+            *yo = acc + corr + (accumulate ? *yo : 0.0f);
+        }
+    }
+}
