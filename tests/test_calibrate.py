@@ -437,3 +437,24 @@ def test_pull_calibrates_on_request(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.stderr
     pred = fmt.parse_manifest(Path(res.stdout.strip().splitlines()[-1]) / fmt.MANIFEST_FILE).predictor
     assert pred["rank"] == cal.CalibrationConfig().rank and pred["calibration"]["tokens"] > 0
+
+
+def test_cli_calibrate_cluster_reorders_then_fits_and_keeps_the_model(plain, tmp_path):
+    """--cluster rewrites the expert order (shared neurons first, in the dense block) before the
+    predictor is fitted; the rewrite is a permutation, so at active 1 the logits are the model's."""
+    model = _copy(plain, tmp_path)
+    ids = [1, 5, 9, 2, 7, 3]
+    before = Engine.open(str(model), ctx=64).forward(ids)
+    res = _fic("calibrate", str(model), "--cluster", "--shared", "0.25", "--tokens", "200", "--rank", "32",
+               "--no-progress")
+    assert res.exit_code == 0, res.stderr
+    man = fmt.parse_manifest(model / fmt.MANIFEST_FILE)
+    assert man.shared_neurons == [32, 32, 32]          # a quarter of 128 neurons per layer
+    assert man.predictor is not None and man.predictor["calibration"]["tokens"] == 200
+    after = Engine.open(str(model), ctx=64).forward(ids)
+    assert np.max(np.abs(after - before)) <= 1e-4 * np.max(np.abs(before))
+
+
+def test_cli_calibrate_shared_needs_cluster(plain, tmp_path):
+    res = _fic("calibrate", str(_copy(plain, tmp_path)), "--shared", "0.1", "--no-progress")
+    assert res.exit_code != 0 and res.stderr.strip().count("\n") == 0 and "--cluster" in res.stderr
