@@ -34,7 +34,7 @@ import shlex
 import shutil
 import struct
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -285,10 +285,14 @@ def _parse_layout(raw: Any, path: Path) -> ExpertLayout | None:
     if raw is None:
         return None
     _require(isinstance(raw, dict), path, "expert_layout is not an object")
+    known = {f.name for f in fields(ExpertLayout)}
+    for key in raw:  # named here, through _short: a key is the file's text and may hold anything
+        _require(key in known, path, f"expert_layout: unknown key {_short(key)}")
     try:
         layout = ExpertLayout(**raw)
-    except TypeError as exc:
-        raise FormatError(path, f"expert_layout: {exc}") from None
+    except TypeError:
+        missing = sorted(known - set(raw))
+        raise FormatError(path, f"expert_layout: missing {', '.join(missing) or 'keys'}") from None
     for fmt in (layout.gate_fmt, layout.up_fmt, layout.down_fmt):
         _require(isinstance(fmt, str) and fmt in kernels.FORMATS, path, f"expert_layout: unknown weight format {_short(fmt)}")
     _require(layout.down_layout in DOWN_LAYOUTS, path, f"expert_layout: unknown down_layout {_short(layout.down_layout)}")

@@ -5,11 +5,12 @@ kernel workspace for the process. Everything above it speaks numpy arrays, QTens
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import weakref
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -249,8 +250,9 @@ def set_threads(n_threads: int) -> None:
 PREFILL_MODES = ("int8", "exact")
 # "int8": prefill (T > 1) in quantized formats quantizes activations to 8 bits and uses integer dot
 # products (csrc/qdot.h), as llama.cpp does; "exact": dequantized weights and fp32 FMA. FIC_PREFILL
-# picks the process's default.
-_PREFILL = {"mode": os.environ.get("FIC_PREFILL", "int8") or "int8"}
+# picks the process's default: exact, because int8 bought only 0.89-1.21x on this AVX2 CPU for logits
+# 3% away from the float model's on tiny models (bench/RESULTS.md, "Prefill with int8 activations").
+_PREFILL = {"mode": os.environ.get("FIC_PREFILL", "exact") or "exact"}
 
 
 def set_prefill(mode: str) -> None:
@@ -262,6 +264,17 @@ def set_prefill(mode: str) -> None:
 
 def get_prefill() -> str:
     return _PREFILL["mode"]
+
+
+@contextlib.contextmanager
+def prefill_mode(mode: str) -> Iterator[None]:
+    """set_prefill(mode) for a block, the previous mode back after it."""
+    before = get_prefill()
+    set_prefill(mode)
+    try:
+        yield
+    finally:
+        _PREFILL["mode"] = before
 
 
 def _prefill_impl(impl: str) -> int:

@@ -37,6 +37,15 @@ from _kquant import quantize_any
 from test_kernels import (EPS32, FLOAT_SLACK, KERNEL_SOURCES, QDOT_FORMATS, QDOT_SOURCES, assert_within,
                           int8_activation_path)
 
+
+@pytest.fixture(scope="module", autouse=True)
+def int8_prefill():
+    """This file bounds the int8-activation prefill kernels (FIC_PREFILL=int8; the product's default
+    is exact): every T > 1 product here takes that path unless a test asks for exact."""
+    with K.prefill_mode("int8"):
+        yield
+
+
 FORMATS = list(K.FORMATS)
 IMPLS = K.available_impls()
 FAST_IMPLS = [i for i in IMPLS if i != "ref"]

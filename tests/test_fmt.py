@@ -469,6 +469,9 @@ def test_injected_eio_names_the_file_the_bundle_and_its_offset(model: Path, io_b
     pytest.param(lambda m: m["experts"][0][0].__setitem__(3, 3), id="n_neurons-not-whole-blocks"),
     pytest.param(lambda m: m["experts"][0][0].__setitem__(2, 2 ** 40), id="crc-beyond-32-bits"),
     pytest.param(lambda m: m["tensors"]["token_embd"].update(shape=[64 * D_MODEL]), id="rows-of-a-vector"),
+    pytest.param(lambda m: m["expert_layout"].update({"do\n_layout": m["expert_layout"].pop("down_layout")}),
+                 id="layout-key-with-a-newline"),  # found by tests/test_fuzz.py
+    pytest.param(lambda m: m["expert_layout"].pop("d_model"), id="layout-key-missing"),
 ])
 def test_hostile_manifest_values_are_format_errors(model: Path, edit):
     """Each once escaped as TypeError, OverflowError, ValueError or IndexError (or was read,

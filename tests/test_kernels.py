@@ -109,6 +109,14 @@ def assert_within(got: np.ndarray, want: np.ndarray, bound: np.ndarray) -> None:
     assert np.all(err <= bound), f"error {err[worst]:.3g} > bound {bound[worst]:.3g} at {worst}"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def int8_prefill():
+    """This file bounds the int8-activation prefill kernels (FIC_PREFILL=int8; the product's default
+    is exact): every T > 1 product here takes that path unless a test asks for exact."""
+    with K.prefill_mode("int8"):
+        yield
+
+
 @pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
 def threads(request):
     K.set_threads(request.param)

@@ -40,13 +40,12 @@ PROSE = Path(__file__).parent / "data" / "prose.txt"
 @pytest.fixture(scope="module", autouse=True)
 def exact_prefill():
     """The parity tests below hold fic's exact prefill (dequantized weights, fp32) to fp32 bounds;
-    the default int8 prefill (8-bit activations, as llama.cpp) has its own test,
+    the int8 prefill (8-bit activations, as llama.cpp; FIC_PREFILL=int8) has its own test,
     test_int8_prefill_logits_perplexity_and_top1."""
     from flashinfer_cli import kernels
 
-    kernels.set_prefill("exact")
-    yield
-    kernels.set_prefill("int8")
+    with kernels.prefill_mode("exact"):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -215,11 +214,8 @@ def test_int8_prefill_logits_perplexity_and_top1(engine, reference, llama_tok):
 
     ids = llama_tok(PROSE.read_text())
     ref = ref_logits(reference, ids)
-    kernels.set_prefill("int8")
-    try:
+    with kernels.prefill_mode("int8"):
         got = engine.forward(ids)
-    finally:
-        kernels.set_prefill("exact")
     diff = float(np.abs(got - ref).max())
     slow_report(f"smollm2 int8 prefill vs transformers on {len(ids)} tokens: max |diff| {diff:.3f}, "
                 f"min cosine {cosines(got, ref).min():.5f}, perplexity ratio "
