@@ -40,6 +40,7 @@ def main() -> None:
     p.add_argument("--active", default="0.5,0.75,0.9")
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--json", default=None)
+    p.add_argument("--texts", type=int, default=None, help="the first N quality texts (default: all 8)")
     args = p.parse_args()
     models = [tuple(m.split("=", 1)) for m in args.models]
     actives = [float(a) for a in args.active.split(",")]
@@ -48,7 +49,7 @@ def main() -> None:
         share = shared_share(Path(path))
         t0 = time.time()
         rep = bench.quality(path, actives=[routed_active(a, share) for a in actives], policies=["exact"],
-                            max_tokens=args.max_tokens)
+                            max_tokens=args.max_tokens, n_texts=args.texts)
         for a, pt in zip(actives, rep.points):
             ra = routed_active(a, share)
             row = {"model": name, "active": a, "routed_active": round(ra, 4), "shared": round(share, 4),
