@@ -259,3 +259,14 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("slow tests: measurements")
         for line in _SLOW_REPORT:
             terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefill_mode_is_left_as_found():
+    """A test file that changes kernels' prefill arithmetic (FIC_PREFILL) must put it back: the
+    parity tests of later files hold the exact default to fp32 bounds."""
+    from flashinfer_cli import kernels
+
+    before = kernels.get_prefill()
+    yield
+    assert kernels.get_prefill() == before, f"this file left the prefill mode {kernels.get_prefill()!r}"

@@ -39,7 +39,7 @@ from test_kernels import (EPS32, FLOAT_SLACK, KERNEL_SOURCES, QDOT_FORMATS, QDOT
 
 
 @pytest.fixture(scope="module", autouse=True)
-def int8_prefill():
+def int8_prefill_in_this_file():
     """This file bounds the int8-activation prefill kernels (FIC_PREFILL=int8; the product's default
     is exact): every T > 1 product here takes that path unless a test asks for exact."""
     with K.prefill_mode("int8"):
@@ -209,12 +209,9 @@ def ffn_reference(fmts, layout, ns, parts, x, y0, coef, impl):
 def test_ffn_exact_prefill_mode(fmt, layout):
     """kernels.set_prefill("exact"): t > 1 in float, within the float bounds alone (no q8 terms)."""
     case = Case([fmt] * 3, layout, sizes(fmt, layout, 3, seed=2), 5, seed=stable_seed(fmt, layout), coef=None)
-    K.set_prefill("exact")
-    try:
+    with K.prefill_mode("exact"):
         want, bound = case.want_and_bound("auto")
         assert_within(case.run("auto"), want, bound)
-    finally:
-        K.set_prefill("int8")
 
 
 def sizes(fmt_down, layout, count, seed=0):

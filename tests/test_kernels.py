@@ -110,7 +110,7 @@ def assert_within(got: np.ndarray, want: np.ndarray, bound: np.ndarray) -> None:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def int8_prefill():
+def int8_prefill_in_this_file():
     """This file bounds the int8-activation prefill kernels (FIC_PREFILL=int8; the product's default
     is exact): every T > 1 product here takes that path unless a test asks for exact."""
     with K.prefill_mode("int8"):
@@ -248,11 +248,8 @@ def test_exact_prefill_mode_is_float(fmt, impl):
     qt, wd, rng = make(fmt, 23, k_of(fmt, 2), seed=3)
     x = rng.standard_normal((6, qt.shape[1]), dtype=np.float32)
     want = x.astype(np.float64) @ wd.T
-    K.set_prefill("exact")
-    try:
+    with K.prefill_mode("exact"):
         exact = K.matmul(qt, x, impl=impl)
-    finally:
-        K.set_prefill("int8")
     assert_within(exact, want, dot_bound(wd, x))
     int8 = K.matmul(qt, x, impl=impl)
     assert_within(int8, want, matmul_bound(fmt, wd, x))
