@@ -133,10 +133,11 @@ int fic_decode_attn(fic_pool *pool, int impl, const fic_decode_shape *s, const f
         rmsnorm(qkv + nq, w->k_norm, s->norm_eps, nkv, qkv + nq);
     }
     rope(qkv, nh + nkv_h, hd, cos_table + pos * hd, sin_table + pos * hd);
-    st = fic_f32_to_f16_rows(impl, qkv + nq, k_cache + pos * nkv, nkv);
-    if (st == FIC_OK) st = fic_f32_to_f16_rows(impl, qkv + nq + nkv, v_cache + pos * nkv, nkv);
+    const int impl_f = impl & ~FIC_IMPL_EXACT; /* the flag is the matvecs'; the rest is float anyway */
+    st = fic_f32_to_f16_rows(impl_f, qkv + nq, k_cache + pos * nkv, nkv);
+    if (st == FIC_OK) st = fic_f32_to_f16_rows(impl_f, qkv + nq + nkv, v_cache + pos * nkv, nkv);
     if (st == FIC_OK)
-        st = fic_attention(pool, impl, qkv, k_cache, v_cache, att, 1, pos, nh, nkv_h, hd, nkv, s->scale, att_ws,
+        st = fic_attention(pool, impl_f, qkv, k_cache, v_cache, att, 1, pos, nh, nkv_h, hd, nkv, s->scale, att_ws,
                            l.att_floats);
     if (st == FIC_OK) st = fic_matvec(pool, impl, w->o_fmt, w->wo, att, o, d, nq, mv, l.mv_bytes);
     if (st != FIC_OK) return st;

@@ -359,10 +359,12 @@ static int ffn_run(fic_pool *pool, int impl, const fic_expert_layout *layout, co
         /* phase 1: x prepared once for gate and once for up */
         init_job(&f.jg, kt, f.gate_fmt, NULL, x, NULL, 1, 1, f.d);
         init_job(&f.ju, kt, f.up_fmt, NULL, x, NULL, 1, 1, f.d);
+        f.jg.exact = f.ju.exact = exact != 0;
         size_t bg = prep_x_bytes(&f.jg), bu = prep_x_bytes(&f.ju), bd = 0;
         for (size_t e = 0; e < ne; e++) {
             if (layout->down_rows) continue;
             init_job(&f.jd[e], kt, f.down_fmt, NULL, scratch + off[e], NULL, 1, 1, n_neurons[e]);
+            f.jd[e].exact = exact != 0;
             bd += prep_x_bytes(&f.jd[e]);
         }
         if ((int64_t)(bg + bu + bd) > rest_bytes) return FIC_ERR_WORKSPACE; /* the bound of fic.h */

@@ -55,9 +55,10 @@ enum fic_impl {
     FIC_IMPL_AVX2 = 2,   /* x86-64 AVX2 + FMA + F16C */
     FIC_IMPL_AVX512 = 3, /* x86-64 AVX-512 F/BW/VL */
     FIC_IMPL_NEON = 4,   /* AArch64 NEON */
-    /* A flag OR'ed into impl for fic_matmul and fic_experts_ffn(_slots): prefill (t > 1) in exact
-     * float (weights dequantized, fp32 FMA) instead of int8 activations and integer dot products
-     * (the default for quantized formats, as llama.cpp; csrc/qdot.h). */
+    /* A flag OR'ed into impl for fic_matvec, fic_matmul and fic_experts_ffn(_slots): exact float
+     * activations (prefill: weights dequantized, fp32 FMA; decode: float dot products) instead of
+     * int8 activations and integer dot products (prefill: csrc/qdot.h; decode: Q1_0, Q4_0, Q4_1
+     * and Q8_0 on AVX2, Q1_0/Q4 on AVX-512), as llama.cpp computes them. */
     FIC_IMPL_EXACT = 256
 };
 

@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "kernels.h"
+#include "qdot.h"
 
 /* The table of impl on this CPU. Choice: const tables per architecture, picked by this switch over
  * the CPU features pool.c resolves once (pthread_once) and never changes; the pick is per call,
@@ -49,7 +50,8 @@ static int prep_x_mode(const job_t *j) {
         const int64_t nb = j->k / QK1_0, ng = (nb + 3) / 4;
         return 5 * nb >= 16 * ng ? mode : j->kf->xprep_small;
     }
-    if (mode == XP_Q4_VNNI && j->k < 64) return j->kf->xprep_small; /* no whole pair of blocks */
+    if (mode == XP_Q4_VNNI && (j->exact || j->k < 64)) return j->kf->xprep_small; /* no whole pair of blocks */
+    if (mode == XP_Q8 && (j->exact || j->k % 32 != 0)) return j->kf->xprep_small;
     return mode;
 }
 
@@ -64,6 +66,7 @@ size_t prep_x_bytes(const job_t *j) {
         n = (size_t)((j->k / QK1_0 + 3) / 4) * (512 + 32 * sizeof(float)) + (size_t)j->k;
         break;
     case XP_Q4_VNNI: n = (size_t)j->k * 3; break;   /* k int8 + 2 x k/4 floats */
+    case XP_Q8: n = (size_t)QX_ROW_BYTES(j->k); break; /* k int8 + 2 x k/32 floats */
     default: n = 0;
     }
     return (n + 63) / 64 * 64;
@@ -116,6 +119,13 @@ void prep_x(job_t *j, void *mem) {
         j->xq = (const int8_t *)mem;
         j->xscale16 = a8;
         j->xcorr16 = c8;
+        return;
+    }
+    case XP_Q8: {
+        fic_qdot_quantize_avx2(j->x, j->k, mem);
+        j->xq = (const int8_t *)mem;
+        j->xscale16 = (const float *)((uint8_t *)mem + j->k);
+        j->xcorr16 = j->xscale16 + j->k / QX_BLOCK;
         return;
     }
     case XP_Q4_VNNI: {

@@ -50,6 +50,7 @@ typedef struct job_s {
     int q4_int8;           /* Q4_0/Q4_1 on AVX-512 VNNI: xq is in the pair layout (see below) */
     int q1_planes;         /* Q1_0 on AVX-512 with VNNI/BITALG/VBMI: xu holds x's bit planes,
                               xscale16 2 dx and xcorr16 -dx sum(xq) per q8 block (see below) */
+    int exact;             /* float activations asked for (FIC_IMPL_EXACT): prep_x skips XP_Q8 */
     float *scratch;    /* matmul: per-thread tile of rows */
     int64_t scratch_floats, tile_rows;
     const struct fic_kernels *kt;     /* the implementation's kernel table (fic_kernels_for) */
@@ -133,8 +134,12 @@ struct ffn_s;
  *   XP_Q1_AVX512 x -> u8 q8 blocks + scales + corrections (Q1_0 on AVX-512, q1_block_sad)
  *   XP_Q1_PLANES x -> bit planes of its q8 blocks + scales + corrections (Q1_0 on AVX-512 with
  *                VNNI/BITALG/VBMI, dot_q1_planes)
- *   XP_Q4_VNNI   x -> int8 in the pair layout (Q4_0/Q4_1 on AVX-512 VNNI, k >= 64) */
-enum { XP_NONE, XP_SUMS, XP_Q1_AVX2, XP_Q1_AVX512, XP_Q1_PLANES, XP_Q4_VNNI };
+ *   XP_Q4_VNNI   x -> int8 in the pair layout (Q4_0/Q4_1 on AVX-512 VNNI, k >= 64)
+ *   XP_Q8        x -> qdot.h's activation row, int8 q8 blocks of 32 + d + d sum(q) per block
+ *                (Q4_0/Q4_1/Q8_0 on AVX2: xq, xscale16 = d, xcorr16 = d sum(q))
+ * A job with `exact` set takes xprep_small instead of XP_Q8 and XP_Q4_VNNI (float activations;
+ * FIC_IMPL_EXACT); Q1_0 has int8 kernels only. */
+enum { XP_NONE, XP_SUMS, XP_Q1_AVX2, XP_Q1_AVX512, XP_Q1_PLANES, XP_Q4_VNNI, XP_Q8 };
 
 typedef float (*kern_dot_fn)(const job_t *j, const uint8_t *row, const float *x);
 typedef void (*kern_dot2_fn)(const job_t *j, const uint8_t *row0, float *y);

@@ -486,6 +486,217 @@ TGT_AVX2 void kern_quantize_x_avx2(const float *x, int64_t k, int8_t *xq, float 
 }
 
 
+/* ---- Q4_0, Q4_1, Q8_0, Q5_0, Q4_K, Q6_K with int8 activations (XP_Q8) ---------------------
+ * x is quantized once per vector to qdot.h's activation row: int8 q[k] | float d[k/32] |
+ * float s[k/32] with s = d sum(q) (j->xq, j->xscale16 = d, j->xcorr16 = s). Per 32-weight block
+ * one maddubs (u8 weights x s8 activations; Q8_0 takes ggml's sign trick), one madd, one
+ * conversion and one FMA by d_w d_x (signed weights: Q8_0, Q5_0, Q6_K, ggml's sign trick; Q4_K and
+ * Q6_K fold their sub-block scales in: Q4_K's sub-blocks are 32 weights, one q8 block, Q6_K's 16,
+ * half of one); the offsets of Q4_0 (-8 d_w), Q4_1 (m_w) and Q4_K (-dmin m) multiply s,
+ * so the only error beyond float rounding is x's rounding to q8 (the bound of tests/test_kernels.py).
+ * Measured: the float path ran Q4_1 at 4.3 GB/s a core, under half this VM's 2-thread bandwidth. */
+
+TGT_AVX2 static inline __m256i q4_nibbles_avx2(const uint8_t *qs) {
+    const __m128i m = _mm_set1_epi8(15);
+    __m128i v = _mm_loadu_si128((const __m128i *)qs);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
+}
+
+/* The 8 int32 lanes of block blk's sum w q, as floats. */
+TGT_AVX2 static ALWAYS_INLINE __m256 q8x_block_avx2(const int fmt, const uint8_t *blk, const int8_t *xq) {
+    const __m256i q = _mm256_loadu_si256((const __m256i *)xq);
+    __m256i p;
+    if (fmt == FIC_Q8_0) {
+        const __m256i w = _mm256_loadu_si256((const __m256i *)(blk + 2));
+        p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(q, w));
+    } else {
+        p = _mm256_maddubs_epi16(q4_nibbles_avx2(blk + (fmt == FIC_Q4_1 ? 4 : 2)), q);
+    }
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+}
+
+TGT_AVX2 static ALWAYS_INLINE int64_t q8x_stride(const int fmt) {
+    return fmt == FIC_Q8_0 ? (int64_t)sizeof(block_q8_0) : fmt == FIC_Q4_1 ? (int64_t)sizeof(block_q4_1)
+                                                                           : (int64_t)sizeof(block_q4_0);
+}
+
+/* Signed int8 weights w (32) against q8 block xq: int32 lanes (ggml's sign trick), times m16's
+ * int16 factors (ones, or Q6_K's two sub-block scales). */
+TGT_AVX2 static inline __m256i q8x_signed_avx2(__m256i w, const int8_t *xq, __m256i m16) {
+    const __m256i q = _mm256_loadu_si256((const __m256i *)xq);
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(q, w)), m16);
+}
+
+/* Unsigned nibbles u (32) against q8 block xq: int32 lanes as floats. */
+TGT_AVX2 static inline __m256 q8x_unsigned_avx2(__m256i u, const int8_t *xq) {
+    const __m256i q = _mm256_loadu_si256((const __m256i *)xq);
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(u, q), _mm256_set1_epi16(1)));
+}
+
+/* One 256-weight K-quant super-block against q8 blocks xq[0..8) (scales dv, sums sv). */
+TGT_AVX2 static ALWAYS_INLINE void q8x_kquant_avx2(const int fmt, const uint8_t *blk8, const int8_t *xq,
+                                                   const float *dv, const float *sv, __m256 *a0, __m256 *a1,
+                                                   float *corr) {
+    if (fmt == FIC_Q4_K) {
+        const block_q4_K *blk = (const block_q4_K *)blk8;
+        const float d = h2f_f16c(blk->d), dmin = h2f_f16c(blk->dmin);
+        const __m256i mask = _mm256_set1_epi8(15);
+        float mins = 0.0f;
+        for (int c = 0; c < 4; c++) {
+            uint8_t sc0, m0, sc1, m1;
+            q4k_scale_min(2 * c, blk->scales, &sc0, &m0);
+            q4k_scale_min(2 * c + 1, blk->scales, &sc1, &m1);
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(blk->qs + 32 * c));
+            __m256 p0 = q8x_unsigned_avx2(_mm256_and_si256(v, mask), xq + 64 * c);
+            __m256 p1 = q8x_unsigned_avx2(_mm256_and_si256(_mm256_srli_epi16(v, 4), mask), xq + 64 * c + 32);
+            *a0 = _mm256_fmadd_ps(_mm256_set1_ps(d * (float)sc0 * dv[2 * c]), p0, *a0);
+            *a1 = _mm256_fmadd_ps(_mm256_set1_ps(d * (float)sc1 * dv[2 * c + 1]), p1, *a1);
+            mins += (float)m0 * sv[2 * c] + (float)m1 * sv[2 * c + 1];
+        }
+        *corr -= dmin * mins;
+    } else { /* Q6_K: q - 32 as int8, a scale per 16 weights */
+        const block_q6_K *blk = (const block_q6_K *)blk8;
+        const float d = h2f_f16c(blk->d);
+        for (int c = 0; c < 2; c++) {
+            __m256i q[4];
+            q6k_half_avx2(blk, c, q);
+            const int8_t *sc = blk->scales + 8 * c;
+            for (int i = 0; i < 4; i++) {
+                const __m256i m16 = _mm256_set_m128i(_mm_set1_epi16(sc[2 * i + 1]), _mm_set1_epi16(sc[2 * i]));
+                const __m256 p = _mm256_cvtepi32_ps(q8x_signed_avx2(q[i], xq + 128 * c + 32 * i, m16));
+                if (i & 1) *a1 = _mm256_fmadd_ps(_mm256_set1_ps(d * dv[4 * c + i]), p, *a1);
+                else *a0 = _mm256_fmadd_ps(_mm256_set1_ps(d * dv[4 * c + i]), p, *a0);
+            }
+        }
+    }
+}
+
+/* A row of k weights against prepared x (xq, dv, sv): vector part into *acc, the offset part
+ * (Q4_0: -8 d_w s, Q4_1: m_w s, Q4_K: -dmin m s) into *corr. Two accumulators for the FMA latency. */
+TGT_AVX2 static ALWAYS_INLINE void q8x_row_avx2(const int fmt, const uint8_t *row, int64_t k, const int8_t *xq,
+                                                const float *dv, const float *sv, __m256 *acc, float *corr) {
+    __m256 a0 = *acc, a1 = _mm256_setzero_ps();
+    float c0 = 0.0f, c1 = 0.0f;
+    if (fmt == FIC_Q4_K || fmt == FIC_Q6_K) {
+        const int64_t bb = fmt == FIC_Q4_K ? (int64_t)sizeof(block_q4_K) : (int64_t)sizeof(block_q6_K);
+        for (int64_t b = 0; b < k / QK_K; b++)
+            q8x_kquant_avx2(fmt, row + b * bb, xq + QK_K * b, dv + 8 * b, sv + 8 * b, &a0, &a1, &c0);
+        *acc = _mm256_add_ps(a0, a1);
+        *corr += c0;
+        return;
+    }
+    if (fmt == FIC_Q5_0) {
+        const block_q5_0 *blk = (const block_q5_0 *)row;
+        const __m256i ones = _mm256_set1_epi16(1);
+        for (int64_t b = 0; b < k / QK5_0; b++) {
+            const __m256 p = _mm256_cvtepi32_ps(q8x_signed_avx2(q5_0_i8_avx2(blk + b), xq + 32 * b, ones));
+            if (b & 1) a1 = _mm256_fmadd_ps(_mm256_set1_ps(h2f_f16c(blk[b].d) * dv[b]), p, a1);
+            else a0 = _mm256_fmadd_ps(_mm256_set1_ps(h2f_f16c(blk[b].d) * dv[b]), p, a0);
+        }
+        *acc = _mm256_add_ps(a0, a1);
+        return;
+    }
+    const int64_t stride = q8x_stride(fmt), nb = k / 32;
+    int64_t b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        const uint8_t *k0 = row + b * stride, *k1 = k0 + stride;
+        fic_half h0, h1;
+        memcpy(&h0, k0, 2);
+        memcpy(&h1, k1, 2);
+        const float d0 = h2f_f16c(h0), d1 = h2f_f16c(h1);
+        a0 = _mm256_fmadd_ps(_mm256_set1_ps(d0 * dv[b]), q8x_block_avx2(fmt, k0, xq + 32 * b), a0);
+        a1 = _mm256_fmadd_ps(_mm256_set1_ps(d1 * dv[b + 1]), q8x_block_avx2(fmt, k1, xq + 32 * b + 32), a1);
+        if (fmt == FIC_Q4_1) {
+            fic_half m0, m1;
+            memcpy(&m0, k0 + 2, 2);
+            memcpy(&m1, k1 + 2, 2);
+            c0 += h2f_f16c(m0) * sv[b];
+            c1 += h2f_f16c(m1) * sv[b + 1];
+        } else if (fmt == FIC_Q4_0) {
+            c0 -= 8.0f * d0 * sv[b];
+            c1 -= 8.0f * d1 * sv[b + 1];
+        }
+    }
+    for (; b < nb; b++) {
+        const uint8_t *k0 = row + b * stride;
+        fic_half h0;
+        memcpy(&h0, k0, 2);
+        const float d0 = h2f_f16c(h0);
+        a0 = _mm256_fmadd_ps(_mm256_set1_ps(d0 * dv[b]), q8x_block_avx2(fmt, k0, xq + 32 * b), a0);
+        if (fmt == FIC_Q4_1) {
+            fic_half m0;
+            memcpy(&m0, k0 + 2, 2);
+            c0 += h2f_f16c(m0) * sv[b];
+        } else if (fmt == FIC_Q4_0) {
+            c0 -= 8.0f * d0 * sv[b];
+        }
+    }
+    *acc = _mm256_add_ps(a0, a1);
+    *corr += c0 + c1;
+}
+
+/* row . x: int8 when x was prepared so (j->xq), else the float path (an exact request). */
+TGT_AVX2 static ALWAYS_INLINE float q8x_dot_avx2(const int fmt, const job_t *j, const uint8_t *row, const float *x) {
+    if (j->xq == NULL) return dot_avx2(fmt, j, row, x);
+    __m256 acc = _mm256_setzero_ps();
+    float corr = 0.0f;
+    q8x_row_avx2(fmt, row, j->k, j->xq, j->xscale16, j->xcorr16, &acc, &corr);
+    return hsum256(acc) + corr;
+}
+
+/* FFN phase 2, columns, t = 1: P2_ROWS output rows at a time, every expert's row pieces against
+ * its h_e prepared as int8, one reduction per output row over all experts (a dot_row per row
+ * piece of n_e weights cost a reduction and a call per 2 blocks). */
+TGT_AVX2 static ALWAYS_INLINE void q8x_down_block_avx2(const int fmt, const ffn_t *f, int64_t r, int nr, int64_t r_end) {
+    __m256 acc[P2_ROWS];
+    float corr[P2_ROWS];
+    for (int i = 0; i < nr; i++) {
+        acc[i] = _mm256_setzero_ps();
+        corr[i] = 0.0f;
+    }
+    for (int64_t e = 0; e < f->n_experts; e++) {
+        if (f->skip[e]) continue;
+        const job_t *j = &f->jd[e];
+        const int64_t rb = f->rb_d[e];
+        const uint8_t *w = down_part(f, e) + r * rb;
+        const int64_t pf_r = r + P2_PF_BLOCKS * P2_ROWS;
+        if (pf_r < r_end) {
+            const uint8_t *pf = w + P2_PF_BLOCKS * P2_ROWS * rb;
+            const int64_t pf_bytes = (r_end - pf_r < nr ? r_end - pf_r : nr) * rb;
+            for (int64_t o = 0; o < pf_bytes; o += 64) __builtin_prefetch(pf + o, 0, 0);
+        }
+        for (int i = 0; i < nr; i++)
+            q8x_row_avx2(fmt, w + i * rb, j->k, j->xq, j->xscale16, j->xcorr16, &acc[i], &corr[i]);
+    }
+    for (int i = 0; i < nr; i++) f->y[r + i] += hsum256(acc[i]) + corr[i];
+}
+
+/* 0 (the generic loop) unless every h_e was prepared as int8. */
+TGT_AVX2 static ALWAYS_INLINE int q8x_down_cols_avx2(const int fmt, const ffn_t *f, int64_t r0, int64_t r1) {
+    for (int64_t e = 0; e < f->n_experts; e++)
+        if (!f->skip[e] && f->jd[e].xq == NULL) return 0;
+    int64_t r = r0;
+    for (; r + P2_ROWS <= r1; r += P2_ROWS) q8x_down_block_avx2(fmt, f, r, P2_ROWS, r1);
+    for (; r < r1; r++) q8x_down_block_avx2(fmt, f, r, 1, r1);
+    return 1;
+}
+
+#define Q8X_FMT(name, FMT)                                                                           \
+    TGT_AVX2 static float q8x_dot_##name##_avx2(const job_t *j, const uint8_t *row, const float *x) { \
+        return q8x_dot_avx2(FMT, j, row, x);                                                         \
+    }                                                                                                \
+    TGT_AVX2 static int q8x_down_##name##_avx2(const ffn_t *f, int64_t r0, int64_t r1) {             \
+        return q8x_down_cols_avx2(FMT, f, r0, r1);                                                   \
+    }
+Q8X_FMT(q8_0, FIC_Q8_0)
+Q8X_FMT(q4_0, FIC_Q4_0)
+Q8X_FMT(q4_1, FIC_Q4_1)
+Q8X_FMT(q5_0, FIC_Q5_0)
+Q8X_FMT(q4_K, FIC_Q4_K)
+Q8X_FMT(q6_K, FIC_Q6_K)
+#undef Q8X_FMT
+
+
 /* ---- per-format entry points and the table ----------------------------------------------- */
 
 #define AVX2_FMT(name, FMT)                                                                          \
@@ -495,15 +706,20 @@ TGT_AVX2 void kern_quantize_x_avx2(const float *x, int64_t k, int8_t *xq, float 
     TGT_AVX2 void kern_deq_##name##_avx2(const uint8_t *row, int64_t b0, int64_t b1, float *out) {   \
         deq_range_avx2(FMT, row, b0, b1, out);                                                       \
     }
+#define AVX2_DEQ(name, FMT)                                                                        \
+    TGT_AVX2 void kern_deq_##name##_avx2(const uint8_t *row, int64_t b0, int64_t b1, float *out) { \
+        deq_range_avx2(FMT, row, b0, b1, out);                                                     \
+    }
 AVX2_FMT(f32, FIC_F32)
 AVX2_FMT(f16, FIC_F16)
-AVX2_FMT(q8_0, FIC_Q8_0)
-AVX2_FMT(q4_0, FIC_Q4_0)
-AVX2_FMT(q4_1, FIC_Q4_1)
+AVX2_DEQ(q8_0, FIC_Q8_0) /* their dot: q8x_dot_*_avx2 */
+AVX2_DEQ(q4_0, FIC_Q4_0)
+AVX2_DEQ(q4_1, FIC_Q4_1)
+AVX2_DEQ(q5_0, FIC_Q5_0)
+AVX2_DEQ(q4_K, FIC_Q4_K)
+AVX2_DEQ(q6_K, FIC_Q6_K)
+#undef AVX2_DEQ
 AVX2_FMT(q1_0, FIC_Q1_0)
-AVX2_FMT(q5_0, FIC_Q5_0)
-AVX2_FMT(q4_K, FIC_Q4_K)
-AVX2_FMT(q6_K, FIC_Q6_K)
 #undef AVX2_FMT
 
 /* The AVX-512 tables run these three on AVX2 code (a 512-bit version is not measured to pay yet). */
@@ -511,8 +727,12 @@ TGT_AVX2 float kern_dot_q5_0_avx2(const job_t *j, const uint8_t *row, const floa
 TGT_AVX2 float kern_dot_q4_K_avx2(const job_t *j, const uint8_t *row, const float *x) { return dot_q4_K_avx2(j, row, x); }
 TGT_AVX2 float kern_dot_q6_K_avx2(const job_t *j, const uint8_t *row, const float *x) { return dot_q6_K_avx2(j, row, x); }
 
-/* Q1_0 takes int8 activations (XP_Q1_AVX2); Q4_1 and Q4_K the sums of x per block / sub-block. */
+/* Every quantized format takes int8 activations (XP_Q1_AVX2, XP_Q8); exact requests take the
+ * float kernels with x as is (Q4_1 and Q4_K with its sums per block / sub-block). */
 #define AVX2_ENTRY(name, KT, XP) {KT, XP, XP, row_dot_##name##_avx2, NULL, kern_deq_##name##_avx2, NULL, NULL, NULL, NULL}
+/* Q4_0, Q4_1, Q8_0: int8 activations (XP_Q8), the float preparation XPF for an exact request. */
+#define AVX2_Q8X_ENTRY(name, KT, XPF) \
+    {KT, XP_Q8, XPF, q8x_dot_##name##_avx2, NULL, kern_deq_##name##_avx2, NULL, NULL, NULL, q8x_down_##name##_avx2}
 const fic_kernels fic_kernels_avx2 = {
     FIC_IMPL_AVX2,
     axpy_avx2,
@@ -520,13 +740,13 @@ const fic_kernels fic_kernels_avx2 = {
     {
         [FIC_F32] = AVX2_ENTRY(f32, KT_F32, XP_NONE),
         [FIC_F16] = AVX2_ENTRY(f16, KT_F16, XP_NONE),
-        [FIC_Q8_0] = AVX2_ENTRY(q8_0, KT_Q8_0, XP_NONE),
-        [FIC_Q4_0] = AVX2_ENTRY(q4_0, KT_Q4_0, XP_NONE),
-        [FIC_Q4_1] = AVX2_ENTRY(q4_1, KT_Q4_1, XP_SUMS),
+        [FIC_Q8_0] = AVX2_Q8X_ENTRY(q8_0, KT_Q8_0, XP_NONE),
+        [FIC_Q4_0] = AVX2_Q8X_ENTRY(q4_0, KT_Q4_0, XP_NONE),
+        [FIC_Q4_1] = AVX2_Q8X_ENTRY(q4_1, KT_Q4_1, XP_SUMS),
         [FIC_Q1_0] = AVX2_ENTRY(q1_0, KT_Q1_0, XP_Q1_AVX2),
-        [FIC_Q5_0] = AVX2_ENTRY(q5_0, KT_Q5_0, XP_NONE),
-        [FIC_Q4_K] = AVX2_ENTRY(q4_K, KT_Q4_K, XP_SUMS),
-        [FIC_Q6_K] = AVX2_ENTRY(q6_K, KT_Q6_K, XP_NONE),
+        [FIC_Q5_0] = AVX2_Q8X_ENTRY(q5_0, KT_Q5_0, XP_NONE),
+        [FIC_Q4_K] = AVX2_Q8X_ENTRY(q4_K, KT_Q4_K, XP_SUMS),
+        [FIC_Q6_K] = AVX2_Q8X_ENTRY(q6_K, KT_Q6_K, XP_NONE),
     },
 };
 #endif /* FIC_X86 */

@@ -72,9 +72,10 @@ static void matvec_range(void *ctx, int64_t r0, int64_t r1, int tid) {
 int fic_matvec(fic_pool *pool, int impl, int fmt, const uint8_t *w, const float *x, float *y, int64_t m,
                int64_t k, void *ws, int64_t ws_bytes) {
     job_t j;
-    int st = setup_job(&j, pool, impl, fmt, w, x, y, 1, m, k);
+    int st = setup_job(&j, pool, impl & ~FIC_IMPL_EXACT, fmt, w, x, y, 1, m, k);
     if (st == FIC_OK) st = ws_check(ws, ws_bytes, ws_matvec(k));
     if (st != FIC_OK) return st;
+    j.exact = (impl & FIC_IMPL_EXACT) != 0;
     if ((int64_t)prep_x_bytes(&j) > ws_matvec(k)) return FIC_ERR_WORKSPACE; /* the bound of fic.h */
     prep_x(&j, ws);
     fic_parallel_for(pool, m, row_chunk(pool, m, j.row_bytes), matvec_range, &j);

@@ -285,6 +285,49 @@ def _prefill_impl(impl: str) -> int:
     return _impl_id(impl) | (lib.FIC_IMPL_EXACT if mode == "exact" else 0)
 
 
+# "int8" (the default): a decode step's matrix-vector products in quantized formats quantize x
+# to 8 bits (q8 blocks of 32) and use integer dot products, as llama.cpp does: 1.5-2x the float path's
+# speed on AVX2 (bench/RESULTS.md, "Decode with int8 activations"); "exact": float activations in
+# every format but Q1_0 (its float kernels were 1.6-3x slower and are not kept). FIC_DECODE picks
+# the process's default.
+_DECODE = {"mode": os.environ.get("FIC_DECODE", "int8") or "int8"}
+
+
+def set_decode(mode: str) -> None:
+    """Choose the arithmetic of decode (one token) products for this process: "int8" or "exact"."""
+    if mode not in PREFILL_MODES:
+        raise ValueError(f"unknown decode mode {mode!r} (known: {', '.join(PREFILL_MODES)})")
+    _DECODE["mode"] = mode
+
+
+def get_decode() -> str:
+    return _DECODE["mode"]
+
+
+@contextlib.contextmanager
+def decode_mode(mode: str) -> Iterator[None]:
+    """set_decode(mode) for a block, the previous mode back after it."""
+    before = get_decode()
+    set_decode(mode)
+    try:
+        yield
+    finally:
+        _DECODE["mode"] = before
+
+
+def _decode_impl(impl: str) -> int:
+    """impl's id with FIC_IMPL_EXACT OR'ed in when decode is exact (matvec, one-token FFN and attention block)."""
+    mode = _DECODE["mode"]
+    if mode not in PREFILL_MODES:
+        raise ValueError(f"FIC_DECODE={mode!r} is not a decode mode (known: {', '.join(PREFILL_MODES)})")
+    return _impl_id(impl) | (lib.FIC_IMPL_EXACT if mode == "exact" else 0)
+
+
+def _math_impl(impl: str, t: int) -> int:
+    """The decode arithmetic for one token, the prefill arithmetic for more."""
+    return _decode_impl(impl) if t == 1 else _prefill_impl(impl)
+
+
 def get_threads() -> int:
     return _POOL.n_threads
 
@@ -418,7 +461,7 @@ def matvec(qt: QTensor, x: np.ndarray, *, impl: str = "auto", out: np.ndarray | 
     pool = _POOL.get()
     ws, ws_bytes, held = _ws_acquire(_POOL._n_threads, 1, k, 0, 0)
     try:
-        status = lib.fic_matvec(pool, _impl_id(impl), _fmt_id(qt.fmt), _u8(qt.data), _f32(x), _f32(y), m, k,
+        status = lib.fic_matvec(pool, _decode_impl(impl), _fmt_id(qt.fmt), _u8(qt.data), _f32(x), _f32(y), m, k,
                                 ws, ws_bytes)
     finally:
         if held:
@@ -552,7 +595,7 @@ class ExpertSet:
         pool = _POOL.get()
         ws, ws_bytes, held = _ws_acquire(_POOL._n_threads, t, self.d_model, len(self), self.n_total)
         try:
-            status = lib.fic_experts_ffn(pool, _prefill_impl(impl), self._layout, self._bundles, self._n, len(self),
+            status = lib.fic_experts_ffn(pool, _math_impl(impl, t), self._layout, self._bundles, self._n, len(self),
                                          coef_ptr, _f32(x), _f32(y), t, _f32(scratch), scratch.size, ws, ws_bytes)
         finally:
             if held:
@@ -682,7 +725,7 @@ def experts_ffn_slots(layout, arena: np.ndarray, slot_bytes: int, slots: np.ndar
     pool = _POOL.get()
     ws, ws_bytes, held = _ws_acquire(_POOL._n_threads, t, lay.d_model, n_experts, n_total)
     try:
-        status = lib.fic_experts_ffn_slots(pool, _prefill_impl(impl), lay.c, _u8(arena), slot_bytes,
+        status = lib.fic_experts_ffn_slots(pool, _math_impl(impl, t), lay.c, _u8(arena), slot_bytes,
                                            ffi.from_buffer("int32_t[]", slots), ffi.from_buffer("int32_t[]", n_neurons),
                                            n_experts, coef_ptr, _f32(x), _f32(y), t, _f32(scratch), scratch.size,
                                            ws, ws_bytes)
@@ -728,7 +771,7 @@ class SlotsFFN:
         pool = _POOL.get()
         ws, ws_bytes, held = _ws_acquire(_POOL._n_threads, 1, self.d_model, self.n_experts, self.n_total)
         try:
-            status = lib.fic_experts_ffn_slots(pool, _impl_id(impl), *self._args, px, py, 1, *self._scratch,
+            status = lib.fic_experts_ffn_slots(pool, _decode_impl(impl), *self._args, px, py, 1, *self._scratch,
                                                ws, ws_bytes)
         finally:
             if held:
@@ -966,7 +1009,7 @@ class DecodeAttention:
             self._reserve(_POOL._n_threads)
         if not 0 <= pos < self.ctx:
             raise ValueError(f"position {pos} outside the cache's {self.ctx}")
-        status = lib.fic_decode_attn(pool, _impl_id(impl), self.shape, self._w[layer],
+        status = lib.fic_decode_attn(pool, _decode_impl(impl), self.shape, self._w[layer],
                                      self._cos, self._sin, self._k[layer], self._v[layer], pos, self._x, self._xn,
                                      self._ws_ptr, self._ws_bytes)
         if status != 0:

@@ -263,10 +263,11 @@ def pytest_terminal_summary(terminalreporter):
 
 @pytest.fixture(scope="module", autouse=True)
 def prefill_mode_is_left_as_found():
-    """A test file that changes kernels' prefill arithmetic (FIC_PREFILL) must put it back: the
-    parity tests of later files hold the exact default to fp32 bounds."""
+    """A test file that changes kernels' prefill or decode arithmetic (FIC_PREFILL, FIC_DECODE) must
+    put it back: the parity tests of later files hold the defaults to their bounds."""
     from flashinfer_cli import kernels
 
-    before = kernels.get_prefill()
+    before = kernels.get_prefill(), kernels.get_decode()
     yield
-    assert kernels.get_prefill() == before, f"this file left the prefill mode {kernels.get_prefill()!r}"
+    after = kernels.get_prefill(), kernels.get_decode()
+    assert after == before, f"this file left the prefill/decode modes {after!r}"

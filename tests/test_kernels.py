@@ -7,7 +7,7 @@ Tolerances:
 - float32 accumulation: a dot product of length K summed in float32 in any order is within
   K * 2^-24 * sum_j |w_j x_j| of the exact value (the classic gamma_K bound; K * 2^-24 << 1 here).
   FLOAT_SLACK doubles it to cover the fp32 rounding of the result and of d*q products.
-- int8 activations (matvec for Q1_0 on AVX2/AVX-512 and Q4_0/Q4_1 on AVX-512 VNNI quantizes x to
+- int8 activations (matvec for Q1_0 on AVX2/AVX-512, every quantized format on AVX2 and Q4_0/Q4_1 on AVX-512 VNNI quantizes x to
   q8 blocks of 32, as llama.cpp does):
   each x_j moves by at most dx_b / 2 = amax_b / 254, so the result moves by at most
   sum_j |w_j| * amax_b(j) / 254 on top of the float bound. Measured on Gaussian data the RMS error
@@ -52,11 +52,13 @@ CPU_FLAGS = _cpu_flags()
 
 
 def int8_activation_path(fmt: str, impl: str) -> bool:
-    """matvec kernels that quantize x to int8 (see matvec.c): Q1_0 on AVX2 and AVX-512, and
-    Q4_0/Q4_1 on AVX-512 when the CPU has AVX-512 VNNI."""
+    """matvec kernels that quantize x to int8 (see matvec.c): Q1_0 on AVX2 and AVX-512, every
+    other quantized format on AVX2, and Q4_0/Q4_1 on AVX-512 when the CPU has AVX-512 VNNI."""
     resolved = K.best_impl() if impl == "auto" else impl
     if fmt == "q1_0":
         return resolved in ("avx2", "avx512")
+    if fmt in QDOT_FORMATS and resolved == "avx2":
+        return True
     return fmt in ("q4_0", "q4_1") and resolved == "avx512" and "avx512_vnni" in CPU_FLAGS
 
 
@@ -187,6 +189,27 @@ def test_int8_activation_error_is_small_in_practice(fmt, impl):
     q = np.rint(x.reshape(-1, 32) * (np.float32(127) / amax))
     x_q8 = (q.astype(np.float64) * (amax / np.float32(127))).reshape(-1)
     assert_within(y, wd @ x_q8, 2 * dot_bound(wd, x))
+
+
+@pytest.mark.parametrize("fmt,impl", [(f, i) for f, i in INT8_CASES if f != "q1_0"])
+def test_exact_decode_keeps_float_activations(fmt, impl):
+    """FIC_DECODE=exact (FIC_IMPL_EXACT on matvec) takes the float-activation kernels of every
+    quantized format but Q1_0 (int8 kernels only: its float paths were 1.6-3x slower): within the
+    float32 bound alone, and a different result from the default int8 one."""
+    qt, wd, rng = make(fmt, 257, 1024, seed=11)
+    x = rng.standard_normal(1024, dtype=np.float32)
+    with K.decode_mode("exact"):
+        exact = K.matvec(qt, x, impl=impl)
+    assert_within(exact, wd @ x, dot_bound(wd, x))
+    int8 = K.matvec(qt, x, impl=impl)
+    assert_within(int8, wd @ x, matvec_bound(fmt, impl, wd, x))
+    assert np.abs(int8 - wd @ x).max() > np.abs(exact - wd @ x).max()
+
+
+def test_decode_mode_is_checked():
+    with pytest.raises(ValueError, match="unknown decode mode"):
+        K.set_decode("fp8")
+    assert K.get_decode() == "int8"  # the default (FIC_DECODE unset in tests)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -362,7 +385,7 @@ def test_null_pool_runs_on_calling_thread():
                         ffi.from_buffer("float[]", x), ffi.from_buffer("float[]", y), 9, 64,
                         ffi.from_buffer("uint8_t[]", ws), ws.nbytes)
     assert st == lib.FIC_OK
-    assert_within(y, wd @ x, dot_bound(wd, x))
+    assert_within(y, wd @ x, matvec_bound("q8_0", "auto", wd, x))
 
 
 # ---- threads --------------------------------------------------------------------------------
@@ -815,7 +838,7 @@ def test_kernel_tables_are_complete(arch, tmp_path):
     src, exe, csrc = tmp_path / "tables.c", tmp_path / "tables", REPO / "csrc"
     src.write_text(KERNEL_TABLES_C)
     cmd = [cc, "-O1", "-std=gnu11", "-Wall", "-Wextra", "-Werror", *flags, "-pthread", "-I", str(csrc), str(src),
-           *(str(csrc / f) for f in ("quant.c", "pool.c", *KERNEL_SOURCES)), "-o", str(exe), "-lm"]
+           *(str(csrc / f) for f in ("quant.c", "pool.c", "qdot_avx2.c", *KERNEL_SOURCES)), "-o", str(exe), "-lm"]
     res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"})
     assert res.returncode == 0, res.stderr
     out = subprocess.run([*run, str(exe)], capture_output=True, text=True, timeout=120)

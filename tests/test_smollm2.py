@@ -26,8 +26,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from conftest import need_llama_cpp, slow_report  # noqa: E402
-from flashinfer_cli import Engine  # noqa: E402
-from test_kernels import int8_activation_path  # noqa: E402
+from flashinfer_cli import Engine, kernels  # noqa: E402
 
 llama_cpp = need_llama_cpp()
 
@@ -81,19 +80,6 @@ def ref_logits(model, ids) -> np.ndarray:
         return model(torch.tensor([ids])).logits[0].numpy()
 
 
-def model_formats(engine) -> set[str]:
-    man = engine.model.reader.manifest
-    fmts = {spec["fmt"] for spec in man.tensors.values()}
-    lay = man.expert_layout
-    return fmts | ({lay.gate_fmt, lay.up_fmt, lay.down_fmt} if lay else set())
-
-
-def decode_quantizes_activations(engine) -> bool:
-    """Whether fic's decode matvecs round activations to 8 bits on this machine (as llama.cpp
-    always does on CPU), for some weight format of the model; else decode is float32 throughout."""
-    return any(int8_activation_path(f, "auto") for f in model_formats(engine))
-
-
 @pytest.fixture(scope="module")
 def llama_decode(smollm2_gguf):
     """llama.cpp's logits, token by token after a batched prefill of `first` tokens (its decode
@@ -123,38 +109,39 @@ def cosines(a, b):
 
 
 def test_decode_logits_match_their_reference(engine, reference, llama_tok, llama_decode):
-    """Decode steps (one token each, the matvec kernels) against the reference that computes what
-    fic computes on this machine:
-    - where fic's decode matvecs are float32 (AVX2 and the float paths), transformers' fp32
-      logits, within prefill's bound (1e-4 of the largest logit). Measured on an AVX2 machine:
-      max |fic - transformers| 6.5e-5 with max |ref| 39.5 (rel 1.6e-6), some 20,000 times
-      tighter than the former 1.5; llama.cpp, which rounds activations to 8 bits, is 0.80 from
-      both (0.87 with its default f16 KV cache).
-    - where they round activations to 8 bits as llama.cpp does (Q4_0/Q4_1 on AVX-512 VNNI,
-      Q1_0 on AVX2/AVX-512), llama.cpp's decode logits (f32 KV cache), within 0.25: a third of
-      the 0.76-0.80 that 8-bit activations move either from fp32. Not yet measured on such a
-      machine: the first run there should record its value here.
-    Both: cosine > 0.995 and max |diff| < 1.2 with llama.cpp per position whatever fic's path
-    (measured with float32 decode: cosine >= 0.9971, max |diff| 0.80: llama.cpp's 8-bit
-    activations)."""
+    """Decode steps (one token each, the matvec kernels), both arithmetics:
+    - FIC_DECODE=exact (float activations; this model has no Q1_0, whose kernels are int8 only):
+      transformers' fp32 logits within prefill's bound (1e-4 of the largest logit). Measured:
+      max |fic - transformers| 6.5e-5 with max |ref| 39.5 (rel 1.6e-6); llama.cpp, which rounds
+      activations to 8 bits, is 0.80 from both (0.87 with its default f16 KV cache).
+    - the default (8-bit activations, as llama.cpp): within 1.2 of the exact decode (measured 0.81,
+      llama.cpp's own distance from fp32) with the same greedy token at >= 95% of positions
+      (measured 98.4%), and near llama.cpp's decode logits (f32 KV cache): two independent 8-bit
+      roundings, cosine > 0.99 and max |diff| < 2.0 (measured cosine >= 0.9939, max |diff| 1.04).
+    Float decode against llama.cpp: cosine >= 0.9971, max |diff| 0.80 (measured)."""
     ids = llama_tok(PROSE.read_text()[:1500])
     m = engine.model
-    m.reset()
-    m.forward(ids[:100])
-    dec = np.stack([m.forward([t]) for t in ids[100:164]])
+
+    def decode() -> np.ndarray:
+        m.reset()
+        m.forward(ids[:100])
+        return np.stack([m.forward([t]) for t in ids[100:164]])
+
+    dec = decode()
+    with kernels.decode_mode("exact"):
+        exact = decode()
     lcpp = llama_decode(ids[:164], 100)
-    assert cosines(dec, lcpp).min() > 0.995
-    assert np.abs(dec - lcpp).max() < 1.2
-    if decode_quantizes_activations(engine):
-        diff = np.abs(dec - lcpp).max()
-        slow_report(f"smollm2 decode vs llama.cpp (8-bit activations): max |diff| {diff:.4f}")
-        assert diff < 0.25
-    else:
-        ref = ref_logits(reference, ids[:164])[100:164]
-        diff = np.abs(dec - ref).max()
-        slow_report(f"smollm2 decode vs transformers (float32 decode): max |diff| {diff:.2e}, "
-                    f"max |ref| {np.abs(ref).max():.1f}; vs llama.cpp {np.abs(dec - lcpp).max():.3f}")
-        assert diff / np.abs(ref).max() < 1e-4
+    ref = ref_logits(reference, ids[:164])[100:164]
+    diff = np.abs(exact - ref).max()
+    slow_report(f"smollm2 decode vs transformers (float32 decode): max |diff| {diff:.2e}, "
+                f"max |ref| {np.abs(ref).max():.1f}; vs llama.cpp {np.abs(exact - lcpp).max():.3f}")
+    assert diff / np.abs(ref).max() < 1e-4
+    assert cosines(exact, lcpp).min() > 0.995 and np.abs(exact - lcpp).max() < 1.2
+    int8_moved, agree = np.abs(dec - exact).max(), (dec.argmax(1) == exact.argmax(1)).mean()
+    slow_report(f"smollm2 decode, 8-bit activations: max |diff| from exact {int8_moved:.3f}, greedy agreement "
+                f"{agree:.3f}; vs llama.cpp cosine {cosines(dec, lcpp).min():.4f}, max |diff| {np.abs(dec - lcpp).max():.3f}")
+    assert int8_moved < 1.2 and agree >= 0.95
+    assert cosines(dec, lcpp).min() > 0.99 and np.abs(dec - lcpp).max() < 2.0
 
 
 def perplexity(logits: np.ndarray, ids: list[int]) -> float:
