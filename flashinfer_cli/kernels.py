@@ -285,12 +285,13 @@ def _prefill_impl(impl: str) -> int:
     return _impl_id(impl) | (lib.FIC_IMPL_EXACT if mode == "exact" else 0)
 
 
-# "int8" (the default): a decode step's matrix-vector products in quantized formats quantize x
-# to 8 bits (q8 blocks of 32) and use integer dot products, as llama.cpp does: 1.5-2x the float path's
-# speed on AVX2 (bench/RESULTS.md, "Decode with int8 activations"); "exact": float activations in
-# every format but Q1_0 (its float kernels were 1.6-3x slower and are not kept). FIC_DECODE picks
-# the process's default.
-_DECODE = {"mode": os.environ.get("FIC_DECODE", "int8") or "int8"}
+# "exact" (the default): a decode step's products keep float activations. "int8": they quantize x to
+# 8 bits (q8 blocks of 32) and use integer dot products, as llama.cpp does: 1.3-2.2x faster kernels
+# on AVX2 for perplexity x1.001 (bench/RESULTS.md, "Decode with int8 activations"). Not the default:
+# exact mode promises the full model's answer under any budget, and int8's rounding turns the
+# streamed FFN's 1e-7 summation-order differences into 1e-2 (tests/test_soak.py saw an answer part
+# at a 0.35 logit gap). Q1_0 has int8 kernels only. FIC_DECODE picks the process's default.
+_DECODE = {"mode": os.environ.get("FIC_DECODE", "exact") or "exact"}
 
 
 def set_decode(mode: str) -> None:

@@ -52,11 +52,14 @@ CPU_FLAGS = _cpu_flags()
 
 
 def int8_activation_path(fmt: str, impl: str) -> bool:
-    """matvec kernels that quantize x to int8 (see matvec.c): Q1_0 on AVX2 and AVX-512, every
-    other quantized format on AVX2, and Q4_0/Q4_1 on AVX-512 when the CPU has AVX-512 VNNI."""
+    """matvec kernels that quantize x to int8 (see matvec.c): Q1_0 on AVX2 and AVX-512 always; with
+    FIC_DECODE=int8 also every other quantized format on AVX2, and Q4_0/Q4_1 on AVX-512 when the
+    CPU has AVX-512 VNNI."""
     resolved = K.best_impl() if impl == "auto" else impl
     if fmt == "q1_0":
         return resolved in ("avx2", "avx512")
+    if K.get_decode() != "int8":
+        return False
     if fmt in QDOT_FORMATS and resolved == "avx2":
         return True
     return fmt in ("q4_0", "q4_1") and resolved == "avx512" and "avx512_vnni" in CPU_FLAGS
@@ -113,9 +116,9 @@ def assert_within(got: np.ndarray, want: np.ndarray, bound: np.ndarray) -> None:
 
 @pytest.fixture(scope="module", autouse=True)
 def int8_prefill_in_this_file():
-    """This file bounds the int8-activation prefill kernels (FIC_PREFILL=int8; the product's default
-    is exact): every T > 1 product here takes that path unless a test asks for exact."""
-    with K.prefill_mode("int8"):
+    """This file bounds the int8-activation kernels (FIC_PREFILL=int8 and FIC_DECODE=int8; the
+    product's defaults are exact): every product here takes that path unless a test asks for exact."""
+    with K.prefill_mode("int8"), K.decode_mode("int8"):
         yield
 
 
@@ -195,7 +198,7 @@ def test_int8_activation_error_is_small_in_practice(fmt, impl):
 def test_exact_decode_keeps_float_activations(fmt, impl):
     """FIC_DECODE=exact (FIC_IMPL_EXACT on matvec) takes the float-activation kernels of every
     quantized format but Q1_0 (int8 kernels only: its float paths were 1.6-3x slower): within the
-    float32 bound alone, and a different result from the default int8 one."""
+    float32 bound alone, and a different result from the int8 one."""
     qt, wd, rng = make(fmt, 257, 1024, seed=11)
     x = rng.standard_normal(1024, dtype=np.float32)
     with K.decode_mode("exact"):
@@ -209,7 +212,7 @@ def test_exact_decode_keeps_float_activations(fmt, impl):
 def test_decode_mode_is_checked():
     with pytest.raises(ValueError, match="unknown decode mode"):
         K.set_decode("fp8")
-    assert K.get_decode() == "int8"  # the default (FIC_DECODE unset in tests)
+    assert K.get_decode() == "int8"  # this file's fixture; the product's default is exact
 
 
 @pytest.mark.parametrize("impl", IMPLS)
