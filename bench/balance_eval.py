@@ -18,8 +18,6 @@ import shutil
 import time
 from dataclasses import asdict
 
-import numpy as np
-
 from flashinfer_cli import calibrate as cal
 from flashinfer_cli.engine import Engine
 from flashinfer_cli.router import Predictor
