@@ -1,16 +1,25 @@
 """Calibration: fit the sketch policy's predictor on text every machine has, and store it.
 
-Runs a converted model (model.py, every expert resident) over calibration text: files of the
-Python standard library (found through sysconfig; half as source code, half as their docstrings
-and comments, texts.py's prose) chosen deterministically from a seed, plus answers the model
-writes itself to a few varied instructions (prose, code, chat). No corpus ships with fic.
+Runs a converted model (model.py, every expert resident) over calibration text of three domains,
+a third of the tokens each by default (CalibrationConfig.shares), chosen deterministically from a
+seed; no corpus ships with fic:
+  prose  the standard library's docstrings and comments (texts.py's _prose), the language
+         reference's help topics (pydoc_data) and the prose files beside the sources (LICENSE.txt,
+         IDLE's notes), plus the model's own answers to prose instructions;
+  code   the standard library's sources, plus its answers to code instructions;
+  chat   that prose taught as the assistant's answer to a user's question about its topic, in the
+         model's chat template (prefill only: no decoding), plus its answers to chat instructions.
+The model's own samples are a small share (decode is the slow part). A domain whose text runs out
+is weighed up in the fit (domain_weights), so each keeps its share; the result reports the tokens
+of each domain.
 
 For every layer it collects the FFN's input x (post-norm) and the token's L2-normalised |h| row
 (h = silu(gate x) * up x: the GRIFFIN statistic the `exact` policy scores with, router.py), and
-fits a reduced-rank ridge regression x -> row (rank r: a (r x d_model), b (d_ff x r), centring
-means). fmt.write_predictor stores it beside the dense block (temporary file + rename), so an
-interrupted calibration leaves the model as it was. Conversion never runs this: calibration sits
-above the model and the format.
+fits a reduced-rank ridge regression x -> target (rank r: a (r x d_model), b (d_out x r), centring
+means). The target is the row itself (d_ff outputs, "neuron") or the norm of each expert's slice of
+it ("expert": n_experts outputs, what selection ranks). fmt.write_predictor stores it beside the
+dense block (temporary file + rename), so an interrupted calibration leaves the model as it was.
+Conversion never runs this: calibration sits above the model and the format.
 
 `activation_rows` is the collection on its own, for other statistics (co-activation clustering):
 it yields, window after window, each layer's FFN inputs and normalised |h| rows.
@@ -25,7 +34,7 @@ import time
 import tokenize
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -45,7 +54,29 @@ HELD_OUT_INSTRUCTIONS = (
     ("chat", "What are some good habits for sleeping better? Please keep it friendly."),
     ("chat", "I feel nervous about a job interview tomorrow. What should I do tonight?"),
 )
+# the model's chat, taught without decoding: a question about a topic, stdlib prose as the answer
+CHAT_QUESTIONS = (
+    "Can you explain {topic} to me?",
+    "Hi! What should I know about {topic}?",
+    "I'm new to Python. How does {topic} work, in plain words?",
+    "Could you give me a short overview of {topic}, please?",
+    "What is {topic} about? Thanks in advance!",
+)
+# prose files shipped beside the standard library's sources by most Pythons (relative to stdlib)
+PROSE_FILES = (
+    ("LICENSE.txt", "Python's license and history"),
+    ("idlelib/README.txt", "IDLE's files"),
+    ("idlelib/NEWS.txt", "what changed in IDLE"),
+    ("idlelib/HISTORY.txt", "IDLE's history"),
+    ("idlelib/TODO.txt", "IDLE's to-do list"),
+    ("idlelib/extend.txt", "writing IDLE extensions"),
+    ("idlelib/CREDITS.txt", "who made IDLE"),
+)
+MIN_WINDOW = 16   # a shorter scrap of a document is dropped
+PER_DOC = 2       # windows at most from one document: many documents, not a few long ones
+CHARS_PER_TOKEN = 6  # generous: an excerpt of window * 6 characters fills a window of English or code
 RANK_FORMATS = ("q8_0", "f16", "f32")
+TARGETS = ("neuron", "expert")
 
 
 @dataclass(frozen=True)
@@ -58,6 +89,8 @@ class CalibrationConfig:
     window: int = 256            # tokens per forward pass (each window starts a fresh context)
     sample_share: float = 0.1    # share of the tokens from the model's own samples (decode is slow)
     sample_tokens: int = 160     # tokens generated per instruction
+    shares: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)  # of the tokens: prose, code, chat (DOMAINS)
+    target: str = "neuron"       # what the predictor predicts (TARGETS): each neuron's |h|, or each expert's norm
 
 
 @dataclass
@@ -69,7 +102,8 @@ class DomainQuality:
     domain: str
     tokens: int
     mass_recall: dict[str, float]
-    r2: float
+    r2: float              # of what the predictor predicts (neuron rows, or expert norms)
+    r2_expert: float = float("nan")  # of the rows' expert norms (expert_norms): comparable across targets
 
 
 @dataclass
@@ -80,6 +114,7 @@ class CalibrationResult:
     predictor_bytes: int
     ffn_bytes: int
     held_out: list[DomainQuality] = field(default_factory=list)
+    domain_tokens: dict[str, int] = field(default_factory=dict)  # calibration tokens of each domain
 
     @property
     def share_of_ffn(self) -> float:
@@ -87,10 +122,18 @@ class CalibrationResult:
 
     def as_meta(self) -> dict:
         """What the manifest records about how the predictor was made."""
-        return {"rank": self.config.rank, "fmt": self.config.fmt,
+        meta = {"rank": self.config.rank, "fmt": self.config.fmt,
                 "calibration": {"seed": self.config.seed, "tokens": self.n_tokens, "ridge": self.config.ridge,
-                                "seconds": round(self.seconds, 1),
-                                "held_out": [asdict(q) for q in self.held_out]}}
+                                "domain_tokens": self.domain_tokens, "seconds": round(self.seconds, 1),
+                                "held_out": [_json_safe(asdict(q)) for q in self.held_out]}}
+        if self.config.target != "neuron":  # the key is absent for the neuron target: older readers agree
+            meta["target"] = self.config.target
+        return meta
+
+
+def _json_safe(d: dict) -> dict:
+    """NaN (a figure not computed) as None: the manifest is strict JSON."""
+    return {k: (None if isinstance(v, float) and v != v else v) for k, v in d.items()}
 
 
 class CalibrationError(ValueError):
@@ -149,27 +192,146 @@ def own_samples(engine, instructions: Sequence[tuple[str, str]], seed: int, max_
     return out
 
 
+def _text_file(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _stdlib_prose_files() -> list[tuple[str, str]]:
+    """(topic, text) of the English prose files some Pythons ship beside the sources (the
+    license and its history, IDLE's notes); a missing one is skipped (distributions differ)."""
+    stdlib = sysconfig.get_paths().get("stdlib") or os.path.dirname(os.__file__)
+    out = []
+    for rel, topic in PROSE_FILES:
+        text = _text_file(os.path.join(stdlib, rel))
+        if text and text.strip():
+            out.append((topic, text))
+    return out
+
+
+def _pydoc_topics() -> list[tuple[str, str]]:
+    """(topic, text) of the language reference's help topics (pydoc_data), sorted by name."""
+    try:
+        from pydoc_data.topics import topics
+    except Exception:  # absent from some distributions' minimal Pythons
+        return []
+    return [(name.replace("-", " "), text) for name, text in sorted(topics.items()) if text.strip()]
+
+
+def prose_documents(seed: int) -> list[tuple[str, str]]:
+    """(topic, text) of every English prose source of the standard library, in an order fixed by
+    the seed: the calibration files' docstrings and comments, the help topics, the prose files."""
+    docs = []
+    for path in _calibration_files(seed)[1::2]:
+        source = _read_source(path)
+        paragraphs = texts._prose(source) if source else []
+        if paragraphs:
+            docs.append((f"the {Path(path).stem} module", "\n\n".join(paragraphs)))
+    docs += _pydoc_topics() + _stdlib_prose_files()
+    order = np.random.default_rng(seed + 1).permutation(len(docs))
+    return [docs[i] for i in order]
+
+
+def code_documents(seed: int) -> list[str]:
+    """The source of every other calibration file (the rest give prose_documents their docstrings)."""
+    return [src for path in _calibration_files(seed)[0::2] if (src := _read_source(path)) is not None]
+
+
+def _calibration_files(seed: int) -> list[str]:
+    """The standard-library files calibration may read: 3 in 4, chosen by the seed (the 4th are
+    held out: stdlib_documents(held_out=True))."""
+    files = _stdlib_files()
+    order = np.random.default_rng(seed).permutation(len(files))
+    return [files[i] for k, i in enumerate(order) if k % 4 != 3]
+
+
+def chat_ids(engine, topic: str, answer: list[int], k: int) -> list[int]:
+    """A conversation taught to the model without decoding: a user turn asking about the topic in
+    the model's chat template, then the prose's tokens as the assistant's answer."""
+    question = CHAT_QUESTIONS[k % len(CHAT_QUESTIONS)].format(topic=topic)
+    return engine.prompt_ids(question) + list(answer)
+
+
+def _excerpt(text: str, n_chars: int, rng: np.random.Generator) -> str:
+    """About n_chars of text from an offset the rng picks, moved on to a line's start: tokenizing
+    a whole long document for the few windows taken from it would cost more than the forward."""
+    if len(text) <= n_chars:
+        return text
+    start = int(rng.integers(0, len(text) - n_chars))
+    line = text.find("\n", start, start + n_chars // 2)
+    start = line + 1 if line >= 0 else start
+    return text[start:start + n_chars]
+
+
+def _doc_windows(ids: list[int], window: int, rng: np.random.Generator, per_doc: int) -> list[list[int]]:
+    """At most per_doc windows of one document at offsets the rng picks (not always its head,
+    which is licence and imports for most sources); scraps under MIN_WINDOW are dropped."""
+    starts = list(range(0, max(1, len(ids) - MIN_WINDOW), window))
+    picked = sorted(rng.choice(len(starts), size=min(per_doc, len(starts)), replace=False))
+    return [w for i in picked if len(w := ids[starts[i]:starts[i] + window]) >= MIN_WINDOW]
+
+
+def domain_budgets(cfg: CalibrationConfig) -> dict[str, int]:
+    """Tokens each domain is given: cfg.shares of cfg.tokens (the last takes the rounding)."""
+    budgets = {d: int(cfg.tokens * share) for d, share in zip(DOMAINS, cfg.shares)}
+    budgets[DOMAINS[-1]] += cfg.tokens - sum(budgets.values())
+    return budgets
+
+
 def token_windows(engine, cfg: CalibrationConfig) -> list[tuple[str, list[int]]]:
-    """The calibration windows: (domain, ids of at most cfg.window tokens), the model's own
-    samples first, then standard-library text, cfg.tokens in all."""
-    windows = []
+    """The calibration windows: (domain, ids of at most cfg.window tokens), cfg.tokens in all,
+    each domain its share (domain_budgets): the model's own samples first (in their domains), then
+    prose (the standard library's docstrings, help topics and prose files), code (its sources) and
+    chat (that prose taught as the answer to a user's question in the chat template: prefill only).
+    A domain whose text runs out leaves its remainder unfilled: calibrate() weighs it up."""
+    budgets = domain_budgets(cfg)
+    filled = dict.fromkeys(DOMAINS, 0)
+    windows: list[tuple[str, list[int]]] = []
+
+    def take(domain: str, ids: list[int]) -> bool:
+        room = budgets[domain] - filled[domain]
+        w = ids[:min(cfg.window, room)]
+        if room > 0 and len(w) >= min(MIN_WINDOW, room):
+            windows.append((domain, w))
+            filled[domain] += len(w)
+        return filled[domain] >= budgets[domain]
+
     n_samples = max(1, int(round(cfg.tokens * cfg.sample_share / max(1, cfg.sample_tokens))))
-    prompts = list(INSTRUCTIONS[:min(n_samples, len(INSTRUCTIONS))])
-    total = 0
-    for domain, ids in own_samples(engine, prompts, cfg.seed, cfg.sample_tokens):
-        w = ids[:min(cfg.window, cfg.tokens - total)]
-        if w:
-            windows.append((domain, w))
-            total += len(w)
-    for domain, text in stdlib_documents(cfg.seed):
-        ids = engine.tokenize(text)
-        for i in range(0, len(ids) - 16, cfg.window):  # windows of one document; a scrap is dropped
-            if total >= cfg.tokens:
-                return windows
-            w = ids[i:i + min(cfg.window, cfg.tokens - total)]
-            windows.append((domain, w))
-            total += len(w)
+    for domain, ids in own_samples(engine, INSTRUCTIONS[:min(n_samples, len(INSTRUCTIONS))], cfg.seed,
+                                   cfg.sample_tokens):
+        take(domain, ids)
+    rng = np.random.default_rng(cfg.seed + 2)
+    prose = prose_documents(cfg.seed)
+    for topic, text in prose[0::2]:  # half of the prose as prose, the other half as chat answers
+        ids = engine.tokenize(_excerpt(text, CHARS_PER_TOKEN * cfg.window * PER_DOC, rng))
+        if any(take("prose", w) for w in _doc_windows(ids, cfg.window, rng, PER_DOC)):
+            break
+    for source in code_documents(cfg.seed):
+        ids = engine.tokenize(_excerpt(source, CHARS_PER_TOKEN * cfg.window * PER_DOC, rng))
+        if any(take("code", w) for w in _doc_windows(ids, cfg.window, rng, PER_DOC)):
+            break
+    for k, (topic, text) in enumerate(prose[1::2]):
+        answers = _doc_windows(engine.tokenize(_excerpt(text, CHARS_PER_TOKEN * cfg.window, rng)), cfg.window, rng, 1)
+        if answers and take("chat", chat_ids(engine, topic, answers[0], k)):
+            break
     return windows
+
+
+def domain_tokens(windows: Sequence[tuple[str, Sequence[int]]]) -> dict[str, int]:
+    out = dict.fromkeys(DOMAINS, 0)
+    for domain, ids in windows:
+        out[domain] += len(ids)
+    return out
+
+
+def domain_weights(cfg: CalibrationConfig, tokens: dict[str, int]) -> dict[str, float]:
+    """Per-token weight of each domain in the fit, so that each carries its share of the ridge's
+    statistics even when its text ran short: share * total / tokens (1.0 when it was filled)."""
+    total = sum(tokens.values())
+    return {d: (share * total / tokens[d] if tokens[d] else 0.0) for d, share in zip(DOMAINS, cfg.shares)}
 
 
 # ---- the statistics -------------------------------------------------------------------------
@@ -213,18 +375,19 @@ class RidgeStats:
         self.sxx = np.zeros((d_in, d_in))
         self.sxy = np.zeros((d_in, d_out))
 
-    def add(self, x: np.ndarray, y: np.ndarray) -> None:
-        self.n += x.shape[0]
-        self.sx += x.sum(axis=0, dtype=np.float64)
-        self.sy += y.sum(axis=0, dtype=np.float64)
-        self.sxx += x.T @ x  # float32 products of one window (fast), summed in float64
-        self.sxy += x.T @ y
+    def add(self, x: np.ndarray, y: np.ndarray, weight: float = 1.0) -> None:
+        """Add the rows of x and y, each counted `weight` times (a domain's balance)."""
+        self.n += weight * x.shape[0]
+        self.sx += weight * x.sum(axis=0, dtype=np.float64)
+        self.sy += weight * y.sum(axis=0, dtype=np.float64)
+        self.sxx += weight * (x.T @ x)  # float32 products of one window (fast), summed in float64
+        self.sxy += weight * (x.T @ y)
 
     def fit(self, rank: int, ridge: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(a (r, d_in), b (d_out, r), mu_x, mu_y): reduced-rank ridge regression (the rank-r
         projection of the ridge solution W that keeps most of the fitted rows' variance,
         W^T (C + lam I) W's top eigenvectors)."""
-        n = max(1, self.n)
+        n = self.n if self.n > 0 else 1.0
         mu_x, mu_y = self.sx / n, self.sy / n
         cxx = self.sxx / n - np.outer(mu_x, mu_x)
         cxy = self.sxy / n - np.outer(mu_x, mu_y)
@@ -232,12 +395,23 @@ class RidgeStats:
         reg = cxx + lam * np.eye(cxx.shape[0])
         chol = np.linalg.cholesky(reg)
         w = np.linalg.solve(reg, cxy)                # (d_in, d_out)
+        if rank >= w.shape[1]:  # few outputs (expert target): the full ridge map, padded to the rank
+            a = np.zeros((rank, w.shape[0]))
+            a[:w.shape[1]] = w.T
+            return a.astype(np.float32), np.eye(w.shape[1], rank, dtype=np.float32), \
+                mu_x.astype(np.float32), mu_y.astype(np.float32)
         m = chol.T @ w                               # its fitted rows' covariance is m^T m
         u, evals = top_eigenvectors(m @ m.T, rank)   # (d_in, d_in): small beside d_out
         s = np.sqrt(np.maximum(evals, 1e-30))
         v = (m.T @ u) / s                            # (d_out, r): top right singular vectors of m
         a = (w @ v).T                                # (r, d_in)
         return a.astype(np.float32), v.astype(np.float32), mu_x.astype(np.float32), mu_y.astype(np.float32)
+
+
+def expert_norms(y: np.ndarray, offsets: np.ndarray, n_experts: int) -> np.ndarray:
+    """(t, n_experts): the L2 norm of each expert's slice of each normalised row (the expert
+    target: what selection ranks, one output per expert instead of per neuron)."""
+    return np.sqrt(np.add.reduceat(y * y, offsets[:n_experts], axis=1))
 
 
 def top_eigenvectors(g: np.ndarray, k: int, *, iters: int = 8, extra: int = 16) -> tuple[np.ndarray, np.ndarray]:
@@ -309,25 +483,46 @@ def evaluate(engine, predictor, windows: dict[str, list[list[int]]],
              actives: Sequence[float] = (0.5, 0.75, 0.9)) -> list[DomainQuality]:
     """Each domain's DomainQuality of `predictor` (router.Predictor) against the true rows."""
     m = engine.model
-    off = m.scorer.offsets
-    n_exp = m.arena.experts_per_layer
-    out = []
-    for domain, wins in windows.items():
-        recalls = {f"{a:g}": [] for a in actives}
-        ss_res = ss_tot = 0.0
-        for layer, x, y in activation_rows(engine, wins):
-            pred = predictor.predict(layer, x)
-            ss_res += float(((pred - y) ** 2).sum())
-            ss_tot += float(((y - y.mean(axis=0)) ** 2).sum())
-            true_s = expert_scores((y * y).sum(axis=0), off[layer], int(n_exp[layer]))
-            p = np.maximum(pred, 0)
-            pred_s = expert_scores((p * p).sum(axis=0), off[layer], int(n_exp[layer]))
-            for a in actives:
-                recalls[f"{a:g}"].append(mass_recall(true_s, pred_s, max(1, int(round(a * n_exp[layer])))))
-        out.append(DomainQuality(domain, sum(len(w) for w in wins),
-                                 {k: float(np.mean(v)) for k, v in recalls.items()},
-                                 1.0 - ss_res / max(ss_tot, 1e-30)))
-    return out
+    return [evaluate_rows(predictor, domain, activation_rows(engine, wins), m.scorer.offsets,
+                          m.arena.experts_per_layer, sum(len(w) for w in wins), actives)
+            for domain, wins in windows.items()]
+
+
+def evaluate_rows(predictor, domain: str, rows: Iterable[tuple[int, np.ndarray, np.ndarray]], offsets: np.ndarray,
+                  n_exp: np.ndarray, tokens: int, actives: Sequence[float] = (0.5, 0.75, 0.9)) -> DomainQuality:
+    """One domain's DomainQuality from its (layer, x, y) rows (activation_rows' or a saved copy)."""
+    recalls = {f"{a:g}": [] for a in actives}
+    r2_raw, r2_exp = R2(), R2()
+    for layer, x, y in rows:
+        ne = int(n_exp[layer])
+        true_e = expert_norms(y, offsets[layer], ne)
+        raw = predictor.predict_raw(layer, x)
+        r2_raw.add(y if predictor.target == "neuron" else true_e, raw)
+        pred = predictor.predict(layer, x)  # the rows the Scorer is given
+        p = np.maximum(pred, 0)
+        r2_exp.add(true_e, raw if predictor.target == "expert" else expert_norms(p, offsets[layer], ne))
+        true_s = expert_scores((y * y).sum(axis=0), offsets[layer], ne)
+        pred_s = expert_scores((p * p).sum(axis=0), offsets[layer], ne)
+        for a in actives:
+            recalls[f"{a:g}"].append(mass_recall(true_s, pred_s, max(1, int(round(a * ne)))))
+    return DomainQuality(domain, tokens, {k: float(np.mean(v)) for k, v in recalls.items()}, r2_raw.value,
+                         r2_exp.value)
+
+
+class R2:
+    """R^2 of predictions against targets, pooled over the layers and windows added (each against
+    its own window's mean: what a predictor adds beyond knowing the prompt's average row)."""
+
+    def __init__(self):
+        self.res = self.tot = 0.0
+
+    def add(self, true: np.ndarray, pred: np.ndarray) -> None:
+        self.res += float(((pred - true) ** 2).sum())
+        self.tot += float(((true - true.mean(axis=0)) ** 2).sum())
+
+    @property
+    def value(self) -> float:
+        return 1.0 - self.res / max(self.tot, 1e-30)
 
 
 # ---- the whole calibration ------------------------------------------------------------------
@@ -341,6 +536,10 @@ def check_config(cfg: CalibrationConfig, d_model: int) -> None:
         raise CalibrationError(f"--tokens must be at least 64, got {cfg.tokens}")
     if cfg.fmt not in RANK_FORMATS:
         raise CalibrationError(f"predictor format {cfg.fmt!r} (choose from {', '.join(RANK_FORMATS)})")
+    if cfg.target not in TARGETS:
+        raise CalibrationError(f"predictor target {cfg.target!r} (choose from {', '.join(TARGETS)})")
+    if len(cfg.shares) != len(DOMAINS) or min(cfg.shares) < 0 or abs(sum(cfg.shares) - 1) > 1e-6:
+        raise CalibrationError(f"domain shares must be {len(DOMAINS)} non-negative numbers adding up to 1, got {cfg.shares}")
 
 
 def calibrate(model_dir: str | os.PathLike, cfg: CalibrationConfig = CalibrationConfig(), *,
@@ -362,23 +561,30 @@ def calibrate(model_dir: str | os.PathLike, cfg: CalibrationConfig = Calibration
                                    "(its routers already score its experts)")
         if not engine.plan.all_resident:
             raise CalibrationError("calibration runs every expert resident: the machine has too little memory free")
-        d_ff = int(engine.model.scorer.d_ff)
-        stats = [RidgeStats(c.d_model, d_ff) for _ in range(c.n_layers)]
+        off, n_exp = engine.model.scorer.offsets, engine.model.arena.experts_per_layer
+        d_out = [int(engine.model.scorer.d_ff) if cfg.target == "neuron" else int(n_exp[l]) for l in range(c.n_layers)]
+        stats = [RidgeStats(c.d_model, d_out[l]) for l in range(c.n_layers)]
         with tqdm(total=cfg.tokens, desc="calibrating", unit="tok", file=sys.stderr, disable=not progress,
                   leave=False) as bar:
             windows = token_windows(engine, cfg)
-            for k, (layer, x, y) in enumerate(activation_rows(engine, [w for _, w in windows])):
-                stats[layer].add(x, y)
-                if layer == c.n_layers - 1:
-                    bar.update(x.shape[0])
-        n_tokens = stats[0].n
+            tokens = domain_tokens(windows)
+            weights = domain_weights(cfg, tokens)
+            for domain, ids in windows:
+                for layer, x, y in activation_rows(engine, [ids]):
+                    if cfg.target == "expert":
+                        y = expert_norms(y, off[layer], int(n_exp[layer]))
+                    stats[layer].add(x, y, weights[domain])
+                    if layer == c.n_layers - 1:
+                        bar.update(x.shape[0])
+        n_tokens = sum(tokens.values())
         fits = [s.fit(cfg.rank, cfg.ridge) for s in stats]
         del stats
         tensors = predictor_tensors(fits, cfg.fmt)
         man = engine.model.reader.manifest
-        result = CalibrationResult(cfg, n_tokens, 0.0, tensor_bytes(tensors), ffn_bytes(man))
+        result = CalibrationResult(cfg, n_tokens, 0.0, tensor_bytes(tensors), ffn_bytes(man), domain_tokens=tokens)
         if held_out:
-            predictor = Predictor(tensors, c.n_layers)
+            predictor = Predictor(tensors, c.n_layers, target=cfg.target,
+                                  n_neurons=[[e.n_neurons for e in layer] for layer in man.experts])
             result.held_out = evaluate(engine, predictor, held_out_windows(engine, cfg.seed, cfg.window, held_out))
         result.seconds = time.perf_counter() - t0
     finally:

@@ -274,13 +274,15 @@ def _show_profiles(store_name: str) -> None:
               help="The predictor's rank, a multiple of 32 (default 64).")
 @click.option("--format", "fmt_name", type=click.Choice(["q8_0", "f16", "f32"]), default="q8_0", show_default=True,
               help="Format of the predictor's matrices.")
+@click.option("--target", type=click.Choice(["neuron", "expert"]), default="neuron", show_default=True,
+              help="What the predictor predicts from each token: every neuron's activation, or each expert's norm.")
 @click.option("--cluster", "do_cluster", is_flag=True,
               help="First group the FFN's neurons into experts by co-activation, with --shared of them always on.")
 @click.option("--shared", type=float, default=None, metavar="F",
               help="With --cluster: the fraction of each layer's neurons kept always on (default 0.1).")
 @click.option("--progress/--no-progress", default=True, help="A progress bar on stderr.")
-def calibrate_cmd(model: str, seed: int, tokens: int | None, rank: int | None, fmt_name: str, do_cluster: bool,
-                  shared: float | None, progress: bool) -> None:
+def calibrate_cmd(model: str, seed: int, tokens: int | None, rank: int | None, fmt_name: str, target: str,
+                  do_cluster: bool, shared: float | None, progress: bool) -> None:
     """Fit MODEL's predictor for --policy sketch: run it over standard-library text and its own
     samples, fit per layer a small map from the FFN's input to its activations, store it in the
     model (the old one is kept if this stops). --cluster first rewrites the model's expert order
@@ -292,7 +294,7 @@ def calibrate_cmd(model: str, seed: int, tokens: int | None, rank: int | None, f
         _fail("--shared is a clustering option: add --cluster")
     defaults = calibrate.CalibrationConfig()
     cfg = calibrate.CalibrationConfig(seed=seed, tokens=tokens or defaults.tokens, rank=rank or defaults.rank,
-                                      fmt=fmt_name)
+                                      fmt=fmt_name, target=target)
     with _user_errors():
         path = resolve_model(model, auto_pull=False)
         if do_cluster:
@@ -306,9 +308,11 @@ def calibrate_cmd(model: str, seed: int, tokens: int | None, rank: int | None, f
         result = calibrate.calibrate(path, cfg, progress=progress)
     click.echo(f"{path.name}: predictor of rank {cfg.rank} ({cfg.fmt}), {result.predictor_bytes:,} bytes "
                f"({100 * result.share_of_ffn:.1f}% of the FFN), {result.n_tokens} tokens in {result.seconds:.0f} s")
+    click.echo("  calibration tokens per domain: " + ", ".join(f"{d} {n}" for d, n in result.domain_tokens.items()))
     for q in result.held_out:
         recall = ", ".join(f"{k}: {v:.3f}" for k, v in q.mass_recall.items())
-        click.echo(f"  held-out {q.domain:<6} score mass kept at active {recall}; R^2 {q.r2:.3f}")
+        click.echo(f"  held-out {q.domain:<6} score mass kept at active {recall}; R^2 {q.r2:.3f} "
+                   f"(experts' norms {q.r2_expert:.3f})")
 
 
 @cli.command("rm")

@@ -11,7 +11,8 @@ A model is a directory:
                        layer's activations, part of the dense block; the manifest's "predictor"
                        names the file and holds its tensors' specs and CRC32Cs. A manifest without
                        the key (every model converted before it) simply has no predictor, and a
-                       reader that predates it ignores it: the format version stays 3.
+                       reader that predates it ignores it: the format version stays 3. Its
+                       optional "target" says what it predicts ("neuron" when absent, "expert").
     tokenizer files    copied as they are
     DAMAGED            written by a reader that found bytes failing their checksum (`fic ls` shows
                        it); pulling the model again replaces the directory, marker and all
@@ -391,6 +392,7 @@ def _parse_shared(raw: Any, experts: list[list[ExpertEntry]], layout: ExpertLayo
 
 
 PREDICTOR_PREFIX = "predictor-"
+PREDICTOR_TARGETS = ("neuron", "expert")  # each neuron's normalised |h|, or each expert's norm of it
 
 
 def predictor_names(layer: int) -> dict[str, str]:
@@ -411,6 +413,9 @@ def _parse_predictor(raw: Any, path: Path) -> dict[str, Any] | None:
     for tname, spec in tensors.items():
         _check_spec(tname, spec, path)
     _require(_is_int(raw.get("rank")) and raw["rank"] > 0, path, "bad predictor rank")
+    # what it predicts: absent (every predictor written before the key) means "neuron"
+    _require(raw.get("target", "neuron") in PREDICTOR_TARGETS, path,
+             f"unknown predictor target {_short(raw.get('target'))}")
     return raw
 
 

@@ -182,13 +182,25 @@ def apply_sets(arena, runner, sets: list[np.ndarray], *, prune: bool) -> int:
 # ---- the sketch policy's predictor ---------------------------------------------------------
 
 class Predictor:
-    """Per layer, y = b (a (x - mu_x)) + mu_y: the predicted L2-normalised |h| row of each token
-    from its FFN input x (calibrate.py fits it; fmt stores it). Matrices stay in their stored
-    format (q8_0 or f16) and go through the kernels."""
+    """Per layer, y = b (a (x - mu_x)) + mu_y from each token's FFN input x (calibrate.py fits it;
+    fmt stores it). Its target (the manifest's predictor "target", "neuron" when absent) is either
+    the L2-normalised |h| row (d_ff outputs) or the norm of each expert's slice of that row
+    (n_experts outputs). Matrices stay in their stored format (q8_0 or f16) and go through the
+    kernels."""
 
-    def __init__(self, tensors: dict, n_layers: int):
+    def __init__(self, tensors: dict, n_layers: int, *, target: str = "neuron",
+                 n_neurons: list[list[int]] | None = None):
         from flashinfer_cli.model import _qt
 
+        if target not in ("neuron", "expert"):
+            raise ValueError(f"unknown predictor target {target!r}")
+        if target == "expert" and n_neurons is None:
+            raise ValueError("an expert-target predictor needs each expert's neuron count")
+        self.target = target
+        # expert target: each expert's output spread over its neurons (see predict)
+        self._spread = [np.repeat(np.arange(len(n)), n) for n in n_neurons] if target == "expert" else None
+        self._scale = [np.repeat(1.0 / np.sqrt(np.maximum(n, 1)), n).astype(np.float32)
+                       for n in map(np.asarray, n_neurons)] if target == "expert" else None
         self.layers = []
         for layer in range(n_layers):
             n = fmt.predictor_names(layer)
@@ -199,17 +211,32 @@ class Predictor:
     @classmethod
     def load(cls, reader: "fmt.ModelReader", n_layers: int) -> "Predictor | None":
         tensors = reader.predictor()
-        return None if tensors is None else cls(tensors, n_layers)
+        if tensors is None:
+            return None
+        man = reader.manifest
+        return cls(tensors, n_layers, target=man.predictor.get("target", "neuron"),
+                   n_neurons=[[e.n_neurons for e in layer] for layer in man.experts])
 
     @property
     def rank(self) -> int:
         return self.layers[0][0].shape[0] if self.layers else 0
 
-    def predict(self, layer: int, x: np.ndarray) -> np.ndarray:
-        """Predicted rows (t, d_ff) for FFN inputs x (t, d_model) or (d_model,)."""
+    def predict_raw(self, layer: int, x: np.ndarray) -> np.ndarray:
+        """What the predictor was fitted to, for FFN inputs x (t, d_model) or (d_model,):
+        (t, d_ff) rows, or (t, n_experts) expert norms for the expert target."""
         from flashinfer_cli import kernels
 
         a, b, mu_x, mu_y = self.layers[layer]
         xc = np.ascontiguousarray(np.atleast_2d(x) - mu_x, dtype=np.float32)
         z = np.ascontiguousarray(kernels.matmul(a, xc), dtype=np.float32)
         return kernels.matmul(b, z) + mu_y
+
+    def predict(self, layer: int, x: np.ndarray) -> np.ndarray:
+        """Predicted rows (t, d_ff) for the Scorer (add_predicted). For the expert target, expert
+        e's predicted norm z (clipped at 0) becomes z / sqrt(n_e) on each of its n_e neurons: the
+        row keeps the expert's norm, and the Scorer's expert score is sqrt(n_e) * ||z over tokens||,
+        GRIFFIN's sum of n_e equal column norms."""
+        raw = self.predict_raw(layer, x)
+        if self.target == "neuron":
+            return raw
+        return np.maximum(raw, 0.0)[:, self._spread[layer]] * self._scale[layer]

@@ -458,3 +458,134 @@ def test_cli_calibrate_cluster_reorders_then_fits_and_keeps_the_model(plain, tmp
 def test_cli_calibrate_shared_needs_cluster(plain, tmp_path):
     res = _fic("calibrate", str(_copy(plain, tmp_path)), "--shared", "0.1", "--no-progress")
     assert res.exit_code != 0 and res.stderr.strip().count("\n") == 0 and "--cluster" in res.stderr
+
+
+# ---- domain balance and the expert target (issue 7: "does not favour one domain") -------------
+
+def test_calibration_text_gives_each_domain_its_share(plain):
+    """The windows hold cfg.shares of the tokens per domain (default a third each), counted from
+    the windows themselves; chat windows outside the model's own samples are a user's question in
+    the chat template followed by standard-library prose, taught without decoding."""
+    eng = Engine.open(str(plain), ctx=256)
+    try:
+        cfg = cal.CalibrationConfig(**{**TINY_CFG.__dict__, "tokens": 900, "sample_share": 0.0})
+        windows = cal.token_windows(eng, cfg)
+        counted = {d: sum(len(w) for dd, w in windows if dd == d) for d in cal.DOMAINS}
+        assert counted == {"prose": 300, "code": 300, "chat": 300}
+        assert cal.domain_tokens(windows) == counted
+        taught = [w for d, w in windows if d == "chat"]
+        starts = [eng.prompt_ids(q.format(topic="X"))[:3] for q in cal.CHAT_QUESTIONS]
+        for w in taught:
+            assert any(w[:3] == s for s in starts)   # the template's opening, then a question
+            text = eng.tokenizer.decode(w)
+            assert any(q.split("{topic}")[0] in text for q in cal.CHAT_QUESTIONS), text[:200]
+        uneven = cal.CalibrationConfig(**{**cfg.__dict__, "shares": (0.5, 0.25, 0.25)})
+        got = cal.domain_tokens(cal.token_windows(eng, uneven))
+        assert got == {"prose": 450, "code": 225, "chat": 225}
+    finally:
+        eng.close()
+
+
+def test_calibration_reports_its_domain_mix(calibrated):
+    model, result = calibrated
+    assert sum(result.domain_tokens.values()) == result.n_tokens == TINY_CFG.tokens
+    budgets = cal.domain_budgets(TINY_CFG)
+    # the model's own samples may overshoot nothing: every domain holds its budget exactly here
+    assert result.domain_tokens == budgets
+    meta = fmt.parse_manifest(model / fmt.MANIFEST_FILE).predictor
+    assert meta["calibration"]["domain_tokens"] == result.domain_tokens
+    assert "target" not in meta  # the neuron target writes no key: readers before it agree
+
+
+def test_a_short_domain_is_weighed_up():
+    """domain_weights gives each domain its share of the fit: weight * tokens = share * total."""
+    tokens = {"prose": 100, "code": 300, "chat": 200}
+    cfg = cal.CalibrationConfig()
+    w = cal.domain_weights(cfg, tokens)
+    assert [w[d] * tokens[d] for d in cal.DOMAINS] == pytest.approx([200.0] * 3)
+
+
+def test_weighted_statistics_equal_repeated_rows():
+    """add(x, y, weight=2) is the fit of x and y given twice (numpy's least squares on the
+    rows repeated as the reference)."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((300, 10)).astype(np.float32)
+    y = (x @ rng.standard_normal((10, 6)) + 0.3 * rng.standard_normal((300, 6))).astype(np.float32)
+    st = cal.RidgeStats(10, 6)
+    st.add(x[:100], y[:100], 2.0)
+    st.add(x[100:], y[100:])
+    a, b, mu_x, mu_y = st.fit(rank=32, ridge=1e-9)  # rank above the outputs: the full map
+    assert a.shape == (32, 10) and b.shape == (6, 32)
+    xs = np.vstack([x[:100], x]).astype(np.float64)
+    ys = np.vstack([y[:100], y]).astype(np.float64)
+    coef, *_ = np.linalg.lstsq(np.hstack([xs, np.ones((400, 1))]), ys, rcond=None)
+    ours = (x - mu_x) @ a.T.astype(np.float64) @ b.T.astype(np.float64) + mu_y
+    ref = np.hstack([x, np.ones((300, 1))]) @ coef
+    assert np.abs(ours - ref).max() < 1e-3 * np.abs(ref).max()
+
+
+def test_expert_norms_are_the_slices_norms():
+    rng = np.random.default_rng(6)
+    y = np.abs(rng.standard_normal((5, 12))).astype(np.float32)
+    off = np.array([0, 4, 6, 12])
+    ref = np.stack([np.linalg.norm(y[:, 0:4], axis=1), np.linalg.norm(y[:, 4:6], axis=1),
+                    np.linalg.norm(y[:, 6:12], axis=1)], axis=1)
+    assert np.allclose(cal.expert_norms(y, off, 3), ref, rtol=1e-6)
+
+
+def test_expert_target_round_trips_and_drives_the_sketch_policy(plain, tmp_path):
+    """--target expert: the manifest says so, the predictor predicts one norm per expert (numpy's
+    formula on the stored f32 matrices), the Scorer's rows keep each expert's norm spread over its
+    neurons, and the sketch policy runs with it."""
+    model = _copy(plain, tmp_path)
+    cfg = cal.CalibrationConfig(**{**TINY_CFG.__dict__, "target": "expert", "fmt": "f32"})
+    result = cal.calibrate(model, cfg, progress=False, held_out=1)
+    assert {q.domain for q in result.held_out} == set(cal.DOMAINS)
+    man = fmt.parse_manifest(model / fmt.MANIFEST_FILE)
+    assert man.predictor["target"] == "expert"
+    n_exp = len(man.experts[0])
+    with fmt.ModelReader(model) as reader:
+        pred = router.Predictor.load(reader, man.arch["n_layers"])
+        tensors = reader.predictor()
+    assert pred.target == "expert"
+    x = np.random.default_rng(7).standard_normal((4, man.arch["d_model"])).astype(np.float32)
+    n = fmt.predictor_names(1)
+    a, b, mx, my = (np.asarray(tensors[n[k]], np.float64) for k in ("a", "b", "mu_x", "mu_y"))
+    ref = (x - mx) @ a.T @ b.T + my
+    raw = pred.predict_raw(1, x)
+    assert raw.shape == (4, n_exp) and np.abs(raw - ref).max() < 1e-4 * np.abs(ref).max()
+    rows = pred.predict(1, x)
+    sizes = [e.n_neurons for e in man.experts[1]]
+    assert rows.shape == (4, sum(sizes))
+    off = np.concatenate([[0], np.cumsum(sizes)])
+    assert np.allclose(cal.expert_norms(rows, off, n_exp), np.maximum(ref, 0), rtol=1e-4, atol=1e-6)
+    eng = _sketch(model)
+    try:
+        assert eng.predictor.target == "expert"
+        out = "".join(eng.generate(PROMPT, max_tokens=3))
+        assert isinstance(out, str)
+    finally:
+        eng.close()
+
+
+def test_a_predictor_without_target_is_the_neuron_kind_and_a_bad_one_is_refused(calibrated, tmp_path):
+    import json
+
+    model = _copy(calibrated[0], tmp_path)
+    man_path = model / fmt.MANIFEST_FILE
+    raw = json.loads(man_path.read_text())
+    assert "target" not in raw["predictor"]            # as every predictor written before the key
+    with fmt.ModelReader(model) as reader:
+        assert router.Predictor.load(reader, 3).target == "neuron"
+    raw["predictor"]["target"] = "bogus"
+    man_path.write_text(json.dumps(raw))
+    with pytest.raises(fmt.FormatError, match="target"):
+        fmt.parse_manifest(man_path)
+
+
+def test_cli_calibrate_target_and_domain_report(plain, tmp_path):
+    model = _copy(plain, tmp_path)
+    res = _fic("calibrate", str(model), "--tokens", "240", "--rank", "32", "--target", "expert", "--no-progress")
+    assert res.exit_code == 0, res.stderr
+    assert "calibration tokens per domain: prose 80, code 80, chat 80" in res.output
+    assert fmt.parse_manifest(model / fmt.MANIFEST_FILE).predictor["target"] == "expert"
