@@ -143,6 +143,9 @@ int fic_matmul(fic_pool *pool, int impl, int fmt, const uint8_t *w, const float 
     j.scratch = ws;
     int64_t chunk = (m + 4 * n_threads - 1) / (4 * n_threads);
     chunk = (chunk + tile - 1) / tile * tile;
+    /* Panels: one tile per chunk. Every tile streams all of x whatever the chunk, so small chunks
+     * cost nothing and balance the threads (960 rows in 48-row tiles: 20 chunks, not 7 of 144). */
+    if (uses_panels(j.kt, t, k)) chunk = tile;
     fic_parallel_for(pool, m, chunk, matmul_range, &j);
     return FIC_OK;
 }
