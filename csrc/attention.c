@@ -42,9 +42,13 @@
 static int64_t round_up(int64_t n, int64_t a) { return (n + a - 1) / a * a; }
 
 /* Floats of one thread's tile region for `rows` query rows: K and V tiles, scores, and per row
- * (m, l, acc[head_dim]). */
+ * (m, l, acc[head_dim]); then the AVX2 block path's (attend_block_avx2): the item's queries
+ * transposed (hd x rp), a tile of scores key-major (ATT_B x rp) and per row m, l, corr, for
+ * rp = rows rounded up to 16. */
+#define ATT_RP(rows) round_up(rows, 16)
 static int64_t thread_floats(int64_t rows, int64_t hd) {
-    return round_up(2 * ATT_B * hd + rows * ATT_B + rows * (hd + 2), ATT_ALIGN);
+    const int64_t rp = ATT_RP(rows);
+    return round_up(2 * ATT_B * hd + rows * ATT_B + rows * (hd + 2), ATT_ALIGN) + hd * rp + ATT_B * rp + 3 * rp;
 }
 
 static int64_t partial_floats(int64_t n_heads, int64_t hd) {
@@ -523,6 +527,117 @@ static float online_update(int impl, float *state, float *s, int64_t n) {
     return corr;
 }
 
+#if defined(ATT_X86)
+/* ---- AVX2 prefill in blocks of rows (attend_block_avx2) ------------------------------------
+ * The per-row path pays, per row and tile, a horizontal reduction per key, a scalar max and a
+ * call chain; here one tile is three register-blocked passes over all the item's rows at once
+ * (rows = queries x heads of one kv head): scores key-major from the queries transposed once per
+ * item (keys broadcast, rows in vectors), the online softmax with rows in vector lanes, and the
+ * accumulators updated 6 rows x 16 columns at a time (p broadcast, V rows in vectors). Each
+ * score and each accumulator column is one in-order sum, as the reference's. */
+
+/* sT[j][rc..rc+16) = scale * q_r . k_j for NK keys from j0, rows rc..rc+16 of qT (hd x rp). */
+ATT_TGT_AVX2 static inline __attribute__((always_inline)) void block_scores_nk(
+        const float *qT, int64_t rp, int64_t rc, const float *k0, int64_t hd, float scale, float *sT, const int nk) {
+    __m256 a0[4], a1[4];
+    for (int i = 0; i < nk; i++) a0[i] = a1[i] = _mm256_setzero_ps();
+    const float *qp = qT + rc;
+    for (int64_t d = 0; d < hd; d++, qp += rp) {
+        const __m256 w0 = _mm256_loadu_ps(qp), w1 = _mm256_loadu_ps(qp + 8);
+        for (int i = 0; i < nk; i++) {
+            const __m256 b = _mm256_broadcast_ss(k0 + i * hd + d);
+            a0[i] = _mm256_fmadd_ps(w0, b, a0[i]);
+            a1[i] = _mm256_fmadd_ps(w1, b, a1[i]);
+        }
+    }
+    const __m256 vs = _mm256_set1_ps(scale);
+    for (int i = 0; i < nk; i++) {
+        _mm256_storeu_ps(sT + i * rp + rc, _mm256_mul_ps(a0[i], vs));
+        _mm256_storeu_ps(sT + i * rp + rc + 8, _mm256_mul_ps(a1[i], vs));
+    }
+}
+
+ATT_TGT_AVX2 static void block_scores_avx2(const float *qT, int64_t rp, const float *kt, int64_t nb, int64_t hd,
+                                           float scale, float *sT) {
+    for (int64_t j0 = 0; j0 < nb; j0 += 4) {
+        const float *k0 = kt + j0 * hd;
+        float *s0 = sT + j0 * rp;
+        for (int64_t rc = 0; rc < rp; rc += 16) {
+            switch (nb - j0 < 4 ? nb - j0 : 4) { /* constant key counts: accumulators in registers */
+            case 4: block_scores_nk(qT, rp, rc, k0, hd, scale, s0, 4); break;
+            case 3: block_scores_nk(qT, rp, rc, k0, hd, scale, s0, 3); break;
+            case 2: block_scores_nk(qT, rp, rc, k0, hd, scale, s0, 2); break;
+            default: block_scores_nk(qT, rp, rc, k0, hd, scale, s0, 1); break;
+            }
+        }
+    }
+}
+
+/* The online softmax step for rows in lanes: m, l, corr per row (rp of them); sT <- exp(sT - m). */
+ATT_TGT_AVX2 static void block_softmax_avx2(float *sT, int64_t rp, int64_t nb, float *mv, float *lv, float *cv) {
+    for (int64_t r = 0; r < rp; r += 8) {
+        const __m256 m_old = _mm256_loadu_ps(mv + r);
+        __m256 mt = _mm256_loadu_ps(sT + r);
+        for (int64_t j = 1; j < nb; j++) mt = _mm256_max_ps(mt, _mm256_loadu_ps(sT + j * rp + r));
+        const __m256 m_new = _mm256_max_ps(m_old, mt);
+        /* m_old = -inf (a row's first tile): exp256 clamps to ~1e-38, times l = acc = 0 */
+        const __m256 corr = exp256(_mm256_sub_ps(m_old, m_new));
+        __m256 sum = _mm256_setzero_ps();
+        for (int64_t j = 0; j < nb; j++) {
+            const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sT + j * rp + r), m_new));
+            _mm256_storeu_ps(sT + j * rp + r, e);
+            sum = _mm256_add_ps(sum, e);
+        }
+        _mm256_storeu_ps(mv + r, m_new);
+        _mm256_storeu_ps(lv + r, _mm256_fmadd_ps(_mm256_loadu_ps(lv + r), corr, sum));
+        _mm256_storeu_ps(cv + r, corr);
+    }
+}
+
+/* acc_r = corr_r acc_r + sum_j p[j][r] v_j for NR rows from r0, columns dc..dc+16. */
+ATT_TGT_AVX2 static inline __attribute__((always_inline)) void block_accum_nr(
+        float *st, int64_t stride, int64_t r0, int64_t dc, const float *cv, const float *sT, int64_t rp,
+        const float *vt, int64_t nb, int64_t hd, const int nr) {
+    __m256 a0[6], a1[6];
+    for (int i = 0; i < nr; i++) {
+        const float *acc = st + (r0 + i) * stride + 2 + dc;
+        const __m256 c = _mm256_broadcast_ss(cv + r0 + i);
+        a0[i] = _mm256_mul_ps(_mm256_loadu_ps(acc), c);
+        a1[i] = _mm256_mul_ps(_mm256_loadu_ps(acc + 8), c);
+    }
+    for (int64_t j = 0; j < nb; j++) {
+        const __m256 v0 = _mm256_loadu_ps(vt + j * hd + dc), v1 = _mm256_loadu_ps(vt + j * hd + dc + 8);
+        const float *p = sT + j * rp + r0;
+        for (int i = 0; i < nr; i++) {
+            const __m256 b = _mm256_broadcast_ss(p + i);
+            a0[i] = _mm256_fmadd_ps(b, v0, a0[i]);
+            a1[i] = _mm256_fmadd_ps(b, v1, a1[i]);
+        }
+    }
+    for (int i = 0; i < nr; i++) {
+        float *acc = st + (r0 + i) * stride + 2 + dc;
+        _mm256_storeu_ps(acc, a0[i]);
+        _mm256_storeu_ps(acc + 8, a1[i]);
+    }
+}
+
+ATT_TGT_AVX2 static void block_accum_avx2(float *st, int64_t stride, int64_t rows, const float *cv, const float *sT,
+                                          int64_t rp, const float *vt, int64_t nb, int64_t hd) {
+    for (int64_t r0 = 0; r0 < rows; r0 += 6) {
+        for (int64_t dc = 0; dc < hd; dc += 16) {
+            switch (rows - r0 < 6 ? rows - r0 : 6) {
+            case 6: block_accum_nr(st, stride, r0, dc, cv, sT, rp, vt, nb, hd, 6); break;
+            case 5: block_accum_nr(st, stride, r0, dc, cv, sT, rp, vt, nb, hd, 5); break;
+            case 4: block_accum_nr(st, stride, r0, dc, cv, sT, rp, vt, nb, hd, 4); break;
+            case 3: block_accum_nr(st, stride, r0, dc, cv, sT, rp, vt, nb, hd, 3); break;
+            case 2: block_accum_nr(st, stride, r0, dc, cv, sT, rp, vt, nb, hd, 2); break;
+            default: block_accum_nr(st, stride, r0, dc, cv, sT, rp, vt, nb, hd, 1); break;
+            }
+        }
+    }
+}
+#endif
+
 /* Runs queries [i0, i0 + nq) of kv head h over positions [p0, p1) (each query also stops at its
  * causal limit), updating per row r = query * g + head-in-group the state st + r * st_stride:
  * st[0] = m, st[1] = l, st[2..] = acc. The state must start as (-inf, 0, 0...). */
@@ -531,11 +646,47 @@ static void attend(const att_job *j, float *tile, int64_t h, int64_t i0, int64_t
     const int64_t hd = j->hd, g = j->g, rows = nq * j->g;
     float *kt = tile, *vt = kt + ATT_B * hd, *sc = vt + ATT_B * hd;
     const uint16_t *kh = j->k + h * hd, *vh = j->v + h * hd;
+#if defined(ATT_X86)
+    /* Prefill on AVX2: whole tiles in blocks of rows (above); the block region follows the
+     * per-row one (thread_floats). */
+    int block = j->impl == FIC_IMPL_AVX2 && j->t > 1 && hd % 16 == 0; /* cleared at the first per-row tile */
+    const int64_t rp = ATT_RP(rows), rpm = ATT_RP(j->max_rows);
+    float *qT = tile + round_up(2 * ATT_B * hd + j->max_rows * ATT_B + j->max_rows * (hd + 2), ATT_ALIGN);
+    float *sT = qT + hd * rpm, *mv = sT + ATT_B * rpm, *lv = mv + rpm, *cv = lv + rpm;
+    if (block) {
+        for (int64_t r = 0; r < rp; r++) {
+            const float *q = j->q + ((i0 + r / g) * j->nh + h * g + r % g) * hd;
+            for (int64_t d = 0; d < hd; d++) qT[d * rp + r] = r < rows ? q[d] : 0.0f;
+            mv[r] = r < rows ? st[r * st_stride] : 0.0f;
+            lv[r] = r < rows ? st[r * st_stride + 1] : 0.0f;
+        }
+    }
+#endif
     for (int64_t p = p0; p < p1; p += ATT_B) {
         const int64_t nb = p1 - p < ATT_B ? p1 - p : ATT_B;
         /* K and V rows of this tile: read from the cache once, for every row of the item. */
         cvt_tile(j->impl, kh + p * j->kvs, j->kvs, nb, hd, kt);
         cvt_tile(j->impl, vh + p * j->kvs, j->kvs, nb, hd, vt);
+#if defined(ATT_X86)
+        if (block && p <= j->pos0 + i0) { /* every row sees at least this tile's first position */
+            block_scores_avx2(qT, rp, kt, nb, hd, j->scale, sT);
+            for (int64_t r = 0; r < rows; r++) { /* causal: -inf past each row's last position */
+                const int64_t valid = j->pos0 + i0 + r / g + 1 - p;
+                for (int64_t jj = valid; jj < nb; jj++) sT[jj * rp + r] = -INFINITY;
+            }
+            block_softmax_avx2(sT, rp, nb, mv, lv, cv);
+            for (int64_t r = 0; r < rows; r++) { /* p exactly 0 where masked (exp256 clamps at ~1e-38; l >= 1) */
+                const int64_t valid = j->pos0 + i0 + r / g + 1 - p;
+                for (int64_t jj = valid; jj < nb; jj++) sT[jj * rp + r] = 0.0f;
+            }
+            block_accum_avx2(st, st_stride, rows, cv, sT, rp, vt, nb, hd);
+            continue;
+        }
+        if (block) { /* per-row tiles from here on (p only grows): m and l back into st */
+            for (int64_t r = 0; r < rows; r++) st[r * st_stride] = mv[r], st[r * st_stride + 1] = lv[r];
+            block = 0;
+        }
+#endif
         for (int64_t r = 0; r < rows;) {
             const int64_t qi = i0 + r / g;
             int64_t valid = j->pos0 + qi + 1 - p; /* causal: query qi sees positions <= pos0 + qi */
@@ -563,6 +714,10 @@ static void attend(const att_job *j, float *tile, int64_t h, int64_t i0, int64_t
             r++;
         }
     }
+#if defined(ATT_X86)
+    if (block)
+        for (int64_t r = 0; r < rows; r++) st[r * st_stride] = mv[r], st[r * st_stride + 1] = lv[r];
+#endif
 }
 
 static void init_state(float *st, int64_t rows, int64_t stride, int64_t hd) {

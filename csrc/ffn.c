@@ -141,18 +141,12 @@ static void phase1_t1(void *ctx, int64_t g0, int64_t g1, int tid) {
     }
 }
 
-/* Rows [r, r + nr) of a matrix in job j's format, dequantized into tile (or read in place). */
-static const float *tile_rows(const job_t *j, const uint8_t *w, int64_t rb, int64_t r, int64_t nr, float *tile) {
-    if (j->fmt == FIC_F32) return (const float *)(w + r * rb);
-    for (int64_t i = 0; i < nr; i++) deq_range(j, w + (r + i) * rb, 0, j->k / j->bw, tile + i * j->k);
-    return tile;
-}
-
 static void phase1_tiles(void *ctx, int64_t g0, int64_t g1, int tid) {
     const ffn_t *f = ctx;
     float *tile = f->tiles + tid * f->tile_floats;
     float *ubuf = tile + f->tile1_rows * f->d; /* t x tile1_rows */
     const int64_t t = f->t;
+    const int panels = uses_panels(f->kt, t, f->d); /* as tile1_rows was chosen */
     for (int64_t e = expert_of(f, g0); e < f->n_experts && f->off[e] < g1; e++) {
         const int64_t n = f->n[e];
         int64_t r0 = g0 > f->off[e] ? g0 - f->off[e] : 0;
@@ -167,10 +161,10 @@ static void phase1_tiles(void *ctx, int64_t g0, int64_t g1, int tid) {
             job_t jg = f->jg, ju = f->ju;
             jg.y = h;  /* gate: straight into h (t x n, rows r..r+nr) */
             jg.m = n;
-            gemm_tile(&jg, tile_rows(&jg, gate_row(f, e, 0), f->rb_g, r, nr, tile), nr, r);
+            gemm_rows(&jg, panels, gate_row(f, e, 0), f->rb_g, r, nr, r, tile);
             ju.y = ubuf; /* up: t x nr */
             ju.m = nr;
-            gemm_tile(&ju, tile_rows(&ju, up_row(f, e, 0), f->rb_u, r, nr, tile), nr, 0);
+            gemm_rows(&ju, panels, up_row(f, e, 0), f->rb_u, r, nr, 0, tile);
             for (int64_t i = 0; i < t; i++) {
                 const float c = coef_of(f, i, e);
                 float *hi = h + i * n + r;
@@ -205,6 +199,9 @@ static void down_cols_tiles(void *ctx, int64_t r0, int64_t r1, int tid) {
     const ffn_t *f = ctx;
     float *tile = f->tiles + tid * f->tile_floats;
     const int64_t t = f->t, d = f->d;
+    int64_t n_max = 0;
+    for (int64_t e = 0; e < f->n_experts; e++) n_max = f->n[e] > n_max ? f->n[e] : n_max;
+    const int panels = uses_panels(f->kt, t, n_max); /* as tile2_rows was chosen: every expert's tile fits */
     for (int64_t r = r0; r < r1; r += f->tile2_rows) {
         const int64_t nr = r1 - r < f->tile2_rows ? r1 - r : f->tile2_rows;
         float *obuf = tile + f->tile_floats - t * f->tile2_rows; /* t x nr */
@@ -213,7 +210,7 @@ static void down_cols_tiles(void *ctx, int64_t r0, int64_t r1, int tid) {
             job_t j = f->jd[e]; /* x = h_e (t x n_e), k = n_e */
             j.y = obuf;
             j.m = nr;
-            gemm_tile(&j, tile_rows(&j, down_part(f, e), f->rb_d[e], r, nr, tile), nr, 0);
+            gemm_rows(&j, panels, down_part(f, e), f->rb_d[e], r, nr, 0, tile);
             for (int64_t i = 0; i < t; i++) {
                 float *yi = f->y + i * d + r;
                 const float *oi = obuf + i * nr;
@@ -389,8 +386,8 @@ static int ffn_run(fic_pool *pool, int impl, const fic_expert_layout *layout, co
     } else {
         init_job(&f.jg, kt, f.gate_fmt, NULL, x, NULL, t, 1, f.d);
         init_job(&f.ju, kt, f.up_fmt, NULL, x, NULL, t, 1, f.d);
-        f.tile1_rows = clamp_tile(f.d);
-        f.tile2_rows = clamp_tile(n_max);
+        f.tile1_rows = tile_rows_for(kt, t, f.d);
+        f.tile2_rows = tile_rows_for(kt, t, n_max);
         int64_t need1 = f.tile1_rows * f.d + t * f.tile1_rows;
         int64_t need2 = layout->down_rows ? SEG_FLOATS : f.tile2_rows * n_max + t * f.tile2_rows;
         f.tile_floats = ((need1 > need2 ? need1 : need2) + 15) & ~(int64_t)15;

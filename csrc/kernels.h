@@ -82,6 +82,15 @@ static inline int64_t clamp_tile(int64_t k) {
     return tile < 6 ? 6 : tile > 60 ? 60 : tile / 6 * 6;
 }
 
+/* Prefill in panels (pack_panels, matvec.c): a tile's rows dequantized into panels of PANEL_ROWS
+ * rows, each stored k-major (panel[kk][0..PANEL_ROWS)), so a register-blocked kernel loads a
+ * column of 16 weights as two vectors and broadcasts one activation per token (outer products,
+ * no horizontal sums). Used from PANEL_MIN_T tokens, where packing is paid back, and when a tile
+ * holds at least one panel; its tiles are clamp_tile rounded down to whole panels, so the
+ * workspace formulas of fic.h are unchanged. */
+#define PANEL_ROWS 16
+#define PANEL_MIN_T 4 /* uses_panels and tile_rows_for (rows per tile) are below the table */
+
 /* F(k) of fic.h: clamp_tile(k) * k <= F(k), and F grows with k. */
 static inline int64_t ws_tile_floats(int64_t k) {
     const int64_t a = 60 * k < TILE_BYTES / 4 ? 60 * k : TILE_BYTES / 4;
@@ -151,6 +160,7 @@ typedef int (*kern_rows_fn)(const job_t *j, const uint8_t *base, int64_t rb, int
 typedef int (*kern_down_cols_fn)(const struct ffn_s *f, int64_t r0, int64_t r1);
 typedef void (*kern_axpy_fn)(float a, const float *w, float *y, int64_t n);
 typedef void (*kern_gemm_tile_fn)(const job_t *j, const float *tile, int64_t nr, int64_t r0);
+typedef void (*kern_gemm_panel_fn)(const job_t *j, const float *panels, int64_t nr, int64_t r0);
 
 /* One format's kernels on one implementation. dot and deq are always set; the others are
  * optional fast paths (NULL: the generic code in kernels.c, matvec.c and ffn.c). */
@@ -172,6 +182,8 @@ typedef struct fic_kernels {
     kern_axpy_fn axpy;              /* y += a * w, float */
     kern_gemm_tile_fn gemm_tile;    /* Y[t][r0 + r] = tile[r] . x[t], a tile of dequantized rows */
     fic_fmt_kernels fmt[FIC_FMT_COUNT];
+    kern_gemm_panel_fn gemm_panel;  /* as gemm_tile, the tile packed by pack_panels; NULL: none (last:
+                                       tables that omit it leave it NULL) */
 } fic_kernels;
 
 /* The traits columns every table repeats: block weights and bytes of each format. */
@@ -227,6 +239,21 @@ static inline void axpy(const job_t *j, float a, const float *w, float *y, int64
 static inline void gemm_tile(const job_t *j, const float *tile, int64_t nr, int64_t r0) {
     j->kt->gemm_tile(j, tile, nr, r0);
 }
+static inline int uses_panels(const fic_kernels *kt, int64_t t, int64_t k) {
+    return kt->gemm_panel != NULL && t >= PANEL_MIN_T && clamp_tile(k) >= PANEL_ROWS;
+}
+static inline int64_t tile_rows_for(const fic_kernels *kt, int64_t t, int64_t k) {
+    const int64_t tile = clamp_tile(k);
+    return uses_panels(kt, t, k) ? tile / PANEL_ROWS * PANEL_ROWS : tile;
+}
+/* Rows [r, r + nr) of w (row bytes rb, j's format, j->k weights each) into tile as panels (above):
+ * row i at tile[(i / 16) 16 k + kk 16 + i % 16]; the last panel's missing rows are zero. matvec.c. */
+const float *pack_panels(const job_t *j, const uint8_t *w, int64_t rb, int64_t r, int64_t nr, float *tile);
+/* Y[t][r0 + i] = row r + i of w . x[t] for i < nr, every token of j: the rows dequantized into tile,
+ * then gemm_panel (panels: packed, decided once per call by uses_panels, so that a call's tiles
+ * all fit its tile_rows_for) or gemm_tile. matvec.c. */
+void gemm_rows(const job_t *j, int panels, const uint8_t *w, int64_t rb, int64_t r, int64_t nr, int64_t r0,
+               float *tile);
 
 /* ---- shared by the generic code and the fast paths ------------------------------------------ */
 

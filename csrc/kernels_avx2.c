@@ -454,6 +454,61 @@ TGT_AVX2 static void gemm_tile_avx2(const job_t *j, const float *tile, int64_t n
     }
 }
 
+/* Prefill's register block on packed panels (pack_panels): 16 rows x NT <= 6 tokens, 12 vector
+ * accumulators. Per weight column: 2 loads of the panel, one broadcast per token, 2 NT FMAs; no
+ * horizontal sums. Each output is one in-order sum over k, as the reference's. */
+TGT_AVX2 static ALWAYS_INLINE void panel_block_avx2(const float *p, int64_t k, const float *x, float *y,
+                                                     int64_t ldy, const int nt, int rows) {
+    __m256 c0[6], c1[6];
+    const float *xr[6];
+    for (int i = 0; i < nt; i++) {
+        c0[i] = c1[i] = _mm256_setzero_ps();
+        xr[i] = x + i * k;
+    }
+    for (int64_t kk = 0; kk < k; kk++, p += PANEL_ROWS) {
+        const __m256 w0 = _mm256_loadu_ps(p), w1 = _mm256_loadu_ps(p + 8);
+        for (int i = 0; i < nt; i++) {
+            const __m256 b = _mm256_broadcast_ss(xr[i] + kk);
+            c0[i] = _mm256_fmadd_ps(w0, b, c0[i]);
+            c1[i] = _mm256_fmadd_ps(w1, b, c1[i]);
+        }
+    }
+    for (int i = 0; i < nt; i++) {
+        if (rows == PANEL_ROWS) {
+            _mm256_storeu_ps(y + i * ldy, c0[i]);
+            _mm256_storeu_ps(y + i * ldy + 8, c1[i]);
+        } else { /* the last panel of a tile: only its real rows */
+            float out[PANEL_ROWS];
+            _mm256_storeu_ps(out, c0[i]);
+            _mm256_storeu_ps(out + 8, c1[i]);
+            memcpy(y + i * ldy, out, (size_t)rows * sizeof *out);
+        }
+    }
+}
+
+/* Y[t][r0 + r] = tile row r . x[t]: tokens in groups of 6 (their x in L1), every panel of the
+ * tile (in L2) per group. */
+TGT_AVX2 static void gemm_panel_avx2(const job_t *j, const float *tile, int64_t nr, int64_t r0) {
+    const int64_t k = j->k, m = j->m;
+    for (int64_t t0 = 0; t0 < j->t; t0 += 6) {
+        const int nt = j->t - t0 < 6 ? (int)(j->t - t0) : 6;
+        const float *x = j->x + t0 * k;
+        float *y = j->y + t0 * m + r0;
+        for (int64_t r = 0; r < nr; r += PANEL_ROWS) {
+            const int rows = nr - r < PANEL_ROWS ? (int)(nr - r) : PANEL_ROWS;
+            const float *p = tile + r * k;
+            switch (nt) { /* constant token counts: the accumulators stay in registers */
+            case 6: panel_block_avx2(p, k, x, y + r, m, 6, rows); break;
+            case 5: panel_block_avx2(p, k, x, y + r, m, 5, rows); break;
+            case 4: panel_block_avx2(p, k, x, y + r, m, 4, rows); break;
+            case 3: panel_block_avx2(p, k, x, y + r, m, 3, rows); break;
+            case 2: panel_block_avx2(p, k, x, y + r, m, 2, rows); break;
+            default: panel_block_avx2(p, k, x, y + r, m, 1, rows); break;
+            }
+        }
+    }
+}
+
 /* x -> int8 in blocks of 32 (ggml's q8_0: dx = amax / 127, q = round(x / dx), ties to even here)
  * and, per 128 weights, the 8 lane scales and corrections dot_q1_avx2 reads: lane l holds half of
  * q8 block l % 4, so a8 = 2 dx of that block and c8 = -dx sum(xq) in lanes 0-3, 0 in lanes 4-7. */
@@ -748,5 +803,6 @@ const fic_kernels fic_kernels_avx2 = {
         [FIC_Q4_K] = AVX2_Q8X_ENTRY(q4_K, KT_Q4_K, XP_SUMS),
         [FIC_Q6_K] = AVX2_Q8X_ENTRY(q6_K, KT_Q6_K, XP_NONE),
     },
+    gemm_panel_avx2,
 };
 #endif /* FIC_X86 */

@@ -873,6 +873,7 @@ const fic_kernels fic_kernels_avx512 = {
                       NULL, NULL},
         AVX512_Q1(XP_Q1_AVX512),
     },
+    NULL, /* gemm_panel: not measured on AVX-512 (gemm_tile_avx512's 6 x 4 blocks) */
 };
 
 /* VNNI: Q4_0/Q4_1 with x in the pair layout when k >= 64 (else float, as without VNNI). */
@@ -887,6 +888,7 @@ const fic_kernels fic_kernels_avx512_vnni = {
     axpy_avx512,
     gemm_tile_avx512,
     {AVX512_COMMON, AVX512_Q4_VNNI, AVX512_Q1(XP_Q1_AVX512)},
+    NULL,
 };
 
 const fic_kernels fic_kernels_avx512_q1 = {
@@ -894,5 +896,6 @@ const fic_kernels fic_kernels_avx512_q1 = {
     axpy_avx512,
     gemm_tile_avx512,
     {AVX512_COMMON, AVX512_Q4_VNNI, AVX512_Q1(XP_Q1_PLANES)},
+    NULL,
 };
 #endif /* FIC_X86 */

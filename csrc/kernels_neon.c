@@ -275,5 +275,6 @@ const fic_kernels fic_kernels_neon = {
         [FIC_Q4_K] = NEON_ENTRY(q4_K, KT_Q4_K, XP_SUMS, kern_deq_q4_K_ref),
         [FIC_Q6_K] = NEON_ENTRY(q6_K, KT_Q6_K, XP_NONE, kern_deq_q6_K_ref),
     },
+    NULL, /* gemm_panel: not written for NEON yet */
 };
 #endif /* __aarch64__ */

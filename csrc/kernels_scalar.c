@@ -119,6 +119,20 @@ static void gemm_tile_ref(const job_t *j, const float *tile, int64_t nr, int64_t
             j->y[t * j->m + r0 + r] = dot_f32_ref(tile + r * j->k, j->x + t * j->k, j->k);
 }
 
+/* gemm_panel's reference: gemm_tile_ref's arithmetic (one sum per output, in k order) on a tile
+ * packed by pack_panels, so the packing is checked by every test of the reference. */
+static void gemm_panel_ref(const job_t *j, const float *tile, int64_t nr, int64_t r0) {
+    const int64_t k = j->k;
+    for (int64_t r = 0; r < nr; r++) {
+        const float *p = tile + r / PANEL_ROWS * PANEL_ROWS * k + r % PANEL_ROWS;
+        for (int64_t t = 0; t < j->t; t++) {
+            const float *x = j->x + t * k;
+            float acc = 0.0f;
+            for (int64_t kk = 0; kk < k; kk++) acc += p[kk * PANEL_ROWS] * x[kk];
+            j->y[t * j->m + r0 + r] = acc;
+        }
+    }
+}
 
 /* Plain reference table: every optional entry NULL (generic code), x never prepared. */
 #define REF_ENTRY(name, KT) {KT, XP_NONE, XP_NONE, row_dot_##name##_ref, NULL, kern_deq_##name##_ref, NULL, NULL, NULL, NULL}
@@ -137,4 +151,5 @@ const fic_kernels fic_kernels_scalar = {
         [FIC_Q4_K] = REF_ENTRY(q4_K, KT_Q4_K),
         [FIC_Q6_K] = REF_ENTRY(q6_K, KT_Q6_K),
     },
+    gemm_panel_ref,
 };

@@ -82,19 +82,48 @@ int fic_matvec(fic_pool *pool, int impl, int fmt, const uint8_t *w, const float 
     return FIC_OK;
 }
 
+#define PACK_PIECE 256 /* floats of a row dequantized at a time before they are spread into a panel */
+
+const float *pack_panels(const job_t *j, const uint8_t *w, int64_t rb, int64_t r, int64_t nr, float *tile) {
+    const int64_t k = j->k, per_piece = PACK_PIECE / j->bw, nb = k / j->bw;
+    float piece[PACK_PIECE]; /* >= one block: MAX_BW <= PACK_PIECE */
+    for (int64_t i = 0; i < nr; i++) {
+        float *panel = tile + (i / PANEL_ROWS) * PANEL_ROWS * k + i % PANEL_ROWS;
+        const uint8_t *row = w + (r + i) * rb;
+        for (int64_t b = 0; b < nb; b += per_piece) {
+            const int64_t be = nb - b < per_piece ? nb : b + per_piece, n = (be - b) * j->bw;
+            deq_range(j, row, b, be, piece);
+            float *dst = panel + b * j->bw * PANEL_ROWS;
+            for (int64_t kk = 0; kk < n; kk++) dst[kk * PANEL_ROWS] = piece[kk];
+        }
+    }
+    for (int64_t i = nr; i % PANEL_ROWS != 0; i++) {
+        float *panel = tile + (i / PANEL_ROWS) * PANEL_ROWS * k + i % PANEL_ROWS;
+        for (int64_t kk = 0; kk < k; kk++) panel[kk * PANEL_ROWS] = 0.0f;
+    }
+    return tile;
+}
+
+void gemm_rows(const job_t *j, int panels, const uint8_t *w, int64_t rb, int64_t r, int64_t nr, int64_t r0,
+               float *tile) {
+    if (panels) {
+        j->kt->gemm_panel(j, pack_panels(j, w, rb, r, nr, tile), nr, r0);
+        return;
+    }
+    const float *rows = tile;
+    if (j->fmt == FIC_F32) rows = (const float *)(w + r * rb);
+    else
+        for (int64_t i = 0; i < nr; i++) deq_range(j, w + (r + i) * rb, 0, j->k / j->bw, tile + i * j->k);
+    gemm_tile(j, rows, nr, r0);
+}
+
 static void matmul_range(void *ctx, int64_t r0, int64_t r1, int tid) {
     const job_t *j = ctx;
     float *tile = j->scratch + tid * j->scratch_floats;
+    const int panels = uses_panels(j->kt, j->t, j->k);
     for (int64_t r = r0; r < r1; r += j->tile_rows) {
         int64_t nr = r1 - r < j->tile_rows ? r1 - r : j->tile_rows;
-        const float *rows;
-        if (j->fmt == FIC_F32) {
-            rows = (const float *)(j->w + r * j->row_bytes);
-        } else {
-            for (int64_t i = 0; i < nr; i++) deq_range(j, j->w + (r + i) * j->row_bytes, 0, j->k / j->bw, tile + i * j->k);
-            rows = tile;
-        }
-        gemm_tile(j, rows, nr, r);
+        gemm_rows(j, panels, j->w, j->row_bytes, r, nr, r, tile);
     }
 }
 
@@ -109,12 +138,15 @@ int fic_matmul(fic_pool *pool, int impl, int fmt, const uint8_t *w, const float 
     if (t > 1 && !exact && fic_qdot_fmt_ok(fmt)) return fic_qdot_matmul(pool, j.impl, fmt, w, x, y, t, m, k, ws, ws_bytes);
     /* Rows dequantized per tile (clamp_tile), so the tile stays in L2 while every token's row
      * of x streams past it; one tile per thread in the workspace. */
-    const int64_t tile = clamp_tile(k);
+    const int64_t tile = tile_rows_for(j.kt, t, k);
     j.tile_rows = tile;
     j.scratch_floats = (tile * k + 15) & ~(int64_t)15;
     j.scratch = ws;
     int64_t chunk = (m + 4 * n_threads - 1) / (4 * n_threads);
     chunk = (chunk + tile - 1) / tile * tile;
+    /* Panels: one tile per chunk. Every tile streams all of x whatever the chunk, so small chunks
+     * cost nothing and balance the threads (960 rows in 48-row tiles: 20 chunks, not 7 of 144). */
+    if (uses_panels(j.kt, t, k)) chunk = tile;
     fic_parallel_for(pool, m, chunk, matmul_range, &j);
     return FIC_OK;
 }

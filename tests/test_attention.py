@@ -114,6 +114,20 @@ def test_prefill(impl, cfg):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("cfg", [(9, 3, 64), (14, 2, 64), (2, 1, 48)], ids=lambda c: "x".join(map(str, c)))
+def test_prefill_blocks_of_rows(impl, cfg):
+    """AVX2 prefill runs a query block's tiles in blocks of rows (queries x heads) while every row sees
+    the tile, then per row: long prompts after unaligned prefixes, 7 heads per kv head (56 rows, padded
+    to 64 lanes), head_dim 48 (three 16-column groups), so both paths and the hand-over run in one item."""
+    nh, nkv, hd = cfg
+    rng = np.random.default_rng(nh * 31 + hd)
+    for t, pos0 in ((100, 45), (64, 0), (13, 301)):
+        k, v = make_cache(rng, pos0 + t + 2, pos0 + t, nkv, hd)
+        q = rng.standard_normal((t, nh, hd)).astype(np.float32)
+        check(q, k, v, pos0, 1.0 / np.sqrt(hd), impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_peaked_and_rising_scores(impl):
     """Large scores (a peaked softmax) that grow along the context: the running max changes in
     almost every tile, so every rescale path runs."""

@@ -252,6 +252,22 @@ def test_matmul_many_tokens_and_rows(fmt, impl):
     assert_within(K.matmul(qt, x, impl=impl), x.astype(np.float64) @ wd.T, matmul_bound(fmt, wd, x))
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("fmt", ["f32", "f16", "q4_1", "q8_0", "q1_0", "q4_k"])
+@pytest.mark.parametrize("t,m", [(4, 16), (5, 33), (6, 100), (7, 47), (13, 161)])
+def test_matmul_panels_exact(fmt, impl, t, m, threads):
+    """Exact prefill from 4 tokens runs on packed 16-row panels (pack_panels, gemm_panel: the AVX2
+    register block and its scalar reference): token counts around the 6-token block, row counts
+    with a partial last panel and tiles past the first, rows longer than one 256-weight packing
+    piece. Within the float32 bound alone, against numpy."""
+    qt, wd, rng = make(fmt, m, k_of(fmt, 5), seed=t * 1000 + m)
+    x = rng.standard_normal((t, qt.shape[1]), dtype=np.float32)
+    with K.prefill_mode("exact"):
+        y = K.matmul(qt, x, impl=impl)
+    assert y.shape == (t, m)
+    assert_within(y, x.astype(np.float64) @ wd.T, dot_bound(wd, x))
+
+
 @pytest.mark.parametrize("impl", FAST_IMPLS)
 @pytest.mark.parametrize("fmt", QDOT_FORMATS)
 @pytest.mark.parametrize("t", [2, 5, 37])
