@@ -115,7 +115,7 @@ TGT_AVX2 static inline __m256 mul16_i8_avx2(__m128i q, const float *x) {
 }
 
 /* A Q5_0 block's 32 weights as int8 (q - 16), in order. Bit j of qh is weight j's fifth bit:
- * the 4 qh bytes are spread over 8 bytes each and compared against their bit (as dot_q1_avx2);
+ * the 4 qh bytes are spread over 8 bytes each and compared against their bit;
  * q - 16 is the nibble where the bit is set and nibble | 0xF0 where it is clear. */
 TGT_AVX2 static inline __m256i q5_0_i8_avx2(const block_q5_0 *blk) {
     uint32_t qh;
