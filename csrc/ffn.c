@@ -191,7 +191,17 @@ static void down_cols_t1(void *ctx, int64_t r0, int64_t r1, int tid) {
         const job_t *j = &f->jd[e];
         const uint8_t *w = down_part(f, e);
         const int64_t rb = f->rb_d[e];
-        for (int64_t r = r0; r < r1; r++) f->y[r] += dot_row(j, w + r * rb, j->x);
+        int64_t r = r0;
+        /* two rows per pass where the table has dot2 (Q1_0 on AVX2): an expert's column piece is
+         * often one block, where the shared x loads and interleaved chains measured 1.25-1.5x */
+        if (kf->dot2)
+            for (; r + 2 <= r1; r += 2) {
+                float two[2];
+                kf->dot2(j, w + r * rb, two); /* j->row_bytes == rb */
+                f->y[r] += two[0];
+                f->y[r + 1] += two[1];
+            }
+        for (; r < r1; r++) f->y[r] += dot_row(j, w + r * rb, j->x);
     }
 }
 
