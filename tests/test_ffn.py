@@ -40,9 +40,9 @@ from test_kernels import (EPS32, FLOAT_SLACK, KERNEL_SOURCES, QDOT_FORMATS, QDOT
 
 @pytest.fixture(scope="module", autouse=True)
 def int8_prefill_in_this_file():
-    """This file bounds the int8-activation prefill kernels (FIC_PREFILL=int8; the product's default
-    is exact): every T > 1 product here takes that path unless a test asks for exact."""
-    with K.prefill_mode("int8"):
+    """This file bounds the int8-activation kernels (FIC_PREFILL=int8 and FIC_DECODE=int8; the
+    product's defaults are exact): every product here takes that path unless a test asks for exact."""
+    with K.prefill_mode("int8"), K.decode_mode("int8"):
         yield
 
 
@@ -212,6 +212,20 @@ def test_ffn_exact_prefill_mode(fmt, layout):
     with K.prefill_mode("exact"):
         want, bound = case.want_and_bound("auto")
         assert_within(case.run("auto"), want, bound)
+
+
+@pytest.mark.parametrize("layout", ["columns", "rows"])
+@pytest.mark.parametrize("fmt", ["q4_1", "q8_0", "q5_0", "q4_k", "q6_k"])
+def test_ffn_exact_decode_mode(fmt, layout):
+    """kernels.set_decode("exact") (the product's default): one token in float, within the float
+    bounds alone (no q8 terms: int8_activation_path follows the mode); int8 moves it further."""
+    case = Case([fmt] * 3, layout, sizes(fmt, layout, 3, seed=3), 1, seed=stable_seed(fmt, layout), coef=None)
+    with K.decode_mode("exact"):
+        want, bound = case.want_and_bound("auto")
+        exact = case.run("auto")
+        assert_within(exact, want, bound)
+    int8 = case.run("auto")
+    assert np.abs(int8 - want).max() > np.abs(exact - want).max()
 
 
 def sizes(fmt_down, layout, count, seed=0):
@@ -507,7 +521,7 @@ def test_c_ffn_runs_in_exactly_fic_workspace_bytes(fmt, layout, t, threads):
 
     def call(n_bytes):
         y = case.y0.copy()
-        st = lib.fic_experts_ffn_slots(K._POOL.get(), lib.FIC_IMPL_AUTO, lay, ffi.from_buffer("uint8_t[]", arena),
+        st = lib.fic_experts_ffn_slots(K._POOL.get(), K._math_impl("auto", t), lay, ffi.from_buffer("uint8_t[]", arena),
                                        slot_bytes, ffi.from_buffer("int32_t[]", slots),
                                        ffi.from_buffer("int32_t[]", np.array(case.ns, np.int32)), len(case.ns),
                                        ffi.from_buffer("float[]", coef), ffi.from_buffer("float[]", case.x),
