@@ -203,6 +203,19 @@ def test_reduced_rank_ridge_fit_matches_a_direct_svd():
     assert np.allclose(mu_x, mx, atol=1e-5) and np.allclose(mu_y, my, atol=1e-4)
 
 
+@pytest.mark.parametrize("spread", [1.0, 1e6, 1e12])
+def test_orthonormal_columns_span_what_numpy_qr_spans(spread):
+    """Cholesky QR twice against numpy's Householder QR: orthonormal columns (to 1e-10) with the
+    same span (projectors within 1e-8), from well-conditioned columns to columns 1e12 apart in
+    scale (beyond CholQR2's reach: the Householder fallback)."""
+    rng = np.random.default_rng(int(np.log10(spread)))
+    q = rng.standard_normal((300, 24)) * np.geomspace(1, 1 / spread, 24)
+    ours = cal.orthonormal_columns(q)
+    ref = np.linalg.qr(q)[0]
+    assert np.abs(ours.T @ ours - np.eye(24)).max() < 1e-10
+    assert np.abs(ours @ ours.T - ref @ ref.T).max() < 1e-8
+
+
 def test_predictor_predicts_as_numpy_does():
     """router.Predictor (matrices through the kernels) against the formula in numpy: f32 to
     float rounding; q8_0 within its quantization error (measured here: under 2% of the output's scale)."""
