@@ -228,7 +228,7 @@ class RidgeStats:
         With C + lam I = L L^T and m = L^T W = L^-1 Cxy, only m m^T (d_in x d_in) is needed, and it
         is L^-1 (Cxy Cxy^T) L^-T: one symmetric product of Cxy (syrk) is the only work on the d_out
         side, against a general solve with d_out right-hand sides and two more d_in x d_in x d_out
-        products before (3.5x the time on Qwen2.5-Coder-1.5B's layers; RESULTS.md)."""
+        products before (RESULTS.md, "Calibrating Qwen2.5-Coder-1.5B": the time measured)."""
         n = max(1, self.n)
         mu_x, mu_y = self.sx / n, self.sy / n
         cxx = self.sxx / n - np.outer(mu_x, mu_x)
