@@ -262,6 +262,16 @@ void gemm_rows(const job_t *j, int panels, const uint8_t *w, int64_t rb, int64_t
 #define P2_ROWS 8        /* FFN phase 2 (columns): output rows per block, one accumulator each */
 #define P2_PF_BLOCKS 2   /* FFN phase 2: row blocks ahead to prefetch, per expert */
 
+/* Phase 2 (columns) reads P2_ROWS output rows of an expert's down piece per step (w: the piece of
+ * row r, rb bytes a row): prefetch the rows P2_PF_BLOCKS steps ahead, as far as r_end. */
+static inline void p2_prefetch(const uint8_t *w, int64_t rb, int64_t r, int nr, int64_t r_end) {
+    const int64_t pf_r = r + P2_PF_BLOCKS * P2_ROWS;
+    if (pf_r >= r_end) return;
+    const uint8_t *pf = w + P2_PF_BLOCKS * P2_ROWS * rb;
+    const int64_t pf_bytes = (r_end - pf_r < nr ? r_end - pf_r : nr) * rb;
+    for (int64_t o = 0; o < pf_bytes; o += 64) __builtin_prefetch(pf + o, 0, 0);
+}
+
 /* Phase 1 reads one row at a time with a software prefetch P1_PF_BYTES ahead (ffn.c). */
 static inline void p1_prefetch(const uint8_t *row, int64_t rb) {
     for (int64_t o = 0; o < rb; o += 64) __builtin_prefetch(row + P1_PF_BYTES + o, 0, 0);

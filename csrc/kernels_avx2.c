@@ -788,12 +788,7 @@ TGT_AVX2 static ALWAYS_INLINE void q8x_down_block_avx2(const int fmt, const ffn_
         const job_t *j = &f->jd[e];
         const int64_t rb = f->rb_d[e];
         const uint8_t *w = down_part(f, e) + r * rb;
-        const int64_t pf_r = r + P2_PF_BLOCKS * P2_ROWS;
-        if (pf_r < r_end) {
-            const uint8_t *pf = w + P2_PF_BLOCKS * P2_ROWS * rb;
-            const int64_t pf_bytes = (r_end - pf_r < nr ? r_end - pf_r : nr) * rb;
-            for (int64_t o = 0; o < pf_bytes; o += 64) __builtin_prefetch(pf + o, 0, 0);
-        }
+        p2_prefetch(w, rb, r, nr, r_end);
         for (int i = 0; i < nr; i++)
             q8x_row_avx2(fmt, w + i * rb, j->k, j->xq, j->xscale16, j->xcorr16, &acc[i], &corr[i]);
     }

@@ -680,12 +680,7 @@ TGT_AVX512VNNI static inline __attribute__((always_inline)) void down_cols_q4_bl
         const job_t *j = &f->jd[e];
         const int64_t rb = f->rb_d[e];
         const uint8_t *w = down_part(f, e) + r * rb;
-        const int64_t pf_r = r + P2_PF_BLOCKS * P2_ROWS;
-        if (pf_r < r_end) {
-            const uint8_t *pf = w + P2_PF_BLOCKS * P2_ROWS * rb;
-            int64_t pf_bytes = (r_end - pf_r < nr ? r_end - pf_r : nr) * rb;
-            for (int64_t o = 0; o < pf_bytes; o += 64) __builtin_prefetch(pf + o, 0, 0);
-        }
+        p2_prefetch(w, rb, r, nr, r_end);
         if (!j->q4_int8) {
             for (int i = 0; i < nr; i++) extra[i] += dot_row(j, w + i * rb, j->x);
             continue;
@@ -718,12 +713,7 @@ TGT_AVX512 static inline __attribute__((always_inline)) void down_cols_q1_block(
         const job_t *j = &f->jd[e];
         const int64_t rb = f->rb_d[e];
         const uint8_t *w = down_part(f, e) + r * rb;
-        const int64_t pf_r = r + P2_PF_BLOCKS * P2_ROWS;
-        if (pf_r < r_end) {
-            const uint8_t *pf = w + P2_PF_BLOCKS * P2_ROWS * rb;
-            int64_t pf_bytes = (r_end - pf_r < nr ? r_end - pf_r : nr) * rb;
-            for (int64_t o = 0; o < pf_bytes; o += 64) __builtin_prefetch(pf + o, 0, 0);
-        }
+        p2_prefetch(w, rb, r, nr, r_end);
         for (int64_t b = 0; b < j->k / QK1_0; b++) {
             __m512i xu0 = _mm512_loadu_si512((const void *)(j->xu + b * QK1_0));
             __m512i xu1 = _mm512_loadu_si512((const void *)(j->xu + b * QK1_0 + 64));
@@ -749,12 +739,7 @@ TGT_AVX512Q1 static inline __attribute__((always_inline)) void down_cols_q1_plan
         const job_t *j = &f->jd[e];
         const int64_t rb = f->rb_d[e];
         const uint8_t *w = down_part(f, e) + r * rb;
-        const int64_t pf_r = r + P2_PF_BLOCKS * P2_ROWS;
-        if (pf_r < r_end) {
-            const uint8_t *pf = w + P2_PF_BLOCKS * P2_ROWS * rb;
-            int64_t pf_bytes = (r_end - pf_r < nr ? r_end - pf_r : nr) * rb;
-            for (int64_t o = 0; o < pf_bytes; o += 64) __builtin_prefetch(pf + o, 0, 0);
-        }
+        p2_prefetch(w, rb, r, nr, r_end);
         const int64_t nb = j->k / QK1_0, ng = (nb + 3) / 4;
         for (int64_t g = 0; g < ng; g++) {
             __m512i pl[8];

@@ -247,81 +247,85 @@ def set_threads(n_threads: int) -> None:
 
 # ---- prefill arithmetic ------------------------------------------------------------------------
 
-PREFILL_MODES = ("int8", "exact")
-# "int8": prefill (T > 1) in quantized formats quantizes activations to 8 bits and uses integer dot
-# products (csrc/qdot.h), as llama.cpp does; "exact": dequantized weights and fp32 FMA. FIC_PREFILL
-# picks the process's default: exact, because int8 bought only 0.89-1.21x on this AVX2 CPU for logits
-# 3% away from the float model's on tiny models (bench/RESULTS.md, "Prefill with int8 activations").
-_PREFILL = {"mode": os.environ.get("FIC_PREFILL", "exact") or "exact"}
+PREFILL_MODES = ("int8", "exact")  # the arithmetics of prefill and of decode alike
+
+
+class _Arithmetic:
+    """The process's arithmetic for one kind of product ("prefill": T > 1, "decode": one token):
+    "int8" (activations quantized to 8 bits, integer dot products, as llama.cpp) or "exact" (float
+    activations), read from the environment variable `env` at import."""
+
+    def __init__(self, kind: str, env: str):
+        self.kind, self.env = kind, env
+        self.mode = os.environ.get(env, "exact") or "exact"
+
+    def set(self, mode: str) -> None:
+        if mode not in PREFILL_MODES:
+            raise ValueError(f"unknown {self.kind} mode {mode!r} (known: {', '.join(PREFILL_MODES)})")
+        self.mode = mode
+
+    @contextlib.contextmanager
+    def block(self, mode: str) -> Iterator[None]:
+        before = self.mode
+        self.set(mode)
+        try:
+            yield
+        finally:
+            self.mode = before
+
+    def impl(self, impl: str) -> int:
+        """impl's id with FIC_IMPL_EXACT OR'ed in when this arithmetic is exact."""
+        if self.mode not in PREFILL_MODES:
+            raise ValueError(f"{self.env}={self.mode!r} is not a {self.kind} mode (known: {', '.join(PREFILL_MODES)})")
+        return _impl_id(impl) | (lib.FIC_IMPL_EXACT if self.mode == "exact" else 0)
+
+
+# Prefill: exact by default, because int8 bought only 0.89-1.21x on this AVX2 CPU for logits 3% away
+# from the float model's on tiny models (bench/RESULTS.md, "Prefill with int8 activations").
+_PREFILL = _Arithmetic("prefill", "FIC_PREFILL")
+# Decode: int8 runs the kernels 1.3-2.2x faster on AVX2 for perplexity x1.001 (bench/RESULTS.md,
+# "Decode with int8 activations"), but exact is the default: exact mode promises the full model's
+# answer under any budget, and int8's rounding turns the streamed FFN's 1e-7 summation-order
+# differences into 1e-2 (tests/test_soak.py saw an answer part at a 0.35 logit gap). Q1_0 has int8
+# kernels only.
+_DECODE = _Arithmetic("decode", "FIC_DECODE")
 
 
 def set_prefill(mode: str) -> None:
-    """Choose the arithmetic of prefill products for this process: "int8" or "exact"."""
-    if mode not in PREFILL_MODES:
-        raise ValueError(f"unknown prefill mode {mode!r} (known: {', '.join(PREFILL_MODES)})")
-    _PREFILL["mode"] = mode
+    """Choose the arithmetic of prefill products (matmul, the expert FFN for T > 1) for this
+    process: "int8" or "exact"."""
+    _PREFILL.set(mode)
 
 
 def get_prefill() -> str:
-    return _PREFILL["mode"]
+    return _PREFILL.mode
 
 
-@contextlib.contextmanager
-def prefill_mode(mode: str) -> Iterator[None]:
+def prefill_mode(mode: str) -> contextlib.AbstractContextManager:
     """set_prefill(mode) for a block, the previous mode back after it."""
-    before = get_prefill()
-    set_prefill(mode)
-    try:
-        yield
-    finally:
-        _PREFILL["mode"] = before
-
-
-def _prefill_impl(impl: str) -> int:
-    """impl's id with FIC_IMPL_EXACT OR'ed in when prefill is exact (matmul and the expert FFN)."""
-    mode = _PREFILL["mode"]
-    if mode not in PREFILL_MODES:
-        raise ValueError(f"FIC_PREFILL={mode!r} is not a prefill mode (known: {', '.join(PREFILL_MODES)})")
-    return _impl_id(impl) | (lib.FIC_IMPL_EXACT if mode == "exact" else 0)
-
-
-# "exact" (the default): a decode step's products keep float activations. "int8": they quantize x to
-# 8 bits (q8 blocks of 32) and use integer dot products, as llama.cpp does: 1.3-2.2x faster kernels
-# on AVX2 for perplexity x1.001 (bench/RESULTS.md, "Decode with int8 activations"). Not the default:
-# exact mode promises the full model's answer under any budget, and int8's rounding turns the
-# streamed FFN's 1e-7 summation-order differences into 1e-2 (tests/test_soak.py saw an answer part
-# at a 0.35 logit gap). Q1_0 has int8 kernels only. FIC_DECODE picks the process's default.
-_DECODE = {"mode": os.environ.get("FIC_DECODE", "exact") or "exact"}
+    return _PREFILL.block(mode)
 
 
 def set_decode(mode: str) -> None:
     """Choose the arithmetic of decode (one token) products for this process: "int8" or "exact"."""
-    if mode not in PREFILL_MODES:
-        raise ValueError(f"unknown decode mode {mode!r} (known: {', '.join(PREFILL_MODES)})")
-    _DECODE["mode"] = mode
+    _DECODE.set(mode)
 
 
 def get_decode() -> str:
-    return _DECODE["mode"]
+    return _DECODE.mode
 
 
-@contextlib.contextmanager
-def decode_mode(mode: str) -> Iterator[None]:
+def decode_mode(mode: str) -> contextlib.AbstractContextManager:
     """set_decode(mode) for a block, the previous mode back after it."""
-    before = get_decode()
-    set_decode(mode)
-    try:
-        yield
-    finally:
-        _DECODE["mode"] = before
+    return _DECODE.block(mode)
+
+
+def _prefill_impl(impl: str) -> int:
+    return _PREFILL.impl(impl)
 
 
 def _decode_impl(impl: str) -> int:
-    """impl's id with FIC_IMPL_EXACT OR'ed in when decode is exact (matvec, one-token FFN and attention block)."""
-    mode = _DECODE["mode"]
-    if mode not in PREFILL_MODES:
-        raise ValueError(f"FIC_DECODE={mode!r} is not a decode mode (known: {', '.join(PREFILL_MODES)})")
-    return _impl_id(impl) | (lib.FIC_IMPL_EXACT if mode == "exact" else 0)
+    return _DECODE.impl(impl)
 
 
 def _math_impl(impl: str, t: int) -> int:
