@@ -74,17 +74,26 @@ def test_follow_up_reuses_the_cache_and_answers_as_a_fresh_engine(tiny, mode):
         assert sets(eng) == sets(fresh)  # the selection is the fresh prompt's
 
 
+# Reused keys and values were written by decode steps (matvec), a fresh prefill writes them with the
+# prefill kernels (packed panels): the same products summed in another order, so with an f32 cache the
+# logits agree to float rounding; an f16 cache rounds each engine's keys and values separately, and
+# where the two fp32 sums straddle an fp16 rounding boundary one element moves by an fp16 ulp (2^-11
+# relative): measured 2.8e-4 of the largest logit on this tiny model.
+REUSE_BOUNDS = {"f32": 1e-5, "f16": 2e-3}
+
+
+@pytest.mark.parametrize("kv", list(REUSE_BOUNDS))
 @pytest.mark.parametrize("mode", list(OPTIONS))
-def test_first_token_logits_equal_a_fresh_prefill(tiny, mode):
-    eng = Engine.open(str(tiny), ctx=256, **OPTIONS[mode])
+def test_first_token_logits_equal_a_fresh_prefill(tiny, mode, kv):
+    eng = Engine.open(str(tiny), ctx=256, kv_dtype=kv, **OPTIONS[mode])
     ids1 = eng.chat_ids(TURN1)
     _, first = answer(eng, ids1)
     ids2 = eng.chat_ids(turn2(first))
     got = eng._prefill(ids2)
-    fresh = Engine.open(str(tiny), ctx=256, **OPTIONS[mode])
+    fresh = Engine.open(str(tiny), ctx=256, kv_dtype=kv, **OPTIONS[mode])
     want = fresh._prefill(ids2)
     assert eng.last_prefix.reused > 0 and fresh.last_prefix.reused == 0
-    assert np.max(np.abs(got - want)) / np.max(np.abs(want)) < 1e-5
+    assert np.max(np.abs(got - want)) / np.max(np.abs(want)) < REUSE_BOUNDS[kv]
 
 
 def test_the_same_prompt_again_runs_one_token_and_keeps_its_sets(tiny):
