@@ -657,6 +657,27 @@ def fixed_add(c: np.ndarray, acc: np.ndarray, *, impl: str = "auto") -> np.ndarr
     return acc
 
 
+class FixedFlush:
+    """fixed_flush of one accumulator into float32 outputs, checked once per output array (decode
+    flushes the same two buffers every layer of every token)."""
+
+    def __init__(self, acc: np.ndarray):
+        if (not isinstance(acc, np.ndarray) or acc.dtype != np.int64 or acc.ndim != 1
+                or not acc.flags.c_contiguous or not acc.flags.writeable):
+            raise ValueError("acc must be a writable contiguous 1-D int64 array")
+        self.acc, self._pacc = acc, ffi.from_buffer("int64_t[]", acc)
+        self._y: tuple = (None, None)
+
+    def __call__(self, y: np.ndarray) -> None:
+        """y += acc * 2^-32, acc = 0 (y float32 of acc's size)."""
+        if y is not self._y[0]:
+            if (not isinstance(y, np.ndarray) or y.dtype != np.float32 or y.size != self.acc.size
+                    or not y.flags.c_contiguous or not y.flags.writeable):
+                raise ValueError(f"y must be a writable contiguous float32 array of {self.acc.size} elements")
+            self._y = (y, _f32(y))
+        lib.fic_fixed_flush(self._pacc, self._y[1], self.acc.size)  # FIC_OK: checked above
+
+
 def fixed_flush(acc: np.ndarray, y: np.ndarray) -> np.ndarray:
     """y += acc * 2^-32 (through double, rounded to float32), then acc = 0 (fic_fixed_flush). Returns y."""
     if (not isinstance(acc, np.ndarray) or acc.dtype != np.int64 or not acc.flags.c_contiguous

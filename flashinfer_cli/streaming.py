@@ -47,6 +47,8 @@ class FFNRunner:
         # the layer's fixed-point sums (plan.scratch_bytes counts them); zero between layers
         self.acc = np.zeros(max(1, max_tokens * d) if self.fixed else 0, dtype=np.int64)
         self._acc_dirty = False  # a layer's calls began and were not flushed (an error between)
+        self._acc1 = self.acc[:d] if self.fixed else self.acc
+        self._flush1 = kernels.FixedFlush(self._acc1)
         half = arena.n_ring // 2
         self.halves = [arena.ring[:half], arena.ring[half:2 * half]] if half else []
         self._next_half = 0
@@ -140,17 +142,19 @@ class FFNRunner:
         clears it, and a layer that failed half way is cleared here), or y itself."""
         if not self.fixed:
             return y
-        acc = self.acc[:y.size]
         if self._acc_dirty:
             self.acc[:] = 0
         self._acc_dirty = True
-        return acc.reshape(y.shape)
+        # one token: the same view every step, so that a prepared call keeps its pointers
+        return self._acc1 if y.shape == self._acc1.shape else self.acc[:y.size].reshape(y.shape)
 
     def _finish(self, target: np.ndarray, y: np.ndarray) -> None:
         """y += the layer's fixed-point sums, which are cleared."""
-        if target is not y:
+        if target is self._acc1:
+            self._flush1(y)
+        elif target is not y:
             kernels.fixed_flush(target.reshape(-1), y.reshape(-1))
-            self._acc_dirty = False
+        self._acc_dirty = False
 
     def run(self, layer: int, x: np.ndarray, y: np.ndarray, *, full: bool,
             collect: Callable[[int, int, list], None] | None = None, prefetch: bool = True) -> None:
