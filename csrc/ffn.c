@@ -181,6 +181,21 @@ static void phase1_tiles(void *ctx, int64_t g0, int64_t g1, int tid) {
 
 /* ---- phase 2: down part as columns (d_model x n_e) --------------------------------------- */
 
+#define P2_CHUNK 64 /* generic phase 2, columns: output rows per pass of one expert (on the stack) */
+
+/* out[r - r0] = row r of expert e's down piece . h_e, rows [r0, r1), r1 - r0 <= P2_CHUNK. Two rows
+ * per pass where the table has dot2 (Q1_0 on AVX2): an expert's column piece is often one block,
+ * where the shared x loads and interleaved chains measured 1.25-1.5x. */
+static void down_piece_dots(const ffn_t *f, const fic_fmt_kernels *kf, int64_t e, int64_t r0, int64_t r1, float *out) {
+    const job_t *j = &f->jd[e];
+    const int64_t rb = f->rb_d[e];
+    const uint8_t *w = down_part(f, e);
+    int64_t r = r0;
+    if (kf->dot2)
+        for (; r + 2 <= r1; r += 2) kf->dot2(j, w + r * rb, out + (r - r0)); /* j->row_bytes == rb */
+    for (; r < r1; r++) out[r - r0] = dot_row(j, w + r * rb, j->x);
+}
+
 static void down_cols_t1(void *ctx, int64_t r0, int64_t r1, int tid) {
     const ffn_t *f = ctx;
     (void)tid;
@@ -188,20 +203,16 @@ static void down_cols_t1(void *ctx, int64_t r0, int64_t r1, int tid) {
     if (kf->down_cols && kf->down_cols(f, r0, r1)) return;
     for (int64_t e = 0; e < f->n_experts; e++) {
         if (f->skip[e]) continue;
-        const job_t *j = &f->jd[e];
-        const uint8_t *w = down_part(f, e);
-        const int64_t rb = f->rb_d[e];
-        int64_t r = r0;
-        /* two rows per pass where the table has dot2 (Q1_0 on AVX2): an expert's column piece is
-         * often one block, where the shared x loads and interleaved chains measured 1.25-1.5x */
-        if (kf->dot2)
-            for (; r + 2 <= r1; r += 2) {
-                float two[2];
-                kf->dot2(j, w + r * rb, two); /* j->row_bytes == rb */
-                f->y[r] += two[0];
-                f->y[r + 1] += two[1];
+        for (int64_t c0 = r0; c0 < r1; c0 += P2_CHUNK) {
+            const int64_t c1 = r1 - c0 < P2_CHUNK ? r1 : c0 + P2_CHUNK;
+            float out[P2_CHUNK];
+            down_piece_dots(f, kf, e, c0, c1, out);
+            if (f->acc != NULL) {
+                fixed_add(f->kt, out, f->acc + c0, c1 - c0);
+            } else {
+                for (int64_t r = c0; r < c1; r++) f->y[r] += out[r - c0];
             }
-        for (; r < r1; r++) f->y[r] += dot_row(j, w + r * rb, j->x);
+        }
     }
 }
 
@@ -222,8 +233,12 @@ static void down_cols_tiles(void *ctx, int64_t r0, int64_t r1, int tid) {
             j.m = nr;
             gemm_rows(&j, panels, down_part(f, e), f->rb_d[e], r, nr, 0, tile);
             for (int64_t i = 0; i < t; i++) {
-                float *yi = f->y + i * d + r;
                 const float *oi = obuf + i * nr;
+                if (f->acc != NULL) {
+                    fixed_add(f->kt, oi, f->acc + i * d + r, nr);
+                    continue;
+                }
+                float *yi = f->y + i * d + r;
                 for (int64_t k = 0; k < nr; k++) yi[k] += oi[k];
             }
         }
@@ -315,8 +330,9 @@ static int ffn_run(fic_pool *pool, int impl, const fic_expert_layout *layout, co
                    float *y, int64_t t, float *scratch, uint8_t *ws, int64_t ws_bytes) {
     ffn_t f;
     memset(&f, 0, sizeof f);
-    const int exact = impl & FIC_IMPL_EXACT;
-    impl &= ~FIC_IMPL_EXACT;
+    const int exact = impl & FIC_IMPL_EXACT, fixed = impl & FIC_FFN_FIXED;
+    impl &= ~(FIC_IMPL_EXACT | FIC_FFN_FIXED);
+    if (fixed && layout->down_rows) return FIC_ERR_UNSUPPORTED;
     const fic_kernels *kt = fic_kernels_for(impl); /* not NULL: check_args */
     f.impl = impl;
     f.kt = kt;
@@ -328,7 +344,8 @@ static int ffn_run(fic_pool *pool, int impl, const fic_expert_layout *layout, co
     f.n = n_neurons;
     f.coef = coef;
     f.x = x;
-    f.y = y;
+    f.y = fixed ? NULL : y;
+    f.acc = fixed ? (int64_t *)y : NULL; /* the caller's int64_t accumulator (fic.h) */
     f.h = scratch;
     f.gate_fmt = layout->gate_fmt;
     f.up_fmt = layout->up_fmt;
@@ -391,7 +408,11 @@ static int ffn_run(fic_pool *pool, int impl, const fic_expert_layout *layout, co
                 n_prepared++;
             }
             f.q1_layout = n_planes == 0 ? Q1_ALL_SAD : n_planes == n_prepared ? Q1_ALL_PLANES : Q1_MIXED;
-            fic_parallel_for(pool, f.d, row_chunk(pool, f.d, rb_sum), down_cols_t1, &f);
+            int64_t c2 = row_chunk(pool, f.d, rb_sum);
+            /* fixed: chunks start at multiples of P2_ROWS whatever the call's experts, so a row's
+             * kernel (a P2_ROWS block or the tail, dot2 or dot) is the same in every call */
+            if (fixed) c2 = (c2 + P2_ROWS - 1) / P2_ROWS * P2_ROWS;
+            fic_parallel_for(pool, f.d, c2, down_cols_t1, &f);
         }
     } else {
         init_job(&f.jg, kt, f.gate_fmt, NULL, x, NULL, t, 1, f.d);
@@ -419,7 +440,7 @@ static int ffn_run(fic_pool *pool, int impl, const fic_expert_layout *layout, co
             }
             int64_t c2 = (f.d + 4 * n_threads - 1) / (4 * n_threads);
             c2 = (c2 + f.tile2_rows - 1) / f.tile2_rows * f.tile2_rows;
-            if (!exact && fic_qdot_fmt_ok(f.down_fmt)) { /* int8 activations */
+            if (!exact && !fixed && fic_qdot_fmt_ok(f.down_fmt)) { /* int8 activations; one dot over all experts */
                 const qdot_ffn qa = qdot_args(&f, n_max);
                 int st = fic_qdot_ffn_down_cols(pool, &qa, rest, rest_bytes);
                 if (st != FIC_OK) return st;
@@ -447,8 +468,8 @@ int fic_experts_ffn(fic_pool *pool, int impl, const fic_expert_layout *layout, c
                     const int32_t *n_neurons, int64_t n_experts, const float *coef, const float *x, float *y,
                     int64_t t, float *scratch, int64_t scratch_floats, void *ws, int64_t ws_bytes) {
     int64_t n_total = 0;
-    const int exact = impl & FIC_IMPL_EXACT; /* passed on to ffn_run */
-    impl &= ~FIC_IMPL_EXACT;
+    const int flags = impl & (FIC_IMPL_EXACT | FIC_FFN_FIXED); /* passed on to ffn_run */
+    impl &= ~(FIC_IMPL_EXACT | FIC_FFN_FIXED);
     int st = check_args(pool, &impl, layout, n_neurons, n_experts, x, y, t, scratch, scratch_floats, ws, ws_bytes,
                         &n_total);
     if (st != FIC_OK) return st;
@@ -457,7 +478,7 @@ int fic_experts_ffn(fic_pool *pool, int impl, const fic_expert_layout *layout, c
     for (int64_t e = 0; e < n_experts; e++)
         if (bundles[e] == NULL) return FIC_ERR_ARG;
     const int64_t skip = ws_ffn_ptrs(n_experts); /* unused here: the same workspace serves _slots */
-    return ffn_run(pool, impl | exact, layout, bundles, n_neurons, n_experts, n_total, coef, x, y, t, scratch,
+    return ffn_run(pool, impl | flags, layout, bundles, n_neurons, n_experts, n_total, coef, x, y, t, scratch,
                    (uint8_t *)ws + skip, ws_bytes - skip);
 }
 
@@ -466,8 +487,8 @@ int fic_experts_ffn_slots(fic_pool *pool, int impl, const fic_expert_layout *lay
                           const float *coef, const float *x, float *y, int64_t t, float *scratch,
                           int64_t scratch_floats, void *ws, int64_t ws_bytes) {
     int64_t n_total = 0;
-    const int exact = impl & FIC_IMPL_EXACT; /* passed on to ffn_run */
-    impl &= ~FIC_IMPL_EXACT;
+    const int flags = impl & (FIC_IMPL_EXACT | FIC_FFN_FIXED); /* passed on to ffn_run */
+    impl &= ~(FIC_IMPL_EXACT | FIC_FFN_FIXED);
     int st = check_args(pool, &impl, layout, n_neurons, n_experts, x, y, t, scratch, scratch_floats, ws, ws_bytes,
                         &n_total);
     if (st != FIC_OK) return st;
@@ -479,6 +500,25 @@ int fic_experts_ffn_slots(fic_pool *pool, int impl, const fic_expert_layout *lay
         bundles[e] = arena + (int64_t)slots[e] * slot_bytes;
     }
     const int64_t skip = ws_ffn_ptrs(n_experts);
-    return ffn_run(pool, impl | exact, layout, bundles, n_neurons, n_experts, n_total, coef, x, y, t, scratch,
+    return ffn_run(pool, impl | flags, layout, bundles, n_neurons, n_experts, n_total, coef, x, y, t, scratch,
                    (uint8_t *)ws + skip, ws_bytes - skip);
+}
+
+int fic_fixed_add(int impl, const float *c, int64_t *acc, int64_t n) {
+    if (n < 0 || (n > 0 && (c == NULL || acc == NULL))) return FIC_ERR_ARG;
+    if (impl < FIC_IMPL_AUTO || impl > FIC_IMPL_NEON) return FIC_ERR_ARG;
+    if (impl == FIC_IMPL_AUTO) impl = fic_impl_best();
+    const fic_kernels *kt = fic_kernels_for(impl);
+    if (kt == NULL) return FIC_ERR_UNSUPPORTED;
+    fixed_add(kt, c, acc, n);
+    return FIC_OK;
+}
+
+int fic_fixed_flush(int64_t *acc, float *y, int64_t n) {
+    if (n < 0 || (n > 0 && (acc == NULL || y == NULL))) return FIC_ERR_ARG;
+    for (int64_t i = 0; i < n; i++) {
+        y[i] += (float)((double)acc[i] * 0x1p-32);
+        acc[i] = 0;
+    }
+    return FIC_OK;
 }

@@ -59,7 +59,15 @@ enum fic_impl {
      * activations (prefill: weights dequantized, fp32 FMA; decode: float dot products) instead of
      * int8 activations and integer dot products (prefill: csrc/qdot.h; decode: Q1_0, Q4_0, Q4_1
      * and Q8_0 on AVX2, Q1_0/Q4 on AVX-512), as llama.cpp computes them. */
-    FIC_IMPL_EXACT = 256
+    FIC_IMPL_EXACT = 256,
+    /* A flag OR'ed into impl for fic_experts_ffn(_slots) only: y is not float but an int64_t
+     * accumulator of t x d_model fixed-point values in units of 2^-32 (fic_fixed_add): each
+     * expert's contribution to each output is reduced and rounded to that grid on its own, then
+     * added as an integer, so the sum does not depend on how a layer's experts are split between
+     * calls or in which order the calls come (integer addition is associative). A budget that
+     * streams some experts then computes bit for bit what the full model computes. fic_fixed_flush
+     * adds the accumulator to the float output. Columns down layout only (rows: FIC_ERR_UNSUPPORTED). */
+    FIC_FFN_FIXED = 512
 };
 
 /* ---- formats (quant.c) ---- */
@@ -158,6 +166,15 @@ int fic_experts_ffn_slots(fic_pool *pool, int impl, const fic_expert_layout *lay
                           const int32_t *n_neurons, int64_t n_experts, const float *coef,
                           const float *x, float *y, int64_t t, float *scratch,
                           int64_t scratch_floats, void *ws, int64_t ws_bytes);
+
+/* ---- fixed-point sums (ffn.c) ----
+ * fix(c) = round-half-even(c * 2^32) as an int64, c saturated to +-2^30 (NaN to +2^30): the unit
+ * of FIC_FFN_FIXED accumulators, 2.3e-10, far below a float32's resolution near the FFN's output.
+ * fic_fixed_add: acc[i] += fix(c[i]) for i < n (impl: the same kernels as the FFN uses; every
+ *   implementation gives the same integers).
+ * fic_fixed_flush: y[i] += (float)(acc[i] * 2^-32) (through double), then acc[i] = 0. */
+int fic_fixed_add(int impl, const float *c, int64_t *acc, int64_t n);
+int fic_fixed_flush(int64_t *acc, float *y, int64_t n);
 
 /* ---- attention over an fp16 KV cache (attention.c) ----
  * Causal GQA attention of t queries at positions pos0..pos0+t-1 (q: t x n_heads x head_dim

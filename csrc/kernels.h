@@ -161,6 +161,7 @@ typedef int (*kern_down_cols_fn)(const struct ffn_s *f, int64_t r0, int64_t r1);
 typedef void (*kern_axpy_fn)(float a, const float *w, float *y, int64_t n);
 typedef void (*kern_gemm_tile_fn)(const job_t *j, const float *tile, int64_t nr, int64_t r0);
 typedef void (*kern_gemm_panel_fn)(const job_t *j, const float *panels, int64_t nr, int64_t r0);
+typedef void (*kern_fixed_add_fn)(const float *c, int64_t *acc, int64_t n);
 
 /* One format's kernels on one implementation. dot and deq are always set; the others are
  * optional fast paths (NULL: the generic code in kernels.c, matvec.c and ffn.c). */
@@ -182,8 +183,9 @@ typedef struct fic_kernels {
     kern_axpy_fn axpy;              /* y += a * w, float */
     kern_gemm_tile_fn gemm_tile;    /* Y[t][r0 + r] = tile[r] . x[t], a tile of dequantized rows */
     fic_fmt_kernels fmt[FIC_FMT_COUNT];
-    kern_gemm_panel_fn gemm_panel;  /* as gemm_tile, the tile packed by pack_panels; NULL: none (last:
-                                       tables that omit it leave it NULL) */
+    kern_gemm_panel_fn gemm_panel;  /* as gemm_tile, the tile packed by pack_panels; NULL: none */
+    kern_fixed_add_fn fixed_add;    /* acc[i] += fix(c[i]) (fic.h); NULL: fixed_add_ref (last: tables
+                                       that omit it leave it NULL) */
 } fic_kernels;
 
 /* The traits columns every table repeats: block weights and bytes of each format. */
@@ -297,6 +299,7 @@ typedef struct ffn_s {
     int q1_layout;           /* t = 1, columns, Q1_0 on AVX-512: the prepared h_e's layouts */
     job_t jg, ju;            /* t = 1: gate and up jobs with x prepared */
     job_t *jd;               /* per expert down job (t = 1: h_e prepared for columns) */
+    int64_t *acc;            /* FIC_FFN_FIXED: t x d fixed-point sums instead of y; else NULL */
     float *tiles;            /* per thread: tile_floats */
     int64_t tile_floats, tile1_rows, tile2_rows;
 } ffn_t;
@@ -308,6 +311,22 @@ static inline const uint8_t *down_part(const ffn_t *f, int64_t e) {
 /* ---- kernels.c: activation preparation, row chunks, the accum_rows range ------------------- */
 
 size_t prep_x_bytes(const job_t *j);    /* bytes prep_x needs for j (0: none); a multiple of 64 */
+/* fix(c) of fic.h: c * 2^32 rounded half to even, c saturated to +-2^30 (NaN: +2^30). */
+static inline int64_t fix_ref(float c) {
+    double v = (double)c;
+    if (!(v <= 0x1p30)) v = 0x1p30; /* NaN too */
+    else if (v < -0x1p30) v = -0x1p30;
+    return (int64_t)__builtin_llrint(v * 0x1p32); /* exact product; the default rounding: half to even */
+}
+void fixed_add_ref(const float *c, int64_t *acc, int64_t n);
+/* acc[i] += fix(c[i]) through kt's fast path when it has one (same integers either way). */
+static inline void fixed_add(const fic_kernels *kt, const float *c, int64_t *acc, int64_t n) {
+    if (kt->fixed_add) kt->fixed_add(c, acc, n);
+    else fixed_add_ref(c, acc, n);
+}
+#if defined(FIC_X86)
+void fixed_add_avx2(const float *c, int64_t *acc, int64_t n);
+#endif
 void prep_x(job_t *j, void *mem);       /* prepares j->x into mem and points j's activation fields at it */
 int64_t row_chunk(fic_pool *pool, int64_t m, int64_t row_bytes);
 void accum_range(void *ctx, int64_t b0, int64_t b1, int tid); /* fic_range_fn over a job_t */

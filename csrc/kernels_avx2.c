@@ -773,6 +773,81 @@ TGT_AVX2 static ALWAYS_INLINE float q8x_dot_avx2(const int fmt, const job_t *j, 
     return hsum256(acc) + corr;
 }
 
+/* acc[i] += fix(c[i]): with |c| < 2^19, c * 2^32 + 1.5 * 2^52 rounds c * 2^32 to an integer (half to
+ * even, as llrint) in the low bits of a double in [2^52, 2^53); groups of 4 with a larger value or a
+ * NaN take fix_ref. */
+TGT_AVX2 static inline __m256i fix4_avx2(__m128 c) {
+    const __m256d magic = _mm256_set1_pd(0x1.8p52);
+    const __m256d v = _mm256_fmadd_pd(_mm256_cvtps_pd(c), _mm256_set1_pd(0x1p32), magic);
+    return _mm256_sub_epi64(_mm256_castpd_si256(v), _mm256_castpd_si256(magic));
+}
+
+TGT_AVX2 static inline int fix4_ok(__m128 c) {
+    const __m128 a = _mm_andnot_ps(_mm_set1_ps(-0.0f), c);
+    return _mm_movemask_ps(_mm_cmplt_ps(a, _mm_set1_ps(0x1p19f))) == 0xf; /* NaN compares false */
+}
+
+TGT_AVX2 void fixed_add_avx2(const float *c, int64_t *acc, int64_t n) {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        const __m128 v = _mm_loadu_ps(c + i);
+        if (!fix4_ok(v)) {
+            fixed_add_ref(c + i, acc + i, 4);
+            continue;
+        }
+        __m256i *a = (__m256i *)(acc + i);
+        _mm256_storeu_si256(a, _mm256_add_epi64(_mm256_loadu_si256(a), fix4_avx2(v)));
+    }
+    fixed_add_ref(c + i, acc + i, n - i);
+}
+
+/* The sum of v's lanes as hsum8_avx2 sums each of its vectors: ((v0+v1)+(v2+v3))+((v4+v5)+(v6+v7)). */
+TGT_AVX2 static inline float hsum_pairs_avx2(__m256 v) {
+    const __m256 h = _mm256_hadd_ps(v, v);
+    const __m256 q = _mm256_hadd_ps(h, h);
+    return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(q), _mm256_extractf128_ps(q, 1)));
+}
+
+/* Lane i: the sum of v[i]'s lanes, in hsum_pairs_avx2's order. */
+TGT_AVX2 static inline __m256 hsum8_avx2(const __m256 *v) {
+    const __m256 s01 = _mm256_hadd_ps(v[0], v[1]), s23 = _mm256_hadd_ps(v[2], v[3]);
+    const __m256 s45 = _mm256_hadd_ps(v[4], v[5]), s67 = _mm256_hadd_ps(v[6], v[7]);
+    const __m256 a = _mm256_hadd_ps(s01, s23), b = _mm256_hadd_ps(s45, s67);
+    return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+/* FIC_FFN_FIXED: as q8x_down_block_avx2, but every expert's row sums are reduced and rounded into
+ * the fixed-point accumulator on their own (fic.h), whatever other experts the call holds: an
+ * expert with h_e in int8 through q8x_row, one prepared as float (a short or exact h_e) through
+ * dot_row. A row's value does not depend on whether it falls in a block of P2_ROWS or the tail. */
+TGT_AVX2 static ALWAYS_INLINE void q8x_down_fixed_avx2(const int fmt, const ffn_t *f, int64_t r, int nr, int64_t r_end) {
+    for (int64_t e = 0; e < f->n_experts; e++) {
+        if (f->skip[e]) continue;
+        const job_t *j = &f->jd[e];
+        const int64_t rb = f->rb_d[e];
+        const uint8_t *w = down_part(f, e) + r * rb;
+        p2_prefetch(w, rb, r, nr, r_end);
+        float sums[P2_ROWS];
+        if (j->xq == NULL) {
+            for (int i = 0; i < nr; i++) sums[i] = dot_row(j, w + i * rb, j->x);
+        } else {
+            __m256 acc[P2_ROWS];
+            float corr[P2_ROWS];
+            for (int i = 0; i < nr; i++) {
+                acc[i] = _mm256_setzero_ps();
+                corr[i] = 0.0f;
+                q8x_row_avx2(fmt, w + i * rb, j->k, j->xq, j->xscale16, j->xcorr16, &acc[i], &corr[i]);
+            }
+            if (nr == P2_ROWS) {
+                _mm256_storeu_ps(sums, _mm256_add_ps(hsum8_avx2(acc), _mm256_loadu_ps(corr)));
+            } else {
+                for (int i = 0; i < nr; i++) sums[i] = hsum_pairs_avx2(acc[i]) + corr[i];
+            }
+        }
+        fixed_add_avx2(sums, f->acc + r, nr);
+    }
+}
+
 /* FFN phase 2, columns, t = 1: P2_ROWS output rows at a time, every expert's row pieces against
  * its h_e prepared as int8, one reduction per output row over all experts (a dot_row per row
  * piece of n_e weights cost a reduction and a call per 2 blocks). */
@@ -797,6 +872,12 @@ TGT_AVX2 static ALWAYS_INLINE void q8x_down_block_avx2(const int fmt, const ffn_
 
 /* 0 (the generic loop) unless every h_e was prepared as int8. */
 TGT_AVX2 static ALWAYS_INLINE int q8x_down_cols_avx2(const int fmt, const ffn_t *f, int64_t r0, int64_t r1) {
+    if (f->acc != NULL) {
+        int64_t r = r0;
+        for (; r + P2_ROWS <= r1; r += P2_ROWS) q8x_down_fixed_avx2(fmt, f, r, P2_ROWS, r1);
+        if (r < r1) q8x_down_fixed_avx2(fmt, f, r, (int)(r1 - r), r1);
+        return 1;
+    }
     for (int64_t e = 0; e < f->n_experts; e++)
         if (!f->skip[e] && f->jd[e].xq == NULL) return 0;
     int64_t r = r0;
@@ -874,5 +955,6 @@ const fic_kernels fic_kernels_avx2 = {
         [FIC_Q6_K] = AVX2_Q8X_ENTRY(q6_K, KT_Q6_K, XP_NONE),
     },
     gemm_panel_avx2,
+    fixed_add_avx2,
 };
 #endif /* FIC_X86 */

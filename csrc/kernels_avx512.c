@@ -786,13 +786,17 @@ TGT_AVX512VNNI static int rows_q4_vnni(const job_t *j, const uint8_t *base, int6
     return 1;
 }
 
+/* The AVX-512 phase 2 paths sum every expert into one accumulator per row: FIC_FFN_FIXED calls
+ * (each expert rounded on its own) take the generic loop. */
 TGT_AVX512VNNI static int down_cols_q4(const ffn_t *f, int64_t r0, int64_t r1) {
+    if (f->acc != NULL) return 0;
     down_cols_q4_vnni(f, r0, r1);
     return 1;
 }
 
 /* h_e's layout depends on n_e (prep_x_mode): mixed layouts take the generic loop (0). */
 TGT_AVX512 static int down_cols_q1(const ffn_t *f, int64_t r0, int64_t r1) {
+    if (f->acc != NULL) return 0;
     if (f->q1_layout == Q1_ALL_PLANES) {
         down_cols_q1_planes(f, r0, r1);
         return 1;
@@ -859,6 +863,7 @@ const fic_kernels fic_kernels_avx512 = {
         AVX512_Q1(XP_Q1_AVX512),
     },
     NULL, /* gemm_panel: not measured on AVX-512 (gemm_tile_avx512's 6 x 4 blocks) */
+    fixed_add_avx2,
 };
 
 /* VNNI: Q4_0/Q4_1 with x in the pair layout when k >= 64 (else float, as without VNNI). */
@@ -874,6 +879,7 @@ const fic_kernels fic_kernels_avx512_vnni = {
     gemm_tile_avx512,
     {AVX512_COMMON, AVX512_Q4_VNNI, AVX512_Q1(XP_Q1_AVX512)},
     NULL,
+    fixed_add_avx2,
 };
 
 const fic_kernels fic_kernels_avx512_q1 = {
@@ -882,5 +888,6 @@ const fic_kernels fic_kernels_avx512_q1 = {
     gemm_tile_avx512,
     {AVX512_COMMON, AVX512_Q4_VNNI, AVX512_Q1(XP_Q1_PLANES)},
     NULL,
+    fixed_add_avx2,
 };
 #endif /* FIC_X86 */

@@ -276,5 +276,6 @@ const fic_kernels fic_kernels_neon = {
         [FIC_Q6_K] = NEON_ENTRY(q6_K, KT_Q6_K, XP_NONE, kern_deq_q6_K_ref),
     },
     NULL, /* gemm_panel: not written for NEON yet */
+    NULL, /* fixed_add: fixed_add_ref */
 };
 #endif /* __aarch64__ */

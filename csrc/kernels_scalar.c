@@ -134,6 +134,10 @@ static void gemm_panel_ref(const job_t *j, const float *tile, int64_t nr, int64_
     }
 }
 
+void fixed_add_ref(const float *c, int64_t *acc, int64_t n) {
+    for (int64_t i = 0; i < n; i++) acc[i] += fix_ref(c[i]);
+}
+
 /* Plain reference table: every optional entry NULL (generic code), x never prepared. */
 #define REF_ENTRY(name, KT) {KT, XP_NONE, XP_NONE, row_dot_##name##_ref, NULL, kern_deq_##name##_ref, NULL, NULL, NULL, NULL}
 const fic_kernels fic_kernels_scalar = {
@@ -152,4 +156,5 @@ const fic_kernels fic_kernels_scalar = {
         [FIC_Q6_K] = REF_ENTRY(q6_K, KT_Q6_K),
     },
     gemm_panel_ref,
+    fixed_add_ref,
 };

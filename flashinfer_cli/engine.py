@@ -35,6 +35,11 @@ from flashinfer_cli import generate as gen
 from flashinfer_cli.model import Model
 
 DEFAULT_RESELECT = 0  # tokens between reselections (0: off); see bench/RESULTS.md
+# A prefill call that starts on a multiple of this (prefill attention's query groups, ATT_QB in
+# csrc/attention.c) computes every position bit for bit as one call from position 0 would (chunks
+# are multiples of it too): a reused prefix is cut to it, so that what an engine computes depends
+# on the requests, never on its budget (tests/test_soak.py, tests/test_prefix_reuse.py).
+PREFIX_ALIGN = 8
 PREFILLS = ("pruned", "full")
 # the sketch policy's prefill per mode (bench/RESULTS.md, "Calibration and the sketch policy"):
 # exact mode computes every expert anyway; in prune mode a pruned prefill read 3.7x fewer bytes at
@@ -269,7 +274,13 @@ class Engine:
                 return m.forward(ids[start:], all_logits=all_logits)
             finally:
                 m.full = not m.plan.prune
-        scored = self._scored_len if start else 0  # the statistics of ids[:scored] are kept
+        # the previous prompt's statistics are kept when the cache is reused; the tokens before
+        # `scored` run without adding theirs. Prune mode reuses at most the previous prompt
+        # (_reusable): its tail cut by PREFIX_ALIGN runs again, its statistics already there.
+        # Exact mode may reuse the previous answer too, which adds no statistics, and a tail cut
+        # by PREFIX_ALIGN adds its own again: there the sets only decide what stays resident, and
+        # one call from `start` keeps the prefill's alignment.
+        scored = 0 if not start else self._scored_len if m.plan.prune else start
         if scored:
             m.scorer.acc[:] = self._scored
         else:
@@ -277,7 +288,7 @@ class Engine:
         parts = []
         m.full = True
         try:
-            if start < scored:  # the cached prompt again: its last token runs, its statistics are there
+            if start < scored:  # the cached prompt again: its last tokens run, its statistics are there
                 parts.append(m.forward(ids[start:scored], all_logits=all_logits))
             if len(ids) > max(start, scored):
                 if self.predictor is not None:  # sketch, full prefill: predicted rows, every expert run
@@ -486,17 +497,21 @@ class Engine:
         return logits
 
     def _reusable(self, ids: list[int]) -> int:
-        """How many of ids' first tokens the cache holds as a fresh prefill of ids would compute
-        them: the common prefix; where each prompt chooses its sets, the previous prompt whole
-        (its statistics are kept) or nothing. At least one token is left to run."""
+        """How many of ids' first tokens the cache holds as this engine would compute them in a
+        session that sent the same requests: the common prefix; in prune mode, where each prompt
+        chooses its sets, the previous prompt whole (its statistics are kept) or nothing (the
+        previous answer was decoded with the sets of its time). Exact mode computes every expert
+        whatever the sets, so it reuses the previous answer too, as an engine without a budget
+        does. Rounded down to PREFIX_ALIGN; at least one token is left to run."""
         common, limit = 0, min(len(self._cached), len(ids))
         while common < limit and self._cached[common] == ids[common]:
             common += 1
         if self.prefill == "pruned":
             common = 0  # the cache was computed with the previous prompt's sets: the new prompt runs whole
-        elif self._scored is not None:
+        elif self._scored is not None and self.model.plan.prune:
             common = self._scored_len if common >= self._scored_len else 0
-        return min(common, len(ids) - 1)
+        common = min(common, len(ids) - 1)
+        return common - common % PREFIX_ALIGN
 
     def _step(self, ids: Sequence[int]) -> np.ndarray:
         logits = self.model.forward(list(ids))

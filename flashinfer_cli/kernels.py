@@ -255,9 +255,9 @@ class _Arithmetic:
     "int8" (activations quantized to 8 bits, integer dot products, as llama.cpp) or "exact" (float
     activations), read from the environment variable `env` at import."""
 
-    def __init__(self, kind: str, env: str):
+    def __init__(self, kind: str, env: str, default: str):
         self.kind, self.env = kind, env
-        self.mode = os.environ.get(env, "exact") or "exact"
+        self.mode = os.environ.get(env, default) or default
 
     def set(self, mode: str) -> None:
         if mode not in PREFILL_MODES:
@@ -282,13 +282,13 @@ class _Arithmetic:
 
 # Prefill: exact by default, because int8 bought only 0.89-1.21x on this AVX2 CPU for logits 3% away
 # from the float model's on tiny models (bench/RESULTS.md, "Prefill with int8 activations").
-_PREFILL = _Arithmetic("prefill", "FIC_PREFILL")
-# Decode: int8 runs the kernels 1.3-2.2x faster on AVX2 for perplexity x1.001 (bench/RESULTS.md,
-# "Decode with int8 activations"), but exact is the default: exact mode promises the full model's
-# answer under any budget, and int8's rounding turns the streamed FFN's 1e-7 summation-order
-# differences into 1e-2 (tests/test_soak.py saw an answer part at a 0.35 logit gap). Q1_0 has int8
-# kernels only.
-_DECODE = _Arithmetic("decode", "FIC_DECODE")
+_PREFILL = _Arithmetic("prefill", "FIC_PREFILL", "exact")
+# Decode: int8 by default, as llama.cpp: the kernels run 1.3-2.2x faster on AVX2 for perplexity
+# x1.001 (bench/RESULTS.md, "Decode with int8 activations"). Exact mode's promise (the full model's
+# answer under any budget) holds because the FFN sums each expert in fixed point (FIC_FFN_FIXED):
+# without it, int8's rounding turned the streamed FFN's 1e-7 summation-order differences into 1e-2
+# and an answer parted (tests/test_soak.py). Q1_0 has int8 kernels only.
+_DECODE = _Arithmetic("decode", "FIC_DECODE", "int8")
 
 
 def set_prefill(mode: str) -> None:
@@ -589,7 +589,9 @@ class ExpertSet:
         scratch: a contiguous 1-D float32 array of at least t * n_total floats to use instead of
         this set's own (so that the sets of many layers can share one); on return it holds h
         (see experts_ffn_slots)."""
-        x, t, coef_ptr = _ffn_io(x, y, coef, self.d_model, len(self))
+        x, t, coef_ptr, y_ptr, y_flag = _ffn_io(x, y, coef, self.d_model, len(self))
+        if y_flag and self.down_layout == "rows":
+            raise ValueError(_FIXED_ROWS)
         need = t * self.n_total
         if scratch is None:
             if self._scratch.size < need:
@@ -600,8 +602,9 @@ class ExpertSet:
         pool = _POOL.get()
         ws, ws_bytes, held = _ws_acquire(_POOL._n_threads, t, self.d_model, len(self), self.n_total)
         try:
-            status = lib.fic_experts_ffn(pool, _math_impl(impl, t), self._layout, self._bundles, self._n, len(self),
-                                         coef_ptr, _f32(x), _f32(y), t, _f32(scratch), scratch.size, ws, ws_bytes)
+            status = lib.fic_experts_ffn(pool, _math_impl(impl, t) | y_flag, self._layout, self._bundles, self._n,
+                                         len(self), coef_ptr, _f32(x), y_ptr, t, _f32(scratch), scratch.size, ws,
+                                         ws_bytes)
         finally:
             if held:
                 _WS.lock.release()
@@ -609,15 +612,28 @@ class ExpertSet:
         return y
 
 
+_FIXED_ROWS = "a fixed-point FFN accumulator needs the columns down layout (rows sum per neuron)"
+
+
+def _ffn_y(y: np.ndarray, shape: tuple) -> tuple:
+    """An FFN call's output: (pointer, flag). float32: y += the FFN; int64: a fixed-point
+    accumulator (FIC_FFN_FIXED, fic.h) that fixed_flush adds to a float32 y."""
+    if (not isinstance(y, np.ndarray) or y.dtype not in (np.float32, np.int64) or y.shape != shape
+            or not y.flags.c_contiguous or not y.flags.writeable):
+        raise ValueError(f"y must be a writable contiguous float32 (or int64 fixed-point) array of shape {shape}")
+    if y.dtype == np.int64:
+        return ffi.from_buffer("float[]", y), lib.FIC_FFN_FIXED
+    return _f32(y), 0
+
+
 def _ffn_io(x: np.ndarray, y: np.ndarray, coef: np.ndarray | None, d: int, n_experts: int):
-    """Checks an FFN call's x, y and coef; returns (contiguous x, t, coef pointer or NULL)."""
+    """Checks an FFN call's x, y and coef; returns (contiguous x, t, coef pointer or NULL, y's
+    pointer, y's flag)."""
     if not isinstance(x, np.ndarray) or x.dtype != np.float32:
         raise ValueError("x must be a float32 numpy array")
     if x.ndim not in (1, 2) or x.shape[-1] != d or x.size == 0:
         raise ValueError(f"x has shape {x.shape}, expected ({d},) or (t, {d})")
-    if (not isinstance(y, np.ndarray) or y.dtype != np.float32 or y.shape != x.shape
-            or not y.flags.c_contiguous or not y.flags.writeable):
-        raise ValueError(f"y must be a writable contiguous float32 array of shape {x.shape}")
+    y_ptr, y_flag = _ffn_y(y, x.shape)
     t = 1 if x.ndim == 1 else x.shape[0]
     x = np.ascontiguousarray(x)
     coef_ptr = ffi.NULL
@@ -626,7 +642,52 @@ def _ffn_io(x: np.ndarray, y: np.ndarray, coef: np.ndarray | None, d: int, n_exp
         if not isinstance(coef, np.ndarray) or coef.dtype != np.float32 or coef.shape != shape:
             raise ValueError(f"coef must be float32 of shape {shape}")
         coef_ptr = _f32(np.ascontiguousarray(coef))
-    return x, t, coef_ptr
+    return x, t, coef_ptr, y_ptr, y_flag
+
+
+def fixed_add(c: np.ndarray, acc: np.ndarray, *, impl: str = "auto") -> np.ndarray:
+    """acc += fix(c) (fic_fixed_add: c * 2^32 rounded half to even, |c| saturated at 2^30);
+    c float32, acc int64 of the same size. Returns acc."""
+    if not isinstance(c, np.ndarray) or c.dtype != np.float32 or not c.flags.c_contiguous:
+        raise ValueError("c must be a contiguous float32 array")
+    if (not isinstance(acc, np.ndarray) or acc.dtype != np.int64 or acc.size != c.size
+            or not acc.flags.c_contiguous or not acc.flags.writeable):
+        raise ValueError(f"acc must be a writable contiguous int64 array of {c.size} elements")
+    _check(lib.fic_fixed_add(_impl_id(impl), _f32(c), ffi.from_buffer("int64_t[]", acc), c.size), "fixed_add")
+    return acc
+
+
+class FixedFlush:
+    """fixed_flush of one accumulator into float32 outputs, checked once per output array (decode
+    flushes the same two buffers every layer of every token)."""
+
+    def __init__(self, acc: np.ndarray):
+        if (not isinstance(acc, np.ndarray) or acc.dtype != np.int64 or acc.ndim != 1
+                or not acc.flags.c_contiguous or not acc.flags.writeable):
+            raise ValueError("acc must be a writable contiguous 1-D int64 array")
+        self.acc, self._pacc = acc, ffi.from_buffer("int64_t[]", acc)
+        self._y: tuple = (None, None)
+
+    def __call__(self, y: np.ndarray) -> None:
+        """y += acc * 2^-32, acc = 0 (y float32 of acc's size)."""
+        if y is not self._y[0]:
+            if (not isinstance(y, np.ndarray) or y.dtype != np.float32 or y.size != self.acc.size
+                    or not y.flags.c_contiguous or not y.flags.writeable):
+                raise ValueError(f"y must be a writable contiguous float32 array of {self.acc.size} elements")
+            self._y = (y, _f32(y))
+        lib.fic_fixed_flush(self._pacc, self._y[1], self.acc.size)  # FIC_OK: checked above
+
+
+def fixed_flush(acc: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """y += acc * 2^-32 (through double, rounded to float32), then acc = 0 (fic_fixed_flush). Returns y."""
+    if (not isinstance(acc, np.ndarray) or acc.dtype != np.int64 or not acc.flags.c_contiguous
+            or not acc.flags.writeable):
+        raise ValueError("acc must be a writable contiguous int64 array")
+    if (not isinstance(y, np.ndarray) or y.dtype != np.float32 or y.size != acc.size or not y.flags.c_contiguous
+            or not y.flags.writeable):
+        raise ValueError(f"y must be a writable contiguous float32 array of {acc.size} elements")
+    _check(lib.fic_fixed_flush(ffi.from_buffer("int64_t[]", acc), _f32(y), acc.size), "fixed_flush")
+    return y
 
 
 def _check_scratch(scratch: np.ndarray, need: int) -> None:
@@ -638,7 +699,7 @@ def _check_scratch(scratch: np.ndarray, need: int) -> None:
 class _SlotLayout:
     """A layout's cffi struct and the numbers the bounds check needs, cached per layout."""
 
-    __slots__ = ("c", "d_model", "gate_up_row", "down_per_neuron", "down_bw", "name")
+    __slots__ = ("c", "d_model", "gate_up_row", "down_per_neuron", "down_bw", "name", "rows")
 
     def __init__(self, d_model: int, gate: str, up: str, down: str, down_layout: str):
         if down_layout not in _DOWN_LAYOUTS:
@@ -655,6 +716,7 @@ class _SlotLayout:
         else:  # + d_model * (n / bw) * block bytes
             self.down_per_neuron, self.down_bw = d_model * block_bytes(down), block_weights(down)
         self.name = f"{gate}/{up}/{down} {down_layout}"
+        self.rows = down_layout == "rows"
 
     def bundle_bytes(self, n: int) -> int:
         return n * self.gate_up_row + (n // self.down_bw) * self.down_per_neuron
@@ -710,6 +772,9 @@ def experts_ffn_slots(layout, arena: np.ndarray, slot_bytes: int, slots: np.ndar
                       scratch: np.ndarray | None = None, impl: str = "auto") -> np.ndarray:
     """As ExpertSet.ffn over bundles in arena slots (fic_experts_ffn_slots): expert e's bundle is
     at arena[slots[e] * slot_bytes:], n_neurons[e] its size; y += Σ_e coef[:, e] down_e(h_e).
+    y: float32, or int64: a fixed-point accumulator (FIC_FFN_FIXED, fic.h) to which each expert adds
+    its own rounded contribution, so that the sum does not depend on how experts are split between
+    calls (fixed_flush then adds it to a float32 y; columns down layout only).
 
     layout: anything with d_model, gate_fmt, up_fmt, down_fmt, down_layout (fmt.ExpertLayout),
     or that 5-tuple. arena: the whole arena, a 1-D uint8 array; slots, n_neurons: int32 (E,).
@@ -719,7 +784,9 @@ def experts_ffn_slots(layout, arena: np.ndarray, slot_bytes: int, slots: np.ndar
     Returns y."""
     lay, slots, n_neurons, n_total = _checked_slots(layout, arena, slot_bytes, slots, n_neurons)
     n_experts = slots.shape[0]
-    x, t, coef_ptr = _ffn_io(x, y, coef, lay.d_model, n_experts)
+    x, t, coef_ptr, y_ptr, y_flag = _ffn_io(x, y, coef, lay.d_model, n_experts)
+    if y_flag and lay.rows:
+        raise ValueError(_FIXED_ROWS)
     need = t * n_total
     if scratch is None:
         scratch = _SLOTS_SCRATCH[0]
@@ -730,9 +797,9 @@ def experts_ffn_slots(layout, arena: np.ndarray, slot_bytes: int, slots: np.ndar
     pool = _POOL.get()
     ws, ws_bytes, held = _ws_acquire(_POOL._n_threads, t, lay.d_model, n_experts, n_total)
     try:
-        status = lib.fic_experts_ffn_slots(pool, _math_impl(impl, t), lay.c, _u8(arena), slot_bytes,
+        status = lib.fic_experts_ffn_slots(pool, _math_impl(impl, t) | y_flag, lay.c, _u8(arena), slot_bytes,
                                            ffi.from_buffer("int32_t[]", slots), ffi.from_buffer("int32_t[]", n_neurons),
-                                           n_experts, coef_ptr, _f32(x), _f32(y), t, _f32(scratch), scratch.size,
+                                           n_experts, coef_ptr, _f32(x), y_ptr, t, _f32(scratch), scratch.size,
                                            ws, ws_bytes)
     finally:
         if held:
@@ -759,25 +826,30 @@ class SlotsFFN:
         self._args = (lay.c, _u8(arena), slot_bytes, ffi.from_buffer("int32_t[]", slots),
                       ffi.from_buffer("int32_t[]", n_neurons), self.n_experts, ffi.NULL)
         self._scratch = (_f32(scratch), scratch.size)
-        self._xy = (None, None, None, None)  # x, y, their pointers
+        self._xy = (None, None, None, None, 0)  # x, y, their pointers, y's flag
 
     def _pointers(self, x: np.ndarray, y: np.ndarray):
         d = self.d_model
-        if x.shape != (d,) or y.shape != (d,) or x.dtype != np.float32 or y.dtype != np.float32 \
-                or not x.flags.c_contiguous or not y.flags.c_contiguous or not y.flags.writeable:
-            raise ValueError(f"x and y must be contiguous float32 ({d},) arrays, y writable")
-        self._xy = (x, y, _f32(x), _f32(y))
-        return self._xy[2], self._xy[3]
+        if x.shape != (d,) or x.dtype != np.float32 or not x.flags.c_contiguous:
+            raise ValueError(f"x must be a contiguous float32 ({d},) array")
+        py, flag = _ffn_y(y, (d,))
+        if flag and self._lay.rows:
+            raise ValueError(_FIXED_ROWS)
+        self._xy = (x, y, _f32(x), py, flag)
+        return self._xy
 
     def __call__(self, x: np.ndarray, y: np.ndarray, *, impl: str = "auto") -> None:
-        """y += FFN(x) over the slots (x, y float32 (d_model,)); self.scratch receives h."""
+        """y += FFN(x) over the slots (x float32 (d_model,); y float32, or an int64 fixed-point
+        accumulator as in experts_ffn_slots); self.scratch receives h."""
         xy = self._xy
-        px, py = (xy[2], xy[3]) if x is xy[0] and y is xy[1] else self._pointers(x, y)
+        if x is not xy[0] or y is not xy[1]:
+            xy = self._pointers(x, y)
+        px, py = xy[2], xy[3]
         pool = _POOL.get()
         ws, ws_bytes, held = _ws_acquire(_POOL._n_threads, 1, self.d_model, self.n_experts, self.n_total)
         try:
-            status = lib.fic_experts_ffn_slots(pool, _decode_impl(impl), *self._args, px, py, 1, *self._scratch,
-                                               ws, ws_bytes)
+            status = lib.fic_experts_ffn_slots(pool, _decode_impl(impl) | xy[4], *self._args, px, py, 1,
+                                               *self._scratch, ws, ws_bytes)
         finally:
             if held:
                 _WS.lock.release()

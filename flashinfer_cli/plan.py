@@ -320,6 +320,7 @@ def scratch_bytes(shape: ModelShape, chunk: int, ctx: int) -> int:
     d, nq = shape.d_model, shape.n_heads * shape.head_dim
     nkv = shape.n_kv_heads * shape.head_dim
     per_token = 4 * (6 * d + 3 * (nq + 2 * nkv) + 2 * nq + 3 * shape.d_ff)
+    per_token += 8 * d  # the FFN's fixed-point sums (streaming.FFNRunner: int64 per output)
     # a mixture of experts: router logits, probabilities and coefficients, the shared expert's h
     per_token += 4 * (6 * shape.max_experts_per_layer + 4 * shape.shared_neurons) if shape.is_moe else 0
     logits = 4 * shape.vocab_size * 2

@@ -5,8 +5,12 @@ For a layer the runner (1) starts reading the first piece of the missing experts
 the ring (unless it is already in flight: the previous layer prefetched it), (2) runs the resident
 experts (one fic_experts_ffn call over their slots), (3) for each piece: waits for it, starts the
 next read (this layer's next piece or the next layer's first), runs the piece. The FFN output is
-the sum over every expert the layer runs: in exact mode all of them, so the result is the full
-model's (up to the order of the fp32 sums); in prune mode only the active set.
+the sum over every expert the layer runs: in exact mode all of them, in prune mode only the active
+set. With the columns down layout the calls add into a fixed-point accumulator (FIC_FFN_FIXED), each
+expert's contribution rounded on its own, added to the float output once the layer is done: the
+sum does not depend on which experts were resident and which were streamed, so exact mode under
+any budget computes the full model's output bit for bit, int8 decode included (whose rounding
+would otherwise turn a 1e-7 difference in the order of float sums into an answer that parts).
 """
 from __future__ import annotations
 
@@ -38,6 +42,13 @@ class FFNRunner:
         d_ff = int(arena.n_neurons.sum(axis=1).max(initial=0))
         self.max_tokens = max_tokens
         self.scratch = np.empty(max(1, max_tokens * d_ff), dtype=np.float32)  # one layer's h, sized once
+        d = int(layout.d_model)
+        self.fixed = layout.down_layout == "columns"
+        # the layer's fixed-point sums (plan.scratch_bytes counts them); zero between layers
+        self.acc = np.zeros(max(1, max_tokens * d) if self.fixed else 0, dtype=np.int64)
+        self._acc_dirty = False  # a layer's calls began and were not flushed (an error between)
+        self._acc1 = self.acc[:d] if self.fixed else self.acc
+        self._flush1 = kernels.FixedFlush(self._acc1)
         half = arena.n_ring // 2
         self.halves = [arena.ring[:half], arena.ring[half:2 * half]] if half else []
         self._next_half = 0
@@ -126,6 +137,25 @@ class FFNRunner:
             self._pending = self._submit(nxt, miss[:len(self.halves[0])])
 
     # -- the FFN --
+    def _target(self, y: np.ndarray) -> np.ndarray:
+        """What a layer's calls add into: the fixed-point accumulator shaped as y (zero: _finish
+        clears it, and a layer that failed half way is cleared here), or y itself."""
+        if not self.fixed:
+            return y
+        if self._acc_dirty:
+            self.acc[:] = 0
+        self._acc_dirty = True
+        # one token: the same view every step, so that a prepared call keeps its pointers
+        return self._acc1 if y.shape == self._acc1.shape else self.acc[:y.size].reshape(y.shape)
+
+    def _finish(self, target: np.ndarray, y: np.ndarray) -> None:
+        """y += the layer's fixed-point sums, which are cleared."""
+        if target is self._acc1:
+            self._flush1(y)
+        elif target is not y:
+            kernels.fixed_flush(target.reshape(-1), y.reshape(-1))
+        self._acc_dirty = False
+
     def run(self, layer: int, x: np.ndarray, y: np.ndarray, *, full: bool,
             collect: Callable[[int, int, list], None] | None = None, prefetch: bool = True) -> None:
         """y += FFN_layer(x) (x, y float32 (d,) or (t, d)); full: every expert of the layer runs
@@ -136,6 +166,7 @@ class FFNRunner:
             raise ValueError(f"{t} tokens in one FFN call, the scratch holds {self.max_tokens}")
         if x.ndim == 1 and self._run_resident(layer, x, y, full, collect, prefetch):
             return
+        out = self._target(y)
         arena = self.arena
         run = self.run_set(layer, full)
         res = run[arena.slot_of[layer, run] >= 0]
@@ -151,7 +182,7 @@ class FFNRunner:
             arena.touch(layer, res)
             n = int(nn[res].sum()) * t
             region = self.scratch[off:off + n]
-            _ffn_over_slots(self.layout, arena, arena.slot_of[layer, res], nn[res], x, y, region)
+            _ffn_over_slots(self.layout, arena, arena.slot_of[layer, res], nn[res], x, out, region)
             calls.append((res, region))
             off += n
         for i, piece in enumerate(pieces):
@@ -163,9 +194,10 @@ class FFNRunner:
                 self._prefetch_after(layer, full)
             n = int(nn[piece].sum()) * t
             region = self.scratch[off:off + n]
-            _ffn_over_slots(self.layout, arena, cur.slots, nn[piece], x, y, region)
+            _ffn_over_slots(self.layout, arena, cur.slots, nn[piece], x, out, region)
             calls.append((piece, region))
             off += n
+        self._finish(out, y)
         if collect is not None:
             collect(layer, t, calls)
 
@@ -179,7 +211,9 @@ class FFNRunner:
         if prefetch and self._pending is None:
             self._prefetch_after(layer, full)
         self.arena.touch_slots(slots)
-        call(x, y)
+        out = self._target(y)
+        call(x, out)
+        self._finish(out, y)
         if collect is not None:
             collect(layer, 1, [(res, call.scratch)])
         return True
@@ -221,13 +255,14 @@ class FFNRunner:
             self._predicted[nxt] = experts
             arena.submit_prefetch(nxt, experts, {(layer, int(e)) for e in need})
         nn, off = arena.n_neurons[layer], 0
+        out = self._target(y)
 
         def call(experts: np.ndarray, slots: np.ndarray) -> None:
             nonlocal off
             cf = np.ascontiguousarray(c2[:, experts])
             n = int(nn[experts].sum()) * t
             kernels.experts_ffn_slots(self.layout, arena.buf, arena.slot_bytes, slots.astype(np.int32, copy=False),
-                                      nn[experts], x, y, coef=cf[0] if x.ndim == 1 else cf,
+                                      nn[experts], x, out, coef=cf[0] if x.ndim == 1 else cf,
                                       scratch=self.scratch[off:off + n])
             off += n
 
@@ -243,3 +278,4 @@ class FFNRunner:
                 if i + 1 < len(pieces):
                     pending = self._submit(layer, pieces[i + 1])
                 call(piece, cur.slots)
+        self._finish(out, y)

@@ -41,7 +41,7 @@ from test_kernels import (EPS32, FLOAT_SLACK, KERNEL_SOURCES, QDOT_FORMATS, QDOT
 @pytest.fixture(scope="module", autouse=True)
 def int8_prefill_in_this_file():
     """This file bounds the int8-activation kernels (FIC_PREFILL=int8 and FIC_DECODE=int8; the
-    product's defaults are exact): every product here takes that path unless a test asks for exact."""
+    product's defaults: exact prefill, int8 decode): every product here takes that path unless a test asks for exact."""
     with K.prefill_mode("int8"), K.decode_mode("int8"):
         yield
 
@@ -217,7 +217,7 @@ def test_ffn_exact_prefill_mode(fmt, layout):
 @pytest.mark.parametrize("layout", ["columns", "rows"])
 @pytest.mark.parametrize("fmt", ["q4_1", "q8_0", "q5_0", "q4_k", "q6_k"])
 def test_ffn_exact_decode_mode(fmt, layout):
-    """kernels.set_decode("exact") (the product's default): one token in float, within the float
+    """kernels.set_decode("exact"): one token in float, within the float
     bounds alone (no q8 terms: int8_activation_path follows the mode); int8 moves it further."""
     case = Case([fmt] * 3, layout, sizes(fmt, layout, 3, seed=3), 1, seed=stable_seed(fmt, layout), coef=None)
     with K.decode_mode("exact"):

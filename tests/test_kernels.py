@@ -117,7 +117,7 @@ def assert_within(got: np.ndarray, want: np.ndarray, bound: np.ndarray) -> None:
 @pytest.fixture(scope="module", autouse=True)
 def int8_prefill_in_this_file():
     """This file bounds the int8-activation kernels (FIC_PREFILL=int8 and FIC_DECODE=int8; the
-    product's defaults are exact): every product here takes that path unless a test asks for exact."""
+    product's defaults: exact prefill, int8 decode): every product here takes that path unless a test asks for exact."""
     with K.prefill_mode("int8"), K.decode_mode("int8"):
         yield
 
@@ -212,7 +212,7 @@ def test_exact_decode_keeps_float_activations(fmt, impl):
 def test_decode_mode_is_checked():
     with pytest.raises(ValueError, match="unknown decode mode"):
         K.set_decode("fp8")
-    assert K.get_decode() == "int8"  # this file's fixture; the product's default is exact
+    assert K.get_decode() == "int8"  # this file's fixture (and the product's default)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -15,7 +15,7 @@ pytest.importorskip("transformers")
 from _tiny import make_checkpoint  # noqa: E402
 from flashinfer_cli import Engine  # noqa: E402
 from flashinfer_cli.convert import ConvertOptions, convert  # noqa: E402
-from flashinfer_cli.engine import EngineError  # noqa: E402
+from flashinfer_cli.engine import PREFIX_ALIGN, EngineError  # noqa: E402
 from flashinfer_cli.plan import BudgetError  # noqa: E402
 
 MAX = 10
@@ -31,6 +31,39 @@ def tiny(tmp_path_factory) -> Path:
 
 
 OPTIONS = {"exact": {}, "prune": {"mode": "prune", "active": 0.5}}
+
+
+def aligned(n: int) -> int:
+    """A reused prefix of n tokens as the engine cuts it (engine.PREFIX_ALIGN)."""
+    return n - n % PREFIX_ALIGN
+
+
+@pytest.mark.parametrize("quant", ["f32", "q4_0"])
+def test_prefill_split_on_the_alignment_is_one_call_bit_for_bit(tiny, tmp_path_factory, quant):
+    """What lets a reused prefix give what a fresh prompt gives: a prefill call that starts on a
+    multiple of PREFIX_ALIGN computes every position as one call from position 0 (splits elsewhere
+    may differ by float rounding, which is why the engine cuts its reuse to it)."""
+    path = tiny
+    if quant != "f32":
+        root = tmp_path_factory.mktemp(f"tiny-{quant}")
+        make_checkpoint("llama_tied", root / "hf", seed=3)
+        path = Path(convert(root / "hf", root / "fic", name="tiny", progress=False,
+                            options=ConvertOptions(quant=quant, expert_size=32)))
+    eng = Engine.open(str(path), ctx=256)
+    m = eng.model
+    ids = (eng.tokenize("The quick brown fox jumps over the lazy dog near the river bank. ") * 12)[:150]
+
+    def run(splits: list[int]) -> np.ndarray:
+        m.reset()
+        outs, pos = [], 0
+        for n in splits:
+            outs.append(m.forward(ids[pos:pos + n], all_logits=True))
+            pos += n
+        return np.concatenate(outs)
+
+    whole = run([len(ids)])
+    for splits in ([8, 142], [64, 86], [96, 48, 6], [PREFIX_ALIGN * 5, 110]):
+        assert np.array_equal(run(splits), whole), splits
 
 
 def answer(engine: Engine, ids: list[int]) -> tuple[list[int], str]:
@@ -57,15 +90,17 @@ def test_follow_up_reuses_the_cache_and_answers_as_a_fresh_engine(tiny, mode):
     generated = len(eng._cached) - len(ids1)  # the answer's tokens decoded into the cache
     ids2 = eng.chat_ids(turn2(first))
     assert ids2[:len(ids1)] == ids1
+    common = next(i for i, (a, b) in enumerate(zip(eng._cached + [-1], ids2)) if a != b)
     tokens, text = answer(eng, ids2)
     used = eng.last_prefix
     assert used.reused + used.computed == len(ids2)
     if mode == "prune":
         # each prompt chooses its sets: the previous prompt is reused, its answer runs again
-        assert eng.selects and used.reused == len(ids1)
+        assert eng.selects and used.reused == aligned(len(ids1))
     else:
         # every expert runs: the answer's keys and values are reused too
-        assert not eng.selects and used.reused > len(ids1) and generated > 0
+        assert not eng.selects and common > len(ids1) and generated > 0
+        assert used.reused == aligned(common)
     fresh = Engine.open(str(tiny), ctx=256, **OPTIONS[mode])
     want_tokens, want_text = answer(fresh, ids2)
     assert fresh.last_prefix.reused == 0
@@ -102,7 +137,7 @@ def test_the_same_prompt_again_runs_one_token_and_keeps_its_sets(tiny):
     first = answer(eng, ids)
     chosen = sets(eng)
     assert answer(eng, ids) == first
-    assert eng.last_prefix.reused == len(ids) - 1 and eng.last_prefix.computed == 1
+    assert eng.last_prefix.reused == aligned(len(ids) - 1) and eng.last_prefix.computed == len(ids) - aligned(len(ids) - 1)
     assert sets(eng) == chosen
 
 
@@ -115,7 +150,7 @@ def test_a_prompt_that_departs_inside_the_previous_one(tiny):
         answer(eng, ids1)
         got = answer(eng, ids2)
         # prune: the statistics of a part of the previous prompt are not kept: everything runs
-        assert eng.last_prefix.reused == (0 if mode == "prune" else common)
+        assert eng.last_prefix.reused == (0 if mode == "prune" else aligned(common))
         assert got == answer(Engine.open(str(tiny), ctx=256, **OPTIONS[mode]), ids2)
 
 
@@ -150,7 +185,7 @@ def test_static_policy_forgets_the_cache_when_the_size_changes(tiny):
     ids = eng.chat_ids(TURN1)
     answer(eng, ids)
     answer(eng, ids)
-    assert eng.last_prefix.reused == len(ids) - 1  # one set for every prompt: the whole prefix
+    assert eng.last_prefix.reused == aligned(len(ids) - 1)  # one set for every prompt: the whole prefix
     eng.use_active(0.25)
     got = answer(eng, ids)
     assert eng.last_prefix.reused == 0  # the cache was computed with the larger sets

@@ -16,6 +16,13 @@ from pathlib import Path
 
 import pytest
 
+
+def aligned(n: int) -> int:
+    """A reused prefix of n tokens as the engine cuts it."""
+    from flashinfer_cli.engine import PREFIX_ALIGN
+
+    return n - n % PREFIX_ALIGN
+
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
@@ -146,7 +153,8 @@ def test_a_conversation_reuses_its_prefix_and_answers_as_fic_chat(tiny_server, t
     second = chat(c, msgs, max_tokens=MAX)
     assert p.stdout == f"{first.choices[0].message.content}\n{second.choices[0].message.content}\n"
     cached = second.usage.prompt_tokens_details.cached_tokens
-    assert first.usage.prompt_tokens <= cached < second.usage.prompt_tokens  # the first turn was not run again
+    # the first turn was not run again (down to the engine's PREFIX_ALIGN)
+    assert aligned(first.usage.prompt_tokens) <= cached < second.usage.prompt_tokens
     assert second.model_extra["fic"]["prefilled_tokens"] == second.usage.prompt_tokens - cached
 
 
@@ -353,10 +361,12 @@ def test_follow_up_prefills_only_what_is_new(smol_server):
     msgs += [{"role": "assistant", "content": first.choices[0].message.content},
              {"role": "user", "content": "And one in France?"}]
     second = smol_chat(smol_server, msgs, max_tokens=6)
-    # prune mode chooses each prompt's sets: the previous prompt is reused whole (not its answer)
-    assert second.usage.prompt_tokens_details.cached_tokens == first.usage.prompt_tokens
+    # prune mode chooses each prompt's sets: the previous prompt is reused whole (not its answer),
+    # down to the engine's PREFIX_ALIGN
+    cached = aligned(first.usage.prompt_tokens)
+    assert second.usage.prompt_tokens_details.cached_tokens == cached
     last = metrics(smol_server)["last_request"]
-    assert last["prefilled_tokens"] == second.usage.prompt_tokens - first.usage.prompt_tokens
+    assert last["prefilled_tokens"] == second.usage.prompt_tokens - cached
 
 
 def test_per_request_active_within_the_budget(smol_server):

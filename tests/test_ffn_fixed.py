@@ -1,0 +1,131 @@
+"""FIC_FFN_FIXED: the expert FFN summed in fixed point, so that its output does not depend on how a
+layer's experts are split between calls (a budget that streams some of them computes, bit for bit,
+what the full model computes).
+
+Checked against independent references: fix() against numpy's float64 rint; the FFN's value
+against the float64 numpy FFN of test_ffn (its bound, plus the fixed grid's 2^-33 per expert);
+split independence against the same kernels in one call, with every format, both decode
+arithmetics, one token and several, 1 and 2 threads."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from flashinfer_cli import kernels as K
+from test_ffn import Case, sizes, stable_seed
+from test_kernels import assert_within
+
+IMPLS = K.available_impls()
+UNIT = 2.0 ** -32
+
+
+def fix_numpy(c: np.ndarray) -> np.ndarray:
+    """fic.h's fix(): c * 2^32 rounded half to even, c saturated at +-2^30, NaN as +2^30."""
+    v = c.astype(np.float64)
+    v = np.where(np.isnan(v), 2.0 ** 30, np.clip(v, -2.0 ** 30, 2.0 ** 30))
+    return np.rint(v * 2.0 ** 32).astype(np.int64)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fixed_add_matches_numpy(impl):
+    rng = np.random.default_rng(7)
+    c = np.concatenate([
+        rng.standard_normal(1001).astype(np.float32) * 10,
+        np.array([0.5, 1.5, 2.5, -0.5, -2.5], np.float32) * UNIT,     # ties: half to even
+        np.array([3 * 2 ** 18, 2 ** 19, -2 ** 19, 2 ** 29, 2 ** 31, -2 ** 40, np.inf, -np.inf, np.nan], np.float32),
+        np.array([1e-12, -1e-30, 0.0, -0.0], np.float32),
+    ])
+    for n in (len(c), 3, 0):  # the vector body, a tail alone, nothing
+        acc = np.arange(n, dtype=np.int64) - 5
+        want = acc + fix_numpy(c[:n])
+        assert np.array_equal(K.fixed_add(np.ascontiguousarray(c[:n]), acc, impl=impl), want)
+
+
+def test_fixed_flush_adds_and_clears():
+    rng = np.random.default_rng(8)
+    acc = rng.integers(-2 ** 50, 2 ** 50, 333, dtype=np.int64)
+    y = rng.standard_normal(333).astype(np.float32)
+    want = (y.astype(np.float64) + (acc.astype(np.float64) * UNIT).astype(np.float32).astype(np.float64))
+    K.fixed_flush(acc, y)
+    assert np.array_equal(y, want.astype(np.float32))
+    assert not acc.any()
+
+
+def run_split(case: Case, groups: list[list[int]], impl: str) -> np.ndarray:
+    """The fixed-point accumulator after one experts_ffn_slots call per group of experts."""
+    arena, slot_bytes, slots = case.arena()
+    ns = np.array(case.ns, np.int32)
+    acc = np.zeros(case.y0.shape, np.int64)
+    x = case.x[0] if case.t == 1 else case.x
+    acc_view = acc[0] if case.t == 1 else acc
+    for g in groups:
+        g = np.array(g, dtype=np.intp)
+        coef = None
+        if case.coef is not None:
+            coef = np.ascontiguousarray(case.coef[0, g] if case.t == 1 else case.coef[:, g])
+        K.experts_ffn_slots(case.layout_obj(), arena, slot_bytes, slots[g], ns[g], x, acc_view, coef=coef, impl=impl)
+    return acc
+
+
+def splits(n_experts: int, seed: int) -> list[list[list[int]]]:
+    """One call over all; one per expert in reverse; two random halves, the second first."""
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(n_experts).tolist()
+    half = n_experts // 2
+    return [[list(range(n_experts))], [[e] for e in reversed(range(n_experts))],
+            [sorted(perm[half:]), sorted(perm[:half])]]
+
+
+FORMATS = ["q4_0", "q4_1", "q8_0", "q5_0", "q1_0", "q4_k", "q6_k", "f16"]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("decode", ["int8", "exact"])
+@pytest.mark.parametrize("t", [1, 5])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_split_does_not_change_the_sum(fmt, t, decode, threads, impl):
+    n_experts = 6
+    case = Case([fmt] * 3, "columns", sizes(fmt, "columns", n_experts, seed=4), t, seed=stable_seed(fmt, t),
+                coef=None if t == 1 else "uniform")
+    K.set_threads(threads)
+    try:
+        with K.decode_mode(decode), K.prefill_mode(decode):
+            accs = [run_split(case, groups, impl) for groups in splits(n_experts, stable_seed(fmt, t, "split"))]
+            want, bound = case.want_and_bound(impl)
+    finally:
+        K.set_threads(K.default_threads())
+    for acc in accs[1:]:
+        assert np.array_equal(acc, accs[0])
+    y = case.y0.copy()
+    K.fixed_flush(accs[0].ravel(), y.ravel())
+    assert_within(y, want, bound + n_experts * 2.0 ** -33 + np.abs(want) * 2.0 ** -23)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fixed_matches_float_within_the_grid(impl):
+    """The same call with a float32 y and with the accumulator: apart by the grid and the float sums."""
+    case = Case(["q4_1"] * 3, "columns", [64] * 8, 1, seed=11, coef=None)
+    with K.decode_mode("exact"):
+        y_float = case.run_slots(impl)
+        acc = run_split(case, [list(range(8))], impl)
+    y = case.y0.copy()
+    K.fixed_flush(acc.ravel(), y.ravel())
+    assert np.abs(y - y_float).max() <= 1e-5 * (1 + np.abs(y_float).max())
+
+
+def test_rows_layout_is_refused():
+    case = Case(["q4_0"] * 3, "rows", [32, 32], 1, seed=12, coef=None)
+    with pytest.raises(ValueError, match="columns down layout"):
+        run_split(case, [[0, 1]], "auto")
+
+
+def test_bad_accumulators_raise():
+    with pytest.raises(ValueError):
+        K.fixed_add(np.zeros(4, np.float32), np.zeros(3, np.int64))
+    with pytest.raises(ValueError):
+        K.fixed_add(np.zeros(4, np.float64), np.zeros(4, np.int64))
+    with pytest.raises(ValueError):
+        K.fixed_flush(np.zeros(4, np.int64), np.zeros(5, np.float32))
+    with pytest.raises(ValueError):
+        K.fixed_flush(np.zeros(4, np.int32), np.zeros(4, np.float32))
