@@ -183,8 +183,16 @@ int fic_moe_shared(fic_pool *pool, int impl, const fic_moe_shape *s, const fic_m
     uint8_t *base = ws;
     float *g = (float *)(base + l.tmp), *u = g + n, *out = (float *)(base + l.tmp);
     void *kern = base + l.kern;
-    st = fic_matvec(pool, impl, w->gate_fmt, w->shared_w_gate, xn, g, n, d, kern, l.kern_bytes);
-    if (st == FIC_OK) st = fic_matvec(pool, impl, w->up_fmt, w->shared_w_up, xn, u, n, d, kern, l.kern_bytes);
+    const int64_t rg = fic_row_bytes(w->gate_fmt, d);
+    if (rg < 0) return FIC_ERR_ARG;
+    if (w->gate_fmt == w->up_fmt && w->shared_w_up == w->shared_w_gate + n * rg) {
+        /* gate and up back to back in one format (the engine's dense buffer): one matvec, one
+         * dispatch to the pool; its rows are the same dot products */
+        st = fic_matvec(pool, impl, w->gate_fmt, w->shared_w_gate, xn, g, 2 * n, d, kern, l.kern_bytes);
+    } else {
+        st = fic_matvec(pool, impl, w->gate_fmt, w->shared_w_gate, xn, g, n, d, kern, l.kern_bytes);
+        if (st == FIC_OK) st = fic_matvec(pool, impl, w->up_fmt, w->shared_w_up, xn, u, n, d, kern, l.kern_bytes);
+    }
     if (st != FIC_OK) return st;
     for (int64_t i = 0; i < n; i++) g[i] = silu(g[i]) * u[i];
     float *h = (float *)(base + l.h); /* down's input must not alias its output (tmp) */
