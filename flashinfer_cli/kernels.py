@@ -1074,6 +1074,14 @@ class _MoEWorkspace:
         return self.ptr, self.n_bytes
 
 
+def moe_ws_bytes(n_threads: int, shape: MoEShape) -> int:
+    """fic_moe_ws_bytes: MoEDecode's workspace for one layer shape (the plan counts it)."""
+    n = lib.fic_moe_ws_bytes(n_threads, shape.c_struct())
+    if n < 0:
+        raise ValueError(f"MoE shape: {status_name(n)}")
+    return n
+
+
 def _allowed_ptr(allowed: np.ndarray | None, n: int):
     if allowed is None:
         return ffi.NULL
