@@ -238,6 +238,55 @@ int fic_decode_attn(fic_pool *pool, int impl, const fic_decode_shape *shape, con
                     const float *cos_table, const float *sin_table, uint16_t *k_cache, uint16_t *v_cache,
                     int64_t pos, float *x, float *xn, void *ws, int64_t ws_bytes);
 
+/* ---- one decode token's mixture-of-experts layer, fused (moe.c) ----
+ * Routing, as flashinfer_cli/moe.py's route: logits = router xn (router: n_routed x d_model
+ * float32); probs = softmax(logits); top = the top_k of probs among the allowed experts (allowed:
+ * n_routed bytes, nonzero = may run; NULL: all), ties to the lower index, in rank order, min(top_k,
+ * allowed count) of them; coef (n_routed floats, 0 outside top) = probs[top], divided by their sum
+ * when norm_topk; softmax_after: coef = softmax(logits[top]) instead.
+ * fic_moe_route returns the count picked (>= 0) or a status. fic_moe_guess: the top_k of
+ * router (rmsnorm(x, ffn_norm)) (a next layer's experts, guessed from this layer's residual; no
+ * allowed mask), returns the count. fic_moe_shared: x += [sigmoid(shared_gate . xn)] *
+ * down(silu(gate xn) * (up xn)) (nothing when shared_neurons is 0). fic_moe_decode: the routing,
+ * then, when every expert with a nonzero coef is resident (slot_of[e] >= 0, the layer's row of the
+ * arena's table; n_neurons[e] its size), x += sum_e coef_e expert_e(xn) over them in index order
+ * (fic_experts_ffn_slots) and the shared expert; returns FIC_OK (*n_top = the count picked), or the
+ * number of experts not resident (> 0: only probs, coef, top and *n_top are written, x is not), or a
+ * status. ws: 64-byte aligned, at least fic_moe_ws_bytes(threads of pool, shape) bytes. */
+typedef struct fic_moe_shape {
+    int64_t d_model;
+    int32_t n_routed;
+    int32_t top_k;
+    int32_t softmax_after;   /* 0: softmax over every expert, then the top-k; 1: top-k logits, then softmax */
+    int32_t norm_topk;       /* softmax before: the top-k probabilities renormalised to sum 1 */
+    int64_t shared_neurons;  /* 0: no shared expert */
+    int64_t max_neurons;     /* the largest routed expert's neurons */
+    float norm_eps;          /* fic_moe_guess's rmsnorm */
+    int32_t reserved;        /* 0 */
+} fic_moe_shape;
+typedef struct fic_moe_weights {
+    const float *router;          /* n_routed x d_model */
+    const uint8_t *shared_w_gate; /* shared_neurons rows of d_model (NULL without a shared expert) */
+    const uint8_t *shared_w_up;
+    const uint8_t *shared_w_down; /* d_model rows of shared_neurons */
+    const float *shared_gate;     /* d_model floats: the sigmoid gate, or NULL */
+    int32_t gate_fmt;
+    int32_t up_fmt;
+    int32_t down_fmt;
+    int32_t reserved;             /* 0 */
+} fic_moe_weights;
+int64_t fic_moe_ws_bytes(int n_threads, const fic_moe_shape *shape);
+int fic_moe_route(fic_pool *pool, int impl, const fic_moe_shape *shape, const float *router, const float *xn,
+                  const uint8_t *allowed, float *probs, float *coef, int32_t *top, void *ws, int64_t ws_bytes);
+int fic_moe_guess(fic_pool *pool, int impl, const fic_moe_shape *shape, const float *router, const float *ffn_norm,
+                  const float *x, int32_t *top, void *ws, int64_t ws_bytes);
+int fic_moe_shared(fic_pool *pool, int impl, const fic_moe_shape *shape, const fic_moe_weights *w, const float *xn,
+                   float *x, void *ws, int64_t ws_bytes);
+int fic_moe_decode(fic_pool *pool, int impl, const fic_moe_shape *shape, const fic_moe_weights *w,
+                   const fic_expert_layout *layout, const uint8_t *arena, int64_t slot_bytes, const int32_t *slot_of,
+                   const int32_t *n_neurons, const uint8_t *allowed, const float *xn, float *x, float *probs,
+                   float *coef, int32_t *top, int32_t *n_top, void *ws, int64_t ws_bytes);
+
 /* ---- memory (pool.c) ---- */
 /* n_bytes zeroed, 4 KiB aligned; with huge != 0, 2 MiB aligned and madvise(MADV_HUGEPAGE).
  * NULL on failure. Free with fic_free. */

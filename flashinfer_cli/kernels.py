@@ -1093,6 +1093,214 @@ class DecodeAttention:
             _check(status, f"decode attention, layer {layer} {impl}")
 
 
+# ---- a decode token's mixture-of-experts layer, fused (moe.c) -----------------------------
+
+@dataclass(frozen=True)
+class MoEShape:
+    """What fic_moe_* needs to know of one MoE layer (moe.RoutingRule's routing, in C's terms)."""
+
+    d_model: int
+    n_routed: int
+    top_k: int
+    softmax_after: bool = False
+    norm_topk: bool = True
+    shared_neurons: int = 0
+    max_neurons: int = 1
+    norm_eps: float = 1e-6
+
+    def c_struct(self):
+        return ffi.new("fic_moe_shape *", {
+            "d_model": self.d_model, "n_routed": self.n_routed, "top_k": self.top_k,
+            "softmax_after": int(self.softmax_after), "norm_topk": int(self.norm_topk),
+            "shared_neurons": self.shared_neurons, "max_neurons": self.max_neurons, "norm_eps": self.norm_eps})
+
+
+@dataclass(frozen=True)
+class MoELayerWeights:
+    """One MoE layer's dense weights: the router (n_routed, d_model) float32, the shared expert's
+    gate, up, down (or None) and its sigmoid gate vector (or None)."""
+
+    router: np.ndarray
+    shared: tuple[QTensor, QTensor, QTensor] | None = None
+    shared_gate: np.ndarray | None = None
+
+
+class _MoEWorkspace:
+    """A 64-byte-aligned workspace for fic_moe_* calls, sized for the given shapes and threads."""
+
+    def __init__(self, shapes: Sequence) -> None:
+        self.shapes, self.n_threads, self.buf, self.ptr, self.n_bytes = shapes, 0, None, None, 0
+        self.growths = 0  # reallocations after the first (a thread-count change)
+
+    def get(self):
+        _POOL.get()  # the pool (and its thread count) exists from here
+        if _POOL._n_threads != self.n_threads:
+            n = max(lib.fic_moe_ws_bytes(_POOL._n_threads, s) for s in self.shapes)
+            if n < 0:
+                raise ValueError(f"MoE shape: {status_name(n)}")
+            if n > self.n_bytes:
+                self.growths += self.buf is not None
+                self.buf = aligned_buffer(n)
+                self.ptr, self.n_bytes = ffi.from_buffer("uint8_t[]", self.buf), n
+            self.n_threads = _POOL._n_threads
+        return self.ptr, self.n_bytes
+
+
+def moe_ws_bytes(n_threads: int, shape: MoEShape) -> int:
+    """fic_moe_ws_bytes: MoEDecode's workspace for one layer shape (the plan counts it)."""
+    n = lib.fic_moe_ws_bytes(n_threads, shape.c_struct())
+    if n < 0:
+        raise ValueError(f"MoE shape: {status_name(n)}")
+    return n
+
+
+def _allowed_ptr(allowed: np.ndarray | None, n: int):
+    if allowed is None:
+        return ffi.NULL
+    if not isinstance(allowed, np.ndarray) or allowed.dtype not in (np.uint8, np.bool_) or allowed.shape != (n,) \
+            or not allowed.flags.c_contiguous:
+        raise ValueError(f"allowed must be a contiguous bool or uint8 array of {n} elements")
+    return ffi.from_buffer("uint8_t[]", allowed.view(np.uint8))
+
+
+def moe_route(router: np.ndarray, x: np.ndarray, *, top_k: int, softmax_after: bool = False, norm_topk: bool = True,
+              allowed: np.ndarray | None = None, impl: str = "auto") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """fic_moe_route of one token: (coef (E,), probs (E,), top (picked,) int32 in rank order) for
+    router (E, d) float32 and x (d,); the C twin of moe.route (see there for the rules)."""
+    router = _f32_matrix(router, "router")
+    e, d = router.shape
+    x = _f32_vector(x, d, "x")
+    shape = MoEShape(d, e, top_k, softmax_after, norm_topk)
+    s = shape.c_struct()
+    ws = _MoEWorkspace([s])
+    probs, coef, top = np.empty(e, np.float32), np.empty(e, np.float32), np.empty(top_k, np.int32)
+    ptr, n_bytes = ws.get()
+    n = lib.fic_moe_route(_POOL.get(), _decode_impl(impl), s, _f32(router), _f32(x), _allowed_ptr(allowed, e),
+                          _f32(probs), _f32(coef), ffi.from_buffer("int32_t[]", top), ptr, n_bytes)
+    if n < 0:
+        _check(n, f"moe_route {impl}")
+    return coef, probs, top[:n]
+
+
+class MoEDecode:
+    """The MoE layers of one model, prepared once for decode (fic_moe_decode and its parts): per
+    layer a shape and weights struct, pointers into the arena and its slot table (read at each
+    call, so they follow the arena's changes), and one workspace sized at open. After a call,
+    `probs`, `coef` (n_routed floats of the last layer called) and `top` (its picks, rank order)
+    hold the routing. One model's decode runs on one thread at a time."""
+
+    def __init__(self, shapes: Sequence[MoEShape], weights: Sequence[MoELayerWeights], layout, arena: np.ndarray,
+                 slot_bytes: int, slot_of: np.ndarray, n_neurons: np.ndarray):
+        if len(shapes) != len(weights) or slot_of.shape[0] != len(shapes) or n_neurons.shape != slot_of.shape \
+                or slot_of.dtype != np.int32 or n_neurons.dtype != np.int32 or not slot_of.flags.c_contiguous:
+            raise ValueError("one shape and weights per layer; slot_of and n_neurons int32 (n_layers, experts)")
+        lay, _, _, _ = _checked_slots(layout, arena, slot_bytes, np.zeros(0, np.int32), np.zeros(0, np.int32))
+        self._lay = lay
+        self._n_neurons = np.ascontiguousarray(n_neurons)
+        self._keep = [arena, slot_of, self._n_neurons, list(weights)]
+        self._shapes = [s.c_struct() for s in shapes]
+        self.n_routed = [s.n_routed for s in shapes]
+        self._w = [self._layer(s, w) for s, w in zip(shapes, weights)]
+        e_max, k_max = max(self.n_routed), max(s.top_k for s in shapes)
+        self.probs, self.coef = np.zeros(e_max, np.float32), np.zeros(e_max, np.float32)
+        self.top, self.guessed = np.zeros(k_max, np.int32), np.zeros(k_max, np.int32)
+        self._n_top = ffi.new("int32_t[1]")
+        self._out = (_f32(self.probs), _f32(self.coef), ffi.from_buffer("int32_t[]", self.top))
+        self._guessed = ffi.from_buffer("int32_t[]", self.guessed)
+        self._arena = (_u8(arena), slot_bytes)
+        self._rows = [(ffi.from_buffer("int32_t[]", slot_of[i]), ffi.from_buffer("int32_t[]", self._n_neurons[i]))
+                      for i in range(len(shapes))]
+        self._ws = _MoEWorkspace(self._shapes)
+        self._ws.get()
+        self._xy = (None, None, None, None)
+        self._allowed: list[tuple] = [(None, ffi.NULL)] * len(shapes)
+
+    def _layer(self, s: MoEShape, w: MoELayerWeights):
+        if w.router.shape != (s.n_routed, s.d_model):
+            raise ValueError(f"router is {w.router.shape}, expected ({s.n_routed}, {s.d_model})")
+        fields = {"router": _f32(_f32_exact(w.router, s.n_routed * s.d_model, "router"))}
+        if s.shared_neurons:
+            gate, up, down = w.shared
+            n, d = s.shared_neurons, s.d_model
+            for name, qt, shape in (("gate", gate, (n, d)), ("up", up, (n, d)), ("down", down, (d, n))):
+                if qt.shape != shape:
+                    raise ValueError(f"shared {name} is {qt.shape}, expected {shape}")
+                fields[f"shared_w_{name}"] = _u8(qt.data)
+                fields[f"{name}_fmt"] = _fmt_id(qt.fmt)
+            if w.shared_gate is not None:
+                fields["shared_gate"] = _f32(_f32_exact(w.shared_gate, d, "shared_gate"))
+        self._keep.append(fields)
+        return ffi.new("fic_moe_weights *", fields)
+
+    def _pointers(self, x: np.ndarray, y: np.ndarray):
+        d = self._lay.d_model
+        if x.shape != (d,) or y.shape != (d,) or x.dtype != np.float32 or y.dtype != np.float32 \
+                or not x.flags.c_contiguous or not y.flags.c_contiguous or not y.flags.writeable:
+            raise ValueError(f"xn and x must be contiguous float32 ({d},) arrays, x writable")
+        self._xy = (x, y, _f32(x), _f32(y))
+        return self._xy[2], self._xy[3]
+
+    def _xn_x(self, xn: np.ndarray, x: np.ndarray):
+        xy = self._xy
+        return (xy[2], xy[3]) if xn is xy[0] and x is xy[1] else self._pointers(xn, x)
+
+    def _allowed_of(self, layer: int, allowed: np.ndarray | None):
+        """The mask's pointer, made once per mask object (prune mode's sets change per prompt)."""
+        held = self._allowed[layer]
+        if held[0] is not allowed:
+            self._allowed[layer] = held = (allowed, _allowed_ptr(allowed, self.n_routed[layer]))
+        return held[1]
+
+    def run(self, layer: int, xn: np.ndarray, x: np.ndarray, allowed: np.ndarray | None = None, *,
+            impl: str = "auto") -> int:
+        """x += the layer's routed experts and shared expert of xn, when every expert the token
+        picks is resident: returns 0. Otherwise returns how many are not (x untouched; coef,
+        probs and top hold the routing, for the caller to stream them)."""
+        px, py = self._xn_x(xn, x)
+        ptr, n_bytes = self._ws.get()
+        st = lib.fic_moe_decode(_POOL.get(), _decode_impl(impl), self._shapes[layer], self._w[layer], self._lay.c,
+                                *self._arena, *self._rows[layer], self._allowed_of(layer, allowed), px, py,
+                                *self._out, self._n_top, ptr, n_bytes)
+        if st < 0:
+            _check(st, f"moe_decode, layer {layer} {impl}")
+        return st
+
+    @property
+    def n_top(self) -> int:
+        return int(self._n_top[0])
+
+    def route(self, layer: int, xn: np.ndarray, allowed: np.ndarray | None = None, *, impl: str = "auto") -> int:
+        """The routing only (probs, coef, top); returns the count picked."""
+        ptr, n_bytes = self._ws.get()
+        px = _f32(_f32_vector(xn, self._lay.d_model, "xn"))
+        n = lib.fic_moe_route(_POOL.get(), _decode_impl(impl), self._shapes[layer], self._w[layer].router, px,
+                              self._allowed_of(layer, allowed), *self._out, ptr, n_bytes)
+        if n < 0:
+            _check(n, f"moe_route, layer {layer} {impl}")
+        self._n_top[0] = n
+        return n
+
+    def guess(self, layer: int, x: np.ndarray, ffn_norm: np.ndarray, *, impl: str = "auto") -> np.ndarray:
+        """The top_k experts of layer's router on rmsnorm(x, ffn_norm): a copy (int32)."""
+        d = self._lay.d_model
+        x, ffn_norm = _f32_vector(x, d, "x"), _f32_vector(ffn_norm, d, "ffn_norm")
+        ptr, n_bytes = self._ws.get()
+        n = lib.fic_moe_guess(_POOL.get(), _decode_impl(impl), self._shapes[layer], self._w[layer].router,
+                              _f32(ffn_norm), _f32(x), self._guessed, ptr, n_bytes)
+        if n < 0:
+            _check(n, f"moe_guess, layer {layer} {impl}")
+        return self.guessed[:n].copy()
+
+    def shared(self, layer: int, xn: np.ndarray, x: np.ndarray, *, impl: str = "auto") -> None:
+        """x += the layer's shared expert of xn (nothing without one)."""
+        px, py = self._xn_x(xn, x)
+        ptr, n_bytes = self._ws.get()
+        st = lib.fic_moe_shared(_POOL.get(), _decode_impl(impl), self._shapes[layer], self._w[layer], px, py,
+                                ptr, n_bytes)
+        if st != 0:
+            _check(st, f"moe_shared, layer {layer} {impl}")
+
+
 # ---- memory --------------------------------------------------------------------------------
 
 def aligned_buffer(n_bytes: int, *, huge: bool = False) -> np.ndarray:

@@ -206,6 +206,10 @@ class Model:
         self.full = not plan.prune  # every expert runs (exact mode); False: the active sets only
         self.window: np.ndarray | None = None  # prune-mode reselection: recent FFN inputs per layer
         self.moe_prefetch = True  # a mixture of experts in exact mode: read the next layer's predicted experts
+        # decode of a mixture of experts: routing, top-k, resident experts and shared expert in C
+        # (moe.c, one call per layer when every picked expert is resident); False: the numpy step
+        self.fused_moe = man.moe is not None
+        self._moe_decode = self._fused_moe() if man.moe is not None else None
 
     def _layer(self, dense: dict, i: int) -> LayerWeights:
         c = self.config
@@ -261,6 +265,16 @@ class Model:
         return kernels.DecodeAttention(shape, blocks, self.cos, self.sin, self.k_cache, self.v_cache,
                                        self._x, self._xn)
 
+    def _fused_moe(self) -> kernels.MoEDecode:
+        c, a = self.config, self.arena
+        max_neurons = max(1, int(a.n_neurons.max(initial=0)))
+        shapes = [kernels.MoEShape(c.d_model, lw.rule.n_routed, lw.rule.top_k, lw.rule.softmax == "after",
+                                   lw.rule.norm_topk, lw.rule.shared_neurons, max_neurons, float(c.norm_eps))
+                  for lw in self.layers]
+        weights = [kernels.MoELayerWeights(lw.router, lw.shared, lw.shared_gate) for lw in self.layers]
+        return kernels.MoEDecode(shapes, weights, self.reader.manifest.expert_layout, a.buf, a.slot_bytes,
+                                 a.slot_of, a.n_neurons)
+
     def _ffn(self, i: int, xn: np.ndarray, x: np.ndarray) -> None:
         """x += FFN_i(xn), through the arena."""
         if self.before_ffn is not None:
@@ -278,6 +292,9 @@ class Model:
         """x += the routed experts each token picks, weighed by the layer's rule, + the shared expert."""
         lw = self.layers[i]
         one = xn.ndim == 1
+        if one and self.fused_moe:
+            self._moe_ffn_one(i, xn, x)
+            return
         logits = (xn[None, :] if one else xn) @ lw.router.T
         # prune mode: each token's top-k among the active set (full: while the prompt chooses it)
         allowed = None if self.full else self.runner.active_mask(i)
@@ -304,6 +321,33 @@ class Model:
                 g = xn @ lw.shared_gate
                 out *= (1.0 / (1.0 + np.exp(-g))) if one else (1.0 / (1.0 + np.exp(-g)))[:, None]
             x += out
+
+    def _moe_ffn_one(self, i: int, xn: np.ndarray, x: np.ndarray) -> None:
+        """_moe_ffn of one token through moe.c: one C call per layer when no read is involved
+        (prune mode, or every expert resident); in exact mode under a budget the routing and the
+        next layer's guess in C, the reads and the routed experts through the runner."""
+        md, runner = self._moe_decode, self.runner
+        allowed = None if self.full else runner.active_u8(i)
+        reads = self.moe_prefetch and self.full and not self.plan.all_resident
+        if not reads:
+            missing = md.run(i, xn, x, allowed)
+            if missing == 0:
+                self.arena.touch(i, md.top[:md.n_top])
+                if self.collect is not None:
+                    self.collect(i, md.probs[None, :md.n_routed[i]].copy())
+                return
+        else:
+            md.route(i, xn, allowed)
+        n_routed = md.n_routed[i]
+        if self.collect is not None:
+            self.collect(i, md.probs[None, :n_routed].copy())
+        prefetch = None
+        if reads and i + 1 < len(self.layers):
+            # layer i+1's router on this layer's residual, normalised as layer i+1 will: its guess at
+            # the next layer's experts, read while this layer computes
+            prefetch = (i + 1, md.guess(i + 1, x, self.layers[i + 1].ffn_norm))
+        runner.run_routed(i, xn, x, md.coef[:n_routed].copy(), prefetch)
+        md.shared(i, xn, x)
 
     def reset(self) -> None:
         """Forget the context (the cache is overwritten, not cleared)."""

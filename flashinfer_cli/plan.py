@@ -300,7 +300,13 @@ def workspace_bytes(shape: ModelShape, chunk: int, n_threads: int) -> int:
     from flashinfer_cli import kernels
 
     attention = 4 * kernels.attention_ws_floats(n_threads, chunk, shape.n_heads, shape.head_dim)
-    return kernels.workspace_bytes_for(n_threads=n_threads, **workspace_maxima(shape, chunk)) + attention
+    moe = 0
+    if shape.is_moe:  # decode's fused MoE layer (kernels.MoEDecode): its workspace and routing outputs
+        e = shape.max_experts_per_layer
+        moe = kernels.moe_ws_bytes(n_threads, kernels.MoEShape(
+            shape.d_model, e, shape.moe_top_k, shared_neurons=shape.shared_neurons,
+            max_neurons=max(1, shape.max_expert_neurons))) + 4 * (2 * e + 2 * shape.moe_top_k)
+    return kernels.workspace_bytes_for(n_threads=n_threads, **workspace_maxima(shape, chunk)) + attention + moe
 
 
 def workspace_maxima(shape: ModelShape, chunk: int) -> dict[str, int]:

@@ -61,6 +61,7 @@ class FFNRunner:
         # (arena version, full, prune, active array, run set, kernels.SlotsFFN); checked, not rebuilt,
         # each decode step
         self._resident: list[tuple | None] = [None] * self.n_layers
+        self._active_u8: list[tuple | None] = [None] * self.n_layers  # (active array, its uint8 mask)
 
     # -- which experts a layer runs --
     def run_set(self, layer: int, full: bool) -> np.ndarray:
@@ -75,6 +76,18 @@ class FFNRunner:
         mask = np.zeros(int(self.arena.experts_per_layer[layer]), dtype=bool)
         mask[a] = True
         return mask
+
+    def active_u8(self, layer: int) -> np.ndarray | None:
+        """active_mask as uint8, made once per active set (decode's MoE routing in C reads it)."""
+        a = self.active[layer]
+        if not self.prune or a is None:
+            return None
+        held = self._active_u8[layer]
+        if held is None or held[0] is not a:
+            mask = np.zeros(int(self.arena.experts_per_layer[layer]), dtype=np.uint8)
+            mask[a] = 1
+            held = self._active_u8[layer] = (a, mask)
+        return held[1]
 
     def _cached_resident(self, layer: int, full: bool) -> tuple | None:
         c = self._resident[layer]
