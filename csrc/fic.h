@@ -249,8 +249,9 @@ int fic_decode_attn(fic_pool *pool, int impl, const fic_decode_shape *shape, con
  * allowed mask), returns the count. fic_moe_shared: x += [sigmoid(shared_gate . xn)] *
  * down(silu(gate xn) * (up xn)) (nothing when shared_neurons is 0). fic_moe_decode: the routing,
  * then, when every expert with a nonzero coef is resident (slot_of[e] >= 0, the layer's row of the
- * arena's table; n_neurons[e] its size), x += sum_e coef_e expert_e(xn) over them in index order
- * (fic_experts_ffn_slots) and the shared expert; returns FIC_OK (*n_top = the count picked), or the
+ * arena's table; n_neurons[e] its size), x += sum_e coef_e expert_e(xn) over them
+ * (fic_experts_ffn_slots, in fixed point with the columns down layout, FIC_FFN_FIXED: the bits
+ * streaming.py's runner gives whichever experts it reads) and the shared expert; returns FIC_OK (*n_top = the count picked), or the
  * number of experts not resident (> 0: only probs, coef, top and *n_top are written, x is not), or a
  * status. ws: 64-byte aligned, at least fic_moe_ws_bytes(threads of pool, shape) bytes. */
 typedef struct fic_moe_shape {

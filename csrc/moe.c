@@ -27,6 +27,7 @@ static int64_t align_up(int64_t n) { return (n + MOE_ALIGN - 1) / MOE_ALIGN * MO
 
 typedef struct {
     int64_t logits, sel, sel_slots, sel_n, sel_coef, tmp, h, kern; /* byte offsets */
+    int64_t acc;
     int64_t kern_bytes, h_floats, total;
 } moe_layout;
 
@@ -59,6 +60,8 @@ static int layout_of(int n_threads, const fic_moe_shape *s, moe_layout *l) {
     off += align_up((2 * sh > d ? 2 * sh : d) * 4);
     l->h = off;
     off += align_up(l->h_floats * 4);
+    l->acc = off; /* the routed experts' fixed-point sums (FIC_FFN_FIXED): d int64 */
+    off += align_up(d * 8);
     l->kern = off;
     off += align_up(l->kern_bytes);
     l->total = off;
@@ -238,10 +241,20 @@ int fic_moe_decode(fic_pool *pool, int impl, const fic_moe_shape *s, const fic_m
         n_sel++;
     }
     if (missing) return missing;
-    if (n_sel) {
+    if (n_sel && layout->down_rows) {
         st = fic_experts_ffn_slots(pool, impl, layout, arena, slot_bytes, sel_slots, sel_n, n_sel, sel_coef, xn, x, 1,
                                    (float *)(base + l.h), l.h_floats, base + l.kern, l.kern_bytes);
         if (st != FIC_OK) return st;
+    } else if (n_sel) {
+        /* summed in fixed point as streaming.py sums them: the same bits whichever experts were
+         * resident (fic.h, FIC_FFN_FIXED) */
+        int64_t *acc = (int64_t *)(base + l.acc);
+        memset(acc, 0, (size_t)s->d_model * sizeof *acc);
+        st = fic_experts_ffn_slots(pool, impl | FIC_FFN_FIXED, layout, arena, slot_bytes, sel_slots, sel_n, n_sel,
+                                   sel_coef, xn, (float *)acc, 1, (float *)(base + l.h), l.h_floats, base + l.kern,
+                                   l.kern_bytes);
+        if (st != FIC_OK) return st;
+        fic_fixed_flush(acc, x, s->d_model);
     }
     st = fic_moe_shared(pool, impl, s, w, xn, x, ws, ws_bytes);
     return st;

@@ -310,6 +310,19 @@ def test_exact_mode_under_a_budget_reads_misses_and_equals_the_full_model(big_mi
     assert eng2.stats()["request"]["misses"] > 0
 
 
+def test_exact_mode_under_a_budget_is_the_full_model_bit_for_bit(big_mixtral):
+    """The routed experts are summed in fixed point (FIC_FFN_FIXED) both where every picked expert is
+    resident (moe.c, the full engine's decode) and where the runner reads misses through the ring."""
+    _, path = big_mixtral
+    full = Engine.open(str(path), ctx=128, auto_pull=False)
+    eng = Engine.open(str(path), mem=small_budget(path, 10), ctx=128, auto_pull=False)
+    assert full.plan.all_resident and not eng.plan.all_resident
+    assert np.array_equal(eng.forward(IDS[:12]), full.forward(IDS[:12]))
+    for t in IDS[12:]:
+        assert np.array_equal(eng._step([t]), full._step([t]))
+    assert eng.stats()["request"]["misses"] > 0
+
+
 def test_peak_memory_stays_within_the_budget_while_misses_are_read(big_mixtral):
     import os
     import subprocess
