@@ -219,7 +219,8 @@ TGT void fic_q1x_quantize_avx2(const float *x, int64_t k, uint8_t *dst) {
     }
 }
 
-#define Q1_NT 8 /* tokens per pass: 4 weight vectors + 8 accumulators + temporaries fit 16 ymm */
+#define Q1_NT 6 /* tokens per pass: 4 weight vectors + 6 accumulators + temporaries fit 16 ymm (8 spilled
+                     * two accumulators: 62-70 against 70-74 us/token, 2048 x 2048, T 256, 1 thread) */
 
 /* One row times NT tokens: per block the sign bytes become four 0/1 vectors once (nibble
  * lookups), then per token 4 maddubs (x straight from memory), 3 int16 adds, 1 madd, 1 convert
@@ -270,8 +271,6 @@ TGT void fic_q1_dot_avx2(const uint8_t *w, int64_t rb, int64_t nr, int64_t k, co
         float *yi = y + i * ys;
         for (int64_t r = 0; r < nr; r++) {
             switch (n) {
-            case 8: q1_row_tokens(w + r * rb, nb, xi, qrow, yi + r, ys, accumulate, 8); break;
-            case 7: q1_row_tokens(w + r * rb, nb, xi, qrow, yi + r, ys, accumulate, 7); break;
             case 6: q1_row_tokens(w + r * rb, nb, xi, qrow, yi + r, ys, accumulate, 6); break;
             case 5: q1_row_tokens(w + r * rb, nb, xi, qrow, yi + r, ys, accumulate, 5); break;
             case 4: q1_row_tokens(w + r * rb, nb, xi, qrow, yi + r, ys, accumulate, 4); break;
