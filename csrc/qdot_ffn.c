@@ -212,17 +212,18 @@ static void p2_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
 /* ---- phase 2, Q1_0 columns: each output row's pieces gathered as whole Q1_0 blocks ----------
  * (a Q1_0 piece is n_e / 128 blocks; a skipped expert's blocks are zeros: d = 0 adds exactly 0) */
 
+/* The layout's blocks are independent and no block straddles two experts: each h_e[i] is quantized
+ * where its blocks go, with no copy into one row first. */
 static void p2_q1_quantize(void *ctx, int64_t i0, int64_t i1, int tid) {
     const qffn_t *q = ctx;
     const qdot_ffn *a = q->a;
-    const int64_t n_total = a->n_total;
-    float *row = (float *)(q->per_thread + tid * q->thread_bytes + Q1_FFN_ROWS * q->ub); /* n_total floats */
+    (void)tid;
     for (int64_t i = i0; i < i1; i++) {
+        uint8_t *xi = q->xq + i * Q1X_ROW_BYTES(a->n_total);
         for (int64_t e = 0; e < a->n_experts; e++) {
             const int64_t n = a->n[e];
-            memcpy(row + a->off[e], a->h + a->t * a->off[e] + (q->i0 + i) * n, (size_t)n * sizeof *row);
+            q->kern->q1_quantize(a->h + a->t * a->off[e] + (q->i0 + i) * n, n, xi + Q1X_ROW_BYTES(a->off[e]));
         }
-        q->kern->q1_quantize(row, n_total, q->xq + i * Q1X_ROW_BYTES(n_total));
     }
 }
 
@@ -233,12 +234,14 @@ static void p2_q1_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
     const int64_t n_total = a->n_total, bb = (int64_t)sizeof(block_q1_0);
     for (int64_t r = r0; r < r1; r += Q1_FFN_ROWS) {
         const int64_t nr = r1 - r < Q1_FFN_ROWS ? r1 - r : Q1_FFN_ROWS;
-        for (int64_t l = 0; l < nr; l++) {
-            for (int64_t e = 0; e < a->n_experts; e++) {
-                const int64_t n = a->n[e];
+        for (int64_t e = 0; e < a->n_experts; e++) { /* expert by expert: its rows are adjacent */
+            const int64_t nb = a->n[e] / QK1_0, rbd = a->rb_d[e];
+            const uint8_t *src = a->bundles[e] + a->n[e] * (a->rb_g + a->rb_u) + r * rbd;
+            for (int64_t l = 0; l < nr; l++) {
                 uint8_t *dst = buf + l * q->ub + a->off[e] / QK1_0 * bb;
-                if (a->skip[e]) memset(dst, 0, (size_t)(n / QK1_0 * bb));
-                else memcpy(dst, a->bundles[e] + n * (a->rb_g + a->rb_u) + (r + l) * a->rb_d[e], (size_t)a->rb_d[e]);
+                if (a->skip[e]) memset(dst, 0, (size_t)(nb * bb));
+                else if (nb == 1) memcpy(dst, src + l * rbd, sizeof(block_q1_0)); /* inlined: experts of 128 */
+                else memcpy(dst, src + l * rbd, (size_t)rbd);
             }
         }
         q->kern->q1_dot(buf, q->ub, nr, n_total, q->xq, Q1X_ROW_BYTES(n_total), q->nt, a->y + q->i0 * a->d + r, a->d, 1);
@@ -249,7 +252,7 @@ static int q1_down_cols(fic_pool *pool, qffn_t *q, uint8_t *ws, int64_t ws_bytes
     const qdot_ffn *a = q->a;
     const int64_t n_threads = fic_pool_threads(pool);
     q->ub = n_total_bytes_q1(a->n_total);
-    q->thread_bytes = (Q1_FFN_ROWS * q->ub + 4 * a->n_total + 63) / 64 * 64;
+    q->thread_bytes = Q1_FFN_ROWS * q->ub;
     const int64_t tc = chunk_tokens(ws_bytes, n_threads, q->thread_bytes, Q1X_ROW_BYTES(a->n_total), 0);
     if (tc < 1) return FIC_ERR_WORKSPACE;
     q->per_thread = ws;
