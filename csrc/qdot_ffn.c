@@ -8,6 +8,8 @@
  *            each output row's pieces (one per expert, zeros for skipped experts, not read) are
  *            unpacked into one row and multiplied with every token (results do not depend on the
  *            thread count).
+ * Q1_0 (gate and up, or down) takes its own kernels instead (qdot.h Q1X_*): rows read as stored,
+ * no unpacking; down pieces gathered as whole blocks.
  * Tokens go in chunks that fit the workspace beside each thread's unpacked rows and buffer;
  * nothing is allocated. */
 #include <math.h>

@@ -628,7 +628,8 @@ class ExpertSet:
         pool = _POOL.get()
         ws, ws_bytes, held = _ws_acquire(_POOL._n_threads, t, self.d_model, len(self), self.n_total)
         try:
-            status = lib.fic_experts_ffn(pool, _math_impl(impl, t, tuple(self.formats)), self._layout, self._bundles, self._n, len(self),
+            status = lib.fic_experts_ffn(pool, _math_impl(impl, t, tuple(self.formats)),
+                                         self._layout, self._bundles, self._n, len(self),
                                          coef_ptr, _f32(x), _f32(y), t, _f32(scratch), scratch.size, ws, ws_bytes)
         finally:
             if held:
