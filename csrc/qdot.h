@@ -124,12 +124,17 @@ typedef struct {
     int64_t rb_g, rb_u;
     const float *coef, *x;
     float *y, *h;
+    int64_t *acc; /* FIC_FFN_FIXED: y's fixed-point sums instead (fic.h), each expert added alone */
+    void (*fixed_add)(const float *c, int64_t *acc, int64_t n); /* acc[i] += fix(c[i]) (kernels.h) */
 } qdot_ffn;
 
 /* Phase 1, h_e[i][n] = coef silu(gate_e[n] . x_i) (up_e[n] . x_i) (gate and up formats must pass
  * fic_qdot_fmt_ok), and phase 2 with the down parts as columns, y[i] += sum_e down_e h_e[i]
  * (down format likewise). ws: the FFN's per-call workspace after its tables. */
 int fic_qdot_ffn_phase1(fic_pool *pool, const qdot_ffn *a, uint8_t *ws, int64_t ws_bytes);
+/* 1 when fic_qdot_ffn_down_cols can sum into a->acc (each expert's products alone): Q1_0 through its
+ * own kernels; the other formats multiply one row of all experts at once. */
+int fic_qdot_down_fixed_ok(const qdot_ffn *a);
 int fic_qdot_ffn_down_cols(fic_pool *pool, const qdot_ffn *a, uint8_t *ws, int64_t ws_bytes);
 
 #endif /* FIC_QDOT_H */

@@ -250,12 +250,44 @@ static void p2_q1_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
     }
 }
 
+#define Q1_FIXED_ROWS 64 /* fixed: output rows per q1_dot call of one expert */
+
+/* FIC_FFN_FIXED: expert by expert, its down rows as stored (rb_d apart) against its part of each
+ * token's quantized h, the products (nt x nr, the thread's buffer) rounded into acc on their own. */
+static void p2_q1_rows_fixed(void *ctx, int64_t r0, int64_t r1, int tid) {
+    const qffn_t *q = ctx;
+    const qdot_ffn *a = q->a;
+    float *out = (float *)(q->per_thread + tid * q->thread_bytes); /* nt x Q1_FIXED_ROWS */
+    const int64_t qrow = Q1X_ROW_BYTES(a->n_total);
+    for (int64_t r = r0; r < r1; r += Q1_FIXED_ROWS) {
+        const int64_t nr = r1 - r < Q1_FIXED_ROWS ? r1 - r : Q1_FIXED_ROWS;
+        for (int64_t e = 0; e < a->n_experts; e++) {
+            if (a->skip[e]) continue;
+            const int64_t rbd = a->rb_d[e];
+            const uint8_t *src = a->bundles[e] + a->n[e] * (a->rb_g + a->rb_u) + r * rbd;
+            q->kern->q1_dot(src, rbd, nr, a->n[e], q->xq + Q1X_ROW_BYTES(a->off[e]), qrow, q->nt, out, nr, 0);
+            for (int64_t i = 0; i < q->nt; i++) a->fixed_add(out + i * nr, a->acc + (q->i0 + i) * a->d + r, nr);
+        }
+    }
+}
+
+int fic_qdot_down_fixed_ok(const qdot_ffn *a) {
+    return a->down_fmt == FIC_Q1_0 && fic_qdot_kernels(a->impl)->q1_dot != NULL;
+}
+
 static int q1_down_cols(fic_pool *pool, qffn_t *q, uint8_t *ws, int64_t ws_bytes) {
     const qdot_ffn *a = q->a;
     const int64_t n_threads = fic_pool_threads(pool);
     q->ub = n_total_bytes_q1(a->n_total);
     q->thread_bytes = Q1_FFN_ROWS * q->ub;
-    const int64_t tc = chunk_tokens(ws_bytes, n_threads, q->thread_bytes, Q1X_ROW_BYTES(a->n_total), 0);
+    const int fixed = a->acc != NULL;
+    int64_t tc;
+    if (fixed) { /* per thread: nt x Q1_FFN_ROWS products */
+        tc = chunk_tokens(ws_bytes, n_threads, 64, Q1X_ROW_BYTES(a->n_total), 4 * Q1_FIXED_ROWS);
+        q->thread_bytes = (4 * Q1_FIXED_ROWS * tc + 63) / 64 * 64;
+    } else {
+        tc = chunk_tokens(ws_bytes, n_threads, q->thread_bytes, Q1X_ROW_BYTES(a->n_total), 0);
+    }
     if (tc < 1) return FIC_ERR_WORKSPACE;
     q->per_thread = ws;
     q->xq = ws + n_threads * q->thread_bytes;
@@ -264,7 +296,7 @@ static int q1_down_cols(fic_pool *pool, qffn_t *q, uint8_t *ws, int64_t ws_bytes
     for (q->i0 = 0; q->i0 < a->t; q->i0 += tc) {
         q->nt = a->t - q->i0 < tc ? a->t - q->i0 : tc;
         fic_parallel_for(pool, q->nt, (q->nt + n_threads - 1) / n_threads, p2_q1_quantize, q);
-        fic_parallel_for(pool, a->d, chunk, p2_q1_rows, q);
+        fic_parallel_for(pool, a->d, chunk, fixed ? p2_q1_rows_fixed : p2_q1_rows, q);
     }
     return FIC_OK;
 }
