@@ -64,6 +64,10 @@ class QualityPoint:
     spread: Spread | None = None     # of the per-text ratios
     per_domain: dict[str, float] = field(default_factory=dict)  # domain -> geometric mean ratio
     reselect: int = 0                # the continuation's tokens between reselections (0: sets held)
+    # against exact at the same active size, text by text (paired: the texts' own difficulty cancels):
+    # the geometric mean of this point's ratio over exact's, and its spread
+    vs_exact: float | None = None
+    vs_exact_spread: Spread | None = None
 
 
 @dataclass
@@ -87,6 +91,9 @@ class QualityReport:
             ci = f"{sp.ci95[0]:.3f}-{sp.ci95[1]:.3f}" if sp.ci95 else "-"
             domains = "" if len(p.per_domain) < 2 else "  " + " ".join(f"{d}:{r:.3f}" for d, r in p.per_domain.items())
             resel = f"  reselect {p.reselect}" if p.reselect else ""
+            if p.vs_exact is not None:
+                vs = p.vs_exact_spread
+                resel += f"  vs exact x{p.vs_exact:.3f}" + (f" ({vs.ci95[0]:.3f}-{vs.ci95[1]:.3f})" if vs.ci95 else "")
             lines.append(f"{p.policy:<8}{p.active:>8.2f}{p.ppl_ratio:>10.3f}{ci:>16}{f'{sp.low:.3f}-{sp.high:.3f}':>16}"
                          f"{p.agreement:>8.3f}{chosen}{domains}{resel}")
         return lines
@@ -144,7 +151,18 @@ def quality(model: str | Path, *, actives: Sequence[float | str] = ACTIVES, poli
     domain_of = {d.name: d.domain for d in docs}
     points = [_point(model, policy, a, samples, domain_of, max_tokens, prefill, reselect, progress)
               for policy in policies for a in actives]
+    _pair_with_exact(points)
     return QualityReport(str(model), len(samples), max_tokens, full_ppl, points, domain_of)
+
+
+def _pair_with_exact(points: list[QualityPoint]) -> None:
+    """Fill each non-exact point's vs_exact from the exact point at the same active size, if any."""
+    exact = {p.active: p for p in points if p.policy == "exact" and p.auto is None}
+    for p in points:
+        base = exact.get(p.active)
+        if p.policy != "exact" and p.auto is None and base is not None:
+            ratios = [p.per_text[name][0] / base.per_text[name][0] for name in p.per_text]
+            p.vs_exact, p.vs_exact_spread = _geomean(ratios), spread(ratios)
 
 
 def _geomean(ratios: Sequence[float]) -> float:

@@ -188,6 +188,11 @@ def test_bench_quality_domains_spread_and_reselect(smollm2_model):
         assert p["spread"]["low"] == pytest.approx(min(ratios)) and p["spread"]["high"] == pytest.approx(max(ratios))
         assert p["spread"]["ci95"][0] <= p["ppl_ratio"] <= p["spread"]["ci95"][1]
     assert [p["policy"] for p in d["points"]] == ["exact", "mixed"]
+    exact, mixed = d["points"]
+    paired = [mixed["per_text"][k][0] / exact["per_text"][k][0] for k in exact["per_text"]]
+    assert exact["vs_exact"] is None
+    assert mixed["vs_exact"] == pytest.approx(math.exp(np.mean(np.log(paired))))
+    assert mixed["vs_exact_spread"]["low"] == pytest.approx(min(paired))
 
 
 def test_bench_quality_table_shows_the_spread(smollm2_model):
