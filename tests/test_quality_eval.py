@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from flashinfer_cli import bench, calibrate, router, texts
+from flashinfer_cli import bench, calibrate, kernels, router, texts
 from flashinfer_cli.cli import cli
 from flashinfer_cli.engine import Engine
 
@@ -158,12 +158,14 @@ def test_reselect_rescores_the_continuation_from_its_own_ffn_inputs(smollm2_mode
 
         eng._reselect = capture
         try:
-            if how == "chunks":
-                eng.forward(ids, prompt_len=prompt, reselect=True)
-            else:
-                eng.forward(ids[:prompt])
-                for tok in ids[prompt:]:
-                    eng._step([tok])
+            # float arithmetic on both paths: the window is compared, not int8's rounding
+            with kernels.decode_mode("exact"), kernels.prefill_mode("exact"):
+                if how == "chunks":
+                    eng.forward(ids, prompt_len=prompt, reselect=True)
+                else:
+                    eng.forward(ids[:prompt])
+                    for tok in ids[prompt:]:
+                        eng._step([tok])
             assert eng.stats()["request"]["reselections"] >= len(got)
         finally:
             eng.close()
