@@ -290,7 +290,8 @@ static qdot_ffn qdot_args(const ffn_t *f, int64_t n_max) {
     qdot_ffn a = {.impl = f->impl, .gate_fmt = f->gate_fmt, .up_fmt = f->up_fmt, .down_fmt = f->down_fmt,
                   .d = f->d, .t = f->t, .n_experts = f->n_experts, .n_total = f->n_total, .n_max = n_max,
                   .bundles = f->bundles, .n = f->n, .off = f->off, .skip = f->skip, .rb_d = f->rb_d,
-                  .rb_g = f->rb_g, .rb_u = f->rb_u, .coef = f->coef, .x = f->x, .y = f->y, .h = f->h};
+                  .rb_g = f->rb_g, .rb_u = f->rb_u, .coef = f->coef, .x = f->x, .y = f->y, .h = f->h,
+                  .acc = f->acc, .fixed_add = f->kt->fixed_add ? f->kt->fixed_add : fixed_add_ref};
     return a;
 }
 
@@ -440,8 +441,8 @@ static int ffn_run(fic_pool *pool, int impl, const fic_expert_layout *layout, co
             }
             int64_t c2 = (f.d + 4 * n_threads - 1) / (4 * n_threads);
             c2 = (c2 + f.tile2_rows - 1) / f.tile2_rows * f.tile2_rows;
-            if (!exact && !fixed && fic_qdot_fmt_ok(f.down_fmt)) { /* int8 activations; one dot over all experts */
-                const qdot_ffn qa = qdot_args(&f, n_max);
+            const qdot_ffn qa = qdot_args(&f, n_max);
+            if (!exact && fic_qdot_fmt_ok(f.down_fmt) && (!fixed || fic_qdot_down_fixed_ok(&qa))) { /* int8 */
                 int st = fic_qdot_ffn_down_cols(pool, &qa, rest, rest_bytes);
                 if (st != FIC_OK) return st;
             } else {

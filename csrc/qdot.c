@@ -35,12 +35,54 @@ static void rows_range(void *ctx, int64_t r0, int64_t r1, int tid) {
     }
 }
 
+/* ---- Q1_0 through its own kernels (qdot.h, Q1X_*): rows read as stored, no unpacking ---- */
+
+static void q1_quantize_range(void *ctx, int64_t i0, int64_t i1, int tid) {
+    const qmm_t *j = ctx;
+    (void)tid;
+    for (int64_t i = i0; i < i1; i++) j->kern->q1_quantize(j->x + i * j->k, j->k, j->xq + i * j->qrow);
+}
+
+static void q1_rows_range(void *ctx, int64_t r0, int64_t r1, int tid) {
+    const qmm_t *j = ctx;
+    (void)tid;
+    j->kern->q1_dot(j->w + r0 * j->row_bytes, j->row_bytes, r1 - r0, j->k, j->xq, j->qrow, j->nt, j->y + r0, j->m, 0);
+}
+
+#define Q1_MM_ROWS 32 /* rows per chunk: 9 KiB at k = 2048, re-read from L1/L2 by every token group */
+
+static int q1_matmul(fic_pool *pool, qmm_t *j, int64_t t, void *ws, int64_t ws_bytes) {
+    const int64_t n_threads = fic_pool_threads(pool);
+    j->qrow = Q1X_ROW_BYTES(j->k);
+    if (ws_bytes < j->qrow) return FIC_ERR_WORKSPACE;
+    const int64_t chunk_t = ws_bytes / j->qrow;
+    const float *x = j->x;
+    float *y = j->y;
+    j->xq = ws;
+    /* small matrices: still at least 2 chunks a thread */
+    int64_t rows = (j->m + 2 * n_threads - 1) / (2 * n_threads);
+    rows = rows < Q1_MM_ROWS ? rows : Q1_MM_ROWS;
+    for (int64_t i0 = 0; i0 < t; i0 += chunk_t) {
+        j->nt = t - i0 < chunk_t ? t - i0 : chunk_t;
+        j->x = x + i0 * j->k;
+        j->y = y + i0 * j->m;
+        fic_parallel_for(pool, j->nt, (j->nt + n_threads - 1) / n_threads, q1_quantize_range, j);
+        fic_parallel_for(pool, j->m, rows, q1_rows_range, j);
+    }
+    return FIC_OK;
+}
+
 int fic_qdot_matmul(fic_pool *pool, int impl, int fmt, const uint8_t *w, const float *x, float *y, int64_t t,
                     int64_t m, int64_t k, void *ws, int64_t ws_bytes) {
     const int64_t n_threads = fic_pool_threads(pool);
     qmm_t j = {.kern = fic_qdot_kernels(impl), .fmt = fmt, .w = w, .m = m, .k = k,
                .row_bytes = fic_row_bytes(fmt, k), .qrow = QX_ROW_BYTES(k),
                .unpack_bytes = (QW_ROW_BYTES(k) + 63) / 64 * 64};
+    if (fmt == FIC_Q1_0 && j.kern->q1_dot != NULL) {
+        j.x = x;
+        j.y = y;
+        return q1_matmul(pool, &j, t, ws, ws_bytes);
+    }
     const int64_t avail = ws_bytes - n_threads * QW_ROWS * j.unpack_bytes;
     if (avail < j.qrow) return FIC_ERR_WORKSPACE;
     const int64_t chunk_t = avail / j.qrow;

@@ -46,9 +46,30 @@ typedef void (*qx_quantize_fn)(const float *x, int64_t k, uint8_t *dst);
 typedef void (*qw_dot_fn)(const qw_row *rows, int64_t nr, const uint8_t *xq, int64_t qrow, int64_t nt, float *y,
                           int64_t ys, int accumulate);
 
+/* Q1_0's own int8 path (Q1_0 rows are read as they are, no unpacking). Activations per
+ * 128-weight block, Q1X_BLOCK_BYTES: int8 q[128] | float a[8] | float c[8]. q holds the same
+ * values as the quantizer above (q8 blocks of 32, bit-identical) permuted so that one nibble
+ * lookup per 32 weights turns the block's sign bytes into 0/1 bytes in q's order: vector v
+ * (bytes 32v..32v+31) holds in its low half weight 8i + 2v (i = 0..15), in its high half weight
+ * 8i + 2v + 1, i.e. bit 2v (2v + 1) of sign byte i. Byte i belongs to q8 block i / 4 in both
+ * halves, so the four maddubs(0/1, q) of a block add in int16 (at most 4 x 254) and one madd
+ * gives 8 int32 lanes, lane l summing q over set bits in half of q8 block l % 4. With
+ * sum s x = 2 sum_{bit set} x - sum x (s = +-1): block . x = d_w sum_l (lane_l a_l + c_l), with
+ * a_l = 2 d_{l%4} and c_l = -d_l sum(q_l) for l < 4, 0 above (d and d sum(q) as the quantizer's). */
+#define Q1X_BLOCK_BYTES 192
+#define Q1X_ROW_BYTES(k) ((k) / 128 * Q1X_BLOCK_BYTES)
+/* x (k floats, k a multiple of 128) -> dst (Q1X_ROW_BYTES(k)) */
+typedef void (*q1x_quantize_fn)(const float *x, int64_t k, uint8_t *dst);
+/* For Q1_0 rows r < nr (row r at w + r * rb, k weights) and tokens i < nt (at xq + i * qrow, as
+ * q1x_quantize writes them): y[i * ys + r] = row_r . x_i, plus the old value when accumulate. */
+typedef void (*q1_dot_fn)(const uint8_t *w, int64_t rb, int64_t nr, int64_t k, const uint8_t *xq, int64_t qrow,
+                          int64_t nt, float *y, int64_t ys, int accumulate);
+
 typedef struct {
     qx_quantize_fn quantize;
     qw_dot_fn dot;
+    q1x_quantize_fn q1_quantize; /* NULL: Q1_0 goes through the unpacked rows like the others */
+    q1_dot_fn q1_dot;
 } qdot_kernels;
 
 /* 1 for the formats with an int8 path: Q1_0, Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K. */
@@ -66,7 +87,13 @@ void fic_qdot_row(int fmt, uint8_t *buf, int64_t k, qw_row *out);
 void fic_qdot_quantize_ref(const float *x, int64_t k, uint8_t *dst);
 void fic_qdot_dot_ref(const qw_row *rows, int64_t nr, const uint8_t *xq, int64_t qrow, int64_t nt, float *y,
                       int64_t ys, int accumulate);
+void fic_q1x_quantize_ref(const float *x, int64_t k, uint8_t *dst);
+void fic_q1_dot_ref(const uint8_t *w, int64_t rb, int64_t nr, int64_t k, const uint8_t *xq, int64_t qrow, int64_t nt,
+                    float *y, int64_t ys, int accumulate);
 #if defined(__x86_64__)
+void fic_q1x_quantize_avx2(const float *x, int64_t k, uint8_t *dst);
+void fic_q1_dot_avx2(const uint8_t *w, int64_t rb, int64_t nr, int64_t k, const uint8_t *xq, int64_t qrow, int64_t nt,
+                     float *y, int64_t ys, int accumulate);
 void fic_qdot_quantize_avx2(const float *x, int64_t k, uint8_t *dst);
 void fic_qdot_dot_avx2(const qw_row *rows, int64_t nr, const uint8_t *xq, int64_t qrow, int64_t nt, float *y,
                        int64_t ys, int accumulate);
@@ -97,12 +124,17 @@ typedef struct {
     int64_t rb_g, rb_u;
     const float *coef, *x;
     float *y, *h;
+    int64_t *acc; /* FIC_FFN_FIXED: y's fixed-point sums instead (fic.h), each expert added alone */
+    void (*fixed_add)(const float *c, int64_t *acc, int64_t n); /* acc[i] += fix(c[i]) (kernels.h) */
 } qdot_ffn;
 
 /* Phase 1, h_e[i][n] = coef silu(gate_e[n] . x_i) (up_e[n] . x_i) (gate and up formats must pass
  * fic_qdot_fmt_ok), and phase 2 with the down parts as columns, y[i] += sum_e down_e h_e[i]
  * (down format likewise). ws: the FFN's per-call workspace after its tables. */
 int fic_qdot_ffn_phase1(fic_pool *pool, const qdot_ffn *a, uint8_t *ws, int64_t ws_bytes);
+/* 1 when fic_qdot_ffn_down_cols can sum into a->acc (each expert's products alone): Q1_0 through its
+ * own kernels; the other formats multiply one row of all experts at once. */
+int fic_qdot_down_fixed_ok(const qdot_ffn *a);
 int fic_qdot_ffn_down_cols(fic_pool *pool, const qdot_ffn *a, uint8_t *ws, int64_t ws_bytes);
 
 #endif /* FIC_QDOT_H */

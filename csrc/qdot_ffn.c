@@ -8,6 +8,8 @@
  *            each output row's pieces (one per expert, zeros for skipped experts, not read) are
  *            unpacked into one row and multiplied with every token (results do not depend on the
  *            thread count).
+ * Q1_0 (gate and up, or down) takes its own kernels instead (qdot.h Q1X_*): rows read as stored,
+ * no unpacking; down pieces gathered as whole blocks.
  * Tokens go in chunks that fit the workspace beside each thread's unpacked rows and buffer;
  * nothing is allocated. */
 #include <math.h>
@@ -30,6 +32,8 @@ typedef struct {
 static inline float silu(float g) { return g / (1.0f + expf(-g)); }
 
 static int64_t unpack_bytes(int64_t k) { return (QW_ROW_BYTES(k) + 63) / 64 * 64; }
+/* bytes of a gathered Q1_0 row of k weights, rounded to 64 */
+static int64_t n_total_bytes_q1(int64_t k) { return (k / QK1_0 * (int64_t)sizeof(block_q1_0) + 63) / 64 * 64; }
 
 /* Tokens per chunk: what fits in ws_bytes beside n_threads * fixed bytes, at per_token shared
  * bytes and per_token_thread bytes per thread; 0 when not even one token does. */
@@ -86,9 +90,72 @@ static void p1_rows(void *ctx, int64_t g0, int64_t g1, int tid) {
     }
 }
 
+/* ---- phase 1, Q1_0 gate and up through Q1_0's own kernels (qdot.h, Q1X_*) ------------------ */
+
+#define Q1_FFN_ROWS 16 /* gate then up rows per step: the up results, nt x 16 floats, in the thread's buffer */
+
+static void p1_q1_quantize(void *ctx, int64_t i0, int64_t i1, int tid) {
+    const qffn_t *q = ctx;
+    (void)tid;
+    const int64_t d = q->a->d, qrow = Q1X_ROW_BYTES(d);
+    for (int64_t i = i0; i < i1; i++) q->kern->q1_quantize(q->a->x + (q->i0 + i) * d, d, q->xq + i * qrow);
+}
+
+static void p1_q1_rows(void *ctx, int64_t g0, int64_t g1, int tid) {
+    const qffn_t *q = ctx;
+    const qdot_ffn *a = q->a;
+    float *ubuf = (float *)(q->per_thread + tid * q->thread_bytes); /* nt x Q1_FFN_ROWS */
+    const int64_t d = a->d, t = a->t, qrow = Q1X_ROW_BYTES(d), nt = q->nt;
+    int64_t e = 0;
+    while (a->off[e + 1] <= g0) e++;
+    for (; e < a->n_experts && a->off[e] < g1; e++) {
+        const int64_t n = a->n[e];
+        const int64_t r0 = g0 > a->off[e] ? g0 - a->off[e] : 0, r1 = g1 < a->off[e + 1] ? g1 - a->off[e] : n;
+        float *h = a->h + t * a->off[e] + q->i0 * n; /* the chunk's rows of h_e (t x n) */
+        if (a->skip[e]) {
+            for (int64_t i = 0; i < nt; i++) memset(h + i * n + r0, 0, (size_t)(r1 - r0) * sizeof *h);
+            continue;
+        }
+        const uint8_t *gate = a->bundles[e], *up = gate + n * a->rb_g;
+        for (int64_t r = r0; r < r1; r += Q1_FFN_ROWS) {
+            const int64_t nr = r1 - r < Q1_FFN_ROWS ? r1 - r : Q1_FFN_ROWS;
+            q->kern->q1_dot(gate + r * a->rb_g, a->rb_g, nr, d, q->xq, qrow, nt, h + r, n, 0);
+            q->kern->q1_dot(up + r * a->rb_u, a->rb_u, nr, d, q->xq, qrow, nt, ubuf, nr, 0);
+            for (int64_t i = 0; i < nt; i++) {
+                const float c = a->coef == NULL ? 1.0f : a->coef[(q->i0 + i) * a->n_experts + e];
+                float *hi = h + i * n + r;
+                if (c == 0.0f) {
+                    memset(hi, 0, (size_t)nr * sizeof *hi);
+                    continue;
+                }
+                for (int64_t l = 0; l < nr; l++) hi[l] = c * silu(hi[l]) * ubuf[i * nr + l];
+            }
+        }
+    }
+}
+
+static int q1_phase1(fic_pool *pool, qffn_t *q, uint8_t *ws, int64_t ws_bytes) {
+    const qdot_ffn *a = q->a;
+    const int64_t n_threads = fic_pool_threads(pool);
+    const int64_t tc = chunk_tokens(ws_bytes, n_threads, 64, Q1X_ROW_BYTES(a->d), 4 * Q1_FFN_ROWS);
+    if (tc < 1) return FIC_ERR_WORKSPACE;
+    q->thread_bytes = (4 * Q1_FFN_ROWS * tc + 63) / 64 * 64;
+    q->per_thread = ws;
+    q->xq = ws + n_threads * q->thread_bytes;
+    int64_t chunk = (a->n_total + 4 * n_threads - 1) / (4 * n_threads);
+    chunk = (chunk + Q1_FFN_ROWS - 1) / Q1_FFN_ROWS * Q1_FFN_ROWS;
+    for (q->i0 = 0; q->i0 < a->t; q->i0 += tc) {
+        q->nt = a->t - q->i0 < tc ? a->t - q->i0 : tc;
+        fic_parallel_for(pool, q->nt, (q->nt + n_threads - 1) / n_threads, p1_q1_quantize, q);
+        fic_parallel_for(pool, a->n_total, chunk, p1_q1_rows, q);
+    }
+    return FIC_OK;
+}
+
 int fic_qdot_ffn_phase1(fic_pool *pool, const qdot_ffn *a, uint8_t *ws, int64_t ws_bytes) {
     const int64_t n_threads = fic_pool_threads(pool), d = a->d;
     qffn_t q = {.a = a, .kern = fic_qdot_kernels(a->impl), .ub = unpack_bytes(d)};
+    if (a->gate_fmt == FIC_Q1_0 && a->up_fmt == FIC_Q1_0 && q.kern->q1_dot != NULL) return q1_phase1(pool, &q, ws, ws_bytes);
     q.thread_bytes = QW_ROWS * q.ub; /* + the up buffer, nt x QW_ROWS floats, below */
     const int64_t tc = chunk_tokens(ws_bytes, n_threads, q.thread_bytes + 64, QX_ROW_BYTES(d), 4 * QW_ROWS);
     if (tc < 1) return FIC_ERR_WORKSPACE;
@@ -144,9 +211,100 @@ static void p2_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
     }
 }
 
+/* ---- phase 2, Q1_0 columns: each output row's pieces gathered as whole Q1_0 blocks ----------
+ * (a Q1_0 piece is n_e / 128 blocks; a skipped expert's blocks are zeros: d = 0 adds exactly 0) */
+
+/* The layout's blocks are independent and no block straddles two experts: each h_e[i] is quantized
+ * where its blocks go, with no copy into one row first. */
+static void p2_q1_quantize(void *ctx, int64_t i0, int64_t i1, int tid) {
+    const qffn_t *q = ctx;
+    const qdot_ffn *a = q->a;
+    (void)tid;
+    for (int64_t i = i0; i < i1; i++) {
+        uint8_t *xi = q->xq + i * Q1X_ROW_BYTES(a->n_total);
+        for (int64_t e = 0; e < a->n_experts; e++) {
+            const int64_t n = a->n[e];
+            q->kern->q1_quantize(a->h + a->t * a->off[e] + (q->i0 + i) * n, n, xi + Q1X_ROW_BYTES(a->off[e]));
+        }
+    }
+}
+
+static void p2_q1_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
+    const qffn_t *q = ctx;
+    const qdot_ffn *a = q->a;
+    uint8_t *buf = q->per_thread + tid * q->thread_bytes; /* Q1_FFN_ROWS gathered rows of ub bytes */
+    const int64_t n_total = a->n_total, bb = (int64_t)sizeof(block_q1_0);
+    for (int64_t r = r0; r < r1; r += Q1_FFN_ROWS) {
+        const int64_t nr = r1 - r < Q1_FFN_ROWS ? r1 - r : Q1_FFN_ROWS;
+        for (int64_t e = 0; e < a->n_experts; e++) { /* expert by expert: its rows are adjacent */
+            const int64_t nb = a->n[e] / QK1_0, rbd = a->rb_d[e];
+            const uint8_t *src = a->bundles[e] + a->n[e] * (a->rb_g + a->rb_u) + r * rbd;
+            for (int64_t l = 0; l < nr; l++) {
+                uint8_t *dst = buf + l * q->ub + a->off[e] / QK1_0 * bb;
+                if (a->skip[e]) memset(dst, 0, (size_t)(nb * bb));
+                else if (nb == 1) memcpy(dst, src + l * rbd, sizeof(block_q1_0)); /* inlined: experts of 128 */
+                else memcpy(dst, src + l * rbd, (size_t)rbd);
+            }
+        }
+        q->kern->q1_dot(buf, q->ub, nr, n_total, q->xq, Q1X_ROW_BYTES(n_total), q->nt, a->y + q->i0 * a->d + r, a->d, 1);
+    }
+}
+
+#define Q1_FIXED_ROWS 64 /* fixed: output rows per q1_dot call of one expert */
+
+/* FIC_FFN_FIXED: expert by expert, its down rows as stored (rb_d apart) against its part of each
+ * token's quantized h, the products (nt x nr, the thread's buffer) rounded into acc on their own. */
+static void p2_q1_rows_fixed(void *ctx, int64_t r0, int64_t r1, int tid) {
+    const qffn_t *q = ctx;
+    const qdot_ffn *a = q->a;
+    float *out = (float *)(q->per_thread + tid * q->thread_bytes); /* nt x Q1_FIXED_ROWS */
+    const int64_t qrow = Q1X_ROW_BYTES(a->n_total);
+    for (int64_t r = r0; r < r1; r += Q1_FIXED_ROWS) {
+        const int64_t nr = r1 - r < Q1_FIXED_ROWS ? r1 - r : Q1_FIXED_ROWS;
+        for (int64_t e = 0; e < a->n_experts; e++) {
+            if (a->skip[e]) continue;
+            const int64_t rbd = a->rb_d[e];
+            const uint8_t *src = a->bundles[e] + a->n[e] * (a->rb_g + a->rb_u) + r * rbd;
+            q->kern->q1_dot(src, rbd, nr, a->n[e], q->xq + Q1X_ROW_BYTES(a->off[e]), qrow, q->nt, out, nr, 0);
+            for (int64_t i = 0; i < q->nt; i++) a->fixed_add(out + i * nr, a->acc + (q->i0 + i) * a->d + r, nr);
+        }
+    }
+}
+
+int fic_qdot_down_fixed_ok(const qdot_ffn *a) {
+    return a->down_fmt == FIC_Q1_0 && fic_qdot_kernels(a->impl)->q1_dot != NULL;
+}
+
+static int q1_down_cols(fic_pool *pool, qffn_t *q, uint8_t *ws, int64_t ws_bytes) {
+    const qdot_ffn *a = q->a;
+    const int64_t n_threads = fic_pool_threads(pool);
+    q->ub = n_total_bytes_q1(a->n_total);
+    q->thread_bytes = Q1_FFN_ROWS * q->ub;
+    const int fixed = a->acc != NULL;
+    int64_t tc;
+    if (fixed) { /* per thread: nt x Q1_FFN_ROWS products */
+        tc = chunk_tokens(ws_bytes, n_threads, 64, Q1X_ROW_BYTES(a->n_total), 4 * Q1_FIXED_ROWS);
+        q->thread_bytes = (4 * Q1_FIXED_ROWS * tc + 63) / 64 * 64;
+    } else {
+        tc = chunk_tokens(ws_bytes, n_threads, q->thread_bytes, Q1X_ROW_BYTES(a->n_total), 0);
+    }
+    if (tc < 1) return FIC_ERR_WORKSPACE;
+    q->per_thread = ws;
+    q->xq = ws + n_threads * q->thread_bytes;
+    int64_t chunk = (a->d + 4 * n_threads - 1) / (4 * n_threads);
+    chunk = (chunk + Q1_FFN_ROWS - 1) / Q1_FFN_ROWS * Q1_FFN_ROWS;
+    for (q->i0 = 0; q->i0 < a->t; q->i0 += tc) {
+        q->nt = a->t - q->i0 < tc ? a->t - q->i0 : tc;
+        fic_parallel_for(pool, q->nt, (q->nt + n_threads - 1) / n_threads, p2_q1_quantize, q);
+        fic_parallel_for(pool, a->d, chunk, fixed ? p2_q1_rows_fixed : p2_q1_rows, q);
+    }
+    return FIC_OK;
+}
+
 int fic_qdot_ffn_down_cols(fic_pool *pool, const qdot_ffn *a, uint8_t *ws, int64_t ws_bytes) {
     const int64_t n_threads = fic_pool_threads(pool);
     qffn_t q = {.a = a, .kern = fic_qdot_kernels(a->impl), .ub = unpack_bytes(a->n_total)};
+    if (a->down_fmt == FIC_Q1_0 && q.kern->q1_dot != NULL) return q1_down_cols(pool, &q, ws, ws_bytes);
     q.thread_bytes = (QW_ROWS * q.ub + 4 * a->n_total + 63) / 64 * 64;
     const int64_t tc = chunk_tokens(ws_bytes, n_threads, q.thread_bytes, QX_ROW_BYTES(a->n_total), 0);
     if (tc < 1) return FIC_ERR_WORKSPACE;

@@ -17,12 +17,12 @@ int fic_qdot_fmt_ok(int fmt) {
     }
 }
 
-static const qdot_kernels QDOT_REF = {fic_qdot_quantize_ref, fic_qdot_dot_ref};
+static const qdot_kernels QDOT_REF = {fic_qdot_quantize_ref, fic_qdot_dot_ref, fic_q1x_quantize_ref, fic_q1_dot_ref};
 #if defined(__x86_64__)
-static const qdot_kernels QDOT_AVX2 = {fic_qdot_quantize_avx2, fic_qdot_dot_avx2};
+static const qdot_kernels QDOT_AVX2 = {fic_qdot_quantize_avx2, fic_qdot_dot_avx2, fic_q1x_quantize_avx2, fic_q1_dot_avx2};
 #endif
 #if defined(__aarch64__)
-static const qdot_kernels QDOT_NEON = {fic_qdot_quantize_neon, fic_qdot_dot_neon};
+static const qdot_kernels QDOT_NEON = {fic_qdot_quantize_neon, fic_qdot_dot_neon, NULL, NULL};
 #endif
 
 const qdot_kernels *fic_qdot_kernels(int impl) {
@@ -215,6 +215,58 @@ void fic_qdot_dot_ref(const qw_row *rows, int64_t nr, const uint8_t *xq, int64_t
             }
             float *yo = y + i * ys + r;
             *yo = acc + corr + (accumulate ? *yo : 0.0f);
+        }
+    }
+}
+
+/* ---- Q1_0's own path: the reference (qdot.h, Q1X_*) ------------------------------------------ */
+
+/* Weight index (0..127 in its block) of byte p of the permuted block: vector p / 32, half, byte i. */
+static inline int q1x_weight(int p) {
+    const int v = p / 32, half = (p % 32) / 16, i = p % 16;
+    return 8 * i + 2 * v + half;
+}
+
+void fic_q1x_quantize_ref(const float *x, int64_t k, uint8_t *dst) {
+    uint8_t tmp[QX_ROW_BYTES(QK1_0)]; /* one block in the common layout: q[128] | d[4] | s[4] */
+    for (int64_t b = 0; b < k / QK1_0; b++) {
+        fic_qdot_quantize_ref(x + b * QK1_0, QK1_0, tmp);
+        const float *dv = (const float *)(tmp + QK1_0), *sv = dv + 4;
+        uint8_t *o = dst + b * Q1X_BLOCK_BYTES;
+        for (int p = 0; p < QK1_0; p++) o[p] = tmp[q1x_weight(p)];
+        float a[8], c[8];
+        for (int l = 0; l < 8; l++) {
+            a[l] = 2.0f * dv[l % 4];
+            c[l] = l < 4 ? -sv[l] : 0.0f;
+        }
+        memcpy(o + QK1_0, a, sizeof a);
+        memcpy(o + QK1_0 + sizeof a, c, sizeof c);
+    }
+}
+
+void fic_q1_dot_ref(const uint8_t *w, int64_t rb, int64_t nr, int64_t k, const uint8_t *xq, int64_t qrow, int64_t nt,
+                    float *y, int64_t ys, int accumulate) {
+    for (int64_t r = 0; r < nr; r++) {
+        for (int64_t i = 0; i < nt; i++) {
+            float acc = 0.0f;
+            for (int64_t b = 0; b < k / QK1_0; b++) {
+                block_q1_0 blk;
+                memcpy(&blk, w + r * rb + b * (int64_t)sizeof blk, sizeof blk);
+                const uint8_t *xb = xq + i * qrow + b * Q1X_BLOCK_BYTES;
+                float a[8], c[8];
+                memcpy(a, xb + QK1_0, sizeof a);
+                memcpy(c, xb + QK1_0 + sizeof a, sizeof c);
+                int32_t lane[8] = {0};
+                for (int p = 0; p < QK1_0; p++) { /* lane of byte p: its half, then its byte i / 4 */
+                    const int wi = q1x_weight(p), bit = (blk.qs[wi / 8] >> (wi % 8)) & 1;
+                    lane[4 * ((p % 32) / 16) + (p % 16) / 4] += bit * (int8_t)xb[p];
+                }
+                float blk_sum = 0.0f;
+                for (int l = 0; l < 8; l++) blk_sum += (float)lane[l] * a[l] + c[l];
+                acc += fic_h2f(blk.d) * blk_sum;
+            }
+            float *yo = y + i * ys + r;
+            *yo = acc + (accumulate ? *yo : 0.0f);
         }
     }
 }

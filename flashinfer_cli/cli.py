@@ -411,11 +411,12 @@ def _budget_options(lists: str = "") -> list:
                      help="Active experts: a fraction of each layer's (0.5), active parameters (300M), or auto[:T] "
                           "(prune mode: per prompt and layer, the fewest experts holding T of the selection's "
                           "score mass, default 0.9). Default: the largest that fits." + many),
-        click.option("--policy", type=click.STRING if lists else click.Choice(["exact", "static", "router", "sketch"]),
-                     default="exact", show_default=True, metavar="[exact|static|router|sketch]" if lists else None,
+        click.option("--policy", type=click.STRING if lists else click.Choice(["exact", "static", "router", "sketch", "mixed"]),
+                     default="exact", show_default=True, metavar="[exact|static|router|sketch|mixed]" if lists else None,
                      help="How experts are chosen: from the prompt's activations, one set from calibration text, "
                           "or sketch: the calibrated predictor's guess from each layer's input (`fic calibrate`), "
-                          "never reading the experts it rejects (a mixture of experts: router)." + many),
+                          "never reading the experts it rejects (a mixture of experts: router); mixed: the "
+                          "prompt's and calibration's scores averaged." + many),
         click.option("--prefill", type=click.Choice(["pruned", "full"]), default=None,
                      help="--policy sketch: pruned (prune mode's default) chooses each layer's set from the pruned "
                           "model's own hidden states and reads only the chosen experts; full reads every expert "
@@ -819,7 +820,11 @@ def _with_bench_budget(f):
 @click.option("--runs", type=click.IntRange(min=1), default=1, show_default=True,
               help="Repeat the prompts on one engine: run 1 is cold (a fresh arena), later runs warm.")
 @click.option("--texts", "n_texts", type=click.IntRange(min=1), default=None,
-              help="Quality texts to use (--quality: all; --sweep: 2).")
+              help="Quality texts to use (--quality: all of each --domains; --sweep: 2).")
+@click.option("--domains", default="prose", show_default=True, metavar="LIST",
+              help="--quality: the held-out texts' domains, comma-separated: prose (the 8 shipped texts), "
+                   "code and docs (8 each: sources and docstrings of standard-library package modules that "
+                   "calibration never reads), or all.")
 @click.option("--plot", "plot_file", default=None, metavar="FILE.png",
               help="With --sweep: decode speed and continuation perplexity against active parameters "
                    "(needs matplotlib: the plot extra).")
@@ -834,7 +839,7 @@ def _with_bench_budget(f):
 @click.option("--long", "long_tokens", type=click.IntRange(min=16), default=None,
               help="With --vs: tokens of the long prompt (default 2000).")
 @_with_bench_budget
-def bench(model, quality, sweep, prompts_file, max_tokens, runs, n_texts, plot_file, ctx, threads, progress,
+def bench(model, quality, sweep, prompts_file, max_tokens, runs, n_texts, domains, plot_file, ctx, threads, progress,
           as_json, vs, long_tokens, **budget):
     """Measure MODEL's speed under --mem/--mode/--active/--policy: per prompt and as medians, time
     to first token, prefill and decode tokens/s, expert bytes read from flash and the rate, the
@@ -853,6 +858,8 @@ def bench(model, quality, sweep, prompts_file, max_tokens, runs, n_texts, plot_f
         return
     if long_tokens is not None:
         _fail("--long sizes the long prompt of --vs")
+    if domains != "prose" and not quality:
+        _fail("--domains chooses --quality's texts")
     mems, actives, policies = (_comma_list(budget[k]) for k in ("mem", "active", "policy"))
     if any(p not in POLICIES for p in policies):
         _fail(f"--policy {budget['policy']!r}: comma-separated names from {', '.join(POLICIES)}")
@@ -862,7 +869,8 @@ def bench(model, quality, sweep, prompts_file, max_tokens, runs, n_texts, plot_f
         if sweep or prompts_file or plot_file or runs != 1 or budget["mem"] is not None:
             _fail("--quality runs prune mode against the full model, everything resident: "
                   "--mem, --sweep, --prompts, --runs and --plot measure speed")
-        _bench_quality(model, actives, policies, max_tokens or 512, n_texts, as_json, budget.get("prefill"))
+        _bench_quality(model, actives, policies, max_tokens or 512, n_texts, as_json, budget.get("prefill"),
+                       _text_domains(domains), budget.get("reselect") or 0)
         return
     if len(policies) > 1:
         _fail(f"--policy {budget['policy']!r}: one policy per speed run (a list is for --quality)")
@@ -977,7 +985,19 @@ def _print_speed(report, as_json: bool) -> None:
         click.echo(line)
 
 
-def _bench_quality(model, actives, policies, max_tokens, n_texts, as_json, prefill=None) -> None:
+def _text_domains(text: str) -> list[str]:
+    """--domains: comma-separated texts.DOMAINS, or all."""
+    from flashinfer_cli.texts import DOMAINS
+
+    names = list(DOMAINS) if text.strip() == "all" else _comma_list(text)
+    wrong = [d for d in names if d not in DOMAINS]
+    if wrong or not names:
+        _fail(f"--domains {text!r}: comma-separated names from {', '.join(DOMAINS)}, or all")
+    return list(dict.fromkeys(names))
+
+
+def _bench_quality(model, actives, policies, max_tokens, n_texts, as_json, prefill=None, domains=("prose",),
+                   reselect=0) -> None:
     from flashinfer_cli import bench as benchlib, plan
     from flashinfer_cli.plan import parse_active
 
@@ -996,11 +1016,13 @@ def _bench_quality(model, actives, policies, max_tokens, n_texts, as_json, prefi
         a_list = [str(a) if isinstance(a, plan.AutoActive) else a for a in a_list]
     try:
         report = benchlib.quality(model, actives=a_list, policies=policies, max_tokens=max_tokens, n_texts=n_texts,
-                                  prefill=prefill, progress=lambda s: click.echo(f"fic: measuring {s}", err=True))
+                                  prefill=prefill, domains=domains, reselect=reselect, progress=lambda s: click.echo(f"fic: measuring {s}", err=True))
     except (ValueError, OSError) as exc:
         _fail(_one_line(exc))
-    _emit_report(report, as_json, f"{report.model}: {report.n_texts} texts, up to {report.tokens_per_text} tokens "
-                                  f"each, full model's continuation perplexity {report.full_ppl:.2f}")
+    _emit_report(report, as_json, f"{report.model}: {report.n_texts} texts ({', '.join(domains)}), up to "
+                                  f"{report.tokens_per_text} tokens each, full model's continuation perplexity "
+                                  f"{report.full_ppl:.2f}" + (f", reselect every {reselect} tokens" if reselect else "")
+                                  + "; 95% range: of the geometric mean over texts")
 
 
 def _emit_report(report, as_json: bool, heading: str) -> None:

@@ -99,6 +99,8 @@ class Engine:
         # selection only): a next prompt that extends it reuses its cache and adds to them
         self._scored = np.zeros_like(model.scorer.acc) if self.selects and policy in router.PER_PROMPT else None
         self._scored_len = 0
+        # the mixed policy's static scores, loaded (or calibrated) at open: never inside a forward
+        self._static = self._static_scores() if self.selects and policy == "mixed" else None
         if self.selects and policy == "static":
             router.apply_sets(model.arena, model.runner, self._static_sets(), prune=plan.prune)
         if self.selects and reselect and plan.prune:
@@ -225,13 +227,14 @@ class Engine:
         """Token ids of text (special tokens parsed; bos prepended if the model wants it)."""
         return self.tokenizer.encode(text)
 
-    def forward(self, ids: Sequence[int], *, prompt_len: int | None = None) -> np.ndarray:
+    def forward(self, ids: Sequence[int], *, prompt_len: int | None = None, reselect: bool = False) -> np.ndarray:
         """float32 logits (len(ids), vocab) of every position, from an empty context. Where a
         selection is made (a budget that streams, or --active), it is made from the first
         prompt_len tokens (default: all of them), which run with every expert, as that prompt's
-        prefill would; the tokens after them run with the sets held (no reselection), so a
-        continuation is scored teacher-forced. The returned array (len(ids) x vocab floats) is the
-        caller's and outside the budget; generation keeps only the last position's logits."""
+        prefill would; the tokens after them run with the sets held, so a continuation is scored
+        teacher-forced, or with reselect (and the engine's --reselect N) in chunks of N tokens, the
+        sets rescored after each as generation would. The returned array (len(ids) x vocab floats)
+        is the caller's and outside the budget; generation keeps only the last position's logits."""
         self._check_length(ids)
         ids = list(ids)
         n = len(ids) if prompt_len is None else prompt_len
@@ -242,13 +245,27 @@ class Engine:
         try:
             logits = self._select_forward(ids[:n], all_logits=True, full_prompt=True)
             if n < len(ids):
-                logits = np.concatenate([logits, self.model.forward(ids[n:], all_logits=True)])
+                logits = np.concatenate([logits, self._continue(ids[n:], reselect)])
         except BaseException:
             self.model.arena.recover()
             raise
         self._cached = ids
         self.last_prefix = PrefixUse(0, n)
         return logits
+
+    def _continue(self, ids: list[int], reselect: bool) -> np.ndarray:
+        """All logits of a teacher-forced continuation: at once, or in --reselect chunks with a
+        reselection after each (the model's window holds each chunk's last FFN inputs)."""
+        step = self.reselect if reselect and self.selects else 0
+        if not step:
+            return self.model.forward(ids, all_logits=True)
+        parts = []
+        for i in range(0, len(ids), step):
+            parts.append(self.model.forward(ids[i:i + step], all_logits=True))
+            self._since_select += len(ids[i:i + step])
+            if i + step < len(ids) and self._since_select >= self.reselect:
+                self._reselect()
+        return np.concatenate(parts)
 
     def forget_context(self) -> None:
         """Forget the KV cache: the next prompt runs whole (the arena keeps what it holds)."""
@@ -301,7 +318,7 @@ class Engine:
         logits = np.concatenate(parts) if all_logits else parts[-1]
         self._scored[:] = m.scorer.acc
         self._scored_len = len(ids)
-        scores = m.scorer.all_scores()
+        scores = self._mixed(m.scorer.all_scores())
         self._size_auto(scores)
         sets = [router.top_k(scores[l], k) for l, k in enumerate(self.active_per_layer)]
         router.apply_sets(m.arena, m.runner, sets, prune=m.plan.prune)
@@ -373,7 +390,7 @@ class Engine:
             for layer in range(m.config.n_layers):
                 m.runner.run(layer, np.ascontiguousarray(w[layer]), dummy, full=True, collect=m.scorer.add)
             m.runner.drop_prefetch()
-        scores = m.scorer.all_scores()
+        scores = self._mixed(m.scorer.all_scores())
         sets = []
         for layer in range(m.config.n_layers):
             current = m.runner.active[layer] if m.plan.prune else m.arena.pinned_experts(layer)
@@ -393,11 +410,18 @@ class Engine:
             self.active_per_layer = [min(n, planlib.auto_size(scores[l], self.auto, k_max))
                                      for l, n in enumerate(self.plan.shape.experts_per_layer)]
 
-    def _static_sets(self) -> list[np.ndarray]:
+    def _static_scores(self) -> np.ndarray:
         scores = router.load_static(self.path)
-        m = self.model
-        if scores is None or scores.shape != m.arena.n_neurons.shape:
+        if scores is None or scores.shape != self.model.arena.n_neurons.shape:
             scores = self.calibrate()
+        return scores
+
+    def _mixed(self, scores: np.ndarray) -> np.ndarray:
+        """The mixed policy's scores from the prompt's (router.mix); any other policy's unchanged."""
+        return scores if self._static is None else router.mix(scores, self._static)
+
+    def _static_sets(self) -> list[np.ndarray]:
+        scores = self._static_scores()
         self._size_auto(scores)
         return [router.top_k(scores[l], k) for l, k in enumerate(self.active_per_layer)]
 

@@ -280,9 +280,36 @@ class _Arithmetic:
         return _impl_id(impl) | (lib.FIC_IMPL_EXACT if self.mode == "exact" else 0)
 
 
-# Prefill: exact by default, because int8 bought only 0.89-1.21x on this AVX2 CPU for logits 3% away
-# from the float model's on tiny models (bench/RESULTS.md, "Prefill with int8 activations").
-_PREFILL = _Arithmetic("prefill", "FIC_PREFILL", "exact")
+class _PrefillArithmetic(_Arithmetic):
+    """Prefill's arithmetic: "int8", "exact", or "auto" (the default): int8 for products whose
+    formats are all Q1_0, exact for any other."""
+
+    MODES = ("auto",) + PREFILL_MODES
+
+    def __init__(self) -> None:
+        super().__init__("prefill", "FIC_PREFILL", "auto")
+
+    def set(self, mode: str) -> None:
+        if mode not in self.MODES:
+            raise ValueError(f"unknown {self.kind} mode {mode!r} (known: {', '.join(self.MODES)})")
+        self.mode = mode
+
+    def impl(self, impl: str, formats: tuple[str, ...] = ()) -> int:
+        """impl's id, FIC_IMPL_EXACT OR'ed in when products in these formats are to be exact."""
+        if self.mode == "auto":
+            exact = not formats or any(f != "q1_0" for f in formats)
+            return _impl_id(impl) | (lib.FIC_IMPL_EXACT if exact else 0)
+        if self.mode not in self.MODES:
+            raise ValueError(f"{self.env}={self.mode!r} is not a {self.kind} mode (known: {', '.join(self.MODES)})")
+        return super().impl(impl)
+
+
+# Prefill: exact by default for every format but Q1_0, because int8 bought only 0.89-1.21x on this AVX2
+# CPU for logits 3% away from the float model's on tiny models (bench/RESULTS.md, "Prefill with int8
+# activations"). Q1_0 ("auto"): int8, the arithmetic its decode already has (no float matvec), through
+# its own kernels, which made a 1.7B-shape model's prefill 1.5-1.7x faster (bench/RESULTS.md, "Q1_0
+# prefill with int8 activations").
+_PREFILL = _PrefillArithmetic()
 # Decode: int8 by default, as llama.cpp: the kernels run 1.3-2.2x faster on AVX2 for perplexity
 # x1.001 (bench/RESULTS.md, "Decode with int8 activations"). Exact mode's promise (the full model's
 # answer under any budget) holds because the FFN sums each expert in fixed point (FIC_FFN_FIXED):
@@ -293,7 +320,7 @@ _DECODE = _Arithmetic("decode", "FIC_DECODE", "int8")
 
 def set_prefill(mode: str) -> None:
     """Choose the arithmetic of prefill products (matmul, the expert FFN for T > 1) for this
-    process: "int8" or "exact"."""
+    process: "int8", "exact", or "auto" (the default: int8 where every format is Q1_0, else exact)."""
     _PREFILL.set(mode)
 
 
@@ -320,17 +347,17 @@ def decode_mode(mode: str) -> contextlib.AbstractContextManager:
     return _DECODE.block(mode)
 
 
-def _prefill_impl(impl: str) -> int:
-    return _PREFILL.impl(impl)
+def _prefill_impl(impl: str, formats: tuple[str, ...] = ()) -> int:
+    return _PREFILL.impl(impl, formats)
 
 
 def _decode_impl(impl: str) -> int:
     return _DECODE.impl(impl)
 
 
-def _math_impl(impl: str, t: int) -> int:
-    """The decode arithmetic for one token, the prefill arithmetic for more."""
-    return _decode_impl(impl) if t == 1 else _prefill_impl(impl)
+def _math_impl(impl: str, t: int, formats: tuple[str, ...] = ()) -> int:
+    """The decode arithmetic for one token, the prefill arithmetic (of these formats) for more."""
+    return _decode_impl(impl) if t == 1 else _prefill_impl(impl, formats)
 
 
 def get_threads() -> int:
@@ -486,7 +513,7 @@ def matmul(qt: QTensor, x: np.ndarray, *, impl: str = "auto") -> np.ndarray:
     pool = _POOL.get()
     ws, ws_bytes, held = _ws_acquire(_POOL._n_threads, 1, k, 0, 0)  # the tiles do not depend on t
     try:
-        status = lib.fic_matmul(pool, _prefill_impl(impl), _fmt_id(qt.fmt), _u8(qt.data), _f32(x), _f32(y), t, m, k,
+        status = lib.fic_matmul(pool, _prefill_impl(impl, (qt.fmt,)), _fmt_id(qt.fmt), _u8(qt.data), _f32(x), _f32(y), t, m, k,
                                 ws, ws_bytes)
     finally:
         if held:
@@ -602,9 +629,9 @@ class ExpertSet:
         pool = _POOL.get()
         ws, ws_bytes, held = _ws_acquire(_POOL._n_threads, t, self.d_model, len(self), self.n_total)
         try:
-            status = lib.fic_experts_ffn(pool, _math_impl(impl, t) | y_flag, self._layout, self._bundles, self._n,
-                                         len(self), coef_ptr, _f32(x), y_ptr, t, _f32(scratch), scratch.size, ws,
-                                         ws_bytes)
+            status = lib.fic_experts_ffn(pool, _math_impl(impl, t, tuple(self.formats)) | y_flag, self._layout,
+                                         self._bundles, self._n, len(self), coef_ptr, _f32(x), y_ptr, t,
+                                         _f32(scratch), scratch.size, ws, ws_bytes)
         finally:
             if held:
                 _WS.lock.release()
@@ -699,7 +726,7 @@ def _check_scratch(scratch: np.ndarray, need: int) -> None:
 class _SlotLayout:
     """A layout's cffi struct and the numbers the bounds check needs, cached per layout."""
 
-    __slots__ = ("c", "d_model", "gate_up_row", "down_per_neuron", "down_bw", "name", "rows")
+    __slots__ = ("c", "d_model", "gate_up_row", "down_per_neuron", "down_bw", "name", "rows", "formats")
 
     def __init__(self, d_model: int, gate: str, up: str, down: str, down_layout: str):
         if down_layout not in _DOWN_LAYOUTS:
@@ -717,6 +744,7 @@ class _SlotLayout:
             self.down_per_neuron, self.down_bw = d_model * block_bytes(down), block_weights(down)
         self.name = f"{gate}/{up}/{down} {down_layout}"
         self.rows = down_layout == "rows"
+        self.formats = (gate, up, down)
 
     def bundle_bytes(self, n: int) -> int:
         return n * self.gate_up_row + (n // self.down_bw) * self.down_per_neuron
@@ -797,7 +825,8 @@ def experts_ffn_slots(layout, arena: np.ndarray, slot_bytes: int, slots: np.ndar
     pool = _POOL.get()
     ws, ws_bytes, held = _ws_acquire(_POOL._n_threads, t, lay.d_model, n_experts, n_total)
     try:
-        status = lib.fic_experts_ffn_slots(pool, _math_impl(impl, t) | y_flag, lay.c, _u8(arena), slot_bytes,
+        status = lib.fic_experts_ffn_slots(pool, _math_impl(impl, t, lay.formats) | y_flag, lay.c, _u8(arena),
+                                           slot_bytes,
                                            ffi.from_buffer("int32_t[]", slots), ffi.from_buffer("int32_t[]", n_neurons),
                                            n_experts, coef_ptr, _f32(x), y_ptr, t, _f32(scratch), scratch.size,
                                            ws, ws_bytes)

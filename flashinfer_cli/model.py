@@ -385,7 +385,12 @@ class Model:
         x = self.embed(tokens)
         for i in range(c.n_layers):
             x = x + self._attention(i, rmsnorm(x, self.layers[i].attn_norm, c.norm_eps))
-            self._ffn(i, rmsnorm(x, self.layers[i].ffn_norm, c.norm_eps), x)
+            xn = rmsnorm(x, self.layers[i].ffn_norm, c.norm_eps)
+            if self.window is not None:  # as _decode does token by token: the last FFN inputs
+                w = self.window.shape[1]
+                keep = min(t, w)
+                self.window[i, (self.pos + np.arange(t - keep, t)) % w] = xn[t - keep:]
+            self._ffn(i, xn, x)
         self.pos += t
         x = rmsnorm(x if all_logits else x[-1:], self.output_norm, c.norm_eps)
         logits = kernels.matmul(self.output, x) if all_logits else kernels.matvec(self.output, x[0])

@@ -5,7 +5,10 @@ over all of the layer's neurons) is L2-normalised; a neuron's score is the L2 no
 over the prompt's tokens; an expert's score is the sum of its neurons' scores. `static`: the same
 statistic gathered once over calibration text (texts.calibration_text) and stored beside the model.
 `sketch`: the same statistic over rows the model's fitted predictor (calibrate.py) predicts from
-each token's FFN input, so the experts it rejects are never read (Predictor below).
+each token's FFN input, so the experts it rejects are never read (Predictor below). `mixed`: exact's
+prompt scores and static's calibration scores, each normalised to sum 1 over the layer's experts,
+averaged (mix below): the prompt's choice pulled toward the experts most text uses, for a
+continuation that leaves the prompt's topic.
 
 The Scorer accumulates sum_t (h[t, n] / ||h[t]||)^2 per neuron from the FFN's scratch (which holds
 h after every call, expert block after expert block) and turns it into expert scores.
@@ -23,8 +26,8 @@ from flashinfer_cli import fmt
 # router: a mixture of experts' (moe.RouterScorer); sketch: the calibrated predictor's scores; none: no
 # selection at all, the arena only an LRU cache of what tokens asked for (what MoE offloading engines
 # do; exact mode only, a baseline)
-POLICIES = ("exact", "static", "router", "sketch", "none")
-PER_PROMPT = ("exact", "router", "sketch")  # the policies that choose each prompt's sets from its own tokens
+POLICIES = ("exact", "static", "router", "sketch", "mixed", "none")
+PER_PROMPT = ("exact", "router", "sketch", "mixed")  # the policies that choose each prompt's sets from its own tokens
 STATIC_FILE = "static_scores.npy"
 RESELECT_MARGIN = 0.05  # a challenger must beat the weakest selected expert by 5%
 
@@ -109,6 +112,17 @@ class Scorer:
             s = self.expert_scores(l)
             out[l, :len(s)] = s
         return out
+
+
+def mix(prompt: np.ndarray, static: np.ndarray) -> np.ndarray:
+    """(n_layers, max_experts) scores: each layer's prompt and static scores divided by their sum
+    over the layer's experts (the finite entries), averaged; -inf stays where a layer has no expert."""
+    def unit(s: np.ndarray) -> np.ndarray:
+        finite = np.isfinite(s)
+        total = np.where(finite, s, 0.0).sum(axis=1, keepdims=True)
+        return np.where(finite, s / np.where(total > 0, total, 1.0), -np.inf)
+
+    return np.where(np.isfinite(prompt), 0.5 * (unit(prompt) + unit(static)), -np.inf)
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:

@@ -9,6 +9,12 @@ Shipped with the package (read through importlib.resources, so they work from an
                                         rest the continuation whose perplexity measures quality.
     flashinfer_cli/data/prompts.json    six short chat prompts, a list of {"id": ..., "prompt": ...}.
 
+Held-out texts of two more domains (`held_out_texts`), not shipped either: modules inside the
+standard library's packages (json/decoder.py, http/cookiejar.py, ...: HELD_OUT_MODULES), which neither
+calibration reads (calibrate.py takes top-level modules only; calibration_text top-level modules and
+a few packages' __init__.py): "code" is a module's source from its first class or function on,
+"docs" a module's docstrings and comments. The shipped texts are the "prose" domain.
+
 The calibration text (`calibration_text`) is not shipped: it is read from the Python standard
 library's own sources, which every Python has. It is a different domain from the quality texts
 (technical English about programming), so calibrating on it never sees the evaluation texts.
@@ -25,6 +31,7 @@ import sysconfig
 import tokenize
 from dataclasses import dataclass
 from importlib import resources
+from typing import Sequence
 
 _DATA = "data"
 
@@ -39,12 +46,27 @@ CALIBRATION_MODULES: tuple[str, ...] = (
 )
 
 
+# Held-out standard-library modules, per domain: package submodules (never a top-level module nor a
+# package's __init__.py, which calibration may read), present in every Python fic supports (3.10+);
+# "docs" ones hold at least 4,000 characters of docstrings and comments.
+HELD_OUT_MODULES: dict[str, tuple[str, ...]] = {
+    "code": ("json/decoder.py", "email/feedparser.py", "concurrent/futures/_base.py", "asyncio/locks.py",
+             "multiprocessing/pool.py", "xml/dom/minidom.py", "http/client.py", "wsgiref/handlers.py"),
+    "docs": ("email/message.py", "http/cookiejar.py", "urllib/parse.py", "unittest/case.py",
+             "email/_header_value_parser.py", "http/server.py", "asyncio/tasks.py", "urllib/request.py"),
+}
+DOMAINS = ("prose", "code", "docs")  # held_out_texts' domains: the shipped texts, then HELD_OUT_MODULES'
+HELD_OUT_CHARS = 4000  # of each standard-library text: over 512 tokens with every tokenizer fic knows
+
+
 @dataclass(frozen=True)
 class QualityText:
-    """One shipped quality text: `name` is the file name without .txt, `text` its content."""
+    """One quality text: `name` (a shipped file's name without .txt, or domain_module), `text` its
+    content, `domain` one of DOMAINS."""
 
     name: str
     text: str
+    domain: str = "prose"
 
 
 def _data_dir():
@@ -59,6 +81,44 @@ def quality_texts() -> list[QualityText]:
         if entry.name.endswith(".txt") and entry.is_file():
             out.append(QualityText(entry.name[: -len(".txt")], entry.read_text(encoding="utf-8").strip()))
     return sorted(out, key=lambda t: t.name)
+
+
+def _module_code(source: str) -> str:
+    """The source from its first top-level class or function on (past the license and imports)."""
+    import ast as _ast
+
+    lines = source.splitlines(keepends=True)
+    defs = [n.lineno for n in _ast.parse(source).body if isinstance(n, (_ast.ClassDef, _ast.FunctionDef))]
+    return "".join(lines[min(defs) - 1:] if defs else lines)
+
+
+def stdlib_held_out(domain: str) -> list[QualityText]:
+    """HELD_OUT_MODULES[domain] as quality texts, HELD_OUT_CHARS each; a module this Python lacks
+    or cannot parse is skipped."""
+    stdlib = _stdlib_dir()
+    out = []
+    for rel in HELD_OUT_MODULES[domain] if stdlib else ():
+        try:
+            with tokenize.open(os.path.join(stdlib, rel)) as f:
+                source = f.read()
+            text = _module_code(source) if domain == "code" else "\n\n".join(_prose(source))
+        except Exception:  # a missing, undecodable or unparsable file is skipped
+            continue
+        name = rel[:-len(".py")].replace("/", "_").strip("_")
+        out.append(QualityText(f"{domain}_{name}", text[:HELD_OUT_CHARS].strip(), domain))
+    return out
+
+
+def held_out_texts(domains: Sequence[str] = ("prose",), per_domain: int | None = None) -> list[QualityText]:
+    """The quality texts of each domain in `domains` (DOMAINS), at most per_domain of each, in the
+    order asked: "prose" the shipped texts, "code" and "docs" stdlib_held_out's."""
+    out = []
+    for domain in domains:
+        if domain not in DOMAINS:
+            raise ValueError(f"unknown text domain {domain!r} (choose from {', '.join(DOMAINS)})")
+        docs = quality_texts() if domain == "prose" else stdlib_held_out(domain)
+        out += docs[:per_domain] if per_domain else docs
+    return out
 
 
 def prompts() -> list[dict]:

@@ -214,6 +214,21 @@ def test_ffn_exact_prefill_mode(fmt, layout):
         assert_within(case.run("auto"), want, bound)
 
 
+@pytest.mark.parametrize("fmt", ["q1_0", "q4_1"])
+def test_ffn_auto_prefill_is_int8_for_q1_0_only(fmt):
+    """The default prefill ("auto"): an FFN all in Q1_0 runs int8 (same bits as FIC_PREFILL=int8),
+    any other exact; through ExpertSet and through the arena's slots alike."""
+    case = Case([fmt] * 3, "columns", sizes(fmt, "columns", 3, seed=4), 6, seed=stable_seed(fmt, "auto"), coef=None)
+    with K.prefill_mode("auto"):
+        auto, auto_slots = case.run("auto"), case.run_slots("auto")
+    with K.prefill_mode("int8" if fmt == "q1_0" else "exact"):
+        same = case.run("auto")
+    with K.prefill_mode("exact" if fmt == "q1_0" else "int8"):
+        other = case.run("auto")
+    assert np.array_equal(auto, same) and np.array_equal(auto_slots, same)
+    assert not np.array_equal(auto, other)
+
+
 @pytest.mark.parametrize("layout", ["columns", "rows"])
 @pytest.mark.parametrize("fmt", ["q4_1", "q8_0", "q5_0", "q4_k", "q6_k"])
 def test_ffn_exact_decode_mode(fmt, layout):

@@ -284,6 +284,23 @@ def test_int8_prefill_fast_matches_scalar_reference(fmt, impl, t, threads):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("fmt", QDOT_FORMATS)
+def test_auto_prefill_is_int8_for_q1_0_only(fmt, impl):
+    """The product's default prefill ("auto"): Q1_0 takes the int8 path (the arithmetic its decode
+    has), every other format the exact one; same bits as the mode it stands for."""
+    qt, _, rng = make(fmt, 19, k_of(fmt, 2), seed=5)
+    x = rng.standard_normal((7, qt.shape[1]), dtype=np.float32)
+    with K.prefill_mode("auto"):
+        auto = K.matmul(qt, x, impl=impl)
+    with K.prefill_mode("int8" if fmt == "q1_0" else "exact"):
+        same = K.matmul(qt, x, impl=impl)
+    with K.prefill_mode("exact" if fmt == "q1_0" else "int8"):
+        other = K.matmul(qt, x, impl=impl)
+    assert np.array_equal(auto, same)
+    assert not np.array_equal(auto, other)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("fmt", QDOT_FORMATS)
 def test_exact_prefill_mode_is_float(fmt, impl):
     """kernels.set_prefill("exact") (FIC_IMPL_EXACT): matmul T > 1 dequantizes and multiplies in
     float, within the float32 bound alone; back in "int8" mode the result moves by the q8 term."""
