@@ -31,6 +31,21 @@ typedef struct {
 
 static inline float silu(float g) { return g / (1.0f + expf(-g)); }
 
+/* Rows [r, r + nr) of expert e's h for the chunk's nt tokens (hr: h_e + r, rows n apart), holding
+ * the gate products, become coef silu(gate) up with up's products in ubuf (nt x nr). */
+static void swiglu_rows(const qffn_t *q, int64_t e, float *hr, int64_t n, int64_t nr, const float *ubuf) {
+    const qdot_ffn *a = q->a;
+    for (int64_t i = 0; i < q->nt; i++) {
+        const float c = a->coef == NULL ? 1.0f : a->coef[(q->i0 + i) * a->n_experts + e];
+        float *hi = hr + i * n;
+        if (c == 0.0f) {
+            memset(hi, 0, (size_t)nr * sizeof *hi);
+            continue;
+        }
+        for (int64_t l = 0; l < nr; l++) hi[l] = c * silu(hi[l]) * ubuf[i * nr + l];
+    }
+}
+
 static int64_t unpack_bytes(int64_t k) { return (QW_ROW_BYTES(k) + 63) / 64 * 64; }
 /* bytes of a gathered Q1_0 row of k weights, rounded to 64 */
 static int64_t n_total_bytes_q1(int64_t k) { return (k / QK1_0 * (int64_t)sizeof(block_q1_0) + 63) / 64 * 64; }
@@ -77,15 +92,7 @@ static void p1_rows(void *ctx, int64_t g0, int64_t g1, int tid) {
             q->kern->dot(rows, nr, q->xq, qrow, nt, h + r, n, 0);
             for (int64_t l = 0; l < nr; l++) fic_qdot_unpack(a->up_fmt, up + (r + l) * a->rb_u, d, buf + l * q->ub, &rows[l]);
             q->kern->dot(rows, nr, q->xq, qrow, nt, ubuf, nr, 0);
-            for (int64_t i = 0; i < nt; i++) {
-                const float c = a->coef == NULL ? 1.0f : a->coef[(q->i0 + i) * a->n_experts + e];
-                float *hi = h + i * n + r;
-                if (c == 0.0f) {
-                    memset(hi, 0, (size_t)nr * sizeof *hi);
-                    continue;
-                }
-                for (int64_t l = 0; l < nr; l++) hi[l] = c * silu(hi[l]) * ubuf[i * nr + l];
-            }
+            swiglu_rows(q, e, h + r, n, nr, ubuf);
         }
     }
 }
@@ -121,15 +128,7 @@ static void p1_q1_rows(void *ctx, int64_t g0, int64_t g1, int tid) {
             const int64_t nr = r1 - r < Q1_FFN_ROWS ? r1 - r : Q1_FFN_ROWS;
             q->kern->q1_dot(gate + r * a->rb_g, a->rb_g, nr, d, q->xq, qrow, nt, h + r, n, 0);
             q->kern->q1_dot(up + r * a->rb_u, a->rb_u, nr, d, q->xq, qrow, nt, ubuf, nr, 0);
-            for (int64_t i = 0; i < nt; i++) {
-                const float c = a->coef == NULL ? 1.0f : a->coef[(q->i0 + i) * a->n_experts + e];
-                float *hi = h + i * n + r;
-                if (c == 0.0f) {
-                    memset(hi, 0, (size_t)nr * sizeof *hi);
-                    continue;
-                }
-                for (int64_t l = 0; l < nr; l++) hi[l] = c * silu(hi[l]) * ubuf[i * nr + l];
-            }
+            swiglu_rows(q, e, h + r, n, nr, ubuf);
         }
     }
 }
