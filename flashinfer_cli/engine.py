@@ -32,14 +32,12 @@ import numpy as np
 
 from flashinfer_cli import fmt, kernels, moe, plan as planlib, router
 from flashinfer_cli import generate as gen
-from flashinfer_cli.model import Model
+from flashinfer_cli.model import PREFILL_ALIGN, Model
 
 DEFAULT_RESELECT = 0  # tokens between reselections (0: off); see bench/RESULTS.md
-# A prefill call that starts on a multiple of this (prefill attention's query groups, ATT_QB in
-# csrc/attention.c) computes every position bit for bit as one call from position 0 would (chunks
-# are multiples of it too): a reused prefix is cut to it, so that what an engine computes depends
-# on the requests, never on its budget (tests/test_soak.py, tests/test_prefix_reuse.py).
-PREFIX_ALIGN = 8
+# a reused prefix is cut to the prefill's alignment (model.PREFILL_ALIGN), so that what an engine
+# computes depends on the requests, never on its budget (tests/test_soak.py)
+PREFIX_ALIGN = PREFILL_ALIGN
 PREFILLS = ("pruned", "full")
 # the sketch policy's prefill per mode (bench/RESULTS.md, "Calibration and the sketch policy"):
 # exact mode computes every expert anyway; in prune mode a pruned prefill read 3.7x fewer bytes at

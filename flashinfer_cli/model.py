@@ -26,6 +26,12 @@ from flashinfer_cli.plan import MemoryPlan, ModelShape, PlanRequest, make_plan, 
 from flashinfer_cli.router import Scorer
 from flashinfer_cli.streaming import FFNRunner
 
+# A prefill call that starts on a multiple of this (prefill attention's query groups, ATT_QB in
+# csrc/attention.c) computes every position bit for bit as one call from position 0 would: prefill
+# chunks are multiples of it, and a reused prefix is cut to it (engine.PREFIX_ALIGN), so that what
+# a model computes depends on the tokens, never on its budget (tests/test_prefix_reuse.py).
+PREFILL_ALIGN = 8
+
 
 # ---- weights -------------------------------------------------------------------------------
 
@@ -379,8 +385,10 @@ class Model:
         if t == 1 and not all_logits:
             return self._decode(tokens[0])
         if t > self.prefill_chunk:  # bounds the activations' memory (the plan's scratch)
-            n = self.prefill_chunk
-            parts = [self.forward(tokens[i:i + n], all_logits=all_logits) for i in range(0, t, n)]
+            cuts = list(range(0, t, self.prefill_chunk)) + [t]
+            if cuts[-1] - cuts[-2] == 1:  # a last piece of one token would run as a decode step (other
+                cuts[-2] -= PREFILL_ALIGN  # arithmetic): it runs with the PREFILL_ALIGN tokens before it
+            parts = [self.forward(tokens[a:b], all_logits=all_logits) for a, b in zip(cuts, cuts[1:])]
             return np.concatenate(parts) if all_logits else parts[-1]
         x = self.embed(tokens)
         for i in range(c.n_layers):

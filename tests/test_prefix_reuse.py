@@ -64,6 +64,17 @@ def test_prefill_split_on_the_alignment_is_one_call_bit_for_bit(tiny, tmp_path_f
     whole = run([len(ids)])
     for splits in ([8, 142], [64, 86], [96, 48, 6], [PREFIX_ALIGN * 5, 110]):
         assert np.array_equal(run(splits), whole), splits
+    # a budget's smaller prefill chunks: a prompt one token longer than a chunk must not end in a
+    # one-token piece, which would run as a decode step (int8 activations in q4_0)
+    chunk = m.prefill_chunk
+    m.reset()
+    want = m.forward(ids[:129])
+    m.prefill_chunk = 64
+    try:
+        m.reset()
+        assert np.array_equal(m.forward(ids[:129]), want)
+    finally:
+        m.prefill_chunk = chunk
 
 
 def answer(engine: Engine, ids: list[int]) -> tuple[list[int], str]:
