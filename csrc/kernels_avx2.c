@@ -11,6 +11,8 @@
 #if defined(FIC_X86)
 #include <immintrin.h>
 
+#include "q1_planes.h"
+
 static inline int fic_fmt_bw(int fmt) {
     return fmt == FIC_F32 || fmt == FIC_F16 ? 1 : fmt == FIC_Q1_0 ? QK1_0 : fmt == FIC_Q4_K || fmt == FIC_Q6_K ? QK_K : 32;
 }
@@ -580,9 +582,6 @@ TGT_AVX2 static inline float q8_block_avx2(const float *x, int8_t *q, int32_t *s
  * lane scales and corrections it reads: lane l holds half of q8 block l % 4, so a8 = 2 dx of that
  * block and c8 = -dx sum(xq) in lanes 0-3, 0 in lanes 4-7. k is a multiple of 128. */
 TGT_AVX2 void kern_quantize_x_avx2(const float *x, int64_t k, int8_t *xq, float *a8, float *c8) {
-    /* rows 2c, 2c+1 of the block seen as 16 rows of 8 weights -> 16-bit lanes j = (row 2c byte j,
-     * row 2c+1 byte j) */
-    const __m128i pair = _mm_setr_epi8(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
     for (int64_t b = 0; b < k / QK1_0; b++) {
         int8_t tmp[QK1_0];
         for (int i = 0; i < 4; i++) {
@@ -592,25 +591,7 @@ TGT_AVX2 void kern_quantize_x_avx2(const float *x, int64_t k, int8_t *xq, float 
             c8[8 * b + i] = -dx * (float)sum;
             c8[8 * b + 4 + i] = 0.0f;
         }
-        /* plane j (bit j of the 16 sign bytes) = column j of the 16 x 8 bytes: pair up rows, then
-         * an 8 x 8 transpose of 16-bit lanes; plane j goes to vector j / 2, half j % 2 */
-        __m128i v[8], a[8], c[8];
-        for (int i = 0; i < 8; i++) v[i] = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(tmp + 16 * i)), pair);
-        for (int i = 0; i < 8; i += 2) {
-            a[i] = _mm_unpacklo_epi16(v[i], v[i + 1]);
-            a[i + 1] = _mm_unpackhi_epi16(v[i], v[i + 1]);
-        }
-        for (int i = 0; i < 8; i += 4) {
-            c[i] = _mm_unpacklo_epi32(a[i], a[i + 2]);
-            c[i + 1] = _mm_unpackhi_epi32(a[i], a[i + 2]);
-            c[i + 2] = _mm_unpacklo_epi32(a[i + 1], a[i + 3]);
-            c[i + 3] = _mm_unpackhi_epi32(a[i + 1], a[i + 3]);
-        }
-        int8_t *out = xq + QK1_0 * b;
-        for (int i = 0; i < 4; i++) {
-            _mm_storeu_si128((__m128i *)(out + 32 * i), _mm_unpacklo_epi64(c[i], c[i + 4]));
-            _mm_storeu_si128((__m128i *)(out + 32 * i + 16), _mm_unpackhi_epi64(c[i], c[i + 4]));
-        }
+        q1_sign_planes((const uint8_t *)tmp, (uint8_t *)(xq + QK1_0 * b));
     }
 }
 

@@ -9,6 +9,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "q1_planes.h"
 #include "qdot.h"
 
 #define TGT __attribute__((target("avx2,fma,f16c")))
@@ -190,28 +191,12 @@ TGT void fic_qdot_dot_avx2(const qw_row *rows, int64_t nr, const uint8_t *xq, in
 /* x -> the permuted layout: the common quantizer (bit-identical q and d), then per block the
  * 16 x 8 bytes transposed so plane j (bit j of the 16 sign bytes) is vector j / 2, half j % 2. */
 TGT void fic_q1x_quantize_avx2(const float *x, int64_t k, uint8_t *dst) {
-    const __m128i pair = _mm_setr_epi8(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
     uint8_t tmp[QX_ROW_BYTES(128)] __attribute__((aligned(32)));
     for (int64_t b = 0; b < k / 128; b++) {
         fic_qdot_quantize_avx2(x + b * 128, 128, tmp);
         const float *dv = (const float *)(tmp + 128), *sv = dv + 4;
         uint8_t *out = dst + b * Q1X_BLOCK_BYTES;
-        __m128i v[8], a[8], c[8];
-        for (int i = 0; i < 8; i++) v[i] = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(tmp + 16 * i)), pair);
-        for (int i = 0; i < 8; i += 2) {
-            a[i] = _mm_unpacklo_epi16(v[i], v[i + 1]);
-            a[i + 1] = _mm_unpackhi_epi16(v[i], v[i + 1]);
-        }
-        for (int i = 0; i < 8; i += 4) {
-            c[i] = _mm_unpacklo_epi32(a[i], a[i + 2]);
-            c[i + 1] = _mm_unpackhi_epi32(a[i], a[i + 2]);
-            c[i + 2] = _mm_unpacklo_epi32(a[i + 1], a[i + 3]);
-            c[i + 3] = _mm_unpackhi_epi32(a[i + 1], a[i + 3]);
-        }
-        for (int i = 0; i < 4; i++) {
-            _mm_storeu_si128((__m128i *)(out + 32 * i), _mm_unpacklo_epi64(c[i], c[i + 4]));
-            _mm_storeu_si128((__m128i *)(out + 32 * i + 16), _mm_unpackhi_epi64(c[i], c[i + 4]));
-        }
+        q1_sign_planes(tmp, out);
         const __m128 d4 = _mm_loadu_ps(dv), s4 = _mm_loadu_ps(sv);
         const __m128 a4 = _mm_add_ps(d4, d4), c4 = _mm_sub_ps(_mm_setzero_ps(), s4);
         _mm256_storeu_ps((float *)(out + 128), _mm256_set_m128(a4, a4));
