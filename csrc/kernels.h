@@ -162,6 +162,9 @@ typedef void (*kern_axpy_fn)(float a, const float *w, float *y, int64_t n);
 typedef void (*kern_gemm_tile_fn)(const job_t *j, const float *tile, int64_t nr, int64_t r0);
 typedef void (*kern_gemm_panel_fn)(const job_t *j, const float *panels, int64_t nr, int64_t r0);
 typedef void (*kern_fixed_add_fn)(const float *c, int64_t *acc, int64_t n);
+/* Eight dequantized rows into a panel's half: dst[kk * PANEL_ROWS + i] = src[i * ld + kk], i < 8,
+ * kk < n, n a multiple of 8 (pack_panels). */
+typedef void (*kern_pack8_fn)(const float *src, int64_t ld, int64_t n, float *dst);
 
 /* One format's kernels on one implementation. dot and deq are always set; the others are
  * optional fast paths (NULL: the generic code in kernels.c, matvec.c and ffn.c). */
@@ -186,6 +189,7 @@ typedef struct fic_kernels {
     kern_gemm_panel_fn gemm_panel;  /* as gemm_tile, the tile packed by pack_panels; NULL: none */
     kern_fixed_add_fn fixed_add;    /* acc[i] += fix(c[i]) (fic.h); NULL: fixed_add_ref (last: tables
                                        that omit it leave it NULL) */
+    kern_pack8_fn pack8;            /* pack_panels' transpose of 8 rows; NULL: pack8_ref */
 } fic_kernels;
 
 /* The traits columns every table repeats: block weights and bytes of each format. */
@@ -326,7 +330,13 @@ static inline void fixed_add(const fic_kernels *kt, const float *c, int64_t *acc
 }
 #if defined(FIC_X86)
 void fixed_add_avx2(const float *c, int64_t *acc, int64_t n);
+void pack8_avx2(const float *src, int64_t ld, int64_t n, float *dst);
 #endif
+void pack8_ref(const float *src, int64_t ld, int64_t n, float *dst);
+static inline void pack8(const fic_kernels *kt, const float *src, int64_t ld, int64_t n, float *dst) {
+    if (kt->pack8) kt->pack8(src, ld, n, dst);
+    else pack8_ref(src, ld, n, dst);
+}
 void prep_x(job_t *j, void *mem);       /* prepares j->x into mem and points j's activation fields at it */
 int64_t row_chunk(fic_pool *pool, int64_t m, int64_t row_bytes);
 void accum_range(void *ctx, int64_t b0, int64_t b1, int tid); /* fic_range_fn over a job_t */

@@ -813,6 +813,30 @@ TGT_AVX2 void fixed_add_avx2(const float *c, int64_t *acc, int64_t n) {
     fixed_add_ref(c + i, acc + i, n - i);
 }
 
+/* pack8_ref's transpose, 8 x 8 floats at a time: 8 loads, 24 shuffles, 8 stores where the
+ * reference stores one float at a time. */
+TGT_AVX2 void pack8_avx2(const float *src, int64_t ld, int64_t n, float *dst) {
+    for (int64_t kk = 0; kk < n; kk += 8) {
+        __m256 r[8], t[8];
+        for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(src + i * ld + kk);
+        for (int i = 0; i < 8; i += 2) { /* rows i, i+1 interleaved per 128-bit lane */
+            t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+            t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+        }
+        for (int i = 0; i < 8; i += 4) { /* four rows' column c in one 128-bit lane */
+            r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+            r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xee);
+            r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+            r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xee);
+        }
+        /* r[c] (c < 4) holds column c (low lane) and c + 4 (high lane) of rows 0..3; r[c + 4] rows 4..7 */
+        for (int c = 0; c < 4; c++) {
+            _mm256_storeu_ps(dst + (kk + c) * PANEL_ROWS, _mm256_permute2f128_ps(r[c], r[c + 4], 0x20));
+            _mm256_storeu_ps(dst + (kk + c + 4) * PANEL_ROWS, _mm256_permute2f128_ps(r[c], r[c + 4], 0x31));
+        }
+    }
+}
+
 /* The sum of v's lanes as hsum8_avx2 sums each of its vectors: ((v0+v1)+(v2+v3))+((v4+v5)+(v6+v7)). */
 TGT_AVX2 static inline float hsum_pairs_avx2(__m256 v) {
     const __m256 h = _mm256_hadd_ps(v, v);
@@ -968,5 +992,6 @@ const fic_kernels fic_kernels_avx2 = {
     },
     gemm_panel_avx2,
     fixed_add_avx2,
+    pack8_avx2,
 };
 #endif /* FIC_X86 */

@@ -864,6 +864,7 @@ const fic_kernels fic_kernels_avx512 = {
     },
     NULL, /* gemm_panel: not measured on AVX-512 (gemm_tile_avx512's 6 x 4 blocks) */
     fixed_add_avx2,
+    NULL, /* pack8: no panels here */
 };
 
 /* VNNI: Q4_0/Q4_1 with x in the pair layout when k >= 64 (else float, as without VNNI). */
@@ -880,6 +881,7 @@ const fic_kernels fic_kernels_avx512_vnni = {
     {AVX512_COMMON, AVX512_Q4_VNNI, AVX512_Q1(XP_Q1_AVX512)},
     NULL,
     fixed_add_avx2,
+    NULL, /* pack8: no panels here */
 };
 
 const fic_kernels fic_kernels_avx512_q1 = {
@@ -889,5 +891,6 @@ const fic_kernels fic_kernels_avx512_q1 = {
     {AVX512_COMMON, AVX512_Q4_VNNI, AVX512_Q1(XP_Q1_PLANES)},
     NULL,
     fixed_add_avx2,
+    NULL, /* pack8: no panels here */
 };
 #endif /* FIC_X86 */

@@ -138,6 +138,11 @@ void fixed_add_ref(const float *c, int64_t *acc, int64_t n) {
     for (int64_t i = 0; i < n; i++) acc[i] += fix_ref(c[i]);
 }
 
+void pack8_ref(const float *src, int64_t ld, int64_t n, float *dst) {
+    for (int64_t kk = 0; kk < n; kk++)
+        for (int i = 0; i < 8; i++) dst[kk * PANEL_ROWS + i] = src[i * ld + kk];
+}
+
 /* Plain reference table: every optional entry NULL (generic code), x never prepared. */
 #define REF_ENTRY(name, KT) {KT, XP_NONE, XP_NONE, row_dot_##name##_ref, NULL, kern_deq_##name##_ref, NULL, NULL, NULL, NULL}
 const fic_kernels fic_kernels_scalar = {
@@ -157,4 +162,5 @@ const fic_kernels fic_kernels_scalar = {
     },
     gemm_panel_ref,
     fixed_add_ref,
+    pack8_ref,
 };

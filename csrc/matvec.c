@@ -84,20 +84,38 @@ int fic_matvec(fic_pool *pool, int impl, int fmt, const uint8_t *w, const float 
 
 #define PACK_PIECE 256 /* floats of a row dequantized at a time before they are spread into a panel */
 
+/* One row's blocks [b, be) dequantized into a panel column (the scalar spread). */
+static void pack_row(const job_t *j, const uint8_t *row, int64_t b, int64_t be, float *piece, float *dst) {
+    const int64_t n = (be - b) * j->bw;
+    deq_range(j, row, b, be, piece);
+    for (int64_t kk = 0; kk < n; kk++) dst[kk * PANEL_ROWS] = piece[kk];
+}
+
 const float *pack_panels(const job_t *j, const uint8_t *w, int64_t rb, int64_t r, int64_t nr, float *tile) {
     const int64_t k = j->k, per_piece = PACK_PIECE / j->bw, nb = k / j->bw;
-    float piece[PACK_PIECE]; /* >= one block: MAX_BW <= PACK_PIECE */
-    for (int64_t i = 0; i < nr; i++) {
+    float piece[8][PACK_PIECE]; /* >= one block: MAX_BW <= PACK_PIECE */
+    int64_t i = 0;
+    /* 8 rows at a time (half a panel): their pieces dequantized, then transposed in one go */
+    for (; i + 8 <= nr; i += 8) {
         float *panel = tile + (i / PANEL_ROWS) * PANEL_ROWS * k + i % PANEL_ROWS;
-        const uint8_t *row = w + (r + i) * rb;
         for (int64_t b = 0; b < nb; b += per_piece) {
             const int64_t be = nb - b < per_piece ? nb : b + per_piece, n = (be - b) * j->bw;
-            deq_range(j, row, b, be, piece);
             float *dst = panel + b * j->bw * PANEL_ROWS;
-            for (int64_t kk = 0; kk < n; kk++) dst[kk * PANEL_ROWS] = piece[kk];
+            for (int q = 0; q < 8; q++) deq_range(j, w + (r + i + q) * rb, b, be, piece[q]);
+            const int64_t n8 = n & ~(int64_t)7;
+            pack8(j->kt, piece[0], PACK_PIECE, n8, dst);
+            for (int q = 0; q < 8; q++) /* a tail of fewer than 8 (f32/f16 rows only) */
+                for (int64_t kk = n8; kk < n; kk++) dst[kk * PANEL_ROWS + q] = piece[q][kk];
         }
     }
-    for (int64_t i = nr; i % PANEL_ROWS != 0; i++) {
+    for (; i < nr; i++) {
+        float *panel = tile + (i / PANEL_ROWS) * PANEL_ROWS * k + i % PANEL_ROWS;
+        for (int64_t b = 0; b < nb; b += per_piece) {
+            const int64_t be = nb - b < per_piece ? nb : b + per_piece;
+            pack_row(j, w + (r + i) * rb, b, be, piece[0], panel + b * j->bw * PANEL_ROWS);
+        }
+    }
+    for (; i % PANEL_ROWS != 0; i++) {
         float *panel = tile + (i / PANEL_ROWS) * PANEL_ROWS * k + i % PANEL_ROWS;
         for (int64_t kk = 0; kk < k; kk++) panel[kk * PANEL_ROWS] = 0.0f;
     }
