@@ -37,7 +37,6 @@
 
 /* ffn_t, the call's state, is in kernels.h: the AVX-512 phase 2 paths (kernels_avx512.c) read it. */
 
-static inline float silu(float g) { return g / (1.0f + expf(-g)); }
 
 static inline const uint8_t *gate_row(const ffn_t *f, int64_t e, int64_t r) {
     return f->bundles[e] + r * f->rb_g;
@@ -136,7 +135,7 @@ static void phase1_t1(void *ctx, int64_t g0, int64_t g1, int tid) {
             const int64_t nr = r1 - r < P1_UP_ROWS ? r1 - r : P1_UP_ROWS;
             float u[P1_UP_ROWS];
             p1_rows(f, e, 1, r, r + nr, u);
-            for (int64_t k = 0; k < nr; k++) h[r + k] = c * silu(h[r + k]) * u[k];
+            silu_mul(f->kt, c, h + r, u, nr);
         }
     }
 }
@@ -173,7 +172,7 @@ static void phase1_tiles(void *ctx, int64_t g0, int64_t g1, int tid) {
                     memset(hi, 0, (size_t)nr * sizeof *hi);
                     continue;
                 }
-                for (int64_t k = 0; k < nr; k++) hi[k] = c * silu(hi[k]) * ui[k];
+                silu_mul(f->kt, c, hi, ui, nr);
             }
         }
     }
@@ -512,6 +511,16 @@ int fic_fixed_add(int impl, const float *c, int64_t *acc, int64_t n) {
     const fic_kernels *kt = fic_kernels_for(impl);
     if (kt == NULL) return FIC_ERR_UNSUPPORTED;
     fixed_add(kt, c, acc, n);
+    return FIC_OK;
+}
+
+int fic_silu_mul(int impl, float c, float *h, const float *u, int64_t n) {
+    if (n < 0 || (n > 0 && (h == NULL || u == NULL))) return FIC_ERR_ARG;
+    if (impl < FIC_IMPL_AUTO || impl > FIC_IMPL_NEON) return FIC_ERR_ARG;
+    if (impl == FIC_IMPL_AUTO) impl = fic_impl_best();
+    const fic_kernels *kt = fic_kernels_for(impl);
+    if (kt == NULL) return FIC_ERR_UNSUPPORTED;
+    silu_mul(kt, c, h, u, n);
     return FIC_OK;
 }
 

@@ -175,6 +175,9 @@ int fic_experts_ffn_slots(fic_pool *pool, int impl, const fic_expert_layout *lay
  * fic_fixed_flush: y[i] += (float)(acc[i] * 2^-32) (through double), then acc[i] = 0. */
 int fic_fixed_add(int impl, const float *c, int64_t *acc, int64_t n);
 int fic_fixed_flush(int64_t *acc, float *y, int64_t n);
+/* fic_silu_mul: h[k] = c * silu(h[k]) * u[k] for k < n, silu(g) = g / (1 + e^-g): the FFN's gating,
+ * through impl's kernels (the reference uses expf, AVX2 a polynomial exp within ~2 ulp). */
+int fic_silu_mul(int impl, float c, float *h, const float *u, int64_t n);
 
 /* ---- attention over an fp16 KV cache (attention.c) ----
  * Causal GQA attention of t queries at positions pos0..pos0+t-1 (q: t x n_heads x head_dim

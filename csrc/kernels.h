@@ -165,6 +165,8 @@ typedef void (*kern_fixed_add_fn)(const float *c, int64_t *acc, int64_t n);
 /* Eight dequantized rows into a panel's half: dst[kk * PANEL_ROWS + i] = src[i * ld + kk], i < 8,
  * kk < n, n a multiple of 8 (pack_panels). */
 typedef void (*kern_pack8_fn)(const float *src, int64_t ld, int64_t n, float *dst);
+/* The FFN's gating: h[k] = c * silu(h[k]) * u[k], k < n (silu(g) = g / (1 + e^-g)). */
+typedef void (*kern_silu_mul_fn)(float c, float *h, const float *u, int64_t n);
 
 /* One format's kernels on one implementation. dot and deq are always set; the others are
  * optional fast paths (NULL: the generic code in kernels.c, matvec.c and ffn.c). */
@@ -190,6 +192,7 @@ typedef struct fic_kernels {
     kern_fixed_add_fn fixed_add;    /* acc[i] += fix(c[i]) (fic.h); NULL: fixed_add_ref (last: tables
                                        that omit it leave it NULL) */
     kern_pack8_fn pack8;            /* pack_panels' transpose of 8 rows; NULL: pack8_ref */
+    kern_silu_mul_fn silu_mul;      /* NULL: silu_mul_ref (expf) */
 } fic_kernels;
 
 /* The traits columns every table repeats: block weights and bytes of each format. */
@@ -333,6 +336,14 @@ void fixed_add_avx2(const float *c, int64_t *acc, int64_t n);
 void pack8_avx2(const float *src, int64_t ld, int64_t n, float *dst);
 #endif
 void pack8_ref(const float *src, int64_t ld, int64_t n, float *dst);
+void silu_mul_ref(float c, float *h, const float *u, int64_t n);
+#if defined(FIC_X86)
+void silu_mul_avx2(float c, float *h, const float *u, int64_t n);
+#endif
+static inline void silu_mul(const fic_kernels *kt, float c, float *h, const float *u, int64_t n) {
+    if (kt->silu_mul) kt->silu_mul(c, h, u, n);
+    else silu_mul_ref(c, h, u, n);
+}
 static inline void pack8(const fic_kernels *kt, const float *src, int64_t ld, int64_t n, float *dst) {
     if (kt->pack8) kt->pack8(src, ld, n, dst);
     else pack8_ref(src, ld, n, dst);

@@ -838,6 +838,48 @@ TGT_AVX2 void pack8_avx2(const float *src, int64_t ld, int64_t n, float *dst) {
     }
 }
 
+/* e^x: x clamped to [-87.3, 88.7], x = n ln2 + r with ln2 in two parts, Cephes' degree-6
+ * polynomial for e^r (~2 ulp), 2^n in the exponent bits; from x ~ 88.03 (n = 128) that is +inf, as
+ * expf is from 88.72, so silu of a gate below -88 is -0 either way. A NaN x gives a finite value;
+ * silu's g / (1 + e) is NaN anyway. */
+TGT_AVX2 static inline __m256 exp256_full(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.7f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+TGT_AVX2 static inline __m256 silu_mul8_avx2(__m256 c, __m256 g, __m256 u) {
+    const __m256 e = exp256_full(_mm256_sub_ps(_mm256_setzero_ps(), g));
+    return _mm256_mul_ps(_mm256_mul_ps(c, _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e))), u);
+}
+
+/* silu_mul_ref with the polynomial exp; the tail through a padded vector, so every element gets
+ * the same arithmetic wherever it sits. */
+TGT_AVX2 void silu_mul_avx2(float c, float *h, const float *u, int64_t n) {
+    const __m256 vc = _mm256_set1_ps(c);
+    int64_t k = 0;
+    for (; k + 8 <= n; k += 8)
+        _mm256_storeu_ps(h + k, silu_mul8_avx2(vc, _mm256_loadu_ps(h + k), _mm256_loadu_ps(u + k)));
+    if (k < n) {
+        float hb[8] = {0}, ub[8] = {0};
+        memcpy(hb, h + k, (size_t)(n - k) * sizeof *hb);
+        memcpy(ub, u + k, (size_t)(n - k) * sizeof *ub);
+        _mm256_storeu_ps(hb, silu_mul8_avx2(vc, _mm256_loadu_ps(hb), _mm256_loadu_ps(ub)));
+        memcpy(h + k, hb, (size_t)(n - k) * sizeof *hb);
+    }
+}
+
 /* The sum of v's lanes as hsum8_avx2 sums each of its vectors: ((v0+v1)+(v2+v3))+((v4+v5)+(v6+v7)). */
 TGT_AVX2 static inline float hsum_pairs_avx2(__m256 v) {
     const __m256 h = _mm256_hadd_ps(v, v);
@@ -994,5 +1036,6 @@ const fic_kernels fic_kernels_avx2 = {
     gemm_panel_avx2,
     fixed_add_avx2,
     pack8_avx2,
+    silu_mul_avx2,
 };
 #endif /* FIC_X86 */

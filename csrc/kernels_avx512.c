@@ -865,6 +865,7 @@ const fic_kernels fic_kernels_avx512 = {
     NULL, /* gemm_panel: not measured on AVX-512 (gemm_tile_avx512's 6 x 4 blocks) */
     fixed_add_avx2,
     NULL, /* pack8: no panels here */
+    silu_mul_avx2,
 };
 
 /* VNNI: Q4_0/Q4_1 with x in the pair layout when k >= 64 (else float, as without VNNI). */
@@ -882,6 +883,7 @@ const fic_kernels fic_kernels_avx512_vnni = {
     NULL,
     fixed_add_avx2,
     NULL, /* pack8: no panels here */
+    silu_mul_avx2,
 };
 
 const fic_kernels fic_kernels_avx512_q1 = {
@@ -892,5 +894,6 @@ const fic_kernels fic_kernels_avx512_q1 = {
     NULL,
     fixed_add_avx2,
     NULL, /* pack8: no panels here */
+    silu_mul_avx2,
 };
 #endif /* FIC_X86 */

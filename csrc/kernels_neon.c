@@ -278,5 +278,6 @@ const fic_kernels fic_kernels_neon = {
     NULL, /* gemm_panel: not written for NEON yet */
     NULL, /* fixed_add: fixed_add_ref */
     NULL, /* pack8: no panels here */
+    NULL, /* silu_mul: silu_mul_ref */
 };
 #endif /* __aarch64__ */

@@ -2,6 +2,7 @@
  * tested against. Dequantize each block to float and multiply-add in float, in order; portable C,
  * no target attributes. Its table, fic_kernels_scalar, has no optional fast paths and prepares
  * nothing (xprep XP_NONE). */
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -143,6 +144,10 @@ void pack8_ref(const float *src, int64_t ld, int64_t n, float *dst) {
         for (int i = 0; i < 8; i++) dst[kk * PANEL_ROWS + i] = src[i * ld + kk];
 }
 
+void silu_mul_ref(float c, float *h, const float *u, int64_t n) {
+    for (int64_t k = 0; k < n; k++) h[k] = c * (h[k] / (1.0f + expf(-h[k]))) * u[k];
+}
+
 /* Plain reference table: every optional entry NULL (generic code), x never prepared. */
 #define REF_ENTRY(name, KT) {KT, XP_NONE, XP_NONE, row_dot_##name##_ref, NULL, kern_deq_##name##_ref, NULL, NULL, NULL, NULL}
 const fic_kernels fic_kernels_scalar = {
@@ -163,4 +168,5 @@ const fic_kernels fic_kernels_scalar = {
     gemm_panel_ref,
     fixed_add_ref,
     pack8_ref,
+    silu_mul_ref,
 };

@@ -684,6 +684,18 @@ def fixed_add(c: np.ndarray, acc: np.ndarray, *, impl: str = "auto") -> np.ndarr
     return acc
 
 
+def silu_mul(c: float, h: np.ndarray, u: np.ndarray, *, impl: str = "auto") -> np.ndarray:
+    """h = c * silu(h) * u in place (fic_silu_mul, the FFN's gating); h, u contiguous float32 of one
+    size. Returns h."""
+    for name, a in (("h", h), ("u", u)):
+        if not isinstance(a, np.ndarray) or a.dtype != np.float32 or not a.flags.c_contiguous:
+            raise ValueError(f"{name} must be a contiguous float32 array")
+    if u.size != h.size or not h.flags.writeable:
+        raise ValueError(f"h must be writable and u of h's {h.size} elements")
+    _check(lib.fic_silu_mul(_impl_id(impl), float(c), ffi.from_buffer("float[]", h), _f32(u), h.size), "silu_mul")
+    return h
+
+
 class FixedFlush:
     """fixed_flush of one accumulator into float32 outputs, checked once per output array (decode
     flushes the same two buffers every layer of every token)."""
