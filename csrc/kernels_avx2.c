@@ -11,6 +11,7 @@
 #if defined(FIC_X86)
 #include <immintrin.h>
 
+#include "hsum_avx2.h"
 #include "q1_planes.h"
 
 static inline int fic_fmt_bw(int fmt) {
@@ -883,21 +884,6 @@ TGT_AVX2 void fixed_add_avx2(const float *c, int64_t *acc, int64_t n) {
         _mm256_storeu_si256(a, _mm256_add_epi64(_mm256_loadu_si256(a), fix4_avx2(v)));
     }
     fixed_add_ref(c + i, acc + i, n - i);
-}
-
-/* The sum of v's lanes as hsum8_avx2 sums each of its vectors: ((v0+v1)+(v2+v3))+((v4+v5)+(v6+v7)). */
-TGT_AVX2 static inline float hsum_pairs_avx2(__m256 v) {
-    const __m256 h = _mm256_hadd_ps(v, v);
-    const __m256 q = _mm256_hadd_ps(h, h);
-    return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(q), _mm256_extractf128_ps(q, 1)));
-}
-
-/* Lane i: the sum of v[i]'s lanes, in hsum_pairs_avx2's order. */
-TGT_AVX2 static inline __m256 hsum8_avx2(const __m256 *v) {
-    const __m256 s01 = _mm256_hadd_ps(v[0], v[1]), s23 = _mm256_hadd_ps(v[2], v[3]);
-    const __m256 s45 = _mm256_hadd_ps(v[4], v[5]), s67 = _mm256_hadd_ps(v[6], v[7]);
-    const __m256 a = _mm256_hadd_ps(s01, s23), b = _mm256_hadd_ps(s45, s67);
-    return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
 }
 
 /* FIC_FFN_FIXED: as q8x_down_block_avx2, but every expert's row sums are reduced and rounded into
