@@ -16,6 +16,7 @@
 #include <sys/mman.h>
 #include "kernels_avx2.c"
 void kern_deq_range_ref(int fmt, const uint8_t *row, int64_t b0, int64_t b1, float *out) {(void)fmt;(void)row;(void)b0;(void)b1;(void)out;}
+void fixed_add_ref(const float *c, int64_t *acc, int64_t n) {(void)c;(void)acc;(void)n;}
 static double now(void){struct timespec t;clock_gettime(CLOCK_THREAD_CPUTIME_ID,&t);return t.tv_sec+1e-9*t.tv_nsec;}
 static void mv(const job_t *j, const uint8_t *w, int64_t r0, int64_t r1, float *y) {
     const fic_fmt_kernels *kf = &fic_kernels_avx2.fmt[FIC_Q1_0];
@@ -31,7 +32,8 @@ int main(void) {
     for (int64_t i = 0; i < rows_dram * rb; i++) w[i] = rand();
     for (int64_t r = 0; r < rows_dram; r++) for (int64_t b = 0; b < k / 128; b++) ((block_q1_0 *)(w + r * rb))[b].d = 0x2c00 + (rand() & 0x3ff);
     float *x = malloc(k * 4); for (int i = 0; i < k; i++) x[i] = rand() / (float)RAND_MAX - 0.5f;
-    int8_t *xq = aligned_alloc(64, k); float *a8 = aligned_alloc(64, k / 4), *c8 = aligned_alloc(64, k / 4);
+    /* xq: 2 bytes per weight since the two-lane layout (1 before) */
+    int8_t *xq = aligned_alloc(64, 2 * k); float *a8 = aligned_alloc(64, k / 4), *c8 = aligned_alloc(64, k / 4);
     kern_quantize_x_avx2(x, k, xq, a8, c8);
     job_t j; memset(&j, 0, sizeof j); j.k = k; j.row_bytes = rb; j.xq = xq; j.xscale16 = a8; j.xcorr16 = c8;
     float *y = malloc(rows_dram * 4); double cs = 0;

@@ -60,7 +60,7 @@ size_t prep_x_bytes(const job_t *j) {
     size_t n;
     switch (prep_x_mode(j)) {
     case XP_SUMS: n = (size_t)(j->k / xsum_width(j)) * sizeof(float); break;
-    case XP_Q1_AVX2: n = (size_t)j->k + (size_t)j->k / 2; break; /* k int8 + 2 x k/16 floats */
+    case XP_Q1_AVX2: n = (size_t)j->k * 2 + (size_t)j->k / 2; break; /* 2k int8 + 2 x k/16 floats */
     case XP_Q1_AVX512: n = (size_t)j->k * 2; break; /* k int8 + k/4 floats */
     case XP_Q1_PLANES: /* 512 bytes + 32 floats per group of 4 blocks, k bytes of scratch */
         n = (size_t)((j->k / QK1_0 + 3) / 4) * (512 + 32 * sizeof(float)) + (size_t)j->k;
@@ -114,7 +114,7 @@ void prep_x(job_t *j, void *mem) {
         return;
     }
     case XP_Q1_AVX2: {
-        float *a8 = (float *)((uint8_t *)mem + j->k), *c8 = a8 + j->k / 16;
+        float *a8 = (float *)((uint8_t *)mem + 2 * j->k), *c8 = a8 + j->k / 16;
         kern_quantize_x_avx2(j->x, j->k, (int8_t *)mem, a8, c8);
         j->xq = (const int8_t *)mem;
         j->xscale16 = a8;

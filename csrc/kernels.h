@@ -41,7 +41,8 @@ typedef struct job_s {
     float *y;
     int64_t t, m, k, row_bytes, bw, bb;
     const float *xsum; /* per-block sums of x (Q4_1, Q1_0), or NULL */
-    const int8_t *xq;  /* x quantized to int8 in blocks of 32 (Q1_0 on AVX2; Q4 on VNNI), or NULL */
+    const int8_t *xq;  /* x quantized to int8 in blocks of 32 (Q1_0 on AVX2: in bit-plane order, 2 bytes
+                          per weight, see dot_q1_avx2; Q4 on VNNI), or NULL */
     const float *xscale16; /* per 4 weights: the scale of xq's block (16 lanes per 64 weights);
                               Q1_0 on AVX2: 8 lanes per 128 weights (see dot_q1_avx2) */
     const float *xcorr16;  /* Q4 int8 path: per 4 weights, dx * their sum of xq (x -8 for Q4_0);

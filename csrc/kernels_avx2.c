@@ -11,6 +11,7 @@
 #if defined(FIC_X86)
 #include <immintrin.h>
 
+#include "hsum_avx2.h"
 #include "q1_planes.h"
 
 static inline int fic_fmt_bw(int fmt) {
@@ -33,40 +34,119 @@ TGT_AVX2 static inline __m256 cvt8_hi(__m128i v) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8)));
 }
 
-/* Q1_0 x int8 activations, with sum s xq = 2 sum_{bit set} xq - sum xq per q8 block of 32. x is
- * stored permuted (kern_quantize_x_avx2): per 128 weights, 4 vectors of 32 bytes, vector t holding
- * in its low half weights 8i + 2t (i = 0..15) and in its high half weights 8i + 2t + 1, i.e. bit
- * 2t (2t + 1) of each of the block's 16 sign bytes. So one nibble lookup (pshufb) per vector turns
- * the broadcast sign bytes into 0/1 bytes in x's order, and maddubs(0/1, xq) sums x where the bit
- * is set; byte i belongs to q8 block i / 4 in both halves, so the four maddubs results add in int16
- * (at most 4 x 254 per lane) and one madd gives 8 int32 lanes [s0 s1 s2 s3 | s0 s1 s2 s3], each the
- * sum over half of q8 block l % 4. Per block and row: p = lane * 2 dx - dx sum(xq) (xscale16 and
- * xcorr16: 8 floats per block, the correction in the low half only), acc += d * p.
- * Measured (1 thread, L2-resident rows, thread CPU time, load 7): 3.8 GB/s for the previous
- * formulation (per q8 block shuffle + and + cmpeq + and + maddubs + madd, three hadds per block),
- * 6.5 GB/s for this one, 6.8-7.1 GB/s with two rows per pass sharing the x loads (dot2). */
-#define Q1_LUTS_AVX2                                                                                 \
-    /* bit b of a nibble, as a byte: low half bit 0 (bit 2), high half bit 1 (bit 3) */              \
-    const __m256i lut01 = _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1,           \
-                                           0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1);          \
-    const __m256i lut23 = _mm256_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1,           \
-                                           0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1)
+/* Q1_0 x int8 activations, with sum s xq = 2 sum_{bit set} xq - sum xq per q8 block of 32. Plane j
+ * of a block is x at weights 8i + j (i = 0..15), i.e. under bit j of each of the block's 16 sign
+ * bytes. x is stored (kern_quantize_x_avx2) as 8 vectors of 32 bytes per 128 weights, vector j =
+ * plane j in both 128-bit lanes. One nibble lookup (pshufb: bit j % 4 of the index, as a 0/1 byte)
+ * turns sign bytes into 0/1 bytes in x's order, and maddubs(0/1, xq) sums x where the bit is set;
+ * byte i belongs to q8 block i / 4 in every plane, so the maddubs results add in int16 (at most
+ * 8 x 254 per lane) and one madd gives per 128-bit lane the 4 q8 blocks' sums.
+ * Two rows (dot2_q1_avx2) run in the two 128-bit lanes: row a's sign bytes in the low lane, row b's
+ * in the high, so the madd holds [a's 4 sums | b's 4 sums] and the float tail (conversion, p = sum
+ * 2 dx - dx sum(xq), acc += d p) runs once for both rows, with 4 blocks' d of both rows converted
+ * together. One row (dot_q1_avx2): its low nibbles in the low lane, high in the high, against
+ * [plane j | plane j + 4] gathered from the layout; the correction is added in the low lane only.
+ * Measured (1 thread, 4096 x 4096 in L3, thread CPU time, best of 8 alternated, load 9): 7.1 GB/s
+ * for two rows each in both lanes (planes 2t | 2t + 1, one tail per row), 7.9 GB/s for this; the
+ * integer part alone runs at 11 GB/s, so the float tail is still a third of the time. A layout
+ * with [plane j | plane j + 4] stored (one row without gathering, two blends more per pair) ran
+ * the pair at 7.1. */
+#define Q1_LUTS_AVX2                                                                                   \
+    /* bit t of a nibble, as a byte, in both lanes */                                                  \
+    const __m256i lut0 = _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1,             \
+                                          0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1);            \
+    const __m256i lut1 = _mm256_setr_epi8(0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1,             \
+                                          0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1);            \
+    const __m256i lut2 = _mm256_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1,             \
+                                          0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1);            \
+    const __m256i lut3 = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,             \
+                                          0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1)
 
-/* The int16 sums of xq over the set bits of one block (see above), x's 4 vectors given. */
-TGT_AVX2 static inline __m256i q1_set_sum_avx2(const block_q1_0 *blk, __m256i lut01, __m256i lut23, __m256i x0,
-                                               __m256i x1, __m256i x2, __m256i x3) {
-    const __m256i m4 = _mm256_set1_epi8(15);
-    __m256i bb = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)blk->qs));
-    __m256i lo = _mm256_and_si256(bb, m4), hi = _mm256_and_si256(_mm256_srli_epi16(bb, 4), m4);
-    __m256i s0 = _mm256_maddubs_epi16(_mm256_shuffle_epi8(lut01, lo), x0);
-    __m256i s1 = _mm256_maddubs_epi16(_mm256_shuffle_epi8(lut23, lo), x1);
-    __m256i s2 = _mm256_maddubs_epi16(_mm256_shuffle_epi8(lut01, hi), x2);
-    __m256i s3 = _mm256_maddubs_epi16(_mm256_shuffle_epi8(lut23, hi), x3);
+/* Bytes of x per 128 weights in the layout above. */
+#define Q1X_BYTES 256
+
+TGT_AVX2 static inline __m256i q1_x_avx2(const job_t *j, int64_t b, int v) {
+    return _mm256_loadu_si256((const __m256i *)(j->xq + b * Q1X_BYTES + 32 * v));
+}
+
+/* int16 sums over 4 planes: index vector idx against x vectors v0..v0 + 3 (v0 = 0: the low
+ * nibbles' planes, v0 = 4: the high nibbles'). */
+TGT_AVX2 static inline __m256i q1_planes4_avx2(const job_t *j, int64_t b, int v0, __m256i idx, __m256i lut0,
+                                               __m256i lut1, __m256i lut2, __m256i lut3) {
+    __m256i s0 = _mm256_maddubs_epi16(_mm256_shuffle_epi8(lut0, idx), q1_x_avx2(j, b, v0));
+    __m256i s1 = _mm256_maddubs_epi16(_mm256_shuffle_epi8(lut1, idx), q1_x_avx2(j, b, v0 + 1));
+    __m256i s2 = _mm256_maddubs_epi16(_mm256_shuffle_epi8(lut2, idx), q1_x_avx2(j, b, v0 + 2));
+    __m256i s3 = _mm256_maddubs_epi16(_mm256_shuffle_epi8(lut3, idx), q1_x_avx2(j, b, v0 + 3));
     return _mm256_add_epi16(_mm256_add_epi16(s0, s1), _mm256_add_epi16(s2, s3));
 }
 
-TGT_AVX2 static inline __m256i q1_x_avx2(const job_t *j, int64_t b, int t) {
-    return _mm256_loadu_si256((const __m256i *)(j->xq + b * QK1_0 + 32 * t));
+/* [a's 4 q8-block sums | b's], int32, of block b of rows pa and pb. */
+TGT_AVX2 static inline __m256i q1_pair_sums_avx2(const job_t *j, const block_q1_0 *pa, const block_q1_0 *pb,
+                                                 int64_t b, __m256i lut0, __m256i lut1, __m256i lut2,
+                                                 __m256i lut3) {
+    const __m256i m4 = _mm256_set1_epi8(15);
+    const __m256i v = _mm256_blend_epi32(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)pa->qs)),
+                                         _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)pb->qs)), 0xF0);
+    const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+    const __m256i s = _mm256_add_epi16(q1_planes4_avx2(j, b, 0, lo, lut0, lut1, lut2, lut3),
+                                       q1_planes4_avx2(j, b, 4, hi, lut0, lut1, lut2, lut3));
+    return _mm256_madd_epi16(s, _mm256_set1_epi16(1));
+}
+
+/* p = sums * 2 dx - dx sum(xq) for block b (8 lanes as the sums). */
+TGT_AVX2 static inline __m256 q1_lane_values_avx2(const job_t *j, int64_t b, __m256i h) {
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_loadu_ps(j->xscale16 + 8 * b), _mm256_loadu_ps(j->xcorr16 + 8 * b));
+}
+
+/* Rows row0 and row0 + j->row_bytes against one x, in the two 128-bit lanes (see above). */
+TGT_AVX2 static void dot2_q1_avx2(const job_t *j, const uint8_t *row0, float *y) {
+    const block_q1_0 *ba = (const block_q1_0 *)row0, *bb = (const block_q1_0 *)(row0 + j->row_bytes);
+    const int64_t nb = j->k / QK1_0;
+    Q1_LUTS_AVX2;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int64_t b = 0;
+    for (; b + 4 <= nb; b += 4) {
+        /* d of 4 blocks of both rows in one conversion: [da0 db0 da1 db1 ... db3], then per block
+         * [da x4 | db x4] by one permutation */
+        const uint64_t d01 = ba[b].d | (uint64_t)bb[b].d << 16 | (uint64_t)ba[b + 1].d << 32 | (uint64_t)bb[b + 1].d << 48;
+        const uint64_t d23 = ba[b + 2].d | (uint64_t)bb[b + 2].d << 16 | (uint64_t)ba[b + 3].d << 32 | (uint64_t)bb[b + 3].d << 48;
+        const __m256 dd = _mm256_cvtph_ps(_mm_set_epi64x((long long)d23, (long long)d01));
+        __m256i sel = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+        for (int u = 0; u < 4; u++) {
+            const __m256 p = q1_lane_values_avx2(j, b + u, q1_pair_sums_avx2(j, ba + b + u, bb + b + u, b + u, lut0, lut1, lut2, lut3));
+            const __m256 d = _mm256_permutevar8x32_ps(dd, sel);
+            sel = _mm256_add_epi32(sel, _mm256_set1_epi32(2));
+            if (u & 1) acc1 = _mm256_fmadd_ps(d, p, acc1);
+            else acc0 = _mm256_fmadd_ps(d, p, acc0);
+        }
+    }
+    for (; b < nb; b++) {
+        const __m256 p = q1_lane_values_avx2(j, b, q1_pair_sums_avx2(j, ba + b, bb + b, b, lut0, lut1, lut2, lut3));
+        const __m256 d = _mm256_set_m128(_mm_set1_ps(h2f_f16c(bb[b].d)), _mm_set1_ps(h2f_f16c(ba[b].d)));
+        acc0 = _mm256_fmadd_ps(d, p, acc0);
+    }
+    const __m256 acc = _mm256_add_ps(acc0, acc1);
+    __m128 t = _mm_hadd_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1)); /* [a01 a23 b01 b23] */
+    t = _mm_hadd_ps(t, t);
+    y[0] = _mm_cvtss_f32(t);
+    y[1] = _mm_cvtss_f32(_mm_movehdup_ps(t));
+}
+
+/* [sums of block b | sums of block b + 1] of one row: the two blocks in the two lanes, x's vectors
+ * blended from both blocks. */
+TGT_AVX2 static inline __m256i q1_two_blocks_sums_avx2(const job_t *j, const block_q1_0 *blk, int64_t b, __m256i lut0,
+                                                       __m256i lut1, __m256i lut2, __m256i lut3) {
+    const __m256i m4 = _mm256_set1_epi8(15);
+    const __m256i v = _mm256_blend_epi32(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)blk[b].qs)),
+                                         _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)blk[b + 1].qs)), 0xF0);
+    const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+    const __m256i luts[4] = {lut0, lut1, lut2, lut3};
+    __m256i s = _mm256_setzero_si256();
+    for (int p = 0; p < 8; p++) {
+        const __m256i x = _mm256_blend_epi32(q1_x_avx2(j, b, p), q1_x_avx2(j, b + 1, p), 0xF0);
+        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_shuffle_epi8(luts[p & 3], p < 4 ? lo : hi), x));
+    }
+    return _mm256_madd_epi16(s, _mm256_set1_epi16(1));
 }
 
 TGT_AVX2 static float dot_q1_avx2(const job_t *j, const uint8_t *row) {
@@ -74,38 +154,29 @@ TGT_AVX2 static float dot_q1_avx2(const job_t *j, const uint8_t *row) {
     const int64_t nb = j->k / QK1_0;
     Q1_LUTS_AVX2;
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        __m256i s = q1_set_sum_avx2(blk + b, lut01, lut23, q1_x_avx2(j, b, 0), q1_x_avx2(j, b, 1),
-                                    q1_x_avx2(j, b, 2), q1_x_avx2(j, b, 3));
-        __m256i h = _mm256_madd_epi16(s, _mm256_set1_epi16(1));
-        __m256 p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_loadu_ps(j->xscale16 + 8 * b),
-                                   _mm256_loadu_ps(j->xcorr16 + 8 * b));
+    int64_t b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        const __m256 a = _mm256_blend_ps(_mm256_loadu_ps(j->xscale16 + 8 * b), _mm256_loadu_ps(j->xscale16 + 8 * b + 8), 0xF0);
+        const __m256 c = _mm256_blend_ps(_mm256_loadu_ps(j->xcorr16 + 8 * b), _mm256_loadu_ps(j->xcorr16 + 8 * b + 8), 0xF0);
+        const __m256 p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q1_two_blocks_sums_avx2(j, blk, b, lut0, lut1, lut2, lut3)), a, c);
+        const __m256 d = _mm256_set_m128(_mm_set1_ps(h2f_f16c(blk[b + 1].d)), _mm_set1_ps(h2f_f16c(blk[b].d)));
         /* two accumulators: the FMA chain's latency is not on the critical path */
-        if (b & 1) acc1 = _mm256_fmadd_ps(_mm256_set1_ps(h2f_f16c(blk[b].d)), p, acc1);
-        else acc0 = _mm256_fmadd_ps(_mm256_set1_ps(h2f_f16c(blk[b].d)), p, acc0);
+        if (b & 2) acc1 = _mm256_fmadd_ps(d, p, acc1);
+        else acc0 = _mm256_fmadd_ps(d, p, acc0);
     }
-    return hsum256(_mm256_add_ps(acc0, acc1));
-}
-
-/* Rows row0 and row0 + j->row_bytes against one x: x's loads are shared and the two rows' chains
- * interleave. */
-TGT_AVX2 static void dot2_q1_avx2(const job_t *j, const uint8_t *row0, float *y) {
-    const block_q1_0 *ba = (const block_q1_0 *)row0, *bb = (const block_q1_0 *)(row0 + j->row_bytes);
-    const int64_t nb = j->k / QK1_0;
-    Q1_LUTS_AVX2;
-    const __m256i one16 = _mm256_set1_epi16(1);
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        const __m256i x0 = q1_x_avx2(j, b, 0), x1 = q1_x_avx2(j, b, 1), x2 = q1_x_avx2(j, b, 2), x3 = q1_x_avx2(j, b, 3);
-        __m256i ha = _mm256_madd_epi16(q1_set_sum_avx2(ba + b, lut01, lut23, x0, x1, x2, x3), one16);
-        __m256i hb = _mm256_madd_epi16(q1_set_sum_avx2(bb + b, lut01, lut23, x0, x1, x2, x3), one16);
-        const __m256 a = _mm256_loadu_ps(j->xscale16 + 8 * b), c = _mm256_loadu_ps(j->xcorr16 + 8 * b);
-        __m256 pa = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ha), a, c), pb = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hb), a, c);
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(h2f_f16c(ba[b].d)), pa, acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(h2f_f16c(bb[b].d)), pb, acc1);
+    float y = hsum256(_mm256_add_ps(acc0, acc1));
+    if (b < nb) { /* an odd last block: as a pair of the row with itself, half of it */
+        float y2[2];
+        job_t one = *j;
+        one.k = QK1_0;
+        one.xq = j->xq + b * Q1X_BYTES;
+        one.xscale16 = j->xscale16 + 8 * b;
+        one.xcorr16 = j->xcorr16 + 8 * b;
+        one.row_bytes = 0;
+        dot2_q1_avx2(&one, (const uint8_t *)(blk + b), y2);
+        y += y2[0];
     }
-    y[0] = hsum256(acc0);
-    y[1] = hsum256(acc1);
+    return y;
 }
 
 /* ---- Q5_0, Q4_K, Q6_K on AVX2: float activations, as Q4_0/Q8_0 (weights dequantized in
@@ -578,20 +649,22 @@ TGT_AVX2 static inline float q8_block_avx2(const float *x, int8_t *q, int32_t *s
     return amax / 127.0f;
 }
 
-/* x -> int8 in q8 blocks of 32, stored in dot_q1_avx2's permuted order, and per 128 weights the 8
- * lane scales and corrections it reads: lane l holds half of q8 block l % 4, so a8 = 2 dx of that
- * block and c8 = -dx sum(xq) in lanes 0-3, 0 in lanes 4-7. k is a multiple of 128. */
+/* x -> int8 in q8 blocks of 32, stored in dot_q1_avx2's plane layout (Q1X_BYTES per 128 weights),
+ * and per 128 weights the 8 lane scales and corrections it reads, the same in both 128-bit lanes:
+ * a8 = 2 dx and c8 = -dx sum(xq) of q8 block l % 4. k is a multiple of 128. */
 TGT_AVX2 void kern_quantize_x_avx2(const float *x, int64_t k, int8_t *xq, float *a8, float *c8) {
     for (int64_t b = 0; b < k / QK1_0; b++) {
-        int8_t tmp[QK1_0];
+        int8_t tmp[QK1_0], planes[QK1_0];
         for (int i = 0; i < 4; i++) {
             int32_t sum;
             const float dx = q8_block_avx2(x + QK1_0 * b + 32 * i, tmp + 32 * i, &sum);
             a8[8 * b + i] = a8[8 * b + 4 + i] = 2.0f * dx;
-            c8[8 * b + i] = -dx * (float)sum;
-            c8[8 * b + 4 + i] = 0.0f;
+            c8[8 * b + i] = c8[8 * b + 4 + i] = -dx * (float)sum;
         }
-        q1_sign_planes((const uint8_t *)tmp, (uint8_t *)(xq + QK1_0 * b));
+        q1_sign_planes((const uint8_t *)tmp, (uint8_t *)planes); /* plane j at 16 j */
+        for (int p = 0; p < 8; p++) /* plane p in both lanes of vector p */
+            _mm256_storeu_si256((__m256i *)(xq + Q1X_BYTES * b + 32 * p),
+                                _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(planes + 16 * p))));
     }
 }
 
@@ -878,21 +951,6 @@ TGT_AVX2 void silu_mul_avx2(float c, float *h, const float *u, int64_t n) {
         _mm256_storeu_ps(hb, silu_mul8_avx2(vc, _mm256_loadu_ps(hb), _mm256_loadu_ps(ub)));
         memcpy(h + k, hb, (size_t)(n - k) * sizeof *hb);
     }
-}
-
-/* The sum of v's lanes as hsum8_avx2 sums each of its vectors: ((v0+v1)+(v2+v3))+((v4+v5)+(v6+v7)). */
-TGT_AVX2 static inline float hsum_pairs_avx2(__m256 v) {
-    const __m256 h = _mm256_hadd_ps(v, v);
-    const __m256 q = _mm256_hadd_ps(h, h);
-    return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(q), _mm256_extractf128_ps(q, 1)));
-}
-
-/* Lane i: the sum of v[i]'s lanes, in hsum_pairs_avx2's order. */
-TGT_AVX2 static inline __m256 hsum8_avx2(const __m256 *v) {
-    const __m256 s01 = _mm256_hadd_ps(v[0], v[1]), s23 = _mm256_hadd_ps(v[2], v[3]);
-    const __m256 s45 = _mm256_hadd_ps(v[4], v[5]), s67 = _mm256_hadd_ps(v[6], v[7]);
-    const __m256 a = _mm256_hadd_ps(s01, s23), b = _mm256_hadd_ps(s45, s67);
-    return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
 }
 
 /* FIC_FFN_FIXED: as q8x_down_block_avx2, but every expert's row sums are reduced and rounded into

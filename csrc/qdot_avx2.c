@@ -9,6 +9,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "hsum_avx2.h"
 #include "q1_planes.h"
 #include "qdot.h"
 
@@ -204,15 +205,16 @@ TGT void fic_q1x_quantize_avx2(const float *x, int64_t k, uint8_t *dst) {
     }
 }
 
+#define Q1_ROWS 8 /* rows per transposed reduction (hsum8_avx2) */
 #define Q1_NT 6 /* tokens per pass: 4 weight vectors + 6 accumulators + temporaries fit 16 ymm (8 spilled
                      * two accumulators: 62-70 against 70-74 us/token, 2048 x 2048, T 256, 1 thread) */
 
 /* One row times NT tokens: per block the sign bytes become four 0/1 vectors once (nibble
  * lookups), then per token 4 maddubs (x straight from memory), 3 int16 adds, 1 madd, 1 convert
- * and 2 FMAs, against 16 FMAs per token for float weights. */
+ * and 2 FMAs, against 16 FMAs per token for float weights. Token t's 8 partial sums go to
+ * acc[t * Q1_ROWS], unreduced: the caller reduces Q1_ROWS rows at once. */
 TGT static inline __attribute__((always_inline)) void q1_row_tokens(const uint8_t *row, int64_t nb, const uint8_t *xq,
-                                                                    int64_t qrow, float *y, int64_t ys, int accumulate,
-                                                                    const int nt) {
+                                                                    int64_t qrow, __m256 *out, const int nt) {
     const __m256i lut01 = _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1,
                                            0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1);
     const __m256i lut23 = _mm256_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1,
@@ -242,7 +244,39 @@ TGT static inline __attribute__((always_inline)) void q1_row_tokens(const uint8_
             acc[t] = _mm256_fmadd_ps(dw, p, acc[t]);
         }
     }
-    for (int t = 0; t < nt; t++) y[t * ys] = hsum(acc[t]) + (accumulate ? y[t * ys] : 0.0f);
+    for (int t = 0; t < nt; t++) out[t * Q1_ROWS] = acc[t];
+}
+
+/* Rows r0..r0 + nr (nr <= Q1_ROWS) times n tokens into y: each row's partial sums, then one
+ * transposed reduction per token for all the rows (hsum8_avx2; missing rows are zeros, so a row's
+ * value does not depend on its group). One reduction per row and token ended every row before:
+ * with experts of one block (the fixed-point down rows) it cost as much as the block's products. */
+TGT static void q1_rows_tokens(const uint8_t *w, int64_t rb, int64_t nr, int64_t nb, const uint8_t *xq, int64_t qrow,
+                               int64_t n, float *y, int64_t ys, int accumulate) {
+    __m256 acc[Q1_NT * Q1_ROWS];
+    for (int64_t r = 0; r < nr; r++) {
+        switch (n) {
+        case 6: q1_row_tokens(w + r * rb, nb, xq, qrow, acc + r, 6); break;
+        case 5: q1_row_tokens(w + r * rb, nb, xq, qrow, acc + r, 5); break;
+        case 4: q1_row_tokens(w + r * rb, nb, xq, qrow, acc + r, 4); break;
+        case 3: q1_row_tokens(w + r * rb, nb, xq, qrow, acc + r, 3); break;
+        case 2: q1_row_tokens(w + r * rb, nb, xq, qrow, acc + r, 2); break;
+        default: q1_row_tokens(w + r * rb, nb, xq, qrow, acc + r, 1); break;
+        }
+    }
+    for (int64_t t = 0; t < n; t++) {
+        for (int64_t r = nr; r < Q1_ROWS; r++) acc[t * Q1_ROWS + r] = _mm256_setzero_ps();
+        __m256 s = hsum8_avx2(acc + t * Q1_ROWS);
+        float *yt = y + t * ys;
+        if (nr == Q1_ROWS) {
+            if (accumulate) s = _mm256_add_ps(s, _mm256_loadu_ps(yt));
+            _mm256_storeu_ps(yt, s);
+        } else {
+            float sums[Q1_ROWS];
+            _mm256_storeu_ps(sums, s);
+            for (int64_t r = 0; r < nr; r++) yt[r] = sums[r] + (accumulate ? yt[r] : 0.0f);
+        }
+    }
 }
 
 /* Token groups outermost: a group's activations (NT x k x 1.5 bytes) stay in L1/L2 while the
@@ -252,18 +286,9 @@ TGT void fic_q1_dot_avx2(const uint8_t *w, int64_t rb, int64_t nr, int64_t k, co
     const int64_t nb = k / 128;
     for (int64_t i = 0; i < nt; i += Q1_NT) {
         const int64_t n = nt - i < Q1_NT ? nt - i : Q1_NT;
-        const uint8_t *xi = xq + i * qrow;
-        float *yi = y + i * ys;
-        for (int64_t r = 0; r < nr; r++) {
-            switch (n) {
-            case 6: q1_row_tokens(w + r * rb, nb, xi, qrow, yi + r, ys, accumulate, 6); break;
-            case 5: q1_row_tokens(w + r * rb, nb, xi, qrow, yi + r, ys, accumulate, 5); break;
-            case 4: q1_row_tokens(w + r * rb, nb, xi, qrow, yi + r, ys, accumulate, 4); break;
-            case 3: q1_row_tokens(w + r * rb, nb, xi, qrow, yi + r, ys, accumulate, 3); break;
-            case 2: q1_row_tokens(w + r * rb, nb, xi, qrow, yi + r, ys, accumulate, 2); break;
-            default: q1_row_tokens(w + r * rb, nb, xi, qrow, yi + r, ys, accumulate, 1); break;
-            }
-        }
+        for (int64_t r = 0; r < nr; r += Q1_ROWS)
+            q1_rows_tokens(w + r * rb, rb, nr - r < Q1_ROWS ? nr - r : Q1_ROWS, nb, xq + i * qrow, qrow, n,
+                           y + i * ys + r, ys, accumulate);
     }
 }
 
