@@ -297,9 +297,10 @@ def _show_profiles(store_name: str) -> None:
 @click.option("--progress/--no-progress", default=True, help="A progress bar on stderr.")
 def calibrate_cmd(model: str, seed: int, tokens: int | None, rank: int | None, fmt_name: str, target: str,
                   do_cluster: bool, shared: float | None, progress: bool) -> None:
-    """Fit MODEL's predictor for --policy sketch: run it over standard-library text and its own
-    samples, fit per layer a small map from the FFN's input to its activations, store it in the
-    model (the old one is kept if this stops). --cluster first rewrites the model's expert order
+    """Fit MODEL's predictor for --policy sketch and store its static scores (--policy static and
+    mixed, prune mode's default): run it over standard-library text and its own samples, fit per
+    layer a small map from the FFN's input to its activations, store it in the model (the old one
+    is kept if this stops), then gather every expert's score over 4,096 tokens of calibration text. --cluster first rewrites the model's expert order
     (co-activation clusters and shared experts), since the predictor scores experts in that order."""
     from flashinfer_cli import calibrate, cluster
     from flashinfer_cli.pull import resolve_model
