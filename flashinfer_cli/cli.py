@@ -258,7 +258,7 @@ def _static_line(path) -> str:
         return "- (a mixture of experts: its routers score its experts)"
     scores = router.load_static(path)
     if scores is None:
-        return (f"none (prune mode's default policy, mixed, computes them at the first open; "
+        return (f"none (--policy static or mixed computes them at its first open; "
                 f"`fic calibrate {path.name}` stores them)")
     return f"stored ({scores.shape[0]} layers x {scores.shape[1]} experts; --policy static, mixed, sketch-mixed)"
 
@@ -297,8 +297,8 @@ def _show_profiles(store_name: str) -> None:
 @click.option("--progress/--no-progress", default=True, help="A progress bar on stderr.")
 def calibrate_cmd(model: str, seed: int, tokens: int | None, rank: int | None, fmt_name: str, target: str,
                   do_cluster: bool, shared: float | None, progress: bool) -> None:
-    """Fit MODEL's predictor for --policy sketch and store its static scores (--policy static and
-    mixed, prune mode's default): run it over standard-library text and its own samples, fit per
+    """Fit MODEL's predictor for --policy sketch and store its static scores (--policy static,
+    mixed, sketch-mixed): run it over standard-library text and its own samples, fit per
     layer a small map from the FFN's input to its activations, store it in the model (the old one
     is kept if this stops), then gather every expert's score over 4,096 tokens of calibration text. --cluster first rewrites the model's expert order
     (co-activation clusters and shared experts), since the predictor scores experts in that order."""
@@ -437,7 +437,7 @@ def _budget_options(lists: str = "") -> list:
                           "calibration text; sketch, the calibrated predictor's guess from each layer's input "
                           "(`fic calibrate`), never reading the experts it rejects (a mixture of experts: router); "
                           "mixed / sketch-mixed: exact's / sketch's prompt scores averaged with static's. "
-                          "Default: mixed in prune mode, exact in exact mode (router for a mixture of experts)."
+                          "Default: exact (router for a mixture of experts)."
                           + many),
         click.option("--prefill", type=click.Choice(["pruned", "full"]), default=None,
                      help="--policy sketch or sketch-mixed: pruned chooses each layer's set from the pruned "

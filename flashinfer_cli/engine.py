@@ -569,10 +569,9 @@ class Engine:
 
 
 def default_policy(prune: bool, is_moe: bool) -> str:
-    """The policy unless told: a mixture of experts' routers; in prune mode, where the sets are all
-    that runs, mixed (beat static at every point measured and exact overall: bench/RESULTS.md); in
-    exact mode exact (every answer is the full model's whatever the policy, so the cheapest: no
-    static scores to compute or load)."""
+    """The policy unless told: a mixture of experts' routers; in prune mode router.PRUNE_DEFAULT
+    (exact: mixed lost to it on the 1.5B, bench/RESULTS.md); in exact mode exact whatever that is
+    (every answer is the full model's whatever the policy: the cheapest, no static scores)."""
     if is_moe:
         return "router"
     return router.PRUNE_DEFAULT if prune else "exact"

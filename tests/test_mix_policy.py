@@ -1,8 +1,9 @@
-"""Static scores made by calibration, `mixed` as prune mode's default, and `sketch-mixed` (issue 7):
-`fic calibrate` stores the static scores an engine would otherwise compute at its first open, an
-engine that finds them runs no prefill at open, prune mode chooses with `mixed` unless told (exact
-mode keeps `exact`), and `sketch-mixed` averages the predictor's scores with static's as `mixed`
-does exact's. Tiny random models (tests/_tiny.py): seconds."""
+"""Static scores made by calibration, the default policy, and `sketch-mixed` (issue 7): `fic
+calibrate` stores the static scores an engine would otherwise compute at its first open, an engine
+that finds them runs no prefill at open, an engine told no policy takes router.PRUNE_DEFAULT in
+prune mode (measured: exact, bench/RESULTS.md) and exact in exact mode without computing static
+scores, and `sketch-mixed` averages the predictor's scores with static's as `mixed` does exact's.
+Tiny random models (tests/_tiny.py): seconds."""
 from __future__ import annotations
 
 import shutil
@@ -120,23 +121,37 @@ def test_no_prefill_at_open_when_static_scores_are_stored(plain, calibrated, tmp
 
 # ---- the default policy ------------------------------------------------------------------------
 
-def test_prune_mode_defaults_to_mixed(calibrated):
+@pytest.mark.parametrize("prune_default", ["exact", "mixed"])
+def test_prune_mode_default_policy_takes_effect(calibrated, monkeypatch, prune_default):
+    """The default is one constant: whichever it names chooses the sets an engine told nothing
+    uses (mixed's differ from exact's on this prompt, so the check tells them apart)."""
     model, _ = calibrated
+    monkeypatch.setattr(router, "PRUNE_DEFAULT", prune_default)
     default = Engine.open(str(model), ctx=256, mem=STREAMING, mode="prune", active=0.5)
-    told = Engine.open(str(model), ctx=256, mem=STREAMING, mode="prune", active=0.5, policy="mixed")
-    exact = Engine.open(str(model), ctx=256, mem=STREAMING, mode="prune", active=0.5, policy="exact")
+    told = {p: Engine.open(str(model), ctx=256, mem=STREAMING, mode="prune", active=0.5, policy=p)
+            for p in ("exact", "mixed")}
     try:
-        assert default.policy == "mixed" and default.stats()["policy"] == "mixed"
-        assert any("prune mode's default" in d for d in default.details)
+        assert default.policy == prune_default and default.stats()["policy"] == prune_default
+        assert f"policy {prune_default} (prune mode's default)" in default.details
         ids = default.tokenize(PROMPT)
-        for eng in (default, told, exact):
+        for eng in (default, *told.values()):
             eng.forward(ids)
         sets = lambda e: [s.tolist() for s in e.model.runner.active]  # noqa: E731
-        assert sets(default) == sets(told)
-        assert sets(default) != sets(exact)  # the default is not exact under another name
+        assert sets(told["exact"]) != sets(told["mixed"])
+        assert sets(default) == sets(told[prune_default])
     finally:
-        for eng in (default, told, exact):
+        for eng in (default, *told.values()):
             eng.close()
+
+
+def test_the_measured_default_is_exact():
+    """bench/RESULTS.md, "Static scores at calibration, mixed against exact, sketch-mixed": mixed was
+    x1.16 of exact on Qwen2.5-Coder-1.5B at 0.75, so prune mode keeps exact."""
+    from flashinfer_cli.engine import default_policy
+
+    assert router.PRUNE_DEFAULT == "exact"
+    assert [default_policy(prune, moe) for prune in (False, True) for moe in (False, True)] == \
+        ["exact", "router", "exact", "router"]
 
 
 def test_exact_mode_keeps_exact_and_computes_no_static_scores(plain, tmp_path, monkeypatch):
@@ -152,21 +167,24 @@ def test_exact_mode_keeps_exact_and_computes_no_static_scores(plain, tmp_path, m
 
 def test_cli_default_policy_and_fallback_said_in_verbose(plain, tmp_path):
     fresh = _copy(plain, tmp_path)
-    args = ["run", str(fresh), "hello", "--mode", "prune", "--active", "0.5", "--max-tokens", "2"]
-    quiet = _fic(*args)
+    prune = ["run", str(fresh), "hello", "--mode", "prune", "--active", "0.5", "--max-tokens", "2"]
+    default = _fic(*prune, "--verbose")
+    assert default.exit_code == 0, default.stderr
+    assert f"policy {router.PRUNE_DEFAULT} (prune mode's default)" in default.stderr
+    mixed = prune + ["--policy", "mixed"]
+    quiet = _fic(*mixed)
     assert quiet.exit_code == 0, quiet.stderr
     assert "static scores" not in quiet.stderr and "default" not in quiet.stderr
     assert router.load_static(fresh) is not None  # the quiet run computed and stored them
     (fresh / router.STATIC_FILE).unlink()
-    loud = _fic(*args, "--verbose")
+    loud = _fic(*mixed, "--verbose")
     assert loud.exit_code == 0, loud.stderr
-    assert "policy mixed (prune mode's default)" in loud.stderr
     assert "no static scores stored beside the model: computed once" in loud.stderr
-    assert "policy mixed" in loud.stderr  # the stats line
-    again = _fic(*args, "--verbose")
+    assert "policy mixed" in loud.stderr and "default" not in loud.stderr  # told, not defaulted
+    again = _fic(*mixed, "--verbose")
     assert again.exit_code == 0 and "computed once" not in again.stderr
     exact = _fic("run", str(fresh), "hello", "--max-tokens", "2", "--verbose")
-    assert exact.exit_code == 0 and "policy exact" in exact.stderr
+    assert exact.exit_code == 0 and "policy exact (exact mode's default)" in exact.stderr
 
 
 def test_show_says_whether_static_scores_are_stored(plain, calibrated):
