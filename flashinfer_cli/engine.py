@@ -416,9 +416,12 @@ class Engine:
     def _static_scores(self) -> np.ndarray:
         scores = router.load_static(self.path)
         if scores is None or scores.shape != self.model.arena.n_neurons.shape:
-            self.details.append(f"no static scores stored beside the model: computed once from {router.STATIC_TOKENS:,} "
-                                f"tokens of calibration text and stored (`fic calibrate` stores them)")
             scores = self.calibrate()
+            stored = router.load_static(self.path) is not None
+            self.details.append(f"no static scores stored beside the model: computed once from {router.STATIC_TOKENS:,} "
+                                f"tokens of calibration text" + (" and stored" if stored else ", not stored (a context "
+                                f"shorter than {router.STATIC_WINDOW} tokens, or a read-only store)")
+                                + " (`fic calibrate` stores them)")
         return scores
 
     def _mixed(self, scores: np.ndarray) -> np.ndarray:
