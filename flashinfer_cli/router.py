@@ -32,7 +32,7 @@ PER_PROMPT = ("exact", "router", "sketch", "mixed", "sketch-mixed")  # the polic
 PREDICTED = ("sketch", "sketch-mixed")  # the policies that score from the calibrated predictor
 MIXES_STATIC = ("mixed", "sketch-mixed")  # the policies whose prompt scores are averaged with static's (mix)
 # prune mode's policy unless told: mixed did not earn it (bench/RESULTS.md, "Static scores at calibration,
-# mixed against exact": x1.16 of exact on Qwen2.5-Coder-1.5B at 0.75, 1 text of 8 better)
+# mixed against exact": x1.09-1.16 of exact on Qwen2.5-Coder-1.5B at 0.75, 1 text of 8 better)
 PRUNE_DEFAULT = "exact"
 STATIC_TOKENS = 4096  # calibration text the static scores are gathered over (Engine.static_calibration),
 STATIC_WINDOW = 256   # in windows of this many tokens, each from an empty cache (any context holds one)
