@@ -19,6 +19,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from flashinfer_cli import router
+
 ACTIVES = (0.25, 0.5, 0.75, 0.9, 1.0)
 # Student's t 0.975 quantiles for 1..30 degrees of freedom (two-sided 95%); 1.96 beyond
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
@@ -110,7 +112,7 @@ def _nll(logits: np.ndarray, ids: Sequence[int], start: int) -> np.ndarray:
 def model_policies(is_moe: bool, asked: Sequence[str] | None, has_predictor: bool = False) -> list[str]:
     """The policies to compare: asked (each must suit the kind of model), else a dense model's
     (exact, static, and sketch when it has a predictor) or a mixture of experts' one (router)."""
-    fits = ("router",) if is_moe else ("exact", "static", "sketch", "mixed")
+    fits = ("router",) if is_moe else ("exact", "static", "sketch", "mixed", "sketch-mixed")
     if asked is None:
         return list(fits[:3]) if has_predictor or is_moe else list(fits[:2])
     wrong = [p for p in asked if p not in fits]
@@ -179,8 +181,9 @@ def _point(model, policy: str, a, samples, domain_of: dict[str, str], max_tokens
         progress(f"{policy} {a}")
     auto = planlib.parse_active(a)
     auto = auto if isinstance(auto, planlib.AutoActive) else None
-    eng = Engine.open(str(model), ctx=max_tokens, mode="prune", active=a if auto else float(a), policy=policy,
-                      prefill=prefill if policy == "sketch" else None, reselect=reselect)
+    # a context that holds a window of the static scores' text: computed where missing, they are stored
+    eng = Engine.open(str(model), ctx=max(max_tokens, router.STATIC_WINDOW), mode="prune", active=a if auto else float(a), policy=policy,
+                      prefill=prefill if policy in router.PREDICTED else None, reselect=reselect)
     per, chosen = {}, {}
     try:
         for name, ids, split, nll_full, top_full in samples:

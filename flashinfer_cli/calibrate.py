@@ -115,6 +115,8 @@ class CalibrationResult:
     ffn_bytes: int
     held_out: list[DomainQuality] = field(default_factory=list)
     domain_tokens: dict[str, int] = field(default_factory=dict)  # calibration tokens of each domain
+    static_tokens: int = 0       # tokens the static scores (--policy static, mixed) were gathered over; 0: not made
+    static_seconds: float = 0.0  # what gathering them took (part of seconds)
 
     @property
     def share_of_ffn(self) -> float:
@@ -564,16 +566,22 @@ def check_config(cfg: CalibrationConfig, d_model: int) -> None:
 
 
 def calibrate(model_dir: str | os.PathLike, cfg: CalibrationConfig = CalibrationConfig(), *,
-              progress: bool = True, held_out: int = 2, write: bool = True) -> CalibrationResult:
+              progress: bool = True, held_out: int = 2, write: bool = True, static: bool = True) -> CalibrationResult:
     """Fit the predictor of the model in model_dir and store it there (write). held_out: windows
-    per domain for the held-out quality (0: none)."""
+    per domain for the held-out quality (0: none). static: also gather the static scores (the
+    static and mixed policies'; Engine.static_calibration) and store them beside the model (write),
+    so no engine has to compute them at open."""
     from tqdm import tqdm
 
+    from flashinfer_cli import router
     from flashinfer_cli.engine import Engine
     from flashinfer_cli.router import Predictor
 
     t0 = time.perf_counter()
-    engine = Engine.open(str(model_dir), ctx=max(cfg.window, 256), auto_pull=False)
+    # the context holds a window of the static scores' text too (their canonical, stored form)
+    engine = Engine.open(str(model_dir), ctx=max(cfg.window, 256, router.STATIC_WINDOW if static else 0),
+                         auto_pull=False)
+    static_scores = None
     try:
         c = engine.model.config
         check_config(cfg, c.d_model)
@@ -607,9 +615,19 @@ def calibrate(model_dir: str | os.PathLike, cfg: CalibrationConfig = Calibration
             predictor = Predictor(tensors, c.n_layers, target=cfg.target,
                                   n_neurons=[[e.n_neurons for e in layer] for layer in man.experts])
             result.held_out = evaluate(engine, predictor, held_out_windows(engine, cfg.seed, cfg.window, held_out))
+        if static:
+            t1 = time.perf_counter()
+            static_scores, window = engine.static_calibration()
+            if window != router.STATIC_WINDOW:  # a model whose context is shorter than a window
+                static_scores = None
+            else:
+                result.static_seconds = time.perf_counter() - t1
+                result.static_tokens = router.STATIC_TOKENS
         result.seconds = time.perf_counter() - t0
     finally:
         engine.close()
     if write:
         fmt.write_predictor(model_dir, tensors, result.as_meta())
+        if static_scores is not None:
+            router.save_static(model_dir, static_scores)
     return result

@@ -209,6 +209,7 @@ def show_cmd(model: str, mem: str | None, ctx: int | None, mode: str, active: st
     click.echo(f"parameters      {d.parameters:,} ({d.parameters / 1e6:.1f}M)")
     click.echo(f"dense block     {d.dense_bytes:,} bytes ({_human(d.dense_bytes)})")
     click.echo(f"predictor       {_predictor_line(path)}")
+    click.echo(f"static scores   {_static_line(path)}")
     per_layer = sorted(set(d.experts_per_layer))
     if per_layer:
         counts = "/".join(map(str, per_layer))
@@ -249,6 +250,19 @@ def _predictor_line(path) -> str:
             f"{man.predictor.get('fmt', '?')}, calibrated on {cal.get('tokens', '?')} tokens (seed {cal.get('seed', '?')})")
 
 
+def _static_line(path) -> str:
+    """Whether the static scores (the static and mixed policies') are stored, as `fic show` says it."""
+    from flashinfer_cli import fmt, router
+
+    if fmt.parse_manifest(path / fmt.MANIFEST_FILE).moe is not None:
+        return "- (a mixture of experts: its routers score its experts)"
+    scores = router.load_static(path)
+    if scores is None:
+        return (f"none (--policy static or mixed computes them at its first open; "
+                f"`fic calibrate {path.name}` stores them)")
+    return f"stored ({scores.shape[0]} layers x {scores.shape[1]} experts; --policy static, mixed, sketch-mixed)"
+
+
 def _show_profiles(store_name: str) -> None:
     """The model's profiles (`--profile NAME`): its catalog entry's, else the built-in defaults."""
     from flashinfer_cli import catalog, profiles
@@ -283,9 +297,10 @@ def _show_profiles(store_name: str) -> None:
 @click.option("--progress/--no-progress", default=True, help="A progress bar on stderr.")
 def calibrate_cmd(model: str, seed: int, tokens: int | None, rank: int | None, fmt_name: str, target: str,
                   do_cluster: bool, shared: float | None, progress: bool) -> None:
-    """Fit MODEL's predictor for --policy sketch: run it over standard-library text and its own
-    samples, fit per layer a small map from the FFN's input to its activations, store it in the
-    model (the old one is kept if this stops). --cluster first rewrites the model's expert order
+    """Fit MODEL's predictor for --policy sketch and store its static scores (--policy static,
+    mixed, sketch-mixed): run it over standard-library text and its own samples, fit per
+    layer a small map from the FFN's input to its activations, store it in the model (the old one
+    is kept if this stops), then gather every expert's score over 4,096 tokens of calibration text. --cluster first rewrites the model's expert order
     (co-activation clusters and shared experts), since the predictor scores experts in that order."""
     from flashinfer_cli import calibrate, cluster
     from flashinfer_cli.pull import resolve_model
@@ -309,6 +324,8 @@ def calibrate_cmd(model: str, seed: int, tokens: int | None, rank: int | None, f
     click.echo(f"{path.name}: predictor of rank {cfg.rank} ({cfg.fmt}), {result.predictor_bytes:,} bytes "
                f"({100 * result.share_of_ffn:.1f}% of the FFN), {result.n_tokens} tokens in {result.seconds:.0f} s")
     click.echo("  calibration tokens per domain: " + ", ".join(f"{d} {n}" for d, n in result.domain_tokens.items()))
+    click.echo(f"  static scores (--policy static, mixed) from {result.static_tokens:,} tokens in {result.static_seconds:.0f} s"
+               if result.static_tokens else "  static scores not stored: the model's context is shorter than a window")
     for q in result.held_out:
         recall = ", ".join(f"{k}: {v:.3f}" for k, v in q.mass_recall.items())
         click.echo(f"  held-out {q.domain:<6} score mass kept at active {recall}; R^2 {q.r2:.3f} "
@@ -396,6 +413,9 @@ def _sampling_options(f):
     return f
 
 
+POLICY_CHOICES = ("exact", "static", "router", "sketch", "mixed", "sketch-mixed")
+
+
 def _budget_options(lists: str = "") -> list:
     """The memory budget and selection options `run`, `chat` (and, in part, `show`) share. lists:
     `bench` takes comma lists of --mem, --active and --policy (this says when); each item is then
@@ -411,16 +431,18 @@ def _budget_options(lists: str = "") -> list:
                      help="Active experts: a fraction of each layer's (0.5), active parameters (300M), or auto[:T] "
                           "(prune mode: per prompt and layer, the fewest experts holding T of the selection's "
                           "score mass, default 0.9). Default: the largest that fits." + many),
-        click.option("--policy", type=click.STRING if lists else click.Choice(["exact", "static", "router", "sketch", "mixed"]),
-                     default="exact", show_default=True, metavar="[exact|static|router|sketch|mixed]" if lists else None,
-                     help="How experts are chosen: from the prompt's activations, one set from calibration text, "
-                          "or sketch: the calibrated predictor's guess from each layer's input (`fic calibrate`), "
-                          "never reading the experts it rejects (a mixture of experts: router); mixed: the "
-                          "prompt's and calibration's scores averaged." + many),
+        click.option("--policy", type=click.STRING if lists else click.Choice(list(POLICY_CHOICES)),
+                     default=None, metavar="[" + "|".join(POLICY_CHOICES) + "]" if lists else None,
+                     help="How experts are chosen: exact, from the prompt's activations; static, one set from "
+                          "calibration text; sketch, the calibrated predictor's guess from each layer's input "
+                          "(`fic calibrate`), never reading the experts it rejects (a mixture of experts: router); "
+                          "mixed / sketch-mixed: exact's / sketch's prompt scores averaged with static's. "
+                          "Default: exact (router for a mixture of experts)."
+                          + many),
         click.option("--prefill", type=click.Choice(["pruned", "full"]), default=None,
-                     help="--policy sketch: pruned (prune mode's default) chooses each layer's set from the pruned "
+                     help="--policy sketch or sketch-mixed: pruned chooses each layer's set from the pruned "
                           "model's own hidden states and reads only the chosen experts; full reads every expert "
-                          "once while the prompt runs, then chooses."),
+                          "once while the prompt runs, then chooses (the default)."),
         click.option("--reselect", type=click.IntRange(min=0), default=None, metavar="N",
                      help="Rescore the active sets every N generated tokens (0: never)."),
         click.option("--profile", default=None, metavar="NAME",
@@ -533,6 +555,8 @@ def _open_engine(model: str, ctx, threads, options: dict | None = None,
     for note in engine.notes:
         click.echo(f"fic: {note}", err=True)
     if verbose:
+        for line in engine.details:
+            click.echo(f"fic: {line}", err=True)
         for line in engine.plan.lines():
             click.echo(f"plan: {line}", err=True)
         click.echo(f"io: {engine.model.reader.io_description()}", err=True)
@@ -550,7 +574,7 @@ def _print_stats(engine) -> None:
             ("arena", f"{st['resident']} experts resident ({st['pinned']} pinned) in {st['slots']} slots of "
                       f"{human(st['slot_bytes'])}, {st['ring']} for streaming"),
             ("mode", f"{st['mode']}, policy {st['policy']}"
-             + (f", prefill {st['prefill']}" if st['policy'] == "sketch" else "") + (f", active {st['active_fraction']:.2f}" if st["prune"] else "")
+             + (f", prefill {st['prefill']}" if st['policy'] in ("sketch", "sketch-mixed") else "") + (f", active {st['active_fraction']:.2f}" if st["prune"] else "")
              + (f" (auto {st['active_auto']:g}: {min(st['active_per_layer'])}-{max(st['active_per_layer'])} "
                 f"experts per layer)" if st.get("active_auto") is not None else "")
              + (f", reselect every {st['reselect']} tokens" if st.get("reselect") else "")),
@@ -861,7 +885,7 @@ def bench(model, quality, sweep, prompts_file, max_tokens, runs, n_texts, domain
     if domains != "prose" and not quality:
         _fail("--domains chooses --quality's texts")
     mems, actives, policies = (_comma_list(budget[k]) for k in ("mem", "active", "policy"))
-    if any(p not in POLICIES for p in policies):
+    if any(p is not None and p not in POLICIES for p in policies):
         _fail(f"--policy {budget['policy']!r}: comma-separated names from {', '.join(POLICIES)}")
     if budget.get("profile") is not None and (quality or sweep):
         _fail("--profile picks one configuration; --quality and --sweep compare several (give --active lists)")

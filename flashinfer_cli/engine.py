@@ -61,7 +61,7 @@ class PrefixUse:
 
 
 class Engine:
-    def __init__(self, path: Path, model: Model, tokenizer, *, policy: str = "exact",
+    def __init__(self, path: Path, model: Model, tokenizer, *, policy: str | None = None,
                  reselect: int = DEFAULT_RESELECT, notes: list[str] | None = None, prefill: str | None = None):
         self.path = Path(path)
         self.model = model
@@ -70,6 +70,10 @@ class Engine:
         self.last_prefix = PrefixUse()  # the last prefill's reuse of the cache
         self.last: gen.Response | None = None  # timings of the last generation
         self.notes = list(notes or [])  # what the engine decided on its own (said on stderr by the CLI)
+        self.details: list[str] = []  # what it did on its own that only --verbose says
+        if policy is None:
+            policy = default_policy(model.plan.prune, model.moe is not None)
+            self.details.append(f"policy {policy} ({model.plan.mode} mode's default)")
         if policy not in router.POLICIES:
             raise EngineError(f"unknown policy {policy!r} (choose from {', '.join(router.POLICIES)})")
         is_moe = model.moe is not None
@@ -82,7 +86,7 @@ class Engine:
                               f"this model {'is a mixture of experts: use router' if is_moe else 'is dense: use exact or static'}")
         if reselect < 0:
             raise EngineError(f"--reselect must be >= 0, got {reselect}")
-        self.predictor = self._load_predictor(model) if policy == "sketch" else None
+        self.predictor = self._load_predictor(model, policy) if policy in router.PREDICTED else None
         self.prefill = self._prefill_mode(policy, prefill, model.plan)
         self.policy = policy
         self.reselect = reselect
@@ -97,8 +101,8 @@ class Engine:
         # selection only): a next prompt that extends it reuses its cache and adds to them
         self._scored = np.zeros_like(model.scorer.acc) if self.selects and policy in router.PER_PROMPT else None
         self._scored_len = 0
-        # the mixed policy's static scores, loaded (or calibrated) at open: never inside a forward
-        self._static = self._static_scores() if self.selects and policy == "mixed" else None
+        # the static scores a mixing policy averages in, loaded (or calibrated) at open: never inside a forward
+        self._static = self._static_scores() if self.selects and policy in router.MIXES_STATIC else None
         if self.selects and policy == "static":
             router.apply_sets(model.arena, model.runner, self._static_sets(), prune=plan.prune)
         if self.selects and reselect and plan.prune:
@@ -106,12 +110,12 @@ class Engine:
             model.window = np.zeros((c.n_layers, min(reselect, planlib.WINDOW_MAX, plan.prefill_chunk), c.d_model), dtype=np.float32)
 
     @staticmethod
-    def _load_predictor(model: Model) -> router.Predictor:
+    def _load_predictor(model: Model, policy: str) -> router.Predictor:
         if model.moe is not None:
-            raise EngineError("policy 'sketch' is for dense models; this model is a mixture of experts: use router")
+            raise EngineError(f"policy {policy!r} is for dense models; this model is a mixture of experts: use router")
         pred = router.Predictor.load(model.reader, model.config.n_layers)
         if pred is None:
-            raise EngineError(f"policy 'sketch' needs the model's predictor: run `fic calibrate {model.reader.manifest.name}`")
+            raise EngineError(f"policy {policy!r} needs the model's predictor: run `fic calibrate {model.reader.manifest.name}`")
         return pred
 
     @staticmethod
@@ -120,12 +124,12 @@ class Engine:
         policy: each layer's set chosen from its own FFN input, only it read and run)."""
         if prefill is not None and prefill not in PREFILLS:
             raise EngineError(f"unknown prefill {prefill!r} (choose from {', '.join(PREFILLS)})")
-        if prefill == "pruned" and policy != "sketch":
-            raise EngineError("--prefill pruned needs --policy sketch (the other policies score experts by running them)")
+        if prefill == "pruned" and policy not in router.PREDICTED:
+            raise EngineError("--prefill pruned needs --policy sketch or sketch-mixed (the other policies score experts by running them)")
         if prefill == "pruned" and not plan.prune:
             raise EngineError("--prefill pruned needs prune mode (exact mode runs every expert)")
         if prefill is None:
-            return DEFAULT_PREFILL["prune" if plan.prune else "exact"] if policy == "sketch" else "full"
+            return DEFAULT_PREFILL["prune" if plan.prune else "exact"] if policy in router.PREDICTED else "full"
         return prefill
 
     @classmethod
@@ -137,9 +141,10 @@ class Engine:
         mem: the memory budget ('512M', '2G' or bytes; default: everything resident when the
         machine's available memory holds it with room to spare); ctx: KV cache length (default the
         model's, at most 4096); mode: 'exact' (default) or 'prune'; active: the active fraction of
-        each layer's experts or a parameter count ('300M'); policy: 'exact' (default), 'static', 'router',
-        'sketch' (the calibrated predictor) or 'none' (no selection, exact mode); prefill: 'pruned' or
-        'full' (sketch; DEFAULT_PREFILL);
+        each layer's experts or a parameter count ('300M'); policy: 'exact', 'static', 'router',
+        'sketch' (the calibrated predictor), 'mixed' (exact's and static's scores averaged),
+        'sketch-mixed' (sketch's and static's) or 'none' (no selection, exact mode); default
+        (None): default_policy; prefill: 'pruned' or 'full' (sketch; DEFAULT_PREFILL);
         reselect: tokens between reselections (0: off); threads: kernel threads; kv_dtype: the KV
         cache's element type, f16 (half the memory) or f32."""
         from flashinfer_cli.pull import resolve_model
@@ -152,7 +157,7 @@ class Engine:
         model = Model(path, plan=plan)
         tokenizer = Tokenizer.from_model_dir(path, model.reader.manifest.tokenizer)
         try:
-            return cls(path, model, tokenizer, policy=policy or "exact",
+            return cls(path, model, tokenizer, policy=policy,
                        reselect=DEFAULT_RESELECT if reselect is None else reselect, notes=notes, prefill=prefill)
         except BaseException:
             model.close()
@@ -348,7 +353,7 @@ class Engine:
             chosen[layer] = True
             m.scorer.reset()
             m.scorer.add_predicted(layer, self.predictor.predict(layer, xn))
-            scores = m.scorer.all_scores()
+            scores = self._mixed(m.scorer.all_scores())
             if self.auto is not None:
                 sizes[layer] = min(int(m.arena.experts_per_layer[layer]),
                                    planlib.auto_size(scores[layer], self.auto, self.plan.max_active_per_layer))
@@ -412,10 +417,15 @@ class Engine:
         scores = router.load_static(self.path)
         if scores is None or scores.shape != self.model.arena.n_neurons.shape:
             scores = self.calibrate()
+            stored = router.load_static(self.path) is not None
+            self.details.append(f"no static scores stored beside the model: computed once from {router.STATIC_TOKENS:,} "
+                                f"tokens of calibration text" + (" and stored" if stored else ", not stored (a context "
+                                f"shorter than {router.STATIC_WINDOW} tokens, or a read-only store)")
+                                + " (`fic calibrate` stores them)")
         return scores
 
     def _mixed(self, scores: np.ndarray) -> np.ndarray:
-        """The mixed policy's scores from the prompt's (router.mix); any other policy's unchanged."""
+        """A mixing policy's scores from the prompt's (router.mix); any other policy's unchanged."""
         return scores if self._static is None else router.mix(scores, self._static)
 
     def _static_sets(self) -> list[np.ndarray]:
@@ -423,30 +433,44 @@ class Engine:
         self._size_auto(scores)
         return [router.top_k(scores[l], k) for l, k in enumerate(self.active_per_layer)]
 
-    def calibrate(self, n_tokens: int = 4096) -> np.ndarray:
-        """The static policy's scores: GRIFFIN statistics of every expert over calibration text
-        (texts.calibration_text: the Python standard library's docstrings and comments), run with
-        every expert; stored beside the model."""
+    def calibrate(self) -> np.ndarray:
+        """The static policy's scores (static_calibration), stored beside the model when they are
+        the canonical ones (the context holds a whole router.STATIC_WINDOW): what any engine of the
+        model would compute, whatever its context."""
+        scores, window = self.static_calibration()
+        if window == router.STATIC_WINDOW:
+            try:
+                router.save_static(self.path, scores)
+            except OSError:
+                pass  # a read-only store: the scores are recomputed next time
+        return scores
+
+    def static_calibration(self) -> tuple[np.ndarray, int]:
+        """The static policy's scores: GRIFFIN statistics of every expert over the first
+        router.STATIC_TOKENS tokens of calibration text (texts.calibration_text: the Python
+        standard library's docstrings and comments), run with every expert in windows of
+        router.STATIC_WINDOW tokens (fewer if the context is shorter), each from an empty cache, so
+        the scores do not depend on the engine's context. Returns (n_layers, max_experts) scores
+        and the window used."""
         from flashinfer_cli import texts
 
         m = self.model
-        ids = self.tokenize(texts.calibration_text())[:min(n_tokens, self.ctx)]
-        m.reset()
+        ids = self.tokenize(texts.calibration_text())[:router.STATIC_TOKENS]
+        window = min(router.STATIC_WINDOW, self.ctx)
         m.scorer.reset()
         m.collect, m.full = m.scorer.add, True
         try:
-            for i in range(0, len(ids), m.prefill_chunk):
-                m.forward(ids[i:i + m.prefill_chunk])
+            for w in range(0, len(ids), window):
+                m.reset()
+                part = ids[w:w + window]
+                for i in range(0, len(part), m.prefill_chunk):
+                    m.forward(part[i:i + m.prefill_chunk])
         finally:
             m.collect, m.full = None, not m.plan.prune
             self.forget_context()
         scores = m.scorer.all_scores()
         m.scorer.reset()
-        try:
-            router.save_static(self.path, scores)
-        except OSError:
-            pass  # a read-only store: the scores are recomputed next time
-        return scores
+        return scores, window
 
     def prompt_ids(self, prompt: str, *, chat: bool = True, system: str | None = None) -> list[int]:
         """The tokens of a prompt, wrapped in the chat template when chat and the model has one."""
@@ -545,6 +569,15 @@ class Engine:
 
     def close(self) -> None:
         self.model.close()
+
+
+def default_policy(prune: bool, is_moe: bool) -> str:
+    """The policy unless told: a mixture of experts' routers; in prune mode router.PRUNE_DEFAULT
+    (exact: mixed lost to it on the 1.5B, bench/RESULTS.md); in exact mode exact whatever that is
+    (every answer is the full model's whatever the policy: the cheapest, no static scores)."""
+    if is_moe:
+        return "router"
+    return router.PRUNE_DEFAULT if prune else "exact"
 
 
 def make_engine_plan(path: Path, *, mem=None, ctx=None, mode=None, active=None,

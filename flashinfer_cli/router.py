@@ -8,7 +8,8 @@ statistic gathered once over calibration text (texts.calibration_text) and store
 each token's FFN input, so the experts it rejects are never read (Predictor below). `mixed`: exact's
 prompt scores and static's calibration scores, each normalised to sum 1 over the layer's experts,
 averaged (mix below): the prompt's choice pulled toward the experts most text uses, for a
-continuation that leaves the prompt's topic.
+continuation that leaves the prompt's topic. `sketch-mixed`: sketch's predicted prompt scores mixed
+with static's the same way (still no expert read to score it).
 
 The Scorer accumulates sum_t (h[t, n] / ||h[t]||)^2 per neuron from the FFN's scratch (which holds
 h after every call, expert block after expert block) and turns it into expert scores.
@@ -26,8 +27,15 @@ from flashinfer_cli import fmt
 # router: a mixture of experts' (moe.RouterScorer); sketch: the calibrated predictor's scores; none: no
 # selection at all, the arena only an LRU cache of what tokens asked for (what MoE offloading engines
 # do; exact mode only, a baseline)
-POLICIES = ("exact", "static", "router", "sketch", "mixed", "none")
-PER_PROMPT = ("exact", "router", "sketch", "mixed")  # the policies that choose each prompt's sets from its own tokens
+POLICIES = ("exact", "static", "router", "sketch", "mixed", "sketch-mixed", "none")
+PER_PROMPT = ("exact", "router", "sketch", "mixed", "sketch-mixed")  # the policies that choose each prompt's sets from its own tokens
+PREDICTED = ("sketch", "sketch-mixed")  # the policies that score from the calibrated predictor
+MIXES_STATIC = ("mixed", "sketch-mixed")  # the policies whose prompt scores are averaged with static's (mix)
+# prune mode's policy unless told: mixed did not earn it (bench/RESULTS.md, "Static scores at calibration,
+# mixed against exact": x1.09-1.16 of exact on Qwen2.5-Coder-1.5B at 0.75, 1 text of 8 better)
+PRUNE_DEFAULT = "exact"
+STATIC_TOKENS = 4096  # calibration text the static scores are gathered over (Engine.static_calibration),
+STATIC_WINDOW = 256   # in windows of this many tokens, each from an empty cache (any context holds one)
 STATIC_FILE = "static_scores.npy"
 RESELECT_MARGIN = 0.05  # a challenger must beat the weakest selected expert by 5%
 
