@@ -26,6 +26,8 @@
 
 #if defined(__x86_64__)
 #include <immintrin.h>
+
+#include "exp_avx2.h"
 #define ATT_X86 1
 #define ATT_TGT_AVX2 __attribute__((target("avx2,fma,f16c")))
 #endif
@@ -101,25 +103,9 @@ static void f32_to_f16_ref(const float *src, uint16_t *dst, int64_t n) {
 /* ---- AVX2 + FMA + F16C ------------------------------------------------------------------- */
 #if defined(ATT_X86)
 
-/* exp(x) for x <= 0 (softmax arguments): x = n ln2 + r, |r| <= ln2/2, Cephes' degree-6
- * polynomial for e^r, 2^n built in the exponent bits. Below -87.3 the result would be
- * subnormal: clamped there (e^-87.3 ~ 1e-38 is nothing next to the row's max, which is 1). */
-ATT_TGT_AVX2 static inline __m256 exp256(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
+/* exp(x) for x <= 0 (softmax arguments). Below -87.3 the result would be subnormal: clamped there
+ * (e^-87.3 ~ 1e-38 is nothing next to the row's max, which is 1). */
+ATT_TGT_AVX2 static inline __m256 exp256(__m256 x) { return exp256_clamped(_mm256_max_ps(x, _mm256_set1_ps(-87.3f))); }
 
 ATT_TGT_AVX2 static void cvt_tile_avx2(const uint16_t *src, int64_t stride, int64_t nb, int64_t hd, float *dst) {
     for (int64_t j = 0; j < nb; j++) {

@@ -11,6 +11,7 @@
 #if defined(FIC_X86)
 #include <immintrin.h>
 
+#include "exp_avx2.h"
 #include "hsum_avx2.h"
 #include "q1_planes.h"
 
@@ -911,25 +912,10 @@ TGT_AVX2 void pack8_avx2(const float *src, int64_t ld, int64_t n, float *dst) {
     }
 }
 
-/* e^x: x clamped to [-87.3, 88.7], x = n ln2 + r with ln2 in two parts, Cephes' degree-6
- * polynomial for e^r (~2 ulp), 2^n in the exponent bits; from x ~ 88.03 (n = 128) that is +inf, as
- * expf is from 88.72, so silu of a gate below -88 is -0 either way. A NaN x gives a finite value;
- * silu's g / (1 + e) is NaN anyway. */
+/* e^x over the whole float range, clamped to exp256_clamped's (exp_avx2.h): a NaN x gives a finite
+ * value; silu's g / (1 + e) is NaN anyway. */
 TGT_AVX2 static inline __m256 exp256_full(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.7f));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    return exp256_clamped(_mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.7f)));
 }
 
 TGT_AVX2 static inline __m256 silu_mul8_avx2(__m256 c, __m256 g, __m256 u) {

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "kernels.h"
+#include "silu.h"
 
 #define MAX_BW 256 /* largest block, in weights (a K-quant super-block) */
 
@@ -145,7 +146,7 @@ void pack8_ref(const float *src, int64_t ld, int64_t n, float *dst) {
 }
 
 void silu_mul_ref(float c, float *h, const float *u, int64_t n) {
-    for (int64_t k = 0; k < n; k++) h[k] = c * (h[k] / (1.0f + expf(-h[k]))) * u[k];
+    for (int64_t k = 0; k < n; k++) h[k] = c * fic_silu(h[k]) * u[k];
 }
 
 /* Plain reference table: every optional entry NULL (generic code), x never prepared. */

@@ -16,6 +16,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "silu.h"
+
 #include "fic.h"
 
 #define MOE_ALIGN 64
@@ -172,8 +174,6 @@ int fic_moe_guess(fic_pool *pool, int impl, const fic_moe_shape *s, const float 
     return top_k(logits, s->n_routed, s->top_k, NULL, top);
 }
 
-static float silu(float g) { return g / (1.0f + expf(-g)); }
-
 int fic_moe_shared(fic_pool *pool, int impl, const fic_moe_shape *s, const fic_moe_weights *w, const float *xn,
                    float *x, void *ws, int64_t ws_bytes) {
     moe_layout l;
@@ -197,7 +197,7 @@ int fic_moe_shared(fic_pool *pool, int impl, const fic_moe_shape *s, const fic_m
         if (st == FIC_OK) st = fic_matvec(pool, impl, w->up_fmt, w->shared_w_up, xn, u, n, d, kern, l.kern_bytes);
     }
     if (st != FIC_OK) return st;
-    for (int64_t i = 0; i < n; i++) g[i] = silu(g[i]) * u[i];
+    for (int64_t i = 0; i < n; i++) g[i] = fic_silu(g[i]) * u[i];
     float *h = (float *)(base + l.h); /* down's input must not alias its output (tmp) */
     memcpy(h, g, (size_t)n * sizeof(float));
     st = fic_matvec(pool, impl, w->down_fmt, w->shared_w_down, h, out, d, n, kern, l.kern_bytes);

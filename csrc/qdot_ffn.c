@@ -16,6 +16,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "silu.h"
+
 #include "blocks.h"
 #include "qdot.h"
 
@@ -29,7 +31,6 @@ typedef struct {
     uint8_t *xq;               /* nt x QX_ROW_BYTES(d) (phase 1) or QX_ROW_BYTES(n_total) (phase 2) */
 } qffn_t;
 
-static inline float silu(float g) { return g / (1.0f + expf(-g)); }
 
 /* Rows [r, r + nr) of expert e's h for the chunk's nt tokens (hr: h_e + r, rows n apart), holding
  * the gate products, become coef silu(gate) up with up's products in ubuf (nt x nr). */
@@ -42,7 +43,7 @@ static void swiglu_rows(const qffn_t *q, int64_t e, float *hr, int64_t n, int64_
             memset(hi, 0, (size_t)nr * sizeof *hi);
             continue;
         }
-        for (int64_t l = 0; l < nr; l++) hi[l] = c * silu(hi[l]) * ubuf[i * nr + l];
+        for (int64_t l = 0; l < nr; l++) hi[l] = c * fic_silu(hi[l]) * ubuf[i * nr + l];
     }
 }
 
