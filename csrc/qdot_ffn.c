@@ -69,31 +69,51 @@ static void p1_quantize(void *ctx, int64_t i0, int64_t i1, int tid) {
     for (int64_t i = i0; i < i1; i++) q->kern->quantize(q->a->x + (q->i0 + i) * d, d, q->xq + i * qrow);
 }
 
+/* One expert's part of phase 1's neuron range [g0, g1): its rows [r0, r1), the chunk's rows of
+ * h_e (t x n) and its gate and up rows. */
+typedef struct {
+    int64_t e, n, r0, r1;
+    float *h;
+    const uint8_t *gate, *up;
+} p1_piece;
+
+/* The next expert of [g0, g1) after p->e (start from p->e = -1) that is not skipped, into *p; a
+ * skipped expert's rows of h are zeroed on the way. 0 when none is left. */
+static int p1_next(const qffn_t *q, int64_t g0, int64_t g1, p1_piece *p) {
+    const qdot_ffn *a = q->a;
+    int64_t e = p->e + 1;
+    if (p->e < 0)
+        while (a->off[e + 1] <= g0) e++;
+    for (; e < a->n_experts && a->off[e] < g1; e++) {
+        const int64_t n = a->n[e];
+        const int64_t r0 = g0 > a->off[e] ? g0 - a->off[e] : 0, r1 = g1 < a->off[e + 1] ? g1 - a->off[e] : n;
+        float *h = a->h + a->t * a->off[e] + q->i0 * n;
+        if (a->skip[e]) {
+            for (int64_t i = 0; i < q->nt; i++) memset(h + i * n + r0, 0, (size_t)(r1 - r0) * sizeof *h);
+            continue;
+        }
+        *p = (p1_piece){e, n, r0, r1, h, a->bundles[e], a->bundles[e] + n * a->rb_g};
+        return 1;
+    }
+    return 0;
+}
+
 static void p1_rows(void *ctx, int64_t g0, int64_t g1, int tid) {
     const qffn_t *q = ctx;
     const qdot_ffn *a = q->a;
     uint8_t *buf = q->per_thread + tid * q->thread_bytes;
     float *ubuf = (float *)(buf + QW_ROWS * q->ub); /* nt x QW_ROWS */
-    const int64_t d = a->d, t = a->t, qrow = QX_ROW_BYTES(d), nt = q->nt;
+    const int64_t d = a->d, qrow = QX_ROW_BYTES(d), nt = q->nt;
     qw_row rows[QW_ROWS];
-    int64_t e = 0;
-    while (a->off[e + 1] <= g0) e++;
-    for (; e < a->n_experts && a->off[e] < g1; e++) {
-        const int64_t n = a->n[e];
-        const int64_t r0 = g0 > a->off[e] ? g0 - a->off[e] : 0, r1 = g1 < a->off[e + 1] ? g1 - a->off[e] : n;
-        float *h = a->h + t * a->off[e] + q->i0 * n; /* the chunk's rows of h_e (t x n) */
-        if (a->skip[e]) {
-            for (int64_t i = 0; i < nt; i++) memset(h + i * n + r0, 0, (size_t)(r1 - r0) * sizeof *h);
-            continue;
-        }
-        const uint8_t *gate = a->bundles[e], *up = gate + n * a->rb_g;
-        for (int64_t r = r0; r < r1; r += QW_ROWS) {
-            const int64_t nr = r1 - r < QW_ROWS ? r1 - r : QW_ROWS;
-            for (int64_t l = 0; l < nr; l++) fic_qdot_unpack(a->gate_fmt, gate + (r + l) * a->rb_g, d, buf + l * q->ub, &rows[l]);
-            q->kern->dot(rows, nr, q->xq, qrow, nt, h + r, n, 0);
-            for (int64_t l = 0; l < nr; l++) fic_qdot_unpack(a->up_fmt, up + (r + l) * a->rb_u, d, buf + l * q->ub, &rows[l]);
+    p1_piece p = {.e = -1};
+    while (p1_next(q, g0, g1, &p)) {
+        for (int64_t r = p.r0; r < p.r1; r += QW_ROWS) {
+            const int64_t nr = p.r1 - r < QW_ROWS ? p.r1 - r : QW_ROWS;
+            for (int64_t l = 0; l < nr; l++) fic_qdot_unpack(a->gate_fmt, p.gate + (r + l) * a->rb_g, d, buf + l * q->ub, &rows[l]);
+            q->kern->dot(rows, nr, q->xq, qrow, nt, p.h + r, p.n, 0);
+            for (int64_t l = 0; l < nr; l++) fic_qdot_unpack(a->up_fmt, p.up + (r + l) * a->rb_u, d, buf + l * q->ub, &rows[l]);
             q->kern->dot(rows, nr, q->xq, qrow, nt, ubuf, nr, 0);
-            swiglu_rows(q, e, h + r, n, nr, ubuf);
+            swiglu_rows(q, p.e, p.h + r, p.n, nr, ubuf);
         }
     }
 }
@@ -113,23 +133,14 @@ static void p1_q1_rows(void *ctx, int64_t g0, int64_t g1, int tid) {
     const qffn_t *q = ctx;
     const qdot_ffn *a = q->a;
     float *ubuf = (float *)(q->per_thread + tid * q->thread_bytes); /* nt x Q1_FFN_ROWS */
-    const int64_t d = a->d, t = a->t, qrow = Q1X_ROW_BYTES(d), nt = q->nt;
-    int64_t e = 0;
-    while (a->off[e + 1] <= g0) e++;
-    for (; e < a->n_experts && a->off[e] < g1; e++) {
-        const int64_t n = a->n[e];
-        const int64_t r0 = g0 > a->off[e] ? g0 - a->off[e] : 0, r1 = g1 < a->off[e + 1] ? g1 - a->off[e] : n;
-        float *h = a->h + t * a->off[e] + q->i0 * n; /* the chunk's rows of h_e (t x n) */
-        if (a->skip[e]) {
-            for (int64_t i = 0; i < nt; i++) memset(h + i * n + r0, 0, (size_t)(r1 - r0) * sizeof *h);
-            continue;
-        }
-        const uint8_t *gate = a->bundles[e], *up = gate + n * a->rb_g;
-        for (int64_t r = r0; r < r1; r += Q1_FFN_ROWS) {
-            const int64_t nr = r1 - r < Q1_FFN_ROWS ? r1 - r : Q1_FFN_ROWS;
-            q->kern->q1_dot(gate + r * a->rb_g, a->rb_g, nr, d, q->xq, qrow, nt, h + r, n, 0);
-            q->kern->q1_dot(up + r * a->rb_u, a->rb_u, nr, d, q->xq, qrow, nt, ubuf, nr, 0);
-            swiglu_rows(q, e, h + r, n, nr, ubuf);
+    const int64_t d = a->d, qrow = Q1X_ROW_BYTES(d), nt = q->nt;
+    p1_piece p = {.e = -1};
+    while (p1_next(q, g0, g1, &p)) {
+        for (int64_t r = p.r0; r < p.r1; r += Q1_FFN_ROWS) {
+            const int64_t nr = p.r1 - r < Q1_FFN_ROWS ? p.r1 - r : Q1_FFN_ROWS;
+            q->kern->q1_dot(p.gate + r * a->rb_g, a->rb_g, nr, d, q->xq, qrow, nt, p.h + r, p.n, 0);
+            q->kern->q1_dot(p.up + r * a->rb_u, a->rb_u, nr, d, q->xq, qrow, nt, ubuf, nr, 0);
+            swiglu_rows(q, p.e, p.h + r, p.n, nr, ubuf);
         }
     }
 }
