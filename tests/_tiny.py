@@ -87,3 +87,22 @@ def add_gguf_tokenizer(w, vocab_size: int) -> None:
     w.add_token_merges(["! !"])
     w.add_bos_token_id(0)
     w.add_eos_token_id(1)
+
+
+def convert_tiny_experts(root: Path) -> Path:
+    """A 3-layer tied Llama converted to fic's format in root / "plain": f32, 8 experts of 16 neurons
+    per layer (calibration and selection tests)."""
+    from flashinfer_cli.convert import ConvertOptions, convert
+
+    make_checkpoint("llama_tied", root / "hf", seed=1, n_layers=3)
+    return Path(convert(root / "hf", root / "plain", name="tiny", progress=False,
+                        options=ConvertOptions(quant="f32", expert_size=16)))
+
+
+def copy_model(src: Path, parent: Path, name: str = "tiny") -> Path:
+    """A copy of the model directory src as parent / name (a test's own to rewrite)."""
+    import shutil
+
+    dest = parent / name
+    shutil.copytree(src, dest)
+    return dest

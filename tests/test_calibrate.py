@@ -12,12 +12,11 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _tiny import make_checkpoint  # noqa: E402
+from _tiny import convert_tiny_experts, copy_model, make_checkpoint  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
 from flashinfer_cli import calibrate as cal, fmt, kernels, router  # noqa: E402
 from flashinfer_cli.cli import cli  # noqa: E402
-from flashinfer_cli.convert import ConvertOptions, convert  # noqa: E402
 from flashinfer_cli.engine import Engine, EngineError  # noqa: E402
 
 # few tokens, short windows and samples: a calibration of the tiny model takes about a second
@@ -28,23 +27,13 @@ PROMPT = "The quick brown fox jumps over the lazy dog. Berlin is the capital of"
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory) -> Path:
     """A converted tiny model without a predictor: 8 experts of 16 neurons per layer."""
-    root = tmp_path_factory.mktemp("calib")
-    make_checkpoint("llama_tied", root / "hf", seed=1, n_layers=3)
-    return Path(convert(root / "hf", root / "plain", name="tiny", progress=False,
-                        options=ConvertOptions(quant="f32", expert_size=16)))
+    return convert_tiny_experts(tmp_path_factory.mktemp("calib"))
 
 
 @pytest.fixture(scope="module")
 def calibrated(plain, tmp_path_factory) -> tuple[Path, cal.CalibrationResult]:
-    dest = tmp_path_factory.mktemp("calibrated") / "tiny"
-    shutil.copytree(plain, dest)
+    dest = copy_model(plain, tmp_path_factory.mktemp("calibrated"))
     return dest, cal.calibrate(dest, TINY_CFG, progress=False, held_out=1)
-
-
-def _copy(src: Path, tmp_path: Path) -> Path:
-    dest = tmp_path / "tiny"
-    shutil.copytree(src, dest)
-    return dest
 
 
 def _random_tensors(n_layers: int, d_model: int, d_ff: int, rank: int, seed: int, fmt_name: str) -> dict:
@@ -62,7 +51,7 @@ def _raw(v) -> bytes:
 # ---- the format -----------------------------------------------------------------------------
 
 def test_predictor_round_trips_through_the_format(plain, tmp_path):
-    model = _copy(plain, tmp_path)
+    model = copy_model(plain, tmp_path)
     assert fmt.ModelReader(model).predictor() is None  # a model converted before calibration: none
     man = fmt.parse_manifest(model / fmt.MANIFEST_FILE)
     d_model, d_ff, n_layers = man.arch["d_model"], man.arch["d_ff"], man.arch["n_layers"]
@@ -85,7 +74,7 @@ def test_predictor_round_trips_through_the_format(plain, tmp_path):
 
 
 def test_a_damaged_predictor_is_refused_with_its_file_named(plain, tmp_path):
-    model = _copy(plain, tmp_path)
+    model = copy_model(plain, tmp_path)
     man = fmt.parse_manifest(model / fmt.MANIFEST_FILE)
     tensors, _ = _random_tensors(man.arch["n_layers"], man.arch["d_model"], man.arch["d_ff"], 32, 0, "f32")
     path = fmt.write_predictor(model, tensors, {"rank": 32, "fmt": "f32"})
@@ -104,7 +93,7 @@ def _lines_of(fn) -> tuple:
 def test_write_predictor_interrupted_at_any_line_leaves_the_old_or_the_new(plain, tmp_path):
     """A Ctrl-C between any two statements of write_predictor (a trace function raises it): the
     model opens with its old predictor or the new one, whole, and no temporary file stays."""
-    model = _copy(plain, tmp_path)
+    model = copy_model(plain, tmp_path)
     man = fmt.parse_manifest(model / fmt.MANIFEST_FILE)
     shape = (man.arch["n_layers"], man.arch["d_model"], man.arch["d_ff"])
     old, _ = _random_tensors(*shape, 32, 0, "q8_0")
@@ -236,7 +225,7 @@ def test_calibration_is_deterministic_for_a_seed(calibrated, plain, tmp_path):
     model, first = calibrated
     with fmt.ModelReader(model) as reader:
         stored = {n: _raw(v) for n, v in reader.predictor().items()}
-    again = _copy(plain, tmp_path)
+    again = copy_model(plain, tmp_path)
     cal.calibrate(again, TINY_CFG, progress=False, held_out=0)
     with fmt.ModelReader(again) as reader:
         assert {n: _raw(v) for n, v in reader.predictor().items()} == stored
@@ -455,7 +444,7 @@ def test_cli_bad_input_is_one_line(plain, calibrated, args, says):
 
 
 def test_cli_calibrate_writes_the_predictor(plain, tmp_path):
-    model = _copy(plain, tmp_path)
+    model = copy_model(plain, tmp_path)
     res = _fic("calibrate", str(model), "--tokens", "200", "--rank", "32", "--seed", "1", "--no-progress")
     assert res.exit_code == 0, res.stderr
     assert "rank 32" in res.output and "held-out" in res.output
@@ -482,7 +471,7 @@ def test_pull_calibrates_on_request(tmp_path, monkeypatch):
 def test_cli_calibrate_cluster_reorders_then_fits_and_keeps_the_model(plain, tmp_path):
     """--cluster rewrites the expert order (shared neurons first, in the dense block) before the
     predictor is fitted; the rewrite is a permutation, so at active 1 the logits are the model's."""
-    model = _copy(plain, tmp_path)
+    model = copy_model(plain, tmp_path)
     ids = [1, 5, 9, 2, 7, 3]
     before = Engine.open(str(model), ctx=64).forward(ids)
     res = _fic("calibrate", str(model), "--cluster", "--shared", "0.25", "--tokens", "200", "--rank", "32",
@@ -496,7 +485,7 @@ def test_cli_calibrate_cluster_reorders_then_fits_and_keeps_the_model(plain, tmp
 
 
 def test_cli_calibrate_shared_needs_cluster(plain, tmp_path):
-    res = _fic("calibrate", str(_copy(plain, tmp_path)), "--shared", "0.1", "--no-progress")
+    res = _fic("calibrate", str(copy_model(plain, tmp_path)), "--shared", "0.1", "--no-progress")
     assert res.exit_code != 0 and res.stderr.strip().count("\n") == 0 and "--cluster" in res.stderr
 
 
@@ -577,7 +566,7 @@ def test_expert_target_round_trips_and_drives_the_sketch_policy(plain, tmp_path)
     """--target expert: the manifest says so, the predictor predicts one norm per expert (numpy's
     formula on the stored f32 matrices), the Scorer's rows keep each expert's norm spread over its
     neurons, and the sketch policy runs with it."""
-    model = _copy(plain, tmp_path)
+    model = copy_model(plain, tmp_path)
     cfg = cal.CalibrationConfig(**{**TINY_CFG.__dict__, "target": "expert", "fmt": "f32"})
     result = cal.calibrate(model, cfg, progress=False, held_out=1)
     assert {q.domain for q in result.held_out} == set(cal.DOMAINS)
@@ -611,7 +600,7 @@ def test_expert_target_round_trips_and_drives_the_sketch_policy(plain, tmp_path)
 def test_a_predictor_without_target_is_the_neuron_kind_and_a_bad_one_is_refused(calibrated, tmp_path):
     import json
 
-    model = _copy(calibrated[0], tmp_path)
+    model = copy_model(calibrated[0], tmp_path)
     man_path = model / fmt.MANIFEST_FILE
     raw = json.loads(man_path.read_text())
     assert "target" not in raw["predictor"]            # as every predictor written before the key
@@ -624,7 +613,7 @@ def test_a_predictor_without_target_is_the_neuron_kind_and_a_bad_one_is_refused(
 
 
 def test_cli_calibrate_target_and_domain_report(plain, tmp_path):
-    model = _copy(plain, tmp_path)
+    model = copy_model(plain, tmp_path)
     res = _fic("calibrate", str(model), "--tokens", "240", "--rank", "32", "--target", "expert", "--no-progress")
     assert res.exit_code == 0, res.stderr
     assert "calibration tokens per domain: prose 80, code 80, chat 80" in res.output

@@ -6,7 +6,6 @@ scores, and `sketch-mixed` averages the predictor's scores with static's as `mix
 Tiny random models (tests/_tiny.py): seconds."""
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 
@@ -14,12 +13,11 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _tiny import make_checkpoint  # noqa: E402
+from _tiny import convert_tiny_experts, copy_model  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
 from flashinfer_cli import calibrate as cal, router  # noqa: E402
 from flashinfer_cli.cli import cli  # noqa: E402
-from flashinfer_cli.convert import ConvertOptions, convert  # noqa: E402
 from flashinfer_cli.engine import Engine  # noqa: E402
 from flashinfer_cli.model import Model  # noqa: E402
 
@@ -31,23 +29,13 @@ STREAMING = "23M"  # below the tiny model's everything-resident size: a selectio
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory) -> Path:
     """A converted tiny model, neither predictor nor static scores: 8 experts of 16 neurons per layer."""
-    root = tmp_path_factory.mktemp("mix")
-    make_checkpoint("llama_tied", root / "hf", seed=1, n_layers=3)
-    return Path(convert(root / "hf", root / "plain", name="tiny", progress=False,
-                        options=ConvertOptions(quant="f32", expert_size=16)))
+    return convert_tiny_experts(tmp_path_factory.mktemp("mix"))
 
 
 @pytest.fixture(scope="module")
 def calibrated(plain, tmp_path_factory) -> tuple[Path, cal.CalibrationResult]:
-    dest = tmp_path_factory.mktemp("calibrated") / "tiny"
-    shutil.copytree(plain, dest)
+    dest = copy_model(plain, tmp_path_factory.mktemp("calibrated"))
     return dest, cal.calibrate(dest, TINY_CFG, progress=False, held_out=0)
-
-
-def _copy(src: Path, tmp_path: Path, name: str = "tiny") -> Path:
-    dest = tmp_path / name
-    shutil.copytree(src, dest)
-    return dest
 
 
 def _fic(*args):
@@ -77,7 +65,7 @@ def test_calibrate_stores_the_static_scores_an_open_would_compute(plain, calibra
     assert result.static_tokens == router.STATIC_TOKENS and result.static_seconds > 0
     # a model without them computes the same at its first open, under a budget (its own prefill
     # chunks, experts streamed), and stores them
-    fresh = _copy(plain, tmp_path)
+    fresh = copy_model(plain, tmp_path)
     eng = Engine.open(str(fresh), ctx=256, mem=STREAMING, mode="prune", active=0.5, policy="mixed")
     eng.close()
     again = router.load_static(fresh)
@@ -87,7 +75,7 @@ def test_calibrate_stores_the_static_scores_an_open_would_compute(plain, calibra
 def test_static_scores_of_a_short_context_are_used_but_not_stored(plain, tmp_path):
     """A context shorter than a window computes them in shorter windows: not the canonical scores,
     so they are not stored for the next engine."""
-    fresh = _copy(plain, tmp_path)
+    fresh = copy_model(plain, tmp_path)
     eng = Engine.open(str(fresh), ctx=router.STATIC_WINDOW // 2, mem=STREAMING, mode="prune", active=0.5,
                       policy="mixed")
     try:
@@ -99,7 +87,7 @@ def test_static_scores_of_a_short_context_are_used_but_not_stored(plain, tmp_pat
 
 def test_calibrate_without_write_or_static_leaves_no_static_scores(plain, tmp_path):
     for kw in ({"write": False}, {"static": False}):
-        m = _copy(plain, tmp_path, f"m{len(kw)}-{next(iter(kw))}")
+        m = copy_model(plain, tmp_path, f"m{len(kw)}-{next(iter(kw))}")
         res = cal.calibrate(m, TINY_CFG, progress=False, held_out=0, **kw)
         assert router.load_static(m) is None
         assert res.static_tokens == (router.STATIC_TOKENS if "write" in kw else 0)
@@ -112,7 +100,7 @@ def test_no_prefill_at_open_when_static_scores_are_stored(plain, calibrated, tmp
     assert count.calls == 0
     # without them the first open runs the calibration text (16 windows of 256 tokens; everything
     # resident, the prefill chunk is 512: one forward call each) and the next one nothing
-    fresh = _copy(plain, tmp_path)
+    fresh = copy_model(plain, tmp_path)
     Engine.open(str(fresh), ctx=256, mode="prune", active=0.5, policy="mixed").close()
     assert count.calls == router.STATIC_TOKENS // router.STATIC_WINDOW
     Engine.open(str(fresh), ctx=256, mode="prune", active=0.5, policy="mixed").close()
@@ -155,7 +143,7 @@ def test_the_measured_default_is_exact():
 
 
 def test_exact_mode_keeps_exact_and_computes_no_static_scores(plain, tmp_path, monkeypatch):
-    fresh = _copy(plain, tmp_path)
+    fresh = copy_model(plain, tmp_path)
     count = ForwardCount(monkeypatch)
     eng = Engine.open(str(fresh), ctx=256, mem=STREAMING)  # streaming: exact mode selects what stays resident
     try:
@@ -166,7 +154,7 @@ def test_exact_mode_keeps_exact_and_computes_no_static_scores(plain, tmp_path, m
 
 
 def test_cli_default_policy_and_fallback_said_in_verbose(plain, tmp_path):
-    fresh = _copy(plain, tmp_path)
+    fresh = copy_model(plain, tmp_path)
     prune = ["run", str(fresh), "hello", "--mode", "prune", "--active", "0.5", "--max-tokens", "2"]
     default = _fic(*prune, "--verbose")
     assert default.exit_code == 0, default.stderr
@@ -196,7 +184,7 @@ def test_show_says_whether_static_scores_are_stored(plain, calibrated):
 
 
 def test_cli_calibrate_reports_the_static_scores(plain, tmp_path):
-    model = _copy(plain, tmp_path)
+    model = copy_model(plain, tmp_path)
     res = _fic("calibrate", str(model), "--tokens", "200", "--rank", "32", "--no-progress")
     assert res.exit_code == 0, res.stderr
     assert f"static scores (--policy static, mixed) from {router.STATIC_TOKENS:,} tokens" in res.output
