@@ -9,7 +9,8 @@ float32 matrices: one FMA per 4 bytes, a plain read, and here faster than numpy'
 (which top out near 34 GB/s a thread). Taking the larger makes the % column strict.
 
 Kernels: every format x implementation, on 4096 x 4096 matrices (Q4_K and Q6_K, which fic reads but
-does not make, as random valid blocks: the bytes' values do not change the work). matvec cycles over enough copies
+does not make, as random valid blocks: the bytes' values do not change the work), and q1_0r32, Q1_0 in
+the r32 layout models use for their resident matrices (fic.h; no accum_rows). matvec cycles over enough copies
 of the matrix to fill >= 512 MiB, so the weights come from DRAM as in decode (one matrix alone
 would sit in L3); accum_rows streams the same copies with every row active. matmul runs T = 128
 tokens through one matrix; its figure is weight bytes over time, so its per-token cost is
@@ -117,7 +118,10 @@ def measure_bandwidth(w: np.ndarray, x: np.ndarray) -> tuple[dict[int, float], d
 
 
 def make_weights(w: np.ndarray, fmt: str, rng: np.random.Generator) -> K.QTensor:
-    """w in fmt; for the read-only K-quants, random bytes with finite, small fp16 scales."""
+    """w in fmt; for the read-only K-quants, random bytes with finite, small fp16 scales; for a layout
+    (q1_0r32), its format's matrix repacked."""
+    if fmt in K.LAYOUTS:
+        return K.q1r32_repack(K.quantize(w, K.LAYOUT_OF[fmt]))
     if fmt in K.QUANTIZABLE:
         return K.quantize(w, fmt)
     m, k = w.shape
@@ -140,7 +144,8 @@ def measure_kernels(w: np.ndarray, x: np.ndarray, xs: np.ndarray, formats: list[
                 K.set_threads(n_threads)
                 passes = 5 if fast and not quick else 1
                 tv = time_matvec(copies if fast else copies[:4], x, impl, passes)
-                ta = time_accum(copies if fast else copies[:4], impl, passes)
+                # accum_rows reads rows of the transpose: a layout of 32 rows side by side has none
+                ta = float("nan") if fmt in K.LAYOUTS else time_accum(copies if fast else copies[:4], impl, passes)
                 tm = float("nan")
                 if fast or with_ref_matmul:
                     tm = time_matmul(qt, xs, impl, reps=3 if fast and not quick else 1)
@@ -158,13 +163,13 @@ def print_table(bw: dict[int, float], timings: Timings, nbytes: dict[str, int]) 
         gbs = nb / tv / 1e9
         mm = "- | - | -" if np.isnan(tm) else f"{nb / tm / 1e9:.2f} | {tm / T * 1e6:.1f} | {tv / (tm / T):.1f}x"
         print(f"| {fmt} | {impl} | {n_threads} | {gbs:.1f} | {100 * gbs / bw[n_threads]:.0f}% | "
-              f"{tv * 1e6:.0f} | {nb / ta / 1e9:.1f} | {mm} |")
+              f"{tv * 1e6:.0f} | {'-' if not np.isfinite(ta) else f'{nb / ta / 1e9:.1f}'} | {mm} |")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions, skip the reference matmul")
-    ap.add_argument("--formats", default=",".join(K.FORMATS))
+    ap.add_argument("--formats", default=",".join([*K.FORMATS, *K.LAYOUTS]))
     ap.add_argument("--rounds", type=int, default=3,
                     help="repeat everything and keep each figure's best: other processes on a shared "
                          "machine only ever slow a measurement down")

@@ -45,7 +45,12 @@ enum fic_fmt {
     FIC_Q5_0 = 6,  /* 32 weights: fp16 d, 4 bytes of fifth bits, 16 bytes of nibbles 22 bytes */
     FIC_Q4_K = 7,  /* 256 weights: fp16 d, dmin, 12 bytes of 6-bit scales/mins, 128 bytes of nibbles: 144 */
     FIC_Q6_K = 8,  /* 256 weights: 128 bytes low nibbles, 64 bytes high bits, 16 int8 scales, fp16 d: 210 */
-    FIC_FMT_COUNT = 9
+    FIC_FMT_COUNT = 9,
+    /* Not a format but a layout of one: Q1_0's blocks with 32 rows side by side (the r32 layout,
+     * below; rows a multiple of 32). fic_matvec, fic_matmul (int8 prefill: FIC_ERR_UNSUPPORTED
+     * under FIC_IMPL_EXACT or where the CPU has no int8 Q1_0 kernel) and fic_decode_attn take
+     * it; fic_row_bytes gives Q1_0's row bytes, so a matrix is sliced at multiples of 32 rows. */
+    FIC_Q1_0R32 = 64
 };
 
 /* Kernel implementations. AUTO picks the fastest one this CPU supports. */
@@ -102,7 +107,8 @@ int fic_pool_threads(const fic_pool *pool);
  * kernel, the pool's thread count and the call's sizes, never on the format, implementation or
  * CPU. With A(b) = b rounded up to a multiple of 64, F(k) = max(min(60 k, 65536), 6 k) (floats
  * of a per-thread tile of dequantized rows) and P = fic_pool_threads(pool):
- *   fic_matvec            A(3 k)                  (x prepared once: int8 + scales, or block sums)
+ *   fic_matvec            A(10 k)                 (x prepared once: int8 + scales, or block sums;
+ *                                                  the r32 layout's tables)
  *   fic_matmul            P A(4 F(k))             (one tile per thread)
  *   fic_accum_rows        0
  *   fic_experts_ffn(_slots), E = n_experts > 0, N = sum of n_neurons, d = d_model:
@@ -178,6 +184,23 @@ int fic_fixed_flush(int64_t *acc, float *y, int64_t n);
 /* fic_silu_mul: h[k] = c * silu(h[k]) * u[k] for k < n, silu(g) = g / (1 + e^-g): the FFN's gating,
  * through impl's kernels (the reference uses expf, AVX2 a polynomial exp within ~2 ulp). */
 int fic_silu_mul(int impl, float c, float *h, const float *u, int64_t n);
+
+/* ---- Q1_0 in groups of 32 rows (q1r32.c) ----
+ * The r32 layout holds a Q1_0 matrix (m x k; m a multiple of 32, k of 128) reordered so that one
+ * 32-byte load gives 32 rows' sign byte: per group of 32 rows, per block b of 128 weights, the 32
+ * rows' d (fp16, 64 bytes), then for i < 16 the 32 rows' sign byte i of block b (32 bytes each):
+ * 576 bytes, as many as the 32 blocks it holds, so a matrix keeps its size.
+ * fic_q1r32_repack: src (row-major Q1_0) -> dst (r32); they must not overlap.
+ * fic_q1r32_unpack: the reverse, src (r32) -> dst (row-major Q1_0).
+ * fic_q1r32_ws_bytes: the workspace fic_q1r32_matvec needs for k (any number of threads).
+ * fic_q1r32_matvec: y = W x with x quantized to q8 blocks of 32 as fic_matmul's int8 path does
+ *   (fic_qdot_quantize), and per 4 weights a table of the 16 sums of +-xq that the kernel looks
+ *   up; every implementation, and any number of threads, gives the same bits. */
+int fic_q1r32_repack(const uint8_t *src, int64_t m, int64_t k, uint8_t *dst);
+int fic_q1r32_unpack(const uint8_t *src, int64_t m, int64_t k, uint8_t *dst);
+int64_t fic_q1r32_ws_bytes(int64_t k);
+int fic_q1r32_matvec(fic_pool *pool, int impl, const uint8_t *w, const float *x, float *y, int64_t m, int64_t k,
+                     void *ws, int64_t ws_bytes);
 
 /* ---- attention over an fp16 KV cache (attention.c) ----
  * Causal GQA attention of t queries at positions pos0..pos0+t-1 (q: t x n_heads x head_dim

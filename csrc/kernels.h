@@ -101,7 +101,7 @@ static inline int64_t ws_tile_floats(int64_t k) {
 static inline int ws_dim_ok(int64_t v) { return v >= 0 && v <= WS_MAX_DIM; }
 
 /* Bytes each kernel needs (fic.h), or -1 when a size is out of range. */
-static inline int64_t ws_matvec(int64_t k) { return ws_dim_ok(k) ? ws_round64(3 * k) : -1; }
+static inline int64_t ws_matvec(int64_t k) { return ws_dim_ok(k) ? ws_round64(10 * k) : -1; }
 
 static inline int64_t ws_matmul(int n_threads, int64_t k) {
     if (n_threads < 1 || n_threads > WS_MAX_THREADS || !ws_dim_ok(k)) return -1;
@@ -168,6 +168,16 @@ typedef void (*kern_fixed_add_fn)(const float *c, int64_t *acc, int64_t n);
 typedef void (*kern_pack8_fn)(const float *src, int64_t ld, int64_t n, float *dst);
 /* The FFN's gating: h[k] = c * silu(h[k]) * u[k], k < n (silu(g) = g / (1 + e^-g)). */
 typedef void (*kern_silu_mul_fn)(float c, float *h, const float *u, int64_t n);
+/* The Q1_0 r32 layout (fic.h): per group of 32 rows and per block of 128 weights, the 32 rows' d
+ * (fp16, row order), then for each of the block's 16 sign bytes i the 32 rows' byte i. */
+#define Q1R32_ROWS 32
+#define Q1R32_BLOCK_BYTES (Q1R32_ROWS * (2 + QK1_0 / 8)) /* 576: the same bytes as 32 blocks */
+#define Q1R32_TAB_BYTES 32                               /* table bytes per 4 weights */
+/* Q1_0 rows in groups of 32 (q1r32.c): y[32 g + r] for groups g0 <= g < g1 of w (nb blocks of 128
+ * weights per row), by lookups in tab (per 4 weights, the 16 sums of +-xq as int16: 16 low bytes,
+ * then 16 high bytes) scaled by dx (per 32 weights). */
+typedef void (*kern_q1r32_fn)(const uint8_t *w, int64_t nb, const uint8_t *tab, const float *dx, float *y,
+                              int64_t g0, int64_t g1);
 
 /* One format's kernels on one implementation. dot and deq are always set; the others are
  * optional fast paths (NULL: the generic code in kernels.c, matvec.c and ffn.c). */
@@ -194,6 +204,7 @@ typedef struct fic_kernels {
                                        that omit it leave it NULL) */
     kern_pack8_fn pack8;            /* pack_panels' transpose of 8 rows; NULL: pack8_ref */
     kern_silu_mul_fn silu_mul;      /* NULL: silu_mul_ref (expf) */
+    kern_q1r32_fn q1r32;            /* NULL: q1r32_ref */
 } fic_kernels;
 
 /* The traits columns every table repeats: block weights and bytes of each format. */
@@ -344,6 +355,18 @@ void silu_mul_avx2(float c, float *h, const float *u, int64_t n);
 static inline void silu_mul(const fic_kernels *kt, float c, float *h, const float *u, int64_t n) {
     if (kt->silu_mul) kt->silu_mul(c, h, u, n);
     else silu_mul_ref(c, h, u, n);
+}
+/* q1r32.c: the r32 layout's prefill (fic_matmul, t > 1, int8). */
+int q1r32_matmul(fic_pool *pool, int impl, const uint8_t *w, const float *x, float *y, int64_t t, int64_t m,
+                 int64_t k, void *ws, int64_t ws_bytes);
+void q1r32_ref(const uint8_t *w, int64_t nb, const uint8_t *tab, const float *dx, float *y, int64_t g0, int64_t g1);
+#if defined(FIC_X86)
+void q1r32_avx2(const uint8_t *w, int64_t nb, const uint8_t *tab, const float *dx, float *y, int64_t g0, int64_t g1);
+#endif
+static inline void q1r32(const fic_kernels *kt, const uint8_t *w, int64_t nb, const uint8_t *tab, const float *dx,
+                         float *y, int64_t g0, int64_t g1) {
+    if (kt->q1r32) kt->q1r32(w, nb, tab, dx, y, g0, g1);
+    else q1r32_ref(w, nb, tab, dx, y, g0, g1);
 }
 static inline void pack8(const fic_kernels *kt, const float *src, int64_t ld, int64_t n, float *dst) {
     if (kt->pack8) kt->pack8(src, ld, n, dst);

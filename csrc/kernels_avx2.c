@@ -180,6 +180,57 @@ TGT_AVX2 static float dot_q1_avx2(const job_t *j, const uint8_t *row) {
     return y;
 }
 
+/* Q1_0 in the r32 layout (q1r32.c): one pshufb looks up 32 rows' nibbles (lane 0 rows 0-15, lane 1
+ * rows 16-31) in a 4-weight group's table of 16 sums of +-xq; the table's low and high bytes,
+ * interleaved by unpack, are the int16 sums, added over a q8 block's 8 groups (at most 4,064 in
+ * magnitude). About 10 vector operations per 128 weights of a row against the 16 of dot2_q1_avx2
+ * (bench/RESULTS.md). The block 4 ahead is prefetched: one stream per thread, which the hardware
+ * prefetcher alone follows too late on this CPU. */
+#define Q1R32_PF_BLOCKS 4
+
+/* int16 sums of 32 rows' byte i (both nibbles) into A (rows 0-7 | 16-23) and B (rows 8-15 | 24-31). */
+TGT_AVX2 static inline void q1r32_byte(const uint8_t *p, const uint8_t *t, int i, __m256i *A, __m256i *B) {
+    const __m256i m4 = _mm256_set1_epi8(15);
+    const __m256i v = _mm256_loadu_si256((const __m256i *)(p + 2 * Q1R32_ROWS + Q1R32_ROWS * i));
+    const __m256i idx[2] = {_mm256_and_si256(v, m4), _mm256_and_si256(_mm256_srli_epi16(v, 4), m4)};
+    for (int h = 0; h < 2; h++) {
+        const uint8_t *tg = t + (2 * i + h) * Q1R32_TAB_BYTES;
+        const __m256i lo = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)tg)), idx[h]);
+        const __m256i hi = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(tg + 16))), idx[h]);
+        *A = _mm256_add_epi16(*A, _mm256_unpacklo_epi8(lo, hi));
+        *B = _mm256_add_epi16(*B, _mm256_unpackhi_epi8(lo, hi));
+    }
+}
+
+TGT_AVX2 void q1r32_avx2(const uint8_t *w, int64_t nb, const uint8_t *tab, const float *dx, float *y, int64_t g0,
+                         int64_t g1) {
+    for (int64_t g = g0; g < g1; g++) {
+        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        const uint8_t *p = w + g * nb * Q1R32_BLOCK_BYTES;
+        const uint8_t *end = w + g1 * nb * Q1R32_BLOCK_BYTES;
+        for (int64_t b = 0; b < nb; b++, p += Q1R32_BLOCK_BYTES) {
+            const uint8_t *pf = p + Q1R32_PF_BLOCKS * Q1R32_BLOCK_BYTES;
+            if (pf < end)
+                for (int o = 0; o < Q1R32_BLOCK_BYTES; o += 64) __builtin_prefetch(pf + o, 0, 0);
+            __m256 d[4]; /* rows 0-7, 8-15, 16-23, 24-31 */
+            for (int r = 0; r < 4; r++) d[r] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16 * r)));
+            const uint8_t *t = tab + b * (QK1_0 / 4) * Q1R32_TAB_BYTES;
+            for (int q = 0; q < QK1_0 / 32; q++) {
+                __m256i A = _mm256_setzero_si256(), B = _mm256_setzero_si256();
+                for (int i = 4 * q; i < 4 * q + 4; i++) q1r32_byte(p, t, i, &A, &B);
+                const __m256 dq = _mm256_set1_ps(dx[b * (QK1_0 / 32) + q]);
+                const __m256i s[4] = {_mm256_cvtepi16_epi32(_mm256_castsi256_si128(A)),
+                                      _mm256_cvtepi16_epi32(_mm256_castsi256_si128(B)),
+                                      _mm256_cvtepi16_epi32(_mm256_extracti128_si256(A, 1)),
+                                      _mm256_cvtepi16_epi32(_mm256_extracti128_si256(B, 1))};
+                for (int r = 0; r < 4; r++)
+                    acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d[r], dq), _mm256_cvtepi32_ps(s[r]), acc[r]);
+            }
+        }
+        for (int r = 0; r < 4; r++) _mm256_storeu_ps(y + g * Q1R32_ROWS + 8 * r, acc[r]);
+    }
+}
+
 /* ---- Q5_0, Q4_K, Q6_K on AVX2: float activations, as Q4_0/Q8_0 (weights dequantized in
  * registers with the reference's arithmetic, then multiplied by x in float). */
 
@@ -1081,5 +1132,6 @@ const fic_kernels fic_kernels_avx2 = {
     fixed_add_avx2,
     pack8_avx2,
     silu_mul_avx2,
+    q1r32_avx2,
 };
 #endif /* FIC_X86 */

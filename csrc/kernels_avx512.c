@@ -866,6 +866,7 @@ const fic_kernels fic_kernels_avx512 = {
     fixed_add_avx2,
     NULL, /* pack8: no panels here */
     silu_mul_avx2,
+    q1r32_avx2,
 };
 
 /* VNNI: Q4_0/Q4_1 with x in the pair layout when k >= 64 (else float, as without VNNI). */
@@ -884,6 +885,7 @@ const fic_kernels fic_kernels_avx512_vnni = {
     fixed_add_avx2,
     NULL, /* pack8: no panels here */
     silu_mul_avx2,
+    q1r32_avx2,
 };
 
 const fic_kernels fic_kernels_avx512_q1 = {
@@ -895,5 +897,6 @@ const fic_kernels fic_kernels_avx512_q1 = {
     fixed_add_avx2,
     NULL, /* pack8: no panels here */
     silu_mul_avx2,
+    q1r32_avx2,
 };
 #endif /* FIC_X86 */

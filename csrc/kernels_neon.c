@@ -279,5 +279,6 @@ const fic_kernels fic_kernels_neon = {
     NULL, /* fixed_add: fixed_add_ref */
     NULL, /* pack8: no panels here */
     NULL, /* silu_mul: silu_mul_ref */
+    NULL, /* q1r32: q1r32_ref */
 };
 #endif /* __aarch64__ */

@@ -149,6 +149,35 @@ void silu_mul_ref(float c, float *h, const float *u, int64_t n) {
     for (int64_t k = 0; k < n; k++) h[k] = c * fic_silu(h[k]) * u[k];
 }
 
+/* The r32 matvec's reference: per row, per q8 block of 32 weights, the integer sum of +-xq from
+ * the same tables as the fast paths, then acc = fma(d dx, sum, acc) in block order (fmaf: the
+ * fast paths' fused multiply-add, so both give the same bits). */
+void q1r32_ref(const uint8_t *w, int64_t nb, const uint8_t *tab, const float *dx, float *y, int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; g++) {
+        float acc[Q1R32_ROWS] = {0};
+        const uint8_t *p = w + g * nb * Q1R32_BLOCK_BYTES;
+        for (int64_t b = 0; b < nb; b++, p += Q1R32_BLOCK_BYTES) {
+            const uint8_t *t = tab + b * (QK1_0 / 4) * Q1R32_TAB_BYTES;
+            for (int q = 0; q < QK1_0 / 32; q++) {
+                int32_t s[Q1R32_ROWS] = {0};
+                for (int i = 4 * q; i < 4 * q + 4; i++) { /* sign byte i: weights 8i..8i+7 */
+                    const uint8_t *tl = t + 2 * i * Q1R32_TAB_BYTES, *th = tl + Q1R32_TAB_BYTES;
+                    for (int r = 0; r < Q1R32_ROWS; r++) {
+                        const uint8_t v = p[2 * Q1R32_ROWS + Q1R32_ROWS * i + r], lo = v & 15, hi = v >> 4;
+                        s[r] += (int16_t)(tl[lo] | tl[16 + lo] << 8) + (int16_t)(th[hi] | th[16 + hi] << 8);
+                    }
+                }
+                for (int r = 0; r < Q1R32_ROWS; r++) {
+                    fic_half h;
+                    memcpy(&h, p + 2 * r, 2);
+                    acc[r] = fmaf(fic_h2f(h) * dx[b * (QK1_0 / 32) + q], (float)s[r], acc[r]);
+                }
+            }
+        }
+        memcpy(y + g * Q1R32_ROWS, acc, sizeof acc);
+    }
+}
+
 /* Plain reference table: every optional entry NULL (generic code), x never prepared. */
 #define REF_ENTRY(name, KT) {KT, XP_NONE, XP_NONE, row_dot_##name##_ref, NULL, kern_deq_##name##_ref, NULL, NULL, NULL, NULL}
 const fic_kernels fic_kernels_scalar = {
@@ -170,4 +199,5 @@ const fic_kernels fic_kernels_scalar = {
     fixed_add_ref,
     pack8_ref,
     silu_mul_ref,
+    q1r32_ref,
 };

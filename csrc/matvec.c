@@ -72,6 +72,10 @@ static void matvec_range(void *ctx, int64_t r0, int64_t r1, int tid) {
 int fic_matvec(fic_pool *pool, int impl, int fmt, const uint8_t *w, const float *x, float *y, int64_t m,
                int64_t k, void *ws, int64_t ws_bytes) {
     job_t j;
+    if (fmt == FIC_Q1_0R32) { /* int8 only, as Q1_0: the exact flag changes nothing */
+        int st = ws_check(ws, ws_bytes, ws_matvec(k));
+        return st != FIC_OK ? st : fic_q1r32_matvec(pool, impl & ~FIC_IMPL_EXACT, w, x, y, m, k, ws, ws_bytes);
+    }
     int st = setup_job(&j, pool, impl & ~FIC_IMPL_EXACT, fmt, w, x, y, 1, m, k);
     if (st == FIC_OK) st = ws_check(ws, ws_bytes, ws_matvec(k));
     if (st != FIC_OK) return st;
@@ -149,6 +153,12 @@ int fic_matmul(fic_pool *pool, int impl, int fmt, const uint8_t *w, const float 
                int64_t m, int64_t k, void *ws, int64_t ws_bytes) {
     job_t j;
     const int n_threads = fic_pool_threads(pool), exact = impl & FIC_IMPL_EXACT;
+    if (fmt == FIC_Q1_0R32) {
+        int st = ws_check(ws, ws_bytes, ws_matmul(n_threads, k));
+        if (st != FIC_OK) return st;
+        if (t == 1) return ws_bytes < ws_matvec(k) ? FIC_ERR_WORKSPACE : fic_q1r32_matvec(pool, impl & ~FIC_IMPL_EXACT, w, x, y, m, k, ws, ws_bytes);
+        return exact ? FIC_ERR_UNSUPPORTED : q1r32_matmul(pool, impl, w, x, y, t, m, k, ws, ws_bytes);
+    }
     int st = setup_job(&j, pool, impl & ~FIC_IMPL_EXACT, fmt, w, x, y, t, m, k);
     if (st == FIC_OK) st = ws_check(ws, ws_bytes, ws_matmul(n_threads, k));
     if (st != FIC_OK) return st;

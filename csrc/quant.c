@@ -113,6 +113,7 @@ int fic_fmt_block_weights(int fmt) { return fmt_valid(fmt) ? BLOCK_WEIGHTS[fmt] 
 int fic_fmt_block_bytes(int fmt) { return fmt_valid(fmt) ? BLOCK_BYTES[fmt] : FIC_ERR_ARG; }
 
 int64_t fic_row_bytes(int fmt, int64_t k) {
+    if (fmt == FIC_Q1_0R32) fmt = FIC_Q1_0; /* the same bytes, 32 rows side by side */
     if (!fmt_valid(fmt) || k <= 0 || k % BLOCK_WEIGHTS[fmt] != 0)
         return FIC_ERR_ARG;
     int64_t n_blocks = k / BLOCK_WEIGHTS[fmt];

@@ -92,9 +92,14 @@ def _check(status: int, what: str) -> None:
 
 # ---- formats -------------------------------------------------------------------------------
 
+# Layouts of a format that matvec and matmul read (fic.h): Q1_0 with 32 rows side by side.
+LAYOUTS: dict[str, int] = {"q1_0r32": lib.FIC_Q1_0R32}
+LAYOUT_OF: dict[str, str] = {"q1_0r32": "q1_0"}  # layout -> the format whose bytes it holds
+
+
 def _fmt_id(fmt: str) -> int:
     try:
-        return FORMATS[fmt]
+        return FORMATS[fmt] if fmt in FORMATS else LAYOUTS[fmt]
     except KeyError:
         raise ValueError(f"unknown weight format {fmt!r} (known: {', '.join(FORMATS)})") from None
 
@@ -141,6 +146,8 @@ class QTensor:
         m, k = self.shape
         if not 0 <= start <= stop <= m:
             raise ValueError(f"rows [{start}, {stop}) outside 0..{m}")
+        if self.fmt in LAYOUTS and (start % Q1R32_ROWS or stop % Q1R32_ROWS):
+            raise ValueError(f"a {self.fmt} matrix is sliced at multiples of {Q1R32_ROWS} rows, not [{start}, {stop})")
         rb = row_bytes(self.fmt, k)
         return QTensor(self.fmt, (stop - start, k), self.data[start * rb:stop * rb])
 
@@ -174,6 +181,8 @@ def quantize(w: np.ndarray, fmt: str) -> QTensor:
 
 def dequantize(qt: QTensor) -> np.ndarray:
     m, k = qt.shape
+    if qt.fmt == "q1_0r32":
+        qt = q1r32_rows(qt, 0, m)
     out = np.empty((m, k), dtype=np.float32)
     _check(lib.fic_dequantize(_fmt_id(qt.fmt), _u8(qt.data), _f32(out), m, k), f"dequantize {qt.fmt}")
     return out
@@ -297,7 +306,7 @@ class _PrefillArithmetic(_Arithmetic):
     def impl(self, impl: str, formats: tuple[str, ...] = ()) -> int:
         """impl's id, FIC_IMPL_EXACT OR'ed in when products in these formats are to be exact."""
         if self.mode == "auto":
-            exact = not formats or any(f != "q1_0" for f in formats)
+            exact = not formats or any(LAYOUT_OF.get(f, f) != "q1_0" for f in formats)
             return _impl_id(impl) | (lib.FIC_IMPL_EXACT if exact else 0)
         if self.mode not in self.MODES:
             raise ValueError(f"{self.env}={self.mode!r} is not a {self.kind} mode (known: {', '.join(self.MODES)})")
@@ -509,6 +518,8 @@ def matmul(qt: QTensor, x: np.ndarray, *, impl: str = "auto") -> np.ndarray:
     if x.shape[1] != k:
         raise ValueError(f"X has {x.shape[1]} columns, weights have {k}")
     t = x.shape[0]
+    if qt.fmt == "q1_0r32" and t > 1 and _prefill_impl(impl, (qt.fmt,)) & lib.FIC_IMPL_EXACT:
+        qt = q1r32_rows(qt, 0, m)  # float prefill reads rows: the r32 layout has only the int8 path
     y = np.empty((t, m), dtype=np.float32)
     pool = _POOL.get()
     ws, ws_bytes, held = _ws_acquire(_POOL._n_threads, 1, k, 0, 0)  # the tiles do not depend on t
@@ -694,6 +705,62 @@ def silu_mul(c: float, h: np.ndarray, u: np.ndarray, *, impl: str = "auto") -> n
         raise ValueError(f"h must be writable and u of h's {h.size} elements")
     _check(lib.fic_silu_mul(_impl_id(impl), float(c), ffi.from_buffer("float[]", h), _f32(u), h.size), "silu_mul")
     return h
+
+# ---- Q1_0 in groups of 32 rows (the r32 layout) -------------------------------------------------
+
+Q1R32_ROWS = 32
+_R32_GROUP_CHUNK = 64  # groups repacked at a time: a bounded temporary copy
+
+
+def q1r32_wanted() -> bool:
+    """Whether models put their resident Q1_0 matrices in the r32 layout: FIC_Q1R32=1 or 0, else
+    where the best implementation has the layout's fast path (AVX2, AVX-512); NEON keeps its own
+    row-major Q1_0 kernel."""
+    mode = os.environ.get("FIC_Q1R32", "auto")
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"FIC_Q1R32={mode!r}: expected 0, 1 or auto")
+    return mode == "1" or (mode == "auto" and best_impl() in ("avx2", "avx512"))
+
+
+def q1r32_eligible(qt: QTensor) -> bool:
+    """qt can take the r32 layout: Q1_0 with rows a multiple of 32."""
+    return qt.fmt == "q1_0" and qt.shape[0] % Q1R32_ROWS == 0
+
+
+def q1r32_repack(qt: QTensor, *, in_place: bool = False) -> QTensor:
+    """qt (Q1_0, rows a multiple of 32) in the r32 layout (fmt "q1_0r32"): in a new buffer, or in
+    qt's own memory (a group of 32 rows keeps its bytes' range), through a copy of 64 groups at a
+    time."""
+    if not q1r32_eligible(qt):
+        raise ValueError(f"the r32 layout is for q1_0 matrices of a multiple of {Q1R32_ROWS} rows, "
+                         f"not {qt.fmt} {qt.shape}")
+    m, k = qt.shape
+    out = qt.data if in_place else aligned_buffer(qt.nbytes)
+    if in_place and not out.flags.writeable:
+        raise ValueError("in-place repacking needs writable weights")
+    group_bytes = Q1R32_ROWS * row_bytes("q1_0", k)
+    step = _R32_GROUP_CHUNK * group_bytes
+    for a in range(0, qt.nbytes, step):
+        src = qt.data[a:a + step].copy() if in_place else qt.data[a:a + step]
+        n_rows = src.nbytes // group_bytes * Q1R32_ROWS
+        _check(lib.fic_q1r32_repack(_u8(src), n_rows, k, _u8(out[a:a + step])), "q1r32_repack")
+    return QTensor("q1_0r32", qt.shape, out)
+
+
+def q1r32_rows(qt: QTensor, start: int, stop: int) -> QTensor:
+    """Rows [start, stop) of an r32 matrix back in Q1_0's row-major layout (a copy; the groups of 32
+    rows that hold them are unpacked, fic_q1r32_unpack)."""
+    m, k = qt.shape
+    if qt.fmt != "q1_0r32" or not 0 <= start <= stop <= m:
+        raise ValueError(f"rows [{start}, {stop}) of a {qt.fmt} {qt.shape} matrix")
+    rb = row_bytes("q1_0", k)
+    g0, g1 = start // Q1R32_ROWS, -(-stop // Q1R32_ROWS)
+    out = np.empty(max(1, (g1 - g0) * Q1R32_ROWS * rb), dtype=np.uint8)
+    if g1 > g0:
+        src = qt.data[g0 * Q1R32_ROWS * rb:g1 * Q1R32_ROWS * rb]
+        _check(lib.fic_q1r32_unpack(_u8(src), (g1 - g0) * Q1R32_ROWS, k, _u8(out)), "q1r32_unpack")
+    a = (start - g0 * Q1R32_ROWS) * rb
+    return QTensor("q1_0", (stop - start, k), out[a:a + (stop - start) * rb])
 
 
 class FixedFlush:

@@ -169,6 +169,8 @@ class Model:
         self.output_norm = _vec(dense["output_norm"])
         self.output = self.token_embd if c.tie_embeddings else _qt(dense["output"])
         self.layers = [self._layer(dense, i) for i in range(c.n_layers)]
+        if kernels.q1r32_wanted():
+            self._q1r32_layout()
         # the shared experts' h (t x neurons), sized once: the plan's scratch counts d_ff per token
         n_shared = max(man.shared_neurons, default=0)
         self._shared_scratch = np.empty(max(1, plan.prefill_chunk * n_shared), dtype=np.float32)
@@ -255,6 +257,29 @@ class Model:
             attn_output=_qt(dense[p + "attn_output"]),
             ffn_norm=_vec(dense[p + "ffn_norm"]),
         )
+
+    def _q1r32_layout(self) -> None:
+        """The resident Q1_0 matrices of attention and the output into the r32 layout, in place:
+        decode's matvec by table lookups, 1.3-1.5x the row-major kernel's speed from DRAM on 2
+        threads (bench/RESULTS.md, "Q1_0 in groups of 32 rows"); prefill unpacks them for the
+        row-major kernels, the same bits."""
+        c = self.config
+        cuts = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim)  # the fused decode slices q|k|v here
+
+        def r32(qt):
+            ok = isinstance(qt, QTensor) and kernels.q1r32_eligible(qt)
+            return kernels.q1r32_repack(qt, in_place=True) if ok else qt
+        for lw in self.layers:
+            if isinstance(lw.qkv, QTensor):
+                if all(n % kernels.Q1R32_ROWS == 0 for n in cuts):
+                    lw.qkv = r32(lw.qkv)
+            else:
+                lw.qkv = [r32(q) for q in lw.qkv]
+            lw.attn_output = r32(lw.attn_output)
+        tied = self.output is self.token_embd
+        self.output = r32(self.output)
+        if tied:
+            self.token_embd = self.output
 
     def _fused_attention(self) -> kernels.DecodeAttention:
         c = self.config
@@ -369,6 +394,8 @@ class Model:
         e = self.token_embd
         if isinstance(e, fmt.DenseRows):
             return kernels.dequantize(e.rows(list(tokens)))
+        if e.fmt == "q1_0r32":  # rows gathered back from their groups of 32
+            return np.concatenate([kernels.dequantize(kernels.q1r32_rows(e, t, t + 1)) for t in tokens])
         return np.concatenate([kernels.dequantize(e.rows(t, t + 1)) for t in tokens])
 
     def forward(self, tokens: Sequence[int], *, all_logits: bool = False) -> np.ndarray:

@@ -36,8 +36,9 @@ FLOAT_SLACK = 2.0
 REPO = Path(__file__).resolve().parents[1]
 # The kernels' files (csrc/build_ffi.py's SOURCES): shared code and one file per architecture.
 KERNEL_SOURCES = ("kernels.c", "kernels_scalar.c", "kernels_avx2.c", "kernels_avx512.c", "kernels_neon.c")
-# The int8-activation prefill path's C files (csrc/qdot.h), linked wherever matvec.c is.
-QDOT_SOURCES = ("qdot.c", "qdot_ffn.c", "qdot_scalar.c", "qdot_avx2.c", "qdot_neon.c")
+# The int8-activation C files linked wherever matvec.c is: the prefill path (csrc/qdot.h) and the
+# r32 layout's matvec and prefill (q1r32.c, which reuses qdot's quantizers).
+QDOT_SOURCES = ("qdot.c", "qdot_ffn.c", "qdot_scalar.c", "qdot_avx2.c", "qdot_neon.c", "q1r32.c")
 
 
 def _cpu_flags() -> set[str]:
@@ -545,7 +546,7 @@ def test_workspace_bytes_grows_with_every_maximum():
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_kernels_use_only_the_documented_workspace(fmt, impl, threads):
-    """matvec needs A(3k) bytes and matmul P A(4 F(k)) (fic.h; P = the pool's threads): with exactly
+    """matvec needs A(10k) bytes and matmul P A(4 F(k)) (fic.h; P = the pool's threads): with exactly
     that much they compute the right result and write nothing past it; with 64 bytes less they
     return FIC_ERR_WORKSPACE before writing y. accum_rows needs none."""
     lib, ffi = K.lib, K.ffi
@@ -554,7 +555,7 @@ def test_kernels_use_only_the_documented_workspace(fmt, impl, threads):
         k = k_of(fmt, k_units)
         qt, wd, rng = make(fmt, m, k, seed=k_units)
         x = rng.standard_normal((t, k), dtype=np.float32)
-        for name, need, n_out in [("matvec", ws_round64(3 * k), m),
+        for name, need, n_out in [("matvec", ws_round64(10 * k), m),
                                   ("matmul", threads * ws_round64(4 * tile_floats(k)), t * m)]:
             ws = K.aligned_buffer(need + 4096)
             ws[need:] = 0xA5
@@ -593,7 +594,7 @@ def test_workspace_alignment_and_null():
     assert lib.fic_matvec(*args, wsp, 8192) == lib.FIC_OK
     assert lib.fic_matvec(*args, wsp + 16, 8000) == lib.FIC_ERR_ARG      # not 64-byte aligned
     assert lib.fic_matvec(*args, ffi.NULL, 8192) == lib.FIC_ERR_ARG      # NULL with bytes
-    assert lib.fic_matvec(*args, ffi.NULL, 0) == lib.FIC_ERR_WORKSPACE   # needs A(3k) = 384
+    assert lib.fic_matvec(*args, ffi.NULL, 0) == lib.FIC_ERR_WORKSPACE   # needs A(10k) = 1280
     assert lib.fic_matvec(*args, wsp, -64) == lib.FIC_ERR_ARG
     assert lib.fic_accum_rows(*args[:4], K._f32(np.ones(4, np.float32)), K._f32(x), 4, 128, wsp + 8,
                               64) == lib.FIC_ERR_ARG

@@ -98,3 +98,24 @@ def test_decode_teacher_forced_matches_llama_cpp(q1_model, ids):
     m.forward(ids[:FIRST_DECODE])
     dec = np.stack([m.forward([t]) for t in ids[FIRST_DECODE:]])
     assert_agrees(dec, llama_logits(gguf_path, ids, FIRST_DECODE)[FIRST_DECODE:])
+
+
+def test_resident_matrices_take_the_r32_layout(q1_model, ids, monkeypatch):
+    """Where the CPU has the r32 kernels (FIC_Q1R32=auto), attention and the output are repacked at
+    open (csrc/q1r32.c). Prefill unpacks them for the row-major kernels: the same bits. Decode's
+    r32 matvec sums the same integers but scales them in another float order (1e-7 relative);
+    each next product's int8 rounding of x amplifies that, as it does any summation order
+    (measured here: logits 0.03 apart after 56 steps), so the two must agree as fic and llama.cpp
+    must (assert_agrees), not bit for bit."""
+    _, model = q1_model
+    out = {}
+    for mode in ("1", "0"):
+        monkeypatch.setenv("FIC_Q1R32", mode)
+        m = Engine.open(str(model), ctx=256).model
+        fmts = {m.output.fmt, m.layers[0].attn_output.fmt, m.layers[0].qkv.fmt}  # (untied: the embedding stays)
+        assert fmts == ({"q1_0r32"} if mode == "1" else {"q1_0"})
+        m.reset()
+        prefill = m.forward(ids[:FIRST_DECODE], all_logits=True)
+        out[mode] = np.concatenate([prefill, np.stack([m.forward([t]) for t in ids[FIRST_DECODE:]])])
+    assert (out["1"][:FIRST_DECODE] == out["0"][:FIRST_DECODE]).all()  # prefill: the same kernels
+    assert_agrees(out["1"], out["0"])

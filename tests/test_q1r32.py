@@ -1,0 +1,139 @@
+"""Q1_0 in the r32 layout (fic.h; csrc/q1r32.c): 32 rows' sign bytes side by side, matvec by table
+lookups. Checked against numpy's integer arithmetic of the same int8 activations (an independent
+reference: ggml's q8_0 rounding, sum of +-xq per 32 weights, then d_w dx in float64), every
+implementation against the scalar reference bit for bit, and prefill against the row-major Q1_0
+kernels it reuses."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from flashinfer_cli import kernels as K
+
+IMPLS = K.available_impls()
+SHAPES = [(32, 128), (64, 256), (96, 4096), (2048, 2048), (4160, 512)]
+
+
+def q1_matrix(m: int, k: int, seed: int) -> tuple[K.QTensor, np.random.Generator]:
+    rng = np.random.default_rng(seed)
+    return K.quantize(rng.standard_normal((m, k), dtype=np.float32), "q1_0"), rng
+
+
+def q8_numpy(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ggml's q8_0 of x: per 32 values d = amax / 127 and q = round-half-even(x / d), in float32."""
+    xb = x.reshape(-1, 32).astype(np.float32)
+    d = (np.abs(xb).max(axis=1) / np.float32(127)).astype(np.float32)
+    inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0).astype(np.float32)
+    return np.rint(xb * inv[:, None]).astype(np.int64).reshape(-1), d
+
+
+def reference(qt: K.QTensor, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """W x over q8 activations, the integer sums exact, in float64; and the bound of the kernels'
+    float32 part (a product and a fused multiply-add per q8 block: 3 roundings each, summed)."""
+    m, k = qt.shape
+    nb = k // 128
+    blk = qt.data.reshape(m, nb, 18)
+    d = blk[:, :, :2].copy().view(np.float16).astype(np.float64)[:, :, 0]
+    signs = 2 * np.unpackbits(blk[:, :, 2:], axis=2, bitorder="little").astype(np.int64) - 1  # (m, nb, 128)
+    q, dx = q8_numpy(x)
+    sums = (signs.reshape(m, nb, 4, 32) * q.reshape(nb, 4, 32)[None]).sum(axis=3)  # (m, nb, 4)
+    terms = sums * d[:, :, None] * dx.reshape(nb, 4)[None].astype(np.float64)
+    bound = 3 * 2.0 ** -24 * (np.abs(terms).sum(axis=(1, 2)) * (4 * nb))  # gamma_n over n block terms
+    return terms.sum(axis=(1, 2)), bound + 1e-30
+
+
+@pytest.mark.parametrize("m,k", SHAPES)
+def test_repack_round_trips(m, k):
+    qt, _ = q1_matrix(m, k, seed=m + k)
+    r = K.q1r32_repack(qt)
+    assert r.fmt == "q1_0r32" and r.shape == qt.shape and r.nbytes == qt.nbytes
+    assert (K.q1r32_rows(r, 0, m).data == qt.data).all()
+    assert (K.q1r32_rows(r, 3, min(m, 40)).data == qt.rows(3, min(m, 40)).data).all()
+    in_place = K.q1r32_repack(K.QTensor("q1_0", qt.shape, qt.data.copy()), in_place=True)
+    assert (in_place.data == r.data).all()
+    assert (r.rows(0, 32).data == r.data[:r.nbytes * 32 // m]).all()  # a group is a contiguous range
+    assert (K.dequantize(r) == K.dequantize(qt)).all()
+
+
+@pytest.mark.parametrize("m,k", SHAPES)
+def test_matvec_matches_integer_reference(m, k):
+    qt, rng = q1_matrix(m, k, seed=2 * m + k)
+    x = (3 * rng.standard_normal(k)).astype(np.float32)
+    r = K.q1r32_repack(qt)
+    want, bound = reference(qt, x)
+    ys = {impl: K.matvec(r, x, impl=impl) for impl in IMPLS}
+    for impl, y in ys.items():
+        err = np.abs(y.astype(np.float64) - want)
+        assert (err <= bound).all(), f"{impl}: error {err.max():.3g} over its bound"
+        assert (y == ys["ref"]).all(), f"{impl} differs from the scalar reference"
+    # the row-major Q1_0 kernel's answer to the same question, within both bounds
+    assert (np.abs(K.matvec(qt, x).astype(np.float64) - want) <= 2 * bound + 1e-6 * np.abs(want).max()).all()
+
+
+def test_threads_give_the_same_bits():
+    qt, rng = q1_matrix(4096, 1024, seed=5)
+    x = rng.standard_normal(1024).astype(np.float32)
+    r = K.q1r32_repack(qt)
+    before = K.get_threads()
+    try:
+        K.set_threads(1)
+        y1 = K.matvec(r, x)
+        K.set_threads(2)
+        y2 = K.matvec(r, x)
+    finally:
+        K.set_threads(before)
+    assert (y1 == y2).all()
+
+
+@pytest.mark.parametrize("prefill", ["auto", "exact"])
+def test_prefill_equals_the_row_major_kernels(prefill):
+    """T > 1 unpacks each group of 32 rows and runs Q1_0's own kernel (int8), or, for the float
+    prefill, the rows gathered back: the same bits as the row-major matrix either way."""
+    qt, rng = q1_matrix(320, 512, seed=7)
+    r = K.q1r32_repack(qt)
+    x = rng.standard_normal((9, 512), dtype=np.float32)
+    with K.prefill_mode(prefill):
+        assert (K.matmul(r, x) == K.matmul(qt, x)).all()
+        one = K.matmul(r, x[:1])  # one token through matmul: the r32 matvec
+    assert (one[0] == K.matvec(r, x[0])).all()
+
+
+def test_bad_shapes_and_arguments_are_refused():
+    lib, ffi = K.lib, K.ffi
+    qt, rng = q1_matrix(48, 256, seed=9)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        K.q1r32_repack(qt)
+    with pytest.raises(ValueError, match="q1_0"):
+        K.q1r32_repack(K.quantize(rng.standard_normal((32, 256), dtype=np.float32), "q4_0"))
+    r = K.q1r32_repack(qt.rows(0, 32))
+    with pytest.raises(ValueError, match="multiples of 32"):
+        r.rows(0, 16)
+    src = np.zeros(32 * 36, np.uint8)
+    assert lib.fic_q1r32_repack(K._u8(src), 32, 256, K._u8(src)) == lib.FIC_ERR_ARG  # overlap
+    assert lib.fic_q1r32_repack(K._u8(src), 32, 200, K._u8(np.zeros_like(src))) == lib.FIC_ERR_ARG
+    x = np.ones(256, np.float32)
+    y = np.full(32, np.nan, np.float32)
+    need = lib.fic_q1r32_ws_bytes(256)
+    ws = K.aligned_buffer(need)
+    args = (ffi.NULL, lib.FIC_IMPL_AUTO, K._u8(r.data), K._f32(x), K._f32(y))
+    assert lib.fic_q1r32_matvec(*args, 32, 256, K._u8(ws), need - 64) == lib.FIC_ERR_WORKSPACE
+    assert lib.fic_q1r32_matvec(*args, 16, 256, K._u8(ws), need) == lib.FIC_ERR_ARG
+    assert lib.fic_q1r32_matvec(*args, 32, 192, K._u8(ws), need) == lib.FIC_ERR_ARG
+    assert np.isnan(y).all()
+    ws_mv = K.aligned_buffer(10 * 256)  # fic_matvec's A(10 k) covers the layout's tables
+    assert lib.fic_matvec(ffi.NULL, lib.FIC_IMPL_AUTO, lib.FIC_Q1_0R32, K._u8(r.data), K._f32(x), K._f32(y), 40, 256,
+                          K._u8(ws_mv), ws_mv.nbytes) == lib.FIC_ERR_ARG
+    assert lib.fic_q1r32_matvec(*args, 32, 256, K._u8(ws), need) == lib.FIC_OK
+    assert lib.fic_row_bytes(lib.FIC_Q1_0R32, 256) == lib.fic_row_bytes(lib.FIC_Q1_0, 256)
+
+
+def test_the_layout_switch(monkeypatch):
+    monkeypatch.setenv("FIC_Q1R32", "0")
+    assert not K.q1r32_wanted()
+    monkeypatch.setenv("FIC_Q1R32", "1")
+    assert K.q1r32_wanted()
+    monkeypatch.setenv("FIC_Q1R32", "auto")
+    assert K.q1r32_wanted() == (K.best_impl() in ("avx2", "avx512"))
+    monkeypatch.setenv("FIC_Q1R32", "yes")
+    with pytest.raises(ValueError, match="FIC_Q1R32"):
+        K.q1r32_wanted()
