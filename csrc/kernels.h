@@ -356,7 +356,8 @@ static inline void silu_mul(const fic_kernels *kt, float c, float *h, const floa
     if (kt->silu_mul) kt->silu_mul(c, h, u, n);
     else silu_mul_ref(c, h, u, n);
 }
-/* q1r32.c: the r32 layout's prefill (fic_matmul, t > 1, int8). */
+/* q1r32.c: fic_matmul of an r32 matrix (t = 1: its matvec; t > 1: qdot.c's Q1_0 prefill, a group
+ * unpacked at a time). The workspace is fic_matmul's. */
 int q1r32_matmul(fic_pool *pool, int impl, const uint8_t *w, const float *x, float *y, int64_t t, int64_t m,
                  int64_t k, void *ws, int64_t ws_bytes);
 void q1r32_ref(const uint8_t *w, int64_t nb, const uint8_t *tab, const float *dx, float *y, int64_t g0, int64_t g1);

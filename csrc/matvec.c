@@ -153,11 +153,10 @@ int fic_matmul(fic_pool *pool, int impl, int fmt, const uint8_t *w, const float 
                int64_t m, int64_t k, void *ws, int64_t ws_bytes) {
     job_t j;
     const int n_threads = fic_pool_threads(pool), exact = impl & FIC_IMPL_EXACT;
-    if (fmt == FIC_Q1_0R32) {
-        int st = ws_check(ws, ws_bytes, ws_matmul(n_threads, k));
+    if (fmt == FIC_Q1_0R32) { /* the int8 path only (a float prefill reads rows: FIC_ERR_UNSUPPORTED) */
+        const int st = ws_check(ws, ws_bytes, ws_matmul(n_threads, k));
         if (st != FIC_OK) return st;
-        if (t == 1) return ws_bytes < ws_matvec(k) ? FIC_ERR_WORKSPACE : fic_q1r32_matvec(pool, impl & ~FIC_IMPL_EXACT, w, x, y, m, k, ws, ws_bytes);
-        return exact ? FIC_ERR_UNSUPPORTED : q1r32_matmul(pool, impl, w, x, y, t, m, k, ws, ws_bytes);
+        return exact && t > 1 ? FIC_ERR_UNSUPPORTED : q1r32_matmul(pool, impl & ~FIC_IMPL_EXACT, w, x, y, t, m, k, ws, ws_bytes);
     }
     int st = setup_job(&j, pool, impl & ~FIC_IMPL_EXACT, fmt, w, x, y, t, m, k);
     if (st == FIC_OK) st = ws_check(ws, ws_bytes, ws_matmul(n_threads, k));

@@ -18,43 +18,36 @@ static int shape_ok(int64_t m, int64_t k) {
     return m > 0 && k > 0 && m % Q1R32_ROWS == 0 && k % QK1_0 == 0 && m <= WS_MAX_DIM && k <= WS_MAX_DIM;
 }
 
-int fic_q1r32_repack(const uint8_t *src, int64_t m, int64_t k, uint8_t *dst) {
-    if (src == NULL || dst == NULL || !shape_ok(m, k)) return FIC_ERR_ARG;
-    const int64_t nb = k / QK1_0, rb = nb * (int64_t)sizeof(block_q1_0), total = m * rb;
-    if (dst < src + total && src < dst + total) return FIC_ERR_ARG;
-    for (int64_t g = 0; g < m / Q1R32_ROWS; g++)
-        for (int64_t b = 0; b < nb; b++) {
-            uint8_t *o = dst + (g * nb + b) * Q1R32_BLOCK_BYTES;
-            for (int r = 0; r < Q1R32_ROWS; r++) {
-                const block_q1_0 *blk = (const block_q1_0 *)(src + (g * Q1R32_ROWS + r) * rb) + b;
-                memcpy(o + 2 * r, &blk->d, 2);
-                for (int i = 0; i < QK1_0 / 8; i++) o[2 * Q1R32_ROWS + Q1R32_ROWS * i + r] = blk->qs[i];
+/* Offset in an r32 block of row r's byte j of its Q1_0 block (j < 2: d, then sign byte j - 2). */
+static inline int r32_offset(int r, int j) {
+    return j < 2 ? 2 * r + j : 2 * Q1R32_ROWS + Q1R32_ROWS * (j - 2) + r;
+}
+
+/* One group of 32 rows (nb blocks each) between the layouts: from row-major rows to an r32 group
+ * (to_r32), or from an r32 group back to rows. */
+static void move_group(const uint8_t *from, uint8_t *to, int64_t nb, int to_r32) {
+    const int64_t bb = (int64_t)sizeof(block_q1_0), rb = nb * bb;
+    for (int64_t b = 0; b < nb; b++)
+        for (int r = 0; r < Q1R32_ROWS; r++)
+            for (int jb = 0; jb < (int)bb; jb++) {
+                const int64_t row_at = r * rb + b * bb + jb, group_at = b * Q1R32_BLOCK_BYTES + r32_offset(r, jb);
+                if (to_r32) to[group_at] = from[row_at];
+                else to[row_at] = from[group_at];
             }
-        }
-    return FIC_OK;
 }
 
-/* Rows 32 g .. 32 g + 31 of an r32 matrix (nb blocks per row) into 32 row-major Q1_0 rows. */
-static void unpack_group(const uint8_t *w, int64_t nb, int64_t g, uint8_t *rows) {
-    const int64_t rb = nb * (int64_t)sizeof(block_q1_0);
-    for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *p = w + (g * nb + b) * Q1R32_BLOCK_BYTES;
-        for (int r = 0; r < Q1R32_ROWS; r++) {
-            block_q1_0 *blk = (block_q1_0 *)(rows + r * rb) + b;
-            memcpy(&blk->d, p + 2 * r, 2);
-            for (int i = 0; i < QK1_0 / 8; i++) blk->qs[i] = p[2 * Q1R32_ROWS + Q1R32_ROWS * i + r];
-        }
-    }
-}
-
-int fic_q1r32_unpack(const uint8_t *src, int64_t m, int64_t k, uint8_t *dst) {
+/* src -> dst, m x k Q1_0 weights from one layout to the other, a group at a time (a group holds the
+ * same byte range in both); no overlap. */
+static int convert(const uint8_t *src, int64_t m, int64_t k, uint8_t *dst, int to_r32) {
     if (src == NULL || dst == NULL || !shape_ok(m, k)) return FIC_ERR_ARG;
-    const int64_t nb = k / QK1_0, total = m * nb * (int64_t)sizeof(block_q1_0);
+    const int64_t nb = k / QK1_0, group_bytes = nb * Q1R32_BLOCK_BYTES, total = m / Q1R32_ROWS * group_bytes;
     if (dst < src + total && src < dst + total) return FIC_ERR_ARG;
-    for (int64_t g = 0; g < m / Q1R32_ROWS; g++)
-        unpack_group(src, nb, g, dst + g * nb * Q1R32_BLOCK_BYTES);
+    for (int64_t g = 0; g < m / Q1R32_ROWS; g++) move_group(src + g * group_bytes, dst + g * group_bytes, nb, to_r32);
     return FIC_OK;
 }
+
+int fic_q1r32_repack(const uint8_t *src, int64_t m, int64_t k, uint8_t *dst) { return convert(src, m, k, dst, 1); }
+int fic_q1r32_unpack(const uint8_t *src, int64_t m, int64_t k, uint8_t *dst) { return convert(src, m, k, dst, 0); }
 
 int64_t fic_q1r32_ws_bytes(int64_t k) {
     if (k <= 0 || k % QK1_0 != 0 || k > WS_MAX_DIM) return FIC_ERR_ARG;
@@ -111,52 +104,17 @@ int fic_q1r32_matvec(fic_pool *pool, int impl, const uint8_t *w, const float *x,
     return FIC_OK;
 }
 
-/* ---- prefill: each 32-row group back in rows (one thread's buffer), then Q1_0's int8 kernel ---- */
-
-typedef struct {
-    const qdot_kernels *kern;
-    const uint8_t *w;
-    const float *x;
-    float *y;
-    uint8_t *rows, *xq;
-    int64_t m, k, nb, rows_bytes, qrow, nt;
-} r32_mm;
-
-static void r32_quantize_range(void *ctx, int64_t i0, int64_t i1, int tid) {
-    const r32_mm *j = ctx;
-    (void)tid;
-    for (int64_t i = i0; i < i1; i++) j->kern->q1_quantize(j->x + i * j->k, j->k, j->xq + i * j->qrow);
-}
-
-static void r32_groups_range(void *ctx, int64_t g0, int64_t g1, int tid) {
-    const r32_mm *j = ctx;
-    uint8_t *rows = j->rows + tid * j->rows_bytes;
-    const int64_t rb = j->nb * (int64_t)sizeof(block_q1_0);
-    for (int64_t g = g0; g < g1; g++) {
-        unpack_group(j->w, j->nb, g, rows);
-        j->kern->q1_dot(rows, rb, Q1R32_ROWS, j->k, j->xq, j->qrow, j->nt, j->y + g * Q1R32_ROWS, j->m, 0);
-    }
-}
-
 int q1r32_matmul(fic_pool *pool, int impl, const uint8_t *w, const float *x, float *y, int64_t t, int64_t m,
                  int64_t k, void *ws, int64_t ws_bytes) {
     if (w == NULL || x == NULL || y == NULL || t <= 0 || !shape_ok(m, k)) return FIC_ERR_ARG;
+    if (impl < FIC_IMPL_AUTO || impl > FIC_IMPL_NEON) return FIC_ERR_ARG;
     if (impl == FIC_IMPL_AUTO) impl = fic_impl_best();
-    const qdot_kernels *kern = fic_qdot_kernels(impl);
-    if (kern->q1_dot == NULL || kern->q1_quantize == NULL) return FIC_ERR_UNSUPPORTED;
-    const int64_t n_threads = fic_pool_threads(pool), nb = k / QK1_0;
-    r32_mm j = {kern, w, NULL, NULL, ws, NULL, m, k, nb, ws_round64(Q1R32_ROWS * nb * (int64_t)sizeof(block_q1_0)),
-                Q1X_ROW_BYTES(k), 0};
-    const int64_t avail = ws_bytes - n_threads * j.rows_bytes;
-    if (avail < j.qrow) return FIC_ERR_WORKSPACE;
-    const int64_t chunk_t = avail / j.qrow;
-    j.xq = (uint8_t *)ws + n_threads * j.rows_bytes;
-    for (int64_t i0 = 0; i0 < t; i0 += chunk_t) {
-        j.nt = t - i0 < chunk_t ? t - i0 : chunk_t;
-        j.x = x + i0 * k;
-        j.y = y + i0 * m;
-        fic_parallel_for(pool, j.nt, (j.nt + n_threads - 1) / n_threads, r32_quantize_range, &j);
-        fic_parallel_for(pool, m / Q1R32_ROWS, 1, r32_groups_range, &j);
-    }
-    return FIC_OK;
+    if (!fic_impl_available(impl)) return FIC_ERR_UNSUPPORTED;
+    if (t == 1) return fic_q1r32_matvec(pool, impl, w, x, y, m, k, ws, ws_bytes);
+    return fic_qdot_matmul(pool, impl, FIC_Q1_0R32, w, x, y, t, m, k, ws, ws_bytes);
+}
+
+void q1r32_group_rows(const uint8_t *w, int64_t k, int64_t g, uint8_t *rows) {
+    const int64_t nb = k / QK1_0;
+    move_group(w + g * nb * Q1R32_BLOCK_BYTES, rows, nb, 0);
 }

@@ -49,16 +49,30 @@ static void q1_rows_range(void *ctx, int64_t r0, int64_t r1, int tid) {
     j->kern->q1_dot(j->w + r0 * j->row_bytes, j->row_bytes, r1 - r0, j->k, j->xq, j->qrow, j->nt, j->y + r0, j->m, 0);
 }
 
+/* The r32 layout (fic.h): each group of 32 rows back in rows in the thread's buffer, then the same
+ * kernel: the same bits as the row-major matrix. */
+static void q1r32_groups_range(void *ctx, int64_t g0, int64_t g1, int tid) {
+    const qmm_t *j = ctx;
+    uint8_t *rows = j->unpack + tid * j->unpack_bytes;
+    for (int64_t g = g0; g < g1; g++) {
+        q1r32_group_rows(j->w, j->k, g, rows);
+        j->kern->q1_dot(rows, j->row_bytes, 32, j->k, j->xq, j->qrow, j->nt, j->y + g * 32, j->m, 0);
+    }
+}
+
 #define Q1_MM_ROWS 32 /* rows per chunk: 9 KiB at k = 2048, re-read from L1/L2 by every token group */
 
 static int q1_matmul(fic_pool *pool, qmm_t *j, int64_t t, void *ws, int64_t ws_bytes) {
-    const int64_t n_threads = fic_pool_threads(pool);
+    const int64_t n_threads = fic_pool_threads(pool), r32 = j->fmt == FIC_Q1_0R32;
     j->qrow = Q1X_ROW_BYTES(j->k);
-    if (ws_bytes < j->qrow) return FIC_ERR_WORKSPACE;
-    const int64_t chunk_t = ws_bytes / j->qrow;
+    j->unpack_bytes = r32 ? (32 * j->row_bytes + 63) / 64 * 64 : 0; /* r32: a group's rows a thread */
+    const int64_t avail = ws_bytes - n_threads * j->unpack_bytes;
+    if (avail < j->qrow) return FIC_ERR_WORKSPACE;
+    const int64_t chunk_t = avail / j->qrow;
     const float *x = j->x;
     float *y = j->y;
-    j->xq = ws;
+    j->unpack = ws;
+    j->xq = (uint8_t *)ws + n_threads * j->unpack_bytes;
     /* small matrices: still at least 2 chunks a thread */
     int64_t rows = (j->m + 2 * n_threads - 1) / (2 * n_threads);
     rows = rows < Q1_MM_ROWS ? rows : Q1_MM_ROWS;
@@ -67,7 +81,10 @@ static int q1_matmul(fic_pool *pool, qmm_t *j, int64_t t, void *ws, int64_t ws_b
         j->x = x + i0 * j->k;
         j->y = y + i0 * j->m;
         fic_parallel_for(pool, j->nt, (j->nt + n_threads - 1) / n_threads, q1_quantize_range, j);
-        fic_parallel_for(pool, j->m, rows, q1_rows_range, j);
+        if (r32)
+            fic_parallel_for(pool, j->m / 32, (j->m / 32 + 2 * n_threads - 1) / (2 * n_threads), q1r32_groups_range, j);
+        else
+            fic_parallel_for(pool, j->m, rows, q1_rows_range, j);
     }
     return FIC_OK;
 }
@@ -78,7 +95,8 @@ int fic_qdot_matmul(fic_pool *pool, int impl, int fmt, const uint8_t *w, const f
     qmm_t j = {.kern = fic_qdot_kernels(impl), .fmt = fmt, .w = w, .m = m, .k = k,
                .row_bytes = fic_row_bytes(fmt, k), .qrow = QX_ROW_BYTES(k),
                .unpack_bytes = (QW_ROW_BYTES(k) + 63) / 64 * 64};
-    if (fmt == FIC_Q1_0 && j.kern->q1_dot != NULL) {
+    if (fmt == FIC_Q1_0R32 && j.kern->q1_dot == NULL) return FIC_ERR_UNSUPPORTED;
+    if ((fmt == FIC_Q1_0 || fmt == FIC_Q1_0R32) && j.kern->q1_dot != NULL) {
         j.x = x;
         j.y = y;
         return q1_matmul(pool, &j, t, ws, ws_bytes);

@@ -124,6 +124,14 @@ def test_bad_shapes_and_arguments_are_refused():
     assert lib.fic_matvec(ffi.NULL, lib.FIC_IMPL_AUTO, lib.FIC_Q1_0R32, K._u8(r.data), K._f32(x), K._f32(y), 40, 256,
                           K._u8(ws_mv), ws_mv.nbytes) == lib.FIC_ERR_ARG
     assert lib.fic_q1r32_matvec(*args, 32, 256, K._u8(ws), need) == lib.FIC_OK
+    # fic_matmul: the float prefill reads rows, which the layout has not (Python gathers them first)
+    xt = np.ones((2, 256), np.float32)
+    yt = np.zeros((2, 32), np.float32)
+    ws_mm = K.aligned_buffer(K.workspace_bytes_for(n_threads=1, max_t=2, max_k=256))
+    mm = (ffi.NULL, lib.FIC_IMPL_REF | lib.FIC_IMPL_EXACT, lib.FIC_Q1_0R32, K._u8(r.data), K._f32(xt), K._f32(yt))
+    assert lib.fic_matmul(*mm, 2, 32, 256, K._u8(ws_mm), ws_mm.nbytes) == lib.FIC_ERR_UNSUPPORTED
+    assert lib.fic_matmul(*mm, 1, 32, 256, K._u8(ws_mm), ws_mm.nbytes) == lib.FIC_OK
+    assert lib.fic_matmul(*mm[:1], lib.FIC_IMPL_REF, *mm[2:], 2, 48, 256, K._u8(ws_mm), ws_mm.nbytes) == lib.FIC_ERR_ARG
     assert lib.fic_row_bytes(lib.FIC_Q1_0R32, 256) == lib.fic_row_bytes(lib.FIC_Q1_0, 256)
 
 
