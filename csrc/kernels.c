@@ -145,15 +145,17 @@ void prep_x(job_t *j, void *mem) {
 }
 
 
-/* Rows per chunk: one chunk per thread for a small matrix (each chunk is a fresh memory
- * stream that must ramp up), about four per thread once chunks reach 1 MiB (load balance). */
+/* Rows per chunk: chunks of at least 1 MiB where the matrix has them (each chunk is a fresh memory
+ * stream that must ramp up), up to four a thread (load balance), and always a whole number of
+ * chunks a thread: three 1 MiB chunks and a short one on 2 threads (Q1_0's phase 1 of 6,144
+ * neurons) left one thread two full chunks while the other had one and the short one. */
 int64_t row_chunk(fic_pool *pool, int64_t m, int64_t row_bytes) {
-    int64_t n_threads = fic_pool_threads(pool);
-    int64_t per_thread = (m + n_threads - 1) / n_threads;
-    int64_t c = (m + 4 * n_threads - 1) / (4 * n_threads);
-    int64_t min_rows = ((int64_t)1 << 20) / row_bytes + 1;
-    c = c < min_rows ? min_rows : c;
-    return c > per_thread ? per_thread : c;
+    const int64_t n_threads = fic_pool_threads(pool);
+    const int64_t min_rows = ((int64_t)1 << 20) / row_bytes + 1;
+    int64_t n_chunks = m / min_rows / n_threads * n_threads;
+    if (n_chunks < n_threads) n_chunks = n_threads;
+    if (n_chunks > 4 * n_threads) n_chunks = 4 * n_threads;
+    return (m + n_chunks - 1) / n_chunks;
 }
 
 
