@@ -97,10 +97,7 @@ int fic_q1r32_matvec(fic_pool *pool, int impl, const uint8_t *w, const float *x,
     build_tables((const int8_t *)qx, k, tab);
     const int64_t nb = k / QK1_0, n_groups = m / Q1R32_ROWS;
     r32_job j = {kt, w, tab, (const float *)(qx + k), y, nb};
-    /* two chunks a thread: whole groups are big (18 KiB at k = 4096), so row_chunk's 1 MiB floor
-     * left 2 threads 3 chunks, one a quarter of the others */
-    const int64_t n_chunks = 2 * (int64_t)fic_pool_threads(pool);
-    fic_parallel_for(pool, n_groups, (n_groups + n_chunks - 1) / n_chunks, r32_range, &j);
+    fic_parallel_for(pool, n_groups, row_chunk(pool, n_groups, nb * Q1R32_BLOCK_BYTES), r32_range, &j);
     return FIC_OK;
 }
 
