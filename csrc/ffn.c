@@ -22,6 +22,9 @@
  *            dequantized tiles times all tokens. rows (down_e is n_e x d_model): threads split
  *            d_model in block-aligned column ranges, as accum_rows; zero h rows are not read.
  *
+ * Bundles in the r32 layout (all three formats FIC_Q1_0R32) take q1r32.c's one-token FFN, and for
+ * t > 1 the int8 phases of qdot_ffn.c, which gather their rows back (the same bits as row-major).
+ *
  * An expert whose coef is 0 for every token is skipped entirely (its bundle is not touched);
  * for t > 1 a zero coef of one token makes that token's h zero (exact zero contribution).
  * Scratch holds h: expert e's block is t x n_e floats at t * (n_0 + ... + n_{e-1}), left there
@@ -45,7 +48,7 @@ static inline const uint8_t *up_row(const ffn_t *f, int64_t e, int64_t r) {
     return f->bundles[e] + (int64_t)f->n[e] * f->rb_g + r * f->rb_u;
 }
 /* The expert holding flattened neuron index g (binary search over off). */
-static int64_t expert_of(const ffn_t *f, int64_t g) {
+int64_t ffn_expert_of(const ffn_t *f, int64_t g) {
     int64_t lo = 0, hi = f->n_experts - 1;
     while (lo < hi) {
         int64_t mid = (lo + hi + 1) / 2;
@@ -120,7 +123,7 @@ static void p1_rows(const ffn_t *f, int64_t e, int up, int64_t r0, int64_t r1, f
 static void phase1_t1(void *ctx, int64_t g0, int64_t g1, int tid) {
     const ffn_t *f = ctx;
     (void)tid;
-    for (int64_t e = expert_of(f, g0); e < f->n_experts && f->off[e] < g1; e++) {
+    for (int64_t e = ffn_expert_of(f, g0); e < f->n_experts && f->off[e] < g1; e++) {
         int64_t r0 = g0 > f->off[e] ? g0 - f->off[e] : 0;
         int64_t r1 = g1 < f->off[e + 1] ? g1 - f->off[e] : f->n[e];
         float *h = f->h + f->off[e]; /* t = 1 */
@@ -146,7 +149,7 @@ static void phase1_tiles(void *ctx, int64_t g0, int64_t g1, int tid) {
     float *ubuf = tile + f->tile1_rows * f->d; /* t x tile1_rows */
     const int64_t t = f->t;
     const int panels = uses_panels(f->kt, t, f->d); /* as tile1_rows was chosen */
-    for (int64_t e = expert_of(f, g0); e < f->n_experts && f->off[e] < g1; e++) {
+    for (int64_t e = ffn_expert_of(f, g0); e < f->n_experts && f->off[e] < g1; e++) {
         const int64_t n = f->n[e];
         int64_t r0 = g0 > f->off[e] ? g0 - f->off[e] : 0;
         int64_t r1 = g1 < f->off[e + 1] ? g1 - f->off[e] : n;
@@ -296,14 +299,24 @@ static qdot_ffn qdot_args(const ffn_t *f, int64_t n_max) {
 
 /* ---- the entry points --------------------------------------------------------------------- */
 
+static int is_r32(const fic_expert_layout *lay) {
+    return lay->gate_fmt == FIC_Q1_0R32 || lay->up_fmt == FIC_Q1_0R32 || lay->down_fmt == FIC_Q1_0R32;
+}
+
 /* Validates everything but the bundles, resolves impl, fills n_total and checks the workspace. */
 static int check_args(fic_pool *pool, int *impl, const fic_expert_layout *lay, const int32_t *n_neurons,
                       int64_t n_experts, const float *x, float *y, int64_t t, const float *scratch,
                       int64_t scratch_floats, const void *ws, int64_t ws_bytes, int64_t *n_total) {
     if (lay == NULL || x == NULL || y == NULL || t <= 0 || n_experts < 0) return FIC_ERR_ARG;
     const int64_t d = lay->d_model;
-    if (d <= 0 || !fmt_ok(lay->gate_fmt) || !fmt_ok(lay->up_fmt) || !fmt_ok(lay->down_fmt)) return FIC_ERR_ARG;
-    if (lay->down_rows != 0 && lay->down_rows != 1) return FIC_ERR_ARG;
+    if (d <= 0 || (lay->down_rows != 0 && lay->down_rows != 1)) return FIC_ERR_ARG;
+    if (is_r32(lay)) { /* all three parts in the layout, down as columns, d a multiple of 128 */
+        if (lay->gate_fmt != FIC_Q1_0R32 || lay->up_fmt != FIC_Q1_0R32 || lay->down_fmt != FIC_Q1_0R32 ||
+            lay->down_rows)
+            return FIC_ERR_ARG;
+    } else if (!fmt_ok(lay->gate_fmt) || !fmt_ok(lay->up_fmt) || !fmt_ok(lay->down_fmt)) {
+        return FIC_ERR_ARG;
+    }
     if (fic_row_bytes(lay->gate_fmt, d) <= 0 || fic_row_bytes(lay->up_fmt, d) <= 0) return FIC_ERR_ARG;
     if (lay->down_rows && fic_row_bytes(lay->down_fmt, d) <= 0) return FIC_ERR_ARG;
     if (n_experts > 0 && n_neurons == NULL) return FIC_ERR_ARG;
@@ -379,6 +392,13 @@ static int ffn_run(fic_pool *pool, int impl, const fic_expert_layout *layout, co
     }
 
     const int n_threads = fic_pool_threads(pool);
+    if (is_r32(layout)) { /* int8 only, as Q1_0 (t = 1 ignores the exact flag, as Q1_0's matvec does) */
+        if (t == 1) return q1r32_ffn_t1(pool, &f, rest, rest_bytes);
+        if (exact || fic_qdot_kernels(impl)->q1_dot == NULL) return FIC_ERR_UNSUPPORTED; /* rows in float */
+        const qdot_ffn qa = qdot_args(&f, n_max);
+        int st = fic_qdot_ffn_phase1(pool, &qa, rest, rest_bytes);
+        return st != FIC_OK ? st : fic_qdot_ffn_down_cols(pool, &qa, rest, rest_bytes);
+    }
     if (t == 1) {
         /* phase 1: x prepared once for gate and once for up */
         init_job(&f.jg, kt, f.gate_fmt, NULL, x, NULL, 1, 1, f.d);

@@ -114,7 +114,9 @@ int fic_pool_threads(const fic_pool *pool);
  *   fic_experts_ffn(_slots), E = n_experts > 0, N = sum of n_neurons, d = d_model:
  *       A(8 E) + A(E (17 + J) + 8)                (bundle pointers; per expert tables, J an
  *                                                  internal per-expert record of <= 256 bytes)
- *     + t = 1: 2 A(3 d) + A(3 N) + 64 E           (x prepared for gate and up, h_e for down)
+ *     + t = 1: A(3 d) + A(8 d) + A(2 N) + A(8 N) + 64 E
+ *                                                 (x prepared for gate and up, h_e for down; the
+ *                                                  r32 layout's tables of x and of every h_e)
  *       t > 1: P A(4 (max(F(d), F(N), 512) + 60 t)) (one tile per thread)
  *     (E = 0 needs nothing).
  * fic_workspace_bytes returns the most any of these needs for P <= n_threads, t <= max_t,
@@ -201,6 +203,13 @@ int fic_q1r32_unpack(const uint8_t *src, int64_t m, int64_t k, uint8_t *dst);
 int64_t fic_q1r32_ws_bytes(int64_t k);
 int fic_q1r32_matvec(fic_pool *pool, int impl, const uint8_t *w, const float *x, float *y, int64_t m, int64_t k,
                      void *ws, int64_t ws_bytes);
+/* An expert bundle of Q1_0 weights in the columns down layout (gate n x d, up n x d, down d x n;
+ * n and d multiples of 128) repacked in place, each part into the r32 layout: what
+ * fic_experts_ffn(_slots) reads with all three formats FIC_Q1_0R32 (one token: the r32 tables;
+ * t > 1: the rows gathered back for Q1_0's int8 prefill, the same bits; the exact float prefill:
+ * FIC_ERR_UNSUPPORTED). ws holds fic_q1r32_bundle_ws_bytes(n, d) bytes (one group). */
+int64_t fic_q1r32_bundle_ws_bytes(int64_t n, int64_t d);
+int fic_q1r32_bundle(uint8_t *bundle, int64_t n, int64_t d, void *ws, int64_t ws_bytes);
 
 /* ---- attention over an fp16 KV cache (attention.c) ----
  * Causal GQA attention of t queries at positions pos0..pos0+t-1 (q: t x n_heads x head_dim

@@ -118,7 +118,8 @@ static inline int64_t ws_ffn(int n_threads, int64_t t, int64_t d, int64_t e, int
         return -1;
     if (e == 0 || t == 0) return 0;
     const int64_t fixed = ws_ffn_ptrs(e) + ws_ffn_tables(e);
-    if (t == 1) return fixed + 2 * ws_round64(3 * d) + ws_round64(3 * n) + 64 * e;
+    /* t = 1: row-major formats use 2 A(3 d) + A(3 n) + 64 e; the r32 layout (q1r32_ffn_t1) its four areas */
+    if (t == 1) return fixed + ws_round64(3 * d) + ws_round64(8 * d) + ws_round64(2 * n) + ws_round64(8 * n) + 64 * e;
     int64_t f = ws_tile_floats(d), fn = ws_tile_floats(n);
     f = f > fn ? f : fn;
     f = f > SEG_FLOATS ? f : SEG_FLOATS;
@@ -369,6 +370,13 @@ static inline void q1r32(const fic_kernels *kt, const uint8_t *w, int64_t nb, co
     if (kt->q1r32) kt->q1r32(w, nb, tab, dx, y, g0, g1);
     else q1r32_ref(w, nb, tab, dx, y, g0, g1);
 }
+/* q1r32.c: the tables of x quantized (k int8, QX_ROW_BYTES(k)), 32 bytes per 4 weights; one token's
+ * FFN over r32 bundles (ffn.c's t = 1 path; ws holds the four areas of ws_ffn's t = 1 bound after
+ * the tables). */
+void q1r32_build_tables(const int8_t *xq, int64_t k, uint8_t *tab);
+int q1r32_ffn_t1(fic_pool *pool, const ffn_t *f, uint8_t *ws, int64_t ws_bytes);
+/* ffn.c: the expert holding flattened neuron index g */
+int64_t ffn_expert_of(const ffn_t *f, int64_t g);
 static inline void pack8(const fic_kernels *kt, const float *src, int64_t ld, int64_t n, float *dst) {
     if (kt->pack8) kt->pack8(src, ld, n, dst);
     else pack8_ref(src, ld, n, dst);

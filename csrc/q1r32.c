@@ -5,7 +5,9 @@
  * bytes side by side, the work turns around: x is prepared once per call as a table per 4 weights
  * (the 16 sums of +-xq, T-MAC's idea), and one byte shuffle looks up 32 rows' 4-weight sums at
  * once. Exact integer sums, the same as the row-major path's, then the float scaling per q8 block.
- * The kernels are in the architecture files (q1r32_ref, q1r32_avx2), reached through the table. */
+ * The kernels are in the architecture files (q1r32_ref, q1r32_avx2), reached through the table.
+ * Expert bundles in the layout (gate, up and down parts each in groups of 32 rows) run one token's
+ * FFN here too (q1r32_ffn_t1); their prefill gathers rows back (q1r32_row, qdot_ffn.c). */
 #include <stdint.h>
 #include <string.h>
 
@@ -56,7 +58,7 @@ int64_t fic_q1r32_ws_bytes(int64_t k) {
 
 /* Per 4 weights (bits 0..3 of a nibble, LSB first as Q1_0's), e[n] = sum_t (bit t of n ? xq : -xq),
  * 16 low bytes then 16 high bytes of each int16; each entry from an earlier one plus 2 xq. */
-static void build_tables(const int8_t *xq, int64_t k, uint8_t *tab) {
+void q1r32_build_tables(const int8_t *xq, int64_t k, uint8_t *tab) {
     for (int64_t grp = 0; grp < k / 4; grp++) {
         const int8_t *x = xq + 4 * grp;
         int16_t e[16];
@@ -94,7 +96,7 @@ int fic_q1r32_matvec(fic_pool *pool, int impl, const uint8_t *w, const float *x,
     if (kt == NULL) return FIC_ERR_UNSUPPORTED;
     uint8_t *qx = ws, *tab = qx + QX_BYTES(k);
     fic_qdot_kernels(impl)->quantize(x, k, qx); /* int8 x, then the q8 blocks' d (then their sums) */
-    build_tables((const int8_t *)qx, k, tab);
+    q1r32_build_tables((const int8_t *)qx, k, tab);
     const int64_t nb = k / QK1_0, n_groups = m / Q1R32_ROWS;
     r32_job j = {kt, w, tab, (const float *)(qx + k), y, nb};
     fic_parallel_for(pool, n_groups, row_chunk(pool, n_groups, nb * Q1R32_BLOCK_BYTES), r32_range, &j);
@@ -114,4 +116,143 @@ int q1r32_matmul(fic_pool *pool, int impl, const uint8_t *w, const float *x, flo
 void q1r32_group_rows(const uint8_t *w, int64_t k, int64_t g, uint8_t *rows) {
     const int64_t nb = k / QK1_0;
     move_group(w + g * nb * Q1R32_BLOCK_BYTES, rows, nb, 0);
+}
+
+void q1r32_row(const uint8_t *w, int64_t k, int64_t r, uint8_t *dst) {
+    const int64_t nb = k / QK1_0, rr = r % Q1R32_ROWS;
+    const uint8_t *src = w + r / Q1R32_ROWS * nb * Q1R32_BLOCK_BYTES;
+    for (int64_t b = 0; b < nb; b++, src += Q1R32_BLOCK_BYTES, dst += sizeof(block_q1_0))
+        for (int j = 0; j < (int)sizeof(block_q1_0); j++) dst[j] = src[r32_offset((int)rr, j)];
+}
+
+/* ---- an expert bundle in place ------------------------------------------------------------ */
+
+/* A bundle's three parts: gate (n x d), up (n x d), down (d x n: the columns layout). */
+static int bundle_shape_ok(int64_t n, int64_t d) {
+    return n > 0 && d > 0 && n % QK1_0 == 0 && d % QK1_0 == 0 && n <= WS_MAX_DIM && d <= WS_MAX_DIM;
+}
+
+int64_t fic_q1r32_bundle_ws_bytes(int64_t n, int64_t d) {
+    if (!bundle_shape_ok(n, d)) return FIC_ERR_ARG;
+    return ws_round64((n > d ? n : d) / QK1_0 * Q1R32_BLOCK_BYTES); /* one group of the longer rows */
+}
+
+/* m x k in place, a group at a time through tmp. */
+static void repack_in_place(uint8_t *w, int64_t m, int64_t k, uint8_t *tmp) {
+    const int64_t nb = k / QK1_0, group_bytes = nb * Q1R32_BLOCK_BYTES;
+    for (int64_t g = 0; g < m / Q1R32_ROWS; g++) {
+        memcpy(tmp, w + g * group_bytes, (size_t)group_bytes);
+        move_group(tmp, w + g * group_bytes, nb, 1);
+    }
+}
+
+int fic_q1r32_bundle(uint8_t *bundle, int64_t n, int64_t d, void *ws, int64_t ws_bytes) {
+    if (bundle == NULL || ws == NULL || !bundle_shape_ok(n, d)) return FIC_ERR_ARG;
+    if (ws_bytes < fic_q1r32_bundle_ws_bytes(n, d)) return FIC_ERR_WORKSPACE;
+    const int64_t rb = d / QK1_0 * (int64_t)sizeof(block_q1_0);
+    repack_in_place(bundle, n, d, ws);
+    repack_in_place(bundle + n * rb, n, d, ws);
+    repack_in_place(bundle + 2 * n * rb, d, n, ws);
+    return FIC_OK;
+}
+
+/* ---- one token's expert FFN over r32 bundles (ffn.c's t = 1 path for FIC_Q1_0R32) -----------
+ *   phase 1: x quantized and tabled once for every expert's gate and up rows; threads split the
+ *            experts' 32-row groups (all experts back to back); for an expert's groups, the gate
+ *            rows into h, then the up rows R32_UP_GROUPS groups at a time, h = coef silu(gate) up.
+ *   phase 2: each expert's h_e quantized and tabled once (threads split the experts); threads
+ *            split d_model's 32-row groups; per R32_UP_GROUPS groups, each expert's down rows add
+ *            into y (expert order) or, fixed, are rounded into acc on their own.
+ * A row's value depends only on its group's bytes and the tables: the same bits whatever the
+ * threads, the chunks, or which other experts share the call. */
+
+#define R32_STEP_GROUPS 2 /* groups per step of the up rows and of phase 2: 64 floats on the stack */
+
+typedef struct {
+    const ffn_t *f;
+    const qdot_kernels *qk;
+    uint8_t *qx, *tab;   /* phase 1: x quantized, its tables */
+    uint8_t *qh, *tabh;  /* phase 2: h_e quantized at QX_ROW_BYTES(off[e]), its tables at 8 off[e] */
+} r32ffn_t;
+
+static const uint8_t *up_part(const ffn_t *f, int64_t e) { return f->bundles[e] + (int64_t)f->n[e] * f->rb_g; }
+
+static void r32_phase1(void *ctx, int64_t g0, int64_t g1, int tid) {
+    const r32ffn_t *q = ctx;
+    const ffn_t *f = q->f;
+    (void)tid;
+    const int64_t nb = f->d / QK1_0, gb = nb * Q1R32_BLOCK_BYTES;
+    const float *dx = (const float *)(q->qx + f->d);
+    for (int64_t e = ffn_expert_of(f, g0 * Q1R32_ROWS); e < f->n_experts && f->off[e] < g1 * Q1R32_ROWS; e++) {
+        const int64_t o = f->off[e] / Q1R32_ROWS, n_groups = f->n[e] / Q1R32_ROWS;
+        const int64_t a = g0 > o ? g0 - o : 0, b = g1 - o < n_groups ? g1 - o : n_groups;
+        float *h = f->h + f->off[e];
+        if (f->skip[e]) {
+            memset(h + a * Q1R32_ROWS, 0, (size_t)((b - a) * Q1R32_ROWS) * sizeof *h);
+            continue;
+        }
+        const float c = f->coef == NULL ? 1.0f : f->coef[e];
+        q1r32(f->kt, f->bundles[e], nb, q->tab, dx, h, a, b); /* gate values into h */
+        for (int64_t g = a; g < b; g += R32_STEP_GROUPS) {
+            const int64_t ng = b - g < R32_STEP_GROUPS ? b - g : R32_STEP_GROUPS;
+            float u[R32_STEP_GROUPS * Q1R32_ROWS];
+            q1r32(f->kt, up_part(f, e) + g * gb, nb, q->tab, dx, u, 0, ng);
+            silu_mul(f->kt, c, h + g * Q1R32_ROWS, u, ng * Q1R32_ROWS);
+        }
+    }
+}
+
+static void r32_prep_h(void *ctx, int64_t e0, int64_t e1, int tid) {
+    const r32ffn_t *q = ctx;
+    const ffn_t *f = q->f;
+    (void)tid;
+    for (int64_t e = e0; e < e1; e++) {
+        if (f->skip[e]) continue;
+        uint8_t *qh = q->qh + QX_ROW_BYTES(f->off[e]);
+        q->qk->quantize(f->h + f->off[e], f->n[e], qh);
+        q1r32_build_tables((const int8_t *)qh, f->n[e], q->tabh + 8 * f->off[e]);
+    }
+}
+
+static void r32_phase2(void *ctx, int64_t g0, int64_t g1, int tid) {
+    const r32ffn_t *q = ctx;
+    const ffn_t *f = q->f;
+    (void)tid;
+    for (int64_t g = g0; g < g1; g += R32_STEP_GROUPS) {
+        const int64_t ng = g1 - g < R32_STEP_GROUPS ? g1 - g : R32_STEP_GROUPS, nr = ng * Q1R32_ROWS;
+        for (int64_t e = 0; e < f->n_experts; e++) {
+            if (f->skip[e]) continue;
+            const int64_t n = f->n[e], nb = n / QK1_0;
+            const float *dx = (const float *)(q->qh + QX_ROW_BYTES(f->off[e]) + n);
+            float out[R32_STEP_GROUPS * Q1R32_ROWS];
+            q1r32(f->kt, down_part(f, e) + g * nb * Q1R32_BLOCK_BYTES, nb, q->tabh + 8 * f->off[e], dx, out, 0, ng);
+            if (f->acc != NULL) {
+                fixed_add(f->kt, out, f->acc + g * Q1R32_ROWS, nr);
+            } else {
+                float *y = f->y + g * Q1R32_ROWS;
+                for (int64_t r = 0; r < nr; r++) y[r] += out[r];
+            }
+        }
+    }
+}
+
+int q1r32_ffn_t1(fic_pool *pool, const ffn_t *f, uint8_t *ws, int64_t ws_bytes) {
+    const int64_t d = f->d, n_total = f->n_total;
+    const int64_t need = ws_round64(3 * d) + ws_round64(8 * d) + ws_round64(2 * n_total) + ws_round64(8 * n_total);
+    if (ws_bytes < need) return FIC_ERR_WORKSPACE; /* within fic.h's bound for t = 1 */
+    r32ffn_t q = {.f = f, .qk = fic_qdot_kernels(f->impl), .qx = ws};
+    q.tab = q.qx + ws_round64(3 * d);
+    q.qh = q.tab + ws_round64(8 * d);
+    q.tabh = q.qh + ws_round64(2 * n_total);
+    q.qk->quantize(f->x, d, q.qx);
+    q1r32_build_tables((const int8_t *)q.qx, d, q.tab);
+    const int64_t n_groups = n_total / Q1R32_ROWS, rb = d / QK1_0 * (int64_t)sizeof(block_q1_0);
+    fic_parallel_for(pool, n_groups, row_chunk(pool, n_groups, Q1R32_ROWS * 2 * rb), r32_phase1, &q);
+    fic_parallel_for(pool, f->n_experts, 1, r32_prep_h, &q);
+    int64_t rb_sum = 0;
+    for (int64_t e = 0; e < f->n_experts; e++) rb_sum += f->skip[e] ? 0 : f->rb_d[e];
+    const int64_t d_groups = d / Q1R32_ROWS;
+    int64_t c2 = row_chunk(pool, d_groups, Q1R32_ROWS * (rb_sum > 0 ? rb_sum : 1));
+    fic_parallel_for(pool, d_groups, c2, r32_phase2, &q);
+    return FIC_OK;
 }

@@ -9,7 +9,8 @@
  *            unpacked into one row and multiplied with every token (results do not depend on the
  *            thread count).
  * Q1_0 (gate and up, or down) takes its own kernels instead (qdot.h Q1X_*): rows read as stored,
- * no unpacking; down pieces gathered as whole blocks.
+ * no unpacking; down pieces gathered as whole blocks. Bundles in the r32 layout (FIC_Q1_0R32) take
+ * the same kernels on rows gathered back from their groups (q1r32_row) into the thread's buffer.
  * Tokens go in chunks that fit the workspace beside each thread's unpacked rows and buffer;
  * nothing is allocated. */
 #include <math.h>
@@ -129,17 +130,26 @@ static void p1_q1_quantize(void *ctx, int64_t i0, int64_t i1, int tid) {
     for (int64_t i = i0; i < i1; i++) q->kern->q1_quantize(q->a->x + (q->i0 + i) * d, d, q->xq + i * qrow);
 }
 
+/* Rows [r, r + nr) of an r32 matrix of k columns gathered into buf (row-major, rb bytes apart). */
+static const uint8_t *r32_rows(const uint8_t *w, int64_t k, int64_t r, int64_t nr, int64_t rb, uint8_t *buf) {
+    for (int64_t l = 0; l < nr; l++) q1r32_row(w, k, r + l, buf + l * rb);
+    return buf;
+}
+
 static void p1_q1_rows(void *ctx, int64_t g0, int64_t g1, int tid) {
     const qffn_t *q = ctx;
     const qdot_ffn *a = q->a;
     float *ubuf = (float *)(q->per_thread + tid * q->thread_bytes); /* nt x Q1_FFN_ROWS */
-    const int64_t d = a->d, qrow = Q1X_ROW_BYTES(d), nt = q->nt;
+    uint8_t *rows = (uint8_t *)ubuf + q->thread_bytes - Q1_FFN_ROWS * a->rb_g; /* r32: gathered rows */
+    const int64_t d = a->d, qrow = Q1X_ROW_BYTES(d), nt = q->nt, r32 = a->gate_fmt == FIC_Q1_0R32;
     p1_piece p = {.e = -1};
     while (p1_next(q, g0, g1, &p)) {
         for (int64_t r = p.r0; r < p.r1; r += Q1_FFN_ROWS) {
             const int64_t nr = p.r1 - r < Q1_FFN_ROWS ? p.r1 - r : Q1_FFN_ROWS;
-            q->kern->q1_dot(p.gate + r * a->rb_g, a->rb_g, nr, d, q->xq, qrow, nt, p.h + r, p.n, 0);
-            q->kern->q1_dot(p.up + r * a->rb_u, a->rb_u, nr, d, q->xq, qrow, nt, ubuf, nr, 0);
+            const uint8_t *gate = r32 ? r32_rows(p.gate, d, r, nr, a->rb_g, rows) : p.gate + r * a->rb_g;
+            q->kern->q1_dot(gate, a->rb_g, nr, d, q->xq, qrow, nt, p.h + r, p.n, 0);
+            const uint8_t *up = r32 ? r32_rows(p.up, d, r, nr, a->rb_u, rows) : p.up + r * a->rb_u;
+            q->kern->q1_dot(up, a->rb_u, nr, d, q->xq, qrow, nt, ubuf, nr, 0);
             swiglu_rows(q, p.e, p.h + r, p.n, nr, ubuf);
         }
     }
@@ -148,9 +158,10 @@ static void p1_q1_rows(void *ctx, int64_t g0, int64_t g1, int tid) {
 static int q1_phase1(fic_pool *pool, qffn_t *q, uint8_t *ws, int64_t ws_bytes) {
     const qdot_ffn *a = q->a;
     const int64_t n_threads = fic_pool_threads(pool);
-    const int64_t tc = chunk_tokens(ws_bytes, n_threads, 64, Q1X_ROW_BYTES(a->d), 4 * Q1_FFN_ROWS);
+    const int64_t gather = a->gate_fmt == FIC_Q1_0R32 ? Q1_FFN_ROWS * a->rb_g : 0; /* r32: rows gathered */
+    const int64_t tc = chunk_tokens(ws_bytes, n_threads, 64 + gather, Q1X_ROW_BYTES(a->d), 4 * Q1_FFN_ROWS);
     if (tc < 1) return FIC_ERR_WORKSPACE;
-    q->thread_bytes = (4 * Q1_FFN_ROWS * tc + 63) / 64 * 64;
+    q->thread_bytes = (4 * Q1_FFN_ROWS * tc + gather + 63) / 64 * 64;
     q->per_thread = ws;
     q->xq = ws + n_threads * q->thread_bytes;
     int64_t chunk = (a->n_total + 4 * n_threads - 1) / (4 * n_threads);
@@ -166,6 +177,8 @@ static int q1_phase1(fic_pool *pool, qffn_t *q, uint8_t *ws, int64_t ws_bytes) {
 int fic_qdot_ffn_phase1(fic_pool *pool, const qdot_ffn *a, uint8_t *ws, int64_t ws_bytes) {
     const int64_t n_threads = fic_pool_threads(pool), d = a->d;
     qffn_t q = {.a = a, .kern = fic_qdot_kernels(a->impl), .ub = unpack_bytes(d)};
+    if (a->gate_fmt == FIC_Q1_0R32) /* with up and down: ffn.c checked the layout */
+        return q.kern->q1_dot != NULL ? q1_phase1(pool, &q, ws, ws_bytes) : FIC_ERR_UNSUPPORTED;
     if (a->gate_fmt == FIC_Q1_0 && a->up_fmt == FIC_Q1_0 && q.kern->q1_dot != NULL) return q1_phase1(pool, &q, ws, ws_bytes);
     q.thread_bytes = QW_ROWS * q.ub; /* + the up buffer, nt x QW_ROWS floats, below */
     const int64_t tc = chunk_tokens(ws_bytes, n_threads, q.thread_bytes + 64, QX_ROW_BYTES(d), 4 * QW_ROWS);
@@ -249,10 +262,11 @@ static void p2_q1_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
         const int64_t nr = r1 - r < Q1_FFN_ROWS ? r1 - r : Q1_FFN_ROWS;
         for (int64_t e = 0; e < a->n_experts; e++) { /* expert by expert: its rows are adjacent */
             const int64_t nb = a->n[e] / QK1_0, rbd = a->rb_d[e];
-            const uint8_t *src = a->bundles[e] + a->n[e] * (a->rb_g + a->rb_u) + r * rbd;
+            const uint8_t *down = a->bundles[e] + a->n[e] * (a->rb_g + a->rb_u), *src = down + r * rbd;
             for (int64_t l = 0; l < nr; l++) {
                 uint8_t *dst = buf + l * q->ub + a->off[e] / QK1_0 * bb;
                 if (a->skip[e]) memset(dst, 0, (size_t)(nb * bb));
+                else if (a->down_fmt == FIC_Q1_0R32) q1r32_row(down, a->n[e], r + l, dst);
                 else if (nb == 1) memcpy(dst, src + l * rbd, sizeof(block_q1_0)); /* inlined: experts of 128 */
                 else memcpy(dst, src + l * rbd, (size_t)rbd);
             }
@@ -263,19 +277,26 @@ static void p2_q1_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
 
 #define Q1_FIXED_ROWS 64 /* fixed: output rows per q1_dot call of one expert */
 
+/* Bytes a thread needs for Q1_FIXED_ROWS down rows of the largest expert gathered (r32), else 0. */
+static int64_t q1_fixed_gather(const qdot_ffn *a) {
+    return a->down_fmt == FIC_Q1_0R32 ? (Q1_FIXED_ROWS * (a->n_max / QK1_0) * (int64_t)sizeof(block_q1_0) + 63) / 64 * 64 : 0;
+}
+
 /* FIC_FFN_FIXED: expert by expert, its down rows as stored (rb_d apart) against its part of each
  * token's quantized h, the products (nt x nr, the thread's buffer) rounded into acc on their own. */
 static void p2_q1_rows_fixed(void *ctx, int64_t r0, int64_t r1, int tid) {
     const qffn_t *q = ctx;
     const qdot_ffn *a = q->a;
     float *out = (float *)(q->per_thread + tid * q->thread_bytes); /* nt x Q1_FIXED_ROWS */
+    uint8_t *rows = q->per_thread + (tid + 1) * q->thread_bytes - q1_fixed_gather(a); /* r32: rows gathered */
     const int64_t qrow = Q1X_ROW_BYTES(a->n_total);
     for (int64_t r = r0; r < r1; r += Q1_FIXED_ROWS) {
         const int64_t nr = r1 - r < Q1_FIXED_ROWS ? r1 - r : Q1_FIXED_ROWS;
         for (int64_t e = 0; e < a->n_experts; e++) {
             if (a->skip[e]) continue;
             const int64_t rbd = a->rb_d[e];
-            const uint8_t *src = a->bundles[e] + a->n[e] * (a->rb_g + a->rb_u) + r * rbd;
+            const uint8_t *down = a->bundles[e] + a->n[e] * (a->rb_g + a->rb_u);
+            const uint8_t *src = a->down_fmt == FIC_Q1_0R32 ? r32_rows(down, a->n[e], r, nr, rbd, rows) : down + r * rbd;
             q->kern->q1_dot(src, rbd, nr, a->n[e], q->xq + Q1X_ROW_BYTES(a->off[e]), qrow, q->nt, out, nr, 0);
             for (int64_t i = 0; i < q->nt; i++) a->fixed_add(out + i * nr, a->acc + (q->i0 + i) * a->d + r, nr);
         }
@@ -283,7 +304,7 @@ static void p2_q1_rows_fixed(void *ctx, int64_t r0, int64_t r1, int tid) {
 }
 
 int fic_qdot_down_fixed_ok(const qdot_ffn *a) {
-    return a->down_fmt == FIC_Q1_0 && fic_qdot_kernels(a->impl)->q1_dot != NULL;
+    return (a->down_fmt == FIC_Q1_0 || a->down_fmt == FIC_Q1_0R32) && fic_qdot_kernels(a->impl)->q1_dot != NULL;
 }
 
 static int q1_down_cols(fic_pool *pool, qffn_t *q, uint8_t *ws, int64_t ws_bytes) {
@@ -294,8 +315,8 @@ static int q1_down_cols(fic_pool *pool, qffn_t *q, uint8_t *ws, int64_t ws_bytes
     const int fixed = a->acc != NULL;
     int64_t tc;
     if (fixed) { /* per thread: nt x Q1_FFN_ROWS products */
-        tc = chunk_tokens(ws_bytes, n_threads, 64, Q1X_ROW_BYTES(a->n_total), 4 * Q1_FIXED_ROWS);
-        q->thread_bytes = (4 * Q1_FIXED_ROWS * tc + 63) / 64 * 64;
+        tc = chunk_tokens(ws_bytes, n_threads, 64 + q1_fixed_gather(a), Q1X_ROW_BYTES(a->n_total), 4 * Q1_FIXED_ROWS);
+        q->thread_bytes = (4 * Q1_FIXED_ROWS * tc + 63) / 64 * 64 + q1_fixed_gather(a);
     } else {
         tc = chunk_tokens(ws_bytes, n_threads, q->thread_bytes, Q1X_ROW_BYTES(a->n_total), 0);
     }
@@ -315,6 +336,7 @@ static int q1_down_cols(fic_pool *pool, qffn_t *q, uint8_t *ws, int64_t ws_bytes
 int fic_qdot_ffn_down_cols(fic_pool *pool, const qdot_ffn *a, uint8_t *ws, int64_t ws_bytes) {
     const int64_t n_threads = fic_pool_threads(pool);
     qffn_t q = {.a = a, .kern = fic_qdot_kernels(a->impl), .ub = unpack_bytes(a->n_total)};
+    if (a->down_fmt == FIC_Q1_0R32) return q.kern->q1_dot != NULL ? q1_down_cols(pool, &q, ws, ws_bytes) : FIC_ERR_UNSUPPORTED;
     if (a->down_fmt == FIC_Q1_0 && q.kern->q1_dot != NULL) return q1_down_cols(pool, &q, ws, ws_bytes);
     q.thread_bytes = (QW_ROWS * q.ub + 4 * a->n_total + 63) / 64 * 64;
     const int64_t tc = chunk_tokens(ws_bytes, n_threads, q.thread_bytes, QX_ROW_BYTES(a->n_total), 0);

@@ -882,6 +882,9 @@ class PendingBundles:
         if self._done is None:
             results = self._pending.wait()
             self._reader._check_results(self.keys, self._entries, results)
+            if self._reader.r32:  # checked as stored, then turned into the layout the kernels read
+                for e, d in zip(self._entries, self._dsts):
+                    kernels.q1r32_bundle(d, e.n_neurons, self._reader.layout.d_model)
             self._done = [self._reader.bundle_view(d, e.n_neurons) for e, d in zip(self._entries, self._dsts)]
         return self._done
 
@@ -898,6 +901,7 @@ class ModelReader:
         if not self.path.is_dir():
             raise FormatError(self.path, "not a model directory")
         self.manifest = parse_manifest(self.path / MANIFEST_FILE)
+        self._r32: ExpertLayout | None = None  # use_r32()
         self.dense_path = self.path / DENSE_FILE
         self.experts_path = self.path / EXPERTS_FILE
         self._check_dense_header()
@@ -916,7 +920,26 @@ class ModelReader:
 
     @property
     def layout(self) -> ExpertLayout | None:
-        return self.manifest.expert_layout
+        """How bundles this reader has read lie in memory: the manifest's, or its r32 form after
+        use_r32()."""
+        return self._r32 if self._r32 is not None else self.manifest.expert_layout
+
+    @property
+    def r32(self) -> bool:
+        return self._r32 is not None
+
+    def use_r32(self) -> bool:
+        """Bundles read from now on (read_bundles, submit_bundles) are repacked in place into the
+        r32 layout once their checksum is checked (kernels.q1r32_bundle), and `layout` names that
+        layout. False, and nothing changes, when the bundles cannot take it (not Q1_0 throughout
+        with columns, or a size not a multiple of 128)."""
+        lay = self.manifest.expert_layout
+        sizes = (e.n_neurons for layer in self.manifest.experts for e in layer)
+        if lay is None or not kernels.q1r32_bundle_eligible(lay.gate_fmt, lay.up_fmt, lay.down_fmt,
+                                                             lay.down_layout, lay.d_model, sizes):
+            return False
+        self._r32 = ExpertLayout(lay.d_model, "q1_0r32", "q1_0r32", "q1_0r32", "columns")
+        return True
 
     def _check_dense_header(self) -> None:
         """Parse the safetensors header and check every manifest tensor is there at its size."""

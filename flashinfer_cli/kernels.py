@@ -10,7 +10,7 @@ import os
 import threading
 import weakref
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -105,12 +105,12 @@ def _fmt_id(fmt: str) -> int:
 
 
 def block_weights(fmt: str) -> int:
-    """Weights per block of `fmt` (1 for f32/f16)."""
-    return lib.fic_fmt_block_weights(_fmt_id(fmt))
+    """Weights per block of `fmt` (1 for f32/f16; a layout: its format's)."""
+    return lib.fic_fmt_block_weights(_fmt_id(LAYOUT_OF.get(fmt, fmt)))
 
 
 def block_bytes(fmt: str) -> int:
-    return lib.fic_fmt_block_bytes(_fmt_id(fmt))
+    return lib.fic_fmt_block_bytes(_fmt_id(LAYOUT_OF.get(fmt, fmt)))
 
 
 def row_bytes(fmt: str, k: int) -> int:
@@ -761,6 +761,27 @@ def q1r32_rows(qt: QTensor, start: int, stop: int) -> QTensor:
         _check(lib.fic_q1r32_unpack(_u8(src), (g1 - g0) * Q1R32_ROWS, k, _u8(out)), "q1r32_unpack")
     a = (start - g0 * Q1R32_ROWS) * rb
     return QTensor("q1_0", (stop - start, k), out[a:a + (stop - start) * rb])
+
+
+def q1r32_bundle_eligible(gate_fmt: str, up_fmt: str, down_fmt: str, down_layout: str, d_model: int,
+                           n_neurons: Iterable[int]) -> bool:
+    """Bundles of this layout can take the r32 layout: Q1_0 throughout, down as columns, every size
+    a multiple of 128 (Q1_0's block, which down's columns already need)."""
+    return ((gate_fmt, up_fmt, down_fmt, down_layout) == ("q1_0", "q1_0", "q1_0", "columns")
+            and d_model % 128 == 0 and all(n > 0 and n % 128 == 0 for n in n_neurons))
+
+
+def q1r32_bundle(buf: np.ndarray, n_neurons: int, d_model: int) -> None:
+    """A Q1_0 bundle (gate n x d, up n x d, down d x n) in buf's first bytes repacked in place into
+    the r32 layout, part by part (fic_q1r32_bundle)."""
+    need = lib.fic_q1r32_bundle_ws_bytes(n_neurons, d_model)
+    if need < 0:
+        raise ValueError(f"an r32 bundle needs sizes that are multiples of 128, not n={n_neurons}, d={d_model}")
+    if buf.dtype != np.uint8 or not buf.flags.c_contiguous or not buf.flags.writeable \
+            or buf.nbytes < 3 * n_neurons * row_bytes("q1_0", d_model):
+        raise ValueError(f"a writable contiguous uint8 buffer of the bundle's bytes, not {buf.dtype} {buf.shape}")
+    ws = np.empty(need, dtype=np.uint8)  # one group of rows (tens of KB); any alignment
+    _check(lib.fic_q1r32_bundle(_u8(buf), n_neurons, d_model, _u8(ws), ws.nbytes), "q1r32_bundle")
 
 
 class FixedFlush:

@@ -171,6 +171,9 @@ class Model:
         self.layers = [self._layer(dense, i) for i in range(c.n_layers)]
         if kernels.q1r32_wanted():
             self._q1r32_layout()
+        # Q1_0 bundles too, each repacked as it is read into the arena (fmt.PendingBundles); the exact
+        # float prefill reads rows, so it keeps them as stored
+        self.r32_experts = kernels.q1r32_wanted() and kernels.get_prefill() != "exact" and self.reader.use_r32()
         # the shared experts' h (t x neurons), sized once: the plan's scratch counts d_ff per token
         n_shared = max(man.shared_neurons, default=0)
         self._shared_scratch = np.empty(max(1, plan.prefill_chunk * n_shared), dtype=np.float32)
@@ -179,7 +182,7 @@ class Model:
         if plan.all_resident:
             self.arena.load_all()
             self.arena.begin_request()
-        self.runner = FFNRunner(self.arena, man.expert_layout, plan.prefill_chunk)
+        self.runner = FFNRunner(self.arena, self.reader.layout, plan.prefill_chunk)
         self.runner.wrap = not plan.prune and man.moe is None  # MoE: which experts run is known per token
         self.moe = man.moe
         # the per-prompt statistic: GRIFFIN's over neurons, or a MoE's router probabilities
@@ -303,7 +306,7 @@ class Model:
                                    lw.rule.norm_topk, lw.rule.shared_neurons, max_neurons, float(c.norm_eps))
                   for lw in self.layers]
         weights = [kernels.MoELayerWeights(lw.router, lw.shared, lw.shared_gate) for lw in self.layers]
-        return kernels.MoEDecode(shapes, weights, self.reader.manifest.expert_layout, a.buf, a.slot_bytes,
+        return kernels.MoEDecode(shapes, weights, self.reader.layout, a.buf, a.slot_bytes,
                                  a.slot_of, a.n_neurons)
 
     def _ffn(self, i: int, xn: np.ndarray, x: np.ndarray) -> None:

@@ -102,7 +102,7 @@ def test_decode_teacher_forced_matches_llama_cpp(q1_model, ids):
 
 def test_resident_matrices_take_the_r32_layout(q1_model, ids, monkeypatch):
     """Where the CPU has the r32 kernels (FIC_Q1R32=auto), attention and the output are repacked at
-    open (csrc/q1r32.c). Prefill unpacks them for the row-major kernels: the same bits. Decode's
+    open (csrc/q1r32.c), and every expert bundle as it is read into the arena. Prefill unpacks them for the row-major kernels: the same bits. Decode's
     r32 matvec sums the same integers but scales them in another float order (1e-7 relative);
     each next product's int8 rounding of x amplifies that, as it does any summation order
     (measured here: logits 0.03 apart after 56 steps), so the two must agree as fic and llama.cpp
@@ -114,8 +114,32 @@ def test_resident_matrices_take_the_r32_layout(q1_model, ids, monkeypatch):
         m = Engine.open(str(model), ctx=256).model
         fmts = {m.output.fmt, m.layers[0].attn_output.fmt, m.layers[0].qkv.fmt}  # (untied: the embedding stays)
         assert fmts == ({"q1_0r32"} if mode == "1" else {"q1_0"})
+        assert m.r32_experts == (mode == "1") and m.runner.layout.gate_fmt == ("q1_0r32" if mode == "1" else "q1_0")
         m.reset()
         prefill = m.forward(ids[:FIRST_DECODE], all_logits=True)
         out[mode] = np.concatenate([prefill, np.stack([m.forward([t]) for t in ids[FIRST_DECODE:]])])
     assert (out["1"][:FIRST_DECODE] == out["0"][:FIRST_DECODE]).all()  # prefill: the same kernels
     assert_agrees(out["1"], out["0"])
+
+
+def test_r32_bundles_streamed_give_the_resident_models_bits(q1_model, ids, monkeypatch):
+    """A model whose arena holds 3 of its 8 experts (2 slots a streaming ring): the experts loaded into
+    the arena and those streamed through the ring are each repacked into the r32 layout once read
+    (fmt.PendingBundles), and prefill and decode equal the all-resident model's bit for bit (each
+    expert's sum in fixed point, each row's value from its own group alone)."""
+    import dataclasses
+
+    from flashinfer_cli.model import Model
+
+    _, model = q1_model
+    monkeypatch.setenv("FIC_Q1R32", "1")
+    full = Model(model, ctx=256)
+    small = Model(model, plan=dataclasses.replace(full.plan, n_slots=5, n_ring=2, all_resident=False))
+    assert full.r32_experts and small.r32_experts and full.plan.all_resident
+    small.arena.load([(0, 1), (1, 2), (1, 3)])
+    want, got = full.forward(ids[:FIRST_DECODE]), small.forward(ids[:FIRST_DECODE])
+    assert np.array_equal(got, want)
+    for t in ids[FIRST_DECODE:FIRST_DECODE + 6]:
+        assert np.array_equal(small.forward([t]), full.forward([t]))
+    st = small.arena.stats()["total"]
+    assert st["streamed"] > 0 and st["hits"] > 0

@@ -1,0 +1,138 @@
+"""Q1_0 expert bundles in the r32 layout (fic.h: fic_q1r32_bundle; csrc/q1r32.c's one-token FFN,
+qdot_ffn.c's prefill on rows gathered back). Checked against the float64 numpy FFN of test_ffn
+(the int8 kernels' bound), every implementation against the scalar reference bit for bit, prefill
+against the row-major bundles bit for bit, and the fixed-point sum against splits of the same call."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from flashinfer_cli import kernels as K
+from test_ffn import Case
+from test_kernels import assert_within
+
+IMPLS = K.available_impls()
+D = 256
+SIZES = [256, 128, 384, 128, 256]  # columns of Q1_0: multiples of 128
+
+
+class R32Layout:
+    d_model, gate_fmt, up_fmt, down_fmt, down_layout = D, "q1_0r32", "q1_0r32", "q1_0r32", "columns"
+
+
+def q1_case(t: int, seed: int, coef: str | None = None) -> Case:
+    with K.prefill_mode("int8"), K.decode_mode("int8"):
+        return Case(["q1_0"] * 3, "columns", SIZES, t, seed=seed, d=D, coef=coef)
+
+
+def r32_arena(case: Case) -> tuple[np.ndarray, int, np.ndarray]:
+    """case.arena() with every bundle repacked in place in its slot."""
+    arena, slot_bytes, slots = case.arena()
+    for s, n in zip(slots, case.ns):
+        K.q1r32_bundle(arena[s * slot_bytes:(s + 1) * slot_bytes], n, D)
+    return arena, slot_bytes, slots
+
+
+def run(case: Case, impl: str, r32: bool, fixed: bool = False, experts=None) -> np.ndarray:
+    arena, slot_bytes, slots = r32_arena(case) if r32 else case.arena()
+    lay = R32Layout if r32 else case.layout_obj()
+    ns = np.array(case.ns, np.int32)
+    x = case.x[0] if case.t == 1 else case.x
+    out = np.zeros(case.y0.shape, np.int64) if fixed else case.y0.copy()
+    target = out[0] if case.t == 1 else out
+    for g in experts or [list(range(len(case.ns)))]:
+        g = np.array(g, dtype=np.intp)
+        coef = None
+        if case.coef is not None:
+            coef = np.ascontiguousarray(case.coef[0, g] if case.t == 1 else case.coef[:, g])
+        with K.prefill_mode("int8"), K.decode_mode("int8"):
+            K.experts_ffn_slots(lay, arena, slot_bytes, slots[g], ns[g], x, target, coef=coef, impl=impl)
+    return out
+
+
+def test_bundle_repack_is_each_part_in_the_layout():
+    case = q1_case(1, seed=1)
+    for b, n in zip(case.bundles, case.ns):
+        buf = b.copy()
+        K.q1r32_bundle(buf, n, D)
+        rb = K.row_bytes("q1_0", D)
+        gate, up, down = b[:n * rb], b[n * rb:2 * n * rb], b[2 * n * rb:]
+        want = [K.q1r32_repack(K.QTensor("q1_0", shape, part)).data
+                for shape, part in (((n, D), gate), ((n, D), up), ((D, n), down))]
+        assert (buf == np.concatenate(want)).all()
+        back = K.q1r32_rows(K.QTensor("q1_0r32", (D, n), buf[2 * n * rb:]), 0, D)
+        assert (back.data == down).all()
+
+
+@pytest.mark.parametrize("coef", [None, "uniform"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_one_token_matches_numpy(impl, coef):
+    """Within the int8 decode's bound of the float64 FFN (the bound test_ffn gives the AVX2 kernels:
+    r32 quantizes x and h_e to int8 in every implementation, the reference too, where row-major Q1_0's
+    reference stays float); an expert whose coef is 0 adds nothing."""
+    case = q1_case(1, seed=2, coef=coef)
+    with K.prefill_mode("int8"), K.decode_mode("int8"):
+        want, bound = case.want_and_bound("avx2")  # numpy only: the name picks the int8 bound
+    assert_within(run(case, impl, r32=True), want, bound)
+
+
+def test_every_impl_and_thread_count_gives_the_same_bits():
+    case = q1_case(1, seed=3, coef="uniform")
+    want = run(case, "ref", r32=True)
+    for threads in (1, 2):
+        K.set_threads(threads)
+        try:
+            for impl in IMPLS:
+                assert np.array_equal(run(case, impl, r32=True), want), (impl, threads)
+                assert np.array_equal(run(case, impl, r32=True, fixed=True), run(case, "ref", r32=True, fixed=True))
+        finally:
+            K.set_threads(K.default_threads())
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_prefill_is_the_row_major_bits(impl, fixed):
+    """t > 1 gathers each row back for Q1_0's own int8 kernels: the same bits as row-major bundles."""
+    case = q1_case(5, seed=4, coef="uniform")
+    assert np.array_equal(run(case, impl, r32=True, fixed=fixed), run(case, impl, r32=False, fixed=fixed))
+
+
+@pytest.mark.parametrize("t", [1, 3])
+def test_fixed_sum_does_not_depend_on_the_split(t):
+    """Exact mode streams some experts and keeps others: the fixed-point sum must not care."""
+    case = q1_case(t, seed=5, coef=None if t == 1 else "uniform")
+    whole = run(case, "auto", r32=True, fixed=True)
+    for split in ([[4, 2], [0], [3, 1]], [[e] for e in reversed(range(len(SIZES)))]):
+        assert np.array_equal(run(case, "auto", r32=True, fixed=True, experts=split), whole)
+
+
+def test_a_skipped_expert_is_not_read():
+    case = q1_case(1, seed=6, coef="uniform")  # expert 1's coef is 0
+    want = run(case, "auto", r32=True)
+    arena, slot_bytes, slots = r32_arena(case)
+    arena[slots[1] * slot_bytes:(slots[1] + 1) * slot_bytes] = 0xFF  # NaN scales if it were read
+    y = case.y0.copy()
+    with K.decode_mode("int8"):
+        K.experts_ffn_slots(R32Layout, arena, slot_bytes, slots, np.array(case.ns, np.int32), case.x[0], y[0],
+                            coef=np.ascontiguousarray(case.coef[0]))
+    assert np.array_equal(y, want)
+
+
+def test_refusals():
+    case = q1_case(3, seed=7)
+    arena, slot_bytes, slots = r32_arena(case)
+    ns = np.array(case.ns, np.int32)
+
+    class Mixed(R32Layout):
+        up_fmt = "q1_0"
+
+    with pytest.raises(ValueError):
+        K.experts_ffn_slots(Mixed, arena, slot_bytes, slots, ns, case.x[0], case.y0[0].copy())
+    with K.prefill_mode("exact"), pytest.raises(NotImplementedError):
+        K.experts_ffn_slots(R32Layout, arena, slot_bytes, slots, ns, case.x, case.y0.copy())
+    with pytest.raises(ValueError, match="multiples of 128"):
+        K.q1r32_bundle(np.zeros(4096, np.uint8), 96, D)
+    assert not K.q1r32_bundle_eligible("q1_0", "q1_0", "q1_0", "rows", D, [128])
+    assert not K.q1r32_bundle_eligible("q1_0", "q1_0", "q4_0", "columns", D, [128])
+    assert not K.q1r32_bundle_eligible("q1_0", "q1_0", "q1_0", "columns", D, [128, 96])
+    assert K.q1r32_bundle_eligible("q1_0", "q1_0", "q1_0", "columns", D, [128, 256])
