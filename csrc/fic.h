@@ -207,9 +207,10 @@ int fic_q1r32_matvec(fic_pool *pool, int impl, const uint8_t *w, const float *x,
  * n and d multiples of 128) repacked in place, each part into the r32 layout: what
  * fic_experts_ffn(_slots) reads with all three formats FIC_Q1_0R32 (one token: the r32 tables;
  * t > 1: the rows gathered back for Q1_0's int8 prefill, the same bits; the exact float prefill:
- * FIC_ERR_UNSUPPORTED). ws holds fic_q1r32_bundle_ws_bytes(n, d) bytes (one group). */
+ * FIC_ERR_UNSUPPORTED). ws holds fic_q1r32_bundle_ws_bytes(n, d) bytes (one group); every impl
+ * gives the same bytes. */
 int64_t fic_q1r32_bundle_ws_bytes(int64_t n, int64_t d);
-int fic_q1r32_bundle(uint8_t *bundle, int64_t n, int64_t d, void *ws, int64_t ws_bytes);
+int fic_q1r32_bundle(int impl, uint8_t *bundle, int64_t n, int64_t d, void *ws, int64_t ws_bytes);
 
 /* ---- attention over an fp16 KV cache (attention.c) ----
  * Causal GQA attention of t queries at positions pos0..pos0+t-1 (q: t x n_heads x head_dim

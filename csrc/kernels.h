@@ -179,6 +179,9 @@ typedef void (*kern_silu_mul_fn)(float c, float *h, const float *u, int64_t n);
  * then 16 high bytes) scaled by dx (per 32 weights). */
 typedef void (*kern_q1r32_fn)(const uint8_t *w, int64_t nb, const uint8_t *tab, const float *dx, float *y,
                               int64_t g0, int64_t g1);
+/* One group of 32 Q1_0 rows of nb blocks between the layouts (q1r32.c): from row-major rows to the
+ * r32 group (to_r32 != 0), or back; from and to do not overlap. */
+typedef void (*kern_q1r32_move_fn)(const uint8_t *from, uint8_t *to, int64_t nb, int to_r32);
 
 /* One format's kernels on one implementation. dot and deq are always set; the others are
  * optional fast paths (NULL: the generic code in kernels.c, matvec.c and ffn.c). */
@@ -206,6 +209,7 @@ typedef struct fic_kernels {
     kern_pack8_fn pack8;            /* pack_panels' transpose of 8 rows; NULL: pack8_ref */
     kern_silu_mul_fn silu_mul;      /* NULL: silu_mul_ref (expf) */
     kern_q1r32_fn q1r32;            /* NULL: q1r32_ref */
+    kern_q1r32_move_fn q1r32_move;  /* NULL: q1r32_move_ref (last: tables that omit it leave it NULL) */
 } fic_kernels;
 
 /* The traits columns every table repeats: block weights and bytes of each format. */
@@ -365,6 +369,14 @@ void q1r32_ref(const uint8_t *w, int64_t nb, const uint8_t *tab, const float *dx
 #if defined(FIC_X86)
 void q1r32_avx2(const uint8_t *w, int64_t nb, const uint8_t *tab, const float *dx, float *y, int64_t g0, int64_t g1);
 #endif
+void q1r32_move_ref(const uint8_t *from, uint8_t *to, int64_t nb, int to_r32);
+#if defined(FIC_X86)
+void q1r32_move_avx2(const uint8_t *from, uint8_t *to, int64_t nb, int to_r32);
+#endif
+static inline void q1r32_move(const fic_kernels *kt, const uint8_t *from, uint8_t *to, int64_t nb, int to_r32) {
+    if (kt->q1r32_move) kt->q1r32_move(from, to, nb, to_r32);
+    else q1r32_move_ref(from, to, nb, to_r32);
+}
 static inline void q1r32(const fic_kernels *kt, const uint8_t *w, int64_t nb, const uint8_t *tab, const float *dx,
                          float *y, int64_t g0, int64_t g1) {
     if (kt->q1r32) kt->q1r32(w, nb, tab, dx, y, g0, g1);

@@ -231,6 +231,64 @@ TGT_AVX2 void q1r32_avx2(const uint8_t *w, int64_t nb, const uint8_t *tab, const
     }
 }
 
+/* 16 x 16 bytes transposed in each 128-bit lane: byte k of v[r] becomes byte r of v[k]. Four rounds
+ * of unpacks, each pairing units twice as wide (bytes, 16, 32, 64 bits). */
+TGT_AVX2 static void transpose16_lanes(__m256i v[16]) {
+    __m256i a[16], b[16];
+    for (int p = 0; p < 8; p++) { /* rows 2p, 2p+1: 16-bit units, a[2p] bytes 0-7, a[2p+1] bytes 8-15 */
+        a[2 * p] = _mm256_unpacklo_epi8(v[2 * p], v[2 * p + 1]);
+        a[2 * p + 1] = _mm256_unpackhi_epi8(v[2 * p], v[2 * p + 1]);
+    }
+    for (int q = 0; q < 4; q++) /* rows 4q..4q+3: b[4q + m] holds bytes 4m..4m+3 */
+        for (int h = 0; h < 2; h++) {
+            b[4 * q + 2 * h] = _mm256_unpacklo_epi16(a[4 * q + h], a[4 * q + 2 + h]);
+            b[4 * q + 2 * h + 1] = _mm256_unpackhi_epi16(a[4 * q + h], a[4 * q + 2 + h]);
+        }
+    for (int o = 0; o < 2; o++) /* rows 8o..8o+7: a[8o + c] holds bytes 2c, 2c+1 */
+        for (int m = 0; m < 4; m++) {
+            a[8 * o + 2 * m] = _mm256_unpacklo_epi32(b[8 * o + m], b[8 * o + 4 + m]);
+            a[8 * o + 2 * m + 1] = _mm256_unpackhi_epi32(b[8 * o + m], b[8 * o + 4 + m]);
+        }
+    for (int c = 0; c < 8; c++) { /* all 16 rows: v[k] holds byte k */
+        v[2 * c] = _mm256_unpacklo_epi64(a[c], a[8 + c]);
+        v[2 * c + 1] = _mm256_unpackhi_epi64(a[c], a[8 + c]);
+    }
+}
+
+/* q1r32_move_ref's result: per block, rows r and r + 16 share a vector (a lane each), so one in-lane
+ * 16 x 16 transpose turns 32 rows' 16 sign bytes into the block's 16 vectors of 32 rows, and back. */
+TGT_AVX2 void q1r32_move_avx2(const uint8_t *from, uint8_t *to, int64_t nb, int to_r32) {
+    const int64_t bb = (int64_t)sizeof(block_q1_0), rb = nb * bb;
+    const int half = Q1R32_ROWS / 2;
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *g = (to_r32 ? to : from) + b * Q1R32_BLOCK_BYTES; /* the group's block */
+        uint8_t *gw = to + b * Q1R32_BLOCK_BYTES;
+        __m256i v[16];
+        if (to_r32) {
+            const uint8_t *rows = from + b * bb;
+            for (int r = 0; r < half; r++) {
+                memcpy(gw + 2 * r, rows + r * rb, 2);
+                memcpy(gw + 2 * (r + half), rows + (r + half) * rb, 2);
+                v[r] = _mm256_inserti128_si256(
+                    _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(rows + r * rb + 2))),
+                    _mm_loadu_si128((const __m128i *)(rows + (r + half) * rb + 2)), 1);
+            }
+            transpose16_lanes(v);
+            for (int j = 0; j < 16; j++) _mm256_storeu_si256((__m256i *)(gw + 2 * Q1R32_ROWS + Q1R32_ROWS * j), v[j]);
+        } else {
+            uint8_t *rows = to + b * bb;
+            for (int j = 0; j < 16; j++) v[j] = _mm256_loadu_si256((const __m256i *)(g + 2 * Q1R32_ROWS + Q1R32_ROWS * j));
+            transpose16_lanes(v);
+            for (int r = 0; r < half; r++) {
+                memcpy(rows + r * rb, g + 2 * r, 2);
+                memcpy(rows + (r + half) * rb, g + 2 * (r + half), 2);
+                _mm_storeu_si128((__m128i *)(rows + r * rb + 2), _mm256_castsi256_si128(v[r]));
+                _mm_storeu_si128((__m128i *)(rows + (r + half) * rb + 2), _mm256_extracti128_si256(v[r], 1));
+            }
+        }
+    }
+}
+
 /* ---- Q5_0, Q4_K, Q6_K on AVX2: float activations, as Q4_0/Q8_0 (weights dequantized in
  * registers with the reference's arithmetic, then multiplied by x in float). */
 
@@ -1133,5 +1191,6 @@ const fic_kernels fic_kernels_avx2 = {
     pack8_avx2,
     silu_mul_avx2,
     q1r32_avx2,
+    q1r32_move_avx2,
 };
 #endif /* FIC_X86 */

@@ -867,6 +867,7 @@ const fic_kernels fic_kernels_avx512 = {
     NULL, /* pack8: no panels here */
     silu_mul_avx2,
     q1r32_avx2,
+    q1r32_move_avx2,
 };
 
 /* VNNI: Q4_0/Q4_1 with x in the pair layout when k >= 64 (else float, as without VNNI). */
@@ -886,6 +887,7 @@ const fic_kernels fic_kernels_avx512_vnni = {
     NULL, /* pack8: no panels here */
     silu_mul_avx2,
     q1r32_avx2,
+    q1r32_move_avx2,
 };
 
 const fic_kernels fic_kernels_avx512_q1 = {
@@ -898,5 +900,6 @@ const fic_kernels fic_kernels_avx512_q1 = {
     NULL, /* pack8: no panels here */
     silu_mul_avx2,
     q1r32_avx2,
+    q1r32_move_avx2,
 };
 #endif /* FIC_X86 */

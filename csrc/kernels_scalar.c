@@ -178,6 +178,30 @@ void q1r32_ref(const uint8_t *w, int64_t nb, const uint8_t *tab, const float *dx
     }
 }
 
+/* One group of 32 rows (nb blocks each) between the layouts: from row-major rows to an r32 group
+ * (to_r32), or from an r32 group back to rows. A row's block is read (or written) whole, its 16
+ * sign bytes 32 apart in the group (bench/RESULTS.md: 0.43 GB/s byte by byte through r32_offset). */
+void q1r32_move_ref(const uint8_t *from, uint8_t *to, int64_t nb, int to_r32) {
+    const int64_t bb = (int64_t)sizeof(block_q1_0), rb = nb * bb;
+    for (int64_t b = 0; b < nb; b++) {
+        for (int r = 0; r < Q1R32_ROWS; r++) {
+            const int64_t row_at = r * rb + b * bb;
+            uint8_t *g = (to_r32 ? to : (uint8_t *)from) + b * Q1R32_BLOCK_BYTES; /* the group's block */
+            if (to_r32) {
+                const uint8_t *s = from + row_at;
+                g[2 * r] = s[0];
+                g[2 * r + 1] = s[1];
+                for (int j = 0; j < QK1_0 / 8; j++) g[2 * Q1R32_ROWS + Q1R32_ROWS * j + r] = s[2 + j];
+            } else {
+                uint8_t *d = to + row_at;
+                d[0] = g[2 * r];
+                d[1] = g[2 * r + 1];
+                for (int j = 0; j < QK1_0 / 8; j++) d[2 + j] = g[2 * Q1R32_ROWS + Q1R32_ROWS * j + r];
+            }
+        }
+    }
+}
+
 /* Plain reference table: every optional entry NULL (generic code), x never prepared. */
 #define REF_ENTRY(name, KT) {KT, XP_NONE, XP_NONE, row_dot_##name##_ref, NULL, kern_deq_##name##_ref, NULL, NULL, NULL, NULL}
 const fic_kernels fic_kernels_scalar = {
@@ -200,4 +224,5 @@ const fic_kernels fic_kernels_scalar = {
     pack8_ref,
     silu_mul_ref,
     q1r32_ref,
+    q1r32_move_ref,
 };

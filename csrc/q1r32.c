@@ -25,26 +25,14 @@ static inline int r32_offset(int r, int j) {
     return j < 2 ? 2 * r + j : 2 * Q1R32_ROWS + Q1R32_ROWS * (j - 2) + r;
 }
 
-/* One group of 32 rows (nb blocks each) between the layouts: from row-major rows to an r32 group
- * (to_r32), or from an r32 group back to rows. */
-static void move_group(const uint8_t *from, uint8_t *to, int64_t nb, int to_r32) {
-    const int64_t bb = (int64_t)sizeof(block_q1_0), rb = nb * bb;
-    for (int64_t b = 0; b < nb; b++)
-        for (int r = 0; r < Q1R32_ROWS; r++)
-            for (int jb = 0; jb < (int)bb; jb++) {
-                const int64_t row_at = r * rb + b * bb + jb, group_at = b * Q1R32_BLOCK_BYTES + r32_offset(r, jb);
-                if (to_r32) to[group_at] = from[row_at];
-                else to[row_at] = from[group_at];
-            }
-}
-
 /* src -> dst, m x k Q1_0 weights from one layout to the other, a group at a time (a group holds the
  * same byte range in both); no overlap. */
 static int convert(const uint8_t *src, int64_t m, int64_t k, uint8_t *dst, int to_r32) {
     if (src == NULL || dst == NULL || !shape_ok(m, k)) return FIC_ERR_ARG;
+    const fic_kernels *kt = fic_kernels_for(fic_impl_best());
     const int64_t nb = k / QK1_0, group_bytes = nb * Q1R32_BLOCK_BYTES, total = m / Q1R32_ROWS * group_bytes;
     if (dst < src + total && src < dst + total) return FIC_ERR_ARG;
-    for (int64_t g = 0; g < m / Q1R32_ROWS; g++) move_group(src + g * group_bytes, dst + g * group_bytes, nb, to_r32);
+    for (int64_t g = 0; g < m / Q1R32_ROWS; g++) q1r32_move(kt, src + g * group_bytes, dst + g * group_bytes, nb, to_r32);
     return FIC_OK;
 }
 
@@ -115,7 +103,7 @@ int q1r32_matmul(fic_pool *pool, int impl, const uint8_t *w, const float *x, flo
 
 void q1r32_group_rows(const uint8_t *w, int64_t k, int64_t g, uint8_t *rows) {
     const int64_t nb = k / QK1_0;
-    move_group(w + g * nb * Q1R32_BLOCK_BYTES, rows, nb, 0);
+    q1r32_move(fic_kernels_for(fic_impl_best()), w + g * nb * Q1R32_BLOCK_BYTES, rows, nb, 0);
 }
 
 void q1r32_row(const uint8_t *w, int64_t k, int64_t r, uint8_t *dst) {
@@ -138,21 +126,25 @@ int64_t fic_q1r32_bundle_ws_bytes(int64_t n, int64_t d) {
 }
 
 /* m x k in place, a group at a time through tmp. */
-static void repack_in_place(uint8_t *w, int64_t m, int64_t k, uint8_t *tmp) {
+static void repack_in_place(const fic_kernels *kt, uint8_t *w, int64_t m, int64_t k, uint8_t *tmp) {
     const int64_t nb = k / QK1_0, group_bytes = nb * Q1R32_BLOCK_BYTES;
     for (int64_t g = 0; g < m / Q1R32_ROWS; g++) {
         memcpy(tmp, w + g * group_bytes, (size_t)group_bytes);
-        move_group(tmp, w + g * group_bytes, nb, 1);
+        q1r32_move(kt, tmp, w + g * group_bytes, nb, 1);
     }
 }
 
-int fic_q1r32_bundle(uint8_t *bundle, int64_t n, int64_t d, void *ws, int64_t ws_bytes) {
+int fic_q1r32_bundle(int impl, uint8_t *bundle, int64_t n, int64_t d, void *ws, int64_t ws_bytes) {
     if (bundle == NULL || ws == NULL || !bundle_shape_ok(n, d)) return FIC_ERR_ARG;
+    if (impl < FIC_IMPL_AUTO || impl > FIC_IMPL_NEON) return FIC_ERR_ARG;
     if (ws_bytes < fic_q1r32_bundle_ws_bytes(n, d)) return FIC_ERR_WORKSPACE;
+    if (impl == FIC_IMPL_AUTO) impl = fic_impl_best();
+    const fic_kernels *kt = fic_kernels_for(impl);
+    if (kt == NULL) return FIC_ERR_UNSUPPORTED;
     const int64_t rb = d / QK1_0 * (int64_t)sizeof(block_q1_0);
-    repack_in_place(bundle, n, d, ws);
-    repack_in_place(bundle + n * rb, n, d, ws);
-    repack_in_place(bundle + 2 * n * rb, d, n, ws);
+    repack_in_place(kt, bundle, n, d, ws);
+    repack_in_place(kt, bundle + n * rb, n, d, ws);
+    repack_in_place(kt, bundle + 2 * n * rb, d, n, ws);
     return FIC_OK;
 }
 

@@ -771,9 +771,9 @@ def q1r32_bundle_eligible(gate_fmt: str, up_fmt: str, down_fmt: str, down_layout
             and d_model % 128 == 0 and all(n > 0 and n % 128 == 0 for n in n_neurons))
 
 
-def q1r32_bundle(buf: np.ndarray, n_neurons: int, d_model: int) -> None:
+def q1r32_bundle(buf: np.ndarray, n_neurons: int, d_model: int, *, impl: str = "auto") -> None:
     """A Q1_0 bundle (gate n x d, up n x d, down d x n) in buf's first bytes repacked in place into
-    the r32 layout, part by part (fic_q1r32_bundle)."""
+    the r32 layout, part by part (fic_q1r32_bundle; every impl gives the same bytes)."""
     need = lib.fic_q1r32_bundle_ws_bytes(n_neurons, d_model)
     if need < 0:
         raise ValueError(f"an r32 bundle needs sizes that are multiples of 128, not n={n_neurons}, d={d_model}")
@@ -781,7 +781,7 @@ def q1r32_bundle(buf: np.ndarray, n_neurons: int, d_model: int) -> None:
             or buf.nbytes < 3 * n_neurons * row_bytes("q1_0", d_model):
         raise ValueError(f"a writable contiguous uint8 buffer of the bundle's bytes, not {buf.dtype} {buf.shape}")
     ws = np.empty(need, dtype=np.uint8)  # one group of rows (tens of KB); any alignment
-    _check(lib.fic_q1r32_bundle(_u8(buf), n_neurons, d_model, _u8(ws), ws.nbytes), "q1r32_bundle")
+    _check(lib.fic_q1r32_bundle(_impl_id(impl), _u8(buf), n_neurons, d_model, _u8(ws), ws.nbytes), "q1r32_bundle")
 
 
 class FixedFlush:

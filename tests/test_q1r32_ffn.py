@@ -33,6 +33,16 @@ def r32_arena(case: Case) -> tuple[np.ndarray, int, np.ndarray]:
     return arena, slot_bytes, slots
 
 
+def r32_numpy(rows: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """fic.h's r32 layout by numpy: per group of 32 rows and block of 128 weights, the 32 rows' fp16
+    d, then for each of the 16 sign bytes the 32 rows' byte."""
+    m, k = shape
+    blk = rows.reshape(m // 32, 32, k // 128, 18).transpose(0, 2, 1, 3)  # group, block, row, byte
+    d = blk[..., :2].reshape(m // 32, k // 128, 64)
+    signs = blk[..., 2:].transpose(0, 1, 3, 2).reshape(m // 32, k // 128, 512)  # byte-major, 32 rows each
+    return np.concatenate([d, signs], axis=2).reshape(-1)
+
+
 def run(case: Case, impl: str, r32: bool, fixed: bool = False, experts=None) -> np.ndarray:
     arena, slot_bytes, slots = r32_arena(case) if r32 else case.arena()
     lay = R32Layout if r32 else case.layout_obj()
@@ -50,15 +60,16 @@ def run(case: Case, impl: str, r32: bool, fixed: bool = False, experts=None) -> 
     return out
 
 
-def test_bundle_repack_is_each_part_in_the_layout():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bundle_repack_is_each_part_in_the_layout(impl):
+    """Against numpy's own transposition of the blocks (r32_numpy), for every implementation."""
     case = q1_case(1, seed=1)
     for b, n in zip(case.bundles, case.ns):
         buf = b.copy()
-        K.q1r32_bundle(buf, n, D)
+        K.q1r32_bundle(buf, n, D, impl=impl)
         rb = K.row_bytes("q1_0", D)
         gate, up, down = b[:n * rb], b[n * rb:2 * n * rb], b[2 * n * rb:]
-        want = [K.q1r32_repack(K.QTensor("q1_0", shape, part)).data
-                for shape, part in (((n, D), gate), ((n, D), up), ((D, n), down))]
+        want = [r32_numpy(part, shape) for shape, part in (((n, D), gate), ((n, D), up), ((D, n), down))]
         assert (buf == np.concatenate(want)).all()
         back = K.q1r32_rows(K.QTensor("q1_0r32", (D, n), buf[2 * n * rb:]), 0, D)
         assert (back.data == down).all()
