@@ -7,7 +7,7 @@
  * once. Exact integer sums, the same as the row-major path's, then the float scaling per q8 block.
  * The kernels are in the architecture files (q1r32_ref, q1r32_avx2), reached through the table.
  * Expert bundles in the layout (gate, up and down parts each in groups of 32 rows) run one token's
- * FFN here too (q1r32_ffn_t1); their prefill gathers rows back (q1r32_row, qdot_ffn.c). */
+ * FFN here too (q1r32_ffn_t1); their prefill unpacks a group at a time (qdot_ffn.c). */
 #include <stdint.h>
 #include <string.h>
 
@@ -18,11 +18,6 @@
 
 static int shape_ok(int64_t m, int64_t k) {
     return m > 0 && k > 0 && m % Q1R32_ROWS == 0 && k % QK1_0 == 0 && m <= WS_MAX_DIM && k <= WS_MAX_DIM;
-}
-
-/* Offset in an r32 block of row r's byte j of its Q1_0 block (j < 2: d, then sign byte j - 2). */
-static inline int r32_offset(int r, int j) {
-    return j < 2 ? 2 * r + j : 2 * Q1R32_ROWS + Q1R32_ROWS * (j - 2) + r;
 }
 
 /* src -> dst, m x k Q1_0 weights from one layout to the other, a group at a time (a group holds the
@@ -104,13 +99,6 @@ int q1r32_matmul(fic_pool *pool, int impl, const uint8_t *w, const float *x, flo
 void q1r32_group_rows(const uint8_t *w, int64_t k, int64_t g, uint8_t *rows) {
     const int64_t nb = k / QK1_0;
     q1r32_move(fic_kernels_for(fic_impl_best()), w + g * nb * Q1R32_BLOCK_BYTES, rows, nb, 0);
-}
-
-void q1r32_row(const uint8_t *w, int64_t k, int64_t r, uint8_t *dst) {
-    const int64_t nb = k / QK1_0, rr = r % Q1R32_ROWS;
-    const uint8_t *src = w + r / Q1R32_ROWS * nb * Q1R32_BLOCK_BYTES;
-    for (int64_t b = 0; b < nb; b++, src += Q1R32_BLOCK_BYTES, dst += sizeof(block_q1_0))
-        for (int j = 0; j < (int)sizeof(block_q1_0); j++) dst[j] = src[r32_offset((int)rr, j)];
 }
 
 /* ---- an expert bundle in place ------------------------------------------------------------ */

@@ -79,8 +79,6 @@ const qdot_kernels *fic_qdot_kernels(int impl);
 /* Rows 32 g .. 32 g + 31 of a Q1_0 matrix in the r32 layout (fic.h; k weights a row) back into 32
  * row-major rows (q1r32.c): the r32 prefill runs Q1_0's own kernel on them. */
 void q1r32_group_rows(const uint8_t *w, int64_t k, int64_t g, uint8_t *rows);
-/* Row r of an r32 matrix of k weights a row back into one row-major Q1_0 row at dst (q1r32.c). */
-void q1r32_row(const uint8_t *w, int64_t k, int64_t r, uint8_t *dst);
 /* Unpack row `src` of k weights in fmt into buf (QW_ROW_BYTES(k), 32-byte aligned). */
 void fic_qdot_unpack(int fmt, const uint8_t *src, int64_t k, uint8_t *buf, qw_row *out);
 /* Rows cut into pieces (an FFN's down columns, expert after expert): piece [off, off + k) of an

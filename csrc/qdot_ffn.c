@@ -10,7 +10,8 @@
  *            thread count).
  * Q1_0 (gate and up, or down) takes its own kernels instead (qdot.h Q1X_*): rows read as stored,
  * no unpacking; down pieces gathered as whole blocks. Bundles in the r32 layout (FIC_Q1_0R32) take
- * the same kernels on rows gathered back from their groups (q1r32_row) into the thread's buffer.
+ * the same kernels on rows unpacked a group of 32 at a time (q1r32_group_rows) into the thread's
+ * buffer: steps and chunks of 32 rows there.
  * Tokens go in chunks that fit the workspace beside each thread's unpacked rows and buffer;
  * nothing is allocated. */
 #include <math.h>
@@ -130,22 +131,27 @@ static void p1_q1_quantize(void *ctx, int64_t i0, int64_t i1, int tid) {
     for (int64_t i = i0; i < i1; i++) q->kern->q1_quantize(q->a->x + (q->i0 + i) * d, d, q->xq + i * qrow);
 }
 
-/* Rows [r, r + nr) of an r32 matrix of k columns gathered into buf (row-major, rb bytes apart). */
+#define R32_ROWS 32 /* the r32 layout's group */
+
+/* Rows [r, r + nr) of an r32 matrix of k columns (r and nr multiples of 32) unpacked into buf. */
 static const uint8_t *r32_rows(const uint8_t *w, int64_t k, int64_t r, int64_t nr, int64_t rb, uint8_t *buf) {
-    for (int64_t l = 0; l < nr; l++) q1r32_row(w, k, r + l, buf + l * rb);
+    for (int64_t l = 0; l < nr; l += R32_ROWS) q1r32_group_rows(w, k, (r + l) / R32_ROWS, buf + l * rb);
     return buf;
 }
+
+/* Rows per step: a group in the r32 layout. */
+static int64_t q1_step(int r32) { return r32 ? R32_ROWS : Q1_FFN_ROWS; }
 
 static void p1_q1_rows(void *ctx, int64_t g0, int64_t g1, int tid) {
     const qffn_t *q = ctx;
     const qdot_ffn *a = q->a;
-    float *ubuf = (float *)(q->per_thread + tid * q->thread_bytes); /* nt x Q1_FFN_ROWS */
-    uint8_t *rows = (uint8_t *)ubuf + q->thread_bytes - Q1_FFN_ROWS * a->rb_g; /* r32: gathered rows */
-    const int64_t d = a->d, qrow = Q1X_ROW_BYTES(d), nt = q->nt, r32 = a->gate_fmt == FIC_Q1_0R32;
+    const int64_t d = a->d, qrow = Q1X_ROW_BYTES(d), nt = q->nt, r32 = a->gate_fmt == FIC_Q1_0R32, step = q1_step(r32);
+    float *ubuf = (float *)(q->per_thread + tid * q->thread_bytes); /* nt x step */
+    uint8_t *rows = (uint8_t *)ubuf + q->thread_bytes - step * a->rb_g; /* r32: a group unpacked */
     p1_piece p = {.e = -1};
     while (p1_next(q, g0, g1, &p)) {
-        for (int64_t r = p.r0; r < p.r1; r += Q1_FFN_ROWS) {
-            const int64_t nr = p.r1 - r < Q1_FFN_ROWS ? p.r1 - r : Q1_FFN_ROWS;
+        for (int64_t r = p.r0; r < p.r1; r += step) {
+            const int64_t nr = p.r1 - r < step ? p.r1 - r : step;
             const uint8_t *gate = r32 ? r32_rows(p.gate, d, r, nr, a->rb_g, rows) : p.gate + r * a->rb_g;
             q->kern->q1_dot(gate, a->rb_g, nr, d, q->xq, qrow, nt, p.h + r, p.n, 0);
             const uint8_t *up = r32 ? r32_rows(p.up, d, r, nr, a->rb_u, rows) : p.up + r * a->rb_u;
@@ -158,14 +164,15 @@ static void p1_q1_rows(void *ctx, int64_t g0, int64_t g1, int tid) {
 static int q1_phase1(fic_pool *pool, qffn_t *q, uint8_t *ws, int64_t ws_bytes) {
     const qdot_ffn *a = q->a;
     const int64_t n_threads = fic_pool_threads(pool);
-    const int64_t gather = a->gate_fmt == FIC_Q1_0R32 ? Q1_FFN_ROWS * a->rb_g : 0; /* r32: rows gathered */
-    const int64_t tc = chunk_tokens(ws_bytes, n_threads, 64 + gather, Q1X_ROW_BYTES(a->d), 4 * Q1_FFN_ROWS);
+    const int r32 = a->gate_fmt == FIC_Q1_0R32;
+    const int64_t step = q1_step(r32), gather = r32 ? step * a->rb_g : 0; /* r32: a group unpacked */
+    const int64_t tc = chunk_tokens(ws_bytes, n_threads, 64 + gather, Q1X_ROW_BYTES(a->d), 4 * step);
     if (tc < 1) return FIC_ERR_WORKSPACE;
-    q->thread_bytes = (4 * Q1_FFN_ROWS * tc + gather + 63) / 64 * 64;
+    q->thread_bytes = (4 * step * tc + gather + 63) / 64 * 64;
     q->per_thread = ws;
     q->xq = ws + n_threads * q->thread_bytes;
     int64_t chunk = (a->n_total + 4 * n_threads - 1) / (4 * n_threads);
-    chunk = (chunk + Q1_FFN_ROWS - 1) / Q1_FFN_ROWS * Q1_FFN_ROWS;
+    chunk = (chunk + step - 1) / step * step;
     for (q->i0 = 0; q->i0 < a->t; q->i0 += tc) {
         q->nt = a->t - q->i0 < tc ? a->t - q->i0 : tc;
         fic_parallel_for(pool, q->nt, (q->nt + n_threads - 1) / n_threads, p1_q1_quantize, q);
@@ -256,17 +263,19 @@ static void p2_q1_quantize(void *ctx, int64_t i0, int64_t i1, int tid) {
 static void p2_q1_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
     const qffn_t *q = ctx;
     const qdot_ffn *a = q->a;
-    uint8_t *buf = q->per_thread + tid * q->thread_bytes; /* Q1_FFN_ROWS gathered rows of ub bytes */
-    const int64_t n_total = a->n_total, bb = (int64_t)sizeof(block_q1_0);
-    for (int64_t r = r0; r < r1; r += Q1_FFN_ROWS) {
-        const int64_t nr = r1 - r < Q1_FFN_ROWS ? r1 - r : Q1_FFN_ROWS;
+    const int r32 = a->down_fmt == FIC_Q1_0R32;
+    const int64_t n_total = a->n_total, bb = (int64_t)sizeof(block_q1_0), step = q1_step(r32);
+    uint8_t *buf = q->per_thread + tid * q->thread_bytes; /* step gathered rows of ub bytes */
+    uint8_t *group = buf + step * q->ub;                  /* r32: an expert's group of down rows */
+    for (int64_t r = r0; r < r1; r += step) {
+        const int64_t nr = r1 - r < step ? r1 - r : step;
         for (int64_t e = 0; e < a->n_experts; e++) { /* expert by expert: its rows are adjacent */
             const int64_t nb = a->n[e] / QK1_0, rbd = a->rb_d[e];
-            const uint8_t *down = a->bundles[e] + a->n[e] * (a->rb_g + a->rb_u), *src = down + r * rbd;
+            const uint8_t *down = a->bundles[e] + a->n[e] * (a->rb_g + a->rb_u);
+            const uint8_t *src = a->skip[e] ? NULL : r32 ? r32_rows(down, a->n[e], r, nr, rbd, group) : down + r * rbd;
             for (int64_t l = 0; l < nr; l++) {
                 uint8_t *dst = buf + l * q->ub + a->off[e] / QK1_0 * bb;
                 if (a->skip[e]) memset(dst, 0, (size_t)(nb * bb));
-                else if (a->down_fmt == FIC_Q1_0R32) q1r32_row(down, a->n[e], r + l, dst);
                 else if (nb == 1) memcpy(dst, src + l * rbd, sizeof(block_q1_0)); /* inlined: experts of 128 */
                 else memcpy(dst, src + l * rbd, (size_t)rbd);
             }
@@ -310,11 +319,13 @@ int fic_qdot_down_fixed_ok(const qdot_ffn *a) {
 static int q1_down_cols(fic_pool *pool, qffn_t *q, uint8_t *ws, int64_t ws_bytes) {
     const qdot_ffn *a = q->a;
     const int64_t n_threads = fic_pool_threads(pool);
+    const int r32 = a->down_fmt == FIC_Q1_0R32;
+    const int64_t step = q1_step(r32), group = r32 ? step * (a->n_max / QK1_0) * (int64_t)sizeof(block_q1_0) : 0;
     q->ub = n_total_bytes_q1(a->n_total);
-    q->thread_bytes = Q1_FFN_ROWS * q->ub;
+    q->thread_bytes = (step * q->ub + group + 63) / 64 * 64; /* r32: + an expert's group of down rows */
     const int fixed = a->acc != NULL;
     int64_t tc;
-    if (fixed) { /* per thread: nt x Q1_FFN_ROWS products */
+    if (fixed) { /* per thread: nt x Q1_FIXED_ROWS products */
         tc = chunk_tokens(ws_bytes, n_threads, 64 + q1_fixed_gather(a), Q1X_ROW_BYTES(a->n_total), 4 * Q1_FIXED_ROWS);
         q->thread_bytes = (4 * Q1_FIXED_ROWS * tc + 63) / 64 * 64 + q1_fixed_gather(a);
     } else {
@@ -324,7 +335,7 @@ static int q1_down_cols(fic_pool *pool, qffn_t *q, uint8_t *ws, int64_t ws_bytes
     q->per_thread = ws;
     q->xq = ws + n_threads * q->thread_bytes;
     int64_t chunk = (a->d + 4 * n_threads - 1) / (4 * n_threads);
-    chunk = (chunk + Q1_FFN_ROWS - 1) / Q1_FFN_ROWS * Q1_FFN_ROWS;
+    chunk = (chunk + step - 1) / step * step;
     for (q->i0 = 0; q->i0 < a->t; q->i0 += tc) {
         q->nt = a->t - q->i0 < tc ? a->t - q->i0 : tc;
         fic_parallel_for(pool, q->nt, (q->nt + n_threads - 1) / n_threads, p2_q1_quantize, q);
