@@ -262,7 +262,8 @@ class Model:
         )
 
     def _q1r32_layout(self) -> None:
-        """The resident Q1_0 matrices of attention and the output into the r32 layout, in place:
+        """The resident Q1_0 matrices of attention, a mixture of experts' shared expert and the output
+        into the r32 layout, in place:
         decode's matvec by table lookups, 1.3-1.5x the row-major kernel's speed from DRAM on 2
         threads (bench/RESULTS.md, "Q1_0 in groups of 32 rows"); prefill unpacks them for the
         row-major kernels, the same bits."""
@@ -279,6 +280,8 @@ class Model:
             else:
                 lw.qkv = [r32(q) for q in lw.qkv]
             lw.attn_output = r32(lw.attn_output)
+            if lw.shared is not None:  # a mixture of experts' shared expert, run every token
+                lw.shared = tuple(r32(q) for q in lw.shared)
         tied = self.output is self.token_embd
         self.output = r32(self.output)
         if tied:
