@@ -108,9 +108,12 @@ static int bundle_shape_ok(int64_t n, int64_t d) {
     return n > 0 && d > 0 && n % QK1_0 == 0 && d % QK1_0 == 0 && n <= WS_MAX_DIM && d <= WS_MAX_DIM;
 }
 
-int64_t fic_q1r32_bundle_ws_bytes(int64_t n, int64_t d) {
-    if (!bundle_shape_ok(n, d)) return FIC_ERR_ARG;
-    return ws_round64((n > d ? n : d) / QK1_0 * Q1R32_BLOCK_BYTES); /* one group of the longer rows */
+/* One group of the longer rows: a thread's temporary copy. */
+static int64_t group_bytes_of(int64_t n, int64_t d) { return ws_round64((n > d ? n : d) / QK1_0 * Q1R32_BLOCK_BYTES); }
+
+int64_t fic_q1r32_bundles_ws_bytes(int n_threads, int64_t n_max, int64_t d) {
+    if (n_threads < 1 || n_threads > WS_MAX_THREADS || !bundle_shape_ok(n_max, d)) return FIC_ERR_ARG;
+    return n_threads * group_bytes_of(n_max, d);
 }
 
 /* m x k in place, a group at a time through tmp. */
@@ -122,17 +125,43 @@ static void repack_in_place(const fic_kernels *kt, uint8_t *w, int64_t m, int64_
     }
 }
 
-int fic_q1r32_bundle(int impl, uint8_t *bundle, int64_t n, int64_t d, void *ws, int64_t ws_bytes) {
-    if (bundle == NULL || ws == NULL || !bundle_shape_ok(n, d)) return FIC_ERR_ARG;
+typedef struct {
+    const fic_kernels *kt;
+    uint8_t *const *bundles;
+    const int32_t *n;
+    int64_t d, tmp_bytes;
+    uint8_t *ws;
+} bundles_job;
+
+static void bundles_range(void *ctx, int64_t b0, int64_t b1, int tid) {
+    const bundles_job *j = ctx;
+    uint8_t *tmp = j->ws + tid * j->tmp_bytes;
+    const int64_t d = j->d, rb = d / QK1_0 * (int64_t)sizeof(block_q1_0);
+    for (int64_t b = b0; b < b1; b++) {
+        uint8_t *w = j->bundles[b];
+        const int64_t n = j->n[b];
+        repack_in_place(j->kt, w, n, d, tmp);
+        repack_in_place(j->kt, w + n * rb, n, d, tmp);
+        repack_in_place(j->kt, w + 2 * n * rb, d, n, tmp);
+    }
+}
+
+int fic_q1r32_bundles(fic_pool *pool, int impl, uint8_t *const *bundles, const int32_t *n_neurons, int64_t count,
+                      int64_t d, void *ws, int64_t ws_bytes) {
+    if (count < 0 || (count > 0 && (bundles == NULL || n_neurons == NULL || ws == NULL))) return FIC_ERR_ARG;
     if (impl < FIC_IMPL_AUTO || impl > FIC_IMPL_NEON) return FIC_ERR_ARG;
-    if (ws_bytes < fic_q1r32_bundle_ws_bytes(n, d)) return FIC_ERR_WORKSPACE;
+    int64_t n_max = 0;
+    for (int64_t b = 0; b < count; b++) {
+        if (bundles[b] == NULL || !bundle_shape_ok(n_neurons[b], d)) return FIC_ERR_ARG;
+        n_max = n_neurons[b] > n_max ? n_neurons[b] : n_max;
+    }
+    if (count == 0) return FIC_OK;
+    if (ws_bytes < fic_q1r32_bundles_ws_bytes(fic_pool_threads(pool), n_max, d)) return FIC_ERR_WORKSPACE;
     if (impl == FIC_IMPL_AUTO) impl = fic_impl_best();
     const fic_kernels *kt = fic_kernels_for(impl);
     if (kt == NULL) return FIC_ERR_UNSUPPORTED;
-    const int64_t rb = d / QK1_0 * (int64_t)sizeof(block_q1_0);
-    repack_in_place(kt, bundle, n, d, ws);
-    repack_in_place(kt, bundle + n * rb, n, d, ws);
-    repack_in_place(kt, bundle + 2 * n * rb, d, n, ws);
+    bundles_job j = {kt, bundles, n_neurons, d, group_bytes_of(n_max, d), ws};
+    fic_parallel_for(pool, count, 1, bundles_range, &j);
     return FIC_OK;
 }
 

@@ -883,8 +883,7 @@ class PendingBundles:
             results = self._pending.wait()
             self._reader._check_results(self.keys, self._entries, results)
             if self._reader.r32:  # checked as stored, then turned into the layout the kernels read
-                for e, d in zip(self._entries, self._dsts):
-                    kernels.q1r32_bundle(d, e.n_neurons, self._reader.layout.d_model)
+                kernels.q1r32_bundles(self._dsts, [e.n_neurons for e in self._entries], self._reader.layout.d_model)
             self._done = [self._reader.bundle_view(d, e.n_neurons) for e, d in zip(self._entries, self._dsts)]
         return self._done
 

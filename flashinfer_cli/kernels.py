@@ -771,17 +771,32 @@ def q1r32_bundle_eligible(gate_fmt: str, up_fmt: str, down_fmt: str, down_layout
             and d_model % 128 == 0 and all(n > 0 and n % 128 == 0 for n in n_neurons))
 
 
+def q1r32_bundles(bufs: Sequence[np.ndarray], n_neurons: Sequence[int], d_model: int, *,
+                  impl: str = "auto") -> None:
+    """Q1_0 bundles (gate n x d, up n x d, down d x n, each in its buffer's first bytes) repacked in
+    place into the r32 layout, part by part, split between the pool's threads (fic_q1r32_bundles;
+    every impl gives the same bytes)."""
+    if len(bufs) != len(n_neurons):
+        raise ValueError(f"{len(bufs)} buffers but {len(n_neurons)} neuron counts")
+    if not len(bufs):
+        return
+    for buf, n in zip(bufs, n_neurons):
+        if n <= 0 or n % 128 or d_model <= 0 or d_model % 128:
+            raise ValueError(f"an r32 bundle needs sizes that are multiples of 128, not n={n}, d={d_model}")
+        if buf.dtype != np.uint8 or not buf.flags.c_contiguous or not buf.flags.writeable \
+                or buf.nbytes < 3 * n * row_bytes("q1_0", d_model):
+            raise ValueError(f"a writable contiguous uint8 buffer of the bundle's bytes, not {buf.dtype} {buf.shape}")
+    need = lib.fic_q1r32_bundles_ws_bytes(_POOL.n_threads, max(n_neurons), d_model)
+    ws = np.empty(need, dtype=np.uint8)  # a group of rows a thread (tens of KB); any alignment
+    ptrs = ffi.new("uint8_t *[]", [ffi.from_buffer("uint8_t[]", b) for b in bufs])
+    ns = np.ascontiguousarray(n_neurons, dtype=np.int32)
+    _check(lib.fic_q1r32_bundles(_POOL.get(), _impl_id(impl), ptrs, ffi.from_buffer("int32_t[]", ns), len(bufs),
+                                 d_model, _u8(ws), ws.nbytes), "q1r32_bundles")
+
+
 def q1r32_bundle(buf: np.ndarray, n_neurons: int, d_model: int, *, impl: str = "auto") -> None:
-    """A Q1_0 bundle (gate n x d, up n x d, down d x n) in buf's first bytes repacked in place into
-    the r32 layout, part by part (fic_q1r32_bundle; every impl gives the same bytes)."""
-    need = lib.fic_q1r32_bundle_ws_bytes(n_neurons, d_model)
-    if need < 0:
-        raise ValueError(f"an r32 bundle needs sizes that are multiples of 128, not n={n_neurons}, d={d_model}")
-    if buf.dtype != np.uint8 or not buf.flags.c_contiguous or not buf.flags.writeable \
-            or buf.nbytes < 3 * n_neurons * row_bytes("q1_0", d_model):
-        raise ValueError(f"a writable contiguous uint8 buffer of the bundle's bytes, not {buf.dtype} {buf.shape}")
-    ws = np.empty(need, dtype=np.uint8)  # one group of rows (tens of KB); any alignment
-    _check(lib.fic_q1r32_bundle(_impl_id(impl), _u8(buf), n_neurons, d_model, _u8(ws), ws.nbytes), "q1r32_bundle")
+    """One bundle: q1r32_bundles of [buf]."""
+    q1r32_bundles([buf], [n_neurons], d_model, impl=impl)
 
 
 class FixedFlush:

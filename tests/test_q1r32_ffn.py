@@ -184,3 +184,20 @@ def test_a_q1_mixture_of_experts_runs_in_the_layout(tmp_path, monkeypatch):
     assert np.isfinite(a).all()
     assert np.abs(a - b).max() <= 1e-3 * np.abs(b).max(), np.abs(a - b).max()
     assert (a.argmax(axis=1) == b.argmax(axis=1)).all()
+
+
+def test_bundles_in_one_call_split_between_threads():
+    """fic_q1r32_bundles over several bundles of different sizes, on 1 and 2 threads: each bundle as
+    numpy lays it out."""
+    case = q1_case(1, seed=8)
+    rb = K.row_bytes("q1_0", D)
+    want = [np.concatenate([r32_numpy(b[:n * rb], (n, D)), r32_numpy(b[n * rb:2 * n * rb], (n, D)),
+                            r32_numpy(b[2 * n * rb:], (D, n))]) for b, n in zip(case.bundles, case.ns)]
+    for threads in (1, 2):
+        K.set_threads(threads)
+        try:
+            bufs = [b.copy() for b in case.bundles]
+            K.q1r32_bundles(bufs, case.ns, D)
+        finally:
+            K.set_threads(K.default_threads())
+        assert all((got == w).all() for got, w in zip(bufs, want))
