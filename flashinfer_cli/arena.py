@@ -258,9 +258,11 @@ class Arena:
         self._count(misses=len(keys), streamed=len(keys), bytes_read=n_bytes)
         return self.reader.submit_bundles(keys, dsts)
 
-    def wait(self, pending: "fmt.PendingBundles") -> None:
+    def wait(self, pending: "fmt.PendingBundles", *, transform: bool = True) -> None:
+        """A ring read landed and checked; transform=False: its bundles stay as stored until
+        pending.transform() (the caller starts its next read first)."""
         t0 = time.perf_counter()
-        pending.wait()
+        pending.wait(transform=transform)
         self._count(read_seconds=time.perf_counter() - t0)
 
     def settle(self, pending: "fmt.PendingBundles") -> None:

@@ -876,16 +876,27 @@ class PendingBundles:
     def __init__(self, reader: "ModelReader", keys, entries, dsts, pending):
         self._reader, self.keys, self._entries, self._dsts, self._pending = reader, keys, entries, dsts, pending
         self._done: list[Bundle] | None = None
+        self._transformed = False
 
-    def wait(self) -> list[Bundle]:
-        """Block until the batch is read; FormatError names the first bad bundle."""
+    def wait(self, *, transform: bool = True) -> list[Bundle]:
+        """Block until the batch is read; FormatError names the first bad bundle. transform=False
+        leaves the bundles as stored until transform() (a caller that starts its next read first)."""
         if self._done is None:
             results = self._pending.wait()
             self._reader._check_results(self.keys, self._entries, results)
-            if self._reader.r32:  # checked as stored, then turned into the layout the kernels read
-                kernels.q1r32_bundles(self._dsts, [e.n_neurons for e in self._entries], self._reader.layout.d_model)
             self._done = [self._reader.bundle_view(d, e.n_neurons) for e, d in zip(self._entries, self._dsts)]
+        if transform:
+            self.transform()
         return self._done
+
+    def transform(self) -> None:
+        """After wait(): the bundles turned into the layout the kernels read (the reader's r32:
+        repacked in place, once)."""
+        if self._done is None:
+            raise RuntimeError("transform() before wait()")
+        if self._reader.r32 and not self._transformed:
+            kernels.q1r32_bundles(self._dsts, [e.n_neurons for e in self._entries], self._reader.layout.d_model)
+        self._transformed = True
 
     def settle(self) -> None:
         """Wait for the batch to land without checking it: for reads whose bytes will not be used."""

@@ -199,12 +199,13 @@ class FFNRunner:
             calls.append((res, region))
             off += n
         for i, piece in enumerate(pieces):
-            arena.wait(pending.pending)
+            arena.wait(pending.pending, transform=False)
             cur = pending
             if i + 1 < len(pieces):
                 pending = self._submit(layer, pieces[i + 1])
             elif prefetch:
                 self._prefetch_after(layer, full)
+            cur.pending.transform()  # with the next read in flight
             n = int(nn[piece].sum()) * t
             region = self.scratch[off:off + n]
             _ffn_over_slots(self.layout, arena, cur.slots, nn[piece], x, out, region)
@@ -286,9 +287,10 @@ class FFNRunner:
             pieces = [miss[i:i + half] for i in range(0, len(miss), half)]
             pending = self._take(layer, pieces[0])
             for i, piece in enumerate(pieces):
-                arena.wait(pending.pending)
+                arena.wait(pending.pending, transform=False)
                 cur = pending
                 if i + 1 < len(pieces):
                     pending = self._submit(layer, pieces[i + 1])
+                cur.pending.transform()  # with the next read in flight
                 call(piece, cur.slots)
         self._finish(out, y)
