@@ -47,17 +47,6 @@ static inline const uint8_t *gate_row(const ffn_t *f, int64_t e, int64_t r) {
 static inline const uint8_t *up_row(const ffn_t *f, int64_t e, int64_t r) {
     return f->bundles[e] + (int64_t)f->n[e] * f->rb_g + r * f->rb_u;
 }
-/* The expert holding flattened neuron index g (binary search over off). */
-int64_t ffn_expert_of(const ffn_t *f, int64_t g) {
-    int64_t lo = 0, hi = f->n_experts - 1;
-    while (lo < hi) {
-        int64_t mid = (lo + hi + 1) / 2;
-        if (f->off[mid] <= g) lo = mid;
-        else hi = mid - 1;
-    }
-    return lo;
-}
-
 static inline float coef_of(const ffn_t *f, int64_t i, int64_t e) {
     return f->coef == NULL ? 1.0f : f->coef[i * f->n_experts + e];
 }

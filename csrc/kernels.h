@@ -328,6 +328,17 @@ typedef struct ffn_s {
     int64_t tile_floats, tile1_rows, tile2_rows;
 } ffn_t;
 
+/* The expert holding flattened neuron index g (binary search over off). */
+static inline int64_t ffn_expert_of(const ffn_t *f, int64_t g) {
+    int64_t lo = 0, hi = f->n_experts - 1;
+    while (lo < hi) {
+        int64_t mid = (lo + hi + 1) / 2;
+        if (f->off[mid] <= g) lo = mid;
+        else hi = mid - 1;
+    }
+    return lo;
+}
+
 static inline const uint8_t *down_part(const ffn_t *f, int64_t e) {
     return f->bundles[e] + (int64_t)f->n[e] * (f->rb_g + f->rb_u);
 }
@@ -387,8 +398,6 @@ static inline void q1r32(const fic_kernels *kt, const uint8_t *w, int64_t nb, co
  * the tables). */
 void q1r32_build_tables(const int8_t *xq, int64_t k, uint8_t *tab);
 int q1r32_ffn_t1(fic_pool *pool, const ffn_t *f, uint8_t *ws, int64_t ws_bytes);
-/* ffn.c: the expert holding flattened neuron index g */
-int64_t ffn_expert_of(const ffn_t *f, int64_t g);
 static inline void pack8(const fic_kernels *kt, const float *src, int64_t ld, int64_t n, float *dst) {
     if (kt->pack8) kt->pack8(src, ld, n, dst);
     else pack8_ref(src, ld, n, dst);

@@ -280,5 +280,6 @@ const fic_kernels fic_kernels_neon = {
     NULL, /* pack8: no panels here */
     NULL, /* silu_mul: silu_mul_ref */
     NULL, /* q1r32: q1r32_ref */
+    NULL, /* q1r32_move: q1r32_move_ref */
 };
 #endif /* __aarch64__ */
