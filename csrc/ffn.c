@@ -23,7 +23,7 @@
  *            d_model in block-aligned column ranges, as accum_rows; zero h rows are not read.
  *
  * Bundles in the r32 layout (all three formats FIC_Q1_0R32) take q1r32.c's one-token FFN, and for
- * t > 1 the int8 phases of qdot_ffn.c, which gather their rows back (the same bits as row-major).
+ * t > 1 the int8 phases of qdot_ffn.c, which unpack a group of rows at a time (the same bits as row-major).
  *
  * An expert whose coef is 0 for every token is skipped entirely (its bundle is not touched);
  * for t > 1 a zero coef of one token makes that token's h zero (exact zero contribution).

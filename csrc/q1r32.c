@@ -168,9 +168,9 @@ int fic_q1r32_bundles(fic_pool *pool, int impl, uint8_t *const *bundles, const i
 /* ---- one token's expert FFN over r32 bundles (ffn.c's t = 1 path for FIC_Q1_0R32) -----------
  *   phase 1: x quantized and tabled once for every expert's gate and up rows; threads split the
  *            experts' 32-row groups (all experts back to back); for an expert's groups, the gate
- *            rows into h, then the up rows R32_UP_GROUPS groups at a time, h = coef silu(gate) up.
+ *            rows into h, then the up rows R32_STEP_GROUPS groups at a time, h = coef silu(gate) up.
  *   phase 2: each expert's h_e quantized and tabled once (threads split the experts); threads
- *            split d_model's 32-row groups; per R32_UP_GROUPS groups, each expert's down rows add
+ *            split d_model's 32-row groups; per R32_STEP_GROUPS groups, each expert's down rows add
  *            into y (expert order) or, fixed, are rounded into acc on their own.
  * A row's value depends only on its group's bytes and the tables: the same bits whatever the
  * threads, the chunks, or which other experts share the call. */

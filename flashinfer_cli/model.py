@@ -169,11 +169,12 @@ class Model:
         self.output_norm = _vec(dense["output_norm"])
         self.output = self.token_embd if c.tie_embeddings else _qt(dense["output"])
         self.layers = [self._layer(dense, i) for i in range(c.n_layers)]
-        if kernels.q1r32_wanted():
+        r32 = kernels.q1r32_wanted()
+        if r32:
             self._q1r32_layout()
         # Q1_0 bundles too, each repacked as it is read into the arena (fmt.PendingBundles); the exact
         # float prefill reads rows, so it keeps them as stored
-        self.r32_experts = kernels.q1r32_wanted() and kernels.get_prefill() != "exact" and self.reader.use_r32()
+        self.r32_experts = r32 and kernels.get_prefill() != "exact" and self.reader.use_r32()
         # the shared experts' h (t x neurons), sized once: the plan's scratch counts d_ff per token
         n_shared = max(man.shared_neurons, default=0)
         self._shared_scratch = np.empty(max(1, plan.prefill_chunk * n_shared), dtype=np.float32)
