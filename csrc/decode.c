@@ -145,3 +145,31 @@ int fic_decode_attn(fic_pool *pool, int impl, const fic_decode_shape *s, const f
     rmsnorm(x, w->ffn_norm, s->norm_eps, d, xn);
     return FIC_OK;
 }
+
+_Static_assert(sizeof(fic_ffn_slots_call) == 32, "fic_ffn_slots_call size");
+
+int fic_decode_layers(fic_pool *pool, int impl, const fic_decode_shape *s, int64_t n_layers,
+                      const fic_attn_weights *const *attn, const fic_ffn_slots_call *ffn, const uint8_t *arena,
+                      int64_t slot_bytes, const float *cos_table, const float *sin_table, uint16_t *const *k_cache,
+                      uint16_t *const *v_cache, int64_t pos, float *x, float *xn, int64_t *acc, float *scratch,
+                      int64_t scratch_floats, void *attn_ws, int64_t attn_ws_bytes, void *ffn_ws,
+                      int64_t ffn_ws_bytes) {
+    if (n_layers < 0 || (n_layers > 0 && (!attn || !ffn || !k_cache || !v_cache))) return FIC_ERR_ARG;
+    if (!s || impl & FIC_FFN_FIXED) return FIC_ERR_ARG; /* acc says fixed point */
+    /* x += FFN(xn): as a caller's fic_experts_ffn_slots into acc (each expert rounded on its own)
+     * and fic_fixed_flush, or straight into x */
+    float *ffn_y = acc ? (float *)acc : x;
+    const int ffn_impl = impl | (acc ? FIC_FFN_FIXED : 0);
+    for (int64_t l = 0; l < n_layers; l++) {
+        int st = fic_decode_attn(pool, impl, s, attn[l], cos_table, sin_table, k_cache[l], v_cache[l], pos, x, xn,
+                                 attn_ws, attn_ws_bytes);
+        if (st != FIC_OK) return st;
+        const fic_ffn_slots_call *f = &ffn[l];
+        if (f->layout == NULL || f->layout->d_model != s->d_model) return FIC_ERR_ARG;
+        st = fic_experts_ffn_slots(pool, ffn_impl, f->layout, arena, slot_bytes, f->slots, f->n_neurons, f->n_experts,
+                                   NULL, xn, ffn_y, 1, scratch, scratch_floats, ffn_ws, ffn_ws_bytes);
+        if (st != FIC_OK) return st;
+        if (acc) fic_fixed_flush(acc, x, s->d_model);
+    }
+    return FIC_OK;
+}

@@ -276,6 +276,28 @@ int fic_decode_attn(fic_pool *pool, int impl, const fic_decode_shape *shape, con
                     const float *cos_table, const float *sin_table, uint16_t *k_cache, uint16_t *v_cache,
                     int64_t pos, float *x, float *xn, void *ws, int64_t ws_bytes);
 
+/* ---- a decode token through every layer, fused (decode.c) ----
+ * For l = 0 .. n_layers-1: fic_decode_attn(attn[l], k_cache[l], v_cache[l]) on x and xn, then
+ * x += FFN_l(xn) over layer l's experts in the arena (ffn[l]: fic_experts_ffn_slots of one token,
+ * coef 1, h into scratch): with acc (d_model int64, zero on entry) into acc with FIC_FFN_FIXED,
+ * then fic_fixed_flush(acc, x); without, straight into x (rows down layout). The same calls in
+ * the same order as a caller making them layer by layer: the same bits. The caller guarantees
+ * that every slot holds its bundle (the experts are resident). attn_ws: fic_decode_ws_bytes;
+ * ffn_ws: fic_workspace_bytes for one token of the largest layer. impl must not carry
+ * FIC_FFN_FIXED (acc says it). A failure leaves x, xn, the cache at pos and acc part-way. */
+typedef struct fic_ffn_slots_call {
+    const fic_expert_layout *layout;
+    const int32_t *slots;      /* n_experts slot indices */
+    const int32_t *n_neurons;  /* n_experts sizes */
+    int64_t n_experts;
+} fic_ffn_slots_call;
+int fic_decode_layers(fic_pool *pool, int impl, const fic_decode_shape *shape, int64_t n_layers,
+                      const fic_attn_weights *const *attn, const fic_ffn_slots_call *ffn, const uint8_t *arena,
+                      int64_t slot_bytes, const float *cos_table, const float *sin_table, uint16_t *const *k_cache,
+                      uint16_t *const *v_cache, int64_t pos, float *x, float *xn, int64_t *acc, float *scratch,
+                      int64_t scratch_floats, void *attn_ws, int64_t attn_ws_bytes, void *ffn_ws,
+                      int64_t ffn_ws_bytes);
+
 /* ---- one decode token's mixture-of-experts layer, fused (moe.c) ----
  * Routing, as flashinfer_cli/moe.py's route: logits = router xn (router: n_routed x d_model
  * float32); probs = softmax(logits); top = the top_k of probs among the allowed experts (allowed:

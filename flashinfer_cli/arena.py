@@ -125,6 +125,14 @@ class Arena:
         self.total.hits += len(slots)
         self.request.hits += len(slots)
 
+    def touch_slot_runs(self, slots: np.ndarray, run_of: np.ndarray, n_runs: int) -> None:
+        """touch_slots of n_runs calls at once: slots[j] was used by call run_of[j] (0..n_runs-1, in
+        the calls' order; no slot in two calls), as n_runs touch_slots calls one after another."""
+        self.last_use[slots] = self.tick + 1 + run_of
+        self.tick += n_runs
+        self.total.hits += len(slots)
+        self.request.hits += len(slots)
+
     def view(self, slot: int, n_bytes: int | None = None) -> np.ndarray:
         start = int(slot) * self.slot_bytes
         return self.buf[start:start + (n_bytes or self.slot_bytes)]

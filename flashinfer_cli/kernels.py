@@ -1237,6 +1237,59 @@ class DecodeAttention:
             _check(status, f"decode attention, layer {layer} {impl}")
 
 
+class DecodeLayers:
+    """A decode token through every layer in one C call (fic_decode_layers): layer l's attention
+    block as attn.run(l, pos), then its FFN as calls[l](xn, acc or x) and, with acc, the flush of
+    acc into x; the same C calls in the same order as those made one by one, so the same bits,
+    without Python between layers. calls: each layer's SlotsFFN, all over one arena and one scratch
+    (a runner's prepared resident calls); acc: their fixed-point accumulator (d_model int64, zero
+    between tokens) or None. Made for one set of calls: the caller makes another when one changes."""
+
+    def __init__(self, attn: DecodeAttention, calls: Sequence[SlotsFFN], acc: np.ndarray | None):
+        if len(calls) != len(attn._w) or not calls:
+            raise ValueError(f"{len(calls)} FFN calls for {len(attn._w)} layers")
+        first = calls[0]
+        d = int(attn.shape.d_model)
+        for c in calls:
+            if c._args[1] != first._args[1] or c._args[2] != first._args[2] or c._scratch[0] != first._scratch[0]:
+                raise ValueError("the layers' FFN calls must share one arena and one scratch")
+            if c.d_model != d:
+                raise ValueError(f"an FFN call of d_model {c.d_model} in a model of {d}")
+        if acc is not None and (acc.dtype != np.int64 or acc.shape != (d,) or not acc.flags.c_contiguous):
+            raise ValueError(f"acc must be a contiguous int64 ({d},) array")
+        self.attn, self.calls, self._acc_arr = attn, tuple(calls), acc
+        self._ffn = ffi.new("fic_ffn_slots_call[]", [
+            {"layout": c._args[0], "slots": c._args[3], "n_neurons": c._args[4], "n_experts": c.n_experts}
+            for c in calls])
+        self._attn_w = ffi.new("fic_attn_weights *[]", attn._w)
+        self._k = ffi.new("uint16_t *[]", attn._k)
+        self._v = ffi.new("uint16_t *[]", attn._v)
+        self._acc = ffi.from_buffer("int64_t[]", acc) if acc is not None else ffi.NULL
+        self._arena = first._args[1:3]
+        self._scratch = first._scratch
+        self._ws_need = (d, max(c.n_experts for c in calls), max(c.n_total for c in calls))
+
+    def run(self, pos: int, *, impl: str = "auto") -> None:
+        """Every layer for the token at pos: x (attn's) ends as the last layer's output, the cache
+        holds the token's k, v in every layer."""
+        a = self.attn
+        pool = _POOL.get()
+        if _POOL._n_threads != a.n_threads:
+            a._reserve(_POOL._n_threads)
+        if not 0 <= pos < a.ctx:
+            raise ValueError(f"position {pos} outside the cache's {a.ctx}")
+        ws, ws_bytes, held = _ws_acquire(_POOL._n_threads, 1, *self._ws_need)
+        try:
+            status = lib.fic_decode_layers(pool, _decode_impl(impl), a.shape, len(self.calls), self._attn_w,
+                                           self._ffn, *self._arena, a._cos, a._sin, self._k, self._v, pos, a._x,
+                                           a._xn, self._acc, *self._scratch, a._ws_ptr, a._ws_bytes, ws, ws_bytes)
+        finally:
+            if held:
+                _WS.lock.release()
+        if status != 0:
+            _check(status, f"decode layers {impl}")
+
+
 # ---- a decode token's mixture-of-experts layer, fused (moe.c) -----------------------------
 
 @dataclass(frozen=True)

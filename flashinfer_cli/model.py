@@ -222,6 +222,11 @@ class Model:
         # (moe.c, one call per layer when every picked expert is resident); False: the numpy step
         self.fused_moe = man.moe is not None
         self._moe_decode = self._fused_moe() if man.moe is not None else None
+        # decode of a dense model whose every layer needs no read and no Python hook: all layers in
+        # one C call (kernels.DecodeLayers, made again when a layer's resident call changes)
+        self.fused_layers = self._c_attention and man.moe is None and \
+            all(lw.shared_set is None for lw in self.layers)
+        self._layers_held: tuple | None = None  # (the layers' calls, DecodeLayers, slots, each slot's layer)
 
     def _layer(self, dense: dict, i: int) -> LayerWeights:
         c = self.config
@@ -455,10 +460,39 @@ class Model:
         self.pos += 1
         return kernels.matvec(self.output, _rmsnorm1(x, self.output_norm, c.norm_eps))
 
+    def _fused_layers(self) -> tuple | None:
+        """(calls, kernels.DecodeLayers, slots, each slot's layer) for a token that can run every
+        layer in one C call: a dense model with no shared experts, no hook, no reselection window,
+        every layer's run set resident. None otherwise (the layer-by-layer step)."""
+        if not self.fused_layers or self.window is not None or self.before_ffn is not None or self.collect is not None:
+            return None
+        prepared = self.runner.resident_calls(self.full)
+        if prepared is None:
+            return None
+        held = self._layers_held
+        if held is not None and all(a is p[1] for a, p in zip(held[0], prepared)):
+            return held
+        calls = tuple(p[1] for p in prepared)
+        layers = kernels.DecodeLayers(self._decode_attn, calls, self.runner._acc1 if self.runner.fixed else None)
+        slots = np.concatenate([p[2] for p in prepared])
+        run_of = np.repeat(np.arange(len(prepared)), [len(p[2]) for p in prepared])
+        self._layers_held = (calls, layers, slots, run_of)
+        return self._layers_held
+
     def _decode_fused(self, token: int) -> np.ndarray:
-        """_decode with each layer's attention block one C call on the preallocated x and xn."""
+        """_decode with each layer's attention block one C call on the preallocated x and xn; with
+        nothing to read and nothing to hook, every layer in one C call."""
         c, x, xn, attn = self.config, self._x, self._xn, self._decode_attn
         x[:] = self.embed([token])[0]
+        held = self._fused_layers()
+        if held is not None:
+            calls, layers, slots, run_of = held
+            self.runner.begin_fused()
+            layers.run(self.pos)
+            self.runner.end_fused()
+            self.arena.touch_slot_runs(slots, run_of, len(calls))
+            self.pos += 1
+            return kernels.matvec(self.output, _rmsnorm1(x, self.output_norm, c.norm_eps))
         for i in range(c.n_layers):
             attn.run(i, self.pos)
             if self.window is not None:

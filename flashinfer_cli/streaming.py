@@ -110,6 +110,32 @@ class FFNRunner:
                                          slots.astype(np.intp))
         return c[4], c[5], c[6]
 
+    def resident_calls(self, full: bool) -> list[tuple] | None:
+        """Every layer's (run set, prepared call, slots), as _resident_call, when every layer's run
+        set is resident (a decode token then needs no read: one C call can run all layers); None
+        as soon as one layer misses something."""
+        out = []
+        for layer in range(self.n_layers):
+            rc = self._resident_call(layer, full)
+            if rc is None:
+                return None
+            out.append(rc)
+        return out
+
+    def begin_fused(self) -> np.ndarray | None:
+        """Before the layers' calls run in one C call: the accumulator they add into (cleared if a
+        failed call left it dirty; None without fixed point), marked dirty until end_fused."""
+        if not self.fixed:
+            return None
+        if self._acc_dirty:
+            self.acc[:] = 0
+        self._acc_dirty = True
+        return self._acc1
+
+    def end_fused(self) -> None:
+        """The fused call returned: every layer flushed its sums (the accumulator is zero)."""
+        self._acc_dirty = False
+
     def _missing(self, layer: int, full: bool) -> np.ndarray:
         return self.arena.missing(layer, self.run_set(layer, full))
 
