@@ -205,14 +205,15 @@ int fic_q1r32_matvec(fic_pool *pool, int impl, const uint8_t *w, const float *x,
                      void *ws, int64_t ws_bytes);
 /* Expert bundles of Q1_0 weights in the columns down layout (bundle b: gate n x d, up n x d, down
  * d x n with n = n_neurons[b]; n and d multiples of 128) repacked in place, each part into the r32
- * layout, the bundles split between the pool's threads: what fic_experts_ffn(_slots) reads with all
+ * layout (to_r32 = 1; 0: from it back to rows, for a model that stores its bundles in r32 order
+ * read where rows are wanted), the bundles split between the pool's threads: what fic_experts_ffn(_slots) reads with all
  * three formats FIC_Q1_0R32 (one token: the r32 tables; t > 1: rows unpacked a group at a time for
  * Q1_0's int8 prefill, the same bits; the exact float prefill: FIC_ERR_UNSUPPORTED). ws holds
  * fic_q1r32_bundles_ws_bytes(threads of pool, largest n, d) bytes (a group per thread); every impl
  * gives the same bytes. */
 int64_t fic_q1r32_bundles_ws_bytes(int n_threads, int64_t n_max, int64_t d);
 int fic_q1r32_bundles(fic_pool *pool, int impl, uint8_t *const *bundles, const int32_t *n_neurons, int64_t count,
-                      int64_t d, void *ws, int64_t ws_bytes);
+                      int64_t d, int to_r32, void *ws, int64_t ws_bytes);
 
 /* ---- attention over an fp16 KV cache (attention.c) ----
  * Causal GQA attention of t queries at positions pos0..pos0+t-1 (q: t x n_heads x head_dim

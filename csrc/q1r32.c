@@ -116,12 +116,12 @@ int64_t fic_q1r32_bundles_ws_bytes(int n_threads, int64_t n_max, int64_t d) {
     return n_threads * group_bytes_of(n_max, d);
 }
 
-/* m x k in place, a group at a time through tmp. */
-static void repack_in_place(const fic_kernels *kt, uint8_t *w, int64_t m, int64_t k, uint8_t *tmp) {
+/* m x k in place, a group at a time through tmp: into the r32 layout (to_r32) or back to rows. */
+static void move_in_place(const fic_kernels *kt, uint8_t *w, int64_t m, int64_t k, uint8_t *tmp, int to_r32) {
     const int64_t nb = k / QK1_0, group_bytes = nb * Q1R32_BLOCK_BYTES;
     for (int64_t g = 0; g < m / Q1R32_ROWS; g++) {
         memcpy(tmp, w + g * group_bytes, (size_t)group_bytes);
-        q1r32_move(kt, tmp, w + g * group_bytes, nb, 1);
+        q1r32_move(kt, tmp, w + g * group_bytes, nb, to_r32);
     }
 }
 
@@ -131,6 +131,7 @@ typedef struct {
     const int32_t *n;
     int64_t d, tmp_bytes;
     uint8_t *ws;
+    int to_r32;
 } bundles_job;
 
 static void bundles_range(void *ctx, int64_t b0, int64_t b1, int tid) {
@@ -140,15 +141,16 @@ static void bundles_range(void *ctx, int64_t b0, int64_t b1, int tid) {
     for (int64_t b = b0; b < b1; b++) {
         uint8_t *w = j->bundles[b];
         const int64_t n = j->n[b];
-        repack_in_place(j->kt, w, n, d, tmp);
-        repack_in_place(j->kt, w + n * rb, n, d, tmp);
-        repack_in_place(j->kt, w + 2 * n * rb, d, n, tmp);
+        move_in_place(j->kt, w, n, d, tmp, j->to_r32);
+        move_in_place(j->kt, w + n * rb, n, d, tmp, j->to_r32);
+        move_in_place(j->kt, w + 2 * n * rb, d, n, tmp, j->to_r32);
     }
 }
 
 int fic_q1r32_bundles(fic_pool *pool, int impl, uint8_t *const *bundles, const int32_t *n_neurons, int64_t count,
-                      int64_t d, void *ws, int64_t ws_bytes) {
+                      int64_t d, int to_r32, void *ws, int64_t ws_bytes) {
     if (count < 0 || (count > 0 && (bundles == NULL || n_neurons == NULL || ws == NULL))) return FIC_ERR_ARG;
+    if (to_r32 != 0 && to_r32 != 1) return FIC_ERR_ARG;
     if (impl < FIC_IMPL_AUTO || impl > FIC_IMPL_NEON) return FIC_ERR_ARG;
     int64_t n_max = 0;
     for (int64_t b = 0; b < count; b++) {
@@ -160,7 +162,7 @@ int fic_q1r32_bundles(fic_pool *pool, int impl, uint8_t *const *bundles, const i
     if (impl == FIC_IMPL_AUTO) impl = fic_impl_best();
     const fic_kernels *kt = fic_kernels_for(impl);
     if (kt == NULL) return FIC_ERR_UNSUPPORTED;
-    bundles_job j = {kt, bundles, n_neurons, d, group_bytes_of(n_max, d), ws};
+    bundles_job j = {kt, bundles, n_neurons, d, group_bytes_of(n_max, d), ws, to_r32};
     fic_parallel_for(pool, count, 1, bundles_range, &j);
     return FIC_OK;
 }

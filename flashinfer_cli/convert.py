@@ -45,6 +45,7 @@ class ConvertOptions:
     quant: str = "q8_0"           # format for weights that are converted: QUANT_CHOICES
     expert_size: int | None = None  # neurons per expert; None: DEFAULT_EXPERT_SIZE, rounded up to the down block
     down_layout: str = "columns"  # fmt.DOWN_LAYOUTS
+    bundle_order: str = "auto"    # fmt.BUNDLE_ORDERS, or auto: fmt.default_bundle_order
 
     def check(self) -> None:
         if self.quant not in QUANT_CHOICES:
@@ -53,6 +54,9 @@ class ConvertOptions:
             raise ConvertError(f"expert size must be positive, got {self.expert_size}")
         if self.down_layout not in fmt.DOWN_LAYOUTS:
             raise ConvertError(f"unknown down layout {self.down_layout!r} (choose from {', '.join(fmt.DOWN_LAYOUTS)})")
+        if self.bundle_order not in ("auto", *fmt.BUNDLE_ORDERS):
+            raise ConvertError(f"unknown bundle order {self.bundle_order!r} (choose from auto, "
+                               f"{', '.join(fmt.BUNDLE_ORDERS)})")
 
 
 # ---- formats -------------------------------------------------------------------------------
@@ -294,6 +298,18 @@ def _tensor_order(ck: Checkpoint) -> list[tuple[str, Any]]:
     return items
 
 
+def _bundle_order(ck: Checkpoint, options: ConvertOptions, layout: fmt.ExpertLayout) -> str:
+    """options.bundle_order resolved: auto is fmt.default_bundle_order; r32 where the bundles cannot
+    take it is an error."""
+    sizes = fmt.expert_sizes(ck.config.d_ff // ck.moe[0].n_routed if ck.moe else ck.config.d_ff, options.expert_size)
+    if options.bundle_order == "auto":
+        return fmt.default_bundle_order(layout, sizes)
+    if options.bundle_order == "r32" and not fmt.r32_storable(layout, sizes):
+        raise ConvertError("bundle order r32 needs Q1_0 experts with the columns down layout and sizes multiples "
+                           "of 128")
+    return options.bundle_order
+
+
 def convert(source: Path, dest: Path, *, name: str, options: ConvertOptions = ConvertOptions(),
             provenance: dict | None = None, progress: bool = True, overwrite: bool = False) -> Path:
     """Convert a Hugging Face layout directory or a .gguf file into a fic model at `dest`, atomically.
@@ -308,6 +324,7 @@ def convert(source: Path, dest: Path, *, name: str, options: ConvertOptions = Co
     plan = _plan_layout(ck, options)
     if options.expert_size is None:
         options.expert_size = DEFAULT_EXPERT_SIZE
+    options.bundle_order = _bundle_order(ck, options, plan.layout)
     spec = _tokenizer_spec(ck)
     tokenizer_entry = spec.manifest_entry()
     from tqdm import tqdm
@@ -316,7 +333,7 @@ def convert(source: Path, dest: Path, *, name: str, options: ConvertOptions = Co
     try:
         writer = fmt.ModelWriter(dest, name=name, arch=ck.config.to_json(), layout=plan.layout,
                                  provenance=_provenance(ck, options, provenance), tokenizer=tokenizer_entry,
-                                 overwrite=overwrite, moe=ck.moe)
+                                 overwrite=overwrite, moe=ck.moe, bundle_order=options.bundle_order)
     except FileExistsError:
         raise ConvertError(f"{dest}: already exists") from None
     except OSError as exc:

@@ -13,6 +13,11 @@ A model is a directory:
                        the key (every model converted before it) simply has no predictor, and a
                        reader that predates it ignores it: the format version stays 3. Its
                        optional "target" says what it predicts ("neuron" when absent, "expert").
+                       "bundle_order": "r32" (format version 4): experts.bin holds each Q1_0 bundle's
+                       parts in the r32 layout (groups of 32 rows, fic.h), what x86's kernels read,
+                       so no read repacks them; a reader that wants rows unpacks them after the
+                       checksum. Absent: rows, as every version 3 model; an older fic refuses
+                       version 4 rather than read its bundles as rows.
     tokenizer files    copied as they are
     DAMAGED            written by a reader that found bytes failing their checksum (`fic ls` shows
                        it); pulling the model again replaces the directory, marker and all
@@ -47,7 +52,9 @@ from flashinfer_cli.moe import RoutingRule, expected_dense
 
 FORMAT_NAME = "fic-model"
 FORMAT_VERSION = 3  # 2: every dense tensor has a CRC32C in the manifest; 3: "moe", the routing rules
-READABLE_VERSIONS = (2, 3)  # a version 2 manifest is a dense model (no "moe"): read as one
+R32_VERSION = 4  # "bundle_order": "r32"; written only by such a model (others stay readable by older fic)
+READABLE_VERSIONS = (2, 3, 4)  # a version 2 manifest is a dense model (no "moe"): read as one
+BUNDLE_ORDERS = ("rows", "r32")
 MANIFEST_FILE = "manifest.json"
 DENSE_FILE = "dense.safetensors"
 EXPERTS_FILE = "experts.bin"
@@ -194,11 +201,13 @@ class Manifest:
         return list(self.shared) if self.shared else [0] * len(self.experts)
     # the fitted predictor (calibrate.py): {"file", "tensors": {name: spec}, "rank", "fmt", ...}
     predictor: dict[str, Any] | None = None
+    # how experts.bin stores Q1_0 bundles: "rows" (the layout's own), or "r32" (groups of 32 rows)
+    bundle_order: str = "rows"
 
     def to_json(self) -> dict[str, Any]:
         return {
             "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
+            "version": R32_VERSION if self.bundle_order == "r32" else FORMAT_VERSION,
             "name": self.name,
             "arch": self.arch,
             "tensors": self.tensors,
@@ -211,6 +220,7 @@ class Manifest:
             "moe": {"layers": [r.to_json() for r in self.moe]} if self.moe is not None else None,
             "shared": {"neurons": list(self.shared)} if self.shared else None,
             **({"predictor": self.predictor} if self.predictor is not None else {}),
+            **({"bundle_order": self.bundle_order} if self.bundle_order != "rows" else {}),
         }
 
 
@@ -358,12 +368,41 @@ def parse_manifest(path: Path) -> Manifest:
     moe = _parse_moe(raw.get("moe") if raw["version"] >= 3 else None, experts, layout, tensors, path)
     shared = _parse_shared(raw.get("shared"), experts, layout, tensors, moe, path)
     predictor = _parse_predictor(raw.get("predictor"), path)
+    bundle_order = _parse_bundle_order(raw, layout, experts, path)
     return Manifest(
         name=raw["name"], arch=raw["arch"], tensors=tensors, expert_layout=layout, experts=experts,
         experts_file_bytes=raw["experts_file_bytes"],
         tokenizer=_parse_tokenizer(raw.get("tokenizer"), path), provenance=provenance, notes=list(notes),
-        moe=moe, shared=shared, predictor=predictor,
+        moe=moe, shared=shared, predictor=predictor, bundle_order=bundle_order,
     )
+
+
+def r32_storable(layout: ExpertLayout | None, sizes: Sequence[int] | Any) -> bool:
+    """Bundles of this layout and these sizes can be stored (and read) in the r32 order."""
+    return layout is not None and kernels.q1r32_bundle_eligible(layout.gate_fmt, layout.up_fmt, layout.down_fmt,
+                                                                layout.down_layout, layout.d_model, sizes)
+
+
+def expert_sizes(d_ff: int, expert_size: int) -> list[int]:
+    """The sizes of the bundles one FFN of d_ff neurons is cut into, expert_size at a time."""
+    return [min(expert_size, d_ff - start) for start in range(0, d_ff, expert_size)]
+
+
+def default_bundle_order(layout: ExpertLayout | None, sizes: Sequence[int]) -> str:
+    """The order a model is written in when nothing says which: r32 where this machine's kernels
+    read that layout (kernels.q1r32_wanted: AVX2, AVX-512) and the bundles can take it, so that no
+    read repacks them; rows elsewhere (NEON, FIC_Q1R32=0), where r32 would be unpacked at each read."""
+    return "r32" if kernels.q1r32_wanted() and r32_storable(layout, sizes) else "rows"
+
+
+def _parse_bundle_order(raw: dict, layout: ExpertLayout | None, experts: list[list[ExpertEntry]], path: Path) -> str:
+    order = raw.get("bundle_order", "rows")
+    _require(order in BUNDLE_ORDERS, path, f"unknown bundle_order {_short(order)} (known: {', '.join(BUNDLE_ORDERS)})")
+    if order == "r32":
+        _require(raw["version"] >= R32_VERSION, path, f"bundle_order r32 in a version {raw['version']} manifest")
+        _require(r32_storable(layout, [e.n_neurons for layer in experts for e in layer]), path,
+                 "bundle_order r32 for bundles that are not Q1_0 with columns and sizes multiples of 128")
+    return order
 
 
 def _parse_shared(raw: Any, experts: list[list[ExpertEntry]], layout: ExpertLayout | None,
@@ -695,7 +734,12 @@ class ModelWriter:
     def __init__(self, dest: str | os.PathLike, *, name: str, arch: dict[str, Any],
                  layout: ExpertLayout | None, provenance: dict[str, Any] | None = None,
                  tokenizer: dict[str, Any] | None = None, overwrite: bool = False,
-                 moe: list[RoutingRule] | None = None):
+                 moe: list[RoutingRule] | None = None, bundle_order: str = "rows"):
+        if bundle_order not in BUNDLE_ORDERS:
+            raise ValueError(f"unknown bundle order {bundle_order!r} (known: {', '.join(BUNDLE_ORDERS)})")
+        if bundle_order == "r32" and not r32_storable(layout, []):
+            raise ValueError(f"bundles in the r32 order need Q1_0 throughout, columns and a d_model a multiple of "
+                             f"128, not {layout}")
         self.dest = Path(dest)
         if self.dest.exists() and not overwrite:
             raise FileExistsError(f"{self.dest} already exists")
@@ -705,7 +749,7 @@ class ModelWriter:
         self.overwrite = overwrite
         self.manifest = Manifest(name=name, arch=arch, tensors={}, expert_layout=layout, experts=[],
                                  experts_file_bytes=0, tokenizer=dict(tokenizer or {}),
-                                 provenance=dict(provenance or {}), moe=moe)
+                                 provenance=dict(provenance or {}), moe=moe, bundle_order=bundle_order)
         self._dense: dict[str, np.ndarray] = {}
         self._experts = open(self.tmp / EXPERTS_FILE, "wb")
         self._experts.write(b"\0" * ALIGN)  # header, filled in at the end
@@ -730,6 +774,11 @@ class ModelWriter:
             if part.fmt != fmt or part.shape != shape:
                 raise ValueError(f"bundle part {part.fmt} {part.shape}, layout wants {fmt} {shape}")
         payload = b"".join(bytes(p.data) for p in (gate, up, down))
+        if self.manifest.bundle_order == "r32":  # stored as x86's kernels read it: no repack at each read
+            # (columns of Q1_0 make n a multiple of its block of 128, all r32 needs)
+            buf = np.frombuffer(bytearray(payload), dtype=np.uint8)
+            kernels.q1r32_bundle(buf, n, layout.d_model)
+            payload = buf.tobytes()
         padded = payload + b"\0" * (_align_up(len(payload)) - len(payload))
         entry = ExpertEntry(self._offset, len(payload), kernels.crc32c(padded), n)
         self._experts.write(padded)
@@ -890,12 +939,15 @@ class PendingBundles:
         return self._done
 
     def transform(self) -> None:
-        """After wait(): the bundles turned into the layout the kernels read (the reader's r32:
-        repacked in place, once)."""
+        """After wait(): the bundles turned into the layout the kernels read, once: repacked in place
+        into the r32 layout (stored as rows, the reader's r32 wanted), or back into rows (stored
+        in r32 order, rows wanted); as stored when the two agree."""
         if self._done is None:
             raise RuntimeError("transform() before wait()")
-        if self._reader.r32 and not self._transformed:
-            kernels.q1r32_bundles(self._dsts, [e.n_neurons for e in self._entries], self._reader.layout.d_model)
+        r = self._reader
+        if r.r32 != r.stored_r32 and not self._transformed:
+            kernels.q1r32_bundles(self._dsts, [e.n_neurons for e in self._entries], r.layout.d_model,
+                                  unpack=r.stored_r32)
         self._transformed = True
 
     def settle(self) -> None:
@@ -912,6 +964,7 @@ class ModelReader:
             raise FormatError(self.path, "not a model directory")
         self.manifest = parse_manifest(self.path / MANIFEST_FILE)
         self._r32: ExpertLayout | None = None  # use_r32()
+        self.stored_r32 = self.manifest.bundle_order == "r32"  # experts.bin's bundles in r32 order
         self.dense_path = self.path / DENSE_FILE
         self.experts_path = self.path / EXPERTS_FILE
         self._check_dense_header()
@@ -939,14 +992,13 @@ class ModelReader:
         return self._r32 is not None
 
     def use_r32(self) -> bool:
-        """Bundles read from now on (read_bundles, submit_bundles) are repacked in place into the
-        r32 layout once their checksum is checked (kernels.q1r32_bundle), and `layout` names that
-        layout. False, and nothing changes, when the bundles cannot take it (not Q1_0 throughout
-        with columns, or a size not a multiple of 128)."""
+        """Bundles read from now on (read_bundles, submit_bundles) are in the r32 layout: as stored
+        (a model written in r32 order), or repacked in place once their checksum is checked
+        (kernels.q1r32_bundle); `layout` names that layout. False, and nothing changes, when the
+        bundles cannot take it (not Q1_0 throughout with columns, or a size not a multiple of 128).
+        Without it a reader gives rows, unpacking bundles stored in r32 order."""
         lay = self.manifest.expert_layout
-        sizes = (e.n_neurons for layer in self.manifest.experts for e in layer)
-        if lay is None or not kernels.q1r32_bundle_eligible(lay.gate_fmt, lay.up_fmt, lay.down_fmt,
-                                                             lay.down_layout, lay.d_model, sizes):
+        if not r32_storable(lay, [e.n_neurons for layer in self.manifest.experts for e in layer]):
             return False
         self._r32 = ExpertLayout(lay.d_model, "q1_0r32", "q1_0r32", "q1_0r32", "columns")
         return True

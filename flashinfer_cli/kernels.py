@@ -772,10 +772,10 @@ def q1r32_bundle_eligible(gate_fmt: str, up_fmt: str, down_fmt: str, down_layout
 
 
 def q1r32_bundles(bufs: Sequence[np.ndarray], n_neurons: Sequence[int], d_model: int, *,
-                  impl: str = "auto") -> None:
+                  impl: str = "auto", unpack: bool = False) -> None:
     """Q1_0 bundles (gate n x d, up n x d, down d x n, each in its buffer's first bytes) repacked in
-    place into the r32 layout, part by part, split between the pool's threads (fic_q1r32_bundles;
-    every impl gives the same bytes)."""
+    place into the r32 layout (unpack: from it back to rows), part by part, split between the
+    pool's threads (fic_q1r32_bundles; every impl gives the same bytes)."""
     if len(bufs) != len(n_neurons):
         raise ValueError(f"{len(bufs)} buffers but {len(n_neurons)} neuron counts")
     if not len(bufs):
@@ -791,12 +791,12 @@ def q1r32_bundles(bufs: Sequence[np.ndarray], n_neurons: Sequence[int], d_model:
     ptrs = ffi.new("uint8_t *[]", [ffi.from_buffer("uint8_t[]", b) for b in bufs])
     ns = np.ascontiguousarray(n_neurons, dtype=np.int32)
     _check(lib.fic_q1r32_bundles(_POOL.get(), _impl_id(impl), ptrs, ffi.from_buffer("int32_t[]", ns), len(bufs),
-                                 d_model, _u8(ws), ws.nbytes), "q1r32_bundles")
+                                 d_model, 0 if unpack else 1, _u8(ws), ws.nbytes), "q1r32_bundles")
 
 
-def q1r32_bundle(buf: np.ndarray, n_neurons: int, d_model: int, *, impl: str = "auto") -> None:
+def q1r32_bundle(buf: np.ndarray, n_neurons: int, d_model: int, *, impl: str = "auto", unpack: bool = False) -> None:
     """One bundle: q1r32_bundles of [buf]."""
-    q1r32_bundles([buf], [n_neurons], d_model, impl=impl)
+    q1r32_bundles([buf], [n_neurons], d_model, impl=impl, unpack=unpack)
 
 
 class FixedFlush:

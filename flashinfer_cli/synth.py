@@ -389,8 +389,10 @@ def write_model(dest: Path, name: str, s: SynthShape, *, seed: int = 0, progress
     prov = {"source": f"synthetic (fic synth, seed {seed})", "kind": "synthetic",
             "synth": {"seed": seed, "quant": s.quant, "shared_experts": s.shared,
                       "params": s.total_params, "active_params": s.active_params}}
+    sizes = [s.ffn_neurons] if s.moe else fmt.expert_sizes(s.ffn_neurons, s.expert_neurons)
     with fmt.ModelWriter(dest, name=name, arch=s.arch(seed).to_json(), layout=layout, moe=rules,
-                         provenance=prov, tokenizer=tokenizer_entry(s.vocab_size)) as w, \
+                         provenance=prov, tokenizer=tokenizer_entry(s.vocab_size),
+                         bundle_order=fmt.default_bundle_order(layout, sizes)) as w, \
             tqdm(total=s.total_params, desc=f"synthesizing {name}", unit="param", unit_scale=True,
                  file=sys.stderr, disable=not progress, leave=False) as bar:
         common = gen.uniform(s.d_model, 0.3)

@@ -446,7 +446,7 @@ def test_fuzz_hf_tokenizer(hf_tokenizer_seeds, ops):
             if target == "entry":
                 try:
                     entry = json.loads(mutated)
-                except ValueError:
+                except (ValueError, RecursionError):  # nested too deeply for Python's parser
                     return  # the manifest's JSON: test_fuzz_manifest's domain
                 tok = Tokenizer.from_model_dir(d, entry)
             else:

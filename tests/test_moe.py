@@ -75,8 +75,8 @@ def test_version_2_is_read_as_a_dense_model_and_1_is_refused_with_the_command(tm
     _edit(tmp_path / "m", lambda m: m.update(version=1))
     with pytest.raises(FormatError, match=r"format version 1 .*run `fic pull /src/mixtral-tiny --name m --force`"):
         ModelReader(tmp_path / "m")
-    _edit(tmp_path / "m", lambda m: m.update(version=4))
-    with pytest.raises(FormatError, match="unsupported format version 4 .*reads versions 2, 3"):
+    _edit(tmp_path / "m", lambda m: m.update(version=5))
+    with pytest.raises(FormatError, match="unsupported format version 5 .*reads versions 2, 3, 4"):
         ModelReader(tmp_path / "m")
 
 
