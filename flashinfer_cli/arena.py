@@ -151,9 +151,14 @@ class Arena:
         out = free[:n].tolist()
         if len(out) < n:
             used = np.flatnonzero(owner[:, 0] >= 0)
-            ok = [s for s in used[np.argsort(self.last_use[used], kind="stable")]
-                  if not self.pinned[owner[s, 0], owner[s, 1]] and (int(owner[s, 0]), int(owner[s, 1])) not in keep]
-            out += ok[:n - len(out)]
+            order = used[np.argsort(self.last_use[used], kind="stable")]
+            layer, expert = owner[order, 0], owner[order, 1]
+            ok = ~self.pinned[layer, expert]
+            if keep:  # as codes layer * width + expert, one vectorised membership test
+                width = self.pinned.shape[1]
+                ok &= ~np.isin(layer.astype(np.int64) * width + expert,
+                               np.fromiter((l * width + e for l, e in keep), dtype=np.int64, count=len(keep)))
+            out += order[ok][:n - len(out)].tolist()
         if len(out) < n and not partial:
             raise ArenaFull(f"{n} experts to load, {len(out)} evictable slots of {self.n_cache}")
         return out
@@ -199,7 +204,7 @@ class Arena:
             return []
         keys, slots, pending = p
         t0 = time.perf_counter()
-        pending.wait()  # a bad bundle raises here, before the table names it
+        pending.wait(views=False)  # a bad bundle raises here, before the table names it
         self._count(read_seconds=time.perf_counter() - t0)
         self.tick += 1
         for s, (l, e) in zip(slots, keys):
@@ -270,7 +275,7 @@ class Arena:
         """A ring read landed and checked; transform=False: its bundles stay as stored until
         pending.transform() (the caller starts its next read first)."""
         t0 = time.perf_counter()
-        pending.wait(transform=transform)
+        pending.wait(transform=transform, views=False)
         self._count(read_seconds=time.perf_counter() - t0)
 
     def settle(self, pending: "fmt.PendingBundles") -> None:

@@ -154,8 +154,8 @@ def test_a_damaged_r32_bundle_fails_its_checksum(models, tmp_path):
 def test_writer_refuses_what_r32_cannot_hold(tmp_path):
     q1 = fmt.ExpertLayout(256, "q1_0", "q1_0", "q1_0", "columns")
     with pytest.raises(ValueError, match="r32 order need"):
-        fmt.ModelWriter(tmp_path / "a", name="a", arch={}, layout=fmt.ExpertLayout(256, "q8_0", "q8_0", "q8_0", "columns"),
-                        bundle_order="r32")
+        fmt.ModelWriter(tmp_path / "a", name="a", arch={},
+                        layout=fmt.ExpertLayout(256, "q8_0", "q8_0", "q8_0", "columns"), bundle_order="r32")
     with pytest.raises(ValueError, match="unknown bundle order"):
         fmt.ModelWriter(tmp_path / "b", name="b", arch={}, layout=q1, bundle_order="cols")
 
