@@ -349,6 +349,28 @@ int fic_moe_decode(fic_pool *pool, int impl, const fic_moe_shape *shape, const f
                    const int32_t *n_neurons, const uint8_t *allowed, const float *xn, float *x, float *probs,
                    float *coef, int32_t *top, int32_t *n_top, void *ws, int64_t ws_bytes);
 
+/* ---- a decode token through a mixture of experts' layers, fused (decode.c) ----
+ * For l = l0 .. n_layers-1: fic_decode_attn(attn[l], k_cache[l], v_cache[l]) on x and xn, then
+ * fic_moe_decode(moe[l]) (probs and coef: scratch, n_routed floats of the largest layer; top:
+ * moe[l].top, its count n_top[l]). Returns the first layer whose picked experts are not all
+ * resident (its attention done, its routing written, x without its FFN: the caller reads and runs
+ * them, then calls again from l + 1), n_layers when every layer ran, or a status. The same calls in
+ * the same order as a caller making them layer by layer: the same bits. */
+typedef struct fic_moe_layer_call {
+    const fic_moe_shape *shape;
+    const fic_moe_weights *w;
+    const int32_t *slot_of;    /* the layer's row of the arena's slot table */
+    const int32_t *n_neurons;  /* the layer's row of expert sizes */
+    const uint8_t *allowed;    /* NULL: every expert may run */
+    int32_t *top;              /* out: the picks, top_k ints */
+} fic_moe_layer_call;
+int fic_decode_moe_layers(fic_pool *pool, int impl, const fic_decode_shape *shape, int64_t l0, int64_t n_layers,
+                          const fic_attn_weights *const *attn, const fic_moe_layer_call *moe,
+                          const fic_expert_layout *layout, const uint8_t *arena, int64_t slot_bytes,
+                          const float *cos_table, const float *sin_table, uint16_t *const *k_cache,
+                          uint16_t *const *v_cache, int64_t pos, float *x, float *xn, float *probs, float *coef,
+                          int32_t *n_top, void *attn_ws, int64_t attn_ws_bytes, void *moe_ws, int64_t moe_ws_bytes);
+
 /* ---- memory (pool.c) ---- */
 /* n_bytes zeroed, 4 KiB aligned; with huge != 0, 2 MiB aligned and madvise(MADV_HUGEPAGE).
  * NULL on failure. Free with fic_free. */

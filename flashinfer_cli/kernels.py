@@ -1343,6 +1343,56 @@ class _MoEWorkspace:
         return self.ptr, self.n_bytes
 
 
+class DecodeMoELayers:
+    """A decode token through a mixture of experts' layers in one C call (fic_decode_moe_layers):
+    layer l's attention block as attn.run(l, pos), then md.run(l, ...) over its resident experts;
+    the same C calls in the same order, so the same bits. run(l0, pos) stops at the first layer
+    whose picks are not all resident (its attention done, its routing in md.probs/coef/top) and
+    returns it, for the caller to read and run that layer's experts and call again from the next.
+    `tops[l, :n_top[l]]` hold each layer's picks. Allowed masks are set per layer (set_allowed)."""
+
+    def __init__(self, attn: DecodeAttention, md: MoEDecode):
+        n = len(attn._w)
+        if len(md._shapes) != n:
+            raise ValueError(f"{len(md._shapes)} MoE layers for {n} attention layers")
+        self.attn, self.md, self.n_layers = attn, md, n
+        k_max = int(md.top.shape[0])
+        self.tops = np.zeros((n, k_max), np.int32)
+        self.n_top = np.zeros(n, np.int32)
+        self._calls = ffi.new("fic_moe_layer_call[]", [
+            {"shape": md._shapes[l], "w": md._w[l], "slot_of": md._rows[l][0], "n_neurons": md._rows[l][1],
+             "allowed": ffi.NULL, "top": ffi.from_buffer("int32_t[]", self.tops[l])} for l in range(n)])
+        self._allowed: list = [None] * n
+        self._attn_w = ffi.new("fic_attn_weights *[]", attn._w)
+        self._k = ffi.new("uint16_t *[]", attn._k)
+        self._v = ffi.new("uint16_t *[]", attn._v)
+        self._n_top = ffi.from_buffer("int32_t[]", self.n_top)
+        self._out = md._out[:2]
+
+    def set_allowed(self, layer: int, allowed: np.ndarray | None) -> None:
+        """Layer's mask of the experts that may run (None: all); the pointer is made once per mask."""
+        if allowed is not self._allowed[layer]:
+            self._calls[layer].allowed = self.md._allowed_of(layer, allowed)
+            self._allowed[layer] = allowed
+
+    def run(self, l0: int, pos: int, *, impl: str = "auto") -> int:
+        a, md = self.attn, self.md
+        pool = _POOL.get()
+        if _POOL._n_threads != a.n_threads:
+            a._reserve(_POOL._n_threads)
+        if not 0 <= pos < a.ctx:
+            raise ValueError(f"position {pos} outside the cache's {a.ctx}")
+        if not 0 <= l0 <= self.n_layers:
+            raise ValueError(f"layer {l0} outside 0..{self.n_layers}")
+        ptr, n_bytes = md._ws.get()
+        st = lib.fic_decode_moe_layers(pool, _decode_impl(impl), a.shape, l0, self.n_layers, self._attn_w,
+                                       self._calls, md._lay.c, *md._arena, a._cos, a._sin, self._k, self._v, pos,
+                                       a._x, a._xn, *self._out, self._n_top, a._ws_ptr, a._ws_bytes, ptr, n_bytes)
+        if st < 0:
+            _check(st, f"decode moe layers {impl}")
+        return st
+
+
 def moe_ws_bytes(n_threads: int, shape: MoEShape) -> int:
     """fic_moe_ws_bytes: MoEDecode's workspace for one layer shape (the plan counts it)."""
     n = lib.fic_moe_ws_bytes(n_threads, shape.c_struct())

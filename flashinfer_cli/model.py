@@ -226,7 +226,12 @@ class Model:
         # one C call (kernels.DecodeLayers, made again when a layer's resident call changes)
         self.fused_layers = self._c_attention and man.moe is None and \
             all(lw.shared_set is None for lw in self.layers)
+        self.fused_layers_moe = True  # the same for a mixture of experts (_moe_in_one_call says when)
         self._layers_held: tuple | None = None  # (the layers' calls, DecodeLayers, slots, each slot's layer)
+        # a mixture of experts' decode with nothing to read ahead: attention and routed layers in one C
+        # call, broken only at a layer whose picks are not all resident
+        self._moe_layers = kernels.DecodeMoELayers(self._decode_attn, self._moe_decode) \
+            if self._c_attention and man.moe is not None else None
 
     def _layer(self, dense: dict, i: int) -> LayerWeights:
         c = self.config
@@ -479,11 +484,41 @@ class Model:
         self._layers_held = (calls, layers, slots, run_of)
         return self._layers_held
 
+    def _moe_in_one_call(self) -> bool:
+        """A MoE decode token needs no Python between layers: no hook, no reselection window, the
+        fused MoE step, and no next-layer reads (exact mode under a budget guesses and reads them)."""
+        return (self.fused_layers_moe and self.fused_moe and self.window is None and self.before_ffn is None
+                and self.collect is None and not (self.moe_prefetch and self.full and not self.plan.all_resident))
+
+    def _decode_moe_layers(self) -> None:
+        """Every layer of a MoE token: runs of layers in one C call, a layer whose picks must be read
+        through the layer-by-layer step (_moe_ffn_one, which routes again: the same picks)."""
+        ml, runner, arena, n = self._moe_layers, self.runner, self.arena, self.config.n_layers
+        for layer in range(n):
+            ml.set_allowed(layer, None if self.full else runner.active_u8(layer))
+        l0 = 0
+        while l0 < n:
+            reached = ml.run(l0, self.pos)
+            if reached > l0:  # their picks were used: arena.touch of each, in layer order
+                n_top = ml.n_top[l0:reached]
+                picked = np.arange(ml.tops.shape[1]) < n_top[:, None]
+                layer_of = np.repeat(np.arange(l0, reached), n_top)
+                arena.touch_slot_runs(arena.slot_of[layer_of, ml.tops[l0:reached][picked]], layer_of - l0,
+                                      reached - l0)
+            if reached == n:
+                return
+            self._ffn(reached, self._xn, self._x)
+            l0 = reached + 1
+
     def _decode_fused(self, token: int) -> np.ndarray:
         """_decode with each layer's attention block one C call on the preallocated x and xn; with
         nothing to read and nothing to hook, every layer in one C call."""
         c, x, xn, attn = self.config, self._x, self._xn, self._decode_attn
         x[:] = self.embed([token])[0]
+        if self._moe_layers is not None and self._moe_in_one_call():
+            self._decode_moe_layers()
+            self.pos += 1
+            return kernels.matvec(self.output, _rmsnorm1(x, self.output_norm, c.norm_eps))
         held = self._fused_layers()
         if held is not None:
             calls, layers, slots, run_of = held

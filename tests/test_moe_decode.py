@@ -162,12 +162,19 @@ def test_prune_decode_is_one_moe_call_per_layer_and_equals_the_numpy_step(big_mi
     m.fused_moe = True
     counts = _count_calls(monkeypatch)
     before = m.arena.request.bytes_read
+    m.fused_layers_moe = False
     m.forward([IDS[0]])
     n_layers = len(m.layers)
     assert counts.get("fic_moe_decode") == n_layers and counts.get("fic_decode_attn") == n_layers
     # nothing else per layer: no separate router, experts or shared-expert kernels
     assert "fic_experts_ffn_slots" not in counts and counts.get("fic_matvec", 0) <= 1  # the lm_head
     assert m.arena.request.bytes_read == before
+    # the default: every layer in one C call (tests/test_decode_layers.py's MoE tests: the same bits)
+    counts.clear()
+    m.fused_layers_moe = True
+    m.forward([IDS[1]])
+    assert counts.get("fic_decode_moe_layers") == 1 and "fic_moe_decode" not in counts
+    assert counts.get("fic_matvec", 0) <= 1 and m.arena.request.bytes_read == before
 
 
 def test_exact_decode_under_a_budget_reads_misses_and_equals_the_numpy_step(big_mixtral):
@@ -181,3 +188,82 @@ def test_exact_decode_under_a_budget_reads_misses_and_equals_the_numpy_step(big_
     assert rel(fused, numpy_step) < 1e-5
     assert rel(fused, hf_logits(hf, IDS)[SPLIT - 1:]) < 1e-4
     eng.model.arena.check_invariants()
+
+
+# ---- every layer in one C call (kernels.DecodeMoELayers) ------------------------------------
+
+def _steps(eng: Engine, one_call: bool) -> tuple[np.ndarray, dict]:
+    """Decode logits with the one-call step on or off (fp16 cache, the fused MoE step both ways),
+    and the arena's bookkeeping after them."""
+    m = eng.model
+    m.fused_layers_moe = one_call
+    eng.forget_context()
+    m.forward(IDS[:SPLIT])
+    a = m.arena
+    a.tick, hits0 = 0, a.total.hits
+    a.last_use[:] = 0
+    out = np.stack([m.forward([t]) for t in IDS[SPLIT:]])
+    return out, {"tick": a.tick, "last_use": a.last_use.copy(), "hits": a.total.hits - hits0,
+                 "bytes": a.total.bytes_read}
+
+
+def _same(make) -> Engine:
+    ref_eng, eng = make(), make()
+    ref, ref_book = _steps(ref_eng, False)
+    got, book = _steps(eng, True)
+    assert np.array_equal(got, ref)
+    assert book["tick"] == ref_book["tick"] and book["hits"] == ref_book["hits"] and book["bytes"] == ref_book["bytes"]
+    assert np.array_equal(book["last_use"], ref_book["last_use"])
+    return eng
+
+
+@pytest.mark.parametrize("mode", ["exact", "prune"])
+def test_one_call_moe_decode_is_the_layer_by_layer_step_bit_for_bit(big_mixtral, mode, monkeypatch):
+    """All resident (exact) and prune mode under a budget (its active sets resident): the one
+    C call gives the layer-by-layer step's logits bit for bit and the same arena bookkeeping."""
+    _, path = big_mixtral
+    mem = "64G" if mode == "exact" else small_budget(path, 12, mode="prune")
+    eng = _same(lambda: Engine.open(str(path), mem=mem, mode=mode, ctx=128, auto_pull=False))
+    assert eng.model._moe_in_one_call()
+
+
+def test_one_call_moe_decode_breaks_at_a_layer_that_reads(big_mixtral):
+    """Exact mode under a budget without the next-layer guess (moe_prefetch off): the one call
+    stops at each layer whose picks are not resident, the layer-by-layer step reads and runs them,
+    and the call goes on from the next layer; logits and reads as the layer-by-layer step's."""
+    _, path = big_mixtral
+    mem = small_budget(path, 10)
+
+    def make():
+        e = Engine.open(str(path), mem=mem, ctx=128, auto_pull=False)
+        e.model.moe_prefetch = False
+        return e
+    breaks = []
+    real = kernels.DecodeMoELayers.run
+
+    def run(self, l0, pos, **kw):
+        reached = real(self, l0, pos, **kw)
+        breaks.append(reached < self.n_layers)
+        return reached
+    kernels.DecodeMoELayers.run = run
+    try:
+        eng = _same(make)
+    finally:
+        kernels.DecodeMoELayers.run = real
+    assert eng.model._moe_in_one_call() and any(breaks) and not all(breaks)
+    eng.model.arena.check_invariants()
+
+
+def test_decode_moe_layers_refuses_bad_arguments(big_mixtral):
+    _, path = big_mixtral
+    m = Engine.open(str(path), ctx=128, auto_pull=False).model
+    ml = m._moe_layers
+    with pytest.raises(ValueError, match="position"):
+        ml.run(0, m.ctx)
+    with pytest.raises(ValueError, match="layer"):
+        ml.run(len(m.layers) + 1, 0)
+    import copy
+    short = copy.copy(m._moe_decode)
+    short._shapes = short._shapes[:-1]
+    with pytest.raises(ValueError, match="MoE layers for"):
+        kernels.DecodeMoELayers(m._decode_attn, short)
