@@ -73,6 +73,15 @@ def _quiet(_msg: str) -> None:
     pass
 
 
+def flip_byte(path: Path, offset: int, mask: int = 0xFF) -> None:
+    """Damage one byte of a file in place (a bit rot the checksums must catch)."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ mask]))
+
+
 def sha256_of(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -18,6 +18,7 @@ from flashinfer_cli.convert import ConvertError, ConvertOptions, convert
 from flashinfer_cli.model import Model
 
 from _q1gguf import TINY, write_q1_gguf
+from conftest import flip_byte
 
 
 @pytest.fixture(scope="module")
@@ -142,11 +143,7 @@ def test_a_damaged_r32_bundle_fails_its_checksum(models, tmp_path):
     dest = tmp_path / "m"
     shutil.copytree(models["r32"], dest)
     e = fmt.ModelReader(dest).manifest.experts[0][0]
-    with open(dest / fmt.EXPERTS_FILE, "r+b") as f:
-        f.seek(e.offset + 100)
-        b = f.read(1)
-        f.seek(e.offset + 100)
-        f.write(bytes([b[0] ^ 1]))
+    flip_byte(dest / fmt.EXPERTS_FILE, e.offset + 100, 1)
     with pytest.raises(fmt.FormatError, match="checksum"):
         all_bundles(dest, r32=True)
 

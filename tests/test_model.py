@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
+from conftest import flip_byte  # noqa: E402
 from _tiny import KINDS, VOCAB, make_checkpoint  # noqa: E402
 from flashinfer_cli import fmt, kernels  # noqa: E402
 from flashinfer_cli.convert import ConvertOptions, convert  # noqa: E402
@@ -195,11 +196,7 @@ def test_corrupt_bundle_is_refused(checkpoints, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fic")
     fic_model(src, "f32", tmp).close()
     path = tmp / f"{src.name}-f32-columns"
-    with open(path / fmt.EXPERTS_FILE, "r+b") as f:
-        f.seek(fmt.ALIGN + 100)
-        byte = f.read(1)
-        f.seek(fmt.ALIGN + 100)
-        f.write(bytes([byte[0] ^ 0xFF]))
+    flip_byte(path / fmt.EXPERTS_FILE, fmt.ALIGN + 100)
     with pytest.raises(fmt.FormatError, match="checksum"):
         Model(path)
 
