@@ -120,12 +120,9 @@ class Arena:
 
     def touch_slots(self, slots: np.ndarray) -> None:
         """touch() for resident experts whose slots the caller holds (decode's prepared FFN calls)."""
-        self.tick += 1
-        self.last_use[slots] = self.tick
-        self.total.hits += len(slots)
-        self.request.hits += len(slots)
+        self.touch_slot_runs(slots, 0, 1)
 
-    def touch_slot_runs(self, slots: np.ndarray, run_of: np.ndarray, n_runs: int) -> None:
+    def touch_slot_runs(self, slots: np.ndarray, run_of: np.ndarray | int, n_runs: int) -> None:
         """touch_slots of n_runs calls at once: slots[j] was used by call run_of[j] (0..n_runs-1, in
         the calls' order; no slot in two calls), as n_runs touch_slots calls one after another."""
         self.last_use[slots] = self.tick + 1 + run_of

@@ -1184,6 +1184,9 @@ class DecodeAttention:
         self._v = [ffi.from_buffer("uint16_t[]", v_cache[i]) for i in range(len(layers))]
         norm_n = {None: (0, 0), "head": (hd, hd), "full": (nh * hd, nkv * hd)}[shape.qk_norm]
         self._w = [self._layer(lw, d, nh * hd, nkv * hd, norm_n) for lw in layers]
+        # the same as C arrays over every layer, for the calls that run them all (DecodeLayers, DecodeMoELayers)
+        self._w_all = ffi.new("fic_attn_weights *[]", self._w)
+        self._k_all, self._v_all = ffi.new("uint16_t *[]", self._k), ffi.new("uint16_t *[]", self._v)
         self.n_threads = 0
         self.growths = 0  # workspace reallocations after the first (a thread-count change)
         self._ws = self._ws_ptr = None
@@ -1222,14 +1225,19 @@ class DecodeAttention:
     def workspace_bytes(self) -> int:
         return self._ws_bytes
 
-    def run(self, layer: int, pos: int, *, impl: str = "auto") -> None:
-        """x += layer's attention block of the token at pos (its k, v written to the cache at pos);
-        xn = rmsnorm(x, ffn_norm)."""
+    def ready(self, pos: int):
+        """The pool for a call at pos, the workspace sized for its threads; pos checked."""
         pool = _POOL.get()
         if _POOL._n_threads != self.n_threads:
             self._reserve(_POOL._n_threads)
         if not 0 <= pos < self.ctx:
             raise ValueError(f"position {pos} outside the cache's {self.ctx}")
+        return pool
+
+    def run(self, layer: int, pos: int, *, impl: str = "auto") -> None:
+        """x += layer's attention block of the token at pos (its k, v written to the cache at pos);
+        xn = rmsnorm(x, ffn_norm)."""
+        pool = self.ready(pos)
         status = lib.fic_decode_attn(pool, _decode_impl(impl), self.shape, self._w[layer],
                                      self._cos, self._sin, self._k[layer], self._v[layer], pos, self._x, self._xn,
                                      self._ws_ptr, self._ws_bytes)
@@ -1261,9 +1269,6 @@ class DecodeLayers:
         self._ffn = ffi.new("fic_ffn_slots_call[]", [
             {"layout": c._args[0], "slots": c._args[3], "n_neurons": c._args[4], "n_experts": c.n_experts}
             for c in calls])
-        self._attn_w = ffi.new("fic_attn_weights *[]", attn._w)
-        self._k = ffi.new("uint16_t *[]", attn._k)
-        self._v = ffi.new("uint16_t *[]", attn._v)
         self._acc = ffi.from_buffer("int64_t[]", acc) if acc is not None else ffi.NULL
         self._arena = first._args[1:3]
         self._scratch = first._scratch
@@ -1273,15 +1278,11 @@ class DecodeLayers:
         """Every layer for the token at pos: x (attn's) ends as the last layer's output, the cache
         holds the token's k, v in every layer."""
         a = self.attn
-        pool = _POOL.get()
-        if _POOL._n_threads != a.n_threads:
-            a._reserve(_POOL._n_threads)
-        if not 0 <= pos < a.ctx:
-            raise ValueError(f"position {pos} outside the cache's {a.ctx}")
+        pool = a.ready(pos)
         ws, ws_bytes, held = _ws_acquire(_POOL._n_threads, 1, *self._ws_need)
         try:
-            status = lib.fic_decode_layers(pool, _decode_impl(impl), a.shape, len(self.calls), self._attn_w,
-                                           self._ffn, *self._arena, a._cos, a._sin, self._k, self._v, pos, a._x,
+            status = lib.fic_decode_layers(pool, _decode_impl(impl), a.shape, len(self.calls), a._w_all,
+                                           self._ffn, *self._arena, a._cos, a._sin, a._k_all, a._v_all, pos, a._x,
                                            a._xn, self._acc, *self._scratch, a._ws_ptr, a._ws_bytes, ws, ws_bytes)
         finally:
             if held:
@@ -1363,9 +1364,6 @@ class DecodeMoELayers:
             {"shape": md._shapes[l], "w": md._w[l], "slot_of": md._rows[l][0], "n_neurons": md._rows[l][1],
              "allowed": ffi.NULL, "top": ffi.from_buffer("int32_t[]", self.tops[l])} for l in range(n)])
         self._allowed: list = [None] * n
-        self._attn_w = ffi.new("fic_attn_weights *[]", attn._w)
-        self._k = ffi.new("uint16_t *[]", attn._k)
-        self._v = ffi.new("uint16_t *[]", attn._v)
         self._n_top = ffi.from_buffer("int32_t[]", self.n_top)
         self._out = md._out[:2]
 
@@ -1377,16 +1375,12 @@ class DecodeMoELayers:
 
     def run(self, l0: int, pos: int, *, impl: str = "auto") -> int:
         a, md = self.attn, self.md
-        pool = _POOL.get()
-        if _POOL._n_threads != a.n_threads:
-            a._reserve(_POOL._n_threads)
-        if not 0 <= pos < a.ctx:
-            raise ValueError(f"position {pos} outside the cache's {a.ctx}")
+        pool = a.ready(pos)
         if not 0 <= l0 <= self.n_layers:
             raise ValueError(f"layer {l0} outside 0..{self.n_layers}")
         ptr, n_bytes = md._ws.get()
-        st = lib.fic_decode_moe_layers(pool, _decode_impl(impl), a.shape, l0, self.n_layers, self._attn_w,
-                                       self._calls, md._lay.c, *md._arena, a._cos, a._sin, self._k, self._v, pos,
+        st = lib.fic_decode_moe_layers(pool, _decode_impl(impl), a.shape, l0, self.n_layers, a._w_all,
+                                       self._calls, md._lay.c, *md._arena, a._cos, a._sin, a._k_all, a._v_all, pos,
                                        a._x, a._xn, *self._out, self._n_top, a._ws_ptr, a._ws_bytes, ptr, n_bytes)
         if st < 0:
             _check(st, f"decode moe layers {impl}")

@@ -513,28 +513,29 @@ class Model:
     def _decode_fused(self, token: int) -> np.ndarray:
         """_decode with each layer's attention block one C call on the preallocated x and xn; with
         nothing to read and nothing to hook, every layer in one C call."""
-        c, x, xn, attn = self.config, self._x, self._xn, self._decode_attn
+        c, x = self.config, self._x
         x[:] = self.embed([token])[0]
         if self._moe_layers is not None and self._moe_in_one_call():
             self._decode_moe_layers()
-            self.pos += 1
-            return kernels.matvec(self.output, _rmsnorm1(x, self.output_norm, c.norm_eps))
-        held = self._fused_layers()
-        if held is not None:
+        elif (held := self._fused_layers()) is not None:
             calls, layers, slots, run_of = held
-            self.runner.begin_fused()
+            self.runner.begin_fused(x)
             layers.run(self.pos)
             self.runner.end_fused()
             self.arena.touch_slot_runs(slots, run_of, len(calls))
-            self.pos += 1
-            return kernels.matvec(self.output, _rmsnorm1(x, self.output_norm, c.norm_eps))
-        for i in range(c.n_layers):
+        else:
+            self._decode_layer_by_layer()
+        self.pos += 1
+        return kernels.matvec(self.output, _rmsnorm1(x, self.output_norm, c.norm_eps))
+
+    def _decode_layer_by_layer(self) -> None:
+        """Each layer's attention block one C call, its FFN through the runner (reads, hooks)."""
+        x, xn, attn = self._x, self._xn, self._decode_attn
+        for i in range(self.config.n_layers):
             attn.run(i, self.pos)
             if self.window is not None:
                 self.window[i, self.pos % self.window.shape[1]] = xn
             self._ffn(i, xn, x)
-        self.pos += 1
-        return kernels.matvec(self.output, _rmsnorm1(x, self.output_norm, c.norm_eps))
 
     def _attend_one(self, i: int, x: np.ndarray) -> np.ndarray:
         c, lw, p = self.config, self.layers[i], self.pos

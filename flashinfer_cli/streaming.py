@@ -122,15 +122,11 @@ class FFNRunner:
             out.append(rc)
         return out
 
-    def begin_fused(self) -> np.ndarray | None:
-        """Before the layers' calls run in one C call: the accumulator they add into (cleared if a
-        failed call left it dirty; None without fixed point), marked dirty until end_fused."""
-        if not self.fixed:
-            return None
-        if self._acc_dirty:
-            self.acc[:] = 0
-        self._acc_dirty = True
-        return self._acc1
+    def begin_fused(self, y: np.ndarray) -> np.ndarray:
+        """Before the layers' calls run in one C call on one token's y: what they add into, as for
+        a layer's calls (_target: the accumulator, cleared if a failed call left it dirty, and
+        marked dirty until end_fused; or y itself without fixed point)."""
+        return self._target(y)
 
     def end_fused(self) -> None:
         """The fused call returned: every layer flushed its sums (the accumulator is zero)."""

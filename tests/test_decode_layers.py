@@ -134,19 +134,19 @@ def test_decode_layers_refuses_bad_arguments(tiny):
         layers.run(m.ctx)
     a = m._decode_attn
     null = ffi.NULL
-    common = (a._cos, a._sin, layers._k, layers._v, 0, a._x, a._xn, layers._acc, *layers._scratch, a._ws_ptr,
+    common = (a._cos, a._sin, a._k_all, a._v_all, 0, a._x, a._xn, layers._acc, *layers._scratch, a._ws_ptr,
               a._ws_bytes)
     ws = kernels.aligned_buffer(1 << 20)
     pws = ffi.from_buffer("uint8_t[]", ws)
     # a negative count, no shape, FIC_FFN_FIXED in impl (acc says it), a layer whose layout is missing
-    assert lib.fic_decode_layers(null, 0, a.shape, -1, layers._attn_w, layers._ffn, *layers._arena, *common,
+    assert lib.fic_decode_layers(null, 0, a.shape, -1, a._w_all, layers._ffn, *layers._arena, *common,
                                  pws, len(ws)) == lib.FIC_ERR_ARG
-    assert lib.fic_decode_layers(null, 0, null, 1, layers._attn_w, layers._ffn, *layers._arena, *common,
+    assert lib.fic_decode_layers(null, 0, null, 1, a._w_all, layers._ffn, *layers._arena, *common,
                                  pws, len(ws)) == lib.FIC_ERR_ARG
-    assert lib.fic_decode_layers(null, lib.FIC_FFN_FIXED, a.shape, 1, layers._attn_w, layers._ffn,
+    assert lib.fic_decode_layers(null, lib.FIC_FFN_FIXED, a.shape, 1, a._w_all, layers._ffn,
                                  *layers._arena, *common, pws, len(ws)) == lib.FIC_ERR_ARG
     bad = ffi.new("fic_ffn_slots_call[]", [{"layout": null, "slots": null, "n_neurons": null, "n_experts": 0}])
-    assert lib.fic_decode_layers(null, 0, a.shape, 1, layers._attn_w, bad, *layers._arena, *common,
+    assert lib.fic_decode_layers(null, 0, a.shape, 1, a._w_all, bad, *layers._arena, *common,
                                  pws, len(ws)) == lib.FIC_ERR_ARG
     # no layers: nothing to do
     assert lib.fic_decode_layers(null, 0, a.shape, 0, null, null, *layers._arena, *common, pws, len(ws)) == lib.FIC_OK
