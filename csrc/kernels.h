@@ -175,10 +175,12 @@ typedef void (*kern_silu_mul_fn)(float c, float *h, const float *u, int64_t n);
 #define Q1R32_BLOCK_BYTES (Q1R32_ROWS * (2 + QK1_0 / 8)) /* 576: the same bytes as 32 blocks */
 #define Q1R32_TAB_BYTES 32                               /* table bytes per 4 weights */
 /* Q1_0 rows in groups of 32 (q1r32.c): y[32 g + r] for groups g0 <= g < g1 of w (nb blocks of 128
- * weights per row), by lookups in tab (per 4 weights, the 16 sums of +-xq as int16: 16 low bytes,
- * then 16 high bytes) scaled by dx (per 32 weights). */
-typedef void (*kern_q1r32_fn)(const uint8_t *w, int64_t nb, const uint8_t *tab, const float *dx, float *y,
-                              int64_t g0, int64_t g1);
+ * weights per row), by lookups in tab scaled by dx (per 32 weights). With x = 16 h + l (l = x & 15,
+ * h = x >> 4 in -8..7), tab holds per 4 weights the 16 sums over the set bits t of n of l_t (16
+ * bytes, 0..60), then of h_t plus 32 (16 bytes, 0..60): four lookups of either add up in a byte.
+ * cx[b] = 8192 + sum of q8 block b's xq undoes the bits' 0/1 (a weight is -1 or +1) and the bias. */
+typedef void (*kern_q1r32_fn)(const uint8_t *w, int64_t nb, const uint8_t *tab, const int16_t *cx, const float *dx,
+                              float *y, int64_t g0, int64_t g1);
 /* One group of 32 Q1_0 rows of nb blocks between the layouts (q1r32.c): from row-major rows to the
  * r32 group (to_r32 != 0), or back; from and to do not overlap. */
 typedef void (*kern_q1r32_move_fn)(const uint8_t *from, uint8_t *to, int64_t nb, int to_r32);
@@ -376,9 +378,11 @@ static inline void silu_mul(const fic_kernels *kt, float c, float *h, const floa
  * unpacked at a time). The workspace is fic_matmul's. */
 int q1r32_matmul(fic_pool *pool, int impl, const uint8_t *w, const float *x, float *y, int64_t t, int64_t m,
                  int64_t k, void *ws, int64_t ws_bytes);
-void q1r32_ref(const uint8_t *w, int64_t nb, const uint8_t *tab, const float *dx, float *y, int64_t g0, int64_t g1);
+void q1r32_ref(const uint8_t *w, int64_t nb, const uint8_t *tab, const int16_t *cx, const float *dx, float *y, int64_t g0,
+               int64_t g1);
 #if defined(FIC_X86)
-void q1r32_avx2(const uint8_t *w, int64_t nb, const uint8_t *tab, const float *dx, float *y, int64_t g0, int64_t g1);
+void q1r32_avx2(const uint8_t *w, int64_t nb, const uint8_t *tab, const int16_t *cx, const float *dx, float *y, int64_t g0,
+                int64_t g1);
 #endif
 void q1r32_move_ref(const uint8_t *from, uint8_t *to, int64_t nb, int to_r32);
 #if defined(FIC_X86)
@@ -388,15 +392,16 @@ static inline void q1r32_move(const fic_kernels *kt, const uint8_t *from, uint8_
     if (kt->q1r32_move) kt->q1r32_move(from, to, nb, to_r32);
     else q1r32_move_ref(from, to, nb, to_r32);
 }
-static inline void q1r32(const fic_kernels *kt, const uint8_t *w, int64_t nb, const uint8_t *tab, const float *dx,
-                         float *y, int64_t g0, int64_t g1) {
-    if (kt->q1r32) kt->q1r32(w, nb, tab, dx, y, g0, g1);
-    else q1r32_ref(w, nb, tab, dx, y, g0, g1);
+static inline void q1r32(const fic_kernels *kt, const uint8_t *w, int64_t nb, const uint8_t *tab, const int16_t *cx,
+                         const float *dx, float *y, int64_t g0, int64_t g1) {
+    if (kt->q1r32) kt->q1r32(w, nb, tab, cx, dx, y, g0, g1);
+    else q1r32_ref(w, nb, tab, cx, dx, y, g0, g1);
 }
-/* q1r32.c: the tables of x quantized (k int8, QX_ROW_BYTES(k)), 32 bytes per 4 weights; one token's
+/* q1r32.c: the tables of x quantized (k int8, QX_ROW_BYTES(k)), 32 bytes per 4 weights, and its
+ * k / 32 corrections (kern_q1r32_fn); one token's
  * FFN over r32 bundles (ffn.c's t = 1 path; ws holds the four areas of ws_ffn's t = 1 bound after
  * the tables). */
-void q1r32_build_tables(const int8_t *xq, int64_t k, uint8_t *tab);
+void q1r32_build_tables(const int8_t *xq, int64_t k, uint8_t *tab, int16_t *cx);
 int q1r32_ffn_t1(fic_pool *pool, const ffn_t *f, uint8_t *ws, int64_t ws_bytes);
 static inline void pack8(const fic_kernels *kt, const float *src, int64_t ld, int64_t n, float *dst) {
     if (kt->pack8) kt->pack8(src, ld, n, dst);

@@ -181,29 +181,36 @@ TGT_AVX2 static float dot_q1_avx2(const job_t *j, const uint8_t *row) {
 }
 
 /* Q1_0 in the r32 layout (q1r32.c): one pshufb looks up 32 rows' nibbles (lane 0 rows 0-15, lane 1
- * rows 16-31) in a 4-weight group's table of 16 sums of +-xq; the table's low and high bytes,
- * interleaved by unpack, are the int16 sums, added over a q8 block's 8 groups (at most 4,064 in
- * magnitude). About 10 vector operations per 128 weights of a row against the 16 of dot2_q1_avx2
- * (bench/RESULTS.md). The block 4 ahead is prefetched: one stream per thread, which the hardware
- * prefetcher alone follows too late on this CPU. */
+ * rows 16-31) in a 4-weight group's table (kern_q1r32_fn: the sums of l = x & 15, then of h = x >> 4
+ * plus 32, each 0..60). Four groups' lookups add up in bytes (at most 240); one maddubs of the
+ * interleaved L and H bytes by (2, 32) then gives 2 (L + 16 H) per row as int16, and the q8 block's
+ * correction cx takes the bits' 0/1 and the bias off: the exact integer sum, then the float scaling
+ * per q8 block. About 9 vector operations per 128 weights of a row (bench/RESULTS.md). The block 4
+ * ahead is prefetched: one stream per thread, which the hardware prefetcher alone follows too late
+ * on this CPU. */
 #define Q1R32_PF_BLOCKS 4
 
-/* int16 sums of 32 rows' byte i (both nibbles) into A (rows 0-7 | 16-23) and B (rows 8-15 | 24-31). */
-TGT_AVX2 static inline void q1r32_byte(const uint8_t *p, const uint8_t *t, int i, __m256i *A, __m256i *B) {
+/* Sign bytes i and i + 1 of 32 rows (four 4-weight groups): 2 (L + 16 H) added into A (rows 0-7 |
+ * 16-23) and B (rows 8-15 | 24-31). */
+TGT_AVX2 static inline void q1r32_two_bytes(const uint8_t *p, const uint8_t *t, int i, __m256i *A, __m256i *B) {
     const __m256i m4 = _mm256_set1_epi8(15);
-    const __m256i v = _mm256_loadu_si256((const __m256i *)(p + 2 * Q1R32_ROWS + Q1R32_ROWS * i));
-    const __m256i idx[2] = {_mm256_and_si256(v, m4), _mm256_and_si256(_mm256_srli_epi16(v, 4), m4)};
-    for (int h = 0; h < 2; h++) {
-        const uint8_t *tg = t + (2 * i + h) * Q1R32_TAB_BYTES;
-        const __m256i lo = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)tg)), idx[h]);
-        const __m256i hi = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(tg + 16))), idx[h]);
-        *A = _mm256_add_epi16(*A, _mm256_unpacklo_epi8(lo, hi));
-        *B = _mm256_add_epi16(*B, _mm256_unpackhi_epi8(lo, hi));
+    __m256i L = _mm256_setzero_si256(), H = _mm256_setzero_si256();
+    for (int j = i; j < i + 2; j++) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(p + 2 * Q1R32_ROWS + Q1R32_ROWS * j));
+        const __m256i idx[2] = {_mm256_and_si256(v, m4), _mm256_and_si256(_mm256_srli_epi16(v, 4), m4)};
+        for (int h = 0; h < 2; h++) {
+            const uint8_t *tg = t + (2 * j + h) * Q1R32_TAB_BYTES;
+            L = _mm256_add_epi8(L, _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)tg)), idx[h]));
+            H = _mm256_add_epi8(H, _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(tg + 16))), idx[h]));
+        }
     }
+    const __m256i c = _mm256_set1_epi16(32 << 8 | 2); /* bytes (2, 32): 2 L + 32 H, at most 8,160 */
+    *A = _mm256_add_epi16(*A, _mm256_maddubs_epi16(_mm256_unpacklo_epi8(L, H), c));
+    *B = _mm256_add_epi16(*B, _mm256_maddubs_epi16(_mm256_unpackhi_epi8(L, H), c));
 }
 
-TGT_AVX2 void q1r32_avx2(const uint8_t *w, int64_t nb, const uint8_t *tab, const float *dx, float *y, int64_t g0,
-                         int64_t g1) {
+TGT_AVX2 void q1r32_avx2(const uint8_t *w, int64_t nb, const uint8_t *tab, const int16_t *cx, const float *dx, float *y,
+                         int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; g++) {
         __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
         const uint8_t *p = w + g * nb * Q1R32_BLOCK_BYTES;
@@ -216,8 +223,9 @@ TGT_AVX2 void q1r32_avx2(const uint8_t *w, int64_t nb, const uint8_t *tab, const
             for (int r = 0; r < 4; r++) d[r] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16 * r)));
             const uint8_t *t = tab + b * (QK1_0 / 4) * Q1R32_TAB_BYTES;
             for (int q = 0; q < QK1_0 / 32; q++) {
-                __m256i A = _mm256_setzero_si256(), B = _mm256_setzero_si256();
-                for (int i = 4 * q; i < 4 * q + 4; i++) q1r32_byte(p, t, i, &A, &B);
+                __m256i A = _mm256_sub_epi16(_mm256_setzero_si256(), _mm256_set1_epi16(cx[b * (QK1_0 / 32) + q])), B = A;
+                q1r32_two_bytes(p, t, 4 * q, &A, &B);
+                q1r32_two_bytes(p, t, 4 * q + 2, &A, &B);
                 const __m256 dq = _mm256_set1_ps(dx[b * (QK1_0 / 32) + q]);
                 const __m256i s[4] = {_mm256_cvtepi16_epi32(_mm256_castsi256_si128(A)),
                                       _mm256_cvtepi16_epi32(_mm256_castsi256_si128(B)),

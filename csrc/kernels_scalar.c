@@ -152,19 +152,21 @@ void silu_mul_ref(float c, float *h, const float *u, int64_t n) {
 /* The r32 matvec's reference: per row, per q8 block of 32 weights, the integer sum of +-xq from
  * the same tables as the fast paths, then acc = fma(d dx, sum, acc) in block order (fmaf: the
  * fast paths' fused multiply-add, so both give the same bits). */
-void q1r32_ref(const uint8_t *w, int64_t nb, const uint8_t *tab, const float *dx, float *y, int64_t g0, int64_t g1) {
+void q1r32_ref(const uint8_t *w, int64_t nb, const uint8_t *tab, const int16_t *cx, const float *dx, float *y, int64_t g0,
+               int64_t g1) {
     for (int64_t g = g0; g < g1; g++) {
         float acc[Q1R32_ROWS] = {0};
         const uint8_t *p = w + g * nb * Q1R32_BLOCK_BYTES;
         for (int64_t b = 0; b < nb; b++, p += Q1R32_BLOCK_BYTES) {
             const uint8_t *t = tab + b * (QK1_0 / 4) * Q1R32_TAB_BYTES;
             for (int q = 0; q < QK1_0 / 32; q++) {
-                int32_t s[Q1R32_ROWS] = {0};
+                int32_t s[Q1R32_ROWS];
+                for (int r = 0; r < Q1R32_ROWS; r++) s[r] = -cx[b * (QK1_0 / 32) + q];
                 for (int i = 4 * q; i < 4 * q + 4; i++) { /* sign byte i: weights 8i..8i+7 */
                     const uint8_t *tl = t + 2 * i * Q1R32_TAB_BYTES, *th = tl + Q1R32_TAB_BYTES;
                     for (int r = 0; r < Q1R32_ROWS; r++) {
                         const uint8_t v = p[2 * Q1R32_ROWS + Q1R32_ROWS * i + r], lo = v & 15, hi = v >> 4;
-                        s[r] += (int16_t)(tl[lo] | tl[16 + lo] << 8) + (int16_t)(th[hi] | th[16 + hi] << 8);
+                        s[r] += 2 * (tl[lo] + th[hi]) + 32 * (tl[16 + lo] + th[16 + hi]);
                     }
                 }
                 for (int r = 0; r < Q1R32_ROWS; r++) {

@@ -36,28 +36,35 @@ int fic_q1r32_unpack(const uint8_t *src, int64_t m, int64_t k, uint8_t *dst) { r
 
 int64_t fic_q1r32_ws_bytes(int64_t k) {
     if (k <= 0 || k % QK1_0 != 0 || k > WS_MAX_DIM) return FIC_ERR_ARG;
-    return QX_BYTES(k) + ws_round64(k / 4 * Q1R32_TAB_BYTES);
+    return QX_BYTES(k) + ws_round64(k / 4 * Q1R32_TAB_BYTES) + ws_round64(k / 32 * 2);
 }
 
-/* Per 4 weights (bits 0..3 of a nibble, LSB first as Q1_0's), e[n] = sum_t (bit t of n ? xq : -xq),
- * 16 low bytes then 16 high bytes of each int16; each entry from an earlier one plus 2 xq. */
-void q1r32_build_tables(const int8_t *xq, int64_t k, uint8_t *tab) {
+/* Per 4 weights (bits 0..3 of a nibble, LSB first as Q1_0's), with x = 16 h + l: L[n] = sum over the
+ * set bits t of n of l_t, then H[n] = 32 + the same of h_t (kern_q1r32_fn), each entry from an
+ * earlier one plus one term; per q8 block of 32, cx = 8192 + sum xq. */
+void q1r32_build_tables(const int8_t *xq, int64_t k, uint8_t *tab, int16_t *cx) {
     for (int64_t grp = 0; grp < k / 4; grp++) {
         const int8_t *x = xq + 4 * grp;
-        int16_t e[16];
-        e[0] = (int16_t)-(x[0] + x[1] + x[2] + x[3]);
-        for (int n = 1; n < 16; n++) e[n] = (int16_t)(e[n & (n - 1)] + 2 * x[__builtin_ctz((unsigned)n)]);
         uint8_t *t = tab + grp * Q1R32_TAB_BYTES;
-        for (int n = 0; n < 16; n++) {
-            t[n] = (uint8_t)((uint16_t)e[n] & 0xFF);
-            t[16 + n] = (uint8_t)((uint16_t)e[n] >> 8);
+        t[0] = 0;
+        t[16] = 32;
+        for (int n = 1; n < 16; n++) {
+            const int v = x[__builtin_ctz((unsigned)n)], e = n & (n - 1);
+            t[n] = (uint8_t)(t[e] + (v & 15));
+            t[16 + n] = (uint8_t)(t[16 + e] + (v >> 4)); /* arithmetic shift: h in -8..7 */
         }
+    }
+    for (int64_t b = 0; b < k / 32; b++) {
+        int s = 8192;
+        for (int i = 0; i < 32; i++) s += xq[32 * b + i];
+        cx[b] = (int16_t)s;
     }
 }
 
 typedef struct {
     const fic_kernels *kt;
     const uint8_t *w, *tab;
+    const int16_t *cx;
     const float *dx;
     float *y;
     int64_t nb;
@@ -66,7 +73,7 @@ typedef struct {
 static void r32_range(void *ctx, int64_t g0, int64_t g1, int tid) {
     const r32_job *j = ctx;
     (void)tid;
-    q1r32(j->kt, j->w, j->nb, j->tab, j->dx, j->y, g0, g1);
+    q1r32(j->kt, j->w, j->nb, j->tab, j->cx, j->dx, j->y, g0, g1);
 }
 
 int fic_q1r32_matvec(fic_pool *pool, int impl, const uint8_t *w, const float *x, float *y, int64_t m, int64_t k,
@@ -78,10 +85,11 @@ int fic_q1r32_matvec(fic_pool *pool, int impl, const uint8_t *w, const float *x,
     const fic_kernels *kt = fic_kernels_for(impl);
     if (kt == NULL) return FIC_ERR_UNSUPPORTED;
     uint8_t *qx = ws, *tab = qx + QX_BYTES(k);
+    int16_t *cx = (int16_t *)(tab + ws_round64(k / 4 * Q1R32_TAB_BYTES));
     fic_qdot_kernels(impl)->quantize(x, k, qx); /* int8 x, then the q8 blocks' d (then their sums) */
-    q1r32_build_tables((const int8_t *)qx, k, tab);
+    q1r32_build_tables((const int8_t *)qx, k, tab, cx);
     const int64_t nb = k / QK1_0, n_groups = m / Q1R32_ROWS;
-    r32_job j = {kt, w, tab, (const float *)(qx + k), y, nb};
+    r32_job j = {kt, w, tab, cx, (const float *)(qx + k), y, nb};
     fic_parallel_for(pool, n_groups, row_chunk(pool, n_groups, nb * Q1R32_BLOCK_BYTES), r32_range, &j);
     return FIC_OK;
 }
@@ -184,6 +192,7 @@ typedef struct {
     const qdot_kernels *qk;
     uint8_t *qx, *tab;   /* phase 1: x quantized, its tables */
     uint8_t *qh, *tabh;  /* phase 2: h_e quantized at QX_ROW_BYTES(off[e]), its tables at 8 off[e] */
+    int16_t *cx, *cxh;   /* the tables' corrections: x's, and h_e's at off[e] / 32 (in qx's and qh's slack) */
 } r32ffn_t;
 
 static const uint8_t *up_part(const ffn_t *f, int64_t e) { return f->bundles[e] + (int64_t)f->n[e] * f->rb_g; }
@@ -203,11 +212,11 @@ static void r32_phase1(void *ctx, int64_t g0, int64_t g1, int tid) {
             continue;
         }
         const float c = f->coef == NULL ? 1.0f : f->coef[e];
-        q1r32(f->kt, f->bundles[e], nb, q->tab, dx, h, a, b); /* gate values into h */
+        q1r32(f->kt, f->bundles[e], nb, q->tab, q->cx, dx, h, a, b); /* gate values into h */
         for (int64_t g = a; g < b; g += R32_STEP_GROUPS) {
             const int64_t ng = b - g < R32_STEP_GROUPS ? b - g : R32_STEP_GROUPS;
             float u[R32_STEP_GROUPS * Q1R32_ROWS];
-            q1r32(f->kt, up_part(f, e) + g * gb, nb, q->tab, dx, u, 0, ng);
+            q1r32(f->kt, up_part(f, e) + g * gb, nb, q->tab, q->cx, dx, u, 0, ng);
             silu_mul(f->kt, c, h + g * Q1R32_ROWS, u, ng * Q1R32_ROWS);
         }
     }
@@ -221,7 +230,7 @@ static void r32_prep_h(void *ctx, int64_t e0, int64_t e1, int tid) {
         if (f->skip[e]) continue;
         uint8_t *qh = q->qh + QX_ROW_BYTES(f->off[e]);
         q->qk->quantize(f->h + f->off[e], f->n[e], qh);
-        q1r32_build_tables((const int8_t *)qh, f->n[e], q->tabh + 8 * f->off[e]);
+        q1r32_build_tables((const int8_t *)qh, f->n[e], q->tabh + 8 * f->off[e], q->cxh + f->off[e] / 32);
     }
 }
 
@@ -236,7 +245,8 @@ static void r32_phase2(void *ctx, int64_t g0, int64_t g1, int tid) {
             const int64_t n = f->n[e], nb = n / QK1_0;
             const float *dx = (const float *)(q->qh + QX_ROW_BYTES(f->off[e]) + n);
             float out[R32_STEP_GROUPS * Q1R32_ROWS];
-            q1r32(f->kt, down_part(f, e) + g * nb * Q1R32_BLOCK_BYTES, nb, q->tabh + 8 * f->off[e], dx, out, 0, ng);
+            q1r32(f->kt, down_part(f, e) + g * nb * Q1R32_BLOCK_BYTES, nb, q->tabh + 8 * f->off[e], q->cxh + f->off[e] / 32,
+                  dx, out, 0, ng);
             if (f->acc != NULL) {
                 fixed_add(f->kt, out, f->acc + g * Q1R32_ROWS, nr);
             } else {
@@ -255,8 +265,10 @@ int q1r32_ffn_t1(fic_pool *pool, const ffn_t *f, uint8_t *ws, int64_t ws_bytes) 
     q.tab = q.qx + ws_round64(3 * d);
     q.qh = q.tab + ws_round64(8 * d);
     q.tabh = q.qh + ws_round64(2 * n_total);
+    q.cx = (int16_t *)(q.qx + QX_BYTES(d));        /* d / 16 bytes: 1.25 d + 63 + d / 16 <= 3 d */
+    q.cxh = (int16_t *)(q.qh + QX_BYTES(n_total)); /* the same within 2 N */
     q.qk->quantize(f->x, d, q.qx);
-    q1r32_build_tables((const int8_t *)q.qx, d, q.tab);
+    q1r32_build_tables((const int8_t *)q.qx, d, q.tab, q.cx);
     const int64_t n_groups = n_total / Q1R32_ROWS, rb = d / QK1_0 * (int64_t)sizeof(block_q1_0);
     fic_parallel_for(pool, n_groups, row_chunk(pool, n_groups, Q1R32_ROWS * 2 * rb), r32_phase1, &q);
     fic_parallel_for(pool, f->n_experts, 1, r32_prep_h, &q);

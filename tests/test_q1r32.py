@@ -70,6 +70,27 @@ def test_matvec_matches_integer_reference(m, k):
     assert (np.abs(K.matvec(qt, x).astype(np.float64) - want) <= 2 * bound + 1e-6 * np.abs(want).max()).all()
 
 
+@pytest.mark.parametrize("bits", [0x00, 0xFF, 0x0F, 0xAA])
+@pytest.mark.parametrize("value", [1.0, -1.0])
+def test_the_byte_sums_at_their_limits(bits, value):
+    """The kernels add four table lookups in a byte and the q8 block's correction in int16: with
+    every activation at +-127 (its low and high nibbles at their extremes: 15 and 7, or 1 and -8)
+    and rows of all-set, all-clear and mixed bits, every sum stays exact."""
+    m, k = 64, 512
+    blocks = np.zeros((m, k // 128, 18), np.uint8)
+    blocks[:, :, :2] = np.frombuffer(np.float16(0.5).tobytes(), np.uint8)
+    blocks[:, :, 2:] = bits
+    blocks[1::2, :, 2:] = 0xFF - bits  # the complement in every other row
+    qt = K.QTensor("q1_0", (m, k), blocks.reshape(-1))
+    x = np.full(k, value, np.float32)
+    x[256:] *= -1  # both signs in one call
+    r = K.q1r32_repack(qt)
+    want, bound = reference(qt, x)
+    for impl in IMPLS:
+        y = K.matvec(r, x, impl=impl)
+        assert (np.abs(y.astype(np.float64) - want) <= bound).all(), impl
+
+
 def test_threads_give_the_same_bits():
     qt, rng = q1_matrix(4096, 1024, seed=5)
     x = rng.standard_normal(1024).astype(np.float32)
