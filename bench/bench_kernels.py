@@ -12,7 +12,8 @@ Kernels: every format x implementation, on 4096 x 4096 matrices (Q4_K and Q6_K, 
 does not make, as random valid blocks: the bytes' values do not change the work), and q1_0r32, Q1_0 in
 the r32 layout models use for their resident matrices (fic.h; no accum_rows). matvec cycles over enough copies
 of the matrix to fill >= 512 MiB, so the weights come from DRAM as in decode (one matrix alone
-would sit in L3); accum_rows streams the same copies with every row active. matmul runs T = 128
+would sit in L3), each a C call with its arguments converted once (K.PreparedMatvec), as a decode
+step makes it: `K.matvec`'s checks cost ~15 us a call, 10% of a 2-thread Q1_0 matvec; accum_rows streams the same copies with every row active. matmul runs T = 128
 tokens through one matrix; its figure is weight bytes over time, so its per-token cost is
 compared to one matvec in the last column.
 """
@@ -69,13 +70,15 @@ def stream_copies(qt: K.QTensor) -> list[K.QTensor]:
 
 
 def time_matvec(copies: list[K.QTensor], x: np.ndarray, impl: str, passes: int) -> float:
-    """Best seconds per matvec over `passes` sweeps of all copies."""
+    """Best seconds per matvec over `passes` sweeps of all copies, each a C call prepared once
+    (K.PreparedMatvec: a decode step's cost, without K.matvec's per-call checks)."""
     y = np.empty(copies[0].shape[0], dtype=np.float32)
+    calls = [K.PreparedMatvec(qt, x, y, impl=impl) for qt in copies]
     best = float("inf")
     for _ in range(passes):
         start = time.perf_counter()
-        for qt in copies:
-            K.matvec(qt, x, impl=impl, out=y)
+        for call in calls:
+            call()
         best = min(best, (time.perf_counter() - start) / len(copies))
     return best
 

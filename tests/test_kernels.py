@@ -917,3 +917,31 @@ def test_silu_mul_refuses_bad_arrays(impl):
         K.silu_mul(1.0, np.zeros(4, np.float64), np.zeros(4, np.float32), impl=impl)
     with pytest.raises(ValueError):
         K.silu_mul(1.0, np.zeros(4, np.float32), np.zeros(5, np.float32), impl=impl)
+
+
+@pytest.mark.parametrize("fmt", ["q4_1", "q8_0", "q1_0", "f32"])
+def test_prepared_matvec_is_matvec(fmt):
+    """The prepared call (bench_kernels' timing) gives matvec's bits, again on each call, with the
+    pool it was made with after the thread count changes."""
+    rng = np.random.default_rng(11)
+    qt = K.quantize(rng.standard_normal((96, 512), dtype=np.float32), fmt)
+    if fmt == "q1_0":
+        qt = K.q1r32_repack(qt)
+    x = rng.standard_normal(512).astype(np.float32)
+    y = np.full(96, np.nan, np.float32)
+    before = K.get_threads()
+    try:
+        K.set_threads(2)
+        call = K.PreparedMatvec(qt, x, y)
+        call()
+        assert (y == K.matvec(qt, x)).all()
+        x[:] = rng.standard_normal(512)  # the call reads x in place
+        K.set_threads(1)
+        call()
+        assert (y == K.matvec(qt, x)).all()
+    finally:
+        K.set_threads(before)
+    with pytest.raises(ValueError, match="contiguous"):
+        K.PreparedMatvec(qt, x, np.zeros(192, np.float32)[::2])
+    with pytest.raises(ValueError, match="shape"):
+        K.PreparedMatvec(qt, x[:256], y)
