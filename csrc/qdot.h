@@ -22,6 +22,7 @@
 #include <stdint.h>
 
 #include "fic.h"
+#include "kernels.h"
 #include "pool.h"
 
 #define QX_BLOCK 32
@@ -71,6 +72,13 @@ typedef struct {
     q1x_quantize_fn q1_quantize; /* NULL: Q1_0 goes through the unpacked rows like the others */
     q1_dot_fn q1_dot;
 } qdot_kernels;
+
+/* The r32 layout's prefill by the matvec's tables (q1r32.c): one token's x (k floats) quantized
+ * and tabled into tok (q1r32_tok_bytes(k), 64-byte aligned), then one group of 32 rows (k weights
+ * each, r32) against it: y[0..32) = the rows . x, the matvec's bits. */
+int64_t q1r32_tok_bytes(int64_t k);
+void q1r32_tok_prep(const qdot_kernels *qk, const float *x, int64_t k, uint8_t *tok);
+void q1r32_tok_group(const fic_kernels *kt, const uint8_t *group, int64_t k, const uint8_t *tok, float *y);
 
 /* 1 for the formats with an int8 path: Q1_0, Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K. */
 int fic_qdot_fmt_ok(int fmt);

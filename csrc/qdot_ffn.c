@@ -9,9 +9,11 @@
  *            unpacked into one row and multiplied with every token (results do not depend on the
  *            thread count).
  * Q1_0 (gate and up, or down) takes its own kernels instead (qdot.h Q1X_*): rows read as stored,
- * no unpacking; down pieces gathered as whole blocks. Bundles in the r32 layout (FIC_Q1_0R32) take
- * the same kernels on rows unpacked a group of 32 at a time (q1r32_group_rows) into the thread's
- * buffer: steps and chunks of 32 rows there.
+ * no unpacking; down pieces gathered as whole blocks. Bundles in the r32 layout (FIC_Q1_0R32): gate
+ * and up by the matvec's tables, a token at a time per group of 32 rows (q1r32.c: each token's h
+ * the decode step's bits); down (and all of it on NEON, which has no fast r32 kernel) by the same
+ * kernels on rows unpacked a group of 32 at a time (q1r32_group_rows) into the thread's buffer:
+ * steps and chunks of 32 rows there.
  * Tokens go in chunks that fit the workspace beside each thread's unpacked rows and buffer;
  * nothing is allocated. */
 #include <math.h>
@@ -161,6 +163,52 @@ static void p1_q1_rows(void *ctx, int64_t g0, int64_t g1, int tid) {
     }
 }
 
+/* ---- phase 1, r32 gate and up by the matvec's tables (q1r32.c) --------------------------------
+ * Each token's x tabled once per chunk (q->xq: q1r32_tok_bytes(d) a token); per group of 32 gate
+ * rows, every token through the matvec's kernel (the group in L1 across the tokens), the same for
+ * up into the thread's buffer (nt x 32), then h = coef silu(g) u. */
+
+static void p1_r32_prep(void *ctx, int64_t i0, int64_t i1, int tid) {
+    const qffn_t *q = ctx;
+    (void)tid;
+    const int64_t d = q->a->d, tb = q1r32_tok_bytes(d);
+    for (int64_t i = i0; i < i1; i++) q1r32_tok_prep(q->kern, q->a->x + (q->i0 + i) * d, d, q->xq + i * tb);
+}
+
+static void p1_r32_rows(void *ctx, int64_t g0, int64_t g1, int tid) {
+    const qffn_t *q = ctx;
+    const qdot_ffn *a = q->a;
+    const fic_kernels *kt = fic_kernels_for(a->impl);
+    const int64_t d = a->d, tb = q1r32_tok_bytes(d), gb = R32_ROWS * a->rb_g;
+    float *ubuf = (float *)(q->per_thread + tid * q->thread_bytes); /* nt x 32 */
+    p1_piece p = {.e = -1};
+    while (p1_next(q, g0, g1, &p)) {
+        for (int64_t r = p.r0; r < p.r1; r += R32_ROWS) {
+            for (int64_t i = 0; i < q->nt; i++) q1r32_tok_group(kt, p.gate + r / R32_ROWS * gb, d, q->xq + i * tb, p.h + i * p.n + r);
+            for (int64_t i = 0; i < q->nt; i++) q1r32_tok_group(kt, p.up + r / R32_ROWS * gb, d, q->xq + i * tb, ubuf + i * R32_ROWS);
+            swiglu_rows(q, p.e, p.h + r, p.n, R32_ROWS, ubuf);
+        }
+    }
+}
+
+static int r32_phase1(fic_pool *pool, qffn_t *q, uint8_t *ws, int64_t ws_bytes) {
+    const qdot_ffn *a = q->a;
+    const int64_t n_threads = fic_pool_threads(pool);
+    const int64_t tc = chunk_tokens(ws_bytes, n_threads, 64, q1r32_tok_bytes(a->d), 4 * R32_ROWS);
+    if (tc < 1) return FIC_ERR_WORKSPACE;
+    q->thread_bytes = (4 * R32_ROWS * tc + 63) / 64 * 64;
+    q->per_thread = ws;
+    q->xq = ws + n_threads * q->thread_bytes;
+    int64_t chunk = (a->n_total + 4 * n_threads - 1) / (4 * n_threads);
+    chunk = (chunk + R32_ROWS - 1) / R32_ROWS * R32_ROWS;
+    for (q->i0 = 0; q->i0 < a->t; q->i0 += tc) {
+        q->nt = a->t - q->i0 < tc ? a->t - q->i0 : tc;
+        fic_parallel_for(pool, q->nt, (q->nt + n_threads - 1) / n_threads, p1_r32_prep, q);
+        fic_parallel_for(pool, a->n_total, chunk, p1_r32_rows, q);
+    }
+    return FIC_OK;
+}
+
 static int q1_phase1(fic_pool *pool, qffn_t *q, uint8_t *ws, int64_t ws_bytes) {
     const qdot_ffn *a = q->a;
     const int64_t n_threads = fic_pool_threads(pool);
@@ -184,8 +232,10 @@ static int q1_phase1(fic_pool *pool, qffn_t *q, uint8_t *ws, int64_t ws_bytes) {
 int fic_qdot_ffn_phase1(fic_pool *pool, const qdot_ffn *a, uint8_t *ws, int64_t ws_bytes) {
     const int64_t n_threads = fic_pool_threads(pool), d = a->d;
     qffn_t q = {.a = a, .kern = fic_qdot_kernels(a->impl), .ub = unpack_bytes(d)};
-    if (a->gate_fmt == FIC_Q1_0R32) /* with up and down: ffn.c checked the layout */
-        return q.kern->q1_dot != NULL ? q1_phase1(pool, &q, ws, ws_bytes) : FIC_ERR_UNSUPPORTED;
+    if (a->gate_fmt == FIC_Q1_0R32) { /* with up and down: ffn.c checked the layout */
+        if (fic_kernels_for(a->impl)->q1r32 != NULL) return r32_phase1(pool, &q, ws, ws_bytes);
+        return q.kern->q1_dot != NULL ? q1_phase1(pool, &q, ws, ws_bytes) : FIC_ERR_UNSUPPORTED; /* NEON */
+    }
     if (a->gate_fmt == FIC_Q1_0 && a->up_fmt == FIC_Q1_0 && q.kern->q1_dot != NULL) return q1_phase1(pool, &q, ws, ws_bytes);
     q.thread_bytes = QW_ROWS * q.ub; /* + the up buffer, nt x QW_ROWS floats, below */
     const int64_t tc = chunk_tokens(ws_bytes, n_threads, q.thread_bytes + 64, QX_ROW_BYTES(d), 4 * QW_ROWS);

@@ -106,17 +106,43 @@ def test_threads_give_the_same_bits():
     assert (y1 == y2).all()
 
 
-@pytest.mark.parametrize("prefill", ["auto", "exact"])
-def test_prefill_equals_the_row_major_kernels(prefill):
-    """T > 1 unpacks each group of 32 rows and runs Q1_0's own kernel (int8), or, for the float
-    prefill, the rows gathered back: the same bits as the row-major matrix either way."""
+def test_prefill_exact_equals_the_row_major_kernels():
+    """The float prefill reads rows: the r32 matrix's rows gathered back give its bits."""
     qt, rng = q1_matrix(320, 512, seed=7)
     r = K.q1r32_repack(qt)
     x = rng.standard_normal((9, 512), dtype=np.float32)
-    with K.prefill_mode(prefill):
+    with K.prefill_mode("exact"):
         assert (K.matmul(r, x) == K.matmul(qt, x)).all()
-        one = K.matmul(r, x[:1])  # one token through matmul: the r32 matvec
-    assert (one[0] == K.matvec(r, x[0])).all()
+
+
+@pytest.mark.parametrize("m,k,t", [(320, 512, 9), (64, 4096, 40), (4160, 512, 3)])
+def test_prefill_is_the_matvec_token_by_token(m, k, t):
+    """T > 1 (int8) runs the matvec's tables for each token: every row of the product is that
+    token's matvec bit for bit, on every implementation and thread count, including token chunks
+    split by a small workspace (k 4096: a few tokens a chunk); within the integer reference's bound."""
+    qt, rng = q1_matrix(m, k, seed=m + k + t)
+    r = K.q1r32_repack(qt)
+    x = (2 * rng.standard_normal((t, k))).astype(np.float32)
+    want = np.stack([K.matvec(r, xi) for xi in x])
+    before = K.get_threads()
+    try:
+        for n_threads in (1, 2):
+            K.set_threads(n_threads)
+            with K.prefill_mode("auto"):
+                for impl in IMPLS:
+                    if impl == "neon":  # NEON keeps Q1_0's sdot kernel on unpacked rows (within its bound below)
+                        continue
+                    assert (K.matmul(r, x, impl=impl) == want).all(), (impl, n_threads)
+    finally:
+        K.set_threads(before)
+    for i in range(t):
+        ref, bound = reference(qt, x[i])
+        assert (np.abs(want[i].astype(np.float64) - ref) <= bound).all()
+    # the row-major int8 prefill answers the same question within both bounds
+    rows = K.matmul(qt, x)
+    for i in range(t):
+        ref, bound = reference(qt, x[i])
+        assert (np.abs(rows[i].astype(np.float64) - ref) <= 2 * bound + 1e-6 * np.abs(ref).max()).all()
 
 
 def test_bad_shapes_and_arguments_are_refused():

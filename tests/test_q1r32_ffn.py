@@ -1,7 +1,8 @@
 """Q1_0 expert bundles in the r32 layout (fic.h: fic_q1r32_bundle; csrc/q1r32.c's one-token FFN,
 qdot_ffn.c's prefill on rows gathered back). Checked against the float64 numpy FFN of test_ffn
 (the int8 kernels' bound), every implementation against the scalar reference bit for bit, prefill
-against the row-major bundles bit for bit, and the fixed-point sum against splits of the same call."""
+against the same bound (and the row-major bundles' answer within it), and the fixed-point sum against
+splits of the same call."""
 from __future__ import annotations
 
 import numpy as np
@@ -101,11 +102,29 @@ def test_every_impl_and_thread_count_gives_the_same_bits():
 
 
 @pytest.mark.parametrize("fixed", [False, True])
+@pytest.mark.parametrize("coef", [None, "uniform"])
 @pytest.mark.parametrize("impl", IMPLS)
-def test_prefill_is_the_row_major_bits(impl, fixed):
-    """t > 1 gathers each row back for Q1_0's own int8 kernels: the same bits as row-major bundles."""
-    case = q1_case(5, seed=4, coef="uniform")
-    assert np.array_equal(run(case, impl, r32=True, fixed=fixed), run(case, impl, r32=False, fixed=fixed))
+def test_prefill_matches_numpy(impl, coef, fixed):
+    """t > 1: gate and up by the matvec's tables a token at a time (NEON: Q1_0's own kernels on rows
+    gathered back, as down everywhere): within the int8 prefill's bound of the float64 FFN, as the
+    row-major bundles' answer is, and the same bits on 1 and 2 threads."""
+    case = q1_case(5, seed=4, coef=coef)
+    with K.prefill_mode("int8"), K.decode_mode("int8"):
+        want, bound = case.want_and_bound("avx2")
+
+    def as_y(out: np.ndarray) -> np.ndarray:  # a fixed-point accumulator flushed onto y0 (fic_fixed_flush)
+        return K.fixed_flush(out.copy(), case.y0.copy()) if fixed else out
+
+    assert_within(as_y(run(case, impl, r32=False, fixed=fixed)), want, bound)
+    outs = []
+    for threads in (1, 2):
+        K.set_threads(threads)
+        try:
+            outs.append(run(case, impl, r32=True, fixed=fixed))
+        finally:
+            K.set_threads(K.default_threads())
+    assert_within(as_y(outs[0]), want, bound)
+    assert np.array_equal(outs[0], outs[1])
 
 
 @pytest.mark.parametrize("t", [1, 3])
@@ -151,9 +170,11 @@ def test_refusals():
 
 def test_a_q1_mixture_of_experts_runs_in_the_layout(tmp_path, monkeypatch):
     """A small Q1_0 mixture of experts (fic synth): with FIC_Q1R32=1 its routed bundles and its shared
-    expert take the layout; prefill gives the row-major model's logits bit for bit (every r32 product
-    of t > 1 unpacks rows for the same kernels); decode sums the same integers in another float order
-    (measured: 7e-7 apart over 8 steps of logits up to 3.5; bounded at 1e-3 of the largest)."""
+    expert take the layout. Both arithmetics sum the same integers in other float orders (r32 prefill:
+    the matvec's tables, a token at a time); where those differences flip an int8 rounding of h they
+    grow: measured 0.013 apart on logits up to 3.56 (0.4%), prefill and the decode after it, every
+    argmax equal. Bounded at 1% of the largest (int8 prefill is ~3% from the float model:
+    bench/RESULTS.md)."""
     from click.testing import CliRunner
 
     from flashinfer_cli.cli import cli
@@ -179,11 +200,11 @@ def test_a_q1_mixture_of_experts_runs_in_the_layout(tmp_path, monkeypatch):
             out[mode] = (pre, np.stack(dec))
         finally:
             eng.close()
-    assert np.array_equal(out["1"][0], out["0"][0])
-    a, b = out["1"][1], out["0"][1]
-    assert np.isfinite(a).all()
-    assert np.abs(a - b).max() <= 1e-3 * np.abs(b).max(), np.abs(a - b).max()
-    assert (a.argmax(axis=1) == b.argmax(axis=1)).all()
+    for step in (0, 1):  # prefill's logits of every position, then decode's (on prefill's cache)
+        a, b = out["1"][step], out["0"][step]
+        assert np.isfinite(a).all()
+        assert np.abs(a - b).max() <= 1e-2 * np.abs(b).max(), (step, np.abs(a - b).max())
+        assert (a.argmax(axis=1) == b.argmax(axis=1)).all()
 
 
 def test_bundles_in_one_call_split_between_threads():
