@@ -94,12 +94,9 @@ int fic_q1r32_matvec(fic_pool *pool, int impl, const uint8_t *w, const float *x,
     return FIC_OK;
 }
 
-/* ---- prefill (t > 1) by the matvec's tables ----
- * Each token's x is quantized and turned into the matvec's tables (q1r32_tok_prep), then every
- * group of 32 rows meets every token of a chunk through the matvec's kernel, the group's weights
- * in L1 across the tokens: each token's outputs are its matvec's, bit for bit. Against the sign
- * bytes unpacked to rows and Q1_0's maddubs kernel (qdot.c), the table lookups cost fewer
- * operations per weight (bench/RESULTS.md). Tokens go in chunks whose tables fit the workspace. */
+/* ---- prefill (t > 1) by the matvec's tables (qdot.c, qdot_ffn.c) ----
+ * Each token's x quantized and turned into the matvec's tables, then a group of 32 rows against it
+ * through the matvec's kernel: each token's outputs are its matvec's, bit for bit. */
 
 int64_t q1r32_tok_bytes(int64_t k) { return fic_q1r32_ws_bytes(k); }
 
@@ -115,49 +112,6 @@ void q1r32_tok_group(const fic_kernels *kt, const uint8_t *group, int64_t k, con
           (const float *)(tok + k), y, 0, 1);
 }
 
-typedef struct {
-    const fic_kernels *kt;
-    const qdot_kernels *qk;
-    const uint8_t *w;
-    const float *x;
-    float *y;
-    uint8_t *toks; /* nt tokens' q1r32_tok_bytes(k) each */
-    int64_t m, k, nt, tok_bytes;
-} r32_pf;
-
-static void r32_pf_prep(void *ctx, int64_t i0, int64_t i1, int tid) {
-    const r32_pf *j = ctx;
-    (void)tid;
-    for (int64_t i = i0; i < i1; i++) q1r32_tok_prep(j->qk, j->x + i * j->k, j->k, j->toks + i * j->tok_bytes);
-}
-
-static void r32_pf_groups(void *ctx, int64_t g0, int64_t g1, int tid) {
-    const r32_pf *j = ctx;
-    const int64_t gb = j->k / QK1_0 * Q1R32_BLOCK_BYTES;
-    (void)tid;
-    for (int64_t g = g0; g < g1; g++)
-        for (int64_t i = 0; i < j->nt; i++)
-            q1r32_tok_group(j->kt, j->w + g * gb, j->k, j->toks + i * j->tok_bytes, j->y + i * j->m + g * Q1R32_ROWS);
-}
-
-static int r32_prefill(fic_pool *pool, int impl, const fic_kernels *kt, const uint8_t *w, const float *x, float *y,
-                       int64_t t, int64_t m, int64_t k, void *ws, int64_t ws_bytes) {
-    if (ws == NULL || ((uintptr_t)ws % 64) != 0) return FIC_ERR_ARG;
-    r32_pf j = {.kt = kt, .qk = fic_qdot_kernels(impl), .w = w, .toks = ws, .m = m, .k = k,
-                .tok_bytes = q1r32_tok_bytes(k)};
-    const int64_t chunk_t = ws_bytes / j.tok_bytes, n_threads = fic_pool_threads(pool), n_groups = m / Q1R32_ROWS;
-    if (chunk_t < 1) return FIC_ERR_WORKSPACE;
-    const int64_t groups_chunk = (n_groups + 2 * n_threads - 1) / (2 * n_threads);
-    for (int64_t i0 = 0; i0 < t; i0 += chunk_t) {
-        j.nt = t - i0 < chunk_t ? t - i0 : chunk_t;
-        j.x = x + i0 * k;
-        j.y = y + i0 * m;
-        fic_parallel_for(pool, j.nt, (j.nt + n_threads - 1) / n_threads, r32_pf_prep, &j);
-        fic_parallel_for(pool, n_groups, groups_chunk, r32_pf_groups, &j);
-    }
-    return FIC_OK;
-}
-
 int q1r32_matmul(fic_pool *pool, int impl, const uint8_t *w, const float *x, float *y, int64_t t, int64_t m,
                  int64_t k, void *ws, int64_t ws_bytes) {
     if (w == NULL || x == NULL || y == NULL || t <= 0 || !shape_ok(m, k)) return FIC_ERR_ARG;
@@ -165,9 +119,7 @@ int q1r32_matmul(fic_pool *pool, int impl, const uint8_t *w, const float *x, flo
     if (impl == FIC_IMPL_AUTO) impl = fic_impl_best();
     if (!fic_impl_available(impl)) return FIC_ERR_UNSUPPORTED;
     if (t == 1) return fic_q1r32_matvec(pool, impl, w, x, y, m, k, ws, ws_bytes);
-    const fic_kernels *kt = fic_kernels_for(impl);
-    if (kt->q1r32 == NULL) return fic_qdot_matmul(pool, impl, FIC_Q1_0R32, w, x, y, t, m, k, ws, ws_bytes); /* NEON */
-    return r32_prefill(pool, impl, kt, w, x, y, t, m, k, ws, ws_bytes);
+    return fic_qdot_matmul(pool, impl, FIC_Q1_0R32, w, x, y, t, m, k, ws, ws_bytes);
 }
 
 void q1r32_group_rows(const uint8_t *w, int64_t k, int64_t g, uint8_t *rows) {

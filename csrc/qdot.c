@@ -9,6 +9,7 @@
 
 typedef struct {
     const qdot_kernels *kern;
+    const fic_kernels *kt; /* the r32 layout's table kernel (q1_matmul) */
     int fmt;
     const uint8_t *w;
     const float *x;
@@ -49,8 +50,26 @@ static void q1_rows_range(void *ctx, int64_t r0, int64_t r1, int tid) {
     j->kern->q1_dot(j->w + r0 * j->row_bytes, j->row_bytes, r1 - r0, j->k, j->xq, j->qrow, j->nt, j->y + r0, j->m, 0);
 }
 
-/* The r32 layout (fic.h): each group of 32 rows back in rows in the thread's buffer, then the same
- * kernel: the same bits as the row-major matrix. */
+/* The r32 layout (fic.h) by the matvec's tables (q1r32.c): each token tabled once per chunk, then
+ * every group of 32 rows against every token, the group's weights in L1 across the tokens; each
+ * token's products are its matvec's bits, at fewer operations per weight than the maddubs kernel
+ * (bench/RESULTS.md). */
+static void r32_tables_range(void *ctx, int64_t i0, int64_t i1, int tid) {
+    const qmm_t *j = ctx;
+    (void)tid;
+    for (int64_t i = i0; i < i1; i++) q1r32_tok_prep(j->kern, j->x + i * j->k, j->k, j->xq + i * j->qrow);
+}
+
+static void r32_tables_groups(void *ctx, int64_t g0, int64_t g1, int tid) {
+    const qmm_t *j = ctx;
+    const int64_t gb = 32 * j->row_bytes;
+    (void)tid;
+    for (int64_t g = g0; g < g1; g++)
+        for (int64_t i = 0; i < j->nt; i++) q1r32_tok_group(j->kt, j->w + g * gb, j->k, j->xq + i * j->qrow, j->y + i * j->m + g * 32);
+}
+
+/* Without a fast table kernel (NEON): each group of 32 rows back in rows in the thread's buffer,
+ * then Q1_0's kernel: the same bits as the row-major matrix. */
 static void q1r32_groups_range(void *ctx, int64_t g0, int64_t g1, int tid) {
     const qmm_t *j = ctx;
     uint8_t *rows = j->unpack + tid * j->unpack_bytes;
@@ -63,9 +82,9 @@ static void q1r32_groups_range(void *ctx, int64_t g0, int64_t g1, int tid) {
 #define Q1_MM_ROWS 32 /* rows per chunk: 9 KiB at k = 2048, re-read from L1/L2 by every token group */
 
 static int q1_matmul(fic_pool *pool, qmm_t *j, int64_t t, void *ws, int64_t ws_bytes) {
-    const int64_t n_threads = fic_pool_threads(pool), r32 = j->fmt == FIC_Q1_0R32;
-    j->qrow = Q1X_ROW_BYTES(j->k);
-    j->unpack_bytes = r32 ? (32 * j->row_bytes + 63) / 64 * 64 : 0; /* r32: a group's rows a thread */
+    const int64_t n_threads = fic_pool_threads(pool), r32 = j->fmt == FIC_Q1_0R32, tables = r32 && j->kt->q1r32 != NULL;
+    j->qrow = tables ? q1r32_tok_bytes(j->k) : Q1X_ROW_BYTES(j->k);
+    j->unpack_bytes = r32 && !tables ? (32 * j->row_bytes + 63) / 64 * 64 : 0; /* a group's rows a thread */
     const int64_t avail = ws_bytes - n_threads * j->unpack_bytes;
     if (avail < j->qrow) return FIC_ERR_WORKSPACE;
     const int64_t chunk_t = avail / j->qrow;
@@ -80,9 +99,10 @@ static int q1_matmul(fic_pool *pool, qmm_t *j, int64_t t, void *ws, int64_t ws_b
         j->nt = t - i0 < chunk_t ? t - i0 : chunk_t;
         j->x = x + i0 * j->k;
         j->y = y + i0 * j->m;
-        fic_parallel_for(pool, j->nt, (j->nt + n_threads - 1) / n_threads, q1_quantize_range, j);
+        fic_parallel_for(pool, j->nt, (j->nt + n_threads - 1) / n_threads, tables ? r32_tables_range : q1_quantize_range, j);
         if (r32)
-            fic_parallel_for(pool, j->m / 32, (j->m / 32 + 2 * n_threads - 1) / (2 * n_threads), q1r32_groups_range, j);
+            fic_parallel_for(pool, j->m / 32, (j->m / 32 + 2 * n_threads - 1) / (2 * n_threads),
+                             tables ? r32_tables_groups : q1r32_groups_range, j);
         else
             fic_parallel_for(pool, j->m, rows, q1_rows_range, j);
     }
@@ -92,10 +112,10 @@ static int q1_matmul(fic_pool *pool, qmm_t *j, int64_t t, void *ws, int64_t ws_b
 int fic_qdot_matmul(fic_pool *pool, int impl, int fmt, const uint8_t *w, const float *x, float *y, int64_t t,
                     int64_t m, int64_t k, void *ws, int64_t ws_bytes) {
     const int64_t n_threads = fic_pool_threads(pool);
-    qmm_t j = {.kern = fic_qdot_kernels(impl), .fmt = fmt, .w = w, .m = m, .k = k,
+    qmm_t j = {.kern = fic_qdot_kernels(impl), .kt = fic_kernels_for(impl), .fmt = fmt, .w = w, .m = m, .k = k,
                .row_bytes = fic_row_bytes(fmt, k), .qrow = QX_ROW_BYTES(k),
                .unpack_bytes = (QW_ROW_BYTES(k) + 63) / 64 * 64};
-    if (fmt == FIC_Q1_0R32 && j.kern->q1_dot == NULL) return FIC_ERR_UNSUPPORTED;
+    if (fmt == FIC_Q1_0R32 && j.kern->q1_dot == NULL) return FIC_ERR_UNSUPPORTED; /* (every impl has it) */
     if ((fmt == FIC_Q1_0 || fmt == FIC_Q1_0R32) && j.kern->q1_dot != NULL) {
         j.x = x;
         j.y = y;

@@ -191,30 +191,14 @@ static void p1_r32_rows(void *ctx, int64_t g0, int64_t g1, int tid) {
     }
 }
 
-static int r32_phase1(fic_pool *pool, qffn_t *q, uint8_t *ws, int64_t ws_bytes) {
+/* Phase 1 of Q1_0 gate and up, token chunk by chunk: prep prepares a chunk's tokens (tok_bytes
+ * each), then threads split the neurons in steps of `step` rows, each thread with nt x step floats
+ * for up and `gather` bytes of unpacked rows. */
+static int q1_phase1_chunks(fic_pool *pool, qffn_t *q, uint8_t *ws, int64_t ws_bytes, int64_t step, int64_t gather,
+                            int64_t tok_bytes, fic_range_fn prep, fic_range_fn rows) {
     const qdot_ffn *a = q->a;
     const int64_t n_threads = fic_pool_threads(pool);
-    const int64_t tc = chunk_tokens(ws_bytes, n_threads, 64, q1r32_tok_bytes(a->d), 4 * R32_ROWS);
-    if (tc < 1) return FIC_ERR_WORKSPACE;
-    q->thread_bytes = (4 * R32_ROWS * tc + 63) / 64 * 64;
-    q->per_thread = ws;
-    q->xq = ws + n_threads * q->thread_bytes;
-    int64_t chunk = (a->n_total + 4 * n_threads - 1) / (4 * n_threads);
-    chunk = (chunk + R32_ROWS - 1) / R32_ROWS * R32_ROWS;
-    for (q->i0 = 0; q->i0 < a->t; q->i0 += tc) {
-        q->nt = a->t - q->i0 < tc ? a->t - q->i0 : tc;
-        fic_parallel_for(pool, q->nt, (q->nt + n_threads - 1) / n_threads, p1_r32_prep, q);
-        fic_parallel_for(pool, a->n_total, chunk, p1_r32_rows, q);
-    }
-    return FIC_OK;
-}
-
-static int q1_phase1(fic_pool *pool, qffn_t *q, uint8_t *ws, int64_t ws_bytes) {
-    const qdot_ffn *a = q->a;
-    const int64_t n_threads = fic_pool_threads(pool);
-    const int r32 = a->gate_fmt == FIC_Q1_0R32;
-    const int64_t step = q1_step(r32), gather = r32 ? step * a->rb_g : 0; /* r32: a group unpacked */
-    const int64_t tc = chunk_tokens(ws_bytes, n_threads, 64 + gather, Q1X_ROW_BYTES(a->d), 4 * step);
+    const int64_t tc = chunk_tokens(ws_bytes, n_threads, 64 + gather, tok_bytes, 4 * step);
     if (tc < 1) return FIC_ERR_WORKSPACE;
     q->thread_bytes = (4 * step * tc + gather + 63) / 64 * 64;
     q->per_thread = ws;
@@ -223,19 +207,26 @@ static int q1_phase1(fic_pool *pool, qffn_t *q, uint8_t *ws, int64_t ws_bytes) {
     chunk = (chunk + step - 1) / step * step;
     for (q->i0 = 0; q->i0 < a->t; q->i0 += tc) {
         q->nt = a->t - q->i0 < tc ? a->t - q->i0 : tc;
-        fic_parallel_for(pool, q->nt, (q->nt + n_threads - 1) / n_threads, p1_q1_quantize, q);
-        fic_parallel_for(pool, a->n_total, chunk, p1_q1_rows, q);
+        fic_parallel_for(pool, q->nt, (q->nt + n_threads - 1) / n_threads, prep, q);
+        fic_parallel_for(pool, a->n_total, chunk, rows, q);
     }
     return FIC_OK;
+}
+
+static int q1_phase1(fic_pool *pool, qffn_t *q, uint8_t *ws, int64_t ws_bytes) {
+    const qdot_ffn *a = q->a;
+    if (a->gate_fmt == FIC_Q1_0R32 && fic_kernels_for(a->impl)->q1r32 != NULL)
+        return q1_phase1_chunks(pool, q, ws, ws_bytes, R32_ROWS, 0, q1r32_tok_bytes(a->d), p1_r32_prep, p1_r32_rows);
+    const int r32 = a->gate_fmt == FIC_Q1_0R32;
+    const int64_t step = q1_step(r32), gather = r32 ? step * a->rb_g : 0; /* r32: a group unpacked */
+    return q1_phase1_chunks(pool, q, ws, ws_bytes, step, gather, Q1X_ROW_BYTES(a->d), p1_q1_quantize, p1_q1_rows);
 }
 
 int fic_qdot_ffn_phase1(fic_pool *pool, const qdot_ffn *a, uint8_t *ws, int64_t ws_bytes) {
     const int64_t n_threads = fic_pool_threads(pool), d = a->d;
     qffn_t q = {.a = a, .kern = fic_qdot_kernels(a->impl), .ub = unpack_bytes(d)};
-    if (a->gate_fmt == FIC_Q1_0R32) { /* with up and down: ffn.c checked the layout */
-        if (fic_kernels_for(a->impl)->q1r32 != NULL) return r32_phase1(pool, &q, ws, ws_bytes);
-        return q.kern->q1_dot != NULL ? q1_phase1(pool, &q, ws, ws_bytes) : FIC_ERR_UNSUPPORTED; /* NEON */
-    }
+    if (a->gate_fmt == FIC_Q1_0R32) /* with up and down: ffn.c checked the layout */
+        return q.kern->q1_dot != NULL ? q1_phase1(pool, &q, ws, ws_bytes) : FIC_ERR_UNSUPPORTED;
     if (a->gate_fmt == FIC_Q1_0 && a->up_fmt == FIC_Q1_0 && q.kern->q1_dot != NULL) return q1_phase1(pool, &q, ws, ws_bytes);
     q.thread_bytes = QW_ROWS * q.ub; /* + the up buffer, nt x QW_ROWS floats, below */
     const int64_t tc = chunk_tokens(ws_bytes, n_threads, q.thread_bytes + 64, QX_ROW_BYTES(d), 4 * QW_ROWS);
