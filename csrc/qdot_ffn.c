@@ -10,10 +10,9 @@
  *            thread count).
  * Q1_0 (gate and up, or down) takes its own kernels instead (qdot.h Q1X_*): rows read as stored,
  * no unpacking; down pieces gathered as whole blocks. Bundles in the r32 layout (FIC_Q1_0R32): gate
- * and up by the matvec's tables, a token at a time per group of 32 rows (q1r32.c: each token's h
- * the decode step's bits); down (and all of it on NEON, which has no fast r32 kernel) by the same
- * kernels on rows unpacked a group of 32 at a time (q1r32_group_rows) into the thread's buffer:
- * steps and chunks of 32 rows there.
+ * and up, then down, by the matvec's tables, a token at a time per group of 32 rows (q1r32.c); on
+ * NEON, which has no fast r32 kernel, by Q1_0's kernels on rows unpacked a group of 32 at a time
+ * (q1r32_group_rows) into the thread's buffer: steps and chunks of 32 rows there.
  * Tokens go in chunks that fit the workspace beside each thread's unpacked rows and buffer;
  * nothing is allocated. */
 #include <math.h>
@@ -191,11 +190,11 @@ static void p1_r32_rows(void *ctx, int64_t g0, int64_t g1, int tid) {
     }
 }
 
-/* Phase 1 of Q1_0 gate and up, token chunk by chunk: prep prepares a chunk's tokens (tok_bytes
- * each), then threads split the neurons in steps of `step` rows, each thread with nt x step floats
- * for up and `gather` bytes of unpacked rows. */
-static int q1_phase1_chunks(fic_pool *pool, qffn_t *q, uint8_t *ws, int64_t ws_bytes, int64_t step, int64_t gather,
-                            int64_t tok_bytes, fic_range_fn prep, fic_range_fn rows) {
+/* A Q1_0 phase token chunk by chunk: prep prepares a chunk's tokens (tok_bytes each), then threads
+ * split n_rows rows (phase 1: the neurons; phase 2: d_model) in steps of `step`, each thread with
+ * nt x step floats of products and `gather` bytes of unpacked rows. */
+static int q1_chunks(fic_pool *pool, qffn_t *q, uint8_t *ws, int64_t ws_bytes, int64_t n_rows, int64_t step,
+                     int64_t gather, int64_t tok_bytes, fic_range_fn prep, fic_range_fn rows) {
     const qdot_ffn *a = q->a;
     const int64_t n_threads = fic_pool_threads(pool);
     const int64_t tc = chunk_tokens(ws_bytes, n_threads, 64 + gather, tok_bytes, 4 * step);
@@ -203,12 +202,12 @@ static int q1_phase1_chunks(fic_pool *pool, qffn_t *q, uint8_t *ws, int64_t ws_b
     q->thread_bytes = (4 * step * tc + gather + 63) / 64 * 64;
     q->per_thread = ws;
     q->xq = ws + n_threads * q->thread_bytes;
-    int64_t chunk = (a->n_total + 4 * n_threads - 1) / (4 * n_threads);
+    int64_t chunk = (n_rows + 4 * n_threads - 1) / (4 * n_threads);
     chunk = (chunk + step - 1) / step * step;
     for (q->i0 = 0; q->i0 < a->t; q->i0 += tc) {
         q->nt = a->t - q->i0 < tc ? a->t - q->i0 : tc;
         fic_parallel_for(pool, q->nt, (q->nt + n_threads - 1) / n_threads, prep, q);
-        fic_parallel_for(pool, a->n_total, chunk, rows, q);
+        fic_parallel_for(pool, n_rows, chunk, rows, q);
     }
     return FIC_OK;
 }
@@ -216,10 +215,10 @@ static int q1_phase1_chunks(fic_pool *pool, qffn_t *q, uint8_t *ws, int64_t ws_b
 static int q1_phase1(fic_pool *pool, qffn_t *q, uint8_t *ws, int64_t ws_bytes) {
     const qdot_ffn *a = q->a;
     if (a->gate_fmt == FIC_Q1_0R32 && fic_kernels_for(a->impl)->q1r32 != NULL)
-        return q1_phase1_chunks(pool, q, ws, ws_bytes, R32_ROWS, 0, q1r32_tok_bytes(a->d), p1_r32_prep, p1_r32_rows);
+        return q1_chunks(pool, q, ws, ws_bytes, a->n_total, R32_ROWS, 0, q1r32_tok_bytes(a->d), p1_r32_prep, p1_r32_rows);
     const int r32 = a->gate_fmt == FIC_Q1_0R32;
     const int64_t step = q1_step(r32), gather = r32 ? step * a->rb_g : 0; /* r32: a group unpacked */
-    return q1_phase1_chunks(pool, q, ws, ws_bytes, step, gather, Q1X_ROW_BYTES(a->d), p1_q1_quantize, p1_q1_rows);
+    return q1_chunks(pool, q, ws, ws_bytes, a->n_total, step, gather, Q1X_ROW_BYTES(a->d), p1_q1_quantize, p1_q1_rows);
 }
 
 int fic_qdot_ffn_phase1(fic_pool *pool, const qdot_ffn *a, uint8_t *ws, int64_t ws_bytes) {
@@ -357,6 +356,54 @@ int fic_qdot_down_fixed_ok(const qdot_ffn *a) {
     return (a->down_fmt == FIC_Q1_0 || a->down_fmt == FIC_Q1_0R32) && fic_qdot_kernels(a->impl)->q1_dot != NULL;
 }
 
+/* ---- phase 2, r32 down by the matvec's tables (q1r32.c) -------------------------------------
+ * Per token, each expert's h_e[i] tabled (q1r32_tok_bytes(n_e) each, expert after expert); per
+ * group of 32 output rows, expert by expert, every token through the matvec's kernel (the expert's
+ * group in L1 across the tokens), the products (nt x 32, the thread's buffer) added into y, or
+ * rounded into acc on their own (FIC_FFN_FIXED). */
+
+static int64_t r32_down_tok_bytes(const qdot_ffn *a) {
+    int64_t b = 0;
+    for (int64_t e = 0; e < a->n_experts; e++) b += q1r32_tok_bytes(a->n[e]);
+    return b;
+}
+
+static void p2_r32_prep(void *ctx, int64_t i0, int64_t i1, int tid) {
+    const qffn_t *q = ctx;
+    const qdot_ffn *a = q->a;
+    (void)tid;
+    const int64_t tb = r32_down_tok_bytes(a);
+    for (int64_t i = i0; i < i1; i++) {
+        uint8_t *tok = q->xq + i * tb;
+        for (int64_t e = 0; e < a->n_experts; tok += q1r32_tok_bytes(a->n[e]), e++)
+            if (!a->skip[e]) q1r32_tok_prep(q->kern, a->h + a->t * a->off[e] + (q->i0 + i) * a->n[e], a->n[e], tok);
+    }
+}
+
+static void p2_r32_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
+    const qffn_t *q = ctx;
+    const qdot_ffn *a = q->a;
+    const fic_kernels *kt = fic_kernels_for(a->impl);
+    const int64_t tb = r32_down_tok_bytes(a), d = a->d;
+    float *out = (float *)(q->per_thread + tid * q->thread_bytes); /* nt x 32 */
+    for (int64_t r = r0; r < r1; r += R32_ROWS) {
+        const uint8_t *tok = q->xq;
+        for (int64_t e = 0; e < a->n_experts; tok += q1r32_tok_bytes(a->n[e]), e++) {
+            if (a->skip[e]) continue;
+            const uint8_t *group = a->bundles[e] + a->n[e] * (a->rb_g + a->rb_u) + r * a->rb_d[e]; /* 32 rows of rb_d */
+            for (int64_t i = 0; i < q->nt; i++) q1r32_tok_group(kt, group, a->n[e], tok + i * tb, out + i * R32_ROWS);
+            for (int64_t i = 0; i < q->nt; i++) {
+                if (a->acc != NULL) {
+                    a->fixed_add(out + i * R32_ROWS, a->acc + (q->i0 + i) * d + r, R32_ROWS);
+                } else {
+                    float *y = a->y + (q->i0 + i) * d + r;
+                    for (int64_t l = 0; l < R32_ROWS; l++) y[l] += out[i * R32_ROWS + l];
+                }
+            }
+        }
+    }
+}
+
 static int q1_down_cols(fic_pool *pool, qffn_t *q, uint8_t *ws, int64_t ws_bytes) {
     const qdot_ffn *a = q->a;
     const int64_t n_threads = fic_pool_threads(pool);
@@ -388,6 +435,8 @@ static int q1_down_cols(fic_pool *pool, qffn_t *q, uint8_t *ws, int64_t ws_bytes
 int fic_qdot_ffn_down_cols(fic_pool *pool, const qdot_ffn *a, uint8_t *ws, int64_t ws_bytes) {
     const int64_t n_threads = fic_pool_threads(pool);
     qffn_t q = {.a = a, .kern = fic_qdot_kernels(a->impl), .ub = unpack_bytes(a->n_total)};
+    if (a->down_fmt == FIC_Q1_0R32 && fic_kernels_for(a->impl)->q1r32 != NULL)
+        return q1_chunks(pool, &q, ws, ws_bytes, a->d, R32_ROWS, 0, r32_down_tok_bytes(a), p2_r32_prep, p2_r32_rows);
     if (a->down_fmt == FIC_Q1_0R32) return q.kern->q1_dot != NULL ? q1_down_cols(pool, &q, ws, ws_bytes) : FIC_ERR_UNSUPPORTED;
     if (a->down_fmt == FIC_Q1_0 && q.kern->q1_dot != NULL) return q1_down_cols(pool, &q, ws, ws_bytes);
     q.thread_bytes = (QW_ROWS * q.ub + 4 * a->n_total + 63) / 64 * 64;

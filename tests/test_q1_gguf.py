@@ -103,8 +103,8 @@ def test_decode_teacher_forced_matches_llama_cpp(q1_model, ids):
 def test_resident_matrices_take_the_r32_layout(q1_model, ids, monkeypatch):
     """Where the CPU has the r32 kernels (FIC_Q1R32=auto), attention and the output are repacked at
     open (csrc/q1r32.c), and every expert bundle as it is read into the arena. The r32 products
-    (decode's matvec, prefill's tables a token at a time; prefill's down unpacks rows for the
-    row-major kernels) sum the same integers but scale them in another float order (1e-7
+    (decode's matvec, prefill's tables a token at a time) sum the same integers but scale them in
+    another float order (1e-7
     relative); each next product's int8 rounding of x amplifies that, as it does any summation order
     (measured here: logits 0.03 apart after 56 steps), so the two must agree as fic and llama.cpp
     must (assert_agrees), not bit for bit."""

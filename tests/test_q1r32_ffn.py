@@ -1,5 +1,5 @@
 """Q1_0 expert bundles in the r32 layout (fic.h: fic_q1r32_bundle; csrc/q1r32.c's one-token FFN,
-qdot_ffn.c's prefill on rows gathered back). Checked against the float64 numpy FFN of test_ffn
+qdot_ffn.c's prefill by the same tables a token at a time). Checked against the float64 numpy FFN of test_ffn
 (the int8 kernels' bound), every implementation against the scalar reference bit for bit, prefill
 against the same bound (and the row-major bundles' answer within it), and the fixed-point sum against
 splits of the same call."""
@@ -105,9 +105,9 @@ def test_every_impl_and_thread_count_gives_the_same_bits():
 @pytest.mark.parametrize("coef", [None, "uniform"])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_prefill_matches_numpy(impl, coef, fixed):
-    """t > 1: gate and up by the matvec's tables a token at a time (NEON: Q1_0's own kernels on rows
-    gathered back, as down everywhere): within the int8 prefill's bound of the float64 FFN, as the
-    row-major bundles' answer is, and the same bits on 1 and 2 threads."""
+    """t > 1: gate, up and down by the matvec's tables a token at a time (NEON: Q1_0's own kernels on
+    rows gathered back): within the int8 prefill's bound of the float64 FFN, as the row-major
+    bundles' answer is, and the same bits on 1 and 2 threads."""
     case = q1_case(5, seed=4, coef=coef)
     with K.prefill_mode("int8"), K.decode_mode("int8"):
         want, bound = case.want_and_bound("avx2")
