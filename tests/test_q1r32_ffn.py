@@ -1,8 +1,8 @@
 """Q1_0 expert bundles in the r32 layout (fic.h: fic_q1r32_bundle; csrc/q1r32.c's one-token FFN,
-qdot_ffn.c's prefill by the same tables a token at a time). Checked against the float64 numpy FFN of test_ffn
-(the int8 kernels' bound), every implementation against the scalar reference bit for bit, prefill
-against the same bound (and the row-major bundles' answer within it), and the fixed-point sum against
-splits of the same call."""
+qdot_ffn.c's prefill by the same tables a token at a time). Checked against the float64 numpy FFN of
+test_ffn (the int8 kernels' bound), every implementation against the scalar reference bit for bit,
+prefill against the same bound (and the row-major bundles' answer within it), and the fixed-point
+sum against splits of the same call."""
 from __future__ import annotations
 
 import numpy as np
