@@ -13,9 +13,9 @@ does not make, as random valid blocks: the bytes' values do not change the work)
 the r32 layout models use for their resident matrices (fic.h; no accum_rows). matvec cycles over enough copies
 of the matrix to fill >= 512 MiB, so the weights come from DRAM as in decode (one matrix alone
 would sit in L3), each a C call with its arguments converted once (K.PreparedMatvec), as a decode
-step makes it: `K.matvec`'s checks cost ~15 us a call, 10% of a 2-thread Q1_0 matvec; accum_rows streams the same copies with every row active. matmul runs T = 128
-tokens through one matrix; its figure is weight bytes over time, so its per-token cost is
-compared to one matvec in the last column.
+step makes it: `K.matvec`'s checks cost ~15 us a call, 10% of a 2-thread Q1_0 matvec; accum_rows
+streams the same copies with every row active. matmul runs T = 128 tokens through one matrix; its
+figure is weight bytes over time, so its per-token cost is compared to one matvec in the last column.
 """
 from __future__ import annotations
 

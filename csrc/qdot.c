@@ -65,7 +65,8 @@ static void r32_tables_groups(void *ctx, int64_t g0, int64_t g1, int tid) {
     const int64_t gb = 32 * j->row_bytes;
     (void)tid;
     for (int64_t g = g0; g < g1; g++)
-        for (int64_t i = 0; i < j->nt; i++) q1r32_tok_group(j->kt, j->w + g * gb, j->k, j->xq + i * j->qrow, j->y + i * j->m + g * 32);
+        for (int64_t i = 0; i < j->nt; i++)
+            q1r32_tok_group(j->kt, j->w + g * gb, j->k, j->xq + i * j->qrow, j->y + i * j->m + g * 32);
 }
 
 /* Without a fast table kernel (NEON): each group of 32 rows back in rows in the thread's buffer,
@@ -99,7 +100,8 @@ static int q1_matmul(fic_pool *pool, qmm_t *j, int64_t t, void *ws, int64_t ws_b
         j->nt = t - i0 < chunk_t ? t - i0 : chunk_t;
         j->x = x + i0 * j->k;
         j->y = y + i0 * j->m;
-        fic_parallel_for(pool, j->nt, (j->nt + n_threads - 1) / n_threads, tables ? r32_tables_range : q1_quantize_range, j);
+        fic_parallel_for(pool, j->nt, (j->nt + n_threads - 1) / n_threads, tables ? r32_tables_range : q1_quantize_range,
+                         j);
         if (r32)
             fic_parallel_for(pool, j->m / 32, (j->m / 32 + 2 * n_threads - 1) / (2 * n_threads),
                              tables ? r32_tables_groups : q1r32_groups_range, j);

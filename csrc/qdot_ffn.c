@@ -183,8 +183,9 @@ static void p1_r32_rows(void *ctx, int64_t g0, int64_t g1, int tid) {
     p1_piece p = {.e = -1};
     while (p1_next(q, g0, g1, &p)) {
         for (int64_t r = p.r0; r < p.r1; r += R32_ROWS) {
-            for (int64_t i = 0; i < q->nt; i++) q1r32_tok_group(kt, p.gate + r / R32_ROWS * gb, d, q->xq + i * tb, p.h + i * p.n + r);
-            for (int64_t i = 0; i < q->nt; i++) q1r32_tok_group(kt, p.up + r / R32_ROWS * gb, d, q->xq + i * tb, ubuf + i * R32_ROWS);
+            const uint8_t *gate = p.gate + r / R32_ROWS * gb, *up = p.up + r / R32_ROWS * gb;
+            for (int64_t i = 0; i < q->nt; i++) q1r32_tok_group(kt, gate, d, q->xq + i * tb, p.h + i * p.n + r);
+            for (int64_t i = 0; i < q->nt; i++) q1r32_tok_group(kt, up, d, q->xq + i * tb, ubuf + i * R32_ROWS);
             swiglu_rows(q, p.e, p.h + r, p.n, R32_ROWS, ubuf);
         }
     }
@@ -215,7 +216,8 @@ static int q1_chunks(fic_pool *pool, qffn_t *q, uint8_t *ws, int64_t ws_bytes, i
 static int q1_phase1(fic_pool *pool, qffn_t *q, uint8_t *ws, int64_t ws_bytes) {
     const qdot_ffn *a = q->a;
     if (a->gate_fmt == FIC_Q1_0R32 && fic_kernels_for(a->impl)->q1r32 != NULL)
-        return q1_chunks(pool, q, ws, ws_bytes, a->n_total, R32_ROWS, 0, q1r32_tok_bytes(a->d), p1_r32_prep, p1_r32_rows);
+        return q1_chunks(pool, q, ws, ws_bytes, a->n_total, R32_ROWS, 0, q1r32_tok_bytes(a->d), p1_r32_prep,
+                         p1_r32_rows);
     const int r32 = a->gate_fmt == FIC_Q1_0R32;
     const int64_t step = q1_step(r32), gather = r32 ? step * a->rb_g : 0; /* r32: a group unpacked */
     return q1_chunks(pool, q, ws, ws_bytes, a->n_total, step, gather, Q1X_ROW_BYTES(a->d), p1_q1_quantize, p1_q1_rows);
