@@ -73,7 +73,8 @@ def time_matvec(copies: list[K.QTensor], x: np.ndarray, impl: str, passes: int) 
     """Best seconds per matvec over `passes` sweeps of all copies, each a C call prepared once
     (K.PreparedMatvec: a decode step's cost, without K.matvec's per-call checks)."""
     y = np.empty(copies[0].shape[0], dtype=np.float32)
-    calls = [K.PreparedMatvec(qt, x, y, impl=impl) for qt in copies]
+    ws = K.aligned_buffer(K.lib.fic_workspace_bytes(K.get_threads(), 1, copies[0].shape[1], 0, 0))
+    calls = [K.PreparedMatvec(qt, x, y, impl=impl, workspace=ws) for qt in copies]
     best = float("inf")
     for _ in range(passes):
         start = time.perf_counter()

@@ -76,6 +76,20 @@ static void r32_range(void *ctx, int64_t g0, int64_t g1, int tid) {
     q1r32(j->kt, j->w, j->nb, j->tab, j->cx, j->dx, j->y, g0, g1);
 }
 
+/* A token's x prepared for the tables (fic_q1r32_ws_bytes(k) bytes, the matvec's workspace and
+ * prefill's per-token area): the quantizer's int8 x, d and sums, then the tables, then the
+ * corrections. */
+static uint8_t *tok_tab(const uint8_t *tok, int64_t k) { return (uint8_t *)tok + QX_BYTES(k); }
+static int16_t *tok_cx(const uint8_t *tok, int64_t k) {
+    return (int16_t *)(tok_tab(tok, k) + ws_round64(k / 4 * Q1R32_TAB_BYTES));
+}
+static const float *tok_dx(const uint8_t *tok, int64_t k) { return (const float *)(tok + k); }
+
+void q1r32_tok_prep(const qdot_kernels *qk, const float *x, int64_t k, uint8_t *tok) {
+    qk->quantize(x, k, tok); /* int8 x, then the q8 blocks' d (then their sums) */
+    q1r32_build_tables((const int8_t *)tok, k, tok_tab(tok, k), tok_cx(tok, k));
+}
+
 int fic_q1r32_matvec(fic_pool *pool, int impl, const uint8_t *w, const float *x, float *y, int64_t m, int64_t k,
                      void *ws, int64_t ws_bytes) {
     if (w == NULL || x == NULL || y == NULL || ws == NULL || !shape_ok(m, k)) return FIC_ERR_ARG;
@@ -84,12 +98,9 @@ int fic_q1r32_matvec(fic_pool *pool, int impl, const uint8_t *w, const float *x,
     if (impl == FIC_IMPL_AUTO) impl = fic_impl_best();
     const fic_kernels *kt = fic_kernels_for(impl);
     if (kt == NULL) return FIC_ERR_UNSUPPORTED;
-    uint8_t *qx = ws, *tab = qx + QX_BYTES(k);
-    int16_t *cx = (int16_t *)(tab + ws_round64(k / 4 * Q1R32_TAB_BYTES));
-    fic_qdot_kernels(impl)->quantize(x, k, qx); /* int8 x, then the q8 blocks' d (then their sums) */
-    q1r32_build_tables((const int8_t *)qx, k, tab, cx);
+    q1r32_tok_prep(fic_qdot_kernels(impl), x, k, ws);
     const int64_t nb = k / QK1_0, n_groups = m / Q1R32_ROWS;
-    r32_job j = {kt, w, tab, cx, (const float *)(qx + k), y, nb};
+    r32_job j = {kt, w, tok_tab(ws, k), tok_cx(ws, k), tok_dx(ws, k), y, nb};
     fic_parallel_for(pool, n_groups, row_chunk(pool, n_groups, nb * Q1R32_BLOCK_BYTES), r32_range, &j);
     return FIC_OK;
 }
@@ -100,16 +111,8 @@ int fic_q1r32_matvec(fic_pool *pool, int impl, const uint8_t *w, const float *x,
 
 int64_t q1r32_tok_bytes(int64_t k) { return fic_q1r32_ws_bytes(k); }
 
-void q1r32_tok_prep(const qdot_kernels *qk, const float *x, int64_t k, uint8_t *tok) {
-    uint8_t *tab = tok + QX_BYTES(k);
-    qk->quantize(x, k, tok);
-    q1r32_build_tables((const int8_t *)tok, k, tab, (int16_t *)(tab + ws_round64(k / 4 * Q1R32_TAB_BYTES)));
-}
-
 void q1r32_tok_group(const fic_kernels *kt, const uint8_t *group, int64_t k, const uint8_t *tok, float *y) {
-    const uint8_t *tab = tok + QX_BYTES(k);
-    q1r32(kt, group, k / QK1_0, tab, (const int16_t *)(tab + ws_round64(k / 4 * Q1R32_TAB_BYTES)),
-          (const float *)(tok + k), y, 0, 1);
+    q1r32(kt, group, k / QK1_0, tok_tab(tok, k), tok_cx(tok, k), tok_dx(tok, k), y, 0, 1);
 }
 
 int q1r32_matmul(fic_pool *pool, int impl, const uint8_t *w, const float *x, float *y, int64_t t, int64_t m,

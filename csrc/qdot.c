@@ -117,7 +117,7 @@ int fic_qdot_matmul(fic_pool *pool, int impl, int fmt, const uint8_t *w, const f
     qmm_t j = {.kern = fic_qdot_kernels(impl), .kt = fic_kernels_for(impl), .fmt = fmt, .w = w, .m = m, .k = k,
                .row_bytes = fic_row_bytes(fmt, k), .qrow = QX_ROW_BYTES(k),
                .unpack_bytes = (QW_ROW_BYTES(k) + 63) / 64 * 64};
-    if (fmt == FIC_Q1_0R32 && j.kern->q1_dot == NULL) return FIC_ERR_UNSUPPORTED; /* (every impl has it) */
+    if (fmt == FIC_Q1_0R32 && j.kern->q1_dot == NULL) return FIC_ERR_UNSUPPORTED;
     if ((fmt == FIC_Q1_0 || fmt == FIC_Q1_0R32) && j.kern->q1_dot != NULL) {
         j.x = x;
         j.y = y;

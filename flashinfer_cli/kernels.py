@@ -514,16 +514,20 @@ def matvec(qt: QTensor, x: np.ndarray, *, impl: str = "auto", out: np.ndarray | 
 class PreparedMatvec:
     """y = W x as one C call with every argument converted once: what a decode step that holds
     its pointers pays per matrix, without `matvec`'s per-call checks and workspace lock
-    (bench/bench_kernels.py times kernels so). Owns its workspace; `qt`, `x` and `out` must stay
-    alive and unmoved while it is used."""
+    (bench/bench_kernels.py times kernels so). `workspace` (default: its own) may be shared by calls
+    made one at a time, as a decode step's one workspace is; `qt`, `x` and `out` must stay alive
+    and unmoved while it is used."""
 
-    def __init__(self, qt: QTensor, x: np.ndarray, out: np.ndarray, *, impl: str = "auto") -> None:
+    def __init__(self, qt: QTensor, x: np.ndarray, out: np.ndarray, *, impl: str = "auto",
+                 workspace: np.ndarray | None = None) -> None:
         m, k = qt.shape
         self._x, self._out = _f32_vector(x, k, "x"), _f32_vector(out, m, "out")
         if self._out is not out:
             raise ValueError("out must be a contiguous float32 array")
         pool = _POOL.get()  # held here: a later set_threads makes a new pool, this one lives on
-        self._ws = aligned_buffer(lib.fic_workspace_bytes(_POOL.n_threads, 1, k, 0, 0))
+        if workspace is None:
+            workspace = aligned_buffer(lib.fic_workspace_bytes(_POOL.n_threads, 1, k, 0, 0))
+        self._ws = workspace
         self._what = f"matvec {qt.fmt} {impl}"
         self._args = (pool, _decode_impl(impl), _fmt_id(qt.fmt), _u8(qt.data), _f32(self._x), _f32(self._out), m, k,
                       _u8(self._ws), self._ws.nbytes)

@@ -935,6 +935,10 @@ def test_prepared_matvec_is_matvec(fmt):
         call = K.PreparedMatvec(qt, x, y)
         call()
         assert (y == K.matvec(qt, x)).all()
+        shared = K.aligned_buffer(K.lib.fic_workspace_bytes(2, 1, 512, 0, 0))
+        y2 = np.full(96, np.nan, np.float32)
+        K.PreparedMatvec(qt, x, y2, workspace=shared)()  # a workspace shared by calls (bench_kernels)
+        assert (y2 == y).all()
         x[:] = rng.standard_normal(512)  # the call reads x in place
         K.set_threads(1)
         call()
