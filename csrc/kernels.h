@@ -430,9 +430,19 @@ void kern_quantize_x_avx2(const float *x, int64_t k, int8_t *xq, float *a8, floa
 void kern_quantize_x_pairs_avx512(const float *x, int64_t k, int q4_0, int8_t *xq, float *xscale16, float *xcorr16);
 void kern_quantize_x_q1_avx512(const float *x, int64_t k, uint8_t *xu, float *xscale16, float *xcorr16);
 void kern_quantize_x_q1_planes(const float *x, int64_t k, uint8_t *planes, float *a16, float *c16, int8_t *xq);
-float kern_dot_q5_0_avx2(const job_t *j, const uint8_t *row, const float *x);
-float kern_dot_q4_K_avx2(const job_t *j, const uint8_t *row, const float *x);
-float kern_dot_q6_K_avx2(const job_t *j, const uint8_t *row, const float *x);
+/* int8 activations (XP_Q8), or the AVX2 float kernel when x is not prepared (an exact request) */
+float kern_q8x_dot_q8_0_avx2(const job_t *j, const uint8_t *row, const float *x);
+float kern_q8x_dot_q4_0_avx2(const job_t *j, const uint8_t *row, const float *x);
+float kern_q8x_dot_q4_1_avx2(const job_t *j, const uint8_t *row, const float *x);
+float kern_q8x_dot_q5_0_avx2(const job_t *j, const uint8_t *row, const float *x);
+float kern_q8x_dot_q4_K_avx2(const job_t *j, const uint8_t *row, const float *x);
+float kern_q8x_dot_q6_K_avx2(const job_t *j, const uint8_t *row, const float *x);
+int kern_q8x_down_q8_0_avx2(const struct ffn_s *f, int64_t r0, int64_t r1);
+int kern_q8x_down_q4_0_avx2(const struct ffn_s *f, int64_t r0, int64_t r1);
+int kern_q8x_down_q4_1_avx2(const struct ffn_s *f, int64_t r0, int64_t r1);
+int kern_q8x_down_q5_0_avx2(const struct ffn_s *f, int64_t r0, int64_t r1);
+int kern_q8x_down_q4_K_avx2(const struct ffn_s *f, int64_t r0, int64_t r1);
+int kern_q8x_down_q6_K_avx2(const struct ffn_s *f, int64_t r0, int64_t r1);
 void kern_deq_f16_avx2(const uint8_t *row, int64_t b0, int64_t b1, float *out);
 void kern_deq_q8_0_avx2(const uint8_t *row, int64_t b0, int64_t b1, float *out);
 void kern_deq_q4_0_avx2(const uint8_t *row, int64_t b0, int64_t b1, float *out);

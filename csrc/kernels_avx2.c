@@ -1126,11 +1126,12 @@ TGT_AVX2 static ALWAYS_INLINE int q8x_down_cols_avx2(const int fmt, const ffn_t 
     return 1;
 }
 
+/* Not static: the AVX-512 tables take them too (kernels_avx512.c). */
 #define Q8X_FMT(name, FMT)                                                                           \
-    TGT_AVX2 static float q8x_dot_##name##_avx2(const job_t *j, const uint8_t *row, const float *x) { \
+    TGT_AVX2 float kern_q8x_dot_##name##_avx2(const job_t *j, const uint8_t *row, const float *x) {  \
         return q8x_dot_avx2(FMT, j, row, x);                                                         \
     }                                                                                                \
-    TGT_AVX2 static int q8x_down_##name##_avx2(const ffn_t *f, int64_t r0, int64_t r1) {             \
+    TGT_AVX2 int kern_q8x_down_##name##_avx2(const ffn_t *f, int64_t r0, int64_t r1) {               \
         return q8x_down_cols_avx2(FMT, f, r0, r1);                                                   \
     }
 Q8X_FMT(q8_0, FIC_Q8_0)
@@ -1167,10 +1168,6 @@ AVX2_DEQ(q6_K, FIC_Q6_K)
 AVX2_FMT(q1_0, FIC_Q1_0)
 #undef AVX2_FMT
 
-/* The AVX-512 tables run these three on AVX2 code (a 512-bit version is not measured to pay yet). */
-TGT_AVX2 float kern_dot_q5_0_avx2(const job_t *j, const uint8_t *row, const float *x) { return dot_q5_0_avx2(j, row, x); }
-TGT_AVX2 float kern_dot_q4_K_avx2(const job_t *j, const uint8_t *row, const float *x) { return dot_q4_K_avx2(j, row, x); }
-TGT_AVX2 float kern_dot_q6_K_avx2(const job_t *j, const uint8_t *row, const float *x) { return dot_q6_K_avx2(j, row, x); }
 
 /* Every quantized format takes int8 activations (XP_Q1_AVX2, XP_Q8); exact requests take the
  * float kernels with x as is (Q4_1 and Q4_K with its sums per block / sub-block); Q1_0 has a
@@ -1178,7 +1175,7 @@ TGT_AVX2 float kern_dot_q6_K_avx2(const job_t *j, const uint8_t *row, const floa
 #define AVX2_ENTRY(name, KT, XP) {KT, XP, XP, row_dot_##name##_avx2, NULL, kern_deq_##name##_avx2, NULL, NULL, NULL, NULL}
 /* Q4_0, Q4_1, Q8_0: int8 activations (XP_Q8), the float preparation XPF for an exact request. */
 #define AVX2_Q8X_ENTRY(name, KT, XPF) \
-    {KT, XP_Q8, XPF, q8x_dot_##name##_avx2, NULL, kern_deq_##name##_avx2, NULL, NULL, NULL, q8x_down_##name##_avx2}
+    {KT, XP_Q8, XPF, kern_q8x_dot_##name##_avx2, NULL, kern_deq_##name##_avx2, NULL, NULL, NULL, kern_q8x_down_##name##_avx2}
 const fic_kernels fic_kernels_avx2 = {
     FIC_IMPL_AVX2,
     axpy_avx2,

@@ -295,15 +295,18 @@ TGT_AVX512 static int axpy_blocks_avx512(int fmt, const uint8_t *row, int64_t b0
             fic_half hd, hm = 0;
             memcpy(&hd, blk, 2);
             if (is1) memcpy(&hm, blk + 2, 2);
-            __m512 ad = _mm512_set1_ps(a * h2f_f16c(hd)), am = _mm512_set1_ps(a * h2f_f16c(hm));
             __m128i v = _mm_loadu_si128((const __m128i *)(blk + (is1 ? 4 : 2)));
             __m128i lo = _mm_sub_epi8(_mm_and_si128(v, mask), eight);
             __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), mask), eight);
             __m512 y0 = _mm512_loadu_ps(y), y1 = _mm512_loadu_ps(y + 16);
-            if (is1) {
-                y0 = _mm512_add_ps(y0, am);
-                y1 = _mm512_add_ps(y1, am);
+            if (is1) { /* w = d q + m in one rounding, then y += a w: a m and a d q added apart could
+                        * cancel, an error the float bound on |w| does not cover */
+                const __m512 dv = _mm512_set1_ps(h2f_f16c(hd)), mv = _mm512_set1_ps(h2f_f16c(hm)), av = _mm512_set1_ps(a);
+                _mm512_storeu_ps(y, _mm512_fmadd_ps(_mm512_fmadd_ps(cvt16_i8(lo), dv, mv), av, y0));
+                _mm512_storeu_ps(y + 16, _mm512_fmadd_ps(_mm512_fmadd_ps(cvt16_i8(hi), dv, mv), av, y1));
+                continue;
             }
+            const __m512 ad = _mm512_set1_ps(a * h2f_f16c(hd));
             _mm512_storeu_ps(y, _mm512_fmadd_ps(cvt16_i8(lo), ad, y0));
             _mm512_storeu_ps(y + 16, _mm512_fmadd_ps(cvt16_i8(hi), ad, y1));
         }
@@ -401,22 +404,23 @@ TGT_AVX512 static void gemm_6x4_avx512(const float *w, const float *x, int64_t k
 #undef G_STEP
 #undef G_STORE
 
-/* One row against nt <= 4 tokens: the edges of a tile. */
+/* One row against nt <= 4 tokens: the edges of a tile. Each (row, token) sums in gemm_6x4_avx512's
+ * order (one accumulator over k in steps of 16, a masked tail, one reduction), so a row's result
+ * does not depend on where a tile's edge falls: the FFN's fixed-point sums rely on that when a call
+ * holds other experts (tests/test_budget.py, exact mode streaming). */
 TGT_AVX512 static void gemm_1xn_avx512(const float *w, const float *x, int64_t k, float *y, int64_t ldy, int nt) {
-    for (int t = 0; t < nt; t++) {
-        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-        const float *xt = x + t * k;
-        int64_t i = 0;
-        for (; i + 32 <= k; i += 32) {
-            acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(xt + i), acc0);
-            acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 16), _mm512_loadu_ps(xt + i + 16), acc1);
-        }
-        for (; i < k; i += 16) {
-            __mmask16 mk = k - i >= 16 ? 0xFFFF : (__mmask16)((1u << (k - i)) - 1);
-            acc0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, w + i), _mm512_maskz_loadu_ps(mk, xt + i), acc0);
-        }
-        y[t * ldy] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    int64_t i = 0;
+    for (; i + 16 <= k; i += 16) {
+        const __m512 wv = _mm512_loadu_ps(w + i);
+        for (int t = 0; t < nt; t++) acc[t] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + t * k + i), acc[t]);
     }
+    if (i < k) {
+        const __mmask16 mk = (__mmask16)((1u << (k - i)) - 1);
+        const __m512 wv = _mm512_maskz_loadu_ps(mk, w + i);
+        for (int t = 0; t < nt; t++) acc[t] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mk, x + t * k + i), acc[t]);
+    }
+    for (int t = 0; t < nt; t++) y[t * ldy] = _mm512_reduce_add_ps(acc[t]);
 }
 
 TGT_AVX512 static void gemm_tile_avx512(const job_t *j, const float *tile, int64_t nr, int64_t r0) {
@@ -824,25 +828,31 @@ TGT_AVX512 static int axpy_blocks_q4_1(const uint8_t *row, int64_t b0, int64_t b
     }
 AVX512_DOT(f32, FIC_F32)
 AVX512_DOT(f16, FIC_F16)
-AVX512_DOT(q8_0, FIC_Q8_0)
 AVX512_DOT(q4_0, FIC_Q4_0)
 AVX512_DOT(q4_1, FIC_Q4_1)
 AVX512_DOT(q1_0, FIC_Q1_0)
 #undef AVX512_DOT
+
+/* Q8_0: int8 activations through the AVX2 kernel (XP_Q8: 68% of the bandwidth against 59% for the
+ * 512-bit float kernel, 2 threads, bench/RESULTS.md), the 512-bit float kernel for exact requests.
+ * Q5_0, Q4_K and Q6_K take the AVX2 int8 kernels outright, as the AVX2 table does. */
+TGT_AVX512 static float dot_q8_0_x512(const job_t *j, const uint8_t *row, const float *x) {
+    return j->xq != NULL ? kern_q8x_dot_q8_0_avx2(j, row, x) : dot_avx512(FIC_Q8_0, j, row, x);
+}
 
 /* The rows every AVX-512 table shares; Q4_0, Q4_1 and Q1_0 differ between them (below).
  * Columns: traits, xprep, xprep_small, dot, dot2, deq, axpy_blocks, accum, rows, down_cols. */
 #define AVX512_COMMON                                                                                          \
     [FIC_F32] = {KT_F32, XP_NONE, XP_NONE, dot_f32_avx512, NULL, kern_deq_f32_ref, NULL, NULL, NULL, NULL},     \
     [FIC_F16] = {KT_F16, XP_NONE, XP_NONE, dot_f16_avx512, NULL, kern_deq_f16_avx2, NULL, NULL, NULL, NULL},    \
-    [FIC_Q8_0] = {KT_Q8_0, XP_NONE, XP_NONE, dot_q8_0_avx512, NULL, kern_deq_q8_0_avx2, axpy_blocks_q8_0,       \
-                  NULL, NULL, NULL},                                                                           \
-    [FIC_Q5_0] = {KT_Q5_0, XP_NONE, XP_NONE, kern_dot_q5_0_avx2, NULL, kern_deq_q5_0_avx2, NULL, NULL, NULL,    \
-                  NULL},                                                                                       \
-    [FIC_Q4_K] = {KT_Q4_K, XP_SUMS, XP_SUMS, kern_dot_q4_K_avx2, NULL, kern_deq_q4_K_avx2, NULL, NULL, NULL,    \
-                  NULL},                                                                                       \
-    [FIC_Q6_K] = {KT_Q6_K, XP_NONE, XP_NONE, kern_dot_q6_K_avx2, NULL, kern_deq_q6_K_avx2, NULL, NULL, NULL,    \
-                  NULL}
+    [FIC_Q8_0] = {KT_Q8_0, XP_Q8, XP_NONE, dot_q8_0_x512, NULL, kern_deq_q8_0_avx2, axpy_blocks_q8_0, NULL,     \
+                  NULL, kern_q8x_down_q8_0_avx2},                                                              \
+    [FIC_Q5_0] = {KT_Q5_0, XP_Q8, XP_NONE, kern_q8x_dot_q5_0_avx2, NULL, kern_deq_q5_0_avx2, NULL, NULL, NULL,  \
+                  kern_q8x_down_q5_0_avx2},                                                                    \
+    [FIC_Q4_K] = {KT_Q4_K, XP_Q8, XP_SUMS, kern_q8x_dot_q4_K_avx2, NULL, kern_deq_q4_K_avx2, NULL, NULL, NULL,  \
+                  kern_q8x_down_q4_K_avx2},                                                                    \
+    [FIC_Q6_K] = {KT_Q6_K, XP_Q8, XP_NONE, kern_q8x_dot_q6_K_avx2, NULL, kern_deq_q6_K_avx2, NULL, NULL, NULL,  \
+                  kern_q8x_down_q6_K_avx2}
 
 /* Q1_0: int8 activations as u8 for psadbw (XP_Q1_AVX512), or as bit planes where the CPU has
  * VNNI/BITALG/VBMI and the row fills its groups of 4 blocks (prep_x_mode). */
@@ -856,10 +866,11 @@ const fic_kernels fic_kernels_avx512 = {
     gemm_tile_avx512,
     {
         AVX512_COMMON,
-        [FIC_Q4_0] = {KT_Q4_0, XP_NONE, XP_NONE, dot_q4_0_avx512, NULL, kern_deq_q4_0_avx2, axpy_blocks_q4_0, NULL,
-                      NULL, NULL},
-        [FIC_Q4_1] = {KT_Q4_1, XP_SUMS, XP_SUMS, dot_q4_1_avx512, NULL, kern_deq_q4_1_avx2, axpy_blocks_q4_1, NULL,
-                      NULL, NULL},
+        /* no VNNI: int8 activations through the AVX2 kernels, as the AVX2 table */
+        [FIC_Q4_0] = {KT_Q4_0, XP_Q8, XP_NONE, kern_q8x_dot_q4_0_avx2, NULL, kern_deq_q4_0_avx2, axpy_blocks_q4_0,
+                      NULL, NULL, kern_q8x_down_q4_0_avx2},
+        [FIC_Q4_1] = {KT_Q4_1, XP_Q8, XP_SUMS, kern_q8x_dot_q4_1_avx2, NULL, kern_deq_q4_1_avx2, axpy_blocks_q4_1,
+                      NULL, NULL, kern_q8x_down_q4_1_avx2},
         AVX512_Q1(XP_Q1_AVX512),
     },
     NULL, /* gemm_panel: not measured on AVX-512 (gemm_tile_avx512's 6 x 4 blocks) */

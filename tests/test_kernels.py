@@ -54,16 +54,14 @@ CPU_FLAGS = _cpu_flags()
 
 def int8_activation_path(fmt: str, impl: str) -> bool:
     """matvec kernels that quantize x to int8 (see matvec.c): Q1_0 on AVX2 and AVX-512 always; with
-    FIC_DECODE=int8 also every other quantized format on AVX2, and Q4_0/Q4_1 on AVX-512 when the
-    CPU has AVX-512 VNNI."""
+    FIC_DECODE=int8 also every other quantized format on AVX2 and AVX-512 (Q4_0/Q4_1 through VNNI
+    where the CPU has it, else through the AVX2 kernels, as Q8_0, Q5_0 and the K-quants)."""
     resolved = K.best_impl() if impl == "auto" else impl
     if fmt == "q1_0":
         return resolved in ("avx2", "avx512")
     if K.get_decode() != "int8":
         return False
-    if fmt in QDOT_FORMATS and resolved == "avx2":
-        return True
-    return fmt in ("q4_0", "q4_1") and resolved == "avx512" and "avx512_vnni" in CPU_FLAGS
+    return fmt in QDOT_FORMATS and resolved in ("avx2", "avx512")
 
 
 def q8_half_step(x: np.ndarray) -> np.ndarray:
