@@ -78,7 +78,7 @@ static void p1_prefetch_next(const ffn_t *f, int64_t e, int64_t g1) {
     while (e2 < f->n_experts && f->skip[e2]) e2++;
     if (e2 >= f->n_experts || f->off[e2] >= g1) return;
     const int64_t gu = (int64_t)f->n[e2] * (f->rb_g + f->rb_u);
-    for (int64_t o = 0; o < P1_NEXT_BYTES && o < gu; o += 64) __builtin_prefetch(f->bundles[e2] + o, 0, 0);
+    for (int64_t o = 0; o < P1_NEXT_BYTES && o < gu; o += 64) FIC_PREFETCH(f->bundles[e2] + o);
 }
 
 /* The AVX-512 phase 1 (Q4 on VNNI) and phase 2 (columns: Q4 on VNNI, Q1_0) paths are in
@@ -256,7 +256,7 @@ static void down_rows_tiles(void *ctx, int64_t b0, int64_t b1, int tid) {
         for (int64_t r = 0; r < n; r++) {
             if (r + ACCUM_PF_ROWS < n) {
                 const uint8_t *ahead = j->w + (r + ACCUM_PF_ROWS) * j->row_bytes + b0 * j->bb;
-                for (int64_t o = 0; o < piece; o += 64) __builtin_prefetch(ahead + o, 0, 0);
+                for (int64_t o = 0; o < piece; o += 64) FIC_PREFETCH(ahead + o);
             }
             int64_t i0 = 0;
             while (i0 < t && h[i0 * n + r] == 0.0f) i0++;

@@ -285,6 +285,13 @@ void gemm_rows(const job_t *j, int panels, const uint8_t *w, int64_t rb, int64_t
 
 /* ---- shared by the generic code and the fast paths ------------------------------------------ */
 
+/* Software prefetches of weights the kernels read next. FIC_PF_LOCALITY 3 (into every cache level):
+ * on a Xeon (Sapphire Rapids) VM a non-temporal prefetch of a Q4_1 row stream halved its rate
+ * (bench/RESULTS.md, "An AVX-512 machine"); build with -DFIC_PF_LOCALITY=0 to compare. */
+#ifndef FIC_PF_LOCALITY
+#define FIC_PF_LOCALITY 3
+#endif
+#define FIC_PREFETCH(p) __builtin_prefetch((p), 0, FIC_PF_LOCALITY)
 #define ACCUM_PF_ROWS 4  /* accum_rows: rows ahead to prefetch: each row piece is its own short stream */
 #define P1_PF_BYTES 4096 /* FFN phase 1 prefetch distance, bytes ahead in the gate+up stream */
 #define P2_ROWS 8        /* FFN phase 2 (columns): output rows per block, one accumulator each */
@@ -297,12 +304,12 @@ static inline void p2_prefetch(const uint8_t *w, int64_t rb, int64_t r, int nr, 
     if (pf_r >= r_end) return;
     const uint8_t *pf = w + P2_PF_BLOCKS * P2_ROWS * rb;
     const int64_t pf_bytes = (r_end - pf_r < nr ? r_end - pf_r : nr) * rb;
-    for (int64_t o = 0; o < pf_bytes; o += 64) __builtin_prefetch(pf + o, 0, 0);
+    for (int64_t o = 0; o < pf_bytes; o += 64) FIC_PREFETCH(pf + o);
 }
 
 /* Phase 1 reads one row at a time with a software prefetch P1_PF_BYTES ahead (ffn.c). */
 static inline void p1_prefetch(const uint8_t *row, int64_t rb) {
-    for (int64_t o = 0; o < rb; o += 64) __builtin_prefetch(row + P1_PF_BYTES + o, 0, 0);
+    for (int64_t o = 0; o < rb; o += 64) FIC_PREFETCH(row + P1_PF_BYTES + o);
 }
 
 enum { Q1_ALL_SAD, Q1_ALL_PLANES, Q1_MIXED }; /* ffn_t.q1_layout */

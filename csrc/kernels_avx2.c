@@ -218,7 +218,7 @@ TGT_AVX2 void q1r32_avx2(const uint8_t *w, int64_t nb, const uint8_t *tab, const
         for (int64_t b = 0; b < nb; b++, p += Q1R32_BLOCK_BYTES) {
             const uint8_t *pf = p + Q1R32_PF_BLOCKS * Q1R32_BLOCK_BYTES;
             if (pf < end)
-                for (int o = 0; o < Q1R32_BLOCK_BYTES; o += 64) __builtin_prefetch(pf + o, 0, 0);
+                for (int o = 0; o < Q1R32_BLOCK_BYTES; o += 64) FIC_PREFETCH(pf + o);
             __m256 d[4]; /* rows 0-7, 8-15, 16-23, 24-31 */
             for (int r = 0; r < 4; r++) d[r] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16 * r)));
             const uint8_t *t = tab + b * (QK1_0 / 4) * Q1R32_TAB_BYTES;

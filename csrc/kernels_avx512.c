@@ -581,7 +581,7 @@ TGT_AVX512 static void accum_q1_avx512(const job_t *j, int64_t b0, int64_t b1) {
     for (int64_t i = 0; i < j->m; i++) {
         if (i + ACCUM_PF_ROWS < j->m) {
             const uint8_t *ahead = j->w + (i + ACCUM_PF_ROWS) * j->row_bytes + b0 * j->bb;
-            for (int64_t off = 0; off < piece; off += 64) __builtin_prefetch(ahead + off, 0, 0);
+            for (int64_t off = 0; off < piece; off += 64) FIC_PREFETCH(ahead + off);
         }
         if (j->a[i] == 0.0f) continue;
         rows[n] = j->w + i * j->row_bytes;

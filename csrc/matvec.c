@@ -53,7 +53,7 @@ static void matvec_range(void *ctx, int64_t r0, int64_t r1, int tid) {
     /* Software prefetch of the chunk's first PREFETCH_BYTES: a decode matrix is often only
      * tens of KiB per thread, largely over before the hardware prefetcher has ramped up. */
     const uint8_t *start = j->w + r0 * j->row_bytes;
-    for (const uint8_t *p = start; p < end && p < start + PREFETCH_BYTES; p += 64) __builtin_prefetch(p, 0, 0);
+    for (const uint8_t *p = start; p < end && p < start + PREFETCH_BYTES; p += 64) FIC_PREFETCH(p);
     int64_t r = r0;
     if (j->kf->dot2) { /* two rows per pass share the prepared x (Q1_0 on AVX-512) */
         /* Two interleaved row streams defeat the hardware prefetcher (6 GB/s instead of 15
@@ -62,11 +62,16 @@ static void matvec_range(void *ctx, int64_t r0, int64_t r1, int tid) {
         for (; r + nr <= r1; r += nr) {
             const uint8_t *row = j->w + r * j->row_bytes;
             for (const uint8_t *p = row + PREFETCH_BYTES; p < row + PREFETCH_BYTES + nr * j->row_bytes && p < end; p += 64)
-                __builtin_prefetch(p, 0, 0);
+                FIC_PREFETCH(p);
             j->kf->dot2(j, row, j->y + r);
         }
     }
-    for (; r < r1; r++) j->y[r] = dot_row(j, j->w + r * j->row_bytes, j->x);
+    for (; r < r1; r++) {
+        const uint8_t *row = j->w + r * j->row_bytes;
+        for (const uint8_t *p = row + PREFETCH_BYTES; p < row + PREFETCH_BYTES + j->row_bytes && p < end; p += 64)
+            FIC_PREFETCH(p);
+        j->y[r] = dot_row(j, row, j->x);
+    }
 }
 
 int fic_matvec(fic_pool *pool, int impl, int fmt, const uint8_t *w, const float *x, float *y, int64_t m,
