@@ -285,9 +285,9 @@ void gemm_rows(const job_t *j, int panels, const uint8_t *w, int64_t rb, int64_t
 
 /* ---- shared by the generic code and the fast paths ------------------------------------------ */
 
-/* Software prefetches of weights the kernels read next. FIC_PF_LOCALITY 3 (into every cache level):
- * on a Xeon (Sapphire Rapids) VM a non-temporal prefetch of a Q4_1 row stream halved its rate
- * (bench/RESULTS.md, "An AVX-512 machine"); build with -DFIC_PF_LOCALITY=0 to compare. */
+/* Software prefetches of weights the kernels read next, into every cache level: a non-temporal
+ * prefetch slowed a row stream on a Xeon (bench/RESULTS.md, "An AVX-512 machine"). Build with
+ * -DFIC_PF_LOCALITY=0 to compare. */
 #ifndef FIC_PF_LOCALITY
 #define FIC_PF_LOCALITY 3
 #endif

@@ -833,9 +833,9 @@ AVX512_DOT(q4_1, FIC_Q4_1)
 AVX512_DOT(q1_0, FIC_Q1_0)
 #undef AVX512_DOT
 
-/* Q8_0: int8 activations through the AVX2 kernel (XP_Q8: 68% of the bandwidth against 59% for the
- * 512-bit float kernel, 2 threads, bench/RESULTS.md), the 512-bit float kernel for exact requests.
- * Q5_0, Q4_K and Q6_K take the AVX2 int8 kernels outright, as the AVX2 table does. */
+/* Q8_0: int8 activations (FIC_DECODE's default) through the AVX2 kernel, faster here than the 512-bit
+ * float one (bench/RESULTS.md, "An AVX-512 machine"), which exact requests keep. Q5_0, Q4_K and Q6_K
+ * take the AVX2 int8 kernels outright, as the AVX2 table does. */
 TGT_AVX512 static float dot_q8_0_x512(const job_t *j, const uint8_t *row, const float *x) {
     return j->xq != NULL ? kern_q8x_dot_q8_0_avx2(j, row, x) : dot_avx512(FIC_Q8_0, j, row, x);
 }

@@ -4,10 +4,9 @@ import os
 
 __version__ = "0.1.0"
 
-# fic runs its own thread pool on every core. numpy's OpenBLAS threads (a MoE router's matmul over a
-# prompt, 55 times a prefill) then spin beside it: one BLAS thread made the 20B synthetic MoE's first
-# token 1.09-1.14x sooner (bench/RESULTS.md, "An AVX-512 machine"). Only where numpy is not loaded
-# yet, and an explicit setting wins.
+# fic runs its own thread pool on every core; numpy's OpenBLAS threads (a MoE router's matmul over a
+# prompt) would spin beside it (bench/RESULTS.md, "An AVX-512 machine", section 5). It acts only
+# where numpy is not loaded yet, and an explicit setting wins.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
