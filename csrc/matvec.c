@@ -46,6 +46,11 @@ static int setup_job(job_t *j, fic_pool *pool, int impl, int fmt, const uint8_t 
 
 #define PREFETCH_BYTES 4096
 
+/* The n bytes PREFETCH_BYTES past p, as far as end. */
+static inline void prefetch_ahead(const uint8_t *p, int64_t n, const uint8_t *end) {
+    for (const uint8_t *q = p + PREFETCH_BYTES; q < p + PREFETCH_BYTES + n && q < end; q += 64) FIC_PREFETCH(q);
+}
+
 static void matvec_range(void *ctx, int64_t r0, int64_t r1, int tid) {
     const job_t *j = ctx;
     (void)tid;
@@ -61,15 +66,13 @@ static void matvec_range(void *ctx, int64_t r0, int64_t r1, int tid) {
         const int nr = 2;
         for (; r + nr <= r1; r += nr) {
             const uint8_t *row = j->w + r * j->row_bytes;
-            for (const uint8_t *p = row + PREFETCH_BYTES; p < row + PREFETCH_BYTES + nr * j->row_bytes && p < end; p += 64)
-                FIC_PREFETCH(p);
+            prefetch_ahead(row, nr * j->row_bytes, end);
             j->kf->dot2(j, row, j->y + r);
         }
     }
     for (; r < r1; r++) {
         const uint8_t *row = j->w + r * j->row_bytes;
-        for (const uint8_t *p = row + PREFETCH_BYTES; p < row + PREFETCH_BYTES + j->row_bytes && p < end; p += 64)
-            FIC_PREFETCH(p);
+        prefetch_ahead(row, j->row_bytes, end);
         j->y[r] = dot_row(j, row, j->x);
     }
 }
