@@ -65,7 +65,7 @@ size_t prep_x_bytes(const job_t *j) {
     case XP_Q1_PLANES: /* 512 bytes + 32 floats per group of 4 blocks, k bytes of scratch */
         n = (size_t)((j->k / QK1_0 + 3) / 4) * (512 + 32 * sizeof(float)) + (size_t)j->k;
         break;
-    case XP_Q4_VNNI: n = (size_t)j->k * 3; break;   /* k int8 + 2 x k/4 floats */
+    case XP_Q4_VNNI: n = (size_t)kern_q4_quad_weights(j->k) * 3; break; /* int8 + 2 floats per 4 weights */
     case XP_Q8: n = (size_t)QX_ROW_BYTES(j->k); break; /* k int8 + 2 x k/32 floats */
     default: n = 0;
     }
@@ -130,8 +130,9 @@ void prep_x(job_t *j, void *mem) {
     }
     case XP_Q4_VNNI: {
         int8_t *xq = mem;
-        float *sc = (float *)(xq + j->k), *corr = sc + j->k / 4;
-        kern_quantize_x_pairs_avx512(j->x, j->k, j->fmt == FIC_Q4_0, xq, sc, corr);
+        const int64_t kq = kern_q4_quad_weights(j->k);
+        float *sc = (float *)(xq + kq), *corr = sc + kq / 4;
+        kern_quantize_x_quads_avx512(j->x, j->k, j->fmt == FIC_Q4_0, xq, sc, corr);
         j->xq = xq;
         j->xscale16 = sc;
         j->xcorr16 = corr;

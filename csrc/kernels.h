@@ -48,7 +48,7 @@ typedef struct job_s {
     const float *xcorr16;  /* Q4 int8 path: per 4 weights, dx * their sum of xq (x -8 for Q4_0);
                               Q1_0 on AVX-512: -1024 dx per lane; on AVX2 see dot_q1_avx2 */
     const uint8_t *xu;     /* Q1_0 on AVX-512: xq + 128 as u8, or x's bit planes (q1_planes) */
-    int q4_int8;           /* Q4_0/Q4_1 on AVX-512 VNNI: xq is in the pair layout (see below) */
+    int q4_int8;           /* Q4_0/Q4_1 on AVX-512 VNNI: xq is in the quad layout (see below) */
     int q1_planes;         /* Q1_0 on AVX-512 with VNNI/BITALG/VBMI: xu holds x's bit planes,
                               xscale16 2 dx and xcorr16 -dx sum(xq) per q8 block (see below) */
     int exact;             /* float activations asked for (FIC_IMPL_EXACT): prep_x skips XP_Q8 */
@@ -145,7 +145,7 @@ struct ffn_s;
  *   XP_Q1_AVX512 x -> u8 q8 blocks + scales + corrections (Q1_0 on AVX-512, q1_block_sad)
  *   XP_Q1_PLANES x -> bit planes of its q8 blocks + scales + corrections (Q1_0 on AVX-512 with
  *                VNNI/BITALG/VBMI, dot_q1_planes)
- *   XP_Q4_VNNI   x -> int8 in the pair layout (Q4_0/Q4_1 on AVX-512 VNNI, k >= 64)
+ *   XP_Q4_VNNI   x -> int8 in the quad layout (Q4_0/Q4_1 on AVX-512 VNNI, k >= 64)
  *   XP_Q8        x -> qdot.h's activation row, int8 q8 blocks of 32 + d + d sum(q) per block
  *                (Q4_0/Q4_1/Q8_0 on AVX2: xq, xscale16 = d, xcorr16 = d sum(q))
  * A job with `exact` set takes xprep_small instead of XP_Q8 and XP_Q4_VNNI (float activations;
@@ -354,6 +354,9 @@ static inline const uint8_t *down_part(const ffn_t *f, int64_t e) {
 
 /* ---- kernels.c: activation preparation, row chunks, the accum_rows range ------------------- */
 
+/* Q4 on VNNI: x (k a multiple of 32) in quads of 4 blocks, the last one padded: kq = k rounded up to
+ * 128 int8, then kq / 4 lane scales and kq / 4 corrections. */
+static inline int64_t kern_q4_quad_weights(int64_t k) { return (k + 127) / 128 * 128; }
 size_t prep_x_bytes(const job_t *j);    /* bytes prep_x needs for j (0: none); a multiple of 64 */
 /* fix(c) of fic.h: c * 2^32 rounded half to even, c saturated to +-2^30 (NaN: +2^30). */
 static inline int64_t fix_ref(float c) {
@@ -434,7 +437,7 @@ void kern_deq_q6_K_ref(const uint8_t *row, int64_t b0, int64_t b1, float *out);
 /* x86: the activation quantizers (prep_x) and the AVX2 kernels the AVX-512 tables reuse. */
 #if defined(FIC_X86)
 void kern_quantize_x_avx2(const float *x, int64_t k, int8_t *xq, float *a8, float *c8);
-void kern_quantize_x_pairs_avx512(const float *x, int64_t k, int q4_0, int8_t *xq, float *xscale16, float *xcorr16);
+void kern_quantize_x_quads_avx512(const float *x, int64_t k, int q4_0, int8_t *xq, float *xscale16, float *xcorr16);
 void kern_quantize_x_q1_avx512(const float *x, int64_t k, uint8_t *xu, float *xscale16, float *xcorr16);
 void kern_quantize_x_q1_planes(const float *x, int64_t k, uint8_t *planes, float *a16, float *c16, int8_t *xq);
 /* int8 activations (XP_Q8), or the AVX2 float kernel when x is not prepared (an exact request) */

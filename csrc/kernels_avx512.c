@@ -436,86 +436,127 @@ TGT_AVX512 static void gemm_tile_avx512(const job_t *j, const float *tile, int64
     }
 }
 
-/* Q4_0/Q4_1 x int8 activations with VNNI, two blocks (64 weights) per step. The 16 nibble
- * bytes of blocks b and b+1 become one zmm [lo_b | lo_b+1 | hi_b | hi_b+1] (unsigned 0..15);
- * x is quantized into the same "pair layout" once per call, so one vpdpbusd gives 16 int32
- * lanes of 4 products each (lanes 0-3, 8-11 block b; 4-7, 12-15 block b+1). Per lane:
- * p = isum * dx + corr (corr = -8 dx sum xq for Q4_0's offset), y += d * p, and for Q4_1
- * y += m * (dx sum xq). A last odd block runs in float. */
-TGT_AVX512VNNI static float dot_q4_vnni(const job_t *j, const uint8_t *row, const float *x) {
-    const int is1 = j->fmt == FIC_Q4_1;
-    const int64_t stride = is1 ? sizeof(block_q4_1) : sizeof(block_q4_0), off = is1 ? 4 : 2;
-    const int64_t nb = j->k / 32, np = nb / 2;
+/* Q4_0/Q4_1 x int8 activations with VNNI, four blocks (128 weights) per step. The four blocks'
+ * 16 nibble bytes fill one zmm (a block per 128-bit lane); its low nibbles (each block's weights
+ * 0-15) and high nibbles (16-31) take one vpdpbusd each against x, quantized once per call into
+ * the matching "quad layout" (per quad of blocks 64 bytes of low-half x, then 64 of high-half x),
+ * so int32 lanes 4b..4b+3 hold block b's sums. One vpermw picks the four blocks' d (and m) words
+ * out of one 64-byte load. Per lane: p = isum * dx + corr (corr = -8 dx sum xq for Q4_0's offset),
+ * y += d * p; Q4_1 adds m * (dx sum xq) into a second accumulator. A last partial quad loads only
+ * its blocks (masked) against x padded with zeros. About 14 operations per 128 weights, 2 of them
+ * port 5 only (the pair kernel before it: 14 per 64, 7 on port 5; bench/RESULTS.md). */
+TGT_AVX512VNNI static ALWAYS_INLINE void q4_quad_vnni(const uint8_t *g, int64_t stride, int is1, int nblk,
+                                                    const int8_t *xq, __m512 sc, __m512 corr, __m512 *acc,
+                                                    __m512 *accm) {
+    const int64_t off = is1 ? 4 : 2;
     const __m512i nib = _mm512_set1_epi8(15);
-    const __m512i idx_d = _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 0, 0, 0, 0, 2, 2, 2, 2);
-    const __m512i idx_m = _mm512_setr_epi32(1, 1, 1, 1, 3, 3, 3, 3, 1, 1, 1, 1, 3, 3, 3, 3);
-    __m512 acc = _mm512_setzero_ps(), accm = _mm512_setzero_ps();
-    for (int64_t p = 0; p < np; p++) {
-        const uint8_t *b0 = row + 2 * p * stride, *b1 = b0 + stride;
-        __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(b0 + off))),
-                                            _mm_loadu_si128((const __m128i *)(b1 + off)), 1);
-        __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 4), 1);
-        q = _mm512_and_si512(q, nib);
-        __m512i isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q,
-                                           _mm512_loadu_si512((const void *)(j->xq + 64 * p)));
-        /* d (and m) of both blocks: [d0, m0, d1, m1] as fp16 -> fp32, spread over the lanes */
-        uint32_t h0, h1;
-        memcpy(&h0, b0, 4);
-        memcpy(&h1, b1, 4);
-        __m128 dm = _mm_cvtph_ps(_mm_unpacklo_epi32(_mm_cvtsi32_si128((int)h0), _mm_cvtsi32_si128((int)h1)));
-        __m512 dm512 = _mm512_castps128_ps512(dm);
-        __m512 dv = _mm512_permutexvar_ps(idx_d, dm512);
-        __m512 corr = _mm512_loadu_ps(j->xcorr16 + 16 * p);
-        if (is1) {
-            __m512 pv = _mm512_mul_ps(_mm512_cvtepi32_ps(isum), _mm512_loadu_ps(j->xscale16 + 16 * p));
-            acc = _mm512_fmadd_ps(pv, dv, acc);
-            accm = _mm512_fmadd_ps(corr, _mm512_permutexvar_ps(idx_m, dm512), accm);
-        } else {
-            __m512 pv = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_loadu_ps(j->xscale16 + 16 * p), corr);
-            acc = _mm512_fmadd_ps(pv, dv, acc);
-        }
+    /* word lanes 0-15: d of block lane / 4; 16-31: the word after it (Q4_1's m) */
+    static const uint16_t idx_q4_0[32] __attribute__((aligned(64))) = {0, 0, 0, 0, 9, 9, 9, 9, 18, 18, 18, 18, 27, 27, 27, 27};
+    static const uint16_t idx_q4_1[32] __attribute__((aligned(64))) = {
+        0, 0, 0, 0, 10, 10, 10, 10, 20, 20, 20, 20, 30, 30, 30, 30, 1, 1, 1, 1, 11, 11, 11, 11, 21, 21, 21, 21, 31, 31, 31, 31};
+    const __m512i idx = _mm512_load_si512((const void *)(is1 ? idx_q4_1 : idx_q4_0));
+    __m512i v = _mm512_zextsi128_si512(_mm_loadu_si128((const __m128i *)(g + off))), raw;
+    if (nblk == 4) {
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(g + stride + off)), 1);
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(g + 2 * stride + off)), 2);
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(g + 3 * stride + off)), 3);
+        raw = _mm512_loadu_si512((const void *)g); /* d3 (and m3) lie within the first 64 bytes */
+    } else { /* the row's last 1-3 blocks: nothing read past them; absent blocks' d and m are 0 */
+        if (nblk > 1) v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(g + stride + off)), 1);
+        if (nblk > 2) v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(g + 2 * stride + off)), 2);
+        raw = _mm512_maskz_loadu_epi8(((__mmask64)1 << (nblk * stride)) - 1, g);
     }
-    float extra = 0.0f;
-    if (nb & 1) { /* the odd last block, in float */
-        const uint8_t *blk = row + (nb - 1) * stride;
-        const float *xb = x + (nb - 1) * 32;
-        fic_half hd, hm = 0;
-        memcpy(&hd, blk, 2);
-        if (is1) memcpy(&hm, blk + 2, 2);
-        float d = _cvtsh_ss(hd), mn = _cvtsh_ss(hm);
-        for (int i = 0; i < 16; i++) {
-            int lo = blk[off + i] & 15, hi = blk[off + i] >> 4;
-            extra += (is1 ? d * lo + mn : d * (lo - 8)) * xb[i] + (is1 ? d * hi + mn : d * (hi - 8)) * xb[i + 16];
-        }
+    const __m512i lo = _mm512_and_si512(v, nib), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+    const __m512i isum = _mm512_dpbusd_epi32(
+        _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512((const void *)xq)), hi,
+        _mm512_loadu_si512((const void *)(xq + 64)));
+    const __m512i dm = _mm512_permutexvar_epi16(idx, raw);
+    const __m512 dv = _mm512_cvtph_ps(_mm512_castsi512_si256(dm));
+    if (is1) {
+        *acc = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(isum), sc), dv, *acc);
+        *accm = _mm512_fmadd_ps(corr, _mm512_cvtph_ps(_mm512_extracti64x4_epi64(dm, 1)), *accm);
+    } else {
+        *acc = _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), sc, corr), dv, *acc);
     }
-    return _mm512_reduce_add_ps(_mm512_add_ps(acc, accm)) + extra;
 }
 
-/* x -> int8 in the pair layout of dot_q4_vnni (q8_0 rounding, as quantize_x_avx2), with its
- * per-lane scales and the per-lane dx * sum xq (times -8 for Q4_0). */
-TGT_AVX512 void kern_quantize_x_pairs_avx512(const float *x, int64_t k, int q4_0, int8_t *xq, float *xscale16,
+/* NR (at most P2_ROWS) Q4 rows rb bytes apart against x prepared in the quad layout, into
+ * y[0..NR): the rows share the scale loads and overlap their dependency chains. Each row's
+ * result is the same bits whatever NR (its own accumulators, the same operations in order). */
+TGT_AVX512VNNI static ALWAYS_INLINE void q4_rows_vnni(const job_t *j, const uint8_t *row, int64_t rb, const int nr,
+                                                    float *y) {
+    const int is1 = j->fmt == FIC_Q4_1;
+    const int64_t stride = is1 ? sizeof(block_q4_1) : sizeof(block_q4_0), nb = j->k / 32, nq = (nb + 3) / 4;
+    __m512 acc[P2_ROWS], accm[P2_ROWS];
+    for (int i = 0; i < nr; i++) acc[i] = accm[i] = _mm512_setzero_ps();
+    for (int64_t q = 0; q < nq; q++) {
+        const int nblk = nb - 4 * q >= 4 ? 4 : (int)(nb - 4 * q);
+        const __m512 sc = _mm512_loadu_ps(j->xscale16 + 16 * q), corr = _mm512_loadu_ps(j->xcorr16 + 16 * q);
+        for (int i = 0; i < nr; i++) {
+            const uint8_t *g = row + i * rb + 4 * q * stride;
+            if (nblk == 4)
+                q4_quad_vnni(g, stride, is1, 4, j->xq + 128 * q, sc, corr, &acc[i], &accm[i]);
+            else
+                q4_quad_vnni(g, stride, is1, nblk, j->xq + 128 * q, sc, corr, &acc[i], &accm[i]);
+        }
+    }
+    for (int i = 0; i < nr; i++) y[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i], accm[i]));
+}
+
+TGT_AVX512VNNI static ALWAYS_INLINE float q4_row_vnni(const job_t *j, const uint8_t *row) {
+    float y;
+    q4_rows_vnni(j, row, 0, 1, &y);
+    return y;
+}
+
+/* Rows this short (in weights) go two at a time: 1.15x at 576 in L2; longer ones one at a time,
+ * as two streams from DRAM ran 0.88x at 4096 (bench/RESULTS.md). */
+#define Q4_PAIR_MAX_K 1024
+
+/* Two consecutive Q4 rows (matvec's pairs); float x where it was not prepared for VNNI. */
+TGT_AVX512VNNI static void dot2_q4_vnni(const job_t *j, const uint8_t *row0, float *y) {
+    if (j->q4_int8 && j->k <= Q4_PAIR_MAX_K) {
+        q4_rows_vnni(j, row0, j->row_bytes, 2, y);
+    } else if (j->q4_int8) {
+        y[0] = q4_row_vnni(j, row0);
+        y[1] = q4_row_vnni(j, row0 + j->row_bytes);
+    } else {
+        y[0] = j->kf->dot(j, row0, j->x);
+        y[1] = j->kf->dot(j, row0 + j->row_bytes, j->x);
+    }
+}
+
+TGT_AVX512VNNI static float dot_q4_vnni(const job_t *j, const uint8_t *row, const float *x) {
+    (void)x;
+    return q4_row_vnni(j, row);
+}
+
+/* x -> int8 in the quad layout of q4_quad_vnni (q8_0 rounding, as quantize_x_avx2), with its
+ * per-lane scales and the per-lane dx * sum xq (times -8 for Q4_0); a last partial quad padded
+ * with zeros (kern_q4_quad_bytes). */
+TGT_AVX512 void kern_quantize_x_quads_avx512(const float *x, int64_t k, int q4_0, int8_t *xq, float *xscale16,
                                                float *xcorr16) {
-    for (int64_t b = 0; b < k / 64 * 2; b++) { /* whole pairs; an odd last block runs in float */
-        const int64_t p = b / 2, h = b % 2;
+    const int64_t nb = k / 32, nq = (nb + 3) / 4;
+    memset(xq + 128 * (nq - 1), 0, 128);
+    memset(xscale16 + 16 * (nq - 1), 0, 16 * sizeof(float));
+    memset(xcorr16 + 16 * (nq - 1), 0, 16 * sizeof(float));
+    for (int64_t b = 0; b < nb; b++) {
+        const int64_t q = b / 4, h = b % 4;
         __m512 v0 = _mm512_loadu_ps(x + 32 * b), v1 = _mm512_loadu_ps(x + 32 * b + 16);
         float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
         float dx = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
         __m512 idv = _mm512_set1_ps(id);
         __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, idv)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, idv));
-        _mm_storeu_si128((__m128i *)(xq + 64 * p + 16 * h), _mm512_cvtsepi32_epi8(q0));
-        _mm_storeu_si128((__m128i *)(xq + 64 * p + 32 + 16 * h), _mm512_cvtsepi32_epi8(q1));
-        /* lanes of this block: 4h..4h+3 (weights 0-15) and 8+4h..8+4h+3 (weights 16-31) */
+        _mm_storeu_si128((__m128i *)(xq + 128 * q + 16 * h), _mm512_cvtsepi32_epi8(q0));
+        _mm_storeu_si128((__m128i *)(xq + 128 * q + 64 + 16 * h), _mm512_cvtsepi32_epi8(q1));
+        /* lane 4h + l of this quad: weights 4l..4l+3 and 16+4l..16+4l+3 of block b */
+        const int8_t *lo = xq + 128 * q + 16 * h, *hi = lo + 64;
+        const float f = q4_0 ? -8.0f * dx : dx;
         for (int l = 0; l < 4; l++) {
-            int32_t lo = 0, hi = 0;
-            for (int i = 0; i < 4; i++) {
-                lo += xq[64 * p + 16 * h + 4 * l + i];
-                hi += xq[64 * p + 32 + 16 * h + 4 * l + i];
-            }
-            float f = q4_0 ? -8.0f * dx : dx;
-            xscale16[16 * p + 4 * h + l] = dx;
-            xscale16[16 * p + 8 + 4 * h + l] = dx;
-            xcorr16[16 * p + 4 * h + l] = f * (float)lo;
-            xcorr16[16 * p + 8 + 4 * h + l] = f * (float)hi;
+            int32_t s = 0;
+            for (int i = 0; i < 4; i++) s += lo[4 * l + i] + hi[4 * l + i];
+            xscale16[16 * q + 4 * h + l] = dx;
+            xcorr16[16 * q + 4 * h + l] = f * (float)s;
         }
     }
 }
@@ -602,81 +643,34 @@ TGT_AVX512 static void accum_q1_avx512(const job_t *j, int64_t b0, int64_t b1) {
 
 /* ---- FFN phase 1 and phase 2 fast paths (ffn.c) ------------------------------------------ */
 
-/* One pair of Q4_0/Q4_1 blocks (64 weights) of a row against the prepared pair-layout x, as
- * dot_q4_vnni's loop body: acc += d * (isum * dx + corr) (Q4_0), d * isum * dx + m * corr (Q4_1). */
-TGT_AVX512VNNI static inline __attribute__((always_inline)) __m512 q4_pair_vnni(
-        const uint8_t *b0, int64_t stride, int is1, __m512i xq, __m512 sc, __m512 corr, __m512 acc) {
-    const int64_t off = is1 ? 4 : 2;
-    const __m512i nib = _mm512_set1_epi8(15);
-    const __m512i idx_d = _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 0, 0, 0, 0, 2, 2, 2, 2);
-    const __m512i idx_m = _mm512_setr_epi32(1, 1, 1, 1, 3, 3, 3, 3, 1, 1, 1, 1, 3, 3, 3, 3);
-    const uint8_t *b1 = b0 + stride;
-    __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(b0 + off))),
-                                        _mm_loadu_si128((const __m128i *)(b1 + off)), 1);
-    __m512i q = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 4), 1), nib);
-    __m512i isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, xq);
-    uint32_t h0, h1;
-    memcpy(&h0, b0, 4);
-    memcpy(&h1, b1, 4);
-    __m512 dm = _mm512_castps128_ps512(
-        _mm_cvtph_ps(_mm_unpacklo_epi32(_mm_cvtsi32_si128((int)h0), _mm_cvtsi32_si128((int)h1))));
-    __m512 dv = _mm512_permutexvar_ps(idx_d, dm);
-    if (is1) {
-        acc = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(isum), sc), dv, acc);
-        return _mm512_fmadd_ps(corr, _mm512_permutexvar_ps(idx_m, dm), acc);
-    }
-    return _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), sc, corr), dv, acc);
-}
-
-/* The odd last Q4 block of a row (blk) against float x, as dot_q4_vnni does it. */
-TGT_AVX512VNNI static float q4_odd_block(const uint8_t *blk, int is1, const float *xb) {
-    const int64_t off = is1 ? 4 : 2;
-    fic_half hd, hm = 0;
-    memcpy(&hd, blk, 2);
-    if (is1) memcpy(&hm, blk + 2, 2);
-    float d = _cvtsh_ss(hd), mn = _cvtsh_ss(hm), extra = 0.0f;
-    for (int i = 0; i < 16; i++) {
-        int lo = blk[off + i] & 15, hi = blk[off + i] >> 4;
-        extra += (is1 ? d * lo + mn : d * (lo - 8)) * xb[i] + (is1 ? d * hi + mn : d * (hi - 8)) * xb[i + 16];
-    }
-    return extra;
-}
-
-/* One Q4 row against the prepared x (pair layout); the same sums as dot_q4_vnni, inlined. */
-TGT_AVX512VNNI static inline __attribute__((always_inline)) float q4_row_vnni(const job_t *j, const uint8_t *row) {
-    const int is1 = j->fmt == FIC_Q4_1;
-    const int64_t stride = is1 ? sizeof(block_q4_1) : sizeof(block_q4_0), nb = j->k / 32, np = nb / 2;
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t p = 0; p < np; p++)
-        acc = q4_pair_vnni(row + 2 * p * stride, stride, is1, _mm512_loadu_si512((const void *)(j->xq + 64 * p)),
-                           _mm512_loadu_ps(j->xscale16 + 16 * p), _mm512_loadu_ps(j->xcorr16 + 16 * p), acc);
-    float s = _mm512_reduce_add_ps(acc);
-    if (nb & 1) s += q4_odd_block(row + (nb - 1) * stride, is1, j->x + (nb - 1) * 32);
-    return s;
-}
-
 /* Phase 1 rows [r0, r1) of one matrix (gate or up: rows at base, rb bytes each) of expert e,
  * Q4 on VNNI: out[r - r0] = row r . x. */
 TGT_AVX512VNNI static void p1_rows_q4_vnni(const job_t *j, const uint8_t *base, int64_t rb, int64_t r0, int64_t r1,
                                            int64_t r_pf, float *out) {
-    for (int64_t r = r0; r < r1; r++) {
+    int64_t r = r0;
+    for (; j->k <= Q4_PAIR_MAX_K && r + 2 <= r1; r += 2) {
         const uint8_t *row = base + r * rb;
         if (r < r_pf) p1_prefetch(row, rb);
-        out[r - r0] = q4_row_vnni(j, row);
+        if (r + 1 < r_pf) p1_prefetch(row + rb, rb);
+        q4_rows_vnni(j, row, rb, 2, out + (r - r0));
+    }
+    for (; r < r1; r++) {
+        if (r < r_pf) p1_prefetch(base + r * rb, rb);
+        out[r - r0] = q4_row_vnni(j, base + r * rb);
     }
 }
 
 /* Phase 2, columns, one block of NR output rows starting at r: for each expert, its NR row
  * pieces against h_e prepared, into NR accumulators (one reduction per output row over all
- * experts). Q4 on VNNI; experts whose h_e is not in the pair layout (n_e < 64) take dot_row. */
+ * experts). Q4 on VNNI; experts whose h_e is not in the quad layout (n_e < 64) take dot_row. */
 TGT_AVX512VNNI static inline __attribute__((always_inline)) void down_cols_q4_block(const ffn_t *f, int64_t r,
                                                                                     int nr, int64_t r_end) {
     const int is1 = f->down_fmt == FIC_Q4_1;
     const int64_t stride = is1 ? sizeof(block_q4_1) : sizeof(block_q4_0);
-    __m512 acc[P2_ROWS];
+    __m512 acc[P2_ROWS], accm[P2_ROWS];
     float extra[P2_ROWS];
     for (int i = 0; i < nr; i++) {
-        acc[i] = _mm512_setzero_ps();
+        acc[i] = accm[i] = _mm512_setzero_ps();
         extra[i] = 0.0f;
     }
     for (int64_t e = 0; e < f->n_experts; e++) {
@@ -689,16 +683,16 @@ TGT_AVX512VNNI static inline __attribute__((always_inline)) void down_cols_q4_bl
             for (int i = 0; i < nr; i++) extra[i] += dot_row(j, w + i * rb, j->x);
             continue;
         }
-        const int64_t nb = j->k / 32, np = nb / 2;
-        for (int64_t p = 0; p < np; p++) {
-            __m512i xq = _mm512_loadu_si512((const void *)(j->xq + 64 * p));
-            __m512 sc = _mm512_loadu_ps(j->xscale16 + 16 * p), corr = _mm512_loadu_ps(j->xcorr16 + 16 * p);
-            for (int i = 0; i < nr; i++) acc[i] = q4_pair_vnni(w + i * rb + 2 * p * stride, stride, is1, xq, sc, corr, acc[i]);
+        const int64_t nb = j->k / 32, nq = (nb + 3) / 4;
+        for (int64_t q = 0; q < nq; q++) {
+            const int nblk = nb - 4 * q >= 4 ? 4 : (int)(nb - 4 * q);
+            const __m512 sc = _mm512_loadu_ps(j->xscale16 + 16 * q), corr = _mm512_loadu_ps(j->xcorr16 + 16 * q);
+            for (int i = 0; i < nr; i++)
+                q4_quad_vnni(w + i * rb + 4 * q * stride, stride, is1, nblk, j->xq + 128 * q, sc, corr, &acc[i],
+                             &accm[i]);
         }
-        if (nb & 1)
-            for (int i = 0; i < nr; i++) extra[i] += q4_odd_block(w + i * rb + (nb - 1) * stride, is1, j->x + (nb - 1) * 32);
     }
-    for (int i = 0; i < nr; i++) f->y[r + i] += _mm512_reduce_add_ps(acc[i]) + extra[i];
+    for (int i = 0; i < nr; i++) f->y[r + i] += _mm512_reduce_add_ps(_mm512_add_ps(acc[i], accm[i])) + extra[i];
 }
 
 TGT_AVX512VNNI static void down_cols_q4_vnni(const ffn_t *f, int64_t r0, int64_t r1) {
@@ -782,7 +776,7 @@ TGT_AVX512 static void dot2_q1_0_avx512(const job_t *j, const uint8_t *row0, flo
         dot_q1_avx512(j, row0, row0 + j->row_bytes, 2, y);
 }
 
-/* FFN phase 1 rows of Q4 with x in the pair layout (0 when x was not prepared that way). */
+/* FFN phase 1 rows of Q4 with x in the quad layout (0 when x was not prepared that way). */
 TGT_AVX512VNNI static int rows_q4_vnni(const job_t *j, const uint8_t *base, int64_t rb, int64_t r0, int64_t r1,
                                        int64_t r_pf, float *out) {
     if (!j->q4_int8) return 0;
@@ -790,11 +784,37 @@ TGT_AVX512VNNI static int rows_q4_vnni(const job_t *j, const uint8_t *base, int6
     return 1;
 }
 
-/* The AVX-512 phase 2 paths sum every expert into one accumulator per row: FIC_FFN_FIXED calls
- * (each expert rounded on its own) take the generic loop. */
+/* FIC_FFN_FIXED calls: each expert's row pieces rounded on their own, P2_ROWS rows at a time, into
+ * the fixed-point sums; each piece is the bits dot_q4_vnni gives it (the generic loop's), but
+ * without a call and a reduction setup per piece: a dense model's down pieces are 64 weights. */
+TGT_AVX512VNNI static void down_cols_q4_fixed(const ffn_t *f, int64_t r0, int64_t r1) {
+    for (int64_t e = 0; e < f->n_experts; e++) {
+        if (f->skip[e]) continue;
+        const job_t *j = &f->jd[e];
+        const int64_t rb = f->rb_d[e];
+        for (int64_t r = r0; r < r1; r += P2_ROWS) {
+            const int nr = r1 - r < P2_ROWS ? (int)(r1 - r) : P2_ROWS;
+            const uint8_t *w = down_part(f, e) + r * rb;
+            float out[P2_ROWS];
+            p2_prefetch(w, rb, r, nr, r1);
+            if (!j->q4_int8)
+                for (int i = 0; i < nr; i++) out[i] = dot_row(j, w + i * rb, j->x);
+            else if (nr == P2_ROWS)
+                q4_rows_vnni(j, w, rb, P2_ROWS, out);
+            else
+                for (int i = 0; i < nr; i++) out[i] = q4_row_vnni(j, w + i * rb);
+            fixed_add(f->kt, out, f->acc + r, nr);
+        }
+    }
+}
+
+/* The AVX-512 phase 2 paths sum every expert into one accumulator per row; FIC_FFN_FIXED calls
+ * (each expert rounded on its own) take down_cols_q4_fixed. */
 TGT_AVX512VNNI static int down_cols_q4(const ffn_t *f, int64_t r0, int64_t r1) {
-    if (f->acc != NULL) return 0;
-    down_cols_q4_vnni(f, r0, r1);
+    if (f->acc != NULL)
+        down_cols_q4_fixed(f, r0, r1);
+    else
+        down_cols_q4_vnni(f, r0, r1);
     return 1;
 }
 
@@ -881,12 +901,12 @@ const fic_kernels fic_kernels_avx512 = {
     q1r32_move_avx2,
 };
 
-/* VNNI: Q4_0/Q4_1 with x in the pair layout when k >= 64 (else float, as without VNNI). */
+/* VNNI: Q4_0/Q4_1 with x in the quad layout when k >= 64 (else float, as without VNNI). */
 #define AVX512_Q4_VNNI                                                                                          \
-    [FIC_Q4_0] = {KT_Q4_0, XP_Q4_VNNI, XP_NONE, dot_q4_0_avx512, NULL, kern_deq_q4_0_avx2, axpy_blocks_q4_0,     \
-                  NULL, rows_q4_vnni, down_cols_q4},                                                            \
-    [FIC_Q4_1] = {KT_Q4_1, XP_Q4_VNNI, XP_SUMS, dot_q4_1_avx512, NULL, kern_deq_q4_1_avx2, axpy_blocks_q4_1,     \
-                  NULL, rows_q4_vnni, down_cols_q4}
+    [FIC_Q4_0] = {KT_Q4_0, XP_Q4_VNNI, XP_NONE, dot_q4_0_avx512, dot2_q4_vnni, kern_deq_q4_0_avx2,              \
+                  axpy_blocks_q4_0, NULL, rows_q4_vnni, down_cols_q4},                                          \
+    [FIC_Q4_1] = {KT_Q4_1, XP_Q4_VNNI, XP_SUMS, dot_q4_1_avx512, dot2_q4_vnni, kern_deq_q4_1_avx2,              \
+                  axpy_blocks_q4_1, NULL, rows_q4_vnni, down_cols_q4}
 
 const fic_kernels fic_kernels_avx512_vnni = {
     FIC_IMPL_AVX512,

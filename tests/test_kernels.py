@@ -155,7 +155,7 @@ def test_matvec_matches_numpy(fmt, impl, m, k_units, threads):
 def test_matvec_block_of_32_for_q4_q8(fmt):
     """K of a single 32-weight block (and an odd number of them) for the formats that allow it."""
     bw = K.block_weights(fmt)
-    for k in (bw * 1, bw * 3, 32 * 5):
+    for k in (bw * 1, bw * 3, 32 * 2, 32 * 5, 32 * 6, 32 * 18):
         qt, wd, rng = make(fmt, 19, k, seed=k)
         x = rng.standard_normal(k, dtype=np.float32)
         for impl in IMPLS:
@@ -187,6 +187,21 @@ def test_int8_activation_error_is_small_in_practice(fmt, impl):
     err = y - exact
     assert np.sqrt(np.mean(err ** 2) / np.mean(exact ** 2)) < 0.01
     # q8 as matvec.c computes it, in float32: q = rint(x * (127 / amax)), dx = amax / 127
+    amax = np.abs(x.reshape(-1, 32)).max(axis=1, keepdims=True)
+    q = np.rint(x.reshape(-1, 32) * (np.float32(127) / amax))
+    x_q8 = (q.astype(np.float64) * (amax / np.float32(127))).reshape(-1)
+    assert_within(y, wd @ x_q8, 2 * dot_bound(wd, x))
+
+
+@pytest.mark.parametrize("n_blocks", [2, 3, 5, 6, 7, 18])
+@pytest.mark.parametrize("fmt,impl", [(f, i) for f, i in INT8_CASES if K.block_weights(f) == 32])
+def test_int8_activation_any_number_of_blocks(fmt, impl, n_blocks):
+    """Rows of any number of 32-weight blocks (Q4 on VNNI takes 4 blocks a step, a last partial
+    step masked): still W times the q8-rounded x up to float rounding."""
+    k = 32 * n_blocks
+    qt, wd, rng = make(fmt, 37, k, seed=n_blocks)
+    x = rng.standard_normal(k, dtype=np.float32)
+    y = K.matvec(qt, x, impl=impl)
     amax = np.abs(x.reshape(-1, 32)).max(axis=1, keepdims=True)
     q = np.rint(x.reshape(-1, 32) * (np.float32(127) / amax))
     x_q8 = (q.astype(np.float64) * (amax / np.float32(127))).reshape(-1)
