@@ -446,7 +446,7 @@ TGT_AVX512 static void gemm_tile_avx512(const job_t *j, const float *tile, int64
  * its blocks (masked) against x padded with zeros. About 14 operations per 128 weights, 2 of them
  * port 5 only (the pair kernel before it: 14 per 64, 7 on port 5; bench/RESULTS.md). */
 TGT_AVX512VNNI static ALWAYS_INLINE void q4_quad_vnni(const uint8_t *g, int64_t stride, int is1, int nblk,
-                                                    const int8_t *xq, __m512 sc, __m512 corr, __m512 *acc,
+                                                    __m512i xlo, __m512i xhi, __m512 sc, __m512 corr, __m512 *acc,
                                                     __m512 *accm) {
     const int64_t off = is1 ? 4 : 2;
     const __m512i nib = _mm512_set1_epi8(15);
@@ -467,9 +467,7 @@ TGT_AVX512VNNI static ALWAYS_INLINE void q4_quad_vnni(const uint8_t *g, int64_t 
         raw = _mm512_maskz_loadu_epi8(((__mmask64)1 << (nblk * stride)) - 1, g);
     }
     const __m512i lo = _mm512_and_si512(v, nib), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
-    const __m512i isum = _mm512_dpbusd_epi32(
-        _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512((const void *)xq)), hi,
-        _mm512_loadu_si512((const void *)(xq + 64)));
+    const __m512i isum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xlo), hi, xhi);
     const __m512i dm = _mm512_permutexvar_epi16(idx, raw);
     const __m512 dv = _mm512_cvtph_ps(_mm512_castsi512_si256(dm));
     if (is1) {
@@ -494,10 +492,12 @@ TGT_AVX512VNNI static ALWAYS_INLINE void q4_rows_vnni(const job_t *j, const uint
         const __m512 sc = _mm512_loadu_ps(j->xscale16 + 16 * q), corr = _mm512_loadu_ps(j->xcorr16 + 16 * q);
         for (int i = 0; i < nr; i++) {
             const uint8_t *g = row + i * rb + 4 * q * stride;
+            const __m512i xlo = _mm512_loadu_si512((const void *)(j->xq + 128 * q)),
+                          xhi = _mm512_loadu_si512((const void *)(j->xq + 128 * q + 64));
             if (nblk == 4)
-                q4_quad_vnni(g, stride, is1, 4, j->xq + 128 * q, sc, corr, &acc[i], &accm[i]);
+                q4_quad_vnni(g, stride, is1, 4, xlo, xhi, sc, corr, &acc[i], &accm[i]);
             else
-                q4_quad_vnni(g, stride, is1, nblk, j->xq + 128 * q, sc, corr, &acc[i], &accm[i]);
+                q4_quad_vnni(g, stride, is1, nblk, xlo, xhi, sc, corr, &acc[i], &accm[i]);
         }
     }
     for (int i = 0; i < nr; i++) y[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i], accm[i]));
@@ -687,9 +687,10 @@ TGT_AVX512VNNI static inline __attribute__((always_inline)) void down_cols_q4_bl
         for (int64_t q = 0; q < nq; q++) {
             const int nblk = nb - 4 * q >= 4 ? 4 : (int)(nb - 4 * q);
             const __m512 sc = _mm512_loadu_ps(j->xscale16 + 16 * q), corr = _mm512_loadu_ps(j->xcorr16 + 16 * q);
+            const __m512i xlo = _mm512_loadu_si512((const void *)(j->xq + 128 * q)),
+                          xhi = _mm512_loadu_si512((const void *)(j->xq + 128 * q + 64));
             for (int i = 0; i < nr; i++)
-                q4_quad_vnni(w + i * rb + 4 * q * stride, stride, is1, nblk, j->xq + 128 * q, sc, corr, &acc[i],
-                             &accm[i]);
+                q4_quad_vnni(w + i * rb + 4 * q * stride, stride, is1, nblk, xlo, xhi, sc, corr, &acc[i], &accm[i]);
         }
     }
     for (int i = 0; i < nr; i++) f->y[r + i] += _mm512_reduce_add_ps(_mm512_add_ps(acc[i], accm[i])) + extra[i];
@@ -784,6 +785,44 @@ TGT_AVX512VNNI static int rows_q4_vnni(const job_t *j, const uint8_t *base, int6
     return 1;
 }
 
+_Static_assert(P2_ROWS == 8, "sum8_rows and q4_rows_k64 take 8 rows");
+
+/* out[i] = the sum of h[i]'s 8 lanes, i < 8, by one tree of horizontal adds (a fixed order for each
+ * h[i], whatever the others hold). */
+TGT_AVX512 static ALWAYS_INLINE void sum8_rows(const __m256 h[8], float *out) {
+    const __m256 a0 = _mm256_hadd_ps(h[0], h[1]), a1 = _mm256_hadd_ps(h[2], h[3]);
+    const __m256 a2 = _mm256_hadd_ps(h[4], h[5]), a3 = _mm256_hadd_ps(h[6], h[7]);
+    const __m256 b0 = _mm256_hadd_ps(a0, a1), b1 = _mm256_hadd_ps(a2, a3); /* rows 0-3 | 0-3, 4-7 | 4-7 */
+    _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(b0, b1, 0x20), _mm256_permute2f128_ps(b0, b1, 0x31)));
+}
+
+/* Down pieces of 64 weights (2 blocks: a dense model's 64-neuron experts) as FIC_FFN_FIXED takes
+ * them: two consecutive rows (rb = 2 blocks apart) fill one quad against x's two blocks twice,
+ * row 2p in lanes 0-7 and row 2p + 1 in lanes 8-15. Rows [0, nr) at w, nr <= P2_ROWS, into
+ * out[0..nr); a row's bits do not depend on nr (an odd last row loads its 2 blocks alone). */
+TGT_AVX512VNNI static ALWAYS_INLINE void q4_rows_k64(const job_t *j, const uint8_t *w, int64_t rb, int nr, float *out) {
+    const int is1 = j->fmt == FIC_Q4_1;
+    const int64_t stride = is1 ? sizeof(block_q4_1) : sizeof(block_q4_0);
+    const __m512i xl = _mm512_loadu_si512((const void *)j->xq), xh = _mm512_loadu_si512((const void *)(j->xq + 64));
+    const __m512i xlo = _mm512_shuffle_i32x4(xl, xl, 0x44), xhi = _mm512_shuffle_i32x4(xh, xh, 0x44);
+    const __m512 s16 = _mm512_loadu_ps(j->xscale16), c16 = _mm512_loadu_ps(j->xcorr16);
+    const __m512 sc = _mm512_shuffle_f32x4(s16, s16, 0x44), corr = _mm512_shuffle_f32x4(c16, c16, 0x44);
+    __m256 h[P2_ROWS];
+    for (int p = 0; p < P2_ROWS / 2; p++) {
+        __m512 acc = _mm512_setzero_ps(), accm = acc;
+        if (2 * p + 1 < nr)
+            q4_quad_vnni(w + 2 * p * rb, stride, is1, 4, xlo, xhi, sc, corr, &acc, &accm);
+        else if (2 * p < nr)
+            q4_quad_vnni(w + 2 * p * rb, stride, is1, 2, xlo, xhi, sc, corr, &acc, &accm);
+        const __m512 s = _mm512_add_ps(acc, accm);
+        h[2 * p] = _mm512_castps512_ps256(s);
+        h[2 * p + 1] = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1));
+    }
+    float all[P2_ROWS];
+    sum8_rows(h, all);
+    for (int i = 0; i < nr; i++) out[i] = all[i];
+}
+
 /* FIC_FFN_FIXED calls: each expert's row pieces rounded on their own, P2_ROWS rows at a time, into
  * the fixed-point sums; each piece is the bits dot_q4_vnni gives it (the generic loop's), but
  * without a call and a reduction setup per piece: a dense model's down pieces are 64 weights. */
@@ -799,6 +838,8 @@ TGT_AVX512VNNI static void down_cols_q4_fixed(const ffn_t *f, int64_t r0, int64_
             p2_prefetch(w, rb, r, nr, r1);
             if (!j->q4_int8)
                 for (int i = 0; i < nr; i++) out[i] = dot_row(j, w + i * rb, j->x);
+            else if (j->k == 64)
+                q4_rows_k64(j, w, rb, nr, out);
             else if (nr == P2_ROWS)
                 q4_rows_vnni(j, w, rb, P2_ROWS, out);
             else

@@ -102,6 +102,29 @@ def test_split_does_not_change_the_sum(fmt, t, decode, threads, impl):
     assert_within(y, want, bound + n_experts * 2.0 ** -33 + np.abs(want) * 2.0 ** -23)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("d", [160, 576])
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_64_neuron_experts(fmt, d, threads, impl):
+    """A dense model's experts (the converter's 64 neurons: down pieces of 2 blocks, which AVX-512
+    VNNI takes two rows to a step): split independence and the numpy bound, int8 decode; with 2
+    threads a thread's rows need not be whole steps of 8."""
+    case = Case([fmt] * 3, "columns", [64] * 5, 1, seed=stable_seed(fmt, d, "k64"), d=d, coef=None)
+    K.set_threads(threads)
+    try:
+        with K.decode_mode("int8"):
+            accs = [run_split(case, groups, impl) for groups in splits(5, stable_seed(fmt, d, "split64"))]
+            want, bound = case.want_and_bound(impl)
+    finally:
+        K.set_threads(K.default_threads())
+    for acc in accs[1:]:
+        assert np.array_equal(acc, accs[0])
+    y = case.y0.copy()
+    K.fixed_flush(accs[0].ravel(), y.ravel())
+    assert_within(y, want, bound + 5 * 2.0 ** -33 + np.abs(want) * 2.0 ** -23)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_fixed_matches_float_within_the_grid(impl):
     """The same call with a float32 y and with the accumulator: apart by the grid and the float sums."""
