@@ -123,6 +123,20 @@ ATT_TGT_AVX2 static void cvt_tile_avx2(const uint16_t *src, int64_t stride, int6
     }
 }
 
+/* The same with 16 halves per conversion (AVX-512F: a 512-bit vcvtph2ps costs what a 256-bit one
+ * does, and the tile conversion was most of long-context decode, bench/RESULTS.md). */
+__attribute__((target("avx512f,f16c"))) static void cvt_tile_avx512(const uint16_t *src, int64_t stride, int64_t nb,
+                                                              int64_t hd, float *dst) {
+    for (int64_t j = 0; j < nb; j++) {
+        const uint16_t *s = src + j * stride;
+        float *o = dst + j * hd;
+        int64_t d = 0;
+        for (; d + 16 <= hd; d += 16)
+            _mm512_storeu_ps(o + d, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + d))));
+        for (; d < hd; d++) o[d] = _cvtsh_ss(s[d]);
+    }
+}
+
 /* Four dot products at a time: four accumulators, then hadds leave the four sums in one
  * 128-bit vector (one horizontal reduction per four keys instead of one per key). */
 ATT_TGT_AVX2 static void scores_avx2(const float *q, const float *kt, int64_t nb, int64_t hd, float scale, float *s) {
@@ -429,11 +443,17 @@ static void f32_to_f16_neon(const float *src, uint16_t *dst, int64_t n) {
 
 /* ---- dispatch ---------------------------------------------------------------------------- */
 
-/* impl is resolved: REF, AVX2 (also for AVX-512) or NEON. */
-static void cvt_tile(int impl, const uint16_t *src, int64_t stride, int64_t nb, int64_t hd, float *dst) {
+/* impl is resolved: REF, AVX2 (also for AVX-512, then wide is set) or NEON. */
+static void cvt_tile(int impl, int wide, const uint16_t *src, int64_t stride, int64_t nb, int64_t hd, float *dst) {
+    (void)wide; /* x86 only */
     switch (impl) {
 #if defined(ATT_X86)
-    case FIC_IMPL_AVX2: cvt_tile_avx2(src, stride, nb, hd, dst); return;
+    case FIC_IMPL_AVX2:
+        if (wide)
+            cvt_tile_avx512(src, stride, nb, hd, dst);
+        else
+            cvt_tile_avx2(src, stride, nb, hd, dst);
+        return;
 #endif
 #if defined(__aarch64__)
     case FIC_IMPL_NEON: cvt_tile_neon(src, stride, nb, hd, dst); return;
@@ -487,7 +507,7 @@ static int resolve_impl(int impl) {
 /* ---- the kernel -------------------------------------------------------------------------- */
 
 typedef struct {
-    int impl;
+    int impl, wide; /* wide: AVX-512 asked for (impl AVX2): its tile conversion */
     const float *q;
     const uint16_t *k, *v;
     float *out;
@@ -624,6 +644,18 @@ ATT_TGT_AVX2 static void block_accum_avx2(float *st, int64_t stride, int64_t row
 }
 #endif
 
+/* The next tile's K and V rows, positions [p, min(p + ATT_B, p1)): a head's rows are head_dim
+ * halves of every kv_stride, a pattern the hardware prefetcher follows late (long-context decode
+ * ran at 9 GB/s of cache read, bench/RESULTS.md). */
+static void prefetch_tile(const uint16_t *kh, const uint16_t *vh, int64_t kvs, int64_t hd, int64_t p, int64_t p1) {
+    const int64_t end = p + ATT_B < p1 ? p + ATT_B : p1;
+    for (int64_t i = p; i < end; i++)
+        for (int64_t o = 0; o < hd; o += 32) { /* 32 halves: a 64-byte line */
+            __builtin_prefetch(kh + i * kvs + o, 0, 3);
+            __builtin_prefetch(vh + i * kvs + o, 0, 3);
+        }
+}
+
 /* Runs queries [i0, i0 + nq) of kv head h over positions [p0, p1) (each query also stops at its
  * causal limit), updating per row r = query * g + head-in-group the state st + r * st_stride:
  * st[0] = m, st[1] = l, st[2..] = acc. The state must start as (-inf, 0, 0...). */
@@ -650,9 +682,10 @@ static void attend(const att_job *j, float *tile, int64_t h, int64_t i0, int64_t
 #endif
     for (int64_t p = p0; p < p1; p += ATT_B) {
         const int64_t nb = p1 - p < ATT_B ? p1 - p : ATT_B;
+        prefetch_tile(kh, vh, j->kvs, hd, p + ATT_B, p1);
         /* K and V rows of this tile: read from the cache once, for every row of the item. */
-        cvt_tile(j->impl, kh + p * j->kvs, j->kvs, nb, hd, kt);
-        cvt_tile(j->impl, vh + p * j->kvs, j->kvs, nb, hd, vt);
+        cvt_tile(j->impl, j->wide, kh + p * j->kvs, j->kvs, nb, hd, kt);
+        cvt_tile(j->impl, j->wide, vh + p * j->kvs, j->kvs, nb, hd, vt);
 #if defined(ATT_X86)
         if (block && p <= j->pos0 + i0) { /* every row sees at least this tile's first position */
             block_scores_avx2(qT, rp, kt, nb, hd, j->scale, sT);
@@ -785,6 +818,7 @@ int fic_attention(fic_pool *pool, int impl, const float *q, const uint16_t *k_ca
     att_job j;
     memset(&j, 0, sizeof j);
     j.impl = resolve_impl(impl);
+    j.wide = (impl == FIC_IMPL_AUTO ? fic_impl_best() : impl) == FIC_IMPL_AVX512;
     j.q = q;
     j.k = k_cache;
     j.v = v_cache;
