@@ -1,0 +1,216 @@
+/* ab_core.c - two builds of fic's C core in one process, timed call by call in alternation.
+ *
+ * On a shared VM the speed of the whole machine drifts by 1.5x over seconds (bench/RESULTS.md,
+ * "In-process A/B"), so two processes run one after the other compare windows, not code. Here both
+ * builds are loaded (dlopen, RTLD_LOCAL) and each call of A is followed by the same call of B on the
+ * same data; the ratio of their best and of their mean times is printed (above 1: B is faster),
+ * with the largest difference between their outputs. Build each checkout's core as a library:
+ *
+ *   SRC=$(.venv/bin/python -c 'import sys; sys.path.insert(0, "csrc"); import build_ffi; print(*build_ffi.SOURCES)')
+ *   (cd A/csrc && gcc -O3 -std=gnu11 -pthread -fPIC -shared -fno-strict-aliasing -I. $SRC -o /tmp/a.so -lm)
+ *   (the same for B into /tmp/b.so)
+ *   gcc -O2 -o /tmp/ab_core bench/ab_core.c -ldl
+ *   /tmp/ab_core /tmp/a.so /tmp/b.so matvec q4_1 1536 576 1 3000   (fmt m k threads calls)
+ *   /tmp/ab_core /tmp/a.so /tmp/b.so attention 2000 16 8 128 28 2 10  (ctx heads kv_heads head_dim
+ *                                                                      layers threads calls)
+ * A matrix larger than the last-level cache (65536 x 4096 in Q4) measures the kernel from DRAM;
+ * attention reads one cache per layer, as a model's decode step does. */
+#include <dlfcn.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "../csrc/fic.h"
+
+typedef int (*matvec_fn)(fic_pool *, int, int, const uint8_t *, const float *, float *, int64_t, int64_t, void *,
+                         int64_t);
+typedef int (*attention_fn)(fic_pool *, int, const float *, const uint16_t *, const uint16_t *, float *, int64_t,
+                            int64_t, int64_t, int64_t, int64_t, int64_t, float, float *, int64_t);
+typedef int64_t (*attention_ws_fn)(int, int64_t, int64_t, int64_t);
+typedef int (*pool_create_fn)(int, fic_pool **);
+typedef int (*quantize_fn)(int, const float *, uint8_t *, int64_t, int64_t);
+typedef int64_t (*row_bytes_fn)(int, int64_t);
+typedef int (*repack_fn)(const uint8_t *, int64_t, int64_t, uint8_t *);
+
+typedef struct {
+    void *lib;
+    fic_pool *pool;
+    matvec_fn matvec;
+    attention_fn attention;
+    attention_ws_fn attention_ws;
+    quantize_fn quantize;
+    row_bytes_fn row_bytes;
+    repack_fn repack;
+} build_t;
+
+typedef struct {
+    double best_s, total_s;
+} timing_t;
+
+static double now_s(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+/* The library at path with the entry points used here, and a pool of n_threads (none for 1). */
+static int open_build(const char *path, int n_threads, build_t *b) {
+    b->lib = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+    if (b->lib == NULL) {
+        fprintf(stderr, "ab_core: %s\n", dlerror());
+        return 0;
+    }
+    b->matvec = (matvec_fn)dlsym(b->lib, "fic_matvec");
+    b->attention = (attention_fn)dlsym(b->lib, "fic_attention");
+    b->attention_ws = (attention_ws_fn)dlsym(b->lib, "fic_attention_ws_floats");
+    b->quantize = (quantize_fn)dlsym(b->lib, "fic_quantize");
+    b->row_bytes = (row_bytes_fn)dlsym(b->lib, "fic_row_bytes");
+    b->repack = (repack_fn)dlsym(b->lib, "fic_q1r32_repack");
+    pool_create_fn pool_create = (pool_create_fn)dlsym(b->lib, "fic_pool_create");
+    if (!b->matvec || !b->attention || !b->attention_ws || !b->quantize || !b->row_bytes || !b->repack || !pool_create) {
+        fprintf(stderr, "ab_core: %s lacks an entry point\n", path);
+        return 0;
+    }
+    b->pool = NULL;
+    if (n_threads > 1 && pool_create(n_threads, &b->pool) != FIC_OK) {
+        fprintf(stderr, "ab_core: %s: no pool of %d threads\n", path, n_threads);
+        return 0;
+    }
+    return 1;
+}
+
+static void add_time(timing_t *t, double s) {
+    t->total_s += s;
+    if (s < t->best_s) t->best_s = s;
+}
+
+static double max_abs_diff(const float *a, const float *b, int64_t n) {
+    double d = 0.0;
+    for (int64_t i = 0; i < n; i++) {
+        const double e = a[i] > b[i] ? a[i] - b[i] : b[i] - a[i];
+        if (e > d) d = e;
+    }
+    return d;
+}
+
+static void report(const char *what, const timing_t t[2], int calls, double diff) {
+    printf("%s: A best %.1f us mean %.1f | B best %.1f us mean %.1f | B/A speed best %.2fx mean %.2fx | max diff %.3g\n",
+           what, t[0].best_s * 1e6, t[0].total_s / calls * 1e6, t[1].best_s * 1e6, t[1].total_s / calls * 1e6,
+           t[0].best_s / t[1].best_s, t[0].total_s / t[1].total_s, diff);
+}
+
+static int fmt_of(const char *name) {
+    static const struct { const char *name; int fmt; } fmts[] = {
+        {"q4_0", FIC_Q4_0}, {"q4_1", FIC_Q4_1}, {"q8_0", FIC_Q8_0}, {"q1_0", FIC_Q1_0}, {"q1_0r32", FIC_Q1_0R32}};
+    for (size_t i = 0; i < sizeof fmts / sizeof fmts[0]; i++)
+        if (strcmp(name, fmts[i].name) == 0) return fmts[i].fmt;
+    return -1;
+}
+
+/* m x k weights of fmt, quantized by build A from uniform floats (r32: Q1_0 rows repacked). */
+static uint8_t *make_weights(const build_t *a, int fmt, int64_t m, int64_t k) {
+    const int base_fmt = fmt == FIC_Q1_0R32 ? FIC_Q1_0 : fmt;
+    const int64_t rb = a->row_bytes(base_fmt, k);
+    float *src = malloc((size_t)(k * 64) * sizeof(float));
+    uint8_t *w = aligned_alloc(64, (size_t)((m * rb + 63) / 64 * 64)), *tmp = NULL;
+    if (rb <= 0 || src == NULL || w == NULL) return NULL;
+    for (int64_t i = 0; i < k * 64; i++) src[i] = (float)rand() / (float)RAND_MAX - 0.5f;
+    for (int64_t r = 0; r < m; r += 64) /* 64 distinct rows, repeated */
+        if (a->quantize(base_fmt, src, w + r * rb, m - r < 64 ? m - r : 64, k) != FIC_OK)
+            return NULL;
+    free(src);
+    if (fmt == FIC_Q1_0R32) {
+        tmp = aligned_alloc(64, (size_t)((m * rb + 63) / 64 * 64));
+        if (tmp == NULL || a->repack(w, m, k, tmp) != FIC_OK) return NULL;
+        free(w);
+        w = tmp;
+    }
+    return w;
+}
+
+static int run_matvec(build_t b[2], char **arg) {
+    const int fmt = fmt_of(arg[0]), calls = atoi(arg[4]);
+    const int64_t m = atoll(arg[1]), k = atoll(arg[2]), ws_bytes = 16 * k + 4096;
+    uint8_t *w = fmt < 0 ? NULL : make_weights(&b[0], fmt, m, k);
+    float *x = malloc((size_t)k * sizeof(float)), *y[2] = {malloc((size_t)m * sizeof(float)), malloc((size_t)m * sizeof(float))};
+    void *ws = aligned_alloc(64, (size_t)ws_bytes);
+    if (w == NULL || x == NULL || y[0] == NULL || y[1] == NULL || ws == NULL || calls < 1) {
+        fprintf(stderr, "ab_core: bad matvec arguments (fmt q4_0|q4_1|q8_0|q1_0|q1_0r32, m, k, threads, calls)\n");
+        return 2;
+    }
+    for (int64_t i = 0; i < k; i++) x[i] = (float)rand() / (float)RAND_MAX - 0.5f;
+    timing_t t[2] = {{1e30, 0.0}, {1e30, 0.0}};
+    for (int c = 0; c < calls; c++)
+        for (int i = 0; i < 2; i++) {
+            const double t0 = now_s();
+            const int st = b[i].matvec(b[i].pool, FIC_IMPL_AUTO, fmt, w, x, y[i], m, k, ws, ws_bytes);
+            add_time(&t[i], now_s() - t0);
+            if (st != FIC_OK) {
+                fprintf(stderr, "ab_core: matvec of build %c: status %d\n", 'A' + i, st);
+                return 1;
+            }
+        }
+    char what[128];
+    snprintf(what, sizeof what, "matvec %s %lldx%lld", arg[0], (long long)m, (long long)k);
+    report(what, t, calls, max_abs_diff(y[0], y[1], m));
+    return 0;
+}
+
+static int run_attention(build_t b[2], char **arg) {
+    const int64_t ctx = atoll(arg[0]), nh = atoll(arg[1]), nkv = atoll(arg[2]), hd = atoll(arg[3]), layers = atoll(arg[4]);
+    const int n_threads = atoi(arg[5]), calls = atoi(arg[6]);
+    if (ctx < 1 || nh < 1 || nkv < 1 || nh % nkv != 0 || hd < 1 || layers < 1 || calls < 1) {
+        fprintf(stderr, "ab_core: bad attention arguments (ctx heads kv_heads head_dim layers threads calls)\n");
+        return 2;
+    }
+    int64_t ws_floats = 0;
+    for (int i = 0; i < 2; i++) {
+        const int64_t n = b[i].attention_ws(n_threads, 1, nh, hd);
+        ws_floats = n > ws_floats ? n : ws_floats;
+    }
+    const int64_t kvs = nkv * hd, per_layer = (ctx + 1) * kvs;
+    uint16_t *kc = malloc((size_t)(per_layer * layers) * 2), *vc = malloc((size_t)(per_layer * layers) * 2);
+    float *q = malloc((size_t)(nh * hd) * sizeof(float)), *out[2] = {malloc((size_t)(nh * hd) * sizeof(float)),
+                                                                    malloc((size_t)(nh * hd) * sizeof(float))};
+    float *ws = aligned_alloc(64, (size_t)((ws_floats * 4 + 63) / 64 * 64));
+    if (kc == NULL || vc == NULL || q == NULL || out[0] == NULL || out[1] == NULL || ws == NULL) return 1;
+    for (int64_t i = 0; i < per_layer * layers; i++) { /* fp16 in [0.125, 0.5) */
+        kc[i] = (uint16_t)(0x3000 + rand() % 0x800);
+        vc[i] = (uint16_t)(0x3000 + rand() % 0x800);
+    }
+    for (int64_t i = 0; i < nh * hd; i++) q[i] = (float)rand() / (float)RAND_MAX - 0.5f;
+    timing_t t[2] = {{1e30, 0.0}, {1e30, 0.0}};
+    for (int c = 0; c < calls; c++)
+        for (int i = 0; i < 2; i++) {
+            const double t0 = now_s();
+            for (int64_t l = 0; l < layers; l++)
+                if (b[i].attention(b[i].pool, FIC_IMPL_AUTO, q, kc + l * per_layer, vc + l * per_layer, out[i], 1, ctx, nh, nkv, hd,
+                        kvs, 0.088f, ws, ws_floats) != FIC_OK) {
+                    fprintf(stderr, "ab_core: attention of build %c failed\n", 'A' + i);
+                    return 1;
+                }
+            add_time(&t[i], now_s() - t0);
+        }
+    char what[160];
+    snprintf(what, sizeof what, "attention ctx %lld, %lld layers (%.0f MB of K and V)", (long long)ctx,
+             (long long)layers, 4.0 * (double)(ctx * kvs * layers) / 1e6);
+    report(what, t, calls, max_abs_diff(out[0], out[1], nh * hd));
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    build_t b[2];
+    const int matvec = argc == 9 && strcmp(argv[3], "matvec") == 0;
+    const int attention = argc == 11 && strcmp(argv[3], "attention") == 0;
+    if (!matvec && !attention) {
+        fprintf(stderr, "usage: ab_core A.so B.so matvec FMT M K THREADS CALLS\n"
+                        "       ab_core A.so B.so attention CTX HEADS KV_HEADS HEAD_DIM LAYERS THREADS CALLS\n");
+        return 2;
+    }
+    const int n_threads = atoi(matvec ? argv[7] : argv[9]);
+    if (n_threads < 1 || !open_build(argv[1], n_threads, &b[0]) || !open_build(argv[2], n_threads, &b[1])) return 2;
+    srand(1);
+    return matvec ? run_matvec(b, argv + 4) : run_attention(b, argv + 4);
+}
