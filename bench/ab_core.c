@@ -11,6 +11,7 @@
  *   (the same for B into /tmp/b.so)
  *   gcc -O2 -o /tmp/ab_core bench/ab_core.c -ldl
  *   /tmp/ab_core /tmp/a.so /tmp/b.so matvec q4_1 1536 576 1 3000   (fmt m k threads calls)
+ *   /tmp/ab_core /tmp/a.so /tmp/b.so matmul 48 q4_1 1536 576 2 300 (tokens, then as matvec)
  *   /tmp/ab_core /tmp/a.so /tmp/b.so attention 2000 16 8 128 28 2 10  (ctx heads kv_heads head_dim
  *                                                                      layers threads calls)
  * A matrix larger than the last-level cache (65536 x 4096 in Q4) measures the kernel from DRAM;
@@ -26,6 +27,9 @@
 
 typedef int (*matvec_fn)(fic_pool *, int, int, const uint8_t *, const float *, float *, int64_t, int64_t, void *,
                          int64_t);
+typedef int (*matmul_fn)(fic_pool *, int, int, const uint8_t *, const float *, float *, int64_t, int64_t, int64_t,
+                         void *, int64_t);
+typedef int64_t (*workspace_fn)(int, int64_t, int64_t, int64_t, int64_t);
 typedef int (*attention_fn)(fic_pool *, int, const float *, const uint16_t *, const uint16_t *, float *, int64_t,
                             int64_t, int64_t, int64_t, int64_t, int64_t, float, float *, int64_t);
 typedef int64_t (*attention_ws_fn)(int, int64_t, int64_t, int64_t);
@@ -38,6 +42,8 @@ typedef struct {
     void *lib;
     fic_pool *pool;
     matvec_fn matvec;
+    matmul_fn matmul;
+    workspace_fn workspace;
     attention_fn attention;
     attention_ws_fn attention_ws;
     quantize_fn quantize;
@@ -63,13 +69,15 @@ static int open_build(const char *path, int n_threads, build_t *b) {
         return 0;
     }
     b->matvec = (matvec_fn)dlsym(b->lib, "fic_matvec");
+    b->matmul = (matmul_fn)dlsym(b->lib, "fic_matmul");
+    b->workspace = (workspace_fn)dlsym(b->lib, "fic_workspace_bytes");
     b->attention = (attention_fn)dlsym(b->lib, "fic_attention");
     b->attention_ws = (attention_ws_fn)dlsym(b->lib, "fic_attention_ws_floats");
     b->quantize = (quantize_fn)dlsym(b->lib, "fic_quantize");
     b->row_bytes = (row_bytes_fn)dlsym(b->lib, "fic_row_bytes");
     b->repack = (repack_fn)dlsym(b->lib, "fic_q1r32_repack");
     pool_create_fn pool_create = (pool_create_fn)dlsym(b->lib, "fic_pool_create");
-    if (!b->matvec || !b->attention || !b->attention_ws || !b->quantize || !b->row_bytes || !b->repack || !pool_create) {
+    if (!b->matvec || !b->matmul || !b->workspace || !b->attention || !b->attention_ws || !b->quantize || !b->row_bytes || !b->repack || !pool_create) {
         fprintf(stderr, "ab_core: %s lacks an entry point\n", path);
         return 0;
     }
@@ -130,31 +138,42 @@ static uint8_t *make_weights(const build_t *a, int fmt, int64_t m, int64_t k) {
     return w;
 }
 
-static int run_matvec(build_t b[2], char **arg) {
-    const int fmt = fmt_of(arg[0]), calls = atoi(arg[4]);
-    const int64_t m = atoll(arg[1]), k = atoll(arg[2]), ws_bytes = 16 * k + 4096;
+/* matvec (n_tok 0) or matmul of n_tok tokens: fmt m k threads calls. A matmul takes the product's
+ * default prefill arithmetic: float (FIC_IMPL_EXACT) but for Q1_0, whose prefill is int8. */
+static int run_products(build_t b[2], char **arg, int n_tok) {
+    const int fmt = fmt_of(arg[0]), n_threads = atoi(arg[3]), calls = atoi(arg[4]);
+    const int64_t m = atoll(arg[1]), k = atoll(arg[2]), t = n_tok > 0 ? n_tok : 1;
+    const int impl = FIC_IMPL_AUTO | (fmt == FIC_Q1_0 || fmt == FIC_Q1_0R32 ? 0 : FIC_IMPL_EXACT);
+    int64_t ws_bytes = 16 * k + 4096;
+    for (int i = 0; i < 2 && n_tok > 0; i++) {
+        const int64_t n = b[i].workspace(n_threads, t, k, 1, 64);
+        ws_bytes = n > ws_bytes ? n : ws_bytes;
+    }
     uint8_t *w = fmt < 0 ? NULL : make_weights(&b[0], fmt, m, k);
-    float *x = malloc((size_t)k * sizeof(float)), *y[2] = {malloc((size_t)m * sizeof(float)), malloc((size_t)m * sizeof(float))};
-    void *ws = aligned_alloc(64, (size_t)ws_bytes);
+    float *x = malloc((size_t)(t * k) * sizeof(float));
+    float *y[2] = {malloc((size_t)(t * m) * sizeof(float)), malloc((size_t)(t * m) * sizeof(float))};
+    void *ws = aligned_alloc(64, (size_t)(ws_bytes + 63) / 64 * 64);
     if (w == NULL || x == NULL || y[0] == NULL || y[1] == NULL || ws == NULL || calls < 1) {
-        fprintf(stderr, "ab_core: bad matvec arguments (fmt q4_0|q4_1|q8_0|q1_0|q1_0r32, m, k, threads, calls)\n");
+        fprintf(stderr, "ab_core: bad arguments (fmt q4_0|q4_1|q8_0|q1_0|q1_0r32, m, k, threads, calls)\n");
         return 2;
     }
-    for (int64_t i = 0; i < k; i++) x[i] = (float)rand() / (float)RAND_MAX - 0.5f;
-    timing_t t[2] = {{1e30, 0.0}, {1e30, 0.0}};
+    for (int64_t i = 0; i < t * k; i++) x[i] = (float)rand() / (float)RAND_MAX - 0.5f;
+    timing_t tm[2] = {{1e30, 0.0}, {1e30, 0.0}};
     for (int c = 0; c < calls; c++)
         for (int i = 0; i < 2; i++) {
             const double t0 = now_s();
-            const int st = b[i].matvec(b[i].pool, FIC_IMPL_AUTO, fmt, w, x, y[i], m, k, ws, ws_bytes);
-            add_time(&t[i], now_s() - t0);
+            const int st = n_tok > 0 ? b[i].matmul(b[i].pool, impl, fmt, w, x, y[i], t, m, k, ws, ws_bytes)
+                                     : b[i].matvec(b[i].pool, FIC_IMPL_AUTO, fmt, w, x, y[i], m, k, ws, ws_bytes);
+            add_time(&tm[i], now_s() - t0);
             if (st != FIC_OK) {
-                fprintf(stderr, "ab_core: matvec of build %c: status %d\n", 'A' + i, st);
+                fprintf(stderr, "ab_core: build %c: status %d\n", 'A' + i, st);
                 return 1;
             }
         }
     char what[128];
-    snprintf(what, sizeof what, "matvec %s %lldx%lld", arg[0], (long long)m, (long long)k);
-    report(what, t, calls, max_abs_diff(y[0], y[1], m));
+    snprintf(what, sizeof what, "%s %s %lldx%lld, %d token(s)", n_tok > 0 ? "matmul" : "matvec", arg[0], (long long)m,
+             (long long)k, (int)t);
+    report(what, tm, calls, max_abs_diff(y[0], y[1], t * m));
     return 0;
 }
 
@@ -203,14 +222,18 @@ static int run_attention(build_t b[2], char **arg) {
 int main(int argc, char **argv) {
     build_t b[2];
     const int matvec = argc == 9 && strcmp(argv[3], "matvec") == 0;
+    const int matmul = argc == 10 && strcmp(argv[3], "matmul") == 0;
     const int attention = argc == 11 && strcmp(argv[3], "attention") == 0;
-    if (!matvec && !attention) {
+    if (!matvec && !matmul && !attention) {
         fprintf(stderr, "usage: ab_core A.so B.so matvec FMT M K THREADS CALLS\n"
+                        "       ab_core A.so B.so matmul TOKENS FMT M K THREADS CALLS\n"
                         "       ab_core A.so B.so attention CTX HEADS KV_HEADS HEAD_DIM LAYERS THREADS CALLS\n");
         return 2;
     }
-    const int n_threads = atoi(matvec ? argv[7] : argv[9]);
+    const int n_threads = atoi(matvec ? argv[7] : matmul ? argv[8] : argv[9]);
     if (n_threads < 1 || !open_build(argv[1], n_threads, &b[0]) || !open_build(argv[2], n_threads, &b[1])) return 2;
     srand(1);
-    return matvec ? run_matvec(b, argv + 4) : run_attention(b, argv + 4);
+    if (attention) return run_attention(b, argv + 4);
+    if (matmul) return atoi(argv[4]) < 1 ? 2 : run_products(b, argv + 5, atoi(argv[4]));
+    return run_products(b, argv + 4, 0);
 }
