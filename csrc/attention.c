@@ -782,6 +782,27 @@ static void decode_range(void *ctx, int64_t begin, int64_t end, int tid) {
     }
 }
 
+/* Decode item at long contexts: one slice of every kv head's positions, a tile at a time for every
+ * head in turn, so the cache's rows (all heads side by side) are read in order; a head's own rows
+ * are head_dim halves of every kv_stride, which the hardware prefetcher follows late. Each head's
+ * state sees the same tiles in the same order as in decode_range: the same bits. */
+static void decode_range_tiles(void *ctx, int64_t begin, int64_t end, int tid) {
+    const att_job *j = ctx;
+    float *tile = j->tiles + tid * j->tile_floats;
+    const int64_t hd = j->hd, n = j->pos0 + 1, stride = j->n_split * (hd + 2);
+    for (int64_t sp = begin; sp < end; sp++) {
+        const int64_t p0 = sp * j->split_len, p1 = p0 + j->split_len < n ? p0 + j->split_len : n;
+        for (int64_t h = 0; h < j->nkv; h++) init_state(j->partials + (h * j->g * j->n_split + sp) * (hd + 2), j->g, stride, hd);
+        for (int64_t p = p0; p < p1; p += ATT_B) {
+            const int64_t pe = p + ATT_B < p1 ? p + ATT_B : p1;
+            for (int64_t h = 0; h < j->nkv; h++) {
+                prefetch_tile(j->k + h * hd, j->v + h * hd, j->kvs, hd, pe, p1);
+                attend(j, tile, h, 0, 1, p, pe, j->partials + (h * j->g * j->n_split + sp) * (hd + 2), stride);
+            }
+        }
+    }
+}
+
 /* out[head] = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s, M the largest m_s. */
 static void decode_merge(const att_job *j) {
     const int64_t hd = j->hd, ns = j->n_split;
@@ -841,7 +862,10 @@ int fic_attention(fic_pool *pool, int impl, const float *q, const uint16_t *k_ca
         ns = ns > ATT_MAX_SPLITS ? ATT_MAX_SPLITS : ns;
         j.n_split = ns;
         j.split_len = round_up((n + ns - 1) / ns, ATT_B); /* whole tiles per slice */
-        fic_parallel_for(pool, n_kv_heads * ns, 1, decode_range, &j);
+        if (ns >= 2 * n_threads) /* enough slices to share out: every head's rows read together */
+            fic_parallel_for(pool, ns, 1, decode_range_tiles, &j);
+        else
+            fic_parallel_for(pool, n_kv_heads * ns, 1, decode_range, &j);
         decode_merge(&j);
     } else {
         j.n_qb = (t + ATT_QB - 1) / ATT_QB;
