@@ -14,6 +14,7 @@
  *   /tmp/ab_core /tmp/a.so /tmp/b.so matmul 48 q4_1 1536 576 2 300 (tokens, then as matvec)
  *   /tmp/ab_core /tmp/a.so /tmp/b.so attention 2000 16 8 128 28 2 10  (ctx heads kv_heads head_dim
  *                                                                      layers threads calls)
+ *   /tmp/ab_core /tmp/a.so /tmp/b.so attention-prefill 2000 9 3 64 1 2 10  (a prompt of ctx tokens)
  * A matrix larger than the last-level cache (65536 x 4096 in Q4) measures the kernel from DRAM;
  * attention reads one cache per layer, as a model's decode step does. */
 #include <dlfcn.h>
@@ -177,45 +178,48 @@ static int run_products(build_t b[2], char **arg, int n_tok) {
     return 0;
 }
 
-static int run_attention(build_t b[2], char **arg) {
+/* One decode step at position ctx of every layer's cache (prefill 0), or a prefill of ctx tokens
+ * from position 0 (prefill 1). */
+static int run_attention(build_t b[2], char **arg, int prefill) {
     const int64_t ctx = atoll(arg[0]), nh = atoll(arg[1]), nkv = atoll(arg[2]), hd = atoll(arg[3]), layers = atoll(arg[4]);
     const int n_threads = atoi(arg[5]), calls = atoi(arg[6]);
     if (ctx < 1 || nh < 1 || nkv < 1 || nh % nkv != 0 || hd < 1 || layers < 1 || calls < 1) {
         fprintf(stderr, "ab_core: bad attention arguments (ctx heads kv_heads head_dim layers threads calls)\n");
         return 2;
     }
+    const int64_t t = prefill ? ctx : 1, pos0 = prefill ? 0 : ctx;
     int64_t ws_floats = 0;
     for (int i = 0; i < 2; i++) {
-        const int64_t n = b[i].attention_ws(n_threads, 1, nh, hd);
+        const int64_t n = b[i].attention_ws(n_threads, t, nh, hd);
         ws_floats = n > ws_floats ? n : ws_floats;
     }
     const int64_t kvs = nkv * hd, per_layer = (ctx + 1) * kvs;
     uint16_t *kc = malloc((size_t)(per_layer * layers) * 2), *vc = malloc((size_t)(per_layer * layers) * 2);
-    float *q = malloc((size_t)(nh * hd) * sizeof(float)), *out[2] = {malloc((size_t)(nh * hd) * sizeof(float)),
-                                                                    malloc((size_t)(nh * hd) * sizeof(float))};
+    float *q = malloc((size_t)(t * nh * hd) * sizeof(float)), *out[2] = {malloc((size_t)(t * nh * hd) * sizeof(float)),
+                                                                        malloc((size_t)(t * nh * hd) * sizeof(float))};
     float *ws = aligned_alloc(64, (size_t)((ws_floats * 4 + 63) / 64 * 64));
     if (kc == NULL || vc == NULL || q == NULL || out[0] == NULL || out[1] == NULL || ws == NULL) return 1;
     for (int64_t i = 0; i < per_layer * layers; i++) { /* fp16 in [0.125, 0.5) */
         kc[i] = (uint16_t)(0x3000 + rand() % 0x800);
         vc[i] = (uint16_t)(0x3000 + rand() % 0x800);
     }
-    for (int64_t i = 0; i < nh * hd; i++) q[i] = (float)rand() / (float)RAND_MAX - 0.5f;
-    timing_t t[2] = {{1e30, 0.0}, {1e30, 0.0}};
+    for (int64_t i = 0; i < t * nh * hd; i++) q[i] = (float)rand() / (float)RAND_MAX - 0.5f;
+    timing_t tm[2] = {{1e30, 0.0}, {1e30, 0.0}};
     for (int c = 0; c < calls; c++)
         for (int i = 0; i < 2; i++) {
             const double t0 = now_s();
             for (int64_t l = 0; l < layers; l++)
-                if (b[i].attention(b[i].pool, FIC_IMPL_AUTO, q, kc + l * per_layer, vc + l * per_layer, out[i], 1, ctx, nh, nkv, hd,
+                if (b[i].attention(b[i].pool, FIC_IMPL_AUTO, q, kc + l * per_layer, vc + l * per_layer, out[i], t, pos0, nh, nkv, hd,
                         kvs, 0.088f, ws, ws_floats) != FIC_OK) {
                     fprintf(stderr, "ab_core: attention of build %c failed\n", 'A' + i);
                     return 1;
                 }
-            add_time(&t[i], now_s() - t0);
+            add_time(&tm[i], now_s() - t0);
         }
     char what[160];
-    snprintf(what, sizeof what, "attention ctx %lld, %lld layers (%.0f MB of K and V)", (long long)ctx,
-             (long long)layers, 4.0 * (double)(ctx * kvs * layers) / 1e6);
-    report(what, t, calls, max_abs_diff(out[0], out[1], nh * hd));
+    snprintf(what, sizeof what, "attention %s ctx %lld, %lld layers (%.0f MB of K and V)", prefill ? "prefill" : "decode",
+             (long long)ctx, (long long)layers, 4.0 * (double)(ctx * kvs * layers) / 1e6);
+    report(what, tm, calls, max_abs_diff(out[0], out[1], t * nh * hd));
     return 0;
 }
 
@@ -223,17 +227,18 @@ int main(int argc, char **argv) {
     build_t b[2];
     const int matvec = argc == 9 && strcmp(argv[3], "matvec") == 0;
     const int matmul = argc == 10 && strcmp(argv[3], "matmul") == 0;
-    const int attention = argc == 11 && strcmp(argv[3], "attention") == 0;
+    const int prefill = argc == 11 && strcmp(argv[3], "attention-prefill") == 0;
+    const int attention = prefill || (argc == 11 && strcmp(argv[3], "attention") == 0);
     if (!matvec && !matmul && !attention) {
         fprintf(stderr, "usage: ab_core A.so B.so matvec FMT M K THREADS CALLS\n"
                         "       ab_core A.so B.so matmul TOKENS FMT M K THREADS CALLS\n"
-                        "       ab_core A.so B.so attention CTX HEADS KV_HEADS HEAD_DIM LAYERS THREADS CALLS\n");
+                        "       ab_core A.so B.so attention|attention-prefill CTX HEADS KV_HEADS HEAD_DIM LAYERS THREADS CALLS\n");
         return 2;
     }
     const int n_threads = atoi(matvec ? argv[7] : matmul ? argv[8] : argv[9]);
     if (n_threads < 1 || !open_build(argv[1], n_threads, &b[0]) || !open_build(argv[2], n_threads, &b[1])) return 2;
     srand(1);
-    if (attention) return run_attention(b, argv + 4);
+    if (attention) return run_attention(b, argv + 4, prefill);
     if (matmul) return atoi(argv[4]) < 1 ? 2 : run_products(b, argv + 5, atoi(argv[4]));
     return run_products(b, argv + 4, 0);
 }

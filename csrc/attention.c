@@ -642,6 +642,70 @@ ATT_TGT_AVX2 static void block_accum_avx2(float *st, int64_t stride, int64_t row
         }
     }
 }
+/* The block path's scores and accumulation with 512-bit vectors (AVX-512F): one vector holds the
+ * 16 rows (scores) or 16 columns (accumulation) that two 256-bit ones hold above, so each output
+ * lane goes through the same FMAs in the same order: the AVX2 kernels' bits, in half the
+ * operations (the two were a fifth of a 2,000-token prefill, bench/RESULTS.md). */
+#define ATT_TGT_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
+
+ATT_TGT_AVX512 static inline __attribute__((always_inline)) void block_scores_nk_512(
+        const float *qT, int64_t rp, int64_t rc, const float *k0, int64_t hd, float scale, float *sT, const int nk) {
+    __m512 a[4];
+    for (int i = 0; i < nk; i++) a[i] = _mm512_setzero_ps();
+    const float *qp = qT + rc;
+    for (int64_t d = 0; d < hd; d++, qp += rp) {
+        const __m512 w = _mm512_loadu_ps(qp);
+        for (int i = 0; i < nk; i++) a[i] = _mm512_fmadd_ps(w, _mm512_set1_ps(k0[i * hd + d]), a[i]);
+    }
+    const __m512 vs = _mm512_set1_ps(scale);
+    for (int i = 0; i < nk; i++) _mm512_storeu_ps(sT + i * rp + rc, _mm512_mul_ps(a[i], vs));
+}
+
+ATT_TGT_AVX512 static void block_scores_avx512(const float *qT, int64_t rp, const float *kt, int64_t nb, int64_t hd,
+                                               float scale, float *sT) {
+    for (int64_t j0 = 0; j0 < nb; j0 += 4) {
+        const float *k0 = kt + j0 * hd;
+        float *s0 = sT + j0 * rp;
+        for (int64_t rc = 0; rc < rp; rc += 16) {
+            switch (nb - j0 < 4 ? nb - j0 : 4) {
+            case 4: block_scores_nk_512(qT, rp, rc, k0, hd, scale, s0, 4); break;
+            case 3: block_scores_nk_512(qT, rp, rc, k0, hd, scale, s0, 3); break;
+            case 2: block_scores_nk_512(qT, rp, rc, k0, hd, scale, s0, 2); break;
+            default: block_scores_nk_512(qT, rp, rc, k0, hd, scale, s0, 1); break;
+            }
+        }
+    }
+}
+
+ATT_TGT_AVX512 static inline __attribute__((always_inline)) void block_accum_nr_512(
+        float *st, int64_t stride, int64_t r0, int64_t dc, const float *cv, const float *sT, int64_t rp,
+        const float *vt, int64_t nb, int64_t hd, const int nr) {
+    __m512 a[6];
+    for (int i = 0; i < nr; i++)
+        a[i] = _mm512_mul_ps(_mm512_loadu_ps(st + (r0 + i) * stride + 2 + dc), _mm512_set1_ps(cv[r0 + i]));
+    for (int64_t j = 0; j < nb; j++) {
+        const __m512 v = _mm512_loadu_ps(vt + j * hd + dc);
+        const float *p = sT + j * rp + r0;
+        for (int i = 0; i < nr; i++) a[i] = _mm512_fmadd_ps(_mm512_set1_ps(p[i]), v, a[i]);
+    }
+    for (int i = 0; i < nr; i++) _mm512_storeu_ps(st + (r0 + i) * stride + 2 + dc, a[i]);
+}
+
+ATT_TGT_AVX512 static void block_accum_avx512(float *st, int64_t stride, int64_t rows, const float *cv, const float *sT,
+                                              int64_t rp, const float *vt, int64_t nb, int64_t hd) {
+    for (int64_t r0 = 0; r0 < rows; r0 += 6) {
+        for (int64_t dc = 0; dc < hd; dc += 16) {
+            switch (rows - r0 < 6 ? rows - r0 : 6) {
+            case 6: block_accum_nr_512(st, stride, r0, dc, cv, sT, rp, vt, nb, hd, 6); break;
+            case 5: block_accum_nr_512(st, stride, r0, dc, cv, sT, rp, vt, nb, hd, 5); break;
+            case 4: block_accum_nr_512(st, stride, r0, dc, cv, sT, rp, vt, nb, hd, 4); break;
+            case 3: block_accum_nr_512(st, stride, r0, dc, cv, sT, rp, vt, nb, hd, 3); break;
+            case 2: block_accum_nr_512(st, stride, r0, dc, cv, sT, rp, vt, nb, hd, 2); break;
+            default: block_accum_nr_512(st, stride, r0, dc, cv, sT, rp, vt, nb, hd, 1); break;
+            }
+        }
+    }
+}
 #endif
 
 /* The next tile's K and V rows, positions [p, min(p + ATT_B, p1)): a head's rows are head_dim
@@ -688,7 +752,10 @@ static void attend(const att_job *j, float *tile, int64_t h, int64_t i0, int64_t
         cvt_tile(j->impl, j->wide, vh + p * j->kvs, j->kvs, nb, hd, vt);
 #if defined(ATT_X86)
         if (block && p <= j->pos0 + i0) { /* every row sees at least this tile's first position */
-            block_scores_avx2(qT, rp, kt, nb, hd, j->scale, sT);
+            if (j->wide)
+                block_scores_avx512(qT, rp, kt, nb, hd, j->scale, sT);
+            else
+                block_scores_avx2(qT, rp, kt, nb, hd, j->scale, sT);
             for (int64_t r = 0; r < rows; r++) { /* causal: -inf past each row's last position */
                 const int64_t valid = j->pos0 + i0 + r / g + 1 - p;
                 for (int64_t jj = valid; jj < nb; jj++) sT[jj * rp + r] = -INFINITY;
@@ -698,7 +765,10 @@ static void attend(const att_job *j, float *tile, int64_t h, int64_t i0, int64_t
                 const int64_t valid = j->pos0 + i0 + r / g + 1 - p;
                 for (int64_t jj = valid; jj < nb; jj++) sT[jj * rp + r] = 0.0f;
             }
-            block_accum_avx2(st, st_stride, rows, cv, sT, rp, vt, nb, hd);
+            if (j->wide)
+                block_accum_avx512(st, st_stride, rows, cv, sT, rp, vt, nb, hd);
+            else
+                block_accum_avx2(st, st_stride, rows, cv, sT, rp, vt, nb, hd);
             continue;
         }
         if (block) { /* per-row tiles from here on (p only grows): m and l back into st */
