@@ -767,6 +767,27 @@ TGT_AVX512Q1 static void down_cols_q1_planes(const ffn_t *f, int64_t r0, int64_t
     for (; r < r1; r++) down_cols_q1_planes_block(f, r, 1, r1);
 }
 
+/* fixed_add_avx2's arithmetic 8 at a time: c * 2^32 + 1.5 * 2^52 in a double rounds c * 2^32 to an
+ * integer (half to even) in its low bits while |c| < 2^19; groups with a larger value or a NaN take
+ * fixed_add_ref. The same bits as fixed_add_avx2 in half the operations (prefill adds every
+ * expert's t x d_model piece into the accumulator, 7% of a 2,000-token SmolLM2 prefill). */
+TGT_AVX512 static void fixed_add_avx512(const float *c, int64_t *acc, int64_t n) {
+    const __m512d magic = _mm512_set1_pd(0x1.8p52), scale = _mm512_set1_pd(0x1p32);
+    const __m256 limit = _mm256_set1_ps(0x1p19f), sign = _mm256_set1_ps(-0.0f);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_loadu_ps(c + i);
+        if (_mm256_movemask_ps(_mm256_cmp_ps(_mm256_andnot_ps(sign, v), limit, _CMP_LT_OQ)) != 0xff) {
+            fixed_add_ref(c + i, acc + i, 8); /* NaN compares false */
+            continue;
+        }
+        const __m512d r = _mm512_fmadd_pd(_mm512_cvtps_pd(v), scale, magic);
+        const __m512i f = _mm512_sub_epi64(_mm512_castpd_si512(r), _mm512_castpd_si512(magic));
+        _mm512_storeu_si512((void *)(acc + i), _mm512_add_epi64(_mm512_loadu_si512((const void *)(acc + i)), f));
+    }
+    fixed_add_ref(c + i, acc + i, n - i);
+}
+
 /* ---- table entries built from the pieces above --------------------------------------------- */
 
 /* Two consecutive rows against one prepared x (matvec and FFN phase 1 pair rows). */
@@ -935,7 +956,7 @@ const fic_kernels fic_kernels_avx512 = {
         AVX512_Q1(XP_Q1_AVX512),
     },
     NULL, /* gemm_panel: not measured on AVX-512 (gemm_tile_avx512's 6 x 4 blocks) */
-    fixed_add_avx2,
+    fixed_add_avx512,
     NULL, /* pack8: no panels here */
     silu_mul_avx2,
     q1r32_avx2,
@@ -955,7 +976,7 @@ const fic_kernels fic_kernels_avx512_vnni = {
     gemm_tile_avx512,
     {AVX512_COMMON, AVX512_Q4_VNNI, AVX512_Q1(XP_Q1_AVX512)},
     NULL,
-    fixed_add_avx2,
+    fixed_add_avx512,
     NULL, /* pack8: no panels here */
     silu_mul_avx2,
     q1r32_avx2,
@@ -968,7 +989,7 @@ const fic_kernels fic_kernels_avx512_q1 = {
     gemm_tile_avx512,
     {AVX512_COMMON, AVX512_Q4_VNNI, AVX512_Q1(XP_Q1_PLANES)},
     NULL,
-    fixed_add_avx2,
+    fixed_add_avx512,
     NULL, /* pack8: no panels here */
     silu_mul_avx2,
     q1r32_avx2,
