@@ -43,9 +43,10 @@ typedef struct job_s {
     const float *xsum; /* per-block sums of x (Q4_1, Q1_0), or NULL */
     const int8_t *xq;  /* x quantized to int8 in blocks of 32 (Q1_0 on AVX2: in bit-plane order, 2 bytes
                           per weight, see dot_q1_avx2; Q4 on VNNI), or NULL */
-    const float *xscale16; /* per 4 weights: the scale of xq's block (16 lanes per 64 weights);
-                              Q1_0 on AVX2: 8 lanes per 128 weights (see dot_q1_avx2) */
-    const float *xcorr16;  /* Q4 int8 path: per 4 weights, dx * their sum of xq (x -8 for Q4_0);
+    const float *xscale16; /* per int32 lane of the int8 sums: the scale of its xq block (Q4 on VNNI: 16
+                              lanes per 128 weights, a lane 4 low-half and 4 high-half weights of a
+                              block, see q4_quad_vnni); Q1_0 on AVX2: 8 lanes per 128 weights */
+    const float *xcorr16;  /* Q4 int8 path: per lane, dx * its 8 weights' sum of xq (x -8 for Q4_0);
                               Q1_0 on AVX-512: -1024 dx per lane; on AVX2 see dot_q1_avx2 */
     const uint8_t *xu;     /* Q1_0 on AVX-512: xq + 128 as u8, or x's bit planes (q1_planes) */
     int q4_int8;           /* Q4_0/Q4_1 on AVX-512 VNNI: xq is in the quad layout (see below) */

@@ -490,10 +490,10 @@ TGT_AVX512VNNI static ALWAYS_INLINE void q4_rows_vnni(const job_t *j, const uint
     for (int64_t q = 0; q < nq; q++) {
         const int nblk = nb - 4 * q >= 4 ? 4 : (int)(nb - 4 * q);
         const __m512 sc = _mm512_loadu_ps(j->xscale16 + 16 * q), corr = _mm512_loadu_ps(j->xcorr16 + 16 * q);
+        const __m512i xlo = _mm512_loadu_si512((const void *)(j->xq + 128 * q)),
+                      xhi = _mm512_loadu_si512((const void *)(j->xq + 128 * q + 64));
         for (int i = 0; i < nr; i++) {
             const uint8_t *g = row + i * rb + 4 * q * stride;
-            const __m512i xlo = _mm512_loadu_si512((const void *)(j->xq + 128 * q)),
-                          xhi = _mm512_loadu_si512((const void *)(j->xq + 128 * q + 64));
             if (nblk == 4)
                 q4_quad_vnni(g, stride, is1, 4, xlo, xhi, sc, corr, &acc[i], &accm[i]);
             else
@@ -533,7 +533,7 @@ TGT_AVX512VNNI static float dot_q4_vnni(const job_t *j, const uint8_t *row, cons
 
 /* x -> int8 in the quad layout of q4_quad_vnni (q8_0 rounding, as quantize_x_avx2), with its
  * per-lane scales and the per-lane dx * sum xq (times -8 for Q4_0); a last partial quad padded
- * with zeros (kern_q4_quad_bytes). */
+ * with zeros (kern_q4_quad_weights). */
 TGT_AVX512 void kern_quantize_x_quads_avx512(const float *x, int64_t k, int q4_0, int8_t *xq, float *xscale16,
                                                float *xcorr16) {
     const int64_t nb = k / 32, nq = (nb + 3) / 4;
