@@ -30,6 +30,7 @@
 #include "exp_avx2.h"
 #define ATT_X86 1
 #define ATT_TGT_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define ATT_TGT_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
 #endif
 #if defined(__aarch64__)
 #include <arm_neon.h>
@@ -125,8 +126,7 @@ ATT_TGT_AVX2 static void cvt_tile_avx2(const uint16_t *src, int64_t stride, int6
 
 /* The same with 16 halves per conversion (AVX-512F: a 512-bit vcvtph2ps costs what a 256-bit one
  * does, and the tile conversion was most of long-context decode, bench/RESULTS.md). */
-__attribute__((target("avx512f,f16c"))) static void cvt_tile_avx512(const uint16_t *src, int64_t stride, int64_t nb,
-                                                              int64_t hd, float *dst) {
+ATT_TGT_AVX512 static void cvt_tile_avx512(const uint16_t *src, int64_t stride, int64_t nb, int64_t hd, float *dst) {
     for (int64_t j = 0; j < nb; j++) {
         const uint16_t *s = src + j * stride;
         float *o = dst + j * hd;
@@ -646,8 +646,6 @@ ATT_TGT_AVX2 static void block_accum_avx2(float *st, int64_t stride, int64_t row
  * 16 rows (scores) or 16 columns (accumulation) that two 256-bit ones hold above, so each output
  * lane goes through the same FMAs in the same order: the AVX2 kernels' bits, in half the
  * operations (the two were a fifth of a 2,000-token prefill, bench/RESULTS.md). */
-#define ATT_TGT_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
-
 ATT_TGT_AVX512 static inline __attribute__((always_inline)) void block_scores_nk_512(
         const float *qT, int64_t rp, int64_t rc, const float *k0, int64_t hd, float scale, float *sT, const int nk) {
     __m512 a[4];
@@ -837,6 +835,12 @@ static void prefill_range(void *ctx, int64_t begin, int64_t end, int tid) {
     }
 }
 
+/* Decode: the state (m, l, acc) of kv head h's first query row over slice sp; its next rows are
+ * n_split * (hd + 2) floats apart. */
+static float *partial_state(const att_job *j, int64_t h, int64_t sp) {
+    return j->partials + (h * j->g * j->n_split + sp) * (j->hd + 2);
+}
+
 /* Decode item: one slice of one kv head's positions, into the partials. */
 static void decode_range(void *ctx, int64_t begin, int64_t end, int tid) {
     const att_job *j = ctx;
@@ -846,7 +850,7 @@ static void decode_range(void *ctx, int64_t begin, int64_t end, int tid) {
         const int64_t h = it / j->n_split, sp = it % j->n_split;
         const int64_t p0 = sp * j->split_len, p1 = p0 + j->split_len < n ? p0 + j->split_len : n;
         const int64_t stride = j->n_split * (hd + 2);
-        float *st = j->partials + (h * j->g * j->n_split + sp) * (hd + 2);
+        float *st = partial_state(j, h, sp);
         init_state(st, j->g, stride, hd);
         if (p0 < p1) attend(j, tile, h, 0, 1, p0, p1, st, stride);
     }
@@ -862,12 +866,12 @@ static void decode_range_tiles(void *ctx, int64_t begin, int64_t end, int tid) {
     const int64_t hd = j->hd, n = j->pos0 + 1, stride = j->n_split * (hd + 2);
     for (int64_t sp = begin; sp < end; sp++) {
         const int64_t p0 = sp * j->split_len, p1 = p0 + j->split_len < n ? p0 + j->split_len : n;
-        for (int64_t h = 0; h < j->nkv; h++) init_state(j->partials + (h * j->g * j->n_split + sp) * (hd + 2), j->g, stride, hd);
+        for (int64_t h = 0; h < j->nkv; h++) init_state(partial_state(j, h, sp), j->g, stride, hd);
         for (int64_t p = p0; p < p1; p += ATT_B) {
             const int64_t pe = p + ATT_B < p1 ? p + ATT_B : p1;
             for (int64_t h = 0; h < j->nkv; h++) {
                 prefetch_tile(j->k + h * hd, j->v + h * hd, j->kvs, hd, pe, p1);
-                attend(j, tile, h, 0, 1, p, pe, j->partials + (h * j->g * j->n_split + sp) * (hd + 2), stride);
+                attend(j, tile, h, 0, 1, p, pe, partial_state(j, h, sp), stride);
             }
         }
     }
