@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -125,6 +127,28 @@ def source_gguf(model_dir: Path, cache_dirs: Sequence[Path] = ()) -> Path:
                        "(`fic show` names it): give the .gguf file as MODEL")
 
 
+# A trial prompt of up to 32 tokens in a child process, before llama.cpp runs in fic's own: a
+# llama.cpp that dies on this CPU (its AMX path did on a Xeon VM, bench/RESULTS.md "An AVX-512
+# machine") must not take fic with it.
+TRIAL_CODE = ("import sys, llama_cpp\n"
+              "llm = llama_cpp.Llama(sys.argv[1], n_ctx=64, n_threads=int(sys.argv[2]), verbose=False)\n"
+              "llm.eval(list(range(min(32, llm.n_vocab()))))\n")
+
+
+def trial_run(gguf: Path, threads: int, code: str | None = None) -> None:
+    """Runs code (TRIAL_CODE: a llama-cpp-python trial of gguf on threads) in a child; CompareError
+    if it dies or fails."""
+    r = subprocess.run([sys.executable, "-c", code or TRIAL_CODE, str(gguf), str(threads)], capture_output=True,
+                       text=True, stdin=subprocess.DEVNULL)
+    if r.returncode < 0:
+        name = signal.Signals(-r.returncode).name
+        raise CompareError(f"llama.cpp died ({name}) in a trial run on this CPU; on an x86 CPU with AMX, rebuild "
+                           "llama-cpp-python without it (the README says how)")
+    if r.returncode != 0:
+        tail = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        raise CompareError(f"llama.cpp failed in a trial run (exit {r.returncode}): {tail}")
+
+
 class PyLlama:
     """llama.cpp through llama-cpp-python, fed token ids, greedy."""
 
@@ -134,6 +158,7 @@ class PyLlama:
         except ImportError:
             raise CompareError("--vs llama.cpp needs the llama-cpp-python package (pip install "
                                "'flashinfer-cli[llamacpp]') or a llama.cpp build: --vs llama.cpp=BUILD_DIR") from None
+        trial_run(gguf, threads)
         self.lib = llama_cpp
         self.llm = llama_cpp.Llama(str(gguf), n_ctx=ctx, n_batch=512, n_threads=threads, n_threads_batch=threads,
                                    verbose=False)

@@ -178,6 +178,28 @@ def test_binary_peer_failure_is_a_compare_error(tiny, tmp_path):
         p.run([1], 2, "x")
 
 
+# ---- the trial run in a child (a llama.cpp that dies must not take fic with it) -------------------
+
+def test_trial_run_that_dies_by_a_signal_is_a_compare_error(tiny):
+    kill = "import os, signal; os.kill(os.getpid(), signal.SIGILL)"  # as llama.cpp's AMX path died
+    with pytest.raises(peer.CompareError, match=r"llama.cpp died \(SIGILL\).*AMX"):
+        peer.trial_run(tiny[0], 1, code=kill)
+
+
+def test_trial_run_that_fails_is_a_compare_error(tiny):
+    with pytest.raises(peer.CompareError, match="exit 3.*cannot load"):
+        peer.trial_run(tiny[0], 1, code="import sys; sys.stderr.write('cannot load\\n'); sys.exit(3)")
+
+
+def test_vs_when_llama_cpp_dies_is_one_line(tiny, monkeypatch):
+    from conftest import need_llama_cpp
+
+    need_llama_cpp()
+    monkeypatch.setattr(peer, "TRIAL_CODE", "import os, signal; os.kill(os.getpid(), signal.SIGILL)")
+    line = fail_line([str(tiny[1]), "--vs", "llama.cpp", "--long", "32", "--max-tokens", "2"])
+    assert "llama.cpp died (SIGILL)" in line
+
+
 # ---- one real run: llama-cpp-python on the tiny GGUF ----------------------------------------------
 
 def test_real_tiny_run_against_llama_cpp_python(tiny):
