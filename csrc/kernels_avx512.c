@@ -845,8 +845,9 @@ TGT_AVX512VNNI static ALWAYS_INLINE void q4_rows_k64(const job_t *j, const uint8
 }
 
 /* FIC_FFN_FIXED calls: each expert's row pieces rounded on their own, P2_ROWS rows at a time, into
- * the fixed-point sums; each piece is the bits dot_q4_vnni gives it (the generic loop's), but
- * without a call and a reduction setup per piece: a dense model's down pieces are 64 weights. */
+ * the fixed-point sums. A piece's bits depend only on the piece and h_e (chunks start at multiples of
+ * P2_ROWS, ffn.c), not on the call's other experts: no call and reduction set-up per piece, which
+ * for a dense model's 64-weight pieces was most of the work. */
 TGT_AVX512VNNI static void down_cols_q4_fixed(const ffn_t *f, int64_t r0, int64_t r1) {
     for (int64_t e = 0; e < f->n_experts; e++) {
         if (f->skip[e]) continue;

@@ -141,7 +141,10 @@ def trial_run(gguf: Path, threads: int, code: str | None = None) -> None:
     r = subprocess.run([sys.executable, "-c", code or TRIAL_CODE, str(gguf), str(threads)], capture_output=True,
                        text=True, stdin=subprocess.DEVNULL)
     if r.returncode < 0:
-        name = signal.Signals(-r.returncode).name
+        try:
+            name = signal.Signals(-r.returncode).name
+        except ValueError:  # a signal Python has no name for
+            name = f"signal {-r.returncode}"
         raise CompareError(f"llama.cpp died ({name}) in a trial run on this CPU; on an x86 CPU with AMX, rebuild "
                            "llama-cpp-python without it (the README says how)")
     if r.returncode != 0:

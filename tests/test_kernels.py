@@ -64,6 +64,14 @@ def int8_activation_path(fmt: str, impl: str) -> bool:
     return fmt in QDOT_FORMATS and resolved in ("avx2", "avx512")
 
 
+def q8_rounded(x: np.ndarray) -> np.ndarray:
+    """x as the int8 path sees it, q8 as matvec.c computes it in float32: per block of 32,
+    q = rint(x * (127 / amax)), times dx = amax / 127 (in float64)."""
+    amax = np.abs(x.reshape(-1, 32)).max(axis=1, keepdims=True)
+    q = np.rint(x.reshape(-1, 32) * (np.float32(127) / amax))
+    return (q.astype(np.float64) * (amax / np.float32(127))).reshape(-1)
+
+
 def q8_half_step(x: np.ndarray) -> np.ndarray:
     """Per element, half the q8_0 step of its block of 32: the most rounding can move it."""
     amax = np.abs(x.reshape(-1, 32)).max(axis=1)
@@ -186,11 +194,7 @@ def test_int8_activation_error_is_small_in_practice(fmt, impl):
     y = K.matvec(qt, x, impl=impl)
     err = y - exact
     assert np.sqrt(np.mean(err ** 2) / np.mean(exact ** 2)) < 0.01
-    # q8 as matvec.c computes it, in float32: q = rint(x * (127 / amax)), dx = amax / 127
-    amax = np.abs(x.reshape(-1, 32)).max(axis=1, keepdims=True)
-    q = np.rint(x.reshape(-1, 32) * (np.float32(127) / amax))
-    x_q8 = (q.astype(np.float64) * (amax / np.float32(127))).reshape(-1)
-    assert_within(y, wd @ x_q8, 2 * dot_bound(wd, x))
+    assert_within(y, wd @ q8_rounded(x), 2 * dot_bound(wd, x))
 
 
 @pytest.mark.parametrize("n_blocks", [2, 3, 5, 6, 7, 18])
@@ -202,10 +206,7 @@ def test_int8_activation_any_number_of_blocks(fmt, impl, n_blocks):
     qt, wd, rng = make(fmt, 37, k, seed=n_blocks)
     x = rng.standard_normal(k, dtype=np.float32)
     y = K.matvec(qt, x, impl=impl)
-    amax = np.abs(x.reshape(-1, 32)).max(axis=1, keepdims=True)
-    q = np.rint(x.reshape(-1, 32) * (np.float32(127) / amax))
-    x_q8 = (q.astype(np.float64) * (amax / np.float32(127))).reshape(-1)
-    assert_within(y, wd @ x_q8, 2 * dot_bound(wd, x))
+    assert_within(y, wd @ q8_rounded(x), 2 * dot_bound(wd, x))
 
 
 @pytest.mark.parametrize("fmt,impl", [(f, i) for f, i in INT8_CASES if f != "q1_0"])
