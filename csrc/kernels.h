@@ -175,6 +175,13 @@ typedef void (*kern_silu_mul_fn)(float c, float *h, const float *u, int64_t n);
 #define Q1R32_ROWS 32
 #define Q1R32_BLOCK_BYTES (Q1R32_ROWS * (2 + QK1_0 / 8)) /* 576: the same bytes as 32 blocks */
 #define Q1R32_TAB_BYTES 32                               /* table bytes per 4 weights */
+#define Q1R32_TAB_H 128 /* from a group's L table to its H table */
+/* Where 4-weight group g's L table lies in a token's tables (its H table Q1R32_TAB_H on): per q8
+ * block of 32 weights (8 groups, 256 bytes) the L tables of the even groups (the low nibbles of the
+ * block's 4 sign bytes), then of the odd groups (the high nibbles), then the H tables in the same
+ * order, so that one 64-byte load holds the tables of one nibble of all 4 sign bytes
+ * (q1r32_avx512's vpermb). */
+static inline int64_t q1r32_tab_at(int64_t g) { return (g >> 3) * 256 + (g & 1) * 64 + ((g >> 1) & 3) * 16; }
 /* Q1_0 rows in groups of 32 (q1r32.c): y[32 g + r] for groups g0 <= g < g1 of w (nb blocks of 128
  * weights per row), by lookups in tab scaled by dx (per 32 weights). With x = 16 h + l (l = x & 15,
  * h = x >> 4 in -8..7), tab holds per 4 weights the 16 sums over the set bits t of n of l_t (16

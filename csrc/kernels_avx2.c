@@ -199,9 +199,9 @@ TGT_AVX2 static inline void q1r32_two_bytes(const uint8_t *p, const uint8_t *t, 
         const __m256i v = _mm256_loadu_si256((const __m256i *)(p + 2 * Q1R32_ROWS + Q1R32_ROWS * j));
         const __m256i idx[2] = {_mm256_and_si256(v, m4), _mm256_and_si256(_mm256_srli_epi16(v, 4), m4)};
         for (int h = 0; h < 2; h++) {
-            const uint8_t *tg = t + (2 * j + h) * Q1R32_TAB_BYTES;
+            const uint8_t *tg = t + q1r32_tab_at(2 * j + h);
             L = _mm256_add_epi8(L, _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)tg)), idx[h]));
-            H = _mm256_add_epi8(H, _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(tg + 16))), idx[h]));
+            H = _mm256_add_epi8(H, _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(tg + Q1R32_TAB_H))), idx[h]));
         }
     }
     const __m256i c = _mm256_set1_epi16(32 << 8 | 2); /* bytes (2, 32): 2 L + 32 H, at most 8,160 */

@@ -163,10 +163,10 @@ void q1r32_ref(const uint8_t *w, int64_t nb, const uint8_t *tab, const int16_t *
                 int32_t s[Q1R32_ROWS];
                 for (int r = 0; r < Q1R32_ROWS; r++) s[r] = -cx[b * (QK1_0 / 32) + q];
                 for (int i = 4 * q; i < 4 * q + 4; i++) { /* sign byte i: weights 8i..8i+7 */
-                    const uint8_t *tl = t + 2 * i * Q1R32_TAB_BYTES, *th = tl + Q1R32_TAB_BYTES;
+                    const uint8_t *tl = t + q1r32_tab_at(2 * i), *th = t + q1r32_tab_at(2 * i + 1);
                     for (int r = 0; r < Q1R32_ROWS; r++) {
                         const uint8_t v = p[2 * Q1R32_ROWS + Q1R32_ROWS * i + r], lo = v & 15, hi = v >> 4;
-                        s[r] += 2 * (tl[lo] + th[hi]) + 32 * (tl[16 + lo] + th[16 + hi]);
+                        s[r] += 2 * (tl[lo] + th[hi]) + 32 * (tl[Q1R32_TAB_H + lo] + th[Q1R32_TAB_H + hi]);
                     }
                 }
                 for (int r = 0; r < Q1R32_ROWS; r++) {

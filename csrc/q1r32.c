@@ -41,7 +41,9 @@ int64_t fic_q1r32_ws_bytes(int64_t k) {
 
 /* Per 4 weights (bits 0..3 of a nibble, LSB first as Q1_0's), with x = 16 h + l: L[n] = sum over the
  * set bits t of n of l_t, then H[n] = 32 + the same of h_t (kern_q1r32_fn), each entry from an
- * earlier one plus one term; per q8 block of 32, cx = 8192 + sum xq. */
+ * earlier one plus one term, a group's L and H side by side; then each q8 block's 256 bytes are
+ * put in q1r32_tab_at's order (in place: building there directly was 3x slower, bench/RESULTS.md);
+ * per q8 block of 32, cx = 8192 + sum xq. */
 void q1r32_build_tables(const int8_t *xq, int64_t k, uint8_t *tab, int16_t *cx) {
     for (int64_t grp = 0; grp < k / 4; grp++) {
         const int8_t *x = xq + 4 * grp;
@@ -52,6 +54,14 @@ void q1r32_build_tables(const int8_t *xq, int64_t k, uint8_t *tab, int16_t *cx) 
             const int v = x[__builtin_ctz((unsigned)n)], e = n & (n - 1);
             t[n] = (uint8_t)(t[e] + (v & 15));
             t[16 + n] = (uint8_t)(t[16 + e] + (v >> 4)); /* arithmetic shift: h in -8..7 */
+        }
+    }
+    for (int64_t b = 0; b < k / 32; b++) { /* 16-byte piece 2 g + part (L 0, H 1) -> its place */
+        uint8_t side_by_side[8 * Q1R32_TAB_BYTES], *t = tab + b * sizeof side_by_side;
+        memcpy(side_by_side, t, sizeof side_by_side);
+        for (int g = 0; g < 8; g++) {
+            memcpy(t + q1r32_tab_at(g), side_by_side + 32 * g, 16);
+            memcpy(t + q1r32_tab_at(g) + Q1R32_TAB_H, side_by_side + 32 * g + 16, 16);
         }
     }
     for (int64_t b = 0; b < k / 32; b++) {
