@@ -137,47 +137,69 @@ ATT_TGT_AVX512 static void cvt_tile_avx512(const uint16_t *src, int64_t stride, 
     }
 }
 
+/* The per-row kernels below read K and V rows either from a tile of floats or straight from the
+ * fp16 cache (decode: a tile would be read once, and writing it cost more than the conversion,
+ * bench/RESULTS.md): ld8 and ld1 give the same floats either way, so both give the same bits. */
+#define ATT_INLINE inline __attribute__((always_inline))
+ATT_TGT_AVX2 static ATT_INLINE __m256 ld8(const void *rows, int64_t i, int half) {
+    return half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)rows + i)))
+                : _mm256_loadu_ps((const float *)rows + i);
+}
+ATT_TGT_AVX2 static ATT_INLINE float ld1(const void *rows, int64_t i, int half) {
+    return half ? _cvtsh_ss(((const uint16_t *)rows)[i]) : ((const float *)rows)[i];
+}
+
 /* Four dot products at a time: four accumulators, then hadds leave the four sums in one
- * 128-bit vector (one horizontal reduction per four keys instead of one per key). */
-ATT_TGT_AVX2 static void scores_avx2(const float *q, const float *kt, int64_t nb, int64_t hd, float scale, float *s) {
+ * 128-bit vector (one horizontal reduction per four keys instead of one per key). K rows are
+ * ks elements apart, floats or halves (half). */
+ATT_TGT_AVX2 static ATT_INLINE void scores_rows(const float *q, const void *kt, int64_t ks, int half, int64_t nb,
+                                                int64_t hd, float scale, float *s) {
     const int64_t hd8 = hd & ~(int64_t)7;
     const __m128 vs = _mm_set1_ps(scale);
     int64_t j = 0;
     for (; j + 4 <= nb; j += 4) {
-        const float *k0 = kt + j * hd, *k1 = k0 + hd, *k2 = k1 + hd, *k3 = k2 + hd;
+        const int64_t k0 = j * ks, k1 = k0 + ks, k2 = k1 + ks, k3 = k2 + ks;
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         for (int64_t d = 0; d < hd8; d += 8) {
             __m256 qv = _mm256_loadu_ps(q + d);
-            a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + d), a0);
-            a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + d), a1);
-            a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + d), a2);
-            a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + d), a3);
+            a0 = _mm256_fmadd_ps(qv, ld8(kt, k0 + d, half), a0);
+            a1 = _mm256_fmadd_ps(qv, ld8(kt, k1 + d, half), a1);
+            a2 = _mm256_fmadd_ps(qv, ld8(kt, k2 + d, half), a2);
+            a3 = _mm256_fmadd_ps(qv, ld8(kt, k3 + d, half), a3);
         }
         __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
         __m128 r = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
         if (hd8 < hd) {
             float tail[4] = {0, 0, 0, 0};
             for (int64_t d = hd8; d < hd; d++) {
-                tail[0] += q[d] * k0[d];
-                tail[1] += q[d] * k1[d];
-                tail[2] += q[d] * k2[d];
-                tail[3] += q[d] * k3[d];
+                tail[0] += q[d] * ld1(kt, k0 + d, half);
+                tail[1] += q[d] * ld1(kt, k1 + d, half);
+                tail[2] += q[d] * ld1(kt, k2 + d, half);
+                tail[3] += q[d] * ld1(kt, k3 + d, half);
             }
             r = _mm_add_ps(r, _mm_loadu_ps(tail));
         }
         _mm_storeu_ps(s + j, _mm_mul_ps(r, vs));
     }
     for (; j < nb; j++) {
-        const float *k = kt + j * hd;
+        const int64_t k = j * ks;
         __m256 a = _mm256_setzero_ps();
-        for (int64_t d = 0; d < hd8; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k + d), a);
+        for (int64_t d = 0; d < hd8; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), ld8(kt, k + d, half), a);
         __m128 r = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
         r = _mm_hadd_ps(r, r);
         r = _mm_hadd_ps(r, r);
         float acc = _mm_cvtss_f32(r);
-        for (int64_t d = hd8; d < hd; d++) acc += q[d] * k[d];
+        for (int64_t d = hd8; d < hd; d++) acc += q[d] * ld1(kt, k + d, half);
         s[j] = scale * acc;
     }
+}
+
+ATT_TGT_AVX2 static void scores_avx2(const float *q, const float *kt, int64_t nb, int64_t hd, float scale, float *s) {
+    scores_rows(q, kt, hd, 0, nb, hd, scale, s);
+}
+ATT_TGT_AVX2 static void scores_avx2_f16(const float *q, const uint16_t *k, int64_t ks, int64_t nb, int64_t hd, float scale,
+                                         float *s) {
+    scores_rows(q, k, ks, 1, nb, hd, scale, s);
 }
 
 ATT_TGT_AVX2 static float exp_sum_avx2(float *s, int64_t n, float m) {
@@ -203,10 +225,10 @@ ATT_TGT_AVX2 static float exp_sum_avx2(float *s, int64_t n, float m) {
     return total;
 }
 
-/* acc = acc * corr + sum_j p[j] vt[j] over hd columns of V rows `stride` floats apart, 32 columns
- * (four registers) at a time over all j. */
-ATT_TGT_AVX2 static void accum_avx2(float *acc, float corr, const float *p, const float *vt, int64_t nb, int64_t hd,
-                                    int64_t stride) {
+/* acc = acc * corr + sum_j p[j] vt[j] over hd columns of V rows `stride` elements apart (floats
+ * or halves), 32 columns (four registers) at a time over all j. */
+ATT_TGT_AVX2 static ATT_INLINE void accum_rows(float *acc, float corr, const float *p, const void *vt, int64_t nb,
+                                               int64_t hd, int64_t stride, int half) {
     const __m256 vc = _mm256_set1_ps(corr);
     int64_t d = 0;
     for (; d + 32 <= hd; d += 32) {
@@ -215,12 +237,12 @@ ATT_TGT_AVX2 static void accum_avx2(float *acc, float corr, const float *p, cons
         __m256 a2 = _mm256_mul_ps(_mm256_loadu_ps(acc + d + 16), vc);
         __m256 a3 = _mm256_mul_ps(_mm256_loadu_ps(acc + d + 24), vc);
         for (int64_t j = 0; j < nb; j++) {
-            const float *v = vt + j * stride + d;
+            const int64_t v = j * stride + d;
             __m256 pj = _mm256_broadcast_ss(p + j);
-            a0 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v), a0);
-            a1 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 8), a1);
-            a2 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 16), a2);
-            a3 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 24), a3);
+            a0 = _mm256_fmadd_ps(pj, ld8(vt, v, half), a0);
+            a1 = _mm256_fmadd_ps(pj, ld8(vt, v + 8, half), a1);
+            a2 = _mm256_fmadd_ps(pj, ld8(vt, v + 16, half), a2);
+            a3 = _mm256_fmadd_ps(pj, ld8(vt, v + 24, half), a3);
         }
         _mm256_storeu_ps(acc + d, a0);
         _mm256_storeu_ps(acc + d + 8, a1);
@@ -229,37 +251,46 @@ ATT_TGT_AVX2 static void accum_avx2(float *acc, float corr, const float *p, cons
     }
     for (; d + 8 <= hd; d += 8) {
         __m256 a = _mm256_mul_ps(_mm256_loadu_ps(acc + d), vc);
-        for (int64_t j = 0; j < nb; j++) a = _mm256_fmadd_ps(_mm256_broadcast_ss(p + j), _mm256_loadu_ps(vt + j * stride + d), a);
+        for (int64_t j = 0; j < nb; j++) a = _mm256_fmadd_ps(_mm256_broadcast_ss(p + j), ld8(vt, j * stride + d, half), a);
         _mm256_storeu_ps(acc + d, a);
     }
     for (; d < hd; d++) {
         float a = acc[d] * corr;
-        for (int64_t j = 0; j < nb; j++) a += p[j] * vt[j * stride + d];
+        for (int64_t j = 0; j < nb; j++) a += p[j] * ld1(vt, j * stride + d, half);
         acc[d] = a;
     }
 }
 
+ATT_TGT_AVX2 static void accum_avx2(float *acc, float corr, const float *p, const float *vt, int64_t nb, int64_t hd,
+                                    int64_t stride) {
+    accum_rows(acc, corr, p, vt, nb, hd, stride, 0);
+}
+ATT_TGT_AVX2 static void accum_avx2_f16(float *acc, float corr, const float *p, const uint16_t *v, int64_t nb, int64_t hd,
+                                        int64_t stride) {
+    accum_rows(acc, corr, p, v, nb, hd, stride, 1);
+}
+
 /* Two query rows of the same query (heads sharing this kv head) at once: each K and V load
- * feeds two FMAs instead of one. */
-ATT_TGT_AVX2 static void scores2_avx2(const float *qa, const float *qb, const float *kt, int64_t nb, int64_t hd,
-                                      float scale, float *sa, float *sb) {
+ * feeds two FMAs instead of one. K and V rows ks and vs elements apart, floats or halves (half). */
+ATT_TGT_AVX2 static ATT_INLINE void scores2_rows(const float *qa, const float *qb, const void *kt, int64_t ks, int half,
+                                                 int64_t nb, int64_t hd, float scale, float *sa, float *sb) {
     const int64_t hd8 = hd & ~(int64_t)7;
     if (hd8 != hd) { /* odd head_dim: the one-row kernel handles the tails */
-        scores_avx2(qa, kt, nb, hd, scale, sa);
-        scores_avx2(qb, kt, nb, hd, scale, sb);
+        scores_rows(qa, kt, ks, half, nb, hd, scale, sa);
+        scores_rows(qb, kt, ks, half, nb, hd, scale, sb);
         return;
     }
     const __m128 vs = _mm_set1_ps(scale);
     int64_t j = 0;
     for (; j + 4 <= nb; j += 4) {
-        const float *k0 = kt + j * hd, *k1 = k0 + hd, *k2 = k1 + hd, *k3 = k2 + hd;
+        const int64_t k0 = j * ks, k1 = k0 + ks, k2 = k1 + ks, k3 = k2 + ks;
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
         for (int64_t d = 0; d < hd; d += 8) {
             __m256 qva = _mm256_loadu_ps(qa + d), qvb = _mm256_loadu_ps(qb + d), k;
-            k = _mm256_loadu_ps(k0 + d); a0 = _mm256_fmadd_ps(qva, k, a0); b0 = _mm256_fmadd_ps(qvb, k, b0);
-            k = _mm256_loadu_ps(k1 + d); a1 = _mm256_fmadd_ps(qva, k, a1); b1 = _mm256_fmadd_ps(qvb, k, b1);
-            k = _mm256_loadu_ps(k2 + d); a2 = _mm256_fmadd_ps(qva, k, a2); b2 = _mm256_fmadd_ps(qvb, k, b2);
-            k = _mm256_loadu_ps(k3 + d); a3 = _mm256_fmadd_ps(qva, k, a3); b3 = _mm256_fmadd_ps(qvb, k, b3);
+            k = ld8(kt, k0 + d, half); a0 = _mm256_fmadd_ps(qva, k, a0); b0 = _mm256_fmadd_ps(qvb, k, b0);
+            k = ld8(kt, k1 + d, half); a1 = _mm256_fmadd_ps(qva, k, a1); b1 = _mm256_fmadd_ps(qvb, k, b1);
+            k = ld8(kt, k2 + d, half); a2 = _mm256_fmadd_ps(qva, k, a2); b2 = _mm256_fmadd_ps(qvb, k, b2);
+            k = ld8(kt, k3 + d, half); a3 = _mm256_fmadd_ps(qva, k, a3); b3 = _mm256_fmadd_ps(qvb, k, b3);
         }
         __m256 ha = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
         __m256 hb = _mm256_hadd_ps(_mm256_hadd_ps(b0, b1), _mm256_hadd_ps(b2, b3));
@@ -267,13 +298,16 @@ ATT_TGT_AVX2 static void scores2_avx2(const float *qa, const float *qb, const fl
         _mm_storeu_ps(sb + j, _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(hb), _mm256_extractf128_ps(hb, 1)), vs));
     }
     if (j < nb) {
-        scores_avx2(qa, kt + j * hd, nb - j, hd, scale, sa + j);
-        scores_avx2(qb, kt + j * hd, nb - j, hd, scale, sb + j);
+        scores_rows(qa, half ? (const void *)((const uint16_t *)kt + j * ks) : (const void *)((const float *)kt + j * ks), ks,
+                    half, nb - j, hd, scale, sa + j);
+        scores_rows(qb, half ? (const void *)((const uint16_t *)kt + j * ks) : (const void *)((const float *)kt + j * ks), ks,
+                    half, nb - j, hd, scale, sb + j);
     }
 }
 
-ATT_TGT_AVX2 static void accum2_avx2(float *acca, float corra, const float *pa, float *accb, float corrb,
-                                     const float *pb, const float *vt, int64_t nb, int64_t hd) {
+ATT_TGT_AVX2 static ATT_INLINE void accum2_rows(float *acca, float corra, const float *pa, float *accb, float corrb,
+                                                const float *pb, const void *vt, int64_t vs, int half, int64_t nb,
+                                                int64_t hd) {
     const __m256 ca = _mm256_set1_ps(corra), cb = _mm256_set1_ps(corrb);
     int64_t d = 0;
     for (; d + 32 <= hd; d += 32) {
@@ -282,12 +316,12 @@ ATT_TGT_AVX2 static void accum2_avx2(float *acca, float corra, const float *pa, 
         __m256 a2 = _mm256_mul_ps(_mm256_loadu_ps(acca + d + 16), ca), b2 = _mm256_mul_ps(_mm256_loadu_ps(accb + d + 16), cb);
         __m256 a3 = _mm256_mul_ps(_mm256_loadu_ps(acca + d + 24), ca), b3 = _mm256_mul_ps(_mm256_loadu_ps(accb + d + 24), cb);
         for (int64_t j = 0; j < nb; j++) {
-            const float *v = vt + j * hd + d;
+            const int64_t v = j * vs + d;
             __m256 pja = _mm256_broadcast_ss(pa + j), pjb = _mm256_broadcast_ss(pb + j), x;
-            x = _mm256_loadu_ps(v); a0 = _mm256_fmadd_ps(pja, x, a0); b0 = _mm256_fmadd_ps(pjb, x, b0);
-            x = _mm256_loadu_ps(v + 8); a1 = _mm256_fmadd_ps(pja, x, a1); b1 = _mm256_fmadd_ps(pjb, x, b1);
-            x = _mm256_loadu_ps(v + 16); a2 = _mm256_fmadd_ps(pja, x, a2); b2 = _mm256_fmadd_ps(pjb, x, b2);
-            x = _mm256_loadu_ps(v + 24); a3 = _mm256_fmadd_ps(pja, x, a3); b3 = _mm256_fmadd_ps(pjb, x, b3);
+            x = ld8(vt, v, half); a0 = _mm256_fmadd_ps(pja, x, a0); b0 = _mm256_fmadd_ps(pjb, x, b0);
+            x = ld8(vt, v + 8, half); a1 = _mm256_fmadd_ps(pja, x, a1); b1 = _mm256_fmadd_ps(pjb, x, b1);
+            x = ld8(vt, v + 16, half); a2 = _mm256_fmadd_ps(pja, x, a2); b2 = _mm256_fmadd_ps(pjb, x, b2);
+            x = ld8(vt, v + 24, half); a3 = _mm256_fmadd_ps(pja, x, a3); b3 = _mm256_fmadd_ps(pjb, x, b3);
         }
         _mm256_storeu_ps(acca + d, a0);
         _mm256_storeu_ps(acca + d + 8, a1);
@@ -299,9 +333,27 @@ ATT_TGT_AVX2 static void accum2_avx2(float *acca, float corra, const float *pa, 
         _mm256_storeu_ps(accb + d + 24, b3);
     }
     if (d < hd) { /* columns past the last 32: the one-row kernel on the rest */
-        accum_avx2(acca + d, corra, pa, vt + d, nb, hd - d, hd);
-        accum_avx2(accb + d, corrb, pb, vt + d, nb, hd - d, hd);
+        const void *rest = half ? (const void *)((const uint16_t *)vt + d) : (const void *)((const float *)vt + d);
+        accum_rows(acca + d, corra, pa, rest, nb, hd - d, vs, half);
+        accum_rows(accb + d, corrb, pb, rest, nb, hd - d, vs, half);
     }
+}
+
+ATT_TGT_AVX2 static void scores2_avx2(const float *qa, const float *qb, const float *kt, int64_t nb, int64_t hd,
+                                      float scale, float *sa, float *sb) {
+    scores2_rows(qa, qb, kt, hd, 0, nb, hd, scale, sa, sb);
+}
+ATT_TGT_AVX2 static void scores2_avx2_f16(const float *qa, const float *qb, const uint16_t *k, int64_t ks, int64_t nb,
+                                          int64_t hd, float scale, float *sa, float *sb) {
+    scores2_rows(qa, qb, k, ks, 1, nb, hd, scale, sa, sb);
+}
+ATT_TGT_AVX2 static void accum2_avx2(float *acca, float corra, const float *pa, float *accb, float corrb,
+                                     const float *pb, const float *vt, int64_t nb, int64_t hd) {
+    accum2_rows(acca, corra, pa, accb, corrb, pb, vt, hd, 0, nb, hd);
+}
+ATT_TGT_AVX2 static void accum2_avx2_f16(float *acca, float corra, const float *pa, float *accb, float corrb,
+                                         const float *pb, const uint16_t *v, int64_t vs, int64_t nb, int64_t hd) {
+    accum2_rows(acca, corra, pa, accb, corrb, pb, v, vs, 1, nb, hd);
 }
 
 ATT_TGT_AVX2 static void f32_to_f16_avx2(const float *src, uint16_t *dst, int64_t n) {
@@ -745,9 +797,18 @@ static void attend(const att_job *j, float *tile, int64_t h, int64_t i0, int64_t
     for (int64_t p = p0; p < p1; p += ATT_B) {
         const int64_t nb = p1 - p < ATT_B ? p1 - p : ATT_B;
         prefetch_tile(kh, vh, j->kvs, hd, p + ATT_B, p1);
-        /* K and V rows of this tile: read from the cache once, for every row of the item. */
-        cvt_tile(j->impl, j->wide, kh + p * j->kvs, j->kvs, nb, hd, kt);
-        cvt_tile(j->impl, j->wide, vh + p * j->kvs, j->kvs, nb, hd, vt);
+#if defined(ATT_X86)
+        /* One query (decode) on AVX2: each K and V row is read once, so the per-row kernels read
+         * the cache's halves themselves (ld8), the same floats as a tile's. */
+        const int direct = j->impl == FIC_IMPL_AVX2 && nq == 1 && !block;
+        const uint16_t *kp = kh + p * j->kvs, *vp = vh + p * j->kvs;
+#else
+        const int direct = 0;
+#endif
+        if (!direct) { /* K and V rows of this tile: read from the cache once, for every row of the item */
+            cvt_tile(j->impl, j->wide, kh + p * j->kvs, j->kvs, nb, hd, kt);
+            cvt_tile(j->impl, j->wide, vh + p * j->kvs, j->kvs, nb, hd, vt);
+        }
 #if defined(ATT_X86)
         if (block && p <= j->pos0 + i0) { /* every row sees at least this tile's first position */
             if (j->wide)
@@ -787,11 +848,24 @@ static void attend(const att_job *j, float *tile, int64_t h, int64_t i0, int64_t
 #if defined(ATT_X86)
             if (j->impl == FIC_IMPL_AVX2 && r % g + 1 < g) { /* two heads of one query */
                 float *state_b = state + st_stride;
-                scores2_avx2(q, q + hd, kt, valid, hd, j->scale, s, s + ATT_B);
+                if (direct)
+                    scores2_avx2_f16(q, q + hd, kp, j->kvs, valid, hd, j->scale, s, s + ATT_B);
+                else
+                    scores2_avx2(q, q + hd, kt, valid, hd, j->scale, s, s + ATT_B);
                 const float ca = online_update(j->impl, state, s, valid);
                 const float cb = online_update(j->impl, state_b, s + ATT_B, valid);
-                accum2_avx2(state + 2, ca, s, state_b + 2, cb, s + ATT_B, vt, valid, hd);
+                if (direct)
+                    accum2_avx2_f16(state + 2, ca, s, state_b + 2, cb, s + ATT_B, vp, j->kvs, valid, hd);
+                else
+                    accum2_avx2(state + 2, ca, s, state_b + 2, cb, s + ATT_B, vt, valid, hd);
                 r += 2;
+                continue;
+            }
+            if (direct) {
+                scores_avx2_f16(q, kp, j->kvs, valid, hd, j->scale, s);
+                const float corr = online_update(j->impl, state, s, valid);
+                accum_avx2_f16(state + 2, corr, s, vp, valid, hd, j->kvs);
+                r++;
                 continue;
             }
 #endif
