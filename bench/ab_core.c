@@ -16,7 +16,10 @@
  *                                                                      layers threads calls)
  *   /tmp/ab_core /tmp/a.so /tmp/b.so attention-prefill 2000 9 3 64 1 2 10  (a prompt of ctx tokens)
  * A matrix larger than the last-level cache (65536 x 4096 in Q4) measures the kernel from DRAM;
- * attention reads one cache per layer, as a model's decode step does. */
+ * attention reads one cache per layer, as a model's decode step does. Each build has its own pool:
+ * with 2 threads on a 2-core machine, one build's worker still spins while the other's call runs,
+ * so calls of a few hundred microseconds gave ratios from 0.44x to 1.27x with the same library as
+ * A and B (bench/RESULTS.md). Compare at 1 thread, or with calls of milliseconds. */
 #include <dlfcn.h>
 #include <stdint.h>
 #include <stdio.h>
