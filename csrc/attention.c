@@ -339,6 +339,74 @@ ATT_TGT_AVX2 static ATT_INLINE void accum2_rows(float *acca, float corra, const 
     }
 }
 
+/* Three query rows of the same query at once (an odd number of heads a kv head: SmolLM2's 3,
+ * Qwen2.5's 7 as pairs and a triple), each K and V load feeding three FMAs. Per head the operations
+ * of scores_rows and accum_rows in their order: the same bits. */
+ATT_TGT_AVX2 static ATT_INLINE void scores3_rows(const float *const q[3], const void *kt, int64_t ks, int half, int64_t nb,
+                                                 int64_t hd, float scale, float *const s[3]) {
+    if (hd % 8 != 0 || nb < 4) {
+        for (int h = 0; h < 3; h++) scores_rows(q[h], kt, ks, half, nb, hd, scale, s[h]);
+        return;
+    }
+    const __m128 vs = _mm_set1_ps(scale);
+    int64_t j = 0;
+    for (; j + 4 <= nb; j += 4) {
+        __m256 a[3][4];
+        for (int h = 0; h < 3; h++)
+            for (int i = 0; i < 4; i++) a[h][i] = _mm256_setzero_ps();
+        for (int64_t d = 0; d < hd; d += 8)
+            for (int i = 0; i < 4; i++) {
+                const __m256 k = ld8(kt, (j + i) * ks + d, half);
+                for (int h = 0; h < 3; h++) a[h][i] = _mm256_fmadd_ps(_mm256_loadu_ps(q[h] + d), k, a[h][i]);
+            }
+        for (int h = 0; h < 3; h++) {
+            const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a[h][0], a[h][1]), _mm256_hadd_ps(a[h][2], a[h][3]));
+            _mm_storeu_ps(s[h] + j, _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)), vs));
+        }
+    }
+    if (j < nb) {
+        const void *rest = half ? (const void *)((const uint16_t *)kt + j * ks) : (const void *)((const float *)kt + j * ks);
+        for (int h = 0; h < 3; h++) scores_rows(q[h], rest, ks, half, nb - j, hd, scale, s[h] + j);
+    }
+}
+
+ATT_TGT_AVX2 static ATT_INLINE void accum3_rows(float *const acc[3], const float corr[3], const float *const p[3],
+                                                const void *vt, int64_t vs, int half, int64_t nb, int64_t hd) {
+    int64_t d = 0;
+    for (; d + 16 <= hd; d += 16) {
+        __m256 a[3][2];
+        for (int h = 0; h < 3; h++)
+            for (int c = 0; c < 2; c++) a[h][c] = _mm256_mul_ps(_mm256_loadu_ps(acc[h] + d + 8 * c), _mm256_set1_ps(corr[h]));
+        for (int64_t jj = 0; jj < nb; jj++)
+            for (int c = 0; c < 2; c++) {
+                const __m256 x = ld8(vt, jj * vs + d + 8 * c, half);
+                for (int h = 0; h < 3; h++) a[h][c] = _mm256_fmadd_ps(_mm256_broadcast_ss(p[h] + jj), x, a[h][c]);
+            }
+        for (int h = 0; h < 3; h++)
+            for (int c = 0; c < 2; c++) _mm256_storeu_ps(acc[h] + d + 8 * c, a[h][c]);
+    }
+    if (d < hd) { /* columns past the last 16: the one-row kernel on the rest */
+        const void *rest = half ? (const void *)((const uint16_t *)vt + d) : (const void *)((const float *)vt + d);
+        for (int h = 0; h < 3; h++) accum_rows(acc[h] + d, corr[h], p[h], rest, nb, hd - d, vs, half);
+    }
+}
+
+/* The triple from a tile of floats (rows hd apart) or from the cache's halves (rows ks apart). */
+ATT_TGT_AVX2 static void scores3_avx2(const float *const q[3], const void *kt, int64_t ks, int half, int64_t nb, int64_t hd,
+                                      float scale, float *const s[3]) {
+    if (half)
+        scores3_rows(q, kt, ks, 1, nb, hd, scale, s);
+    else
+        scores3_rows(q, kt, ks, 0, nb, hd, scale, s);
+}
+ATT_TGT_AVX2 static void accum3_avx2(float *const acc[3], const float corr[3], const float *const p[3], const void *vt,
+                                     int64_t vs, int half, int64_t nb, int64_t hd) {
+    if (half)
+        accum3_rows(acc, corr, p, vt, vs, 1, nb, hd);
+    else
+        accum3_rows(acc, corr, p, vt, vs, 0, nb, hd);
+}
+
 ATT_TGT_AVX2 static void scores2_avx2(const float *qa, const float *qb, const float *kt, int64_t nb, int64_t hd,
                                       float scale, float *sa, float *sb) {
     scores2_rows(qa, qb, kt, hd, 0, nb, hd, scale, sa, sb);
@@ -846,6 +914,19 @@ static void attend(const att_job *j, float *tile, int64_t h, int64_t i0, int64_t
             const float *q = j->q + (qi * j->nh + h * g + r % g) * hd;
             float *s = sc + r * ATT_B, *state = st + r * st_stride;
 #if defined(ATT_X86)
+            if (j->impl == FIC_IMPL_AVX2 && g - r % g == 3) { /* the last three heads of one query */
+                const float *qs[3] = {q, q + hd, q + 2 * hd};
+                float *ss[3] = {s, s + ATT_B, s + 2 * ATT_B}, *accs[3], corr[3];
+                scores3_avx2(qs, direct ? (const void *)kp : kt, direct ? j->kvs : hd, direct, valid, hd, j->scale, ss);
+                for (int i = 0; i < 3; i++) {
+                    corr[i] = online_update(j->impl, state + i * st_stride, ss[i], valid);
+                    accs[i] = state + i * st_stride + 2;
+                }
+                accum3_avx2(accs, corr, (const float *const *)ss, direct ? (const void *)vp : vt, direct ? j->kvs : hd,
+                            direct, valid, hd);
+                r += 3;
+                continue;
+            }
             if (j->impl == FIC_IMPL_AVX2 && r % g + 1 < g) { /* two heads of one query */
                 float *state_b = state + st_stride;
                 if (direct)
