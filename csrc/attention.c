@@ -4,7 +4,7 @@
  * head and a slice of positions (decode, t = 1: flash-decoding's split-K). An item reads its kv
  * head's K and V rows once, tile by tile (ATT_B positions), converts them to float32 into the
  * thread's tile, and uses them for every query row it owns: the g = n_heads / n_kv_heads heads
- * of each of its queries. Per row it keeps a running max m, a running sum l of exp(s - m) and an
+ * of each of its queries (on AVX2 a decode's single query reads the halves directly instead). Per row it keeps a running max m, a running sum l of exp(s - m) and an
  * accumulator of exp(s - m) v, rescaled when m grows; the t x n score matrix never exists.
  * Decode slices write (m, l, acc) into the workspace's partials and the caller's thread merges
  * them. The number of slices depends only on the context length, never on the thread count, so
@@ -13,8 +13,9 @@
  * Per implementation there are four pieces: fp16 -> fp32 tile conversion, a tile of scores
  * (scale * q.k), exp in place with its sum, and acc = acc * corr + sum_j p_j v_j. The reference
  * is scalar C (expf); AVX2 (+F16C, FMA) and NEON use a polynomial exp (Cephes, ~2 ulp). AVX2 also
- * takes two heads of one query per pass (scores2/accum2: each K/V load feeds two FMAs). AVX-512
- * runs the AVX2 code (no AVX-512 machine to tune or test it on).
+ * takes two or three heads of one query per pass (scores2/accum2, scores3/accum3: each K/V load
+ * feeds two or three FMAs). AVX-512 runs the AVX2 code with 512-bit tile conversion and prefill
+ * blocks, which give the AVX2 kernels' bits.
  */
 #include <math.h>
 #include <stdint.h>
