@@ -4,8 +4,8 @@
  * head and a slice of positions (decode, t = 1: flash-decoding's split-K). An item reads its kv
  * head's K and V rows once, tile by tile (ATT_B positions), converts them to float32 into the
  * thread's tile, and uses them for every query row it owns: the g = n_heads / n_kv_heads heads
- * of each of its queries (on AVX2 a decode's single query reads the halves directly instead). Per row it keeps a running max m, a running sum l of exp(s - m) and an
- * accumulator of exp(s - m) v, rescaled when m grows; the t x n score matrix never exists.
+ * of each of its queries (on AVX2 a decode's single query reads the halves directly instead).
+ * Per row it keeps a running max m, a running sum l of exp(s - m) and an accumulator of exp(s - m) v, rescaled when m grows; the t x n score matrix never exists.
  * Decode slices write (m, l, acc) into the workspace's partials and the caller's thread merges
  * them. The number of slices depends only on the context length, never on the thread count, so
  * results are bit-identical for any number of threads.
@@ -195,12 +195,13 @@ ATT_TGT_AVX2 static ATT_INLINE void scores_rows(const float *q, const void *kt, 
     }
 }
 
-ATT_TGT_AVX2 static void scores_avx2(const float *q, const float *kt, int64_t nb, int64_t hd, float scale, float *s) {
-    scores_rows(q, kt, hd, 0, nb, hd, scale, s);
-}
-ATT_TGT_AVX2 static void scores_avx2_f16(const float *q, const uint16_t *k, int64_t ks, int64_t nb, int64_t hd, float scale,
-                                         float *s) {
-    scores_rows(q, k, ks, 1, nb, hd, scale, s);
+/* The one-row kernel from a tile of floats (rows hd apart) or from the cache's halves (half). */
+ATT_TGT_AVX2 static void scores_avx2(const float *q, const void *kt, int64_t ks, int half, int64_t nb, int64_t hd,
+                                     float scale, float *s) {
+    if (half)
+        scores_rows(q, kt, ks, 1, nb, hd, scale, s);
+    else
+        scores_rows(q, kt, ks, 0, nb, hd, scale, s);
 }
 
 ATT_TGT_AVX2 static float exp_sum_avx2(float *s, int64_t n, float m) {
@@ -262,13 +263,12 @@ ATT_TGT_AVX2 static ATT_INLINE void accum_rows(float *acc, float corr, const flo
     }
 }
 
-ATT_TGT_AVX2 static void accum_avx2(float *acc, float corr, const float *p, const float *vt, int64_t nb, int64_t hd,
-                                    int64_t stride) {
-    accum_rows(acc, corr, p, vt, nb, hd, stride, 0);
-}
-ATT_TGT_AVX2 static void accum_avx2_f16(float *acc, float corr, const float *p, const uint16_t *v, int64_t nb, int64_t hd,
-                                        int64_t stride) {
-    accum_rows(acc, corr, p, v, nb, hd, stride, 1);
+ATT_TGT_AVX2 static void accum_avx2(float *acc, float corr, const float *p, const void *vt, int64_t stride, int half,
+                                    int64_t nb, int64_t hd) {
+    if (half)
+        accum_rows(acc, corr, p, vt, nb, hd, stride, 1);
+    else
+        accum_rows(acc, corr, p, vt, nb, hd, stride, 0);
 }
 
 /* Two query rows of the same query (heads sharing this kv head) at once: each K and V load
@@ -392,7 +392,7 @@ ATT_TGT_AVX2 static ATT_INLINE void accum3_rows(float *const acc[3], const float
     }
 }
 
-/* The triple from a tile of floats (rows hd apart) or from the cache's halves (rows ks apart). */
+/* The triple from a tile of floats or from the cache's halves, as scores_avx2. */
 ATT_TGT_AVX2 static void scores3_avx2(const float *const q[3], const void *kt, int64_t ks, int half, int64_t nb, int64_t hd,
                                       float scale, float *const s[3]) {
     if (half)
@@ -408,21 +408,20 @@ ATT_TGT_AVX2 static void accum3_avx2(float *const acc[3], const float corr[3], c
         accum3_rows(acc, corr, p, vt, vs, 0, nb, hd);
 }
 
-ATT_TGT_AVX2 static void scores2_avx2(const float *qa, const float *qb, const float *kt, int64_t nb, int64_t hd,
-                                      float scale, float *sa, float *sb) {
-    scores2_rows(qa, qb, kt, hd, 0, nb, hd, scale, sa, sb);
-}
-ATT_TGT_AVX2 static void scores2_avx2_f16(const float *qa, const float *qb, const uint16_t *k, int64_t ks, int64_t nb,
-                                          int64_t hd, float scale, float *sa, float *sb) {
-    scores2_rows(qa, qb, k, ks, 1, nb, hd, scale, sa, sb);
+/* The pair from a tile of floats or from the cache's halves, as scores_avx2. */
+ATT_TGT_AVX2 static void scores2_avx2(const float *qa, const float *qb, const void *kt, int64_t ks, int half, int64_t nb,
+                                      int64_t hd, float scale, float *sa, float *sb) {
+    if (half)
+        scores2_rows(qa, qb, kt, ks, 1, nb, hd, scale, sa, sb);
+    else
+        scores2_rows(qa, qb, kt, ks, 0, nb, hd, scale, sa, sb);
 }
 ATT_TGT_AVX2 static void accum2_avx2(float *acca, float corra, const float *pa, float *accb, float corrb,
-                                     const float *pb, const float *vt, int64_t nb, int64_t hd) {
-    accum2_rows(acca, corra, pa, accb, corrb, pb, vt, hd, 0, nb, hd);
-}
-ATT_TGT_AVX2 static void accum2_avx2_f16(float *acca, float corra, const float *pa, float *accb, float corrb,
-                                         const float *pb, const uint16_t *v, int64_t vs, int64_t nb, int64_t hd) {
-    accum2_rows(acca, corra, pa, accb, corrb, pb, v, vs, 1, nb, hd);
+                                     const float *pb, const void *vt, int64_t vs, int half, int64_t nb, int64_t hd) {
+    if (half)
+        accum2_rows(acca, corra, pa, accb, corrb, pb, vt, vs, 1, nb, hd);
+    else
+        accum2_rows(acca, corra, pa, accb, corrb, pb, vt, vs, 0, nb, hd);
 }
 
 ATT_TGT_AVX2 static void f32_to_f16_avx2(const float *src, uint16_t *dst, int64_t n) {
@@ -586,7 +585,7 @@ static void cvt_tile(int impl, int wide, const uint16_t *src, int64_t stride, in
 static void scores(int impl, const float *q, const float *kt, int64_t nb, int64_t hd, float scale, float *s) {
     switch (impl) {
 #if defined(ATT_X86)
-    case FIC_IMPL_AVX2: scores_avx2(q, kt, nb, hd, scale, s); return;
+    case FIC_IMPL_AVX2: scores_avx2(q, kt, hd, 0, nb, hd, scale, s); return;
 #endif
 #if defined(__aarch64__)
     case FIC_IMPL_NEON: scores_neon(q, kt, nb, hd, scale, s); return;
@@ -610,7 +609,7 @@ static float exp_sum(int impl, float *s, int64_t n, float m) {
 static void accum(int impl, float *acc, float corr, const float *p, const float *vt, int64_t nb, int64_t hd) {
     switch (impl) {
 #if defined(ATT_X86)
-    case FIC_IMPL_AVX2: accum_avx2(acc, corr, p, vt, nb, hd, hd); return;
+    case FIC_IMPL_AVX2: accum_avx2(acc, corr, p, vt, hd, 0, nb, hd); return;
 #endif
 #if defined(__aarch64__)
     case FIC_IMPL_NEON: accum_neon(acc, corr, p, vt, nb, hd); return;
@@ -870,7 +869,8 @@ static void attend(const att_job *j, float *tile, int64_t h, int64_t i0, int64_t
         /* One query (decode) on AVX2: each K and V row is read once, so the per-row kernels read
          * the cache's halves themselves (ld8), the same floats as a tile's. */
         const int direct = j->impl == FIC_IMPL_AVX2 && nq == 1 && !block;
-        const uint16_t *kp = kh + p * j->kvs, *vp = vh + p * j->kvs;
+        const void *kr = direct ? (const void *)(kh + p * j->kvs) : kt, *vr = direct ? (const void *)(vh + p * j->kvs) : vt;
+        const int64_t rs = direct ? j->kvs : hd; /* elements from one K (V) row to the next */
 #else
         const int direct = 0;
 #endif
@@ -918,35 +918,28 @@ static void attend(const att_job *j, float *tile, int64_t h, int64_t i0, int64_t
             if (j->impl == FIC_IMPL_AVX2 && g - r % g == 3) { /* the last three heads of one query */
                 const float *qs[3] = {q, q + hd, q + 2 * hd};
                 float *ss[3] = {s, s + ATT_B, s + 2 * ATT_B}, *accs[3], corr[3];
-                scores3_avx2(qs, direct ? (const void *)kp : kt, direct ? j->kvs : hd, direct, valid, hd, j->scale, ss);
+                scores3_avx2(qs, kr, rs, direct, valid, hd, j->scale, ss);
                 for (int i = 0; i < 3; i++) {
                     corr[i] = online_update(j->impl, state + i * st_stride, ss[i], valid);
                     accs[i] = state + i * st_stride + 2;
                 }
-                accum3_avx2(accs, corr, (const float *const *)ss, direct ? (const void *)vp : vt, direct ? j->kvs : hd,
-                            direct, valid, hd);
+                accum3_avx2(accs, corr, (const float *const *)ss, vr, rs, direct, valid, hd);
                 r += 3;
                 continue;
             }
             if (j->impl == FIC_IMPL_AVX2 && r % g + 1 < g) { /* two heads of one query */
                 float *state_b = state + st_stride;
-                if (direct)
-                    scores2_avx2_f16(q, q + hd, kp, j->kvs, valid, hd, j->scale, s, s + ATT_B);
-                else
-                    scores2_avx2(q, q + hd, kt, valid, hd, j->scale, s, s + ATT_B);
+                scores2_avx2(q, q + hd, kr, rs, direct, valid, hd, j->scale, s, s + ATT_B);
                 const float ca = online_update(j->impl, state, s, valid);
                 const float cb = online_update(j->impl, state_b, s + ATT_B, valid);
-                if (direct)
-                    accum2_avx2_f16(state + 2, ca, s, state_b + 2, cb, s + ATT_B, vp, j->kvs, valid, hd);
-                else
-                    accum2_avx2(state + 2, ca, s, state_b + 2, cb, s + ATT_B, vt, valid, hd);
+                accum2_avx2(state + 2, ca, s, state_b + 2, cb, s + ATT_B, vr, rs, direct, valid, hd);
                 r += 2;
                 continue;
             }
-            if (direct) {
-                scores_avx2_f16(q, kp, j->kvs, valid, hd, j->scale, s);
+            if (j->impl == FIC_IMPL_AVX2) {
+                scores_avx2(q, kr, rs, direct, valid, hd, j->scale, s);
                 const float corr = online_update(j->impl, state, s, valid);
-                accum_avx2_f16(state + 2, corr, s, vp, valid, hd, j->kvs);
+                accum_avx2(state + 2, corr, s, vr, rs, direct, valid, hd);
                 r++;
                 continue;
             }

@@ -185,7 +185,8 @@ static inline int64_t q1r32_tab_at(int64_t g) { return (g >> 3) * 256 + (g & 1) 
 /* Q1_0 rows in groups of 32 (q1r32.c): y[32 g + r] for groups g0 <= g < g1 of w (nb blocks of 128
  * weights per row), by lookups in tab scaled by dx (per 32 weights). With x = 16 h + l (l = x & 15,
  * h = x >> 4 in -8..7), tab holds per 4 weights the 16 sums over the set bits t of n of l_t (16
- * bytes, 0..60), then of h_t plus 32 (16 bytes, 0..60): four lookups of either add up in a byte.
+ * bytes, 0..60, at q1r32_tab_at), and of h_t plus 32 (16 bytes, 0..60, Q1R32_TAB_H on): four
+ * lookups of either add up in a byte.
  * cx[b] = 8192 + sum of q8 block b's xq undoes the bits' 0/1 (a weight is -1 or +1) and the bias. */
 typedef void (*kern_q1r32_fn)(const uint8_t *w, int64_t nb, const uint8_t *tab, const int16_t *cx, const float *dx,
                               float *y, int64_t g0, int64_t g1);

@@ -980,9 +980,12 @@ TGT_AVX512Q1 static void q1r32_avx512(const uint8_t *w, int64_t nb, const uint8_
             const __m512 d0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)),
                          d1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 32)));
             for (int q = 0; q < QK1_0 / 32; q++) {
-                const uint8_t *t = tab + (b * (QK1_0 / 32) + q) * 256, *s = p + 2 * Q1R32_ROWS + 128 * q;
-                const __m512i tq[4] = {_mm512_loadu_si512((const void *)t), _mm512_loadu_si512((const void *)(t + 64)),
-                                       _mm512_loadu_si512((const void *)(t + 128)), _mm512_loadu_si512((const void *)(t + 192))};
+                /* the q8 block's tables: L of the low nibbles, L of the high ones, then H of each */
+                const uint8_t *t = tab + q1r32_tab_at(8 * (b * (QK1_0 / 32) + q)), *s = p + 2 * Q1R32_ROWS + 128 * q;
+                const __m512i tq[4] = {_mm512_loadu_si512((const void *)t),
+                                       _mm512_loadu_si512((const void *)(t + q1r32_tab_at(1))),
+                                       _mm512_loadu_si512((const void *)(t + Q1R32_TAB_H)),
+                                       _mm512_loadu_si512((const void *)(t + Q1R32_TAB_H + q1r32_tab_at(1)))};
                 const __m512i a = _mm512_loadu_si512((const void *)s), bb = _mm512_loadu_si512((const void *)(s + 64));
                 const __m512i start = _mm512_set1_epi32(-(int32_t)cx[b * (QK1_0 / 32) + q]);
                 const __m512i s0 = q1r32_sum16(_mm512_permutex2var_epi8(a, perm0, bb), start, tq),
