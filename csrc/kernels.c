@@ -1,7 +1,8 @@
 /* kernels.c - the kernels' shared generic code: which table runs an implementation on this CPU
  * (fic_kernels_for), activation preparation (prep_x), row chunks and the accum_rows range.
- * Per-architecture code lives in kernels_scalar.c, kernels_avx2.c, kernels_avx512.c and
- * kernels_neon.c; this file reaches it only through their tables and the x86 quantizers. */
+ * Per-architecture code lives in kernels_scalar.c, kernels_avx2.c, kernels_avx512.c (with
+ * kernels_amx.c) and kernels_neon.c; this file reaches it only through their tables and the x86
+ * quantizers. */
 #include <stdint.h>
 #include <string.h>
 
@@ -20,8 +21,10 @@ const fic_kernels *fic_kernels_for(int impl) {
     case FIC_IMPL_AVX2: return &fic_kernels_avx2;
     case FIC_IMPL_AVX512: {
         const fic_cpu_features *cpu = fic_cpu_features_get();
-        return cpu->avx512_q1 ? &fic_kernels_avx512_q1 : cpu->avx512_vnni ? &fic_kernels_avx512_vnni
-                                                                          : &fic_kernels_avx512;
+        return cpu->amx_int8 ? &fic_kernels_avx512_amx
+               : cpu->avx512_q1 ? &fic_kernels_avx512_q1
+               : cpu->avx512_vnni ? &fic_kernels_avx512_vnni
+                                  : &fic_kernels_avx512;
     }
 #endif
 #if defined(__aarch64__)

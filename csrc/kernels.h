@@ -193,6 +193,13 @@ typedef void (*kern_q1r32_fn)(const uint8_t *w, int64_t nb, const uint8_t *tab, 
 /* One group of 32 Q1_0 rows of nb blocks between the layouts (q1r32.c): from row-major rows to the
  * r32 group (to_r32 != 0), or back; from and to do not overlap. */
 typedef void (*kern_q1r32_move_fn)(const uint8_t *from, uint8_t *to, int64_t nb, int to_r32);
+/* Prefill: one group of 32 r32 rows (w, nb blocks of 128) against nt tokens (token i at tok + i tb,
+ * tb a multiple of 64: k int8 x, then k / 32 float dx, as the q8 quantizer writes them): y[i ys + r]
+ * for r < 32, each token's matvec bits (q1r32_ref's). scratch: Q1R32_TILES_SCRATCH bytes, 64-byte
+ * aligned, the calling thread's. */
+typedef void (*kern_q1r32_tiles_fn)(const uint8_t *w, int64_t nb, const uint8_t *tok, int64_t tb, int64_t nt,
+                                    float *y, int64_t ys, uint8_t *scratch);
+#define Q1R32_TILES_SCRATCH 35840
 
 /* One format's kernels on one implementation. dot and deq are always set; the others are
  * optional fast paths (NULL: the generic code in kernels.c, matvec.c and ffn.c). */
@@ -220,7 +227,8 @@ typedef struct fic_kernels {
     kern_pack8_fn pack8;            /* pack_panels' transpose of 8 rows; NULL: pack8_ref */
     kern_silu_mul_fn silu_mul;      /* NULL: silu_mul_ref (expf) */
     kern_q1r32_fn q1r32;            /* NULL: q1r32_ref */
-    kern_q1r32_move_fn q1r32_move;  /* NULL: q1r32_move_ref (last: tables that omit it leave it NULL) */
+    kern_q1r32_move_fn q1r32_move;  /* NULL: q1r32_move_ref */
+    kern_q1r32_tiles_fn q1r32_tiles; /* NULL: prefill a token at a time through q1r32 */
 } fic_kernels;
 
 /* The traits columns every table repeats: block weights and bytes of each format. */
@@ -241,6 +249,7 @@ extern const fic_kernels fic_kernels_avx2;
 extern const fic_kernels fic_kernels_avx512;      /* AVX-512 F/BW/VL */
 extern const fic_kernels fic_kernels_avx512_vnni; /* + VNNI: Q4 with int8 activations */
 extern const fic_kernels fic_kernels_avx512_q1;   /* + VNNI, BITALG, VBMI: Q1_0 as bit planes too */
+extern const fic_kernels fic_kernels_avx512_amx;  /* + AMX-INT8: the r32 prefill as tile products */
 #endif
 #if defined(__aarch64__)
 extern const fic_kernels fic_kernels_neon;
@@ -406,6 +415,8 @@ void q1r32_avx2(const uint8_t *w, int64_t nb, const uint8_t *tab, const int16_t 
 void q1r32_move_ref(const uint8_t *from, uint8_t *to, int64_t nb, int to_r32);
 #if defined(FIC_X86)
 void q1r32_move_avx2(const uint8_t *from, uint8_t *to, int64_t nb, int to_r32);
+void q1r32_tiles_amx(const uint8_t *w, int64_t nb, const uint8_t *tok, int64_t tb, int64_t nt, float *y, int64_t ys,
+                     uint8_t *scratch);
 #endif
 static inline void q1r32_move(const fic_kernels *kt, const uint8_t *from, uint8_t *to, int64_t nb, int to_r32) {
     if (kt->q1r32_move) kt->q1r32_move(from, to, nb, to_r32);

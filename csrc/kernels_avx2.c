@@ -1197,5 +1197,6 @@ const fic_kernels fic_kernels_avx2 = {
     silu_mul_avx2,
     q1r32_avx2,
     q1r32_move_avx2,
+    NULL, /* q1r32_tiles: a token at a time */
 };
 #endif /* FIC_X86 */

@@ -1,6 +1,7 @@
 /* kernels_avx512.c - x86-64 AVX-512 kernels (FIC_IMPL_AVX512) and their three tables: AVX-512
  * F/BW/VL (fic_kernels_avx512); with VNNI, Q4_0/Q4_1 take int8 activations (fic_kernels_avx512_vnni);
- * with VNNI, BITALG and VBMI, Q1_0 also takes x as bit planes (fic_kernels_avx512_q1). pool.c says
+ * with VNNI, BITALG and VBMI, Q1_0 also takes x as bit planes (fic_kernels_avx512_q1); with AMX-INT8
+ * as well, the r32 prefill runs on tiles (fic_kernels_avx512_amx, kernels_amx.c). pool.c says
  * which the CPU has, once; kernels.c picks the table. Formats without a 512-bit kernel (Q5_0,
  * Q4_K, Q6_K, and every dequantization but Q1_0's) point at the AVX2 code.
  *
@@ -1025,6 +1026,7 @@ const fic_kernels fic_kernels_avx512 = {
     silu_mul_avx2,
     q1r32_avx2,
     q1r32_move_avx2,
+    NULL, /* q1r32_tiles: a token at a time */
 };
 
 /* VNNI: Q4_0/Q4_1 with x in the quad layout when k >= 64 (else float, as without VNNI). */
@@ -1045,6 +1047,7 @@ const fic_kernels fic_kernels_avx512_vnni = {
     silu_mul_avx2,
     q1r32_avx2,
     q1r32_move_avx2,
+    NULL, /* q1r32_tiles: a token at a time */
 };
 
 const fic_kernels fic_kernels_avx512_q1 = {
@@ -1058,5 +1061,22 @@ const fic_kernels fic_kernels_avx512_q1 = {
     silu_mul_avx2,
     q1r32_avx512,
     q1r32_move_avx2,
+    NULL, /* q1r32_tiles: a token at a time */
+};
+
+/* AMX-INT8 on top (Sapphire Rapids on): the same, with the r32 prefill as tile products
+ * (kernels_amx.c); pool.c has asked Linux for the tile state before saying the CPU has it. */
+const fic_kernels fic_kernels_avx512_amx = {
+    FIC_IMPL_AVX512,
+    axpy_avx512,
+    gemm_tile_avx512,
+    {AVX512_COMMON, AVX512_Q4_VNNI, AVX512_Q1(XP_Q1_PLANES)},
+    NULL,
+    fixed_add_avx512,
+    NULL, /* pack8: no panels here */
+    silu_mul_avx2,
+    q1r32_avx512,
+    q1r32_move_avx2,
+    q1r32_tiles_amx,
 };
 #endif /* FIC_X86 */

@@ -281,5 +281,6 @@ const fic_kernels fic_kernels_neon = {
     NULL, /* silu_mul: silu_mul_ref */
     NULL, /* q1r32: q1r32_ref */
     NULL, /* q1r32_move: q1r32_move_ref */
+    NULL, /* q1r32_tiles: a token at a time */
 };
 #endif /* __aarch64__ */

@@ -228,4 +228,5 @@ const fic_kernels fic_kernels_scalar = {
     silu_mul_ref,
     q1r32_ref,
     q1r32_move_ref,
+    NULL, /* q1r32_tiles: a token at a time */
 };

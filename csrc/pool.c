@@ -43,8 +43,30 @@ static inline void cpu_relax(void) {}
 static pthread_once_t cpu_once = PTHREAD_ONCE_INIT;
 static fic_cpu_features cpu_features;
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
+/* AMX-TILE and AMX-INT8 (CPUID.7.0:EDX bits 24, 25), and Linux's permission for the tile data
+ * (arch_prctl ARCH_REQ_XCOMP_PERM, feature 18; Linux 5.16 on): without it the first tile load
+ * faults. Asked once, for the whole process. FIC_NO_AMX=1 in the environment leaves the tiles off
+ * (to compare against the AVX-512 kernels in one build). */
+static int amx_granted(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !((d >> 24) & 1) || !((d >> 25) & 1)) return 0;
+    const char *off = getenv("FIC_NO_AMX");
+    if (off != NULL && off[0] != '\0' && off[0] != '0') return 0;
+#if defined(__linux__)
+    if (syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) != 0) return 0;
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return ((lo >> 17) & 3) == 3; /* XCR0: tile config and tile data enabled */
+#else
+    return 0;
+#endif
+}
+#endif
+
 static void cpu_detect(void) {
-    fic_cpu_features c = {0, 0, 0, 0, 0};
+    fic_cpu_features c = {0, 0, 0, 0, 0, 0};
 #if defined(__x86_64__) && defined(__GNUC__)
     __builtin_cpu_init();
     c.avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
@@ -53,6 +75,7 @@ static void cpu_detect(void) {
                __builtin_cpu_supports("avx512vl");
     c.avx512_vnni = c.avx512 && __builtin_cpu_supports("avx512vnni");
     c.avx512_q1 = c.avx512_vnni && __builtin_cpu_supports("avx512bitalg") && __builtin_cpu_supports("avx512vbmi");
+    c.amx_int8 = c.avx512_q1 && amx_granted();
 #endif
 #if defined(__aarch64__)
     c.neon = 1; /* NEON and fp16 conversions are baseline on AArch64 */
@@ -75,6 +98,8 @@ int fic_impl_available(int impl) {
     default: return 0;
     }
 }
+
+int fic_amx_available(void) { return fic_cpu_features_get()->amx_int8; }
 
 int fic_impl_best(void) {
     static const int order[] = {FIC_IMPL_AVX512, FIC_IMPL_AVX2, FIC_IMPL_NEON};

@@ -24,6 +24,7 @@ void fic_parallel_for(fic_pool *pool, int64_t n, int64_t chunk, fic_range_fn fn,
 typedef struct {
     int avx2;                            /* AVX2 + FMA + F16C */
     int avx512, avx512_vnni, avx512_q1;  /* AVX-512 F/BW/VL; + VNNI; + VNNI, BITALG, VBMI */
+    int amx_int8;                        /* + AMX-TILE and AMX-INT8, the OS's tile state granted */
     int neon;                            /* AArch64 */
 } fic_cpu_features;
 const fic_cpu_features *fic_cpu_features_get(void);

@@ -125,6 +125,28 @@ void q1r32_tok_group(const fic_kernels *kt, const uint8_t *group, int64_t k, con
     q1r32(kt, group, k / QK1_0, tok_tab(tok, k), tok_cx(tok, k), tok_dx(tok, k), y, 0, 1);
 }
 
+/* Prefill through kt: with a tile kernel a token needs only the quantizer's row (its tables are
+ * not read), so more tokens fit a chunk and share each group's expanded bits. */
+int64_t q1r32_toks_bytes(const fic_kernels *kt, int64_t k) {
+    return kt->q1r32_tiles != NULL ? QX_BYTES(k) : q1r32_tok_bytes(k);
+}
+
+int64_t q1r32_toks_scratch(const fic_kernels *kt) { return kt->q1r32_tiles != NULL ? Q1R32_TILES_SCRATCH : 0; }
+
+void q1r32_toks_prep(const fic_kernels *kt, const qdot_kernels *qk, const float *x, int64_t k, uint8_t *tok) {
+    if (kt->q1r32_tiles != NULL) qk->quantize(x, k, tok);
+    else q1r32_tok_prep(qk, x, k, tok);
+}
+
+void q1r32_toks_group(const fic_kernels *kt, const uint8_t *group, int64_t k, const uint8_t *tok, int64_t tb,
+                      int64_t nt, float *y, int64_t ys, uint8_t *scratch) {
+    if (kt->q1r32_tiles != NULL) {
+        kt->q1r32_tiles(group, k / QK1_0, tok, tb, nt, y, ys, scratch);
+        return;
+    }
+    for (int64_t i = 0; i < nt; i++) q1r32_tok_group(kt, group, k, tok + i * tb, y + i * ys);
+}
+
 int q1r32_matmul(fic_pool *pool, int impl, const uint8_t *w, const float *x, float *y, int64_t t, int64_t m,
                  int64_t k, void *ws, int64_t ws_bytes) {
     if (w == NULL || x == NULL || y == NULL || t <= 0 || !shape_ok(m, k)) return FIC_ERR_ARG;

@@ -51,22 +51,21 @@ static void q1_rows_range(void *ctx, int64_t r0, int64_t r1, int tid) {
 }
 
 /* The r32 layout (fic.h) by the matvec's tables (q1r32.c): each token tabled once per chunk, then
- * every group of 32 rows against every token, the group's weights in L1 across the tokens; each
- * token's products are its matvec's bits, at fewer operations per weight than the maddubs kernel
- * (bench/RESULTS.md). */
+ * every group of 32 rows against every token, the group's weights in L1 across the tokens (or all
+ * tokens at once by a tile kernel, q1r32_toks_group); each token's products are its matvec's bits,
+ * at fewer operations per weight than the maddubs kernel (bench/RESULTS.md). */
 static void r32_tables_range(void *ctx, int64_t i0, int64_t i1, int tid) {
     const qmm_t *j = ctx;
     (void)tid;
-    for (int64_t i = i0; i < i1; i++) q1r32_tok_prep(j->kern, j->x + i * j->k, j->k, j->xq + i * j->qrow);
+    for (int64_t i = i0; i < i1; i++) q1r32_toks_prep(j->kt, j->kern, j->x + i * j->k, j->k, j->xq + i * j->qrow);
 }
 
 static void r32_tables_groups(void *ctx, int64_t g0, int64_t g1, int tid) {
     const qmm_t *j = ctx;
     const int64_t gb = 32 * j->row_bytes;
-    (void)tid;
     for (int64_t g = g0; g < g1; g++)
-        for (int64_t i = 0; i < j->nt; i++)
-            q1r32_tok_group(j->kt, j->w + g * gb, j->k, j->xq + i * j->qrow, j->y + i * j->m + g * 32);
+        q1r32_toks_group(j->kt, j->w + g * gb, j->k, j->xq, j->qrow, j->nt, j->y + g * 32, j->m,
+                         j->unpack + tid * j->unpack_bytes);
 }
 
 /* Without a fast table kernel (NEON): each group of 32 rows back in rows in the thread's buffer,
@@ -84,8 +83,9 @@ static void q1r32_groups_range(void *ctx, int64_t g0, int64_t g1, int tid) {
 
 static int q1_matmul(fic_pool *pool, qmm_t *j, int64_t t, void *ws, int64_t ws_bytes) {
     const int64_t n_threads = fic_pool_threads(pool), r32 = j->fmt == FIC_Q1_0R32, tables = r32 && j->kt->q1r32 != NULL;
-    j->qrow = tables ? q1r32_tok_bytes(j->k) : Q1X_ROW_BYTES(j->k);
-    j->unpack_bytes = r32 && !tables ? (32 * j->row_bytes + 63) / 64 * 64 : 0; /* a group's rows a thread */
+    j->qrow = tables ? q1r32_toks_bytes(j->kt, j->k) : Q1X_ROW_BYTES(j->k);
+    /* a thread's scratch: a group's rows (no table kernel), or the tile kernel's */
+    j->unpack_bytes = r32 && !tables ? (32 * j->row_bytes + 63) / 64 * 64 : tables ? q1r32_toks_scratch(j->kt) : 0;
     const int64_t avail = ws_bytes - n_threads * j->unpack_bytes;
     if (avail < j->qrow) return FIC_ERR_WORKSPACE;
     const int64_t chunk_t = avail / j->qrow;

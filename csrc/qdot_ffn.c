@@ -170,22 +170,24 @@ static void p1_q1_rows(void *ctx, int64_t g0, int64_t g1, int tid) {
 static void p1_r32_prep(void *ctx, int64_t i0, int64_t i1, int tid) {
     const qffn_t *q = ctx;
     (void)tid;
-    const int64_t d = q->a->d, tb = q1r32_tok_bytes(d);
-    for (int64_t i = i0; i < i1; i++) q1r32_tok_prep(q->kern, q->a->x + (q->i0 + i) * d, d, q->xq + i * tb);
+    const fic_kernels *kt = fic_kernels_for(q->a->impl);
+    const int64_t d = q->a->d, tb = q1r32_toks_bytes(kt, d);
+    for (int64_t i = i0; i < i1; i++) q1r32_toks_prep(kt, q->kern, q->a->x + (q->i0 + i) * d, d, q->xq + i * tb);
 }
 
 static void p1_r32_rows(void *ctx, int64_t g0, int64_t g1, int tid) {
     const qffn_t *q = ctx;
     const qdot_ffn *a = q->a;
     const fic_kernels *kt = fic_kernels_for(a->impl);
-    const int64_t d = a->d, tb = q1r32_tok_bytes(d), gb = R32_ROWS * a->rb_g;
+    const int64_t d = a->d, tb = q1r32_toks_bytes(kt, d), gb = R32_ROWS * a->rb_g;
     float *ubuf = (float *)(q->per_thread + tid * q->thread_bytes); /* nt x 32 */
+    uint8_t *scratch = q->per_thread + (tid + 1) * q->thread_bytes - q1r32_toks_scratch(kt);
     p1_piece p = {.e = -1};
     while (p1_next(q, g0, g1, &p)) {
         for (int64_t r = p.r0; r < p.r1; r += R32_ROWS) {
             const uint8_t *gate = p.gate + r / R32_ROWS * gb, *up = p.up + r / R32_ROWS * gb;
-            for (int64_t i = 0; i < q->nt; i++) q1r32_tok_group(kt, gate, d, q->xq + i * tb, p.h + i * p.n + r);
-            for (int64_t i = 0; i < q->nt; i++) q1r32_tok_group(kt, up, d, q->xq + i * tb, ubuf + i * R32_ROWS);
+            q1r32_toks_group(kt, gate, d, q->xq, tb, q->nt, p.h + r, p.n, scratch);
+            q1r32_toks_group(kt, up, d, q->xq, tb, q->nt, ubuf, R32_ROWS, scratch);
             swiglu_rows(q, p.e, p.h + r, p.n, R32_ROWS, ubuf);
         }
     }
@@ -193,14 +195,15 @@ static void p1_r32_rows(void *ctx, int64_t g0, int64_t g1, int tid) {
 
 /* A Q1_0 phase token chunk by chunk: prep prepares a chunk's tokens (tok_bytes each), then threads
  * split n_rows rows (phase 1: the neurons; phase 2: d_model) in steps of `step`, each thread with
- * nt x step floats of products and `gather` bytes of unpacked rows. */
+ * tok_thread bytes a token (nt x step floats of products, and more where the phase says) and
+ * `gather` bytes (unpacked rows, or a kernel's scratch) at the end of its area. */
 static int q1_chunks(fic_pool *pool, qffn_t *q, uint8_t *ws, int64_t ws_bytes, int64_t n_rows, int64_t step,
-                     int64_t gather, int64_t tok_bytes, fic_range_fn prep, fic_range_fn rows) {
+                     int64_t gather, int64_t tok_bytes, int64_t tok_thread, fic_range_fn prep, fic_range_fn rows) {
     const qdot_ffn *a = q->a;
     const int64_t n_threads = fic_pool_threads(pool);
-    const int64_t tc = chunk_tokens(ws_bytes, n_threads, 64 + gather, tok_bytes, 4 * step);
+    const int64_t tc = chunk_tokens(ws_bytes, n_threads, 64 + gather, tok_bytes, tok_thread);
     if (tc < 1) return FIC_ERR_WORKSPACE;
-    q->thread_bytes = (4 * step * tc + gather + 63) / 64 * 64;
+    q->thread_bytes = (tok_thread * tc + gather + 63) / 64 * 64;
     q->per_thread = ws;
     q->xq = ws + n_threads * q->thread_bytes;
     int64_t chunk = (n_rows + 4 * n_threads - 1) / (4 * n_threads);
@@ -215,12 +218,14 @@ static int q1_chunks(fic_pool *pool, qffn_t *q, uint8_t *ws, int64_t ws_bytes, i
 
 static int q1_phase1(fic_pool *pool, qffn_t *q, uint8_t *ws, int64_t ws_bytes) {
     const qdot_ffn *a = q->a;
-    if (a->gate_fmt == FIC_Q1_0R32 && fic_kernels_for(a->impl)->q1r32 != NULL)
-        return q1_chunks(pool, q, ws, ws_bytes, a->n_total, R32_ROWS, 0, q1r32_tok_bytes(a->d), p1_r32_prep,
-                         p1_r32_rows);
+    const fic_kernels *kt = fic_kernels_for(a->impl);
+    if (a->gate_fmt == FIC_Q1_0R32 && kt->q1r32 != NULL)
+        return q1_chunks(pool, q, ws, ws_bytes, a->n_total, R32_ROWS, q1r32_toks_scratch(kt), q1r32_toks_bytes(kt, a->d),
+                         4 * R32_ROWS, p1_r32_prep, p1_r32_rows);
     const int r32 = a->gate_fmt == FIC_Q1_0R32;
     const int64_t step = q1_step(r32), gather = r32 ? step * a->rb_g : 0; /* r32: a group unpacked */
-    return q1_chunks(pool, q, ws, ws_bytes, a->n_total, step, gather, Q1X_ROW_BYTES(a->d), p1_q1_quantize, p1_q1_rows);
+    return q1_chunks(pool, q, ws, ws_bytes, a->n_total, step, gather, Q1X_ROW_BYTES(a->d), 4 * step, p1_q1_quantize,
+                     p1_q1_rows);
 }
 
 int fic_qdot_ffn_phase1(fic_pool *pool, const qdot_ffn *a, uint8_t *ws, int64_t ws_bytes) {
@@ -364,9 +369,9 @@ int fic_qdot_down_fixed_ok(const qdot_ffn *a) {
  * group in L1 across the tokens), the products (nt x 32, the thread's buffer) added into y, or
  * rounded into acc on their own (FIC_FFN_FIXED). */
 
-static int64_t r32_down_tok_bytes(const qdot_ffn *a) {
+static int64_t r32_down_tok_bytes(const fic_kernels *kt, const qdot_ffn *a) {
     int64_t b = 0;
-    for (int64_t e = 0; e < a->n_experts; e++) b += q1r32_tok_bytes(a->n[e]);
+    for (int64_t e = 0; e < a->n_experts; e++) b += q1r32_toks_bytes(kt, a->n[e]);
     return b;
 }
 
@@ -374,11 +379,12 @@ static void p2_r32_prep(void *ctx, int64_t i0, int64_t i1, int tid) {
     const qffn_t *q = ctx;
     const qdot_ffn *a = q->a;
     (void)tid;
-    const int64_t tb = r32_down_tok_bytes(a);
+    const fic_kernels *kt = fic_kernels_for(a->impl);
+    const int64_t tb = r32_down_tok_bytes(kt, a);
     for (int64_t i = i0; i < i1; i++) {
         uint8_t *tok = q->xq + i * tb;
-        for (int64_t e = 0; e < a->n_experts; tok += q1r32_tok_bytes(a->n[e]), e++)
-            if (!a->skip[e]) q1r32_tok_prep(q->kern, a->h + a->t * a->off[e] + (q->i0 + i) * a->n[e], a->n[e], tok);
+        for (int64_t e = 0; e < a->n_experts; tok += q1r32_toks_bytes(kt, a->n[e]), e++)
+            if (!a->skip[e]) q1r32_toks_prep(kt, q->kern, a->h + a->t * a->off[e] + (q->i0 + i) * a->n[e], a->n[e], tok);
     }
 }
 
@@ -386,22 +392,31 @@ static void p2_r32_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
     const qffn_t *q = ctx;
     const qdot_ffn *a = q->a;
     const fic_kernels *kt = fic_kernels_for(a->impl);
-    const int64_t tb = r32_down_tok_bytes(a), d = a->d;
+    const int64_t tb = r32_down_tok_bytes(kt, a), d = a->d;
     float *out = (float *)(q->per_thread + tid * q->thread_bytes); /* nt x 32 */
+    int64_t *sums = (int64_t *)(out + q->nt * R32_ROWS); /* FIC_FFN_FIXED: nt x 32, the group's */
+    uint8_t *scratch = q->per_thread + (tid + 1) * q->thread_bytes - q1r32_toks_scratch(kt);
     for (int64_t r = r0; r < r1; r += R32_ROWS) {
         const uint8_t *tok = q->xq;
-        for (int64_t e = 0; e < a->n_experts; tok += q1r32_tok_bytes(a->n[e]), e++) {
+        if (a->acc != NULL) memset(sums, 0, (size_t)(q->nt * R32_ROWS) * sizeof *sums);
+        for (int64_t e = 0; e < a->n_experts; tok += q1r32_toks_bytes(kt, a->n[e]), e++) {
             if (a->skip[e]) continue;
             const uint8_t *group = a->bundles[e] + a->n[e] * (a->rb_g + a->rb_u) + r * a->rb_d[e]; /* 32 rows of rb_d */
-            for (int64_t i = 0; i < q->nt; i++) q1r32_tok_group(kt, group, a->n[e], tok + i * tb, out + i * R32_ROWS);
-            for (int64_t i = 0; i < q->nt; i++) {
-                if (a->acc != NULL) {
-                    a->fixed_add(out + i * R32_ROWS, a->acc + (q->i0 + i) * d + r, R32_ROWS);
-                } else {
-                    float *y = a->y + (q->i0 + i) * d + r;
-                    for (int64_t l = 0; l < R32_ROWS; l++) y[l] += out[i * R32_ROWS + l];
-                }
+            q1r32_toks_group(kt, group, a->n[e], tok, tb, q->nt, out, R32_ROWS, scratch);
+            if (a->acc != NULL) { /* each expert's products rounded on their own, added as integers */
+                a->fixed_add(out, sums, q->nt * R32_ROWS);
+                continue;
             }
+            for (int64_t i = 0; i < q->nt; i++) {
+                float *y = a->y + (q->i0 + i) * d + r;
+                for (int64_t l = 0; l < R32_ROWS; l++) y[l] += out[i * R32_ROWS + l];
+            }
+        }
+        /* then once into acc: its rows are d apart (a power of two, often), so adding every expert
+         * there thrashed the caches' sets (9.8% of a 1-bit 1.7B's prefill, bench/RESULTS.md) */
+        for (int64_t i = 0; a->acc != NULL && i < q->nt; i++) {
+            int64_t *acc = a->acc + (q->i0 + i) * d + r;
+            for (int64_t l = 0; l < R32_ROWS; l++) acc[l] += sums[i * R32_ROWS + l];
         }
     }
 }
@@ -437,8 +452,10 @@ static int q1_down_cols(fic_pool *pool, qffn_t *q, uint8_t *ws, int64_t ws_bytes
 int fic_qdot_ffn_down_cols(fic_pool *pool, const qdot_ffn *a, uint8_t *ws, int64_t ws_bytes) {
     const int64_t n_threads = fic_pool_threads(pool);
     qffn_t q = {.a = a, .kern = fic_qdot_kernels(a->impl), .ub = unpack_bytes(a->n_total)};
-    if (a->down_fmt == FIC_Q1_0R32 && fic_kernels_for(a->impl)->q1r32 != NULL)
-        return q1_chunks(pool, &q, ws, ws_bytes, a->d, R32_ROWS, 0, r32_down_tok_bytes(a), p2_r32_prep, p2_r32_rows);
+    const fic_kernels *kt = fic_kernels_for(a->impl);
+    if (a->down_fmt == FIC_Q1_0R32 && kt->q1r32 != NULL)
+        return q1_chunks(pool, &q, ws, ws_bytes, a->d, R32_ROWS, q1r32_toks_scratch(kt), r32_down_tok_bytes(kt, a),
+                         (4 + (a->acc != NULL ? 8 : 0)) * R32_ROWS, p2_r32_prep, p2_r32_rows);
     if (a->down_fmt == FIC_Q1_0R32) return q.kern->q1_dot != NULL ? q1_down_cols(pool, &q, ws, ws_bytes) : FIC_ERR_UNSUPPORTED;
     if (a->down_fmt == FIC_Q1_0 && q.kern->q1_dot != NULL) return q1_down_cols(pool, &q, ws, ws_bytes);
     q.thread_bytes = (QW_ROWS * q.ub + 4 * a->n_total + 63) / 64 * 64;

@@ -234,7 +234,8 @@ def machine_info() -> dict:
     except OSError:
         load = None
     return {"cpu": cpu or platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "threads": kernels.get_threads(), "kernels": kernels.best_impl(), "load_avg": load,
+            "threads": kernels.get_threads(), "kernels": kernels.best_impl() + ("+amx" if kernels.amx_available() else ""),
+            "load_avg": load,
             "python": platform.python_version()}
 
 

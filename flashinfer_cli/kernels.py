@@ -208,6 +208,11 @@ def best_impl() -> str:
     return next(name for name, i in IMPLS.items() if i == best and name != "auto")
 
 
+def amx_available() -> bool:
+    """True when AVX-512 runs Q1_0's r32 prefill on AMX tiles (FIC_NO_AMX=1 turns them off)."""
+    return bool(lib.fic_amx_available())
+
+
 def default_threads() -> int:
     try:
         return len(os.sched_getaffinity(0))

@@ -5,6 +5,10 @@ implementation against the scalar reference bit for bit, and prefill against the
 kernels it reuses."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -115,7 +119,9 @@ def test_prefill_exact_equals_the_row_major_kernels():
         assert (K.matmul(r, x) == K.matmul(qt, x)).all()
 
 
-@pytest.mark.parametrize("m,k,t", [(320, 512, 9), (64, 4096, 40), (4160, 512, 3)])
+# t 40 and 33: full tiles of 16 tokens and a partial one (AMX); k 4096 and 1536: several slices of
+# 32 q8 blocks, the last one partial at 1536; t 16: one tile exactly
+@pytest.mark.parametrize("m,k,t", [(320, 512, 9), (64, 4096, 40), (4160, 512, 3), (96, 1536, 33), (32, 128, 16)])
 def test_prefill_is_the_matvec_token_by_token(m, k, t):
     """T > 1 (int8) runs the matvec's tables for each token: every row of the product is that
     token's matvec bit for bit, on every implementation and thread count, including token chunks
@@ -192,3 +198,50 @@ def test_the_layout_switch(monkeypatch):
     monkeypatch.setenv("FIC_Q1R32", "yes")
     with pytest.raises(ValueError, match="FIC_Q1R32"):
         K.q1r32_wanted()
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+AMX_FLAGS = {"amx_tile", "amx_int8", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bitalg", "avx512vbmi"}
+
+_PREFILL_CHILD = """
+import sys, numpy as np
+from flashinfer_cli import kernels as K
+d = np.load(sys.argv[1])
+qt = K.QTensor("q1_0", tuple(int(v) for v in d["shape"]), d["data"])
+r = K.q1r32_repack(qt)
+with K.prefill_mode("auto"):
+    y = K.matmul(r, d["x"])
+np.save(sys.argv[2], y)
+print(int(K.amx_available()))
+"""
+
+
+def test_amx_tiles_follow_the_cpu_and_give_the_tables_bits(tmp_path):
+    """AMX is used exactly where the CPU has it (Linux granting the tile state) and FIC_NO_AMX is
+    unset; a process without the tiles computes the same prefill bits as this one."""
+    flags = _cpu_flags()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo flags")
+    if not AMX_FLAGS <= flags:
+        assert not K.amx_available()
+        return
+    qt, rng = q1_matrix(96, 1536, seed=11)
+    x = (2 * rng.standard_normal((37, 1536))).astype(np.float32)
+    np.savez(tmp_path / "in.npz", data=qt.data, shape=np.array(qt.shape), x=x)
+    out = {}
+    for off in ("0", "1"):
+        env = dict(os.environ, FIC_NO_AMX=off)
+        run = subprocess.run([sys.executable, "-c", _PREFILL_CHILD, str(tmp_path / "in.npz"), str(tmp_path / f"y{off}.npy")],
+                             env=env, capture_output=True, text=True, check=True)
+        out[off] = (run.stdout.strip(), np.load(tmp_path / f"y{off}.npy"))
+    assert out["0"][0] == "1" and out["1"][0] == "0"  # a Linux without the permission would say 0: see csrc/pool.c
+    assert (out["0"][1] == out["1"][1]).all()
+    r = K.q1r32_repack(qt)
+    assert (out["0"][1] == np.stack([K.matvec(r, xi) for xi in x])).all()
