@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "kernels.h"
+#include "qdot.h"
 
 #if defined(FIC_X86)
 #include <immintrin.h>
@@ -998,6 +999,45 @@ TGT_AVX512Q1 static void q1r32_avx512(const uint8_t *w, int64_t nb, const uint8_
         }
         _mm512_storeu_ps(y + g * Q1R32_ROWS, acc0);
         _mm512_storeu_ps(y + g * Q1R32_ROWS + 16, acc1);
+    }
+}
+
+/* q1r32_build_tables with VBMI (the same bytes): per q8 block, for each parity o of its eight
+ * 4-weight groups, lane 16 j + n of a vector is entry n of group 2 j + o, where q1r32_tab_at puts
+ * it. Entry n sums term t of the group where bit t of n is set: a zero-masked vpermb per t picks
+ * byte 4 (2 j + o) + t of the block's low nibbles (L) or arithmetic high nibbles (H, from 32). */
+TGT_AVX512Q1 void q1r32_build_tables_avx512(const int8_t *xq, int64_t k, uint8_t *tab, int16_t *cx) {
+    static const __mmask64 bit_set[4] = {0xAAAAAAAAAAAAAAAAull, 0xCCCCCCCCCCCCCCCCull, 0xF0F0F0F0F0F0F0F0ull,
+                                         0xFF00FF00FF00FF00ull};
+    /* byte 8 j in lane j (16 bytes), then + 4 o + t */
+    const __m512i lanes = _mm512_set_epi32(0x18181818, 0x18181818, 0x18181818, 0x18181818, 0x10101010, 0x10101010,
+                                           0x10101010, 0x10101010, 0x08080808, 0x08080808, 0x08080808, 0x08080808, 0, 0,
+                                           0, 0);
+    __m512i idx[2][4];
+    for (int o = 0; o < 2; o++)
+        for (int t = 0; t < 4; t++) idx[o][t] = _mm512_add_epi8(lanes, _mm512_set1_epi8((char)(4 * o + t)));
+    const __m512i low4 = _mm512_set1_epi8(15), eight = _mm512_set1_epi8(8), bias = _mm512_set1_epi8((char)0x80);
+    for (int64_t b = 0; b < k / 32; b++) {
+        const __m256i x8 = _mm256_loadu_si256((const __m256i *)(xq + 32 * b));
+        const __m512i x = _mm512_castsi256_si512(x8); /* indices stay below 32 */
+        const __m512i lo = _mm512_and_si512(x, low4);
+        /* x >> 4 rounded down: ((x + 128) >> 4) - 8 on unsigned bytes */
+        const __m512i hi = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(_mm512_xor_si512(x, bias), 4), low4), eight);
+        uint8_t *t = tab + b * 256;
+        for (int o = 0; o < 2; o++) {
+            __m512i L = _mm512_setzero_si512(), H = _mm512_set1_epi8(32);
+            for (int i = 0; i < 4; i++) {
+                L = _mm512_add_epi8(L, _mm512_maskz_permutexvar_epi8(bit_set[i], idx[o][i], lo));
+                H = _mm512_add_epi8(H, _mm512_maskz_permutexvar_epi8(bit_set[i], idx[o][i], hi));
+            }
+            _mm512_storeu_si512((void *)(t + 64 * o), L);
+            _mm512_storeu_si512((void *)(t + Q1R32_TAB_H + 64 * o), H);
+        }
+        /* cx = 8192 + sum xq: psadbw of x + 128 sums 8 bytes a lane */
+        const __m256i s = _mm256_sad_epu8(_mm256_xor_si256(x8, _mm256_set1_epi8((char)0x80)), _mm256_setzero_si256());
+        const int64_t sum = _mm256_extract_epi64(s, 0) + _mm256_extract_epi64(s, 1) + _mm256_extract_epi64(s, 2) +
+                            _mm256_extract_epi64(s, 3) - 32 * 128;
+        cx[b] = (int16_t)(8192 + sum);
     }
 }
 

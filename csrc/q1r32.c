@@ -95,9 +95,15 @@ static int16_t *tok_cx(const uint8_t *tok, int64_t k) {
 }
 static const float *tok_dx(const uint8_t *tok, int64_t k) { return (const float *)(tok + k); }
 
+/* the tables through qk's builder where it has one (the same bytes), else the scalar one */
+static void build_tables(const qdot_kernels *qk, const int8_t *xq, int64_t k, uint8_t *tab, int16_t *cx) {
+    if (qk->q1r32_tables != NULL) qk->q1r32_tables(xq, k, tab, cx);
+    else q1r32_build_tables(xq, k, tab, cx);
+}
+
 void q1r32_tok_prep(const qdot_kernels *qk, const float *x, int64_t k, uint8_t *tok) {
     qk->quantize(x, k, tok); /* int8 x, then the q8 blocks' d (then their sums) */
-    q1r32_build_tables((const int8_t *)tok, k, tok_tab(tok, k), tok_cx(tok, k));
+    build_tables(qk, (const int8_t *)tok, k, tok_tab(tok, k), tok_cx(tok, k));
 }
 
 int fic_q1r32_matvec(fic_pool *pool, int impl, const uint8_t *w, const float *x, float *y, int64_t m, int64_t k,
@@ -283,7 +289,7 @@ static void r32_prep_h(void *ctx, int64_t e0, int64_t e1, int tid) {
         if (f->skip[e]) continue;
         uint8_t *qh = q->qh + QX_ROW_BYTES(f->off[e]);
         q->qk->quantize(f->h + f->off[e], f->n[e], qh);
-        q1r32_build_tables((const int8_t *)qh, f->n[e], q->tabh + 8 * f->off[e], q->cxh + f->off[e] / 32);
+        build_tables(q->qk, (const int8_t *)qh, f->n[e], q->tabh + 8 * f->off[e], q->cxh + f->off[e] / 32);
     }
 }
 
@@ -321,7 +327,7 @@ int q1r32_ffn_t1(fic_pool *pool, const ffn_t *f, uint8_t *ws, int64_t ws_bytes) 
     q.cx = (int16_t *)(q.qx + QX_BYTES(d));        /* d / 16 bytes: 1.25 d + 63 + d / 16 <= 3 d */
     q.cxh = (int16_t *)(q.qh + QX_BYTES(n_total)); /* the same within 2 N */
     q.qk->quantize(f->x, d, q.qx);
-    q1r32_build_tables((const int8_t *)q.qx, d, q.tab, q.cx);
+    build_tables(q.qk, (const int8_t *)q.qx, d, q.tab, q.cx);
     const int64_t n_groups = n_total / Q1R32_ROWS, rb = d / QK1_0 * (int64_t)sizeof(block_q1_0);
     fic_parallel_for(pool, n_groups, row_chunk(pool, n_groups, Q1R32_ROWS * 2 * rb), r32_phase1, &q);
     fic_parallel_for(pool, f->n_experts, 1, r32_prep_h, &q);

@@ -66,11 +66,15 @@ typedef void (*q1x_quantize_fn)(const float *x, int64_t k, uint8_t *dst);
 typedef void (*q1_dot_fn)(const uint8_t *w, int64_t rb, int64_t nr, int64_t k, const uint8_t *xq, int64_t qrow,
                           int64_t nt, float *y, int64_t ys, int accumulate);
 
+/* The r32 matvec's tables of k int8 x and its k / 32 corrections (q1r32.c, kern_q1r32_fn). */
+typedef void (*q1r32_tables_fn)(const int8_t *xq, int64_t k, uint8_t *tab, int16_t *cx);
+
 typedef struct {
     qx_quantize_fn quantize;
     qw_dot_fn dot;
     q1x_quantize_fn q1_quantize; /* NULL: Q1_0 goes through the unpacked rows like the others */
     q1_dot_fn q1_dot;
+    q1r32_tables_fn q1r32_tables; /* NULL: q1r32_build_tables, the scalar builder */
 } qdot_kernels;
 
 /* The r32 layout's prefill by the matvec's tables (q1r32.c): one token's x (k floats) quantized
@@ -91,7 +95,8 @@ void q1r32_tok_group(const fic_kernels *kt, const uint8_t *group, int64_t k, con
 
 /* 1 for the formats with an int8 path: Q1_0, Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K. */
 int fic_qdot_fmt_ok(int fmt);
-/* The kernels of a resolved implementation (REF, AVX2, AVX512 -> the AVX2 code, NEON). */
+/* The kernels of a resolved implementation (REF, AVX2, AVX512 -> the AVX2 code, with the r32
+ * tables built by AVX-512 VBMI where the CPU has it, NEON). */
 const qdot_kernels *fic_qdot_kernels(int impl);
 /* Rows 32 g .. 32 g + 31 of a Q1_0 matrix in the r32 layout (fic.h; k weights a row) back into 32
  * row-major rows (q1r32.c): the r32 prefill runs Q1_0's own kernel on them. */
@@ -115,6 +120,7 @@ void fic_q1x_quantize_avx2(const float *x, int64_t k, uint8_t *dst);
 void fic_q1_dot_avx2(const uint8_t *w, int64_t rb, int64_t nr, int64_t k, const uint8_t *xq, int64_t qrow, int64_t nt,
                      float *y, int64_t ys, int accumulate);
 void fic_qdot_quantize_avx2(const float *x, int64_t k, uint8_t *dst);
+void q1r32_build_tables_avx512(const int8_t *xq, int64_t k, uint8_t *tab, int16_t *cx); /* VBMI */
 void fic_qdot_dot_avx2(const qw_row *rows, int64_t nr, const uint8_t *xq, int64_t qrow, int64_t nt, float *y,
                        int64_t ys, int accumulate);
 #endif

@@ -17,17 +17,21 @@ int fic_qdot_fmt_ok(int fmt) {
     }
 }
 
-static const qdot_kernels QDOT_REF = {fic_qdot_quantize_ref, fic_qdot_dot_ref, fic_q1x_quantize_ref, fic_q1_dot_ref};
+static const qdot_kernels QDOT_REF = {fic_qdot_quantize_ref, fic_qdot_dot_ref, fic_q1x_quantize_ref, fic_q1_dot_ref, NULL};
 #if defined(__x86_64__)
-static const qdot_kernels QDOT_AVX2 = {fic_qdot_quantize_avx2, fic_qdot_dot_avx2, fic_q1x_quantize_avx2, fic_q1_dot_avx2};
+static const qdot_kernels QDOT_AVX2 = {fic_qdot_quantize_avx2, fic_qdot_dot_avx2, fic_q1x_quantize_avx2, fic_q1_dot_avx2,
+                                        NULL};
+static const qdot_kernels QDOT_AVX512_Q1 = {fic_qdot_quantize_avx2, fic_qdot_dot_avx2, fic_q1x_quantize_avx2,
+                                            fic_q1_dot_avx2, q1r32_build_tables_avx512};
 #endif
 #if defined(__aarch64__)
-static const qdot_kernels QDOT_NEON = {fic_qdot_quantize_neon, fic_qdot_dot_neon, NULL, NULL};
+static const qdot_kernels QDOT_NEON = {fic_qdot_quantize_neon, fic_qdot_dot_neon, NULL, NULL, NULL};
 #endif
 
 const qdot_kernels *fic_qdot_kernels(int impl) {
 #if defined(__x86_64__)
     /* AVX-512 machines run the AVX2 code (no VNNI variant yet) */
+    if (impl == FIC_IMPL_AVX512 && fic_cpu_features_get()->avx512_q1) return &QDOT_AVX512_Q1;
     if (impl == FIC_IMPL_AVX2 || impl == FIC_IMPL_AVX512) return &QDOT_AVX2;
 #endif
 #if defined(__aarch64__)
