@@ -19,8 +19,6 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "silu.h"
-
 #include "blocks.h"
 #include "qdot.h"
 
@@ -36,9 +34,11 @@ typedef struct {
 
 
 /* Rows [r, r + nr) of expert e's h for the chunk's nt tokens (hr: h_e + r, rows n apart), holding
- * the gate products, become coef silu(gate) up with up's products in ubuf (nt x nr). */
+ * the gate products, become coef silu(gate) up with up's products in ubuf (nt x nr): the
+ * implementation's silu_mul, as the float prefill and decode compute it. */
 static void swiglu_rows(const qffn_t *q, int64_t e, float *hr, int64_t n, int64_t nr, const float *ubuf) {
     const qdot_ffn *a = q->a;
+    const fic_kernels *kt = fic_kernels_for(a->impl);
     for (int64_t i = 0; i < q->nt; i++) {
         const float c = a->coef == NULL ? 1.0f : a->coef[(q->i0 + i) * a->n_experts + e];
         float *hi = hr + i * n;
@@ -46,7 +46,7 @@ static void swiglu_rows(const qffn_t *q, int64_t e, float *hr, int64_t n, int64_
             memset(hi, 0, (size_t)nr * sizeof *hi);
             continue;
         }
-        for (int64_t l = 0; l < nr; l++) hi[l] = c * fic_silu(hi[l]) * ubuf[i * nr + l];
+        silu_mul(kt, c, hi, ubuf + i * nr, nr);
     }
 }
 

@@ -1,5 +1,5 @@
 /* silu.h - silu(g) = g / (1 + e^-g) in scalar float with expf: the FFN's gating as the references
- * compute it (silu_mul_ref, the int8 prefill's swiglu, the MoE shared expert). */
+ * compute it (silu_mul_ref, the MoE shared expert). */
 #ifndef FIC_SILU_H
 #define FIC_SILU_H
 #include <math.h>
