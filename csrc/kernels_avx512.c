@@ -787,7 +787,18 @@ TGT_AVX512 static void fixed_add_avx512(const float *c, int64_t *acc, int64_t n)
         const __m512i f = _mm512_sub_epi64(_mm512_castpd_si512(r), _mm512_castpd_si512(magic));
         _mm512_storeu_si512((void *)(acc + i), _mm512_add_epi64(_mm512_loadu_si512((const void *)(acc + i)), f));
     }
-    fixed_add_ref(c + i, acc + i, n - i);
+    if (i == n) return;
+    /* the last n - i < 8 through masks (rows of 54 or 60 a call end in one): the lanes past n load
+     * 0, which is in range, and are not stored */
+    const __mmask8 m = (__mmask8)((1u << (n - i)) - 1);
+    const __m256 v = _mm256_maskz_loadu_ps(m, c + i);
+    if (_mm256_movemask_ps(_mm256_cmp_ps(_mm256_andnot_ps(sign, v), limit, _CMP_LT_OQ)) != 0xff) {
+        fixed_add_ref(c + i, acc + i, n - i);
+        return;
+    }
+    const __m512d r = _mm512_fmadd_pd(_mm512_cvtps_pd(v), scale, magic);
+    const __m512i f = _mm512_sub_epi64(_mm512_castpd_si512(r), _mm512_castpd_si512(magic));
+    _mm512_mask_storeu_epi64(acc + i, m, _mm512_add_epi64(_mm512_maskz_loadu_epi64(m, acc + i), f));
 }
 
 /* ---- table entries built from the pieces above --------------------------------------------- */

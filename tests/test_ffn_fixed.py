@@ -35,7 +35,8 @@ def test_fixed_add_matches_numpy(impl):
         np.array([3 * 2 ** 18, 2 ** 19, -2 ** 19, 2 ** 29, 2 ** 31, -2 ** 40, np.inf, -np.inf, np.nan], np.float32),
         np.array([1e-12, -1e-30, 0.0, -0.0], np.float32),
     ])
-    for n in (len(c), 3, 0):  # the vector body, a tail alone, nothing
+    # the vector body, a tail alone, nothing; tails ending in the out-of-range values, in the ties
+    for n in (len(c), 3, 0, 1015, 1013, 1006, 1004):
         acc = np.arange(n, dtype=np.int64) - 5
         want = acc + fix_numpy(c[:n])
         assert np.array_equal(K.fixed_add(np.ascontiguousarray(c[:n]), acc, impl=impl), want)
