@@ -1101,33 +1101,17 @@ const fic_kernels fic_kernels_avx512_vnni = {
     NULL, /* q1r32_tiles: a token at a time */
 };
 
-const fic_kernels fic_kernels_avx512_q1 = {
-    FIC_IMPL_AVX512,
-    axpy_avx512,
-    gemm_tile_avx512,
-    {AVX512_COMMON, AVX512_Q4_VNNI, AVX512_Q1(XP_Q1_PLANES)},
-    NULL,
-    fixed_add_avx512,
-    NULL, /* pack8: no panels here */
-    silu_mul_avx2,
-    q1r32_avx512,
-    q1r32_move_avx2,
-    NULL, /* q1r32_tiles: a token at a time */
-};
+/* VNNI, BITALG and VBMI: Q1_0 as bit planes and the r32 kernel on VBMI; with AMX-INT8 on top
+ * (Sapphire Rapids on) the r32 prefill as tile products (kernels_amx.c): pool.c has asked Linux for
+ * the tile state before saying the CPU has it. */
+#define AVX512_Q1_TABLE(TILES)                                                                                 \
+    {                                                                                                          \
+        FIC_IMPL_AVX512, axpy_avx512, gemm_tile_avx512, {AVX512_COMMON, AVX512_Q4_VNNI, AVX512_Q1(XP_Q1_PLANES)}, \
+            NULL, /* gemm_panel */                                                                             \
+            fixed_add_avx512, NULL /* pack8: no panels here */, silu_mul_avx2, q1r32_avx512, q1r32_move_avx2,   \
+            TILES                                                                                              \
+    }
 
-/* AMX-INT8 on top (Sapphire Rapids on): the same, with the r32 prefill as tile products
- * (kernels_amx.c); pool.c has asked Linux for the tile state before saying the CPU has it. */
-const fic_kernels fic_kernels_avx512_amx = {
-    FIC_IMPL_AVX512,
-    axpy_avx512,
-    gemm_tile_avx512,
-    {AVX512_COMMON, AVX512_Q4_VNNI, AVX512_Q1(XP_Q1_PLANES)},
-    NULL,
-    fixed_add_avx512,
-    NULL, /* pack8: no panels here */
-    silu_mul_avx2,
-    q1r32_avx512,
-    q1r32_move_avx2,
-    q1r32_tiles_amx,
-};
+const fic_kernels fic_kernels_avx512_q1 = AVX512_Q1_TABLE(NULL /* q1r32_tiles: a token at a time */);
+const fic_kernels fic_kernels_avx512_amx = AVX512_Q1_TABLE(q1r32_tiles_amx);
 #endif /* FIC_X86 */
