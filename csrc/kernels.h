@@ -195,11 +195,18 @@ typedef void (*kern_q1r32_fn)(const uint8_t *w, int64_t nb, const uint8_t *tab, 
 typedef void (*kern_q1r32_move_fn)(const uint8_t *from, uint8_t *to, int64_t nb, int to_r32);
 /* Prefill: one group of 32 r32 rows (w, nb blocks of 128) against nt tokens (token i at tok + i tb,
  * tb a multiple of 64: k int8 x, then k / 32 float dx, as the q8 quantizer writes them): y[i ys + r]
- * for r < 32, each token's matvec bits (q1r32_ref's). scratch: Q1R32_TILES_SCRATCH bytes, 64-byte
+ * for r < 32, each token's matvec bits (q1r32_ref's). scratch: q1r32_tiles_scratch(k) bytes, 64-byte
  * aligned, the calling thread's. */
 typedef void (*kern_q1r32_tiles_fn)(const uint8_t *w, int64_t nb, const uint8_t *tok, int64_t tb, int64_t nt,
                                     float *y, int64_t ys, uint8_t *scratch);
-#define Q1R32_TILES_SCRATCH 35840
+#define Q1R32_TILES_SLICE 32 /* q8 blocks of sign bits expanded at a time */
+/* kern_q1r32_tiles_fn's scratch for rows of k weights: a slice's B tiles (1 KiB a q8 block), its
+ * rows' d (128 bytes a Q1_0 block) and two C tiles; it grows with k up to 35,840 bytes, so small
+ * matrices fit the workspace formulas of fic.h */
+static inline int64_t q1r32_tiles_scratch(int64_t k) {
+    const int64_t s = k / 32 < Q1R32_TILES_SLICE ? k / 32 : Q1R32_TILES_SLICE;
+    return s * 1024 + s / 4 * 128 + 2048;
+}
 
 /* One format's kernels on one implementation. dot and deq are always set; the others are
  * optional fast paths (NULL: the generic code in kernels.c, matvec.c and ffn.c). */

@@ -32,9 +32,8 @@ typedef struct {
 } amx_cfg;
 static_assert(sizeof(amx_cfg) == 64, "ldtilecfg reads 64 bytes");
 
-#define AMX_SLICE 32 /* q8 blocks expanded at a time: 2 x 512 bytes each, 32 KiB */
+#define AMX_SLICE Q1R32_TILES_SLICE /* q8 blocks expanded at a time: 2 x 512 bytes each */
 static_assert(AMX_SLICE % (QK1_0 / 32) == 0, "a slice holds whole Q1_0 blocks");
-static_assert(Q1R32_TILES_SCRATCH >= AMX_SLICE * 1024 + AMX_SLICE / 4 * 32 * 4 + 2048, "scratch as kernels.h says");
 
 /* tiles 0 and 3: C (n tokens x 16 int32), 1 and 4: A (n tokens x 32 int8), 2 and 5: B (8 x 64 int8) */
 TGT_AMX static void tiles_config(int n) {
@@ -132,10 +131,10 @@ TGT_AMX static ALWAYS_INLINE void tile_slice(const int8_t *bt, const float *dfl,
 
 TGT_AMX void q1r32_tiles_amx(const uint8_t *w, int64_t nb, const uint8_t *tok, int64_t tb, int64_t nt, float *y,
                              int64_t ys, uint8_t *scratch) {
-    const int64_t k = nb * QK1_0, nq = k / 32;
+    const int64_t k = nb * QK1_0, nq = k / 32, s = nq < AMX_SLICE ? nq : AMX_SLICE; /* q1r32_tiles_scratch */
     int8_t *bt = (int8_t *)scratch;
-    float *dfl = (float *)(scratch + AMX_SLICE * 1024);
-    int32_t *cbuf = (int32_t *)(dfl + AMX_SLICE / 4 * 32);
+    float *dfl = (float *)(scratch + s * 1024);
+    int32_t *cbuf = (int32_t *)(dfl + s / 4 * 32);
     int configured = 0;
     for (int64_t q0 = 0; q0 < nq; q0 += AMX_SLICE) {
         const int64_t ns = nq - q0 < AMX_SLICE ? nq - q0 : AMX_SLICE;

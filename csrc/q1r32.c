@@ -137,7 +137,9 @@ int64_t q1r32_toks_bytes(const fic_kernels *kt, int64_t k) {
     return kt->q1r32_tiles != NULL ? QX_BYTES(k) : q1r32_tok_bytes(k);
 }
 
-int64_t q1r32_toks_scratch(const fic_kernels *kt) { return kt->q1r32_tiles != NULL ? Q1R32_TILES_SCRATCH : 0; }
+int64_t q1r32_toks_scratch(const fic_kernels *kt, int64_t k) {
+    return kt->q1r32_tiles != NULL ? q1r32_tiles_scratch(k) : 0;
+}
 
 void q1r32_toks_prep(const fic_kernels *kt, const qdot_kernels *qk, const float *x, int64_t k, uint8_t *tok) {
     if (kt->q1r32_tiles != NULL) qk->quantize(x, k, tok);

@@ -85,7 +85,7 @@ static int q1_matmul(fic_pool *pool, qmm_t *j, int64_t t, void *ws, int64_t ws_b
     const int64_t n_threads = fic_pool_threads(pool), r32 = j->fmt == FIC_Q1_0R32, tables = r32 && j->kt->q1r32 != NULL;
     j->qrow = tables ? q1r32_toks_bytes(j->kt, j->k) : Q1X_ROW_BYTES(j->k);
     /* a thread's scratch: a group's rows (no table kernel), or the tile kernel's */
-    j->unpack_bytes = r32 && !tables ? (32 * j->row_bytes + 63) / 64 * 64 : tables ? q1r32_toks_scratch(j->kt) : 0;
+    j->unpack_bytes = r32 && !tables ? (32 * j->row_bytes + 63) / 64 * 64 : tables ? q1r32_toks_scratch(j->kt, j->k) : 0;
     const int64_t avail = ws_bytes - n_threads * j->unpack_bytes;
     if (avail < j->qrow) return FIC_ERR_WORKSPACE;
     const int64_t chunk_t = avail / j->qrow;

@@ -84,10 +84,11 @@ int64_t q1r32_tok_bytes(int64_t k);
 void q1r32_tok_prep(const qdot_kernels *qk, const float *x, int64_t k, uint8_t *tok);
 /* The same for nt tokens at once, by kt's tile kernel where it has one (kern_q1r32_tiles_fn), else
  * a token at a time as above: q1r32_toks_bytes(kt, k) a token (tb, 64-byte aligned), prepared by
- * q1r32_toks_prep; y[i ys + r] for r < 32, i < nt; scratch: q1r32_toks_scratch(kt) bytes, the
+ * q1r32_toks_prep; y[i ys + r] for r < 32, i < nt; scratch: q1r32_toks_scratch(kt, k) bytes (or
+ * more: k the longest rows the scratch serves), the
  * calling thread's, 64-byte aligned. */
 int64_t q1r32_toks_bytes(const fic_kernels *kt, int64_t k);
-int64_t q1r32_toks_scratch(const fic_kernels *kt);
+int64_t q1r32_toks_scratch(const fic_kernels *kt, int64_t k);
 void q1r32_toks_prep(const fic_kernels *kt, const qdot_kernels *qk, const float *x, int64_t k, uint8_t *tok);
 void q1r32_toks_group(const fic_kernels *kt, const uint8_t *group, int64_t k, const uint8_t *tok, int64_t tb,
                       int64_t nt, float *y, int64_t ys, uint8_t *scratch);

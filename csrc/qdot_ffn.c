@@ -181,7 +181,7 @@ static void p1_r32_rows(void *ctx, int64_t g0, int64_t g1, int tid) {
     const fic_kernels *kt = fic_kernels_for(a->impl);
     const int64_t d = a->d, tb = q1r32_toks_bytes(kt, d), gb = R32_ROWS * a->rb_g;
     float *ubuf = (float *)(q->per_thread + tid * q->thread_bytes); /* nt x 32 */
-    uint8_t *scratch = q->per_thread + (tid + 1) * q->thread_bytes - q1r32_toks_scratch(kt);
+    uint8_t *scratch = q->per_thread + (tid + 1) * q->thread_bytes - q1r32_toks_scratch(kt, d);
     p1_piece p = {.e = -1};
     while (p1_next(q, g0, g1, &p)) {
         for (int64_t r = p.r0; r < p.r1; r += R32_ROWS) {
@@ -220,7 +220,7 @@ static int q1_phase1(fic_pool *pool, qffn_t *q, uint8_t *ws, int64_t ws_bytes) {
     const qdot_ffn *a = q->a;
     const fic_kernels *kt = fic_kernels_for(a->impl);
     if (a->gate_fmt == FIC_Q1_0R32 && kt->q1r32 != NULL)
-        return q1_chunks(pool, q, ws, ws_bytes, a->n_total, R32_ROWS, q1r32_toks_scratch(kt), q1r32_toks_bytes(kt, a->d),
+        return q1_chunks(pool, q, ws, ws_bytes, a->n_total, R32_ROWS, q1r32_toks_scratch(kt, a->d), q1r32_toks_bytes(kt, a->d),
                          4 * R32_ROWS, p1_r32_prep, p1_r32_rows);
     const int r32 = a->gate_fmt == FIC_Q1_0R32;
     const int64_t step = q1_step(r32), gather = r32 ? step * a->rb_g : 0; /* r32: a group unpacked */
@@ -395,7 +395,7 @@ static void p2_r32_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
     const int64_t tb = r32_down_tok_bytes(kt, a), d = a->d;
     float *out = (float *)(q->per_thread + tid * q->thread_bytes); /* nt x 32 */
     int64_t *sums = (int64_t *)(out + q->nt * R32_ROWS); /* FIC_FFN_FIXED: nt x 32, the group's */
-    uint8_t *scratch = q->per_thread + (tid + 1) * q->thread_bytes - q1r32_toks_scratch(kt);
+    uint8_t *scratch = q->per_thread + (tid + 1) * q->thread_bytes - q1r32_toks_scratch(kt, a->n_max);
     for (int64_t r = r0; r < r1; r += R32_ROWS) {
         const uint8_t *tok = q->xq;
         if (a->acc != NULL) memset(sums, 0, (size_t)(q->nt * R32_ROWS) * sizeof *sums);
@@ -454,7 +454,7 @@ int fic_qdot_ffn_down_cols(fic_pool *pool, const qdot_ffn *a, uint8_t *ws, int64
     qffn_t q = {.a = a, .kern = fic_qdot_kernels(a->impl), .ub = unpack_bytes(a->n_total)};
     const fic_kernels *kt = fic_kernels_for(a->impl);
     if (a->down_fmt == FIC_Q1_0R32 && kt->q1r32 != NULL)
-        return q1_chunks(pool, &q, ws, ws_bytes, a->d, R32_ROWS, q1r32_toks_scratch(kt), r32_down_tok_bytes(kt, a),
+        return q1_chunks(pool, &q, ws, ws_bytes, a->d, R32_ROWS, q1r32_toks_scratch(kt, a->n_max), r32_down_tok_bytes(kt, a),
                          (4 + (a->acc != NULL ? 8 : 0)) * R32_ROWS, p2_r32_prep, p2_r32_rows);
     if (a->down_fmt == FIC_Q1_0R32) return q.kern->q1_dot != NULL ? q1_down_cols(pool, &q, ws, ws_bytes) : FIC_ERR_UNSUPPORTED;
     if (a->down_fmt == FIC_Q1_0 && q.kern->q1_dot != NULL) return q1_down_cols(pool, &q, ws, ws_bytes);

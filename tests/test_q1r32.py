@@ -245,3 +245,23 @@ def test_amx_tiles_follow_the_cpu_and_give_the_tables_bits(tmp_path):
     assert (out["0"][1] == out["1"][1]).all()
     r = K.q1r32_repack(qt)
     assert (out["0"][1] == np.stack([K.matvec(r, xi) for xi in x])).all()
+
+
+@pytest.mark.parametrize("k", [128, 256, 1536])
+def test_prefill_runs_in_the_documented_workspace(k):
+    """fic_matmul of the layout with exactly fic_workspace_bytes' matmul term, small k included: what
+    a call needs does not depend on the implementation or the CPU (the AMX path's scratch fits)."""
+    lib, ffi = K.lib, K.ffi
+    qt, rng = q1_matrix(64, k, seed=k)
+    r = K.q1r32_repack(qt)
+    x = rng.standard_normal((20, k)).astype(np.float32)
+    need = lib.fic_workspace_bytes(1, 20, k, 0, 0)
+    ws = K.aligned_buffer(need)
+    want = np.stack([K.matvec(r, xi) for xi in x])
+    for impl in IMPLS:
+        if impl == "neon":
+            continue
+        y = np.full((20, 64), np.nan, np.float32)
+        assert lib.fic_matmul(ffi.NULL, K.IMPLS[impl], lib.FIC_Q1_0R32, K._u8(r.data), K._f32(x), K._f32(y), 20, 64, k,
+                              K._u8(ws), need) == lib.FIC_OK, impl
+        assert (y == want).all(), impl
