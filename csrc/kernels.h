@@ -424,6 +424,9 @@ void q1r32_move_ref(const uint8_t *from, uint8_t *to, int64_t nb, int to_r32);
 void q1r32_move_avx2(const uint8_t *from, uint8_t *to, int64_t nb, int to_r32);
 void q1r32_tiles_amx(const uint8_t *w, int64_t nb, const uint8_t *tok, int64_t tb, int64_t nt, float *y, int64_t ys,
                      uint8_t *scratch);
+/* vpermt2b's indices that regroup a q8 block's 4 sign bytes of 32 rows (two 64-byte loads) so that
+ * dword r of half h holds row 16 h + r's 4 bytes (kernels_avx512.c; q1r32_avx512, kernels_amx.c) */
+extern const uint8_t q1r32_regroup[2][64];
 #endif
 static inline void q1r32_move(const fic_kernels *kt, const uint8_t *from, uint8_t *to, int64_t nb, int to_r32) {
     if (kt->q1r32_move) kt->q1r32_move(from, to, nb, to_r32);

@@ -54,22 +54,13 @@ TGT_AMX static void tiles_config(int n) {
 /* Blocks [q0, q0 + n) (q8 blocks of the group, q0 a multiple of 4) into B tiles at bt (block q's
  * half h at bt + (2 (q - q0) + h) 512) and the rows' d as floats at dfl (32 per Q1_0 block). */
 TGT_AMX static void expand_slice(const uint8_t *w, int64_t q0, int64_t n, int8_t *bt, float *dfl) {
-    /* byte 4r + i of the regrouped vector of rows 16h..16h+15: row 16h + r's sign byte i of the
-     * block's four (q1r32_avx512's regrouping) */
-#define AMX_ROW(h, r) 16 * h + r, 32 + 16 * h + r, 64 + 16 * h + r, 96 + 16 * h + r
-#define AMX_HALF(h)                                                                                             \
-    AMX_ROW(h, 0), AMX_ROW(h, 1), AMX_ROW(h, 2), AMX_ROW(h, 3), AMX_ROW(h, 4), AMX_ROW(h, 5), AMX_ROW(h, 6),    \
-        AMX_ROW(h, 7), AMX_ROW(h, 8), AMX_ROW(h, 9), AMX_ROW(h, 10), AMX_ROW(h, 11), AMX_ROW(h, 12),            \
-        AMX_ROW(h, 13), AMX_ROW(h, 14), AMX_ROW(h, 15)
-    static const uint8_t perm[2][64] __attribute__((aligned(64))) = {{AMX_HALF(0)}, {AMX_HALF(1)}};
-#undef AMX_HALF
-#undef AMX_ROW
-    /* B row kk, byte 4 r' + j (r' = 2 p + s): bit 32 s + 4 kk + j of qword p, which holds rows 2 p
-     * (low dword) and 2 p + 1 */
-    uint8_t idx0[64] __attribute__((aligned(64)));
-    for (int i = 0; i < 64; i++) idx0[i] = (uint8_t)(32 * ((i >> 2) & 1) + (i & 3));
-    const __m512i perm0 = _mm512_load_si512((const void *)perm[0]), perm1 = _mm512_load_si512((const void *)perm[1]);
-    const __m512i base = _mm512_load_si512((const void *)idx0), plus = _mm512_set1_epi8(1), minus = _mm512_set1_epi8(-1);
+    /* q1r32_regroup: dword r of half h = row 16 h + r's four sign bytes. B row kk, byte 4 r' + j
+     * (r' = 2 p + s): bit 32 s + 4 kk + j of qword p, which holds rows 2 p (low dword) and 2 p + 1;
+     * base: bytes 0, 1, 2, 3, 32, 33, 34, 35 in every qword */
+    const __m512i perm0 = _mm512_load_si512((const void *)q1r32_regroup[0]),
+                  perm1 = _mm512_load_si512((const void *)q1r32_regroup[1]);
+    const __m512i base = _mm512_set1_epi64(0x2322212003020100ll), plus = _mm512_set1_epi8(1),
+                  minus = _mm512_set1_epi8(-1);
     for (int64_t q = 0; q < n; q++) {
         const uint8_t *p = w + (q0 + q) / 4 * Q1R32_BLOCK_BYTES;
         if ((q0 + q) % 4 == 0) {

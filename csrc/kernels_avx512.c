@@ -969,19 +969,21 @@ TGT_AVX512Q1 static ALWAYS_INLINE __m512i q1r32_sum16(__m512i v, __m512i sum, co
     return _mm512_dpbusd_epi32(sum, H, _mm512_set1_epi8(32));
 }
 
-TGT_AVX512Q1 static void q1r32_avx512(const uint8_t *w, int64_t nb, const uint8_t *tab, const int16_t *cx,
-                                      const float *dx, float *y, int64_t g0, int64_t g1) {
-    /* byte 4r + i of the regrouped vector of rows 16h..16h+15: row 16h + r's sign byte i of four,
-     * from loads a (bytes 0, 1 of the q8 block, 32 rows each) and b (bytes 2, 3: indices 64 on) */
+/* byte 4r + i of the regrouped vector of rows 16h..16h+15: row 16h + r's sign byte i of four,
+ * from loads a (bytes 0, 1 of the q8 block, 32 rows each) and b (bytes 2, 3: indices 64 on) */
 #define Q1R32_ROW(h, r) 16 * h + r, 32 + 16 * h + r, 64 + 16 * h + r, 96 + 16 * h + r
 #define Q1R32_HALF(h)                                                                                          \
     Q1R32_ROW(h, 0), Q1R32_ROW(h, 1), Q1R32_ROW(h, 2), Q1R32_ROW(h, 3), Q1R32_ROW(h, 4), Q1R32_ROW(h, 5),      \
         Q1R32_ROW(h, 6), Q1R32_ROW(h, 7), Q1R32_ROW(h, 8), Q1R32_ROW(h, 9), Q1R32_ROW(h, 10), Q1R32_ROW(h, 11), \
         Q1R32_ROW(h, 12), Q1R32_ROW(h, 13), Q1R32_ROW(h, 14), Q1R32_ROW(h, 15)
-    static const uint8_t perm[2][64] __attribute__((aligned(64))) = {{Q1R32_HALF(0)}, {Q1R32_HALF(1)}};
+const uint8_t q1r32_regroup[2][64] __attribute__((aligned(64))) = {{Q1R32_HALF(0)}, {Q1R32_HALF(1)}};
 #undef Q1R32_HALF
 #undef Q1R32_ROW
-    const __m512i perm0 = _mm512_load_si512((const void *)perm[0]), perm1 = _mm512_load_si512((const void *)perm[1]);
+
+TGT_AVX512Q1 static void q1r32_avx512(const uint8_t *w, int64_t nb, const uint8_t *tab, const int16_t *cx,
+                                      const float *dx, float *y, int64_t g0, int64_t g1) {
+    const __m512i perm0 = _mm512_load_si512((const void *)q1r32_regroup[0]),
+                  perm1 = _mm512_load_si512((const void *)q1r32_regroup[1]);
     const uint8_t *end = w + g1 * nb * Q1R32_BLOCK_BYTES;
     for (int64_t g = g0; g < g1; g++) {
         __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(); /* rows 0-15, 16-31 */

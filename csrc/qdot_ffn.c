@@ -25,6 +25,7 @@
 typedef struct {
     const qdot_ffn *a;
     const qdot_kernels *kern;
+    const fic_kernels *kt;     /* a->impl's table, resolved once per call */
     int64_t i0, nt;            /* the token chunk */
     int64_t ub;                /* bytes of one unpacked row */
     uint8_t *per_thread;       /* per thread: QW_ROWS unpacked rows, then (phase 1) the up buffer */
@@ -38,7 +39,7 @@ typedef struct {
  * implementation's silu_mul, as the float prefill and decode compute it. */
 static void swiglu_rows(const qffn_t *q, int64_t e, float *hr, int64_t n, int64_t nr, const float *ubuf) {
     const qdot_ffn *a = q->a;
-    const fic_kernels *kt = fic_kernels_for(a->impl);
+    const fic_kernels *kt = q->kt;
     for (int64_t i = 0; i < q->nt; i++) {
         const float c = a->coef == NULL ? 1.0f : a->coef[(q->i0 + i) * a->n_experts + e];
         float *hi = hr + i * n;
@@ -170,7 +171,7 @@ static void p1_q1_rows(void *ctx, int64_t g0, int64_t g1, int tid) {
 static void p1_r32_prep(void *ctx, int64_t i0, int64_t i1, int tid) {
     const qffn_t *q = ctx;
     (void)tid;
-    const fic_kernels *kt = fic_kernels_for(q->a->impl);
+    const fic_kernels *kt = q->kt;
     const int64_t d = q->a->d, tb = q1r32_toks_bytes(kt, d);
     for (int64_t i = i0; i < i1; i++) q1r32_toks_prep(kt, q->kern, q->a->x + (q->i0 + i) * d, d, q->xq + i * tb);
 }
@@ -178,7 +179,7 @@ static void p1_r32_prep(void *ctx, int64_t i0, int64_t i1, int tid) {
 static void p1_r32_rows(void *ctx, int64_t g0, int64_t g1, int tid) {
     const qffn_t *q = ctx;
     const qdot_ffn *a = q->a;
-    const fic_kernels *kt = fic_kernels_for(a->impl);
+    const fic_kernels *kt = q->kt;
     const int64_t d = a->d, tb = q1r32_toks_bytes(kt, d), gb = R32_ROWS * a->rb_g;
     float *ubuf = (float *)(q->per_thread + tid * q->thread_bytes); /* nt x 32 */
     uint8_t *scratch = q->per_thread + (tid + 1) * q->thread_bytes - q1r32_toks_scratch(kt, d);
@@ -218,7 +219,7 @@ static int q1_chunks(fic_pool *pool, qffn_t *q, uint8_t *ws, int64_t ws_bytes, i
 
 static int q1_phase1(fic_pool *pool, qffn_t *q, uint8_t *ws, int64_t ws_bytes) {
     const qdot_ffn *a = q->a;
-    const fic_kernels *kt = fic_kernels_for(a->impl);
+    const fic_kernels *kt = q->kt;
     if (a->gate_fmt == FIC_Q1_0R32 && kt->q1r32 != NULL)
         return q1_chunks(pool, q, ws, ws_bytes, a->n_total, R32_ROWS, q1r32_toks_scratch(kt, a->d), q1r32_toks_bytes(kt, a->d),
                          4 * R32_ROWS, p1_r32_prep, p1_r32_rows);
@@ -230,7 +231,7 @@ static int q1_phase1(fic_pool *pool, qffn_t *q, uint8_t *ws, int64_t ws_bytes) {
 
 int fic_qdot_ffn_phase1(fic_pool *pool, const qdot_ffn *a, uint8_t *ws, int64_t ws_bytes) {
     const int64_t n_threads = fic_pool_threads(pool), d = a->d;
-    qffn_t q = {.a = a, .kern = fic_qdot_kernels(a->impl), .ub = unpack_bytes(d)};
+    qffn_t q = {.a = a, .kern = fic_qdot_kernels(a->impl), .kt = fic_kernels_for(a->impl), .ub = unpack_bytes(d)};
     if (a->gate_fmt == FIC_Q1_0R32) /* with up and down: ffn.c checked the layout */
         return q.kern->q1_dot != NULL ? q1_phase1(pool, &q, ws, ws_bytes) : FIC_ERR_UNSUPPORTED;
     if (a->gate_fmt == FIC_Q1_0 && a->up_fmt == FIC_Q1_0 && q.kern->q1_dot != NULL) return q1_phase1(pool, &q, ws, ws_bytes);
@@ -379,7 +380,7 @@ static void p2_r32_prep(void *ctx, int64_t i0, int64_t i1, int tid) {
     const qffn_t *q = ctx;
     const qdot_ffn *a = q->a;
     (void)tid;
-    const fic_kernels *kt = fic_kernels_for(a->impl);
+    const fic_kernels *kt = q->kt;
     const int64_t tb = r32_down_tok_bytes(kt, a);
     for (int64_t i = i0; i < i1; i++) {
         uint8_t *tok = q->xq + i * tb;
@@ -391,7 +392,7 @@ static void p2_r32_prep(void *ctx, int64_t i0, int64_t i1, int tid) {
 static void p2_r32_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
     const qffn_t *q = ctx;
     const qdot_ffn *a = q->a;
-    const fic_kernels *kt = fic_kernels_for(a->impl);
+    const fic_kernels *kt = q->kt;
     const int64_t tb = r32_down_tok_bytes(kt, a), d = a->d;
     float *out = (float *)(q->per_thread + tid * q->thread_bytes); /* nt x 32 */
     int64_t *sums = (int64_t *)(out + q->nt * R32_ROWS); /* FIC_FFN_FIXED: nt x 32, the group's */
@@ -451,8 +452,8 @@ static int q1_down_cols(fic_pool *pool, qffn_t *q, uint8_t *ws, int64_t ws_bytes
 
 int fic_qdot_ffn_down_cols(fic_pool *pool, const qdot_ffn *a, uint8_t *ws, int64_t ws_bytes) {
     const int64_t n_threads = fic_pool_threads(pool);
-    qffn_t q = {.a = a, .kern = fic_qdot_kernels(a->impl), .ub = unpack_bytes(a->n_total)};
-    const fic_kernels *kt = fic_kernels_for(a->impl);
+    qffn_t q = {.a = a, .kern = fic_qdot_kernels(a->impl), .kt = fic_kernels_for(a->impl), .ub = unpack_bytes(a->n_total)};
+    const fic_kernels *kt = q.kt;
     if (a->down_fmt == FIC_Q1_0R32 && kt->q1r32 != NULL)
         return q1_chunks(pool, &q, ws, ws_bytes, a->d, R32_ROWS, q1r32_toks_scratch(kt, a->n_max), r32_down_tok_bytes(kt, a),
                          (4 + (a->acc != NULL ? 8 : 0)) * R32_ROWS, p2_r32_prep, p2_r32_rows);
