@@ -85,8 +85,7 @@ void q1r32_tok_prep(const qdot_kernels *qk, const float *x, int64_t k, uint8_t *
 /* The same for nt tokens at once, by kt's tile kernel where it has one (kern_q1r32_tiles_fn), else
  * a token at a time as above: q1r32_toks_bytes(kt, k) a token (tb, 64-byte aligned), prepared by
  * q1r32_toks_prep; y[i ys + r] for r < 32, i < nt; scratch: q1r32_toks_scratch(kt, k) bytes (or
- * more: k the longest rows the scratch serves), the
- * calling thread's, 64-byte aligned. */
+ * more: k the longest rows the scratch serves), the calling thread's, 64-byte aligned. */
 int64_t q1r32_toks_bytes(const fic_kernels *kt, int64_t k);
 int64_t q1r32_toks_scratch(const fic_kernels *kt, int64_t k);
 void q1r32_toks_prep(const fic_kernels *kt, const qdot_kernels *qk, const float *x, int64_t k, uint8_t *tok);
