@@ -2,15 +2,18 @@
  * prefill as tile products (the table fic_kernels_avx512_amx in kernels_avx512.c points here).
  *
  * A group of 32 Q1_0 rows against many tokens. Per q8 block (32 weights) the group's sign bits are
- * expanded once into two B tiles of +-1 bytes (8 rows of 64 bytes: row kk holds, for each of 16
- * output rows, its weights 4 kk .. 4 kk + 3, the VNNI order tdpbssd reads), shared by every token.
- * The A tile is 16 tokens' int8 x of that block, loaded straight from the quantizer's rows. One
- * tdpbssd gives the 16 x 16 exact integer sums of +-xq, the same integers the table kernels compute;
- * then per token acc = fma(d dx, sum, acc) in block order, as q1r32_ref: the same bits.
+ * expanded once into +-1 bytes, 8 B-tile rows of 64 bytes per half of the rows (row kk holds, for each
+ * of 16 output rows, its weights 4 kk .. 4 kk + 3, the VNNI order tdpbssd reads), shared by every
+ * token; two q8 blocks make one B tile of K = 64. The A tile is 16 tokens' int8 x of those 64
+ * weights, loaded straight from the quantizer's rows. Two tdpbssd give the 16 x 16 exact integer
+ * sums of +-xq over a Q1_0 block, the same integers the table kernels compute; then per token
+ * acc = fma(d dx, sum, acc) in block order, as q1r32_ref: the same bits.
  *
- * Why per q8 block (K = 32) and not 64: the float step needs each block's own sum. Why tokens in A
- * (C rows are tokens): a C row is then 16 output rows of one token, scaled by one dx and the rows'
- * d vector, and stored to y without a transpose. The sign bits are expanded a slice of AMX_SLICE
+ * One float step per Q1_0 block, not per q8 block, because x has one scale per 128 weights
+ * (qdot.h, Q1R32_XQ_BYTES): with a scale per 32, four times the float steps and twice the tdpbssd
+ * took 2x the time (bench/RESULTS.md). Why tokens in A (C rows are tokens): a C row is then 16
+ * output rows of one token, scaled by one dx and the rows' d vector, and stored to y without a
+ * transpose. The sign bits are expanded a slice of AMX_SLICE
  * blocks at a time into the caller's scratch (kept in L1/L2); across slices the partial sums go
  * through y (a float stored and loaded is unchanged, so the bits are too). */
 #include <stdint.h>
@@ -35,7 +38,7 @@ static_assert(sizeof(amx_cfg) == 64, "ldtilecfg reads 64 bytes");
 #define AMX_SLICE Q1R32_TILES_SLICE /* q8 blocks expanded at a time: 2 x 512 bytes each */
 static_assert(AMX_SLICE % (QK1_0 / 32) == 0, "a slice holds whole Q1_0 blocks");
 
-/* tiles 0 and 3: C (n tokens x 16 int32), 1 and 4: A (n tokens x 32 int8), 2 and 5: B (8 x 64 int8) */
+/* tiles 0 and 3: C (n tokens x 16 int32), 1 and 4: A (n tokens x 64 int8), 2 and 5: B (16 x 64 int8) */
 TGT_AMX static void tiles_config(int n) {
     amx_cfg c;
     memset(&c, 0, sizeof c);
@@ -44,15 +47,16 @@ TGT_AMX static void tiles_config(int n) {
         c.rows[i] = (uint8_t)n;
         c.colsb[i] = 64;
         c.rows[i + 1] = (uint8_t)n;
-        c.colsb[i + 1] = 32;
-        c.rows[i + 2] = 8;
+        c.colsb[i + 1] = 64;
+        c.rows[i + 2] = 16;
         c.colsb[i + 2] = 64;
     }
     _tile_loadconfig(&c);
 }
 
-/* Blocks [q0, q0 + n) (q8 blocks of the group, q0 a multiple of 4) into B tiles at bt (block q's
- * half h at bt + (2 (q - q0) + h) 512) and the rows' d as floats at dfl (32 per Q1_0 block). */
+/* Blocks [q0, q0 + n) (q8 blocks of the group, q0 and n multiples of 4) into B tiles at bt and the
+ * rows' d as floats at dfl (32 per Q1_0 block). Half h of a pair of q8 blocks q, q + 1 (q - q0 even)
+ * is one B tile of K = 64 at bt + (q - q0 + h) 1024: block q's 8 rows, then block q + 1's. */
 TGT_AMX static void expand_slice(const uint8_t *w, int64_t q0, int64_t n, int8_t *bt, float *dfl) {
     /* q1r32_regroup: dword r of half h = row 16 h + r's four sign bytes. B row kk, byte 4 r' + j
      * (r' = 2 p + s): bit 32 s + 4 kk + j of qword p, which holds rows 2 p (low dword) and 2 p + 1;
@@ -71,7 +75,7 @@ TGT_AMX static void expand_slice(const uint8_t *w, int64_t q0, int64_t n, int8_t
         const __m512i a = _mm512_loadu_si512((const void *)s), b = _mm512_loadu_si512((const void *)(s + 64));
         const __m512i rows[2] = {_mm512_permutex2var_epi8(a, perm0, b), _mm512_permutex2var_epi8(a, perm1, b)};
         for (int h = 0; h < 2; h++) {
-            int8_t *dst = bt + (2 * q + h) * 512;
+            int8_t *dst = bt + (q / 2 * 2 + h) * 1024 + q % 2 * 512;
             for (int kk = 0; kk < 8; kk++) {
                 const __mmask64 m = _mm512_bitshuffle_epi64_mask(rows[h], _mm512_add_epi8(base, _mm512_set1_epi8((char)(4 * kk))));
                 _mm512_store_si512((void *)(dst + 64 * kk), _mm512_mask_blend_epi8(m, minus, plus));
@@ -91,29 +95,41 @@ TGT_AMX static ALWAYS_INLINE void combine(__m512 *acc, const int32_t *c, __m512 
     }
 }
 
-/* One token tile (n tokens from tok, tb bytes apart) and half h of the group over a slice (ns
- * even). Two blocks a step on their own tiles (0-2 and 3-5) and buffers: tiles are not renamed, so
- * with one set each block's product waited for the last one's store and float steps. */
+/* Q1_0 block qb (q8 blocks 4 qb.., q0 + q = 4 qb) of the slice on tiles C, A, B: its two pairs of
+ * q8 blocks, K = 64 each, into one C tile of int32 sums, stored at cb */
+#define AMX_BLOCK(C, A, B, q, cb)                                                                          \
+    do {                                                                                                   \
+        _tile_zero(C);                                                                                     \
+        _tile_loadd(A, tok + 32 * (q0 + (q)), tb);                                                         \
+        _tile_loadd(B, bt + ((q) + h) * 1024, 64);                                                         \
+        _tile_dpbssd(C, A, B);                                                                             \
+        _tile_loadd(A, tok + 32 * (q0 + (q) + 2), tb);                                                     \
+        _tile_loadd(B, bt + ((q) + 2 + h) * 1024, 64);                                                     \
+        _tile_dpbssd(C, A, B);                                                                             \
+        _tile_stored(C, cb, 64);                                                                           \
+    } while (0)
+
+/* One token tile (n tokens from tok, tb bytes apart) and half h of the group over a slice (ns a
+ * multiple of 4). Two Q1_0 blocks a step on their own tiles (0-2 and 3-5) and buffers: tiles are not
+ * renamed, so with one set each block's product waited for the last one's store and float steps. */
 TGT_AMX static ALWAYS_INLINE void tile_slice(const int8_t *bt, const float *dfl, int32_t *cbuf, const uint8_t *tok,
                                              int64_t tb, int64_t k, int64_t q0, int64_t ns, int h, float *y,
                                              int64_t ys, int n) {
     __m512 acc[16];
+    const uint8_t *dxp = tok + k + 4 * (q0 / 4); /* the Q1_0 blocks' activation scales */
 #pragma GCC unroll 16
     for (int t = 0; t < 16; t++)
         acc[t] = q0 == 0 || t >= n ? _mm512_setzero_ps() : _mm512_loadu_ps(y + t * ys + 16 * h);
-    for (int64_t q = 0; q < ns; q += 2) {
-        _tile_loadd(1, tok + 32 * (q0 + q), tb);
-        _tile_loadd(2, bt + (2 * q + h) * 512, 64);
-        _tile_zero(0);
-        _tile_dpbssd(0, 1, 2);
-        _tile_loadd(4, tok + 32 * (q0 + q + 1), tb);
-        _tile_loadd(5, bt + (2 * q + 2 + h) * 512, 64);
-        _tile_zero(3);
-        _tile_dpbssd(3, 4, 5);
-        _tile_stored(0, cbuf, 64);
-        _tile_stored(3, cbuf + 256, 64);
-        combine(acc, cbuf, _mm512_loadu_ps(dfl + q / 4 * 32 + 16 * h), tok + k + 4 * (q0 + q), tb, n);
-        combine(acc, cbuf + 256, _mm512_loadu_ps(dfl + (q + 1) / 4 * 32 + 16 * h), tok + k + 4 * (q0 + q + 1), tb, n);
+    int64_t q = 0;
+    for (; q + 8 <= ns; q += 8) {
+        AMX_BLOCK(0, 1, 2, q, cbuf);
+        AMX_BLOCK(3, 4, 5, q + 4, cbuf + 256);
+        combine(acc, cbuf, _mm512_loadu_ps(dfl + q / 4 * 32 + 16 * h), dxp + q, tb, n);
+        combine(acc, cbuf + 256, _mm512_loadu_ps(dfl + (q / 4 + 1) * 32 + 16 * h), dxp + q + 4, tb, n);
+    }
+    if (q < ns) {
+        AMX_BLOCK(0, 1, 2, q, cbuf);
+        combine(acc, cbuf, _mm512_loadu_ps(dfl + q / 4 * 32 + 16 * h), dxp + q, tb, n);
     }
 #pragma GCC unroll 16
     for (int t = 0; t < 16; t++)

@@ -184,8 +184,8 @@ TGT_AVX2 static float dot_q1_avx2(const job_t *j, const uint8_t *row) {
  * rows 16-31) in a 4-weight group's table (kern_q1r32_fn: the sums of l = x & 15, then of h = x >> 4
  * plus 32, each 0..60). Four groups' lookups add up in bytes (at most 240); one maddubs of the
  * interleaved L and H bytes by (2, 32) then gives 2 (L + 16 H) per row as int16, and the q8 block's
- * correction cx takes the bits' 0/1 and the bias off: the exact integer sum, then the float scaling
- * per q8 block. About 9 vector operations per 128 weights of a row (bench/RESULTS.md). The block 4
+ * correction cx takes the bits' 0/1 and the bias off: the exact integer sum, four q8 blocks of it
+ * added in int32, then the float scaling per Q1_0 block. About 9 vector operations per 128 weights of a row (bench/RESULTS.md). The block 4
  * ahead is prefetched: one stream per thread, which the hardware prefetcher alone follows too late
  * on this CPU. */
 #define Q1R32_PF_BLOCKS 4
@@ -222,18 +222,19 @@ TGT_AVX2 void q1r32_avx2(const uint8_t *w, int64_t nb, const uint8_t *tab, const
             __m256 d[4]; /* rows 0-7, 8-15, 16-23, 24-31 */
             for (int r = 0; r < 4; r++) d[r] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16 * r)));
             const uint8_t *t = tab + b * (QK1_0 / 4) * Q1R32_TAB_BYTES;
-            for (int q = 0; q < QK1_0 / 32; q++) {
+            __m256i s[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                            _mm256_setzero_si256()};
+            for (int q = 0; q < QK1_0 / 32; q++) { /* a q8 block in int16 (at most 8,160), then int32 */
                 __m256i A = _mm256_sub_epi16(_mm256_setzero_si256(), _mm256_set1_epi16(cx[b * (QK1_0 / 32) + q])), B = A;
                 q1r32_two_bytes(p, t, 4 * q, &A, &B);
                 q1r32_two_bytes(p, t, 4 * q + 2, &A, &B);
-                const __m256 dq = _mm256_set1_ps(dx[b * (QK1_0 / 32) + q]);
-                const __m256i s[4] = {_mm256_cvtepi16_epi32(_mm256_castsi256_si128(A)),
-                                      _mm256_cvtepi16_epi32(_mm256_castsi256_si128(B)),
-                                      _mm256_cvtepi16_epi32(_mm256_extracti128_si256(A, 1)),
-                                      _mm256_cvtepi16_epi32(_mm256_extracti128_si256(B, 1))};
-                for (int r = 0; r < 4; r++)
-                    acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d[r], dq), _mm256_cvtepi32_ps(s[r]), acc[r]);
+                s[0] = _mm256_add_epi32(s[0], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(A)));
+                s[1] = _mm256_add_epi32(s[1], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(B)));
+                s[2] = _mm256_add_epi32(s[2], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(A, 1)));
+                s[3] = _mm256_add_epi32(s[3], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(B, 1)));
             }
+            const __m256 db = _mm256_set1_ps(dx[b]);
+            for (int r = 0; r < 4; r++) acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d[r], db), _mm256_cvtepi32_ps(s[r]), acc[r]);
         }
         for (int r = 0; r < 4; r++) _mm256_storeu_ps(y + g * Q1R32_ROWS + 8 * r, acc[r]);
     }

@@ -956,7 +956,8 @@ TGT_AVX512 static float dot_q8_0_x512(const job_t *j, const uint8_t *row, const 
  * per 16 rows so that dword r holds row r's 4 bytes. One vpermb per nibble then looks up all 4
  * bytes at once in a 64-byte load of their 4 tables (q1r32_tab_at: nibble | 16 x byte position),
  * and one vpdpbusd per L and H adds a row's 4 bytes of lookups, times 2 and 32, straight into its
- * int32 sum (started at -cx): no unpacking, no int16 stage, no lanes to add up. */
+ * int32 sum (started at -cx of the Q1_0 block's four q8 blocks): no unpacking, no int16 stage, no
+ * lanes to add up; one float step per Q1_0 block. */
 #define Q1R32_PF_BLOCKS_512 8 /* blocks ahead to prefetch: 1.04-1.09x over 4 from DRAM, 12 or 16 no better */
 
 TGT_AVX512Q1 static ALWAYS_INLINE __m512i q1r32_sum16(__m512i v, __m512i sum, const __m512i tab[4]) {
@@ -994,6 +995,8 @@ TGT_AVX512Q1 static void q1r32_avx512(const uint8_t *w, int64_t nb, const uint8_
                 for (int o = 0; o < Q1R32_BLOCK_BYTES; o += 64) FIC_PREFETCH(pf + o);
             const __m512 d0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)),
                          d1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 32)));
+            const int16_t *c = cx + b * (QK1_0 / 32);
+            __m512i s0 = _mm512_set1_epi32(-((int32_t)c[0] + c[1] + c[2] + c[3])), s1 = s0;
             for (int q = 0; q < QK1_0 / 32; q++) {
                 /* the q8 block's tables: L of the low nibbles, L of the high ones, then H of each */
                 const uint8_t *t = tab + q1r32_tab_at(8 * (b * (QK1_0 / 32) + q)), *s = p + 2 * Q1R32_ROWS + 128 * q;
@@ -1002,13 +1005,12 @@ TGT_AVX512Q1 static void q1r32_avx512(const uint8_t *w, int64_t nb, const uint8_
                                        _mm512_loadu_si512((const void *)(t + Q1R32_TAB_H)),
                                        _mm512_loadu_si512((const void *)(t + Q1R32_TAB_H + q1r32_tab_at(1)))};
                 const __m512i a = _mm512_loadu_si512((const void *)s), bb = _mm512_loadu_si512((const void *)(s + 64));
-                const __m512i start = _mm512_set1_epi32(-(int32_t)cx[b * (QK1_0 / 32) + q]);
-                const __m512i s0 = q1r32_sum16(_mm512_permutex2var_epi8(a, perm0, bb), start, tq),
-                              s1 = q1r32_sum16(_mm512_permutex2var_epi8(a, perm1, bb), start, tq);
-                const __m512 dq = _mm512_set1_ps(dx[b * (QK1_0 / 32) + q]);
-                acc0 = _mm512_fmadd_ps(_mm512_mul_ps(d0, dq), _mm512_cvtepi32_ps(s0), acc0);
-                acc1 = _mm512_fmadd_ps(_mm512_mul_ps(d1, dq), _mm512_cvtepi32_ps(s1), acc1);
+                s0 = q1r32_sum16(_mm512_permutex2var_epi8(a, perm0, bb), s0, tq);
+                s1 = q1r32_sum16(_mm512_permutex2var_epi8(a, perm1, bb), s1, tq);
             }
+            const __m512 db = _mm512_set1_ps(dx[b]);
+            acc0 = _mm512_fmadd_ps(_mm512_mul_ps(d0, db), _mm512_cvtepi32_ps(s0), acc0);
+            acc1 = _mm512_fmadd_ps(_mm512_mul_ps(d1, db), _mm512_cvtepi32_ps(s1), acc1);
         }
         _mm512_storeu_ps(y + g * Q1R32_ROWS, acc0);
         _mm512_storeu_ps(y + g * Q1R32_ROWS + 16, acc1);

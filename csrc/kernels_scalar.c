@@ -149,9 +149,10 @@ void silu_mul_ref(float c, float *h, const float *u, int64_t n) {
     for (int64_t k = 0; k < n; k++) h[k] = c * fic_silu(h[k]) * u[k];
 }
 
-/* The r32 matvec's reference: per row, per q8 block of 32 weights, the integer sum of +-xq from
- * the same tables as the fast paths, then acc = fma(d dx, sum, acc) in block order (fmaf: the
- * fast paths' fused multiply-add, so both give the same bits). */
+/* The r32 matvec's reference: per row, per Q1_0 block of 128 weights, the integer sum of +-xq from
+ * the same tables as the fast paths (a q8 block's correction at a time), then acc = fma(d dx, sum,
+ * acc) in block order, dx the block's activation scale (fmaf: the fast paths' fused multiply-add,
+ * so both give the same bits). */
 void q1r32_ref(const uint8_t *w, int64_t nb, const uint8_t *tab, const int16_t *cx, const float *dx, float *y, int64_t g0,
                int64_t g1) {
     for (int64_t g = g0; g < g1; g++) {
@@ -159,9 +160,9 @@ void q1r32_ref(const uint8_t *w, int64_t nb, const uint8_t *tab, const int16_t *
         const uint8_t *p = w + g * nb * Q1R32_BLOCK_BYTES;
         for (int64_t b = 0; b < nb; b++, p += Q1R32_BLOCK_BYTES) {
             const uint8_t *t = tab + b * (QK1_0 / 4) * Q1R32_TAB_BYTES;
+            int32_t s[Q1R32_ROWS] = {0};
             for (int q = 0; q < QK1_0 / 32; q++) {
-                int32_t s[Q1R32_ROWS];
-                for (int r = 0; r < Q1R32_ROWS; r++) s[r] = -cx[b * (QK1_0 / 32) + q];
+                for (int r = 0; r < Q1R32_ROWS; r++) s[r] -= cx[b * (QK1_0 / 32) + q];
                 for (int i = 4 * q; i < 4 * q + 4; i++) { /* sign byte i: weights 8i..8i+7 */
                     const uint8_t *tl = t + q1r32_tab_at(2 * i), *th = t + q1r32_tab_at(2 * i + 1);
                     for (int r = 0; r < Q1R32_ROWS; r++) {
@@ -169,11 +170,11 @@ void q1r32_ref(const uint8_t *w, int64_t nb, const uint8_t *tab, const int16_t *
                         s[r] += 2 * (tl[lo] + th[hi]) + 32 * (tl[Q1R32_TAB_H + lo] + th[Q1R32_TAB_H + hi]);
                     }
                 }
-                for (int r = 0; r < Q1R32_ROWS; r++) {
-                    fic_half h;
-                    memcpy(&h, p + 2 * r, 2);
-                    acc[r] = fmaf(fic_h2f(h) * dx[b * (QK1_0 / 32) + q], (float)s[r], acc[r]);
-                }
+            }
+            for (int r = 0; r < Q1R32_ROWS; r++) {
+                fic_half h;
+                memcpy(&h, p + 2 * r, 2);
+                acc[r] = fmaf(fic_h2f(h) * dx[b], (float)s[r], acc[r]);
             }
         }
         memcpy(y + g * Q1R32_ROWS, acc, sizeof acc);

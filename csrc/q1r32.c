@@ -4,7 +4,8 @@
  * multiply per 32 weights, ~16 vector operations per 128 weights of a row). With 32 rows' sign
  * bytes side by side, the work turns around: x is prepared once per call as a table per 4 weights
  * (the 16 sums of +-xq, T-MAC's idea), and one byte shuffle looks up 32 rows' 4-weight sums at
- * once. Exact integer sums, the same as the row-major path's, then the float scaling per q8 block.
+ * once. Exact integer sums over a Q1_0 block (x quantized with one scale per 128 weights, qdot.h's
+ * Q1R32_XQ_BYTES), then one float step per block.
  * The kernels are in the architecture files (q1r32_ref, q1r32_avx2), reached through the table.
  * Expert bundles in the layout (gate, up and down parts each in groups of 32 rows) run one token's
  * FFN here too (q1r32_ffn_t1); their prefill unpacks a group at a time (qdot_ffn.c). */
@@ -14,7 +15,7 @@
 #include "kernels.h"
 #include "qdot.h"
 
-#define QX_BYTES(k) ws_round64(QX_ROW_BYTES(k)) /* the quantizer's output: int8 x, d and sums per q8 block */
+#define QX_BYTES(k) ws_round64(Q1R32_XQ_BYTES(k)) /* the quantizer's output: int8 x, d per Q1_0 block */
 
 static int shape_ok(int64_t m, int64_t k) {
     return m > 0 && k > 0 && m % Q1R32_ROWS == 0 && k % QK1_0 == 0 && m <= WS_MAX_DIM && k <= WS_MAX_DIM;
@@ -87,7 +88,7 @@ static void r32_range(void *ctx, int64_t g0, int64_t g1, int tid) {
 }
 
 /* A token's x prepared for the tables (fic_q1r32_ws_bytes(k) bytes, the matvec's workspace and
- * prefill's per-token area): the quantizer's int8 x, d and sums, then the tables, then the
+ * prefill's per-token area): the quantizer's int8 x and d, then the tables, then the
  * corrections. */
 static uint8_t *tok_tab(const uint8_t *tok, int64_t k) { return (uint8_t *)tok + QX_BYTES(k); }
 static int16_t *tok_cx(const uint8_t *tok, int64_t k) {
@@ -102,7 +103,7 @@ static void build_tables(const qdot_kernels *qk, const int8_t *xq, int64_t k, ui
 }
 
 void q1r32_tok_prep(const qdot_kernels *qk, const float *x, int64_t k, uint8_t *tok) {
-    qk->quantize(x, k, tok); /* int8 x, then the q8 blocks' d (then their sums) */
+    qk->q1r32_quantize(x, k, tok); /* int8 x, then the Q1_0 blocks' d */
     build_tables(qk, (const int8_t *)tok, k, tok_tab(tok, k), tok_cx(tok, k));
 }
 
@@ -142,7 +143,7 @@ int64_t q1r32_toks_scratch(const fic_kernels *kt, int64_t k) {
 }
 
 void q1r32_toks_prep(const fic_kernels *kt, const qdot_kernels *qk, const float *x, int64_t k, uint8_t *tok) {
-    if (kt->q1r32_tiles != NULL) qk->quantize(x, k, tok);
+    if (kt->q1r32_tiles != NULL) qk->q1r32_quantize(x, k, tok);
     else q1r32_tok_prep(qk, x, k, tok);
 }
 
@@ -252,7 +253,7 @@ typedef struct {
     const ffn_t *f;
     const qdot_kernels *qk;
     uint8_t *qx, *tab;   /* phase 1: x quantized, its tables */
-    uint8_t *qh, *tabh;  /* phase 2: h_e quantized at QX_ROW_BYTES(off[e]), its tables at 8 off[e] */
+    uint8_t *qh, *tabh;  /* phase 2: h_e quantized at Q1R32_XQ_BYTES(off[e]), its tables at 8 off[e] */
     int16_t *cx, *cxh;   /* the tables' corrections: x's, and h_e's at off[e] / 32 (in qx's and qh's slack) */
 } r32ffn_t;
 
@@ -289,8 +290,8 @@ static void r32_prep_h(void *ctx, int64_t e0, int64_t e1, int tid) {
     (void)tid;
     for (int64_t e = e0; e < e1; e++) {
         if (f->skip[e]) continue;
-        uint8_t *qh = q->qh + QX_ROW_BYTES(f->off[e]);
-        q->qk->quantize(f->h + f->off[e], f->n[e], qh);
+        uint8_t *qh = q->qh + Q1R32_XQ_BYTES(f->off[e]);
+        q->qk->q1r32_quantize(f->h + f->off[e], f->n[e], qh);
         build_tables(q->qk, (const int8_t *)qh, f->n[e], q->tabh + 8 * f->off[e], q->cxh + f->off[e] / 32);
     }
 }
@@ -304,7 +305,7 @@ static void r32_phase2(void *ctx, int64_t g0, int64_t g1, int tid) {
         for (int64_t e = 0; e < f->n_experts; e++) {
             if (f->skip[e]) continue;
             const int64_t n = f->n[e], nb = n / QK1_0;
-            const float *dx = (const float *)(q->qh + QX_ROW_BYTES(f->off[e]) + n);
+            const float *dx = (const float *)(q->qh + Q1R32_XQ_BYTES(f->off[e]) + n);
             float out[R32_STEP_GROUPS * Q1R32_ROWS];
             q1r32(f->kt, down_part(f, e) + g * nb * Q1R32_BLOCK_BYTES, nb, q->tabh + 8 * f->off[e], q->cxh + f->off[e] / 32,
                   dx, out, 0, ng);
@@ -326,9 +327,9 @@ int q1r32_ffn_t1(fic_pool *pool, const ffn_t *f, uint8_t *ws, int64_t ws_bytes) 
     q.tab = q.qx + ws_round64(3 * d);
     q.qh = q.tab + ws_round64(8 * d);
     q.tabh = q.qh + ws_round64(2 * n_total);
-    q.cx = (int16_t *)(q.qx + QX_BYTES(d));        /* d / 16 bytes: 1.25 d + 63 + d / 16 <= 3 d */
+    q.cx = (int16_t *)(q.qx + QX_BYTES(d));        /* d / 16 bytes: 1.04 d + 63 + d / 16 <= 3 d */
     q.cxh = (int16_t *)(q.qh + QX_BYTES(n_total)); /* the same within 2 N */
-    q.qk->quantize(f->x, d, q.qx);
+    q.qk->q1r32_quantize(f->x, d, q.qx);
     build_tables(q.qk, (const int8_t *)q.qx, d, q.tab, q.cx);
     const int64_t n_groups = n_total / Q1R32_ROWS, rb = d / QK1_0 * (int64_t)sizeof(block_q1_0);
     fic_parallel_for(pool, n_groups, row_chunk(pool, n_groups, Q1R32_ROWS * 2 * rb), r32_phase1, &q);

@@ -66,6 +66,11 @@ typedef void (*q1x_quantize_fn)(const float *x, int64_t k, uint8_t *dst);
 typedef void (*q1_dot_fn)(const uint8_t *w, int64_t rb, int64_t nr, int64_t k, const uint8_t *xq, int64_t qrow,
                           int64_t nt, float *y, int64_t ys, int accumulate);
 
+/* x for the r32 layout (q1r32.c), per token: int8 q[k] | float d[k/128], one scale per Q1_0
+ * block (d = amax/127 over its 128 weights, q = round-to-nearest-even(x/d), as the quantizer above
+ * but over 128): the four q8 blocks' integer sums of a Q1_0 block then add up before one float step,
+ * as llama.cpp's q8_K (256) does for the K-quants. Fits in QX_ROW_BYTES(k); d at dst + k. */
+#define Q1R32_XQ_BYTES(k) ((k) + 4 * ((k) / QK1_0))
 /* The r32 matvec's tables of k int8 x and its k / 32 corrections (q1r32.c, kern_q1r32_fn). */
 typedef void (*q1r32_tables_fn)(const int8_t *xq, int64_t k, uint8_t *tab, int16_t *cx);
 
@@ -75,6 +80,7 @@ typedef struct {
     q1x_quantize_fn q1_quantize; /* NULL: Q1_0 goes through the unpacked rows like the others */
     q1_dot_fn q1_dot;
     q1r32_tables_fn q1r32_tables; /* NULL: q1r32_build_tables, the scalar builder */
+    qx_quantize_fn q1r32_quantize; /* x for the r32 layout (Q1R32_XQ_BYTES) */
 } qdot_kernels;
 
 /* The r32 layout's prefill by the matvec's tables (q1r32.c): one token's x (k floats) quantized
@@ -110,6 +116,7 @@ void fic_qdot_unpack_piece(int fmt, const uint8_t *src, int64_t k, uint8_t *buf,
 void fic_qdot_row(int fmt, uint8_t *buf, int64_t k, qw_row *out);
 
 void fic_qdot_quantize_ref(const float *x, int64_t k, uint8_t *dst);
+void fic_q1r32_quantize_ref(const float *x, int64_t k, uint8_t *dst);
 void fic_qdot_dot_ref(const qw_row *rows, int64_t nr, const uint8_t *xq, int64_t qrow, int64_t nt, float *y,
                       int64_t ys, int accumulate);
 void fic_q1x_quantize_ref(const float *x, int64_t k, uint8_t *dst);
@@ -120,6 +127,7 @@ void fic_q1x_quantize_avx2(const float *x, int64_t k, uint8_t *dst);
 void fic_q1_dot_avx2(const uint8_t *w, int64_t rb, int64_t nr, int64_t k, const uint8_t *xq, int64_t qrow, int64_t nt,
                      float *y, int64_t ys, int accumulate);
 void fic_qdot_quantize_avx2(const float *x, int64_t k, uint8_t *dst);
+void fic_q1r32_quantize_avx2(const float *x, int64_t k, uint8_t *dst);
 void q1r32_build_tables_avx512(const int8_t *xq, int64_t k, uint8_t *tab, int16_t *cx); /* VBMI */
 void fic_qdot_dot_avx2(const qw_row *rows, int64_t nr, const uint8_t *xq, int64_t qrow, int64_t nt, float *y,
                        int64_t ys, int accumulate);

@@ -50,6 +50,34 @@ TGT void fic_qdot_quantize_avx2(const float *x, int64_t k, uint8_t *dst) {
     }
 }
 
+/* x for the r32 layout (qdot.h, Q1R32_XQ_BYTES): the quantizer above over 128 weights a scale
+ * (the same float ops as fic_q1r32_quantize_ref: a max, one division, a rounded product). */
+TGT void fic_q1r32_quantize_avx2(const float *x, int64_t k, uint8_t *dst) {
+    float *dv = (float *)(dst + k);
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const int r = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    for (int64_t b = 0; b < k / QK1_0; b++) {
+        const float *xb = x + b * QK1_0;
+        __m256 m = _mm256_setzero_ps();
+        for (int j = 0; j < QK1_0; j += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + j)));
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_movehdup_ps(h));
+        const float d = _mm_cvtss_f32(h) / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        const __m256 vid = _mm256_set1_ps(id);
+        for (int j = 0; j < QK1_0; j += 32) {
+            __m256i i[4];
+            for (int v = 0; v < 4; v++)
+                i[v] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(xb + j + 8 * v), vid), r));
+            /* packs interleave 128-bit lanes, the permute restores the order */
+            const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
+            _mm256_storeu_si256((__m256i *)(dst + b * QK1_0 + j),
+                                _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+        }
+        dv[b] = d;
+    }
+}
+
 TGT static inline float hsum(__m256 v) {
     __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     h = _mm_add_ps(h, _mm_movehl_ps(h, h));

@@ -17,15 +17,16 @@ int fic_qdot_fmt_ok(int fmt) {
     }
 }
 
-static const qdot_kernels QDOT_REF = {fic_qdot_quantize_ref, fic_qdot_dot_ref, fic_q1x_quantize_ref, fic_q1_dot_ref, NULL};
+static const qdot_kernels QDOT_REF = {fic_qdot_quantize_ref, fic_qdot_dot_ref, fic_q1x_quantize_ref, fic_q1_dot_ref, NULL,
+                                       fic_q1r32_quantize_ref};
 #if defined(__x86_64__)
 static const qdot_kernels QDOT_AVX2 = {fic_qdot_quantize_avx2, fic_qdot_dot_avx2, fic_q1x_quantize_avx2, fic_q1_dot_avx2,
-                                        NULL};
+                                        NULL, fic_q1r32_quantize_avx2};
 static const qdot_kernels QDOT_AVX512_Q1 = {fic_qdot_quantize_avx2, fic_qdot_dot_avx2, fic_q1x_quantize_avx2,
-                                            fic_q1_dot_avx2, q1r32_build_tables_avx512};
+                                            fic_q1_dot_avx2, q1r32_build_tables_avx512, fic_q1r32_quantize_avx2};
 #endif
 #if defined(__aarch64__)
-static const qdot_kernels QDOT_NEON = {fic_qdot_quantize_neon, fic_qdot_dot_neon, NULL, NULL, NULL};
+static const qdot_kernels QDOT_NEON = {fic_qdot_quantize_neon, fic_qdot_dot_neon, NULL, NULL, NULL, fic_q1r32_quantize_ref};
 #endif
 
 const qdot_kernels *fic_qdot_kernels(int impl) {
@@ -196,6 +197,19 @@ void fic_qdot_quantize_ref(const float *x, int64_t k, uint8_t *dst) {
         }
         dv[b] = d;
         sv[b] = d * (float)sum;
+    }
+}
+
+void fic_q1r32_quantize_ref(const float *x, int64_t k, uint8_t *dst) {
+    int8_t *q = (int8_t *)dst;
+    float *dv = (float *)(dst + k);
+    for (int64_t b = 0; b < k / QK1_0; b++) {
+        const float *xb = x + b * QK1_0;
+        float amax = 0.0f;
+        for (int j = 0; j < QK1_0; j++) amax = fmaxf(amax, fabsf(xb[j]));
+        const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        for (int j = 0; j < QK1_0; j++) q[b * QK1_0 + j] = (int8_t)(int)nearbyintf(xb[j] * id);
+        dv[b] = d;
     }
 }
 

@@ -1,6 +1,7 @@
 """Q1_0 in the r32 layout (fic.h; csrc/q1r32.c): 32 rows' sign bytes side by side, matvec by table
 lookups. Checked against numpy's integer arithmetic of the same int8 activations (an independent
-reference: ggml's q8_0 rounding, sum of +-xq per 32 weights, then d_w dx in float64), every
+reference: ggml's q8_0 rounding over 128 values, sum of +-xq per 128 weights, then d_w dx in
+float64) and against W x within the rounding of x, every
 implementation against the scalar reference bit for bit, and prefill against the row-major Q1_0
 kernels it reuses."""
 from __future__ import annotations
@@ -23,27 +24,49 @@ def q1_matrix(m: int, k: int, seed: int) -> tuple[K.QTensor, np.random.Generator
     return K.quantize(rng.standard_normal((m, k), dtype=np.float32), "q1_0"), rng
 
 
-def q8_numpy(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """ggml's q8_0 of x: per 32 values d = amax / 127 and q = round-half-even(x / d), in float32."""
-    xb = x.reshape(-1, 32).astype(np.float32)
+def q8_numpy(x: np.ndarray, block: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """ggml's q8_0 rounding of x over blocks of `block` values (the r32 layout's x: 128, one scale
+    per Q1_0 block; the row-major Q1_0 kernels': 32): d = amax / 127 and q = round-half-even(x / d),
+    in float32."""
+    xb = x.reshape(-1, block).astype(np.float32)
     d = (np.abs(xb).max(axis=1) / np.float32(127)).astype(np.float32)
     inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0).astype(np.float32)
     return np.rint(xb * inv[:, None]).astype(np.int64).reshape(-1), d
 
 
+def q1_parts(qt: K.QTensor) -> tuple[np.ndarray, np.ndarray]:
+    """The rows' d per Q1_0 block (m, nb) in float64 and their signs +-1 (m, nb, 128)."""
+    m, k = qt.shape
+    blk = qt.data.reshape(m, k // 128, 18)
+    d = blk[:, :, :2].copy().view(np.float16).astype(np.float64)[:, :, 0]
+    return d, 2 * np.unpackbits(blk[:, :, 2:], axis=2, bitorder="little").astype(np.int64) - 1
+
+
 def reference(qt: K.QTensor, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """W x over q8 activations, the integer sums exact, in float64; and the bound of the kernels'
-    float32 part (a product and a fused multiply-add per q8 block: 3 roundings each, summed)."""
+    """W x over the layout's int8 activations (one scale per 128), the integer sums exact, in
+    float64; and the bound of the kernels' float32 part (a product and a fused multiply-add per
+    Q1_0 block: 3 roundings each, summed)."""
     m, k = qt.shape
     nb = k // 128
-    blk = qt.data.reshape(m, nb, 18)
-    d = blk[:, :, :2].copy().view(np.float16).astype(np.float64)[:, :, 0]
-    signs = 2 * np.unpackbits(blk[:, :, 2:], axis=2, bitorder="little").astype(np.int64) - 1  # (m, nb, 128)
+    d, signs = q1_parts(qt)
     q, dx = q8_numpy(x)
-    sums = (signs.reshape(m, nb, 4, 32) * q.reshape(nb, 4, 32)[None]).sum(axis=3)  # (m, nb, 4)
-    terms = sums * d[:, :, None] * dx.reshape(nb, 4)[None].astype(np.float64)
-    bound = 3 * 2.0 ** -24 * (np.abs(terms).sum(axis=(1, 2)) * (4 * nb))  # gamma_n over n block terms
-    return terms.sum(axis=(1, 2)), bound + 1e-30
+    sums = (signs * q.reshape(nb, 128)[None]).sum(axis=2)  # (m, nb)
+    terms = sums * d * dx[None].astype(np.float64)
+    bound = 3 * 2.0 ** -24 * (np.abs(terms).sum(axis=1) * nb)  # gamma_n over n block terms
+    return terms.sum(axis=1), bound + 1e-30
+
+
+def quantization_bound(qt: K.QTensor, x: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """W x in float64 (the dequantized weights, x unrounded) and how far an int8 product with x in
+    blocks of `block` may be from it: each x_j moves by at most half its block's step, so a row by at
+    most sum_j |w_j| d_x(j) / 2, plus the float part's bound (an ulp of the largest term a block)."""
+    d, signs = q1_parts(qt)
+    m, k = qt.shape
+    w = (signs * d[:, :, None]).reshape(m, k)
+    _, dx = q8_numpy(x, block)
+    step = np.repeat(dx.astype(np.float64), block)
+    exact = w @ x.astype(np.float64)
+    return exact, np.abs(w) @ (step / 2) * (1 + 1e-5) + 1e-5 * (np.abs(w) @ np.abs(x.astype(np.float64)))
 
 
 @pytest.mark.parametrize("m,k", SHAPES)
@@ -70,8 +93,11 @@ def test_matvec_matches_integer_reference(m, k):
         err = np.abs(y.astype(np.float64) - want)
         assert (err <= bound).all(), f"{impl}: error {err.max():.3g} over its bound"
         assert (y == ys["ref"]).all(), f"{impl} differs from the scalar reference"
-    # the row-major Q1_0 kernel's answer to the same question, within both bounds
-    assert (np.abs(K.matvec(qt, x).astype(np.float64) - want) <= 2 * bound + 1e-6 * np.abs(want).max()).all()
+    # against W x itself: the layout within its rounding of x (128 a scale), the row-major Q1_0
+    # kernel (32 a scale) within its own
+    for y, block in ((ys["ref"], 128), (K.matvec(qt, x), 32)):
+        exact, qbound = quantization_bound(qt, x, block)
+        assert (np.abs(y.astype(np.float64) - exact) <= qbound).all(), block
 
 
 @pytest.mark.parametrize("bits", [0x00, 0xFF, 0x0F, 0xAA])
@@ -144,11 +170,11 @@ def test_prefill_is_the_matvec_token_by_token(m, k, t):
     for i in range(t):
         ref, bound = reference(qt, x[i])
         assert (np.abs(want[i].astype(np.float64) - ref) <= bound).all()
-    # the row-major int8 prefill answers the same question within both bounds
+    # the row-major int8 prefill answers the same question within its rounding of x
     rows = K.matmul(qt, x)
     for i in range(t):
-        ref, bound = reference(qt, x[i])
-        assert (np.abs(rows[i].astype(np.float64) - ref) <= 2 * bound + 1e-6 * np.abs(ref).max()).all()
+        exact, qbound = quantization_bound(qt, x[i], 32)
+        assert (np.abs(rows[i].astype(np.float64) - exact) <= qbound).all()
 
 
 def test_bad_shapes_and_arguments_are_refused():

@@ -170,11 +170,12 @@ def test_refusals():
 
 def test_a_q1_mixture_of_experts_runs_in_the_layout(tmp_path, monkeypatch):
     """A small Q1_0 mixture of experts (fic synth): with FIC_Q1R32=1 its routed bundles and its shared
-    expert take the layout. Both arithmetics sum the same integers in other float orders (r32 prefill:
-    the matvec's tables, a token at a time); where those differences flip an int8 rounding of h they
-    grow: measured 0.013 apart on logits up to 3.56 (0.4%), prefill and the decode after it, every
-    argmax equal. Bounded at 1% of the largest (int8 prefill is ~3% from the float model:
-    bench/RESULTS.md)."""
+    expert take the layout. The two arithmetics round x to int8 differently (the layout one scale per
+    128 weights, the rows one per 32: qdot.h) and sum in other float orders: measured 0.028 apart on
+    logits up to 3.56 (0.8%), prefill and the decode after it; one argmax of 32 differed, where the
+    top two logits were 0.009 apart. Bounded at 2% of the largest (int8 prefill is ~3% from the float
+    model: bench/RESULTS.md); argmaxes equal wherever the top two are further apart than the
+    difference, and at 90% of positions or more."""
     from click.testing import CliRunner
 
     from flashinfer_cli.cli import cli
@@ -203,8 +204,11 @@ def test_a_q1_mixture_of_experts_runs_in_the_layout(tmp_path, monkeypatch):
     for step in (0, 1):  # prefill's logits of every position, then decode's (on prefill's cache)
         a, b = out["1"][step], out["0"][step]
         assert np.isfinite(a).all()
-        assert np.abs(a - b).max() <= 1e-2 * np.abs(b).max(), (step, np.abs(a - b).max())
-        assert (a.argmax(axis=1) == b.argmax(axis=1)).all()
+        diff = np.abs(a - b).max()
+        assert diff <= 2e-2 * np.abs(b).max(), (step, diff)
+        top2 = np.sort(b, axis=1)[:, -2:]
+        agree = a.argmax(axis=1) == b.argmax(axis=1)
+        assert (agree | (top2[:, 1] - top2[:, 0] <= 2 * diff)).all() and agree.mean() >= 0.9
 
 
 def test_bundles_in_one_call_split_between_threads():
