@@ -183,7 +183,7 @@ typedef void (*kern_silu_mul_fn)(float c, float *h, const float *u, int64_t n);
  * (q1r32_avx512's vpermb). */
 static inline int64_t q1r32_tab_at(int64_t g) { return (g >> 3) * 256 + (g & 1) * 64 + ((g >> 1) & 3) * 16; }
 /* Q1_0 rows in groups of 32 (q1r32.c): y[32 g + r] for groups g0 <= g < g1 of w (nb blocks of 128
- * weights per row), by lookups in tab scaled by dx (per 32 weights). With x = 16 h + l (l = x & 15,
+ * weights per row), by lookups in tab scaled by dx (per 128 weights). With x = 16 h + l (l = x & 15,
  * h = x >> 4 in -8..7), tab holds per 4 weights the 16 sums over the set bits t of n of l_t (16
  * bytes, 0..60, at q1r32_tab_at), and of h_t plus 32 (16 bytes, 0..60, Q1R32_TAB_H on): four
  * lookups of either add up in a byte.
@@ -194,8 +194,8 @@ typedef void (*kern_q1r32_fn)(const uint8_t *w, int64_t nb, const uint8_t *tab, 
  * r32 group (to_r32 != 0), or back; from and to do not overlap. */
 typedef void (*kern_q1r32_move_fn)(const uint8_t *from, uint8_t *to, int64_t nb, int to_r32);
 /* Prefill: one group of 32 r32 rows (w, nb blocks of 128) against nt tokens (token i at tok + i tb,
- * tb a multiple of 64: k int8 x, then k / 32 float dx, as the q8 quantizer writes them): y[i ys + r]
- * for r < 32, each token's matvec bits (q1r32_ref's). scratch: q1r32_tiles_scratch(k) bytes, 64-byte
+ * tb a multiple of 64: k int8 x, then k / 128 float dx, as qdot.h's q1r32_quantize writes them):
+ * y[i ys + r] for r < 32, each token's matvec bits (q1r32_ref's). scratch: q1r32_tiles_scratch(k) bytes, 64-byte
  * aligned, the calling thread's. */
 typedef void (*kern_q1r32_tiles_fn)(const uint8_t *w, int64_t nb, const uint8_t *tok, int64_t tb, int64_t nt,
                                     float *y, int64_t ys, uint8_t *scratch);

@@ -185,9 +185,9 @@ TGT_AVX2 static float dot_q1_avx2(const job_t *j, const uint8_t *row) {
  * plus 32, each 0..60). Four groups' lookups add up in bytes (at most 240); one maddubs of the
  * interleaved L and H bytes by (2, 32) then gives 2 (L + 16 H) per row as int16, and the q8 block's
  * correction cx takes the bits' 0/1 and the bias off: the exact integer sum, four q8 blocks of it
- * added in int32, then the float scaling per Q1_0 block. About 9 vector operations per 128 weights of a row (bench/RESULTS.md). The block 4
- * ahead is prefetched: one stream per thread, which the hardware prefetcher alone follows too late
- * on this CPU. */
+ * added in int32, then the float scaling per Q1_0 block. About 9 vector operations per 128 weights
+ * of a row (bench/RESULTS.md). The block 4 ahead is prefetched: one stream per thread, which the
+ * hardware prefetcher alone follows too late on this CPU. */
 #define Q1R32_PF_BLOCKS 4
 
 /* Sign bytes i and i + 1 of 32 rows (four 4-weight groups): 2 (L + 16 H) added into A (rows 0-7 |
