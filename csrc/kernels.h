@@ -199,9 +199,9 @@ typedef void (*kern_q1r32_move_fn)(const uint8_t *from, uint8_t *to, int64_t nb,
  * aligned, the calling thread's. */
 typedef void (*kern_q1r32_tiles_fn)(const uint8_t *w, int64_t nb, const uint8_t *tok, int64_t tb, int64_t nt,
                                     float *y, int64_t ys, uint8_t *scratch);
-#define Q1R32_TILES_SLICE 32 /* q8 blocks of sign bits expanded at a time */
+#define Q1R32_TILES_SLICE 16 /* q8 blocks of sign bits expanded at a time (16 KiB of B tiles) */
 /* kern_q1r32_tiles_fn's scratch for rows of k weights: a slice's B tiles (1 KiB a q8 block), its
- * rows' d (128 bytes a Q1_0 block) and two C tiles; it grows with k up to 35,840 bytes, so small
+ * rows' d (128 bytes a Q1_0 block) and two C tiles; it grows with k up to 18,944 bytes, so small
  * matrices fit the workspace formulas of fic.h */
 static inline int64_t q1r32_tiles_scratch(int64_t k) {
     const int64_t s = k / 32 < Q1R32_TILES_SLICE ? k / 32 : Q1R32_TILES_SLICE;

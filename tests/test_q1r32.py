@@ -145,9 +145,10 @@ def test_prefill_exact_equals_the_row_major_kernels():
         assert (K.matmul(r, x) == K.matmul(qt, x)).all()
 
 
-# t 40 and 33: full tiles of 16 tokens and a partial one (AMX); k 4096 and 1536: several slices of
-# 32 q8 blocks, the last one partial at 1536; t 16: one tile exactly
-@pytest.mark.parametrize("m,k,t", [(320, 512, 9), (64, 4096, 40), (4160, 512, 3), (96, 1536, 33), (32, 128, 16)])
+# t 40 and 33: full tiles of 16 tokens and a partial one (AMX); k 4096 and 1664: several slices of
+# 16 q8 blocks, the last one partial at 1664 (one Q1_0 block: the kernel's odd block, as at k 128);
+# t 16: one tile exactly
+@pytest.mark.parametrize("m,k,t", [(320, 512, 9), (64, 4096, 40), (4160, 512, 3), (96, 1664, 33), (32, 128, 16)])
 def test_prefill_is_the_matvec_token_by_token(m, k, t):
     """T > 1 (int8) runs the matvec's tables for each token: every row of the product is that
     token's matvec bit for bit, on every implementation and thread count, including token chunks
