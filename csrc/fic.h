@@ -235,6 +235,14 @@ int64_t fic_attention_ws_floats(int n_threads, int64_t t, int64_t n_heads, int64
 /* dst[i] = src[i] as IEEE binary16 bits, round to nearest even (new K/V rows into the cache). */
 int fic_f32_to_f16_rows(int impl, const float *src, uint16_t *dst, int64_t n);
 
+/* ---- a prefill's row-wise float operations (rows.c) ----
+ * out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w for n_rows rows of n floats (the mean in double; out
+ * may be x). RoPE in place on n_tok x n_heads rows of hd floats (hd even), token t's cos and sin
+ * rows (hd floats each) at cos_t + t hd, sin_t + t hd: Hugging Face's rotate-half convention,
+ * x' = x cos + rotate_half(x) sin, rotate_half(x) = (-x[hd/2:], x[:hd/2]). */
+int fic_rmsnorm_rows(const float *x, const float *w, float eps, int64_t n_rows, int64_t n, float *out);
+int fic_rope_rows(float *x, int64_t n_tok, int64_t n_heads, int64_t hd, const float *cos_t, const float *sin_t);
+
 /* ---- one decode token's attention block, fused (decode.c) ----
  * For one layer and one token at position pos:
  *   xa = rmsnorm(x, attn_norm); q|k|v = W xa (+ qkv_bias); q/k norm; RoPE; k, v -> the fp16 cache

@@ -1125,6 +1125,32 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos0: int
     return out
 
 
+def rmsnorm_rows(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    """x / sqrt(mean(x^2, last axis) + eps) * w for a float32 x of any shape (a new C-contiguous
+    array; the mean in double, fic_rmsnorm_rows)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    if x.ndim == 0 or w.shape != x.shape[-1:]:
+        raise ValueError(f"weights of shape {w.shape} for rows of {x.shape[-1:] if x.ndim else ()}")
+    out = np.empty_like(x)
+    n = x.shape[-1]
+    _check(lib.fic_rmsnorm_rows(_f32(x), _f32(w), float(eps), x.size // n if n else 0, n, _f32(out)), "rmsnorm_rows")
+    return out
+
+
+def rope_rows(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """RoPE (rotate-half) of x (T, heads, head_dim) with cos/sin (T, head_dim): a new C-contiguous
+    float32 array (fic_rope_rows)."""
+    out = np.array(x, dtype=np.float32, order="C")  # a copy: rotated in place
+    cos = np.ascontiguousarray(cos, dtype=np.float32)
+    sin = np.ascontiguousarray(sin, dtype=np.float32)
+    if out.ndim != 3 or cos.shape != (out.shape[0], out.shape[2]) or sin.shape != cos.shape:
+        raise ValueError(f"rope of {out.shape} with cos {cos.shape} and sin {sin.shape}")
+    t, n_heads, hd = out.shape
+    _check(lib.fic_rope_rows(_f32(out), t, n_heads, hd, _f32(cos), _f32(sin)), "rope_rows")
+    return out
+
+
 def f32_to_f16(src: np.ndarray, dst: np.ndarray, *, impl: str = "auto") -> np.ndarray:
     """dst[...] = src rounded to float16 (nearest even); both C-contiguous, same size; returns dst.
     dst may be float16 or uint16 (the bits), e.g. a row of the fp16 KV cache."""
