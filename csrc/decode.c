@@ -67,28 +67,6 @@ int64_t fic_decode_ws_bytes(int n_threads, const fic_decode_shape *shape) {
     return st == FIC_OK ? l.total : st;
 }
 
-/* out = x / sqrt(mean(x^2) + eps) * w over n floats (out may be x); the sum in double. */
-static void rmsnorm(const float *x, const float *w, float eps, int64_t n, float *out) {
-    double ss = 0.0;
-    for (int64_t i = 0; i < n; i++) ss += (double)x[i] * x[i];
-    const float r = (float)(1.0 / sqrt(ss / (double)n + (double)eps));
-    for (int64_t i = 0; i < n; i++) out[i] = (x[i] * r) * w[i];
-}
-
-/* Rotate-half RoPE of n_rows rows of hd floats in place: x' = x cos + rotate_half(x) sin,
- * rotate_half(x) = (-x[h:], x[:h]). */
-static void rope(float *x, int64_t n_rows, int64_t hd, const float *cos_row, const float *sin_row) {
-    const int64_t h = hd / 2;
-    for (int64_t r = 0; r < n_rows; r++) {
-        float *v = x + r * hd;
-        for (int64_t d = 0; d < h; d++) {
-            const float a = v[d], b = v[d + h];
-            v[d] = a * cos_row[d] - b * sin_row[d];
-            v[d + h] = b * cos_row[d + h] + a * sin_row[d + h];
-        }
-    }
-}
-
 static int fmt_matrix_ok(int fmt, const uint8_t *w, int64_t k) { return w != NULL && fic_row_bytes(fmt, k) > 0; }
 
 int fic_decode_attn(fic_pool *pool, int impl, const fic_decode_shape *s, const fic_attn_weights *w,
@@ -112,7 +90,7 @@ int fic_decode_attn(fic_pool *pool, int impl, const fic_decode_shape *s, const f
     float *o = (float *)(base + l.o), *att_ws = (float *)(base + l.att_ws);
     void *mv = base + l.mv;
 
-    rmsnorm(x, w->attn_norm, s->norm_eps, d, xa);
+    fic_rmsnorm_rows(x, w->attn_norm, s->norm_eps, 1, d, xa); /* rows.c, as prefill's */
     /* q, k, v: one matvec when the three matrices are one block of rows of one format */
     const int64_t rq = fic_row_bytes(w->q_fmt, d);
     if (w->q_fmt == w->k_fmt && w->k_fmt == w->v_fmt && w->wk == w->wq + nq * rq && w->wv == w->wk + nkv * rq) {
@@ -126,13 +104,13 @@ int fic_decode_attn(fic_pool *pool, int impl, const fic_decode_shape *s, const f
     if (w->qkv_bias)
         for (int64_t i = 0; i < nq + 2 * nkv; i++) qkv[i] += w->qkv_bias[i];
     if (s->qk_norm == 1) { /* per head (Qwen3) */
-        for (int64_t h = 0; h < nh; h++) rmsnorm(qkv + h * hd, w->q_norm, s->norm_eps, hd, qkv + h * hd);
-        for (int64_t h = 0; h < nkv_h; h++) rmsnorm(qkv + nq + h * hd, w->k_norm, s->norm_eps, hd, qkv + nq + h * hd);
+        fic_rmsnorm_rows(qkv, w->q_norm, s->norm_eps, nh, hd, qkv);
+        fic_rmsnorm_rows(qkv + nq, w->k_norm, s->norm_eps, nkv_h, hd, qkv + nq);
     } else if (s->qk_norm == 2) { /* one norm over all heads (OLMoE) */
-        rmsnorm(qkv, w->q_norm, s->norm_eps, nq, qkv);
-        rmsnorm(qkv + nq, w->k_norm, s->norm_eps, nkv, qkv + nq);
+        fic_rmsnorm_rows(qkv, w->q_norm, s->norm_eps, 1, nq, qkv);
+        fic_rmsnorm_rows(qkv + nq, w->k_norm, s->norm_eps, 1, nkv, qkv + nq);
     }
-    rope(qkv, nh + nkv_h, hd, cos_table + pos * hd, sin_table + pos * hd);
+    fic_rope_rows(qkv, 1, nh + nkv_h, hd, cos_table + pos * hd, sin_table + pos * hd);
     const int impl_f = impl & ~FIC_IMPL_EXACT; /* the flag is the matvecs'; the rest is float anyway */
     st = fic_f32_to_f16_rows(impl_f, qkv + nq, k_cache + pos * nkv, nkv);
     if (st == FIC_OK) st = fic_f32_to_f16_rows(impl_f, qkv + nq + nkv, v_cache + pos * nkv, nkv);
@@ -142,7 +120,7 @@ int fic_decode_attn(fic_pool *pool, int impl, const fic_decode_shape *s, const f
     if (st == FIC_OK) st = fic_matvec(pool, impl, w->o_fmt, w->wo, att, o, d, nq, mv, l.mv_bytes);
     if (st != FIC_OK) return st;
     for (int64_t i = 0; i < d; i++) x[i] += o[i];
-    rmsnorm(x, w->ffn_norm, s->norm_eps, d, xn);
+    fic_rmsnorm_rows(x, w->ffn_norm, s->norm_eps, 1, d, xn);
     return FIC_OK;
 }
 

@@ -195,8 +195,8 @@ typedef void (*kern_q1r32_fn)(const uint8_t *w, int64_t nb, const uint8_t *tab, 
 typedef void (*kern_q1r32_move_fn)(const uint8_t *from, uint8_t *to, int64_t nb, int to_r32);
 /* Prefill: one group of 32 r32 rows (w, nb blocks of 128) against nt tokens (token i at tok + i tb,
  * tb a multiple of 64: k int8 x, then k / 128 float dx, as qdot.h's q1r32_quantize writes them):
- * y[i ys + r] for r < 32, each token's matvec bits (q1r32_ref's). scratch: q1r32_tiles_scratch(k) bytes, 64-byte
- * aligned, the calling thread's. */
+ * y[i ys + r] for r < 32, each token's matvec bits (q1r32_ref's). scratch: q1r32_tiles_scratch(k)
+ * bytes, 64-byte aligned, the calling thread's. */
 typedef void (*kern_q1r32_tiles_fn)(const uint8_t *w, int64_t nb, const uint8_t *tok, int64_t tb, int64_t nt,
                                     float *y, int64_t ys, uint8_t *scratch);
 #define Q1R32_TILES_SLICE 16 /* q8 blocks of sign bits expanded at a time (16 KiB of B tiles) */

@@ -13,9 +13,9 @@
  * (qdot.h, Q1R32_XQ_BYTES): with a scale per 32, four times the float steps and twice the tdpbssd
  * took 2x the time (bench/RESULTS.md). Why tokens in A (C rows are tokens): a C row is then 16
  * output rows of one token, scaled by one dx and the rows' d vector, and stored to y without a
- * transpose. The sign bits are expanded a slice of AMX_SLICE
- * blocks at a time into the caller's scratch (kept in L1/L2); across slices the partial sums go
- * through y (a float stored and loaded is unchanged, so the bits are too). */
+ * transpose. The sign bits are expanded a slice of AMX_SLICE blocks at a time into the caller's
+ * scratch (kept in L1/L2); across slices the partial sums go through y (a float stored and loaded is
+ * unchanged, so the bits are too). */
 #include <stdint.h>
 #include <string.h>
 

@@ -15,38 +15,40 @@
 
 #define TGT __attribute__((target("avx2,fma,f16c")))
 
+/* The largest |x| of 8n floats (n >= 1). */
+TGT static inline float absmax(const float *x, int n) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 m = _mm256_andnot_ps(sign, _mm256_loadu_ps(x));
+    for (int j = 1; j < n; j++) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + 8 * j)));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+}
+
+/* 32 floats times id, rounded to nearest even, stored as int8 at dst; returns their sum. */
+TGT static inline int round32(const float *x, __m256 vid, uint8_t *dst) {
+    const int r = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    __m256i i[4];
+    for (int v = 0; v < 4; v++) i[v] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + 8 * v), vid), r));
+    __m256i s = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+    /* pack 32 int32 to int8 in order: packs interleave 128-bit lanes, the permute restores it */
+    const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
+    _mm256_storeu_si256((__m256i *)dst, _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    return _mm_cvtsi128_si32(s4);
+}
+
 TGT void fic_qdot_quantize_avx2(const float *x, int64_t k, uint8_t *dst) {
     const int64_t nb = k / QX_BLOCK;
     float *dv = (float *)(dst + k), *sv = dv + nb;
-    const __m256 sign = _mm256_set1_ps(-0.0f);
     for (int64_t b = 0; b < nb; b++) {
-        const float *xb = x + b * QX_BLOCK;
-        __m256 v0 = _mm256_loadu_ps(xb), v1 = _mm256_loadu_ps(xb + 8), v2 = _mm256_loadu_ps(xb + 16),
-               v3 = _mm256_loadu_ps(xb + 24);
-        __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
-                                 _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
-        __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-        h = _mm_max_ss(h, _mm_movehdup_ps(h));
-        const float amax = _mm_cvtss_f32(h);
-        const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
-        const __m256 vid = _mm256_set1_ps(id);
-        const int r = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-        __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v0, vid), r));
-        __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v1, vid), r));
-        __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v2, vid), r));
-        __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v3, vid), r));
-        __m256i s = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
-        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
-        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
-        /* pack 32 int32 to int8 in order: packs interleave 128-bit lanes, the permute restores it */
-        __m256i p01 = _mm256_packs_epi32(i0, i1), p23 = _mm256_packs_epi32(i2, i3);
-        __m256i p = _mm256_packs_epi16(p01, p23);
-        p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-        _mm256_storeu_si256((__m256i *)(dst + b * QX_BLOCK), p);
+        const float d = absmax(x + b * QX_BLOCK, QX_BLOCK / 8) / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        const int sum = round32(x + b * QX_BLOCK, _mm256_set1_ps(id), dst + b * QX_BLOCK);
         dv[b] = d;
-        sv[b] = d * (float)_mm_cvtsi128_si32(s4);
+        sv[b] = d * (float)sum;
     }
 }
 
@@ -54,26 +56,10 @@ TGT void fic_qdot_quantize_avx2(const float *x, int64_t k, uint8_t *dst) {
  * (the same float ops as fic_q1r32_quantize_ref: a max, one division, a rounded product). */
 TGT void fic_q1r32_quantize_avx2(const float *x, int64_t k, uint8_t *dst) {
     float *dv = (float *)(dst + k);
-    const __m256 sign = _mm256_set1_ps(-0.0f);
-    const int r = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
     for (int64_t b = 0; b < k / QK1_0; b++) {
         const float *xb = x + b * QK1_0;
-        __m256 m = _mm256_setzero_ps();
-        for (int j = 0; j < QK1_0; j += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + j)));
-        __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-        h = _mm_max_ss(h, _mm_movehdup_ps(h));
-        const float d = _mm_cvtss_f32(h) / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
-        const __m256 vid = _mm256_set1_ps(id);
-        for (int j = 0; j < QK1_0; j += 32) {
-            __m256i i[4];
-            for (int v = 0; v < 4; v++)
-                i[v] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(xb + j + 8 * v), vid), r));
-            /* packs interleave 128-bit lanes, the permute restores the order */
-            const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
-            _mm256_storeu_si256((__m256i *)(dst + b * QK1_0 + j),
-                                _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
-        }
+        const float d = absmax(xb, QK1_0 / 8) / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        for (int j = 0; j < QK1_0; j += 32) round32(xb + j, _mm256_set1_ps(id), dst + b * QK1_0 + j);
         dv[b] = d;
     }
 }

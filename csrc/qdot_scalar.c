@@ -180,37 +180,36 @@ void fic_qdot_unpack(int fmt, const uint8_t *src, int64_t k, uint8_t *buf, qw_ro
 
 /* ---- the reference -------------------------------------------------------------------------- */
 
+/* n floats (one block) to int8 at q with d = amax/127, round to nearest even (as the SIMD paths);
+ * returns d, and the sum of the q at *sum */
+static float quantize_block(const float *xb, int n, int8_t *q, int *sum) {
+    float amax = 0.0f;
+    for (int j = 0; j < n; j++) amax = fmaxf(amax, fabsf(xb[j]));
+    const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+    int s = 0;
+    for (int j = 0; j < n; j++) {
+        const int v = (int)nearbyintf(xb[j] * id);
+        q[j] = (int8_t)v;
+        s += v;
+    }
+    *sum = s;
+    return d;
+}
+
 void fic_qdot_quantize_ref(const float *x, int64_t k, uint8_t *dst) {
     const int64_t nb = k / QX_BLOCK;
-    int8_t *q = (int8_t *)dst;
     float *dv = (float *)(dst + k), *sv = dv + nb;
     for (int64_t b = 0; b < nb; b++) {
-        const float *xb = x + b * QX_BLOCK;
-        float amax = 0.0f;
-        for (int j = 0; j < QX_BLOCK; j++) amax = fmaxf(amax, fabsf(xb[j]));
-        const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
-        int sum = 0;
-        for (int j = 0; j < QX_BLOCK; j++) {
-            const int v = (int)nearbyintf(xb[j] * id); /* round to nearest even, as the SIMD paths */
-            q[b * QX_BLOCK + j] = (int8_t)v;
-            sum += v;
-        }
-        dv[b] = d;
-        sv[b] = d * (float)sum;
+        int sum;
+        dv[b] = quantize_block(x + b * QX_BLOCK, QX_BLOCK, (int8_t *)dst + b * QX_BLOCK, &sum);
+        sv[b] = dv[b] * (float)sum;
     }
 }
 
 void fic_q1r32_quantize_ref(const float *x, int64_t k, uint8_t *dst) {
-    int8_t *q = (int8_t *)dst;
     float *dv = (float *)(dst + k);
-    for (int64_t b = 0; b < k / QK1_0; b++) {
-        const float *xb = x + b * QK1_0;
-        float amax = 0.0f;
-        for (int j = 0; j < QK1_0; j++) amax = fmaxf(amax, fabsf(xb[j]));
-        const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
-        for (int j = 0; j < QK1_0; j++) q[b * QK1_0 + j] = (int8_t)(int)nearbyintf(xb[j] * id);
-        dv[b] = d;
-    }
+    int sum;
+    for (int64_t b = 0; b < k / QK1_0; b++) dv[b] = quantize_block(x + b * QK1_0, QK1_0, (int8_t *)dst + b * QK1_0, &sum);
 }
 
 void fic_qdot_dot_ref(const qw_row *rows, int64_t nr, const uint8_t *xq, int64_t qrow, int64_t nt, float *y,

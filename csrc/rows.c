@@ -1,7 +1,7 @@
-/* rows.c - a prefill's row-wise float operations between the kernels: RMSNorm over rows and RoPE
- * over tokens x heads (numpy's temporaries made them a fifth of a 1-bit model's prefill:
- * bench/RESULTS.md). Portable C, one pass per row; the same formulas as decode.c's one-token
- * versions, RMSNorm's sum of squares in four double partial sums so that it pipelines. */
+/* rows.c - row-wise float operations between the kernels: RMSNorm over rows and RoPE over tokens x
+ * heads, for a prefill's T tokens (numpy's temporaries made them a fifth of a 1-bit model's prefill:
+ * bench/RESULTS.md) and for decode.c's one. Portable C, one pass per row; RMSNorm's sum of squares in
+ * four double partial sums so that it pipelines. */
 #include <math.h>
 #include <stdint.h>
 
