@@ -143,11 +143,19 @@ static uint8_t *make_weights(const build_t *a, int fmt, int64_t m, int64_t k) {
 }
 
 /* matvec (n_tok 0) or matmul of n_tok tokens: fmt m k threads calls. A matmul takes the product's
- * default prefill arithmetic: float (FIC_IMPL_EXACT) but for Q1_0, whose prefill is int8. */
+ * default prefill arithmetic: float (FIC_IMPL_EXACT) but for Q1_0, whose prefill is int8; with
+ * AB_PREFILL=int8 (exact) in the environment, int8 (float) whatever the format, and AB_PREFILL_B
+ * the same for B alone (one build's two arithmetics side by side). */
+static int prefill_impl(const char *mode, int fmt) {
+    const int exact = mode != NULL ? strcmp(mode, "exact") == 0 : !(fmt == FIC_Q1_0 || fmt == FIC_Q1_0R32);
+    return FIC_IMPL_AUTO | (exact ? FIC_IMPL_EXACT : 0);
+}
+
 static int run_products(build_t b[2], char **arg, int n_tok) {
     const int fmt = fmt_of(arg[0]), n_threads = atoi(arg[3]), calls = atoi(arg[4]);
     const int64_t m = atoll(arg[1]), k = atoll(arg[2]), t = n_tok > 0 ? n_tok : 1;
-    const int impl = FIC_IMPL_AUTO | (fmt == FIC_Q1_0 || fmt == FIC_Q1_0R32 ? 0 : FIC_IMPL_EXACT);
+    const char *mode = getenv("AB_PREFILL"), *mode_b = getenv("AB_PREFILL_B");
+    const int impls[2] = {prefill_impl(mode, fmt), prefill_impl(mode_b != NULL ? mode_b : mode, fmt)};
     int64_t ws_bytes = 16 * k + 4096;
     for (int i = 0; i < 2 && n_tok > 0; i++) {
         const int64_t n = b[i].workspace(n_threads, t, k, 1, 64);
@@ -166,7 +174,7 @@ static int run_products(build_t b[2], char **arg, int n_tok) {
     for (int c = 0; c < calls; c++)
         for (int i = 0; i < 2; i++) {
             const double t0 = now_s();
-            const int st = n_tok > 0 ? b[i].matmul(b[i].pool, impl, fmt, w, x, y[i], t, m, k, ws, ws_bytes)
+            const int st = n_tok > 0 ? b[i].matmul(b[i].pool, impls[i], fmt, w, x, y[i], t, m, k, ws, ws_bytes)
                                      : b[i].matvec(b[i].pool, FIC_IMPL_AUTO, fmt, w, x, y[i], m, k, ws, ws_bytes);
             add_time(&tm[i], now_s() - t0);
             if (st != FIC_OK) {

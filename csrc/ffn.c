@@ -450,12 +450,11 @@ static int ffn_run(fic_pool *pool, int impl, const fic_expert_layout *layout, co
             int64_t c2 = (f.d + 4 * n_threads - 1) / (4 * n_threads);
             c2 = (c2 + f.tile2_rows - 1) / f.tile2_rows * f.tile2_rows;
             const qdot_ffn qa = qdot_args(&f, n_max);
-            if (!exact && fic_qdot_fmt_ok(f.down_fmt) && (!fixed || fic_qdot_down_fixed_ok(&qa))) { /* int8 */
-                int st = fic_qdot_ffn_down_cols(pool, &qa, rest, rest_bytes);
-                if (st != FIC_OK) return st;
-            } else {
-                fic_parallel_for(pool, f.d, c2, down_cols_tiles, &f);
-            }
+            int st = FIC_ERR_UNSUPPORTED; /* until the int8 path takes the call */
+            if (!exact && fic_qdot_fmt_ok(f.down_fmt) && (!fixed || fic_qdot_down_fixed_ok(&qa))) /* int8 */
+                st = fic_qdot_ffn_down_cols(pool, &qa, rest, rest_bytes);
+            if (st == FIC_ERR_UNSUPPORTED) fic_parallel_for(pool, f.d, c2, down_cols_tiles, &f);
+            else if (st != FIC_OK) return st;
         }
     }
     if (layout->down_rows) {

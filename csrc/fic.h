@@ -93,7 +93,7 @@ float fic_fp16_to_fp32(uint16_t h);
 /* ---- CPU features and the thread pool (pool.c) ---- */
 int fic_impl_available(int impl);  /* 1 if impl can run on this CPU and build, else 0 */
 int fic_impl_best(void);           /* the implementation AUTO resolves to */
-int fic_amx_available(void);       /* 1 if AVX-512 runs Q1_0's r32 prefill on AMX tiles here (the CPU
+int fic_amx_available(void);       /* 1 if AVX-512 runs the int8 prefill on AMX tiles here (the CPU
                                       has AMX-INT8, Linux granted the tile state, FIC_NO_AMX unset) */
 
 typedef struct fic_pool fic_pool;

@@ -1,5 +1,7 @@
-/* kernels_amx.c - x86-64 AMX (AMX-TILE + AMX-INT8, with AVX-512 VBMI/BITALG): the r32 layout's
- * prefill as tile products (the table fic_kernels_avx512_amx in kernels_avx512.c points here).
+/* kernels_amx.c - x86-64 AMX (AMX-TILE + AMX-INT8, with AVX-512 VBMI/BITALG): the int8 prefill as
+ * tile products. Two kernels: the r32 layout's (the table fic_kernels_avx512_amx in kernels_avx512.c
+ * points here), and the unpacked rows' of the other formats (qdot.h's QT layout; qdot_scalar.c's
+ * QDOT_AVX512_AMX table points there), below.
  *
  * A group of 32 Q1_0 rows against many tokens. Per q8 block (32 weights) the group's sign bits are
  * expanded once into +-1 bytes, 8 B-tile rows of 64 bytes per half of the rows (row kk holds, for each
@@ -20,6 +22,7 @@
 #include <string.h>
 
 #include "kernels.h"
+#include "qdot.h"
 
 #if defined(FIC_X86)
 #include <immintrin.h>
@@ -34,6 +37,10 @@ typedef struct {
     uint8_t rows[16];
 } amx_cfg;
 static_assert(sizeof(amx_cfg) == 64, "ldtilecfg reads 64 bytes");
+
+/* ldtilecfg telling the compiler it reads all 64 bytes: GCC 12's _tile_loadconfig says 8 (an "m"
+ * operand of one pointer), so at -O2 the stores of the rest could be, and were, dropped */
+TGT_AMX static inline void load_config(const amx_cfg *c) { __asm__ volatile("ldtilecfg %0" ::"m"(*c)); }
 
 #define AMX_SLICE Q1R32_TILES_SLICE /* q8 blocks expanded at a time: 2 x 512 bytes each */
 static_assert(AMX_SLICE % (QK1_0 / 32) == 0, "a slice holds whole Q1_0 blocks");
@@ -51,7 +58,7 @@ TGT_AMX static void tiles_config(int n) {
         c.rows[i + 2] = 16;
         c.colsb[i + 2] = 64;
     }
-    _tile_loadconfig(&c);
+    load_config(&c);
 }
 
 /* Blocks [q0, q0 + n) (q8 blocks of the group, q0 and n multiples of 4) into B tiles at bt and the
@@ -161,6 +168,204 @@ TGT_AMX void q1r32_tiles_amx(const uint8_t *w, int64_t nb, const uint8_t *tok, i
         }
     }
     if (configured) _tile_release();
+}
+
+/* ---- the int8 prefill of unpacked rows (qdot.h's qw_row) on tiles ---------------------------
+ * Up to 16 unpacked rows (int8 w per 32-block, its float scale fw and offset cw) against nt tokens
+ * in the QT layout (qdot.h: per tile of 16 tokens and 32-block, their int8 q, d and s = d sum q).
+ * Per 32-block the rows' bytes become one B tile of K = 32 (row kk: for each of the 16 rows its
+ * weights 4 kk .. 4 kk + 3, the VNNI order), shared by every token tile; the A tile is the 16
+ * tokens' q of the block, 512 contiguous bytes. One tdpbsud (unsigned weights) or tdpbssd (signed:
+ * Q8_0) gives the 16 x 16 exact integer sums, then per token acc = fma(sum, fw d, acc),
+ * acc = fma(cw, s, acc) in block order: the integers of fic_qdot_dot_ref, the float steps fused and
+ * ordered otherwise, so within the float32 bound of it, not its bits. A slice of QA_SLICE blocks is
+ * expanded at a time on the stack (partial sums cross slices through y). */
+#define QA_SLICE 16
+#define QA_B_BYTES 512 /* a block's B tile: 8 rows of 64 bytes */
+
+/* tiles 0 and 3: C (n tokens x 16 int32), 1 and 4: A (n tokens x 32 int8), 2 and 5: B (8 x 64) */
+TGT_AMX static void qa_config(int n) {
+    amx_cfg c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int i = 0; i < 6; i += 3) {
+        c.rows[i] = (uint8_t)n;
+        c.colsb[i] = 64;
+        c.rows[i + 1] = (uint8_t)n;
+        c.colsb[i + 1] = 32;
+        c.rows[i + 2] = 8;
+        c.colsb[i + 2] = 64;
+    }
+    load_config(&c);
+}
+
+/* Blocks [b0, b0 + ns) of the rows into B tiles at bt and their fw, cw as 16-float vectors (rows
+ * past nr: zero weights and scales). Per block the 16 rows' 32 bytes, two rows a zmm, are
+ * transposed as dwords (B row kk = dword kk of every row) in three rounds of unpacks and lane
+ * permutes. */
+TGT_AMX static void qa_expand(const qw_row *rows, int64_t nr, int64_t b0, int64_t ns, int8_t *bt, float *fwv,
+                              float *cwv) {
+    const __m512i i0 = _mm512_set_epi64(13, 12, 5, 4, 9, 8, 1, 0), i1 = _mm512_set_epi64(15, 14, 7, 6, 11, 10, 3, 2);
+    for (int64_t b = 0; b < ns; b++) {
+        const int64_t o = (b0 + b) * 32;
+        __m512i z[8], u[8], v[8];
+        /* z[i]: rows i (low 256 bits) and i + 8 (high) */
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; i++) {
+            const __m256i lo = i < nr ? _mm256_loadu_si256((const __m256i *)(rows[i].w + o)) : _mm256_setzero_si256();
+            const __m256i hi = i + 8 < nr ? _mm256_loadu_si256((const __m256i *)(rows[i + 8].w + o)) : _mm256_setzero_si256();
+            z[i] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+        }
+        /* rows i, i + 1 interleaved by dword, then pairs of those by qword: lane L of v[i + c]
+         * holds dword 4 (L % 2) + c of rows 4 (i / 4) + 8 (L / 2) + 0..3 */
+#pragma GCC unroll 4
+        for (int i = 0; i < 8; i += 2) {
+            u[i] = _mm512_unpacklo_epi32(z[i], z[i + 1]);
+            u[i + 1] = _mm512_unpackhi_epi32(z[i], z[i + 1]);
+        }
+#pragma GCC unroll 2
+        for (int i = 0; i < 8; i += 4) {
+            v[i] = _mm512_unpacklo_epi64(u[i], u[i + 2]);
+            v[i + 1] = _mm512_unpackhi_epi64(u[i], u[i + 2]);
+            v[i + 2] = _mm512_unpacklo_epi64(u[i + 1], u[i + 3]);
+            v[i + 3] = _mm512_unpackhi_epi64(u[i + 1], u[i + 3]);
+        }
+        /* then lanes in row order: dword c and 4 + c of rows 0-3, 4-7, 8-11, 12-15 */
+        int8_t *dst = bt + b * QA_B_BYTES;
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; c++) {
+            _mm512_store_si512((void *)(dst + 64 * c), _mm512_permutex2var_epi64(v[c], i0, v[4 + c]));
+            _mm512_store_si512((void *)(dst + 64 * (4 + c)), _mm512_permutex2var_epi64(v[c], i1, v[4 + c]));
+        }
+        for (int64_t r = 0; r < 16; r++) {
+            fwv[16 * b + r] = r < nr ? rows[r].fw[b0 + b] : 0.0f;
+            cwv[16 * b + r] = r < nr ? rows[r].cw[b0 + b] : 0.0f;
+        }
+    }
+}
+
+/* Where a token tile's activations are: the QT layout (qt: the tile's bytes at x, its block j at
+ * x + j QT_BLOCK_BYTES) or token rows (x: the tile's first token's row, qrow apart; q[k_total], then
+ * d[k_total / 32], then s). The rows' block b is the activations' block j0 + b. Both give the same
+ * integers and the same float steps in the same order, so the same bits. */
+typedef struct {
+    const uint8_t *x;
+    int64_t qrow, k_total, j0;
+} qa_src;
+
+/* the A tile of the rows' block b and its stride */
+#define QA_A_AT(src, b, qt) ((qt) ? (src).x + ((src).j0 + (b)) * QT_BLOCK_BYTES : (src).x + 32 * ((src).j0 + (b)))
+#define QA_A_STRIDE(src, qt) ((qt) ? 32 : (src).qrow)
+
+/* block b (of the rows, from the slice's b0) on tiles C, A, B, stored at cb */
+#define QA_BLOCK(C, A, B, b, cb, SIGNED)                                                                   \
+    do {                                                                                                   \
+        _tile_zero(C);                                                                                     \
+        _tile_loadd(A, QA_A_AT(src, b0 + (b), qt), QA_A_STRIDE(src, qt));                                 \
+        _tile_loadd(B, bt + (b) * QA_B_BYTES, 64);                                                         \
+        if (SIGNED) _tile_dpbssd(C, A, B);                                                                 \
+        else _tile_dpbsud(C, A, B);                                                                        \
+        _tile_stored(C, cb, 64);                                                                           \
+    } while (0)
+
+/* acc[t] = fma(C[t], fw d_t, acc[t]); acc[t] = fma(cw, s_t, acc[t]) for tokens t < n of the rows'
+ * block gb */
+TGT_AMX static ALWAYS_INLINE void qa_combine(__m512 *acc, const int32_t *c, const float *fwv, const float *cwv,
+                                             qa_src src, int64_t gb, int n, const int qt) {
+    const __m512 fw = _mm512_load_ps(fwv), cw = _mm512_load_ps(cwv);
+    const int64_t j = src.j0 + gb, nbt = src.k_total / 32;
+    const float *dq = (const float *)(src.x + j * QT_BLOCK_BYTES + 512); /* QT: d[16], then s[16] */
+#pragma GCC unroll 16
+    for (int t = 0; t < 16; t++) {
+        if (t >= n) break;
+        const float *dr = (const float *)(src.x + t * src.qrow + src.k_total); /* rows: d[], then s[] */
+        const float d = qt ? dq[t] : dr[j], sv = qt ? dq[16 + t] : dr[nbt + j];
+        const __m512 sc = _mm512_mul_ps(fw, _mm512_set1_ps(d));
+        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512((const void *)(c + 16 * t))), sc, acc[t]);
+        acc[t] = _mm512_fmadd_ps(cw, _mm512_set1_ps(sv), acc[t]);
+    }
+}
+
+/* One token tile (n tokens at src) over a slice's ns blocks from b0, into y (rows live). Pairs of
+ * blocks on tiles 0-2 and 3-5, stored to alternate halves of cbuf: a pair's float steps come after
+ * the next pair's products are issued. */
+TGT_AMX static ALWAYS_INLINE void qa_tile_slice(const int8_t *bt, const float *fwv, const float *cwv, int32_t *cbuf,
+                                                qa_src src, int64_t b0, int64_t ns, int first, __mmask16 live,
+                                                float *y, int64_t ys, int n, const int is_signed, const int qt) {
+    __m512 acc[16];
+#pragma GCC unroll 16
+    for (int t = 0; t < 16; t++)
+        acc[t] = first || t >= n ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(live, y + t * ys);
+    int64_t b = 0;
+    for (; b + 2 <= ns; b += 2) {
+        int32_t *cb = cbuf + (b & 2) * 256;
+        QA_BLOCK(0, 1, 2, b, cb, is_signed);
+        QA_BLOCK(3, 4, 5, b + 1, cb + 256, is_signed);
+        if (b >= 2) {
+            const int32_t *pb = cbuf + ((b - 2) & 2) * 256;
+            qa_combine(acc, pb, fwv + 16 * (b - 2), cwv + 16 * (b - 2), src, b0 + b - 2, n, qt);
+            qa_combine(acc, pb + 256, fwv + 16 * (b - 1), cwv + 16 * (b - 1), src, b0 + b - 1, n, qt);
+        }
+    }
+    if (b >= 2) {
+        const int32_t *pb = cbuf + ((b - 2) & 2) * 256;
+        qa_combine(acc, pb, fwv + 16 * (b - 2), cwv + 16 * (b - 2), src, b0 + b - 2, n, qt);
+        qa_combine(acc, pb + 256, fwv + 16 * (b - 1), cwv + 16 * (b - 1), src, b0 + b - 1, n, qt);
+    }
+    if (b < ns) {
+        QA_BLOCK(0, 1, 2, b, cbuf, is_signed);
+        qa_combine(acc, cbuf, fwv + 16 * b, cwv + 16 * b, src, b0 + b, n, qt);
+    }
+#pragma GCC unroll 16
+    for (int t = 0; t < 16; t++)
+        if (t < n) _mm512_mask_storeu_ps(y + t * ys, live, acc[t]);
+}
+
+/* The rows against nt tokens: src for the first token tile, the next one step bytes on. */
+TGT_AMX static ALWAYS_INLINE void qa_dot(const qw_row *rows, int64_t nr, qa_src src, int64_t step, int64_t nt,
+                                         float *y, int64_t ys, int accumulate, const int is_signed, const int qt) {
+    const int64_t nb = rows[0].k / 32;
+    int8_t bt[QA_SLICE * QA_B_BYTES] __attribute__((aligned(64)));
+    float fwv[QA_SLICE * 16] __attribute__((aligned(64))), cwv[QA_SLICE * 16] __attribute__((aligned(64)));
+    int32_t cbuf[1024] __attribute__((aligned(64)));
+    const __mmask16 live = (__mmask16)((1u << nr) - 1);
+    int configured = 0;
+    for (int64_t b0 = 0; b0 < nb; b0 += QA_SLICE) {
+        const int64_t ns = nb - b0 < QA_SLICE ? nb - b0 : QA_SLICE;
+        qa_expand(rows, nr, b0, ns, bt, fwv, cwv);
+        for (int64_t t0 = 0; t0 < nt; t0 += 16) {
+            const int n = nt - t0 < 16 ? (int)(nt - t0) : 16, first = b0 == 0 && !accumulate;
+            qa_src tile = src;
+            tile.x += t0 / 16 * step;
+            if (n != configured) {
+                qa_config(n);
+                configured = n;
+            }
+            if (n == 16) qa_tile_slice(bt, fwv, cwv, cbuf, tile, b0, ns, first, live, y + t0 * ys, ys, 16, is_signed, qt);
+            else qa_tile_slice(bt, fwv, cwv, cbuf, tile, b0, ns, first, live, y + t0 * ys, ys, n, is_signed, qt);
+        }
+    }
+    if (configured) _tile_release();
+}
+
+TGT_AMX void fic_qdot_tiles_dot_amx(const qw_row *rows, int64_t nr, const uint8_t *tiles, int64_t tile_bytes,
+                                    int64_t nt, float *y, int64_t ys, int accumulate) {
+    const qa_src src = {tiles, 0, 0, 0};
+    if (rows[0].is_signed) qa_dot(rows, nr, src, tile_bytes, nt, y, ys, accumulate, 1, 1);
+    else qa_dot(rows, nr, src, tile_bytes, nt, y, ys, accumulate, 0, 1);
+}
+
+TGT_AMX void fic_qdot_part_dot_amx(const qw_row *rows, int64_t nr, const uint8_t *xq, int64_t qrow, int64_t k_total,
+                                   int64_t j0, int64_t nt, float *y, int64_t ys, int accumulate) {
+    const qa_src src = {xq, qrow, k_total, j0};
+    if (rows[0].isc != NULL) fic_qdot_dot_avx2(rows, nr, xq, qrow, nt, y, ys, accumulate); /* j0 0: the whole row */
+    else if (rows[0].is_signed) qa_dot(rows, nr, src, 16 * qrow, nt, y, ys, accumulate, 1, 0);
+    else qa_dot(rows, nr, src, 16 * qrow, nt, y, ys, accumulate, 0, 0);
+}
+
+TGT_AMX void fic_qdot_dot_amx(const qw_row *rows, int64_t nr, const uint8_t *xq, int64_t qrow, int64_t nt, float *y,
+                              int64_t ys, int accumulate) {
+    fic_qdot_part_dot_amx(rows, nr, xq, qrow, rows[0].k, 0, nt, y, ys, accumulate);
 }
 
 #endif /* FIC_X86 */

@@ -14,25 +14,30 @@ typedef struct {
     const uint8_t *w;
     const float *x;
     float *y;
-    int64_t m, k, row_bytes, qrow, nt, unpack_bytes;
+    int64_t m, k, row_bytes, qrow, nt, unpack_bytes, rows; /* rows: unpacked per dot call */
+    int tiles;                                               /* tokens in the QT layout (qdot.h) */
     uint8_t *xq, *unpack;
 } qmm_t;
 
 static void quantize_range(void *ctx, int64_t i0, int64_t i1, int tid) {
     const qmm_t *j = ctx;
     (void)tid;
-    for (int64_t i = i0; i < i1; i++) j->kern->quantize(j->x + i * j->k, j->k, j->xq + i * j->qrow);
+    for (int64_t i = i0; i < i1; i++) {
+        if (j->tiles) j->kern->tiles_quantize(j->x + i * j->k, j->k, i, j->xq);
+        else j->kern->quantize(j->x + i * j->k, j->k, j->xq + i * j->qrow);
+    }
 }
 
 static void rows_range(void *ctx, int64_t r0, int64_t r1, int tid) {
     const qmm_t *j = ctx;
-    uint8_t *buf = j->unpack + tid * QW_ROWS * j->unpack_bytes;
-    qw_row rows[QW_ROWS];
-    for (int64_t r = r0; r < r1; r += QW_ROWS) {
-        const int64_t nr = r1 - r < QW_ROWS ? r1 - r : QW_ROWS;
+    uint8_t *buf = j->unpack + tid * j->rows * j->unpack_bytes;
+    qw_row rows[QW_ROWS_MAX];
+    for (int64_t r = r0; r < r1; r += j->rows) {
+        const int64_t nr = r1 - r < j->rows ? r1 - r : j->rows;
         for (int64_t i = 0; i < nr; i++)
             fic_qdot_unpack(j->fmt, j->w + (r + i) * j->row_bytes, j->k, buf + i * j->unpack_bytes, &rows[i]);
-        j->kern->dot(rows, nr, j->xq, j->qrow, j->nt, j->y + r, j->m, 0);
+        if (j->tiles) j->kern->tiles_dot(rows, nr, j->xq, QT_TILE_BYTES(j->k), j->nt, j->y + r, j->m, 0);
+        else j->kern->dot(rows, nr, j->xq, j->qrow, j->nt, j->y + r, j->m, 0);
     }
 }
 
@@ -123,12 +128,19 @@ int fic_qdot_matmul(fic_pool *pool, int impl, int fmt, const uint8_t *w, const f
         j.y = y;
         return q1_matmul(pool, &j, t, ws, ws_bytes);
     }
-    const int64_t avail = ws_bytes - n_threads * QW_ROWS * j.unpack_bytes;
+    /* the kernel's rows per call, unless their buffers would leave a chunk of fewer tokens than its tile */
+    j.rows = j.kern->rows;
+    if (j.rows > QW_ROWS && (ws_bytes - n_threads * j.rows * j.unpack_bytes) / j.qrow < (t < 16 ? t : 16)) j.rows = QW_ROWS;
+    const int64_t avail = ws_bytes - n_threads * j.rows * j.unpack_bytes;
     if (avail < j.qrow) return FIC_ERR_WORKSPACE;
-    const int64_t chunk_t = avail / j.qrow;
+    int64_t chunk_t = avail / j.qrow;
+    /* the QT layout: whole tiles of 16 tokens (a chunk of fewer tokens fits their tile or goes without) */
+    j.tiles = qdot_tiles_for(j.kern, fmt) && avail >= QT_CHUNK_BYTES(k, t < 16 ? t : 16);
+    if (j.tiles) chunk_t = avail / QT_TILE_BYTES(k) * 16;
     j.unpack = ws;
-    j.xq = (uint8_t *)ws + n_threads * QW_ROWS * j.unpack_bytes;
-    const int64_t row_chunk = (m + 4 * n_threads - 1) / (4 * n_threads);
+    j.xq = (uint8_t *)ws + n_threads * j.rows * j.unpack_bytes;
+    int64_t row_chunk = (m + 4 * n_threads - 1) / (4 * n_threads);
+    row_chunk = (row_chunk + j.rows - 1) / j.rows * j.rows;
     for (int64_t i0 = 0; i0 < t; i0 += chunk_t) {
         j.nt = t - i0 < chunk_t ? t - i0 : chunk_t;
         j.x = x + i0 * k;

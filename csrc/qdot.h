@@ -1,6 +1,6 @@
 /* qdot.h - internal: prefill (t > 1) products of quantized weights and int8 activations, as
  * llama.cpp does them: x is quantized once per call to q8 blocks of 32 and every weight block is
- * multiplied with integer dot products (AVX2 maddubs/madd, NEON sdot, a scalar reference).
+ * multiplied with integer dot products (AVX2 maddubs/madd, AMX tiles, NEON sdot, a scalar reference).
  *
  * Activations, per token (QX_ROW_BYTES(k) bytes, k a multiple of 32):
  *   int8 q[k] | float d[k/32] | float s[k/32]
@@ -29,8 +29,10 @@
 #define QX_ROW_BYTES(k) ((k) + 8 * ((k) / QX_BLOCK))
 /* an unpacked weight row: w[k] padded to 32, fw, cw, isc, and slack for alignment */
 #define QW_ROW_BYTES(k) ((((k) + 31) / 32 * 32) + 10 * ((k) / QX_BLOCK) + 64)
-/* rows unpacked at a time per thread: each token's activations are then read once for them */
+/* rows unpacked at a time per thread: each token's activations are then read once for them;
+ * a kernel may take up to QW_ROWS_MAX (qdot_kernels.rows: AMX's tiles hold 16) */
 #define QW_ROWS 8
+#define QW_ROWS_MAX 16
 
 typedef struct {
     const int8_t *w;
@@ -74,6 +76,27 @@ typedef void (*q1_dot_fn)(const uint8_t *w, int64_t rb, int64_t nr, int64_t k, c
 /* The r32 matvec's tables of k int8 x and its k / 32 corrections (q1r32.c, kern_q1r32_fn). */
 typedef void (*q1r32_tables_fn)(const int8_t *xq, int64_t k, uint8_t *tab, int16_t *cx);
 
+/* AMX-INT8's layout of a chunk of nt tokens (QT_*): the tokens in tiles of 16 (the last one padded,
+ * its padding never read), per tile and 32-block QT_BLOCK_BYTES: the 16 tokens' q as in the layout
+ * above (32 bytes a token: the block's A tile, 8 cache lines), then their 16 d, then their 16 s,
+ * so a tile product reads contiguous bytes and its float step broadcasts from two cache lines. */
+#define QT_BLOCK_BYTES 640
+#define QT_TILE_BYTES(k) ((k) / QX_BLOCK * QT_BLOCK_BYTES)
+#define QT_CHUNK_BYTES(k, nt) (((nt) + 15) / 16 * QT_TILE_BYTES(k))
+/* Token i of the chunk (k floats) quantized (as qx_quantize_fn, the same bits) into its places in tiles. */
+typedef void (*qt_quantize_fn)(const float *x, int64_t k, int64_t i, uint8_t *tiles);
+/* As qw_dot_fn with the tokens in the QT layout (rows without sub-block scales: isc NULL): the rows'
+ * k weights against blocks 0 .. k / 32 of tiles tile_bytes apart (QT_TILE_BYTES of the quantized
+ * rows' length, which may be longer: an expert's part of the FFN's h starts at a block of it). */
+typedef void (*qt_dot_fn)(const qw_row *rows, int64_t nr, const uint8_t *tiles, int64_t tile_bytes, int64_t nt,
+                          float *y, int64_t ys, int accumulate);
+
+/* As qt_dot_fn's bits from token rows (qw_dot_fn's layout, rows of k_total weights a token), the
+ * rows' k weights against the activations' blocks j0 on: where the QT layout did not fit the
+ * workspace, so that the arithmetic does not depend on the workspace's size. */
+typedef void (*qp_dot_fn)(const qw_row *rows, int64_t nr, const uint8_t *xq, int64_t qrow, int64_t k_total, int64_t j0,
+                          int64_t nt, float *y, int64_t ys, int accumulate);
+
 typedef struct {
     qx_quantize_fn quantize;
     qw_dot_fn dot;
@@ -81,7 +104,14 @@ typedef struct {
     q1_dot_fn q1_dot;
     q1r32_tables_fn q1r32_tables; /* NULL: q1r32_build_tables, the scalar builder */
     qx_quantize_fn q1r32_quantize; /* x for the r32 layout (Q1R32_XQ_BYTES) */
+    int rows;                      /* unpacked rows per dot call it is best given, at most QW_ROWS_MAX */
+    qt_quantize_fn tiles_quantize; /* NULL: no QT layout; else formats but Q6_K take it and tiles_dot */
+    qt_dot_fn tiles_dot;
+    qp_dot_fn part_dot;            /* NULL, or (with tiles_dot) the same bits from token rows */
 } qdot_kernels;
+
+/* 1 when kern multiplies fmt's unpacked rows through the QT layout (qdot_kernels.tiles_dot) */
+static inline int qdot_tiles_for(const qdot_kernels *kern, int fmt) { return kern->tiles_dot != NULL && fmt != FIC_Q6_K; }
 
 /* The r32 layout's prefill by the matvec's tables (q1r32.c): one token's x (k floats) quantized
  * and tabled into tok (q1r32_tok_bytes(k), 64-byte aligned), then one group of 32 rows (k weights
@@ -131,6 +161,16 @@ void fic_q1r32_quantize_avx2(const float *x, int64_t k, uint8_t *dst);
 void q1r32_build_tables_avx512(const int8_t *xq, int64_t k, uint8_t *tab, int16_t *cx); /* VBMI */
 void fic_qdot_dot_avx2(const qw_row *rows, int64_t nr, const uint8_t *xq, int64_t qrow, int64_t nt, float *y,
                        int64_t ys, int accumulate);
+void fic_qdot_quantize_tiles_avx2(const float *x, int64_t k, int64_t i, uint8_t *tiles);
+/* AMX-INT8 tiles (kernels_amx.c), nr <= QW_ROWS_MAX; only where fic_cpu_features says amx_int8. The
+ * three give the same bits; rows with sub-block scales (Q6_K, isc) go to fic_qdot_dot_avx2 from dot
+ * (and from part_dot when j0 is 0), and are never given to tiles_dot. */
+void fic_qdot_tiles_dot_amx(const qw_row *rows, int64_t nr, const uint8_t *tiles, int64_t tile_bytes, int64_t nt,
+                            float *y, int64_t ys, int accumulate);
+void fic_qdot_part_dot_amx(const qw_row *rows, int64_t nr, const uint8_t *xq, int64_t qrow, int64_t k_total, int64_t j0,
+                           int64_t nt, float *y, int64_t ys, int accumulate);
+void fic_qdot_dot_amx(const qw_row *rows, int64_t nr, const uint8_t *xq, int64_t qrow, int64_t nt, float *y,
+                      int64_t ys, int accumulate);
 #endif
 #if defined(__aarch64__)
 void fic_qdot_quantize_neon(const float *x, int64_t k, uint8_t *dst);
@@ -167,7 +207,9 @@ typedef struct {
  * (down format likewise). ws: the FFN's per-call workspace after its tables. */
 int fic_qdot_ffn_phase1(fic_pool *pool, const qdot_ffn *a, uint8_t *ws, int64_t ws_bytes);
 /* 1 when fic_qdot_ffn_down_cols can sum into a->acc (each expert's products alone): Q1_0 through its
- * own kernels; the other formats multiply one row of all experts at once. */
+ * own kernels, the formats of the QT layout (AMX) expert by expert; the others multiply one row of
+ * all experts at once. down_cols may still answer FIC_ERR_UNSUPPORTED for the QT formats (a
+ * workspace of fewer than 16 tokens): the caller then multiplies in float. */
 int fic_qdot_down_fixed_ok(const qdot_ffn *a);
 int fic_qdot_ffn_down_cols(fic_pool *pool, const qdot_ffn *a, uint8_t *ws, int64_t ws_bytes);
 

@@ -52,6 +52,19 @@ TGT void fic_qdot_quantize_avx2(const float *x, int64_t k, uint8_t *dst) {
     }
 }
 
+/* Token i of a chunk into the QT layout (qdot.h): per block the same float ops as above. */
+TGT void fic_qdot_quantize_tiles_avx2(const float *x, int64_t k, int64_t i, uint8_t *tiles) {
+    uint8_t *tile = tiles + i / 16 * QT_TILE_BYTES(k);
+    const int64_t l = i % 16;
+    for (int64_t b = 0; b < k / QX_BLOCK; b++) {
+        uint8_t *blk = tile + b * QT_BLOCK_BYTES;
+        const float d = absmax(x + b * QX_BLOCK, QX_BLOCK / 8) / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        const int sum = round32(x + b * QX_BLOCK, _mm256_set1_ps(id), blk + 32 * l);
+        ((float *)(blk + 512))[l] = d;
+        ((float *)(blk + 576))[l] = d * (float)sum;
+    }
+}
+
 /* x for the r32 layout (qdot.h, Q1R32_XQ_BYTES): the quantizer above over 128 weights a scale
  * (the same float ops as fic_q1r32_quantize_ref: a max, one division, a rounded product). */
 TGT void fic_q1r32_quantize_avx2(const float *x, int64_t k, uint8_t *dst) {

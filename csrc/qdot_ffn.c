@@ -7,7 +7,10 @@
  *            once per token chunk as one row of n_total; threads split the d_model output rows;
  *            each output row's pieces (one per expert, zeros for skipped experts, not read) are
  *            unpacked into one row and multiplied with every token (results do not depend on the
- *            thread count).
+ *            thread count). Under FIC_FFN_FIXED (each expert's products rounded into the fixed-point
+ *            sums alone) only the AMX kernels take it: expert by expert, against its blocks of h.
+ * Where the kernels have AMX tiles (qdot.h's QT layout), 16 rows a call and x in 16-token tiles
+ * where those fit the workspace, else token rows: the same bits.
  * Q1_0 (gate and up, or down) takes its own kernels instead (qdot.h Q1X_*): rows read as stored,
  * no unpacking; down pieces gathered as whole blocks. Bundles in the r32 layout (FIC_Q1_0R32): gate
  * and up, then down, by the matvec's tables, a token at a time per group of 32 rows (q1r32.c); on
@@ -28,7 +31,9 @@ typedef struct {
     const fic_kernels *kt;     /* a->impl's table, resolved once per call */
     int64_t i0, nt;            /* the token chunk */
     int64_t ub;                /* bytes of one unpacked row */
-    uint8_t *per_thread;       /* per thread: QW_ROWS unpacked rows, then (phase 1) the up buffer */
+    int64_t rows;              /* unpacked rows per dot call (phase 1 and 2's unpacked paths) */
+    int tiles;                 /* xq in the QT layout (qdot.h), not token rows */
+    uint8_t *per_thread;       /* per thread: `rows` unpacked rows, then (phase 1) the up buffer */
     int64_t thread_bytes;
     uint8_t *xq;               /* nt x QX_ROW_BYTES(d) (phase 1) or QX_ROW_BYTES(n_total) (phase 2) */
 } qffn_t;
@@ -70,7 +75,10 @@ static void p1_quantize(void *ctx, int64_t i0, int64_t i1, int tid) {
     const qffn_t *q = ctx;
     (void)tid;
     const int64_t d = q->a->d, qrow = QX_ROW_BYTES(d);
-    for (int64_t i = i0; i < i1; i++) q->kern->quantize(q->a->x + (q->i0 + i) * d, d, q->xq + i * qrow);
+    for (int64_t i = i0; i < i1; i++) {
+        if (q->tiles) q->kern->tiles_quantize(q->a->x + (q->i0 + i) * d, d, i, q->xq);
+        else q->kern->quantize(q->a->x + (q->i0 + i) * d, d, q->xq + i * qrow);
+    }
 }
 
 /* One expert's part of phase 1's neuron range [g0, g1): its rows [r0, r1), the chunk's rows of
@@ -106,17 +114,19 @@ static void p1_rows(void *ctx, int64_t g0, int64_t g1, int tid) {
     const qffn_t *q = ctx;
     const qdot_ffn *a = q->a;
     uint8_t *buf = q->per_thread + tid * q->thread_bytes;
-    float *ubuf = (float *)(buf + QW_ROWS * q->ub); /* nt x QW_ROWS */
+    float *ubuf = (float *)(buf + q->rows * q->ub); /* nt x q->rows */
     const int64_t d = a->d, qrow = QX_ROW_BYTES(d), nt = q->nt;
-    qw_row rows[QW_ROWS];
+    qw_row rows[QW_ROWS_MAX];
     p1_piece p = {.e = -1};
     while (p1_next(q, g0, g1, &p)) {
-        for (int64_t r = p.r0; r < p.r1; r += QW_ROWS) {
-            const int64_t nr = p.r1 - r < QW_ROWS ? p.r1 - r : QW_ROWS;
+        for (int64_t r = p.r0; r < p.r1; r += q->rows) {
+            const int64_t nr = p.r1 - r < q->rows ? p.r1 - r : q->rows;
             for (int64_t l = 0; l < nr; l++) fic_qdot_unpack(a->gate_fmt, p.gate + (r + l) * a->rb_g, d, buf + l * q->ub, &rows[l]);
-            q->kern->dot(rows, nr, q->xq, qrow, nt, p.h + r, p.n, 0);
+            if (q->tiles) q->kern->tiles_dot(rows, nr, q->xq, QT_TILE_BYTES(d), nt, p.h + r, p.n, 0);
+            else q->kern->dot(rows, nr, q->xq, qrow, nt, p.h + r, p.n, 0);
             for (int64_t l = 0; l < nr; l++) fic_qdot_unpack(a->up_fmt, p.up + (r + l) * a->rb_u, d, buf + l * q->ub, &rows[l]);
-            q->kern->dot(rows, nr, q->xq, qrow, nt, ubuf, nr, 0);
+            if (q->tiles) q->kern->tiles_dot(rows, nr, q->xq, QT_TILE_BYTES(d), nt, ubuf, nr, 0);
+            else q->kern->dot(rows, nr, q->xq, qrow, nt, ubuf, nr, 0);
             swiglu_rows(q, p.e, p.h + r, p.n, nr, ubuf);
         }
     }
@@ -235,14 +245,22 @@ int fic_qdot_ffn_phase1(fic_pool *pool, const qdot_ffn *a, uint8_t *ws, int64_t 
     if (a->gate_fmt == FIC_Q1_0R32) /* with up and down: ffn.c checked the layout */
         return q.kern->q1_dot != NULL ? q1_phase1(pool, &q, ws, ws_bytes) : FIC_ERR_UNSUPPORTED;
     if (a->gate_fmt == FIC_Q1_0 && a->up_fmt == FIC_Q1_0 && q.kern->q1_dot != NULL) return q1_phase1(pool, &q, ws, ws_bytes);
-    q.thread_bytes = QW_ROWS * q.ub; /* + the up buffer, nt x QW_ROWS floats, below */
-    const int64_t tc = chunk_tokens(ws_bytes, n_threads, q.thread_bytes + 64, QX_ROW_BYTES(d), 4 * QW_ROWS);
+    /* + the up buffer, nt x q.rows floats, below */
+    int64_t tc = 0;
+    for (q.rows = q.kern->rows;; q.rows = QW_ROWS) {
+        tc = chunk_tokens(ws_bytes, n_threads, q.rows * q.ub + 64, QX_ROW_BYTES(d), 4 * q.rows);
+        if (q.rows == QW_ROWS || tc >= (a->t < 16 ? a->t : 16)) break; /* else 8: fewer tokens than a tile */
+    }
     if (tc < 1) return FIC_ERR_WORKSPACE;
-    q.thread_bytes = (q.thread_bytes + 4 * QW_ROWS * tc + 63) / 64 * 64;
+    /* the QT layout takes whole tiles of 16 tokens (QX_ROW_BYTES(d) a token, as rows) */
+    const int64_t tiles16 = chunk_tokens(ws_bytes, n_threads, q.rows * q.ub + 64, 16 * QX_ROW_BYTES(d), 64 * q.rows);
+    q.tiles = qdot_tiles_for(q.kern, a->gate_fmt) && qdot_tiles_for(q.kern, a->up_fmt) && tiles16 >= 1;
+    if (q.tiles) tc = 16 * tiles16;
+    q.thread_bytes = (q.rows * q.ub + 4 * q.rows * tc + 63) / 64 * 64;
     q.per_thread = ws;
     q.xq = ws + n_threads * q.thread_bytes;
     int64_t chunk = (a->n_total + 4 * n_threads - 1) / (4 * n_threads);
-    chunk = (chunk + QW_ROWS - 1) / QW_ROWS * QW_ROWS;
+    chunk = (chunk + q.rows - 1) / q.rows * q.rows;
     for (q.i0 = 0; q.i0 < a->t; q.i0 += tc) {
         q.nt = a->t - q.i0 < tc ? a->t - q.i0 : tc;
         fic_parallel_for(pool, q.nt, (q.nt + n_threads - 1) / n_threads, p1_quantize, &q);
@@ -260,13 +278,14 @@ static void p2_quantize(void *ctx, int64_t i0, int64_t i1, int tid) {
     const qffn_t *q = ctx;
     const qdot_ffn *a = q->a;
     const int64_t n_total = a->n_total;
-    float *row = (float *)(q->per_thread + tid * q->thread_bytes + QW_ROWS * q->ub); /* n_total floats */
+    float *row = (float *)(q->per_thread + tid * q->thread_bytes + q->rows * q->ub); /* n_total floats */
     for (int64_t i = i0; i < i1; i++) {
         for (int64_t e = 0; e < a->n_experts; e++) {
             const int64_t n = a->n[e];
             memcpy(row + a->off[e], a->h + a->t * a->off[e] + (q->i0 + i) * n, (size_t)n * sizeof *row);
         }
-        q->kern->quantize(row, n_total, q->xq + i * QX_ROW_BYTES(n_total));
+        if (q->tiles) q->kern->tiles_quantize(row, n_total, i, q->xq);
+        else q->kern->quantize(row, n_total, q->xq + i * QX_ROW_BYTES(n_total));
     }
 }
 
@@ -275,9 +294,9 @@ static void p2_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
     const qdot_ffn *a = q->a;
     uint8_t *buf = q->per_thread + tid * q->thread_bytes;
     const int64_t n_total = a->n_total;
-    qw_row rows[QW_ROWS];
-    for (int64_t r = r0; r < r1; r += QW_ROWS) {
-        const int64_t nr = r1 - r < QW_ROWS ? r1 - r : QW_ROWS;
+    qw_row rows[QW_ROWS_MAX];
+    for (int64_t r = r0; r < r1; r += q->rows) {
+        const int64_t nr = r1 - r < q->rows ? r1 - r : q->rows;
         for (int64_t l = 0; l < nr; l++) {
             for (int64_t e = 0; e < a->n_experts; e++) {
                 const int64_t n = a->n[e];
@@ -286,7 +305,41 @@ static void p2_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
             }
             fic_qdot_row(a->down_fmt, buf + l * q->ub, n_total, &rows[l]);
         }
-        q->kern->dot(rows, nr, q->xq, QX_ROW_BYTES(n_total), q->nt, a->y + q->i0 * a->d + r, a->d, 1);
+        if (q->tiles) q->kern->tiles_dot(rows, nr, q->xq, QT_TILE_BYTES(n_total), q->nt, a->y + q->i0 * a->d + r, a->d, 1);
+        else q->kern->dot(rows, nr, q->xq, QX_ROW_BYTES(n_total), q->nt, a->y + q->i0 * a->d + r, a->d, 1);
+    }
+}
+
+/* FIC_FFN_FIXED through the AMX kernels: expert by expert, its down rows' piece unpacked on its own
+ * against its blocks of each token's quantized h (blocks off_e / 32 on: of the QT tiles, or of the
+ * token rows where the tiles did not fit, the same bits), QT_FIXED_ROWS output rows' products (nt x
+ * QT_FIXED_ROWS, after the unpacked rows in the thread's buffer) rounded into acc on their own: one
+ * fixed_add call a token per 64 rows, not per 16 (a dense model's experts are 64 neurons). */
+#define QT_FIXED_ROWS 64
+static void p2_rows_fixed(void *ctx, int64_t r0, int64_t r1, int tid) {
+    const qffn_t *q = ctx;
+    const qdot_ffn *a = q->a;
+    uint8_t *buf = q->per_thread + tid * q->thread_bytes;
+    float *out = (float *)(buf + q->rows * q->ub); /* nt x QT_FIXED_ROWS */
+    const int64_t n_total = a->n_total;
+    qw_row rows[QW_ROWS_MAX];
+    for (int64_t r = r0; r < r1; r += QT_FIXED_ROWS) {
+        const int64_t nf = r1 - r < QT_FIXED_ROWS ? r1 - r : QT_FIXED_ROWS;
+        for (int64_t e = 0; e < a->n_experts; e++) {
+            if (a->skip[e]) continue;
+            const uint8_t *down = a->bundles[e] + a->n[e] * (a->rb_g + a->rb_u);
+            const int64_t j0 = a->off[e] / QX_BLOCK;
+            for (int64_t g = 0; g < nf; g += q->rows) {
+                const int64_t nr = nf - g < q->rows ? nf - g : q->rows;
+                for (int64_t l = 0; l < nr; l++)
+                    fic_qdot_unpack(a->down_fmt, down + (r + g + l) * a->rb_d[e], a->n[e], buf + l * q->ub, &rows[l]);
+                if (q->tiles)
+                    q->kern->tiles_dot(rows, nr, q->xq + j0 * QT_BLOCK_BYTES, QT_TILE_BYTES(n_total), q->nt, out + g, nf, 0);
+                else
+                    q->kern->part_dot(rows, nr, q->xq, QX_ROW_BYTES(n_total), n_total, j0, q->nt, out + g, nf, 0);
+            }
+            for (int64_t i = 0; i < q->nt; i++) a->fixed_add(out + i * nf, a->acc + (q->i0 + i) * a->d + r, nf);
+        }
     }
 }
 
@@ -361,7 +414,9 @@ static void p2_q1_rows_fixed(void *ctx, int64_t r0, int64_t r1, int tid) {
 }
 
 int fic_qdot_down_fixed_ok(const qdot_ffn *a) {
-    return (a->down_fmt == FIC_Q1_0 || a->down_fmt == FIC_Q1_0R32) && fic_qdot_kernels(a->impl)->q1_dot != NULL;
+    const qdot_kernels *kern = fic_qdot_kernels(a->impl);
+    return ((a->down_fmt == FIC_Q1_0 || a->down_fmt == FIC_Q1_0R32) && kern->q1_dot != NULL) ||
+           (qdot_tiles_for(kern, a->down_fmt) && kern->part_dot != NULL);
 }
 
 /* ---- phase 2, r32 down by the matvec's tables (q1r32.c) -------------------------------------
@@ -459,17 +514,26 @@ int fic_qdot_ffn_down_cols(fic_pool *pool, const qdot_ffn *a, uint8_t *ws, int64
                          (4 + (a->acc != NULL ? 8 : 0)) * R32_ROWS, p2_r32_prep, p2_r32_rows);
     if (a->down_fmt == FIC_Q1_0R32) return q.kern->q1_dot != NULL ? q1_down_cols(pool, &q, ws, ws_bytes) : FIC_ERR_UNSUPPORTED;
     if (a->down_fmt == FIC_Q1_0 && q.kern->q1_dot != NULL) return q1_down_cols(pool, &q, ws, ws_bytes);
-    q.thread_bytes = (QW_ROWS * q.ub + 4 * a->n_total + 63) / 64 * 64;
-    const int64_t tc = chunk_tokens(ws_bytes, n_threads, q.thread_bytes, QX_ROW_BYTES(a->n_total), 0);
+    const int fixed = a->acc != NULL; /* each expert's products alone: the AMX kernels only (down_fixed_ok) */
+    int64_t tc = 0;
+    for (q.rows = q.kern->rows;; q.rows = QW_ROWS) {
+        q.thread_bytes = (q.rows * q.ub + 4 * a->n_total + 63) / 64 * 64;
+        tc = chunk_tokens(ws_bytes, n_threads, q.thread_bytes, QX_ROW_BYTES(a->n_total), fixed ? 4 * QT_FIXED_ROWS : 0);
+        if (q.rows == QW_ROWS || tc >= (a->t < 16 ? a->t : 16)) break; /* else 8: fewer tokens than a tile */
+    }
+    q.tiles = qdot_tiles_for(q.kern, a->down_fmt) && tc >= 16;
+    if (fixed && !(qdot_tiles_for(q.kern, a->down_fmt) && q.kern->part_dot != NULL)) return FIC_ERR_UNSUPPORTED;
     if (tc < 1) return FIC_ERR_WORKSPACE;
+    if (q.tiles) tc = tc / 16 * 16;
+    if (fixed) q.thread_bytes = (q.thread_bytes + 4 * QT_FIXED_ROWS * tc + 63) / 64 * 64; /* + out */
     q.per_thread = ws;
     q.xq = ws + n_threads * q.thread_bytes;
     int64_t chunk = (a->d + 4 * n_threads - 1) / (4 * n_threads);
-    chunk = (chunk + QW_ROWS - 1) / QW_ROWS * QW_ROWS;
+    chunk = (chunk + q.rows - 1) / q.rows * q.rows;
     for (q.i0 = 0; q.i0 < a->t; q.i0 += tc) {
         q.nt = a->t - q.i0 < tc ? a->t - q.i0 : tc;
         fic_parallel_for(pool, q.nt, (q.nt + n_threads - 1) / n_threads, p2_quantize, &q);
-        fic_parallel_for(pool, a->d, chunk, p2_rows, &q);
+        fic_parallel_for(pool, a->d, chunk, fixed ? p2_rows_fixed : p2_rows, &q);
     }
     return FIC_OK;
 }

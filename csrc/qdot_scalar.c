@@ -2,6 +2,7 @@
  * weight-row unpacking every architecture shares, and the scalar reference of the quantizer and
  * the integer dot product (the spec the fast paths are tested against). */
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -18,20 +19,28 @@ int fic_qdot_fmt_ok(int fmt) {
 }
 
 static const qdot_kernels QDOT_REF = {fic_qdot_quantize_ref, fic_qdot_dot_ref, fic_q1x_quantize_ref, fic_q1_dot_ref, NULL,
-                                       fic_q1r32_quantize_ref};
+                                       fic_q1r32_quantize_ref, QW_ROWS, NULL, NULL, NULL};
 #if defined(__x86_64__)
 static const qdot_kernels QDOT_AVX2 = {fic_qdot_quantize_avx2, fic_qdot_dot_avx2, fic_q1x_quantize_avx2, fic_q1_dot_avx2,
-                                        NULL, fic_q1r32_quantize_avx2};
+                                        NULL, fic_q1r32_quantize_avx2, QW_ROWS, NULL, NULL, NULL};
 static const qdot_kernels QDOT_AVX512_Q1 = {fic_qdot_quantize_avx2, fic_qdot_dot_avx2, fic_q1x_quantize_avx2,
-                                            fic_q1_dot_avx2, q1r32_build_tables_avx512, fic_q1r32_quantize_avx2};
+                                            fic_q1_dot_avx2, q1r32_build_tables_avx512, fic_q1r32_quantize_avx2, QW_ROWS,
+                                            NULL, NULL, NULL};
+/* + AMX-INT8: the unpacked rows' products on tiles, 16 rows a call, tokens in the QT layout */
+static const qdot_kernels QDOT_AVX512_AMX = {fic_qdot_quantize_avx2, fic_qdot_dot_amx, fic_q1x_quantize_avx2,
+                                             fic_q1_dot_avx2, q1r32_build_tables_avx512, fic_q1r32_quantize_avx2,
+                                             QW_ROWS_MAX, fic_qdot_quantize_tiles_avx2, fic_qdot_tiles_dot_amx,
+                                             fic_qdot_part_dot_amx};
 #endif
 #if defined(__aarch64__)
-static const qdot_kernels QDOT_NEON = {fic_qdot_quantize_neon, fic_qdot_dot_neon, NULL, NULL, NULL, fic_q1r32_quantize_ref};
+static const qdot_kernels QDOT_NEON = {fic_qdot_quantize_neon, fic_qdot_dot_neon, NULL, NULL, NULL, fic_q1r32_quantize_ref,
+                                        QW_ROWS, NULL, NULL, NULL};
 #endif
 
 const qdot_kernels *fic_qdot_kernels(int impl) {
 #if defined(__x86_64__)
     /* AVX-512 machines run the AVX2 code (no VNNI variant yet) */
+    if (impl == FIC_IMPL_AVX512 && fic_cpu_features_get()->amx_int8) return &QDOT_AVX512_AMX;
     if (impl == FIC_IMPL_AVX512 && fic_cpu_features_get()->avx512_q1) return &QDOT_AVX512_Q1;
     if (impl == FIC_IMPL_AVX2 || impl == FIC_IMPL_AVX512) return &QDOT_AVX2;
 #endif
@@ -43,6 +52,17 @@ const qdot_kernels *fic_qdot_kernels(int impl) {
 
 /* ---- weight rows ---------------------------------------------------------------------------- */
 
+/* fic_h2f with its common case (a normal half) inline: the unpacking of a prefill's rows called
+ * the library function for every block, a tenth of an AMX prefill (bench/RESULTS.md) */
+static inline float half_to_float(fic_half h) {
+    const uint32_t e = (h >> 10) & 0x1fu;
+    if (e == 0 || e == 0x1fu) return fic_h2f(h);
+    const uint32_t u = (uint32_t)(h & 0x8000u) << 16 | (e + 112u) << 23 | (uint32_t)(h & 0x3ffu) << 13;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
 /* One 32-block of Q4-like nibbles: byte l's low nibble is weight l, high nibble weight l + 16. */
 static void unpack_nibbles16(const uint8_t *qs, int8_t *w) {
     for (int l = 0; l < 16; l++) {
@@ -51,33 +71,36 @@ static void unpack_nibbles16(const uint8_t *qs, int8_t *w) {
     }
 }
 
-/* One weight block (bw weights: bw / 32 activation blocks) into w, fw, cw (and isc for Q6_K). */
+/* The half at p (rows of a GGUF mapping need not be aligned) */
+static inline float half_at(const uint8_t *p) {
+    fic_half h;
+    memcpy(&h, p, sizeof h);
+    return half_to_float(h);
+}
+
+/* One weight block (bw weights: bw / 32 activation blocks) into w, fw, cw (and isc for Q6_K). The
+ * small formats are read in place: a copy of the block to the stack first was then read back
+ * across its stores' boundaries, a stall per block (bench/RESULTS.md). */
 static void unpack_block(int fmt, const uint8_t *src, int8_t *w, float *fw, float *cw, int8_t *isc) {
     switch (fmt) {
-    case FIC_Q8_0: {
-        block_q8_0 b;
-        memcpy(&b, src, sizeof b); /* rows of a GGUF mapping need not be aligned */
-        memcpy(w, b.qs, 32);
-        fw[0] = fic_h2f(b.d);
+    case FIC_Q8_0: /* d, qs[32] */
+        static_assert(offsetof(block_q8_0, qs) == 2, "Q8_0: d, then qs");
+        memcpy(w, src + 2, 32);
+        fw[0] = half_at(src);
         cw[0] = 0.0f;
         return;
-    }
-    case FIC_Q4_0: {
-        block_q4_0 b;
-        memcpy(&b, src, sizeof b);
-        unpack_nibbles16(b.qs, w);
-        fw[0] = fic_h2f(b.d);
+    case FIC_Q4_0: /* d, qs[16] */
+        static_assert(offsetof(block_q4_0, qs) == 2, "Q4_0: d, then qs");
+        unpack_nibbles16(src + 2, w);
+        fw[0] = half_at(src);
         cw[0] = -8.0f * fw[0];
         return;
-    }
-    case FIC_Q4_1: {
-        block_q4_1 b;
-        memcpy(&b, src, sizeof b);
-        unpack_nibbles16(b.qs, w);
-        fw[0] = fic_h2f(b.d);
-        cw[0] = fic_h2f(b.m);
+    case FIC_Q4_1: /* d, m, qs[16] */
+        static_assert(offsetof(block_q4_1, m) == 2 && offsetof(block_q4_1, qs) == 4, "Q4_1: d, m, then qs");
+        unpack_nibbles16(src + 4, w);
+        fw[0] = half_at(src);
+        cw[0] = half_at(src + 2);
         return;
-    }
     case FIC_Q5_0: {
         block_q5_0 b;
         memcpy(&b, src, sizeof b);
@@ -85,14 +108,14 @@ static void unpack_block(int fmt, const uint8_t *src, int8_t *w, float *fw, floa
         memcpy(&qh, b.qh, 4);
         unpack_nibbles16(b.qs, w);
         for (int j = 0; j < 32; j++) w[j] = (int8_t)(w[j] | (int)((qh >> j) & 1) << 4);
-        fw[0] = fic_h2f(b.d);
+        fw[0] = half_to_float(b.d);
         cw[0] = -16.0f * fw[0];
         return;
     }
     case FIC_Q1_0: { /* w = 2d bit - d: four 32-blocks per 128-weight block */
         block_q1_0 b;
         memcpy(&b, src, sizeof b);
-        const float d = fic_h2f(b.d);
+        const float d = half_to_float(b.d);
         for (int j = 0; j < QK1_0; j++) w[j] = (int8_t)((b.qs[j / 8] >> (j % 8)) & 1);
         for (int s = 0; s < 4; s++) {
             fw[s] = 2.0f * d;
@@ -103,7 +126,7 @@ static void unpack_block(int fmt, const uint8_t *src, int8_t *w, float *fw, floa
     case FIC_Q4_K: { /* eight 32-blocks: d sc_s q - dmin m_s */
         block_q4_K b;
         memcpy(&b, src, sizeof b);
-        const float d = fic_h2f(b.d), dmin = fic_h2f(b.dmin);
+        const float d = half_to_float(b.d), dmin = half_to_float(b.dmin);
         for (int c = 0; c < 4; c++) {
             for (int l = 0; l < 32; l++) {
                 w[64 * c + l] = (int8_t)(b.qs[32 * c + l] & 15);
@@ -133,7 +156,7 @@ static void unpack_block(int fmt, const uint8_t *src, int8_t *w, float *fw, floa
         }
         memcpy(isc, b.scales, 16);
         for (int s = 0; s < 8; s++) {
-            fw[s] = fic_h2f(b.d);
+            fw[s] = half_to_float(b.d);
             cw[s] = 0.0f;
         }
         return;

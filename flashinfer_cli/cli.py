@@ -27,7 +27,7 @@ def info() -> None:
     from flashinfer_cli import kernels
 
     click.echo(f"fic {__version__}")
-    amx = " + AMX tiles for Q1_0 prefill" if kernels.amx_available() else ""
+    amx = " + AMX tiles for the int8 prefill" if kernels.amx_available() else ""
     click.echo(f"kernels: {kernels.best_impl()}{amx} (available: {', '.join(kernels.available_impls())})")
     click.echo(f"threads: {kernels.get_threads()}")
     click.echo(f"weight formats: {', '.join(kernels.FORMATS)}")

@@ -209,8 +209,14 @@ def best_impl() -> str:
 
 
 def amx_available() -> bool:
-    """True when AVX-512 runs Q1_0's r32 prefill on AMX tiles (FIC_NO_AMX=1 turns them off)."""
+    """True when AVX-512 runs the int8 prefill on AMX tiles: Q1_0's r32 layout, and the unpacked rows
+    of TILE_FORMATS (FIC_NO_AMX=1 turns them off)."""
     return bool(lib.fic_amx_available())
+
+
+# Formats whose int8 prefill runs on AMX tiles where amx_available() (csrc/qdot.h, the QT layout):
+# every int8-prefill format but Q1_0 (its own kernels) and Q6_K (16-weight sub-block scales).
+TILE_FORMATS = ("q4_0", "q4_1", "q5_0", "q8_0", "q4_k")
 
 
 def default_threads() -> int:
@@ -294,9 +300,19 @@ class _Arithmetic:
         return _impl_id(impl) | (lib.FIC_IMPL_EXACT if self.mode == "exact" else 0)
 
 
+def _int8_by_default(fmt: str, impl: str) -> bool:
+    """Whether "auto" prefill takes the int8 path for products in fmt with kernels impl: Q1_0 always,
+    TILE_FORMATS where they run on AMX tiles (2x the fp32 prefill there; bench/RESULTS.md)."""
+    if LAYOUT_OF.get(fmt, fmt) == "q1_0":
+        return True
+    on_avx512 = impl == "avx512" or (impl == "auto" and best_impl() == "avx512")
+    return fmt in TILE_FORMATS and on_avx512 and amx_available()
+
+
 class _PrefillArithmetic(_Arithmetic):
     """Prefill's arithmetic: "int8", "exact", or "auto" (the default): int8 for products whose
-    formats are all Q1_0, exact for any other."""
+    formats all have it by default (_int8_by_default: Q1_0; the AMX tiles' formats where the CPU
+    has them), exact for any other."""
 
     MODES = ("auto",) + PREFILL_MODES
 
@@ -311,18 +327,19 @@ class _PrefillArithmetic(_Arithmetic):
     def impl(self, impl: str, formats: tuple[str, ...] = ()) -> int:
         """impl's id, FIC_IMPL_EXACT OR'ed in when products in these formats are to be exact."""
         if self.mode == "auto":
-            exact = not formats or any(LAYOUT_OF.get(f, f) != "q1_0" for f in formats)
+            exact = not formats or not all(_int8_by_default(f, impl) for f in formats)
             return _impl_id(impl) | (lib.FIC_IMPL_EXACT if exact else 0)
         if self.mode not in self.MODES:
             raise ValueError(f"{self.env}={self.mode!r} is not a {self.kind} mode (known: {', '.join(self.MODES)})")
         return super().impl(impl)
 
 
-# Prefill: exact by default for every format but Q1_0, because int8 bought only 0.89-1.21x on this AVX2
+# Prefill: exact by default for every format but Q1_0, because int8 bought only 0.89-1.21x on an AVX2
 # CPU for logits 3% away from the float model's on tiny models (bench/RESULTS.md, "Prefill with int8
 # activations"). Q1_0 ("auto"): int8, the arithmetic its decode already has (no float matvec), through
 # its own kernels, which made a 1.7B-shape model's prefill 1.5-1.7x faster (bench/RESULTS.md, "Q1_0
-# prefill with int8 activations").
+# prefill with int8 activations"). On AMX tiles the other formats but Q6_K take int8 too: 2x the fp32
+# prefill, as close to transformers as llama.cpp's own prefill (bench/RESULTS.md, "Q4 prefill on AMX").
 _PREFILL = _PrefillArithmetic()
 # Decode: int8 by default, as llama.cpp: the kernels run 1.3-2.2x faster on AVX2 for perplexity
 # x1.001 (bench/RESULTS.md, "Decode with int8 activations"). Exact mode's promise (the full model's

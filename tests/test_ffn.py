@@ -35,7 +35,7 @@ from flashinfer_cli._fic import ffi, lib
 
 from _kquant import quantize_any
 from test_kernels import (EPS32, FLOAT_SLACK, KERNEL_SOURCES, QDOT_FORMATS, QDOT_SOURCES, assert_within,
-                          int8_activation_path)
+                          int8_activation_path, int8_by_default)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -214,16 +214,18 @@ def test_ffn_exact_prefill_mode(fmt, layout):
         assert_within(case.run("auto"), want, bound)
 
 
-@pytest.mark.parametrize("fmt", ["q1_0", "q4_1"])
-def test_ffn_auto_prefill_is_int8_for_q1_0_only(fmt):
-    """The default prefill ("auto"): an FFN all in Q1_0 runs int8 (same bits as FIC_PREFILL=int8),
-    any other exact; through ExpertSet and through the arena's slots alike."""
+@pytest.mark.parametrize("fmt", ["q1_0", "q4_1", "q6_k"])
+def test_ffn_auto_prefill_is_int8_where_it_is_the_default(fmt):
+    """The default prefill ("auto"): an FFN in a format int8_by_default names (Q1_0; the AMX tiles'
+    formats where the CPU has them) runs int8 (same bits as FIC_PREFILL=int8), any other exact;
+    through ExpertSet and through the arena's slots alike."""
     case = Case([fmt] * 3, "columns", sizes(fmt, "columns", 3, seed=4), 6, seed=stable_seed(fmt, "auto"), coef=None)
     with K.prefill_mode("auto"):
         auto, auto_slots = case.run("auto"), case.run_slots("auto")
-    with K.prefill_mode("int8" if fmt == "q1_0" else "exact"):
+    default = "int8" if int8_by_default(fmt, "auto") else "exact"
+    with K.prefill_mode(default):
         same = case.run("auto")
-    with K.prefill_mode("exact" if fmt == "q1_0" else "int8"):
+    with K.prefill_mode("exact" if default == "int8" else "int8"):
         other = case.run("auto")
     assert np.array_equal(auto, same) and np.array_equal(auto_slots, same)
     assert not np.array_equal(auto, other)

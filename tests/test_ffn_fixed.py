@@ -148,3 +148,41 @@ def test_bad_accumulators_raise():
         K.fixed_flush(np.zeros(4, np.int64), np.zeros(5, np.float32))
     with pytest.raises(ValueError):
         K.fixed_flush(np.zeros(4, np.int32), np.zeros(4, np.float32))
+
+
+@pytest.mark.skipif("avx512" not in IMPLS or not K.amx_available(), reason="AMX tiles: their two layouts of h")
+@pytest.mark.parametrize("fmt", ["q4_1", "q8_0"])
+def test_amx_down_is_the_same_bits_whatever_the_workspace(fmt):
+    """Exact mode's int8 prefill on AMX: each expert's down product from its blocks of the quantized h,
+    kept in 16-token tiles where they fit the workspace and in token rows where not (6 experts of
+    2,048 neurons, 20 tokens, one thread, at exactly fic_workspace_bytes: chunks of 7 tokens). The
+    accumulators are equal bit for bit, and within the numpy bound of the FFN."""
+    from flashinfer_cli._fic import ffi, lib
+
+    t, ns = 20, [2048] * 6
+    case = Case([fmt] * 3, "columns", ns, t, seed=stable_seed(fmt, "amx-ws"), coef=None)
+    arena, slot_bytes, slots = case.arena()
+    need = lib.fic_workspace_bytes(1, t, case.d, len(ns), sum(ns))
+    fid = K._fmt_id(fmt)
+    lay = ffi.new("fic_expert_layout *", {"d_model": case.d, "gate_fmt": fid, "up_fmt": fid, "down_fmt": fid,
+                                          "down_rows": 0})
+    scratch = np.zeros(t * sum(ns), np.float32)
+
+    def run(n_bytes):
+        ws, acc = K.aligned_buffer(n_bytes), np.zeros(case.y0.shape, np.int64)
+        st = lib.fic_experts_ffn_slots(ffi.NULL, K.IMPLS["avx512"] | lib.FIC_FFN_FIXED, lay,
+                                       ffi.from_buffer("uint8_t[]", arena), slot_bytes,
+                                       ffi.from_buffer("int32_t[]", slots), ffi.from_buffer("int32_t[]", np.array(ns, np.int32)),
+                                       len(ns), ffi.NULL, ffi.from_buffer("float[]", case.x),
+                                       ffi.from_buffer("float[]", acc), t, ffi.from_buffer("float[]", scratch), scratch.size,
+                                       ffi.from_buffer("uint8_t[]", ws), n_bytes)
+        assert st == lib.FIC_OK
+        return acc
+
+    rows, tiles = run(need), run(need + (8 << 20))
+    assert np.array_equal(rows, tiles)
+    with K.prefill_mode("int8"):
+        want, bound = case.want_and_bound("avx512")
+    y = case.y0.copy()
+    K.fixed_flush(tiles.ravel(), y.ravel())
+    assert_within(y, want, bound + len(ns) * 2.0 ** -33 + np.abs(want) * 2.0 ** -23)

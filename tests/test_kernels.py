@@ -297,18 +297,28 @@ def test_int8_prefill_fast_matches_scalar_reference(fmt, impl, t, threads):
     assert_within(K.matmul(qt, x, impl=impl), ref, 2 * dot_bound(wd, x))
 
 
+def int8_by_default(fmt: str, impl: str) -> bool:
+    """The product's rule for the default prefill ("auto"; README, FIC_PREFILL): int8 for Q1_0 always,
+    and for Q4_0, Q4_1, Q5_0, Q8_0 and Q4_K where AVX-512 runs them on AMX tiles; exact otherwise."""
+    resolved = K.best_impl() if impl == "auto" else impl
+    on_tiles = resolved == "avx512" and K.amx_available()
+    return fmt == "q1_0" or (fmt in ("q4_0", "q4_1", "q5_0", "q8_0", "q4_k") and on_tiles)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("fmt", QDOT_FORMATS)
-def test_auto_prefill_is_int8_for_q1_0_only(fmt, impl):
-    """The product's default prefill ("auto"): Q1_0 takes the int8 path (the arithmetic its decode
-    has), every other format the exact one; same bits as the mode it stands for."""
+def test_auto_prefill_is_int8_where_it_is_the_default(fmt, impl):
+    """The product's default prefill ("auto"): int8 where int8_by_default says (the arithmetic Q1_0's
+    decode has; the AMX tiles' formats, where it is twice the fp32 speed), exact elsewhere; same bits
+    as the mode it stands for."""
     qt, _, rng = make(fmt, 19, k_of(fmt, 2), seed=5)
     x = rng.standard_normal((7, qt.shape[1]), dtype=np.float32)
     with K.prefill_mode("auto"):
         auto = K.matmul(qt, x, impl=impl)
-    with K.prefill_mode("int8" if fmt == "q1_0" else "exact"):
+    default = "int8" if int8_by_default(fmt, impl) else "exact"
+    with K.prefill_mode(default):
         same = K.matmul(qt, x, impl=impl)
-    with K.prefill_mode("exact" if fmt == "q1_0" else "int8"):
+    with K.prefill_mode("exact" if default == "int8" else "int8"):
         other = K.matmul(qt, x, impl=impl)
     assert np.array_equal(auto, same)
     assert not np.array_equal(auto, other)
@@ -963,3 +973,32 @@ def test_prepared_matvec_is_matvec(fmt):
         K.PreparedMatvec(qt, x, np.zeros(192, np.float32)[::2])
     with pytest.raises(ValueError, match="shape"):
         K.PreparedMatvec(qt, x[:256], y)
+
+
+@pytest.mark.skipif("avx512" not in IMPLS or not K.amx_available(), reason="AMX tiles: their two layouts of x")
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q5_0", "q8_0", "q4_k"])
+def test_amx_prefill_is_the_same_bits_whatever_the_workspace(fmt):
+    """The int8 prefill on AMX keeps x in 16-token tiles (qdot.h's QT layout) where they fit the
+    workspace and in token rows where not (k 16,384 at exactly fic_workspace_bytes: chunks of 10
+    tokens, 8 rows a call); both give the same bits, so the arithmetic does not depend on the
+    workspace, and within two float32 bounds of the scalar reference."""
+    lib, ffi = K.lib, K.ffi
+    k, m, t = 16384, 40, 37
+    qt, wd, rng = make(fmt, m, k, seed=13)
+    x = rng.standard_normal((t, k), dtype=np.float32)
+    need = lib.fic_workspace_bytes(1, t, k, 0, 0)
+    impl = K.IMPLS["avx512"]  # int8: the exact flag off
+
+    def run(n_bytes):
+        ws, y = K.aligned_buffer(n_bytes), np.zeros((t, m), np.float32)
+        st = lib.fic_matmul(ffi.NULL, impl, K._fmt_id(fmt), ffi.from_buffer("uint8_t[]", qt.data),
+                            ffi.from_buffer("float[]", x), ffi.from_buffer("float[]", y), t, m, k,
+                            ffi.from_buffer("uint8_t[]", ws), n_bytes)
+        assert st == lib.FIC_OK
+        return y
+
+    rows, tiles = run(need), run(need + (4 << 20))
+    assert np.array_equal(rows, tiles)
+    with K.prefill_mode("int8"):
+        ref = K.matmul(qt, x, impl="ref").astype(np.float64)
+    assert_within(tiles, ref, 2 * dot_bound(wd, x))

