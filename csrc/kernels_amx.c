@@ -45,8 +45,9 @@ TGT_AMX static inline void load_config(const amx_cfg *c) { __asm__ volatile("ldt
 #define AMX_SLICE Q1R32_TILES_SLICE /* q8 blocks expanded at a time: 2 x 512 bytes each */
 static_assert(AMX_SLICE % (QK1_0 / 32) == 0, "a slice holds whole Q1_0 blocks");
 
-/* tiles 0 and 3: C (n tokens x 16 int32), 1 and 4: A (n tokens x 64 int8), 2 and 5: B (16 x 64 int8) */
-TGT_AMX static void tiles_config(int n) {
+/* Two sets of tiles: 0 and 3 C (n tokens x 16 int32), 1 and 4 A (n tokens x a_bytes int8), 2 and 5
+ * B (b_rows x 64 int8: b_rows = a_bytes / 4, the VNNI order) */
+TGT_AMX static void config_pairs(int n, int a_bytes) {
     amx_cfg c;
     memset(&c, 0, sizeof c);
     c.palette = 1;
@@ -54,8 +55,8 @@ TGT_AMX static void tiles_config(int n) {
         c.rows[i] = (uint8_t)n;
         c.colsb[i] = 64;
         c.rows[i + 1] = (uint8_t)n;
-        c.colsb[i + 1] = 64;
-        c.rows[i + 2] = 16;
+        c.colsb[i + 1] = (uint16_t)a_bytes;
+        c.rows[i + 2] = (uint8_t)(a_bytes / 4);
         c.colsb[i + 2] = 64;
     }
     load_config(&c);
@@ -156,7 +157,7 @@ TGT_AMX void q1r32_tiles_amx(const uint8_t *w, int64_t nb, const uint8_t *tok, i
         for (int64_t t0 = 0; t0 < nt; t0 += 16) {
             const int n = nt - t0 < 16 ? (int)(nt - t0) : 16;
             if (n != configured) {
-                tiles_config(n);
+                config_pairs(n, 64); /* K = 64: a pair of q8 blocks */
                 configured = n;
             }
             const uint8_t *tk = tok + t0 * tb;
@@ -182,22 +183,6 @@ TGT_AMX void q1r32_tiles_amx(const uint8_t *w, int64_t nb, const uint8_t *tok, i
  * expanded at a time on the stack (partial sums cross slices through y). */
 #define QA_SLICE 16
 #define QA_B_BYTES 512 /* a block's B tile: 8 rows of 64 bytes */
-
-/* tiles 0 and 3: C (n tokens x 16 int32), 1 and 4: A (n tokens x 32 int8), 2 and 5: B (8 x 64) */
-TGT_AMX static void qa_config(int n) {
-    amx_cfg c;
-    memset(&c, 0, sizeof c);
-    c.palette = 1;
-    for (int i = 0; i < 6; i += 3) {
-        c.rows[i] = (uint8_t)n;
-        c.colsb[i] = 64;
-        c.rows[i + 1] = (uint8_t)n;
-        c.colsb[i + 1] = 32;
-        c.rows[i + 2] = 8;
-        c.colsb[i + 2] = 64;
-    }
-    load_config(&c);
-}
 
 /* Blocks [b0, b0 + ns) of the rows into B tiles at bt and their fw, cw as 16-float vectors (rows
  * past nr: zero weights and scales). Per block the 16 rows' 32 bytes, two rows a zmm, are
@@ -338,7 +323,7 @@ TGT_AMX static ALWAYS_INLINE void qa_dot(const qw_row *rows, int64_t nr, qa_src 
             qa_src tile = src;
             tile.x += t0 / 16 * step;
             if (n != configured) {
-                qa_config(n);
+                config_pairs(n, 32); /* K = 32: one block */
                 configured = n;
             }
             if (n == 16) qa_tile_slice(bt, fwv, cwv, cbuf, tile, b0, ns, first, live, y + t0 * ys, ys, 16, is_signed, qt);
