@@ -81,7 +81,8 @@ static inline float half_at(const uint8_t *p) {
 /* One weight block (bw weights: bw / 32 activation blocks) into w, fw, cw (and isc for Q6_K). The
  * small formats are read in place: a copy of the block to the stack first was then read back
  * across its stores' boundaries, a stall per block (bench/RESULTS.md). */
-static void unpack_block(int fmt, const uint8_t *src, int8_t *w, float *fw, float *cw, int8_t *isc) {
+static inline __attribute__((always_inline)) void unpack_block(int fmt, const uint8_t *src, int8_t *w, float *fw, float *cw,
+                                                               int8_t *isc) {
     switch (fmt) {
     case FIC_Q8_0: /* d, qs[32] */
         static_assert(offsetof(block_q8_0, qs) == 2, "Q8_0: d, then qs");
@@ -190,8 +191,20 @@ void fic_qdot_unpack_piece(int fmt, const uint8_t *src, int64_t k, uint8_t *buf,
         memset(isc, 0, (size_t)(2 * (k / QX_BLOCK)));
         return;
     }
-    for (int64_t b = 0; b < k / bw; b++)
-        unpack_block(fmt, src + b * bb, w + b * bw, fw + per * b, cw + per * b, isc + 2 * per * b);
+    /* one loop per format, each with its block's code inlined: a dense model's down pieces are 64
+     * weights, so a switch and a call per block were a tenth of a Qwen2.5-1.5B prefill (bench/RESULTS.md) */
+#define UNPACK_BLOCKS(FMT)                                                                                 \
+    for (int64_t b = 0; b < k / bw; b++)                                                                   \
+        unpack_block(FMT, src + b * bb, w + b * bw, fw + per * b, cw + per * b, isc + 2 * per * b)
+    switch (fmt) {
+    case FIC_Q8_0: UNPACK_BLOCKS(FIC_Q8_0); break;
+    case FIC_Q4_0: UNPACK_BLOCKS(FIC_Q4_0); break;
+    case FIC_Q4_1: UNPACK_BLOCKS(FIC_Q4_1); break;
+    case FIC_Q5_0: UNPACK_BLOCKS(FIC_Q5_0); break;
+    case FIC_Q4_K: UNPACK_BLOCKS(FIC_Q4_K); break;
+    default: UNPACK_BLOCKS(fmt); break;
+    }
+#undef UNPACK_BLOCKS
 }
 
 void fic_qdot_row(int fmt, uint8_t *buf, int64_t k, qw_row *out) { *out = row_at(fmt, buf, k); }
