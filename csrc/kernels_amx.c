@@ -179,9 +179,9 @@ TGT_AMX void q1r32_tiles_amx(const uint8_t *w, int64_t nb, const uint8_t *tok, i
  * tokens' q of the block, 512 contiguous bytes. One tdpbsud (unsigned weights) or tdpbssd (signed:
  * Q8_0) gives the 16 x 16 exact integer sums, then per token acc = fma(sum, fw d, acc),
  * acc = fma(cw, s, acc) in block order: the integers of fic_qdot_dot_ref, the float steps fused and
- * ordered otherwise, so within the float32 bound of it, not its bits. A slice of QA_SLICE blocks is
- * expanded at a time on the stack (partial sums cross slices through y). */
-#define QA_SLICE 16
+ * ordered otherwise, so within the float32 bound of it, not its bits. A slice of at most QA_SLICE
+ * blocks is expanded at a time on the stack (16 KiB of B tiles; partial sums cross slices through y). */
+#define QA_SLICE 32 /* at most; a row's blocks are cut into equal slices (18 blocks: one, not 16 + 2) */
 #define QA_B_BYTES 512 /* a block's B tile: 8 rows of 64 bytes */
 
 /* Blocks [b0, b0 + ns) of the rows into B tiles at bt and their fw, cw as 16-float vectors (rows
@@ -315,8 +315,9 @@ TGT_AMX static ALWAYS_INLINE void qa_dot(const qw_row *rows, int64_t nr, qa_src 
     int32_t cbuf[1024] __attribute__((aligned(64)));
     const __mmask16 live = (__mmask16)((1u << nr) - 1);
     int configured = 0;
-    for (int64_t b0 = 0; b0 < nb; b0 += QA_SLICE) {
-        const int64_t ns = nb - b0 < QA_SLICE ? nb - b0 : QA_SLICE;
+    const int64_t n_slices = (nb + QA_SLICE - 1) / QA_SLICE, per = (nb + n_slices - 1) / n_slices;
+    for (int64_t b0 = 0; b0 < nb; b0 += per) {
+        const int64_t ns = nb - b0 < per ? nb - b0 : per;
         qa_expand(rows, nr, b0, ns, bt, fwv, cwv);
         for (int64_t t0 = 0; t0 < nt; t0 += 16) {
             const int n = nt - t0 < 16 ? (int)(nt - t0) : 16, first = b0 == 0 && !accumulate;
