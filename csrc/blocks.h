@@ -82,6 +82,11 @@ static inline void q4k_scale_min(int j, const uint8_t *q, uint8_t *sc, uint8_t *
     }
 }
 
+/* All eight at once: sc[j] and m[j] for j < 8, as q4k_scale_min gives them. */
+static inline void q4k_scales_mins(const uint8_t *q, uint8_t sc[8], uint8_t m[8]) {
+    for (int j = 0; j < 8; j++) q4k_scale_min(j, q, &sc[j], &m[j]);
+}
+
 static_assert(sizeof(fic_half) == 2, "fp16 size");
 
 /* Scalar fp16 conversions (bit-exact, round to nearest even); defined in quant.c. */

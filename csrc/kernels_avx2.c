@@ -847,24 +847,26 @@ TGT_AVX2 static inline __m256 q8x_unsigned_avx2(__m256i u, const int8_t *xq) {
 /* One 256-weight K-quant super-block against q8 blocks xq[0..8) (scales dv, sums sv). */
 TGT_AVX2 static ALWAYS_INLINE void q8x_kquant_avx2(const int fmt, const uint8_t *blk8, const int8_t *xq,
                                                    const float *dv, const float *sv, __m256 *a0, __m256 *a1,
-                                                   float *corr) {
+                                                   __m256 *mins) {
     if (fmt == FIC_Q4_K) {
+        /* the eight sub-blocks' factors d sc dx in one multiply (the same roundings as one at a time:
+         * (d sc) dx), then broadcast from memory; the offsets dmin m s into an 8-lane *mins */
         const block_q4_K *blk = (const block_q4_K *)blk8;
-        const float d = h2f_f16c(blk->d), dmin = h2f_f16c(blk->dmin);
         const __m256i mask = _mm256_set1_epi8(15);
-        float mins = 0.0f;
+        uint8_t sc8[8], m8[8];
+        q4k_scales_mins(blk->scales, sc8, m8);
+        const __m256 scv = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)sc8)));
+        const __m256 mv = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)m8)));
+        float f[8];
+        _mm256_storeu_ps(f, _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(h2f_f16c(blk->d)), scv), _mm256_loadu_ps(dv)));
+        *mins = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(h2f_f16c(blk->dmin)), mv), _mm256_loadu_ps(sv), *mins);
         for (int c = 0; c < 4; c++) {
-            uint8_t sc0, m0, sc1, m1;
-            q4k_scale_min(2 * c, blk->scales, &sc0, &m0);
-            q4k_scale_min(2 * c + 1, blk->scales, &sc1, &m1);
             const __m256i v = _mm256_loadu_si256((const __m256i *)(blk->qs + 32 * c));
             __m256 p0 = q8x_unsigned_avx2(_mm256_and_si256(v, mask), xq + 64 * c);
             __m256 p1 = q8x_unsigned_avx2(_mm256_and_si256(_mm256_srli_epi16(v, 4), mask), xq + 64 * c + 32);
-            *a0 = _mm256_fmadd_ps(_mm256_set1_ps(d * (float)sc0 * dv[2 * c]), p0, *a0);
-            *a1 = _mm256_fmadd_ps(_mm256_set1_ps(d * (float)sc1 * dv[2 * c + 1]), p1, *a1);
-            mins += (float)m0 * sv[2 * c] + (float)m1 * sv[2 * c + 1];
+            *a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(f + 2 * c), p0, *a0);
+            *a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(f + 2 * c + 1), p1, *a1);
         }
-        *corr -= dmin * mins;
     } else { /* Q6_K: q - 32 as int8, a scale per 16 weights */
         const block_q6_K *blk = (const block_q6_K *)blk8;
         const float d = h2f_f16c(blk->d);
@@ -890,10 +892,11 @@ TGT_AVX2 static ALWAYS_INLINE void q8x_row_avx2(const int fmt, const uint8_t *ro
     float c0 = 0.0f, c1 = 0.0f;
     if (fmt == FIC_Q4_K || fmt == FIC_Q6_K) {
         const int64_t bb = fmt == FIC_Q4_K ? (int64_t)sizeof(block_q4_K) : (int64_t)sizeof(block_q6_K);
+        __m256 mins = _mm256_setzero_ps(); /* Q4_K: sum of dmin m s, subtracted once */
         for (int64_t b = 0; b < k / QK_K; b++)
-            q8x_kquant_avx2(fmt, row + b * bb, xq + QK_K * b, dv + 8 * b, sv + 8 * b, &a0, &a1, &c0);
+            q8x_kquant_avx2(fmt, row + b * bb, xq + QK_K * b, dv + 8 * b, sv + 8 * b, &a0, &a1, &mins);
         *acc = _mm256_add_ps(a0, a1);
-        *corr += c0;
+        if (fmt == FIC_Q4_K) *corr -= hsum256(mins);
         return;
     }
     if (fmt == FIC_Q5_0) {
