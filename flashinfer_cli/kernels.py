@@ -6,6 +6,7 @@ kernel workspace for the process. Everything above it speaks numpy arrays, QTens
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 import weakref
@@ -305,8 +306,14 @@ def _int8_by_default(fmt: str, impl: str) -> bool:
     TILE_FORMATS where they run on AMX tiles (2x the fp32 prefill there; bench/RESULTS.md)."""
     if LAYOUT_OF.get(fmt, fmt) == "q1_0":
         return True
-    on_avx512 = impl == "avx512" or (impl == "auto" and best_impl() == "avx512")
-    return fmt in TILE_FORMATS and on_avx512 and amx_available()
+    return fmt in TILE_FORMATS and _on_amx_tiles(impl)
+
+
+@functools.cache
+def _on_amx_tiles(impl: str) -> bool:
+    """impl's int8 prefill runs on AMX tiles: facts of the process (the CPU, and FIC_NO_AMX, which the
+    core reads once), asked once per impl rather than at every product."""
+    return (impl == "avx512" or (impl == "auto" and best_impl() == "avx512")) and amx_available()
 
 
 class _PrefillArithmetic(_Arithmetic):
