@@ -15,6 +15,8 @@
  *   /tmp/ab_core /tmp/a.so /tmp/b.so attention 2000 16 8 128 28 2 10  (ctx heads kv_heads head_dim
  *                                                                      layers threads calls)
  *   /tmp/ab_core /tmp/a.so /tmp/b.so attention-prefill 2000 9 3 64 1 2 10  (a prompt of ctx tokens)
+ *   /tmp/ab_core /tmp/a.so /tmp/b.so ffn q4_k q8_0 1536 140 64 28 2 20  (a dense model's decode FFN:
+ *                                      gate/up and down formats, d_model, experts x neurons, layers)
  * A matrix larger than the last-level cache (65536 x 4096 in Q4) measures the kernel from DRAM;
  * attention reads one cache per layer, as a model's decode step does. Each build has its own pool:
  * with 2 threads on a 2-core machine, one build's worker still spins while the other's call runs,
@@ -41,6 +43,8 @@ typedef int (*pool_create_fn)(int, fic_pool **);
 typedef int (*quantize_fn)(int, const float *, uint8_t *, int64_t, int64_t);
 typedef int64_t (*row_bytes_fn)(int, int64_t);
 typedef int (*repack_fn)(const uint8_t *, int64_t, int64_t, uint8_t *);
+typedef int (*ffn_fn)(fic_pool *, int, const fic_expert_layout *, const uint8_t *const *, const int32_t *, int64_t,
+                      const float *, const float *, float *, int64_t, float *, int64_t, void *, int64_t);
 
 typedef struct {
     void *lib;
@@ -53,6 +57,7 @@ typedef struct {
     quantize_fn quantize;
     row_bytes_fn row_bytes;
     repack_fn repack;
+    ffn_fn ffn;
 } build_t;
 
 typedef struct {
@@ -80,8 +85,9 @@ static int open_build(const char *path, int n_threads, build_t *b) {
     b->quantize = (quantize_fn)dlsym(b->lib, "fic_quantize");
     b->row_bytes = (row_bytes_fn)dlsym(b->lib, "fic_row_bytes");
     b->repack = (repack_fn)dlsym(b->lib, "fic_q1r32_repack");
+    b->ffn = (ffn_fn)dlsym(b->lib, "fic_experts_ffn");
     pool_create_fn pool_create = (pool_create_fn)dlsym(b->lib, "fic_pool_create");
-    if (!b->matvec || !b->matmul || !b->workspace || !b->attention || !b->attention_ws || !b->quantize || !b->row_bytes || !b->repack || !pool_create) {
+    if (!b->matvec || !b->matmul || !b->workspace || !b->attention || !b->attention_ws || !b->quantize || !b->row_bytes || !b->repack || !b->ffn || !pool_create) {
         fprintf(stderr, "ab_core: %s lacks an entry point\n", path);
         return 0;
     }
@@ -115,16 +121,37 @@ static void report(const char *what, const timing_t t[2], int calls, double diff
 
 static int fmt_of(const char *name) {
     static const struct { const char *name; int fmt; } fmts[] = {
-        {"q4_0", FIC_Q4_0}, {"q4_1", FIC_Q4_1}, {"q8_0", FIC_Q8_0}, {"q1_0", FIC_Q1_0}, {"q1_0r32", FIC_Q1_0R32}};
+        {"q4_0", FIC_Q4_0}, {"q4_1", FIC_Q4_1}, {"q8_0", FIC_Q8_0}, {"q1_0", FIC_Q1_0}, {"q1_0r32", FIC_Q1_0R32},
+        {"q5_0", FIC_Q5_0}, {"q4_k", FIC_Q4_K}, {"q6_k", FIC_Q6_K}};
     for (size_t i = 0; i < sizeof fmts / sizeof fmts[0]; i++)
         if (strcmp(name, fmts[i].name) == 0) return fmts[i].fmt;
     return -1;
 }
 
+/* fic quantizes to neither K-quants nor Q5_0 (it keeps them from GGUF files): random bytes, every
+ * block's fp16 scales set to 2^-7. */
+static uint8_t *random_blocks(int fmt, int64_t n_bytes) {
+    const int64_t bb = fmt == FIC_Q4_K ? 144 : fmt == FIC_Q6_K ? 210 : 22;
+    const int64_t at[2] = {fmt == FIC_Q6_K ? 208 : 0, fmt == FIC_Q4_K ? 2 : -1};
+    uint8_t *w = aligned_alloc(64, (size_t)((n_bytes + 63) / 64 * 64));
+    if (w == NULL) return NULL;
+    for (int64_t i = 0; i < n_bytes; i++) w[i] = (uint8_t)rand();
+    for (int64_t o = 0; o + bb <= n_bytes; o += bb)
+        for (int f = 0; f < 2; f++)
+            if (at[f] >= 0) {
+                w[o + at[f]] = 0x00;
+                w[o + at[f] + 1] = 0x20;
+            }
+    return w;
+}
+
+static int is_kept_only(int fmt) { return fmt == FIC_Q4_K || fmt == FIC_Q6_K || fmt == FIC_Q5_0; }
+
 /* m x k weights of fmt, quantized by build A from uniform floats (r32: Q1_0 rows repacked). */
 static uint8_t *make_weights(const build_t *a, int fmt, int64_t m, int64_t k) {
     const int base_fmt = fmt == FIC_Q1_0R32 ? FIC_Q1_0 : fmt;
     const int64_t rb = a->row_bytes(base_fmt, k);
+    if (is_kept_only(fmt)) return rb <= 0 ? NULL : random_blocks(fmt, m * rb);
     float *src = malloc((size_t)(k * 64) * sizeof(float));
     uint8_t *w = aligned_alloc(64, (size_t)((m * rb + 63) / 64 * 64)), *tmp = NULL;
     if (rb <= 0 || src == NULL || w == NULL) return NULL;
@@ -166,7 +193,7 @@ static int run_products(build_t b[2], char **arg, int n_tok) {
     float *y[2] = {malloc((size_t)(t * m) * sizeof(float)), malloc((size_t)(t * m) * sizeof(float))};
     void *ws = aligned_alloc(64, (size_t)(ws_bytes + 63) / 64 * 64);
     if (w == NULL || x == NULL || y[0] == NULL || y[1] == NULL || ws == NULL || calls < 1) {
-        fprintf(stderr, "ab_core: bad arguments (fmt q4_0|q4_1|q8_0|q1_0|q1_0r32, m, k, threads, calls)\n");
+        fprintf(stderr, "ab_core: bad arguments (fmt q4_0|q4_1|q8_0|q1_0|q1_0r32|q5_0|q4_k|q6_k, m, k, threads, calls)\n");
         return 2;
     }
     for (int64_t i = 0; i < t * k; i++) x[i] = (float)rand() / (float)RAND_MAX - 0.5f;
@@ -234,22 +261,89 @@ static int run_attention(build_t b[2], char **arg, int prefill) {
     return 0;
 }
 
+/* One token through LAYERS copies of a dense layer cut into experts (as the converter cuts one), the
+ * exact mode's call: fixed-point sums (FIC_FFN_FIXED), int8 activations. Arguments: gate/up format,
+ * down format, d_model, experts, neurons each, layers, threads, calls. */
+static int run_ffn(build_t b[2], char **arg) {
+    const int gfmt = fmt_of(arg[0]), dfmt = fmt_of(arg[1]), n_threads = atoi(arg[6]), calls = atoi(arg[7]);
+    const int64_t d = atoll(arg[2]), ne = atoll(arg[3]), n = atoll(arg[4]), layers = atoll(arg[5]);
+    const int64_t rbg = gfmt < 0 ? -1 : b[0].row_bytes(gfmt, d), rbd = dfmt < 0 ? -1 : b[0].row_bytes(dfmt, n);
+    if (rbg <= 0 || rbd <= 0 || ne < 1 || layers < 1 || calls < 1) {
+        fprintf(stderr, "ab_core: bad ffn arguments (gate_fmt down_fmt d_model experts neurons layers threads calls)\n");
+        return 2;
+    }
+    const int64_t bundle = 2 * n * rbg + d * rbd, n_bundles = ne * layers;
+    const uint8_t **bundles = malloc((size_t)n_bundles * sizeof *bundles);
+    int32_t *ns = malloc((size_t)ne * sizeof *ns);
+    float *x = malloc((size_t)d * sizeof(float)), *scratch = aligned_alloc(64, (size_t)((ne * n * 4 + 63) / 64 * 64));
+    int64_t *acc[2] = {calloc((size_t)d, 8), calloc((size_t)d, 8)};
+    int64_t ws_bytes = 0;
+    for (int i = 0; i < 2; i++) {
+        const int64_t w = b[i].workspace(n_threads, 1, d, ne, ne * n);
+        ws_bytes = w > ws_bytes ? w : ws_bytes;
+    }
+    void *ws = aligned_alloc(64, (size_t)((ws_bytes + 63) / 64 * 64));
+    if (bundles == NULL || ns == NULL || x == NULL || scratch == NULL || acc[0] == NULL || acc[1] == NULL || ws == NULL)
+        return 1;
+    for (int64_t e = 0; e < n_bundles; e++) { /* one allocation per expert, as an arena's slots */
+        uint8_t *g = make_weights(&b[0], gfmt, 2 * n, d), *dn = make_weights(&b[0], dfmt, d, n);
+        uint8_t *one = aligned_alloc(64, (size_t)((bundle + 63) / 64 * 64));
+        if (g == NULL || dn == NULL || one == NULL) return 1;
+        memcpy(one, g, (size_t)(2 * n * rbg));
+        memcpy(one + 2 * n * rbg, dn, (size_t)(d * rbd));
+        free(g);
+        free(dn);
+        bundles[e] = one;
+    }
+    for (int64_t e = 0; e < ne; e++) ns[e] = (int32_t)n;
+    for (int64_t i = 0; i < d; i++) x[i] = (float)rand() / (float)RAND_MAX - 0.5f;
+    const fic_expert_layout lay = {d, gfmt, gfmt, dfmt, 0};
+    timing_t tm[2] = {{1e30, 0.0}, {1e30, 0.0}};
+    for (int c = 0; c < calls; c++)
+        for (int i = 0; i < 2; i++) {
+            memset(acc[i], 0, (size_t)d * 8);
+            const double t0 = now_s();
+            for (int64_t l = 0; l < layers; l++)
+                if (b[i].ffn(b[i].pool, FIC_IMPL_AUTO | FIC_FFN_FIXED, &lay, bundles + l * ne, ns, ne, NULL, x,
+                             (float *)acc[i], 1, scratch, ne * n, ws, ws_bytes) != FIC_OK) {
+                    fprintf(stderr, "ab_core: ffn of build %c failed\n", 'A' + i);
+                    return 1;
+                }
+            add_time(&tm[i], now_s() - t0);
+        }
+    int64_t diff = 0, top = 0;
+    for (int64_t i = 0; i < d; i++) {
+        const int64_t e = acc[0][i] > acc[1][i] ? acc[0][i] - acc[1][i] : acc[1][i] - acc[0][i];
+        diff = e > diff ? e : diff;
+        top = llabs(acc[0][i]) > top ? llabs(acc[0][i]) : top;
+    }
+    char what[200];
+    snprintf(what, sizeof what, "ffn %s/%s d %lld, %lld x %lld neurons, %lld layers (%.0f MB; max |y| %.3g)", arg[0],
+             arg[1], (long long)d, (long long)ne, (long long)n, (long long)layers, (double)(bundle * n_bundles) / 1e6,
+             (double)top * 0x1p-32);
+    report(what, tm, calls, (double)diff * 0x1p-32);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     build_t b[2];
     const int matvec = argc == 9 && strcmp(argv[3], "matvec") == 0;
     const int matmul = argc == 10 && strcmp(argv[3], "matmul") == 0;
     const int prefill = argc == 11 && strcmp(argv[3], "attention-prefill") == 0;
     const int attention = prefill || (argc == 11 && strcmp(argv[3], "attention") == 0);
-    if (!matvec && !matmul && !attention) {
+    const int ffn = argc == 12 && strcmp(argv[3], "ffn") == 0;
+    if (!matvec && !matmul && !attention && !ffn) {
         fprintf(stderr, "usage: ab_core A.so B.so matvec FMT M K THREADS CALLS\n"
                         "       ab_core A.so B.so matmul TOKENS FMT M K THREADS CALLS\n"
-                        "       ab_core A.so B.so attention|attention-prefill CTX HEADS KV_HEADS HEAD_DIM LAYERS THREADS CALLS\n");
+                        "       ab_core A.so B.so attention|attention-prefill CTX HEADS KV_HEADS HEAD_DIM LAYERS THREADS CALLS\n"
+                        "       ab_core A.so B.so ffn GATE_FMT DOWN_FMT D_MODEL EXPERTS NEURONS LAYERS THREADS CALLS\n");
         return 2;
     }
-    const int n_threads = atoi(matvec ? argv[7] : matmul ? argv[8] : argv[9]);
+    const int n_threads = atoi(matvec ? argv[7] : matmul ? argv[8] : ffn ? argv[10] : argv[9]);
     if (n_threads < 1 || !open_build(argv[1], n_threads, &b[0]) || !open_build(argv[2], n_threads, &b[1])) return 2;
     srand(1);
     if (attention) return run_attention(b, argv + 4, prefill);
+    if (ffn) return run_ffn(b, argv + 4);
     if (matmul) return atoi(argv[4]) < 1 ? 2 : run_products(b, argv + 5, atoi(argv[4]));
     return run_products(b, argv + 4, 0);
 }
