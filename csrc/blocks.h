@@ -82,9 +82,23 @@ static inline void q4k_scale_min(int j, const uint8_t *q, uint8_t *sc, uint8_t *
     }
 }
 
-/* All eight at once: sc[j] and m[j] for j < 8, as q4k_scale_min gives them. */
+/* All eight at once, as q4k_scale_min gives them: byte j of *sc and *m (little-endian) is scale j
+ * and min j, from the 12 bytes as three 32-bit words (the high two bits of bytes 0-7 complete
+ * scales and mins 4-7). */
+static inline void q4k_scales_mins_u64(const uint8_t *q, uint64_t *sc, uint64_t *m) {
+    uint32_t u[3];
+    memcpy(u, q, 12);
+    const uint32_t low6 = 0x3f3f3f3fu, low4 = 0x0f0f0f0fu, low2 = 0x03030303u;
+    *sc = (uint64_t)(u[0] & low6) | (uint64_t)((u[2] & low4) | ((u[0] >> 6) & low2) << 4) << 32;
+    *m = (uint64_t)(u[1] & low6) | (uint64_t)(((u[2] >> 4) & low4) | ((u[1] >> 6) & low2) << 4) << 32;
+}
+
+/* The same as two byte arrays: sc[j] and m[j] for j < 8. */
 static inline void q4k_scales_mins(const uint8_t *q, uint8_t sc[8], uint8_t m[8]) {
-    for (int j = 0; j < 8; j++) q4k_scale_min(j, q, &sc[j], &m[j]);
+    uint64_t s, n;
+    q4k_scales_mins_u64(q, &s, &n);
+    memcpy(sc, &s, 8); /* x86-64 and AArch64 Linux: little-endian */
+    memcpy(m, &n, 8);
 }
 
 static_assert(sizeof(fic_half) == 2, "fp16 size");

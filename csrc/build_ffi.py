@@ -14,7 +14,7 @@ from cffi import FFI
 CSRC_DIR = os.path.dirname(os.path.abspath(__file__))
 SOURCES = ["quant.c", "matvec.c", "pool.c", "stream.c", "ffn.c", "attention.c", "decode.c", "moe.c", "rows.c",
            # the kernels: shared code, then one file per architecture (each empty off its own)
-           "kernels.c", "kernels_scalar.c", "kernels_avx2.c", "kernels_avx512.c", "kernels_amx.c",
+           "kernels.c", "kernels_scalar.c", "kernels_avx2.c", "kernels_avx512.c", "kernels_vnni.c", "kernels_amx.c",
            "kernels_neon.c",
            # int8-activation prefill (matmul, expert FFN): shared code, then one file per architecture
            "qdot.c", "qdot_ffn.c", "qdot_scalar.c", "qdot_avx2.c", "qdot_neon.c",

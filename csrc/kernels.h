@@ -483,6 +483,17 @@ int kern_q8x_down_q4_1_avx2(const struct ffn_s *f, int64_t r0, int64_t r1);
 int kern_q8x_down_q5_0_avx2(const struct ffn_s *f, int64_t r0, int64_t r1);
 int kern_q8x_down_q4_K_avx2(const struct ffn_s *f, int64_t r0, int64_t r1);
 int kern_q8x_down_q6_K_avx2(const struct ffn_s *f, int64_t r0, int64_t r1);
+/* AVX-512 VNNI (kernels_vnni.c): the same formats' int8 decode, 64 weights a vpdpbusd; dot and dot2
+ * fall back to the AVX2 float kernels for an exact request */
+float kern_vnni_dot_q8_0(const job_t *j, const uint8_t *row, const float *x);
+float kern_vnni_dot_q4_K(const job_t *j, const uint8_t *row, const float *x);
+float kern_vnni_dot_q6_K(const job_t *j, const uint8_t *row, const float *x);
+void kern_vnni_dot2_q8_0(const job_t *j, const uint8_t *row0, float *y);
+void kern_vnni_dot2_q4_K(const job_t *j, const uint8_t *row0, float *y);
+void kern_vnni_dot2_q6_K(const job_t *j, const uint8_t *row0, float *y);
+int kern_vnni_down_q8_0(const struct ffn_s *f, int64_t r0, int64_t r1);
+int kern_vnni_down_q4_K(const struct ffn_s *f, int64_t r0, int64_t r1);
+int kern_vnni_down_q6_K(const struct ffn_s *f, int64_t r0, int64_t r1);
 void kern_deq_f16_avx2(const uint8_t *row, int64_t b0, int64_t b1, float *out);
 void kern_deq_q8_0_avx2(const uint8_t *row, int64_t b0, int64_t b1, float *out);
 void kern_deq_q4_0_avx2(const uint8_t *row, int64_t b0, int64_t b1, float *out);

@@ -930,26 +930,43 @@ AVX512_DOT(q4_1, FIC_Q4_1)
 AVX512_DOT(q1_0, FIC_Q1_0)
 #undef AVX512_DOT
 
-/* Q8_0: int8 activations (FIC_DECODE's default) through the AVX2 kernel, faster here than the 512-bit
- * float one (bench/RESULTS.md, "An AVX-512 machine"), which exact requests keep. Q5_0, Q4_K and Q6_K
- * take the AVX2 int8 kernels outright, as the AVX2 table does. */
+/* Q8_0: int8 activations (FIC_DECODE's default) through the AVX2 kernel, or with VNNI through
+ * kernels_vnni.c's, both faster here than the 512-bit float one (bench/RESULTS.md, "An AVX-512
+ * machine"), which exact requests keep. Q5_0 takes the AVX2 int8 kernel outright, as do Q4_K and
+ * Q6_K without VNNI. */
 TGT_AVX512 static float dot_q8_0_x512(const job_t *j, const uint8_t *row, const float *x) {
     return j->xq != NULL ? kern_q8x_dot_q8_0_avx2(j, row, x) : dot_avx512(FIC_Q8_0, j, row, x);
 }
+TGT_AVX512VNNI static float dot_q8_0_vnni(const job_t *j, const uint8_t *row, const float *x) {
+    return j->xq != NULL ? kern_vnni_dot_q8_0(j, row, x) : dot_avx512(FIC_Q8_0, j, row, x);
+}
 
-/* The rows every AVX-512 table shares; Q4_0, Q4_1 and Q1_0 differ between them (below).
- * Columns: traits, xprep, xprep_small, dot, dot2, deq, axpy_blocks, accum, rows, down_cols. */
+/* The rows every AVX-512 table shares; Q8_0, Q4_K, Q6_K (VNNI or not), Q4_0, Q4_1 and Q1_0 differ
+ * between them (below). Columns: traits, xprep, xprep_small, dot, dot2, deq, axpy_blocks, accum,
+ * rows, down_cols. */
 #define AVX512_COMMON                                                                                          \
     [FIC_F32] = {KT_F32, XP_NONE, XP_NONE, dot_f32_avx512, NULL, kern_deq_f32_ref, NULL, NULL, NULL, NULL},     \
     [FIC_F16] = {KT_F16, XP_NONE, XP_NONE, dot_f16_avx512, NULL, kern_deq_f16_avx2, NULL, NULL, NULL, NULL},    \
+    [FIC_Q5_0] = {KT_Q5_0, XP_Q8, XP_NONE, kern_q8x_dot_q5_0_avx2, NULL, kern_deq_q5_0_avx2, NULL, NULL, NULL,  \
+                  kern_q8x_down_q5_0_avx2}
+
+/* Without VNNI: Q8_0, Q4_K and Q6_K's int8 decode on the AVX2 kernels. */
+#define AVX512_Q8X_AVX2                                                                                        \
     [FIC_Q8_0] = {KT_Q8_0, XP_Q8, XP_NONE, dot_q8_0_x512, NULL, kern_deq_q8_0_avx2, axpy_blocks_q8_0, NULL,     \
                   NULL, kern_q8x_down_q8_0_avx2},                                                              \
-    [FIC_Q5_0] = {KT_Q5_0, XP_Q8, XP_NONE, kern_q8x_dot_q5_0_avx2, NULL, kern_deq_q5_0_avx2, NULL, NULL, NULL,  \
-                  kern_q8x_down_q5_0_avx2},                                                                    \
     [FIC_Q4_K] = {KT_Q4_K, XP_Q8, XP_SUMS, kern_q8x_dot_q4_K_avx2, NULL, kern_deq_q4_K_avx2, NULL, NULL, NULL,  \
                   kern_q8x_down_q4_K_avx2},                                                                    \
     [FIC_Q6_K] = {KT_Q6_K, XP_Q8, XP_NONE, kern_q8x_dot_q6_K_avx2, NULL, kern_deq_q6_K_avx2, NULL, NULL, NULL,  \
                   kern_q8x_down_q6_K_avx2}
+
+/* With VNNI: kernels_vnni.c's, rows in pairs. */
+#define AVX512_Q8X_VNNI                                                                                        \
+    [FIC_Q8_0] = {KT_Q8_0, XP_Q8, XP_NONE, dot_q8_0_vnni, kern_vnni_dot2_q8_0, kern_deq_q8_0_avx2,             \
+                  axpy_blocks_q8_0, NULL, NULL, kern_vnni_down_q8_0},                                          \
+    [FIC_Q4_K] = {KT_Q4_K, XP_Q8, XP_SUMS, kern_vnni_dot_q4_K, kern_vnni_dot2_q4_K, kern_deq_q4_K_avx2, NULL,   \
+                  NULL, NULL, kern_vnni_down_q4_K},                                                            \
+    [FIC_Q6_K] = {KT_Q6_K, XP_Q8, XP_NONE, kern_vnni_dot_q6_K, kern_vnni_dot2_q6_K, kern_deq_q6_K_avx2, NULL,   \
+                  NULL, NULL, kern_vnni_down_q6_K}
 
 /* Q1_0 in the r32 layout (q1r32.c) with VBMI and VNNI: the same integer sums and float steps as
  * q1r32_avx2, so the same bits, in about a third of its vector operations. Per q8 block of 32
@@ -1069,6 +1086,7 @@ const fic_kernels fic_kernels_avx512 = {
     gemm_tile_avx512,
     {
         AVX512_COMMON,
+        AVX512_Q8X_AVX2,
         /* no VNNI: int8 activations through the AVX2 kernels, as the AVX2 table */
         [FIC_Q4_0] = {KT_Q4_0, XP_Q8, XP_NONE, kern_q8x_dot_q4_0_avx2, NULL, kern_deq_q4_0_avx2, axpy_blocks_q4_0,
                       NULL, NULL, kern_q8x_down_q4_0_avx2},
@@ -1096,7 +1114,7 @@ const fic_kernels fic_kernels_avx512_vnni = {
     FIC_IMPL_AVX512,
     axpy_avx512,
     gemm_tile_avx512,
-    {AVX512_COMMON, AVX512_Q4_VNNI, AVX512_Q1(XP_Q1_AVX512)},
+    {AVX512_COMMON, AVX512_Q8X_VNNI, AVX512_Q4_VNNI, AVX512_Q1(XP_Q1_AVX512)},
     NULL,
     fixed_add_avx512,
     NULL, /* pack8: no panels here */
@@ -1111,7 +1129,7 @@ const fic_kernels fic_kernels_avx512_vnni = {
  * the tile state before saying the CPU has it. */
 #define AVX512_Q1_TABLE(TILES)                                                                                 \
     {                                                                                                          \
-        FIC_IMPL_AVX512, axpy_avx512, gemm_tile_avx512, {AVX512_COMMON, AVX512_Q4_VNNI, AVX512_Q1(XP_Q1_PLANES)}, \
+        FIC_IMPL_AVX512, axpy_avx512, gemm_tile_avx512, {AVX512_COMMON, AVX512_Q8X_VNNI, AVX512_Q4_VNNI, AVX512_Q1(XP_Q1_PLANES)}, \
             NULL, /* gemm_panel */                                                                             \
             fixed_add_avx512, NULL /* pack8: no panels here */, silu_mul_avx2, q1r32_avx512, q1r32_move_avx2,   \
             TILES                                                                                              \

@@ -111,14 +111,22 @@ def test_split_does_not_change_the_sum(fmt, t, decode, threads, impl):
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("d", [160, 576])
-@pytest.mark.parametrize("fmt", ["q4_0", "q4_1"])
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q8_0"])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_64_neuron_experts(fmt, d, threads, impl):
     """A dense model's experts (the converter's 64 neurons: down pieces of 2 blocks, which AVX-512
-    VNNI takes two rows to a step, eight rows a call): split independence and the numpy bound,
-    int8 decode, 1 and 2 threads."""
+    VNNI takes two rows to a step (Q4) or one row to a vpdpbusd (Q8_0, the K-quant files' requantized
+    down), eight rows a call): split independence and the numpy bound, int8 decode, 1 and 2 threads."""
     case = Case([fmt] * 3, "columns", [64] * 5, 1, seed=stable_seed(fmt, d, "k64"), d=d, coef=None)
     check_splits(case, 5, stable_seed(fmt, d, "split64"), impl, threads, "int8")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_64_neuron_experts_with_a_partial_last_block_of_rows(impl, threads):
+    """d = 100 (f16 gate and up, Q8_0 down): the last 4 output rows take the 8-row kernels' tail."""
+    case = Case(["f16", "f16", "q8_0"], "columns", [64] * 5, 1, seed=stable_seed("q8_0", 100, "k64"), d=100, coef=None)
+    check_splits(case, 5, stable_seed("q8_0", 100, "split64"), impl, threads, "int8")
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -35,7 +35,8 @@ EPS32 = 2.0 ** -24
 FLOAT_SLACK = 2.0
 REPO = Path(__file__).resolve().parents[1]
 # The kernels' files (csrc/build_ffi.py's SOURCES): shared code and one file per architecture.
-KERNEL_SOURCES = ("kernels.c", "kernels_scalar.c", "kernels_avx2.c", "kernels_avx512.c", "kernels_amx.c", "kernels_neon.c")
+KERNEL_SOURCES = ("kernels.c", "kernels_scalar.c", "kernels_avx2.c", "kernels_avx512.c", "kernels_vnni.c", "kernels_amx.c",
+                  "kernels_neon.c")
 # The int8-activation C files linked wherever matvec.c is: the prefill path (csrc/qdot.h) and the
 # r32 layout's matvec and prefill (q1r32.c, which reuses qdot's quantizers).
 QDOT_SOURCES = ("qdot.c", "qdot_ffn.c", "qdot_scalar.c", "qdot_avx2.c", "qdot_neon.c", "q1r32.c")
