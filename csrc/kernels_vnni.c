@@ -124,48 +124,6 @@ TGT static ALWAYS_INLINE void q8_0_rows(const job_t *j, const uint8_t *row, int6
     if (nr == 2) y[1] = _mm512_reduce_add_ps(_mm512_add_ps(r1.a0, r1.a1)) - 128.0f * (reduce8(r1.off) + r1.tail_off);
 }
 
-/* Down pieces of 64 weights (two Q8_0 blocks: a dense model's 64-neuron experts), rows [0, nr) at
- * w, consecutive (68 bytes a row), nr <= P2_ROWS, into out: the 2 nr block scales in one masked
- * gather, each row's 64 products in one vpdpbusd, eight rows reduced by one tree. A row's bits do
- * not depend on nr (every step is per lane; the tree sums each row in one fixed order). */
-TGT static ALWAYS_INLINE void q8_0_rows_k64(const job_t *j, const uint8_t *w, int nr, float *out) {
-    const __m512i x = _mm512_loadu_si512((const void *)j->xq);
-    /* lane m = 2 i + b: row i's block b, 34 m bytes on */
-    const __m512i at = _mm512_setr_epi32(0, 34, 68, 102, 136, 170, 204, 238, 272, 306, 340, 374, 408, 442, 476, 510);
-    const __mmask16 live = (__mmask16)((1u << (2 * nr)) - 1);
-    const __m512i dw32 = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, at, (const int *)w, 1);
-    const __m512 d16 = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dw32));
-    uint64_t dx2, s2; /* x's two blocks: dx and s, repeated in lanes m % 2 */
-    memcpy(&dx2, j->xscale16, 8);
-    memcpy(&s2, j->xcorr16, 8);
-    const __m512 dxi = _mm512_castsi512_ps(_mm512_set1_epi64((long long)dx2));
-    const __m512 si = _mm512_castsi512_ps(_mm512_set1_epi64((long long)s2));
-    const __m512 f16 = _mm512_mul_ps(d16, dxi), c16 = _mm512_mul_ps(d16, si);
-    __m256 h[P2_ROWS];
-    for (int i = 0; i < P2_ROWS; i++) {
-        if (i >= nr) {
-            h[i] = _mm256_setzero_ps();
-            continue;
-        }
-        const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q8_pair_u8(w + i * 2 * sizeof(block_q8_0)), x);
-        const __m512i idx = _mm512_inserti64x4(_mm512_set1_epi32(2 * i), _mm256_set1_epi32(2 * i + 1), 1);
-        const __m512 s = _mm512_mul_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(idx, f16));
-        h[i] = _mm256_add_ps(_mm512_castps512_ps256(s), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1)));
-    }
-    /* per row: its 8 lanes summed in one tree, minus 128 (d_0 s_0 + d_1 s_1) */
-    const __m256 a0 = _mm256_hadd_ps(h[0], h[1]), a1 = _mm256_hadd_ps(h[2], h[3]);
-    const __m256 a2 = _mm256_hadd_ps(h[4], h[5]), a3 = _mm256_hadd_ps(h[6], h[7]);
-    const __m256 b0 = _mm256_hadd_ps(a0, a1), b1 = _mm256_hadd_ps(a2, a3);
-    const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(b0, b1, 0x20), _mm256_permute2f128_ps(b0, b1, 0x31));
-    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 0, 0, 0, 0, 0, 0, 0);
-    const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 0, 0, 0, 0, 0, 0, 0, 0);
-    const __m256 corr = _mm256_add_ps(_mm512_castps512_ps256(_mm512_permutexvar_ps(even, c16)),
-                                      _mm512_castps512_ps256(_mm512_permutexvar_ps(odd, c16)));
-    float all[P2_ROWS];
-    _mm256_storeu_ps(all, _mm256_fnmadd_ps(_mm256_set1_ps(128.0f), corr, sums));
-    for (int i = 0; i < nr; i++) out[i] = all[i];
-}
-
 /* ---- Q4_K ----------------------------------------------------------------------------------- */
 
 /* One super-block of one row against x's 256 int8 (x[c]: chunk c), dx8 and s8. */
@@ -288,38 +246,103 @@ VNNI_FMT(q4_K, q4k_rows)
 VNNI_FMT(q6_K, q6k_rows)
 #undef VNNI_FMT
 
-/* FFN phase 2 (columns), t = 1: output rows [r0, r1), P2_ROWS at a time; per expert its row pieces
- * against h_e (int8 where prepared so, else the float dot), then into the fixed-point sums
- * (FIC_FFN_FIXED: each expert rounded on its own, chunks starting at multiples of P2_ROWS) or into
- * a float accumulator per row, added to y once. */
+/* Down pieces of 64 weights, 16 rows (nr <= 16) at w, consecutive (68 bytes a row): a dense model's
+ * 64-neuron experts in Q8_0 (the K-quant files' requantized ffn_down). Each row's 64 bytes loaded
+ * from its byte 4 (block 0's weights 2..31, block 1's d, block 1's weights) against x arranged to
+ * match (x0[2..31], 0, 0, x1), one vpdpbusd; block 0's first two weights come with the d's gather
+ * (each block's first dword: d and two weights). The 16 rows' lanes are summed in integers by one
+ * tree (unpack and add twice, then 128-bit lanes), block by block; the float step is then per lane:
+ * (d dx) S - 128 d s per row and block, the two blocks added. A row's bits do not depend on nr or
+ * on the rows beside it. */
+TGT static ALWAYS_INLINE void q8_0_rows16_k64(const job_t *j, const uint8_t *w, int nr, float *out) {
+    const __m512i bias = _mm512_set1_epi8((char)0x80), z = _mm512_setzero_si512();
+    const __m512i xm = _mm512_mask_loadu_epi8(_mm512_maskz_loadu_epi8((__mmask64)0x3FFFFFFFull, j->xq + 2),
+                                              (__mmask64)0xFFFFFFFF00000000ull, j->xq);
+    uint32_t e;
+    memcpy(&e, j->xq, 4); /* x0[0], x0[1] in the bytes of the gathered dwords' weights */
+    const __m512i xe = _mm512_maskz_set1_epi32((__mmask16)0x0F0F, (int)(e << 16));
+    __m512i p[16];
+    for (int i = 0; i < 16; i++)
+        p[i] = i < nr ? _mm512_dpbusd_epi32(z, _mm512_xor_si512(_mm512_loadu_si512((const void *)(w + 68 * i + 4)), bias), xm)
+                      : z;
+    __m512i u[4];
+    for (int m = 0; m < 4; m++) {
+        const __m512i a = p[4 * m], b = p[4 * m + 1], c = p[4 * m + 2], d = p[4 * m + 3];
+        const __m512i t0 = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+        const __m512i t1 = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+        u[m] = _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1));
+    }
+    /* lane 4 g + r of half h: g even block 0, odd block 1, of row 8 h + 4 (g / 2) + r */
+    const __m512i at = _mm512_setr_epi32(0, 68, 136, 204, 34, 102, 170, 238, 272, 340, 408, 476, 306, 374, 442, 510);
+    uint64_t dx2, s2;
+    memcpy(&dx2, j->xscale16, 8);
+    memcpy(&s2, j->xcorr16, 8);
+    const __m512 dxs = _mm512_castsi512_ps(_mm512_set1_epi64((long long)dx2)), ss = _mm512_castsi512_ps(_mm512_set1_epi64((long long)s2));
+    const __m512i pat = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1);
+    const __m512 dxp = _mm512_permutexvar_ps(pat, dxs), nsp = _mm512_mul_ps(_mm512_set1_ps(-128.0f), _mm512_permutexvar_ps(pat, ss));
+    __m512 r[2];
+    for (int h = 0; h < 2; h++) {
+        const int rows = nr - 8 * h < 0 ? 0 : nr - 8 * h > 8 ? 8 : nr - 8 * h;
+        const __mmask16 live = (__mmask16)((rows >= 4 ? 0x00FF : (0x0011 * ((1u << rows) - 1))) |
+                                           (rows > 4 ? (0x0011 * ((1u << (rows - 4)) - 1)) << 8 : 0));
+        const __m512i g = _mm512_mask_i32gather_epi32(z, live, at, (const int *)(w + 544 * h), 1);
+        __m512i s = _mm512_add_epi32(_mm512_shuffle_i32x4(u[2 * h], u[2 * h + 1], 0x88),
+                                     _mm512_shuffle_i32x4(u[2 * h], u[2 * h + 1], 0xDD));
+        s = _mm512_dpbusd_epi32(s, _mm512_xor_si512(g, bias), xe);
+        const __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(g));
+        const __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d, dxp), _mm512_mul_ps(d, nsp));
+        r[h] = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, 0xB1)); /* rows' two blocks: lanes 0-3, 8-11 */
+    }
+    const __m512i pick = _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
+    float all[16];
+    _mm512_storeu_ps(all, _mm512_permutex2var_ps(r[0], pick, r[1]));
+    for (int i = 0; i < nr; i++) out[i] = all[i];
+}
+
+#define Q2_ROWS 16 /* output rows per step of the down columns (two of P2_ROWS: fixed calls' chunks) */
+
+/* Rows [r, r + nr) of expert e's down piece against h_e, nr <= Q2_ROWS, into out. */
+TGT static ALWAYS_INLINE void down_piece_vnni(const int fmt, const ffn_t *f, int64_t e, int64_t r, int nr, float *out) {
+    const job_t *j = &f->jd[e];
+    const int64_t rb = f->rb_d[e];
+    const uint8_t *w = down_part(f, e) + r * rb;
+    if (j->xq == NULL) {
+        for (int i = 0; i < nr; i++) out[i] = dot_row(j, w + i * rb, j->x);
+    } else if (fmt == FIC_Q8_0 && j->k == 2 * QK8_0) {
+        q8_0_rows16_k64(j, w, nr, out);
+    } else {
+        int i = 0;
+        for (; i + 2 <= nr; i += 2) {
+            if (fmt == FIC_Q8_0) q8_0_rows(j, w + i * rb, rb, 2, out + i);
+            else if (fmt == FIC_Q4_K) q4k_rows(j, w + i * rb, rb, 2, out + i);
+            else q6k_rows(j, w + i * rb, rb, 2, out + i);
+        }
+        for (; i < nr; i++) {
+            if (fmt == FIC_Q8_0) q8_0_rows(j, w + i * rb, rb, 1, out + i);
+            else if (fmt == FIC_Q4_K) q4k_rows(j, w + i * rb, rb, 1, out + i);
+            else q6k_rows(j, w + i * rb, rb, 1, out + i);
+        }
+    }
+}
+
+/* FFN phase 2 (columns), t = 1: output rows [r0, r1), Q2_ROWS at a time, experts inner: each
+ * expert's row pieces (prefetched two steps ahead) against h_e (int8 where prepared so, else the
+ * float dot), then into the fixed-point sums (FIC_FFN_FIXED: each expert rounded on its own) or into
+ * a float sum per row, added to y once. */
 TGT static ALWAYS_INLINE int down_cols_vnni(const int fmt, const ffn_t *f, int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; r += P2_ROWS) {
-        const int nr = r1 - r < P2_ROWS ? (int)(r1 - r) : P2_ROWS;
-        float total[P2_ROWS] = {0};
+    for (int64_t r = r0; r < r1; r += Q2_ROWS) {
+        const int nr = r1 - r < Q2_ROWS ? (int)(r1 - r) : Q2_ROWS;
+        float total[Q2_ROWS] = {0};
         for (int64_t e = 0; e < f->n_experts; e++) {
             if (f->skip[e]) continue;
-            const job_t *j = &f->jd[e];
-            const int64_t rb = f->rb_d[e];
-            const uint8_t *w = down_part(f, e) + r * rb;
-            float out[P2_ROWS];
-            p2_prefetch(w, rb, r, nr, r1);
-            if (j->xq == NULL) {
-                for (int i = 0; i < nr; i++) out[i] = dot_row(j, w + i * rb, j->x);
-            } else if (fmt == FIC_Q8_0 && j->k == 2 * QK8_0) {
-                q8_0_rows_k64(j, w, nr, out);
-            } else {
-                int i = 0;
-                for (; i + 2 <= nr; i += 2) {
-                    if (fmt == FIC_Q8_0) q8_0_rows(j, w + i * rb, rb, 2, out + i);
-                    else if (fmt == FIC_Q4_K) q4k_rows(j, w + i * rb, rb, 2, out + i);
-                    else q6k_rows(j, w + i * rb, rb, 2, out + i);
-                }
-                for (; i < nr; i++) {
-                    if (fmt == FIC_Q8_0) q8_0_rows(j, w + i * rb, rb, 1, out + i);
-                    else if (fmt == FIC_Q4_K) q4k_rows(j, w + i * rb, rb, 1, out + i);
-                    else q6k_rows(j, w + i * rb, rb, 1, out + i);
-                }
+            const int64_t rb = f->rb_d[e], pf_r = r + 2 * Q2_ROWS;
+            if (pf_r < r1) {
+                const uint8_t *pf = down_part(f, e) + pf_r * rb;
+                const int64_t pf_bytes = (r1 - pf_r < Q2_ROWS ? r1 - pf_r : Q2_ROWS) * rb;
+                for (int64_t o = 0; o < pf_bytes + 63; o += 64) FIC_PREFETCH(pf + o);
             }
+            float out[Q2_ROWS];
+            down_piece_vnni(fmt, f, e, r, nr, out);
             if (f->acc != NULL) {
                 fixed_add(f->kt, out, f->acc + r, nr);
             } else {
