@@ -124,21 +124,22 @@ static inline __attribute__((always_inline)) void unpack_block(int fmt, const ui
         }
         return;
     }
-    case FIC_Q4_K: { /* eight 32-blocks: d sc_s q - dmin m_s */
-        block_q4_K b;
-        memcpy(&b, src, sizeof b);
-        const float d = half_to_float(b.d), dmin = half_to_float(b.dmin);
+    case FIC_Q4_K: { /* eight 32-blocks: d sc_s q - dmin m_s; read in place, as the small formats */
+        static_assert(offsetof(block_q4_K, dmin) == 2 && offsetof(block_q4_K, scales) == 4 &&
+                          offsetof(block_q4_K, qs) == 16, "Q4_K: d, dmin, scales, then qs");
+        const float d = half_at(src), dmin = half_at(src + 2);
+        const uint8_t *qs = src + 16;
         for (int c = 0; c < 4; c++) {
             for (int l = 0; l < 32; l++) {
-                w[64 * c + l] = (int8_t)(b.qs[32 * c + l] & 15);
-                w[64 * c + 32 + l] = (int8_t)(b.qs[32 * c + l] >> 4);
+                w[64 * c + l] = (int8_t)(qs[32 * c + l] & 15);
+                w[64 * c + 32 + l] = (int8_t)(qs[32 * c + l] >> 4);
             }
         }
+        uint8_t sc[8], mn[8];
+        q4k_scales_mins(src + 4, sc, mn);
         for (int s = 0; s < 8; s++) {
-            uint8_t sc, mn;
-            q4k_scale_min(s, b.scales, &sc, &mn);
-            fw[s] = d * (float)sc;
-            cw[s] = -dmin * (float)mn;
+            fw[s] = d * (float)sc[s];
+            cw[s] = -dmin * (float)mn[s];
         }
         return;
     }
@@ -178,8 +179,16 @@ static qw_row row_at(int fmt, uint8_t *buf, int64_t k) {
     return r;
 }
 
-void fic_qdot_unpack_piece(int fmt, const uint8_t *src, int64_t k, uint8_t *buf, int64_t k_total, int64_t off) {
-    const int64_t bw = fic_fmt_block_weights(fmt), bb = fic_fmt_block_bytes(fmt), per = bw / QX_BLOCK;
+/* x86-64: an AVX2 clone beside the baseline one, chosen once at load (an ifunc): the same bytes and
+ * floats (byte moves, nibble masks, exact products), its loops 32 bytes a step. */
+#if defined(__x86_64__)
+#define UNPACK_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define UNPACK_CLONES
+#endif
+
+UNPACK_CLONES void fic_qdot_unpack_piece(int fmt, const uint8_t *src, int64_t k, uint8_t *buf, int64_t k_total,
+                                         int64_t off) {
     const qw_row r = row_at(fmt, buf, k_total);
     int8_t *w = (int8_t *)r.w + off;
     float *fw = (float *)r.fw + off / QX_BLOCK, *cw = (float *)r.cw + off / QX_BLOCK;
@@ -191,18 +200,23 @@ void fic_qdot_unpack_piece(int fmt, const uint8_t *src, int64_t k, uint8_t *buf,
         memset(isc, 0, (size_t)(2 * (k / QX_BLOCK)));
         return;
     }
-    /* one loop per format, each with its block's code inlined: a dense model's down pieces are 64
-     * weights, so a switch and a call per block were a tenth of a Qwen2.5-1.5B prefill (bench/RESULTS.md) */
-#define UNPACK_BLOCKS(FMT)                                                                                 \
-    for (int64_t b = 0; b < k / bw; b++)                                                                   \
-        unpack_block(FMT, src + b * bb, w + b * bw, fw + per * b, cw + per * b, isc + 2 * per * b)
+    /* one loop per format, each with its block's code inlined and its block's size a constant: a
+     * dense model's down pieces are 64 weights, so a switch and a call per block were a tenth of a
+     * Qwen2.5-1.5B prefill, and the format's sizes asked per piece (two calls, three divisions) a
+     * few percent more (bench/RESULTS.md) */
+#define UNPACK_BLOCKS(FMT, BW, BB)                                                                         \
+    for (int64_t b = 0; b < k / (BW); b++)                                                                 \
+        unpack_block(FMT, src + b * (BB), w + b * (BW), fw + (BW) / QX_BLOCK * b, cw + (BW) / QX_BLOCK * b,   \
+                     isc + 2 * ((BW) / QX_BLOCK) * b)
     switch (fmt) {
-    case FIC_Q8_0: UNPACK_BLOCKS(FIC_Q8_0); break;
-    case FIC_Q4_0: UNPACK_BLOCKS(FIC_Q4_0); break;
-    case FIC_Q4_1: UNPACK_BLOCKS(FIC_Q4_1); break;
-    case FIC_Q5_0: UNPACK_BLOCKS(FIC_Q5_0); break;
-    case FIC_Q4_K: UNPACK_BLOCKS(FIC_Q4_K); break;
-    default: UNPACK_BLOCKS(fmt); break;
+    case FIC_Q8_0: UNPACK_BLOCKS(FIC_Q8_0, QK8_0, (int64_t)sizeof(block_q8_0)); break;
+    case FIC_Q4_0: UNPACK_BLOCKS(FIC_Q4_0, QK4_0, (int64_t)sizeof(block_q4_0)); break;
+    case FIC_Q4_1: UNPACK_BLOCKS(FIC_Q4_1, QK4_1, (int64_t)sizeof(block_q4_1)); break;
+    case FIC_Q5_0: UNPACK_BLOCKS(FIC_Q5_0, QK5_0, (int64_t)sizeof(block_q5_0)); break;
+    case FIC_Q4_K: UNPACK_BLOCKS(FIC_Q4_K, QK_K, (int64_t)sizeof(block_q4_K)); break;
+    case FIC_Q6_K: UNPACK_BLOCKS(FIC_Q6_K, QK_K, (int64_t)sizeof(block_q6_K)); break;
+    case FIC_Q1_0: UNPACK_BLOCKS(FIC_Q1_0, QK1_0, (int64_t)sizeof(block_q1_0)); break;
+    default: break; /* fic_qdot_fmt_ok's formats only */
     }
 #undef UNPACK_BLOCKS
 }
