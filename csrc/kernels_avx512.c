@@ -1,10 +1,11 @@
 /* kernels_avx512.c - x86-64 AVX-512 kernels (FIC_IMPL_AVX512) and their three tables: AVX-512
- * F/BW/VL (fic_kernels_avx512); with VNNI, Q4_0/Q4_1 take int8 activations (fic_kernels_avx512_vnni);
+ * F/BW/VL (fic_kernels_avx512); with VNNI, Q4_0/Q4_1 take int8 activations four blocks a step and
+ * Q8_0, Q4_K and Q6_K kernels_vnni.c's int8 kernels (fic_kernels_avx512_vnni);
  * with VNNI, BITALG and VBMI, Q1_0 also takes x as bit planes (fic_kernels_avx512_q1); with AMX-INT8
  * as well, the r32 prefill runs on tiles (fic_kernels_avx512_amx, kernels_amx.c; the other formats'
  * int8 prefill reaches its tiles through qdot.h's tables). pool.c says
- * which the CPU has, once; kernels.c picks the table. Formats without a 512-bit kernel (Q5_0,
- * Q4_K, Q6_K, and every dequantization but Q1_0's) point at the AVX2 code.
+ * which the CPU has, once; kernels.c picks the table. Formats without a 512-bit kernel (Q5_0; Q8_0,
+ * Q4_K and Q6_K without VNNI; every dequantization but Q1_0's) point at the AVX2 code.
  *
  * Also here: the FFN's AVX-512 phase 1 and phase 2 paths (ffn.c calls them through the table's
  * rows and down_cols entries). */
