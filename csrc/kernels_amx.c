@@ -254,9 +254,10 @@ typedef struct {
     } while (0)
 
 /* acc[t] = fma(C[t], fw d_t, acc[t]); acc[t] = fma(cw, s_t, acc[t]) for tokens t < n of the rows'
- * block gb */
+ * block gb; signed weights (Q8_0) have no offset (cw = 0): their second step is left out, which
+ * leaves acc as it was (s is finite) */
 TGT_AMX static ALWAYS_INLINE void qa_combine(__m512 *acc, const int32_t *c, const float *fwv, const float *cwv,
-                                             qa_src src, int64_t gb, int n, const int qt) {
+                                             qa_src src, int64_t gb, int n, const int qt, const int is_signed) {
     const __m512 fw = _mm512_load_ps(fwv), cw = _mm512_load_ps(cwv);
     const int64_t j = src.j0 + gb, nbt = src.k_total / 32;
     const float *dq = (const float *)(src.x + j * QT_BLOCK_BYTES + 512); /* QT: d[16], then s[16] */
@@ -267,7 +268,7 @@ TGT_AMX static ALWAYS_INLINE void qa_combine(__m512 *acc, const int32_t *c, cons
         const float d = qt ? dq[t] : dr[j], sv = qt ? dq[16 + t] : dr[nbt + j];
         const __m512 sc = _mm512_mul_ps(fw, _mm512_set1_ps(d));
         acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512((const void *)(c + 16 * t))), sc, acc[t]);
-        acc[t] = _mm512_fmadd_ps(cw, _mm512_set1_ps(sv), acc[t]);
+        if (!is_signed) acc[t] = _mm512_fmadd_ps(cw, _mm512_set1_ps(sv), acc[t]);
     }
 }
 
@@ -288,18 +289,18 @@ TGT_AMX static ALWAYS_INLINE void qa_tile_slice(const int8_t *bt, const float *f
         QA_BLOCK(3, 4, 5, b + 1, cb + 256, is_signed);
         if (b >= 2) {
             const int32_t *pb = cbuf + ((b - 2) & 2) * 256;
-            qa_combine(acc, pb, fwv + 16 * (b - 2), cwv + 16 * (b - 2), src, b0 + b - 2, n, qt);
-            qa_combine(acc, pb + 256, fwv + 16 * (b - 1), cwv + 16 * (b - 1), src, b0 + b - 1, n, qt);
+            qa_combine(acc, pb, fwv + 16 * (b - 2), cwv + 16 * (b - 2), src, b0 + b - 2, n, qt, is_signed);
+            qa_combine(acc, pb + 256, fwv + 16 * (b - 1), cwv + 16 * (b - 1), src, b0 + b - 1, n, qt, is_signed);
         }
     }
     if (b >= 2) {
         const int32_t *pb = cbuf + ((b - 2) & 2) * 256;
-        qa_combine(acc, pb, fwv + 16 * (b - 2), cwv + 16 * (b - 2), src, b0 + b - 2, n, qt);
-        qa_combine(acc, pb + 256, fwv + 16 * (b - 1), cwv + 16 * (b - 1), src, b0 + b - 1, n, qt);
+        qa_combine(acc, pb, fwv + 16 * (b - 2), cwv + 16 * (b - 2), src, b0 + b - 2, n, qt, is_signed);
+        qa_combine(acc, pb + 256, fwv + 16 * (b - 1), cwv + 16 * (b - 1), src, b0 + b - 1, n, qt, is_signed);
     }
     if (b < ns) {
         QA_BLOCK(0, 1, 2, b, cbuf, is_signed);
-        qa_combine(acc, cbuf, fwv + 16 * b, cwv + 16 * b, src, b0 + b, n, qt);
+        qa_combine(acc, cbuf, fwv + 16 * b, cwv + 16 * b, src, b0 + b, n, qt, is_signed);
     }
 #pragma GCC unroll 16
     for (int t = 0; t < 16; t++)
