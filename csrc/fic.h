@@ -120,6 +120,8 @@ int fic_pool_threads(const fic_pool *pool);
  *                                                 (x prepared for gate and up, h_e for down; the
  *                                                  r32 layout's tables of x and of every h_e)
  *       t > 1: P A(4 (max(F(d), F(N), 512) + 60 t)) (one tile per thread)
+ *              + min(A(t (5 m / 4 + 8)), 2^23), m = max(d, N) (the int8 path's activations of every
+ *                                                  token, so its weight rows are read once a call)
  *     (E = 0 needs nothing).
  * fic_workspace_bytes returns the most any of these needs for P <= n_threads, t <= max_t,
  * k <= max_k (matvec/matmul/accum_rows: k, the row length; experts_ffn: d_model),

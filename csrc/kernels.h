@@ -113,6 +113,17 @@ static inline int64_t ws_matmul(int n_threads, int64_t k) {
 static inline int64_t ws_ffn_ptrs(int64_t e) { return ws_round64(8 * e); }
 static inline int64_t ws_ffn_tables(int64_t e) { return ws_round64(e * (17 + (int64_t)sizeof(job_t)) + 8); }
 
+/* t > 1: room for the int8 path's activations of t tokens of m weights (qdot.h's QX_ROW_BYTES(m) <=
+ * 5 m / 4 + 8 bytes a token), so that a prefill call quantizes x, then h, once for all its tokens
+ * and reads each weight row once; without it the token chunks were ~64 tokens of a 512-token call
+ * and Qwen2.5-Coder-1.5B's down pieces were unpacked 8 times (bench/RESULTS.md). At most
+ * WS_ACT_CAP bytes: an MoE call of many experts takes chunks instead. */
+#define WS_ACT_CAP ((int64_t)8 << 20)
+static inline int64_t ws_ffn_act(int64_t t, int64_t m) {
+    const int64_t per = m + m / 4 + 8;
+    return t > WS_ACT_CAP / per ? WS_ACT_CAP : ws_round64(t * per);
+}
+
 static inline int64_t ws_ffn(int n_threads, int64_t t, int64_t d, int64_t e, int64_t n) {
     if (n_threads < 1 || n_threads > WS_MAX_THREADS || !ws_dim_ok(t) || !ws_dim_ok(d) || !ws_dim_ok(e) ||
         !ws_dim_ok(n))
@@ -124,7 +135,7 @@ static inline int64_t ws_ffn(int n_threads, int64_t t, int64_t d, int64_t e, int
     int64_t f = ws_tile_floats(d), fn = ws_tile_floats(n);
     f = f > fn ? f : fn;
     f = f > SEG_FLOATS ? f : SEG_FLOATS;
-    return fixed + n_threads * ws_round64(4 * (f + 60 * t));
+    return fixed + n_threads * ws_round64(4 * (f + 60 * t)) + ws_ffn_act(t, d > n ? d : n);
 }
 
 /* FIC_OK when ws (64-byte aligned, or NULL with 0 bytes) holds need bytes. */

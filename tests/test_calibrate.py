@@ -300,7 +300,7 @@ class ReadLog:
 
 def _sketch(model: Path, **kw) -> Engine:
     # a budget below everything resident: nothing is read at open, every read is a prompt's
-    return Engine.open(str(model), ctx=256, mem="23M", mode="prune", active=0.5, policy="sketch", **kw)
+    return Engine.open(str(model), ctx=256, mem="24M", mode="prune", active=0.5, policy="sketch", **kw)
 
 
 def test_pruned_prefill_never_reads_an_unselected_expert(calibrated):
