@@ -494,8 +494,8 @@ int kern_q8x_down_q4_1_avx2(const struct ffn_s *f, int64_t r0, int64_t r1);
 int kern_q8x_down_q5_0_avx2(const struct ffn_s *f, int64_t r0, int64_t r1);
 int kern_q8x_down_q4_K_avx2(const struct ffn_s *f, int64_t r0, int64_t r1);
 int kern_q8x_down_q6_K_avx2(const struct ffn_s *f, int64_t r0, int64_t r1);
-/* AVX-512 VNNI (kernels_vnni.c): the same formats' int8 decode, 64 weights a vpdpbusd; dot and dot2
- * fall back to the AVX2 float kernels for an exact request */
+/* AVX-512 VNNI (kernels_vnni.c): the same formats' int8 decode, 64 weights a vpdpbusd; for an exact
+ * request (x not prepared) dot falls back to the AVX2 float kernel, dot2 to the table's own dot */
 float kern_vnni_dot_q8_0(const job_t *j, const uint8_t *row, const float *x);
 float kern_vnni_dot_q4_K(const job_t *j, const uint8_t *row, const float *x);
 float kern_vnni_dot_q6_K(const job_t *j, const uint8_t *row, const float *x);

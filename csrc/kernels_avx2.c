@@ -853,10 +853,10 @@ TGT_AVX2 static ALWAYS_INLINE void q8x_kquant_avx2(const int fmt, const uint8_t 
          * (d sc) dx), then broadcast from memory; the offsets dmin m s into an 8-lane *mins */
         const block_q4_K *blk = (const block_q4_K *)blk8;
         const __m256i mask = _mm256_set1_epi8(15);
-        uint8_t sc8[8], m8[8];
-        q4k_scales_mins(blk->scales, sc8, m8);
-        const __m256 scv = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)sc8)));
-        const __m256 mv = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)m8)));
+        uint64_t sc8, m8;
+        q4k_scales_mins_u64(blk->scales, &sc8, &m8);
+        const __m256 scv = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)sc8)));
+        const __m256 mv = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)m8)));
         float f[8];
         _mm256_storeu_ps(f, _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(h2f_f16c(blk->d)), scv), _mm256_loadu_ps(dv)));
         *mins = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(h2f_f16c(blk->dmin)), mv), _mm256_loadu_ps(sv), *mins);

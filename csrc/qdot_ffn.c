@@ -317,19 +317,6 @@ static void p2_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
  * fixed_add call a token per 64 rows, not per 16 (a dense model's experts are 64 neurons). */
 #define QT_FIXED_ROWS 64
 
-/* The next expert's rows [r, r + nf) of its down piece, into the caches while this one's are
- * multiplied: each expert's piece is a short stream of its own (a dense model's: 64 rows of 68
- * bytes), which the unpacking otherwise met as one cache miss after another (a fifth of a
- * Qwen2.5-Coder-1.5B prefill of 45 tokens). */
-static void p2_prefetch_next(const qdot_ffn *a, int64_t e, int64_t r, int64_t nf) {
-    for (int64_t n = e + 1; n < a->n_experts; n++) {
-        if (a->skip[n]) continue;
-        const uint8_t *p = a->bundles[n] + a->n[n] * (a->rb_g + a->rb_u) + r * a->rb_d[n];
-        for (int64_t o = 0; o < nf * a->rb_d[n] + 63; o += 64) FIC_PREFETCH(p + o);
-        return;
-    }
-}
-
 static void p2_rows_fixed(void *ctx, int64_t r0, int64_t r1, int tid) {
     const qffn_t *q = ctx;
     const qdot_ffn *a = q->a;
@@ -343,7 +330,6 @@ static void p2_rows_fixed(void *ctx, int64_t r0, int64_t r1, int tid) {
             if (a->skip[e]) continue;
             const uint8_t *down = a->bundles[e] + a->n[e] * (a->rb_g + a->rb_u);
             const int64_t j0 = a->off[e] / QX_BLOCK;
-            p2_prefetch_next(a, e, r, nf);
             for (int64_t g = 0; g < nf; g += q->rows) {
                 const int64_t nr = nf - g < q->rows ? nf - g : q->rows;
                 for (int64_t l = 0; l < nr; l++)
