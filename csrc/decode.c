@@ -152,12 +152,11 @@ int fic_decode_layers(fic_pool *pool, int impl, const fic_decode_shape *s, int64
     return FIC_OK;
 }
 
-_Static_assert(sizeof(fic_moe_layer_call) == 48, "fic_moe_layer_call size");
+_Static_assert(sizeof(fic_moe_layer_call) == 56, "fic_moe_layer_call size");
 
 int fic_decode_moe_layers(fic_pool *pool, int impl, const fic_decode_shape *s, int64_t l0, int64_t n_layers,
                           const fic_attn_weights *const *attn, const fic_moe_layer_call *moe,
-                          const fic_expert_layout *layout, const uint8_t *arena, int64_t slot_bytes,
-                          const float *cos_table, const float *sin_table, uint16_t *const *k_cache,
+                          const uint8_t *arena, int64_t slot_bytes, const float *cos_table, const float *sin_table, uint16_t *const *k_cache,
                           uint16_t *const *v_cache, int64_t pos, float *x, float *xn, float *probs, float *coef,
                           int32_t *n_top, void *attn_ws, int64_t attn_ws_bytes, void *moe_ws, int64_t moe_ws_bytes) {
     if (!s || l0 < 0 || n_layers < l0 || (n_layers > l0 && (!attn || !moe || !k_cache || !v_cache || !n_top)))
@@ -168,7 +167,7 @@ int fic_decode_moe_layers(fic_pool *pool, int impl, const fic_decode_shape *s, i
         if (st != FIC_OK) return st;
         const fic_moe_layer_call *m = &moe[l];
         if (m->shape == NULL || m->shape->d_model != s->d_model) return FIC_ERR_ARG;
-        st = fic_moe_decode(pool, impl, m->shape, m->w, layout, arena, slot_bytes, m->slot_of, m->n_neurons,
+        st = fic_moe_decode(pool, impl, m->shape, m->w, m->layout, arena, slot_bytes, m->slot_of, m->n_neurons,
                             m->allowed, xn, x, probs, coef, m->top, &n_top[l], moe_ws, moe_ws_bytes);
         if (st < 0) return st;
         if (st > 0) return (int)l; /* experts to read: the caller runs this layer's FFN, then goes on */

@@ -294,8 +294,10 @@ def rewrite_model(src: str | Path, dest: str | Path, plans: Sequence[LayerPlan],
     with fmt.ModelReader(src) as reader:
         man = reader.manifest
         layout = man.expert_layout
-        down_fmt, requant = _down_target(layout)
-        new_layout = fmt.ExpertLayout(layout.d_model, layout.gate_fmt, layout.up_fmt, down_fmt, layout.down_layout)
+        targets = [_down_target(layout.layer(l)) for l in range(len(man.experts))]
+        requant = any(r for _, r in targets)
+        new_layout = fmt.ExpertLayout.per_layer(layout.d_model, layout.gate_fmt, layout.up_fmt,
+                                                [f for f, _ in targets], layout.down_layout)
         size = max(e.n_neurons for e in man.experts[0])
         tokenizer = {k: v for k, v in man.tokenizer.items() if k != "files"}
         prov = dict(man.provenance)
@@ -309,7 +311,8 @@ def rewrite_model(src: str | Path, dest: str | Path, plans: Sequence[LayerPlan],
                 if not name.endswith(".ffn_neuron_order"):
                     w.add_dense(name, value)
             for layer, plan in enumerate(plans):
-                gate, up, down = _permuted_ffn(_read_layer(reader, layer), plan, layout, down_fmt, err)
+                gate, up, down = _permuted_ffn(_read_layer(reader, layer), plan, layout.layer(layer),
+                                               targets[layer][0], err)
                 n_sh, d_ff = plan.n_shared, gate.shape[0]
                 if n_sh:
                     w.set_shared(layer, gate.rows(0, n_sh), up.rows(0, n_sh), _down_part(down, new_layout, 0, n_sh))
@@ -325,8 +328,10 @@ def rewrite_model(src: str | Path, dest: str | Path, plans: Sequence[LayerPlan],
                 w.note(note)
             notes = []
             if requant:
-                notes.append(f"clustering permuted ffn_down's columns inside {layout.down_fmt} blocks: down "
-                             f"requantized to {down_fmt}, relative RMS change {err.rel:.3e}")
+                olds = "/".join(sorted(set(layout.down_fmts or (layout.down_fmt,))))
+                news = "/".join(sorted({f for f, _ in targets}))
+                notes.append(f"clustering permuted ffn_down's columns inside {olds} blocks: down "
+                             f"requantized to {news}, relative RMS change {err.rel:.3e}")
             shared = [p.n_shared for p in plans]
             notes.append(f"neurons clustered by co-activation into experts of {size}; shared experts: "
                          f"{sum(shared)} neurons in the dense block ({', '.join(map(str, sorted(set(shared))))} per layer)")

@@ -144,47 +144,60 @@ _MOE_ROLES = {"ffn_gate": "ffn_gate_exps", "ffn_up": "ffn_up_exps", "ffn_down": 
 _ROUTERS = ("ffn_gate_inp", "ffn_gate_inp_shexp")
 
 
+def _down_block(layout: fmt.ExpertLayout) -> int:
+    """Neurons per down block in every layer (block sizes are powers of two: the largest)."""
+    return max(kernels.block_weights(f) for f in (layout.down_fmts or (layout.down_fmt,)))
+
+
 def _plan_layout(ck: Checkpoint, options: ConvertOptions) -> _Plan:
     c = ck.config
     roles = {}
     reasons = {}
+    layer_downs = None  # ffn_down's kept format per layer, when the file's differ between layers
     for role in ("ffn_gate", "ffn_up", "ffn_down"):
         src = _MOE_ROLES[role] if ck.moe else role
-        fmts = {_source_fmt(ck.tensors[f"blk.{i}.{src}"], options) for i in range(c.n_layers)}
+        per_layer = [_source_fmt(ck.tensors[f"blk.{i}.{src}"], options) for i in range(c.n_layers)]
+        fmts = set(per_layer)
         if role == "ffn_down" and options.down_layout == "rows":
             roles[role] = options.quant  # the transposed slice is quantized anew
             if any(ck.tensors[f"blk.{i}.{src}"].kept and fmts != {options.quant} for i in range(c.n_layers)):
                 reasons[role] = "transposed for the rows down layout"
         elif len(fmts) == 1:
             roles[role] = fmts.pop()
-        else:  # one layout for all layers: the kept ones join options.quant
+        elif role == "ffn_down":  # columns: each layer keeps its own (the expert size may still join them)
+            roles[role], layer_downs = per_layer[0], per_layer
+        else:  # one format for all layers: the kept ones join options.quant
             roles[role] = options.quant
             reasons[role] = f"in formats that differ between layers ({', '.join(sorted(fmts))})"
-    layout = fmt.ExpertLayout(d_model=c.d_model, gate_fmt=roles["ffn_gate"], up_fmt=roles["ffn_up"],
-                              down_fmt=roles["ffn_down"], down_layout=options.down_layout)
-    for role, f in roles.items():
+    layout = fmt.ExpertLayout.per_layer(c.d_model, roles["ffn_gate"], roles["ffn_up"],
+                                        layer_downs or [roles["ffn_down"]] * c.n_layers, options.down_layout)
+    for role, f in (("ffn_gate", layout.gate_fmt), ("ffn_up", layout.up_fmt), ("ffn_down", layout.down_fmt)):
         if c.d_model % kernels.block_weights(f) and not (role == "ffn_down" and options.down_layout == "columns"):
             raise ConvertError(f"d_model {c.d_model} is not a multiple of {f}'s block of {kernels.block_weights(f)}")
+    names = "/".join(sorted(set(layout.down_fmts or (layout.down_fmt,))))
     if ck.moe:  # an expert is the model's own: every bundle holds one routed expert whole
         size = c.d_ff // ck.moe[0].n_routed
         if options.expert_size is not None and options.expert_size != size:
             raise ConvertError(f"--expert-size {options.expert_size}: a mixture of experts keeps its own experts "
                                f"({size} neurons each)")
         options.expert_size = size
-        bw = kernels.block_weights(layout.down_fmt)
+        if options.down_layout == "columns" and size % _down_block(layout) and layout.down_fmts is not None:
+            reasons["ffn_down"] = (f"experts of {size} neurons are not a whole number of {names}'s block of "
+                                   f"{_down_block(layout)}")
+            layout = dataclasses.replace(layout, down_fmt=options.quant, down_fmts=None)
+        bw = _down_block(layout)
         if options.down_layout == "columns" and size % bw:
             raise ConvertError(f"experts of {size} neurons are not a whole number of {layout.down_fmt}'s block of {bw} "
                                f"for the columns down layout; use --down-layout rows")
     elif options.down_layout == "columns":
-        bw = kernels.block_weights(layout.down_fmt)
+        bw = _down_block(layout)
         if options.expert_size is None:  # the default suits the file: a whole number of down blocks
             options.expert_size = -(-DEFAULT_EXPERT_SIZE // bw) * bw
-        if options.expert_size % bw and layout.down_fmt in K_QUANTS:
+        if options.expert_size % bw and (layout.down_fmts is not None or layout.down_fmt in K_QUANTS):
             # a K-quant block (256 neurons) would straddle experts: down joins options.quant
-            reasons["ffn_down"] = (f"expert size {options.expert_size} is not a multiple of "
-                                   f"{layout.down_fmt}'s block of {bw}")
-            layout = dataclasses.replace(layout, down_fmt=options.quant)
-            bw = kernels.block_weights(layout.down_fmt)
+            reasons["ffn_down"] = f"expert size {options.expert_size} is not a multiple of {names}'s block of {bw}"
+            layout = dataclasses.replace(layout, down_fmt=options.quant, down_fmts=None)
+            bw = _down_block(layout)
         if options.expert_size % bw or c.d_ff % bw:
             raise ConvertError(f"expert size {options.expert_size} (and d_ff {c.d_ff}) must be multiples of "
                                f"{layout.down_fmt}'s block of {bw} for the columns down layout; "
@@ -227,6 +240,7 @@ class _Converter:
         gate = to_qtensor(self._convert(gate_st, gate_st.load(), lay.gate_fmt), lay.gate_fmt)
         up = to_qtensor(self._convert(up_st, up_st.load(), lay.up_fmt), lay.up_fmt)
         rows = lay.down_layout == "rows"
+        lay = lay.layer(layer)
         down = to_qtensor(self._convert(down_st, down_st.load(), lay.down_fmt, transpose=rows), lay.down_fmt)
         d_ff = gate.shape[0]
         for start in range(0, d_ff, size):
@@ -238,7 +252,7 @@ class _Converter:
 
     def moe_ffn(self, layer: int) -> None:
         """A MoE layer's routed experts, one bundle each, one expert in memory at a time."""
-        lay, t = self.plan.layout, self.ck.tensors
+        lay, t = self.plan.layout.layer(layer), self.ck.tensors
         gate_st, up_st, down_st = (t[f"blk.{layer}.{r}"] for r in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"))
         rows = lay.down_layout == "rows"
         for j in range(gate_st.shape[0]):

@@ -18,6 +18,9 @@ A model is a directory:
                        so no read repacks them; a reader that wants rows unpacks them after the
                        checksum. Absent: rows, as every version 3 model; an older fic refuses
                        version 4 rather than read its bundles as rows.
+                       expert_layout "down_fmts" (format version 5): ffn_down's format per layer,
+                       where the source's differ between layers (a Q4_K_M file's Q4_K and Q6_K);
+                       "down_fmt" is then the widest of them. Absent: down_fmt in every layer.
     tokenizer files    copied as they are
     DAMAGED            written by a reader that found bytes failing their checksum (`fic ls` shows
                        it); pulling the model again replaces the directory, marker and all
@@ -53,7 +56,8 @@ from flashinfer_cli.moe import RoutingRule, expected_dense
 FORMAT_NAME = "fic-model"
 FORMAT_VERSION = 3  # 2: every dense tensor has a CRC32C in the manifest; 3: "moe", the routing rules
 R32_VERSION = 4  # "bundle_order": "r32"; written only by such a model (others stay readable by older fic)
-READABLE_VERSIONS = (2, 3, 4)  # a version 2 manifest is a dense model (no "moe"): read as one
+DOWN_FMTS_VERSION = 5  # expert_layout "down_fmts": ffn_down's format per layer; written only by such a model
+READABLE_VERSIONS = (2, 3, 4, 5)  # a version 2 manifest is a dense model (no "moe"): read as one
 BUNDLE_ORDERS = ("rows", "r32")
 MANIFEST_FILE = "manifest.json"
 DENSE_FILE = "dense.safetensors"
@@ -161,13 +165,39 @@ class ExpertEntry:
 
 @dataclass(frozen=True)
 class ExpertLayout:
-    """How the bundles of every layer are cut: one d_model, one set of formats."""
+    """How the bundles of every layer are cut: one d_model, one set of formats, but for ffn_down,
+    whose format may differ between layers (down_fmts), as in a Q4_K_M file (Q4_K and Q6_K)."""
 
     d_model: int
     gate_fmt: str
     up_fmt: str
-    down_fmt: str
+    down_fmt: str     # with down_fmts: the one of most bytes, so sizes taken from it are upper bounds
     down_layout: str  # "columns" or "rows"
+    down_fmts: tuple[str, ...] | None = None  # per layer; None: down_fmt in every layer
+
+    @classmethod
+    def per_layer(cls, d_model: int, gate_fmt: str, up_fmt: str, down_fmts: Sequence[str],
+                  down_layout: str) -> "ExpertLayout":
+        """A layout with ffn_down's format per layer: uniform (no down_fmts) when they agree."""
+        distinct = sorted(set(down_fmts))
+        if len(distinct) == 1:
+            return cls(d_model, gate_fmt, up_fmt, distinct[0], down_layout)
+        widest = max(distinct, key=down_bytes_per_weight)
+        return cls(d_model, gate_fmt, up_fmt, widest, down_layout, tuple(down_fmts))
+
+    def layer(self, i: int) -> "ExpertLayout":
+        """Layer i's layout: one format per part."""
+        if self.down_fmts is None:
+            return self
+        return ExpertLayout(self.d_model, self.gate_fmt, self.up_fmt, self.down_fmts[i], self.down_layout)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        if self.down_fmts is None:
+            del out["down_fmts"]  # a uniform layout's manifest stays what older fic reads
+        else:
+            out["down_fmts"] = list(self.down_fmts)
+        return out
 
     def part_bytes(self, n_neurons: int) -> tuple[int, int, int]:
         """Bytes of the gate, up and down parts of a bundle of n_neurons."""
@@ -204,14 +234,21 @@ class Manifest:
     # how experts.bin stores Q1_0 bundles: "rows" (the layout's own), or "r32" (groups of 32 rows)
     bundle_order: str = "rows"
 
+    @property
+    def version(self) -> int:
+        """The oldest format version that holds this manifest, so that older fic reads what it can."""
+        if self.expert_layout is not None and self.expert_layout.down_fmts is not None:
+            return DOWN_FMTS_VERSION
+        return R32_VERSION if self.bundle_order == "r32" else FORMAT_VERSION
+
     def to_json(self) -> dict[str, Any]:
         return {
             "format": FORMAT_NAME,
-            "version": R32_VERSION if self.bundle_order == "r32" else FORMAT_VERSION,
+            "version": self.version,
             "name": self.name,
             "arch": self.arch,
             "tensors": self.tensors,
-            "expert_layout": asdict(self.expert_layout) if self.expert_layout else None,
+            "expert_layout": self.expert_layout.to_json() if self.expert_layout else None,
             "experts": [[[e.offset, e.length, e.crc32c, e.n_neurons] for e in layer] for layer in self.experts],
             "experts_file_bytes": self.experts_file_bytes,
             "tokenizer": self.tokenizer,
@@ -292,6 +329,20 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def down_bytes_per_weight(fmt_name: str) -> float:
+    return kernels.block_bytes(fmt_name) / kernels.block_weights(fmt_name)
+
+
+def _parse_down_fmts(raw: Any, path: Path) -> tuple[str, ...] | None:
+    if raw is None:
+        return None
+    _require(isinstance(raw, list) and raw and all(isinstance(f, str) for f in raw), path,
+             "expert_layout: down_fmts is not a list of format names")
+    for f in raw:
+        _require(f in kernels.FORMATS, path, f"expert_layout: unknown weight format {_short(f)} in down_fmts")
+    return tuple(raw)
+
+
 def _parse_layout(raw: Any, path: Path) -> ExpertLayout | None:
     if raw is None:
         return None
@@ -300,7 +351,7 @@ def _parse_layout(raw: Any, path: Path) -> ExpertLayout | None:
     for key in raw:  # named here, through _short: a key is the file's text and may hold anything
         _require(key in known, path, f"expert_layout: unknown key {_short(key)}")
     try:
-        layout = ExpertLayout(**raw)
+        layout = ExpertLayout(**{**raw, "down_fmts": _parse_down_fmts(raw.get("down_fmts"), path)})
     except TypeError:
         missing = sorted(known - set(raw))
         raise FormatError(path, f"expert_layout: missing {', '.join(missing) or 'keys'}") from None
@@ -308,9 +359,14 @@ def _parse_layout(raw: Any, path: Path) -> ExpertLayout | None:
         _require(isinstance(fmt, str) and fmt in kernels.FORMATS, path, f"expert_layout: unknown weight format {_short(fmt)}")
     _require(layout.down_layout in DOWN_LAYOUTS, path, f"expert_layout: unknown down_layout {_short(layout.down_layout)}")
     _require(_is_int(layout.d_model) and 0 < layout.d_model <= MAX_DIM, path, "expert_layout: bad d_model")
-    for fmt in (layout.gate_fmt, layout.up_fmt) + ((layout.down_fmt,) if layout.down_layout == "rows" else ()):
+    downs = layout.down_fmts or (layout.down_fmt,)
+    for fmt in (layout.gate_fmt, layout.up_fmt) + (downs if layout.down_layout == "rows" else ()):
         _require(layout.d_model % kernels.block_weights(fmt) == 0, path,
                  f"expert_layout: d_model {layout.d_model} is not a whole number of {fmt} blocks")
+    if layout.down_fmts is not None:
+        widest = max(down_bytes_per_weight(f) for f in layout.down_fmts)
+        _require(layout.down_fmt in layout.down_fmts and down_bytes_per_weight(layout.down_fmt) == widest, path,
+                 f"expert_layout: down_fmt {_short(layout.down_fmt)} is not the widest of down_fmts")
     return layout
 
 
@@ -365,6 +421,10 @@ def parse_manifest(path: Path) -> Manifest:
     _require(isinstance(notes, list) and all(isinstance(n, str) for n in notes), path, "notes is not a list of strings")
     layout = _parse_layout(raw.get("expert_layout"), path)
     experts = _parse_experts(raw.get("experts", []), path)
+    if layout is not None and layout.down_fmts is not None:
+        _require(raw["version"] >= DOWN_FMTS_VERSION, path, f"down_fmts in a version {raw['version']} manifest")
+        _require(len(layout.down_fmts) == len(experts), path,
+                 f"expert_layout: down_fmts names {len(layout.down_fmts)} layers, the expert table has {len(experts)}")
     moe = _parse_moe(raw.get("moe") if raw["version"] >= 3 else None, experts, layout, tensors, path)
     shared = _parse_shared(raw.get("shared"), experts, layout, tensors, moe, path)
     predictor = _parse_predictor(raw.get("predictor"), path)
@@ -379,7 +439,7 @@ def parse_manifest(path: Path) -> Manifest:
 
 def r32_storable(layout: ExpertLayout | None, sizes: Sequence[int] | Any) -> bool:
     """Bundles of this layout and these sizes can be stored (and read) in the r32 order."""
-    return layout is not None and kernels.q1r32_bundle_eligible(layout.gate_fmt, layout.up_fmt, layout.down_fmt,
+    return layout is not None and layout.down_fmts is None and kernels.q1r32_bundle_eligible(layout.gate_fmt, layout.up_fmt, layout.down_fmt,
                                                                 layout.down_layout, layout.d_model, sizes)
 
 
@@ -421,8 +481,9 @@ def _parse_shared(raw: Any, experts: list[list[ExpertEntry]], layout: ExpertLayo
     for li, n in enumerate(neurons):
         if not n:
             continue
-        shapes = ((layout.gate_fmt, [n, layout.d_model]), (layout.up_fmt, [n, layout.d_model]),
-                  (layout.down_fmt, list(layout.down_shape(n))))
+        lay = layout.layer(li)
+        shapes = ((lay.gate_fmt, [n, lay.d_model]), (lay.up_fmt, [n, lay.d_model]),
+                  (lay.down_fmt, list(lay.down_shape(n))))
         for name, (fmt_name, shape) in zip(shared_names(li), shapes):
             spec = tensors.get(name)
             _require(isinstance(spec, dict) and spec.get("fmt") == fmt_name and spec.get("shape") == shape, path,
@@ -764,9 +825,9 @@ class ModelWriter:
 
     def add_expert(self, layer: int, gate: QTensor, up: QTensor, down: QTensor) -> ExpertEntry:
         """Append one bundle to `layer` (experts are numbered in the order they are added)."""
-        layout = self.manifest.expert_layout
-        if layout is None:
+        if self.manifest.expert_layout is None:
             raise ValueError("this model was opened without an expert layout")
+        layout = self.manifest.expert_layout.layer(layer)
         n = gate.shape[0]
         expected = ((layout.gate_fmt, (n, layout.d_model)), (layout.up_fmt, (n, layout.d_model)),
                     (layout.down_fmt, layout.down_shape(n)))
@@ -790,7 +851,7 @@ class ModelWriter:
 
     def set_shared(self, layer: int, gate: QTensor, up: QTensor, down: QTensor) -> None:
         """Layer's shared expert (a dense model's, always run): a bundle's parts, in the dense block."""
-        layout = self.manifest.expert_layout
+        layout = self.manifest.expert_layout.layer(layer)
         n = gate.shape[0]
         expected = ((layout.gate_fmt, (n, layout.d_model)), (layout.up_fmt, (n, layout.d_model)),
                     (layout.down_fmt, layout.down_shape(n)))
@@ -842,6 +903,9 @@ class ModelWriter:
         (self.tmp / MANIFEST_FILE).write_text(manifest_text, encoding="utf-8")
 
     def commit(self) -> Path:
+        lay = self.manifest.expert_layout
+        if lay is not None and lay.down_fmts is not None and len(lay.down_fmts) != len(self.manifest.experts):
+            raise ValueError(f"down_fmts names {len(lay.down_fmts)} layers, {len(self.manifest.experts)} were written")
         self._finish_files()
         old = None
         if self.dest.exists():  # overwrite: move the old model aside, then swap
@@ -942,7 +1006,8 @@ class PendingBundles:
         if not views:
             return None
         if self._done is None:
-            self._done = [self._reader.bundle_view(d, e.n_neurons) for e, d in zip(self._entries, self._dsts)]
+            self._done = [self._reader.bundle_view(d, e.n_neurons, layer)
+                          for (layer, _), e, d in zip(self.keys, self._entries, self._dsts)]
         return self._done
 
     def transform(self) -> None:
@@ -1051,7 +1116,7 @@ class ModelReader:
                 _require(e.offset % ALIGN == 0 and e.offset >= ALIGN, path, f"{where}: offset {e.offset} not aligned")
                 _require(e.offset + _align_up(e.length) <= size, path,
                          f"{where}: bytes {e.offset}..{e.offset + e.length} lie outside the file of {size}")
-                _require(e.n_neurons > 0 and e.length == _bundle_bytes(man.expert_layout, e.n_neurons), path,
+                _require(e.n_neurons > 0 and e.length == _bundle_bytes(man.expert_layout.layer(li), e.n_neurons), path,
                          f"{where}: length {e.length} does not fit {e.n_neurons} neurons")
 
     # -- dense block --
@@ -1224,8 +1289,8 @@ class ModelReader:
         """Wait for any batch of bundle reads still in flight that nobody will collect."""
         self._reader.settle()
 
-    def bundle_view(self, buf: np.ndarray, n_neurons: int) -> Bundle:
-        layout = self.layout
+    def bundle_view(self, buf: np.ndarray, n_neurons: int, layer: int) -> Bundle:
+        layout = self.layout.layer(layer)
         gate_b, up_b, down_b = layout.part_bytes(n_neurons)
         gate = QTensor(layout.gate_fmt, (n_neurons, layout.d_model), buf[:gate_b])
         up = QTensor(layout.up_fmt, (n_neurons, layout.d_model), buf[gate_b:gate_b + up_b])

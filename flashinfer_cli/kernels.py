@@ -1441,7 +1441,7 @@ class DecodeMoELayers:
         self.tops = np.zeros((n, k_max), np.int32)
         self.n_top = np.zeros(n, np.int32)
         self._calls = ffi.new("fic_moe_layer_call[]", [
-            {"shape": md._shapes[l], "w": md._w[l], "slot_of": md._rows[l][0], "n_neurons": md._rows[l][1],
+            {"shape": md._shapes[l], "w": md._w[l], "layout": md._lays[l].c, "slot_of": md._rows[l][0], "n_neurons": md._rows[l][1],
              "allowed": ffi.NULL, "top": ffi.from_buffer("int32_t[]", self.tops[l])} for l in range(n)])
         self._allowed: list = [None] * n
         self._n_top = ffi.from_buffer("int32_t[]", self.n_top)
@@ -1460,7 +1460,7 @@ class DecodeMoELayers:
             raise ValueError(f"layer {l0} outside 0..{self.n_layers}")
         ptr, n_bytes = md._ws.get()
         st = lib.fic_decode_moe_layers(pool, _decode_impl(impl), a.shape, l0, self.n_layers, a._w_all,
-                                       self._calls, md._lay.c, *md._arena, a._cos, a._sin, a._k_all, a._v_all, pos,
+                                       self._calls, *md._arena, a._cos, a._sin, a._k_all, a._v_all, pos,
                                        a._x, a._xn, *self._out, self._n_top, a._ws_ptr, a._ws_bytes, ptr, n_bytes)
         if st < 0:
             _check(st, f"decode moe layers {impl}")
@@ -1515,8 +1515,10 @@ class MoEDecode:
         if len(shapes) != len(weights) or slot_of.shape[0] != len(shapes) or n_neurons.shape != slot_of.shape \
                 or slot_of.dtype != np.int32 or n_neurons.dtype != np.int32 or not slot_of.flags.c_contiguous:
             raise ValueError("one shape and weights per layer; slot_of and n_neurons int32 (n_layers, experts)")
-        lay, _, _, _ = _checked_slots(layout, arena, slot_bytes, np.zeros(0, np.int32), np.zeros(0, np.int32))
-        self._lay = lay
+        # per layer: an fmt.ExpertLayout names each layer's (layer(i)); anything else serves them all
+        self._lays = [_checked_slots(layout.layer(i) if hasattr(layout, "layer") else layout, arena, slot_bytes,
+                                     np.zeros(0, np.int32), np.zeros(0, np.int32))[0] for i in range(len(shapes))]
+        self._lay = self._lays[0] if self._lays else None
         self._n_neurons = np.ascontiguousarray(n_neurons)
         self._keep = [arena, slot_of, self._n_neurons, list(weights)]
         self._shapes = [s.c_struct() for s in shapes]
@@ -1579,7 +1581,8 @@ class MoEDecode:
         probs and top hold the routing, for the caller to stream them)."""
         px, py = self._xn_x(xn, x)
         ptr, n_bytes = self._ws.get()
-        st = lib.fic_moe_decode(_POOL.get(), _decode_impl(impl), self._shapes[layer], self._w[layer], self._lay.c,
+        st = lib.fic_moe_decode(_POOL.get(), _decode_impl(impl), self._shapes[layer], self._w[layer],
+                                self._lays[layer].c,
                                 *self._arena, *self._rows[layer], self._allowed_of(layer, allowed), px, py,
                                 *self._out, self._n_top, ptr, n_bytes)
         if st < 0:

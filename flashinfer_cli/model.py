@@ -266,7 +266,7 @@ class Model:
             start = self._pack[names[0]][0]
             stop = self._pack[names[2]][0] + self._pack[names[2]][1]
             moe_parts["shared_set"] = kernels.ExpertSet.from_layout(
-                self.reader.manifest.expert_layout, [self._dense_buf[start:stop]], [n_shared])
+                self.reader.manifest.expert_layout.layer(i), [self._dense_buf[start:stop]], [n_shared])
         return LayerWeights(
             **moe_parts,
             attn_norm=_vec(dense[p + "attn_norm"]),

@@ -88,9 +88,9 @@ def _format_summary(manifest: fmt.Manifest) -> str:
         for d in spec["shape"]:
             n *= d
         weight[spec["fmt"]] = weight.get(spec["fmt"], 0) + n
-    layout = manifest.expert_layout
-    if layout is not None:
-        for layer in manifest.experts:
+    if manifest.expert_layout is not None:
+        for li, layer in enumerate(manifest.experts):
+            layout = manifest.expert_layout.layer(li)
             for e in layer:
                 for f in (layout.gate_fmt, layout.up_fmt, layout.down_fmt):
                     weight[f] = weight.get(f, 0) + e.n_neurons * layout.d_model
@@ -246,17 +246,17 @@ def describe(path: Path) -> ModelDetails:
                 n *= d
             params += n
             count(spec["fmt"], n)
-        layout = man.expert_layout
-        if layout is not None:
-            for layer in man.experts:
+        if man.expert_layout is not None:
+            for li, layer in enumerate(man.experts):
+                layout = man.expert_layout.layer(li)
+                parts = (layout.gate_fmt, layout.up_fmt, layout.down_fmt)
                 for e in layer:
                     n = e.n_neurons * layout.d_model
                     params += 3 * n
-                    for f in (layout.gate_fmt, layout.up_fmt, layout.down_fmt):
+                    for f in parts:
                         count(f, n, 0)
-            for f in {layout.gate_fmt, layout.up_fmt, layout.down_fmt}:  # one ffn matrix per layer and part
-                parts = [layout.gate_fmt, layout.up_fmt, layout.down_fmt].count(f)
-                formats[f][0] += parts * sum(1 for layer in man.experts if layer)
+                for f in set(parts) if layer else ():  # one ffn matrix per layer and part
+                    formats[f][0] += parts.count(f)
         return ModelDetails(
             name=man.name, path=Path(path), arch=man.arch, parameters=params,
             dense_bytes=reader.dense_path.stat().st_size,

@@ -104,7 +104,7 @@ class FFNRunner:
             slots = self.arena.slot_of[layer, run]
             if not len(run) or (slots < 0).any():
                 return None
-            call = kernels.SlotsFFN(self.layout, self.arena.buf, self.arena.slot_bytes, slots,
+            call = kernels.SlotsFFN(self.layout.layer(layer), self.arena.buf, self.arena.slot_bytes, slots,
                                     self.arena.n_neurons[layer, run], self.scratch)
             c = self._resident[layer] = (self.arena.version, full, self.prune, self.active[layer], run, call,
                                          slots.astype(np.intp))
@@ -217,7 +217,7 @@ class FFNRunner:
             arena.touch(layer, res)
             n = int(nn[res].sum()) * t
             region = self.scratch[off:off + n]
-            _ffn_over_slots(self.layout, arena, arena.slot_of[layer, res], nn[res], x, out, region)
+            _ffn_over_slots(self.layout.layer(layer), arena, arena.slot_of[layer, res], nn[res], x, out, region)
             calls.append((res, region))
             off += n
         for i, piece in enumerate(pieces):
@@ -230,7 +230,7 @@ class FFNRunner:
             cur.pending.transform()  # with the next read in flight
             n = int(nn[piece].sum()) * t
             region = self.scratch[off:off + n]
-            _ffn_over_slots(self.layout, arena, cur.slots, nn[piece], x, out, region)
+            _ffn_over_slots(self.layout.layer(layer), arena, cur.slots, nn[piece], x, out, region)
             calls.append((piece, region))
             off += n
         self._finish(out, y)
@@ -297,7 +297,7 @@ class FFNRunner:
             nonlocal off
             cf = np.ascontiguousarray(c2[:, experts])
             n = int(nn[experts].sum()) * t
-            kernels.experts_ffn_slots(self.layout, arena.buf, arena.slot_bytes, slots.astype(np.int32, copy=False),
+            kernels.experts_ffn_slots(self.layout.layer(layer), arena.buf, arena.slot_bytes, slots.astype(np.int32, copy=False),
                                       nn[experts], x, out, coef=cf[0] if x.ndim == 1 else cf,
                                       scratch=self.scratch[off:off + n])
             off += n

@@ -287,7 +287,7 @@ def _griffin_scores_numpy(eng: Engine, ids) -> np.ndarray:
         x = xs[l].astype(np.float64)
         hs = []
         for e in range(24):
-            b = m.reader.bundle_view(np.ascontiguousarray(m.arena.view(m.arena.slot_of[l, e])), 64)
+            b = m.reader.bundle_view(np.ascontiguousarray(m.arena.view(m.arena.slot_of[l, e])), 64, l)
             g, u = kernels.dequantize(b.gate).astype(np.float64), kernels.dequantize(b.up).astype(np.float64)
             a = x @ g.T
             hs.append(a / (1 + np.exp(-a)) * (x @ u.T))

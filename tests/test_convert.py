@@ -16,6 +16,8 @@ gguf = pytest.importorskip("gguf")
 
 from flashinfer_cli import fmt, kernels  # noqa: E402
 from flashinfer_cli.convert import ConvertError, ConvertOptions, convert  # noqa: E402
+from flashinfer_cli.engine import make_engine_plan  # noqa: E402
+from flashinfer_cli.plan import HUGE_PAGE  # noqa: E402
 
 from _kquant import ggml_quantize  # noqa: E402
 from _tiny import add_gguf_tokenizer  # noqa: E402
@@ -544,22 +546,105 @@ def test_gguf_1bit_ffn_converts_with_the_defaults(tmp_path):
         convert(path, tmp_path / "m2", name="x", options=ConvertOptions(expert_size=64), progress=False)
 
 
-def test_gguf_mixed_ffn_formats_share_one_layout(tmp_path):
-    """Layers whose kept FFN formats differ are brought to options.quant, with a note."""
+def test_gguf_mixed_down_formats_kept_per_layer(tmp_path):
+    """ffn_down in formats that differ between layers (a Q8_0 file with one Q4_0 layer) keeps each
+    layer's own: the manifest names them per layer (version 5), each bundle's down part is the file's
+    bytes, nothing is requantized and no note says otherwise."""
     model = tiny_model("llama", seed=5)
     path = tmp_path / "mixed.gguf"
     write_gguf(path, model, types={"ffn_gate": T.Q8_0, "ffn_up": T.Q8_0, "ffn_down": T.Q8_0})
-    # rewrite layer 1's ffn_down as Q4_0 to mix formats
-    model2 = tiny_model("llama", seed=5)
-    types = {"ffn_gate": T.Q8_0, "ffn_up": T.Q8_0, "ffn_down": T.Q4_0}
-    write_gguf(tmp_path / "other.gguf", model2, types=types)
+    write_gguf(tmp_path / "other.gguf", model, types={"ffn_gate": T.Q8_0, "ffn_up": T.Q8_0, "ffn_down": T.Q4_0})
     mixed = _splice(path, tmp_path / "other.gguf", "blk.1.ffn_down.weight", tmp_path / "spliced.gguf")
     out = convert(mixed, tmp_path / "m", name="x", options=ConvertOptions(quant="q8_0"), progress=False)
+    manifest, dense, bundles = read_model(out)
+    assert manifest["version"] == fmt.DOWN_FMTS_VERSION
+    assert manifest["expert_layout"]["down_fmts"] == ["q8_0", "q4_0"]
+    assert manifest["expert_layout"]["down_fmt"] == "q8_0"  # the widest: sizes taken from it are upper bounds
+    assert not any("requantized" in n for n in manifest.get("notes", []))
+    raw = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(mixed)).tensors}
+    for layer, (fmt_name, block) in enumerate((("q8_0", 34), ("q4_0", 18))):
+        down, s = raw[f"blk.{layer}.ffn_down.weight"], 0
+        for b in bundles[layer]:
+            assert b.down.fmt == fmt_name
+            np.testing.assert_array_equal(b.down.data, down[:, s // 32 * block:(s + b.n_neurons) // 32 * block].reshape(-1))
+            s += b.n_neurons
+
+
+def test_gguf_mixed_gate_formats_share_one_layout(tmp_path):
+    """Gate (or up) formats that differ between layers are brought to options.quant, with a note."""
+    model = tiny_model("llama", seed=5)
+    path = tmp_path / "mixed.gguf"
+    write_gguf(path, model, types={"ffn_gate": T.Q8_0, "ffn_up": T.Q8_0, "ffn_down": T.Q8_0})
+    write_gguf(tmp_path / "other.gguf", model, types={"ffn_gate": T.Q4_0, "ffn_up": T.Q8_0, "ffn_down": T.Q8_0})
+    mixed = _splice(path, tmp_path / "other.gguf", "blk.1.ffn_gate.weight", tmp_path / "spliced.gguf")
+    out = convert(mixed, tmp_path / "m", name="x", options=ConvertOptions(quant="q8_0"), progress=False)
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["expert_layout"]["down_fmt"] == "q8_0"
+    assert manifest["expert_layout"]["gate_fmt"] == "q8_0" and "down_fmts" not in manifest["expert_layout"]
+    assert manifest["version"] == fmt.FORMAT_VERSION  # a uniform layout: what older fic reads
     assert any("differ between layers" in n and "1 Q4_0" in n for n in manifest["notes"])
 
 
+def _q4_k_m_gguf(tmp_path: Path, model) -> Path:
+    """A GGUF shaped like llama.cpp's Q4_K_M: K-quants throughout, ffn_down Q6_K in layer 0 and Q4_K
+    in layer 1 (Q4_K_M gives some layers' ffn_down more bits)."""
+    write_gguf(tmp_path / "q6.gguf", model, types=K_TYPES)
+    write_gguf(tmp_path / "q4.gguf", model, types={**K_TYPES, "ffn_down": T.Q4_K})
+    return _splice(tmp_path / "q6.gguf", tmp_path / "q4.gguf", "blk.1.ffn_down.weight", tmp_path / "k_m.gguf")
+
+
+def test_gguf_q4_k_m_down_kept_per_layer(tmp_path):
+    """A Q4_K_M-shaped file keeps ffn_down's Q6_K and Q4_K layers byte for byte (the default expert
+    size rounds up to their block of 256); an explicit expert size of 64 joins them into
+    options.quant, with a note naming both formats."""
+    model = tiny_model("qwen2", hidden_size=256, intermediate_size=512, num_attention_heads=4, seed=6)
+    path = _q4_k_m_gguf(tmp_path, model)
+    out = convert(path, tmp_path / "m", name="k", progress=False)
+    manifest, dense, bundles = read_model(out)
+    assert manifest["expert_layout"]["down_fmts"] == ["q6_k", "q4_k"]
+    assert manifest["provenance"]["converter"]["expert_size"] == 256
+    assert manifest.get("notes", []) == []
+    raw = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(path)).tensors}
+    for layer, block in enumerate((210, 144)):
+        down = raw[f"blk.{layer}.ffn_down.weight"]
+        for b, s in zip(bundles[layer], (0, 256)):
+            np.testing.assert_array_equal(b.down.data, down[:, s // 256 * block:(s + 256) // 256 * block].reshape(-1))
+    small = convert(path, tmp_path / "m64", name="k", options=ConvertOptions(expert_size=64), progress=False)
+    manifest = json.loads((small / "manifest.json").read_text())
+    assert manifest["expert_layout"]["down_fmt"] == "q8_0" and "down_fmts" not in manifest["expert_layout"]
+    (note,) = manifest["notes"]
+    assert "expert size 64 is not a multiple of q4_k/q6_k's block of 256" in note
+
+
+def test_gguf_q4_k_m_logits_match_the_file(tmp_path):
+    """The per-layer down formats computed as the file holds them: fic's logits against torch running
+    the file's dequantized weights (gguf package), all resident and with the experts streamed
+    through a budget below the model's size; the streamed run matches the resident one."""
+    from flashinfer_cli.engine import Engine
+
+    # 12 experts of 256 a layer: more than one huge page of arena holds, so a budget can stream
+    model = tiny_model("llama", hidden_size=256, intermediate_size=3072, num_attention_heads=4,
+                       num_key_value_heads=2, seed=8)
+    path = _q4_k_m_gguf(tmp_path, model)
+    out = convert(path, tmp_path / "m", name="k", progress=False)
+    ids = [int(i) for i in np.random.default_rng(0).integers(2, 300, 24)]
+    with torch.no_grad():
+        load_gguf_weights(model, path)
+        ref = model(torch.tensor([ids])).logits[0].double().numpy()
+    eng = Engine.open(str(out), ctx=64, kv_dtype="f32")
+    with kernels.prefill_mode("exact"):
+        fic = np.asarray(eng.forward(ids), dtype=np.float64)
+    assert np.abs(fic - ref).max() / np.abs(ref).max() < 1e-4
+    full, _ = make_engine_plan(out, mem="64G", ctx=64)
+    mem = full.fixed_bytes + HUGE_PAGE
+    streamed = Engine.open(str(out), ctx=64, kv_dtype="f32", mem=mem, mode="exact")
+    assert eng.plan.all_resident and not streamed.plan.all_resident
+    assert np.array_equal(streamed.forward(ids), eng.forward(ids))
+    a = eng.forward(ids)[-1]
+    for _ in range(4):  # decode: the fused all-layers call against the streaming runner
+        tok = int(np.argmax(a))
+        a, b = eng._step([tok]), streamed._step([tok])
+        assert np.array_equal(a, b)
+    assert streamed.stats()["request"]["streamed"] > 0
 def _splice(base: Path, other: Path, name: str, dest: Path) -> Path:
     """A GGUF with base's tensors except `name`, taken from other."""
     rb, ro = gguf.GGUFReader(str(base)), gguf.GGUFReader(str(other))

@@ -29,10 +29,12 @@ def _make_parts(rng, layout: ExpertLayout, n: int):
     return gate, up, down
 
 
-def write_model(dest: Path, down_layout: str = "columns", seed: int = 0):
-    """A small model; returns what was written so tests compare against the source values."""
+def write_model(dest: Path, down_layout: str = "columns", seed: int = 0, down_fmts: list[str] | None = None):
+    """A small model; returns what was written so tests compare against the source values.
+    down_fmts: ffn_down's format per layer."""
     rng = np.random.default_rng(seed)
-    layout = ExpertLayout(D_MODEL, "q4_0", "q4_1", "q1_0" if down_layout == "rows" else "q8_0", down_layout)
+    downs = down_fmts or ["q1_0" if down_layout == "rows" else "q8_0"] * N_LAYERS
+    layout = ExpertLayout.per_layer(D_MODEL, "q4_0", "q4_1", downs, down_layout)
     src = dest.parent.parent / "src"  # outside the store, so the store holds only models
     src.mkdir(exist_ok=True)
     tok = src / "tokenizer.json"
@@ -49,7 +51,7 @@ def write_model(dest: Path, down_layout: str = "columns", seed: int = 0):
             w.add_dense(name, value)
         for layer in range(N_LAYERS):
             for e, n in enumerate(EXPERT_SIZES):
-                bundles[layer, e] = _make_parts(rng, layout, n)
+                bundles[layer, e] = _make_parts(rng, layout.layer(layer), n)
                 w.add_expert(layer, *bundles[layer, e])
             w.set_neuron_order(layer, rng.permutation(sum(EXPERT_SIZES)))
         w.add_file(tok)
@@ -90,6 +92,44 @@ def test_round_trip(tmp_path: Path, down_layout: str):
     umask = os.umask(0)
     os.umask(umask)
     assert dest.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
+
+
+def test_round_trip_with_down_formats_per_layer(tmp_path: Path):
+    """ffn_down in a format per layer (version 5): each layer's bundles come back in their own."""
+    dest = tmp_path / "store" / "m"
+    _, bundles = write_model(dest, down_fmts=["q8_0", "q1_0"])
+    raw = json.loads((dest / fmt.MANIFEST_FILE).read_text())
+    assert raw["version"] == fmt.DOWN_FMTS_VERSION
+    assert raw["expert_layout"]["down_fmts"] == ["q8_0", "q1_0"] and raw["expert_layout"]["down_fmt"] == "q8_0"
+    with ModelReader(dest) as r:
+        keys = sorted(bundles)
+        for (layer, e), bundle in zip(keys, _read_all(r, keys)):
+            assert bundle.down.fmt == ("q8_0", "q1_0")[layer]
+            np.testing.assert_array_equal(bundle.data[:sum(p.data.nbytes for p in bundles[layer, e])],
+                                          np.concatenate([p.data for p in bundles[layer, e]]))
+        assert r.bundle_bytes(0, 0) > r.bundle_bytes(1, 0)
+
+
+def test_a_uniform_layout_keeps_the_older_version(model: Path):
+    """No down_fmts: the manifest stays what an older fic reads (version 3, no new key)."""
+    raw = json.loads((model / fmt.MANIFEST_FILE).read_text())
+    assert raw["version"] == fmt.FORMAT_VERSION and "down_fmts" not in raw["expert_layout"]
+
+
+@pytest.mark.parametrize("edit,fault", [
+    (lambda m: m.update(version=3), "down_fmts in a version 3 manifest"),
+    (lambda m: m["expert_layout"].update(down_fmts=["q8_0"]), "down_fmts names 1 layers, the expert table has 2"),
+    (lambda m: m["expert_layout"].update(down_fmt="q1_0"), "down_fmt 'q1_0' is not the widest of down_fmts"),
+    (lambda m: m["expert_layout"].update(down_fmts=["q8_0", "q9_9"]), "unknown weight format 'q9_9' in down_fmts"),
+    (lambda m: m["expert_layout"].update(down_fmts="q8_0"), "down_fmts is not a list of format names"),
+    (lambda m: m["expert_layout"].update(down_fmts=["q8_0", "q8_0"]),
+     "layer 1 expert 0: length .* does not fit 128 neurons"),
+], ids=["old-version", "wrong-length", "not-widest", "unknown-format", "not-a-list", "bytes-of-another-format"])
+def test_bad_down_formats_per_layer_are_format_errors(tmp_path: Path, edit, fault):
+    dest = tmp_path / "store" / "m"
+    write_model(dest, down_fmts=["q8_0", "q1_0"])
+    _edit_manifest(dest, edit)
+    _expect(dest, fmt.MANIFEST_FILE if "length" not in fault else fmt.EXPERTS_FILE, fault)
 
 
 def test_bundle_is_usable_by_kernels(tmp_path: Path):

@@ -4,6 +4,7 @@ generations against transformers, and the same under a budget small enough that 
 missed and read during decode."""
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -75,8 +76,8 @@ def test_version_2_is_read_as_a_dense_model_and_1_is_refused_with_the_command(tm
     _edit(tmp_path / "m", lambda m: m.update(version=1))
     with pytest.raises(FormatError, match=r"format version 1 .*run `fic pull /src/mixtral-tiny --name m --force`"):
         ModelReader(tmp_path / "m")
-    _edit(tmp_path / "m", lambda m: m.update(version=5))
-    with pytest.raises(FormatError, match="unsupported format version 5 .*reads versions 2, 3, 4"):
+    _edit(tmp_path / "m", lambda m: m.update(version=6))
+    with pytest.raises(FormatError, match="unsupported format version 6 .*reads versions 2, 3, 4, 5"):
         ModelReader(tmp_path / "m")
 
 
@@ -444,18 +445,19 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_moe_gguf(path: Path, family: str, hf, expert_type: str = "F32") -> None:
+def write_moe_gguf(path: Path, family: str, hf, expert_type: str = "F32", down_types: list[str] | None = None) -> None:
     """The model as llama.cpp's converter writes it: merged (n_expert, rows, cols) expert tensors,
     ffn_gate_inp, the shared expert's _shexp tensors (its gate a vector), llama's permuted Q/K;
-    expert_type: the routed experts' GGUF type (Q8_0: quantized by the gguf package)."""
+    expert_type: the routed experts' GGUF type (Q8_0: quantized by the gguf package); down_types:
+    ffn_down_exps's per layer instead (as Q4_K_M files give some layers more bits)."""
     import gguf
 
-    def experts(name: str, value: np.ndarray) -> None:
+    def experts(name: str, value: np.ndarray, qtype_name: str = expert_type) -> None:
         value = np.ascontiguousarray(value)
-        if expert_type == "F32":
+        if qtype_name == "F32":
             w.add_tensor(name, value)
         else:
-            qtype = gguf.GGMLQuantizationType[expert_type]
+            qtype = gguf.GGMLQuantizationType[qtype_name]
             w.add_tensor(name, gguf.quants.quantize(value, qtype), raw_dtype=qtype)
 
     arch, cfg = GGUF_ARCH[family], hf.config
@@ -504,7 +506,8 @@ def write_moe_gguf(path: Path, family: str, hf, expert_type: str = "F32") -> Non
         w.add_tensor(b + "ffn_gate_inp.weight", sd[p + "mlp.gate.weight"])
         experts(b + "ffn_gate_exps.weight", gate_up[:, :size])
         experts(b + "ffn_up_exps.weight", gate_up[:, size:])
-        experts(b + "ffn_down_exps.weight", sd[p + "mlp.experts.down_proj"])
+        experts(b + "ffn_down_exps.weight", sd[p + "mlp.experts.down_proj"],
+                down_types[i] if down_types else expert_type)
         if family == "qwen2_moe":
             for r in ("gate", "up", "down"):
                 w.add_tensor(b + f"ffn_{r}_shexp.weight", sd[p + f"mlp.shared_expert.{r}_proj.weight"])
@@ -600,6 +603,48 @@ def test_gguf_quantized_experts_are_kept_byte_for_byte(families, tmp_path):
     # llama.cpp quantizes activations to 8 bits inside its Q8_0 products (fic's kernels multiply in f32)
     assert rel(ours, ref) < 2e-2
     assert (ours.argmax(1) == ref.argmax(1)).mean() >= 0.9
+
+
+def test_gguf_down_formats_per_layer_run_as_the_file_holds_them(big_mixtral, tmp_path):
+    """ffn_down_exps in Q8_0 in layer 0 and Q4_0 in layer 1 keeps each layer's format: fic against
+    torch running the file's dequantized experts (gguf package), all resident (the fused MoE decode,
+    one layout per layer) and under a budget that reads misses, bit for bit the resident run."""
+    import gguf
+
+    hf, _ = big_mixtral
+    write_moe_gguf(tmp_path / "m.gguf", "mixtral", hf, expert_type="Q8_0", down_types=["Q8_0", "Q4_0"])
+    dest = convert(tmp_path / "m.gguf", tmp_path / "fic", name="mixed", options=ConvertOptions(quant="f32"),
+                   progress=False)
+    with ModelReader(dest) as r:
+        assert r.layout.down_fmts == ("q8_0", "q4_0") and not r.manifest.notes
+    src = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    ref_model = copy.deepcopy(hf)
+    size = ref_model.config.intermediate_size
+    with torch.no_grad():
+        for i, layer in enumerate(ref_model.model.layers):
+            def deq(role: str) -> torch.Tensor:
+                t = src[f"blk.{i}.ffn_{role}_exps.weight"]
+                return torch.from_numpy(gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).copy())
+            layer.mlp.experts.gate_up_proj[:, :size] = deq("gate")
+            layer.mlp.experts.gate_up_proj[:, size:] = deq("up")
+            layer.mlp.experts.down_proj[:] = deq("down")
+    ref = hf_logits(ref_model, IDS)
+    full = Engine.open(str(dest), ctx=128, kv_dtype="f32", auto_pull=False)
+    eng = Engine.open(str(dest), mem=small_budget(dest, 10), ctx=128, kv_dtype="f32", auto_pull=False)
+    assert full.plan.all_resident and not eng.plan.all_resident
+    split = 12
+    with kernels.prefill_mode("exact"), kernels.decode_mode("exact"):  # float activations, as torch's
+        got = [full.forward(IDS[:split])] + [full._step([t])[None] for t in IDS[split:]]
+        assert rel(np.concatenate(got), ref) < 1e-4
+        assert np.array_equal(eng.forward(IDS[:split]), got[0])
+        for t, want in zip(IDS[split:], got[1:]):
+            assert np.array_equal(eng._step([t]), want[0])
+    assert eng.stats()["request"]["misses"] > 0
+    # with the int8 activations of the default kernels the budget still changes nothing
+    full.forget_context(), eng.forget_context()
+    assert np.array_equal(eng.forward(IDS[:split]), full.forward(IDS[:split]))
+    for t in IDS[split:split + 8]:
+        assert np.array_equal(eng._step([t]), full._step([t]))
 
 
 def test_exact_mode_reselection_keeps_the_full_models_output(big_mixtral):
