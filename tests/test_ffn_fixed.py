@@ -131,6 +131,18 @@ def test_64_neuron_experts_with_a_partial_last_block_of_rows(impl, d, threads):
     check_splits(case, 5, stable_seed("q8_0", d, "split64"), impl, threads, "int8")
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("d", [256, 100, 120])
+@pytest.mark.parametrize("fmt", ["q4_k", "q6_k"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_256_neuron_k_quant_experts(impl, fmt, d, threads):
+    """A Q4_K_M file's down kept (experts of 256 neurons: one super-block a down row), which AVX-512
+    VNNI takes 16 rows a step with x loaded once; d = 100 and 120 end on partial steps (4 and 8 rows).
+    Split independence and the numpy bound, int8 decode, 1 and 2 threads."""
+    case = Case(["f16", "f16", fmt], "columns", [256] * 4, 1, seed=stable_seed(fmt, d, "k256"), d=d, coef=None)
+    check_splits(case, 4, stable_seed(fmt, d, "split256"), impl, threads, "int8")
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_fixed_matches_float_within_the_grid(impl):
     """The same call with a float32 y and with the accumulator: apart by the grid and the float sums."""
