@@ -398,6 +398,18 @@ def _math_impl(impl: str, t: int, formats: tuple[str, ...] = ()) -> int:
     return _decode_impl(impl) if t == 1 else _prefill_impl(impl, formats)
 
 
+def _ffn_impl(impl: str, t: int, formats: tuple[str, ...], y_flag: int) -> int:
+    """An FFN call's arithmetic (with its y flag). A fixed-point call (FIC_FFN_FIXED) runs a down
+    without AMX tiles in float in either mode (ffn.c: Q6_K, as Q4_K_M files keep some layers'
+    ffn_down), so only gate and up decide its prefill: with Q4_K gate/up on AMX that made
+    Qwen2.5-Coder-1.5B's 512-token prefill 1.5-1.6x (bench/RESULTS.md) where the Q6_K down made the
+    whole call float."""
+    down = LAYOUT_OF.get(formats[2], formats[2])
+    if y_flag and t > 1 and down not in TILE_FORMATS and down != "q1_0":
+        formats = formats[:2]
+    return _math_impl(impl, t, formats) | y_flag
+
+
 def get_threads() -> int:
     return _POOL.n_threads
 
@@ -694,7 +706,7 @@ class ExpertSet:
         pool = _POOL.get()
         ws, ws_bytes, held = _ws_acquire(_POOL._n_threads, t, self.d_model, len(self), self.n_total)
         try:
-            status = lib.fic_experts_ffn(pool, _math_impl(impl, t, tuple(self.formats)) | y_flag, self._layout,
+            status = lib.fic_experts_ffn(pool, _ffn_impl(impl, t, tuple(self.formats), y_flag), self._layout,
                                          self._bundles, self._n, len(self), coef_ptr, _f32(x), y_ptr, t,
                                          _f32(scratch), scratch.size, ws, ws_bytes)
         finally:
@@ -994,7 +1006,7 @@ def experts_ffn_slots(layout, arena: np.ndarray, slot_bytes: int, slots: np.ndar
     pool = _POOL.get()
     ws, ws_bytes, held = _ws_acquire(_POOL._n_threads, t, lay.d_model, n_experts, n_total)
     try:
-        status = lib.fic_experts_ffn_slots(pool, _math_impl(impl, t, lay.formats) | y_flag, lay.c, _u8(arena),
+        status = lib.fic_experts_ffn_slots(pool, _ffn_impl(impl, t, lay.formats, y_flag), lay.c, _u8(arena),
                                            slot_bytes,
                                            ffi.from_buffer("int32_t[]", slots), ffi.from_buffer("int32_t[]", n_neurons),
                                            n_experts, coef_ptr, _f32(x), y_ptr, t, _f32(scratch), scratch.size,

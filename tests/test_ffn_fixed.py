@@ -143,6 +143,23 @@ def test_256_neuron_k_quant_experts(impl, fmt, d, threads):
     check_splits(case, 4, stable_seed(fmt, d, "split256"), impl, threads, "int8")
 
 
+def test_auto_prefill_of_q4_k_gate_up_with_a_q6_k_down():
+    """A Q4_K_M layer (Q4_K gate and up, Q6_K down), 12 tokens: a fixed-point call's down has no AMX
+    tiles and runs in float in either mode, so its default ("auto") prefill is what gate and up have
+    alone: int8 where Q4_K runs on AMX tiles (FIC_PREFILL=int8's bits), else exact; a float y's call
+    (no fixed point: its Q6_K down would take the AVX2 int8 code) stays exact."""
+    case = Case(["q4_k", "q4_k", "q6_k"], "columns", [256] * 3, 12, seed=21, coef=None)
+    groups = [[0, 1, 2]]
+    runs = {}
+    for mode in ("auto", "int8", "exact"):
+        with K.prefill_mode(mode):
+            runs[mode] = (run_split(case, groups, "auto"), case.run_slots("auto"))
+    default = "int8" if K.amx_available() and K.best_impl() == "avx512" else "exact"
+    other = "exact" if default == "int8" else "int8"
+    assert np.array_equal(runs["auto"][0], runs[default][0]) and not np.array_equal(runs["auto"][0], runs[other][0])
+    assert np.array_equal(runs["auto"][1], runs["exact"][1]) and not np.array_equal(runs["auto"][1], runs["int8"][1])
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_fixed_matches_float_within_the_grid(impl):
     """The same call with a float32 y and with the accumulator: apart by the grid and the float sums."""
