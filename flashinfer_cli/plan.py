@@ -157,6 +157,12 @@ class ModelShape:
         return sum(self.experts_per_layer)
 
     @property
+    def mean_bundle_bytes(self) -> int:
+        """A bundle's padded bytes on average: what a streamed one costs to read, where bundles
+        differ (a smaller last expert, ffn_down's format per layer); slot_bytes is the largest."""
+        return self.bundle_bytes_total // max(1, self.n_experts)
+
+    @property
     def max_experts_per_layer(self) -> int:
         return max(self.experts_per_layer, default=0)
 
@@ -224,7 +230,7 @@ class MemoryPlan:
             return sum(min(s.moe_top_k, n - k) for n, k in zip(s.experts_per_layer, self.active_per_layer)) \
                 * self.slot_bytes
         resident = sum(self.active_per_layer)
-        return max(0, self.shape.n_experts - resident) * self.slot_bytes
+        return max(0, self.shape.n_experts - resident) * self.shape.mean_bundle_bytes
 
     @property
     def active_params(self) -> int:
@@ -262,7 +268,7 @@ class MemoryPlan:
                            f" the prompt's set is prefetched and pinned, misses are kept while hot")
             else:
                 n_stream = max(0, s.n_experts - sum(min(k, n) for n in s.experts_per_layer))
-                out.append(f"exact mode      {human(n_stream * self.slot_bytes)} streamed from flash per token"
+                out.append(f"exact mode      {human(n_stream * s.mean_bundle_bytes)} streamed from flash per token"
                            f" ({n_stream} bundles)")
             params = "" if s.is_moe else \
                 f", {(s.dense_params + k * s.n_layers * s.expert_params) / 1e6:.0f}M active parameters"
