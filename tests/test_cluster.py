@@ -126,6 +126,48 @@ def test_columns_down_is_requantized_and_measured(tiny):
     assert rel(logits(res.path), logits(src)) < 3e-2  # measured ~6e-3
 
 
+def _down_per_layer(src: Path, dest: Path, fmts: list[str]) -> Path:
+    """src (columns down) rewritten with ffn_down in fmts[layer] (a Q4_K_M file's mixed down, in
+    formats fic can quantize to), everything else as it is."""
+    from flashinfer_cli.convert import as_float, column_slice, to_qtensor
+
+    with fmt.ModelReader(src) as r:
+        man = r.manifest
+        lay = fmt.ExpertLayout.per_layer(man.expert_layout.d_model, man.expert_layout.gate_fmt,
+                                         man.expert_layout.up_fmt, fmts, "columns")
+        with fmt.ModelWriter(dest, name=man.name, arch=man.arch, layout=lay, provenance=man.provenance,
+                             tokenizer={k: v for k, v in man.tokenizer.items() if k != "files"}) as w:
+            for name, value in r.dense().items():
+                if not name.endswith(".ffn_neuron_order"):
+                    w.add_dense(name, value)
+            for layer in range(len(man.experts)):
+                keys = [(layer, e) for e in range(len(man.experts[layer]))]
+                bundles = r.read_bundles(keys, [kernels.aligned_buffer(r.bundle_bytes(*k)) for k in keys])
+                full = to_qtensor(np.concatenate([as_float(b.down) for b in bundles], axis=1), fmts[layer])
+                start = 0
+                for b in bundles:
+                    w.add_expert(layer, b.gate, b.up, column_slice(full, start, start + b.n_neurons))
+                    start += b.n_neurons
+                w.set_neuron_order(layer, r.neuron_order(layer))
+            for name in man.tokenizer.get("files", []):
+                w.add_file(src / name, name)
+    return dest
+
+
+def test_down_formats_per_layer_survive_clustering(tiny):
+    """A model whose ffn_down format differs by layer (version 5) clusters layer by layer: each
+    layer's down requantized in its own format, the list kept, the note naming both."""
+    root, _ = tiny
+    src = _down_per_layer(converted(root, "q8_0", "columns", 32), root / "mixed-down", ["q8_0", "q4_0"])
+    assert fmt.parse_manifest(src / fmt.MANIFEST_FILE).expert_layout.down_fmts == ("q8_0", "q4_0")
+    res = cluster.cluster_model(src, root / "mixed-down-c", 0.25, 0, n_tokens=TOKENS, text=TEXT)
+    man = fmt.parse_manifest(res.path / fmt.MANIFEST_FILE)
+    assert man.expert_layout.down_fmts == ("q8_0", "q4_0")
+    assert any("inside q4_0/q8_0 blocks: down requantized to q4_0/q8_0" in n for n in man.notes), man.notes
+    assert res.down_requantized and 0 < res.down_rel_rms < 0.1  # q4_0 of q4_0 values, permuted: measured 5.2e-2
+    assert rel(logits(res.path), logits(src)) < 0.1  # about the weights' change: measured 6.2e-2
+
+
 # ---- the clusters ----------------------------------------------------------------------------
 
 def test_balanced_clusters_are_a_balanced_permutation_and_find_planted_groups():
