@@ -382,6 +382,28 @@ TGT static ALWAYS_INLINE void down_piece_vnni(const int fmt, const ffn_t *f, int
  * float dot), then into the fixed-point sums (FIC_FFN_FIXED: each expert rounded on its own) or into
  * a float sum per row, added to y once. */
 TGT static ALWAYS_INLINE int down_cols_vnni(const int fmt, const ffn_t *f, int64_t r0, int64_t r1) {
+    if (f->acc != NULL) {
+        /* fixed point: each expert's products rounded on their own, so experts may go outer (the
+         * same steps and bits): each expert's rows [r0, r1) are one forward stream (ab_core ffn, mean
+         * of 20 calls: 1.02-1.05x with K-quant down, 0.99-1.03x with 64-neuron Q8_0) */
+        for (int64_t e = 0; e < f->n_experts; e++) {
+            if (f->skip[e]) continue;
+            const int64_t rb = f->rb_d[e];
+            const uint8_t *w = down_part(f, e);
+            for (int64_t r = r0; r < r1; r += Q2_ROWS) {
+                const int nr = r1 - r < Q2_ROWS ? (int)(r1 - r) : Q2_ROWS;
+                const int64_t pf_r = r + 2 * Q2_ROWS;
+                if (pf_r < r1) {
+                    const int64_t pf_bytes = (r1 - pf_r < Q2_ROWS ? r1 - pf_r : Q2_ROWS) * rb;
+                    for (int64_t o = 0; o < pf_bytes + 63; o += 64) __builtin_prefetch(w + pf_r * rb + o, 0, 1);
+                }
+                float out[Q2_ROWS];
+                down_piece_vnni(fmt, f, e, r, nr, out);
+                fixed_add(f->kt, out, f->acc + r, nr);
+            }
+        }
+        return 1;
+    }
     for (int64_t r = r0; r < r1; r += Q2_ROWS) {
         const int nr = r1 - r < Q2_ROWS ? (int)(r1 - r) : Q2_ROWS;
         float total[Q2_ROWS] = {0};

@@ -546,15 +546,20 @@ def test_gguf_1bit_ffn_converts_with_the_defaults(tmp_path):
         convert(path, tmp_path / "m2", name="x", options=ConvertOptions(expert_size=64), progress=False)
 
 
+def _q8_gguf_with_a_q4_0_layer(tmp_path: Path, role: str) -> Path:
+    """A tiny Q8_0 GGUF whose layer 1 holds `role` (ffn_gate, ffn_up, ffn_down) in Q4_0."""
+    model = tiny_model("llama", seed=5)
+    q8 = {"ffn_gate": T.Q8_0, "ffn_up": T.Q8_0, "ffn_down": T.Q8_0}
+    write_gguf(tmp_path / "q8.gguf", model, types=q8)
+    write_gguf(tmp_path / "q4.gguf", model, types={**q8, role: T.Q4_0})
+    return _splice(tmp_path / "q8.gguf", tmp_path / "q4.gguf", f"blk.1.{role}.weight", tmp_path / "spliced.gguf")
+
+
 def test_gguf_mixed_down_formats_kept_per_layer(tmp_path):
     """ffn_down in formats that differ between layers (a Q8_0 file with one Q4_0 layer) keeps each
     layer's own: the manifest names them per layer (version 5), each bundle's down part is the file's
     bytes, nothing is requantized and no note says otherwise."""
-    model = tiny_model("llama", seed=5)
-    path = tmp_path / "mixed.gguf"
-    write_gguf(path, model, types={"ffn_gate": T.Q8_0, "ffn_up": T.Q8_0, "ffn_down": T.Q8_0})
-    write_gguf(tmp_path / "other.gguf", model, types={"ffn_gate": T.Q8_0, "ffn_up": T.Q8_0, "ffn_down": T.Q4_0})
-    mixed = _splice(path, tmp_path / "other.gguf", "blk.1.ffn_down.weight", tmp_path / "spliced.gguf")
+    mixed = _q8_gguf_with_a_q4_0_layer(tmp_path, "ffn_down")
     out = convert(mixed, tmp_path / "m", name="x", options=ConvertOptions(quant="q8_0"), progress=False)
     manifest, dense, bundles = read_model(out)
     assert manifest["version"] == fmt.DOWN_FMTS_VERSION
@@ -572,11 +577,7 @@ def test_gguf_mixed_down_formats_kept_per_layer(tmp_path):
 
 def test_gguf_mixed_gate_formats_share_one_layout(tmp_path):
     """Gate (or up) formats that differ between layers are brought to options.quant, with a note."""
-    model = tiny_model("llama", seed=5)
-    path = tmp_path / "mixed.gguf"
-    write_gguf(path, model, types={"ffn_gate": T.Q8_0, "ffn_up": T.Q8_0, "ffn_down": T.Q8_0})
-    write_gguf(tmp_path / "other.gguf", model, types={"ffn_gate": T.Q4_0, "ffn_up": T.Q8_0, "ffn_down": T.Q8_0})
-    mixed = _splice(path, tmp_path / "other.gguf", "blk.1.ffn_gate.weight", tmp_path / "spliced.gguf")
+    mixed = _q8_gguf_with_a_q4_0_layer(tmp_path, "ffn_gate")
     out = convert(mixed, tmp_path / "m", name="x", options=ConvertOptions(quant="q8_0"), progress=False)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["expert_layout"]["gate_fmt"] == "q8_0" and "down_fmts" not in manifest["expert_layout"]
