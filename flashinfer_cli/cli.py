@@ -214,7 +214,8 @@ def show_cmd(model: str, mem: str | None, ctx: int | None, mode: str, active: st
     per_layer = sorted(set(d.experts_per_layer))
     if per_layer:
         counts = "/".join(map(str, per_layer))
-        sizes = ", ".join(f"{b:,} bytes" for b in d.bundle_bytes)
+        lo, hi = d.bundle_bytes[0], d.bundle_bytes[-1]  # sorted: a smaller last expert, per-layer formats
+        sizes = f"{lo:,} bytes" if lo == hi else f"{lo:,} to {hi:,} bytes"
         neurons = "/".join(map(str, d.bundle_neurons))
         click.echo(f"experts         {counts} per layer x {len(d.experts_per_layer)} layers; "
                    f"bundles of {neurons} neurons, {sizes} on disk")

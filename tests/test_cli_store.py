@@ -87,6 +87,18 @@ def test_show_describes_the_model(home):
     assert out["source"] == "pip example==1.0"
 
 
+def test_show_counts_down_formats_per_layer(home):
+    """ffn_down in a format per layer: the bundles' sizes as a range, each layer's matrices counted in
+    their own format."""
+    write_tiny_model(home, "mixed", quant="q4_0", layers=2, experts=3, down_fmts=["q4_0", "q8_0"])
+    result = run("show", "mixed")
+    assert result.exit_code == 0, result.output
+    out = {l[:16].strip(): l[16:] for l in result.output.splitlines()}
+    assert out["experts"] == f"3 per layer x 2 layers; bundles of {N_NEURONS} neurons, 4,096 to 8,192 bytes on disk"
+    assert out["quantization"].startswith(f"q4_0 (5 tensors, {(2 * 3 * 3 - 3) * N_NEURONS * D_MODEL / 1e6:.1f}M params)")
+    assert "q8_0 (2 tensors, " in out["quantization"]
+
+
 def test_show_takes_a_model_dir_path_too(home, tmp_path):
     path = write_tiny_model(Store(tmp_path / "elsewhere"), "m")
     result = run("show", str(path))

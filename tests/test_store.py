@@ -19,10 +19,11 @@ D_MODEL, N_NEURONS, VOCAB = 64, 32, 48
 
 
 def write_tiny_model(store: Store, name: str, *, quant: str = "q4_0", layers: int = 2, experts: int = 3,
-                     source: str = "test source") -> Path:
-    """A small valid model written with fmt.ModelWriter: q8_0 embeddings, f32 norm, `quant` experts."""
+                     source: str = "test source", down_fmts: list[str] | None = None) -> Path:
+    """A small valid model written with fmt.ModelWriter: q8_0 embeddings, f32 norm, `quant` experts
+    (down_fmts: ffn_down's format per layer instead)."""
     rng = np.random.default_rng(0)
-    layout = fmt.ExpertLayout(d_model=D_MODEL, gate_fmt=quant, up_fmt=quant, down_fmt=quant, down_layout="columns")
+    layout = fmt.ExpertLayout.per_layer(D_MODEL, quant, quant, down_fmts or [quant] * layers, "columns")
     q = lambda shape, f=quant: kernels.quantize(rng.standard_normal(shape).astype(np.float32), f)
     with fmt.ModelWriter(store.path(name), name=name, arch={"arch": "llama", "n_layers": layers, "d_model": D_MODEL},
                          layout=layout, provenance={"source": source}) as w:
@@ -30,7 +31,8 @@ def write_tiny_model(store: Store, name: str, *, quant: str = "q4_0", layers: in
         w.add_dense("output_norm", np.ones(D_MODEL, np.float32))
         for layer in range(layers):
             for _ in range(experts):
-                w.add_expert(layer, q((N_NEURONS, D_MODEL)), q((N_NEURONS, D_MODEL)), q((D_MODEL, N_NEURONS)))
+                w.add_expert(layer, q((N_NEURONS, D_MODEL)), q((N_NEURONS, D_MODEL)),
+                             q((D_MODEL, N_NEURONS), layout.layer(layer).down_fmt))
     return store.path(name)
 
 
