@@ -380,8 +380,8 @@ typedef struct fic_moe_layer_call {
 int fic_decode_moe_layers(fic_pool *pool, int impl, const fic_decode_shape *shape, int64_t l0, int64_t n_layers,
                           const fic_attn_weights *const *attn, const fic_moe_layer_call *moe,
                           const uint8_t *arena, int64_t slot_bytes, const float *cos_table, const float *sin_table,
-                          uint16_t *const *k_cache, uint16_t *const *v_cache, int64_t pos, float *x, float *xn, float *probs, float *coef,
-                          int32_t *n_top, void *attn_ws, int64_t attn_ws_bytes, void *moe_ws, int64_t moe_ws_bytes);
+                          uint16_t *const *k_cache, uint16_t *const *v_cache, int64_t pos, float *x, float *xn,
+                          float *probs, float *coef, int32_t *n_top, void *attn_ws, int64_t attn_ws_bytes, void *moe_ws, int64_t moe_ws_bytes);
 
 /* ---- memory (pool.c) ---- */
 /* n_bytes zeroed, 4 KiB aligned; with huge != 0, 2 MiB aligned and madvise(MADV_HUGEPAGE).
