@@ -158,7 +158,8 @@ int fic_decode_moe_layers(fic_pool *pool, int impl, const fic_decode_shape *s, i
                           const fic_attn_weights *const *attn, const fic_moe_layer_call *moe,
                           const uint8_t *arena, int64_t slot_bytes, const float *cos_table, const float *sin_table,
                           uint16_t *const *k_cache, uint16_t *const *v_cache, int64_t pos, float *x, float *xn,
-                          float *probs, float *coef, int32_t *n_top, void *attn_ws, int64_t attn_ws_bytes, void *moe_ws, int64_t moe_ws_bytes) {
+                          float *probs, float *coef, int32_t *n_top, void *attn_ws, int64_t attn_ws_bytes,
+                          void *moe_ws, int64_t moe_ws_bytes) {
     if (!s || l0 < 0 || n_layers < l0 || (n_layers > l0 && (!attn || !moe || !k_cache || !v_cache || !n_top)))
         return FIC_ERR_ARG;
     for (int64_t l = l0; l < n_layers; l++) {
