@@ -103,12 +103,13 @@ def parse_table(raw: Any, where: str) -> dict[str, Profile]:
 # For a model no catalog entry describes (converted from a local file). The quality cost of pruning
 # depends on the model and was not measured for it: the prune profile says what it cost on the
 # catalog's models (bench/RESULTS.md, "Prune-mode quality vs expert size": exact policy at 0.9,
-# expert size 64: x1.283 on SmolLM2-135M, x1.265 on Qwen2.5-Coder-0.5B; at 0.75: x3.04 and x1.95).
+# expert size 64: x1.283 on SmolLM2-135M, x1.265 on Qwen2.5-Coder-0.5B; at 0.75: x3.04 and x1.95;
+# "ffn_down's format per layer", the catalog's Qwen conversions at 256: x1.267 (0.5B), x1.234 (1.5B)).
 DEFAULTS: dict[str, Profile] = {p.name: p for p in (
     Profile("chat", "the full model's answer: no quality cost"),
     Profile("code", "the full model's answer: code needs every token right"),
     Profile("summarize", "not measured for this model; on the catalog's models 0.9 cost "
-                         "continuation perplexity x1.27-1.28 (0.75: x1.9-3.0)", mode="prune", active="0.9"),
+                         "continuation perplexity x1.23-1.28 (0.75: x1.9-3.0)", mode="prune", active="0.9"),
     Profile("long", "the full model's answer with an 8192-token context (the model's own if smaller)",
             ctx=8192),
 )}
