@@ -353,7 +353,7 @@ def _parse_layout(raw: Any, path: Path) -> ExpertLayout | None:
     try:
         layout = ExpertLayout(**{**raw, "down_fmts": _parse_down_fmts(raw.get("down_fmts"), path)})
     except TypeError:
-        missing = sorted(known - set(raw))
+        missing = sorted(known - set(raw) - {"down_fmts"})  # down_fmts is optional
         raise FormatError(path, f"expert_layout: missing {', '.join(missing) or 'keys'}") from None
     for fmt in (layout.gate_fmt, layout.up_fmt, layout.down_fmt):
         _require(isinstance(fmt, str) and fmt in kernels.FORMATS, path, f"expert_layout: unknown weight format {_short(fmt)}")
@@ -439,8 +439,8 @@ def parse_manifest(path: Path) -> Manifest:
 
 def r32_storable(layout: ExpertLayout | None, sizes: Sequence[int] | Any) -> bool:
     """Bundles of this layout and these sizes can be stored (and read) in the r32 order."""
-    return layout is not None and layout.down_fmts is None and kernels.q1r32_bundle_eligible(layout.gate_fmt, layout.up_fmt, layout.down_fmt,
-                                                                layout.down_layout, layout.d_model, sizes)
+    return layout is not None and layout.down_fmts is None and kernels.q1r32_bundle_eligible(
+        layout.gate_fmt, layout.up_fmt, layout.down_fmt, layout.down_layout, layout.d_model, sizes)
 
 
 def expert_sizes(d_ff: int, expert_size: int) -> list[int]:
