@@ -199,6 +199,18 @@ TGT static ALWAYS_INLINE void q6k_step(const block_q6_K *blk, const __m512i x[4]
     }
 }
 
+/* Super-block b of x as q6k_step takes it: x[c] (chunk c's int8), neg32[c] (-32 sum of each lane's
+ * 4 xq: the values' offset, any row) and dxc[c] (its lanes' dx). */
+TGT static ALWAYS_INLINE void q6k_x(const job_t *j, int64_t b, __m512i x[4], __m512i neg32[4], __m512 dxc[4]) {
+    const __m512 dx = _mm512_castps256_ps512(_mm256_loadu_ps(j->xscale16 + 8 * b));
+    for (int c = 0; c < 4; c++) {
+        x[c] = _mm512_loadu_si512((const void *)(j->xq + QK_K * b + 64 * c));
+        neg32[c] = _mm512_sub_epi32(_mm512_setzero_si512(),
+                                    _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(32), x[c]));
+        dxc[c] = _mm512_permutexvar_ps(pair_index(c), dx);
+    }
+}
+
 /* y[i] = row i . x for nr (1 or 2) rows rb bytes apart, k a multiple of 256. */
 TGT static ALWAYS_INLINE void q6k_rows(const job_t *j, const uint8_t *row, int64_t rb, int nr, float *y) {
     const int64_t nsb = j->k / QK_K;
@@ -206,15 +218,9 @@ TGT static ALWAYS_INLINE void q6k_rows(const job_t *j, const uint8_t *row, int64
     acc_init(&r0);
     acc_init(&r1);
     for (int64_t b = 0; b < nsb; b++) {
-        const __m512 dx = _mm512_castps256_ps512(_mm256_loadu_ps(j->xscale16 + 8 * b));
-        __m512i x[4], neg32[4]; /* -32 sum of each lane's 4 xq: the values' offset, any row */
+        __m512i x[4], neg32[4];
         __m512 dxc[4];
-        for (int c = 0; c < 4; c++) {
-            x[c] = _mm512_loadu_si512((const void *)(j->xq + QK_K * b + 64 * c));
-            neg32[c] = _mm512_sub_epi32(_mm512_setzero_si512(),
-                                        _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(32), x[c]));
-            dxc[c] = _mm512_permutexvar_ps(pair_index(c), dx);
-        }
+        q6k_x(j, b, x, neg32, dxc);
         q6k_step((const block_q6_K *)row + b, x, neg32, dxc, &r0);
         if (nr == 2) q6k_step((const block_q6_K *)(row + rb) + b, x, neg32, dxc, &r1);
     }
@@ -324,16 +330,9 @@ TGT static ALWAYS_INLINE __m512 pair_tree(__m512 a, __m512 b) { /* per 128-bit l
 TGT static ALWAYS_INLINE void kq_rows16_k256(const int fmt, const job_t *j, const uint8_t *w, int64_t rb, int nr,
                                              float *out) {
     const __m256 dx8 = _mm256_loadu_ps(j->xscale16), s8 = _mm256_loadu_ps(j->xcorr16);
-    const __m512 dx = _mm512_castps256_ps512(dx8);
-    __m512i x[4], neg32[4];
+    __m512i x[4], neg32[4]; /* Q4_K uses x only (the other two unused, left to the compiler) */
     __m512 dxc[4];
-    for (int c = 0; c < 4; c++) {
-        x[c] = _mm512_loadu_si512((const void *)(j->xq + 64 * c));
-        neg32[c] = fmt == FIC_Q6_K ? _mm512_sub_epi32(_mm512_setzero_si512(),
-                                                      _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(32), x[c]))
-                                   : _mm512_setzero_si512();
-        dxc[c] = _mm512_permutexvar_ps(pair_index(c), dx);
-    }
+    q6k_x(j, 0, x, neg32, dxc);
     __m512 quad[4]; /* rows 4 m .. 4 m + 3: per 128-bit lane, their partial sums in order */
     for (int m = 0; m < 4; m++) {
         __m512 v[4];
@@ -350,6 +349,15 @@ TGT static ALWAYS_INLINE void kq_rows16_k256(const int fmt, const job_t *j, cons
 }
 
 #define Q2_ROWS 16 /* output rows per step of the down columns (two of P2_ROWS: fixed calls' chunks) */
+
+/* The rows two steps past r of a down piece (w: its row 0, rb bytes a row), as far as r1, into L2
+ * (locality 1: one stream per expert; 1.01-1.07x over every level, ab_core ffn). */
+TGT static ALWAYS_INLINE void down_prefetch(const uint8_t *w, int64_t rb, int64_t r, int64_t r1) {
+    const int64_t pf_r = r + 2 * Q2_ROWS;
+    if (pf_r >= r1) return;
+    const int64_t pf_bytes = (r1 - pf_r < Q2_ROWS ? r1 - pf_r : Q2_ROWS) * rb;
+    for (int64_t o = 0; o < pf_bytes + 63; o += 64) __builtin_prefetch(w + pf_r * rb + o, 0, 1);
+}
 
 /* Rows [r, r + nr) of expert e's down piece against h_e, nr <= Q2_ROWS, into out. */
 TGT static ALWAYS_INLINE void down_piece_vnni(const int fmt, const ffn_t *f, int64_t e, int64_t r, int nr, float *out) {
@@ -377,10 +385,10 @@ TGT static ALWAYS_INLINE void down_piece_vnni(const int fmt, const ffn_t *f, int
     }
 }
 
-/* FFN phase 2 (columns), t = 1: output rows [r0, r1), Q2_ROWS at a time, experts inner: each
- * expert's row pieces (prefetched two steps ahead) against h_e (int8 where prepared so, else the
- * float dot), then into the fixed-point sums (FIC_FFN_FIXED: each expert rounded on its own) or into
- * a float sum per row, added to y once. */
+/* FFN phase 2 (columns), t = 1: output rows [r0, r1), Q2_ROWS at a time: each expert's row pieces
+ * (prefetched two steps ahead) against h_e (int8 where prepared so, else the float dot), then into
+ * the fixed-point sums (FIC_FFN_FIXED: each expert rounded on its own; experts outer) or into a float
+ * sum per row over the experts (experts inner), added to y once. */
 TGT static ALWAYS_INLINE int down_cols_vnni(const int fmt, const ffn_t *f, int64_t r0, int64_t r1) {
     if (f->acc != NULL) {
         /* fixed point: each expert's products rounded on their own, so experts may go outer (the
@@ -392,11 +400,7 @@ TGT static ALWAYS_INLINE int down_cols_vnni(const int fmt, const ffn_t *f, int64
             const uint8_t *w = down_part(f, e);
             for (int64_t r = r0; r < r1; r += Q2_ROWS) {
                 const int nr = r1 - r < Q2_ROWS ? (int)(r1 - r) : Q2_ROWS;
-                const int64_t pf_r = r + 2 * Q2_ROWS;
-                if (pf_r < r1) {
-                    const int64_t pf_bytes = (r1 - pf_r < Q2_ROWS ? r1 - pf_r : Q2_ROWS) * rb;
-                    for (int64_t o = 0; o < pf_bytes + 63; o += 64) __builtin_prefetch(w + pf_r * rb + o, 0, 1);
-                }
+                down_prefetch(w, rb, r, r1);
                 float out[Q2_ROWS];
                 down_piece_vnni(fmt, f, e, r, nr, out);
                 fixed_add(f->kt, out, f->acc + r, nr);
@@ -404,28 +408,17 @@ TGT static ALWAYS_INLINE int down_cols_vnni(const int fmt, const ffn_t *f, int64
         }
         return 1;
     }
-    for (int64_t r = r0; r < r1; r += Q2_ROWS) {
+    for (int64_t r = r0; r < r1; r += Q2_ROWS) { /* float y: a sum per row over the experts, in order */
         const int nr = r1 - r < Q2_ROWS ? (int)(r1 - r) : Q2_ROWS;
         float total[Q2_ROWS] = {0};
         for (int64_t e = 0; e < f->n_experts; e++) {
             if (f->skip[e]) continue;
-            const int64_t rb = f->rb_d[e], pf_r = r + 2 * Q2_ROWS;
-            if (pf_r < r1) {
-                const uint8_t *pf = down_part(f, e) + pf_r * rb;
-                const int64_t pf_bytes = (r1 - pf_r < Q2_ROWS ? r1 - pf_r : Q2_ROWS) * rb;
-                /* into L2 (locality 1): one stream per expert; 1.01-1.07x over every level (ab_core ffn) */
-                for (int64_t o = 0; o < pf_bytes + 63; o += 64) __builtin_prefetch(pf + o, 0, 1);
-            }
+            down_prefetch(down_part(f, e), f->rb_d[e], r, r1);
             float out[Q2_ROWS];
             down_piece_vnni(fmt, f, e, r, nr, out);
-            if (f->acc != NULL) {
-                fixed_add(f->kt, out, f->acc + r, nr);
-            } else {
-                for (int i = 0; i < nr; i++) total[i] += out[i];
-            }
+            for (int i = 0; i < nr; i++) total[i] += out[i];
         }
-        if (f->acc == NULL)
-            for (int i = 0; i < nr; i++) f->y[r + i] += total[i];
+        for (int i = 0; i < nr; i++) f->y[r + i] += total[i];
     }
     return 1;
 }

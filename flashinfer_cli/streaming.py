@@ -39,6 +39,7 @@ class FFNRunner:
     def __init__(self, arena: Arena, layout, max_tokens: int):
         self.arena, self.layout = arena, layout
         self.n_layers = arena.n_layers
+        self.layouts = [layout.layer(i) for i in range(self.n_layers)]  # each layer's, made once
         d_ff = int(arena.n_neurons.sum(axis=1).max(initial=0))
         self.max_tokens = max_tokens
         self.scratch = np.empty(max(1, max_tokens * d_ff), dtype=np.float32)  # one layer's h, sized once
@@ -104,7 +105,7 @@ class FFNRunner:
             slots = self.arena.slot_of[layer, run]
             if not len(run) or (slots < 0).any():
                 return None
-            call = kernels.SlotsFFN(self.layout.layer(layer), self.arena.buf, self.arena.slot_bytes, slots,
+            call = kernels.SlotsFFN(self.layouts[layer], self.arena.buf, self.arena.slot_bytes, slots,
                                     self.arena.n_neurons[layer, run], self.scratch)
             c = self._resident[layer] = (self.arena.version, full, self.prune, self.active[layer], run, call,
                                          slots.astype(np.intp))
@@ -217,7 +218,7 @@ class FFNRunner:
             arena.touch(layer, res)
             n = int(nn[res].sum()) * t
             region = self.scratch[off:off + n]
-            _ffn_over_slots(self.layout.layer(layer), arena, arena.slot_of[layer, res], nn[res], x, out, region)
+            _ffn_over_slots(self.layouts[layer], arena, arena.slot_of[layer, res], nn[res], x, out, region)
             calls.append((res, region))
             off += n
         for i, piece in enumerate(pieces):
@@ -230,7 +231,7 @@ class FFNRunner:
             cur.pending.transform()  # with the next read in flight
             n = int(nn[piece].sum()) * t
             region = self.scratch[off:off + n]
-            _ffn_over_slots(self.layout.layer(layer), arena, cur.slots, nn[piece], x, out, region)
+            _ffn_over_slots(self.layouts[layer], arena, cur.slots, nn[piece], x, out, region)
             calls.append((piece, region))
             off += n
         self._finish(out, y)
@@ -297,7 +298,7 @@ class FFNRunner:
             nonlocal off
             cf = np.ascontiguousarray(c2[:, experts])
             n = int(nn[experts].sum()) * t
-            kernels.experts_ffn_slots(self.layout.layer(layer), arena.buf, arena.slot_bytes, slots.astype(np.int32, copy=False),
+            kernels.experts_ffn_slots(self.layouts[layer], arena.buf, arena.slot_bytes, slots.astype(np.int32, copy=False),
                                       nn[experts], x, out, coef=cf[0] if x.ndim == 1 else cf,
                                       scratch=self.scratch[off:off + n])
             off += n
