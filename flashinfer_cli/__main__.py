@@ -11,5 +11,16 @@ def console() -> None:
     main()
 
 
+def _forget_inner_interrupts() -> None:
+    """Under `python -m`, CPython ends the process by SIGINT, whatever exit code fic chose, once a
+    KeyboardInterrupt has left any string exec (dataclasses and namedtuple build their methods so);
+    fic handles every Ctrl-C it sees, so that mark is stale here. The start of a string exec clears
+    it; one raised past this point still gets the signal's end."""
+    exec("")
+
+
 if __name__ == "__main__":
-    console()
+    try:
+        console()
+    finally:
+        _forget_inner_interrupts()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -126,15 +127,29 @@ def pull_ok(env: dict, *extra: str) -> subprocess.CompletedProcess:
     return p
 
 
+def interrupted_before_fic_ran(proc_err: str, returncode: int) -> bool:
+    """The interpreter's start (site, std streams, runpy importing the package) was interrupted
+    before any of fic's code ran: Python's own words, which fic cannot change. No frame of the
+    traceback is a file of the package (an editable install's finder in site is not one)."""
+    frames = re.findall(r'File "([^"]+)"', proc_err)
+    if any(f"{os.sep}flashinfer_cli{os.sep}" in f for f in frames):
+        return False
+    if proc_err.startswith(("Fatal Python error: init_", "Could not import runpy module")):
+        return returncode == 1
+    # runpy's import of flashinfer_cli/__main__.py: only the import system's frozen frames
+    return (returncode == -signal.SIGINT and proc_err.startswith("Traceback")
+            and proc_err.rstrip().endswith("KeyboardInterrupt") and bool(frames)
+            and all(f.startswith("<frozen ") for f in frames))
+
+
 def assert_clean_end(proc_err: str, returncode: int, sig: int) -> None:
     """How a signalled pull may end: SIGKILL gives no say; SIGINT gives exit 130 and one line (or
     the pull had finished: exit 0)."""
     if sig == signal.SIGKILL:
         assert returncode in (-signal.SIGKILL, 0), (returncode, proc_err)
         return
-    if proc_err.startswith(("Fatal Python error: init_", "Could not import runpy module")) \
-            and returncode == 1 and "flashinfer_cli" not in proc_err:
-        return  # the interpreter's start (site, std streams, runpy) was interrupted before any of fic ran
+    if interrupted_before_fic_ran(proc_err, returncode):
+        return
     assert "Traceback" not in proc_err, proc_err
     lines = [l for l in proc_err.splitlines() if l.strip() and not l.startswith(("fic: pulling ", "fic-test-stage"))]
     if returncode == 0:
@@ -227,6 +242,25 @@ def no_process_left(home: Path, grace: float = 1.0) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+@pytest.mark.parametrize("where", ["string exec", "plain"])
+def test_an_interrupt_fic_handled_ends_with_130_under_python_m(tmp_path, where):
+    """A Ctrl-C that fic turned into its one line ends with exit 130 under `python -m flashinfer_cli`
+    too. CPython ends a -m run by SIGINT once a KeyboardInterrupt left a string exec (dataclasses
+    build methods so), even a caught one: an interrupt landing in a late import did that to a pull
+    (CI, 2026-12-02). The interrupt is injected into `fic ls` by a sitecustomize."""
+    raise_it = 'exec("raise KeyboardInterrupt")' if where == "string exec" else "raise KeyboardInterrupt"
+    (tmp_path / "sitecustomize.py").write_text(
+        "import flashinfer_cli.store as store\n"
+        "def interrupted(self):\n"
+        f"    {raise_it}\n"
+        "store.Store.list = interrupted\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "FIC_HOME": str(tmp_path / "home")}
+    proc = subprocess.run(fic_argv("ls"), env=env, capture_output=True, text=True, timeout=120)
+    assert proc.stderr.strip() == "fic: interrupted; no half model or partial download was left in the store"
+    assert proc.returncode == 130
 
 
 def test_pull_killed_at_random_moments(pull_env, tmp_path):
