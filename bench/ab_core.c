@@ -11,6 +11,8 @@
  *   (the same for B into /tmp/b.so)
  *   gcc -O2 -o /tmp/ab_core bench/ab_core.c -ldl
  *   /tmp/ab_core /tmp/a.so /tmp/b.so matvec q4_1 1536 576 1 3000   (fmt m k threads calls)
+ *   AB_STREAM_MIB=512 /tmp/ab_core ... matvec q4_0 4096 4096 2 10      (each call of a sweep over
+ *                                      copies filling 512 MiB, as bench_kernels.py: from DRAM)
  *   /tmp/ab_core /tmp/a.so /tmp/b.so matmul 48 q4_1 1536 576 2 300 (tokens, then as matvec)
  *   /tmp/ab_core /tmp/a.so /tmp/b.so attention 2000 16 8 128 28 2 10  (ctx heads kv_heads head_dim
  *                                                                      layers threads calls)
@@ -23,6 +25,7 @@
  * so calls of a few hundred microseconds gave ratios from 0.44x to 1.27x with the same library as
  * A and B (bench/RESULTS.md). Compare at 1 thread, or with calls of milliseconds. */
 #include <dlfcn.h>
+#include <sys/mman.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -130,10 +133,19 @@ static int fmt_of(const char *name) {
 
 /* fic quantizes to neither K-quants nor Q5_0 (it keeps them from GGUF files): random bytes, every
  * block's fp16 scales set to 2^-7. */
+/* Weights on transparent huge pages, as fic's arena and bench_kernels hold them: on 4 KiB pages a
+ * matrix larger than the cache measured 0.6-0.8x of its huge-page speed from DRAM (TLB misses). */
+static uint8_t *weights_alloc(int64_t n_bytes) {
+    const size_t huge = (size_t)2 << 20, n = ((size_t)n_bytes + huge - 1) / huge * huge;
+    uint8_t *w = aligned_alloc(huge, n);
+    if (w != NULL) madvise(w, n, MADV_HUGEPAGE);
+    return w;
+}
+
 static uint8_t *random_blocks(int fmt, int64_t n_bytes) {
     const int64_t bb = fmt == FIC_Q4_K ? 144 : fmt == FIC_Q6_K ? 210 : 22;
     const int64_t at[2] = {fmt == FIC_Q6_K ? 208 : 0, fmt == FIC_Q4_K ? 2 : -1};
-    uint8_t *w = aligned_alloc(64, (size_t)((n_bytes + 63) / 64 * 64));
+    uint8_t *w = weights_alloc(n_bytes);
     if (w == NULL) return NULL;
     for (int64_t i = 0; i < n_bytes; i++) w[i] = (uint8_t)rand();
     for (int64_t o = 0; o + bb <= n_bytes; o += bb)
@@ -153,7 +165,7 @@ static uint8_t *make_weights(const build_t *a, int fmt, int64_t m, int64_t k) {
     const int64_t rb = a->row_bytes(base_fmt, k);
     if (is_kept_only(fmt)) return rb <= 0 ? NULL : random_blocks(fmt, m * rb);
     float *src = malloc((size_t)(k * 64) * sizeof(float));
-    uint8_t *w = aligned_alloc(64, (size_t)((m * rb + 63) / 64 * 64)), *tmp = NULL;
+    uint8_t *w = weights_alloc(m * rb), *tmp = NULL;
     if (rb <= 0 || src == NULL || w == NULL) return NULL;
     for (int64_t i = 0; i < k * 64; i++) src[i] = (float)rand() / (float)RAND_MAX - 0.5f;
     for (int64_t r = 0; r < m; r += 64) /* 64 distinct rows, repeated */
@@ -161,7 +173,7 @@ static uint8_t *make_weights(const build_t *a, int fmt, int64_t m, int64_t k) {
             return NULL;
     free(src);
     if (fmt == FIC_Q1_0R32) {
-        tmp = aligned_alloc(64, (size_t)((m * rb + 63) / 64 * 64));
+        tmp = weights_alloc(m * rb);
         if (tmp == NULL || a->repack(w, m, k, tmp) != FIC_OK) return NULL;
         free(w);
         w = tmp;
@@ -189,6 +201,18 @@ static int run_products(build_t b[2], char **arg, int n_tok) {
         ws_bytes = n > ws_bytes ? n : ws_bytes;
     }
     uint8_t *w = fmt < 0 ? NULL : make_weights(&b[0], fmt, m, k);
+    /* AB_STREAM_MIB=N (matvec): copies of the matrix filling N MiB, one call per copy in turn, as
+     * bench_kernels.py streams them: every call reads its weights from DRAM and pays its own start. */
+    const int64_t rb = w == NULL ? 0 : b[0].row_bytes(fmt == FIC_Q1_0R32 ? FIC_Q1_0 : fmt, k);
+    const int64_t stream_bytes = getenv("AB_STREAM_MIB") != NULL && n_tok == 0 ? atoll(getenv("AB_STREAM_MIB")) << 20 : 0;
+    const int64_t n_copies = stream_bytes > 0 ? (stream_bytes + m * rb - 1) / (m * rb) : 1;
+    if (n_copies > 1) {
+        uint8_t *all = weights_alloc(n_copies * m * rb);
+        if (all == NULL) return 2;
+        for (int64_t c = 0; c < n_copies; c++) memcpy(all + c * m * rb, w, (size_t)(m * rb));
+        free(w);
+        w = all;
+    }
     float *x = malloc((size_t)(t * k) * sizeof(float));
     float *y[2] = {malloc((size_t)(t * m) * sizeof(float)), malloc((size_t)(t * m) * sizeof(float))};
     void *ws = aligned_alloc(64, (size_t)(ws_bytes + 63) / 64 * 64);
@@ -201,17 +225,21 @@ static int run_products(build_t b[2], char **arg, int n_tok) {
     for (int c = 0; c < calls; c++)
         for (int i = 0; i < 2; i++) {
             const double t0 = now_s();
-            const int st = n_tok > 0 ? b[i].matmul(b[i].pool, impls[i], fmt, w, x, y[i], t, m, k, ws, ws_bytes)
-                                     : b[i].matvec(b[i].pool, FIC_IMPL_AUTO, fmt, w, x, y[i], m, k, ws, ws_bytes);
-            add_time(&tm[i], now_s() - t0);
+            int st = FIC_OK;
+            for (int64_t cp = 0; cp < n_copies && st == FIC_OK; cp++) {
+                const uint8_t *wc = w + cp * m * rb;
+                st = n_tok > 0 ? b[i].matmul(b[i].pool, impls[i], fmt, wc, x, y[i], t, m, k, ws, ws_bytes)
+                               : b[i].matvec(b[i].pool, FIC_IMPL_AUTO, fmt, wc, x, y[i], m, k, ws, ws_bytes);
+            }
+            add_time(&tm[i], (now_s() - t0) / (double)n_copies);
             if (st != FIC_OK) {
                 fprintf(stderr, "ab_core: build %c: status %d\n", 'A' + i, st);
                 return 1;
             }
         }
     char what[128];
-    snprintf(what, sizeof what, "%s %s %lldx%lld, %d token(s)", n_tok > 0 ? "matmul" : "matvec", arg[0], (long long)m,
-             (long long)k, (int)t);
+    snprintf(what, sizeof what, "%s %s %lldx%lld, %d token(s)%s", n_tok > 0 ? "matmul" : "matvec", arg[0], (long long)m,
+             (long long)k, (int)t, n_copies > 1 ? ", streamed (time per copy)" : "");
     report(what, tm, calls, max_abs_diff(y[0], y[1], t * m));
     return 0;
 }

@@ -482,29 +482,37 @@ TGT_AVX512VNNI static ALWAYS_INLINE void q4_quad_vnni(const uint8_t *g, int64_t 
     }
 }
 
-/* NR (at most P2_ROWS) Q4 rows rb bytes apart against x prepared in the quad layout, into
- * y[0..NR): the rows share the scale loads and overlap their dependency chains. Each row's
- * result is the same bits whatever NR (its own accumulators, the same operations in order). */
-TGT_AVX512VNNI static ALWAYS_INLINE void q4_rows_vnni(const job_t *j, const uint8_t *row, int64_t rb, const int nr,
-                                                    float *y) {
-    const int is1 = j->fmt == FIC_Q4_1;
-    const int64_t stride = is1 ? sizeof(block_q4_1) : sizeof(block_q4_0), nb = j->k / 32, nq = (nb + 3) / 4;
+/* Quad q of NR rows: x's quad loaded once for all of them. */
+TGT_AVX512VNNI static ALWAYS_INLINE void q4_quads_vnni(const job_t *j, const uint8_t *row, int64_t rb, const int nr,
+                                                     int64_t q, int nblk, const int is1, __m512 *acc, __m512 *accm) {
+    const int64_t stride = is1 ? sizeof(block_q4_1) : sizeof(block_q4_0);
+    const __m512 sc = _mm512_loadu_ps(j->xscale16 + 16 * q), corr = _mm512_loadu_ps(j->xcorr16 + 16 * q);
+    const __m512i xlo = _mm512_loadu_si512((const void *)(j->xq + 128 * q)),
+                  xhi = _mm512_loadu_si512((const void *)(j->xq + 128 * q + 64));
+    for (int i = 0; i < nr; i++)
+        q4_quad_vnni(row + i * rb + 4 * q * stride, stride, is1, nblk, xlo, xhi, sc, corr, &acc[i], &accm[i]);
+}
+
+TGT_AVX512VNNI static ALWAYS_INLINE void q4_rows_vnni_fmt(const job_t *j, const uint8_t *row, int64_t rb, const int nr,
+                                                        float *y, const int is1) {
+    const int64_t nb = j->k / 32, n_full = nb / 4;
     __m512 acc[P2_ROWS], accm[P2_ROWS];
     for (int i = 0; i < nr; i++) acc[i] = accm[i] = _mm512_setzero_ps();
-    for (int64_t q = 0; q < nq; q++) {
-        const int nblk = nb - 4 * q >= 4 ? 4 : (int)(nb - 4 * q);
-        const __m512 sc = _mm512_loadu_ps(j->xscale16 + 16 * q), corr = _mm512_loadu_ps(j->xcorr16 + 16 * q);
-        const __m512i xlo = _mm512_loadu_si512((const void *)(j->xq + 128 * q)),
-                      xhi = _mm512_loadu_si512((const void *)(j->xq + 128 * q + 64));
-        for (int i = 0; i < nr; i++) {
-            const uint8_t *g = row + i * rb + 4 * q * stride;
-            if (nblk == 4)
-                q4_quad_vnni(g, stride, is1, 4, xlo, xhi, sc, corr, &acc[i], &accm[i]);
-            else
-                q4_quad_vnni(g, stride, is1, nblk, xlo, xhi, sc, corr, &acc[i], &accm[i]);
-        }
-    }
-    for (int i = 0; i < nr; i++) y[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i], accm[i]));
+    for (int64_t q = 0; q < n_full; q++) q4_quads_vnni(j, row, rb, nr, q, 4, is1, acc, accm);
+    if (nb % 4) q4_quads_vnni(j, row, rb, nr, n_full, (int)(nb % 4), is1, acc, accm);
+    for (int i = 0; i < nr; i++) y[i] = _mm512_reduce_add_ps(is1 ? _mm512_add_ps(acc[i], accm[i]) : acc[i]);
+}
+
+/* NR (at most P2_ROWS) Q4 rows rb bytes apart against x prepared in the quad layout, into
+ * y[0..NR): the rows share the scale loads and overlap their dependency chains. Each row's
+ * result is the same bits whatever NR (its own accumulators, the same operations in order).
+ * One copy per format (is1 a constant in each), whole quads apart from a row's last. */
+TGT_AVX512VNNI static ALWAYS_INLINE void q4_rows_vnni(const job_t *j, const uint8_t *row, int64_t rb, const int nr,
+                                                    float *y) {
+    if (j->fmt == FIC_Q4_1)
+        q4_rows_vnni_fmt(j, row, rb, nr, y, 1);
+    else
+        q4_rows_vnni_fmt(j, row, rb, nr, y, 0);
 }
 
 TGT_AVX512VNNI static ALWAYS_INLINE float q4_row_vnni(const job_t *j, const uint8_t *row) {
@@ -513,17 +521,15 @@ TGT_AVX512VNNI static ALWAYS_INLINE float q4_row_vnni(const job_t *j, const uint
     return y;
 }
 
-/* Rows this short (in weights) go two at a time: 1.15x at 576 in L2; longer ones one at a time,
- * as two streams from DRAM ran 0.88x at 4096 (bench/RESULTS.md). */
+/* FFN phase 1 takes rows this short (in weights) two at a time (1.15x at 576 in L2); its longer
+ * rows, prefetched in software, ran the same one at a time or two (bench/RESULTS.md). */
 #define Q4_PAIR_MAX_K 1024
 
-/* Two consecutive Q4 rows (matvec's pairs); float x where it was not prepared for VNNI. */
+/* Two consecutive Q4 rows (matvec's pairs), whatever their length: from DRAM on huge pages two
+ * rows at a time were 1.05x at 4096 (bench/RESULTS.md); float x where it was not prepared for VNNI. */
 TGT_AVX512VNNI static void dot2_q4_vnni(const job_t *j, const uint8_t *row0, float *y) {
-    if (j->q4_int8 && j->k <= Q4_PAIR_MAX_K) {
+    if (j->q4_int8) {
         q4_rows_vnni(j, row0, j->row_bytes, 2, y);
-    } else if (j->q4_int8) {
-        y[0] = q4_row_vnni(j, row0);
-        y[1] = q4_row_vnni(j, row0 + j->row_bytes);
     } else {
         y[0] = j->kf->dot(j, row0, j->x);
         y[1] = j->kf->dot(j, row0 + j->row_bytes, j->x);
