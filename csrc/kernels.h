@@ -25,6 +25,7 @@
 #define TGT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
 #define TGT_AVX512VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
 #define TGT_AVX512Q1 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512bitalg,avx512vbmi,avx2,fma,f16c")))
+#define TGT_AVX512Q4VBMI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,gfni,avx2,fma,f16c")))
 #endif
 
 #define ALWAYS_INLINE inline __attribute__((always_inline))
@@ -266,7 +267,7 @@ extern const fic_kernels fic_kernels_scalar;
 extern const fic_kernels fic_kernels_avx2;
 extern const fic_kernels fic_kernels_avx512;      /* AVX-512 F/BW/VL */
 extern const fic_kernels fic_kernels_avx512_vnni; /* + VNNI: Q4 with int8 activations */
-extern const fic_kernels fic_kernels_avx512_q1;   /* + VNNI, BITALG, VBMI: Q1_0 as bit planes too */
+extern const fic_kernels fic_kernels_avx512_q1;   /* + VNNI, BITALG, VBMI, GFNI: Q1_0 as bit planes too */
 extern const fic_kernels fic_kernels_avx512_amx;  /* + AMX-INT8: the r32 prefill as tile products */
 #endif
 #if defined(__aarch64__)

@@ -1,7 +1,8 @@
 /* kernels_avx512.c - x86-64 AVX-512 kernels (FIC_IMPL_AVX512) and their three tables: AVX-512
- * F/BW/VL (fic_kernels_avx512); with VNNI, Q4_0/Q4_1 take int8 activations four blocks a step and
- * Q8_0, Q4_K and Q6_K kernels_vnni.c's int8 kernels (fic_kernels_avx512_vnni);
- * with VNNI, BITALG and VBMI, Q1_0 also takes x as bit planes (fic_kernels_avx512_q1); with AMX-INT8
+ * F/BW/VL (fic_kernels_avx512); with VNNI, Q4_0/Q4_1 take int8 activations four blocks a step
+ * (kernels_q4_vnni.h) and Q8_0, Q4_K and Q6_K kernels_vnni.c's int8 kernels (fic_kernels_avx512_vnni);
+ * with VNNI, BITALG, VBMI and GFNI, Q1_0 also takes x as bit planes and Q4 runs that header's VBMI copy
+ * (fic_kernels_avx512_q1); with AMX-INT8
  * as well, the r32 prefill runs on tiles (fic_kernels_avx512_amx, kernels_amx.c; the other formats'
  * int8 prefill reaches its tiles through qdot.h's tables). pool.c says
  * which the CPU has, once; kernels.c picks the table. Formats without a 512-bit kernel (Q5_0; Q8_0,
@@ -440,107 +441,6 @@ TGT_AVX512 static void gemm_tile_avx512(const job_t *j, const float *tile, int64
     }
 }
 
-/* Q4_0/Q4_1 x int8 activations with VNNI, four blocks (128 weights) per step. The four blocks'
- * 16 nibble bytes fill one zmm (a block per 128-bit lane); its low nibbles (each block's weights
- * 0-15) and high nibbles (16-31) take one vpdpbusd each against x, quantized once per call into
- * the matching "quad layout" (per quad of blocks 64 bytes of low-half x, then 64 of high-half x),
- * so int32 lanes 4b..4b+3 hold block b's sums. One vpermw picks the four blocks' d (and m) words
- * out of one 64-byte load. Per lane: p = isum * dx + corr (corr = -8 dx sum xq for Q4_0's offset),
- * y += d * p; Q4_1 adds m * (dx sum xq) into a second accumulator. A last partial quad loads only
- * its blocks (masked) against x padded with zeros. About 14 operations per 128 weights, 2 of them
- * port 5 only (the pair kernel before it: 14 per 64, 7 on port 5; bench/RESULTS.md). */
-TGT_AVX512VNNI static ALWAYS_INLINE void q4_quad_vnni(const uint8_t *g, int64_t stride, int is1, int nblk,
-                                                    __m512i xlo, __m512i xhi, __m512 sc, __m512 corr, __m512 *acc,
-                                                    __m512 *accm) {
-    const int64_t off = is1 ? 4 : 2;
-    const __m512i nib = _mm512_set1_epi8(15);
-    /* word lanes 0-15: d of block lane / 4; 16-31: the word after it (Q4_1's m) */
-    static const uint16_t idx_q4_0[32] __attribute__((aligned(64))) = {0, 0, 0, 0, 9, 9, 9, 9, 18, 18, 18, 18, 27, 27, 27, 27};
-    static const uint16_t idx_q4_1[32] __attribute__((aligned(64))) = {
-        0, 0, 0, 0, 10, 10, 10, 10, 20, 20, 20, 20, 30, 30, 30, 30, 1, 1, 1, 1, 11, 11, 11, 11, 21, 21, 21, 21, 31, 31, 31, 31};
-    const __m512i idx = _mm512_load_si512((const void *)(is1 ? idx_q4_1 : idx_q4_0));
-    __m512i v = _mm512_zextsi128_si512(_mm_loadu_si128((const __m128i *)(g + off))), raw;
-    if (nblk == 4) {
-        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(g + stride + off)), 1);
-        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(g + 2 * stride + off)), 2);
-        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(g + 3 * stride + off)), 3);
-        raw = _mm512_loadu_si512((const void *)g); /* d3 (and m3) lie within the first 64 bytes */
-    } else { /* the row's last 1-3 blocks: nothing read past them; absent blocks' d and m are 0 */
-        if (nblk > 1) v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(g + stride + off)), 1);
-        if (nblk > 2) v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(g + 2 * stride + off)), 2);
-        raw = _mm512_maskz_loadu_epi8(((__mmask64)1 << (nblk * stride)) - 1, g);
-    }
-    const __m512i lo = _mm512_and_si512(v, nib), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
-    const __m512i isum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xlo), hi, xhi);
-    const __m512i dm = _mm512_permutexvar_epi16(idx, raw);
-    const __m512 dv = _mm512_cvtph_ps(_mm512_castsi512_si256(dm));
-    if (is1) {
-        *acc = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(isum), sc), dv, *acc);
-        *accm = _mm512_fmadd_ps(corr, _mm512_cvtph_ps(_mm512_extracti64x4_epi64(dm, 1)), *accm);
-    } else {
-        *acc = _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), sc, corr), dv, *acc);
-    }
-}
-
-/* Quad q of NR rows: x's quad loaded once for all of them. */
-TGT_AVX512VNNI static ALWAYS_INLINE void q4_quads_vnni(const job_t *j, const uint8_t *row, int64_t rb, const int nr,
-                                                     int64_t q, int nblk, const int is1, __m512 *acc, __m512 *accm) {
-    const int64_t stride = is1 ? sizeof(block_q4_1) : sizeof(block_q4_0);
-    const __m512 sc = _mm512_loadu_ps(j->xscale16 + 16 * q), corr = _mm512_loadu_ps(j->xcorr16 + 16 * q);
-    const __m512i xlo = _mm512_loadu_si512((const void *)(j->xq + 128 * q)),
-                  xhi = _mm512_loadu_si512((const void *)(j->xq + 128 * q + 64));
-    for (int i = 0; i < nr; i++)
-        q4_quad_vnni(row + i * rb + 4 * q * stride, stride, is1, nblk, xlo, xhi, sc, corr, &acc[i], &accm[i]);
-}
-
-TGT_AVX512VNNI static ALWAYS_INLINE void q4_rows_vnni_fmt(const job_t *j, const uint8_t *row, int64_t rb, const int nr,
-                                                        float *y, const int is1) {
-    const int64_t nb = j->k / 32, n_full = nb / 4;
-    __m512 acc[P2_ROWS], accm[P2_ROWS];
-    for (int i = 0; i < nr; i++) acc[i] = accm[i] = _mm512_setzero_ps();
-    for (int64_t q = 0; q < n_full; q++) q4_quads_vnni(j, row, rb, nr, q, 4, is1, acc, accm);
-    if (nb % 4) q4_quads_vnni(j, row, rb, nr, n_full, (int)(nb % 4), is1, acc, accm);
-    for (int i = 0; i < nr; i++) y[i] = _mm512_reduce_add_ps(is1 ? _mm512_add_ps(acc[i], accm[i]) : acc[i]);
-}
-
-/* NR (at most P2_ROWS) Q4 rows rb bytes apart against x prepared in the quad layout, into
- * y[0..NR): the rows share the scale loads and overlap their dependency chains. Each row's
- * result is the same bits whatever NR (its own accumulators, the same operations in order).
- * One copy per format (is1 a constant in each), whole quads apart from a row's last. */
-TGT_AVX512VNNI static ALWAYS_INLINE void q4_rows_vnni(const job_t *j, const uint8_t *row, int64_t rb, const int nr,
-                                                    float *y) {
-    if (j->fmt == FIC_Q4_1)
-        q4_rows_vnni_fmt(j, row, rb, nr, y, 1);
-    else
-        q4_rows_vnni_fmt(j, row, rb, nr, y, 0);
-}
-
-TGT_AVX512VNNI static ALWAYS_INLINE float q4_row_vnni(const job_t *j, const uint8_t *row) {
-    float y;
-    q4_rows_vnni(j, row, 0, 1, &y);
-    return y;
-}
-
-/* FFN phase 1 takes rows this short (in weights) two at a time (1.15x at 576 in L2); its longer
- * rows, prefetched in software, ran the same one at a time or two (bench/RESULTS.md). */
-#define Q4_PAIR_MAX_K 1024
-
-/* Two consecutive Q4 rows (matvec's pairs), whatever their length: from DRAM on huge pages two
- * rows at a time were 1.05x at 4096 (bench/RESULTS.md); float x where it was not prepared for VNNI. */
-TGT_AVX512VNNI static void dot2_q4_vnni(const job_t *j, const uint8_t *row0, float *y) {
-    if (j->q4_int8) {
-        q4_rows_vnni(j, row0, j->row_bytes, 2, y);
-    } else {
-        y[0] = j->kf->dot(j, row0, j->x);
-        y[1] = j->kf->dot(j, row0 + j->row_bytes, j->x);
-    }
-}
-
-TGT_AVX512VNNI static float dot_q4_vnni(const job_t *j, const uint8_t *row, const float *x) {
-    (void)x;
-    return q4_row_vnni(j, row);
-}
-
 /* x -> int8 in the quad layout of q4_quad_vnni (q8_0 rounding, as quantize_x_avx2), with its
  * per-lane scales and the per-lane dx * sum xq (times -8 for Q4_0); a last partial quad padded
  * with zeros (kern_q4_quad_weights). */
@@ -653,65 +553,6 @@ TGT_AVX512 static void accum_q1_avx512(const job_t *j, int64_t b0, int64_t b1) {
 
 /* ---- FFN phase 1 and phase 2 fast paths (ffn.c) ------------------------------------------ */
 
-/* Phase 1 rows [r0, r1) of one matrix (gate or up: rows at base, rb bytes each) of expert e,
- * Q4 on VNNI: out[r - r0] = row r . x. */
-TGT_AVX512VNNI static void p1_rows_q4_vnni(const job_t *j, const uint8_t *base, int64_t rb, int64_t r0, int64_t r1,
-                                           int64_t r_pf, float *out) {
-    int64_t r = r0;
-    for (; j->k <= Q4_PAIR_MAX_K && r + 2 <= r1; r += 2) {
-        const uint8_t *row = base + r * rb;
-        if (r < r_pf) p1_prefetch(row, rb);
-        if (r + 1 < r_pf) p1_prefetch(row + rb, rb);
-        q4_rows_vnni(j, row, rb, 2, out + (r - r0));
-    }
-    for (; r < r1; r++) {
-        if (r < r_pf) p1_prefetch(base + r * rb, rb);
-        out[r - r0] = q4_row_vnni(j, base + r * rb);
-    }
-}
-
-/* Phase 2, columns, one block of NR output rows starting at r: for each expert, its NR row
- * pieces against h_e prepared, into NR accumulators (one reduction per output row over all
- * experts). Q4 on VNNI; experts whose h_e is not in the quad layout (n_e < 64) take dot_row. */
-TGT_AVX512VNNI static inline __attribute__((always_inline)) void down_cols_q4_block(const ffn_t *f, int64_t r,
-                                                                                    int nr, int64_t r_end) {
-    const int is1 = f->down_fmt == FIC_Q4_1;
-    const int64_t stride = is1 ? sizeof(block_q4_1) : sizeof(block_q4_0);
-    __m512 acc[P2_ROWS], accm[P2_ROWS];
-    float extra[P2_ROWS];
-    for (int i = 0; i < nr; i++) {
-        acc[i] = accm[i] = _mm512_setzero_ps();
-        extra[i] = 0.0f;
-    }
-    for (int64_t e = 0; e < f->n_experts; e++) {
-        if (f->skip[e]) continue;
-        const job_t *j = &f->jd[e];
-        const int64_t rb = f->rb_d[e];
-        const uint8_t *w = down_part(f, e) + r * rb;
-        p2_prefetch(w, rb, r, nr, r_end);
-        if (!j->q4_int8) {
-            for (int i = 0; i < nr; i++) extra[i] += dot_row(j, w + i * rb, j->x);
-            continue;
-        }
-        const int64_t nb = j->k / 32, nq = (nb + 3) / 4;
-        for (int64_t q = 0; q < nq; q++) {
-            const int nblk = nb - 4 * q >= 4 ? 4 : (int)(nb - 4 * q);
-            const __m512 sc = _mm512_loadu_ps(j->xscale16 + 16 * q), corr = _mm512_loadu_ps(j->xcorr16 + 16 * q);
-            const __m512i xlo = _mm512_loadu_si512((const void *)(j->xq + 128 * q)),
-                          xhi = _mm512_loadu_si512((const void *)(j->xq + 128 * q + 64));
-            for (int i = 0; i < nr; i++)
-                q4_quad_vnni(w + i * rb + 4 * q * stride, stride, is1, nblk, xlo, xhi, sc, corr, &acc[i], &accm[i]);
-        }
-    }
-    for (int i = 0; i < nr; i++) f->y[r + i] += _mm512_reduce_add_ps(_mm512_add_ps(acc[i], accm[i])) + extra[i];
-}
-
-TGT_AVX512VNNI static void down_cols_q4_vnni(const ffn_t *f, int64_t r0, int64_t r1) {
-    int64_t r = r0;
-    for (; r + P2_ROWS <= r1; r += P2_ROWS) down_cols_q4_block(f, r, P2_ROWS, r1);
-    for (; r < r1; r++) down_cols_q4_block(f, r, 1, r1);
-}
-
 /* The same for Q1_0 on AVX-512 (h_e as u8 q8 blocks, q1_block_sad; sums come out negated). */
 TGT_AVX512 static inline __attribute__((always_inline)) void down_cols_q1_block(const ffn_t *f, int64_t r, int nr,
                                                                                 int64_t r_end) {
@@ -819,14 +660,6 @@ TGT_AVX512 static void dot2_q1_0_avx512(const job_t *j, const uint8_t *row0, flo
         dot_q1_avx512(j, row0, row0 + j->row_bytes, 2, y);
 }
 
-/* FFN phase 1 rows of Q4 with x in the quad layout (0 when x was not prepared that way). */
-TGT_AVX512VNNI static int rows_q4_vnni(const job_t *j, const uint8_t *base, int64_t rb, int64_t r0, int64_t r1,
-                                       int64_t r_pf, float *out) {
-    if (!j->q4_int8) return 0;
-    p1_rows_q4_vnni(j, base, rb, r0, r1, r_pf, out);
-    return 1;
-}
-
 _Static_assert(P2_ROWS == 8, "sum8_rows and q4_rows_k64 take 8 rows");
 
 /* out[i] = the sum of h[i]'s 8 lanes, i < 8, by one tree of horizontal adds (a fixed order for each
@@ -838,68 +671,44 @@ TGT_AVX512 static ALWAYS_INLINE void sum8_rows(const __m256 h[8], float *out) {
     _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(b0, b1, 0x20), _mm256_permute2f128_ps(b0, b1, 0x31)));
 }
 
-/* Down pieces of 64 weights (2 blocks: a dense model's 64-neuron experts) as FIC_FFN_FIXED takes
- * them: two consecutive rows (rb = 2 blocks apart) fill one quad against x's two blocks twice,
- * row 2p in lanes 0-7 and row 2p + 1 in lanes 8-15. Rows [0, nr) at w, nr <= P2_ROWS, into
- * out[0..nr); a row's bits do not depend on nr (an odd last row loads its 2 blocks alone). */
-TGT_AVX512VNNI static ALWAYS_INLINE void q4_rows_k64(const job_t *j, const uint8_t *w, int64_t rb, int nr, float *out) {
-    const int is1 = j->fmt == FIC_Q4_1;
-    const int64_t stride = is1 ? sizeof(block_q4_1) : sizeof(block_q4_0);
-    const __m512i xl = _mm512_loadu_si512((const void *)j->xq), xh = _mm512_loadu_si512((const void *)(j->xq + 64));
-    const __m512i xlo = _mm512_shuffle_i32x4(xl, xl, 0x44), xhi = _mm512_shuffle_i32x4(xh, xh, 0x44);
-    const __m512 s16 = _mm512_loadu_ps(j->xscale16), c16 = _mm512_loadu_ps(j->xcorr16);
-    const __m512 sc = _mm512_shuffle_f32x4(s16, s16, 0x44), corr = _mm512_shuffle_f32x4(c16, c16, 0x44);
-    __m256 h[P2_ROWS];
-    for (int p = 0; p < P2_ROWS / 2; p++) {
-        __m512 acc = _mm512_setzero_ps(), accm = acc;
-        if (2 * p + 1 < nr)
-            q4_quad_vnni(w + 2 * p * rb, stride, is1, 4, xlo, xhi, sc, corr, &acc, &accm);
-        else if (2 * p < nr)
-            q4_quad_vnni(w + 2 * p * rb, stride, is1, 2, xlo, xhi, sc, corr, &acc, &accm);
-        const __m512 s = _mm512_add_ps(acc, accm);
-        h[2 * p] = _mm512_castps512_ps256(s);
-        h[2 * p + 1] = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1));
-    }
-    float all[P2_ROWS];
-    sum8_rows(h, all);
-    for (int i = 0; i < nr; i++) out[i] = all[i];
-}
+/* FFN phase 1 takes rows this short (in weights) two at a time (1.15x at 576 in L2); its longer
+ * rows, prefetched in software, ran the same one at a time or two (bench/RESULTS.md). */
+#define Q4_PAIR_MAX_K 1024
 
-/* FIC_FFN_FIXED calls: each expert's row pieces rounded on their own, P2_ROWS rows at a time, into
- * the fixed-point sums. A piece's bits depend only on the piece and h_e (chunks start at multiples of
- * P2_ROWS, ffn.c), not on the call's other experts: no call and reduction set-up per piece, which
- * for a dense model's 64-weight pieces was most of the work. */
-TGT_AVX512VNNI static void down_cols_q4_fixed(const ffn_t *f, int64_t r0, int64_t r1) {
-    for (int64_t e = 0; e < f->n_experts; e++) {
-        if (f->skip[e]) continue;
-        const job_t *j = &f->jd[e];
-        const int64_t rb = f->rb_d[e];
-        for (int64_t r = r0; r < r1; r += P2_ROWS) {
-            const int nr = r1 - r < P2_ROWS ? (int)(r1 - r) : P2_ROWS;
-            const uint8_t *w = down_part(f, e) + r * rb;
-            float out[P2_ROWS];
-            p2_prefetch(w, rb, r, nr, r1);
-            if (!j->q4_int8)
-                for (int i = 0; i < nr; i++) out[i] = dot_row(j, w + i * rb, j->x);
-            else if (j->k == 64)
-                q4_rows_k64(j, w, rb, nr, out);
-            else if (nr == P2_ROWS)
-                q4_rows_vnni(j, w, rb, P2_ROWS, out);
-            else
-                for (int i = 0; i < nr; i++) out[i] = q4_row_vnni(j, w + i * rb);
-            fixed_add(f->kt, out, f->acc + r, nr);
-        }
-    }
-}
+/* The nibble bytes of a whole quad (Q4_0, Q4_1) as vpermt2b indices into its first 64 bytes and
+ * the 16 bytes that end it (indices from 64 pick those: byte 4 stride - 16 + (i - 64)). */
+static const uint8_t q4_nibble_idx[2][64] __attribute__((aligned(64))) = {
+    {2,  3,  4,  5,  6,  7,  8,  9,  10, 11, 12, 13, 14, 15, 16, 17, 20, 21, 22, 23, 24, 25,
+     26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49,
+     50, 51, 52, 53, 56, 57, 58, 59, 60, 61, 62, 63, 72, 73, 74, 75, 76, 77, 78, 79},
+    {4,  5,  6,  7,  8,  9,  10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 24, 25, 26, 27, 28, 29,
+     30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55,
+     56, 57, 58, 59, 64, 65, 66, 67, 68, 69, 70, 71, 72, 73, 74, 75, 76, 77, 78, 79}};
 
-/* The AVX-512 phase 2 paths sum every expert into one accumulator per row; FIC_FFN_FIXED calls
- * (each expert rounded on its own) take down_cols_q4_fixed. */
-TGT_AVX512VNNI static int down_cols_q4(const ffn_t *f, int64_t r0, int64_t r1) {
-    if (f->acc != NULL)
-        down_cols_q4_fixed(f, r0, r1);
-    else
-        down_cols_q4_vnni(f, r0, r1);
-    return 1;
+#define Q4V_CAT2(a, b) a##_##b
+#define Q4V_CAT(a, b) Q4V_CAT2(a, b)
+#define Q4V(name) Q4V_CAT(name, Q4V_SFX)
+
+#define Q4V_VBMI 0
+#define Q4V_TGT TGT_AVX512VNNI
+#define Q4V_SFX vnni
+#include "kernels_q4_vnni.h"
+#undef Q4V_VBMI
+#undef Q4V_TGT
+#undef Q4V_SFX
+
+#define Q4V_VBMI 1
+#define Q4V_TGT TGT_AVX512Q4VBMI
+#define Q4V_SFX vbmi
+#include "kernels_q4_vnni.h"
+#undef Q4V_VBMI
+#undef Q4V_TGT
+#undef Q4V_SFX
+
+/* The float dot's int8 branch (a row alone: matvec's odd last row, the generic FFN loops). */
+TGT_AVX512VNNI static float dot_q4_vnni(const job_t *j, const uint8_t *row, const float *x) {
+    (void)x;
+    return q4_row_vnni(j, row);
 }
 
 /* h_e's layout depends on n_e (prep_x_mode): mixed layouts take the generic loop (0). */
@@ -1110,18 +919,19 @@ const fic_kernels fic_kernels_avx512 = {
     NULL, /* q1r32_tiles: a token at a time */
 };
 
-/* VNNI: Q4_0/Q4_1 with x in the quad layout when k >= 64 (else float, as without VNNI). */
-#define AVX512_Q4_VNNI                                                                                          \
-    [FIC_Q4_0] = {KT_Q4_0, XP_Q4_VNNI, XP_NONE, dot_q4_0_avx512, dot2_q4_vnni, kern_deq_q4_0_avx2,              \
-                  axpy_blocks_q4_0, NULL, rows_q4_vnni, down_cols_q4},                                          \
-    [FIC_Q4_1] = {KT_Q4_1, XP_Q4_VNNI, XP_SUMS, dot_q4_1_avx512, dot2_q4_vnni, kern_deq_q4_1_avx2,              \
-                  axpy_blocks_q4_1, NULL, rows_q4_vnni, down_cols_q4}
+/* VNNI: Q4_0/Q4_1 with x in the quad layout when k >= 64 (else float, as without VNNI); S names
+ * the copy of kernels_q4_vnni.h (vnni, or vbmi where the CPU has VBMI and GFNI too). */
+#define AVX512_Q4_VNNI(S)                                                                                        \
+    [FIC_Q4_0] = {KT_Q4_0, XP_Q4_VNNI, XP_NONE, dot_q4_0_avx512, dot2_q4_##S, kern_deq_q4_0_avx2,                \
+                  axpy_blocks_q4_0, NULL, rows_q4_##S, down_cols_q4_##S},                                        \
+    [FIC_Q4_1] = {KT_Q4_1, XP_Q4_VNNI, XP_SUMS, dot_q4_1_avx512, dot2_q4_##S, kern_deq_q4_1_avx2,                \
+                  axpy_blocks_q4_1, NULL, rows_q4_##S, down_cols_q4_##S}
 
 const fic_kernels fic_kernels_avx512_vnni = {
     FIC_IMPL_AVX512,
     axpy_avx512,
     gemm_tile_avx512,
-    {AVX512_COMMON, AVX512_Q8X_VNNI, AVX512_Q4_VNNI, AVX512_Q1(XP_Q1_AVX512)},
+    {AVX512_COMMON, AVX512_Q8X_VNNI, AVX512_Q4_VNNI(vnni), AVX512_Q1(XP_Q1_AVX512)},
     NULL,
     fixed_add_avx512,
     NULL, /* pack8: no panels here */
@@ -1131,12 +941,13 @@ const fic_kernels fic_kernels_avx512_vnni = {
     NULL, /* q1r32_tiles: a token at a time */
 };
 
-/* VNNI, BITALG and VBMI: Q1_0 as bit planes and the r32 kernel on VBMI; with AMX-INT8 on top
- * (Sapphire Rapids on) the r32 prefill as tile products (kernels_amx.c): pool.c has asked Linux for
- * the tile state before saying the CPU has it. */
+/* VNNI, BITALG, VBMI and GFNI: Q1_0 as bit planes, the r32 kernel on VBMI and Q4's VBMI copy; with
+ * AMX-INT8 on top (Sapphire Rapids on) the r32 prefill as tile products (kernels_amx.c): pool.c has
+ * asked Linux for the tile state before saying the CPU has it. */
 #define AVX512_Q1_TABLE(TILES)                                                                                 \
     {                                                                                                          \
-        FIC_IMPL_AVX512, axpy_avx512, gemm_tile_avx512, {AVX512_COMMON, AVX512_Q8X_VNNI, AVX512_Q4_VNNI, AVX512_Q1(XP_Q1_PLANES)}, \
+        FIC_IMPL_AVX512, axpy_avx512, gemm_tile_avx512,                                                       \
+            {AVX512_COMMON, AVX512_Q8X_VNNI, AVX512_Q4_VNNI(vbmi), AVX512_Q1(XP_Q1_PLANES)},                   \
             NULL, /* gemm_panel */                                                                             \
             fixed_add_avx512, NULL /* pack8: no panels here */, silu_mul_avx2, q1r32_avx512, q1r32_move_avx2,   \
             TILES                                                                                              \

@@ -74,8 +74,20 @@ static void cpu_detect(void) {
     c.avx512 = c.avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                __builtin_cpu_supports("avx512vl");
     c.avx512_vnni = c.avx512 && __builtin_cpu_supports("avx512vnni");
-    c.avx512_q1 = c.avx512_vnni && __builtin_cpu_supports("avx512bitalg") && __builtin_cpu_supports("avx512vbmi");
+    c.avx512_q1 = c.avx512_vnni && __builtin_cpu_supports("avx512bitalg") && __builtin_cpu_supports("avx512vbmi") &&
+                  __builtin_cpu_supports("gfni"); /* the tier's Q4 code (kernels_q4_vnni.h) takes GFNI */
     c.amx_int8 = c.avx512_q1 && amx_granted();
+    /* FIC_CPU_CAP=avx2|avx512|avx512_vnni|avx512_q1 caps the features at that tier, so a lesser
+     * CPU's tables run here (tests compare each tier's copy of a kernel on one machine). */
+    const char *cap = getenv("FIC_CPU_CAP");
+    if (cap != NULL && cap[0] != '\0') {
+        const int avx512 = strcmp(cap, "avx2") != 0, vnni = avx512 && strcmp(cap, "avx512") != 0,
+                  q1 = vnni && strcmp(cap, "avx512_vnni") != 0;
+        c.avx512 &= avx512;
+        c.avx512_vnni &= vnni;
+        c.avx512_q1 &= q1;
+        c.amx_int8 &= q1 && strcmp(cap, "avx512_q1") != 0;
+    }
 #endif
 #if defined(__aarch64__)
     c.neon = 1; /* NEON and fp16 conversions are baseline on AArch64 */

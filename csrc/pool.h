@@ -20,10 +20,10 @@ typedef void (*fic_range_fn)(void *ctx, int64_t begin, int64_t end, int tid);
 void fic_parallel_for(fic_pool *pool, int64_t n, int64_t chunk, fic_range_fn fn, void *ctx);
 
 /* The CPU's features, detected once (pthread_once) and read-only afterwards; every flag implies
- * the ones before it on its line (avx512_q1: VNNI, BITALG and VBMI; see kernels_avx512.c). */
+ * the ones before it on its line (avx512_q1: VNNI, BITALG, VBMI and GFNI; see kernels_avx512.c). */
 typedef struct {
     int avx2;                            /* AVX2 + FMA + F16C */
-    int avx512, avx512_vnni, avx512_q1;  /* AVX-512 F/BW/VL; + VNNI; + VNNI, BITALG, VBMI */
+    int avx512, avx512_vnni, avx512_q1;  /* AVX-512 F/BW/VL; + VNNI; + VNNI, BITALG, VBMI, GFNI */
     int amx_int8;                        /* + AMX-TILE and AMX-INT8, the OS's tile state granted */
     int neon;                            /* AArch64 */
 } fic_cpu_features;

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -908,6 +909,25 @@ def test_kernel_tables_are_complete(arch, tmp_path):
     out = subprocess.run([*run, str(exe)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stdout + out.stderr
     assert expect in out.stdout
+
+
+@pytest.mark.parametrize("cap", ["avx512_vnni", "avx512"])
+def test_a_lesser_x86_tier_passes_the_q4_tests(cap):
+    """fic runs one table per CPU tier (kernels.c): on a CPU with VBMI and GFNI the VNNI tier's copy
+    of the Q4 code (kernels_q4_vnni.h) and the AVX-512 float tier would never run. FIC_CPU_CAP caps
+    the tier: the Q4 kernel and FFN tests run again under it, against their own references."""
+    if "avx512" not in K.available_impls():
+        pytest.skip("no AVX-512 here: no tier above AVX2 to cap")
+    env = {**os.environ, "FIC_CPU_CAP": cap}
+    probe = subprocess.run([sys.executable, "-c", "from flashinfer_cli import kernels as K; print(K.amx_available())"],
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert probe.stdout.strip() == "False", probe.stdout + probe.stderr  # the cap is read
+    tests = [str(REPO / "tests" / f) for f in ("test_kernels.py", "test_ffn.py", "test_ffn_fixed.py")]
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", *tests,
+                          "-k", "(q4_0 or q4_1) and not lesser_x86_tier"], env=env, capture_output=True, text=True,
+                         timeout=1200, cwd=REPO)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert " passed" in res.stdout.splitlines()[-1], res.stdout[-500:]
 
 
 # ---- the FFN's gating -------------------------------------------------------------------------
