@@ -25,6 +25,7 @@
  * so calls of a few hundred microseconds gave ratios from 0.44x to 1.27x with the same library as
  * A and B (bench/RESULTS.md). Compare at 1 thread, or with calls of milliseconds. */
 #include <dlfcn.h>
+#include <math.h>
 #include <sys/mman.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -290,8 +291,9 @@ static int run_attention(build_t b[2], char **arg, int prefill) {
 }
 
 /* One token through LAYERS copies of a dense layer cut into experts (as the converter cuts one), the
- * exact mode's call: fixed-point sums (FIC_FFN_FIXED), int8 activations. Arguments: gate/up format,
- * down format, d_model, experts, neurons each, layers, threads, calls. */
+ * exact mode's call: fixed-point sums (FIC_FFN_FIXED), int8 activations; with AB_FFN_SUM set, prune
+ * mode's (one float sum over the experts). Arguments: gate/up format, down format, d_model, experts,
+ * neurons each, layers, threads, calls. */
 static int run_ffn(build_t b[2], char **arg) {
     const int gfmt = fmt_of(arg[0]), dfmt = fmt_of(arg[1]), n_threads = atoi(arg[6]), calls = atoi(arg[7]);
     const int64_t d = atoll(arg[2]), ne = atoll(arg[3]), n = atoll(arg[4]), layers = atoll(arg[5]);
@@ -326,30 +328,32 @@ static int run_ffn(build_t b[2], char **arg) {
     for (int64_t e = 0; e < ne; e++) ns[e] = (int32_t)n;
     for (int64_t i = 0; i < d; i++) x[i] = (float)rand() / (float)RAND_MAX - 0.5f;
     const fic_expert_layout lay = {d, gfmt, gfmt, dfmt, 0};
+    const int fixed = getenv("AB_FFN_SUM") == NULL;
     timing_t tm[2] = {{1e30, 0.0}, {1e30, 0.0}};
     for (int c = 0; c < calls; c++)
         for (int i = 0; i < 2; i++) {
             memset(acc[i], 0, (size_t)d * 8);
             const double t0 = now_s();
             for (int64_t l = 0; l < layers; l++)
-                if (b[i].ffn(b[i].pool, FIC_IMPL_AUTO | FIC_FFN_FIXED, &lay, bundles + l * ne, ns, ne, NULL, x,
+                if (b[i].ffn(b[i].pool, FIC_IMPL_AUTO | (fixed ? FIC_FFN_FIXED : 0), &lay, bundles + l * ne, ns, ne, NULL, x,
                              (float *)acc[i], 1, scratch, ne * n, ws, ws_bytes) != FIC_OK) {
                     fprintf(stderr, "ab_core: ffn of build %c failed\n", 'A' + i);
                     return 1;
                 }
             add_time(&tm[i], now_s() - t0);
         }
-    int64_t diff = 0, top = 0;
+    double diff = 0.0, top = 0.0; /* fixed point: units of 2^-32 */
     for (int64_t i = 0; i < d; i++) {
-        const int64_t e = acc[0][i] > acc[1][i] ? acc[0][i] - acc[1][i] : acc[1][i] - acc[0][i];
-        diff = e > diff ? e : diff;
-        top = llabs(acc[0][i]) > top ? llabs(acc[0][i]) : top;
+        const double a = fixed ? (double)acc[0][i] * 0x1p-32 : (double)((const float *)acc[0])[i],
+                     c = fixed ? (double)acc[1][i] * 0x1p-32 : (double)((const float *)acc[1])[i];
+        diff = fabs(a - c) > diff ? fabs(a - c) : diff;
+        top = fabs(a) > top ? fabs(a) : top;
     }
     char what[200];
-    snprintf(what, sizeof what, "ffn %s/%s d %lld, %lld x %lld neurons, %lld layers (%.0f MB; max |y| %.3g)", arg[0],
+    snprintf(what, sizeof what, "ffn %s/%s d %lld, %lld x %lld neurons, %lld layers (%.0f MB; max |y| %.3g)%s", arg[0],
              arg[1], (long long)d, (long long)ne, (long long)n, (long long)layers, (double)(bundle * n_bundles) / 1e6,
-             (double)top * 0x1p-32);
-    report(what, tm, calls, (double)diff * 0x1p-32);
+             top, fixed ? "" : ", float sum");
+    report(what, tm, calls, diff);
     return 0;
 }
 
