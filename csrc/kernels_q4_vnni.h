@@ -132,9 +132,8 @@ Q4V_TGT static void Q4V(p1_rows_q4)(const job_t *j, const uint8_t *base, int64_t
  * pieces against h_e prepared, into NR accumulators (one reduction per output row over all
  * experts). Q4 on VNNI; experts whose h_e is not in the quad layout (n_e < 64) take dot_row. */
 Q4V_TGT static inline __attribute__((always_inline)) void Q4V(down_cols_q4_block)(const ffn_t *f, int64_t r,
-                                                                                    int nr, int64_t r_end) {
-    const int is1 = f->down_fmt == FIC_Q4_1;
-    const int64_t stride = is1 ? sizeof(block_q4_1) : sizeof(block_q4_0);
+                                                                                    int nr, int64_t r_end,
+                                                                                    const int is1) {
     __m512 acc[P2_ROWS], accm[P2_ROWS];
     float extra[P2_ROWS];
     for (int i = 0; i < nr; i++) {
@@ -151,23 +150,25 @@ Q4V_TGT static inline __attribute__((always_inline)) void Q4V(down_cols_q4_block
             for (int i = 0; i < nr; i++) extra[i] += dot_row(j, w + i * rb, j->x);
             continue;
         }
-        const int64_t nb = j->k / 32, nq = (nb + 3) / 4;
-        for (int64_t q = 0; q < nq; q++) {
-            const int nblk = nb - 4 * q >= 4 ? 4 : (int)(nb - 4 * q);
-            const __m512 sc = _mm512_loadu_ps(j->xscale16 + 16 * q), corr = _mm512_loadu_ps(j->xcorr16 + 16 * q);
-            const __m512i xlo = _mm512_loadu_si512((const void *)(j->xq + 128 * q)),
-                          xhi = _mm512_loadu_si512((const void *)(j->xq + 128 * q + 64));
-            for (int i = 0; i < nr; i++)
-                Q4V(q4_quad)(w + i * rb + 4 * q * stride, stride, is1, nblk, xlo, xhi, sc, corr, &acc[i], &accm[i]);
-        }
+        const int64_t nb = j->k / 32, n_full = nb / 4;
+        for (int64_t q = 0; q < n_full; q++) Q4V(q4_quads)(j, w, rb, nr, q, 4, is1, acc, accm);
+        if (nb % 4) Q4V(q4_quads)(j, w, rb, nr, n_full, (int)(nb % 4), is1, acc, accm);
     }
     for (int i = 0; i < nr; i++) f->y[r + i] += _mm512_reduce_add_ps(_mm512_add_ps(acc[i], accm[i])) + extra[i];
 }
 
-Q4V_TGT static void Q4V(down_cols_q4_sum)(const ffn_t *f, int64_t r0, int64_t r1) {
+/* One copy of the row loop per format, as q4_rows. */
+Q4V_TGT static ALWAYS_INLINE void Q4V(down_cols_q4_sum_fmt)(const ffn_t *f, int64_t r0, int64_t r1, const int is1) {
     int64_t r = r0;
-    for (; r + P2_ROWS <= r1; r += P2_ROWS) Q4V(down_cols_q4_block)(f, r, P2_ROWS, r1);
-    for (; r < r1; r++) Q4V(down_cols_q4_block)(f, r, 1, r1);
+    for (; r + P2_ROWS <= r1; r += P2_ROWS) Q4V(down_cols_q4_block)(f, r, P2_ROWS, r1, is1);
+    for (; r < r1; r++) Q4V(down_cols_q4_block)(f, r, 1, r1, is1);
+}
+
+Q4V_TGT static void Q4V(down_cols_q4_sum)(const ffn_t *f, int64_t r0, int64_t r1) {
+    if (f->down_fmt == FIC_Q4_1)
+        Q4V(down_cols_q4_sum_fmt)(f, r0, r1, 1);
+    else
+        Q4V(down_cols_q4_sum_fmt)(f, r0, r1, 0);
 }
 
 /* FFN phase 1 rows of Q4 with x in the quad layout (0 when x was not prepared that way). */
