@@ -4,8 +4,8 @@
  * A template, included twice by kernels_avx512.c (no include guard): once as the VNNI table's code
  * (Q4V_VBMI 0, names ending _vnni) and once for CPUs that also have VBMI and GFNI (Q4V_VBMI 1, _vbmi;
  * the tables of kernels_avx512.c's Q1 tier). The includer defines Q4V_VBMI, Q4V_TGT (the target
- * attribute) and Q4V(name); both copies give the same bits. In one measurement (bench/RESULTS.md)
- * the VBMI copy was 1.08x in L2 and 1.04-1.05x from DRAM. */
+ * attribute) and Q4V(name); both copies give the same bits. Measured (bench/RESULTS.md), the VBMI
+ * copy was 1.03-1.08x in L2 and 1.05x on a SmolLM2-shaped FFN. */
 
 /* Q4_0/Q4_1 x int8 activations with VNNI, four blocks (128 weights) per step. The four blocks'
  * 16 nibble bytes fill one zmm (a block per 128-bit lane); its low nibbles (each block's weights
