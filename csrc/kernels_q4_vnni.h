@@ -29,11 +29,14 @@ Q4V_TGT static ALWAYS_INLINE void Q4V(q4_quad)(const uint8_t *g, int64_t stride,
         0, 0, 0, 0, 10, 10, 10, 10, 20, 20, 20, 20, 30, 30, 30, 30, 1, 1, 1, 1, 11, 11, 11, 11, 21, 21, 21, 21, 31, 31, 31, 31};
     const __m512i idx = _mm512_load_si512((const void *)(is1 ? idx_q4_1 : idx_q4_0));
     __m512i v, raw;
-    if (nblk == 4 && Q4V_VBMI) {
+#if Q4V_VBMI
+    if (nblk == 4) {
         raw = _mm512_loadu_si512((const void *)g);
         const __m512i tail = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(g + 4 * stride - 16)));
         v = _mm512_permutex2var_epi8(raw, _mm512_load_si512((const void *)q4_nibble_idx[is1]), tail);
-    } else {
+    } else
+#endif
+    {
         v = _mm512_zextsi128_si512(_mm_loadu_si128((const __m128i *)(g + off)));
         if (nblk > 1) v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(g + stride + off)), 1);
         if (nblk > 2) v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(g + 2 * stride + off)), 2);
