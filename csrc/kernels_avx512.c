@@ -792,7 +792,7 @@ TGT_AVX512VNNI static float dot_q8_0_vnni(const job_t *j, const uint8_t *row, co
  * and one vpdpbusd per L and H adds a row's 4 bytes of lookups, times 2 and 32, straight into its
  * int32 sum (started at -cx of the Q1_0 block's four q8 blocks): no unpacking, no int16 stage, no
  * lanes to add up; one float step per Q1_0 block. */
-#define Q1R32_PF_BLOCKS_512 8 /* blocks ahead to prefetch: 1.04-1.09x over 4 from DRAM, 12 or 16 no better */
+#define Q1R32_PF_BLOCKS_512 2 /* blocks ahead to prefetch: from DRAM 1.27x over 8 on a Xeon (RESULTS.md) */
 
 TGT_AVX512Q1 static ALWAYS_INLINE __m512i q1r32_sum16(__m512i v, __m512i sum, const __m512i tab[4]) {
     const __m512i nib = _mm512_set1_epi8(15), pos = _mm512_set1_epi32(0x30201000); /* 16 x byte position */

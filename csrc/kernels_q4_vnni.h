@@ -103,8 +103,8 @@ Q4V_TGT static ALWAYS_INLINE float Q4V(q4_row)(const job_t *j, const uint8_t *ro
     return y;
 }
 
-/* Two consecutive Q4 rows (matvec's pairs), whatever their length: from DRAM on huge pages two
- * rows at a time were 1.05x at 4096 (bench/RESULTS.md); float x where it was not prepared for VNNI. */
+/* Two consecutive Q4 rows (matvec's pairs, rows of at most PAIR_MAX_K weights: matvec.c); float x
+ * where it was not prepared for VNNI. */
 Q4V_TGT static void Q4V(dot2_q4)(const job_t *j, const uint8_t *row0, float *y) {
     if (j->q4_int8) {
         Q4V(q4_rows)(j, row0, j->row_bytes, 2, y);
