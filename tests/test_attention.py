@@ -103,6 +103,21 @@ def test_decode(impl, cfg):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("cfg", [(32, 4, 128), (20, 2, 48), (4, 1, 16), (5, 1, 64)],
+                         ids=lambda c: "x".join(map(str, c)))
+def test_decode_four_heads_at_once(impl, cfg):
+    """AVX-512 decode takes four heads of a kv head at once (scores4/accum4 in attention.c): 8 heads a
+    kv head (Qwen3-MoE, the 20B synthetic model), 10 (4 + 4 + a pair), 4 with head_dim 16 (no 64-column
+    group) and 5 (4 + one), at tile-aligned and ragged context lengths."""
+    nh, nkv, hd = cfg
+    rng = np.random.default_rng(nh * 100 + hd)
+    for n in (1, 3, 33, 257, 1000):
+        k, v = make_cache(rng, n + 3, n, nkv, hd)
+        q = rng.standard_normal((1, nh, hd)).astype(np.float32)
+        check(q, k, v, n - 1, 1.0 / np.sqrt(hd), impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "x".join(map(str, c)))
 def test_prefill(impl, cfg):
     nh, nkv, hd = cfg
