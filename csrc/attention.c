@@ -875,6 +875,47 @@ ATT_TGT_AVX512 static void scores4_avx512(const float *const q[4], const uint16_
     }
 }
 
+/* exp256 (exp_avx2.h) on 16 lanes: the same operations per lane, so the same values. */
+ATT_TGT_AVX512 static ATT_INLINE __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+/* online_update for the four heads of scores4 (n <= ATT_B scores each) in vectors: the same m and
+ * p values (max is exact, exp512 is exp256 per lane); l's sum in another order. */
+ATT_TGT_AVX512 static void online_update4_avx512(float *state, int64_t st_stride, float *const s[4], int64_t n,
+                                                 float corr[4]) {
+    const __mmask16 m0 = n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1),
+                    m1 = n >= 32 ? (__mmask16)0xFFFF : n > 16 ? (__mmask16)((1u << (n - 16)) - 1) : 0;
+    const __m512 ninf = _mm512_set1_ps(-INFINITY);
+    for (int h = 0; h < 4; h++) {
+        float *st = state + h * st_stride;
+        const __m512 v0 = _mm512_mask_loadu_ps(ninf, m0, s[h]), v1 = _mm512_mask_loadu_ps(ninf, m1, s[h] + 16);
+        const float mt = _mm512_reduce_max_ps(_mm512_max_ps(v0, v1));
+        const float m_old = st[0], m_new = mt > m_old ? mt : m_old;
+        corr[h] = m_old == -INFINITY ? 0.0f : expf(m_old - m_new);
+        const __m512 vm = _mm512_set1_ps(m_new);
+        const __m512 e0 = exp512(_mm512_sub_ps(v0, vm)), e1 = exp512(_mm512_sub_ps(v1, vm));
+        _mm512_mask_storeu_ps(s[h], m0, e0);
+        _mm512_mask_storeu_ps(s[h] + 16, m1, e1);
+        const float sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_maskz_mov_ps(m0, e0), _mm512_maskz_mov_ps(m1, e1)));
+        st[0] = m_new;
+        st[1] = st[1] * corr[h] + sum;
+    }
+}
+
 /* acc_h = acc_h * corr_h + sum_j p_h[j] v_j for the four heads, 64 columns (16 accumulators) at a
  * time, then 16. */
 ATT_TGT_AVX512 static void accum4_avx512(float *const acc[4], const float corr[4], const float *const p[4],
@@ -1000,10 +1041,8 @@ static void attend(const att_job *j, float *tile, int64_t h, int64_t i0, int64_t
                 const float *qs[4] = {q, q + hd, q + 2 * hd, q + 3 * hd};
                 float *ss[4] = {s, s + ATT_B, s + 2 * ATT_B, s + 3 * ATT_B}, *accs[4], corr[4];
                 scores4_avx512(qs, (const uint16_t *)kr, rs, valid, hd, j->scale, ss);
-                for (int i = 0; i < 4; i++) {
-                    corr[i] = online_update(j->impl, state + i * st_stride, ss[i], valid);
-                    accs[i] = state + i * st_stride + 2;
-                }
+                online_update4_avx512(state, st_stride, ss, valid, corr);
+                for (int i = 0; i < 4; i++) accs[i] = state + i * st_stride + 2;
                 accum4_avx512(accs, corr, (const float *const *)ss, (const uint16_t *)vr, rs, valid, hd);
                 r += 4;
                 continue;
