@@ -82,5 +82,5 @@ int main(int argc, char **argv) {
                            pf == PF_NONE ? (size_t)0 : dists[di], (double)n_bytes / s / 1e9);
                 }
     free(buf);
-    return sink == 12345 ? 3 : 0; /* never 3 in practice: keeps the sums from being optimised away */
+    return 0; /* the volatile sink keeps the sums from being optimised away */
 }

@@ -875,23 +875,8 @@ ATT_TGT_AVX512 static void scores4_avx512(const float *const q[4], const uint16_
     }
 }
 
-/* exp256 (exp_avx2.h) on 16 lanes: the same operations per lane, so the same values. */
-ATT_TGT_AVX512 static ATT_INLINE __m512 exp512(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
-}
+/* exp256 on 16 lanes (exp_avx2.h): the same values lane for lane. */
+ATT_TGT_AVX512 static ATT_INLINE __m512 exp512(__m512 x) { return exp512_clamped(_mm512_max_ps(x, _mm512_set1_ps(-87.3f))); }
 
 /* online_update for the four heads of scores4 (n <= ATT_B scores each) in vectors: the same m and
  * p values (max is exact, exp512 is exp256 per lane); l's sum in another order. */
