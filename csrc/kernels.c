@@ -58,6 +58,8 @@ static int prep_x_mode(const job_t *j) {
     return mode;
 }
 
+int x_prepared_as_table(const job_t *j) { return prep_x_mode(j) == j->kf->xprep; }
+
 /* Bytes prep_x needs for job j (0: nothing to prepare); a multiple of 64. */
 size_t prep_x_bytes(const job_t *j) {
     size_t n;

@@ -54,6 +54,8 @@ typedef struct job_s {
     int q1_planes;         /* Q1_0 on AVX-512 with VNNI/BITALG/VBMI: xu holds x's bit planes,
                               xscale16 2 dx and xcorr16 -dx sum(xq) per q8 block (see below) */
     int exact;             /* float activations asked for (FIC_IMPL_EXACT): prep_x skips XP_Q8 */
+    int stream_pf;         /* the dot prefetches its row's stream itself (stream_prefetch; matvec's
+                              long rows, where the table's dot_prefetches says it can) */
     float *scratch;    /* matmul: per-thread tile of rows */
     int64_t scratch_floats, tile_rows;
     const struct fic_kernels *kt;     /* the implementation's kernel table (fic_kernels_for) */
@@ -233,6 +235,7 @@ typedef struct fic_fmt_kernels {
     kern_accum_fn accum;            /* accum_rows over block columns [b0, b1) of every row */
     kern_rows_fn rows;              /* FFN phase 1 rows [r0, r1) with the phase's prefetch; 0: not done */
     kern_down_cols_fn down_cols;    /* FFN phase 2, columns, t = 1, output rows [r0, r1); 0: not done */
+    int dot_prefetches;             /* with x prepared as xprep says, dot (nr 1) honours job_t.stream_pf */
 } fic_fmt_kernels;
 
 typedef struct fic_kernels {
@@ -329,6 +332,14 @@ void gemm_rows(const job_t *j, int panels, const uint8_t *w, int64_t rb, int64_t
 #define FIC_PF_LOCALITY 3
 #endif
 #define FIC_PREFETCH(p) __builtin_prefetch((p), 0, FIC_PF_LOCALITY)
+/* A row read alone from DRAM (matvec's rows longer than PAIR_MAX_K): a kernel whose table sets
+ * dot_prefetches issues, at each step of n bytes at p, the prefetches of the lines STREAM_PF_BYTES
+ * ahead (one per 64 bytes, so none is skipped), spread over the row instead of a row's burst
+ * before it: 1.12-1.16x for Q4 from DRAM on a Xeon (bench/RESULTS.md, "Prefetches spread"). */
+#define STREAM_PF_BYTES 3072
+static inline void stream_prefetch(const uint8_t *p, int n) {
+    for (int o = 0; o < n; o += 64) FIC_PREFETCH(p + STREAM_PF_BYTES + o);
+}
 #define ACCUM_PF_ROWS 4  /* accum_rows: rows ahead to prefetch: each row piece is its own short stream */
 #define P1_PF_BYTES 4096 /* FFN phase 1 prefetch distance, bytes ahead in the gate+up stream */
 #define P2_ROWS 8        /* FFN phase 2 (columns): output rows per block, one accumulator each */
@@ -395,6 +406,7 @@ static inline const uint8_t *down_part(const ffn_t *f, int64_t e) {
  * 128 int8, then kq / 4 lane scales and kq / 4 corrections. */
 static inline int64_t kern_q4_quad_weights(int64_t k) { return (k + 127) / 128 * 128; }
 size_t prep_x_bytes(const job_t *j);    /* bytes prep_x needs for j (0: none); a multiple of 64 */
+int x_prepared_as_table(const job_t *j); /* prep_x used the table's xprep (not xprep_small) */
 /* fix(c) of fic.h: c * 2^32 rounded half to even, c saturated to +-2^30 (NaN: +2^30). */
 static inline int64_t fix_ref(float c) {
     double v = (double)c;

@@ -778,11 +778,11 @@ TGT_AVX512VNNI static float dot_q8_0_vnni(const job_t *j, const uint8_t *row, co
 /* With VNNI: kernels_vnni.c's, rows in pairs. */
 #define AVX512_Q8X_VNNI                                                                                        \
     [FIC_Q8_0] = {KT_Q8_0, XP_Q8, XP_NONE, dot_q8_0_vnni, kern_vnni_dot2_q8_0, kern_deq_q8_0_avx2,             \
-                  axpy_blocks_q8_0, NULL, NULL, kern_vnni_down_q8_0},                                          \
+                  axpy_blocks_q8_0, NULL, NULL, kern_vnni_down_q8_0, 1},                                       \
     [FIC_Q4_K] = {KT_Q4_K, XP_Q8, XP_SUMS, kern_vnni_dot_q4_K, kern_vnni_dot2_q4_K, kern_deq_q4_K_avx2, NULL,   \
-                  NULL, NULL, kern_vnni_down_q4_K},                                                            \
+                  NULL, NULL, kern_vnni_down_q4_K, 1},                                                         \
     [FIC_Q6_K] = {KT_Q6_K, XP_Q8, XP_NONE, kern_vnni_dot_q6_K, kern_vnni_dot2_q6_K, kern_deq_q6_K_avx2, NULL,   \
-                  NULL, NULL, kern_vnni_down_q6_K}
+                  NULL, NULL, kern_vnni_down_q6_K, 1}
 
 /* Q1_0 in the r32 layout (q1r32.c) with VBMI and VNNI: the same integer sums and float steps as
  * q1r32_avx2, so the same bits, in about a third of its vector operations. Per q8 block of 32
@@ -923,9 +923,9 @@ const fic_kernels fic_kernels_avx512 = {
  * the copy of kernels_q4_vnni.h (vnni, or vbmi where the CPU has VBMI and GFNI too). */
 #define AVX512_Q4_VNNI(S)                                                                                        \
     [FIC_Q4_0] = {KT_Q4_0, XP_Q4_VNNI, XP_NONE, dot_q4_0_avx512, dot2_q4_##S, kern_deq_q4_0_avx2,                \
-                  axpy_blocks_q4_0, NULL, rows_q4_##S, down_cols_q4_##S},                                        \
+                  axpy_blocks_q4_0, NULL, rows_q4_##S, down_cols_q4_##S, 1},                                     \
     [FIC_Q4_1] = {KT_Q4_1, XP_Q4_VNNI, XP_SUMS, dot_q4_1_avx512, dot2_q4_##S, kern_deq_q4_1_avx2,                \
-                  axpy_blocks_q4_1, NULL, rows_q4_##S, down_cols_q4_##S}
+                  axpy_blocks_q4_1, NULL, rows_q4_##S, down_cols_q4_##S, 1}
 
 const fic_kernels fic_kernels_avx512_vnni = {
     FIC_IMPL_AVX512,

@@ -80,7 +80,15 @@ Q4V_TGT static ALWAYS_INLINE void Q4V(q4_rows_fmt)(const job_t *j, const uint8_t
     const int64_t nb = j->k / 32, n_full = nb / 4;
     __m512 acc[P2_ROWS], accm[P2_ROWS];
     for (int i = 0; i < nr; i++) acc[i] = accm[i] = _mm512_setzero_ps();
-    for (int64_t q = 0; q < n_full; q++) Q4V(q4_quads)(j, row, rb, nr, q, 4, is1, acc, accm);
+    const int64_t stride = is1 ? sizeof(block_q4_1) : sizeof(block_q4_0);
+    if (nr == 1 && j->stream_pf) {
+        for (int64_t q = 0; q < n_full; q++) {
+            stream_prefetch(row + 4 * q * stride, 4 * (int)stride);
+            Q4V(q4_quads)(j, row, rb, 1, q, 4, is1, acc, accm);
+        }
+    } else {
+        for (int64_t q = 0; q < n_full; q++) Q4V(q4_quads)(j, row, rb, nr, q, 4, is1, acc, accm);
+    }
     if (nb % 4) Q4V(q4_quads)(j, row, rb, nr, n_full, (int)(nb % 4), is1, acc, accm);
     for (int i = 0; i < nr; i++) y[i] = _mm512_reduce_add_ps(is1 ? _mm512_add_ps(acc[i], accm[i]) : acc[i]);
 }

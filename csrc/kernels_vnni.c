@@ -112,6 +112,7 @@ TGT static ALWAYS_INLINE void q8_0_rows(const job_t *j, const uint8_t *row, int6
         const __m256 dx8 = _mm256_loadu_ps(j->xscale16 + b), s8 = _mm256_loadu_ps(j->xcorr16 + b);
         __m512i x[4];
         for (int c = 0; c < 4; c++) x[c] = _mm512_loadu_si512((const void *)(j->xq + 32 * b + 64 * c));
+        if (nr == 1 && j->stream_pf) stream_prefetch(row + b * stride, 8 * (int)stride);
         q8_0_step8(row + b * stride, x, dx8, s8, &r0);
         if (nr == 2) q8_0_step8(row + rb + b * stride, x, dx8, s8, &r1);
     }
@@ -159,6 +160,7 @@ TGT static ALWAYS_INLINE void q4k_rows(const job_t *j, const uint8_t *row, int64
         const __m256 dx8 = _mm256_loadu_ps(j->xscale16 + 8 * b), s8 = _mm256_loadu_ps(j->xcorr16 + 8 * b);
         __m512i x[4];
         for (int c = 0; c < 4; c++) x[c] = _mm512_loadu_si512((const void *)(j->xq + QK_K * b + 64 * c));
+        if (nr == 1 && j->stream_pf) stream_prefetch(row + b * sizeof(block_q4_K), (int)sizeof(block_q4_K));
         q4k_step((const block_q4_K *)row + b, x, dx8, s8, &r0);
         if (nr == 2) q4k_step((const block_q4_K *)(row + rb) + b, x, dx8, s8, &r1);
     }
@@ -221,6 +223,7 @@ TGT static ALWAYS_INLINE void q6k_rows(const job_t *j, const uint8_t *row, int64
         __m512i x[4], neg32[4];
         __m512 dxc[4];
         q6k_x(j, b, x, neg32, dxc);
+        if (nr == 1 && j->stream_pf) stream_prefetch(row + b * sizeof(block_q6_K), (int)sizeof(block_q6_K));
         q6k_step((const block_q6_K *)row + b, x, neg32, dxc, &r0);
         if (nr == 2) q6k_step((const block_q6_K *)(row + rb) + b, x, neg32, dxc, &r1);
     }

@@ -79,7 +79,7 @@ static void matvec_range(void *ctx, int64_t r0, int64_t r1, int tid) {
     const int64_t dist = long_rows ? PREFETCH_BYTES_LONG : PREFETCH_BYTES;
     for (; r < r1; r++) {
         const uint8_t *row = j->w + r * j->row_bytes;
-        prefetch_ahead(row, dist, j->row_bytes, end);
+        if (!j->stream_pf) prefetch_ahead(row, dist, j->row_bytes, end);
         j->y[r] = dot_row(j, row, j->x);
     }
 }
@@ -97,6 +97,7 @@ int fic_matvec(fic_pool *pool, int impl, int fmt, const uint8_t *w, const float 
     j.exact = (impl & FIC_IMPL_EXACT) != 0;
     if ((int64_t)prep_x_bytes(&j) > ws_matvec(k)) return FIC_ERR_WORKSPACE; /* the bound of fic.h */
     prep_x(&j, ws);
+    j.stream_pf = k > PAIR_MAX_K && j.kf->dot_prefetches && x_prepared_as_table(&j);
     fic_parallel_for(pool, m, row_chunk(pool, m, j.row_bytes), matvec_range, &j);
     return FIC_OK;
 }

@@ -140,8 +140,9 @@ def threads(request):
 
 # (m, k in blocks of 128). AVX-512 Q1_0 with bit planes takes 4 blocks per step, used where the
 # steps are at least 80% full: k_units 7 ends in a partial step, 4 and 32 in none; 1-3 take the
-# psadbw kernel.
-SHAPES = [(1, 1), (3, 1), (17, 1), (1, 2), (333, 3), (64, 4), (6, 7), (5, 32)]
+# psadbw kernel. Rows of more than 2,048 weights (17 and 32 units) are read one at a time, the fast
+# kernels prefetching their own row stream.
+SHAPES = [(1, 1), (3, 1), (17, 1), (1, 2), (333, 3), (64, 4), (6, 7), (9, 17), (5, 32)]
 
 
 def k_of(fmt: str, k_units: int) -> int:
@@ -165,7 +166,7 @@ def test_matvec_matches_numpy(fmt, impl, m, k_units, threads):
 def test_matvec_block_of_32_for_q4_q8(fmt):
     """K of a single 32-weight block (and an odd number of them) for the formats that allow it."""
     bw = K.block_weights(fmt)
-    for k in (bw * 1, bw * 3, 32 * 2, 32 * 5, 32 * 6, 32 * 18):
+    for k in (bw * 1, bw * 3, 32 * 2, 32 * 5, 32 * 6, 32 * 18, 32 * 67):  # 67 blocks: a long row, a last partial quad
         qt, wd, rng = make(fmt, 19, k, seed=k)
         x = rng.standard_normal(k, dtype=np.float32)
         for impl in IMPLS:
