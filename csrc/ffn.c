@@ -59,8 +59,9 @@ static inline float coef_of(const ffn_t *f, int64_t i, int64_t e) {
 /* Phase 1 reads, per expert, its gate rows then its up rows: one forward stream (the two are
  * back to back in the bundle), one row at a time with a software prefetch P1_PF_BYTES ahead that
  * stays inside the bundle, and the next expert's first P1_NEXT_BYTES prefetched once as this
- * expert's up rows start (p1_prefetch_next). The alternatives tried and their timings are in
- * bench/RESULTS.md ("expert FFN t=1 profile"). */
+ * expert's up rows start (p1_prefetch_next); where a row is read alone by a kernel that prefetches
+ * its own stream (job_t.stream_pf: Q4 on VNNI), that prefetch replaces the row's burst. The
+ * alternatives tried and their timings are in bench/RESULTS.md ("expert FFN t=1 profile"). */
 /* Rows of expert e's gate (up = 0) or up (up = 1) matrix before which p1_prefetch stays inside
  * the bundle. */
 static int64_t p1_prefetch_rows(const ffn_t *f, int64_t e, int up) {
@@ -102,7 +103,7 @@ static void p1_rows(const ffn_t *f, int64_t e, int up, int64_t r0, int64_t r1, f
         }
     }
     for (; r < r1; r++) {
-        if (r < r_pf) p1_prefetch(base + r * rb, rb);
+        if (r < r_pf && !j->stream_pf) p1_prefetch(base + r * rb, rb);
         out[r - r0] = dot_row(j, base + r * rb, f->x);
     }
 }
@@ -403,6 +404,10 @@ static int ffn_run(fic_pool *pool, int impl, const fic_expert_layout *layout, co
         if ((int64_t)(bg + bu + bd) > rest_bytes) return FIC_ERR_WORKSPACE; /* the bound of fic.h */
         prep_x(&f.jg, rest);
         prep_x(&f.ju, rest + bg);
+        /* a row read alone prefetches its own stream (rows in pairs keep the bursts: Q4_K's
+         * pairs without them ran 0.80x) */
+        f.jg.stream_pf = f.jg.kf->dot_prefetches && x_prepared_as_table(&f.jg);
+        f.ju.stream_pf = f.ju.kf->dot_prefetches && x_prepared_as_table(&f.ju);
         fic_parallel_for(pool, n_total, row_chunk(pool, n_total, f.rb_g + f.rb_u), phase1_t1, &f);
         if (!layout->down_rows) {
             int64_t rb_sum = 0, n_planes = 0, n_prepared = 0;

@@ -134,7 +134,7 @@ Q4V_TGT static void Q4V(p1_rows_q4)(const job_t *j, const uint8_t *base, int64_t
         Q4V(q4_rows)(j, row, rb, 2, out + (r - r0));
     }
     for (; r < r1; r++) {
-        if (r < r_pf) p1_prefetch(base + r * rb, rb);
+        if (r < r_pf && !j->stream_pf) p1_prefetch(base + r * rb, rb);
         out[r - r0] = Q4V(q4_row)(j, base + r * rb);
     }
 }

@@ -296,6 +296,16 @@ def test_ffn_q1_bit_planes(d, ns, impl, threads):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q8_0"])
+def test_ffn_long_rows_read_alone(fmt, impl, threads):
+    """t = 1 with d_model 1152 (9 quads of Q4 blocks): on VNNI, Q4's phase 1 reads such rows one at a
+    time, its kernel prefetching its own stream; Q8_0 reads them in pairs, an odd last row alone."""
+    case = Case((fmt, fmt, fmt), "columns", [96, 160, 64], 1, seed=1152, d=1152, coef=None)
+    want, bound = case.want_and_bound(impl)
+    assert_within(case.run(impl), want, bound)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("fmts", [("q4_0", "q8_0", "f16"), ("f16", "q1_0", "q4_1"), ("q1_0", "q4_1", "q1_0"),
                                   ("f32", "q4_0", "q8_0"), ("q4_k", "q4_k", "q6_k"), ("q5_0", "q6_k", "q4_k")])
 @pytest.mark.parametrize("layout", ["columns", "rows"])
