@@ -12,7 +12,8 @@
  *   gcc -O2 -o /tmp/ab_core bench/ab_core.c -ldl
  *   /tmp/ab_core /tmp/a.so /tmp/b.so matvec q4_1 1536 576 1 3000   (fmt m k threads calls)
  *   AB_STREAM_MIB=512 /tmp/ab_core ... matvec q4_0 4096 4096 2 10      (each call of a sweep over
- *                                      copies filling 512 MiB, as bench_kernels.py: from DRAM)
+ *                                      copies filling 512 MiB, as bench_kernels.py: from DRAM;
+ *                                      AB_IMPL=avx2 times the AVX2 tier on an AVX-512 CPU, matvec and ffn)
  *   /tmp/ab_core /tmp/a.so /tmp/b.so matmul 48 q4_1 1536 576 2 300 (tokens, then as matvec)
  *   /tmp/ab_core /tmp/a.so /tmp/b.so attention 2000 16 8 128 28 2 10  (ctx heads kv_heads head_dim
  *                                                                      layers threads calls)
@@ -182,6 +183,15 @@ static uint8_t *make_weights(const build_t *a, int fmt, int64_t m, int64_t k) {
     return w;
 }
 
+/* AB_IMPL=avx2 (avx512, ref): the matvec's and the FFN's tier, other than the CPU's best. */
+static int impl_of_env(void) {
+    const char *name = getenv("AB_IMPL");
+    if (name == NULL) return FIC_IMPL_AUTO;
+    if (strcmp(name, "avx2") == 0) return FIC_IMPL_AVX2;
+    if (strcmp(name, "avx512") == 0) return FIC_IMPL_AVX512;
+    return strcmp(name, "ref") == 0 ? FIC_IMPL_REF : FIC_IMPL_AUTO;
+}
+
 /* matvec (n_tok 0) or matmul of n_tok tokens: fmt m k threads calls. A matmul takes the product's
  * default prefill arithmetic: float (FIC_IMPL_EXACT) but for Q1_0, whose prefill is int8; with
  * AB_PREFILL=int8 (exact) in the environment, int8 (float) whatever the format, and AB_PREFILL_B
@@ -196,6 +206,7 @@ static int run_products(build_t b[2], char **arg, int n_tok) {
     const int64_t m = atoll(arg[1]), k = atoll(arg[2]), t = n_tok > 0 ? n_tok : 1;
     const char *mode = getenv("AB_PREFILL"), *mode_b = getenv("AB_PREFILL_B");
     const int impls[2] = {prefill_impl(mode, fmt), prefill_impl(mode_b != NULL ? mode_b : mode, fmt)};
+    const int mv_impl = impl_of_env();
     int64_t ws_bytes = 16 * k + 4096;
     for (int i = 0; i < 2 && n_tok > 0; i++) {
         const int64_t n = b[i].workspace(n_threads, t, k, 1, 64);
@@ -230,7 +241,7 @@ static int run_products(build_t b[2], char **arg, int n_tok) {
             for (int64_t cp = 0; cp < n_copies && st == FIC_OK; cp++) {
                 const uint8_t *wc = w + cp * m * rb;
                 st = n_tok > 0 ? b[i].matmul(b[i].pool, impls[i], fmt, wc, x, y[i], t, m, k, ws, ws_bytes)
-                               : b[i].matvec(b[i].pool, FIC_IMPL_AUTO, fmt, wc, x, y[i], m, k, ws, ws_bytes);
+                               : b[i].matvec(b[i].pool, mv_impl, fmt, wc, x, y[i], m, k, ws, ws_bytes);
             }
             add_time(&tm[i], (now_s() - t0) / (double)n_copies);
             if (st != FIC_OK) {
@@ -335,7 +346,7 @@ static int run_ffn(build_t b[2], char **arg) {
             memset(acc[i], 0, (size_t)d * 8);
             const double t0 = now_s();
             for (int64_t l = 0; l < layers; l++)
-                if (b[i].ffn(b[i].pool, FIC_IMPL_AUTO | (fixed ? FIC_FFN_FIXED : 0), &lay, bundles + l * ne, ns, ne, NULL, x,
+                if (b[i].ffn(b[i].pool, impl_of_env() | (fixed ? FIC_FFN_FIXED : 0), &lay, bundles + l * ne, ns, ne, NULL, x,
                              (float *)acc[i], 1, scratch, ne * n, ws, ws_bytes) != FIC_OK) {
                     fprintf(stderr, "ab_core: ffn of build %c failed\n", 'A' + i);
                     return 1;

@@ -759,21 +759,21 @@ TGT_AVX512VNNI static float dot_q8_0_vnni(const job_t *j, const uint8_t *row, co
 
 /* The rows every AVX-512 table shares; Q8_0, Q4_K, Q6_K (VNNI or not), Q4_0, Q4_1 and Q1_0 differ
  * between them (below). Columns: traits, xprep, xprep_small, dot, dot2, deq, axpy_blocks, accum,
- * rows, down_cols. */
+ * rows, down_cols, dot_prefetches. */
 #define AVX512_COMMON                                                                                          \
     [FIC_F32] = {KT_F32, XP_NONE, XP_NONE, dot_f32_avx512, NULL, kern_deq_f32_ref, NULL, NULL, NULL, NULL},     \
     [FIC_F16] = {KT_F16, XP_NONE, XP_NONE, dot_f16_avx512, NULL, kern_deq_f16_avx2, NULL, NULL, NULL, NULL},    \
     [FIC_Q5_0] = {KT_Q5_0, XP_Q8, XP_NONE, kern_q8x_dot_q5_0_avx2, NULL, kern_deq_q5_0_avx2, NULL, NULL, NULL,  \
-                  kern_q8x_down_q5_0_avx2}
+                  kern_q8x_down_q5_0_avx2, 1}
 
 /* Without VNNI: Q8_0, Q4_K and Q6_K's int8 decode on the AVX2 kernels. */
 #define AVX512_Q8X_AVX2                                                                                        \
     [FIC_Q8_0] = {KT_Q8_0, XP_Q8, XP_NONE, dot_q8_0_x512, NULL, kern_deq_q8_0_avx2, axpy_blocks_q8_0, NULL,     \
                   NULL, kern_q8x_down_q8_0_avx2},                                                              \
     [FIC_Q4_K] = {KT_Q4_K, XP_Q8, XP_SUMS, kern_q8x_dot_q4_K_avx2, NULL, kern_deq_q4_K_avx2, NULL, NULL, NULL,  \
-                  kern_q8x_down_q4_K_avx2},                                                                    \
+                  kern_q8x_down_q4_K_avx2, 1},                                                                 \
     [FIC_Q6_K] = {KT_Q6_K, XP_Q8, XP_NONE, kern_q8x_dot_q6_K_avx2, NULL, kern_deq_q6_K_avx2, NULL, NULL, NULL,  \
-                  kern_q8x_down_q6_K_avx2}
+                  kern_q8x_down_q6_K_avx2, 1}
 
 /* With VNNI: kernels_vnni.c's, rows in pairs. */
 #define AVX512_Q8X_VNNI                                                                                        \
@@ -905,9 +905,9 @@ const fic_kernels fic_kernels_avx512 = {
         AVX512_Q8X_AVX2,
         /* no VNNI: int8 activations through the AVX2 kernels, as the AVX2 table */
         [FIC_Q4_0] = {KT_Q4_0, XP_Q8, XP_NONE, kern_q8x_dot_q4_0_avx2, NULL, kern_deq_q4_0_avx2, axpy_blocks_q4_0,
-                      NULL, NULL, kern_q8x_down_q4_0_avx2},
+                      NULL, NULL, kern_q8x_down_q4_0_avx2, 1},
         [FIC_Q4_1] = {KT_Q4_1, XP_Q8, XP_SUMS, kern_q8x_dot_q4_1_avx2, NULL, kern_deq_q4_1_avx2, axpy_blocks_q4_1,
-                      NULL, NULL, kern_q8x_down_q4_1_avx2},
+                      NULL, NULL, kern_q8x_down_q4_1_avx2, 1},
         AVX512_Q1(XP_Q1_AVX512),
     },
     NULL, /* gemm_panel: not measured on AVX-512 (gemm_tile_avx512's 6 x 4 blocks) */
