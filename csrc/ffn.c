@@ -208,6 +208,50 @@ static void down_cols_t1(void *ctx, int64_t r0, int64_t r1, int tid) {
     }
 }
 
+/* Phase 2 at t = 1 in fixed point, over short down rows (a dense model's 64-neuron experts: 36 bytes a
+ * row in Q4_0): the pool splits the experts, not the rows, so each expert's down piece is read as one
+ * stream of d rows rather than one short stream per chunk of rows; each thread adds into its own
+ * fixed-point sums (thread 0 the call's, the others the workspace's, added in after). Integer sums:
+ * the same bits however the experts are split. From DRAM, a dense 8B's FFN 1.09-1.13x (bench/RESULTS.md,
+ * "Phase 2 by experts"); 256-neuron K-quant experts 0.97-1.01x, so they keep the split by rows. */
+#define P2_SPLIT_ROW_BYTES 128 /* down rows of at most this many bytes on average: split by experts */
+
+typedef struct {
+    const ffn_t *f;
+    int64_t *accs;      /* threads 1..P-1: acc_stride int64 each */
+    int64_t acc_stride;
+} p2_split_t;
+
+/* Experts [e0, e1) over all d rows, into this thread's sums. */
+static void down_experts_t1(void *ctx, int64_t e0, int64_t e1, int tid) {
+    const p2_split_t *s = ctx;
+    ffn_t g = *s->f;
+    g.bundles += e0;
+    g.n += e0;
+    g.off += e0;
+    g.rb_d += e0;
+    g.jd += e0;
+    g.skip += e0;
+    g.n_experts = e1 - e0;
+    if (tid > 0) g.acc = s->accs + (tid - 1) * s->acc_stride;
+    down_cols_t1(&g, 0, g.d, tid);
+}
+
+/* Phase 2 split by experts when it pays and the workspace at accs (avail bytes) holds the other
+ * threads' sums; 0: the caller splits the rows. */
+static int down_by_experts(fic_pool *pool, const ffn_t *f, int64_t rb_sum, uint8_t *accs, int64_t avail) {
+    const int64_t n_threads = fic_pool_threads(pool), stride = ws_round64(8 * f->d) / 8;
+    if (f->acc == NULL || n_threads < 2 || f->n_experts < 4 * n_threads || rb_sum > P2_SPLIT_ROW_BYTES * f->n_experts)
+        return 0;
+    if ((n_threads - 1) * stride * 8 > avail) return 0;
+    p2_split_t s = {f, (int64_t *)accs, stride};
+    memset(accs, 0, (size_t)((n_threads - 1) * stride * 8));
+    fic_parallel_for(pool, f->n_experts, (f->n_experts + 4 * n_threads - 1) / (4 * n_threads), down_experts_t1, &s);
+    for (int64_t i = 0; i < n_threads - 1; i++)
+        for (int64_t r = 0; r < f->d; r++) f->acc[r] += s.accs[i * stride + r];
+    return 1;
+}
+
 static void down_cols_tiles(void *ctx, int64_t r0, int64_t r1, int tid) {
     const ffn_t *f = ctx;
     float *tile = f->tiles + tid * f->tile_floats;
@@ -426,7 +470,8 @@ static int ffn_run(fic_pool *pool, int impl, const fic_expert_layout *layout, co
             /* fixed: chunks start at multiples of P2_ROWS whatever the call's experts, so a row's
              * kernel (a P2_ROWS block or the tail, dot2 or dot) is the same in every call */
             if (fixed) c2 = (c2 + P2_ROWS - 1) / P2_ROWS * P2_ROWS;
-            fic_parallel_for(pool, f.d, c2, down_cols_t1, &f);
+            if (!down_by_experts(pool, &f, rb_sum, p, rest_bytes - (p - rest)))
+                fic_parallel_for(pool, f.d, c2, down_cols_t1, &f);
         }
     } else {
         init_job(&f.jg, kt, f.gate_fmt, NULL, x, NULL, t, 1, f.d);

@@ -116,9 +116,10 @@ int fic_pool_threads(const fic_pool *pool);
  *   fic_experts_ffn(_slots), E = n_experts > 0, N = sum of n_neurons, d = d_model:
  *       A(8 E) + A(E (17 + J) + 8)                (bundle pointers; per expert tables, J an
  *                                                  internal per-expert record of <= 256 bytes)
- *     + t = 1: A(3 d) + A(8 d) + A(2 N) + A(8 N) + 64 E
+ *     + t = 1: A(3 d) + A(8 d) + A(2 N) + A(8 N) + 64 E + (P - 1) A(8 d)
  *                                                 (x prepared for gate and up, h_e for down; the
- *                                                  r32 layout's tables of x and of every h_e)
+ *                                                  r32 layout's tables of x and of every h_e; the
+ *                                                  other threads' fixed-point sums of phase 2)
  *       t > 1: P A(4 (max(F(d), F(N), 512) + 60 t)) (one tile per thread)
  *              + min(A(t (5 m / 4 + 8)), 2^23), m = max(d, N) (the int8 path's activations of every
  *                                                  token, so its weight rows are read once a call)

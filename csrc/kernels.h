@@ -133,8 +133,11 @@ static inline int64_t ws_ffn(int n_threads, int64_t t, int64_t d, int64_t e, int
         return -1;
     if (e == 0 || t == 0) return 0;
     const int64_t fixed = ws_ffn_ptrs(e) + ws_ffn_tables(e);
-    /* t = 1: row-major formats use 2 A(3 d) + A(3 n) + 64 e; the r32 layout (q1r32_ffn_t1) its four areas */
-    if (t == 1) return fixed + ws_round64(3 * d) + ws_round64(8 * d) + ws_round64(2 * n) + ws_round64(8 * n) + 64 * e;
+    /* t = 1: row-major formats use 2 A(3 d) + A(3 n) + 64 e, and phase 2 by experts (ffn.c) the other
+     * threads' fixed-point sums; the r32 layout (q1r32_ffn_t1) its four areas */
+    if (t == 1)
+        return fixed + ws_round64(3 * d) + ws_round64(8 * d) + ws_round64(2 * n) + ws_round64(8 * n) + 64 * e +
+               (n_threads - 1) * ws_round64(8 * d);
     int64_t f = ws_tile_floats(d), fn = ws_tile_floats(n);
     f = f > fn ? f : fn;
     f = f > SEG_FLOATS ? f : SEG_FLOATS;
@@ -345,7 +348,9 @@ static inline void stream_prefetch(const uint8_t *p, int n) {
 #define ACCUM_PF_ROWS 4  /* accum_rows: rows ahead to prefetch: each row piece is its own short stream */
 #define P1_PF_BYTES 4096 /* FFN phase 1 prefetch distance, bytes ahead in the gate+up stream */
 #define P2_ROWS 8        /* FFN phase 2 (columns): output rows per block, one accumulator each */
-#define P2_PF_BLOCKS 2   /* FFN phase 2: row blocks ahead to prefetch, per expert */
+#ifndef P2_PF_BLOCKS
+#define P2_PF_BLOCKS 8   /* FFN phase 2: row blocks ahead to prefetch, per expert (2 before the split by experts: RESULTS) */
+#endif
 
 /* Phase 2 (columns) reads P2_ROWS output rows of an expert's down piece per step (w: the piece of
  * row r, rb bytes a row): prefetch the rows P2_PF_BLOCKS steps ahead, as far as r_end. */

@@ -121,6 +121,25 @@ def test_64_neuron_experts(fmt, d, threads, impl):
     check_splits(case, 5, stable_seed(fmt, d, "split64"), impl, threads, "int8")
 
 
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q8_0", "q5_0", "q1_0"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_phase_2_split_by_experts_is_the_same_bits(fmt, impl):
+    """Twelve short experts at t = 1 (64 neurons; Q1_0's 128): with 2 threads phase 2 gives each
+    thread whole experts, summed into its own fixed-point accumulator and added after; with 1 thread,
+    or 6 experts a call, nothing is split so. The accumulators are the same bits every way."""
+    n = 128 if fmt == "q1_0" else 64
+    case = Case([fmt] * 3, "columns", [n] * 12, 1, seed=stable_seed(fmt, "by-experts"), d=640, coef=None)
+    accs = []
+    for threads in (1, 2):
+        K.set_threads(threads)
+        try:
+            accs.append(run_split(case, [list(range(12))], impl))
+        finally:
+            K.set_threads(K.default_threads())
+    assert np.array_equal(accs[0], accs[1])
+    check_splits(case, 12, stable_seed(fmt, "by-experts-split"), impl, 2, "int8")
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("d", [100, 108, 120])
 @pytest.mark.parametrize("impl", IMPLS)
