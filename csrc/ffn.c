@@ -212,8 +212,9 @@ static void down_cols_t1(void *ctx, int64_t r0, int64_t r1, int tid) {
  * row in Q4_0): the pool splits the experts, not the rows, so each expert's down piece is read as one
  * stream of d rows rather than one short stream per chunk of rows; each thread adds into its own
  * fixed-point sums (thread 0 the call's, the others the workspace's, added in after). Integer sums:
- * the same bits however the experts are split. From DRAM, a dense 8B's FFN 1.09-1.13x (bench/RESULTS.md,
- * "Phase 2 by experts"); 256-neuron K-quant experts 0.97-1.01x, so they keep the split by rows. */
+ * the same bits however the experts are split. From DRAM, a dense 8B's FFN 1.09-1.13x, 1.16-1.19x with
+ * P2_PF_BLOCKS 8 (bench/RESULTS.md, "Phase 2 by experts"); 256-neuron K-quant experts 0.97-1.01x, so
+ * they keep the split by rows. */
 #define P2_SPLIT_ROW_BYTES 128 /* down rows of at most this many bytes on average: split by experts */
 
 typedef struct {

@@ -338,7 +338,8 @@ void gemm_rows(const job_t *j, int panels, const uint8_t *w, int64_t rb, int64_t
 /* A row read alone from DRAM (matvec's rows longer than PAIR_MAX_K): a kernel whose table sets
  * dot_prefetches issues, at each step of n bytes at p, the prefetches of the lines STREAM_PF_BYTES
  * ahead (one per 64 bytes, so none is skipped), spread over the row instead of a row's burst
- * before it: 1.12-1.16x for Q4 from DRAM on a Xeon (bench/RESULTS.md, "Prefetches spread"). */
+ * before it: 1.12-1.16x for Q4 from DRAM on a Xeon (bench/RESULTS.md, "Prefetches spread over the
+ * row"). */
 #ifndef STREAM_PF_BYTES
 #define STREAM_PF_BYTES 3072
 #endif
