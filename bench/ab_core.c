@@ -339,14 +339,14 @@ static int run_ffn(build_t b[2], char **arg) {
     for (int64_t e = 0; e < ne; e++) ns[e] = (int32_t)n;
     for (int64_t i = 0; i < d; i++) x[i] = (float)rand() / (float)RAND_MAX - 0.5f;
     const fic_expert_layout lay = {d, gfmt, gfmt, dfmt, 0};
-    const int fixed = getenv("AB_FFN_SUM") == NULL;
+    const int fixed = getenv("AB_FFN_SUM") == NULL, impl = impl_of_env() | (fixed ? FIC_FFN_FIXED : 0);
     timing_t tm[2] = {{1e30, 0.0}, {1e30, 0.0}};
     for (int c = 0; c < calls; c++)
         for (int i = 0; i < 2; i++) {
             memset(acc[i], 0, (size_t)d * 8);
             const double t0 = now_s();
             for (int64_t l = 0; l < layers; l++)
-                if (b[i].ffn(b[i].pool, impl_of_env() | (fixed ? FIC_FFN_FIXED : 0), &lay, bundles + l * ne, ns, ne, NULL, x,
+                if (b[i].ffn(b[i].pool, impl, &lay, bundles + l * ne, ns, ne, NULL, x,
                              (float *)acc[i], 1, scratch, ne * n, ws, ws_bytes) != FIC_OK) {
                     fprintf(stderr, "ab_core: ffn of build %c failed\n", 'A' + i);
                     return 1;
