@@ -28,7 +28,7 @@ import numpy as np
 from flashinfer_cli import kernels as K
 
 # name: (layers, n_heads, n_kv_heads, head_dim)
-SHAPES = {"SmolLM2-135M": (30, 9, 3, 64), "Qwen2.5-1.5B": (28, 12, 2, 128)}
+SHAPES = {"SmolLM2-135M": (30, 9, 3, 64), "Qwen2.5-1.5B": (28, 12, 2, 128), "syn20b": (55, 32, 4, 128)}
 
 
 def numpy_decode(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, n: int, scale: np.float32) -> np.ndarray:

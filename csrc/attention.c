@@ -59,6 +59,33 @@ static int64_t partial_floats(int64_t n_heads, int64_t hd) {
     return round_up(n_heads * ATT_MAX_SPLITS * (hd + 2), ATT_ALIGN);
 }
 
+/* The next tile's K and V rows of one head, positions [p, min(p + ATT_B, p1)): a head's rows are
+ * head_dim halves of every kv_stride, a pattern the hardware prefetcher follows late (long-context
+ * decode ran at 9 GB/s of cache read, bench/RESULTS.md). A cursor, so the decode kernels can take
+ * the rows a few at a time between their arithmetic: a whole tile's lines in one burst (256 for
+ * head_dim 128) stalled on the core's line-fill buffers with the arithmetic waiting behind them. */
+typedef struct {
+    const uint16_t *k, *v;
+    int64_t kvs, hd, left; /* rows still to prefetch */
+} att_pf;
+
+static att_pf pf_tile(const uint16_t *kh, const uint16_t *vh, int64_t kvs, int64_t hd, int64_t p, int64_t p1) {
+    const int64_t end = p + ATT_B < p1 ? p + ATT_B : p1;
+    att_pf c = {kh + p * kvs, vh + p * kvs, kvs, hd, end > p ? end - p : 0};
+    return c;
+}
+
+static inline void pf_rows(att_pf *c, int64_t n) {
+    for (; n > 0 && c->left > 0; n--, c->left--) {
+        for (int64_t o = 0; o < c->hd; o += 32) { /* 32 halves: a 64-byte line */
+            __builtin_prefetch(c->k + o, 0, 3);
+            __builtin_prefetch(c->v + o, 0, 3);
+        }
+        c->k += c->kvs;
+        c->v += c->kvs;
+    }
+}
+
 int64_t fic_attention_ws_floats(int n_threads, int64_t t, int64_t n_heads, int64_t head_dim) {
     if (n_threads < 1 || t < 1 || n_heads < 1 || head_dim < 1) return FIC_ERR_ARG;
     int64_t rows = (t < ATT_QB ? t : ATT_QB) * n_heads;
@@ -844,10 +871,11 @@ ATT_TGT_AVX512 static ATT_INLINE __m128 sum4_512(__m512 a0, __m512 a1, __m512 a2
 }
 
 ATT_TGT_AVX512 static void scores4_avx512(const float *const q[4], const uint16_t *kt, int64_t ks, int64_t nb,
-                                          int64_t hd, float scale, float *const s[4]) {
+                                          int64_t hd, float scale, float *const s[4], att_pf *pf) {
     const __m128 vs = _mm_set1_ps(scale);
     int64_t j = 0;
     for (; j + 4 <= nb; j += 4) {
+        pf_rows(pf, 1);
         __m512 a[4][4];
         for (int h = 0; h < 4; h++)
             for (int i = 0; i < 4; i++) a[h][i] = _mm512_setzero_ps();
@@ -904,13 +932,14 @@ ATT_TGT_AVX512 static void online_update4_avx512(float *state, int64_t st_stride
 /* acc_h = acc_h * corr_h + sum_j p_h[j] v_j for the four heads, 64 columns (16 accumulators) at a
  * time, then 16. */
 ATT_TGT_AVX512 static void accum4_avx512(float *const acc[4], const float corr[4], const float *const p[4],
-                                         const uint16_t *vt, int64_t vs, int64_t nb, int64_t hd) {
+                                         const uint16_t *vt, int64_t vs, int64_t nb, int64_t hd, att_pf *pf) {
     int64_t d = 0;
     for (; d + 64 <= hd; d += 64) {
         __m512 a[4][4];
         for (int h = 0; h < 4; h++)
             for (int c = 0; c < 4; c++) a[h][c] = _mm512_mul_ps(_mm512_loadu_ps(acc[h] + d + 16 * c), _mm512_set1_ps(corr[h]));
         for (int64_t jj = 0; jj < nb; jj++) {
+            if ((jj & 3) == 0) pf_rows(pf, 1);
             __m512 x[4];
             for (int c = 0; c < 4; c++) x[c] = ld16h(vt + jj * vs + d + 16 * c);
             for (int h = 0; h < 4; h++) {
@@ -933,23 +962,11 @@ ATT_TGT_AVX512 static void accum4_avx512(float *const acc[4], const float corr[4
 }
 #endif
 
-/* The next tile's K and V rows, positions [p, min(p + ATT_B, p1)): a head's rows are head_dim
- * halves of every kv_stride, a pattern the hardware prefetcher follows late (long-context decode
- * ran at 9 GB/s of cache read, bench/RESULTS.md). */
-static void prefetch_tile(const uint16_t *kh, const uint16_t *vh, int64_t kvs, int64_t hd, int64_t p, int64_t p1) {
-    const int64_t end = p + ATT_B < p1 ? p + ATT_B : p1;
-    for (int64_t i = p; i < end; i++)
-        for (int64_t o = 0; o < hd; o += 32) { /* 32 halves: a 64-byte line */
-            __builtin_prefetch(kh + i * kvs + o, 0, 3);
-            __builtin_prefetch(vh + i * kvs + o, 0, 3);
-        }
-}
-
 /* Runs queries [i0, i0 + nq) of kv head h over positions [p0, p1) (each query also stops at its
  * causal limit), updating per row r = query * g + head-in-group the state st + r * st_stride:
  * st[0] = m, st[1] = l, st[2..] = acc. The state must start as (-inf, 0, 0...). */
 static void attend(const att_job *j, float *tile, int64_t h, int64_t i0, int64_t nq, int64_t p0, int64_t p1,
-                   float *st, int64_t st_stride) {
+                   int64_t pf_end, float *st, int64_t st_stride) {
     const int64_t hd = j->hd, g = j->g, rows = nq * j->g;
     float *kt = tile, *vt = kt + ATT_B * hd, *sc = vt + ATT_B * hd;
     const uint16_t *kh = j->k + h * hd, *vh = j->v + h * hd;
@@ -971,15 +988,18 @@ static void attend(const att_job *j, float *tile, int64_t h, int64_t i0, int64_t
 #endif
     for (int64_t p = p0; p < p1; p += ATT_B) {
         const int64_t nb = p1 - p < ATT_B ? p1 - p : ATT_B;
-        prefetch_tile(kh, vh, j->kvs, hd, p + ATT_B, p1);
+        att_pf pf = pf_tile(kh, vh, j->kvs, hd, p + ATT_B, pf_end);
 #if defined(ATT_X86)
         /* One query (decode) on AVX2: each K and V row is read once, so the per-row kernels read
          * the cache's halves themselves (ld8), the same floats as a tile's. */
         const int direct = j->impl == FIC_IMPL_AVX2 && nq == 1 && !block;
         const void *kr = direct ? (const void *)(kh + p * j->kvs) : kt, *vr = direct ? (const void *)(vh + p * j->kvs) : vt;
         const int64_t rs = direct ? j->kvs : hd; /* elements from one K (V) row to the next */
+        /* the four-head kernels take the next tile's rows as they go; every other path at once */
+        if (!(direct && j->wide && hd % 16 == 0 && g >= 4)) pf_rows(&pf, pf.left);
 #else
         const int direct = 0;
+        pf_rows(&pf, pf.left);
 #endif
         if (!direct) { /* K and V rows of this tile: read from the cache once, for every row of the item */
             cvt_tile(j->impl, j->wide, kh + p * j->kvs, j->kvs, nb, hd, kt);
@@ -1025,10 +1045,10 @@ static void attend(const att_job *j, float *tile, int64_t h, int64_t i0, int64_t
             if (direct && j->wide && hd % 16 == 0 && g - r % g >= 4) { /* four heads of one query */
                 const float *qs[4] = {q, q + hd, q + 2 * hd, q + 3 * hd};
                 float *ss[4] = {s, s + ATT_B, s + 2 * ATT_B, s + 3 * ATT_B}, *accs[4], corr[4];
-                scores4_avx512(qs, (const uint16_t *)kr, rs, valid, hd, j->scale, ss);
+                scores4_avx512(qs, (const uint16_t *)kr, rs, valid, hd, j->scale, ss, &pf);
                 online_update4_avx512(state, st_stride, ss, valid, corr);
                 for (int i = 0; i < 4; i++) accs[i] = state + i * st_stride + 2;
-                accum4_avx512(accs, corr, (const float *const *)ss, (const uint16_t *)vr, rs, valid, hd);
+                accum4_avx512(accs, corr, (const float *const *)ss, (const uint16_t *)vr, rs, valid, hd, &pf);
                 r += 4;
                 continue;
             }
@@ -1066,6 +1086,7 @@ static void attend(const att_job *j, float *tile, int64_t h, int64_t i0, int64_t
             accum(j->impl, state + 2, corr, s, vt, valid, hd);
             r++;
         }
+        pf_rows(&pf, pf.left); /* what the kernels left: fewer than four heads a kv head, a short tile */
     }
 #if defined(ATT_X86)
     if (block)
@@ -1091,7 +1112,7 @@ static void prefill_range(void *ctx, int64_t begin, int64_t end, int tid) {
         float *st = tile + 2 * ATT_B * hd + j->max_rows * ATT_B;
         const int64_t rows = nq * g, stride = hd + 2;
         init_state(st, rows, stride, hd);
-        attend(j, tile, h, i0, nq, 0, j->pos0 + i0 + nq, st, stride);
+        attend(j, tile, h, i0, nq, 0, j->pos0 + i0 + nq, j->pos0 + i0 + nq, st, stride);
         for (int64_t r = 0; r < rows; r++) {
             const float *state = st + r * stride;
             const float inv = 1.0f / state[1];
@@ -1118,7 +1139,7 @@ static void decode_range(void *ctx, int64_t begin, int64_t end, int tid) {
         const int64_t stride = j->n_split * (hd + 2);
         float *st = partial_state(j, h, sp);
         init_state(st, j->g, stride, hd);
-        if (p0 < p1) attend(j, tile, h, 0, 1, p0, p1, st, stride);
+        if (p0 < p1) attend(j, tile, h, 0, 1, p0, p1, p1, st, stride);
     }
 }
 
@@ -1135,10 +1156,8 @@ static void decode_range_tiles(void *ctx, int64_t begin, int64_t end, int tid) {
         for (int64_t h = 0; h < j->nkv; h++) init_state(partial_state(j, h, sp), j->g, stride, hd);
         for (int64_t p = p0; p < p1; p += ATT_B) {
             const int64_t pe = p + ATT_B < p1 ? p + ATT_B : p1;
-            for (int64_t h = 0; h < j->nkv; h++) {
-                prefetch_tile(j->k + h * hd, j->v + h * hd, j->kvs, hd, pe, p1);
-                attend(j, tile, h, 0, 1, p, pe, partial_state(j, h, sp), stride);
-            }
+            for (int64_t h = 0; h < j->nkv; h++) /* each head's next tile prefetched as it goes */
+                attend(j, tile, h, 0, 1, p, pe, p1, partial_state(j, h, sp), stride);
         }
     }
 }
