@@ -964,7 +964,9 @@ ATT_TGT_AVX512 static void accum4_avx512(float *const acc[4], const float corr[4
 
 /* Runs queries [i0, i0 + nq) of kv head h over positions [p0, p1) (each query also stops at its
  * causal limit), updating per row r = query * g + head-in-group the state st + r * st_stride:
- * st[0] = m, st[1] = l, st[2..] = acc. The state must start as (-inf, 0, 0...). */
+ * st[0] = m, st[1] = l, st[2..] = acc. The state must start as (-inf, 0, 0...). While a tile runs,
+ * the next one's rows are prefetched, up to pf_end (the slice's end where the caller runs one tile
+ * of it at a time). */
 static void attend(const att_job *j, float *tile, int64_t h, int64_t i0, int64_t nq, int64_t p0, int64_t p1,
                    int64_t pf_end, float *st, int64_t st_stride) {
     const int64_t hd = j->hd, g = j->g, rows = nq * j->g;
