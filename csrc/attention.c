@@ -997,8 +997,9 @@ static void attend(const att_job *j, float *tile, int64_t h, int64_t i0, int64_t
         const int direct = j->impl == FIC_IMPL_AVX2 && nq == 1 && !block;
         const void *kr = direct ? (const void *)(kh + p * j->kvs) : kt, *vr = direct ? (const void *)(vh + p * j->kvs) : vt;
         const int64_t rs = direct ? j->kvs : hd; /* elements from one K (V) row to the next */
-        /* the four-head kernels take the next tile's rows as they go; every other path at once */
-        if (!(direct && j->wide && hd % 16 == 0 && g >= 4)) pf_rows(&pf, pf.left);
+        const int heads4 = direct && j->wide && hd % 16 == 0; /* the AVX-512 four-head kernels apply */
+        /* they take the next tile's rows as they go; every other path has them at once */
+        if (!(heads4 && g >= 4)) pf_rows(&pf, pf.left);
 #else
         const int direct = 0;
         pf_rows(&pf, pf.left);
@@ -1044,7 +1045,7 @@ static void attend(const att_job *j, float *tile, int64_t h, int64_t i0, int64_t
             const float *q = j->q + (qi * j->nh + h * g + r % g) * hd;
             float *s = sc + r * ATT_B, *state = st + r * st_stride;
 #if defined(ATT_X86)
-            if (direct && j->wide && hd % 16 == 0 && g - r % g >= 4) { /* four heads of one query */
+            if (heads4 && g - r % g >= 4) { /* four heads of one query */
                 const float *qs[4] = {q, q + hd, q + 2 * hd, q + 3 * hd};
                 float *ss[4] = {s, s + ATT_B, s + 2 * ATT_B, s + 3 * ATT_B}, *accs[4], corr[4];
                 scores4_avx512(qs, (const uint16_t *)kr, rs, valid, hd, j->scale, ss, &pf);
